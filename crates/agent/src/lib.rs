@@ -1,0 +1,1 @@
+//! csnap agent: membership, server choice, failover, merge handling.

@@ -1,0 +1,1 @@
+//! csnap client library and NBD server.

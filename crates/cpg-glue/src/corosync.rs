@@ -1,0 +1,1 @@
+//! Real corosync: CPG, quorum, cmap, cfg.

@@ -1,0 +1,1 @@
+//! In-memory cluster with virtual-synchrony semantics, for deterministic tests.

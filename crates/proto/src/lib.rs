@@ -1,0 +1,1 @@
+//! csnap wire types and framing. Filled in by the server/client work.

@@ -1,0 +1,1 @@
+//! csnap snapshot store and metadata server.

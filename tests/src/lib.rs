@@ -1,0 +1,1 @@
+//! Test harness: an N-node corosync cluster in network namespaces.
