@@ -159,3 +159,4 @@ pub trait Quorum: Stream<Item = Result<QuorumEvent, GroupError>> + Unpin + Send 
 
 pub mod corosync;
 pub mod memory;
+pub mod testkit;
