@@ -1,1 +1,7 @@
-//! csnap wire types and framing. Filled in by the server/client work.
+//! csnap wire types and framing: one versioned place for the client <-> server protocol.
+
+pub mod types;
+
+pub use types::{
+    validate_snapshot_name, ChunkRange, SnapId, SnapshotInfo, SnapshotState, MAX_SNAPSHOT_NAME,
+};

@@ -1,1 +1,2 @@
 //! csnap snapshot store and metadata server.
+pub mod engine;
