@@ -1,7 +1,25 @@
 //! csnap wire types and framing: one versioned place for the client <-> server protocol.
+//!
+//! * [`frame`]: length-prefixed, versioned MessagePack frames; [`decode_frame`] never panics.
+//! * [`msg`]: the messages ([`ClientFrame`], [`ServerFrame`]).
+//! * [`auth`]: mutual HMAC-SHA256 challenge/response with the cluster key.
+//! * [`types`]: snapshot ids, infos, chunk ranges, shared with the server's store.
+//!
+//! docs/wire-protocol.md describes the protocol and its flows.
 
+pub mod auth;
+pub mod frame;
+pub mod msg;
 pub mod types;
 
+pub use frame::{
+    decode_complete_frame, decode_frame, encode_frame, frame_bytes, Decoded, FrameCodec,
+    FrameError, MAX_FRAME, PROTOCOL_VERSION,
+};
+pub use msg::{
+    ClientFrame, ClientId, ClientKind, ClientMsg, ErrorCode, HeldLock, RequestId, ServerFrame,
+    ServerMsg, ServerStatus, SnapRef, StoreAddr,
+};
 pub use types::{
     validate_snapshot_name, ChunkRange, SnapId, SnapshotInfo, SnapshotState, MAX_SNAPSHOT_NAME,
 };

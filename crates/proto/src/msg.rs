@@ -1,0 +1,233 @@
+//! The messages of the client <-> server protocol. See docs/wire-protocol.md for the flows.
+
+use crate::auth::{Mac, Nonce};
+use crate::types::{ChunkRange, SnapId, SnapshotInfo};
+use serde::{Deserialize, Serialize};
+use std::fmt;
+
+/// Chosen by the client, echoed in the reply; lets a client pipeline requests.
+pub type RequestId = u64;
+
+/// A client's identity, stable across reconnects (the agent's gather reports it).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct ClientId(pub u64);
+
+impl fmt::Display for ClientId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:#x}", self.0)
+    }
+}
+
+/// What a connection is for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ClientKind {
+    /// Writes (and reads) the origin; asks before writing shared chunks.
+    Origin,
+    /// Reads and writes snapshot `snap`.
+    Snapshot { snap: SnapId },
+    /// Administration (agent / csnapctl): create, delete, list, status.
+    Admin,
+}
+
+/// Where a snapshot's chunk lives in the store.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoreAddr {
+    /// Origin chunk number.
+    pub chunk: u64,
+    /// Store chunk index (the data area of the store device, in chunks).
+    pub store_chunk: u64,
+}
+
+/// Names a snapshot in admin requests.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SnapRef {
+    Id(SnapId),
+    Name(String),
+}
+
+/// A read lock a reconnecting snapshot client still holds (an origin read in flight).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HeldLock {
+    pub snap: SnapId,
+    pub range: ChunkRange,
+}
+
+/// Client -> server.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ClientMsg {
+    /// First message on a connection. `resuming`: the client had a session with a previous
+    /// server (failover) and will upload its locks and resend unanswered requests.
+    Hello {
+        protocol_version: u32,
+        client: ClientId,
+        node: u32,
+        kind: ClientKind,
+        client_nonce: Nonce,
+        resuming: bool,
+    },
+    /// Answer to `Challenge`: HMAC proof of the cluster key.
+    AuthResponse { proof: Mac },
+    /// Origin client: may I write these chunks?
+    QueryWrite { ranges: Vec<ChunkRange> },
+    /// Snapshot client: where do I read these chunks of `snap`?
+    QuerySnapshotRead {
+        snap: SnapId,
+        ranges: Vec<ChunkRange>,
+    },
+    /// Snapshot client: my origin reads of these chunks are done; release the read locks.
+    FinishSnapshotRead {
+        snap: SnapId,
+        ranges: Vec<ChunkRange>,
+    },
+    /// Snapshot client: where do I write these chunks of `snap`?
+    SnapshotWrite {
+        snap: SnapId,
+        ranges: Vec<ChunkRange>,
+    },
+    /// Origin client: I dropped my unique-chunk cache for new snapshot `snap`, and no origin
+    /// write granted before it is still in flight.
+    NewSnapshotAck { snap: SnapId },
+    /// Reconnecting snapshot client: the read locks it held on the old server.
+    UploadLocks { locks: Vec<HeldLock> },
+    /// Reconnecting client: locks uploaded and every unanswered request resent.
+    ResendDone,
+    /// Admin: create a snapshot of the origin as it is now.
+    CreateSnapshot { name: String },
+    /// Admin: delete a snapshot (space is reclaimed in the background).
+    DeleteSnapshot { snap: SnapRef },
+    /// Admin: list live and invalid snapshots.
+    ListSnapshots,
+    /// Admin: server and store status.
+    Status,
+}
+
+/// Server -> client.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ServerMsg {
+    /// Answer to `Hello`: the server's nonce, and its proof of the cluster key.
+    Challenge {
+        server_nonce: Nonce,
+        proof: Mac,
+    },
+    /// Authentication succeeded; the session is open.
+    Welcome {
+        protocol_version: u32,
+        chunk_size: u32,
+        origin_chunks: u64,
+    },
+    /// The chunks may be written. `unique`: the server promises they stay unique (no copy-out
+    /// needed) until it announces a new snapshot; the client may write them again without
+    /// asking.
+    OriginWriteOk {
+        ranges: Vec<ChunkRange>,
+        unique: bool,
+    },
+    /// Snapshot read answer: chunks in the store at `store`; chunks still shared with the
+    /// origin in `origin_locked`, read-locked for this client until `FinishSnapshotRead`.
+    SnapshotReadOk {
+        store: Vec<StoreAddr>,
+        origin_locked: Vec<ChunkRange>,
+    },
+    /// The read locks named by `FinishSnapshotRead` are released.
+    FinishSnapshotReadOk,
+    /// Where to write each chunk of a snapshot write (previous contents already there).
+    SnapshotWriteOk {
+        addrs: Vec<StoreAddr>,
+    },
+    /// Notice to origin clients: snapshot `snap` is being created. Drop every unique
+    /// promise, wait for granted origin writes in flight, then send `NewSnapshotAck`.
+    NewSnapshot {
+        snap: SnapId,
+    },
+    /// Reconnect: the uploaded locks are held again.
+    UploadLocksOk,
+    /// Reconnect: the session is fully re-established.
+    ResendDoneOk,
+    SnapshotCreated {
+        info: SnapshotInfo,
+    },
+    SnapshotDeleted {
+        snap: SnapId,
+    },
+    SnapshotList {
+        snapshots: Vec<SnapshotInfo>,
+    },
+    Status(ServerStatus),
+    /// The request failed; `message` says why, for humans.
+    Error {
+        code: ErrorCode,
+        message: String,
+    },
+}
+
+/// What `Status` reports.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServerStatus {
+    /// False while the activation gate still waits for snapshot clients.
+    pub active: bool,
+    /// Snapshot clients the gate still waits for.
+    pub awaited_clients: Vec<ClientId>,
+    pub connected_clients: u32,
+    pub chunk_size: u32,
+    pub origin_chunks: u64,
+    pub store_chunks: u64,
+    pub free_chunks: u64,
+    pub snapshots: u32,
+    /// Snapshots created but not yet acknowledged by every origin client.
+    pub pending_snapshots: u32,
+    pub store_full_policy: String,
+    /// Background reclaim still has work.
+    pub reclaiming: bool,
+}
+
+/// Machine-readable error codes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ErrorCode {
+    /// Malformed or unexpected request (wrong state, empty or wrapping ranges, ...).
+    BadRequest,
+    /// The client's protocol version is not supported.
+    VersionMismatch,
+    /// A request before authentication completed.
+    NotAuthenticated,
+    /// The HMAC proof did not verify.
+    AuthFailed,
+    /// The request does not fit the connection's kind (e.g. QueryWrite on a snapshot client).
+    WrongClientKind,
+    /// A chunk beyond the end of the origin.
+    OutOfRange,
+    NoSuchSnapshot,
+    /// The snapshot was invalidated (store full); its contents are gone.
+    SnapshotInvalid,
+    NameTaken,
+    BadName,
+    /// No space for a snapshot write (the store-full policy does not sacrifice snapshots
+    /// for snapshot writes).
+    StoreFull,
+    /// Releasing a read lock the client does not hold.
+    NotLocked,
+    /// The request is too large (too many chunks).
+    TooLarge,
+    /// The server failed (store I/O error); it is stopping.
+    Internal,
+}
+
+impl fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(self, f)
+    }
+}
+
+/// One client -> server frame.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClientFrame {
+    pub id: RequestId,
+    pub msg: ClientMsg,
+}
+
+/// One server -> client frame: a reply (`reply_to` = the request's id) or a notice
+/// (`reply_to` = None, e.g. `NewSnapshot`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServerFrame {
+    pub reply_to: Option<RequestId>,
+    pub msg: ServerMsg,
+}

@@ -1,0 +1,296 @@
+//! Framing and message round trips, and the bad-input cases: every malformed frame is a
+//! clear error, never a panic.
+
+use csnap_proto::*;
+use proptest::prelude::*;
+
+fn all_client_msgs() -> Vec<ClientMsg> {
+    let r = vec![ChunkRange::new(3, 2), ChunkRange::new(100, 1)];
+    vec![
+        ClientMsg::Hello {
+            protocol_version: u32::from(PROTOCOL_VERSION),
+            client: ClientId(0xfeed),
+            node: 2,
+            kind: ClientKind::Snapshot { snap: SnapId(4) },
+            client_nonce: [9; 32],
+            resuming: true,
+        },
+        ClientMsg::AuthResponse { proof: [7; 32] },
+        ClientMsg::QueryWrite { ranges: r.clone() },
+        ClientMsg::QuerySnapshotRead {
+            snap: SnapId(1),
+            ranges: r.clone(),
+        },
+        ClientMsg::FinishSnapshotRead {
+            snap: SnapId(1),
+            ranges: r.clone(),
+        },
+        ClientMsg::SnapshotWrite {
+            snap: SnapId(2),
+            ranges: r.clone(),
+        },
+        ClientMsg::NewSnapshotAck { snap: SnapId(5) },
+        ClientMsg::UploadLocks {
+            locks: vec![HeldLock {
+                snap: SnapId(1),
+                range: r[0],
+            }],
+        },
+        ClientMsg::ResendDone,
+        ClientMsg::CreateSnapshot {
+            name: "nightly".into(),
+        },
+        ClientMsg::DeleteSnapshot {
+            snap: SnapRef::Name("nightly".into()),
+        },
+        ClientMsg::DeleteSnapshot {
+            snap: SnapRef::Id(SnapId(3)),
+        },
+        ClientMsg::ListSnapshots,
+        ClientMsg::Status,
+    ]
+}
+
+fn all_server_msgs() -> Vec<ServerMsg> {
+    let info = SnapshotInfo {
+        id: SnapId(3),
+        name: "n".into(),
+        ctime: 1_700_000_000,
+        state: SnapshotState::Invalid {
+            reason: "store full".into(),
+        },
+        chunks_held: 12,
+    };
+    vec![
+        ServerMsg::Challenge {
+            server_nonce: [1; 32],
+            proof: [2; 32],
+        },
+        ServerMsg::Welcome {
+            protocol_version: 1,
+            chunk_size: 65536,
+            origin_chunks: 1 << 20,
+        },
+        ServerMsg::OriginWriteOk {
+            ranges: vec![ChunkRange::new(1, 8)],
+            unique: true,
+        },
+        ServerMsg::SnapshotReadOk {
+            store: vec![StoreAddr {
+                chunk: 1,
+                store_chunk: 77,
+            }],
+            origin_locked: vec![ChunkRange::new(2, 1)],
+        },
+        ServerMsg::FinishSnapshotReadOk,
+        ServerMsg::SnapshotWriteOk {
+            addrs: vec![StoreAddr {
+                chunk: 5,
+                store_chunk: 6,
+            }],
+        },
+        ServerMsg::NewSnapshot { snap: SnapId(9) },
+        ServerMsg::UploadLocksOk,
+        ServerMsg::ResendDoneOk,
+        ServerMsg::SnapshotCreated { info: info.clone() },
+        ServerMsg::SnapshotDeleted { snap: SnapId(3) },
+        ServerMsg::SnapshotList {
+            snapshots: vec![info],
+        },
+        ServerMsg::Status(ServerStatus {
+            active: false,
+            awaited_clients: vec![ClientId(1)],
+            connected_clients: 3,
+            chunk_size: 4096,
+            origin_chunks: 10,
+            store_chunks: 20,
+            free_chunks: 5,
+            snapshots: 2,
+            pending_snapshots: 1,
+            store_full_policy: "invalidate-oldest".into(),
+            reclaiming: true,
+        }),
+        ServerMsg::Error {
+            code: ErrorCode::NoSuchSnapshot,
+            message: "no snapshot named x".into(),
+        },
+    ]
+}
+
+#[test]
+fn every_message_round_trips_through_a_frame() {
+    for (i, msg) in all_client_msgs().into_iter().enumerate() {
+        let frame = ClientFrame { id: i as u64, msg };
+        let bytes = frame_bytes(&frame).unwrap();
+        assert_eq!(decode_complete_frame::<ClientFrame>(&bytes).unwrap(), frame);
+    }
+    for (i, msg) in all_server_msgs().into_iter().enumerate() {
+        let frame = ServerFrame {
+            reply_to: if i % 2 == 0 { Some(i as u64) } else { None },
+            msg,
+        };
+        let bytes = frame_bytes(&frame).unwrap();
+        assert_eq!(decode_complete_frame::<ServerFrame>(&bytes).unwrap(), frame);
+    }
+}
+
+#[test]
+fn a_stream_of_frames_decodes_frame_by_frame_and_partial_frames_wait() {
+    let frames: Vec<ClientFrame> = all_client_msgs()
+        .into_iter()
+        .enumerate()
+        .map(|(i, msg)| ClientFrame { id: i as u64, msg })
+        .collect();
+    let mut stream = Vec::new();
+    for f in &frames {
+        encode_frame(f, &mut stream).unwrap();
+    }
+    let mut pos = 0;
+    let mut decoded = Vec::new();
+    while pos < stream.len() {
+        // A prefix that stops one byte short of the frame end is Incomplete.
+        if let Decoded::Frame(_, used) = decode_frame::<ClientFrame>(&stream[pos..]).unwrap() {
+            assert!(matches!(
+                decode_frame::<ClientFrame>(&stream[pos..pos + used - 1]).unwrap(),
+                Decoded::Incomplete { need } if need == used
+            ));
+        }
+        match decode_frame::<ClientFrame>(&stream[pos..]).unwrap() {
+            Decoded::Frame(f, used) => {
+                decoded.push(f);
+                pos += used;
+            }
+            Decoded::Incomplete { .. } => panic!("whole stream present"),
+        }
+    }
+    assert_eq!(decoded, frames);
+}
+
+#[test]
+fn oversize_frames_are_rejected_on_both_sides() {
+    let mut buf = ((MAX_FRAME + 1) as u32).to_be_bytes().to_vec();
+    buf.push(PROTOCOL_VERSION);
+    let err = decode_frame::<ClientFrame>(&buf).unwrap_err();
+    assert!(matches!(err, FrameError::Oversize { .. }), "{err}");
+    assert!(err.to_string().contains("exceeds the maximum"));
+
+    let huge = ClientFrame {
+        id: 1,
+        msg: ClientMsg::QueryWrite {
+            ranges: vec![ChunkRange::new(u64::MAX, u32::MAX); MAX_FRAME / 8],
+        },
+    };
+    assert!(matches!(
+        frame_bytes(&huge),
+        Err(FrameError::Oversize { .. })
+    ));
+}
+
+#[test]
+fn truncated_wrong_version_empty_and_garbage_frames_are_clear_errors() {
+    let good = frame_bytes(&ClientFrame {
+        id: 7,
+        msg: ClientMsg::Status,
+    })
+    .unwrap();
+
+    let err = decode_complete_frame::<ClientFrame>(&good[..good.len() - 1]).unwrap_err();
+    assert!(matches!(err, FrameError::Truncated { .. }), "{err}");
+
+    let mut wrong = good.clone();
+    wrong[4] = 99;
+    let err = decode_frame::<ClientFrame>(&wrong).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        format!("unsupported protocol version 99 (this side speaks {PROTOCOL_VERSION})")
+    );
+
+    assert!(matches!(
+        decode_frame::<ClientFrame>(&[0, 0, 0, 0]),
+        Err(FrameError::Empty)
+    ));
+
+    let garbage = [0, 0, 0, 4, PROTOCOL_VERSION, 0xc1, 0xff, 0x00];
+    let err = decode_frame::<ClientFrame>(&garbage).unwrap_err();
+    assert!(matches!(err, FrameError::Malformed(_)), "{err}");
+
+    // A valid body followed by junk inside the frame.
+    let mut padded = good.clone();
+    padded.push(0);
+    let len = (padded.len() - 4) as u32;
+    padded[..4].copy_from_slice(&len.to_be_bytes());
+    assert!(matches!(
+        decode_frame::<ClientFrame>(&padded),
+        Err(FrameError::TrailingBytes(1))
+    ));
+
+    // A server frame is not a client frame.
+    let server = frame_bytes(&ServerFrame {
+        reply_to: None,
+        msg: ServerMsg::ResendDoneOk,
+    })
+    .unwrap();
+    assert!(matches!(
+        decode_frame::<ClientFrame>(&server),
+        Err(FrameError::Malformed(_))
+    ));
+}
+
+#[test]
+fn codec_decodes_split_input_and_reports_truncation_at_eof() {
+    use bytes::BytesMut;
+    use tokio_util::codec::{Decoder, Encoder};
+    let mut codec = FrameCodec::<ClientFrame, ClientFrame>::new();
+    let frame = ClientFrame {
+        id: 3,
+        msg: ClientMsg::ListSnapshots,
+    };
+    let mut wire = BytesMut::new();
+    codec.encode(frame.clone(), &mut wire).unwrap();
+    codec.encode(frame.clone(), &mut wire).unwrap();
+    let mut rx = BytesMut::new();
+    let mut got = Vec::new();
+    for b in wire.iter() {
+        rx.extend_from_slice(&[*b]);
+        if let Some(f) = codec.decode(&mut rx).unwrap() {
+            got.push(f);
+        }
+    }
+    assert_eq!(got, vec![frame.clone(), frame]);
+    assert!(rx.is_empty());
+    let mut partial = BytesMut::from(&wire[..3]);
+    assert!(matches!(
+        codec.decode_eof(&mut partial),
+        Err(FrameError::Truncated { .. })
+    ));
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(2000))]
+
+    /// Arbitrary bytes never panic the decoder.
+    #[test]
+    fn random_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..300)) {
+        let _ = decode_frame::<ClientFrame>(&bytes);
+        let _ = decode_frame::<ServerFrame>(&bytes);
+    }
+
+    /// Valid frames with random corruption never panic either (this reaches deep into the
+    /// body decoder, unlike purely random bytes).
+    #[test]
+    fn corrupted_frames_never_panic(
+        which in 0usize..14,
+        flips in proptest::collection::vec((any::<usize>(), any::<u8>()), 1..6),
+        cut in any::<usize>(),
+    ) {
+        let msgs = all_client_msgs();
+        let mut bytes = frame_bytes(&ClientFrame { id: 1, msg: msgs[which % msgs.len()].clone() }).unwrap();
+        for (at, val) in flips {
+            let at = 4 + at % (bytes.len() - 4);
+            bytes[at] = val;
+        }
+        bytes.truncate(cut % (bytes.len() + 1));
+        let _ = decode_frame::<ClientFrame>(&bytes);
+        let _ = decode_complete_frame::<ClientFrame>(&bytes);
+    }
+}
