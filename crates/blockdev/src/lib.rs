@@ -1,1 +1,3 @@
 //! csnap client library and NBD server.
+
+pub mod nbd;

@@ -1,0 +1,200 @@
+//! What the NBD server serves: a set of named exports ([`Exports`]) and the block I/O on
+//! one of them ([`Export`]). The server knows nothing else about its backends, so the
+//! regular-file backend ([`super::FileExports`]) and the csnap origin/snapshot backends
+//! plug in the same way.
+
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use bytes::Bytes;
+
+use super::consts::*;
+
+/// A boxed, sendable future: keeps [`Export`] and [`Exports`] object safe, so one server
+/// can serve exports of different backend types side by side.
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// Block size constraints advertised with `NBD_INFO_BLOCK_SIZE` and enforced on requests.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BlockSizes {
+    /// Smallest addressable unit; offsets and lengths must be multiples (1 = byte access).
+    pub minimum: u32,
+    /// Size and alignment for efficient I/O.
+    pub preferred: u32,
+    /// Largest READ or WRITE payload accepted.
+    pub maximum_payload: u32,
+}
+
+impl Default for BlockSizes {
+    /// The protocol defaults: byte granularity, 4 KiB preferred, 32 MiB payloads.
+    fn default() -> Self {
+        BlockSizes {
+            minimum: 1,
+            preferred: 4096,
+            maximum_payload: 32 << 20,
+        }
+    }
+}
+
+impl BlockSizes {
+    /// Checks the rules of the protocol's "Size constraints" section, so a backend cannot
+    /// make the server advertise something clients must reject.
+    pub fn validate(&self) -> Result<(), String> {
+        let BlockSizes {
+            minimum,
+            preferred,
+            maximum_payload,
+        } = *self;
+        if !minimum.is_power_of_two() || minimum > 65536 {
+            return Err(format!(
+                "minimum block size {minimum} is not a power of two <= 65536"
+            ));
+        }
+        if !preferred.is_power_of_two() || preferred < minimum.max(512) {
+            return Err(format!(
+                "preferred block size {preferred} is not a power of two >= max(minimum, 512)"
+            ));
+        }
+        if maximum_payload < preferred {
+            return Err(format!(
+                "maximum payload {maximum_payload} is below the preferred block size {preferred}"
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Optional operations an export supports beyond READ/WRITE. Each one maps to a
+/// transmission flag; a flag is only advertised when the backend really provides it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ExportFeatures {
+    /// FLUSH makes every completed write durable.
+    pub flush: bool,
+    /// Writes with FUA are durable before their reply.
+    pub fua: bool,
+    /// TRIM is honoured (it may deallocate).
+    pub trim: bool,
+    /// WRITE_ZEROES is implemented efficiently.
+    pub write_zeroes: bool,
+    /// FLUSH and FUA on one connection cover writes completed on every other connection
+    /// to the same export (NBD_FLAG_CAN_MULTI_CONN).
+    pub multi_conn: bool,
+    /// The storage seeks (NBD_FLAG_ROTATIONAL), a hint for client schedulers.
+    pub rotational: bool,
+}
+
+impl Default for ExportFeatures {
+    fn default() -> Self {
+        ExportFeatures {
+            flush: true,
+            fua: true,
+            trim: false,
+            write_zeroes: false,
+            multi_conn: false,
+            rotational: false,
+        }
+    }
+}
+
+/// An export as it is described during the handshake (OPT_LIST, OPT_INFO, OPT_GO).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ExportInfo {
+    pub name: String,
+    pub description: Option<String>,
+    pub size: u64,
+    pub read_only: bool,
+    pub features: ExportFeatures,
+    pub block_sizes: BlockSizes,
+}
+
+impl ExportInfo {
+    /// Describes an opened export under the name the client used.
+    pub fn of(name: &str, export: &dyn Export) -> ExportInfo {
+        ExportInfo {
+            name: name.to_owned(),
+            description: export.description(),
+            size: export.size(),
+            read_only: export.read_only(),
+            features: export.features(),
+            block_sizes: export.block_sizes(),
+        }
+    }
+
+    /// The 16-bit transmission flags for this export. Write-only features are not
+    /// advertised on a read-only export: clients would only get EPERM.
+    pub fn transmission_flags(&self) -> u16 {
+        let f = &self.features;
+        let mut flags = TFLAG_HAS_FLAGS;
+        if self.read_only {
+            flags |= TFLAG_READ_ONLY;
+        }
+        if f.flush {
+            flags |= TFLAG_SEND_FLUSH;
+        }
+        if f.rotational {
+            flags |= TFLAG_ROTATIONAL;
+        }
+        if f.multi_conn {
+            flags |= TFLAG_CAN_MULTI_CONN;
+        }
+        if !self.read_only {
+            if f.fua {
+                flags |= TFLAG_SEND_FUA;
+            }
+            if f.trim {
+                flags |= TFLAG_SEND_TRIM;
+            }
+            if f.write_zeroes {
+                flags |= TFLAG_SEND_WRITE_ZEROES;
+            }
+        }
+        flags
+    }
+}
+
+/// One opened export. Requests reaching these methods are already validated by the
+/// server: inside `0..size()`, aligned to `block_sizes().minimum`, payload within
+/// `maximum_payload`, and never a write to a read-only export. Errors are `io::Error`s;
+/// their errno is mapped to the nearest NBD error (unknown ones become EIO).
+pub trait Export: Send + Sync + 'static {
+    /// Size in bytes, fixed for the lifetime of this handle.
+    fn size(&self) -> u64;
+    fn read_only(&self) -> bool;
+    fn features(&self) -> ExportFeatures {
+        ExportFeatures::default()
+    }
+    fn block_sizes(&self) -> BlockSizes {
+        BlockSizes::default()
+    }
+    fn description(&self) -> Option<String> {
+        None
+    }
+    /// Reads exactly `len` bytes at `offset`.
+    fn read_at(&self, offset: u64, len: u32) -> BoxFuture<'_, io::Result<Bytes>>;
+    /// Writes `data` at `offset`; with `fua` the data is durable before this resolves.
+    fn write_at(&self, offset: u64, data: Bytes, fua: bool) -> BoxFuture<'_, io::Result<()>>;
+    /// Makes every write completed so far durable.
+    fn flush(&self) -> BoxFuture<'_, io::Result<()>>;
+    /// Makes `len` bytes at `offset` read back as zeroes. `may_trim` allows deallocating
+    /// the range (the client did not send NBD_CMD_FLAG_NO_HOLE).
+    fn write_zeroes(
+        &self,
+        offset: u64,
+        len: u64,
+        may_trim: bool,
+        fua: bool,
+    ) -> BoxFuture<'_, io::Result<()>>;
+    /// Hints that the range is no longer needed; its contents become unspecified.
+    fn trim(&self, offset: u64, len: u64, fua: bool) -> BoxFuture<'_, io::Result<()>>;
+}
+
+/// The set of exports a server offers.
+pub trait Exports: Send + Sync + 'static {
+    /// The exports as they are now (for OPT_LIST).
+    fn list(&self) -> BoxFuture<'_, io::Result<Vec<ExportInfo>>>;
+    /// Opens an export by the name the client sent; the empty name selects the default
+    /// export, if there is one. `Ok(None)` means no such export.
+    fn open<'a>(&'a self, name: &'a str) -> BoxFuture<'a, io::Result<Option<Arc<dyn Export>>>>;
+}

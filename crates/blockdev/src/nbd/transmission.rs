@@ -1,0 +1,353 @@
+//! Transmission phase, sans IO: parsing and validating requests, encoding replies.
+
+use std::io;
+
+use bytes::{Buf, Bytes};
+use thiserror::Error;
+
+use super::consts::*;
+use super::export::ExportInfo;
+
+/// A request header exactly as it came off the wire.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RequestHeader {
+    pub flags: u16,
+    pub kind: u16,
+    pub cookie: u64,
+    pub offset: u64,
+    pub length: u32,
+}
+
+/// A request header that cannot be framed: the connection cannot resynchronise.
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum RequestError {
+    #[error("request header is {0} bytes, expected 28")]
+    Truncated(usize),
+    #[error("request magic {0:#010x}, expected 0x25609513")]
+    BadMagic(u32),
+}
+
+impl RequestHeader {
+    /// Parses the 28-byte header. Only a bad magic is fatal; every other oddity is
+    /// answered by [`validate`] with an error reply.
+    pub fn parse(bytes: &[u8]) -> Result<RequestHeader, RequestError> {
+        if bytes.len() != REQUEST_HEADER_LEN {
+            return Err(RequestError::Truncated(bytes.len()));
+        }
+        let mut b = bytes;
+        let magic = b.get_u32();
+        if magic != REQUEST_MAGIC {
+            return Err(RequestError::BadMagic(magic));
+        }
+        Ok(RequestHeader {
+            flags: b.get_u16(),
+            kind: b.get_u16(),
+            cookie: b.get_u64(),
+            offset: b.get_u64(),
+            length: b.get_u32(),
+        })
+    }
+
+    /// Encodes the header (used by tests and client tools).
+    pub fn encode(&self) -> [u8; REQUEST_HEADER_LEN] {
+        let mut out = [0u8; REQUEST_HEADER_LEN];
+        out[0..4].copy_from_slice(&REQUEST_MAGIC.to_be_bytes());
+        out[4..6].copy_from_slice(&self.flags.to_be_bytes());
+        out[6..8].copy_from_slice(&self.kind.to_be_bytes());
+        out[8..16].copy_from_slice(&self.cookie.to_be_bytes());
+        out[16..24].copy_from_slice(&self.offset.to_be_bytes());
+        out[24..28].copy_from_slice(&self.length.to_be_bytes());
+        out
+    }
+
+    /// Bytes of payload that follow this header on the wire; they must be consumed
+    /// even when the request is rejected, or the stream loses its framing.
+    pub fn payload_len(&self) -> u32 {
+        if self.kind == CMD_WRITE {
+            self.length
+        } else {
+            0
+        }
+    }
+}
+
+/// A validated request, ready for the export.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Command {
+    Read {
+        offset: u64,
+        len: u32,
+    },
+    Write {
+        offset: u64,
+        len: u32,
+        fua: bool,
+    },
+    Flush,
+    Trim {
+        offset: u64,
+        len: u32,
+        fua: bool,
+    },
+    WriteZeroes {
+        offset: u64,
+        len: u32,
+        fua: bool,
+        may_trim: bool,
+    },
+    Disconnect,
+}
+
+/// A request refused before it reaches the export.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Rejection {
+    pub errno: u32,
+    pub message: String,
+}
+
+fn reject(errno: u32, message: impl Into<String>) -> Rejection {
+    Rejection {
+        errno,
+        message: message.into(),
+    }
+}
+
+/// Checks a request against the negotiated export: known command and flags, advertised
+/// feature, read-only, bounds, alignment and payload limit. Error choices follow the
+/// protocol's "Error values" section (ENOSPC for writes past the end, EINVAL otherwise).
+pub fn validate(header: &RequestHeader, export: &ExportInfo) -> Result<Command, Rejection> {
+    let RequestHeader {
+        flags,
+        kind,
+        offset,
+        length,
+        ..
+    } = *header;
+    let allowed_flags = match kind {
+        CMD_READ | CMD_FLUSH | CMD_DISC => CMD_FLAG_FUA,
+        CMD_WRITE | CMD_TRIM => CMD_FLAG_FUA,
+        CMD_WRITE_ZEROES => CMD_FLAG_FUA | CMD_FLAG_NO_HOLE,
+        _ => return Err(reject(EINVAL, format!("unknown command type {kind}"))),
+    };
+    if flags & !allowed_flags != 0 {
+        return Err(reject(
+            EINVAL,
+            format!("command flags {flags:#x} not valid for command type {kind}"),
+        ));
+    }
+    let fua = flags & CMD_FLAG_FUA != 0;
+    let features = &export.features;
+    match kind {
+        CMD_DISC => return Ok(Command::Disconnect),
+        CMD_FLUSH => {
+            return if features.flush {
+                Ok(Command::Flush)
+            } else {
+                Err(reject(EINVAL, "flush is not supported by this export"))
+            };
+        }
+        _ => {}
+    }
+    let writes = matches!(kind, CMD_WRITE | CMD_TRIM | CMD_WRITE_ZEROES);
+    if writes && export.read_only {
+        return Err(reject(EPERM, "export is read-only"));
+    }
+    if fua && writes && !features.fua {
+        return Err(reject(EINVAL, "FUA is not supported by this export"));
+    }
+    if kind == CMD_TRIM && !features.trim {
+        return Err(reject(EINVAL, "trim is not supported by this export"));
+    }
+    if kind == CMD_WRITE_ZEROES && !features.write_zeroes {
+        return Err(reject(
+            EINVAL,
+            "write zeroes is not supported by this export",
+        ));
+    }
+    let end = offset.checked_add(u64::from(length));
+    if end.is_none_or(|end| end > export.size) {
+        let errno = if matches!(kind, CMD_WRITE | CMD_WRITE_ZEROES) {
+            ENOSPC
+        } else {
+            EINVAL
+        };
+        return Err(reject(
+            errno,
+            format!(
+                "range {offset}+{length} exceeds the export size {}",
+                export.size
+            ),
+        ));
+    }
+    let sizes = &export.block_sizes;
+    let minimum = u64::from(sizes.minimum.max(1));
+    if offset % minimum != 0 || u64::from(length) % minimum != 0 {
+        return Err(reject(
+            EINVAL,
+            format!("range {offset}+{length} is not aligned to the minimum block size {minimum}"),
+        ));
+    }
+    if matches!(kind, CMD_READ | CMD_WRITE) && length > sizes.maximum_payload {
+        return Err(reject(
+            EINVAL,
+            format!(
+                "payload of {length} bytes exceeds the maximum {}",
+                sizes.maximum_payload
+            ),
+        ));
+    }
+    Ok(match kind {
+        CMD_READ => Command::Read {
+            offset,
+            len: length,
+        },
+        CMD_WRITE => Command::Write {
+            offset,
+            len: length,
+            fua,
+        },
+        CMD_TRIM => Command::Trim {
+            offset,
+            len: length,
+            fua,
+        },
+        _ => Command::WriteZeroes {
+            offset,
+            len: length,
+            fua,
+            may_trim: flags & CMD_FLAG_NO_HOLE == 0,
+        },
+    })
+}
+
+/// Maps a backend error to the closest error value the protocol allows.
+pub fn errno_of(err: &io::Error) -> u32 {
+    match err.raw_os_error() {
+        Some(libc::EPERM) | Some(libc::EACCES) | Some(libc::EROFS) => EPERM,
+        Some(libc::ENOMEM) => ENOMEM,
+        Some(libc::EINVAL) => EINVAL,
+        Some(libc::ENOSPC) | Some(libc::EDQUOT) | Some(libc::EFBIG) => ENOSPC,
+        Some(libc::EOVERFLOW) => EOVERFLOW,
+        Some(libc::EOPNOTSUPP) => ENOTSUP,
+        Some(libc::ESHUTDOWN) => ESHUTDOWN,
+        _ => match err.kind() {
+            io::ErrorKind::PermissionDenied => EPERM,
+            io::ErrorKind::InvalidInput => EINVAL,
+            io::ErrorKind::OutOfMemory => ENOMEM,
+            io::ErrorKind::Unsupported => ENOTSUP,
+            _ => EIO,
+        },
+    }
+}
+
+/// The fixed-size part of a reply, kept inline so a reply costs no allocation beyond
+/// its data buffer.
+#[derive(Clone, Copy)]
+pub struct ReplyHead {
+    bytes: [u8; CHUNK_HEADER_LEN + 8],
+    len: u8,
+}
+
+impl ReplyHead {
+    pub fn as_slice(&self) -> &[u8] {
+        &self.bytes[..usize::from(self.len)]
+    }
+}
+
+impl std::fmt::Debug for ReplyHead {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "ReplyHead({:02x?})", self.as_slice())
+    }
+}
+
+/// One complete reply: a header and an optional payload written after it (vectored).
+#[derive(Debug)]
+pub struct Reply {
+    pub head: ReplyHead,
+    pub payload: Bytes,
+}
+
+impl Reply {
+    fn simple(cookie: u64, errno: u32, payload: Bytes) -> Reply {
+        let mut bytes = [0u8; CHUNK_HEADER_LEN + 8];
+        bytes[0..4].copy_from_slice(&SIMPLE_REPLY_MAGIC.to_be_bytes());
+        bytes[4..8].copy_from_slice(&errno.to_be_bytes());
+        bytes[8..16].copy_from_slice(&cookie.to_be_bytes());
+        Reply {
+            head: ReplyHead {
+                bytes,
+                len: SIMPLE_REPLY_LEN as u8,
+            },
+            payload,
+        }
+    }
+
+    fn chunk(cookie: u64, kind: u16, length: u32, offset: Option<u64>, payload: Bytes) -> Reply {
+        let mut bytes = [0u8; CHUNK_HEADER_LEN + 8];
+        bytes[0..4].copy_from_slice(&STRUCTURED_REPLY_MAGIC.to_be_bytes());
+        bytes[4..6].copy_from_slice(&REPLY_FLAG_DONE.to_be_bytes());
+        bytes[6..8].copy_from_slice(&kind.to_be_bytes());
+        bytes[8..16].copy_from_slice(&cookie.to_be_bytes());
+        bytes[16..20].copy_from_slice(&length.to_be_bytes());
+        let mut len = CHUNK_HEADER_LEN;
+        if let Some(offset) = offset {
+            bytes[20..28].copy_from_slice(&offset.to_be_bytes());
+            len += 8;
+        }
+        Reply {
+            head: ReplyHead {
+                bytes,
+                len: len as u8,
+            },
+            payload,
+        }
+    }
+
+    /// Success without data (every command except a non-empty READ). A simple reply is
+    /// allowed for these even after structured replies were negotiated.
+    pub fn done(cookie: u64, structured: bool, was_read: bool) -> Reply {
+        if structured && was_read {
+            // READ must never get a simple reply once structured replies are on.
+            Reply::chunk(cookie, REPLY_TYPE_NONE, 0, None, Bytes::new())
+        } else {
+            Reply::simple(cookie, 0, Bytes::new())
+        }
+    }
+
+    /// Successful READ of `data` from `offset`.
+    pub fn read_data(cookie: u64, offset: u64, data: Bytes, structured: bool) -> Reply {
+        if data.is_empty() {
+            return Reply::done(cookie, structured, true);
+        }
+        if structured {
+            // Payloads are at most 32 MiB (validated), so the length fits in 32 bits.
+            let length = (data.len() as u64 + 8).min(u64::from(u32::MAX)) as u32;
+            Reply::chunk(cookie, REPLY_TYPE_OFFSET_DATA, length, Some(offset), data)
+        } else {
+            Reply::simple(cookie, 0, data)
+        }
+    }
+
+    /// A failed request. With structured replies the message travels with the error.
+    pub fn error(cookie: u64, errno: u32, message: &str, structured: bool) -> Reply {
+        let errno = if errno == 0 { EIO } else { errno };
+        if !structured {
+            return Reply::simple(cookie, errno, Bytes::new());
+        }
+        let mut message = message.as_bytes();
+        if message.len() > MAX_STRING_LEN {
+            message = &message[..MAX_STRING_LEN];
+        }
+        let mut payload = Vec::with_capacity(6 + message.len());
+        payload.extend_from_slice(&errno.to_be_bytes());
+        payload.extend_from_slice(&(message.len() as u16).to_be_bytes());
+        payload.extend_from_slice(message);
+        let length = payload.len() as u32;
+        Reply::chunk(cookie, REPLY_TYPE_ERROR, length, None, Bytes::from(payload))
+    }
+
+    /// Total bytes on the wire.
+    pub fn wire_len(&self) -> usize {
+        self.head.as_slice().len() + self.payload.len()
+    }
+}
