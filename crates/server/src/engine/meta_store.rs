@@ -16,6 +16,9 @@
 //! * Reservation. `reserve_chunk` hands out a free store chunk for a copy in flight. A
 //!   reservation is not made durable by `commit`: if the server crashes before
 //!   `record_copy_out`/`record_snapshot_exception`, the chunk is free again after recovery.
+//! * Deferred reuse. A chunk freed by `reclaim_step` must not be handed out by
+//!   `reserve_chunk` before a `commit` has made the free durable: otherwise new data could
+//!   overwrite a chunk that a crash would hand back to its old exception.
 //! * Durability. Every `record_*`, `create_snapshot`, `delete_snapshot` and
 //!   `invalidate_snapshot` is durable only after the next successful `commit`. The engine
 //!   calls `commit` only once the data the new exceptions point at is on stable storage, and
@@ -157,7 +160,8 @@ pub trait MetaStore {
     ) -> Result<(), StoreError>;
 
     /// Does a bounded amount of background reclaim (about `budget` exceptions examined):
-    /// frees exceptions no live snapshot uses. Never blocks for long.
+    /// frees exceptions no live snapshot uses. Never blocks for long. The freed chunks become
+    /// reservable after the next `commit`.
     fn reclaim_step(&mut self, budget: usize) -> Result<ReclaimProgress, StoreError>;
 
     /// Makes every recorded change durable (journal commit on stable storage).
@@ -179,6 +183,8 @@ struct MemState {
     exceptions: BTreeMap<u64, Vec<Exception>>,
     free: BTreeSet<u64>,
     reserved: BTreeSet<u64>,
+    /// Freed by reclaim since the last commit: reusable only after it.
+    freed_uncommitted: BTreeSet<u64>,
     /// Next origin chunk a running reclaim pass examines.
     reclaim_cursor: Option<u64>,
     /// A delete/invalidate happened that the running pass (if any) may have missed.
@@ -256,7 +262,13 @@ impl MemStore {
                 }
             }
         }
-        for c in self.state.free.iter().chain(&self.state.reserved) {
+        for c in self
+            .state
+            .free
+            .iter()
+            .chain(&self.state.reserved)
+            .chain(&self.state.freed_uncommitted)
+        {
             if !seen.insert(*c) {
                 return Err(format!("store chunk {c} both used and free/reserved"));
             }
@@ -557,7 +569,7 @@ impl MetaStore for MemStore {
                 .map(|i| list[i])
                 .collect();
             for e in list.iter().filter(|e| !keep.contains(e)) {
-                self.state.free.insert(e.store_chunk);
+                self.state.freed_uncommitted.insert(e.store_chunk);
                 progress.freed_chunks += 1;
             }
             if keep.is_empty() {
@@ -572,6 +584,8 @@ impl MetaStore for MemStore {
     }
 
     fn commit(&mut self) -> Result<(), StoreError> {
+        let freed = std::mem::take(&mut self.state.freed_uncommitted);
+        self.state.free.extend(freed);
         self.committed = self.state.clone();
         self.commits += 1;
         Ok(())
@@ -674,6 +688,13 @@ mod tests {
         }
         // Chunk 1's second copy-out served only b; chunk 2's serves a and b, a keeps it.
         assert_eq!(freed, 1);
+        assert_eq!(
+            s.stats().unwrap().free_chunks,
+            47,
+            "not reusable before commit"
+        );
+        s.commit().unwrap();
+        assert_eq!(s.stats().unwrap().free_chunks, 48);
         assert_eq!(s.snapshot(a).unwrap().unwrap().chunks_held, 2);
         s.check().unwrap();
         assert_eq!(
