@@ -458,3 +458,207 @@ fn truncate_utf8(s: &str, max: usize) -> &str {
     }
     &s[..end]
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::nbd::export::{BlockSizes, ExportFeatures};
+    use proptest::prelude::*;
+
+    fn export(name: &str) -> ExportInfo {
+        ExportInfo {
+            name: name.to_owned(),
+            description: Some("a test disk".into()),
+            size: 1 << 20,
+            read_only: false,
+            features: ExportFeatures::default(),
+            block_sizes: BlockSizes::default(),
+        }
+    }
+
+    fn option(option: u32, data: &[u8]) -> Vec<u8> {
+        let mut out = IHAVEOPT.to_be_bytes().to_vec();
+        out.extend_from_slice(&option.to_be_bytes());
+        out.extend_from_slice(&(data.len() as u32).to_be_bytes());
+        out.extend_from_slice(data);
+        out
+    }
+
+    fn go_data(name: &str) -> Vec<u8> {
+        let mut data = (name.len() as u32).to_be_bytes().to_vec();
+        data.extend_from_slice(name.as_bytes());
+        data.extend_from_slice(&0u16.to_be_bytes());
+        data
+    }
+
+    /// Drives a handshake over `input` delivered in the given chunk sizes, answering
+    /// lookups from an export set containing "disk". Returns everything written and
+    /// the final outcome.
+    fn drive(
+        input: &[u8],
+        chunks: &[usize],
+    ) -> (Vec<u8>, Result<Option<Negotiated>, HandshakeError>) {
+        let mut hs = Handshake::new(HandshakeConfig::default());
+        let mut written = Vec::new();
+        let mut pos = 0;
+        let mut chunk = chunks.iter().cycle();
+        loop {
+            match hs.step() {
+                Ok(HandshakeStep::Write(bytes)) => written.extend_from_slice(&bytes),
+                Ok(HandshakeStep::ReadMore) => {
+                    if pos == input.len() {
+                        return (written, Ok(None));
+                    }
+                    let n = (*chunk.next().unwrap()).max(1).min(input.len() - pos);
+                    hs.feed(&input[pos..pos + n]);
+                    pos += n;
+                }
+                Ok(HandshakeStep::ListExports) => hs.exports_listed(&[export("disk")]).unwrap(),
+                Ok(HandshakeStep::OpenExport { name }) => {
+                    let found = (name == "disk" || name.is_empty()).then(|| export("disk"));
+                    if let Err(e) = hs.export_opened(found.as_ref()) {
+                        return (written, Err(e));
+                    }
+                }
+                Ok(HandshakeStep::Transmission(n)) => return (written, Ok(Some(n))),
+                Ok(HandshakeStep::Aborted) => return (written, Ok(None)),
+                Err(e) => return (written, Err(e)),
+            }
+        }
+    }
+
+    fn conversation() -> Vec<u8> {
+        let mut input = (FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES)
+            .to_be_bytes()
+            .to_vec();
+        input.extend(option(0x1234, &[9; 100]));
+        input.extend(option(OPT_LIST, &[]));
+        input.extend(option(OPT_STRUCTURED_REPLY, &[]));
+        input.extend(option(OPT_INFO, &go_data("missing")));
+        input.extend(option(OPT_GO, &go_data("disk")));
+        input
+    }
+
+    #[test]
+    fn result_does_not_depend_on_how_input_is_split() {
+        let input = conversation();
+        let (whole, outcome) = drive(&input, &[input.len()]);
+        let negotiated = outcome.unwrap().expect("reached transmission");
+        assert!(negotiated.structured_replies);
+        assert_eq!(negotiated.export.name, "disk");
+        let seed: u64 = std::env::var("NBD_TEST_SEED")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(rand::random);
+        eprintln!("seed {seed} (replay with NBD_TEST_SEED={seed})");
+        let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(seed);
+        for _ in 0..200 {
+            let chunks: Vec<usize> = (0..8)
+                .map(|_| rand::Rng::gen_range(&mut rng, 1..40))
+                .collect();
+            let (written, outcome) = drive(&input, &chunks);
+            assert_eq!(written, whole, "seed {seed}, chunks {chunks:?}");
+            assert_eq!(outcome.unwrap(), Some(negotiated.clone()));
+        }
+    }
+
+    #[test]
+    fn replies_are_in_order_and_well_formed() {
+        let (written, _) = drive(&conversation(), &[1000]);
+        let mut rest = &written[18..];
+        let mut seen = Vec::new();
+        while !rest.is_empty() {
+            assert_eq!(rest.get_u64(), OPTION_REPLY_MAGIC);
+            let option = rest.get_u32();
+            let kind = rest.get_u32();
+            let len = rest.get_u32() as usize;
+            rest.advance(len);
+            seen.push((option, kind));
+        }
+        assert_eq!(
+            seen,
+            vec![
+                (0x1234, REP_ERR_UNSUP),
+                (OPT_LIST, REP_SERVER),
+                (OPT_LIST, REP_ACK),
+                (OPT_STRUCTURED_REPLY, REP_ACK),
+                (OPT_INFO, REP_ERR_UNKNOWN),
+                (OPT_GO, REP_INFO),
+                (OPT_GO, REP_INFO),
+                (OPT_GO, REP_ACK),
+            ]
+        );
+    }
+
+    #[test]
+    fn oversized_known_option_is_skipped_with_too_big() {
+        let mut input = 1u32.to_be_bytes().to_vec();
+        input.extend(option(OPT_GO, &vec![0; 100_000]));
+        input.extend(option(OPT_GO, &go_data("disk")));
+        let (written, outcome) = drive(&input, &[4096]);
+        assert!(outcome.unwrap().is_some());
+        assert_eq!(
+            &written[18 + 8..18 + 16],
+            &[
+                &OPT_GO.to_be_bytes()[..],
+                &REP_ERR_TOO_BIG.to_be_bytes()[..]
+            ]
+            .concat()[..]
+        );
+    }
+
+    #[test]
+    fn answers_out_of_turn_are_errors_not_panics() {
+        let mut hs = Handshake::new(HandshakeConfig::default());
+        assert!(hs.exports_listed(&[]).is_err());
+        assert!(hs.export_opened(None).is_err());
+        assert!(matches!(hs.step(), Ok(HandshakeStep::Write(_))));
+    }
+
+    #[test]
+    fn info_request_parsing() {
+        assert_eq!(parse_info_request(&go_data("x")), Ok(("x".into(), vec![])));
+        let mut data = go_data("ab");
+        data.truncate(data.len() - 2);
+        data.extend_from_slice(&2u16.to_be_bytes());
+        data.extend_from_slice(&[0, 3, 0, 1]);
+        assert_eq!(parse_info_request(&data), Ok(("ab".into(), vec![3, 1])));
+        assert!(parse_info_request(&[0, 0, 0, 1, b'a']).is_err());
+        assert!(
+            parse_info_request(&[0, 0, 0, 1, 0xff, 0, 0]).is_err(),
+            "not UTF-8"
+        );
+        assert!(
+            parse_info_request(&[0, 0, 0, 0, 0, 1]).is_err(),
+            "missing request"
+        );
+    }
+
+    proptest! {
+        /// Arbitrary client bytes never panic the state machine, and every reply it
+        /// writes is framed with the option reply magic.
+        #[test]
+        fn arbitrary_input_never_panics(tail in proptest::collection::vec(any::<u8>(), 0..600), split in 1usize..64) {
+            let mut input = 3u32.to_be_bytes().to_vec();
+            input.extend(tail);
+            let (written, _) = drive(&input, &[split]);
+            prop_assert!(written.len() >= 18);
+        }
+
+        /// Valid options with random payloads keep the stream in sync: a GO sent after
+        /// them always succeeds.
+        #[test]
+        fn any_option_sequence_keeps_sync(opts in proptest::collection::vec((0u32..16, proptest::collection::vec(any::<u8>(), 0..64)), 0..8)) {
+            let mut input = 1u32.to_be_bytes().to_vec();
+            for (opt, data) in &opts {
+                if matches!(*opt, OPT_EXPORT_NAME | OPT_ABORT | OPT_GO) {
+                    continue;
+                }
+                input.extend(option(*opt, data));
+            }
+            input.extend(option(OPT_GO, &go_data("disk")));
+            let (_, outcome) = drive(&input, &[7]);
+            prop_assert_eq!(outcome.map(|n| n.map(|n| n.export.name)), Ok(Some("disk".to_owned())));
+        }
+    }
+}

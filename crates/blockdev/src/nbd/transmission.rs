@@ -351,3 +351,184 @@ impl Reply {
         self.head.as_slice().len() + self.payload.len()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::nbd::export::{BlockSizes, ExportFeatures};
+    use proptest::prelude::*;
+
+    fn export(read_only: bool, minimum: u32) -> ExportInfo {
+        ExportInfo {
+            name: "disk".into(),
+            description: None,
+            size: 1 << 20,
+            read_only,
+            features: ExportFeatures {
+                trim: true,
+                write_zeroes: true,
+                ..Default::default()
+            },
+            block_sizes: BlockSizes {
+                minimum,
+                ..Default::default()
+            },
+        }
+    }
+
+    fn header(kind: u16, flags: u16, offset: u64, length: u32) -> RequestHeader {
+        RequestHeader {
+            flags,
+            kind,
+            cookie: 42,
+            offset,
+            length,
+        }
+    }
+
+    #[test]
+    fn header_round_trip_and_bad_magic() {
+        let h = header(CMD_WRITE, CMD_FLAG_FUA, 4096, 512);
+        assert_eq!(RequestHeader::parse(&h.encode()), Ok(h));
+        assert_eq!(h.payload_len(), 512);
+        assert_eq!(header(CMD_READ, 0, 0, 512).payload_len(), 0);
+        let mut bytes = h.encode();
+        bytes[0] = 0;
+        assert!(matches!(
+            RequestHeader::parse(&bytes),
+            Err(RequestError::BadMagic(_))
+        ));
+        assert_eq!(
+            RequestHeader::parse(&bytes[..27]),
+            Err(RequestError::Truncated(27))
+        );
+    }
+
+    #[test]
+    fn validation_errors_follow_the_protocol() {
+        let rw = export(false, 1);
+        let errno = |h: RequestHeader, e: &ExportInfo| validate(&h, e).map_err(|r| r.errno);
+        assert_eq!(
+            errno(header(CMD_READ, 0, (1 << 20) - 1, 2), &rw),
+            Err(EINVAL)
+        );
+        assert_eq!(errno(header(CMD_WRITE, 0, 1 << 20, 1), &rw), Err(ENOSPC));
+        assert_eq!(
+            errno(header(CMD_WRITE_ZEROES, 0, 1 << 20, 1), &rw),
+            Err(ENOSPC)
+        );
+        assert_eq!(errno(header(CMD_TRIM, 0, u64::MAX, 1), &rw), Err(EINVAL));
+        assert_eq!(errno(header(99, 0, 0, 0), &rw), Err(EINVAL));
+        assert_eq!(
+            errno(header(CMD_READ, CMD_FLAG_NO_HOLE, 0, 1), &rw),
+            Err(EINVAL)
+        );
+        assert_eq!(
+            errno(header(CMD_WRITE, 1 << 4, 0, 1), &rw),
+            Err(EINVAL),
+            "FAST_ZERO not offered"
+        );
+        assert_eq!(
+            errno(header(CMD_READ, 0, 0, 1 << 20), &rw),
+            Ok(Command::Read {
+                offset: 0,
+                len: 1 << 20
+            })
+        );
+        assert_eq!(
+            errno(header(CMD_WRITE_ZEROES, CMD_FLAG_NO_HOLE, 0, 1), &rw),
+            Ok(Command::WriteZeroes {
+                offset: 0,
+                len: 1,
+                fua: false,
+                may_trim: false
+            })
+        );
+        assert_eq!(
+            errno(header(CMD_DISC, 0, 0, 0), &rw),
+            Ok(Command::Disconnect)
+        );
+
+        let ro = export(true, 1);
+        for kind in [CMD_WRITE, CMD_TRIM, CMD_WRITE_ZEROES] {
+            assert_eq!(errno(header(kind, 0, 0, 1), &ro), Err(EPERM));
+        }
+        assert_eq!(errno(header(CMD_FLUSH, 0, 0, 0), &ro), Ok(Command::Flush));
+
+        let aligned = export(false, 512);
+        assert_eq!(errno(header(CMD_READ, 0, 1, 512), &aligned), Err(EINVAL));
+        assert_eq!(errno(header(CMD_READ, 0, 512, 100), &aligned), Err(EINVAL));
+        assert!(errno(header(CMD_READ, 0, 512, 1024), &aligned).is_ok());
+
+        let mut plain = export(false, 1);
+        plain.features.trim = false;
+        assert_eq!(
+            errno(header(CMD_TRIM, 0, 0, 1), &plain),
+            Err(EINVAL),
+            "trim not advertised"
+        );
+    }
+
+    #[test]
+    fn replies_are_encoded_per_protocol() {
+        let r = Reply::error(7, EINVAL, "bad", false);
+        assert_eq!(
+            r.head.as_slice(),
+            &[0x67, 0x44, 0x66, 0x98, 0, 0, 0, 22, 0, 0, 0, 0, 0, 0, 0, 7]
+        );
+        assert!(r.payload.is_empty());
+        let r = Reply::error(7, EINVAL, "bad", true);
+        assert_eq!(
+            &r.head.as_slice()[0..8],
+            &[0x66, 0x8e, 0x33, 0xef, 0, 1, 0x80, 1]
+        );
+        assert_eq!(&r.head.as_slice()[16..20], &9u32.to_be_bytes());
+        assert_eq!(&r.payload[..], &[0, 0, 0, 22, 0, 3, b'b', b'a', b'd']);
+        let r = Reply::read_data(1, 4096, Bytes::from_static(b"data"), true);
+        assert_eq!(r.head.as_slice().len(), 28);
+        assert_eq!(&r.head.as_slice()[16..20], &12u32.to_be_bytes());
+        assert_eq!(&r.head.as_slice()[20..28], &4096u64.to_be_bytes());
+        assert_eq!(r.wire_len(), 32);
+        let r = Reply::read_data(1, 0, Bytes::from_static(b"data"), false);
+        assert_eq!(r.head.as_slice().len(), 16);
+        assert_eq!(r.wire_len(), 20);
+    }
+
+    #[test]
+    fn os_errors_map_to_protocol_errors() {
+        let os = io::Error::from_raw_os_error;
+        assert_eq!(errno_of(&os(libc::EDQUOT)), ENOSPC);
+        assert_eq!(errno_of(&os(libc::EROFS)), EPERM);
+        assert_eq!(errno_of(&os(libc::EBADF)), EIO);
+        assert_eq!(errno_of(&io::Error::other("x")), EIO);
+    }
+
+    proptest! {
+        /// Whatever 28 bytes arrive, parsing and validation never panic, and an accepted
+        /// data command always lies inside the export and respects its limits.
+        #[test]
+        fn accepted_commands_are_in_bounds(bytes in proptest::array::uniform28(any::<u8>()), magic in any::<bool>(), minimum in prop::sample::select(vec![1u32, 512, 4096])) {
+            let mut bytes = bytes;
+            if magic {
+                bytes[0..4].copy_from_slice(&REQUEST_MAGIC.to_be_bytes());
+            }
+            let Ok(h) = RequestHeader::parse(&bytes) else { return Ok(()); };
+            let e = export(false, minimum);
+            if let Ok(cmd) = validate(&h, &e) {
+                let range = match cmd {
+                    Command::Read { offset, len } | Command::Write { offset, len, .. } => {
+                        prop_assert!(len <= e.block_sizes.maximum_payload);
+                        Some((offset, len))
+                    }
+                    Command::Trim { offset, len, .. } | Command::WriteZeroes { offset, len, .. } => Some((offset, len)),
+                    Command::Flush | Command::Disconnect => None,
+                };
+                if let Some((offset, len)) = range {
+                    prop_assert!(offset + u64::from(len) <= e.size);
+                    prop_assert_eq!(offset % u64::from(minimum), 0);
+                    prop_assert_eq!(len % minimum, 0);
+                }
+            }
+        }
+    }
+}
