@@ -157,6 +157,8 @@ pub trait Group: Stream<Item = Result<GroupEvent, GroupError>> + Unpin + Send + 
 /// A stream of quorum changes for the local node. The first item is the current state.
 pub trait Quorum: Stream<Item = Result<QuorumEvent, GroupError>> + Unpin + Send + 'static {}
 
+pub mod config;
 pub mod corosync;
 pub mod memory;
 pub mod testkit;
+pub mod typed;

@@ -1,0 +1,784 @@
+//! csnap's configuration: the `csnap` section of corosync.conf plus per-node keys in its
+//! nodelist, parsed by a pure function from the flat key/value map that cmap holds.
+//!
+//! ```text
+//! nodelist {
+//!     node {
+//!         ring0_addr: 10.0.0.1
+//!         nodeid: 1
+//!         name: alpha
+//!         csnap_priority: 10        # optional, default 0; higher wins the server choice
+//!     }
+//! }
+//! csnap {
+//!     key_file: /etc/csnap/cluster.key          # optional, this default
+//!     control_socket: /run/csnap/csnap.sock     # optional, this default
+//!     # kill_node (default) | stonith | command | reset
+//!     fencing: kill_node
+//!     # only with fencing: command; called as `<command> <nodeid>`
+//!     fence_command: /usr/local/sbin/my-fence
+//!     vol0 {                                    # one subsection per volume
+//!         origin: /dev/disk/by-id/...           # required
+//!         store: /dev/disk/by-id/...            # required
+//!         server_port: 7788                     # required, distinct per volume
+//!         nbd_listen: unix:/run/csnap/vol0.nbd  # optional, this default; or tcp:HOST:PORT
+//!     }
+//! }
+//! ```
+//!
+//! Corosync stores items of unknown top-level sections as strings, a subsection as one more
+//! dotted component: `csnap.vol0.origin`; nodelist entries appear as
+//! `nodelist.node.<index>.nodeid` (a u32) and `nodelist.node.<index>.csnap_priority`.
+//! Corosync keeps a value verbatim up to the end of the line: there are no inline comments
+//! and quotes are not removed, so the parser points this out when it sees it.
+//! `corosync-cfgtool -R` reloads changed and added keys; keys deleted from the `csnap`
+//! section stay in cmap until corosync restarts (corosync only prunes some sections).
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use crate::{GroupError, NodeId};
+
+pub const DEFAULT_KEY_FILE: &str = "/etc/csnap/cluster.key";
+pub const DEFAULT_CONTROL_SOCKET: &str = "/run/csnap/csnap.sock";
+/// Priority of a node without `csnap_priority`.
+pub const DEFAULT_PRIORITY: i32 = 0;
+
+/// How a node with stale state (found after a partition merge) is dealt with.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Fencing {
+    /// corosync cfg `kill_node`: the node's corosync exits (`fencing: kill_node`).
+    KillNode,
+    /// Pacemaker's fencing (`fencing: stonith`).
+    Stonith,
+    /// An external command, called with the node id (`fencing: command` + `fence_command`).
+    Command(PathBuf),
+    /// No fencing: the stale node drops all its state and rejoins clean (`fencing: reset`).
+    Reset,
+}
+
+/// Where a node's NBD server for a volume listens.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum NbdListen {
+    /// `unix:/path`
+    Unix(PathBuf),
+    /// `tcp:HOST:PORT` (an IP address; `[v6]:port` for IPv6)
+    Tcp(SocketAddr),
+}
+
+/// One volume: a `csnap { NAME { ... } }` subsection.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VolumeConfig {
+    pub name: String,
+    /// The shared origin device.
+    pub origin: PathBuf,
+    /// The shared snapshot store device.
+    pub store: PathBuf,
+    /// TCP port the volume's server listens on (on whichever node runs it).
+    pub server_port: u16,
+    pub nbd_listen: NbdListen,
+}
+
+/// A node from corosync's nodelist.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeConfig {
+    pub id: NodeId,
+    pub name: Option<String>,
+    /// `ring0_addr` as written (an address or a host name).
+    pub ring0_addr: Option<String>,
+    /// `csnap_priority`, default [`DEFAULT_PRIORITY`].
+    pub priority: i32,
+}
+
+/// Everything csnap reads from corosync.conf.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CsnapConfig {
+    pub key_file: PathBuf,
+    pub control_socket: PathBuf,
+    pub fencing: Fencing,
+    /// By volume name.
+    pub volumes: BTreeMap<String, VolumeConfig>,
+    /// By node id.
+    pub nodes: BTreeMap<NodeId, NodeConfig>,
+}
+
+const TOP_LEVEL_KEYS: &[&str] = &["key_file", "control_socket", "fencing", "fence_command"];
+const VOLUME_KEYS: &[&str] = &["origin", "store", "server_port", "nbd_listen"];
+const NODE_CSNAP_KEYS: &[&str] = &["csnap_priority"];
+const MAX_VOLUME_NAME: usize = 64;
+
+fn config_error(key: &str, detail: impl Into<String>) -> GroupError {
+    GroupError::Config {
+        key: key.to_string(),
+        detail: detail.into(),
+    }
+}
+
+/// Points at the usual corosync.conf pitfalls when a value did not parse.
+fn hint(value: &str) -> &'static str {
+    if value.contains('#') {
+        " (corosync.conf has no inline comments: put `#` comments on their own line)"
+    } else if value.starts_with('"') || value.starts_with('\'') {
+        " (corosync keeps quotes as part of the value: drop them)"
+    } else {
+        ""
+    }
+}
+
+fn absolute_path(key: &str, value: &str) -> Result<PathBuf, GroupError> {
+    if value.is_empty() {
+        return Err(config_error(key, "is empty; expected an absolute path"));
+    }
+    if !value.starts_with('/') {
+        return Err(config_error(
+            key,
+            format!("{value:?} is not an absolute path{}", hint(value)),
+        ));
+    }
+    if value.contains('#') {
+        return Err(config_error(key, format!("{value:?}{}", hint(value))));
+    }
+    Ok(PathBuf::from(value))
+}
+
+fn parse_fencing_method(key: &str, value: &str) -> Result<&'static str, GroupError> {
+    match value {
+        "kill_node" => Ok("kill_node"),
+        "stonith" => Ok("stonith"),
+        "command" => Ok("command"),
+        "reset" => Ok("reset"),
+        _ => Err(config_error(
+            key,
+            format!(
+                "unknown fencing method {value:?}; expected kill_node, stonith, command or reset{}",
+                hint(value)
+            ),
+        )),
+    }
+}
+
+fn parse_port(key: &str, value: &str) -> Result<u16, GroupError> {
+    match value.parse::<u16>() {
+        Ok(0) | Err(_) => Err(config_error(
+            key,
+            format!("{value:?} is not a TCP port (1-65535){}", hint(value)),
+        )),
+        Ok(port) => Ok(port),
+    }
+}
+
+fn parse_nbd_listen(key: &str, value: &str) -> Result<NbdListen, GroupError> {
+    if let Some(path) = value.strip_prefix("unix:") {
+        return Ok(NbdListen::Unix(absolute_path(key, path)?));
+    }
+    if let Some(addr) = value.strip_prefix("tcp:") {
+        return addr.parse::<SocketAddr>().map(NbdListen::Tcp).map_err(|_| {
+            config_error(
+                key,
+                format!(
+                    "{addr:?} is not IP:PORT (e.g. tcp:127.0.0.1:10809 or tcp:[::1]:10809){}",
+                    hint(value)
+                ),
+            )
+        });
+    }
+    Err(config_error(
+        key,
+        format!(
+            "{value:?} must start with unix: or tcp: (e.g. unix:/run/csnap/vol0.nbd){}",
+            hint(value)
+        ),
+    ))
+}
+
+fn valid_volume_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= MAX_VOLUME_NAME
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+}
+
+#[derive(Default)]
+struct RawVolume<'a> {
+    origin: Option<&'a str>,
+    store: Option<&'a str>,
+    server_port: Option<&'a str>,
+    nbd_listen: Option<&'a str>,
+}
+
+#[derive(Default)]
+struct RawNode<'a> {
+    nodeid: Option<&'a str>,
+    name: Option<&'a str>,
+    ring0_addr: Option<&'a str>,
+    priority: Option<&'a str>,
+}
+
+impl CsnapConfig {
+    /// Parses the flat cmap keys (`csnap.*` and `nodelist.*`; other keys are ignored, so
+    /// the whole map may be passed). Every error names the offending key.
+    pub fn from_cmap<'a>(keys: &'a BTreeMap<String, String>) -> Result<CsnapConfig, GroupError> {
+        let mut top: BTreeMap<&str, &str> = BTreeMap::new();
+        let mut raw_volumes: BTreeMap<&str, RawVolume> = BTreeMap::new();
+        let mut raw_nodes: BTreeMap<u32, RawNode> = BTreeMap::new();
+
+        for (key, value) in keys {
+            if let Some(rest) = key.strip_prefix("csnap.") {
+                let parts: Vec<&str> = rest.split('.').collect();
+                match parts.as_slice() {
+                    [name] if TOP_LEVEL_KEYS.contains(name) => {
+                        top.insert(name, value.as_str());
+                    }
+                    [name] => {
+                        return Err(config_error(
+                            key,
+                            format!(
+                                "unknown key {name:?} in the csnap section; known keys: {}, \
+                                 and volume subsections",
+                                TOP_LEVEL_KEYS.join(", ")
+                            ),
+                        ))
+                    }
+                    [volume, item] => {
+                        if TOP_LEVEL_KEYS.contains(volume) || !valid_volume_name(volume) {
+                            return Err(config_error(
+                                key,
+                                format!(
+                                    "{volume:?} is not a usable volume name (letters, digits, \
+                                     _ and -, at most {MAX_VOLUME_NAME}, not a csnap key name)"
+                                ),
+                            ));
+                        }
+                        let raw = raw_volumes.entry(volume).or_default();
+                        let slot = match *item {
+                            "origin" => &mut raw.origin,
+                            "store" => &mut raw.store,
+                            "server_port" => &mut raw.server_port,
+                            "nbd_listen" => &mut raw.nbd_listen,
+                            other => {
+                                return Err(config_error(
+                                    key,
+                                    format!(
+                                        "unknown key {other:?} in volume {volume}; known keys: {}",
+                                        VOLUME_KEYS.join(", ")
+                                    ),
+                                ))
+                            }
+                        };
+                        *slot = Some(value.as_str());
+                    }
+                    _ => {
+                        return Err(config_error(
+                            key,
+                            "nested too deep: the csnap section holds keys and one level of \
+                             volume subsections",
+                        ))
+                    }
+                }
+            } else if let Some(rest) = key.strip_prefix("nodelist.node.") {
+                let Some((index, item)) = rest.split_once('.') else {
+                    continue;
+                };
+                let Ok(index) = index.parse::<u32>() else {
+                    continue;
+                };
+                let raw = raw_nodes.entry(index).or_default();
+                match item {
+                    "nodeid" => raw.nodeid = Some(value.as_str()),
+                    "name" => raw.name = Some(value.as_str()),
+                    "ring0_addr" => raw.ring0_addr = Some(value.as_str()),
+                    "csnap_priority" => raw.priority = Some(value.as_str()),
+                    other if other.starts_with("csnap_") => {
+                        return Err(config_error(
+                            key,
+                            format!(
+                                "unknown per-node csnap key {other:?}; known: {}",
+                                NODE_CSNAP_KEYS.join(", ")
+                            ),
+                        ))
+                    }
+                    // corosync's own per-node keys are not ours to judge.
+                    _ => {}
+                }
+            }
+        }
+
+        let key_file = match top.get("key_file") {
+            Some(v) => absolute_path("csnap.key_file", v)?,
+            None => PathBuf::from(DEFAULT_KEY_FILE),
+        };
+        let control_socket = match top.get("control_socket") {
+            Some(v) => absolute_path("csnap.control_socket", v)?,
+            None => PathBuf::from(DEFAULT_CONTROL_SOCKET),
+        };
+        let method = match top.get("fencing") {
+            Some(v) => parse_fencing_method("csnap.fencing", v)?,
+            None => "kill_node",
+        };
+        let command = match top.get("fence_command") {
+            Some(v) => Some(absolute_path("csnap.fence_command", v)?),
+            None => None,
+        };
+        let fencing = match (method, command) {
+            ("command", Some(path)) => Fencing::Command(path),
+            ("command", None) => {
+                return Err(config_error(
+                    "csnap.fence_command",
+                    "missing; required with fencing: command",
+                ))
+            }
+            (other, Some(_)) => {
+                return Err(config_error(
+                    "csnap.fence_command",
+                    format!("is set but fencing is {other}; set fencing: command or remove it"),
+                ))
+            }
+            ("stonith", None) => Fencing::Stonith,
+            ("reset", None) => Fencing::Reset,
+            _ => Fencing::KillNode,
+        };
+
+        let mut volumes = BTreeMap::new();
+        let mut port_owner: BTreeMap<u16, &str> = BTreeMap::new();
+        let mut listen_owner: BTreeMap<NbdListen, &str> = BTreeMap::new();
+        for (name, raw) in raw_volumes {
+            let key = |item: &str| format!("csnap.{name}.{item}");
+            let required = |value: Option<&'a str>, item: &str| -> Result<&'a str, GroupError> {
+                value.ok_or_else(|| {
+                    config_error(&key(item), format!("missing; volume {name} needs it"))
+                })
+            };
+            let origin = absolute_path(&key("origin"), required(raw.origin, "origin")?)?;
+            let store = absolute_path(&key("store"), required(raw.store, "store")?)?;
+            if origin == store {
+                return Err(config_error(
+                    &key("store"),
+                    format!("is the same device as the origin ({})", origin.display()),
+                ));
+            }
+            let server_port = parse_port(
+                &key("server_port"),
+                required(raw.server_port, "server_port")?,
+            )?;
+            if let Some(other) = port_owner.insert(server_port, name) {
+                return Err(config_error(
+                    &key("server_port"),
+                    format!("port {server_port} is already used by volume {other}"),
+                ));
+            }
+            let nbd_listen = match raw.nbd_listen {
+                Some(v) => parse_nbd_listen(&key("nbd_listen"), v)?,
+                None => NbdListen::Unix(PathBuf::from(format!("/run/csnap/{name}.nbd"))),
+            };
+            if let Some(other) = listen_owner.insert(nbd_listen.clone(), name) {
+                return Err(config_error(
+                    &key("nbd_listen"),
+                    format!("the same address is already used by volume {other}"),
+                ));
+            }
+            volumes.insert(
+                name.to_string(),
+                VolumeConfig {
+                    name: name.to_string(),
+                    origin,
+                    store,
+                    server_port,
+                    nbd_listen,
+                },
+            );
+        }
+
+        let mut nodes: BTreeMap<NodeId, NodeConfig> = BTreeMap::new();
+        for (index, raw) in raw_nodes {
+            let key = |item: &str| format!("nodelist.node.{index}.{item}");
+            let Some(nodeid) = raw.nodeid else {
+                if raw.priority.is_some() {
+                    return Err(config_error(
+                        &key("nodeid"),
+                        "missing; a node with csnap_priority needs a nodeid",
+                    ));
+                }
+                continue;
+            };
+            let id = match nodeid.parse::<u32>() {
+                Ok(id) if id > 0 => NodeId(id),
+                _ => {
+                    return Err(config_error(
+                        &key("nodeid"),
+                        format!("{nodeid:?} is not a node id (1-4294967295)"),
+                    ))
+                }
+            };
+            let priority = match raw.priority {
+                Some(v) => v.parse::<i32>().map_err(|_| {
+                    config_error(
+                        &key("csnap_priority"),
+                        format!("{v:?} is not an integer{}", hint(v)),
+                    )
+                })?,
+                None => DEFAULT_PRIORITY,
+            };
+            let node = NodeConfig {
+                id,
+                name: raw.name.map(str::to_string),
+                ring0_addr: raw.ring0_addr.map(str::to_string),
+                priority,
+            };
+            if nodes.insert(id, node).is_some() {
+                return Err(config_error(
+                    &key("nodeid"),
+                    format!("node id {id} appears twice in the nodelist"),
+                ));
+            }
+        }
+
+        Ok(CsnapConfig {
+            key_file,
+            control_socket,
+            fencing,
+            volumes,
+            nodes,
+        })
+    }
+
+    /// A node's configured priority ([`DEFAULT_PRIORITY`] for nodes not in the nodelist).
+    pub fn priority_of(&self, node: NodeId) -> i32 {
+        self.nodes
+            .get(&node)
+            .map(|n| n.priority)
+            .unwrap_or(DEFAULT_PRIORITY)
+    }
+}
+
+impl PartialOrd for NbdListen {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for NbdListen {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        match (self, other) {
+            (NbdListen::Unix(a), NbdListen::Unix(b)) => a.cmp(b),
+            (NbdListen::Tcp(a), NbdListen::Tcp(b)) => a.cmp(b),
+            (NbdListen::Unix(_), NbdListen::Tcp(_)) => std::cmp::Ordering::Less,
+            (NbdListen::Tcp(_), NbdListen::Unix(_)) => std::cmp::Ordering::Greater,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn map(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    /// What corosync-cmapctl showed for a real corosync.conf (see the module example).
+    fn full() -> Vec<(&'static str, &'static str)> {
+        vec![
+            ("csnap.key_file", "/etc/csnap/k.key"),
+            ("csnap.control_socket", "/run/csnap/c.sock"),
+            ("csnap.fencing", "command"),
+            ("csnap.fence_command", "/usr/local/sbin/my-fence"),
+            ("csnap.vol0.origin", "/dev/disk/by-id/origin0"),
+            ("csnap.vol0.store", "/dev/disk/by-id/store0"),
+            ("csnap.vol0.server_port", "7788"),
+            ("csnap.vol0.nbd_listen", "unix:/run/csnap/vol0.nbd"),
+            ("csnap.db-1.origin", "/dev/vg/db"),
+            ("csnap.db-1.store", "/dev/vg/dbsnap"),
+            ("csnap.db-1.server_port", "7789"),
+            ("csnap.db-1.nbd_listen", "tcp:127.0.0.1:10809"),
+            ("nodelist.local_node_pos", "0"),
+            ("nodelist.node.0.nodeid", "1"),
+            ("nodelist.node.0.name", "n1"),
+            ("nodelist.node.0.ring0_addr", "10.77.0.1"),
+            ("nodelist.node.0.csnap_priority", "10"),
+            ("nodelist.node.1.nodeid", "2"),
+            ("nodelist.node.1.ring0_addr", "10.77.0.2"),
+            ("nodelist.node.1.csnap_priority", "-5"),
+            ("nodelist.node.2.nodeid", "3"),
+            ("nodelist.node.2.ring0_addr", "10.77.0.3"),
+            ("totem.token", "1000"),
+        ]
+    }
+
+    fn parse(pairs: &[(&str, &str)]) -> Result<CsnapConfig, GroupError> {
+        CsnapConfig::from_cmap(&map(pairs))
+    }
+
+    fn error_of(pairs: &[(&str, &str)]) -> (String, String) {
+        match parse(pairs) {
+            Err(GroupError::Config { key, detail }) => (key, detail),
+            other => panic!("expected a Config error, got {other:?}"),
+        }
+    }
+
+    fn with(changes: &[(&'static str, Option<&'static str>)]) -> Vec<(&'static str, &'static str)> {
+        let mut pairs = full();
+        for (key, value) in changes {
+            pairs.retain(|(k, _)| k != key);
+            if let Some(v) = value {
+                pairs.push((key, v));
+            }
+        }
+        pairs
+    }
+
+    #[test]
+    fn full_section_parses() {
+        let c = parse(&full()).unwrap();
+        assert_eq!(c.key_file, PathBuf::from("/etc/csnap/k.key"));
+        assert_eq!(c.control_socket, PathBuf::from("/run/csnap/c.sock"));
+        assert_eq!(
+            c.fencing,
+            Fencing::Command("/usr/local/sbin/my-fence".into())
+        );
+        assert_eq!(c.volumes.len(), 2);
+        let v = &c.volumes["vol0"];
+        assert_eq!(v.name, "vol0");
+        assert_eq!(v.origin, PathBuf::from("/dev/disk/by-id/origin0"));
+        assert_eq!(v.store, PathBuf::from("/dev/disk/by-id/store0"));
+        assert_eq!(v.server_port, 7788);
+        assert_eq!(v.nbd_listen, NbdListen::Unix("/run/csnap/vol0.nbd".into()));
+        assert_eq!(
+            c.volumes["db-1"].nbd_listen,
+            NbdListen::Tcp("127.0.0.1:10809".parse().unwrap())
+        );
+        assert_eq!(c.nodes.len(), 3);
+        assert_eq!(c.nodes[&NodeId(1)].name.as_deref(), Some("n1"));
+        assert_eq!(c.nodes[&NodeId(1)].ring0_addr.as_deref(), Some("10.77.0.1"));
+        assert_eq!(c.priority_of(NodeId(1)), 10);
+        assert_eq!(c.priority_of(NodeId(2)), -5);
+        assert_eq!(c.priority_of(NodeId(3)), DEFAULT_PRIORITY);
+        assert_eq!(c.priority_of(NodeId(99)), DEFAULT_PRIORITY);
+    }
+
+    #[test]
+    fn empty_map_gives_defaults() {
+        let c = parse(&[]).unwrap();
+        assert_eq!(c.key_file, PathBuf::from(DEFAULT_KEY_FILE));
+        assert_eq!(c.control_socket, PathBuf::from(DEFAULT_CONTROL_SOCKET));
+        assert_eq!(c.fencing, Fencing::KillNode);
+        assert!(c.volumes.is_empty());
+        assert!(c.nodes.is_empty());
+    }
+
+    #[test]
+    fn fencing_methods_and_defaults() {
+        let base = [
+            ("csnap.vol0.origin", "/o"),
+            ("csnap.vol0.store", "/s"),
+            ("csnap.vol0.server_port", "1"),
+        ];
+        for (text, expected) in [
+            ("kill_node", Fencing::KillNode),
+            ("stonith", Fencing::Stonith),
+            ("reset", Fencing::Reset),
+        ] {
+            let mut pairs = base.to_vec();
+            pairs.push(("csnap.fencing", text));
+            assert_eq!(parse(&pairs).unwrap().fencing, expected);
+        }
+        let c = parse(&base).unwrap();
+        assert_eq!(
+            c.volumes["vol0"].nbd_listen,
+            NbdListen::Unix("/run/csnap/vol0.nbd".into())
+        );
+    }
+
+    #[test]
+    fn unknown_keys_are_named() {
+        let (key, detail) = error_of(&with(&[("csnap.keyfile", Some("/x"))]));
+        assert_eq!(key, "csnap.keyfile");
+        assert!(
+            detail.contains("unknown key") && detail.contains("key_file"),
+            "{detail}"
+        );
+
+        let (key, detail) = error_of(&with(&[("csnap.vol0.orign", Some("/x"))]));
+        assert_eq!(key, "csnap.vol0.orign");
+        assert!(
+            detail.contains("volume vol0") && detail.contains("origin"),
+            "{detail}"
+        );
+
+        let (key, detail) = error_of(&with(&[("csnap.vol0.deeper.x", Some("1"))]));
+        assert_eq!(key, "csnap.vol0.deeper.x");
+        assert!(detail.contains("nested too deep"), "{detail}");
+
+        let (key, _) = error_of(&with(&[("nodelist.node.1.csnap_prio", Some("3"))]));
+        assert_eq!(key, "nodelist.node.1.csnap_prio");
+
+        // corosync's own keys in the nodelist and other sections are not ours.
+        parse(&with(&[
+            ("nodelist.node.1.ring1_addr", Some("10.0.0.1")),
+            ("quorum.two_node", Some("1")),
+        ]))
+        .unwrap();
+    }
+
+    #[test]
+    fn bad_values_are_named() {
+        let cases: &[(&str, &str, &str, &str)] = &[
+            ("csnap.key_file", "etc/key", "csnap.key_file", "absolute"),
+            ("csnap.control_socket", "", "csnap.control_socket", "empty"),
+            (
+                "csnap.fencing",
+                "shoot",
+                "csnap.fencing",
+                "unknown fencing method",
+            ),
+            (
+                "csnap.fencing",
+                "kill_node   # kill_node | stonith",
+                "csnap.fencing",
+                "no inline comments",
+            ),
+            ("csnap.key_file", "\"/etc/k\"", "csnap.key_file", "quotes"),
+            (
+                "csnap.vol0.server_port",
+                "0",
+                "csnap.vol0.server_port",
+                "TCP port",
+            ),
+            (
+                "csnap.vol0.server_port",
+                "70000",
+                "csnap.vol0.server_port",
+                "TCP port",
+            ),
+            (
+                "csnap.vol0.server_port",
+                "77a",
+                "csnap.vol0.server_port",
+                "TCP port",
+            ),
+            (
+                "csnap.vol0.nbd_listen",
+                "/run/x.nbd",
+                "csnap.vol0.nbd_listen",
+                "unix: or tcp:",
+            ),
+            (
+                "csnap.vol0.nbd_listen",
+                "tcp:localhost",
+                "csnap.vol0.nbd_listen",
+                "IP:PORT",
+            ),
+            (
+                "csnap.vol0.nbd_listen",
+                "unix:rel",
+                "csnap.vol0.nbd_listen",
+                "absolute",
+            ),
+            (
+                "csnap.vol0.origin",
+                "/dev/disk/by-id/store0",
+                "csnap.vol0.store",
+                "same device",
+            ),
+            (
+                "csnap.db-1.server_port",
+                "7788",
+                "csnap.vol0.server_port",
+                "already used",
+            ),
+            (
+                "csnap.db-1.nbd_listen",
+                "unix:/run/csnap/vol0.nbd",
+                "csnap.vol0.nbd_listen",
+                "already used",
+            ),
+            (
+                "nodelist.node.0.csnap_priority",
+                "high",
+                "nodelist.node.0.csnap_priority",
+                "integer",
+            ),
+            (
+                "nodelist.node.1.nodeid",
+                "1",
+                "nodelist.node.1.nodeid",
+                "twice",
+            ),
+            (
+                "nodelist.node.1.nodeid",
+                "0",
+                "nodelist.node.1.nodeid",
+                "not a node id",
+            ),
+            ("csnap.bad.name.x", "1", "csnap.bad.name.x", "nested"),
+            (
+                "csnap.fencing.origin",
+                "/x",
+                "csnap.fencing.origin",
+                "volume name",
+            ),
+            ("csnap.v!.origin", "/x", "csnap.v!.origin", "volume name"),
+        ];
+        for (key, value, expected_key, needle) in cases {
+            let pairs = with(&[(key, Some(value))]);
+            let (got_key, detail) = error_of(&pairs);
+            assert_eq!(&got_key, expected_key, "setting {key}={value:?}: {detail}");
+            assert!(
+                detail.contains(needle),
+                "setting {key}={value:?}: {detail:?} lacks {needle:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn missing_values_are_named() {
+        for item in ["origin", "store", "server_port"] {
+            let key: &'static str = match item {
+                "origin" => "csnap.vol0.origin",
+                "store" => "csnap.vol0.store",
+                _ => "csnap.vol0.server_port",
+            };
+            let (got, detail) = error_of(&with(&[(key, None)]));
+            assert_eq!(got, key);
+            assert!(
+                detail.contains("missing") && detail.contains("vol0"),
+                "{detail}"
+            );
+        }
+        let (key, detail) = error_of(&with(&[("csnap.fence_command", None)]));
+        assert_eq!(key, "csnap.fence_command");
+        assert!(
+            detail.contains("required with fencing: command"),
+            "{detail}"
+        );
+
+        let (key, detail) = error_of(&with(&[("csnap.fencing", Some("stonith"))]));
+        assert_eq!(key, "csnap.fence_command");
+        assert!(detail.contains("fencing is stonith"), "{detail}");
+
+        let (key, _) = error_of(&with(&[
+            ("nodelist.node.2.nodeid", None),
+            ("nodelist.node.2.csnap_priority", Some("1")),
+        ]));
+        assert_eq!(key, "nodelist.node.2.nodeid");
+        // A nodelist entry without nodeid and without csnap keys is skipped.
+        let c = parse(&with(&[("nodelist.node.2.nodeid", None)])).unwrap();
+        assert_eq!(c.nodes.len(), 2);
+    }
+
+    #[test]
+    fn errors_display_the_key() {
+        let (key, detail) = error_of(&with(&[("csnap.vol0.server_port", Some("x"))]));
+        let text = GroupError::Config { key, detail }.to_string();
+        assert!(
+            text.starts_with("corosync.conf key csnap.vol0.server_port:"),
+            "{text}"
+        );
+    }
+}

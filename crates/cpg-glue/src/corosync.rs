@@ -1,1 +1,0 @@
-//! Real corosync: CPG, quorum, cmap, cfg.

@@ -1,0 +1,534 @@
+//! Tests against real corosync, each in a network namespace of its own.
+//!
+//! * `no_corosync_gives_not_running` (runs by default, needs root): in a fresh, empty
+//!   network namespace nothing answers, and every service says so clearly.
+//! * `single_node_end_to_end` (`--ignored`, needs root and corosync): starts one corosync
+//!   in a private namespace and drives the whole API against it. The multi-node behaviour
+//!   is tested by the netns cluster harness (package csnap-e2e).
+//!
+//! Without root (or corosync), they print why and pass, unless CI=true, where they fail.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use tokio::time::timeout;
+
+use super::*;
+use crate::config::{CsnapConfig, Fencing};
+use crate::typed::{TypedEvent, TypedGroup};
+use crate::{Group, GroupError, GroupEvent, GroupSender, MemberChange, Reason};
+
+const STEP: Duration = Duration::from_secs(20);
+
+/// Returns false (after saying why) when a prerequisite is missing; panics under CI=true.
+fn prerequisites(what: &str, need_corosync: bool) -> bool {
+    let mut missing = Vec::new();
+    if !nix::unistd::Uid::effective().is_root() {
+        missing.push("root".to_string());
+    }
+    if need_corosync {
+        for tool in ["corosync", "corosync-cfgtool", "ip", "unshare"] {
+            let found = std::env::var_os("PATH")
+                .map(|p| std::env::split_paths(&p).any(|d| d.join(tool).is_file()))
+                .unwrap_or(false);
+            if !found {
+                missing.push(tool.to_string());
+            }
+        }
+    }
+    if missing.is_empty() {
+        return true;
+    }
+    let msg = format!("{what}: needs {}", missing.join(", "));
+    if std::env::var("CI").as_deref() == Ok("true") {
+        panic!("{msg} (CI=true, so this is a failure)");
+    }
+    eprintln!("SKIPPED {msg}");
+    false
+}
+
+/// Runs `body` on a thread inside the network namespace that `enter` puts it in, with a
+/// tokio runtime, and returns its result (re-raising its panic).
+fn on_thread_in_netns<R: Send + 'static>(
+    enter: impl FnOnce() + Send + 'static,
+    body: impl FnOnce() -> std::pin::Pin<Box<dyn std::future::Future<Output = R>>> + Send + 'static,
+) -> R {
+    let thread = std::thread::spawn(move || {
+        enter();
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(body())
+    });
+    match thread.join() {
+        Ok(r) => r,
+        Err(panic) => std::panic::resume_unwind(panic),
+    }
+}
+
+#[test]
+fn no_corosync_gives_not_running() {
+    if !prerequisites("no_corosync_gives_not_running", false) {
+        return;
+    }
+    let results = on_thread_in_netns(
+        || nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).unwrap(),
+        || {
+            Box::pin(async {
+                vec![
+                    CorosyncGroup::join("csnap-no-corosync").err(),
+                    CorosyncQuorum::connect().err(),
+                    Cmap::connect().err(),
+                    local_node_id().err(),
+                    kill_node(crate::NodeId(2), "test").err(),
+                ]
+            })
+        },
+    );
+    let expected = ["cpg", "quorum", "cmap", "cfg", "cfg"];
+    for (result, service) in results.into_iter().zip(expected) {
+        match result {
+            Some(e @ GroupError::NotRunning { .. }) => {
+                let text = e.to_string();
+                assert!(
+                    text.contains(&format!("corosync {service}")) && text.contains("running"),
+                    "{text}"
+                );
+            }
+            other => panic!("{service}: expected NotRunning, got {other:?}"),
+        }
+    }
+}
+
+/// One corosync in a network namespace and mount namespace of its own; removed on drop.
+struct SingleNode {
+    netns: String,
+    dir: PathBuf,
+    corosync: Option<Child>,
+    corosync_pid: u32,
+}
+
+const CONF_HEAD: &str = "totem {
+    version: 2
+    cluster_name: cpgglue
+    transport: knet
+    crypto_cipher: none
+    crypto_hash: none
+    token: 1000
+}
+nodelist {
+    node {
+        ring0_addr: 10.77.0.1
+        nodeid: 1
+        name: n1
+        csnap_priority: 10
+    }
+}
+quorum {
+    provider: corosync_votequorum
+}
+";
+
+fn conf_text(dir: &Path, csnap_section: &str) -> String {
+    format!(
+        "{CONF_HEAD}logging {{\n    to_logfile: yes\n    logfile: {log}\n    to_syslog: no\n    to_stderr: no\n}}\nsystem {{\n    state_dir: {state}\n}}\n{csnap_section}",
+        log = dir.join("corosync.log").display(),
+        state = dir.join("state").display(),
+    )
+}
+
+fn csnap_section(port: &str) -> String {
+    format!(
+        "csnap {{\n    fencing: reset\n    vol0 {{\n        origin: /dev/h1-origin\n        store: /dev/h1-store\n        server_port: {port}\n    }}\n}}\n"
+    )
+}
+
+fn run(cmd: &mut Command) -> Result<(), String> {
+    let out = cmd
+        .output()
+        .map_err(|e| format!("cannot run {cmd:?}: {e}"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "{cmd:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        ))
+    }
+}
+
+impl SingleNode {
+    fn start() -> SingleNode {
+        let tag = format!("cg{}", std::process::id());
+        let dir = std::env::temp_dir().join(format!("cpg-glue-{tag}"));
+        let mut node = SingleNode {
+            netns: format!("cpg-glue-{tag}"),
+            dir,
+            corosync: None,
+            corosync_pid: 0,
+        };
+        fs::create_dir_all(node.dir.join("run")).unwrap();
+        fs::create_dir_all(node.dir.join("state")).unwrap();
+        node.write_conf(&csnap_section("7788"));
+        let (a, b) = (format!("{tag}a"), format!("{tag}b"));
+        let ns = node.netns.clone();
+        run(Command::new("ip").args(["netns", "add", &ns])).unwrap();
+        for args in [
+            vec!["-n", &ns, "link", "set", "lo", "up"],
+            vec![
+                "-n", &ns, "link", "add", &a, "type", "veth", "peer", "name", &b,
+            ],
+            vec!["-n", &ns, "addr", "add", "10.77.0.1/24", "dev", &a],
+            vec!["-n", &ns, "link", "set", &a, "up"],
+            vec!["-n", &ns, "link", "set", &b, "up"],
+        ] {
+            run(Command::new("ip").args(&args)).unwrap();
+        }
+        let script = format!(
+            "mount --bind {run} /run && exec corosync -f -c {conf}",
+            run = node.dir.join("run").display(),
+            conf = node.dir.join("corosync.conf").display()
+        );
+        let child = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &ns,
+                "unshare",
+                "-m",
+                "--propagation",
+                "private",
+            ])
+            .args(["sh", "-c", &script])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        node.corosync_pid = child.id();
+        node.corosync = Some(child);
+        node
+    }
+
+    fn write_conf(&self, csnap: &str) {
+        fs::write(self.dir.join("corosync.conf"), conf_text(&self.dir, csnap)).unwrap();
+    }
+
+    /// Enters this node's network namespace (for the current thread).
+    fn enter_fn(&self) -> impl FnOnce() + Send + 'static {
+        let path = PathBuf::from("/var/run/netns").join(&self.netns);
+        move || {
+            let ns = fs::File::open(&path).unwrap();
+            nix::sched::setns(ns, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+        }
+    }
+
+    fn corosync_pid(&self) -> u32 {
+        self.corosync_pid
+    }
+}
+
+impl Drop for SingleNode {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.corosync.take() {
+            // `ip netns exec` and `sh` exec into corosync: the child's pid is corosync's.
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        let _ = run(Command::new("ip").args(["netns", "del", &self.netns]));
+        remove_shm_of(self.corosync_pid);
+        if self.dir.join("run").exists() {
+            let _ = fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+/// A corosync killed with SIGKILL leaves its libqb shared-memory files behind
+/// (`qb-<server pid>-...` rings and `qb-corosync-<pid>-blackbox-*`); remove those of `pid`.
+fn remove_shm_of(pid: u32) {
+    if pid == 0 {
+        return;
+    }
+    let prefixes = [format!("qb-{pid}-"), format!("qb-corosync-{pid}-")];
+    if let Ok(entries) = fs::read_dir("/dev/shm") {
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if prefixes.iter().any(|p| name.starts_with(p.as_str())) {
+                let path = entry.path();
+                let _ = if path.is_dir() {
+                    fs::remove_dir_all(&path)
+                } else {
+                    fs::remove_file(&path)
+                };
+            }
+        }
+    }
+}
+
+async fn next_event(group: &mut CorosyncGroup, what: &str) -> GroupEvent {
+    match timeout(STEP, group.next()).await {
+        Ok(Some(Ok(event))) => event,
+        other => panic!("waiting for {what}: got {other:?}"),
+    }
+}
+
+/// Waits until corosync in the current namespace answers (bounded).
+async fn wait_for_corosync() {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match Cmap::connect() {
+            Ok(_) => break,
+            Err(e) if Instant::now() < deadline => {
+                let _ = e;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => panic!("corosync did not come up within 30 s: {e}"),
+        }
+    }
+    // Quorate (a 1-node cluster is at once), so that joins are not refused.
+    let mut quorum = CorosyncQuorum::connect().unwrap();
+    loop {
+        match timeout(STEP, quorum.next()).await {
+            Ok(Some(Ok(q))) if q.quorate => break,
+            Ok(Some(Ok(_))) => {}
+            other => panic!("quorum never came: {other:?}"),
+        }
+    }
+}
+
+#[derive(Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+struct Hello {
+    generation: u64,
+    text: String,
+}
+
+#[test]
+#[ignore = "starts a real corosync in a network namespace; run with --ignored (root)"]
+fn single_node_end_to_end() {
+    if !prerequisites("single_node_end_to_end", true) {
+        return;
+    }
+    let node = SingleNode::start();
+    let dir = node.dir.clone();
+    let pid = node.corosync_pid();
+    on_thread_in_netns(node.enter_fn(), move || {
+        Box::pin(async move { exercise(dir, pid).await })
+    });
+    drop(node);
+}
+
+async fn exercise(dir: PathBuf, corosync_pid: u32) {
+    let started = Instant::now();
+    wait_for_corosync().await;
+    println!(
+        "single_node_end_to_end: corosync up after {:?}",
+        started.elapsed()
+    );
+
+    // cfg, quorum.
+    assert_eq!(local_node_id().unwrap(), crate::NodeId(1));
+    let mut quorum = CorosyncQuorum::connect().unwrap();
+    let q = match timeout(STEP, quorum.next()).await {
+        Ok(Some(Ok(q))) => q,
+        other => panic!("first quorum item: {other:?}"),
+    };
+    assert!(q.quorate);
+    assert_eq!(q.members, vec![crate::NodeId(1)]);
+
+    // CPG: own join confchg, then the initial totem confchg.
+    let name = format!("cpg-glue-smoke-{}", std::process::id());
+    let mut group = CorosyncGroup::join(&name).unwrap();
+    let me = group.local();
+    assert_eq!(me.node, crate::NodeId(1));
+    assert_eq!(me.pid, std::process::id());
+    assert_eq!(group.name(), name);
+    match next_event(&mut group, "own join confchg").await {
+        GroupEvent::ConfChg(c) => {
+            assert_eq!(c.members, vec![me]);
+            assert_eq!(
+                c.joined,
+                vec![MemberChange {
+                    member: me,
+                    reason: Reason::Join
+                }]
+            );
+            assert!(c.left.is_empty());
+        }
+        other => panic!("expected the join confchg first, got {other:?}"),
+    }
+    match next_event(&mut group, "initial totem confchg").await {
+        GroupEvent::TotemConfChg(t) => {
+            assert_eq!(t.members, vec![crate::NodeId(1)]);
+            assert_eq!(t.ring, q.ring, "totem ring and quorum ring agree");
+        }
+        other => panic!("expected the initial totem confchg, got {other:?}"),
+    }
+
+    // Agreed-order delivery, including a fragmented message between two small ones.
+    let sender = group.sender();
+    let big: Vec<u8> = (0..3_000_000u32).map(|i| (i * 31 % 251) as u8).collect();
+    assert!(group.atomic_message_size() < big.len());
+    assert!(group.atomic_message_size() > 60_000);
+    sender.mcast(b"one".to_vec()).await.unwrap();
+    sender.mcast(big.clone()).await.unwrap();
+    sender.mcast(Vec::new()).await.unwrap();
+    sender.mcast(b"three".to_vec()).await.unwrap();
+    for expected in [b"one".to_vec(), big, Vec::new(), b"three".to_vec()] {
+        match next_event(&mut group, "own delivery").await {
+            GroupEvent::Deliver(d) => {
+                assert_eq!(d.from, me);
+                assert_eq!(d.payload.len(), expected.len());
+                assert!(d.payload == expected, "payload differs");
+            }
+            other => panic!("expected a delivery, got {other:?}"),
+        }
+    }
+    match sender.mcast(vec![0; MAX_MESSAGE_SIZE + 1]).await {
+        Err(GroupError::MessageTooLarge { size, max }) => {
+            assert_eq!((size, max), (MAX_MESSAGE_SIZE + 1, MAX_MESSAGE_SIZE))
+        }
+        other => panic!("expected MessageTooLarge, got {other:?}"),
+    }
+    // A burst from several tasks: every message arrives once, each task's in its order.
+    let mut tasks = Vec::new();
+    for t in 0..4u8 {
+        let s = group.sender();
+        tasks.push(tokio::spawn(async move {
+            for i in 0..250u8 {
+                s.mcast(vec![t, i]).await.unwrap();
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let mut next_of = [0u8; 4];
+    for _ in 0..1000 {
+        match next_event(&mut group, "burst delivery").await {
+            GroupEvent::Deliver(d) => {
+                let (t, i) = (d.payload[0] as usize, d.payload[1]);
+                assert_eq!(i, next_of[t], "task {t} out of order");
+                next_of[t] += 1;
+            }
+            other => panic!("expected a burst delivery, got {other:?}"),
+        }
+    }
+
+    // Typed layer over the real group.
+    let mut typed: TypedGroup<CorosyncGroup, Hello> = TypedGroup::new(group);
+    let hello = Hello {
+        generation: 3,
+        text: "hi".into(),
+    };
+    typed.sender().send(&hello).await.unwrap();
+    typed
+        .sender()
+        .inner()
+        .mcast(b"\xc1garbage".to_vec())
+        .await
+        .unwrap();
+    match timeout(STEP, typed.next()).await {
+        Ok(Some(Ok(TypedEvent::Deliver { from, msg }))) => {
+            assert_eq!(from, me);
+            assert_eq!(msg, hello);
+        }
+        other => panic!("typed delivery: {other:?}"),
+    }
+    match timeout(STEP, typed.next()).await {
+        Ok(Some(Err(GroupError::Codec { detail, .. }))) => {
+            assert!(detail.contains(&me.to_string()), "{detail}")
+        }
+        other => panic!("malformed typed delivery: {other:?}"),
+    }
+
+    // Leave: the sender then reports Disconnected.
+    let group = typed.into_inner();
+    let sender = group.sender();
+    group.leave().await.unwrap();
+    assert!(matches!(
+        sender.mcast(b"late".to_vec()).await,
+        Err(GroupError::Disconnected { .. })
+    ));
+
+    // cmap: keys, parsed configuration, reload notices.
+    let cmap = Cmap::connect().unwrap();
+    let keys = cmap.get_prefix("csnap.").unwrap();
+    assert_eq!(
+        keys.get("csnap.vol0.origin").map(String::as_str),
+        Some("/dev/h1-origin")
+    );
+    let nodelist = cmap.get_prefix("nodelist.node.0.").unwrap();
+    assert_eq!(
+        nodelist.get("nodelist.node.0.nodeid").map(String::as_str),
+        Some("1")
+    );
+    let config: CsnapConfig = cmap.csnap_config().unwrap();
+    assert_eq!(config.fencing, Fencing::Reset);
+    assert_eq!(config.volumes["vol0"].server_port, 7788);
+    assert_eq!(config.priority_of(crate::NodeId(1)), 10);
+    let mut watch = cmap.watch().unwrap();
+
+    let reload = |port: &str| {
+        fs::write(
+            dir.join("corosync.conf"),
+            conf_text(&dir, &csnap_section(port)),
+        )
+        .unwrap();
+        // Children inherit this thread's network namespace.
+        run(Command::new("corosync-cfgtool").arg("-R")).unwrap();
+    };
+    reload("7799");
+    match timeout(STEP, watch.next()).await {
+        Ok(Some(Ok(c))) => assert_eq!(c.volumes["vol0"].server_port, 7799),
+        other => panic!("reload notice: {other:?}"),
+    }
+    reload("77x");
+    match timeout(STEP, watch.next()).await {
+        Ok(Some(Err(GroupError::Config { key, .. }))) => {
+            assert_eq!(key, "csnap.vol0.server_port")
+        }
+        other => panic!("bad reload notice: {other:?}"),
+    }
+
+    // corosync dies: every stream reports Disconnected, then ends.
+    let mut group = CorosyncGroup::join(&name).unwrap();
+    assert!(matches!(
+        next_event(&mut group, "rejoin confchg").await,
+        GroupEvent::ConfChg(_)
+    ));
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(corosync_pid as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    until_disconnected(&mut group, "group").await;
+    until_disconnected(&mut quorum, "quorum").await;
+    until_disconnected(&mut watch, "cmap watch").await;
+    println!(
+        "single_node_end_to_end: all checks passed after {:?}",
+        started.elapsed()
+    );
+}
+
+/// Reads `stream` until it reports Disconnected (bounded), then checks that it ends.
+async fn until_disconnected<S, T>(stream: &mut S, what: &str)
+where
+    S: futures::Stream<Item = Result<T, GroupError>> + Unpin,
+    T: std::fmt::Debug,
+{
+    loop {
+        match timeout(STEP, stream.next()).await {
+            Ok(Some(Ok(_))) => continue,
+            Ok(Some(Err(GroupError::Disconnected { .. }))) => break,
+            other => panic!("{what} after corosync died: {other:?}"),
+        }
+    }
+    assert!(
+        timeout(STEP, stream.next()).await.unwrap().is_none(),
+        "{what} goes on after Disconnected"
+    );
+}
