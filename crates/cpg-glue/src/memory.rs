@@ -1,1 +1,0 @@
-//! In-memory cluster with virtual-synchrony semantics, for deterministic tests.
