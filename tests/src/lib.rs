@@ -1,1 +1,24 @@
-//! Test harness: an N-node corosync cluster in network namespaces.
+//! csnap-e2e: the end-to-end test harness. [`Cluster`] builds an N-node corosync cluster
+//! in network namespaces on this machine (one bridge, a veth and a namespace per node, one
+//! corosync per node in its own mount namespace), and offers what tests need: stop, kill
+//! and restart a node's corosync, partition and heal the network, run commands or
+//! in-process corosync clients inside a node, rewrite the `csnap` section and reload,
+//! and wait (bounded) for the expected membership. It implements
+//! [`cpg_glue::testkit::TestCluster`], so the behavioural suite that runs on the
+//! in-memory cluster runs on real corosync too. See docs/testing.md.
+
+pub mod cluster;
+pub mod cmd;
+pub mod conf;
+pub mod error;
+pub mod names;
+pub mod prereq;
+mod spawn;
+pub mod sweep;
+pub mod view;
+
+pub use cluster::{Cluster, ClusterConfig};
+pub use conf::CsnapSection;
+pub use error::HarnessError;
+pub use prereq::prerequisites_or_skip;
+pub use view::NodeView;

@@ -1,0 +1,171 @@
+//! Self-test of the namespace cluster harness, on the corosync command-line tools only:
+//! membership forms, commands run inside the right node, partitions split the membership
+//! as asked and heal merges it, stop/kill/restart work, and dropping the cluster leaves no
+//! process, namespace, link or directory behind (a crashed run's leftovers are swept).
+
+use std::collections::BTreeMap;
+use std::process::Command;
+
+use cpg_glue::NodeId;
+use csnap_e2e::sweep::{self, Runs};
+use csnap_e2e::{Cluster, ClusterConfig, CsnapSection, NodeView};
+
+fn ids(list: &[u32]) -> Vec<NodeId> {
+    list.iter().copied().map(NodeId).collect()
+}
+
+fn assert_view(views: &BTreeMap<NodeId, NodeView>, node: u32, members: &[u32], quorate: bool) {
+    let view = views
+        .get(&NodeId(node))
+        .unwrap_or_else(|| panic!("no view of node {node} in {views:?}"));
+    assert_eq!(view.members, ids(members), "members seen by node {node}");
+    assert_eq!(view.quorate, quorate, "quorate on node {node}: {view:?}");
+}
+
+fn ring_seq(views: &BTreeMap<NodeId, NodeView>, node: u32) -> u64 {
+    views[&NodeId(node)]
+        .ring_seq()
+        .unwrap_or_else(|| panic!("unparsable ring id in {views:?}"))
+}
+
+/// Fakes what a test process killed mid-run leaves: a namespace, a bridge and a directory
+/// with our name shape but a run id no live cluster uses.
+fn plant_leftovers() -> (String, String, std::path::PathBuf) {
+    let ns = "csezzzz0n1".to_string();
+    let bridge = "csezzzz0b0".to_string();
+    let dir = std::path::Path::new(csnap_e2e::cluster::BASE_DIR).join("csezzzz0");
+    let _ = Command::new("ip").args(["netns", "add", &ns]).status();
+    let _ = Command::new("ip")
+        .args(["link", "add", &bridge, "type", "bridge"])
+        .status();
+    std::fs::create_dir_all(dir.join("n1")).unwrap();
+    (ns, bridge, dir)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn harness_forms_partitions_heals_restarts_and_cleans_up() {
+    if !csnap_e2e::prerequisites_or_skip("harness self-test") {
+        return;
+    }
+    let (stale_ns, stale_bridge, stale_dir) = plant_leftovers();
+    let config = ClusterConfig::new(3)
+        .priority(1, 10)
+        .csnap(CsnapSection::new().set("fence", "cfg").unwrap());
+    let cluster = Cluster::start_or_skip("harness self-test", config)
+        .await
+        .unwrap();
+
+    // The stale sweep removed the fake leftovers and nothing of ours.
+    assert!(
+        !sweep::list_netns(Runs::All).contains(&stale_ns),
+        "stale netns survived"
+    );
+    assert!(
+        !sweep::list_links(Runs::All).contains(&stale_bridge),
+        "stale bridge survived"
+    );
+    assert!(!stale_dir.exists(), "stale run directory survived");
+
+    // Formed: everyone sees everyone, quorate, on one ring.
+    let views = cluster.wait_converged().await.unwrap();
+    for node in 1..=3 {
+        assert_view(&views, node, &[1, 2, 3], true);
+    }
+    let first_ring = ring_seq(&views, 1);
+
+    // Commands run inside the right node, and the config reached cmap.
+    for node in cluster.nodes() {
+        let addr = cluster
+            .exec_ok(node, "ip", &["-o", "-4", "addr", "show", "dev", "eth0"])
+            .await
+            .unwrap();
+        assert!(
+            addr.contains(&format!("10.77.0.{node}/24")),
+            "node {node} has {addr}"
+        );
+    }
+    let cmap = cluster
+        .exec_ok(NodeId(2), "corosync-cmapctl", &["-b", "csnap."])
+        .await
+        .unwrap();
+    assert!(cmap.contains("csnap.fence (str) = cfg"), "{cmap}");
+    let nodelist = cluster
+        .exec_ok(NodeId(3), "corosync-cmapctl", &["nodelist.node.0."])
+        .await
+        .unwrap();
+    assert!(
+        nodelist.contains("nodelist.node.0.csnap_priority (str) = 10"),
+        "{nodelist}"
+    );
+
+    // Node 3 isolated: 1+2 quorate on a newer ring, 3 alone and inquorate.
+    cluster.partition(&[ids(&[1, 2])]).await.unwrap();
+    let views = cluster.wait_converged().await.unwrap();
+    assert_view(&views, 1, &[1, 2], true);
+    assert_view(&views, 2, &[1, 2], true);
+    assert_view(&views, 3, &[3], false);
+    let split_ring = ring_seq(&views, 1);
+    assert!(split_ring > first_ring, "ring did not advance on the split");
+
+    // A three-way split: nobody has a majority.
+    cluster.partition(&[]).await.unwrap();
+    let views = cluster.wait_converged().await.unwrap();
+    for node in 1..=3 {
+        assert_view(&views, node, &[node], false);
+    }
+
+    // Heal merges all three on one newer ring.
+    cluster.heal().await.unwrap();
+    let views = cluster.wait_converged().await.unwrap();
+    for node in 1..=3 {
+        assert_view(&views, node, &[1, 2, 3], true);
+    }
+    assert!(
+        ring_seq(&views, 2) > split_ring,
+        "ring did not advance on the merge"
+    );
+
+    // A clean stop, a crash, restarts.
+    let pid2 = cluster.pid(NodeId(2)).unwrap();
+    cluster.stop_node(NodeId(2)).await.unwrap();
+    assert!(!cluster.is_running(NodeId(2)));
+    let views = cluster.wait_converged().await.unwrap();
+    assert_view(&views, 1, &[1, 3], true);
+    assert!(!views.contains_key(&NodeId(2)));
+    cluster.kill_node(NodeId(3)).await.unwrap();
+    let views = cluster.wait_converged().await.unwrap();
+    assert_view(&views, 1, &[1], false);
+    cluster.start_node(NodeId(2)).await.unwrap();
+    cluster.restart_node(NodeId(3)).await.unwrap();
+    assert_ne!(
+        cluster.pid(NodeId(2)),
+        Some(pid2),
+        "node 2 got a new corosync"
+    );
+    let views = cluster.wait_converged().await.unwrap();
+    for node in 1..=3 {
+        assert_view(&views, node, &[1, 2, 3], true);
+    }
+
+    // Drop removes everything this run made.
+    let run = cluster.names().run_id().to_string();
+    let dir = cluster.dir().to_path_buf();
+    let pids: Vec<u32> = cluster
+        .nodes()
+        .iter()
+        .filter_map(|&n| cluster.pid(n))
+        .collect();
+    assert_eq!(pids.len(), 3);
+    drop(cluster);
+    assert_eq!(sweep::list_netns(Runs::One(&run)), Vec::<String>::new());
+    assert_eq!(sweep::list_links(Runs::One(&run)), Vec::<String>::new());
+    assert_eq!(sweep::corosyncs_under(&dir), Vec::<u32>::new());
+    for pid in pids {
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        assert!(
+            !String::from_utf8_lossy(&cmdline).contains(&run),
+            "corosync pid {pid} of the run still alive"
+        );
+    }
+    assert!(!dir.exists(), "{} left behind", dir.display());
+}
