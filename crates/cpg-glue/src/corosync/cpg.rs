@@ -1,9 +1,10 @@
 //! [`CorosyncGroup`]: a CPG group on the local corosync, as a tokio stream of events.
 //!
 //! Dispatch: the CPG fd sits in an `AsyncFd`; when it is readable the stream calls
-//! `cpg_dispatch(CS_DISPATCH_ALL)` (never blocks), whose callbacks append raw events to
-//! the handle's own sink (reached through the handle's context pointer), then turns them
-//! into [`GroupEvent`]s in exactly corosync's order, reassembling fragmented messages.
+//! `cpg_dispatch(CS_DISPATCH_ONE_NONBLOCKING)` (never blocks) until nothing is pending or a
+//! budget is used up. The callbacks append raw events to the handle's own sink (reached
+//! through the handle's context pointer); the stream then turns them into [`GroupEvent`]s
+//! in exactly corosync's order, reassembling fragmented messages.
 //!
 //! Every libcpg call on a handle is serialised by one mutex (libqb's client IPC is not
 //! meant for concurrent use); the calls are short local IPC, so senders on other tasks wait
@@ -41,6 +42,21 @@ const JOIN_RETRY_BOUND: Duration = Duration::from_secs(10);
 const BACKOFF_START: Duration = Duration::from_millis(1);
 const BACKOFF_MAX: Duration = Duration::from_millis(100);
 
+/// Most callbacks handled in one poll of the stream before it yields to the runtime.
+const DISPATCH_BUDGET: usize = 256;
+
+/// How one round of dispatching ended.
+enum DispatchOutcome {
+    /// Nothing more pending.
+    Drained,
+    /// [`DISPATCH_BUDGET`] callbacks handled; more may be pending.
+    BudgetUsed,
+    /// `cpg_dispatch` failed with this code.
+    Failed(ffi::cs_error_t),
+    /// The handle was already finalized.
+    Finalized(GroupError),
+}
+
 /// A callback's record, as corosync delivered it.
 #[derive(Debug)]
 enum RawEvent {
@@ -59,6 +75,10 @@ struct CallbackSink {
 impl CallbackSink {
     fn push(&self, event: RawEvent) {
         lock_ignoring_poison(&self.events).push_back(event);
+    }
+
+    fn len(&self) -> usize {
+        lock_ignoring_poison(&self.events).len()
     }
 
     fn drain(&self) -> VecDeque<RawEvent> {
@@ -115,6 +135,35 @@ impl Connection {
                 );
             }
         }
+    }
+
+    /// Dispatches pending callbacks one at a time (`CS_DISPATCH_ONE_NONBLOCKING`), at most
+    /// [`DISPATCH_BUDGET`] of them, so a busy group neither monopolises the runtime thread
+    /// nor holds the handle lock against senders for long. Returns how it ended and how
+    /// many raw events the callbacks recorded.
+    fn dispatch_some(&self) -> (DispatchOutcome, usize) {
+        let mut produced = 0;
+        for _ in 0..DISPATCH_BUDGET {
+            let before = self.sink.len();
+            // SAFETY: live handle (checked by with_handle under the lock).
+            let rc = match self
+                .with_handle(|h| unsafe { ffi::cpg_dispatch(h, ffi::CS_DISPATCH_ONE_NONBLOCKING) })
+            {
+                Ok(rc) => rc,
+                Err(e) => return (DispatchOutcome::Finalized(e), produced),
+            };
+            let new = self.sink.len().saturating_sub(before);
+            produced += new;
+            match rc {
+                ffi::CS_ERR_TRY_AGAIN => return (DispatchOutcome::Drained, produced),
+                // libcpg also answers CS_OK without an event (e.g. when its IPC reports a
+                // bad handle); stop there rather than spin.
+                ffi::CS_OK if new == 0 => return (DispatchOutcome::Drained, produced),
+                ffi::CS_OK => {}
+                other => return (DispatchOutcome::Failed(other), produced),
+            }
+        }
+        (DispatchOutcome::BudgetUsed, produced)
     }
 
     /// Sends one frame, waiting (bounded) through flow control and `CS_ERR_TRY_AGAIN`.
@@ -445,11 +494,9 @@ impl CorosyncGroup {
         self.conn.max_frame - super::fragment::FRAME_HEADER_LEN
     }
 
-    /// Moves what the callbacks recorded into `ready`, reassembling; returns how many
-    /// raw events there were.
-    fn absorb_callbacks(&mut self) -> usize {
+    /// Moves what the callbacks recorded into `ready`, reassembling.
+    fn absorb_callbacks(&mut self) {
         let raw = self.conn.sink.drain();
-        let count = raw.len();
         for event in raw {
             match event {
                 RawEvent::ConfChg(change) => {
@@ -468,7 +515,6 @@ impl CorosyncGroup {
                 },
             }
         }
-        count
     }
 
     fn fail(&mut self, detail: String) {
@@ -516,27 +562,26 @@ impl Stream for CorosyncGroup {
                 }
             };
             let closed = guard.ready().is_read_closed();
-            // SAFETY: live handle (checked by with_handle under the lock).
-            let rc = this
-                .conn
-                .with_handle(|h| unsafe { ffi::cpg_dispatch(h, ffi::CS_DISPATCH_ALL) });
-            // Keep the readiness while the peer has hung up, so the next poll dispatches
-            // again and notices that nothing more comes.
-            if !closed {
-                guard.clear_ready();
+            let (outcome, produced) = this.conn.dispatch_some();
+            match outcome {
+                // Keep the readiness while the peer has hung up, so the next poll
+                // dispatches again and notices that nothing more comes.
+                DispatchOutcome::Drained if !closed => guard.clear_ready(),
+                // Budget used up: keep the readiness, the next poll goes on.
+                _ => {}
             }
             drop(guard);
-            let produced = this.absorb_callbacks();
-            match rc {
-                Ok(ffi::CS_OK) if closed && produced == 0 => {
+            this.absorb_callbacks();
+            match outcome {
+                DispatchOutcome::Drained if closed && produced == 0 => {
                     this.fail("corosync closed the connection (did corosync exit?)".into())
                 }
-                Ok(ffi::CS_OK) => {}
-                Ok(other) => this.fail(format!(
+                DispatchOutcome::Drained | DispatchOutcome::BudgetUsed => {}
+                DispatchOutcome::Failed(code) => this.fail(format!(
                     "cpg_dispatch returned {} (did corosync exit?)",
-                    cs_error_name(cs_error_from_raw(other))
+                    cs_error_name(cs_error_from_raw(code))
                 )),
-                Err(e) => {
+                DispatchOutcome::Finalized(e) => {
                     this.state = StreamState::Failed(e);
                     this.shut_down();
                 }

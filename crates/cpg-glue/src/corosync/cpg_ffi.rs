@@ -25,8 +25,9 @@ pub type cs_error_t = c_uint;
 pub const CS_OK: cs_error_t = 1;
 pub const CS_ERR_TRY_AGAIN: cs_error_t = 6;
 
-/// `cs_dispatch_flags_t::CS_DISPATCH_ALL`: process everything pending, never block.
-pub const CS_DISPATCH_ALL: c_uint = 2;
+/// `cs_dispatch_flags_t::CS_DISPATCH_ONE_NONBLOCKING`: process one pending callback if
+/// there is one; `CS_ERR_TRY_AGAIN` when there is none. Never blocks.
+pub const CS_DISPATCH_ONE_NONBLOCKING: c_uint = 4;
 
 /// `cpg_guarantee_t::CPG_TYPE_AGREED` (the only ordering corosync implements; FIFO is the
 /// same, SAFE is not implemented).

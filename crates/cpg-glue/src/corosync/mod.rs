@@ -47,8 +47,18 @@ pub fn kill_node(node: NodeId, reason: &str) -> Result<(), GroupError> {
         )));
     }
     let handle = cfg_connect()?;
-    rust_corosync::cfg::kill_node(&handle, rust_corosync::NodeId::from(node.0), reason)
-        .map_err(|e| call_error("corosync_cfg_kill_node", e))
+    rust_corosync::cfg::kill_node(&handle, rust_corosync::NodeId::from(node.0), reason).map_err(
+        |e| match e {
+            CsError::CsErrNotExist => GroupError::Corosync {
+                call: "corosync_cfg_kill_node",
+                detail: format!(
+                    "{}: node {node} is not in the current membership",
+                    cs_error_name(e)
+                ),
+            },
+            other => call_error("corosync_cfg_kill_node", other),
+        },
+    )
 }
 
 fn cfg_connect() -> Result<rust_corosync::cfg::Handle, GroupError> {

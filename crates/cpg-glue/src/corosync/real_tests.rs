@@ -19,7 +19,7 @@ use tokio::time::timeout;
 use super::*;
 use crate::config::{CsnapConfig, Fencing};
 use crate::typed::{TypedEvent, TypedGroup};
-use crate::{Group, GroupError, GroupEvent, GroupSender, MemberChange, Reason};
+use crate::{Group, GroupError, GroupEvent, GroupSender, Member, MemberChange, Reason};
 
 const STEP: Duration = Duration::from_secs(20);
 
@@ -331,6 +331,12 @@ async fn exercise(dir: PathBuf, corosync_pid: u32) {
 
     // cfg, quorum.
     assert_eq!(local_node_id().unwrap(), crate::NodeId(1));
+    let err = kill_node(crate::NodeId(99), "cpg-glue test").unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("node 99 is not in the current membership"),
+        "{err}"
+    );
     let mut quorum = CorosyncQuorum::connect().unwrap();
     let q = match timeout(STEP, quorum.next()).await {
         Ok(Some(Ok(q))) => q,
@@ -445,6 +451,8 @@ async fn exercise(dir: PathBuf, corosync_pid: u32) {
         other => panic!("malformed typed delivery: {other:?}"),
     }
 
+    other_processes(&name).await;
+
     // Leave: the sender then reports Disconnected.
     let group = typed.into_inner();
     let sender = group.sender();
@@ -512,6 +520,135 @@ async fn exercise(dir: PathBuf, corosync_pid: u32) {
         "single_node_end_to_end: all checks passed after {:?}",
         started.elapsed()
     );
+}
+
+const CHILD_GROUP: &str = "CPG_GLUE_CHILD_GROUP";
+const CHILD_ENDS_BY: &str = "CPG_GLUE_CHILD_ENDS_BY";
+
+fn child_payload() -> Vec<u8> {
+    (0..2_500_000u32).map(|i| (i % 253) as u8).collect()
+}
+
+/// The other process of `other_processes`: this test binary, run again in the same network
+/// namespace with the group name in the environment. Does nothing when run on its own.
+#[test]
+#[ignore = "helper process for single_node_end_to_end"]
+fn child_member() {
+    let Ok(name) = std::env::var(CHILD_GROUP) else {
+        return;
+    };
+    let leave = std::env::var(CHILD_ENDS_BY).as_deref() == Ok("leave");
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async move {
+        let mut group = CorosyncGroup::join(&name).unwrap();
+        let sender = group.sender();
+        sender.mcast(child_payload()).await.unwrap();
+        sender.mcast(b"child-hello".to_vec()).await.unwrap();
+        loop {
+            match timeout(STEP, group.next()).await {
+                Ok(Some(Ok(GroupEvent::Deliver(d)))) if d.payload == b"bye" => break,
+                Ok(Some(Ok(_))) => {}
+                other => panic!("child: {other:?}"),
+            }
+        }
+        if leave {
+            group.leave().await.unwrap();
+        } else {
+            // Wait to be killed (bounded).
+            tokio::time::sleep(STEP).await;
+        }
+    });
+}
+
+/// Two more processes join the group in turn: the first leaves, the second is killed.
+/// Checks their joins and departures with the right reasons, and that their fragmented
+/// messages arrive whole.
+async fn other_processes(base: &str) {
+    let name = format!("{base}-multi");
+    let mut group = CorosyncGroup::join(&name).unwrap();
+    let me = group.local();
+    while !matches!(
+        next_event(&mut group, "totem confchg").await,
+        GroupEvent::TotemConfChg(_)
+    ) {}
+    for ends_by in ["leave", "kill"] {
+        // Spawned from this thread, the child is in this network namespace too.
+        let mut child = Command::new(std::env::current_exe().unwrap())
+            .args(["--exact", "corosync::real_tests::child_member", "--ignored"])
+            .env(CHILD_GROUP, &name)
+            .env(CHILD_ENDS_BY, ends_by)
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
+        let child_member = Member {
+            node: me.node,
+            pid: child.id(),
+        };
+        let mut seen_join = false;
+        let mut got = Vec::new();
+        while got.len() < 2 {
+            match next_event(&mut group, "child join and messages").await {
+                GroupEvent::ConfChg(c) => {
+                    let mut both = vec![me, child_member];
+                    both.sort();
+                    assert_eq!(c.members, both);
+                    assert_eq!(
+                        c.joined,
+                        vec![MemberChange {
+                            member: child_member,
+                            reason: Reason::Join
+                        }]
+                    );
+                    seen_join = true;
+                }
+                GroupEvent::Deliver(d) => {
+                    assert!(seen_join, "delivery before the sender's join");
+                    assert_eq!(d.from, child_member);
+                    got.push(d.payload);
+                }
+                GroupEvent::TotemConfChg(t) => panic!("unexpected totem confchg {t:?}"),
+            }
+        }
+        assert!(got[0] == child_payload(), "the child's fragmented message");
+        assert_eq!(got[1], b"child-hello");
+        group.sender().mcast(b"bye".to_vec()).await.unwrap();
+        let expected = if ends_by == "leave" {
+            Reason::Leave
+        } else {
+            // Once it has the bye, kill it.
+            while !matches!(
+                next_event(&mut group, "own bye").await,
+                GroupEvent::Deliver(ref d) if d.payload == b"bye"
+            ) {}
+            child.kill().unwrap();
+            Reason::ProcDown
+        };
+        loop {
+            match next_event(&mut group, "child departure").await {
+                GroupEvent::Deliver(d) => assert_eq!(d.payload, b"bye"),
+                GroupEvent::ConfChg(c) => {
+                    assert_eq!(c.members, vec![me]);
+                    assert_eq!(
+                        c.left,
+                        vec![MemberChange {
+                            member: child_member,
+                            reason: expected
+                        }]
+                    );
+                    break;
+                }
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        let status = child.wait().unwrap();
+        if ends_by == "leave" {
+            assert!(status.success(), "child failed: {status}");
+        }
+    }
+    group.leave().await.unwrap();
 }
 
 /// Reads `stream` until it reports Disconnected (bounded), then checks that it ends.
