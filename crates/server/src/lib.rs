@@ -1,2 +1,3 @@
 //! csnap snapshot store and metadata server.
 pub mod engine;
+pub mod store;

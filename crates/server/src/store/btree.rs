@@ -1,0 +1,529 @@
+//! A B+tree of fixed-size records in 4 KiB blocks, used twice: the exception tree (key:
+//! origin chunk, first snapshot id) and the snapshot table (key: snapshot id). Nodes are
+//! updated in place through the journaled block cache, so a transaction's changes to a tree
+//! are atomic.
+//!
+//! Node layout: 32-byte header {magic u32, crc32c u32, level u16 (0 = leaf), count u16,
+//! reserved}, then `count` entries. Leaf entry: key {hi u64, lo u64} + value. Internal entry:
+//! key + child block u64, where the key is a lower bound of the child's keys and every key
+//! of child i is below key i+1. Empty leaves are unlinked and freed; nodes are not otherwise
+//! merged (a sparse node costs space, never correctness).
+
+use super::error::{Result, StoreError};
+use super::format::*;
+use super::meta::Meta;
+
+pub const NODE_HEADER: usize = 32;
+const KEY_LEN: usize = 16;
+
+/// A tree key, ordered by `hi` then `lo`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Key {
+    pub hi: u64,
+    pub lo: u64,
+}
+
+impl Key {
+    pub const MIN: Key = Key { hi: 0, lo: 0 };
+
+    pub fn new(hi: u64, lo: u64) -> Key {
+        Key { hi, lo }
+    }
+}
+
+/// Which tree, with its node magic, value size and root in the root state.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Tree {
+    Exceptions,
+    Snapshots,
+}
+
+pub const EXCEPTION_VALUE: usize = 16;
+pub const SNAPSHOT_VALUE: usize = 352;
+
+impl Tree {
+    pub fn magic(self) -> u32 {
+        match self {
+            Tree::Exceptions => MAGIC_EXCEPTION_NODE,
+            Tree::Snapshots => MAGIC_SNAPSHOT_NODE,
+        }
+    }
+
+    pub fn value_size(self) -> usize {
+        match self {
+            Tree::Exceptions => EXCEPTION_VALUE,
+            Tree::Snapshots => SNAPSHOT_VALUE,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Tree::Exceptions => "exception tree",
+            Tree::Snapshots => "snapshot table",
+        }
+    }
+
+    pub fn leaf_capacity(self) -> usize {
+        (BLOCK - NODE_HEADER) / (KEY_LEN + self.value_size())
+    }
+
+    pub fn internal_capacity(self) -> usize {
+        (BLOCK - NODE_HEADER) / (KEY_LEN + 8)
+    }
+
+    fn root(self, r: &RootState) -> (u64, u32) {
+        match self {
+            Tree::Exceptions => (r.exception_root, r.exception_depth),
+            Tree::Snapshots => (r.snapshot_root, r.snapshot_depth),
+        }
+    }
+
+    fn set_root(self, r: &mut RootState, block: u64, depth: u32) {
+        match self {
+            Tree::Exceptions => {
+                r.exception_root = block;
+                r.exception_depth = depth;
+            }
+            Tree::Snapshots => {
+                r.snapshot_root = block;
+                r.snapshot_depth = depth;
+            }
+        }
+    }
+}
+
+/// A decoded node. Leaves use `vals` (flat, `value_size` per entry), internal nodes
+/// `children`.
+#[derive(Clone, Debug)]
+pub struct Node {
+    pub level: u16,
+    pub keys: Vec<Key>,
+    pub vals: Vec<u8>,
+    pub children: Vec<u64>,
+}
+
+impl Node {
+    pub fn empty_leaf() -> Node {
+        Node {
+            level: 0,
+            keys: Vec::new(),
+            vals: Vec::new(),
+            children: Vec::new(),
+        }
+    }
+
+    pub fn is_leaf(&self) -> bool {
+        self.level == 0
+    }
+
+    fn val(&self, tree: Tree, i: usize) -> &[u8] {
+        let v = tree.value_size();
+        &self.vals[i * v..(i + 1) * v]
+    }
+
+    pub fn decode(tree: Tree, block: u64, b: &[u8]) -> Result<Node> {
+        let corrupt = |what: String| StoreError::CorruptMetadata {
+            block,
+            area: tree.name(),
+            what,
+        };
+        if get_u32(b, 0) != tree.magic() {
+            return Err(corrupt(format!(
+                "node magic {:#010x}, expected {:#010x}",
+                get_u32(b, 0),
+                tree.magic()
+            )));
+        }
+        let level = u16::from_le_bytes([b[8], b[9]]);
+        let count = u16::from_le_bytes([b[10], b[11]]) as usize;
+        let cap = if level == 0 {
+            tree.leaf_capacity()
+        } else {
+            tree.internal_capacity()
+        };
+        if count > cap || level > 32 {
+            return Err(corrupt(format!(
+                "node count {count} at level {level} exceeds capacity {cap}"
+            )));
+        }
+        let entry = if level == 0 {
+            KEY_LEN + tree.value_size()
+        } else {
+            KEY_LEN + 8
+        };
+        let mut node = Node {
+            level,
+            keys: Vec::with_capacity(count + 1),
+            vals: Vec::new(),
+            children: Vec::new(),
+        };
+        for i in 0..count {
+            let at = NODE_HEADER + i * entry;
+            node.keys.push(Key::new(get_u64(b, at), get_u64(b, at + 8)));
+            if level == 0 {
+                node.vals
+                    .extend_from_slice(&b[at + KEY_LEN..at + KEY_LEN + tree.value_size()]);
+            } else {
+                node.children.push(get_u64(b, at + KEY_LEN));
+            }
+        }
+        if node.keys.windows(2).any(|w| w[0] >= w[1]) {
+            return Err(corrupt("node keys are not in ascending order".into()));
+        }
+        Ok(node)
+    }
+
+    pub fn encode(&self, tree: Tree, b: &mut [u8]) {
+        b.fill(0);
+        put_u32(b, 0, tree.magic());
+        b[8..10].copy_from_slice(&self.level.to_le_bytes());
+        b[10..12].copy_from_slice(&(self.keys.len() as u16).to_le_bytes());
+        let entry = if self.is_leaf() {
+            KEY_LEN + tree.value_size()
+        } else {
+            KEY_LEN + 8
+        };
+        for (i, k) in self.keys.iter().enumerate() {
+            let at = NODE_HEADER + i * entry;
+            put_u64(b, at, k.hi);
+            put_u64(b, at + 8, k.lo);
+            if self.is_leaf() {
+                b[at + KEY_LEN..at + entry].copy_from_slice(self.val(tree, i));
+            } else {
+                put_u64(b, at + KEY_LEN, self.children[i]);
+            }
+        }
+    }
+
+    /// Splits off the upper part of an overfull node. `appending` (the new entry went to the
+    /// end) keeps the left node full, so trees filled in key order stay dense.
+    fn split(&mut self, tree: Tree, appending: bool) -> Node {
+        let at = if appending {
+            self.keys.len() - 1
+        } else {
+            self.keys.len() / 2
+        };
+        let mut right = Node {
+            level: self.level,
+            keys: self.keys.split_off(at),
+            vals: Vec::new(),
+            children: Vec::new(),
+        };
+        if self.is_leaf() {
+            right.vals = self.vals.split_off(at * tree.value_size());
+        } else {
+            right.children = self.children.split_off(at);
+        }
+        right
+    }
+}
+
+/// Index of the child whose range holds `key`.
+fn child_index(keys: &[Key], key: Key) -> usize {
+    keys.partition_point(|k| *k <= key).saturating_sub(1)
+}
+
+fn read_node(meta: &mut Meta, tree: Tree, block: u64) -> Result<Node> {
+    let data = meta.read(block)?;
+    Node::decode(tree, block, data)
+}
+
+fn write_node(meta: &mut Meta, tree: Tree, block: u64, node: &Node) -> Result<()> {
+    let b = meta.write(block)?;
+    node.encode(tree, b);
+    Ok(())
+}
+
+/// Calls `f` on entries with key >= `from` in ascending order until it returns false.
+pub fn visit_forward(
+    meta: &mut Meta,
+    tree: Tree,
+    from: Key,
+    f: &mut dyn FnMut(Key, &[u8]) -> bool,
+) -> Result<()> {
+    let (root, _) = tree.root(&meta.root);
+    visit_fwd(meta, tree, root, from, f, 0).map(|_| ())
+}
+
+fn visit_fwd(
+    meta: &mut Meta,
+    tree: Tree,
+    block: u64,
+    from: Key,
+    f: &mut dyn FnMut(Key, &[u8]) -> bool,
+    depth: u32,
+) -> Result<bool> {
+    let node = read_node(meta, tree, block)?;
+    check_depth(tree, block, depth)?;
+    if node.is_leaf() {
+        let start = node.keys.partition_point(|k| *k < from);
+        for i in start..node.keys.len() {
+            if !f(node.keys[i], node.val(tree, i)) {
+                return Ok(false);
+            }
+        }
+        return Ok(true);
+    }
+    for i in child_index(&node.keys, from)..node.keys.len() {
+        if !visit_fwd(meta, tree, node.children[i], from, f, depth + 1)? {
+            return Ok(false);
+        }
+    }
+    Ok(true)
+}
+
+/// Calls `f` on entries with key <= `upto` in descending order until it returns false.
+pub fn visit_backward(
+    meta: &mut Meta,
+    tree: Tree,
+    upto: Key,
+    f: &mut dyn FnMut(Key, &[u8]) -> bool,
+) -> Result<()> {
+    let (root, _) = tree.root(&meta.root);
+    visit_bwd(meta, tree, root, upto, f, 0).map(|_| ())
+}
+
+fn visit_bwd(
+    meta: &mut Meta,
+    tree: Tree,
+    block: u64,
+    upto: Key,
+    f: &mut dyn FnMut(Key, &[u8]) -> bool,
+    depth: u32,
+) -> Result<bool> {
+    let node = read_node(meta, tree, block)?;
+    check_depth(tree, block, depth)?;
+    if node.is_leaf() {
+        let end = node.keys.partition_point(|k| *k <= upto);
+        for i in (0..end).rev() {
+            if !f(node.keys[i], node.val(tree, i)) {
+                return Ok(false);
+            }
+        }
+        return Ok(true);
+    }
+    if node.keys.is_empty() {
+        return Ok(true);
+    }
+    for i in (0..=child_index(&node.keys, upto)).rev() {
+        if !visit_bwd(meta, tree, node.children[i], upto, f, depth + 1)? {
+            return Ok(false);
+        }
+    }
+    Ok(true)
+}
+
+fn check_depth(tree: Tree, block: u64, depth: u32) -> Result<()> {
+    if depth > 32 {
+        return Err(StoreError::CorruptMetadata {
+            block,
+            area: tree.name(),
+            what: "tree deeper than 32 levels (a cycle?)".into(),
+        });
+    }
+    Ok(())
+}
+
+/// The entry with the greatest key <= `key`.
+pub fn get_le(meta: &mut Meta, tree: Tree, key: Key) -> Result<Option<(Key, Vec<u8>)>> {
+    let mut found = None;
+    visit_backward(meta, tree, key, &mut |k, v| {
+        found = Some((k, v.to_vec()));
+        false
+    })?;
+    Ok(found)
+}
+
+/// Inserts or replaces the value under `key`.
+pub fn insert(meta: &mut Meta, tree: Tree, key: Key, value: &[u8]) -> Result<()> {
+    debug_assert_eq!(value.len(), tree.value_size());
+    let (root, depth) = tree.root(&meta.root);
+    let mut path: Vec<(u64, Node, usize)> = Vec::new();
+    let mut block = root;
+    let mut node = read_node(meta, tree, block)?;
+    while !node.is_leaf() {
+        if node.keys.is_empty() || path.len() > 32 {
+            return Err(StoreError::CorruptMetadata {
+                block,
+                area: tree.name(),
+                what: "empty or too deep internal node".into(),
+            });
+        }
+        let idx = child_index(&node.keys, key);
+        if key < node.keys[idx] {
+            // Only the leftmost child: lower its bound so the invariant keeps holding.
+            node.keys[idx] = key;
+            write_node(meta, tree, block, &node)?;
+        }
+        let child = node.children[idx];
+        path.push((block, node, idx));
+        block = child;
+        node = read_node(meta, tree, block)?;
+    }
+    let v = tree.value_size();
+    let pos = match node.keys.binary_search(&key) {
+        Ok(i) => {
+            node.vals[i * v..(i + 1) * v].copy_from_slice(value);
+            return write_node(meta, tree, block, &node);
+        }
+        Err(i) => i,
+    };
+    node.keys.insert(pos, key);
+    node.vals.splice(pos * v..pos * v, value.iter().copied());
+    let mut appending = pos + 1 == node.keys.len();
+    let mut capacity = tree.leaf_capacity();
+    // Split upward while nodes overflow.
+    loop {
+        if node.keys.len() <= capacity {
+            return write_node(meta, tree, block, &node);
+        }
+        let right = node.split(tree, appending);
+        let right_block = meta.alloc_meta()?;
+        let sep = right.keys[0];
+        write_node(meta, tree, block, &node)?;
+        let b = meta.fresh(right_block)?;
+        right.encode(tree, b);
+        capacity = tree.internal_capacity();
+        match path.pop() {
+            Some((parent_block, mut parent, idx)) => {
+                parent.keys.insert(idx + 1, sep);
+                parent.children.insert(idx + 1, right_block);
+                appending = idx + 2 == parent.keys.len();
+                block = parent_block;
+                node = parent;
+            }
+            None => {
+                let new_root = meta.alloc_meta()?;
+                let top = Node {
+                    level: node.level + 1,
+                    keys: vec![node.keys[0], sep],
+                    vals: Vec::new(),
+                    children: vec![block, right_block],
+                };
+                let b = meta.fresh(new_root)?;
+                top.encode(tree, b);
+                tree.set_root(&mut meta.root, new_root, depth + 1);
+                return Ok(());
+            }
+        }
+    }
+}
+
+/// Removes `key`; returns whether it was present. Empty nodes are unlinked and freed, and a
+/// root left with a single child is replaced by it.
+pub fn remove(meta: &mut Meta, tree: Tree, key: Key) -> Result<bool> {
+    let (root, _) = tree.root(&meta.root);
+    let mut path: Vec<(u64, Node, usize)> = Vec::new();
+    let mut block = root;
+    let mut node = read_node(meta, tree, block)?;
+    while !node.is_leaf() {
+        if node.keys.is_empty() || path.len() > 32 {
+            return Err(StoreError::CorruptMetadata {
+                block,
+                area: tree.name(),
+                what: "empty or too deep internal node".into(),
+            });
+        }
+        let idx = child_index(&node.keys, key);
+        let child = node.children[idx];
+        path.push((block, node, idx));
+        block = child;
+        node = read_node(meta, tree, block)?;
+    }
+    let Ok(pos) = node.keys.binary_search(&key) else {
+        return Ok(false);
+    };
+    let v = tree.value_size();
+    node.keys.remove(pos);
+    node.vals.drain(pos * v..(pos + 1) * v);
+    // Unlink empty nodes bottom-up.
+    while node.keys.is_empty() {
+        let Some((parent_block, mut parent, idx)) = path.pop() else {
+            break; // an empty root leaf is a valid empty tree
+        };
+        meta.free_meta(block)?;
+        parent.keys.remove(idx);
+        parent.children.remove(idx);
+        block = parent_block;
+        node = parent;
+    }
+    if path.is_empty() && node.keys.is_empty() && !node.is_leaf() {
+        // The whole tree emptied: the root becomes an empty leaf.
+        node.level = 0;
+        let (root, _) = tree.root(&meta.root);
+        tree.set_root(&mut meta.root, root, 0);
+    }
+    write_node(meta, tree, block, &node)?;
+    if path.is_empty() {
+        collapse_root(meta, tree)?;
+    }
+    Ok(true)
+}
+
+/// Replaces an internal root that has one child by that child (repeatedly).
+fn collapse_root(meta: &mut Meta, tree: Tree) -> Result<()> {
+    loop {
+        let (root, depth) = tree.root(&meta.root);
+        let node = read_node(meta, tree, root)?;
+        if node.is_leaf() || node.children.len() != 1 {
+            return Ok(());
+        }
+        tree.set_root(&mut meta.root, node.children[0], depth.saturating_sub(1));
+        meta.free_meta(root)?;
+    }
+}
+
+/// Called by `walk` with (block, node, lower bound, upper bound) of every node.
+pub type NodeVisitor<'a> = dyn FnMut(u64, &Node, Key, Option<Key>) -> Result<()> + 'a;
+
+/// Walks every node (for the checker): calls `f(block, node, low, high)` where keys of the
+/// node must lie in `[low, high)`.
+pub fn walk(meta: &mut Meta, tree: Tree, f: &mut NodeVisitor<'_>) -> Result<()> {
+    let (root, depth) = tree.root(&meta.root);
+    let node = read_node(meta, tree, root)?;
+    if u32::from(node.level) != depth {
+        return Err(StoreError::CorruptMetadata {
+            block: root,
+            area: tree.name(),
+            what: format!("root level {} but recorded depth {depth}", node.level),
+        });
+    }
+    walk_node(meta, tree, root, node, Key::MIN, None, f)
+}
+
+fn walk_node(
+    meta: &mut Meta,
+    tree: Tree,
+    block: u64,
+    node: Node,
+    low: Key,
+    high: Option<Key>,
+    f: &mut NodeVisitor<'_>,
+) -> Result<()> {
+    f(block, &node, low, high)?;
+    if node.is_leaf() {
+        return Ok(());
+    }
+    for i in 0..node.children.len() {
+        let child_low = node.keys[i];
+        let child_high = node.keys.get(i + 1).copied().or(high);
+        let child = read_node(meta, tree, node.children[i])?;
+        if child.level + 1 != node.level {
+            return Err(StoreError::CorruptMetadata {
+                block: node.children[i],
+                area: tree.name(),
+                what: format!("level {} under a level {} node", child.level, node.level),
+            });
+        }
+        walk_node(
+            meta,
+            tree,
+            node.children[i],
+            child,
+            child_low,
+            child_high,
+            f,
+        )?;
+    }
+    Ok(())
+}

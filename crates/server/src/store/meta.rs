@@ -1,0 +1,708 @@
+//! The metadata layer: a bounded block cache over the store device, the physical block
+//! journal (transactions of whole 4 KiB blocks, checksummed, replayed in order on open), the
+//! superblock writes that checkpoint it, and the two allocators (metadata blocks and data
+//! chunks) kept in checksummed bitmap blocks.
+//!
+//! Rules that keep crashes harmless:
+//! * A block changed in the running transaction ("tx-dirty") is never written to its home
+//!   location before its transaction is committed to the journal; it is pinned in the cache.
+//! * A committed block may be written home at any time (replay rewrites the same or newer
+//!   contents); the superblock's journal tail only moves after every committed block is home
+//!   and flushed (a checkpoint).
+//! * A data chunk freed in the running transaction is quarantined until that transaction is
+//!   committed, so its old contents stay intact for as long as a crash could bring back the
+//!   exceptions that point at it.
+//! * Reservations (chunks handed out for a copy in flight) are in memory only: after a crash
+//!   they are simply free again.
+
+use super::device::BlockDevice;
+use super::error::{Result, StoreError};
+use super::format::*;
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::sync::Arc;
+
+/// Most blocks one journal transaction can carry (entries that fit in the commit record).
+pub const MAX_TX_BLOCKS: usize = (BLOCK - JOURNAL_HEADER) / JOURNAL_ENTRY;
+/// Start a new transaction before a public operation once this many blocks are dirty; no
+/// single operation dirties more than `MAX_TX_BLOCKS - TX_SOFT_LIMIT` blocks.
+pub const TX_SOFT_LIMIT: usize = 160;
+const JOURNAL_HEADER: usize = 160;
+const JOURNAL_ENTRY: usize = 16;
+/// The smallest cache that always has room for a full transaction plus a btree path.
+pub const MIN_CACHE_BLOCKS: usize = 2 * MAX_TX_BLOCKS + 64;
+
+/// Which bitmap: metadata node blocks or data chunks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Space {
+    Meta,
+    Data,
+}
+
+/// Counters for benchmarks and status.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MetaStats {
+    pub commits: u64,
+    pub journal_blocks_written: u64,
+    pub checkpoints: u64,
+    pub cache_hits: u64,
+    pub cache_misses: u64,
+    pub transactions_replayed: u64,
+}
+
+struct CacheEntry {
+    data: Box<[u8]>,
+    tick: u64,
+}
+
+pub struct Meta {
+    pub dev: Arc<dyn BlockDevice>,
+    pub geo: Geometry,
+    /// The superblock as last written.
+    pub sb: Superblock,
+    /// The root state including uncommitted changes.
+    pub root: RootState,
+    committed_root: RootState,
+    cache: HashMap<u64, CacheEntry>,
+    lru: BTreeMap<u64, u64>,
+    tick: u64,
+    cache_capacity: usize,
+    tx_dirty: BTreeSet<u64>,
+    ckpt_dirty: HashSet<u64>,
+    journal_head_pos: u64,
+    journal_head_seq: u64,
+    journal_used: u64,
+    reserved: HashSet<u64>,
+    quarantine: HashSet<u64>,
+    poisoned: Option<String>,
+    pub stats: MetaStats,
+}
+
+fn io_err(
+    op: &'static str,
+    dev: &dyn BlockDevice,
+    offset: u64,
+) -> impl FnOnce(std::io::Error) -> StoreError {
+    let device = dev.name();
+    move |source| StoreError::Io {
+        op,
+        device,
+        offset,
+        source,
+    }
+}
+
+pub fn read_block(dev: &dyn BlockDevice, block: u64) -> Result<Box<[u8]>> {
+    let mut buf = vec![0u8; BLOCK].into_boxed_slice();
+    dev.read_at(&mut buf, block * BLOCK_U64)
+        .map_err(io_err("reading", dev, block * BLOCK_U64))?;
+    Ok(buf)
+}
+
+pub fn write_block(dev: &dyn BlockDevice, block: u64, data: &[u8]) -> Result<()> {
+    dev.write_at(data, block * BLOCK_U64)
+        .map_err(io_err("writing", dev, block * BLOCK_U64))
+}
+
+pub fn flush(dev: &dyn BlockDevice) -> Result<()> {
+    dev.flush().map_err(io_err("flushing", dev, 0))
+}
+
+/// What replaying the journal found.
+pub struct Replay {
+    pub root: RootState,
+    pub tail_pos: u64,
+    pub tail_seq: u64,
+    pub transactions: u64,
+}
+
+/// The identity a journal record carries so records from an earlier format of the same
+/// device never match.
+fn journal_id(uuid: &[u8; 16]) -> u64 {
+    get_u64(uuid, 0)
+}
+
+/// Replays committed transactions from the superblock's journal tail, in sequence order,
+/// writing each block home; stops at the first record that is missing, out of sequence or
+/// fails a checksum (a torn tail). Flushes before returning.
+pub fn replay_journal(dev: &dyn BlockDevice, sb: &Superblock) -> Result<Replay> {
+    let g = &sb.geometry;
+    let mut pos = sb.journal_tail_pos;
+    let mut seq = sb.journal_tail_seq;
+    let mut root = sb.root;
+    let mut transactions = 0;
+    let mut blocks_seen = 0u64;
+    'records: while blocks_seen < g.journal_blocks {
+        let header = read_block(dev, g.journal_start + pos)?;
+        if header[0..8] != JOURNAL_MAGIC
+            || get_u32(&header, 8) != block_crc(&header, 8)
+            || get_u64(&header, 16) != seq
+            || get_u64(&header, 24) != journal_id(&sb.uuid)
+        {
+            break;
+        }
+        let count = get_u32(&header, 12) as usize;
+        if count > MAX_TX_BLOCKS || count as u64 + 1 > g.journal_blocks {
+            break;
+        }
+        let mut blocks = Vec::with_capacity(count);
+        for i in 0..count {
+            let at = JOURNAL_HEADER + i * JOURNAL_ENTRY;
+            let home = get_u64(&header, at);
+            let crc = get_u32(&header, at + 8);
+            let slot = (pos + 1 + i as u64) % g.journal_blocks;
+            let data = read_block(dev, g.journal_start + slot)?;
+            if crc32c::crc32c(&data) != crc {
+                break 'records;
+            }
+            if home < g.bitmap_start || home >= g.meta_start + g.meta_blocks {
+                return Err(StoreError::CorruptMetadata {
+                    block: g.journal_start + pos,
+                    area: "journal",
+                    what: format!(
+                        "commit record {seq} names home block {home}, outside the bitmap and node areas"
+                    ),
+                });
+            }
+            blocks.push((home, data));
+        }
+        for (home, data) in &blocks {
+            write_block(dev, *home, data)?;
+        }
+        root = RootState::decode(&header[32..32 + ROOT_STATE_LEN]);
+        pos = (pos + 1 + count as u64) % g.journal_blocks;
+        seq += 1;
+        transactions += 1;
+        blocks_seen += 1 + count as u64;
+    }
+    flush(dev)?;
+    Ok(Replay {
+        root,
+        tail_pos: pos,
+        tail_seq: seq,
+        transactions,
+    })
+}
+
+impl Meta {
+    /// The metadata layer of an opened store whose journal has been replayed and whose
+    /// superblock (`sb`) reflects that.
+    pub fn new(dev: Arc<dyn BlockDevice>, sb: Superblock, cache_blocks: usize) -> Meta {
+        Meta {
+            dev,
+            geo: sb.geometry,
+            root: sb.root,
+            committed_root: sb.root,
+            journal_head_pos: sb.journal_tail_pos,
+            journal_head_seq: sb.journal_tail_seq,
+            journal_used: 0,
+            sb,
+            cache: HashMap::new(),
+            lru: BTreeMap::new(),
+            tick: 0,
+            cache_capacity: cache_blocks.max(MIN_CACHE_BLOCKS),
+            tx_dirty: BTreeSet::new(),
+            ckpt_dirty: HashSet::new(),
+            reserved: HashSet::new(),
+            quarantine: HashSet::new(),
+            poisoned: None,
+            stats: MetaStats::default(),
+        }
+    }
+
+    pub fn check_usable(&self) -> Result<()> {
+        match &self.poisoned {
+            Some(why) => Err(StoreError::Poisoned(why.clone())),
+            None => Ok(()),
+        }
+    }
+
+    /// Marks the store unusable after a failure that may have left memory and disk apart.
+    pub fn poison(&mut self, err: &StoreError) {
+        if self.poisoned.is_none() {
+            self.poisoned = Some(err.to_string());
+        }
+    }
+
+    pub fn tx_len(&self) -> usize {
+        self.tx_dirty.len()
+    }
+
+    pub fn has_uncommitted(&self) -> bool {
+        !self.tx_dirty.is_empty() || self.root != self.committed_root
+    }
+
+    // ---- block cache ----
+
+    fn touch(&mut self, block: u64) {
+        self.tick += 1;
+        let tick = self.tick;
+        if let Some(entry) = self.cache.get_mut(&block) {
+            self.lru.remove(&entry.tick);
+            entry.tick = tick;
+            self.lru.insert(tick, block);
+        }
+    }
+
+    fn make_room(&mut self) -> Result<()> {
+        while self.cache.len() >= self.cache_capacity {
+            let victim = self
+                .lru
+                .values()
+                .copied()
+                .find(|b| !self.tx_dirty.contains(b));
+            let Some(victim) = victim else {
+                return Ok(()); // everything pinned: grow past the bound until commit
+            };
+            if self.ckpt_dirty.remove(&victim) {
+                let data = &self.cache[&victim].data;
+                write_block(self.dev.as_ref(), victim, data)?;
+            }
+            if let Some(entry) = self.cache.remove(&victim) {
+                self.lru.remove(&entry.tick);
+            }
+        }
+        Ok(())
+    }
+
+    fn insert(&mut self, block: u64, data: Box<[u8]>) -> Result<()> {
+        self.make_room()?;
+        self.tick += 1;
+        self.lru.insert(self.tick, block);
+        self.cache.insert(
+            block,
+            CacheEntry {
+                data,
+                tick: self.tick,
+            },
+        );
+        Ok(())
+    }
+
+    /// Checks a block read from its home location.
+    fn verify(&self, block: u64, data: &[u8]) -> Result<()> {
+        let area = self.geo.area_of(block);
+        let corrupt = |what: String| StoreError::CorruptMetadata { block, area, what };
+        let magic = get_u32(data, 0);
+        let expected: &[u32] = if block < self.geo.meta_start {
+            &[MAGIC_BITMAP]
+        } else {
+            &[MAGIC_EXCEPTION_NODE, MAGIC_SNAPSHOT_NODE]
+        };
+        if !expected.contains(&magic) {
+            return Err(corrupt(format!("bad magic {magic:#010x}")));
+        }
+        let stored = get_u32(data, 4);
+        let crc = block_crc(data, 4);
+        if stored != crc {
+            return Err(corrupt(format!(
+                "checksum mismatch (stored crc32c {stored:#010x}, computed {crc:#010x})"
+            )));
+        }
+        Ok(())
+    }
+
+    fn load(&mut self, block: u64) -> Result<()> {
+        if self.cache.contains_key(&block) {
+            self.stats.cache_hits += 1;
+            self.touch(block);
+            return Ok(());
+        }
+        if block < self.geo.bitmap_start || block >= self.geo.meta_start + self.geo.meta_blocks {
+            return Err(StoreError::CorruptMetadata {
+                block,
+                area: self.geo.area_of(block),
+                what: "a metadata pointer leads outside the bitmap and node areas".into(),
+            });
+        }
+        self.stats.cache_misses += 1;
+        let data = read_block(self.dev.as_ref(), block)?;
+        self.verify(block, &data)?;
+        self.insert(block, data)
+    }
+
+    /// A metadata block, read through the cache.
+    pub fn read(&mut self, block: u64) -> Result<&[u8]> {
+        self.load(block)?;
+        Ok(&self.cache[&block].data)
+    }
+
+    /// A metadata block to change in the running transaction.
+    pub fn write(&mut self, block: u64) -> Result<&mut [u8]> {
+        self.load(block)?;
+        self.tx_dirty.insert(block);
+        Ok(self
+            .cache
+            .get_mut(&block)
+            .map(|e| &mut e.data[..])
+            .unwrap_or(&mut []))
+    }
+
+    /// A freshly allocated block, zero-filled, part of the running transaction.
+    pub fn fresh(&mut self, block: u64) -> Result<&mut [u8]> {
+        if let Some(entry) = self.cache.get_mut(&block) {
+            entry.data.fill(0);
+            self.touch(block);
+        } else {
+            self.insert(block, vec![0u8; BLOCK].into_boxed_slice())?;
+        }
+        self.tx_dirty.insert(block);
+        Ok(self
+            .cache
+            .get_mut(&block)
+            .map(|e| &mut e.data[..])
+            .unwrap_or(&mut []))
+    }
+
+    // ---- bitmaps and allocation ----
+
+    fn bitmap_location(&self, space: Space, index: u64) -> (u64, usize) {
+        let first = match space {
+            Space::Meta => self.geo.bitmap_start,
+            Space::Data => self.geo.bitmap_start + self.geo.meta_bitmap_blocks,
+        };
+        let block = first + index / BITS_PER_BITMAP_BLOCK;
+        let bit = (index % BITS_PER_BITMAP_BLOCK) as usize;
+        (block, bit)
+    }
+
+    pub fn bit(&mut self, space: Space, index: u64) -> Result<bool> {
+        let (block, bit) = self.bitmap_location(space, index);
+        let data = self.read(block)?;
+        Ok(data[BITMAP_HEADER + bit / 8] & (1 << (bit % 8)) != 0)
+    }
+
+    fn set_bit(&mut self, space: Space, index: u64, value: bool) -> Result<()> {
+        let (block, bit) = self.bitmap_location(space, index);
+        let data = self.write(block)?;
+        let byte = &mut data[BITMAP_HEADER + bit / 8];
+        if value {
+            *byte |= 1 << (bit % 8);
+        } else {
+            *byte &= !(1 << (bit % 8));
+        }
+        Ok(())
+    }
+
+    /// The first clear bit at or after `from` (wrapping once) that `skip` does not exclude.
+    fn find_clear(
+        &mut self,
+        space: Space,
+        from: u64,
+        skip: &dyn Fn(u64) -> bool,
+    ) -> Result<Option<u64>> {
+        let total = match space {
+            Space::Meta => self.geo.meta_blocks,
+            Space::Data => self.geo.data_chunks,
+        };
+        let from = if from >= total { 0 } else { from };
+        let mut index = from;
+        let mut scanned = 0u64;
+        while scanned < total {
+            let (block, bit) = self.bitmap_location(space, index);
+            let in_block = (BITS_PER_BITMAP_BLOCK - bit as u64).min(total - index);
+            let data = self.read(block)?;
+            let bits = &data[BITMAP_HEADER..];
+            let mut i = 0u64;
+            while i < in_block {
+                let b = bit + i as usize;
+                if b.is_multiple_of(64) && i + 64 <= in_block {
+                    let word = get_u64(bits, b / 8);
+                    if word == u64::MAX {
+                        i += 64;
+                        continue;
+                    }
+                }
+                if bits[b / 8] & (1 << (b % 8)) == 0 && !skip(index + i) {
+                    return Ok(Some(index + i));
+                }
+                i += 1;
+            }
+            scanned += in_block;
+            index += in_block;
+            if index >= total {
+                index = 0;
+            }
+        }
+        Ok(None)
+    }
+
+    /// Allocates a metadata node block (part of the running transaction).
+    pub fn alloc_meta(&mut self) -> Result<u64> {
+        if self.root.meta_free == 0 {
+            return Err(StoreError::MetadataFull {
+                blocks: self.geo.meta_blocks,
+            });
+        }
+        let found = self.find_clear(Space::Meta, self.root.meta_alloc_cursor, &|_| false)?;
+        let Some(index) = found else {
+            return Err(StoreError::CorruptMetadata {
+                block: self.geo.bitmap_start,
+                area: "allocation bitmap",
+                what: format!(
+                    "free metadata count is {} but the bitmap has no clear bit",
+                    self.root.meta_free
+                ),
+            });
+        };
+        self.set_bit(Space::Meta, index, true)?;
+        self.root.meta_free -= 1;
+        self.root.meta_alloc_cursor = index + 1;
+        Ok(self.geo.meta_start + index)
+    }
+
+    pub fn free_meta(&mut self, block: u64) -> Result<()> {
+        let index = block - self.geo.meta_start;
+        self.set_bit(Space::Meta, index, false)?;
+        self.root.meta_free += 1;
+        if let Some(entry) = self.cache.remove(&block) {
+            self.lru.remove(&entry.tick);
+        }
+        self.tx_dirty.remove(&block);
+        self.ckpt_dirty.remove(&block);
+        Ok(())
+    }
+
+    /// Data chunks that can be reserved right now.
+    pub fn data_available(&self) -> u64 {
+        self.root
+            .data_free
+            .saturating_sub(self.reserved.len() as u64 + self.quarantine.len() as u64)
+    }
+
+    pub fn quarantined(&self) -> usize {
+        self.quarantine.len()
+    }
+
+    pub fn reserved(&self) -> &HashSet<u64> {
+        &self.reserved
+    }
+
+    /// Reserves a free data chunk (in memory only) and returns its address.
+    pub fn reserve_data(&mut self) -> Result<u64> {
+        if self.data_available() == 0 {
+            return Err(StoreError::Full);
+        }
+        let reserved = std::mem::take(&mut self.reserved);
+        let quarantine = std::mem::take(&mut self.quarantine);
+        let start = self.geo.data_start_chunk;
+        let found = self.find_clear(Space::Data, self.root.data_alloc_cursor, &|i| {
+            reserved.contains(&(start + i)) || quarantine.contains(&(start + i))
+        });
+        self.reserved = reserved;
+        self.quarantine = quarantine;
+        let Some(index) = found? else {
+            return Err(StoreError::CorruptMetadata {
+                block: self.geo.bitmap_start + self.geo.meta_bitmap_blocks,
+                area: "allocation bitmap",
+                what: format!(
+                    "free data count is {} but the bitmap has no usable clear bit",
+                    self.root.data_free
+                ),
+            });
+        };
+        self.root.data_alloc_cursor = index + 1;
+        let chunk = self.geo.data_start_chunk + index;
+        self.reserved.insert(chunk);
+        Ok(chunk)
+    }
+
+    /// Turns a reservation into an allocated chunk (in the running transaction).
+    pub fn claim_reserved(&mut self, chunk: u64) -> Result<()> {
+        if !self.reserved.contains(&chunk) {
+            return Err(StoreError::NotReserved(chunk));
+        }
+        self.set_bit(Space::Data, chunk - self.geo.data_start_chunk, true)?;
+        self.reserved.remove(&chunk);
+        self.root.data_free -= 1;
+        Ok(())
+    }
+
+    pub fn release_reserved(&mut self, chunk: u64) -> Result<()> {
+        if self.reserved.remove(&chunk) {
+            Ok(())
+        } else {
+            Err(StoreError::NotReserved(chunk))
+        }
+    }
+
+    /// Frees an allocated data chunk; it becomes reusable once this transaction commits.
+    pub fn free_data(&mut self, chunk: u64) -> Result<()> {
+        self.set_bit(Space::Data, chunk - self.geo.data_start_chunk, false)?;
+        self.root.data_free += 1;
+        self.quarantine.insert(chunk);
+        Ok(())
+    }
+
+    // ---- journal ----
+
+    /// Commits the running transaction: flushes the device (so copied-out data is stable
+    /// before the metadata that points at it), writes the changed blocks and a commit record
+    /// (sequence number, root state, home address and crc32c of every block) to the journal,
+    /// and flushes again. Checkpoints when the journal is getting full.
+    pub fn commit(&mut self) -> Result<()> {
+        self.check_usable()?;
+        if !self.has_uncommitted() {
+            self.quarantine.clear();
+            return Ok(());
+        }
+        let result = self.commit_inner();
+        if let Err(e) = &result {
+            self.poison(e);
+        }
+        result
+    }
+
+    fn commit_inner(&mut self) -> Result<()> {
+        let blocks: Vec<u64> = self.tx_dirty.iter().copied().collect();
+        if blocks.len() > MAX_TX_BLOCKS {
+            return Err(StoreError::CorruptMetadata {
+                block: 0,
+                area: "journal",
+                what: format!(
+                    "transaction of {} blocks exceeds the commit record's {MAX_TX_BLOCKS}",
+                    blocks.len()
+                ),
+            });
+        }
+        let dev = self.dev.clone();
+        flush(dev.as_ref())?;
+        let j = self.geo.journal_blocks;
+        let mut header = vec![0u8; BLOCK];
+        header[0..8].copy_from_slice(&JOURNAL_MAGIC);
+        put_u32(&mut header, 12, blocks.len() as u32);
+        put_u64(&mut header, 16, self.journal_head_seq);
+        put_u64(&mut header, 24, journal_id(&self.sb.uuid));
+        self.root.encode(&mut header[32..32 + ROOT_STATE_LEN]);
+        // Lay the blocks out in ring order, writing each contiguous run with one write.
+        let mut run: Vec<u8> = Vec::with_capacity(blocks.len() * BLOCK);
+        let mut run_start = (self.journal_head_pos + 1) % j;
+        for (i, &home) in blocks.iter().enumerate() {
+            let slot = (self.journal_head_pos + 1 + i as u64) % j;
+            if slot == 0 && !run.is_empty() {
+                write_block(dev.as_ref(), self.geo.journal_start + run_start, &run)?;
+                run.clear();
+                run_start = 0;
+            }
+            let entry = self
+                .cache
+                .get_mut(&home)
+                .ok_or_else(|| StoreError::CorruptMetadata {
+                    block: home,
+                    area: "journal",
+                    what: "a dirty block left the cache before commit".into(),
+                })?;
+            let crc = block_crc(&entry.data, 4);
+            put_u32(&mut entry.data, 4, crc);
+            let at = JOURNAL_HEADER + i * JOURNAL_ENTRY;
+            put_u64(&mut header, at, home);
+            put_u32(&mut header, at + 8, crc32c::crc32c(&entry.data));
+            run.extend_from_slice(&entry.data);
+        }
+        if !run.is_empty() {
+            write_block(dev.as_ref(), self.geo.journal_start + run_start, &run)?;
+        }
+        let crc = block_crc(&header, 8);
+        put_u32(&mut header, 8, crc);
+        write_block(
+            dev.as_ref(),
+            self.geo.journal_start + self.journal_head_pos,
+            &header,
+        )?;
+        flush(dev.as_ref())?;
+        let used = 1 + blocks.len() as u64;
+        self.journal_head_pos = (self.journal_head_pos + used) % j;
+        self.journal_head_seq += 1;
+        self.journal_used += used;
+        self.stats.commits += 1;
+        self.stats.journal_blocks_written += used;
+        for b in blocks {
+            self.ckpt_dirty.insert(b);
+        }
+        self.tx_dirty.clear();
+        self.committed_root = self.root;
+        self.quarantine.clear();
+        if j - self.journal_used < MAX_TX_BLOCKS as u64 + 1 {
+            self.checkpoint()?;
+        }
+        Ok(())
+    }
+
+    /// Writes every committed block home, flushes, then moves the journal tail in a new
+    /// superblock. Only called with no transaction running.
+    pub fn checkpoint(&mut self) -> Result<()> {
+        let dev = self.dev.clone();
+        let mut blocks: Vec<u64> = self.ckpt_dirty.iter().copied().collect();
+        blocks.sort_unstable();
+        for b in &blocks {
+            if let Some(entry) = self.cache.get(b) {
+                write_block(dev.as_ref(), *b, &entry.data)?;
+            }
+        }
+        flush(dev.as_ref())?;
+        self.ckpt_dirty.clear();
+        self.journal_used = 0;
+        self.stats.checkpoints += 1;
+        let clean = self.sb.clean;
+        self.write_superblock(clean)
+    }
+
+    /// Writes a new superblock (next slot) with the committed root and the journal tail at
+    /// the head, and flushes it.
+    pub fn write_superblock(&mut self, clean: bool) -> Result<()> {
+        let mut sb = self.sb.clone();
+        sb.sequence += 1;
+        sb.clean = clean;
+        sb.journal_tail_pos = self.journal_head_pos;
+        sb.journal_tail_seq = self.journal_head_seq;
+        sb.root = self.committed_root;
+        let dev = self.dev.clone();
+        write_block(dev.as_ref(), sb.slot(), &sb.encode())?;
+        flush(dev.as_ref())?;
+        self.sb = sb;
+        Ok(())
+    }
+
+    /// Commits, checkpoints and marks the store clean.
+    pub fn close(&mut self) -> Result<()> {
+        self.commit()?;
+        self.checkpoint()?;
+        self.write_superblock(true)
+    }
+
+    /// Every bitmap bit of a space, for the checker.
+    pub fn all_bits(&mut self, space: Space) -> Result<Vec<bool>> {
+        let total = match space {
+            Space::Meta => self.geo.meta_blocks,
+            Space::Data => self.geo.data_chunks,
+        };
+        let mut out = Vec::with_capacity(total as usize);
+        for i in 0..total {
+            out.push(self.bit(space, i)?);
+        }
+        Ok(out)
+    }
+
+    pub fn cache_len(&self) -> usize {
+        self.cache.len()
+    }
+}
+
+/// A bitmap block as written by `format`: header plus all bits clear.
+pub fn empty_bitmap_block(index: u64) -> Vec<u8> {
+    let mut b = vec![0u8; BLOCK];
+    put_u32(&mut b, 0, MAGIC_BITMAP);
+    put_u64(&mut b, 8, index);
+    b
+}
+
+/// Sets bit `bit` of a bitmap block image.
+pub fn set_bitmap_bit(b: &mut [u8], bit: u64) {
+    let bit = bit as usize;
+    b[BITMAP_HEADER + bit / 8] |= 1 << (bit % 8);
+}
+
+/// Seals a node or bitmap block image: writes its crc32c at bytes 4..8.
+pub fn seal(b: &mut [u8]) {
+    let crc = block_crc(b, 4);
+    put_u32(b, 4, crc);
+}
