@@ -61,7 +61,7 @@ pub enum Fencing {
 }
 
 /// Where a node's NBD server for a volume listens.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 pub enum NbdListen {
     /// `unix:/path`
     Unix(PathBuf),
@@ -451,23 +451,6 @@ impl CsnapConfig {
             .get(&node)
             .map(|n| n.priority)
             .unwrap_or(DEFAULT_PRIORITY)
-    }
-}
-
-impl PartialOrd for NbdListen {
-    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
-        Some(self.cmp(other))
-    }
-}
-
-impl Ord for NbdListen {
-    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
-        match (self, other) {
-            (NbdListen::Unix(a), NbdListen::Unix(b)) => a.cmp(b),
-            (NbdListen::Tcp(a), NbdListen::Tcp(b)) => a.cmp(b),
-            (NbdListen::Unix(_), NbdListen::Tcp(_)) => std::cmp::Ordering::Less,
-            (NbdListen::Tcp(_), NbdListen::Unix(_)) => std::cmp::Ordering::Greater,
-        }
     }
 }
 

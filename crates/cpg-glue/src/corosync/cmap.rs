@@ -55,7 +55,8 @@ impl Cmap {
     }
 
     /// Every key starting with `prefix`, with its value as text (numbers in decimal,
-    /// binary values in hex).
+    /// binary values in hex). (rust-corosync's iterator ends quietly if a key vanishes
+    /// while it runs; a concurrent reload is reported by [`ConfigWatch`] anyway.)
     pub fn get_prefix(&self, prefix: &str) -> Result<BTreeMap<String, String>, GroupError> {
         let iter = cmap::CmapIterStart::new(&self.handle, prefix)
             .map_err(|e| call_error("cmap_iter_init", e))?;

@@ -576,7 +576,13 @@ impl Stream for CorosyncGroup {
                 DispatchOutcome::Drained if closed && produced == 0 => {
                     this.fail("corosync closed the connection (did corosync exit?)".into())
                 }
-                DispatchOutcome::Drained | DispatchOutcome::BudgetUsed => {}
+                DispatchOutcome::Drained => {}
+                DispatchOutcome::BudgetUsed if this.ready.is_empty() => {
+                    // Only fragments so far: let other tasks run, then go on.
+                    cx.waker().wake_by_ref();
+                    return Poll::Pending;
+                }
+                DispatchOutcome::BudgetUsed => {}
                 DispatchOutcome::Failed(code) => this.fail(format!(
                     "cpg_dispatch returned {} (did corosync exit?)",
                     cs_error_name(cs_error_from_raw(code))
