@@ -1,0 +1,160 @@
+//! What goes into the engine (events) and what comes out (actions), and its configuration.
+
+use csnap_proto::auth::Nonce;
+use csnap_proto::{ClientFrame, ClientId, RequestId, ServerFrame};
+use std::fmt;
+
+/// A transport connection, numbered by the I/O shell (never reused while the engine runs).
+pub type ConnId = u64;
+
+/// Identifies one data copy the engine asked the shell to perform.
+pub type CopyId = u64;
+
+/// Inputs to [`Engine::handle`](super::Engine::handle).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Event {
+    /// A connection was accepted. `server_nonce` is fresh randomness for its authentication
+    /// (passed in so the engine stays deterministic).
+    ClientConnected { conn: ConnId, server_nonce: Nonce },
+    /// A decoded frame arrived on a connection.
+    ClientRequest { conn: ConnId, frame: ClientFrame },
+    /// A frame on this connection could not be decoded; the engine answers with an error and
+    /// closes the connection.
+    ClientBadFrame { conn: ConnId, error: String },
+    /// The connection closed.
+    ClientDisconnected { conn: ConnId },
+    /// The agent knows this client is gone for good (its node left the group, or it did not
+    /// come back): stop waiting for it and drop any read locks it left behind.
+    ClientDeclaredGone { client: ClientId },
+    /// A [`Action::Copy`] finished; `Ok` only once the destination is on stable storage.
+    CopyDone {
+        copy: CopyId,
+        result: Result<(), String>,
+    },
+    /// The shell ran `MetaStore::commit` after an [`Action::Commit`].
+    CommitDone { result: Result<(), String> },
+    /// Time passes (unix seconds). Drives background reclaim and lock expiry.
+    Tick { now: u64 },
+}
+
+/// Where a copy reads from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CopySource {
+    /// The origin device, at this origin chunk.
+    Origin { chunk: u64 },
+    /// The store's data area, at this store chunk.
+    Store { store_chunk: u64 },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum LogLevel {
+    Info,
+    Warn,
+    Error,
+}
+
+/// Outputs of the engine, for the I/O shell to carry out in order.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Action {
+    /// Send a frame on a connection.
+    Send { conn: ConnId, frame: ServerFrame },
+    /// Close a connection (after sending what was queued for it).
+    Close { conn: ConnId },
+    /// Copy one chunk into store chunk `to`, make it stable (fdatasync), then report
+    /// [`Event::CopyDone`].
+    Copy {
+        copy: CopyId,
+        from: CopySource,
+        to: u64,
+    },
+    /// Run `MetaStore::commit` (through `Engine::store_mut`), then report
+    /// [`Event::CommitDone`]. At most one is outstanding.
+    Commit,
+    /// Something for the log.
+    Log { level: LogLevel, message: String },
+    /// The store failed (I/O error, corruption): the server must stop serving now so that
+    /// another node can take over. The engine answers nothing more.
+    Fatal { reason: String },
+}
+
+/// What to sacrifice when the store has no free chunk. Origin writes never fail because of
+/// the store under either policy.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum StoreFullPolicy {
+    /// Any allocation that finds the store full invalidates the oldest live snapshot (for an
+    /// origin copy-out: the oldest that needs the copy; for a snapshot write: the oldest
+    /// other than the writer), frees what it alone held, and retries.
+    #[default]
+    InvalidateOldest,
+    /// Snapshot writes fail with `StoreFull`; origin copy-outs still invalidate the oldest
+    /// snapshot that needs the copy.
+    FailSnapshotWritesOnly,
+}
+
+impl fmt::Display for StoreFullPolicy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            StoreFullPolicy::InvalidateOldest => "invalidate-oldest",
+            StoreFullPolicy::FailSnapshotWritesOnly => "fail-snapshot-writes-only",
+        })
+    }
+}
+
+impl std::str::FromStr for StoreFullPolicy {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "invalidate-oldest" => Ok(StoreFullPolicy::InvalidateOldest),
+            "fail-snapshot-writes-only" => Ok(StoreFullPolicy::FailSnapshotWritesOnly),
+            other => Err(format!(
+                "unknown store-full policy {other:?} (expected invalidate-oldest or fail-snapshot-writes-only)"
+            )),
+        }
+    }
+}
+
+/// Engine configuration.
+#[derive(Clone, Debug)]
+pub struct EngineConfig {
+    /// The cluster key clients prove with HMAC.
+    pub cluster_key: Vec<u8>,
+    pub store_full_policy: StoreFullPolicy,
+    /// Activation gate: the snapshot clients of the previous server (from the agent's
+    /// gather). No origin write is granted until each has reconnected and sent `ResendDone`
+    /// or is declared gone.
+    pub expected_snapshot_clients: Vec<ClientId>,
+    /// Promise uniqueness to origin clients (`OriginWriteOk.unique`), enabling their cache.
+    pub promise_unique: bool,
+    /// Most chunks one request may name.
+    pub max_request_chunks: u64,
+    /// Exceptions examined per background reclaim step.
+    pub reclaim_budget: usize,
+    /// How long read locks of a disconnected snapshot client are kept for it to reconnect
+    /// (seconds of `Tick` time) unless the agent declares it gone sooner.
+    pub orphan_lock_grace_secs: u64,
+    /// Unix time at start (for snapshot ctimes until the first `Tick`).
+    pub start_time: u64,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        EngineConfig {
+            cluster_key: Vec::new(),
+            store_full_policy: StoreFullPolicy::default(),
+            expected_snapshot_clients: Vec::new(),
+            promise_unique: true,
+            max_request_chunks: 4096,
+            reclaim_budget: 64,
+            orphan_lock_grace_secs: 60,
+            start_time: 0,
+        }
+    }
+}
+
+/// A request that is answered later: who asked, under which id.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Requester {
+    pub conn: ConnId,
+    pub id: RequestId,
+}

@@ -1,0 +1,1605 @@
+//! The request engine: a deterministic state machine over a [`MetaStore`].
+//!
+//! Requests that cannot be answered at once become *work items*. A work item is always
+//! re-evaluated from scratch against the current state (store contents, read locks, copies
+//! in flight, commit progress) when something it waits for changes; evaluation is
+//! idempotent, so waking a work item too often is harmless and waking it too rarely is the
+//! only thing to avoid. That keeps the subtle cases (a snapshot created while a write waits
+//! for a read lock, an invalidation while a copy is in flight) correct by construction.
+
+use super::io::{
+    Action, ConnId, CopyId, CopySource, EngineConfig, Event, LogLevel, Requester, StoreFullPolicy,
+};
+use super::meta_store::{MetaStore, SnapChunk, StoreError, StoreStats};
+use csnap_proto::auth::{self, Nonce};
+use csnap_proto::{
+    ChunkRange, ClientFrame, ClientId, ClientKind, ClientMsg, ErrorCode, HeldLock, RequestId,
+    ServerFrame, ServerMsg, ServerStatus, SnapId, SnapRef, SnapshotInfo, SnapshotState, StoreAddr,
+    PROTOCOL_VERSION,
+};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+
+type WorkId = u64;
+
+/// A request refused with an error code and a message for humans.
+struct Reject(ErrorCode, String);
+
+#[derive(Clone)]
+enum Session {
+    AwaitHello,
+    AwaitAuth {
+        client: ClientId,
+        kind: ClientKind,
+        client_nonce: Nonce,
+        resuming: bool,
+    },
+    Open,
+}
+
+struct Conn {
+    server_nonce: Nonce,
+    session: Session,
+    client: Option<ClientId>,
+    kind: Option<ClientKind>,
+    resend_done: bool,
+    /// Read locks this connection holds: origin chunk -> count.
+    held: BTreeMap<u64, u32>,
+}
+
+/// Read locks a snapshot client left behind when its connection dropped; kept until it
+/// reconnects and finishes resending, is declared gone, or the grace time passes.
+struct OrphanedLocks {
+    client: ClientId,
+    held: BTreeMap<u64, u32>,
+    since: u64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum WorkKind {
+    OriginWrite,
+    SnapshotRead(SnapId),
+    SnapshotWrite(SnapId),
+}
+
+struct Work {
+    who: Requester,
+    kind: WorkKind,
+    ranges: Vec<ChunkRange>,
+    chunks: BTreeSet<u64>,
+}
+
+enum CopyKind {
+    /// Origin chunk copied out for every snapshot that still shares it.
+    OriginCopyOut { chunk: u64 },
+    /// A snapshot's chunk copied to its own exception before a snapshot write. `locked`:
+    /// the source is the origin, read-locked by the engine while the copy runs.
+    Unshare {
+        snap: SnapId,
+        chunk: u64,
+        locked: bool,
+    },
+}
+
+struct CopyJob {
+    kind: CopyKind,
+    to: u64,
+}
+
+enum CopyStart {
+    Started,
+    /// No space until the next commit makes freed chunks reusable.
+    AfterCommit,
+    /// The store is full and the policy sacrifices nothing for this allocation.
+    Full,
+    /// After invalidations, no live snapshot needs the origin copy-out any more.
+    NotNeeded,
+}
+
+enum Space {
+    Retry,
+    AfterCommit,
+    NoVictim,
+}
+
+/// Whom the store-full policy may sacrifice.
+#[derive(Clone, Copy)]
+enum VictimRule {
+    /// The oldest live snapshot that still reads this origin chunk from the origin.
+    SharingOrigin(u64),
+    /// The oldest live snapshot other than this one.
+    OtherThan(SnapId),
+    Nobody,
+}
+
+struct PendingSnapshot {
+    who: Requester,
+    /// Origin connections that still have to acknowledge `NewSnapshot`.
+    awaiting: BTreeSet<ConnId>,
+    /// Store generation the creation is durable at.
+    gen: u64,
+}
+
+/// The sans-IO request engine. Feed it [`Event`]s with [`Engine::handle`], carry out the
+/// [`Action`]s it queues ([`Engine::poll_action`]).
+pub struct Engine<S: MetaStore> {
+    cfg: EngineConfig,
+    store: S,
+    geometry: StoreStats,
+    now: u64,
+    actions: VecDeque<Action>,
+    failed: bool,
+
+    conns: BTreeMap<ConnId, Conn>,
+    awaited: BTreeSet<ClientId>,
+    orphans: Vec<OrphanedLocks>,
+    /// All read locks (client, orphaned and internal): origin chunk -> count.
+    locks: HashMap<u64, u32>,
+
+    next_work: WorkId,
+    works: BTreeMap<WorkId, Work>,
+    chunk_waiters: HashMap<u64, BTreeSet<WorkId>>,
+    commit_waiters: BTreeSet<WorkId>,
+    activation_waiters: BTreeSet<WorkId>,
+
+    next_copy: CopyId,
+    copies: HashMap<CopyId, CopyJob>,
+    origin_copies: HashMap<u64, CopyId>,
+    unshares: HashMap<(SnapId, u64), CopyId>,
+
+    /// Generation of the latest store mutation; `committed_gen` is the latest durable one.
+    dirty_gen: u64,
+    committed_gen: u64,
+    commit_in_flight: Option<u64>,
+    commit_wanted: bool,
+    /// Per origin chunk, the generation of the last exception recorded on it.
+    chunk_gen: HashMap<u64, u64>,
+    /// Generation of the last delete/invalidation (may make chunks unique).
+    snapset_gen: u64,
+    /// Generation of the last reclaim that freed chunks (reusable once committed).
+    free_gen: u64,
+    /// Replies held until their generation is committed.
+    deferred: Vec<(u64, Requester, ServerMsg)>,
+
+    pending_snaps: BTreeMap<SnapId, PendingSnapshot>,
+    reclaiming: bool,
+}
+
+/// Coalesces sorted chunks into ranges.
+fn to_ranges(chunks: impl IntoIterator<Item = u64>) -> Vec<ChunkRange> {
+    let mut out: Vec<ChunkRange> = Vec::new();
+    for c in chunks {
+        match out.last_mut() {
+            Some(r) if r.start + u64::from(r.count) == c && r.count < u32::MAX => r.count += 1,
+            _ => out.push(ChunkRange::new(c, 1)),
+        }
+    }
+    out
+}
+
+impl<S: MetaStore> Engine<S> {
+    /// An engine over `store`. It serves no origin write until every client in
+    /// `cfg.expected_snapshot_clients` has reconnected or been declared gone.
+    pub fn new(mut store: S, cfg: EngineConfig) -> Result<Self, StoreError> {
+        let geometry = store.stats()?;
+        let awaited: BTreeSet<ClientId> = cfg.expected_snapshot_clients.iter().copied().collect();
+        let mut engine = Engine {
+            now: cfg.start_time,
+            cfg,
+            store,
+            geometry,
+            actions: VecDeque::new(),
+            failed: false,
+            conns: BTreeMap::new(),
+            awaited,
+            orphans: Vec::new(),
+            locks: HashMap::new(),
+            next_work: 1,
+            works: BTreeMap::new(),
+            chunk_waiters: HashMap::new(),
+            commit_waiters: BTreeSet::new(),
+            activation_waiters: BTreeSet::new(),
+            next_copy: 1,
+            copies: HashMap::new(),
+            origin_copies: HashMap::new(),
+            unshares: HashMap::new(),
+            dirty_gen: 0,
+            committed_gen: 0,
+            commit_in_flight: None,
+            commit_wanted: false,
+            chunk_gen: HashMap::new(),
+            snapset_gen: 0,
+            free_gen: 0,
+            deferred: Vec::new(),
+            pending_snaps: BTreeMap::new(),
+            // A reclaim interrupted by a crash resumes from the start.
+            reclaiming: true,
+        };
+        if engine.awaited.is_empty() {
+            engine.log(
+                LogLevel::Info,
+                "server active: no snapshot clients to wait for",
+            );
+        } else {
+            let list: Vec<String> = engine.awaited.iter().map(|c| c.to_string()).collect();
+            engine.log(
+                LogLevel::Info,
+                format!(
+                    "activation gate: no origin writes until snapshot clients {} reconnect or are declared gone",
+                    list.join(", ")
+                ),
+            );
+        }
+        Ok(engine)
+    }
+
+    /// The next action to carry out, in order.
+    pub fn poll_action(&mut self) -> Option<Action> {
+        self.actions.pop_front()
+    }
+
+    /// All queued actions, in order.
+    pub fn drain_actions(&mut self) -> Vec<Action> {
+        self.actions.drain(..).collect()
+    }
+
+    pub fn store(&self) -> &S {
+        &self.store
+    }
+
+    /// For the shell to run `commit` after [`Action::Commit`].
+    pub fn store_mut(&mut self) -> &mut S {
+        &mut self.store
+    }
+
+    /// Convenience for shells that commit inline: runs the store commit and feeds
+    /// [`Event::CommitDone`].
+    pub fn run_commit(&mut self) {
+        let result = self.store.commit().map_err(|e| e.to_string());
+        self.handle(Event::CommitDone { result });
+    }
+
+    /// True once the activation gate is open.
+    pub fn is_active(&self) -> bool {
+        self.awaited.is_empty()
+    }
+
+    /// Snapshot clients the activation gate still waits for.
+    pub fn awaited_clients(&self) -> Vec<ClientId> {
+        self.awaited.iter().copied().collect()
+    }
+
+    /// True after a fatal store error; the engine answers nothing more.
+    pub fn has_failed(&self) -> bool {
+        self.failed
+    }
+
+    /// Read locks currently held on an origin chunk (by clients, orphans, or internal copies).
+    pub fn read_locks(&self, chunk: u64) -> u32 {
+        self.locks.get(&chunk).copied().unwrap_or(0)
+    }
+
+    /// Processes one event.
+    pub fn handle(&mut self, event: Event) {
+        if self.failed {
+            if let Event::ClientRequest { conn, frame } = event {
+                self.reply(
+                    conn,
+                    frame.id,
+                    error(ErrorCode::Internal, "server stopped after a store failure"),
+                );
+            }
+            return;
+        }
+        let is_request = matches!(event, Event::ClientRequest { .. } | Event::Tick { .. });
+        let result = self.dispatch(event);
+        let result = result.and_then(|()| {
+            if is_request {
+                self.background_reclaim()
+            } else {
+                Ok(())
+            }
+        });
+        if let Err(e) = result {
+            self.fail(format!("snapshot store failed: {e}"));
+            return;
+        }
+        self.maybe_commit();
+    }
+
+    fn dispatch(&mut self, event: Event) -> Result<(), StoreError> {
+        match event {
+            Event::ClientConnected { conn, server_nonce } => {
+                self.conns.insert(
+                    conn,
+                    Conn {
+                        server_nonce,
+                        session: Session::AwaitHello,
+                        client: None,
+                        kind: None,
+                        resend_done: false,
+                        held: BTreeMap::new(),
+                    },
+                );
+                Ok(())
+            }
+            Event::ClientRequest { conn, frame } => self.on_request(conn, frame),
+            Event::ClientBadFrame { conn, error: why } => {
+                if self.conns.contains_key(&conn) {
+                    self.log(
+                        LogLevel::Warn,
+                        format!("connection {conn}: bad frame: {why}"),
+                    );
+                    self.send(
+                        conn,
+                        None,
+                        error(ErrorCode::BadRequest, format!("undecodable frame: {why}")),
+                    );
+                    self.close(conn)?;
+                }
+                Ok(())
+            }
+            Event::ClientDisconnected { conn } => self.drop_conn(conn),
+            Event::ClientDeclaredGone { client } => self.on_client_gone(client),
+            Event::CopyDone { copy, result } => self.on_copy_done(copy, result),
+            Event::CommitDone { result } => self.on_commit_done(result),
+            Event::Tick { now } => {
+                self.now = self.now.max(now);
+                self.expire_orphans()
+            }
+        }
+    }
+
+    // ---- output helpers ----
+
+    fn log(&mut self, level: LogLevel, message: impl Into<String>) {
+        self.actions.push_back(Action::Log {
+            level,
+            message: message.into(),
+        });
+    }
+
+    fn send(&mut self, conn: ConnId, reply_to: Option<RequestId>, msg: ServerMsg) {
+        self.actions.push_back(Action::Send {
+            conn,
+            frame: ServerFrame { reply_to, msg },
+        });
+    }
+
+    fn reply(&mut self, conn: ConnId, id: RequestId, msg: ServerMsg) {
+        if self.conns.contains_key(&conn) {
+            self.send(conn, Some(id), msg);
+        }
+    }
+
+    fn reject(&mut self, who: Requester, r: Reject) {
+        self.reply(who.conn, who.id, error(r.0, r.1));
+    }
+
+    fn fail(&mut self, reason: String) {
+        self.failed = true;
+        self.log(LogLevel::Error, reason.clone());
+        self.actions.push_back(Action::Fatal { reason });
+    }
+
+    // ---- commits ----
+
+    fn touch(&mut self) -> u64 {
+        self.dirty_gen += 1;
+        self.commit_wanted = true;
+        self.dirty_gen
+    }
+
+    fn maybe_commit(&mut self) {
+        if self.commit_wanted
+            && self.commit_in_flight.is_none()
+            && self.dirty_gen > self.committed_gen
+        {
+            self.commit_in_flight = Some(self.dirty_gen);
+            self.commit_wanted = false;
+            self.actions.push_back(Action::Commit);
+        }
+    }
+
+    fn on_commit_done(&mut self, result: Result<(), String>) -> Result<(), StoreError> {
+        let Some(gen) = self.commit_in_flight.take() else {
+            self.log(
+                LogLevel::Warn,
+                "CommitDone without a commit in flight; ignored",
+            );
+            return Ok(());
+        };
+        if let Err(e) = result {
+            self.fail(format!("store commit failed: {e}"));
+            return Ok(());
+        }
+        self.committed_gen = gen;
+        let committed = self.committed_gen;
+        self.chunk_gen.retain(|_, g| *g > committed);
+        let (ready, later): (Vec<_>, Vec<_>) = std::mem::take(&mut self.deferred)
+            .into_iter()
+            .partition(|(g, _, _)| *g <= committed);
+        self.deferred = later;
+        for (_, who, msg) in ready {
+            self.reply(who.conn, who.id, msg);
+        }
+        let pending: Vec<SnapId> = self.pending_snaps.keys().copied().collect();
+        for snap in pending {
+            self.try_finish_creation(snap)?;
+        }
+        for w in std::mem::take(&mut self.commit_waiters) {
+            self.evaluate(w)?;
+        }
+        Ok(())
+    }
+
+    fn wait_commit(&mut self, w: WorkId) {
+        self.commit_waiters.insert(w);
+        self.commit_wanted = true;
+    }
+
+    fn wait_chunk(&mut self, chunk: u64, w: WorkId) {
+        self.chunk_waiters.entry(chunk).or_default().insert(w);
+    }
+
+    fn wake_chunk(&mut self, chunk: u64) -> Result<(), StoreError> {
+        if let Some(ws) = self.chunk_waiters.remove(&chunk) {
+            for w in ws {
+                self.evaluate(w)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn chunk_committed(&self, chunk: u64) -> bool {
+        self.chunk_gen
+            .get(&chunk)
+            .is_none_or(|g| *g <= self.committed_gen)
+            && self.snapset_gen <= self.committed_gen
+    }
+
+    // ---- connections and sessions ----
+
+    fn on_request(&mut self, conn: ConnId, frame: ClientFrame) -> Result<(), StoreError> {
+        let ClientFrame { id, msg } = frame;
+        let Some(c) = self.conns.get(&conn) else {
+            self.log(
+                LogLevel::Warn,
+                format!("request on unknown connection {conn}"),
+            );
+            return Ok(());
+        };
+        let (session, server_nonce) = (c.session.clone(), c.server_nonce);
+        match (session, msg) {
+            (
+                Session::AwaitHello,
+                ClientMsg::Hello {
+                    protocol_version,
+                    client,
+                    node,
+                    kind,
+                    client_nonce,
+                    resuming,
+                },
+            ) => {
+                if protocol_version != u32::from(PROTOCOL_VERSION) {
+                    self.reply(
+                        conn,
+                        id,
+                        error(
+                            ErrorCode::VersionMismatch,
+                            format!(
+                                "protocol version {protocol_version} not supported (server speaks {PROTOCOL_VERSION})"
+                            ),
+                        ),
+                    );
+                    return self.close(conn);
+                }
+                let proof =
+                    auth::server_proof(&self.cfg.cluster_key, client, &client_nonce, &server_nonce);
+                if let Some(c) = self.conns.get_mut(&conn) {
+                    c.session = Session::AwaitAuth {
+                        client,
+                        kind,
+                        client_nonce,
+                        resuming,
+                    };
+                }
+                self.log(
+                    LogLevel::Info,
+                    format!("connection {conn}: hello from client {client} on node {node} ({kind:?}, resuming: {resuming})"),
+                );
+                self.reply(
+                    conn,
+                    id,
+                    ServerMsg::Challenge {
+                        server_nonce,
+                        proof,
+                    },
+                );
+                Ok(())
+            }
+            (
+                Session::AwaitAuth {
+                    client,
+                    kind,
+                    client_nonce,
+                    resuming,
+                },
+                ClientMsg::AuthResponse { proof },
+            ) => {
+                if !auth::verify_client_proof(
+                    &self.cfg.cluster_key,
+                    client,
+                    &client_nonce,
+                    &server_nonce,
+                    &proof,
+                ) {
+                    self.log(
+                        LogLevel::Warn,
+                        format!("connection {conn}: client {client} failed authentication"),
+                    );
+                    self.reply(
+                        conn,
+                        id,
+                        error(ErrorCode::AuthFailed, "cluster key proof did not verify"),
+                    );
+                    return self.close(conn);
+                }
+                self.open_session(conn, id, client, kind, resuming)
+            }
+            (Session::Open, ClientMsg::Hello { .. } | ClientMsg::AuthResponse { .. }) => {
+                self.reply(
+                    conn,
+                    id,
+                    error(ErrorCode::BadRequest, "session already authenticated"),
+                );
+                Ok(())
+            }
+            (Session::Open, msg) => self.on_session_request(conn, id, msg),
+            (_, _) => {
+                self.reply(
+                    conn,
+                    id,
+                    error(
+                        ErrorCode::NotAuthenticated,
+                        "send Hello and authenticate first",
+                    ),
+                );
+                self.close(conn)
+            }
+        }
+    }
+
+    fn open_session(
+        &mut self,
+        conn: ConnId,
+        id: RequestId,
+        client: ClientId,
+        kind: ClientKind,
+        resuming: bool,
+    ) -> Result<(), StoreError> {
+        // A client that reconnects while its old connection lingers: the old one is dead.
+        let stale: Vec<ConnId> = self
+            .conns
+            .iter()
+            .filter(|(other, c)| **other != conn && c.client == Some(client))
+            .map(|(other, _)| *other)
+            .collect();
+        for other in stale {
+            self.log(
+                LogLevel::Info,
+                format!("client {client} reconnected; closing its old connection {other}"),
+            );
+            self.close(other)?;
+        }
+        if let Some(c) = self.conns.get_mut(&conn) {
+            c.session = Session::Open;
+            c.client = Some(client);
+            c.kind = Some(kind);
+        }
+        self.reply(
+            conn,
+            id,
+            ServerMsg::Welcome {
+                protocol_version: u32::from(PROTOCOL_VERSION),
+                chunk_size: self.geometry.chunk_size,
+                origin_chunks: self.geometry.origin_chunks,
+            },
+        );
+        if !resuming {
+            // A fresh client holds nothing from before: nothing to wait for.
+            self.client_settled(client)?;
+        }
+        Ok(())
+    }
+
+    /// The client has re-established everything it holds (or holds nothing): drop what it
+    /// left behind and stop waiting for it at the activation gate.
+    fn client_settled(&mut self, client: ClientId) -> Result<(), StoreError> {
+        self.drop_orphans(|o| o.client == client)?;
+        if self.awaited.remove(&client) {
+            self.log(
+                LogLevel::Info,
+                format!("activation gate: client {client} is back"),
+            );
+            self.maybe_activate()?;
+        }
+        Ok(())
+    }
+
+    fn on_client_gone(&mut self, client: ClientId) -> Result<(), StoreError> {
+        self.drop_orphans(|o| o.client == client)?;
+        if self.awaited.remove(&client) {
+            self.log(
+                LogLevel::Info,
+                format!("activation gate: client {client} declared gone"),
+            );
+            self.maybe_activate()?;
+        }
+        Ok(())
+    }
+
+    fn maybe_activate(&mut self) -> Result<(), StoreError> {
+        if self.awaited.is_empty() {
+            self.log(LogLevel::Info, "server active: origin writes are served");
+            for w in std::mem::take(&mut self.activation_waiters) {
+                self.evaluate(w)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn close(&mut self, conn: ConnId) -> Result<(), StoreError> {
+        if self.conns.contains_key(&conn) {
+            self.actions.push_back(Action::Close { conn });
+            self.drop_conn(conn)?;
+        }
+        Ok(())
+    }
+
+    fn drop_conn(&mut self, conn: ConnId) -> Result<(), StoreError> {
+        let Some(c) = self.conns.remove(&conn) else {
+            return Ok(());
+        };
+        self.works.retain(|_, w| w.who.conn != conn);
+        let mut to_wake = Vec::new();
+        match (c.client, c.kind) {
+            (Some(client), Some(ClientKind::Snapshot { .. })) if !c.held.is_empty() => {
+                // Its reads may still be in flight: keep the locks until it comes back.
+                self.log(
+                    LogLevel::Warn,
+                    format!(
+                        "snapshot client {client} disconnected holding {} read lock(s); kept until it reconnects or is declared gone",
+                        c.held.values().sum::<u32>()
+                    ),
+                );
+                self.orphans.push(OrphanedLocks {
+                    client,
+                    held: c.held,
+                    since: self.now,
+                });
+            }
+            _ => {
+                for (chunk, n) in c.held {
+                    if self.unlock(chunk, n) {
+                        to_wake.push(chunk);
+                    }
+                }
+            }
+        }
+        let pending: Vec<SnapId> = self.pending_snaps.keys().copied().collect();
+        for snap in pending {
+            if let Some(p) = self.pending_snaps.get_mut(&snap) {
+                p.awaiting.remove(&conn);
+            }
+            self.try_finish_creation(snap)?;
+        }
+        for chunk in to_wake {
+            self.wake_chunk(chunk)?;
+        }
+        Ok(())
+    }
+
+    fn drop_orphans(&mut self, which: impl Fn(&OrphanedLocks) -> bool) -> Result<(), StoreError> {
+        let (gone, kept): (Vec<_>, Vec<_>) = std::mem::take(&mut self.orphans)
+            .into_iter()
+            .partition(|o| which(o));
+        self.orphans = kept;
+        let mut to_wake = Vec::new();
+        for o in gone {
+            for (chunk, n) in o.held {
+                if self.unlock(chunk, n) {
+                    to_wake.push(chunk);
+                }
+            }
+        }
+        for chunk in to_wake {
+            self.wake_chunk(chunk)?;
+        }
+        Ok(())
+    }
+
+    fn expire_orphans(&mut self) -> Result<(), StoreError> {
+        let (now, grace) = (self.now, self.cfg.orphan_lock_grace_secs);
+        let expired: Vec<ClientId> = self
+            .orphans
+            .iter()
+            .filter(|o| now.saturating_sub(o.since) >= grace)
+            .map(|o| o.client)
+            .collect();
+        for client in &expired {
+            self.log(
+                LogLevel::Warn,
+                format!("snapshot client {client} did not come back within {grace}s; releasing its read locks"),
+            );
+        }
+        self.drop_orphans(|o| now.saturating_sub(o.since) >= grace)
+    }
+
+    // ---- locks ----
+
+    fn lock(&mut self, chunk: u64) {
+        *self.locks.entry(chunk).or_insert(0) += 1;
+    }
+
+    /// Releases `n` locks on `chunk`; true if it is now unlocked.
+    fn unlock(&mut self, chunk: u64, n: u32) -> bool {
+        match self.locks.get_mut(&chunk) {
+            Some(count) if *count > n => {
+                *count -= n;
+                false
+            }
+            Some(_) => {
+                self.locks.remove(&chunk);
+                true
+            }
+            None => true,
+        }
+    }
+
+    // ---- requests ----
+
+    fn session_of(&self, conn: ConnId) -> Option<(ClientId, ClientKind)> {
+        let c = self.conns.get(&conn)?;
+        Some((c.client?, c.kind?))
+    }
+
+    fn on_session_request(
+        &mut self,
+        conn: ConnId,
+        id: RequestId,
+        msg: ClientMsg,
+    ) -> Result<(), StoreError> {
+        let who = Requester { conn, id };
+        let Some((client, kind)) = self.session_of(conn) else {
+            return Ok(());
+        };
+        let outcome = match msg {
+            ClientMsg::QueryWrite { ranges } => match kind {
+                ClientKind::Origin => self.new_work(who, WorkKind::OriginWrite, ranges),
+                _ => Err(wrong_kind("QueryWrite", kind)),
+            },
+            ClientMsg::QuerySnapshotRead { snap, ranges } => self
+                .check_snapshot_kind("QuerySnapshotRead", kind, snap)
+                .and_then(|()| self.new_work(who, WorkKind::SnapshotRead(snap), ranges)),
+            ClientMsg::SnapshotWrite { snap, ranges } => self
+                .check_snapshot_kind("SnapshotWrite", kind, snap)
+                .and_then(|()| self.new_work(who, WorkKind::SnapshotWrite(snap), ranges)),
+            ClientMsg::FinishSnapshotRead { snap, ranges } => {
+                match self.check_snapshot_kind("FinishSnapshotRead", kind, snap) {
+                    Ok(()) => self.finish_read(who, &ranges),
+                    Err(r) => Err(r),
+                }
+            }
+            ClientMsg::NewSnapshotAck { snap } => {
+                if let Some(p) = self.pending_snaps.get_mut(&snap) {
+                    p.awaiting.remove(&conn);
+                    self.try_finish_creation(snap)?;
+                }
+                Ok(())
+            }
+            ClientMsg::UploadLocks { locks } => self.upload_locks(who, kind, &locks),
+            ClientMsg::ResendDone => {
+                if let Some(c) = self.conns.get_mut(&conn) {
+                    c.resend_done = true;
+                }
+                self.reply(conn, id, ServerMsg::ResendDoneOk);
+                self.client_settled(client)?;
+                Ok(())
+            }
+            ClientMsg::CreateSnapshot { name } => match kind {
+                ClientKind::Admin => self.create_snapshot(who, &name),
+                _ => Err(wrong_kind("CreateSnapshot", kind)),
+            },
+            ClientMsg::DeleteSnapshot { snap } => match kind {
+                ClientKind::Admin => self.delete_snapshot(who, &snap),
+                _ => Err(wrong_kind("DeleteSnapshot", kind)),
+            },
+            ClientMsg::ListSnapshots => match kind {
+                ClientKind::Admin => {
+                    let snapshots = self.visible_snapshots()?;
+                    self.reply(conn, id, ServerMsg::SnapshotList { snapshots });
+                    Ok(())
+                }
+                _ => Err(wrong_kind("ListSnapshots", kind)),
+            },
+            ClientMsg::Status => {
+                let status = self.status()?;
+                self.reply(conn, id, ServerMsg::Status(status));
+                Ok(())
+            }
+            ClientMsg::Hello { .. } | ClientMsg::AuthResponse { .. } => Err(Reject(
+                ErrorCode::BadRequest,
+                "session already authenticated".into(),
+            )),
+        };
+        match outcome {
+            Ok(()) => Ok(()),
+            Err(r) => {
+                self.reject(who, r);
+                Ok(())
+            }
+        }
+    }
+
+    fn check_snapshot_kind(
+        &self,
+        what: &str,
+        kind: ClientKind,
+        snap: SnapId,
+    ) -> Result<(), Reject> {
+        match kind {
+            ClientKind::Snapshot { snap: mine } if mine == snap => Ok(()),
+            ClientKind::Snapshot { snap: mine } => Err(Reject(
+                ErrorCode::WrongClientKind,
+                format!("{what} for snapshot {snap} on a connection for snapshot {mine}"),
+            )),
+            _ => Err(wrong_kind(what, kind)),
+        }
+    }
+
+    /// Checks request ranges: non-empty, no wrap-around, inside the origin, not too many.
+    fn request_chunks(&self, ranges: &[ChunkRange]) -> Result<BTreeSet<u64>, Reject> {
+        if ranges.is_empty() {
+            return Err(Reject(
+                ErrorCode::BadRequest,
+                "no chunk ranges given".into(),
+            ));
+        }
+        let mut total: u64 = 0;
+        for r in ranges {
+            if r.count == 0 {
+                return Err(Reject(
+                    ErrorCode::BadRequest,
+                    format!("empty chunk range at {}", r.start),
+                ));
+            }
+            let end = r.chunks().map(|c| c.end).ok_or_else(|| {
+                Reject(
+                    ErrorCode::OutOfRange,
+                    format!("chunk range {}+{} wraps around", r.start, r.count),
+                )
+            })?;
+            if end > self.geometry.origin_chunks {
+                return Err(Reject(
+                    ErrorCode::OutOfRange,
+                    format!(
+                        "chunk range {}+{} ends beyond the origin ({} chunks)",
+                        r.start, r.count, self.geometry.origin_chunks
+                    ),
+                ));
+            }
+            total += u64::from(r.count);
+            if total > self.cfg.max_request_chunks {
+                return Err(Reject(
+                    ErrorCode::TooLarge,
+                    format!(
+                        "request names more than {} chunks",
+                        self.cfg.max_request_chunks
+                    ),
+                ));
+            }
+        }
+        Ok(ranges.iter().filter_map(|r| r.chunks()).flatten().collect())
+    }
+
+    fn new_work(
+        &mut self,
+        who: Requester,
+        kind: WorkKind,
+        ranges: Vec<ChunkRange>,
+    ) -> Result<(), Reject> {
+        let chunks = self.request_chunks(&ranges)?;
+        let w = self.next_work;
+        self.next_work += 1;
+        self.works.insert(
+            w,
+            Work {
+                who,
+                kind,
+                ranges,
+                chunks,
+            },
+        );
+        // A store failure inside is recorded as fatal; the request gets no answer then.
+        if let Err(e) = self.evaluate(w) {
+            self.fail(format!("snapshot store failed: {e}"));
+        }
+        Ok(())
+    }
+
+    fn finish_read(&mut self, who: Requester, ranges: &[ChunkRange]) -> Result<(), Reject> {
+        let chunks = self.request_chunks(ranges)?;
+        let Some(c) = self.conns.get_mut(&who.conn) else {
+            return Ok(());
+        };
+        if let Some(missing) = chunks.iter().find(|ch| !c.held.contains_key(ch)) {
+            return Err(Reject(
+                ErrorCode::NotLocked,
+                format!("no read lock held on chunk {missing}"),
+            ));
+        }
+        for ch in &chunks {
+            if let Some(n) = c.held.get_mut(ch) {
+                *n -= 1;
+                if *n == 0 {
+                    c.held.remove(ch);
+                }
+            }
+        }
+        let mut freed = Vec::new();
+        for ch in chunks {
+            if self.unlock(ch, 1) {
+                freed.push(ch);
+            }
+        }
+        self.reply(who.conn, who.id, ServerMsg::FinishSnapshotReadOk);
+        for ch in freed {
+            if let Err(e) = self.wake_chunk(ch) {
+                self.fail(format!("snapshot store failed: {e}"));
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    fn upload_locks(
+        &mut self,
+        who: Requester,
+        kind: ClientKind,
+        locks: &[HeldLock],
+    ) -> Result<(), Reject> {
+        let ClientKind::Snapshot { snap: mine } = kind else {
+            return Err(wrong_kind("UploadLocks", kind));
+        };
+        if self.conns.get(&who.conn).is_some_and(|c| c.resend_done) {
+            return Err(Reject(
+                ErrorCode::BadRequest,
+                "UploadLocks after ResendDone".into(),
+            ));
+        }
+        let mut chunks = Vec::new();
+        for l in locks {
+            if l.snap != mine {
+                return Err(Reject(
+                    ErrorCode::WrongClientKind,
+                    format!(
+                        "lock for snapshot {} on a connection for snapshot {mine}",
+                        l.snap
+                    ),
+                ));
+            }
+            chunks.extend(self.request_chunks(std::slice::from_ref(&l.range))?);
+        }
+        for ch in chunks {
+            self.lock(ch);
+            if let Some(c) = self.conns.get_mut(&who.conn) {
+                *c.held.entry(ch).or_insert(0) += 1;
+            }
+        }
+        self.reply(who.conn, who.id, ServerMsg::UploadLocksOk);
+        Ok(())
+    }
+
+    // ---- work evaluation ----
+
+    fn evaluate(&mut self, w: WorkId) -> Result<(), StoreError> {
+        let Some(work) = self.works.get(&w) else {
+            return Ok(());
+        };
+        match work.kind {
+            WorkKind::OriginWrite => self.eval_origin_write(w),
+            WorkKind::SnapshotRead(snap) => self.eval_snapshot_read(w, snap),
+            WorkKind::SnapshotWrite(snap) => self.eval_snapshot_write(w, snap),
+        }
+    }
+
+    fn work_chunks(&self, w: WorkId) -> Vec<u64> {
+        self.works
+            .get(&w)
+            .map(|work| work.chunks.iter().copied().collect())
+            .unwrap_or_default()
+    }
+
+    fn finish_work(&mut self, w: WorkId, msg: ServerMsg) {
+        if let Some(work) = self.works.remove(&w) {
+            self.reply(work.who.conn, work.who.id, msg);
+        }
+    }
+
+    fn eval_origin_write(&mut self, w: WorkId) -> Result<(), StoreError> {
+        if !self.awaited.is_empty() {
+            self.activation_waiters.insert(w);
+            return Ok(());
+        }
+        let mut blocked = false;
+        for c in self.work_chunks(w) {
+            if self.origin_copies.contains_key(&c) {
+                self.wait_chunk(c, w);
+                blocked = true;
+                continue;
+            }
+            if self.store.oldest_sharing_origin(c)?.is_some() {
+                match self.start_copy(
+                    CopyKind::OriginCopyOut { chunk: c },
+                    CopySource::Origin { chunk: c },
+                )? {
+                    CopyStart::Started => {
+                        self.wait_chunk(c, w);
+                        blocked = true;
+                        continue;
+                    }
+                    CopyStart::AfterCommit => {
+                        self.wait_commit(w);
+                        blocked = true;
+                        continue;
+                    }
+                    // Every snapshot needing it was invalidated: unique once committed.
+                    CopyStart::NotNeeded | CopyStart::Full => {}
+                }
+            }
+            if self.read_locks(c) > 0 {
+                self.wait_chunk(c, w);
+                blocked = true;
+            }
+            if !self.chunk_committed(c) {
+                self.wait_commit(w);
+                blocked = true;
+            }
+        }
+        if !blocked {
+            let ranges = self
+                .works
+                .get(&w)
+                .map(|x| x.ranges.clone())
+                .unwrap_or_default();
+            let unique = self.cfg.promise_unique;
+            self.finish_work(w, ServerMsg::OriginWriteOk { ranges, unique });
+        }
+        Ok(())
+    }
+
+    /// Whether `snap` can be read/written now: `Some(reject)` refuses the request.
+    fn snapshot_usable(&mut self, snap: SnapId) -> Result<Option<Reject>, StoreError> {
+        if self.pending_snaps.contains_key(&snap) {
+            return Ok(Some(Reject(
+                ErrorCode::NoSuchSnapshot,
+                format!("snapshot {snap} is still being created"),
+            )));
+        }
+        Ok(match self.store.snapshot(snap)? {
+            None => Some(Reject(
+                ErrorCode::NoSuchSnapshot,
+                format!("no snapshot with id {snap}"),
+            )),
+            Some(SnapshotInfo {
+                state: SnapshotState::Invalid { reason },
+                ..
+            }) => Some(Reject(
+                ErrorCode::SnapshotInvalid,
+                format!("snapshot {snap} was invalidated: {reason}"),
+            )),
+            Some(_) => None,
+        })
+    }
+
+    fn reject_work(&mut self, w: WorkId, r: Reject) {
+        self.finish_work(w, error(r.0, r.1));
+    }
+
+    fn eval_snapshot_read(&mut self, w: WorkId, snap: SnapId) -> Result<(), StoreError> {
+        if let Some(r) = self.snapshot_usable(snap)? {
+            self.reject_work(w, r);
+            return Ok(());
+        }
+        let mut blocked = false;
+        let mut store = Vec::new();
+        let mut origin = Vec::new();
+        for c in self.work_chunks(w) {
+            match self.store.snapshot_chunk(snap, c)? {
+                SnapChunk::Store { store_chunk, .. } => store.push(StoreAddr {
+                    chunk: c,
+                    store_chunk,
+                }),
+                // A copy-out in flight will give the snapshot its own copy: wait for it
+                // rather than lock the origin (which would hold up the writer).
+                SnapChunk::Origin if self.origin_copies.contains_key(&c) => {
+                    self.wait_chunk(c, w);
+                    blocked = true;
+                }
+                SnapChunk::Origin => origin.push(c),
+            }
+        }
+        if blocked {
+            return Ok(());
+        }
+        let Some(conn) = self.works.get(&w).map(|x| x.who.conn) else {
+            return Ok(());
+        };
+        for &c in &origin {
+            self.lock(c);
+            if let Some(cn) = self.conns.get_mut(&conn) {
+                *cn.held.entry(c).or_insert(0) += 1;
+            }
+        }
+        self.finish_work(
+            w,
+            ServerMsg::SnapshotReadOk {
+                store,
+                origin_locked: to_ranges(origin),
+            },
+        );
+        Ok(())
+    }
+
+    fn eval_snapshot_write(&mut self, w: WorkId, snap: SnapId) -> Result<(), StoreError> {
+        if let Some(r) = self.snapshot_usable(snap)? {
+            self.reject_work(w, r);
+            return Ok(());
+        }
+        let mut blocked = false;
+        let mut addrs = Vec::new();
+        for c in self.work_chunks(w) {
+            if self.unshares.contains_key(&(snap, c)) {
+                self.wait_chunk(c, w);
+                blocked = true;
+                continue;
+            }
+            let (kind, from) = match self.store.snapshot_chunk(snap, c)? {
+                SnapChunk::Store {
+                    store_chunk,
+                    exclusive: true,
+                } => {
+                    if self.chunk_committed(c) {
+                        addrs.push(StoreAddr {
+                            chunk: c,
+                            store_chunk,
+                        });
+                    } else {
+                        self.wait_commit(w);
+                        blocked = true;
+                    }
+                    continue;
+                }
+                SnapChunk::Store {
+                    store_chunk,
+                    exclusive: false,
+                } => (
+                    CopyKind::Unshare {
+                        snap,
+                        chunk: c,
+                        locked: false,
+                    },
+                    CopySource::Store { store_chunk },
+                ),
+                SnapChunk::Origin if self.origin_copies.contains_key(&c) => {
+                    // Copy from the shared copy-out once it lands instead of racing it.
+                    self.wait_chunk(c, w);
+                    blocked = true;
+                    continue;
+                }
+                SnapChunk::Origin => (
+                    CopyKind::Unshare {
+                        snap,
+                        chunk: c,
+                        locked: true,
+                    },
+                    CopySource::Origin { chunk: c },
+                ),
+            };
+            blocked = true;
+            match self.start_copy(kind, from)? {
+                CopyStart::Started => self.wait_chunk(c, w),
+                CopyStart::AfterCommit => self.wait_commit(w),
+                CopyStart::Full | CopyStart::NotNeeded => {
+                    self.reject_work(
+                        w,
+                        Reject(
+                            ErrorCode::StoreFull,
+                            format!(
+                                "snapshot store full: no space to write chunk {c} of snapshot {snap} (policy {})",
+                                self.cfg.store_full_policy
+                            ),
+                        ),
+                    );
+                    return Ok(());
+                }
+            }
+        }
+        if !blocked {
+            self.finish_work(w, ServerMsg::SnapshotWriteOk { addrs });
+        }
+        Ok(())
+    }
+
+    // ---- copies and store-full handling ----
+
+    fn start_copy(&mut self, kind: CopyKind, from: CopySource) -> Result<CopyStart, StoreError> {
+        let rule = match (&kind, self.cfg.store_full_policy) {
+            (CopyKind::OriginCopyOut { chunk }, _) => VictimRule::SharingOrigin(*chunk),
+            (CopyKind::Unshare { snap, .. }, StoreFullPolicy::InvalidateOldest) => {
+                VictimRule::OtherThan(*snap)
+            }
+            (CopyKind::Unshare { .. }, StoreFullPolicy::FailSnapshotWritesOnly) => {
+                VictimRule::Nobody
+            }
+        };
+        let to = loop {
+            match self.store.reserve_chunk() {
+                Ok(to) => break to,
+                Err(StoreError::Full) => match self.make_space(rule)? {
+                    Space::Retry => continue,
+                    Space::AfterCommit => return Ok(CopyStart::AfterCommit),
+                    Space::NoVictim => {
+                        return Ok(match rule {
+                            VictimRule::SharingOrigin(_) => CopyStart::NotNeeded,
+                            _ => CopyStart::Full,
+                        })
+                    }
+                },
+                Err(e) => return Err(e),
+            }
+        };
+        let copy = self.next_copy;
+        self.next_copy += 1;
+        match kind {
+            CopyKind::OriginCopyOut { chunk } => {
+                self.origin_copies.insert(chunk, copy);
+            }
+            CopyKind::Unshare {
+                snap,
+                chunk,
+                locked,
+            } => {
+                self.unshares.insert((snap, chunk), copy);
+                if locked {
+                    self.lock(chunk);
+                }
+            }
+        }
+        self.copies.insert(copy, CopyJob { kind, to });
+        self.actions.push_back(Action::Copy { copy, from, to });
+        Ok(CopyStart::Started)
+    }
+
+    /// The store is full: wait for freed chunks to be committed, finish pending reclaim,
+    /// and if that is not enough, invalidate snapshots per the policy.
+    fn make_space(&mut self, rule: VictimRule) -> Result<Space, StoreError> {
+        if self.free_gen > self.committed_gen {
+            self.commit_wanted = true;
+            return Ok(Space::AfterCommit);
+        }
+        if self.reclaim_for_space()? {
+            return Ok(Space::AfterCommit);
+        }
+        loop {
+            let victim = match rule {
+                VictimRule::SharingOrigin(chunk) => self.store.oldest_sharing_origin(chunk)?,
+                VictimRule::OtherThan(writer) => self
+                    .store
+                    .list_snapshots()?
+                    .into_iter()
+                    .find(|s| s.state == SnapshotState::Live && s.id != writer)
+                    .map(|s| s.id),
+                VictimRule::Nobody => None,
+            };
+            let Some(victim) = victim else {
+                return Ok(Space::NoVictim);
+            };
+            let reason = format!(
+                "snapshot store full; invalidated by policy {} at {}",
+                self.cfg.store_full_policy, self.now
+            );
+            self.store.invalidate_snapshot(victim, &reason)?;
+            self.snapset_gen = self.touch();
+            self.reclaiming = true;
+            self.log(
+                LogLevel::Error,
+                format!("SNAPSHOT STORE FULL: snapshot {victim} invalidated to keep origin writes going ({reason})"),
+            );
+            if self.reclaim_for_space()? {
+                return Ok(Space::AfterCommit);
+            }
+            // The victim held nothing alone; with rule SharingOrigin the chunk may now be
+            // unique, which the next round finds out.
+            if let VictimRule::SharingOrigin(chunk) = rule {
+                if self.store.oldest_sharing_origin(chunk)?.is_none() {
+                    return Ok(Space::NoVictim);
+                }
+            }
+            if self.store.stats()?.free_chunks > 0 {
+                return Ok(Space::Retry);
+            }
+        }
+    }
+
+    /// Runs reclaim until it frees something or has no work left (store-full emergency
+    /// path). True if chunks were freed (reusable after the next commit).
+    fn reclaim_for_space(&mut self) -> Result<bool, StoreError> {
+        while self.reclaiming {
+            let p = self.store.reclaim_step(self.cfg.reclaim_budget)?;
+            if p.done {
+                self.reclaiming = false;
+            }
+            if p.freed_chunks > 0 {
+                self.free_gen = self.touch();
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
+    fn background_reclaim(&mut self) -> Result<(), StoreError> {
+        if self.reclaiming {
+            let p = self.store.reclaim_step(self.cfg.reclaim_budget)?;
+            if p.freed_chunks > 0 {
+                self.free_gen = self.touch();
+            }
+            if p.done {
+                self.reclaiming = false;
+            }
+        }
+        Ok(())
+    }
+
+    fn on_copy_done(&mut self, copy: CopyId, result: Result<(), String>) -> Result<(), StoreError> {
+        let Some(job) = self.copies.remove(&copy) else {
+            self.log(
+                LogLevel::Warn,
+                format!("CopyDone for unknown copy {copy}; ignored"),
+            );
+            return Ok(());
+        };
+        if let Err(e) = result {
+            self.fail(format!("copy into store chunk {} failed: {e}", job.to));
+            return Ok(());
+        }
+        let chunk = match job.kind {
+            CopyKind::OriginCopyOut { chunk } => {
+                self.origin_copies.remove(&chunk);
+                if self.store.record_copy_out(chunk, job.to)? {
+                    let gen = self.touch();
+                    self.chunk_gen.insert(chunk, gen);
+                }
+                chunk
+            }
+            CopyKind::Unshare {
+                snap,
+                chunk,
+                locked,
+            } => {
+                self.unshares.remove(&(snap, chunk));
+                if locked {
+                    self.unlock(chunk, 1);
+                }
+                match self.store.record_snapshot_exception(snap, chunk, job.to) {
+                    Ok(()) => {
+                        let gen = self.touch();
+                        self.chunk_gen.insert(chunk, gen);
+                    }
+                    // Deleted or invalidated while the copy ran: the copy is not needed.
+                    Err(StoreError::NoSuchSnapshot(_) | StoreError::NotLive(_)) => {
+                        self.store.release_chunk(job.to)?;
+                    }
+                    Err(e) => return Err(e),
+                }
+                chunk
+            }
+        };
+        self.wake_chunk(chunk)
+    }
+
+    // ---- snapshots ----
+
+    fn create_snapshot(&mut self, who: Requester, name: &str) -> Result<(), Reject> {
+        match self.try_create_snapshot(who, name) {
+            Ok(r) => r,
+            Err(e) => {
+                self.fail(format!("snapshot store failed: {e}"));
+                Ok(())
+            }
+        }
+    }
+
+    fn try_create_snapshot(
+        &mut self,
+        who: Requester,
+        name: &str,
+    ) -> Result<Result<(), Reject>, StoreError> {
+        let info = match self.store.create_snapshot(name, self.now) {
+            Ok(info) => info,
+            Err(StoreError::BadName { name, why }) => {
+                return Ok(Err(Reject(
+                    ErrorCode::BadName,
+                    format!("invalid snapshot name {name:?}: {why}"),
+                )))
+            }
+            Err(StoreError::NameTaken(name)) => {
+                return Ok(Err(Reject(
+                    ErrorCode::NameTaken,
+                    format!("a snapshot named {name:?} already exists"),
+                )))
+            }
+            Err(e) => return Err(e),
+        };
+        let gen = self.touch();
+        // Every origin client's unique promises are void from now on; the snapshot goes
+        // live when they have all acknowledged (or gone) and the creation is committed.
+        let origin_conns: BTreeSet<ConnId> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| {
+                matches!(c.session, Session::Open) && c.kind == Some(ClientKind::Origin)
+            })
+            .map(|(id, _)| *id)
+            .collect();
+        for &conn in &origin_conns {
+            self.send(conn, None, ServerMsg::NewSnapshot { snap: info.id });
+        }
+        self.log(
+            LogLevel::Info,
+            format!(
+                "creating snapshot {} ({:?}); waiting for {} origin client(s)",
+                info.id,
+                info.name,
+                origin_conns.len()
+            ),
+        );
+        self.pending_snaps.insert(
+            info.id,
+            PendingSnapshot {
+                who,
+                awaiting: origin_conns,
+                gen,
+            },
+        );
+        self.try_finish_creation(info.id)?;
+        Ok(Ok(()))
+    }
+
+    fn try_finish_creation(&mut self, snap: SnapId) -> Result<(), StoreError> {
+        let ready = self
+            .pending_snaps
+            .get(&snap)
+            .is_some_and(|p| p.awaiting.is_empty() && p.gen <= self.committed_gen);
+        if !ready {
+            return Ok(());
+        }
+        let Some(p) = self.pending_snaps.remove(&snap) else {
+            return Ok(());
+        };
+        match self.store.snapshot(snap)? {
+            Some(info) => {
+                self.log(
+                    LogLevel::Info,
+                    format!("snapshot {} ({:?}) is live", info.id, info.name),
+                );
+                self.reply(p.who.conn, p.who.id, ServerMsg::SnapshotCreated { info });
+            }
+            None => self.reject(
+                p.who,
+                Reject(
+                    ErrorCode::NoSuchSnapshot,
+                    format!("snapshot {snap} disappeared during creation"),
+                ),
+            ),
+        }
+        Ok(())
+    }
+
+    fn resolve(&mut self, snap: &SnapRef) -> Result<Option<SnapshotInfo>, StoreError> {
+        let info = match snap {
+            SnapRef::Id(id) => self.store.snapshot(*id)?,
+            SnapRef::Name(name) => self.store.snapshot_by_name(name)?,
+        };
+        Ok(info.filter(|i| !self.pending_snaps.contains_key(&i.id)))
+    }
+
+    fn delete_snapshot(&mut self, who: Requester, snap: &SnapRef) -> Result<(), Reject> {
+        let result = (|| -> Result<Result<(), Reject>, StoreError> {
+            let Some(info) = self.resolve(snap)? else {
+                return Ok(Err(Reject(
+                    ErrorCode::NoSuchSnapshot,
+                    format!("no snapshot {snap:?}"),
+                )));
+            };
+            self.store.delete_snapshot(info.id)?;
+            let gen = self.touch();
+            self.snapset_gen = gen;
+            self.reclaiming = true;
+            self.log(
+                LogLevel::Info,
+                format!(
+                    "snapshot {} ({:?}) deleted; reclaiming its space in the background",
+                    info.id, info.name
+                ),
+            );
+            self.deferred
+                .push((gen, who, ServerMsg::SnapshotDeleted { snap: info.id }));
+            Ok(Ok(()))
+        })();
+        match result {
+            Ok(r) => r,
+            Err(e) => {
+                self.fail(format!("snapshot store failed: {e}"));
+                Ok(())
+            }
+        }
+    }
+
+    fn visible_snapshots(&mut self) -> Result<Vec<SnapshotInfo>, StoreError> {
+        let mut list = self.store.list_snapshots()?;
+        list.retain(|s| !self.pending_snaps.contains_key(&s.id));
+        Ok(list)
+    }
+
+    fn status(&mut self) -> Result<ServerStatus, StoreError> {
+        let stats = self.store.stats()?;
+        let snapshots = self.visible_snapshots()?.len() as u32;
+        Ok(ServerStatus {
+            active: self.awaited.is_empty(),
+            awaited_clients: self.awaited.iter().copied().collect(),
+            connected_clients: self.conns.len() as u32,
+            chunk_size: stats.chunk_size,
+            origin_chunks: stats.origin_chunks,
+            store_chunks: stats.store_chunks,
+            free_chunks: stats.free_chunks,
+            snapshots,
+            pending_snapshots: self.pending_snaps.len() as u32,
+            store_full_policy: self.cfg.store_full_policy.to_string(),
+            reclaiming: self.reclaiming,
+        })
+    }
+}
+
+fn error(code: ErrorCode, message: impl Into<String>) -> ServerMsg {
+    ServerMsg::Error {
+        code,
+        message: message.into(),
+    }
+}
+
+fn wrong_kind(what: &str, kind: ClientKind) -> Reject {
+    Reject(
+        ErrorCode::WrongClientKind,
+        format!("{what} is not allowed on a {kind:?} connection"),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chunks_coalesce_into_ranges() {
+        assert_eq!(
+            to_ranges([1, 2, 3, 7, 9, 10]),
+            vec![
+                ChunkRange::new(1, 3),
+                ChunkRange::new(7, 1),
+                ChunkRange::new(9, 2)
+            ]
+        );
+        assert!(to_ranges([]).is_empty());
+    }
+}

@@ -1,0 +1,276 @@
+//! Test harness for the request engine: an engine over a `MemStore`, plus a simulated data
+//! path (origin and store chunk contents) driven by the engine's Copy actions, and helpers
+//! that speak the protocol as a client would.
+#![allow(dead_code)]
+
+use csnap_proto::auth;
+use csnap_proto::*;
+use csnap_server::engine::*;
+use std::collections::{BTreeSet, HashMap, VecDeque};
+
+pub const KEY: &[u8] = b"cluster key for tests";
+
+/// Simulated chunk contents: two halves, so partial writes (and therefore the copies that
+/// preserve the other half) are visible.
+pub type Data = [u64; 2];
+
+pub struct Harness {
+    pub engine: Engine<MemStore>,
+    pub origin: Vec<Data>,
+    pub store_data: Vec<Data>,
+    pub inbox: HashMap<ConnId, VecDeque<ServerFrame>>,
+    pub copies: VecDeque<(CopyId, CopySource, u64)>,
+    pub commit_pending: bool,
+    pub closed: BTreeSet<ConnId>,
+    pub logs: Vec<(LogLevel, String)>,
+    pub fatal: Option<String>,
+    /// Every copy the engine asked for, in order.
+    pub copy_log: Vec<(CopySource, u64)>,
+    /// Order of notable outputs, for ordering assertions.
+    pub trace: Vec<String>,
+    next_conn: ConnId,
+    next_id: RequestId,
+}
+
+pub fn config() -> EngineConfig {
+    EngineConfig {
+        cluster_key: KEY.to_vec(),
+        start_time: 1_000,
+        ..EngineConfig::default()
+    }
+}
+
+impl Harness {
+    pub fn new(cfg: EngineConfig, origin_chunks: u64, store_chunks: u64) -> Self {
+        Self::with_store(cfg, MemStore::new(4096, origin_chunks, store_chunks))
+    }
+
+    pub fn with_store(cfg: EngineConfig, store: MemStore) -> Self {
+        let mut s = store;
+        let stats = s.stats().unwrap();
+        let engine = Engine::new(s, cfg).unwrap();
+        let mut h = Harness {
+            engine,
+            origin: vec![[0, 0]; stats.origin_chunks as usize],
+            store_data: vec![[u64::MAX, u64::MAX]; stats.store_chunks as usize],
+            inbox: HashMap::new(),
+            copies: VecDeque::new(),
+            commit_pending: false,
+            closed: BTreeSet::new(),
+            logs: Vec::new(),
+            fatal: None,
+            copy_log: Vec::new(),
+            trace: Vec::new(),
+            next_conn: 1,
+            next_id: 1,
+        };
+        h.pump();
+        h
+    }
+
+    /// Moves the engine's actions into the simulated world.
+    pub fn pump(&mut self) {
+        while let Some(a) = self.engine.poll_action() {
+            match a {
+                Action::Send { conn, frame } => {
+                    self.trace
+                        .push(format!("send {conn} {:?}", short(&frame.msg)));
+                    self.inbox.entry(conn).or_default().push_back(frame);
+                }
+                Action::Close { conn } => {
+                    self.trace.push(format!("close {conn}"));
+                    self.closed.insert(conn);
+                }
+                Action::Copy { copy, from, to } => {
+                    self.trace.push(format!("copy {from:?} -> {to}"));
+                    self.copy_log.push((from, to));
+                    self.copies.push_back((copy, from, to));
+                }
+                Action::Commit => {
+                    assert!(!self.commit_pending, "two commits outstanding");
+                    self.trace.push("commit".into());
+                    self.commit_pending = true;
+                }
+                Action::Log { level, message } => self.logs.push((level, message)),
+                Action::Fatal { reason } => self.fatal = Some(reason),
+            }
+        }
+    }
+
+    pub fn handle(&mut self, ev: Event) {
+        self.engine.handle(ev);
+        self.pump();
+    }
+
+    /// Performs the oldest queued copy on the simulated devices and reports it done.
+    pub fn run_one_copy(&mut self) -> bool {
+        let Some((copy, from, to)) = self.copies.pop_front() else {
+            return false;
+        };
+        self.store_data[to as usize] = match from {
+            CopySource::Origin { chunk } => self.origin[chunk as usize],
+            CopySource::Store { store_chunk } => self.store_data[store_chunk as usize],
+        };
+        self.handle(Event::CopyDone {
+            copy,
+            result: Ok(()),
+        });
+        true
+    }
+
+    pub fn run_commit(&mut self) -> bool {
+        if !self.commit_pending {
+            return false;
+        }
+        self.commit_pending = false;
+        self.trace.push("commit done".into());
+        self.engine.run_commit();
+        self.pump();
+        true
+    }
+
+    /// Runs copies and commits until nothing is left.
+    pub fn settle(&mut self) {
+        while self.run_one_copy() || self.run_commit() {}
+    }
+
+    pub fn fresh_id(&mut self) -> RequestId {
+        self.next_id += 1;
+        self.next_id
+    }
+
+    pub fn open_conn(&mut self) -> ConnId {
+        let conn = self.next_conn;
+        self.next_conn += 1;
+        self.handle(Event::ClientConnected {
+            conn,
+            server_nonce: [conn as u8; 32],
+        });
+        conn
+    }
+
+    pub fn send(&mut self, conn: ConnId, msg: ClientMsg) -> RequestId {
+        let id = self.fresh_id();
+        self.handle(Event::ClientRequest {
+            conn,
+            frame: ClientFrame { id, msg },
+        });
+        id
+    }
+
+    pub fn replies(&mut self, conn: ConnId) -> Vec<ServerFrame> {
+        self.inbox
+            .get_mut(&conn)
+            .map(|q| q.drain(..).collect())
+            .unwrap_or_default()
+    }
+
+    /// The reply to request `id`, if it arrived (removing it from the inbox).
+    pub fn reply_to(&mut self, conn: ConnId, id: RequestId) -> Option<ServerMsg> {
+        let q = self.inbox.get_mut(&conn)?;
+        let pos = q.iter().position(|f| f.reply_to == Some(id))?;
+        q.remove(pos).map(|f| f.msg)
+    }
+
+    /// Notices (frames that answer no request) waiting on a connection, removed.
+    pub fn notices(&mut self, conn: ConnId) -> Vec<ServerMsg> {
+        let Some(q) = self.inbox.get_mut(&conn) else {
+            return Vec::new();
+        };
+        let (n, rest): (Vec<_>, Vec<_>) = q.drain(..).partition(|f| f.reply_to.is_none());
+        q.extend(rest);
+        n.into_iter().map(|f| f.msg).collect()
+    }
+
+    /// Connects and authenticates a client; returns its connection.
+    pub fn connect(&mut self, client: u64, kind: ClientKind, resuming: bool) -> ConnId {
+        let conn = self.open_conn();
+        let client_nonce = [client as u8 ^ 0x5a; 32];
+        let hello = self.send(
+            conn,
+            ClientMsg::Hello {
+                protocol_version: u32::from(PROTOCOL_VERSION),
+                client: ClientId(client),
+                node: 1,
+                kind,
+                client_nonce,
+                resuming,
+            },
+        );
+        let Some(ServerMsg::Challenge {
+            server_nonce,
+            proof,
+        }) = self.reply_to(conn, hello)
+        else {
+            panic!("no challenge");
+        };
+        assert!(
+            auth::verify_server_proof(KEY, ClientId(client), &client_nonce, &server_nonce, &proof),
+            "server proof must verify"
+        );
+        let proof = auth::client_proof(KEY, ClientId(client), &client_nonce, &server_nonce);
+        let id = self.send(conn, ClientMsg::AuthResponse { proof });
+        match self.reply_to(conn, id) {
+            Some(ServerMsg::Welcome { .. }) => conn,
+            other => panic!("expected Welcome, got {other:?}"),
+        }
+    }
+
+    pub fn admin(&mut self) -> ConnId {
+        self.connect(9_000 + self.next_conn, ClientKind::Admin, false)
+    }
+
+    /// Creates a snapshot through `admin`, acking NewSnapshot on every given origin conn.
+    pub fn create_snapshot(&mut self, admin: ConnId, name: &str, origins: &[ConnId]) -> SnapId {
+        let id = self.send(admin, ClientMsg::CreateSnapshot { name: name.into() });
+        for &o in origins {
+            for n in self.notices(o) {
+                if let ServerMsg::NewSnapshot { snap } = n {
+                    self.send(o, ClientMsg::NewSnapshotAck { snap });
+                }
+            }
+        }
+        self.settle();
+        match self.reply_to(admin, id) {
+            Some(ServerMsg::SnapshotCreated { info }) => info.id,
+            other => panic!("expected SnapshotCreated, got {other:?}"),
+        }
+    }
+
+    pub fn errors(&self, level: LogLevel) -> Vec<String> {
+        self.logs
+            .iter()
+            .filter(|(l, _)| *l == level)
+            .map(|(_, m)| m.clone())
+            .collect()
+    }
+}
+
+pub fn range(start: u64, count: u32) -> Vec<ChunkRange> {
+    vec![ChunkRange::new(start, count)]
+}
+
+pub fn error_code(msg: &Option<ServerMsg>) -> Option<ErrorCode> {
+    match msg {
+        Some(ServerMsg::Error { code, .. }) => Some(*code),
+        _ => None,
+    }
+}
+
+fn short(msg: &ServerMsg) -> String {
+    let s = format!("{msg:?}");
+    s.split([' ', '{', '(']).next().unwrap_or("").to_string()
+}
+
+/// The seed for a randomised test: CSNAP_SEED if set, else time-based; printed.
+pub fn seed(test: &str) -> u64 {
+    let seed = match std::env::var("CSNAP_SEED") {
+        Ok(s) => s.parse().expect("CSNAP_SEED must be a u64"),
+        Err(_) => std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(1),
+    };
+    eprintln!("{test}: seed {seed} (replay with CSNAP_SEED={seed})");
+    seed
+}
