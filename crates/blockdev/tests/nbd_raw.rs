@@ -423,3 +423,78 @@ async fn pipelined_requests_match_a_model() {
         "file content differs from the model (seed {seed})"
     );
 }
+
+/// Requests sent in the same packet as OPT_GO (before its reply) are not lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_pipelined_behind_opt_go_are_served() {
+    let server = TestServer::start(&[("disk", MIB, false)]).await;
+    let mut c = RawClient::connect(server.tcp).await;
+    let mut go = (4u32).to_be_bytes().to_vec();
+    go.extend_from_slice(b"disk");
+    go.extend_from_slice(&0u16.to_be_bytes());
+    let mut msg = IHAVEOPT.to_be_bytes().to_vec();
+    msg.extend_from_slice(&OPT_GO.to_be_bytes());
+    msg.extend_from_slice(&(go.len() as u32).to_be_bytes());
+    msg.extend_from_slice(&go);
+    let request = csnap_blockdev::nbd::RequestHeader {
+        flags: 0,
+        kind: CMD_READ,
+        cookie: 99,
+        offset: 0,
+        length: 8,
+    };
+    msg.extend_from_slice(&request.encode());
+    c.send(&msg).await;
+    c.pending_reads.insert(99, 8);
+    loop {
+        if c.read_opt_reply().await.kind == REP_ACK {
+            break;
+        }
+    }
+    assert_eq!(
+        c.read_reply().await,
+        TxReply::Simple {
+            cookie: 99,
+            error: 0,
+            data: vec![0; 8]
+        }
+    );
+}
+
+/// A client that never finishes the handshake is dropped after the timeout, and with
+/// one request slot per connection requests are still all answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn handshake_timeout_and_single_slot() {
+    let config = csnap_blockdev::nbd::ServerConfig {
+        max_in_flight: 1,
+        handshake_timeout: std::time::Duration::from_millis(300),
+        ..Default::default()
+    };
+    let server = TestServer::start_with(&[("disk", MIB, false)], config).await;
+    let mut idle = RawClient::connect(server.tcp).await;
+    let started = std::time::Instant::now();
+    idle.expect_closed().await;
+    assert!(started.elapsed() >= std::time::Duration::from_millis(250));
+
+    let mut c = RawClient::connect(server.tcp).await;
+    c.go("disk").await;
+    for cookie in 0..50u64 {
+        let data = pattern(cookie, 512);
+        c.request(CMD_WRITE, 0, cookie, cookie * 512, 512, &data)
+            .await;
+    }
+    let mut seen = std::collections::HashSet::new();
+    for _ in 0..50 {
+        match c.read_reply().await {
+            TxReply::Simple {
+                cookie, error: 0, ..
+            } => assert!(seen.insert(cookie)),
+            other => panic!("{other:?}"),
+        }
+    }
+    let file = std::fs::read(&server.export("disk").path).unwrap();
+    for cookie in 0..50u64 {
+        let at = (cookie * 512) as usize;
+        assert_eq!(&file[at..at + 512], &pattern(cookie, 512)[..]);
+    }
+}

@@ -1,0 +1,157 @@
+//! The server through the `Exports`/`Export` traits with a non-file backend: requests
+//! on one connection run concurrently and replies come back in completion order, and
+//! backend errors reach the client as protocol errors.
+
+mod nbd_support;
+
+use std::io;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use csnap_blockdev::nbd::consts::*;
+use csnap_blockdev::nbd::{
+    BoxFuture, Export, ExportFeatures, ExportInfo, Exports, ListenAddr, Listener, NbdServer,
+    ServerConfig,
+};
+use nbd_support::*;
+
+const SIZE: u64 = 1 << 20;
+/// Reads at this offset are slow; writes at this offset fail with EDQUOT.
+const SLOW: u64 = 0;
+const FAILING: u64 = 4096;
+
+struct MemExport {
+    data: Mutex<Vec<u8>>,
+}
+
+impl Export for MemExport {
+    fn size(&self) -> u64 {
+        SIZE
+    }
+    fn read_only(&self) -> bool {
+        false
+    }
+    fn features(&self) -> ExportFeatures {
+        ExportFeatures {
+            multi_conn: false,
+            ..Default::default()
+        }
+    }
+    fn read_at(&self, offset: u64, len: u32) -> BoxFuture<'_, io::Result<Bytes>> {
+        Box::pin(async move {
+            if offset == SLOW {
+                tokio::time::sleep(Duration::from_millis(300)).await;
+            }
+            let data = self.data.lock().unwrap();
+            Ok(Bytes::copy_from_slice(
+                &data[offset as usize..offset as usize + len as usize],
+            ))
+        })
+    }
+    fn write_at(&self, offset: u64, bytes: Bytes, _fua: bool) -> BoxFuture<'_, io::Result<()>> {
+        Box::pin(async move {
+            if offset == FAILING {
+                return Err(io::Error::from_raw_os_error(libc::EDQUOT));
+            }
+            self.data.lock().unwrap()[offset as usize..offset as usize + bytes.len()]
+                .copy_from_slice(&bytes);
+            Ok(())
+        })
+    }
+    fn flush(&self) -> BoxFuture<'_, io::Result<()>> {
+        Box::pin(async { Ok(()) })
+    }
+    fn write_zeroes(&self, _: u64, _: u64, _: bool, _: bool) -> BoxFuture<'_, io::Result<()>> {
+        Box::pin(async { Err(io::Error::from_raw_os_error(libc::EOPNOTSUPP)) })
+    }
+    fn trim(&self, _: u64, _: u64, _: bool) -> BoxFuture<'_, io::Result<()>> {
+        Box::pin(async { Ok(()) })
+    }
+}
+
+struct MemExports {
+    export: Arc<MemExport>,
+}
+
+impl Exports for MemExports {
+    fn list(&self) -> BoxFuture<'_, io::Result<Vec<ExportInfo>>> {
+        Box::pin(async move { Ok(vec![ExportInfo::of("mem", &*self.export)]) })
+    }
+    fn open<'a>(&'a self, name: &'a str) -> BoxFuture<'a, io::Result<Option<Arc<dyn Export>>>> {
+        Box::pin(async move { Ok((name == "mem").then(|| self.export.clone() as Arc<dyn Export>)) })
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replies_come_back_in_completion_order() {
+    let exports = MemExports {
+        export: Arc::new(MemExport {
+            data: Mutex::new(vec![7; SIZE as usize]),
+        }),
+    };
+    let server = Arc::new(NbdServer::new(Arc::new(exports), ServerConfig::default()));
+    let listener = Listener::bind(&ListenAddr::Tcp("127.0.0.1:0".into()))
+        .await
+        .unwrap();
+    let Listener::Tcp(tcp) = &listener else {
+        unreachable!()
+    };
+    let addr = tcp.local_addr().unwrap();
+    let task = tokio::spawn(server.serve(listener));
+
+    let mut c = RawClient::connect(addr).await;
+    let (size, flags) = c.go("mem").await;
+    assert_eq!(size, SIZE);
+    assert_eq!(flags & TFLAG_CAN_MULTI_CONN, 0, "not advertised when false");
+    assert_eq!(flags & TFLAG_SEND_TRIM, 0, "default features have no trim");
+
+    // The slow read goes first, the fast one second: the fast reply must overtake.
+    c.request(CMD_READ, 0, 1, SLOW, 16, &[]).await;
+    c.request(CMD_READ, 0, 2, 8192, 16, &[]).await;
+    let first = c.read_reply().await;
+    let second = c.read_reply().await;
+    assert_eq!(first.cookie(), 2, "fast reply first: {first:?}");
+    assert_eq!(second.cookie(), 1);
+    assert_eq!(
+        second,
+        TxReply::Simple {
+            cookie: 1,
+            error: 0,
+            data: vec![7; 16]
+        }
+    );
+
+    // A backend EDQUOT is reported as ENOSPC; the connection goes on.
+    c.request(CMD_WRITE, 0, 3, FAILING, 4, b"oops").await;
+    assert_eq!(
+        c.read_reply().await,
+        TxReply::Simple {
+            cookie: 3,
+            error: ENOSPC,
+            data: vec![]
+        }
+    );
+    // Trim was not advertised, so it is refused before reaching the backend.
+    c.request(CMD_TRIM, 0, 4, 0, 4096, &[]).await;
+    assert_eq!(
+        c.read_reply().await,
+        TxReply::Simple {
+            cookie: 4,
+            error: EINVAL,
+            data: vec![]
+        }
+    );
+    c.request(CMD_WRITE, 0, 5, 100, 4, b"good").await;
+    assert_eq!(c.read_reply().await.cookie(), 5);
+    c.request(CMD_READ, 0, 6, 100, 4, &[]).await;
+    assert_eq!(
+        c.read_reply().await,
+        TxReply::Simple {
+            cookie: 6,
+            error: 0,
+            data: b"good".to_vec()
+        }
+    );
+    task.abort();
+}
