@@ -15,6 +15,7 @@ pub mod names;
 pub mod prereq;
 mod spawn;
 pub mod sweep;
+mod testkit_impl;
 pub mod view;
 
 pub use cluster::{Cluster, ClusterConfig};

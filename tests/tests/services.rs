@@ -1,0 +1,244 @@
+//! The corosync services other than CPG ordering, on a real 3-node namespace cluster:
+//! cmap (the csnap section and its reload), cfg (local node id, kill_node), quorum, and
+//! what a CPG client sees when its corosync is missing or dies.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use cpg_glue::config::{CsnapConfig, Fencing};
+use cpg_glue::corosync::{self, Cmap, CorosyncGroup, CorosyncQuorum};
+use cpg_glue::{GroupError, GroupEvent, NodeId, QuorumEvent};
+use csnap_e2e::{Cluster, ClusterConfig, CsnapSection};
+use futures::{Stream, StreamExt};
+use tokio::time::timeout;
+
+const WAIT: Duration = Duration::from_secs(30);
+
+fn volume_section(port: u16) -> CsnapSection {
+    CsnapSection::new()
+        .set("fencing", "kill_node")
+        .unwrap()
+        .set("vol0.origin", "/dev/disk/by-id/test-origin")
+        .unwrap()
+        .set("vol0.store", "/dev/disk/by-id/test-store")
+        .unwrap()
+        .set("vol0.server_port", port.to_string())
+        .unwrap()
+}
+
+/// Next item of `stream`, bounded; panics naming `what` on timeout or end.
+async fn next_item<S: Stream + Unpin>(stream: &mut S, what: &str) -> S::Item {
+    match timeout(WAIT, stream.next()).await {
+        Ok(Some(item)) => item,
+        Ok(None) => panic!("{what}: the stream ended"),
+        Err(_) => panic!("{what}: nothing within {WAIT:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cmap_reads_the_csnap_section_and_follows_a_reload() {
+    let config = ClusterConfig::new(3)
+        .priority(2, 20)
+        .csnap(volume_section(7788));
+    let Some(cluster) = Cluster::start_or_skip("cmap", config).await else {
+        return;
+    };
+    let nodes = cluster.nodes();
+
+    // Each node's cfg says who it is; each node's cmap holds the section it was started with.
+    for &node in &nodes {
+        let id = cluster
+            .run_in_node(node, corosync::local_node_id)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            id, node,
+            "corosync_cfg_local_get in node {node}'s namespace"
+        );
+    }
+    let read: CsnapConfig = cluster
+        .run_in_node(NodeId(1), || Cmap::connect()?.csnap_config())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(read.fencing, Fencing::KillNode);
+    let vol = &read.volumes["vol0"];
+    assert_eq!(vol.origin, PathBuf::from("/dev/disk/by-id/test-origin"));
+    assert_eq!(vol.store, PathBuf::from("/dev/disk/by-id/test-store"));
+    assert_eq!(vol.server_port, 7788);
+    assert_eq!(read.priority_of(NodeId(2)), 20);
+    assert_eq!(read.priority_of(NodeId(1)), 0);
+    assert_eq!(read.nodes.len(), 3, "{:?}", read.nodes);
+    assert_eq!(
+        read.nodes[&NodeId(3)].ring0_addr.as_deref(),
+        Some("10.77.0.3")
+    );
+    let raw = cluster
+        .run_in_node(NodeId(1), || Cmap::connect()?.get_prefix("csnap."))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(raw, volume_section(7788).as_cmap());
+
+    // Watch on nodes 2 and 3, rewrite every node's section, reload: both see the new port.
+    let mut watches = Vec::new();
+    for node in [NodeId(2), NodeId(3)] {
+        let watch = cluster
+            .run_in_node(node, || {
+                let cmap = Cmap::connect()?;
+                let now = cmap.csnap_config()?;
+                Ok::<_, GroupError>((now, cmap.watch()?))
+            })
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(watch.0.volumes["vol0"].server_port, 7788);
+        watches.push((node, watch.1));
+    }
+    cluster
+        .set_csnap(&nodes, volume_section(7799))
+        .await
+        .unwrap();
+    for (node, watch) in &mut watches {
+        let reloaded = next_item(watch, &format!("node {node}'s config watch"))
+            .await
+            .unwrap_or_else(|e| panic!("node {node}: reloaded config did not parse: {e}"));
+        assert_eq!(reloaded.volumes["vol0"].server_port, 7799, "node {node}");
+        assert_eq!(reloaded.priority_of(NodeId(2)), 20, "node {node}");
+    }
+
+    // A bad value reaches the watcher as a Config error naming the key, not a panic.
+    let bad = volume_section(7799).set("fencing", "maybe").unwrap();
+    cluster.set_csnap(&nodes, bad).await.unwrap();
+    for (node, watch) in &mut watches {
+        match next_item(watch, &format!("node {node}'s config watch")).await {
+            Err(GroupError::Config { key, .. }) => assert_eq!(key, "csnap.fencing"),
+            other => {
+                panic!("node {node}: expected a Config error for csnap.fencing, got {other:?}")
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cpg_reports_a_missing_or_dying_corosync() {
+    let Some(cluster) = Cluster::start_or_skip("cpg without corosync", ClusterConfig::new(3)).await
+    else {
+        return;
+    };
+
+    // Node 3 joins; when its corosync is killed, its stream ends with Disconnected.
+    let mut group = cluster
+        .run_in_node(NodeId(3), || CorosyncGroup::join("doomed"))
+        .await
+        .unwrap()
+        .unwrap();
+    loop {
+        match next_item(&mut group, "node 3's group before the kill").await {
+            Ok(GroupEvent::TotemConfChg(_)) => break,
+            Ok(_) => {}
+            Err(e) => panic!("node 3: error before the kill: {e}"),
+        }
+    }
+    cluster.kill_node(NodeId(3)).await.unwrap();
+    let error = loop {
+        match next_item(&mut group, "node 3's group after the kill").await {
+            Ok(_) => {}
+            Err(e) => break e,
+        }
+    };
+    assert!(
+        matches!(error, GroupError::Disconnected { ref group, .. } if group == "doomed"),
+        "expected Disconnected for group doomed, got {error:?}"
+    );
+    match timeout(WAIT, group.next()).await {
+        Ok(None) => {}
+        other => panic!("node 3: stream should end after Disconnected, got {other:?}"),
+    }
+
+    // Node 2 without corosync: joining says so plainly.
+    cluster.stop_node(NodeId(2)).await.unwrap();
+    let refused = cluster
+        .run_in_node(NodeId(2), || CorosyncGroup::join("nobody-home"))
+        .await
+        .unwrap();
+    match refused {
+        Err(e @ GroupError::NotRunning { .. }) => {
+            let text = e.to_string();
+            assert!(text.contains("corosync"), "{text}");
+            assert!(text.contains("running"), "{text}");
+        }
+        Err(other) => panic!("expected NotRunning, got {other}"),
+        Ok(_) => panic!("joining without a corosync on node 2 succeeded"),
+    }
+    let quorum = cluster
+        .run_in_node(NodeId(2), CorosyncQuorum::connect)
+        .await
+        .unwrap();
+    assert!(
+        matches!(quorum, Err(GroupError::NotRunning { .. })),
+        "quorum without corosync: {:?}",
+        quorum.err()
+    );
+
+    // Node 1 stays usable alone (inquorate) and after node 2 comes back.
+    cluster.start_node(NodeId(2)).await.unwrap();
+    let views = cluster.wait_converged().await.unwrap();
+    assert_eq!(views[&NodeId(1)].members, vec![NodeId(1), NodeId(2)]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cfg_kill_node_fences_a_node_and_the_rest_stay_quorate() {
+    let Some(cluster) = Cluster::start_or_skip("cfg kill_node", ClusterConfig::new(3)).await else {
+        return;
+    };
+    let mut quorum = cluster
+        .run_in_node(NodeId(1), CorosyncQuorum::connect)
+        .await
+        .unwrap()
+        .unwrap();
+    let all = cluster.nodes();
+    let first: QuorumEvent = next_item(&mut quorum, "node 1's quorum").await.unwrap();
+    assert!(first.quorate && first.members == all, "{first:?}");
+
+    cluster
+        .run_in_node(NodeId(1), || {
+            corosync::kill_node(NodeId(3), "csnap-e2e: fencing test")
+        })
+        .await
+        .unwrap()
+        .unwrap();
+    cluster.wait_exited(NodeId(3), WAIT).await.unwrap();
+    let log = std::fs::read_to_string(cluster.node_dir(NodeId(3)).join("corosync.log")).unwrap();
+    assert!(
+        log.contains("csnap-e2e: fencing test"),
+        "node 3's log does not name the kill reason:\n{}",
+        cluster.log_tail(NodeId(3), 20)
+    );
+
+    let survivors = vec![NodeId(1), NodeId(2)];
+    loop {
+        let event = next_item(&mut quorum, "node 1's quorum after the kill")
+            .await
+            .unwrap();
+        if event.members == survivors {
+            assert!(event.quorate, "1+2 of 3 must stay quorate: {event:?}");
+            assert!(event.ring.seq > first.ring.seq, "{event:?} after {first:?}");
+            break;
+        }
+    }
+    let views = cluster.wait_converged().await.unwrap();
+    for node in &survivors {
+        assert_eq!(views[node].members, survivors);
+        assert!(views[node].quorate);
+    }
+
+    // Killing a node that is not in the membership is a clear error, not a hang.
+    let err = cluster
+        .run_in_node(NodeId(1), || corosync::kill_node(NodeId(3), "again"))
+        .await
+        .unwrap()
+        .unwrap_err();
+    assert!(err.to_string().contains("node 3"), "{err}");
+}
