@@ -457,3 +457,131 @@ fn view_in(processes: &Processes, group: &str, nodes: &[NodeId]) -> BTreeSet<Mem
         .map(|(m, _)| *m)
         .collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ids(ids: &[u32]) -> Vec<NodeId> {
+        ids.iter().copied().map(NodeId).collect()
+    }
+
+    /// The events for `to`, in order.
+    fn for_member(out: &[Output], to: Member) -> Vec<GroupEvent> {
+        out.iter()
+            .filter_map(|o| match o {
+                Output::Group { to: t, event } if *t == to => Some(event.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn first_ring_holds_every_node_led_by_the_lowest() {
+        let m = Model::new(&ids(&[3, 1, 2])).unwrap();
+        let ring = m.ring(NodeId(2)).unwrap();
+        assert_eq!(ring.members, ids(&[1, 2, 3]));
+        assert_eq!(
+            ring.ring,
+            RingId {
+                node: NodeId(1),
+                seq: 1
+            }
+        );
+        assert!(m.quorum_state(NodeId(3)).unwrap().quorate);
+    }
+
+    #[test]
+    fn join_tells_every_member_and_gives_the_joiner_the_ring_after_its_confchg() {
+        let mut m = Model::new(&ids(&[1, 2])).unwrap();
+        let (a, _) = m.join(NodeId(1), "g").unwrap();
+        let (b, out) = m.join(NodeId(2), "g").unwrap();
+        let join = GroupEvent::ConfChg(ConfChg {
+            members: vec![a, b],
+            left: vec![],
+            joined: vec![MemberChange {
+                member: b,
+                reason: Reason::Join,
+            }],
+        });
+        assert_eq!(for_member(&out, a), vec![join.clone()]);
+        let ring = m.ring(NodeId(2)).unwrap().clone();
+        assert_eq!(
+            for_member(&out, b),
+            vec![join, GroupEvent::TotemConfChg(ring)]
+        );
+        // Another group is not told.
+        let (c, out) = m.join(NodeId(1), "other").unwrap();
+        assert!(for_member(&out, a).is_empty());
+        assert_eq!(for_member(&out, c).len(), 2);
+    }
+
+    #[test]
+    fn kill_reports_lost_processes_then_the_survivors_transition_and_quorum() {
+        let mut m = Model::new(&ids(&[1, 2, 3])).unwrap();
+        let (a, _) = m.join(NodeId(1), "g").unwrap();
+        let (c, _) = m.join(NodeId(3), "g").unwrap();
+        let out = m.kill(NodeId(3)).unwrap();
+        assert_eq!(out[0], Output::ProcessLost { member: c });
+        assert_eq!(out[1], Output::NodeLost { node: NodeId(3) });
+        let ring = m.ring(NodeId(1)).unwrap().clone();
+        assert_eq!(
+            ring.ring,
+            RingId {
+                node: NodeId(1),
+                seq: 2
+            }
+        );
+        let events = for_member(&out, a);
+        assert!(matches!(&events[0], GroupEvent::ConfChg(cc)
+            if cc.members == vec![a] && cc.left == vec![MemberChange { member: c, reason: Reason::NodeDown }]));
+        assert_eq!(events[1], GroupEvent::TotemConfChg(ring.clone()));
+        assert!(out.contains(&Output::Quorum {
+            node: NodeId(2),
+            event: QuorumEvent {
+                quorate: true,
+                ring: ring.ring,
+                members: ids(&[1, 2])
+            },
+        }));
+        assert!(
+            m.depart(c, Reason::ProcDown).is_none(),
+            "a killed process is gone already"
+        );
+    }
+
+    #[test]
+    fn an_unchanged_side_gets_no_new_ring() {
+        let mut m = Model::new(&ids(&[1, 2, 3])).unwrap();
+        m.partition(&[ids(&[1, 2])]).unwrap();
+        let seq = m.ring(NodeId(1)).unwrap().ring.seq;
+        // Same split again, named differently: nothing changes.
+        assert!(m.partition(&[ids(&[3]), ids(&[2, 1])]).unwrap().is_empty());
+        assert_eq!(m.ring(NodeId(1)).unwrap().ring.seq, seq);
+        // Healing forms one ring above both sides' seqs.
+        m.heal();
+        let merged = m.ring(NodeId(3)).unwrap().ring.seq;
+        assert!(merged > seq && merged > 2);
+    }
+
+    #[test]
+    fn mcast_checks_size_and_membership() {
+        let mut m = Model::new(&ids(&[1])).unwrap();
+        m.set_max_message_size(4);
+        let (a, _) = m.join(NodeId(1), "g").unwrap();
+        assert!(matches!(
+            m.mcast(a, "g", vec![0; 5]),
+            Err(GroupError::MessageTooLarge { size: 5, max: 4 })
+        ));
+        assert!(matches!(
+            m.mcast(a, "other", vec![1]),
+            Err(GroupError::Disconnected { .. })
+        ));
+        assert_eq!(m.mcast(a, "g", vec![1]).unwrap().len(), 1);
+        m.depart(a, Reason::Leave).unwrap();
+        assert!(matches!(
+            m.mcast(a, "g", vec![1]),
+            Err(GroupError::Disconnected { .. })
+        ));
+    }
+}
