@@ -5,6 +5,7 @@
 mod nbd_support;
 
 use std::io;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -23,6 +24,7 @@ const FAILING: u64 = 4096;
 
 struct MemExport {
     data: Mutex<Vec<u8>>,
+    slow_reads_started: Arc<AtomicUsize>,
 }
 
 impl Export for MemExport {
@@ -41,6 +43,7 @@ impl Export for MemExport {
     fn read_at(&self, offset: u64, len: u32) -> BoxFuture<'_, io::Result<Bytes>> {
         Box::pin(async move {
             if offset == SLOW {
+                self.slow_reads_started.fetch_add(1, Ordering::SeqCst);
                 tokio::time::sleep(Duration::from_millis(300)).await;
             }
             let data = self.data.lock().unwrap();
@@ -83,11 +86,35 @@ impl Exports for MemExports {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn replies_come_back_in_completion_order() {
+struct MemServer {
+    server: Arc<NbdServer>,
+    addr: std::net::SocketAddr,
+    task: tokio::task::JoinHandle<io::Result<()>>,
+    slow_reads_started: Arc<AtomicUsize>,
+}
+
+async fn start_mem_server() -> MemServer {
+    let slow_reads_started = Arc::new(AtomicUsize::new(0));
+    let (server, addr, task) = start_mem_server_with(slow_reads_started.clone()).await;
+    MemServer {
+        server,
+        addr,
+        task,
+        slow_reads_started,
+    }
+}
+
+async fn start_mem_server_with(
+    slow_reads_started: Arc<AtomicUsize>,
+) -> (
+    Arc<NbdServer>,
+    std::net::SocketAddr,
+    tokio::task::JoinHandle<io::Result<()>>,
+) {
     let exports = MemExports {
         export: Arc::new(MemExport {
             data: Mutex::new(vec![7; SIZE as usize]),
+            slow_reads_started: slow_reads_started.clone(),
         }),
     };
     let server = Arc::new(NbdServer::new(Arc::new(exports), ServerConfig::default()));
@@ -98,7 +125,13 @@ async fn replies_come_back_in_completion_order() {
         unreachable!()
     };
     let addr = tcp.local_addr().unwrap();
-    let task = tokio::spawn(server.serve(listener));
+    let task = tokio::spawn(server.clone().serve(listener));
+    (server, addr, task)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replies_come_back_in_completion_order() {
+    let MemServer { addr, task, .. } = start_mem_server().await;
 
     let mut c = RawClient::connect(addr).await;
     let (size, flags) = c.go("mem").await;
@@ -154,4 +187,59 @@ async fn replies_come_back_in_completion_order() {
         }
     );
     task.abort();
+}
+
+/// Shutdown answers the requests already in flight, then closes every connection
+/// (including one still in its handshake) and stops accepting.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_drains_in_flight_requests() {
+    let MemServer {
+        server,
+        addr,
+        task,
+        slow_reads_started,
+    } = start_mem_server().await;
+    let mut c = RawClient::connect(addr).await;
+    c.go("mem").await;
+    let mut in_handshake = RawClient::connect(addr).await;
+    bounded("both connections counted", async {
+        while server.connection_count() < 2 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+
+    c.request(CMD_READ, 0, 1, SLOW, 16, &[]).await;
+    // Shut down only once the backend is working on the request.
+    bounded("slow read started", async {
+        while slow_reads_started.load(Ordering::SeqCst) == 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await;
+    let shutdown = tokio::spawn({
+        let server = server.clone();
+        async move { server.shutdown(Duration::from_secs(10)).await }
+    });
+    assert_eq!(
+        c.read_reply().await,
+        TxReply::Simple {
+            cookie: 1,
+            error: 0,
+            data: vec![7; 16]
+        },
+        "the in-flight read is answered"
+    );
+    c.expect_closed().await;
+    in_handshake.expect_closed().await;
+    assert!(
+        bounded("shutdown", shutdown).await.unwrap(),
+        "all connections closed"
+    );
+    assert_eq!(server.connection_count(), 0);
+    assert!(bounded("listener ends", task).await.unwrap().is_ok());
+    assert!(
+        tokio::net::TcpStream::connect(addr).await.is_err(),
+        "no longer accepting"
+    );
 }

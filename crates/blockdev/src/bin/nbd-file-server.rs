@@ -129,11 +129,18 @@ fn main() -> Result<()> {
             tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
                 .context("installing the SIGTERM handler")?;
         tokio::select! {
-            _ = tokio::signal::ctrl_c() => tracing::info!("interrupted, exiting"),
-            _ = terminate.recv() => tracing::info!("terminated, exiting"),
+            _ = tokio::signal::ctrl_c() => tracing::info!("interrupted, shutting down"),
+            _ = terminate.recv() => tracing::info!("terminated, shutting down"),
             Some(done) = tasks.join_next() => {
                 done.context("listener task panicked")?.context("listener failed")?;
             }
+        }
+        // In-flight requests are answered before connections close.
+        if !server.shutdown(Duration::from_secs(10)).await {
+            tracing::warn!(
+                connections = server.connection_count(),
+                "connections still open after 10 s, exiting anyway"
+            );
         }
         Ok(())
     })

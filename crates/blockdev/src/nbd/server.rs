@@ -5,6 +5,7 @@ use std::fmt;
 use std::io::{self, IoSlice};
 use std::path::PathBuf;
 use std::str::FromStr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -12,7 +13,7 @@ use bytes::{Bytes, BytesMut};
 use thiserror::Error;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, UnixListener};
-use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{mpsc, watch, Notify, OwnedSemaphorePermit, Semaphore};
 
 use super::consts::REQUEST_HEADER_LEN;
 use super::export::{Export, ExportInfo, Exports};
@@ -77,12 +78,36 @@ pub enum ConnectionEnd {
     Disconnected,
     /// The client closed the socket between requests.
     Closed,
+    /// The server is shutting down: requests already read were answered, then the
+    /// connection was closed.
+    ServerShutdown,
 }
 
 /// An NBD server over a set of exports.
 pub struct NbdServer {
     exports: Arc<dyn Exports>,
     config: ServerConfig,
+    stopping: watch::Sender<bool>,
+    connections: AtomicUsize,
+    idle: Notify,
+}
+
+/// Counts a live connection; the last one out wakes `NbdServer::shutdown`.
+struct ConnectionGuard<'a>(&'a NbdServer);
+
+impl<'a> ConnectionGuard<'a> {
+    fn new(server: &'a NbdServer) -> Self {
+        server.connections.fetch_add(1, Ordering::SeqCst);
+        ConnectionGuard(server)
+    }
+}
+
+impl Drop for ConnectionGuard<'_> {
+    fn drop(&mut self) {
+        if self.0.connections.fetch_sub(1, Ordering::SeqCst) == 1 {
+            self.0.idle.notify_waiters();
+        }
+    }
 }
 
 impl fmt::Debug for NbdServer {
@@ -95,23 +120,64 @@ impl fmt::Debug for NbdServer {
 
 impl NbdServer {
     pub fn new(exports: Arc<dyn Exports>, config: ServerConfig) -> NbdServer {
-        NbdServer { exports, config }
+        NbdServer {
+            exports,
+            config,
+            stopping: watch::channel(false).0,
+            connections: AtomicUsize::new(0),
+            idle: Notify::new(),
+        }
     }
 
-    /// Accepts connections forever, each served on its own task. Errors of one
-    /// connection are logged and never stop the listener.
+    /// Connections currently open (in handshake or transmission).
+    pub fn connection_count(&self) -> usize {
+        self.connections.load(Ordering::SeqCst)
+    }
+
+    /// Stops accepting, lets every connection finish the requests it already read
+    /// (the protocol asks servers to serve in-flight requests before disconnecting),
+    /// then closes them. Returns whether all connections were gone within `grace`.
+    pub async fn shutdown(&self, grace: Duration) -> bool {
+        self.stopping.send_replace(true);
+        let all_closed = async {
+            loop {
+                let idle = self.idle.notified();
+                if self.connection_count() == 0 {
+                    return;
+                }
+                idle.await;
+            }
+        };
+        tokio::time::timeout(grace, all_closed).await.is_ok()
+    }
+
+    /// Resolves once `shutdown` was called.
+    async fn stopped(&self) {
+        let mut stopping = self.stopping.subscribe();
+        // The sender lives in `self`, so this cannot fail while we are borrowed.
+        let _ = stopping.wait_for(|stopping| *stopping).await;
+    }
+
+    /// Accepts connections, each served on its own task, until `shutdown` is called.
+    /// Errors of one connection are logged and never stop the listener.
     pub async fn serve(self: Arc<Self>, listener: Listener) -> io::Result<()> {
         loop {
-            let accepted = match &listener {
-                Listener::Tcp(l) => l.accept().await.map(|(stream, peer)| {
-                    // Replies are small and latency bound; don't let Nagle hold them.
-                    let _ = stream.set_nodelay(true);
-                    (Box::new(stream) as Box<dyn Stream>, peer.to_string())
-                }),
-                Listener::Unix(l) => l
-                    .accept()
-                    .await
-                    .map(|(stream, _)| (Box::new(stream) as Box<dyn Stream>, "unix".to_owned())),
+            let accept = async {
+                match &listener {
+                    Listener::Tcp(l) => l.accept().await.map(|(stream, peer)| {
+                        // Replies are small and latency bound; don't let Nagle hold them.
+                        let _ = stream.set_nodelay(true);
+                        (Box::new(stream) as Box<dyn Stream>, peer.to_string())
+                    }),
+                    Listener::Unix(l) => l.accept().await.map(|(stream, _)| {
+                        (Box::new(stream) as Box<dyn Stream>, "unix".to_owned())
+                    }),
+                }
+            };
+            let accepted = tokio::select! {
+                biased;
+                _ = self.stopped() => return Ok(()),
+                accepted = accept => accepted,
             };
             match accepted {
                 Ok((stream, peer)) => {
@@ -137,11 +203,16 @@ impl NbdServer {
     where
         S: AsyncRead + AsyncWrite + Send + 'static,
     {
+        let _guard = ConnectionGuard::new(self);
         let (mut reader, mut writer) = tokio::io::split(stream);
         let timeout = self.config.handshake_timeout;
-        let negotiated = tokio::time::timeout(timeout, self.negotiate(&mut reader, &mut writer))
-            .await
-            .map_err(|_| ConnectionError::HandshakeTimeout(timeout))??;
+        let negotiate = tokio::time::timeout(timeout, self.negotiate(&mut reader, &mut writer));
+        let negotiated = tokio::select! {
+            biased;
+            _ = self.stopped() => return Ok(ConnectionEnd::ServerShutdown),
+            negotiated = negotiate => negotiated,
+        };
+        let negotiated = negotiated.map_err(|_| ConnectionError::HandshakeTimeout(timeout))??;
         let Some((negotiated, export, leftover)) = negotiated else {
             let _ = writer.shutdown().await;
             return Ok(ConnectionEnd::Aborted);
@@ -154,6 +225,7 @@ impl NbdServer {
             export,
             negotiated,
             self.config.max_in_flight.max(1),
+            self.stopped(),
         )
         .await
     }
@@ -253,6 +325,7 @@ async fn transmit<R, W>(
     export: Arc<dyn Export>,
     negotiated: Negotiated,
     max_in_flight: usize,
+    stopped: impl std::future::Future<Output = ()>,
 ) -> Result<ConnectionEnd, ConnectionError>
 where
     R: AsyncRead + Unpin,
@@ -262,7 +335,13 @@ where
     let writer = tokio::spawn(write_replies(writer, rx));
     let slots = Arc::new(Semaphore::new(max_in_flight));
     let mut reader = BufReader::with_capacity(64 * 1024, reader);
-    let result = read_requests(&mut reader, &tx, &slots, &export, &negotiated).await;
+    // On shutdown the reader stops between (or inside) requests; what was already
+    // dispatched still completes and is written below.
+    let result = tokio::select! {
+        biased;
+        _ = stopped => Ok(ConnectionEnd::ServerShutdown),
+        result = read_requests(&mut reader, &tx, &slots, &export, &negotiated) => result,
+    };
     // In-flight tasks keep their own senders; the writer drains them, then ends.
     drop(tx);
     let written = writer.await;
