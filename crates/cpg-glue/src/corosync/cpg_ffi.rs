@@ -1,4 +1,5 @@
-//! A minimal `extern "C"` binding for libcpg (corosync 3.x), just what [`CorosyncGroup`](super::CorosyncGroup) needs.
+//! A minimal `extern "C"` binding for libcpg (corosync 3.x): just what
+//! [`CorosyncGroup`](super::CorosyncGroup) needs.
 //!
 //! Why not rust-corosync's `cpg` module (which we do use for quorum, cmap and cfg):
 //!
