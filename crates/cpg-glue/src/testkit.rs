@@ -152,7 +152,10 @@ pub mod suite {
                     expected.extend(c.joined.iter().map(|j| j.member));
                     if expected != members {
                         self.fail(
-                            &format!("members = previous view {view:?} - left + joined"),
+                            &format!(
+                                "members = previous view {} - left + joined",
+                                procs_str(view)
+                            ),
                             &describe_confchg(c),
                         );
                     }
@@ -261,6 +264,16 @@ pub mod suite {
         items.windows(2).all(|w| w[0] <= w[1])
     }
 
+    fn procs_str<'a>(members: impl IntoIterator<Item = &'a Member>) -> String {
+        let list: Vec<String> = members.into_iter().map(|m| m.to_string()).collect();
+        format!("[{}]", list.join(", "))
+    }
+
+    fn nodes_str(nodes: &[NodeId]) -> String {
+        let list: Vec<String> = nodes.iter().map(|n| n.to_string()).collect();
+        format!("[{}]", list.join(", "))
+    }
+
     fn describe_confchg(c: &ConfChg) -> String {
         let list = |v: &[crate::MemberChange]| {
             v.iter()
@@ -280,7 +293,9 @@ pub mod suite {
     fn describe(event: &GroupEvent) -> String {
         match event {
             GroupEvent::ConfChg(c) => describe_confchg(c),
-            GroupEvent::TotemConfChg(t) => format!("totem(ring {}, nodes {:?})", t.ring, t.members),
+            GroupEvent::TotemConfChg(t) => {
+                format!("totem(ring {}, nodes {})", t.ring, nodes_str(&t.members))
+            }
             GroupEvent::Deliver(d) => {
                 format!("deliver(from {}, {} bytes)", d.from, d.payload.len())
             }
@@ -322,7 +337,10 @@ pub mod suite {
         for p in &mut procs {
             p.until(
                 deadline,
-                &format!("a view of all joined processes {all:?} and a totem confchg"),
+                &format!(
+                    "a view of all joined processes {} and a totem confchg",
+                    procs_str(&all)
+                ),
                 |o| o.view() == all && o.last_totem.is_some(),
             )
             .await;
@@ -353,8 +371,8 @@ pub mod suite {
         for p in &procs {
             if p.obs.ring_members() != nodes {
                 p.obs.fail(
-                    &format!("a totem confchg listing all nodes {nodes:?}"),
-                    &format!("ring members {:?}", p.obs.ring_members()),
+                    &format!("a totem confchg listing all nodes {}", nodes_str(&nodes)),
+                    &format!("ring members {}", nodes_str(&p.obs.ring_members())),
                 );
             }
             for event in &p.obs.seen {
@@ -591,7 +609,7 @@ pub mod suite {
             let events = p
                 .until(
                     deadline,
-                    &format!("a totem confchg of side {side:?}"),
+                    &format!("a totem confchg of side {}", nodes_str(&side)),
                     |o| o.ring_members() == side,
                 )
                 .await;
@@ -637,7 +655,7 @@ pub mod suite {
             let events = p
                 .until(
                     deadline,
-                    &format!("a totem confchg of all nodes {nodes:?}"),
+                    &format!("a totem confchg of all nodes {}", nodes_str(&nodes)),
                     |o| o.ring_members() == nodes,
                 )
                 .await;
@@ -709,14 +727,14 @@ pub mod suite {
         }
         if !changed.is_subset(&seen_changed) {
             obs.fail(
-                &format!("{changed:?} reported with {reason:?}"),
-                &format!("only {seen_changed:?}"),
+                &format!("{} reported with {reason:?}", procs_str(changed)),
+                &format!("only {}", procs_str(&seen_changed)),
             );
         }
         if obs.view() != *final_view {
             obs.fail(
-                &format!("the view {final_view:?}"),
-                &format!("{:?}", obs.view()),
+                &format!("the view {}", procs_str(final_view)),
+                &procs_str(&obs.view()),
             );
         }
         match events.last() {
