@@ -20,6 +20,20 @@ fn export(name: &str) -> ExportInfo {
     }
 }
 
+/// Every write after the greeting is a whole number of framed option replies.
+fn assert_option_replies(mut bytes: &[u8]) {
+    while !bytes.is_empty() {
+        assert!(bytes.len() >= 20, "truncated option reply");
+        assert_eq!(&bytes[..8], &OPTION_REPLY_MAGIC.to_be_bytes()[..]);
+        let len = u32::from_be_bytes(bytes[16..20].try_into().unwrap()) as usize;
+        assert!(
+            bytes.len() >= 20 + len,
+            "option reply shorter than its length"
+        );
+        bytes = &bytes[20 + len..];
+    }
+}
+
 fuzz_target!(|data: &[u8]| {
     let Some((&chunk, input)) = data.split_first() else {
         return;
@@ -28,12 +42,24 @@ fuzz_target!(|data: &[u8]| {
     let mut hs = Handshake::new(HandshakeConfig::default());
     let mut pos = 0;
     let mut first = true;
+    // The last write is checked once we know whether it ended the handshake: the
+    // OPT_EXPORT_NAME reply (size, flags, maybe zeroes) is not an option reply.
+    let mut unchecked: Option<Vec<u8>> = None;
     // Each step consumes input or finishes; bound the loop anyway.
     for _ in 0..(input.len() + 16) * 8 {
-        match hs.step() {
+        let step = hs.step();
+        if let Some(bytes) = unchecked.take() {
+            match &step {
+                Ok(HandshakeStep::Transmission(_)) if bytes.len() == 10 || bytes.len() == 134 => {}
+                _ => assert_option_replies(&bytes),
+            }
+        }
+        match step {
             Ok(HandshakeStep::Write(bytes)) => {
-                if !first {
-                    assert_eq!(&bytes[..8], &OPTION_REPLY_MAGIC.to_be_bytes()[..]);
+                if first {
+                    assert_eq!(bytes.len(), 18, "greeting");
+                } else {
+                    unchecked = Some(bytes);
                 }
                 first = false;
             }
