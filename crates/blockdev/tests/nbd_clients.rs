@@ -237,6 +237,8 @@ async fn fio_nbd_engine_verifies() {
             "--verify=crc32c",
             "--do_verify=1",
             "--verify_fatal=1",
+            // Otherwise fio leaves a verify state file in the working directory.
+            "--verify_state_save=0",
             "--output-format=json",
         ],
     )
