@@ -84,11 +84,21 @@ pub enum ClientMsg {
         snap: SnapId,
         ranges: Vec<ChunkRange>,
     },
+    /// Snapshot client: my data writes to the addresses `SnapshotWrite` gave for these
+    /// chunks are done; the server may reuse those store chunks once the snapshot is gone.
+    FinishSnapshotWrite {
+        snap: SnapId,
+        ranges: Vec<ChunkRange>,
+    },
     /// Origin client: I dropped my unique-chunk cache for new snapshot `snap`, and no origin
     /// write granted before it is still in flight.
     NewSnapshotAck { snap: SnapId },
-    /// Reconnecting snapshot client: the read locks it held on the old server.
-    UploadLocks { locks: Vec<HeldLock> },
+    /// Reconnecting snapshot client: the read locks (origin reads in flight) and write
+    /// leases (snapshot writes in flight) it held on the old server.
+    UploadLocks {
+        locks: Vec<HeldLock>,
+        leases: Vec<HeldLock>,
+    },
     /// Reconnecting client: locks uploaded and every unanswered request resent.
     ResendDone,
     /// Admin: create a snapshot of the origin as it is now.
@@ -131,9 +141,12 @@ pub enum ServerMsg {
     /// The read locks named by `FinishSnapshotRead` are released.
     FinishSnapshotReadOk,
     /// Where to write each chunk of a snapshot write (previous contents already there).
+    /// The client holds a write lease on them until `FinishSnapshotWrite`.
     SnapshotWriteOk {
         addrs: Vec<StoreAddr>,
     },
+    /// The write leases named by `FinishSnapshotWrite` are released.
+    FinishSnapshotWriteOk,
     /// Notice to origin clients: snapshot `snap` is being created. Drop every unique
     /// promise, wait for granted origin writes in flight, then send `NewSnapshotAck`.
     NewSnapshot {
@@ -203,7 +216,7 @@ pub enum ErrorCode {
     /// No space for a snapshot write (the store-full policy does not sacrifice snapshots
     /// for snapshot writes).
     StoreFull,
-    /// Releasing a read lock the client does not hold.
+    /// Releasing a read lock or write lease the client does not hold.
     NotLocked,
     /// The request is too large (too many chunks).
     TooLarge,

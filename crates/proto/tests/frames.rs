@@ -30,10 +30,18 @@ fn all_client_msgs() -> Vec<ClientMsg> {
             ranges: r.clone(),
         },
         ClientMsg::NewSnapshotAck { snap: SnapId(5) },
+        ClientMsg::FinishSnapshotWrite {
+            snap: SnapId(2),
+            ranges: r.clone(),
+        },
         ClientMsg::UploadLocks {
             locks: vec![HeldLock {
                 snap: SnapId(1),
                 range: r[0],
+            }],
+            leases: vec![HeldLock {
+                snap: SnapId(1),
+                range: r[1],
             }],
         },
         ClientMsg::ResendDone,
@@ -89,6 +97,7 @@ fn all_server_msgs() -> Vec<ServerMsg> {
                 store_chunk: 6,
             }],
         },
+        ServerMsg::FinishSnapshotWriteOk,
         ServerMsg::NewSnapshot { snap: SnapId(9) },
         ServerMsg::UploadLocksOk,
         ServerMsg::ResendDoneOk,
@@ -279,7 +288,7 @@ proptest! {
     /// body decoder, unlike purely random bytes).
     #[test]
     fn corrupted_frames_never_panic(
-        which in 0usize..14,
+        which in 0usize..16,
         flips in proptest::collection::vec((any::<usize>(), any::<u8>()), 1..6),
         cut in any::<usize>(),
     ) {

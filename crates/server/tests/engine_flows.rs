@@ -550,6 +550,7 @@ fn activation_gate_waits_for_every_listed_snapshot_client() {
                 snap,
                 range: ChunkRange::new(3, 1),
             }],
+            leases: vec![],
         },
     );
     assert_eq!(h.reply_to(a, u), Some(ServerMsg::UploadLocksOk));
@@ -584,7 +585,13 @@ fn activation_gate_waits_for_every_listed_snapshot_client() {
         h.reply_to(origin, w),
         Some(ServerMsg::OriginWriteOk { .. })
     ));
-    let u = h.send(a, ClientMsg::UploadLocks { locks: vec![] });
+    let u = h.send(
+        a,
+        ClientMsg::UploadLocks {
+            locks: vec![],
+            leases: vec![],
+        },
+    );
     assert_eq!(error_code(&h.reply_to(a, u)), Some(ErrorCode::BadRequest));
 }
 
@@ -750,4 +757,121 @@ fn a_failed_copy_stops_the_server() {
         error_code(&h.reply_to(origin, id)),
         Some(ErrorCode::Internal)
     );
+}
+
+#[test]
+fn chunks_under_a_write_lease_are_not_reclaimed_until_the_write_is_finished() {
+    let mut h = Harness::new(config(), 16, 16);
+    let (_origin, admin, snaps) = origin_and_snapshots(&mut h, 1);
+    let s = snaps[0];
+    let writer = h.connect(10, ClientKind::Snapshot { snap: s }, false);
+    let w = h.send(
+        writer,
+        ClientMsg::SnapshotWrite {
+            snap: s,
+            ranges: range(4, 1),
+        },
+    );
+    h.settle();
+    assert!(matches!(
+        h.reply_to(writer, w),
+        Some(ServerMsg::SnapshotWriteOk { .. })
+    ));
+    let d = h.send(
+        admin,
+        ClientMsg::DeleteSnapshot {
+            snap: SnapRef::Id(s),
+        },
+    );
+    h.settle();
+    assert_eq!(
+        h.reply_to(admin, d),
+        Some(ServerMsg::SnapshotDeleted { snap: s })
+    );
+    for t in 0..10 {
+        h.handle(Event::Tick { now: 2_000 + t });
+        h.settle();
+    }
+    assert_eq!(
+        h.engine.store_mut().stats().unwrap().free_chunks,
+        15,
+        "the leased chunk is not reclaimed while the client may still write it"
+    );
+    let f = h.send(
+        writer,
+        ClientMsg::FinishSnapshotWrite {
+            snap: s,
+            ranges: range(4, 1),
+        },
+    );
+    assert_eq!(
+        h.reply_to(writer, f),
+        Some(ServerMsg::FinishSnapshotWriteOk)
+    );
+    for t in 10..20 {
+        h.handle(Event::Tick { now: 2_000 + t });
+        h.settle();
+    }
+    assert_eq!(h.engine.store_mut().stats().unwrap().free_chunks, 16);
+    let f = h.send(
+        writer,
+        ClientMsg::FinishSnapshotWrite {
+            snap: s,
+            ranges: range(4, 1),
+        },
+    );
+    assert_eq!(
+        error_code(&h.reply_to(writer, f)),
+        Some(ErrorCode::NotLocked)
+    );
+}
+
+#[test]
+fn chunks_freed_by_an_uncommitted_delete_are_not_reused_before_a_crash() {
+    let mut h = Harness::new(config(), 16, 16);
+    let (origin, admin, snaps) = origin_and_snapshots(&mut h, 1);
+    h.origin[0] = [1, 2];
+    let w = h.send(
+        origin,
+        ClientMsg::QueryWrite {
+            ranges: range(0, 1),
+        },
+    );
+    h.settle();
+    assert!(h.reply_to(origin, w).is_some());
+    h.origin[0] = [3, 4];
+    let b = h.create_snapshot(admin, "b", &[origin]);
+    // Delete the first snapshot, but crash before that is committed.
+    let d = h.send(
+        admin,
+        ClientMsg::DeleteSnapshot {
+            snap: SnapRef::Id(snaps[0]),
+        },
+    );
+    assert!(h.commit_pending);
+    h.handle(Event::Tick { now: 2_000 });
+    h.handle(Event::Tick { now: 2_001 });
+    // A copy-out for the second snapshot must not land on the chunk the delete freed.
+    let w = h.send(
+        origin,
+        ClientMsg::QueryWrite {
+            ranges: range(1, 1),
+        },
+    );
+    while h.run_one_copy() {}
+    assert!(h.reply_to(admin, d).is_none());
+    assert!(h.reply_to(origin, w).is_none());
+    h.failover(config());
+    let mut store = h.engine.store().clone();
+    match store.snapshot_chunk(snaps[0], 0).unwrap() {
+        SnapChunk::Store { store_chunk, .. } => {
+            assert_eq!(
+                h.store_data[store_chunk as usize],
+                [1, 2],
+                "revived snapshot intact"
+            )
+        }
+        other => panic!("expected the copy-out, got {other:?}"),
+    }
+    assert_eq!(store.snapshot_chunk(b, 0).unwrap(), SnapChunk::Origin);
 }

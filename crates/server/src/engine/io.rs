@@ -46,6 +46,15 @@ pub enum CopySource {
     Store { store_chunk: u64 },
 }
 
+/// Why a copy is made (for logs, metrics and tests).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CopyPurpose {
+    /// An origin chunk preserved for every snapshot that still shares it.
+    CopyOut,
+    /// A snapshot's chunk given its own exception before a snapshot write.
+    Unshare { snap: csnap_proto::SnapId },
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub enum LogLevel {
     Info,
@@ -66,6 +75,7 @@ pub enum Action {
         copy: CopyId,
         from: CopySource,
         to: u64,
+        purpose: CopyPurpose,
     },
     /// Run `MetaStore::commit` (through `Engine::store_mut`), then report
     /// [`Event::CommitDone`]. At most one is outstanding.

@@ -8,7 +8,8 @@
 //! for a read lock, an invalidation while a copy is in flight) correct by construction.
 
 use super::io::{
-    Action, ConnId, CopyId, CopySource, EngineConfig, Event, LogLevel, Requester, StoreFullPolicy,
+    Action, ConnId, CopyId, CopyPurpose, CopySource, EngineConfig, Event, LogLevel, Requester,
+    StoreFullPolicy,
 };
 use super::meta_store::{MetaStore, SnapChunk, StoreError, StoreStats};
 use csnap_proto::auth::{self, Nonce};
@@ -44,13 +45,17 @@ struct Conn {
     resend_done: bool,
     /// Read locks this connection holds: origin chunk -> count.
     held: BTreeMap<u64, u32>,
+    /// Write leases this (snapshot) connection holds: origin chunk -> count.
+    leases: BTreeMap<u64, u32>,
 }
 
 /// Read locks a snapshot client left behind when its connection dropped; kept until it
 /// reconnects and finishes resending, is declared gone, or the grace time passes.
 struct OrphanedLocks {
     client: ClientId,
+    snap: SnapId,
     held: BTreeMap<u64, u32>,
+    leases: BTreeMap<u64, u32>,
     since: u64,
 }
 
@@ -89,6 +94,9 @@ enum CopyStart {
     Started,
     /// No space until the next commit makes freed chunks reusable.
     AfterCommit,
+    /// No space until write leases on deleted or invalidated snapshots are released (their
+    /// chunks cannot be reclaimed while a client may still write there).
+    AfterLeases,
     /// The store is full and the policy sacrifices nothing for this allocation.
     Full,
     /// After invalidations, no live snapshot needs the origin copy-out any more.
@@ -98,6 +106,7 @@ enum CopyStart {
 enum Space {
     Retry,
     AfterCommit,
+    AfterLeases,
     NoVictim,
 }
 
@@ -140,6 +149,9 @@ pub struct Engine<S: MetaStore> {
     chunk_waiters: HashMap<u64, BTreeSet<WorkId>>,
     commit_waiters: BTreeSet<WorkId>,
     activation_waiters: BTreeSet<WorkId>,
+    lease_waiters: BTreeSet<WorkId>,
+    /// Write leases per snapshot (connections and orphans).
+    snap_leases: HashMap<SnapId, u32>,
 
     next_copy: CopyId,
     copies: HashMap<CopyId, CopyJob>,
@@ -198,6 +210,8 @@ impl<S: MetaStore> Engine<S> {
             chunk_waiters: HashMap::new(),
             commit_waiters: BTreeSet::new(),
             activation_waiters: BTreeSet::new(),
+            lease_waiters: BTreeSet::new(),
+            snap_leases: HashMap::new(),
             next_copy: 1,
             copies: HashMap::new(),
             origin_copies: HashMap::new(),
@@ -244,6 +258,11 @@ impl<S: MetaStore> Engine<S> {
 
     pub fn store(&self) -> &S {
         &self.store
+    }
+
+    /// Gives the store back (server shutdown, or a test simulating a crash).
+    pub fn into_store(self) -> S {
+        self.store
     }
 
     /// For the shell to run `commit` after [`Action::Commit`].
@@ -318,6 +337,7 @@ impl<S: MetaStore> Engine<S> {
                         kind: None,
                         resend_done: false,
                         held: BTreeMap::new(),
+                        leases: BTreeMap::new(),
                     },
                 );
                 Ok(())
@@ -645,6 +665,7 @@ impl<S: MetaStore> Engine<S> {
             for w in std::mem::take(&mut self.activation_waiters) {
                 self.evaluate(w)?;
             }
+            self.wake_lease_waiters()?;
         }
         Ok(())
     }
@@ -663,27 +684,39 @@ impl<S: MetaStore> Engine<S> {
         };
         self.works.retain(|_, w| w.who.conn != conn);
         let mut to_wake = Vec::new();
+        let mut leases_released = false;
         match (c.client, c.kind) {
-            (Some(client), Some(ClientKind::Snapshot { .. })) if !c.held.is_empty() => {
-                // Its reads may still be in flight: keep the locks until it comes back.
+            (Some(client), Some(ClientKind::Snapshot { snap }))
+                if !c.held.is_empty() || !c.leases.is_empty() =>
+            {
+                // Its reads and writes may still be in flight: keep the locks and leases
+                // until it comes back.
                 self.log(
                     LogLevel::Warn,
                     format!(
-                        "snapshot client {client} disconnected holding {} read lock(s); kept until it reconnects or is declared gone",
-                        c.held.values().sum::<u32>()
+                        "snapshot client {client} disconnected holding {} read lock(s) and {} write lease(s); kept until it reconnects or is declared gone",
+                        c.held.values().sum::<u32>(),
+                        c.leases.values().sum::<u32>()
                     ),
                 );
                 self.orphans.push(OrphanedLocks {
                     client,
+                    snap,
                     held: c.held,
+                    leases: c.leases,
                     since: self.now,
                 });
             }
-            _ => {
+            (_, kind) => {
                 for (chunk, n) in c.held {
                     if self.unlock(chunk, n) {
                         to_wake.push(chunk);
                     }
+                }
+                if let Some(ClientKind::Snapshot { snap }) = kind {
+                    let n: u32 = c.leases.values().sum();
+                    leases_released = n > 0;
+                    self.release_leases(snap, n);
                 }
             }
         }
@@ -697,6 +730,9 @@ impl<S: MetaStore> Engine<S> {
         for chunk in to_wake {
             self.wake_chunk(chunk)?;
         }
+        if leases_released {
+            self.wake_lease_waiters()?;
+        }
         Ok(())
     }
 
@@ -706,15 +742,22 @@ impl<S: MetaStore> Engine<S> {
             .partition(|o| which(o));
         self.orphans = kept;
         let mut to_wake = Vec::new();
+        let mut leases_released = false;
         for o in gone {
             for (chunk, n) in o.held {
                 if self.unlock(chunk, n) {
                     to_wake.push(chunk);
                 }
             }
+            let n: u32 = o.leases.values().sum();
+            leases_released |= n > 0;
+            self.release_leases(o.snap, n);
         }
         for chunk in to_wake {
             self.wake_chunk(chunk)?;
+        }
+        if leases_released {
+            self.wake_lease_waiters()?;
         }
         Ok(())
     }
@@ -757,6 +800,44 @@ impl<S: MetaStore> Engine<S> {
         }
     }
 
+    fn release_leases(&mut self, snap: SnapId, n: u32) {
+        if let Some(count) = self.snap_leases.get_mut(&snap) {
+            *count = count.saturating_sub(n);
+            if *count == 0 {
+                self.snap_leases.remove(&snap);
+            }
+        }
+    }
+
+    fn wake_lease_waiters(&mut self) -> Result<(), StoreError> {
+        if !self.reclaim_blocked()? {
+            for w in std::mem::take(&mut self.lease_waiters) {
+                self.evaluate(w)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Reclaim must wait while a client may still write into chunks it would free: before
+    /// activation (leases not yet uploaded) and while a deleted or invalidated snapshot has
+    /// write leases.
+    fn reclaim_blocked(&mut self) -> Result<bool, StoreError> {
+        if !self.awaited.is_empty() {
+            return Ok(true);
+        }
+        let leased: Vec<SnapId> = self.snap_leases.keys().copied().collect();
+        for snap in leased {
+            match self.store.snapshot(snap)? {
+                Some(SnapshotInfo {
+                    state: SnapshotState::Live,
+                    ..
+                }) => {}
+                _ => return Ok(true),
+            }
+        }
+        Ok(false)
+    }
+
     // ---- requests ----
 
     fn session_of(&self, conn: ConnId) -> Option<(ClientId, ClientKind)> {
@@ -791,6 +872,12 @@ impl<S: MetaStore> Engine<S> {
                     Err(r) => Err(r),
                 }
             }
+            ClientMsg::FinishSnapshotWrite { snap, ranges } => {
+                match self.check_snapshot_kind("FinishSnapshotWrite", kind, snap) {
+                    Ok(()) => self.finish_write(who, snap, &ranges),
+                    Err(r) => Err(r),
+                }
+            }
             ClientMsg::NewSnapshotAck { snap } => {
                 if let Some(p) = self.pending_snaps.get_mut(&snap) {
                     p.awaiting.remove(&conn);
@@ -798,7 +885,9 @@ impl<S: MetaStore> Engine<S> {
                 }
                 Ok(())
             }
-            ClientMsg::UploadLocks { locks } => self.upload_locks(who, kind, &locks),
+            ClientMsg::UploadLocks { locks, leases } => {
+                self.upload_locks(who, kind, &locks, &leases)
+            }
             ClientMsg::ResendDone => {
                 if let Some(c) = self.conns.get_mut(&conn) {
                     c.resend_done = true;
@@ -963,11 +1052,44 @@ impl<S: MetaStore> Engine<S> {
         Ok(())
     }
 
+    fn finish_write(
+        &mut self,
+        who: Requester,
+        snap: SnapId,
+        ranges: &[ChunkRange],
+    ) -> Result<(), Reject> {
+        let chunks = self.request_chunks(ranges)?;
+        let Some(c) = self.conns.get_mut(&who.conn) else {
+            return Ok(());
+        };
+        if let Some(missing) = chunks.iter().find(|ch| !c.leases.contains_key(ch)) {
+            return Err(Reject(
+                ErrorCode::NotLocked,
+                format!("no write lease held on chunk {missing}"),
+            ));
+        }
+        for ch in &chunks {
+            if let Some(n) = c.leases.get_mut(ch) {
+                *n -= 1;
+                if *n == 0 {
+                    c.leases.remove(ch);
+                }
+            }
+        }
+        self.release_leases(snap, chunks.len() as u32);
+        self.reply(who.conn, who.id, ServerMsg::FinishSnapshotWriteOk);
+        if let Err(e) = self.wake_lease_waiters() {
+            self.fail(format!("snapshot store failed: {e}"));
+        }
+        Ok(())
+    }
+
     fn upload_locks(
         &mut self,
         who: Requester,
         kind: ClientKind,
         locks: &[HeldLock],
+        leases: &[HeldLock],
     ) -> Result<(), Reject> {
         let ClientKind::Snapshot { snap: mine } = kind else {
             return Err(wrong_kind("UploadLocks", kind));
@@ -978,24 +1100,35 @@ impl<S: MetaStore> Engine<S> {
                 "UploadLocks after ResendDone".into(),
             ));
         }
-        let mut chunks = Vec::new();
-        for l in locks {
-            if l.snap != mine {
-                return Err(Reject(
-                    ErrorCode::WrongClientKind,
-                    format!(
-                        "lock for snapshot {} on a connection for snapshot {mine}",
-                        l.snap
-                    ),
-                ));
+        let mut lock_chunks = Vec::new();
+        let mut lease_chunks = Vec::new();
+        for (list, out) in [(locks, &mut lock_chunks), (leases, &mut lease_chunks)] {
+            for l in list {
+                if l.snap != mine {
+                    return Err(Reject(
+                        ErrorCode::WrongClientKind,
+                        format!(
+                            "lock or lease for snapshot {} on a connection for snapshot {mine}",
+                            l.snap
+                        ),
+                    ));
+                }
+                out.extend(self.request_chunks(std::slice::from_ref(&l.range))?);
             }
-            chunks.extend(self.request_chunks(std::slice::from_ref(&l.range))?);
         }
-        for ch in chunks {
+        for ch in lock_chunks {
             self.lock(ch);
             if let Some(c) = self.conns.get_mut(&who.conn) {
                 *c.held.entry(ch).or_insert(0) += 1;
             }
+        }
+        for &ch in &lease_chunks {
+            if let Some(c) = self.conns.get_mut(&who.conn) {
+                *c.leases.entry(ch).or_insert(0) += 1;
+            }
+        }
+        if !lease_chunks.is_empty() {
+            *self.snap_leases.entry(mine).or_insert(0) += lease_chunks.len() as u32;
         }
         self.reply(who.conn, who.id, ServerMsg::UploadLocksOk);
         Ok(())
@@ -1051,6 +1184,11 @@ impl<S: MetaStore> Engine<S> {
                     }
                     CopyStart::AfterCommit => {
                         self.wait_commit(w);
+                        blocked = true;
+                        continue;
+                    }
+                    CopyStart::AfterLeases => {
+                        self.lease_waiters.insert(w);
                         blocked = true;
                         continue;
                     }
@@ -1211,6 +1349,9 @@ impl<S: MetaStore> Engine<S> {
             match self.start_copy(kind, from)? {
                 CopyStart::Started => self.wait_chunk(c, w),
                 CopyStart::AfterCommit => self.wait_commit(w),
+                CopyStart::AfterLeases => {
+                    self.lease_waiters.insert(w);
+                }
                 CopyStart::Full | CopyStart::NotNeeded => {
                     self.reject_work(
                         w,
@@ -1227,6 +1368,14 @@ impl<S: MetaStore> Engine<S> {
             }
         }
         if !blocked {
+            if let Some(conn) = self.works.get(&w).map(|x| x.who.conn) {
+                if let Some(c) = self.conns.get_mut(&conn) {
+                    for a in &addrs {
+                        *c.leases.entry(a.chunk).or_insert(0) += 1;
+                    }
+                }
+                *self.snap_leases.entry(snap).or_insert(0) += addrs.len() as u32;
+            }
             self.finish_work(w, ServerMsg::SnapshotWriteOk { addrs });
         }
         Ok(())
@@ -1250,6 +1399,7 @@ impl<S: MetaStore> Engine<S> {
                 Err(StoreError::Full) => match self.make_space(rule)? {
                     Space::Retry => continue,
                     Space::AfterCommit => return Ok(CopyStart::AfterCommit),
+                    Space::AfterLeases => return Ok(CopyStart::AfterLeases),
                     Space::NoVictim => {
                         return Ok(match rule {
                             VictimRule::SharingOrigin(_) => CopyStart::NotNeeded,
@@ -1262,9 +1412,10 @@ impl<S: MetaStore> Engine<S> {
         };
         let copy = self.next_copy;
         self.next_copy += 1;
-        match kind {
+        let purpose = match kind {
             CopyKind::OriginCopyOut { chunk } => {
                 self.origin_copies.insert(chunk, copy);
+                CopyPurpose::CopyOut
             }
             CopyKind::Unshare {
                 snap,
@@ -1275,10 +1426,16 @@ impl<S: MetaStore> Engine<S> {
                 if locked {
                     self.lock(chunk);
                 }
+                CopyPurpose::Unshare { snap }
             }
-        }
+        };
         self.copies.insert(copy, CopyJob { kind, to });
-        self.actions.push_back(Action::Copy { copy, from, to });
+        self.actions.push_back(Action::Copy {
+            copy,
+            from,
+            to,
+            purpose,
+        });
         Ok(CopyStart::Started)
     }
 
@@ -1288,6 +1445,9 @@ impl<S: MetaStore> Engine<S> {
         if self.free_gen > self.committed_gen {
             self.commit_wanted = true;
             return Ok(Space::AfterCommit);
+        }
+        if self.reclaim_blocked()? {
+            return Ok(Space::AfterLeases);
         }
         if self.reclaim_for_space()? {
             return Ok(Space::AfterCommit);
@@ -1317,6 +1477,9 @@ impl<S: MetaStore> Engine<S> {
                 LogLevel::Error,
                 format!("SNAPSHOT STORE FULL: snapshot {victim} invalidated to keep origin writes going ({reason})"),
             );
+            if self.reclaim_blocked()? {
+                return Ok(Space::AfterLeases);
+            }
             if self.reclaim_for_space()? {
                 return Ok(Space::AfterCommit);
             }
@@ -1350,7 +1513,7 @@ impl<S: MetaStore> Engine<S> {
     }
 
     fn background_reclaim(&mut self) -> Result<(), StoreError> {
-        if self.reclaiming {
+        if self.reclaiming && !self.reclaim_blocked()? {
             let p = self.store.reclaim_step(self.cfg.reclaim_budget)?;
             if p.freed_chunks > 0 {
                 self.free_gen = self.touch();

@@ -235,6 +235,15 @@ impl MemStore {
         self.state.free.extend(reserved);
     }
 
+    /// Every snapshot's state, deleting ones included (for tests).
+    pub fn states(&self) -> Vec<(SnapId, SnapshotState)> {
+        self.state
+            .snapshots
+            .iter()
+            .map(|(id, r)| (*id, r.state.clone()))
+            .collect()
+    }
+
     /// All exceptions of a chunk, in record order (for tests and checks).
     pub fn exceptions(&self, chunk: u64) -> Vec<Exception> {
         self.state

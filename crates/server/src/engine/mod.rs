@@ -9,7 +9,9 @@ mod io;
 mod machine;
 pub mod meta_store;
 
-pub use io::{Action, ConnId, CopyId, CopySource, EngineConfig, Event, LogLevel, StoreFullPolicy};
+pub use io::{
+    Action, ConnId, CopyId, CopyPurpose, CopySource, EngineConfig, Event, LogLevel, StoreFullPolicy,
+};
 pub use machine::Engine;
 pub use meta_store::{
     Exception, MemStore, MetaStore, ReclaimProgress, SnapChunk, StoreError, StoreStats,

@@ -20,12 +20,16 @@ pub struct Harness {
     pub store_data: Vec<Data>,
     pub inbox: HashMap<ConnId, VecDeque<ServerFrame>>,
     pub copies: VecDeque<(CopyId, CopySource, u64)>,
+    /// Origin copy-outs emitted, per origin chunk.
+    pub copy_outs: HashMap<u64, u32>,
     pub commit_pending: bool,
     pub closed: BTreeSet<ConnId>,
     pub logs: Vec<(LogLevel, String)>,
     pub fatal: Option<String>,
     /// Every copy the engine asked for, in order.
     pub copy_log: Vec<(CopySource, u64)>,
+    /// Every frame sent, in order (drained by tests that check each one).
+    pub sent: Vec<(ConnId, ServerFrame)>,
     /// Order of notable outputs, for ordering assertions.
     pub trace: Vec<String>,
     next_conn: ConnId,
@@ -55,11 +59,13 @@ impl Harness {
             store_data: vec![[u64::MAX, u64::MAX]; stats.store_chunks as usize],
             inbox: HashMap::new(),
             copies: VecDeque::new(),
+            copy_outs: HashMap::new(),
             commit_pending: false,
             closed: BTreeSet::new(),
             logs: Vec::new(),
             fatal: None,
             copy_log: Vec::new(),
+            sent: Vec::new(),
             trace: Vec::new(),
             next_conn: 1,
             next_id: 1,
@@ -75,14 +81,23 @@ impl Harness {
                 Action::Send { conn, frame } => {
                     self.trace
                         .push(format!("send {conn} {:?}", short(&frame.msg)));
+                    self.sent.push((conn, frame.clone()));
                     self.inbox.entry(conn).or_default().push_back(frame);
                 }
                 Action::Close { conn } => {
                     self.trace.push(format!("close {conn}"));
                     self.closed.insert(conn);
                 }
-                Action::Copy { copy, from, to } => {
+                Action::Copy {
+                    copy,
+                    from,
+                    to,
+                    purpose,
+                } => {
                     self.trace.push(format!("copy {from:?} -> {to}"));
+                    if let (CopyPurpose::CopyOut, CopySource::Origin { chunk }) = (purpose, from) {
+                        *self.copy_outs.entry(chunk).or_insert(0) += 1;
+                    }
                     self.copy_log.push((from, to));
                     self.copies.push_back((copy, from, to));
                 }
@@ -97,6 +112,21 @@ impl Harness {
         }
     }
 
+    /// Server crash and failover: everything not committed is lost, copies in flight and
+    /// unsent or undelivered frames vanish, and a new engine starts on the recovered store
+    /// with the given activation list.
+    pub fn failover(&mut self, cfg: EngineConfig) {
+        let placeholder = Engine::new(MemStore::new(4096, 1, 1), config()).unwrap();
+        let mut store = std::mem::replace(&mut self.engine, placeholder).into_store();
+        store.crash();
+        self.engine = Engine::new(store, cfg).unwrap();
+        self.copies.clear();
+        self.commit_pending = false;
+        self.inbox.clear();
+        self.closed.clear();
+        self.pump();
+    }
+
     pub fn handle(&mut self, ev: Event) {
         self.engine.handle(ev);
         self.pump();
@@ -104,7 +134,12 @@ impl Harness {
 
     /// Performs the oldest queued copy on the simulated devices and reports it done.
     pub fn run_one_copy(&mut self) -> bool {
-        let Some((copy, from, to)) = self.copies.pop_front() else {
+        self.run_copy_at(0)
+    }
+
+    /// Performs the queued copy at `index` (copies may finish in any order).
+    pub fn run_copy_at(&mut self, index: usize) -> bool {
+        let Some((copy, from, to)) = self.copies.remove(index) else {
             return false;
         };
         self.store_data[to as usize] = match from {
