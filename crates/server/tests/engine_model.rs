@@ -86,9 +86,9 @@ impl SnapClient {
     }
 }
 
-struct Sim {
+struct Sim<S: TestStore> {
     rng: StdRng,
-    h: Harness,
+    h: Harness<S>,
     cfg: EngineConfig,
     chunks: u64,
     origins: Vec<OriginClient>,
@@ -111,8 +111,8 @@ struct Sim {
     full_store: bool,
 }
 
-impl Sim {
-    fn new(seed: u64) -> Sim {
+impl<S: TestStore> Sim<S> {
+    fn new(seed: u64, make_store: &MakeStore<S>) -> Sim<S> {
         let mut rng = StdRng::seed_from_u64(seed);
         let chunks = rng.gen_range(3..10);
         let full_store = rng.gen_bool(0.3);
@@ -132,7 +132,7 @@ impl Sim {
             promise_unique: rng.gen_bool(0.8),
             ..config()
         };
-        let mut h = Harness::new(cfg.clone(), chunks, store_chunks);
+        let mut h = Harness::with_store(cfg.clone(), make_store(chunks, store_chunks));
         let admin = h.admin();
         let n_origins = rng.gen_range(1..4);
         let mut sim = Sim {
@@ -173,17 +173,17 @@ impl Sim {
         self.next_value
     }
 
-    fn store_state(&self, snap: SnapId) -> Option<SnapshotState> {
+    fn store_state(&mut self, snap: SnapId) -> Option<SnapshotState> {
         self.h
             .engine
-            .store()
-            .states()
+            .store_mut()
+            .snapshot_states()
             .into_iter()
             .find(|(id, _)| *id == snap)
             .map(|(_, s)| s)
     }
 
-    fn snapshot_checkable(&self, snap: SnapId) -> bool {
+    fn snapshot_checkable(&mut self, snap: SnapId) -> bool {
         self.model.get(&snap).is_some_and(|m| m.live && !m.deleted)
             && self.store_state(snap) == Some(SnapshotState::Live)
     }
@@ -518,24 +518,7 @@ impl Sim {
             .iter()
             .map(|d| [BTreeSet::from([d[0]]), BTreeSet::from([d[1]])])
             .collect();
-        let snap = SnapId(
-            self.h
-                .engine
-                .store()
-                .states()
-                .last()
-                .map(|(id, _)| id.0 + 1)
-                .unwrap_or(1),
-        );
         self.creates += 1;
-        self.model.insert(
-            snap,
-            ModelSnap {
-                view,
-                live: false,
-                deleted: false,
-            },
-        );
         self.h.handle(Event::ClientRequest {
             conn: self.admin,
             frame: ClientFrame {
@@ -543,9 +526,24 @@ impl Sim {
                 msg: ClientMsg::CreateSnapshot { name },
             },
         });
-        assert_eq!(
-            self.h.engine.store().states().last().map(|(id, _)| *id),
-            Some(snap)
+        // Ids grow with creation order: the newest is the one just created.
+        let snap = self
+            .h
+            .engine
+            .store_mut()
+            .snapshot_states()
+            .iter()
+            .map(|(id, _)| *id)
+            .max()
+            .expect("the snapshot was created");
+        assert!(!self.model.contains_key(&snap), "snapshot id {snap} reused");
+        self.model.insert(
+            snap,
+            ModelSnap {
+                view,
+                live: false,
+                deleted: false,
+            },
         );
         self.audit();
         self.admin_creates.insert(id, snap);
@@ -749,8 +747,13 @@ impl Sim {
         self.h.failover(cfg);
         self.h.sent.clear();
         // Reconcile the model with what the store kept.
-        let states: BTreeMap<SnapId, SnapshotState> =
-            self.h.engine.store().states().into_iter().collect();
+        let states: BTreeMap<SnapId, SnapshotState> = self
+            .h
+            .engine
+            .store_mut()
+            .snapshot_states()
+            .into_iter()
+            .collect();
         self.model.retain(|id, _| states.contains_key(id));
         for (id, m) in self.model.iter_mut() {
             m.live = true;
@@ -947,14 +950,15 @@ impl Sim {
                 .map(|o| o.queries.keys().collect::<Vec<_>>())
                 .collect::<Vec<_>>()
         );
-        let mut store = self.h.engine.store().clone();
-        store.check().unwrap();
+        if let Err(e) = self.h.engine.store_mut().consistency() {
+            panic!("store inconsistent after the run: {e}");
+        }
         for snap in self.live_snapshots() {
             if !self.snapshot_checkable(snap) {
                 continue;
             }
             for c in 0..self.chunks {
-                let data = match store.snapshot_chunk(snap, c).unwrap() {
+                let data = match self.h.engine.store_mut().snapshot_chunk(snap, c).unwrap() {
                     SnapChunk::Origin => self.h.origin[c as usize],
                     SnapChunk::Store { store_chunk, .. } => self.h.store_data[store_chunk as usize],
                 };
@@ -1012,9 +1016,17 @@ impl Drop for SeedReport {
     }
 }
 
-fn run_case(seed: u64, steps: usize, allow_failover: bool) -> (u64, u64, u64) {
+/// A store factory: (origin chunks, store chunks) -> store.
+type MakeStore<S> = dyn Fn(u64, u64) -> S;
+
+fn run_case<S: TestStore>(
+    seed: u64,
+    steps: usize,
+    allow_failover: bool,
+    make_store: &MakeStore<S>,
+) -> (u64, u64, u64) {
     let _report = SeedReport(seed);
-    let mut sim = Sim::new(seed);
+    let mut sim = Sim::new(seed, make_store);
     for _ in 0..steps {
         sim.step(allow_failover);
     }
@@ -1023,10 +1035,27 @@ fn run_case(seed: u64, steps: usize, allow_failover: bool) -> (u64, u64, u64) {
 }
 
 fn cases(test: &str, count: u64, steps: usize, allow_failover: bool) {
+    run_cases(
+        test,
+        count,
+        steps,
+        allow_failover,
+        &|origin_chunks, store_chunks| MemStore::new(4096, origin_chunks, store_chunks),
+    );
+}
+
+/// Runs `count` random cases (or the one named by CSNAP_SEED) on stores from `make_store`.
+pub fn run_cases<S: TestStore>(
+    test: &str,
+    count: u64,
+    steps: usize,
+    allow_failover: bool,
+    make_store: &MakeStore<S>,
+) {
     if let Ok(s) = std::env::var("CSNAP_SEED") {
         let seed: u64 = s.parse().expect("CSNAP_SEED must be a u64");
         eprintln!("{test}: replaying seed {seed}");
-        run_case(seed, steps, allow_failover);
+        run_case(seed, steps, allow_failover, make_store);
         return;
     }
     let master = match std::env::var("CSNAP_MASTER_SEED") {
@@ -1039,7 +1068,7 @@ fn cases(test: &str, count: u64, steps: usize, allow_failover: bool) {
     let mut rng = StdRng::seed_from_u64(master);
     let (mut checks, mut grants, mut failovers) = (0, 0, 0);
     for _ in 0..count {
-        let (c, g, f) = run_case(rng.gen(), steps, allow_failover);
+        let (c, g, f) = run_case(rng.gen(), steps, allow_failover, make_store);
         checks += c;
         grants += g;
         failovers += f;

@@ -1,4 +1,4 @@
-//! Test harness for the request engine: an engine over a `MemStore`, plus a simulated data
+//! Test harness for the request engine: an engine over a `MemStore` (or any `TestStore`), plus a simulated data
 //! path (origin and store chunk contents) driven by the engine's Copy actions, and helpers
 //! that speak the protocol as a client would.
 #![allow(dead_code)]
@@ -14,8 +14,38 @@ pub const KEY: &[u8] = b"cluster key for tests";
 /// preserve the other half) are visible.
 pub type Data = [u64; 2];
 
-pub struct Harness {
-    pub engine: Engine<MemStore>,
+/// What the tests need from a store beyond `MetaStore`: crash and recovery, a consistency
+/// check, and every snapshot's state.
+pub trait TestStore: MetaStore + Sized {
+    /// Simulates a server crash and recovery: what was not committed is lost.
+    fn crash_and_recover(&mut self);
+    fn consistency(&mut self) -> Result<(), String>;
+    /// Every snapshot the store still knows, deleting ones included, in id order.
+    fn snapshot_states(&mut self) -> Vec<(SnapId, SnapshotState)>;
+    /// A throwaway store (stands in while the engine is replaced).
+    fn placeholder() -> Self;
+}
+
+impl TestStore for MemStore {
+    fn crash_and_recover(&mut self) {
+        self.crash();
+    }
+
+    fn consistency(&mut self) -> Result<(), String> {
+        self.check()
+    }
+
+    fn snapshot_states(&mut self) -> Vec<(SnapId, SnapshotState)> {
+        self.states()
+    }
+
+    fn placeholder() -> Self {
+        MemStore::new(4096, 1, 1)
+    }
+}
+
+pub struct Harness<S: TestStore = MemStore> {
+    pub engine: Engine<S>,
     pub origin: Vec<Data>,
     pub store_data: Vec<Data>,
     pub inbox: HashMap<ConnId, VecDeque<ServerFrame>>,
@@ -44,12 +74,14 @@ pub fn config() -> EngineConfig {
     }
 }
 
-impl Harness {
+impl Harness<MemStore> {
     pub fn new(cfg: EngineConfig, origin_chunks: u64, store_chunks: u64) -> Self {
         Self::with_store(cfg, MemStore::new(4096, origin_chunks, store_chunks))
     }
+}
 
-    pub fn with_store(cfg: EngineConfig, store: MemStore) -> Self {
+impl<S: TestStore> Harness<S> {
+    pub fn with_store(cfg: EngineConfig, store: S) -> Self {
         let mut s = store;
         let stats = s.stats().unwrap();
         let engine = Engine::new(s, cfg).unwrap();
@@ -116,9 +148,9 @@ impl Harness {
     /// unsent or undelivered frames vanish, and a new engine starts on the recovered store
     /// with the given activation list.
     pub fn failover(&mut self, cfg: EngineConfig) {
-        let placeholder = Engine::new(MemStore::new(4096, 1, 1), config()).unwrap();
+        let placeholder = Engine::new(S::placeholder(), config()).unwrap();
         let mut store = std::mem::replace(&mut self.engine, placeholder).into_store();
-        store.crash();
+        store.crash_and_recover();
         self.engine = Engine::new(store, cfg).unwrap();
         self.copies.clear();
         self.commit_pending = false;
