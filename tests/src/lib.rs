@@ -7,6 +7,7 @@
 //! [`cpg_glue::testkit::TestCluster`], so the behavioural suite that runs on the
 //! in-memory cluster runs on real corosync too. See docs/testing.md.
 
+pub mod bench;
 pub mod cluster;
 pub mod cmd;
 pub mod conf;

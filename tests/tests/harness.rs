@@ -169,3 +169,48 @@ async fn harness_forms_partitions_heals_restarts_and_cleans_up() {
     }
     assert!(!dir.exists(), "{} left behind", dir.display());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn eight_nodes_form_and_split_into_arbitrary_sides() {
+    let Some(cluster) = Cluster::start_or_skip("eight nodes", ClusterConfig::new(8)).await else {
+        return;
+    };
+    let views = cluster.wait_converged().await.unwrap();
+    let all: Vec<u32> = (1..=8).collect();
+    for node in 1..=8 {
+        assert_view(&views, node, &all, true);
+    }
+
+    // 5 | 2 | 1 (node 8 named nowhere, so alone): only the 5-node side has a majority.
+    cluster
+        .partition(&[ids(&[1, 3, 5, 6, 7]), ids(&[2, 4])])
+        .await
+        .unwrap();
+    let views = cluster.wait_converged().await.unwrap();
+    for node in [1, 3, 5, 6, 7] {
+        assert_view(&views, node, &[1, 3, 5, 6, 7], true);
+    }
+    for node in [2, 4] {
+        assert_view(&views, node, &[2, 4], false);
+    }
+    assert_view(&views, 8, &[8], false);
+
+    // 4 | 4: a tie, nobody is quorate.
+    cluster
+        .partition(&[ids(&[1, 2, 3, 4]), ids(&[5, 6, 7, 8])])
+        .await
+        .unwrap();
+    let views = cluster.wait_converged().await.unwrap();
+    for node in 1..=4 {
+        assert_view(&views, node, &[1, 2, 3, 4], false);
+    }
+    for node in 5..=8 {
+        assert_view(&views, node, &[5, 6, 7, 8], false);
+    }
+
+    cluster.heal().await.unwrap();
+    let views = cluster.wait_converged().await.unwrap();
+    for node in 1..=8 {
+        assert_view(&views, node, &all, true);
+    }
+}
