@@ -170,3 +170,173 @@ fn hostile_request_streams_never_panic_or_stop_the_server() {
         h.engine.store().check().unwrap();
     }
 }
+
+/// A MemStore whose every operation fails with an I/O error once `budget` operations ran.
+struct FailingStore {
+    inner: MemStore,
+    budget: u64,
+}
+
+impl FailingStore {
+    fn tick(&mut self) -> Result<(), StoreError> {
+        if self.budget == 0 {
+            return Err(StoreError::Io(std::io::Error::other(
+                "injected EIO on the metadata device",
+            )));
+        }
+        self.budget -= 1;
+        Ok(())
+    }
+}
+
+impl MetaStore for FailingStore {
+    fn stats(&mut self) -> Result<StoreStats, StoreError> {
+        self.tick()?;
+        self.inner.stats()
+    }
+    fn create_snapshot(&mut self, name: &str, ctime: u64) -> Result<SnapshotInfo, StoreError> {
+        self.tick()?;
+        self.inner.create_snapshot(name, ctime)
+    }
+    fn delete_snapshot(&mut self, id: SnapId) -> Result<(), StoreError> {
+        self.tick()?;
+        self.inner.delete_snapshot(id)
+    }
+    fn invalidate_snapshot(&mut self, id: SnapId, reason: &str) -> Result<(), StoreError> {
+        self.tick()?;
+        self.inner.invalidate_snapshot(id, reason)
+    }
+    fn list_snapshots(&mut self) -> Result<Vec<SnapshotInfo>, StoreError> {
+        self.tick()?;
+        self.inner.list_snapshots()
+    }
+    fn snapshot(&mut self, id: SnapId) -> Result<Option<SnapshotInfo>, StoreError> {
+        self.tick()?;
+        self.inner.snapshot(id)
+    }
+    fn snapshot_by_name(&mut self, name: &str) -> Result<Option<SnapshotInfo>, StoreError> {
+        self.tick()?;
+        self.inner.snapshot_by_name(name)
+    }
+    fn oldest_sharing_origin(&mut self, chunk: u64) -> Result<Option<SnapId>, StoreError> {
+        self.tick()?;
+        self.inner.oldest_sharing_origin(chunk)
+    }
+    fn reserve_chunk(&mut self) -> Result<u64, StoreError> {
+        self.tick()?;
+        self.inner.reserve_chunk()
+    }
+    fn release_chunk(&mut self, store_chunk: u64) -> Result<(), StoreError> {
+        self.tick()?;
+        self.inner.release_chunk(store_chunk)
+    }
+    fn record_copy_out(&mut self, chunk: u64, store_chunk: u64) -> Result<bool, StoreError> {
+        self.tick()?;
+        self.inner.record_copy_out(chunk, store_chunk)
+    }
+    fn snapshot_chunk(&mut self, id: SnapId, chunk: u64) -> Result<SnapChunk, StoreError> {
+        self.tick()?;
+        self.inner.snapshot_chunk(id, chunk)
+    }
+    fn record_snapshot_exception(
+        &mut self,
+        id: SnapId,
+        chunk: u64,
+        store_chunk: u64,
+    ) -> Result<(), StoreError> {
+        self.tick()?;
+        self.inner.record_snapshot_exception(id, chunk, store_chunk)
+    }
+    fn reclaim_step(&mut self, budget: usize) -> Result<ReclaimProgress, StoreError> {
+        self.tick()?;
+        self.inner.reclaim_step(budget)
+    }
+    fn commit(&mut self) -> Result<(), StoreError> {
+        self.tick()?;
+        self.inner.commit()
+    }
+}
+
+#[test]
+fn a_store_error_at_any_point_stops_the_engine_cleanly() {
+    for budget in 1..80 {
+        let store = FailingStore {
+            inner: MemStore::new(4096, 8, 8),
+            budget,
+        };
+        let Ok(mut engine) = Engine::new(store, config()) else {
+            continue;
+        };
+        let mut fatal = None;
+        let mut step = |engine: &mut Engine<FailingStore>, ev: Event| {
+            engine.handle(ev);
+            while let Some(a) = engine.poll_action() {
+                match a {
+                    Action::Fatal { reason } => fatal = Some(reason),
+                    Action::Commit => {
+                        let result = engine.store_mut().commit().map_err(|e| e.to_string());
+                        engine.handle(Event::CommitDone { result });
+                    }
+                    Action::Copy { copy, .. } => engine.handle(Event::CopyDone {
+                        copy,
+                        result: Ok(()),
+                    }),
+                    _ => {}
+                }
+            }
+        };
+        let req = |id, msg| Event::ClientRequest {
+            conn: 1,
+            frame: ClientFrame { id, msg },
+        };
+        // An admin session, authenticated with real proofs, then work that touches the store.
+        step(
+            &mut engine,
+            Event::ClientConnected {
+                conn: 1,
+                server_nonce: [1; 32],
+            },
+        );
+        step(
+            &mut engine,
+            req(
+                1,
+                ClientMsg::Hello {
+                    protocol_version: u32::from(PROTOCOL_VERSION),
+                    client: ClientId(5),
+                    node: 1,
+                    kind: ClientKind::Admin,
+                    client_nonce: [2; 32],
+                    resuming: false,
+                },
+            ),
+        );
+        let proof = csnap_proto::auth::client_proof(KEY, ClientId(5), &[2; 32], &[1; 32]);
+        step(&mut engine, req(2, ClientMsg::AuthResponse { proof }));
+        for i in 0..10 {
+            step(
+                &mut engine,
+                req(
+                    10 + i,
+                    ClientMsg::CreateSnapshot {
+                        name: format!("s{i}"),
+                    },
+                ),
+            );
+            step(&mut engine, req(30 + i, ClientMsg::ListSnapshots));
+            step(
+                &mut engine,
+                req(
+                    50 + i,
+                    ClientMsg::DeleteSnapshot {
+                        snap: SnapRef::Name(format!("s{i}")),
+                    },
+                ),
+            );
+            step(&mut engine, Event::Tick { now: 5_000 + i });
+        }
+        let reason = fatal.unwrap_or_else(|| panic!("budget {budget}: no fatal action"));
+        assert!(reason.contains("injected EIO"), "{reason}");
+        assert!(engine.has_failed());
+    }
+}

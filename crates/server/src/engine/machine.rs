@@ -311,6 +311,9 @@ impl<S: MetaStore> Engine<S> {
         }
         let is_request = matches!(event, Event::ClientRequest { .. } | Event::Tick { .. });
         let result = self.dispatch(event);
+        if self.failed {
+            return;
+        }
         let result = result.and_then(|()| {
             if is_request {
                 self.background_reclaim()
@@ -396,6 +399,9 @@ impl<S: MetaStore> Engine<S> {
     }
 
     fn fail(&mut self, reason: String) {
+        if self.failed {
+            return;
+        }
         self.failed = true;
         self.log(LogLevel::Error, reason.clone());
         self.actions.push_back(Action::Fatal { reason });
