@@ -1,3 +1,5 @@
 //! csnap client library and NBD server.
 
+pub mod client;
+pub mod export;
 pub mod nbd;

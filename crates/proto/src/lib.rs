@@ -3,11 +3,13 @@
 //! * [`frame`]: length-prefixed, versioned MessagePack frames; [`decode_frame`] never panics.
 //! * [`msg`]: the messages ([`ClientFrame`], [`ServerFrame`]).
 //! * [`auth`]: mutual HMAC-SHA256 challenge/response with the cluster key.
+//! * [`control`]: the local control socket between `csnapctl` and the agent.
 //! * [`types`]: snapshot ids, infos, chunk ranges, shared with the server's store.
 //!
 //! docs/wire-protocol.md describes the protocol and its flows.
 
 pub mod auth;
+pub mod control;
 pub mod frame;
 pub mod msg;
 pub mod types;

@@ -1,0 +1,449 @@
+//! The I/O shell around one [`Session`]: a task that owns the socket, connects and
+//! reconnects (with backoff) for as long as the handle lives, and routes answers back to the
+//! callers. Many requests are in flight at once; each is answered through its own channel.
+
+use std::collections::HashMap;
+use std::io;
+use std::sync::Arc;
+use std::time::Duration;
+
+use csnap_proto::{
+    decode_frame, encode_frame, ChunkRange, ClientId, ClientKind, ClientMsg, Decoded, ErrorCode,
+    RequestId, ServerFrame, ServerMsg,
+};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpStream, UnixStream};
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::task::JoinHandle;
+
+use super::cache::{OriginTracker, WriteGuard};
+use super::session::{Output, Session};
+use super::ClientError;
+use crate::nbd::ListenAddr;
+
+/// How to reach and prove ourselves to the server.
+#[derive(Clone, Debug)]
+pub struct ConnConfig {
+    pub server: ListenAddr,
+    pub key: Vec<u8>,
+    pub client: ClientId,
+    pub node: u32,
+    pub kind: ClientKind,
+    /// First reconnect delay; doubles up to `retry_max`.
+    pub retry_min: Duration,
+    pub retry_max: Duration,
+    /// A connection attempt (TCP connect) gives up after this long.
+    pub connect_timeout: Duration,
+}
+
+/// What the server told us when the session opened.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SessionInfo {
+    pub chunk_size: u32,
+    pub origin_chunks: u64,
+    /// How many times a session was established (1 = first connection).
+    pub sessions: u64,
+}
+
+/// The answer to a request. `grant` is set for `OriginWriteOk` on an origin connection:
+/// hold it until the origin data write is done.
+#[derive(Debug)]
+pub struct Reply {
+    pub msg: ServerMsg,
+    pub grant: Option<WriteGuard>,
+}
+
+type Answer = oneshot::Sender<Result<Reply, ClientError>>;
+
+enum Cmd {
+    Request(ClientMsg, Answer),
+    Shutdown,
+}
+
+/// A metadata connection to the server that survives server loss.
+#[derive(Debug)]
+pub struct MetaConnection {
+    cmds: mpsc::UnboundedSender<Cmd>,
+    info: watch::Receiver<Option<SessionInfo>>,
+    refused: watch::Receiver<Option<String>>,
+    task: std::sync::Mutex<Option<JoinHandle<()>>>,
+    kind: ClientKind,
+}
+
+impl MetaConnection {
+    /// Starts the connection task. `tracker` is given for origin connections: grants and
+    /// `NewSnapshot` notices go through it.
+    pub fn start(cfg: ConnConfig, tracker: Option<Arc<OriginTracker>>) -> MetaConnection {
+        let (cmds, rx) = mpsc::unbounded_channel();
+        let (info_tx, info) = watch::channel(None);
+        let (refused_tx, refused) = watch::channel(None);
+        let kind = cfg.kind;
+        let shell = Shell {
+            session: Session::new(cfg.client, cfg.node, cfg.kind, cfg.key.clone()),
+            cfg,
+            tracker,
+            waiting: HashMap::new(),
+            info_tx,
+            refused_tx,
+            sessions: 0,
+        };
+        let task = tokio::spawn(shell.run(rx));
+        MetaConnection {
+            cmds,
+            info,
+            refused,
+            task: std::sync::Mutex::new(Some(task)),
+            kind,
+        }
+    }
+
+    pub fn kind(&self) -> ClientKind {
+        self.kind
+    }
+
+    /// Waits until a session is open (or the server refused us), at most `timeout`.
+    pub async fn wait_established(&self, timeout: Duration) -> Result<SessionInfo, ClientError> {
+        let mut info = self.info.clone();
+        let mut refused = self.refused.clone();
+        let wait = async {
+            loop {
+                if let Some(i) = *info.borrow_and_update() {
+                    return Ok(i);
+                }
+                if let Some(why) = refused.borrow_and_update().clone() {
+                    return Err(ClientError::Refused(why));
+                }
+                tokio::select! {
+                    r = info.changed() => if r.is_err() { return Err(ClientError::Closed) },
+                    r = refused.changed() => if r.is_err() { return Err(ClientError::Closed) },
+                }
+            }
+        };
+        tokio::time::timeout(timeout, wait)
+            .await
+            .map_err(|_| ClientError::Unreachable { waited: timeout })?
+    }
+
+    /// The session as last established, if ever.
+    pub fn session_info(&self) -> Option<SessionInfo> {
+        *self.info.borrow()
+    }
+
+    /// Sends a request and waits for its answer (across reconnects). A server error
+    /// answer becomes [`ClientError::Server`].
+    pub async fn request(&self, msg: ClientMsg) -> Result<Reply, ClientError> {
+        let (tx, rx) = oneshot::channel();
+        self.cmds
+            .send(Cmd::Request(msg, tx))
+            .map_err(|_| ClientError::Closed)?;
+        let reply = rx.await.map_err(|_| ClientError::Closed)??;
+        match reply.msg {
+            ServerMsg::Error { code, message } => Err(ClientError::Server { code, message }),
+            _ => Ok(reply),
+        }
+    }
+
+    /// Stops the task; unanswered requests fail with [`ClientError::Closed`].
+    pub async fn shutdown(&self) {
+        let _ = self.cmds.send(Cmd::Shutdown);
+        let task = self.task.lock().ok().and_then(|mut t| t.take());
+        if let Some(task) = task {
+            let _ = task.await;
+        }
+    }
+}
+
+impl Drop for MetaConnection {
+    fn drop(&mut self) {
+        let _ = self.cmds.send(Cmd::Shutdown);
+    }
+}
+
+trait Stream: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Stream for T {}
+
+async fn connect(addr: &ListenAddr) -> io::Result<Box<dyn Stream>> {
+    Ok(match addr {
+        ListenAddr::Tcp(hostport) => {
+            let s = TcpStream::connect(hostport.as_str()).await?;
+            s.set_nodelay(true)?;
+            Box::new(s)
+        }
+        ListenAddr::Unix(path) => Box::new(UnixStream::connect(path).await?),
+    })
+}
+
+/// Why a connection ended.
+enum End {
+    Lost(String),
+    Shutdown,
+}
+
+struct Shell {
+    cfg: ConnConfig,
+    session: Session,
+    tracker: Option<Arc<OriginTracker>>,
+    waiting: HashMap<RequestId, Answer>,
+    info_tx: watch::Sender<Option<SessionInfo>>,
+    refused_tx: watch::Sender<Option<String>>,
+    sessions: u64,
+}
+
+fn chunks_of(ranges: &[ChunkRange]) -> impl Iterator<Item = u64> + '_ {
+    ranges.iter().filter_map(|r| r.chunks()).flatten()
+}
+
+impl Shell {
+    async fn run(mut self, mut cmds: mpsc::UnboundedReceiver<Cmd>) {
+        let (ack_tx, mut acks) = mpsc::unbounded_channel::<ClientMsg>();
+        let mut delay = self.cfg.retry_min;
+        loop {
+            if self.session.is_refused() {
+                // Nothing will ever work again; answer requests with the refusal.
+                match cmds.recv().await {
+                    Some(Cmd::Request(msg, answer)) => {
+                        let _refused = self.submit(msg, answer);
+                        continue;
+                    }
+                    Some(Cmd::Shutdown) | None => break,
+                }
+            }
+            let server = self.cfg.server.clone();
+            let attempt =
+                tokio::time::timeout(
+                    self.cfg.connect_timeout,
+                    async move { connect(&server).await },
+                );
+            tokio::pin!(attempt);
+            let stream = loop {
+                tokio::select! {
+                    r = &mut attempt => break match r {
+                        Ok(Ok(s)) => Some(s),
+                        Ok(Err(e)) => {
+                            tracing::debug!(server = ?self.cfg.server, err = %e, "cannot connect to the csnap server");
+                            None
+                        }
+                        Err(_) => None,
+                    },
+                    cmd = cmds.recv() => match cmd {
+                        Some(Cmd::Request(msg, answer)) => {
+                            // Not connected: queued in the session.
+                            let _queued = self.submit(msg, answer);
+                        }
+                        Some(Cmd::Shutdown) | None => return self.close_all(),
+                    },
+                }
+            };
+            let end = match stream {
+                Some(stream) => {
+                    delay = self.cfg.retry_min;
+                    self.serve(stream, &mut cmds, &ack_tx, &mut acks).await
+                }
+                None => End::Lost("connect failed".into()),
+            };
+            match end {
+                End::Shutdown => break,
+                End::Lost(reason) => {
+                    if self.session.is_open() {
+                        tracing::warn!(server = ?self.cfg.server, kind = ?self.cfg.kind, %reason, "lost the csnap server; reconnecting");
+                    }
+                    self.session.disconnected();
+                    if let Some(t) = &self.tracker {
+                        // Promises die with the session; and a write granted by the old
+                        // connection must land before we talk to a server that may
+                        // create a snapshot meanwhile.
+                        let epoch = t.invalidate();
+                        let _ =
+                            tokio::time::timeout(Duration::from_secs(30), t.drained(epoch)).await;
+                    }
+                }
+            }
+            // Back off, still accepting requests (they are queued in the session).
+            let sleep = tokio::time::sleep(delay);
+            tokio::pin!(sleep);
+            loop {
+                tokio::select! {
+                    _ = &mut sleep => break,
+                    cmd = cmds.recv() => match cmd {
+                        Some(Cmd::Request(msg, answer)) => {
+                            // Not connected: nothing to send yet.
+                            let _queued = self.submit(msg, answer);
+                        }
+                        Some(Cmd::Shutdown) | None => return self.close_all(),
+                    },
+                }
+            }
+            delay = (delay * 2).min(self.cfg.retry_max);
+        }
+        self.close_all();
+    }
+
+    fn close_all(&mut self) {
+        for (_, answer) in self.waiting.drain() {
+            let _ = answer.send(Err(ClientError::Closed));
+        }
+    }
+
+    /// Registers a request; returns the frames to send now.
+    fn submit(&mut self, msg: ClientMsg, answer: Answer) -> Vec<Output> {
+        let (id, out) = self.session.submit(msg);
+        self.waiting.insert(id, answer);
+        let mut rest = Vec::new();
+        for o in out {
+            match o {
+                Output::Reply { .. } => self.route(o),
+                other => rest.push(other),
+            }
+        }
+        rest
+    }
+
+    /// Delivers one non-Send output.
+    fn route(&mut self, out: Output) {
+        match out {
+            Output::Reply { id, msg } => {
+                let grant = match (&msg, &self.tracker) {
+                    (ServerMsg::OriginWriteOk { ranges, unique }, Some(t)) => {
+                        Some(t.granted(chunks_of(ranges), *unique))
+                    }
+                    _ => None,
+                };
+                if let Some(answer) = self.waiting.remove(&id) {
+                    let _ = answer.send(Ok(Reply { msg, grant }));
+                }
+            }
+            Output::Established {
+                chunk_size,
+                origin_chunks,
+            } => {
+                self.sessions += 1;
+                tracing::info!(server = ?self.cfg.server, kind = ?self.cfg.kind, sessions = self.sessions, "csnap session established");
+                self.info_tx.send_replace(Some(SessionInfo {
+                    chunk_size,
+                    origin_chunks,
+                    sessions: self.sessions,
+                }));
+            }
+            Output::Refused { code, message } => {
+                tracing::error!(server = ?self.cfg.server, %code, %message, "the csnap server refused this client");
+                self.refused_tx
+                    .send_replace(Some(format!("{code}: {message}")));
+            }
+            Output::Send(_) | Output::Notice(_) | Output::Drop { .. } => {}
+        }
+    }
+
+    async fn serve(
+        &mut self,
+        stream: Box<dyn Stream>,
+        cmds: &mut mpsc::UnboundedReceiver<Cmd>,
+        ack_tx: &mpsc::UnboundedSender<ClientMsg>,
+        acks: &mut mpsc::UnboundedReceiver<ClientMsg>,
+    ) -> End {
+        let (mut rd, mut wr) = tokio::io::split(stream);
+        let mut buf: Vec<u8> = Vec::with_capacity(64 * 1024);
+        let mut chunk = vec![0u8; 64 * 1024];
+        let first = self.session.connected(csnap_proto::auth::random_nonce());
+        if let Err(e) = self.carry_out(first, &mut wr, ack_tx).await {
+            return e;
+        }
+        loop {
+            tokio::select! {
+                n = rd.read(&mut chunk) => {
+                    let n = match n {
+                        Ok(0) => return End::Lost("server closed the connection".into()),
+                        Ok(n) => n,
+                        Err(e) => return End::Lost(format!("read failed: {e}")),
+                    };
+                    buf.extend_from_slice(&chunk[..n]);
+                    loop {
+                        match decode_frame::<ServerFrame>(&buf) {
+                            Ok(Decoded::Frame(frame, used)) => {
+                                buf.drain(..used);
+                                let out = self.session.received(frame);
+                                if let Err(e) = self.carry_out(out, &mut wr, ack_tx).await {
+                                    return e;
+                                }
+                            }
+                            Ok(Decoded::Incomplete { .. }) => break,
+                            Err(e) => return End::Lost(format!("bad frame from the server: {e}")),
+                        }
+                    }
+                }
+                cmd = cmds.recv() => match cmd {
+                    Some(Cmd::Request(msg, answer)) => {
+                        let out = self.submit(msg, answer);
+                        if let Err(e) = self.carry_out(out, &mut wr, ack_tx).await {
+                            return e;
+                        }
+                    }
+                    Some(Cmd::Shutdown) | None => return End::Shutdown,
+                },
+                Some(ack) = acks.recv() => {
+                    let out = self.session.notify(ack);
+                    if let Err(e) = self.carry_out(out, &mut wr, ack_tx).await {
+                        return e;
+                    }
+                }
+            }
+        }
+    }
+
+    async fn carry_out<W: AsyncWrite + Unpin>(
+        &mut self,
+        outputs: Vec<Output>,
+        wr: &mut W,
+        ack_tx: &mpsc::UnboundedSender<ClientMsg>,
+    ) -> Result<(), End> {
+        let mut bytes = Vec::new();
+        for out in outputs {
+            match out {
+                Output::Send(frame) => {
+                    if let Err(e) = encode_frame(&frame, &mut bytes) {
+                        // Only an oversize request can fail to encode: fail that request.
+                        self.session.abandon(frame.id);
+                        if let Some(answer) = self.waiting.remove(&frame.id) {
+                            let _ = answer.send(Ok(Reply {
+                                msg: ServerMsg::Error {
+                                    code: ErrorCode::TooLarge,
+                                    message: e.to_string(),
+                                },
+                                grant: None,
+                            }));
+                        }
+                    }
+                }
+                Output::Notice(ServerMsg::NewSnapshot { snap }) => {
+                    let ack = ClientMsg::NewSnapshotAck { snap };
+                    match &self.tracker {
+                        Some(t) => {
+                            let epoch = t.invalidate();
+                            let (t, ack_tx) = (t.clone(), ack_tx.clone());
+                            tokio::spawn(async move {
+                                t.drained(epoch).await;
+                                let _ = ack_tx.send(ack);
+                            });
+                        }
+                        None => {
+                            let _ = ack_tx.send(ack);
+                        }
+                    }
+                }
+                Output::Notice(_) => {}
+                Output::Drop { reason } => {
+                    if !bytes.is_empty() {
+                        let _ = wr.write_all(&bytes).await;
+                    }
+                    return Err(End::Lost(reason));
+                }
+                other => self.route(other),
+            }
+        }
+        if !bytes.is_empty() {
+            if let Err(e) = wr.write_all(&bytes).await {
+                return Err(End::Lost(format!("write failed: {e}")));
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,87 @@
+//! The csnap client: moves data itself, straight to and from the shared origin and store
+//! devices, and asks the metadata server only small questions.
+//!
+//! * [`Volume`]: one volume as seen from one node: origin reads/writes (with the
+//!   unique-chunk cache), snapshot reads (the four-message protocol) and writes, FLUSH, and
+//!   snapshot administration.
+//! * [`MetaConnection`]: one metadata session that survives server loss (reconnect,
+//!   re-assert locks, resend, `ResendDone`), over the sans-IO [`Session`].
+//! * [`OriginTracker`]: the unique-chunk cache and the write epochs behind `NewSnapshotAck`.
+//!
+//! The client never depends on the server crate: it runs on nodes without one.
+
+mod cache;
+mod conn;
+mod devices;
+pub mod session;
+mod volume;
+
+pub use cache::{CacheStats, OriginTracker, WriteGuard};
+pub use conn::{ConnConfig, MetaConnection, Reply, SessionInfo};
+pub use devices::Devices;
+pub use session::Session;
+pub use volume::{client_id_for, ClientConfig, Volume};
+
+use std::io;
+use std::time::Duration;
+
+use csnap_proto::ErrorCode;
+
+/// Why a client operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("the server answered {code}: {message}")]
+    Server { code: ErrorCode, message: String },
+    #[error("the server refused this client: {0}")]
+    Refused(String),
+    #[error("no session with the csnap server within {waited:?} (is it running?)")]
+    Unreachable { waited: Duration },
+    #[error("the metadata connection was shut down")]
+    Closed,
+    #[error("unexpected answer from the server to {request}: {answer}")]
+    Unexpected {
+        request: &'static str,
+        answer: String,
+    },
+    #[error("{op} {device} at byte {offset}: {source}")]
+    Io {
+        op: &'static str,
+        device: String,
+        offset: u64,
+        source: io::Error,
+    },
+    #[error("cannot open {path}: {source}")]
+    Open { path: String, source: io::Error },
+    #[error("{0}")]
+    Geometry(String),
+}
+
+impl ClientError {
+    /// The errno an NBD user sees.
+    fn errno(&self) -> i32 {
+        match self {
+            ClientError::Server { code, .. } => match code {
+                ErrorCode::StoreFull => libc::ENOSPC,
+                ErrorCode::OutOfRange | ErrorCode::BadRequest | ErrorCode::TooLarge => libc::EINVAL,
+                ErrorCode::AuthFailed | ErrorCode::NotAuthenticated => libc::EACCES,
+                _ => libc::EIO,
+            },
+            ClientError::Io { source, .. } => source.raw_os_error().unwrap_or(libc::EIO),
+            ClientError::Closed => libc::ESHUTDOWN,
+            _ => libc::EIO,
+        }
+    }
+}
+
+impl From<ClientError> for io::Error {
+    fn from(e: ClientError) -> io::Error {
+        let errno = e.errno();
+        tracing::warn!(err = %e, "csnap client I/O failed");
+        // The NBD server maps a raw errno; the message went to the log above.
+        if errno == libc::EIO {
+            io::Error::other(e)
+        } else {
+            io::Error::from_raw_os_error(errno)
+        }
+    }
+}

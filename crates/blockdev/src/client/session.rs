@@ -1,0 +1,705 @@
+//! The client side of one metadata session, sans-IO: frames in, frames and events out.
+//!
+//! A [`Session`] outlives connections. It remembers every request the server has not
+//! answered yet and every read lock / write lease the server granted and the client has not
+//! released, so that after a connection is lost (server crash, failover, network glitch) the
+//! next connection can resume: authenticate with `resuming`, re-assert the locks and leases
+//! (`UploadLocks`), resend the unanswered requests under their original ids, and close the
+//! resync with `ResendDone`. The I/O shell ([`super::conn`]) only moves bytes.
+
+use std::collections::BTreeMap;
+
+use csnap_proto::auth::{self, Nonce};
+use csnap_proto::{
+    ChunkRange, ClientFrame, ClientId, ClientKind, ClientMsg, ErrorCode, HeldLock, RequestId,
+    ServerFrame, ServerMsg, SnapId, PROTOCOL_VERSION,
+};
+
+/// What the session asks its shell to do, or tells its owner.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Output {
+    /// Write this frame to the current connection.
+    Send(ClientFrame),
+    /// The answer to request `id` (submitted with [`Session::submit`]).
+    Reply { id: RequestId, msg: ServerMsg },
+    /// A notice from the server (`NewSnapshot`).
+    Notice(ServerMsg),
+    /// The session is (re-)established on this connection. Requests flow again.
+    Established { chunk_size: u32, origin_chunks: u64 },
+    /// The server refused the session for good (wrong key, protocol version): every
+    /// pending request has failed with this reason, and reconnecting will not help.
+    Refused { code: ErrorCode, message: String },
+    /// The connection must be dropped (protocol violation by the server); reconnect.
+    Drop { reason: String },
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Phase {
+    /// No connection.
+    Disconnected,
+    /// Hello sent, waiting for the server's challenge.
+    AwaitChallenge { hello: RequestId, nonce: Nonce },
+    /// Our proof sent, waiting for Welcome.
+    AwaitWelcome { auth: RequestId },
+    /// Session open; requests flow. `resend_done`: the id of our ResendDone, if unanswered.
+    Open,
+    /// Refused by the server; terminal.
+    Refused,
+}
+
+/// A multiset of chunks (read locks or write leases), counted per chunk.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ChunkCounts(BTreeMap<u64, u32>);
+
+impl ChunkCounts {
+    fn add(&mut self, chunks: impl IntoIterator<Item = u64>) {
+        for c in chunks {
+            *self.0.entry(c).or_insert(0) += 1;
+        }
+    }
+
+    fn remove(&mut self, chunks: impl IntoIterator<Item = u64>) {
+        for c in chunks {
+            if let Some(n) = self.0.get_mut(&c) {
+                *n -= 1;
+                if *n == 0 {
+                    self.0.remove(&c);
+                }
+            }
+        }
+    }
+
+    pub fn total(&self) -> u64 {
+        self.0.values().map(|&n| u64::from(n)).sum()
+    }
+
+    /// The counts as ranges: a chunk held `n` times appears in `n` ranges, so the server
+    /// re-creates exactly the same counts.
+    fn as_locks(&self, snap: SnapId) -> Vec<HeldLock> {
+        let mut out = Vec::new();
+        let max = self.0.values().copied().max().unwrap_or(0);
+        for layer in 1..=max {
+            let chunks = self.0.iter().filter(|(_, &n)| n >= layer).map(|(&c, _)| c);
+            out.extend(
+                coalesce(chunks)
+                    .into_iter()
+                    .map(|range| HeldLock { snap, range }),
+            );
+        }
+        out
+    }
+}
+
+/// Consecutive chunks as ranges (each range at most `u32::MAX` chunks).
+pub fn coalesce(chunks: impl IntoIterator<Item = u64>) -> Vec<ChunkRange> {
+    let mut out: Vec<ChunkRange> = Vec::new();
+    for c in chunks {
+        match out.last_mut() {
+            Some(r) if r.start + u64::from(r.count) == c && r.count < u32::MAX => r.count += 1,
+            _ => out.push(ChunkRange::new(c, 1)),
+        }
+    }
+    out
+}
+
+fn chunks_of(ranges: &[ChunkRange]) -> impl Iterator<Item = u64> + '_ {
+    ranges.iter().filter_map(|r| r.chunks()).flatten()
+}
+
+/// One client's metadata session with whichever server currently serves the volume.
+#[derive(Debug)]
+pub struct Session {
+    client: ClientId,
+    node: u32,
+    kind: ClientKind,
+    key: Vec<u8>,
+    next_id: RequestId,
+    phase: Phase,
+    /// Whether a session was ever established (the next Hello says `resuming`).
+    had_session: bool,
+    /// Requests not answered yet, in submission order (resent in this order).
+    pending: BTreeMap<RequestId, ClientMsg>,
+    /// Read locks granted by `SnapshotReadOk` and not yet released by `FinishSnapshotReadOk`.
+    locks: ChunkCounts,
+    /// Write leases granted by `SnapshotWriteOk`, not yet released.
+    leases: ChunkCounts,
+    /// Ids of our UploadLocks / ResendDone on the current connection (answers expected).
+    internal: BTreeMap<RequestId, &'static str>,
+}
+
+impl Session {
+    pub fn new(client: ClientId, node: u32, kind: ClientKind, key: Vec<u8>) -> Session {
+        Session {
+            client,
+            node,
+            kind,
+            key,
+            next_id: 1,
+            phase: Phase::Disconnected,
+            had_session: false,
+            pending: BTreeMap::new(),
+            locks: ChunkCounts::default(),
+            leases: ChunkCounts::default(),
+            internal: BTreeMap::new(),
+        }
+    }
+
+    pub fn kind(&self) -> ClientKind {
+        self.kind
+    }
+
+    pub fn is_open(&self) -> bool {
+        self.phase == Phase::Open
+    }
+
+    pub fn is_refused(&self) -> bool {
+        self.phase == Phase::Refused
+    }
+
+    /// Requests submitted and not answered yet.
+    pub fn unanswered(&self) -> usize {
+        self.pending.len()
+    }
+
+    /// Read locks currently held (counted per chunk).
+    pub fn held_locks(&self) -> &ChunkCounts {
+        &self.locks
+    }
+
+    /// Write leases currently held.
+    pub fn held_leases(&self) -> &ChunkCounts {
+        &self.leases
+    }
+
+    fn take_id(&mut self) -> RequestId {
+        let id = self.next_id;
+        self.next_id += 1;
+        id
+    }
+
+    /// A new connection is up: start the handshake with a fresh client nonce.
+    pub fn connected(&mut self, client_nonce: Nonce) -> Vec<Output> {
+        if self.phase == Phase::Refused {
+            return Vec::new();
+        }
+        self.internal.clear();
+        let hello = self.take_id();
+        self.phase = Phase::AwaitChallenge {
+            hello,
+            nonce: client_nonce,
+        };
+        vec![Output::Send(ClientFrame {
+            id: hello,
+            msg: ClientMsg::Hello {
+                protocol_version: u32::from(PROTOCOL_VERSION),
+                client: self.client,
+                node: self.node,
+                kind: self.kind,
+                client_nonce,
+                resuming: self.had_session,
+            },
+        })]
+    }
+
+    /// The connection is gone. Pending requests, locks and leases are kept for the next.
+    pub fn disconnected(&mut self) {
+        if self.phase != Phase::Refused {
+            self.phase = Phase::Disconnected;
+        }
+        self.internal.clear();
+    }
+
+    /// Submits a request that expects an answer. It is sent now if the session is open,
+    /// otherwise when it is (re-)established. Returns its id and what to send.
+    pub fn submit(&mut self, msg: ClientMsg) -> (RequestId, Vec<Output>) {
+        let id = self.take_id();
+        if self.phase == Phase::Refused {
+            return (
+                id,
+                vec![Output::Reply {
+                    id,
+                    msg: ServerMsg::Error {
+                        code: ErrorCode::AuthFailed,
+                        message: "the server refused this client's session".into(),
+                    },
+                }],
+            );
+        }
+        self.pending.insert(id, msg.clone());
+        let out = if self.phase == Phase::Open {
+            vec![Output::Send(ClientFrame { id, msg })]
+        } else {
+            Vec::new()
+        };
+        (id, out)
+    }
+
+    /// Forgets a request whose answer nobody waits for any more (the caller gave up).
+    /// Requests whose answers carry locks or leases are kept: the grant must be recorded
+    /// and released even if nobody reads the data.
+    pub fn abandon(&mut self, id: RequestId) {
+        if let Some(ClientMsg::QueryWrite { .. }) = self.pending.get(&id) {
+            self.pending.remove(&id);
+        }
+    }
+
+    /// Sends a message that the server does not answer (`NewSnapshotAck`). Dropped when
+    /// not connected: a server that lost our connection no longer waits for it.
+    pub fn notify(&mut self, msg: ClientMsg) -> Vec<Output> {
+        if self.phase != Phase::Open {
+            return Vec::new();
+        }
+        let id = self.take_id();
+        vec![Output::Send(ClientFrame { id, msg })]
+    }
+
+    /// A frame arrived from the server.
+    pub fn received(&mut self, frame: ServerFrame) -> Vec<Output> {
+        let ServerFrame { reply_to, msg } = frame;
+        let Some(id) = reply_to else {
+            return match msg {
+                ServerMsg::NewSnapshot { .. } => vec![Output::Notice(msg)],
+                other => vec![Output::Drop {
+                    reason: format!("unexpected notice from the server: {other:?}"),
+                }],
+            };
+        };
+        match self.phase.clone() {
+            Phase::AwaitChallenge { hello, nonce } if id == hello => self.on_challenge(msg, nonce),
+            Phase::AwaitWelcome { auth } if id == auth => self.on_welcome(msg),
+            Phase::Open => {
+                if let Some(what) = self.internal.remove(&id) {
+                    return match msg {
+                        ServerMsg::UploadLocksOk | ServerMsg::ResendDoneOk => Vec::new(),
+                        ServerMsg::Error { code, message } => vec![Output::Drop {
+                            reason: format!("server rejected {what}: {code}: {message}"),
+                        }],
+                        other => vec![Output::Drop {
+                            reason: format!("unexpected answer to {what}: {other:?}"),
+                        }],
+                    };
+                }
+                self.on_reply(id, msg)
+            }
+            Phase::Disconnected | Phase::Refused => Vec::new(),
+            _ => vec![Output::Drop {
+                reason: format!("unexpected frame during the handshake (reply to {id}): {msg:?}"),
+            }],
+        }
+    }
+
+    fn on_challenge(&mut self, msg: ServerMsg, client_nonce: Nonce) -> Vec<Output> {
+        match msg {
+            ServerMsg::Challenge {
+                server_nonce,
+                proof,
+            } => {
+                if !auth::verify_server_proof(
+                    &self.key,
+                    self.client,
+                    &client_nonce,
+                    &server_nonce,
+                    &proof,
+                ) {
+                    return self.refuse(
+                        ErrorCode::AuthFailed,
+                        "the server's proof of the cluster key did not verify (different key?)"
+                            .into(),
+                    );
+                }
+                let proof =
+                    auth::client_proof(&self.key, self.client, &client_nonce, &server_nonce);
+                let auth = self.take_id();
+                self.phase = Phase::AwaitWelcome { auth };
+                vec![Output::Send(ClientFrame {
+                    id: auth,
+                    msg: ClientMsg::AuthResponse { proof },
+                })]
+            }
+            ServerMsg::Error { code, message } => self.refuse(code, message),
+            other => vec![Output::Drop {
+                reason: format!("expected Challenge, got {other:?}"),
+            }],
+        }
+    }
+
+    fn on_welcome(&mut self, msg: ServerMsg) -> Vec<Output> {
+        match msg {
+            ServerMsg::Welcome {
+                chunk_size,
+                origin_chunks,
+                ..
+            } => {
+                let resuming = self.had_session;
+                self.had_session = true;
+                self.phase = Phase::Open;
+                let mut out = vec![Output::Established {
+                    chunk_size,
+                    origin_chunks,
+                }];
+                if !resuming {
+                    // A first session holds nothing; requests submitted meanwhile go now.
+                    out.extend(self.pending.iter().map(|(&id, msg)| {
+                        Output::Send(ClientFrame {
+                            id,
+                            msg: msg.clone(),
+                        })
+                    }));
+                    return out;
+                }
+                if let ClientKind::Snapshot { snap } = self.kind {
+                    let id = self.take_id();
+                    self.internal.insert(id, "UploadLocks");
+                    out.push(Output::Send(ClientFrame {
+                        id,
+                        msg: ClientMsg::UploadLocks {
+                            locks: self.locks.as_locks(snap),
+                            leases: self.leases.as_locks(snap),
+                        },
+                    }));
+                }
+                out.extend(self.pending.iter().map(|(&id, msg)| {
+                    Output::Send(ClientFrame {
+                        id,
+                        msg: msg.clone(),
+                    })
+                }));
+                let id = self.take_id();
+                self.internal.insert(id, "ResendDone");
+                out.push(Output::Send(ClientFrame {
+                    id,
+                    msg: ClientMsg::ResendDone,
+                }));
+                out
+            }
+            ServerMsg::Error { code, message } => self.refuse(code, message),
+            other => vec![Output::Drop {
+                reason: format!("expected Welcome, got {other:?}"),
+            }],
+        }
+    }
+
+    fn refuse(&mut self, code: ErrorCode, message: String) -> Vec<Output> {
+        self.phase = Phase::Refused;
+        let mut out: Vec<Output> = std::mem::take(&mut self.pending)
+            .into_keys()
+            .map(|id| Output::Reply {
+                id,
+                msg: ServerMsg::Error {
+                    code,
+                    message: message.clone(),
+                },
+            })
+            .collect();
+        out.push(Output::Refused { code, message });
+        out
+    }
+
+    fn on_reply(&mut self, id: RequestId, msg: ServerMsg) -> Vec<Output> {
+        let Some(request) = self.pending.remove(&id) else {
+            // An answer to a request resent after a reconnect that the old server had
+            // answered too late, or to an abandoned one: nobody waits for it.
+            return Vec::new();
+        };
+        match (&request, &msg) {
+            (
+                ClientMsg::QuerySnapshotRead { .. },
+                ServerMsg::SnapshotReadOk { origin_locked, .. },
+            ) => {
+                self.locks.add(chunks_of(origin_locked));
+            }
+            (ClientMsg::FinishSnapshotRead { ranges, .. }, ServerMsg::FinishSnapshotReadOk) => {
+                self.locks.remove(chunks_of(ranges));
+            }
+            // The server no longer knows these locks (it restarted and they expired):
+            // they are gone either way.
+            (
+                ClientMsg::FinishSnapshotRead { ranges, .. },
+                ServerMsg::Error {
+                    code: ErrorCode::NotLocked,
+                    ..
+                },
+            ) => {
+                self.locks.remove(chunks_of(ranges));
+            }
+            (ClientMsg::SnapshotWrite { .. }, ServerMsg::SnapshotWriteOk { addrs }) => {
+                self.leases.add(addrs.iter().map(|a| a.chunk));
+            }
+            (ClientMsg::FinishSnapshotWrite { ranges, .. }, ServerMsg::FinishSnapshotWriteOk)
+            | (
+                ClientMsg::FinishSnapshotWrite { ranges, .. },
+                ServerMsg::Error {
+                    code: ErrorCode::NotLocked,
+                    ..
+                },
+            ) => {
+                self.leases.remove(chunks_of(ranges));
+            }
+            _ => {}
+        }
+        vec![Output::Reply { id, msg }]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use csnap_proto::StoreAddr;
+
+    const KEY: &[u8] = b"test key";
+
+    fn sent(out: &[Output]) -> Vec<ClientFrame> {
+        out.iter()
+            .filter_map(|o| match o {
+                Output::Send(f) => Some(f.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Plays the server side of the handshake; returns what the session sent after Welcome.
+    fn handshake(s: &mut Session, key: &[u8]) -> Vec<Output> {
+        let cn = [1u8; 32];
+        let sn = [2u8; 32];
+        let out = s.connected(cn);
+        let hello = sent(&out).remove(0);
+        let (client, resuming) = match hello.msg {
+            ClientMsg::Hello {
+                client, resuming, ..
+            } => (client, resuming),
+            other => panic!("expected Hello, got {other:?}"),
+        };
+        let _ = resuming;
+        let out = s.received(ServerFrame {
+            reply_to: Some(hello.id),
+            msg: ServerMsg::Challenge {
+                server_nonce: sn,
+                proof: auth::server_proof(key, client, &cn, &sn),
+            },
+        });
+        let Some(authf) = sent(&out).into_iter().next() else {
+            return out;
+        };
+        match &authf.msg {
+            ClientMsg::AuthResponse { proof } => {
+                assert!(auth::verify_client_proof(key, client, &cn, &sn, proof))
+            }
+            other => panic!("expected AuthResponse, got {other:?}"),
+        }
+        s.received(ServerFrame {
+            reply_to: Some(authf.id),
+            msg: ServerMsg::Welcome {
+                protocol_version: 1,
+                chunk_size: 4096,
+                origin_chunks: 100,
+            },
+        })
+    }
+
+    #[test]
+    fn requests_queue_until_the_session_opens_then_flow() {
+        let mut s = Session::new(ClientId(9), 1, ClientKind::Origin, KEY.to_vec());
+        let (id, out) = s.submit(ClientMsg::QueryWrite {
+            ranges: vec![ChunkRange::new(3, 2)],
+        });
+        assert!(out.is_empty(), "nothing is sent before the handshake");
+        let out = handshake(&mut s, KEY);
+        assert!(matches!(
+            out[0],
+            Output::Established {
+                chunk_size: 4096,
+                ..
+            }
+        ));
+        let frames = sent(&out);
+        assert_eq!(frames.len(), 1);
+        assert_eq!(frames[0].id, id);
+        let out = s.received(ServerFrame {
+            reply_to: Some(id),
+            msg: ServerMsg::OriginWriteOk {
+                ranges: vec![ChunkRange::new(3, 2)],
+                unique: true,
+            },
+        });
+        assert!(matches!(out[0], Output::Reply { id: rid, .. } if rid == id));
+        assert_eq!(s.unanswered(), 0);
+    }
+
+    #[test]
+    fn an_impostor_without_the_key_is_refused_and_pending_requests_fail() {
+        let mut s = Session::new(ClientId(9), 1, ClientKind::Origin, KEY.to_vec());
+        let (id, _) = s.submit(ClientMsg::QueryWrite {
+            ranges: vec![ChunkRange::new(0, 1)],
+        });
+        let out = handshake(&mut s, b"other key");
+        assert!(sent(&out).is_empty(), "no proof is sent to an impostor");
+        assert!(out.iter().any(|o| matches!(o, Output::Reply { id: r, msg: ServerMsg::Error { code: ErrorCode::AuthFailed, .. } } if *r == id)));
+        assert!(out.iter().any(|o| matches!(o, Output::Refused { .. })));
+        assert!(s.is_refused());
+        assert!(
+            s.connected([0; 32]).is_empty(),
+            "a refused session stays refused"
+        );
+    }
+
+    #[test]
+    fn reconnect_uploads_locks_and_leases_resends_unanswered_then_resend_done() {
+        let snap = SnapId(4);
+        let mut s = Session::new(ClientId(5), 2, ClientKind::Snapshot { snap }, KEY.to_vec());
+        handshake(&mut s, KEY);
+        // A read that got origin locks on chunks 10..12, twice on chunk 11.
+        let (r1, out) = s.submit(ClientMsg::QuerySnapshotRead {
+            snap,
+            ranges: vec![ChunkRange::new(10, 2)],
+        });
+        assert_eq!(sent(&out).len(), 1);
+        s.received(ServerFrame {
+            reply_to: Some(r1),
+            msg: ServerMsg::SnapshotReadOk {
+                store: vec![],
+                origin_locked: vec![ChunkRange::new(10, 2)],
+            },
+        });
+        let (r2, _) = s.submit(ClientMsg::QuerySnapshotRead {
+            snap,
+            ranges: vec![ChunkRange::new(11, 1)],
+        });
+        s.received(ServerFrame {
+            reply_to: Some(r2),
+            msg: ServerMsg::SnapshotReadOk {
+                store: vec![],
+                origin_locked: vec![ChunkRange::new(11, 1)],
+            },
+        });
+        // A write lease on chunk 20.
+        let (w1, _) = s.submit(ClientMsg::SnapshotWrite {
+            snap,
+            ranges: vec![ChunkRange::new(20, 1)],
+        });
+        s.received(ServerFrame {
+            reply_to: Some(w1),
+            msg: ServerMsg::SnapshotWriteOk {
+                addrs: vec![StoreAddr {
+                    chunk: 20,
+                    store_chunk: 77,
+                }],
+            },
+        });
+        // Release of chunk 10 sent but not answered; another read unanswered.
+        let (f1, _) = s.submit(ClientMsg::FinishSnapshotRead {
+            snap,
+            ranges: vec![ChunkRange::new(10, 1)],
+        });
+        let (r3, _) = s.submit(ClientMsg::QuerySnapshotRead {
+            snap,
+            ranges: vec![ChunkRange::new(30, 1)],
+        });
+        assert_eq!(s.held_locks().total(), 3);
+        assert_eq!(s.held_leases().total(), 1);
+
+        s.disconnected();
+        let (r4, out) = s.submit(ClientMsg::QuerySnapshotRead {
+            snap,
+            ranges: vec![ChunkRange::new(40, 1)],
+        });
+        assert!(out.is_empty(), "queued while disconnected");
+        let out = s.connected([7; 32]);
+        assert!(matches!(
+            sent(&out)[0].msg,
+            ClientMsg::Hello { resuming: true, .. }
+        ));
+        s.disconnected();
+        let out = handshake(&mut s, KEY);
+        let frames = sent(&out);
+        let ClientMsg::UploadLocks { locks, leases } = &frames[0].msg else {
+            panic!("expected UploadLocks first, got {:?}", frames[0]);
+        };
+        let mut lock_chunks: Vec<u64> =
+            chunks_of(&locks.iter().map(|l| l.range).collect::<Vec<_>>()).collect();
+        lock_chunks.sort();
+        assert_eq!(lock_chunks, vec![10, 11, 11]);
+        assert_eq!(
+            leases,
+            &vec![HeldLock {
+                snap,
+                range: ChunkRange::new(20, 1)
+            }]
+        );
+        let resent: Vec<RequestId> = frames[1..frames.len() - 1].iter().map(|f| f.id).collect();
+        assert_eq!(
+            resent,
+            vec![f1, r3, r4],
+            "unanswered requests resent in order, same ids"
+        );
+        assert_eq!(frames.last().map(|f| &f.msg), Some(&ClientMsg::ResendDone));
+        let upload_id = frames[0].id;
+        let done_id = frames.last().map(|f| f.id).unwrap();
+        assert!(s
+            .received(ServerFrame {
+                reply_to: Some(upload_id),
+                msg: ServerMsg::UploadLocksOk
+            })
+            .is_empty());
+        assert!(s
+            .received(ServerFrame {
+                reply_to: Some(done_id),
+                msg: ServerMsg::ResendDoneOk
+            })
+            .is_empty());
+        // The resent release is answered: the lock is gone, exactly once.
+        s.received(ServerFrame {
+            reply_to: Some(f1),
+            msg: ServerMsg::FinishSnapshotReadOk,
+        });
+        assert_eq!(s.held_locks().total(), 2);
+        // A duplicate late answer changes nothing.
+        assert!(s
+            .received(ServerFrame {
+                reply_to: Some(f1),
+                msg: ServerMsg::FinishSnapshotReadOk,
+            })
+            .is_empty());
+        assert_eq!(s.held_locks().total(), 2);
+    }
+
+    #[test]
+    fn new_snapshot_notices_are_passed_up_and_acks_are_not_queued_while_down() {
+        let mut s = Session::new(ClientId(1), 1, ClientKind::Origin, KEY.to_vec());
+        handshake(&mut s, KEY);
+        let out = s.received(ServerFrame {
+            reply_to: None,
+            msg: ServerMsg::NewSnapshot { snap: SnapId(3) },
+        });
+        assert_eq!(
+            out,
+            vec![Output::Notice(ServerMsg::NewSnapshot { snap: SnapId(3) })]
+        );
+        assert_eq!(
+            sent(&s.notify(ClientMsg::NewSnapshotAck { snap: SnapId(3) })).len(),
+            1
+        );
+        s.disconnected();
+        assert!(s
+            .notify(ClientMsg::NewSnapshotAck { snap: SnapId(3) })
+            .is_empty());
+        assert_eq!(s.unanswered(), 0);
+    }
+
+    #[test]
+    fn locks_as_ranges_keep_multiplicity() {
+        let mut c = ChunkCounts::default();
+        c.add([1, 2, 3, 2, 7]);
+        let locks = c.as_locks(SnapId(1));
+        let ranges: Vec<ChunkRange> = locks.iter().map(|l| l.range).collect();
+        assert_eq!(
+            ranges,
+            vec![
+                ChunkRange::new(1, 3),
+                ChunkRange::new(7, 1),
+                ChunkRange::new(2, 1)
+            ]
+        );
+        c.remove([2, 2, 9]);
+        assert_eq!(c.total(), 3);
+    }
+}

@@ -1,0 +1,470 @@
+//! One volume as seen from one node: the data paths of the origin and of its snapshots.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use csnap_proto::{
+    ChunkRange, ClientId, ClientKind, ClientMsg, ServerMsg, ServerStatus, SnapId, SnapRef,
+    SnapshotInfo, StoreAddr,
+};
+
+use super::cache::{CacheStats, OriginTracker};
+use super::conn::{ConnConfig, MetaConnection, SessionInfo};
+use super::devices::{Devices, Which};
+use super::ClientError;
+use crate::nbd::ListenAddr;
+
+/// How a node's client reaches its volume.
+#[derive(Clone, Debug)]
+pub struct ClientConfig {
+    /// The metadata server.
+    pub server: ListenAddr,
+    /// The cluster key (shared secret, HMAC).
+    pub key: Vec<u8>,
+    /// This client's base identity; each connection derives its own (see
+    /// [`client_id_for`]). Must be unique among the volume's clients and stable across
+    /// reconnects.
+    pub client: ClientId,
+    pub node: u32,
+    pub origin: PathBuf,
+    pub store: PathBuf,
+    /// How long `connect` waits for the first session.
+    pub connect_timeout: Duration,
+    /// Most origin chunks remembered as unique.
+    pub cache_chunks: usize,
+}
+
+/// The identity of one connection of a client: the origin connection uses the base id, the
+/// admin connection base + 1, the connection for snapshot `s` base + 2 + s. The server
+/// treats a second connection with the same id as a reconnect, so they must differ.
+pub fn client_id_for(base: ClientId, kind: ClientKind) -> ClientId {
+    ClientId(match kind {
+        ClientKind::Origin => base.0,
+        ClientKind::Admin => base.0.wrapping_add(1),
+        ClientKind::Snapshot { snap } => base.0.wrapping_add(2).wrapping_add(snap.0),
+    })
+}
+
+/// A connected volume.
+#[derive(Debug)]
+pub struct Volume {
+    cfg: ClientConfig,
+    devices: Devices,
+    chunk_size: u64,
+    origin_chunks: u64,
+    size: u64,
+    tracker: Arc<OriginTracker>,
+    origin: MetaConnection,
+    admin: MetaConnection,
+    snapshots: Mutex<HashMap<SnapId, Arc<MetaConnection>>>,
+}
+
+fn unexpected(request: &'static str, answer: ServerMsg) -> ClientError {
+    ClientError::Unexpected {
+        request,
+        answer: format!("{answer:?}"),
+    }
+}
+
+impl Volume {
+    /// Opens the devices, connects to the server and waits for the first session.
+    pub async fn connect(cfg: ClientConfig) -> Result<Arc<Volume>, ClientError> {
+        let devices = Devices::open(&cfg.origin, &cfg.store)?;
+        let tracker = OriginTracker::new(cfg.cache_chunks);
+        let origin =
+            MetaConnection::start(conn_config(&cfg, ClientKind::Origin), Some(tracker.clone()));
+        let admin = MetaConnection::start(conn_config(&cfg, ClientKind::Admin), None);
+        let SessionInfo {
+            chunk_size,
+            origin_chunks,
+            ..
+        } = origin.wait_established(cfg.connect_timeout).await?;
+        let chunk_size = u64::from(chunk_size);
+        let size = devices.origin_len();
+        if chunk_size == 0 || size.div_ceil(chunk_size) != origin_chunks {
+            return Err(ClientError::Geometry(format!(
+                "origin {} is {size} bytes, but the server's store describes {origin_chunks} chunks of {chunk_size} bytes (wrong origin or store?)",
+                cfg.origin.display()
+            )));
+        }
+        Ok(Arc::new(Volume {
+            cfg,
+            devices,
+            chunk_size,
+            origin_chunks,
+            size,
+            tracker,
+            origin,
+            admin,
+            snapshots: Mutex::new(HashMap::new()),
+        }))
+    }
+
+    /// Size of the origin (and of every snapshot) in bytes.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    pub fn chunk_size(&self) -> u64 {
+        self.chunk_size
+    }
+
+    pub fn origin_chunks(&self) -> u64 {
+        self.origin_chunks
+    }
+
+    pub fn cache_stats(&self) -> CacheStats {
+        self.tracker.stats()
+    }
+
+    /// How many sessions the origin connection established (reconnects + 1).
+    pub fn origin_sessions(&self) -> u64 {
+        self.origin.session_info().map_or(0, |i| i.sessions)
+    }
+
+    /// The chunks `[offset, offset + len)` touches.
+    fn chunk_range(&self, offset: u64, len: u64) -> Result<ChunkRange, ClientError> {
+        if len == 0 || offset.checked_add(len).is_none_or(|end| end > self.size) {
+            return Err(ClientError::Geometry(format!(
+                "I/O of {len} bytes at {offset} is outside the volume ({} bytes)",
+                self.size
+            )));
+        }
+        let first = offset / self.chunk_size;
+        let last = (offset + len - 1) / self.chunk_size;
+        let count = u32::try_from(last - first + 1)
+            .map_err(|_| ClientError::Geometry(format!("I/O of {len} bytes is too large")))?;
+        Ok(ChunkRange::new(first, count))
+    }
+
+    // ---- origin ----
+
+    pub async fn read_origin(&self, offset: u64, len: u32) -> Result<Bytes, ClientError> {
+        self.chunk_range(offset, u64::from(len))?;
+        self.devices.read(Which::Origin, offset, len as usize).await
+    }
+
+    /// Writes the origin: asks the server first unless every chunk is cached unique; the
+    /// server copies out shared chunks before it answers.
+    pub async fn write_origin(
+        &self,
+        offset: u64,
+        data: Bytes,
+        fua: bool,
+    ) -> Result<(), ClientError> {
+        let range = self.chunk_range(offset, data.len() as u64)?;
+        let Some(chunks) = range.chunks() else {
+            return Err(ClientError::Geometry("chunk range overflows".into()));
+        };
+        let guard = match self.tracker.try_cached(chunks) {
+            Some(g) => g,
+            None => {
+                let reply = self
+                    .origin
+                    .request(ClientMsg::QueryWrite {
+                        ranges: vec![range],
+                    })
+                    .await?;
+                match (reply.msg, reply.grant) {
+                    (ServerMsg::OriginWriteOk { .. }, Some(g)) => g,
+                    (other, _) => return Err(unexpected("QueryWrite", other)),
+                }
+            }
+        };
+        let result = self.devices.write(Which::Origin, offset, data, fua).await;
+        drop(guard);
+        result
+    }
+
+    /// Writes zeroes, in pieces of at most `piece` bytes.
+    pub async fn write_zeroes(
+        &self,
+        snap: Option<SnapId>,
+        offset: u64,
+        len: u64,
+        fua: bool,
+    ) -> Result<(), ClientError> {
+        let piece = (self.chunk_size * 256).min(8 << 20);
+        let mut at = offset;
+        let end = offset
+            .checked_add(len)
+            .ok_or_else(|| ClientError::Geometry("zero range overflows".into()))?;
+        while at < end {
+            let n = (end - at).min(piece);
+            let zeroes = Bytes::from(vec![0u8; n as usize]);
+            match snap {
+                None => self.write_origin(at, zeroes, fua).await?,
+                Some(s) => self.write_snapshot(s, at, zeroes, fua).await?,
+            }
+            at += n;
+        }
+        Ok(())
+    }
+
+    /// Makes every completed write durable: fdatasync the origin and the store (snapshot
+    /// data lands in the store; copy-outs are already synced by the server).
+    pub async fn flush(&self) -> Result<(), ClientError> {
+        let (a, b) = tokio::join!(
+            self.devices.sync(Which::Origin),
+            self.devices.sync(Which::Store)
+        );
+        a.and(b)
+    }
+
+    // ---- snapshots ----
+
+    fn snapshot_conn(&self, snap: SnapId) -> Arc<MetaConnection> {
+        let mut map = self.snapshots.lock().unwrap_or_else(|p| p.into_inner());
+        map.entry(snap)
+            .or_insert_with(|| {
+                Arc::new(MetaConnection::start(
+                    conn_config(&self.cfg, ClientKind::Snapshot { snap }),
+                    None,
+                ))
+            })
+            .clone()
+    }
+
+    /// The part of chunk `chunk` that `[offset, offset+len)` covers, as
+    /// (offset in the volume, offset within the chunk, length).
+    fn piece(&self, chunk: u64, offset: u64, len: u64) -> (u64, u64, u64) {
+        let chunk_start = chunk * self.chunk_size;
+        let start = offset.max(chunk_start);
+        let end = (offset + len).min(chunk_start + self.chunk_size);
+        (start, start - chunk_start, end - start)
+    }
+
+    /// Reads a snapshot: ask where each chunk lives; read the store for chunks with an
+    /// exception and the origin for the others (read-locked for us meanwhile, so no origin
+    /// write can change them under the read), then release the locks.
+    pub async fn read_snapshot(
+        &self,
+        snap: SnapId,
+        offset: u64,
+        len: u32,
+    ) -> Result<Bytes, ClientError> {
+        let range = self.chunk_range(offset, u64::from(len))?;
+        let conn = self.snapshot_conn(snap);
+        let reply = conn
+            .request(ClientMsg::QuerySnapshotRead {
+                snap,
+                ranges: vec![range],
+            })
+            .await?;
+        let (store, origin_locked) = match reply.msg {
+            ServerMsg::SnapshotReadOk {
+                store,
+                origin_locked,
+            } => (store, origin_locked),
+            other => return Err(unexpected("QuerySnapshotRead", other)),
+        };
+        let data = self.gather(&store, offset, len).await;
+        if !origin_locked.is_empty() {
+            // Release whatever happened to the reads; the session resends the release
+            // after a reconnect, so nothing waits on us here.
+            let conn = conn.clone();
+            tokio::spawn(async move {
+                let msg = ClientMsg::FinishSnapshotRead {
+                    snap,
+                    ranges: origin_locked,
+                };
+                if let Err(e) = conn.request(msg).await {
+                    tracing::warn!(%snap, err = %e, "releasing snapshot read locks failed");
+                }
+            });
+        }
+        data
+    }
+
+    async fn gather(
+        &self,
+        store: &[StoreAddr],
+        offset: u64,
+        len: u32,
+    ) -> Result<Bytes, ClientError> {
+        let in_store: HashMap<u64, u64> = store.iter().map(|a| (a.chunk, a.store_chunk)).collect();
+        let mut out = BytesMut::with_capacity(len as usize);
+        let first = offset / self.chunk_size;
+        let last = (offset + u64::from(len) - 1) / self.chunk_size;
+        // Consecutive chunks from the same device, contiguous there too, are read at once.
+        let mut run: Option<(Which, u64, u64)> = None; // (device, device offset, length)
+        for chunk in first..=last {
+            let (vol_off, within, n) = self.piece(chunk, offset, u64::from(len));
+            let (which, dev_off) = match in_store.get(&chunk) {
+                Some(&sc) => (Which::Store, sc * self.chunk_size + within),
+                None => (Which::Origin, vol_off),
+            };
+            run = match run {
+                Some((w, o, l))
+                    if matches!(
+                        (w, which),
+                        (Which::Store, Which::Store) | (Which::Origin, Which::Origin)
+                    ) && o + l == dev_off =>
+                {
+                    Some((w, o, l + n))
+                }
+                Some((w, o, l)) => {
+                    out.extend_from_slice(&self.devices.read(w, o, l as usize).await?);
+                    Some((which, dev_off, n))
+                }
+                None => Some((which, dev_off, n)),
+            };
+        }
+        if let Some((w, o, l)) = run {
+            out.extend_from_slice(&self.devices.read(w, o, l as usize).await?);
+        }
+        Ok(out.freeze())
+    }
+
+    /// Writes a snapshot: the server gives each chunk its own exception (copying the
+    /// previous contents there first, so partial-chunk writes are fine) and a write lease;
+    /// write the data there, then release the leases.
+    pub async fn write_snapshot(
+        &self,
+        snap: SnapId,
+        offset: u64,
+        data: Bytes,
+        fua: bool,
+    ) -> Result<(), ClientError> {
+        let range = self.chunk_range(offset, data.len() as u64)?;
+        let conn = self.snapshot_conn(snap);
+        let reply = conn
+            .request(ClientMsg::SnapshotWrite {
+                snap,
+                ranges: vec![range],
+            })
+            .await?;
+        let addrs = match reply.msg {
+            ServerMsg::SnapshotWriteOk { addrs } => addrs,
+            other => return Err(unexpected("SnapshotWrite", other)),
+        };
+        let result = self.scatter(&addrs, offset, data).await;
+        let result = match result {
+            Ok(()) if fua => self.devices.sync(Which::Store).await,
+            other => other,
+        };
+        let leased = super::session::coalesce(addrs.iter().map(|a| a.chunk));
+        if !leased.is_empty() {
+            let msg = ClientMsg::FinishSnapshotWrite {
+                snap,
+                ranges: leased,
+            };
+            // As for reads: the session owns the release from here on.
+            tokio::spawn(async move {
+                if let Err(e) = conn.request(msg).await {
+                    tracing::warn!(%snap, err = %e, "releasing snapshot write leases failed");
+                }
+            });
+        }
+        result
+    }
+
+    async fn scatter(
+        &self,
+        addrs: &[StoreAddr],
+        offset: u64,
+        data: Bytes,
+    ) -> Result<(), ClientError> {
+        let at: HashMap<u64, u64> = addrs.iter().map(|a| (a.chunk, a.store_chunk)).collect();
+        let len = data.len() as u64;
+        let first = offset / self.chunk_size;
+        let last = (offset + len - 1) / self.chunk_size;
+        for chunk in first..=last {
+            let Some(&sc) = at.get(&chunk) else {
+                return Err(ClientError::Unexpected {
+                    request: "SnapshotWrite",
+                    answer: format!("no store address for chunk {chunk}"),
+                });
+            };
+            let (vol_off, within, n) = self.piece(chunk, offset, len);
+            let from = (vol_off - offset) as usize;
+            let piece = data.slice(from..from + n as usize);
+            self.devices
+                .write(Which::Store, sc * self.chunk_size + within, piece, false)
+                .await?;
+        }
+        Ok(())
+    }
+
+    // ---- administration ----
+
+    pub async fn create_snapshot(&self, name: &str) -> Result<SnapshotInfo, ClientError> {
+        match self
+            .admin
+            .request(ClientMsg::CreateSnapshot { name: name.into() })
+            .await?
+            .msg
+        {
+            ServerMsg::SnapshotCreated { info } => Ok(info),
+            other => Err(unexpected("CreateSnapshot", other)),
+        }
+    }
+
+    pub async fn delete_snapshot(&self, snap: SnapRef) -> Result<SnapId, ClientError> {
+        match self
+            .admin
+            .request(ClientMsg::DeleteSnapshot { snap })
+            .await?
+            .msg
+        {
+            ServerMsg::SnapshotDeleted { snap } => {
+                let conn = self
+                    .snapshots
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(&snap);
+                if let Some(conn) = conn {
+                    conn.shutdown().await;
+                }
+                Ok(snap)
+            }
+            other => Err(unexpected("DeleteSnapshot", other)),
+        }
+    }
+
+    pub async fn list_snapshots(&self) -> Result<Vec<SnapshotInfo>, ClientError> {
+        match self.admin.request(ClientMsg::ListSnapshots).await?.msg {
+            ServerMsg::SnapshotList { snapshots } => Ok(snapshots),
+            other => Err(unexpected("ListSnapshots", other)),
+        }
+    }
+
+    pub async fn status(&self) -> Result<ServerStatus, ClientError> {
+        match self.admin.request(ClientMsg::Status).await?.msg {
+            ServerMsg::Status(s) => Ok(s),
+            other => Err(unexpected("Status", other)),
+        }
+    }
+
+    /// Closes every metadata connection (unanswered requests fail).
+    pub async fn shutdown(&self) {
+        let snaps: Vec<Arc<MetaConnection>> = self
+            .snapshots
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .drain()
+            .map(|(_, c)| c)
+            .collect();
+        for c in snaps {
+            c.shutdown().await;
+        }
+        self.origin.shutdown().await;
+        self.admin.shutdown().await;
+    }
+}
+
+fn conn_config(cfg: &ClientConfig, kind: ClientKind) -> ConnConfig {
+    ConnConfig {
+        server: cfg.server.clone(),
+        key: cfg.key.clone(),
+        client: client_id_for(cfg.client, kind),
+        node: cfg.node,
+        kind,
+        retry_min: Duration::from_millis(50),
+        retry_max: Duration::from_secs(1),
+        connect_timeout: Duration::from_secs(5),
+    }
+}
