@@ -107,6 +107,7 @@ pub fn decode_frame<T: DeserializeOwned>(buf: &[u8]) -> Result<Decoded<T>, Frame
         });
     }
     let body = &frame[1..];
+    check_structure(body)?;
     let mut de = rmp_serde::Deserializer::new(body);
     let msg = T::deserialize(&mut de).map_err(|e| FrameError::Malformed(e.to_string()))?;
     let trailing = de.get_ref().len();
@@ -114,6 +115,79 @@ pub fn decode_frame<T: DeserializeOwned>(buf: &[u8]) -> Result<Decoded<T>, Frame
         return Err(FrameError::TrailingBytes(trailing));
     }
     Ok(Decoded::Frame(msg, need))
+}
+
+/// Deepest MessagePack nesting accepted; csnap messages need about 6 levels.
+pub const MAX_NESTING: usize = 32;
+
+/// Walks a MessagePack body without recursion and checks that it is one well-formed value
+/// whose containers nest at most [`MAX_NESTING`] deep and whose lengths fit the body. The
+/// deserializer then never sees input that could exhaust the stack (unknown fields are
+/// skipped recursively by serde) or make it loop over absurd element counts.
+fn check_structure(body: &[u8]) -> Result<(), FrameError> {
+    let truncated = || FrameError::Malformed("body ends inside a value".into());
+    let mut pos = 0usize;
+    // Values still expected at each open nesting level; the root expects one.
+    let mut open: Vec<u64> = vec![1];
+    while let Some(remaining) = open.last_mut() {
+        if *remaining == 0 {
+            open.pop();
+            continue;
+        }
+        *remaining -= 1;
+        let marker = *body.get(pos).ok_or_else(truncated)?;
+        pos += 1;
+        let read_len = |pos: &mut usize, width: usize| -> Result<u64, FrameError> {
+            let bytes = body.get(*pos..*pos + width).ok_or_else(truncated)?;
+            *pos += width;
+            Ok(bytes.iter().fold(0u64, |acc, b| (acc << 8) | u64::from(*b)))
+        };
+        // (payload bytes to skip, elements of a container)
+        let (skip, elements): (u64, u64) = match marker {
+            0x00..=0x7f | 0xe0..=0xff | 0xc0 | 0xc2 | 0xc3 => (0, 0),
+            0x80..=0x8f => (0, 2 * u64::from(marker & 0x0f)),
+            0x90..=0x9f => (0, u64::from(marker & 0x0f)),
+            0xa0..=0xbf => (u64::from(marker & 0x1f), 0),
+            0xc1 => return Err(FrameError::Malformed("reserved byte 0xc1".into())),
+            0xc4 | 0xd9 => (read_len(&mut pos, 1)?, 0),
+            0xc5 | 0xda => (read_len(&mut pos, 2)?, 0),
+            0xc6 | 0xdb => (read_len(&mut pos, 4)?, 0),
+            0xc7 => (read_len(&mut pos, 1)? + 1, 0),
+            0xc8 => (read_len(&mut pos, 2)? + 1, 0),
+            0xc9 => (read_len(&mut pos, 4)? + 1, 0),
+            0xca | 0xce | 0xd2 => (4, 0),
+            0xcb | 0xcf | 0xd3 => (8, 0),
+            0xcc | 0xd0 => (1, 0),
+            0xcd | 0xd1 => (2, 0),
+            0xd4 => (2, 0),
+            0xd5 => (3, 0),
+            0xd6 => (5, 0),
+            0xd7 => (9, 0),
+            0xd8 => (17, 0),
+            0xdc => (0, read_len(&mut pos, 2)?),
+            0xdd => (0, read_len(&mut pos, 4)?),
+            0xde => (0, 2 * read_len(&mut pos, 2)?),
+            0xdf => (0, 2 * read_len(&mut pos, 4)?),
+        };
+        let left = (body.len() - pos) as u64;
+        if skip > left || elements > left {
+            // Every element takes at least one byte.
+            return Err(truncated());
+        }
+        pos += skip as usize;
+        if elements > 0 {
+            if open.len() > MAX_NESTING {
+                return Err(FrameError::Malformed(format!(
+                    "values nested deeper than {MAX_NESTING} levels"
+                )));
+            }
+            open.push(elements);
+        }
+    }
+    if pos != body.len() {
+        return Err(FrameError::TrailingBytes(body.len() - pos));
+    }
+    Ok(())
 }
 
 /// Decodes a buffer that must hold exactly one whole frame.

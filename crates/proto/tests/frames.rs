@@ -303,3 +303,37 @@ proptest! {
         let _ = decode_complete_frame::<ClientFrame>(&bytes);
     }
 }
+
+#[test]
+fn deeply_nested_unknown_fields_are_refused_without_exhausting_the_stack() {
+    // {"id": 1, "msg": "Status", "x": [[[[...]]]]} with 500k nesting levels.
+    let mut body = vec![0x83];
+    body.extend_from_slice(&[0xa2, b'i', b'd', 0x01]);
+    body.extend_from_slice(&[0xa3, b'm', b's', b'g', 0xa6]);
+    body.extend_from_slice(b"Status");
+    body.extend_from_slice(&[0xa1, b'x']);
+    body.extend(std::iter::repeat_n(0x91, 500_000));
+    body.push(0xc0);
+    let mut frame = ((body.len() + 1) as u32).to_be_bytes().to_vec();
+    frame.push(PROTOCOL_VERSION);
+    frame.extend_from_slice(&body);
+    let err = decode_frame::<ClientFrame>(&frame).unwrap_err();
+    assert!(matches!(err, FrameError::Malformed(_)), "{err}");
+
+    // The same message without the bomb decodes (unknown fields are ignored).
+    let mut body = vec![0x83];
+    body.extend_from_slice(&[0xa2, b'i', b'd', 0x01]);
+    body.extend_from_slice(&[0xa3, b'm', b's', b'g', 0xa6]);
+    body.extend_from_slice(b"Status");
+    body.extend_from_slice(&[0xa1, b'x', 0x91, 0x91, 0xc0]);
+    let mut frame = ((body.len() + 1) as u32).to_be_bytes().to_vec();
+    frame.push(PROTOCOL_VERSION);
+    frame.extend_from_slice(&body);
+    assert_eq!(
+        decode_complete_frame::<ClientFrame>(&frame).unwrap(),
+        ClientFrame {
+            id: 1,
+            msg: ClientMsg::Status
+        }
+    );
+}
