@@ -74,7 +74,7 @@ fn run_model(seed: u64, steps: usize, extra_chunks: u64, origin_chunks: u64) {
 fn random_operations_match_the_reference() {
     let seed = seed("random_operations_match_the_reference");
     let mut rng = rng(seed);
-    for _ in 0..12 {
+    for _ in 0..8 {
         run_model(rng.gen(), 300, 400, 24);
     }
 }
@@ -84,7 +84,7 @@ fn random_operations_on_a_nearly_full_store_match_the_reference() {
     // Few data chunks: the store-full policy (invalidate the oldest) runs often.
     let seed = seed("random_operations_on_a_nearly_full_store");
     let mut rng = rng(seed);
-    for _ in 0..12 {
+    for _ in 0..8 {
         run_model(rng.gen(), 300, 8, 24);
     }
 }

@@ -19,6 +19,7 @@ pub mod device;
 pub mod error;
 pub mod format;
 
+mod adapter;
 mod btree;
 mod check;
 mod meta;
@@ -294,6 +295,8 @@ pub struct Store {
     unclean: bool,
     replayed: u64,
     policy: FullPolicy,
+    /// Per-snapshot store usage from the last full scan (see `usage`).
+    usage_cache: BTreeMap<u64, u64>,
 }
 
 /// Reads both superblock slots and returns the valid one with the highest sequence.
@@ -424,6 +427,7 @@ impl Store {
             unclean,
             replayed: replay.transactions,
             policy: opts.full_policy,
+            usage_cache: BTreeMap::new(),
         };
         store.load_snapshots()?;
         Ok(store)

@@ -1,0 +1,159 @@
+//! `MetaStore` (the request engine's view of a store) for the on-disk `Store`.
+
+use super::{ChunkSource, SnapState, SnapshotRecord, Store, StoreError};
+use crate::engine::{MetaStore, ReclaimProgress, SnapChunk, StoreError as EngineError, StoreStats};
+use csnap_proto::{SnapId, SnapshotInfo, SnapshotState};
+
+impl From<StoreError> for EngineError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::Full => EngineError::Full,
+            StoreError::NoSuchSnapshot(id) => EngineError::NoSuchSnapshot(SnapId(id)),
+            StoreError::NotLive(id) => EngineError::NotLive(SnapId(id)),
+            StoreError::NameTaken(name) => EngineError::NameTaken(name),
+            StoreError::BadName { name, why } => EngineError::BadName { name, why },
+            StoreError::ChunkOutOfRange {
+                chunk,
+                origin_chunks,
+            } => EngineError::ChunkOutOfRange {
+                chunk,
+                origin_chunks,
+            },
+            StoreError::NotReserved(c) => EngineError::NotReserved(c),
+            // Keep the kind, and the message that names the device and offset.
+            StoreError::Io {
+                op,
+                device,
+                offset,
+                source,
+            } => EngineError::Io(std::io::Error::new(
+                source.kind(),
+                format!("I/O error {op} {device} at byte {offset}: {source}"),
+            )),
+            other => EngineError::Corrupt(other.to_string()),
+        }
+    }
+}
+
+fn info(rec: &SnapshotRecord, chunks_held: u64) -> SnapshotInfo {
+    SnapshotInfo {
+        id: SnapId(rec.id),
+        name: rec.name.clone(),
+        ctime: rec.ctime,
+        state: match &rec.state {
+            SnapState::Live => SnapshotState::Live,
+            SnapState::Invalid { reason } => SnapshotState::Invalid {
+                reason: reason.clone(),
+            },
+            SnapState::Deleting => SnapshotState::Deleting,
+        },
+        chunks_held,
+    }
+}
+
+impl Store {
+    /// Store usage of one snapshot as of the last full scan (`usage`, run by
+    /// `list_snapshots`); single lookups stay O(1).
+    fn cached_usage(&self, id: u64) -> u64 {
+        self.usage_cache.get(&id).copied().unwrap_or(0)
+    }
+}
+
+impl MetaStore for Store {
+    fn stats(&mut self) -> Result<StoreStats, EngineError> {
+        let g = *self.geometry();
+        Ok(StoreStats {
+            chunk_size: g.chunk_size as u32,
+            origin_chunks: g.origin_chunks(),
+            store_chunks: g.data_chunks,
+            free_chunks: self.meta.root.data_free,
+        })
+    }
+
+    fn create_snapshot(&mut self, name: &str, ctime: u64) -> Result<SnapshotInfo, EngineError> {
+        let rec = Store::create_snapshot(self, name, ctime)?;
+        Ok(info(&rec, 0))
+    }
+
+    fn delete_snapshot(&mut self, id: SnapId) -> Result<(), EngineError> {
+        Ok(Store::delete_snapshot(self, id.0)?)
+    }
+
+    fn invalidate_snapshot(&mut self, id: SnapId, reason: &str) -> Result<(), EngineError> {
+        Ok(Store::invalidate_snapshot(self, id.0, reason)?)
+    }
+
+    fn list_snapshots(&mut self) -> Result<Vec<SnapshotInfo>, EngineError> {
+        let usage = self.usage()?;
+        let list = self
+            .snapshots()
+            .iter()
+            .map(|r| info(r, usage.get(&r.id).copied().unwrap_or(0)))
+            .collect();
+        self.usage_cache = usage;
+        Ok(list)
+    }
+
+    fn snapshot(&mut self, id: SnapId) -> Result<Option<SnapshotInfo>, EngineError> {
+        Ok(Store::snapshot(self, id.0).map(|r| info(r, self.cached_usage(r.id))))
+    }
+
+    fn snapshot_by_name(&mut self, name: &str) -> Result<Option<SnapshotInfo>, EngineError> {
+        Ok(Store::snapshot_by_name(self, name).map(|r| info(r, self.cached_usage(r.id))))
+    }
+
+    fn oldest_sharing_origin(&mut self, chunk: u64) -> Result<Option<SnapId>, EngineError> {
+        Ok(Store::oldest_sharing_origin(self, chunk)?.map(SnapId))
+    }
+
+    fn reserve_chunk(&mut self) -> Result<u64, EngineError> {
+        Ok(Store::reserve_chunk(self)?)
+    }
+
+    fn release_chunk(&mut self, store_chunk: u64) -> Result<(), EngineError> {
+        Ok(Store::release_chunk(self, store_chunk)?)
+    }
+
+    fn record_copy_out(&mut self, chunk: u64, store_chunk: u64) -> Result<bool, EngineError> {
+        Ok(Store::record_copy_out(self, chunk, store_chunk)?)
+    }
+
+    fn snapshot_chunk(&mut self, id: SnapId, chunk: u64) -> Result<SnapChunk, EngineError> {
+        Ok(match Store::snapshot_chunk(self, id.0, chunk)? {
+            ChunkSource::Origin => SnapChunk::Origin,
+            ChunkSource::Store {
+                store_chunk,
+                exclusive,
+            } => SnapChunk::Store {
+                store_chunk,
+                exclusive,
+            },
+        })
+    }
+
+    fn record_snapshot_exception(
+        &mut self,
+        id: SnapId,
+        chunk: u64,
+        store_chunk: u64,
+    ) -> Result<(), EngineError> {
+        Ok(Store::record_snapshot_exception(
+            self,
+            id.0,
+            chunk,
+            store_chunk,
+        )?)
+    }
+
+    fn reclaim_step(&mut self, budget: usize) -> Result<ReclaimProgress, EngineError> {
+        let p = Store::reclaim_step(self, budget)?;
+        Ok(ReclaimProgress {
+            freed_chunks: p.chunks_freed,
+            done: p.done,
+        })
+    }
+
+    fn commit(&mut self) -> Result<(), EngineError> {
+        Ok(Store::commit(self)?)
+    }
+}
