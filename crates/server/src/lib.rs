@@ -1,3 +1,4 @@
 //! csnap snapshot store and metadata server.
 pub mod engine;
+pub mod net;
 pub mod store;

@@ -1,0 +1,187 @@
+//! Per-connection tasks: a reader that decodes client frames and feeds them to the engine
+//! thread, and a writer that drains the connection's bounded send queue.
+
+use super::driver::{Input, Outgoing};
+use crate::engine::ConnId;
+use csnap_proto::{ClientFrame, FrameCodec, FrameError, ServerFrame};
+use futures::{SinkExt as _, StreamExt as _};
+use std::sync::Arc;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt as _};
+use tokio::sync::{mpsc, OwnedSemaphorePermit};
+use tokio_util::codec::{FramedRead, FramedWrite};
+use tokio_util::sync::CancellationToken;
+
+type Codec = FrameCodec<ClientFrame, ServerFrame>;
+
+/// A client connection's byte stream (TCP or Unix).
+pub(crate) trait AsyncStream: AsyncRead + AsyncWrite + Send + Unpin {}
+impl<T: AsyncRead + AsyncWrite + Send + Unpin> AsyncStream for T {}
+
+/// Registers a new connection with the engine thread, then starts its reader and writer.
+/// `permit` (the connection-count slot) is released when both tasks have ended.
+pub(crate) async fn serve_connection<S>(
+    stream: S,
+    conn: ConnId,
+    peer: String,
+    net_tx: mpsc::Sender<Input>,
+    queue_frames: usize,
+    permit: OwnedSemaphorePermit,
+    server_stop: CancellationToken,
+) where
+    S: AsyncStream + 'static,
+{
+    let (rd, wr) = tokio::io::split(stream);
+    let (out_tx, out_rx) = mpsc::channel(queue_frames.max(1));
+    // Cancelled to drop the connection at once, and when the whole server stops.
+    let cancel = server_stop.child_token();
+    let registered = net_tx
+        .send(Input::Connected {
+            conn,
+            peer: peer.clone(),
+            outgoing: out_tx,
+            cancel: cancel.clone(),
+        })
+        .await;
+    if registered.is_err() {
+        // The engine thread is gone (shutting down): drop the socket.
+        return;
+    }
+    let permit = Arc::new(permit);
+    tokio::spawn(write_loop(
+        wr,
+        conn,
+        out_rx,
+        net_tx.clone(),
+        cancel.clone(),
+        permit.clone(),
+    ));
+    tokio::spawn(read_loop(rd, conn, net_tx, cancel, permit));
+}
+
+async fn read_loop<R: AsyncRead + Send + Unpin>(
+    rd: R,
+    conn: ConnId,
+    net_tx: mpsc::Sender<Input>,
+    cancel: CancellationToken,
+    _permit: Arc<OwnedSemaphorePermit>,
+) {
+    let mut frames = FramedRead::new(rd, Codec::new());
+    loop {
+        let item = tokio::select! {
+            biased;
+            _ = cancel.cancelled() => return,
+            item = frames.next() => item,
+        };
+        let input = match item {
+            Some(Ok(frame)) => Input::Frame { conn, frame },
+            Some(Err(FrameError::Io(e))) => {
+                tracing::debug!(conn, error = %e, "connection read failed");
+                Input::Disconnected { conn }
+            }
+            Some(Err(e)) => {
+                // A framing error cannot be resynchronised: the engine answers and closes,
+                // and nothing more is read from this stream.
+                let _ = net_tx
+                    .send(Input::BadFrame {
+                        conn,
+                        error: e.to_string(),
+                    })
+                    .await;
+                return;
+            }
+            None => Input::Disconnected { conn },
+        };
+        let last = matches!(input, Input::Disconnected { .. });
+        // A full engine queue makes this wait: backpressure onto the client's socket.
+        tokio::select! {
+            biased;
+            _ = cancel.cancelled() => return,
+            sent = net_tx.send(input) => {
+                if sent.is_err() || last {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+async fn write_loop<W: AsyncWrite + Send + Unpin>(
+    wr: W,
+    conn: ConnId,
+    mut out_rx: mpsc::Receiver<Outgoing>,
+    net_tx: mpsc::Sender<Input>,
+    cancel: CancellationToken,
+    _permit: Arc<OwnedSemaphorePermit>,
+) {
+    let mut sink = FramedWrite::new(wr, Codec::new());
+    let result: Result<(), FrameError> = async {
+        loop {
+            let next = tokio::select! {
+                biased;
+                _ = cancel.cancelled() => return Ok(()),
+                next = out_rx.recv() => next,
+            };
+            match next {
+                Some(Outgoing::Frame(frame)) => {
+                    // Batch whatever else is queued into one flush.
+                    let mut batch = vec![frame];
+                    let mut close = false;
+                    while batch.len() < 64 {
+                        match out_rx.try_recv() {
+                            Ok(Outgoing::Frame(f)) => batch.push(f),
+                            Ok(Outgoing::Close) => {
+                                close = true;
+                                break;
+                            }
+                            Err(_) => break,
+                        }
+                    }
+                    let write = async {
+                        for f in batch {
+                            sink.feed(f).await?;
+                        }
+                        sink.flush().await
+                    };
+                    tokio::select! {
+                        biased;
+                        _ = cancel.cancelled() => return Ok(()),
+                        r = write => r?,
+                    }
+                    if close {
+                        return finish(&mut sink, &cancel).await;
+                    }
+                }
+                Some(Outgoing::Close) => return finish(&mut sink, &cancel).await,
+                // The engine thread dropped the connection.
+                None => return Ok(()),
+            }
+        }
+    }
+    .await;
+    if let Err(e) = result {
+        tracing::debug!(conn, error = %e, "connection write failed");
+        // Harmless if the engine already dropped the connection.
+        let _ = net_tx.send(Input::Disconnected { conn }).await;
+    }
+    cancel.cancel();
+}
+
+/// Closes after everything queued was sent: shut down the write side so the client sees
+/// EOF after the last frame.
+async fn finish<W: AsyncWrite + Unpin>(
+    sink: &mut FramedWrite<W, Codec>,
+    cancel: &CancellationToken,
+) -> Result<(), FrameError> {
+    let shutdown = async {
+        sink.flush().await?;
+        sink.get_mut().shutdown().await?;
+        Ok::<(), FrameError>(())
+    };
+    tokio::select! {
+        biased;
+        _ = cancel.cancelled() => Ok(()),
+        r = tokio::time::timeout(std::time::Duration::from_secs(5), shutdown) => {
+            r.unwrap_or(Ok(()))
+        }
+    }
+}

@@ -1,0 +1,670 @@
+//! The engine thread: the only owner of the [`Engine`] (and through it the store). It takes
+//! inputs from the connection tasks and control messages (copy completions, ticks, status,
+//! shutdown), feeds them to the engine, and carries out the engine's actions.
+//!
+//! It is a dedicated OS thread rather than a tokio task because every engine step may do
+//! blocking store I/O (btree reads on a cache miss, the journal commit). Commits run inline
+//! on this thread: inputs that arrive meanwhile queue up and are all covered by the next
+//! commit (group commit), and the engine never has more than one commit outstanding.
+
+use crate::engine::{
+    Action, ConnId, CopyId, CopyPurpose, CopySource, Engine, Event, LogLevel, MetaStore as _,
+};
+use crate::store::{BlockDevice, Geometry, Store};
+use csnap_proto::auth::{self, Nonce};
+use csnap_proto::{
+    ClientFrame, ClientId, ClientKind, ClientMsg, RequestId, ServerFrame, ServerMsg, ServerStatus,
+    PROTOCOL_VERSION,
+};
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use tokio::runtime::Handle;
+use tokio::sync::{mpsc, oneshot, watch, Semaphore};
+use tokio_util::sync::CancellationToken;
+
+/// The engine connection the shell itself uses to ask for `Status` (never a socket).
+pub(crate) const INTERNAL_CONN: ConnId = 0;
+/// The client id of that connection.
+pub(crate) const INTERNAL_CLIENT: ClientId = ClientId(u64::MAX);
+
+/// From connection tasks (bounded: a flood of requests pushes back onto the sockets).
+pub(crate) enum Input {
+    Connected {
+        conn: ConnId,
+        peer: String,
+        outgoing: mpsc::Sender<Outgoing>,
+        cancel: CancellationToken,
+    },
+    Frame {
+        conn: ConnId,
+        frame: ClientFrame,
+    },
+    BadFrame {
+        conn: ConnId,
+        error: String,
+    },
+    Disconnected {
+        conn: ConnId,
+    },
+}
+
+/// To a connection's writer task.
+pub(crate) enum Outgoing {
+    Frame(ServerFrame),
+    /// Send what is queued, then close.
+    Close,
+}
+
+/// From the server handle, the ticker and the copy workers (unbounded: each producer is
+/// bounded by other means).
+pub(crate) enum Control {
+    CopyDone {
+        copy: CopyId,
+        result: Result<(), String>,
+    },
+    Tick,
+    DeclareGone(ClientId),
+    Status(oneshot::Sender<ServerStatus>),
+    Shutdown,
+    /// The server handle was dropped without a shutdown: stop, leave the store unclean.
+    Abandon,
+}
+
+/// How the engine thread ended.
+pub(crate) enum Exit {
+    /// Clean shutdown; the result of closing the store (marking it clean).
+    Shutdown(Result<(), String>),
+    /// The engine reported a fatal error; the store was left as it was (unclean).
+    Fatal(String),
+    /// Abandoned (handle dropped); the store was left unclean, as after a crash.
+    Abandoned,
+}
+
+/// Devices and geometry for the copies the engine asks for.
+pub(crate) struct DataPath {
+    pub origin: Arc<dyn BlockDevice>,
+    pub store: Arc<dyn BlockDevice>,
+    pub geometry: Geometry,
+}
+
+impl DataPath {
+    /// Copies one chunk into store chunk `to` and makes it stable. Blocking.
+    fn copy(&self, from: CopySource, to: u64) -> Result<(), String> {
+        let g = &self.geometry;
+        let cs = g.chunk_size;
+        if !g.is_data_chunk(to) {
+            return Err(format!(
+                "destination store chunk {to} is outside the data area"
+            ));
+        }
+        let mut buf = vec![0u8; cs as usize];
+        match from {
+            CopySource::Origin { chunk } => {
+                let offset = chunk
+                    .checked_mul(cs)
+                    .filter(|o| *o < g.origin_size)
+                    .ok_or_else(|| format!("origin chunk {chunk} is beyond the origin"))?;
+                // The last chunk may be partial; the rest of the copy stays zero.
+                let len = cs.min(g.origin_size - offset) as usize;
+                self.origin.read_at(&mut buf[..len], offset).map_err(|e| {
+                    format!(
+                        "reading origin {} at byte {offset} (chunk {chunk}): {e}",
+                        self.origin.name()
+                    )
+                })?;
+            }
+            CopySource::Store { store_chunk } => {
+                if !g.is_data_chunk(store_chunk) {
+                    return Err(format!(
+                        "source store chunk {store_chunk} is outside the data area"
+                    ));
+                }
+                let offset = g.chunk_offset(store_chunk);
+                self.store.read_at(&mut buf, offset).map_err(|e| {
+                    format!(
+                        "reading store {} at byte {offset} (chunk {store_chunk}): {e}",
+                        self.store.name()
+                    )
+                })?;
+            }
+        }
+        let offset = g.chunk_offset(to);
+        self.store.write_at(&buf, offset).map_err(|e| {
+            format!(
+                "writing store {} at byte {offset} (chunk {to}): {e}",
+                self.store.name()
+            )
+        })?;
+        self.store
+            .flush()
+            .map_err(|e| format!("flushing store {}: {e}", self.store.name()))
+    }
+}
+
+struct ConnState {
+    peer: String,
+    outgoing: mpsc::Sender<Outgoing>,
+    cancel: CancellationToken,
+    opened: Instant,
+    authenticated: bool,
+    client: Option<ClientId>,
+}
+
+pub(crate) struct DriverParts {
+    pub engine: Engine<Store>,
+    pub rt: Handle,
+    pub net_rx: mpsc::Receiver<Input>,
+    pub ctl_rx: mpsc::UnboundedReceiver<Control>,
+    pub ctl_tx: mpsc::UnboundedSender<Control>,
+    pub data: Arc<DataPath>,
+    pub max_copies: usize,
+    pub cluster_key: Vec<u8>,
+    pub auth_timeout: Duration,
+    pub fatal_tx: watch::Sender<Option<String>>,
+    /// Cancelled when the server stops: ends the acceptor and every connection task.
+    pub stop: CancellationToken,
+    pub volume: String,
+}
+
+pub(crate) struct Driver {
+    engine: Engine<Store>,
+    rt: Handle,
+    net_rx: mpsc::Receiver<Input>,
+    net_open: bool,
+    ctl_rx: mpsc::UnboundedReceiver<Control>,
+    ctl_tx: mpsc::UnboundedSender<Control>,
+    data: Arc<DataPath>,
+    copy_slots: Arc<Semaphore>,
+    copies_in_flight: usize,
+    conns: HashMap<ConnId, ConnState>,
+    cluster_key: Vec<u8>,
+    auth_timeout: Duration,
+    fatal_tx: watch::Sender<Option<String>>,
+    stop: CancellationToken,
+    volume: String,
+    internal_nonce: Nonce,
+    next_internal_id: RequestId,
+    status_waiters: HashMap<RequestId, oneshot::Sender<ServerStatus>>,
+    /// Events the shell generated while carrying out actions (a connection it killed).
+    pending: VecDeque<Event>,
+    abandoned: bool,
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+enum Wake {
+    Ctl(Control),
+    Net(Option<Input>),
+}
+
+impl Driver {
+    pub(crate) fn new(p: DriverParts) -> Driver {
+        Driver {
+            engine: p.engine,
+            rt: p.rt,
+            net_rx: p.net_rx,
+            net_open: true,
+            ctl_rx: p.ctl_rx,
+            ctl_tx: p.ctl_tx,
+            data: p.data,
+            copy_slots: Arc::new(Semaphore::new(p.max_copies.max(1))),
+            copies_in_flight: 0,
+            conns: HashMap::new(),
+            cluster_key: p.cluster_key,
+            auth_timeout: p.auth_timeout,
+            fatal_tx: p.fatal_tx,
+            stop: p.stop,
+            volume: p.volume,
+            internal_nonce: auth::random_nonce(),
+            next_internal_id: 1,
+            status_waiters: HashMap::new(),
+            pending: VecDeque::new(),
+            abandoned: false,
+        }
+    }
+
+    /// Runs until shutdown or a fatal error.
+    pub(crate) fn run(mut self) -> Exit {
+        let span = tracing::info_span!("server", volume = %self.volume);
+        let _entered = span.enter();
+        if let Err(reason) = self.open_internal_session().and_then(|()| self.pump()) {
+            return self.fatal(reason);
+        }
+        loop {
+            let wake = {
+                let (ctl, net, net_open) = (&mut self.ctl_rx, &mut self.net_rx, self.net_open);
+                self.rt.block_on(async {
+                    tokio::select! {
+                        biased;
+                        c = ctl.recv() => match c {
+                            Some(c) => Wake::Ctl(c),
+                            // Every handle is gone: nobody can ask for a shutdown any more.
+                            None => Wake::Ctl(Control::Shutdown),
+                        },
+                        n = net.recv(), if net_open => Wake::Net(n),
+                    }
+                })
+            };
+            let mut step = self.on_wake(wake);
+            // Take what else is already queued before blocking again.
+            for _ in 0..256 {
+                if !matches!(step, Ok(true)) {
+                    break;
+                }
+                let wake = match self.ctl_rx.try_recv() {
+                    Ok(c) => Wake::Ctl(c),
+                    Err(_) if self.net_open => match self.net_rx.try_recv() {
+                        Ok(i) => Wake::Net(Some(i)),
+                        Err(_) => break,
+                    },
+                    Err(_) => break,
+                };
+                step = self.on_wake(wake);
+            }
+            match step {
+                Ok(true) => {}
+                Ok(false) if self.abandoned => {
+                    tracing::warn!("server handle dropped without shutdown; store left unclean");
+                    self.stop.cancel();
+                    return Exit::Abandoned;
+                }
+                Ok(false) => return self.shutdown(),
+                Err(reason) => return self.fatal(reason),
+            }
+        }
+    }
+
+    /// Ok(false): shutdown requested; Err: fatal.
+    fn on_wake(&mut self, wake: Wake) -> Result<bool, String> {
+        match wake {
+            Wake::Ctl(Control::Shutdown) => return Ok(false),
+            Wake::Ctl(Control::Abandon) => {
+                self.abandoned = true;
+                return Ok(false);
+            }
+            Wake::Ctl(c) => self.on_control(c),
+            Wake::Net(None) => self.net_open = false,
+            Wake::Net(Some(i)) => self.on_input(i),
+        }
+        self.pump()?;
+        Ok(true)
+    }
+
+    fn on_control(&mut self, c: Control) {
+        match c {
+            Control::CopyDone { copy, result } => {
+                self.copies_in_flight = self.copies_in_flight.saturating_sub(1);
+                if let Err(e) = &result {
+                    tracing::error!(copy, error = %e, "chunk copy failed");
+                }
+                self.engine.handle(Event::CopyDone { copy, result });
+            }
+            Control::Tick => {
+                self.expire_unauthenticated();
+                self.engine.handle(Event::Tick { now: unix_now() });
+            }
+            Control::DeclareGone(client) => {
+                tracing::info!(%client, "client declared gone");
+                self.engine.handle(Event::ClientDeclaredGone { client });
+            }
+            Control::Status(reply) => {
+                let id = self.next_internal_id;
+                self.next_internal_id += 1;
+                self.status_waiters.insert(id, reply);
+                self.engine.handle(Event::ClientRequest {
+                    conn: INTERNAL_CONN,
+                    frame: ClientFrame {
+                        id,
+                        msg: ClientMsg::Status,
+                    },
+                });
+            }
+            Control::Shutdown | Control::Abandon => {}
+        }
+    }
+
+    fn on_input(&mut self, i: Input) {
+        match i {
+            Input::Connected {
+                conn,
+                peer,
+                outgoing,
+                cancel,
+            } => {
+                tracing::info!(conn, %peer, "connection accepted");
+                self.conns.insert(
+                    conn,
+                    ConnState {
+                        peer,
+                        outgoing,
+                        cancel,
+                        opened: Instant::now(),
+                        authenticated: false,
+                        client: None,
+                    },
+                );
+                self.engine.handle(Event::ClientConnected {
+                    conn,
+                    server_nonce: auth::random_nonce(),
+                });
+            }
+            Input::Frame { conn, frame } => {
+                let Some(c) = self.conns.get_mut(&conn) else {
+                    return;
+                };
+                if let ClientMsg::Hello { client, .. } = &frame.msg {
+                    if c.client.is_none() {
+                        c.client = Some(*client);
+                    }
+                }
+                self.engine.handle(Event::ClientRequest { conn, frame });
+            }
+            Input::BadFrame { conn, error } => {
+                if let Some(c) = self.conns.get(&conn) {
+                    tracing::warn!(conn, peer = %c.peer, client = ?c.client, %error, "bad frame");
+                    self.engine.handle(Event::ClientBadFrame { conn, error });
+                }
+            }
+            Input::Disconnected { conn } => {
+                if let Some(c) = self.conns.remove(&conn) {
+                    tracing::info!(conn, peer = %c.peer, client = ?c.client, "connection closed by the client");
+                    c.cancel.cancel();
+                    self.engine.handle(Event::ClientDisconnected { conn });
+                }
+            }
+        }
+    }
+
+    /// Connections that did not authenticate in time are dropped (they hold a slot).
+    fn expire_unauthenticated(&mut self) {
+        let limit = self.auth_timeout;
+        let late: Vec<ConnId> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| !c.authenticated && c.opened.elapsed() > limit)
+            .map(|(id, _)| *id)
+            .collect();
+        for conn in late {
+            if let Some(c) = self.conns.get(&conn) {
+                tracing::warn!(conn, peer = %c.peer, timeout_secs = limit.as_secs(), "no authentication in time; closing");
+            }
+            self.kill(conn);
+        }
+    }
+
+    /// Drops a connection at once (no flush) and tells the engine it is gone.
+    fn kill(&mut self, conn: ConnId) {
+        if let Some(c) = self.conns.remove(&conn) {
+            c.cancel.cancel();
+            self.pending.push_back(Event::ClientDisconnected { conn });
+        }
+    }
+
+    /// Carries out the engine's actions (and the events they cause) until none is left.
+    fn pump(&mut self) -> Result<(), String> {
+        loop {
+            if let Some(action) = self.engine.poll_action() {
+                self.execute(action)?;
+            } else if let Some(event) = self.pending.pop_front() {
+                self.engine.handle(event);
+            } else {
+                return Ok(());
+            }
+        }
+    }
+
+    fn execute(&mut self, mut action: Action) -> Result<(), String> {
+        if let Action::Send {
+            frame:
+                ServerFrame {
+                    msg: ServerMsg::Status(status),
+                    ..
+                },
+            ..
+        } = &mut action
+        {
+            // The shell's own status session is not a client.
+            status.connected_clients = status.connected_clients.saturating_sub(1);
+        }
+        match action {
+            Action::Send { conn, frame } if conn == INTERNAL_CONN => self.internal_reply(frame),
+            Action::Send { conn, frame } => {
+                let Some(c) = self.conns.get_mut(&conn) else {
+                    return Ok(());
+                };
+                match &frame.msg {
+                    ServerMsg::Welcome { .. } => {
+                        c.authenticated = true;
+                        tracing::info!(conn, peer = %c.peer, client = ?c.client, "client authenticated");
+                    }
+                    ServerMsg::Error { code, message } => {
+                        tracing::debug!(conn, client = ?c.client, %code, %message, "error reply");
+                    }
+                    _ => {}
+                }
+                match c.outgoing.try_send(Outgoing::Frame(frame)) {
+                    Ok(()) => {}
+                    Err(mpsc::error::TrySendError::Full(_)) => {
+                        tracing::warn!(conn, peer = %c.peer, client = ?c.client, "client does not read its replies (send queue full); closing the connection");
+                        self.kill(conn);
+                    }
+                    Err(mpsc::error::TrySendError::Closed(_)) => self.kill(conn),
+                }
+                Ok(())
+            }
+            Action::Close { conn } if conn == INTERNAL_CONN => {
+                // Someone claimed the internal client id; keep status working.
+                tracing::warn!("internal status session was closed; reopening it");
+                self.open_internal_session()
+            }
+            Action::Close { conn } => {
+                if let Some(c) = self.conns.remove(&conn) {
+                    tracing::info!(conn, peer = %c.peer, client = ?c.client, "closing connection");
+                    if c.outgoing.try_send(Outgoing::Close).is_err() {
+                        c.cancel.cancel();
+                    }
+                }
+                Ok(())
+            }
+            Action::Copy {
+                copy,
+                from,
+                to,
+                purpose,
+            } => {
+                self.spawn_copy(copy, from, to, purpose);
+                Ok(())
+            }
+            Action::Commit => {
+                let started = Instant::now();
+                self.engine.run_commit();
+                tracing::debug!(
+                    elapsed_us = started.elapsed().as_micros() as u64,
+                    "store commit"
+                );
+                Ok(())
+            }
+            Action::Log { level, message } => {
+                match level {
+                    LogLevel::Info => tracing::info!(target: "csnap_server::engine", "{message}"),
+                    LogLevel::Warn => tracing::warn!(target: "csnap_server::engine", "{message}"),
+                    LogLevel::Error => {
+                        tracing::error!(target: "csnap_server::engine", "{message}")
+                    }
+                }
+                Ok(())
+            }
+            Action::Fatal { reason } => Err(reason),
+        }
+    }
+
+    fn spawn_copy(&mut self, copy: CopyId, from: CopySource, to: u64, purpose: CopyPurpose) {
+        match (from, purpose) {
+            (CopySource::Origin { chunk }, _) => {
+                tracing::debug!(copy, chunk, store_chunk = to, ?purpose, "copy from origin")
+            }
+            (CopySource::Store { store_chunk }, _) => {
+                tracing::debug!(
+                    copy,
+                    from_store_chunk = store_chunk,
+                    store_chunk = to,
+                    ?purpose,
+                    "copy within store"
+                )
+            }
+        }
+        self.copies_in_flight += 1;
+        let (data, slots, done) = (
+            self.data.clone(),
+            self.copy_slots.clone(),
+            self.ctl_tx.clone(),
+        );
+        self.rt.spawn(async move {
+            let result = match slots.acquire_owned().await {
+                Ok(permit) => {
+                    let work = tokio::task::spawn_blocking(move || {
+                        let _slot = permit;
+                        data.copy(from, to)
+                    });
+                    work.await
+                        .unwrap_or_else(|e| Err(format!("copy worker failed: {e}")))
+                }
+                Err(_) => Err("copy workers are shut down".to_owned()),
+            };
+            let _ = done.send(Control::CopyDone { copy, result });
+        });
+    }
+
+    /// Opens the engine session the shell uses for `Status` (authenticated like any client).
+    fn open_internal_session(&mut self) -> Result<(), String> {
+        self.engine.handle(Event::ClientConnected {
+            conn: INTERNAL_CONN,
+            server_nonce: auth::random_nonce(),
+        });
+        self.internal_nonce = auth::random_nonce();
+        let id = self.next_internal_id;
+        self.next_internal_id += 1;
+        self.engine.handle(Event::ClientRequest {
+            conn: INTERNAL_CONN,
+            frame: ClientFrame {
+                id,
+                msg: ClientMsg::Hello {
+                    protocol_version: u32::from(PROTOCOL_VERSION),
+                    client: INTERNAL_CLIENT,
+                    node: 0,
+                    kind: ClientKind::Admin,
+                    client_nonce: self.internal_nonce,
+                    resuming: false,
+                },
+            },
+        });
+        Ok(())
+    }
+
+    fn internal_reply(&mut self, frame: ServerFrame) -> Result<(), String> {
+        match frame.msg {
+            ServerMsg::Challenge { server_nonce, .. } => {
+                let proof = auth::client_proof(
+                    &self.cluster_key,
+                    INTERNAL_CLIENT,
+                    &self.internal_nonce,
+                    &server_nonce,
+                );
+                let id = self.next_internal_id;
+                self.next_internal_id += 1;
+                self.pending.push_back(Event::ClientRequest {
+                    conn: INTERNAL_CONN,
+                    frame: ClientFrame {
+                        id,
+                        msg: ClientMsg::AuthResponse { proof },
+                    },
+                });
+            }
+            ServerMsg::Status(status) => {
+                if let Some(waiter) = frame
+                    .reply_to
+                    .and_then(|id| self.status_waiters.remove(&id))
+                {
+                    let _ = waiter.send(status);
+                }
+            }
+            ServerMsg::Error { code, message } => {
+                tracing::warn!(%code, %message, "internal status session got an error");
+                if let Some(id) = frame.reply_to {
+                    self.status_waiters.remove(&id);
+                }
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    fn fatal(mut self, reason: String) -> Exit {
+        tracing::error!(%reason, "FATAL: the server stops serving now; the store is left for recovery by the next server");
+        let _ = self.fatal_tx.send(Some(reason.clone()));
+        self.stop.cancel();
+        self.conns.clear();
+        Exit::Fatal(reason)
+    }
+
+    /// Clean shutdown: close every connection after its queued replies, let copies in
+    /// flight land, then close the store (commit, checkpoint, mark clean).
+    fn shutdown(mut self) -> Exit {
+        tracing::info!(
+            connections = self.conns.len(),
+            copies_in_flight = self.copies_in_flight,
+            "shutting down"
+        );
+        for (_, c) in self.conns.drain() {
+            if c.outgoing.try_send(Outgoing::Close).is_err() {
+                c.cancel.cancel();
+            }
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self.copies_in_flight > 0 {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let ctl = &mut self.ctl_rx;
+            let next = self
+                .rt
+                .block_on(async { tokio::time::timeout(left, ctl.recv()).await });
+            match next {
+                Ok(Some(Control::CopyDone { copy, result })) => {
+                    self.copies_in_flight -= 1;
+                    self.engine.handle(Event::CopyDone { copy, result });
+                    if let Err(reason) = self.pump() {
+                        return self.fatal(reason);
+                    }
+                }
+                Ok(Some(_)) => {}
+                Ok(None) | Err(_) => {
+                    tracing::warn!(
+                        copies = self.copies_in_flight,
+                        "copies still in flight at shutdown; their chunks stay free"
+                    );
+                    break;
+                }
+            }
+        }
+        if self.engine.has_failed() {
+            return self.fatal("store failed during shutdown".to_owned());
+        }
+        let Driver { engine, stop, .. } = self;
+        let mut store = engine.into_store();
+        let free = store.stats().map(|s| s.free_chunks).unwrap_or(0);
+        let result = store.close().map_err(|e| e.to_string());
+        match &result {
+            Ok(()) => tracing::info!(free_chunks = free, "store closed cleanly"),
+            Err(e) => {
+                tracing::error!(error = %e, "closing the store failed; it will be recovered from its journal")
+            }
+        }
+        stop.cancel();
+        Exit::Shutdown(result)
+    }
+}

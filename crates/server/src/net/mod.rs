@@ -1,0 +1,591 @@
+//! The metadata server's I/O shell around the sans-IO [`Engine`](crate::engine::Engine):
+//! sockets, the engine thread, chunk copies, commits, ticks and shutdown.
+//!
+//! ```text
+//!  accept ──► per-connection reader ──(bounded mpsc)──► engine thread ──► writer queues
+//!                                                        │   ▲
+//!                      ticker, status, declare_gone ─────┘   │ CopyDone
+//!                                 copy workers (blocking pool, bounded) ◄── Copy
+//! ```
+//!
+//! [`start`] checks the key file, opens the store (journal replay, generation bump), builds
+//! the engine and serves until [`RunningServer::shutdown`] or a fatal store error.
+//! docs/server.md describes running the server, its options and its logs.
+
+mod conn;
+mod driver;
+pub mod key;
+
+use crate::engine::{Engine, EngineConfig, StoreFullPolicy};
+use crate::store::{self, BlockDevice, FileDevice, OpenOptions, Store};
+use csnap_proto::{ClientId, ServerStatus};
+use driver::{Control, DataPath, Driver, DriverParts, Exit, Input};
+use std::fmt;
+use std::io;
+use std::net::{SocketAddr, ToSocketAddrs as _};
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use tokio::net::{TcpListener, UnixListener};
+use tokio::sync::{mpsc, oneshot, watch, Semaphore};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+pub use key::KeyFileError;
+
+/// Where the server listens.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ListenAddr {
+    Tcp(SocketAddr),
+    Unix(PathBuf),
+}
+
+impl fmt::Display for ListenAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ListenAddr::Tcp(a) => write!(f, "{a}"),
+            ListenAddr::Unix(p) => write!(f, "unix:{}", p.display()),
+        }
+    }
+}
+
+impl FromStr for ListenAddr {
+    type Err = String;
+
+    /// `unix:PATH`, or `HOST:PORT` (an IP address, or a name resolved now).
+    fn from_str(s: &str) -> Result<Self, String> {
+        if let Some(path) = s.strip_prefix("unix:") {
+            if path.is_empty() {
+                return Err("unix: needs a socket path".into());
+            }
+            return Ok(ListenAddr::Unix(PathBuf::from(path)));
+        }
+        if let Ok(a) = s.parse::<SocketAddr>() {
+            return Ok(ListenAddr::Tcp(a));
+        }
+        match s.to_socket_addrs() {
+            Ok(mut addrs) => addrs
+                .next()
+                .map(ListenAddr::Tcp)
+                .ok_or_else(|| format!("{s:?} resolves to no address")),
+            Err(e) => Err(format!("{s:?} is neither HOST:PORT nor unix:PATH ({e})")),
+        }
+    }
+}
+
+/// Everything `start` needs. [`ServerConfig::new`] fills in the defaults.
+#[derive(Clone, Debug)]
+pub struct ServerConfig {
+    /// The origin device (read for copy-outs).
+    pub origin: PathBuf,
+    /// The snapshot store device (formatted with `csnapctl format`).
+    pub store: PathBuf,
+    pub listen: ListenAddr,
+    /// The cluster key: a regular file of mode 0600 owned by the server's user.
+    pub key_file: PathBuf,
+    /// Activation gate: the previous server's snapshot clients (from the agent's gather).
+    /// No origin write is granted until each has reconnected or is declared gone.
+    pub expected_snapshot_clients: Vec<ClientId>,
+    pub store_full_policy: StoreFullPolicy,
+    /// Bound of the store's metadata block cache, in bytes.
+    pub cache_bytes: u64,
+    /// Open the devices with O_DIRECT, so copy-outs read what other nodes wrote rather than
+    /// a stale page cache. Falls back to buffered I/O (with a warning) where unsupported.
+    pub direct_io: bool,
+    /// Promise uniqueness to origin clients (enables their write cache).
+    pub promise_unique: bool,
+    /// Most simultaneous connections; more are refused at accept.
+    pub max_connections: usize,
+    /// A connection that has not authenticated within this time is closed.
+    pub auth_timeout: Duration,
+    /// Frames queued per connection; a client that lets its queue fill is closed.
+    pub send_queue_frames: usize,
+    /// Chunk copies running at once on the blocking pool.
+    pub max_copies_in_flight: usize,
+    /// Most chunks one request may name.
+    pub max_request_chunks: u64,
+    /// How long a disconnected snapshot client's read locks are kept for it.
+    pub orphan_lock_grace_secs: u64,
+    /// Name in every log line (defaults to the store path).
+    pub volume: String,
+}
+
+impl ServerConfig {
+    pub fn new(
+        origin: impl Into<PathBuf>,
+        store: impl Into<PathBuf>,
+        listen: ListenAddr,
+        key_file: impl Into<PathBuf>,
+    ) -> ServerConfig {
+        let store = store.into();
+        let engine = EngineConfig::default();
+        ServerConfig {
+            origin: origin.into(),
+            volume: store.display().to_string(),
+            store,
+            listen,
+            key_file: key_file.into(),
+            expected_snapshot_clients: Vec::new(),
+            store_full_policy: StoreFullPolicy::default(),
+            cache_bytes: 64 << 20,
+            direct_io: true,
+            promise_unique: engine.promise_unique,
+            max_connections: 1024,
+            auth_timeout: Duration::from_secs(10),
+            send_queue_frames: 1024,
+            max_copies_in_flight: 8,
+            max_request_chunks: engine.max_request_chunks,
+            orphan_lock_grace_secs: engine.orphan_lock_grace_secs,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error(transparent)]
+    KeyFile(#[from] KeyFileError),
+    #[error("cannot open the {what} device {path}: {source}")]
+    OpenDevice {
+        what: &'static str,
+        path: PathBuf,
+        source: io::Error,
+    },
+    #[error("cannot open the snapshot store {path}: {source}")]
+    Store {
+        path: PathBuf,
+        source: store::StoreError,
+    },
+    #[error(
+        "origin {path} has {size} bytes but the store {store} was formatted for an origin of \
+         {needed} bytes (wrong device?)"
+    )]
+    OriginTooSmall {
+        path: PathBuf,
+        size: u64,
+        store: PathBuf,
+        needed: u64,
+    },
+    #[error("the request engine could not start: {0}")]
+    Engine(String),
+    #[error("cannot listen on {addr}: {source}")]
+    Listen { addr: ListenAddr, source: io::Error },
+    #[error("cannot start the engine thread: {0}")]
+    Thread(io::Error),
+    #[error("the server is not running")]
+    Stopped,
+    #[error("the server failed: {0}")]
+    Failed(String),
+    #[error("closing the snapshot store failed: {0}")]
+    Close(String),
+}
+
+enum Listener {
+    Tcp(TcpListener),
+    Unix(UnixListener, PathBuf),
+}
+
+/// A running server. Dropping it without [`shutdown`](RunningServer::shutdown) stops
+/// serving but leaves the store unclean (as a crash would).
+pub struct RunningServer {
+    local_addr: ListenAddr,
+    ctl_tx: mpsc::UnboundedSender<Control>,
+    stop: CancellationToken,
+    fatal_rx: watch::Receiver<Option<String>>,
+    exit_rx: Option<oneshot::Receiver<Exit>>,
+    tasks: Vec<JoinHandle<()>>,
+    unix_path: Option<PathBuf>,
+    generation: u64,
+    was_unclean: bool,
+}
+
+impl RunningServer {
+    /// The bound address (with the real port when listening on port 0).
+    pub fn local_addr(&self) -> ListenAddr {
+        self.local_addr.clone()
+    }
+
+    /// The server generation of this run (bumped in the store at start).
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    /// True if the previous server did not shut down cleanly (its journal was replayed).
+    pub fn recovered_unclean(&self) -> bool {
+        self.was_unclean
+    }
+
+    /// The agent knows `client` is gone for good: stop waiting for it at the activation
+    /// gate and release what it held.
+    pub fn declare_gone(&self, client: ClientId) {
+        let _ = self.ctl_tx.send(Control::DeclareGone(client));
+    }
+
+    /// The engine's status (what a client's `Status` request returns).
+    pub async fn status(&self) -> Result<ServerStatus, ServerError> {
+        let (tx, rx) = oneshot::channel();
+        self.ctl_tx
+            .send(Control::Status(tx))
+            .map_err(|_| ServerError::Stopped)?;
+        rx.await.map_err(|_| ServerError::Stopped)
+    }
+
+    /// Resolves when the server stopped serving after a fatal error, with the reason.
+    /// Pending forever while it serves normally.
+    pub async fn failed(&self) -> String {
+        let mut rx = self.fatal_rx.clone();
+        let reason = match rx.wait_for(|f| f.is_some()).await {
+            Ok(reason) => reason.clone(),
+            Err(_) => None,
+        };
+        match reason {
+            Some(reason) => reason,
+            None => std::future::pending().await,
+        }
+    }
+
+    /// Clean shutdown: stop accepting, close every connection after its queued replies,
+    /// let copies in flight land, close the store (marked clean). After a fatal error this
+    /// returns `Failed` with its reason.
+    pub async fn shutdown(mut self) -> Result<(), ServerError> {
+        self.stop_accepting();
+        let _ = self.ctl_tx.send(Control::Shutdown);
+        let exit = match self.exit_rx.take() {
+            Some(rx) => rx.await.map_err(|_| ServerError::Stopped)?,
+            None => return Err(ServerError::Stopped),
+        };
+        self.stop.cancel();
+        self.cleanup();
+        match exit {
+            Exit::Shutdown(Ok(())) => Ok(()),
+            Exit::Shutdown(Err(e)) => Err(ServerError::Close(e)),
+            Exit::Fatal(reason) => Err(ServerError::Failed(reason)),
+            Exit::Abandoned => Err(ServerError::Stopped),
+        }
+    }
+
+    fn stop_accepting(&mut self) {
+        for t in self.tasks.drain(..) {
+            t.abort();
+        }
+    }
+
+    fn cleanup(&mut self) {
+        self.stop_accepting();
+        if let Some(path) = self.unix_path.take() {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
+impl Drop for RunningServer {
+    fn drop(&mut self) {
+        if self.exit_rx.is_some() {
+            // Not shut down: stop serving and leave the store as a crash would.
+            let _ = self.ctl_tx.send(Control::Abandon);
+            self.stop.cancel();
+        }
+        self.cleanup();
+    }
+}
+
+/// Opens the device at `path`, with O_DIRECT if asked and supported.
+fn open_device(
+    what: &'static str,
+    path: &Path,
+    direct: bool,
+) -> Result<Arc<dyn BlockDevice>, ServerError> {
+    let err = |source| ServerError::OpenDevice {
+        what,
+        path: path.to_owned(),
+        source,
+    };
+    if direct {
+        match FileDevice::open(path, true) {
+            Ok(d) if d.len() % store::device::SECTOR as u64 == 0 => return Ok(Arc::new(d)),
+            Ok(d) => tracing::warn!(
+                device = %path.display(),
+                size = d.len(),
+                "{what} size is not a multiple of 4 KiB; using buffered I/O"
+            ),
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => tracing::warn!(
+                device = %path.display(),
+                "{what} does not support O_DIRECT; using buffered I/O (copy-outs may read a \
+                 stale page cache if other nodes write this device)"
+            ),
+            Err(e) => return Err(err(e)),
+        }
+    }
+    Ok(Arc::new(FileDevice::open(path, false).map_err(err)?))
+}
+
+struct Opened {
+    store: Store,
+    data: DataPath,
+}
+
+fn open_store(config: &ServerConfig) -> Result<Opened, ServerError> {
+    let store_dev = open_device("store", &config.store, config.direct_io)?;
+    let origin = open_device("origin", &config.origin, config.direct_io)?;
+    let opts = OpenOptions {
+        cache_blocks: (config.cache_bytes / store::device::SECTOR as u64)
+            .try_into()
+            .unwrap_or(usize::MAX),
+        ..OpenOptions::default()
+    };
+    let store = Store::open(store_dev.clone(), opts).map_err(|source| ServerError::Store {
+        path: config.store.clone(),
+        source,
+    })?;
+    let geometry = *store.geometry();
+    if origin.len() < geometry.origin_size {
+        // Leave the store as we found it apart from the generation bump.
+        let _ = store.close();
+        return Err(ServerError::OriginTooSmall {
+            path: config.origin.clone(),
+            size: origin.len(),
+            store: config.store.clone(),
+            needed: geometry.origin_size,
+        });
+    }
+    Ok(Opened {
+        store,
+        data: DataPath {
+            origin,
+            store: store_dev,
+            geometry,
+        },
+    })
+}
+
+async fn bind(addr: &ListenAddr) -> Result<Listener, ServerError> {
+    let err = |source| ServerError::Listen {
+        addr: addr.clone(),
+        source,
+    };
+    match addr {
+        ListenAddr::Tcp(a) => Ok(Listener::Tcp(TcpListener::bind(a).await.map_err(err)?)),
+        ListenAddr::Unix(path) => {
+            if let Ok(meta) = std::fs::symlink_metadata(path) {
+                use std::os::unix::fs::FileTypeExt as _;
+                let live = tokio::net::UnixStream::connect(path).await.is_ok();
+                if !meta.file_type().is_socket() || live {
+                    return Err(err(io::Error::new(
+                        io::ErrorKind::AddrInUse,
+                        if live {
+                            "another server is listening there"
+                        } else {
+                            "the path exists and is not a socket"
+                        },
+                    )));
+                }
+                // A stale socket from a server that died: nobody answers on it.
+                std::fs::remove_file(path).map_err(err)?;
+            }
+            Ok(Listener::Unix(
+                UnixListener::bind(path).map_err(err)?,
+                path.clone(),
+            ))
+        }
+    }
+}
+
+/// Starts a server: checks the key file, opens the store (replaying its journal and bumping
+/// the server generation), builds the engine, listens and serves.
+pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
+    let cluster_key = key::load_key_file(&config.key_file)?;
+    let listener = bind(&config.listen).await?;
+    let (local_addr, unix_path) = match &listener {
+        Listener::Tcp(l) => (
+            ListenAddr::Tcp(l.local_addr().map_err(|source| ServerError::Listen {
+                addr: config.listen.clone(),
+                source,
+            })?),
+            None,
+        ),
+        Listener::Unix(_, p) => (ListenAddr::Unix(p.clone()), Some(p.clone())),
+    };
+    let cleanup_socket = |p: &Option<PathBuf>| {
+        if let Some(p) = p {
+            let _ = std::fs::remove_file(p);
+        }
+    };
+
+    let cfg = config.clone();
+    let opened = match tokio::task::spawn_blocking(move || open_store(&cfg)).await {
+        Ok(Ok(o)) => o,
+        Ok(Err(e)) => {
+            cleanup_socket(&unix_path);
+            return Err(e);
+        }
+        Err(e) => {
+            cleanup_socket(&unix_path);
+            return Err(ServerError::Engine(format!("store open task failed: {e}")));
+        }
+    };
+    let Opened { store, data } = opened;
+    let generation = store.superblock().server_generation;
+    let was_unclean = store.was_unclean();
+    let volume = config.volume.clone();
+    if was_unclean {
+        tracing::warn!(
+            %volume,
+            generation,
+            previous_generation = generation.saturating_sub(1),
+            transactions_replayed = store.transactions_replayed(),
+            "UNCLEAN SHUTDOWN of the previous server (generation {}): store recovered from its journal",
+            generation.saturating_sub(1)
+        );
+    } else {
+        tracing::info!(%volume, generation, "store opened (previous shutdown was clean)");
+    }
+
+    let engine_config = EngineConfig {
+        cluster_key: cluster_key.clone(),
+        store_full_policy: config.store_full_policy,
+        expected_snapshot_clients: config.expected_snapshot_clients.clone(),
+        promise_unique: config.promise_unique,
+        max_request_chunks: config.max_request_chunks,
+        orphan_lock_grace_secs: config.orphan_lock_grace_secs,
+        start_time: SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0),
+        ..EngineConfig::default()
+    };
+    let engine = match Engine::new(store, engine_config) {
+        Ok(e) => e,
+        Err(e) => {
+            cleanup_socket(&unix_path);
+            return Err(ServerError::Engine(e.to_string()));
+        }
+    };
+
+    let rt = tokio::runtime::Handle::current();
+    let (net_tx, net_rx) = mpsc::channel::<Input>(1024);
+    let (ctl_tx, ctl_rx) = mpsc::unbounded_channel();
+    let (fatal_tx, fatal_rx) = watch::channel(None);
+    let (exit_tx, exit_rx) = oneshot::channel();
+    let stop = CancellationToken::new();
+    let driver = Driver::new(DriverParts {
+        engine,
+        rt: rt.clone(),
+        net_rx,
+        ctl_rx,
+        ctl_tx: ctl_tx.clone(),
+        data: Arc::new(data),
+        max_copies: config.max_copies_in_flight,
+        cluster_key,
+        auth_timeout: config.auth_timeout,
+        fatal_tx,
+        stop: stop.clone(),
+        volume: volume.clone(),
+    });
+    let spawned = std::thread::Builder::new()
+        .name("csnap-engine".into())
+        .spawn(move || {
+            let _ = exit_tx.send(driver.run());
+        });
+    if let Err(e) = spawned {
+        cleanup_socket(&unix_path);
+        return Err(ServerError::Thread(e));
+    }
+
+    let slots = Arc::new(Semaphore::new(config.max_connections.max(1)));
+    let acceptor = tokio::spawn(accept_loop(
+        listener,
+        net_tx,
+        stop.clone(),
+        slots,
+        config.send_queue_frames,
+    ));
+    let tick_tx = ctl_tx.clone();
+    let tick_stop = stop.clone();
+    let ticker = tokio::spawn(async move {
+        let mut every = tokio::time::interval(Duration::from_secs(1));
+        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick_stop.cancelled() => return,
+                _ = every.tick() => {
+                    if tick_tx.send(Control::Tick).is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+    });
+    tracing::info!(%volume, listen = %local_addr, generation, "serving");
+    Ok(RunningServer {
+        local_addr,
+        ctl_tx,
+        stop,
+        fatal_rx,
+        exit_rx: Some(exit_rx),
+        tasks: vec![acceptor, ticker],
+        unix_path,
+        generation,
+        was_unclean,
+    })
+}
+
+async fn accept_loop(
+    listener: Listener,
+    net_tx: mpsc::Sender<Input>,
+    stop: CancellationToken,
+    slots: Arc<Semaphore>,
+    queue_frames: usize,
+) {
+    static NEXT_CONN: AtomicU64 = AtomicU64::new(driver::INTERNAL_CONN + 1);
+    loop {
+        let accepted = tokio::select! {
+            _ = stop.cancelled() => return,
+            a = accept(&listener) => a,
+        };
+        match accepted {
+            Ok((stream, peer)) => {
+                let Ok(permit) = slots.clone().try_acquire_owned() else {
+                    tracing::warn!(%peer, "too many connections; refusing");
+                    continue;
+                };
+                let conn = NEXT_CONN.fetch_add(1, Ordering::Relaxed);
+                let (net_tx, stop) = (net_tx.clone(), stop.clone());
+                tokio::spawn(async move {
+                    let serve = conn::serve_connection(
+                        stream,
+                        conn,
+                        peer,
+                        net_tx,
+                        queue_frames,
+                        permit,
+                        stop,
+                    );
+                    serve.await
+                });
+            }
+            Err(e) => {
+                // Typically EMFILE: back off instead of spinning.
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+/// A stream of either kind, boxed so one connection path serves both.
+type Stream = Box<dyn conn::AsyncStream>;
+
+async fn accept(listener: &Listener) -> io::Result<(Stream, String)> {
+    match listener {
+        Listener::Tcp(l) => {
+            let (s, peer) = l.accept().await?;
+            let _ = s.set_nodelay(true);
+            Ok((Box::new(s), peer.to_string()))
+        }
+        Listener::Unix(l, path) => {
+            let (s, _) = l.accept().await?;
+            Ok((Box::new(s), format!("unix:{}", path.display())))
+        }
+    }
+}

@@ -1,0 +1,680 @@
+//! The real server (in-process through `net::start`, and the csnap-server binary) over real
+//! sockets: authentication, copy-out on the store device, the activation gate, pipelining,
+//! bad frames and slow clients.
+
+mod server_support;
+
+use csnap_proto::*;
+use csnap_server::net::{self, ListenAddr, ServerError};
+use server_support::*;
+use std::os::unix::fs::PermissionsExt as _;
+use std::sync::Arc;
+use std::time::Duration;
+
+const ADMIN: ClientId = ClientId(0xAD);
+const ORIGIN: ClientId = ClientId(0x0A);
+
+fn tcp() -> ListenAddr {
+    ListenAddr::Tcp("127.0.0.1:0".parse().unwrap())
+}
+
+async fn create_snapshot(admin: &Client, name: &str) -> SnapshotInfo {
+    match admin
+        .request(ClientMsg::CreateSnapshot { name: name.into() })
+        .await
+        .unwrap()
+    {
+        ServerMsg::SnapshotCreated { info } => info,
+        other => panic!("create {name}: {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn right_key_is_accepted_wrong_key_is_rejected_and_others_are_unaffected() {
+    let fx = Fixture::small();
+    let server = net::start(fx.config(tcp())).await.unwrap();
+    let addr = server.local_addr();
+    let admin = Client::connect(&addr, &fx.key, ADMIN, ClientKind::Admin).await;
+
+    let refused = Client::handshake(
+        connect_raw(&addr).await.unwrap(),
+        b"not the cluster key at all",
+        Hello {
+            client: ClientId(0xBAD),
+            kind: ClientKind::Origin,
+            resuming: false,
+        },
+    )
+    .await
+    .err()
+    .expect("a wrong key must not open a session");
+    assert!(
+        !refused.server_proof_ok,
+        "the client can tell the server does not share its key"
+    );
+    match refused.reply {
+        Some(ServerMsg::Error {
+            code: ErrorCode::AuthFailed,
+            ..
+        }) => {}
+        other => panic!("expected AuthFailed, got {other:?}"),
+    }
+
+    // The good session still works, and the refused one is gone.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        match admin.request(ClientMsg::Status).await.unwrap() {
+            ServerMsg::Status(s) if s.connected_clients == 1 => break,
+            ServerMsg::Status(_) => {}
+            other => panic!("status: {other:?}"),
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "refused connection lingers"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let s = server.status().await.unwrap();
+    assert_eq!(
+        s.connected_clients, 1,
+        "the shell's own session is not counted"
+    );
+    assert!(s.active);
+    server.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn key_file_readable_by_others_is_refused_with_a_clear_error() {
+    let fx = Fixture::small();
+    std::fs::set_permissions(&fx.key_file, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let err = match net::start(fx.config(tcp())).await {
+        Err(e) => e,
+        Ok(_) => panic!("a 0644 key file must be refused"),
+    };
+    assert!(matches!(err, ServerError::KeyFile(_)), "{err:?}");
+    let msg = err.to_string();
+    assert!(
+        msg.contains(&fx.key_file.display().to_string()) && msg.contains("0644"),
+        "the error names the file and its mode: {msg}"
+    );
+    // Nothing was touched: the store is still clean and openable.
+    assert!(fx.check_store().is_clean());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn origin_write_copies_the_old_data_to_the_store_before_the_grant() {
+    let fx = Fixture::small();
+    let server = net::start(fx.config(fx.unix_addr("s.sock"))).await.unwrap();
+    let addr = server.local_addr();
+    let origin_file = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&fx.origin)
+        .unwrap();
+    let origin = Client::connect(&addr, &fx.key, ORIGIN, ClientKind::Origin).await;
+    let admin = Client::connect(&addr, &fx.key, ADMIN, ClientKind::Admin).await;
+    assert_eq!(u64::from(origin.chunk_size), fx.chunk_size);
+    assert_eq!(origin.origin_chunks, fx.origin_chunks);
+
+    let snap = create_snapshot(&admin, "before").await;
+    match origin.next_notice(WAIT).await {
+        Some(ServerMsg::NewSnapshot { snap: s }) => assert_eq!(s, snap.id),
+        other => panic!("origin client was not told about the snapshot: {other:?}"),
+    }
+    let free_before = server.status().await.unwrap().free_chunks;
+
+    // Grant, but do not write yet: the copy-out must already be on the store device.
+    match origin
+        .request(ClientMsg::QueryWrite {
+            ranges: vec![ChunkRange::new(5, 1)],
+        })
+        .await
+        .unwrap()
+    {
+        ServerMsg::OriginWriteOk { ranges, unique } => {
+            assert_eq!(ranges, vec![ChunkRange::new(5, 1)]);
+            assert!(unique);
+        }
+        other => panic!("QueryWrite: {other:?}"),
+    }
+    let reader = Client::connect(
+        &addr,
+        &fx.key,
+        ClientId(0x5),
+        ClientKind::Snapshot { snap: snap.id },
+    )
+    .await;
+    let reply = reader
+        .request(ClientMsg::QuerySnapshotRead {
+            snap: snap.id,
+            ranges: vec![ChunkRange::new(5, 1)],
+        })
+        .await
+        .unwrap();
+    let ServerMsg::SnapshotReadOk {
+        store,
+        origin_locked,
+    } = reply
+    else {
+        panic!("snapshot read: {reply:?}");
+    };
+    assert!(origin_locked.is_empty(), "chunk 5 was copied out");
+    assert_eq!(store.len(), 1);
+    assert_eq!(store[0].chunk, 5);
+    let cs = fx.chunk_size as usize;
+    assert_eq!(
+        fx.read_store_chunk(store[0].store_chunk),
+        pattern(cs, 5, 0),
+        "the store holds the origin's old contents at the reported address"
+    );
+    assert_eq!(
+        server.status().await.unwrap().free_chunks,
+        free_before - 1,
+        "one store chunk used by the copy-out"
+    );
+
+    // The client now writes the origin; the snapshot keeps its view, the origin changes.
+    origin
+        .origin_write(&origin_file, 5, &pattern(cs, 5, 1))
+        .await
+        .unwrap();
+    // A second write of the same chunk uses the unique promise: no query, no copy.
+    origin
+        .origin_write(&origin_file, 5, &pattern(cs, 5, 2))
+        .await
+        .unwrap();
+    assert_eq!(fx.read_origin(5), pattern(cs, 5, 2));
+    let view = reader
+        .read_snapshot(snap.id, ChunkRange::new(4, 3), &fx.origin, &fx.store)
+        .await
+        .unwrap();
+    let expected: Vec<u8> = (4..7).flat_map(|c| pattern(cs, c, 0)).collect();
+    assert_eq!(view, expected, "snapshot reads its creation-time contents");
+    assert_eq!(server.status().await.unwrap().free_chunks, free_before - 1);
+
+    server.shutdown().await.unwrap();
+    let report = fx.check_store();
+    assert!(report.is_clean(), "{:?}", report.problems);
+
+    // Restart: the exception is durable and the store was closed cleanly.
+    let server = net::start(fx.config(fx.unix_addr("s.sock"))).await.unwrap();
+    assert!(!server.recovered_unclean());
+    let addr = server.local_addr();
+    let reader = Client::connect(
+        &addr,
+        &fx.key,
+        ClientId(0x5),
+        ClientKind::Snapshot { snap: snap.id },
+    )
+    .await;
+    let view = reader
+        .read_snapshot(snap.id, ChunkRange::new(4, 3), &fx.origin, &fx.store)
+        .await
+        .unwrap();
+    assert_eq!(view, expected);
+    server.shutdown().await.unwrap();
+}
+
+async fn assert_no_reply(rx: &mut tokio::sync::oneshot::Receiver<ServerMsg>, what: &str) {
+    if let Ok(r) = tokio::time::timeout(Duration::from_millis(400), &mut *rx).await {
+        panic!("{what}: answered while the gate is closed: {r:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn activation_gate_holds_origin_writes_until_the_expected_client_resumes() {
+    let fx = Fixture::small();
+    let expected = ClientId(0x77);
+    let mut cfg = fx.config(tcp());
+    cfg.expected_snapshot_clients = vec![expected];
+    let server = net::start(cfg).await.unwrap();
+    let addr = server.local_addr();
+    let status = server.status().await.unwrap();
+    assert!(!status.active);
+    assert_eq!(status.awaited_clients, vec![expected]);
+
+    let origin = Client::connect(&addr, &fx.key, ORIGIN, ClientKind::Origin).await;
+    let (_, mut granted) = origin.send(ClientMsg::QueryWrite {
+        ranges: vec![ChunkRange::new(1, 2)],
+    });
+    assert_no_reply(&mut granted, "origin write").await;
+
+    // The expected snapshot client comes back: resumes, re-asserts (no) locks, done.
+    let snap_client = Client::handshake(
+        connect_raw(&addr).await.unwrap(),
+        &fx.key,
+        Hello {
+            client: expected,
+            kind: ClientKind::Snapshot { snap: SnapId(1) },
+            resuming: true,
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        snap_client
+            .request(ClientMsg::UploadLocks {
+                locks: vec![],
+                leases: vec![]
+            })
+            .await
+            .unwrap(),
+        ServerMsg::UploadLocksOk
+    );
+    assert_no_reply(&mut granted, "origin write before ResendDone").await;
+    assert_eq!(
+        snap_client.request(ClientMsg::ResendDone).await.unwrap(),
+        ServerMsg::ResendDoneOk
+    );
+    match tokio::time::timeout(WAIT, granted).await {
+        Ok(Ok(ServerMsg::OriginWriteOk { ranges, .. })) => {
+            assert_eq!(ranges, vec![ChunkRange::new(1, 2)])
+        }
+        other => panic!("origin write after the gate opened: {other:?}"),
+    }
+    assert!(server.status().await.unwrap().active);
+    server.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn activation_gate_opens_when_the_expected_client_is_declared_gone() {
+    let fx = Fixture::small();
+    let (gone, back) = (ClientId(0x1), ClientId(0x2));
+    let mut cfg = fx.config(tcp());
+    cfg.expected_snapshot_clients = vec![gone, back];
+    let server = net::start(cfg).await.unwrap();
+    let addr = server.local_addr();
+    let origin = Client::connect(&addr, &fx.key, ORIGIN, ClientKind::Origin).await;
+    let (_, mut granted) = origin.send(ClientMsg::QueryWrite {
+        ranges: vec![ChunkRange::new(0, 1)],
+    });
+    assert_no_reply(&mut granted, "origin write").await;
+    server.declare_gone(gone);
+    assert_no_reply(&mut granted, "origin write with one client still awaited").await;
+    assert_eq!(server.status().await.unwrap().awaited_clients, vec![back]);
+    server.declare_gone(back);
+    match tokio::time::timeout(WAIT, granted).await {
+        Ok(Ok(ServerMsg::OriginWriteOk { .. })) => {}
+        other => panic!("origin write after both were declared gone: {other:?}"),
+    }
+    let s = server.status().await.unwrap();
+    assert!(s.active && s.awaited_clients.is_empty());
+    server.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipelined_requests_from_many_clients_each_get_their_own_reply() {
+    use rand::{Rng, SeedableRng};
+    let seed = seed("pipelining");
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let fx = Fixture::small();
+    let server = net::start(fx.config(tcp())).await.unwrap();
+    let addr = server.local_addr();
+    let admin = Arc::new(Client::connect(&addr, &fx.key, ADMIN, ClientKind::Admin).await);
+    let mut origins = Vec::new();
+    for i in 0..4 {
+        origins.push(Arc::new(
+            Client::connect(&addr, &fx.key, ClientId(0x100 + i), ClientKind::Origin).await,
+        ));
+    }
+    let first = create_snapshot(&admin, "base").await;
+    let mut readers = Vec::new();
+    for i in 0..2 {
+        readers.push(Arc::new(
+            Client::connect(
+                &addr,
+                &fx.key,
+                ClientId(0x200 + i),
+                ClientKind::Snapshot { snap: first.id },
+            )
+            .await,
+        ));
+    }
+
+    let mut tasks = tokio::task::JoinSet::new();
+    let n = fx.origin_chunks;
+    for c in &origins {
+        for _ in 0..300 {
+            let start = rng.gen_range(0..n - 4);
+            let ranges = vec![
+                ChunkRange::new(start, rng.gen_range(1..4)),
+                ChunkRange::new(rng.gen_range(0..n), 1),
+            ];
+            let (id, rx) = c.send(ClientMsg::QueryWrite {
+                ranges: ranges.clone(),
+            });
+            tasks.spawn(async move {
+                match tokio::time::timeout(WAIT, rx).await {
+                    Ok(Ok(ServerMsg::OriginWriteOk { ranges: got, .. })) => {
+                        assert_eq!(got, ranges, "reply {id} is for its own request")
+                    }
+                    other => panic!("QueryWrite {id}: {other:?}"),
+                }
+            });
+        }
+    }
+    for c in &readers {
+        for _ in 0..200 {
+            let range = ChunkRange::new(rng.gen_range(0..n - 8), rng.gen_range(1..8));
+            let (id, rx) = c.send(ClientMsg::QuerySnapshotRead {
+                snap: first.id,
+                ranges: vec![range],
+            });
+            let c = c.clone();
+            tasks.spawn(async move {
+                let reply = tokio::time::timeout(WAIT, rx).await;
+                let Ok(Ok(ServerMsg::SnapshotReadOk {
+                    store,
+                    origin_locked,
+                })) = reply
+                else {
+                    panic!("QuerySnapshotRead {id}: {reply:?}");
+                };
+                let mut located: Vec<u64> = store.iter().map(|a| a.chunk).collect();
+                located.extend(origin_locked.iter().flat_map(|r| r.chunks().unwrap()));
+                located.sort_unstable();
+                assert_eq!(
+                    located,
+                    range.chunks().unwrap().collect::<Vec<_>>(),
+                    "reply {id} locates exactly the chunks it asked for"
+                );
+                if !origin_locked.is_empty() {
+                    let done = c
+                        .request(ClientMsg::FinishSnapshotRead {
+                            snap: first.id,
+                            ranges: origin_locked,
+                        })
+                        .await
+                        .unwrap();
+                    assert_eq!(done, ServerMsg::FinishSnapshotReadOk);
+                }
+            });
+        }
+    }
+    for i in 0..3 {
+        let admin = admin.clone();
+        tasks.spawn(async move {
+            let name = format!("during-{i}");
+            let info = create_snapshot(&admin, &name).await;
+            assert_eq!(info.name, name);
+        });
+    }
+    let all = tokio::time::timeout(Duration::from_secs(60), async {
+        while let Some(r) = tasks.join_next().await {
+            r.unwrap();
+        }
+    })
+    .await;
+    assert!(all.is_ok(), "pipelined requests not all answered in time");
+    for c in origins.iter().chain(&readers).chain([&admin]) {
+        let mut seen = c.replies_seen.lock().unwrap().clone();
+        let total = seen.len();
+        seen.sort_unstable();
+        seen.dedup();
+        assert_eq!(seen.len(), total, "a request was answered twice");
+    }
+    let s = server.status().await.unwrap();
+    assert_eq!(s.snapshots, 4);
+    assert_eq!(s.pending_snapshots, 0);
+    server.shutdown().await.unwrap();
+    let report = fx.check_store();
+    assert!(report.is_clean(), "{:?}", report.problems);
+}
+
+fn frame_with_version(msg: &ClientFrame, version: u8) -> Vec<u8> {
+    let mut bytes = frame_bytes(msg).unwrap();
+    bytes[4] = version;
+    bytes
+}
+
+fn assert_error_then_close(what: &str, (frames, closed): (Vec<ServerFrame>, bool), needle: &str) {
+    assert!(closed, "{what}: the server closes the connection");
+    match frames.as_slice() {
+        [ServerFrame {
+            msg: ServerMsg::Error { message, .. },
+            ..
+        }] => assert!(
+            message.contains(needle),
+            "{what}: the error says why ({needle:?}): {message}"
+        ),
+        other => panic!("{what}: expected one error reply, got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_frames_get_a_clear_error_and_the_server_keeps_serving_others() {
+    let fx = Fixture::small();
+    let server = net::start(fx.config(tcp())).await.unwrap();
+    let addr = server.local_addr();
+    let admin = Client::connect(&addr, &fx.key, ADMIN, ClientKind::Admin).await;
+    let hello = ClientFrame {
+        id: 1,
+        msg: ClientMsg::Status,
+    };
+
+    // A well-framed body that is not MessagePack for any message.
+    let garbage = [0, 0, 0, 6, PROTOCOL_VERSION, 0xc1, 0xc1, 0xc1, 0xc1, 0xc1];
+    assert_error_then_close(
+        "garbage body",
+        raw_exchange(&addr, &garbage).await,
+        "malformed",
+    );
+    assert!(matches!(
+        admin.request(ClientMsg::Status).await.unwrap(),
+        ServerMsg::Status(_)
+    ));
+
+    // A length prefix beyond the limit: refused before anything is buffered.
+    let mut oversize = vec![0xff, 0xff, 0xff, 0xff];
+    oversize.extend_from_slice(&[0u8; 64]);
+    assert_error_then_close("oversize", raw_exchange(&addr, &oversize).await, "exceeds");
+
+    // A frame of another protocol version.
+    assert_error_then_close(
+        "wrong version",
+        raw_exchange(&addr, &frame_with_version(&hello, PROTOCOL_VERSION + 1)).await,
+        "version",
+    );
+
+    // A valid frame before authenticating.
+    let (frames, closed) = raw_exchange(&addr, &frame_bytes(&hello).unwrap()).await;
+    assert!(closed);
+    assert!(
+        matches!(
+            frames.as_slice(),
+            [ServerFrame {
+                msg: ServerMsg::Error {
+                    code: ErrorCode::NotAuthenticated,
+                    ..
+                },
+                reply_to: Some(1)
+            }]
+        ),
+        "{frames:?}"
+    );
+
+    // Hello with an unsupported protocol version in the message itself.
+    let old_hello = ClientFrame {
+        id: 9,
+        msg: ClientMsg::Hello {
+            protocol_version: 99,
+            client: ClientId(3),
+            node: 1,
+            kind: ClientKind::Origin,
+            client_nonce: [0; 32],
+            resuming: false,
+        },
+    };
+    let (frames, closed) = raw_exchange(&addr, &frame_bytes(&old_hello).unwrap()).await;
+    assert!(closed);
+    assert!(
+        matches!(
+            frames.as_slice(),
+            [ServerFrame {
+                msg: ServerMsg::Error {
+                    code: ErrorCode::VersionMismatch,
+                    ..
+                },
+                ..
+            }]
+        ),
+        "{frames:?}"
+    );
+
+    // Half a frame, then the client hangs up.
+    {
+        use tokio::io::AsyncWriteExt as _;
+        let bytes = frame_bytes(&hello).unwrap();
+        let mut io = connect_raw(&addr).await.unwrap();
+        io.write_all(&bytes[..bytes.len() / 2]).await.unwrap();
+        io.shutdown().await.unwrap();
+    }
+
+    // The good session was never disturbed, and the server is healthy.
+    for _ in 0..3 {
+        assert!(matches!(
+            admin.request(ClientMsg::Status).await.unwrap(),
+            ServerMsg::Status(_)
+        ));
+    }
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while server.status().await.unwrap().connected_clients != 1 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "bad connections linger"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    server.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_never_reads_its_replies_is_disconnected() {
+    use futures::{SinkExt as _, StreamExt as _};
+    let fx = Fixture::small();
+    let mut cfg = fx.config(fx.unix_addr("slow.sock"));
+    cfg.send_queue_frames = 16;
+    let server = net::start(cfg).await.unwrap();
+    let addr = server.local_addr();
+    let admin = Client::connect(&addr, &fx.key, ADMIN, ClientKind::Admin).await;
+
+    // Authenticate by hand, then flood requests without ever reading.
+    let io = connect_raw(&addr).await.unwrap();
+    let (rd, wr) = tokio::io::split(io);
+    let mut rd =
+        tokio_util::codec::FramedRead::new(rd, FrameCodec::<ServerFrame, ClientFrame>::new());
+    let mut wr =
+        tokio_util::codec::FramedWrite::new(wr, FrameCodec::<ServerFrame, ClientFrame>::new());
+    let slow = ClientId(0x51);
+    let client_nonce = csnap_proto::auth::random_nonce();
+    wr.send(ClientFrame {
+        id: 1,
+        msg: ClientMsg::Hello {
+            protocol_version: u32::from(PROTOCOL_VERSION),
+            client: slow,
+            node: 1,
+            kind: ClientKind::Admin,
+            client_nonce,
+            resuming: false,
+        },
+    })
+    .await
+    .unwrap();
+    let Some(Ok(ServerFrame {
+        msg: ServerMsg::Challenge { server_nonce, .. },
+        ..
+    })) = rd.next().await
+    else {
+        panic!("no challenge");
+    };
+    let proof = csnap_proto::auth::client_proof(&fx.key, slow, &client_nonce, &server_nonce);
+    wr.send(ClientFrame {
+        id: 2,
+        msg: ClientMsg::AuthResponse { proof },
+    })
+    .await
+    .unwrap();
+    assert!(matches!(
+        rd.next().await,
+        Some(Ok(ServerFrame {
+            msg: ServerMsg::Welcome { .. },
+            ..
+        }))
+    ));
+    let flood = tokio::time::timeout(Duration::from_secs(60), async {
+        for id in 3u64.. {
+            let sent = wr
+                .send(ClientFrame {
+                    id,
+                    msg: ClientMsg::ListSnapshots,
+                })
+                .await;
+            if sent.is_err() {
+                return id;
+            }
+        }
+        unreachable!()
+    })
+    .await;
+    let sent = flood.expect("the server never dropped the client that does not read");
+    eprintln!("slow client dropped after {sent} requests");
+    // Everyone else is still served.
+    assert!(matches!(
+        admin.request(ClientMsg::Status).await.unwrap(),
+        ServerMsg::Status(_)
+    ));
+    drop(rd);
+    server.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_binary_logs_auth_failures_shuts_down_cleanly_and_refuses_an_open_key() {
+    let fx = Fixture::small();
+    let addr = fx.unix_addr("bin.sock");
+    let mut proc = ServerProcess::spawn(&fx, &addr, &[], "server.log");
+    proc.wait_listening().await;
+    let admin = Client::connect(&addr, &fx.key, ADMIN, ClientKind::Admin).await;
+    let refused = Client::handshake(
+        connect_raw(&addr).await.unwrap(),
+        &[9u8; 32],
+        Hello {
+            client: ClientId(0xE71),
+            kind: ClientKind::Origin,
+            resuming: false,
+        },
+    )
+    .await;
+    assert!(refused.is_err());
+    assert!(matches!(
+        admin.request(ClientMsg::Status).await.unwrap(),
+        ServerMsg::Status(_)
+    ));
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !proc.stderr().contains("failed authentication") {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "auth failure not logged:\n{}",
+            proc.stderr()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(proc.stderr().contains("0xe71"), "the log names the client");
+    let status = proc.terminate();
+    assert!(
+        status.success(),
+        "SIGTERM is a clean exit: {status}\n{}",
+        proc.stderr()
+    );
+    assert!(proc.stderr().contains("store closed cleanly"));
+    let report = fx.check_store();
+    assert!(report.is_clean(), "{:?}", report.problems);
+
+    std::fs::set_permissions(&fx.key_file, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let mut proc = ServerProcess::spawn(&fx, &addr, &[], "refused.log");
+    let status = proc.wait_exit(WAIT);
+    assert_eq!(status.code(), Some(2), "{}", proc.stderr());
+    let log = proc.stderr();
+    assert!(
+        log.contains(&fx.key_file.display().to_string()) && log.contains("0644"),
+        "{log}"
+    );
+}
