@@ -45,6 +45,7 @@ use crate::names::RunNames;
 use crate::prereq::{find_program, missing_prerequisites, prerequisites_or_skip};
 use crate::spawn::Spawner;
 use crate::sweep::{self, Runs};
+use crate::topology::{assign_bridges, expected_views};
 use crate::view::{parse_quorumtool, NodeView};
 
 /// Where run directories live.
@@ -664,27 +665,8 @@ impl Inner {
     }
 
     fn partition(&self, sides: &[Vec<NodeId>]) -> Result<(), HarnessError> {
-        let mut assignment: BTreeMap<NodeId, u32> = BTreeMap::new();
-        let mut next_bridge = 1;
-        for side in sides.iter().filter(|s| !s.is_empty()) {
-            for &node in side {
-                self.spec(node)?;
-                if assignment.insert(node, next_bridge).is_some() {
-                    return Err(HarnessError::invalid(
-                        "partition",
-                        format!("node {node} named in more than one side: {sides:?}"),
-                    ));
-                }
-            }
-            next_bridge += 1;
-        }
-        for spec in &self.specs {
-            assignment.entry(spec.id).or_insert_with(|| {
-                next_bridge += 1;
-                next_bridge - 1
-            });
-        }
-        self.move_ports(&assignment)
+        let nodes: Vec<NodeId> = self.specs.iter().map(|s| s.id).collect();
+        self.move_ports(&assign_bridges(&nodes, sides)?)
     }
 
     fn heal(&self) -> Result<(), HarnessError> {
@@ -695,14 +677,17 @@ impl Inner {
     /// Puts each node's veth on the bridge `assignment` names, creating bridges as needed.
     fn move_ports(&self, assignment: &BTreeMap<NodeId, u32>) -> Result<(), HarnessError> {
         let mut state = self.state();
+        let new_bridges: BTreeSet<u32> = assignment
+            .values()
+            .copied()
+            .filter(|b| !state.bridges.contains(b))
+            .collect();
         let mut script = String::new();
-        for &bridge in assignment.values() {
-            if state.bridges.insert(bridge) {
-                let name = self.names.bridge(bridge);
-                script.push_str(&format!(
-                    "link add {name} type bridge\nlink set {name} up\n"
-                ));
-            }
+        for &bridge in &new_bridges {
+            let name = self.names.bridge(bridge);
+            script.push_str(&format!(
+                "link add {name} type bridge\nlink set {name} up\n"
+            ));
         }
         for (&node, &bridge) in assignment {
             if state.side.get(&node) != Some(&bridge) {
@@ -716,7 +701,10 @@ impl Inner {
         if script.is_empty() {
             return Ok(());
         }
-        ip_batch(None, &script)?;
+        let result = ip_batch(None, &script);
+        // Bridges may exist even if a later line failed; teardown deletes by name anyway.
+        state.bridges.extend(new_bridges);
+        result?;
         state.side.extend(assignment.iter().map(|(&n, &b)| (n, b)));
         Ok(())
     }
@@ -733,8 +721,7 @@ impl Inner {
         })
     }
 
-    /// What every running node should see now: the running nodes on its side, quorate iff
-    /// they are a majority of all configured nodes (votequorum, one vote each).
+    /// What every running node should see now (see [`expected_views`]).
     fn expected_views(&self) -> BTreeMap<NodeId, (Vec<NodeId>, bool)> {
         let running: Vec<NodeId> = self
             .specs
@@ -742,19 +729,8 @@ impl Inner {
             .map(|s| s.id)
             .filter(|&n| self.pid(n).is_some())
             .collect();
-        let side = self.state().side.clone();
-        running
-            .iter()
-            .map(|node| {
-                let peers: Vec<NodeId> = running
-                    .iter()
-                    .copied()
-                    .filter(|p| side.get(p) == side.get(node))
-                    .collect();
-                let quorate = peers.len() * 2 > self.specs.len();
-                (*node, (peers, quorate))
-            })
-            .collect()
+        let bridge_of = self.state().side.clone();
+        expected_views(self.specs.len(), &running, &bridge_of)
     }
 
     fn wait_converged(
