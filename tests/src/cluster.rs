@@ -140,6 +140,8 @@ struct State {
     bridges: BTreeSet<u32>,
     /// Current csnap section per node.
     csnap: BTreeMap<NodeId, CsnapSection>,
+    /// Other long-running processes started in nodes ([`Cluster::spawn_in_node`]), by pid.
+    spawned: BTreeMap<u32, (NodeId, Child)>,
 }
 
 impl Cluster {
@@ -266,6 +268,37 @@ impl Cluster {
     /// Reconnects every node with every other. Does not wait for membership.
     pub async fn heal(&self) -> Result<(), HarnessError> {
         self.blocking(|inner| inner.heal()).await
+    }
+
+    /// Starts a long-running `program args...` inside `node`'s network namespace (e.g. a
+    /// csnap agent; it shares the host's mount namespace and /run, not corosync's), its
+    /// stdout and stderr appended to `<node dir>/<log_name>.log`.
+    /// Returns its pid; it is SIGKILLed when the cluster is dropped, or earlier with
+    /// [`Self::stop_spawned`].
+    pub async fn spawn_in_node(
+        &self,
+        node: NodeId,
+        program: &str,
+        args: &[&str],
+        log_name: &str,
+    ) -> Result<u32, HarnessError> {
+        let mut cmd = self.inner.in_netns(node, program)?;
+        cmd.args(args);
+        let log_name = log_name.to_string();
+        self.blocking(move |inner| inner.spawn_in_node(node, cmd, &log_name))
+            .await
+    }
+
+    /// Signals a process started by [`Self::spawn_in_node`], SIGKILLs it after `grace`,
+    /// reaps it and returns how it ended.
+    pub async fn stop_spawned(
+        &self,
+        pid: u32,
+        signal: Signal,
+        grace: Duration,
+    ) -> Result<ExitStatus, HarnessError> {
+        self.blocking(move |inner| inner.stop_spawned(pid, signal, grace))
+            .await
     }
 
     /// Runs `program args...` inside `node`'s network namespace.
@@ -603,6 +636,60 @@ impl Inner {
         Ok(())
     }
 
+    fn spawn_in_node(
+        &self,
+        node: NodeId,
+        mut cmd: Command,
+        log_name: &str,
+    ) -> Result<u32, HarnessError> {
+        if log_name.is_empty()
+            || !log_name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        {
+            return Err(HarnessError::invalid(
+                "log name",
+                format!("{log_name:?}: use [A-Za-z0-9_-]+"),
+            ));
+        }
+        let path = self.node_dir(node).join(format!("{log_name}.log"));
+        let out = File::options()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .map_err(|e| HarnessError::io(format!("open {}", path.display()), e))?;
+        let err = out
+            .try_clone()
+            .map_err(|e| HarnessError::io(format!("dup {}", path.display()), e))?;
+        cmd.stdin(Stdio::null()).stdout(out).stderr(err);
+        let what = cmd::describe(&cmd);
+        let child = self
+            .spawner
+            .spawn(cmd)
+            .map_err(|e| HarnessError::io(format!("start `{what}`"), e))?;
+        let pid = child.id();
+        self.state().spawned.insert(pid, (node, child));
+        Ok(pid)
+    }
+
+    fn stop_spawned(
+        &self,
+        pid: u32,
+        signal: Signal,
+        grace: Duration,
+    ) -> Result<ExitStatus, HarnessError> {
+        let Some((node, mut child)) = self.state().spawned.remove(&pid) else {
+            return Err(HarnessError::invalid(
+                "pid",
+                format!("{pid} was not started by spawn_in_node (or was stopped already)"),
+            ));
+        };
+        stop_child(&mut child, signal, grace).ok_or_else(|| HarnessError::NodeState {
+            node,
+            detail: format!("process {pid} did not exit even after SIGKILL"),
+        })
+    }
+
     fn stop_node(&self, node: NodeId) -> Result<(), HarnessError> {
         self.end_process(node, Signal::SIGTERM, STOP_GRACE)
     }
@@ -810,6 +897,13 @@ impl Inner {
     fn teardown(&mut self) {
         let panicking = thread::panicking();
         let state = self.state.get_mut().unwrap_or_else(|p| p.into_inner());
+        // Processes started in nodes first, so none sees its corosync vanish.
+        for (pid, (node, child)) in state.spawned.iter_mut() {
+            if stop_child(child, Signal::SIGKILL, REAP_WAIT).is_none() {
+                eprintln!("csnap-e2e: process {pid} in node {node} survived SIGKILL");
+            }
+        }
+        state.spawned.clear();
         for (node, child) in state.procs.iter_mut() {
             if stop_child(child, Signal::SIGKILL, REAP_WAIT).is_none() {
                 eprintln!(

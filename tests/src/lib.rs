@@ -25,3 +25,6 @@ pub use conf::CsnapSection;
 pub use error::HarnessError;
 pub use prereq::prerequisites_or_skip;
 pub use view::NodeView;
+
+/// Signals for [`Cluster::stop_spawned`].
+pub use nix::sys::signal::Signal;

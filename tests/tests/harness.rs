@@ -4,11 +4,13 @@
 //! process, namespace, link or directory behind (a crashed run's leftovers are swept).
 
 use std::collections::BTreeMap;
+use std::os::unix::process::ExitStatusExt;
 use std::process::Command;
+use std::time::Duration;
 
 use cpg_glue::NodeId;
 use csnap_e2e::sweep::{self, Runs};
-use csnap_e2e::{Cluster, ClusterConfig, CsnapSection, NodeView};
+use csnap_e2e::{Cluster, ClusterConfig, CsnapSection, NodeView, Signal};
 
 fn ids(list: &[u32]) -> Vec<NodeId> {
     list.iter().copied().map(NodeId).collect()
@@ -98,6 +100,47 @@ async fn harness_forms_partitions_heals_restarts_and_cleans_up() {
         "{nodelist}"
     );
 
+    // Long-running processes start inside the node's network namespace and are stopped on
+    // request or at drop.
+    let netns_inode = |path: String| {
+        std::fs::metadata(path).map(|m| {
+            use std::os::unix::fs::MetadataExt;
+            m.ino()
+        })
+    };
+    let sleeper = cluster
+        .spawn_in_node(NodeId(1), "sleep", &["600"], "sleeper")
+        .await
+        .unwrap();
+    let lingering = cluster
+        .spawn_in_node(NodeId(2), "sleep", &["600"], "sleeper")
+        .await
+        .unwrap();
+    // The pid is `ip netns exec`'s until it has entered the namespace and exec'd sleep.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while std::fs::read_to_string(format!("/proc/{sleeper}/comm")).unwrap_or_default() != "sleep\n"
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "spawned sleep never started"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        netns_inode(format!("/proc/{sleeper}/ns/net")).unwrap(),
+        netns_inode(format!("/run/netns/{}", cluster.netns(NodeId(1)))).unwrap(),
+        "spawned process is not in node 1's network namespace"
+    );
+    let status = cluster
+        .stop_spawned(sleeper, Signal::SIGTERM, Duration::from_secs(5))
+        .await
+        .unwrap();
+    assert_eq!(status.signal(), Some(Signal::SIGTERM as i32), "{status:?}");
+    assert!(cluster
+        .stop_spawned(sleeper, Signal::SIGTERM, Duration::from_secs(5))
+        .await
+        .is_err());
+
     // Node 3 isolated: 1+2 quorate on a newer ring, 3 alone and inquorate.
     cluster.partition(&[ids(&[1, 2])]).await.unwrap();
     let views = cluster.wait_converged().await.unwrap();
@@ -150,21 +193,23 @@ async fn harness_forms_partitions_heals_restarts_and_cleans_up() {
     // Drop removes everything this run made.
     let run = cluster.names().run_id().to_string();
     let dir = cluster.dir().to_path_buf();
-    let pids: Vec<u32> = cluster
+    let mut pids: Vec<u32> = cluster
         .nodes()
         .iter()
         .filter_map(|&n| cluster.pid(n))
         .collect();
     assert_eq!(pids.len(), 3);
+    pids.push(lingering);
     drop(cluster);
     assert_eq!(sweep::list_netns(Runs::One(&run)), Vec::<String>::new());
     assert_eq!(sweep::list_links(Runs::One(&run)), Vec::<String>::new());
     assert_eq!(sweep::corosyncs_under(&dir), Vec::<u32>::new());
     for pid in pids {
         let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        let cmdline = String::from_utf8_lossy(&cmdline);
         assert!(
-            !String::from_utf8_lossy(&cmdline).contains(&run),
-            "corosync pid {pid} of the run still alive"
+            !cmdline.contains(&run) && !cmdline.starts_with("sleep\x00600"),
+            "pid {pid} of the run still alive: {cmdline}"
         );
     }
     assert!(!dir.exists(), "{} left behind", dir.display());
