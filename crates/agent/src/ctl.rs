@@ -1,0 +1,183 @@
+//! csnapctl's `snapshot` and `status` subcommands: requests to the agent's control socket.
+
+use std::path::Path;
+
+use anyhow::bail;
+use csnap_proto::control::{ControlRequest, ControlResponse, VolumeStatus};
+use csnap_proto::{SnapshotInfo, SnapshotState};
+
+/// `csnapctl snapshot ...`
+#[derive(clap::Subcommand, Clone, Debug)]
+pub enum SnapshotCmd {
+    /// Create a snapshot of the volume's origin as it is now.
+    Create {
+        volume: String,
+        name: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// List the volume's snapshots.
+    List {
+        volume: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Delete a snapshot (its space is reclaimed in the background).
+    Delete {
+        volume: String,
+        name: String,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// `csnapctl status [VOLUME]`
+#[derive(clap::Args, Clone, Debug)]
+pub struct StatusArgs {
+    pub volume: Option<String>,
+    #[arg(long)]
+    pub json: bool,
+}
+
+fn state(s: &SnapshotState) -> String {
+    match s {
+        SnapshotState::Live => "live".into(),
+        SnapshotState::Invalid { reason } => format!("invalid ({reason})"),
+        SnapshotState::Deleting => "deleting".into(),
+    }
+}
+
+fn print_snapshots(list: &[SnapshotInfo]) {
+    println!(
+        "{:>6}  {:<24}  {:>12}  {:>10}  STATE",
+        "ID", "NAME", "CTIME", "CHUNKS"
+    );
+    for s in list {
+        println!(
+            "{:>6}  {:<24}  {:>12}  {:>10}  {}",
+            s.id,
+            s.name,
+            s.ctime,
+            s.chunks_held,
+            state(&s.state)
+        );
+    }
+}
+
+fn print_status(v: &VolumeStatus) {
+    let s = &v.server_status;
+    println!("volume {} ({})", v.volume, v.mode);
+    println!("  origin {}  store {}", v.origin, v.store);
+    println!("  nbd {}  server {}", v.nbd_listen, v.server);
+    println!(
+        "  server {}  chunk size {}  origin chunks {}  store chunks {} ({} free)",
+        if s.active {
+            "active"
+        } else {
+            "waiting for snapshot clients"
+        },
+        s.chunk_size,
+        s.origin_chunks,
+        s.store_chunks,
+        s.free_chunks
+    );
+    println!(
+        "  snapshots {} (+{} being created)  clients {}  reclaiming {}  store-full policy {}",
+        s.snapshots, s.pending_snapshots, s.connected_clients, s.reclaiming, s.store_full_policy
+    );
+    println!(
+        "  origin sessions {}  unique cache {} chunks, {} hits, {} misses",
+        v.origin_sessions, v.cached_chunks, v.cache_hits, v.cache_misses
+    );
+}
+
+fn json<T: serde::Serialize>(v: &T) -> anyhow::Result<()> {
+    println!("{}", serde_json::to_string_pretty(v)?);
+    Ok(())
+}
+
+async fn ask(socket: &Path, req: ControlRequest) -> anyhow::Result<ControlResponse> {
+    match crate::control::request(socket, &req).await? {
+        ControlResponse::Error { message } => bail!("{message}"),
+        other => Ok(other),
+    }
+}
+
+fn unexpected(r: ControlResponse) -> anyhow::Error {
+    anyhow::anyhow!("unexpected answer from the agent: {r:?}")
+}
+
+pub async fn run_snapshot(socket: &Path, cmd: SnapshotCmd) -> anyhow::Result<()> {
+    match cmd {
+        SnapshotCmd::Create {
+            volume,
+            name,
+            json: as_json,
+        } => match ask(socket, ControlRequest::SnapshotCreate { volume, name }).await? {
+            ControlResponse::SnapshotCreated { volume, info } => {
+                if as_json {
+                    json(&serde_json::json!({"volume": volume, "snapshot": info}))
+                } else {
+                    println!(
+                        "created snapshot {} (id {}) of volume {volume}",
+                        info.name, info.id
+                    );
+                    Ok(())
+                }
+            }
+            other => Err(unexpected(other)),
+        },
+        SnapshotCmd::List {
+            volume,
+            json: as_json,
+        } => match ask(socket, ControlRequest::SnapshotList { volume }).await? {
+            ControlResponse::SnapshotList { volume, snapshots } => {
+                if as_json {
+                    json(&serde_json::json!({"volume": volume, "snapshots": snapshots}))
+                } else {
+                    print_snapshots(&snapshots);
+                    Ok(())
+                }
+            }
+            other => Err(unexpected(other)),
+        },
+        SnapshotCmd::Delete {
+            volume,
+            name,
+            json: as_json,
+        } => match ask(socket, ControlRequest::SnapshotDelete { volume, name }).await? {
+            ControlResponse::SnapshotDeleted { volume, name, id } => {
+                if as_json {
+                    json(&serde_json::json!({"volume": volume, "deleted": name, "id": id}))
+                } else {
+                    println!("deleted snapshot {name} (id {id}) of volume {volume}");
+                    Ok(())
+                }
+            }
+            other => Err(unexpected(other)),
+        },
+    }
+}
+
+pub async fn run_status(socket: &Path, args: StatusArgs) -> anyhow::Result<()> {
+    match ask(
+        socket,
+        ControlRequest::Status {
+            volume: args.volume,
+        },
+    )
+    .await?
+    {
+        ControlResponse::Status { volumes } => {
+            if args.json {
+                json(&serde_json::json!({ "volumes": volumes }))
+            } else {
+                for v in &volumes {
+                    print_status(v);
+                }
+                Ok(())
+            }
+        }
+        other => Err(unexpected(other)),
+    }
+}

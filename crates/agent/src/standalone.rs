@@ -1,0 +1,373 @@
+//! Standalone mode: one machine, no cluster. The metadata server (unless `--connect-server`
+//! names one elsewhere), the client and the NBD exports run in this process; csnapctl talks
+//! to it through the control socket.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context as _};
+use csnap_blockdev::client::{ClientConfig, ClientError, Volume};
+use csnap_blockdev::export::CsnapExports;
+use csnap_blockdev::nbd::{self, Listener, NbdServer};
+use csnap_proto::control::{ControlRequest, ControlResponse, VolumeStatus, DEFAULT_CONTROL_SOCKET};
+use csnap_proto::{validate_snapshot_name, ClientId, ErrorCode, SnapRef};
+use csnap_server::net::{self as server_net, RunningServer, ServerConfig};
+
+/// `csnap-agent --standalone` options.
+#[derive(clap::Args, Clone, Debug)]
+pub struct StandaloneArgs {
+    /// Volume name: the origin's NBD export name; snapshots are VOLUME@SNAPSHOT.
+    #[arg(long)]
+    pub volume: Option<String>,
+    /// The origin device or file.
+    #[arg(long)]
+    pub origin: Option<PathBuf>,
+    /// The snapshot store (formatted with `csnapctl format`).
+    #[arg(long)]
+    pub store: Option<PathBuf>,
+    /// Where the NBD exports listen: HOST:PORT or unix:PATH.
+    #[arg(long)]
+    pub nbd_listen: Option<String>,
+    /// The control socket csnapctl talks to.
+    #[arg(long, default_value = DEFAULT_CONTROL_SOCKET)]
+    pub control_socket: PathBuf,
+    /// The cluster key (mode 0600). Without it an ephemeral key is generated (fine when
+    /// every client runs in this process).
+    #[arg(long)]
+    pub key_file: Option<PathBuf>,
+    /// Where this process's metadata server listens (HOST:PORT or unix:PATH); default:
+    /// unix socket VOLUME.server.sock beside the control socket.
+    #[arg(long)]
+    pub server_listen: Option<String>,
+    /// Run no server; use the one at this address (another agent's, or csnap-server).
+    /// Needs --key-file.
+    #[arg(long, conflicts_with = "server_listen")]
+    pub connect_server: Option<String>,
+    /// Export snapshots read-only.
+    #[arg(long)]
+    pub snapshots_read_only: bool,
+    /// This client's identity (default: random). Must differ between the volume's clients.
+    #[arg(long)]
+    pub client_id: Option<u64>,
+    /// Node id reported to the server.
+    #[arg(long, default_value_t = 0)]
+    pub node: u32,
+    /// Run the server and the control socket but no NBD exports (other processes'
+    /// clients use the server through --connect-server). Needs --key-file.
+    #[arg(long, conflicts_with = "connect_server")]
+    pub server_only: bool,
+}
+
+fn required<T: Clone>(v: &Option<T>, flag: &str) -> anyhow::Result<T> {
+    v.clone()
+        .with_context(|| format!("standalone mode needs {flag}"))
+}
+
+/// What the control socket serves.
+struct Agent {
+    volume_name: String,
+    volume: Arc<Volume>,
+    mode: &'static str,
+    origin: PathBuf,
+    store: PathBuf,
+    nbd_listen: String,
+    server: String,
+}
+
+fn describe(e: &ClientError) -> String {
+    match e {
+        ClientError::Server { message, .. } => message.clone(),
+        other => other.to_string(),
+    }
+}
+
+impl Agent {
+    async fn handle(&self, req: ControlRequest) -> ControlResponse {
+        let volume = match &req {
+            ControlRequest::SnapshotCreate { volume, .. }
+            | ControlRequest::SnapshotList { volume }
+            | ControlRequest::SnapshotDelete { volume, .. } => Some(volume),
+            ControlRequest::Status { volume } => volume.as_ref(),
+        };
+        if let Some(v) = volume {
+            if *v != self.volume_name {
+                return ControlResponse::Error {
+                    message: format!(
+                        "no such volume {v:?} (this agent serves volume {:?})",
+                        self.volume_name
+                    ),
+                };
+            }
+        }
+        let v = self.volume_name.clone();
+        let result = match req {
+            ControlRequest::SnapshotCreate { name, .. } => {
+                if let Err(why) = validate_snapshot_name(&name) {
+                    return ControlResponse::Error {
+                        message: format!("invalid snapshot name {name:?}: {why}"),
+                    };
+                }
+                self.volume
+                    .create_snapshot(&name)
+                    .await
+                    .map(|info| ControlResponse::SnapshotCreated {
+                        volume: v.clone(),
+                        info,
+                    })
+                    .map_err(|e| match &e {
+                        ClientError::Server {
+                            code: ErrorCode::NameTaken,
+                            ..
+                        } => format!(
+                            "duplicate name: volume {v:?} already has a snapshot named {name:?}"
+                        ),
+                        _ => format!(
+                            "cannot create snapshot {name:?} of volume {v:?}: {}",
+                            describe(&e)
+                        ),
+                    })
+            }
+            ControlRequest::SnapshotList { .. } => self
+                .volume
+                .list_snapshots()
+                .await
+                .map(|snapshots| ControlResponse::SnapshotList {
+                    volume: v.clone(),
+                    snapshots,
+                })
+                .map_err(|e| format!("cannot list snapshots of volume {v:?}: {}", describe(&e))),
+            ControlRequest::SnapshotDelete { name, .. } => self
+                .volume
+                .delete_snapshot(SnapRef::Name(name.clone()))
+                .await
+                .map(|id| ControlResponse::SnapshotDeleted {
+                    volume: v.clone(),
+                    name: name.clone(),
+                    id,
+                })
+                .map_err(|e| match &e {
+                    ClientError::Server {
+                        code: ErrorCode::NoSuchSnapshot,
+                        ..
+                    } => format!("no such snapshot: volume {v:?} has no snapshot named {name:?}"),
+                    _ => format!(
+                        "cannot delete snapshot {name:?} of volume {v:?}: {}",
+                        describe(&e)
+                    ),
+                }),
+            ControlRequest::Status { .. } => match self.volume.status().await {
+                Ok(server_status) => {
+                    let cache = self.volume.cache_stats();
+                    Ok(ControlResponse::Status {
+                        volumes: vec![VolumeStatus {
+                            volume: v.clone(),
+                            mode: self.mode.to_owned(),
+                            origin: self.origin.display().to_string(),
+                            store: self.store.display().to_string(),
+                            nbd_listen: self.nbd_listen.clone(),
+                            server: self.server.clone(),
+                            server_status,
+                            origin_sessions: self.volume.origin_sessions(),
+                            cache_hits: cache.hits,
+                            cache_misses: cache.misses,
+                            cached_chunks: cache.cached_chunks as u64,
+                        }],
+                    })
+                }
+                Err(e) => Err(format!(
+                    "cannot get the status of volume {v:?}: {}",
+                    describe(&e)
+                )),
+            },
+        };
+        result.unwrap_or_else(|message| ControlResponse::Error { message })
+    }
+}
+
+/// Removes a unix socket file nobody listens on any more (left by a killed process).
+fn remove_stale_socket(path: &std::path::Path) {
+    if path.exists() && std::os::unix::net::UnixStream::connect(path).is_err() {
+        let _ = std::fs::remove_file(path);
+    }
+}
+
+fn to_client_addr(addr: &server_net::ListenAddr) -> nbd::ListenAddr {
+    match addr {
+        server_net::ListenAddr::Tcp(a) => nbd::ListenAddr::Tcp(a.to_string()),
+        server_net::ListenAddr::Unix(p) => nbd::ListenAddr::Unix(p.clone()),
+    }
+}
+
+/// Runs standalone mode until SIGTERM/SIGINT (clean shutdown) or a server failure (error).
+pub async fn run(args: StandaloneArgs) -> anyhow::Result<()> {
+    let volume_name = required(&args.volume, "--volume NAME")?;
+    if let Err(why) = validate_snapshot_name(&volume_name) {
+        bail!("invalid volume name {volume_name:?}: {why}");
+    }
+    let origin = required(&args.origin, "--origin PATH")?;
+    let store = required(&args.store, "--store PATH")?;
+    let nbd_listen = match (&args.nbd_listen, args.server_only) {
+        (_, true) => None,
+        (Some(a), false) => Some(
+            a.parse::<nbd::ListenAddr>()
+                .map_err(|e| anyhow::anyhow!("--nbd-listen: {e}"))?,
+        ),
+        (None, false) => bail!("standalone mode needs --nbd-listen ADDR (or --server-only)"),
+    };
+
+    // The key: given, or ephemeral in a private temporary directory.
+    let mut _ephemeral_dir = None;
+    let key_path = match (&args.key_file, &args.connect_server) {
+        (Some(p), _) => p.clone(),
+        (None, Some(_)) => bail!("--connect-server needs --key-file (the server's cluster key)"),
+        (None, None) if args.server_only => {
+            bail!("--server-only needs --key-file (its clients must share the key)")
+        }
+        (None, None) => {
+            let dir = tempfile::Builder::new()
+                .prefix("csnap-agent-key")
+                .tempdir()
+                .context("cannot create a directory for the ephemeral key")?;
+            let path = dir.path().join("cluster.key");
+            server_net::key::write_new_key(&path, false)
+                .context("cannot write the ephemeral key")?;
+            tracing::info!(path = %path.display(), "no --key-file: using an ephemeral key");
+            _ephemeral_dir = Some(dir);
+            path
+        }
+    };
+    let key = server_net::key::load_key_file(&key_path)?;
+
+    // The server, unless another one serves this volume.
+    let mut server: Option<RunningServer> = None;
+    let server_addr = match &args.connect_server {
+        Some(addr) => addr
+            .parse::<nbd::ListenAddr>()
+            .map_err(|e| anyhow::anyhow!("--connect-server: {e}"))?,
+        None => {
+            let listen = match &args.server_listen {
+                Some(s) => s
+                    .parse::<server_net::ListenAddr>()
+                    .map_err(|e| anyhow::anyhow!("--server-listen: {e}"))?,
+                None => {
+                    let dir = args
+                        .control_socket
+                        .parent()
+                        .map(|d| d.to_path_buf())
+                        .unwrap_or_else(|| PathBuf::from("."));
+                    std::fs::create_dir_all(&dir)
+                        .with_context(|| format!("cannot create {}", dir.display()))?;
+                    server_net::ListenAddr::Unix(dir.join(format!("{volume_name}.server.sock")))
+                }
+            };
+            if let server_net::ListenAddr::Unix(p) = &listen {
+                remove_stale_socket(p);
+            }
+            let mut cfg = ServerConfig::new(&origin, &store, listen, &key_path);
+            cfg.volume = volume_name.clone();
+            // One machine: every process shares the page cache, so buffered I/O is
+            // coherent; FLUSH/FUA still reach the devices through fdatasync.
+            cfg.direct_io = false;
+            let running = server_net::start(cfg).await.with_context(|| {
+                format!("cannot start the metadata server for volume {volume_name:?}")
+            })?;
+            let addr = to_client_addr(&running.local_addr());
+            server = Some(running);
+            addr
+        }
+    };
+    let server_desc = match &server_addr {
+        nbd::ListenAddr::Tcp(a) => a.clone(),
+        nbd::ListenAddr::Unix(p) => format!("unix:{}", p.display()),
+    };
+
+    let client = ClientId(
+        args.client_id
+            .unwrap_or_else(|| rand::random::<u64>() & !0xffff_ffff),
+    );
+    let volume = Volume::connect(ClientConfig {
+        server: server_addr,
+        key,
+        client,
+        node: args.node,
+        origin: origin.clone(),
+        store: store.clone(),
+        connect_timeout: Duration::from_secs(30),
+        cache_chunks: 1 << 20,
+    })
+    .await
+    .with_context(|| {
+        format!("cannot connect volume {volume_name:?} to its server at {server_desc}")
+    })?;
+
+    let exports = CsnapExports::new(&volume_name, volume.clone(), args.snapshots_read_only);
+    let nbd_server = Arc::new(NbdServer::new(Arc::new(exports), Default::default()));
+    let mut nbd_task = None;
+    let mut nbd_desc = "none (--server-only)".to_owned();
+    if let Some(addr) = &nbd_listen {
+        if let nbd::ListenAddr::Unix(p) = addr {
+            remove_stale_socket(p);
+        }
+        let listener = Listener::bind(addr)
+            .await
+            .with_context(|| format!("cannot listen for NBD on {addr:?}"))?;
+        nbd_desc = listener.local_description();
+        nbd_task = Some(tokio::spawn(nbd_server.clone().serve(listener)));
+    }
+
+    let control = crate::control::bind(&args.control_socket)?;
+    let agent = Arc::new(Agent {
+        volume_name: volume_name.clone(),
+        volume: volume.clone(),
+        mode: if server.is_some() {
+            "standalone"
+        } else {
+            "client"
+        },
+        origin,
+        store,
+        nbd_listen: nbd_desc.clone(),
+        server: server_desc.clone(),
+    });
+    let handler = Arc::new(move |req: ControlRequest| {
+        let agent = agent.clone();
+        async move { agent.handle(req).await }
+    });
+    let control_task = tokio::spawn(crate::control::serve(control, handler));
+    tracing::info!(volume = %volume_name, nbd = %nbd_desc, server = %server_desc,
+        control = %args.control_socket.display(), client = %client, "csnap-agent ready");
+
+    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("cannot install the SIGTERM handler")?;
+    let failure = async {
+        match &server {
+            Some(s) => Some(s.failed().await),
+            None => std::future::pending().await,
+        }
+    };
+    let outcome: anyhow::Result<()> = tokio::select! {
+        _ = sigterm.recv() => Ok(()),
+        _ = tokio::signal::ctrl_c() => Ok(()),
+        reason = failure => Err(anyhow::anyhow!("the metadata server failed: {}", reason.unwrap_or_default())),
+    };
+    tracing::info!(volume = %volume_name, "csnap-agent stopping");
+    control_task.abort();
+    let _ = std::fs::remove_file(&args.control_socket);
+    if !nbd_server.shutdown(Duration::from_secs(10)).await {
+        tracing::warn!("NBD connections still open after 10 s; closing anyway");
+    }
+    if let Some(t) = nbd_task {
+        t.abort();
+    }
+    if let Some(nbd::ListenAddr::Unix(p)) = &nbd_listen {
+        let _ = std::fs::remove_file(p);
+    }
+    volume.shutdown().await;
+    if let Some(s) = server {
+        if outcome.is_ok() {
+            s.shutdown().await.context("clean server shutdown failed")?;
+        }
+    }
+    outcome
+}

@@ -1,0 +1,561 @@
+//! Standalone mode end to end, with real NBD clients (qemu-io, qemu-img, nbdinfo, nbdcopy,
+//! fio) against csnap-agent processes. Each test needs its tools: under CI=true a missing
+//! tool fails the test, otherwise it is skipped with a message.
+
+mod support;
+
+use std::time::Duration;
+
+use csnap_proto::control::{ControlRequest, ControlResponse};
+use serde_json::Value;
+use support::*;
+
+const CHUNK: u64 = 16 * 1024;
+
+fn qemu_io_args<'a>(uri: &'a str, cmds: &'a [&'a str]) -> Vec<&'a str> {
+    let mut args = vec!["-f", "raw", uri];
+    for c in cmds {
+        args.push("-c");
+        args.push(c);
+    }
+    args
+}
+
+async fn qemu_io(uri: &str, cmds: &[&str]) -> Ran {
+    let r = run_ok("qemu-io", &qemu_io_args(uri, cmds)).await;
+    // qemu-io exits 0 even when a pattern check fails; it says so on stdout.
+    assert!(
+        !r.stdout.contains("Pattern verification failed") && !r.stdout.contains("failed:"),
+        "qemu-io {cmds:?} on {uri}:\n{}",
+        r.stdout
+    );
+    r
+}
+
+async fn list_exports(uri: &str) -> Vec<Value> {
+    let out = run_ok("nbdinfo", &["--list", "--json", uri]).await;
+    let json: Value = serde_json::from_str(&out.stdout)
+        .unwrap_or_else(|e| panic!("nbdinfo JSON: {e}\n{}", out.stdout));
+    json["exports"].as_array().cloned().unwrap_or_default()
+}
+
+fn export_names(exports: &[Value]) -> Vec<String> {
+    let mut names: Vec<String> = exports
+        .iter()
+        .filter_map(|e| e["export-name"].as_str().map(str::to_owned))
+        .collect();
+    names.sort();
+    names
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn origin_and_snapshots_with_qemu_io_qemu_img_nbdinfo_nbdcopy() {
+    for tool in ["qemu-io", "qemu-img", "nbdinfo", "nbdcopy"] {
+        if !require_tool(tool) {
+            return;
+        }
+    }
+    let fx = Fixture::new(CHUNK, 16 * MIB, 64 * MIB);
+    let nbd = fx.path("a.nbd");
+    // No --key-file: the agent makes an ephemeral key.
+    let mut agent = Agent::start(
+        &fx,
+        "a",
+        &["--nbd-listen", &format!("unix:{}", nbd.display())],
+    )
+    .await;
+    let vol = agent.uri("vol");
+
+    // Patterns on the origin, including writes that start and end inside chunks.
+    qemu_io(&vol, &["write -P 0xaa 0 1M", "write -P 0xbb 1100000 70000"]).await;
+    qemu_io(&vol, &["read -P 0xaa 0 1M", "read -P 0xbb 1100000 70000"]).await;
+
+    agent.snapshot("s1").await;
+    let s1_copy = fx.path("s1.img");
+    std::fs::copy(&fx.origin, &s1_copy).unwrap();
+
+    // Overwrite the origin across chunk boundaries and inside one chunk.
+    qemu_io(
+        &vol,
+        &[
+            "write -P 0xcc 524288 1M",
+            "write -P 0xdd 5000 3000",
+            "flush",
+        ],
+    )
+    .await;
+    qemu_io(&vol, &["read -P 0xcc 524288 1M", "read -P 0xdd 5000 3000"]).await;
+    assert_ne!(
+        read_file(&fx.origin),
+        read_file(&s1_copy),
+        "the origin changed"
+    );
+
+    // The snapshot still reads as the origin did when it was taken.
+    let s1 = agent.uri("vol@s1");
+    qemu_io(&s1, &["read -P 0xaa 0 1M", "read -P 0xbb 1100000 70000"]).await;
+    run_ok(
+        "qemu-img",
+        &[
+            "compare",
+            "-f",
+            "raw",
+            "-F",
+            "raw",
+            s1_copy.to_str().unwrap(),
+            &s1,
+        ],
+    )
+    .await;
+
+    // A second snapshot, then more origin writes: both snapshots keep their views.
+    agent.snapshot("s2").await;
+    let s2_copy = fx.path("s2.img");
+    std::fs::copy(&fx.origin, &s2_copy).unwrap();
+    qemu_io(&vol, &["write -P 0x11 0 4M"]).await;
+    let s2 = agent.uri("vol@s2");
+    run_ok(
+        "qemu-img",
+        &[
+            "compare",
+            "-f",
+            "raw",
+            "-F",
+            "raw",
+            s1_copy.to_str().unwrap(),
+            &s1,
+        ],
+    )
+    .await;
+    run_ok(
+        "qemu-img",
+        &[
+            "compare",
+            "-f",
+            "raw",
+            "-F",
+            "raw",
+            s2_copy.to_str().unwrap(),
+            &s2,
+        ],
+    )
+    .await;
+
+    // nbdcopy of whole volumes equals their sources.
+    let origin_out = fx.path("origin-out.img");
+    run_ok("nbdcopy", &[&vol, origin_out.to_str().unwrap()]).await;
+    assert!(
+        read_file(&origin_out) == read_file(&fx.origin),
+        "nbdcopy of the origin differs"
+    );
+    let s2_out = fx.path("s2-out.img");
+    run_ok("nbdcopy", &[&s2, s2_out.to_str().unwrap()]).await;
+    assert!(
+        read_file(&s2_out) == read_file(&s2_copy),
+        "nbdcopy of snapshot s2 differs"
+    );
+
+    // Snapshots are writable; writes to one leave the origin and the others alone.
+    let origin_before = read_file(&fx.origin);
+    qemu_io(&s1, &["write -P 0xee 2000000 100000", "flush"]).await;
+    qemu_io(&s1, &["read -P 0xee 2000000 100000", "read -P 0xaa 0 4096"]).await;
+    assert!(
+        read_file(&fx.origin) == origin_before,
+        "a snapshot write changed the origin"
+    );
+    run_ok(
+        "qemu-img",
+        &[
+            "compare",
+            "-f",
+            "raw",
+            "-F",
+            "raw",
+            s2_copy.to_str().unwrap(),
+            &s2,
+        ],
+    )
+    .await;
+
+    // OPT_LIST shows the exports as they are now, with their flags.
+    let exports = list_exports(&vol).await;
+    assert_eq!(export_names(&exports), vec!["vol", "vol@s1", "vol@s2"]);
+    for e in &exports {
+        assert_eq!(e["export-size"], 16 * MIB, "{e}");
+        assert_eq!(e["is_read_only"], false, "{e}");
+        assert_eq!(e["can_flush"], true, "{e}");
+        assert_eq!(e["can_fua"], true, "{e}");
+        assert_eq!(e["can_multi_conn"], true, "{e}");
+    }
+
+    // Administration errors name what was wrong.
+    let err = |r: ControlResponse| match r {
+        ControlResponse::Error { message } => message,
+        other => panic!("expected an error, got {other:?}"),
+    };
+    let dup = err(agent
+        .ctl(ControlRequest::SnapshotCreate {
+            volume: "vol".into(),
+            name: "s2".into(),
+        })
+        .await);
+    assert!(
+        dup.contains("duplicate name") && dup.contains("s2"),
+        "{dup}"
+    );
+    let nov = err(agent
+        .ctl(ControlRequest::SnapshotList {
+            volume: "nope".into(),
+        })
+        .await);
+    assert!(
+        nov.contains("no such volume") && nov.contains("nope"),
+        "{nov}"
+    );
+    match agent
+        .ctl(ControlRequest::SnapshotDelete {
+            volume: "vol".into(),
+            name: "s1".into(),
+        })
+        .await
+    {
+        ControlResponse::SnapshotDeleted { name, .. } => assert_eq!(name, "s1"),
+        other => panic!("delete s1: {other:?}"),
+    }
+    let nos = err(agent
+        .ctl(ControlRequest::SnapshotDelete {
+            volume: "vol".into(),
+            name: "s1".into(),
+        })
+        .await);
+    assert!(
+        nos.contains("no such snapshot") && nos.contains("s1"),
+        "{nos}"
+    );
+    assert_eq!(
+        export_names(&list_exports(&vol).await),
+        vec!["vol", "vol@s2"]
+    );
+    match agent
+        .ctl(ControlRequest::SnapshotList {
+            volume: "vol".into(),
+        })
+        .await
+    {
+        ControlResponse::SnapshotList { snapshots, .. } => {
+            let names: Vec<&str> = snapshots.iter().map(|s| s.name.as_str()).collect();
+            assert_eq!(names, vec!["s2"]);
+        }
+        other => panic!("list: {other:?}"),
+    }
+    // The deleted snapshot's export is gone; s2 is still intact after the delete.
+    let gone = run("qemu-io", &qemu_io_args(&s1, &["read 0 4096"])).await;
+    assert!(
+        !gone.ok || gone.stderr.contains("export") || gone.stdout.is_empty(),
+        "vol@s1 still opens"
+    );
+    run_ok(
+        "qemu-img",
+        &[
+            "compare",
+            "-f",
+            "raw",
+            "-F",
+            "raw",
+            s2_copy.to_str().unwrap(),
+            &s2,
+        ],
+    )
+    .await;
+
+    assert!(agent.stop(), "clean shutdown on SIGTERM:\n{}", agent.log());
+}
+
+async fn fio_has_nbd() -> bool {
+    if !require_tool("fio") {
+        return false;
+    }
+    let engines = run_ok("fio", &["--enghelp"]).await;
+    let has = engines.stdout.lines().any(|l| l.trim() == "nbd");
+    assert!(
+        has || !in_ci(),
+        "fio has no nbd engine:\n{}",
+        engines.stdout
+    );
+    if !has {
+        eprintln!("skipping: fio has no nbd ioengine");
+    }
+    has
+}
+
+/// Runs fio with crc32c verification on `uri` over `[offset, offset + size)`.
+async fn fio_verify(
+    uri: &str,
+    name: &str,
+    rw: &str,
+    offset: u64,
+    size: u64,
+    dir: &std::path::Path,
+) -> Value {
+    let out = run(
+        "fio",
+        &[
+            &format!("--name={name}"),
+            "--ioengine=nbd",
+            &format!("--uri={uri}"),
+            &format!("--rw={rw}"),
+            "--bs=4k",
+            &format!("--offset={offset}"),
+            &format!("--size={size}"),
+            "--iodepth=16",
+            "--verify=crc32c",
+            "--do_verify=1",
+            "--verify_fatal=1",
+            "--verify_state_save=0",
+            &format!("--directory={}", dir.display()),
+            "--output-format=json",
+        ],
+    )
+    .await;
+    let json: Value = out
+        .stdout
+        .find('{')
+        .and_then(|at| serde_json::from_str(&out.stdout[at..]).ok())
+        .unwrap_or_else(|| {
+            panic!(
+                "fio {name} gave no JSON\nstdout:\n{}\nstderr:\n{}",
+                out.stdout, out.stderr
+            )
+        });
+    assert!(out.ok, "fio {name} failed:\n{}\n{}", out.stdout, out.stderr);
+    let job = &json["jobs"][0];
+    assert_eq!(job["error"], 0, "fio {name}: {}", out.stdout);
+    json
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fio_verify_with_snapshots_created_mid_run() {
+    if !fio_has_nbd().await || !require_tool("qemu-img") {
+        return;
+    }
+    let fx = Fixture::new(CHUNK, 32 * MIB, 128 * MIB);
+    let nbd = fx.path("a.nbd");
+    let key = fx.key_file.to_str().unwrap().to_owned();
+    let agent = Agent::start(
+        &fx,
+        "a",
+        &[
+            "--nbd-listen",
+            &format!("unix:{}", nbd.display()),
+            "--key-file",
+            &key,
+        ],
+    )
+    .await;
+    let vol = agent.uri("vol");
+    let control = agent.control.clone();
+    let snapshotter = tokio::spawn(async move {
+        let mut made = 0;
+        for i in 0..8 {
+            tokio::time::sleep(Duration::from_millis(150)).await;
+            let req = ControlRequest::SnapshotCreate {
+                volume: "vol".into(),
+                name: format!("mid{i}"),
+            };
+            match csnap_agent::control::request(&control, &req).await {
+                Ok(ControlResponse::SnapshotCreated { .. }) => made += 1,
+                other => panic!("snapshot mid{i}: {other:?}"),
+            }
+        }
+        made
+    });
+    let json = fio_verify(&vol, "mixed", "randrw", 0, 16 * MIB, fx.dir.path()).await;
+    let job = &json["jobs"][0];
+    assert!(
+        job["write"]["io_bytes"].as_u64().unwrap_or(0) > 0,
+        "fio wrote"
+    );
+    let made = tokio::time::timeout(WAIT, snapshotter)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(made, 8);
+
+    // After the run: a last snapshot equals the origin at that moment, and every
+    // snapshot taken mid-run is still listed and readable end to end.
+    agent.snapshot("final").await;
+    let copy = fx.path("final.img");
+    std::fs::copy(&fx.origin, &copy).unwrap();
+    run_ok(
+        "qemu-img",
+        &[
+            "compare",
+            "-f",
+            "raw",
+            "-F",
+            "raw",
+            copy.to_str().unwrap(),
+            &agent.uri("vol@final"),
+        ],
+    )
+    .await;
+    match agent
+        .ctl(ControlRequest::Status {
+            volume: Some("vol".into()),
+        })
+        .await
+    {
+        ControlResponse::Status { volumes } => {
+            let v = &volumes[0];
+            assert_eq!(v.server_status.snapshots, 9, "{v:?}");
+            assert!(v.server_status.active);
+            assert!(
+                v.cache_hits > 0,
+                "the unique-chunk cache served writes: {v:?}"
+            );
+        }
+        other => panic!("status: {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_client_processes_survive_a_server_kill_and_restart() {
+    if !fio_has_nbd().await || !require_tool("qemu-img") || !require_tool("qemu-io") {
+        return;
+    }
+    let seed = seed("two_client_processes_survive_a_server_kill_and_restart");
+    let fx = Fixture::new(CHUNK, 32 * MIB, 128 * MIB);
+    let key = fx.key_file.to_str().unwrap().to_owned();
+    let srv_sock = format!("unix:{}", fx.path("srv.sock").display());
+    let server_args = [
+        "--server-only",
+        "--key-file",
+        &key,
+        "--server-listen",
+        &srv_sock,
+    ];
+    let mut server = Agent::start(&fx, "srv", &server_args).await;
+    let client_args = |name: &str, id: &str| -> Vec<String> {
+        vec![
+            "--connect-server".into(),
+            srv_sock.clone(),
+            "--key-file".into(),
+            key.clone(),
+            "--client-id".into(),
+            id.into(),
+            "--nbd-listen".into(),
+            format!("unix:{}", fx.path(&format!("{name}.nbd")).display()),
+        ]
+    };
+    let a_args = client_args("a", "4294967296");
+    let b_args = client_args("b", "8589934592");
+    let a = Agent::start(
+        &fx,
+        "a",
+        &a_args.iter().map(String::as_str).collect::<Vec<_>>(),
+    )
+    .await;
+    let b = Agent::start(
+        &fx,
+        "b",
+        &b_args.iter().map(String::as_str).collect::<Vec<_>>(),
+    )
+    .await;
+
+    // A snapshot of known contents, copied aside.
+    qemu_io(&a.uri("vol"), &["write -P 0x5a 0 2M"]).await;
+    server.snapshot("before").await;
+    let before = fx.path("before.img");
+    std::fs::copy(&fx.origin, &before).unwrap();
+
+    // Both clients write (disjoint halves, each verified by its own fio) and B reads the
+    // snapshot meanwhile; the server is SIGKILLed and restarted in the middle.
+    let (ua, ub) = (a.uri("vol"), b.uri("vol"));
+    let dir = fx.dir.path().to_owned();
+    let dir2 = dir.clone();
+    let fio_a =
+        tokio::spawn(async move { fio_verify(&ua, "a", "randrw", 0, 12 * MIB, &dir).await });
+    let fio_b =
+        tokio::spawn(
+            async move { fio_verify(&ub, "b", "randwrite", 16 * MIB, 12 * MIB, &dir2).await },
+        );
+    let snap_uri = b.uri("vol@before");
+    let reader_copy = before.clone();
+    let reader = tokio::spawn(async move {
+        for _ in 0..3 {
+            run_ok(
+                "qemu-img",
+                &[
+                    "compare",
+                    "-f",
+                    "raw",
+                    "-F",
+                    "raw",
+                    reader_copy.to_str().unwrap(),
+                    &snap_uri,
+                ],
+            )
+            .await;
+        }
+    });
+    let kill_after = Duration::from_millis(200 + seed % 600);
+    eprintln!("killing the server after {kill_after:?}");
+    tokio::time::sleep(kill_after).await;
+    server.kill();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let server = Agent::start(&fx, "srv2", &server_args).await;
+
+    let ja = tokio::time::timeout(WAIT, fio_a)
+        .await
+        .expect("fio a finished")
+        .unwrap();
+    let jb = tokio::time::timeout(WAIT, fio_b)
+        .await
+        .expect("fio b finished")
+        .unwrap();
+    tokio::time::timeout(WAIT, reader)
+        .await
+        .expect("reader finished")
+        .unwrap();
+    for (name, j) in [("a", &ja), ("b", &jb)] {
+        eprintln!("fio {name}: {} ms", j["jobs"][0]["job_runtime"]);
+        assert_eq!(j["jobs"][0]["error"], 0, "fio {name}");
+        assert!(
+            j["jobs"][0]["write"]["io_bytes"].as_u64().unwrap_or(0) > 0,
+            "fio {name} wrote"
+        );
+    }
+
+    // The snapshot survived the crash and the concurrent writers, read from either client.
+    for c in [&a, &b] {
+        run_ok(
+            "qemu-img",
+            &[
+                "compare",
+                "-f",
+                "raw",
+                "-F",
+                "raw",
+                before.to_str().unwrap(),
+                &c.uri("vol@before"),
+            ],
+        )
+        .await;
+    }
+    // Both clients re-established their sessions with the restarted server.
+    for (name, c) in [("a", &a), ("b", &b)] {
+        match c.ctl(ControlRequest::Status { volume: None }).await {
+            ControlResponse::Status { volumes } => {
+                assert!(
+                    volumes[0].origin_sessions >= 2,
+                    "client {name} reconnected: {:?}\n{}",
+                    volumes[0],
+                    c.log()
+                );
+                assert_eq!(volumes[0].mode, "client");
+            }
+            other => panic!("status {name}: {other:?}"),
+        }
+    }
+    drop(server);
+}

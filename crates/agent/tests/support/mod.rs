@@ -1,0 +1,289 @@
+//! Shared pieces of the standalone tests: a formatted origin/store pair, csnap-agent
+//! processes (killed by PID on drop), client tools run with bounded waits.
+
+#![allow(dead_code)]
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use csnap_proto::control::{ControlRequest, ControlResponse};
+use csnap_server::net;
+use csnap_server::store::{FileDevice, FormatOptions, Store};
+
+/// Longest wait for anything in these tests.
+pub const WAIT: Duration = Duration::from_secs(60);
+pub const MIB: u64 = 1 << 20;
+
+pub fn in_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| v == "true")
+}
+
+/// Whether `tool` is on PATH; under CI=true its absence is a failure.
+pub fn require_tool(tool: &str) -> bool {
+    let found = std::env::var_os("PATH")
+        .is_some_and(|path| std::env::split_paths(&path).any(|dir| dir.join(tool).is_file()));
+    if !found {
+        assert!(
+            !in_ci(),
+            "{tool} is required under CI=true but is not on PATH"
+        );
+        eprintln!("skipping: {tool} not found on PATH");
+    }
+    found
+}
+
+/// The seed of a randomised test: CSNAP_SEED if set, else fresh; always printed.
+pub fn seed(test: &str) -> u64 {
+    let seed = std::env::var("CSNAP_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(rand::random);
+    eprintln!("{test}: seed {seed} (replay with CSNAP_SEED={seed})");
+    seed
+}
+
+/// Deterministic bytes for a seed.
+pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+/// A formatted origin + store and a key file in a temporary directory.
+pub struct Fixture {
+    pub dir: tempfile::TempDir,
+    pub origin: PathBuf,
+    pub store: PathBuf,
+    pub key_file: PathBuf,
+    pub chunk_size: u64,
+    pub origin_size: u64,
+}
+
+impl Fixture {
+    pub fn new(chunk_size: u64, origin_size: u64, store_size: u64) -> Fixture {
+        let dir = tempfile::tempdir().unwrap();
+        let origin = dir.path().join("origin.img");
+        let store = dir.path().join("store.img");
+        let key_file = dir.path().join("cluster.key");
+        let f = File::create(&origin).unwrap();
+        f.set_len(origin_size).unwrap();
+        // Recognisable initial contents.
+        f.write_all_at(&pattern(1, origin_size as usize), 0)
+            .unwrap();
+        File::create(&store).unwrap().set_len(store_size).unwrap();
+        let dev = FileDevice::open(&store, false).unwrap();
+        Store::format(
+            &dev,
+            &FormatOptions {
+                chunk_size,
+                origin_size,
+                now: 1_700_000_000,
+                uuid: None,
+            },
+        )
+        .unwrap();
+        net::key::write_new_key(&key_file, false).unwrap();
+        Fixture {
+            dir,
+            origin,
+            store,
+            key_file,
+            chunk_size,
+            origin_size,
+        }
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+}
+
+/// A csnap-agent process; killed (by PID) on drop.
+pub struct Agent {
+    child: Option<Child>,
+    pub control: PathBuf,
+    pub nbd: Option<PathBuf>,
+    pub log: PathBuf,
+}
+
+impl Agent {
+    /// Starts `csnap-agent --standalone` with `args` and waits until its control socket
+    /// answers a status request.
+    pub async fn start(fx: &Fixture, name: &str, args: &[&str]) -> Agent {
+        let control = fx.path(&format!("{name}.ctl"));
+        let log = fx.path(&format!("{name}.log"));
+        let child = Command::new(env!("CARGO_BIN_EXE_csnap-agent"))
+            .arg("--standalone")
+            .arg("--volume")
+            .arg("vol")
+            .arg("--origin")
+            .arg(&fx.origin)
+            .arg("--store")
+            .arg(&fx.store)
+            .arg("--control-socket")
+            .arg(&control)
+            .args(args)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(File::create(&log).unwrap())
+            .spawn()
+            .expect("spawn csnap-agent");
+        let nbd = args
+            .iter()
+            .position(|a| *a == "--nbd-listen")
+            .and_then(|i| args.get(i + 1))
+            .and_then(|a| a.strip_prefix("unix:"))
+            .map(PathBuf::from);
+        let mut agent = Agent {
+            child: Some(child),
+            control,
+            nbd,
+            log,
+        };
+        agent.wait_ready().await;
+        agent
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map_or(0, |c| c.id())
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    async fn wait_ready(&mut self) {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            if let Ok(ControlResponse::Status { .. }) = csnap_agent::control::request(
+                &self.control,
+                &ControlRequest::Status { volume: None },
+            )
+            .await
+            {
+                return;
+            }
+            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().unwrap()) {
+                panic!("csnap-agent exited with {status}:\n{}", self.log());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "csnap-agent not ready within {WAIT:?}:\n{}",
+                self.log()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// NBD URI of an export on this agent's unix socket.
+    pub fn uri(&self, export: &str) -> String {
+        let sock = self.nbd.as_ref().expect("agent has an NBD socket");
+        format!("nbd+unix:///{export}?socket={}", sock.display())
+    }
+
+    /// SIGKILL, as a crash.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM and wait for a clean exit (bounded); returns whether it exited 0.
+    pub fn stop(&mut self) -> bool {
+        let Some(mut c) = self.child.take() else {
+            return false;
+        };
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(c.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+        let deadline = Instant::now() + WAIT;
+        loop {
+            if let Ok(Some(status)) = c.try_wait() {
+                return status.success();
+            }
+            if Instant::now() > deadline {
+                let _ = c.kill();
+                let _ = c.wait();
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub async fn ctl(&self, req: ControlRequest) -> ControlResponse {
+        tokio::time::timeout(WAIT, csnap_agent::control::request(&self.control, &req))
+            .await
+            .expect("control request answered in time")
+            .expect("control request")
+    }
+
+    pub async fn snapshot(&self, name: &str) -> u64 {
+        match self
+            .ctl(ControlRequest::SnapshotCreate {
+                volume: "vol".into(),
+                name: name.into(),
+            })
+            .await
+        {
+            ControlResponse::SnapshotCreated { info, .. } => info.id.0,
+            other => panic!("snapshot create {name}: {other:?}\n{}", self.log()),
+        }
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Output of a finished tool.
+pub struct Ran {
+    pub ok: bool,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+/// Runs a tool to completion within `WAIT` (killed on timeout or drop).
+pub async fn run(program: &str, args: &[&str]) -> Ran {
+    let child = tokio::process::Command::new(program)
+        .args(args)
+        .stdin(Stdio::null())
+        .kill_on_drop(true)
+        .output();
+    let out = tokio::time::timeout(WAIT, child)
+        .await
+        .unwrap_or_else(|_| panic!("{program} {args:?} did not finish within {WAIT:?}"))
+        .unwrap_or_else(|e| panic!("cannot run {program}: {e}"));
+    Ran {
+        ok: out.status.success(),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+pub async fn run_ok(program: &str, args: &[&str]) -> Ran {
+    let r = run(program, args).await;
+    assert!(
+        r.ok,
+        "{program} {args:?} failed\nstdout:\n{}\nstderr:\n{}",
+        r.stdout, r.stderr
+    );
+    r
+}
+
+pub fn read_file(path: &Path) -> Vec<u8> {
+    std::fs::read(path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()))
+}
