@@ -678,3 +678,99 @@ async fn the_binary_logs_auth_failures_shuts_down_cleanly_and_refuses_an_open_ke
         "{log}"
     );
 }
+
+/// Shrinks the origin under the running server so the next copy-out cannot read it: a
+/// data-path failure the engine must treat as fatal.
+fn break_origin(fx: &Fixture) {
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&fx.origin)
+        .unwrap()
+        .set_len(0)
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_copy_stops_the_server_at_once_and_leaves_the_store_for_recovery() {
+    let fx = Fixture::small();
+    let server = net::start(fx.config(tcp())).await.unwrap();
+    let addr = server.local_addr();
+    let origin = Client::connect(&addr, &fx.key, ORIGIN, ClientKind::Origin).await;
+    let admin = Client::connect(&addr, &fx.key, ADMIN, ClientKind::Admin).await;
+    create_snapshot(&admin, "s").await;
+    break_origin(&fx);
+    let reply = origin
+        .request(ClientMsg::QueryWrite {
+            ranges: vec![ChunkRange::new(3, 1)],
+        })
+        .await;
+    assert!(
+        !matches!(reply, Ok(ServerMsg::OriginWriteOk { .. })),
+        "no grant without the copy-out: {reply:?}"
+    );
+    let reason = tokio::time::timeout(WAIT, server.failed())
+        .await
+        .expect("the server reports its failure");
+    assert!(
+        reason.contains("origin"),
+        "the reason names the failure: {reason}"
+    );
+    assert!(
+        admin.request(ClientMsg::Status).await.is_err(),
+        "nothing is served after a fatal error"
+    );
+    assert!(
+        connect_raw(&addr).await.is_err() || {
+            // The listener may still be closing; a new connection must not be served.
+            let (frames, _) = raw_exchange(&addr, &[0, 0, 0, 1, PROTOCOL_VERSION]).await;
+            frames.is_empty()
+        }
+    );
+    match server.shutdown().await {
+        Err(ServerError::Failed(r)) => assert_eq!(r, reason),
+        other => panic!("shutdown after a fatal error: {other:?}"),
+    }
+    // The store was not marked clean: the next server replays its journal.
+    let dev = Arc::new(csnap_server::store::FileDevice::open(&fx.store, false).unwrap());
+    let mut store = csnap_server::store::Store::open(dev, Default::default()).unwrap();
+    assert!(store.was_unclean());
+    assert!(store.check().unwrap().is_clean());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_binary_exits_nonzero_on_a_fatal_store_failure() {
+    let fx = Fixture::small();
+    let addr = fx.unix_addr("fatal.sock");
+    let mut proc = ServerProcess::spawn(&fx, &addr, &[], "fatal.log");
+    proc.wait_listening().await;
+    let origin = Client::connect(&addr, &fx.key, ORIGIN, ClientKind::Origin).await;
+    let admin = Client::connect(&addr, &fx.key, ADMIN, ClientKind::Admin).await;
+    create_snapshot(&admin, "s").await;
+    break_origin(&fx);
+    let _ = origin
+        .request(ClientMsg::QueryWrite {
+            ranges: vec![ChunkRange::new(3, 1)],
+        })
+        .await;
+    let status = proc.wait_exit(WAIT);
+    assert_eq!(status.code(), Some(1), "{}", proc.stderr());
+    assert!(proc.stderr().contains("FATAL"), "{}", proc.stderr());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_that_never_authenticates_is_closed() {
+    use tokio::io::AsyncReadExt as _;
+    let fx = Fixture::small();
+    let mut cfg = fx.config(tcp());
+    cfg.auth_timeout = Duration::from_secs(1);
+    let server = net::start(cfg).await.unwrap();
+    let mut idle = connect_raw(&server.local_addr()).await.unwrap();
+    let mut buf = [0u8; 16];
+    let n = tokio::time::timeout(Duration::from_secs(5), idle.read(&mut buf))
+        .await
+        .expect("closed within the auth timeout plus a tick")
+        .unwrap_or(0);
+    assert_eq!(n, 0, "closed without a reply");
+    assert_eq!(server.status().await.unwrap().connected_clients, 0);
+    server.shutdown().await.unwrap();
+}

@@ -191,6 +191,7 @@ pub struct Client {
     pub origin_chunks: u64,
     /// Every reply id seen, to check that none is duplicated.
     pub replies_seen: Arc<Mutex<Vec<RequestId>>>,
+    closed: Arc<std::sync::atomic::AtomicBool>,
 }
 
 pub struct Hello {
@@ -300,6 +301,8 @@ impl Client {
             replies_seen.clone(),
         );
         let is_origin = hello.kind == ClientKind::Origin;
+        let closed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let gone = closed.clone();
         tokio::spawn(async move {
             while let Some(Ok(frame)) = rd.next().await {
                 match frame.reply_to {
@@ -328,7 +331,8 @@ impl Client {
                     }
                 }
             }
-            // Connection gone: fail every waiter.
+            // Connection gone: fail every waiter, and every later request.
+            gone.store(true, Ordering::SeqCst);
             p.lock().unwrap().clear();
         });
         Ok(Client {
@@ -342,6 +346,7 @@ impl Client {
             chunk_size,
             origin_chunks,
             replies_seen,
+            closed,
         })
     }
 
@@ -350,6 +355,9 @@ impl Client {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
         self.pending.lock().unwrap().insert(id, tx);
+        if self.closed.load(Ordering::SeqCst) {
+            self.pending.lock().unwrap().remove(&id);
+        }
         let _ = self.out.send(ClientFrame { id, msg });
         (id, rx)
     }
