@@ -47,6 +47,8 @@ pub enum StoreError {
         area: &'static str,
         what: String,
     },
+    #[error("the origin and the store are the same device ({0})")]
+    SameDevice(String),
     #[error("store already formatted (uuid {uuid}); use --force to overwrite it")]
     AlreadyFormatted { uuid: String },
     #[error("snapshot store is full: no free data chunk")]

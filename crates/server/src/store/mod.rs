@@ -18,6 +18,7 @@
 pub mod device;
 pub mod error;
 pub mod format;
+pub mod tool;
 
 mod adapter;
 mod btree;
