@@ -2,7 +2,9 @@
 //! writes (the test client writes the origin itself after each grant, as a real client does)
 //! and snapshot creates/deletes, SIGKILLed at a random moment, restarted, and checked:
 //!
-//! * invariant 1: every acknowledged snapshot reads exactly as at its creation;
+//! * invariant 1: every acknowledged snapshot reads exactly as at its creation, changed only
+//!   by the acknowledged snapshot writes to it (the client writes the store chunk the server
+//!   names, as a real snapshot client does);
 //! * invariant 2: every acknowledged origin write is in the origin;
 //! * invariant 5: the crashed store passes the consistency checker.
 //!
@@ -16,7 +18,8 @@ use csnap_proto::*;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use server_support::*;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
+use std::os::unix::fs::FileExt as _;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -35,13 +38,64 @@ struct Model {
     /// A delete sent but not answered.
     delete_in_doubt: Option<SnapId>,
     acknowledged_writes: u64,
+    acknowledged_snapshot_writes: u64,
     next_version: u64,
     next_name: u64,
 }
 
 /// One workload round: random operations until the connection dies.
+/// A snapshot write as a snapshot client does it: ask where, write the data there itself,
+/// then release the write lease. The model changes once the data is written.
+async fn snapshot_write(
+    client: &Client,
+    snap: SnapId,
+    store: &std::path::Path,
+    model: &Mutex<Model>,
+    rng: &mut StdRng,
+) -> Result<(), String> {
+    let chunk = rng.gen_range(0..ORIGIN_CHUNKS);
+    let ranges = vec![ChunkRange::new(chunk, 1)];
+    let reply = client
+        .request(ClientMsg::SnapshotWrite {
+            snap,
+            ranges: ranges.clone(),
+        })
+        .await?;
+    let ServerMsg::SnapshotWriteOk { addrs } = reply else {
+        panic!("snapshot write to {snap} chunk {chunk}: {reply:?}");
+    };
+    assert_eq!(addrs.len(), 1);
+    assert_eq!(addrs[0].chunk, chunk);
+    let version = {
+        let mut m = model.lock().unwrap();
+        m.next_version += 1;
+        m.next_version
+    };
+    let file = std::fs::OpenOptions::new().write(true).open(store).unwrap();
+    file.write_all_at(
+        &pattern(CHUNK as usize, chunk, version),
+        addrs[0].store_chunk * CHUNK,
+    )
+    .unwrap();
+    {
+        let mut m = model.lock().unwrap();
+        if let Some((_, view)) = m.snaps.get_mut(&snap) {
+            view[chunk as usize] = version;
+        }
+        m.acknowledged_snapshot_writes += 1;
+    }
+    match client
+        .request(ClientMsg::FinishSnapshotWrite { snap, ranges })
+        .await?
+    {
+        ServerMsg::FinishSnapshotWriteOk => Ok(()),
+        other => panic!("FinishSnapshotWrite: {other:?}"),
+    }
+}
+
 async fn workload(
     fx_origin: std::path::PathBuf,
+    fx_store: std::path::PathBuf,
     addr: csnap_server::net::ListenAddr,
     key: Vec<u8>,
     model: Arc<Mutex<Model>>,
@@ -84,9 +138,39 @@ async fn workload(
     else {
         return;
     };
+    let mut snap_clients: HashMap<SnapId, Client> = HashMap::new();
     loop {
         let roll = rng.gen_range(0..100);
-        if roll < 80 {
+        let target = {
+            let m = model.lock().unwrap();
+            let ids: Vec<SnapId> = m.snaps.keys().copied().collect();
+            (!ids.is_empty()).then(|| ids[rng.gen_range(0..ids.len())])
+        };
+        if let (true, Some(snap)) = (roll < 15, target) {
+            let client = match snap_clients.entry(snap) {
+                std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+                std::collections::hash_map::Entry::Vacant(e) => {
+                    let Ok(io) = connect_raw(&addr).await else {
+                        return;
+                    };
+                    let hello = Hello {
+                        client: ClientId(0x5000 + snap.0),
+                        kind: ClientKind::Snapshot { snap },
+                        resuming: false,
+                    };
+                    let Ok(c) = Client::handshake(io, &key, hello).await else {
+                        return;
+                    };
+                    e.insert(c)
+                }
+            };
+            if snapshot_write(client, snap, &fx_store, &model, &mut rng)
+                .await
+                .is_err()
+            {
+                return;
+            }
+        } else if roll < 80 {
             let chunk = rng.gen_range(0..ORIGIN_CHUNKS);
             let version = {
                 let mut m = model.lock().unwrap();
@@ -146,6 +230,7 @@ async fn workload(
                     let mut m = model.lock().unwrap();
                     m.delete_in_doubt = None;
                     m.snaps.remove(&victim);
+                    snap_clients.remove(&victim);
                 }
                 Ok(other) => panic!("delete {victim}: {other:?}"),
                 Err(_) => return,
@@ -165,6 +250,7 @@ async fn workload(
                     let mut m = model.lock().unwrap();
                     m.delete_in_doubt = None;
                     m.snaps.remove(&oldest);
+                    snap_clients.remove(&oldest);
                 }
                 Ok(other) => panic!("delete {oldest}: {other:?}"),
                 Err(_) => return,
@@ -270,6 +356,7 @@ async fn sigkill_under_load_keeps_snapshots_writes_and_the_store_consistent() {
     let crashed_copy = fx.dir.path().join("crashed-store");
     let started = std::time::Instant::now();
     let mut total_writes = 0;
+    let mut total_snapshot_writes = 0;
 
     for round in 0..rounds {
         let mut proc = ServerProcess::spawn(&fx, &addr, &[], &format!("round{round}.log"));
@@ -288,6 +375,7 @@ async fn sigkill_under_load_keeps_snapshots_writes_and_the_store_consistent() {
         let kill_after = Duration::from_millis(rng.gen_range(5..150));
         let load = tokio::spawn(workload(
             fx.origin.clone(),
+            fx.store.clone(),
             addr.clone(),
             fx.key.clone(),
             model.clone(),
@@ -300,6 +388,7 @@ async fn sigkill_under_load_keeps_snapshots_writes_and_the_store_consistent() {
             Err(_) => panic!("round {round}: the workload did not notice the dead server"),
         }
         total_writes = model.lock().unwrap().acknowledged_writes;
+        total_snapshot_writes = model.lock().unwrap().acknowledged_snapshot_writes;
 
         // Invariant 5 on a copy of the crashed store (the next server recovers the original).
         std::fs::copy(&fx.store, &crashed_copy).unwrap();
@@ -328,9 +417,12 @@ async fn sigkill_under_load_keeps_snapshots_writes_and_the_store_consistent() {
     let report = fx.check_store();
     assert!(report.is_clean(), "{:?}", report.problems);
     eprintln!(
-        "{rounds} SIGKILL rounds, {total_writes} acknowledged origin writes, {} snapshots at the end, {:?}",
+        "{rounds} SIGKILL rounds, {total_writes} acknowledged origin writes, {total_snapshot_writes} snapshot writes, {} snapshots at the end, {:?}",
         m.snaps.len(),
         started.elapsed()
     );
-    assert!(total_writes > 0, "the workload made progress");
+    assert!(
+        total_writes > 0 && total_snapshot_writes > 0,
+        "the workload made progress"
+    );
 }

@@ -161,7 +161,7 @@ pub(crate) struct DriverParts {
     pub max_copies: usize,
     pub cluster_key: Vec<u8>,
     pub auth_timeout: Duration,
-    pub fatal_tx: watch::Sender<Option<String>>,
+    pub fatal_tx: Arc<watch::Sender<Option<String>>>,
     /// Cancelled when the server stops: ends the acceptor and every connection task.
     pub stop: CancellationToken,
     pub volume: String,
@@ -180,7 +180,7 @@ pub(crate) struct Driver {
     conns: HashMap<ConnId, ConnState>,
     cluster_key: Vec<u8>,
     auth_timeout: Duration,
-    fatal_tx: watch::Sender<Option<String>>,
+    fatal_tx: Arc<watch::Sender<Option<String>>>,
     stop: CancellationToken,
     volume: String,
     internal_nonce: Nonce,

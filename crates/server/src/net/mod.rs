@@ -466,6 +466,7 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
     let (net_tx, net_rx) = mpsc::channel::<Input>(1024);
     let (ctl_tx, ctl_rx) = mpsc::unbounded_channel();
     let (fatal_tx, fatal_rx) = watch::channel(None);
+    let fatal_tx = Arc::new(fatal_tx);
     let (exit_tx, exit_rx) = oneshot::channel();
     let stop = CancellationToken::new();
     let driver = Driver::new(DriverParts {
@@ -478,14 +479,33 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
         max_copies: config.max_copies_in_flight,
         cluster_key,
         auth_timeout: config.auth_timeout,
-        fatal_tx,
+        fatal_tx: fatal_tx.clone(),
         stop: stop.clone(),
         volume: volume.clone(),
     });
+    let thread_stop = stop.clone();
     let spawned = std::thread::Builder::new()
         .name("csnap-engine".into())
         .spawn(move || {
-            let _ = exit_tx.send(driver.run());
+            // A bug that panics the engine must not leave a process that accepts
+            // connections and serves nothing: it becomes a fatal error like any other.
+            let exit = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| driver.run()))
+            {
+                Ok(exit) => exit,
+                Err(panic) => {
+                    let what = panic
+                        .downcast_ref::<&str>()
+                        .map(|s| s.to_string())
+                        .or_else(|| panic.downcast_ref::<String>().cloned())
+                        .unwrap_or_else(|| "unknown panic".into());
+                    let reason = format!("engine thread panicked: {what}");
+                    tracing::error!(%reason, "FATAL: the server stops serving now");
+                    let _ = fatal_tx.send(Some(reason.clone()));
+                    thread_stop.cancel();
+                    Exit::Fatal(reason)
+                }
+            };
+            let _ = exit_tx.send(exit);
         });
     if let Err(e) = spawned {
         cleanup_socket(&unix_path);

@@ -192,6 +192,14 @@ pub struct Client {
     /// Every reply id seen, to check that none is duplicated.
     pub replies_seen: Arc<Mutex<Vec<RequestId>>>,
     closed: Arc<std::sync::atomic::AtomicBool>,
+    reader: tokio::task::AbortHandle,
+}
+
+impl Drop for Client {
+    /// Closes the connection (the writer task ends with `out`, the reader is aborted).
+    fn drop(&mut self) {
+        self.reader.abort();
+    }
 }
 
 pub struct Hello {
@@ -240,7 +248,10 @@ impl Client {
             },
         ))
         .await
-        .unwrap();
+        .map_err(|_| Refused {
+            server_proof_ok: false,
+            reply: None,
+        })?;
         let Some(challenge) = recv(&mut rd).await else {
             return Err(Refused {
                 server_proof_ok: false,
@@ -262,7 +273,10 @@ impl Client {
         let proof = auth::client_proof(key, hello.client, &client_nonce, &server_nonce);
         wr.send(send(2, ClientMsg::AuthResponse { proof }))
             .await
-            .unwrap();
+            .map_err(|_| Refused {
+                server_proof_ok,
+                reply: None,
+            })?;
         let welcome = recv(&mut rd).await;
         let (chunk_size, origin_chunks) = match welcome.map(|f| f.msg) {
             Some(ServerMsg::Welcome {
@@ -303,7 +317,7 @@ impl Client {
         let is_origin = hello.kind == ClientKind::Origin;
         let closed = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let gone = closed.clone();
-        tokio::spawn(async move {
+        let reader = tokio::spawn(async move {
             while let Some(Ok(frame)) = rd.next().await {
                 match frame.reply_to {
                     Some(id) => {
@@ -347,6 +361,7 @@ impl Client {
             origin_chunks,
             replies_seen,
             closed,
+            reader: reader.abort_handle(),
         })
     }
 
