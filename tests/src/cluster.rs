@@ -207,6 +207,11 @@ impl Cluster {
         self.inner.spec(node).ok().map(|s| s.addr)
     }
 
+    /// The `csnap` section `node`'s corosync.conf has now.
+    pub fn csnap_section(&self, node: NodeId) -> Option<CsnapSection> {
+        self.inner.state().csnap.get(&node).cloned()
+    }
+
     /// Pid of `node`'s corosync, if it is running.
     pub fn pid(&self, node: NodeId) -> Option<u32> {
         self.inner.pid(node)

@@ -100,6 +100,7 @@ async fn cmap_reads_the_csnap_section_and_follows_a_reload() {
         .set_csnap(&nodes, volume_section(7799))
         .await
         .unwrap();
+    assert_eq!(cluster.csnap_section(NodeId(1)), Some(volume_section(7799)));
     for (node, watch) in &mut watches {
         let reloaded = next_item(watch, &format!("node {node}'s config watch"))
             .await
