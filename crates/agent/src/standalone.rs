@@ -53,6 +53,10 @@ pub struct StandaloneArgs {
     /// Node id reported to the server.
     #[arg(long, default_value_t = 0)]
     pub node: u32,
+    /// Open the origin and store O_DIRECT in the client and the server (needed when
+    /// other machines write them too); the exports then take 4 KiB-aligned I/O only.
+    #[arg(long)]
+    pub direct_io: bool,
     /// Run the server and the control socket but no NBD exports (other processes'
     /// clients use the server through --connect-server). Needs --key-file.
     #[arg(long, conflicts_with = "connect_server")]
@@ -266,9 +270,9 @@ pub async fn run(args: StandaloneArgs) -> anyhow::Result<()> {
             }
             let mut cfg = ServerConfig::new(&origin, &store, listen, &key_path);
             cfg.volume = volume_name.clone();
-            // One machine: every process shares the page cache, so buffered I/O is
-            // coherent; FLUSH/FUA still reach the devices through fdatasync.
-            cfg.direct_io = false;
+            // On one machine every process shares the page cache, so buffered I/O is
+            // coherent unless asked otherwise; FLUSH/FUA reach the devices either way.
+            cfg.direct_io = args.direct_io;
             let running = server_net::start(cfg).await.with_context(|| {
                 format!("cannot start the metadata server for volume {volume_name:?}")
             })?;
@@ -295,6 +299,7 @@ pub async fn run(args: StandaloneArgs) -> anyhow::Result<()> {
         store: store.clone(),
         connect_timeout: Duration::from_secs(30),
         cache_chunks: 1 << 20,
+        direct_io: args.direct_io,
     })
     .await
     .with_context(|| {

@@ -36,7 +36,7 @@ impl CsnapExports {
             size: self.volume.size(),
             read_only,
             features: features(),
-            block_sizes: block_sizes(self.volume.chunk_size()),
+            block_sizes: block_sizes(&self.volume),
         }
     }
 
@@ -59,10 +59,10 @@ fn features() -> ExportFeatures {
     }
 }
 
-fn block_sizes(chunk_size: u64) -> BlockSizes {
-    let chunk = u32::try_from(chunk_size).unwrap_or(1 << 20);
+fn block_sizes(volume: &Volume) -> BlockSizes {
+    let chunk = u32::try_from(volume.chunk_size()).unwrap_or(1 << 20);
     BlockSizes {
-        minimum: 1,
+        minimum: volume.min_io(),
         preferred: chunk.max(4096),
         // At most 1024 chunks per request keeps each metadata question small.
         maximum_payload: chunk.saturating_mul(1024).clamp(chunk.max(4096), 32 << 20),
@@ -148,7 +148,7 @@ impl Export for CsnapExport {
     }
 
     fn block_sizes(&self) -> BlockSizes {
-        block_sizes(self.volume.chunk_size())
+        block_sizes(&self.volume)
     }
 
     fn description(&self) -> Option<String> {

@@ -1,9 +1,14 @@
 //! The shared origin and store devices, read and written directly (pread/pwrite on a
 //! blocking thread; FLUSH and FUA are fdatasync).
+//!
+//! With `direct`, both are opened O_DIRECT so that this node never reads a stale page cache
+//! of a device other nodes write: every transfer then goes through a 4 KiB-aligned bounce
+//! buffer, and offsets and lengths must be multiples of [`DIRECT_ALIGN`] (the exports
+//! advertise that as their minimum block size).
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Seek, SeekFrom};
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -11,11 +16,53 @@ use bytes::{Bytes, BytesMut};
 
 use super::ClientError;
 
+/// Alignment of O_DIRECT transfers (offsets, lengths and buffer addresses).
+pub const DIRECT_ALIGN: usize = 4096;
+
 #[derive(Debug)]
 struct Device {
     path: PathBuf,
     file: File,
     len: u64,
+    direct: bool,
+}
+
+/// A zeroed buffer whose usable part starts at a `DIRECT_ALIGN` boundary.
+struct AlignedBuf {
+    raw: Vec<u8>,
+    start: usize,
+    len: usize,
+}
+
+impl AlignedBuf {
+    fn zeroed(len: usize) -> AlignedBuf {
+        let raw = vec![0u8; len + DIRECT_ALIGN];
+        let misalign = raw.as_ptr() as usize % DIRECT_ALIGN;
+        let start = (DIRECT_ALIGN - misalign) % DIRECT_ALIGN;
+        AlignedBuf { raw, start, len }
+    }
+
+    fn as_slice(&self) -> &[u8] {
+        &self.raw[self.start..self.start + self.len]
+    }
+
+    fn as_mut_slice(&mut self) -> &mut [u8] {
+        &mut self.raw[self.start..self.start + self.len]
+    }
+}
+
+fn check_aligned(dev: &Device, offset: u64, len: usize) -> io::Result<()> {
+    if dev.direct
+        && (!offset.is_multiple_of(DIRECT_ALIGN as u64) || !len.is_multiple_of(DIRECT_ALIGN))
+    {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!(
+                "O_DIRECT transfer of {len} bytes at {offset} is not {DIRECT_ALIGN}-byte aligned"
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// The origin and the store, opened read-write.
@@ -31,31 +78,45 @@ pub(crate) enum Which {
     Store,
 }
 
-fn open(path: &Path) -> Result<Device, ClientError> {
+fn open(path: &Path, direct: bool) -> Result<Device, ClientError> {
     let err = |source| ClientError::Open {
         path: path.display().to_string(),
         source,
     };
-    let mut file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(path)
-        .map_err(err)?;
+    let mut options = OpenOptions::new();
+    options.read(true).write(true);
+    if direct {
+        options.custom_flags(libc::O_DIRECT);
+    }
+    let mut file = options.open(path).map_err(err)?;
     // SEEK_END gives the size of regular files and block devices alike.
     let len = file.seek(SeekFrom::End(0)).map_err(err)?;
+    if direct && len % DIRECT_ALIGN as u64 != 0 {
+        return Err(ClientError::Geometry(format!(
+            "{} is {len} bytes, not a multiple of {DIRECT_ALIGN} as O_DIRECT needs",
+            path.display()
+        )));
+    }
     Ok(Device {
         path: path.to_owned(),
         file,
         len,
+        direct,
     })
 }
 
 impl Devices {
-    pub fn open(origin: &Path, store: &Path) -> Result<Devices, ClientError> {
+    /// Opens both devices read-write; `direct` opens them O_DIRECT.
+    pub fn open(origin: &Path, store: &Path, direct: bool) -> Result<Devices, ClientError> {
         Ok(Devices {
-            origin: Arc::new(open(origin)?),
-            store: Arc::new(open(store)?),
+            origin: Arc::new(open(origin, direct)?),
+            store: Arc::new(open(store, direct)?),
         })
+    }
+
+    /// Whether transfers bypass the page cache (and must be aligned).
+    pub fn direct(&self) -> bool {
+        self.origin.direct
     }
 
     pub fn origin_len(&self) -> u64 {
@@ -91,11 +152,20 @@ impl Devices {
     ) -> Result<Bytes, ClientError> {
         let dev = self.dev(which).clone();
         let result = tokio::task::spawn_blocking(move || {
+            let failed = |e| Self::io_err(&dev, "reading", offset, e);
+            if dev.direct {
+                check_aligned(&dev, offset, len).map_err(failed)?;
+                let mut buf = AlignedBuf::zeroed(len);
+                dev.file
+                    .read_exact_at(buf.as_mut_slice(), offset)
+                    .map_err(failed)?;
+                return Ok(Bytes::copy_from_slice(buf.as_slice()));
+            }
             let mut buf = BytesMut::zeroed(len);
             dev.file
                 .read_exact_at(&mut buf, offset)
                 .map(|()| buf.freeze())
-                .map_err(|e| Self::io_err(&dev, "reading", offset, e))
+                .map_err(failed)
         })
         .await;
         result.unwrap_or_else(|e| Err(ClientError::Geometry(format!("read task failed: {e}"))))
@@ -111,9 +181,16 @@ impl Devices {
     ) -> Result<(), ClientError> {
         let dev = self.dev(which).clone();
         let result = tokio::task::spawn_blocking(move || {
-            dev.file
-                .write_all_at(&data, offset)
-                .map_err(|e| Self::io_err(&dev, "writing", offset, e))?;
+            let written = if dev.direct {
+                check_aligned(&dev, offset, data.len()).and_then(|()| {
+                    let mut buf = AlignedBuf::zeroed(data.len());
+                    buf.as_mut_slice().copy_from_slice(&data);
+                    dev.file.write_all_at(buf.as_slice(), offset)
+                })
+            } else {
+                dev.file.write_all_at(&data, offset)
+            };
+            written.map_err(|e| Self::io_err(&dev, "writing", offset, e))?;
             if sync {
                 dev.file
                     .sync_data()
@@ -135,5 +212,48 @@ impl Devices {
         })
         .await;
         result.unwrap_or_else(|e| Err(ClientError::Geometry(format!("sync task failed: {e}"))))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn aligned_buffers_are_aligned() {
+        for len in [4096, 8192, 65536] {
+            let mut b = AlignedBuf::zeroed(len);
+            assert_eq!(b.as_slice().as_ptr() as usize % DIRECT_ALIGN, 0);
+            assert_eq!(b.as_mut_slice().len(), len);
+        }
+    }
+
+    #[tokio::test]
+    async fn direct_io_round_trips_and_refuses_unaligned_transfers() {
+        let dir = tempfile::tempdir().unwrap();
+        let (o, s) = (dir.path().join("o"), dir.path().join("s"));
+        File::create(&o).unwrap().set_len(1 << 20).unwrap();
+        File::create(&s).unwrap().set_len(1 << 20).unwrap();
+        let devs = match Devices::open(&o, &s, true) {
+            Ok(d) => d,
+            Err(e) => {
+                // Some file systems (tmpfs) have no O_DIRECT.
+                eprintln!("skipping: no O_DIRECT here: {e}");
+                return;
+            }
+        };
+        assert!(devs.direct());
+        let data = Bytes::from((0..8192u32).map(|i| i as u8).collect::<Vec<u8>>());
+        devs.write(Which::Origin, 4096, data.clone(), true)
+            .await
+            .unwrap();
+        assert_eq!(devs.read(Which::Origin, 4096, 8192).await.unwrap(), data);
+        let err = devs.read(Which::Store, 100, 4096).await.unwrap_err();
+        assert!(err.to_string().contains("aligned"), "{err}");
+        let err = devs
+            .write(Which::Store, 0, Bytes::from_static(b"short"), false)
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("aligned"), "{err}");
     }
 }

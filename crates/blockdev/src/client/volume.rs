@@ -35,6 +35,9 @@ pub struct ClientConfig {
     pub connect_timeout: Duration,
     /// Most origin chunks remembered as unique.
     pub cache_chunks: usize,
+    /// Open the origin and store O_DIRECT (needed when other nodes write them too);
+    /// I/O must then be 4 KiB aligned.
+    pub direct_io: bool,
 }
 
 /// The identity of one connection of a client: the origin connection uses the base id, the
@@ -72,7 +75,7 @@ fn unexpected(request: &'static str, answer: ServerMsg) -> ClientError {
 impl Volume {
     /// Opens the devices, connects to the server and waits for the first session.
     pub async fn connect(cfg: ClientConfig) -> Result<Arc<Volume>, ClientError> {
-        let devices = Devices::open(&cfg.origin, &cfg.store)?;
+        let devices = Devices::open(&cfg.origin, &cfg.store, cfg.direct_io)?;
         let tracker = OriginTracker::new(cfg.cache_chunks);
         let origin =
             MetaConnection::start(conn_config(&cfg, ClientKind::Origin), Some(tracker.clone()));
@@ -110,6 +113,15 @@ impl Volume {
 
     pub fn chunk_size(&self) -> u64 {
         self.chunk_size
+    }
+
+    /// The smallest I/O unit: 4 KiB with O_DIRECT, else one byte.
+    pub fn min_io(&self) -> u32 {
+        if self.devices.direct() {
+            super::devices::DIRECT_ALIGN as u32
+        } else {
+            1
+        }
     }
 
     pub fn origin_chunks(&self) -> u64 {
