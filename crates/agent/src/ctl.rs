@@ -181,3 +181,27 @@ pub async fn run_status(socket: &Path, args: StatusArgs) -> anyhow::Result<()> {
         other => Err(unexpected(other)),
     }
 }
+
+/// Runs one agent subcommand to completion for csnapctl's `main`: prints the error (with
+/// its causes) and maps the outcome to the exit code.
+pub fn run_cli<F: std::future::Future<Output = anyhow::Result<()>>>(
+    command: F,
+) -> std::process::ExitCode {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("csnapctl: error: cannot start the runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(command) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("csnapctl: error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

@@ -188,66 +188,72 @@ async fn origin_and_snapshots_with_qemu_io_qemu_img_nbdinfo_nbdcopy() {
         assert_eq!(e["can_multi_conn"], true, "{e}");
     }
 
-    // Administration errors name what was wrong.
-    let err = |r: ControlResponse| match r {
-        ControlResponse::Error { message } => message,
-        other => panic!("expected an error, got {other:?}"),
-    };
-    let dup = err(agent
-        .ctl(ControlRequest::SnapshotCreate {
-            volume: "vol".into(),
-            name: "s2".into(),
-        })
-        .await);
+    // Administration through csnapctl; errors name what was wrong.
+    let ctl = |args: &'static [&'static str]| csnapctl(&agent.control, args);
+    let dup = ctl(&["snapshot", "create", "vol", "s2"]).await;
     assert!(
-        dup.contains("duplicate name") && dup.contains("s2"),
-        "{dup}"
+        !dup.ok && dup.stderr.contains("duplicate name") && dup.stderr.contains("s2"),
+        "{}",
+        dup.stderr
     );
-    let nov = err(agent
-        .ctl(ControlRequest::SnapshotList {
-            volume: "nope".into(),
-        })
-        .await);
+    let nov = ctl(&["snapshot", "list", "nope"]).await;
     assert!(
-        nov.contains("no such volume") && nov.contains("nope"),
-        "{nov}"
+        !nov.ok && nov.stderr.contains("no such volume") && nov.stderr.contains("nope"),
+        "{}",
+        nov.stderr
     );
-    match agent
-        .ctl(ControlRequest::SnapshotDelete {
-            volume: "vol".into(),
-            name: "s1".into(),
-        })
-        .await
-    {
-        ControlResponse::SnapshotDeleted { name, .. } => assert_eq!(name, "s1"),
-        other => panic!("delete s1: {other:?}"),
-    }
-    let nos = err(agent
-        .ctl(ControlRequest::SnapshotDelete {
-            volume: "vol".into(),
-            name: "s1".into(),
-        })
-        .await);
+    let del = ctl(&["snapshot", "delete", "vol", "s1", "--json"]).await;
+    assert!(del.ok, "{}", del.stderr);
+    let del: Value = serde_json::from_str(&del.stdout).unwrap();
+    assert_eq!(del["deleted"], "s1");
+    let nos = ctl(&["snapshot", "delete", "vol", "s1"]).await;
     assert!(
-        nos.contains("no such snapshot") && nos.contains("s1"),
-        "{nos}"
+        !nos.ok && nos.stderr.contains("no such snapshot") && nos.stderr.contains("s1"),
+        "{}",
+        nos.stderr
     );
     assert_eq!(
         export_names(&list_exports(&vol).await),
         vec!["vol", "vol@s2"]
     );
-    match agent
-        .ctl(ControlRequest::SnapshotList {
-            volume: "vol".into(),
-        })
-        .await
-    {
-        ControlResponse::SnapshotList { snapshots, .. } => {
-            let names: Vec<&str> = snapshots.iter().map(|s| s.name.as_str()).collect();
-            assert_eq!(names, vec!["s2"]);
-        }
-        other => panic!("list: {other:?}"),
-    }
+    let list = ctl(&["snapshot", "list", "vol", "--json"]).await;
+    assert!(list.ok, "{}", list.stderr);
+    let list: Value = serde_json::from_str(&list.stdout).unwrap();
+    let names: Vec<&str> = list["snapshots"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|s| s["name"].as_str())
+        .collect();
+    assert_eq!(names, vec!["s2"]);
+    let text = ctl(&["snapshot", "list", "vol"]).await;
+    assert!(
+        text.ok && text.stdout.contains("s2") && !text.stdout.contains("s1"),
+        "{}",
+        text.stdout
+    );
+    let status = ctl(&["status", "vol", "--json"]).await;
+    assert!(status.ok, "{}", status.stderr);
+    let status: Value = serde_json::from_str(&status.stdout).unwrap();
+    assert_eq!(status["volumes"][0]["volume"], "vol");
+    assert_eq!(status["volumes"][0]["mode"], "standalone");
+    assert_eq!(status["volumes"][0]["server_status"]["snapshots"], 1);
+    assert_eq!(status["volumes"][0]["server_status"]["chunk_size"], CHUNK);
+    let created = ctl(&["snapshot", "create", "vol", "s3"]).await;
+    assert!(
+        created.ok && created.stdout.contains("created snapshot s3"),
+        "{}",
+        created.stdout
+    );
+    let absent = csnapctl(&fx.path("nobody.sock"), &["status"]).await;
+    assert!(
+        !absent.ok
+            && absent.stderr.contains("agent not running at")
+            && absent.stderr.contains("nobody.sock"),
+        "{}",
+        absent.stderr
+    );
+
     // The deleted snapshot's export is gone; s2 is still intact after the delete.
     let gone = run("nbdinfo", &[&s1]).await;
     assert!(
@@ -361,14 +367,10 @@ async fn fio_verify_with_snapshots_created_mid_run() {
         let mut made = 0;
         for i in 0..8 {
             tokio::time::sleep(Duration::from_millis(150)).await;
-            let req = ControlRequest::SnapshotCreate {
-                volume: "vol".into(),
-                name: format!("mid{i}"),
-            };
-            match csnap_agent::control::request(&control, &req).await {
-                Ok(ControlResponse::SnapshotCreated { .. }) => made += 1,
-                other => panic!("snapshot mid{i}: {other:?}"),
-            }
+            let name = format!("mid{i}");
+            let r = csnapctl(&control, &["snapshot", "create", "vol", &name]).await;
+            assert!(r.ok, "csnapctl snapshot create {name}: {}", r.stderr);
+            made += 1;
         }
         made
     });

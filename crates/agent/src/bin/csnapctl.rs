@@ -17,6 +17,9 @@ use std::process::ExitCode;
     about = "Administer csnap cluster snapshot volumes"
 )]
 struct Cli {
+    /// The agent's control socket (for snapshot and status).
+    #[arg(long, global = true, default_value = csnap_proto::control::DEFAULT_CONTROL_SOCKET)]
+    socket: PathBuf,
     #[command(subcommand)]
     command: Command,
 }
@@ -25,6 +28,11 @@ struct Cli {
 enum Command {
     /// Format a snapshot store for an origin device (destroys what the store held).
     Format(FormatArgs),
+    /// Create, list or delete snapshots of a volume (through the agent).
+    #[command(subcommand)]
+    Snapshot(csnap_agent::ctl::SnapshotCmd),
+    /// Show the status of the agent's volumes.
+    Status(csnap_agent::ctl::StatusArgs),
 }
 
 #[derive(Args, Debug)]
@@ -91,6 +99,14 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match &cli.command {
         Command::Format(args) => run_format(args),
+        Command::Snapshot(cmd) => {
+            let run = csnap_agent::ctl::run_snapshot(&cli.socket, cmd.clone());
+            return csnap_agent::ctl::run_cli(run);
+        }
+        Command::Status(args) => {
+            let run = csnap_agent::ctl::run_status(&cli.socket, args.clone());
+            return csnap_agent::ctl::run_cli(run);
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -287,3 +287,10 @@ pub async fn run_ok(program: &str, args: &[&str]) -> Ran {
 pub fn read_file(path: &Path) -> Vec<u8> {
     std::fs::read(path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()))
 }
+
+/// Runs the csnapctl binary against `socket`.
+pub async fn csnapctl(socket: &Path, args: &[&str]) -> Ran {
+    let mut all = vec!["--socket", socket.to_str().unwrap()];
+    all.extend_from_slice(args);
+    run(env!("CARGO_BIN_EXE_csnapctl"), &all).await
+}
