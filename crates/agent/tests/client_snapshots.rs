@@ -1,0 +1,271 @@
+//! The client library against the real server, in one process: concurrent origin writers,
+//! snapshots created while they run, and the server restarted in the middle. Checks
+//! invariant 1 (a snapshot shows, for every chunk, a version written no earlier than the
+//! last write finished before the snapshot was requested and no later than the last write
+//! started before it was acknowledged), that every acknowledged write is on the origin, and
+//! that snapshot writes touch only their snapshot.
+
+mod support;
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use csnap_blockdev::client::{ClientConfig, Volume};
+use csnap_proto::{ClientId, SnapId};
+use csnap_server::net::{self, ListenAddr, RunningServer, ServerConfig};
+use rand::{Rng, SeedableRng};
+use support::{seed, Fixture, WAIT};
+
+const CHUNK: u64 = 4096;
+const CHUNKS: u64 = 128;
+const WRITERS: u64 = 4;
+
+/// A chunk's contents name the chunk and the version written.
+fn chunk_data(chunk: u64, version: u64) -> Bytes {
+    let mut b = vec![0u8; CHUNK as usize];
+    for (i, word) in b.chunks_mut(16).enumerate() {
+        word[..8].copy_from_slice(&chunk.to_le_bytes());
+        word[8..].copy_from_slice(&(version ^ i as u64).to_le_bytes());
+    }
+    Bytes::from(b)
+}
+
+/// The version a chunk's contents carry; panics on torn or foreign data.
+fn version_of(chunk: u64, data: &[u8], what: &str) -> u64 {
+    let v = u64::from_le_bytes(data[8..16].try_into().unwrap());
+    assert_eq!(
+        &chunk_data(chunk, v)[..],
+        data,
+        "{what}: chunk {chunk} holds torn or foreign data"
+    );
+    v
+}
+
+/// One write to a chunk: logical clock when it started and when it was acknowledged.
+#[derive(Clone, Copy, Debug)]
+struct WriteRecord {
+    version: u64,
+    started: u64,
+    acked: u64,
+}
+
+struct Snap {
+    id: SnapId,
+    requested: u64,
+    acked: u64,
+}
+
+async fn start_server(fx: &Fixture, sock: &std::path::Path) -> RunningServer {
+    let mut cfg = ServerConfig::new(
+        &fx.origin,
+        &fx.store,
+        ListenAddr::Unix(sock.to_owned()),
+        &fx.key_file,
+    );
+    cfg.direct_io = false;
+    tokio::time::timeout(WAIT, net::start(cfg))
+        .await
+        .expect("server started in time")
+        .expect("server starts")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshots_taken_under_concurrent_writes_and_a_server_restart_keep_their_view() {
+    let seed = seed("snapshots_taken_under_concurrent_writes_and_a_server_restart");
+    let fx = Fixture::new(CHUNK, CHUNK * CHUNKS, 16 << 20);
+    // Version 0 everywhere to start with.
+    let origin = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&fx.origin)
+        .unwrap();
+    for c in 0..CHUNKS {
+        std::os::unix::fs::FileExt::write_all_at(&origin, &chunk_data(c, 0), c * CHUNK).unwrap();
+    }
+    let sock = fx.path("server.sock");
+    let mut server = Some(start_server(&fx, &sock).await);
+    let key = std::fs::read(&fx.key_file).unwrap();
+    let volume = Volume::connect(ClientConfig {
+        server: csnap_blockdev::nbd::ListenAddr::Unix(sock.clone()),
+        key,
+        client: ClientId(1 << 32),
+        node: 1,
+        origin: fx.origin.clone(),
+        store: fx.store.clone(),
+        connect_timeout: WAIT,
+        cache_chunks: 1 << 16,
+        direct_io: false,
+    })
+    .await
+    .expect("client connects");
+
+    let clock = Arc::new(AtomicU64::new(1));
+    let stop = Arc::new(AtomicBool::new(false));
+    let history: Arc<Mutex<Vec<Vec<WriteRecord>>>> = Arc::new(Mutex::new(
+        (0..CHUNKS)
+            .map(|_| {
+                vec![WriteRecord {
+                    version: 0,
+                    started: 0,
+                    acked: 0,
+                }]
+            })
+            .collect(),
+    ));
+    let mut writers = Vec::new();
+    for w in 0..WRITERS {
+        let (volume, clock, stop, history) =
+            (volume.clone(), clock.clone(), stop.clone(), history.clone());
+        writers.push(tokio::spawn(async move {
+            let mut rng = rand::rngs::StdRng::seed_from_u64(seed ^ w);
+            let mut version = 0;
+            let mut writes = 0u64;
+            while !stop.load(Ordering::SeqCst) {
+                // Writer w owns the chunks c with c % WRITERS == w: per chunk, writes are
+                // sequential, so "the last write before" is well defined.
+                let chunk = rng.gen_range(0..CHUNKS / WRITERS) * WRITERS + w;
+                version += 1;
+                let v = (w << 48) | version;
+                let started = clock.fetch_add(1, Ordering::SeqCst);
+                tokio::time::timeout(
+                    WAIT,
+                    volume.write_origin(chunk * CHUNK, chunk_data(chunk, v), false),
+                )
+                .await
+                .expect("origin write finished in time")
+                .expect("origin write");
+                let acked = clock.fetch_add(1, Ordering::SeqCst);
+                history.lock().unwrap()[chunk as usize].push(WriteRecord {
+                    version: v,
+                    started,
+                    acked,
+                });
+                writes += 1;
+            }
+            writes
+        }));
+    }
+
+    let mut snaps = Vec::new();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let restart_at = rng.gen_range(2..6);
+    for i in 0..8 {
+        tokio::time::sleep(Duration::from_millis(rng.gen_range(20..80))).await;
+        if i == restart_at {
+            // Crash-like: drop the server without a clean shutdown, then start a new one on
+            // the same store while the writers keep going.
+            eprintln!("restarting the server before snapshot {i}");
+            drop(server.take());
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            server = Some(start_server(&fx, &sock).await);
+        }
+        let requested = clock.fetch_add(1, Ordering::SeqCst);
+        let info = tokio::time::timeout(WAIT, volume.create_snapshot(&format!("s{i}")))
+            .await
+            .expect("snapshot created in time")
+            .expect("snapshot created");
+        let acked = clock.fetch_add(1, Ordering::SeqCst);
+        snaps.push(Snap {
+            id: info.id,
+            requested,
+            acked,
+        });
+    }
+    stop.store(true, Ordering::SeqCst);
+    let mut total = 0;
+    for w in writers {
+        total += tokio::time::timeout(WAIT, w).await.unwrap().unwrap();
+    }
+    eprintln!("{total} origin writes, {} snapshots", snaps.len());
+    assert!(total > 100, "the writers did work ({total} writes)");
+
+    let history = history.lock().unwrap().clone();
+    // Every acknowledged write is on the origin (the last one per chunk).
+    for c in 0..CHUNKS {
+        let data = volume.read_origin(c * CHUNK, CHUNK as u32).await.unwrap();
+        let last = history[c as usize].last().unwrap().version;
+        assert_eq!(
+            version_of(c, &data, "origin"),
+            last,
+            "origin chunk {c} (seed {seed})"
+        );
+    }
+    // Every snapshot shows a version the invariant allows, for every chunk.
+    for s in &snaps {
+        let data =
+            tokio::time::timeout(WAIT, volume.read_snapshot(s.id, 0, (CHUNK * CHUNKS) as u32))
+                .await
+                .unwrap()
+                .unwrap();
+        for c in 0..CHUNKS {
+            let what = format!("snapshot {}", s.id);
+            let seen = version_of(
+                c,
+                &data[(c * CHUNK) as usize..((c + 1) * CHUNK) as usize],
+                &what,
+            );
+            let writes = &history[c as usize];
+            let floor = writes
+                .iter()
+                .rev()
+                .find(|w| w.acked < s.requested)
+                .map_or(0, |w| w.version);
+            let allowed: Vec<u64> = writes
+                .iter()
+                .filter(|w| w.started < s.acked)
+                .map(|w| w.version)
+                .skip_while(|&v| v != floor)
+                .collect();
+            assert!(
+                allowed.contains(&seen),
+                "snapshot {} chunk {c}: saw version {seen:#x}, allowed {allowed:x?} (seed {seed})",
+                s.id
+            );
+        }
+    }
+
+    // A snapshot write changes that snapshot only.
+    let target = snaps[0].id;
+    let before_other = volume
+        .read_snapshot(snaps[1].id, 0, (CHUNK * 4) as u32)
+        .await
+        .unwrap();
+    let before_origin = volume.read_origin(0, (CHUNK * 4) as u32).await.unwrap();
+    let mark = Bytes::from(vec![0xe7u8; (CHUNK + 100) as usize]);
+    volume
+        .write_snapshot(target, 1000, mark.clone(), true)
+        .await
+        .unwrap();
+    let back = volume
+        .read_snapshot(target, 1000, mark.len() as u32)
+        .await
+        .unwrap();
+    assert_eq!(back, mark, "snapshot write reads back");
+    assert_eq!(
+        volume
+            .read_snapshot(snaps[1].id, 0, (CHUNK * 4) as u32)
+            .await
+            .unwrap(),
+        before_other
+    );
+    assert_eq!(
+        volume.read_origin(0, (CHUNK * 4) as u32).await.unwrap(),
+        before_origin
+    );
+
+    let stats = volume.cache_stats();
+    eprintln!(
+        "cache: {stats:?}, origin sessions {}",
+        volume.origin_sessions()
+    );
+    assert!(
+        volume.origin_sessions() >= 2,
+        "the client reconnected after the restart"
+    );
+    assert!(stats.hits > 0, "the unique-chunk cache served writes");
+    volume.shutdown().await;
+    if let Some(s) = server {
+        s.shutdown().await.expect("clean shutdown");
+    }
+}
