@@ -33,6 +33,34 @@ enum Command {
     Snapshot(csnap_agent::ctl::SnapshotCmd),
     /// Show the status of the agent's volumes.
     Status(csnap_agent::ctl::StatusArgs),
+    /// Write a new random cluster key (32 bytes, mode 0600) for servers and clients.
+    Keygen(KeygenArgs),
+}
+
+#[derive(Args, Debug)]
+struct KeygenArgs {
+    /// Where to write the key (copy it to every node, keeping mode 0600).
+    path: PathBuf,
+    /// Replace an existing file.
+    #[arg(long)]
+    force: bool,
+}
+
+fn run_keygen(args: &KeygenArgs) -> ExitCode {
+    match csnap_server::net::key::write_new_key(&args.path, args.force) {
+        Ok(()) => {
+            println!(
+                "wrote a new {}-byte cluster key to {} (mode 0600)",
+                csnap_server::net::key::KEY_LEN,
+                args.path.display()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("csnapctl: error: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 #[derive(Args, Debug)]
@@ -107,6 +135,7 @@ fn main() -> ExitCode {
             let run = csnap_agent::ctl::run_status(&cli.socket, args.clone());
             return csnap_agent::ctl::run_cli(run);
         }
+        Command::Keygen(args) => return run_keygen(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
