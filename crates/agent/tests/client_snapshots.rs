@@ -12,8 +12,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use csnap_blockdev::client::{ClientConfig, Volume};
-use csnap_proto::{ClientId, SnapId};
+use csnap_blockdev::client::{client_id_for, ClientConfig, Volume};
+use csnap_proto::{ClientId, ClientKind, SnapId};
 use csnap_server::net::{self, ListenAddr, RunningServer, ServerConfig};
 use rand::{Rng, SeedableRng};
 use support::{seed, Fixture, WAIT};
@@ -21,6 +21,7 @@ use support::{seed, Fixture, WAIT};
 const CHUNK: u64 = 4096;
 const CHUNKS: u64 = 128;
 const WRITERS: u64 = 4;
+const BASE: ClientId = ClientId(1 << 32);
 
 /// A chunk's contents name the chunk and the version written.
 fn chunk_data(chunk: u64, version: u64) -> Bytes {
@@ -57,7 +58,11 @@ struct Snap {
     acked: u64,
 }
 
-async fn start_server(fx: &Fixture, sock: &std::path::Path) -> RunningServer {
+async fn start_server(
+    fx: &Fixture,
+    sock: &std::path::Path,
+    expected: Vec<ClientId>,
+) -> RunningServer {
     let mut cfg = ServerConfig::new(
         &fx.origin,
         &fx.store,
@@ -65,6 +70,8 @@ async fn start_server(fx: &Fixture, sock: &std::path::Path) -> RunningServer {
         &fx.key_file,
     );
     cfg.direct_io = false;
+    // The activation gate: what the cluster agent's gather would report.
+    cfg.expected_snapshot_clients = expected;
     tokio::time::timeout(WAIT, net::start(cfg))
         .await
         .expect("server started in time")
@@ -84,12 +91,12 @@ async fn snapshots_taken_under_concurrent_writes_and_a_server_restart_keep_their
         std::os::unix::fs::FileExt::write_all_at(&origin, &chunk_data(c, 0), c * CHUNK).unwrap();
     }
     let sock = fx.path("server.sock");
-    let mut server = Some(start_server(&fx, &sock).await);
+    let mut server = Some(start_server(&fx, &sock, Vec::new()).await);
     let key = std::fs::read(&fx.key_file).unwrap();
     let volume = Volume::connect(ClientConfig {
         server: csnap_blockdev::nbd::ListenAddr::Unix(sock.clone()),
         key,
-        client: ClientId(1 << 32),
+        client: BASE,
         node: 1,
         origin: fx.origin.clone(),
         store: fx.store.clone(),
@@ -147,6 +154,56 @@ async fn snapshots_taken_under_concurrent_writes_and_a_server_restart_keep_their
         }));
     }
 
+    // A reader reads the snapshots created so far while the writers run (origin-locked
+    // chunks, four-message protocol, across the restart) and remembers what it saw.
+    let created: Arc<Mutex<Vec<SnapId>>> = Arc::new(Mutex::new(Vec::new()));
+    let read_from: Arc<Mutex<std::collections::BTreeSet<SnapId>>> = Arc::default();
+    let reader = {
+        let (volume, stop, created, read_from) = (
+            volume.clone(),
+            stop.clone(),
+            created.clone(),
+            read_from.clone(),
+        );
+        tokio::spawn(async move {
+            let mut rng = rand::rngs::StdRng::seed_from_u64(seed ^ 0xabc);
+            let mut seen: Vec<(SnapId, u64, u64)> = Vec::new();
+            while !stop.load(Ordering::SeqCst) {
+                let snap = {
+                    let list = created.lock().unwrap();
+                    if list.is_empty() {
+                        None
+                    } else {
+                        Some(list[rng.gen_range(0..list.len())])
+                    }
+                };
+                let Some(snap) = snap else {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                    continue;
+                };
+                read_from.lock().unwrap().insert(snap);
+                let first = rng.gen_range(0..CHUNKS - 8);
+                let data = tokio::time::timeout(
+                    WAIT,
+                    volume.read_snapshot(snap, first * CHUNK, (8 * CHUNK) as u32),
+                )
+                .await
+                .expect("snapshot read finished in time")
+                .expect("snapshot read");
+                for i in 0..8 {
+                    let c = first + i;
+                    let chunk = &data[(i * CHUNK) as usize..((i + 1) * CHUNK) as usize];
+                    seen.push((
+                        snap,
+                        c,
+                        version_of(c, chunk, "snapshot read during the run"),
+                    ));
+                }
+            }
+            seen
+        })
+    };
+
     let mut snaps = Vec::new();
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let restart_at = rng.gen_range(2..6);
@@ -158,7 +215,13 @@ async fn snapshots_taken_under_concurrent_writes_and_a_server_restart_keep_their
             eprintln!("restarting the server before snapshot {i}");
             drop(server.take());
             tokio::time::sleep(Duration::from_millis(50)).await;
-            server = Some(start_server(&fx, &sock).await);
+            let expected: Vec<ClientId> = read_from
+                .lock()
+                .unwrap()
+                .iter()
+                .map(|&snap| client_id_for(BASE, ClientKind::Snapshot { snap }))
+                .collect();
+            server = Some(start_server(&fx, &sock, expected).await);
         }
         let requested = clock.fetch_add(1, Ordering::SeqCst);
         let info = tokio::time::timeout(WAIT, volume.create_snapshot(&format!("s{i}")))
@@ -171,8 +234,10 @@ async fn snapshots_taken_under_concurrent_writes_and_a_server_restart_keep_their
             requested,
             acked,
         });
+        created.lock().unwrap().push(info.id);
     }
     stop.store(true, Ordering::SeqCst);
+    let seen_during_run = tokio::time::timeout(WAIT, reader).await.unwrap().unwrap();
     let mut total = 0;
     for w in writers {
         total += tokio::time::timeout(WAIT, w).await.unwrap().unwrap();
@@ -224,6 +289,27 @@ async fn snapshots_taken_under_concurrent_writes_and_a_server_restart_keep_their
             );
         }
     }
+
+    // What the reader saw while the origin was being written is what the snapshots hold.
+    assert!(
+        !seen_during_run.is_empty(),
+        "the reader read snapshots during the run"
+    );
+    for &(snap, c, v) in &seen_during_run {
+        let data = volume
+            .read_snapshot(snap, c * CHUNK, CHUNK as u32)
+            .await
+            .unwrap();
+        assert_eq!(
+            version_of(c, &data, "final snapshot read"),
+            v,
+            "snapshot {snap} chunk {c} read differently during the run (seed {seed})"
+        );
+    }
+    eprintln!(
+        "{} snapshot chunk reads during the run",
+        seen_during_run.len()
+    );
 
     // A snapshot write changes that snapshot only.
     let target = snaps[0].id;
