@@ -782,3 +782,42 @@ async fn a_connection_that_never_authenticates_is_closed() {
     assert_eq!(server.status().await.unwrap().connected_clients, 0);
     server.shutdown().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_server_on_the_same_store_or_socket_is_refused() {
+    let fx = Fixture::small();
+    let addr = fx.unix_addr("one.sock");
+    let server = net::start(fx.config(addr.clone())).await.unwrap();
+    let generation = server.generation();
+
+    let same_store = net::start(fx.config(tcp())).await;
+    match same_store {
+        Err(ServerError::StoreInUse { path }) => assert_eq!(path, fx.store),
+        Err(e) => panic!("expected StoreInUse, got {e}"),
+        Ok(_) => panic!("two servers on one store"),
+    }
+    let other = Fixture::small();
+    match net::start(other.config(addr.clone())).await {
+        Err(e @ ServerError::Listen { .. }) => {
+            assert!(e.to_string().contains("another server"), "{e}")
+        }
+        Err(e) => panic!("expected a listen error, got {e}"),
+        Ok(_) => panic!("two servers on one socket"),
+    }
+    // The refused attempts changed nothing: the first server still serves.
+    let admin = Client::connect(&addr, &fx.key, ADMIN, ClientKind::Admin).await;
+    assert!(matches!(
+        admin.request(ClientMsg::Status).await.unwrap(),
+        ServerMsg::Status(_)
+    ));
+    drop(admin);
+    server.shutdown().await.unwrap();
+    assert!(
+        !fx.dir.path().join("one.sock").exists(),
+        "the socket file is removed at shutdown"
+    );
+    // Once shut down, the store is free again, with the next generation.
+    let again = net::start(fx.config(addr)).await.unwrap();
+    assert_eq!(again.generation(), generation + 1);
+    again.shutdown().await.unwrap();
+}

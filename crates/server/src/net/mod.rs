@@ -167,6 +167,11 @@ pub enum ServerError {
         store: PathBuf,
         needed: u64,
     },
+    #[error(
+        "the snapshot store {path} is in use by another server on this node (it holds the \
+         store's lock)"
+    )]
+    StoreInUse { path: PathBuf },
     #[error("the request engine could not start: {0}")]
     Engine(String),
     #[error("cannot listen on {addr}: {source}")]
@@ -323,9 +328,35 @@ fn open_device(
 struct Opened {
     store: Store,
     data: DataPath,
+    /// Held while the server runs: a second server on this node refuses the store.
+    _lock: StoreLock,
+}
+
+type StoreLock = nix::fcntl::Flock<std::fs::File>;
+
+/// Takes an exclusive advisory lock on the store path. It only guards against two servers
+/// on one node (the agent's election is what keeps servers on different nodes apart).
+fn lock_store(path: &Path) -> Result<StoreLock, ServerError> {
+    let file = std::fs::File::open(path).map_err(|source| ServerError::OpenDevice {
+        what: "store",
+        path: path.to_owned(),
+        source,
+    })?;
+    match nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock) {
+        Ok(lock) => Ok(lock),
+        Err((_, nix::errno::Errno::EWOULDBLOCK)) => Err(ServerError::StoreInUse {
+            path: path.to_owned(),
+        }),
+        Err((_, errno)) => Err(ServerError::OpenDevice {
+            what: "store",
+            path: path.to_owned(),
+            source: io::Error::from(errno),
+        }),
+    }
 }
 
 fn open_store(config: &ServerConfig) -> Result<Opened, ServerError> {
+    let lock = lock_store(&config.store)?;
     let store_dev = open_device("store", &config.store, config.direct_io)?;
     let origin = open_device("origin", &config.origin, config.direct_io)?;
     let opts = OpenOptions {
@@ -356,6 +387,7 @@ fn open_store(config: &ServerConfig) -> Result<Opened, ServerError> {
             store: store_dev,
             geometry,
         },
+        _lock: lock,
     })
 }
 
@@ -424,7 +456,11 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
             return Err(ServerError::Engine(format!("store open task failed: {e}")));
         }
     };
-    let Opened { store, data } = opened;
+    let Opened {
+        store,
+        data,
+        _lock: store_lock,
+    } = opened;
     let generation = store.superblock().server_generation;
     let was_unclean = store.was_unclean();
     let volume = config.volume.clone();
@@ -505,6 +541,8 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
                     Exit::Fatal(reason)
                 }
             };
+            // The store is closed (or abandoned): another server may take it now.
+            drop(store_lock);
             let _ = exit_tx.send(exit);
         });
     if let Err(e) = spawned {
