@@ -61,8 +61,10 @@ fn parse_client_id(s: &str) -> Result<ClientId, String> {
 
 fn main() -> ExitCode {
     let args = Args::parse();
+    use std::io::IsTerminal as _;
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),

@@ -10,6 +10,7 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt as _};
 use tokio::sync::{mpsc, OwnedSemaphorePermit};
 use tokio_util::codec::{FramedRead, FramedWrite};
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument as _;
 
 type Codec = FrameCodec<ClientFrame, ServerFrame>;
 
@@ -47,15 +48,18 @@ pub(crate) async fn serve_connection<S>(
         return;
     }
     let permit = Arc::new(permit);
-    tokio::spawn(write_loop(
-        wr,
-        conn,
-        out_rx,
-        net_tx.clone(),
-        cancel.clone(),
-        permit.clone(),
-    ));
-    tokio::spawn(read_loop(rd, conn, net_tx, cancel, permit));
+    tokio::spawn(
+        write_loop(
+            wr,
+            conn,
+            out_rx,
+            net_tx.clone(),
+            cancel.clone(),
+            permit.clone(),
+        )
+        .in_current_span(),
+    );
+    tokio::spawn(read_loop(rd, conn, net_tx, cancel, permit).in_current_span());
 }
 
 async fn read_loop<R: AsyncRead + Send + Unpin>(

@@ -32,6 +32,7 @@ use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::{mpsc, oneshot, watch, Semaphore};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument as _;
 
 pub use key::KeyFileError;
 
@@ -551,13 +552,18 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
     }
 
     let slots = Arc::new(Semaphore::new(config.max_connections.max(1)));
-    let acceptor = tokio::spawn(accept_loop(
-        listener,
-        net_tx,
-        stop.clone(),
-        slots,
-        config.send_queue_frames,
-    ));
+    // Every log line of the connection tasks carries the volume, like the engine thread's.
+    let span = tracing::info_span!("server", volume = %volume);
+    let acceptor = tokio::spawn(
+        accept_loop(
+            listener,
+            net_tx,
+            stop.clone(),
+            slots,
+            config.send_queue_frames,
+        )
+        .instrument(span),
+    );
     let tick_tx = ctl_tx.clone();
     let tick_stop = stop.clone();
     let ticker = tokio::spawn(async move {
@@ -609,18 +615,10 @@ async fn accept_loop(
                 };
                 let conn = NEXT_CONN.fetch_add(1, Ordering::Relaxed);
                 let (net_tx, stop) = (net_tx.clone(), stop.clone());
-                tokio::spawn(async move {
-                    let serve = conn::serve_connection(
-                        stream,
-                        conn,
-                        peer,
-                        net_tx,
-                        queue_frames,
-                        permit,
-                        stop,
-                    );
-                    serve.await
-                });
+                tokio::spawn(
+                    conn::serve_connection(stream, conn, peer, net_tx, queue_frames, permit, stop)
+                        .in_current_span(),
+                );
             }
             Err(e) => {
                 // Typically EMFILE: back off instead of spinning.
