@@ -250,10 +250,15 @@ async fn activation_gate_holds_origin_writes_until_the_expected_client_resumes()
     )
     .await
     .unwrap();
+    // It was reading origin chunk 2 (under a read lock) when the old server died.
+    let held = ChunkRange::new(2, 1);
     assert_eq!(
         snap_client
             .request(ClientMsg::UploadLocks {
-                locks: vec![],
+                locks: vec![HeldLock {
+                    snap: SnapId(1),
+                    range: held
+                }],
                 leases: vec![]
             })
             .await
@@ -264,6 +269,19 @@ async fn activation_gate_holds_origin_writes_until_the_expected_client_resumes()
     assert_eq!(
         snap_client.request(ClientMsg::ResendDone).await.unwrap(),
         ServerMsg::ResendDoneOk
+    );
+    // Gate open, but chunk 2 is read-locked: the write of chunks 1-2 waits for the release.
+    assert!(server.status().await.unwrap().active);
+    assert_no_reply(&mut granted, "origin write over a re-asserted read lock").await;
+    assert_eq!(
+        snap_client
+            .request(ClientMsg::FinishSnapshotRead {
+                snap: SnapId(1),
+                ranges: vec![held]
+            })
+            .await
+            .unwrap(),
+        ServerMsg::FinishSnapshotReadOk
     );
     match tokio::time::timeout(WAIT, granted).await {
         Ok(Ok(ServerMsg::OriginWriteOk { ranges, .. })) => {
