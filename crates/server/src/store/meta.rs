@@ -365,12 +365,6 @@ impl Meta {
         (block, bit)
     }
 
-    pub fn bit(&mut self, space: Space, index: u64) -> Result<bool> {
-        let (block, bit) = self.bitmap_location(space, index);
-        let data = self.read(block)?;
-        Ok(data[BITMAP_HEADER + bit / 8] & (1 << (bit % 8)) != 0)
-    }
-
     fn set_bit(&mut self, space: Space, index: u64, value: bool) -> Result<()> {
         let (block, bit) = self.bitmap_location(space, index);
         let data = self.write(block)?;
@@ -669,15 +663,22 @@ impl Meta {
         self.write_superblock(true)
     }
 
-    /// Every bitmap bit of a space, for the checker.
+    /// Every bitmap bit of a space, for the checker (one cache access per bitmap block).
     pub fn all_bits(&mut self, space: Space) -> Result<Vec<bool>> {
         let total = match space {
             Space::Meta => self.geo.meta_blocks,
             Space::Data => self.geo.data_chunks,
         };
         let mut out = Vec::with_capacity(total as usize);
-        for i in 0..total {
-            out.push(self.bit(space, i)?);
+        let mut index = 0u64;
+        while index < total {
+            let (block, first) = self.bitmap_location(space, index);
+            let n = (BITS_PER_BITMAP_BLOCK - first as u64).min(total - index);
+            let data = self.read(block)?;
+            for b in first..first + n as usize {
+                out.push(data[BITMAP_HEADER + b / 8] & (1 << (b % 8)) != 0);
+            }
+            index += n;
         }
         Ok(out)
     }
