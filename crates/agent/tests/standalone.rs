@@ -564,3 +564,48 @@ async fn two_client_processes_survive_a_server_kill_and_restart() {
     }
     drop(server);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshots_exported_read_only_on_request() {
+    for tool in ["qemu-io", "nbdinfo"] {
+        if !require_tool(tool) {
+            return;
+        }
+    }
+    let fx = Fixture::new(CHUNK, 4 * MIB, 32 * MIB);
+    let nbd = fx.path("ro.nbd");
+    let agent = Agent::start(
+        &fx,
+        "ro",
+        &[
+            "--nbd-listen",
+            &format!("unix:{}", nbd.display()),
+            "--snapshots-read-only",
+        ],
+    )
+    .await;
+    qemu_io(&agent.uri("vol"), &["write -P 0x42 0 64k"]).await;
+    agent.snapshot("frozen").await;
+    let exports = list_exports(&agent.uri("vol")).await;
+    assert_eq!(export_names(&exports), vec!["vol", "vol@frozen"]);
+    for e in &exports {
+        let read_only = e["export-name"] == "vol@frozen";
+        assert_eq!(e["is_read_only"], read_only, "{e}");
+    }
+    let snap = agent.uri("vol@frozen");
+    let refused = run("qemu-io", &qemu_io_args(&snap, &["write -P 0x43 0 4k"])).await;
+    // qemu-io refuses to open a read-only export for writing.
+    assert!(
+        !refused.ok && refused.stderr.contains("Permission denied"),
+        "a write to a read-only snapshot export went through:\n{}\n{}",
+        refused.stdout,
+        refused.stderr
+    );
+    // qemu-io opens read-only exports read-only; the data is untouched either way.
+    let ro = run(
+        "qemu-io",
+        &["-r", "-f", "raw", &snap, "-c", "read -P 0x42 0 64k"],
+    )
+    .await;
+    assert!(ro.ok && !ro.stdout.contains("failed"), "{}", ro.stdout);
+}
