@@ -229,10 +229,24 @@ pub async fn run(args: StandaloneArgs) -> anyhow::Result<()> {
             bail!("--server-only needs --key-file (its clients must share the key)")
         }
         (None, None) => {
+            // Beside the control socket (a runtime directory), private to this process.
+            let runtime_dir = args
+                .control_socket
+                .parent()
+                .filter(|d| !d.as_os_str().is_empty())
+                .map(|d| d.to_path_buf())
+                .unwrap_or_else(std::env::temp_dir);
+            std::fs::create_dir_all(&runtime_dir)
+                .with_context(|| format!("cannot create {}", runtime_dir.display()))?;
             let dir = tempfile::Builder::new()
-                .prefix("csnap-agent-key")
-                .tempdir()
-                .context("cannot create a directory for the ephemeral key")?;
+                .prefix(".csnap-ephemeral-key")
+                .tempdir_in(&runtime_dir)
+                .with_context(|| {
+                    format!(
+                        "cannot create a directory for the ephemeral key in {}",
+                        runtime_dir.display()
+                    )
+                })?;
             let path = dir.path().join("cluster.key");
             server_net::key::write_new_key(&path, false)
                 .context("cannot write the ephemeral key")?;
