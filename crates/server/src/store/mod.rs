@@ -296,6 +296,8 @@ pub struct Store {
     unclean: bool,
     replayed: u64,
     policy: FullPolicy,
+    /// Deleted or invalidated snapshots whose space a reclaim pass still has to free.
+    reclaim_pending: BTreeSet<u64>,
     /// Per-snapshot store usage from the last full scan (see `usage`).
     usage_cache: BTreeMap<u64, u64>,
 }
@@ -428,6 +430,7 @@ impl Store {
             unclean,
             replayed: replay.transactions,
             policy: opts.full_policy,
+            reclaim_pending: BTreeSet::new(),
             usage_cache: BTreeMap::new(),
         };
         store.load_snapshots()?;
@@ -459,6 +462,11 @@ impl Store {
     }
 
     fn index(&mut self, rec: &SnapshotRecord) {
+        if rec.pending_pass != 0 && rec.state != SnapState::Live {
+            self.reclaim_pending.insert(rec.id);
+        } else {
+            self.reclaim_pending.remove(&rec.id);
+        }
         match rec.state {
             SnapState::Live => {
                 self.live.insert(rec.id);
@@ -1008,9 +1016,7 @@ impl Store {
     // ---- reclaim ----
 
     fn reclaim_wanted(&self) -> bool {
-        self.snaps
-            .values()
-            .any(|r| r.pending_pass != 0 && r.state != SnapState::Live)
+        !self.reclaim_pending.is_empty()
     }
 
     /// Background delete: examines about `budget` exception records from where the last
@@ -1101,8 +1107,9 @@ impl Store {
     fn finish_reclaim_pass(&mut self) -> Result<()> {
         let completed = self.meta.root.reclaim_pass;
         let finished: Vec<SnapshotRecord> = self
-            .snaps
-            .values()
+            .reclaim_pending
+            .iter()
+            .filter_map(|id| self.snaps.get(id))
             .filter(|r| {
                 r.state != SnapState::Live && r.pending_pass != 0 && r.pending_pass <= completed
             })
@@ -1115,6 +1122,7 @@ impl Store {
             if rec.state == SnapState::Deleting {
                 btree::remove(&mut self.meta, Tree::Snapshots, Key::new(rec.id, 0))?;
                 self.snaps.remove(&rec.id);
+                self.reclaim_pending.remove(&rec.id);
             } else {
                 self.put_snapshot(SnapshotRecord {
                     pending_pass: 0,
