@@ -471,3 +471,27 @@ fn file_device_round_trip() {
         assert!(store.check().unwrap().is_clean());
     }
 }
+
+#[test]
+fn reservations_are_not_counted_free_and_vanish_on_crash() {
+    let dev = device(0); // 16 data chunks
+    format(&dev, 64);
+    let mut store = open(&dev).unwrap();
+    store.create_snapshot("a", 1).unwrap();
+    store.commit().unwrap();
+    let total = store.info().free_chunks;
+    let reserved: Vec<u64> = (0..total).map(|_| store.reserve_chunk().unwrap()).collect();
+    assert_eq!(store.free_chunks(), 0);
+    assert!(matches!(store.reserve_chunk(), Err(StoreError::Full)));
+    store.release_chunk(reserved[0]).unwrap();
+    assert_eq!(store.free_chunks(), 1);
+    assert!(matches!(
+        store.release_chunk(reserved[0]),
+        Err(StoreError::NotReserved(_))
+    ));
+    // Crash with reservations outstanding: all free again, nothing leaked.
+    drop(store);
+    let mut store = open(&dev).unwrap();
+    assert_eq!(store.free_chunks(), total);
+    assert!(store.check().unwrap().is_clean());
+}

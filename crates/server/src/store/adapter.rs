@@ -66,7 +66,7 @@ impl MetaStore for Store {
             chunk_size: g.chunk_size as u32,
             origin_chunks: g.origin_chunks(),
             store_chunks: g.data_chunks,
-            free_chunks: self.meta.root.data_free,
+            free_chunks: self.free_chunks(),
         })
     }
 

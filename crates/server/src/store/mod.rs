@@ -526,6 +526,15 @@ impl Store {
         &self.meta.dev
     }
 
+    /// Data chunks free and not reserved for a copy in flight (chunks freed by the running
+    /// transaction count: `reserve_chunk` commits to make them usable).
+    pub fn free_chunks(&self) -> u64 {
+        self.meta
+            .root
+            .data_free
+            .saturating_sub(self.meta.reserved().len() as u64)
+    }
+
     pub fn info(&self) -> StoreInfo {
         let g = &self.meta.geo;
         StoreInfo {
@@ -534,7 +543,7 @@ impl Store {
             origin_size: g.origin_size,
             origin_chunks: g.origin_chunks(),
             data_chunks: g.data_chunks,
-            free_chunks: self.meta.root.data_free,
+            free_chunks: self.free_chunks(),
             meta_blocks: g.meta_blocks,
             free_meta_blocks: self.meta.root.meta_free,
             server_generation: self.meta.sb.server_generation,
