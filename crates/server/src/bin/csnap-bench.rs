@@ -91,8 +91,10 @@ struct Plan {
     snapshot_counts: Vec<u64>,
     /// Chunk size of parts 1 and 2.
     chunk_size: u64,
-    /// Fresh origin chunks written (each needing a copy-out) per snapshot count.
+    /// Fresh origin chunks written (each needing a copy-out) per measurement.
     writes_per_count: u64,
+    /// Measurements per snapshot count (each on its own fresh region); the median counts.
+    repeats: u64,
     /// Origin writes in flight.
     write_depth: usize,
     /// Snapshot creates in flight.
@@ -114,28 +116,30 @@ impl Plan {
                 snapshot_counts: vec![1, 64, 1000, 10_000],
                 chunk_size: 64 << 10,
                 writes_per_count: 128,
+                repeats: 1,
                 write_depth: 32,
                 create_depth: 64,
                 populate_records: 20_000,
                 lookups: 20_000,
-                rss_rows: vec![(TIB, 4), (TIB, 64), (16 * GIB, 4)],
+                rss_rows: vec![(TIB, 4), (TIB, 16)],
                 rss_chunk_size: 4096,
                 rss_populate_records: 20_000,
-                rss_copy_outs: 2_000,
+                rss_copy_outs: 500,
             }
         } else {
             Plan {
                 snapshot_counts: vec![1, 64, 1000, 10_000],
                 chunk_size: 64 << 10,
-                writes_per_count: 2048,
+                writes_per_count: 1536,
+                repeats: 3,
                 write_depth: 32,
                 create_depth: 64,
                 populate_records: 300_000,
                 lookups: 200_000,
-                rss_rows: vec![(TIB, 4), (TIB, 64), (16 * GIB, 4), (16 * GIB, 64)],
+                rss_rows: vec![(TIB, 4), (TIB, 16), (16 * GIB, 4), (16 * GIB, 16)],
                 rss_chunk_size: 4096,
-                rss_populate_records: 1_000_000,
-                rss_copy_outs: 20_000,
+                rss_populate_records: 600_000,
+                rss_copy_outs: 4_000,
             }
         }
     }
@@ -521,7 +525,7 @@ fn populate_tree(
         if !recorded {
             return Err(format!("populate: chunk {chunk} needed no copy-out"));
         }
-        if i % 1024 == 1023 {
+        if (i + 1).is_multiple_of(1024) {
             store
                 .commit()
                 .map_err(|e| format!("populate: commit: {e}"))?;
@@ -821,15 +825,36 @@ fn human(bytes: u64) -> String {
     }
 }
 
-struct ThroughputRow {
-    snapshots: u64,
-    create_time: Duration,
-    created: u64,
+/// One measurement of part 1.
+struct WriteRun {
     writes: u64,
     copy_outs: u64,
     elapsed: Duration,
     query_p50: Duration,
     query_p99: Duration,
+}
+
+impl WriteRun {
+    fn rate(&self) -> f64 {
+        self.writes as f64 / self.elapsed.as_secs_f64()
+    }
+}
+
+struct ThroughputRow {
+    snapshots: u64,
+    create_time: Duration,
+    created: u64,
+    /// Every repeat, in the order run.
+    runs: Vec<WriteRun>,
+}
+
+impl ThroughputRow {
+    /// The repeat with the median rate.
+    fn median(&self) -> Option<&WriteRun> {
+        let mut by_rate: Vec<&WriteRun> = self.runs.iter().collect();
+        by_rate.sort_by(|a, b| a.rate().total_cmp(&b.rate()));
+        by_rate.get(by_rate.len() / 2).copied()
+    }
 }
 
 struct LookupRow {
@@ -838,6 +863,8 @@ struct LookupRow {
     from_store: f64,
     p50: Duration,
     p99: Duration,
+    p999: Duration,
+    max: Duration,
     mean: Duration,
 }
 
@@ -871,13 +898,13 @@ async fn run(args: Args) -> BenchResult<()> {
 }
 
 /// Parts 1 and 2 on one volume: snapshot counts grow phase by phase (snapshots are created
-/// through the server and timed); each phase writes its own region of fresh origin chunks,
-/// so every write needs exactly one copy-out; after each phase the server stops cleanly and
-/// the lookups run on the store it left.
+/// through the server and timed); each measurement writes its own region of fresh origin
+/// chunks, so every write needs exactly one copy-out; after each phase the server stops
+/// cleanly and the lookups run on the store it left.
 async fn throughput_and_lookups(plan: &Plan, dir: &Path, rng: &mut StdRng) -> BenchResult<()> {
     let cs = plan.chunk_size;
     let w = plan.writes_per_count;
-    let regions = plan.snapshot_counts.len() as u64;
+    let regions = plan.snapshot_counts.len() as u64 * plan.repeats;
     let written_chunks = regions * w;
     // The populated part of the tree lives above the write regions.
     let origin_chunks = written_chunks + plan.populate_records * 4;
@@ -886,7 +913,7 @@ async fn throughput_and_lookups(plan: &Plan, dir: &Path, rng: &mut StdRng) -> Be
     let fx = Fixture::new(dir, "throughput", cs, origin_chunks * cs, store_bytes)?;
     println!(
         "\nvolume: chunk {} KiB, origin {} ({} chunks, sparse), store {} (sparse); format {:.1} \
-         ms; write regions filled with data: {} MiB",
+         ms; write regions filled with data first: {} MiB",
         cs >> 10,
         human(origin_chunks * cs),
         origin_chunks,
@@ -923,8 +950,10 @@ async fn throughput_and_lookups(plan: &Plan, dir: &Path, rng: &mut StdRng) -> Be
     );
     let mut throughput = Vec::new();
     let mut lookups = Vec::new();
+    // (region start, snapshots that existed when it was written)
+    let mut written_regions: Vec<(u64, u64)> = Vec::new();
     let mut have = 1u64;
-    for (phase, &n) in plan.snapshot_counts.iter().enumerate() {
+    for &n in &plan.snapshot_counts {
         let server = ServerChild::start(&fx, 64, &format!("server-{n}")).await?;
         let admin = Arc::new(Client::connect(&server.socket, &fx.key, 1, ClientKind::Admin).await?);
         let origin_client =
@@ -934,90 +963,62 @@ async fn throughput_and_lookups(plan: &Plan, dir: &Path, rng: &mut StdRng) -> Be
         create_snapshots(&admin, have, n.max(have), plan.create_depth).await?;
         let create_time = started.elapsed();
         have = have.max(n);
-        let before = status(&admin).await?;
-        if u64::from(before.snapshots) != n {
-            return Err(format!(
-                "the server lists {} snapshots, expected {n}",
-                before.snapshots
-            ));
-        }
-        let region: Vec<u64> = (phase as u64 * w..(phase as u64 + 1) * w).collect();
-        let started = Instant::now();
-        let mut latencies = origin_writes(
-            &origin_client,
-            Some(origin_file.clone()),
-            cs,
-            &region,
-            1,
-            plan.write_depth,
-        )
-        .await?;
-        let elapsed = started.elapsed();
-        let after = status(&admin).await?;
-        latencies.sort();
-        let row = ThroughputRow {
+        let mut row = ThroughputRow {
             snapshots: n,
             create_time,
             created,
-            writes: w,
-            copy_outs: before.free_chunks.saturating_sub(after.free_chunks),
-            elapsed,
-            query_p50: percentile(&latencies, 0.5),
-            query_p99: percentile(&latencies, 0.99),
+            runs: Vec::new(),
         };
-        eprintln!(
-            "  {n} snapshots: {:.1} MB/s, {} copy-outs",
-            (w * cs) as f64 / 1e6 / elapsed.as_secs_f64(),
-            row.copy_outs
-        );
+        for _ in 0..plan.repeats {
+            let start = written_regions.len() as u64 * w;
+            written_regions.push((start, n));
+            let region: Vec<u64> = (start..start + w).collect();
+            let before = status(&admin).await?;
+            if u64::from(before.snapshots) != n {
+                return Err(format!(
+                    "the server lists {} snapshots, expected {n}",
+                    before.snapshots
+                ));
+            }
+            let started = Instant::now();
+            let mut latencies = origin_writes(
+                &origin_client,
+                Some(origin_file.clone()),
+                cs,
+                &region,
+                1,
+                plan.write_depth,
+            )
+            .await?;
+            let elapsed = started.elapsed();
+            let after = status(&admin).await?;
+            latencies.sort();
+            let run = WriteRun {
+                writes: w,
+                copy_outs: before.free_chunks.saturating_sub(after.free_chunks),
+                elapsed,
+                query_p50: percentile(&latencies, 0.5),
+                query_p99: percentile(&latencies, 0.99),
+            };
+            eprintln!(
+                "  {n} snapshots: {:.1} MB/s, {} copy-outs",
+                run.rate() * cs as f64 / 1e6,
+                run.copy_outs
+            );
+            row.runs.push(run);
+        }
         throughput.push(row);
         drop(origin_client);
         drop(admin);
         server.stop().await?;
-
-        // Part 2 on the store the server left (clean), with its snapshot count.
-        let mut store = fx.open_store(8192)?;
-        let live: Vec<u64> = store.live_snapshots().collect();
-        let written: Vec<u64> = (0..(phase as u64 + 1) * w)
-            .chain(populated.iter().copied())
-            .collect();
-        let records = (phase as u64 + 1) * w + populated.len() as u64;
-        let sample = |rng: &mut StdRng| {
-            (
-                live[rng.gen_range(0..live.len())],
-                written[rng.gen_range(0..written.len())],
-            )
-        };
-        for _ in 0..plan.lookups {
-            let (s, c) = sample(rng);
-            store
-                .snapshot_chunk(s, c)
-                .map_err(|e| format!("lookup ({s}, {c}): {e}"))?;
-        }
-        let mut times = Vec::with_capacity(plan.lookups);
-        let mut in_store = 0usize;
-        for _ in 0..plan.lookups {
-            let (s, c) = sample(rng);
-            let t = Instant::now();
-            let source = store
-                .snapshot_chunk(s, c)
-                .map_err(|e| format!("lookup ({s}, {c}): {e}"))?;
-            times.push(t.elapsed());
-            if matches!(source, ChunkSource::Store { .. }) {
-                in_store += 1;
-            }
-        }
-        store.close().map_err(|e| format!("close: {e}"))?;
-        let mean = times.iter().sum::<Duration>() / times.len().max(1) as u32;
-        times.sort();
-        lookups.push(LookupRow {
-            snapshots: n,
-            records,
-            from_store: in_store as f64 / plan.lookups.max(1) as f64,
-            p50: percentile(&times, 0.5),
-            p99: percentile(&times, 0.99),
-            mean,
-        });
+        lookups.push(measure_lookups(
+            plan,
+            &fx,
+            n,
+            &written_regions,
+            &populated,
+            rng,
+        )?);
     }
 
     print_throughput(plan, &throughput);
@@ -1025,27 +1026,96 @@ async fn throughput_and_lookups(plan: &Plan, dir: &Path, rng: &mut StdRng) -> Be
     Ok(())
 }
 
+/// Part 2 on the store the server left (closed cleanly): half the lookups on chunks
+/// copied out while the snapshot existed (answered from the store), half on the populated
+/// chunks with any live snapshot (mostly answered "origin", after the same tree descent).
+fn measure_lookups(
+    plan: &Plan,
+    fx: &Fixture,
+    snapshots: u64,
+    written_regions: &[(u64, u64)],
+    populated: &[u64],
+    rng: &mut StdRng,
+) -> BenchResult<LookupRow> {
+    let w = plan.writes_per_count;
+    let mut store = fx.open_store(8192)?;
+    let live: Vec<u64> = store.live_snapshots().collect();
+    if live.is_empty() || written_regions.is_empty() || populated.is_empty() {
+        return Err("nothing to look up".into());
+    }
+    let sample = |rng: &mut StdRng, i: usize| {
+        if i.is_multiple_of(2) {
+            let (start, existing) = written_regions[rng.gen_range(0..written_regions.len())];
+            let sharing = &live[..(existing as usize).min(live.len())];
+            (
+                sharing[rng.gen_range(0..sharing.len())],
+                start + rng.gen_range(0..w),
+            )
+        } else {
+            (
+                live[rng.gen_range(0..live.len())],
+                populated[rng.gen_range(0..populated.len())],
+            )
+        }
+    };
+    // Warm the cache with as many lookups as are measured.
+    for i in 0..plan.lookups {
+        let (s, c) = sample(rng, i);
+        store
+            .snapshot_chunk(s, c)
+            .map_err(|e| format!("lookup ({s}, {c}): {e}"))?;
+    }
+    let mut times = Vec::with_capacity(plan.lookups);
+    let mut in_store = 0usize;
+    for i in 0..plan.lookups {
+        let (s, c) = sample(rng, i);
+        let t = Instant::now();
+        let source = store
+            .snapshot_chunk(s, c)
+            .map_err(|e| format!("lookup ({s}, {c}): {e}"))?;
+        times.push(t.elapsed());
+        if matches!(source, ChunkSource::Store { .. }) {
+            in_store += 1;
+        }
+    }
+    store.close().map_err(|e| format!("close: {e}"))?;
+    let mean = times.iter().sum::<Duration>() / times.len().max(1) as u32;
+    times.sort();
+    Ok(LookupRow {
+        snapshots,
+        records: written_regions.len() as u64 * w + populated.len() as u64,
+        from_store: in_store as f64 / plan.lookups.max(1) as f64,
+        p50: percentile(&times, 0.5),
+        p99: percentile(&times, 0.99),
+        p999: percentile(&times, 0.999),
+        max: times.last().copied().unwrap_or_default(),
+        mean,
+    })
+}
+
 fn print_throughput(plan: &Plan, rows: &[ThroughputRow]) {
     let cs = plan.chunk_size;
     println!(
-        "\n## 1. Origin-write copy-out throughput ({} KiB chunks, {} fresh chunks per row, one \
-         chunk per QueryWrite, {} in flight, 1 origin client)\n",
+        "\n## 1. Origin-write copy-out throughput ({} KiB chunks; per row {} x {} fresh chunks, \
+         median shown; one chunk per QueryWrite, {} in flight, 1 origin client)\n",
         cs >> 10,
+        plan.repeats,
         plan.writes_per_count,
         plan.write_depth
     );
     println!(
-        "| snapshots | create (new, {} in flight) | copy-outs seen | MB/s | copy-outs/s | \
-         QueryWrite p50 | p99 | vs 1 snapshot |",
+        "| snapshots | created before ({} in flight) | copy-outs / writes | MB/s | copy-outs/s \
+         | all repeats, copy-outs/s | QueryWrite p50 | p99 | vs 1 snapshot |",
         plan.create_depth
     );
-    println!("|---:|---|---:|---:|---:|---:|---:|---:|");
+    println!("|---:|---|---:|---:|---:|---|---:|---:|---:|");
     let base = rows
         .first()
-        .map_or(0.0, |r| r.writes as f64 / r.elapsed.as_secs_f64());
+        .and_then(|r| r.median())
+        .map_or(0.0, |r| r.rate());
     for r in rows {
-        let rate = r.writes as f64 / r.elapsed.as_secs_f64();
-        let ratio = if base > 0.0 { rate / base } else { 0.0 };
+        let Some(m) = r.median() else { continue };
+        let ratio = if base > 0.0 { m.rate() / base } else { 0.0 };
         let create = if r.created == 0 {
             "-".to_string()
         } else {
@@ -1056,25 +1126,25 @@ fn print_throughput(plan: &Plan, rows: &[ThroughputRow]) {
                 r.created as f64 / r.create_time.as_secs_f64()
             )
         };
-        let goal = if r.snapshots == 1000 {
-            if ratio >= 0.95 {
-                " (goal >= 0.95: met)"
-            } else {
-                " (goal >= 0.95: NOT met)"
-            }
-        } else {
-            ""
+        let goal = match (r.snapshots, ratio >= 0.95) {
+            (1000, true) => " (goal >= 0.95x: met)",
+            (1000, false) => " (goal >= 0.95x: NOT met)",
+            _ => "",
         };
+        let all: Vec<String> = r.runs.iter().map(|x| format!("{:.0}", x.rate())).collect();
+        let copy_outs: u64 = r.runs.iter().map(|x| x.copy_outs).sum();
+        let writes: u64 = r.runs.iter().map(|x| x.writes).sum();
         println!(
-            "| {} | {} | {} / {} | {:.1} | {:.0} | {:.2} ms | {:.2} ms | {:.2}x{} |",
+            "| {} | {} | {} / {} | {:.1} | {:.0} | {} | {:.2} ms | {:.2} ms | {:.2}x{} |",
             r.snapshots,
             create,
-            r.copy_outs,
-            r.writes,
-            rate * cs as f64 / 1e6,
-            rate,
-            ms(r.query_p50),
-            ms(r.query_p99),
+            copy_outs,
+            writes,
+            m.rate() * cs as f64 / 1e6,
+            m.rate(),
+            all.join(", "),
+            ms(m.query_p50),
+            ms(m.query_p99),
             ratio,
             goal
         );
@@ -1083,20 +1153,25 @@ fn print_throughput(plan: &Plan, rows: &[ThroughputRow]) {
 
 fn print_lookups(plan: &Plan, rows: &[LookupRow]) {
     println!(
-        "\n## 2. Metadata lookup per chunk (Store::snapshot_chunk of a random live snapshot on a \
-         random chunk holding exceptions; {} warm lookups per row, 32 MiB cache)\n",
+        "\n## 2. Metadata lookup per chunk (Store::snapshot_chunk, in process, 32 MiB cache, \
+         warm; {} lookups per row after as many warm-up lookups: half on copied-out chunks by \
+         a snapshot they cover, half on the populated chunks by any live snapshot)\n",
         plan.lookups
     );
-    println!("| snapshots | exception records | answered from store | p50 | p99 | mean |");
-    println!("|---:|---:|---:|---:|---:|---:|");
+    println!(
+        "| snapshots | exception records | answered from store | p50 | p99 | p99.9 | max | mean |"
+    );
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|");
     for r in rows {
         println!(
-            "| {} | {} | {:.0}% | {:.2} µs | {:.2} µs | {:.2} µs |",
+            "| {} | {} | {:.0}% | {:.2} µs | {:.2} µs | {:.1} µs | {:.0} µs | {:.2} µs |",
             r.snapshots,
             r.records,
             r.from_store * 100.0,
             us(r.p50),
             us(r.p99),
+            us(r.p999),
+            us(r.max),
             us(r.mean)
         );
     }
