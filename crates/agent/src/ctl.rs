@@ -49,19 +49,41 @@ fn state(s: &SnapshotState) -> String {
 
 fn print_snapshots(list: &[SnapshotInfo]) {
     println!(
-        "{:>6}  {:<24}  {:>12}  {:>10}  STATE",
-        "ID", "NAME", "CTIME", "CHUNKS"
+        "{:>6}  {:<24}  {:<20}  {:>10}  STATE",
+        "ID", "NAME", "CREATED (UTC)", "CHUNKS"
     );
     for s in list {
         println!(
-            "{:>6}  {:<24}  {:>12}  {:>10}  {}",
+            "{:>6}  {:<24}  {:<20}  {:>10}  {}",
             s.id,
             s.name,
-            s.ctime,
+            utc_time(s.ctime),
             s.chunks_held,
             state(&s.state)
         );
     }
+}
+
+/// Unix seconds as `YYYY-MM-DD HH:MM:SS` (UTC), without a date-time dependency.
+fn utc_time(unix: u64) -> String {
+    let days = (unix / 86_400) as i64;
+    let secs = unix % 86_400;
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02}",
+        secs / 3_600,
+        secs / 60 % 60,
+        secs % 60
+    )
 }
 
 fn print_status(v: &VolumeStatus) {
@@ -203,5 +225,18 @@ pub fn run_cli<F: std::future::Future<Output = anyhow::Result<()>>>(
             eprintln!("csnapctl: error: {e:#}");
             std::process::ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::utc_time;
+
+    #[test]
+    fn utc_time_formats_known_instants() {
+        assert_eq!(utc_time(0), "1970-01-01 00:00:00");
+        assert_eq!(utc_time(951_782_400), "2000-02-29 00:00:00");
+        assert_eq!(utc_time(1_795_310_228), "2026-11-22 01:17:08");
+        assert_eq!(utc_time(4_107_542_399), "2100-02-28 23:59:59");
     }
 }

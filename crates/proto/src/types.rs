@@ -11,7 +11,8 @@ pub struct SnapId(pub u64);
 
 impl fmt::Display for SnapId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}", self.0)
+        // Delegate so width and alignment (`{:>6}`) apply, as tables need.
+        fmt::Display::fmt(&self.0, f)
     }
 }
 
