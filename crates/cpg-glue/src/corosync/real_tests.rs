@@ -306,8 +306,9 @@ struct Hello {
     text: String,
 }
 
+/// Starts one real corosync in a network namespace of its own (root; under CI=true a
+/// missing prerequisite fails). About a second.
 #[test]
-#[ignore = "starts a real corosync in a network namespace; run with --ignored (root)"]
 fn single_node_end_to_end() {
     if !prerequisites("single_node_end_to_end", true) {
         return;
