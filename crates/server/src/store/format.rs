@@ -397,7 +397,14 @@ impl Superblock {
         if g.origin_size == 0 {
             return Err("origin size field is 0".into());
         }
-        if g.journal_start != SUPERBLOCK_SLOTS || g.journal_blocks < 2 * 256 {
+        // Every area must end inside the store: this bounds all the sums below, so none of
+        // them can overflow on a crafted superblock.
+        let store_blocks = g.store_size / BLOCK_U64;
+        let fits = |v: u64| v <= store_blocks;
+        if g.journal_start != SUPERBLOCK_SLOTS
+            || g.journal_blocks < 2 * 256
+            || !fits(g.journal_blocks)
+        {
             return Err(format!(
                 "journal location {}+{} is invalid",
                 g.journal_start, g.journal_blocks
@@ -406,16 +413,21 @@ impl Superblock {
         if g.bitmap_start != g.journal_start + g.journal_blocks {
             return Err(format!("bitmap start {} is invalid", g.bitmap_start));
         }
-        if g.meta_bitmap_blocks != g.meta_blocks.div_ceil(BITS_PER_BITMAP_BLOCK)
+        if !fits(g.meta_blocks)
+            || !fits(g.data_bitmap_blocks)
+            || g.meta_bitmap_blocks != g.meta_blocks.div_ceil(BITS_PER_BITMAP_BLOCK)
             || g.data_bitmap_blocks < g.data_chunks.div_ceil(BITS_PER_BITMAP_BLOCK)
         {
             return Err("bitmap sizes do not match the areas they describe".into());
         }
-        if g.meta_start != g.bitmap_start + g.meta_bitmap_blocks + g.data_bitmap_blocks {
+        if g.meta_start != g.bitmap_start + g.meta_bitmap_blocks + g.data_bitmap_blocks
+            || !fits(g.meta_start + g.meta_blocks)
+        {
             return Err(format!("metadata area start {} is invalid", g.meta_start));
         }
         let chunk_blocks = g.chunk_size / BLOCK_U64;
-        if g.data_start_chunk * chunk_blocks < g.meta_start + g.meta_blocks {
+        let data_start_block = g.data_start_chunk.checked_mul(chunk_blocks);
+        if data_start_block.is_none_or(|b| b < g.meta_start + g.meta_blocks) {
             return Err("data area overlaps the metadata area".into());
         }
         let end = g
@@ -463,6 +475,38 @@ mod tests {
             Superblock::decode(&b, 0, 256 << 20),
             Err(StoreError::WrongMagic { slot: 0, .. })
         ));
+    }
+
+    #[test]
+    fn crafted_layout_fields_are_rejected_without_overflow() {
+        let g = Geometry::plan(4096, 1 << 30, 64 << 20, "t").unwrap();
+        let base = Superblock {
+            sequence: 1,
+            uuid: [1; 16],
+            geometry: g,
+            server_generation: 0,
+            clean: true,
+            journal_tail_seq: 1,
+            journal_tail_pos: 0,
+            created: 0,
+            root: RootState::default(),
+        };
+        let cases: [fn(&mut Geometry); 5] = [
+            |g| g.data_start_chunk = u64::MAX / 2,
+            |g| g.meta_blocks = u64::MAX,
+            |g| g.journal_blocks = u64::MAX - 1,
+            |g| g.data_chunks = u64::MAX,
+            |g| g.store_size = u64::MAX,
+        ];
+        for (i, damage) in cases.iter().enumerate() {
+            let mut sb = base.clone();
+            damage(&mut sb.geometry);
+            let err = Superblock::decode(&sb.encode(), 0, 64 << 20).unwrap_err();
+            assert!(
+                matches!(err, StoreError::CorruptSuperblock { .. }),
+                "case {i}: {err}"
+            );
+        }
     }
 
     #[test]

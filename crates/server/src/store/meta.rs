@@ -521,6 +521,13 @@ impl Meta {
 
     /// Frees an allocated data chunk; it becomes reusable once this transaction commits.
     pub fn free_data(&mut self, chunk: u64) -> Result<()> {
+        if !self.geo.is_data_chunk(chunk) {
+            return Err(StoreError::CorruptMetadata {
+                block: self.geo.meta_start,
+                area: "exception tree",
+                what: format!("an exception names store chunk {chunk}, outside the data area"),
+            });
+        }
         self.set_bit(Space::Data, chunk - self.geo.data_start_chunk, false)?;
         self.root.data_free += 1;
         self.quarantine.insert(chunk);

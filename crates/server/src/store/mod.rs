@@ -744,9 +744,22 @@ impl Store {
     /// The record of `chunk` whose run contains `id`.
     fn lookup(&mut self, chunk: u64, id: u64) -> Result<Option<ExceptionRecord>> {
         let found = btree::get_le(&mut self.meta, Tree::Exceptions, Key::new(chunk, id))?;
-        Ok(found
+        let record = found
             .map(|(k, v)| ExceptionRecord::decode(k, &v))
-            .filter(|r| r.chunk == chunk && r.last >= id))
+            .filter(|r| r.chunk == chunk && r.last >= id);
+        if let Some(r) = &record {
+            if !self.meta.geo.is_data_chunk(r.store_chunk) {
+                return Err(StoreError::CorruptMetadata {
+                    block: self.meta.root.exception_root,
+                    area: "exception tree",
+                    what: format!(
+                        "chunk {chunk} run {}..={} names store chunk {}, outside the data area",
+                        r.first, r.last, r.store_chunk
+                    ),
+                });
+            }
+        }
+        Ok(record)
     }
 
     /// All records of one origin chunk, ascending by first id.
