@@ -462,15 +462,24 @@ pub fn remove(meta: &mut Meta, tree: Tree, key: Key) -> Result<bool> {
 
 /// Replaces an internal root that has one child by that child (repeatedly).
 fn collapse_root(meta: &mut Meta, tree: Tree) -> Result<()> {
-    loop {
+    for _ in 0..=32 {
         let (root, depth) = tree.root(&meta.root);
         let node = read_node(meta, tree, root)?;
         if node.is_leaf() || node.children.len() != 1 {
             return Ok(());
         }
+        if node.children[0] == root {
+            break;
+        }
         tree.set_root(&mut meta.root, node.children[0], depth.saturating_sub(1));
         meta.free_meta(root)?;
     }
+    let (root, _) = tree.root(&meta.root);
+    Err(StoreError::CorruptMetadata {
+        block: root,
+        area: tree.name(),
+        what: "a chain of single-child roots that does not end (a cycle?)".into(),
+    })
 }
 
 /// Called by `walk` with (block, node, lower bound, upper bound) of every node.

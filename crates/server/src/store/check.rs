@@ -96,8 +96,9 @@ pub fn run(store: &mut Store) -> Result<CheckReport> {
                     r.first, r.last
                 ));
             }
-            if uncovered_live_below.is_none() && r.first > covered_to + 1 {
-                uncovered_live_below = store.live.range(covered_to + 1..r.first).next().copied();
+            let next_uncovered = covered_to.saturating_add(1);
+            if uncovered_live_below.is_none() && r.first > next_uncovered {
+                uncovered_live_below = store.live.range(next_uncovered..r.first).next().copied();
             }
             if r.fill {
                 if let Some(id) = uncovered_live_below {

@@ -816,12 +816,12 @@ impl Store {
         };
         let (fill, above) = self.records_above_fill(chunk)?;
         let mut runs = Vec::new();
-        let mut low = fill.map_or(1, |f| f.last + 1);
+        let mut low = fill.map_or(1, |f| f.last.saturating_add(1));
         for r in &above {
             if low < r.first && self.any_live(low, r.first - 1) {
                 runs.push((low, r.first - 1));
             }
-            low = r.last + 1;
+            low = r.last.saturating_add(1);
         }
         if self.any_live(low, max_live) {
             runs.push((low, max_live));
