@@ -109,6 +109,8 @@ struct Sim<S: TestStore> {
     grants: u64,
     failovers: u64,
     full_store: bool,
+    /// CSNAP_TRACE=1: print every step (for replaying a failing seed).
+    tracing: bool,
 }
 
 impl<S: TestStore> Sim<S> {
@@ -156,6 +158,7 @@ impl<S: TestStore> Sim<S> {
             grants: 0,
             failovers: 0,
             full_store,
+            tracing: std::env::var_os("CSNAP_TRACE").is_some(),
         };
         for i in 0..n_origins {
             let conn = sim.h.connect(i + 1, ClientKind::Origin, false);
@@ -211,7 +214,14 @@ impl<S: TestStore> Sim<S> {
     }
 
     /// Data lands on the origin: pending snapshots may or may not include it.
+    fn trace(&self, what: impl FnOnce() -> String) {
+        if self.tracing {
+            eprintln!("sim: {}", what());
+        }
+    }
+
     fn land_origin(&mut self, c: u64, half: usize, v: u64) {
+        self.trace(|| format!("origin chunk {c} half {half} := {v}"));
         self.h.origin[c as usize][half] = v;
         for m in self.model.values_mut() {
             if !m.live {
@@ -222,6 +232,13 @@ impl<S: TestStore> Sim<S> {
 
     /// Inspects what the engine did: grants, creations, copy-outs.
     fn audit(&mut self) {
+        if self.tracing {
+            for t in std::mem::take(&mut self.h.trace) {
+                eprintln!("engine: {t}");
+            }
+        } else {
+            self.h.trace.clear();
+        }
         for (conn, frame) in std::mem::take(&mut self.h.sent) {
             match frame.msg {
                 ServerMsg::OriginWriteOk { ref ranges, .. } => {
@@ -300,6 +317,7 @@ impl<S: TestStore> Sim<S> {
             .map(|&c| (c, self.rng.gen_range(0..2), self.value()))
             .collect();
         if targets.iter().all(|c| self.origins[i].cache.contains(c)) {
+            self.trace(|| format!("origin client {i} writes under promise: {writes:?}"));
             for (c, half, v) in writes {
                 assert!(
                     !self.locked_by_snapshot_clients(c),
@@ -315,6 +333,7 @@ impl<S: TestStore> Sim<S> {
                 ranges: vec![ChunkRange::new(c, targets.len() as u32)],
             },
         );
+        self.trace(|| format!("origin client {i} asks {id}: {writes:?}"));
         self.origins[i].queries.insert(id, writes);
     }
 
@@ -462,8 +481,13 @@ impl<S: TestStore> Sim<S> {
         let (c, x, half, v) = self.snap_clients[i].writing.remove(k);
         self.h.store_data[x as usize][half] = v;
         let snap = self.snap_clients[i].snap;
-        if self.snapshot_checkable(snap) {
-            self.model.get_mut(&snap).unwrap().view[c as usize][half] = BTreeSet::from([v]);
+        self.trace(|| {
+            format!("snapshot {snap} write lands: chunk {c} half {half} := {v} at store {x}")
+        });
+        // Update the model even if the snapshot was deleted meanwhile: a crash before the
+        // delete is committed brings it back, with this write (its lease kept the chunk).
+        if let Some(m) = self.model.get_mut(&snap) {
+            m.view[c as usize][half] = BTreeSet::from([v]);
         }
         self.snap_clients[i].unfinished.push(c);
     }
@@ -556,6 +580,7 @@ impl<S: TestStore> Sim<S> {
         }
         let snap = live[self.rng.gen_range(0..live.len())];
         self.model.get_mut(&snap).unwrap().deleted = true;
+        self.trace(|| format!("delete snapshot {snap}"));
         let id = self.send(
             self.admin,
             ClientMsg::DeleteSnapshot {
@@ -590,6 +615,7 @@ impl<S: TestStore> Sim<S> {
         let Some(frame) = self.next_frame(conn) else {
             return;
         };
+        self.trace(|| format!("origin client {i} (conn {conn}) gets {frame:?}"));
         match frame.msg {
             ServerMsg::OriginWriteOk { ranges, unique } => {
                 let id = frame.reply_to.unwrap();
@@ -626,6 +652,7 @@ impl<S: TestStore> Sim<S> {
         };
         let snap = self.snap_clients[i].snap;
         let id = frame.reply_to;
+        self.trace(|| format!("snapshot client {i} (conn {conn}, snap {snap}) gets {frame:?}"));
         match frame.msg {
             ServerMsg::SnapshotReadOk {
                 store,
@@ -716,6 +743,7 @@ impl<S: TestStore> Sim<S> {
     // ---- failover ----
 
     fn failover(&mut self) {
+        self.trace(|| "FAILOVER".into());
         self.failovers += 1;
         // Clients' data I/O in flight completes; the server's state not committed is lost.
         for i in 0..self.origins.len() {
@@ -1095,5 +1123,139 @@ fn random_interleavings_with_failover_keep_snapshots_and_the_activation_gate() {
         150,
         600,
         true,
+    );
+}
+
+/// The on-disk `Store` over a `MemDevice` with a volatile write cache: a crash keeps the
+/// durable contents plus a random subset of cached sectors, and recovery replays the
+/// journal. The same model test then checks the engine and the store together.
+mod on_disk {
+    use super::*;
+    use csnap_server::store::{FormatOptions, Geometry, MemDevice, OpenOptions, Store};
+    use std::sync::Arc;
+
+    const CHUNK: u64 = 4096;
+
+    pub struct DiskStore {
+        store: Store,
+        dev: MemDevice,
+        crashes: u64,
+    }
+
+    impl DiskStore {
+        pub fn new(origin_chunks: u64, store_chunks: u64) -> DiskStore {
+            let size = Geometry::smallest_store(CHUNK).unwrap() + store_chunks * CHUNK;
+            let dev = MemDevice::new(size);
+            Store::format(
+                &dev,
+                &FormatOptions {
+                    chunk_size: CHUNK,
+                    origin_size: origin_chunks * CHUNK,
+                    now: 1_000,
+                    uuid: Some([7; 16]),
+                },
+            )
+            .unwrap();
+            let store = Store::open(Arc::new(dev.clone()), OpenOptions::default()).unwrap();
+            DiskStore {
+                store,
+                dev,
+                crashes: 0,
+            }
+        }
+    }
+
+    impl TestStore for DiskStore {
+        fn crash_and_recover(&mut self) {
+            self.crashes += 1;
+            self.dev = self.dev.crash(self.crashes);
+            self.store = Store::open(Arc::new(self.dev.clone()), OpenOptions::default())
+                .unwrap_or_else(|e| panic!("store does not reopen after a crash: {e}"));
+        }
+
+        fn consistency(&mut self) -> Result<(), String> {
+            let report = self.store.check().map_err(|e| e.to_string())?;
+            if report.is_clean() {
+                Ok(())
+            } else {
+                Err(report.problems.join("; "))
+            }
+        }
+
+        fn snapshot_states(&mut self) -> Vec<(SnapId, SnapshotState)> {
+            MetaStore::list_snapshots(&mut self.store)
+                .unwrap()
+                .into_iter()
+                .map(|i| (i.id, i.state))
+                .collect()
+        }
+
+        fn placeholder() -> Self {
+            DiskStore::new(1, 1)
+        }
+    }
+
+    impl MetaStore for DiskStore {
+        fn stats(&mut self) -> Result<StoreStats, StoreError> {
+            self.store.stats()
+        }
+        fn create_snapshot(&mut self, name: &str, ctime: u64) -> Result<SnapshotInfo, StoreError> {
+            MetaStore::create_snapshot(&mut self.store, name, ctime)
+        }
+        fn delete_snapshot(&mut self, id: SnapId) -> Result<(), StoreError> {
+            MetaStore::delete_snapshot(&mut self.store, id)
+        }
+        fn invalidate_snapshot(&mut self, id: SnapId, reason: &str) -> Result<(), StoreError> {
+            MetaStore::invalidate_snapshot(&mut self.store, id, reason)
+        }
+        fn list_snapshots(&mut self) -> Result<Vec<SnapshotInfo>, StoreError> {
+            MetaStore::list_snapshots(&mut self.store)
+        }
+        fn snapshot(&mut self, id: SnapId) -> Result<Option<SnapshotInfo>, StoreError> {
+            MetaStore::snapshot(&mut self.store, id)
+        }
+        fn snapshot_by_name(&mut self, name: &str) -> Result<Option<SnapshotInfo>, StoreError> {
+            MetaStore::snapshot_by_name(&mut self.store, name)
+        }
+        fn oldest_sharing_origin(&mut self, chunk: u64) -> Result<Option<SnapId>, StoreError> {
+            MetaStore::oldest_sharing_origin(&mut self.store, chunk)
+        }
+        fn reserve_chunk(&mut self) -> Result<u64, StoreError> {
+            MetaStore::reserve_chunk(&mut self.store)
+        }
+        fn release_chunk(&mut self, store_chunk: u64) -> Result<(), StoreError> {
+            MetaStore::release_chunk(&mut self.store, store_chunk)
+        }
+        fn record_copy_out(&mut self, chunk: u64, store_chunk: u64) -> Result<bool, StoreError> {
+            MetaStore::record_copy_out(&mut self.store, chunk, store_chunk)
+        }
+        fn snapshot_chunk(&mut self, id: SnapId, chunk: u64) -> Result<SnapChunk, StoreError> {
+            MetaStore::snapshot_chunk(&mut self.store, id, chunk)
+        }
+        fn record_snapshot_exception(
+            &mut self,
+            id: SnapId,
+            chunk: u64,
+            store_chunk: u64,
+        ) -> Result<(), StoreError> {
+            MetaStore::record_snapshot_exception(&mut self.store, id, chunk, store_chunk)
+        }
+        fn reclaim_step(&mut self, budget: usize) -> Result<ReclaimProgress, StoreError> {
+            MetaStore::reclaim_step(&mut self.store, budget)
+        }
+        fn commit(&mut self) -> Result<(), StoreError> {
+            MetaStore::commit(&mut self.store)
+        }
+    }
+}
+
+#[test]
+fn random_interleavings_with_failover_on_the_on_disk_store() {
+    run_cases(
+        "random_interleavings_with_failover_on_the_on_disk_store",
+        100,
+        600,
+        true,
+        &on_disk::DiskStore::new,
     );
 }

@@ -1472,16 +1472,17 @@ impl<S: MetaStore> Engine<S> {
             let Some(victim) = victim else {
                 return Ok(Space::NoVictim);
             };
-            let reason = format!(
-                "snapshot store full; invalidated by policy {} at {}",
-                self.cfg.store_full_policy, self.now
-            );
+            // Kept short: it is stored with the snapshot; the log line has the details.
+            let reason = format!("store full ({})", self.cfg.store_full_policy);
             self.store.invalidate_snapshot(victim, &reason)?;
             self.snapset_gen = self.touch();
             self.reclaiming = true;
             self.log(
                 LogLevel::Error,
-                format!("SNAPSHOT STORE FULL: snapshot {victim} invalidated to keep origin writes going ({reason})"),
+                format!(
+                    "SNAPSHOT STORE FULL: snapshot {victim} invalidated at {} by policy {} to keep origin writes going",
+                    self.now, self.cfg.store_full_policy
+                ),
             );
             if self.reclaim_blocked()? {
                 return Ok(Space::AfterLeases);

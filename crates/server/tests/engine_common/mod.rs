@@ -44,10 +44,31 @@ impl TestStore for MemStore {
     }
 }
 
+/// Simulated store data, by store chunk address (a device chunk index: data chunks may
+/// start after a metadata area). Never-written chunks read as `UNWRITTEN`.
+#[derive(Default)]
+pub struct StoreData(HashMap<usize, Data>);
+
+pub const UNWRITTEN: Data = [u64::MAX, u64::MAX];
+
+impl std::ops::Index<usize> for StoreData {
+    type Output = Data;
+
+    fn index(&self, chunk: usize) -> &Data {
+        self.0.get(&chunk).unwrap_or(&UNWRITTEN)
+    }
+}
+
+impl std::ops::IndexMut<usize> for StoreData {
+    fn index_mut(&mut self, chunk: usize) -> &mut Data {
+        self.0.entry(chunk).or_insert(UNWRITTEN)
+    }
+}
+
 pub struct Harness<S: TestStore = MemStore> {
     pub engine: Engine<S>,
     pub origin: Vec<Data>,
-    pub store_data: Vec<Data>,
+    pub store_data: StoreData,
     pub inbox: HashMap<ConnId, VecDeque<ServerFrame>>,
     pub copies: VecDeque<(CopyId, CopySource, u64)>,
     /// Origin copy-outs emitted, per origin chunk.
@@ -88,7 +109,7 @@ impl<S: TestStore> Harness<S> {
         let mut h = Harness {
             engine,
             origin: vec![[0, 0]; stats.origin_chunks as usize],
-            store_data: vec![[u64::MAX, u64::MAX]; stats.store_chunks as usize],
+            store_data: StoreData::default(),
             inbox: HashMap::new(),
             copies: VecDeque::new(),
             copy_outs: HashMap::new(),
