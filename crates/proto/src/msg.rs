@@ -34,7 +34,8 @@ pub enum ClientKind {
 pub struct StoreAddr {
     /// Origin chunk number.
     pub chunk: u64,
-    /// Store chunk index (the data area of the store device, in chunks).
+    /// Chunk index on the store device (byte offset = store_chunk * chunk_size; data
+    /// chunks follow the store's metadata area).
     pub store_chunk: u64,
 }
 

@@ -133,7 +133,8 @@ pub trait MetaStore {
     /// `None` iff the chunk is unique and an origin write needs no copy-out.
     fn oldest_sharing_origin(&mut self, chunk: u64) -> Result<Option<SnapId>, StoreError>;
 
-    /// Reserves a free store chunk for a copy in flight (`Full` if none).
+    /// Reserves a free store chunk for a copy in flight (`Full` if none). Store chunk
+    /// addresses are chunk indexes on the store device (data chunks follow the metadata).
     fn reserve_chunk(&mut self) -> Result<u64, StoreError>;
 
     /// Returns an unused reservation to the free pool.
