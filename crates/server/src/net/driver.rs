@@ -86,6 +86,65 @@ pub(crate) struct DataPath {
     pub origin: Arc<dyn BlockDevice>,
     pub store: Arc<dyn BlockDevice>,
     pub geometry: Geometry,
+    pub store_sync: GroupSync,
+}
+
+#[derive(Default)]
+struct SyncState {
+    /// Tickets handed to completed writes so far.
+    issued: u64,
+    /// Every ticket up to this one is on stable storage.
+    synced: u64,
+    syncing: bool,
+}
+
+/// Group fdatasync for concurrent copies: a copy whose write has completed takes a ticket
+/// and returns once a flush that *started after* its ticket has finished. Copies finishing
+/// together share one flush instead of queueing one each behind the device.
+#[derive(Default)]
+pub(crate) struct GroupSync {
+    state: std::sync::Mutex<SyncState>,
+    done: std::sync::Condvar,
+}
+
+impl GroupSync {
+    fn lock(&self) -> std::sync::MutexGuard<'_, SyncState> {
+        // The state stays consistent even if a holder panicked (plain counters).
+        self.state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Makes every write that completed before this call durable. Blocking.
+    fn sync(&self, flush: impl Fn() -> std::io::Result<()>) -> std::io::Result<()> {
+        let mut st = self.lock();
+        st.issued += 1;
+        let ticket = st.issued;
+        loop {
+            if st.synced >= ticket {
+                return Ok(());
+            }
+            if !st.syncing {
+                st.syncing = true;
+                let covers = st.issued;
+                drop(st);
+                let result = flush();
+                st = self.lock();
+                st.syncing = false;
+                if result.is_ok() {
+                    st.synced = st.synced.max(covers);
+                }
+                self.done.notify_all();
+                // A failed flush fails its own caller; waiters retry with a flush of their own.
+                result?;
+                continue;
+            }
+            st = self
+                .done
+                .wait(st)
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+        }
+    }
 }
 
 impl DataPath {
@@ -136,8 +195,8 @@ impl DataPath {
                 self.store.name()
             )
         })?;
-        self.store
-            .flush()
+        self.store_sync
+            .sync(|| self.store.flush())
             .map_err(|e| format!("flushing store {}: {e}", self.store.name()))
     }
 }
@@ -189,6 +248,8 @@ pub(crate) struct Driver {
     /// Events the shell generated while carrying out actions (a connection it killed).
     pending: VecDeque<Event>,
     abandoned: bool,
+    /// The engine asked for a commit that has not run yet.
+    commit_due: bool,
 }
 
 fn unix_now() -> u64 {
@@ -226,6 +287,7 @@ impl Driver {
             status_waiters: HashMap::new(),
             pending: VecDeque::new(),
             abandoned: false,
+            commit_due: false,
         }
     }
 
@@ -233,7 +295,11 @@ impl Driver {
     pub(crate) fn run(mut self) -> Exit {
         let span = tracing::info_span!("server", volume = %self.volume);
         let _entered = span.enter();
-        if let Err(reason) = self.open_internal_session().and_then(|()| self.pump()) {
+        let opened = self.open_internal_session();
+        if let Err(reason) = opened
+            .and_then(|()| self.pump())
+            .and_then(|()| self.run_commits())
+        {
             return self.fatal(reason);
         }
         loop {
@@ -267,6 +333,8 @@ impl Driver {
                 };
                 step = self.on_wake(wake);
             }
+            // Commit after the batch (group commit), and always before blocking again.
+            let step = step.and_then(|go| self.run_commits().map(|()| go));
             match step {
                 Ok(true) => {}
                 Ok(false) if self.abandoned => {
@@ -406,7 +474,24 @@ impl Driver {
         }
     }
 
-    /// Carries out the engine's actions (and the events they cause) until none is left.
+    /// Runs the commit the engine asked for (inline: this thread owns the store), and any
+    /// follow-up commit; the engine has at most one outstanding.
+    fn run_commits(&mut self) -> Result<(), String> {
+        while self.commit_due {
+            self.commit_due = false;
+            let started = Instant::now();
+            self.engine.run_commit();
+            tracing::debug!(
+                elapsed_us = started.elapsed().as_micros() as u64,
+                "store commit"
+            );
+            self.pump()?;
+        }
+        Ok(())
+    }
+
+    /// Carries out the engine's actions (and the events they cause) until none is left,
+    /// except a commit, which `run_commits` runs after the batch of inputs.
     fn pump(&mut self) -> Result<(), String> {
         loop {
             if let Some(action) = self.engine.poll_action() {
@@ -482,12 +567,8 @@ impl Driver {
                 Ok(())
             }
             Action::Commit => {
-                let started = Instant::now();
-                self.engine.run_commit();
-                tracing::debug!(
-                    elapsed_us = started.elapsed().as_micros() as u64,
-                    "store commit"
-                );
+                // Run once the inputs already queued are handled: one commit covers them all.
+                self.commit_due = true;
                 Ok(())
             }
             Action::Log { level, message } => {
@@ -637,7 +718,7 @@ impl Driver {
                 Ok(Some(Control::CopyDone { copy, result })) => {
                     self.copies_in_flight -= 1;
                     self.engine.handle(Event::CopyDone { copy, result });
-                    if let Err(reason) = self.pump() {
+                    if let Err(reason) = self.pump().and_then(|()| self.run_commits()) {
                         return self.fatal(reason);
                     }
                 }
@@ -666,5 +747,65 @@ impl Driver {
         }
         stop.cancel();
         Exit::Shutdown(result)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    #[test]
+    fn group_sync_covers_every_completed_write_with_fewer_flushes() {
+        let sync = Arc::new(GroupSync::default());
+        let flushes = Arc::new(AtomicU64::new(0));
+        // Each "write" bumps `written`; a flush records how many writes it covered.
+        let written = Arc::new(AtomicU64::new(0));
+        let durable = Arc::new(AtomicU64::new(0));
+        let threads: Vec<_> = (0..16)
+            .map(|_| {
+                let (sync, flushes, written, durable) = (
+                    sync.clone(),
+                    flushes.clone(),
+                    written.clone(),
+                    durable.clone(),
+                );
+                std::thread::spawn(move || {
+                    for _ in 0..50 {
+                        let mine = written.fetch_add(1, Ordering::SeqCst) + 1;
+                        sync.sync(|| {
+                            flushes.fetch_add(1, Ordering::SeqCst);
+                            std::thread::sleep(std::time::Duration::from_micros(200));
+                            let now = written.load(Ordering::SeqCst);
+                            durable.fetch_max(now, Ordering::SeqCst);
+                            Ok(())
+                        })
+                        .unwrap();
+                        // The flush that released us started after our write completed.
+                        assert!(durable.load(Ordering::SeqCst) >= mine);
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        let n = flushes.load(Ordering::SeqCst);
+        assert!((1..800).contains(&n), "{n} flushes for 800 writes");
+    }
+
+    #[test]
+    fn a_failed_group_flush_fails_its_caller_and_the_next_one_retries() {
+        let sync = GroupSync::default();
+        let calls = AtomicU64::new(0);
+        let flaky = || {
+            if calls.fetch_add(1, Ordering::SeqCst) == 0 {
+                Err(std::io::Error::other("EIO"))
+            } else {
+                Ok(())
+            }
+        };
+        assert!(sync.sync(flaky).is_err());
+        assert!(sync.sync(flaky).is_ok());
     }
 }

@@ -136,7 +136,7 @@ impl ServerConfig {
             max_connections: 1024,
             auth_timeout: Duration::from_secs(10),
             send_queue_frames: 1024,
-            max_copies_in_flight: 8,
+            max_copies_in_flight: 32,
             max_request_chunks: engine.max_request_chunks,
             orphan_lock_grace_secs: engine.orphan_lock_grace_secs,
         }
@@ -387,6 +387,7 @@ fn open_store(config: &ServerConfig) -> Result<Opened, ServerError> {
             origin,
             store: store_dev,
             geometry,
+            store_sync: Default::default(),
         },
         _lock: lock,
     })
