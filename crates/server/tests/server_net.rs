@@ -839,3 +839,74 @@ async fn a_second_server_on_the_same_store_or_socket_is_refused() {
     assert_eq!(again.generation(), generation + 1);
     again.shutdown().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_partial_last_chunk_of_an_unaligned_origin_is_copied_out() {
+    let fx = Fixture::small();
+    // A store formatted for an origin of 8 chunks and 1000 bytes, on a device of 9 whole
+    // chunks (O_DIRECT-capable, but the last chunk's 1000 bytes are not 4 KiB aligned).
+    let origin_size = 8 * fx.chunk_size + 1000;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&fx.origin)
+        .unwrap()
+        .set_len(9 * fx.chunk_size)
+        .unwrap();
+    let dev = csnap_server::store::FileDevice::open(&fx.store, false).unwrap();
+    csnap_server::store::Store::format(
+        &dev,
+        &csnap_server::store::FormatOptions {
+            chunk_size: fx.chunk_size,
+            origin_size,
+            now: 1_700_000_000,
+            uuid: None,
+        },
+    )
+    .unwrap();
+    drop(dev);
+    let server = net::start(fx.config(tcp())).await.unwrap();
+    let addr = server.local_addr();
+    let origin = Client::connect(&addr, &fx.key, ORIGIN, ClientKind::Origin).await;
+    assert_eq!(origin.origin_chunks, 9);
+    let admin = Client::connect(&addr, &fx.key, ADMIN, ClientKind::Admin).await;
+    let snap = create_snapshot(&admin, "tail").await;
+    match origin
+        .request(ClientMsg::QueryWrite {
+            ranges: vec![ChunkRange::new(8, 1)],
+        })
+        .await
+        .unwrap()
+    {
+        ServerMsg::OriginWriteOk { .. } => {}
+        other => panic!("QueryWrite of the last chunk: {other:?}"),
+    }
+    let reader = Client::connect(
+        &addr,
+        &fx.key,
+        ClientId(0x5),
+        ClientKind::Snapshot { snap: snap.id },
+    )
+    .await;
+    let ServerMsg::SnapshotReadOk { store, .. } = reader
+        .request(ClientMsg::QuerySnapshotRead {
+            snap: snap.id,
+            ranges: vec![ChunkRange::new(8, 1)],
+        })
+        .await
+        .unwrap()
+    else {
+        panic!("snapshot read");
+    };
+    let copied = fx.read_store_chunk(store[0].store_chunk);
+    let cs = fx.chunk_size as usize;
+    assert_eq!(
+        &copied[..1000],
+        &pattern(cs, 8, 0)[..1000],
+        "the tail was copied"
+    );
+    assert!(
+        copied[1000..].iter().all(|b| *b == 0),
+        "and zero-filled beyond the origin's end"
+    );
+    server.shutdown().await.unwrap();
+}

@@ -371,6 +371,24 @@ fn open_store(config: &ServerConfig) -> Result<Opened, ServerError> {
         source,
     })?;
     let geometry = *store.geometry();
+    let sector = store::device::SECTOR as u64;
+    let origin = if config.direct_io && geometry.origin_size % sector != 0 {
+        // The last (partial) chunk's length would not suit O_DIRECT.
+        tracing::warn!(
+            origin = %config.origin.display(),
+            origin_size = geometry.origin_size,
+            "the store's origin size is not a multiple of 4 KiB; reading the origin buffered"
+        );
+        match open_device("origin", &config.origin, false) {
+            Ok(o) => o,
+            Err(e) => {
+                let _ = store.close();
+                return Err(e);
+            }
+        }
+    } else {
+        origin
+    };
     if origin.len() < geometry.origin_size {
         // Leave the store as we found it apart from the generation bump.
         let _ = store.close();
