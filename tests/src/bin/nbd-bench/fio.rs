@@ -1,0 +1,280 @@
+//! fio jobs over the nbd engine: the command line of one measurement, and its JSON result.
+
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::{bail, Context as _};
+use serde_json::Value;
+
+/// The access pattern of a job.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Access {
+    RandRead,
+    RandWrite,
+    SeqRead,
+}
+
+impl Access {
+    fn rw(self) -> &'static str {
+        match self {
+            Access::RandRead => "randread",
+            Access::RandWrite => "randwrite",
+            Access::SeqRead => "read",
+        }
+    }
+
+    fn is_read(self) -> bool {
+        matches!(self, Access::RandRead | Access::SeqRead)
+    }
+}
+
+/// How long a job runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Length {
+    /// Loops over its region for `runtime` after an unmeasured `ramp`; random offsets may
+    /// repeat (no random map).
+    Timed { ramp: Duration, runtime: Duration },
+    /// Touches every block of its region exactly once (fio's random map), in a random
+    /// order; stops early at `cap`.
+    OnePass { cap: Duration },
+}
+
+impl Length {
+    /// The longest the job may take, fio's own start-up included.
+    pub fn bound(&self) -> Duration {
+        let slack = Duration::from_secs(60);
+        match *self {
+            Length::Timed { ramp, runtime } => ramp + runtime + slack,
+            Length::OnePass { cap } => cap + slack,
+        }
+    }
+}
+
+/// One fio measurement. The region `[offset, offset + length)` is split evenly between
+/// the `jobs` jobs (each its own NBD connection), so one-pass jobs never touch a block
+/// twice between them.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FioJob {
+    pub name: String,
+    pub access: Access,
+    pub block_size: u64,
+    pub iodepth: u32,
+    pub jobs: u32,
+    pub offset: u64,
+    pub length: u64,
+    pub run: Length,
+}
+
+impl FioJob {
+    /// Bytes of the region each job covers (a whole number of blocks).
+    pub fn per_job_length(&self) -> u64 {
+        let per_job = self.length / u64::from(self.jobs.max(1));
+        per_job - per_job % self.block_size
+    }
+
+    /// fio's command line (after the program name) for this job against `uri`, its JSON
+    /// result written to `output`.
+    pub fn args(&self, uri: &str, output: &Path) -> Vec<String> {
+        let per_job = self.per_job_length();
+        let mut args = vec![
+            format!("--name={}", self.name),
+            "--ioengine=nbd".to_string(),
+            format!("--uri={uri}"),
+            format!("--rw={}", self.access.rw()),
+            format!("--bs={}", self.block_size),
+            format!("--iodepth={}", self.iodepth),
+            format!("--numjobs={}", self.jobs),
+            format!("--offset={}", self.offset),
+            format!("--size={per_job}"),
+            format!("--offset_increment={per_job}"),
+            "--group_reporting=1".to_string(),
+            // The same offsets for every engine.
+            "--randrepeat=1".to_string(),
+            "--output-format=json".to_string(),
+            format!("--output={}", output.display()),
+        ];
+        match self.run {
+            Length::Timed { ramp, runtime } => {
+                args.push("--time_based=1".to_string());
+                args.push(format!("--ramp_time={}ms", ramp.as_millis()));
+                args.push(format!("--runtime={}ms", runtime.as_millis()));
+                args.push("--norandommap=1".to_string());
+            }
+            Length::OnePass { cap } => {
+                args.push(format!("--runtime={}ms", cap.as_millis()));
+            }
+        }
+        args
+    }
+
+    /// Whether the job reads (else it writes).
+    pub fn reads(&self) -> bool {
+        self.access.is_read()
+    }
+}
+
+/// What one fio job measured (all its jobs together).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct FioResult {
+    pub ios: u64,
+    pub bytes: u64,
+    pub iops: f64,
+    pub bytes_per_sec: f64,
+    pub runtime: Duration,
+}
+
+impl FioResult {
+    pub fn megabytes_per_sec(&self) -> f64 {
+        self.bytes_per_sec / 1e6
+    }
+}
+
+/// Parses fio's `--output-format=json` output of a group-reported job; `reads` picks the
+/// read or the write side. A job fio reports as failed, or one that did no I/O, is an
+/// error.
+pub fn parse_result(json: &str, reads: bool) -> anyhow::Result<FioResult> {
+    // fio may print notices before the JSON document.
+    let start = json
+        .find('{')
+        .context("fio output holds no JSON document")?;
+    let doc: Value = serde_json::from_str(&json[start..]).context("fio output is not JSON")?;
+    let job = doc
+        .get("jobs")
+        .and_then(Value::as_array)
+        .and_then(|jobs| jobs.first())
+        .context("fio JSON has no jobs")?;
+    let error = job.get("error").and_then(Value::as_i64).unwrap_or(0);
+    if error != 0 {
+        bail!("fio reports error {error} ({})", errno_name(error));
+    }
+    let side_name = if reads { "read" } else { "write" };
+    let side = job
+        .get(side_name)
+        .with_context(|| format!("fio JSON job has no {side_name:?} section"))?;
+    let field = |name: &str| {
+        side.get(name)
+            .and_then(Value::as_f64)
+            .with_context(|| format!("fio JSON {side_name}.{name} missing or not a number"))
+    };
+    let result = FioResult {
+        ios: field("total_ios")? as u64,
+        bytes: field("io_bytes")? as u64,
+        iops: field("iops")?,
+        bytes_per_sec: field("bw_bytes")?,
+        runtime: Duration::from_millis(field("runtime")? as u64),
+    };
+    if result.ios == 0 || result.bytes == 0 {
+        bail!("fio did no {side_name}s");
+    }
+    Ok(result)
+}
+
+fn errno_name(errno: i64) -> String {
+    i32::try_from(errno)
+        .map(|e| std::io::Error::from_raw_os_error(e).to_string())
+        .unwrap_or_else(|_| "unknown".to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn job(access: Access, run: Length) -> FioJob {
+        FioJob {
+            name: "t".into(),
+            access,
+            block_size: 65536,
+            iodepth: 16,
+            jobs: 3,
+            offset: 1 << 20,
+            length: 100 << 20,
+            run,
+        }
+    }
+
+    #[test]
+    fn one_pass_jobs_split_the_region_into_disjoint_whole_blocks() {
+        let j = job(
+            Access::RandWrite,
+            Length::OnePass {
+                cap: Duration::from_secs(5),
+            },
+        );
+        let per_job = j.per_job_length();
+        assert_eq!(per_job % j.block_size, 0);
+        assert!(per_job * 3 <= j.length);
+        assert!(per_job * 3 + 3 * j.block_size > j.length);
+        let args = j.args("nbd+unix:///vol?socket=/s", Path::new("/o.json"));
+        assert!(args.contains(&format!("--size={per_job}")));
+        assert!(args.contains(&format!("--offset_increment={per_job}")));
+        assert!(args.contains(&"--offset=1048576".to_string()));
+        assert!(args.contains(&"--runtime=5000ms".to_string()));
+        // The random map must stay on: it is what makes every write a first touch.
+        assert!(!args.iter().any(|a| a.contains("norandommap")));
+        assert!(!args.iter().any(|a| a.contains("time_based")));
+    }
+
+    #[test]
+    fn timed_jobs_are_time_based_without_random_map() {
+        let j = job(
+            Access::SeqRead,
+            Length::Timed {
+                ramp: Duration::from_secs(2),
+                runtime: Duration::from_secs(20),
+            },
+        );
+        let args = j.args("nbd+unix:///vol@s1?socket=/s", Path::new("/o.json"));
+        for want in [
+            "--rw=read",
+            "--time_based=1",
+            "--ramp_time=2000ms",
+            "--runtime=20000ms",
+            "--norandommap=1",
+            "--ioengine=nbd",
+            "--uri=nbd+unix:///vol@s1?socket=/s",
+            "--output=/o.json",
+        ] {
+            assert!(args.contains(&want.to_string()), "{want} missing: {args:?}");
+        }
+        assert_eq!(j.run.bound(), Duration::from_secs(82));
+    }
+
+    const SAMPLE: &str = r#"fio: connected to NBD server
+{
+  "fio version" : "fio-3.33",
+  "jobs" : [
+    {
+      "jobname" : "t",
+      "error" : 0,
+      "read" : { "io_bytes" : 733970432, "bw_bytes" : 366801815, "iops" : 89551.2,
+                 "runtime" : 2001, "total_ios" : 179192 },
+      "write" : { "io_bytes" : 0, "bw_bytes" : 0, "iops" : 0.0, "runtime" : 0,
+                  "total_ios" : 0 }
+    }
+  ]
+}"#;
+
+    #[test]
+    fn parses_the_side_asked_for() {
+        let r = parse_result(SAMPLE, true).unwrap();
+        assert_eq!(r.ios, 179192);
+        assert_eq!(r.bytes, 733970432);
+        assert_eq!(r.runtime, Duration::from_millis(2001));
+        assert!((r.iops - 89551.2).abs() < 1e-6);
+        assert!((r.megabytes_per_sec() - 366.801815).abs() < 1e-6);
+        let err = parse_result(SAMPLE, false).unwrap_err().to_string();
+        assert!(err.contains("no writes"), "{err}");
+    }
+
+    #[test]
+    fn fio_errors_and_garbage_are_errors() {
+        let failed = SAMPLE.replace("\"error\" : 0", "\"error\" : 5");
+        let err = format!("{:#}", parse_result(&failed, true).unwrap_err());
+        assert!(err.contains("error 5"), "{err}");
+        assert!(parse_result("fio: engine nbd not loadable", true).is_err());
+        assert!(parse_result("{\"jobs\": []}", true).is_err());
+        let missing = SAMPLE.replace("\"iops\" : 89551.2,", "");
+        let err = format!("{:#}", parse_result(&missing, true).unwrap_err());
+        assert!(err.contains("read.iops"), "{err}");
+    }
+}

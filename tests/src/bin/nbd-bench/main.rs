@@ -1,0 +1,526 @@
+//! nbd-bench: csnap's NBD exports against qemu-nbd, side by side, in one run.
+//!
+//!     scripts/bench-nbd [--quick] [--direct] [--size 2G] [--chunk-size 64K] ...
+//!
+//! Three servers, each on its own unix socket in a temporary directory, measured by fio's
+//! nbd engine with the same iodepth and job count:
+//!
+//! * **raw**: qemu-nbd on a raw origin file (the ceiling);
+//! * **csnap**: csnap-agent --standalone on an origin file and a store formatted with
+//!   csnapctl format (chunk size as given);
+//! * **qcow2**: qemu-nbd on a qcow2 image of the same data, cluster size = chunk size, with
+//!   internal snapshots made by `qemu-img snapshot -c` (the copy-on-write peer).
+//!
+//! Tests, in the order they run (origin size S):
+//! 1. 4 KiB random read of the origin, no snapshot yet (timed).
+//! 2. Snapshot s1. 64 KiB random first-touch writes to [0, S/4): fio's random map writes
+//!    every block once, so every write hits a chunk not yet copied out (one pass).
+//! 3. 64 KiB random writes to [0, S/4) again: every chunk is now unique (timed).
+//! 4. Snapshots s2..sN. 64 KiB random first-touch writes to [S/4, S/2) (one pass).
+//! 5. 1 MiB sequential read of snapshot s1, the whole device (timed): csnap `vol@s1`,
+//!    qcow2 `qemu-nbd -l s1 --read-only`, raw the file itself.
+//!
+//! Goals (issue 4): at least 0.9x qemu-nbd raw where no copy-out is needed (1, 3, 5);
+//! first-touch writes at least as fast as qcow2 (2, 4). The table goes to stdout as
+//! Markdown, progress to stderr. Exit status 1 if a run failed (not if a goal is missed).
+
+mod engines;
+mod fio;
+mod procs;
+mod report;
+mod setup;
+
+use std::path::PathBuf;
+use std::process::{Command, ExitCode};
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::Parser;
+
+use engines::{Server, Setup};
+use fio::{Access, FioJob, FioResult, Length};
+use procs::{run_tool, Proc};
+use report::{Engine, Goal, Row};
+use setup::WorkDir;
+
+#[derive(Debug, Parser)]
+#[command(about = "csnap NBD vs qemu-nbd (raw and qcow2 with internal snapshots), with fio")]
+struct Args {
+    /// A short smoke run: 256 MiB origin, 2 s per timed test, no ramp.
+    #[arg(long)]
+    quick: bool,
+    /// Origin size (default 2G; 256M with --quick).
+    #[arg(long, value_parser = setup::parse_size)]
+    size: Option<u64>,
+    /// csnap chunk size and qcow2 cluster size: 4K..64K, so a 64 KiB first-touch write
+    /// never shares a chunk with another write.
+    #[arg(long, default_value = "64K", value_parser = setup::parse_size)]
+    chunk_size: u64,
+    /// Snapshots before the second first-touch test.
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(2..=10_000))]
+    snapshots: u32,
+    /// fio iodepth (the same for every engine).
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=256))]
+    iodepth: u32,
+    /// fio jobs, each with its own NBD connection (the same for every engine).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=16))]
+    jobs: u32,
+    /// Seconds each timed test runs (default 20; 2 with --quick).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    runtime: Option<u64>,
+    /// Unmeasured seconds before each timed test (default 2; 0 with --quick).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(0..=600))]
+    ramp: Option<u64>,
+    /// Cap, in seconds, on each one-pass first-touch run (it stops early if reached).
+    #[arg(long, default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    first_touch_cap: u64,
+    /// O_DIRECT in every server (qemu-nbd --cache=none, csnap-agent --direct-io) instead
+    /// of the page cache.
+    #[arg(long)]
+    direct: bool,
+    /// Where the temporary directory goes (its file system holds every image).
+    #[arg(long, default_value_os_t = std::env::temp_dir())]
+    dir: PathBuf,
+    /// Keep the temporary directory (images, logs, fio JSON).
+    #[arg(long)]
+    keep: bool,
+    /// Where csnap-agent and csnapctl are (default: beside this program).
+    #[arg(long)]
+    bin_dir: Option<PathBuf>,
+}
+
+/// Everything a run decided, for the header.
+struct Plan {
+    size: u64,
+    chunk: u64,
+    runtime: Duration,
+    ramp: Duration,
+    cap: Duration,
+    iodepth: u32,
+    jobs: u32,
+    snapshots: u32,
+    direct: bool,
+}
+
+impl Plan {
+    fn from_args(args: &Args) -> anyhow::Result<Plan> {
+        let size = args
+            .size
+            .unwrap_or(if args.quick { 256 << 20 } else { 2 << 30 });
+        let chunk = args.chunk_size;
+        anyhow::ensure!(
+            chunk.is_power_of_two() && (4096..=65536).contains(&chunk),
+            "--chunk-size must be a power of two from 4K to 64K (got {chunk})"
+        );
+        let unit = 4 * u64::from(args.jobs) * (1 << 20);
+        anyhow::ensure!(
+            size >= unit && size & ((4 << 20) - 1) == 0,
+            "--size must be a multiple of 4 MiB and at least {} MiB for {} jobs",
+            unit >> 20,
+            args.jobs
+        );
+        Ok(Plan {
+            size,
+            chunk,
+            runtime: Duration::from_secs(args.runtime.unwrap_or(if args.quick { 2 } else { 20 })),
+            ramp: Duration::from_secs(args.ramp.unwrap_or(if args.quick { 0 } else { 2 })),
+            cap: Duration::from_secs(args.first_touch_cap),
+            iodepth: args.iodepth,
+            jobs: args.jobs,
+            snapshots: args.snapshots,
+            direct: args.direct,
+        })
+    }
+
+    fn job(
+        &self,
+        name: &str,
+        access: Access,
+        block_size: u64,
+        region: (u64, u64),
+        run: Length,
+    ) -> FioJob {
+        FioJob {
+            name: name.to_string(),
+            access,
+            block_size,
+            iodepth: self.iodepth,
+            jobs: self.jobs,
+            offset: region.0,
+            length: region.1,
+            run,
+        }
+    }
+
+    fn timed(&self) -> Length {
+        Length::Timed {
+            ramp: self.ramp,
+            runtime: self.runtime,
+        }
+    }
+
+    fn one_pass(&self) -> Length {
+        Length::OnePass { cap: self.cap }
+    }
+}
+
+/// The servers running now, stopped by PID when dropped.
+struct Servers {
+    raw: Option<Server>,
+    csnap: Option<Server>,
+    qcow2: Option<Server>,
+}
+
+impl Servers {
+    fn get(&mut self, engine: Engine) -> Option<&mut Server> {
+        match engine {
+            Engine::Raw => self.raw.as_mut(),
+            Engine::Csnap => self.csnap.as_mut(),
+            Engine::Qcow2 => self.qcow2.as_mut(),
+        }
+    }
+}
+
+struct Bench {
+    setup: Setup,
+    servers: Servers,
+    failures: Vec<String>,
+}
+
+impl Bench {
+    /// Runs `job` against every engine in turn and records the figures in `row`; a failed run is reported and leaves its cell empty.
+    async fn measure_all(&mut self, job: &FioJob, row: &mut Row) {
+        for engine in Engine::ALL {
+            match self.measure(job, engine).await {
+                Ok(r) => {
+                    eprintln!(
+                        "  {:<5} {:>9.0} IOPS {:>8.1} MB/s  ({} I/Os in {:.1} s)",
+                        engine.label(),
+                        r.iops,
+                        r.megabytes_per_sec(),
+                        r.ios,
+                        r.runtime.as_secs_f64()
+                    );
+                    row.set(engine, r);
+                }
+                Err(e) => {
+                    eprintln!("  {:<5} FAILED: {e:#}", engine.label());
+                    self.failures
+                        .push(format!("{} on {}: {e:#}", row.label, engine.label()));
+                }
+            }
+        }
+    }
+
+    async fn measure(&mut self, job: &FioJob, engine: Engine) -> anyhow::Result<FioResult> {
+        let server = self
+            .servers
+            .get(engine)
+            .with_context(|| format!("the {} server is not running", engine.label()))?;
+        server.check_alive()?;
+        let uri = server.uri().to_string();
+        // Write back what the previous run left dirty, so it does not bill this one.
+        tokio::task::spawn_blocking(nix::unistd::sync).await?;
+        let stem = format!("fio-{}-{}", job.name, engine.label());
+        let output = self.setup.dir.join(format!("{stem}.json"));
+        let log = self.setup.dir.join(format!("{stem}.log"));
+        let mut cmd = Command::new("fio");
+        cmd.args(job.args(&uri, &output));
+        let status = Proc::spawn("fio", cmd, &log)?.wait(job.run.bound()).await?;
+        let text = std::fs::read_to_string(&output).unwrap_or_default();
+        if !status.success() {
+            let log_text = std::fs::read_to_string(&log).unwrap_or_default();
+            anyhow::bail!("fio failed ({status}): {}", log_text.trim());
+        }
+        if let Some(server) = self.servers.get(engine) {
+            server.check_alive()?;
+        }
+        fio::parse_result(&text, job.reads())
+    }
+
+    /// Snapshots `first..=last` (named sK) on csnap and qcow2 (whose writable server is
+    /// stopped meanwhile: qemu-img needs the image to itself).
+    async fn snapshots(&mut self, first: u32, last: u32) -> anyhow::Result<()> {
+        eprintln!("snapshots s{first}..s{last} on csnap and qcow2");
+        for k in first..=last {
+            engines::csnap_snapshot(&self.setup, &format!("s{k}")).await?;
+        }
+        if let Some(server) = self.servers.qcow2.take() {
+            server.stop().await;
+        }
+        for k in first..=last {
+            engines::qcow2_snapshot(&self.setup, &format!("s{k}")).await?;
+        }
+        self.servers.qcow2 = Some(engines::start_origin(&self.setup, Engine::Qcow2).await?);
+        Ok(())
+    }
+}
+
+async fn prepare(args: &Args, plan: &Plan, dir: &WorkDir) -> anyhow::Result<Setup> {
+    let bin_dir = match &args.bin_dir {
+        Some(d) => d.clone(),
+        None => std::env::current_exe()
+            .context("cannot find this program's path")?
+            .parent()
+            .context("this program's path has no directory")?
+            .to_path_buf(),
+    };
+    let hint = "cargo build --release -p csnap-agent --bins";
+    let setup = Setup {
+        dir: dir.path().to_path_buf(),
+        raw_image: dir.join("raw.img"),
+        csnap_origin: dir.join("csnap-origin.img"),
+        csnap_store: dir.join("csnap-store.img"),
+        qcow2_image: dir.join("image.qcow2"),
+        agent: setup::require_binary(&bin_dir, "csnap-agent", hint)?,
+        csnapctl: setup::require_binary(&bin_dir, "csnapctl", hint)?,
+        direct: plan.direct,
+    };
+    for tool in ["fio", "qemu-nbd", "qemu-img"] {
+        let log = dir.join("versions.log");
+        let mut cmd = Command::new(tool);
+        cmd.arg("--version");
+        run_tool(tool, cmd, &log, Duration::from_secs(30))
+            .await
+            .with_context(|| format!("{tool} is needed (apt-get install fio qemu-utils)"))?;
+    }
+
+    eprintln!("writing a {} MiB origin ...", plan.size >> 20);
+    let (raw, size) = (setup.raw_image.clone(), plan.size);
+    tokio::task::spawn_blocking(move || setup::write_filled_file(&raw, size, 1)).await??;
+    let (from, to) = (setup.raw_image.clone(), setup.csnap_origin.clone());
+    tokio::task::spawn_blocking(move || std::fs::copy(&from, &to))
+        .await?
+        .context("cannot copy the origin for csnap")?;
+    // Room for both first-touch regions plus metadata; sparse, so it costs what is used.
+    setup::create_sparse_file(&setup.csnap_store, plan.size + (256 << 20))?;
+    let mut format = Command::new(&setup.csnapctl);
+    format
+        .arg("format")
+        .arg("--origin")
+        .arg(&setup.csnap_origin)
+        .arg("--store")
+        .arg(&setup.csnap_store)
+        .arg("--chunk-size")
+        .arg(plan.chunk.to_string());
+    run_tool(
+        "csnapctl format",
+        format,
+        &dir.join("csnapctl.log"),
+        Duration::from_secs(300),
+    )
+    .await?;
+    let mut convert = Command::new("qemu-img");
+    convert
+        .args(["convert", "-f", "raw", "-O", "qcow2", "-o"])
+        .arg(format!("cluster_size={}", plan.chunk))
+        .arg(&setup.raw_image)
+        .arg(&setup.qcow2_image);
+    run_tool(
+        "qemu-img convert",
+        convert,
+        &dir.join("qemu-img.log"),
+        Duration::from_secs(600),
+    )
+    .await?;
+    Ok(setup)
+}
+
+fn describe_status(status: &serde_json::Value) -> String {
+    let Some(v) = status.pointer("/volumes/0") else {
+        return "no volume in csnapctl status".to_string();
+    };
+    let field = |path: &str| v.pointer(path).map_or("?".to_string(), |x| x.to_string());
+    let used = match (
+        v.pointer("/server_status/store_chunks")
+            .and_then(|x| x.as_u64()),
+        v.pointer("/server_status/free_chunks")
+            .and_then(|x| x.as_u64()),
+    ) {
+        (Some(total), Some(free)) => (total - free.min(total)).to_string(),
+        _ => "?".to_string(),
+    };
+    format!(
+        "snapshots {}, store chunks used {used}, unique-cache hits {} misses {}",
+        field("/server_status/snapshots"),
+        field("/cache_hits"),
+        field("/cache_misses")
+    )
+}
+
+async fn run(args: Args) -> anyhow::Result<bool> {
+    let plan = Plan::from_args(&args)?;
+    let started = setup::now_utc();
+    let load_before = setup::load_average();
+    let dir = WorkDir::create(&args.dir, args.keep)?;
+    eprintln!("work directory {}", dir.path().display());
+    let setup = prepare(&args, &plan, &dir).await?;
+    let mut bench = Bench {
+        servers: Servers {
+            raw: None,
+            csnap: None,
+            qcow2: None,
+        },
+        setup,
+        failures: Vec::new(),
+    };
+    for engine in Engine::ALL {
+        let server = engines::start_origin(&bench.setup, engine).await?;
+        match engine {
+            Engine::Raw => bench.servers.raw = Some(server),
+            Engine::Csnap => bench.servers.csnap = Some(server),
+            Engine::Qcow2 => bench.servers.qcow2 = Some(server),
+        }
+    }
+
+    let s = plan.size;
+    let first_region = (0, s / 4);
+    let second_region = (s / 4, s / 4);
+    let n = plan.snapshots;
+    let mut randread = Row::new("4K random read, origin", Goal::VsRaw(0.9));
+    let mut unique = Row::new("64K random write, unique chunks", Goal::VsRaw(0.9));
+    let mut first_touch_1 = Row::new("64K first-touch write, 1 snapshot", Goal::VsQcow2(1.0));
+    let mut first_touch_n = Row::new(
+        format!("64K first-touch write, {n} snapshots"),
+        Goal::VsQcow2(1.0),
+    );
+    let mut seqread = Row::new("1M sequential read, snapshot s1", Goal::VsRaw(0.9));
+
+    eprintln!("[1/5] {}", randread.label);
+    let job = plan.job("randread-4k", Access::RandRead, 4096, (0, s), plan.timed());
+    bench.measure_all(&job, &mut randread).await;
+
+    bench.snapshots(1, 1).await?;
+    eprintln!("[2/5] {}", first_touch_1.label);
+    let job = plan.job(
+        "firsttouch-1",
+        Access::RandWrite,
+        65536,
+        first_region,
+        plan.one_pass(),
+    );
+    bench.measure_all(&job, &mut first_touch_1).await;
+
+    eprintln!("[3/5] {}", unique.label);
+    let job = plan.job(
+        "randwrite-unique",
+        Access::RandWrite,
+        65536,
+        first_region,
+        plan.timed(),
+    );
+    bench.measure_all(&job, &mut unique).await;
+
+    bench.snapshots(2, n).await?;
+    eprintln!("[4/5] {}", first_touch_n.label);
+    let job = plan.job(
+        &format!("firsttouch-{n}"),
+        Access::RandWrite,
+        65536,
+        second_region,
+        plan.one_pass(),
+    );
+    bench.measure_all(&job, &mut first_touch_n).await;
+    let csnap_status = engines::csnap_status(&bench.setup).await;
+
+    eprintln!("[5/5] {}", seqread.label);
+    if let Some(server) = bench.servers.qcow2.take() {
+        server.stop().await;
+    }
+    bench.servers.qcow2 = Some(engines::start_qcow2_snapshot(&bench.setup, "s1").await?);
+    if let Some(csnap) = bench.servers.csnap.as_mut() {
+        csnap.point_at(&format!("{}@s1", engines::VOLUME));
+    }
+    let job = plan.job(
+        "seqread-snapshot",
+        Access::SeqRead,
+        1 << 20,
+        (0, s),
+        plan.timed(),
+    );
+    bench.measure_all(&job, &mut seqread).await;
+
+    let rows = [randread, unique, first_touch_1, first_touch_n, seqread];
+    println!(
+        "csnap NBD benchmark, {started}: {}",
+        setup::describe_machine()
+    );
+    println!();
+    println!(
+        "origin {} MiB, chunk/cluster {} KiB, fio nbd engine iodepth {} x {} job(s), timed tests \
+         {} s after {} s ramp, {}; load average {} before, {} after",
+        plan.size >> 20,
+        plan.chunk >> 10,
+        plan.iodepth,
+        plan.jobs,
+        plan.runtime.as_secs(),
+        plan.ramp.as_secs(),
+        if plan.direct {
+            "O_DIRECT servers (qemu-nbd --cache=none, csnap-agent --direct-io)"
+        } else {
+            "page cache (images on one file system, nothing dropped; sync before each run)"
+        },
+        load_before,
+        setup::load_average()
+    );
+    match csnap_status {
+        Ok(status) => println!(
+            "csnap after the first-touch tests: {}",
+            describe_status(&status)
+        ),
+        Err(e) => println!("csnap status unavailable: {e:#}"),
+    }
+    println!();
+    print!("{}", report::render(&rows));
+    for failure in &bench.failures {
+        println!("\nFAILED: {failure}");
+    }
+    Ok(bench.failures.is_empty())
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    // Current-thread runtime: every child is spawned from this (main) thread, which lives
+    // as long as they do, so their parent-death signal fires only when we are gone.
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("nbd-bench: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let outcome = runtime.block_on(async {
+        let interrupted = async {
+            use tokio::signal::unix::{signal, SignalKind};
+            let (Ok(mut int), Ok(mut term), Ok(mut hup)) = (
+                signal(SignalKind::interrupt()),
+                signal(SignalKind::terminate()),
+                signal(SignalKind::hangup()),
+            ) else {
+                return std::future::pending().await;
+            };
+            tokio::select! {
+                _ = int.recv() => "SIGINT",
+                _ = term.recv() => "SIGTERM",
+                _ = hup.recv() => "SIGHUP",
+            }
+        };
+        // Dropping the run stops every process it started (by PID) and removes the
+        // directory.
+        tokio::select! {
+            outcome = run(args) => outcome,
+            signal = interrupted => Err(anyhow::anyhow!("interrupted by {signal}; stopped every process")),
+        }
+    });
+    match outcome {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::FAILURE,
+        Err(e) => {
+            eprintln!("nbd-bench: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,170 @@
+//! The benchmark's child processes. Each runs in its own process group, so a terminal's
+//! Ctrl-C reaches the benchmark alone (which then stops them in order), and with
+//! `PR_SET_PDEATHSIG = SIGKILL`, so a benchmark killed outright takes them along. Every
+//! child is stopped by its PID when its [`Proc`] is dropped, whatever the reason.
+//!
+//! The parent-death signal fires when the forking *thread* exits: the benchmark spawns
+//! everything from its main thread (a current-thread runtime), which outlives them all.
+
+use std::fs::File;
+use std::io;
+use std::os::unix::process::CommandExt as _;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context as _};
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+
+/// How long a stopped process may take to exit after SIGTERM before it gets SIGKILL.
+const TERM_GRACE: Duration = Duration::from_secs(10);
+const POLL: Duration = Duration::from_millis(20);
+
+/// A running child, stopped (SIGTERM, then SIGKILL) by PID on drop.
+pub struct Proc {
+    name: String,
+    child: Option<Child>,
+    log: PathBuf,
+}
+
+impl Proc {
+    /// Starts `cmd` with stdin closed and stdout/stderr appended to `log`.
+    pub fn spawn(name: &str, mut cmd: Command, log: &Path) -> anyhow::Result<Proc> {
+        let out = File::options()
+            .create(true)
+            .append(true)
+            .open(log)
+            .with_context(|| format!("cannot open log file {}", log.display()))?;
+        let err = out
+            .try_clone()
+            .with_context(|| format!("cannot duplicate log file {}", log.display()))?;
+        let parent = std::process::id() as libc::pid_t;
+        cmd.stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .process_group(0);
+        // SAFETY: runs in the forked child before exec and makes only async-signal-safe
+        // calls (prctl, getppid, raise); it allocates nothing.
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) != 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                // The parent may have died between fork and prctl.
+                if libc::getppid() != parent {
+                    libc::raise(libc::SIGKILL);
+                }
+                Ok(())
+            });
+        }
+        let program = cmd.get_program().to_string_lossy().into_owned();
+        let child = cmd
+            .spawn()
+            .with_context(|| format!("cannot start {name} ({program})"))?;
+        Ok(Proc {
+            name: name.to_string(),
+            child: Some(child),
+            log: log.to_path_buf(),
+        })
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The exit status, if the process has exited.
+    pub fn exited(&mut self) -> Option<ExitStatus> {
+        self.child
+            .as_mut()
+            .and_then(|c| c.try_wait().ok().flatten())
+    }
+
+    /// Waits (asynchronously, so Ctrl-C can cancel it) for the process to exit on its own;
+    /// stops it and fails if it is still running after `limit`.
+    pub async fn wait(mut self, limit: Duration) -> anyhow::Result<ExitStatus> {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(status) = self.exited() {
+                self.child = None;
+                return Ok(status);
+            }
+            if Instant::now() >= deadline {
+                self.stop_now();
+                bail!(
+                    "{} did not finish within {limit:?}; stopped it. Log tail:\n{}",
+                    self.name,
+                    self.log_tail(20)
+                );
+            }
+            tokio::time::sleep(POLL).await;
+        }
+    }
+
+    /// Stops the process: SIGTERM, then SIGKILL after a grace period; reaps it.
+    pub async fn stop(mut self) {
+        let Some(child) = self.child.as_mut() else {
+            return;
+        };
+        let pid = Pid::from_raw(child.id() as libc::pid_t);
+        let _ = kill(pid, Signal::SIGTERM);
+        let deadline = Instant::now() + TERM_GRACE;
+        while Instant::now() < deadline {
+            if self.exited().is_some() {
+                self.child = None;
+                return;
+            }
+            tokio::time::sleep(POLL).await;
+        }
+        self.stop_now();
+    }
+
+    /// The last `lines` lines of the process's log.
+    pub fn log_tail(&self, lines: usize) -> String {
+        log_tail(&self.log, lines)
+    }
+
+    /// Synchronous stop for drop paths: SIGTERM, a short grace, SIGKILL, reap.
+    fn stop_now(&mut self) {
+        let Some(mut child) = self.child.take() else {
+            return;
+        };
+        if let Ok(Some(_)) = child.try_wait() {
+            return;
+        }
+        let pid = Pid::from_raw(child.id() as libc::pid_t);
+        let _ = kill(pid, Signal::SIGTERM);
+        let deadline = Instant::now() + TERM_GRACE;
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = child.try_wait() {
+                return;
+            }
+            std::thread::sleep(POLL);
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.stop_now();
+    }
+}
+
+/// Runs a short command to completion (bounded by `limit`), failing with its output when
+/// it fails.
+pub async fn run_tool(name: &str, cmd: Command, log: &Path, limit: Duration) -> anyhow::Result<()> {
+    let status = Proc::spawn(name, cmd, log)?.wait(limit).await?;
+    if !status.success() {
+        bail!("{name} failed ({status}). Log tail:\n{}", log_tail(log, 20));
+    }
+    Ok(())
+}
+
+/// The last `lines` lines of a log file.
+pub fn log_tail(path: &Path, lines: usize) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}

@@ -1,0 +1,239 @@
+//! The results table: figures per engine, the ratios csnap/raw and csnap/qcow2, and
+//! whether each test's goal is met.
+
+use std::fmt::Write as _;
+
+use crate::fio::FioResult;
+
+/// The three NBD servers compared.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Engine {
+    /// qemu-nbd on the raw origin file: the ceiling.
+    Raw,
+    /// csnap-agent --standalone.
+    Csnap,
+    /// qemu-nbd on a qcow2 image with internal snapshots: the copy-on-write peer.
+    Qcow2,
+}
+
+impl Engine {
+    pub const ALL: [Engine; 3] = [Engine::Raw, Engine::Csnap, Engine::Qcow2];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Engine::Raw => "raw",
+            Engine::Csnap => "csnap",
+            Engine::Qcow2 => "qcow2",
+        }
+    }
+
+    fn index(self) -> usize {
+        match self {
+            Engine::Raw => 0,
+            Engine::Csnap => 1,
+            Engine::Qcow2 => 2,
+        }
+    }
+}
+
+/// What csnap must reach in a test.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Goal {
+    /// csnap's throughput at least this fraction of qemu-nbd raw.
+    VsRaw(f64),
+    /// csnap's throughput at least this fraction of qemu-nbd qcow2.
+    VsQcow2(f64),
+}
+
+impl Goal {
+    fn describe(self) -> String {
+        match self {
+            Goal::VsRaw(x) => format!(">= {x:.1}x raw"),
+            Goal::VsQcow2(x) => format!(">= {x:.1}x qcow2"),
+        }
+    }
+}
+
+/// Whether a goal was met.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Verdict {
+    Met,
+    NotMet,
+    /// A figure it needs is missing (a run failed).
+    Unknown,
+}
+
+/// One test: what each engine measured.
+#[derive(Clone, Debug)]
+pub struct Row {
+    pub label: String,
+    pub goal: Goal,
+    results: [Option<FioResult>; 3],
+}
+
+impl Row {
+    pub fn new(label: impl Into<String>, goal: Goal) -> Row {
+        Row {
+            label: label.into(),
+            goal,
+            results: [None; 3],
+        }
+    }
+
+    pub fn set(&mut self, engine: Engine, result: FioResult) {
+        self.results[engine.index()] = Some(result);
+    }
+
+    pub fn get(&self, engine: Engine) -> Option<FioResult> {
+        self.results[engine.index()]
+    }
+
+    /// csnap's throughput over `other`'s (bytes per second, which for one block size is
+    /// also the IOPS ratio).
+    pub fn ratio(&self, other: Engine) -> Option<f64> {
+        let csnap = self.get(Engine::Csnap)?.bytes_per_sec;
+        let other = self.get(other)?.bytes_per_sec;
+        (other > 0.0).then(|| csnap / other)
+    }
+
+    pub fn verdict(&self) -> Verdict {
+        let (ratio, wanted) = match self.goal {
+            Goal::VsRaw(x) => (self.ratio(Engine::Raw), x),
+            Goal::VsQcow2(x) => (self.ratio(Engine::Qcow2), x),
+        };
+        match ratio {
+            Some(r) if r >= wanted => Verdict::Met,
+            Some(_) => Verdict::NotMet,
+            None => Verdict::Unknown,
+        }
+    }
+}
+
+fn figure(result: Option<FioResult>) -> (String, String) {
+    match result {
+        Some(r) => (
+            format!("{:.0}", r.iops),
+            format!("{:.1}", r.megabytes_per_sec()),
+        ),
+        None => ("failed".to_string(), "-".to_string()),
+    }
+}
+
+fn ratio_text(ratio: Option<f64>) -> String {
+    ratio.map_or_else(|| "-".to_string(), |r| format!("{r:.2}"))
+}
+
+/// The table as Markdown (readable as plain text too).
+pub fn render(rows: &[Row]) -> String {
+    let mut out = String::new();
+    out.push_str(
+        "| test | raw IOPS | raw MB/s | csnap IOPS | csnap MB/s | qcow2 IOPS | qcow2 MB/s \
+         | csnap/raw | csnap/qcow2 | goal |\n",
+    );
+    out.push_str("|---|---:|---:|---:|---:|---:|---:|---:|---:|---|\n");
+    for row in rows {
+        let _ = write!(out, "| {} ", row.label);
+        for engine in Engine::ALL {
+            let (iops, mbs) = figure(row.get(engine));
+            let _ = write!(out, "| {iops} | {mbs} ");
+        }
+        let verdict = match row.verdict() {
+            Verdict::Met => "met",
+            Verdict::NotMet => "NOT MET",
+            Verdict::Unknown => "unknown (a run failed)",
+        };
+        let _ = writeln!(
+            out,
+            "| {} | {} | {} {verdict} |",
+            ratio_text(row.ratio(Engine::Raw)),
+            ratio_text(row.ratio(Engine::Qcow2)),
+            row.goal.describe()
+        );
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    fn result(mb_per_sec: f64, block: f64) -> FioResult {
+        FioResult {
+            ios: 1000,
+            bytes: 1000 * block as u64,
+            iops: mb_per_sec * 1e6 / block,
+            bytes_per_sec: mb_per_sec * 1e6,
+            runtime: Duration::from_secs(1),
+        }
+    }
+
+    fn row(goal: Goal, raw: f64, csnap: f64, qcow2: f64) -> Row {
+        let mut row = Row::new("t", goal);
+        row.set(Engine::Raw, result(raw, 4096.0));
+        row.set(Engine::Csnap, result(csnap, 4096.0));
+        row.set(Engine::Qcow2, result(qcow2, 4096.0));
+        row
+    }
+
+    #[test]
+    fn ratios_are_csnap_over_the_other_engine() {
+        let r = row(Goal::VsRaw(0.9), 200.0, 150.0, 100.0);
+        assert!((r.ratio(Engine::Raw).unwrap() - 0.75).abs() < 1e-9);
+        assert!((r.ratio(Engine::Qcow2).unwrap() - 1.5).abs() < 1e-9);
+    }
+
+    #[test]
+    fn verdicts_compare_against_the_goal_engine_inclusively() {
+        assert_eq!(
+            row(Goal::VsRaw(0.9), 100.0, 90.0, 1.0).verdict(),
+            Verdict::Met
+        );
+        assert_eq!(
+            row(Goal::VsRaw(0.9), 100.0, 89.9, 1000.0).verdict(),
+            Verdict::NotMet
+        );
+        assert_eq!(
+            row(Goal::VsQcow2(1.0), 1.0, 50.0, 50.0).verdict(),
+            Verdict::Met
+        );
+        assert_eq!(
+            row(Goal::VsQcow2(1.0), 1000.0, 49.0, 50.0).verdict(),
+            Verdict::NotMet
+        );
+    }
+
+    #[test]
+    fn a_missing_figure_makes_the_verdict_unknown_not_met() {
+        let mut r = Row::new("t", Goal::VsQcow2(1.0));
+        r.set(Engine::Csnap, result(10.0, 4096.0));
+        r.set(Engine::Raw, result(1.0, 4096.0));
+        assert_eq!(r.verdict(), Verdict::Unknown);
+        assert_eq!(r.ratio(Engine::Qcow2), None);
+        let text = render(&[r]);
+        assert!(text.contains("failed"), "{text}");
+        assert!(text.contains("unknown"), "{text}");
+    }
+
+    #[test]
+    fn the_table_has_one_line_per_row_with_every_figure() {
+        let mut a = row(Goal::VsRaw(0.9), 200.0, 190.0, 100.0);
+        a.label = "randread 4K".into();
+        let mut b = row(Goal::VsQcow2(1.0), 200.0, 50.0, 100.0);
+        b.label = "first-touch".into();
+        let text = render(&[a, b]);
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 4, "{text}");
+        assert!(lines[2].starts_with("| randread 4K | 48828 | 200.0 | 46387 | 190.0 |"));
+        assert!(
+            lines[2].ends_with("| 0.95 | 1.90 | >= 0.9x raw met |"),
+            "{}",
+            lines[2]
+        );
+        assert!(lines[3].ends_with("| 0.25 | 0.50 | >= 1.0x qcow2 NOT MET |"));
+        for line in &lines {
+            assert_eq!(line.matches('|').count(), 11, "{line}");
+        }
+    }
+}
