@@ -123,7 +123,7 @@ impl Plan {
                 lookups: 20_000,
                 rss_rows: vec![(TIB, 4), (TIB, 16)],
                 rss_chunk_size: 4096,
-                rss_populate_records: 20_000,
+                rss_populate_records: 100_000,
                 rss_copy_outs: 500,
             }
         } else {
@@ -136,10 +136,10 @@ impl Plan {
                 create_depth: 64,
                 populate_records: 300_000,
                 lookups: 200_000,
-                rss_rows: vec![(TIB, 4), (TIB, 16), (16 * GIB, 4), (16 * GIB, 16)],
+                rss_rows: vec![(TIB, 4), (TIB, 16), (16 * GIB, 4)],
                 rss_chunk_size: 4096,
-                rss_populate_records: 600_000,
-                rss_copy_outs: 4_000,
+                rss_populate_records: 1_000_000,
+                rss_copy_outs: 3_000,
             }
         }
     }
@@ -255,7 +255,8 @@ impl ServerChild {
     async fn start(fx: &Fixture, cache_mb: u64, name: &str) -> BenchResult<ServerChild> {
         let socket = fx.dir.join(format!("{name}.sock"));
         let log = fx.dir.join(format!("{name}.log"));
-        let exe = std::env::current_exe().map_err(|e| format!("current_exe: {e}"))?;
+        // This very binary, even if a rebuild has replaced the file since it started.
+        let exe = PathBuf::from("/proc/self/exe");
         let stderr = File::create(&log).map_err(|e| format!("{}: {e}", log.display()))?;
         let child = Command::new(exe)
             .arg("serve-child")
@@ -497,8 +498,8 @@ fn unix_now() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
-/// Puts `count` exception records for distinct random chunks of `chunks` into the tree,
-/// metadata only (the reserved store chunks are never written: the data area stays
+/// Puts `count` exception records for distinct random chunks of `chunks` into the tree, in
+/// chunk order (dense leaves, and far fewer journal commits than random order), metadata only (the reserved store chunks are never written: the data area stays
 /// sparse). Needs a live snapshot. Returns the chunks, sorted, and the time taken.
 fn populate_tree(
     store: &mut Store,
@@ -512,10 +513,8 @@ fn populate_tree(
     while (picked.len() as u64) < count {
         picked.insert(chunks.start + rng.gen_range(0..span));
     }
-    let mut order: Vec<u64> = picked.iter().copied().collect();
-    order.shuffle(rng);
     let started = Instant::now();
-    for (i, &chunk) in order.iter().enumerate() {
+    for (i, &chunk) in picked.iter().enumerate() {
         let store_chunk = store
             .reserve_chunk()
             .map_err(|e| format!("populate: reserve: {e}"))?;
@@ -861,6 +860,8 @@ struct LookupRow {
     snapshots: u64,
     records: u64,
     from_store: f64,
+    /// Metadata blocks read from the device during the measured lookups.
+    cache_misses: u64,
     p50: Duration,
     p99: Duration,
     p999: Duration,
@@ -897,93 +898,108 @@ async fn run(args: Args) -> BenchResult<()> {
     Ok(())
 }
 
-/// Parts 1 and 2 on one volume: snapshot counts grow phase by phase (snapshots are created
-/// through the server and timed); each measurement writes its own region of fresh origin
-/// chunks, so every write needs exactly one copy-out; after each phase the server stops
-/// cleanly and the lookups run on the store it left.
+/// Parts 1 and 2: one volume (and one running server) per snapshot count, so the
+/// measurements can be interleaved: round r writes region r of every volume in turn, and
+/// load from elsewhere on the machine hits every count alike. Snapshots are created through
+/// the server and timed; each measurement writes a region of fresh origin chunks, so every
+/// write needs exactly one copy-out. Then the servers stop cleanly and the lookups run on
+/// the stores they left.
 async fn throughput_and_lookups(plan: &Plan, dir: &Path, rng: &mut StdRng) -> BenchResult<()> {
     let cs = plan.chunk_size;
     let w = plan.writes_per_count;
-    let regions = plan.snapshot_counts.len() as u64 * plan.repeats;
-    let written_chunks = regions * w;
+    let written_chunks = plan.repeats * w;
     // The populated part of the tree lives above the write regions.
     let origin_chunks = written_chunks + plan.populate_records * 4;
     let data_chunks = written_chunks + plan.populate_records + 1024;
     let store_bytes = data_chunks * cs * 5 / 4 + 256 * MIB;
-    let fx = Fixture::new(dir, "throughput", cs, origin_chunks * cs, store_bytes)?;
     println!(
-        "\nvolume: chunk {} KiB, origin {} ({} chunks, sparse), store {} (sparse); format {:.1} \
-         ms; write regions filled with data first: {} MiB",
+        "\nvolumes (one per snapshot count): chunk {} KiB, origin {} ({} chunks, sparse; the \
+         {} MiB written by the benchmark filled with data first), store {} (sparse)",
         cs >> 10,
         human(origin_chunks * cs),
         origin_chunks,
+        written_chunks * cs / MIB,
         human(store_bytes),
-        ms(fx.format_time),
-        written_chunks * cs / MIB
     );
-    fx.fill_origin(0..written_chunks)?;
-
-    // Snapshot 1 and the populated tree, through the store API (metadata only).
-    let mut store = fx.open_store(8192)?;
-    store
-        .create_snapshot("bench-0", unix_now())
-        .map_err(|e| format!("create bench-0: {e}"))?;
-    let (populated, took) = populate_tree(
-        &mut store,
-        written_chunks..origin_chunks,
-        plan.populate_records,
-        rng,
-    )?;
-    store.close().map_err(|e| format!("close: {e}"))?;
-    println!(
-        "populated the exception tree with {} records on random chunks (metadata only, no \
-         data copied) in {:.2} s",
-        populated.len(),
-        took.as_secs_f64()
-    );
-
-    let origin_file = Arc::new(
-        File::options()
-            .write(true)
-            .open(&fx.origin)
-            .map_err(|e| format!("{}: {e}", fx.origin.display()))?,
-    );
-    let mut throughput = Vec::new();
-    let mut lookups = Vec::new();
-    // (region start, snapshots that existed when it was written)
-    let mut written_regions: Vec<(u64, u64)> = Vec::new();
-    let mut have = 1u64;
+    struct Volume {
+        snapshots: u64,
+        fx: Fixture,
+        populated: Vec<u64>,
+        server: ServerChild,
+        admin: Arc<Client>,
+        origin_client: Arc<Client>,
+        origin_file: Arc<File>,
+        row: ThroughputRow,
+    }
+    let mut volumes = Vec::new();
     for &n in &plan.snapshot_counts {
-        let server = ServerChild::start(&fx, 64, &format!("server-{n}")).await?;
+        let fx = Fixture::new(dir, &format!("n{n}"), cs, origin_chunks * cs, store_bytes)?;
+        fx.fill_origin(0..written_chunks)?;
+        // Snapshot 1 and the populated tree, through the store API (metadata only).
+        let mut store = fx.open_store(8192)?;
+        store
+            .create_snapshot("bench-0", unix_now())
+            .map_err(|e| format!("create bench-0: {e}"))?;
+        let (populated, took) = populate_tree(
+            &mut store,
+            written_chunks..origin_chunks,
+            plan.populate_records,
+            rng,
+        )?;
+        store.close().map_err(|e| format!("close: {e}"))?;
+        eprintln!(
+            "  volume for {n} snapshots: format {:.1} ms, {} records populated in {:.1} s",
+            ms(fx.format_time),
+            populated.len(),
+            took.as_secs_f64()
+        );
+        let server = ServerChild::start(&fx, 64, "server").await?;
         let admin = Arc::new(Client::connect(&server.socket, &fx.key, 1, ClientKind::Admin).await?);
         let origin_client =
             Arc::new(Client::connect(&server.socket, &fx.key, 2, ClientKind::Origin).await?);
         let started = Instant::now();
-        let created = n.saturating_sub(have);
-        create_snapshots(&admin, have, n.max(have), plan.create_depth).await?;
+        create_snapshots(&admin, 1, n, plan.create_depth).await?;
         let create_time = started.elapsed();
-        have = have.max(n);
-        let mut row = ThroughputRow {
+        let listed = status(&admin).await?.snapshots;
+        if u64::from(listed) != n {
+            return Err(format!("the server lists {listed} snapshots, expected {n}"));
+        }
+        let origin_file = Arc::new(
+            File::options()
+                .write(true)
+                .open(&fx.origin)
+                .map_err(|e| format!("{}: {e}", fx.origin.display()))?,
+        );
+        volumes.push(Volume {
             snapshots: n,
-            create_time,
-            created,
-            runs: Vec::new(),
-        };
-        for _ in 0..plan.repeats {
-            let start = written_regions.len() as u64 * w;
-            written_regions.push((start, n));
-            let region: Vec<u64> = (start..start + w).collect();
-            let before = status(&admin).await?;
-            if u64::from(before.snapshots) != n {
-                return Err(format!(
-                    "the server lists {} snapshots, expected {n}",
-                    before.snapshots
-                ));
-            }
+            fx,
+            populated,
+            server,
+            admin,
+            origin_client,
+            origin_file,
+            row: ThroughputRow {
+                snapshots: n,
+                create_time,
+                created: n - 1,
+                runs: Vec::new(),
+            },
+        });
+    }
+    println!(
+        "populated each exception tree with {} records on random chunks (inserted in chunk \
+         order, metadata only: no data copied)",
+        plan.populate_records
+    );
+
+    for round in 0..plan.repeats {
+        for v in &mut volumes {
+            let region: Vec<u64> = (round * w..(round + 1) * w).collect();
+            let before = status(&v.admin).await?;
             let started = Instant::now();
             let mut latencies = origin_writes(
-                &origin_client,
-                Some(origin_file.clone()),
+                &v.origin_client,
+                Some(v.origin_file.clone()),
                 cs,
                 &region,
                 1,
@@ -991,7 +1007,7 @@ async fn throughput_and_lookups(plan: &Plan, dir: &Path, rng: &mut StdRng) -> Be
             )
             .await?;
             let elapsed = started.elapsed();
-            let after = status(&admin).await?;
+            let after = status(&v.admin).await?;
             latencies.sort();
             let run = WriteRun {
                 writes: w,
@@ -1001,26 +1017,32 @@ async fn throughput_and_lookups(plan: &Plan, dir: &Path, rng: &mut StdRng) -> Be
                 query_p99: percentile(&latencies, 0.99),
             };
             eprintln!(
-                "  {n} snapshots: {:.1} MB/s, {} copy-outs",
+                "  round {round}, {} snapshots: {:.1} MB/s, {} copy-outs",
+                v.snapshots,
                 run.rate() * cs as f64 / 1e6,
                 run.copy_outs
             );
-            row.runs.push(run);
+            v.row.runs.push(run);
         }
-        throughput.push(row);
-        drop(origin_client);
-        drop(admin);
-        server.stop().await?;
-        lookups.push(measure_lookups(
-            plan,
-            &fx,
-            n,
-            &written_regions,
-            &populated,
-            rng,
-        )?);
     }
 
+    let mut throughput = Vec::new();
+    let mut lookups = Vec::new();
+    for v in volumes {
+        drop(v.origin_client);
+        drop(v.admin);
+        v.server.stop().await?;
+        let regions: Vec<(u64, u64)> = (0..plan.repeats).map(|r| (r * w, v.snapshots)).collect();
+        lookups.push(measure_lookups(
+            plan,
+            &v.fx,
+            v.snapshots,
+            &regions,
+            &v.populated,
+            rng,
+        )?);
+        throughput.push(v.row);
+    }
     print_throughput(plan, &throughput);
     print_lookups(plan, &lookups);
     Ok(())
@@ -1065,6 +1087,7 @@ fn measure_lookups(
             .snapshot_chunk(s, c)
             .map_err(|e| format!("lookup ({s}, {c}): {e}"))?;
     }
+    let misses_before = store.meta_stats().cache_misses;
     let mut times = Vec::with_capacity(plan.lookups);
     let mut in_store = 0usize;
     for i in 0..plan.lookups {
@@ -1078,6 +1101,7 @@ fn measure_lookups(
             in_store += 1;
         }
     }
+    let cache_misses = store.meta_stats().cache_misses - misses_before;
     store.close().map_err(|e| format!("close: {e}"))?;
     let mean = times.iter().sum::<Duration>() / times.len().max(1) as u32;
     times.sort();
@@ -1085,6 +1109,7 @@ fn measure_lookups(
         snapshots,
         records: written_regions.len() as u64 * w + populated.len() as u64,
         from_store: in_store as f64 / plan.lookups.max(1) as f64,
+        cache_misses,
         p50: percentile(&times, 0.5),
         p99: percentile(&times, 0.99),
         p999: percentile(&times, 0.999),
@@ -1159,15 +1184,17 @@ fn print_lookups(plan: &Plan, rows: &[LookupRow]) {
         plan.lookups
     );
     println!(
-        "| snapshots | exception records | answered from store | p50 | p99 | p99.9 | max | mean |"
+        "| snapshots | exception records | answered from store | blocks read | p50 | p99 | p99.9 \
+         | max | mean |"
     );
-    println!("|---:|---:|---:|---:|---:|---:|---:|---:|");
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     for r in rows {
         println!(
-            "| {} | {} | {:.0}% | {:.2} µs | {:.2} µs | {:.1} µs | {:.0} µs | {:.2} µs |",
+            "| {} | {} | {:.0}% | {} | {:.2} µs | {:.2} µs | {:.1} µs | {:.0} µs | {:.2} µs |",
             r.snapshots,
             r.records,
             r.from_store * 100.0,
+            r.cache_misses,
             us(r.p50),
             us(r.p99),
             us(r.p999),
@@ -1248,7 +1275,12 @@ async fn rss(plan: &Plan, dir: &Path, rng: &mut StdRng) -> BenchResult<()> {
             }
             let before = status(&admin).await?;
             let started = Instant::now();
-            origin_writes(&client, None, cs, &chunks, 64, 8).await?;
+            // VmRSS after each quarter: a bounded cache levels off, a leak keeps climbing.
+            let mut quarters = Vec::new();
+            for part in chunks.chunks(chunks.len().div_ceil(4).max(1)) {
+                origin_writes(&client, None, cs, part, 64, 8).await?;
+                quarters.push(format!("{:.1}", rss_kib(server.pid())?.0 as f64 / 1024.0));
+            }
             let elapsed = started.elapsed();
             let after = status(&admin).await?;
             let (rss_end, hwm) = rss_kib(server.pid())?;
@@ -1257,21 +1289,23 @@ async fn rss(plan: &Plan, dir: &Path, rng: &mut StdRng) -> BenchResult<()> {
             server.stop().await?;
             let copied = before.free_chunks.saturating_sub(after.free_chunks);
             lines.push(format!(
-                "| {} | {} MiB | {} | {:.0} | {:.1} MiB | {:.1} MiB | {:.1} MiB |",
+                "| {} | {} MiB | {} | {:.0} | {:.1} MiB | {} | {:.1} MiB | {:.1} MiB |",
                 human(volume),
                 cache_mb,
                 copied,
                 copied as f64 / elapsed.as_secs_f64(),
                 rss_start as f64 / 1024.0,
+                quarters.join(" / "),
                 rss_end as f64 / 1024.0,
                 hwm as f64 / 1024.0
             ));
         }
     }
     println!(
-        "\n| volume | cache | copy-outs | copy-outs/s | VmRSS at start | VmRSS after | VmHWM |"
+        "\n| volume | cache | copy-outs | copy-outs/s | VmRSS at start | VmRSS (MiB) after each \
+         quarter | VmRSS after | VmHWM |"
     );
-    println!("|---|---:|---:|---:|---:|---:|---:|");
+    println!("|---|---:|---:|---:|---:|---|---:|---:|");
     for l in lines {
         println!("{l}");
     }
