@@ -169,6 +169,13 @@ pub fn parse_result(json: &str, reads: bool) -> anyhow::Result<FioResult> {
     Ok(result)
 }
 
+/// The run with the median throughput (the lower middle one of an even count).
+pub fn median(results: &[FioResult]) -> Option<FioResult> {
+    let mut sorted = results.to_vec();
+    sorted.sort_by(|a, b| a.bytes_per_sec.total_cmp(&b.bytes_per_sec));
+    sorted.get(sorted.len().saturating_sub(1) / 2).copied()
+}
+
 fn errno_name(errno: i64) -> String {
     i32::try_from(errno)
         .map(|e| std::io::Error::from_raw_os_error(e).to_string())
@@ -264,6 +271,24 @@ mod tests {
         assert!((r.megabytes_per_sec() - 366.801815).abs() < 1e-6);
         let err = parse_result(SAMPLE, false).unwrap_err().to_string();
         assert!(err.contains("no writes"), "{err}");
+    }
+
+    #[test]
+    fn the_median_is_the_middle_run_by_throughput() {
+        let run = |mbs: f64| FioResult {
+            ios: 1,
+            bytes: 1,
+            iops: mbs,
+            bytes_per_sec: mbs * 1e6,
+            runtime: Duration::from_secs(1),
+        };
+        assert_eq!(median(&[]), None);
+        assert_eq!(median(&[run(5.0)]), Some(run(5.0)));
+        assert_eq!(median(&[run(9.0), run(1.0), run(5.0)]), Some(run(5.0)));
+        assert_eq!(
+            median(&[run(9.0), run(1.0), run(5.0), run(7.0)]),
+            Some(run(5.0))
+        );
     }
 
     #[test]

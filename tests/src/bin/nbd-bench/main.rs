@@ -1,6 +1,6 @@
 //! nbd-bench: csnap's NBD exports against qemu-nbd, side by side, in one run.
 //!
-//!     scripts/bench-nbd [--quick] [--direct] [--size 2G] [--chunk-size 64K] ...
+//!     scripts/bench-nbd [--quick] [--direct] [--size 2G] [--chunk-size 64K] [--rounds 3] ...
 //!
 //! Three servers, each on its own unix socket in a temporary directory, measured by fio's
 //! nbd engine with the same iodepth and job count:
@@ -46,7 +46,7 @@ use setup::WorkDir;
 #[derive(Debug, Parser)]
 #[command(about = "csnap NBD vs qemu-nbd (raw and qcow2 with internal snapshots), with fio")]
 struct Args {
-    /// A short smoke run: 256 MiB origin, 2 s per timed test, no ramp.
+    /// A short smoke run: 256 MiB origin, one round of 2 s per timed test, no ramp.
     #[arg(long)]
     quick: bool,
     /// Origin size (default 2G; 256M with --quick).
@@ -65,7 +65,12 @@ struct Args {
     /// fio jobs, each with its own NBD connection (the same for every engine).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=16))]
     jobs: u32,
-    /// Seconds each timed test runs (default 20; 2 with --quick).
+    /// Rounds of each timed test, engines round-robin; the table shows each engine's
+    /// median (default 3; 1 with --quick). First-touch tests run once (a region can be
+    /// touched first only once).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=20))]
+    rounds: Option<u32>,
+    /// Seconds each timed test runs (default 10; 2 with --quick).
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..=3600))]
     runtime: Option<u64>,
     /// Unmeasured seconds before each timed test (default 2; 0 with --quick).
@@ -94,6 +99,7 @@ struct Plan {
     size: u64,
     chunk: u64,
     runtime: Duration,
+    rounds: u32,
     ramp: Duration,
     cap: Duration,
     iodepth: u32,
@@ -122,7 +128,8 @@ impl Plan {
         Ok(Plan {
             size,
             chunk,
-            runtime: Duration::from_secs(args.runtime.unwrap_or(if args.quick { 2 } else { 20 })),
+            runtime: Duration::from_secs(args.runtime.unwrap_or(if args.quick { 2 } else { 10 })),
+            rounds: args.rounds.unwrap_or(if args.quick { 1 } else { 3 }),
             ramp: Duration::from_secs(args.ramp.unwrap_or(if args.quick { 0 } else { 2 })),
             cap: Duration::from_secs(args.first_touch_cap),
             iodepth: args.iodepth,
@@ -189,25 +196,41 @@ struct Bench {
 
 impl Bench {
     /// Runs `job` against every engine in turn and records the figures in `row`; a failed run is reported and leaves its cell empty.
-    async fn measure_all(&mut self, job: &FioJob, row: &mut Row) {
-        for engine in Engine::ALL {
-            match self.measure(job, engine).await {
-                Ok(r) => {
-                    eprintln!(
-                        "  {:<5} {:>9.0} IOPS {:>8.1} MB/s  ({} I/Os in {:.1} s)",
-                        engine.label(),
-                        r.iops,
-                        r.megabytes_per_sec(),
-                        r.ios,
-                        r.runtime.as_secs_f64()
-                    );
-                    row.set(engine, r);
+    /// Runs `job` against every engine in turn, `rounds` times round-robin (so load from
+    /// elsewhere hits every engine alike), and records each engine's median run in `row`.
+    /// A failed run is reported; an engine with no successful run leaves its cell empty.
+    async fn measure_all(&mut self, job: &FioJob, rounds: u32, row: &mut Row) {
+        let mut runs: Vec<(Engine, Vec<FioResult>)> =
+            Engine::ALL.iter().map(|&e| (e, Vec::new())).collect();
+        for round in 1..=rounds {
+            for (engine, results) in runs.iter_mut() {
+                let engine = *engine;
+                match self.measure(job, engine).await {
+                    Ok(r) => {
+                        eprintln!(
+                            "  {:<5} round {round}: {:>9.0} IOPS {:>8.1} MB/s  ({} I/Os in {:.1} s)",
+                            engine.label(),
+                            r.iops,
+                            r.megabytes_per_sec(),
+                            r.ios,
+                            r.runtime.as_secs_f64()
+                        );
+                        results.push(r);
+                    }
+                    Err(e) => {
+                        eprintln!("  {:<5} round {round} FAILED: {e:#}", engine.label());
+                        self.failures.push(format!(
+                            "{} on {} (round {round}): {e:#}",
+                            row.label,
+                            engine.label()
+                        ));
+                    }
                 }
-                Err(e) => {
-                    eprintln!("  {:<5} FAILED: {e:#}", engine.label());
-                    self.failures
-                        .push(format!("{} on {}: {e:#}", row.label, engine.label()));
-                }
+            }
+        }
+        for (engine, results) in runs {
+            if let Some(median) = fio::median(&results) {
+                row.set(engine, median);
             }
         }
     }
@@ -388,7 +411,7 @@ async fn run(args: Args) -> anyhow::Result<bool> {
 
     eprintln!("[1/5] {}", randread.label);
     let job = plan.job("randread-4k", Access::RandRead, 4096, (0, s), plan.timed());
-    bench.measure_all(&job, &mut randread).await;
+    bench.measure_all(&job, plan.rounds, &mut randread).await;
 
     bench.snapshots(1, 1).await?;
     eprintln!("[2/5] {}", first_touch_1.label);
@@ -399,7 +422,7 @@ async fn run(args: Args) -> anyhow::Result<bool> {
         first_region,
         plan.one_pass(),
     );
-    bench.measure_all(&job, &mut first_touch_1).await;
+    bench.measure_all(&job, 1, &mut first_touch_1).await;
 
     eprintln!("[3/5] {}", unique.label);
     let job = plan.job(
@@ -409,7 +432,7 @@ async fn run(args: Args) -> anyhow::Result<bool> {
         first_region,
         plan.timed(),
     );
-    bench.measure_all(&job, &mut unique).await;
+    bench.measure_all(&job, plan.rounds, &mut unique).await;
 
     bench.snapshots(2, n).await?;
     eprintln!("[4/5] {}", first_touch_n.label);
@@ -420,7 +443,7 @@ async fn run(args: Args) -> anyhow::Result<bool> {
         second_region,
         plan.one_pass(),
     );
-    bench.measure_all(&job, &mut first_touch_n).await;
+    bench.measure_all(&job, 1, &mut first_touch_n).await;
     let csnap_status = engines::csnap_status(&bench.setup).await;
 
     eprintln!("[5/5] {}", seqread.label);
@@ -438,7 +461,7 @@ async fn run(args: Args) -> anyhow::Result<bool> {
         (0, s),
         plan.timed(),
     );
-    bench.measure_all(&job, &mut seqread).await;
+    bench.measure_all(&job, plan.rounds, &mut seqread).await;
 
     let rows = [randread, unique, first_touch_1, first_touch_n, seqread];
     println!(
@@ -448,13 +471,15 @@ async fn run(args: Args) -> anyhow::Result<bool> {
     println!();
     println!(
         "origin {} MiB, chunk/cluster {} KiB, fio nbd engine iodepth {} x {} job(s), timed tests \
-         {} s after {} s ramp, {}; load average {} before, {} after",
+         {} s after {} s ramp, median of {} round(s), first-touch tests one pass; {}; load \
+         average {} before, {} after",
         plan.size >> 20,
         plan.chunk >> 10,
         plan.iodepth,
         plan.jobs,
         plan.runtime.as_secs(),
         plan.ramp.as_secs(),
+        plan.rounds,
         if plan.direct {
             "O_DIRECT servers (qemu-nbd --cache=none, csnap-agent --direct-io)"
         } else {
