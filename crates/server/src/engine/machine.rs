@@ -476,11 +476,17 @@ impl<S: MetaStore> Engine<S> {
         Ok(())
     }
 
-    fn chunk_committed(&self, chunk: u64) -> bool {
+    /// Exceptions recorded on `chunk` are durable.
+    fn exceptions_committed(&self, chunk: u64) -> bool {
         self.chunk_gen
             .get(&chunk)
             .is_none_or(|g| *g <= self.committed_gen)
-            && self.snapset_gen <= self.committed_gen
+    }
+
+    /// Exceptions on `chunk` and every delete/invalidation (which can make a chunk unique or
+    /// an exception exclusive) are durable.
+    fn chunk_committed(&self, chunk: u64) -> bool {
+        self.exceptions_committed(chunk) && self.snapset_gen <= self.committed_gen
     }
 
     // ---- connections and sessions ----
@@ -1261,6 +1267,13 @@ impl<S: MetaStore> Engine<S> {
         let mut origin = Vec::new();
         for c in self.work_chunks(w) {
             match self.store.snapshot_chunk(snap, c)? {
+                // Never expose an exception a crash could still undo: its copy may predate
+                // an origin write that raced the snapshot's creation, and after a crash the
+                // snapshot would read that write from the origin instead.
+                SnapChunk::Store { .. } if !self.exceptions_committed(c) => {
+                    self.wait_commit(w);
+                    blocked = true;
+                }
                 SnapChunk::Store { store_chunk, .. } => store.push(StoreAddr {
                     chunk: c,
                     store_chunk,
