@@ -378,6 +378,16 @@ fn cpu_time(pid: u32) -> BenchResult<Duration> {
     Ok(Duration::from_micros(total * 1_000_000 / per_sec))
 }
 
+/// Threads of a process.
+fn threads(pid: u32) -> BenchResult<u64> {
+    let path = format!("/proc/{pid}/status");
+    let text = std::fs::read_to_string(&path).map_err(|e| format!("{path}: {e}"))?;
+    text.lines()
+        .find_map(|l| l.strip_prefix("Threads:"))
+        .and_then(|v| v.trim().parse().ok())
+        .ok_or_else(|| format!("{path} has no Threads line"))
+}
+
 /// VmRSS and VmHWM of a process, in KiB.
 fn rss_kib(pid: u32) -> BenchResult<(u64, u64)> {
     let path = format!("/proc/{pid}/status");
@@ -1325,7 +1335,9 @@ async fn rss(plan: &Plan, dir: &Path, rng: &mut StdRng) -> BenchResult<()> {
             for group in chunks.chunks_mut(64) {
                 group.sort_unstable();
             }
+            // The first Status scans the whole exception tree (per-snapshot usage).
             let before = status(&admin).await?;
+            let (rss_after_status, _) = rss_kib(server.pid())?;
             let started = Instant::now();
             // VmRSS after each quarter: a bounded cache levels off, a leak keeps climbing.
             let mut quarters = Vec::new();
@@ -1336,28 +1348,31 @@ async fn rss(plan: &Plan, dir: &Path, rng: &mut StdRng) -> BenchResult<()> {
             let elapsed = started.elapsed();
             let after = status(&admin).await?;
             let (rss_end, hwm) = rss_kib(server.pid())?;
+            let server_threads = threads(server.pid())?;
             drop(client);
             drop(admin);
             server.stop().await?;
             let copied = before.free_chunks.saturating_sub(after.free_chunks);
             lines.push(format!(
-                "| {} | {} MiB | {} | {:.0} | {:.1} MiB | {} | {:.1} MiB | {:.1} MiB |",
+                "| {} | {} MiB | {} | {:.0} | {:.1} MiB | {:.1} MiB | {} | {:.1} MiB | {:.1} MiB | {} |",
                 human(volume),
                 cache_mb,
                 copied,
                 copied as f64 / elapsed.as_secs_f64(),
                 rss_start as f64 / 1024.0,
+                rss_after_status as f64 / 1024.0,
                 quarters.join(" / "),
                 rss_end as f64 / 1024.0,
-                hwm as f64 / 1024.0
+                hwm as f64 / 1024.0,
+                server_threads
             ));
         }
     }
     println!(
-        "\n| volume | cache | copy-outs | copy-outs/s | VmRSS at start | VmRSS (MiB) after each \
-         quarter | VmRSS after | VmHWM |"
+        "\n| volume | cache | copy-outs | copy-outs/s | VmRSS at start | after 1st Status | \
+         VmRSS (MiB) after each quarter | VmRSS after | VmHWM | threads |"
     );
-    println!("|---|---:|---:|---:|---:|---|---:|---:|");
+    println!("|---|---:|---:|---:|---:|---:|---|---:|---:|---:|");
     for l in lines {
         println!("{l}");
     }
