@@ -189,6 +189,10 @@ fn serve_child(
     key_file: PathBuf,
     cache_mb: u64,
 ) -> ExitCode {
+    // Stop (cleanly, as on SIGTERM) when the benchmark dies, whatever killed it.
+    if let Err(e) = nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGTERM) {
+        eprintln!("serve-child: cannot ask for SIGTERM at the benchmark's exit: {e}");
+    }
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_env_filter(
@@ -1336,7 +1340,9 @@ async fn rss(plan: &Plan, dir: &Path, rng: &mut StdRng) -> BenchResult<()> {
                 group.sort_unstable();
             }
             // The first Status scans the whole exception tree (per-snapshot usage).
+            let status_started = Instant::now();
             let before = status(&admin).await?;
+            let status_time = status_started.elapsed();
             let (rss_after_status, _) = rss_kib(server.pid())?;
             let started = Instant::now();
             // VmRSS after each quarter: a bounded cache levels off, a leak keeps climbing.
@@ -1354,13 +1360,14 @@ async fn rss(plan: &Plan, dir: &Path, rng: &mut StdRng) -> BenchResult<()> {
             server.stop().await?;
             let copied = before.free_chunks.saturating_sub(after.free_chunks);
             lines.push(format!(
-                "| {} | {} MiB | {} | {:.0} | {:.1} MiB | {:.1} MiB | {} | {:.1} MiB | {:.1} MiB | {} |",
+                "| {} | {} MiB | {} | {:.0} | {:.1} MiB | {:.1} MiB ({:.0} ms) | {} | {:.1} MiB | {:.1} MiB | {} |",
                 human(volume),
                 cache_mb,
                 copied,
                 copied as f64 / elapsed.as_secs_f64(),
                 rss_start as f64 / 1024.0,
                 rss_after_status as f64 / 1024.0,
+                ms(status_time),
                 quarters.join(" / "),
                 rss_end as f64 / 1024.0,
                 hwm as f64 / 1024.0,
@@ -1369,7 +1376,7 @@ async fn rss(plan: &Plan, dir: &Path, rng: &mut StdRng) -> BenchResult<()> {
         }
     }
     println!(
-        "\n| volume | cache | copy-outs | copy-outs/s | VmRSS at start | after 1st Status | \
+        "\n| volume | cache | copy-outs | copy-outs/s | VmRSS at start | after 1st Status (its time) | \
          VmRSS (MiB) after each quarter | VmRSS after | VmHWM | threads |"
     );
     println!("|---|---:|---:|---:|---:|---:|---|---:|---:|---:|");
