@@ -261,6 +261,12 @@ impl Bench {
         fio::parse_result(&text, job.reads())
     }
 
+    /// Records a failed step.
+    fn failed(&mut self, step: &str, error: anyhow::Error) {
+        eprintln!("  {step} FAILED: {error:#}");
+        self.failures.push(format!("{step}: {error:#}"));
+    }
+
     /// Snapshots `first..=last` (named sK) on csnap and qcow2 (whose writable server is
     /// stopped meanwhile: qemu-img needs the image to itself).
     async fn snapshots(&mut self, first: u32, last: u32) -> anyhow::Result<()> {
@@ -413,7 +419,12 @@ async fn run(args: Args) -> anyhow::Result<bool> {
     let job = plan.job("randread-4k", Access::RandRead, 4096, (0, s), plan.timed());
     bench.measure_all(&job, plan.rounds, &mut randread).await;
 
-    bench.snapshots(1, 1).await?;
+    // A failed step skips the tests that need it; the table still shows what was measured.
+    let mut ready = bench
+        .snapshots(1, 1)
+        .await
+        .map_err(|e| bench.failed("snapshot s1", e))
+        .is_ok();
     eprintln!("[2/5] {}", first_touch_1.label);
     let job = plan.job(
         "firsttouch-1",
@@ -422,7 +433,9 @@ async fn run(args: Args) -> anyhow::Result<bool> {
         first_region,
         plan.one_pass(),
     );
-    bench.measure_all(&job, 1, &mut first_touch_1).await;
+    if ready {
+        bench.measure_all(&job, 1, &mut first_touch_1).await;
+    }
 
     eprintln!("[3/5] {}", unique.label);
     let job = plan.job(
@@ -432,9 +445,14 @@ async fn run(args: Args) -> anyhow::Result<bool> {
         first_region,
         plan.timed(),
     );
-    bench.measure_all(&job, plan.rounds, &mut unique).await;
-
-    bench.snapshots(2, n).await?;
+    if ready {
+        bench.measure_all(&job, plan.rounds, &mut unique).await;
+        ready = bench
+            .snapshots(2, n)
+            .await
+            .map_err(|e| bench.failed("snapshots", e))
+            .is_ok();
+    }
     eprintln!("[4/5] {}", first_touch_n.label);
     let job = plan.job(
         &format!("firsttouch-{n}"),
@@ -443,16 +461,23 @@ async fn run(args: Args) -> anyhow::Result<bool> {
         second_region,
         plan.one_pass(),
     );
-    bench.measure_all(&job, 1, &mut first_touch_n).await;
+    if ready {
+        bench.measure_all(&job, 1, &mut first_touch_n).await;
+    }
     let csnap_status = engines::csnap_status(&bench.setup).await;
 
     eprintln!("[5/5] {}", seqread.label);
     if let Some(server) = bench.servers.qcow2.take() {
         server.stop().await;
     }
-    bench.servers.qcow2 = Some(engines::start_qcow2_snapshot(&bench.setup, "s1").await?);
-    if let Some(csnap) = bench.servers.csnap.as_mut() {
-        csnap.point_at(&format!("{}@s1", engines::VOLUME));
+    if ready {
+        match engines::start_qcow2_snapshot(&bench.setup, "s1").await {
+            Ok(server) => bench.servers.qcow2 = Some(server),
+            Err(e) => bench.failed("qemu-nbd on snapshot s1", e),
+        }
+        if let Some(csnap) = bench.servers.csnap.as_mut() {
+            csnap.point_at(&format!("{}@s1", engines::VOLUME));
+        }
     }
     let job = plan.job(
         "seqread-snapshot",
@@ -461,7 +486,9 @@ async fn run(args: Args) -> anyhow::Result<bool> {
         (0, s),
         plan.timed(),
     );
-    bench.measure_all(&job, plan.rounds, &mut seqread).await;
+    if ready {
+        bench.measure_all(&job, plan.rounds, &mut seqread).await;
+    }
 
     let rows = [randread, unique, first_touch_1, first_touch_n, seqread];
     println!(
