@@ -4,7 +4,7 @@ use std::path::Path;
 
 use anyhow::bail;
 use csnap_proto::control::{ControlRequest, ControlResponse, VolumeStatus};
-use csnap_proto::{SnapshotInfo, SnapshotState};
+use csnap_proto::{SnapshotInfo, SnapshotState, MAX_LIST_PAGE};
 
 /// `csnapctl snapshot ...`
 #[derive(clap::Subcommand, Clone, Debug)]
@@ -129,6 +129,43 @@ fn unexpected(r: ControlResponse) -> anyhow::Error {
     anyhow::anyhow!("unexpected answer from the agent: {r:?}")
 }
 
+/// Every snapshot of `volume`, page by page (one control connection per page, each reply
+/// under the frame limit), and whether the usage figures are exact.
+pub async fn list_all(socket: &Path, volume: &str) -> anyhow::Result<(Vec<SnapshotInfo>, bool)> {
+    let mut all: Vec<SnapshotInfo> = Vec::new();
+    let mut exact = true;
+    loop {
+        let req = ControlRequest::SnapshotList {
+            volume: volume.to_owned(),
+            after: all.last().map(|s| s.id),
+            limit: MAX_LIST_PAGE,
+        };
+        match ask(socket, req).await? {
+            ControlResponse::SnapshotList {
+                snapshots,
+                more,
+                usage_exact,
+                ..
+            } => {
+                let after = all.last().map(|s| s.id);
+                if more && snapshots.is_empty()
+                    || snapshots
+                        .first()
+                        .is_some_and(|s| after.is_some_and(|a| s.id <= a))
+                {
+                    bail!("the agent sent a snapshot page out of order or empty with more to come");
+                }
+                exact &= usage_exact;
+                all.extend(snapshots);
+                if !more {
+                    return Ok((all, exact));
+                }
+            }
+            other => return Err(unexpected(other)),
+        }
+    }
+}
+
 pub async fn run_snapshot(socket: &Path, cmd: SnapshotCmd) -> anyhow::Result<()> {
     match cmd {
         SnapshotCmd::Create {
@@ -152,17 +189,22 @@ pub async fn run_snapshot(socket: &Path, cmd: SnapshotCmd) -> anyhow::Result<()>
         SnapshotCmd::List {
             volume,
             json: as_json,
-        } => match ask(socket, ControlRequest::SnapshotList { volume }).await? {
-            ControlResponse::SnapshotList { volume, snapshots } => {
-                if as_json {
-                    json(&serde_json::json!({"volume": volume, "snapshots": snapshots}))
-                } else {
-                    print_snapshots(&snapshots);
-                    Ok(())
+        } => {
+            let (snapshots, usage_exact) = list_all(socket, &volume).await?;
+            if as_json {
+                json(&serde_json::json!({
+                    "volume": volume,
+                    "snapshots": snapshots,
+                    "usage_exact": usage_exact,
+                }))
+            } else {
+                print_snapshots(&snapshots);
+                if !usage_exact {
+                    println!("(CHUNKS still being counted since the server started: partial)");
                 }
+                Ok(())
             }
-            other => Err(unexpected(other)),
-        },
+        }
         SnapshotCmd::Delete {
             volume,
             name,

@@ -90,7 +90,7 @@ impl Agent {
     async fn handle(&self, req: ControlRequest) -> ControlResponse {
         let volume = match &req {
             ControlRequest::SnapshotCreate { volume, .. }
-            | ControlRequest::SnapshotList { volume }
+            | ControlRequest::SnapshotList { volume, .. }
             | ControlRequest::SnapshotDelete { volume, .. } => Some(volume),
             ControlRequest::Status { volume } => volume.as_ref(),
         };
@@ -132,13 +132,15 @@ impl Agent {
                         ),
                     })
             }
-            ControlRequest::SnapshotList { .. } => self
+            ControlRequest::SnapshotList { after, limit, .. } => self
                 .volume
-                .list_snapshots()
+                .list_snapshots_page(after, limit)
                 .await
-                .map(|snapshots| ControlResponse::SnapshotList {
+                .map(|page| ControlResponse::SnapshotList {
                     volume: v.clone(),
-                    snapshots,
+                    snapshots: page.snapshots,
+                    more: page.more,
+                    usage_exact: page.usage_exact,
                 })
                 .map_err(|e| format!("cannot list snapshots of volume {v:?}: {}", describe(&e))),
             ControlRequest::SnapshotDelete { name, .. } => self

@@ -15,8 +15,12 @@ pub enum ControlRequest {
         volume: String,
         name: String,
     },
+    /// One page of the volume's snapshots (see `ClientMsg::ListSnapshots`): those with id
+    /// above `after`, at most `limit`. csnapctl asks again until `more` is false.
     SnapshotList {
         volume: String,
+        after: Option<SnapId>,
+        limit: u32,
     },
     SnapshotDelete {
         volume: String,
@@ -59,6 +63,9 @@ pub enum ControlResponse {
     SnapshotList {
         volume: String,
         snapshots: Vec<SnapshotInfo>,
+        more: bool,
+        /// False while the server still counts usage after start (`chunks_held` partial).
+        usage_exact: bool,
     },
     SnapshotDeleted {
         volume: String,

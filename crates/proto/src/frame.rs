@@ -16,7 +16,8 @@ use serde::Serialize;
 use std::marker::PhantomData;
 
 /// The protocol version this build speaks, carried in every frame and in `Hello`.
-pub const PROTOCOL_VERSION: u8 = 1;
+/// Version 2: paged `ListSnapshots`/`SnapshotList`, `usage_exact` in lists and status.
+pub const PROTOCOL_VERSION: u8 = 2;
 /// Largest accepted `length` (version byte + body).
 pub const MAX_FRAME: usize = 1 << 20;
 /// Size of the length prefix.

@@ -106,8 +106,12 @@ pub enum ClientMsg {
     CreateSnapshot { name: String },
     /// Admin: delete a snapshot (space is reclaimed in the background).
     DeleteSnapshot { snap: SnapRef },
-    /// Admin: list live and invalid snapshots.
-    ListSnapshots,
+    /// Admin: one page of the live and invalid snapshots, in id order: those with id above
+    /// `after` (from the start if `None`), at most `limit` of them (the server may return
+    /// fewer, never more than [`MAX_LIST_PAGE`], and keeps every reply under the frame limit).
+    /// Since protocol version 2 (version 1 sent the whole list in one reply, which did not
+    /// fit a frame with thousands of snapshots).
+    ListSnapshots { after: Option<SnapId>, limit: u32 },
     /// Admin: server and store status.
     Status,
 }
@@ -163,8 +167,13 @@ pub enum ServerMsg {
     SnapshotDeleted {
         snap: SnapId,
     },
+    /// One page of snapshots. `more`: later snapshots exist; ask again with `after` = the
+    /// last id of this page. `usage_exact`: false while the server is still counting its
+    /// exception tree after start; until then `chunks_held` counts only part of it.
     SnapshotList {
         snapshots: Vec<SnapshotInfo>,
+        more: bool,
+        usage_exact: bool,
     },
     Status(ServerStatus),
     /// The request failed; `message` says why, for humans.
@@ -192,6 +201,43 @@ pub struct ServerStatus {
     pub store_full_policy: String,
     /// Background reclaim still has work.
     pub reclaiming: bool,
+    /// False while the server is still counting per-snapshot usage after start
+    /// (`chunks_held` in snapshot lists is partial until then).
+    pub usage_exact: bool,
+}
+
+/// Most snapshots one `SnapshotList` page holds.
+pub const MAX_LIST_PAGE: u32 = 1024;
+
+/// Budget for the encoded snapshots of one page: half a frame, leaving room for the rest.
+pub const LIST_PAGE_BYTES: usize = crate::frame::MAX_FRAME / 2;
+
+/// An upper bound of the encoded size of one `SnapshotInfo` (MessagePack with field names:
+/// the strings plus a fixed overhead for names, integers and tags).
+pub fn encoded_size_bound(info: &SnapshotInfo) -> usize {
+    const FIXED: usize = 128;
+    let reason = match &info.state {
+        crate::types::SnapshotState::Invalid { reason } => reason.len(),
+        _ => 0,
+    };
+    FIXED + info.name.len() + reason
+}
+
+/// How many of `infos` (from the start) form one page: at most `limit` (capped at
+/// [`MAX_LIST_PAGE`], at least 1) and within [`LIST_PAGE_BYTES`]. Always at least one
+/// snapshot when any is given, so paging progresses.
+pub fn page_len(infos: &[SnapshotInfo], limit: u32) -> usize {
+    let max = limit.clamp(1, MAX_LIST_PAGE) as usize;
+    let mut bytes = 0;
+    let mut n = 0;
+    for info in infos.iter().take(max) {
+        bytes += encoded_size_bound(info);
+        if n > 0 && bytes > LIST_PAGE_BYTES {
+            break;
+        }
+        n += 1;
+    }
+    n
 }
 
 /// Machine-readable error codes.

@@ -54,7 +54,10 @@ fn all_client_msgs() -> Vec<ClientMsg> {
         ClientMsg::DeleteSnapshot {
             snap: SnapRef::Id(SnapId(3)),
         },
-        ClientMsg::ListSnapshots,
+        ClientMsg::ListSnapshots {
+            after: Some(SnapId(7)),
+            limit: 100,
+        },
         ClientMsg::Status,
     ]
 }
@@ -105,6 +108,8 @@ fn all_server_msgs() -> Vec<ServerMsg> {
         ServerMsg::SnapshotDeleted { snap: SnapId(3) },
         ServerMsg::SnapshotList {
             snapshots: vec![info],
+            more: true,
+            usage_exact: false,
         },
         ServerMsg::Status(ServerStatus {
             active: false,
@@ -118,6 +123,7 @@ fn all_server_msgs() -> Vec<ServerMsg> {
             pending_snapshots: 1,
             store_full_policy: "invalidate-oldest".into(),
             reclaiming: true,
+            usage_exact: true,
         }),
         ServerMsg::Error {
             code: ErrorCode::NoSuchSnapshot,
@@ -252,7 +258,10 @@ fn codec_decodes_split_input_and_reports_truncation_at_eof() {
     let mut codec = FrameCodec::<ClientFrame, ClientFrame>::new();
     let frame = ClientFrame {
         id: 3,
-        msg: ClientMsg::ListSnapshots,
+        msg: ClientMsg::ListSnapshots {
+            after: None,
+            limit: 10,
+        },
     };
     let mut wire = BytesMut::new();
     codec.encode(frame.clone(), &mut wire).unwrap();
@@ -336,4 +345,54 @@ fn deeply_nested_unknown_fields_are_refused_without_exhausting_the_stack() {
             msg: ClientMsg::Status
         }
     );
+}
+
+/// The largest possible page (names and invalidation reasons at their longest) still
+/// encodes under the frame limit, and paging always makes progress.
+#[test]
+fn the_fullest_snapshot_page_fits_a_frame() {
+    let fat = |i: u64| SnapshotInfo {
+        id: SnapId(u64::MAX - i),
+        name: "\u{10FFFF}".repeat(63) + "abc",
+        ctime: u64::MAX,
+        state: SnapshotState::Invalid {
+            reason: "r".repeat(4000),
+        },
+        chunks_held: u64::MAX,
+    };
+    let infos: Vec<SnapshotInfo> = (0..5000).map(fat).collect();
+    let n = csnap_proto::page_len(&infos, u32::MAX);
+    assert!(n >= 1 && n < infos.len());
+    let frame = ServerFrame {
+        reply_to: Some(u64::MAX),
+        msg: ServerMsg::SnapshotList {
+            snapshots: infos[..n].to_vec(),
+            more: true,
+            usage_exact: false,
+        },
+    };
+    let bytes = frame_bytes(&frame).unwrap();
+    assert!(bytes.len() <= MAX_FRAME + 4, "{} bytes", bytes.len());
+    for info in &infos[..1] {
+        let alone = frame_bytes(&ServerFrame {
+            reply_to: None,
+            msg: ServerMsg::SnapshotCreated { info: info.clone() },
+        })
+        .unwrap();
+        // The bound covers the real encoding (minus the envelope around one info).
+        assert!(alone.len() <= csnap_proto::encoded_size_bound(info) + 64);
+    }
+    let small: Vec<SnapshotInfo> = (0..3000)
+        .map(|i| SnapshotInfo {
+            name: format!("s{i}"),
+            state: SnapshotState::Live,
+            ..fat(i)
+        })
+        .collect();
+    assert_eq!(
+        csnap_proto::page_len(&small, u32::MAX),
+        csnap_proto::MAX_LIST_PAGE as usize
+    );
+    assert_eq!(csnap_proto::page_len(&small, 0), 1);
+    assert_eq!(csnap_proto::page_len(&[], 10), 0);
 }

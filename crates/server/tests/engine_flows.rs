@@ -268,10 +268,20 @@ fn snapshot_becomes_live_only_after_every_origin_client_acked() {
         other => panic!("expected NewSnapshot, got {other:?}"),
     };
     assert_eq!(h.notices(o2), vec![ServerMsg::NewSnapshot { snap }]);
-    let l = h.send(admin, ClientMsg::ListSnapshots);
+    let l = h.send(
+        admin,
+        ClientMsg::ListSnapshots {
+            after: None,
+            limit: u32::MAX,
+        },
+    );
     assert_eq!(
         h.reply_to(admin, l),
-        Some(ServerMsg::SnapshotList { snapshots: vec![] }),
+        Some(ServerMsg::SnapshotList {
+            snapshots: vec![],
+            more: false,
+            usage_exact: true
+        }),
         "not listed before the acks"
     );
     h.send(o1, ClientMsg::NewSnapshotAck { snap });
@@ -289,9 +299,15 @@ fn snapshot_becomes_live_only_after_every_origin_client_acked() {
         }
         other => panic!("expected SnapshotCreated, got {other:?}"),
     }
-    let l = h.send(admin, ClientMsg::ListSnapshots);
+    let l = h.send(
+        admin,
+        ClientMsg::ListSnapshots {
+            after: None,
+            limit: u32::MAX,
+        },
+    );
     assert!(
-        matches!(h.reply_to(admin, l), Some(ServerMsg::SnapshotList { snapshots }) if snapshots.len() == 1)
+        matches!(h.reply_to(admin, l), Some(ServerMsg::SnapshotList { snapshots, .. }) if snapshots.len() == 1)
     );
     let id = h.send(
         admin,
@@ -457,8 +473,14 @@ fn store_full_invalidates_the_oldest_snapshot_and_origin_writes_never_fail() {
             .any(|m| m.contains("STORE FULL") && m.contains(&format!("snapshot {}", snaps[0]))),
         "{errors:?}"
     );
-    let l = h.send(admin, ClientMsg::ListSnapshots);
-    let Some(ServerMsg::SnapshotList { snapshots }) = h.reply_to(admin, l) else {
+    let l = h.send(
+        admin,
+        ClientMsg::ListSnapshots {
+            after: None,
+            limit: u32::MAX,
+        },
+    );
+    let Some(ServerMsg::SnapshotList { snapshots, .. }) = h.reply_to(admin, l) else {
         panic!("no list");
     };
     assert!(
@@ -672,7 +694,14 @@ fn malformed_and_misdirected_requests_get_error_replies() {
             },
             ErrorCode::WrongClientKind,
         ),
-        (origin, ClientMsg::ListSnapshots, ErrorCode::WrongClientKind),
+        (
+            origin,
+            ClientMsg::ListSnapshots {
+                after: None,
+                limit: u32::MAX,
+            },
+            ErrorCode::WrongClientKind,
+        ),
         (
             admin,
             ClientMsg::QueryWrite {

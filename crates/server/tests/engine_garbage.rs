@@ -102,7 +102,10 @@ fn random_msg(rng: &mut StdRng) -> ClientMsg {
                 SnapRef::Name(format!("s{}", rng.gen_range(0..4)))
             },
         },
-        12 => ClientMsg::ListSnapshots,
+        12 => ClientMsg::ListSnapshots {
+            after: None,
+            limit: u32::MAX,
+        },
         _ => ClientMsg::Status,
     }
 }
@@ -323,7 +326,16 @@ fn a_store_error_at_any_point_stops_the_engine_cleanly() {
                     },
                 ),
             );
-            step(&mut engine, req(30 + i, ClientMsg::ListSnapshots));
+            step(
+                &mut engine,
+                req(
+                    30 + i,
+                    ClientMsg::ListSnapshots {
+                        after: None,
+                        limit: u32::MAX,
+                    },
+                ),
+            );
             step(
                 &mut engine,
                 req(

@@ -276,8 +276,15 @@ async fn verify(
     round: usize,
 ) {
     let admin = Client::connect(addr, &fx.key, ClientId(0xAD), ClientKind::Admin).await;
-    let listed = match admin.request(ClientMsg::ListSnapshots).await.unwrap() {
-        ServerMsg::SnapshotList { snapshots } => snapshots,
+    let listed = match admin
+        .request(ClientMsg::ListSnapshots {
+            after: None,
+            limit: u32::MAX,
+        })
+        .await
+        .unwrap()
+    {
+        ServerMsg::SnapshotList { snapshots, .. } => snapshots,
         other => panic!("list: {other:?}"),
     };
     if let Some(id) = model.delete_in_doubt.take() {

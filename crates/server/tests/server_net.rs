@@ -623,7 +623,10 @@ async fn a_client_that_never_reads_its_replies_is_disconnected() {
             let sent = wr
                 .send(ClientFrame {
                     id,
-                    msg: ClientMsg::ListSnapshots,
+                    msg: ClientMsg::ListSnapshots {
+                        after: None,
+                        limit: u32::MAX,
+                    },
                 })
                 .await;
             if sent.is_err() {

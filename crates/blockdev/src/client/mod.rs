@@ -20,7 +20,7 @@ pub use cache::{CacheStats, OriginTracker, WriteGuard};
 pub use conn::{ConnConfig, MetaConnection, Reply, SessionInfo};
 pub use devices::Devices;
 pub use session::Session;
-pub use volume::{client_id_for, ClientConfig, Volume};
+pub use volume::{client_id_for, ClientConfig, SnapshotPage, Volume};
 
 use std::io;
 use std::time::Duration;

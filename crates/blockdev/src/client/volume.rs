@@ -8,7 +8,7 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use csnap_proto::{
     ChunkRange, ClientId, ClientKind, ClientMsg, ServerMsg, ServerStatus, SnapId, SnapRef,
-    SnapshotInfo, StoreAddr,
+    SnapshotInfo, StoreAddr, MAX_LIST_PAGE,
 };
 
 use super::cache::{CacheStats, OriginTracker};
@@ -16,6 +16,16 @@ use super::conn::{ConnConfig, MetaConnection, SessionInfo};
 use super::devices::{Devices, Which};
 use super::ClientError;
 use crate::nbd::ListenAddr;
+
+/// One page of a snapshot listing (see `Volume::list_snapshots_page`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SnapshotPage {
+    pub snapshots: Vec<SnapshotInfo>,
+    /// Later snapshots exist: ask again after the last id of this page.
+    pub more: bool,
+    /// False while the server still counts usage after start (`chunks_held` partial).
+    pub usage_exact: bool,
+}
 
 /// How a node's client reaches its volume.
 #[derive(Clone, Debug)]
@@ -437,9 +447,53 @@ impl Volume {
         }
     }
 
+    /// Every listed snapshot, in id order, fetched page by page (each reply fits a frame).
     pub async fn list_snapshots(&self) -> Result<Vec<SnapshotInfo>, ClientError> {
-        match self.admin.request(ClientMsg::ListSnapshots).await?.msg {
-            ServerMsg::SnapshotList { snapshots } => Ok(snapshots),
+        let mut all = Vec::new();
+        let mut after = None;
+        loop {
+            let page = self.list_snapshots_page(after, MAX_LIST_PAGE).await?;
+            all.extend(page.snapshots);
+            match (page.more, all.last()) {
+                (true, Some(last)) => after = Some(last.id),
+                _ => return Ok(all),
+            }
+        }
+    }
+
+    /// One page of snapshots: those with id above `after`, at most `limit` (the server may
+    /// return fewer).
+    pub async fn list_snapshots_page(
+        &self,
+        after: Option<SnapId>,
+        limit: u32,
+    ) -> Result<SnapshotPage, ClientError> {
+        let msg = ClientMsg::ListSnapshots { after, limit };
+        match self.admin.request(msg).await?.msg {
+            ServerMsg::SnapshotList {
+                snapshots,
+                more,
+                usage_exact,
+            } => {
+                // A page that says "more" but is empty, or goes backwards, would loop forever.
+                let ordered = snapshots.windows(2).all(|w| w[0].id < w[1].id)
+                    && snapshots
+                        .first()
+                        .is_none_or(|s| after.is_none_or(|a| s.id > a));
+                if !ordered || (more && snapshots.is_empty()) {
+                    return Err(ClientError::Unexpected {
+                        request: "ListSnapshots",
+                        answer: format!(
+                            "a page out of order, or empty with more to come (after {after:?})"
+                        ),
+                    });
+                }
+                Ok(SnapshotPage {
+                    snapshots,
+                    more,
+                    usage_exact,
+                })
+            }
             other => Err(unexpected("ListSnapshots", other)),
         }
     }

@@ -13,6 +13,7 @@ use super::io::{
 };
 use super::meta_store::{MetaStore, SnapChunk, StoreError, StoreStats};
 use csnap_proto::auth::{self, Nonce};
+use csnap_proto::page_len;
 use csnap_proto::{
     ChunkRange, ClientFrame, ClientId, ClientKind, ClientMsg, ErrorCode, HeldLock, RequestId,
     ServerFrame, ServerMsg, ServerStatus, SnapId, SnapRef, SnapshotInfo, SnapshotState, StoreAddr,
@@ -21,6 +22,13 @@ use csnap_proto::{
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 
 type WorkId = u64;
+
+/// Exception records the usage counter's seeding walk visits per request or tick after
+/// start: about a millisecond of work, so requests queued behind it barely notice.
+const USAGE_WALK_BUDGET: usize = 1024;
+/// The same per tick (once a second, nobody waiting): a 1M-record tree is counted within
+/// about a minute of start even when no requests come.
+const USAGE_WALK_BUDGET_PER_TICK: usize = 16 * 1024;
 
 /// A request refused with an error code and a message for humans.
 struct Reject(ErrorCode, String);
@@ -310,13 +318,21 @@ impl<S: MetaStore> Engine<S> {
             return;
         }
         let is_request = matches!(event, Event::ClientRequest { .. } | Event::Tick { .. });
+        // A tick has nobody waiting behind it: it may walk further.
+        let usage_budget = if matches!(event, Event::Tick { .. }) {
+            USAGE_WALK_BUDGET_PER_TICK
+        } else {
+            USAGE_WALK_BUDGET
+        };
         let result = self.dispatch(event);
         if self.failed {
             return;
         }
         let result = result.and_then(|()| {
             if is_request {
-                self.background_reclaim()
+                self.background_reclaim()?;
+                // Seeds the usage figures after start in bounded steps (a no-op once done).
+                self.store.usage_step(usage_budget).map(|_| ())
             } else {
                 Ok(())
             }
@@ -916,10 +932,26 @@ impl<S: MetaStore> Engine<S> {
                 ClientKind::Admin => self.delete_snapshot(who, &snap),
                 _ => Err(wrong_kind("DeleteSnapshot", kind)),
             },
-            ClientMsg::ListSnapshots => match kind {
+            ClientMsg::ListSnapshots { after, limit } => match kind {
                 ClientKind::Admin => {
-                    let snapshots = self.visible_snapshots()?;
-                    self.reply(conn, id, ServerMsg::SnapshotList { snapshots });
+                    let mut snapshots = self.visible_snapshots()?;
+                    if let Some(after) = after {
+                        snapshots.retain(|s| s.id > after);
+                    }
+                    // Every reply fits a frame, however many snapshots and long names.
+                    let n = page_len(&snapshots, limit);
+                    let more = snapshots.len() > n;
+                    snapshots.truncate(n);
+                    let usage_exact = self.store.usage_exact();
+                    self.reply(
+                        conn,
+                        id,
+                        ServerMsg::SnapshotList {
+                            snapshots,
+                            more,
+                            usage_exact,
+                        },
+                    );
                     Ok(())
                 }
                 _ => Err(wrong_kind("ListSnapshots", kind)),
@@ -1751,6 +1783,7 @@ impl<S: MetaStore> Engine<S> {
             pending_snapshots: self.pending_snaps.len() as u32,
             store_full_policy: self.cfg.store_full_policy.to_string(),
             reclaiming: self.reclaiming,
+            usage_exact: self.store.usage_exact(),
         })
     }
 }

@@ -165,6 +165,19 @@ pub trait MetaStore {
     /// reservable after the next `commit`.
     fn reclaim_step(&mut self, budget: usize) -> Result<ReclaimProgress, StoreError>;
 
+    /// Advances the background count of per-snapshot usage (`chunks_held`) by about
+    /// `budget` exception records; true once the figures are exact. Stores that keep exact
+    /// figures all along (the default) have nothing to do.
+    fn usage_step(&mut self, budget: usize) -> Result<bool, StoreError> {
+        let _ = budget;
+        Ok(true)
+    }
+
+    /// Are the `chunks_held` figures exact yet (see `usage_step`)?
+    fn usage_exact(&self) -> bool {
+        true
+    }
+
     /// Makes every recorded change durable (journal commit on stable storage).
     fn commit(&mut self) -> Result<(), StoreError>;
 }

@@ -51,14 +51,6 @@ fn info(rec: &SnapshotRecord, chunks_held: u64) -> SnapshotInfo {
     }
 }
 
-impl Store {
-    /// Store usage of one snapshot as of the last full scan (`usage`, run by
-    /// `list_snapshots`); single lookups stay O(1).
-    fn cached_usage(&self, id: u64) -> u64 {
-        self.usage_cache.get(&id).copied().unwrap_or(0)
-    }
-}
-
 impl MetaStore for Store {
     fn stats(&mut self) -> Result<StoreStats, EngineError> {
         let g = *self.geometry();
@@ -84,22 +76,21 @@ impl MetaStore for Store {
     }
 
     fn list_snapshots(&mut self) -> Result<Vec<SnapshotInfo>, EngineError> {
-        let usage = self.usage()?;
-        let list = self
+        // From the usage counter: O(snapshots), no tree walk.
+        let (usage, _) = self.usage_figures();
+        Ok(self
             .snapshots()
             .iter()
             .map(|r| info(r, usage.get(&r.id).copied().unwrap_or(0)))
-            .collect();
-        self.usage_cache = usage;
-        Ok(list)
+            .collect())
     }
 
     fn snapshot(&mut self, id: SnapId) -> Result<Option<SnapshotInfo>, EngineError> {
-        Ok(Store::snapshot(self, id.0).map(|r| info(r, self.cached_usage(r.id))))
+        Ok(Store::snapshot(self, id.0).map(|r| info(r, self.usage_of(r.id))))
     }
 
     fn snapshot_by_name(&mut self, name: &str) -> Result<Option<SnapshotInfo>, EngineError> {
-        Ok(Store::snapshot_by_name(self, name).map(|r| info(r, self.cached_usage(r.id))))
+        Ok(Store::snapshot_by_name(self, name).map(|r| info(r, self.usage_of(r.id))))
     }
 
     fn oldest_sharing_origin(&mut self, chunk: u64) -> Result<Option<SnapId>, EngineError> {
@@ -151,6 +142,14 @@ impl MetaStore for Store {
             freed_chunks: p.chunks_freed,
             done: p.done,
         })
+    }
+
+    fn usage_step(&mut self, budget: usize) -> Result<bool, EngineError> {
+        Ok(Store::usage_step(self, budget)?)
+    }
+
+    fn usage_exact(&self) -> bool {
+        self.usage_figures_exact()
     }
 
     fn commit(&mut self) -> Result<(), EngineError> {

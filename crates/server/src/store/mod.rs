@@ -24,6 +24,7 @@ mod adapter;
 mod btree;
 mod check;
 mod meta;
+mod usage;
 
 pub use check::CheckReport;
 pub use device::{BlockDevice, FileDevice, MemDevice, MemDeviceStats};
@@ -298,8 +299,8 @@ pub struct Store {
     policy: FullPolicy,
     /// Deleted or invalidated snapshots whose space a reclaim pass still has to free.
     reclaim_pending: BTreeSet<u64>,
-    /// Per-snapshot store usage from the last full scan (see `usage`).
-    usage_cache: BTreeMap<u64, u64>,
+    /// Per-snapshot store usage, kept incrementally (see `usage.rs`).
+    usage_counter: usage::UsageCounter,
 }
 
 /// Reads both superblock slots and returns the valid one with the highest sequence.
@@ -431,7 +432,7 @@ impl Store {
             replayed: replay.transactions,
             policy: opts.full_policy,
             reclaim_pending: BTreeSet::new(),
-            usage_cache: BTreeMap::new(),
+            usage_counter: usage::UsageCounter::unseeded(),
         };
         store.load_snapshots()?;
         Ok(store)
@@ -732,12 +733,23 @@ impl Store {
 
     // ---- exception records ----
 
+    /// Stores a record at a key that holds none.
     fn put_record(&mut self, r: &ExceptionRecord) -> Result<()> {
+        btree::insert(&mut self.meta, Tree::Exceptions, r.key(), &r.encode())?;
+        self.usage_counter.inserted(r.key(), r.first, r.last);
+        Ok(())
+    }
+
+    /// Rewrites a stored record's flags (`fill`, `shared`); its run is unchanged, and so is
+    /// usage.
+    fn rewrite_record(&mut self, r: &ExceptionRecord) -> Result<()> {
         btree::insert(&mut self.meta, Tree::Exceptions, r.key(), &r.encode())
     }
 
     fn remove_record(&mut self, r: &ExceptionRecord) -> Result<()> {
-        btree::remove(&mut self.meta, Tree::Exceptions, r.key())?;
+        if btree::remove(&mut self.meta, Tree::Exceptions, r.key())? {
+            self.usage_counter.removed(r.key(), r.first, r.last);
+        }
         Ok(())
     }
 
@@ -884,7 +896,7 @@ impl Store {
             // Every live snapshot is covered now: the records above the old FILL point
             // can say so, which keeps the next copy-out check short.
             for r in above {
-                s.put_record(&ExceptionRecord { fill: true, ..r })?;
+                s.rewrite_record(&ExceptionRecord { fill: true, ..r })?;
             }
             Ok(true)
         })
@@ -1117,7 +1129,7 @@ impl Store {
         // A store chunk now named by a single record is no longer shared.
         for (r, is_dead) in records.iter().zip(&dead) {
             if !is_dead && r.shared && remaining.get(&r.store_chunk) == Some(&1) {
-                self.put_record(&ExceptionRecord {
+                self.rewrite_record(&ExceptionRecord {
                     shared: false,
                     ..*r
                 })?;
@@ -1184,6 +1196,53 @@ impl Store {
             out.insert(id, running.max(0) as u64);
         }
         Ok(out)
+    }
+
+    /// Advances the seeding walk of the usage counter (see `usage.rs`) by at most `budget`
+    /// exception records (at least one). Read-only on the store. Returns true once the
+    /// usage figures are exact (then it costs nothing).
+    pub fn usage_step(&mut self, budget: usize) -> Result<bool> {
+        let Some(from) = self.usage_counter.cursor() else {
+            return Ok(true);
+        };
+        let budget = budget.max(1);
+        let mut runs = Vec::with_capacity(budget.min(4096));
+        let mut next = None;
+        btree::visit_forward(&mut self.meta, Tree::Exceptions, from, &mut |k, v| {
+            if runs.len() == budget {
+                next = Some(k);
+                return false;
+            }
+            let r = ExceptionRecord::decode(k, v);
+            runs.push((r.first, r.last));
+            true
+        })?;
+        self.usage_counter.walked_over(&runs, next);
+        Ok(next.is_none())
+    }
+
+    /// Per-snapshot usage of the listed snapshots from the usage counter (no tree walk),
+    /// and whether it is exact yet (the seeding walk is done).
+    pub fn usage_figures(&self) -> (BTreeMap<u64, u64>, bool) {
+        (
+            self.usage_counter.figures(self.snaps.keys().copied()),
+            self.usage_counter.is_exact(),
+        )
+    }
+
+    /// Is the usage counter's seeding walk done (figures exact)?
+    pub fn usage_figures_exact(&self) -> bool {
+        self.usage_counter.is_exact()
+    }
+
+    /// Usage of one snapshot from the usage counter.
+    pub fn usage_of(&self, id: u64) -> u64 {
+        self.usage_counter.of(id)
+    }
+
+    /// Exception records the usage counter's seeding walk has visited so far.
+    pub fn usage_records_walked(&self) -> u64 {
+        self.usage_counter.walked()
     }
 
     // ---- durability ----

@@ -1,0 +1,138 @@
+//! Per-snapshot usage (`chunks_held`) from the incremental usage counter: listing and
+//! status touch no metadata block, and after the seeding walk the figures equal a full scan
+//! of the exception tree, whatever happened during the walk. Seeded: CSNAP_SEED replays.
+
+mod store_support;
+
+use csnap_server::engine::MetaStore;
+use rand::Rng;
+use store_support::*;
+
+fn meta_accesses(sim: &Sim) -> u64 {
+    let s = sim.store.meta_stats();
+    s.cache_hits + s.cache_misses
+}
+
+fn assert_exact(sim: &mut Sim, context: &str) {
+    let (figures, exact) = sim.store.usage_figures();
+    assert!(exact, "{context}: figures not exact yet");
+    let scanned = sim.store.usage().unwrap();
+    assert_eq!(
+        figures, scanned,
+        "{context}: counter differs from a full scan"
+    );
+}
+
+fn run(seed: u64, steps: usize) {
+    let mut rng = rng(seed);
+    let origin_chunks = 32;
+    let mut sim = Sim::new(600, origin_chunks);
+    for step in 0..steps {
+        let context = format!("seed {seed} step {step}");
+        match rng.gen_range(0..100) {
+            0..=9 => {
+                sim.create().unwrap();
+            }
+            10..=14 => {
+                if let Some(id) = sim.random_listed(&mut rng) {
+                    sim.delete(id).unwrap();
+                }
+            }
+            15..=49 => {
+                let chunk = rng.gen_range(0..origin_chunks);
+                let tag = sim.origin_write_prepare(chunk).unwrap();
+                sim.reference.origin[chunk as usize] = tag;
+            }
+            50..=69 => {
+                if let (Some(id), chunk) =
+                    (sim.random_live(&mut rng), rng.gen_range(0..origin_chunks))
+                {
+                    if let Some(at) = sim.snapshot_write_prepare(id, chunk).unwrap() {
+                        let tag = sim.tag();
+                        sim.snapshot_write_data(id, chunk, at, tag).unwrap();
+                    }
+                }
+            }
+            70..=79 => {
+                sim.store.reclaim_step(rng.gen_range(1..20)).unwrap();
+            }
+            80..=95 => {
+                // Small steps, so the walk is usually partway while the tree changes.
+                sim.store.usage_step(rng.gen_range(1..6)).unwrap();
+            }
+            96..=97 => sim.store.commit().unwrap(),
+            _ => {
+                sim.reopen();
+                assert!(
+                    !sim.store.usage_figures().1,
+                    "{context}: reopened counter is unseeded"
+                );
+            }
+        }
+        if sim.store.usage_figures().1 {
+            assert_exact(&mut sim, &context);
+        }
+    }
+    let mut guard = 0;
+    while !sim.store.usage_step(7).unwrap() {
+        guard += 1;
+        assert!(guard < 100_000, "seed {seed}: the walk never ends");
+    }
+    assert_exact(&mut sim, &format!("seed {seed} final"));
+}
+
+#[test]
+fn usage_counter_converges_to_a_full_scan() {
+    let seed = seed("usage_counter_converges_to_a_full_scan");
+    let mut rng = rng(seed);
+    for _ in 0..6 {
+        run(rng.gen(), 400);
+    }
+}
+
+/// Listing (with `chunks_held`) costs no metadata block access once seeded; a full scan
+/// reads the whole tree. Asserts on work done, not time.
+#[test]
+fn listing_does_not_walk_the_exception_tree() {
+    let origin_chunks = 4096;
+    let mut sim = Sim::new(20_000, origin_chunks);
+    for round in 0..4 {
+        sim.create().unwrap();
+        // Every chunk copied out once per round: 4 rounds x 4096 records, many leaves.
+        for chunk in (round..origin_chunks).step_by(1) {
+            sim.origin_write_prepare(chunk).unwrap();
+        }
+        sim.store.commit().unwrap();
+    }
+    sim.reopen();
+    let mut steps = 0;
+    while !sim.store.usage_step(1024).unwrap() {
+        steps += 1;
+    }
+    assert!(steps >= 10, "the seeding walk took {steps} bounded steps");
+    let records = sim.store.usage_records_walked();
+    assert!(records > 10_000, "{records} records walked");
+
+    let before = meta_accesses(&sim);
+    let walked = sim.store.usage_records_walked();
+    let listed = MetaStore::list_snapshots(&mut sim.store).unwrap();
+    let stats = MetaStore::stats(&mut sim.store).unwrap();
+    assert!(MetaStore::usage_exact(&sim.store));
+    assert_eq!(
+        meta_accesses(&sim),
+        before,
+        "listing touched metadata blocks"
+    );
+    assert_eq!(sim.store.usage_records_walked(), walked);
+    assert!(stats.free_chunks < stats.store_chunks);
+    // Snapshot k (1-based) was created before rounds k..=4 copied out chunks >= round.
+    let scanned = sim.store.usage().unwrap();
+    assert!(
+        meta_accesses(&sim) > before + 10,
+        "a full scan reads the tree"
+    );
+    for s in &listed {
+        assert_eq!(Some(&s.chunks_held), scanned.get(&s.id.0));
+    }
+    assert!(listed.iter().all(|s| s.chunks_held > 0));
+}
