@@ -308,35 +308,41 @@ impl Volume {
         len: u32,
     ) -> Result<Bytes, ClientError> {
         let in_store: HashMap<u64, u64> = store.iter().map(|a| (a.chunk, a.store_chunk)).collect();
-        let mut out = BytesMut::with_capacity(len as usize);
         let first = offset / self.chunk_size;
         let last = (offset + u64::from(len) - 1) / self.chunk_size;
-        // Consecutive chunks from the same device, contiguous there too, are read at once.
-        let mut run: Option<(Which, u64, u64)> = None; // (device, device offset, length)
+        // Consecutive chunks from the same device, contiguous there too, form one read.
+        let mut runs: Vec<(Which, u64, u64)> = Vec::new(); // (device, device offset, length)
         for chunk in first..=last {
             let (vol_off, within, n) = self.piece(chunk, offset, u64::from(len));
             let (which, dev_off) = match in_store.get(&chunk) {
                 Some(&sc) => (Which::Store, sc * self.chunk_size + within),
                 None => (Which::Origin, vol_off),
             };
-            run = match run {
+            match runs.last_mut() {
                 Some((w, o, l))
                     if matches!(
-                        (w, which),
+                        (*w, which),
                         (Which::Store, Which::Store) | (Which::Origin, Which::Origin)
-                    ) && o + l == dev_off =>
+                    ) && *o + *l == dev_off =>
                 {
-                    Some((w, o, l + n))
+                    *l += n;
                 }
-                Some((w, o, l)) => {
-                    out.extend_from_slice(&self.devices.read(w, o, l as usize).await?);
-                    Some((which, dev_off, n))
-                }
-                None => Some((which, dev_off, n)),
-            };
+                _ => runs.push((which, dev_off, n)),
+            }
         }
-        if let Some((w, o, l)) = run {
-            out.extend_from_slice(&self.devices.read(w, o, l as usize).await?);
+        // Copied-out chunks lie scattered in the store, so a large snapshot read is many
+        // runs: issue them all at once rather than one after another.
+        let parts = futures::future::try_join_all(
+            runs.iter()
+                .map(|&(w, o, l)| self.devices.read(w, o, l as usize)),
+        )
+        .await?;
+        if let [only] = parts.as_slice() {
+            return Ok(only.clone());
+        }
+        let mut out = BytesMut::with_capacity(len as usize);
+        for part in &parts {
+            out.extend_from_slice(part);
         }
         Ok(out.freeze())
     }
