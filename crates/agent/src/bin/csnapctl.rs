@@ -35,6 +35,67 @@ enum Command {
     Status(csnap_agent::ctl::StatusArgs),
     /// Write a new random cluster key (32 bytes, mode 0600) for servers and clients.
     Keygen(KeygenArgs),
+    /// Check a store's consistency without changing it (exit 0: consistent, 1: problems
+    /// found or the store is unreadable, 2: not checked, e.g. a server is using it).
+    Check(CheckArgs),
+}
+
+#[derive(Args, Debug)]
+struct CheckArgs {
+    /// The store device or file.
+    #[arg(long)]
+    store: PathBuf,
+    /// The origin device or file: also check its size matches the store.
+    #[arg(long)]
+    origin: Option<PathBuf>,
+}
+
+fn run_check(args: &CheckArgs) -> ExitCode {
+    use csnap_server::store::tool::{check_paths, CheckError};
+    let outcome = match check_paths(&args.store, args.origin.as_deref()) {
+        Ok(o) => o,
+        Err(e @ CheckError::InUse(_)) => {
+            eprintln!("csnapctl: error: {e}");
+            return ExitCode::from(2);
+        }
+        Err(CheckError::Store(e)) => {
+            println!(
+                "{}: DAMAGED: cannot be read as a csnap store",
+                args.store.display()
+            );
+            println!("  {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let i = &outcome.info;
+    let r = &outcome.report;
+    println!("store {} (uuid {})", args.store.display(), i.uuid);
+    println!(
+        "  chunk size {}  origin {} bytes  data {} chunks ({} free)  metadata {} blocks ({} free)",
+        i.chunk_size,
+        i.origin_size,
+        i.data_chunks,
+        i.free_chunks,
+        i.meta_blocks,
+        i.free_meta_blocks
+    );
+    println!(
+        "  {} snapshots  {} exception records  {} data chunks used  {} metadata blocks used",
+        i.snapshots, r.exception_records, r.data_chunks_used, r.meta_blocks_used
+    );
+    if outcome.was_unclean {
+        println!("  not shut down cleanly: the journal was replayed in memory for the check (the disk is unchanged)");
+    }
+    if outcome.is_clean() {
+        println!("consistent");
+        return ExitCode::SUCCESS;
+    }
+    let problems: Vec<&String> = outcome.problems().collect();
+    println!("{} PROBLEMS:", problems.len());
+    for p in problems {
+        println!("  {p}");
+    }
+    ExitCode::from(1)
 }
 
 #[derive(Args, Debug)]
@@ -136,6 +197,7 @@ fn main() -> ExitCode {
             return csnap_agent::ctl::run_cli(run);
         }
         Command::Keygen(args) => return run_keygen(args),
+        Command::Check(args) => return run_check(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
