@@ -2,11 +2,15 @@
 //! status touch no metadata block, and after the seeding walk the figures equal a full scan
 //! of the exception tree, whatever happened during the walk. Seeded: CSNAP_SEED replays.
 
+mod engine_common;
 mod store_support;
 
-use csnap_server::engine::MetaStore;
+use csnap_proto::{ClientMsg, ServerMsg, SnapId, SnapshotState};
+use csnap_server::engine::{Event, MetaStore};
+use csnap_server::store::Store;
+use engine_common::{config, Harness, TestStore};
 use rand::Rng;
-use store_support::*;
+use store_support::{open, rng, seed, Sim};
 
 fn meta_accesses(sim: &Sim) -> u64 {
     let s = sim.store.meta_stats();
@@ -135,4 +139,90 @@ fn listing_does_not_walk_the_exception_tree() {
         assert_eq!(Some(&s.chunks_held), scanned.get(&s.id.0));
     }
     assert!(listed.iter().all(|s| s.chunks_held > 0));
+}
+
+impl TestStore for Store {
+    fn crash_and_recover(&mut self) {
+        panic!("crash_and_recover is not used by the usage tests");
+    }
+
+    fn consistency(&mut self) -> Result<(), String> {
+        let report = self.check().map_err(|e| e.to_string())?;
+        if report.is_clean() {
+            Ok(())
+        } else {
+            Err(report.problems.join("; "))
+        }
+    }
+
+    fn snapshot_states(&mut self) -> Vec<(SnapId, SnapshotState)> {
+        MetaStore::list_snapshots(self)
+            .unwrap()
+            .into_iter()
+            .map(|i| (i.id, i.state))
+            .collect()
+    }
+
+    fn placeholder() -> Self {
+        Sim::new(0, 1).store
+    }
+}
+
+/// Through the request engine, right after start on a 16k-record tree: `Status` costs at
+/// most one bounded walk step (no full scan) and reports the figures as not exact yet;
+/// ticks finish the walk; then `ListSnapshots` reports exact figures equal to a full scan.
+#[test]
+fn engine_status_is_bounded_and_list_converges() {
+    let origin_chunks = 4096;
+    let mut sim = Sim::new(20_000, origin_chunks);
+    for round in 0..4 {
+        sim.create().unwrap();
+        for chunk in round..origin_chunks {
+            sim.origin_write_prepare(chunk).unwrap();
+        }
+        sim.store.commit().unwrap();
+    }
+    let dev = sim.dev.clone();
+    sim.reopen();
+    drop(sim);
+    let store = open(&dev).unwrap();
+    let mut h = Harness::with_store(config(), store);
+    let admin = h.admin();
+    let walked = h.engine.store().usage_records_walked();
+    let id = h.send(admin, ClientMsg::Status);
+    let Some(ServerMsg::Status(status)) = h.reply_to(admin, id) else {
+        panic!("no status reply");
+    };
+    let step = h.engine.store().usage_records_walked() - walked;
+    assert!(step <= 1024, "Status walked {step} records");
+    assert!(!status.usage_exact, "16k records cannot be counted yet");
+    assert_eq!(status.snapshots, 4);
+
+    let mut ticks = 0;
+    while !h.engine.store().usage_figures().1 {
+        ticks += 1;
+        assert!(ticks <= 3, "16k records take at most 2 ticks of 16k");
+        h.handle(Event::Tick { now: 1_000 + ticks });
+    }
+    let id = h.send(
+        admin,
+        ClientMsg::ListSnapshots {
+            after: None,
+            limit: 2,
+        },
+    );
+    let Some(ServerMsg::SnapshotList {
+        snapshots,
+        more,
+        usage_exact,
+    }) = h.reply_to(admin, id)
+    else {
+        panic!("no list reply");
+    };
+    assert!(usage_exact && more && snapshots.len() == 2);
+    let scanned = h.engine.store_mut().usage().unwrap();
+    for s in &snapshots {
+        assert_eq!(Some(&s.chunks_held), scanned.get(&s.id.0));
+        assert!(s.chunks_held > 4000, "{s:?}");
+    }
 }
