@@ -1339,7 +1339,8 @@ async fn rss(plan: &Plan, dir: &Path, rng: &mut StdRng) -> BenchResult<()> {
             for group in chunks.chunks_mut(64) {
                 group.sort_unstable();
             }
-            // The first Status scans the whole exception tree (per-snapshot usage).
+            // Status answers from counters (no exception-tree walk; usage is counted in the
+            // background after start).
             let status_started = Instant::now();
             let before = status(&admin).await?;
             let status_time = status_started.elapsed();
