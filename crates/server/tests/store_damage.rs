@@ -6,7 +6,6 @@
 
 mod store_support;
 
-use csnap_server::store::format::{block_crc, put_u32};
 use csnap_server::store::{read_superblock, BlockDevice, ChunkSource, MemDevice, Store};
 use rand::rngs::StdRng;
 use rand::Rng;
@@ -138,18 +137,7 @@ fn damage_runs(seed: u64, rng: &mut StdRng, closed: bool) -> u64 {
             }
         }
         // Re-seal so the damage passes the checksum.
-        if block < 2 {
-            let crc = block_crc(&b, 12);
-            put_u32(&mut b, 12, crc);
-        } else if block < g.bitmap_start {
-            if &b[0..8] == b"CSNAPJTX" {
-                let crc = block_crc(&b, 8);
-                put_u32(&mut b, 8, crc);
-            }
-        } else {
-            let crc = block_crc(&b, 4);
-            put_u32(&mut b, 4, crc);
-        }
+        g.reseal_block(block, &mut b);
         dev.corrupt(block * 4096, &b);
         let outcome = catch_unwind(AssertUnwindSafe(|| exercise(&dev)));
         match outcome {

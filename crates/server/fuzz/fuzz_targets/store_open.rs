@@ -12,7 +12,6 @@
 
 use std::sync::{Arc, OnceLock};
 
-use csnap_server::store::format::{block_crc, put_u32};
 use csnap_server::store::{
     read_superblock, BlockDevice, FormatOptions, Geometry, MemDevice, OpenOptions, Store,
 };
@@ -104,19 +103,8 @@ fuzz_target!(|data: &[u8]| {
         b[off..off + len].copy_from_slice(&rest[3..3 + len]);
         rest = &rest[3 + len..];
     }
-    // Re-seal so the damage reaches the decoders (checksum offsets as in the format doc).
-    if block < 2 {
-        let crc = block_crc(&b, 12);
-        put_u32(&mut b, 12, crc);
-    } else if block < g.bitmap_start {
-        if &b[0..8] == b"CSNAPJTX" {
-            let crc = block_crc(&b, 8);
-            put_u32(&mut b, 8, crc);
-        }
-    } else {
-        let crc = block_crc(&b, 4);
-        put_u32(&mut b, 4, crc);
-    }
+    // Re-seal so the damage reaches the decoders.
+    g.reseal_block(block, &mut b);
     let dev = MemDevice::new(base.image.len() as u64);
     dev.corrupt(0, &base.image);
     dev.corrupt(block * BLOCK as u64, &b);
