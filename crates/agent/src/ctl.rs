@@ -65,7 +65,7 @@ fn print_snapshots(list: &[SnapshotInfo]) {
 }
 
 /// Unix seconds as `YYYY-MM-DD HH:MM:SS` (UTC), without a date-time dependency.
-fn utc_time(unix: u64) -> String {
+pub fn utc_time(unix: u64) -> String {
     let days = (unix / 86_400) as i64;
     let secs = unix % 86_400;
     // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).

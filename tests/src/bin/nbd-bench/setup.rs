@@ -103,23 +103,9 @@ pub fn create_sparse_file(path: &Path, size: u64) -> anyhow::Result<()> {
 
 /// "YYYY-MM-DD HH:MM UTC" for seconds since the epoch.
 pub fn utc_timestamp(epoch_secs: u64) -> String {
-    let days = (epoch_secs / 86_400) as i64;
-    let secs = epoch_secs % 86_400;
-    // Days to civil date (proleptic Gregorian), after Howard Hinnant's algorithm.
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}-{month:02}-{day:02} {:02}:{:02} UTC",
-        secs / 3600,
-        secs % 3600 / 60
-    )
+    // csnapctl's formatter, to the minute.
+    let full = csnap_agent::ctl::utc_time(epoch_secs);
+    format!("{} UTC", &full[..full.len().min(16)])
 }
 
 pub fn now_utc() -> String {
