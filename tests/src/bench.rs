@@ -178,7 +178,7 @@ async fn measure_latency<G: Group>(
         payload[..8].copy_from_slice(&i.to_be_bytes());
         let started = Instant::now();
         match timeout_at(deadline, sender.mcast(payload.clone())).await {
-            Ok(Ok(())) => {}
+            Ok(Ok(_receipt)) => {}
             Ok(Err(e)) => {
                 failure = Some(format!("{}: mcast failed: {e}", prober.local));
                 break;
@@ -287,7 +287,7 @@ async fn measure_throughput<G: Group>(
                 let message = vec![0x5a; payload];
                 for i in 0..count {
                     match timeout_at(deadline, sender.mcast(message.clone())).await {
-                        Ok(Ok(())) => {}
+                        Ok(Ok(_receipt)) => {}
                         Ok(Err(e)) => return Err(format!("{local}: mcast {i} failed: {e}")),
                         Err(_) => return Err(format!("{local}: mcast {i} not done in time")),
                     }

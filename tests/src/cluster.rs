@@ -406,6 +406,19 @@ impl Cluster {
         }
     }
 
+    /// Like [`Cluster::run_in_node`] for async work: the future `f` makes is driven to
+    /// completion on the namespace thread (with the current runtime's drivers), so every
+    /// connection attempt it makes, including retries, happens inside `node`'s namespace.
+    pub async fn run_async_in_node<F, Fut, R>(&self, node: NodeId, f: F) -> Result<R, HarnessError>
+    where
+        F: FnOnce() -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = R>,
+        R: Send + 'static,
+    {
+        let runtime = tokio::runtime::Handle::current();
+        self.run_in_node(node, move || runtime.block_on(f())).await
+    }
+
     async fn blocking<T, F>(&self, f: F) -> Result<T, HarnessError>
     where
         F: FnOnce(&Inner) -> Result<T, HarnessError> + Send + 'static,

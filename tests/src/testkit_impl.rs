@@ -26,9 +26,12 @@ impl TestCluster for Cluster {
 
     async fn join(&self, node: NodeId, group: &str) -> Result<CorosyncGroup, GroupError> {
         let group = group.to_string();
-        self.run_in_node(node, move || CorosyncGroup::join(&group))
-            .await
-            .map_err(|e| harness_failure(node, "joining a group", e))?
+        self.run_async_in_node(
+            node,
+            move || async move { CorosyncGroup::join(&group).await },
+        )
+        .await
+        .map_err(|e| harness_failure(node, "joining a group", e))?
     }
 
     async fn quorum(&self, node: NodeId) -> Result<CorosyncQuorum, GroupError> {
@@ -53,7 +56,21 @@ impl TestCluster for Cluster {
         self.config().settle_timeout
     }
 
+    /// `corosync-quorumtool -e VOTES` in the node's namespace.
+    async fn set_expected_votes(&self, node: NodeId, votes: u32) -> Result<(), String> {
+        self.exec_ok(node, "corosync-quorumtool", &["-e", &votes.to_string()])
+            .await
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    }
+
     fn max_message_size(&self) -> Option<usize> {
         Some(MAX_MESSAGE_SIZE)
+    }
+
+    /// corosync's atomic CPG message is about 1 MiB (libcpg's IPC request size), so this
+    /// takes several frames.
+    fn multi_frame_payload(&self) -> usize {
+        3 << 20
     }
 }

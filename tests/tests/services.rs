@@ -131,7 +131,7 @@ async fn cpg_reports_a_missing_or_dying_corosync() {
 
     // Node 3 joins; when its corosync is killed, its stream ends with Disconnected.
     let mut group = cluster
-        .run_in_node(NodeId(3), || CorosyncGroup::join("doomed"))
+        .run_async_in_node(NodeId(3), || CorosyncGroup::join("doomed"))
         .await
         .unwrap()
         .unwrap();
@@ -161,7 +161,7 @@ async fn cpg_reports_a_missing_or_dying_corosync() {
     // Node 2 without corosync: joining says so plainly.
     cluster.stop_node(NodeId(2)).await.unwrap();
     let refused = cluster
-        .run_in_node(NodeId(2), || CorosyncGroup::join("nobody-home"))
+        .run_async_in_node(NodeId(2), || CorosyncGroup::join("nobody-home"))
         .await
         .unwrap();
     match refused {

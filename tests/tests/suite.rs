@@ -52,3 +52,39 @@ async fn too_large() {
     };
     suite::too_large(&c, "big").await;
 }
+
+/// Multi-frame (3 MiB) messages sent without pause across a join, a leave, a partition and
+/// a merge: intact payloads, every sender learns each message's fate, members that went
+/// through the same view change delivered the same messages (virtual synchrony).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_messages_across_changes() {
+    let Some(c) = cluster("large_messages_across_changes").await else {
+        return;
+    };
+    let stats = suite::large_messages_across_changes(&c, "bigmsg").await;
+    println!("large_messages_across_changes on corosync: {stats:?}");
+    assert!(stats.delivered > 0, "{stats:?}");
+}
+
+/// Every node joins two groups at the same moment; every process reaches a stable view.
+/// Then a process that leaves right after its join leaves cleanly (corosync answers such
+/// a leave with CS_ERR_BUSY until the join is through).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn racing_joins_and_a_quick_leave() {
+    let Some(c) = cluster("racing_joins_and_a_quick_leave").await else {
+        return;
+    };
+    let totem_first = suite::racing_joins(&c, ["race-a", "race-b"]).await;
+    println!("racing_joins: {totem_first} processes saw their initial totem confchg before their own join");
+    suite::leave_right_after_join(&c, "quick").await;
+}
+
+/// Quorum flips on the same ring: the cut-off node becomes quorate when its expected
+/// votes drop to 1 (`corosync-quorumtool -e 1`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quorum_flips_on_the_same_ring() {
+    let Some(c) = cluster("quorum_flips_on_the_same_ring").await else {
+        return;
+    };
+    suite::quorum_flips_on_the_same_ring(&c, NodeId(3)).await;
+}

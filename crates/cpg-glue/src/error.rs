@@ -30,6 +30,11 @@ pub enum GroupError {
     #[error("group {group}: connection lost: {detail}")]
     Disconnected { group: String, detail: String },
 
+    /// A multicast message was cut by a membership change between its frames; no member
+    /// delivered it (see [`crate::Receipt`]).
+    #[error("group {group}: message not delivered: {detail}")]
+    Interrupted { group: String, detail: String },
+
     /// A typed message could not be encoded or decoded.
     #[error("cannot {op} typed message: {detail}")]
     Codec { op: &'static str, detail: String },

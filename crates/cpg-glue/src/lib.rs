@@ -23,7 +23,10 @@ use futures::Stream;
 use serde::{Deserialize, Serialize};
 
 pub mod error;
+pub mod fragment;
+mod inbox;
 pub use error::GroupError;
+pub use inbox::Receipt;
 
 /// A corosync node id (`nodeid` in corosync.conf's nodelist).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -70,9 +73,17 @@ pub struct MemberChange {
     pub reason: Reason,
 }
 
-/// A totem ring id: the representative node and the ring sequence number.
-/// Ring ids are totally ordered by `seq` within one cluster's history.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+/// A totem ring id: the representative node (the lowest node id of the ring) and the ring
+/// sequence number.
+///
+/// Ring ids are *not* ordered across partitions: corosync gives a new ring the highest seq
+/// its members knew plus 4, so both halves of a split form rings with the same seq (`1.11`
+/// on the majority and `3.11` on the cut-off node at the same moment), and after a merge
+/// either lineage may have had the higher seq. Along one node's own history the seq only
+/// grows (corosync persists it across restarts), so comparing `seq` is meaningful only
+/// between rings seen by the same node. Nothing may decide "newer lineage" from ring ids;
+/// that is why this type has equality but no ordering.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct RingId {
     pub node: NodeId,
     pub seq: u64,
@@ -94,7 +105,10 @@ pub struct ConfChg {
 }
 
 /// A change of the totem (node-level) membership. Corosync delivers it after the group
-/// confchgs of the same transition, so it marks the point where membership is stable.
+/// confchgs of the same transition, so it marks the end of a transition. A process also
+/// gets one *initial* totem confchg with the ring current when it joined, and that one can
+/// arrive before the process's own join confchg (see [`view::ViewTracker`] for what a
+/// stable view is).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TotemConfChg {
     pub ring: RingId,
@@ -117,7 +131,9 @@ pub enum GroupEvent {
     Deliver(Delivery),
 }
 
-/// Quorum state of the local node's partition.
+/// Quorum state of the local node's partition. Quorum can change without a ring change
+/// (expected votes changed with `corosync-quorumtool -e`, last_man_standing, a quorum
+/// device): a quorate flip on the same ring is normal.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct QuorumEvent {
     pub quorate: bool,
@@ -129,10 +145,15 @@ pub struct QuorumEvent {
 /// Sends agreed-order multicasts to a group. Cheap to clone; usable from any task.
 pub trait GroupSender: Clone + Send + Sync + 'static {
     /// Multicast `payload` to every member of the group (the sender included) in agreed
-    /// order. Waits (bounded) through corosync flow control and `CS_ERR_TRY_AGAIN`; never
-    /// drops a message silently. Payloads over the implementation's maximum are refused
-    /// with [`GroupError::MessageTooLarge`].
-    fn mcast(&self, payload: Vec<u8>) -> impl Future<Output = Result<(), GroupError>> + Send;
+    /// order. Waits (bounded) through corosync flow control and `CS_ERR_TRY_AGAIN`.
+    /// Payloads over the implementation's maximum are refused with
+    /// [`GroupError::MessageTooLarge`].
+    ///
+    /// `Ok` means corosync accepted every frame of the message. A message larger than one
+    /// frame can still be cut by a membership change that corosync orders between its
+    /// frames: then no member delivers it. The returned [`Receipt`] tells the sender which
+    /// way it went; a message is never delivered to only some members of a view.
+    fn mcast(&self, payload: Vec<u8>) -> impl Future<Output = Result<Receipt, GroupError>> + Send;
 }
 
 /// A joined closed process group. The stream yields the group's events in agreed order;
@@ -162,3 +183,4 @@ pub mod corosync;
 pub mod memory;
 pub mod testkit;
 pub mod typed;
+pub mod view;

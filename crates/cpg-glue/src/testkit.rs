@@ -26,6 +26,13 @@ pub trait TestCluster: Send + Sync {
     fn partition(&self, sides: &[Vec<NodeId>]) -> impl Future<Output = Result<(), String>> + Send;
     /// Reconnect every node with every other.
     fn heal(&self) -> impl Future<Output = Result<(), String>> + Send;
+    /// `corosync-quorumtool -e votes` on `node`: set votequorum's expected votes of its
+    /// partition (quorum may flip without a ring change).
+    fn set_expected_votes(
+        &self,
+        node: NodeId,
+        votes: u32,
+    ) -> impl Future<Output = Result<(), String>> + Send;
     /// Upper bound for one membership change to be seen by every member (the in-memory
     /// cluster: short; real corosync: token + consensus + margin, e.g. 30 s).
     fn settle(&self) -> Duration;
@@ -34,6 +41,8 @@ pub trait TestCluster: Send + Sync {
     fn max_message_size(&self) -> Option<usize> {
         None
     }
+    /// A payload size that travels as several frames (so membership changes can cut it).
+    fn multi_frame_payload(&self) -> usize;
 }
 
 /// The behavioural suite. Each function drives one scenario on a cluster and panics with a
@@ -55,9 +64,10 @@ pub mod suite {
     use tokio::time::{timeout_at, Instant};
 
     use super::TestCluster;
+    use crate::view::ViewTracker;
     use crate::{
         ConfChg, Group, GroupError, GroupEvent, GroupSender, Member, NodeId, QuorumEvent, Reason,
-        TotemConfChg,
+        Receipt, TotemConfChg,
     };
 
     /// What one process has observed so far, with the invariants every event must keep.
@@ -68,6 +78,7 @@ pub mod suite {
         view: Option<BTreeSet<Member>>,
         last_totem: Option<TotemConfChg>,
         deliveries: usize,
+        tracker: ViewTracker,
     }
 
     impl Observed {
@@ -78,7 +89,15 @@ pub mod suite {
                 view: None,
                 last_totem: None,
                 deliveries: 0,
+                tracker: ViewTracker::new(local),
             }
+        }
+
+        /// The stable view (see [`crate::view`]) equals `members` on a ring of `nodes`.
+        fn stable_is(&self, members: &BTreeSet<Member>, nodes: &[NodeId]) -> bool {
+            self.tracker.stable().is_some_and(|v| {
+                v.members.iter().copied().collect::<BTreeSet<_>>() == *members && v.nodes == nodes
+            })
         }
 
         fn view(&self) -> BTreeSet<Member> {
@@ -100,8 +119,10 @@ pub mod suite {
                     if !is_sorted(&t.members) {
                         self.fail("totem members sorted", &format!("{:?}", t.members));
                     }
+                    // Along one node's history seqs grow; the same ring may come twice (the
+                    // initial totem confchg and a transition's).
                     if let Some(prev) = &self.last_totem {
-                        if t.ring.seq <= prev.ring.seq {
+                        if t.ring.seq <= prev.ring.seq && t != prev {
                             self.fail(
                                 &format!("a ring seq above the previous ring {}", prev.ring),
                                 &format!("ring {}", t.ring),
@@ -120,6 +141,7 @@ pub mod suite {
                     self.deliveries += 1;
                 }
             }
+            self.tracker.apply(&event);
             self.seen.push(event);
         }
 
@@ -338,10 +360,10 @@ pub mod suite {
             p.until(
                 deadline,
                 &format!(
-                    "a view of all joined processes {} and a totem confchg",
+                    "a stable view (own join and a totem confchg seen, no transition open) of all joined processes {}",
                     procs_str(&all)
                 ),
-                |o| o.view() == all && o.last_totem.is_some(),
+                |o| o.view() == all && o.stable_is(&all, &o.ring_members()),
             )
             .await;
         }
@@ -470,15 +492,26 @@ pub mod suite {
             .into_iter()
             .map(|(local, sender)| {
                 tokio::spawn(async move {
+                    let mut receipts = Vec::new();
                     for index in 0..per_member as u64 {
                         match timeout_at(deadline, sender.mcast(encode(local, index))).await {
-                            Ok(Ok(())) => {}
+                            Ok(Ok(receipt)) => receipts.push(receipt),
                             Ok(Err(e)) => panic!(
                                 "process {local} (node {}): mcast of message {index} failed: {e}",
                                 local.node
                             ),
                             Err(_) => panic!(
                                 "process {local} (node {}): mcast of message {index} not done in time",
+                                local.node
+                            ),
+                        }
+                    }
+                    // No membership change: every message is reported delivered.
+                    for (index, receipt) in receipts.into_iter().enumerate() {
+                        match timeout_at(deadline, receipt.delivered()).await {
+                            Ok(Ok(())) => {}
+                            other => panic!(
+                                "process {local} (node {}): message {index}'s receipt: expected delivered, got {other:?}",
                                 local.node
                             ),
                         }
@@ -706,8 +739,13 @@ pub mod suite {
                 for m in c.left.iter().chain(&c.joined) {
                     let allowed = match reason {
                         // A merge may first report what went down on the way (corosync
-                        // sends a NodeDown confchg before the NodeUp one).
-                        Reason::NodeUp => matches!(m.reason, Reason::NodeUp | Reason::NodeDown),
+                        // sends a NodeDown confchg before the NodeUp one) and end with
+                        // ProcDown for processes a merged node no longer has (exec/cpg.c's
+                        // joinlist zombie removal).
+                        Reason::NodeUp => matches!(
+                            m.reason,
+                            Reason::NodeUp | Reason::NodeDown | Reason::ProcDown
+                        ),
                         _ => m.reason == reason,
                     };
                     if !allowed {
@@ -859,13 +897,13 @@ pub mod suite {
         } else {
             b"still works".to_vec()
         };
-        match timeout_at(deadline, sender.mcast(fits.clone())).await {
-            Ok(Ok(())) => {}
+        let receipt = match timeout_at(deadline, sender.mcast(fits.clone())).await {
+            Ok(Ok(receipt)) => receipt,
             other => p.obs.fail(
                 &format!("a {}-byte mcast to succeed", fits.len()),
                 &format!("{other:?}"),
             ),
-        }
+        };
         let events = p
             .until(deadline, "its own message delivered", |o| o.deliveries >= 1)
             .await;
@@ -876,6 +914,567 @@ pub mod suite {
                 &format!("{:?}", other.map(describe)),
             ),
         }
+        if let Err(e) = receipt.delivered().await {
+            p.obs.fail("its receipt to say delivered", &e.to_string());
+        }
         leave_all(c, procs).await;
+    }
+
+    /// What [`large_messages_across_changes`] saw.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub struct CutStats {
+        /// Messages whose receipt said delivered.
+        pub delivered: usize,
+        /// Messages whose receipt said a membership change cut them.
+        pub cut: usize,
+    }
+
+    /// A large message of the suite: header (sender, index) then a pattern of `len` bytes.
+    fn big_payload(from: Member, index: u64, len: usize) -> Vec<u8> {
+        let mut out = encode(from, index);
+        let seed = (from.pid as u64) ^ index.rotate_left(17);
+        out.extend((0..len).map(|i| (seed.wrapping_add(i as u64 * 31) >> 3) as u8));
+        out
+    }
+
+    fn check_big_payload(payload: &[u8]) -> Option<(Member, u64)> {
+        let (from, index) = decode(payload.get(..20)?)?;
+        (big_payload(from, index, payload.len() - 20) == payload).then_some((from, index))
+    }
+
+    /// A reader task's shared progress, so the test body can wait for membership.
+    #[derive(Default)]
+    struct Progress {
+        ring: Vec<NodeId>,
+        view: BTreeSet<Member>,
+        /// Fence messages seen, by sender.
+        fences: BTreeSet<Member>,
+    }
+
+    type Shared<T> = std::sync::Arc<std::sync::Mutex<T>>;
+
+    fn locked<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+        m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Reads a process's stream in a task until told to stop; publishes its progress.
+    fn spawn_reader<G: Group>(
+        mut p: Proc<G>,
+        progress: Shared<Progress>,
+        mut stop: tokio::sync::oneshot::Receiver<()>,
+        deadline: Instant,
+    ) -> tokio::task::JoinHandle<Proc<G>> {
+        tokio::spawn(async move {
+            loop {
+                let event = tokio::select! {
+                    _ = &mut stop => return p,
+                    next = timeout_at(deadline, p.group.next()) => match next {
+                        Err(_) => p.obs.fail("events until the test ends", "nothing more before the deadline"),
+                        Ok(None) => p.obs.fail("events until the test ends", "the end of its stream"),
+                        Ok(Some(Err(e))) => p.obs.fail("events until the test ends", &format!("error: {e}")),
+                        Ok(Some(Ok(event))) => event,
+                    },
+                };
+                let fence = match &event {
+                    GroupEvent::Deliver(d) if d.payload.starts_with(FENCE) => Some(d.from),
+                    _ => None,
+                };
+                p.obs.apply(event);
+                let mut shared = locked(&progress);
+                shared.ring = p.obs.ring_members();
+                shared.view = p.obs.view();
+                shared.fences.extend(fence);
+            }
+        })
+    }
+
+    const FENCE: &[u8] = b"fence";
+
+    /// Sends large messages until told to stop; returns each message's index and fate.
+    fn spawn_sender<S: GroupSender>(
+        local: Member,
+        sender: S,
+        len: usize,
+        sent: std::sync::Arc<std::sync::atomic::AtomicU64>,
+        stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+        deadline: Instant,
+    ) -> tokio::task::JoinHandle<Vec<(u64, Result<(), GroupError>)>> {
+        use std::sync::atomic::Ordering;
+        tokio::spawn(async move {
+            let mut receipts: Vec<(u64, Receipt)> = Vec::new();
+            let mut index = 0;
+            while !stop.load(Ordering::Acquire) {
+                match timeout_at(deadline, sender.mcast(big_payload(local, index, len))).await {
+                    Ok(Ok(receipt)) => receipts.push((index, receipt)),
+                    // The process left or its connection is gone: it sends no more.
+                    Ok(Err(GroupError::Disconnected { .. })) => break,
+                    Ok(Err(e)) => panic!("process {local}: mcast of message {index} failed: {e}"),
+                    Err(_) => panic!("process {local}: mcast of message {index} not done in time"),
+                }
+                index += 1;
+                sent.fetch_add(1, Ordering::Release);
+            }
+            let mut fates = Vec::new();
+            for (index, receipt) in receipts {
+                match timeout_at(deadline, receipt.delivered()).await {
+                    Ok(fate) => fates.push((index, fate)),
+                    Err(_) => {
+                        panic!("process {local}: message {index}'s fate unknown at the deadline")
+                    }
+                }
+            }
+            fates
+        })
+    }
+
+    /// One process of [`large_messages_across_changes`]: its reader and sender tasks.
+    struct Running<G: Group> {
+        local: Member,
+        progress: Shared<Progress>,
+        stop_reader: Option<tokio::sync::oneshot::Sender<()>>,
+        reader: tokio::task::JoinHandle<Proc<G>>,
+        sent: std::sync::Arc<std::sync::atomic::AtomicU64>,
+        sender: tokio::task::JoinHandle<Vec<(u64, Result<(), GroupError>)>>,
+        fence: G::Sender,
+    }
+
+    /// Waits until every running sender has sent two more messages (or stopped).
+    async fn sent_some<G: Group>(running: &[Running<G>], deadline: Instant) {
+        use std::sync::atomic::Ordering;
+        let marks: Vec<u64> = running
+            .iter()
+            .map(|r| r.sent.load(Ordering::Acquire))
+            .collect();
+        loop {
+            if running
+                .iter()
+                .zip(&marks)
+                .all(|(r, m)| r.sender.is_finished() || r.sent.load(Ordering::Acquire) >= m + 2)
+            {
+                return;
+            }
+            if Instant::now() > deadline {
+                panic!("senders made no progress before the deadline");
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    /// Waits until every running reader's published progress satisfies `ok`.
+    async fn until_all<G: Group>(
+        running: &[Running<G>],
+        what: &str,
+        deadline: Instant,
+        ok: impl Fn(Member, &Progress) -> bool,
+    ) {
+        loop {
+            let pending: Vec<Member> = running
+                .iter()
+                .filter(|r| !ok(r.local, &locked(&r.progress)))
+                .map(|r| r.local)
+                .collect();
+            if pending.is_empty() {
+                return;
+            }
+            if Instant::now() > deadline {
+                panic!(
+                    "{what}: processes {} not there before the deadline",
+                    procs_str(&pending)
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    /// Large (multi-frame) messages sent by every member without pause while a process
+    /// joins, a process leaves, a node is cut off and the partition heals. Checks: every
+    /// delivered payload is intact; each sender learns every message's fate, and a message
+    /// reported delivered was delivered by its sender, one reported cut by nobody; members
+    /// that went through the same view change delivered the same messages in the same
+    /// order before it (virtual synchrony). Needs 3 or more nodes; returns the counts.
+    pub async fn large_messages_across_changes<C: TestCluster>(c: &C, group: &str) -> CutStats {
+        use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+        use std::sync::{Arc, Mutex};
+        let nodes = c.nodes();
+        assert!(
+            nodes.len() >= 3,
+            "large_messages_across_changes needs 3 or more nodes, got {nodes:?}"
+        );
+        let len = c.multi_frame_payload();
+        let (first_nodes, late_node) = (&nodes[..nodes.len() - 1], nodes[nodes.len() - 1]);
+        let deadline = Instant::now() + c.settle() * 12;
+        let stop_sending = Arc::new(AtomicBool::new(false));
+
+        let start = |p: Proc<C::G>, stop_sending: &Arc<AtomicBool>| {
+            let local = p.local();
+            let progress: Shared<Progress> = Arc::new(Mutex::new(Progress::default()));
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            let sent = Arc::new(AtomicU64::new(0));
+            let fence = p.group.sender();
+            let sender = spawn_sender(
+                local,
+                p.group.sender(),
+                len,
+                sent.clone(),
+                stop_sending.clone(),
+                deadline,
+            );
+            let reader = spawn_reader(p, progress.clone(), rx, deadline);
+            Running {
+                local,
+                progress,
+                stop_reader: Some(tx),
+                reader,
+                sent,
+                sender,
+                fence,
+            }
+        };
+        let mut running: Vec<Running<C::G>> = join_all(c, group, first_nodes)
+            .await
+            .into_iter()
+            .map(|p| start(p, &stop_sending))
+            .collect();
+
+        // A process joins while everybody sends.
+        sent_some(&running, deadline).await;
+        let joiner = match timeout_at(settle_deadline(c), c.join(late_node, group)).await {
+            Ok(Ok(g)) => Proc::new(g),
+            other => panic!(
+                "node {late_node}: joining during the sends failed: {:?}",
+                other.map(|r| r.err())
+            ),
+        };
+        running.push(start(joiner, &stop_sending));
+        let everyone: BTreeSet<Member> = running.iter().map(|r| r.local).collect();
+        until_all(&running, "a view with the joiner", deadline, |_, p| {
+            p.view == everyone
+        })
+        .await;
+
+        // The first process leaves while the others send.
+        sent_some(&running, deadline).await;
+        let mut leaver = running.remove(0);
+        if let Some(tx) = leaver.stop_reader.take() {
+            let _ = tx.send(());
+        }
+        let leaver_proc = join_task(leaver.reader).await;
+        let leaver_id = leaver.local;
+        let leaver_log = leaver_proc.obs.seen.clone();
+        match timeout_at(settle_deadline(c), leaver_proc.group.leave()).await {
+            Ok(Ok(())) => {}
+            other => panic!("process {leaver_id}: leave during the sends failed: {other:?}"),
+        }
+        let leaver_fates = join_task(leaver.sender).await;
+        let rest: BTreeSet<Member> = running.iter().map(|r| r.local).collect();
+        until_all(&running, "a view without the leaver", deadline, |_, p| {
+            p.view == rest
+        })
+        .await;
+
+        // Cut the late node off while everybody sends, then heal.
+        sent_some(&running, deadline).await;
+        let majority: Vec<NodeId> = first_nodes.to_vec();
+        if let Err(e) = c.partition(std::slice::from_ref(&majority)).await {
+            panic!("isolating node {late_node} failed: {e}");
+        }
+        until_all(&running, "a ring of its side", deadline, |m, p| {
+            p.ring
+                == if m.node == late_node {
+                    vec![late_node]
+                } else {
+                    majority.clone()
+                }
+        })
+        .await;
+        sent_some(&running, deadline).await;
+        if let Err(e) = c.heal().await {
+            panic!("healing failed: {e}");
+        }
+        until_all(&running, "the merged ring and view", deadline, |_, p| {
+            p.ring == nodes && p.view == rest
+        })
+        .await;
+        sent_some(&running, deadline).await;
+
+        // Stop, fence, collect.
+        stop_sending.store(true, Ordering::Release);
+        for r in &running {
+            if let Err(e) = timeout_at(deadline, r.fence.mcast(FENCE.to_vec()))
+                .await
+                .unwrap_or_else(|_| panic!("process {}: fence not sent in time", r.local))
+            {
+                panic!("process {}: fence failed: {e}", r.local);
+            }
+        }
+        until_all(&running, "every member's fence", deadline, |_, p| {
+            p.fences.is_superset(&rest)
+        })
+        .await;
+        let mut logs: Vec<(Member, Vec<GroupEvent>)> = vec![(leaver_id, leaver_log)];
+        let mut fates: Vec<(Member, Vec<(u64, Result<(), GroupError>)>)> =
+            vec![(leaver_id, leaver_fates)];
+        let mut procs = Vec::new();
+        for mut r in running {
+            fates.push((r.local, join_task(r.sender).await));
+            if let Some(tx) = r.stop_reader.take() {
+                let _ = tx.send(());
+            }
+            let p = join_task(r.reader).await;
+            logs.push((r.local, p.obs.seen.clone()));
+            procs.push(p);
+        }
+
+        // Intact payloads; who delivered what.
+        let mut delivered_by: std::collections::BTreeMap<(Member, u64), BTreeSet<Member>> =
+            Default::default();
+        for (who, log) in &logs {
+            for event in log {
+                if let GroupEvent::Deliver(d) = event {
+                    if d.payload.starts_with(FENCE) {
+                        continue;
+                    }
+                    match check_big_payload(&d.payload) {
+                        Some((from, index)) if from == d.from => {
+                            delivered_by.entry((from, index)).or_default().insert(*who);
+                        }
+                        _ => panic!(
+                            "process {who}: a corrupt or misattributed {}-byte message from {}",
+                            d.payload.len(),
+                            d.from
+                        ),
+                    }
+                }
+            }
+        }
+        let mut stats = CutStats {
+            delivered: 0,
+            cut: 0,
+        };
+        for (sender, list) in &fates {
+            for (index, fate) in list {
+                let by = delivered_by.get(&(*sender, *index));
+                match fate {
+                    Ok(()) => {
+                        stats.delivered += 1;
+                        if !by.is_some_and(|s| s.contains(sender)) {
+                            panic!("process {sender}: message {index} reported delivered, but its own stream never delivered it (delivered by {by:?})");
+                        }
+                    }
+                    Err(GroupError::Interrupted { .. }) => {
+                        stats.cut += 1;
+                        if let Some(by) = by {
+                            panic!("process {sender}: message {index} reported cut, yet {} delivered it", procs_str(by));
+                        }
+                    }
+                    // The leaver's last messages: its stream ended before their fate.
+                    Err(GroupError::Disconnected { .. }) if *sender == leaver_id => {}
+                    Err(e) => panic!("process {sender}: message {index}: unexpected fate {e}"),
+                }
+            }
+        }
+        check_virtual_synchrony(&logs);
+        leave_all(c, procs).await;
+        stats
+    }
+
+    /// Processes that saw the same view change after the same view delivered the same
+    /// messages, in the same order, between the two.
+    fn check_virtual_synchrony(logs: &[(Member, Vec<GroupEvent>)]) {
+        type Key = (Option<TotemConfChg>, GroupEvent, GroupEvent);
+        let mut segments: std::collections::BTreeMap<String, (Member, Vec<Vec<u8>>)> =
+            Default::default();
+        for (who, log) in logs {
+            let mut ring: Option<TotemConfChg> = None;
+            let mut start: Option<GroupEvent> = None;
+            let mut between: Vec<Vec<u8>> = Vec::new();
+            for event in log {
+                match event {
+                    GroupEvent::Deliver(d) => between.push(d.payload.clone()),
+                    change => {
+                        if let Some(begin) = start.take() {
+                            let key: Key = (ring.clone(), begin, change.clone());
+                            let key = format!("{key:?}");
+                            match segments.get(&key) {
+                                Some((other, theirs)) if *theirs != between => panic!(
+                                    "processes {other} and {who} went through the same view change but delivered different messages before it ({} vs {} messages)",
+                                    theirs.len(),
+                                    between.len()
+                                ),
+                                Some(_) => {}
+                                None => {
+                                    segments.insert(key, (*who, between.clone()));
+                                }
+                            }
+                        }
+                        between.clear();
+                        if let GroupEvent::TotemConfChg(t) = change {
+                            ring = Some(t.clone());
+                        }
+                        start = Some(change.clone());
+                    }
+                }
+            }
+        }
+    }
+
+    /// Every node joins two groups at the same moment (all joins started together), so
+    /// some processes get their initial totem confchg before their own join confchg. Every
+    /// process still reaches a stable view (see [`crate::view`]) of all processes of its
+    /// group on all nodes. Returns how many saw the totem confchg first.
+    pub async fn racing_joins<C: TestCluster>(c: &C, groups: [&str; 2]) -> usize {
+        let nodes = c.nodes();
+        let joins = nodes
+            .iter()
+            .flat_map(|&n| groups.iter().map(move |&g| (n, g)));
+        let results = futures::future::join_all(joins.map(|(n, g)| async move {
+            (n, g, timeout_at(settle_deadline(c), c.join(n, g)).await)
+        }))
+        .await;
+        let mut procs: Vec<(String, Proc<C::G>)> = Vec::new();
+        for (node, group, joined) in results {
+            match joined {
+                Ok(Ok(g)) => procs.push((group.to_owned(), Proc::new(g))),
+                other => panic!(
+                    "node {node}: joining {group} failed: {:?}",
+                    other.map(|r| r.err())
+                ),
+            }
+        }
+        let deadline = settle_deadline(c);
+        let mut totem_first = 0;
+        for group in groups {
+            let all: BTreeSet<Member> = procs
+                .iter()
+                .filter(|(g, _)| g == group)
+                .map(|(_, p)| p.local())
+                .collect();
+            for (_, p) in procs.iter_mut().filter(|(g, _)| g == group) {
+                p.until(
+                    deadline,
+                    &format!("a stable view of {} on all nodes", procs_str(&all)),
+                    |o| o.stable_is(&all, &nodes),
+                )
+                .await;
+                let first_confchg = p
+                    .obs
+                    .seen
+                    .iter()
+                    .position(|e| matches!(e, GroupEvent::ConfChg(_)));
+                let first_totem = p
+                    .obs
+                    .seen
+                    .iter()
+                    .position(|e| matches!(e, GroupEvent::TotemConfChg(_)));
+                if first_totem < first_confchg {
+                    totem_first += 1;
+                }
+            }
+        }
+        leave_all(c, procs.into_iter().map(|(_, p)| p).collect()).await;
+        totem_first
+    }
+
+    /// A process that leaves right after its join (before its join was delivered) leaves
+    /// cleanly: the others see it join, then leave with `Reason::Leave`.
+    pub async fn leave_right_after_join<C: TestCluster>(c: &C, group: &str) {
+        let nodes = c.nodes();
+        let mut procs = join_all(c, group, &nodes[..1]).await;
+        let quick =
+            match timeout_at(settle_deadline(c), c.join(nodes[nodes.len() - 1], group)).await {
+                Ok(Ok(g)) => g,
+                other => panic!(
+                    "joining the quick leaver failed: {:?}",
+                    other.map(|r| r.err())
+                ),
+            };
+        let quick_id = quick.local();
+        match timeout_at(settle_deadline(c), quick.leave()).await {
+            Ok(Ok(())) => {}
+            other => panic!("process {quick_id}: leave right after join failed: {other:?}"),
+        }
+        let p = &mut procs[0];
+        let events = p
+            .until(settle_deadline(c), &format!("{quick_id} joining, then leaving"), |o| {
+                o.seen.iter().any(|e| matches!(e, GroupEvent::ConfChg(c) if c.left.iter().any(|l| l.member == quick_id)))
+            })
+            .await;
+        let reasons: Vec<Reason> = events
+            .iter()
+            .filter_map(|e| match e {
+                GroupEvent::ConfChg(c) => c
+                    .joined
+                    .iter()
+                    .chain(&c.left)
+                    .find(|m| m.member == quick_id)
+                    .map(|m| m.reason),
+                _ => None,
+            })
+            .collect();
+        if reasons != [Reason::Join, Reason::Leave] {
+            p.obs.fail(
+                &format!("{quick_id} with Join then Leave"),
+                &format!("{reasons:?}"),
+            );
+        }
+        leave_all(c, procs).await;
+    }
+
+    /// Quorum flips without a ring change: the cut-off node, unquorate, becomes quorate on
+    /// the same ring when its expected votes drop to 1 (`corosync-quorumtool -e 1`). Needs
+    /// 3 or more nodes. Heals and restores expected votes at the end.
+    pub async fn quorum_flips_on_the_same_ring<C: TestCluster>(c: &C, isolated: NodeId) {
+        let nodes = c.nodes();
+        assert!(nodes.len() >= 3 && nodes.contains(&isolated));
+        let rest: Vec<NodeId> = nodes.iter().copied().filter(|&n| n != isolated).collect();
+        let deadline = settle_deadline(c);
+        let stream = match timeout_at(deadline, c.quorum(isolated)).await {
+            Ok(Ok(q)) => q,
+            other => panic!(
+                "node {isolated}: following quorum failed: {:?}",
+                other.map(|r| r.err())
+            ),
+        };
+        let mut q = QuorumWatch {
+            node: isolated,
+            stream,
+            seen: Vec::new(),
+        };
+        q.until(deadline, "quorate with all nodes", |e| {
+            e.quorate && e.members == nodes
+        })
+        .await;
+        if let Err(e) = c.partition(std::slice::from_ref(&rest)).await {
+            panic!("isolating node {isolated} failed: {e}");
+        }
+        let deadline = settle_deadline(c);
+        let alone = q
+            .until(deadline, "unquorate alone", |e| {
+                !e.quorate && e.members == [isolated]
+            })
+            .await;
+        if let Err(e) = c.set_expected_votes(isolated, 1).await {
+            panic!("node {isolated}: setting expected votes to 1 failed: {e}");
+        }
+        let flipped = q.until(deadline, "quorate alone", |e| e.quorate).await;
+        if flipped.ring != alone.ring || flipped.members != alone.members {
+            q.fail(
+                &format!(
+                    "the flip on the same ring {} with the same members",
+                    alone.ring
+                ),
+                &format!("{flipped:?}"),
+            );
+        }
+        if let Err(e) = c.heal().await {
+            panic!("healing failed: {e}");
+        }
+        q.until(settle_deadline(c), "quorate with all nodes again", |e| {
+            e.quorate && e.members == nodes
+        })
+        .await;
+        if let Err(e) = c.set_expected_votes(isolated, nodes.len() as u32).await {
+            panic!("node {isolated}: restoring expected votes failed: {e}");
+        }
     }
 }

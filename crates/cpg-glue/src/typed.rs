@@ -16,7 +16,9 @@ use futures::Stream;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
-use crate::{ConfChg, Delivery, Group, GroupError, GroupEvent, GroupSender, Member, TotemConfChg};
+use crate::{
+    ConfChg, Delivery, Group, GroupError, GroupEvent, GroupSender, Member, Receipt, TotemConfChg,
+};
 
 /// Encodes a message for [`GroupSender::mcast`].
 pub fn encode<M: Serialize>(msg: &M) -> Result<Vec<u8>, GroupError> {
@@ -73,9 +75,13 @@ impl<S: GroupSender, M: Serialize> TypedSender<S, M> {
         }
     }
 
-    /// Multicasts `msg` in agreed order (see [`GroupSender::mcast`]). The message is
-    /// encoded before the returned future is first polled, so it need not outlive the call.
-    pub fn send(&self, msg: &M) -> impl Future<Output = Result<(), GroupError>> + Send + 'static {
+    /// Multicasts `msg` in agreed order (see [`GroupSender::mcast`]; the [`Receipt`] tells
+    /// whether it was delivered). The message is encoded before the returned future is
+    /// first polled, so it need not outlive the call.
+    pub fn send(
+        &self,
+        msg: &M,
+    ) -> impl Future<Output = Result<Receipt, GroupError>> + Send + 'static {
         let encoded = encode(msg);
         let inner = self.inner.clone();
         async move { inner.mcast(encoded?).await }
@@ -184,9 +190,13 @@ mod tests {
     struct Recorder(Arc<Mutex<Vec<Vec<u8>>>>);
 
     impl GroupSender for Recorder {
-        fn mcast(&self, payload: Vec<u8>) -> impl Future<Output = Result<(), GroupError>> + Send {
+        fn mcast(
+            &self,
+            payload: Vec<u8>,
+        ) -> impl Future<Output = Result<Receipt, GroupError>> + Send {
             self.0.lock().unwrap().push(payload);
-            async { Ok(()) }
+            // Nobody resolves it: these tests only look at what was sent.
+            async { crate::inbox::Receipts::new("script").register(0) }
         }
     }
 

@@ -263,8 +263,12 @@ async fn three_way_partition_and_messages_stay_inside() {
     }
     let rings: Vec<TotemConfChg> = (1..=5).map(|n| c.ring(NodeId(n)).unwrap()).collect();
     assert_eq!(rings[4].members, ids(&[5]));
+    // Three distinct rings that share one seq (corosync: the highest seq known + 4 on
+    // every side), told apart only by their representative.
     let seqs: std::collections::BTreeSet<u64> = rings.iter().map(|r| r.ring.seq).collect();
-    assert_eq!(seqs.len(), 3, "three distinct rings: {rings:?}");
+    assert_eq!(seqs.len(), 1, "one seq on all sides: {rings:?}");
+    let reps: std::collections::BTreeSet<NodeId> = rings.iter().map(|r| r.ring.node).collect();
+    assert_eq!(reps, ids(&[1, 3, 5]).into_iter().collect(), "{rings:?}");
 
     gs[2].sender().mcast(b"from 3".to_vec()).await.unwrap();
     for (i, g) in gs.iter_mut().enumerate() {
@@ -322,4 +326,124 @@ async fn bad_arguments_are_refused_with_clear_errors() {
     g.leave().await.unwrap();
     let after = sender.mcast(b"late".to_vec()).await.unwrap_err();
     assert!(matches!(after, GroupError::Disconnected { .. }), "{after}");
+}
+
+/// Multi-frame messages across a join, a leave, a partition and a merge: with small frames
+/// the in-memory cluster cuts messages as corosync does, and the senders learn it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_messages_are_cut_consistently_and_senders_learn_it() {
+    for n in [3, 5] {
+        let c = cluster(n);
+        c.set_max_frame_size(cpg_glue::fragment::FRAME_HEADER_LEN + 64)
+            .unwrap();
+        let stats = suite::large_messages_across_changes(&c, "big").await;
+        println!("{n} nodes: {stats:?}");
+        assert!(stats.delivered > 0, "{stats:?}");
+        assert!(
+            stats.cut > 0,
+            "membership changes between frames must cut some messages: {stats:?}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn racing_joins_reach_stable_views() {
+    for n in [3, 5] {
+        suite::racing_joins(&cluster(n), ["one", "two"]).await;
+    }
+}
+
+#[tokio::test]
+async fn leave_right_after_join_is_clean() {
+    suite::leave_right_after_join(&cluster(3), "quick").await;
+}
+
+#[tokio::test]
+async fn quorum_flips_on_the_same_ring_with_expected_votes() {
+    suite::quorum_flips_on_the_same_ring(&cluster(3), NodeId(3)).await;
+    suite::quorum_flips_on_the_same_ring(&cluster(5), NodeId(1)).await;
+}
+
+/// exec/cpg.c sends a process its initial totem confchg on the first join or leave its
+/// node delivers after the process asked to join: another process's join can be that
+/// one, and then the process sees the ring before its own join confchg. The view tracker
+/// calls the view stable once both have been seen.
+#[tokio::test]
+async fn initial_totem_before_own_join_and_the_stable_view() {
+    use cpg_glue::view::ViewTracker;
+    let c = cluster(2);
+    let mut p = c.request_join(NodeId(1), "alpha").unwrap();
+    let mut q = c.join(NodeId(2), "beta").unwrap();
+    let ring = c.ring(NodeId(1)).unwrap();
+    assert_eq!(
+        events(drain(&mut p)),
+        vec![GroupEvent::TotemConfChg(ring.clone())]
+    );
+    assert_eq!(events(drain(&mut q)).len(), 2);
+    let mut tracker = ViewTracker::new(p.local());
+    tracker.apply(&GroupEvent::TotemConfChg(ring.clone()));
+    assert_eq!(tracker.stable(), None, "no own join yet");
+    c.deliver_join(p.local()).unwrap();
+    let got = events(drain(&mut p));
+    assert_eq!(
+        got,
+        vec![confchg(&[p.local()], &[], &[(p.local(), Reason::Join)])],
+        "no second totem confchg after the join"
+    );
+    tracker.apply(&got[0]);
+    let view = tracker.stable().expect("stable after the join");
+    assert_eq!((view.ring, view.members), (ring.ring, vec![p.local()]));
+}
+
+/// A merge in which a node's corosync also restarted within the token timeout ends with
+/// ProcDown confchgs for its old processes, after the NodeUp confchg and before the totem
+/// confchg (exec/cpg.c `joinlist_remove_zombie_pi_entries`).
+#[tokio::test]
+async fn a_merge_can_end_with_procdown_after_nodeup() {
+    let c = cluster(3);
+    let mut a = c.join(NodeId(1), "g").unwrap();
+    let b = c.join(NodeId(2), "g").unwrap();
+    let (pa, pb) = (a.local(), b.local());
+    c.partition(&[ids(&[1, 2]), ids(&[3])]).unwrap();
+    let cc = c.join(NodeId(3), "g").unwrap();
+    let pc = cc.local();
+    drain(&mut a);
+    c.bounce_node(NodeId(2), true).unwrap();
+    let ring = c.ring(NodeId(1)).unwrap();
+    assert_eq!(
+        events(drain(&mut a)),
+        vec![
+            confchg(&[pa, pb, pc], &[], &[(pc, Reason::NodeUp)]),
+            confchg(&[pa, pc], &[(pb, Reason::ProcDown)], &[]),
+            GroupEvent::TotemConfChg(ring),
+        ]
+    );
+    drop((b, cc));
+}
+
+/// A graceful corosync stop: the others see ProcDown (the departures made it out) or
+/// NodeDown (they did not); either way a ring without the node follows.
+#[tokio::test]
+async fn a_graceful_stop_shows_procdown_or_nodedown() {
+    for departures_sent in [true, false] {
+        let c = cluster(3);
+        let mut a = c.join(NodeId(1), "g").unwrap();
+        let gone = c.join(NodeId(3), "g").unwrap();
+        let (pa, pg) = (a.local(), gone.local());
+        drain(&mut a);
+        c.stop_node(NodeId(3), departures_sent).unwrap();
+        let reason = if departures_sent {
+            Reason::ProcDown
+        } else {
+            Reason::NodeDown
+        };
+        let ring = c.ring(NodeId(1)).unwrap();
+        assert_eq!(
+            events(drain(&mut a)),
+            vec![
+                confchg(&[pa], &[(pg, reason)], &[]),
+                GroupEvent::TotemConfChg(ring)
+            ]
+        );
+    }
 }

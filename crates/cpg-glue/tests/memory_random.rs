@@ -9,7 +9,8 @@
 //! * at the end, over the complete logs only: processes that were in the same ring saw the
 //!   same events in the same order (diverging only in the transition that took them to
 //!   different rings), per-sender FIFO, the totem confchg last in every transition, ring
-//!   seqs strictly increasing.
+//!   seqs strictly increasing along each node's history (never compared across nodes:
+//!   corosync gives both halves of a split the same seq, and the run counts such splits).
 //!
 //! The master seed is printed; `CSNAP_SEED=<seed>` replays one schedule (the failing
 //! schedule's seed is printed on failure).
@@ -81,8 +82,11 @@ struct World {
     side: BTreeMap<NodeId, usize>,
     procs: Vec<Proc>,
     followers: Vec<Follower>,
-    /// Highest ring seq observed before the current step.
-    max_seq: u64,
+    /// Per node, the highest ring seq it was in before the current step. Ring seqs are
+    /// ordered only along one node's history.
+    node_seq: BTreeMap<NodeId, u64>,
+    /// Topology steps after which two sides had rings with the same seq.
+    equal_seq_splits: usize,
     trace: Vec<String>,
 }
 
@@ -244,15 +248,20 @@ impl World {
             }
             self.followers[i].log.extend(events);
         }
-        // Every new ring is above every seq seen before the step.
-        for p in &self.procs {
-            if let Some(r) = &p.ring {
-                self.max_seq = self.max_seq.max(r.ring.seq);
-            }
+        // A node's new ring is above every ring it had; both halves of a split may share
+        // a seq (counted, so the run shows it covered that case).
+        let mut by_seq: BTreeMap<u64, BTreeSet<NodeId>> = BTreeMap::new();
+        for (&node, &ring) in &new_rings {
+            by_seq.entry(ring.seq).or_default().insert(ring.node);
+            self.node_seq.insert(node, ring.seq);
+        }
+        if by_seq.values().any(|rings| rings.len() > 1) {
+            self.equal_seq_splits += 1;
         }
         for f in &self.followers {
             if let Some(e) = f.log.last() {
-                self.max_seq = self.max_seq.max(e.ring.seq);
+                let seq = self.node_seq.entry(f.node).or_insert(0);
+                *seq = (*seq).max(e.ring.seq);
             }
         }
         // Ground truth: every live process's view and ring match the network.
@@ -283,8 +292,9 @@ impl World {
                 "quorum on node {node}: {e:?}, expected members {comp:?} quorate {quorate}"
             ));
         }
-        if e.ring.seq <= self.max_seq || Some(&e.ring.node) != comp.first() {
-            self.fail(&format!("quorum on node {node}: ring {} not new (seen up to {}) or not led by the lowest node", e.ring, self.max_seq));
+        let seen = self.node_seq.get(&node).copied().unwrap_or(0);
+        if e.ring.seq <= seen || Some(&e.ring.node) != comp.first() {
+            self.fail(&format!("quorum on node {node}: ring {} not new on this node (it had up to {seen}) or not led by the lowest node", e.ring));
         }
     }
 
@@ -337,10 +347,9 @@ impl World {
                     }
                 }
                 GroupEvent::TotemConfChg(t) => {
-                    if t.ring.seq <= self.max_seq
-                        && !(step == Step::Join && self.procs[i].log.is_empty())
-                    {
-                        self.fail(&format!("process {member}: ring {} is not above the highest seq seen before ({})", t.ring, self.max_seq));
+                    let seen = self.node_seq.get(&member.node).copied().unwrap_or(0);
+                    if t.ring.seq <= seen && !(step == Step::Join && self.procs[i].log.is_empty()) {
+                        self.fail(&format!("process {member}: ring {} is not above the highest seq its node had ({seen})", t.ring));
                     }
                     if Some(&t.ring.node) != t.members.first() {
                         self.fail(&format!(
@@ -436,7 +445,8 @@ fn decode(payload: &[u8]) -> (Member, u64) {
     )
 }
 
-fn run_schedule(seed: u64) {
+/// Runs one schedule; returns how many of its steps split nodes into rings of equal seq.
+fn run_schedule(seed: u64) -> usize {
     let mut rng = StdRng::seed_from_u64(seed);
     let n = rng.gen_range(1..=8u32);
     let nodes: Vec<NodeId> = (1..=n).map(NodeId).collect();
@@ -450,13 +460,15 @@ fn run_schedule(seed: u64) {
         nodes,
         procs: Vec::new(),
         followers: Vec::new(),
-        max_seq: 0,
+        node_seq: BTreeMap::new(),
+        equal_seq_splits: 0,
         trace: Vec::new(),
     };
     for _ in 0..STEPS {
         step(&mut w, &mut rng);
     }
     check_logs(&w);
+    w.equal_seq_splits
 }
 
 fn step(w: &mut World, rng: &mut StdRng) {
@@ -524,7 +536,7 @@ fn step(w: &mut World, rng: &mut StdRng) {
             (Err(GroupError::MessageTooLarge { size, max }), true, _)
                 if *size == MAX_MESSAGE + 1 && *max == MAX_MESSAGE => {}
             (Err(GroupError::Disconnected { .. }), false, false) => {}
-            (Ok(()), false, true) => w.procs[i].next_index += 1,
+            (Ok(_), false, true) => w.procs[i].next_index += 1,
             _ => w.fail(&format!(
                 "mcast from {from} (alive {alive}, oversize {oversize}): {result:?}"
             )),
@@ -671,16 +683,20 @@ fn check_logs(w: &World) {
         }
     }
     // Same ring, same events: compare every pair of processes of a group per ring.
-    let mut by_ring: BTreeMap<(&str, RingId), Vec<(usize, Segment)>> = BTreeMap::new();
+    let mut by_ring: BTreeMap<(&str, u32, u64), Vec<(usize, Segment)>> = BTreeMap::new();
     for (i, p) in w.procs.iter().enumerate() {
         for s in segments(p) {
-            by_ring.entry((p.group, s.ring)).or_default().push((i, s));
+            by_ring
+                .entry((p.group, s.ring.node.0, s.ring.seq))
+                .or_default()
+                .push((i, s));
         }
     }
-    for ((group, ring), segs) in &by_ring {
+    for ((group, _, _), segs) in &by_ring {
+        let ring = segs[0].1.ring;
         for a in 0..segs.len() {
             for b in a + 1..segs.len() {
-                compare_segments(w, group, *ring, &segs[a], &segs[b]);
+                compare_segments(w, group, ring, &segs[a], &segs[b]);
             }
         }
     }
@@ -900,12 +916,26 @@ fn random_schedules_keep_virtual_synchrony() {
         }
     };
     println!("memory_random: {what}");
+    let replay = seeds.len() == 1;
+    let mut equal_seq_splits = 0;
     for seed in seeds {
-        if let Err(panic) = catch_unwind(AssertUnwindSafe(|| run_schedule(seed))) {
-            eprintln!("memory_random: schedule seed {seed} failed; replay with CSNAP_SEED={seed}");
-            resume_unwind(panic);
+        match catch_unwind(AssertUnwindSafe(|| run_schedule(seed))) {
+            Ok(splits) => equal_seq_splits += splits,
+            Err(panic) => {
+                eprintln!(
+                    "memory_random: schedule seed {seed} failed; replay with CSNAP_SEED={seed}"
+                );
+                resume_unwind(panic);
+            }
         }
     }
+    println!(
+        "memory_random: {equal_seq_splits} steps formed rings of equal seq on different sides"
+    );
+    assert!(
+        replay || equal_seq_splits > 0,
+        "no schedule split the cluster into rings of equal seq: the case corosync produces was not covered"
+    );
 }
 
 /// The end-of-run log checks must catch what the step checks would: hand-made logs of two
@@ -939,7 +969,8 @@ mod log_checks {
             nodes,
             procs,
             followers: Vec::new(),
-            max_seq: 0,
+            node_seq: BTreeMap::new(),
+            equal_seq_splits: 0,
             trace: Vec::new(),
         }
     }

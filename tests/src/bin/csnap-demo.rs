@@ -62,7 +62,7 @@ async fn main() -> Result<()> {
     let mut printers = Vec::new();
     for node in cluster.nodes() {
         let group = cluster
-            .run_in_node(node, || CorosyncGroup::join(GROUP))
+            .run_async_in_node(node, || CorosyncGroup::join(GROUP))
             .await??;
         printers.push(tokio::spawn(print_events(node, group, seen.clone())));
     }

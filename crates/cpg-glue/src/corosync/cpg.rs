@@ -8,7 +8,8 @@
 //!
 //! Every libcpg call on a handle is serialised by one mutex (libqb's client IPC is not
 //! meant for concurrent use); the calls are short local IPC, so senders on other tasks wait
-//! microseconds at most.
+//! microseconds at most. No call sleeps while holding it: retries of `CS_ERR_TRY_AGAIN`
+//! wait with tokio's timer between attempts, bounded.
 
 use std::collections::VecDeque;
 use std::os::raw::{c_int, c_void};
@@ -23,11 +24,12 @@ use rust_corosync::CsError;
 use tokio::io::unix::AsyncFd;
 
 use super::cpg_ffi as ffi;
-use super::fragment::{split_into_frames, FrameOutcome, Reassembler};
 use super::{call_error, connect_error, cs_error_from_raw, cs_error_name, register_fd, LibraryFd};
+use crate::fragment::{split_into_frames, FRAME_HEADER_LEN};
+use crate::inbox::{Inbox, RawEvent, Receipts};
 use crate::{
-    ConfChg, Delivery, Group, GroupError, GroupEvent, GroupSender, Member, MemberChange, NodeId,
-    Reason, RingId, TotemConfChg,
+    ConfChg, Group, GroupError, GroupEvent, GroupSender, Member, MemberChange, NodeId, Reason,
+    Receipt, RingId, TotemConfChg,
 };
 
 /// Largest payload [`CorosyncSender::mcast`] accepts (it is fragmented over CPG).
@@ -36,8 +38,9 @@ pub const MAX_MESSAGE_SIZE: usize = 64 << 20;
 /// How long one frame may wait through `CS_ERR_TRY_AGAIN` / flow control before the send
 /// gives up with [`GroupError::Busy`].
 const SEND_RETRY_BOUND: Duration = Duration::from_secs(30);
-/// How long `join` retries `CS_ERR_TRY_AGAIN` (corosync answers so while it syncs a
-/// membership change, typically for well under a second).
+/// How long `join` and `leave` retry `CS_ERR_TRY_AGAIN` (corosync answers so while it
+/// syncs a membership change, typically for well under a second), and how long a leave
+/// waits for the process's own join to be delivered.
 const JOIN_RETRY_BOUND: Duration = Duration::from_secs(10);
 const BACKOFF_START: Duration = Duration::from_millis(1);
 const BACKOFF_MAX: Duration = Duration::from_millis(100);
@@ -55,14 +58,6 @@ enum DispatchOutcome {
     Failed(ffi::cs_error_t),
     /// The handle was already finalized.
     Finalized(GroupError),
-}
-
-/// A callback's record, as corosync delivered it.
-#[derive(Debug)]
-enum RawEvent {
-    ConfChg(ConfChg),
-    Totem(TotemConfChg),
-    Frame { from: Member, data: Vec<u8> },
 }
 
 /// Where the callbacks of one handle put their events. The handle's context pointer
@@ -102,6 +97,8 @@ struct Connection {
     next_message_id: AtomicU64,
     /// Held by a sender for all frames of one message, so they go out back to back.
     send_order: tokio::sync::Mutex<()>,
+    /// The fates of this connection's own messages, resolved by the stream.
+    receipts: Arc<Receipts>,
 }
 
 impl Connection {
@@ -155,10 +152,11 @@ impl Connection {
             let new = self.sink.len().saturating_sub(before);
             produced += new;
             match rc {
+                // CS_DISPATCH_ONE_NONBLOCKING says "nothing pending" only this way.
                 ffi::CS_ERR_TRY_AGAIN => return (DispatchOutcome::Drained, produced),
-                // libcpg also answers CS_OK without an event (e.g. when its IPC reports a
-                // bad handle); stop there rather than spin.
-                ffi::CS_OK if new == 0 => return (DispatchOutcome::Drained, produced),
+                // CS_OK with no callback is normal: libcpg consumes each non-final piece of
+                // a message it fragmented itself without a callback (and answers so for a
+                // broken IPC, which the caller notices as a hang-up). Go on.
                 ffi::CS_OK => {}
                 other => return (DispatchOutcome::Failed(other), produced),
             }
@@ -346,20 +344,25 @@ extern "C" fn on_totem_confchg(
     }
 }
 
-/// Retries a synchronous libcpg call while it answers `CS_ERR_TRY_AGAIN`, bounded.
-fn retry_try_again(mut call: impl FnMut() -> ffi::cs_error_t) -> Result<(), (CsError, Duration)> {
+/// Retries a short libcpg call while it answers one of the `transient` codes, sleeping on
+/// tokio's timer between attempts (never while the caller holds a lock), for at most
+/// [`JOIN_RETRY_BOUND`]. Returns the last code and how long it waited on failure.
+async fn retry_transient(
+    transient: &[ffi::cs_error_t],
+    mut call: impl FnMut() -> Result<ffi::cs_error_t, GroupError>,
+) -> Result<Result<(), (CsError, Duration)>, GroupError> {
     let started = Instant::now();
     let mut backoff = BACKOFF_START;
     loop {
-        let rc = call();
+        let rc = call()?;
         if rc == ffi::CS_OK {
-            return Ok(());
+            return Ok(Ok(()));
         }
         let waited = started.elapsed();
-        if rc != ffi::CS_ERR_TRY_AGAIN || waited >= JOIN_RETRY_BOUND {
-            return Err((cs_error_from_raw(rc), waited));
+        if !transient.contains(&rc) || waited >= JOIN_RETRY_BOUND {
+            return Ok(Err((cs_error_from_raw(rc), waited)));
         }
-        std::thread::sleep(backoff);
+        tokio::time::sleep(backoff).await;
         backoff = (backoff * 2).min(BACKOFF_MAX);
     }
 }
@@ -384,25 +387,25 @@ enum StreamState {
 }
 
 /// A joined CPG group on the local corosync. A [`Stream`] of [`GroupEvent`]s in corosync's
-/// agreed order: after join, this process's own join confchg, then (model V1 with the
-/// initial totem conf) the current totem membership; then every confchg, totem confchg
-/// (last of each transition) and delivery. Dropping it finalizes the connection (other
-/// members see [`Reason::ProcDown`]); [`Group::leave`] leaves cleanly ([`Reason::Leave`]).
+/// agreed order: this process's own join confchg and the initial totem confchg (model V1
+/// with `CPG_MODEL_V1_DELIVER_INITIAL_TOTEM_CONF`; it can come before the join confchg, see
+/// [`crate::view`]); then every confchg, totem confchg (last of each transition) and
+/// delivery. Dropping it finalizes the connection (other members see
+/// [`Reason::ProcDown`]); [`Group::leave`] leaves cleanly ([`Reason::Leave`]).
 pub struct CorosyncGroup {
     conn: Arc<Connection>,
     /// Dropped before the connection is finalized (the library owns the fd).
     readiness: Option<AsyncFd<LibraryFd>>,
     local: Member,
-    ready: VecDeque<GroupEvent>,
-    reassembler: Reassembler,
+    inbox: Inbox,
     state: StreamState,
 }
 
 impl CorosyncGroup {
-    /// Connect to the local corosync and join `name`. Synchronous IPC, short (it retries,
-    /// for at most 10 s, while corosync answers `CS_ERR_TRY_AGAIN` during a membership
-    /// sync); must be called inside a tokio runtime context (AsyncFd registration).
-    pub fn join(name: &str) -> Result<CorosyncGroup, GroupError> {
+    /// Connect to the local corosync and join `name`. Retries, for at most 10 s, while
+    /// corosync answers `CS_ERR_TRY_AGAIN` during a membership sync, waiting on tokio's
+    /// timer; must be called inside a tokio runtime context (AsyncFd registration).
+    pub async fn join(name: &str) -> Result<CorosyncGroup, GroupError> {
         let cpg_name = ffi::make_cpg_name(name).map_err(GroupError::Invalid)?;
         if tokio::runtime::Handle::try_current().is_err() {
             return Err(GroupError::Invalid(
@@ -410,20 +413,28 @@ impl CorosyncGroup {
             ));
         }
         let sink = Box::<CallbackSink>::default();
-        let mut model = ffi::cpg_model_v1_data_t {
-            model: ffi::CPG_MODEL_V1,
-            cpg_deliver_fn: Some(on_deliver),
-            cpg_confchg_fn: Some(on_confchg),
-            cpg_totem_confchg_fn: Some(on_totem_confchg),
-            flags: ffi::CPG_MODEL_V1_DELIVER_INITIAL_TOTEM_CONF,
-        };
-        let context = &*sink as *const CallbackSink as *mut c_void;
+        let context = &*sink as *const CallbackSink as usize;
         let mut handle: ffi::cpg_handle_t = 0;
-        // SAFETY: valid out pointer and model struct (copied by libcpg); the context points
-        // to the boxed sink, which the Connection keeps until after cpg_finalize.
-        retry_try_again(|| unsafe {
-            ffi::cpg_model_initialize(&mut handle, ffi::CPG_MODEL_V1, &mut model, context)
+        retry_transient(&[ffi::CS_ERR_TRY_AGAIN], || {
+            let mut model = ffi::cpg_model_v1_data_t {
+                model: ffi::CPG_MODEL_V1,
+                cpg_deliver_fn: Some(on_deliver),
+                cpg_confchg_fn: Some(on_confchg),
+                cpg_totem_confchg_fn: Some(on_totem_confchg),
+                flags: ffi::CPG_MODEL_V1_DELIVER_INITIAL_TOTEM_CONF,
+            };
+            // SAFETY: valid out pointer and model struct (copied by libcpg); the context
+            // points to the boxed sink, which the Connection keeps until after cpg_finalize.
+            Ok(unsafe {
+                ffi::cpg_model_initialize(
+                    &mut handle,
+                    ffi::CPG_MODEL_V1,
+                    &mut model,
+                    context as *mut c_void,
+                )
+            })
         })
+        .await?
         .map_err(|(err, _)| connect_error("cpg", err))?;
 
         let mut max_frame: u32 = 0;
@@ -437,6 +448,7 @@ impl CorosyncGroup {
             max_frame: max_frame as usize,
             next_message_id: AtomicU64::new(0),
             send_order: tokio::sync::Mutex::new(()),
+            receipts: Receipts::new(name),
         });
         // From here on, dropping `conn` finalizes the handle.
         if rc != ffi::CS_OK {
@@ -445,16 +457,16 @@ impl CorosyncGroup {
                 cs_error_from_raw(rc),
             ));
         }
-        if conn.max_frame <= super::fragment::FRAME_HEADER_LEN {
+        if conn.max_frame <= FRAME_HEADER_LEN {
             return Err(GroupError::Corosync {
                 call: "cpg_max_atomic_msgsize_get",
                 detail: format!("atomic message size {} is too small", conn.max_frame),
             });
         }
 
-        let mut node: std::os::raw::c_uint = 0;
-        let mut fd: c_int = -1;
-        conn.with_handle(|h| {
+        let (node, fd) = conn.with_handle(|h| {
+            let mut node: std::os::raw::c_uint = 0;
+            let mut fd: c_int = -1;
             // SAFETY: live handle, valid out pointers.
             let rc = unsafe { ffi::cpg_local_get(h, &mut node) };
             if rc != ffi::CS_OK {
@@ -465,20 +477,25 @@ impl CorosyncGroup {
             if rc != ffi::CS_OK {
                 return Err(call_error("cpg_fd_get", cs_error_from_raw(rc)));
             }
-            // SAFETY: live handle; cpg_name is a valid struct.
-            retry_try_again(|| unsafe { ffi::cpg_join(h, &conn.cpg_name) })
-                .map_err(|e| busy_or("cpg_join", e))
+            Ok((node, fd))
         })??;
+        // The handle lock is taken per attempt, never across the wait between attempts.
+        retry_transient(&[ffi::CS_ERR_TRY_AGAIN], || {
+            // SAFETY: live handle (checked under the lock); cpg_name is a valid struct.
+            conn.with_handle(|h| unsafe { ffi::cpg_join(h, &conn.cpg_name) })
+        })
+        .await?
+        .map_err(|e| busy_or("cpg_join", e))?;
 
         let readiness = register_fd(fd, "cpg")?;
+        let local = Member {
+            node: NodeId(node),
+            pid: std::process::id(),
+        };
         Ok(CorosyncGroup {
-            local: Member {
-                node: NodeId(node),
-                pid: std::process::id(),
-            },
+            local,
             readiness: Some(readiness),
-            ready: VecDeque::new(),
-            reassembler: Reassembler::new(MAX_MESSAGE_SIZE),
+            inbox: Inbox::new(local, name, MAX_MESSAGE_SIZE, Arc::clone(&conn.receipts)),
             state: StreamState::Open,
             conn,
         })
@@ -491,47 +508,33 @@ impl CorosyncGroup {
 
     /// The largest payload that travels as a single CPG message (no fragmentation).
     pub fn atomic_message_size(&self) -> usize {
-        self.conn.max_frame - super::fragment::FRAME_HEADER_LEN
+        self.conn.max_frame - FRAME_HEADER_LEN
     }
 
-    /// Moves what the callbacks recorded into `ready`, reassembling.
+    /// Moves what the callbacks recorded into the inbox.
     fn absorb_callbacks(&mut self) {
-        let raw = self.conn.sink.drain();
-        for event in raw {
-            match event {
-                RawEvent::ConfChg(change) => {
-                    self.reassembler.on_confchg(&change);
-                    self.ready.push_back(GroupEvent::ConfChg(change));
-                }
-                RawEvent::Totem(totem) => self.ready.push_back(GroupEvent::TotemConfChg(totem)),
-                RawEvent::Frame { from, data } => match self.reassembler.on_frame(from, &data) {
-                    FrameOutcome::Complete(payload) => self
-                        .ready
-                        .push_back(GroupEvent::Deliver(Delivery { from, payload })),
-                    FrameOutcome::Incomplete => {}
-                    FrameOutcome::Dropped(why) => {
-                        tracing::warn!(group = %self.conn.group, %from, "dropped a CPG frame: {why}")
-                    }
-                },
-            }
+        for event in self.conn.sink.drain() {
+            self.inbox.push(event);
         }
     }
 
     fn fail(&mut self, detail: String) {
         self.state = StreamState::Failed(self.conn.disconnected(detail));
-        self.shut_down();
+        self.shut_down("the connection to corosync was lost");
     }
 
-    /// Stops polling the fd and finalizes the handle (senders then get `Disconnected`).
-    fn shut_down(&mut self) {
+    /// Stops polling the fd and finalizes the handle (senders then get `Disconnected`,
+    /// outstanding receipts too).
+    fn shut_down(&mut self, why: &str) {
         self.readiness = None;
         self.conn.finalize();
+        self.inbox.close(why);
     }
 }
 
 impl Drop for CorosyncGroup {
     fn drop(&mut self) {
-        self.shut_down();
+        self.shut_down("the group was dropped");
     }
 }
 
@@ -541,7 +544,7 @@ impl Stream for CorosyncGroup {
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         let this = &mut *self;
         loop {
-            if let Some(event) = this.ready.pop_front() {
+            if let Some(event) = this.inbox.pop() {
                 return Poll::Ready(Some(Ok(event)));
             }
             match std::mem::replace(&mut this.state, StreamState::Ended) {
@@ -573,11 +576,13 @@ impl Stream for CorosyncGroup {
             drop(guard);
             this.absorb_callbacks();
             match outcome {
-                DispatchOutcome::Drained if closed && produced == 0 => {
+                DispatchOutcome::Drained | DispatchOutcome::BudgetUsed
+                    if closed && produced == 0 =>
+                {
                     this.fail("corosync closed the connection (did corosync exit?)".into())
                 }
                 DispatchOutcome::Drained => {}
-                DispatchOutcome::BudgetUsed if this.ready.is_empty() => {
+                DispatchOutcome::BudgetUsed if this.inbox.is_empty() => {
                     // Only fragments so far: let other tasks run, then go on.
                     cx.waker().wake_by_ref();
                     return Poll::Pending;
@@ -589,7 +594,7 @@ impl Stream for CorosyncGroup {
                 )),
                 DispatchOutcome::Finalized(e) => {
                     this.state = StreamState::Failed(e);
-                    this.shut_down();
+                    this.shut_down("the group connection was finalized");
                 }
             }
         }
@@ -613,16 +618,35 @@ impl Group for CorosyncGroup {
         }
     }
 
+    /// Leaves the group. corosync answers `CS_ERR_BUSY` while this process's own join is
+    /// still on its way through the ring, and libcpg's `cpg_leave` spins on that answer
+    /// inside the call; so a leave first reads the stream (bounded, 10 s) until its own
+    /// join confchg has come through, then leaves and finalizes the handle.
     async fn leave(mut self) -> Result<(), GroupError> {
+        let started = Instant::now();
+        while !self.inbox.own_join_seen() {
+            let left = JOIN_RETRY_BOUND.saturating_sub(started.elapsed());
+            match tokio::time::timeout(left, futures::StreamExt::next(&mut self)).await {
+                Ok(Some(Ok(_))) => {}
+                Ok(Some(Err(e))) => return Err(e),
+                Ok(None) => return Err(self.conn.disconnected("the stream ended")),
+                Err(_) => {
+                    return Err(GroupError::Busy {
+                        call: "cpg_leave (waiting for the own join to be delivered)",
+                        waited_ms: started.elapsed().as_millis() as u64,
+                    })
+                }
+            }
+        }
         let conn = Arc::clone(&self.conn);
-        let result = conn.with_handle(|h| {
-            // SAFETY: live handle, valid name.
-            retry_try_again(|| unsafe { ffi::cpg_leave(h, &conn.cpg_name) })
-                .map_err(|e| busy_or("cpg_leave", e))
-        });
+        let result = retry_transient(&[ffi::CS_ERR_TRY_AGAIN], || {
+            // SAFETY: live handle (checked under the lock), valid name.
+            conn.with_handle(|h| unsafe { ffi::cpg_leave(h, &conn.cpg_name) })
+        })
+        .await;
         self.state = StreamState::Ended;
-        self.shut_down();
-        result?
+        self.shut_down("the group was left");
+        result?.map_err(|e| busy_or("cpg_leave", e))
     }
 }
 
@@ -634,7 +658,7 @@ pub struct CorosyncSender {
 }
 
 impl CorosyncSender {
-    async fn send(&self, payload: Vec<u8>) -> Result<(), GroupError> {
+    async fn send(&self, payload: Vec<u8>) -> Result<Receipt, GroupError> {
         if payload.len() > MAX_MESSAGE_SIZE {
             return Err(GroupError::MessageTooLarge {
                 size: payload.len(),
@@ -645,10 +669,14 @@ impl CorosyncSender {
         let id = self.conn.next_message_id.fetch_add(1, Ordering::Relaxed);
         let frames = split_into_frames(id, &payload, self.conn.max_frame)
             .map_err(|why| GroupError::Invalid(format!("cannot fragment message: {why}")))?;
+        let receipt = self.conn.receipts.register(id)?;
         for frame in &frames {
-            self.conn.send_frame(frame).await?;
+            if let Err(e) = self.conn.send_frame(frame).await {
+                self.conn.receipts.forget(id);
+                return Err(e);
+            }
         }
-        Ok(())
+        Ok(receipt)
     }
 }
 
@@ -656,7 +684,7 @@ impl GroupSender for CorosyncSender {
     fn mcast(
         &self,
         payload: Vec<u8>,
-    ) -> impl std::future::Future<Output = Result<(), GroupError>> + Send {
+    ) -> impl std::future::Future<Output = Result<Receipt, GroupError>> + Send {
         self.send(payload)
     }
 }
@@ -700,9 +728,9 @@ mod tests {
         assert_eq!(left[1].reason, Reason::ProcDown);
     }
 
-    #[test]
-    fn join_refuses_bad_names_before_touching_corosync() {
-        let err = match CorosyncGroup::join(&"g".repeat(200)) {
+    #[tokio::test]
+    async fn join_refuses_bad_names_before_touching_corosync() {
+        let err = match CorosyncGroup::join(&"g".repeat(200)).await {
             Err(e) => e,
             Ok(_) => panic!("a 200-byte group name was accepted"),
         };

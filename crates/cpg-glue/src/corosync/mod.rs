@@ -21,7 +21,6 @@ use crate::{GroupError, NodeId};
 mod cmap;
 mod cpg;
 pub mod cpg_ffi;
-pub mod fragment;
 mod quorum;
 #[cfg(test)]
 mod real_tests;

@@ -80,7 +80,7 @@ fn no_corosync_gives_not_running() {
         || {
             Box::pin(async {
                 vec![
-                    CorosyncGroup::join("csnap-no-corosync").err(),
+                    CorosyncGroup::join("csnap-no-corosync").await.err(),
                     CorosyncQuorum::connect().err(),
                     Cmap::connect().err(),
                     local_node_id().err(),
@@ -348,7 +348,7 @@ async fn exercise(dir: PathBuf, corosync_pid: u32) {
 
     // CPG: own join confchg, then the initial totem confchg.
     let name = format!("cpg-glue-smoke-{}", std::process::id());
-    let mut group = CorosyncGroup::join(&name).unwrap();
+    let mut group = CorosyncGroup::join(&name).await.unwrap();
     let me = group.local();
     assert_eq!(me.node, crate::NodeId(1));
     assert_eq!(me.pid, std::process::id());
@@ -504,7 +504,7 @@ async fn exercise(dir: PathBuf, corosync_pid: u32) {
     }
 
     // corosync dies: every stream reports Disconnected, then ends.
-    let mut group = CorosyncGroup::join(&name).unwrap();
+    let mut group = CorosyncGroup::join(&name).await.unwrap();
     assert!(matches!(
         next_event(&mut group, "rejoin confchg").await,
         GroupEvent::ConfChg(_)
@@ -544,7 +544,7 @@ fn child_member() {
         .build()
         .unwrap();
     runtime.block_on(async move {
-        let mut group = CorosyncGroup::join(&name).unwrap();
+        let mut group = CorosyncGroup::join(&name).await.unwrap();
         let sender = group.sender();
         sender.mcast(child_payload()).await.unwrap();
         sender.mcast(b"child-hello".to_vec()).await.unwrap();
@@ -569,7 +569,7 @@ fn child_member() {
 /// messages arrive whole.
 async fn other_processes(base: &str) {
     let name = format!("{base}-multi");
-    let mut group = CorosyncGroup::join(&name).unwrap();
+    let mut group = CorosyncGroup::join(&name).await.unwrap();
     let me = group.local();
     while !matches!(
         next_event(&mut group, "totem confchg").await,

@@ -2,15 +2,20 @@
 //! deterministic tests of everything above cpg-glue.
 //!
 //! [`MemoryCluster`] holds N nodes. Processes join groups on a node
-//! ([`MemoryCluster::join`] gives a [`MemoryGroup`], which implements [`Group`]); the network
-//! can be split and healed, nodes killed and restarted, and every process observes exactly
-//! what corosync would deliver: per partition one total order of confchgs and messages, a
-//! `NodeDown` confchg then a `NodeUp` confchg then the totem confchg at each ring change, ring
-//! seqs that only grow, votequorum's majority rule.
+//! ([`MemoryCluster::join`] gives a [`MemoryGroup`], which implements [`Group`]; with
+//! [`MemoryCluster::request_join`] the join is delivered later, so other events can come
+//! first); the network can be split and healed, nodes killed, stopped, bounced and
+//! restarted, expected votes changed, and every process observes what corosync would
+//! deliver: per partition one total order of confchgs and frames, the transition order of
+//! exec/cpg.c, ring seqs as totemsrp makes them (the same on both sides of a split),
+//! votequorum's rules. See [`model`] for the rules and where they come from.
 //!
 //! The rules live in the pure [`model::Model`]; this shell applies each operation under one
-//! mutex and pushes the resulting events into per-process unbounded queues, so an operation
-//! is atomic and every member sees it at the same point of its stream.
+//! mutex and pushes the resulting raw events into per-process unbounded queues, so an
+//! operation is atomic and every member sees it at the same point of its stream. Messages
+//! travel as frames ([`crate::fragment`]), one model operation per frame, and each stream
+//! reassembles them exactly as the corosync stream does, so a membership change can cut a
+//! message here too (set a small frame size with [`MemoryCluster::set_max_frame_size`]).
 
 pub mod model;
 
@@ -21,23 +26,28 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use std::sync::atomic::{AtomicU64, Ordering};
+
 use futures::channel::mpsc::{unbounded, UnboundedReceiver, UnboundedSender};
 use futures::Stream;
 
+use crate::fragment::split_into_frames;
+use crate::inbox::{Inbox, RawEvent, Receipts};
 use crate::testkit::TestCluster;
 use crate::{
     Group, GroupError, GroupEvent, GroupSender, Member, NodeId, Quorum, QuorumEvent, Reason,
-    TotemConfChg,
+    Receipt, TotemConfChg,
 };
 use model::{Model, Output};
 
 type GroupItem = Result<GroupEvent, GroupError>;
+type RawItem = Result<RawEvent, GroupError>;
 type QuorumItem = Result<QuorumEvent, GroupError>;
 
 /// The queue of one live process.
 struct ProcessQueue {
     group: String,
-    events: UnboundedSender<GroupItem>,
+    events: UnboundedSender<RawItem>,
 }
 
 struct State {
@@ -152,11 +162,21 @@ impl MemoryCluster {
         self.shared.lock().model.view(node, group)
     }
 
-    /// Start a new process on `node` and join `group`. Fails with `NotRunning` if the node
-    /// is down, `Invalid` for an unknown node or a bad group name.
+    /// Start a new process on `node` and join `group`; the join is delivered at once.
+    /// Fails with `NotRunning` if the node is down, `Invalid` for an unknown node or a bad
+    /// group name.
     pub fn join(&self, node: NodeId, group: &str) -> Result<MemoryGroup, GroupError> {
+        let handle = self.request_join(node, group)?;
+        self.deliver_join(handle.local)?;
+        Ok(handle)
+    }
+
+    /// Start a new process on `node` that asks to join `group`; its join confchg comes
+    /// with [`MemoryCluster::deliver_join`] (or its first send, or its leave), so other
+    /// events, such as its initial totem confchg, can reach it first.
+    pub fn request_join(&self, node: NodeId, group: &str) -> Result<MemoryGroup, GroupError> {
         let mut state = self.shared.lock();
-        let (member, outputs) = state.model.join(node, group)?;
+        let member = state.model.request_join(node, group)?;
         let (tx, rx) = unbounded();
         state.processes.insert(
             member,
@@ -165,14 +185,35 @@ impl MemoryCluster {
                 events: tx,
             },
         );
-        state.route(outputs);
+        let receipts = Receipts::new(group);
+        let max_message = state.model.max_message_size();
         Ok(MemoryGroup {
             shared: self.shared.clone(),
             local: member,
             name: group.to_owned(),
             events: rx,
+            inbox: Inbox::new(member, group, max_message, receipts.clone()),
+            sending: Arc::new(SendState {
+                next_message_id: AtomicU64::new(0),
+                order: futures::lock::Mutex::new(()),
+                receipts,
+            }),
             departed: false,
+            ended: false,
         })
+    }
+
+    /// Delivers the join of `member` (and any older join request of its node).
+    pub fn deliver_join(&self, member: Member) -> Result<(), GroupError> {
+        let mut state = self.shared.lock();
+        let outputs = state.model.deliver_join(member)?;
+        state.route(outputs);
+        Ok(())
+    }
+
+    /// Processes whose join was requested and not yet delivered, oldest first.
+    pub fn pending_joins(&self) -> Vec<Member> {
+        self.shared.lock().model.pending_joins()
     }
 
     /// Follow quorum on `node`; the first item is the current state.
@@ -205,17 +246,38 @@ impl MemoryCluster {
     /// Kill corosync on `node`: its processes vanish (their streams end with
     /// `Disconnected`), the other nodes see them go with `NodeDown`.
     pub fn kill_node(&self, node: NodeId) -> Result<(), GroupError> {
-        let mut state = self.shared.lock();
-        let outputs = state.model.kill(node)?;
-        state.route(outputs);
-        Ok(())
+        self.apply(|model| model.kill(node))
+    }
+
+    /// Stop corosync on `node` gracefully; `departures_sent` says whether its processes'
+    /// `ProcDown` reached the others before it left (see [`Model::stop`]).
+    pub fn stop_node(&self, node: NodeId, departures_sent: bool) -> Result<(), GroupError> {
+        self.apply(|model| model.stop(node, departures_sent))
+    }
+
+    /// Corosync on `node` restarts before the others noticed; `with_heal` also reconnects
+    /// every side in the same transition (see [`Model::bounce`]).
+    pub fn bounce_node(&self, node: NodeId, with_heal: bool) -> Result<(), GroupError> {
+        self.apply(|model| model.bounce(node, with_heal))
     }
 
     /// Start corosync on a killed `node` again (with no processes); it merges into the
     /// nodes of its network side.
     pub fn restart_node(&self, node: NodeId) -> Result<(), GroupError> {
+        self.apply(|model| model.restart(node))
+    }
+
+    /// `corosync-quorumtool -e votes` on `node` (see [`Model::set_expected_votes`]).
+    pub fn set_expected_votes(&self, node: NodeId, votes: usize) -> Result<(), GroupError> {
+        self.apply(|model| model.set_expected_votes(node, votes))
+    }
+
+    fn apply(
+        &self,
+        op: impl FnOnce(&mut Model) -> Result<Vec<Output>, GroupError>,
+    ) -> Result<(), GroupError> {
         let mut state = self.shared.lock();
-        let outputs = state.model.restart(node)?;
+        let outputs = op(&mut state.model)?;
         state.route(outputs);
         Ok(())
     }
@@ -228,6 +290,20 @@ impl MemoryCluster {
     pub fn max_message_size(&self) -> usize {
         self.shared.lock().model.max_message_size()
     }
+
+    /// Messages are split into frames of at most `max` bytes (header included); each
+    /// frame is one step of the cluster, so membership changes can fall between them.
+    pub fn set_max_frame_size(&self, max: usize) -> Result<(), GroupError> {
+        self.shared.lock().model.set_max_frame_size(max)
+    }
+}
+
+/// What the senders of one process share: message ids, per-message frame order, receipts.
+struct SendState {
+    next_message_id: AtomicU64,
+    /// Held for all frames of one message, so a sender's messages never interleave.
+    order: futures::lock::Mutex<()>,
+    receipts: Arc<Receipts>,
 }
 
 /// One process's membership of a group in a [`MemoryCluster`]. Dropping it without
@@ -236,8 +312,11 @@ pub struct MemoryGroup {
     shared: Arc<Shared>,
     local: Member,
     name: String,
-    events: UnboundedReceiver<GroupItem>,
+    events: UnboundedReceiver<RawItem>,
+    inbox: Inbox,
+    sending: Arc<SendState>,
     departed: bool,
+    ended: bool,
 }
 
 impl std::fmt::Debug for MemoryGroup {
@@ -252,6 +331,7 @@ impl std::fmt::Debug for MemoryGroup {
 impl MemoryGroup {
     fn depart(&mut self, reason: Reason) -> Result<(), GroupError> {
         self.departed = true;
+        self.inbox.close("the process left the group");
         let mut state = self.shared.lock();
         state.processes.remove(&self.local);
         match state.model.depart(self.local, reason) {
@@ -280,7 +360,28 @@ impl Stream for MemoryGroup {
     type Item = GroupItem;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        Pin::new(&mut self.events).poll_next(cx)
+        let this = &mut *self;
+        loop {
+            if let Some(event) = this.inbox.pop() {
+                return Poll::Ready(Some(Ok(event)));
+            }
+            if this.ended {
+                return Poll::Ready(None);
+            }
+            match Pin::new(&mut this.events).poll_next(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Some(Ok(raw))) => this.inbox.push(raw),
+                Poll::Ready(Some(Err(e))) => {
+                    this.ended = true;
+                    this.inbox.close("the node's corosync was killed");
+                    return Poll::Ready(Some(Err(e)));
+                }
+                Poll::Ready(None) => {
+                    this.ended = true;
+                    this.inbox.close("the group stream ended");
+                }
+            }
+        }
     }
 }
 
@@ -300,6 +401,7 @@ impl Group for MemoryGroup {
             shared: self.shared.clone(),
             local: self.local,
             group: self.name.as_str().into(),
+            sending: self.sending.clone(),
         }
     }
 
@@ -309,12 +411,14 @@ impl Group for MemoryGroup {
 }
 
 /// Multicasts for a [`MemoryGroup`]; works until the process leaves, dies or its node is
-/// killed, then fails with `Disconnected`.
+/// killed, then fails with `Disconnected`. A message goes out one frame per poll (the
+/// future yields between frames), so other operations can fall between its frames.
 #[derive(Clone)]
 pub struct MemorySender {
     shared: Arc<Shared>,
     local: Member,
     group: Arc<str>,
+    sending: Arc<SendState>,
 }
 
 impl std::fmt::Debug for MemorySender {
@@ -326,15 +430,63 @@ impl std::fmt::Debug for MemorySender {
     }
 }
 
-impl GroupSender for MemorySender {
-    fn mcast(&self, payload: Vec<u8>) -> impl Future<Output = Result<(), GroupError>> + Send {
-        let sender = self.clone();
-        async move {
-            let mut state = sender.shared.lock();
-            let outputs = state.model.mcast(sender.local, &sender.group, payload)?;
-            state.route(outputs);
-            Ok(())
+impl MemorySender {
+    async fn send(self, payload: Vec<u8>) -> Result<Receipt, GroupError> {
+        let (max_message, max_frame) = {
+            let state = self.shared.lock();
+            (state.model.max_message_size(), state.model.max_frame_size())
+        };
+        if payload.len() > max_message {
+            return Err(GroupError::MessageTooLarge {
+                size: payload.len(),
+                max: max_message,
+            });
         }
+        let _in_order = self.sending.order.lock().await;
+        let id = self.sending.next_message_id.fetch_add(1, Ordering::Relaxed);
+        let frames = split_into_frames(id, &payload, max_frame)
+            .map_err(|why| GroupError::Invalid(format!("cannot fragment message: {why}")))?;
+        let receipt = self.sending.receipts.register(id)?;
+        let last = frames.len() - 1;
+        for (index, frame) in frames.into_iter().enumerate() {
+            let sent = {
+                let mut state = self.shared.lock();
+                state
+                    .model
+                    .mcast_frame(self.local, &self.group, frame)
+                    .map(|outputs| state.route(outputs))
+            };
+            if let Err(e) = sent {
+                self.sending.receipts.forget(id);
+                return Err(e);
+            }
+            if index < last {
+                YieldOnce(false).await;
+            }
+        }
+        Ok(receipt)
+    }
+}
+
+/// Returns `Pending` once (waking itself at once), so other work runs in between.
+struct YieldOnce(bool);
+
+impl Future for YieldOnce {
+    type Output = ();
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        if self.0 {
+            return Poll::Ready(());
+        }
+        self.0 = true;
+        cx.waker().wake_by_ref();
+        Poll::Pending
+    }
+}
+
+impl GroupSender for MemorySender {
+    fn mcast(&self, payload: Vec<u8>) -> impl Future<Output = Result<Receipt, GroupError>> + Send {
+        self.clone().send(payload)
     }
 }
 
@@ -392,7 +544,23 @@ impl TestCluster for MemoryCluster {
         Duration::from_secs(5)
     }
 
+    fn set_expected_votes(
+        &self,
+        node: NodeId,
+        votes: u32,
+    ) -> impl Future<Output = Result<(), String>> + Send {
+        std::future::ready(
+            MemoryCluster::set_expected_votes(self, node, votes as usize)
+                .map_err(|e| e.to_string()),
+        )
+    }
+
     fn max_message_size(&self) -> Option<usize> {
         Some(MemoryCluster::max_message_size(self))
+    }
+
+    fn multi_frame_payload(&self) -> usize {
+        let frame = self.shared.lock().model.max_frame_size();
+        4 * (frame - crate::fragment::FRAME_HEADER_LEN)
     }
 }

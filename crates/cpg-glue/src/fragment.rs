@@ -24,8 +24,11 @@
 //! * a confchg in which anybody joined discards every message in progress (the joiner
 //!   cannot have its beginning, so nobody delivers it), and one in which a member left
 //!   discards that member's message in progress. A message cut this way is lost for
-//!   everybody, its sender included, which sees its own message never arrive; csnap's
-//!   protocol re-sends its state on every membership change anyway.
+//!   everybody, its sender included: [`Reassembler::on_confchg`] names the cut messages,
+//!   so the sender's own stream can tell it (see [`crate::Receipt`]).
+//!
+//! Both group implementations (real corosync and the in-memory cluster) send and
+//! reassemble through this module, so tests of the in-memory cluster see the same cuts.
 
 use std::collections::HashMap;
 
@@ -128,8 +131,8 @@ pub fn split_into_frames(
 /// What became of one received frame.
 #[derive(Debug, PartialEq, Eq)]
 pub enum FrameOutcome {
-    /// The frame completed a message: deliver it.
-    Complete(Vec<u8>),
+    /// The frame completed message `message_id` of its sender: deliver `payload`.
+    Complete { message_id: u64, payload: Vec<u8> },
     /// The frame was stored; more fragments are due.
     Incomplete,
     /// The frame was dropped (the reason says why); nothing to deliver.
@@ -166,15 +169,27 @@ impl Reassembler {
         self.in_progress.len()
     }
 
-    /// Applies a group membership change (see the module comment).
-    pub fn on_confchg(&mut self, change: &ConfChg) {
-        if !change.joined.is_empty() {
-            self.in_progress.clear();
-            return;
-        }
-        for left in &change.left {
-            self.in_progress.remove(&left.member);
-        }
+    /// Applies a group membership change (see the module comment). Returns the messages
+    /// it cut, as (sender, message id), sorted: nobody will deliver them.
+    pub fn on_confchg(&mut self, change: &ConfChg) -> Vec<(Member, u64)> {
+        let mut cut: Vec<(Member, u64)> = if change.joined.is_empty() {
+            change
+                .left
+                .iter()
+                .filter_map(|left| {
+                    self.in_progress
+                        .remove(&left.member)
+                        .map(|p| (left.member, p.message_id))
+                })
+                .collect()
+        } else {
+            self.in_progress
+                .drain()
+                .map(|(from, p)| (from, p.message_id))
+                .collect()
+        };
+        cut.sort_unstable();
+        cut
     }
 
     /// Feeds one frame received from `from`.
@@ -190,7 +205,10 @@ impl Reassembler {
                 return FrameOutcome::Dropped(self.too_large(chunk.len()));
             }
             if header.count == 1 {
-                return FrameOutcome::Complete(chunk.to_vec());
+                return FrameOutcome::Complete {
+                    message_id: header.message_id,
+                    payload: chunk.to_vec(),
+                };
             }
             let mut data = abandoned.map(|p| p.data).unwrap_or_default();
             data.clear();
@@ -237,7 +255,10 @@ impl Reassembler {
             return FrameOutcome::Incomplete;
         }
         match self.in_progress.remove(&from) {
-            Some(done) => FrameOutcome::Complete(done.data),
+            Some(done) => FrameOutcome::Complete {
+                message_id: done.message_id,
+                payload: done.data,
+            },
             None => FrameOutcome::Incomplete,
         }
     }
@@ -260,6 +281,13 @@ mod tests {
         Member {
             node: NodeId(node),
             pid,
+        }
+    }
+
+    fn complete(message_id: u64, payload: Vec<u8>) -> FrameOutcome {
+        FrameOutcome::Complete {
+            message_id,
+            payload,
         }
     }
 
@@ -353,8 +381,8 @@ mod tests {
         assert_eq!(r.on_frame(a, &fa[0]), FrameOutcome::Incomplete);
         assert_eq!(r.on_frame(b, &fb[0]), FrameOutcome::Incomplete);
         assert_eq!(r.on_frame(a, &fa[1]), FrameOutcome::Incomplete);
-        assert_eq!(r.on_frame(b, &fb[1]), FrameOutcome::Complete(pb));
-        assert_eq!(r.on_frame(a, &fa[2]), FrameOutcome::Complete(pa));
+        assert_eq!(r.on_frame(b, &fb[1]), complete(1, pb));
+        assert_eq!(r.on_frame(a, &fa[2]), complete(1, pa));
         assert_eq!(r.in_progress(), 0);
     }
 
@@ -364,13 +392,10 @@ mod tests {
         let f = split_into_frames(5, b"hello", 64).unwrap();
         assert_eq!(
             r.on_frame(member(1, 1), &f[0]),
-            FrameOutcome::Complete(b"hello".to_vec())
+            complete(5, b"hello".to_vec())
         );
         let e = split_into_frames(6, b"", 64).unwrap();
-        assert_eq!(
-            r.on_frame(member(1, 1), &e[0]),
-            FrameOutcome::Complete(vec![])
-        );
+        assert_eq!(r.on_frame(member(1, 1), &e[0]), complete(6, vec![]));
     }
 
     #[test]
@@ -381,10 +406,10 @@ mod tests {
         let mut r = Reassembler::new(1 << 20);
         r.on_frame(a, &fa[0]);
         r.on_frame(b, &fb[0]);
-        r.on_confchg(&change(&[], &[a]));
+        assert_eq!(r.on_confchg(&change(&[], &[a])), vec![(a, 1)]);
         assert_eq!(r.in_progress(), 1);
         assert!(matches!(r.on_frame(a, &fa[1]), FrameOutcome::Dropped(_)));
-        assert_eq!(r.on_frame(b, &fb[1]), FrameOutcome::Complete(vec![2; 200]));
+        assert_eq!(r.on_frame(b, &fb[1]), complete(1, vec![2; 200]));
     }
 
     #[test]
@@ -397,8 +422,8 @@ mod tests {
         let mut new = Reassembler::new(1 << 20);
         old.on_frame(a, &fa[0]);
         let join = change(&[joiner], &[]);
-        old.on_confchg(&join);
-        new.on_confchg(&join);
+        assert_eq!(old.on_confchg(&join), vec![(a, 4)], "the cut is named");
+        assert_eq!(new.on_confchg(&join), vec![]);
         for f in &fa[1..] {
             let o = old.on_frame(a, f);
             let n = new.on_frame(a, f);
@@ -411,14 +436,8 @@ mod tests {
             assert_eq!(old.on_frame(a, f), FrameOutcome::Incomplete);
             assert_eq!(new.on_frame(a, f), FrameOutcome::Incomplete);
         }
-        assert_eq!(
-            old.on_frame(a, &next[1]),
-            FrameOutcome::Complete(vec![8; 150])
-        );
-        assert_eq!(
-            new.on_frame(a, &next[1]),
-            FrameOutcome::Complete(vec![8; 150])
-        );
+        assert_eq!(old.on_frame(a, &next[1]), complete(5, vec![8; 150]));
+        assert_eq!(new.on_frame(a, &next[1]), complete(5, vec![8; 150]));
     }
 
     #[test]
@@ -493,7 +512,9 @@ mod tests {
                 let (from, frames, _) = &mut queues[pick];
                 if let Some(frame) = frames.pop_front() {
                     match r.on_frame(*from, &frame) {
-                        FrameOutcome::Complete(p) => got.entry(*from).or_default().push(p),
+                        FrameOutcome::Complete { payload, .. } => {
+                            got.entry(*from).or_default().push(payload)
+                        }
                         FrameOutcome::Incomplete => {}
                         FrameOutcome::Dropped(why) => panic!("seed {seed}: dropped: {why}"),
                     }
