@@ -5,9 +5,9 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use cpg_glue::config::{CsnapConfig, Fencing};
 use cpg_glue::corosync::{self, Cmap, CorosyncGroup, CorosyncQuorum};
 use cpg_glue::{GroupError, GroupEvent, NodeId, QuorumEvent};
+use csnap_agent::config::{self, ConfigError, ConfigWatch, CsnapConfig, Fencing};
 use csnap_e2e::{Cluster, ClusterConfig, CsnapSection};
 use futures::{Stream, StreamExt};
 use tokio::time::timeout;
@@ -58,7 +58,7 @@ async fn cmap_reads_the_csnap_section_and_follows_a_reload() {
         );
     }
     let read: CsnapConfig = cluster
-        .run_in_node(NodeId(1), || Cmap::connect()?.csnap_config())
+        .run_in_node(NodeId(1), || config::read(&Cmap::connect()?))
         .await
         .unwrap()
         .unwrap();
@@ -81,20 +81,18 @@ async fn cmap_reads_the_csnap_section_and_follows_a_reload() {
         .unwrap();
     assert_eq!(raw, volume_section(7788).as_cmap());
 
-    // Watch on nodes 2 and 3, rewrite every node's section, reload: both see the new port.
+    // Watch on nodes 2 and 3 (the watch returns the configuration it started from),
+    // rewrite every node's section, reload: both see the new port.
     let mut watches = Vec::new();
     for node in [NodeId(2), NodeId(3)] {
-        let watch = cluster
-            .run_in_node(node, || {
-                let cmap = Cmap::connect()?;
-                let now = cmap.csnap_config()?;
-                Ok::<_, GroupError>((now, cmap.watch()?))
-            })
+        let (initial, watch) = cluster
+            .run_in_node(node, || ConfigWatch::start(Cmap::connect()?))
             .await
             .unwrap()
             .unwrap();
-        assert_eq!(watch.0.volumes["vol0"].server_port, 7788);
-        watches.push((node, watch.1));
+        let initial = initial.unwrap_or_else(|e| panic!("node {node}: {e}"));
+        assert_eq!(initial.volumes["vol0"].server_port, 7788);
+        watches.push((node, watch));
     }
     cluster
         .set_csnap(&nodes, volume_section(7799))
@@ -109,16 +107,29 @@ async fn cmap_reads_the_csnap_section_and_follows_a_reload() {
         assert_eq!(reloaded.priority_of(NodeId(2)), 20, "node {node}");
     }
 
-    // A bad value reaches the watcher as a Config error naming the key, not a panic.
+    // A bad value reaches the watcher as an Invalid error naming the key, not a panic;
+    // fixing the value in the file and reloading recovers.
     let bad = volume_section(7799).set("fencing", "maybe").unwrap();
     cluster.set_csnap(&nodes, bad).await.unwrap();
     for (node, watch) in &mut watches {
         match next_item(watch, &format!("node {node}'s config watch")).await {
-            Err(GroupError::Config { key, .. }) => assert_eq!(key, "csnap.fencing"),
+            Err(ConfigError::Invalid { key, detail }) => {
+                assert_eq!(key, "csnap.fencing", "{detail}");
+                assert!(detail.contains("maybe"), "{detail}");
+            }
             other => {
-                panic!("node {node}: expected a Config error for csnap.fencing, got {other:?}")
+                panic!("node {node}: expected an Invalid error for csnap.fencing, got {other:?}")
             }
         }
+    }
+    let fixed = volume_section(7799).set("fencing", "reset").unwrap();
+    cluster.set_csnap(&nodes, fixed).await.unwrap();
+    for (node, watch) in &mut watches {
+        let recovered = next_item(watch, &format!("node {node}'s config watch"))
+            .await
+            .unwrap_or_else(|e| panic!("node {node}: the fixed value did not parse: {e}"));
+        assert_eq!(recovered.fencing, Fencing::Reset, "node {node}");
+        assert_eq!(recovered.volumes["vol0"].server_port, 7799, "node {node}");
     }
 }
 

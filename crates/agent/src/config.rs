@@ -37,10 +37,17 @@
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::pin::Pin;
+use std::task::{Context, Poll};
 
+use cpg_glue::corosync::{Cmap, CmapKeys, CmapWatch};
+use cpg_glue::{GroupError, NodeId};
+use futures::Stream;
 use serde::{Deserialize, Serialize};
+use thiserror::Error;
 
-use crate::{GroupError, NodeId};
+/// The cmap key prefixes the configuration is read from.
+pub const CONFIG_PREFIXES: [&str; 2] = ["csnap.", "nodelist."];
 
 pub const DEFAULT_KEY_FILE: &str = "/etc/csnap/cluster.key";
 pub const DEFAULT_CONTROL_SOCKET: &str = "/run/csnap/csnap.sock";
@@ -110,8 +117,19 @@ const VOLUME_KEYS: &[&str] = &["origin", "store", "server_port", "nbd_listen"];
 const NODE_CSNAP_KEYS: &[&str] = &["csnap_priority"];
 const MAX_VOLUME_NAME: usize = 64;
 
-fn config_error(key: &str, detail: impl Into<String>) -> GroupError {
-    GroupError::Config {
+/// Why the configuration could not be had.
+#[derive(Debug, Error)]
+pub enum ConfigError {
+    /// A value in corosync.conf (as cmap holds it) is wrong; `key` is the cmap key.
+    #[error("corosync.conf key {key}: {detail}")]
+    Invalid { key: String, detail: String },
+    /// cmap could not be read (corosync not running, connection lost, ...).
+    #[error("reading the csnap configuration from cmap: {0}")]
+    Cmap(#[from] GroupError),
+}
+
+fn config_error(key: &str, detail: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
         key: key.to_string(),
         detail: detail.into(),
     }
@@ -128,7 +146,7 @@ fn hint(value: &str) -> &'static str {
     }
 }
 
-fn absolute_path(key: &str, value: &str) -> Result<PathBuf, GroupError> {
+fn absolute_path(key: &str, value: &str) -> Result<PathBuf, ConfigError> {
     if value.is_empty() {
         return Err(config_error(key, "is empty; expected an absolute path"));
     }
@@ -144,7 +162,7 @@ fn absolute_path(key: &str, value: &str) -> Result<PathBuf, GroupError> {
     Ok(PathBuf::from(value))
 }
 
-fn parse_fencing_method(key: &str, value: &str) -> Result<&'static str, GroupError> {
+fn parse_fencing_method(key: &str, value: &str) -> Result<&'static str, ConfigError> {
     match value {
         "kill_node" => Ok("kill_node"),
         "stonith" => Ok("stonith"),
@@ -160,7 +178,7 @@ fn parse_fencing_method(key: &str, value: &str) -> Result<&'static str, GroupErr
     }
 }
 
-fn parse_port(key: &str, value: &str) -> Result<u16, GroupError> {
+fn parse_port(key: &str, value: &str) -> Result<u16, ConfigError> {
     match value.parse::<u16>() {
         Ok(0) | Err(_) => Err(config_error(
             key,
@@ -170,7 +188,7 @@ fn parse_port(key: &str, value: &str) -> Result<u16, GroupError> {
     }
 }
 
-fn parse_nbd_listen(key: &str, value: &str) -> Result<NbdListen, GroupError> {
+fn parse_nbd_listen(key: &str, value: &str) -> Result<NbdListen, ConfigError> {
     if let Some(path) = value.strip_prefix("unix:") {
         return Ok(NbdListen::Unix(absolute_path(key, path)?));
     }
@@ -221,7 +239,7 @@ struct RawNode<'a> {
 impl CsnapConfig {
     /// Parses the flat cmap keys (`csnap.*` and `nodelist.*`; other keys are ignored, so
     /// the whole map may be passed). Every error names the offending key.
-    pub fn from_cmap<'a>(keys: &'a BTreeMap<String, String>) -> Result<CsnapConfig, GroupError> {
+    pub fn from_cmap<'a>(keys: &'a CmapKeys) -> Result<CsnapConfig, ConfigError> {
         let mut top: BTreeMap<&str, &str> = BTreeMap::new();
         let mut raw_volumes: BTreeMap<&str, RawVolume> = BTreeMap::new();
         let mut raw_nodes: BTreeMap<u32, RawNode> = BTreeMap::new();
@@ -347,7 +365,7 @@ impl CsnapConfig {
         let mut listen_owner: BTreeMap<NbdListen, &str> = BTreeMap::new();
         for (name, raw) in raw_volumes {
             let key = |item: &str| format!("csnap.{name}.{item}");
-            let required = |value: Option<&'a str>, item: &str| -> Result<&'a str, GroupError> {
+            let required = |value: Option<&'a str>, item: &str| -> Result<&'a str, ConfigError> {
                 value.ok_or_else(|| {
                     config_error(&key(item), format!("missing; volume {name} needs it"))
                 })
@@ -454,6 +472,79 @@ impl CsnapConfig {
     }
 }
 
+/// Reads the configuration once. To follow reloads use [`ConfigWatch::start`], which also
+/// returns the configuration at its start (reading here first and watching afterwards
+/// would miss a reload in between).
+pub fn read(cmap: &Cmap) -> Result<CsnapConfig, ConfigError> {
+    CsnapConfig::from_cmap(&cmap.get_prefixes(&CONFIG_PREFIXES)?)
+}
+
+/// The configuration after each change of its cmap keys (`corosync-cfgtool -R`,
+/// `corosync-cmapctl`): a new [`CsnapConfig`], or the [`ConfigError::Invalid`] naming
+/// the bad key (the stream goes on: the next fix is yielded as usual). A failed read is a
+/// [`ConfigError::Cmap`]; a lost connection is a `ConfigError::Cmap(GroupError::Disconnected)`,
+/// after which the stream ends. An item equal to the previous one is not repeated.
+pub struct ConfigWatch {
+    keys: CmapWatch,
+    /// The last item yielded (initially the one [`ConfigWatch::start`] returned); `None`
+    /// after a read failure, so the next good read is yielded even if unchanged.
+    last: Option<Result<CsnapConfig, (String, String)>>,
+}
+
+/// Comparable form of a parse result.
+fn comparable(
+    parsed: &Result<CsnapConfig, ConfigError>,
+) -> Option<Result<CsnapConfig, (String, String)>> {
+    match parsed {
+        Ok(config) => Some(Ok(config.clone())),
+        Err(ConfigError::Invalid { key, detail }) => Some(Err((key.clone(), detail.clone()))),
+        Err(ConfigError::Cmap(_)) => None,
+    }
+}
+
+impl ConfigWatch {
+    /// Starts watching `cmap` and returns the configuration as it was once the watch was
+    /// in place, so every later change is yielded by the stream and none is missed. The
+    /// outer error: the watch could not be set up; the inner: the configuration there is
+    /// now is bad. Must be called inside a tokio runtime context.
+    pub fn start(
+        cmap: Cmap,
+    ) -> Result<(Result<CsnapConfig, ConfigError>, ConfigWatch), GroupError> {
+        let (keys, watch) = cmap.watch(&CONFIG_PREFIXES)?;
+        let initial = CsnapConfig::from_cmap(&keys);
+        let watch = ConfigWatch {
+            keys: watch,
+            last: comparable(&initial),
+        };
+        Ok((initial, watch))
+    }
+}
+
+impl Stream for ConfigWatch {
+    type Item = Result<CsnapConfig, ConfigError>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = &mut *self;
+        loop {
+            let keys = match Pin::new(&mut this.keys).poll_next(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(None) => return Poll::Ready(None),
+                Poll::Ready(Some(Err(e))) => {
+                    this.last = None;
+                    return Poll::Ready(Some(Err(ConfigError::Cmap(e))));
+                }
+                Poll::Ready(Some(Ok(keys))) => keys,
+            };
+            let parsed = CsnapConfig::from_cmap(&keys);
+            let now = comparable(&parsed);
+            if now != this.last {
+                this.last = now;
+                return Poll::Ready(Some(parsed));
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -494,13 +585,13 @@ mod tests {
         ]
     }
 
-    fn parse(pairs: &[(&str, &str)]) -> Result<CsnapConfig, GroupError> {
+    fn parse(pairs: &[(&str, &str)]) -> Result<CsnapConfig, ConfigError> {
         CsnapConfig::from_cmap(&map(pairs))
     }
 
     fn error_of(pairs: &[(&str, &str)]) -> (String, String) {
         match parse(pairs) {
-            Err(GroupError::Config { key, detail }) => (key, detail),
+            Err(ConfigError::Invalid { key, detail }) => (key, detail),
             other => panic!("expected a Config error, got {other:?}"),
         }
     }
@@ -758,7 +849,7 @@ mod tests {
     #[test]
     fn errors_display_the_key() {
         let (key, detail) = error_of(&with(&[("csnap.vol0.server_port", Some("x"))]));
-        let text = GroupError::Config { key, detail }.to_string();
+        let text = ConfigError::Invalid { key, detail }.to_string();
         assert!(
             text.starts_with("corosync.conf key csnap.vol0.server_port:"),
             "{text}"
