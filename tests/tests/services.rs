@@ -133,6 +133,68 @@ async fn cmap_reads_the_csnap_section_and_follows_a_reload() {
     }
 }
 
+/// The `csnap { ... }` block of the agent's documented example, verbatim (comments too).
+fn documented_csnap_section() -> String {
+    let mut out = String::new();
+    let mut inside = false;
+    for line in config::EXAMPLE_CONF.lines() {
+        inside |= line == "csnap {";
+        if inside {
+            out.push_str(line);
+            out.push('\n');
+            if line == "}" {
+                return out;
+            }
+        }
+    }
+    panic!("no top-level `csnap {{ ... }}` block in the documented example");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn documented_example_section_loads_into_real_corosync() {
+    let section = documented_csnap_section();
+    assert!(
+        section.lines().any(|l| l.trim_start().starts_with('#')),
+        "the example should show its comments:\n{section}"
+    );
+    let config = ClusterConfig::new(1).priority(1, 10).extra_conf(&section);
+    // Corosync refuses to start on a syntax error (e.g. text after `vol0 {`).
+    let Some(cluster) = Cluster::start_or_skip("documented example", config).await else {
+        return;
+    };
+    let (raw, parsed) = cluster
+        .run_in_node(NodeId(1), || {
+            let cmap = Cmap::connect()?;
+            Ok::<_, ConfigError>((cmap.get_prefix("csnap.")?, config::read(&cmap)?))
+        })
+        .await
+        .unwrap()
+        .unwrap_or_else(|e| panic!("the documented example does not parse: {e}\n{section}"));
+    // Every value line of the example reached cmap, and no comment became part of a value.
+    let value_lines = section
+        .lines()
+        .filter(|l| !l.trim_start().starts_with('#') && l.contains(':'))
+        .count();
+    assert_eq!(raw.len(), value_lines, "{raw:#?}");
+    for (key, value) in &raw {
+        assert!(!value.contains('#'), "{key} = {value:?}");
+    }
+    assert_eq!(
+        raw.get("csnap.fencing").map(String::as_str),
+        Some("kill_node")
+    );
+    assert!(!raw.contains_key("csnap.fence_command"), "commented out");
+    assert_eq!(parsed.fencing, Fencing::KillNode);
+    let vol = &parsed.volumes["vol0"];
+    assert_eq!(vol.server_port, 7788);
+    assert_eq!(
+        vol.origin.display().to_string(),
+        raw["csnap.vol0.origin"],
+        "{raw:#?}"
+    );
+    assert_eq!(parsed.priority_of(NodeId(1)), 10);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cpg_reports_a_missing_or_dying_corosync() {
     let Some(cluster) = Cluster::start_or_skip("cpg without corosync", ClusterConfig::new(3)).await

@@ -2,35 +2,19 @@
 //! nodelist, parsed by a pure function from the flat key/value map that cmap holds.
 //!
 //! ```text
-//! nodelist {
-//!     node {
-//!         ring0_addr: 10.0.0.1
-//!         nodeid: 1
-//!         name: alpha
-//!         csnap_priority: 10        # optional, default 0; higher wins the server choice
-//!     }
-//! }
-//! csnap {
-//!     key_file: /etc/csnap/cluster.key          # optional, this default
-//!     control_socket: /run/csnap/csnap.sock     # optional, this default
-//!     # kill_node (default) | stonith | command | reset
-//!     fencing: kill_node
-//!     # only with fencing: command; called as `<command> <nodeid>`
-//!     fence_command: /usr/local/sbin/my-fence
-//!     vol0 {                                    # one subsection per volume
-//!         origin: /dev/disk/by-id/...           # required
-//!         store: /dev/disk/by-id/...            # required
-//!         server_port: 7788                     # required, distinct per volume
-//!         nbd_listen: unix:/run/csnap/vol0.nbd  # optional, this default; or tcp:HOST:PORT
-//!     }
-//! }
+#![doc = include_str!("config_example.conf")]
 //! ```
+//!
+//! (This example is [`EXAMPLE_CONF`]; a unit test checks it follows corosync's syntax and
+//! parses, and the end-to-end tests load its `csnap` section into a real corosync.)
 //!
 //! Corosync stores items of unknown top-level sections as strings, a subsection as one more
 //! dotted component: `csnap.vol0.origin`; nodelist entries appear as
 //! `nodelist.node.<index>.nodeid` (a u32) and `nodelist.node.<index>.csnap_priority`.
-//! Corosync keeps a value verbatim up to the end of the line: there are no inline comments
-//! and quotes are not removed, so the parser points this out when it sees it.
+//! Corosync keeps a value verbatim up to the end of the line: a `#` starts a comment only
+//! as the first character of a line (after blanks), so a comment after a value becomes part
+//! of the value and one after `name {` is a syntax error; quotes are not removed either.
+//! The parser points these out when it sees them.
 //! `corosync-cfgtool -R` reloads changed and added keys; keys deleted from the `csnap`
 //! section stay in cmap until corosync restarts (corosync only prunes some sections).
 
@@ -45,6 +29,10 @@ use cpg_glue::{GroupError, NodeId};
 use futures::Stream;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
+
+/// The example in this module's documentation: a corosync.conf fragment (nodelist entry and
+/// `csnap` section) showing every key.
+pub const EXAMPLE_CONF: &str = include_str!("config_example.conf");
 
 /// The cmap key prefixes the configuration is read from.
 pub const CONFIG_PREFIXES: [&str; 2] = ["csnap.", "nodelist."];
@@ -854,5 +842,87 @@ mod tests {
             text.starts_with("corosync.conf key csnap.vol0.server_port:"),
             "{text}"
         );
+    }
+
+    /// Corosync's line rules (exec/coroparse.c): a line is a comment if its first non-blank
+    /// character is `#`; `name {` must end its line; `}` stands alone; anything else is
+    /// `key: value`, the value running to the end of the line.
+    #[test]
+    fn example_follows_corosync_syntax() {
+        let mut depth = 0usize;
+        for (n, line) in EXAMPLE_CONF.lines().enumerate() {
+            let text = line.trim();
+            let n = n + 1;
+            if text.is_empty() || text.starts_with('#') {
+                continue;
+            }
+            assert!(!text.contains('#'), "line {n}: inline comment in {line:?}");
+            if let Some(name) = text.strip_suffix('{') {
+                assert!(!name.trim().is_empty(), "line {n}: section without a name");
+                assert!(!name.contains(['{', '}', ':']), "line {n}: {line:?}");
+                depth += 1;
+            } else if text == "}" {
+                assert!(depth > 0, "line {n}: unbalanced }}");
+                depth -= 1;
+            } else {
+                assert!(!text.contains(['{', '}']), "line {n}: brace in {line:?}");
+                let (key, value) = text
+                    .split_once(':')
+                    .unwrap_or_else(|| panic!("line {n}: not `key: value`: {line:?}"));
+                assert!(
+                    !key.trim().is_empty() && !value.trim().is_empty(),
+                    "line {n}"
+                );
+            }
+        }
+        assert_eq!(depth, 0, "unclosed section");
+    }
+
+    /// The example as cmap holds it: sections become dotted key components and the n-th
+    /// `node` of the nodelist becomes `nodelist.node.<n>` (as corosync numbers them).
+    fn example_as_cmap() -> BTreeMap<String, String> {
+        let mut path: Vec<String> = Vec::new();
+        let mut nodes = 0;
+        let mut keys = BTreeMap::new();
+        for line in EXAMPLE_CONF.lines().map(str::trim) {
+            if line.is_empty() || line.starts_with('#') {
+                continue;
+            }
+            if let Some(name) = line.strip_suffix('{') {
+                let name = name.trim();
+                if name == "node" && path == ["nodelist"] {
+                    path.push(format!("node.{nodes}"));
+                    nodes += 1;
+                } else {
+                    path.push(name.to_string());
+                }
+            } else if line == "}" {
+                path.pop();
+            } else if let Some((key, value)) = line.split_once(':') {
+                let mut full = path.clone();
+                full.push(key.trim().to_string());
+                keys.insert(full.join("."), value.trim().to_string());
+            }
+        }
+        keys
+    }
+
+    #[test]
+    fn example_parses() {
+        let keys = example_as_cmap();
+        assert_eq!(
+            keys.get("csnap.fencing").map(String::as_str),
+            Some("kill_node")
+        );
+        let c = CsnapConfig::from_cmap(&keys).unwrap();
+        assert_eq!(c.key_file, PathBuf::from(DEFAULT_KEY_FILE));
+        assert_eq!(c.control_socket, PathBuf::from(DEFAULT_CONTROL_SOCKET));
+        assert_eq!(c.fencing, Fencing::KillNode);
+        let v = &c.volumes["vol0"];
+        assert_eq!(v.server_port, 7788);
+        assert_ne!(v.origin, v.store);
+        assert_eq!(v.nbd_listen, NbdListen::Unix("/run/csnap/vol0.nbd".into()));
+        assert_eq!(c.priority_of(NodeId(1)), 10);
+        assert_eq!(c.nodes[&NodeId(1)].name.as_deref(), Some("alpha"));
     }
 }
