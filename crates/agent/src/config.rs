@@ -15,10 +15,41 @@
 //! as the first character of a line (after blanks), so a comment after a value becomes part
 //! of the value and one after `name {` is a syntax error; quotes are not removed either.
 //! The parser points these out when it sees them.
-//! `corosync-cfgtool -R` reloads changed and added keys; keys deleted from the `csnap`
-//! section stay in cmap until corosync restarts (corosync only prunes some sections).
+//!
+//! # Reloading: the rules
+//!
+//! Edit corosync.conf on every node, then run `corosync-cfgtool -R` on one of them (every
+//! node re-reads its own file); [`ConfigWatch`] yields the result. Corosync updates changed
+//! and added keys, but it deletes keys that vanished from the file only in its own sections
+//! (`totem`, `nodelist`, `logging`, `quorum`, ...: exec/cfg.c, `remove_deleted_entries`),
+//! never in `csnap`: a key removed from the csnap section keeps its last value in cmap
+//! until it is deleted by hand or corosync restarts. cmap is per node, so such a key must
+//! be deleted on every node that has it. Hence:
+//!
+//! * A bad or missing value of a known key is an error ([`ConfigError::Invalid`], naming
+//!   the key); whoever follows the [`ConfigWatch`] keeps its previous configuration.
+//!   Fixing the file and reloading clears it.
+//! * Unknown keys (a typo, a misspelt volume key, keys nested too deep, an unknown
+//!   `csnap_*` key of a nodelist entry) and a `fence_command` without `fencing: command`
+//!   are ignored with a [`ConfigWarning`] naming the key, never an error: after the typo
+//!   is fixed in the file, the misspelt key is still in cmap, and rejecting it would turn a
+//!   fixed typo into a reload failure that only a restart of corosync could clear. The
+//!   warning says how to delete it: `corosync-cmapctl -d csnap.KEY` on each node. (The
+//!   nodelist is pruned on reload: there, fixing the file is enough.)
+//! * Removing a key from the file does not bring back its default, and removing a volume
+//!   subsection does not remove the volume: the old values stay in effect until deleted
+//!   with `corosync-cmapctl -d csnap.KEY` / `corosync-cmapctl -D csnap.VOLUME.` (`-D`
+//!   deletes every key with that prefix) on every node.
+//! * Errors that leftovers of a removed or renamed volume can cause (a volume missing a
+//!   required key, two volumes on one port or NBD address, an unusable volume name) say
+//!   which `corosync-cmapctl -D csnap.VOLUME.` clears them.
+//!
+//! `corosync-cmapctl -D csnap.` followed by `corosync-cfgtool -R` resets the whole section
+//! to what the files say, but between the two commands the agents see an empty section (no
+//! volumes); deleting the stale keys one by one avoids that.
 
 use std::collections::BTreeMap;
+use std::fmt;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::pin::Pin;
@@ -114,6 +145,47 @@ pub enum ConfigError {
     /// cmap could not be read (corosync not running, connection lost, ...).
     #[error("reading the csnap configuration from cmap: {0}")]
     Cmap(#[from] GroupError),
+}
+
+/// A key that is ignored: unknown (a typo, or left over after it was removed from
+/// corosync.conf, see the module documentation) or unused. `detail` says why and how to
+/// clear it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConfigWarning {
+    /// The cmap key, e.g. `csnap.keyfile` or `nodelist.node.1.csnap_prio`.
+    pub key: String,
+    pub detail: String,
+}
+
+impl fmt::Display for ConfigWarning {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "corosync.conf key {} ignored: {}", self.key, self.detail)
+    }
+}
+
+/// A configuration that parsed, with the keys that were ignored on the way.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ParsedConfig {
+    pub config: CsnapConfig,
+    /// In key order; empty when every key was used.
+    pub warnings: Vec<ConfigWarning>,
+}
+
+/// How to get rid of a `csnap.*` key that corosync.conf no longer has.
+fn stale_key_hint(key: &str) -> String {
+    format!(
+        "a key removed from the csnap section stays in cmap after corosync-cfgtool -R; \
+         delete it on every node that still has it with `corosync-cmapctl -d {key}`"
+    )
+}
+
+/// How to get rid of what is left in cmap of a volume subsection that was removed or
+/// renamed in corosync.conf.
+fn stale_volume_hint(volume: &str) -> String {
+    format!(
+        " (if volume {volume} was removed or renamed in corosync.conf, its old keys stay in \
+         cmap: delete them on every node with `corosync-cmapctl -D csnap.{volume}.`)"
+    )
 }
 
 fn config_error(key: &str, detail: impl Into<String>) -> ConfigError {
@@ -226,11 +298,20 @@ struct RawNode<'a> {
 
 impl CsnapConfig {
     /// Parses the flat cmap keys (`csnap.*` and `nodelist.*`; other keys are ignored, so
-    /// the whole map may be passed). Every error names the offending key.
-    pub fn from_cmap<'a>(keys: &'a CmapKeys) -> Result<CsnapConfig, ConfigError> {
+    /// the whole map may be passed), following the reload rules in the module
+    /// documentation: a bad or missing value is an error naming its key; an unknown or
+    /// unused key is a warning naming it.
+    pub fn from_cmap<'a>(keys: &'a CmapKeys) -> Result<ParsedConfig, ConfigError> {
         let mut top: BTreeMap<&str, &str> = BTreeMap::new();
         let mut raw_volumes: BTreeMap<&str, RawVolume> = BTreeMap::new();
         let mut raw_nodes: BTreeMap<u32, RawNode> = BTreeMap::new();
+        let mut warnings = Vec::new();
+        let mut warn = |key: &str, detail: String| {
+            warnings.push(ConfigWarning {
+                key: key.to_string(),
+                detail,
+            })
+        };
 
         for (key, value) in keys {
             if let Some(rest) = key.strip_prefix("csnap.") {
@@ -239,23 +320,24 @@ impl CsnapConfig {
                     [name] if TOP_LEVEL_KEYS.contains(name) => {
                         top.insert(name, value.as_str());
                     }
-                    [name] => {
-                        return Err(config_error(
-                            key,
-                            format!(
-                                "unknown key {name:?} in the csnap section; known keys: {}, \
-                                 and volume subsections",
-                                TOP_LEVEL_KEYS.join(", ")
-                            ),
-                        ))
-                    }
-                    [volume, item] => {
+                    [name] => warn(
+                        key,
+                        format!(
+                            "unknown key {name:?} in the csnap section (known keys: {}, and \
+                             volume subsections); {}",
+                            TOP_LEVEL_KEYS.join(", "),
+                            stale_key_hint(key)
+                        ),
+                    ),
+                    [volume, item] if VOLUME_KEYS.contains(item) => {
                         if TOP_LEVEL_KEYS.contains(volume) || !valid_volume_name(volume) {
                             return Err(config_error(
                                 key,
                                 format!(
                                     "{volume:?} is not a usable volume name (letters, digits, \
-                                     _ and -, at most {MAX_VOLUME_NAME}, not a csnap key name)"
+                                     _ and -, at most {MAX_VOLUME_NAME}, not a csnap key \
+                                     name){}",
+                                    stale_volume_hint(volume)
                                 ),
                             ));
                         }
@@ -264,26 +346,26 @@ impl CsnapConfig {
                             "origin" => &mut raw.origin,
                             "store" => &mut raw.store,
                             "server_port" => &mut raw.server_port,
-                            "nbd_listen" => &mut raw.nbd_listen,
-                            other => {
-                                return Err(config_error(
-                                    key,
-                                    format!(
-                                        "unknown key {other:?} in volume {volume}; known keys: {}",
-                                        VOLUME_KEYS.join(", ")
-                                    ),
-                                ))
-                            }
+                            _ => &mut raw.nbd_listen,
                         };
                         *slot = Some(value.as_str());
                     }
-                    _ => {
-                        return Err(config_error(
-                            key,
-                            "nested too deep: the csnap section holds keys and one level of \
-                             volume subsections",
-                        ))
-                    }
+                    [volume, item] => warn(
+                        key,
+                        format!(
+                            "unknown key {item:?} in volume {volume} (known keys: {}); {}",
+                            VOLUME_KEYS.join(", "),
+                            stale_key_hint(key)
+                        ),
+                    ),
+                    _ => warn(
+                        key,
+                        format!(
+                            "nested too deep (the csnap section holds keys and one level of \
+                             volume subsections); {}",
+                            stale_key_hint(key)
+                        ),
+                    ),
                 }
             } else if let Some(rest) = key.strip_prefix("nodelist.node.") {
                 let Some((index, item)) = rest.split_once('.') else {
@@ -298,15 +380,15 @@ impl CsnapConfig {
                     "name" => raw.name = Some(value.as_str()),
                     "ring0_addr" => raw.ring0_addr = Some(value.as_str()),
                     "csnap_priority" => raw.priority = Some(value.as_str()),
-                    other if other.starts_with("csnap_") => {
-                        return Err(config_error(
-                            key,
-                            format!(
-                                "unknown per-node csnap key {other:?}; known: {}",
-                                NODE_CSNAP_KEYS.join(", ")
-                            ),
-                        ))
-                    }
+                    other if other.starts_with("csnap_") => warn(
+                        key,
+                        format!(
+                            "unknown per-node csnap key {other:?} (known: {}); fix it in \
+                             corosync.conf and run corosync-cfgtool -R (corosync re-reads \
+                             the nodelist as a whole)",
+                            NODE_CSNAP_KEYS.join(", ")
+                        ),
+                    ),
                     // corosync's own per-node keys are not ours to judge.
                     _ => {}
                 }
@@ -325,27 +407,32 @@ impl CsnapConfig {
             Some(v) => parse_fencing_method("csnap.fencing", v)?,
             None => "kill_node",
         };
-        let command = match top.get("fence_command") {
-            Some(v) => Some(absolute_path("csnap.fence_command", v)?),
-            None => None,
-        };
-        let fencing = match (method, command) {
-            ("command", Some(path)) => Fencing::Command(path),
+        let fencing = match (method, top.get("fence_command")) {
+            ("command", Some(path)) => {
+                Fencing::Command(absolute_path("csnap.fence_command", path)?)
+            }
             ("command", None) => {
                 return Err(config_error(
                     "csnap.fence_command",
                     "missing; required with fencing: command",
                 ))
             }
-            (other, Some(_)) => {
-                return Err(config_error(
-                    "csnap.fence_command",
-                    format!("is set but fencing is {other}; set fencing: command or remove it"),
-                ))
+            (other, unused) => {
+                if unused.is_some() {
+                    warn(
+                        "csnap.fence_command",
+                        format!(
+                            "only used with fencing: command, and fencing is {other}; {}",
+                            stale_key_hint("csnap.fence_command")
+                        ),
+                    );
+                }
+                match other {
+                    "stonith" => Fencing::Stonith,
+                    "reset" => Fencing::Reset,
+                    _ => Fencing::KillNode,
+                }
             }
-            ("stonith", None) => Fencing::Stonith,
-            ("reset", None) => Fencing::Reset,
-            _ => Fencing::KillNode,
         };
 
         let mut volumes = BTreeMap::new();
@@ -355,7 +442,10 @@ impl CsnapConfig {
             let key = |item: &str| format!("csnap.{name}.{item}");
             let required = |value: Option<&'a str>, item: &str| -> Result<&'a str, ConfigError> {
                 value.ok_or_else(|| {
-                    config_error(&key(item), format!("missing; volume {name} needs it"))
+                    config_error(
+                        &key(item),
+                        format!("missing; volume {name} needs it{}", stale_volume_hint(name)),
+                    )
                 })
             };
             let origin = absolute_path(&key("origin"), required(raw.origin, "origin")?)?;
@@ -373,7 +463,10 @@ impl CsnapConfig {
             if let Some(other) = port_owner.insert(server_port, name) {
                 return Err(config_error(
                     &key("server_port"),
-                    format!("port {server_port} is already used by volume {other}"),
+                    format!(
+                        "port {server_port} is already used by volume {other}{}",
+                        stale_volume_hint(other)
+                    ),
                 ));
             }
             let nbd_listen = match raw.nbd_listen {
@@ -383,7 +476,10 @@ impl CsnapConfig {
             if let Some(other) = listen_owner.insert(nbd_listen.clone(), name) {
                 return Err(config_error(
                     &key("nbd_listen"),
-                    format!("the same address is already used by volume {other}"),
+                    format!(
+                        "the same address is already used by volume {other}{}",
+                        stale_volume_hint(other)
+                    ),
                 ));
             }
             volumes.insert(
@@ -442,12 +538,15 @@ impl CsnapConfig {
             }
         }
 
-        Ok(CsnapConfig {
-            key_file,
-            control_socket,
-            fencing,
-            volumes,
-            nodes,
+        Ok(ParsedConfig {
+            config: CsnapConfig {
+                key_file,
+                control_socket,
+                fencing,
+                volumes,
+                nodes,
+            },
+            warnings,
         })
     }
 
@@ -463,26 +562,27 @@ impl CsnapConfig {
 /// Reads the configuration once. To follow reloads use [`ConfigWatch::start`], which also
 /// returns the configuration at its start (reading here first and watching afterwards
 /// would miss a reload in between).
-pub fn read(cmap: &Cmap) -> Result<CsnapConfig, ConfigError> {
+pub fn read(cmap: &Cmap) -> Result<ParsedConfig, ConfigError> {
     CsnapConfig::from_cmap(&cmap.get_prefixes(&CONFIG_PREFIXES)?)
 }
 
 /// The configuration after each change of its cmap keys (`corosync-cfgtool -R`,
-/// `corosync-cmapctl`): a new [`CsnapConfig`], or the [`ConfigError::Invalid`] naming
-/// the bad key (the stream goes on: the next fix is yielded as usual). A failed read is a
+/// `corosync-cmapctl`): a new [`ParsedConfig`] (its warnings included), or the
+/// [`ConfigError::Invalid`] naming the bad key (the stream goes on: the fix is yielded as
+/// usual). A failed read is a
 /// [`ConfigError::Cmap`]; a lost connection is a `ConfigError::Cmap(GroupError::Disconnected)`,
 /// after which the stream ends. An item equal to the previous one is not repeated.
 pub struct ConfigWatch {
     keys: CmapWatch,
     /// The last item yielded (initially the one [`ConfigWatch::start`] returned); `None`
     /// after a read failure, so the next good read is yielded even if unchanged.
-    last: Option<Result<CsnapConfig, (String, String)>>,
+    last: Option<Result<ParsedConfig, (String, String)>>,
 }
 
 /// Comparable form of a parse result.
 fn comparable(
-    parsed: &Result<CsnapConfig, ConfigError>,
-) -> Option<Result<CsnapConfig, (String, String)>> {
+    parsed: &Result<ParsedConfig, ConfigError>,
+) -> Option<Result<ParsedConfig, (String, String)>> {
     match parsed {
         Ok(config) => Some(Ok(config.clone())),
         Err(ConfigError::Invalid { key, detail }) => Some(Err((key.clone(), detail.clone()))),
@@ -497,7 +597,7 @@ impl ConfigWatch {
     /// now is bad. Must be called inside a tokio runtime context.
     pub fn start(
         cmap: Cmap,
-    ) -> Result<(Result<CsnapConfig, ConfigError>, ConfigWatch), GroupError> {
+    ) -> Result<(Result<ParsedConfig, ConfigError>, ConfigWatch), GroupError> {
         let (keys, watch) = cmap.watch(&CONFIG_PREFIXES)?;
         let initial = CsnapConfig::from_cmap(&keys);
         let watch = ConfigWatch {
@@ -509,7 +609,7 @@ impl ConfigWatch {
 }
 
 impl Stream for ConfigWatch {
-    type Item = Result<CsnapConfig, ConfigError>;
+    type Item = Result<ParsedConfig, ConfigError>;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         let this = &mut *self;
@@ -573,8 +673,34 @@ mod tests {
         ]
     }
 
-    fn parse(pairs: &[(&str, &str)]) -> Result<CsnapConfig, ConfigError> {
+    fn parse_all(pairs: &[(&str, &str)]) -> Result<ParsedConfig, ConfigError> {
         CsnapConfig::from_cmap(&map(pairs))
+    }
+
+    /// Parses a map that must give no warnings.
+    fn parse(pairs: &[(&str, &str)]) -> Result<CsnapConfig, ConfigError> {
+        parse_all(pairs).map(|p| {
+            assert!(
+                p.warnings.is_empty(),
+                "unexpected warnings {:?}",
+                p.warnings
+            );
+            p.config
+        })
+    }
+
+    /// Parses a map that must give exactly one warning, and returns its key and detail.
+    fn warning_of(pairs: &[(&str, &str)]) -> (CsnapConfig, String, String) {
+        match parse_all(pairs) {
+            Ok(ParsedConfig {
+                config,
+                mut warnings,
+            }) if warnings.len() == 1 => {
+                let w = warnings.remove(0);
+                (config, w.key, w.detail)
+            }
+            other => panic!("expected one warning, got {other:?}"),
+        }
     }
 
     fn error_of(pairs: &[(&str, &str)]) -> (String, String) {
@@ -658,27 +784,60 @@ mod tests {
     }
 
     #[test]
-    fn unknown_keys_are_named() {
-        let (key, detail) = error_of(&with(&[("csnap.keyfile", Some("/x"))]));
+    fn unknown_keys_are_warnings_naming_the_key_and_the_fix() {
+        let (c, key, detail) = warning_of(&with(&[("csnap.keyfile", Some("/x"))]));
         assert_eq!(key, "csnap.keyfile");
+        assert_eq!(c, parse(&full()).unwrap(), "the typo is ignored");
         assert!(
             detail.contains("unknown key") && detail.contains("key_file"),
             "{detail}"
         );
-
-        let (key, detail) = error_of(&with(&[("csnap.vol0.orign", Some("/x"))]));
-        assert_eq!(key, "csnap.vol0.orign");
         assert!(
-            detail.contains("volume vol0") && detail.contains("origin"),
+            detail.contains("`corosync-cmapctl -d csnap.keyfile`"),
             "{detail}"
         );
 
-        let (key, detail) = error_of(&with(&[("csnap.vol0.deeper.x", Some("1"))]));
+        let (c, key, detail) = warning_of(&with(&[("csnap.vol0.orign", Some("/x"))]));
+        assert_eq!(key, "csnap.vol0.orign");
+        assert_eq!(
+            c.volumes["vol0"].origin,
+            PathBuf::from("/dev/disk/by-id/origin0")
+        );
+        assert!(
+            detail.contains("volume vol0")
+                && detail.contains("origin")
+                && detail.contains("corosync-cmapctl -d csnap.vol0.orign"),
+            "{detail}"
+        );
+
+        let (_, key, detail) = warning_of(&with(&[("csnap.vol0.deeper.x", Some("1"))]));
         assert_eq!(key, "csnap.vol0.deeper.x");
         assert!(detail.contains("nested too deep"), "{detail}");
+        let (_, key, _) = warning_of(&with(&[("csnap.bad.name.x", Some("1"))]));
+        assert_eq!(key, "csnap.bad.name.x");
 
-        let (key, _) = error_of(&with(&[("nodelist.node.1.csnap_prio", Some("3"))]));
+        // A subsection with nothing but unknown keys is no volume.
+        let (c, key, _) = warning_of(&with(&[("csnap.vol9.orign", Some("/x"))]));
+        assert_eq!(key, "csnap.vol9.orign");
+        assert!(!c.volumes.contains_key("vol9"));
+
+        // The nodelist is pruned on reload: fixing the file is enough there.
+        let (_, key, detail) = warning_of(&with(&[("nodelist.node.1.csnap_prio", Some("3"))]));
         assert_eq!(key, "nodelist.node.1.csnap_prio");
+        assert!(
+            detail.contains("csnap_priority") && detail.contains("corosync-cfgtool -R"),
+            "{detail}"
+        );
+
+        // Several: all of them, in key order.
+        let parsed = parse_all(&with(&[
+            ("csnap.zz", Some("1")),
+            ("csnap.aa", Some("2")),
+            ("csnap.vol0.x", Some("3")),
+        ]))
+        .unwrap();
+        let keys: Vec<&str> = parsed.warnings.iter().map(|w| w.key.as_str()).collect();
+        assert_eq!(keys, ["csnap.aa", "csnap.vol0.x", "csnap.zz"]);
 
         // corosync's own keys in the nodelist and other sections are not ours.
         parse(&with(&[
@@ -686,6 +845,82 @@ mod tests {
             ("quorum.two_node", Some("1")),
         ]))
         .unwrap();
+    }
+
+    #[test]
+    fn an_unused_fence_command_is_a_warning() {
+        let (c, key, detail) = warning_of(&with(&[("csnap.fencing", Some("stonith"))]));
+        assert_eq!(c.fencing, Fencing::Stonith);
+        assert_eq!(key, "csnap.fence_command");
+        assert!(
+            detail.contains("fencing is stonith")
+                && detail.contains("corosync-cmapctl -d csnap.fence_command"),
+            "{detail}"
+        );
+        // Unused, its value is not judged.
+        let (c, key, _) = warning_of(&with(&[
+            ("csnap.fencing", Some("reset")),
+            ("csnap.fence_command", Some("relative")),
+        ]));
+        assert_eq!(
+            (c.fencing, key.as_str()),
+            (Fencing::Reset, "csnap.fence_command")
+        );
+    }
+
+    /// What cmap holds across reloads when an admin fixes a typo or removes a volume
+    /// (corosync keeps keys removed from the csnap section): each step parses, or fails
+    /// with an error that says how to clear the leftovers.
+    #[test]
+    fn leftovers_of_edits_never_block_a_reload() {
+        // Typo, then fixed in the file: the typo stays in cmap beside the right key.
+        let typo = with(&[("csnap.control_sock", Some("/run/x.sock"))]);
+        let (c, key, _) = warning_of(&typo);
+        assert_eq!(
+            (c.control_socket, key.as_str()),
+            (PathBuf::from("/run/csnap/c.sock"), "csnap.control_sock")
+        );
+        let mut fixed = typo.clone();
+        fixed.retain(|(k, _)| *k != "csnap.control_socket");
+        fixed.push(("csnap.control_socket", "/run/x.sock"));
+        let (c, key, _) = warning_of(&fixed);
+        assert_eq!(
+            (c.control_socket, key.as_str()),
+            (PathBuf::from("/run/x.sock"), "csnap.control_sock")
+        );
+
+        // fencing: command -> kill_node with fence_command removed from the file.
+        let (c, key, _) = warning_of(&with(&[("csnap.fencing", Some("kill_node"))]));
+        assert_eq!(
+            (c.fencing, key.as_str()),
+            (Fencing::KillNode, "csnap.fence_command")
+        );
+
+        // Volume db-1 renamed to db-2 in the file: db-1 is still there, on the same port.
+        let mut renamed = map(&full());
+        for (k, v) in map(&full()) {
+            if let Some(item) = k.strip_prefix("csnap.db-1.") {
+                renamed.insert(format!("csnap.db-2.{item}"), v);
+            }
+        }
+        let (key, detail) = match CsnapConfig::from_cmap(&renamed) {
+            Err(ConfigError::Invalid { key, detail }) => (key, detail),
+            other => panic!("expected an Invalid error, got {other:?}"),
+        };
+        assert_eq!(key, "csnap.db-2.server_port");
+        assert!(
+            detail.contains("already used by volume db-1")
+                && detail.contains("`corosync-cmapctl -D csnap.db-1.`"),
+            "{detail}"
+        );
+
+        // A volume whose subsection lost keys (partly written, then renamed).
+        let (key, detail) = error_of(&with(&[("csnap.db-1.store", None)]));
+        assert_eq!(key, "csnap.db-1.store");
+        assert!(
+            detail.contains("corosync-cmapctl -D csnap.db-1."),
+            "{detail}"
+        );
     }
 
     #[test]
@@ -778,7 +1013,6 @@ mod tests {
                 "nodelist.node.1.nodeid",
                 "not a node id",
             ),
-            ("csnap.bad.name.x", "1", "csnap.bad.name.x", "nested"),
             (
                 "csnap.fencing.origin",
                 "/x",
@@ -820,10 +1054,6 @@ mod tests {
             "{detail}"
         );
 
-        let (key, detail) = error_of(&with(&[("csnap.fencing", Some("stonith"))]));
-        assert_eq!(key, "csnap.fence_command");
-        assert!(detail.contains("fencing is stonith"), "{detail}");
-
         let (key, _) = error_of(&with(&[
             ("nodelist.node.2.nodeid", None),
             ("nodelist.node.2.csnap_priority", Some("1")),
@@ -840,6 +1070,12 @@ mod tests {
         let text = ConfigError::Invalid { key, detail }.to_string();
         assert!(
             text.starts_with("corosync.conf key csnap.vol0.server_port:"),
+            "{text}"
+        );
+        let (_, key, detail) = warning_of(&with(&[("csnap.keyfile", Some("/x"))]));
+        let text = ConfigWarning { key, detail }.to_string();
+        assert!(
+            text.starts_with("corosync.conf key csnap.keyfile ignored: unknown key"),
             "{text}"
         );
     }
@@ -914,7 +1150,9 @@ mod tests {
             keys.get("csnap.fencing").map(String::as_str),
             Some("kill_node")
         );
-        let c = CsnapConfig::from_cmap(&keys).unwrap();
+        let parsed = CsnapConfig::from_cmap(&keys).unwrap();
+        assert_eq!(parsed.warnings, []);
+        let c = parsed.config;
         assert_eq!(c.key_file, PathBuf::from(DEFAULT_KEY_FILE));
         assert_eq!(c.control_socket, PathBuf::from(DEFAULT_CONTROL_SOCKET));
         assert_eq!(c.fencing, Fencing::KillNode);

@@ -111,7 +111,7 @@ struct SingleNode {
     corosync_pid: u32,
 }
 
-const CONF_HEAD: &str = "totem {
+const CONF_TOTEM: &str = "totem {
     version: 2
     cluster_name: cpgglue
     transport: knet
@@ -119,22 +119,13 @@ const CONF_HEAD: &str = "totem {
     crypto_hash: none
     token: 1000
 }
-nodelist {
-    node {
-        ring0_addr: 10.77.0.1
-        nodeid: 1
-        name: n1
-        glue_rank: 10
-    }
-}
-quorum {
-    provider: corosync_votequorum
-}
 ";
 
-fn conf_text(dir: &Path, app_section: &str) -> String {
+/// The whole corosync.conf: `node_extra` adds lines to the node's nodelist entry,
+/// `app_section` is appended.
+fn conf_text(dir: &Path, node_extra: &str, app_section: &str) -> String {
     format!(
-        "{CONF_HEAD}logging {{\n    to_logfile: yes\n    logfile: {log}\n    to_syslog: no\n    to_stderr: no\n}}\nsystem {{\n    state_dir: {state}\n}}\n{app_section}",
+        "{CONF_TOTEM}nodelist {{\n    node {{\n        ring0_addr: 10.77.0.1\n        nodeid: 1\n        name: n1\n        glue_rank: 10\n{node_extra}    }}\n}}\nquorum {{\n    provider: corosync_votequorum\n}}\nlogging {{\n    to_logfile: yes\n    logfile: {log}\n    to_syslog: no\n    to_stderr: no\n}}\nsystem {{\n    state_dir: {state}\n}}\n{app_section}",
         log = dir.join("corosync.log").display(),
         state = dir.join("state").display(),
     )
@@ -218,7 +209,7 @@ impl SingleNode {
     fn write_conf(&self, section: &str) {
         fs::write(
             self.dir.join("corosync.conf"),
-            conf_text(&self.dir, section),
+            conf_text(&self.dir, "", section),
         )
         .unwrap();
     }
@@ -503,18 +494,25 @@ async fn exercise(dir: PathBuf, corosync_pid: u32) {
         "the watch's baseline is the keys as they are"
     );
 
-    let reload = |port: &str, extra: &str| {
+    // With `extra`, one more key in the app section (`glue_test.sub.extra`) and in the
+    // nodelist entry (`nodelist.node.0.glue_flag`).
+    let reload = |port: &str, extra: bool| {
+        let (node_extra, app_extra) = if extra {
+            ("        glue_flag: 1\n", "        extra: 1\n")
+        } else {
+            ("", "")
+        };
         fs::write(
             dir.join("corosync.conf"),
-            conf_text(&dir, &app_section(port, extra)),
+            conf_text(&dir, node_extra, &app_section(port, app_extra)),
         )
         .unwrap();
         // Children inherit this thread's network namespace.
         run(Command::new("corosync-cfgtool").arg("-R")).unwrap();
     };
     // A reload that changes nothing yields nothing: the next item is the later change.
-    reload("7788", "");
-    reload("7799", "        extra: 1\n");
+    reload("7788", false);
+    reload("7799", true);
     let item = match timeout(STEP, watch.next()).await {
         Ok(Some(Ok(keys))) => keys,
         other => panic!("reload notice: {other:?}"),
@@ -531,8 +529,8 @@ async fn exercise(dir: PathBuf, corosync_pid: u32) {
     assert!(after.is_empty(), "missing after the reload: {after:?}");
 
     // Corosync does not prune keys removed from an unknown section on reload: `extra` stays
-    // (what the agent's reload rules are built around); only the changed port shows.
-    reload("7700", "");
+    // (what the agent's reload rules are built around), while the nodelist is pruned.
+    reload("7700", false);
     match timeout(STEP, watch.next()).await {
         Ok(Some(Ok(keys))) => {
             assert_eq!(
@@ -543,6 +541,11 @@ async fn exercise(dir: PathBuf, corosync_pid: u32) {
                 keys.get("glue_test.sub.extra").map(String::as_str),
                 Some("1"),
                 "a key removed from the file stays in cmap after a reload"
+            );
+            assert_eq!(
+                keys.get("nodelist.node.0.glue_flag"),
+                None,
+                "corosync prunes keys removed from the nodelist"
             );
         }
         other => panic!("second reload notice: {other:?}"),
