@@ -78,6 +78,9 @@ pub struct ClusterConfig {
     pub priorities: BTreeMap<NodeId, u32>,
     /// The `csnap { ... }` section every node starts with.
     pub csnap: CsnapSection,
+    /// Text appended verbatim to every node's corosync.conf, now and on every rewrite
+    /// (for hand-written sections the tests want corosync itself to parse).
+    pub extra_conf: String,
     /// Bound for the initial membership to form.
     pub start_timeout: Duration,
     /// Bound for one membership change to be seen everywhere.
@@ -91,6 +94,7 @@ impl ClusterConfig {
             token_ms: 1000,
             priorities: BTreeMap::new(),
             csnap: CsnapSection::new(),
+            extra_conf: String::new(),
             start_timeout: Duration::from_secs(60),
             settle_timeout: Duration::from_secs(30),
         }
@@ -108,6 +112,11 @@ impl ClusterConfig {
 
     pub fn csnap(mut self, section: CsnapSection) -> Self {
         self.csnap = section;
+        self
+    }
+
+    pub fn extra_conf(mut self, text: impl Into<String>) -> Self {
+        self.extra_conf = text.into();
         self
     }
 }
@@ -500,6 +509,20 @@ impl Inner {
             inner.start_node(spec.id)?;
         }
         inner.wait_converged(inner.config.start_timeout)?;
+        // A corosync that exited at once (e.g. refusing its corosync.conf) is not running,
+        // and a cluster of no running nodes counts as converged: say so instead.
+        for spec in &inner.specs {
+            if inner.pid(spec.id).is_none() {
+                return Err(HarnessError::NodeState {
+                    node: spec.id,
+                    detail: format!(
+                        "corosync exited while the cluster started (does it refuse its \
+                         corosync.conf?); its log ends:\n{}",
+                        inner.log_tail(spec.id, 20)
+                    ),
+                });
+            }
+        }
         Ok(inner)
     }
 
@@ -579,6 +602,7 @@ impl Inner {
             nodes: &self.specs,
             node_dir: &node_dir,
             csnap,
+            extra: &self.config.extra_conf,
         }
         .render();
         let path = self.conf_path(node);

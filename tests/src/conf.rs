@@ -137,6 +137,8 @@ pub struct ConfSpec<'a> {
     /// The node's own directory: its log file and corosync's state_dir live there.
     pub node_dir: &'a Path,
     pub csnap: &'a CsnapSection,
+    /// Text appended verbatim after everything else (e.g. a section written by hand).
+    pub extra: &'a str,
 }
 
 impl ConfSpec<'_> {
@@ -172,6 +174,10 @@ impl ConfSpec<'_> {
              system {{\n    state_dir: {dir}\n}}\n"
         );
         self.csnap.render(&mut out);
+        out.push_str(self.extra);
+        if !self.extra.is_empty() && !self.extra.ends_with('\n') {
+            out.push('\n');
+        }
         out
     }
 }
@@ -248,6 +254,7 @@ mod tests {
             nodes: &nodes,
             node_dir: Path::new("/tmp/x/n1"),
             csnap: &csnap,
+            extra: "other {\n    # by hand\n    k: v\n}",
         }
         .render();
         for needle in [
@@ -258,7 +265,7 @@ mod tests {
             "provider: corosync_votequorum",
             "logfile: /tmp/x/n1/corosync.log",
             "state_dir: /tmp/x/n1",
-            "csnap {\n    fence: cfg\n}\n",
+            "csnap {\n    fence: cfg\n}\nother {\n    # by hand\n    k: v\n}\n",
         ] {
             assert!(text.contains(needle), "missing {needle:?} in\n{text}");
         }

@@ -1,8 +1,10 @@
 //! csnap agent: membership, server choice, failover, merge handling.
 //!
-//! For now: standalone mode ([`standalone`]) with its control socket ([`control`]) and
-//! the csnapctl snapshot/status subcommands ([`ctl`]).
+//! For now: the cluster configuration from corosync.conf ([`config`]), standalone mode
+//! ([`standalone`]) with its control socket ([`control`]) and the csnapctl snapshot/status
+//! subcommands ([`ctl`]).
 
+pub mod config;
 pub mod control;
 pub mod ctl;
 pub mod standalone;

@@ -42,8 +42,4 @@ pub enum GroupError {
     /// Bad argument (group name too long, unknown node, ...).
     #[error("invalid argument: {0}")]
     Invalid(String),
-
-    /// A configuration value in the `csnap` section of corosync.conf is wrong.
-    #[error("corosync.conf key {key}: {detail}")]
-    Config { key: String, detail: String },
 }

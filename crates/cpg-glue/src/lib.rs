@@ -10,8 +10,9 @@
 //!   merge joiners come with [`Reason::NodeUp`] and the totem confchg comes last), with
 //!   partitions, merges and node deaths injectable for deterministic tests.
 //!
-//! Alongside CPG it wraps quorum ([`QuorumEvent`]), cmap (the `csnap` section of
-//! corosync.conf) and cfg (`kill_node`).
+//! Alongside CPG it wraps quorum ([`QuorumEvent`]), cmap (raw keys of the live
+//! corosync.conf and reload notices; what csnap's keys mean is the agent's business) and
+//! cfg (`kill_node`).
 //!
 //! Everything above this crate (the agent) is written against the traits here, so the
 //! same code runs on the real cluster and in the in-memory model.
@@ -178,7 +179,6 @@ pub trait Group: Stream<Item = Result<GroupEvent, GroupError>> + Unpin + Send + 
 /// A stream of quorum changes for the local node. The first item is the current state.
 pub trait Quorum: Stream<Item = Result<QuorumEvent, GroupError>> + Unpin + Send + 'static {}
 
-pub mod config;
 pub mod corosync;
 pub mod memory;
 pub mod testkit;

@@ -1,6 +1,6 @@
 //! [`Cmap`]: reading corosync's configuration map (rust-corosync's cmap binding), and
-//! [`ConfigWatch`], a stream of csnap configurations after each change (e.g. a
-//! `corosync-cfgtool -R` reload).
+//! [`CmapWatch`], a stream of the keys under some prefixes after each change (e.g. a
+//! `corosync-cfgtool -R` reload). What the keys mean is the caller's business.
 
 use std::collections::BTreeMap;
 use std::pin::Pin;
@@ -13,11 +13,10 @@ use rust_corosync::DispatchFlags;
 use tokio::io::unix::AsyncFd;
 
 use super::{call_error, connect_error, cs_error_name, register_fd, LibraryFd};
-use crate::config::CsnapConfig;
 use crate::GroupError;
 
-/// The key prefixes csnap's configuration lives under.
-const CONFIG_PREFIXES: [&str; 2] = ["csnap.", "nodelist."];
+/// Keys and their values as text, as [`Cmap::get_prefix`] returns them.
+pub type CmapKeys = BTreeMap<String, String>;
 
 /// A connection to the local corosync's cmap (the live copy of corosync.conf).
 pub struct Cmap {
@@ -56,8 +55,8 @@ impl Cmap {
 
     /// Every key starting with `prefix`, with its value as text (numbers in decimal,
     /// binary values in hex). (rust-corosync's iterator ends quietly if a key vanishes
-    /// while it runs; a concurrent reload is reported by [`ConfigWatch`] anyway.)
-    pub fn get_prefix(&self, prefix: &str) -> Result<BTreeMap<String, String>, GroupError> {
+    /// while it runs; a [`CmapWatch`] on that prefix reports the concurrent change anyway.)
+    pub fn get_prefix(&self, prefix: &str) -> Result<CmapKeys, GroupError> {
         let iter = cmap::CmapIterStart::new(&self.handle, prefix)
             .map_err(|e| call_error("cmap_iter_init", e))?;
         let mut out = BTreeMap::new();
@@ -68,29 +67,40 @@ impl Cmap {
         Ok(out)
     }
 
-    /// The csnap configuration as it is now (`csnap.*` and `nodelist.*`).
-    pub fn csnap_config(&self) -> Result<CsnapConfig, GroupError> {
+    /// Every key under any of `prefixes`, in one map.
+    pub fn get_prefixes(&self, prefixes: &[&str]) -> Result<CmapKeys, GroupError> {
         let mut keys = BTreeMap::new();
-        for prefix in CONFIG_PREFIXES {
+        for prefix in prefixes {
             keys.append(&mut self.get_prefix(prefix)?);
         }
-        CsnapConfig::from_cmap(&keys)
+        Ok(keys)
     }
 
-    /// Stream of reload notices: yields the new CsnapConfig (or the error parsing it)
-    /// whenever any key under `csnap.` or `nodelist.` changes (e.g. corosync-cfgtool -R).
+    /// Watches the keys under `prefixes`: returns them as they are now, and a stream that
+    /// yields them again after every change (added, modified or deleted keys, e.g. by
+    /// `corosync-cfgtool -R` or `corosync-cmapctl`).
     ///
-    /// Read [`Cmap::csnap_config`] first, then watch. Items equal to the previous one
-    /// (initially: the configuration when the watch started) are not repeated, so one
-    /// reload that touches many keys yields one item. Must be called inside a tokio
-    /// runtime context.
-    pub fn watch(self) -> Result<ConfigWatch, GroupError> {
+    /// The returned keys are read *after* the change trackers are installed, so no change
+    /// can fall between them and the stream: a change before the read is in them, a change
+    /// after it is yielded. Use them as the starting point rather than reading separately
+    /// before watching (a reload between that read and the watch would be missed).
+    ///
+    /// An item equal to the previous one (initially: the returned keys) is not repeated, so
+    /// one reload that touches many keys yields one item, and a reload that changes
+    /// nothing yields none. Must be called inside a tokio runtime context.
+    pub fn watch(self, prefixes: &[&str]) -> Result<(CmapKeys, CmapWatch), GroupError> {
+        if prefixes.is_empty() {
+            return Err(GroupError::Invalid(
+                "cmap watch: no key prefix to watch".to_string(),
+            ));
+        }
         let fd = cmap::fd_get(&self.handle).map_err(|e| call_error("cmap_fd_get", e))?;
         let readiness = register_fd(fd, "cmap")?;
         let sink = Box::new(ChangeFlag(AtomicBool::new(false)));
-        let mut watch = ConfigWatch {
+        let mut watch = CmapWatch {
             readiness: Some(readiness),
             tracks: Vec::new(),
+            prefixes: prefixes.iter().map(|p| p.to_string()).collect(),
             last: None,
             sink,
             failed: None,
@@ -105,22 +115,25 @@ impl Cmap {
             | cmap::TrackType::MODIFY
             | cmap::TrackType::PREFIX;
         let context = &*watch.sink as *const ChangeFlag as usize as u64;
-        if let Some(c) = &watch.cmap {
-            for prefix in CONFIG_PREFIXES {
-                // On failure, dropping `watch` deletes the trackers made so far.
-                let t = cmap::track_add(
-                    &c.handle,
-                    prefix,
-                    cmap::TrackType::from_bits_retain(track.bits()),
-                    &callback,
-                    context,
-                )
-                .map_err(|e| call_error("cmap_track_add", e))?;
-                watch.tracks.push(t);
-            }
+        let Some(c) = &watch.cmap else {
+            return Err(GroupError::Invalid("cmap watch: no connection".to_string()));
+        };
+        for prefix in prefixes {
+            // On failure, dropping `watch` deletes the trackers made so far.
+            let t = cmap::track_add(
+                &c.handle,
+                prefix,
+                cmap::TrackType::from_bits_retain(track.bits()),
+                &callback,
+                context,
+            )
+            .map_err(|e| call_error("cmap_track_add", e))?;
+            watch.tracks.push(t);
         }
-        watch.last = Some(watch.read_config());
-        Ok(watch)
+        // Only now, with every tracker in place, read the baseline.
+        let initial = c.get_prefixes(prefixes)?;
+        watch.last = Some(Ok(initial.clone()));
+        Ok((initial, watch))
     }
 }
 
@@ -146,45 +159,17 @@ fn on_cmap_change(
     flag.0.store(true, Ordering::Release);
 }
 
-/// The result of reading the configuration, comparable so repeats can be skipped.
-type ReadResult = Result<CsnapConfig, ReadFailure>;
+/// The result of one read, comparable so repeats can be skipped (a failure as its text).
+type ReadResult = Result<CmapKeys, String>;
 
-/// Why reading the configuration failed, in a form that can be compared and cloned.
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum ReadFailure {
-    Config { key: String, detail: String },
-    Other(String),
-}
-
-impl From<GroupError> for ReadFailure {
-    fn from(e: GroupError) -> Self {
-        match e {
-            GroupError::Config { key, detail } => ReadFailure::Config { key, detail },
-            other => ReadFailure::Other(other.to_string()),
-        }
-    }
-}
-
-impl From<ReadFailure> for GroupError {
-    fn from(f: ReadFailure) -> Self {
-        match f {
-            ReadFailure::Config { key, detail } => GroupError::Config { key, detail },
-            ReadFailure::Other(detail) => GroupError::Corosync {
-                call: "reading the csnap configuration from cmap",
-                detail,
-            },
-        }
-    }
-}
-
-/// A stream of csnap configurations, one after each change of `csnap.*` or `nodelist.*`
-/// keys (see [`Cmap::watch`]). Parse failures are yielded as [`GroupError::Config`] items
-/// and the stream goes on; a lost connection is yielded as [`GroupError::Disconnected`],
-/// after which the stream ends.
-pub struct ConfigWatch {
+/// The keys under the watched prefixes, yielded after each change (see [`Cmap::watch`]).
+/// A failed read is yielded as [`GroupError::Corosync`] and the stream goes on; a lost
+/// connection is yielded as [`GroupError::Disconnected`], after which the stream ends.
+pub struct CmapWatch {
     /// Dropped before the cmap handle (the library owns the fd).
     readiness: Option<AsyncFd<LibraryFd>>,
     tracks: Vec<cmap::TrackHandle>,
+    prefixes: Vec<String>,
     last: Option<ReadResult>,
     /// Freed after the handle is finalized (field order and Drop below).
     sink: Box<ChangeFlag>,
@@ -193,11 +178,12 @@ pub struct ConfigWatch {
     cmap: Option<Cmap>,
 }
 
-impl ConfigWatch {
-    fn read_config(&self) -> ReadResult {
+impl CmapWatch {
+    fn read_keys(&self) -> ReadResult {
+        let prefixes: Vec<&str> = self.prefixes.iter().map(String::as_str).collect();
         match &self.cmap {
-            Some(c) => c.csnap_config().map_err(ReadFailure::from),
-            None => Err(ReadFailure::Other("cmap connection closed".to_string())),
+            Some(c) => c.get_prefixes(&prefixes).map_err(|e| e.to_string()),
+            None => Err("cmap connection closed".to_string()),
         }
     }
 
@@ -220,14 +206,14 @@ impl ConfigWatch {
     }
 }
 
-impl Drop for ConfigWatch {
+impl Drop for CmapWatch {
     fn drop(&mut self) {
         self.shut_down();
     }
 }
 
-impl Stream for ConfigWatch {
-    type Item = Result<CsnapConfig, GroupError>;
+impl Stream for CmapWatch {
+    type Item = Result<CmapKeys, GroupError>;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         let this = &mut *self;
@@ -242,10 +228,13 @@ impl Stream for ConfigWatch {
             if this.sink.0.swap(false, Ordering::AcqRel) {
                 // Corosync applies a whole reload before it answers our reads, so this
                 // sees the complete new state.
-                let now = this.read_config();
+                let now = this.read_keys();
                 if this.last.as_ref() != Some(&now) {
                     this.last = Some(now.clone());
-                    return Poll::Ready(Some(now.map_err(GroupError::from)));
+                    return Poll::Ready(Some(now.map_err(|detail| GroupError::Corosync {
+                        call: "reading the watched cmap keys",
+                        detail,
+                    })));
                 }
                 continue;
             }

@@ -1,5 +1,5 @@
-//! Real corosync: CPG ([`CorosyncGroup`]), quorum ([`CorosyncQuorum`]), cmap ([`Cmap`], the
-//! `csnap` section of corosync.conf and its reloads) and cfg ([`local_node_id`],
+//! Real corosync: CPG ([`CorosyncGroup`]), quorum ([`CorosyncQuorum`]), cmap ([`Cmap`]: raw
+//! keys of the live corosync.conf and a watch for their reloads) and cfg ([`local_node_id`],
 //! [`kill_node`]).
 //!
 //! Every connection talks to the corosync of the calling thread's network namespace (libqb
@@ -25,7 +25,7 @@ mod quorum;
 #[cfg(test)]
 mod real_tests;
 
-pub use cmap::{Cmap, ConfigWatch};
+pub use cmap::{Cmap, CmapKeys, CmapWatch};
 pub use cpg::{CorosyncGroup, CorosyncSender, MAX_MESSAGE_SIZE};
 pub use quorum::CorosyncQuorum;
 

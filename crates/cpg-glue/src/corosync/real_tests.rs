@@ -17,7 +17,6 @@ use futures::StreamExt;
 use tokio::time::timeout;
 
 use super::*;
-use crate::config::{CsnapConfig, Fencing};
 use crate::typed::{TypedEvent, TypedGroup};
 use crate::{Group, GroupError, GroupEvent, GroupSender, Member, MemberChange, Reason};
 
@@ -112,7 +111,7 @@ struct SingleNode {
     corosync_pid: u32,
 }
 
-const CONF_HEAD: &str = "totem {
+const CONF_TOTEM: &str = "totem {
     version: 2
     cluster_name: cpgglue
     transport: knet
@@ -120,30 +119,23 @@ const CONF_HEAD: &str = "totem {
     crypto_hash: none
     token: 1000
 }
-nodelist {
-    node {
-        ring0_addr: 10.77.0.1
-        nodeid: 1
-        name: n1
-        csnap_priority: 10
-    }
-}
-quorum {
-    provider: corosync_votequorum
-}
 ";
 
-fn conf_text(dir: &Path, csnap_section: &str) -> String {
+/// The whole corosync.conf: `node_extra` adds lines to the node's nodelist entry,
+/// `app_section` is appended.
+fn conf_text(dir: &Path, node_extra: &str, app_section: &str) -> String {
     format!(
-        "{CONF_HEAD}logging {{\n    to_logfile: yes\n    logfile: {log}\n    to_syslog: no\n    to_stderr: no\n}}\nsystem {{\n    state_dir: {state}\n}}\n{csnap_section}",
+        "{CONF_TOTEM}nodelist {{\n    node {{\n        ring0_addr: 10.77.0.1\n        nodeid: 1\n        name: n1\n        glue_rank: 10\n{node_extra}    }}\n}}\nquorum {{\n    provider: corosync_votequorum\n}}\nlogging {{\n    to_logfile: yes\n    logfile: {log}\n    to_syslog: no\n    to_stderr: no\n}}\nsystem {{\n    state_dir: {state}\n}}\n{app_section}",
         log = dir.join("corosync.log").display(),
         state = dir.join("state").display(),
     )
 }
 
-fn csnap_section(port: &str) -> String {
+/// An application's own top-level section (corosync keeps unknown sections in cmap as
+/// strings, `glue_test.sub.port` and so on); `extra` adds one more line to `sub`.
+fn app_section(port: &str, extra: &str) -> String {
     format!(
-        "csnap {{\n    fencing: reset\n    vol0 {{\n        origin: /dev/h1-origin\n        store: /dev/h1-store\n        server_port: {port}\n    }}\n}}\n"
+        "glue_test {{\n    mode: reset\n    sub {{\n        path: /dev/h1-origin\n        port: {port}\n{extra}    }}\n}}\n"
     )
 }
 
@@ -173,7 +165,7 @@ impl SingleNode {
         };
         fs::create_dir_all(node.dir.join("run")).unwrap();
         fs::create_dir_all(node.dir.join("state")).unwrap();
-        node.write_conf(&csnap_section("7788"));
+        node.write_conf(&app_section("7788", ""));
         let (a, b) = (format!("{tag}a"), format!("{tag}b"));
         let ns = node.netns.clone();
         run(Command::new("ip").args(["netns", "add", &ns])).unwrap();
@@ -214,8 +206,12 @@ impl SingleNode {
         node
     }
 
-    fn write_conf(&self, csnap: &str) {
-        fs::write(self.dir.join("corosync.conf"), conf_text(&self.dir, csnap)).unwrap();
+    fn write_conf(&self, section: &str) {
+        fs::write(
+            self.dir.join("corosync.conf"),
+            conf_text(&self.dir, "", section),
+        )
+        .unwrap();
     }
 
     /// Enters this node's network namespace (for the current thread).
@@ -463,44 +459,96 @@ async fn exercise(dir: PathBuf, corosync_pid: u32) {
         Err(GroupError::Disconnected { .. })
     ));
 
-    // cmap: keys, parsed configuration, reload notices.
+    // cmap: keys, the watch's baseline, reload notices.
     let cmap = Cmap::connect().unwrap();
-    let keys = cmap.get_prefix("csnap.").unwrap();
-    assert_eq!(
-        keys.get("csnap.vol0.origin").map(String::as_str),
-        Some("/dev/h1-origin")
-    );
+    let keys = cmap.get_prefix("glue_test.").unwrap();
+    let expected = |port: &str| -> CmapKeys {
+        [
+            ("glue_test.mode", "reset"),
+            ("glue_test.sub.path", "/dev/h1-origin"),
+            ("glue_test.sub.port", port),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+    };
+    assert_eq!(keys, expected("7788"));
     let nodelist = cmap.get_prefix("nodelist.node.0.").unwrap();
     assert_eq!(
         nodelist.get("nodelist.node.0.nodeid").map(String::as_str),
         Some("1")
     );
-    let config: CsnapConfig = cmap.csnap_config().unwrap();
-    assert_eq!(config.fencing, Fencing::Reset);
-    assert_eq!(config.volumes["vol0"].server_port, 7788);
-    assert_eq!(config.priority_of(crate::NodeId(1)), 10);
-    let mut watch = cmap.watch().unwrap();
+    assert_eq!(
+        nodelist
+            .get("nodelist.node.0.glue_rank")
+            .map(String::as_str),
+        Some("10")
+    );
+    let watched = ["glue_test.", "nodelist.node.0."];
+    let both = cmap.get_prefixes(&watched).unwrap();
+    assert_eq!(both.len(), keys.len() + nodelist.len());
+    assert!(cmap.get_prefix("no_such_section.").unwrap().is_empty());
+    let (initial, mut watch) = cmap.watch(&watched).unwrap();
+    assert_eq!(
+        initial, both,
+        "the watch's baseline is the keys as they are"
+    );
 
-    let reload = |port: &str| {
+    // With `extra`, one more key in the app section (`glue_test.sub.extra`) and in the
+    // nodelist entry (`nodelist.node.0.glue_flag`).
+    let reload = |port: &str, extra: bool| {
+        let (node_extra, app_extra) = if extra {
+            ("        glue_flag: 1\n", "        extra: 1\n")
+        } else {
+            ("", "")
+        };
         fs::write(
             dir.join("corosync.conf"),
-            conf_text(&dir, &csnap_section(port)),
+            conf_text(&dir, node_extra, &app_section(port, app_extra)),
         )
         .unwrap();
         // Children inherit this thread's network namespace.
         run(Command::new("corosync-cfgtool").arg("-R")).unwrap();
     };
-    reload("7799");
-    match timeout(STEP, watch.next()).await {
-        Ok(Some(Ok(c))) => assert_eq!(c.volumes["vol0"].server_port, 7799),
+    // A reload that changes nothing yields nothing: the next item is the later change.
+    reload("7788", false);
+    reload("7799", true);
+    let item = match timeout(STEP, watch.next()).await {
+        Ok(Some(Ok(keys))) => keys,
         other => panic!("reload notice: {other:?}"),
-    }
-    reload("77x");
+    };
+    let mut after = expected("7799");
+    after.insert("glue_test.sub.extra".to_string(), "1".to_string());
+    assert_eq!(
+        item.get("nodelist.node.0.glue_rank").map(String::as_str),
+        Some("10")
+    );
+    item.into_iter()
+        .filter(|(k, _)| k.starts_with("glue_test."))
+        .for_each(|(k, v)| assert_eq!(after.remove(&k), Some(v), "key {k}"));
+    assert!(after.is_empty(), "missing after the reload: {after:?}");
+
+    // Corosync does not prune keys removed from an unknown section on reload: `extra` stays
+    // (what the agent's reload rules are built around), while the nodelist is pruned.
+    reload("7700", false);
     match timeout(STEP, watch.next()).await {
-        Ok(Some(Err(GroupError::Config { key, .. }))) => {
-            assert_eq!(key, "csnap.vol0.server_port")
+        Ok(Some(Ok(keys))) => {
+            assert_eq!(
+                keys.get("glue_test.sub.port").map(String::as_str),
+                Some("7700")
+            );
+            assert_eq!(
+                keys.get("glue_test.sub.extra").map(String::as_str),
+                Some("1"),
+                "a key removed from the file stays in cmap after a reload"
+            );
+            assert_eq!(
+                keys.get("nodelist.node.0.glue_flag"),
+                None,
+                "corosync prunes keys removed from the nodelist"
+            );
         }
-        other => panic!("bad reload notice: {other:?}"),
+        other => panic!("second reload notice: {other:?}"),
     }
 
     // corosync dies: every stream reports Disconnected, then ends.
