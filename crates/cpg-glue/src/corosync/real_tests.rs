@@ -104,11 +104,83 @@ fn no_corosync_gives_not_running() {
 }
 
 /// One corosync in a network namespace and mount namespace of its own; removed on drop.
+/// Cleaned up like the csnap-e2e harness's clusters: it holds the harness's machine-wide
+/// lock while it lives (never beside a cluster), its corosync dies with the test thread
+/// (`PR_SET_PDEATHSIG`), and a start first sweeps what an aborted earlier run left.
 struct SingleNode {
     netns: String,
     dir: PathBuf,
     corosync: Option<Child>,
     corosync_pid: u32,
+    /// The held lock; released when dropped, after everything else is gone.
+    _lock: fs::File,
+}
+
+/// The csnap-e2e harness's lock file (tests/src/cluster.rs `LOCK_FILE`): one cluster or
+/// single node on the machine at a time.
+const LOCK_FILE: &str = "/tmp/csnap-e2e.lock";
+/// How long a start waits for another run's cluster to finish.
+const LOCK_WAIT: Duration = Duration::from_secs(900);
+/// Names of this test's namespaces and directories: the prefix, then the owner's pid.
+const NETNS_PREFIX: &str = "cpg-glue-cg";
+
+/// Takes the machine-wide test lock, waiting (bounded) for a running cluster to finish.
+fn take_lock() -> fs::File {
+    use std::os::fd::AsRawFd;
+    let file = fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(LOCK_FILE)
+        .unwrap_or_else(|e| panic!("open {LOCK_FILE}: {e}"));
+    let started = Instant::now();
+    loop {
+        // SAFETY: a valid open fd; flock has no memory-safety preconditions.
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+            return file;
+        }
+        if started.elapsed() > LOCK_WAIT {
+            panic!("{LOCK_FILE} still held by another test cluster after {LOCK_WAIT:?}");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Removes what an earlier run of this test left when its process was killed: every
+/// namespace `cpg-glue-cg<pid>` whose pid is gone, the processes in it, its directory and
+/// shared-memory files. Returns the names removed.
+fn sweep_stale() -> Vec<String> {
+    let Ok(out) = Command::new("ip").args(["netns", "list"]).output() else {
+        return Vec::new();
+    };
+    let mut removed = Vec::new();
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let name = line.split_whitespace().next().unwrap_or_default();
+        let Some(owner) = name
+            .strip_prefix(NETNS_PREFIX)
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if Path::new(&format!("/proc/{owner}")).exists() {
+            continue;
+        }
+        if let Ok(pids) = Command::new("ip").args(["netns", "pids", name]).output() {
+            for pid in String::from_utf8_lossy(&pids.stdout).split_whitespace() {
+                if let Ok(pid) = pid.parse::<i32>() {
+                    let _ = nix::sys::signal::kill(
+                        nix::unistd::Pid::from_raw(pid),
+                        nix::sys::signal::Signal::SIGKILL,
+                    );
+                    remove_shm_of(pid as u32);
+                }
+            }
+        }
+        let _ = run(Command::new("ip").args(["netns", "del", name]));
+        let _ = fs::remove_dir_all(std::env::temp_dir().join(format!("cpg-glue-cg{owner}")));
+        removed.push(name.to_string());
+    }
+    removed
 }
 
 const CONF_TOTEM: &str = "totem {
@@ -155,6 +227,11 @@ fn run(cmd: &mut Command) -> Result<(), String> {
 
 impl SingleNode {
     fn start() -> SingleNode {
+        let lock = take_lock();
+        let swept = sweep_stale();
+        if !swept.is_empty() {
+            eprintln!("single node: removed what an aborted run left: {swept:?}");
+        }
         let tag = format!("cg{}", std::process::id());
         let dir = std::env::temp_dir().join(format!("cpg-glue-{tag}"));
         let mut node = SingleNode {
@@ -162,6 +239,7 @@ impl SingleNode {
             dir,
             corosync: None,
             corosync_pid: 0,
+            _lock: lock,
         };
         fs::create_dir_all(node.dir.join("run")).unwrap();
         fs::create_dir_all(node.dir.join("state")).unwrap();
@@ -185,22 +263,37 @@ impl SingleNode {
             run = node.dir.join("run").display(),
             conf = node.dir.join("corosync.conf").display()
         );
-        let child = Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                &ns,
-                "unshare",
-                "-m",
-                "--propagation",
-                "private",
-            ])
-            .args(["sh", "-c", &script])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
+        let mut cmd = Command::new("ip");
+        cmd.args([
+            "netns",
+            "exec",
+            &ns,
+            "unshare",
+            "-m",
+            "--propagation",
+            "private",
+        ])
+        .args(["sh", "-c", &script])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+        let parent = std::process::id() as libc::pid_t;
+        // SAFETY: runs in the forked child before exec, making only async-signal-safe
+        // calls. `ip netns exec`, `unshare` and `sh` exec in place, so the death signal
+        // reaches corosync when this test thread dies without running Drop.
+        unsafe {
+            use std::os::unix::process::CommandExt;
+            cmd.pre_exec(move || {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                if libc::getppid() != parent {
+                    libc::raise(libc::SIGKILL);
+                }
+                Ok(())
+            });
+        }
+        let child = cmd.spawn().unwrap();
         node.corosync_pid = child.id();
         node.corosync = Some(child);
         node
@@ -309,7 +402,25 @@ fn single_node_end_to_end() {
     if !prerequisites("single_node_end_to_end", true) {
         return;
     }
+    // What an aborted run leaves (a namespace and a directory of a pid that is gone) is
+    // removed by the next start.
+    let mut gone = Command::new("true").spawn().unwrap();
+    let dead = gone.id();
+    gone.wait().unwrap();
+    let stale = format!("{NETNS_PREFIX}{dead}");
+    let stale_dir = std::env::temp_dir().join(format!("cpg-glue-cg{dead}"));
+    run(Command::new("ip").args(["netns", "add", &stale])).unwrap();
+    fs::create_dir_all(&stale_dir).unwrap();
     let node = SingleNode::start();
+    let listed = Command::new("ip").args(["netns", "list"]).output().unwrap();
+    assert!(
+        !String::from_utf8_lossy(&listed.stdout).contains(&stale),
+        "stale namespace {stale} survived the start's sweep"
+    );
+    assert!(
+        !stale_dir.exists(),
+        "stale directory {stale_dir:?} survived"
+    );
     let dir = node.dir.clone();
     let pid = node.corosync_pid();
     on_thread_in_netns(node.enter_fn(), move || {
