@@ -953,6 +953,9 @@ pub mod suite {
 
     type Shared<T> = std::sync::Arc<std::sync::Mutex<T>>;
 
+    /// Each message a sender sent, by index, with its fate.
+    type Fates = Vec<(u64, Result<(), GroupError>)>;
+
     fn locked<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
         m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
@@ -998,7 +1001,7 @@ pub mod suite {
         sent: std::sync::Arc<std::sync::atomic::AtomicU64>,
         stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
         deadline: Instant,
-    ) -> tokio::task::JoinHandle<Vec<(u64, Result<(), GroupError>)>> {
+    ) -> tokio::task::JoinHandle<Fates> {
         use std::sync::atomic::Ordering;
         tokio::spawn(async move {
             let mut receipts: Vec<(u64, Receipt)> = Vec::new();
@@ -1034,7 +1037,7 @@ pub mod suite {
         stop_reader: Option<tokio::sync::oneshot::Sender<()>>,
         reader: tokio::task::JoinHandle<Proc<G>>,
         sent: std::sync::Arc<std::sync::atomic::AtomicU64>,
-        sender: tokio::task::JoinHandle<Vec<(u64, Result<(), GroupError>)>>,
+        sender: tokio::task::JoinHandle<Fates>,
         fence: G::Sender,
     }
 
@@ -1212,8 +1215,7 @@ pub mod suite {
         })
         .await;
         let mut logs: Vec<(Member, Vec<GroupEvent>)> = vec![(leaver_id, leaver_log)];
-        let mut fates: Vec<(Member, Vec<(u64, Result<(), GroupError>)>)> =
-            vec![(leaver_id, leaver_fates)];
+        let mut fates: Vec<(Member, Fates)> = vec![(leaver_id, leaver_fates)];
         let mut procs = Vec::new();
         for mut r in running {
             fates.push((r.local, join_task(r.sender).await));

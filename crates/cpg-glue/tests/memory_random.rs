@@ -683,7 +683,9 @@ fn check_logs(w: &World) {
         }
     }
     // Same ring, same events: compare every pair of processes of a group per ring.
-    let mut by_ring: BTreeMap<(&str, u32, u64), Vec<(usize, Segment)>> = BTreeMap::new();
+    // Keyed by group and ring (representative, seq): both halves of a split share a seq.
+    type RingKey<'a> = (&'a str, u32, u64);
+    let mut by_ring: BTreeMap<RingKey, Vec<(usize, Segment)>> = BTreeMap::new();
     for (i, p) in w.procs.iter().enumerate() {
         for s in segments(p) {
             by_ring

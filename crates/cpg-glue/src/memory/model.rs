@@ -778,8 +778,9 @@ impl Model {
     }
 }
 
+/// Votequorum: quorate iff the votes reach `expected / 2 + 1`.
 fn quorate(votes: usize, expected: usize) -> bool {
-    votes >= expected / 2 + 1
+    votes > expected / 2
 }
 
 fn changes(members: &BTreeSet<Member>, reason: Reason) -> Vec<MemberChange> {
