@@ -904,3 +904,65 @@ fn chunks_freed_by_an_uncommitted_delete_are_not_reused_before_a_crash() {
     }
     assert_eq!(store.snapshot_chunk(b, 0).unwrap(), SnapChunk::Origin);
 }
+
+/// Issue 8, finding 1: an origin client that has not yet acknowledged a new snapshot may
+/// still write through its cached unique promises. If another client's write were granted
+/// (and copied out for the snapshot) in that window, the application could see W(b)
+/// complete, then issue W(a) through the cache: the snapshot would hold W(a) without
+/// W(b), a state no crash could produce. Creation is therefore two-phase: announce, hold
+/// every origin grant until every origin client acknowledged, then create.
+#[test]
+fn no_origin_write_is_granted_between_the_announcement_and_the_last_ack() {
+    let mut h = Harness::new(config(), 16, 16);
+    let a = h.connect(1, ClientKind::Origin, false);
+    let b = h.connect(2, ClientKind::Origin, false);
+    let admin = h.admin();
+    for (conn, chunk) in [(a, 1), (b, 2)] {
+        let id = h.send(
+            conn,
+            ClientMsg::QueryWrite {
+                ranges: range(chunk, 1),
+            },
+        );
+        h.settle();
+        assert!(matches!(
+            h.reply_to(conn, id),
+            Some(ServerMsg::OriginWriteOk { unique: true, .. })
+        ));
+        h.origin[chunk as usize] = [chunk, chunk];
+    }
+    let create = h.send(admin, ClientMsg::CreateSnapshot { name: "s".into() });
+    h.settle();
+    let announced = match h.notices(b).as_slice() {
+        [ServerMsg::NewSnapshot { snap }] => *snap,
+        other => panic!("expected NewSnapshot, got {other:?}"),
+    };
+    assert_eq!(h.notices(a), vec![ServerMsg::NewSnapshot { snap: announced }]);
+    h.send(b, ClientMsg::NewSnapshotAck { snap: announced });
+    h.settle();
+    // B, acked, writes chunk 2 again: held while A may still write through its promise.
+    let wb = h.send(b, ClientMsg::QueryWrite { ranges: range(2, 1) });
+    h.settle();
+    assert_eq!(
+        h.reply_to(b, wb),
+        None,
+        "an origin write was granted while origin client A had not acknowledged the snapshot"
+    );
+    assert!(h.copy_log.is_empty(), "no copy-out before the snapshot exists: {:?}", h.copy_log);
+    // A writes chunk 1 through its promise, then acknowledges.
+    h.origin[1] = [11, 11];
+    h.send(a, ClientMsg::NewSnapshotAck { snap: announced });
+    h.settle();
+    let snap = match h.reply_to(admin, create) {
+        Some(ServerMsg::SnapshotCreated { info }) => info.id,
+        other => panic!("expected SnapshotCreated, got {other:?}"),
+    };
+    assert_eq!(snap, announced, "the announced id is the snapshot's id");
+    // Now B's write is granted, after chunk 2 was copied out for the snapshot.
+    assert!(matches!(
+        h.reply_to(b, wb),
+        Some(ServerMsg::OriginWriteOk { .. })
+    ));
+    assert_eq!(h.copy_outs.get(&2), Some(&1));
+    assert_eq!(h.copy_outs.get(&1), None, "A's cached write came before the snapshot");
+}

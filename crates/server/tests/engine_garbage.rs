@@ -201,6 +201,10 @@ impl MetaStore for FailingStore {
         self.tick()?;
         self.inner.create_snapshot(name, ctime)
     }
+    fn next_snapshot_id(&mut self) -> Result<SnapId, StoreError> {
+        self.tick()?;
+        self.inner.next_snapshot_id()
+    }
     fn delete_snapshot(&mut self, id: SnapId) -> Result<(), StoreError> {
         self.tick()?;
         self.inner.delete_snapshot(id)

@@ -7,9 +7,11 @@
 //! devices hold two values per chunk (two "halves"), so partial writes and the copies that
 //! must preserve the other half are visible.
 //!
-//! Checked against a reference (for every snapshot: the origin contents at its creation
-//! plus its own writes; writes racing the creation window may or may not be included, and
-//! the first value observed is then pinned):
+//! Checked against a reference (for every snapshot: the origin contents at the instant
+//! the store created it plus its own writes; only origin writes still in flight at that
+//! instant, from a client whose connection was lost, may or may not be included, and the
+//! first value observed is then pinned. Creation is two-phase, so no other write can race
+//! it; the model registers a snapshot when the store has it, not when it was requested):
 //! * every snapshot read equals the reference (invariant 1), also across failover (2, 5);
 //! * no origin write is granted, and no promised write lands, while a snapshot client holds a
 //!   read lock on that chunk;
@@ -94,13 +96,16 @@ struct Sim<S: TestStore> {
     origins: Vec<OriginClient>,
     snap_clients: Vec<SnapClient>,
     admin: ConnId,
-    admin_creates: BTreeMap<RequestId, SnapId>,
+    /// Create requests by request id: the name asked for.
+    admin_creates: BTreeMap<RequestId, String>,
+    /// Every snapshot id the store ever had (ids are never reused).
+    seen_ids: BTreeSet<SnapId>,
     admin_deletes: BTreeMap<RequestId, SnapId>,
     model: BTreeMap<SnapId, ModelSnap>,
     next_value: u64,
     next_client: u64,
     creates: u64,
-    /// `creates` at each chunk's last copy-out.
+    /// Snapshots created in the store at each chunk's last copy-out.
     last_copy_out: HashMap<u64, u64>,
     copy_outs_seen: HashMap<u64, u32>,
     /// Activation list of the current server and who of it is settled/gone.
@@ -146,6 +151,7 @@ impl<S: TestStore> Sim<S> {
             snap_clients: Vec::new(),
             admin,
             admin_creates: BTreeMap::new(),
+            seen_ids: BTreeSet::new(),
             admin_deletes: BTreeMap::new(),
             model: BTreeMap::new(),
             next_value: 1,
@@ -223,15 +229,53 @@ impl<S: TestStore> Sim<S> {
     fn land_origin(&mut self, c: u64, half: usize, v: u64) {
         self.trace(|| format!("origin chunk {c} half {half} := {v}"));
         self.h.origin[c as usize][half] = v;
-        for m in self.model.values_mut() {
-            if !m.live {
-                m.view[c as usize][half].insert(v);
+    }
+
+    /// Registers every snapshot the store created since the last look: its reference is
+    /// the origin now, plus the writes still in flight (they may land either side).
+    fn register_new_snapshots(&mut self) {
+        let ids: Vec<SnapId> = self
+            .h
+            .engine
+            .store_mut()
+            .snapshot_states()
+            .iter()
+            .map(|(id, _)| *id)
+            .filter(|id| !self.seen_ids.contains(id))
+            .collect();
+        for snap in ids {
+            self.seen_ids.insert(snap);
+            let mut view: Vec<[Cands; 2]> = self
+                .h
+                .origin
+                .iter()
+                .map(|d| [BTreeSet::from([d[0]]), BTreeSet::from([d[1]])])
+                .collect();
+            for o in &self.origins {
+                for &(c, half, v) in &o.in_flight {
+                    assert!(
+                        o.conn.is_none() || self.h.closed.contains(&o.conn.unwrap_or_default()),
+                        "snapshot {snap} created while connected origin client {} still has a granted write in flight",
+                        o.client
+                    );
+                    view[c as usize][half].insert(v);
+                }
             }
+            self.trace(|| format!("the store created snapshot {snap}"));
+            self.model.insert(
+                snap,
+                ModelSnap {
+                    view,
+                    live: false,
+                    deleted: false,
+                },
+            );
         }
     }
 
     /// Inspects what the engine did: grants, creations, copy-outs.
     fn audit(&mut self) {
+        self.register_new_snapshots();
         if self.tracing {
             for t in std::mem::take(&mut self.h.trace) {
                 eprintln!("engine: {t}");
@@ -278,13 +322,14 @@ impl<S: TestStore> Sim<S> {
             let seen = self.copy_outs_seen.entry(c).or_insert(0);
             if n > *seen {
                 assert_eq!(n, *seen + 1, "several copy-outs of chunk {c} at once");
+                let created = self.seen_ids.len() as u64;
                 if let Some(&at) = self.last_copy_out.get(&c) {
                     assert!(
-                        self.creates > at,
+                        created > at,
                         "chunk {c} copied out again without a new snapshot"
                     );
                 }
-                self.last_copy_out.insert(c, self.creates);
+                self.last_copy_out.insert(c, created);
                 *seen = n;
             }
         }
@@ -530,19 +575,14 @@ impl<S: TestStore> Sim<S> {
     }
 
     fn create(&mut self) {
-        if self.model.len() >= 12 {
+        if self.model.len() + self.admin_creates.len() >= 12 {
             return;
         }
         let name = format!("snap{}", self.creates);
         let id = self.h.fresh_id();
-        // Register the model snapshot before the engine runs: the store creates it at once.
-        let view: Vec<[Cands; 2]> = self
-            .h
-            .origin
-            .iter()
-            .map(|d| [BTreeSet::from([d[0]]), BTreeSet::from([d[1]])])
-            .collect();
         self.creates += 1;
+        // The model learns of the snapshot when the store creates it (see audit).
+        self.admin_creates.insert(id, name.clone());
         self.h.handle(Event::ClientRequest {
             conn: self.admin,
             frame: ClientFrame {
@@ -550,27 +590,7 @@ impl<S: TestStore> Sim<S> {
                 msg: ClientMsg::CreateSnapshot { name },
             },
         });
-        // Ids grow with creation order: the newest is the one just created.
-        let snap = self
-            .h
-            .engine
-            .store_mut()
-            .snapshot_states()
-            .iter()
-            .map(|(id, _)| *id)
-            .max()
-            .expect("the snapshot was created");
-        assert!(!self.model.contains_key(&snap), "snapshot id {snap} reused");
-        self.model.insert(
-            snap,
-            ModelSnap {
-                view,
-                live: false,
-                deleted: false,
-            },
-        );
         self.audit();
-        self.admin_creates.insert(id, snap);
     }
 
     fn delete(&mut self) {
@@ -712,7 +732,12 @@ impl<S: TestStore> Sim<S> {
         let id = frame.reply_to.unwrap();
         match frame.msg {
             ServerMsg::SnapshotCreated { info } => {
-                assert_eq!(self.admin_creates.remove(&id), Some(info.id));
+                assert_eq!(self.admin_creates.remove(&id), Some(info.name));
+                assert!(
+                    self.seen_ids.contains(&info.id),
+                    "snapshot {} reported created, never seen in the store",
+                    info.id
+                );
             }
             ServerMsg::SnapshotDeleted { snap } => {
                 assert_eq!(self.admin_deletes.remove(&id), Some(snap));
@@ -1201,6 +1226,9 @@ mod on_disk {
         }
         fn create_snapshot(&mut self, name: &str, ctime: u64) -> Result<SnapshotInfo, StoreError> {
             MetaStore::create_snapshot(&mut self.store, name, ctime)
+        }
+        fn next_snapshot_id(&mut self) -> Result<SnapId, StoreError> {
+            MetaStore::next_snapshot_id(&mut self.store)
         }
         fn delete_snapshot(&mut self, id: SnapId) -> Result<(), StoreError> {
             MetaStore::delete_snapshot(&mut self.store, id)

@@ -128,12 +128,30 @@ enum VictimRule {
     Nobody,
 }
 
+/// A snapshot created in the store, not yet visible: waiting for its commit.
 struct PendingSnapshot {
     who: Requester,
-    /// Origin connections that still have to acknowledge `NewSnapshot`.
-    awaiting: BTreeSet<ConnId>,
     /// Store generation the creation is durable at.
     gen: u64,
+}
+
+/// A requested snapshot, before it exists in the store.
+struct RequestedSnapshot {
+    who: Requester,
+    name: String,
+}
+
+/// Phase one of a snapshot creation: the snapshot, under the id it will get, has been
+/// announced to every origin client; no origin write is granted until each one has
+/// acknowledged (it has dropped its unique promises and finished every write granted
+/// before) or gone. Then nothing writes the origin, and the store creates the snapshot
+/// at that instant (phase two).
+struct Announcement {
+    request: RequestedSnapshot,
+    /// The id the store will give it (`MetaStore::next_snapshot_id`).
+    id: SnapId,
+    /// Origin connections that still have to acknowledge `NewSnapshot`.
+    awaiting: BTreeSet<ConnId>,
 }
 
 /// The sans-IO request engine. Feed it [`Event`]s with [`Engine::handle`], carry out the
@@ -181,6 +199,11 @@ pub struct Engine<S: MetaStore> {
     deferred: Vec<(u64, Requester, ServerMsg)>,
 
     pending_snaps: BTreeMap<SnapId, PendingSnapshot>,
+    /// Creations waiting for their announcement, in request order (one at a time).
+    requested_snaps: VecDeque<RequestedSnapshot>,
+    announcement: Option<Announcement>,
+    /// Origin writes held while an announcement is out.
+    announcement_waiters: BTreeSet<WorkId>,
     reclaiming: bool,
 }
 
@@ -233,6 +256,9 @@ impl<S: MetaStore> Engine<S> {
             free_gen: 0,
             deferred: Vec::new(),
             pending_snaps: BTreeMap::new(),
+            requested_snaps: VecDeque::new(),
+            announcement: None,
+            announcement_waiters: BTreeSet::new(),
             // A reclaim interrupted by a crash resumes from the start.
             reclaiming: true,
         };
@@ -748,12 +774,9 @@ impl<S: MetaStore> Engine<S> {
                 }
             }
         }
-        let pending: Vec<SnapId> = self.pending_snaps.keys().copied().collect();
-        for snap in pending {
-            if let Some(p) = self.pending_snaps.get_mut(&snap) {
-                p.awaiting.remove(&conn);
-            }
-            self.try_finish_creation(snap)?;
+        if let Some(a) = self.announcement.as_mut() {
+            a.awaiting.remove(&conn);
+            self.try_create_announced()?;
         }
         for chunk in to_wake {
             self.wake_chunk(chunk)?;
@@ -907,9 +930,9 @@ impl<S: MetaStore> Engine<S> {
                 }
             }
             ClientMsg::NewSnapshotAck { snap } => {
-                if let Some(p) = self.pending_snaps.get_mut(&snap) {
-                    p.awaiting.remove(&conn);
-                    self.try_finish_creation(snap)?;
+                if let Some(a) = self.announcement.as_mut().filter(|a| a.id == snap) {
+                    a.awaiting.remove(&conn);
+                    self.try_create_announced()?;
                 }
                 Ok(())
             }
@@ -1207,6 +1230,10 @@ impl<S: MetaStore> Engine<S> {
     fn eval_origin_write(&mut self, w: WorkId) -> Result<(), StoreError> {
         if !self.awaited.is_empty() {
             self.activation_waiters.insert(w);
+            return Ok(());
+        }
+        if self.announcement.is_some() {
+            self.announcement_waiters.insert(w);
             return Ok(());
         }
         let mut blocked = false;
@@ -1626,41 +1653,53 @@ impl<S: MetaStore> Engine<S> {
 
     // ---- snapshots ----
 
+    /// A snapshot creation request: checked, queued, announced when its turn comes.
     fn create_snapshot(&mut self, who: Requester, name: &str) -> Result<(), Reject> {
-        match self.try_create_snapshot(who, name) {
-            Ok(r) => r,
+        if let Err(why) = csnap_proto::validate_snapshot_name(name) {
+            return Err(Reject(
+                ErrorCode::BadName,
+                format!("invalid snapshot name {name:?}: {why}"),
+            ));
+        }
+        let queued = self
+            .requested_snaps
+            .iter()
+            .chain(self.announcement.as_ref().map(|a| &a.request))
+            .any(|r| r.name == name);
+        let exists = match self.store.snapshot_by_name(name) {
+            Ok(found) => found.is_some(),
             Err(e) => {
                 self.fail(format!("snapshot store failed: {e}"));
-                Ok(())
+                return Ok(());
             }
+        };
+        if queued || exists {
+            return Err(Reject(
+                ErrorCode::NameTaken,
+                format!("a snapshot named {name:?} already exists"),
+            ));
         }
+        self.requested_snaps.push_back(RequestedSnapshot {
+            who,
+            name: name.to_owned(),
+        });
+        if let Err(e) = self.announce_next_snapshot() {
+            self.fail(format!("snapshot store failed: {e}"));
+        }
+        Ok(())
     }
 
-    fn try_create_snapshot(
-        &mut self,
-        who: Requester,
-        name: &str,
-    ) -> Result<Result<(), Reject>, StoreError> {
-        let info = match self.store.create_snapshot(name, self.now) {
-            Ok(info) => info,
-            Err(StoreError::BadName { name, why }) => {
-                return Ok(Err(Reject(
-                    ErrorCode::BadName,
-                    format!("invalid snapshot name {name:?}: {why}"),
-                )))
-            }
-            Err(StoreError::NameTaken(name)) => {
-                return Ok(Err(Reject(
-                    ErrorCode::NameTaken,
-                    format!("a snapshot named {name:?} already exists"),
-                )))
-            }
-            Err(e) => return Err(e),
+    /// Phase one (see [`Announcement`]): when no announcement is out, announce the next
+    /// requested snapshot to every origin client and hold origin grants.
+    fn announce_next_snapshot(&mut self) -> Result<(), StoreError> {
+        if self.announcement.is_some() {
+            return Ok(());
+        }
+        let Some(request) = self.requested_snaps.pop_front() else {
+            return Ok(());
         };
-        let gen = self.touch();
-        // Every origin client's unique promises are void from now on; the snapshot goes
-        // live when they have all acknowledged (or gone) and the creation is committed.
-        let origin_conns: BTreeSet<ConnId> = self
+        let id = self.store.next_snapshot_id()?;
+        let awaiting: BTreeSet<ConnId> = self
             .conns
             .iter()
             .filter(|(_, c)| {
@@ -1668,35 +1707,85 @@ impl<S: MetaStore> Engine<S> {
             })
             .map(|(id, _)| *id)
             .collect();
-        for &conn in &origin_conns {
-            self.send(conn, None, ServerMsg::NewSnapshot { snap: info.id });
+        for &conn in &awaiting {
+            self.send(conn, None, ServerMsg::NewSnapshot { snap: id });
         }
         self.log(
             LogLevel::Info,
             format!(
-                "creating snapshot {} ({:?}); waiting for {} origin client(s)",
-                info.id,
-                info.name,
-                origin_conns.len()
+                "announcing snapshot {id} ({:?}); origin writes wait for {} origin client(s) to acknowledge",
+                request.name,
+                awaiting.len()
             ),
         );
-        self.pending_snaps.insert(
-            info.id,
-            PendingSnapshot {
-                who,
-                awaiting: origin_conns,
-                gen,
-            },
-        );
-        self.try_finish_creation(info.id)?;
-        Ok(Ok(()))
+        self.announcement = Some(Announcement {
+            request,
+            id,
+            awaiting,
+        });
+        self.try_create_announced()
+    }
+
+    /// Phase two: once every origin client acknowledged (or went), nothing writes the
+    /// origin; create the snapshot in the store now, release the held writes (they copy
+    /// out for it), and make it visible once the creation is committed.
+    fn try_create_announced(&mut self) -> Result<(), StoreError> {
+        if !self
+            .announcement
+            .as_ref()
+            .is_some_and(|a| a.awaiting.is_empty())
+        {
+            return Ok(());
+        }
+        let Some(Announcement { request, id, .. }) = self.announcement.take() else {
+            return Ok(());
+        };
+        match self.store.create_snapshot(&request.name, self.now) {
+            Ok(info) => {
+                if info.id != id {
+                    // The acknowledgements were for the announcement, whatever its number.
+                    self.log(
+                        LogLevel::Warn,
+                        format!("snapshot announced as {id} was created as {}", info.id),
+                    );
+                }
+                let gen = self.touch();
+                self.pending_snaps.insert(
+                    info.id,
+                    PendingSnapshot {
+                        who: request.who,
+                        gen,
+                    },
+                );
+                self.try_finish_creation(info.id)?;
+            }
+            Err(StoreError::BadName { name, why }) => self.reject(
+                request.who,
+                Reject(
+                    ErrorCode::BadName,
+                    format!("invalid snapshot name {name:?}: {why}"),
+                ),
+            ),
+            Err(StoreError::NameTaken(name)) => self.reject(
+                request.who,
+                Reject(
+                    ErrorCode::NameTaken,
+                    format!("a snapshot named {name:?} already exists"),
+                ),
+            ),
+            Err(e) => return Err(e),
+        }
+        for w in std::mem::take(&mut self.announcement_waiters) {
+            self.evaluate(w)?;
+        }
+        self.announce_next_snapshot()
     }
 
     fn try_finish_creation(&mut self, snap: SnapId) -> Result<(), StoreError> {
         let ready = self
             .pending_snaps
             .get(&snap)
-            .is_some_and(|p| p.awaiting.is_empty() && p.gen <= self.committed_gen);
+            .is_some_and(|p| p.gen <= self.committed_gen);
         if !ready {
             return Ok(());
         }
@@ -1780,7 +1869,9 @@ impl<S: MetaStore> Engine<S> {
             store_chunks: stats.store_chunks,
             free_chunks: stats.free_chunks,
             snapshots,
-            pending_snapshots: self.pending_snaps.len() as u32,
+            pending_snapshots: (self.pending_snaps.len()
+                + self.requested_snaps.len()
+                + usize::from(self.announcement.is_some())) as u32,
             store_full_policy: self.cfg.store_full_policy.to_string(),
             reclaiming: self.reclaiming,
             usage_exact: self.store.usage_exact(),

@@ -112,6 +112,10 @@ pub trait MetaStore {
     /// visible to clients).
     fn create_snapshot(&mut self, name: &str, ctime: u64) -> Result<SnapshotInfo, StoreError>;
 
+    /// The id the next `create_snapshot` will give (ids are never reused). The engine
+    /// announces a snapshot under this id before it creates it.
+    fn next_snapshot_id(&mut self) -> Result<SnapId, StoreError>;
+
     /// Marks a snapshot (live or invalid) Deleting: it leaves the list at once, its space is
     /// reclaimed by later `reclaim_step`s. `NoSuchSnapshot` if unknown or already deleting.
     fn delete_snapshot(&mut self, id: SnapId) -> Result<(), StoreError>;
@@ -399,6 +403,10 @@ impl MetaStore for MemStore {
             store_chunks: self.store_chunks,
             free_chunks: self.state.free.len() as u64,
         })
+    }
+
+    fn next_snapshot_id(&mut self) -> Result<SnapId, StoreError> {
+        Ok(SnapId(self.state.next_id))
     }
 
     fn create_snapshot(&mut self, name: &str, ctime: u64) -> Result<SnapshotInfo, StoreError> {

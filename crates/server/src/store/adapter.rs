@@ -62,6 +62,10 @@ impl MetaStore for Store {
         })
     }
 
+    fn next_snapshot_id(&mut self) -> Result<SnapId, EngineError> {
+        Ok(SnapId(self.meta.root.next_snap_id))
+    }
+
     fn create_snapshot(&mut self, name: &str, ctime: u64) -> Result<SnapshotInfo, EngineError> {
         let rec = Store::create_snapshot(self, name, ctime)?;
         Ok(info(&rec, 0))
