@@ -53,8 +53,10 @@ pub struct StandaloneArgs {
     /// Node id reported to the server.
     #[arg(long, default_value_t = 0)]
     pub node: u32,
-    /// Open the origin and store O_DIRECT in the client and the server (needed when
-    /// other machines write them too); the exports then take 4 KiB-aligned I/O only.
+    /// Open the origin and store O_DIRECT in the client and the server; the exports then
+    /// take 4 KiB-aligned I/O only. Implied whenever the server is reached over TCP
+    /// (--server-listen tcp:..., --connect-server tcp:...): a client or server on another
+    /// host would not see this host's page cache.
     #[arg(long)]
     pub direct_io: bool,
     /// Run the server and the control socket but no NBD exports (other processes'
@@ -259,6 +261,18 @@ pub async fn run(args: StandaloneArgs) -> anyhow::Result<()> {
     };
     let key = server_net::key::load_key_file(&key_path)?;
 
+    // Buffered I/O is coherent only among processes of one kernel (one page cache). Over
+    // TCP, the server or other clients may be on other hosts: then O_DIRECT, always.
+    let over_tcp = |addr: &Option<String>| addr.as_deref().is_some_and(|a| !a.starts_with("unix:"));
+    let direct_io =
+        args.direct_io || over_tcp(&args.server_listen) || over_tcp(&args.connect_server);
+    if direct_io && !args.direct_io {
+        tracing::info!(
+            "the server is reached over TCP, so the origin and store are opened O_DIRECT \
+             (clients on other hosts would not see this host's page cache)"
+        );
+    }
+
     // The server, unless another one serves this volume.
     let mut server: Option<RunningServer> = None;
     let server_addr = match &args.connect_server {
@@ -286,9 +300,9 @@ pub async fn run(args: StandaloneArgs) -> anyhow::Result<()> {
             }
             let mut cfg = ServerConfig::new(&origin, &store, listen, &key_path);
             cfg.volume = volume_name.clone();
-            // On one machine every process shares the page cache, so buffered I/O is
-            // coherent unless asked otherwise; FLUSH/FUA reach the devices either way.
-            cfg.direct_io = args.direct_io;
+            // On one host every process shares the page cache, so buffered I/O is
+            // coherent there; FLUSH/FUA reach the devices either way.
+            cfg.direct_io = direct_io;
             let running = server_net::start(cfg).await.with_context(|| {
                 format!("cannot start the metadata server for volume {volume_name:?}")
             })?;
@@ -315,7 +329,7 @@ pub async fn run(args: StandaloneArgs) -> anyhow::Result<()> {
         store: store.clone(),
         connect_timeout: Duration::from_secs(30),
         cache_chunks: 1 << 20,
-        direct_io: args.direct_io,
+        direct_io,
     })
     .await
     .with_context(|| {

@@ -389,7 +389,9 @@ async fn two_origin_clients_in_a_causal_chain_never_split_a_snapshot() {
         })
     };
     let a = connect(BASE, 1).await.expect("client A connects");
-    let b = connect(ClientId(BASE.0 * 3), 2).await.expect("client B connects");
+    let b = connect(ClientId(BASE.0 * 3), 2)
+        .await
+        .expect("client B connects");
     let stop = Arc::new(AtomicBool::new(false));
     let chain = {
         let (a, b, stop) = (a.clone(), b.clone(), stop.clone());

@@ -609,3 +609,53 @@ async fn snapshots_exported_read_only_on_request() {
     .await;
     assert!(ro.ok && !ro.stdout.contains("failed"), "{}", ro.stdout);
 }
+
+/// Issue 8, finding 4: when the server is reached over TCP, clients or the server may be
+/// on other hosts, whose writes bypass this host's page cache: the agent opens the devices
+/// O_DIRECT without being asked, and an origin O_DIRECT cannot serve (its store was
+/// formatted for a size that is not a multiple of 4 KiB) is refused with an error naming
+/// O_DIRECT and the origin, instead of being served buffered. Over a unix socket (one
+/// host, one page cache) the same volume is served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_reached_over_tcp_uses_direct_io_and_refuses_what_it_cannot_serve() {
+    let fx = Fixture::new(CHUNK, 4 * MIB + 1000, 16 * MIB);
+    let origin = fx.origin.to_str().unwrap();
+    let store = fx.store.to_str().unwrap();
+    let key = fx.key_file.to_str().unwrap();
+    let control = fx.path("tcp.ctl");
+    let ran = support::run(
+        env!("CARGO_BIN_EXE_csnap-agent"),
+        &[
+            "--standalone",
+            "--volume",
+            "vol",
+            "--origin",
+            origin,
+            "--store",
+            store,
+            "--key-file",
+            key,
+            "--control-socket",
+            control.to_str().unwrap(),
+            "--server-listen",
+            "127.0.0.1:0",
+            "--server-only",
+        ],
+    )
+    .await;
+    assert!(!ran.ok, "the agent served an unaligned origin over TCP");
+    assert!(
+        ran.stderr.contains("O_DIRECT") && ran.stderr.contains(origin),
+        "the error names O_DIRECT and the origin: {}",
+        ran.stderr
+    );
+    // The same volume over a unix socket: one host, buffered I/O is coherent.
+    let sock = format!("unix:{}", fx.path("srv.sock").display());
+    let agent = Agent::start(
+        &fx,
+        "unix",
+        &["--server-only", "--key-file", key, "--server-listen", &sock],
+    )
+    .await;
+    drop(agent);
+}

@@ -937,18 +937,30 @@ fn no_origin_write_is_granted_between_the_announcement_and_the_last_ack() {
         [ServerMsg::NewSnapshot { snap }] => *snap,
         other => panic!("expected NewSnapshot, got {other:?}"),
     };
-    assert_eq!(h.notices(a), vec![ServerMsg::NewSnapshot { snap: announced }]);
+    assert_eq!(
+        h.notices(a),
+        vec![ServerMsg::NewSnapshot { snap: announced }]
+    );
     h.send(b, ClientMsg::NewSnapshotAck { snap: announced });
     h.settle();
     // B, acked, writes chunk 2 again: held while A may still write through its promise.
-    let wb = h.send(b, ClientMsg::QueryWrite { ranges: range(2, 1) });
+    let wb = h.send(
+        b,
+        ClientMsg::QueryWrite {
+            ranges: range(2, 1),
+        },
+    );
     h.settle();
     assert_eq!(
         h.reply_to(b, wb),
         None,
         "an origin write was granted while origin client A had not acknowledged the snapshot"
     );
-    assert!(h.copy_log.is_empty(), "no copy-out before the snapshot exists: {:?}", h.copy_log);
+    assert!(
+        h.copy_log.is_empty(),
+        "no copy-out before the snapshot exists: {:?}",
+        h.copy_log
+    );
     // A writes chunk 1 through its promise, then acknowledges.
     h.origin[1] = [11, 11];
     h.send(a, ClientMsg::NewSnapshotAck { snap: announced });
@@ -964,5 +976,9 @@ fn no_origin_write_is_granted_between_the_announcement_and_the_last_ack() {
         Some(ServerMsg::OriginWriteOk { .. })
     ));
     assert_eq!(h.copy_outs.get(&2), Some(&1));
-    assert_eq!(h.copy_outs.get(&1), None, "A's cached write came before the snapshot");
+    assert_eq!(
+        h.copy_outs.get(&1),
+        None,
+        "A's cached write came before the snapshot"
+    );
 }

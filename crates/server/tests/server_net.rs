@@ -844,7 +844,7 @@ async fn a_second_server_on_the_same_store_or_socket_is_refused() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_partial_last_chunk_of_an_unaligned_origin_is_copied_out() {
+async fn an_unaligned_origin_is_refused_with_direct_io_and_its_tail_copied_out_buffered() {
     let fx = Fixture::small();
     // A store formatted for an origin of 8 chunks and 1000 bytes, on a device of 9 whole
     // chunks (O_DIRECT-capable, but the last chunk's 1000 bytes are not 4 KiB aligned).
@@ -867,7 +867,21 @@ async fn the_partial_last_chunk_of_an_unaligned_origin_is_copied_out() {
     )
     .unwrap();
     drop(dev);
-    let server = net::start(fx.config(tcp())).await.unwrap();
+    // With O_DIRECT (the default: clients on other hosts) the partial last chunk cannot be
+    // read coherently: refused, naming the origin and the size, not served buffered.
+    match net::start(fx.config(tcp())).await {
+        Err(e @ net::ServerError::NoDirectIo { .. }) => {
+            let text = e.to_string();
+            assert!(text.contains(&fx.origin.display().to_string()), "{text}");
+            assert!(text.contains(&origin_size.to_string()), "{text}");
+        }
+        Err(other) => panic!("expected NoDirectIo, got {other}"),
+        Ok(_) => panic!("a server with O_DIRECT started on an unaligned origin"),
+    }
+    // Where every client shares this host's page cache, buffered I/O serves it.
+    let mut config = fx.config(tcp());
+    config.direct_io = false;
+    let server = net::start(config).await.unwrap();
     let addr = server.local_addr();
     let origin = Client::connect(&addr, &fx.key, ORIGIN, ClientKind::Origin).await;
     assert_eq!(origin.origin_chunks, 9);

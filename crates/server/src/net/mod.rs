@@ -93,7 +93,10 @@ pub struct ServerConfig {
     /// Bound of the store's metadata block cache, in bytes.
     pub cache_bytes: u64,
     /// Open the devices with O_DIRECT, so copy-outs read what other nodes wrote rather than
-    /// a stale page cache. Falls back to buffered I/O (with a warning) where unsupported.
+    /// a stale page cache. Required whenever a client may run on another host; a device
+    /// or origin size that O_DIRECT cannot serve is then refused (`NoDirectIo`), never
+    /// silently served buffered. `false` only where every client shares this host's page
+    /// cache.
     pub direct_io: bool,
     /// Promise uniqueness to origin clients (enables their write cache).
     pub promise_unique: bool,
@@ -173,6 +176,15 @@ pub enum ServerError {
          store's lock)"
     )]
     StoreInUse { path: PathBuf },
+    #[error(
+        "the {what} device {path} cannot be used with O_DIRECT, which a server must use when \
+         clients on other hosts write the same devices: {why}"
+    )]
+    NoDirectIo {
+        what: &'static str,
+        path: PathBuf,
+        why: String,
+    },
     #[error("the request engine could not start: {0}")]
     Engine(String),
     #[error("cannot listen on {addr}: {source}")]
@@ -296,7 +308,9 @@ impl Drop for RunningServer {
     }
 }
 
-/// Opens the device at `path`, with O_DIRECT if asked and supported.
+/// Opens the device at `path`, with O_DIRECT if asked; a device O_DIRECT cannot serve is
+/// then an error, never a silent fall-back to the page cache (which other hosts' writes
+/// bypass).
 fn open_device(
     what: &'static str,
     path: &Path,
@@ -307,21 +321,24 @@ fn open_device(
         path: path.to_owned(),
         source,
     };
+    let no_direct = |why: String| ServerError::NoDirectIo {
+        what,
+        path: path.to_owned(),
+        why,
+    };
     if direct {
-        match FileDevice::open(path, true) {
-            Ok(d) if d.len() % store::device::SECTOR as u64 == 0 => return Ok(Arc::new(d)),
-            Ok(d) => tracing::warn!(
-                device = %path.display(),
-                size = d.len(),
-                "{what} size is not a multiple of 4 KiB; using buffered I/O"
-            ),
-            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => tracing::warn!(
-                device = %path.display(),
-                "{what} does not support O_DIRECT; using buffered I/O (copy-outs may read a \
-                 stale page cache if other nodes write this device)"
-            ),
-            Err(e) => return Err(err(e)),
-        }
+        return match FileDevice::open(path, true) {
+            Ok(d) if d.len() % store::device::SECTOR as u64 == 0 => Ok(Arc::new(d)),
+            Ok(d) => Err(no_direct(format!(
+                "its size, {} bytes, is not a multiple of {} bytes",
+                d.len(),
+                store::device::SECTOR
+            ))),
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => Err(no_direct(
+                "its file system does not support O_DIRECT (tmpfs?)".into(),
+            )),
+            Err(e) => Err(err(e)),
+        };
     }
     Ok(Arc::new(FileDevice::open(path, false).map_err(err)?))
 }
@@ -372,23 +389,20 @@ fn open_store(config: &ServerConfig) -> Result<Opened, ServerError> {
     })?;
     let geometry = *store.geometry();
     let sector = store::device::SECTOR as u64;
-    let origin = if config.direct_io && geometry.origin_size % sector != 0 {
+    if config.direct_io && geometry.origin_size % sector != 0 {
         // The last (partial) chunk's length would not suit O_DIRECT.
-        tracing::warn!(
-            origin = %config.origin.display(),
-            origin_size = geometry.origin_size,
-            "the store's origin size is not a multiple of 4 KiB; reading the origin buffered"
-        );
-        match open_device("origin", &config.origin, false) {
-            Ok(o) => o,
-            Err(e) => {
-                let _ = store.close();
-                return Err(e);
-            }
-        }
-    } else {
-        origin
-    };
+        let _ = store.close();
+        return Err(ServerError::NoDirectIo {
+            what: "origin",
+            path: config.origin.clone(),
+            why: format!(
+                "the store {} was formatted for an origin of {} bytes, not a multiple of {sector} \
+                 bytes (format the store for an aligned origin size)",
+                config.store.display(),
+                geometry.origin_size
+            ),
+        });
+    }
     if origin.len() < geometry.origin_size {
         // Leave the store as we found it apart from the generation bump.
         let _ = store.close();
