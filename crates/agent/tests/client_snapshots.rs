@@ -438,3 +438,77 @@ async fn two_origin_clients_in_a_causal_chain_never_split_a_snapshot() {
     b.shutdown().await;
     server.shutdown().await.expect("clean shutdown");
 }
+
+/// Store reads are released (issue 8, finding 9): the client library tells the server when
+/// it is done with the store addresses of a snapshot read, so deleting the snapshot after
+/// reads from the store gives its space back; an unreleased read would hold the reclaim.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deleting_a_snapshot_after_store_reads_gives_its_space_back() {
+    let fx = Fixture::new(CHUNK, CHUNK * 16, 16 << 20);
+    let origin = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&fx.origin)
+        .unwrap();
+    for c in 0..16 {
+        std::os::unix::fs::FileExt::write_all_at(&origin, &chunk_data(c, 0), c * CHUNK).unwrap();
+    }
+    let sock = fx.path("server.sock");
+    let server = start_server(&fx, &sock, Vec::new()).await;
+    let volume = Volume::connect(ClientConfig {
+        server: csnap_blockdev::nbd::ListenAddr::Unix(sock.clone()),
+        key: std::fs::read(&fx.key_file).unwrap(),
+        client: BASE,
+        node: 1,
+        origin: fx.origin.clone(),
+        store: fx.store.clone(),
+        connect_timeout: WAIT,
+        cache_chunks: 1 << 10,
+        direct_io: false,
+    })
+    .await
+    .expect("client connects");
+    let free_at_start = volume.status().await.unwrap().free_chunks;
+    let snap = volume.create_snapshot("read-then-delete").await.unwrap();
+    for c in 0..16 {
+        volume
+            .write_origin(c * CHUNK, chunk_data(c, 1), false)
+            .await
+            .unwrap();
+    }
+    let free_with_copies = volume.status().await.unwrap().free_chunks;
+    assert_eq!(free_with_copies + 16, free_at_start, "16 chunks copied out");
+    for _ in 0..3 {
+        let data = volume
+            .read_snapshot(snap.id, 0, (16 * CHUNK) as u32)
+            .await
+            .unwrap();
+        assert_eq!(
+            version_of(
+                5,
+                &data[(5 * CHUNK) as usize..(6 * CHUNK) as usize],
+                "snapshot"
+            ),
+            0
+        );
+    }
+    volume
+        .delete_snapshot(csnap_proto::SnapRef::Id(snap.id))
+        .await
+        .unwrap();
+    // Well under the server's grace for a lost client's leases (which would free them
+    // without any release): only the releases can make this in time.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let free = volume.status().await.unwrap().free_chunks;
+        if free == free_at_start {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the deleted snapshot's 16 chunks did not come back ({free} free, {free_at_start} at start)"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    volume.shutdown().await;
+    server.shutdown().await.expect("clean shutdown");
+}

@@ -94,6 +94,14 @@ pub enum ClientMsg {
     /// Origin client: I dropped my unique-chunk cache for new snapshot `snap`, and no origin
     /// write granted before it is still in flight.
     NewSnapshotAck { snap: SnapId },
+    /// Snapshot client: my reads of the store addresses a `SnapshotReadOk` gave for these
+    /// chunks are done. No answer. Until then the server does not reuse those store chunks
+    /// (should the snapshot be deleted or invalidated meanwhile). Not resent after a
+    /// reconnect: a lost connection's store reads are released by the server itself.
+    ReleaseStoreReads {
+        snap: SnapId,
+        ranges: Vec<ChunkRange>,
+    },
     /// Reconnecting snapshot client: the read locks (origin reads in flight) and write
     /// leases (snapshot writes in flight) it held on the old server.
     UploadLocks {

@@ -982,3 +982,88 @@ fn no_origin_write_is_granted_between_the_announcement_and_the_last_ack() {
         "A's cached write came before the snapshot"
     );
 }
+
+/// Issue 8, finding 9: a snapshot read answered from the store hands the client a store
+/// address to read on its own. If the snapshot is deleted (or invalidated when the store
+/// is full) meanwhile, its chunks are reclaimed and a copy-out may reuse that address
+/// while the client is still reading it: the client would return another chunk's data.
+/// The store read holds a lease until the client releases it (`ReleaseStoreReads`), and
+/// reclaim waits for it as it waits for write leases.
+#[test]
+fn a_store_chunk_being_read_is_not_reused_before_the_reader_releases_it() {
+    let mut h = Harness::new(config(), 8, 1);
+    let origin = h.connect(1, ClientKind::Origin, false);
+    let admin = h.admin();
+    let s = h.create_snapshot(admin, "s", &[origin]);
+    let w = h.send(
+        origin,
+        ClientMsg::QueryWrite {
+            ranges: range(0, 1),
+        },
+    );
+    h.settle();
+    assert!(h.reply_to(origin, w).is_some());
+    let reader = h.connect(2, ClientKind::Snapshot { snap: s }, false);
+    let r = h.send(
+        reader,
+        ClientMsg::QuerySnapshotRead {
+            snap: s,
+            ranges: range(0, 1),
+        },
+    );
+    h.settle();
+    let x = match h.reply_to(reader, r) {
+        Some(ServerMsg::SnapshotReadOk { store, .. }) if store.len() == 1 => store[0].store_chunk,
+        other => panic!("expected a store address, got {other:?}"),
+    };
+    // A newer snapshot, then the read one is deleted and reclaimed.
+    let _t = h.create_snapshot(admin, "t", &[origin]);
+    let d = h.send(
+        admin,
+        ClientMsg::DeleteSnapshot {
+            snap: SnapRef::Id(s),
+        },
+    );
+    h.settle();
+    assert!(h.reply_to(admin, d).is_some());
+    for t in 0..10 {
+        h.handle(Event::Tick { now: 2_000 + t });
+        h.settle();
+    }
+    // An origin write that needs a copy-out for t: the only store chunk is x.
+    h.copy_log.clear();
+    let w = h.send(
+        origin,
+        ClientMsg::QueryWrite {
+            ranges: range(1, 1),
+        },
+    );
+    h.settle();
+    assert!(
+        h.copy_log.iter().all(|(_, to)| *to != x),
+        "store chunk {x} was reused by a copy-out while the reader may still read it: {:?}",
+        h.copy_log
+    );
+    assert_eq!(h.reply_to(origin, w), None, "the write waits for the space");
+    // The reader is done: the chunk is reclaimed and reused, the write goes through.
+    h.send(
+        reader,
+        ClientMsg::ReleaseStoreReads {
+            snap: s,
+            ranges: range(0, 1),
+        },
+    );
+    for t in 0..10 {
+        h.handle(Event::Tick { now: 3_000 + t });
+        h.settle();
+    }
+    assert!(matches!(
+        h.reply_to(origin, w),
+        Some(ServerMsg::OriginWriteOk { .. })
+    ));
+    assert!(
+        h.copy_log.iter().any(|(_, to)| *to == x),
+        "{:?}",
+        h.copy_log
+    );
+}

@@ -98,8 +98,11 @@ struct Sim<S: TestStore> {
     admin: ConnId,
     /// Create requests by request id: the name asked for.
     admin_creates: BTreeMap<RequestId, String>,
-    /// Every snapshot id the store ever had (ids are never reused).
+    /// Snapshot ids the store has had since the last failover (a crash that loses an
+    /// uncommitted creation frees its id again).
     seen_ids: BTreeSet<SnapId>,
+    /// Snapshots the store created, ever.
+    created: u64,
     admin_deletes: BTreeMap<RequestId, SnapId>,
     model: BTreeMap<SnapId, ModelSnap>,
     next_value: u64,
@@ -152,6 +155,7 @@ impl<S: TestStore> Sim<S> {
             admin,
             admin_creates: BTreeMap::new(),
             seen_ids: BTreeSet::new(),
+            created: 0,
             admin_deletes: BTreeMap::new(),
             model: BTreeMap::new(),
             next_value: 1,
@@ -245,6 +249,7 @@ impl<S: TestStore> Sim<S> {
             .collect();
         for snap in ids {
             self.seen_ids.insert(snap);
+            self.created += 1;
             let mut view: Vec<[Cands; 2]> = self
                 .h
                 .origin
@@ -322,7 +327,7 @@ impl<S: TestStore> Sim<S> {
             let seen = self.copy_outs_seen.entry(c).or_insert(0);
             if n > *seen {
                 assert_eq!(n, *seen + 1, "several copy-outs of chunk {c} at once");
-                let created = self.seen_ids.len() as u64;
+                let created = self.created;
                 if let Some(&at) = self.last_copy_out.get(&c) {
                     assert!(
                         created > at,
@@ -679,10 +684,20 @@ impl<S: TestStore> Sim<S> {
                 origin_locked,
             } => {
                 let c = self.snap_clients[i].reads.remove(&id.unwrap()).unwrap();
+                let read_store = !store.is_empty();
                 for a in store {
                     assert_eq!(a.chunk, c);
                     let data = self.h.store_data[a.store_chunk as usize];
                     self.check(snap, c, data, "store");
+                }
+                if read_store {
+                    self.send(
+                        conn,
+                        ClientMsg::ReleaseStoreReads {
+                            snap,
+                            ranges: vec![ChunkRange::new(c, 1)],
+                        },
+                    );
                 }
                 for r in origin_locked {
                     assert_eq!(r, ChunkRange::new(c, 1));
@@ -808,6 +823,7 @@ impl<S: TestStore> Sim<S> {
             .into_iter()
             .collect();
         self.model.retain(|id, _| states.contains_key(id));
+        self.seen_ids = states.keys().copied().collect();
         for (id, m) in self.model.iter_mut() {
             m.live = true;
             m.deleted = states.get(id) == Some(&SnapshotState::Deleting);

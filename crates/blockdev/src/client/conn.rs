@@ -57,6 +57,8 @@ type Answer = oneshot::Sender<Result<Reply, ClientError>>;
 
 enum Cmd {
     Request(ClientMsg, Answer),
+    /// A message the server does not answer; dropped while disconnected.
+    Notify(ClientMsg),
     Shutdown,
 }
 
@@ -143,6 +145,12 @@ impl MetaConnection {
         }
     }
 
+    /// Sends a message the server does not answer (`ReleaseStoreReads`). Dropped while
+    /// disconnected: a server that lost this connection releases on its own.
+    pub fn notify(&self, msg: ClientMsg) {
+        let _ = self.cmds.send(Cmd::Notify(msg));
+    }
+
     /// Stops the task; unanswered requests fail with [`ClientError::Closed`].
     pub async fn shutdown(&self) {
         let _ = self.cmds.send(Cmd::Shutdown);
@@ -205,6 +213,7 @@ impl Shell {
                         let _refused = self.submit(msg, answer);
                         continue;
                     }
+                    Some(Cmd::Notify(_)) => continue,
                     Some(Cmd::Shutdown) | None => break,
                 }
             }
@@ -230,6 +239,8 @@ impl Shell {
                             // Not connected: queued in the session.
                             let _queued = self.submit(msg, answer);
                         }
+                        // Not connected: the server releases on its own.
+                        Some(Cmd::Notify(_)) => {}
                         Some(Cmd::Shutdown) | None => return self.close_all(),
                     },
                 }
@@ -269,6 +280,7 @@ impl Shell {
                             // Not connected: nothing to send yet.
                             let _queued = self.submit(msg, answer);
                         }
+                        Some(Cmd::Notify(_)) => {}
                         Some(Cmd::Shutdown) | None => return self.close_all(),
                     },
                 }
@@ -373,6 +385,12 @@ impl Shell {
                 cmd = cmds.recv() => match cmd {
                     Some(Cmd::Request(msg, answer)) => {
                         let out = self.submit(msg, answer);
+                        if let Err(e) = self.carry_out(out, &mut wr, ack_tx).await {
+                            return e;
+                        }
+                    }
+                    Some(Cmd::Notify(msg)) => {
+                        let out = self.session.notify(msg);
                         if let Err(e) = self.carry_out(out, &mut wr, ack_tx).await {
                             return e;
                         }

@@ -284,6 +284,16 @@ impl Volume {
             other => return Err(unexpected("QuerySnapshotRead", other)),
         };
         let data = self.gather(&store, offset, len).await;
+        if !store.is_empty() {
+            // Done with those store addresses (whatever the reads returned): until now
+            // the server kept them from reuse.
+            let mut chunks: Vec<u64> = store.iter().map(|a| a.chunk).collect();
+            chunks.sort_unstable();
+            conn.notify(ClientMsg::ReleaseStoreReads {
+                snap,
+                ranges: super::session::coalesce(chunks),
+            });
+        }
         if !origin_locked.is_empty() {
             // Release whatever happened to the reads; the session resends the release
             // after a reconnect, so nothing waits on us here.

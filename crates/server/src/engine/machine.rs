@@ -55,6 +55,9 @@ struct Conn {
     held: BTreeMap<u64, u32>,
     /// Write leases this (snapshot) connection holds: origin chunk -> count.
     leases: BTreeMap<u64, u32>,
+    /// Store reads this (snapshot) connection has not released yet: origin chunk -> count.
+    /// Like write leases they keep a deleted or invalidated snapshot's chunks from reuse.
+    store_reads: BTreeMap<u64, u32>,
 }
 
 /// Read locks a snapshot client left behind when its connection dropped; kept until it
@@ -64,6 +67,9 @@ struct OrphanedLocks {
     snap: SnapId,
     held: BTreeMap<u64, u32>,
     leases: BTreeMap<u64, u32>,
+    /// Unreleased store reads: they may still be running on the client, which does not
+    /// re-upload them, so they stay until the grace time ends even if it comes back.
+    store_reads: u32,
     since: u64,
 }
 
@@ -383,6 +389,7 @@ impl<S: MetaStore> Engine<S> {
                         resend_done: false,
                         held: BTreeMap::new(),
                         leases: BTreeMap::new(),
+                        store_reads: BTreeMap::new(),
                     },
                 );
                 Ok(())
@@ -690,7 +697,7 @@ impl<S: MetaStore> Engine<S> {
     /// The client has re-established everything it holds (or holds nothing): drop what it
     /// left behind and stop waiting for it at the activation gate.
     fn client_settled(&mut self, client: ClientId) -> Result<(), StoreError> {
-        self.drop_orphans(|o| o.client == client)?;
+        self.drop_orphans(|o| o.client == client, true)?;
         if self.awaited.remove(&client) {
             self.log(
                 LogLevel::Info,
@@ -702,7 +709,7 @@ impl<S: MetaStore> Engine<S> {
     }
 
     fn on_client_gone(&mut self, client: ClientId) -> Result<(), StoreError> {
-        self.drop_orphans(|o| o.client == client)?;
+        self.drop_orphans(|o| o.client == client, false)?;
         if self.awaited.remove(&client) {
             self.log(
                 LogLevel::Info,
@@ -741,7 +748,7 @@ impl<S: MetaStore> Engine<S> {
         let mut leases_released = false;
         match (c.client, c.kind) {
             (Some(client), Some(ClientKind::Snapshot { snap }))
-                if !c.held.is_empty() || !c.leases.is_empty() =>
+                if !c.held.is_empty() || !c.leases.is_empty() || !c.store_reads.is_empty() =>
             {
                 // Its reads and writes may still be in flight: keep the locks and leases
                 // until it comes back.
@@ -758,6 +765,7 @@ impl<S: MetaStore> Engine<S> {
                     snap,
                     held: c.held,
                     leases: c.leases,
+                    store_reads: c.store_reads.values().sum(),
                     since: self.now,
                 });
             }
@@ -768,7 +776,8 @@ impl<S: MetaStore> Engine<S> {
                     }
                 }
                 if let Some(ClientKind::Snapshot { snap }) = kind {
-                    let n: u32 = c.leases.values().sum();
+                    let n: u32 =
+                        c.leases.values().sum::<u32>() + c.store_reads.values().sum::<u32>();
                     leases_released = n > 0;
                     self.release_leases(snap, n);
                 }
@@ -787,22 +796,36 @@ impl<S: MetaStore> Engine<S> {
         Ok(())
     }
 
-    fn drop_orphans(&mut self, which: impl Fn(&OrphanedLocks) -> bool) -> Result<(), StoreError> {
+    /// Releases what the matching orphans hold. `keep_store_reads`: a client that came
+    /// back keeps its old store reads counted until the grace time ends (they may still
+    /// be running), the rest is released.
+    fn drop_orphans(
+        &mut self,
+        which: impl Fn(&OrphanedLocks) -> bool,
+        keep_store_reads: bool,
+    ) -> Result<(), StoreError> {
         let (gone, kept): (Vec<_>, Vec<_>) = std::mem::take(&mut self.orphans)
             .into_iter()
             .partition(|o| which(o));
         self.orphans = kept;
         let mut to_wake = Vec::new();
         let mut leases_released = false;
-        for o in gone {
-            for (chunk, n) in o.held {
+        for mut o in gone {
+            for (chunk, n) in std::mem::take(&mut o.held) {
                 if self.unlock(chunk, n) {
                     to_wake.push(chunk);
                 }
             }
-            let n: u32 = o.leases.values().sum();
+            let mut n: u32 = std::mem::take(&mut o.leases).values().sum();
+            let snap = o.snap;
+            if keep_store_reads && o.store_reads > 0 {
+                // Only the store reads linger, until the grace time ends.
+                self.orphans.push(o);
+            } else {
+                n += o.store_reads;
+            }
+            self.release_leases(snap, n);
             leases_released |= n > 0;
-            self.release_leases(o.snap, n);
         }
         for chunk in to_wake {
             self.wake_chunk(chunk)?;
@@ -827,7 +850,7 @@ impl<S: MetaStore> Engine<S> {
                 format!("snapshot client {client} did not come back within {grace}s; releasing its read locks"),
             );
         }
-        self.drop_orphans(|o| now.saturating_sub(o.since) >= grace)
+        self.drop_orphans(|o| now.saturating_sub(o.since) >= grace, false)
     }
 
     // ---- locks ----
@@ -935,6 +958,19 @@ impl<S: MetaStore> Engine<S> {
                     self.try_create_announced()?;
                 }
                 Ok(())
+            }
+            ClientMsg::ReleaseStoreReads { snap, ranges } => {
+                match self.check_snapshot_kind("ReleaseStoreReads", kind, snap) {
+                    Ok(()) => {
+                        self.release_store_reads(conn, snap, &ranges)?;
+                        Ok(())
+                    }
+                    // No answer is expected: say it in the log instead.
+                    Err(Reject(_, why)) => {
+                        self.log(LogLevel::Warn, format!("ReleaseStoreReads refused: {why}"));
+                        Ok(())
+                    }
+                }
             }
             ClientMsg::UploadLocks { locks, leases } => {
                 self.upload_locks(who, kind, &locks, &leases)
@@ -1115,6 +1151,39 @@ impl<S: MetaStore> Engine<S> {
                 self.fail(format!("snapshot store failed: {e}"));
                 break;
             }
+        }
+        Ok(())
+    }
+
+    /// The client finished reading the store addresses it was given for these chunks.
+    fn release_store_reads(
+        &mut self,
+        conn: ConnId,
+        snap: SnapId,
+        ranges: &[ChunkRange],
+    ) -> Result<(), StoreError> {
+        let chunks = match self.request_chunks(ranges) {
+            Ok(chunks) => chunks,
+            Err(Reject(_, why)) => {
+                self.log(LogLevel::Warn, format!("ReleaseStoreReads refused: {why}"));
+                return Ok(());
+            }
+        };
+        let mut released = 0;
+        if let Some(c) = self.conns.get_mut(&conn) {
+            for ch in chunks {
+                if let Some(n) = c.store_reads.get_mut(&ch) {
+                    *n -= 1;
+                    if *n == 0 {
+                        c.store_reads.remove(&ch);
+                    }
+                    released += 1;
+                }
+            }
+        }
+        if released > 0 {
+            self.release_leases(snap, released);
+            self.wake_lease_waiters()?;
         }
         Ok(())
     }
@@ -1356,6 +1425,14 @@ impl<S: MetaStore> Engine<S> {
             self.lock(c);
             if let Some(cn) = self.conns.get_mut(&conn) {
                 *cn.held.entry(c).or_insert(0) += 1;
+            }
+        }
+        if !store.is_empty() {
+            if let Some(cn) = self.conns.get_mut(&conn) {
+                for a in &store {
+                    *cn.store_reads.entry(a.chunk).or_insert(0) += 1;
+                }
+                *self.snap_leases.entry(snap).or_insert(0) += store.len() as u32;
             }
         }
         self.finish_work(
