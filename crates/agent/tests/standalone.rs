@@ -659,3 +659,94 @@ async fn a_server_reached_over_tcp_uses_direct_io_and_refuses_what_it_cannot_ser
     .await;
     drop(agent);
 }
+
+/// Issue 8, finding 2, with real processes: an origin client (its own csnap-agent process)
+/// is frozen with SIGSTOP right after writing a chunk twice (the second time through its
+/// unique-chunk promise). A snapshot created meanwhile waits for it only until its write
+/// lease has certainly run out (12 s), not for ever. Thawed, the client must not write
+/// through its old promise (its lease ran out while it was frozen): it asks the server,
+/// which copies the chunk out first, so the snapshot keeps what was there before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_origin_client_holds_a_snapshot_for_its_lease_only_and_then_asks_again() {
+    if !require_tool("qemu-io") {
+        return;
+    }
+    let fx = Fixture::new(CHUNK, 8 * MIB, 64 * MIB);
+    let key = fx.key_file.to_str().unwrap().to_owned();
+    let srv_sock = format!("unix:{}", fx.path("srv.sock").display());
+    let server = Agent::start(
+        &fx,
+        "srv",
+        &[
+            "--server-only",
+            "--key-file",
+            &key,
+            "--server-listen",
+            &srv_sock,
+        ],
+    )
+    .await;
+    let client_args = |name: &str, id: &str| -> Vec<String> {
+        vec![
+            "--connect-server".into(),
+            srv_sock.clone(),
+            "--key-file".into(),
+            key.clone(),
+            "--client-id".into(),
+            id.into(),
+            "--nbd-listen".into(),
+            format!("unix:{}", fx.path(&format!("{name}.nbd")).display()),
+        ]
+    };
+    let (a_args, b_args) = (
+        client_args("a", "4294967296"),
+        client_args("b", "8589934592"),
+    );
+    let a = Agent::start(
+        &fx,
+        "a",
+        &a_args.iter().map(String::as_str).collect::<Vec<_>>(),
+    )
+    .await;
+    let b = Agent::start(
+        &fx,
+        "b",
+        &b_args.iter().map(String::as_str).collect::<Vec<_>>(),
+    )
+    .await;
+    qemu_io(
+        &a.uri("vol"),
+        &["write -P 0x11 0 16k", "write -P 0x22 0 16k"],
+    )
+    .await;
+    match a.ctl(ControlRequest::Status { volume: None }).await {
+        ControlResponse::Status { volumes } => assert!(
+            volumes[0].cache_hits >= 1,
+            "the second write went through the promise: {:?}",
+            volumes[0]
+        ),
+        other => panic!("status: {other:?}"),
+    }
+
+    let frozen = nix::unistd::Pid::from_raw(a.pid() as i32);
+    nix::sys::signal::kill(frozen, nix::sys::signal::Signal::SIGSTOP).unwrap();
+    let started = std::time::Instant::now();
+    let created = tokio::time::timeout(Duration::from_secs(45), server.snapshot("frozen")).await;
+    let waited = started.elapsed();
+    nix::sys::signal::kill(frozen, nix::sys::signal::Signal::SIGCONT).unwrap();
+    assert!(
+        created.is_ok(),
+        "the snapshot waited more than 45 s for a frozen origin client\nserver log:\n{}",
+        server.log()
+    );
+    eprintln!("snapshot created {waited:?} after the origin client was frozen");
+    assert!(
+        server.log().contains("write lease"),
+        "the server says why it stopped waiting:\n{}",
+        server.log()
+    );
+
+    qemu_io(&a.uri("vol"), &["write -P 0x33 0 16k"]).await;
+    qemu_io(&b.uri("vol@frozen"), &["read -P 0x22 0 16k"]).await;
+    qemu_io(&b.uri("vol"), &["read -P 0x33 0 16k"]).await;
+}

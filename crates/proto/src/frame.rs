@@ -18,7 +18,8 @@ use std::marker::PhantomData;
 /// The protocol version this build speaks, carried in every frame and in `Hello`.
 /// Version 2: paged `ListSnapshots`/`SnapshotList`, `usage_exact` in lists and status.
 /// Version 3: `ReleaseStoreReads` (store reads hold their chunks until released);
-/// snapshots announced before they are created.
+/// snapshots announced before they are created; origin write leases (`KeepAlive`,
+/// `Welcome::origin_lease_secs`).
 pub const PROTOCOL_VERSION: u8 = 3;
 /// Largest accepted `length` (version byte + body).
 pub const MAX_FRAME: usize = 1 << 20;

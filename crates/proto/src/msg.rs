@@ -94,6 +94,9 @@ pub enum ClientMsg {
     /// Origin client: I dropped my unique-chunk cache for new snapshot `snap`, and no origin
     /// write granted before it is still in flight.
     NewSnapshotAck { snap: SnapId },
+    /// Any client: I am alive. An origin client renews its write lease with it (see
+    /// `Welcome::origin_lease_secs`).
+    KeepAlive,
     /// Snapshot client: my reads of the store addresses a `SnapshotReadOk` gave for these
     /// chunks are done. No answer. Until then the server does not reuse those store chunks
     /// (should the snapshot be deleted or invalidated meanwhile). Not resent after a
@@ -137,7 +140,14 @@ pub enum ServerMsg {
         protocol_version: u32,
         chunk_size: u32,
         origin_chunks: u64,
+        /// An origin client may write through promises and grants only until this many
+        /// seconds after it sent the last request the server answered; it renews with
+        /// `KeepAlive` (every third of it). The server counts it as stopped after this
+        /// plus a margin without hearing from it.
+        origin_lease_secs: u32,
     },
+    /// Answer to `KeepAlive`.
+    KeepAliveOk,
     /// The chunks may be written. `unique`: the server promises they stay unique (no copy-out
     /// needed) until it announces a new snapshot; the client may write them again without
     /// asking.

@@ -59,6 +59,11 @@ fn all_client_msgs() -> Vec<ClientMsg> {
             limit: 100,
         },
         ClientMsg::Status,
+        ClientMsg::KeepAlive,
+        ClientMsg::ReleaseStoreReads {
+            snap: SnapId(4),
+            ranges: vec![ChunkRange::new(0, 3)],
+        },
     ]
 }
 
@@ -81,7 +86,9 @@ fn all_server_msgs() -> Vec<ServerMsg> {
             protocol_version: 1,
             chunk_size: 65536,
             origin_chunks: 1 << 20,
+            origin_lease_secs: 10,
         },
+        ServerMsg::KeepAliveOk,
         ServerMsg::OriginWriteOk {
             ranges: vec![ChunkRange::new(1, 8)],
             unique: true,

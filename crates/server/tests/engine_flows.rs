@@ -252,7 +252,11 @@ fn snapshot_read_lock_holds_the_origin_write_until_finish_is_confirmed() {
 
 #[test]
 fn snapshot_becomes_live_only_after_every_origin_client_acked() {
-    let mut h = Harness::new(config(), 16, 16);
+    let cfg = EngineConfig {
+        origin_lease_secs: 10,
+        ..config()
+    };
+    let mut h = Harness::new(cfg, 16, 16);
     let o1 = h.connect(1, ClientKind::Origin, false);
     let o2 = h.connect(2, ClientKind::Origin, false);
     let admin = h.admin();
@@ -287,14 +291,24 @@ fn snapshot_becomes_live_only_after_every_origin_client_acked() {
     h.send(o1, ClientMsg::NewSnapshotAck { snap });
     h.settle();
     assert!(h.reply_to(admin, c).is_none());
-    // The second origin client disconnects instead of acking.
+    // The second origin client disconnects instead of acking. It may not know yet and
+    // go on writing through its promises until its lease runs out (10 s + 2 s margin
+    // from when the server last heard it, at time 1,000).
     h.handle(Event::ClientDisconnected { conn: o2 });
+    h.settle();
+    h.handle(Event::Tick { now: 1_011 });
+    h.settle();
+    assert!(
+        h.reply_to(admin, c).is_none(),
+        "created within the lost client's lease"
+    );
+    h.handle(Event::Tick { now: 1_012 });
     h.settle();
     match h.reply_to(admin, c) {
         Some(ServerMsg::SnapshotCreated { info }) => {
             assert_eq!(info.id, snap);
             assert_eq!(info.name, "nightly");
-            assert_eq!(info.ctime, 1_000);
+            assert_eq!(info.ctime, 1_012, "the instant it was taken, not requested");
             assert_eq!(info.state, SnapshotState::Live);
         }
         other => panic!("expected SnapshotCreated, got {other:?}"),
@@ -1066,4 +1080,79 @@ fn a_store_chunk_being_read_is_not_reused_before_the_reader_releases_it() {
         "{:?}",
         h.copy_log
     );
+}
+
+/// Issue 8, finding 2: promises and grants are leases. An origin client the server stops
+/// hearing from (a dead node, a half-open connection, a frozen process) is closed once its
+/// lease has certainly run out, so a snapshot creation waits for it that long, bounded,
+/// not for ever; an origin client that keeps renewing (`KeepAlive`) is never closed.
+#[test]
+fn a_silent_origin_client_holds_a_creation_for_its_lease_only() {
+    let cfg = EngineConfig {
+        origin_lease_secs: 10,
+        ..config()
+    };
+    let mut h = Harness::new(cfg, 16, 16);
+    let silent = h.connect(1, ClientKind::Origin, false);
+    let alive = h.connect(2, ClientKind::Origin, false);
+    let admin = h.admin();
+    let c = h.send(admin, ClientMsg::CreateSnapshot { name: "s".into() });
+    h.settle();
+    let snap = match h.notices(alive).as_slice() {
+        [ServerMsg::NewSnapshot { snap }] => *snap,
+        other => panic!("expected NewSnapshot, got {other:?}"),
+    };
+    h.send(alive, ClientMsg::NewSnapshotAck { snap });
+    for now in 1_001..1_012 {
+        h.handle(Event::Tick { now });
+        let k = h.send(alive, ClientMsg::KeepAlive);
+        assert_eq!(h.reply_to(alive, k), Some(ServerMsg::KeepAliveOk));
+        h.settle();
+        assert!(
+            h.reply_to(admin, c).is_none(),
+            "created at {now}, within the silent client's lease"
+        );
+    }
+    assert!(!h.closed.contains(&silent));
+    h.handle(Event::Tick { now: 1_012 });
+    h.settle();
+    assert!(
+        h.closed.contains(&silent),
+        "the silent client's connection is closed at lease + margin"
+    );
+    assert!(!h.closed.contains(&alive), "a client that renews is kept");
+    assert!(
+        matches!(
+            h.reply_to(admin, c),
+            Some(ServerMsg::SnapshotCreated { .. })
+        ),
+        "the creation goes ahead once the silent client's lease has run out"
+    );
+    assert!(h
+        .errors(LogLevel::Warn)
+        .iter()
+        .any(|l| l.contains("silent for 12s") && l.contains("write lease")));
+}
+
+/// A new server after a failover creates no snapshot before the old server's clients'
+/// leases have certainly run out (`hold_snapshots_until`, set by whoever starts it).
+#[test]
+fn no_snapshot_is_created_before_hold_snapshots_until() {
+    let cfg = EngineConfig {
+        hold_snapshots_until: 1_020,
+        ..config()
+    };
+    let mut h = Harness::new(cfg, 16, 16);
+    let admin = h.admin();
+    let c = h.send(admin, ClientMsg::CreateSnapshot { name: "s".into() });
+    h.settle();
+    h.handle(Event::Tick { now: 1_019 });
+    h.settle();
+    assert!(h.reply_to(admin, c).is_none());
+    h.handle(Event::Tick { now: 1_020 });
+    h.settle();
+    assert!(matches!(
+        h.reply_to(admin, c),
+        Some(ServerMsg::SnapshotCreated { .. })
+    ));
 }

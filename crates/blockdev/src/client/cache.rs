@@ -7,10 +7,16 @@
 //! [`WriteGuard`] of the epoch it was granted in; `NewSnapshot` (or a lost connection)
 //! clears the cache and starts a new epoch, and the acknowledgement is sent only when the
 //! older epochs have drained.
+//!
+//! Promises are also leases: they may be used only until the lease the server last
+//! renewed runs out (`renew`, from answers to requests sent at a known instant). A client
+//! cut off from its server (a partition, a frozen process) stops writing through the cache
+//! by itself, so a server that stops hearing from it can count on it after the lease.
 
 use std::collections::{BTreeMap, HashSet};
 use std::ops::Range;
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Instant;
 
 use tokio::sync::Notify;
 
@@ -22,6 +28,8 @@ struct State {
     in_flight: BTreeMap<u64, usize>,
     hits: u64,
     misses: u64,
+    /// Promises may be used until then; `None`: no lease yet.
+    lease_until: Option<Instant>,
 }
 
 /// Shared by an origin client's connection task (grants, notices) and its writers.
@@ -87,9 +95,22 @@ impl OriginTracker {
         }
     }
 
-    /// A guard for writing `chunks` without asking, if every one is promised unique.
+    /// Extends the write lease to `until` (the send time of a request the server has
+    /// answered, plus the server's lease).
+    pub fn renew(&self, until: Instant) {
+        let mut st = self.lock();
+        st.lease_until = Some(st.lease_until.map_or(until, |u| u.max(until)));
+    }
+
+    /// A guard for writing `chunks` without asking, if every one is promised unique and
+    /// the lease still runs. An expired lease drops every promise.
     pub fn try_cached(self: &Arc<Self>, chunks: Range<u64>) -> Option<WriteGuard> {
         let mut st = self.lock();
+        if st.lease_until.is_none_or(|u| Instant::now() >= u) {
+            st.unique.clear();
+            st.misses += 1;
+            return None;
+        }
         if chunks.clone().all(|c| st.unique.contains(&c)) {
             st.hits += 1;
             Some(self.guard(&mut st))
@@ -160,6 +181,7 @@ mod tests {
     #[tokio::test]
     async fn new_snapshot_waits_for_writes_granted_before_it_only() {
         let t = OriginTracker::new(1000);
+        t.renew(Instant::now() + Duration::from_secs(3600));
         assert!(t.try_cached(0..2).is_none(), "nothing promised yet");
         let old = t.granted(0..2, true);
         let cached = t.try_cached(0..2).expect("promised unique");
@@ -197,5 +219,25 @@ mod tests {
         let t = OriginTracker::new(3);
         drop(t.granted(0..10, true));
         assert_eq!(t.stats().cached_chunks, 3);
+    }
+
+    #[test]
+    fn promises_are_not_used_once_the_lease_has_run_out() {
+        let t = OriginTracker::new(1000);
+        let _g = t.granted(0..4, true);
+        assert!(t.try_cached(0..1).is_none(), "no lease yet: ask the server");
+        t.renew(Instant::now() + Duration::from_secs(3600));
+        let _g = t.granted(0..4, true);
+        assert!(t.try_cached(0..4).is_some(), "within the lease");
+        // A renewal never shortens the lease.
+        t.renew(Instant::now());
+        assert!(t.try_cached(0..4).is_some());
+        let t = OriginTracker::new(1000);
+        t.renew(Instant::now() + Duration::from_millis(30));
+        let _g = t.granted(0..4, true);
+        assert!(t.try_cached(0..4).is_some());
+        std::thread::sleep(Duration::from_millis(40));
+        assert!(t.try_cached(0..4).is_none(), "the lease ran out");
+        assert_eq!(t.stats().cached_chunks, 0, "and every promise is dropped");
     }
 }

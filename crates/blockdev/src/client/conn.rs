@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::io;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use csnap_proto::{
     decode_frame, encode_frame, ChunkRange, ClientId, ClientKind, ClientMsg, Decoded, ErrorCode,
@@ -85,6 +85,8 @@ impl MetaConnection {
             cfg,
             tracker,
             waiting: HashMap::new(),
+            sent_at: HashMap::new(),
+            lease: None,
             info_tx,
             refused_tx,
             sessions: 0,
@@ -192,6 +194,11 @@ struct Shell {
     session: Session,
     tracker: Option<Arc<OriginTracker>>,
     waiting: HashMap<RequestId, Answer>,
+    /// When each unanswered request was handed to the session (a lease renewed by its
+    /// answer runs from there, which is no later than the server heard it).
+    sent_at: HashMap<RequestId, Instant>,
+    /// The server's origin write lease, once a session told it.
+    lease: Option<Duration>,
     info_tx: watch::Sender<Option<SessionInfo>>,
     refused_tx: watch::Sender<Option<String>>,
     sessions: u64,
@@ -300,6 +307,7 @@ impl Shell {
     fn submit(&mut self, msg: ClientMsg, answer: Answer) -> Vec<Output> {
         let (id, out) = self.session.submit(msg);
         self.waiting.insert(id, answer);
+        self.sent_at.insert(id, Instant::now());
         let mut rest = Vec::new();
         for o in out {
             match o {
@@ -314,6 +322,15 @@ impl Shell {
     fn route(&mut self, out: Output) {
         match out {
             Output::Reply { id, msg } => {
+                let sent = self.sent_at.remove(&id);
+                if let (Some(t), Some(lease), Some(sent)) = (&self.tracker, self.lease, sent) {
+                    if matches!(
+                        msg,
+                        ServerMsg::OriginWriteOk { .. } | ServerMsg::KeepAliveOk
+                    ) {
+                        t.renew(sent + lease);
+                    }
+                }
                 let grant = match (&msg, &self.tracker) {
                     (ServerMsg::OriginWriteOk { ranges, unique }, Some(t)) => {
                         Some(t.granted(chunks_of(ranges), *unique))
@@ -327,8 +344,10 @@ impl Shell {
             Output::Established {
                 chunk_size,
                 origin_chunks,
+                origin_lease_secs,
             } => {
                 self.sessions += 1;
+                self.lease = Some(Duration::from_secs(u64::from(origin_lease_secs)));
                 tracing::info!(server = ?self.cfg.server, kind = ?self.cfg.kind, sessions = self.sessions, "csnap session established");
                 self.info_tx.send_replace(Some(SessionInfo {
                     chunk_size,
@@ -359,8 +378,24 @@ impl Shell {
         if let Err(e) = self.carry_out(first, &mut wr, ack_tx).await {
             return e;
         }
+        // An origin client renews its write lease three times per lease.
+        let mut keepalive = tokio::time::interval(Duration::from_secs(1));
+        keepalive.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut last_keepalive = Instant::now();
         loop {
             tokio::select! {
+                _ = keepalive.tick(), if self.tracker.is_some() => {
+                    let due = self.lease.is_some_and(|l| last_keepalive.elapsed() >= l / 3);
+                    if due && self.session.is_open() {
+                        last_keepalive = Instant::now();
+                        // Nobody waits for the answer; it renews the lease on its way.
+                        let (answer, _) = oneshot::channel();
+                        let out = self.submit(ClientMsg::KeepAlive, answer);
+                        if let Err(e) = self.carry_out(out, &mut wr, ack_tx).await {
+                            return e;
+                        }
+                    }
+                }
                 n = rd.read(&mut chunk) => {
                     let n = match n {
                         Ok(0) => return End::Lost("server closed the connection".into()),

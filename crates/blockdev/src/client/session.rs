@@ -25,7 +25,12 @@ pub enum Output {
     /// A notice from the server (`NewSnapshot`).
     Notice(ServerMsg),
     /// The session is (re-)established on this connection. Requests flow again.
-    Established { chunk_size: u32, origin_chunks: u64 },
+    Established {
+        chunk_size: u32,
+        origin_chunks: u64,
+        /// The server's origin write lease (`Welcome::origin_lease_secs`).
+        origin_lease_secs: u32,
+    },
     /// The server refused the session for good (wrong key, protocol version): every
     /// pending request has failed with this reason, and reconnecting will not help.
     Refused { code: ErrorCode, message: String },
@@ -328,6 +333,7 @@ impl Session {
             ServerMsg::Welcome {
                 chunk_size,
                 origin_chunks,
+                origin_lease_secs,
                 ..
             } => {
                 let resuming = self.had_session;
@@ -336,6 +342,7 @@ impl Session {
                 let mut out = vec![Output::Established {
                     chunk_size,
                     origin_chunks,
+                    origin_lease_secs,
                 }];
                 if !resuming {
                     // A first session holds nothing; requests submitted meanwhile go now.
@@ -492,6 +499,7 @@ mod tests {
                 protocol_version: 1,
                 chunk_size: 4096,
                 origin_chunks: 100,
+                origin_lease_secs: 10,
             },
         })
     }

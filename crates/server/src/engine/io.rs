@@ -145,7 +145,20 @@ pub struct EngineConfig {
     pub orphan_lock_grace_secs: u64,
     /// Unix time at start (for snapshot ctimes until the first `Tick`).
     pub start_time: u64,
+    /// An origin client may write through its unique promises and grants only while it
+    /// has heard from the server within this many seconds (it renews with `KeepAlive`).
+    /// The server counts an origin client it has not heard from for this long, plus
+    /// [`LEASE_MARGIN_SECS`], as certainly stopped writing: it closes the connection, and
+    /// a snapshot announcement stops waiting for it only then.
+    pub origin_lease_secs: u64,
+    /// No snapshot is announced before this time (`Tick` seconds): a new server after a
+    /// failover sets it to when the old server's clients' leases have certainly expired.
+    pub hold_snapshots_until: u64,
 }
+
+/// Added to a lease before the server counts on its expiry: clock rate differences and a
+/// data write already submitted when the lease ran out.
+pub const LEASE_MARGIN_SECS: u64 = 2;
 
 impl Default for EngineConfig {
     fn default() -> Self {
@@ -158,6 +171,8 @@ impl Default for EngineConfig {
             reclaim_budget: 64,
             orphan_lock_grace_secs: 60,
             start_time: 0,
+            origin_lease_secs: 10,
+            hold_snapshots_until: 0,
         }
     }
 }

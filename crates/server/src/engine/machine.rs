@@ -9,7 +9,7 @@
 
 use super::io::{
     Action, ConnId, CopyId, CopyPurpose, CopySource, EngineConfig, Event, LogLevel, Requester,
-    StoreFullPolicy,
+    StoreFullPolicy, LEASE_MARGIN_SECS,
 };
 use super::meta_store::{MetaStore, SnapChunk, StoreError, StoreStats};
 use csnap_proto::auth::{self, Nonce};
@@ -58,6 +58,9 @@ struct Conn {
     /// Store reads this (snapshot) connection has not released yet: origin chunk -> count.
     /// Like write leases they keep a deleted or invalidated snapshot's chunks from reuse.
     store_reads: BTreeMap<u64, u32>,
+    /// When the server last heard from it (`Tick` seconds): an origin client's write
+    /// lease runs from here.
+    last_heard: u64,
 }
 
 /// Read locks a snapshot client left behind when its connection dropped; kept until it
@@ -160,6 +163,13 @@ struct Announcement {
     awaiting: BTreeSet<ConnId>,
 }
 
+/// An origin client whose connection is gone but which may still be writing through its
+/// promises: until its lease has certainly run out (`Tick` seconds).
+struct LostOrigin {
+    client: Option<ClientId>,
+    until: u64,
+}
+
 /// The sans-IO request engine. Feed it [`Event`]s with [`Engine::handle`], carry out the
 /// [`Action`]s it queues ([`Engine::poll_action`]).
 pub struct Engine<S: MetaStore> {
@@ -210,6 +220,9 @@ pub struct Engine<S: MetaStore> {
     announcement: Option<Announcement>,
     /// Origin writes held while an announcement is out.
     announcement_waiters: BTreeSet<WorkId>,
+    /// Origin clients lost while their write lease may still run; a snapshot is not
+    /// created before they are certainly stopped.
+    lost_origins: Vec<LostOrigin>,
     reclaiming: bool,
 }
 
@@ -265,6 +278,7 @@ impl<S: MetaStore> Engine<S> {
             requested_snaps: VecDeque::new(),
             announcement: None,
             announcement_waiters: BTreeSet::new(),
+            lost_origins: Vec::new(),
             // A reclaim interrupted by a crash resumes from the start.
             reclaiming: true,
         };
@@ -390,6 +404,7 @@ impl<S: MetaStore> Engine<S> {
                         held: BTreeMap::new(),
                         leases: BTreeMap::new(),
                         store_reads: BTreeMap::new(),
+                        last_heard: self.now,
                     },
                 );
                 Ok(())
@@ -416,7 +431,8 @@ impl<S: MetaStore> Engine<S> {
             Event::CommitDone { result } => self.on_commit_done(result),
             Event::Tick { now } => {
                 self.now = self.now.max(now);
-                self.expire_orphans()
+                self.expire_orphans()?;
+                self.expire_origin_leases()
             }
         }
     }
@@ -542,6 +558,10 @@ impl<S: MetaStore> Engine<S> {
 
     fn on_request(&mut self, conn: ConnId, frame: ClientFrame) -> Result<(), StoreError> {
         let ClientFrame { id, msg } = frame;
+        let now = self.now;
+        if let Some(c) = self.conns.get_mut(&conn) {
+            c.last_heard = now;
+        }
         let Some(c) = self.conns.get(&conn) else {
             self.log(
                 LogLevel::Warn,
@@ -685,6 +705,7 @@ impl<S: MetaStore> Engine<S> {
                 protocol_version: u32::from(PROTOCOL_VERSION),
                 chunk_size: self.geometry.chunk_size,
                 origin_chunks: self.geometry.origin_chunks,
+                origin_lease_secs: u32::try_from(self.cfg.origin_lease_secs).unwrap_or(u32::MAX),
             },
         );
         if !resuming {
@@ -783,6 +804,17 @@ impl<S: MetaStore> Engine<S> {
                 }
             }
         }
+        if c.kind == Some(ClientKind::Origin) && matches!(c.session, Session::Open) {
+            // It may not know yet and go on writing through its promises: count it
+            // until its lease has certainly run out.
+            let until = c.last_heard + self.cfg.origin_lease_secs + LEASE_MARGIN_SECS;
+            if until > self.now {
+                self.lost_origins.push(LostOrigin {
+                    client: c.client,
+                    until,
+                });
+            }
+        }
         if let Some(a) = self.announcement.as_mut() {
             a.awaiting.remove(&conn);
             self.try_create_announced()?;
@@ -851,6 +883,50 @@ impl<S: MetaStore> Engine<S> {
             );
         }
         self.drop_orphans(|o| now.saturating_sub(o.since) >= grace, false)
+    }
+
+    /// Origin leases: a silent origin client is closed once its lease has certainly run
+    /// out (a dead node must not hold up a snapshot for long); a lost one stops counting
+    /// then. A pending announcement may go ahead afterwards.
+    fn expire_origin_leases(&mut self) -> Result<(), StoreError> {
+        let deadline = self.cfg.origin_lease_secs + LEASE_MARGIN_SECS;
+        let now = self.now;
+        let silent: Vec<(ConnId, Option<ClientId>, u64)> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| {
+                c.kind == Some(ClientKind::Origin)
+                    && matches!(c.session, Session::Open)
+                    && now.saturating_sub(c.last_heard) >= deadline
+            })
+            .map(|(id, c)| (*id, c.client, now - c.last_heard))
+            .collect();
+        for (conn, client, quiet) in silent {
+            self.log(
+                LogLevel::Warn,
+                format!(
+                    "origin client {} silent for {quiet}s: its write lease ({}s + {LEASE_MARGIN_SECS}s margin) has run out; closing its connection",
+                    client.map_or("?".to_owned(), |c| c.to_string()),
+                    self.cfg.origin_lease_secs
+                ),
+            );
+            self.close(conn)?;
+        }
+        let before = self.lost_origins.len();
+        for l in self.lost_origins.iter().filter(|l| l.until <= now) {
+            self.actions.push_back(Action::Log {
+                level: LogLevel::Info,
+                message: format!(
+                    "lost origin client {}: its write lease has run out",
+                    l.client.map_or("?".to_owned(), |c| c.to_string())
+                ),
+            });
+        }
+        self.lost_origins.retain(|l| l.until > now);
+        if self.lost_origins.len() < before || self.announcement.is_some() {
+            self.try_create_announced()?;
+        }
+        Ok(())
     }
 
     // ---- locks ----
@@ -957,6 +1033,10 @@ impl<S: MetaStore> Engine<S> {
                     a.awaiting.remove(&conn);
                     self.try_create_announced()?;
                 }
+                Ok(())
+            }
+            ClientMsg::KeepAlive => {
+                self.reply(conn, id, ServerMsg::KeepAliveOk);
                 Ok(())
             }
             ClientMsg::ReleaseStoreReads { snap, ranges } => {
@@ -1811,6 +1891,8 @@ impl<S: MetaStore> Engine<S> {
             .announcement
             .as_ref()
             .is_some_and(|a| a.awaiting.is_empty())
+            || !self.lost_origins.is_empty()
+            || self.now < self.cfg.hold_snapshots_until
         {
             return Ok(());
         }

@@ -10,7 +10,8 @@ mod machine;
 pub mod meta_store;
 
 pub use io::{
-    Action, ConnId, CopyId, CopyPurpose, CopySource, EngineConfig, Event, LogLevel, StoreFullPolicy,
+    Action, ConnId, CopyId, CopyPurpose, CopySource, EngineConfig, Event, LogLevel,
+    StoreFullPolicy, LEASE_MARGIN_SECS,
 };
 pub use machine::Engine;
 pub use meta_store::{

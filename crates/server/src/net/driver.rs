@@ -252,11 +252,19 @@ pub(crate) struct Driver {
     commit_due: bool,
 }
 
+/// The engine's clock: Unix seconds, but advancing monotonically from the first reading
+/// (leases and grace times must not jump with the wall clock; snapshot ctimes may drift
+/// from it by the clock's corrections since start, which is harmless).
 fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
+    static START: std::sync::OnceLock<(u64, std::time::Instant)> = std::sync::OnceLock::new();
+    let (wall, mono) = START.get_or_init(|| {
+        let wall = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        (wall, std::time::Instant::now())
+    });
+    wall + mono.elapsed().as_secs()
 }
 
 enum Wake {

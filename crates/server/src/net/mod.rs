@@ -112,6 +112,11 @@ pub struct ServerConfig {
     pub max_request_chunks: u64,
     /// How long a disconnected snapshot client's read locks are kept for it.
     pub orphan_lock_grace_secs: u64,
+    /// Origin clients' write lease (`EngineConfig::origin_lease_secs`).
+    pub origin_lease_secs: u64,
+    /// Unix time before which no snapshot is created (`EngineConfig::hold_snapshots_until`):
+    /// set after a failover to when the old server's clients' leases have run out.
+    pub hold_snapshots_until: u64,
     /// Name in every log line (defaults to the store path).
     pub volume: String,
 }
@@ -142,6 +147,8 @@ impl ServerConfig {
             max_copies_in_flight: 32,
             max_request_chunks: engine.max_request_chunks,
             orphan_lock_grace_secs: engine.orphan_lock_grace_secs,
+            origin_lease_secs: engine.origin_lease_secs,
+            hold_snapshots_until: engine.hold_snapshots_until,
         }
     }
 }
@@ -518,6 +525,8 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
         promise_unique: config.promise_unique,
         max_request_chunks: config.max_request_chunks,
         orphan_lock_grace_secs: config.orphan_lock_grace_secs,
+        origin_lease_secs: config.origin_lease_secs,
+        hold_snapshots_until: config.hold_snapshots_until,
         start_time: SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_secs())

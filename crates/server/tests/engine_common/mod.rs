@@ -87,10 +87,13 @@ pub struct Harness<S: TestStore = MemStore> {
     next_id: RequestId,
 }
 
+/// Origin leases are long here, so tests that tick through time with idle origin clients
+/// keep them; the lease tests set their own.
 pub fn config() -> EngineConfig {
     EngineConfig {
         cluster_key: KEY.to_vec(),
         start_time: 1_000,
+        origin_lease_secs: 100_000,
         ..EngineConfig::default()
     }
 }
