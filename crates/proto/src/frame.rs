@@ -19,7 +19,10 @@ use std::marker::PhantomData;
 /// Version 2: paged `ListSnapshots`/`SnapshotList`, `usage_exact` in lists and status.
 /// Version 3: `ReleaseStoreReads` (store reads hold their chunks until released);
 /// snapshots announced before they are created.
-pub const PROTOCOL_VERSION: u8 = 3;
+/// Version 4: client ids name the connection's kind (`ClientId{instance, kind}`), `Hello`
+/// carries an `incarnation` instead of `kind`, and `DuplicateClient` refuses a second
+/// client with a live connection's id.
+pub const PROTOCOL_VERSION: u8 = 4;
 /// Largest accepted `length` (version byte + body).
 pub const MAX_FRAME: usize = 1 << 20;
 /// Size of the length prefix.

@@ -9,9 +9,9 @@ fn all_client_msgs() -> Vec<ClientMsg> {
     vec![
         ClientMsg::Hello {
             protocol_version: u32::from(PROTOCOL_VERSION),
-            client: ClientId(0xfeed),
+            client: ClientId::new(0xfeed, ClientKind::Snapshot { snap: SnapId(4) }),
             node: 2,
-            kind: ClientKind::Snapshot { snap: SnapId(4) },
+            incarnation: 0x1234_5678_9abc_def0,
             client_nonce: [9; 32],
             resuming: true,
         },
@@ -113,7 +113,7 @@ fn all_server_msgs() -> Vec<ServerMsg> {
         },
         ServerMsg::Status(ServerStatus {
             active: false,
-            awaited_clients: vec![ClientId(1)],
+            awaited_clients: vec![ClientId::new(1, ClientKind::Snapshot { snap: SnapId(2) })],
             connected_clients: 3,
             chunk_size: 4096,
             origin_chunks: 10,
@@ -129,7 +129,52 @@ fn all_server_msgs() -> Vec<ServerMsg> {
             code: ErrorCode::NoSuchSnapshot,
             message: "no snapshot named x".into(),
         },
+        ServerMsg::Error {
+            code: ErrorCode::DuplicateClient,
+            message: "client 0x64/origin is already connected".into(),
+        },
     ]
+}
+
+#[test]
+fn client_ids_print_and_parse_and_every_kind_is_its_own_identity() {
+    let ids = [
+        ClientId::new(0x64, ClientKind::Origin),
+        ClientId::new(0x64, ClientKind::Admin),
+        ClientId::new(0x64, ClientKind::Snapshot { snap: SnapId(0) }),
+        ClientId::new(
+            0x64,
+            ClientKind::Snapshot {
+                snap: SnapId(u64::MAX),
+            },
+        ),
+        ClientId::new(u64::MAX, ClientKind::Origin),
+    ];
+    for (i, a) in ids.iter().enumerate() {
+        assert_eq!(a.to_string().parse::<ClientId>(), Ok(*a), "{a}");
+        for b in &ids[i + 1..] {
+            assert_ne!(a, b);
+        }
+    }
+    assert_eq!(ids[0].to_string(), "0x64/origin");
+    assert_eq!(ids[2].to_string(), "0x64/snap0");
+    assert_eq!(
+        "100/snap7".parse::<ClientId>(),
+        Ok(ClientId::new(100, ClientKind::Snapshot { snap: SnapId(7) }))
+    );
+    for bad in [
+        "",
+        "0x64",
+        "0x64/",
+        "/origin",
+        "0x64/snap",
+        "0x64/snapx",
+        "zz/admin",
+        "1/admins",
+    ] {
+        let err = bad.parse::<ClientId>().expect_err(bad);
+        assert!(err.contains("INSTANCE/origin"), "{err}");
+    }
 }
 
 #[test]

@@ -26,9 +26,9 @@ fn handshake_rejects_wrong_version_bad_proof_and_early_requests() {
         conn,
         ClientMsg::Hello {
             protocol_version: 99,
-            client: ClientId(1),
+            client: ClientId::new(1, ClientKind::Origin),
             node: 1,
-            kind: ClientKind::Origin,
+            incarnation: 1,
             client_nonce: [0; 32],
             resuming: false,
         },
@@ -57,9 +57,9 @@ fn handshake_rejects_wrong_version_bad_proof_and_early_requests() {
         conn,
         ClientMsg::Hello {
             protocol_version: u32::from(PROTOCOL_VERSION),
-            client: ClientId(2),
+            client: ClientId::new(2, ClientKind::Origin),
             node: 1,
-            kind: ClientKind::Origin,
+            incarnation: 2,
             client_nonce: [3; 32],
             resuming: false,
         },
@@ -547,8 +547,9 @@ fn activation_gate_waits_for_every_listed_snapshot_client() {
     let mut store = MemStore::new(4096, 16, 16);
     let snap = store.create_snapshot("s", 1).unwrap().id;
     store.commit().unwrap();
+    let reader = |n| ClientId::new(n, ClientKind::Snapshot { snap });
     let cfg = EngineConfig {
-        expected_snapshot_clients: vec![ClientId(10), ClientId(11)],
+        expected_snapshot_clients: vec![reader(10), reader(11)],
         ..config()
     };
     let mut h = Harness::with_store(cfg, store);
@@ -583,11 +584,9 @@ fn activation_gate_waits_for_every_listed_snapshot_client() {
         h.reply_to(origin, w).is_none(),
         "still waiting for client 11"
     );
-    assert_eq!(h.engine.awaited_clients(), vec![ClientId(11)]);
+    assert_eq!(h.engine.awaited_clients(), vec![reader(11)]);
 
-    h.handle(Event::ClientDeclaredGone {
-        client: ClientId(11),
-    });
+    h.handle(Event::ClientDeclaredGone { client: reader(11) });
     h.settle();
     assert!(h.engine.is_active());
     assert!(

@@ -801,7 +801,7 @@ impl<S: TestStore> Sim<S> {
             .snap_clients
             .iter()
             .filter(|sc| !sc.dead)
-            .map(|sc| ClientId(sc.client))
+            .map(|sc| ClientId::new(sc.client, ClientKind::Snapshot { snap: sc.snap }))
             .collect();
         for sc in &mut self.snap_clients {
             sc.conn = None;
@@ -811,7 +811,7 @@ impl<S: TestStore> Sim<S> {
             expected_snapshot_clients: expected.clone(),
             ..self.cfg.clone()
         };
-        self.expected = expected.iter().map(|c| c.0).collect();
+        self.expected = expected.iter().map(|c| c.instance).collect();
         self.h.failover(cfg);
         self.h.sent.clear();
         // Reconcile the model with what the store kept.
@@ -880,7 +880,7 @@ impl<S: TestStore> Sim<S> {
             sc.writes.clear();
             sc.writing.clear();
             sc.unfinished.clear();
-            let client = ClientId(sc.client);
+            let client = ClientId::new(sc.client, ClientKind::Snapshot { snap: sc.snap });
             self.handle(Event::ClientDeclaredGone { client });
             return;
         }

@@ -69,3 +69,217 @@ fn a_failed_commit_answers_none_of_its_waiters() {
         assert_eq!(h.reply_to(conn, id), None);
     }
 }
+
+// ---- finding 6: client identities ----
+
+/// Runs the handshake by hand for client instance `client`'s connection of `kind`, in
+/// incarnation `incarnation`; returns the connection and the answer to the proof
+/// (`Welcome`, or the error that refused the session).
+fn hello(
+    h: &mut Harness,
+    client: u64,
+    kind: ClientKind,
+    incarnation: u64,
+    resuming: bool,
+) -> (ConnId, ServerMsg) {
+    let conn = h.open_conn();
+    let client_nonce = [7u8; 32];
+    let id = ClientId::new(client, kind);
+    let hello = h.send(
+        conn,
+        ClientMsg::Hello {
+            protocol_version: u32::from(PROTOCOL_VERSION),
+            client: id,
+            node: 2,
+            incarnation,
+            client_nonce,
+            resuming,
+        },
+    );
+    let Some(ServerMsg::Challenge { server_nonce, .. }) = h.reply_to(conn, hello) else {
+        panic!("no challenge");
+    };
+    let proof = csnap_proto::auth::client_proof(KEY, id, &client_nonce, &server_nonce);
+    let auth = h.send(conn, ClientMsg::AuthResponse { proof });
+    let answer = h.reply_to(conn, auth).expect("an answer to the proof");
+    (conn, answer)
+}
+
+/// The combination the old `base + 2 + snap` derivation made collide: client 100's
+/// connection for snapshot 1 and client 103's origin connection both presented 103. Here
+/// the two connections share the number but not the kind: they are different clients. The
+/// origin client's arrival must neither close the snapshot reader nor release the read
+/// lock it holds while its origin read is in flight, so the origin write waits.
+#[test]
+fn an_origin_client_never_takes_over_a_snapshot_client_with_the_same_number() {
+    let mut h = Harness::new(config(), 16, 16);
+    let first_origin = h.connect(1, ClientKind::Origin, false);
+    let admin = h.admin();
+    let s = h.create_snapshot(admin, "s", &[first_origin]);
+    let reader = h.connect(103, ClientKind::Snapshot { snap: s }, false);
+    let q = h.send(
+        reader,
+        ClientMsg::QuerySnapshotRead {
+            snap: s,
+            ranges: range(4, 1),
+        },
+    );
+    match h.reply_to(reader, q) {
+        Some(ServerMsg::SnapshotReadOk { origin_locked, .. }) => {
+            assert_eq!(origin_locked, range(4, 1))
+        }
+        other => panic!("expected a read lock, got {other:?}"),
+    }
+    // Another node's origin client, number 103.
+    let (writer, answer) = hello(&mut h, 103, ClientKind::Origin, 1, false);
+    assert!(matches!(answer, ServerMsg::Welcome { .. }), "{answer:?}");
+    assert!(
+        !h.closed.contains(&reader),
+        "the snapshot reader was disconnected"
+    );
+    assert_eq!(h.engine.read_locks(4), 1, "the reader's lock was released");
+    let w = h.send(
+        writer,
+        ClientMsg::QueryWrite {
+            ranges: range(4, 1),
+        },
+    );
+    h.settle();
+    assert_eq!(h.reply_to(writer, w), None, "granted under a read lock");
+    // The reader's connection drops mid-read (its lock is kept for it), and the origin
+    // client connects again: still no grant.
+    h.handle(Event::ClientDisconnected { conn: reader });
+    let (writer2, answer) = hello(&mut h, 103, ClientKind::Origin, 1, false);
+    assert!(matches!(answer, ServerMsg::Welcome { .. }), "{answer:?}");
+    let w2 = h.send(
+        writer2,
+        ClientMsg::QueryWrite {
+            ranges: range(4, 1),
+        },
+    );
+    h.settle();
+    assert_eq!(h.engine.read_locks(4), 1, "the orphaned lock was released");
+    assert_eq!(
+        h.reply_to(writer2, w2),
+        None,
+        "granted under an orphaned read lock"
+    );
+    // The reader comes back, releases: the write goes ahead.
+    let back = h.connect(103, ClientKind::Snapshot { snap: s }, true);
+    let up = h.send(
+        back,
+        ClientMsg::UploadLocks {
+            locks: vec![HeldLock {
+                snap: s,
+                range: ChunkRange::new(4, 1),
+            }],
+            leases: vec![],
+        },
+    );
+    assert_eq!(h.reply_to(back, up), Some(ServerMsg::UploadLocksOk));
+    h.send(back, ClientMsg::ResendDone);
+    let fin = h.send(
+        back,
+        ClientMsg::FinishSnapshotRead {
+            snap: s,
+            ranges: range(4, 1),
+        },
+    );
+    assert_eq!(h.reply_to(back, fin), Some(ServerMsg::FinishSnapshotReadOk));
+    h.settle();
+    assert!(matches!(
+        h.reply_to(writer2, w2),
+        Some(ServerMsg::OriginWriteOk { .. })
+    ));
+}
+
+/// A second client presenting an id that a live connection already uses (a configuration
+/// mistake, not a reconnect of that connection) is refused with an error naming the id;
+/// the first connection keeps working.
+#[test]
+fn a_duplicate_hello_is_refused_and_the_first_connection_keeps_working() {
+    let mut h = Harness::new(config(), 16, 16);
+    let (first, answer) = hello(&mut h, 0x77, ClientKind::Origin, 1, false);
+    assert!(matches!(answer, ServerMsg::Welcome { .. }), "{answer:?}");
+    // Another process given the same id: a different incarnation, resuming or not.
+    let (resumer, answer) = hello(&mut h, 0x77, ClientKind::Origin, 2, true);
+    assert!(
+        matches!(
+            &answer,
+            ServerMsg::Error {
+                code: ErrorCode::DuplicateClient,
+                ..
+            }
+        ),
+        "{answer:?}"
+    );
+    assert!(h.closed.contains(&resumer));
+    let (second, answer) = hello(&mut h, 0x77, ClientKind::Origin, 3, false);
+    match answer {
+        ServerMsg::Error { code, message } => {
+            assert_eq!(code, ErrorCode::DuplicateClient);
+            assert!(
+                message.contains("0x77/origin"),
+                "the error names the id: {message}"
+            );
+        }
+        other => panic!("a duplicate client was let in: {other:?}"),
+    }
+    assert!(h.closed.contains(&second), "the duplicate is disconnected");
+    assert!(
+        !h.closed.contains(&first),
+        "the first connection was closed"
+    );
+    let w = h.send(
+        first,
+        ClientMsg::QueryWrite {
+            ranges: range(0, 1),
+        },
+    );
+    h.settle();
+    assert!(matches!(
+        h.reply_to(first, w),
+        Some(ServerMsg::OriginWriteOk { .. })
+    ));
+    let st = h.send(first, ClientMsg::Status);
+    match h.reply_to(first, st) {
+        Some(ServerMsg::Status(s)) => assert_eq!(s.connected_clients, 1),
+        other => panic!("{other:?}"),
+    }
+}
+
+/// The same client (same incarnation) reconnecting while the server still holds its old
+/// connection: the old one is dead and replaced, whether the new Hello resumes or not (a
+/// connection lost before Welcome reached the client reconnects without resuming).
+#[test]
+fn a_reconnect_of_the_same_client_replaces_its_lingering_connection() {
+    let mut h = Harness::new(config(), 16, 16);
+    let (old, answer) = hello(&mut h, 0x77, ClientKind::Origin, 5, false);
+    assert!(matches!(answer, ServerMsg::Welcome { .. }), "{answer:?}");
+    let (new, answer) = hello(&mut h, 0x77, ClientKind::Origin, 5, false);
+    assert!(matches!(answer, ServerMsg::Welcome { .. }), "{answer:?}");
+    assert!(
+        h.closed.contains(&old),
+        "the lingering connection is closed"
+    );
+    let (newer, answer) = hello(&mut h, 0x77, ClientKind::Origin, 5, true);
+    assert!(matches!(answer, ServerMsg::Welcome { .. }), "{answer:?}");
+    assert!(h.closed.contains(&new));
+    let w = h.send(
+        newer,
+        ClientMsg::QueryWrite {
+            ranges: range(0, 1),
+        },
+    );
+    h.settle();
+    assert!(matches!(
+        h.reply_to(newer, w),
+        Some(ServerMsg::OriginWriteOk { .. })
+    ));
+    // Once the first client's connection is gone, another incarnation may use the id (a
+    // restarted client process).
+    h.handle(Event::ClientDisconnected { conn: newer });
+    let (restarted, answer) = hello(&mut h, 0x77, ClientKind::Origin, 6, false);
+    assert!(matches!(answer, ServerMsg::Welcome { .. }), "{answer:?}");
+    assert!(!h.closed.contains(&restarted));
+}

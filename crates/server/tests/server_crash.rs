@@ -113,7 +113,7 @@ async fn workload(
         io,
         &key,
         Hello {
-            client: ClientId(0x0A),
+            client: 0x0A,
             kind: ClientKind::Origin,
             resuming: false,
         },
@@ -129,7 +129,7 @@ async fn workload(
         io,
         &key,
         Hello {
-            client: ClientId(0xAD),
+            client: 0xAD,
             kind: ClientKind::Admin,
             resuming: false,
         },
@@ -154,7 +154,7 @@ async fn workload(
                         return;
                     };
                     let hello = Hello {
-                        client: ClientId(0x5000 + snap.0),
+                        client: 0x5000 + snap.0,
                         kind: ClientKind::Snapshot { snap },
                         resuming: false,
                     };
@@ -275,7 +275,7 @@ async fn verify(
     model: &mut Model,
     round: usize,
 ) {
-    let admin = Client::connect(addr, &fx.key, ClientId(0xAD), ClientKind::Admin).await;
+    let admin = Client::connect(addr, &fx.key, 0xAD, ClientKind::Admin).await;
     let listed = match admin
         .request(ClientMsg::ListSnapshots {
             after: None,
@@ -315,7 +315,7 @@ async fn verify(
         let reader = Client::connect(
             addr,
             &fx.key,
-            ClientId(0x5000 + id.0),
+            0x5000 + id.0,
             ClientKind::Snapshot { snap: *id },
         )
         .await;

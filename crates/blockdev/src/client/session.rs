@@ -111,6 +111,9 @@ fn chunks_of(ranges: &[ChunkRange]) -> impl Iterator<Item = u64> + '_ {
 pub struct Session {
     client: ClientId,
     node: u32,
+    /// Sent in every Hello: tells the server our reconnects from another client with the
+    /// same id.
+    incarnation: u64,
     kind: ClientKind,
     key: Vec<u8>,
     next_id: RequestId,
@@ -128,11 +131,14 @@ pub struct Session {
 }
 
 impl Session {
-    pub fn new(client: ClientId, node: u32, kind: ClientKind, key: Vec<u8>) -> Session {
+    /// A session for connection identity `client` (its kind says what it is for);
+    /// `incarnation` is random per client process.
+    pub fn new(client: ClientId, node: u32, incarnation: u64, key: Vec<u8>) -> Session {
         Session {
             client,
             node,
-            kind,
+            incarnation,
+            kind: client.kind,
             key,
             next_id: 1,
             phase: Phase::Disconnected,
@@ -194,7 +200,7 @@ impl Session {
                 protocol_version: u32::from(PROTOCOL_VERSION),
                 client: self.client,
                 node: self.node,
-                kind: self.kind,
+                incarnation: self.incarnation,
                 client_nonce,
                 resuming: self.had_session,
             },
@@ -498,7 +504,7 @@ mod tests {
 
     #[test]
     fn requests_queue_until_the_session_opens_then_flow() {
-        let mut s = Session::new(ClientId(9), 1, ClientKind::Origin, KEY.to_vec());
+        let mut s = Session::new(ClientId::new(9, ClientKind::Origin), 1, 99, KEY.to_vec());
         let (id, out) = s.submit(ClientMsg::QueryWrite {
             ranges: vec![ChunkRange::new(3, 2)],
         });
@@ -527,7 +533,7 @@ mod tests {
 
     #[test]
     fn an_impostor_without_the_key_is_refused_and_pending_requests_fail() {
-        let mut s = Session::new(ClientId(9), 1, ClientKind::Origin, KEY.to_vec());
+        let mut s = Session::new(ClientId::new(9, ClientKind::Origin), 1, 99, KEY.to_vec());
         let (id, _) = s.submit(ClientMsg::QueryWrite {
             ranges: vec![ChunkRange::new(0, 1)],
         });
@@ -545,7 +551,12 @@ mod tests {
     #[test]
     fn reconnect_uploads_locks_and_leases_resends_unanswered_then_resend_done() {
         let snap = SnapId(4);
-        let mut s = Session::new(ClientId(5), 2, ClientKind::Snapshot { snap }, KEY.to_vec());
+        let mut s = Session::new(
+            ClientId::new(5, ClientKind::Snapshot { snap }),
+            2,
+            99,
+            KEY.to_vec(),
+        );
         handshake(&mut s, KEY);
         // A read that got origin locks on chunks 10..12, twice on chunk 11.
         let (r1, out) = s.submit(ClientMsg::QuerySnapshotRead {
@@ -664,7 +675,7 @@ mod tests {
 
     #[test]
     fn new_snapshot_notices_are_passed_up_and_acks_are_not_queued_while_down() {
-        let mut s = Session::new(ClientId(1), 1, ClientKind::Origin, KEY.to_vec());
+        let mut s = Session::new(ClientId::new(1, ClientKind::Origin), 1, 99, KEY.to_vec());
         handshake(&mut s, KEY);
         let out = s.received(ServerFrame {
             reply_to: None,

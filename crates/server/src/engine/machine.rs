@@ -38,7 +38,8 @@ enum Session {
     AwaitHello,
     AwaitAuth {
         client: ClientId,
-        kind: ClientKind,
+        node: u32,
+        incarnation: u64,
         client_nonce: Nonce,
         resuming: bool,
     },
@@ -50,6 +51,9 @@ struct Conn {
     session: Session,
     client: Option<ClientId>,
     kind: Option<ClientKind>,
+    /// The client's node and incarnation (from its Hello), once the session is open.
+    node: u32,
+    incarnation: u64,
     resend_done: bool,
     /// Read locks this connection holds: origin chunk -> count.
     held: BTreeMap<u64, u32>,
@@ -386,6 +390,8 @@ impl<S: MetaStore> Engine<S> {
                         session: Session::AwaitHello,
                         client: None,
                         kind: None,
+                        node: 0,
+                        incarnation: 0,
                         resend_done: false,
                         held: BTreeMap::new(),
                         leases: BTreeMap::new(),
@@ -557,7 +563,7 @@ impl<S: MetaStore> Engine<S> {
                     protocol_version,
                     client,
                     node,
-                    kind,
+                    incarnation,
                     client_nonce,
                     resuming,
                 },
@@ -580,14 +586,15 @@ impl<S: MetaStore> Engine<S> {
                 if let Some(c) = self.conns.get_mut(&conn) {
                     c.session = Session::AwaitAuth {
                         client,
-                        kind,
+                        node,
+                        incarnation,
                         client_nonce,
                         resuming,
                     };
                 }
                 self.log(
                     LogLevel::Info,
-                    format!("connection {conn}: hello from client {client} on node {node} ({kind:?}, resuming: {resuming})"),
+                    format!("connection {conn}: hello from client {client} on node {node} (incarnation {incarnation:#x}, resuming: {resuming})"),
                 );
                 self.reply(
                     conn,
@@ -602,7 +609,8 @@ impl<S: MetaStore> Engine<S> {
             (
                 Session::AwaitAuth {
                     client,
-                    kind,
+                    node,
+                    incarnation,
                     client_nonce,
                     resuming,
                 },
@@ -626,7 +634,7 @@ impl<S: MetaStore> Engine<S> {
                     );
                     return self.close(conn);
                 }
-                self.open_session(conn, id, client, kind, resuming)
+                self.open_session(conn, id, client, node, incarnation, resuming)
             }
             (Session::Open, ClientMsg::Hello { .. } | ClientMsg::AuthResponse { .. }) => {
                 self.reply(
@@ -656,17 +664,29 @@ impl<S: MetaStore> Engine<S> {
         conn: ConnId,
         id: RequestId,
         client: ClientId,
-        kind: ClientKind,
+        node: u32,
+        incarnation: u64,
         resuming: bool,
     ) -> Result<(), StoreError> {
-        // A client that reconnects while its old connection lingers: the old one is dead.
-        let stale: Vec<ConnId> = self
+        let live: Vec<(ConnId, u32, u64)> = self
             .conns
             .iter()
             .filter(|(other, c)| **other != conn && c.client == Some(client))
-            .map(|(other, _)| *other)
+            .map(|(other, c)| (*other, c.node, c.incarnation))
             .collect();
-        for other in stale {
+        // Another client with this id (not a reconnect of the live connection): two
+        // clients were given the same instance id. Taking over would close the other's
+        // connection and could release the read locks its reads in flight rely on.
+        if let Some((other, other_node, _)) = live.iter().find(|l| l.2 != incarnation) {
+            let message = format!(
+                "client id {client} is already in use by connection {other} from node {other_node}; refusing connection {conn} from node {node} (every client needs its own instance id)"
+            );
+            self.log(LogLevel::Warn, message.clone());
+            self.reply(conn, id, error(ErrorCode::DuplicateClient, message));
+            return self.close(conn);
+        }
+        // The same client reconnecting while its old connection lingers: the old one is dead.
+        for (other, _, _) in live {
             self.log(
                 LogLevel::Info,
                 format!("client {client} reconnected; closing its old connection {other}"),
@@ -676,7 +696,9 @@ impl<S: MetaStore> Engine<S> {
         if let Some(c) = self.conns.get_mut(&conn) {
             c.session = Session::Open;
             c.client = Some(client);
-            c.kind = Some(kind);
+            c.kind = Some(client.kind);
+            c.node = node;
+            c.incarnation = incarnation;
         }
         self.reply(
             conn,

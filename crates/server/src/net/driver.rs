@@ -26,7 +26,7 @@ use tokio_util::sync::CancellationToken;
 /// The engine connection the shell itself uses to ask for `Status` (never a socket).
 pub(crate) const INTERNAL_CONN: ConnId = 0;
 /// The client id of that connection.
-pub(crate) const INTERNAL_CLIENT: ClientId = ClientId(u64::MAX);
+pub(crate) const INTERNAL_CLIENT: ClientId = ClientId::new(u64::MAX, ClientKind::Admin);
 
 /// From connection tasks (bounded: a flood of requests pushes back onto the sockets).
 pub(crate) enum Input {
@@ -656,7 +656,7 @@ impl Driver {
                     protocol_version: u32::from(PROTOCOL_VERSION),
                     client: INTERNAL_CLIENT,
                     node: 0,
-                    kind: ClientKind::Admin,
+                    incarnation: 0,
                     client_nonce: self.internal_nonce,
                     resuming: false,
                 },
