@@ -93,7 +93,17 @@ pub struct StoreAddr {
     pub store_chunk: u64,
 }
 
-/// Names a snapshot in admin requests.
+/// How many low bits of a `CreateSnapshot` token the server keeps with the snapshot.
+pub const CREATE_TOKEN_BITS: u32 = 40;
+
+/// A fresh random `CreateSnapshot` token: non-zero in its low [`CREATE_TOKEN_BITS`] bits.
+pub fn create_token() -> u64 {
+    let mask = (1u64 << CREATE_TOKEN_BITS) - 1;
+    (rand::random::<u64>() & mask).max(1)
+}
+
+/// Names a snapshot in client library calls (the wire names snapshots by id, except
+/// `FindSnapshot`).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum SnapRef {
     Id(SnapId),
@@ -168,10 +178,19 @@ pub enum ClientMsg {
     },
     /// Reconnecting client: locks uploaded and every unanswered request resent.
     ResendDone,
-    /// Admin: create a snapshot of the origin as it is now.
-    CreateSnapshot { name: String },
-    /// Admin: delete a snapshot (space is reclaimed in the background).
-    DeleteSnapshot { snap: SnapRef },
+    /// Admin: create a snapshot of the origin as it is now. `token`: chosen by the client
+    /// ([`create_token`]) and kept with the snapshot, so that the same request resent
+    /// after a lost connection (even to a new server) is answered with the snapshot it
+    /// created instead of `NameTaken`. 0: no token. The server keeps the low
+    /// [`CREATE_TOKEN_BITS`] bits.
+    CreateSnapshot { name: String, token: u64 },
+    /// Admin: delete a snapshot (space is reclaimed in the background). By id only: a
+    /// name may be given to a newer snapshot by the time a resend arrives (look the name
+    /// up first with `FindSnapshot`).
+    DeleteSnapshot { snap: SnapId },
+    /// Admin: the live or invalid snapshot with this name (`SnapshotFound`), or
+    /// `NoSuchSnapshot`.
+    FindSnapshot { name: String },
     /// Admin: one page of the live and invalid snapshots, in id order: those with id above
     /// `after` (from the start if `None`), at most `limit` of them (the server may return
     /// fewer, never more than [`MAX_LIST_PAGE`], and keeps every reply under the frame limit).
@@ -232,6 +251,10 @@ pub enum ServerMsg {
     },
     SnapshotDeleted {
         snap: SnapId,
+    },
+    /// Answer to `FindSnapshot`.
+    SnapshotFound {
+        info: SnapshotInfo,
     },
     /// One page of snapshots. `more`: later snapshots exist; ask again with `after` = the
     /// last id of this page. `usage_exact`: false while the server is still counting its

@@ -47,12 +47,11 @@ fn all_client_msgs() -> Vec<ClientMsg> {
         ClientMsg::ResendDone,
         ClientMsg::CreateSnapshot {
             name: "nightly".into(),
+            token: create_token(),
         },
-        ClientMsg::DeleteSnapshot {
-            snap: SnapRef::Name("nightly".into()),
-        },
-        ClientMsg::DeleteSnapshot {
-            snap: SnapRef::Id(SnapId(3)),
+        ClientMsg::DeleteSnapshot { snap: SnapId(3) },
+        ClientMsg::FindSnapshot {
+            name: "nightly".into(),
         },
         ClientMsg::ListSnapshots {
             after: Some(SnapId(7)),
@@ -106,6 +105,7 @@ fn all_server_msgs() -> Vec<ServerMsg> {
         ServerMsg::ResendDoneOk,
         ServerMsg::SnapshotCreated { info: info.clone() },
         ServerMsg::SnapshotDeleted { snap: SnapId(3) },
+        ServerMsg::SnapshotFound { info: info.clone() },
         ServerMsg::SnapshotList {
             snapshots: vec![info],
             more: true,
@@ -134,6 +134,15 @@ fn all_server_msgs() -> Vec<ServerMsg> {
             message: "client 0x64/origin is already connected".into(),
         },
     ]
+}
+
+#[test]
+fn create_tokens_are_random_and_fit_what_the_server_keeps() {
+    let tokens: std::collections::HashSet<u64> = (0..1000).map(|_| create_token()).collect();
+    assert!(tokens.len() > 990, "tokens repeat");
+    for t in tokens {
+        assert!(t != 0 && t < 1 << CREATE_TOKEN_BITS, "{t:#x}");
+    }
 }
 
 #[test]

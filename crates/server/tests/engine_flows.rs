@@ -260,6 +260,7 @@ fn snapshot_becomes_live_only_after_every_origin_client_acked() {
         admin,
         ClientMsg::CreateSnapshot {
             name: "nightly".into(),
+            token: 0,
         },
     );
     h.settle();
@@ -313,13 +314,20 @@ fn snapshot_becomes_live_only_after_every_origin_client_acked() {
         admin,
         ClientMsg::CreateSnapshot {
             name: "nightly".into(),
+            token: 0,
         },
     );
     assert_eq!(
         error_code(&h.reply_to(admin, id)),
         Some(ErrorCode::NameTaken)
     );
-    let id = h.send(admin, ClientMsg::CreateSnapshot { name: "a/b".into() });
+    let id = h.send(
+        admin,
+        ClientMsg::CreateSnapshot {
+            name: "a/b".into(),
+            token: 0,
+        },
+    );
     assert_eq!(error_code(&h.reply_to(admin, id)), Some(ErrorCode::BadName));
 }
 
@@ -401,12 +409,13 @@ fn delete_answers_after_commit_and_reclaims_in_the_background() {
     assert!(h.reply_to(origin, w).is_some());
     let free_before = h.engine.store_mut().stats().unwrap().free_chunks;
     assert_eq!(free_before, 8);
-    let d = h.send(
-        admin,
-        ClientMsg::DeleteSnapshot {
-            snap: SnapRef::Name("s0".into()),
-        },
-    );
+    let f = h.send(admin, ClientMsg::FindSnapshot { name: "s0".into() });
+    let s0 = match h.reply_to(admin, f) {
+        Some(ServerMsg::SnapshotFound { info }) => info.id,
+        other => panic!("FindSnapshot s0: {other:?}"),
+    };
+    assert_eq!(s0, snaps[0]);
+    let d = h.send(admin, ClientMsg::DeleteSnapshot { snap: s0 });
     assert!(
         h.reply_to(admin, d).is_none(),
         "answer waits for the commit"
@@ -421,12 +430,7 @@ fn delete_answers_after_commit_and_reclaims_in_the_background() {
         h.settle();
     }
     assert_eq!(h.engine.store_mut().stats().unwrap().free_chunks, 16);
-    let d = h.send(
-        admin,
-        ClientMsg::DeleteSnapshot {
-            snap: SnapRef::Id(snaps[0]),
-        },
-    );
+    let d = h.send(admin, ClientMsg::DeleteSnapshot { snap: snaps[0] });
     assert_eq!(
         error_code(&h.reply_to(admin, d)),
         Some(ErrorCode::NoSuchSnapshot)
@@ -710,10 +714,20 @@ fn malformed_and_misdirected_requests_get_error_replies() {
         ),
         (
             admin,
-            ClientMsg::DeleteSnapshot {
-                snap: SnapRef::Name("nope".into()),
+            ClientMsg::DeleteSnapshot { snap: SnapId(99) },
+            ErrorCode::NoSuchSnapshot,
+        ),
+        (
+            admin,
+            ClientMsg::FindSnapshot {
+                name: "nope".into(),
             },
             ErrorCode::NoSuchSnapshot,
+        ),
+        (
+            origin,
+            ClientMsg::FindSnapshot { name: "s0".into() },
+            ErrorCode::WrongClientKind,
         ),
     ];
     for (conn, msg, code) in cases {
@@ -805,12 +819,7 @@ fn chunks_under_a_write_lease_are_not_reclaimed_until_the_write_is_finished() {
         h.reply_to(writer, w),
         Some(ServerMsg::SnapshotWriteOk { .. })
     ));
-    let d = h.send(
-        admin,
-        ClientMsg::DeleteSnapshot {
-            snap: SnapRef::Id(s),
-        },
-    );
+    let d = h.send(admin, ClientMsg::DeleteSnapshot { snap: s });
     h.settle();
     assert_eq!(
         h.reply_to(admin, d),
@@ -870,12 +879,7 @@ fn chunks_freed_by_an_uncommitted_delete_are_not_reused_before_a_crash() {
     h.origin[0] = [3, 4];
     let b = h.create_snapshot(admin, "b", &[origin]);
     // Delete the first snapshot, but crash before that is committed.
-    let d = h.send(
-        admin,
-        ClientMsg::DeleteSnapshot {
-            snap: SnapRef::Id(snaps[0]),
-        },
-    );
+    let d = h.send(admin, ClientMsg::DeleteSnapshot { snap: snaps[0] });
     assert!(h.commit_pending);
     h.handle(Event::Tick { now: 2_000 });
     h.handle(Event::Tick { now: 2_001 });
@@ -930,7 +934,13 @@ fn no_origin_write_is_granted_between_the_announcement_and_the_last_ack() {
         ));
         h.origin[chunk as usize] = [chunk, chunk];
     }
-    let create = h.send(admin, ClientMsg::CreateSnapshot { name: "s".into() });
+    let create = h.send(
+        admin,
+        ClientMsg::CreateSnapshot {
+            name: "s".into(),
+            token: 0,
+        },
+    );
     h.settle();
     let announced = match h.notices(b).as_slice() {
         [ServerMsg::NewSnapshot { snap }] => *snap,
@@ -1017,12 +1027,7 @@ fn a_store_chunk_being_read_is_not_reused_before_the_reader_releases_it() {
     };
     // A newer snapshot, then the read one is deleted and reclaimed.
     let _t = h.create_snapshot(admin, "t", &[origin]);
-    let d = h.send(
-        admin,
-        ClientMsg::DeleteSnapshot {
-            snap: SnapRef::Id(s),
-        },
-    );
+    let d = h.send(admin, ClientMsg::DeleteSnapshot { snap: s });
     h.settle();
     assert!(h.reply_to(admin, d).is_some());
     for t in 0..10 {

@@ -98,14 +98,20 @@ fn random_msg(rng: &mut StdRng) -> ClientMsg {
                 2 => "a/b@c".into(),
                 _ => format!("s{}", rng.gen_range(0..4)),
             },
+            // Repeated tokens: resends, also of creations under way.
+            token: rng.gen_range(0..3),
         },
-        11 => ClientMsg::DeleteSnapshot {
-            snap: if rng.gen() {
-                SnapRef::Id(random_snap(rng))
+        11 => {
+            if rng.gen() {
+                ClientMsg::DeleteSnapshot {
+                    snap: random_snap(rng),
+                }
             } else {
-                SnapRef::Name(format!("s{}", rng.gen_range(0..4)))
-            },
-        },
+                ClientMsg::FindSnapshot {
+                    name: format!("s{}", rng.gen_range(0..4)),
+                }
+            }
+        }
         12 => ClientMsg::ListSnapshots {
             after: None,
             limit: u32::MAX,
@@ -336,6 +342,7 @@ fn a_store_error_at_any_point_stops_the_engine_cleanly() {
                     10 + i,
                     ClientMsg::CreateSnapshot {
                         name: format!("s{i}"),
+                        token: 0,
                     },
                 ),
             );
@@ -354,7 +361,7 @@ fn a_store_error_at_any_point_stops_the_engine_cleanly() {
                 req(
                     50 + i,
                     ClientMsg::DeleteSnapshot {
-                        snap: SnapRef::Name(format!("s{i}")),
+                        snap: SnapId(i + 1),
                     },
                 ),
             );

@@ -592,7 +592,7 @@ impl<S: TestStore> Sim<S> {
             conn: self.admin,
             frame: ClientFrame {
                 id,
-                msg: ClientMsg::CreateSnapshot { name },
+                msg: ClientMsg::CreateSnapshot { name, token: id },
             },
         });
         self.audit();
@@ -606,12 +606,7 @@ impl<S: TestStore> Sim<S> {
         let snap = live[self.rng.gen_range(0..live.len())];
         self.model.get_mut(&snap).unwrap().deleted = true;
         self.trace(|| format!("delete snapshot {snap}"));
-        let id = self.send(
-            self.admin,
-            ClientMsg::DeleteSnapshot {
-                snap: SnapRef::Id(snap),
-            },
-        );
+        let id = self.send(self.admin, ClientMsg::DeleteSnapshot { snap });
         self.admin_deletes.insert(id, snap);
     }
 

@@ -31,12 +31,7 @@ fn a_failed_commit_answers_none_of_its_waiters() {
         },
     );
     while h.run_one_copy() {}
-    let del = h.send(
-        admin,
-        ClientMsg::DeleteSnapshot {
-            snap: SnapRef::Id(s0),
-        },
-    );
+    let del = h.send(admin, ClientMsg::DeleteSnapshot { snap: s0 });
     assert!(
         h.commit_pending,
         "the copy-outs and the delete wait for a commit"
@@ -282,4 +277,207 @@ fn a_reconnect_of_the_same_client_replaces_its_lingering_connection() {
     let (restarted, answer) = hello(&mut h, 0x77, ClientKind::Origin, 6, false);
     assert!(matches!(answer, ServerMsg::Welcome { .. }), "{answer:?}");
     assert!(!h.closed.contains(&restarted));
+}
+
+// ---- finding 7: resent creates and deletes ----
+
+fn create(h: &mut Harness, admin: ConnId, name: &str, token: u64) -> RequestId {
+    h.send(
+        admin,
+        ClientMsg::CreateSnapshot {
+            name: name.into(),
+            token,
+        },
+    )
+}
+
+fn listed(h: &mut Harness) -> Vec<SnapshotInfo> {
+    h.engine.store_mut().list_snapshots().unwrap()
+}
+
+/// The admin's connection drops before the answer, at each stage of a creation (queued
+/// behind another, announced and waiting for an origin client's ack, created and waiting
+/// for its commit, done): the same request resent on a new connection is answered with
+/// the snapshot the first send started, and only one snapshot exists.
+#[test]
+fn a_resent_create_is_answered_with_the_snapshot_its_first_send_created() {
+    let mut h = Harness::new(config(), 16, 16);
+    let origin = h.connect(1, ClientKind::Origin, false);
+    // Done: created, committed, answer lost.
+    let admin = h.admin();
+    create(&mut h, admin, "done", 0x1001);
+    for n in h.notices(origin) {
+        if let ServerMsg::NewSnapshot { snap } = n {
+            h.send(origin, ClientMsg::NewSnapshotAck { snap });
+        }
+    }
+    h.settle();
+    h.handle(Event::ClientDisconnected { conn: admin });
+    let done = listed(&mut h)[0].clone();
+    // Announced, waiting for the origin client's ack; and one queued behind it.
+    let admin = h.admin();
+    create(&mut h, admin, "announced", 0x2002);
+    create(&mut h, admin, "queued", 0x3003);
+    h.settle();
+    h.handle(Event::ClientDisconnected { conn: admin });
+
+    let admin = h.admin();
+    let again_done = create(&mut h, admin, "done", 0x1001);
+    match h.reply_to(admin, again_done) {
+        Some(ServerMsg::SnapshotCreated { info }) => assert_eq!(info, done),
+        other => panic!("resent create of a finished snapshot: {other:?}"),
+    }
+    let again_announced = create(&mut h, admin, "announced", 0x2002);
+    let again_queued = create(&mut h, admin, "queued", 0x3003);
+    // Someone else's request for a name in use: still NameTaken.
+    let foreign = create(&mut h, admin, "announced", 0x9999);
+    assert_eq!(
+        error_code(&h.reply_to(admin, foreign)),
+        Some(ErrorCode::NameTaken)
+    );
+    assert!(
+        h.reply_to(admin, again_announced).is_none(),
+        "waits for the ack"
+    );
+    for _ in 0..2 {
+        for n in h.notices(origin) {
+            if let ServerMsg::NewSnapshot { snap } = n {
+                h.send(origin, ClientMsg::NewSnapshotAck { snap });
+            }
+        }
+        h.settle();
+    }
+    let mut ids = Vec::new();
+    for (id, name) in [(again_announced, "announced"), (again_queued, "queued")] {
+        match h.reply_to(admin, id) {
+            Some(ServerMsg::SnapshotCreated { info }) => {
+                assert_eq!(info.name, name);
+                ids.push(info.id);
+            }
+            other => panic!("resent create of {name}: {other:?}"),
+        }
+    }
+    let names: Vec<String> = listed(&mut h).into_iter().map(|s| s.name).collect();
+    assert_eq!(names, ["done", "announced", "queued"], "one snapshot each");
+}
+
+/// Created and committed, then the server crashes before the answer reaches the client;
+/// the new server (failover) answers the resend with that snapshot.
+#[test]
+fn a_create_resent_to_a_new_server_is_answered_with_its_snapshot() {
+    let mut h = Harness::new(config(), 16, 16);
+    let admin = h.admin();
+    create(&mut h, admin, "nightly", 0xabc);
+    h.settle();
+    let first = listed(&mut h);
+    assert_eq!(first.len(), 1);
+    h.failover(config());
+    let admin = h.admin();
+    let again = create(&mut h, admin, "nightly", 0xabc);
+    match h.reply_to(admin, again) {
+        Some(ServerMsg::SnapshotCreated { info }) => assert_eq!(info.id, first[0].id),
+        other => panic!("resent create after failover: {other:?}"),
+    }
+    let other_token = create(&mut h, admin, "nightly", 0xdef);
+    assert_eq!(
+        error_code(&h.reply_to(admin, other_token)),
+        Some(ErrorCode::NameTaken)
+    );
+    let no_token = create(&mut h, admin, "nightly", 0);
+    assert_eq!(
+        error_code(&h.reply_to(admin, no_token)),
+        Some(ErrorCode::NameTaken)
+    );
+    assert_eq!(listed(&mut h).len(), 1);
+}
+
+/// Deletes name snapshots by id: a delete resent after the snapshot it meant is gone and a
+/// newer one took its name answers `NoSuchSnapshot` and leaves the newer one alone.
+#[test]
+fn a_resent_delete_by_id_never_touches_a_newer_snapshot_with_the_same_name() {
+    let mut h = Harness::new(config(), 16, 16);
+    let admin = h.admin();
+    let old = h.create_snapshot(admin, "x", &[]);
+    let d = h.send(admin, ClientMsg::DeleteSnapshot { snap: old });
+    h.settle();
+    assert_eq!(
+        h.reply_to(admin, d),
+        Some(ServerMsg::SnapshotDeleted { snap: old })
+    );
+    let new = h.create_snapshot(admin, "x", &[]);
+    let again = h.send(admin, ClientMsg::DeleteSnapshot { snap: old });
+    h.settle();
+    assert_eq!(
+        error_code(&h.reply_to(admin, again)),
+        Some(ErrorCode::NoSuchSnapshot)
+    );
+    let f = h.send(admin, ClientMsg::FindSnapshot { name: "x".into() });
+    match h.reply_to(admin, f) {
+        Some(ServerMsg::SnapshotFound { info }) => assert_eq!(info.id, new),
+        other => panic!("{other:?}"),
+    }
+}
+
+/// The on-disk store keeps the token with the snapshot, across a clean reopen and a crash.
+#[test]
+fn the_store_keeps_the_create_token_across_reopen_and_crash() {
+    use csnap_server::store::{FormatOptions, Geometry, MemDevice, OpenOptions, Store};
+    use std::sync::Arc;
+    let chunk = 4096;
+    let dev = MemDevice::new(Geometry::smallest_store(chunk).unwrap() + 64 * chunk);
+    Store::format(
+        &dev,
+        &FormatOptions {
+            chunk_size: chunk,
+            origin_size: 16 * chunk,
+            now: 1_700_000_000,
+            uuid: None,
+        },
+    )
+    .unwrap();
+    let open = |dev: &MemDevice| Store::open(Arc::new(dev.clone()), OpenOptions::default());
+    let token = create_token() | (0xff << 40); // bits above the kept 40 are ignored
+    let mut store = open(&dev).unwrap();
+    let a = MetaStore::create_snapshot_with_token(&mut store, "a", 1, token).unwrap();
+    let b = MetaStore::create_snapshot(&mut store, "b", 1).unwrap();
+    MetaStore::commit(&mut store).unwrap();
+    assert!(store.check().unwrap().is_clean());
+    store.close().unwrap();
+    let mut store = open(&dev).unwrap();
+    assert!(MetaStore::created_with(&mut store, a.id, token).unwrap());
+    assert!(MetaStore::created_with(&mut store, a.id, token & ((1 << 40) - 1)).unwrap());
+    assert!(!MetaStore::created_with(&mut store, a.id, token ^ 1).unwrap());
+    assert!(!MetaStore::created_with(&mut store, b.id, 0).unwrap());
+    assert!(store.check().unwrap().is_clean());
+    drop(store); // crash
+    let crashed = dev.crash(7);
+    let mut store = open(&crashed).unwrap();
+    assert!(store.was_unclean());
+    assert!(MetaStore::created_with(&mut store, a.id, token).unwrap());
+}
+
+/// The resend arrives while the creation waits for its commit: it gets the answer once
+/// the creation is durable, not before.
+#[test]
+fn a_create_resent_while_its_commit_runs_is_answered_after_the_commit() {
+    let mut h = Harness::new(config(), 16, 16);
+    let origin = h.connect(1, ClientKind::Origin, false);
+    let admin = h.admin();
+    create(&mut h, admin, "p", 0x77);
+    let notices = h.notices(origin);
+    let [ServerMsg::NewSnapshot { snap }] = notices.as_slice() else {
+        panic!("{notices:?}");
+    };
+    h.send(origin, ClientMsg::NewSnapshotAck { snap: *snap });
+    assert!(h.commit_pending, "created in the store, commit outstanding");
+    h.handle(Event::ClientDisconnected { conn: admin });
+    let admin = h.admin();
+    let again = create(&mut h, admin, "p", 0x77);
+    assert_eq!(h.reply_to(admin, again), None, "not durable yet");
+    h.settle();
+    match h.reply_to(admin, again) {
+        Some(ServerMsg::SnapshotCreated { info }) => assert_eq!(info.id, *snap),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(listed(&mut h).len(), 1);
 }

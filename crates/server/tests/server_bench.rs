@@ -89,6 +89,7 @@ async fn server_throughput() {
     match admin
         .request(ClientMsg::CreateSnapshot {
             name: "bench".into(),
+            token: 0,
         })
         .await
         .unwrap()

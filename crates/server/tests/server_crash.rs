@@ -197,7 +197,10 @@ async fn workload(
                 (name, m.origin.clone())
             };
             match admin
-                .request(ClientMsg::CreateSnapshot { name: name.clone() })
+                .request(ClientMsg::CreateSnapshot {
+                    name: name.clone(),
+                    token: 0,
+                })
                 .await
             {
                 Ok(ServerMsg::SnapshotCreated { info }) => {
@@ -220,9 +223,7 @@ async fn workload(
             };
             model.lock().unwrap().delete_in_doubt = Some(victim);
             match admin
-                .request(ClientMsg::DeleteSnapshot {
-                    snap: SnapRef::Id(victim),
-                })
+                .request(ClientMsg::DeleteSnapshot { snap: victim })
                 .await
             {
                 Ok(ServerMsg::SnapshotDeleted { snap }) => {
@@ -241,9 +242,7 @@ async fn workload(
             let oldest = *model.lock().unwrap().snaps.keys().next().unwrap();
             model.lock().unwrap().delete_in_doubt = Some(oldest);
             match admin
-                .request(ClientMsg::DeleteSnapshot {
-                    snap: SnapRef::Id(oldest),
-                })
+                .request(ClientMsg::DeleteSnapshot { snap: oldest })
                 .await
             {
                 Ok(ServerMsg::SnapshotDeleted { .. }) => {

@@ -20,7 +20,10 @@ fn tcp() -> ListenAddr {
 
 async fn create_snapshot(admin: &Client, name: &str) -> SnapshotInfo {
     match admin
-        .request(ClientMsg::CreateSnapshot { name: name.into() })
+        .request(ClientMsg::CreateSnapshot {
+            name: name.into(),
+            token: 0,
+        })
         .await
         .unwrap()
     {

@@ -7,7 +7,7 @@
 //! (`UploadLocks`), resend the unanswered requests under their original ids, and close the
 //! resync with `ResendDone`. The I/O shell ([`super::conn`]) only moves bytes.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use csnap_proto::auth::{self, Nonce};
 use csnap_proto::{
@@ -128,6 +128,9 @@ pub struct Session {
     leases: ChunkCounts,
     /// Ids of our UploadLocks / ResendDone on the current connection (answers expected).
     internal: BTreeMap<RequestId, &'static str>,
+    /// Requests resent after a reconnect and not answered yet: the first send may have
+    /// been carried out.
+    resent: BTreeSet<RequestId>,
 }
 
 impl Session {
@@ -147,6 +150,7 @@ impl Session {
             locks: ChunkCounts::default(),
             leases: ChunkCounts::default(),
             internal: BTreeMap::new(),
+            resent: BTreeSet::new(),
         }
     }
 
@@ -246,6 +250,7 @@ impl Session {
     pub fn abandon(&mut self, id: RequestId) {
         if let Some(ClientMsg::QueryWrite { .. }) = self.pending.get(&id) {
             self.pending.remove(&id);
+            self.resent.remove(&id);
         }
     }
 
@@ -364,6 +369,7 @@ impl Session {
                         },
                     }));
                 }
+                self.resent.extend(self.pending.keys().copied());
                 out.extend(self.pending.iter().map(|(&id, msg)| {
                     Output::Send(ClientFrame {
                         id,
@@ -387,6 +393,7 @@ impl Session {
 
     fn refuse(&mut self, code: ErrorCode, message: String) -> Vec<Output> {
         self.phase = Phase::Refused;
+        self.resent.clear();
         let mut out: Vec<Output> = std::mem::take(&mut self.pending)
             .into_keys()
             .map(|id| Output::Reply {
@@ -407,7 +414,23 @@ impl Session {
             // answered too late, or to an abandoned one: nobody waits for it.
             return Vec::new();
         };
+        let resent = self.resent.remove(&id);
         match (&request, &msg) {
+            // The first send deleted it (its answer was lost with the connection), or
+            // someone else did: either way it is gone, as asked. (Deletes name an id, so
+            // the resend cannot have hit another snapshot.)
+            (
+                ClientMsg::DeleteSnapshot { snap },
+                ServerMsg::Error {
+                    code: ErrorCode::NoSuchSnapshot,
+                    ..
+                },
+            ) if resent => {
+                return vec![Output::Reply {
+                    id,
+                    msg: ServerMsg::SnapshotDeleted { snap: *snap },
+                }];
+            }
             (
                 ClientMsg::QuerySnapshotRead { .. },
                 ServerMsg::SnapshotReadOk { origin_locked, .. },
@@ -671,6 +694,61 @@ mod tests {
             })
             .is_empty());
         assert_eq!(s.held_locks().total(), 2);
+    }
+
+    /// Admin requests resent after a reconnect keep their content (the create its token,
+    /// the delete its id); a resent delete answered `NoSuchSnapshot` was carried out by
+    /// its first send (or the snapshot went otherwise): it is reported deleted. A first
+    /// send answered `NoSuchSnapshot` stays an error.
+    #[test]
+    fn resent_admin_requests_keep_their_token_and_id() {
+        let mut s = Session::new(ClientId::new(3, ClientKind::Admin), 1, 99, KEY.to_vec());
+        handshake(&mut s, KEY);
+        let create = ClientMsg::CreateSnapshot {
+            name: "x".into(),
+            token: 0x5eed,
+        };
+        let (c, _) = s.submit(create.clone());
+        let (d, _) = s.submit(ClientMsg::DeleteSnapshot { snap: SnapId(7) });
+        let (d2, _) = s.submit(ClientMsg::DeleteSnapshot { snap: SnapId(8) });
+        let out = s.received(ServerFrame {
+            reply_to: Some(d2),
+            msg: ServerMsg::Error {
+                code: ErrorCode::NoSuchSnapshot,
+                message: "no snapshot 8".into(),
+            },
+        });
+        assert!(matches!(
+            out.as_slice(),
+            [Output::Reply {
+                msg: ServerMsg::Error { .. },
+                ..
+            }]
+        ));
+        s.disconnected();
+        let frames = sent(&handshake(&mut s, KEY));
+        assert_eq!(frames[0], ClientFrame { id: c, msg: create });
+        assert_eq!(
+            frames[1],
+            ClientFrame {
+                id: d,
+                msg: ClientMsg::DeleteSnapshot { snap: SnapId(7) }
+            }
+        );
+        let out = s.received(ServerFrame {
+            reply_to: Some(d),
+            msg: ServerMsg::Error {
+                code: ErrorCode::NoSuchSnapshot,
+                message: "no snapshot 7".into(),
+            },
+        });
+        assert_eq!(
+            out,
+            vec![Output::Reply {
+                id: d,
+                msg: ServerMsg::SnapshotDeleted { snap: SnapId(7) }
+            }]
+        );
     }
 
     #[test]

@@ -432,19 +432,28 @@ impl Volume {
 
     // ---- administration ----
 
+    /// Creates a snapshot. The request carries a fresh token: if the connection is lost
+    /// before the answer, the session resends it and the server answers with the snapshot
+    /// the first send created (not `NameTaken`).
     pub async fn create_snapshot(&self, name: &str) -> Result<SnapshotInfo, ClientError> {
-        match self
-            .admin
-            .request(ClientMsg::CreateSnapshot { name: name.into() })
-            .await?
-            .msg
-        {
+        let msg = ClientMsg::CreateSnapshot {
+            name: name.into(),
+            token: csnap_proto::create_token(),
+        };
+        match self.admin.request(msg).await?.msg {
             ServerMsg::SnapshotCreated { info } => Ok(info),
             other => Err(unexpected("CreateSnapshot", other)),
         }
     }
 
+    /// Deletes a snapshot. A name is looked up once (`FindSnapshot`) and the delete names
+    /// the id, so a resend after a lost connection can never hit a newer snapshot that
+    /// took the name meanwhile.
     pub async fn delete_snapshot(&self, snap: SnapRef) -> Result<SnapId, ClientError> {
+        let snap = match snap {
+            SnapRef::Id(id) => id,
+            SnapRef::Name(name) => self.find_snapshot(&name).await?.id,
+        };
         match self
             .admin
             .request(ClientMsg::DeleteSnapshot { snap })
@@ -463,6 +472,16 @@ impl Volume {
                 Ok(snap)
             }
             other => Err(unexpected("DeleteSnapshot", other)),
+        }
+    }
+
+    /// The live or invalid snapshot named `name` (`ClientError::Server{NoSuchSnapshot}`
+    /// if none).
+    pub async fn find_snapshot(&self, name: &str) -> Result<SnapshotInfo, ClientError> {
+        let msg = ClientMsg::FindSnapshot { name: name.into() };
+        match self.admin.request(msg).await?.msg {
+            ServerMsg::SnapshotFound { info } => Ok(info),
+            other => Err(unexpected("FindSnapshot", other)),
         }
     }
 

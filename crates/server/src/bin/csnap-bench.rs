@@ -756,6 +756,7 @@ async fn create_snapshots(
             match admin
                 .request(ClientMsg::CreateSnapshot {
                     name: format!("bench-{i}"),
+                    token: csnap_proto::create_token(),
                 })
                 .await?
             {

@@ -313,7 +313,13 @@ impl<S: TestStore> Harness<S> {
 
     /// Creates a snapshot through `admin`, acking NewSnapshot on every given origin conn.
     pub fn create_snapshot(&mut self, admin: ConnId, name: &str, origins: &[ConnId]) -> SnapId {
-        let id = self.send(admin, ClientMsg::CreateSnapshot { name: name.into() });
+        let id = self.send(
+            admin,
+            ClientMsg::CreateSnapshot {
+                name: name.into(),
+                token: 0,
+            },
+        );
         for &o in origins {
             for n in self.notices(o) {
                 if let ServerMsg::NewSnapshot { snap } = n {
