@@ -11,7 +11,7 @@ use csnap_blockdev::client::{ClientConfig, ClientError, Volume};
 use csnap_blockdev::export::CsnapExports;
 use csnap_blockdev::nbd::{self, Listener, NbdServer};
 use csnap_proto::control::{ControlRequest, ControlResponse, VolumeStatus, DEFAULT_CONTROL_SOCKET};
-use csnap_proto::{validate_snapshot_name, ClientId, ErrorCode, SnapRef};
+use csnap_proto::{validate_snapshot_name, ErrorCode, SnapRef};
 use csnap_server::net::{self as server_net, RunningServer, ServerConfig};
 
 /// `csnap-agent --standalone` options.
@@ -47,7 +47,9 @@ pub struct StandaloneArgs {
     /// Export snapshots read-only.
     #[arg(long)]
     pub snapshots_read_only: bool,
-    /// This client's identity (default: random). Must differ between the volume's clients.
+    /// This client's 64-bit instance id (default: random, which is what you want). Must
+    /// differ between the volume's clients: the server refuses a second live client with
+    /// the same id.
     #[arg(long)]
     pub client_id: Option<u64>,
     /// Node id reported to the server.
@@ -316,14 +318,11 @@ pub async fn run(args: StandaloneArgs) -> anyhow::Result<()> {
         nbd::ListenAddr::Unix(p) => format!("unix:{}", p.display()),
     };
 
-    let client = ClientId(
-        args.client_id
-            .unwrap_or_else(|| rand::random::<u64>() & !0xffff_ffff),
-    );
+    let instance = args.client_id.unwrap_or_else(rand::random);
     let volume = Volume::connect(ClientConfig {
         server: server_addr,
         key,
-        client,
+        instance,
         node: args.node,
         origin: origin.clone(),
         store: store.clone(),
@@ -371,7 +370,7 @@ pub async fn run(args: StandaloneArgs) -> anyhow::Result<()> {
     });
     let control_task = tokio::spawn(crate::control::serve(control, handler));
     tracing::info!(volume = %volume_name, nbd = %nbd_desc, server = %server_desc,
-        control = %args.control_socket.display(), client = %client, "csnap-agent ready");
+        control = %args.control_socket.display(), client = format_args!("{instance:#x}"), "csnap-agent ready");
 
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .context("cannot install the SIGTERM handler")?;

@@ -21,7 +21,7 @@ use support::{seed, Fixture, WAIT};
 const CHUNK: u64 = 4096;
 const CHUNKS: u64 = 128;
 const WRITERS: u64 = 4;
-const BASE: ClientId = ClientId(1 << 32);
+const BASE: u64 = 1 << 32;
 
 /// A chunk's contents name the chunk and the version written.
 fn chunk_data(chunk: u64, version: u64) -> Bytes {
@@ -96,7 +96,7 @@ async fn snapshots_taken_under_concurrent_writes_and_a_server_restart_keep_their
     let volume = Volume::connect(ClientConfig {
         server: csnap_blockdev::nbd::ListenAddr::Unix(sock.clone()),
         key,
-        client: BASE,
+        instance: BASE,
         node: 1,
         origin: fx.origin.clone(),
         store: fx.store.clone(),
@@ -375,11 +375,11 @@ async fn two_origin_clients_in_a_causal_chain_never_split_a_snapshot() {
     let sock = fx.path("server.sock");
     let server = start_server(&fx, &sock, Vec::new()).await;
     let key = std::fs::read(&fx.key_file).unwrap();
-    let connect = |base: ClientId, node: u32| {
+    let connect = |base: u64, node: u32| {
         Volume::connect(ClientConfig {
             server: csnap_blockdev::nbd::ListenAddr::Unix(sock.clone()),
             key: key.clone(),
-            client: base,
+            instance: base,
             node,
             origin: fx.origin.clone(),
             store: fx.store.clone(),
@@ -389,9 +389,7 @@ async fn two_origin_clients_in_a_causal_chain_never_split_a_snapshot() {
         })
     };
     let a = connect(BASE, 1).await.expect("client A connects");
-    let b = connect(ClientId(BASE.0 * 3), 2)
-        .await
-        .expect("client B connects");
+    let b = connect(BASE + 1, 2).await.expect("client B connects");
     let stop = Arc::new(AtomicBool::new(false));
     let chain = {
         let (a, b, stop) = (a.clone(), b.clone(), stop.clone());
@@ -457,7 +455,7 @@ async fn deleting_a_snapshot_after_store_reads_gives_its_space_back() {
     let volume = Volume::connect(ClientConfig {
         server: csnap_blockdev::nbd::ListenAddr::Unix(sock.clone()),
         key: std::fs::read(&fx.key_file).unwrap(),
-        client: BASE,
+        instance: BASE,
         node: 1,
         origin: fx.origin.clone(),
         store: fx.store.clone(),

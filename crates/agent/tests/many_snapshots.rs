@@ -7,7 +7,7 @@ mod support;
 use std::sync::Arc;
 
 use csnap_blockdev::client::{ClientConfig, Volume};
-use csnap_proto::{ClientId, SnapshotState};
+use csnap_proto::SnapshotState;
 use csnap_server::net::{self, ListenAddr, ServerConfig};
 use csnap_server::store::{FileDevice, OpenOptions, Store};
 use support::{csnapctl, Agent, Fixture, WAIT};
@@ -59,7 +59,7 @@ async fn ten_thousand_snapshots_list_completely() {
     let volume = Volume::connect(ClientConfig {
         server: csnap_blockdev::nbd::ListenAddr::Unix(sock.clone()),
         key,
-        client: ClientId(1 << 40),
+        instance: 1 << 40,
         node: 1,
         origin: fx.origin.clone(),
         store: fx.store.clone(),

@@ -4,7 +4,7 @@
 //! sends a proof to an impostor that could replay it), then the client. The proofs use
 //! different labels, so one side's proof can never be reflected as the other's.
 
-use crate::msg::ClientId;
+use crate::msg::{ClientId, ClientKind};
 use hmac::{Hmac, Mac as _};
 use sha2::Sha256;
 
@@ -23,6 +23,21 @@ pub fn random_nonce() -> Nonce {
     rand::random()
 }
 
+/// The client id as the proofs cover it: instance (u64 LE), kind (0 origin, 1 admin,
+/// 2 snapshot), snapshot id (u64 LE, 0 unless a snapshot connection).
+fn client_id_bytes(client: ClientId) -> [u8; 17] {
+    let (kind, snap) = match client.kind {
+        ClientKind::Origin => (0u8, 0u64),
+        ClientKind::Admin => (1, 0),
+        ClientKind::Snapshot { snap } => (2, snap.0),
+    };
+    let mut out = [0u8; 17];
+    out[..8].copy_from_slice(&client.instance.to_le_bytes());
+    out[8] = kind;
+    out[9..].copy_from_slice(&snap.to_le_bytes());
+    out
+}
+
 fn tag(
     key: &[u8],
     label: &[u8],
@@ -36,7 +51,7 @@ fn tag(
         Err(_) => unreachable!("HMAC takes keys of any length"),
     };
     mac.update(label);
-    mac.update(&client.0.to_le_bytes());
+    mac.update(&client_id_bytes(client));
     mac.update(client_nonce);
     mac.update(server_nonce);
     mac
@@ -101,7 +116,7 @@ mod tests {
     #[test]
     fn proofs_verify_only_with_the_same_key_and_role() {
         let (cn, sn) = ([1u8; 32], [2u8; 32]);
-        let c = ClientId(7);
+        let c = ClientId::new(7, ClientKind::Origin);
         let sp = server_proof(b"key", c, &cn, &sn);
         assert!(verify_server_proof(b"key", c, &cn, &sn, &sp));
         assert!(!verify_server_proof(b"other", c, &cn, &sn, &sp));
@@ -109,7 +124,31 @@ mod tests {
             !verify_client_proof(b"key", c, &cn, &sn, &sp),
             "no reflection"
         );
-        assert!(!verify_server_proof(b"key", ClientId(8), &cn, &sn, &sp));
+        assert!(!verify_server_proof(
+            b"key",
+            ClientId::new(8, ClientKind::Origin),
+            &cn,
+            &sn,
+            &sp
+        ));
+        // The kind is part of the identity the proof covers.
+        assert!(!verify_server_proof(
+            b"key",
+            ClientId::new(7, ClientKind::Admin),
+            &cn,
+            &sn,
+            &sp
+        ));
+        let snap = |s| {
+            ClientId::new(
+                7,
+                ClientKind::Snapshot {
+                    snap: crate::SnapId(s),
+                },
+            )
+        };
+        let ssp = server_proof(b"key", snap(1), &cn, &sn);
+        assert!(!verify_server_proof(b"key", snap(2), &cn, &sn, &ssp));
         let cp = client_proof(b"key", c, &cn, &sn);
         assert!(verify_client_proof(b"key", c, &cn, &sn, &cp));
         assert!(!verify_client_proof(b"key", c, &sn, &cn, &cp));

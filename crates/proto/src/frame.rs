@@ -20,7 +20,12 @@ use std::marker::PhantomData;
 /// Version 3: `ReleaseStoreReads` (store reads hold their chunks until released);
 /// snapshots announced before they are created; origin write leases (`KeepAlive`,
 /// `Welcome::origin_lease_secs`).
-pub const PROTOCOL_VERSION: u8 = 3;
+/// Version 4: client ids name the connection's kind (`ClientId{instance, kind}`), `Hello`
+/// carries an `incarnation` instead of `kind`, and `DuplicateClient` refuses a second
+/// client with a live connection's id; `CreateSnapshot` carries a token (a resend is
+/// answered with the snapshot it created), `DeleteSnapshot` takes an id only, and
+/// `FindSnapshot` looks a name up.
+pub const PROTOCOL_VERSION: u8 = 4;
 /// Largest accepted `length` (version byte + body).
 pub const MAX_FRAME: usize = 1 << 20;
 /// Size of the length prefix.

@@ -19,9 +19,9 @@ pub use frame::{
     FrameError, MAX_FRAME, PROTOCOL_VERSION,
 };
 pub use msg::{
-    encoded_size_bound, page_len, ClientFrame, ClientId, ClientKind, ClientMsg, ErrorCode,
-    HeldLock, RequestId, ServerFrame, ServerMsg, ServerStatus, SnapRef, StoreAddr, LIST_PAGE_BYTES,
-    MAX_LIST_PAGE,
+    create_token, encoded_size_bound, page_len, ClientFrame, ClientId, ClientKind, ClientMsg,
+    ErrorCode, HeldLock, RequestId, ServerFrame, ServerMsg, ServerStatus, SnapRef, StoreAddr,
+    CREATE_TOKEN_BITS, LIST_PAGE_BYTES, MAX_LIST_PAGE,
 };
 pub use types::{
     validate_snapshot_name, ChunkRange, SnapId, SnapshotInfo, SnapshotState, MAX_SNAPSHOT_NAME,

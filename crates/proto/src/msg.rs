@@ -8,18 +8,72 @@ use std::fmt;
 /// Chosen by the client, echoed in the reply; lets a client pipeline requests.
 pub type RequestId = u64;
 
-/// A client's identity, stable across reconnects (the agent's gather reports it).
+/// The identity of one client connection, stable across reconnects (the agent's gather
+/// reports it): the client's 64-bit `instance` (random per client process unless
+/// configured; one per node and volume) and what the connection is for. A client's
+/// connections differ in `kind`, clients differ in `instance`, so two connections share an
+/// identity only if two clients share an instance id, which the server refuses (see
+/// [`ErrorCode::DuplicateClient`]). Written `0x64/origin`, `0x64/admin`, `0x64/snap7`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-pub struct ClientId(pub u64);
+pub struct ClientId {
+    pub instance: u64,
+    pub kind: ClientKind,
+}
+
+impl ClientId {
+    pub const fn new(instance: u64, kind: ClientKind) -> ClientId {
+        ClientId { instance, kind }
+    }
+}
 
 impl fmt::Display for ClientId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{:#x}", self.0)
+        write!(f, "{:#x}/", self.instance)?;
+        match self.kind {
+            ClientKind::Origin => f.write_str("origin"),
+            ClientKind::Admin => f.write_str("admin"),
+            ClientKind::Snapshot { snap } => write!(f, "snap{snap}"),
+        }
+    }
+}
+
+fn parse_u64(s: &str) -> Option<u64> {
+    match s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
+        Some(hex) => u64::from_str_radix(hex, 16).ok(),
+        None => s.parse().ok(),
+    }
+}
+
+impl std::str::FromStr for ClientId {
+    type Err = String;
+
+    /// `INSTANCE/origin`, `INSTANCE/admin` or `INSTANCE/snapN`; INSTANCE in decimal or
+    /// `0x` hex, N in decimal.
+    fn from_str(s: &str) -> Result<ClientId, String> {
+        let bad = || {
+            format!(
+                "client id {s:?} is not INSTANCE/origin, INSTANCE/admin or INSTANCE/snapN (e.g. 0x1a2b/snap3)"
+            )
+        };
+        let (instance, kind) = s.split_once('/').ok_or_else(bad)?;
+        let instance = parse_u64(instance).ok_or_else(bad)?;
+        let kind = match kind {
+            "origin" => ClientKind::Origin,
+            "admin" => ClientKind::Admin,
+            other => {
+                let snap = other
+                    .strip_prefix("snap")
+                    .and_then(|n| n.parse().ok())
+                    .ok_or_else(bad)?;
+                ClientKind::Snapshot { snap: SnapId(snap) }
+            }
+        };
+        Ok(ClientId { instance, kind })
     }
 }
 
 /// What a connection is for.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub enum ClientKind {
     /// Writes (and reads) the origin; asks before writing shared chunks.
     Origin,
@@ -39,7 +93,17 @@ pub struct StoreAddr {
     pub store_chunk: u64,
 }
 
-/// Names a snapshot in admin requests.
+/// How many low bits of a `CreateSnapshot` token the server keeps with the snapshot.
+pub const CREATE_TOKEN_BITS: u32 = 40;
+
+/// A fresh random `CreateSnapshot` token: non-zero in its low [`CREATE_TOKEN_BITS`] bits.
+pub fn create_token() -> u64 {
+    let mask = (1u64 << CREATE_TOKEN_BITS) - 1;
+    (rand::random::<u64>() & mask).max(1)
+}
+
+/// Names a snapshot in client library calls (the wire names snapshots by id, except
+/// `FindSnapshot`).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum SnapRef {
     Id(SnapId),
@@ -56,13 +120,17 @@ pub struct HeldLock {
 /// Client -> server.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ClientMsg {
-    /// First message on a connection. `resuming`: the client had a session with a previous
-    /// server (failover) and will upload its locks and resend unanswered requests.
+    /// First message on a connection. `client` says who the connection is and what it is
+    /// for (its kind). `incarnation`: random, drawn once by the client and sent on every
+    /// reconnect, so the server tells a reconnect of a live connection (same incarnation:
+    /// the old connection is dead and replaced) from a second client using the same id
+    /// (refused with `DuplicateClient`). `resuming`: the client had a session with a
+    /// previous server (failover) and will upload its locks and resend unanswered requests.
     Hello {
         protocol_version: u32,
         client: ClientId,
         node: u32,
-        kind: ClientKind,
+        incarnation: u64,
         client_nonce: Nonce,
         resuming: bool,
     },
@@ -113,10 +181,19 @@ pub enum ClientMsg {
     },
     /// Reconnecting client: locks uploaded and every unanswered request resent.
     ResendDone,
-    /// Admin: create a snapshot of the origin as it is now.
-    CreateSnapshot { name: String },
-    /// Admin: delete a snapshot (space is reclaimed in the background).
-    DeleteSnapshot { snap: SnapRef },
+    /// Admin: create a snapshot of the origin as it is now. `token`: chosen by the client
+    /// ([`create_token`]) and kept with the snapshot, so that the same request resent
+    /// after a lost connection (even to a new server) is answered with the snapshot it
+    /// created instead of `NameTaken`. 0: no token. The server keeps the low
+    /// [`CREATE_TOKEN_BITS`] bits.
+    CreateSnapshot { name: String, token: u64 },
+    /// Admin: delete a snapshot (space is reclaimed in the background). By id only: a
+    /// name may be given to a newer snapshot by the time a resend arrives (look the name
+    /// up first with `FindSnapshot`).
+    DeleteSnapshot { snap: SnapId },
+    /// Admin: the live or invalid snapshot with this name (`SnapshotFound`), or
+    /// `NoSuchSnapshot`.
+    FindSnapshot { name: String },
     /// Admin: one page of the live and invalid snapshots, in id order: those with id above
     /// `after` (from the start if `None`), at most `limit` of them (the server may return
     /// fewer, never more than [`MAX_LIST_PAGE`], and keeps every reply under the frame limit).
@@ -184,6 +261,10 @@ pub enum ServerMsg {
     },
     SnapshotDeleted {
         snap: SnapId,
+    },
+    /// Answer to `FindSnapshot`.
+    SnapshotFound {
+        info: SnapshotInfo,
     },
     /// One page of snapshots. `more`: later snapshots exist; ask again with `after` = the
     /// last id of this page. `usage_exact`: false while the server is still counting its
@@ -287,6 +368,9 @@ pub enum ErrorCode {
     TooLarge,
     /// The server failed (store I/O error); it is stopping.
     Internal,
+    /// Another live connection already uses this client id (and is not an earlier
+    /// connection of the same client): two clients were given the same instance id.
+    DuplicateClient,
 }
 
 impl fmt::Display for ErrorCode {

@@ -9,9 +9,9 @@ fn all_client_msgs() -> Vec<ClientMsg> {
     vec![
         ClientMsg::Hello {
             protocol_version: u32::from(PROTOCOL_VERSION),
-            client: ClientId(0xfeed),
+            client: ClientId::new(0xfeed, ClientKind::Snapshot { snap: SnapId(4) }),
             node: 2,
-            kind: ClientKind::Snapshot { snap: SnapId(4) },
+            incarnation: 0x1234_5678_9abc_def0,
             client_nonce: [9; 32],
             resuming: true,
         },
@@ -47,12 +47,11 @@ fn all_client_msgs() -> Vec<ClientMsg> {
         ClientMsg::ResendDone,
         ClientMsg::CreateSnapshot {
             name: "nightly".into(),
+            token: create_token(),
         },
-        ClientMsg::DeleteSnapshot {
-            snap: SnapRef::Name("nightly".into()),
-        },
-        ClientMsg::DeleteSnapshot {
-            snap: SnapRef::Id(SnapId(3)),
+        ClientMsg::DeleteSnapshot { snap: SnapId(3) },
+        ClientMsg::FindSnapshot {
+            name: "nightly".into(),
         },
         ClientMsg::ListSnapshots {
             after: Some(SnapId(7)),
@@ -113,6 +112,7 @@ fn all_server_msgs() -> Vec<ServerMsg> {
         ServerMsg::ResendDoneOk,
         ServerMsg::SnapshotCreated { info: info.clone() },
         ServerMsg::SnapshotDeleted { snap: SnapId(3) },
+        ServerMsg::SnapshotFound { info: info.clone() },
         ServerMsg::SnapshotList {
             snapshots: vec![info],
             more: true,
@@ -120,7 +120,7 @@ fn all_server_msgs() -> Vec<ServerMsg> {
         },
         ServerMsg::Status(ServerStatus {
             active: false,
-            awaited_clients: vec![ClientId(1)],
+            awaited_clients: vec![ClientId::new(1, ClientKind::Snapshot { snap: SnapId(2) })],
             connected_clients: 3,
             chunk_size: 4096,
             origin_chunks: 10,
@@ -136,7 +136,61 @@ fn all_server_msgs() -> Vec<ServerMsg> {
             code: ErrorCode::NoSuchSnapshot,
             message: "no snapshot named x".into(),
         },
+        ServerMsg::Error {
+            code: ErrorCode::DuplicateClient,
+            message: "client 0x64/origin is already connected".into(),
+        },
     ]
+}
+
+#[test]
+fn create_tokens_are_random_and_fit_what_the_server_keeps() {
+    let tokens: std::collections::HashSet<u64> = (0..1000).map(|_| create_token()).collect();
+    assert!(tokens.len() > 990, "tokens repeat");
+    for t in tokens {
+        assert!(t != 0 && t < 1 << CREATE_TOKEN_BITS, "{t:#x}");
+    }
+}
+
+#[test]
+fn client_ids_print_and_parse_and_every_kind_is_its_own_identity() {
+    let ids = [
+        ClientId::new(0x64, ClientKind::Origin),
+        ClientId::new(0x64, ClientKind::Admin),
+        ClientId::new(0x64, ClientKind::Snapshot { snap: SnapId(0) }),
+        ClientId::new(
+            0x64,
+            ClientKind::Snapshot {
+                snap: SnapId(u64::MAX),
+            },
+        ),
+        ClientId::new(u64::MAX, ClientKind::Origin),
+    ];
+    for (i, a) in ids.iter().enumerate() {
+        assert_eq!(a.to_string().parse::<ClientId>(), Ok(*a), "{a}");
+        for b in &ids[i + 1..] {
+            assert_ne!(a, b);
+        }
+    }
+    assert_eq!(ids[0].to_string(), "0x64/origin");
+    assert_eq!(ids[2].to_string(), "0x64/snap0");
+    assert_eq!(
+        "100/snap7".parse::<ClientId>(),
+        Ok(ClientId::new(100, ClientKind::Snapshot { snap: SnapId(7) }))
+    );
+    for bad in [
+        "",
+        "0x64",
+        "0x64/",
+        "/origin",
+        "0x64/snap",
+        "0x64/snapx",
+        "zz/admin",
+        "1/admins",
+    ] {
+        let err = bad.parse::<ClientId>().expect_err(bad);
+        assert!(err.contains("INSTANCE/origin"), "{err}");
+    }
 }
 
 #[test]

@@ -26,9 +26,9 @@ fn handshake_rejects_wrong_version_bad_proof_and_early_requests() {
         conn,
         ClientMsg::Hello {
             protocol_version: 99,
-            client: ClientId(1),
+            client: ClientId::new(1, ClientKind::Origin),
             node: 1,
-            kind: ClientKind::Origin,
+            incarnation: 1,
             client_nonce: [0; 32],
             resuming: false,
         },
@@ -57,9 +57,9 @@ fn handshake_rejects_wrong_version_bad_proof_and_early_requests() {
         conn,
         ClientMsg::Hello {
             protocol_version: u32::from(PROTOCOL_VERSION),
-            client: ClientId(2),
+            client: ClientId::new(2, ClientKind::Origin),
             node: 1,
-            kind: ClientKind::Origin,
+            incarnation: 2,
             client_nonce: [3; 32],
             resuming: false,
         },
@@ -264,6 +264,7 @@ fn snapshot_becomes_live_only_after_every_origin_client_acked() {
         admin,
         ClientMsg::CreateSnapshot {
             name: "nightly".into(),
+            token: 0,
         },
     );
     h.settle();
@@ -327,13 +328,20 @@ fn snapshot_becomes_live_only_after_every_origin_client_acked() {
         admin,
         ClientMsg::CreateSnapshot {
             name: "nightly".into(),
+            token: 0,
         },
     );
     assert_eq!(
         error_code(&h.reply_to(admin, id)),
         Some(ErrorCode::NameTaken)
     );
-    let id = h.send(admin, ClientMsg::CreateSnapshot { name: "a/b".into() });
+    let id = h.send(
+        admin,
+        ClientMsg::CreateSnapshot {
+            name: "a/b".into(),
+            token: 0,
+        },
+    );
     assert_eq!(error_code(&h.reply_to(admin, id)), Some(ErrorCode::BadName));
 }
 
@@ -415,12 +423,13 @@ fn delete_answers_after_commit_and_reclaims_in_the_background() {
     assert!(h.reply_to(origin, w).is_some());
     let free_before = h.engine.store_mut().stats().unwrap().free_chunks;
     assert_eq!(free_before, 8);
-    let d = h.send(
-        admin,
-        ClientMsg::DeleteSnapshot {
-            snap: SnapRef::Name("s0".into()),
-        },
-    );
+    let f = h.send(admin, ClientMsg::FindSnapshot { name: "s0".into() });
+    let s0 = match h.reply_to(admin, f) {
+        Some(ServerMsg::SnapshotFound { info }) => info.id,
+        other => panic!("FindSnapshot s0: {other:?}"),
+    };
+    assert_eq!(s0, snaps[0]);
+    let d = h.send(admin, ClientMsg::DeleteSnapshot { snap: s0 });
     assert!(
         h.reply_to(admin, d).is_none(),
         "answer waits for the commit"
@@ -435,12 +444,7 @@ fn delete_answers_after_commit_and_reclaims_in_the_background() {
         h.settle();
     }
     assert_eq!(h.engine.store_mut().stats().unwrap().free_chunks, 16);
-    let d = h.send(
-        admin,
-        ClientMsg::DeleteSnapshot {
-            snap: SnapRef::Id(snaps[0]),
-        },
-    );
+    let d = h.send(admin, ClientMsg::DeleteSnapshot { snap: snaps[0] });
     assert_eq!(
         error_code(&h.reply_to(admin, d)),
         Some(ErrorCode::NoSuchSnapshot)
@@ -561,8 +565,9 @@ fn activation_gate_waits_for_every_listed_snapshot_client() {
     let mut store = MemStore::new(4096, 16, 16);
     let snap = store.create_snapshot("s", 1).unwrap().id;
     store.commit().unwrap();
+    let reader = |n| ClientId::new(n, ClientKind::Snapshot { snap });
     let cfg = EngineConfig {
-        expected_snapshot_clients: vec![ClientId(10), ClientId(11)],
+        expected_snapshot_clients: vec![reader(10), reader(11)],
         ..config()
     };
     let mut h = Harness::with_store(cfg, store);
@@ -597,11 +602,9 @@ fn activation_gate_waits_for_every_listed_snapshot_client() {
         h.reply_to(origin, w).is_none(),
         "still waiting for client 11"
     );
-    assert_eq!(h.engine.awaited_clients(), vec![ClientId(11)]);
+    assert_eq!(h.engine.awaited_clients(), vec![reader(11)]);
 
-    h.handle(Event::ClientDeclaredGone {
-        client: ClientId(11),
-    });
+    h.handle(Event::ClientDeclaredGone { client: reader(11) });
     h.settle();
     assert!(h.engine.is_active());
     assert!(
@@ -725,10 +728,20 @@ fn malformed_and_misdirected_requests_get_error_replies() {
         ),
         (
             admin,
-            ClientMsg::DeleteSnapshot {
-                snap: SnapRef::Name("nope".into()),
+            ClientMsg::DeleteSnapshot { snap: SnapId(99) },
+            ErrorCode::NoSuchSnapshot,
+        ),
+        (
+            admin,
+            ClientMsg::FindSnapshot {
+                name: "nope".into(),
             },
             ErrorCode::NoSuchSnapshot,
+        ),
+        (
+            origin,
+            ClientMsg::FindSnapshot { name: "s0".into() },
+            ErrorCode::WrongClientKind,
         ),
     ];
     for (conn, msg, code) in cases {
@@ -820,12 +833,7 @@ fn chunks_under_a_write_lease_are_not_reclaimed_until_the_write_is_finished() {
         h.reply_to(writer, w),
         Some(ServerMsg::SnapshotWriteOk { .. })
     ));
-    let d = h.send(
-        admin,
-        ClientMsg::DeleteSnapshot {
-            snap: SnapRef::Id(s),
-        },
-    );
+    let d = h.send(admin, ClientMsg::DeleteSnapshot { snap: s });
     h.settle();
     assert_eq!(
         h.reply_to(admin, d),
@@ -885,12 +893,7 @@ fn chunks_freed_by_an_uncommitted_delete_are_not_reused_before_a_crash() {
     h.origin[0] = [3, 4];
     let b = h.create_snapshot(admin, "b", &[origin]);
     // Delete the first snapshot, but crash before that is committed.
-    let d = h.send(
-        admin,
-        ClientMsg::DeleteSnapshot {
-            snap: SnapRef::Id(snaps[0]),
-        },
-    );
+    let d = h.send(admin, ClientMsg::DeleteSnapshot { snap: snaps[0] });
     assert!(h.commit_pending);
     h.handle(Event::Tick { now: 2_000 });
     h.handle(Event::Tick { now: 2_001 });
@@ -945,7 +948,13 @@ fn no_origin_write_is_granted_between_the_announcement_and_the_last_ack() {
         ));
         h.origin[chunk as usize] = [chunk, chunk];
     }
-    let create = h.send(admin, ClientMsg::CreateSnapshot { name: "s".into() });
+    let create = h.send(
+        admin,
+        ClientMsg::CreateSnapshot {
+            name: "s".into(),
+            token: 0,
+        },
+    );
     h.settle();
     let announced = match h.notices(b).as_slice() {
         [ServerMsg::NewSnapshot { snap }] => *snap,
@@ -1032,12 +1041,7 @@ fn a_store_chunk_being_read_is_not_reused_before_the_reader_releases_it() {
     };
     // A newer snapshot, then the read one is deleted and reclaimed.
     let _t = h.create_snapshot(admin, "t", &[origin]);
-    let d = h.send(
-        admin,
-        ClientMsg::DeleteSnapshot {
-            snap: SnapRef::Id(s),
-        },
-    );
+    let d = h.send(admin, ClientMsg::DeleteSnapshot { snap: s });
     h.settle();
     assert!(h.reply_to(admin, d).is_some());
     for t in 0..10 {
@@ -1096,7 +1100,13 @@ fn a_silent_origin_client_holds_a_creation_for_its_lease_only() {
     let silent = h.connect(1, ClientKind::Origin, false);
     let alive = h.connect(2, ClientKind::Origin, false);
     let admin = h.admin();
-    let c = h.send(admin, ClientMsg::CreateSnapshot { name: "s".into() });
+    let c = h.send(
+        admin,
+        ClientMsg::CreateSnapshot {
+            name: "s".into(),
+            token: 0,
+        },
+    );
     h.settle();
     let snap = match h.notices(alive).as_slice() {
         [ServerMsg::NewSnapshot { snap }] => *snap,
@@ -1144,7 +1154,13 @@ fn no_snapshot_is_created_before_hold_snapshots_until() {
     };
     let mut h = Harness::new(cfg, 16, 16);
     let admin = h.admin();
-    let c = h.send(admin, ClientMsg::CreateSnapshot { name: "s".into() });
+    let c = h.send(
+        admin,
+        ClientMsg::CreateSnapshot {
+            name: "s".into(),
+            token: 0,
+        },
+    );
     h.settle();
     h.handle(Event::Tick { now: 1_019 });
     h.settle();

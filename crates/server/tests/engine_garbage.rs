@@ -31,19 +31,23 @@ fn random_snap(rng: &mut StdRng) -> SnapId {
     })
 }
 
+fn random_kind(rng: &mut StdRng) -> ClientKind {
+    match rng.gen_range(0..3) {
+        0 => ClientKind::Origin,
+        1 => ClientKind::Admin,
+        _ => ClientKind::Snapshot {
+            snap: random_snap(rng),
+        },
+    }
+}
+
 fn random_msg(rng: &mut StdRng) -> ClientMsg {
     match rng.gen_range(0..16) {
         0 => ClientMsg::Hello {
-            protocol_version: rng.gen_range(0..3),
-            client: ClientId(rng.gen_range(0..6)),
+            protocol_version: rng.gen_range(0..4),
+            client: ClientId::new(rng.gen_range(0..6), random_kind(rng)),
             node: rng.gen(),
-            kind: match rng.gen_range(0..3) {
-                0 => ClientKind::Origin,
-                1 => ClientKind::Admin,
-                _ => ClientKind::Snapshot {
-                    snap: random_snap(rng),
-                },
-            },
+            incarnation: rng.gen_range(0..3),
             client_nonce: rng.gen(),
             resuming: rng.gen(),
         },
@@ -94,14 +98,20 @@ fn random_msg(rng: &mut StdRng) -> ClientMsg {
                 2 => "a/b@c".into(),
                 _ => format!("s{}", rng.gen_range(0..4)),
             },
+            // Repeated tokens: resends, also of creations under way.
+            token: rng.gen_range(0..3),
         },
-        11 => ClientMsg::DeleteSnapshot {
-            snap: if rng.gen() {
-                SnapRef::Id(random_snap(rng))
+        11 => {
+            if rng.gen() {
+                ClientMsg::DeleteSnapshot {
+                    snap: random_snap(rng),
+                }
             } else {
-                SnapRef::Name(format!("s{}", rng.gen_range(0..4)))
-            },
-        },
+                ClientMsg::FindSnapshot {
+                    name: format!("s{}", rng.gen_range(0..4)),
+                }
+            }
+        }
         12 => ClientMsg::ListSnapshots {
             after: None,
             limit: u32::MAX,
@@ -143,7 +153,7 @@ fn hostile_request_streams_never_panic_or_stop_the_server() {
                     });
                 }
                 5 => h.handle(Event::ClientDeclaredGone {
-                    client: ClientId(rng.gen_range(0..6)),
+                    client: ClientId::new(rng.gen_range(0..6), random_kind(&mut rng)),
                 }),
                 _ => {
                     let conn = if rng.gen_bool(0.9) {
@@ -310,15 +320,20 @@ fn a_store_error_at_any_point_stops_the_engine_cleanly() {
                 1,
                 ClientMsg::Hello {
                     protocol_version: u32::from(PROTOCOL_VERSION),
-                    client: ClientId(5),
+                    client: ClientId::new(5, ClientKind::Admin),
                     node: 1,
-                    kind: ClientKind::Admin,
+                    incarnation: 5,
                     client_nonce: [2; 32],
                     resuming: false,
                 },
             ),
         );
-        let proof = csnap_proto::auth::client_proof(KEY, ClientId(5), &[2; 32], &[1; 32]);
+        let proof = csnap_proto::auth::client_proof(
+            KEY,
+            ClientId::new(5, ClientKind::Admin),
+            &[2; 32],
+            &[1; 32],
+        );
         step(&mut engine, req(2, ClientMsg::AuthResponse { proof }));
         for i in 0..10 {
             step(
@@ -327,6 +342,7 @@ fn a_store_error_at_any_point_stops_the_engine_cleanly() {
                     10 + i,
                     ClientMsg::CreateSnapshot {
                         name: format!("s{i}"),
+                        token: 0,
                     },
                 ),
             );
@@ -345,7 +361,7 @@ fn a_store_error_at_any_point_stops_the_engine_cleanly() {
                 req(
                     50 + i,
                     ClientMsg::DeleteSnapshot {
-                        snap: SnapRef::Name(format!("s{i}")),
+                        snap: SnapId(i + 1),
                     },
                 ),
             );

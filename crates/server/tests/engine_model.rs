@@ -592,7 +592,7 @@ impl<S: TestStore> Sim<S> {
             conn: self.admin,
             frame: ClientFrame {
                 id,
-                msg: ClientMsg::CreateSnapshot { name },
+                msg: ClientMsg::CreateSnapshot { name, token: id },
             },
         });
         self.audit();
@@ -606,12 +606,7 @@ impl<S: TestStore> Sim<S> {
         let snap = live[self.rng.gen_range(0..live.len())];
         self.model.get_mut(&snap).unwrap().deleted = true;
         self.trace(|| format!("delete snapshot {snap}"));
-        let id = self.send(
-            self.admin,
-            ClientMsg::DeleteSnapshot {
-                snap: SnapRef::Id(snap),
-            },
-        );
+        let id = self.send(self.admin, ClientMsg::DeleteSnapshot { snap });
         self.admin_deletes.insert(id, snap);
     }
 
@@ -801,7 +796,7 @@ impl<S: TestStore> Sim<S> {
             .snap_clients
             .iter()
             .filter(|sc| !sc.dead)
-            .map(|sc| ClientId(sc.client))
+            .map(|sc| ClientId::new(sc.client, ClientKind::Snapshot { snap: sc.snap }))
             .collect();
         for sc in &mut self.snap_clients {
             sc.conn = None;
@@ -811,7 +806,7 @@ impl<S: TestStore> Sim<S> {
             expected_snapshot_clients: expected.clone(),
             ..self.cfg.clone()
         };
-        self.expected = expected.iter().map(|c| c.0).collect();
+        self.expected = expected.iter().map(|c| c.instance).collect();
         self.h.failover(cfg);
         self.h.sent.clear();
         // Reconcile the model with what the store kept.
@@ -880,7 +875,7 @@ impl<S: TestStore> Sim<S> {
             sc.writes.clear();
             sc.writing.clear();
             sc.unfinished.clear();
-            let client = ClientId(sc.client);
+            let client = ClientId::new(sc.client, ClientKind::Snapshot { snap: sc.snap });
             self.handle(Event::ClientDeclaredGone { client });
             return;
         }

@@ -76,10 +76,10 @@ async fn server_throughput() {
     let mut clients = Vec::new();
     for i in 0..8 {
         clients.push(Arc::new(
-            Client::connect(&addr, &fx.key, ClientId(0x100 + i), ClientKind::Origin).await,
+            Client::connect(&addr, &fx.key, 0x100 + i, ClientKind::Origin).await,
         ));
     }
-    let admin = Client::connect(&addr, &fx.key, ClientId(0xAD), ClientKind::Admin).await;
+    let admin = Client::connect(&addr, &fx.key, 0xAD, ClientKind::Admin).await;
 
     let rate = lock_step(&clients[0], 0..4000).await;
     println!("QueryWrite, no snapshot, 1 client lock-step:        {rate:>9.0} req/s");
@@ -89,6 +89,7 @@ async fn server_throughput() {
     match admin
         .request(ClientMsg::CreateSnapshot {
             name: "bench".into(),
+            token: 0,
         })
         .await
         .unwrap()

@@ -113,7 +113,7 @@ async fn workload(
         io,
         &key,
         Hello {
-            client: ClientId(0x0A),
+            client: 0x0A,
             kind: ClientKind::Origin,
             resuming: false,
         },
@@ -129,7 +129,7 @@ async fn workload(
         io,
         &key,
         Hello {
-            client: ClientId(0xAD),
+            client: 0xAD,
             kind: ClientKind::Admin,
             resuming: false,
         },
@@ -154,7 +154,7 @@ async fn workload(
                         return;
                     };
                     let hello = Hello {
-                        client: ClientId(0x5000 + snap.0),
+                        client: 0x5000 + snap.0,
                         kind: ClientKind::Snapshot { snap },
                         resuming: false,
                     };
@@ -197,7 +197,10 @@ async fn workload(
                 (name, m.origin.clone())
             };
             match admin
-                .request(ClientMsg::CreateSnapshot { name: name.clone() })
+                .request(ClientMsg::CreateSnapshot {
+                    name: name.clone(),
+                    token: 0,
+                })
                 .await
             {
                 Ok(ServerMsg::SnapshotCreated { info }) => {
@@ -220,9 +223,7 @@ async fn workload(
             };
             model.lock().unwrap().delete_in_doubt = Some(victim);
             match admin
-                .request(ClientMsg::DeleteSnapshot {
-                    snap: SnapRef::Id(victim),
-                })
+                .request(ClientMsg::DeleteSnapshot { snap: victim })
                 .await
             {
                 Ok(ServerMsg::SnapshotDeleted { snap }) => {
@@ -241,9 +242,7 @@ async fn workload(
             let oldest = *model.lock().unwrap().snaps.keys().next().unwrap();
             model.lock().unwrap().delete_in_doubt = Some(oldest);
             match admin
-                .request(ClientMsg::DeleteSnapshot {
-                    snap: SnapRef::Id(oldest),
-                })
+                .request(ClientMsg::DeleteSnapshot { snap: oldest })
                 .await
             {
                 Ok(ServerMsg::SnapshotDeleted { .. }) => {
@@ -275,7 +274,7 @@ async fn verify(
     model: &mut Model,
     round: usize,
 ) {
-    let admin = Client::connect(addr, &fx.key, ClientId(0xAD), ClientKind::Admin).await;
+    let admin = Client::connect(addr, &fx.key, 0xAD, ClientKind::Admin).await;
     let listed = match admin
         .request(ClientMsg::ListSnapshots {
             after: None,
@@ -315,7 +314,7 @@ async fn verify(
         let reader = Client::connect(
             addr,
             &fx.key,
-            ClientId(0x5000 + id.0),
+            0x5000 + id.0,
             ClientKind::Snapshot { snap: *id },
         )
         .await;
@@ -404,7 +403,8 @@ async fn sigkill_under_load_keeps_snapshots_writes_and_the_store_consistent() {
             .unwrap_or_else(|e| panic!("round {round}: crashed store does not open: {e}"));
         assert!(
             store.was_unclean(),
-            "round {round}: SIGKILL leaves the store unclean"
+            "round {round}: SIGKILL leaves the store unclean; the server's log:\n{}",
+            proc.stderr()
         );
         let report = store.check().unwrap();
         assert!(

@@ -11,8 +11,8 @@ use std::os::unix::fs::PermissionsExt as _;
 use std::sync::Arc;
 use std::time::Duration;
 
-const ADMIN: ClientId = ClientId(0xAD);
-const ORIGIN: ClientId = ClientId(0x0A);
+const ADMIN: u64 = 0xAD;
+const ORIGIN: u64 = 0x0A;
 
 fn tcp() -> ListenAddr {
     ListenAddr::Tcp("127.0.0.1:0".parse().unwrap())
@@ -20,7 +20,10 @@ fn tcp() -> ListenAddr {
 
 async fn create_snapshot(admin: &Client, name: &str) -> SnapshotInfo {
     match admin
-        .request(ClientMsg::CreateSnapshot { name: name.into() })
+        .request(ClientMsg::CreateSnapshot {
+            name: name.into(),
+            token: 0,
+        })
         .await
         .unwrap()
     {
@@ -40,7 +43,7 @@ async fn right_key_is_accepted_wrong_key_is_rejected_and_others_are_unaffected()
         connect_raw(&addr).await.unwrap(),
         b"not the cluster key at all",
         Hello {
-            client: ClientId(0xBAD),
+            client: 0xBAD,
             kind: ClientKind::Origin,
             resuming: false,
         },
@@ -136,13 +139,7 @@ async fn origin_write_copies_the_old_data_to_the_store_before_the_grant() {
         }
         other => panic!("QueryWrite: {other:?}"),
     }
-    let reader = Client::connect(
-        &addr,
-        &fx.key,
-        ClientId(0x5),
-        ClientKind::Snapshot { snap: snap.id },
-    )
-    .await;
+    let reader = Client::connect(&addr, &fx.key, 0x5, ClientKind::Snapshot { snap: snap.id }).await;
     let reply = reader
         .request(ClientMsg::QuerySnapshotRead {
             snap: snap.id,
@@ -199,13 +196,7 @@ async fn origin_write_copies_the_old_data_to_the_store_before_the_grant() {
     let server = net::start(fx.config(fx.unix_addr("s.sock"))).await.unwrap();
     assert!(!server.recovered_unclean());
     let addr = server.local_addr();
-    let reader = Client::connect(
-        &addr,
-        &fx.key,
-        ClientId(0x5),
-        ClientKind::Snapshot { snap: snap.id },
-    )
-    .await;
+    let reader = Client::connect(&addr, &fx.key, 0x5, ClientKind::Snapshot { snap: snap.id }).await;
     let view = reader
         .read_snapshot(snap.id, ChunkRange::new(4, 3), &fx.origin, &fx.store)
         .await
@@ -223,7 +214,7 @@ async fn assert_no_reply(rx: &mut tokio::sync::oneshot::Receiver<ServerMsg>, wha
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn activation_gate_holds_origin_writes_until_the_expected_client_resumes() {
     let fx = Fixture::small();
-    let expected = ClientId(0x77);
+    let expected = ClientId::new(0x77, ClientKind::Snapshot { snap: SnapId(1) });
     let mut cfg = fx.config(tcp());
     cfg.expected_snapshot_clients = vec![expected];
     let server = net::start(cfg).await.unwrap();
@@ -243,8 +234,8 @@ async fn activation_gate_holds_origin_writes_until_the_expected_client_resumes()
         connect_raw(&addr).await.unwrap(),
         &fx.key,
         Hello {
-            client: expected,
-            kind: ClientKind::Snapshot { snap: SnapId(1) },
+            client: expected.instance,
+            kind: expected.kind,
             resuming: true,
         },
     )
@@ -296,7 +287,8 @@ async fn activation_gate_holds_origin_writes_until_the_expected_client_resumes()
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn activation_gate_opens_when_the_expected_client_is_declared_gone() {
     let fx = Fixture::small();
-    let (gone, back) = (ClientId(0x1), ClientId(0x2));
+    let reader = |n| ClientId::new(n, ClientKind::Snapshot { snap: SnapId(1) });
+    let (gone, back) = (reader(0x1), reader(0x2));
     let mut cfg = fx.config(tcp());
     cfg.expected_snapshot_clients = vec![gone, back];
     let server = net::start(cfg).await.unwrap();
@@ -331,7 +323,7 @@ async fn pipelined_requests_from_many_clients_each_get_their_own_reply() {
     let mut origins = Vec::new();
     for i in 0..4 {
         origins.push(Arc::new(
-            Client::connect(&addr, &fx.key, ClientId(0x100 + i), ClientKind::Origin).await,
+            Client::connect(&addr, &fx.key, 0x100 + i, ClientKind::Origin).await,
         ));
     }
     let first = create_snapshot(&admin, "base").await;
@@ -341,7 +333,7 @@ async fn pipelined_requests_from_many_clients_each_get_their_own_reply() {
             Client::connect(
                 &addr,
                 &fx.key,
-                ClientId(0x200 + i),
+                0x200 + i,
                 ClientKind::Snapshot { snap: first.id },
             )
             .await,
@@ -515,9 +507,9 @@ async fn bad_frames_get_a_clear_error_and_the_server_keeps_serving_others() {
         id: 9,
         msg: ClientMsg::Hello {
             protocol_version: 99,
-            client: ClientId(3),
+            client: ClientId::new(3, ClientKind::Origin),
             node: 1,
-            kind: ClientKind::Origin,
+            incarnation: 3,
             client_nonce: [0; 32],
             resuming: false,
         },
@@ -582,7 +574,7 @@ async fn a_client_that_never_reads_its_replies_is_disconnected() {
         tokio_util::codec::FramedRead::new(rd, FrameCodec::<ServerFrame, ClientFrame>::new());
     let mut wr =
         tokio_util::codec::FramedWrite::new(wr, FrameCodec::<ServerFrame, ClientFrame>::new());
-    let slow = ClientId(0x51);
+    let slow = ClientId::new(0x51, ClientKind::Admin);
     let client_nonce = csnap_proto::auth::random_nonce();
     wr.send(ClientFrame {
         id: 1,
@@ -590,7 +582,7 @@ async fn a_client_that_never_reads_its_replies_is_disconnected() {
             protocol_version: u32::from(PROTOCOL_VERSION),
             client: slow,
             node: 1,
-            kind: ClientKind::Admin,
+            incarnation: 1,
             client_nonce,
             resuming: false,
         },
@@ -658,7 +650,7 @@ async fn the_binary_logs_auth_failures_shuts_down_cleanly_and_refuses_an_open_ke
         connect_raw(&addr).await.unwrap(),
         &[9u8; 32],
         Hello {
-            client: ClientId(0xE71),
+            client: 0xE71,
             kind: ClientKind::Origin,
             resuming: false,
         },
@@ -897,13 +889,7 @@ async fn an_unaligned_origin_is_refused_with_direct_io_and_its_tail_copied_out_b
         ServerMsg::OriginWriteOk { .. } => {}
         other => panic!("QueryWrite of the last chunk: {other:?}"),
     }
-    let reader = Client::connect(
-        &addr,
-        &fx.key,
-        ClientId(0x5),
-        ClientKind::Snapshot { snap: snap.id },
-    )
-    .await;
+    let reader = Client::connect(&addr, &fx.key, 0x5, ClientKind::Snapshot { snap: snap.id }).await;
     let ServerMsg::SnapshotReadOk { store, .. } = reader
         .request(ClientMsg::QuerySnapshotRead {
             snap: snap.id,

@@ -26,9 +26,11 @@ use crate::nbd::ListenAddr;
 pub struct ConnConfig {
     pub server: ListenAddr,
     pub key: Vec<u8>,
+    /// This connection's identity (its kind says what it is for).
     pub client: ClientId,
     pub node: u32,
-    pub kind: ClientKind,
+    /// Random per client process, the same on every reconnect (see `ClientMsg::Hello`).
+    pub incarnation: u64,
     /// First reconnect delay; doubles up to `retry_max`.
     pub retry_min: Duration,
     pub retry_max: Duration,
@@ -79,9 +81,9 @@ impl MetaConnection {
         let (cmds, rx) = mpsc::unbounded_channel();
         let (info_tx, info) = watch::channel(None);
         let (refused_tx, refused) = watch::channel(None);
-        let kind = cfg.kind;
+        let kind = cfg.client.kind;
         let shell = Shell {
-            session: Session::new(cfg.client, cfg.node, cfg.kind, cfg.key.clone()),
+            session: Session::new(cfg.client, cfg.node, cfg.incarnation, cfg.key.clone()),
             cfg,
             tracker,
             waiting: HashMap::new(),
@@ -263,7 +265,7 @@ impl Shell {
                 End::Shutdown => break,
                 End::Lost(reason) => {
                     if self.session.is_open() {
-                        tracing::warn!(server = ?self.cfg.server, kind = ?self.cfg.kind, %reason, "lost the csnap server; reconnecting");
+                        tracing::warn!(server = ?self.cfg.server, client = %self.cfg.client, %reason, "lost the csnap server; reconnecting");
                     }
                     self.session.disconnected();
                     if let Some(t) = &self.tracker {
@@ -348,7 +350,7 @@ impl Shell {
             } => {
                 self.sessions += 1;
                 self.lease = Some(Duration::from_secs(u64::from(origin_lease_secs)));
-                tracing::info!(server = ?self.cfg.server, kind = ?self.cfg.kind, sessions = self.sessions, "csnap session established");
+                tracing::info!(server = ?self.cfg.server, client = %self.cfg.client, sessions = self.sessions, "csnap session established");
                 self.info_tx.send_replace(Some(SessionInfo {
                     chunk_size,
                     origin_chunks,
@@ -356,7 +358,7 @@ impl Shell {
                 }));
             }
             Output::Refused { code, message } => {
-                tracing::error!(server = ?self.cfg.server, %code, %message, "the csnap server refused this client");
+                tracing::error!(server = ?self.cfg.server, client = %self.cfg.client, %code, %message, "the csnap server refused this client");
                 self.refused_tx
                     .send_replace(Some(format!("{code}: {message}")));
             }

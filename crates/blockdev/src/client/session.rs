@@ -7,7 +7,7 @@
 //! (`UploadLocks`), resend the unanswered requests under their original ids, and close the
 //! resync with `ResendDone`. The I/O shell ([`super::conn`]) only moves bytes.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use csnap_proto::auth::{self, Nonce};
 use csnap_proto::{
@@ -116,6 +116,9 @@ fn chunks_of(ranges: &[ChunkRange]) -> impl Iterator<Item = u64> + '_ {
 pub struct Session {
     client: ClientId,
     node: u32,
+    /// Sent in every Hello: tells the server our reconnects from another client with the
+    /// same id.
+    incarnation: u64,
     kind: ClientKind,
     key: Vec<u8>,
     next_id: RequestId,
@@ -130,14 +133,20 @@ pub struct Session {
     leases: ChunkCounts,
     /// Ids of our UploadLocks / ResendDone on the current connection (answers expected).
     internal: BTreeMap<RequestId, &'static str>,
+    /// Requests resent after a reconnect and not answered yet: the first send may have
+    /// been carried out.
+    resent: BTreeSet<RequestId>,
 }
 
 impl Session {
-    pub fn new(client: ClientId, node: u32, kind: ClientKind, key: Vec<u8>) -> Session {
+    /// A session for connection identity `client` (its kind says what it is for);
+    /// `incarnation` is random per client process.
+    pub fn new(client: ClientId, node: u32, incarnation: u64, key: Vec<u8>) -> Session {
         Session {
             client,
             node,
-            kind,
+            incarnation,
+            kind: client.kind,
             key,
             next_id: 1,
             phase: Phase::Disconnected,
@@ -146,6 +155,7 @@ impl Session {
             locks: ChunkCounts::default(),
             leases: ChunkCounts::default(),
             internal: BTreeMap::new(),
+            resent: BTreeSet::new(),
         }
     }
 
@@ -199,7 +209,7 @@ impl Session {
                 protocol_version: u32::from(PROTOCOL_VERSION),
                 client: self.client,
                 node: self.node,
-                kind: self.kind,
+                incarnation: self.incarnation,
                 client_nonce,
                 resuming: self.had_session,
             },
@@ -245,6 +255,7 @@ impl Session {
     pub fn abandon(&mut self, id: RequestId) {
         if let Some(ClientMsg::QueryWrite { .. }) = self.pending.get(&id) {
             self.pending.remove(&id);
+            self.resent.remove(&id);
         }
     }
 
@@ -365,6 +376,7 @@ impl Session {
                         },
                     }));
                 }
+                self.resent.extend(self.pending.keys().copied());
                 out.extend(self.pending.iter().map(|(&id, msg)| {
                     Output::Send(ClientFrame {
                         id,
@@ -388,6 +400,7 @@ impl Session {
 
     fn refuse(&mut self, code: ErrorCode, message: String) -> Vec<Output> {
         self.phase = Phase::Refused;
+        self.resent.clear();
         let mut out: Vec<Output> = std::mem::take(&mut self.pending)
             .into_keys()
             .map(|id| Output::Reply {
@@ -408,7 +421,23 @@ impl Session {
             // answered too late, or to an abandoned one: nobody waits for it.
             return Vec::new();
         };
+        let resent = self.resent.remove(&id);
         match (&request, &msg) {
+            // The first send deleted it (its answer was lost with the connection), or
+            // someone else did: either way it is gone, as asked. (Deletes name an id, so
+            // the resend cannot have hit another snapshot.)
+            (
+                ClientMsg::DeleteSnapshot { snap },
+                ServerMsg::Error {
+                    code: ErrorCode::NoSuchSnapshot,
+                    ..
+                },
+            ) if resent => {
+                return vec![Output::Reply {
+                    id,
+                    msg: ServerMsg::SnapshotDeleted { snap: *snap },
+                }];
+            }
             (
                 ClientMsg::QuerySnapshotRead { .. },
                 ServerMsg::SnapshotReadOk { origin_locked, .. },
@@ -506,7 +535,7 @@ mod tests {
 
     #[test]
     fn requests_queue_until_the_session_opens_then_flow() {
-        let mut s = Session::new(ClientId(9), 1, ClientKind::Origin, KEY.to_vec());
+        let mut s = Session::new(ClientId::new(9, ClientKind::Origin), 1, 99, KEY.to_vec());
         let (id, out) = s.submit(ClientMsg::QueryWrite {
             ranges: vec![ChunkRange::new(3, 2)],
         });
@@ -535,7 +564,7 @@ mod tests {
 
     #[test]
     fn an_impostor_without_the_key_is_refused_and_pending_requests_fail() {
-        let mut s = Session::new(ClientId(9), 1, ClientKind::Origin, KEY.to_vec());
+        let mut s = Session::new(ClientId::new(9, ClientKind::Origin), 1, 99, KEY.to_vec());
         let (id, _) = s.submit(ClientMsg::QueryWrite {
             ranges: vec![ChunkRange::new(0, 1)],
         });
@@ -553,7 +582,12 @@ mod tests {
     #[test]
     fn reconnect_uploads_locks_and_leases_resends_unanswered_then_resend_done() {
         let snap = SnapId(4);
-        let mut s = Session::new(ClientId(5), 2, ClientKind::Snapshot { snap }, KEY.to_vec());
+        let mut s = Session::new(
+            ClientId::new(5, ClientKind::Snapshot { snap }),
+            2,
+            99,
+            KEY.to_vec(),
+        );
         handshake(&mut s, KEY);
         // A read that got origin locks on chunks 10..12, twice on chunk 11.
         let (r1, out) = s.submit(ClientMsg::QuerySnapshotRead {
@@ -670,9 +704,64 @@ mod tests {
         assert_eq!(s.held_locks().total(), 2);
     }
 
+    /// Admin requests resent after a reconnect keep their content (the create its token,
+    /// the delete its id); a resent delete answered `NoSuchSnapshot` was carried out by
+    /// its first send (or the snapshot went otherwise): it is reported deleted. A first
+    /// send answered `NoSuchSnapshot` stays an error.
+    #[test]
+    fn resent_admin_requests_keep_their_token_and_id() {
+        let mut s = Session::new(ClientId::new(3, ClientKind::Admin), 1, 99, KEY.to_vec());
+        handshake(&mut s, KEY);
+        let create = ClientMsg::CreateSnapshot {
+            name: "x".into(),
+            token: 0x5eed,
+        };
+        let (c, _) = s.submit(create.clone());
+        let (d, _) = s.submit(ClientMsg::DeleteSnapshot { snap: SnapId(7) });
+        let (d2, _) = s.submit(ClientMsg::DeleteSnapshot { snap: SnapId(8) });
+        let out = s.received(ServerFrame {
+            reply_to: Some(d2),
+            msg: ServerMsg::Error {
+                code: ErrorCode::NoSuchSnapshot,
+                message: "no snapshot 8".into(),
+            },
+        });
+        assert!(matches!(
+            out.as_slice(),
+            [Output::Reply {
+                msg: ServerMsg::Error { .. },
+                ..
+            }]
+        ));
+        s.disconnected();
+        let frames = sent(&handshake(&mut s, KEY));
+        assert_eq!(frames[0], ClientFrame { id: c, msg: create });
+        assert_eq!(
+            frames[1],
+            ClientFrame {
+                id: d,
+                msg: ClientMsg::DeleteSnapshot { snap: SnapId(7) }
+            }
+        );
+        let out = s.received(ServerFrame {
+            reply_to: Some(d),
+            msg: ServerMsg::Error {
+                code: ErrorCode::NoSuchSnapshot,
+                message: "no snapshot 7".into(),
+            },
+        });
+        assert_eq!(
+            out,
+            vec![Output::Reply {
+                id: d,
+                msg: ServerMsg::SnapshotDeleted { snap: SnapId(7) }
+            }]
+        );
+    }
+
     #[test]
     fn new_snapshot_notices_are_passed_up_and_acks_are_not_queued_while_down() {
-        let mut s = Session::new(ClientId(1), 1, ClientKind::Origin, KEY.to_vec());
+        let mut s = Session::new(ClientId::new(1, ClientKind::Origin), 1, 99, KEY.to_vec());
         handshake(&mut s, KEY);
         let out = s.received(ServerFrame {
             reply_to: None,

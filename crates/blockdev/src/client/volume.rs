@@ -34,10 +34,11 @@ pub struct ClientConfig {
     pub server: ListenAddr,
     /// The cluster key (shared secret, HMAC).
     pub key: Vec<u8>,
-    /// This client's base identity; each connection derives its own (see
-    /// [`client_id_for`]). Must be unique among the volume's clients and stable across
-    /// reconnects.
-    pub client: ClientId,
+    /// This client's 64-bit instance id (random unless configured): each connection's
+    /// identity is `ClientId::new(instance, kind)`. Must differ between the volume's
+    /// clients (the server refuses a second live client with the same id, see
+    /// `ErrorCode::DuplicateClient`).
+    pub instance: u64,
     pub node: u32,
     pub origin: PathBuf,
     pub store: PathBuf,
@@ -50,21 +51,19 @@ pub struct ClientConfig {
     pub direct_io: bool,
 }
 
-/// The identity of one connection of a client: the origin connection uses the base id, the
-/// admin connection base + 1, the connection for snapshot `s` base + 2 + s. The server
-/// treats a second connection with the same id as a reconnect, so they must differ.
-pub fn client_id_for(base: ClientId, kind: ClientKind) -> ClientId {
-    ClientId(match kind {
-        ClientKind::Origin => base.0,
-        ClientKind::Admin => base.0.wrapping_add(1),
-        ClientKind::Snapshot { snap } => base.0.wrapping_add(2).wrapping_add(snap.0),
-    })
+/// The identity of one connection of client `instance`: the instance and what the
+/// connection is for. Connections of one client differ in kind, clients in instance, so no
+/// two connections of different clients (or kinds) can share an identity.
+pub fn client_id_for(instance: u64, kind: ClientKind) -> ClientId {
+    ClientId::new(instance, kind)
 }
 
 /// A connected volume.
 #[derive(Debug)]
 pub struct Volume {
     cfg: ClientConfig,
+    /// Random for this process: sent in every Hello of every connection.
+    incarnation: u64,
     devices: Devices,
     chunk_size: u64,
     origin_chunks: u64,
@@ -87,9 +86,12 @@ impl Volume {
     pub async fn connect(cfg: ClientConfig) -> Result<Arc<Volume>, ClientError> {
         let devices = Devices::open(&cfg.origin, &cfg.store, cfg.direct_io)?;
         let tracker = OriginTracker::new(cfg.cache_chunks);
-        let origin =
-            MetaConnection::start(conn_config(&cfg, ClientKind::Origin), Some(tracker.clone()));
-        let admin = MetaConnection::start(conn_config(&cfg, ClientKind::Admin), None);
+        let incarnation = rand::random();
+        let origin = MetaConnection::start(
+            conn_config(&cfg, incarnation, ClientKind::Origin),
+            Some(tracker.clone()),
+        );
+        let admin = MetaConnection::start(conn_config(&cfg, incarnation, ClientKind::Admin), None);
         let SessionInfo {
             chunk_size,
             origin_chunks,
@@ -105,6 +107,7 @@ impl Volume {
         }
         Ok(Arc::new(Volume {
             cfg,
+            incarnation,
             devices,
             chunk_size,
             origin_chunks,
@@ -243,7 +246,7 @@ impl Volume {
         map.entry(snap)
             .or_insert_with(|| {
                 Arc::new(MetaConnection::start(
-                    conn_config(&self.cfg, ClientKind::Snapshot { snap }),
+                    conn_config(&self.cfg, self.incarnation, ClientKind::Snapshot { snap }),
                     None,
                 ))
             })
@@ -429,19 +432,28 @@ impl Volume {
 
     // ---- administration ----
 
+    /// Creates a snapshot. The request carries a fresh token: if the connection is lost
+    /// before the answer, the session resends it and the server answers with the snapshot
+    /// the first send created (not `NameTaken`).
     pub async fn create_snapshot(&self, name: &str) -> Result<SnapshotInfo, ClientError> {
-        match self
-            .admin
-            .request(ClientMsg::CreateSnapshot { name: name.into() })
-            .await?
-            .msg
-        {
+        let msg = ClientMsg::CreateSnapshot {
+            name: name.into(),
+            token: csnap_proto::create_token(),
+        };
+        match self.admin.request(msg).await?.msg {
             ServerMsg::SnapshotCreated { info } => Ok(info),
             other => Err(unexpected("CreateSnapshot", other)),
         }
     }
 
+    /// Deletes a snapshot. A name is looked up once (`FindSnapshot`) and the delete names
+    /// the id, so a resend after a lost connection can never hit a newer snapshot that
+    /// took the name meanwhile.
     pub async fn delete_snapshot(&self, snap: SnapRef) -> Result<SnapId, ClientError> {
+        let snap = match snap {
+            SnapRef::Id(id) => id,
+            SnapRef::Name(name) => self.find_snapshot(&name).await?.id,
+        };
         match self
             .admin
             .request(ClientMsg::DeleteSnapshot { snap })
@@ -460,6 +472,16 @@ impl Volume {
                 Ok(snap)
             }
             other => Err(unexpected("DeleteSnapshot", other)),
+        }
+    }
+
+    /// The live or invalid snapshot named `name` (`ClientError::Server{NoSuchSnapshot}`
+    /// if none).
+    pub async fn find_snapshot(&self, name: &str) -> Result<SnapshotInfo, ClientError> {
+        let msg = ClientMsg::FindSnapshot { name: name.into() };
+        match self.admin.request(msg).await?.msg {
+            ServerMsg::SnapshotFound { info } => Ok(info),
+            other => Err(unexpected("FindSnapshot", other)),
         }
     }
 
@@ -538,15 +560,54 @@ impl Volume {
     }
 }
 
-fn conn_config(cfg: &ClientConfig, kind: ClientKind) -> ConnConfig {
+fn conn_config(cfg: &ClientConfig, incarnation: u64, kind: ClientKind) -> ConnConfig {
     ConnConfig {
         server: cfg.server.clone(),
         key: cfg.key.clone(),
-        client: client_id_for(cfg.client, kind),
+        client: client_id_for(cfg.instance, kind),
         node: cfg.node,
-        kind,
+        incarnation,
         retry_min: Duration::from_millis(50),
         retry_max: Duration::from_secs(1),
         connect_timeout: Duration::from_secs(5),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every connection of every client has its own identity: a client's origin, admin and
+    /// snapshot connections, and those of other clients whose base ids are close together
+    /// (base 100's admin connection must not be base 101's origin connection, nor base
+    /// 100's connection for snapshot 1 base 103's origin connection).
+    #[test]
+    fn connection_ids_of_different_clients_and_kinds_never_collide() {
+        let mut kinds = vec![ClientKind::Origin, ClientKind::Admin];
+        kinds.extend((0..40).map(|s| ClientKind::Snapshot { snap: SnapId(s) }));
+        kinds.extend((u64::MAX - 2..=u64::MAX).map(|s| ClientKind::Snapshot { snap: SnapId(s) }));
+        let bases = [
+            100,
+            101,
+            102,
+            103,
+            141,
+            1 << 32,
+            (1 << 32) + 1,
+            u64::MAX - 1,
+            u64::MAX,
+        ];
+        let mut seen: HashMap<ClientId, (u64, ClientKind)> = HashMap::new();
+        for base in bases {
+            for &kind in &kinds {
+                let id = client_id_for(base, kind);
+                if let Some(prev) = seen.insert(id, (base, kind)) {
+                    panic!(
+                        "client id {id} is both base {:#x} {:?} and base {base:#x} {kind:?}",
+                        prev.0, prev.1
+                    );
+                }
+            }
+        }
     }
 }

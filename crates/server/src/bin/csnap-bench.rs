@@ -607,7 +607,7 @@ impl Client {
         let (rd, wr) = io.into_split();
         let mut rd = FramedRead::new(rd, FrameCodec::<ServerFrame, ClientFrame>::new());
         let mut wr = FramedWrite::new(wr, FrameCodec::<ServerFrame, ClientFrame>::new());
-        let client = ClientId(id);
+        let client = ClientId::new(id, kind);
         let client_nonce = auth::random_nonce();
         let lost = |what: &str| format!("handshake: {what}");
         wr.send(ClientFrame {
@@ -616,7 +616,7 @@ impl Client {
                 protocol_version: u32::from(PROTOCOL_VERSION),
                 client,
                 node: 1,
-                kind,
+                incarnation: rand::random(),
                 client_nonce,
                 resuming: false,
             },
@@ -756,6 +756,7 @@ async fn create_snapshots(
             match admin
                 .request(ClientMsg::CreateSnapshot {
                     name: format!("bench-{i}"),
+                    token: csnap_proto::create_token(),
                 })
                 .await?
             {

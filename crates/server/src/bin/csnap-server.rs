@@ -27,7 +27,8 @@ struct Args {
     #[arg(long, value_name = "PATH")]
     key_file: PathBuf,
     /// A snapshot client of the previous server that must reconnect (or be declared gone)
-    /// before any origin write is granted. Repeatable; decimal or 0x-hex.
+    /// before any origin write is granted. Repeatable; `INSTANCE/snapN` (INSTANCE decimal
+    /// or 0x-hex, as the server's logs and status print it).
     #[arg(long = "expect-client", value_name = "ID", value_parser = parse_client_id)]
     expect_clients: Vec<ClientId>,
     /// What to sacrifice when the store is full: invalidate-oldest or
@@ -50,13 +51,7 @@ struct Args {
 }
 
 fn parse_client_id(s: &str) -> Result<ClientId, String> {
-    let parsed = match s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
-        Some(hex) => u64::from_str_radix(hex, 16),
-        None => s.parse(),
-    };
-    parsed
-        .map(ClientId)
-        .map_err(|e| format!("{s:?} is not a client id: {e}"))
+    s.parse()
 }
 
 fn main() -> ExitCode {

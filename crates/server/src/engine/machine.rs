@@ -38,7 +38,8 @@ enum Session {
     AwaitHello,
     AwaitAuth {
         client: ClientId,
-        kind: ClientKind,
+        node: u32,
+        incarnation: u64,
         client_nonce: Nonce,
         resuming: bool,
     },
@@ -50,6 +51,9 @@ struct Conn {
     session: Session,
     client: Option<ClientId>,
     kind: Option<ClientKind>,
+    /// The client's node and incarnation (from its Hello), once the session is open.
+    node: u32,
+    incarnation: u64,
     resend_done: bool,
     /// Read locks this connection holds: origin chunk -> count.
     held: BTreeMap<u64, u32>,
@@ -148,6 +152,8 @@ struct PendingSnapshot {
 struct RequestedSnapshot {
     who: Requester,
     name: String,
+    /// The client's `CreateSnapshot.token` (0 = none), kept with the snapshot.
+    token: u64,
 }
 
 /// Phase one of a snapshot creation: the snapshot, under the id it will get, has been
@@ -400,6 +406,8 @@ impl<S: MetaStore> Engine<S> {
                         session: Session::AwaitHello,
                         client: None,
                         kind: None,
+                        node: 0,
+                        incarnation: 0,
                         resend_done: false,
                         held: BTreeMap::new(),
                         leases: BTreeMap::new(),
@@ -577,7 +585,7 @@ impl<S: MetaStore> Engine<S> {
                     protocol_version,
                     client,
                     node,
-                    kind,
+                    incarnation,
                     client_nonce,
                     resuming,
                 },
@@ -600,14 +608,15 @@ impl<S: MetaStore> Engine<S> {
                 if let Some(c) = self.conns.get_mut(&conn) {
                     c.session = Session::AwaitAuth {
                         client,
-                        kind,
+                        node,
+                        incarnation,
                         client_nonce,
                         resuming,
                     };
                 }
                 self.log(
                     LogLevel::Info,
-                    format!("connection {conn}: hello from client {client} on node {node} ({kind:?}, resuming: {resuming})"),
+                    format!("connection {conn}: hello from client {client} on node {node} (incarnation {incarnation:#x}, resuming: {resuming})"),
                 );
                 self.reply(
                     conn,
@@ -622,7 +631,8 @@ impl<S: MetaStore> Engine<S> {
             (
                 Session::AwaitAuth {
                     client,
-                    kind,
+                    node,
+                    incarnation,
                     client_nonce,
                     resuming,
                 },
@@ -646,7 +656,7 @@ impl<S: MetaStore> Engine<S> {
                     );
                     return self.close(conn);
                 }
-                self.open_session(conn, id, client, kind, resuming)
+                self.open_session(conn, id, client, node, incarnation, resuming)
             }
             (Session::Open, ClientMsg::Hello { .. } | ClientMsg::AuthResponse { .. }) => {
                 self.reply(
@@ -676,17 +686,29 @@ impl<S: MetaStore> Engine<S> {
         conn: ConnId,
         id: RequestId,
         client: ClientId,
-        kind: ClientKind,
+        node: u32,
+        incarnation: u64,
         resuming: bool,
     ) -> Result<(), StoreError> {
-        // A client that reconnects while its old connection lingers: the old one is dead.
-        let stale: Vec<ConnId> = self
+        let live: Vec<(ConnId, u32, u64)> = self
             .conns
             .iter()
             .filter(|(other, c)| **other != conn && c.client == Some(client))
-            .map(|(other, _)| *other)
+            .map(|(other, c)| (*other, c.node, c.incarnation))
             .collect();
-        for other in stale {
+        // Another client with this id (not a reconnect of the live connection): two
+        // clients were given the same instance id. Taking over would close the other's
+        // connection and could release the read locks its reads in flight rely on.
+        if let Some((other, other_node, _)) = live.iter().find(|l| l.2 != incarnation) {
+            let message = format!(
+                "client id {client} is already in use by connection {other} from node {other_node}; refusing connection {conn} from node {node} (every client needs its own instance id)"
+            );
+            self.log(LogLevel::Warn, message.clone());
+            self.reply(conn, id, error(ErrorCode::DuplicateClient, message));
+            return self.close(conn);
+        }
+        // The same client reconnecting while its old connection lingers: the old one is dead.
+        for (other, _, _) in live {
             self.log(
                 LogLevel::Info,
                 format!("client {client} reconnected; closing its old connection {other}"),
@@ -696,7 +718,9 @@ impl<S: MetaStore> Engine<S> {
         if let Some(c) = self.conns.get_mut(&conn) {
             c.session = Session::Open;
             c.client = Some(client);
-            c.kind = Some(kind);
+            c.kind = Some(client.kind);
+            c.node = node;
+            c.incarnation = incarnation;
         }
         self.reply(
             conn,
@@ -1063,13 +1087,26 @@ impl<S: MetaStore> Engine<S> {
                 self.client_settled(client)?;
                 Ok(())
             }
-            ClientMsg::CreateSnapshot { name } => match kind {
-                ClientKind::Admin => self.create_snapshot(who, &name),
+            ClientMsg::CreateSnapshot { name, token } => match kind {
+                ClientKind::Admin => self.create_snapshot(who, &name, token),
                 _ => Err(wrong_kind("CreateSnapshot", kind)),
             },
             ClientMsg::DeleteSnapshot { snap } => match kind {
-                ClientKind::Admin => self.delete_snapshot(who, &snap),
+                ClientKind::Admin => self.delete_snapshot(who, snap),
                 _ => Err(wrong_kind("DeleteSnapshot", kind)),
+            },
+            ClientMsg::FindSnapshot { name } => match kind {
+                ClientKind::Admin => match self.resolve(&SnapRef::Name(name.clone()))? {
+                    Some(info) => {
+                        self.reply(conn, id, ServerMsg::SnapshotFound { info });
+                        Ok(())
+                    }
+                    None => Err(Reject(
+                        ErrorCode::NoSuchSnapshot,
+                        format!("no snapshot named {name:?}"),
+                    )),
+                },
+                _ => Err(wrong_kind("FindSnapshot", kind)),
             },
             ClientMsg::ListSnapshots { after, limit } => match kind {
                 ClientKind::Admin => {
@@ -1811,12 +1848,20 @@ impl<S: MetaStore> Engine<S> {
     // ---- snapshots ----
 
     /// A snapshot creation request: checked, queued, announced when its turn comes.
-    fn create_snapshot(&mut self, who: Requester, name: &str) -> Result<(), Reject> {
+    fn create_snapshot(&mut self, who: Requester, name: &str, token: u64) -> Result<(), Reject> {
         if let Err(why) = csnap_proto::validate_snapshot_name(name) {
             return Err(Reject(
                 ErrorCode::BadName,
                 format!("invalid snapshot name {name:?}: {why}"),
             ));
+        }
+        match self.resent_create(who, name, token) {
+            Ok(true) => return Ok(()),
+            Ok(false) => {}
+            Err(e) => {
+                self.fail(format!("snapshot store failed: {e}"));
+                return Ok(());
+            }
         }
         let queued = self
             .requested_snaps
@@ -1839,11 +1884,57 @@ impl<S: MetaStore> Engine<S> {
         self.requested_snaps.push_back(RequestedSnapshot {
             who,
             name: name.to_owned(),
+            token,
         });
         if let Err(e) = self.announce_next_snapshot() {
             self.fail(format!("snapshot store failed: {e}"));
         }
         Ok(())
+    }
+
+    /// A `CreateSnapshot` whose token (non-zero) matches a creation already requested,
+    /// under way or done: the same request resent after the client lost its connection
+    /// (perhaps to another server). It is not a second creation: the resend takes over the
+    /// answer of one still in progress, or is answered with the snapshot at once. True if
+    /// it was such a resend.
+    fn resent_create(
+        &mut self,
+        who: Requester,
+        name: &str,
+        token: u64,
+    ) -> Result<bool, StoreError> {
+        if token & super::meta_store::CREATE_TOKEN_MASK == 0 {
+            return Ok(false);
+        }
+        let same = |r: &RequestedSnapshot| r.name == name && r.token == token;
+        if let Some(r) = self.requested_snaps.iter_mut().find(|r| same(r)) {
+            r.who = who;
+            return Ok(true);
+        }
+        if let Some(a) = self.announcement.as_mut().filter(|a| same(&a.request)) {
+            a.request.who = who;
+            return Ok(true);
+        }
+        let Some(info) = self.store.snapshot_by_name(name)? else {
+            return Ok(false);
+        };
+        if !self.store.created_with(info.id, token)? {
+            return Ok(false);
+        }
+        self.log(
+            LogLevel::Info,
+            format!(
+                "snapshot {} ({name:?}): creation request resent; answering it",
+                info.id
+            ),
+        );
+        if let Some(p) = self.pending_snaps.get_mut(&info.id) {
+            // Answered once its creation is committed.
+            p.who = who;
+        } else {
+            self.reply(who.conn, who.id, ServerMsg::SnapshotCreated { info });
+        }
+        Ok(true)
     }
 
     /// Phase one (see [`Announcement`]): when no announcement is out, announce the next
@@ -1899,7 +1990,10 @@ impl<S: MetaStore> Engine<S> {
         let Some(Announcement { request, id, .. }) = self.announcement.take() else {
             return Ok(());
         };
-        match self.store.create_snapshot(&request.name, self.now) {
+        match self
+            .store
+            .create_snapshot_with_token(&request.name, self.now, request.token)
+        {
             Ok(info) => {
                 if info.id != id {
                     // The acknowledgements were for the announcement, whatever its number.
@@ -1978,12 +2072,12 @@ impl<S: MetaStore> Engine<S> {
         Ok(info.filter(|i| !self.pending_snaps.contains_key(&i.id)))
     }
 
-    fn delete_snapshot(&mut self, who: Requester, snap: &SnapRef) -> Result<(), Reject> {
+    fn delete_snapshot(&mut self, who: Requester, snap: SnapId) -> Result<(), Reject> {
         let result = (|| -> Result<Result<(), Reject>, StoreError> {
-            let Some(info) = self.resolve(snap)? else {
+            let Some(info) = self.resolve(&SnapRef::Id(snap))? else {
                 return Ok(Err(Reject(
                     ErrorCode::NoSuchSnapshot,
-                    format!("no snapshot {snap:?}"),
+                    format!("no snapshot {snap}"),
                 )));
             };
             self.store.delete_snapshot(info.id)?;

@@ -27,8 +27,11 @@
 //! Every method can fail with an I/O or corruption error: the engine treats any error other
 //! than the documented ones (`Full`, `NoSuchSnapshot`, ...) as fatal for the server.
 
-use csnap_proto::{validate_snapshot_name, SnapId, SnapshotInfo, SnapshotState};
+use csnap_proto::{validate_snapshot_name, SnapId, SnapshotInfo, SnapshotState, CREATE_TOKEN_BITS};
 use std::collections::{BTreeMap, BTreeSet};
+
+/// The part of a `CreateSnapshot` token a store keeps.
+pub const CREATE_TOKEN_MASK: u64 = (1 << CREATE_TOKEN_BITS) - 1;
 
 /// One exception: snapshots `first..=last` that have no narrower exception read this chunk
 /// from `store_chunk`.
@@ -112,6 +115,27 @@ pub trait MetaStore {
     /// visible to clients).
     fn create_snapshot(&mut self, name: &str, ctime: u64) -> Result<SnapshotInfo, StoreError>;
 
+    /// `create_snapshot`, keeping the creator's request token (`CreateSnapshot.token`, the
+    /// low `CREATE_TOKEN_BITS` bits; 0 = none) with the snapshot, durably with it, for
+    /// [`MetaStore::created_with`]. A store that keeps no tokens ignores it (resent creates
+    /// then get `NameTaken`).
+    fn create_snapshot_with_token(
+        &mut self,
+        name: &str,
+        ctime: u64,
+        token: u64,
+    ) -> Result<SnapshotInfo, StoreError> {
+        let _ = token;
+        self.create_snapshot(name, ctime)
+    }
+
+    /// Was snapshot `id` (any state but unknown) created with this non-zero token (compared
+    /// in its low `CREATE_TOKEN_BITS` bits)?
+    fn created_with(&mut self, id: SnapId, token: u64) -> Result<bool, StoreError> {
+        let _ = (id, token);
+        Ok(false)
+    }
+
     /// The id the next `create_snapshot` will give (ids are never reused). The engine
     /// announces a snapshot under this id before it creates it.
     fn next_snapshot_id(&mut self) -> Result<SnapId, StoreError>;
@@ -191,6 +215,8 @@ struct SnapRecord {
     name: String,
     ctime: u64,
     state: SnapshotState,
+    /// The creator's token (low `CREATE_TOKEN_BITS` bits), 0 = none.
+    token: u64,
 }
 
 #[derive(Clone, Debug, Default)]
@@ -410,6 +436,15 @@ impl MetaStore for MemStore {
     }
 
     fn create_snapshot(&mut self, name: &str, ctime: u64) -> Result<SnapshotInfo, StoreError> {
+        self.create_snapshot_with_token(name, ctime, 0)
+    }
+
+    fn create_snapshot_with_token(
+        &mut self,
+        name: &str,
+        ctime: u64,
+        token: u64,
+    ) -> Result<SnapshotInfo, StoreError> {
         validate_snapshot_name(name).map_err(|why| StoreError::BadName {
             name: name.to_owned(),
             why,
@@ -423,10 +458,21 @@ impl MetaStore for MemStore {
             name: name.to_owned(),
             ctime,
             state: SnapshotState::Live,
+            token: token & CREATE_TOKEN_MASK,
         };
         let info = self.info(id, &record);
         self.state.snapshots.insert(id, record);
         Ok(info)
+    }
+
+    fn created_with(&mut self, id: SnapId, token: u64) -> Result<bool, StoreError> {
+        let token = token & CREATE_TOKEN_MASK;
+        Ok(token != 0
+            && self
+                .state
+                .snapshots
+                .get(&id)
+                .is_some_and(|r| r.token == token))
     }
 
     fn delete_snapshot(&mut self, id: SnapId) -> Result<(), StoreError> {

@@ -16,4 +16,5 @@ pub use io::{
 pub use machine::Engine;
 pub use meta_store::{
     Exception, MemStore, MetaStore, ReclaimProgress, SnapChunk, StoreError, StoreStats,
+    CREATE_TOKEN_MASK,
 };

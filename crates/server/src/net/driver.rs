@@ -26,7 +26,7 @@ use tokio_util::sync::CancellationToken;
 /// The engine connection the shell itself uses to ask for `Status` (never a socket).
 pub(crate) const INTERNAL_CONN: ConnId = 0;
 /// The client id of that connection.
-pub(crate) const INTERNAL_CLIENT: ClientId = ClientId(u64::MAX);
+pub(crate) const INTERNAL_CLIENT: ClientId = ClientId::new(u64::MAX, ClientKind::Admin);
 
 /// From connection tasks (bounded: a flood of requests pushes back onto the sockets).
 pub(crate) enum Input {
@@ -96,11 +96,18 @@ struct SyncState {
     /// Every ticket up to this one is on stable storage.
     synced: u64,
     syncing: bool,
+    /// The first flush failure, for good: see [`GroupSync::sync`].
+    failed: Option<(std::io::ErrorKind, String)>,
 }
 
 /// Group fdatasync for concurrent copies: a copy whose write has completed takes a ticket
 /// and returns once a flush that *started after* its ticket has finished. Copies finishing
 /// together share one flush instead of queueing one each behind the device.
+///
+/// A failed flush fails every caller it covered and every later one: after a writeback
+/// error Linux may drop the dirty pages and report the error only once, so a later flush
+/// that succeeds proves nothing about writes made before the failure. (The engine treats
+/// any failed copy as fatal; the server stops and the next one recovers from the journal.)
 #[derive(Default)]
 pub(crate) struct GroupSync {
     state: std::sync::Mutex<SyncState>,
@@ -124,6 +131,12 @@ impl GroupSync {
             if st.synced >= ticket {
                 return Ok(());
             }
+            if let Some((kind, why)) = &st.failed {
+                return Err(std::io::Error::new(
+                    *kind,
+                    format!("an earlier flush of the device failed ({why}); writes it covered may be lost, so none is reported durable"),
+                ));
+            }
             if !st.syncing {
                 st.syncing = true;
                 let covers = st.issued;
@@ -131,11 +144,15 @@ impl GroupSync {
                 let result = flush();
                 st = self.lock();
                 st.syncing = false;
-                if result.is_ok() {
-                    st.synced = st.synced.max(covers);
+                match &result {
+                    Ok(()) => st.synced = st.synced.max(covers),
+                    Err(e) => {
+                        if st.failed.is_none() {
+                            st.failed = Some((e.kind(), e.to_string()));
+                        }
+                    }
                 }
                 self.done.notify_all();
-                // A failed flush fails its own caller; waiters retry with a flush of their own.
                 result?;
                 continue;
             }
@@ -647,7 +664,7 @@ impl Driver {
                     protocol_version: u32::from(PROTOCOL_VERSION),
                     client: INTERNAL_CLIENT,
                     node: 0,
-                    kind: ClientKind::Admin,
+                    incarnation: 0,
                     client_nonce: self.internal_nonce,
                     resuming: false,
                 },
@@ -803,7 +820,7 @@ mod tests {
     }
 
     #[test]
-    fn a_failed_group_flush_fails_its_caller_and_the_next_one_retries() {
+    fn a_failed_group_flush_fails_its_caller_and_every_later_one() {
         let sync = GroupSync::default();
         let calls = AtomicU64::new(0);
         let flaky = || {
@@ -814,6 +831,200 @@ mod tests {
             }
         };
         assert!(sync.sync(flaky).is_err());
-        assert!(sync.sync(flaky).is_ok());
+        let again = sync.sync(flaky);
+        assert!(again.is_err(), "no retry can prove the lost writes durable");
+        assert_eq!(
+            calls.load(Ordering::SeqCst),
+            1,
+            "no second flush is even tried"
+        );
+    }
+
+    /// Waits until `n` tickets have been handed out (callers are inside `sync`).
+    fn wait_for_tickets(sync: &GroupSync, n: u64) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while sync.lock().issued < n {
+            assert!(Instant::now() < deadline, "callers never reached the sync");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    /// Two callers whose writes completed while another flush ran both wait for the next
+    /// flush, which covers both. It fails: on Linux a failed fdatasync may have dropped
+    /// their dirty pages, so a later flush that succeeds proves nothing about them. Every
+    /// caller it covered must see the failure, and so must every later caller.
+    #[test]
+    fn a_failed_flush_fails_every_waiter_it_covered_and_every_later_caller() {
+        let sync = Arc::new(GroupSync::default());
+        let flushes = Arc::new(AtomicU64::new(0));
+        let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
+        let release_rx = std::sync::Mutex::new(release_rx);
+        // Flush 1 blocks until released; flush 2 fails; later ones succeed.
+        let flush = {
+            let flushes = flushes.clone();
+            move || -> std::io::Result<()> {
+                match flushes.fetch_add(1, Ordering::SeqCst) {
+                    0 => {
+                        let _ = release_rx.lock().unwrap().recv();
+                        Ok(())
+                    }
+                    1 => Err(std::io::Error::other("EIO from fdatasync")),
+                    _ => Ok(()),
+                }
+            }
+        };
+        let flush = Arc::new(flush);
+        let first = {
+            let (sync, flush) = (sync.clone(), flush.clone());
+            std::thread::spawn(move || sync.sync(|| flush()))
+        };
+        wait_for_tickets(&sync, 1);
+        let waiters: Vec<_> = (0..2)
+            .map(|_| {
+                let (sync, flush) = (sync.clone(), flush.clone());
+                std::thread::spawn(move || sync.sync(|| flush()))
+            })
+            .collect();
+        wait_for_tickets(&sync, 3);
+        release_tx.send(()).unwrap();
+        assert!(first.join().unwrap().is_ok(), "flush 1 succeeded");
+        let results: Vec<_> = waiters.into_iter().map(|t| t.join().unwrap()).collect();
+        for r in &results {
+            let e = r
+                .as_ref()
+                .expect_err("a write covered by the failed flush is not durable");
+            assert!(
+                e.to_string().contains("EIO"),
+                "the error names the failure: {e}"
+            );
+        }
+        let later = sync.sync(|| flush());
+        assert!(
+            later.is_err(),
+            "after a failed flush nothing written before it can be proven durable: {later:?}"
+        );
+    }
+
+    /// A store device with a volatile write cache that behaves like Linux after a writeback
+    /// error: flush 1 blocks until released, flush 2 fails *and drops the cached writes*
+    /// (the pages are marked clean), later flushes succeed.
+    struct LosingDevice {
+        state: std::sync::Mutex<LosingState>,
+        release: std::sync::Mutex<std::sync::mpsc::Receiver<()>>,
+    }
+
+    #[derive(Default)]
+    struct LosingState {
+        durable: HashMap<u64, Vec<u8>>,
+        cached: HashMap<u64, Vec<u8>>,
+        flushes: u64,
+    }
+
+    impl BlockDevice for LosingDevice {
+        fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+            let st = self.state.lock().unwrap();
+            match st.cached.get(&offset).or(st.durable.get(&offset)) {
+                Some(d) if d.len() == buf.len() => buf.copy_from_slice(d),
+                _ => buf.fill(0),
+            }
+            Ok(())
+        }
+
+        fn write_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
+            self.state
+                .lock()
+                .unwrap()
+                .cached
+                .insert(offset, buf.to_vec());
+            Ok(())
+        }
+
+        fn flush(&self) -> std::io::Result<()> {
+            // A flush covers what was written before it started.
+            let (n, cached) = {
+                let mut st = self.state.lock().unwrap();
+                st.flushes += 1;
+                (st.flushes, std::mem::take(&mut st.cached))
+            };
+            if n == 1 {
+                let _ = self.release.lock().unwrap().recv();
+            }
+            if n == 2 {
+                return Err(std::io::Error::other(
+                    "EIO: writeback failed, pages dropped",
+                ));
+            }
+            self.state.lock().unwrap().durable.extend(cached);
+            Ok(())
+        }
+
+        fn len(&self) -> u64 {
+            1 << 30
+        }
+
+        fn name(&self) -> String {
+            "losing device".into()
+        }
+    }
+
+    /// Copies whose data a failed flush lost are never reported durable (the engine would
+    /// record their exceptions and let the origin be overwritten).
+    #[test]
+    fn copies_whose_data_a_failed_flush_dropped_are_never_reported_durable() {
+        let cs = 4096;
+        let geometry = Geometry::plan(cs, 64 * cs, 16 << 20, "test").unwrap();
+        let origin = crate::store::MemDevice::new(64 * cs);
+        for chunk in 0..64u64 {
+            origin
+                .write_at(&vec![chunk as u8 + 1; cs as usize], chunk * cs)
+                .unwrap();
+        }
+        let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
+        let store = Arc::new(LosingDevice {
+            state: Default::default(),
+            release: std::sync::Mutex::new(release_rx),
+        });
+        let data = Arc::new(DataPath {
+            origin: Arc::new(origin),
+            store: store.clone(),
+            geometry,
+            store_sync: GroupSync::default(),
+        });
+        let to = |i: u64| geometry.data_start_chunk + i;
+        let copy = |i: u64| {
+            let data = data.clone();
+            std::thread::spawn(move || {
+                data.copy(
+                    CopySource::Origin { chunk: i },
+                    geometry.data_start_chunk + i,
+                )
+            })
+        };
+        // Copy 0 flushes (flush 1, held); copies 1 and 2 complete their writes meanwhile
+        // and wait for the next flush, which fails and drops their data.
+        let first = copy(0);
+        wait_for_tickets(&data.store_sync, 1);
+        let waiting: Vec<_> = (1..3).map(copy).collect();
+        wait_for_tickets(&data.store_sync, 3);
+        release_tx.send(()).unwrap();
+        let mut results = vec![first.join().unwrap()];
+        results.extend(waiting.into_iter().map(|t| t.join().unwrap()));
+        let durable = store.state.lock().unwrap().durable.clone();
+        for (i, r) in results.iter().enumerate() {
+            let i = i as u64;
+            let on_disk = durable.get(&geometry.chunk_offset(to(i)));
+            if r.is_ok() {
+                assert_eq!(
+                    on_disk.map(|d| d[0]),
+                    Some(i as u8 + 1),
+                    "copy {i} was reported durable but its data is not on the device"
+                );
+            }
+        }
+        assert!(results[0].is_ok(), "copy 0 was flushed by flush 1");
+        assert!(
+            results[1].is_err() && results[2].is_err(),
+            "the failed flush covered copies 1 and 2: {results:?}"
+        );
     }
 }

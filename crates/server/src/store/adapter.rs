@@ -71,6 +71,21 @@ impl MetaStore for Store {
         Ok(info(&rec, 0))
     }
 
+    fn create_snapshot_with_token(
+        &mut self,
+        name: &str,
+        ctime: u64,
+        token: u64,
+    ) -> Result<SnapshotInfo, EngineError> {
+        let rec = Store::create_snapshot_with_token(self, name, ctime, token)?;
+        Ok(info(&rec, 0))
+    }
+
+    fn created_with(&mut self, id: SnapId, token: u64) -> Result<bool, EngineError> {
+        let token = token & crate::engine::CREATE_TOKEN_MASK;
+        Ok(token != 0 && Store::snapshot(self, id.0).is_some_and(|r| r.create_token == token))
+    }
+
     fn delete_snapshot(&mut self, id: SnapId) -> Result<(), EngineError> {
         Ok(Store::delete_snapshot(self, id.0)?)
     }

@@ -97,6 +97,9 @@ pub struct SnapshotRecord {
     /// For Deleting and Invalid snapshots: the reclaim pass whose completion frees what they
     /// alone held (0 = nothing pending).
     pub pending_pass: u64,
+    /// The creator's request token (`CreateSnapshot.token`), its low 40 bits; 0 = none.
+    /// Lets a create resent after a lost answer (even to a new server) find its snapshot.
+    pub create_token: u64,
 }
 
 /// One exception record: snapshots `first..=last` of origin chunk `chunk` read
@@ -157,6 +160,8 @@ const STATE_INVALID: u8 = 2;
 const STATE_DELETING: u8 = 3;
 const MAX_NAME: usize = 255;
 const MAX_REASON: usize = 72;
+/// The create token's bits kept in the record (bytes 11..16).
+const CREATE_TOKEN_MASK: u64 = (1 << csnap_proto::CREATE_TOKEN_BITS) - 1;
 
 impl SnapshotRecord {
     fn encode(&self) -> [u8; btree::SNAPSHOT_VALUE] {
@@ -179,6 +184,7 @@ impl SnapshotRecord {
         let reason = truncate_utf8(reason, MAX_REASON);
         v[9] = reason.len() as u8;
         v[10] = self.name.len() as u8;
+        v[11..16].copy_from_slice(&(self.create_token & CREATE_TOKEN_MASK).to_le_bytes()[..5]);
         put_u64(&mut v, 16, self.pending_pass);
         v[24..24 + self.name.len()].copy_from_slice(self.name.as_bytes());
         v[280..280 + reason.len()].copy_from_slice(reason.as_bytes());
@@ -214,6 +220,11 @@ impl SnapshotRecord {
             ctime: get_u64(v, 0),
             state,
             pending_pass: get_u64(v, 16),
+            create_token: {
+                let mut t = [0u8; 8];
+                t[..5].copy_from_slice(&v[11..16]);
+                u64::from_le_bytes(t)
+            },
         })
     }
 }
@@ -664,6 +675,16 @@ impl Store {
 
     /// Creates a live snapshot with the next id and returns it.
     pub fn create_snapshot(&mut self, name: &str, ctime: u64) -> Result<SnapshotRecord> {
+        self.create_snapshot_with_token(name, ctime, 0)
+    }
+
+    /// `create_snapshot`, recording the creator's request token (its low 40 bits).
+    pub fn create_snapshot_with_token(
+        &mut self,
+        name: &str,
+        ctime: u64,
+        token: u64,
+    ) -> Result<SnapshotRecord> {
         check_snapshot_name(name)?;
         if self.names.contains_key(name) {
             return Err(StoreError::NameTaken(name.to_owned()));
@@ -678,6 +699,7 @@ impl Store {
                 ctime,
                 state: SnapState::Live,
                 pending_pass: 0,
+                create_token: token & CREATE_TOKEN_MASK,
             };
             s.put_snapshot(rec.clone())?;
             Ok(rec)

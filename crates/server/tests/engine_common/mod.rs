@@ -273,17 +273,20 @@ impl<S: TestStore> Harness<S> {
         n.into_iter().map(|f| f.msg).collect()
     }
 
-    /// Connects and authenticates a client; returns its connection.
+    /// Connects and authenticates client instance `client`'s connection of this kind
+    /// (identity `ClientId::new(client, kind)`, incarnation `client`: connecting the same
+    /// one again is a reconnect); returns its connection.
     pub fn connect(&mut self, client: u64, kind: ClientKind, resuming: bool) -> ConnId {
         let conn = self.open_conn();
         let client_nonce = [client as u8 ^ 0x5a; 32];
+        let id = ClientId::new(client, kind);
         let hello = self.send(
             conn,
             ClientMsg::Hello {
                 protocol_version: u32::from(PROTOCOL_VERSION),
-                client: ClientId(client),
+                client: id,
                 node: 1,
-                kind,
+                incarnation: client,
                 client_nonce,
                 resuming,
             },
@@ -296,10 +299,10 @@ impl<S: TestStore> Harness<S> {
             panic!("no challenge");
         };
         assert!(
-            auth::verify_server_proof(KEY, ClientId(client), &client_nonce, &server_nonce, &proof),
+            auth::verify_server_proof(KEY, id, &client_nonce, &server_nonce, &proof),
             "server proof must verify"
         );
-        let proof = auth::client_proof(KEY, ClientId(client), &client_nonce, &server_nonce);
+        let proof = auth::client_proof(KEY, id, &client_nonce, &server_nonce);
         let id = self.send(conn, ClientMsg::AuthResponse { proof });
         match self.reply_to(conn, id) {
             Some(ServerMsg::Welcome { .. }) => conn,
@@ -313,7 +316,13 @@ impl<S: TestStore> Harness<S> {
 
     /// Creates a snapshot through `admin`, acking NewSnapshot on every given origin conn.
     pub fn create_snapshot(&mut self, admin: ConnId, name: &str, origins: &[ConnId]) -> SnapId {
-        let id = self.send(admin, ClientMsg::CreateSnapshot { name: name.into() });
+        let id = self.send(
+            admin,
+            ClientMsg::CreateSnapshot {
+                name: name.into(),
+                token: 0,
+            },
+        );
         for &o in origins {
             for n in self.notices(o) {
                 if let ServerMsg::NewSnapshot { snap } = n {

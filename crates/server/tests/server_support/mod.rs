@@ -202,19 +202,16 @@ impl Drop for Client {
     }
 }
 
+/// A handshake: client instance `client`'s connection of `kind` (identity
+/// `ClientId::new(client, kind)`, incarnation `client`: the same again is a reconnect).
 pub struct Hello {
-    pub client: ClientId,
+    pub client: u64,
     pub kind: ClientKind,
     pub resuming: bool,
 }
 
 impl Client {
-    pub async fn connect(
-        addr: &ListenAddr,
-        key: &[u8],
-        client: ClientId,
-        kind: ClientKind,
-    ) -> Client {
+    pub async fn connect(addr: &ListenAddr, key: &[u8], client: u64, kind: ClientKind) -> Client {
         Self::handshake(
             connect_raw(addr).await.unwrap(),
             key,
@@ -235,14 +232,15 @@ impl Client {
         let mut rd = FramedRead::new(rd, FrameCodec::<ServerFrame, ClientFrame>::new());
         let mut wr = FramedWrite::new(wr, FrameCodec::<ServerFrame, ClientFrame>::new());
         let client_nonce = auth::random_nonce();
+        let client = ClientId::new(hello.client, hello.kind);
         let send = |id, msg| ClientFrame { id, msg };
         wr.send(send(
             1,
             ClientMsg::Hello {
                 protocol_version: u32::from(PROTOCOL_VERSION),
-                client: hello.client,
+                client,
                 node: 1,
-                kind: hello.kind,
+                incarnation: hello.client,
                 client_nonce,
                 resuming: hello.resuming,
             },
@@ -269,8 +267,8 @@ impl Client {
             });
         };
         let server_proof_ok =
-            auth::verify_server_proof(key, hello.client, &client_nonce, &server_nonce, &proof);
-        let proof = auth::client_proof(key, hello.client, &client_nonce, &server_nonce);
+            auth::verify_server_proof(key, client, &client_nonce, &server_nonce, &proof);
+        let proof = auth::client_proof(key, client, &client_nonce, &server_nonce);
         wr.send(send(2, ClientMsg::AuthResponse { proof }))
             .await
             .map_err(|_| Refused {
@@ -356,7 +354,7 @@ impl Client {
             notices: tokio::sync::Mutex::new(notices),
             gate,
             unique,
-            client: hello.client,
+            client,
             chunk_size,
             origin_chunks,
             replies_seen,

@@ -1,0 +1,290 @@
+//! Requests resent after a lost connection (issue 8, finding 7), through a proxy that drops
+//! the answer to one request and cuts the connection: the client resends on its next
+//! connection, and the resend must do what the first send meant.
+
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use csnap_blockdev::client::{ClientConfig, Volume};
+use csnap_proto::{decode_frame, ClientFrame, ClientMsg, Decoded, ServerFrame, SnapRef};
+use csnap_server::net::{self, ListenAddr, RunningServer, ServerConfig};
+use support::{Fixture, WAIT};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::{watch, Mutex};
+
+const CHUNK: u64 = 4096;
+
+async fn start_server(fx: &Fixture, sock: &Path) -> RunningServer {
+    let mut cfg = ServerConfig::new(
+        &fx.origin,
+        &fx.store,
+        ListenAddr::Unix(sock.to_owned()),
+        &fx.key_file,
+    );
+    cfg.direct_io = false;
+    tokio::time::timeout(WAIT, net::start(cfg))
+        .await
+        .expect("server started in time")
+        .expect("server starts")
+}
+
+async fn connect(fx: &Fixture, sock: &Path, instance: u64) -> Arc<Volume> {
+    let volume = Volume::connect(ClientConfig {
+        server: csnap_blockdev::nbd::ListenAddr::Unix(sock.to_owned()),
+        key: std::fs::read(&fx.key_file).unwrap(),
+        instance,
+        node: 1,
+        origin: fx.origin.clone(),
+        store: fx.store.clone(),
+        connect_timeout: WAIT,
+        cache_chunks: 1 << 10,
+        direct_io: false,
+    });
+    tokio::time::timeout(WAIT, volume)
+        .await
+        .expect("connected in time")
+        .expect("client connects")
+}
+
+type Pick = fn(&ClientMsg) -> bool;
+
+/// A Unix-socket proxy in front of the server. Once armed with a predicate, the first
+/// connection that sends a matching request has the server's next frame (its answer)
+/// dropped and is cut; new connections then wait until `release`.
+struct Proxy {
+    path: PathBuf,
+    arm: Arc<Mutex<Option<Pick>>>,
+    cut: watch::Receiver<bool>,
+    release: watch::Sender<bool>,
+}
+
+impl Proxy {
+    fn start(listen: PathBuf, server: PathBuf) -> Proxy {
+        let listener = UnixListener::bind(&listen).unwrap();
+        let arm: Arc<Mutex<Option<Pick>>> = Arc::default();
+        let (cut_tx, cut) = watch::channel(false);
+        let (release, release_rx) = watch::channel(true);
+        let cut_tx = Arc::new(cut_tx);
+        {
+            let arm = arm.clone();
+            tokio::spawn(async move {
+                loop {
+                    let Ok((client, _)) = listener.accept().await else {
+                        return;
+                    };
+                    let mut open = release_rx.clone();
+                    let _ = open.wait_for(|o| *o).await;
+                    let Ok(upstream) = UnixStream::connect(&server).await else {
+                        continue;
+                    };
+                    tokio::spawn(pipe(client, upstream, arm.clone(), cut_tx.clone()));
+                }
+            });
+        }
+        Proxy {
+            path: listen,
+            arm,
+            cut,
+            release,
+        }
+    }
+
+    /// Cuts the connection that next sends a request matching `pick`, dropping its answer,
+    /// and holds reconnects until `release`.
+    async fn drop_answer_to(&mut self, pick: Pick) {
+        *self.arm.lock().await = Some(pick);
+        self.release.send_replace(false);
+    }
+
+    async fn wait_cut(&mut self) {
+        tokio::time::timeout(WAIT, self.cut.wait_for(|c| *c))
+            .await
+            .expect("the connection was cut in time")
+            .unwrap();
+    }
+
+    fn release(&self) {
+        self.release.send_replace(true);
+    }
+}
+
+async fn pipe(
+    client: UnixStream,
+    upstream: UnixStream,
+    arm: Arc<Mutex<Option<Pick>>>,
+    cut: Arc<watch::Sender<bool>>,
+) {
+    let (mut crd, mut cwr) = client.into_split();
+    let (mut srd, mut swr) = upstream.into_split();
+    let (marked_tx, mut marked) = watch::channel(false);
+    let up = async move {
+        let mut buf = Vec::new();
+        let mut chunk = vec![0u8; 64 * 1024];
+        loop {
+            let n = match crd.read(&mut chunk).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => n,
+            };
+            buf.extend_from_slice(&chunk[..n]);
+            while let Ok(Decoded::Frame(frame, used)) = decode_frame::<ClientFrame>(&buf) {
+                let bytes: Vec<u8> = buf.drain(..used).collect();
+                let mut armed = arm.lock().await;
+                if armed.is_some_and(|pick| pick(&frame.msg)) {
+                    *armed = None;
+                    marked_tx.send_replace(true);
+                }
+                drop(armed);
+                if swr.write_all(&bytes).await.is_err() {
+                    return;
+                }
+            }
+        }
+    };
+    let down = async move {
+        let mut buf = Vec::new();
+        let mut chunk = vec![0u8; 64 * 1024];
+        loop {
+            let n = match srd.read(&mut chunk).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => n,
+            };
+            buf.extend_from_slice(&chunk[..n]);
+            while let Ok(Decoded::Frame(_frame, used)) = decode_frame::<ServerFrame>(&buf) {
+                let bytes: Vec<u8> = buf.drain(..used).collect();
+                if *marked.borrow_and_update() {
+                    // The answer to the marked request: lost with the connection.
+                    cut.send_replace(true);
+                    return;
+                }
+                if cwr.write_all(&bytes).await.is_err() {
+                    return;
+                }
+            }
+        }
+    };
+    // Either direction ending ends both (dropping the halves closes the sockets).
+    tokio::select! {
+        _ = up => {}
+        _ = down => {}
+    }
+}
+
+fn is_delete(m: &ClientMsg) -> bool {
+    matches!(m, ClientMsg::DeleteSnapshot { .. })
+}
+
+fn is_create(m: &ClientMsg) -> bool {
+    matches!(m, ClientMsg::CreateSnapshot { .. })
+}
+
+/// Deleting "x" by name; the answer is lost with the connection; meanwhile another admin
+/// creates a new "x". The resend must not delete the new one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resent_delete_deletes_the_snapshot_it_meant_not_a_newer_one_with_its_name() {
+    let fx = Fixture::new(CHUNK, CHUNK * 16, 16 << 20);
+    let sock = fx.path("server.sock");
+    let server = start_server(&fx, &sock).await;
+    let mut proxy = Proxy::start(fx.path("proxy.sock"), sock.clone());
+    let client = connect(&fx, &proxy.path, 0x100).await;
+    let other = connect(&fx, &sock, 0x200).await;
+    let old = client.create_snapshot("x").await.expect("create x").id;
+
+    proxy.drop_answer_to(is_delete).await;
+    let delete = {
+        let client = client.clone();
+        tokio::spawn(async move { client.delete_snapshot(SnapRef::Name("x".into())).await })
+    };
+    proxy.wait_cut().await;
+    // The first send deleted the old "x"; a new "x" appears before the client is back.
+    let new = tokio::time::timeout(WAIT, other.create_snapshot("x"))
+        .await
+        .expect("created in time")
+        .expect("a new x");
+    assert_ne!(new.id, old);
+    proxy.release();
+    let deleted = tokio::time::timeout(WAIT, delete)
+        .await
+        .expect("the delete finished in time")
+        .unwrap();
+    let listed = other.list_snapshots().await.expect("list");
+    assert!(
+        listed.iter().any(|s| s.id == new.id && s.name == "x"),
+        "the resent delete removed the newer snapshot {} named x (answer {deleted:?}); left: {listed:?}",
+        new.id
+    );
+    assert!(listed.iter().all(|s| s.id != old), "the old x is gone");
+    assert_eq!(deleted.expect("the delete succeeded"), old);
+    client.shutdown().await;
+    other.shutdown().await;
+    server.shutdown().await.expect("clean shutdown");
+}
+
+/// Creating "y"; the answer is lost with the connection. The resend must answer success
+/// with the snapshot the first send created, not "name taken", and create nothing more.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resent_create_answers_success_with_the_snapshot_it_created() {
+    let fx = Fixture::new(CHUNK, CHUNK * 16, 16 << 20);
+    let sock = fx.path("server.sock");
+    let server = start_server(&fx, &sock).await;
+    let mut proxy = Proxy::start(fx.path("proxy.sock"), sock.clone());
+    let client = connect(&fx, &proxy.path, 0x100).await;
+    let other = connect(&fx, &sock, 0x200).await;
+
+    proxy.drop_answer_to(is_create).await;
+    let create = {
+        let client = client.clone();
+        tokio::spawn(async move { client.create_snapshot("y").await })
+    };
+    proxy.wait_cut().await;
+    let listed = other.list_snapshots().await.expect("list");
+    assert_eq!(listed.len(), 1, "the first send created y: {listed:?}");
+    proxy.release();
+    let created = tokio::time::timeout(WAIT, create)
+        .await
+        .expect("the create finished in time")
+        .unwrap()
+        .expect("the resent create answers success");
+    assert_eq!(created.id, listed[0].id);
+    assert_eq!(created.name, "y");
+    assert_eq!(other.list_snapshots().await.expect("list").len(), 1);
+    client.shutdown().await;
+    other.shutdown().await;
+    server.shutdown().await.expect("clean shutdown");
+}
+
+/// As above, but the server crashes after answering and a new one starts on the store
+/// before the client is back (a failover): the resend still answers success.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_create_resent_to_a_new_server_answers_success_with_the_snapshot_it_created() {
+    let fx = Fixture::new(CHUNK, CHUNK * 16, 16 << 20);
+    let sock = fx.path("server.sock");
+    let server = start_server(&fx, &sock).await;
+    let mut proxy = Proxy::start(fx.path("proxy.sock"), sock.clone());
+    let client = connect(&fx, &proxy.path, 0x100).await;
+
+    proxy.drop_answer_to(is_create).await;
+    let create = {
+        let client = client.clone();
+        tokio::spawn(async move { client.create_snapshot("z").await })
+    };
+    proxy.wait_cut().await;
+    // Crash-like: no clean shutdown; the next server recovers the store from its journal.
+    drop(server);
+    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    let server = start_server(&fx, &sock).await;
+    proxy.release();
+    let created = tokio::time::timeout(WAIT, create)
+        .await
+        .expect("the create finished in time")
+        .unwrap()
+        .expect("the resent create answers success");
+    assert_eq!(created.name, "z");
+    let listed = client.list_snapshots().await.expect("list");
+    assert_eq!(listed.len(), 1, "{listed:?}");
+    assert_eq!(listed[0].id, created.id);
+    client.shutdown().await;
+    server.shutdown().await.expect("clean shutdown");
+}
