@@ -87,17 +87,20 @@ pub enum Action {
     Fatal { reason: String },
 }
 
-/// What to sacrifice when the store has no free chunk. Origin writes never fail because of
-/// the store under either policy.
+/// What to sacrifice when the store has no free chunk, or its metadata area no room for
+/// the records a copy needs. Origin writes never fail because of the store under either
+/// policy.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum StoreFullPolicy {
-    /// Any allocation that finds the store full invalidates the oldest live snapshot (for an
-    /// origin copy-out: the oldest that needs the copy; for a snapshot write: the oldest
-    /// other than the writer), frees what it alone held, and retries.
+    /// Any allocation that finds the store (data or metadata area) full invalidates the
+    /// oldest live snapshot of the volume (for a snapshot write: the oldest other than the
+    /// writer), whether or not it shares the chunk being copied, frees what it alone held,
+    /// and retries; then the next oldest, until there is room (or, for an origin copy-out,
+    /// no live snapshot needs the copy any more).
     #[default]
     InvalidateOldest,
-    /// Snapshot writes fail with `StoreFull`; origin copy-outs still invalidate the oldest
-    /// snapshot that needs the copy.
+    /// Snapshot writes that find the store full fail with `StoreFull` and sacrifice nothing;
+    /// origin copy-outs invalidate the oldest live snapshots as above.
     FailSnapshotWritesOnly,
 }
 

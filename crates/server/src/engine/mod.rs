@@ -15,5 +15,6 @@ pub use io::{
 };
 pub use machine::Engine;
 pub use meta_store::{
-    Exception, MemStore, MetaStore, ReclaimProgress, SnapChunk, StoreError, StoreStats,
+    Exception, MemStore, MetaStore, MetadataSpace, ReclaimProgress, SnapChunk, StoreError,
+    StoreStats,
 };

@@ -129,6 +129,12 @@ pub struct MetadataSpace {
     /// inserts one record per run, a snapshot write's unshare up to three, a snapshot
     /// creation one row. Beyond this, growing operations fail with `MetadataFull`.
     pub insert_room: u64,
+    /// Snapshots that may still be created before the snapshot table (deleted snapshots
+    /// count until reclaim drops them) would fill half the node area. Invalidating
+    /// snapshots frees exception records, never snapshot rows, so the request engine keeps
+    /// the table within this bound: the other half is left to the records the store-full
+    /// policy can free.
+    pub snapshot_room: u64,
 }
 
 /// An inclusive run of snapshot ids.
@@ -657,6 +663,9 @@ impl Store {
             blocks: self.meta.geo.meta_blocks,
             free_blocks: free,
             insert_room: free.saturating_sub(META_RESERVE) / self.meta_blocks_for(1),
+            snapshot_room: (self.meta.geo.meta_blocks / 2)
+                .saturating_mul(Tree::Snapshots.leaf_capacity() as u64)
+                .saturating_sub(self.snaps.len() as u64),
         }
     }
 
