@@ -1,6 +1,7 @@
 //! The engine when the store runs out of space: which snapshot the store-full policy gives
-//! up (the oldest of the volume first), and a full metadata (node) area handled by the same
-//! policy instead of stopping the server (also after a restart).
+//! up (the oldest of the volume first), a full metadata (node) area handled by the same
+//! policy instead of stopping the server (also after a restart), and the usage warnings
+//! before either area is full.
 
 mod engine_common;
 
@@ -370,6 +371,135 @@ fn full_metadata_area_invalidates_the_oldest_snapshot_and_the_server_keeps_servi
     assert_eq!(snapshot_read(&mut h, reader, newest, 5), [140_005, 140_005]);
     h.settle();
     h.engine.store_mut().consistency().unwrap();
+}
+
+fn status<S: TestStore>(h: &mut Harness<S>, admin: ConnId) -> ServerStatus {
+    let s = h.send(admin, ClientMsg::Status);
+    match h.reply_to(admin, s) {
+        Some(ServerMsg::Status(st)) => st,
+        other => panic!("no status: {other:?}"),
+    }
+}
+
+/// Warnings before the store is full: logged once when usage crosses 80% and 90% of the
+/// data area (the defaults), not again while it stays above, shown in the status while
+/// above, and logged again after usage fell and rose again.
+#[test]
+fn data_usage_warnings_are_logged_once_per_crossing() {
+    let mut h = Harness::new(config(), 64, 20);
+    let origin = h.connect(1, ClientKind::Origin, false);
+    let admin = h.admin();
+    let s1 = h.create_snapshot(admin, "s1", &[origin]);
+    let warnings = |h: &Harness, pct: &str| {
+        h.errors(LogLevel::Warn)
+            .iter()
+            .filter(|m| m.contains("FILLING: data area") && m.contains(pct))
+            .count()
+    };
+    for c in 0..15 {
+        origin_write(&mut h, origin, c, 1);
+    }
+    assert_eq!(warnings(&h, "80%"), 0, "75% used: no warning yet");
+    assert!(status(&mut h, admin).space_warnings.is_empty());
+    origin_write(&mut h, origin, 15, 1);
+    assert_eq!(warnings(&h, "80%"), 1, "{:?}", h.logs);
+    assert_eq!(
+        status(&mut h, admin).space_warnings,
+        vec![SpaceWarning {
+            area: StoreArea::Data,
+            level_percent: 80,
+            used_percent: 80
+        }]
+    );
+    origin_write(&mut h, origin, 16, 1);
+    assert_eq!(warnings(&h, "80%"), 1, "once per crossing");
+    origin_write(&mut h, origin, 17, 1);
+    assert_eq!(warnings(&h, "90%"), 1, "{:?}", h.logs);
+    assert_eq!(warnings(&h, "80%"), 1);
+    let st = status(&mut h, admin);
+    assert_eq!(
+        st.space_warnings,
+        vec![SpaceWarning {
+            area: StoreArea::Data,
+            level_percent: 90,
+            used_percent: 90
+        }]
+    );
+    assert_eq!(
+        (st.metadata_blocks, st.free_metadata_blocks),
+        (0, 0),
+        "MemStore has no metadata area"
+    );
+    // Usage drops (the snapshot is deleted and reclaimed): the warnings re-arm.
+    let d = h.send(
+        admin,
+        ClientMsg::DeleteSnapshot {
+            snap: SnapRef::Id(s1),
+        },
+    );
+    for t in 0..50 {
+        h.handle(Event::Tick { now: 2_000 + t });
+        h.settle();
+    }
+    assert!(h.reply_to(admin, d).is_some());
+    assert!(status(&mut h, admin).space_warnings.is_empty());
+    assert!(h
+        .logs
+        .iter()
+        .any(|(l, m)| *l == LogLevel::Info && m.contains("below the 80% warning level")));
+    h.create_snapshot(admin, "s2", &[origin]);
+    for c in 0..16 {
+        origin_write(&mut h, origin, c, 2);
+    }
+    assert_eq!(warnings(&h, "80%"), 2, "logged again after re-arming");
+}
+
+/// The levels are configurable, per area; the metadata area is watched too and its
+/// figures are in the status.
+#[test]
+fn metadata_usage_warnings_at_configured_levels() {
+    let cfg = EngineConfig {
+        data_warn_percents: vec![],
+        metadata_warn_percents: vec![10, 20],
+        ..config()
+    };
+    let mut h = Harness::with_store(cfg, DiskStore::new(200, 2_000, 512));
+    let origin = h.connect(1, ClientKind::Origin, false);
+    let admin = h.admin();
+    let st = status(&mut h, admin);
+    assert_eq!(st.metadata_blocks, 200);
+    assert!(st.free_metadata_blocks >= 190, "{st:?}");
+    assert!(st.space_warnings.is_empty());
+    // Interleaved records of four snapshots: 2,000 records in more than 20 node blocks.
+    fill_rounds(&mut h, origin, admin, 0..4, 500);
+    let st = status(&mut h, admin);
+    let used = st.metadata_blocks - st.free_metadata_blocks;
+    assert!(used >= 20, "{st:?}");
+    let meta_warnings: Vec<String> = h
+        .errors(LogLevel::Warn)
+        .into_iter()
+        .filter(|m| m.contains("FILLING: metadata area"))
+        .collect();
+    assert_eq!(meta_warnings.len(), 1, "{meta_warnings:?}");
+    assert!(
+        meta_warnings[0].contains("10% warning level"),
+        "{meta_warnings:?}"
+    );
+    assert_eq!(
+        st.space_warnings,
+        vec![SpaceWarning {
+            area: StoreArea::Metadata,
+            level_percent: 10,
+            used_percent: (used * 100 / 200) as u8
+        }]
+    );
+    assert!(
+        !h.errors(LogLevel::Warn)
+            .iter()
+            .any(|m| m.contains("FILLING: data area")),
+        "no data levels configured: {:?}",
+        h.errors(LogLevel::Warn)
+    );
 }
 
 /// The same when the engine learns of the full metadata area only from a failed record

@@ -9,15 +9,15 @@
 
 use super::io::{
     Action, ConnId, CopyId, CopyPurpose, CopySource, EngineConfig, Event, LogLevel, Requester,
-    StoreFullPolicy, LEASE_MARGIN_SECS,
+    StoreFullPolicy, LEASE_MARGIN_SECS, WARN_REARM_POINTS,
 };
 use super::meta_store::{MetaStore, SnapChunk, StoreError, StoreStats};
 use csnap_proto::auth::{self, Nonce};
 use csnap_proto::page_len;
 use csnap_proto::{
     ChunkRange, ClientFrame, ClientId, ClientKind, ClientMsg, ErrorCode, HeldLock, RequestId,
-    ServerFrame, ServerMsg, ServerStatus, SnapId, SnapRef, SnapshotInfo, SnapshotState, StoreAddr,
-    PROTOCOL_VERSION,
+    ServerFrame, ServerMsg, ServerStatus, SnapId, SnapRef, SnapshotInfo, SnapshotState,
+    SpaceWarning, StoreAddr, StoreArea, PROTOCOL_VERSION,
 };
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 
@@ -244,6 +244,8 @@ pub struct Engine<S: MetaStore> {
     /// created before they are certainly stopped.
     lost_origins: Vec<LostOrigin>,
     reclaiming: bool,
+    /// Usage warning levels logged and not yet re-armed: (area, percent).
+    space_warned: BTreeSet<(StoreArea, u8)>,
 }
 
 /// Coalesces sorted chunks into ranges.
@@ -301,6 +303,7 @@ impl<S: MetaStore> Engine<S> {
             lost_origins: Vec::new(),
             // A reclaim interrupted by a crash resumes from the start.
             reclaiming: true,
+            space_warned: BTreeSet::new(),
         };
         if engine.awaited.is_empty() {
             engine.log(
@@ -398,10 +401,9 @@ impl<S: MetaStore> Engine<S> {
             if is_request {
                 self.background_reclaim()?;
                 // Seeds the usage figures after start in bounded steps (a no-op once done).
-                self.store.usage_step(usage_budget).map(|_| ())
-            } else {
-                Ok(())
+                self.store.usage_step(usage_budget)?;
             }
+            self.check_space()
         });
         if let Err(e) = result {
             self.fail(format!("snapshot store failed: {e}"));
@@ -2227,8 +2229,92 @@ impl<S: MetaStore> Engine<S> {
         Ok(list)
     }
 
+    /// Logs each usage warning level an area crossed upwards since the last call, once
+    /// (re-armed when usage fell `WARN_REARM_POINTS` below the level).
+    fn check_space(&mut self) -> Result<(), StoreError> {
+        for (area, used, total) in self.usage()? {
+            let levels = match area {
+                StoreArea::Data => self.cfg.data_warn_percents.clone(),
+                StoreArea::Metadata => self.cfg.metadata_warn_percents.clone(),
+            };
+            let unit = match area {
+                StoreArea::Data => "chunks",
+                StoreArea::Metadata => "node blocks",
+            };
+            let pct = percent(used, total);
+            for level in levels {
+                let warned = self.space_warned.contains(&(area, level));
+                if !warned && at_level(used, total, level) {
+                    self.space_warned.insert((area, level));
+                    self.log(
+                        LogLevel::Warn,
+                        format!(
+                            "SNAPSHOT STORE FILLING: {} at {pct}% used, at or above the {level}% warning level ({used} of {total} {unit}); when it is full, policy {} invalidates snapshots, oldest first",
+                            area,
+                            self.cfg.store_full_policy
+                        ),
+                    );
+                } else if warned && below(used, total, rearm_level(level)) {
+                    self.space_warned.remove(&(area, level));
+                    self.log(
+                        LogLevel::Info,
+                        format!(
+                            "snapshot store {} back to {pct}% used, below the {level}% warning level",
+                            area
+                        ),
+                    );
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// (area, used, total) of the data area and, if the store reports it, the metadata area.
+    fn usage(&mut self) -> Result<Vec<(StoreArea, u64, u64)>, StoreError> {
+        let stats = self.store.stats()?;
+        let mut out = vec![(
+            StoreArea::Data,
+            stats.store_chunks.saturating_sub(stats.free_chunks),
+            stats.store_chunks,
+        )];
+        if let Some(m) = self.store.metadata_space()? {
+            out.push((
+                StoreArea::Metadata,
+                m.blocks.saturating_sub(m.free_blocks),
+                m.blocks,
+            ));
+        }
+        Ok(out)
+    }
+
+    /// Areas at or above a warning level now: the highest level per area.
+    fn space_warnings(&mut self) -> Result<Vec<SpaceWarning>, StoreError> {
+        let mut out = Vec::new();
+        for (area, used, total) in self.usage()? {
+            let levels = match area {
+                StoreArea::Data => &self.cfg.data_warn_percents,
+                StoreArea::Metadata => &self.cfg.metadata_warn_percents,
+            };
+            if let Some(level) = levels
+                .iter()
+                .copied()
+                .filter(|l| at_level(used, total, *l))
+                .max()
+            {
+                out.push(SpaceWarning {
+                    area,
+                    level_percent: level,
+                    used_percent: percent(used, total),
+                });
+            }
+        }
+        Ok(out)
+    }
+
     fn status(&mut self) -> Result<ServerStatus, StoreError> {
         let stats = self.store.stats()?;
+        let metadata = self.store.metadata_space()?;
+        let space_warnings = self.space_warnings()?;
         let snapshots = self.visible_snapshots()?.len() as u32;
         Ok(ServerStatus {
             active: self.awaited.is_empty(),
@@ -2245,8 +2331,35 @@ impl<S: MetaStore> Engine<S> {
             store_full_policy: self.cfg.store_full_policy.to_string(),
             reclaiming: self.reclaiming,
             usage_exact: self.store.usage_exact(),
+            metadata_blocks: metadata.map_or(0, |m| m.blocks),
+            free_metadata_blocks: metadata.map_or(0, |m| m.free_blocks),
+            space_warnings,
         })
     }
+}
+
+/// `used` of `total` in percent, rounded down (0 for an empty area).
+fn percent(used: u64, total: u64) -> u8 {
+    if total == 0 {
+        return 0;
+    }
+    (u128::from(used) * 100 / u128::from(total)).min(100) as u8
+}
+
+/// Where a warning at `level` percent is re-armed: `WARN_REARM_POINTS` lower, or half
+/// the level for levels under twice that.
+fn rearm_level(level: u8) -> u8 {
+    level - WARN_REARM_POINTS.min(level / 2)
+}
+
+/// Is `used` of `total` below `level` percent?
+fn below(used: u64, total: u64, level: u8) -> bool {
+    u128::from(used) * 100 < u128::from(level) * u128::from(total)
+}
+
+/// Is `used` of `total` at or above `level` percent? A level of 0 or an empty area never is.
+fn at_level(used: u64, total: u64, level: u8) -> bool {
+    level > 0 && total > 0 && u128::from(used) * 100 >= u128::from(level) * u128::from(total)
 }
 
 fn error(code: ErrorCode, message: impl Into<String>) -> ServerMsg {
