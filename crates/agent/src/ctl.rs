@@ -107,6 +107,21 @@ fn print_status(v: &VolumeStatus) {
         "  snapshots {} (+{} being created)  clients {}  reclaiming {}  store-full policy {}",
         s.snapshots, s.pending_snapshots, s.connected_clients, s.reclaiming, s.store_full_policy
     );
+    if s.metadata_blocks > 0 {
+        let used = s.metadata_blocks.saturating_sub(s.free_metadata_blocks);
+        println!(
+            "  metadata area {} of {} node blocks used ({}%)",
+            used,
+            s.metadata_blocks,
+            used * 100 / s.metadata_blocks
+        );
+    }
+    for w in &s.space_warnings {
+        println!(
+            "  WARNING: store {} {}% used (warning level {}%); when full, the store-full policy ({}) applies",
+            w.area, w.used_percent, w.level_percent, s.store_full_policy
+        );
+    }
     println!(
         "  origin sessions {}  unique cache {} chunks, {} hits, {} misses",
         v.origin_sessions, v.cached_chunks, v.cache_hits, v.cache_misses

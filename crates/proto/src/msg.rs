@@ -303,6 +303,44 @@ pub struct ServerStatus {
     /// False while the server is still counting per-snapshot usage after start
     /// (`chunks_held` in snapshot lists is partial until then).
     pub usage_exact: bool,
+    /// Node blocks of the store's metadata area (0 if the store does not say).
+    #[serde(default)]
+    pub metadata_blocks: u64,
+    /// Free node blocks (some are kept back for deletes and reclaim).
+    #[serde(default)]
+    pub free_metadata_blocks: u64,
+    /// Store areas used beyond a warning level: at most one per area, the highest level
+    /// crossed. Empty when both are below every level.
+    #[serde(default)]
+    pub space_warnings: Vec<SpaceWarning>,
+}
+
+/// A store area of `ServerStatus::space_warnings`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum StoreArea {
+    /// The data area: copied-out and snapshot-written chunks.
+    Data,
+    /// The metadata (node) area: exception records and the snapshot table.
+    Metadata,
+}
+
+impl std::fmt::Display for StoreArea {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            StoreArea::Data => "data area",
+            StoreArea::Metadata => "metadata area",
+        })
+    }
+}
+
+/// One area above a configured usage warning level.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SpaceWarning {
+    pub area: StoreArea,
+    /// The highest warning level (percent used) the area is at or above.
+    pub level_percent: u8,
+    /// How full the area is now (percent, rounded down).
+    pub used_percent: u8,
 }
 
 /// Most snapshots one `SnapshotList` page holds.

@@ -131,6 +131,13 @@ fn all_server_msgs() -> Vec<ServerMsg> {
             store_full_policy: "invalidate-oldest".into(),
             reclaiming: true,
             usage_exact: true,
+            metadata_blocks: 256,
+            free_metadata_blocks: 40,
+            space_warnings: vec![SpaceWarning {
+                area: StoreArea::Metadata,
+                level_percent: 80,
+                used_percent: 84,
+            }],
         }),
         ServerMsg::Error {
             code: ErrorCode::NoSuchSnapshot,
@@ -456,4 +463,47 @@ fn the_fullest_snapshot_page_fits_a_frame() {
     );
     assert_eq!(csnap_proto::page_len(&small, 0), 1);
     assert_eq!(csnap_proto::page_len(&[], 10), 0);
+}
+
+/// A status from a server that does not send the space fields (metadata figures, usage
+/// warnings) still decodes, with them empty: they were added without a version bump.
+#[test]
+fn a_status_without_the_space_fields_decodes() {
+    #[derive(serde::Serialize)]
+    struct EarlierStatus {
+        active: bool,
+        awaited_clients: Vec<ClientId>,
+        connected_clients: u32,
+        chunk_size: u32,
+        origin_chunks: u64,
+        store_chunks: u64,
+        free_chunks: u64,
+        snapshots: u32,
+        pending_snapshots: u32,
+        store_full_policy: String,
+        reclaiming: bool,
+        usage_exact: bool,
+    }
+    let bytes = rmp_serde::to_vec_named(&EarlierStatus {
+        active: true,
+        awaited_clients: vec![],
+        connected_clients: 1,
+        chunk_size: 4096,
+        origin_chunks: 10,
+        store_chunks: 20,
+        free_chunks: 5,
+        snapshots: 2,
+        pending_snapshots: 0,
+        store_full_policy: "invalidate-oldest".into(),
+        reclaiming: false,
+        usage_exact: true,
+    })
+    .unwrap();
+    let status: ServerStatus = rmp_serde::from_slice(&bytes).unwrap();
+    assert_eq!(status.free_chunks, 5);
+    assert_eq!(
+        (status.metadata_blocks, status.free_metadata_blocks),
+        (0, 0)
+    );
+    assert!(status.space_warnings.is_empty());
 }

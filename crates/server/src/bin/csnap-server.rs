@@ -35,6 +35,13 @@ struct Args {
     /// fail-snapshot-writes-only.
     #[arg(long, value_name = "P", default_value = "invalidate-oldest")]
     store_full_policy: StoreFullPolicy,
+    /// Usage levels (percent, comma separated) of the store's data area at which a warning
+    /// is logged and shown in the status; 0 for none.
+    #[arg(long, value_name = "P,...", default_value = "80,90", value_delimiter = ',', value_parser = parse_percent)]
+    warn_data: Vec<u8>,
+    /// The same for the store's metadata area.
+    #[arg(long, value_name = "P,...", default_value = "80,90", value_delimiter = ',', value_parser = parse_percent)]
+    warn_metadata: Vec<u8>,
     /// Metadata cache size in MiB.
     #[arg(long, value_name = "N", default_value_t = 64)]
     cache_mb: u64,
@@ -48,6 +55,15 @@ struct Args {
     /// Name of the volume in log lines (default: the store path).
     #[arg(long, value_name = "NAME")]
     volume: Option<String>,
+}
+
+fn parse_percent(s: &str) -> Result<u8, String> {
+    match s.trim().trim_end_matches('%').parse::<u8>() {
+        Ok(p) if p <= 100 => Ok(p),
+        _ => Err(format!(
+            "{s:?} is not a percentage from 1 to 100 (or 0 for no warning)"
+        )),
+    }
 }
 
 fn parse_client_id(s: &str) -> Result<ClientId, String> {
@@ -85,6 +101,8 @@ async fn run(args: Args) -> ExitCode {
     let mut config = ServerConfig::new(args.origin, args.store, args.listen, args.key_file);
     config.expected_snapshot_clients = args.expect_clients;
     config.store_full_policy = args.store_full_policy;
+    config.data_warn_percents = args.warn_data;
+    config.metadata_warn_percents = args.warn_metadata;
     config.cache_bytes = args.cache_mb.saturating_mul(1 << 20);
     config.direct_io = !args.buffered_io;
     config.promise_unique = !args.no_unique_promises;

@@ -87,17 +87,20 @@ pub enum Action {
     Fatal { reason: String },
 }
 
-/// What to sacrifice when the store has no free chunk. Origin writes never fail because of
-/// the store under either policy.
+/// What to sacrifice when the store has no free chunk, or its metadata area no room for
+/// the records a copy needs. Origin writes never fail because of the store under either
+/// policy.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum StoreFullPolicy {
-    /// Any allocation that finds the store full invalidates the oldest live snapshot (for an
-    /// origin copy-out: the oldest that needs the copy; for a snapshot write: the oldest
-    /// other than the writer), frees what it alone held, and retries.
+    /// Any allocation that finds the store (data or metadata area) full invalidates the
+    /// oldest live snapshot of the volume (for a snapshot write: the oldest other than the
+    /// writer), whether or not it shares the chunk being copied, frees what it alone held,
+    /// and retries; then the next oldest, until there is room (or, for an origin copy-out,
+    /// no live snapshot needs the copy any more).
     #[default]
     InvalidateOldest,
-    /// Snapshot writes fail with `StoreFull`; origin copy-outs still invalidate the oldest
-    /// snapshot that needs the copy.
+    /// Snapshot writes that find the store full fail with `StoreFull` and sacrifice nothing;
+    /// origin copy-outs invalidate the oldest live snapshots as above.
     FailSnapshotWritesOnly,
 }
 
@@ -154,11 +157,23 @@ pub struct EngineConfig {
     /// No snapshot is announced before this time (`Tick` seconds): a new server after a
     /// failover sets it to when the old server's clients' leases have certainly expired.
     pub hold_snapshots_until: u64,
+    /// Warning levels (percent used) of the store's data area: crossing one upwards is
+    /// logged once (WARN), shown in `Status` while usage is at or above it, and logged again
+    /// only after usage fell `WARN_REARM_POINTS` below it. Default 80 and 90; a level of 0
+    /// is ignored.
+    pub data_warn_percents: Vec<u8>,
+    /// The same for the metadata (node) area. Default 80 and 90.
+    pub metadata_warn_percents: Vec<u8>,
 }
 
 /// Added to a lease before the server counts on its expiry: clock rate differences and a
 /// data write already submitted when the lease ran out.
 pub const LEASE_MARGIN_SECS: u64 = 2;
+
+/// A usage warning is re-armed (logged again at the next crossing) once usage fell this many
+/// percentage points below its level (half the level for levels under 10%), so usage
+/// hovering at a level does not flood the log.
+pub const WARN_REARM_POINTS: u8 = 5;
 
 impl Default for EngineConfig {
     fn default() -> Self {
@@ -173,6 +188,8 @@ impl Default for EngineConfig {
             start_time: 0,
             origin_lease_secs: 10,
             hold_snapshots_until: 0,
+            data_warn_percents: vec![80, 90],
+            metadata_warn_percents: vec![80, 90],
         }
     }
 }

@@ -9,19 +9,28 @@
 
 use super::io::{
     Action, ConnId, CopyId, CopyPurpose, CopySource, EngineConfig, Event, LogLevel, Requester,
-    StoreFullPolicy, LEASE_MARGIN_SECS,
+    StoreFullPolicy, LEASE_MARGIN_SECS, WARN_REARM_POINTS,
 };
 use super::meta_store::{MetaStore, SnapChunk, StoreError, StoreStats};
 use csnap_proto::auth::{self, Nonce};
 use csnap_proto::page_len;
 use csnap_proto::{
     ChunkRange, ClientFrame, ClientId, ClientKind, ClientMsg, ErrorCode, HeldLock, RequestId,
-    ServerFrame, ServerMsg, ServerStatus, SnapId, SnapRef, SnapshotInfo, SnapshotState, StoreAddr,
-    PROTOCOL_VERSION,
+    ServerFrame, ServerMsg, ServerStatus, SnapId, SnapRef, SnapshotInfo, SnapshotState,
+    SpaceWarning, StoreAddr, StoreArea, PROTOCOL_VERSION,
 };
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 
 type WorkId = u64;
+
+/// Insertions a copy leaves room for in the metadata area: a new snapshot's row. Copies
+/// apply the store-full policy when their records would leave less, so that creating a
+/// snapshot (which sacrifices nothing) is refused only when the policy has nothing left
+/// to give up.
+const ROW_HEADROOM_INSERTS: u64 = 1;
+/// When the store-full policy runs for the metadata area, it frees room for this many more
+/// insertions than it needs, so that it does not run again at the very next copy-out.
+const POLICY_HEADROOM_INSERTS: u64 = 4;
 
 /// Exception records the usage counter's seeding walk visits per request or tick after
 /// start: about a millisecond of work, so requests queued behind it barely notice.
@@ -131,14 +140,25 @@ enum Space {
     NoVictim,
 }
 
-/// Whom the store-full policy may sacrifice.
+/// Whom the store-full policy may sacrifice, oldest first.
 #[derive(Clone, Copy)]
 enum VictimRule {
-    /// The oldest live snapshot that still reads this origin chunk from the origin.
-    SharingOrigin(u64),
-    /// The oldest live snapshot other than this one.
+    /// For an origin copy-out of this chunk: the oldest live snapshot of the volume
+    /// (whether or not it shares the chunk), then the next, until there is room or no live
+    /// snapshot needs the copy any more.
+    CopyOut(u64),
+    /// For a snapshot write: the oldest live snapshot other than the writer.
     OtherThan(SnapId),
     Nobody,
+}
+
+/// What the store-full policy makes room for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Area {
+    /// A data chunk.
+    Data,
+    /// This many record insertions in the metadata area.
+    Metadata { records: u64 },
 }
 
 /// A snapshot created in the store, not yet visible: waiting for its commit.
@@ -230,6 +250,8 @@ pub struct Engine<S: MetaStore> {
     /// created before they are certainly stopped.
     lost_origins: Vec<LostOrigin>,
     reclaiming: bool,
+    /// Usage warning levels logged and not yet re-armed: (area, percent).
+    space_warned: BTreeSet<(StoreArea, u8)>,
 }
 
 /// Coalesces sorted chunks into ranges.
@@ -287,6 +309,7 @@ impl<S: MetaStore> Engine<S> {
             lost_origins: Vec::new(),
             // A reclaim interrupted by a crash resumes from the start.
             reclaiming: true,
+            space_warned: BTreeSet::new(),
         };
         if engine.awaited.is_empty() {
             engine.log(
@@ -384,10 +407,9 @@ impl<S: MetaStore> Engine<S> {
             if is_request {
                 self.background_reclaim()?;
                 // Seeds the usage figures after start in bounded steps (a no-op once done).
-                self.store.usage_step(usage_budget).map(|_| ())
-            } else {
-                Ok(())
+                self.store.usage_step(usage_budget)?;
             }
+            self.check_space()
         });
         if let Err(e) = result {
             self.fail(format!("snapshot store failed: {e}"));
@@ -1655,29 +1677,50 @@ impl<S: MetaStore> Engine<S> {
 
     // ---- copies and store-full handling ----
 
-    fn start_copy(&mut self, kind: CopyKind, from: CopySource) -> Result<CopyStart, StoreError> {
-        let rule = match (&kind, self.cfg.store_full_policy) {
-            (CopyKind::OriginCopyOut { chunk }, _) => VictimRule::SharingOrigin(*chunk),
+    fn victim_rule(&self, kind: &CopyKind) -> VictimRule {
+        match (kind, self.cfg.store_full_policy) {
+            (CopyKind::OriginCopyOut { chunk }, _) => VictimRule::CopyOut(*chunk),
             (CopyKind::Unshare { snap, .. }, StoreFullPolicy::InvalidateOldest) => {
                 VictimRule::OtherThan(*snap)
             }
             (CopyKind::Unshare { .. }, StoreFullPolicy::FailSnapshotWritesOnly) => {
                 VictimRule::Nobody
             }
+        }
+    }
+
+    fn start_copy(&mut self, kind: CopyKind, from: CopySource) -> Result<CopyStart, StoreError> {
+        let rule = self.victim_rule(&kind);
+        let out_of_victims = match rule {
+            // Every live snapshot is gone: none needs the copy-out.
+            VictimRule::CopyOut(_) => CopyStart::NotNeeded,
+            _ => CopyStart::Full,
         };
+        // Records the copy's recording inserts: one for a copy-out (more only when snapshot
+        // writes left several gaps: then the record may fail after the copy, which
+        // `on_copy_done` handles), up to three for an unshare's split.
+        let records = match kind {
+            CopyKind::OriginCopyOut { .. } => 1,
+            CopyKind::Unshare { .. } => 3,
+        } + ROW_HEADROOM_INSERTS;
         let to = loop {
+            // Make room for the records first: a copy whose record does not fit is wasted.
+            if self.metadata_short(records)? {
+                let records = records + POLICY_HEADROOM_INSERTS;
+                match self.make_space(rule, Area::Metadata { records })? {
+                    Space::Retry => {}
+                    Space::AfterCommit => return Ok(CopyStart::AfterCommit),
+                    Space::AfterLeases => return Ok(CopyStart::AfterLeases),
+                    Space::NoVictim => return Ok(out_of_victims),
+                }
+            }
             match self.store.reserve_chunk() {
                 Ok(to) => break to,
-                Err(StoreError::Full) => match self.make_space(rule)? {
+                Err(StoreError::Full) => match self.make_space(rule, Area::Data)? {
                     Space::Retry => continue,
                     Space::AfterCommit => return Ok(CopyStart::AfterCommit),
                     Space::AfterLeases => return Ok(CopyStart::AfterLeases),
-                    Space::NoVictim => {
-                        return Ok(match rule {
-                            VictimRule::SharingOrigin(_) => CopyStart::NotNeeded,
-                            _ => CopyStart::Full,
-                        })
-                    }
+                    Space::NoVictim => return Ok(out_of_victims),
                 },
                 Err(e) => return Err(e),
             }
@@ -1711,60 +1754,117 @@ impl<S: MetaStore> Engine<S> {
         Ok(CopyStart::Started)
     }
 
-    /// The store is full: wait for freed chunks to be committed, finish pending reclaim,
-    /// and if that is not enough, invalidate snapshots per the policy.
-    fn make_space(&mut self, rule: VictimRule) -> Result<Space, StoreError> {
-        if self.free_gen > self.committed_gen {
+    /// True if `records` more record insertions might not fit in the metadata area.
+    fn metadata_short(&mut self, records: u64) -> Result<bool, StoreError> {
+        Ok(self
+            .store
+            .metadata_space()?
+            .is_some_and(|m| m.insert_room < records))
+    }
+
+    /// `area` of the store is full: wait for freed chunks to be committed, finish pending
+    /// reclaim, and if that is not enough, invalidate snapshots per the policy, oldest
+    /// first, until there is room.
+    fn make_space(&mut self, rule: VictimRule, area: Area) -> Result<Space, StoreError> {
+        if area == Area::Data && self.free_gen > self.committed_gen {
             self.commit_wanted = true;
             return Ok(Space::AfterCommit);
         }
         if self.reclaim_blocked()? {
             return Ok(Space::AfterLeases);
         }
-        if self.reclaim_for_space()? {
-            return Ok(Space::AfterCommit);
+        if let Some(space) = self.reclaim_for(area)? {
+            return Ok(space);
         }
         loop {
-            let victim = match rule {
-                VictimRule::SharingOrigin(chunk) => self.store.oldest_sharing_origin(chunk)?,
-                VictimRule::OtherThan(writer) => self
-                    .store
-                    .list_snapshots()?
-                    .into_iter()
-                    .find(|s| s.state == SnapshotState::Live && s.id != writer)
-                    .map(|s| s.id),
-                VictimRule::Nobody => None,
-            };
-            let Some(victim) = victim else {
+            let Some(victim) = self.victim(rule)? else {
                 return Ok(Space::NoVictim);
             };
-            // Kept short: it is stored with the snapshot; the log line has the details.
-            let reason = format!("store full ({})", self.cfg.store_full_policy);
-            self.store.invalidate_snapshot(victim, &reason)?;
-            self.snapset_gen = self.touch();
-            self.reclaiming = true;
-            self.log(
-                LogLevel::Error,
-                format!(
-                    "SNAPSHOT STORE FULL: snapshot {victim} invalidated at {} by policy {} to keep origin writes going",
-                    self.now, self.cfg.store_full_policy
-                ),
-            );
+            self.sacrifice(victim, area, rule)?;
             if self.reclaim_blocked()? {
                 return Ok(Space::AfterLeases);
             }
-            if self.reclaim_for_space()? {
-                return Ok(Space::AfterCommit);
+            if let Some(space) = self.reclaim_for(area)? {
+                return Ok(space);
             }
-            // The victim held nothing alone; with rule SharingOrigin the chunk may now be
-            // unique, which the next round finds out.
-            if let VictimRule::SharingOrigin(chunk) = rule {
+            // The victims held nothing alone; they may have been all the snapshots that
+            // needed this copy-out, which the next round finds out.
+            if let VictimRule::CopyOut(chunk) = rule {
                 if self.store.oldest_sharing_origin(chunk)?.is_none() {
                     return Ok(Space::NoVictim);
                 }
             }
-            if self.store.stats()?.free_chunks > 0 {
+            if area == Area::Data && self.store.stats()?.free_chunks > 0 {
                 return Ok(Space::Retry);
+            }
+        }
+    }
+
+    /// The next snapshot the policy gives up: the oldest live one (of the volume, not of
+    /// the snapshots sharing the chunk being copied), never the writer of a snapshot write.
+    fn victim(&mut self, rule: VictimRule) -> Result<Option<SnapId>, StoreError> {
+        match rule {
+            VictimRule::CopyOut(_) => self.store.oldest_live(None),
+            VictimRule::OtherThan(writer) => self.store.oldest_live(Some(writer)),
+            VictimRule::Nobody => Ok(None),
+        }
+    }
+
+    /// Invalidates `victim` for lack of room in `area`, loudly.
+    fn sacrifice(
+        &mut self,
+        victim: SnapId,
+        area: Area,
+        rule: VictimRule,
+    ) -> Result<(), StoreError> {
+        let name = self
+            .store
+            .snapshot(victim)?
+            .map(|s| s.name)
+            .unwrap_or_default();
+        let policy = self.cfg.store_full_policy;
+        // Kept short: it is stored with the snapshot; the log line has the details.
+        let reason = match area {
+            Area::Data => format!("store full ({policy})"),
+            Area::Metadata { .. } => format!("store metadata full ({policy})"),
+        };
+        self.store.invalidate_snapshot(victim, &reason)?;
+        self.snapset_gen = self.touch();
+        self.reclaiming = true;
+        let (which, why) = match rule {
+            VictimRule::CopyOut(chunk) => (
+                "the oldest live snapshot",
+                format!("to copy out origin chunk {chunk} (origin writes never fail)"),
+            ),
+            VictimRule::OtherThan(writer) => (
+                "the oldest live snapshot other than the writer",
+                format!("to make room for a write to snapshot {writer}"),
+            ),
+            VictimRule::Nobody => ("a snapshot", String::new()),
+        };
+        let what = match area {
+            Area::Data => "no free chunk in the data area",
+            Area::Metadata { .. } => "the metadata area is full",
+        };
+        self.log(
+            LogLevel::Error,
+            format!(
+                "SNAPSHOT STORE FULL ({what}): snapshot {victim} ({name:?}), {which}, invalidated at {} by policy {policy} {why}",
+                self.now
+            ),
+        );
+        Ok(())
+    }
+
+    /// Runs reclaim to make room in `area`: `Some(how to go on)` if it did.
+    fn reclaim_for(&mut self, area: Area) -> Result<Option<Space>, StoreError> {
+        match area {
+            Area::Data => Ok(self.reclaim_for_space()?.then_some(Space::AfterCommit)),
+            Area::Metadata { records } => {
+                // Node blocks come back as records are removed, usable at once; a whole
+                // pass is what gives back everything the invalidated snapshots held.
+                self.reclaim_to_end()?;
+                Ok((!self.metadata_short(records)?).then_some(Space::Retry))
             }
         }
     }
@@ -1783,6 +1883,35 @@ impl<S: MetaStore> Engine<S> {
             }
         }
         Ok(false)
+    }
+
+    /// Runs reclaim until it has no work left (metadata-full emergency path).
+    fn reclaim_to_end(&mut self) -> Result<(), StoreError> {
+        while self.reclaiming {
+            let p = self.store.reclaim_step(self.cfg.reclaim_budget.max(1024))?;
+            if p.freed_chunks > 0 {
+                self.free_gen = self.touch();
+            }
+            if p.done {
+                self.reclaiming = false;
+            }
+        }
+        Ok(())
+    }
+
+    /// A copy's record did not fit in the metadata area although the check before the copy
+    /// passed (other copies in flight used the room, or the copy-out needs many records):
+    /// give up one more snapshot per the policy, so that the retry makes progress. False if
+    /// the policy has nobody to give up.
+    fn metadata_full_after_copy(&mut self, rule: VictimRule) -> Result<bool, StoreError> {
+        let Some(victim) = self.victim(rule)? else {
+            return Ok(false);
+        };
+        self.sacrifice(victim, Area::Metadata { records: 1 }, rule)?;
+        if !self.reclaim_blocked()? {
+            self.reclaim_to_end()?;
+        }
+        Ok(true)
     }
 
     fn background_reclaim(&mut self) -> Result<(), StoreError> {
@@ -1813,9 +1942,20 @@ impl<S: MetaStore> Engine<S> {
         let chunk = match job.kind {
             CopyKind::OriginCopyOut { chunk } => {
                 self.origin_copies.remove(&chunk);
-                if self.store.record_copy_out(chunk, job.to)? {
-                    let gen = self.touch();
-                    self.chunk_gen.insert(chunk, gen);
+                match self.store.record_copy_out(chunk, job.to) {
+                    Ok(true) => {
+                        let gen = self.touch();
+                        self.chunk_gen.insert(chunk, gen);
+                    }
+                    Ok(false) => {}
+                    // Nothing recorded: free the copy, make room, and let the writes waiting
+                    // for this chunk start over (a new copy-out, or none if no snapshot
+                    // needs it any more).
+                    Err(StoreError::MetadataFull) => {
+                        self.store.release_chunk(job.to)?;
+                        self.metadata_full_after_copy(VictimRule::CopyOut(chunk))?;
+                    }
+                    Err(e) => return Err(e),
                 }
                 chunk
             }
@@ -1837,12 +1977,67 @@ impl<S: MetaStore> Engine<S> {
                     Err(StoreError::NoSuchSnapshot(_) | StoreError::NotLive(_)) => {
                         self.store.release_chunk(job.to)?;
                     }
+                    Err(StoreError::MetadataFull) => {
+                        self.store.release_chunk(job.to)?;
+                        let rule = self.victim_rule(&job.kind);
+                        if !self.metadata_full_after_copy(rule)? {
+                            self.refuse_snapshot_writes(snap, chunk);
+                        }
+                    }
                     Err(e) => return Err(e),
                 }
                 chunk
             }
         };
         self.wake_chunk(chunk)
+    }
+
+    /// Refuses a new snapshot (`more` counts it and those queued before it) whose row
+    /// would take the snapshot table past its share of the
+    /// metadata area: the store-full policy frees records by invalidating snapshots, never
+    /// rows, so rows must not crowd out the records.
+    fn too_many_snapshots(&mut self, more: u64) -> Result<Option<Reject>, StoreError> {
+        Ok(self
+            .store
+            .metadata_space()?
+            .filter(|m| m.snapshot_room < more)
+            .map(|m| {
+                Reject(
+                    ErrorCode::StoreFull,
+                    format!(
+                        "too many snapshots for the store's metadata area ({} node blocks): delete snapshots (invalidated ones too) to create more",
+                        m.blocks
+                    ),
+                )
+            }))
+    }
+
+    /// Answers `StoreFull` to the writes of `snap` waiting for an unshare of `chunk` that
+    /// found no room and had nothing to give up.
+    fn refuse_snapshot_writes(&mut self, snap: SnapId, chunk: u64) {
+        let waiting: Vec<WorkId> = self
+            .chunk_waiters
+            .get(&chunk)
+            .map(|ws| ws.iter().copied().collect())
+            .unwrap_or_default();
+        for w in waiting {
+            if self
+                .works
+                .get(&w)
+                .is_some_and(|x| x.kind == WorkKind::SnapshotWrite(snap))
+            {
+                self.reject_work(
+                    w,
+                    Reject(
+                        ErrorCode::StoreFull,
+                        format!(
+                            "snapshot store metadata area full: no room to write chunk {chunk} of snapshot {snap} (policy {})",
+                            self.cfg.store_full_policy
+                        ),
+                    ),
+                );
+            }
+        }
     }
 
     // ---- snapshots ----
@@ -1880,6 +2075,15 @@ impl<S: MetaStore> Engine<S> {
                 ErrorCode::NameTaken,
                 format!("a snapshot named {name:?} already exists"),
             ));
+        }
+        let unborn = self.requested_snaps.len() + usize::from(self.announcement.is_some());
+        match self.too_many_snapshots(unborn as u64 + 1) {
+            Ok(None) => {}
+            Ok(Some(r)) => return Err(r),
+            Err(e) => {
+                self.fail(format!("snapshot store failed: {e}"));
+                return Ok(());
+            }
         }
         self.requested_snaps.push_back(RequestedSnapshot {
             who,
@@ -2026,6 +2230,15 @@ impl<S: MetaStore> Engine<S> {
                     format!("a snapshot named {name:?} already exists"),
                 ),
             ),
+            // Refused: nothing is sacrificed for a new snapshot (copies keep room for one
+            // row, so this means the policy had nothing left to give up).
+            Err(StoreError::MetadataFull) => self.reject(
+                request.who,
+                Reject(
+                    ErrorCode::StoreFull,
+                    "snapshot store metadata area is full: delete snapshots to make room".into(),
+                ),
+            ),
             Err(e) => return Err(e),
         }
         for w in std::mem::take(&mut self.announcement_waiters) {
@@ -2110,8 +2323,92 @@ impl<S: MetaStore> Engine<S> {
         Ok(list)
     }
 
+    /// Logs each usage warning level an area crossed upwards since the last call, once
+    /// (re-armed when usage fell `WARN_REARM_POINTS` below the level).
+    fn check_space(&mut self) -> Result<(), StoreError> {
+        for (area, used, total) in self.usage()? {
+            let levels = match area {
+                StoreArea::Data => self.cfg.data_warn_percents.clone(),
+                StoreArea::Metadata => self.cfg.metadata_warn_percents.clone(),
+            };
+            let unit = match area {
+                StoreArea::Data => "chunks",
+                StoreArea::Metadata => "node blocks",
+            };
+            let pct = percent(used, total);
+            for level in levels {
+                let warned = self.space_warned.contains(&(area, level));
+                if !warned && at_level(used, total, level) {
+                    self.space_warned.insert((area, level));
+                    self.log(
+                        LogLevel::Warn,
+                        format!(
+                            "SNAPSHOT STORE FILLING: {} at {pct}% used, at or above the {level}% warning level ({used} of {total} {unit}); when it is full, policy {} invalidates snapshots, oldest first",
+                            area,
+                            self.cfg.store_full_policy
+                        ),
+                    );
+                } else if warned && below(used, total, rearm_level(level)) {
+                    self.space_warned.remove(&(area, level));
+                    self.log(
+                        LogLevel::Info,
+                        format!(
+                            "snapshot store {} back to {pct}% used, below the {level}% warning level",
+                            area
+                        ),
+                    );
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// (area, used, total) of the data area and, if the store reports it, the metadata area.
+    fn usage(&mut self) -> Result<Vec<(StoreArea, u64, u64)>, StoreError> {
+        let stats = self.store.stats()?;
+        let mut out = vec![(
+            StoreArea::Data,
+            stats.store_chunks.saturating_sub(stats.free_chunks),
+            stats.store_chunks,
+        )];
+        if let Some(m) = self.store.metadata_space()? {
+            out.push((
+                StoreArea::Metadata,
+                m.blocks.saturating_sub(m.free_blocks),
+                m.blocks,
+            ));
+        }
+        Ok(out)
+    }
+
+    /// Areas at or above a warning level now: the highest level per area.
+    fn space_warnings(&mut self) -> Result<Vec<SpaceWarning>, StoreError> {
+        let mut out = Vec::new();
+        for (area, used, total) in self.usage()? {
+            let levels = match area {
+                StoreArea::Data => &self.cfg.data_warn_percents,
+                StoreArea::Metadata => &self.cfg.metadata_warn_percents,
+            };
+            if let Some(level) = levels
+                .iter()
+                .copied()
+                .filter(|l| at_level(used, total, *l))
+                .max()
+            {
+                out.push(SpaceWarning {
+                    area,
+                    level_percent: level,
+                    used_percent: percent(used, total),
+                });
+            }
+        }
+        Ok(out)
+    }
+
     fn status(&mut self) -> Result<ServerStatus, StoreError> {
         let stats = self.store.stats()?;
+        let metadata = self.store.metadata_space()?;
+        let space_warnings = self.space_warnings()?;
         let snapshots = self.visible_snapshots()?.len() as u32;
         Ok(ServerStatus {
             active: self.awaited.is_empty(),
@@ -2128,8 +2425,35 @@ impl<S: MetaStore> Engine<S> {
             store_full_policy: self.cfg.store_full_policy.to_string(),
             reclaiming: self.reclaiming,
             usage_exact: self.store.usage_exact(),
+            metadata_blocks: metadata.map_or(0, |m| m.blocks),
+            free_metadata_blocks: metadata.map_or(0, |m| m.free_blocks),
+            space_warnings,
         })
     }
+}
+
+/// `used` of `total` in percent, rounded down (0 for an empty area).
+fn percent(used: u64, total: u64) -> u8 {
+    if total == 0 {
+        return 0;
+    }
+    (u128::from(used) * 100 / u128::from(total)).min(100) as u8
+}
+
+/// Where a warning at `level` percent is re-armed: `WARN_REARM_POINTS` lower, or half
+/// the level for levels under twice that.
+fn rearm_level(level: u8) -> u8 {
+    level - WARN_REARM_POINTS.min(level / 2)
+}
+
+/// Is `used` of `total` below `level` percent?
+fn below(used: u64, total: u64, level: u8) -> bool {
+    u128::from(used) * 100 < u128::from(level) * u128::from(total)
+}
+
+/// Is `used` of `total` at or above `level` percent? A level of 0 or an empty area never is.
+fn at_level(used: u64, total: u64, level: u8) -> bool {
+    level > 0 && total > 0 && u128::from(used) * 100 >= u128::from(level) * u128::from(total)
 }
 
 fn error(code: ErrorCode, message: impl Into<String>) -> ServerMsg {

@@ -24,8 +24,13 @@
 //!   calls `commit` only once the data the new exceptions point at is on stable storage, and
 //!   answers no request that depends on a change before that commit has returned.
 //!
+//! * Metadata space. A store with a bounded metadata area fails growing operations with
+//!   `MetadataFull` before changing anything, and never fails the operations that free
+//!   space (`delete_snapshot`, `invalidate_snapshot`, `reclaim_step`) for lack of it.
+//!
 //! Every method can fail with an I/O or corruption error: the engine treats any error other
-//! than the documented ones (`Full`, `NoSuchSnapshot`, ...) as fatal for the server.
+//! than the documented ones (`Full`, `MetadataFull`, `NoSuchSnapshot`, ...) as fatal for the
+//! server.
 
 use csnap_proto::{validate_snapshot_name, SnapId, SnapshotInfo, SnapshotState, CREATE_TOKEN_BITS};
 use std::collections::{BTreeMap, BTreeSet};
@@ -81,11 +86,33 @@ pub struct StoreStats {
     pub free_chunks: u64,
 }
 
+/// Figures of a store's metadata (node) area, for the store-full policy and warnings.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MetadataSpace {
+    /// Node blocks in the area.
+    pub blocks: u64,
+    /// Free node blocks (including those kept for freeing operations).
+    pub free_blocks: u64,
+    /// Record insertions that surely fit now: `record_copy_out` inserts one per run of
+    /// snapshots it covers (normally one), `record_snapshot_exception` up to three,
+    /// `create_snapshot` one. Beyond this they may fail with `MetadataFull`.
+    pub insert_room: u64,
+    /// Snapshots that may still be created before snapshot rows would take more than
+    /// their share of the area (rows are not freed by invalidating snapshots, only by
+    /// deleting them, so the engine keeps them from crowding out the records).
+    pub snapshot_room: u64,
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     /// No free store chunk: the engine applies its store-full policy.
     #[error("snapshot store is full")]
     Full,
+    /// No room for more metadata (exception records, snapshots). Returned before anything
+    /// changed; operations that free space (delete, invalidate, reclaim) never return it.
+    /// The engine applies its store-full policy, as for `Full`.
+    #[error("snapshot store metadata area is full")]
+    MetadataFull,
     #[error("no snapshot with id {0}")]
     NoSuchSnapshot(SnapId),
     #[error("snapshot {0} is not live (invalidated)")]
@@ -160,6 +187,22 @@ pub trait MetaStore {
     /// The oldest live snapshot that still reads origin chunk `chunk` from the origin, i.e.
     /// `None` iff the chunk is unique and an origin write needs no copy-out.
     fn oldest_sharing_origin(&mut self, chunk: u64) -> Result<Option<SnapId>, StoreError>;
+
+    /// The oldest live snapshot other than `except`, if any (the store-full policy's
+    /// victim).
+    fn oldest_live(&mut self, except: Option<SnapId>) -> Result<Option<SnapId>, StoreError> {
+        Ok(self
+            .list_snapshots()?
+            .into_iter()
+            .find(|s| s.state == SnapshotState::Live && Some(s.id) != except)
+            .map(|s| s.id))
+    }
+
+    /// The metadata area's figures, for stores whose metadata area is bounded (the default:
+    /// `None`, metadata never runs out).
+    fn metadata_space(&mut self) -> Result<Option<MetadataSpace>, StoreError> {
+        Ok(None)
+    }
 
     /// Reserves a free store chunk for a copy in flight (`Full` if none). Store chunk
     /// addresses are chunk indexes on the store device (data chunks follow the metadata).

@@ -11,10 +11,10 @@ pub mod meta_store;
 
 pub use io::{
     Action, ConnId, CopyId, CopyPurpose, CopySource, EngineConfig, Event, LogLevel,
-    StoreFullPolicy, LEASE_MARGIN_SECS,
+    StoreFullPolicy, LEASE_MARGIN_SECS, WARN_REARM_POINTS,
 };
 pub use machine::Engine;
 pub use meta_store::{
-    Exception, MemStore, MetaStore, ReclaimProgress, SnapChunk, StoreError, StoreStats,
-    CREATE_TOKEN_MASK,
+    Exception, MemStore, MetaStore, MetadataSpace, ReclaimProgress, SnapChunk, StoreError,
+    StoreStats, CREATE_TOKEN_MASK,
 };

@@ -90,6 +90,10 @@ pub struct ServerConfig {
     /// No origin write is granted until each has reconnected or is declared gone.
     pub expected_snapshot_clients: Vec<ClientId>,
     pub store_full_policy: StoreFullPolicy,
+    /// Usage warning levels (percent) of the store's data and metadata areas; see
+    /// `EngineConfig::data_warn_percents`. Default 80 and 90 for both.
+    pub data_warn_percents: Vec<u8>,
+    pub metadata_warn_percents: Vec<u8>,
     /// Bound of the store's metadata block cache, in bytes.
     pub cache_bytes: u64,
     /// Open the devices with O_DIRECT, so copy-outs read what other nodes wrote rather than
@@ -138,6 +142,8 @@ impl ServerConfig {
             key_file: key_file.into(),
             expected_snapshot_clients: Vec::new(),
             store_full_policy: StoreFullPolicy::default(),
+            data_warn_percents: engine.data_warn_percents.clone(),
+            metadata_warn_percents: engine.metadata_warn_percents.clone(),
             cache_bytes: 64 << 20,
             direct_io: true,
             promise_unique: engine.promise_unique,
@@ -527,6 +533,8 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
         orphan_lock_grace_secs: config.orphan_lock_grace_secs,
         origin_lease_secs: config.origin_lease_secs,
         hold_snapshots_until: config.hold_snapshots_until,
+        data_warn_percents: config.data_warn_percents.clone(),
+        metadata_warn_percents: config.metadata_warn_percents.clone(),
         start_time: SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_secs())

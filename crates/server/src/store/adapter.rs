@@ -1,13 +1,17 @@
 //! `MetaStore` (the request engine's view of a store) for the on-disk `Store`.
 
 use super::{ChunkSource, SnapState, SnapshotRecord, Store, StoreError};
-use crate::engine::{MetaStore, ReclaimProgress, SnapChunk, StoreError as EngineError, StoreStats};
+use crate::engine::{
+    MetaStore, MetadataSpace, ReclaimProgress, SnapChunk, StoreError as EngineError, StoreStats,
+};
 use csnap_proto::{SnapId, SnapshotInfo, SnapshotState};
 
 impl From<StoreError> for EngineError {
     fn from(e: StoreError) -> Self {
         match e {
             StoreError::Full => EngineError::Full,
+            // Not corruption: the engine's store-full policy makes room.
+            StoreError::MetadataFull { .. } => EngineError::MetadataFull,
             StoreError::NoSuchSnapshot(id) => EngineError::NoSuchSnapshot(SnapId(id)),
             StoreError::NotLive(id) => EngineError::NotLive(SnapId(id)),
             StoreError::NameTaken(name) => EngineError::NameTaken(name),
@@ -114,6 +118,23 @@ impl MetaStore for Store {
 
     fn oldest_sharing_origin(&mut self, chunk: u64) -> Result<Option<SnapId>, EngineError> {
         Ok(Store::oldest_sharing_origin(self, chunk)?.map(SnapId))
+    }
+
+    fn oldest_live(&mut self, except: Option<SnapId>) -> Result<Option<SnapId>, EngineError> {
+        Ok(self
+            .live_snapshots()
+            .find(|id| Some(SnapId(*id)) != except)
+            .map(SnapId))
+    }
+
+    fn metadata_space(&mut self) -> Result<Option<MetadataSpace>, EngineError> {
+        let m = Store::metadata_space(self);
+        Ok(Some(MetadataSpace {
+            blocks: m.blocks,
+            free_blocks: m.free_blocks,
+            insert_room: m.insert_room,
+            snapshot_room: m.snapshot_room,
+        }))
     }
 
     fn reserve_chunk(&mut self) -> Result<u64, EngineError> {

@@ -409,8 +409,10 @@ pub fn insert(meta: &mut Meta, tree: Tree, key: Key, value: &[u8]) -> Result<()>
     }
 }
 
-/// Removes `key`; returns whether it was present. Empty nodes are unlinked and freed, and a
-/// root left with a single child is replaced by it.
+/// Removes `key`; returns whether it was present. Empty nodes are unlinked and freed; a
+/// node left less than half full is merged with a sibling when both fit in one node (so
+/// removing records gives node blocks back, not just emptier leaves); a root left with a
+/// single child is replaced by it. Never allocates a node.
 pub fn remove(meta: &mut Meta, tree: Tree, key: Key) -> Result<bool> {
     let (root, _) = tree.root(&meta.root);
     let mut path: Vec<(u64, Node, usize)> = Vec::new();
@@ -436,27 +438,94 @@ pub fn remove(meta: &mut Meta, tree: Tree, key: Key) -> Result<bool> {
     let v = tree.value_size();
     node.keys.remove(pos);
     node.vals.drain(pos * v..(pos + 1) * v);
-    // Unlink empty nodes bottom-up.
-    while node.keys.is_empty() {
-        let Some((parent_block, mut parent, idx)) = path.pop() else {
-            break; // an empty root leaf is a valid empty tree
-        };
-        meta.free_meta(block)?;
-        parent.keys.remove(idx);
-        parent.children.remove(idx);
+    // Bottom-up: unlink empty nodes, merge sparse ones; stop at the first node whose
+    // parent does not change.
+    while let Some((parent_block, mut parent, idx)) = path.pop() {
+        if node.keys.is_empty() {
+            meta.free_meta(block)?;
+            parent.keys.remove(idx);
+            parent.children.remove(idx);
+        } else if !merge_with_sibling(meta, tree, &mut parent, idx, block, &node)? {
+            write_node(meta, tree, block, &node)?;
+            return Ok(true);
+        }
         block = parent_block;
         node = parent;
     }
-    if path.is_empty() && node.keys.is_empty() && !node.is_leaf() {
+    if node.keys.is_empty() && !node.is_leaf() {
         // The whole tree emptied: the root becomes an empty leaf.
         node.level = 0;
         let (root, _) = tree.root(&meta.root);
         tree.set_root(&mut meta.root, root, 0);
     }
     write_node(meta, tree, block, &node)?;
-    if path.is_empty() {
-        collapse_root(meta, tree)?;
+    collapse_root(meta, tree)?;
+    Ok(true)
+}
+
+/// If `node` (child `idx` of `parent`, at `block`, changed in memory) is less than half
+/// full and fits in one node with a neighbour, moves both into the left one, frees the
+/// right one and drops it from `parent` (changed in memory, for the caller to write).
+/// Returns false, changing nothing, otherwise.
+fn merge_with_sibling(
+    meta: &mut Meta,
+    tree: Tree,
+    parent: &mut Node,
+    idx: usize,
+    block: u64,
+    node: &Node,
+) -> Result<bool> {
+    let capacity = if node.is_leaf() {
+        tree.leaf_capacity()
+    } else {
+        tree.internal_capacity()
+    };
+    if node.keys.len() * 2 >= capacity {
+        return Ok(false);
     }
+    let sibling_idx = if idx > 0 {
+        idx - 1
+    } else if idx + 1 < parent.children.len() {
+        idx + 1
+    } else {
+        return Ok(false);
+    };
+    let sibling_block = parent.children[sibling_idx];
+    let sibling = read_node(meta, tree, sibling_block)?;
+    if sibling.level != node.level {
+        return Err(StoreError::CorruptMetadata {
+            block: sibling_block,
+            area: tree.name(),
+            what: format!(
+                "level {} next to a level {} sibling",
+                sibling.level, node.level
+            ),
+        });
+    }
+    if sibling.keys.len() + node.keys.len() > capacity {
+        return Ok(false);
+    }
+    let (mut left, right, left_block, right_block, right_idx) = if sibling_idx < idx {
+        (sibling, node.clone(), sibling_block, block, idx)
+    } else {
+        (node.clone(), sibling, block, sibling_block, sibling_idx)
+    };
+    if let (Some(a), Some(b)) = (left.keys.last(), right.keys.first()) {
+        if a >= b {
+            return Err(StoreError::CorruptMetadata {
+                block: right_block,
+                area: tree.name(),
+                what: "sibling nodes' keys overlap".into(),
+            });
+        }
+    }
+    left.keys.extend(right.keys);
+    left.vals.extend(right.vals);
+    left.children.extend(right.children);
+    write_node(meta, tree, left_block, &left)?;
+    meta.free_meta(right_block)?;
+    parent.keys.remove(right_idx);
+    parent.children.remove(right_idx);
     Ok(true)
 }
 
@@ -535,4 +604,116 @@ fn walk_node(
         )?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::{FormatOptions, MemDevice, OpenOptions, Store};
+    use rand::rngs::StdRng;
+    use rand::{Rng, SeedableRng};
+    use std::collections::BTreeSet;
+    use std::sync::Arc;
+
+    fn store() -> Store {
+        let dev = MemDevice::new(64 << 20);
+        Store::format(
+            &dev,
+            &FormatOptions {
+                chunk_size: 4096,
+                origin_size: 1 << 30,
+                now: 0,
+                uuid: Some([3; 16]),
+            },
+        )
+        .unwrap();
+        Store::open(Arc::new(dev), OpenOptions::default()).unwrap()
+    }
+
+    /// Walks the tree checking every node's keys against its bounds and levels; returns
+    /// the keys in order.
+    fn keys_checked(meta: &mut Meta) -> Vec<Key> {
+        let mut keys = Vec::new();
+        walk(meta, Tree::Exceptions, &mut |block, node, low, high| {
+            for k in &node.keys {
+                assert!(*k >= low, "block {block}: key {k:?} below {low:?}");
+                assert!(
+                    high.is_none_or(|h| *k < h),
+                    "block {block}: key {k:?} not below {high:?}"
+                );
+            }
+            if node.is_leaf() {
+                keys.extend_from_slice(&node.keys);
+            }
+            Ok(())
+        })
+        .unwrap();
+        keys
+    }
+
+    /// Random inserts and removes over a three-level tree: merges (of leaves and internal
+    /// nodes) keep the keys, the bounds and the free count right, and removing every key
+    /// gives back every node.
+    #[test]
+    fn removals_merge_nodes_and_keep_the_tree_valid() {
+        let mut s = store();
+        let meta = &mut s.meta;
+        let start_free = meta.root.meta_free;
+        let mut rng = StdRng::seed_from_u64(7);
+        let mut model = BTreeSet::new();
+        let value = [0u8; EXCEPTION_VALUE];
+        let mut ops = 0;
+        // Commits now and then: a transaction holds at most MAX_TX_BLOCKS blocks.
+        fn step(meta: &mut Meta, ops: &mut u32) {
+            *ops += 1;
+            if (*ops).is_multiple_of(40) {
+                meta.commit().unwrap();
+            }
+        }
+        // Random keys: leaves split in the middle (about half full), 30,000 keys need
+        // more than 169 leaves, so the root is two levels up.
+        while model.len() < 30_000 {
+            let k = Key::new(rng.gen_range(0..1_000_000), rng.gen_range(0..4));
+            insert(meta, Tree::Exceptions, k, &value).unwrap();
+            model.insert(k);
+            step(meta, &mut ops);
+        }
+        assert!(
+            meta.root.exception_depth >= 2,
+            "{}",
+            meta.root.exception_depth
+        );
+        let used_full = start_free - meta.root.meta_free;
+        // Remove 90% at random, checking now and then.
+        let mut all: Vec<Key> = model.iter().copied().collect();
+        while model.len() > 3_000 {
+            let i = rng.gen_range(0..all.len());
+            let k = all.swap_remove(i);
+            assert!(remove(meta, Tree::Exceptions, k).unwrap());
+            model.remove(&k);
+            step(meta, &mut ops);
+            if model.len() % 5_000 == 0 {
+                let keys = keys_checked(meta);
+                assert_eq!(keys, model.iter().copied().collect::<Vec<_>>());
+            }
+        }
+        meta.commit().unwrap();
+        let keys = keys_checked(meta);
+        assert_eq!(keys, model.iter().copied().collect::<Vec<_>>());
+        let used_sparse = start_free - meta.root.meta_free;
+        assert!(
+            used_sparse * 4 < used_full,
+            "a tenth of the keys still hold {used_sparse} of {used_full} nodes"
+        );
+        for k in model.iter().copied().collect::<Vec<_>>() {
+            assert!(remove(meta, Tree::Exceptions, k).unwrap());
+            step(meta, &mut ops);
+        }
+        meta.commit().unwrap();
+        assert!(keys_checked(meta).is_empty());
+        assert_eq!(meta.root.exception_depth, 0);
+        assert_eq!(meta.root.meta_free, start_free, "every node given back");
+        let report = s.check().unwrap();
+        assert!(report.is_clean(), "{:?}", report.problems);
+    }
 }

@@ -53,7 +53,7 @@ pub enum StoreError {
     AlreadyFormatted { uuid: String },
     #[error("snapshot store is full: no free data chunk")]
     Full,
-    #[error("snapshot store metadata area is full ({blocks} blocks in use)")]
+    #[error("snapshot store metadata area is full (all of its {blocks} node blocks are in use or kept for freeing operations)")]
     MetadataFull { blocks: u64 },
     #[error("no snapshot with id {0}")]
     NoSuchSnapshot(u64),

@@ -30,6 +30,9 @@ pub const MIN_DATA_CHUNKS: u64 = 16;
 /// Blocks set aside in the node area for the snapshot table (about 13 snapshots per block,
 /// so this holds 25,000+ snapshots) on stores big enough to afford it.
 pub const SNAPSHOT_TABLE_RESERVE: u64 = 2048;
+/// Smallest node area `Geometry::plan_with_metadata_blocks` accepts: the two tree roots plus
+/// room for the reserve kept for freeing operations and a few node splits.
+pub const MIN_META_BLOCKS: u64 = 32;
 
 pub fn get_u32(b: &[u8], at: usize) -> u32 {
     let mut x = [0u8; 4];
@@ -94,7 +97,7 @@ impl Geometry {
                 why: "the origin is empty",
             });
         }
-        match Self::layout(chunk_size, origin_size, store_size) {
+        match Self::layout(chunk_size, origin_size, store_size, None) {
             Some(g) => Ok(g),
             None => Err(StoreError::TooSmall {
                 device: device.to_owned(),
@@ -106,16 +109,60 @@ impl Geometry {
         }
     }
 
+    /// Like `plan`, with a node area of exactly `meta_blocks` blocks instead of the size
+    /// derived from the store size (at least `MIN_META_BLOCKS`). For tests that need a
+    /// store whose metadata area fills before its data area, and for stores expecting far
+    /// more exception records than data chunks (many snapshot writes).
+    pub fn plan_with_metadata_blocks(
+        chunk_size: u64,
+        origin_size: u64,
+        store_size: u64,
+        meta_blocks: u64,
+        device: &str,
+    ) -> Result<Self> {
+        if meta_blocks < MIN_META_BLOCKS {
+            return Err(StoreError::TooSmall {
+                device: device.to_owned(),
+                size: store_size,
+                needed: store_size,
+                why: "the metadata area must have at least 32 blocks",
+            });
+        }
+        check_chunk_size(chunk_size)?;
+        if origin_size == 0 {
+            return Err(StoreError::BadOriginSize {
+                size: 0,
+                why: "the origin is empty",
+            });
+        }
+        match Self::layout(chunk_size, origin_size, store_size, Some(meta_blocks)) {
+            Some(g) => Ok(g),
+            None => Err(StoreError::TooSmall {
+                device: device.to_owned(),
+                size: store_size,
+                needed: store_size.saturating_add(meta_blocks.saturating_mul(BLOCK_U64)),
+                why:
+                    "superblocks, journal, bitmaps, the requested metadata area and 16 data chunks",
+            }),
+        }
+    }
+
     /// The layout for these sizes, or `None` if fewer than `MIN_DATA_CHUNKS` fit.
-    fn layout(chunk_size: u64, origin_size: u64, store_size: u64) -> Option<Self> {
+    fn layout(
+        chunk_size: u64,
+        origin_size: u64,
+        store_size: u64,
+        meta_override: Option<u64>,
+    ) -> Option<Self> {
         let store_blocks = store_size / BLOCK_U64;
         let journal_blocks = (store_blocks / 256).clamp(512, 8192);
         let chunk_blocks = chunk_size / BLOCK_U64;
         let data_estimate = store_size / chunk_size;
         // Exception records take 32 bytes and leaves are at least half full in practice:
         // one node block per 64 data chunks, plus room for the snapshot table.
-        let meta_blocks =
-            (data_estimate / 64 + SNAPSHOT_TABLE_RESERVE.min(store_blocks / 16)).max(256);
+        let meta_blocks = meta_override.unwrap_or(
+            (data_estimate / 64 + SNAPSHOT_TABLE_RESERVE.min(store_blocks / 16)).max(256),
+        );
         let meta_bitmap_blocks = meta_blocks.div_ceil(BITS_PER_BITMAP_BLOCK);
         let data_bitmap_blocks = data_estimate.div_ceil(BITS_PER_BITMAP_BLOCK).max(1);
         let journal_start = SUPERBLOCK_SLOTS;
@@ -146,7 +193,7 @@ impl Geometry {
     /// The smallest store size (a multiple of 4 KiB) `plan` accepts for this chunk size.
     pub fn smallest_store(chunk_size: u64) -> Result<u64> {
         check_chunk_size(chunk_size)?;
-        let fits = |size: u64| Self::layout(chunk_size, 1, size).is_some();
+        let fits = |size: u64| Self::layout(chunk_size, 1, size, None).is_some();
         let mut size = 1 << 20;
         while !fits(size) {
             size += 1 << 20;

@@ -116,6 +116,30 @@ pub struct ExceptionRecord {
     pub shared: bool,
 }
 
+/// Free node blocks that growing operations (new records, new snapshots) leave alone. The
+/// operations that free space allocate no node at all, so they never need it; it is the
+/// margin that keeps them (and a store opened by an older build) working on a full area.
+pub const META_RESERVE: u64 = 8;
+
+/// Node-area figures (`Store::metadata_space`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MetadataSpace {
+    /// Blocks in the node area.
+    pub blocks: u64,
+    /// Free node blocks (the reserve included).
+    pub free_blocks: u64,
+    /// Key insertions (exception records, snapshot rows) that surely fit now: a copy-out
+    /// inserts one record per run, a snapshot write's unshare up to three, a snapshot
+    /// creation one row. Beyond this, growing operations fail with `MetadataFull`.
+    pub insert_room: u64,
+    /// Snapshots that may still be created before the snapshot table (deleted snapshots
+    /// count until reclaim drops them) would fill half the node area. Invalidating
+    /// snapshots frees exception records, never snapshot rows, so the request engine keeps
+    /// the table within this bound: the other half is left to the records the store-full
+    /// policy can free.
+    pub snapshot_room: u64,
+}
+
 /// An inclusive run of snapshot ids.
 type IdRun = (u64, u64);
 
@@ -360,6 +384,31 @@ impl Store {
     /// `read_superblock` first to refuse overwriting a store.
     pub fn format(dev: &dyn BlockDevice, opts: &FormatOptions) -> Result<Superblock> {
         let g = Geometry::plan(opts.chunk_size, opts.origin_size, dev.len(), &dev.name())?;
+        Self::format_geometry(dev, opts, g)
+    }
+
+    /// Like `format`, with a node area of exactly `meta_blocks` blocks (see
+    /// `Geometry::plan_with_metadata_blocks`).
+    pub fn format_with_metadata_blocks(
+        dev: &dyn BlockDevice,
+        opts: &FormatOptions,
+        meta_blocks: u64,
+    ) -> Result<Superblock> {
+        let g = Geometry::plan_with_metadata_blocks(
+            opts.chunk_size,
+            opts.origin_size,
+            dev.len(),
+            meta_blocks,
+            &dev.name(),
+        )?;
+        Self::format_geometry(dev, opts, g)
+    }
+
+    fn format_geometry(
+        dev: &dyn BlockDevice,
+        opts: &FormatOptions,
+        g: Geometry,
+    ) -> Result<Superblock> {
         let uuid = opts.uuid.unwrap_or_else(rand::random);
         // Bitmap blocks, written in batches.
         let total_bitmaps = g.meta_bitmap_blocks + g.data_bitmap_blocks;
@@ -590,20 +639,45 @@ impl Store {
         result
     }
 
-    /// Fails early, before changing anything, if a btree operation might run out of
-    /// metadata blocks midway.
-    fn ensure_meta_room(&self) -> Result<()> {
+    /// Most node blocks `inserts` btree insertions of new keys can allocate: each may split
+    /// every level of the deeper tree and add a root (depth + 2), and the tree may grow a
+    /// level on the way (+1 each, conservatively).
+    fn meta_blocks_for(&self, inserts: u64) -> u64 {
         let depth = self
             .meta
             .root
             .exception_depth
             .max(self.meta.root.snapshot_depth) as u64;
-        if self.meta.root.meta_free < 2 * depth + 8 {
+        inserts.saturating_mul(depth + 3)
+    }
+
+    /// Fails early, before changing anything, if an operation that inserts up to `inserts`
+    /// new keys might run out of node blocks midway or eat into the reserve kept for the
+    /// operations that free space. Only growing operations call this: delete, invalidate
+    /// and reclaim only rewrite keys in place or remove them, which never allocates a node,
+    /// so they succeed however full the node area is.
+    fn ensure_meta_room(&self, inserts: u64) -> Result<()> {
+        if self.meta.root.meta_free < META_RESERVE + self.meta_blocks_for(inserts) {
             return Err(StoreError::MetadataFull {
                 blocks: self.meta.geo.meta_blocks,
             });
         }
         Ok(())
+    }
+
+    /// Node-area figures: blocks in all, free, and how many key insertions surely fit (the
+    /// request engine frees space by its store-full policy before starting a copy whose
+    /// records might not fit).
+    pub fn metadata_space(&self) -> MetadataSpace {
+        let free = self.meta.root.meta_free;
+        MetadataSpace {
+            blocks: self.meta.geo.meta_blocks,
+            free_blocks: free,
+            insert_room: free.saturating_sub(META_RESERVE) / self.meta_blocks_for(1),
+            snapshot_room: (self.meta.geo.meta_blocks / 2)
+                .saturating_mul(Tree::Snapshots.leaf_capacity() as u64)
+                .saturating_sub(self.snaps.len() as u64),
+        }
     }
 
     fn check_chunk(&self, chunk: u64) -> Result<()> {
@@ -689,7 +763,7 @@ impl Store {
         if self.names.contains_key(name) {
             return Err(StoreError::NameTaken(name.to_owned()));
         }
-        self.ensure_meta_room()?;
+        self.ensure_meta_room(1)?;
         self.mutate(|s| {
             let id = s.meta.root.next_snap_id;
             s.meta.root.next_snap_id += 1;
@@ -722,7 +796,7 @@ impl Store {
         let Some(rec) = self.snapshot(id).cloned() else {
             return Err(StoreError::NoSuchSnapshot(id));
         };
-        self.ensure_meta_room()?;
+        // No room check: rewriting an existing row allocates nothing (see ensure_meta_room).
         self.mutate(|s| {
             let pending_pass = s.pass_for_new_garbage();
             s.put_snapshot(SnapshotRecord {
@@ -739,7 +813,7 @@ impl Store {
         let Some(rec) = self.snaps.get(&id).cloned() else {
             return Err(StoreError::NoSuchSnapshot(id));
         };
-        self.ensure_meta_room()?;
+        // No room check: rewriting an existing row allocates nothing (see ensure_meta_room).
         tracing::error!(snapshot = id, name = %rec.name, reason, "snapshot invalidated");
         self.mutate(|s| {
             let pending_pass = s.pass_for_new_garbage();
@@ -896,7 +970,12 @@ impl Store {
         if !self.meta.reserved().contains(&store_chunk) {
             return Err(StoreError::NotReserved(store_chunk));
         }
-        self.ensure_meta_room()?;
+        self.meta.check_usable()?;
+        // One new record per run (the rest are flag rewrites in place).
+        let (runs, _) = self.uncovered_runs(chunk)?;
+        if !runs.is_empty() {
+            self.ensure_meta_room(runs.len() as u64)?;
+        }
         self.mutate(|s| {
             let (runs, above) = s.uncovered_runs(chunk)?;
             if runs.is_empty() {
@@ -972,7 +1051,8 @@ impl Store {
         if !self.meta.reserved().contains(&store_chunk) {
             return Err(StoreError::NotReserved(store_chunk));
         }
-        self.ensure_meta_room()?;
+        // The split puts back up to three records for the one it removes.
+        self.ensure_meta_room(3)?;
         self.mutate(|s| {
             let old = s.lookup(chunk, id)?;
             s.meta.claim_reserved(store_chunk)?;
@@ -1138,7 +1218,7 @@ impl Store {
             if self.meta.tx_len() > TX_SOFT_LIMIT {
                 self.meta.commit()?;
             }
-            self.ensure_meta_room()?;
+            // Removing a record never allocates a node: reclaim works on a full node area.
             self.remove_record(r)?;
             progress.records_removed += 1;
             let left = remaining.entry(r.store_chunk).or_default();
