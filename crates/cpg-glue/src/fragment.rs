@@ -1,13 +1,14 @@
 //! Fragmentation of large payloads over CPG, as pure code (no corosync inside).
 //!
-//! Every CPG message csnap sends is one *frame*: a 17-byte header and a chunk of the
+//! Every CPG message csnap sends is one *frame*: a 25-byte header and a chunk of the
 //! payload. A payload that fits in one frame goes as fragment 0 of 1.
 //!
 //! ```text
-//! byte 0      format version (1)
-//! bytes 1..9  message id, u64 little endian, unique per sending connection
-//! bytes 9..13 fragment index, u32 LE (0-based)
+//! byte 0       format version (2)
+//! bytes 1..9   message id, u64 little endian, unique per sending connection
+//! bytes 9..13  fragment index, u32 LE (0-based)
 //! bytes 13..17 fragment count, u32 LE (>= 1)
+//! bytes 17..25 view tag, u64 LE: the sender's view when it sent the frame (see below)
 //! ```
 //!
 //! Why not let libcpg fragment (it does, above its atomic size): its sender retries
@@ -21,6 +22,16 @@
 //!   whole message), so per sender at most one message is in progress; a first fragment of a
 //!   new message discards an unfinished older one (the sender gave up on it);
 //! * a continuation that does not extend the sender's message in progress is dropped;
+//! * a frame whose view tag is not the receiver's current view is dropped, with the
+//!   message it belongs to. A CPG message of up to ~1 MiB travels as many totem packets,
+//!   and corosync keeps sending a message's remaining packets in the next ring after a
+//!   membership change: members that had its first packets complete it and deliver it
+//!   after the change, while a node that merged in drops it for want of a beginning. So
+//!   even a one-frame message can straddle a view change and reach only some members of
+//!   the new view; the tag makes every member drop it instead. The tag hashes the last
+//!   ring id and the group's members as the receiving stream has seen them, so members
+//!   of one view agree on it; a sender whose stream lags behind corosync tags with an
+//!   older view, and its message is then cut for everybody (consistently, if needlessly);
 //! * a confchg in which anybody joined discards every message in progress (the joiner
 //!   cannot have its beginning, so nobody delivers it), and one in which a member left
 //!   discards that member's message in progress. A message cut this way is lost for
@@ -35,9 +46,9 @@ use std::collections::HashMap;
 use crate::{ConfChg, Member};
 
 /// Size of the frame header in bytes.
-pub const FRAME_HEADER_LEN: usize = 17;
+pub const FRAME_HEADER_LEN: usize = 25;
 /// Current frame format version.
-pub const FRAME_VERSION: u8 = 1;
+pub const FRAME_VERSION: u8 = 2;
 
 /// The header of one frame.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -45,6 +56,33 @@ pub struct FrameHeader {
     pub message_id: u64,
     pub index: u32,
     pub count: u32,
+    /// The sender's view when it sent the frame ([`view_tag`]).
+    pub view: u64,
+}
+
+/// The tag of a view: FNV-1a over the last ring id and the sorted members, so that every
+/// build and every member computes the same value for the same view.
+pub fn view_tag(ring: Option<crate::RingId>, members: &[Member]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut eat = |bytes: &[u8]| {
+        for b in bytes {
+            h ^= u64::from(*b);
+            h = h.wrapping_mul(0x0100_0000_01b3);
+        }
+    };
+    match ring {
+        Some(r) => {
+            eat(&[1]);
+            eat(&r.node.0.to_le_bytes());
+            eat(&r.seq.to_le_bytes());
+        }
+        None => eat(&[0]),
+    }
+    for m in members {
+        eat(&m.node.0.to_le_bytes());
+        eat(&m.pid.to_le_bytes());
+    }
+    h
 }
 
 impl FrameHeader {
@@ -54,6 +92,7 @@ impl FrameHeader {
         out[1..9].copy_from_slice(&self.message_id.to_le_bytes());
         out[9..13].copy_from_slice(&self.index.to_le_bytes());
         out[13..17].copy_from_slice(&self.count.to_le_bytes());
+        out[17..25].copy_from_slice(&self.view.to_le_bytes());
         out
     }
 
@@ -77,10 +116,13 @@ impl FrameHeader {
         index.copy_from_slice(&frame[9..13]);
         let mut count = [0u8; 4];
         count.copy_from_slice(&frame[13..17]);
+        let mut view = [0u8; 8];
+        view.copy_from_slice(&frame[17..25]);
         let header = FrameHeader {
             message_id: u64::from_le_bytes(id),
             index: u32::from_le_bytes(index),
             count: u32::from_le_bytes(count),
+            view: u64::from_le_bytes(view),
         };
         if header.count == 0 {
             return Err("fragment count 0".to_string());
@@ -95,10 +137,21 @@ impl FrameHeader {
     }
 }
 
-/// Splits `payload` into frames of at most `max_frame` bytes (header included).
-/// `max_frame` must exceed the header; an empty payload is one header-only frame.
+/// Splits `payload` into frames of at most `max_frame` bytes (header included), tagged
+/// with view 0. `max_frame` must exceed the header; an empty payload is one header-only
+/// frame.
 pub fn split_into_frames(
     message_id: u64,
+    payload: &[u8],
+    max_frame: usize,
+) -> Result<Vec<Vec<u8>>, String> {
+    split_into_frames_in_view(message_id, 0, payload, max_frame)
+}
+
+/// [`split_into_frames`] for a sender whose current view has tag `view`.
+pub fn split_into_frames_in_view(
+    message_id: u64,
+    view: u64,
     payload: &[u8],
     max_frame: usize,
 ) -> Result<Vec<Vec<u8>>, String> {
@@ -119,6 +172,7 @@ pub fn split_into_frames(
             message_id,
             index,
             count,
+            view,
         };
         let mut frame = Vec::with_capacity(FRAME_HEADER_LEN + end - start);
         frame.extend_from_slice(&header.encode());
@@ -135,8 +189,13 @@ pub enum FrameOutcome {
     Complete { message_id: u64, payload: Vec<u8> },
     /// The frame was stored; more fragments are due.
     Incomplete,
-    /// The frame was dropped (the reason says why); nothing to deliver.
-    Dropped(String),
+    /// The frame was dropped (the reason says why); nothing to deliver. `message_id`: the
+    /// message of its sender it was part of, which nobody will deliver (`None` when the
+    /// frame is unreadable).
+    Dropped {
+        message_id: Option<u64>,
+        why: String,
+    },
 }
 
 #[derive(Debug)]
@@ -153,6 +212,8 @@ struct Partial {
 pub struct Reassembler {
     in_progress: HashMap<Member, Partial>,
     max_message: usize,
+    /// The receiver's current view tag ([`view_tag`]); frames of other views are dropped.
+    view: u64,
 }
 
 impl Reassembler {
@@ -161,7 +222,13 @@ impl Reassembler {
         Reassembler {
             in_progress: HashMap::new(),
             max_message,
+            view: 0,
         }
+    }
+
+    /// The receiver's view changed: from now on only frames tagged `view` are accepted.
+    pub fn set_view(&mut self, view: u64) {
+        self.view = view;
     }
 
     /// Number of senders with a message in progress.
@@ -196,13 +263,35 @@ impl Reassembler {
     pub fn on_frame(&mut self, from: Member, frame: &[u8]) -> FrameOutcome {
         let (header, chunk) = match FrameHeader::decode(frame) {
             Ok(parts) => parts,
-            Err(why) => return FrameOutcome::Dropped(format!("malformed frame: {why}")),
+            Err(why) => {
+                return FrameOutcome::Dropped {
+                    message_id: None,
+                    why: format!("malformed frame: {why}"),
+                }
+            }
         };
+        let dropped = |why: String| FrameOutcome::Dropped {
+            message_id: Some(header.message_id),
+            why,
+        };
+        if header.view != self.view {
+            if self
+                .in_progress
+                .get(&from)
+                .is_some_and(|p| p.message_id == header.message_id)
+            {
+                self.in_progress.remove(&from);
+            }
+            return dropped(format!(
+                "fragment {}/{} of message {} was sent in another view",
+                header.index, header.count, header.message_id
+            ));
+        }
         if header.index == 0 {
             // A new message: whatever this sender had in progress was abandoned.
             let abandoned = self.in_progress.remove(&from);
             if chunk.len() > self.max_message {
-                return FrameOutcome::Dropped(self.too_large(chunk.len()));
+                return dropped(self.too_large(chunk.len()));
             }
             if header.count == 1 {
                 return FrameOutcome::Complete {
@@ -225,7 +314,7 @@ impl Reassembler {
             return FrameOutcome::Incomplete;
         }
         let Some(partial) = self.in_progress.get_mut(&from) else {
-            return FrameOutcome::Dropped(format!(
+            return dropped(format!(
                 "fragment {}/{} of message {} has no beginning here",
                 header.index, header.count, header.message_id
             ));
@@ -239,7 +328,7 @@ impl Reassembler {
                 partial.next_index, partial.count, partial.message_id
             );
             self.in_progress.remove(&from);
-            return FrameOutcome::Dropped(format!(
+            return dropped(format!(
                 "got fragment {}/{} of message {}, expected {expected}; both dropped",
                 header.index, header.count, header.message_id
             ));
@@ -247,7 +336,7 @@ impl Reassembler {
         let total = partial.data.len() + chunk.len();
         if total > self.max_message {
             self.in_progress.remove(&from);
-            return FrameOutcome::Dropped(self.too_large(total));
+            return dropped(self.too_large(total));
         }
         partial.data.extend_from_slice(chunk);
         partial.next_index += 1;
@@ -317,6 +406,7 @@ mod tests {
             message_id: 0x0102_0304_0506_0708,
             index: 3,
             count: 9,
+            view: 0xfeed,
         };
         let mut frame = h.encode().to_vec();
         frame.extend_from_slice(b"abc");
@@ -326,7 +416,7 @@ mod tests {
         assert_eq!(frame[0], FRAME_VERSION);
         assert_eq!(&frame[1..9], &0x0102_0304_0506_0708u64.to_le_bytes());
 
-        assert!(FrameHeader::decode(&frame[..16])
+        assert!(FrameHeader::decode(&frame[..24])
             .unwrap_err()
             .contains("shorter"));
         let mut bad = frame.clone();
@@ -336,6 +426,7 @@ mod tests {
             message_id: 1,
             index: 0,
             count: 0,
+            view: 0,
         };
         assert!(FrameHeader::decode(&zero.encode())
             .unwrap_err()
@@ -344,6 +435,7 @@ mod tests {
             message_id: 1,
             index: 2,
             count: 2,
+            view: 0,
         };
         assert!(FrameHeader::decode(&past.encode())
             .unwrap_err()
@@ -408,7 +500,10 @@ mod tests {
         r.on_frame(b, &fb[0]);
         assert_eq!(r.on_confchg(&change(&[], &[a])), vec![(a, 1)]);
         assert_eq!(r.in_progress(), 1);
-        assert!(matches!(r.on_frame(a, &fa[1]), FrameOutcome::Dropped(_)));
+        assert!(matches!(
+            r.on_frame(a, &fa[1]),
+            FrameOutcome::Dropped { .. }
+        ));
         assert_eq!(r.on_frame(b, &fb[1]), complete(1, vec![2; 200]));
     }
 
@@ -427,8 +522,8 @@ mod tests {
         for f in &fa[1..] {
             let o = old.on_frame(a, f);
             let n = new.on_frame(a, f);
-            assert!(matches!(o, FrameOutcome::Dropped(_)), "{o:?}");
-            assert!(matches!(n, FrameOutcome::Dropped(_)), "{n:?}");
+            assert!(matches!(o, FrameOutcome::Dropped { .. }), "{o:?}");
+            assert!(matches!(n, FrameOutcome::Dropped { .. }), "{n:?}");
         }
         // The next whole message is delivered by both again.
         let next = split_into_frames(5, &[8; 150], FRAME_HEADER_LEN + 100).unwrap();
@@ -440,6 +535,66 @@ mod tests {
         assert_eq!(new.on_frame(a, &next[1]), complete(5, vec![8; 150]));
     }
 
+    /// Corosync can deliver a message's tail (or all of a one-frame message) after a
+    /// membership change to the old members only: with view tags every member of the new
+    /// view drops it, and the sender's own stream names it cut.
+    #[test]
+    fn frames_of_another_view_are_dropped_by_every_member() {
+        let (a, b, merged) = (member(1, 10), member(2, 20), member(3, 30));
+        let old_view = view_tag(
+            Some(crate::RingId {
+                node: NodeId(1),
+                seq: 8,
+            }),
+            &[a, b],
+        );
+        let new_view = view_tag(
+            Some(crate::RingId {
+                node: NodeId(1),
+                seq: 12,
+            }),
+            &[a, b, merged],
+        );
+        assert_ne!(old_view, new_view);
+        let frames =
+            split_into_frames_in_view(9, old_view, &[5; 150], FRAME_HEADER_LEN + 100).unwrap();
+        let one = split_into_frames_in_view(10, old_view, b"small", 100).unwrap();
+        let mut old_member = Reassembler::new(1 << 20);
+        old_member.set_view(old_view);
+        assert_eq!(old_member.on_frame(a, &frames[0]), FrameOutcome::Incomplete);
+        // The merge: the NodeUp confchg and the new ring. The old member keeps nothing it
+        // could complete, the merged member never had the beginning.
+        old_member.set_view(new_view);
+        let mut new_member = Reassembler::new(1 << 20);
+        new_member.set_view(new_view);
+        for r in [&mut old_member, &mut new_member] {
+            assert!(matches!(
+                r.on_frame(a, &frames[1]),
+                FrameOutcome::Dropped {
+                    message_id: Some(9),
+                    ..
+                }
+            ));
+            assert!(matches!(
+                r.on_frame(a, &one[0]),
+                FrameOutcome::Dropped {
+                    message_id: Some(10),
+                    ..
+                }
+            ));
+        }
+        // The next message, sent in the new view, is delivered by both.
+        let next = split_into_frames_in_view(11, new_view, b"after", 100).unwrap();
+        assert_eq!(
+            old_member.on_frame(a, &next[0]),
+            complete(11, b"after".to_vec())
+        );
+        assert_eq!(
+            new_member.on_frame(a, &next[0]),
+            complete(11, b"after".to_vec())
+        );
+    }
+
     #[test]
     fn abandoned_message_is_replaced_by_the_next_one() {
         let a = member(1, 10);
@@ -448,11 +603,14 @@ mod tests {
         let mut r = Reassembler::new(1 << 20);
         r.on_frame(a, &first[0]);
         r.on_frame(a, &second[0]);
-        assert!(matches!(r.on_frame(a, &first[1]), FrameOutcome::Dropped(_)));
+        assert!(matches!(
+            r.on_frame(a, &first[1]),
+            FrameOutcome::Dropped { .. }
+        ));
         // The out-of-sequence fragment also ended the second message.
         assert!(matches!(
             r.on_frame(a, &second[1]),
-            FrameOutcome::Dropped(_)
+            FrameOutcome::Dropped { .. }
         ));
         assert_eq!(r.in_progress(), 0);
     }
@@ -466,13 +624,13 @@ mod tests {
         r.on_frame(a, &big[1]);
         let out = r.on_frame(a, &big[2]);
         assert!(
-            matches!(&out, FrameOutcome::Dropped(why) if why.contains("300 bytes")),
+            matches!(&out, FrameOutcome::Dropped { why, .. } if why.contains("300 bytes")),
             "{out:?}"
         );
         assert_eq!(r.in_progress(), 0);
         let out = r.on_frame(a, b"short");
         assert!(
-            matches!(&out, FrameOutcome::Dropped(why) if why.contains("malformed")),
+            matches!(&out, FrameOutcome::Dropped { why, .. } if why.contains("malformed")),
             "{out:?}"
         );
     }
@@ -516,7 +674,7 @@ mod tests {
                             got.entry(*from).or_default().push(payload)
                         }
                         FrameOutcome::Incomplete => {}
-                        FrameOutcome::Dropped(why) => panic!("seed {seed}: dropped: {why}"),
+                        FrameOutcome::Dropped { why, .. } => panic!("seed {seed}: dropped: {why}"),
                     }
                 }
             }

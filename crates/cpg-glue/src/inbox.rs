@@ -6,12 +6,13 @@
 //! [`Inbox`], so fragmentation, cuts and receipts behave the same in both.
 
 use std::collections::{BTreeMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use futures::channel::oneshot;
 
-use crate::fragment::{FrameOutcome, Reassembler};
-use crate::{ConfChg, Delivery, GroupError, GroupEvent, Member, TotemConfChg};
+use crate::fragment::{view_tag, FrameOutcome, Reassembler};
+use crate::{ConfChg, Delivery, GroupError, GroupEvent, Member, RingId, TotemConfChg};
 
 /// One callback's record, as the group implementation received it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -165,6 +166,11 @@ pub(crate) struct Inbox {
     ready: VecDeque<GroupEvent>,
     /// Whether the local process's own join confchg has come through.
     own_join_seen: bool,
+    ring: Option<RingId>,
+    members: Vec<Member>,
+    /// The current view's tag ([`view_tag`]), shared with the senders, which tag their
+    /// frames with it.
+    view: Arc<AtomicU64>,
 }
 
 impl Inbox {
@@ -173,15 +179,28 @@ impl Inbox {
         group: &str,
         max_message: usize,
         receipts: Arc<Receipts>,
+        view: Arc<AtomicU64>,
     ) -> Inbox {
+        view.store(view_tag(None, &[]), Ordering::Release);
+        let mut reassembler = Reassembler::new(max_message);
+        reassembler.set_view(view_tag(None, &[]));
         Inbox {
             local,
             group: group.to_owned(),
-            reassembler: Reassembler::new(max_message),
+            reassembler,
             receipts,
             ready: VecDeque::new(),
             own_join_seen: false,
+            ring: None,
+            members: Vec::new(),
+            view,
         }
+    }
+
+    fn update_view(&mut self) {
+        let tag = view_tag(self.ring, &self.members);
+        self.reassembler.set_view(tag);
+        self.view.store(tag, Ordering::Release);
     }
 
     /// Whether the local process's own join confchg has come through (it may still be
@@ -205,9 +224,15 @@ impl Inbox {
                         self.receipts.cut(id);
                     }
                 }
+                self.members = change.members.clone();
+                self.update_view();
                 self.ready.push_back(GroupEvent::ConfChg(change));
             }
-            RawEvent::Totem(totem) => self.ready.push_back(GroupEvent::TotemConfChg(totem)),
+            RawEvent::Totem(totem) => {
+                self.ring = Some(totem.ring);
+                self.update_view();
+                self.ready.push_back(GroupEvent::TotemConfChg(totem))
+            }
             RawEvent::Frame { from, data } => match self.reassembler.on_frame(from, &data) {
                 FrameOutcome::Complete {
                     message_id,
@@ -220,7 +245,10 @@ impl Inbox {
                         .push_back(GroupEvent::Deliver(Delivery { from, payload }));
                 }
                 FrameOutcome::Incomplete => {}
-                FrameOutcome::Dropped(why) => {
+                FrameOutcome::Dropped { message_id, why } => {
+                    if let (true, Some(id)) = (from == self.local, message_id) {
+                        self.receipts.cut(id);
+                    }
                     tracing::warn!(group = %self.group, %from, "dropped a CPG frame: {why}")
                 }
             },
@@ -244,7 +272,7 @@ impl Inbox {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::fragment::{split_into_frames, FRAME_HEADER_LEN};
+    use crate::fragment::FRAME_HEADER_LEN;
     use crate::{MemberChange, NodeId, Reason};
     use futures::FutureExt;
 
@@ -253,10 +281,6 @@ mod tests {
             node: NodeId(node),
             pid,
         }
-    }
-
-    fn frames(id: u64, len: usize) -> Vec<Vec<u8>> {
-        split_into_frames(id, &vec![id as u8; len], FRAME_HEADER_LEN + 10).unwrap()
     }
 
     fn outcome(r: Receipt) -> Option<Result<(), GroupError>> {
@@ -268,7 +292,18 @@ mod tests {
         let me = member(1, 7);
         let other = member(2, 9);
         let receipts = Receipts::new("g");
-        let mut inbox = Inbox::new(me, "g", 1 << 20, receipts.clone());
+        let view = Arc::new(AtomicU64::new(0));
+        let mut inbox = Inbox::new(me, "g", 1 << 20, receipts.clone(), view.clone());
+        // The tests' frames are sent in the view the inbox is in.
+        let frames = |id: u64, len: usize| {
+            crate::fragment::split_into_frames_in_view(
+                id,
+                view.load(Ordering::Acquire),
+                &vec![id as u8; len],
+                FRAME_HEADER_LEN + 10,
+            )
+            .unwrap()
+        };
 
         // Delivered: resolves Ok only once the last frame went through the stream.
         let r0 = receipts.register(0).unwrap();

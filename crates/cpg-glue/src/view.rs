@@ -4,9 +4,9 @@
 //! * confchgs within a ring (reasons `Join`, `Leave`, `ProcDown`): ordinary agreed-order
 //!   events, each one a complete view change by itself;
 //! * a transition to a new ring: a confchg with the processes of vanished nodes
-//!   (`NodeDown`), one with the processes of merged nodes (`NodeUp`), possibly one more
-//!   (`ProcDown`, when a merged node no longer has a process the others still listed), then
-//!   the totem confchg, always last;
+//!   (`NodeDown`; also those of a node whose corosync restarted and which is in the new
+//!   ring), one with the processes of merged nodes (`NodeUp`), rarely `ProcDown` ones (the
+//!   joinlist's zombie removal), then the totem confchg, always last;
 //! * the *initial* totem confchg (`CPG_MODEL_V1_DELIVER_INITIAL_TOTEM_CONF`): the ring
 //!   current at the time, sent once per connection on the first join or leave the node
 //!   delivers in any group after this process asked to join. That can be another process's

@@ -25,6 +25,7 @@ pub type cs_error_t = c_uint;
 
 pub const CS_OK: cs_error_t = 1;
 pub const CS_ERR_TRY_AGAIN: cs_error_t = 6;
+pub const CS_ERR_BAD_HANDLE: cs_error_t = 9;
 
 /// `cs_dispatch_flags_t::CS_DISPATCH_ONE_NONBLOCKING`: process one pending callback if
 /// there is one; `CS_ERR_TRY_AGAIN` when there is none. Never blocks.

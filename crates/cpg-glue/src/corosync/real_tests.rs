@@ -704,6 +704,14 @@ fn child_member() {
         .unwrap();
     runtime.block_on(async move {
         let mut group = CorosyncGroup::join(&name).await.unwrap();
+        // Frames are tagged with the sender's view: send once the stream has the view.
+        let mut view = crate::view::ViewTracker::new(group.local());
+        while view.stable().is_none() {
+            match timeout(STEP, group.next()).await {
+                Ok(Some(Ok(event))) => view.apply(&event),
+                other => panic!("child, waiting for its view: {other:?}"),
+            }
+        }
         let sender = group.sender();
         sender.mcast(child_payload()).await.unwrap();
         sender.mcast(b"child-hello".to_vec()).await.unwrap();

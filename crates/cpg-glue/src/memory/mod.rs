@@ -31,7 +31,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use futures::channel::mpsc::{unbounded, UnboundedReceiver, UnboundedSender};
 use futures::Stream;
 
-use crate::fragment::split_into_frames;
+use crate::fragment::split_into_frames_in_view;
 use crate::inbox::{Inbox, RawEvent, Receipts};
 use crate::testkit::TestCluster;
 use crate::{
@@ -186,17 +186,19 @@ impl MemoryCluster {
             },
         );
         let receipts = Receipts::new(group);
+        let view = Arc::new(AtomicU64::new(0));
         let max_message = state.model.max_message_size();
         Ok(MemoryGroup {
             shared: self.shared.clone(),
             local: member,
             name: group.to_owned(),
             events: rx,
-            inbox: Inbox::new(member, group, max_message, receipts.clone()),
+            inbox: Inbox::new(member, group, max_message, receipts.clone(), view.clone()),
             sending: Arc::new(SendState {
                 next_message_id: AtomicU64::new(0),
                 order: futures::lock::Mutex::new(()),
                 receipts,
+                view,
             }),
             departed: false,
             ended: false,
@@ -304,6 +306,8 @@ struct SendState {
     /// Held for all frames of one message, so a sender's messages never interleave.
     order: futures::lock::Mutex<()>,
     receipts: Arc<Receipts>,
+    /// The view the process's stream is in; frames are tagged with it.
+    view: Arc<AtomicU64>,
 }
 
 /// One process's membership of a group in a [`MemoryCluster`]. Dropping it without
@@ -444,7 +448,8 @@ impl MemorySender {
         }
         let _in_order = self.sending.order.lock().await;
         let id = self.sending.next_message_id.fetch_add(1, Ordering::Relaxed);
-        let frames = split_into_frames(id, &payload, max_frame)
+        let view = self.sending.view.load(Ordering::Acquire);
+        let frames = split_into_frames_in_view(id, view, &payload, max_frame)
             .map_err(|why| GroupError::Invalid(format!("cannot fragment message: {why}")))?;
         let receipt = self.sending.receipts.register(id)?;
         let last = frames.len() - 1;
