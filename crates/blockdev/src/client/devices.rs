@@ -25,6 +25,12 @@ struct Device {
     file: File,
     len: u64,
     direct: bool,
+    /// The first failed sync, for good: the kernel reports a lost write-back once and may
+    /// then let a later sync succeed, which must not tell anyone their data is durable.
+    sync_failed: std::sync::Mutex<Option<String>>,
+    /// Tests: make the next sync fail as the device would.
+    #[cfg(test)]
+    fail_next_sync: std::sync::atomic::AtomicBool,
 }
 
 /// A zeroed buffer whose usable part starts at a `DIRECT_ALIGN` boundary.
@@ -102,6 +108,9 @@ fn open(path: &Path, direct: bool) -> Result<Device, ClientError> {
         file,
         len,
         direct,
+        sync_failed: std::sync::Mutex::new(None),
+        #[cfg(test)]
+        fail_next_sync: std::sync::atomic::AtomicBool::new(false),
     })
 }
 
@@ -203,12 +212,42 @@ impl Devices {
     }
 
     /// fdatasync of one device.
+    /// Flushes a device. After one failure every later sync fails too (see
+    /// `Device::sync_failed`): the data the failure lost is not coming back.
     pub(crate) async fn sync(&self, which: Which) -> Result<(), ClientError> {
         let dev = self.dev(which).clone();
         let result = tokio::task::spawn_blocking(move || {
-            dev.file
-                .sync_data()
-                .map_err(|e| Self::io_err(&dev, "syncing", 0, e))
+            let sticky = |dev: &Device| {
+                dev.sync_failed
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .clone()
+            };
+            if let Some(first) = sticky(&dev) {
+                return Err(Self::io_err(
+                    &dev,
+                    "syncing",
+                    0,
+                    io::Error::other(format!(
+                        "an earlier sync failed ({first}); writes since may be lost"
+                    )),
+                ));
+            }
+            #[cfg(test)]
+            let injected = dev
+                .fail_next_sync
+                .swap(false, std::sync::atomic::Ordering::AcqRel)
+                .then(|| io::Error::from_raw_os_error(libc::EIO));
+            #[cfg(not(test))]
+            let injected: Option<io::Error> = None;
+            let outcome = match injected {
+                Some(e) => Err(e),
+                None => dev.file.sync_data(),
+            };
+            outcome.map_err(|e| {
+                *dev.sync_failed.lock().unwrap_or_else(|p| p.into_inner()) = Some(e.to_string());
+                Self::io_err(&dev, "syncing", 0, e)
+            })
         })
         .await;
         result.unwrap_or_else(|e| Err(ClientError::Geometry(format!("sync task failed: {e}"))))
@@ -255,5 +294,30 @@ mod tests {
             .await
             .unwrap_err();
         assert!(err.to_string().contains("aligned"), "{err}");
+    }
+
+    /// Issue 8 (the client's side of finding 8): after a failed sync a later one must not
+    /// report success for writes the failure may have lost.
+    #[tokio::test]
+    async fn a_failed_sync_stays_failed() {
+        let dir = tempfile::tempdir().unwrap();
+        let (o, st) = (dir.path().join("o"), dir.path().join("s"));
+        for p in [&o, &st] {
+            std::fs::File::create(p).unwrap().set_len(1 << 20).unwrap();
+        }
+        let d = Devices::open(&o, &st, false).unwrap();
+        d.sync(Which::Origin).await.unwrap();
+        d.origin
+            .fail_next_sync
+            .store(true, std::sync::atomic::Ordering::Release);
+        assert!(d.sync(Which::Origin).await.is_err(), "the injected failure");
+        let again = d.sync(Which::Origin).await;
+        assert!(
+            matches!(&again, Err(e) if e.to_string().contains("an earlier sync failed")),
+            "a later sync must fail too: {again:?}"
+        );
+        d.sync(Which::Store)
+            .await
+            .expect("the other device is unaffected");
     }
 }
