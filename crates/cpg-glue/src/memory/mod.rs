@@ -365,6 +365,18 @@ impl Stream for MemoryGroup {
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         let this = &mut *self;
+        {
+            // Joins requested with `request_join` (or through `TestCluster::join`) are
+            // delivered, in request order, when any process next reads its stream: joins
+            // requested together race as on corosync, and some processes see the ring
+            // before their own join confchg.
+            let mut state = this.shared.lock();
+            for member in state.model.pending_joins() {
+                if let Ok(outputs) = state.model.deliver_join(member) {
+                    state.route(outputs);
+                }
+            }
+        }
         loop {
             if let Some(event) = this.inbox.pop() {
                 return Poll::Ready(Some(Ok(event)));
@@ -520,12 +532,15 @@ impl TestCluster for MemoryCluster {
         MemoryCluster::nodes(self)
     }
 
+    /// Like `cpg_join`: the join is requested; it is delivered when a process next reads
+    /// its stream (or this one sends or leaves), so joins made together race as on
+    /// corosync.
     fn join(
         &self,
         node: NodeId,
         group: &str,
     ) -> impl Future<Output = Result<MemoryGroup, GroupError>> + Send {
-        std::future::ready(MemoryCluster::join(self, node, group))
+        std::future::ready(MemoryCluster::request_join(self, node, group))
     }
 
     fn quorum(
