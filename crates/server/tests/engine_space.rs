@@ -9,155 +9,7 @@ use csnap_proto::*;
 use csnap_server::engine::*;
 use engine_common::*;
 
-/// The on-disk `Store` on a `MemDevice`, formatted with a small node area; a crash keeps
-/// the durable contents plus a random part of the volatile cache, recovery replays the
-/// journal.
-mod disk {
-    use super::*;
-    use csnap_server::store::{FormatOptions, Geometry, MemDevice, OpenOptions, Store};
-    use std::sync::Arc;
-
-    const CHUNK: u64 = 4096;
-
-    pub struct DiskStore {
-        pub store: Store,
-        dev: MemDevice,
-        crashes: u64,
-        /// Report no metadata figures, so the engine learns of a full metadata area only
-        /// when a record fails (`MetadataFull` after the copy).
-        pub hide_metadata_space: bool,
-    }
-
-    impl DiskStore {
-        pub fn new(meta_blocks: u64, data_chunks: u64, origin_chunks: u64) -> DiskStore {
-            let size = Geometry::smallest_store(CHUNK).unwrap() + data_chunks * CHUNK;
-            let dev = MemDevice::new(size);
-            Store::format_with_metadata_blocks(
-                &dev,
-                &FormatOptions {
-                    chunk_size: CHUNK,
-                    origin_size: origin_chunks * CHUNK,
-                    now: 1_000,
-                    uuid: Some([9; 16]),
-                },
-                meta_blocks,
-            )
-            .unwrap();
-            let store = Store::open(Arc::new(dev.clone()), OpenOptions::default()).unwrap();
-            DiskStore {
-                store,
-                dev,
-                crashes: 0,
-                hide_metadata_space: false,
-            }
-        }
-    }
-
-    impl TestStore for DiskStore {
-        fn crash_and_recover(&mut self) {
-            self.crashes += 1;
-            self.dev = self.dev.crash(self.crashes);
-            self.store = Store::open(Arc::new(self.dev.clone()), OpenOptions::default())
-                .unwrap_or_else(|e| panic!("store does not reopen after a crash: {e}"));
-            assert!(self.store.was_unclean());
-        }
-
-        fn consistency(&mut self) -> Result<(), String> {
-            let report = self.store.check().map_err(|e| e.to_string())?;
-            if report.is_clean() {
-                Ok(())
-            } else {
-                Err(report.problems.join("; "))
-            }
-        }
-
-        fn snapshot_states(&mut self) -> Vec<(SnapId, SnapshotState)> {
-            MetaStore::list_snapshots(&mut self.store)
-                .unwrap()
-                .into_iter()
-                .map(|i| (i.id, i.state))
-                .collect()
-        }
-
-        fn placeholder() -> Self {
-            DiskStore::new(64, 1, 1)
-        }
-    }
-
-    /// Every method forwards to the store's own `MetaStore` implementation.
-    impl MetaStore for DiskStore {
-        fn stats(&mut self) -> Result<StoreStats, StoreError> {
-            self.store.stats()
-        }
-        fn create_snapshot(&mut self, name: &str, ctime: u64) -> Result<SnapshotInfo, StoreError> {
-            MetaStore::create_snapshot(&mut self.store, name, ctime)
-        }
-        fn next_snapshot_id(&mut self) -> Result<SnapId, StoreError> {
-            MetaStore::next_snapshot_id(&mut self.store)
-        }
-        fn delete_snapshot(&mut self, id: SnapId) -> Result<(), StoreError> {
-            MetaStore::delete_snapshot(&mut self.store, id)
-        }
-        fn invalidate_snapshot(&mut self, id: SnapId, reason: &str) -> Result<(), StoreError> {
-            MetaStore::invalidate_snapshot(&mut self.store, id, reason)
-        }
-        fn list_snapshots(&mut self) -> Result<Vec<SnapshotInfo>, StoreError> {
-            MetaStore::list_snapshots(&mut self.store)
-        }
-        fn snapshot(&mut self, id: SnapId) -> Result<Option<SnapshotInfo>, StoreError> {
-            MetaStore::snapshot(&mut self.store, id)
-        }
-        fn snapshot_by_name(&mut self, name: &str) -> Result<Option<SnapshotInfo>, StoreError> {
-            MetaStore::snapshot_by_name(&mut self.store, name)
-        }
-        fn oldest_sharing_origin(&mut self, chunk: u64) -> Result<Option<SnapId>, StoreError> {
-            MetaStore::oldest_sharing_origin(&mut self.store, chunk)
-        }
-        fn oldest_live(&mut self, except: Option<SnapId>) -> Result<Option<SnapId>, StoreError> {
-            MetaStore::oldest_live(&mut self.store, except)
-        }
-        fn metadata_space(&mut self) -> Result<Option<MetadataSpace>, StoreError> {
-            if self.hide_metadata_space {
-                return Ok(None);
-            }
-            MetaStore::metadata_space(&mut self.store)
-        }
-        fn reserve_chunk(&mut self) -> Result<u64, StoreError> {
-            MetaStore::reserve_chunk(&mut self.store)
-        }
-        fn release_chunk(&mut self, store_chunk: u64) -> Result<(), StoreError> {
-            MetaStore::release_chunk(&mut self.store, store_chunk)
-        }
-        fn record_copy_out(&mut self, chunk: u64, store_chunk: u64) -> Result<bool, StoreError> {
-            MetaStore::record_copy_out(&mut self.store, chunk, store_chunk)
-        }
-        fn snapshot_chunk(&mut self, id: SnapId, chunk: u64) -> Result<SnapChunk, StoreError> {
-            MetaStore::snapshot_chunk(&mut self.store, id, chunk)
-        }
-        fn record_snapshot_exception(
-            &mut self,
-            id: SnapId,
-            chunk: u64,
-            store_chunk: u64,
-        ) -> Result<(), StoreError> {
-            MetaStore::record_snapshot_exception(&mut self.store, id, chunk, store_chunk)
-        }
-        fn reclaim_step(&mut self, budget: usize) -> Result<ReclaimProgress, StoreError> {
-            MetaStore::reclaim_step(&mut self.store, budget)
-        }
-        fn usage_step(&mut self, budget: usize) -> Result<bool, StoreError> {
-            MetaStore::usage_step(&mut self.store, budget)
-        }
-        fn usage_exact(&self) -> bool {
-            MetaStore::usage_exact(&self.store)
-        }
-        fn commit(&mut self) -> Result<(), StoreError> {
-            MetaStore::commit(&mut self.store)
-        }
-    }
-}
-
-use disk::DiskStore;
+use engine_common::disk::DiskStore;
 
 /// An origin write of chunk `c` as a client does it: ask, and once granted, write the
 /// origin (here: the simulated origin) with `value`.
@@ -303,7 +155,7 @@ fn fill_rounds(
 /// server stopped, replayed and died again on the next copy-out.
 #[test]
 fn full_metadata_area_invalidates_the_oldest_snapshot_and_the_server_keeps_serving() {
-    let store = DiskStore::new(40, 6_000, 512);
+    let store = DiskStore::with_metadata_blocks(40, 6_000, 512);
     let mut h = Harness::with_store(config(), store);
     let origin = h.connect(1, ClientKind::Origin, false);
     let admin = h.admin();
@@ -453,7 +305,7 @@ fn metadata_usage_warnings_at_configured_levels() {
         metadata_warn_percents: vec![10, 20],
         ..config()
     };
-    let mut h = Harness::with_store(cfg, DiskStore::new(200, 2_000, 512));
+    let mut h = Harness::with_store(cfg, DiskStore::with_metadata_blocks(200, 2_000, 512));
     let origin = h.connect(1, ClientKind::Origin, false);
     let admin = h.admin();
     let st = status(&mut h, admin);
@@ -497,7 +349,7 @@ fn metadata_usage_warnings_at_configured_levels() {
 /// the oldest snapshot given up, and the write starts over.
 #[test]
 fn metadata_full_at_record_time_is_handled_by_the_policy_too() {
-    let mut store = DiskStore::new(40, 6_000, 512);
+    let mut store = DiskStore::with_metadata_blocks(40, 6_000, 512);
     store.hide_metadata_space = true;
     let mut h = Harness::with_store(config(), store);
     let origin = h.connect(1, ClientKind::Origin, false);
@@ -553,7 +405,7 @@ fn create_until_refused<S: TestStore>(
 /// fatal error, and nothing older is given up for it; after deletes it works again.
 #[test]
 fn snapshot_creation_is_refused_when_the_metadata_area_is_full() {
-    let mut h = Harness::with_store(config(), DiskStore::new(40, 100, 64));
+    let mut h = Harness::with_store(config(), DiskStore::with_metadata_blocks(40, 100, 64));
     let origin = h.connect(1, ClientKind::Origin, false);
     let admin = h.admin();
     let (created, refusal) = create_until_refused(&mut h, origin, admin);
@@ -596,7 +448,7 @@ fn fail_snapshot_writes_only_refuses_snapshot_writes_on_a_full_metadata_area() {
         store_full_policy: StoreFullPolicy::FailSnapshotWritesOnly,
         ..config()
     };
-    let mut h = Harness::with_store(cfg, DiskStore::new(40, 100, 64));
+    let mut h = Harness::with_store(cfg, DiskStore::with_metadata_blocks(40, 100, 64));
     let origin = h.connect(1, ClientKind::Origin, false);
     let admin = h.admin();
     let (created, _) = create_until_refused(&mut h, origin, admin);

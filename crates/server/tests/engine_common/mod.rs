@@ -3,6 +3,8 @@
 //! that speak the protocol as a client would.
 #![allow(dead_code)]
 
+pub mod disk;
+
 use csnap_proto::auth;
 use csnap_proto::*;
 use csnap_server::engine::*;
