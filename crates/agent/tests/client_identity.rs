@@ -4,47 +4,13 @@
 
 mod support;
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use csnap_blockdev::client::{ClientConfig, Volume};
 use csnap_proto::SnapId;
-use csnap_server::net::{self, ListenAddr, RunningServer, ServerConfig};
-use support::{Fixture, WAIT};
+use support::{connect_volume, start_server, Fixture, WAIT};
 
 const CHUNK: u64 = 4096;
-
-async fn start_server(fx: &Fixture, sock: &std::path::Path) -> RunningServer {
-    let mut cfg = ServerConfig::new(
-        &fx.origin,
-        &fx.store,
-        ListenAddr::Unix(sock.to_owned()),
-        &fx.key_file,
-    );
-    cfg.direct_io = false;
-    tokio::time::timeout(WAIT, net::start(cfg))
-        .await
-        .expect("server started in time")
-        .expect("server starts")
-}
-
-async fn connect(fx: &Fixture, sock: &std::path::Path, base: u64, node: u32) -> Arc<Volume> {
-    let volume = Volume::connect(ClientConfig {
-        server: csnap_blockdev::nbd::ListenAddr::Unix(sock.to_owned()),
-        key: std::fs::read(&fx.key_file).unwrap(),
-        instance: base,
-        node,
-        origin: fx.origin.clone(),
-        store: fx.store.clone(),
-        connect_timeout: WAIT,
-        cache_chunks: 1 << 10,
-        direct_io: false,
-    });
-    tokio::time::timeout(WAIT, volume)
-        .await
-        .expect("connected in time")
-        .expect("client connects")
-}
 
 /// Clients 100, 101 and 103, each with an origin, an admin and a snapshot-1 connection:
 /// with ids derived as base, base + 1 and base + 2 + snapshot, client 100's admin
@@ -54,10 +20,10 @@ async fn connect(fx: &Fixture, sock: &std::path::Path, base: u64, node: u32) -> 
 async fn clients_with_neighbouring_ids_keep_all_their_connections() {
     let fx = Fixture::new(CHUNK, CHUNK * 16, 16 << 20);
     let sock = fx.path("server.sock");
-    let server = start_server(&fx, &sock).await;
+    let server = start_server(&fx, &sock, Vec::new()).await;
     let mut volumes = Vec::new();
     for (node, base) in [(1, 100), (2, 101), (3, 103)] {
-        volumes.push(connect(&fx, &sock, base, node).await);
+        volumes.push(connect_volume(&fx, &sock, base, node, 1 << 10).await);
     }
     let snap = tokio::time::timeout(WAIT, volumes[0].create_snapshot("s1"))
         .await
@@ -100,8 +66,8 @@ async fn clients_with_neighbouring_ids_keep_all_their_connections() {
 async fn a_second_client_with_the_same_id_is_refused_and_the_first_keeps_working() {
     let fx = Fixture::new(CHUNK, CHUNK * 16, 16 << 20);
     let sock = fx.path("server.sock");
-    let server = start_server(&fx, &sock).await;
-    let first = connect(&fx, &sock, 0x77, 1).await;
+    let server = start_server(&fx, &sock, Vec::new()).await;
+    let first = connect_volume(&fx, &sock, 0x77, 1, 1 << 10).await;
     let second = Volume::connect(ClientConfig {
         server: csnap_blockdev::nbd::ListenAddr::Unix(sock.clone()),
         key: std::fs::read(&fx.key_file).unwrap(),

@@ -4,50 +4,16 @@
 
 mod support;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 
-use csnap_blockdev::client::{ClientConfig, Volume};
 use csnap_proto::{decode_frame, ClientFrame, ClientMsg, Decoded, ServerFrame, SnapRef};
-use csnap_server::net::{self, ListenAddr, RunningServer, ServerConfig};
-use support::{Fixture, WAIT};
+use support::{connect_volume, start_server, Fixture, WAIT};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{watch, Mutex};
 
 const CHUNK: u64 = 4096;
-
-async fn start_server(fx: &Fixture, sock: &Path) -> RunningServer {
-    let mut cfg = ServerConfig::new(
-        &fx.origin,
-        &fx.store,
-        ListenAddr::Unix(sock.to_owned()),
-        &fx.key_file,
-    );
-    cfg.direct_io = false;
-    tokio::time::timeout(WAIT, net::start(cfg))
-        .await
-        .expect("server started in time")
-        .expect("server starts")
-}
-
-async fn connect(fx: &Fixture, sock: &Path, instance: u64) -> Arc<Volume> {
-    let volume = Volume::connect(ClientConfig {
-        server: csnap_blockdev::nbd::ListenAddr::Unix(sock.to_owned()),
-        key: std::fs::read(&fx.key_file).unwrap(),
-        instance,
-        node: 1,
-        origin: fx.origin.clone(),
-        store: fx.store.clone(),
-        connect_timeout: WAIT,
-        cache_chunks: 1 << 10,
-        direct_io: false,
-    });
-    tokio::time::timeout(WAIT, volume)
-        .await
-        .expect("connected in time")
-        .expect("client connects")
-}
 
 type Pick = fn(&ClientMsg) -> bool;
 
@@ -186,10 +152,10 @@ fn is_create(m: &ClientMsg) -> bool {
 async fn a_resent_delete_deletes_the_snapshot_it_meant_not_a_newer_one_with_its_name() {
     let fx = Fixture::new(CHUNK, CHUNK * 16, 16 << 20);
     let sock = fx.path("server.sock");
-    let server = start_server(&fx, &sock).await;
+    let server = start_server(&fx, &sock, Vec::new()).await;
     let mut proxy = Proxy::start(fx.path("proxy.sock"), sock.clone());
-    let client = connect(&fx, &proxy.path, 0x100).await;
-    let other = connect(&fx, &sock, 0x200).await;
+    let client = connect_volume(&fx, &proxy.path, 0x100, 1, 1 << 10).await;
+    let other = connect_volume(&fx, &sock, 0x200, 1, 1 << 10).await;
     let old = client.create_snapshot("x").await.expect("create x").id;
 
     proxy.drop_answer_to(is_delete).await;
@@ -228,10 +194,10 @@ async fn a_resent_delete_deletes_the_snapshot_it_meant_not_a_newer_one_with_its_
 async fn a_resent_create_answers_success_with_the_snapshot_it_created() {
     let fx = Fixture::new(CHUNK, CHUNK * 16, 16 << 20);
     let sock = fx.path("server.sock");
-    let server = start_server(&fx, &sock).await;
+    let server = start_server(&fx, &sock, Vec::new()).await;
     let mut proxy = Proxy::start(fx.path("proxy.sock"), sock.clone());
-    let client = connect(&fx, &proxy.path, 0x100).await;
-    let other = connect(&fx, &sock, 0x200).await;
+    let client = connect_volume(&fx, &proxy.path, 0x100, 1, 1 << 10).await;
+    let other = connect_volume(&fx, &sock, 0x200, 1, 1 << 10).await;
 
     proxy.drop_answer_to(is_create).await;
     let create = {
@@ -261,9 +227,9 @@ async fn a_resent_create_answers_success_with_the_snapshot_it_created() {
 async fn a_create_resent_to_a_new_server_answers_success_with_the_snapshot_it_created() {
     let fx = Fixture::new(CHUNK, CHUNK * 16, 16 << 20);
     let sock = fx.path("server.sock");
-    let server = start_server(&fx, &sock).await;
+    let server = start_server(&fx, &sock, Vec::new()).await;
     let mut proxy = Proxy::start(fx.path("proxy.sock"), sock.clone());
-    let client = connect(&fx, &proxy.path, 0x100).await;
+    let client = connect_volume(&fx, &proxy.path, 0x100, 1, 1 << 10).await;
 
     proxy.drop_answer_to(is_create).await;
     let create = {
@@ -274,7 +240,7 @@ async fn a_create_resent_to_a_new_server_answers_success_with_the_snapshot_it_cr
     // Crash-like: no clean shutdown; the next server recovers the store from its journal.
     drop(server);
     tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    let server = start_server(&fx, &sock).await;
+    let server = start_server(&fx, &sock, Vec::new()).await;
     proxy.release();
     let created = tokio::time::timeout(WAIT, create)
         .await

@@ -14,9 +14,8 @@ use std::time::Duration;
 use bytes::Bytes;
 use csnap_blockdev::client::{client_id_for, ClientConfig, Volume};
 use csnap_proto::{ClientId, ClientKind, SnapId};
-use csnap_server::net::{self, ListenAddr, RunningServer, ServerConfig};
 use rand::{Rng, SeedableRng};
-use support::{seed, Fixture, WAIT};
+use support::{seed, start_server, Fixture, WAIT};
 
 const CHUNK: u64 = 4096;
 const CHUNKS: u64 = 128;
@@ -56,26 +55,6 @@ struct Snap {
     id: SnapId,
     requested: u64,
     acked: u64,
-}
-
-async fn start_server(
-    fx: &Fixture,
-    sock: &std::path::Path,
-    expected: Vec<ClientId>,
-) -> RunningServer {
-    let mut cfg = ServerConfig::new(
-        &fx.origin,
-        &fx.store,
-        ListenAddr::Unix(sock.to_owned()),
-        &fx.key_file,
-    );
-    cfg.direct_io = false;
-    // The activation gate: what the cluster agent's gather would report.
-    cfg.expected_snapshot_clients = expected;
-    tokio::time::timeout(WAIT, net::start(cfg))
-        .await
-        .expect("server started in time")
-        .expect("server starts")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -294,3 +294,50 @@ pub async fn csnapctl(socket: &Path, args: &[&str]) -> Ran {
     all.extend_from_slice(args);
     run(env!("CARGO_BIN_EXE_csnapctl"), &all).await
 }
+
+/// The metadata server in this process on a unix socket, buffered I/O (one host);
+/// `expected`: the activation gate's list (what the cluster agent's gather would report).
+pub async fn start_server(
+    fx: &Fixture,
+    sock: &Path,
+    expected: Vec<csnap_proto::ClientId>,
+) -> net::RunningServer {
+    let mut cfg = net::ServerConfig::new(
+        &fx.origin,
+        &fx.store,
+        net::ListenAddr::Unix(sock.to_owned()),
+        &fx.key_file,
+    );
+    cfg.direct_io = false;
+    cfg.expected_snapshot_clients = expected;
+    tokio::time::timeout(WAIT, net::start(cfg))
+        .await
+        .expect("server started in time")
+        .expect("server starts")
+}
+
+/// A client library volume (buffered I/O) for client `instance` on `node`, connected to
+/// the server at `sock`.
+pub async fn connect_volume(
+    fx: &Fixture,
+    sock: &Path,
+    instance: u64,
+    node: u32,
+    cache_chunks: usize,
+) -> std::sync::Arc<csnap_blockdev::client::Volume> {
+    let volume = csnap_blockdev::client::Volume::connect(csnap_blockdev::client::ClientConfig {
+        server: csnap_blockdev::nbd::ListenAddr::Unix(sock.to_owned()),
+        key: std::fs::read(&fx.key_file).unwrap(),
+        instance,
+        node,
+        origin: fx.origin.clone(),
+        store: fx.store.clone(),
+        connect_timeout: WAIT,
+        cache_chunks,
+        direct_io: false,
+    });
+    tokio::time::timeout(WAIT, volume)
+        .await
+        .expect("connected in time")
+        .expect("client connects")
+}
