@@ -7,7 +7,8 @@ mod support;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use csnap_proto::{decode_frame, ClientFrame, ClientMsg, Decoded, ServerFrame, SnapRef};
+use csnap_proto::frame::LENGTH_PREFIX;
+use csnap_proto::{decode_complete_frame, ClientFrame, ClientMsg, SnapRef, TAG_LEN};
 use support::{connect_volume, start_server, Fixture, WAIT};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{UnixListener, UnixStream};
@@ -77,6 +78,25 @@ impl Proxy {
     }
 }
 
+/// Length of the whole frame at the start of `buf`, once all of it is there.
+fn whole_frame(buf: &[u8]) -> Option<usize> {
+    let prefix: [u8; LENGTH_PREFIX] = buf.get(..LENGTH_PREFIX)?.try_into().ok()?;
+    let need = LENGTH_PREFIX + u32::from_be_bytes(prefix) as usize;
+    (buf.len() >= need).then_some(need)
+}
+
+/// What a client frame asks, read as an on-path observer can: frames are authenticated,
+/// not encrypted, so a sealed frame is the plain one with a tag appended.
+fn peek_client_msg(frame: &[u8]) -> Option<ClientMsg> {
+    if let Ok(f) = decode_complete_frame::<ClientFrame>(frame) {
+        return Some(f.msg);
+    }
+    let untagged_len = frame.len().checked_sub(LENGTH_PREFIX + TAG_LEN)?;
+    let mut plain = (untagged_len as u32).to_be_bytes().to_vec();
+    plain.extend_from_slice(&frame[LENGTH_PREFIX..frame.len() - TAG_LEN]);
+    decode_complete_frame::<ClientFrame>(&plain).ok().map(|f| f.msg)
+}
+
 async fn pipe(
     client: UnixStream,
     upstream: UnixStream,
@@ -95,10 +115,13 @@ async fn pipe(
                 Ok(n) => n,
             };
             buf.extend_from_slice(&chunk[..n]);
-            while let Ok(Decoded::Frame(frame, used)) = decode_frame::<ClientFrame>(&buf) {
+            while let Some(used) = whole_frame(&buf) {
                 let bytes: Vec<u8> = buf.drain(..used).collect();
+                let Some(msg) = peek_client_msg(&bytes) else {
+                    return;
+                };
                 let mut armed = arm.lock().await;
-                if armed.is_some_and(|pick| pick(&frame.msg)) {
+                if armed.is_some_and(|pick| pick(&msg)) {
                     *armed = None;
                     marked_tx.send_replace(true);
                 }
@@ -118,7 +141,7 @@ async fn pipe(
                 Ok(n) => n,
             };
             buf.extend_from_slice(&chunk[..n]);
-            while let Ok(Decoded::Frame(_frame, used)) = decode_frame::<ServerFrame>(&buf) {
+            while let Some(used) = whole_frame(&buf) {
                 let bytes: Vec<u8> = buf.drain(..used).collect();
                 if *marked.borrow_and_update() {
                     // The answer to the marked request: lost with the connection.

@@ -3,14 +3,23 @@
 //! A frame is
 //!
 //! ```text
-//! u32 length (big endian) | u8 protocol version | MessagePack body (length - 1 bytes)
+//! u32 length (big endian) | u8 protocol version | MessagePack body | [16-byte tag]
 //! ```
 //!
-//! `length` counts the version byte and the body and is at most [`MAX_FRAME`]. The body is
+//! `length` counts everything after itself and is at most [`MAX_FRAME`]. The body is
 //! rmp-serde with named struct fields, so fields can be added in later versions. Decoding
 //! never panics: every malformed input is a [`FrameError`] naming what was wrong.
+//!
+//! Frames after the handshake are sealed: they end with a tag, HMAC-SHA256 truncated to
+//! [`TAG_LEN`] bytes, keyed with the connection's key for that direction
+//! ([`crate::auth::session_keys`]) over the frame's sequence number in that direction
+//! (u64 big endian, from 0, not sent) and the version byte and body. A changed, forged,
+//! replayed, reordered or dropped frame fails the check of the frame it hits or the next
+//! one, and the tag is checked before the body is parsed.
 
+use crate::auth::{keyed, FrameKey, HmacSha256};
 use bytes::{Buf, BufMut, BytesMut};
+use hmac::Mac as _;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use std::marker::PhantomData;
@@ -20,13 +29,15 @@ use std::marker::PhantomData;
 /// Version 3: `ReleaseStoreReads` (store reads hold their chunks until released);
 /// snapshots announced before they are created; origin write leases (`KeepAlive`,
 /// `Welcome::origin_lease_secs`).
+/// Version 5: every frame after the handshake carries a tag (per-connection keys, sequence
+/// numbers); the proofs cover every field of `Hello`.
 /// Version 4: client ids name the connection's kind (`ClientId{instance, kind}`), `Hello`
 /// carries an `incarnation` instead of `kind`, and `DuplicateClient` refuses a second
 /// client with a live connection's id; `CreateSnapshot` carries a token (a resend is
 /// answered with the snapshot it created), `DeleteSnapshot` takes an id only, and
 /// `FindSnapshot` looks a name up.
-pub const PROTOCOL_VERSION: u8 = 4;
-/// Largest accepted `length` (version byte + body).
+pub const PROTOCOL_VERSION: u8 = 5;
+/// Largest accepted `length` (version byte + body + tag).
 pub const MAX_FRAME: usize = 1 << 20;
 /// Size of the length prefix.
 pub const LENGTH_PREFIX: usize = 4;
@@ -47,6 +58,10 @@ pub enum FrameError {
     TrailingBytes(usize),
     #[error("cannot encode message: {0}")]
     Encode(String),
+    #[error("frame {seq} failed authentication (tampered, forged, replayed or out of order)")]
+    BadTag { seq: u64 },
+    #[error("frame too short for its authentication tag ({length} bytes)")]
+    NoTag { length: usize },
     #[error("connection I/O failed: {0}")]
     Io(#[from] std::io::Error),
 }
@@ -60,10 +75,87 @@ pub enum Decoded<T> {
     Incomplete { need: usize },
 }
 
+/// Length of the tag that ends a sealed frame.
+pub const TAG_LEN: usize = 16;
+
+/// Seals the frames of one direction of one connection (see the module docs).
+#[derive(Clone)]
+pub struct FrameSealer {
+    mac: HmacSha256,
+    next_seq: u64,
+}
+
+/// Checks the frames of one direction of one connection (see the module docs).
+#[derive(Clone)]
+pub struct FrameOpener {
+    mac: HmacSha256,
+    next_seq: u64,
+}
+
+impl std::fmt::Debug for FrameSealer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "FrameSealer {{ next_seq: {} }}", self.next_seq)
+    }
+}
+
+impl std::fmt::Debug for FrameOpener {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "FrameOpener {{ next_seq: {} }}", self.next_seq)
+    }
+}
+
+/// The tag of frame `seq` with this version byte and body. `mac` is keyed already (cloning
+/// it skips re-hashing the key).
+fn frame_tag(mac: &HmacSha256, seq: u64, version_and_body: &[u8]) -> HmacSha256 {
+    let mut mac = mac.clone();
+    mac.update(&seq.to_be_bytes());
+    mac.update(version_and_body);
+    mac
+}
+
+impl FrameSealer {
+    pub fn new(key: &FrameKey) -> FrameSealer {
+        FrameSealer {
+            mac: keyed(&key.0),
+            next_seq: 0,
+        }
+    }
+
+    /// Frames sealed so far.
+    pub fn sealed(&self) -> u64 {
+        self.next_seq
+    }
+}
+
+impl FrameOpener {
+    pub fn new(key: &FrameKey) -> FrameOpener {
+        FrameOpener {
+            mac: keyed(&key.0),
+            next_seq: 0,
+        }
+    }
+
+    /// Frames opened so far.
+    pub fn opened(&self) -> u64 {
+        self.next_seq
+    }
+}
+
 /// Appends one frame holding `msg` to `out`.
 pub fn encode_frame<T: Serialize>(msg: &T, out: &mut Vec<u8>) -> Result<(), FrameError> {
+    encode_frame_with(msg, None, out)
+}
+
+/// Appends one frame holding `msg` to `out`, sealed with the sender's next sequence number
+/// when `sealer` is given. Nothing is appended, and no sequence number used, on error.
+pub fn encode_frame_with<T: Serialize>(
+    msg: &T,
+    sealer: Option<&mut FrameSealer>,
+    out: &mut Vec<u8>,
+) -> Result<(), FrameError> {
     let body = rmp_serde::to_vec_named(msg).map_err(|e| FrameError::Encode(e.to_string()))?;
-    let length = body.len() + 1;
+    let tag_len = if sealer.is_some() { TAG_LEN } else { 0 };
+    let length = body.len() + 1 + tag_len;
     if length > MAX_FRAME {
         return Err(FrameError::Oversize {
             length,
@@ -73,8 +165,16 @@ pub fn encode_frame<T: Serialize>(msg: &T, out: &mut Vec<u8>) -> Result<(), Fram
     out.reserve(LENGTH_PREFIX + length);
     // length <= MAX_FRAME fits in u32.
     out.put_u32(length as u32);
+    let start = out.len();
     out.put_u8(PROTOCOL_VERSION);
     out.extend_from_slice(&body);
+    if let Some(sealer) = sealer {
+        let tag = frame_tag(&sealer.mac, sealer.next_seq, &out[start..])
+            .finalize()
+            .into_bytes();
+        out.extend_from_slice(&tag[..TAG_LEN]);
+        sealer.next_seq += 1;
+    }
     Ok(())
 }
 
@@ -89,6 +189,16 @@ pub fn frame_bytes<T: Serialize>(msg: &T) -> Result<Vec<u8>, FrameError> {
 /// rest is left for the next call). Oversize lengths are rejected as soon as the prefix is
 /// readable, before any body is buffered. This is the fuzzing entry point.
 pub fn decode_frame<T: DeserializeOwned>(buf: &[u8]) -> Result<Decoded<T>, FrameError> {
+    decode_frame_with(buf, None)
+}
+
+/// [`decode_frame`] for a frame that must be sealed with `opener`'s key and next sequence
+/// number (when given). The tag is checked before anything else of the frame is read; the
+/// sequence number advances only when a whole frame decoded.
+pub fn decode_frame_with<T: DeserializeOwned>(
+    buf: &[u8],
+    opener: Option<&mut FrameOpener>,
+) -> Result<Decoded<T>, FrameError> {
     let Some(prefix) = buf.get(..LENGTH_PREFIX) else {
         return Ok(Decoded::Incomplete {
             need: LENGTH_PREFIX,
@@ -105,9 +215,26 @@ pub fn decode_frame<T: DeserializeOwned>(buf: &[u8]) -> Result<Decoded<T>, Frame
         return Err(FrameError::Empty);
     }
     let need = LENGTH_PREFIX + length;
-    let Some(frame) = buf.get(LENGTH_PREFIX..need) else {
+    let Some(mut frame) = buf.get(LENGTH_PREFIX..need) else {
         return Ok(Decoded::Incomplete { need });
     };
+    let mut opened = None;
+    if let Some(opener) = opener {
+        if frame.len() < 1 + TAG_LEN {
+            return Err(FrameError::NoTag { length });
+        }
+        let (content, tag) = frame.split_at(frame.len() - TAG_LEN);
+        if frame_tag(&opener.mac, opener.next_seq, content)
+            .verify_truncated_left(tag)
+            .is_err()
+        {
+            return Err(FrameError::BadTag {
+                seq: opener.next_seq,
+            });
+        }
+        frame = content;
+        opened = Some(opener);
+    }
     let version = frame[0];
     if version != PROTOCOL_VERSION {
         return Err(FrameError::WrongVersion {
@@ -122,6 +249,9 @@ pub fn decode_frame<T: DeserializeOwned>(buf: &[u8]) -> Result<Decoded<T>, Frame
     let trailing = de.get_ref().len();
     if trailing != 0 {
         return Err(FrameError::TrailingBytes(trailing));
+    }
+    if let Some(opener) = opened {
+        opener.next_seq += 1;
     }
     Ok(Decoded::Frame(msg, need))
 }
@@ -211,17 +341,33 @@ pub fn decode_complete_frame<T: DeserializeOwned>(buf: &[u8]) -> Result<T, Frame
     }
 }
 
-/// tokio-util codec over [`decode_frame`]/[`encode_frame`]: decodes `In`, encodes `Out`
-/// (a server uses `FrameCodec<ClientFrame, ServerFrame>`, a client the reverse).
+/// tokio-util codec over [`decode_frame_with`]/[`encode_frame_with`]: decodes `In`, encodes
+/// `Out` (a server uses `FrameCodec<ClientFrame, ServerFrame>`, a client the reverse).
+/// Plain until [`FrameCodec::seal_from_now`] / [`FrameCodec::open_from_now`] switch a
+/// direction to sealed frames.
 pub struct FrameCodec<In, Out> {
+    sealer: Option<FrameSealer>,
+    opener: Option<FrameOpener>,
     _types: PhantomData<fn(Out) -> In>,
 }
 
 impl<In, Out> FrameCodec<In, Out> {
     pub fn new() -> Self {
         FrameCodec {
+            sealer: None,
+            opener: None,
             _types: PhantomData,
         }
+    }
+
+    /// Every frame encoded from now on is sealed with `key`, from sequence number 0.
+    pub fn seal_from_now(&mut self, key: &FrameKey) {
+        self.sealer = Some(FrameSealer::new(key));
+    }
+
+    /// Every frame decoded from now on must be sealed with `key`, from sequence number 0.
+    pub fn open_from_now(&mut self, key: &FrameKey) {
+        self.opener = Some(FrameOpener::new(key));
     }
 }
 
@@ -236,7 +382,7 @@ impl<In: DeserializeOwned, Out> tokio_util::codec::Decoder for FrameCodec<In, Ou
     type Error = FrameError;
 
     fn decode(&mut self, src: &mut BytesMut) -> Result<Option<In>, FrameError> {
-        match decode_frame(src)? {
+        match decode_frame_with(src, self.opener.as_mut())? {
             Decoded::Frame(msg, used) => {
                 src.advance(used);
                 Ok(Some(msg))
@@ -254,7 +400,7 @@ impl<In: DeserializeOwned, Out> tokio_util::codec::Decoder for FrameCodec<In, Ou
             None if src.is_empty() => Ok(None),
             None => Err(FrameError::Truncated {
                 have: src.len(),
-                need: match decode_frame::<In>(src)? {
+                need: match decode_frame_with::<In>(src, self.opener.as_mut())? {
                     Decoded::Incomplete { need } => need,
                     Decoded::Frame(_, used) => used,
                 },
@@ -268,7 +414,7 @@ impl<In, Out: Serialize> tokio_util::codec::Encoder<Out> for FrameCodec<In, Out>
 
     fn encode(&mut self, item: Out, dst: &mut BytesMut) -> Result<(), FrameError> {
         let mut out = Vec::new();
-        encode_frame(&item, &mut out)?;
+        encode_frame_with(&item, self.sealer.as_mut(), &mut out)?;
         dst.extend_from_slice(&out);
         Ok(())
     }

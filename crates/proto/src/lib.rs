@@ -2,7 +2,8 @@
 //!
 //! * [`frame`]: length-prefixed, versioned MessagePack frames; [`decode_frame`] never panics.
 //! * [`msg`]: the messages ([`ClientFrame`], [`ServerFrame`]).
-//! * [`auth`]: mutual HMAC-SHA256 challenge/response with the cluster key.
+//! * [`auth`]: mutual HMAC-SHA256 challenge/response with the cluster key, and the
+//!   per-connection keys that authenticate every later frame.
 //! * [`control`]: the local control socket between `csnapctl` and the agent.
 //! * [`types`]: snapshot ids, infos, chunk ranges, shared with the server's store.
 //!
@@ -15,8 +16,9 @@ pub mod msg;
 pub mod types;
 
 pub use frame::{
-    decode_complete_frame, decode_frame, encode_frame, frame_bytes, Decoded, FrameCodec,
-    FrameError, MAX_FRAME, PROTOCOL_VERSION,
+    decode_complete_frame, decode_frame, decode_frame_with, encode_frame, encode_frame_with,
+    frame_bytes, Decoded, FrameCodec, FrameError, FrameOpener, FrameSealer, MAX_FRAME,
+    PROTOCOL_VERSION, TAG_LEN,
 };
 pub use msg::{
     create_token, encoded_size_bound, page_len, ClientFrame, ClientId, ClientKind, ClientMsg,

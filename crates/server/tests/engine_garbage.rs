@@ -330,9 +330,15 @@ fn a_store_error_at_any_point_stops_the_engine_cleanly() {
         );
         let proof = csnap_proto::auth::client_proof(
             KEY,
-            ClientId::new(5, ClientKind::Admin),
-            &[2; 32],
-            &[1; 32],
+            &csnap_proto::auth::Handshake {
+                protocol_version: u32::from(PROTOCOL_VERSION),
+                client: ClientId::new(5, ClientKind::Admin),
+                node: 1,
+                incarnation: 5,
+                resuming: false,
+                client_nonce: [2; 32],
+                server_nonce: [1; 32],
+            },
         );
         step(&mut engine, req(2, ClientMsg::AuthResponse { proof }));
         for i in 0..10 {

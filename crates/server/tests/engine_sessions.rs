@@ -94,7 +94,16 @@ fn hello(
     let Some(ServerMsg::Challenge { server_nonce, .. }) = h.reply_to(conn, hello) else {
         panic!("no challenge");
     };
-    let proof = csnap_proto::auth::client_proof(KEY, id, &client_nonce, &server_nonce);
+    let handshake = csnap_proto::auth::Handshake {
+        protocol_version: u32::from(PROTOCOL_VERSION),
+        client: id,
+        node: 2,
+        incarnation,
+        resuming,
+        client_nonce,
+        server_nonce,
+    };
+    let proof = csnap_proto::auth::client_proof(KEY, &handshake);
     let auth = h.send(conn, ClientMsg::AuthResponse { proof });
     let answer = h.reply_to(conn, auth).expect("an answer to the proof");
     (conn, answer)

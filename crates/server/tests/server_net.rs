@@ -559,7 +559,7 @@ async fn bad_frames_get_a_clear_error_and_the_server_keeps_serving_others() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_never_reads_its_replies_is_disconnected() {
-    use futures::{SinkExt as _, StreamExt as _};
+    use futures::SinkExt as _;
     let fx = Fixture::small();
     let mut cfg = fx.config(fx.unix_addr("slow.sock"));
     cfg.send_queue_frames = 16;
@@ -568,48 +568,17 @@ async fn a_client_that_never_reads_its_replies_is_disconnected() {
     let admin = Client::connect(&addr, &fx.key, ADMIN, ClientKind::Admin).await;
 
     // Authenticate by hand, then flood requests without ever reading.
-    let io = connect_raw(&addr).await.unwrap();
-    let (rd, wr) = tokio::io::split(io);
-    let mut rd =
-        tokio_util::codec::FramedRead::new(rd, FrameCodec::<ServerFrame, ClientFrame>::new());
-    let mut wr =
-        tokio_util::codec::FramedWrite::new(wr, FrameCodec::<ServerFrame, ClientFrame>::new());
-    let slow = ClientId::new(0x51, ClientKind::Admin);
-    let client_nonce = csnap_proto::auth::random_nonce();
-    wr.send(ClientFrame {
-        id: 1,
-        msg: ClientMsg::Hello {
-            protocol_version: u32::from(PROTOCOL_VERSION),
-            client: slow,
-            node: 1,
-            incarnation: 1,
-            client_nonce,
+    let RawSession { rd, mut wr, .. } = RawSession::open(
+        connect_raw(&addr).await.unwrap(),
+        &fx.key,
+        &Hello {
+            client: 0x51,
+            kind: ClientKind::Admin,
             resuming: false,
         },
-    })
+    )
     .await
     .unwrap();
-    let Some(Ok(ServerFrame {
-        msg: ServerMsg::Challenge { server_nonce, .. },
-        ..
-    })) = rd.next().await
-    else {
-        panic!("no challenge");
-    };
-    let proof = csnap_proto::auth::client_proof(&fx.key, slow, &client_nonce, &server_nonce);
-    wr.send(ClientFrame {
-        id: 2,
-        msg: ClientMsg::AuthResponse { proof },
-    })
-    .await
-    .unwrap();
-    assert!(matches!(
-        rd.next().await,
-        Some(Ok(ServerFrame {
-            msg: ServerMsg::Welcome { .. },
-            ..
-        }))
-    ));
     let flood = tokio::time::timeout(Duration::from_secs(60), async {
         for id in 3u64.. {
             let sent = wr
@@ -637,6 +606,134 @@ async fn a_client_that_never_reads_its_replies_is_disconnected() {
     ));
     drop(rd);
     server.shutdown().await.unwrap();
+}
+
+/// Issue 8 finding 5: every frame after the handshake is authenticated. A frame changed on
+/// the way, replayed, forged with another key or sent in the clear on an authenticated
+/// connection is refused: the server answers that it failed authentication, closes that
+/// connection, logs it, and acts on nothing in it (the snapshot each forged
+/// `DeleteSnapshot` names survives). Other sessions are unaffected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tampered_replayed_forged_and_unsealed_frames_are_refused_and_logged() {
+    use futures::StreamExt as _;
+    use tokio::io::AsyncWriteExt as _;
+    let fx = Fixture::small();
+    let addr = fx.unix_addr("frames.sock");
+    let mut proc = ServerProcess::spawn(&fx, &addr, &[], "server.log");
+    proc.wait_listening().await;
+    let admin = Client::connect(&addr, &fx.key, ADMIN, ClientKind::Admin).await;
+    let keep = create_snapshot(&admin, "keep").await.id;
+    let delete = |id| ClientFrame {
+        id,
+        msg: ClientMsg::DeleteSnapshot { snap: keep },
+    };
+    let cases = [
+        "tampered",
+        "replayed",
+        "other direction's key",
+        "in the clear",
+    ];
+    for (n, case) in cases.into_iter().enumerate() {
+        let mut s = RawSession::open(
+            connect_raw(&addr).await.unwrap(),
+            &fx.key,
+            &Hello {
+                client: 0x700 + n as u64,
+                kind: ClientKind::Admin,
+                resuming: false,
+            },
+        )
+        .await
+        .unwrap();
+        let mut sealer = FrameSealer::new(&s.keys.client_to_server);
+        let mut bytes = Vec::new();
+        let bad_seq = match case {
+            "tampered" => {
+                // A status request turned into a delete would need the key; flipping a bit
+                // of the body is caught.
+                encode_frame_with(&delete(3), Some(&mut sealer), &mut bytes).unwrap();
+                let body_end = bytes.len() - TAG_LEN;
+                bytes[body_end - 1] ^= 0x01;
+                0
+            }
+            "replayed" => {
+                let mut first = Vec::new();
+                let status = ClientFrame {
+                    id: 3,
+                    msg: ClientMsg::Status,
+                };
+                encode_frame_with(&status, Some(&mut sealer), &mut first).unwrap();
+                s.wr.get_mut().write_all(&first).await.unwrap();
+                let reply = tokio::time::timeout(WAIT, s.rd.next()).await.unwrap();
+                assert!(
+                    matches!(
+                        reply,
+                        Some(Ok(ServerFrame {
+                            msg: ServerMsg::Status(_),
+                            ..
+                        }))
+                    ),
+                    "a well-sealed frame is served: {reply:?}"
+                );
+                bytes = first;
+                1
+            }
+            "other direction's key" => {
+                let mut forger = FrameSealer::new(&s.keys.server_to_client);
+                encode_frame_with(&delete(3), Some(&mut forger), &mut bytes).unwrap();
+                0
+            }
+            _ => {
+                encode_frame(&delete(3), &mut bytes).unwrap();
+                0
+            }
+        };
+        s.wr.get_mut().write_all(&bytes).await.unwrap();
+        let mut replies = Vec::new();
+        let ended = tokio::time::timeout(WAIT, async {
+            while let Some(Ok(frame)) = s.rd.next().await {
+                replies.push(frame.msg);
+            }
+        })
+        .await;
+        assert!(
+            ended.is_ok(),
+            "{case}: connection not closed within {WAIT:?}"
+        );
+        let expected = format!("frame {bad_seq} failed authentication");
+        assert!(
+            matches!(
+                replies.as_slice(),
+                [ServerMsg::Error { code: ErrorCode::BadRequest, message }] if message.contains(&expected)
+            ),
+            "{case}: expected one sealed error naming {expected:?}, got {replies:?}"
+        );
+    }
+    let listed = match admin
+        .request(ClientMsg::ListSnapshots {
+            after: None,
+            limit: 100,
+        })
+        .await
+        .unwrap()
+    {
+        ServerMsg::SnapshotList { snapshots, .. } => snapshots,
+        other => panic!("list: {other:?}"),
+    };
+    assert!(
+        listed.iter().any(|i| i.id == keep),
+        "a refused frame was acted on: {listed:?}"
+    );
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while proc.stderr().matches("failed authentication").count() < cases.len() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "not every refused frame was logged:\n{}",
+            proc.stderr()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(proc.terminate().code(), Some(0), "{}", proc.stderr());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

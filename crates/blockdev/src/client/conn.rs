@@ -8,8 +8,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use csnap_proto::{
-    decode_frame, encode_frame, ChunkRange, ClientId, ClientKind, ClientMsg, Decoded, ErrorCode,
-    RequestId, ServerFrame, ServerMsg,
+    decode_frame_with, encode_frame_with, ChunkRange, ClientId, ClientKind, ClientMsg, Decoded,
+    ErrorCode, FrameOpener, FrameSealer, RequestId, ServerFrame, ServerMsg,
 };
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpStream, UnixStream};
@@ -92,6 +92,8 @@ impl MetaConnection {
             info_tx,
             refused_tx,
             sessions: 0,
+            sealer: None,
+            opener: None,
         };
         let task = tokio::spawn(shell.run(rx));
         MetaConnection {
@@ -204,6 +206,9 @@ struct Shell {
     info_tx: watch::Sender<Option<SessionInfo>>,
     refused_tx: watch::Sender<Option<String>>,
     sessions: u64,
+    /// The current connection's frame sealing, once its handshake got that far.
+    sealer: Option<FrameSealer>,
+    opener: Option<FrameOpener>,
 }
 
 fn chunks_of(ranges: &[ChunkRange]) -> impl Iterator<Item = u64> + '_ {
@@ -362,7 +367,7 @@ impl Shell {
                 self.refused_tx
                     .send_replace(Some(format!("{code}: {message}")));
             }
-            Output::Send(_) | Output::Notice(_) | Output::Drop { .. } => {}
+            Output::Send(_) | Output::SealFrames(_) | Output::Notice(_) | Output::Drop { .. } => {}
         }
     }
 
@@ -376,6 +381,7 @@ impl Shell {
         let (mut rd, mut wr) = tokio::io::split(stream);
         let mut buf: Vec<u8> = Vec::with_capacity(64 * 1024);
         let mut chunk = vec![0u8; 64 * 1024];
+        (self.sealer, self.opener) = (None, None);
         let first = self.session.connected(csnap_proto::auth::random_nonce());
         if let Err(e) = self.carry_out(first, &mut wr, ack_tx).await {
             return e;
@@ -406,7 +412,7 @@ impl Shell {
                     };
                     buf.extend_from_slice(&chunk[..n]);
                     loop {
-                        match decode_frame::<ServerFrame>(&buf) {
+                        match decode_frame_with::<ServerFrame>(&buf, self.opener.as_mut()) {
                             Ok(Decoded::Frame(frame, used)) => {
                                 buf.drain(..used);
                                 let out = self.session.received(frame);
@@ -454,7 +460,7 @@ impl Shell {
         for out in outputs {
             match out {
                 Output::Send(frame) => {
-                    if let Err(e) = encode_frame(&frame, &mut bytes) {
+                    if let Err(e) = encode_frame_with(&frame, self.sealer.as_mut(), &mut bytes) {
                         // Only an oversize request can fail to encode: fail that request.
                         self.session.abandon(frame.id);
                         if let Some(answer) = self.waiting.remove(&frame.id) {
@@ -483,6 +489,10 @@ impl Shell {
                             let _ = ack_tx.send(ack);
                         }
                     }
+                }
+                Output::SealFrames(keys) => {
+                    self.sealer = Some(FrameSealer::new(&keys.client_to_server));
+                    self.opener = Some(FrameOpener::new(&keys.server_to_client));
                 }
                 Output::Notice(_) => {}
                 Output::Drop { reason } => {

@@ -9,7 +9,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use csnap_proto::auth::{self, Nonce};
+use csnap_proto::auth::{self, Handshake, Nonce, SessionKeys};
 use csnap_proto::{
     ChunkRange, ClientFrame, ClientId, ClientKind, ClientMsg, ErrorCode, HeldLock, RequestId,
     ServerFrame, ServerMsg, SnapId, PROTOCOL_VERSION,
@@ -20,6 +20,10 @@ use csnap_proto::{
 pub enum Output {
     /// Write this frame to the current connection.
     Send(ClientFrame),
+    /// Frames on the current connection are sealed from now on: every frame sent after
+    /// this is sealed with `keys.client_to_server`, and every frame received after the
+    /// last one handled (the challenge) must be sealed with `keys.server_to_client`.
+    SealFrames(SessionKeys),
     /// The answer to request `id` (submitted with [`Session::submit`]).
     Reply { id: RequestId, msg: ServerMsg },
     /// A notice from the server (`NewSnapshot`).
@@ -42,8 +46,9 @@ pub enum Output {
 enum Phase {
     /// No connection.
     Disconnected,
-    /// Hello sent, waiting for the server's challenge.
-    AwaitChallenge { hello: RequestId, nonce: Nonce },
+    /// Hello sent, waiting for the server's challenge. `hello`: what it said, less the
+    /// server's nonce.
+    AwaitChallenge { id: RequestId, hello: Handshake },
     /// Our proof sent, waiting for Welcome.
     AwaitWelcome { auth: RequestId },
     /// Session open; requests flow. `resend_done`: the id of our ResendDone, if unanswered.
@@ -198,13 +203,21 @@ impl Session {
             return Vec::new();
         }
         self.internal.clear();
-        let hello = self.take_id();
+        let id = self.take_id();
         self.phase = Phase::AwaitChallenge {
-            hello,
-            nonce: client_nonce,
+            id,
+            hello: Handshake {
+                protocol_version: u32::from(PROTOCOL_VERSION),
+                client: self.client,
+                node: self.node,
+                incarnation: self.incarnation,
+                resuming: self.had_session,
+                client_nonce,
+                server_nonce: [0; 32],
+            },
         };
         vec![Output::Send(ClientFrame {
-            id: hello,
+            id,
             msg: ClientMsg::Hello {
                 protocol_version: u32::from(PROTOCOL_VERSION),
                 client: self.client,
@@ -281,7 +294,10 @@ impl Session {
             };
         };
         match self.phase.clone() {
-            Phase::AwaitChallenge { hello, nonce } if id == hello => self.on_challenge(msg, nonce),
+            Phase::AwaitChallenge {
+                id: hello,
+                hello: handshake,
+            } if id == hello => self.on_challenge(msg, handshake),
             Phase::AwaitWelcome { auth } if id == auth => self.on_welcome(msg),
             Phase::Open => {
                 if let Some(what) = self.internal.remove(&id) {
@@ -304,33 +320,33 @@ impl Session {
         }
     }
 
-    fn on_challenge(&mut self, msg: ServerMsg, client_nonce: Nonce) -> Vec<Output> {
+    fn on_challenge(&mut self, msg: ServerMsg, hello: Handshake) -> Vec<Output> {
         match msg {
             ServerMsg::Challenge {
                 server_nonce,
                 proof,
             } => {
-                if !auth::verify_server_proof(
-                    &self.key,
-                    self.client,
-                    &client_nonce,
-                    &server_nonce,
-                    &proof,
-                ) {
+                let handshake = Handshake {
+                    server_nonce,
+                    ..hello
+                };
+                if !auth::verify_server_proof(&self.key, &handshake, &proof) {
                     return self.refuse(
                         ErrorCode::AuthFailed,
                         "the server's proof of the cluster key did not verify (different key?)"
                             .into(),
                     );
                 }
-                let proof =
-                    auth::client_proof(&self.key, self.client, &client_nonce, &server_nonce);
+                let proof = auth::client_proof(&self.key, &handshake);
                 let auth = self.take_id();
                 self.phase = Phase::AwaitWelcome { auth };
-                vec![Output::Send(ClientFrame {
-                    id: auth,
-                    msg: ClientMsg::AuthResponse { proof },
-                })]
+                vec![
+                    Output::Send(ClientFrame {
+                        id: auth,
+                        msg: ClientMsg::AuthResponse { proof },
+                    }),
+                    Output::SealFrames(auth::session_keys(&self.key, &handshake)),
+                ]
             }
             ServerMsg::Error { code, message } => self.refuse(code, message),
             other => vec![Output::Drop {
@@ -499,18 +515,31 @@ mod tests {
         let sn = [2u8; 32];
         let out = s.connected(cn);
         let hello = sent(&out).remove(0);
-        let (client, resuming) = match hello.msg {
+        let handshake = match hello.msg {
             ClientMsg::Hello {
-                client, resuming, ..
-            } => (client, resuming),
+                protocol_version,
+                client,
+                node,
+                incarnation,
+                client_nonce,
+                resuming,
+            } => Handshake {
+                protocol_version,
+                client,
+                node,
+                incarnation,
+                resuming,
+                client_nonce,
+                server_nonce: sn,
+            },
             other => panic!("expected Hello, got {other:?}"),
         };
-        let _ = resuming;
+        assert_eq!(handshake.client_nonce, cn);
         let out = s.received(ServerFrame {
             reply_to: Some(hello.id),
             msg: ServerMsg::Challenge {
                 server_nonce: sn,
-                proof: auth::server_proof(key, client, &cn, &sn),
+                proof: auth::server_proof(key, &handshake),
             },
         });
         let Some(authf) = sent(&out).into_iter().next() else {
@@ -518,10 +547,15 @@ mod tests {
         };
         match &authf.msg {
             ClientMsg::AuthResponse { proof } => {
-                assert!(auth::verify_client_proof(key, client, &cn, &sn, proof))
+                assert!(auth::verify_client_proof(key, &handshake, proof))
             }
             other => panic!("expected AuthResponse, got {other:?}"),
         }
+        // The proof is followed by the switch to sealed frames, with this handshake's keys.
+        assert_eq!(
+            out.last(),
+            Some(&Output::SealFrames(auth::session_keys(key, &handshake)))
+        );
         s.received(ServerFrame {
             reply_to: Some(authf.id),
             msg: ServerMsg::Welcome {

@@ -609,6 +609,7 @@ impl Client {
         let mut wr = FramedWrite::new(wr, FrameCodec::<ServerFrame, ClientFrame>::new());
         let client = ClientId::new(id, kind);
         let client_nonce = auth::random_nonce();
+        let incarnation = rand::random();
         let lost = |what: &str| format!("handshake: {what}");
         wr.send(ClientFrame {
             id: 1,
@@ -616,7 +617,7 @@ impl Client {
                 protocol_version: u32::from(PROTOCOL_VERSION),
                 client,
                 node: 1,
-                incarnation: rand::random(),
+                incarnation,
                 client_nonce,
                 resuming: false,
             },
@@ -631,16 +632,29 @@ impl Client {
         else {
             return Err(lost(&format!("expected a challenge, got {challenge:?}")));
         };
-        if !auth::verify_server_proof(key, client, &client_nonce, &server_nonce, &proof) {
+        let handshake = auth::Handshake {
+            protocol_version: u32::from(PROTOCOL_VERSION),
+            client,
+            node: 1,
+            incarnation,
+            resuming: false,
+            client_nonce,
+            server_nonce,
+        };
+        if !auth::verify_server_proof(key, &handshake, &proof) {
             return Err(lost("the server's proof does not verify with our key"));
         }
-        let proof = auth::client_proof(key, client, &client_nonce, &server_nonce);
+        let proof = auth::client_proof(key, &handshake);
         wr.send(ClientFrame {
             id: 2,
             msg: ClientMsg::AuthResponse { proof },
         })
         .await
         .map_err(|e| lost(&e.to_string()))?;
+        // Every frame from here on is sealed, both ways.
+        let keys = auth::session_keys(key, &handshake);
+        wr.encoder_mut().seal_from_now(&keys.client_to_server);
+        rd.decoder_mut().open_from_now(&keys.server_to_client);
         match next_frame(&mut rd).await? {
             ServerMsg::Welcome { .. } => {}
             other => return Err(lost(&format!("expected Welcome, got {other:?}"))),

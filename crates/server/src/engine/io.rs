@@ -1,6 +1,6 @@
 //! What goes into the engine (events) and what comes out (actions), and its configuration.
 
-use csnap_proto::auth::Nonce;
+use csnap_proto::auth::{Nonce, SessionKeys};
 use csnap_proto::{ClientFrame, ClientId, RequestId, ServerFrame};
 use std::fmt;
 
@@ -69,6 +69,11 @@ pub enum Action {
     Send { conn: ConnId, frame: ServerFrame },
     /// Close a connection (after sending what was queued for it).
     Close { conn: ConnId },
+    /// Frames on this connection are sealed from now on (the client proved the key): every
+    /// frame sent after the ones already queued is sealed with `keys.server_to_client`, and
+    /// every frame received after the client's first two (`Hello`, `AuthResponse`) must be
+    /// sealed with `keys.client_to_server`.
+    SealFrames { conn: ConnId, keys: SessionKeys },
     /// Copy one chunk into store chunk `to`, make it stable (fdatasync), then report
     /// [`Event::CopyDone`].
     Copy {

@@ -12,7 +12,7 @@ use super::io::{
     StoreFullPolicy, LEASE_MARGIN_SECS, WARN_REARM_POINTS,
 };
 use super::meta_store::{MetaStore, SnapChunk, StoreError, StoreStats};
-use csnap_proto::auth::{self, Nonce};
+use csnap_proto::auth::{self, Handshake, Nonce};
 use csnap_proto::page_len;
 use csnap_proto::{
     ChunkRange, ClientFrame, ClientId, ClientKind, ClientMsg, ErrorCode, HeldLock, RequestId,
@@ -45,13 +45,7 @@ struct Reject(ErrorCode, String);
 #[derive(Clone)]
 enum Session {
     AwaitHello,
-    AwaitAuth {
-        client: ClientId,
-        node: u32,
-        incarnation: u64,
-        client_nonce: Nonce,
-        resuming: bool,
-    },
+    AwaitAuth(Handshake),
     Open,
 }
 
@@ -441,10 +435,14 @@ impl<S: MetaStore> Engine<S> {
             }
             Event::ClientRequest { conn, frame } => self.on_request(conn, frame),
             Event::ClientBadFrame { conn, error: why } => {
-                if self.conns.contains_key(&conn) {
+                if let Some(c) = self.conns.get(&conn) {
+                    let who = match c.client {
+                        Some(client) => format!("client {client} on node {}", c.node),
+                        None => "unauthenticated".to_owned(),
+                    };
                     self.log(
                         LogLevel::Warn,
-                        format!("connection {conn}: bad frame: {why}"),
+                        format!("connection {conn} ({who}): bad frame: {why}"),
                     );
                     self.send(
                         conn,
@@ -625,16 +623,18 @@ impl<S: MetaStore> Engine<S> {
                     );
                     return self.close(conn);
                 }
-                let proof =
-                    auth::server_proof(&self.cfg.cluster_key, client, &client_nonce, &server_nonce);
+                let handshake = Handshake {
+                    protocol_version,
+                    client,
+                    node,
+                    incarnation,
+                    resuming,
+                    client_nonce,
+                    server_nonce,
+                };
+                let proof = auth::server_proof(&self.cfg.cluster_key, &handshake);
                 if let Some(c) = self.conns.get_mut(&conn) {
-                    c.session = Session::AwaitAuth {
-                        client,
-                        node,
-                        incarnation,
-                        client_nonce,
-                        resuming,
-                    };
+                    c.session = Session::AwaitAuth(handshake);
                 }
                 self.log(
                     LogLevel::Info,
@@ -650,23 +650,15 @@ impl<S: MetaStore> Engine<S> {
                 );
                 Ok(())
             }
-            (
-                Session::AwaitAuth {
+            (Session::AwaitAuth(handshake), ClientMsg::AuthResponse { proof }) => {
+                let Handshake {
                     client,
                     node,
                     incarnation,
-                    client_nonce,
                     resuming,
-                },
-                ClientMsg::AuthResponse { proof },
-            ) => {
-                if !auth::verify_client_proof(
-                    &self.cfg.cluster_key,
-                    client,
-                    &client_nonce,
-                    &server_nonce,
-                    &proof,
-                ) {
+                    ..
+                } = handshake;
+                if !auth::verify_client_proof(&self.cfg.cluster_key, &handshake, &proof) {
                     self.log(
                         LogLevel::Warn,
                         format!("connection {conn}: client {client} failed authentication"),
@@ -678,6 +670,10 @@ impl<S: MetaStore> Engine<S> {
                     );
                     return self.close(conn);
                 }
+                // The client proved the key: every later frame is sealed, both ways (a refused
+                // client gets its verdict in the clear, above).
+                let keys = auth::session_keys(&self.cfg.cluster_key, &handshake);
+                self.actions.push_back(Action::SealFrames { conn, keys });
                 self.open_session(conn, id, client, node, incarnation, resuming)
             }
             (Session::Open, ClientMsg::Hello { .. } | ClientMsg::AuthResponse { .. }) => {

@@ -3,11 +3,12 @@
 
 use super::driver::{Input, Outgoing};
 use crate::engine::ConnId;
+use csnap_proto::auth::FrameKey;
 use csnap_proto::{ClientFrame, FrameCodec, FrameError, ServerFrame};
 use futures::{SinkExt as _, StreamExt as _};
 use std::sync::Arc;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt as _};
-use tokio::sync::{mpsc, OwnedSemaphorePermit};
+use tokio::sync::{mpsc, watch, OwnedSemaphorePermit};
 use tokio_util::codec::{FramedRead, FramedWrite};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
@@ -33,6 +34,7 @@ pub(crate) async fn serve_connection<S>(
 {
     let (rd, wr) = tokio::io::split(stream);
     let (out_tx, out_rx) = mpsc::channel(queue_frames.max(1));
+    let (open_key_tx, open_key) = watch::channel(None);
     // Cancelled to drop the connection at once, and when the whole server stops.
     let cancel = server_stop.child_token();
     let registered = net_tx
@@ -40,6 +42,7 @@ pub(crate) async fn serve_connection<S>(
             conn,
             peer: peer.clone(),
             outgoing: out_tx,
+            open_key: open_key_tx,
             cancel: cancel.clone(),
         })
         .await;
@@ -59,25 +62,52 @@ pub(crate) async fn serve_connection<S>(
         )
         .in_current_span(),
     );
-    tokio::spawn(read_loop(rd, conn, net_tx, cancel, permit).in_current_span());
+    tokio::spawn(read_loop(rd, conn, open_key, net_tx, cancel, permit).in_current_span());
 }
+
+/// Frames a client sends before its frames are sealed: `Hello` and `AuthResponse`.
+const PLAIN_CLIENT_FRAMES: u32 = 2;
 
 async fn read_loop<R: AsyncRead + Send + Unpin>(
     rd: R,
     conn: ConnId,
+    mut open_key: watch::Receiver<Option<FrameKey>>,
     net_tx: mpsc::Sender<Input>,
     cancel: CancellationToken,
     _permit: Arc<OwnedSemaphorePermit>,
 ) {
     let mut frames = FramedRead::new(rd, Codec::new());
+    let mut plain_frames = 0u32;
     loop {
+        if plain_frames == PLAIN_CLIENT_FRAMES {
+            // The engine decided the key when it answered Hello with the challenge, and the
+            // client can only answer a challenge it saw: the key is there or the engine is
+            // closing this connection (a client that did not wait for the challenge).
+            let key = tokio::select! {
+                biased;
+                _ = cancel.cancelled() => return,
+                key = open_key.wait_for(Option::is_some) => match key {
+                    Ok(key) => key.clone(),
+                    Err(_) => return,
+                },
+            };
+            if let Some(key) = key {
+                frames.decoder_mut().open_from_now(&key);
+            }
+            plain_frames += 1;
+        }
         let item = tokio::select! {
             biased;
             _ = cancel.cancelled() => return,
             item = frames.next() => item,
         };
         let input = match item {
-            Some(Ok(frame)) => Input::Frame { conn, frame },
+            Some(Ok(frame)) => {
+                if plain_frames < PLAIN_CLIENT_FRAMES {
+                    plain_frames += 1;
+                }
+                Input::Frame { conn, frame }
+            }
             Some(Err(FrameError::Io(e))) => {
                 tracing::debug!(conn, error = %e, "connection read failed");
                 Input::Disconnected { conn }
@@ -130,11 +160,17 @@ async fn write_loop<W: AsyncWrite + Send + Unpin>(
                     // Batch whatever else is queued into one flush.
                     let mut batch = vec![frame];
                     let mut close = false;
+                    let mut seal = None;
                     while batch.len() < 64 {
                         match out_rx.try_recv() {
                             Ok(Outgoing::Frame(f)) => batch.push(f),
                             Ok(Outgoing::Close) => {
                                 close = true;
+                                break;
+                            }
+                            Ok(Outgoing::Seal(key)) => {
+                                // Frames after this one are sealed: write the batch first.
+                                seal = Some(key);
                                 break;
                             }
                             Err(_) => break,
@@ -151,10 +187,14 @@ async fn write_loop<W: AsyncWrite + Send + Unpin>(
                         _ = cancel.cancelled() => return Ok(()),
                         r = write => r?,
                     }
+                    if let Some(key) = seal {
+                        sink.encoder_mut().seal_from_now(&key);
+                    }
                     if close {
                         return finish(&mut sink, &cancel).await;
                     }
                 }
+                Some(Outgoing::Seal(key)) => sink.encoder_mut().seal_from_now(&key),
                 Some(Outgoing::Close) => return finish(&mut sink, &cancel).await,
                 // The engine thread dropped the connection.
                 None => return Ok(()),

@@ -11,7 +11,7 @@ use crate::engine::{
     Action, ConnId, CopyId, CopyPurpose, CopySource, Engine, Event, LogLevel, MetaStore as _,
 };
 use crate::store::{BlockDevice, Geometry, Store};
-use csnap_proto::auth::{self, Nonce};
+use csnap_proto::auth::{self, FrameKey, Nonce};
 use csnap_proto::{
     ClientFrame, ClientId, ClientKind, ClientMsg, RequestId, ServerFrame, ServerMsg, ServerStatus,
     PROTOCOL_VERSION,
@@ -34,6 +34,8 @@ pub(crate) enum Input {
         conn: ConnId,
         peer: String,
         outgoing: mpsc::Sender<Outgoing>,
+        /// Where the reader learns the key of the client's sealed frames.
+        open_key: watch::Sender<Option<FrameKey>>,
         cancel: CancellationToken,
     },
     Frame {
@@ -52,6 +54,8 @@ pub(crate) enum Input {
 /// To a connection's writer task.
 pub(crate) enum Outgoing {
     Frame(ServerFrame),
+    /// Seal every later frame with this key.
+    Seal(FrameKey),
     /// Send what is queued, then close.
     Close,
 }
@@ -221,6 +225,7 @@ impl DataPath {
 struct ConnState {
     peer: String,
     outgoing: mpsc::Sender<Outgoing>,
+    open_key: watch::Sender<Option<FrameKey>>,
     cancel: CancellationToken,
     opened: Instant,
     authenticated: bool,
@@ -428,6 +433,7 @@ impl Driver {
                 conn,
                 peer,
                 outgoing,
+                open_key,
                 cancel,
             } => {
                 tracing::info!(conn, %peer, "connection accepted");
@@ -436,6 +442,7 @@ impl Driver {
                     ConnState {
                         peer,
                         outgoing,
+                        open_key,
                         cancel,
                         opened: Instant::now(),
                         authenticated: false,
@@ -568,6 +575,20 @@ impl Driver {
                 }
                 Ok(())
             }
+            // The internal session exchanges no bytes.
+            Action::SealFrames { conn, .. } if conn == INTERNAL_CONN => Ok(()),
+            Action::SealFrames { conn, keys } => {
+                if let Some(c) = self.conns.get_mut(&conn) {
+                    c.open_key.send_replace(Some(keys.client_to_server));
+                    if c.outgoing
+                        .try_send(Outgoing::Seal(keys.server_to_client))
+                        .is_err()
+                    {
+                        self.kill(conn);
+                    }
+                }
+                Ok(())
+            }
             Action::Close { conn } if conn == INTERNAL_CONN => {
                 // Someone claimed the internal client id; keep status working.
                 tracing::warn!("internal status session was closed; reopening it");
@@ -676,12 +697,16 @@ impl Driver {
     fn internal_reply(&mut self, frame: ServerFrame) -> Result<(), String> {
         match frame.msg {
             ServerMsg::Challenge { server_nonce, .. } => {
-                let proof = auth::client_proof(
-                    &self.cluster_key,
-                    INTERNAL_CLIENT,
-                    &self.internal_nonce,
-                    &server_nonce,
-                );
+                let handshake = auth::Handshake {
+                    protocol_version: u32::from(PROTOCOL_VERSION),
+                    client: INTERNAL_CLIENT,
+                    node: 0,
+                    incarnation: 0,
+                    resuming: false,
+                    client_nonce: self.internal_nonce,
+                    server_nonce,
+                };
+                let proof = auth::client_proof(&self.cluster_key, &handshake);
                 let id = self.next_internal_id;
                 self.next_internal_id += 1;
                 self.pending.push_back(Event::ClientRequest {

@@ -142,6 +142,10 @@ impl<S: TestStore> Harness<S> {
                     self.sent.push((conn, frame.clone()));
                     self.inbox.entry(conn).or_default().push_back(frame);
                 }
+                Action::SealFrames { conn, .. } => {
+                    // Frames here are values, not bytes: nothing to seal.
+                    self.trace.push(format!("seal {conn}"));
+                }
                 Action::Close { conn } => {
                     self.trace.push(format!("close {conn}"));
                     self.closed.insert(conn);
@@ -300,11 +304,20 @@ impl<S: TestStore> Harness<S> {
         else {
             panic!("no challenge");
         };
+        let handshake = auth::Handshake {
+            protocol_version: u32::from(PROTOCOL_VERSION),
+            client: id,
+            node: 1,
+            incarnation: client,
+            resuming,
+            client_nonce,
+            server_nonce,
+        };
         assert!(
-            auth::verify_server_proof(KEY, id, &client_nonce, &server_nonce, &proof),
+            auth::verify_server_proof(KEY, &handshake, &proof),
             "server proof must verify"
         );
-        let proof = auth::client_proof(KEY, id, &client_nonce, &server_nonce);
+        let proof = auth::client_proof(KEY, &handshake);
         let id = self.send(conn, ClientMsg::AuthResponse { proof });
         match self.reply_to(conn, id) {
             Some(ServerMsg::Welcome { .. }) => conn,

@@ -210,24 +210,20 @@ pub struct Hello {
     pub resuming: bool,
 }
 
-impl Client {
-    pub async fn connect(addr: &ListenAddr, key: &[u8], client: u64, kind: ClientKind) -> Client {
-        Self::handshake(
-            connect_raw(addr).await.unwrap(),
-            key,
-            Hello {
-                client,
-                kind,
-                resuming: false,
-            },
-        )
-        .await
-        .unwrap()
-    }
+/// An authenticated connection at the frame level, for tests that send by hand
+/// (sealed frames both ways from here on; request ids 1 and 2 were the handshake's).
+pub struct RawSession {
+    pub rd: FramedRead<tokio::io::ReadHalf<Box<dyn Io>>, FrameCodec<ServerFrame, ClientFrame>>,
+    pub wr: FramedWrite<tokio::io::WriteHalf<Box<dyn Io>>, FrameCodec<ServerFrame, ClientFrame>>,
+    pub chunk_size: u32,
+    pub origin_chunks: u64,
+    /// The connection's frame keys (to craft frames by hand).
+    pub keys: auth::SessionKeys,
+}
 
-    /// Full handshake on `io`. A wrong key still sends its (wrong) proof so the server's
-    /// verdict is seen.
-    pub async fn handshake(io: Box<dyn Io>, key: &[u8], hello: Hello) -> Result<Client, Refused> {
+impl RawSession {
+    /// Hello, challenge, proof, Welcome; then both directions are sealed.
+    pub async fn open(io: Box<dyn Io>, key: &[u8], hello: &Hello) -> Result<RawSession, Refused> {
         let (rd, wr) = tokio::io::split(io);
         let mut rd = FramedRead::new(rd, FrameCodec::<ServerFrame, ClientFrame>::new());
         let mut wr = FramedWrite::new(wr, FrameCodec::<ServerFrame, ClientFrame>::new());
@@ -266,29 +262,76 @@ impl Client {
                 reply: Some(challenge.msg),
             });
         };
-        let server_proof_ok =
-            auth::verify_server_proof(key, client, &client_nonce, &server_nonce, &proof);
-        let proof = auth::client_proof(key, client, &client_nonce, &server_nonce);
+        let handshake = auth::Handshake {
+            protocol_version: u32::from(PROTOCOL_VERSION),
+            client,
+            node: 1,
+            incarnation: hello.client,
+            resuming: hello.resuming,
+            client_nonce,
+            server_nonce,
+        };
+        let server_proof_ok = auth::verify_server_proof(key, &handshake, &proof);
+        let proof = auth::client_proof(key, &handshake);
         wr.send(send(2, ClientMsg::AuthResponse { proof }))
             .await
             .map_err(|_| Refused {
                 server_proof_ok,
                 reply: None,
             })?;
+        // A server that accepts the proof seals its answer; a refusal comes in the clear.
+        let keys = auth::session_keys(key, &handshake);
+        if server_proof_ok {
+            wr.encoder_mut().seal_from_now(&keys.client_to_server);
+            rd.decoder_mut().open_from_now(&keys.server_to_client);
+        }
         let welcome = recv(&mut rd).await;
-        let (chunk_size, origin_chunks) = match welcome.map(|f| f.msg) {
+        match welcome.map(|f| f.msg) {
             Some(ServerMsg::Welcome {
                 chunk_size,
                 origin_chunks,
                 ..
-            }) if server_proof_ok => (chunk_size, origin_chunks),
-            reply => {
-                return Err(Refused {
-                    server_proof_ok,
-                    reply,
-                })
-            }
-        };
+            }) if server_proof_ok => Ok(RawSession {
+                rd,
+                wr,
+                chunk_size,
+                origin_chunks,
+                keys,
+            }),
+            reply => Err(Refused {
+                server_proof_ok,
+                reply,
+            }),
+        }
+    }
+}
+
+impl Client {
+    pub async fn connect(addr: &ListenAddr, key: &[u8], client: u64, kind: ClientKind) -> Client {
+        Self::handshake(
+            connect_raw(addr).await.unwrap(),
+            key,
+            Hello {
+                client,
+                kind,
+                resuming: false,
+            },
+        )
+        .await
+        .unwrap()
+    }
+
+    /// Full handshake on `io`. A wrong key still sends its (wrong) proof so the server's
+    /// verdict is seen.
+    pub async fn handshake(io: Box<dyn Io>, key: &[u8], hello: Hello) -> Result<Client, Refused> {
+        let RawSession {
+            mut rd,
+            mut wr,
+            chunk_size,
+            origin_chunks,
+            ..
+        } = RawSession::open(io, key, &hello).await?;
+        let client = ClientId::new(hello.client, hello.kind);
 
         let pending: Pending = Arc::default();
         let next_id = Arc::new(AtomicU64::new(100));
