@@ -5,6 +5,11 @@
 //! of a device other nodes write: every transfer then goes through a 4 KiB-aligned bounce
 //! buffer, and offsets and lengths must be multiples of [`DIRECT_ALIGN`] (the exports
 //! advertise that as their minimum block size).
+//!
+//! [`DataDevice`] is the seam under the data path: [`Devices::open`] puts files or block
+//! devices there; [`Devices::new`] takes any implementation (the power-cut model of the
+//! crash tests, `crates/server/tests/powercut.rs`). Everything above it (the sticky sync
+//! failure, FUA, the volume's read and write paths) is the same code for both.
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Seek, SeekFrom};
@@ -12,25 +17,65 @@ use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 
 use super::ClientError;
 
 /// Alignment of O_DIRECT transfers (offsets, lengths and buffer addresses).
 pub const DIRECT_ALIGN: usize = 4096;
 
+/// Positioned, blocking I/O on one shared device.
+pub trait DataDevice: Send + Sync + std::fmt::Debug {
+    /// Reads exactly `buf.len()` bytes at `offset`.
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;
+    /// Writes all of `data` at `offset`; durable only after `sync_data`.
+    fn write_at(&self, data: &[u8], offset: u64) -> io::Result<()>;
+    /// Makes every write completed before the call durable (fdatasync).
+    fn sync_data(&self) -> io::Result<()>;
+    /// Size in bytes.
+    fn len(&self) -> u64;
+    /// True if the device has no bytes.
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// For error messages (the path).
+    fn name(&self) -> String;
+    /// Whether transfers bypass the page cache and must be [`DIRECT_ALIGN`]-aligned.
+    fn direct(&self) -> bool {
+        false
+    }
+}
+
+/// A file or block device (pread/pwrite, fdatasync), optionally O_DIRECT.
 #[derive(Debug)]
-struct Device {
+struct FileDevice {
     path: PathBuf,
     file: File,
     len: u64,
     direct: bool,
+}
+
+/// One device as the data path uses it.
+#[derive(Debug)]
+struct Device {
+    dev: Arc<dyn DataDevice>,
     /// The first failed sync, for good: the kernel reports a lost write-back once and may
     /// then let a later sync succeed, which must not tell anyone their data is durable.
     sync_failed: std::sync::Mutex<Option<String>>,
     /// Tests: make the next sync fail as the device would.
     #[cfg(test)]
     fail_next_sync: std::sync::atomic::AtomicBool,
+}
+
+impl Device {
+    fn new(dev: Arc<dyn DataDevice>) -> Device {
+        Device {
+            dev,
+            sync_failed: std::sync::Mutex::new(None),
+            #[cfg(test)]
+            fail_next_sync: std::sync::atomic::AtomicBool::new(false),
+        }
+    }
 }
 
 /// A zeroed buffer whose usable part starts at a `DIRECT_ALIGN` boundary.
@@ -57,9 +102,8 @@ impl AlignedBuf {
     }
 }
 
-fn check_aligned(dev: &Device, offset: u64, len: usize) -> io::Result<()> {
-    if dev.direct
-        && (!offset.is_multiple_of(DIRECT_ALIGN as u64) || !len.is_multiple_of(DIRECT_ALIGN))
+fn check_aligned(direct: bool, offset: u64, len: usize) -> io::Result<()> {
+    if direct && (!offset.is_multiple_of(DIRECT_ALIGN as u64) || !len.is_multiple_of(DIRECT_ALIGN))
     {
         return Err(io::Error::new(
             io::ErrorKind::InvalidInput,
@@ -71,6 +115,45 @@ fn check_aligned(dev: &Device, offset: u64, len: usize) -> io::Result<()> {
     Ok(())
 }
 
+impl DataDevice for FileDevice {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        if !self.direct {
+            return self.file.read_exact_at(buf, offset);
+        }
+        check_aligned(true, offset, buf.len())?;
+        let mut bounce = AlignedBuf::zeroed(buf.len());
+        self.file.read_exact_at(bounce.as_mut_slice(), offset)?;
+        buf.copy_from_slice(bounce.as_slice());
+        Ok(())
+    }
+
+    fn write_at(&self, data: &[u8], offset: u64) -> io::Result<()> {
+        if !self.direct {
+            return self.file.write_all_at(data, offset);
+        }
+        check_aligned(true, offset, data.len())?;
+        let mut bounce = AlignedBuf::zeroed(data.len());
+        bounce.as_mut_slice().copy_from_slice(data);
+        self.file.write_all_at(bounce.as_slice(), offset)
+    }
+
+    fn sync_data(&self) -> io::Result<()> {
+        self.file.sync_data()
+    }
+
+    fn len(&self) -> u64 {
+        self.len
+    }
+
+    fn name(&self) -> String {
+        self.path.display().to_string()
+    }
+
+    fn direct(&self) -> bool {
+        self.direct
+    }
+}
+
 /// The origin and the store, opened read-write.
 #[derive(Debug, Clone)]
 pub struct Devices {
@@ -78,13 +161,14 @@ pub struct Devices {
     store: Arc<Device>,
 }
 
-#[derive(Clone, Copy, Debug)]
-pub(crate) enum Which {
+/// Which of the two devices.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Which {
     Origin,
     Store,
 }
 
-fn open(path: &Path, direct: bool) -> Result<Device, ClientError> {
+fn open(path: &Path, direct: bool) -> Result<FileDevice, ClientError> {
     let err = |source| ClientError::Open {
         path: path.display().to_string(),
         source,
@@ -103,37 +187,42 @@ fn open(path: &Path, direct: bool) -> Result<Device, ClientError> {
             path.display()
         )));
     }
-    Ok(Device {
+    Ok(FileDevice {
         path: path.to_owned(),
         file,
         len,
         direct,
-        sync_failed: std::sync::Mutex::new(None),
-        #[cfg(test)]
-        fail_next_sync: std::sync::atomic::AtomicBool::new(false),
     })
 }
 
 impl Devices {
     /// Opens both devices read-write; `direct` opens them O_DIRECT.
     pub fn open(origin: &Path, store: &Path, direct: bool) -> Result<Devices, ClientError> {
-        Ok(Devices {
-            origin: Arc::new(open(origin, direct)?),
-            store: Arc::new(open(store, direct)?),
-        })
+        Ok(Devices::new(
+            Arc::new(open(origin, direct)?),
+            Arc::new(open(store, direct)?),
+        ))
+    }
+
+    /// The data path over any two devices (tests: a power-cut model).
+    pub fn new(origin: Arc<dyn DataDevice>, store: Arc<dyn DataDevice>) -> Devices {
+        Devices {
+            origin: Arc::new(Device::new(origin)),
+            store: Arc::new(Device::new(store)),
+        }
     }
 
     /// Whether transfers bypass the page cache (and must be aligned).
     pub fn direct(&self) -> bool {
-        self.origin.direct
+        self.origin.dev.direct()
     }
 
     pub fn origin_len(&self) -> u64 {
-        self.origin.len
+        self.origin.dev.len()
     }
 
     pub fn store_len(&self) -> u64 {
-        self.store.len
+        self.store.dev.len()
     }
 
     fn dev(&self, which: Which) -> &Arc<Device> {
@@ -146,41 +235,97 @@ impl Devices {
     fn io_err(dev: &Device, op: &'static str, offset: u64, source: io::Error) -> ClientError {
         ClientError::Io {
             op,
-            device: dev.path.display().to_string(),
+            device: dev.dev.name(),
             offset,
             source,
         }
     }
 
-    /// Reads exactly `len` bytes at `offset`.
+    /// Reads exactly `len` bytes at `offset`. Blocking.
+    pub fn read_blocking(
+        &self,
+        which: Which,
+        offset: u64,
+        len: usize,
+    ) -> Result<Bytes, ClientError> {
+        let dev = self.dev(which);
+        let mut buf = vec![0u8; len];
+        dev.dev
+            .read_at(&mut buf, offset)
+            .map_err(|e| Self::io_err(dev, "reading", offset, e))?;
+        Ok(Bytes::from(buf))
+    }
+
+    /// Writes `data` at `offset`; with `sync` (FUA), makes it durable before returning.
+    /// Blocking.
+    pub fn write_blocking(
+        &self,
+        which: Which,
+        offset: u64,
+        data: &[u8],
+        sync: bool,
+    ) -> Result<(), ClientError> {
+        let dev = self.dev(which);
+        dev.dev
+            .write_at(data, offset)
+            .map_err(|e| Self::io_err(dev, "writing", offset, e))?;
+        if sync {
+            self.sync_blocking(which)?;
+        }
+        Ok(())
+    }
+
+    /// Flushes a device (fdatasync). After one failure every later sync fails too (see
+    /// `Device::sync_failed`): the data the failure lost is not coming back. Blocking.
+    pub fn sync_blocking(&self, which: Which) -> Result<(), ClientError> {
+        let dev = self.dev(which);
+        let sticky = || {
+            dev.sync_failed
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone()
+        };
+        if let Some(first) = sticky() {
+            return Err(Self::io_err(
+                dev,
+                "syncing",
+                0,
+                io::Error::other(format!(
+                    "an earlier sync failed ({first}); writes since may be lost"
+                )),
+            ));
+        }
+        #[cfg(test)]
+        let injected = dev
+            .fail_next_sync
+            .swap(false, std::sync::atomic::Ordering::AcqRel)
+            .then(|| io::Error::from_raw_os_error(libc::EIO));
+        #[cfg(not(test))]
+        let injected: Option<io::Error> = None;
+        let outcome = match injected {
+            Some(e) => Err(e),
+            None => dev.dev.sync_data(),
+        };
+        outcome.map_err(|e| {
+            *dev.sync_failed.lock().unwrap_or_else(|p| p.into_inner()) = Some(e.to_string());
+            Self::io_err(dev, "syncing", 0, e)
+        })
+    }
+
+    /// [`Devices::read_blocking`] on tokio's blocking pool.
     pub(crate) async fn read(
         &self,
         which: Which,
         offset: u64,
         len: usize,
     ) -> Result<Bytes, ClientError> {
-        let dev = self.dev(which).clone();
-        let result = tokio::task::spawn_blocking(move || {
-            let failed = |e| Self::io_err(&dev, "reading", offset, e);
-            if dev.direct {
-                check_aligned(&dev, offset, len).map_err(failed)?;
-                let mut buf = AlignedBuf::zeroed(len);
-                dev.file
-                    .read_exact_at(buf.as_mut_slice(), offset)
-                    .map_err(failed)?;
-                return Ok(Bytes::copy_from_slice(buf.as_slice()));
-            }
-            let mut buf = BytesMut::zeroed(len);
-            dev.file
-                .read_exact_at(&mut buf, offset)
-                .map(|()| buf.freeze())
-                .map_err(failed)
-        })
-        .await;
-        result.unwrap_or_else(|e| Err(ClientError::Geometry(format!("read task failed: {e}"))))
+        let devs = self.clone();
+        tokio::task::spawn_blocking(move || devs.read_blocking(which, offset, len))
+            .await
+            .unwrap_or_else(|e| Err(ClientError::Geometry(format!("read task failed: {e}"))))
     }
 
-    /// Writes `data` at `offset`; with `sync`, fdatasync before returning.
+    /// [`Devices::write_blocking`] on tokio's blocking pool.
     pub(crate) async fn write(
         &self,
         which: Which,
@@ -188,69 +333,18 @@ impl Devices {
         data: Bytes,
         sync: bool,
     ) -> Result<(), ClientError> {
-        let dev = self.dev(which).clone();
-        let result = tokio::task::spawn_blocking(move || {
-            let written = if dev.direct {
-                check_aligned(&dev, offset, data.len()).and_then(|()| {
-                    let mut buf = AlignedBuf::zeroed(data.len());
-                    buf.as_mut_slice().copy_from_slice(&data);
-                    dev.file.write_all_at(buf.as_slice(), offset)
-                })
-            } else {
-                dev.file.write_all_at(&data, offset)
-            };
-            written.map_err(|e| Self::io_err(&dev, "writing", offset, e))?;
-            if sync {
-                dev.file
-                    .sync_data()
-                    .map_err(|e| Self::io_err(&dev, "syncing", offset, e))?;
-            }
-            Ok(())
-        })
-        .await;
-        result.unwrap_or_else(|e| Err(ClientError::Geometry(format!("write task failed: {e}"))))
+        let devs = self.clone();
+        tokio::task::spawn_blocking(move || devs.write_blocking(which, offset, &data, sync))
+            .await
+            .unwrap_or_else(|e| Err(ClientError::Geometry(format!("write task failed: {e}"))))
     }
 
-    /// fdatasync of one device.
-    /// Flushes a device. After one failure every later sync fails too (see
-    /// `Device::sync_failed`): the data the failure lost is not coming back.
+    /// [`Devices::sync_blocking`] on tokio's blocking pool.
     pub(crate) async fn sync(&self, which: Which) -> Result<(), ClientError> {
-        let dev = self.dev(which).clone();
-        let result = tokio::task::spawn_blocking(move || {
-            let sticky = |dev: &Device| {
-                dev.sync_failed
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .clone()
-            };
-            if let Some(first) = sticky(&dev) {
-                return Err(Self::io_err(
-                    &dev,
-                    "syncing",
-                    0,
-                    io::Error::other(format!(
-                        "an earlier sync failed ({first}); writes since may be lost"
-                    )),
-                ));
-            }
-            #[cfg(test)]
-            let injected = dev
-                .fail_next_sync
-                .swap(false, std::sync::atomic::Ordering::AcqRel)
-                .then(|| io::Error::from_raw_os_error(libc::EIO));
-            #[cfg(not(test))]
-            let injected: Option<io::Error> = None;
-            let outcome = match injected {
-                Some(e) => Err(e),
-                None => dev.file.sync_data(),
-            };
-            outcome.map_err(|e| {
-                *dev.sync_failed.lock().unwrap_or_else(|p| p.into_inner()) = Some(e.to_string());
-                Self::io_err(&dev, "syncing", 0, e)
-            })
-        })
-        .await;
-        result.unwrap_or_else(|e| Err(ClientError::Geometry(format!("sync task failed: {e}"))))
+        let devs = self.clone();
+        tokio::task::spawn_blocking(move || devs.sync_blocking(which))
+            .await
+            .unwrap_or_else(|e| Err(ClientError::Geometry(format!("sync task failed: {e}"))))
     }
 }
 

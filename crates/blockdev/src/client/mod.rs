@@ -18,9 +18,9 @@ mod volume;
 
 pub use cache::{CacheStats, OriginTracker, WriteGuard};
 pub use conn::{ConnConfig, MetaConnection, Reply, SessionInfo};
-pub use devices::Devices;
+pub use devices::{DataDevice, Devices, Which, DIRECT_ALIGN};
 pub use session::Session;
-pub use volume::{client_id_for, ClientConfig, SnapshotPage, Volume};
+pub use volume::{client_id_for, snapshot_read_runs, ClientConfig, SnapshotPage, Volume};
 
 use std::io;
 use std::time::Duration;

@@ -320,29 +320,7 @@ impl Volume {
         offset: u64,
         len: u32,
     ) -> Result<Bytes, ClientError> {
-        let in_store: HashMap<u64, u64> = store.iter().map(|a| (a.chunk, a.store_chunk)).collect();
-        let first = offset / self.chunk_size;
-        let last = (offset + u64::from(len) - 1) / self.chunk_size;
-        // Consecutive chunks from the same device, contiguous there too, form one read.
-        let mut runs: Vec<(Which, u64, u64)> = Vec::new(); // (device, device offset, length)
-        for chunk in first..=last {
-            let (vol_off, within, n) = self.piece(chunk, offset, u64::from(len));
-            let (which, dev_off) = match in_store.get(&chunk) {
-                Some(&sc) => (Which::Store, sc * self.chunk_size + within),
-                None => (Which::Origin, vol_off),
-            };
-            match runs.last_mut() {
-                Some((w, o, l))
-                    if matches!(
-                        (*w, which),
-                        (Which::Store, Which::Store) | (Which::Origin, Which::Origin)
-                    ) && *o + *l == dev_off =>
-                {
-                    *l += n;
-                }
-                _ => runs.push((which, dev_off, n)),
-            }
-        }
+        let runs = snapshot_read_runs(self.chunk_size, store, offset, len);
         // Copied-out chunks lie scattered in the store, so a large snapshot read is many
         // runs: issue them all at once rather than one after another.
         let parts = futures::future::try_join_all(
@@ -558,6 +536,40 @@ impl Volume {
         self.origin.shutdown().await;
         self.admin.shutdown().await;
     }
+}
+
+/// Where a snapshot read of `[offset, offset + len)` finds its bytes, given the server's
+/// answer (`store`: the chunks with an exception and their store chunks; every other chunk
+/// is read from the origin): (device, device offset, length) runs in volume order, where
+/// consecutive chunks from the same device that are contiguous there too form one run.
+pub fn snapshot_read_runs(
+    chunk_size: u64,
+    store: &[StoreAddr],
+    offset: u64,
+    len: u32,
+) -> Vec<(Which, u64, u64)> {
+    let in_store: HashMap<u64, u64> = store.iter().map(|a| (a.chunk, a.store_chunk)).collect();
+    let mut runs: Vec<(Which, u64, u64)> = Vec::new();
+    if len == 0 || chunk_size == 0 {
+        return runs;
+    }
+    let end = offset + u64::from(len);
+    let first = offset / chunk_size;
+    let last = (end - 1) / chunk_size;
+    for chunk in first..=last {
+        let chunk_start = chunk * chunk_size;
+        let vol_off = offset.max(chunk_start);
+        let n = end.min(chunk_start + chunk_size) - vol_off;
+        let (which, dev_off) = match in_store.get(&chunk) {
+            Some(&sc) => (Which::Store, sc * chunk_size + (vol_off - chunk_start)),
+            None => (Which::Origin, vol_off),
+        };
+        match runs.last_mut() {
+            Some((w, o, l)) if *w == which && *o + *l == dev_off => *l += n,
+            _ => runs.push((which, dev_off, n)),
+        }
+    }
+    runs
 }
 
 fn conn_config(cfg: &ClientConfig, incarnation: u64, kind: ClientKind) -> ConnConfig {

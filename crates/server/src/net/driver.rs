@@ -85,12 +85,14 @@ pub(crate) enum Exit {
     Abandoned,
 }
 
-/// Devices and geometry for the copies the engine asks for.
-pub(crate) struct DataPath {
-    pub origin: Arc<dyn BlockDevice>,
-    pub store: Arc<dyn BlockDevice>,
-    pub geometry: Geometry,
-    pub store_sync: GroupSync,
+/// Devices and geometry for the copies the engine asks for ([`Action::Copy`]): the server's
+/// data path. Public so that tests can run the real copy (read, write, grouped flush) on
+/// model devices (`crates/server/tests/powercut.rs`).
+pub struct DataPath {
+    origin: Arc<dyn BlockDevice>,
+    store: Arc<dyn BlockDevice>,
+    geometry: Geometry,
+    store_sync: GroupSync,
 }
 
 #[derive(Default)]
@@ -169,8 +171,23 @@ impl GroupSync {
 }
 
 impl DataPath {
-    /// Copies one chunk into store chunk `to` and makes it stable. Blocking.
-    fn copy(&self, from: CopySource, to: u64) -> Result<(), String> {
+    /// The data path over these devices, for a store of this geometry.
+    pub fn new(
+        origin: Arc<dyn BlockDevice>,
+        store: Arc<dyn BlockDevice>,
+        geometry: Geometry,
+    ) -> DataPath {
+        DataPath {
+            origin,
+            store,
+            geometry,
+            store_sync: GroupSync::default(),
+        }
+    }
+
+    /// Copies one chunk into store chunk `to` and makes it stable: the work behind
+    /// [`Action::Copy`], whose result is [`Event::CopyDone`](crate::engine::Event). Blocking.
+    pub fn copy(&self, from: CopySource, to: u64) -> Result<(), String> {
         let g = &self.geometry;
         let cs = g.chunk_size;
         if !g.is_data_chunk(to) {

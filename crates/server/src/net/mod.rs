@@ -19,7 +19,8 @@ pub mod key;
 use crate::engine::{Engine, EngineConfig, StoreFullPolicy};
 use crate::store::{self, BlockDevice, FileDevice, OpenOptions, Store};
 use csnap_proto::{ClientId, ServerStatus};
-use driver::{Control, DataPath, Driver, DriverParts, Exit, Input};
+pub use driver::DataPath;
+use driver::{Control, Driver, DriverParts, Exit, Input};
 use std::fmt;
 use std::io;
 use std::net::{SocketAddr, ToSocketAddrs as _};
@@ -428,12 +429,7 @@ fn open_store(config: &ServerConfig) -> Result<Opened, ServerError> {
     }
     Ok(Opened {
         store,
-        data: DataPath {
-            origin,
-            store: store_dev,
-            geometry,
-            store_sync: Default::default(),
-        },
+        data: DataPath::new(origin, store_dev, geometry),
         _lock: lock,
     })
 }
