@@ -94,7 +94,9 @@ fn peek_client_msg(frame: &[u8]) -> Option<ClientMsg> {
     let untagged_len = frame.len().checked_sub(LENGTH_PREFIX + TAG_LEN)?;
     let mut plain = (untagged_len as u32).to_be_bytes().to_vec();
     plain.extend_from_slice(&frame[LENGTH_PREFIX..frame.len() - TAG_LEN]);
-    decode_complete_frame::<ClientFrame>(&plain).ok().map(|f| f.msg)
+    decode_complete_frame::<ClientFrame>(&plain)
+        .ok()
+        .map(|f| f.msg)
 }
 
 async fn pipe(

@@ -808,6 +808,8 @@ impl Sim {
                         w.down.push_back(frame);
                     }
                 }
+                // Frames travel here as values: nothing to seal.
+                Action::SealFrames { .. } => {}
                 Action::Close { conn } => {
                     if self.wires.remove(&conn).is_some() {
                         self.fail(format!("the server closed connection {conn}"));
@@ -900,6 +902,7 @@ impl Sim {
                         w.up.push_back(frame);
                     }
                 }
+                Output::SealFrames(_) => {}
                 Output::Reply { id, msg } => self.reply(ci, id, msg),
                 Output::Notice(ServerMsg::NewSnapshot { snap }) => {
                     let c = &mut self.clients[ci];
