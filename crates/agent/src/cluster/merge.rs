@@ -22,6 +22,9 @@ pub struct Verdict {
     pub reference: Lineage,
     pub stale: BTreeSet<NodeId>,
     pub actor: Option<NodeId>,
+    /// The reference side's nodes, sorted: if the actor turns out stale later (a peer
+    /// knew more), the next one of these acts.
+    pub side: Vec<NodeId>,
 }
 
 pub fn analyze(states: &BTreeMap<Member, MemberState>) -> Verdict {
@@ -54,10 +57,13 @@ pub fn analyze(states: &BTreeMap<Member, MemberState>) -> Verdict {
                 .filter(|n| !stale.contains(n))
                 .min()
         });
+    let mut side: Vec<NodeId> = side.iter().map(|(m, _)| m.node).collect();
+    side.sort();
     Verdict {
         reference,
         stale,
         actor,
+        side,
     }
 }
 

@@ -78,8 +78,6 @@ pub mod view;
 
 #[cfg(test)]
 mod sim;
-#[cfg(test)]
-mod tests;
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
@@ -353,6 +351,7 @@ pub struct VolumeMembership {
     announces: VecDeque<(Lineage, Lineage, Vec<Member>)>,
     agreed_key: Option<(RingId, Vec<Member>)>,
     actor: Option<NodeId>,
+    actor_side: Vec<NodeId>,
     /// The reference lineage of the last agreed view (see [`merge`]).
     reference: Lineage,
     chosen: Option<Member>,
@@ -400,6 +399,7 @@ impl VolumeMembership {
             announces: VecDeque::new(),
             agreed_key: None,
             actor: None,
+            actor_side: Vec::new(),
             reference: Lineage::default(),
             chosen: None,
         }
@@ -637,10 +637,10 @@ impl VolumeMembership {
         }
         if state.role.has_server() {
             self.settled.remove(&from.node);
-            if state.role == Role::Serving || state.role == Role::Starting {
-                if self.server.as_ref().map(|s| s.0) != Some(from.node) {
-                    self.server = Some((from.node, String::new()));
-                }
+            if (state.role == Role::Serving || state.role == Role::Starting)
+                && self.server.as_ref().map(|s| s.0) != Some(from.node)
+            {
+                self.server = Some((from.node, String::new()));
             }
         } else if self.unsettled.remove(&from.node).is_some() {
             self.settled.insert(from.node);
@@ -691,7 +691,13 @@ impl VolumeMembership {
             self.claims.entry(*n).or_insert(from);
         }
         for n in &state.fenced {
-            if !self.fenced.contains(n) && *n != self.local.node {
+            // Once a fenced node is back (clean), older reports of its fencing are history.
+            let back = self
+                .last_states
+                .iter()
+                .any(|(m, s)| m.node == *n && !s.has_state)
+                || (from.node == *n && !state.has_state);
+            if !back && !self.fenced.contains(n) && *n != self.local.node {
                 self.on_fenced(*n);
             }
         }
@@ -726,6 +732,9 @@ impl VolumeMembership {
         self.announces.push_back((prev, next, members.clone()));
         while self.announces.len() > ANNOUNCE_MEMORY {
             self.announces.pop_front();
+        }
+        if self.reference == prev {
+            self.reference = next;
         }
         for (m, s) in self.view.states_mut() {
             if s.lineage == prev && members.contains(m) {
@@ -973,6 +982,7 @@ impl VolumeMembership {
                 }
             }
             self.actor = verdict.actor;
+            self.actor_side = verdict.side;
             self.reference = verdict.reference;
             self.last_agreed_quorate = agreed.quorate && self.view.quorate_now();
             let stale = &self.stale;
@@ -1025,6 +1035,20 @@ impl VolumeMembership {
     /// waited out).
     fn claim_fencing(&mut self, agreed: &Agreed) {
         let reset = self.cfg.fencing == Fencing::Reset;
+        // The verdict's actor, unless stale knowledge arrived since: then the next of its
+        // side, then the lowest member that is not stale.
+        let stale = &self.stale;
+        let actor = self
+            .actor
+            .filter(|a| !stale.contains(a))
+            .or_else(|| self.actor_side.iter().copied().find(|n| !stale.contains(n)))
+            .or_else(|| {
+                agreed
+                    .members
+                    .iter()
+                    .map(|m| m.node)
+                    .find(|n| !stale.contains(n))
+            });
         let mut wanted: Vec<(NodeId, bool)> = self
             .stale
             .iter()
@@ -1050,7 +1074,7 @@ impl VolumeMembership {
                 }
                 Some(c) if agreed.members.contains(c) => {}
                 _ => {
-                    if self.actor == Some(self.local.node)
+                    if actor == Some(self.local.node)
                         && !self.claim_sent.contains(&node)
                         && (!reset || present)
                     {

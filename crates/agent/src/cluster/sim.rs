@@ -30,6 +30,8 @@ use crate::config::Fencing;
 
 const GROUP: &str = "csnap:vol";
 
+type ClientsByNode = BTreeMap<NodeId, BTreeSet<ClientId>>;
+
 /// The server process of a node, as the checker counts it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Proc {
@@ -55,7 +57,7 @@ struct Node {
     proc_: Proc,
     clients: BTreeSet<ClientId>,
     /// Clients of every node when this node's server was started, and its view then.
-    start_snapshot: Option<(BTreeMap<NodeId, BTreeSet<ClientId>>, Vec<NodeId>)>,
+    start_snapshot: Option<(ClientsByNode, Vec<NodeId>)>,
 }
 
 #[derive(Debug, Clone)]
@@ -239,13 +241,26 @@ impl Sim {
             };
             let incarnation = agent.incarnation;
             match out {
-                Output::Mcast(bytes) => match agent.sender.mcast(bytes).now_or_never() {
-                    Some(Ok(_)) => {}
-                    other => {
-                        let line = format!("{} {id} mcast: {other:?}", self.now);
-                        self.note(line);
+                Output::Mcast(bytes) => {
+                    let trace = std::env::var_os("CSNAP_CLUSTER_TRACE").is_some();
+                    let local = agent.machine.local();
+                    let body = trace
+                        .then(|| {
+                            super::state::Message::decode(&cpg_glue::Delivery {
+                                from: local,
+                                payload: bytes.clone(),
+                            })
+                            .ok()
+                        })
+                        .flatten();
+                    let sent = agent.sender.mcast(bytes).now_or_never();
+                    if let Some(m) = body {
+                        self.note(format!("{} {id} mcast {:?}", self.now, m.body));
                     }
-                },
+                    if !matches!(sent, Some(Ok(_))) {
+                        self.note(format!("{} {id} mcast failed: {sent:?}", self.now));
+                    }
+                }
                 Output::StartServer { generation } => {
                     if self.nodes[i].proc_ != Proc::Off {
                         return Err(format!(
