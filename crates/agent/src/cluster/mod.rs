@@ -323,6 +323,9 @@ pub struct VolumeMembership {
     view_age: u64,
     /// Whether a server process was started (and not yet seen exiting).
     spawned: bool,
+    /// An own announce is sent and neither delivered nor cut yet: no second one may go out
+    /// (an abandoned start's announce can still arrive, and must not be taken for a new one).
+    announce_in_flight: bool,
     joined_at: Option<u64>,
     informed: bool,
     last_agreed_quorate: bool,
@@ -380,6 +383,7 @@ impl VolumeMembership {
             age: 0,
             view_age: 0,
             spawned: false,
+            announce_in_flight: false,
             joined_at: None,
             informed: false,
             last_agreed_quorate: false,
@@ -543,6 +547,7 @@ impl VolumeMembership {
     /// An announce not delivered to its own sender before a membership event never will be
     /// (it was sent in a view that is over): start over.
     fn abort_lost_announce(&mut self) {
+        self.announce_in_flight = false;
         if self.role == Role::Starting && self.gather.is_none() {
             self.log(
                 "gather_restart",
@@ -614,6 +619,7 @@ impl VolumeMembership {
             self.settled.insert(node);
         }
         self.claims.remove(&node);
+        self.claim_sent.remove(&node);
         self.fences.cancel(node);
         self.clients_safe_at = self
             .clients_safe_at
@@ -664,6 +670,7 @@ impl VolumeMembership {
                     self.log("stale_resolved", false, format!("{} is clean", from.node));
                 }
                 self.claims.remove(&from.node);
+                self.claim_sent.remove(&from.node);
             }
         }
         for n in &state.unsettled {
@@ -687,8 +694,10 @@ impl VolumeMembership {
                 self.log("stale_merge", true, format!("{n} is stale (from {from})"));
             }
         }
-        for n in &state.fencing {
-            self.claims.entry(*n).or_insert(from);
+        if from != self.local {
+            for n in &state.fencing {
+                self.claims.entry(*n).or_insert(from);
+            }
         }
         for n in &state.fenced {
             // Once a fenced node is back (clean), older reports of its fencing are history.
@@ -758,6 +767,7 @@ impl VolumeMembership {
             self.mcast(reply);
         }
         if from == self.local {
+            self.announce_in_flight = false;
             if adopt && self.starting == Some(next) && self.role == Role::Starting {
                 // Only now, with the announce first in the agreed order, may a server
                 // process exist: a competing announce delivered earlier would have
@@ -804,31 +814,38 @@ impl VolumeMembership {
                         true,
                         format!("reset of stale node {node} ordered"),
                     );
-                } else if let Some(FenceAction::Attempt {
-                    node,
-                    method,
-                    attempt,
-                }) = self.fences.start(
-                    node,
-                    self.cfg.fencing.clone(),
-                    self.now,
-                    self.cfg.fence_timeout_ms,
-                ) {
-                    self.log(
-                        "fence_requested",
-                        true,
-                        format!("fencing {node} with {method:?}, attempt {attempt}"),
-                    );
-                    self.outputs.push_back(Output::Fence {
-                        node,
-                        method,
-                        attempt,
-                    });
+                } else {
+                    self.start_fence(node);
                 }
             }
             if reset && node == self.local.node {
                 self.reset();
             }
+        }
+    }
+
+    /// Starts a fencing job for `node` unless one runs.
+    fn start_fence(&mut self, node: NodeId) {
+        if let Some(FenceAction::Attempt {
+            node,
+            method,
+            attempt,
+        }) = self.fences.start(
+            node,
+            self.cfg.fencing.clone(),
+            self.now,
+            self.cfg.fence_timeout_ms,
+        ) {
+            self.log(
+                "fence_requested",
+                true,
+                format!("fencing {node} with {method:?}, attempt {attempt}"),
+            );
+            self.outputs.push_back(Output::Fence {
+                node,
+                method,
+                attempt,
+            });
         }
     }
 
@@ -1013,6 +1030,7 @@ impl VolumeMembership {
         if chosen == Some(self.local)
             && self.role == Role::Idle
             && !self.server_ready
+            && !self.announce_in_flight
             && self.gate_open(&agreed)
         {
             self.start(&agreed);
@@ -1071,6 +1089,11 @@ impl VolumeMembership {
                         self.claim_sent.insert(node);
                         self.mcast(Body::FenceClaim { node, reset });
                     }
+                    // Ours, and no job running (it was cancelled, then the node turned out
+                    // stale again): fence it.
+                    if !reset {
+                        self.start_fence(node);
+                    }
                 }
                 Some(c) if agreed.members.contains(c) => {}
                 _ => {
@@ -1102,6 +1125,7 @@ impl VolumeMembership {
         };
         self.role = Role::Starting;
         self.starting = Some(next);
+        self.announce_in_flight = true;
         self.server_ready = false;
         self.chosen_at = self.now;
         self.lease_until = self.now.saturating_add(self.cfg.serving_lease_ms);

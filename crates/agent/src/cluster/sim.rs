@@ -6,7 +6,8 @@
 //!
 //! Checkers (run after every step):
 //! * at most one node has an active server process (from `StartServer` until the stop is
-//!   confirmed, the process crashes, or its node is powered off), across all partitions;
+//!   confirmed, the process crashes, its node is powered off, or the serving lease its
+//!   agent gave it ran out: the server enforces that lease itself), across all partitions;
 //! * a machine that was told its partition lost quorum has no serving server;
 //! * an activation lists every snapshot client of every member that was in the view from
 //!   the start of the gather to its end;
@@ -55,6 +56,12 @@ struct Node {
     id: NodeId,
     agent: Option<Agent>,
     proc_: Proc,
+    /// The serving lease the agent gave its server: the server process grants nothing
+    /// after it (it enforces the lease itself, even if its agent is frozen).
+    lease_until: u64,
+    /// The agent is frozen (SIGSTOP, swapped out) until then: it sees nothing, its server
+    /// process goes on until its lease runs out.
+    frozen_until: u64,
     clients: BTreeSet<ClientId>,
     /// Clients of every node when this node's server was started, and its view then.
     start_snapshot: Option<(ClientsByNode, Vec<NodeId>)>,
@@ -121,6 +128,8 @@ impl Sim {
                 id: NodeId(n),
                 agent: None,
                 proc_: Proc::Off,
+                lease_until: 0,
+                frozen_until: 0,
                 clients: BTreeSet::new(),
                 start_snapshot: None,
             })
@@ -269,6 +278,8 @@ impl Sim {
                         ));
                     }
                     self.nodes[i].proc_ = Proc::Starting;
+                    // Until the first ExtendLease (which follows at once) nothing bounds it.
+                    self.nodes[i].lease_until = u64::MAX;
                     let at = self.now + self.rng.gen_range(0..3_000);
                     self.due.push((at, id, incarnation, Due::ServerStarted));
                     self.note(format!("{} {id} StartServer g{generation}", self.now));
@@ -287,7 +298,8 @@ impl Sim {
                     ));
                     self.check_gather(i, &clients)?;
                 }
-                Output::ExtendLease { .. } | Output::DeclareGone { .. } => {}
+                Output::ExtendLease { until_ms } => self.nodes[i].lease_until = until_ms,
+                Output::DeclareGone { .. } => {}
                 Output::StopServer { reason } => {
                     self.note(format!("{} {id} StopServer {reason:?}", self.now));
                     if self.nodes[i].proc_ != Proc::Off {
@@ -368,7 +380,7 @@ impl Sim {
         let active: Vec<NodeId> = self
             .nodes
             .iter()
-            .filter(|n| n.proc_ != Proc::Off)
+            .filter(|n| n.proc_ != Proc::Off && self.now < n.lease_until)
             .map(|n| n.id)
             .collect();
         if active.len() > 1 {
@@ -422,6 +434,9 @@ impl Sim {
 
     fn deliver_one(&mut self) -> Check {
         let i = self.rng.gen_range(0..self.nodes.len());
+        if self.nodes[i].frozen_until > self.now {
+            return Ok(());
+        }
         let quorum_first = self.rng.gen_bool(0.3);
         for pass in 0..2 {
             let Some(agent) = self.nodes[i].agent.as_mut() else {
@@ -494,8 +509,14 @@ impl Sim {
         self.now += ms;
         let now = self.now;
         let mut due: Vec<(u64, NodeId, u64, Due)> = Vec::new();
+        let frozen: BTreeSet<NodeId> = self
+            .nodes
+            .iter()
+            .filter(|n| n.frozen_until > now)
+            .map(|n| n.id)
+            .collect();
         self.due.retain(|d| {
-            if d.0 <= now {
+            if d.0 <= now && !frozen.contains(&d.1) {
                 due.push(d.clone());
                 false
             } else {
@@ -507,7 +528,9 @@ impl Sim {
             self.run_due(node, incarnation, what)?;
         }
         for i in 0..self.nodes.len() {
-            self.feed(i, Input::Tick { now_ms: now })?;
+            if self.nodes[i].frozen_until <= now {
+                self.feed(i, Input::Tick { now_ms: now })?;
+            }
         }
         Ok(())
     }
@@ -593,7 +616,7 @@ impl Sim {
     fn fault(&mut self) -> Check {
         let i = self.rng.gen_range(0..self.nodes.len());
         let id = self.nodes[i].id;
-        match self.rng.gen_range(0..8) {
+        match self.rng.gen_range(0..9) {
             0 => {
                 if self.cluster.is_up(id) && self.up_count() > 1 {
                     self.power_off(i);
@@ -635,6 +658,11 @@ impl Sim {
             5 => {
                 self.crash_agent(i);
             }
+            6 => {
+                let ms = self.rng.gen_range(0..15_000);
+                self.nodes[i].frozen_until = self.now + ms;
+                self.note(format!("{} agent {id} frozen for {ms} ms", self.now));
+            }
             _ => self.start_agent(i),
         }
         Ok(())
@@ -652,6 +680,9 @@ impl Sim {
     pub fn settle(&mut self) -> Check {
         self.knobs.fence_fail = 0.0;
         self.cluster.heal();
+        for n in &mut self.nodes {
+            n.frozen_until = 0;
+        }
         for _ in 0..400 {
             for i in 0..self.nodes.len() {
                 let id = self.nodes[i].id;
@@ -795,4 +826,127 @@ fn randomized_schedules_keep_the_membership_rules() {
         "the schedules must exercise failovers"
     );
     assert!(stale > 0, "the schedules must produce stale merges");
+}
+
+impl Sim {
+    /// The node whose agent serves, if exactly one does.
+    fn serving(&self) -> Option<usize> {
+        let s: Vec<usize> = (0..self.nodes.len())
+            .filter(|&i| {
+                self.nodes[i]
+                    .agent
+                    .as_ref()
+                    .is_some_and(|a| a.machine.status().role == Role::Serving)
+            })
+            .collect();
+        (s.len() == 1).then(|| s[0])
+    }
+
+    /// Delivers everything pending on the given nodes only.
+    fn drain_only(&mut self, only: &[usize]) -> Check {
+        for _ in 0..1_000 {
+            let mut any = false;
+            for &i in only {
+                let Some(agent) = self.nodes[i].agent.as_mut() else {
+                    continue;
+                };
+                let input = match agent.quorum.next().now_or_never() {
+                    Some(Some(Ok(q))) => Some(Input::Quorum(q)),
+                    _ => match agent.group.next().now_or_never() {
+                        Some(Some(Ok(ev))) => Some(Input::Group(ev)),
+                        _ => None,
+                    },
+                };
+                if let Some(input) = input {
+                    any = true;
+                    self.feed(i, input)?;
+                }
+            }
+            if !any {
+                return Ok(());
+            }
+        }
+        Ok(())
+    }
+}
+
+fn scripted(fencing: Fencing) -> Sim {
+    Sim::new(
+        7,
+        Knobs {
+            nodes: 3,
+            fencing,
+            steps: 0,
+            fence_fail: 0.0,
+        },
+    )
+}
+
+/// The server is cut off and its node learns nothing (frozen): the majority must not start
+/// a server before the old one's serving lease is certainly over.
+#[test]
+fn a_cut_off_server_is_waited_out_before_a_new_one_starts() {
+    let mut sim = scripted(Fencing::Reset);
+    sim.settle().unwrap();
+    let s = sim.serving().expect("one server");
+    let old = sim.nodes[s].id;
+    let rest: Vec<usize> = (0..3).filter(|&i| i != s).collect();
+    let sides = [
+        vec![old],
+        rest.iter().map(|&i| sim.nodes[i].id).collect::<Vec<_>>(),
+    ];
+    sim.cluster.partition(&sides).unwrap();
+    sim.drain_only(&rest).unwrap();
+    // Time passes for the majority only (the old server's agent is frozen).
+    for _ in 0..9 {
+        sim.now += 1_000;
+        for &i in &rest {
+            let now = sim.now;
+            sim.feed(i, Input::Tick { now_ms: now }).unwrap();
+        }
+        sim.drain_only(&rest).unwrap();
+        assert!(
+            rest.iter().all(|&i| sim.nodes[i].proc_ == Proc::Off),
+            "a new server started while the old one may still serve"
+        );
+    }
+    // After serving lease + margin the majority takes over.
+    for _ in 0..30 {
+        sim.now += 1_000;
+        for &i in &rest {
+            let now = sim.now;
+            sim.feed(i, Input::Tick { now_ms: now }).unwrap();
+        }
+        sim.drain_only(&rest).unwrap();
+        let due: Vec<_> = std::mem::take(&mut sim.due);
+        for (_, node, inc, what) in due {
+            if node != old {
+                sim.run_due(node, inc, what).unwrap();
+            }
+        }
+    }
+    assert!(rest.iter().any(|&i| sim.nodes[i].proc_ == Proc::Ready));
+}
+
+/// The server's partition loses quorum: it stops at once.
+#[test]
+fn a_server_without_quorum_stops_at_once() {
+    let mut sim = scripted(Fencing::KillNode);
+    sim.settle().unwrap();
+    let s = sim.serving().expect("one server");
+    let old = sim.nodes[s].id;
+    let others: Vec<NodeId> = sim
+        .nodes
+        .iter()
+        .map(|n| n.id)
+        .filter(|n| *n != old)
+        .collect();
+    sim.cluster.partition(&[vec![old], others]).unwrap();
+    sim.drain_only(&[s]).unwrap();
+    let st = sim.nodes[s].agent.as_ref().unwrap().machine.status();
+    assert!(!st.quorate);
+    assert_eq!(st.role, Role::Stopping);
+    // Heal: the old server comes back with the old lineage once the majority moved on, and
+    // is fenced by exactly one member; the cluster converges.
+    sim.settle().unwrap();
 }
