@@ -326,6 +326,8 @@ pub struct VolumeMembership {
     /// An own announce is sent and neither delivered nor cut yet: no second one may go out
     /// (an abandoned start's announce can still arrive, and must not be taken for a new one).
     announce_in_flight: bool,
+    /// The highest generation this node announced.
+    last_announced: u64,
     joined_at: Option<u64>,
     informed: bool,
     last_agreed_quorate: bool,
@@ -384,6 +386,7 @@ impl VolumeMembership {
             view_age: 0,
             spawned: false,
             announce_in_flight: false,
+            last_announced: 0,
             joined_at: None,
             informed: false,
             last_agreed_quorate: false,
@@ -529,8 +532,15 @@ impl VolumeMembership {
                 self.view_changed = true;
                 self.abort_lost_announce();
             }
-            GroupEvent::TotemConfChg(_) => {
+            GroupEvent::TotemConfChg(totem) => {
+                let same_ring = self.view.ring() == Some(totem.ring);
                 self.view.apply(&event);
+                if same_ring {
+                    // The same ring again (a process whose join was on its way gets the
+                    // initial totem confchg and then the ring's own): the view did not
+                    // change, nothing sent in it was cut.
+                    return;
+                }
                 // Frames carry the sender's view; one sent before this event reached the
                 // sender is dropped by every member, so everything is sent again now.
                 self.view_changed = true;
@@ -1115,10 +1125,14 @@ impl VolumeMembership {
             .values()
             .map(|s| s.lineage.generation)
             .chain(self.last_states.values().map(|s| s.lineage.generation))
-            .chain([self.lineage.generation])
+            .chain([self.lineage.generation, self.last_announced])
             .max()
             .unwrap_or(0)
             .saturating_add(1);
+        // Never announce a lineage twice: an announce taken for cut can still arrive (the
+        // view tag cannot tell a view from an identical later one), and must not be
+        // mistaken for this one.
+        self.last_announced = generation;
         let next = Lineage {
             generation,
             server: Some(self.local.node),

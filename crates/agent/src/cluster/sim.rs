@@ -609,7 +609,9 @@ impl Sim {
         } else if let Some(c) = self.nodes[i].clients.iter().next().copied() {
             self.nodes[i].clients.remove(&c);
         }
-        let list = self.nodes[i].clients.iter().copied().collect();
+        let list: Vec<ClientId> = self.nodes[i].clients.iter().copied().collect();
+        let line = format!("{} {} clients {}", self.now, self.nodes[i].id, list.len());
+        self.note(line);
         self.feed(i, Input::Clients(list))
     }
 

@@ -98,6 +98,11 @@ impl ViewState {
         self.tracker.members().iter().copied().collect()
     }
 
+    /// The last totem ring seen, stable or not.
+    pub fn ring(&self) -> Option<RingId> {
+        self.tracker.ring().map(|t| t.ring)
+    }
+
     pub fn joined(&self) -> bool {
         self.tracker.joined()
     }
