@@ -1,0 +1,126 @@
+//! The failover gather (seed 001): the new server's agent announced itself; every member
+//! answers with the snapshot clients attached on its node; a member that leaves (or turns
+//! out stale) is no longer waited for; when every answer is in, the server is activated
+//! with the combined list and grants no origin write until each listed client reconnected
+//! or was declared gone.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use cpg_glue::{Member, NodeId};
+use csnap_proto::msg::ClientId;
+
+use super::state::Lineage;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Gather {
+    pub lineage: Lineage,
+    waiting: BTreeSet<Member>,
+    clients: BTreeMap<ClientId, NodeId>,
+}
+
+impl Gather {
+    /// Starts waiting for an answer from each of `members` (the view when the announce was
+    /// delivered, stale members left out).
+    pub fn new(lineage: Lineage, members: impl IntoIterator<Item = Member>) -> Gather {
+        Gather {
+            lineage,
+            waiting: members.into_iter().collect(),
+            clients: BTreeMap::new(),
+        }
+    }
+
+    /// A member's answer; answers from members not waited for (joined later) are ignored:
+    /// they cannot have been clients of the old server.
+    pub fn answer(&mut self, from: Member, clients: &[ClientId]) {
+        if self.waiting.remove(&from) {
+            for c in clients {
+                self.clients.insert(*c, from.node);
+            }
+        }
+    }
+
+    /// Members no longer in the view (or now stale) are not waited for.
+    pub fn retain(&mut self, keep: impl Fn(&Member) -> bool) -> Vec<Member> {
+        let gone: Vec<Member> = self.waiting.iter().filter(|m| !keep(m)).copied().collect();
+        for m in &gone {
+            self.waiting.remove(m);
+        }
+        gone
+    }
+
+    /// Drops the already gathered clients of nodes that left before the activation: their
+    /// node is gone, so they are gone; returns them.
+    pub fn drop_nodes(&mut self, alive: impl Fn(NodeId) -> bool) -> Vec<ClientId> {
+        let gone: Vec<ClientId> = self
+            .clients
+            .iter()
+            .filter(|(_, n)| !alive(**n))
+            .map(|(c, _)| *c)
+            .collect();
+        for c in &gone {
+            self.clients.remove(c);
+        }
+        gone
+    }
+
+    pub fn waiting(&self) -> Vec<Member> {
+        self.waiting.iter().copied().collect()
+    }
+
+    pub fn done(&self) -> bool {
+        self.waiting.is_empty()
+    }
+
+    /// The combined list, with the node each client is on.
+    pub fn clients(&self) -> &BTreeMap<ClientId, NodeId> {
+        &self.clients
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use csnap_proto::msg::ClientKind;
+
+    fn m(node: u32) -> Member {
+        Member {
+            node: NodeId(node),
+            pid: 1,
+        }
+    }
+
+    fn snap(instance: u64) -> ClientId {
+        ClientId::new(
+            instance,
+            ClientKind::Snapshot {
+                snap: csnap_proto::SnapId(1),
+            },
+        )
+    }
+
+    #[test]
+    fn waits_for_every_member_and_not_for_leavers_or_latecomers() {
+        let mut g = Gather::new(Lineage::default(), [m(1), m(2), m(3)]);
+        g.answer(m(1), &[]);
+        g.answer(m(4), &[snap(44)]);
+        g.answer(m(2), &[snap(21), snap(22)]);
+        assert!(!g.done());
+        assert_eq!(g.waiting(), vec![m(3)]);
+        assert_eq!(g.retain(|x| x.node != NodeId(3)), vec![m(3)]);
+        assert!(g.done());
+        assert_eq!(g.clients().len(), 2, "the latecomer's answer is not taken");
+        assert_eq!(g.drop_nodes(|n| n != NodeId(2)), vec![snap(21), snap(22)]);
+        assert!(g.clients().is_empty());
+    }
+
+    #[test]
+    fn a_second_answer_from_the_same_member_is_ignored() {
+        let mut g = Gather::new(Lineage::default(), [m(1), m(2)]);
+        g.answer(m(1), &[snap(1)]);
+        g.answer(m(1), &[snap(2)]);
+        assert_eq!(
+            g.clients().keys().copied().collect::<Vec<_>>(),
+            vec![snap(1)]
+        );
+    }
+}

@@ -1,0 +1,1379 @@
+//! The membership core of cluster mode: one sans-IO state machine per volume and node
+//! ([`VolumeMembership`]), in the shape of the server engine: [`VolumeMembership::handle`]
+//! takes an [`Input`], [`VolumeMembership::poll_output`] yields [`Output`]s,
+//! [`VolumeMembership::poll_timeout`] says when to feed the next [`Input::Tick`], and
+//! [`VolumeMembership::status`] says what it waits on. Time arrives only as input
+//! (monotonic milliseconds); nothing here touches a socket, a clock or corosync.
+//!
+//! One file per concern, as dlm_controld has cpg.c, member.c, fence.c:
+//! * [`state`]: the messages (the per-member state message and the failover/fencing ones);
+//! * [`view`]: the *agreed* view (stable CPG view + quorum on the same ring + every
+//!   member's state for this membership);
+//! * [`choice`]: which member runs the server, a pure function of the agreed view;
+//! * [`gather`]: the failover gather of every node's snapshot clients (seed 001);
+//! * [`merge`]: stale-merge detection from the state exchange (seed 003);
+//! * [`fence`]: fencing jobs with timeouts and retries.
+//!
+//! # The I/O contract (what the shell must do)
+//!
+//! Feed, in the order they happen:
+//! * [`Input::Tick`] with the monotonic clock in ms: before any other input of a wake-up,
+//!   and at the latest at [`VolumeMembership::poll_timeout`];
+//! * [`Input::Group`]: every event of the volume's CPG group stream, in stream order
+//!   (confchg, totem confchg, and deliveries with their raw payload: decoding is done
+//!   here, a bad payload is logged and dropped). If the stream fails (corosync died) feed
+//!   [`Input::GroupLost`] and make a new machine for the new group connection;
+//! * [`Input::Quorum`]: every event of the quorum stream (the first one is the state at
+//!   subscription);
+//! * [`Input::Config`]: after a corosync.conf reload changed priorities or fencing;
+//! * [`Input::Clients`]: the full list of snapshot clients attached on this node for the
+//!   volume, whenever it changes;
+//! * [`Input::ServerStarted`] / [`Input::ServerStopped`] / [`Input::ServerFailed`]: the
+//!   local server process became ready / exited after a stop / exited on its own. Every
+//!   [`Output::StopServer`] must be answered with `ServerStopped` once the process is
+//!   certainly gone (also if it never started);
+//! * [`Input::FenceResult`] for every [`Output::Fence`] (success only once the node is
+//!   certainly off: cfg kill_node returned, `stonith_admin --fence` confirmed, the command
+//!   exited 0).
+//!
+//! Carry out each output:
+//! * [`Output::Mcast`]: multicast the bytes to the group (agreed order). A send that fails
+//!   because the view changed needs no retry: every confchg makes the machine send its
+//!   state again;
+//! * [`Output::StartServer`]: start the volume's server process (it may read the store and
+//!   replay its journal) but let it grant nothing until [`Output::ActivateServer`], which
+//!   carries the gathered snapshot clients (the engine's `expected_snapshot_clients`) and
+//!   how long to hold snapshot announcements (`hold_snapshots_until`);
+//! * [`Output::ExtendLease`]: pass the serving lease to the server process, which must stop
+//!   granting anything when it runs out even if the agent is stuck. The shell must also
+//!   make sure a server never outlives its agent (parent-death signal), so that an agent's
+//!   `Idle` means no server on its node;
+//! * [`Output::StopServer`]: stop the server at once (quorum lost, lease out, stale);
+//! * [`Output::DeclareGone`]: tell the local server a gathered client will not come back;
+//! * [`Output::DropClients`]: (reset of a stale node) disconnect this node's clients so they
+//!   reconnect to the real server;
+//! * [`Output::Fence`]: run the configured fencing for the node, answer with a result;
+//! * [`Output::Log`]: log it (the event name is stable, for tests and operators).
+//!
+//! # Safety rules encoded here
+//! * A server stops at once when its node's quorum is lost, its serving lease runs out, or
+//!   its node turns out stale.
+//! * A new server starts only in an agreed quorate view, on the chosen member, when no
+//!   member runs or stops a server, and every server that departed is certainly stopped:
+//!   fenced and confirmed, seen stopped by its own agent, or `serving_lease + margin` past
+//!   its departure. A freshly started agent first waits one such stop wait (it cannot know
+//!   what ran before it) unless a member that knows the history is in the view.
+//! * The server is activated only when every member of the announce's view (minus leavers
+//!   and stale members) answered with its clients.
+//! * Stale members (state of another lineage after a merge) never become server, stop any
+//!   server they run, and are fenced (or, with `fencing: reset`, reset) by exactly one
+//!   member: the first claim delivered wins.
+
+pub mod choice;
+pub mod fence;
+pub mod gather;
+pub mod merge;
+pub mod state;
+pub mod view;
+
+#[cfg(test)]
+mod sim;
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+
+use cpg_glue::{GroupEvent, Member, NodeId, QuorumEvent, RingId};
+use csnap_proto::msg::ClientId;
+
+use crate::config::{CsnapConfig, Fencing};
+use fence::{FenceAction, FenceTable};
+use gather::Gather;
+use state::{Body, Lineage, MemberState, Message, Role};
+use view::{Agreed, Pending, ViewState};
+
+/// Default serving lease: a server whose view is not agreed and quorate for this long
+/// stops; others wait this plus the margin after it departed.
+pub const DEFAULT_SERVING_LEASE_MS: u64 = 8_000;
+
+/// The server engine's own margin on leases (`csnap_server::engine::LEASE_MARGIN_SECS`).
+pub const LEASE_MARGIN_MS: u64 = csnap_server::engine::LEASE_MARGIN_SECS * 1000;
+
+/// Origin clients' write lease, as the server's Welcome gives it (`origin_lease_secs`).
+pub const DEFAULT_ORIGIN_LEASE_MS: u64 = 10_000;
+
+/// What the machine needs to know about the cluster configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MembershipConfig {
+    /// `csnap_priority` by node (absent: 0).
+    pub priorities: BTreeMap<NodeId, i32>,
+    pub fencing: Fencing,
+    /// Where this node's server for the volume listens (announced to the group).
+    pub server_address: String,
+    pub serving_lease_ms: u64,
+    /// Added to every lease before counting on its expiry (clock rates, in-flight I/O).
+    pub lease_margin_ms: u64,
+    /// Origin clients' write lease: how long an old server's origin clients may still write
+    /// after it stopped answering. The new server holds snapshots until then.
+    pub origin_lease_ms: u64,
+    /// One fencing attempt counts as failed after this long without a result.
+    pub fence_timeout_ms: u64,
+    /// Delay before the next attempt after a failure.
+    pub fence_retry_ms: u64,
+}
+
+impl MembershipConfig {
+    /// From the parsed corosync.conf section, with default timings.
+    pub fn from_csnap(config: &CsnapConfig, server_address: String) -> MembershipConfig {
+        MembershipConfig {
+            priorities: config
+                .nodes
+                .iter()
+                .map(|(id, n)| (*id, n.priority))
+                .collect(),
+            fencing: config.fencing.clone(),
+            server_address,
+            serving_lease_ms: DEFAULT_SERVING_LEASE_MS,
+            lease_margin_ms: LEASE_MARGIN_MS,
+            origin_lease_ms: DEFAULT_ORIGIN_LEASE_MS,
+            fence_timeout_ms: 60_000,
+            fence_retry_ms: 5_000,
+        }
+    }
+
+    /// How long after a server departed it is certainly stopped without fencing.
+    pub fn stop_wait_ms(&self) -> u64 {
+        self.serving_lease_ms.saturating_add(self.lease_margin_ms)
+    }
+
+    fn clients_wait_ms(&self) -> u64 {
+        self.origin_lease_ms.saturating_add(self.lease_margin_ms)
+    }
+
+    fn priority(&self, node: NodeId) -> i32 {
+        self.priorities
+            .get(&node)
+            .copied()
+            .unwrap_or(crate::config::DEFAULT_PRIORITY)
+    }
+}
+
+/// Everything the machine reacts to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Input {
+    /// The monotonic clock, in ms (never goes back; an older value is ignored).
+    Tick {
+        now_ms: u64,
+    },
+    /// An event of the volume's CPG group, in stream order.
+    Group(GroupEvent),
+    /// The group connection failed (corosync died): stop serving at once.
+    GroupLost {
+        detail: String,
+    },
+    Quorum(QuorumEvent),
+    /// A configuration reload.
+    Config {
+        priorities: BTreeMap<NodeId, i32>,
+        fencing: Fencing,
+    },
+    /// The snapshot clients attached on this node, complete list.
+    Clients(Vec<ClientId>),
+    ServerStarted,
+    ServerStopped,
+    ServerFailed {
+        detail: String,
+    },
+    FenceResult {
+        node: NodeId,
+        ok: bool,
+        detail: String,
+    },
+}
+
+/// Why the local server is stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StopReason {
+    QuorumLost,
+    LeaseExpired,
+    /// This node holds state of another lineage.
+    Stale,
+    /// An announce did not go as planned (another lineage won the race).
+    Superseded,
+    GroupLost,
+}
+
+/// A log line with a stable event name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogEvent {
+    pub name: &'static str,
+    pub warn: bool,
+    pub detail: String,
+}
+
+/// Everything the machine asks the shell to do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Output {
+    Mcast(Vec<u8>),
+    StartServer {
+        generation: u64,
+    },
+    ActivateServer {
+        generation: u64,
+        clients: Vec<ClientId>,
+        /// Hold snapshot announcements this long: the old server's origin clients may
+        /// still write through cached promises until then.
+        hold_snapshots_ms: u64,
+    },
+    ExtendLease {
+        until_ms: u64,
+    },
+    StopServer {
+        reason: StopReason,
+    },
+    DeclareGone {
+        client: ClientId,
+    },
+    DropClients,
+    Fence {
+        node: NodeId,
+        method: Fencing,
+        attempt: u32,
+    },
+    Log(LogEvent),
+}
+
+/// The gate the machine waits on, as `dlm_tool status` shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Gate {
+    /// No agreed view yet.
+    View(Pending),
+    NotQuorate,
+    /// This node holds state of another lineage and waits to be fenced or reset.
+    Stale,
+    /// Just started: waits until `until_ms` (or a member that knows the history).
+    History {
+        until_ms: u64,
+    },
+    /// Departed servers not known to be stopped yet.
+    OldServer(Vec<NodeId>),
+    /// Another member runs (or stops) the server.
+    Served(Member),
+    /// Another member was chosen and has not started yet.
+    Chosen(Member),
+    /// Waiting for a member that still has a server or unsettled departures.
+    Peers,
+    /// Gather: answers missing from these members.
+    Gather(Vec<Member>),
+    /// Waiting for the local server process to report ready.
+    ServerStart,
+    /// This node serves.
+    Serving,
+    /// The local server was told to stop.
+    Stopping,
+}
+
+/// What `csnapctl status` shows for the volume on this node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Status {
+    pub local: Member,
+    pub role: Role,
+    pub lineage: Lineage,
+    pub ring: Option<RingId>,
+    pub members: Vec<Member>,
+    pub quorate: bool,
+    /// The member running the server as this node knows it.
+    pub server: Option<(NodeId, String)>,
+    pub gate: Gate,
+    pub stale: Vec<NodeId>,
+    pub unsettled: Vec<NodeId>,
+    pub fencing: Vec<NodeId>,
+    pub lease_left_ms: u64,
+    /// The last failover this node activated: (generation, ms from chosen to activated).
+    pub last_failover: Option<(u64, u64)>,
+}
+
+/// How many announces are remembered to upgrade states sent before their sender saw one.
+const ANNOUNCE_MEMORY: usize = 16;
+
+/// The membership core of one volume on one node.
+#[derive(Debug)]
+pub struct VolumeMembership {
+    cfg: MembershipConfig,
+    local: Member,
+    now: u64,
+    view: ViewState,
+    outputs: VecDeque<Output>,
+
+    // The local member's own facts.
+    role: Role,
+    lineage: Lineage,
+    clients: Vec<ClientId>,
+    lease_until: u64,
+    lease_sent_at: Option<u64>,
+    server_ready: bool,
+    /// The lineage of the announce this node sent and waits for.
+    starting: Option<Lineage>,
+    gather: Option<Gather>,
+    /// After activation: gathered clients still expected, by node.
+    expected: BTreeMap<ClientId, NodeId>,
+    chosen_at: u64,
+    last_failover: Option<(u64, u64)>,
+    age: u64,
+    /// `age` when the current membership began: what this node's states in it report, so
+    /// that a state sent again later in the view gives the same choice.
+    view_age: u64,
+    /// Whether a server process was started (and not yet seen exiting).
+    spawned: bool,
+    /// An own announce is sent and neither delivered nor cut yet: no second one may go out
+    /// (an abandoned start's announce can still arrive, and must not be taken for a new one).
+    announce_in_flight: bool,
+    /// The highest generation this node announced.
+    last_announced: u64,
+    joined_at: Option<u64>,
+    informed: bool,
+    last_agreed_quorate: bool,
+    /// Whether a confchg came since the last state this node sent.
+    view_changed: bool,
+    last_sent: Option<MemberState>,
+    reset_pending: bool,
+
+    // What this node knows of the others.
+    last_states: BTreeMap<Member, MemberState>,
+    /// Departed servers not yet certainly stopped: node -> when they certainly are.
+    unsettled: BTreeMap<NodeId, u64>,
+    /// Departed servers already settled (not re-added from older peer states).
+    settled: BTreeSet<NodeId>,
+    stale: BTreeSet<NodeId>,
+    /// Nodes whose fencing was confirmed (a peer's old state cannot make them stale again
+    /// until they show up with state).
+    fenced: BTreeSet<NodeId>,
+    /// Who fences (or resets) which node.
+    claims: BTreeMap<NodeId, Member>,
+    claim_sent: BTreeSet<NodeId>,
+    fences: FenceTable,
+    /// Origin clients of every stopped server have certainly stopped writing by then.
+    clients_safe_at: u64,
+    server: Option<(NodeId, String)>,
+    announces: VecDeque<(Lineage, Lineage, Vec<Member>)>,
+    agreed_key: Option<(RingId, Vec<Member>)>,
+    actor: Option<NodeId>,
+    actor_side: Vec<NodeId>,
+    /// The reference lineage of the last agreed view (see [`merge`]).
+    reference: Lineage,
+    chosen: Option<Member>,
+}
+
+impl VolumeMembership {
+    /// A machine for the process `local` (the shell's group member identity).
+    pub fn new(cfg: MembershipConfig, local: Member) -> VolumeMembership {
+        VolumeMembership {
+            cfg,
+            local,
+            now: 0,
+            view: ViewState::new(local),
+            outputs: VecDeque::new(),
+            role: Role::Idle,
+            lineage: Lineage::default(),
+            clients: Vec::new(),
+            lease_until: 0,
+            lease_sent_at: None,
+            server_ready: false,
+            starting: None,
+            gather: None,
+            expected: BTreeMap::new(),
+            chosen_at: 0,
+            last_failover: None,
+            age: 0,
+            view_age: 0,
+            spawned: false,
+            announce_in_flight: false,
+            last_announced: 0,
+            joined_at: None,
+            informed: false,
+            last_agreed_quorate: false,
+            view_changed: false,
+            last_sent: None,
+            reset_pending: false,
+            last_states: BTreeMap::new(),
+            unsettled: BTreeMap::new(),
+            settled: BTreeSet::new(),
+            stale: BTreeSet::new(),
+            fenced: BTreeSet::new(),
+            claims: BTreeMap::new(),
+            claim_sent: BTreeSet::new(),
+            fences: FenceTable::default(),
+            clients_safe_at: 0,
+            server: None,
+            announces: VecDeque::new(),
+            agreed_key: None,
+            actor: None,
+            actor_side: Vec::new(),
+            reference: Lineage::default(),
+            chosen: None,
+        }
+    }
+
+    pub fn local(&self) -> Member {
+        self.local
+    }
+
+    /// The next thing to do, if any.
+    pub fn poll_output(&mut self) -> Option<Output> {
+        self.outputs.pop_front()
+    }
+
+    /// When the machine next needs a tick (absolute monotonic ms), if it waits for time.
+    pub fn poll_timeout(&self) -> Option<u64> {
+        let mut at: Vec<u64> = self.unsettled.values().copied().collect();
+        at.extend(self.fences.next_deadline());
+        if self.role == Role::Starting || self.role == Role::Serving {
+            at.push(self.lease_until);
+            // Renew well before the lease runs out.
+            at.push(self.lease_sent_at.unwrap_or(0) + self.cfg.serving_lease_ms / 4);
+        }
+        if !self.informed {
+            if let Some(t) = self.joined_at {
+                at.push(t.saturating_add(self.cfg.stop_wait_ms()));
+            }
+        }
+        at.into_iter().min()
+    }
+
+    pub fn status(&self) -> Status {
+        Status {
+            local: self.local,
+            role: self.role,
+            lineage: self.lineage,
+            ring: self.view.stable().map(|v| v.ring),
+            members: self.view.members(),
+            quorate: self.view.quorate_now(),
+            server: self.server.clone(),
+            gate: self.gate(),
+            stale: self.stale.iter().copied().collect(),
+            unsettled: self.unsettled.keys().copied().collect(),
+            fencing: self.fences.jobs().keys().copied().collect(),
+            lease_left_ms: self.lease_left(),
+            last_failover: self.last_failover,
+        }
+    }
+
+    pub fn handle(&mut self, input: Input) {
+        match input {
+            Input::Tick { now_ms } => self.now = self.now.max(now_ms),
+            Input::Group(event) => self.on_group(event),
+            Input::GroupLost { detail } => {
+                self.log("group_lost", true, detail);
+                self.stop_server(StopReason::GroupLost);
+            }
+            Input::Quorum(q) => self.on_quorum(q),
+            Input::Config {
+                priorities,
+                fencing,
+            } => {
+                self.cfg.priorities = priorities;
+                self.cfg.fencing = fencing;
+            }
+            Input::Clients(mut clients) => {
+                clients.sort();
+                clients.dedup();
+                self.clients = clients;
+            }
+            Input::ServerStarted => {
+                if self.role == Role::Starting {
+                    self.server_ready = true;
+                }
+            }
+            Input::ServerStopped => self.on_server_exit(None),
+            Input::ServerFailed { detail } => self.on_server_exit(Some(detail)),
+            Input::FenceResult { node, ok, detail } => self.on_fence_result(node, ok, detail),
+        }
+        self.evaluate();
+    }
+
+    // ---- inputs -------------------------------------------------------------------------
+
+    fn on_group(&mut self, event: GroupEvent) {
+        match &event {
+            GroupEvent::ConfChg(change) => {
+                let was_joined = self.view.joined();
+                self.view_age = self.age;
+                self.view.apply(&event);
+                if !was_joined && self.view.joined() {
+                    self.joined_at = Some(self.now);
+                    // Knowing nothing of what ran before, assume a server and its origin
+                    // clients may have been active right up to now.
+                    self.clients_safe_at = self
+                        .now
+                        .saturating_add(self.cfg.stop_wait_ms())
+                        .saturating_add(self.cfg.clients_wait_ms());
+                }
+                for left in &change.left {
+                    self.on_departure(left.member);
+                }
+                let merged = change
+                    .joined
+                    .iter()
+                    .any(|j| j.reason == cpg_glue::Reason::NodeUp);
+                if merged && self.role == Role::Starting {
+                    // Merged members never heard the announce, and may hold snapshot clients
+                    // of the old server: start over with an announce they take part in.
+                    self.log(
+                        "gather_restart",
+                        true,
+                        "members merged during the gather".into(),
+                    );
+                    self.stop_server(StopReason::Superseded);
+                }
+                let members = self.view.members();
+                if let Some(g) = self.gather.as_mut() {
+                    g.retain(|m| members.contains(m));
+                }
+                self.declare_gone_where(|node| !members.iter().any(|m| m.node == node));
+                self.claim_sent.clear();
+                self.view_changed = true;
+                self.abort_lost_announce();
+            }
+            GroupEvent::TotemConfChg(totem) => {
+                let same_ring = self.view.ring() == Some(totem.ring);
+                self.view.apply(&event);
+                if same_ring {
+                    // The same ring again (a process whose join was on its way gets the
+                    // initial totem confchg and then the ring's own): the view did not
+                    // change, nothing sent in it was cut.
+                    return;
+                }
+                // Frames carry the sender's view; one sent before this event reached the
+                // sender is dropped by every member, so everything is sent again now.
+                self.view_changed = true;
+                self.claim_sent.clear();
+                self.abort_lost_announce();
+            }
+            GroupEvent::Deliver(delivery) => match Message::decode(delivery) {
+                Ok(msg) => self.on_message(delivery.from, msg.body),
+                Err(e) => self.log("bad_message", true, e.to_string()),
+            },
+        }
+    }
+
+    /// An announce not delivered to its own sender before a membership event never will be
+    /// (it was sent in a view that is over): start over.
+    fn abort_lost_announce(&mut self) {
+        self.announce_in_flight = false;
+        if self.role == Role::Starting && self.gather.is_none() {
+            self.log(
+                "gather_restart",
+                true,
+                "the announce was cut by a membership change".into(),
+            );
+            self.stop_server(StopReason::Superseded);
+        }
+    }
+
+    fn on_departure(&mut self, member: Member) {
+        if let Some(last) = self.last_states.remove(&member) {
+            if last.role.has_server() {
+                let at = self.now.saturating_add(self.cfg.stop_wait_ms());
+                let entry = self.unsettled.entry(member.node).or_insert(at);
+                *entry = (*entry).max(at);
+                self.settled.remove(&member.node);
+                self.log(
+                    "server_departed",
+                    true,
+                    format!(
+                        "{member} left while {:?}; certainly stopped at {at} ms unless fenced first",
+                        last.role
+                    ),
+                );
+            }
+        }
+        // A claimant that left before it finished: the next actor claims again.
+        self.claims.retain(|_, c| *c != member);
+    }
+
+    fn on_quorum(&mut self, q: QuorumEvent) {
+        let lost = !q.quorate && self.view.quorate_now();
+        self.view.apply_quorum(q);
+        if !self.view.quorate_now() {
+            self.last_agreed_quorate = false;
+            if self.role == Role::Starting || self.role == Role::Serving {
+                self.log("quorum_lost", true, "stopping the server at once".into());
+                self.stop_server(StopReason::QuorumLost);
+            } else if lost {
+                self.log("quorum_lost", false, String::new());
+            }
+        }
+    }
+
+    fn on_message(&mut self, from: Member, body: Body) {
+        match body {
+            Body::State(state) => self.on_state(from, state),
+            Body::Announce {
+                prev,
+                next,
+                address,
+            } => self.on_announce(from, prev, next, address),
+            Body::Clients { lineage, clients } => {
+                if let Some(g) = self.gather.as_mut().filter(|g| g.lineage == lineage) {
+                    g.answer(from, &clients);
+                }
+            }
+            Body::FenceClaim { node, reset } => self.on_claim(from, node, reset),
+            Body::Fenced { node } => self.on_fenced(node),
+        }
+    }
+
+    /// `node` was fenced and confirmed: not stale, its server certainly stopped.
+    fn on_fenced(&mut self, node: NodeId) {
+        self.stale.remove(&node);
+        self.fenced.insert(node);
+        if self.unsettled.remove(&node).is_some() {
+            self.settled.insert(node);
+        }
+        self.claims.remove(&node);
+        self.claim_sent.remove(&node);
+        self.fences.cancel(node);
+        self.clients_safe_at = self
+            .clients_safe_at
+            .max(self.now.saturating_add(self.cfg.clients_wait_ms()));
+    }
+
+    fn on_state(&mut self, from: Member, mut state: MemberState) {
+        // A state sent before its sender delivered an announce it was part of says the old
+        // lineage; the sender adopted the new one at the announce, as everyone did.
+        for (prev, next, members) in &self.announces {
+            if state.lineage == *prev && members.contains(&from) {
+                state.lineage = *next;
+            }
+        }
+        let before = self.last_states.get(&from).map(|s| s.role);
+        if before.is_some_and(Role::has_server) && !state.role.has_server() {
+            // Its own agent saw the server exit.
+            self.clients_safe_at = self
+                .clients_safe_at
+                .max(self.now.saturating_add(self.cfg.clients_wait_ms()));
+        }
+        if state.role.has_server() {
+            self.settled.remove(&from.node);
+            if (state.role == Role::Serving || state.role == Role::Starting)
+                && self.server.as_ref().map(|s| s.0) != Some(from.node)
+            {
+                self.server = Some((from.node, String::new()));
+            }
+        } else if self.unsettled.remove(&from.node).is_some() {
+            self.settled.insert(from.node);
+            self.log(
+                "old_server_settled",
+                false,
+                format!("{from} reports no server"),
+            );
+        }
+        if !state.has_state {
+            self.fenced.remove(&from.node);
+            if self.stale.remove(&from.node) {
+                let mine = self.claims.get(&from.node) == Some(&self.local);
+                if self.fences.cancel(from.node) || mine {
+                    self.log(
+                        "fence_done",
+                        false,
+                        format!("{} is back without state (reset or restarted)", from.node),
+                    );
+                } else {
+                    self.log("stale_resolved", false, format!("{} is clean", from.node));
+                }
+                self.claims.remove(&from.node);
+                self.claim_sent.remove(&from.node);
+            }
+        }
+        for n in &state.unsettled {
+            if !self.unsettled.contains_key(n) && !self.settled.contains(n) && *n != self.local.node
+            {
+                let at = self.now.saturating_add(self.cfg.stop_wait_ms());
+                self.unsettled.insert(*n, at);
+            }
+        }
+        for n in &state.stale {
+            // An older report cannot make a node stale again once it showed up clean.
+            let clean = if *n == self.local.node {
+                !self.has_state()
+            } else {
+                self.last_states
+                    .iter()
+                    .any(|(m, s)| m.node == *n && !s.has_state)
+                    || (from.node == *n && !state.has_state)
+            };
+            if !clean && !self.fenced.contains(n) && self.stale.insert(*n) {
+                self.log("stale_merge", true, format!("{n} is stale (from {from})"));
+            }
+        }
+        if from != self.local {
+            for n in &state.fencing {
+                self.claims.entry(*n).or_insert(from);
+            }
+        }
+        for n in &state.fenced {
+            // Once a fenced node is back (clean), older reports of its fencing are history.
+            let back = self
+                .last_states
+                .iter()
+                .any(|(m, s)| m.node == *n && !s.has_state)
+                || (from.node == *n && !state.has_state);
+            if !back && !self.fenced.contains(n) && *n != self.local.node {
+                self.on_fenced(*n);
+            }
+        }
+        // A state sent after the announce is an answer to it (its clients are the node's
+        // list after the old server certainly stopped): a lost reply cannot stall the gather.
+        if let Some(g) = self.gather.as_mut().filter(|g| g.lineage == state.lineage) {
+            g.answer(from, &state.clients);
+        }
+        if state.informed {
+            self.informed = true;
+        }
+        // After activation, gathered clients its node no longer lists are gone.
+        if from.node != self.local.node || from == self.local {
+            let listed: BTreeSet<ClientId> = state.clients.iter().copied().collect();
+            let gone: Vec<ClientId> = self
+                .expected
+                .iter()
+                .filter(|(c, n)| **n == from.node && !listed.contains(c))
+                .map(|(c, _)| *c)
+                .collect();
+            for client in gone {
+                self.expected.remove(&client);
+                self.outputs.push_back(Output::DeclareGone { client });
+            }
+        }
+        self.last_states.insert(from, state.clone());
+        self.view.record(from, state);
+    }
+
+    fn on_announce(&mut self, from: Member, prev: Lineage, next: Lineage, address: String) {
+        let members = self.view.members();
+        self.announces.push_back((prev, next, members.clone()));
+        while self.announces.len() > ANNOUNCE_MEMORY {
+            self.announces.pop_front();
+        }
+        if self.reference == prev {
+            self.reference = next;
+        }
+        for (m, s) in self.view.states_mut() {
+            if s.lineage == prev && members.contains(m) {
+                s.lineage = next;
+            }
+        }
+        for (m, s) in self.last_states.iter_mut() {
+            if s.lineage == prev && members.contains(m) {
+                s.lineage = next;
+            }
+        }
+        let adopt = !self.stale.contains(&self.local.node)
+            && (self.lineage == prev || self.lineage == Lineage::default());
+        if adopt {
+            self.lineage = next;
+            self.server = Some((from.node, address));
+            let reply = Body::Clients {
+                lineage: next,
+                clients: self.clients.clone(),
+            };
+            self.mcast(reply);
+        }
+        if from == self.local {
+            self.announce_in_flight = false;
+            if adopt && self.starting == Some(next) && self.role == Role::Starting {
+                // Only now, with the announce first in the agreed order, may a server
+                // process exist: a competing announce delivered earlier would have
+                // superseded this one before anything touched the store.
+                self.spawned = true;
+                self.outputs.push_back(Output::StartServer {
+                    generation: next.generation,
+                });
+                self.lease_sent_at = Some(self.now);
+                self.outputs.push_back(Output::ExtendLease {
+                    until_ms: self.lease_until,
+                });
+                let stale = &self.stale;
+                let waited = members.iter().filter(|m| !stale.contains(&m.node)).copied();
+                self.gather = Some(Gather::new(next, waited));
+            } else if self.starting == Some(next) {
+                self.log(
+                    "announce_superseded",
+                    true,
+                    format!("own announce {next} came after a change of lineage"),
+                );
+                self.stop_server(StopReason::Superseded);
+            }
+        }
+    }
+
+    fn on_claim(&mut self, from: Member, node: NodeId, reset: bool) {
+        if self.stale.contains(&node) || self.unsettled.contains_key(&node) {
+            let members = self.view.members();
+            let current = self.claims.get(&node).copied();
+            let wins = match current {
+                Some(c) => c == from || !members.contains(&c),
+                None => true,
+            };
+            if !wins {
+                return;
+            }
+            self.claims.insert(node, from);
+            if from == self.local {
+                self.claim_sent.remove(&node);
+                if reset {
+                    self.log(
+                        "fence_requested",
+                        true,
+                        format!("reset of stale node {node} ordered"),
+                    );
+                } else {
+                    self.start_fence(node);
+                }
+            }
+            if reset && node == self.local.node {
+                self.reset();
+            }
+        }
+    }
+
+    /// Starts a fencing job for `node` unless one runs.
+    fn start_fence(&mut self, node: NodeId) {
+        if let Some(FenceAction::Attempt {
+            node,
+            method,
+            attempt,
+        }) = self.fences.start(
+            node,
+            self.cfg.fencing.clone(),
+            self.now,
+            self.cfg.fence_timeout_ms,
+        ) {
+            self.log(
+                "fence_requested",
+                true,
+                format!("fencing {node} with {method:?}, attempt {attempt}"),
+            );
+            self.outputs.push_back(Output::Fence {
+                node,
+                method,
+                attempt,
+            });
+        }
+    }
+
+    fn on_fence_result(&mut self, node: NodeId, ok: bool, detail: String) {
+        match self
+            .fences
+            .result(node, ok, &detail, self.now, self.cfg.fence_retry_ms)
+        {
+            Some(true) => {
+                self.log("fence_done", false, format!("{node} fenced: {detail}"));
+                self.on_fenced(node);
+                self.mcast(Body::Fenced { node });
+            }
+            Some(false) => self.log(
+                "fence_failed",
+                true,
+                format!(
+                    "{node}: {detail}; retrying in {} ms",
+                    self.cfg.fence_retry_ms
+                ),
+            ),
+            None => {}
+        }
+    }
+
+    fn on_server_exit(&mut self, failure: Option<String>) {
+        let had = self.role.has_server();
+        self.server_ready = false;
+        self.spawned = false;
+        if had {
+            self.role = Role::Idle;
+            self.starting = None;
+            self.gather = None;
+            self.expected.clear();
+            self.clients_safe_at = self
+                .clients_safe_at
+                .max(self.now.saturating_add(self.cfg.clients_wait_ms()));
+            if self.server.as_ref().map(|s| s.0) == Some(self.local.node) {
+                self.server = None;
+            }
+        }
+        match failure {
+            Some(detail) => self.log("server_failed", true, detail),
+            None if had => self.log("server_stopped", false, String::new()),
+            None => {}
+        }
+    }
+
+    // ---- decisions ----------------------------------------------------------------------
+
+    fn evaluate(&mut self) {
+        if self.role == Role::Starting || self.role == Role::Serving {
+            if !self.view.quorate_now() {
+                self.log("quorum_lost", true, "stopping the server at once".into());
+                self.stop_server(StopReason::QuorumLost);
+            } else if self.now >= self.lease_until {
+                self.log(
+                    "lease_expired",
+                    true,
+                    "no agreed quorate view in time".into(),
+                );
+                self.stop_server(StopReason::LeaseExpired);
+            } else if self.stale.contains(&self.local.node) {
+                self.stop_server(StopReason::Stale);
+            }
+        }
+        self.settle_departed();
+        if !self.informed
+            && self
+                .joined_at
+                .is_some_and(|t| self.now >= t + self.cfg.stop_wait_ms())
+        {
+            self.informed = true;
+        }
+        for action in self
+            .fences
+            .tick(self.now, self.cfg.fence_timeout_ms, self.cfg.fence_retry_ms)
+        {
+            match action {
+                FenceAction::Attempt {
+                    node,
+                    method,
+                    attempt,
+                } => {
+                    self.log(
+                        "fence_requested",
+                        true,
+                        format!("fencing {node} with {method:?}, attempt {attempt}"),
+                    );
+                    self.outputs.push_back(Output::Fence {
+                        node,
+                        method,
+                        attempt,
+                    });
+                }
+                FenceAction::TimedOut { node, attempt } => self.log(
+                    "fence_failed",
+                    true,
+                    format!("{node}: attempt {attempt} timed out"),
+                ),
+            }
+        }
+        if let Ok(agreed) = self.view.agreed() {
+            self.on_agreed(agreed);
+        }
+        self.maybe_activate();
+        if self.reset_pending && self.role == Role::Idle {
+            self.reset_pending = false;
+            self.log("reset_done", false, "rejoining without state".into());
+        }
+        self.send_state_if_changed();
+    }
+
+    fn settle_departed(&mut self) {
+        let due: Vec<(NodeId, u64)> = self
+            .unsettled
+            .iter()
+            .filter(|(_, at)| self.now >= **at)
+            .map(|(n, at)| (*n, *at))
+            .collect();
+        for (node, at) in due {
+            self.unsettled.remove(&node);
+            self.settled.insert(node);
+            self.clients_safe_at = self
+                .clients_safe_at
+                .max(at.saturating_add(self.cfg.clients_wait_ms()));
+            self.log(
+                "old_server_settled",
+                false,
+                format!("{node}: serving lease certainly expired"),
+            );
+        }
+    }
+
+    fn on_agreed(&mut self, agreed: Agreed) {
+        let key = (agreed.ring, agreed.members.clone());
+        if self.agreed_key.as_ref() != Some(&key) {
+            self.agreed_key = Some(key);
+            self.age += 1;
+            let verdict = merge::analyze(&agreed.states);
+            for node in &verdict.stale {
+                if self.stale.insert(*node) {
+                    self.log(
+                        "stale_merge",
+                        true,
+                        format!(
+                            "{node} holds state of another lineage (reference {})",
+                            verdict.reference
+                        ),
+                    );
+                }
+            }
+            self.actor = verdict.actor;
+            self.actor_side = verdict.side;
+            self.reference = verdict.reference;
+            self.last_agreed_quorate = agreed.quorate && self.view.quorate_now();
+            let stale = &self.stale;
+            if let Some(g) = self.gather.as_mut() {
+                g.retain(|m| !stale.contains(&m.node));
+            }
+        }
+        if !agreed.quorate || !self.view.quorate_now() {
+            return;
+        }
+        if (self.role == Role::Starting || self.role == Role::Serving)
+            && !self.stale.contains(&self.local.node)
+        {
+            self.lease_until = self.now.saturating_add(self.cfg.serving_lease_ms);
+            let due = self
+                .lease_sent_at
+                .is_none_or(|t| self.now >= t + self.cfg.serving_lease_ms / 4);
+            if due {
+                self.lease_sent_at = Some(self.now);
+                self.outputs.push_back(Output::ExtendLease {
+                    until_ms: self.lease_until,
+                });
+            }
+        }
+        self.claim_fencing(&agreed);
+        let chosen = choice::choose(&agreed.states, &self.stale, |n| self.cfg.priority(n));
+        self.chosen = chosen;
+        if chosen == Some(self.local)
+            && self.role == Role::Idle
+            && !self.server_ready
+            && !self.announce_in_flight
+            && self.gate_open(&agreed)
+        {
+            self.start(&agreed);
+        }
+    }
+
+    fn gate_open(&self, agreed: &Agreed) -> bool {
+        self.informed
+            && self.unsettled.is_empty()
+            && !self.stale.contains(&self.local.node)
+            && !self.reset_pending
+            && agreed
+                .states
+                .values()
+                .all(|s| s.unsettled.is_empty() && !s.role.has_server())
+    }
+
+    /// As the actor: claim fencing of stale nodes and of departed servers not known to be
+    /// stopped (the latter only with a real fencing method; with reset, their lease is
+    /// waited out).
+    fn claim_fencing(&mut self, agreed: &Agreed) {
+        let reset = self.cfg.fencing == Fencing::Reset;
+        // The verdict's actor, unless stale knowledge arrived since: then the next of its
+        // side, then the lowest member that is not stale.
+        let stale = &self.stale;
+        let actor = self
+            .actor
+            .filter(|a| !stale.contains(a))
+            .or_else(|| self.actor_side.iter().copied().find(|n| !stale.contains(n)))
+            .or_else(|| {
+                agreed
+                    .members
+                    .iter()
+                    .map(|m| m.node)
+                    .find(|n| !stale.contains(n))
+            });
+        let mut wanted: Vec<(NodeId, bool)> = self
+            .stale
+            .iter()
+            .filter(|n| **n != self.local.node)
+            .map(|n| (*n, reset))
+            .collect();
+        if !reset {
+            for n in self.unsettled.keys() {
+                if !self.stale.contains(n) && !agreed.members.iter().any(|m| m.node == *n) {
+                    wanted.push((*n, false));
+                }
+            }
+        }
+        for (node, reset) in wanted {
+            let present = agreed.members.iter().any(|m| m.node == node);
+            match self.claims.get(&node) {
+                Some(c) if *c == self.local => {
+                    // A reset order must reach the node: repeat it when it is back in view.
+                    if reset && present && !self.claim_sent.contains(&node) {
+                        self.claim_sent.insert(node);
+                        self.mcast(Body::FenceClaim { node, reset });
+                    }
+                    // Ours, and no job running (it was cancelled, then the node turned out
+                    // stale again): fence it.
+                    if !reset {
+                        self.start_fence(node);
+                    }
+                }
+                Some(c) if agreed.members.contains(c) => {}
+                _ => {
+                    if actor == Some(self.local.node)
+                        && !self.claim_sent.contains(&node)
+                        && (!reset || present)
+                    {
+                        self.claim_sent.insert(node);
+                        self.mcast(Body::FenceClaim { node, reset });
+                    }
+                }
+            }
+        }
+    }
+
+    fn start(&mut self, agreed: &Agreed) {
+        let generation = agreed
+            .states
+            .values()
+            .map(|s| s.lineage.generation)
+            .chain(self.last_states.values().map(|s| s.lineage.generation))
+            .chain([self.lineage.generation, self.last_announced])
+            .max()
+            .unwrap_or(0)
+            .saturating_add(1);
+        // Never announce a lineage twice: an announce taken for cut can still arrive (the
+        // view tag cannot tell a view from an identical later one), and must not be
+        // mistaken for this one.
+        self.last_announced = generation;
+        let next = Lineage {
+            generation,
+            server: Some(self.local.node),
+        };
+        self.role = Role::Starting;
+        self.starting = Some(next);
+        self.announce_in_flight = true;
+        self.server_ready = false;
+        self.chosen_at = self.now;
+        self.lease_until = self.now.saturating_add(self.cfg.serving_lease_ms);
+        self.lease_sent_at = Some(self.now);
+        self.log(
+            "server_chosen",
+            false,
+            format!(
+                "{} starts the server for {next} in ring {} ({} members)",
+                self.local,
+                agreed.ring,
+                agreed.members.len()
+            ),
+        );
+        // Every member that is not stale holds the reference lineage (or no state), so
+        // every one of them adopts the announce.
+        let prev = self.reference;
+        let address = self.cfg.server_address.clone();
+        self.mcast(Body::Announce {
+            prev,
+            next,
+            address,
+        });
+    }
+
+    fn maybe_activate(&mut self) {
+        if self.role != Role::Starting || !self.server_ready {
+            return;
+        }
+        let members = self.view.members();
+        let Some(gather) = self.gather.as_mut() else {
+            return;
+        };
+        if !gather.done() {
+            return;
+        }
+        let dropped = gather.drop_nodes(|n| members.iter().any(|m| m.node == n));
+        let generation = gather.lineage.generation;
+        let expected = gather.clients().clone();
+        self.gather = None;
+        if !dropped.is_empty() {
+            self.log(
+                "clients_gone",
+                false,
+                format!("{} clients of departed nodes not waited for", dropped.len()),
+            );
+        }
+        let hold = self.clients_safe_at.saturating_sub(self.now);
+        let took = self.now.saturating_sub(self.chosen_at);
+        self.log(
+            "gather_done",
+            false,
+            format!("{} snapshot clients to wait for", expected.len()),
+        );
+        self.outputs.push_back(Output::ActivateServer {
+            generation,
+            clients: expected.keys().copied().collect(),
+            hold_snapshots_ms: hold,
+        });
+        self.expected = expected;
+        self.role = Role::Serving;
+        self.starting = None;
+        self.server = Some((self.local.node, self.cfg.server_address.clone()));
+        self.last_failover = Some((generation, took));
+        self.log(
+            "failover_done",
+            false,
+            format!("generation {generation} serving {took} ms after the choice; snapshots held {hold} ms"),
+        );
+    }
+
+    // ---- helpers ------------------------------------------------------------------------
+
+    fn stop_server(&mut self, reason: StopReason) {
+        if self.role == Role::Starting && !self.spawned {
+            // The announce was not delivered yet: no process to stop.
+            self.role = Role::Idle;
+            self.starting = None;
+            self.gather = None;
+            self.log("start_abandoned", true, format!("{reason:?}"));
+            return;
+        }
+        if self.role == Role::Starting || self.role == Role::Serving {
+            self.role = Role::Stopping;
+            self.gather = None;
+            self.starting = None;
+            self.expected.clear();
+            self.outputs.push_back(Output::StopServer { reason });
+            self.log("server_stop", true, format!("{reason:?}"));
+        }
+    }
+
+    /// Reset of a stale node: stop any server, disconnect the node's clients so they
+    /// reconnect to the real server, forget the lineage; the clean state goes out once the
+    /// server is confirmed stopped.
+    fn reset(&mut self) {
+        self.log(
+            "stale_reset",
+            true,
+            format!("dropping state of lineage {}", self.lineage),
+        );
+        self.stop_server(StopReason::Stale);
+        self.lineage = Lineage::default();
+        self.clients.clear();
+        self.outputs.push_back(Output::DropClients);
+        self.reset_pending = true;
+    }
+
+    fn declare_gone_where(&mut self, gone_node: impl Fn(NodeId) -> bool) {
+        let gone: Vec<ClientId> = self
+            .expected
+            .iter()
+            .filter(|(_, n)| gone_node(**n))
+            .map(|(c, _)| *c)
+            .collect();
+        for client in gone {
+            self.expected.remove(&client);
+            self.outputs.push_back(Output::DeclareGone { client });
+        }
+    }
+
+    fn has_state(&self) -> bool {
+        self.lineage != Lineage::default() || self.role.has_server() || !self.clients.is_empty()
+    }
+
+    fn lease_left(&self) -> u64 {
+        if self.role == Role::Starting || self.role == Role::Serving {
+            self.lease_until.saturating_sub(self.now)
+        } else {
+            0
+        }
+    }
+
+    fn member_state(&self) -> MemberState {
+        let mut fencing: Vec<NodeId> = self
+            .claims
+            .iter()
+            .filter(|(_, c)| **c == self.local)
+            .map(|(n, _)| *n)
+            .collect();
+        fencing.sort();
+        MemberState {
+            lineage: self.lineage,
+            has_state: self.has_state(),
+            role: self.role,
+            clients: self.clients.clone(),
+            lease_left_ms: self.lease_left(),
+            view: self.view.members(),
+            was_quorate: self.last_agreed_quorate,
+            age: self.view_age,
+            informed: self.informed,
+            unsettled: self.unsettled.keys().copied().collect(),
+            stale: self.stale.iter().copied().collect(),
+            fencing,
+            fenced: self.fenced.iter().copied().collect(),
+        }
+    }
+
+    fn send_state_if_changed(&mut self) {
+        if !self.view.joined() || !self.view.members().contains(&self.local) {
+            return;
+        }
+        let now = self.member_state();
+        let same = self.last_sent.as_ref().is_some_and(|s| {
+            s.lineage == now.lineage
+                && s.has_state == now.has_state
+                && s.role == now.role
+                && s.clients == now.clients
+                && s.view == now.view
+                && s.informed == now.informed
+                && s.unsettled == now.unsettled
+                && s.stale == now.stale
+                && s.fencing == now.fencing
+                && s.fenced == now.fenced
+        });
+        if same && !self.view_changed {
+            return;
+        }
+        self.view_changed = false;
+        self.last_sent = Some(now.clone());
+        self.mcast(Body::State(now));
+    }
+
+    fn mcast(&mut self, body: Body) {
+        match Message::new(body).encode() {
+            Ok(bytes) => self.outputs.push_back(Output::Mcast(bytes)),
+            Err(e) => self.log("encode_failed", true, e),
+        }
+    }
+
+    fn log(&mut self, name: &'static str, warn: bool, detail: String) {
+        self.outputs
+            .push_back(Output::Log(LogEvent { name, warn, detail }));
+    }
+
+    fn gate(&self) -> Gate {
+        match self.role {
+            Role::Serving => return Gate::Serving,
+            Role::Stopping => return Gate::Stopping,
+            Role::Starting => {
+                return match &self.gather {
+                    Some(g) if !g.done() => Gate::Gather(g.waiting()),
+                    _ => Gate::ServerStart,
+                }
+            }
+            Role::Idle => {}
+        }
+        let agreed = match self.view.agreed() {
+            Ok(a) => a,
+            Err(p) => return Gate::View(p),
+        };
+        if !agreed.quorate || !self.view.quorate_now() {
+            return Gate::NotQuorate;
+        }
+        if self.stale.contains(&self.local.node) {
+            return Gate::Stale;
+        }
+        if let Some((m, _)) = agreed.states.iter().find(|(_, s)| s.role.has_server()) {
+            return Gate::Served(*m);
+        }
+        if !self.unsettled.is_empty() {
+            return Gate::OldServer(self.unsettled.keys().copied().collect());
+        }
+        if !self.informed {
+            return Gate::History {
+                until_ms: self
+                    .joined_at
+                    .unwrap_or(self.now)
+                    .saturating_add(self.cfg.stop_wait_ms()),
+            };
+        }
+        match self.chosen {
+            Some(c) if c != self.local => Gate::Chosen(c),
+            _ => Gate::Peers,
+        }
+    }
+}
