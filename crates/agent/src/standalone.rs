@@ -320,7 +320,7 @@ pub async fn run(args: StandaloneArgs) -> anyhow::Result<()> {
 
     let instance = args.client_id.unwrap_or_else(rand::random);
     let volume = Volume::connect(ClientConfig {
-        server: server_addr,
+        server: server_addr.into(),
         key,
         instance,
         node: args.node,

@@ -57,7 +57,7 @@ async fn ten_thousand_snapshots_list_completely() {
         .expect("server starts");
     let key = std::fs::read(&fx.key_file).unwrap();
     let volume = Volume::connect(ClientConfig {
-        server: csnap_blockdev::nbd::ListenAddr::Unix(sock.clone()),
+        server: csnap_blockdev::nbd::ListenAddr::Unix(sock.clone()).into(),
         key,
         instance: 1 << 40,
         node: 1,

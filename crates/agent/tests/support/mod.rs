@@ -326,7 +326,7 @@ pub async fn connect_volume(
     cache_chunks: usize,
 ) -> std::sync::Arc<csnap_blockdev::client::Volume> {
     let volume = csnap_blockdev::client::Volume::connect(csnap_blockdev::client::ClientConfig {
-        server: csnap_blockdev::nbd::ListenAddr::Unix(sock.to_owned()),
+        server: csnap_blockdev::nbd::ListenAddr::Unix(sock.to_owned()).into(),
         key: std::fs::read(&fx.key_file).unwrap(),
         instance,
         node,

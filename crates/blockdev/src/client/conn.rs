@@ -1,6 +1,11 @@
 //! The I/O shell around one [`Session`]: a task that owns the socket, connects and
 //! reconnects (with backoff) for as long as the handle lives, and routes answers back to the
 //! callers. Many requests are in flight at once; each is answered through its own channel.
+//!
+//! Where it connects is a [`ServerTarget`]: a fixed address, or a watch the cluster agent
+//! moves on failover. Each (re)connect attempt uses the current address; when it changes
+//! the connection (or the attempt, or the backoff) in progress is dropped and the new
+//! address tried at once, resuming the session as after any lost connection.
 
 use std::collections::HashMap;
 use std::io;
@@ -21,10 +26,56 @@ use super::session::{Output, Session};
 use super::ClientError;
 use crate::nbd::ListenAddr;
 
+/// Where the metadata server is.
+///
+/// In cluster mode the server moves on failover: the agent publishes its address through
+/// a [`watch`] (`None` while no server is known) and every connection follows it. A fixed
+/// address is the simple case (standalone mode, `--connect-server`).
+#[derive(Clone, Debug)]
+pub enum ServerTarget {
+    Fixed(ListenAddr),
+    /// Follow the address in the watch: each (re)connect attempt uses the current value;
+    /// a change to another address drops the connection, attempt or backoff in progress
+    /// and connects there at once. `None`: no server known: keep the connection while it
+    /// lasts, then wait (no attempts) until an address is published.
+    Follow(watch::Receiver<Option<ListenAddr>>),
+}
+
+impl From<ListenAddr> for ServerTarget {
+    fn from(addr: ListenAddr) -> ServerTarget {
+        ServerTarget::Fixed(addr)
+    }
+}
+
+impl ServerTarget {
+    /// The address a connection attempt would use now.
+    pub fn current(&self) -> Option<ListenAddr> {
+        match self {
+            ServerTarget::Fixed(a) => Some(a.clone()),
+            ServerTarget::Follow(rx) => rx.borrow().clone(),
+        }
+    }
+
+    /// Both cases as a watch (a fixed address is a watch that never changes).
+    fn watch(&self) -> watch::Receiver<Option<ListenAddr>> {
+        match self {
+            ServerTarget::Fixed(a) => watch::channel(Some(a.clone())).1,
+            ServerTarget::Follow(rx) => rx.clone(),
+        }
+    }
+}
+
+/// Resolves when the target's value was replaced; never, once nobody can replace it.
+async fn target_changed(target: &mut watch::Receiver<Option<ListenAddr>>) {
+    if target.changed().await.is_err() {
+        std::future::pending::<()>().await;
+    }
+}
+
 /// How to reach and prove ourselves to the server.
 #[derive(Clone, Debug)]
 pub struct ConnConfig {
-    pub server: ListenAddr,
+    pub server: ServerTarget,
     pub key: Vec<u8>,
     /// This connection's identity (its kind says what it is for).
     pub client: ClientId,
@@ -61,6 +112,8 @@ enum Cmd {
     Request(ClientMsg, Answer),
     /// A message the server does not answer; dropped while disconnected.
     Notify(ClientMsg),
+    /// Drop the connection (if any) and connect again at once, resuming.
+    Reconnect,
     Shutdown,
 }
 
@@ -84,7 +137,6 @@ impl MetaConnection {
         let kind = cfg.client.kind;
         let shell = Shell {
             session: Session::new(cfg.client, cfg.node, cfg.incarnation, cfg.key.clone()),
-            cfg,
             tracker,
             waiting: HashMap::new(),
             sent_at: HashMap::new(),
@@ -94,6 +146,9 @@ impl MetaConnection {
             sessions: 0,
             sealer: None,
             opener: None,
+            target: cfg.server.watch(),
+            addr: None,
+            cfg,
         };
         let task = tokio::spawn(shell.run(rx));
         MetaConnection {
@@ -157,6 +212,15 @@ impl MetaConnection {
         let _ = self.cmds.send(Cmd::Notify(msg));
     }
 
+    /// Drops the current connection, if any, and connects again at once (to the target's
+    /// current address), resuming the session as after any lost connection: locks and
+    /// write leases re-uploaded, unanswered requests resent, `ResendDone`. For the cluster
+    /// agent's reset of a stale node (`DropClients`), when the address may not have
+    /// changed. Waiting requests are not failed.
+    pub fn reconnect(&self) {
+        let _ = self.cmds.send(Cmd::Reconnect);
+    }
+
     /// Stops the task; unanswered requests fail with [`ClientError::Closed`].
     pub async fn shutdown(&self) {
         let _ = self.cmds.send(Cmd::Shutdown);
@@ -190,6 +254,8 @@ async fn connect(addr: &ListenAddr) -> io::Result<Box<dyn Stream>> {
 /// Why a connection ended.
 enum End {
     Lost(String),
+    /// The target moved, or a reconnect was asked for: connect again without backoff.
+    Again(String),
     Shutdown,
 }
 
@@ -209,6 +275,10 @@ struct Shell {
     /// The current connection's frame sealing, once its handshake got that far.
     sealer: Option<FrameSealer>,
     opener: Option<FrameOpener>,
+    /// Where the server is (`cfg.server` as a watch).
+    target: watch::Receiver<Option<ListenAddr>>,
+    /// The address of the connection (or attempt) in progress, for logs and moves.
+    addr: Option<ListenAddr>,
 }
 
 fn chunks_of(ranges: &[ChunkRange]) -> impl Iterator<Item = u64> + '_ {
@@ -227,81 +297,126 @@ impl Shell {
                         let _refused = self.submit(msg, answer);
                         continue;
                     }
-                    Some(Cmd::Notify(_)) => continue,
+                    Some(Cmd::Notify(_) | Cmd::Reconnect) => continue,
                     Some(Cmd::Shutdown) | None => break,
                 }
             }
-            let server = self.cfg.server.clone();
+            // Where to: the target's current address; none known: wait for one.
+            let server = loop {
+                if let Some(addr) = self.target.borrow_and_update().clone() {
+                    break addr;
+                }
+                tokio::select! {
+                    _ = target_changed(&mut self.target) => {}
+                    cmd = cmds.recv() => if self.idle_cmd(cmd) {
+                        return self.close_all();
+                    },
+                }
+            };
+            self.addr = Some(server.clone());
+            let to = server.clone();
             let attempt =
-                tokio::time::timeout(
-                    self.cfg.connect_timeout,
-                    async move { connect(&server).await },
-                );
+                tokio::time::timeout(self.cfg.connect_timeout, async move { connect(&to).await });
             tokio::pin!(attempt);
             let stream = loop {
                 tokio::select! {
                     r = &mut attempt => break match r {
-                        Ok(Ok(s)) => Some(s),
+                        Ok(Ok(s)) => Ok(s),
                         Ok(Err(e)) => {
-                            tracing::debug!(server = ?self.cfg.server, err = %e, "cannot connect to the csnap server");
-                            None
+                            tracing::debug!(server = ?server, err = %e, "cannot connect to the csnap server");
+                            Err(End::Lost("connect failed".into()))
                         }
-                        Err(_) => None,
+                        Err(_) => Err(End::Lost("connect timed out".into())),
                     },
-                    cmd = cmds.recv() => match cmd {
-                        Some(Cmd::Request(msg, answer)) => {
-                            // Not connected: queued in the session.
-                            let _queued = self.submit(msg, answer);
+                    _ = target_changed(&mut self.target) => {
+                        if self.target.borrow().as_ref().is_some_and(|a| *a != server) {
+                            // Moved while connecting: give up this attempt, try there.
+                            break Err(End::Again("the server moved".into()));
                         }
-                        // Not connected: the server releases on its own.
-                        Some(Cmd::Notify(_)) => {}
-                        Some(Cmd::Shutdown) | None => return self.close_all(),
+                    }
+                    cmd = cmds.recv() => match cmd {
+                        Some(Cmd::Reconnect) => break Err(End::Again("reconnect asked".into())),
+                        other => if self.idle_cmd(other) {
+                            return self.close_all();
+                        },
                     },
                 }
             };
             let end = match stream {
-                Some(stream) => {
+                Ok(stream) => {
                     delay = self.cfg.retry_min;
                     self.serve(stream, &mut cmds, &ack_tx, &mut acks).await
                 }
-                None => End::Lost("connect failed".into()),
+                Err(end) => end,
             };
-            match end {
+            let again = match end {
                 End::Shutdown => break,
                 End::Lost(reason) => {
                     if self.session.is_open() {
-                        tracing::warn!(server = ?self.cfg.server, client = %self.cfg.client, %reason, "lost the csnap server; reconnecting");
+                        tracing::warn!(server = ?self.addr, client = %self.cfg.client, %reason, "lost the csnap server; reconnecting");
                     }
-                    self.session.disconnected();
-                    if let Some(t) = &self.tracker {
-                        // Promises die with the session; and a write granted by the old
-                        // connection must land before we talk to a server that may
-                        // create a snapshot meanwhile.
-                        let epoch = t.invalidate();
-                        let _ =
-                            tokio::time::timeout(Duration::from_secs(30), t.drained(epoch)).await;
-                    }
+                    false
                 }
+                End::Again(reason) => {
+                    if self.session.is_open() {
+                        tracing::info!(server = ?self.addr, to = ?*self.target.borrow(), client = %self.cfg.client, %reason, "leaving the csnap server; reconnecting");
+                    }
+                    true
+                }
+            };
+            self.session.disconnected();
+            if let Some(t) = &self.tracker {
+                // Promises die with the session; and a write granted by the old
+                // connection must land before we talk to a server that may
+                // create a snapshot meanwhile.
+                let epoch = t.invalidate();
+                let _ = tokio::time::timeout(Duration::from_secs(30), t.drained(epoch)).await;
             }
-            // Back off, still accepting requests (they are queued in the session).
+            if again {
+                delay = self.cfg.retry_min;
+                continue;
+            }
+            // Back off, still accepting requests (they are queued in the session); a new
+            // address or a reconnect request ends the wait at once.
             let sleep = tokio::time::sleep(delay);
             tokio::pin!(sleep);
-            loop {
+            let moved = loop {
                 tokio::select! {
-                    _ = &mut sleep => break,
-                    cmd = cmds.recv() => match cmd {
-                        Some(Cmd::Request(msg, answer)) => {
-                            // Not connected: nothing to send yet.
-                            let _queued = self.submit(msg, answer);
+                    _ = &mut sleep => break false,
+                    _ = target_changed(&mut self.target) => {
+                        if self.target.borrow().as_ref().is_some_and(|a| Some(a) != self.addr.as_ref()) {
+                            break true;
                         }
-                        Some(Cmd::Notify(_)) => {}
-                        Some(Cmd::Shutdown) | None => return self.close_all(),
+                    }
+                    cmd = cmds.recv() => match cmd {
+                        Some(Cmd::Reconnect) => break true,
+                        other => if self.idle_cmd(other) {
+                            return self.close_all();
+                        },
                     },
                 }
-            }
-            delay = (delay * 2).min(self.cfg.retry_max);
+            };
+            delay = if moved {
+                self.cfg.retry_min
+            } else {
+                (delay * 2).min(self.cfg.retry_max)
+            };
         }
         self.close_all();
+    }
+
+    /// A command while not connected; true when the task must end.
+    fn idle_cmd(&mut self, cmd: Option<Cmd>) -> bool {
+        match cmd {
+            Some(Cmd::Request(msg, answer)) => {
+                // Not connected: queued in the session.
+                let _queued = self.submit(msg, answer);
+                false
+            }
+            // Not connected: the server releases on its own; and no connection to drop.
+            Some(Cmd::Notify(_) | Cmd::Reconnect) => false,
+            Some(Cmd::Shutdown) | None => true,
+        }
     }
 
     fn close_all(&mut self) {
@@ -355,7 +470,7 @@ impl Shell {
             } => {
                 self.sessions += 1;
                 self.lease = Some(Duration::from_secs(u64::from(origin_lease_secs)));
-                tracing::info!(server = ?self.cfg.server, client = %self.cfg.client, sessions = self.sessions, "csnap session established");
+                tracing::info!(server = ?self.addr, client = %self.cfg.client, sessions = self.sessions, "csnap session established");
                 self.info_tx.send_replace(Some(SessionInfo {
                     chunk_size,
                     origin_chunks,
@@ -363,7 +478,7 @@ impl Shell {
                 }));
             }
             Output::Refused { code, message } => {
-                tracing::error!(server = ?self.cfg.server, client = %self.cfg.client, %code, %message, "the csnap server refused this client");
+                tracing::error!(server = ?self.addr, client = %self.cfg.client, %code, %message, "the csnap server refused this client");
                 self.refused_tx
                     .send_replace(Some(format!("{code}: {message}")));
             }
@@ -425,7 +540,15 @@ impl Shell {
                         }
                     }
                 }
+                _ = target_changed(&mut self.target) => {
+                    let moved = self.target.borrow().as_ref().is_some_and(|a| Some(a) != self.addr.as_ref());
+                    if moved {
+                        // Failover elsewhere: this server is (or is about to be) stopped.
+                        return End::Again("the server moved".into());
+                    }
+                }
                 cmd = cmds.recv() => match cmd {
+                    Some(Cmd::Reconnect) => return End::Again("reconnect asked".into()),
                     Some(Cmd::Request(msg, answer)) => {
                         let out = self.submit(msg, answer);
                         if let Err(e) = self.carry_out(out, &mut wr, ack_tx).await {

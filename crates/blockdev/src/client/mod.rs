@@ -5,7 +5,8 @@
 //!   unique-chunk cache), snapshot reads (the four-message protocol) and writes, FLUSH, and
 //!   snapshot administration.
 //! * [`MetaConnection`]: one metadata session that survives server loss (reconnect,
-//!   re-assert locks, resend, `ResendDone`), over the sans-IO [`Session`].
+//!   re-assert locks, resend, `ResendDone`), over the sans-IO [`Session`]; it follows a
+//!   [`ServerTarget`] (a fixed address, or a watch the cluster agent moves on failover).
 //! * [`OriginTracker`]: the unique-chunk cache and the write epochs behind `NewSnapshotAck`.
 //!
 //! The client never depends on the server crate: it runs on nodes without one.
@@ -17,7 +18,7 @@ pub mod session;
 mod volume;
 
 pub use cache::{CacheStats, OriginTracker, WriteGuard};
-pub use conn::{ConnConfig, MetaConnection, Reply, SessionInfo};
+pub use conn::{ConnConfig, MetaConnection, Reply, ServerTarget, SessionInfo};
 pub use devices::{DataDevice, Devices, Which, DIRECT_ALIGN};
 pub use session::Session;
 pub use volume::{client_id_for, snapshot_read_runs, ClientConfig, SnapshotPage, Volume};

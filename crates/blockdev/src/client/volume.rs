@@ -12,10 +12,9 @@ use csnap_proto::{
 };
 
 use super::cache::{CacheStats, OriginTracker};
-use super::conn::{ConnConfig, MetaConnection, SessionInfo};
+use super::conn::{ConnConfig, MetaConnection, ServerTarget, SessionInfo};
 use super::devices::{Devices, Which};
 use super::ClientError;
-use crate::nbd::ListenAddr;
 
 /// One page of a snapshot listing (see `Volume::list_snapshots_page`).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -30,8 +29,9 @@ pub struct SnapshotPage {
 /// How a node's client reaches its volume.
 #[derive(Clone, Debug)]
 pub struct ClientConfig {
-    /// The metadata server.
-    pub server: ListenAddr,
+    /// The metadata server: a fixed address (`ListenAddr::into()`), or, in cluster mode, a
+    /// watch of its address that every connection of the volume follows on failover.
+    pub server: ServerTarget,
     /// The cluster key (shared secret, HMAC).
     pub key: Vec<u8>,
     /// This client's 64-bit instance id (random unless configured): each connection's
@@ -519,6 +519,36 @@ impl Volume {
             ServerMsg::Status(s) => Ok(s),
             other => Err(unexpected("Status", other)),
         }
+    }
+
+    /// Drops every metadata connection of this volume (origin, admin, each snapshot) and
+    /// connects again at once to the server target's current address, resuming: read
+    /// locks and write leases are re-uploaded, unanswered requests resent, nothing fails.
+    /// The cluster agent's reset of a stale node (`DropClients`) calls this so its
+    /// clients reach the real server; a change of the target's address does the same on
+    /// its own.
+    pub fn reconnect(&self) {
+        self.origin.reconnect();
+        self.admin.reconnect();
+        for c in self
+            .snapshots
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+        {
+            c.reconnect();
+        }
+    }
+
+    /// How many sessions the snapshot connection of `snap` established (0 if it has
+    /// none yet).
+    pub fn snapshot_sessions(&self, snap: SnapId) -> u64 {
+        self.snapshots
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&snap)
+            .and_then(|c| c.session_info())
+            .map_or(0, |i| i.sessions)
     }
 
     /// Closes every metadata connection (unanswered requests fail).

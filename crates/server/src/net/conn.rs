@@ -2,6 +2,7 @@
 //! thread, and a writer that drains the connection's bounded send queue.
 
 use super::driver::{Input, Outgoing};
+use super::lease::ServingLease;
 use crate::engine::ConnId;
 use csnap_proto::auth::FrameKey;
 use csnap_proto::{ClientFrame, FrameCodec, FrameError, ServerFrame};
@@ -19,19 +20,36 @@ type Codec = FrameCodec<ClientFrame, ServerFrame>;
 pub(crate) trait AsyncStream: AsyncRead + AsyncWrite + Send + Unpin {}
 impl<T: AsyncRead + AsyncWrite + Send + Unpin> AsyncStream for T {}
 
+/// What every connection of one server shares.
+#[derive(Clone)]
+pub(crate) struct ConnShared {
+    /// To the engine thread.
+    pub net_tx: mpsc::Sender<Input>,
+    /// Bound of each connection's send queue, in frames.
+    pub queue_frames: usize,
+    /// Cancelled when the whole server stops.
+    pub server_stop: CancellationToken,
+    /// No frame is sent once it has run out.
+    pub lease: Arc<ServingLease>,
+}
+
 /// Registers a new connection with the engine thread, then starts its reader and writer.
 /// `permit` (the connection-count slot) is released when both tasks have ended.
 pub(crate) async fn serve_connection<S>(
     stream: S,
     conn: ConnId,
     peer: String,
-    net_tx: mpsc::Sender<Input>,
-    queue_frames: usize,
+    shared: ConnShared,
     permit: OwnedSemaphorePermit,
-    server_stop: CancellationToken,
 ) where
     S: AsyncStream + 'static,
 {
+    let ConnShared {
+        net_tx,
+        queue_frames,
+        server_stop,
+        lease,
+    } = shared;
     let (rd, wr) = tokio::io::split(stream);
     let (out_tx, out_rx) = mpsc::channel(queue_frames.max(1));
     let (open_key_tx, open_key) = watch::channel(None);
@@ -59,6 +77,7 @@ pub(crate) async fn serve_connection<S>(
             net_tx.clone(),
             cancel.clone(),
             permit.clone(),
+            lease,
         )
         .in_current_span(),
     );
@@ -146,6 +165,7 @@ async fn write_loop<W: AsyncWrite + Send + Unpin>(
     net_tx: mpsc::Sender<Input>,
     cancel: CancellationToken,
     _permit: Arc<OwnedSemaphorePermit>,
+    lease: Arc<ServingLease>,
 ) {
     let mut sink = FramedWrite::new(wr, Codec::new());
     let result: Result<(), FrameError> = async {
@@ -175,6 +195,12 @@ async fn write_loop<W: AsyncWrite + Send + Unpin>(
                             }
                             Err(_) => break,
                         }
+                    }
+                    if lease.expired() {
+                        // Replies queued before the lease ran out are not sent after it:
+                        // the engine thread is stopping the server and closing everything.
+                        cancel.cancel();
+                        return Ok(());
                     }
                     let write = async {
                         for f in batch {

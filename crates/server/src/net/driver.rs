@@ -7,6 +7,7 @@
 //! on this thread: inputs that arrive meanwhile queue up and are all covered by the next
 //! commit (group commit), and the engine never has more than one commit outstanding.
 
+use super::lease::ServingLease;
 use crate::engine::{
     Action, ConnId, CopyId, CopyPurpose, CopySource, Engine, Event, LogLevel, MetaStore as _,
 };
@@ -27,6 +28,10 @@ use tokio_util::sync::CancellationToken;
 pub(crate) const INTERNAL_CONN: ConnId = 0;
 /// The client id of that connection.
 pub(crate) const INTERNAL_CLIENT: ClientId = ClientId::new(u64::MAX, ClientKind::Admin);
+
+/// The reason a server whose serving lease ran out reports (`RunningServer::failed`).
+pub(crate) const LEASE_EXPIRED: &str =
+    "serving lease expired (not renewed by the agent in time): stopped serving";
 
 /// From connection tasks (bounded: a flood of requests pushes back onto the sockets).
 pub(crate) enum Input {
@@ -263,6 +268,8 @@ pub(crate) struct DriverParts {
     /// Cancelled when the server stops: ends the acceptor and every connection task.
     pub stop: CancellationToken,
     pub volume: String,
+    /// Checked before every input, action and commit, and on a timer at its end.
+    pub lease: Arc<ServingLease>,
 }
 
 pub(crate) struct Driver {
@@ -289,6 +296,7 @@ pub(crate) struct Driver {
     abandoned: bool,
     /// The engine asked for a commit that has not run yet.
     commit_due: bool,
+    lease: Arc<ServingLease>,
 }
 
 /// The engine's clock: Unix seconds, but advancing monotonically from the first reading
@@ -309,6 +317,8 @@ fn unix_now() -> u64 {
 enum Wake {
     Ctl(Control),
     Net(Option<Input>),
+    /// The serving lease's end as last known has come (it may have been extended since).
+    LeaseEnd,
 }
 
 impl Driver {
@@ -335,6 +345,7 @@ impl Driver {
             pending: VecDeque::new(),
             abandoned: false,
             commit_due: false,
+            lease: p.lease,
         }
     }
 
@@ -352,9 +363,20 @@ impl Driver {
         loop {
             let wake = {
                 let (ctl, net, net_open) = (&mut self.ctl_rx, &mut self.net_rx, self.net_open);
+                // An idle server must notice the end of its lease too, not only the next
+                // input: wake at the end as it stands now (an extension meanwhile just
+                // means this wake finds the lease still running).
+                let lease_end = self.lease.until().map(tokio::time::Instant::from_std);
                 self.rt.block_on(async {
+                    let lease_timer = async {
+                        match lease_end {
+                            Some(end) => tokio::time::sleep_until(end).await,
+                            None => std::future::pending().await,
+                        }
+                    };
                     tokio::select! {
                         biased;
+                        _ = lease_timer => Wake::LeaseEnd,
                         c = ctl.recv() => match c {
                             Some(c) => Wake::Ctl(c),
                             // Every handle is gone: nobody can ask for a shutdown any more.
@@ -395,9 +417,20 @@ impl Driver {
         }
     }
 
+    /// Err(LEASE_EXPIRED) once the serving lease has run out: from then on nothing is
+    /// handled, answered, copied or committed.
+    fn check_lease(&self) -> Result<(), String> {
+        if self.lease.expired() {
+            return Err(LEASE_EXPIRED.to_owned());
+        }
+        Ok(())
+    }
+
     /// Ok(false): shutdown requested; Err: fatal.
     fn on_wake(&mut self, wake: Wake) -> Result<bool, String> {
+        self.check_lease()?;
         match wake {
+            Wake::LeaseEnd => return Ok(true),
             Wake::Ctl(Control::Shutdown) => return Ok(false),
             Wake::Ctl(Control::Abandon) => {
                 self.abandoned = true;
@@ -527,6 +560,7 @@ impl Driver {
     /// follow-up commit; the engine has at most one outstanding.
     fn run_commits(&mut self) -> Result<(), String> {
         while self.commit_due {
+            self.check_lease()?;
             self.commit_due = false;
             let started = Instant::now();
             self.engine.run_commit();
@@ -554,6 +588,7 @@ impl Driver {
     }
 
     fn execute(&mut self, mut action: Action) -> Result<(), String> {
+        self.check_lease()?;
         if let Action::Send {
             frame:
                 ServerFrame {
@@ -664,16 +699,22 @@ impl Driver {
             }
         }
         self.copies_in_flight += 1;
-        let (data, slots, done) = (
+        let (data, slots, done, lease) = (
             self.data.clone(),
             self.copy_slots.clone(),
             self.ctl_tx.clone(),
+            self.lease.clone(),
         );
         self.rt.spawn(async move {
             let result = match slots.acquire_owned().await {
                 Ok(permit) => {
                     let work = tokio::task::spawn_blocking(move || {
                         let _slot = permit;
+                        // A copy waiting for a slot must not write the store after the
+                        // lease ran out (the next server may own those chunks by then).
+                        if lease.expired() {
+                            return Err(LEASE_EXPIRED.to_owned());
+                        }
                         data.copy(from, to)
                     });
                     work.await
@@ -754,7 +795,18 @@ impl Driver {
     }
 
     fn fatal(mut self, reason: String) -> Exit {
-        tracing::error!(%reason, "FATAL: the server stops serving now; the store is left for recovery by the next server");
+        if reason == LEASE_EXPIRED {
+            tracing::error!(
+                volume = %self.volume,
+                connections = self.conns.len(),
+                copies_in_flight = self.copies_in_flight,
+                "SERVING LEASE EXPIRED: the agent did not renew it in time; the server stops \
+                 serving now (no grant, no reply from here on), closes every connection and \
+                 leaves the store for recovery by the next server"
+            );
+        } else {
+            tracing::error!(%reason, "FATAL: the server stops serving now; the store is left for recovery by the next server");
+        }
         let _ = self.fatal_tx.send(Some(reason.clone()));
         self.stop.cancel();
         self.conns.clear();
@@ -801,6 +853,10 @@ impl Driver {
         }
         if self.engine.has_failed() {
             return self.fatal("store failed during shutdown".to_owned());
+        }
+        if let Err(reason) = self.check_lease() {
+            // Closing writes the store (commit, checkpoint, clean mark): too late for that.
+            return self.fatal(reason);
         }
         let Driver { engine, stop, .. } = self;
         let mut store = engine.into_store();

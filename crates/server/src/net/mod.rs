@@ -15,12 +15,14 @@
 mod conn;
 mod driver;
 pub mod key;
+mod lease;
 
 use crate::engine::{Engine, EngineConfig, StoreFullPolicy};
 use crate::store::{self, BlockDevice, FileDevice, OpenOptions, Store};
 use csnap_proto::{ClientId, ServerStatus};
 pub use driver::DataPath;
 use driver::{Control, Driver, DriverParts, Exit, Input};
+use lease::{Extended, ServingLease};
 use std::fmt;
 use std::io;
 use std::net::{SocketAddr, ToSocketAddrs as _};
@@ -28,7 +30,7 @@ use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::{mpsc, oneshot, watch, Semaphore};
 use tokio::task::JoinHandle;
@@ -124,6 +126,11 @@ pub struct ServerConfig {
     pub hold_snapshots_until: u64,
     /// Name in every log line (defaults to the store path).
     pub volume: String,
+    /// Cluster mode: the end of the serving lease the agent granted at start. The server
+    /// serves only until then, unless [`RunningServer::extend_serving_lease`] moves it
+    /// later; once it has passed the server stops at once (`failed()` says "serving lease
+    /// expired"). `None` (the default, standalone mode): no lease, serve until shut down.
+    pub serving_lease_until: Option<Instant>,
 }
 
 impl ServerConfig {
@@ -156,6 +163,7 @@ impl ServerConfig {
             orphan_lock_grace_secs: engine.orphan_lock_grace_secs,
             origin_lease_secs: engine.origin_lease_secs,
             hold_snapshots_until: engine.hold_snapshots_until,
+            serving_lease_until: None,
         }
     }
 }
@@ -211,6 +219,13 @@ pub enum ServerError {
     Failed(String),
     #[error("closing the snapshot store failed: {0}")]
     Close(String),
+    /// The serving lease ran out: before the server could start serving, or before an
+    /// extension arrived (the server has then stopped, as `failed()` reports).
+    #[error("the serving lease has expired")]
+    LeaseExpired,
+    /// `extend_serving_lease` on a server started without a lease (standalone mode).
+    #[error("this server runs without a serving lease")]
+    NoLease,
 }
 
 enum Listener {
@@ -230,6 +245,7 @@ pub struct RunningServer {
     unix_path: Option<PathBuf>,
     generation: u64,
     was_unclean: bool,
+    lease: Arc<ServingLease>,
 }
 
 impl RunningServer {
@@ -246,6 +262,24 @@ impl RunningServer {
     /// True if the previous server did not shut down cleanly (its journal was replayed).
     pub fn recovered_unclean(&self) -> bool {
         self.was_unclean
+    }
+
+    /// Cluster mode: the agent renewed the serving lease; serve until `until` (never
+    /// shortens the lease). `Err(LeaseExpired)` when the lease had already run out: the
+    /// server has stopped serving (or is stopping this instant) and stays stopped; a new
+    /// server must be started (after the failover wait) instead. `Err(NoLease)` for a
+    /// server started without a lease.
+    pub fn extend_serving_lease(&self, until: Instant) -> Result<(), ServerError> {
+        match self.lease.extend_at(until, Instant::now()) {
+            Extended::Yes => Ok(()),
+            Extended::Expired => Err(ServerError::LeaseExpired),
+            Extended::NoLease => Err(ServerError::NoLease),
+        }
+    }
+
+    /// The end of the serving lease as it stands; `None` without a lease or once it ran out.
+    pub fn serving_lease_until(&self) -> Option<Instant> {
+        self.lease.until()
     }
 
     /// The agent knows `client` is gone for good: stop waiting for it at the activation
@@ -470,6 +504,11 @@ async fn bind(addr: &ListenAddr) -> Result<Listener, ServerError> {
 /// the server generation), builds the engine, listens and serves.
 pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
     let cluster_key = key::load_key_file(&config.key_file)?;
+    let lease = Arc::new(ServingLease::new(config.serving_lease_until));
+    if lease.expired() {
+        // Too late to serve at all: do not even touch the store.
+        return Err(ServerError::LeaseExpired);
+    }
     let listener = bind(&config.listen).await?;
     let (local_addr, unix_path) = match &listener {
         Listener::Tcp(l) => (
@@ -504,6 +543,17 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
         data,
         _lock: store_lock,
     } = opened;
+    if lease.expired() {
+        // The lease ran out while the store opened (journal replay): serve nothing, and
+        // leave the store as it is (no close, no commit) for the next server.
+        tracing::error!(
+            volume = %config.volume,
+            "SERVING LEASE EXPIRED while the store was opening: not serving"
+        );
+        drop(store);
+        cleanup_socket(&unix_path);
+        return Err(ServerError::LeaseExpired);
+    }
     let generation = store.superblock().server_generation;
     let was_unclean = store.was_unclean();
     let volume = config.volume.clone();
@@ -565,6 +615,7 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
         fatal_tx: fatal_tx.clone(),
         stop: stop.clone(),
         volume: volume.clone(),
+        lease: lease.clone(),
     });
     let thread_stop = stop.clone();
     let spawned = std::thread::Builder::new()
@@ -603,10 +654,13 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
     let acceptor = tokio::spawn(
         accept_loop(
             listener,
-            net_tx,
-            stop.clone(),
+            conn::ConnShared {
+                net_tx,
+                queue_frames: config.send_queue_frames,
+                server_stop: stop.clone(),
+                lease: lease.clone(),
+            },
             slots,
-            config.send_queue_frames,
         )
         .instrument(span),
     );
@@ -626,7 +680,16 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
             }
         }
     });
-    tracing::info!(%volume, listen = %local_addr, generation, "serving");
+    match config.serving_lease_until {
+        Some(until) => tracing::info!(
+            %volume,
+            listen = %local_addr,
+            generation,
+            lease_left_ms = until.saturating_duration_since(Instant::now()).as_millis() as u64,
+            "serving (under a serving lease)"
+        ),
+        None => tracing::info!(%volume, listen = %local_addr, generation, "serving"),
+    }
     Ok(RunningServer {
         local_addr,
         ctl_tx,
@@ -637,16 +700,12 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
         unix_path,
         generation,
         was_unclean,
+        lease,
     })
 }
 
-async fn accept_loop(
-    listener: Listener,
-    net_tx: mpsc::Sender<Input>,
-    stop: CancellationToken,
-    slots: Arc<Semaphore>,
-    queue_frames: usize,
-) {
+async fn accept_loop(listener: Listener, shared: conn::ConnShared, slots: Arc<Semaphore>) {
+    let stop = shared.server_stop.clone();
     static NEXT_CONN: AtomicU64 = AtomicU64::new(driver::INTERNAL_CONN + 1);
     loop {
         let accepted = tokio::select! {
@@ -660,9 +719,8 @@ async fn accept_loop(
                     continue;
                 };
                 let conn = NEXT_CONN.fetch_add(1, Ordering::Relaxed);
-                let (net_tx, stop) = (net_tx.clone(), stop.clone());
                 tokio::spawn(
-                    conn::serve_connection(stream, conn, peer, net_tx, queue_frames, permit, stop)
+                    conn::serve_connection(stream, conn, peer, shared.clone(), permit)
                         .in_current_span(),
                 );
             }
