@@ -1,12 +1,16 @@
 //! csnap agent: membership, server choice, failover, merge handling.
 //!
-//! For now: the cluster configuration from corosync.conf ([`config`]), standalone mode
-//! ([`standalone`]) with its control socket ([`control`]) and the csnapctl snapshot/status
-//! subcommands ([`ctl`]); the membership core of cluster mode ([`cluster`]), a sans-IO
-//! state machine not yet wired into the daemon.
+//! * [`daemon`]: cluster mode, every volume of corosync.conf's `csnap` section, driven by
+//!   the membership core [`cluster`] (a sans-IO state machine);
+//! * [`standalone`]: one machine, no cluster;
+//! * [`config`]: the `csnap` section of corosync.conf, read through cmap;
+//! * [`control`] and [`snapshot_ops`]: the control socket and what it serves;
+//!   [`ctl`]: the csnapctl subcommands.
 
 pub mod cluster;
 pub mod config;
 pub mod control;
 pub mod ctl;
+pub mod daemon;
+pub mod snapshot_ops;
 pub mod standalone;

@@ -1,8 +1,10 @@
-//! csnap-agent: the per-node daemon. Only standalone mode exists so far.
+//! csnap-agent: the per-node daemon. Cluster mode (no flags) runs every volume of
+//! corosync.conf's `csnap` section; `--standalone` runs one volume on one machine.
 
 use std::process::ExitCode;
 
 use clap::Parser;
+use csnap_agent::daemon::{self, DaemonOptions};
 use csnap_agent::standalone::{self, StandaloneArgs};
 
 #[derive(Parser, Debug)]
@@ -24,10 +26,6 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
-    if !cli.standalone {
-        eprintln!("csnap-agent: cluster mode not implemented yet (use --standalone)");
-        return ExitCode::from(2);
-    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -38,7 +36,15 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(standalone::run(cli.args)) {
+    let outcome = if cli.standalone {
+        runtime.block_on(standalone::run(cli.args))
+    } else {
+        runtime.block_on(daemon::run(DaemonOptions {
+            control_socket: cli.args.control_socket.clone(),
+            snapshots_read_only: cli.args.snapshots_read_only,
+        }))
+    };
+    match outcome {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("csnap-agent: {e:#}");

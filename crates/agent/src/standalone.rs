@@ -7,11 +7,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context as _};
-use csnap_blockdev::client::{ClientConfig, ClientError, Volume};
+use csnap_blockdev::client::{ClientConfig, Volume};
 use csnap_blockdev::export::CsnapExports;
 use csnap_blockdev::nbd::{self, Listener, NbdServer};
 use csnap_proto::control::{ControlRequest, ControlResponse, VolumeStatus, DEFAULT_CONTROL_SOCKET};
-use csnap_proto::{validate_snapshot_name, ErrorCode, SnapRef};
+use csnap_proto::validate_snapshot_name;
 use csnap_server::net::{self as server_net, RunningServer, ServerConfig};
 
 /// `csnap-agent --standalone` options.
@@ -29,9 +29,10 @@ pub struct StandaloneArgs {
     /// Where the NBD exports listen: HOST:PORT or unix:PATH.
     #[arg(long)]
     pub nbd_listen: Option<String>,
-    /// The control socket csnapctl talks to.
-    #[arg(long, default_value = DEFAULT_CONTROL_SOCKET)]
-    pub control_socket: PathBuf,
+    /// The control socket csnapctl talks to (default /run/csnap/csnap.sock; in cluster
+    /// mode, corosync.conf's `csnap.control_socket`).
+    #[arg(long)]
+    pub control_socket: Option<PathBuf>,
     /// The cluster key (mode 0600). Without it an ephemeral key is generated (fine when
     /// every client runs in this process).
     #[arg(long)]
@@ -83,13 +84,6 @@ struct Agent {
     server: String,
 }
 
-fn describe(e: &ClientError) -> String {
-    match e {
-        ClientError::Server { message, .. } => message.clone(),
-        other => other.to_string(),
-    }
-}
-
 impl Agent {
     async fn handle(&self, req: ControlRequest) -> ControlResponse {
         let volume = match &req {
@@ -110,62 +104,11 @@ impl Agent {
         }
         let v = self.volume_name.clone();
         let result = match req {
-            ControlRequest::SnapshotCreate { name, .. } => {
-                if let Err(why) = validate_snapshot_name(&name) {
-                    return ControlResponse::Error {
-                        message: format!("invalid snapshot name {name:?}: {why}"),
-                    };
-                }
-                self.volume
-                    .create_snapshot(&name)
-                    .await
-                    .map(|info| ControlResponse::SnapshotCreated {
-                        volume: v.clone(),
-                        info,
-                    })
-                    .map_err(|e| match &e {
-                        ClientError::Server {
-                            code: ErrorCode::NameTaken,
-                            ..
-                        } => format!(
-                            "duplicate name: volume {v:?} already has a snapshot named {name:?}"
-                        ),
-                        _ => format!(
-                            "cannot create snapshot {name:?} of volume {v:?}: {}",
-                            describe(&e)
-                        ),
-                    })
+            ControlRequest::SnapshotCreate { .. }
+            | ControlRequest::SnapshotList { .. }
+            | ControlRequest::SnapshotDelete { .. } => {
+                return crate::snapshot_ops::handle(&v, &self.volume, req).await;
             }
-            ControlRequest::SnapshotList { after, limit, .. } => self
-                .volume
-                .list_snapshots_page(after, limit)
-                .await
-                .map(|page| ControlResponse::SnapshotList {
-                    volume: v.clone(),
-                    snapshots: page.snapshots,
-                    more: page.more,
-                    usage_exact: page.usage_exact,
-                })
-                .map_err(|e| format!("cannot list snapshots of volume {v:?}: {}", describe(&e))),
-            ControlRequest::SnapshotDelete { name, .. } => self
-                .volume
-                .delete_snapshot(SnapRef::Name(name.clone()))
-                .await
-                .map(|id| ControlResponse::SnapshotDeleted {
-                    volume: v.clone(),
-                    name: name.clone(),
-                    id,
-                })
-                .map_err(|e| match &e {
-                    ClientError::Server {
-                        code: ErrorCode::NoSuchSnapshot,
-                        ..
-                    } => format!("no such snapshot: volume {v:?} has no snapshot named {name:?}"),
-                    _ => format!(
-                        "cannot delete snapshot {name:?} of volume {v:?}: {}",
-                        describe(&e)
-                    ),
-                }),
             ControlRequest::Status { .. } => match self.volume.status().await {
                 Ok(server_status) => {
                     let cache = self.volume.cache_stats();
@@ -182,12 +125,13 @@ impl Agent {
                             cache_hits: cache.hits,
                             cache_misses: cache.misses,
                             cached_chunks: cache.cached_chunks as u64,
+                            cluster: None,
                         }],
                     })
                 }
                 Err(e) => Err(format!(
                     "cannot get the status of volume {v:?}: {}",
-                    describe(&e)
+                    crate::snapshot_ops::describe(&e)
                 )),
             },
         };
@@ -211,6 +155,10 @@ fn to_client_addr(addr: &server_net::ListenAddr) -> nbd::ListenAddr {
 
 /// Runs standalone mode until SIGTERM/SIGINT (clean shutdown) or a server failure (error).
 pub async fn run(args: StandaloneArgs) -> anyhow::Result<()> {
+    let control_socket = args
+        .control_socket
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_CONTROL_SOCKET));
     let volume_name = required(&args.volume, "--volume NAME")?;
     if let Err(why) = validate_snapshot_name(&volume_name) {
         bail!("invalid volume name {volume_name:?}: {why}");
@@ -236,8 +184,7 @@ pub async fn run(args: StandaloneArgs) -> anyhow::Result<()> {
         }
         (None, None) => {
             // Beside the control socket (a runtime directory), private to this process.
-            let runtime_dir = args
-                .control_socket
+            let runtime_dir = control_socket
                 .parent()
                 .filter(|d| !d.as_os_str().is_empty())
                 .map(|d| d.to_path_buf())
@@ -287,8 +234,7 @@ pub async fn run(args: StandaloneArgs) -> anyhow::Result<()> {
                     .parse::<server_net::ListenAddr>()
                     .map_err(|e| anyhow::anyhow!("--server-listen: {e}"))?,
                 None => {
-                    let dir = args
-                        .control_socket
+                    let dir = control_socket
                         .parent()
                         .map(|d| d.to_path_buf())
                         .unwrap_or_else(|| PathBuf::from("."));
@@ -350,7 +296,7 @@ pub async fn run(args: StandaloneArgs) -> anyhow::Result<()> {
         nbd_task = Some(tokio::spawn(nbd_server.clone().serve(listener)));
     }
 
-    let control = crate::control::bind(&args.control_socket)?;
+    let control = crate::control::bind(&control_socket)?;
     let agent = Arc::new(Agent {
         volume_name: volume_name.clone(),
         volume: volume.clone(),
@@ -370,7 +316,7 @@ pub async fn run(args: StandaloneArgs) -> anyhow::Result<()> {
     });
     let control_task = tokio::spawn(crate::control::serve(control, handler));
     tracing::info!(volume = %volume_name, nbd = %nbd_desc, server = %server_desc,
-        control = %args.control_socket.display(), client = format_args!("{instance:#x}"), "csnap-agent ready");
+        control = %control_socket.display(), client = format_args!("{instance:#x}"), "csnap-agent ready");
 
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .context("cannot install the SIGTERM handler")?;
@@ -387,7 +333,7 @@ pub async fn run(args: StandaloneArgs) -> anyhow::Result<()> {
     };
     tracing::info!(volume = %volume_name, "csnap-agent stopping");
     control_task.abort();
-    let _ = std::fs::remove_file(&args.control_socket);
+    let _ = std::fs::remove_file(&control_socket);
     if !nbd_server.shutdown(Duration::from_secs(10)).await {
         tracing::warn!("NBD connections still open after 10 s; closing anyway");
     }

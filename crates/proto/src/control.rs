@@ -51,6 +51,49 @@ pub struct VolumeStatus {
     pub cache_hits: u64,
     pub cache_misses: u64,
     pub cached_chunks: u64,
+    /// Cluster mode: what this node's agent knows of the volume's group.
+    #[serde(default)]
+    pub cluster: Option<ClusterStatus>,
+}
+
+/// One volume's membership as one node's agent sees it (`csnapctl status`), like
+/// `dlm_tool status` shows a lockspace.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterStatus {
+    /// This node's corosync node id.
+    pub node: u32,
+    /// This agent's group member (`node/pid`).
+    pub member: String,
+    /// This node's role for the volume: Idle, Starting, Serving, Stopping.
+    pub role: String,
+    /// The volume generation this node knows (one more per server activation).
+    pub generation: u64,
+    pub ring: Option<String>,
+    pub members: Vec<String>,
+    pub quorate: bool,
+    /// The node running the volume's server, and where clients reach it.
+    pub server_node: Option<u32>,
+    pub server_address: Option<String>,
+    /// What the agent waits on before the volume is served (or `Serving`).
+    pub gate: String,
+    /// Nodes found stale after a merge (fenced or reset before they serve again).
+    pub stale: Vec<u32>,
+    /// Nodes whose server departed and is not known to be stopped yet.
+    pub departed_servers: Vec<u32>,
+    pub fencing: Vec<FenceJob>,
+    /// How long this node's serving lease still runs (0 unless it serves).
+    pub lease_left_ms: u64,
+    /// The last failover this node activated: (generation, ms from chosen to activated).
+    pub last_failover: Option<(u64, u64)>,
+    /// The local server, when this node runs one.
+    pub local_server: Option<String>,
+}
+
+/// A fencing operation in progress.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FenceJob {
+    pub node: u32,
+    pub method: String,
 }
 
 /// agent -> csnapctl.

@@ -283,7 +283,7 @@ pub enum ServerMsg {
 }
 
 /// What `Status` reports.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ServerStatus {
     /// False while the activation gate still waits for snapshot clients.
     pub active: bool,

@@ -119,6 +119,20 @@ impl Volume {
         }))
     }
 
+    /// The identities of this client's snapshot connections (one per snapshot it has
+    /// used): what a new server must wait for after a failover, since each may hold read
+    /// locks on the old one (cluster mode gathers them from every node).
+    pub fn snapshot_clients(&self) -> Vec<ClientId> {
+        let snapshots = match self.snapshots.lock() {
+            Ok(s) => s,
+            Err(p) => p.into_inner(),
+        };
+        snapshots
+            .keys()
+            .map(|snap| client_id_for(self.cfg.instance, ClientKind::Snapshot { snap: *snap }))
+            .collect()
+    }
+
     /// Size of the origin (and of every snapshot) in bytes.
     pub fn size(&self) -> u64 {
         self.size

@@ -302,7 +302,7 @@ pub(crate) struct Driver {
 /// The engine's clock: Unix seconds, but advancing monotonically from the first reading
 /// (leases and grace times must not jump with the wall clock; snapshot ctimes may drift
 /// from it by the clock's corrections since start, which is harmless).
-fn unix_now() -> u64 {
+pub fn unix_now() -> u64 {
     static START: std::sync::OnceLock<(u64, std::time::Instant)> = std::sync::OnceLock::new();
     let (wall, mono) = START.get_or_init(|| {
         let wall = SystemTime::now()

@@ -20,7 +20,7 @@ mod lease;
 use crate::engine::{Engine, EngineConfig, StoreFullPolicy};
 use crate::store::{self, BlockDevice, FileDevice, OpenOptions, Store};
 use csnap_proto::{ClientId, ServerStatus};
-pub use driver::DataPath;
+pub use driver::{unix_now as clock_now_secs, DataPath};
 use driver::{Control, Driver, DriverParts, Exit, Input};
 use lease::{Extended, ServingLease};
 use std::fmt;

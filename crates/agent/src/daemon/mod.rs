@@ -1,0 +1,450 @@
+//! Cluster mode (`csnap-agent` without `--standalone`): every volume of corosync.conf's
+//! `csnap` section, each in its own CPG group `csnap:VOLUME`, driven by the membership core
+//! ([`crate::cluster`]) through the per-volume shell ([`volume`]); this node's client and
+//! NBD exports follow the volume's server wherever it runs ([`client`]); fencing runs the
+//! configured method ([`fencing`]). Reloads of corosync.conf start and stop volumes and
+//! pass priority and fencing changes on.
+
+pub mod client;
+pub mod fencing;
+pub mod volume;
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::Context as _;
+use cpg_glue::corosync::{Cmap, CorosyncGroup, CorosyncQuorum};
+use cpg_glue::NodeId;
+use csnap_blockdev::client::Volume;
+use csnap_blockdev::nbd;
+use csnap_proto::control::{ControlRequest, ControlResponse, VolumeStatus};
+use csnap_server::net::{self as server_net};
+use futures::StreamExt as _;
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::cluster::MembershipConfig;
+use crate::config::{ConfigWatch, CsnapConfig, NbdListen, VolumeConfig};
+use client::{run_client_side, ClientSideConfig};
+use fencing::{ClusterFencer, Fencer};
+use volume::{run_volume, ServerLocation, VolumeRequest, VolumeShellConfig};
+
+/// Options of cluster mode (the rest comes from corosync.conf).
+#[derive(Debug, Clone, Default)]
+pub struct DaemonOptions {
+    /// Overrides `csnap.control_socket` (several agents on one machine, in tests).
+    pub control_socket: Option<PathBuf>,
+    pub snapshots_read_only: bool,
+}
+
+/// Removes a unix socket file nobody listens on any more (left by a killed process).
+pub(crate) fn remove_stale_socket(path: &Path) {
+    if path.exists() && std::os::unix::net::UnixStream::connect(path).is_err() {
+        let _ = std::fs::remove_file(path);
+    }
+}
+
+/// One volume this agent runs.
+struct RunningVolume {
+    config: VolumeConfig,
+    stop: CancellationToken,
+    requests: mpsc::UnboundedSender<VolumeRequest>,
+    client: watch::Receiver<Option<Arc<Volume>>>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+/// Where this node's server for `volume` listens, and the address other nodes dial.
+fn server_addresses(
+    config: &CsnapConfig,
+    node: NodeId,
+    volume: &VolumeConfig,
+) -> (server_net::ListenAddr, String) {
+    let ring0 = config.nodes.get(&node).and_then(|n| n.ring0_addr.clone());
+    match ring0.as_deref().map(str::parse::<IpAddr>) {
+        Some(Ok(ip)) => {
+            let addr = SocketAddr::new(ip, volume.server_port);
+            (server_net::ListenAddr::Tcp(addr), addr.to_string())
+        }
+        // A host name (or no nodelist entry): listen everywhere, advertise the name.
+        _ => (
+            server_net::ListenAddr::Tcp(SocketAddr::new(
+                IpAddr::from([0, 0, 0, 0]),
+                volume.server_port,
+            )),
+            format!(
+                "{}:{}",
+                ring0.unwrap_or_else(|| "localhost".into()),
+                volume.server_port
+            ),
+        ),
+    }
+}
+
+fn nbd_addr(listen: &NbdListen) -> nbd::ListenAddr {
+    match listen {
+        NbdListen::Unix(p) => nbd::ListenAddr::Unix(p.clone()),
+        NbdListen::Tcp(a) => nbd::ListenAddr::Tcp(a.to_string()),
+    }
+}
+
+struct Node {
+    id: NodeId,
+    key: Vec<u8>,
+    key_file: PathBuf,
+    options: DaemonOptions,
+    fencer: Arc<dyn Fencer>,
+}
+
+impl Node {
+    fn start_volume(&self, config: &CsnapConfig, volume: &VolumeConfig) -> RunningVolume {
+        let (listen, advertise) = server_addresses(config, self.id, volume);
+        let shell = VolumeShellConfig {
+            volume: volume.name.clone(),
+            origin: volume.origin.clone(),
+            store: volume.store.clone(),
+            key_file: self.key_file.clone(),
+            node: self.id,
+            server_listen: listen,
+            membership: MembershipConfig::from_csnap(config, advertise),
+            direct_io: true,
+        };
+        let stop = CancellationToken::new();
+        let (req_tx, mut req_rx) = mpsc::unbounded_channel();
+        let (loc_tx, loc_rx) = watch::channel::<Option<ServerLocation>>(None);
+        let (vol_tx, vol_rx) = watch::channel(None);
+        let fencer = self.fencer.clone();
+        let group_name = format!("csnap:{}", volume.name);
+        let membership = {
+            let stop = stop.clone();
+            tokio::spawn(async move {
+                // A lost corosync connection ends one machine; the next joins afresh.
+                while !stop.is_cancelled() {
+                    let joined = async {
+                        let group = CorosyncGroup::join(&group_name).await?;
+                        let quorum = CorosyncQuorum::connect()?;
+                        Ok::<_, cpg_glue::GroupError>((group, quorum))
+                    };
+                    let ended = match joined.await {
+                        Ok((group, quorum)) => run_volume(
+                            shell.clone(),
+                            group,
+                            quorum,
+                            fencer.clone(),
+                            &mut req_rx,
+                            &loc_tx,
+                            stop.clone(),
+                        )
+                        .await
+                        .map_err(|e| format!("{e:#}")),
+                        Err(e) => Err(format!("cannot join group {group_name}: {e}")),
+                    };
+                    match ended {
+                        Ok(()) => return,
+                        Err(e) => {
+                            tracing::error!(volume = %shell.volume, error = %e, "the volume's membership ended; rejoining in 2 s");
+                            tokio::select! {
+                                _ = stop.cancelled() => return,
+                                _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+                            }
+                        }
+                    }
+                }
+            })
+        };
+        let client_cfg = ClientSideConfig {
+            volume: volume.name.clone(),
+            origin: volume.origin.clone(),
+            store: volume.store.clone(),
+            key: self.key.clone(),
+            node: self.id.0,
+            instance: rand::random(),
+            direct_io: true,
+            nbd_listen: Some(nbd_addr(&volume.nbd_listen)),
+            snapshots_read_only: self.options.snapshots_read_only,
+        };
+        let client = {
+            let (stop, req_tx) = (stop.clone(), req_tx.clone());
+            tokio::spawn(async move {
+                if let Err(e) = run_client_side(client_cfg, loc_rx, req_tx, vol_tx, stop).await {
+                    tracing::error!(error = %e, "the volume's client side ended");
+                }
+            })
+        };
+        tracing::info!(volume = %volume.name, "volume started");
+        RunningVolume {
+            config: volume.clone(),
+            stop,
+            requests: req_tx,
+            client: vol_rx,
+            tasks: vec![membership, client],
+        }
+    }
+}
+
+async fn stop_volume(name: &str, v: RunningVolume) {
+    v.stop.cancel();
+    for task in v.tasks {
+        if tokio::time::timeout(Duration::from_secs(60), task)
+            .await
+            .is_err()
+        {
+            tracing::error!(volume = %name, "the volume did not stop within 60 s");
+        }
+    }
+    tracing::info!(volume = %name, "volume stopped");
+}
+
+type Volumes = Arc<Mutex<BTreeMap<String, (VolumeConfig, RunningHandles)>>>;
+
+/// What the control socket needs of a running volume.
+#[derive(Clone)]
+struct RunningHandles {
+    requests: mpsc::UnboundedSender<VolumeRequest>,
+    client: watch::Receiver<Option<Arc<Volume>>>,
+}
+
+async fn volume_status(
+    node: NodeId,
+    config: &VolumeConfig,
+    handles: &RunningHandles,
+) -> Result<VolumeStatus, String> {
+    let name = &config.name;
+    let (tx, rx) = oneshot::channel();
+    handles
+        .requests
+        .send(VolumeRequest::Status(tx))
+        .map_err(|_| format!("volume {name:?} is stopping"))?;
+    let (cluster, local) = tokio::time::timeout(Duration::from_secs(10), rx)
+        .await
+        .map_err(|_| format!("volume {name:?}: no status within 10 s"))?
+        .map_err(|_| format!("volume {name:?} is stopping"))?;
+    let client = handles.client.borrow().clone();
+    let (server_status, sessions, cache) = match &client {
+        Some(v) => {
+            let remote = tokio::time::timeout(Duration::from_secs(5), v.status())
+                .await
+                .ok()
+                .and_then(Result::ok);
+            (remote.or(local), v.origin_sessions(), Some(v.cache_stats()))
+        }
+        None => (local, 0, None),
+    };
+    Ok(VolumeStatus {
+        volume: name.clone(),
+        mode: format!("cluster (node {node})"),
+        origin: config.origin.display().to_string(),
+        store: config.store.display().to_string(),
+        nbd_listen: match &config.nbd_listen {
+            NbdListen::Unix(p) => format!("unix:{}", p.display()),
+            NbdListen::Tcp(a) => a.to_string(),
+        },
+        server: cluster
+            .server_address
+            .clone()
+            .unwrap_or_else(|| format!("none yet (waiting: {})", cluster.gate)),
+        server_status: server_status.unwrap_or_default(),
+        origin_sessions: sessions,
+        cache_hits: cache.as_ref().map_or(0, |c| c.hits),
+        cache_misses: cache.as_ref().map_or(0, |c| c.misses),
+        cached_chunks: cache.as_ref().map_or(0, |c| c.cached_chunks as u64),
+        cluster: Some(cluster),
+    })
+}
+
+async fn handle_control(node: NodeId, volumes: Volumes, req: ControlRequest) -> ControlResponse {
+    let wanted = match &req {
+        ControlRequest::SnapshotCreate { volume, .. }
+        | ControlRequest::SnapshotList { volume, .. }
+        | ControlRequest::SnapshotDelete { volume, .. } => Some(volume.clone()),
+        ControlRequest::Status { volume } => volume.clone(),
+    };
+    let selected: Vec<(VolumeConfig, RunningHandles)> = {
+        let map = match volumes.lock() {
+            Ok(m) => m,
+            Err(p) => p.into_inner(),
+        };
+        match &wanted {
+            Some(name) => match map.get(name) {
+                Some(v) => vec![v.clone()],
+                None => {
+                    return ControlResponse::Error {
+                        message: format!(
+                            "no such volume {name:?} (this agent runs {})",
+                            map.keys().cloned().collect::<Vec<_>>().join(", ")
+                        ),
+                    }
+                }
+            },
+            None => map.values().cloned().collect(),
+        }
+    };
+    match req {
+        ControlRequest::Status { .. } => {
+            let mut out = Vec::new();
+            for (config, handles) in &selected {
+                match volume_status(node, config, handles).await {
+                    Ok(s) => out.push(s),
+                    Err(message) => return ControlResponse::Error { message },
+                }
+            }
+            ControlResponse::Status { volumes: out }
+        }
+        req => {
+            let Some((config, handles)) = selected.into_iter().next() else {
+                return ControlResponse::Error {
+                    message: "no volume".into(),
+                };
+            };
+            let client = handles.client.borrow().clone();
+            match client {
+                Some(v) => crate::snapshot_ops::handle(&config.name, &v, req).await,
+                None => ControlResponse::Error {
+                    message: format!(
+                        "volume {:?} has no server yet (see csnapctl status)",
+                        config.name
+                    ),
+                },
+            }
+        }
+    }
+}
+
+/// Runs cluster mode until SIGTERM/SIGINT.
+pub async fn run(options: DaemonOptions) -> anyhow::Result<()> {
+    let cmap =
+        Cmap::connect().context("cannot connect to corosync's cmap (is corosync running?)")?;
+    let (initial, mut config_watch) =
+        ConfigWatch::start(cmap).context("cannot watch corosync.conf through cmap")?;
+    let parsed = initial.context("corosync.conf's csnap section")?;
+    for w in &parsed.warnings {
+        tracing::warn!(key = %w.key, "corosync.conf: {}", w.detail);
+    }
+    let mut config = parsed.config;
+    let id =
+        cpg_glue::corosync::local_node_id().context("cannot ask corosync for the local node id")?;
+    let key = server_net::key::load_key_file(&config.key_file)?;
+    let node = Node {
+        id,
+        key,
+        key_file: config.key_file.clone(),
+        options: options.clone(),
+        fencer: Arc::new(ClusterFencer {
+            names: config
+                .nodes
+                .iter()
+                .filter_map(|(id, n)| {
+                    n.name
+                        .clone()
+                        .or_else(|| n.ring0_addr.clone())
+                        .map(|name| (*id, name))
+                })
+                .collect(),
+            stonith_admin: PathBuf::from("stonith_admin"),
+        }),
+    };
+
+    let mut running: BTreeMap<String, RunningVolume> = BTreeMap::new();
+    let volumes: Volumes = Arc::default();
+    let sync_handles = |running: &BTreeMap<String, RunningVolume>, volumes: &Volumes| {
+        let mut map = match volumes.lock() {
+            Ok(m) => m,
+            Err(p) => p.into_inner(),
+        };
+        map.clear();
+        for (name, v) in running {
+            map.insert(
+                name.clone(),
+                (
+                    v.config.clone(),
+                    RunningHandles {
+                        requests: v.requests.clone(),
+                        client: v.client.clone(),
+                    },
+                ),
+            );
+        }
+    };
+    for v in config.volumes.values() {
+        running.insert(v.name.clone(), node.start_volume(&config, v));
+    }
+    sync_handles(&running, &volumes);
+
+    let control_path = options
+        .control_socket
+        .clone()
+        .unwrap_or_else(|| config.control_socket.clone());
+    if let Some(dir) = control_path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    }
+    let control = crate::control::bind(&control_path)?;
+    let handler = {
+        let volumes = volumes.clone();
+        Arc::new(move |req: ControlRequest| handle_control(id, volumes.clone(), req))
+    };
+    let control_task = tokio::spawn(crate::control::serve(control, handler));
+    tracing::info!(node = id.0, volumes = ?running.keys().collect::<Vec<_>>(),
+        control = %control_path.display(), "csnap-agent ready (cluster mode)");
+
+    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("cannot install the SIGTERM handler")?;
+    let mut watching = true;
+    loop {
+        tokio::select! {
+            _ = sigterm.recv() => break,
+            _ = tokio::signal::ctrl_c() => break,
+            change = config_watch.next(), if watching => match change {
+                None => {
+                    tracing::warn!("the cmap watch ended; configuration reloads are no longer followed");
+                    watching = false;
+                }
+                Some(Err(e)) => tracing::error!(error = %e, "corosync.conf reload: the csnap section is invalid; keeping the running configuration"),
+                Some(Ok(parsed)) => {
+                    for w in &parsed.warnings {
+                        tracing::warn!(key = %w.key, "corosync.conf: {}", w.detail);
+                    }
+                    let new = parsed.config;
+                    let removed: Vec<String> = running
+                        .keys()
+                        .filter(|name| new.volumes.get(*name) != running.get(*name).map(|v| &v.config))
+                        .cloned()
+                        .collect();
+                    for name in removed {
+                        if let Some(v) = running.remove(&name) {
+                            tracing::info!(volume = %name, "volume removed or changed in corosync.conf: stopping it");
+                            stop_volume(&name, v).await;
+                        }
+                    }
+                    for v in new.volumes.values() {
+                        if !running.contains_key(&v.name) {
+                            tracing::info!(volume = %v.name, "volume added or changed in corosync.conf: starting it");
+                            running.insert(v.name.clone(), node.start_volume(&new, v));
+                        }
+                    }
+                    let priorities: BTreeMap<NodeId, i32> =
+                        new.nodes.iter().map(|(id, n)| (*id, n.priority)).collect();
+                    for v in running.values() {
+                        let _ = v.requests.send(VolumeRequest::Config {
+                            priorities: priorities.clone(),
+                            fencing: new.fencing.clone(),
+                        });
+                    }
+                    config = new;
+                    sync_handles(&running, &volumes);
+                }
+            },
+        }
+    }
+    tracing::info!("csnap-agent stopping");
+    control_task.abort();
+    let _ = std::fs::remove_file(&control_path);
+    let stops = running
+        .into_iter()
+        .map(|(name, v)| async move { stop_volume(&name, v).await });
+    futures::future::join_all(stops).await;
+    let _ = config;
+    Ok(())
+}

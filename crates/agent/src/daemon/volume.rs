@@ -1,0 +1,601 @@
+//! The I/O shell of one volume in cluster mode: feeds the volume's CPG group, quorum,
+//! clock, server and fencing results into its [`VolumeMembership`] and carries out what
+//! the machine asks (see the I/O contract in [`crate::cluster`]). Generic over the group
+//! and quorum implementations, so the same shell runs over real corosync and over
+//! cpg-glue's in-memory cluster in tests.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use cpg_glue::{Group, GroupEvent, GroupSender as _, NodeId, Quorum};
+use csnap_blockdev::nbd;
+use csnap_proto::control::{ClusterStatus, FenceJob};
+use csnap_proto::{ClientId, ServerStatus};
+use csnap_server::net::{self as server_net, RunningServer, ServerConfig};
+use futures::StreamExt as _;
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio_util::sync::CancellationToken;
+
+use super::fencing::Fencer;
+use crate::cluster::{Input, LogEvent, MembershipConfig, Output, StopReason, VolumeMembership};
+use crate::config::Fencing;
+
+/// What one volume's shell needs besides its group and quorum.
+#[derive(Debug, Clone)]
+pub struct VolumeShellConfig {
+    pub volume: String,
+    pub origin: PathBuf,
+    pub store: PathBuf,
+    pub key_file: PathBuf,
+    /// This node.
+    pub node: NodeId,
+    /// Where this node's server for the volume listens when it is chosen.
+    pub server_listen: server_net::ListenAddr,
+    /// The machine's configuration (its `server_address` is what clients dial).
+    pub membership: MembershipConfig,
+    /// Open the shared devices O_DIRECT (always, in a real cluster: other hosts do not
+    /// see this host's page cache).
+    pub direct_io: bool,
+}
+
+/// Asked of a running volume shell (by the control socket).
+#[derive(Debug)]
+pub enum VolumeRequest {
+    /// The membership state and, when this node runs it, the server's own status.
+    Status(oneshot::Sender<(ClusterStatus, Option<ServerStatus>)>),
+    /// The snapshot clients attached on this node changed (complete list).
+    Clients(Vec<ClientId>),
+    /// A configuration reload changed priorities or the fencing method.
+    Config {
+        priorities: BTreeMap<NodeId, i32>,
+        fencing: Fencing,
+    },
+}
+
+/// What the shell publishes for the node's client side: where the volume's server is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerLocation {
+    pub node: NodeId,
+    /// As announced by that node (`HOST:PORT` or `unix:PATH`).
+    pub address: String,
+    /// Bumped when this node was reset (`Output::DropClients`): the client side then
+    /// reconnects everything, even to the same address, so the real server learns its
+    /// locks afresh.
+    pub resets: u64,
+}
+
+/// The local server's life, reported back into the loop.
+enum ServerEvent {
+    Started(Result<RunningServer, String>),
+    Stopped(Result<(), String>),
+    /// It stopped serving on its own (and was shut down after).
+    Failed(String),
+}
+
+/// Runs the volume until `stop` is cancelled (then stops the local server, leaves the
+/// group and returns `Ok`) or the group connection is lost (returns the error after
+/// stopping the server: the caller may rejoin with a new machine).
+pub async fn run_volume<G: Group, Q: Quorum>(
+    cfg: VolumeShellConfig,
+    mut group: G,
+    mut quorum: Q,
+    fencer: Arc<dyn Fencer>,
+    requests: &mut mpsc::UnboundedReceiver<VolumeRequest>,
+    location: &watch::Sender<Option<ServerLocation>>,
+    stop: CancellationToken,
+) -> anyhow::Result<()> {
+    let epoch = Instant::now();
+    let now_ms = move || u64::try_from(epoch.elapsed().as_millis()).unwrap_or(u64::MAX);
+    let local = group.local();
+    let mut machine = VolumeMembership::new(cfg.membership.clone(), local);
+    let span = tracing::info_span!("volume", volume = %cfg.volume, node = cfg.node.0);
+    let _enter = span.enter();
+    tracing::info!(member = %local, group = group.name(), "joined the volume's group");
+
+    // Multicasts go out one at a time, in order, beside the loop (flow control can make a
+    // send wait). A send lost to a view change needs no retry: the machine resends.
+    let (mcast_tx, mut mcast_rx) = mpsc::unbounded_channel::<Vec<u8>>();
+    let sender = group.sender();
+    let mcast_task = tokio::spawn(async move {
+        while let Some(bytes) = mcast_rx.recv().await {
+            if let Err(e) = sender.mcast(bytes).await {
+                tracing::debug!(error = %e, "multicast not sent (the machine resends after the view change)");
+            }
+        }
+    });
+
+    let (server_tx, mut server_rx) = mpsc::unbounded_channel::<ServerEvent>();
+    let (fence_tx, mut fence_rx) = mpsc::unbounded_channel::<(NodeId, Result<(), String>)>();
+    let mut server = LocalServer::new(cfg.clone(), epoch, server_tx);
+    let mut group_error: Option<String> = None;
+    let mut quorum_open = true;
+    let mut resets = 0u64;
+
+    loop {
+        machine.handle(Input::Tick { now_ms: now_ms() });
+        while let Some(output) = machine.poll_output() {
+            match output {
+                Output::Mcast(bytes) => {
+                    let _ = mcast_tx.send(bytes);
+                }
+                Output::StartServer { generation } => server.start(generation, &mut machine),
+                Output::ActivateServer {
+                    generation,
+                    clients,
+                    hold_snapshots_ms,
+                } => server.activate(generation, clients, hold_snapshots_ms),
+                Output::ExtendLease { until_ms } => server.extend_lease(until_ms),
+                Output::StopServer { reason } => server.stop(reason, &mut machine),
+                Output::DeclareGone { client } => server.declare_gone(client),
+                Output::DropClients => {
+                    tracing::warn!(
+                        event = "node_reset",
+                        "this node was stale: its clients reconnect to the volume's real server"
+                    );
+                    resets += 1;
+                    location.send_modify(|l| {
+                        if let Some(l) = l {
+                            l.resets = resets;
+                        }
+                    });
+                }
+                Output::Fence {
+                    node,
+                    method,
+                    attempt,
+                } => {
+                    tracing::warn!(
+                        event = "fence_requested",
+                        target_node = node.0,
+                        ?method,
+                        attempt,
+                        "fencing node {node}"
+                    );
+                    let (fencer, tx) = (fencer.clone(), fence_tx.clone());
+                    let reason = format!("csnap volume {}: stale state after a merge", cfg.volume);
+                    tokio::spawn(async move {
+                        let result = fencer.fence(node, &method, &reason).await;
+                        let _ = tx.send((node, result));
+                    });
+                }
+                Output::Log(event) => log_event(&event),
+            }
+        }
+        publish_location(&machine, location, resets);
+        if group_error.is_some() && !server.busy() {
+            break;
+        }
+
+        let deadline = machine
+            .poll_timeout()
+            .map(|at| epoch + Duration::from_millis(at))
+            .unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
+        tokio::select! {
+            _ = stop.cancelled() => break,
+            event = group.next(), if group_error.is_none() => match event {
+                Some(Ok(event)) => {
+                    if let GroupEvent::ConfChg(c) = &event {
+                        tracing::info!(members = ?c.members.iter().map(|m| m.to_string()).collect::<Vec<_>>(), "group membership changed");
+                    }
+                    machine.handle(Input::Group(event));
+                }
+                Some(Err(e)) => {
+                    group_error = Some(e.to_string());
+                    machine.handle(Input::GroupLost { detail: e.to_string() });
+                }
+                None => {
+                    group_error = Some("the group stream ended".into());
+                    machine.handle(Input::GroupLost { detail: "the group stream ended".into() });
+                }
+            },
+            event = quorum.next(), if quorum_open => match event {
+                Some(Ok(q)) => machine.handle(Input::Quorum(q)),
+                Some(Err(e)) => {
+                    quorum_open = false;
+                    group_error = Some(format!("quorum connection lost: {e}"));
+                    machine.handle(Input::GroupLost { detail: format!("quorum connection lost: {e}") });
+                }
+                None => {
+                    quorum_open = false;
+                    group_error = Some("the quorum stream ended".into());
+                    machine.handle(Input::GroupLost { detail: "the quorum stream ended".into() });
+                }
+            },
+            _ = tokio::time::sleep_until(deadline.into()) => {}
+            Some(event) = server_rx.recv() => server.on_event(event, &mut machine),
+            reason = server.failed() => server.on_failed(reason),
+            Some((node, result)) = fence_rx.recv() => {
+                let (ok, detail) = match result {
+                    Ok(()) => (true, "confirmed".to_owned()),
+                    Err(e) => (false, e),
+                };
+                if ok {
+                    tracing::warn!(event = "fence_done", target_node = node.0, "node {node} fenced");
+                } else {
+                    tracing::error!(event = "fence_failed", target_node = node.0, error = %detail, "fencing node {node} failed");
+                }
+                machine.handle(Input::FenceResult { node, ok, detail });
+            }
+            Some(request) = requests.recv() => match request {
+                VolumeRequest::Status(reply) => {
+                    let local_status = server.status().await;
+                    let _ = reply.send((cluster_status(&cfg, &machine, &server), local_status));
+                }
+                VolumeRequest::Clients(clients) => machine.handle(Input::Clients(clients)),
+                VolumeRequest::Config { priorities, fencing } => {
+                    machine.handle(Input::Config { priorities, fencing });
+                }
+            },
+        }
+    }
+
+    // Leaving: the server stops first (nothing may serve without the group behind it).
+    server.stop_now(&mut server_rx).await;
+    location.send_replace(None);
+    mcast_task.abort();
+    match group_error {
+        Some(e) => Err(anyhow::anyhow!("volume {}: {e}", cfg.volume)),
+        None => {
+            if let Err(e) = group.leave().await {
+                tracing::warn!(error = %e, "leaving the group failed");
+            }
+            Ok(())
+        }
+    }
+}
+
+fn log_event(event: &LogEvent) {
+    if event.warn {
+        tracing::warn!(event = event.name, "{}", event.detail);
+    } else {
+        tracing::info!(event = event.name, "{}", event.detail);
+    }
+}
+
+fn publish_location(
+    machine: &VolumeMembership,
+    location: &watch::Sender<Option<ServerLocation>>,
+    resets: u64,
+) {
+    let status = machine.status();
+    let now = status
+        .server
+        .filter(|_| status.quorate)
+        .map(|(node, address)| ServerLocation {
+            node,
+            address,
+            resets,
+        });
+    location.send_if_modified(|current| {
+        // A lost quorum does not move the clients away from a server they use: they keep
+        // asking it (it stops by itself) until a new one is known.
+        if now.is_some() && *current != now {
+            *current = now;
+            true
+        } else {
+            false
+        }
+    });
+}
+
+fn cluster_status(
+    cfg: &VolumeShellConfig,
+    machine: &VolumeMembership,
+    server: &LocalServer,
+) -> ClusterStatus {
+    let s = machine.status();
+    ClusterStatus {
+        node: cfg.node.0,
+        member: s.local.to_string(),
+        role: format!("{:?}", s.role),
+        generation: s.lineage.generation,
+        ring: s.ring.map(|r| r.to_string()),
+        members: s.members.iter().map(|m| m.to_string()).collect(),
+        quorate: s.quorate,
+        server_node: s.server.as_ref().map(|(n, _)| n.0),
+        server_address: s.server.map(|(_, a)| a),
+        gate: format!("{:?}", s.gate),
+        stale: s.stale.iter().map(|n| n.0).collect(),
+        departed_servers: s.unsettled.iter().map(|n| n.0).collect(),
+        fencing: s
+            .fencing
+            .iter()
+            .map(|n| FenceJob {
+                node: n.0,
+                method: format!("{:?}", cfg.membership.fencing),
+            })
+            .collect(),
+        lease_left_ms: s.lease_left_ms,
+        last_failover: s.last_failover,
+        local_server: server.describe(),
+    }
+}
+
+/// The volume's metadata server in this process, when this node runs it.
+///
+/// `StartServer` is answered at once: the server opens the store (and replays its journal)
+/// when `ActivateServer` brings the gathered clients, which the engine needs at start.
+struct LocalServer {
+    cfg: VolumeShellConfig,
+    epoch: Instant,
+    events: mpsc::UnboundedSender<ServerEvent>,
+    state: ServerState,
+    /// The serving lease the machine gave (monotonic ms since `epoch`).
+    lease_until_ms: u64,
+}
+
+enum ServerState {
+    Idle,
+    /// Told to start; waiting for the activation.
+    Ready {
+        generation: u64,
+    },
+    /// Opening the store; `stop` set if a stop came meanwhile.
+    Opening {
+        generation: u64,
+        stop: bool,
+    },
+    Running {
+        generation: u64,
+        server: Box<RunningServer>,
+    },
+    /// Shutting down; `ServerStopped` goes to the machine when done.
+    Stopping,
+}
+
+impl LocalServer {
+    fn new(
+        cfg: VolumeShellConfig,
+        epoch: Instant,
+        events: mpsc::UnboundedSender<ServerEvent>,
+    ) -> LocalServer {
+        LocalServer {
+            cfg,
+            epoch,
+            events,
+            state: ServerState::Idle,
+            lease_until_ms: 0,
+        }
+    }
+
+    fn busy(&self) -> bool {
+        matches!(
+            self.state,
+            ServerState::Opening { .. } | ServerState::Stopping
+        )
+    }
+
+    fn describe(&self) -> Option<String> {
+        match &self.state {
+            ServerState::Idle => None,
+            ServerState::Ready { generation } => Some(format!("ready (generation {generation})")),
+            ServerState::Opening { generation, .. } => {
+                Some(format!("opening the store (generation {generation})"))
+            }
+            ServerState::Running { generation, server } => Some(format!(
+                "serving at {} (generation {generation}, store generation {})",
+                server.local_addr(),
+                server.generation()
+            )),
+            ServerState::Stopping => Some("stopping".into()),
+        }
+    }
+
+    fn start(&mut self, generation: u64, machine: &mut VolumeMembership) {
+        match self.state {
+            ServerState::Idle => {
+                self.state = ServerState::Ready { generation };
+                machine.handle(Input::ServerStarted);
+            }
+            _ => {
+                tracing::warn!(
+                    generation,
+                    "asked to start a server while one is not idle; ignored"
+                );
+            }
+        }
+    }
+
+    fn lease_instant(&self) -> Instant {
+        self.epoch + Duration::from_millis(self.lease_until_ms)
+    }
+
+    fn activate(&mut self, generation: u64, clients: Vec<ClientId>, hold_snapshots_ms: u64) {
+        let ServerState::Ready { generation: ready } = self.state else {
+            tracing::warn!(generation, "activation without a started server; ignored");
+            return;
+        };
+        if ready != generation {
+            tracing::warn!(
+                generation,
+                ready,
+                "activation for another generation; ignored"
+            );
+            return;
+        }
+        let mut config = ServerConfig::new(
+            &self.cfg.origin,
+            &self.cfg.store,
+            self.cfg.server_listen.clone(),
+            &self.cfg.key_file,
+        );
+        config.volume = self.cfg.volume.clone();
+        config.direct_io = self.cfg.direct_io;
+        config.expected_snapshot_clients = clients.clone();
+        config.hold_snapshots_until =
+            server_net::clock_now_secs() + hold_snapshots_ms.div_ceil(1000);
+        config.serving_lease_until = Some(self.lease_instant());
+        tracing::info!(
+            generation,
+            expected_clients = clients.len(),
+            hold_snapshots_ms,
+            "activating the server"
+        );
+        self.state = ServerState::Opening {
+            generation,
+            stop: false,
+        };
+        let events = self.events.clone();
+        tokio::spawn(async move {
+            let result = server_net::start(config).await.map_err(|e| e.to_string());
+            let _ = events.send(ServerEvent::Started(result));
+        });
+    }
+
+    fn extend_lease(&mut self, until_ms: u64) {
+        self.lease_until_ms = self.lease_until_ms.max(until_ms);
+        if let ServerState::Running { server, .. } = &self.state {
+            if let Err(e) = server.extend_serving_lease(self.lease_instant()) {
+                tracing::warn!(error = %e, "cannot extend the serving lease");
+            }
+        }
+    }
+
+    fn declare_gone(&self, client: ClientId) {
+        if let ServerState::Running { server, .. } = &self.state {
+            server.declare_gone(client);
+        }
+    }
+
+    fn stop(&mut self, reason: StopReason, machine: &mut VolumeMembership) {
+        tracing::warn!(event = "server_stop", ?reason, "stopping the local server");
+        match std::mem::replace(&mut self.state, ServerState::Idle) {
+            ServerState::Idle | ServerState::Ready { .. } => machine.handle(Input::ServerStopped),
+            ServerState::Opening { generation, .. } => {
+                self.state = ServerState::Opening {
+                    generation,
+                    stop: true,
+                };
+            }
+            ServerState::Running { server, .. } => {
+                self.state = ServerState::Stopping;
+                let events = self.events.clone();
+                tokio::spawn(async move {
+                    let result = server.shutdown().await.map_err(|e| e.to_string());
+                    let _ = events.send(ServerEvent::Stopped(result));
+                });
+            }
+            ServerState::Stopping => self.state = ServerState::Stopping,
+        }
+    }
+
+    fn on_event(&mut self, event: ServerEvent, machine: &mut VolumeMembership) {
+        match event {
+            ServerEvent::Started(result) => {
+                let ServerState::Opening { generation, stop } =
+                    std::mem::replace(&mut self.state, ServerState::Idle)
+                else {
+                    return;
+                };
+                match result {
+                    Ok(server) if stop => {
+                        self.state = ServerState::Stopping;
+                        let events = self.events.clone();
+                        tokio::spawn(async move {
+                            let result = server.shutdown().await.map_err(|e| e.to_string());
+                            let _ = events.send(ServerEvent::Stopped(result));
+                        });
+                    }
+                    Ok(server) => {
+                        tracing::info!(event = "server_active", generation, listen = %server.local_addr(),
+                            store_generation = server.generation(), recovered_unclean = server.recovered_unclean(),
+                            "the server is active");
+                        if let Err(e) = server.extend_serving_lease(self.lease_instant()) {
+                            tracing::warn!(error = %e, "cannot extend the serving lease");
+                        }
+                        self.state = ServerState::Running {
+                            generation,
+                            server: Box::new(server),
+                        };
+                    }
+                    Err(e) if stop => {
+                        tracing::warn!(error = %e, "the server did not start (a stop was asked anyway)");
+                        machine.handle(Input::ServerStopped);
+                    }
+                    Err(e) => {
+                        tracing::error!(event = "server_failed", error = %e, "the server did not start");
+                        machine.handle(Input::ServerFailed { detail: e });
+                    }
+                }
+            }
+            ServerEvent::Failed(detail) => {
+                self.state = ServerState::Idle;
+                machine.handle(Input::ServerFailed { detail });
+            }
+            ServerEvent::Stopped(result) => {
+                if let Err(e) = &result {
+                    tracing::warn!(error = %e, "the server stopped uncleanly (the next one replays its journal)");
+                } else {
+                    tracing::info!(event = "server_stopped", "the server stopped");
+                }
+                self.state = ServerState::Idle;
+                machine.handle(Input::ServerStopped);
+            }
+        }
+    }
+
+    /// Resolves when the running server failed on its own.
+    async fn failed(&self) -> String {
+        match &self.state {
+            ServerState::Running { server, .. } => server.failed().await,
+            _ => std::future::pending().await,
+        }
+    }
+
+    fn on_failed(&mut self, reason: String) {
+        tracing::error!(event = "server_failed", %reason, "the server stopped serving");
+        if let ServerState::Running { server, .. } =
+            std::mem::replace(&mut self.state, ServerState::Stopping)
+        {
+            let events = self.events.clone();
+            tokio::spawn(async move {
+                let _ = server.shutdown().await;
+                let _ = events.send(ServerEvent::Failed(reason));
+            });
+        }
+    }
+
+    async fn status(&self) -> Option<ServerStatus> {
+        match &self.state {
+            ServerState::Running { server, .. } => server.status().await.ok(),
+            _ => None,
+        }
+    }
+
+    /// Stops whatever runs or is being started or stopped, and waits until it is gone.
+    async fn stop_now(&mut self, events: &mut mpsc::UnboundedReceiver<ServerEvent>) {
+        loop {
+            match std::mem::replace(&mut self.state, ServerState::Idle) {
+                ServerState::Idle | ServerState::Ready { .. } => return,
+                ServerState::Running { server, .. } => {
+                    if let Err(e) = server.shutdown().await {
+                        tracing::warn!(error = %e, "server shutdown");
+                    }
+                    return;
+                }
+                state @ (ServerState::Opening { .. } | ServerState::Stopping) => {
+                    self.state = state;
+                    match events.recv().await {
+                        Some(ServerEvent::Started(Ok(server))) => {
+                            self.state = ServerState::Running {
+                                generation: 0,
+                                server: Box::new(server),
+                            };
+                        }
+                        Some(_) | None => return,
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The address clients dial for a location, parsed.
+pub fn client_address(location: &ServerLocation) -> Result<nbd::ListenAddr, String> {
+    location
+        .address
+        .parse::<nbd::ListenAddr>()
+        .map_err(|e| format!("server address {:?}: {e}", location.address))
+}
