@@ -660,6 +660,32 @@ async fn a_server_reached_over_tcp_uses_direct_io_and_refuses_what_it_cannot_ser
     drop(agent);
 }
 
+/// Waits (bounded) until every thread of `pid` is in the stopped state.
+fn wait_all_threads_stopped(pid: u32) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).expect("the process exists");
+        let all_stopped = tasks.flatten().all(|t| {
+            std::fs::read_to_string(t.path().join("stat"))
+                .ok()
+                .and_then(|stat| {
+                    // The state follows the parenthesised command name.
+                    let after = stat.rsplit_once(") ")?.1;
+                    after.chars().next()
+                })
+                .is_some_and(|state| state == 'T' || state == 't')
+        });
+        if all_stopped {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "process {pid} not stopped within 10 s of SIGSTOP"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
 /// Issue 8, finding 2, with real processes: an origin client (its own csnap-agent process)
 /// is frozen with SIGSTOP right after writing a chunk twice (the second time through its
 /// unique-chunk promise). A snapshot created meanwhile waits for it only until its write
@@ -730,6 +756,9 @@ async fn a_frozen_origin_client_holds_a_snapshot_for_its_lease_only_and_then_ask
 
     let frozen = nix::unistd::Pid::from_raw(a.pid() as i32);
     nix::sys::signal::kill(frozen, nix::sys::signal::Signal::SIGSTOP).unwrap();
+    // A process-directed SIGSTOP stops the process only once one of its threads handles
+    // it; on a loaded machine the others may run on meanwhile (and ack the snapshot).
+    wait_all_threads_stopped(a.pid());
     let started = std::time::Instant::now();
     let created = tokio::time::timeout(Duration::from_secs(45), server.snapshot("frozen")).await;
     let waited = started.elapsed();
