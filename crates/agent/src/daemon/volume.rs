@@ -260,9 +260,11 @@ fn publish_location(
     resets: u64,
 ) {
     let status = machine.status();
+    // A server learned from a member's state message has no address yet (it comes with
+    // the announce): nothing to dial until then.
     let now = status
         .server
-        .filter(|_| status.quorate)
+        .filter(|(_, address)| status.quorate && !address.is_empty())
         .map(|(node, address)| ServerLocation {
             node,
             address,
@@ -295,7 +297,7 @@ fn cluster_status(
         members: s.members.iter().map(|m| m.to_string()).collect(),
         quorate: s.quorate,
         server_node: s.server.as_ref().map(|(n, _)| n.0),
-        server_address: s.server.map(|(_, a)| a),
+        server_address: s.server.map(|(_, a)| a).filter(|a| !a.is_empty()),
         gate: format!("{:?}", s.gate),
         stale: s.stale.iter().map(|n| n.0).collect(),
         departed_servers: s.unsettled.iter().map(|n| n.0).collect(),
