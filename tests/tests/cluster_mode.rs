@@ -278,7 +278,9 @@ impl Rig {
             .kill_on_drop(true)
             .output();
         match tokio::time::timeout(limit, child).await {
-            Err(_) => Err(format!("{program} {args:?} in node {node}: no end within {limit:?}")),
+            Err(_) => Err(format!(
+                "{program} {args:?} in node {node}: no end within {limit:?}"
+            )),
             Ok(Err(e)) => Err(format!("{program} in node {node}: {e}")),
             Ok(Ok(out)) => Ok(out),
         }
@@ -446,8 +448,9 @@ impl Rig {
     fn assert_logged(&self, node: NodeId, event: &str) {
         let log = self.agent_log(node);
         assert!(
-            log.lines().any(|l| l.contains(&format!("event=\"{event}\""))
-                || l.contains(&format!("event={event}"))),
+            log.lines()
+                .any(|l| l.contains(&format!("event=\"{event}\""))
+                    || l.contains(&format!("event={event}"))),
             "{}: node {node}'s agent log has no event={event}",
             self.test
         );
@@ -547,7 +550,10 @@ async fn three_agents_agree_on_one_server_and_share_the_volume() {
     // The human status shows the cluster fields.
     let text = rig.ctl(snapper, &["status"]).await.expect("status");
     for want in ["server node 1", "generation", "members", "quorate", "gate"] {
-        assert!(text.contains(want), "csnapctl status lacks {want:?}:\n{text}");
+        assert!(
+            text.contains(want),
+            "csnapctl status lacks {want:?}:\n{text}"
+        );
     }
 }
 
@@ -623,11 +629,19 @@ async fn power_off_of_the_server_node_fails_over_under_fio() {
     );
 
     for node in &survivors {
-        rig.qemu_io(*node, &format!("{VOLUME}@pre"), &[read(0x44, 0, ORIGIN_SIZE)])
-            .await;
-    }
-    rig.qemu_io(NodeId(3), VOLUME, &[write(0x45, 0, MIB), read(0x45, 0, MIB)])
+        rig.qemu_io(
+            *node,
+            &format!("{VOLUME}@pre"),
+            &[read(0x44, 0, ORIGIN_SIZE)],
+        )
         .await;
+    }
+    rig.qemu_io(
+        NodeId(3),
+        VOLUME,
+        &[write(0x45, 0, MIB), read(0x45, 0, MIB)],
+    )
+    .await;
 }
 
 /// The server's node is cut off from the other two: it stops serving (no quorum) and its
@@ -684,8 +698,12 @@ async fn partitioned_server_stops_and_is_fenced_after_the_heal() {
     let (second, status) = rig.agreed_server(&majority, FAILOVER).await;
     let c = status.cluster.expect("cluster status");
     assert!(c.generation > first_gen, "{c:?}");
-    rig.qemu_io(majority[0], VOLUME, &[read(0x55, 0, MIB), write(0x66, MIB, MIB)])
-        .await;
+    rig.qemu_io(
+        majority[0],
+        VOLUME,
+        &[read(0x55, 0, MIB), write(0x66, MIB, MIB)],
+    )
+    .await;
     rig.qemu_io(majority[1], VOLUME, &[read(0x66, MIB, MIB)])
         .await;
 
@@ -697,7 +715,10 @@ async fn partitioned_server_stops_and_is_fenced_after_the_heal() {
         .unwrap_or_else(|e| panic!("the stale node {first} was not fenced: {e}"));
     let (after, _) = rig.agreed_server(&majority, FAILOVER).await;
     assert_eq!(after, second, "the majority's server stays");
-    let old = rig.status(first).await.expect("the fenced node's agent answers");
+    let old = rig
+        .status(first)
+        .await
+        .expect("the fenced node's agent answers");
     let oc = old.cluster.expect("cluster status");
     assert_ne!(oc.role, "Serving", "{oc:?}");
     assert!(oc.local_server.is_none(), "{oc:?}");
@@ -710,6 +731,10 @@ async fn partitioned_server_stops_and_is_fenced_after_the_heal() {
     rig.assert_logged(fencer, "stale_merge");
     rig.assert_logged(fencer, "fence_requested");
     rig.assert_logged(fencer, "fence_done");
-    rig.qemu_io(majority[1], VOLUME, &[read(0x55, 0, MIB), read(0x66, MIB, MIB)])
-        .await;
+    rig.qemu_io(
+        majority[1],
+        VOLUME,
+        &[read(0x55, 0, MIB), read(0x66, MIB, MIB)],
+    )
+    .await;
 }
