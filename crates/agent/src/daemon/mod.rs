@@ -110,6 +110,11 @@ impl Node {
             node: self.id,
             server_listen: listen,
             membership: MembershipConfig::from_csnap(config, advertise),
+            peer_addresses: config
+                .nodes
+                .keys()
+                .map(|id| (*id, server_addresses(config, *id, volume).1))
+                .collect(),
             direct_io: true,
         };
         let stop = CancellationToken::new();
