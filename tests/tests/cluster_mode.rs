@@ -644,15 +644,18 @@ async fn power_off_of_the_server_node_fails_over_under_fio() {
     .await;
 }
 
-/// The server's node is cut off from the other two: it stops serving (no quorum) and its
-/// clients get nothing; the majority elects a new server and I/O goes on there. After the
-/// heal the old server's node is stale, fenced with kill_node (its corosync exits), and
-/// exactly one server remains.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn partitioned_server_stops_and_is_fenced_after_the_heal() {
-    let Some(rig) = Rig::start("cluster mode: partition", "kill_node").await else {
-        return;
-    };
+/// What the partition phase leaves: the old server (alone in the minority), the
+/// majority and its server.
+struct Split {
+    first: NodeId,
+    majority: Vec<NodeId>,
+    second: NodeId,
+}
+
+/// Cuts the server's node off from the other two: the minority stops serving at once and
+/// a write through it gets no grant; the majority elects a new server (higher generation)
+/// and reads the old data, writes new data through it.
+async fn partition_the_server_away(rig: &Rig) -> Split {
     let nodes = rig.cluster.nodes();
     let (first, status) = rig.agreed_server(&nodes, FIRST_SERVER).await;
     let first_gen = status.cluster.expect("cluster status").generation;
@@ -687,12 +690,14 @@ async fn partitioned_server_stops_and_is_fenced_after_the_heal() {
             Duration::from_secs(4),
         )
         .await;
-    if let Ok(out) = &attempt {
-        assert!(
-            !out.status.success() || String::from_utf8_lossy(&out.stdout).contains("error"),
+    match &attempt {
+        // qemu-io says `wrote N/N bytes` for a completed write.
+        Ok(out) => assert!(
+            !String::from_utf8_lossy(&out.stdout).contains("wrote "),
             "a write through the minority completed: {}",
             String::from_utf8_lossy(&out.stdout)
-        );
+        ),
+        Err(e) => eprintln!("the minority's write did not complete: {e}"),
     }
 
     let (second, status) = rig.agreed_server(&majority, FAILOVER).await;
@@ -706,6 +711,28 @@ async fn partitioned_server_stops_and_is_fenced_after_the_heal() {
     .await;
     rig.qemu_io(majority[1], VOLUME, &[read(0x66, MIB, MIB)])
         .await;
+
+    Split {
+        first,
+        majority,
+        second,
+    }
+}
+
+/// The server's node is cut off from the other two: it stops serving (no quorum) and its
+/// clients get nothing; the majority elects a new server and I/O goes on there. After the
+/// heal the old server's node is stale, fenced with kill_node (its corosync exits), and
+/// exactly one server remains.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn partitioned_server_stops_and_is_fenced_after_the_heal() {
+    let Some(rig) = Rig::start("cluster mode: partition", "kill_node").await else {
+        return;
+    };
+    let Split {
+        first,
+        majority,
+        second,
+    } = partition_the_server_away(&rig).await;
 
     rig.cluster.heal().await.expect("heal");
     // The stale node is fenced: cfg kill_node makes its corosync exit.
@@ -737,4 +764,59 @@ async fn partitioned_server_stops_and_is_fenced_after_the_heal() {
         &[read(0x55, 0, MIB), read(0x66, MIB, MIB)],
     )
     .await;
+}
+
+/// As above with `fencing: reset`: after the heal the stale node drops its state by
+/// itself (no one kills its corosync), its client reconnects to the majority's server,
+/// and I/O through its export sees the majority's writes. Exactly one server remains.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn partitioned_server_resets_itself_after_the_heal() {
+    let Some(rig) = Rig::start("cluster mode: partition, reset", "reset").await else {
+        return;
+    };
+    let nodes = rig.cluster.nodes();
+    let Split {
+        first,
+        majority,
+        second,
+    } = partition_the_server_away(&rig).await;
+
+    rig.cluster.heal().await.expect("heal");
+    // All three agree on the majority's server again, the old one included.
+    let (after, _) = rig.agreed_server(&nodes, FAILOVER).await;
+    assert_eq!(after, second, "the majority's server stays");
+    assert!(
+        rig.cluster.is_running(first),
+        "reset does not kill corosync"
+    );
+    let old = rig.status(first).await.expect("the reset node's status");
+    let oc = old.cluster.expect("cluster status");
+    assert_eq!(oc.role, "Idle", "{oc:?}");
+    assert!(oc.stale.is_empty() && oc.local_server.is_none(), "{oc:?}");
+    for n in &majority {
+        let c = rig
+            .status(*n)
+            .await
+            .expect("status")
+            .cluster
+            .expect("cluster");
+        assert!(c.stale.is_empty(), "node {n}: {c:?}");
+    }
+    rig.assert_logged(first, "stale_merge");
+    rig.assert_logged(first, "node_reset");
+    let actor = majority
+        .iter()
+        .copied()
+        .find(|n| rig.agent_log(*n).contains("event=\"fence_requested\""))
+        .unwrap_or_else(|| panic!("no majority agent ordered the reset"));
+    rig.assert_logged(actor, "stale_merge");
+
+    // The reset node's client now uses the real server: it sees the majority's writes,
+    // and its own writes are seen by the others.
+    rig.qemu_io(first, VOLUME, &[read(0x55, 0, MIB), read(0x66, MIB, MIB)])
+        .await;
+    rig.qemu_io(first, VOLUME, &[write(0x77, 2 * MIB, MIB)])
+        .await;
+    rig.qemu_io(majority[0], VOLUME, &[read(0x77, 2 * MIB, MIB)])
+        .await;
 }
