@@ -3,7 +3,7 @@
 use std::path::Path;
 
 use anyhow::bail;
-use csnap_proto::control::{ControlRequest, ControlResponse, VolumeStatus};
+use csnap_proto::control::{ClusterStatus, ControlRequest, ControlResponse, VolumeStatus};
 use csnap_proto::{SnapshotInfo, SnapshotState, MAX_LIST_PAGE};
 
 /// `csnapctl snapshot ...`
@@ -126,6 +126,72 @@ fn print_status(v: &VolumeStatus) {
         "  origin sessions {}  unique cache {} chunks, {} hits, {} misses",
         v.origin_sessions, v.cached_chunks, v.cache_hits, v.cache_misses
     );
+    if let Some(c) = &v.cluster {
+        print_cluster(c);
+    }
+}
+
+fn node_list(nodes: &[u32]) -> String {
+    if nodes.is_empty() {
+        "none".into()
+    } else {
+        nodes
+            .iter()
+            .map(u32::to_string)
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+}
+
+/// The membership part of a cluster-mode volume, as `dlm_tool status` shows a lockspace.
+fn print_cluster(c: &ClusterStatus) {
+    match (c.server_node, &c.server_address) {
+        (Some(n), Some(a)) => println!("  cluster: server node {n} at {a}"),
+        (Some(n), None) => println!("  cluster: server node {n}"),
+        _ => println!("  cluster: no server"),
+    }
+    println!(
+        "  this node {} ({})  role {}  generation {}  gate {}",
+        c.node, c.member, c.role, c.generation, c.gate
+    );
+    println!(
+        "  ring {}  {}  members {}",
+        c.ring.as_deref().unwrap_or("none"),
+        if c.quorate { "quorate" } else { "NOT quorate" },
+        if c.members.is_empty() {
+            "none".into()
+        } else {
+            c.members.join(" ")
+        }
+    );
+    let fencing = if c.fencing.is_empty() {
+        "none".into()
+    } else {
+        c.fencing
+            .iter()
+            .map(|j| format!("{} ({})", j.node, j.method))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    println!(
+        "  stale {}  departed servers {}  fencing {}",
+        node_list(&c.stale),
+        node_list(&c.departed_servers),
+        fencing
+    );
+    let failover = match c.last_failover {
+        Some((generation, ms)) => {
+            format!("generation {generation}, {ms} ms from chosen to activated")
+        }
+        None => "none".into(),
+    };
+    println!(
+        "  serving lease left {} ms  last failover {}",
+        c.lease_left_ms, failover
+    );
+    if let Some(local) = &c.local_server {
+        println!("  local server {local}");
+    }
 }
 
 fn json<T: serde::Serialize>(v: &T) -> anyhow::Result<()> {

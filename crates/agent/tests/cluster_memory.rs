@@ -100,6 +100,12 @@ fn start_node(fx: &Fixture, cluster: &MemoryCluster, id: NodeId, lease_ms: u64) 
         node: id,
         server_listen: csnap_server::net::ListenAddr::Unix(sock),
         membership,
+        peer_addresses: (1..=3)
+            .map(|n| {
+                let sock = fx.path(&format!("server-{n}.sock"));
+                (NodeId(n), format!("unix:{}", sock.display()))
+            })
+            .collect(),
         direct_io: false,
     };
     let stop = CancellationToken::new();

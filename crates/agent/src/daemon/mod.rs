@@ -20,7 +20,7 @@ use cpg_glue::corosync::{Cmap, CorosyncGroup, CorosyncQuorum};
 use cpg_glue::NodeId;
 use csnap_blockdev::client::Volume;
 use csnap_blockdev::nbd;
-use csnap_proto::control::{ControlRequest, ControlResponse, VolumeStatus};
+use csnap_proto::control::{ClusterStatus, ControlRequest, ControlResponse, VolumeStatus};
 use csnap_server::net::{self as server_net};
 use futures::StreamExt as _;
 use tokio::sync::{mpsc, oneshot, watch};
@@ -110,19 +110,37 @@ impl Node {
             node: self.id,
             server_listen: listen,
             membership: MembershipConfig::from_csnap(config, advertise),
+            peer_addresses: config
+                .nodes
+                .keys()
+                .map(|id| (*id, server_addresses(config, *id, volume).1))
+                .collect(),
             direct_io: true,
         };
         let stop = CancellationToken::new();
         let (req_tx, mut req_rx) = mpsc::unbounded_channel();
         let (loc_tx, loc_rx) = watch::channel::<Option<ServerLocation>>(None);
-        let (vol_tx, vol_rx) = watch::channel(None);
+        let (vol_tx, vol_rx) = watch::channel::<Option<Arc<Volume>>>(None);
         let fencer = self.fencer.clone();
         let group_name = format!("csnap:{}", volume.name);
         let membership = {
             let stop = stop.clone();
+            let (replay, connected) = (req_tx.clone(), vol_rx.clone());
+            let node = self.id;
             tokio::spawn(async move {
+                let mut rejoin = false;
                 // A lost corosync connection ends one machine; the next joins afresh.
                 while !stop.is_cancelled() {
+                    if std::mem::replace(&mut rejoin, true) {
+                        // The new machine starts knowing none of this node's snapshot
+                        // clients, and the client side only reports changes: tell it now.
+                        let current = connected.borrow().clone();
+                        if let Some(v) = current {
+                            let mut clients = v.snapshot_clients();
+                            clients.sort();
+                            let _ = replay.send(VolumeRequest::Clients(clients));
+                        }
+                    }
                     let joined = async {
                         let group = CorosyncGroup::join(&group_name).await?;
                         let quorum = CorosyncQuorum::connect()?;
@@ -146,9 +164,26 @@ impl Node {
                         Ok(()) => return,
                         Err(e) => {
                             tracing::error!(volume = %shell.volume, error = %e, "the volume's membership ended; rejoining in 2 s");
-                            tokio::select! {
-                                _ = stop.cancelled() => return,
-                                _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+                            let retry = tokio::time::sleep(Duration::from_secs(2));
+                            tokio::pin!(retry);
+                            // Meanwhile `csnapctl status` still gets an answer (without a
+                            // group there is no server on this node: run_volume stopped it).
+                            let mut pending_clients = None;
+                            loop {
+                                tokio::select! {
+                                    _ = stop.cancelled() => return,
+                                    _ = &mut retry => break,
+                                    Some(request) = req_rx.recv() => match request {
+                                        VolumeRequest::Status(reply) => {
+                                            let _ = reply.send((detached_status(node, &e), None));
+                                        }
+                                        VolumeRequest::Clients(c) => pending_clients = Some(c),
+                                        VolumeRequest::Config { .. } => {}
+                                    },
+                                }
+                            }
+                            if let Some(c) = pending_clients {
+                                let _ = replay.send(VolumeRequest::Clients(c));
                             }
                         }
                     }
@@ -182,6 +217,28 @@ impl Node {
             client: vol_rx,
             tasks: vec![membership, client],
         }
+    }
+}
+
+/// The status of a volume whose membership is not running (no corosync connection).
+fn detached_status(node: NodeId, error: &str) -> ClusterStatus {
+    ClusterStatus {
+        node: node.0,
+        member: String::new(),
+        role: "Idle".into(),
+        generation: 0,
+        ring: None,
+        members: Vec::new(),
+        quorate: false,
+        server_node: None,
+        server_address: None,
+        gate: format!("Corosync (not in the group: {error})"),
+        stale: Vec::new(),
+        departed_servers: Vec::new(),
+        fencing: Vec::new(),
+        lease_left_ms: 0,
+        last_failover: None,
+        local_server: None,
     }
 }
 

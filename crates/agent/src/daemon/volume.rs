@@ -35,6 +35,11 @@ pub struct VolumeShellConfig {
     pub server_listen: server_net::ListenAddr,
     /// The machine's configuration (its `server_address` is what clients dial).
     pub membership: MembershipConfig,
+    /// Where each node's server for the volume listens (by the rule this node's own
+    /// `server_address` follows). The machine learns a server's address from its announce;
+    /// a member that joined after the announce (a restarted or reset node) knows the
+    /// server only from state messages, which carry no address: this fills it in.
+    pub peer_addresses: BTreeMap<NodeId, String>,
     /// Open the shared devices O_DIRECT (always, in a real cluster: other hosts do not
     /// see this host's page cache).
     pub direct_io: bool,
@@ -163,7 +168,7 @@ pub async fn run_volume<G: Group, Q: Quorum>(
                 Output::Log(event) => log_event(&event),
             }
         }
-        publish_location(&machine, location, resets);
+        publish_location(&cfg, &machine, location, resets);
         if group_error.is_some() && !server.busy() {
             break;
         }
@@ -254,20 +259,34 @@ fn log_event(event: &LogEvent) {
     }
 }
 
+/// The server as the machine knows it, its address filled in from the configuration when
+/// the machine learnt it from a state message (no address) rather than from its announce.
+fn known_server(
+    cfg: &VolumeShellConfig,
+    server: Option<(NodeId, String)>,
+) -> Option<(NodeId, String)> {
+    let (node, address) = server?;
+    if address.is_empty() {
+        Some((node, cfg.peer_addresses.get(&node)?.clone()))
+    } else {
+        Some((node, address))
+    }
+}
+
 fn publish_location(
+    cfg: &VolumeShellConfig,
     machine: &VolumeMembership,
     location: &watch::Sender<Option<ServerLocation>>,
     resets: u64,
 ) {
     let status = machine.status();
-    let now = status
-        .server
-        .filter(|_| status.quorate)
-        .map(|(node, address)| ServerLocation {
+    let now = known_server(cfg, status.server.filter(|_| status.quorate)).map(|(node, address)| {
+        ServerLocation {
             node,
             address,
             resets,
-        });
+        }
+    });
     location.send_if_modified(|current| {
         // A lost quorum does not move the clients away from a server they use: they keep
         // asking it (it stops by itself) until a new one is known.
@@ -295,7 +314,7 @@ fn cluster_status(
         members: s.members.iter().map(|m| m.to_string()).collect(),
         quorate: s.quorate,
         server_node: s.server.as_ref().map(|(n, _)| n.0),
-        server_address: s.server.map(|(_, a)| a),
+        server_address: known_server(cfg, s.server).map(|(_, a)| a),
         gate: format!("{:?}", s.gate),
         stale: s.stale.iter().map(|n| n.0).collect(),
         departed_servers: s.unsettled.iter().map(|n| n.0).collect(),
