@@ -280,7 +280,8 @@ pub enum Gate {
     NotQuorate,
     /// This node holds state of another lineage and waits to be fenced or reset.
     Stale,
-    /// Just started: waits until `until_ms` (or a member that knows the history).
+    /// History not certain (just started, or quorum was lost): waits until `until_ms` (a
+    /// stop wait into an unbroken quorate run), or for a member certain for this ring.
     History {
         until_ms: u64,
     },

@@ -1077,3 +1077,43 @@ fn a_server_without_quorum_stops_at_once() {
     // is fenced by exactly one member; the cluster converges.
     sim.settle().unwrap();
 }
+
+/// Soak seed 0x900d0c65 in short: a member that was cut off without quorum, and agents that
+/// restarted, cannot know what the quorate side ran meanwhile. When only such members are
+/// left, no server starts before one stop wait has passed in an unbroken quorate run.
+#[test]
+fn members_without_certain_history_wait_one_stop_wait() {
+    let mut sim = scripted(Fencing::Reset);
+    sim.settle().unwrap();
+    let s = sim.serving().expect("one server");
+    let x = (0..3).find(|&i| i != s).unwrap();
+    let xid = sim.nodes[x].id;
+    let rest: Vec<NodeId> = sim
+        .nodes
+        .iter()
+        .map(|n| n.id)
+        .filter(|n| *n != xid)
+        .collect();
+    sim.cluster.partition(&[vec![xid], rest]).unwrap();
+    sim.drain_only(&[x]).unwrap();
+    assert!(!sim.nodes[x].agent.as_ref().unwrap().machine.certain);
+    // Every other agent restarts (its server dies with it): nobody certain is left.
+    for i in (0..3).filter(|&i| i != x) {
+        sim.crash_agent(i);
+        sim.start_agent(i);
+    }
+    sim.cluster.heal();
+    sim.drain_all().unwrap();
+    let healed = sim.now;
+    let wait = sim.cfg.stop_wait_ms();
+    while sim.now + 1_000 < healed + wait {
+        sim.advance_by(500).unwrap();
+        sim.drain_all().unwrap();
+        assert!(
+            sim.nodes.iter().all(|n| n.proc_ == Proc::Off),
+            "a server started {} ms after the heal, without certain history",
+            sim.now - healed
+        );
+    }
+    sim.settle().unwrap();
+}
