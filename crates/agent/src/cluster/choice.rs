@@ -60,7 +60,7 @@ mod tests {
             view: vec![],
             was_quorate: true,
             age,
-            informed: true,
+            certain: None,
             unsettled: vec![],
             stale: vec![],
             fencing: vec![],

@@ -3,7 +3,9 @@
 //!
 //! In an agreed view, the *reference side* is the members whose previous agreed view was
 //! quorate (the quorate side that predates the merge); if no member reports that, every
-//! member with state. The reference lineage is the newest lineage of the reference side.
+//! member with state. Members that some state of the view already lists as stale (an
+//! earlier verdict) are left out of it, unless that leaves nobody: stale nodes that stayed
+//! quorate together must not make the lineage they were stale against the stale one. The reference lineage is the newest lineage of the reference side.
 //! A member is **stale** if it holds state (`has_state`) of any other lineage: a diverged,
 //! higher or lower generation, a server of another history, clients attached to an old
 //! server. The **actor** that fences or resets stale members is the lowest node id of the
@@ -28,13 +30,32 @@ pub struct Verdict {
 }
 
 pub fn analyze(states: &BTreeMap<Member, MemberState>) -> Verdict {
-    let quorate_side: Vec<(&Member, &MemberState)> =
-        states.iter().filter(|(_, s)| s.was_quorate).collect();
-    let side: Vec<(&Member, &MemberState)> = if quorate_side.is_empty() {
-        states.iter().filter(|(_, s)| s.has_state).collect()
-    } else {
-        quorate_side
+    // Members some state of the view already holds stale (an earlier verdict) never form
+    // the reference side, even if they were quorate since: stale nodes that stayed
+    // together must not turn the lineage they were stale against into the stale one.
+    let listed: BTreeSet<NodeId> = states
+        .values()
+        .flat_map(|s| s.stale.iter().copied())
+        .collect();
+    let pick = |skip_listed: bool| {
+        let ok = |m: &Member| !skip_listed || !listed.contains(&m.node);
+        let quorate: Vec<(&Member, &MemberState)> = states
+            .iter()
+            .filter(|(m, s)| s.was_quorate && ok(m))
+            .collect();
+        if quorate.is_empty() {
+            states
+                .iter()
+                .filter(|(m, s)| s.has_state && ok(m))
+                .collect()
+        } else {
+            quorate
+        }
     };
+    let mut side: Vec<(&Member, &MemberState)> = pick(true);
+    if side.is_empty() {
+        side = pick(false);
+    }
     let reference = side
         .iter()
         .map(|(_, s)| s.lineage)
@@ -96,7 +117,7 @@ mod tests {
             view: vec![],
             was_quorate,
             age: 1,
-            informed: true,
+            certain: None,
             unsettled: vec![],
             stale: vec![],
             fencing: vec![],

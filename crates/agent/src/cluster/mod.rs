@@ -45,9 +45,11 @@
 //!   carries the gathered snapshot clients (the engine's `expected_snapshot_clients`) and
 //!   how long to hold snapshot announcements (`hold_snapshots_until`);
 //! * [`Output::ExtendLease`]: pass the serving lease to the server process, which must stop
-//!   granting anything when it runs out even if the agent is stuck. The shell must also
-//!   make sure a server never outlives its agent (parent-death signal), so that an agent's
-//!   `Idle` means no server on its node;
+//!   granting anything when it runs out even if the agent is stuck. The lease is counted from
+//!   when the machine sent a heartbeat that came back through the ring (never from when the
+//!   agent happened to process something), so `until_ms` may be sooner than a fresh
+//!   `now + serving_lease`. The shell must also make sure a server never outlives its agent
+//!   (parent-death signal), so that an agent's `Idle` means no server on its node;
 //! * [`Output::StopServer`]: stop the server at once (quorum lost, lease out, stale);
 //! * [`Output::DeclareGone`]: tell the local server a gathered client will not come back;
 //! * [`Output::DropClients`]: (reset of a stale node) disconnect this node's clients so they
@@ -57,17 +59,46 @@
 //!
 //! # Safety rules encoded here
 //! * A server stops at once when its node's quorum is lost, its serving lease runs out, or
-//!   its node turns out stale.
+//!   its node turns out stale. Its lease is renewed only by its own [`state::Body::Heartbeat`]
+//!   delivered back in the view it was sent in, to `sent + serving_lease`: cpg-glue drops a
+//!   frame sent in a view its receiver has left, so a server whose agent is slow to see a
+//!   partition renews nothing after the ring is gone.
 //! * A new server starts only in an agreed quorate view, on the chosen member, when no
-//!   member runs or stops a server, and every server that departed is certainly stopped:
-//!   fenced and confirmed, seen stopped by its own agent, or `serving_lease + margin` past
-//!   its departure. A freshly started agent first waits one such stop wait (it cannot know
-//!   what ran before it) unless a member that knows the history is in the view.
+//!   member runs or stops a server, every server that departed is certainly stopped
+//!   (fenced and confirmed, seen stopped by its own agent, or `serving_lease + margin` past
+//!   its departure), and the view holds a member with *certain history* (below).
 //! * The server is activated only when every member of the announce's view (minus leavers
 //!   and stale members) answered with its clients.
 //! * Stale members (state of another lineage after a merge) never become server, stop any
 //!   server they run, and are fenced (or, with `fencing: reset`, reset) by exactly one
-//!   member: the first claim delivered wins.
+//!   member: the first claim delivered wins, fencing attempts are made only in an agreed
+//!   quorate view, and two claimants that meet after a merge settle on one.
+//!
+//! # Certain history
+//! A member's history is *certain* when it knows every server that may still be active. It
+//! is certain once it has been joined and quorate without a break for one stop wait
+//! (`serving_lease + margin`), or once it is in an agreed quorate view with a member whose
+//! state says it is certain for that very ring; it stops being certain when the quorum
+//! service reports it not quorate, and an agent that restarts starts uncertain. Why that is
+//! enough:
+//! * Every announce is delivered in an agreed quorate view, and two quorate rings never
+//!   coexist (majorities intersect, a node is in one ring at a time), so quorate rings
+//!   follow each other in time. A node quorate without a break is in every quorate ring of
+//!   that period, and an agent joined throughout is in every view of the group in them: it
+//!   delivers every announce (every member of the sender's view delivers a frame the sender
+//!   delivered, unless it leaves that view first: cpg-glue's model, and corosync's for
+//!   members that stay with the sender; see docs/architecture.md for the corner where a
+//!   member is cut off at that very moment), and sees the sender depart as a server (the
+//!   announce itself marks its sender as one, even if its `Starting` state is cut off).
+//! * A server announced before that unbroken run began belongs to a quorate ring that ended
+//!   before the run's first ring formed. Its lease counts from a heartbeat sent while its
+//!   ring was alive, so it is certainly over one stop wait after the run began.
+//! * A certain member's knowledge reaches the others in the state exchange: servers in the
+//!   view show in their role, departures it waits out in `unsettled`.
+//!
+//! Majority intersection alone is not enough: the member in the intersection may have
+//! restarted (lost its memory) or have been in a non-quorate partition while the announce
+//! went out (soak seed 0x900d0c65).
 
 pub mod choice;
 pub mod fence;
@@ -249,7 +280,8 @@ pub enum Gate {
     NotQuorate,
     /// This node holds state of another lineage and waits to be fenced or reset.
     Stale,
-    /// Just started: waits until `until_ms` (or a member that knows the history).
+    /// History not certain (just started, or quorum was lost): waits until `until_ms` (a
+    /// stop wait into an unbroken quorate run), or for a member certain for this ring.
     History {
         until_ms: u64,
     },
@@ -308,7 +340,9 @@ pub struct VolumeMembership {
     lineage: Lineage,
     clients: Vec<ClientId>,
     lease_until: u64,
-    lease_sent_at: Option<u64>,
+    /// When this node last multicast a lease [`Body::Heartbeat`] (None: send one at the
+    /// next agreed quorate view).
+    beat_sent_at: Option<u64>,
     server_ready: bool,
     /// The lineage of the announce this node sent and waits for.
     starting: Option<Lineage>,
@@ -329,7 +363,13 @@ pub struct VolumeMembership {
     /// The highest generation this node announced.
     last_announced: u64,
     joined_at: Option<u64>,
-    informed: bool,
+    /// This node's history is certain: it knows every server that may still be active (see
+    /// "Certain history" above).
+    certain: bool,
+    /// Since when the quorum service has reported quorate without a break (None: not
+    /// quorate now). An uncertain node becomes certain a stop wait after this (or its own
+    /// join, whichever is later).
+    quorate_since: Option<u64>,
     last_agreed_quorate: bool,
     /// Whether a confchg came since the last state this node sent.
     view_changed: bool,
@@ -348,6 +388,13 @@ pub struct VolumeMembership {
     fenced: BTreeSet<NodeId>,
     /// Who fences (or resets) which node.
     claims: BTreeMap<NodeId, Member>,
+    /// Fencing jobs make attempts only in an agreed quorate view (as of the last input).
+    fencing_ok: bool,
+    /// Deliveries so far (a position in the agreed order, the same relative order at every
+    /// member): when each claim was taken and when each member's last state arrived.
+    delivered: u64,
+    claim_at: BTreeMap<NodeId, u64>,
+    state_at: BTreeMap<Member, u64>,
     claim_sent: BTreeSet<NodeId>,
     fences: FenceTable,
     /// Origin clients of every stopped server have certainly stopped writing by then.
@@ -375,7 +422,7 @@ impl VolumeMembership {
             lineage: Lineage::default(),
             clients: Vec::new(),
             lease_until: 0,
-            lease_sent_at: None,
+            beat_sent_at: None,
             server_ready: false,
             starting: None,
             gather: None,
@@ -388,7 +435,8 @@ impl VolumeMembership {
             announce_in_flight: false,
             last_announced: 0,
             joined_at: None,
-            informed: false,
+            certain: false,
+            quorate_since: None,
             last_agreed_quorate: false,
             view_changed: false,
             last_sent: None,
@@ -399,6 +447,10 @@ impl VolumeMembership {
             stale: BTreeSet::new(),
             fenced: BTreeSet::new(),
             claims: BTreeMap::new(),
+            fencing_ok: false,
+            delivered: 0,
+            claim_at: BTreeMap::new(),
+            state_at: BTreeMap::new(),
             claim_sent: BTreeSet::new(),
             fences: FenceTable::default(),
             clients_safe_at: 0,
@@ -424,17 +476,15 @@ impl VolumeMembership {
     /// When the machine next needs a tick (absolute monotonic ms), if it waits for time.
     pub fn poll_timeout(&self) -> Option<u64> {
         let mut at: Vec<u64> = self.unsettled.values().copied().collect();
-        at.extend(self.fences.next_deadline());
+        if self.fencing_ok {
+            at.extend(self.fences.next_deadline());
+        }
         if self.role == Role::Starting || self.role == Role::Serving {
             at.push(self.lease_until);
             // Renew well before the lease runs out.
-            at.push(self.lease_sent_at.unwrap_or(0) + self.cfg.serving_lease_ms / 4);
+            at.push(self.beat_sent_at.unwrap_or(0) + self.cfg.serving_lease_ms / 4);
         }
-        if !self.informed {
-            if let Some(t) = self.joined_at {
-                at.push(t.saturating_add(self.cfg.stop_wait_ms()));
-            }
-        }
+        at.extend(self.certain_at());
         at.into_iter().min()
     }
 
@@ -529,6 +579,7 @@ impl VolumeMembership {
                 }
                 self.declare_gone_where(|node| !members.iter().any(|m| m.node == node));
                 self.claim_sent.clear();
+                self.beat_sent_at = None;
                 self.view_changed = true;
                 self.abort_lost_announce();
             }
@@ -545,12 +596,16 @@ impl VolumeMembership {
                 // sender is dropped by every member, so everything is sent again now.
                 self.view_changed = true;
                 self.claim_sent.clear();
+                self.beat_sent_at = None;
                 self.abort_lost_announce();
             }
-            GroupEvent::Deliver(delivery) => match Message::decode(delivery) {
-                Ok(msg) => self.on_message(delivery.from, msg.body),
-                Err(e) => self.log("bad_message", true, e.to_string()),
-            },
+            GroupEvent::Deliver(delivery) => {
+                self.delivered += 1;
+                match Message::decode(delivery) {
+                    Ok(msg) => self.on_message(delivery.from, msg.body),
+                    Err(e) => self.log("bad_message", true, e.to_string()),
+                }
+            }
         }
     }
 
@@ -592,7 +647,20 @@ impl VolumeMembership {
     fn on_quorum(&mut self, q: QuorumEvent) {
         let lost = !q.quorate && self.view.quorate_now();
         self.view.apply_quorum(q);
-        if !self.view.quorate_now() {
+        if self.view.quorate_now() {
+            self.quorate_since.get_or_insert(self.now);
+        } else {
+            // A quorate partition this node is not part of may start a server it never
+            // hears of: its history is uncertain until it waited out such a server.
+            if self.certain {
+                self.log(
+                    "history_uncertain",
+                    false,
+                    "not quorate: a server may start elsewhere".into(),
+                );
+            }
+            self.certain = false;
+            self.quorate_since = None;
             self.last_agreed_quorate = false;
             if self.role == Role::Starting || self.role == Role::Serving {
                 self.log("quorum_lost", true, "stopping the server at once".into());
@@ -618,6 +686,27 @@ impl VolumeMembership {
             }
             Body::FenceClaim { node, reset } => self.on_claim(from, node, reset),
             Body::Fenced { node } => self.on_fenced(node),
+            Body::Heartbeat { sent_at_ms } => {
+                if from == self.local {
+                    self.on_heartbeat(sent_at_ms);
+                }
+            }
+        }
+    }
+
+    /// Own heartbeat delivered: the ring was alive after it was sent, in the view it was
+    /// sent in (agreed and quorate then), so the lease runs from its sending.
+    fn on_heartbeat(&mut self, sent_at: u64) {
+        if (self.role == Role::Starting || self.role == Role::Serving)
+            && self.view.quorate_now()
+            && !self.stale.contains(&self.local.node)
+        {
+            let until = sent_at.saturating_add(self.cfg.serving_lease_ms);
+            if until > self.lease_until {
+                self.lease_until = until;
+                self.outputs
+                    .push_back(Output::ExtendLease { until_ms: until });
+            }
         }
     }
 
@@ -666,22 +755,26 @@ impl VolumeMembership {
                 format!("{from} reports no server"),
             );
         }
+        // The node speaks for itself again (back after its fencing, with or without state):
+        // its fencing is history, what it says now counts.
+        self.fenced.remove(&from.node);
         if !state.has_state {
-            self.fenced.remove(&from.node);
-            if self.stale.remove(&from.node) {
-                let mine = self.claims.get(&from.node) == Some(&self.local);
-                if self.fences.cancel(from.node) || mine {
-                    self.log(
-                        "fence_done",
-                        false,
-                        format!("{} is back without state (reset or restarted)", from.node),
-                    );
-                } else {
-                    self.log("stale_resolved", false, format!("{} is clean", from.node));
-                }
-                self.claims.remove(&from.node);
-                self.claim_sent.remove(&from.node);
+            let was_stale = self.stale.remove(&from.node);
+            let mine = self.claims.get(&from.node) == Some(&self.local);
+            // Every member drops the claim at the same point of the agreed order, whatever
+            // it held of the node: claims must stay the same everywhere.
+            let cancelled = self.fences.cancel(from.node);
+            if cancelled || (was_stale && mine) {
+                self.log(
+                    "fence_done",
+                    false,
+                    format!("{} is back without state (reset or restarted)", from.node),
+                );
+            } else if was_stale {
+                self.log("stale_resolved", false, format!("{} is clean", from.node));
             }
+            self.claims.remove(&from.node);
+            self.claim_sent.remove(&from.node);
         }
         for n in &state.unsettled {
             if !self.unsettled.contains_key(n) && !self.settled.contains(n) && *n != self.local.node
@@ -692,13 +785,15 @@ impl VolumeMembership {
         }
         for n in &state.stale {
             // An older report cannot make a node stale again once it showed up clean.
+            // What the node itself says now counts over its earlier states.
             let clean = if *n == self.local.node {
                 !self.has_state()
+            } else if from.node == *n {
+                !state.has_state
             } else {
                 self.last_states
                     .iter()
                     .any(|(m, s)| m.node == *n && !s.has_state)
-                    || (from.node == *n && !state.has_state)
             };
             if !clean && !self.fenced.contains(n) && self.stale.insert(*n) {
                 self.log("stale_merge", true, format!("{n} is stale (from {from})"));
@@ -706,27 +801,30 @@ impl VolumeMembership {
         }
         if from != self.local {
             for n in &state.fencing {
-                self.claims.entry(*n).or_insert(from);
+                if !self.claims.contains_key(n) {
+                    self.claims.insert(*n, from);
+                    self.claim_at.insert(*n, self.delivered);
+                }
             }
         }
         for n in &state.fenced {
-            // Once a fenced node is back (clean), older reports of its fencing are history.
-            let back = self
-                .last_states
-                .iter()
-                .any(|(m, s)| m.node == *n && !s.has_state)
-                || (from.node == *n && !state.has_state);
+            // Once a fenced node is back (in the view again), older reports of its fencing
+            // are history.
+            let back = from.node == *n || self.view.members().iter().any(|m| m.node == *n);
             if !back && !self.fenced.contains(n) && *n != self.local.node {
                 self.on_fenced(*n);
             }
         }
         // A state sent after the announce is an answer to it (its clients are the node's
         // list after the old server certainly stopped): a lost reply cannot stall the gather.
-        if let Some(g) = self.gather.as_mut().filter(|g| g.lineage == state.lineage) {
+        // A member without any state has no clients to report, whatever lineage it knows
+        // (it may not have adopted the announce because it held itself stale then).
+        if let Some(g) = self
+            .gather
+            .as_mut()
+            .filter(|g| g.lineage == state.lineage || !state.has_state)
+        {
             g.answer(from, &state.clients);
-        }
-        if state.informed {
-            self.informed = true;
         }
         // After activation, gathered clients its node no longer lists are gone.
         if from.node != self.local.node || from == self.local {
@@ -743,11 +841,19 @@ impl VolumeMembership {
             }
         }
         self.last_states.insert(from, state.clone());
+        self.state_at.insert(from, self.delivered);
         self.view.record(from, state);
     }
 
     fn on_announce(&mut self, from: Member, prev: Lineage, next: Lineage, address: String) {
         let members = self.view.members();
+        // Its sender may run a server from now on, even if its state saying so never
+        // arrives (a view change can cut it): if it departs, it departs as a server.
+        if let Some(last) = self.last_states.get_mut(&from) {
+            if last.role == Role::Idle {
+                last.role = Role::Starting;
+            }
+        }
         self.announces.push_back((prev, next, members.clone()));
         while self.announces.len() > ANNOUNCE_MEMORY {
             self.announces.pop_front();
@@ -786,7 +892,6 @@ impl VolumeMembership {
                 self.outputs.push_back(Output::StartServer {
                     generation: next.generation,
                 });
-                self.lease_sent_at = Some(self.now);
                 self.outputs.push_back(Output::ExtendLease {
                     until_ms: self.lease_until,
                 });
@@ -805,19 +910,21 @@ impl VolumeMembership {
     }
 
     fn on_claim(&mut self, from: Member, node: NodeId, reset: bool) {
+        // Every member records the first claim delivered, whatever it knows of the node: a
+        // claim taken by some members only would leave each side waiting for the other.
+        let wins = match self.live_claim(node) {
+            Some(c) => c == from,
+            None => true,
+        };
+        if !wins {
+            return;
+        }
+        self.claims.insert(node, from);
+        self.claim_at.insert(node, self.delivered);
         if self.stale.contains(&node) || self.unsettled.contains_key(&node) {
-            let members = self.view.members();
-            let current = self.claims.get(&node).copied();
-            let wins = match current {
-                Some(c) => c == from || !members.contains(&c),
-                None => true,
-            };
-            if !wins {
-                return;
-            }
-            self.claims.insert(node, from);
             if from == self.local {
-                self.claim_sent.remove(&node);
+                // `claim_sent` stays: a reset order goes out once per view, not again on
+                // every delivery while the node is still stopping its server.
                 if reset {
                     self.log(
                         "fence_requested",
@@ -828,7 +935,7 @@ impl VolumeMembership {
                     self.start_fence(node);
                 }
             }
-            if reset && node == self.local.node {
+            if reset && node == self.local.node && !self.reset_pending {
                 self.reset();
             }
         }
@@ -923,17 +1030,29 @@ impl VolumeMembership {
             }
         }
         self.settle_departed();
-        if !self.informed
-            && self
-                .joined_at
-                .is_some_and(|t| self.now >= t + self.cfg.stop_wait_ms())
-        {
-            self.informed = true;
+        if !self.certain && self.certain_at().is_some_and(|t| self.now >= t) {
+            self.certain = true;
+            self.log(
+                "history_certain",
+                false,
+                "quorate and joined for a whole stop wait".into(),
+            );
         }
-        for action in self
-            .fences
-            .tick(self.now, self.cfg.fence_timeout_ms, self.cfg.fence_retry_ms)
-        {
+        let agreed = self.view.agreed().ok();
+        self.fencing_ok = agreed.as_ref().is_some_and(|a| a.quorate) && self.view.quorate_now();
+        if let Some(agreed) = agreed {
+            self.on_agreed(agreed);
+        }
+        // Fencing jobs make attempts only in an agreed quorate view: a claimant cut off from
+        // the quorate side pauses (that side claims the node again when it sees the claimant
+        // leave; at the merge, one of the two yields, see `claim_fencing`, which runs first).
+        let actions = if self.fencing_ok {
+            self.fences
+                .tick(self.now, self.cfg.fence_timeout_ms, self.cfg.fence_retry_ms)
+        } else {
+            Vec::new()
+        };
+        for action in actions {
             match action {
                 FenceAction::Attempt {
                     node,
@@ -957,9 +1076,6 @@ impl VolumeMembership {
                     format!("{node}: attempt {attempt} timed out"),
                 ),
             }
-        }
-        if let Ok(agreed) = self.view.agreed() {
-            self.on_agreed(agreed);
         }
         self.maybe_activate();
         if self.reset_pending && self.role == Role::Idle {
@@ -1023,15 +1139,35 @@ impl VolumeMembership {
         if (self.role == Role::Starting || self.role == Role::Serving)
             && !self.stale.contains(&self.local.node)
         {
-            self.lease_until = self.now.saturating_add(self.cfg.serving_lease_ms);
+            // The lease is renewed only when this heartbeat comes back (see `on_heartbeat`):
+            // processing an agreed view late, after the ring is gone, renews nothing.
             let due = self
-                .lease_sent_at
+                .beat_sent_at
                 .is_none_or(|t| self.now >= t + self.cfg.serving_lease_ms / 4);
             if due {
-                self.lease_sent_at = Some(self.now);
-                self.outputs.push_back(Output::ExtendLease {
-                    until_ms: self.lease_until,
+                self.beat_sent_at = Some(self.now);
+                self.mcast(Body::Heartbeat {
+                    sent_at_ms: self.now,
                 });
+            }
+        }
+        if !self.certain {
+            // A member certain for this very ring shared what it knows in its state (its
+            // unsettled departures; servers in the view show in their roles): from here on
+            // this node hears every announce as long as it stays quorate.
+            let ring = agreed.ring;
+            if let Some((m, _)) = agreed
+                .states
+                .iter()
+                .find(|(m, s)| **m != self.local && s.certain == Some(ring))
+            {
+                let m = *m;
+                self.certain = true;
+                self.log(
+                    "history_certain",
+                    false,
+                    format!("learnt from {m}, certain in ring {ring}"),
+                );
             }
         }
         self.claim_fencing(&agreed);
@@ -1048,7 +1184,7 @@ impl VolumeMembership {
     }
 
     fn gate_open(&self, agreed: &Agreed) -> bool {
-        self.informed
+        self.certain
             && self.unsettled.is_empty()
             && !self.stale.contains(&self.local.node)
             && !self.reset_pending
@@ -1062,6 +1198,42 @@ impl VolumeMembership {
     /// stopped (the latter only with a real fencing method; with reset, their lease is
     /// waited out).
     fn claim_fencing(&mut self, agreed: &Agreed) {
+        // Two members claiming one node (each claimed while the other was out of its view):
+        // the claimant from the quorate side that predates the merge keeps it, else the
+        // lowest node id; the same answer everywhere, from the view's states.
+        let claimed: BTreeSet<NodeId> = agreed
+            .states
+            .values()
+            .flat_map(|s| s.fencing.iter().copied())
+            .collect();
+        for node in claimed {
+            let claimants: Vec<(&Member, &MemberState)> = agreed
+                .states
+                .iter()
+                .filter(|(_, s)| s.fencing.contains(&node))
+                .collect();
+            if claimants.len() < 2 {
+                continue;
+            }
+            let Some(winner) = claimants
+                .iter()
+                .max_by_key(|(m, s)| (s.was_quorate, std::cmp::Reverse(m.node)))
+                .map(|(m, _)| **m)
+            else {
+                continue;
+            };
+            self.claim_at.insert(node, self.delivered);
+            if self.claims.insert(node, winner) == Some(self.local) && winner != self.local {
+                self.claim_sent.remove(&node);
+                if self.fences.cancel(node) {
+                    self.log(
+                        "fence_yielded",
+                        false,
+                        format!("{node} is fenced by {winner}"),
+                    );
+                }
+            }
+        }
         let reset = self.cfg.fencing == Fencing::Reset;
         // The verdict's actor, unless stale knowledge arrived since: then the next of its
         // side, then the lowest member that is not stale.
@@ -1092,7 +1264,7 @@ impl VolumeMembership {
         }
         for (node, reset) in wanted {
             let present = agreed.members.iter().any(|m| m.node == node);
-            match self.claims.get(&node) {
+            match self.live_claim(node).as_ref() {
                 Some(c) if *c == self.local => {
                     // A reset order must reach the node: repeat it when it is back in view.
                     if reset && present && !self.claim_sent.contains(&node) {
@@ -1142,8 +1314,10 @@ impl VolumeMembership {
         self.announce_in_flight = true;
         self.server_ready = false;
         self.chosen_at = self.now;
+        // The lease counts from the announce's sending: its delivery back proves the ring
+        // was alive after that.
         self.lease_until = self.now.saturating_add(self.cfg.serving_lease_ms);
-        self.lease_sent_at = Some(self.now);
+        self.beat_sent_at = Some(self.now);
         self.log(
             "server_chosen",
             false,
@@ -1261,6 +1435,40 @@ impl VolumeMembership {
         }
     }
 
+    /// The member acting on `node`, if its claim still holds: the claimant is in the view,
+    /// and its last state either came before the claim or still lists the node (a claimant
+    /// that finished or gave up says so in its next state). Every member computes the same,
+    /// from the same deliveries in the same order.
+    fn live_claim(&self, node: NodeId) -> Option<Member> {
+        let c = *self.claims.get(&node)?;
+        if !self.view.members().contains(&c) {
+            return None;
+        }
+        let claimed = self.claim_at.get(&node).copied().unwrap_or(0);
+        let listed = match (self.state_at.get(&c), self.last_states.get(&c)) {
+            (Some(at), Some(s)) => *at <= claimed || s.fencing.contains(&node),
+            _ => true,
+        };
+        listed.then_some(c)
+    }
+
+    /// When this node's history becomes certain by waiting, if it keeps quorum: a stop wait
+    /// after the later of its join and the start of its unbroken quorate run.
+    fn certain_at(&self) -> Option<u64> {
+        if self.certain {
+            return None;
+        }
+        let since = self.quorate_since?.max(self.joined_at?);
+        Some(since.saturating_add(self.cfg.stop_wait_ms()))
+    }
+
+    /// The ring this node's state may vouch for: certain, and the quorum service reported
+    /// that very ring (the latest totem ring) quorate.
+    fn certain_ring(&self) -> Option<RingId> {
+        let q = self.view.quorum()?;
+        (self.certain && q.quorate && Some(q.ring) == self.view.ring()).then_some(q.ring)
+    }
+
     fn has_state(&self) -> bool {
         self.lineage != Lineage::default() || self.role.has_server() || !self.clients.is_empty()
     }
@@ -1290,7 +1498,7 @@ impl VolumeMembership {
             view: self.view.members(),
             was_quorate: self.last_agreed_quorate,
             age: self.view_age,
-            informed: self.informed,
+            certain: self.certain_ring(),
             unsettled: self.unsettled.keys().copied().collect(),
             stale: self.stale.iter().copied().collect(),
             fencing,
@@ -1309,7 +1517,7 @@ impl VolumeMembership {
                 && s.role == now.role
                 && s.clients == now.clients
                 && s.view == now.view
-                && s.informed == now.informed
+                && s.certain == now.certain
                 && s.unsettled == now.unsettled
                 && s.stale == now.stale
                 && s.fencing == now.fencing
@@ -1363,12 +1571,11 @@ impl VolumeMembership {
         if !self.unsettled.is_empty() {
             return Gate::OldServer(self.unsettled.keys().copied().collect());
         }
-        if !self.informed {
+        if !self.certain {
             return Gate::History {
                 until_ms: self
-                    .joined_at
-                    .unwrap_or(self.now)
-                    .saturating_add(self.cfg.stop_wait_ms()),
+                    .certain_at()
+                    .unwrap_or(self.now.saturating_add(self.cfg.stop_wait_ms())),
             };
         }
         match self.chosen {

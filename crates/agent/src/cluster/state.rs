@@ -7,7 +7,7 @@
 //! decode, or has a version this code does not speak, is dropped with a log line and never
 //! panics the machine: a peer running other code must not take the group down.
 
-use cpg_glue::{Delivery, Member, NodeId};
+use cpg_glue::{Delivery, Member, NodeId, RingId};
 use csnap_proto::msg::ClientId;
 use serde::{Deserialize, Serialize};
 
@@ -80,9 +80,11 @@ pub struct MemberState {
     /// Agreed views the sender has been in since its join: "longest in the group" for the
     /// server choice.
     pub age: u64,
-    /// Whether the sender knows enough history to start a server: it has been joined for a
-    /// whole stop wait, or learnt the history (departed servers) from a member that had.
-    pub informed: bool,
+    /// The ring for which the sender's history is *certain*: it knows every server that may
+    /// still be active (see the module `cluster` docs, "certain history"). `None` if it is
+    /// not certain, or has not seen the quorum service report this ring quorate yet. A
+    /// receiver trusts it only for the ring of its own agreed view.
+    pub certain: Option<RingId>,
     /// Nodes whose server the sender saw depart and does not know to be stopped yet.
     pub unsettled: Vec<NodeId>,
     /// Nodes the sender holds as stale (to be fenced or reset).
@@ -122,6 +124,14 @@ pub enum Body {
     /// The claimant's fencing of `node` was confirmed.
     Fenced {
         node: NodeId,
+    },
+    /// The serving member's lease heartbeat, with the sender's own monotonic clock when it
+    /// sent it. Delivered back to the sender in the view it was sent in (cpg-glue drops a
+    /// frame sent in a view its receiver has left), it proves the ring was still alive after
+    /// `sent_at_ms`: the lease is renewed to `sent_at_ms + serving_lease`, never from the
+    /// time the agent happens to process it.
+    Heartbeat {
+        sent_at_ms: u64,
     },
 }
 
@@ -201,7 +211,10 @@ mod tests {
             view: vec![member(1), member(2)],
             was_quorate: true,
             age: 4,
-            informed: true,
+            certain: Some(cpg_glue::RingId {
+                node: NodeId(1),
+                seq: 4,
+            }),
             unsettled: vec![NodeId(3)],
             stale: vec![],
             fencing: vec![],

@@ -172,7 +172,7 @@ mod tests {
             view: view.to_vec(),
             was_quorate: false,
             age: 0,
-            informed: false,
+            certain: None,
             unsettled: vec![],
             stale: vec![],
             fencing: vec![],
