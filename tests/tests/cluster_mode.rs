@@ -820,3 +820,40 @@ async fn partitioned_server_resets_itself_after_the_heal() {
     rig.qemu_io(majority[0], VOLUME, &[read(0x77, 2 * MIB, MIB)])
         .await;
 }
+
+/// Corosync restarts under a running agent (a node's corosync upgraded or crashed and
+/// restarted): the agent keeps running, rejoins the volume's group, sets its configuration
+/// watch up again (so later reloads are followed) and agrees on the server again; the
+/// volume never stops being served by the other nodes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_survives_a_restart_of_its_corosync() {
+    let Some(rig) = Rig::start("cluster mode: corosync restart", "kill_node").await else {
+        return;
+    };
+    let nodes = rig.cluster.nodes();
+    let (server, _) = rig.agreed_server(&nodes, FIRST_SERVER).await;
+    let bounced = *nodes
+        .iter()
+        .find(|n| **n != server)
+        .expect("a non-server node");
+    rig.cluster
+        .restart_node(bounced)
+        .await
+        .expect("restart the node's corosync");
+    let (again, _) = rig.agreed_server(&nodes, FAILOVER).await;
+    assert_eq!(
+        again, server,
+        "a bystander's corosync restart moves no server"
+    );
+    let deadline = Instant::now() + FAILOVER;
+    while !rig.agent_log(bounced).contains("cmap watch set up again") {
+        assert!(
+            Instant::now() < deadline,
+            "{}: node {bounced}'s agent did not set its cmap watch up again",
+            rig.test
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    rig.qemu_io(bounced, VOLUME, &[write(0x5a, 0, MIB), read(0x5a, 0, MIB)])
+        .await;
+}

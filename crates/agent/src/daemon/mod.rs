@@ -28,7 +28,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::cluster::MembershipConfig;
-use crate::config::{ConfigWatch, CsnapConfig, NbdListen, VolumeConfig};
+use crate::config::{ConfigError, ConfigWatch, CsnapConfig, NbdListen, ParsedConfig, VolumeConfig};
 use client::{run_client_side, ClientSideConfig};
 use fencing::{ClusterFencer, Fencer};
 use volume::{run_volume, ServerLocation, VolumeRequest, VolumeShellConfig};
@@ -370,19 +370,60 @@ async fn handle_control(node: NodeId, volumes: Volumes, req: ControlRequest) -> 
     }
 }
 
+/// How often the agent tries to reach corosync while it is not running.
+const COROSYNC_RETRY: Duration = Duration::from_secs(2);
+
+/// Starts watching the configuration in cmap: the configuration there now and the watch.
+fn watch_config() -> Result<(Result<ParsedConfig, ConfigError>, ConfigWatch), String> {
+    let cmap = Cmap::connect().map_err(|e| format!("cannot connect to corosync's cmap: {e}"))?;
+    ConfigWatch::start(cmap).map_err(|e| format!("cannot watch corosync.conf through cmap: {e}"))
+}
+
+/// Waits (until SIGTERM/SIGINT: `None`) for corosync to answer, then returns the
+/// configuration, its watch and the local node id. A csnap section that is invalid at
+/// start is an error: there is no previous configuration to keep.
+async fn reach_corosync(
+    sigterm: &mut tokio::signal::unix::Signal,
+) -> anyhow::Result<Option<(ParsedConfig, ConfigWatch, NodeId)>> {
+    let mut logged = false;
+    loop {
+        let attempt = watch_config().and_then(|(initial, watch)| {
+            let id = cpg_glue::corosync::local_node_id()
+                .map_err(|e| format!("cannot ask corosync for the local node id: {e}"))?;
+            Ok((initial, watch, id))
+        });
+        let waiting = match attempt {
+            Ok((Ok(parsed), watch, id)) => return Ok(Some((parsed, watch, id))),
+            Ok((Err(ConfigError::Invalid { key, detail }), _, _)) => {
+                anyhow::bail!("corosync.conf key {key}: {detail}")
+            }
+            Ok((Err(ConfigError::Cmap(e)), _, _)) => e.to_string(),
+            Err(e) => e,
+        };
+        if !logged {
+            tracing::warn!(error = %waiting, "waiting for corosync (retrying every {COROSYNC_RETRY:?})");
+            logged = true;
+        }
+        tokio::select! {
+            _ = sigterm.recv() => return Ok(None),
+            _ = tokio::signal::ctrl_c() => return Ok(None),
+            _ = tokio::time::sleep(COROSYNC_RETRY) => {}
+        }
+    }
+}
+
 /// Runs cluster mode until SIGTERM/SIGINT.
 pub async fn run(options: DaemonOptions) -> anyhow::Result<()> {
-    let cmap =
-        Cmap::connect().context("cannot connect to corosync's cmap (is corosync running?)")?;
-    let (initial, mut config_watch) =
-        ConfigWatch::start(cmap).context("cannot watch corosync.conf through cmap")?;
-    let parsed = initial.context("corosync.conf's csnap section")?;
+    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("cannot install the SIGTERM handler")?;
+    let Some((parsed, config_watch, id)) = reach_corosync(&mut sigterm).await? else {
+        return Ok(());
+    };
+    let mut config_watch = Some(config_watch);
     for w in &parsed.warnings {
         tracing::warn!(key = %w.key, "corosync.conf: {}", w.detail);
     }
     let mut config = parsed.config;
-    let id =
-        cpg_glue::corosync::local_node_id().context("cannot ask corosync for the local node id")?;
     let key = server_net::key::load_key_file(&config.key_file)?;
     let node = Node {
         id,
@@ -446,53 +487,27 @@ pub async fn run(options: DaemonOptions) -> anyhow::Result<()> {
     tracing::info!(node = id.0, volumes = ?running.keys().collect::<Vec<_>>(),
         control = %control_path.display(), "csnap-agent ready (cluster mode)");
 
-    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .context("cannot install the SIGTERM handler")?;
-    let mut watching = true;
     loop {
-        tokio::select! {
+        let change = tokio::select! {
             _ = sigterm.recv() => break,
             _ = tokio::signal::ctrl_c() => break,
-            change = config_watch.next(), if watching => match change {
-                None => {
-                    tracing::warn!("the cmap watch ended; configuration reloads are no longer followed");
-                    watching = false;
+            change = next_change(&mut config_watch) => change,
+        };
+        match change {
+            Ok(parsed) => {
+                for w in &parsed.warnings {
+                    tracing::warn!(key = %w.key, "corosync.conf: {}", w.detail);
                 }
-                Some(Err(e)) => tracing::error!(error = %e, "corosync.conf reload: the csnap section is invalid; keeping the running configuration"),
-                Some(Ok(parsed)) => {
-                    for w in &parsed.warnings {
-                        tracing::warn!(key = %w.key, "corosync.conf: {}", w.detail);
-                    }
-                    let new = parsed.config;
-                    let removed: Vec<String> = running
-                        .keys()
-                        .filter(|name| new.volumes.get(*name) != running.get(*name).map(|v| &v.config))
-                        .cloned()
-                        .collect();
-                    for name in removed {
-                        if let Some(v) = running.remove(&name) {
-                            tracing::info!(volume = %name, "volume removed or changed in corosync.conf: stopping it");
-                            stop_volume(&name, v).await;
-                        }
-                    }
-                    for v in new.volumes.values() {
-                        if !running.contains_key(&v.name) {
-                            tracing::info!(volume = %v.name, "volume added or changed in corosync.conf: starting it");
-                            running.insert(v.name.clone(), node.start_volume(&new, v));
-                        }
-                    }
-                    let priorities: BTreeMap<NodeId, i32> =
-                        new.nodes.iter().map(|(id, n)| (*id, n.priority)).collect();
-                    for v in running.values() {
-                        let _ = v.requests.send(VolumeRequest::Config {
-                            priorities: priorities.clone(),
-                            fencing: new.fencing.clone(),
-                        });
-                    }
-                    config = new;
-                    sync_handles(&running, &volumes);
-                }
-            },
+                config = parsed.config;
+                apply_config(&node, &mut running, &config).await;
+                sync_handles(&running, &volumes);
+            }
+            Err(ConfigError::Invalid { key, detail }) => tracing::error!(%key, %detail,
+                "corosync.conf reload: the csnap section is invalid; keeping the running configuration"),
+            Err(ConfigError::Cmap(e)) => {
+                tracing::warn!(error = %e, "lost the cmap watch (corosync restarted?); reloads are followed again once corosync answers");
+                config_watch = None;
+            }
         }
     }
     tracing::info!("csnap-agent stopping");
@@ -502,6 +517,66 @@ pub async fn run(options: DaemonOptions) -> anyhow::Result<()> {
         .into_iter()
         .map(|(name, v)| async move { stop_volume(&name, v).await });
     futures::future::join_all(stops).await;
-    let _ = config;
     Ok(())
+}
+
+/// The next configuration change. Without a watch (corosync went away) it tries to set one
+/// up again every [`COROSYNC_RETRY`]; once back, the configuration found then counts as a
+/// reload (changes made meanwhile are applied).
+async fn next_change(watch: &mut Option<ConfigWatch>) -> Result<ParsedConfig, ConfigError> {
+    loop {
+        match watch {
+            Some(w) => {
+                return match w.next().await {
+                    Some(change) => change,
+                    None => Err(ConfigError::Cmap(cpg_glue::GroupError::Disconnected {
+                        group: "cmap".into(),
+                        detail: "the configuration watch ended".into(),
+                    })),
+                }
+            }
+            None => {
+                tokio::time::sleep(COROSYNC_RETRY).await;
+                if let Ok((initial, new_watch)) = watch_config() {
+                    tracing::info!("cmap watch set up again: following corosync.conf reloads");
+                    *watch = Some(new_watch);
+                    return initial;
+                }
+            }
+        }
+    }
+}
+
+/// Brings the running volumes in line with `new`: volumes removed or changed stop, new
+/// ones start, priority and fencing changes go to every running volume.
+async fn apply_config(
+    node: &Node,
+    running: &mut BTreeMap<String, RunningVolume>,
+    new: &CsnapConfig,
+) {
+    let removed: Vec<String> = running
+        .keys()
+        .filter(|name| new.volumes.get(*name) != running.get(*name).map(|v| &v.config))
+        .cloned()
+        .collect();
+    for name in removed {
+        if let Some(v) = running.remove(&name) {
+            tracing::info!(volume = %name, "volume removed or changed in corosync.conf: stopping it");
+            stop_volume(&name, v).await;
+        }
+    }
+    for v in new.volumes.values() {
+        if !running.contains_key(&v.name) {
+            tracing::info!(volume = %v.name, "volume added or changed in corosync.conf: starting it");
+            running.insert(v.name.clone(), node.start_volume(new, v));
+        }
+    }
+    let priorities: BTreeMap<NodeId, i32> =
+        new.nodes.iter().map(|(id, n)| (*id, n.priority)).collect();
+    for v in running.values() {
+        let _ = v.requests.send(VolumeRequest::Config {
+            priorities: priorities.clone(),
+            fencing: new.fencing.clone(),
+        });
+    }
 }
