@@ -135,6 +135,8 @@ struct Rig {
     ctl: PathBuf,
     /// Agent pid by node (absent once killed).
     agents: std::collections::BTreeMap<NodeId, u32>,
+    /// The socket each agent sends its systemd notifications to (`$NOTIFY_SOCKET`).
+    notify: std::collections::BTreeMap<NodeId, std::os::unix::net::UnixDatagram>,
     test: String,
 }
 
@@ -166,6 +168,7 @@ impl Rig {
             cluster,
             ctl,
             agents: Default::default(),
+            notify: Default::default(),
             test: test.to_owned(),
         };
         let dir = rig.cluster.dir().to_path_buf();
@@ -215,6 +218,13 @@ impl Rig {
         }
         for node in rig.cluster.nodes() {
             let socket = rig.control_socket(node).display().to_string();
+            // As systemd would run it (Type=notify, WatchdogSec=2).
+            let notify_path = rig.cluster.node_dir(node).join("notify.sock");
+            let notify = std::os::unix::net::UnixDatagram::bind(&notify_path)
+                .and_then(|s| s.set_nonblocking(true).map(|()| s))
+                .expect("bind the notification socket");
+            rig.notify.insert(node, notify);
+            let notify_env = format!("NOTIFY_SOCKET={}", notify_path.display());
             let pid = rig
                 .cluster
                 .spawn_in_node(
@@ -223,6 +233,8 @@ impl Rig {
                     &[
                         "NO_COLOR=1",
                         "RUST_LOG=info",
+                        &notify_env,
+                        "WATCHDOG_USEC=2000000",
                         &agent.display().to_string(),
                         "--control-socket",
                         &socket,
@@ -431,6 +443,18 @@ impl Rig {
             .unwrap_or_else(|| panic!("no snapshot id in {text}"))
     }
 
+    /// Every systemd notification `node`'s agent sent since the last call.
+    fn notifications(&self, node: NodeId) -> Vec<String> {
+        let mut out = Vec::new();
+        let mut buf = [0u8; 4096];
+        if let Some(socket) = self.notify.get(&node) {
+            while let Ok(n) = socket.recv(&mut buf) {
+                out.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+            }
+        }
+        out
+    }
+
     /// Power-off of `node`: its corosync and its agent SIGKILLed together.
     async fn power_off(&mut self, node: NodeId) {
         let pid = self.agents.remove(&node).expect("the node's agent runs");
@@ -546,6 +570,26 @@ async fn three_agents_agree_on_one_server_and_share_the_volume() {
         .await
         .expect("snapshot list");
     assert!(list.contains("before"), "{list}");
+
+    // As systemd sees it: READY=1 once the groups were joined, then watchdog pings (every
+    // second with WatchdogSec=2) carrying a STATUS line per volume.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut seen: Vec<String> = Vec::new();
+    loop {
+        seen.extend(rig.notifications(server));
+        let ready = seen.iter().any(|m| m.lines().any(|l| l == "READY=1"));
+        let pinged = seen
+            .iter()
+            .any(|m| m.contains("WATCHDOG=1") && m.contains("STATUS=vol0: Serving (served here"));
+        if ready && pinged {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "node {server}: no READY=1 and watchdog ping with a status: {seen:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 
     // The human status shows the cluster fields.
     let text = rig.ctl(snapper, &["status"]).await.expect("status");

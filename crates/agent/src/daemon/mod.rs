@@ -7,6 +7,7 @@
 
 pub mod client;
 pub mod fencing;
+pub mod notify;
 pub mod volume;
 
 use std::collections::BTreeMap;
@@ -54,6 +55,8 @@ struct RunningVolume {
     stop: CancellationToken,
     requests: mpsc::UnboundedSender<VolumeRequest>,
     client: watch::Receiver<Option<Arc<Volume>>>,
+    /// True while the volume's membership task is in its group.
+    joined: watch::Receiver<bool>,
     tasks: Vec<JoinHandle<()>>,
 }
 
@@ -123,6 +126,7 @@ impl Node {
         let (vol_tx, vol_rx) = watch::channel::<Option<Arc<Volume>>>(None);
         let fencer = self.fencer.clone();
         let group_name = format!("csnap:{}", volume.name);
+        let (joined_tx, joined_rx) = watch::channel(false);
         let membership = {
             let stop = stop.clone();
             let (replay, connected) = (req_tx.clone(), vol_rx.clone());
@@ -147,17 +151,22 @@ impl Node {
                         Ok::<_, cpg_glue::GroupError>((group, quorum))
                     };
                     let ended = match joined.await {
-                        Ok((group, quorum)) => run_volume(
-                            shell.clone(),
-                            group,
-                            quorum,
-                            fencer.clone(),
-                            &mut req_rx,
-                            &loc_tx,
-                            stop.clone(),
-                        )
-                        .await
-                        .map_err(|e| format!("{e:#}")),
+                        Ok((group, quorum)) => {
+                            joined_tx.send_replace(true);
+                            let ended = run_volume(
+                                shell.clone(),
+                                group,
+                                quorum,
+                                fencer.clone(),
+                                &mut req_rx,
+                                &loc_tx,
+                                stop.clone(),
+                            )
+                            .await
+                            .map_err(|e| format!("{e:#}"));
+                            joined_tx.send_replace(false);
+                            ended
+                        }
                         Err(e) => Err(format!("cannot join group {group_name}: {e}")),
                     };
                     match ended {
@@ -215,6 +224,7 @@ impl Node {
             stop,
             requests: req_tx,
             client: vol_rx,
+            joined: joined_rx,
             tasks: vec![membership, client],
         }
     }
@@ -384,6 +394,7 @@ fn watch_config() -> Result<(Result<ParsedConfig, ConfigError>, ConfigWatch), St
 /// start is an error: there is no previous configuration to keep.
 async fn reach_corosync(
     sigterm: &mut tokio::signal::unix::Signal,
+    notifier: &notify::Notifier,
 ) -> anyhow::Result<Option<(ParsedConfig, ConfigWatch, NodeId)>> {
     let mut logged = false;
     loop {
@@ -402,6 +413,7 @@ async fn reach_corosync(
         };
         if !logged {
             tracing::warn!(error = %waiting, "waiting for corosync (retrying every {COROSYNC_RETRY:?})");
+            notifier.send(&format!("STATUS=waiting for corosync: {waiting}"));
             logged = true;
         }
         tokio::select! {
@@ -416,7 +428,8 @@ async fn reach_corosync(
 pub async fn run(options: DaemonOptions) -> anyhow::Result<()> {
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .context("cannot install the SIGTERM handler")?;
-    let Some((parsed, config_watch, id)) = reach_corosync(&mut sigterm).await? else {
+    let notifier = Arc::new(notify::Notifier::from_env());
+    let Some((parsed, config_watch, id)) = reach_corosync(&mut sigterm, &notifier).await? else {
         return Ok(());
     };
     let mut config_watch = Some(config_watch);
@@ -484,6 +497,27 @@ pub async fn run(options: DaemonOptions) -> anyhow::Result<()> {
         Arc::new(move |req: ControlRequest| handle_control(id, volumes.clone(), req))
     };
     let control_task = tokio::spawn(crate::control::serve(control, handler));
+    // READY=1 once every volume joined its group (the control socket is bound already).
+    let ready_task = {
+        let notifier = notifier.clone();
+        let mut joined: Vec<watch::Receiver<bool>> =
+            running.values().map(|v| v.joined.clone()).collect();
+        tokio::spawn(async move {
+            for j in &mut joined {
+                if j.wait_for(|joined| *joined).await.is_err() {
+                    return;
+                }
+            }
+            notifier.send("READY=1\nSTATUS=every volume joined its group");
+            tracing::info!("every volume joined its group (systemd notified)");
+        })
+    };
+    let watchdog_every = notifier
+        .watchdog()
+        .map(|w| w / 2)
+        .unwrap_or(Duration::from_secs(3600));
+    let mut watchdog = tokio::time::interval(watchdog_every);
+    watchdog.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tracing::info!(node = id.0, volumes = ?running.keys().collect::<Vec<_>>(),
         control = %control_path.display(), "csnap-agent ready (cluster mode)");
 
@@ -492,6 +526,15 @@ pub async fn run(options: DaemonOptions) -> anyhow::Result<()> {
             _ = sigterm.recv() => break,
             _ = tokio::signal::ctrl_c() => break,
             change = next_change(&mut config_watch) => change,
+            _ = watchdog.tick() => {
+                // Ping only when every volume's event loop answers (a stuck loop must let
+                // systemd's watchdog restart the agent), and say where each volume is.
+                match volumes_summary(id, &volumes, watchdog_every / 2).await {
+                    Some(summary) => notifier.send(&format!("WATCHDOG=1\nSTATUS={summary}")),
+                    None => tracing::error!("a volume's event loop does not answer: no watchdog ping"),
+                }
+                continue;
+            }
         };
         match change {
             Ok(parsed) => {
@@ -511,6 +554,8 @@ pub async fn run(options: DaemonOptions) -> anyhow::Result<()> {
         }
     }
     tracing::info!("csnap-agent stopping");
+    notifier.send("STOPPING=1\nSTATUS=stopping");
+    ready_task.abort();
     control_task.abort();
     let _ = std::fs::remove_file(&control_path);
     let stops = running
@@ -518,6 +563,38 @@ pub async fn run(options: DaemonOptions) -> anyhow::Result<()> {
         .map(|(name, v)| async move { stop_volume(&name, v).await });
     futures::future::join_all(stops).await;
     Ok(())
+}
+
+/// One line for systemd's STATUS: each volume's role, server and gate. `None` if a
+/// volume's event loop did not answer within `limit`.
+async fn volumes_summary(node: NodeId, volumes: &Volumes, limit: Duration) -> Option<String> {
+    let selected: Vec<(VolumeConfig, RunningHandles)> = {
+        let map = match volumes.lock() {
+            Ok(m) => m,
+            Err(p) => p.into_inner(),
+        };
+        map.values().cloned().collect()
+    };
+    let mut parts = Vec::new();
+    for (config, handles) in &selected {
+        let (tx, rx) = oneshot::channel();
+        handles.requests.send(VolumeRequest::Status(tx)).ok()?;
+        let (cluster, _) = tokio::time::timeout(limit, rx).await.ok()?.ok()?;
+        let server = match cluster.server_node {
+            Some(n) if n == node.0 => "served here".to_owned(),
+            Some(n) => format!("server on node {n}"),
+            None => "no server".to_owned(),
+        };
+        parts.push(format!(
+            "{}: {} ({server}, generation {}, gate {})",
+            config.name, cluster.role, cluster.generation, cluster.gate
+        ));
+    }
+    Some(if parts.is_empty() {
+        "no volumes configured".to_owned()
+    } else {
+        parts.join("; ")
+    })
 }
 
 /// The next configuration change. Without a watch (corosync went away) it tries to set one
