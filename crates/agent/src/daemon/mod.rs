@@ -290,13 +290,20 @@ async fn volume_status(
         .map_err(|_| format!("volume {name:?}: no status within 10 s"))?
         .map_err(|_| format!("volume {name:?} is stopping"))?;
     let client = handles.client.borrow().clone();
+    // The server's own figures: from the local server when this node runs it, else asked
+    // through the client, briefly, and only when the view has a server: status must stay
+    // quick during an outage, when it matters most.
     let (server_status, sessions, cache) = match &client {
         Some(v) => {
-            let remote = tokio::time::timeout(Duration::from_secs(5), v.status())
-                .await
-                .ok()
-                .and_then(Result::ok);
-            (remote.or(local), v.origin_sessions(), Some(v.cache_stats()))
+            let remote = if local.is_none() && cluster.quorate && cluster.server_node.is_some() {
+                tokio::time::timeout(Duration::from_secs(1), v.status())
+                    .await
+                    .ok()
+                    .and_then(Result::ok)
+            } else {
+                None
+            };
+            (local.or(remote), v.origin_sessions(), Some(v.cache_stats()))
         }
         None => (local, 0, None),
     };
