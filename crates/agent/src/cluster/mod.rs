@@ -742,10 +742,13 @@ impl VolumeMembership {
         }
         if state.role.has_server() {
             self.settled.remove(&from.node);
-            if (state.role == Role::Serving || state.role == Role::Starting)
-                && self.server.as_ref().map(|s| s.0) != Some(from.node)
-            {
-                self.server = Some((from.node, String::new()));
+            if state.role == Role::Serving || state.role == Role::Starting {
+                // Its address comes with its state (empty from a version-1 sender: the
+                // shell's configured addresses fill in then).
+                let known = self.server.as_ref().filter(|s| s.0 == from.node);
+                if known.is_none_or(|s| s.1.is_empty() && !state.server_address.is_empty()) {
+                    self.server = Some((from.node, state.server_address.clone()));
+                }
             }
         } else if self.unsettled.remove(&from.node).is_some() {
             self.settled.insert(from.node);
@@ -1503,6 +1506,11 @@ impl VolumeMembership {
             stale: self.stale.iter().copied().collect(),
             fencing,
             fenced: self.fenced.iter().copied().collect(),
+            server_address: if self.role.has_server() {
+                self.cfg.server_address.clone()
+            } else {
+                String::new()
+            },
         }
     }
 

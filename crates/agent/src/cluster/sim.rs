@@ -834,13 +834,19 @@ impl Sim {
                     self.gates()
                 ));
             }
-            seen.insert(st.server.map(|s| s.0));
+            seen.insert(st.server);
         }
         if servers.len() != 1 {
             return Err(format!("serving: {servers:?}; {}", self.gates()));
         }
         if seen.len() != 1 {
             return Err(format!("members disagree on the server: {seen:?}"));
+        }
+        // Every member knows where the server listens (the sim's nodes listen on
+        // `node<id>:7000`), also one that joined after the announce.
+        let want = Some((servers[0], format!("node{}:7000", servers[0].0)));
+        if seen.first() != Some(&want) {
+            return Err(format!("the server's address is not known: {seen:?}"));
         }
         Ok(())
     }
@@ -1116,4 +1122,23 @@ fn members_without_certain_history_wait_one_stop_wait() {
         );
     }
     sim.settle().unwrap();
+}
+
+/// A member that joins after the announce learns the server's address from the server's
+/// state, not only its node.
+#[test]
+fn a_member_joining_after_the_announce_knows_the_server_address() {
+    let mut sim = scripted(Fencing::Reset);
+    sim.settle().unwrap();
+    let s = sim.serving().expect("one server");
+    let x = (0..3).find(|&i| i != s).unwrap();
+    sim.crash_agent(x);
+    sim.drain_all().unwrap();
+    sim.start_agent(x);
+    sim.drain_all().unwrap();
+    sim.advance_by(500).unwrap();
+    sim.drain_all().unwrap();
+    let st = sim.nodes[x].agent.as_ref().unwrap().machine.status();
+    let sid = sim.nodes[s].id;
+    assert_eq!(st.server, Some((sid, format!("node{}:7000", sid.0))));
 }
