@@ -938,7 +938,10 @@ impl VolumeMembership {
                     self.start_fence(node);
                 }
             }
-            if reset && node == self.local.node && !self.reset_pending {
+            // Once per incident: a repeated reset order (the claimant repeats it in every
+            // view until it sees the clean state) finds nothing left to drop, and must not
+            // drop what the node holds legitimately since (a lineage adopted, clients).
+            if reset && node == self.local.node && !self.reset_pending && self.has_state() {
                 self.reset();
             }
         }

@@ -1124,6 +1124,84 @@ fn members_without_certain_history_wait_one_stop_wait() {
     sim.settle().unwrap();
 }
 
+/// With `fencing: reset`, a stale node drops its state once per incident: a reset order
+/// repeated before the node's own clean state is back (the claimant repeats it in a new
+/// view; or a second claim wins once the first claimant's state no longer lists the node)
+/// finds nothing to drop and does nothing. On real corosync the node reset itself twice
+/// within milliseconds (`stale_reset` for g1@1, then for g0).
+#[test]
+fn a_stale_node_resets_itself_once() {
+    let mut sim = scripted(Fencing::Reset);
+    sim.settle().unwrap();
+    let s = sim.serving().expect("one server");
+    let old = sim.nodes[s].id;
+    let rest: Vec<usize> = (0..3).filter(|&i| i != s).collect();
+    let others: Vec<NodeId> = rest.iter().map(|&i| sim.nodes[i].id).collect();
+    sim.cluster.partition(&[vec![old], others]).unwrap();
+    sim.drain_all().unwrap();
+    for _ in 0..60 {
+        sim.advance_by(500).unwrap();
+        sim.drain_all().unwrap();
+    }
+    assert!(rest.iter().any(|&i| sim.nodes[i].proc_ == Proc::Ready));
+    sim.cluster.heal();
+    let resets = |sim: &Sim| {
+        sim.logs
+            .iter()
+            .filter(|(n, name, _)| *n == old && *name == "stale_reset")
+            .count()
+    };
+    let mut repeated = false;
+    'outer: for _ in 0..10_000 {
+        let mut any = false;
+        for i in 0..3 {
+            let Some(agent) = sim.nodes[i].agent.as_mut() else {
+                continue;
+            };
+            let input = match agent.quorum.next().now_or_never() {
+                Some(Some(Ok(q))) => Some(Input::Quorum(q)),
+                _ => match agent.group.next().now_or_never() {
+                    Some(Some(Ok(ev))) => Some(Input::Group(ev)),
+                    _ => None,
+                },
+            };
+            let Some(input) = input else { continue };
+            any = true;
+            sim.feed(i, input).unwrap();
+            if i == s && !repeated && resets(&sim) == 1 {
+                // The order again, before the node's own clean state came back to it.
+                let m = &sim.nodes[s].agent.as_ref().unwrap().machine;
+                let claimant = *m.claims.get(&old).expect("a claimant");
+                assert!(m.stale.contains(&old));
+                let payload = super::state::Message::new(super::state::Body::FenceClaim {
+                    node: old,
+                    reset: true,
+                })
+                .encode()
+                .unwrap();
+                let again = cpg_glue::GroupEvent::Deliver(cpg_glue::Delivery {
+                    from: claimant,
+                    payload,
+                });
+                sim.feed(s, Input::Group(again)).unwrap();
+                repeated = true;
+                break 'outer;
+            }
+        }
+        if !any {
+            break;
+        }
+    }
+    assert!(repeated, "no reset seen:\n{}", sim.trace());
+    sim.settle().unwrap();
+    assert_eq!(
+        resets(&sim),
+        1,
+        "{old} reset more than once:\n{}",
+        sim.trace()
+    );
+}
+
 /// A member that joins after the announce learns the server's address from the server's
 /// state, not only its node.
 #[test]
