@@ -758,6 +758,23 @@ impl VolumeMembership {
                 format!("{from} reports no server"),
             );
         }
+        if !state.role.has_server()
+            && state.has_state
+            && state.lineage == self.reference
+            && !self.stale.contains(&from.node)
+        {
+            // Back clean (see `end_fencing`): no server on its node (an agent reports `Idle`
+            // only once its server is gone, and a restarted agent's server died with the
+            // old agent), and nothing of another lineage. A node without any state is
+            // handled below, by every member at once.
+            self.end_fencing(
+                from.node,
+                format!(
+                    "{from} is back with no server and lineage {}",
+                    state.lineage
+                ),
+            );
+        }
         // The node speaks for itself again (back after its fencing, with or without state):
         // its fencing is history, what it says now counts.
         self.fenced.remove(&from.node);
@@ -982,14 +999,24 @@ impl VolumeMembership {
                 self.on_fenced(node);
                 self.mcast(Body::Fenced { node });
             }
-            Some(false) => self.log(
-                "fence_failed",
-                true,
-                format!(
-                    "{node}: {detail}; retrying in {} ms",
-                    self.cfg.fence_retry_ms
-                ),
-            ),
+            Some(false) => {
+                // A departed server that cannot be reached (kill_node: not in the ring, which
+                // is no proof it is off) is let go once its lease certainly ran out.
+                let until = match self.unsettled.get(&node) {
+                    Some(at) if !self.stale.contains(&node) => {
+                        format!(", or until its lease certainly ran out at {at} ms")
+                    }
+                    _ => String::new(),
+                };
+                self.log(
+                    "fence_failed",
+                    true,
+                    format!(
+                        "{node}: {detail}; retrying in {} ms{until}",
+                        self.cfg.fence_retry_ms
+                    ),
+                )
+            }
             None => {}
         }
     }
@@ -1108,6 +1135,33 @@ impl VolumeMembership {
                 "old_server_settled",
                 false,
                 format!("{node}: serving lease certainly expired"),
+            );
+            if !self.stale.contains(&node) {
+                // Certainly stopped by other means: fencing it now would only hit the node
+                // after it came back (kill_node reaches it again once it rejoins the ring).
+                self.end_fencing(node, "its serving lease certainly ran out".into());
+            }
+        }
+    }
+
+    /// Ends this node's fencing of `node` without a confirmation, because it is no longer
+    /// needed: the node's server is certainly stopped (its lease plus margin ran out since it
+    /// departed, or its agent says it runs none) and it holds nothing of another lineage
+    /// (stale nodes are never let go this way). Only the claimant's own claim and job end
+    /// here; the claimant's next state no longer lists the node, which ends the claim for
+    /// every member at one point of the agreed order (`live_claim`).
+    fn end_fencing(&mut self, node: NodeId, why: String) {
+        let mine = self.claims.get(&node) == Some(&self.local);
+        let job = self.fences.cancel(node);
+        if mine {
+            self.claims.remove(&node);
+            self.claim_sent.remove(&node);
+        }
+        if mine || job {
+            self.log(
+                "fence_unneeded",
+                false,
+                format!("{node} needs no fencing any more: {why}"),
             );
         }
     }
