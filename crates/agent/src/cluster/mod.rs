@@ -73,6 +73,12 @@
 //!   server they run, and are fenced (or, with `fencing: reset`, reset) by exactly one
 //!   member: the first claim delivered wins, fencing attempts are made only in an agreed
 //!   quorate view, and two claimants that meet after a merge settle on one.
+//! * A fencing job ends without a confirmation only when the node's server is certainly
+//!   stopped and the node holds nothing of another lineage: a departed server (not stale)
+//!   whose stop wait ran out, or a node back clean (`Idle`, and no state or the reference
+//!   lineage). kill_node's "not in the membership" is no proof the node is off, so it is
+//!   the lease that ends such a job, never the error; stale nodes are fenced or reset until
+//!   confirmed or back without state. A reset happens once per incident.
 //!
 //! # Certain history
 //! A member's history is *certain* when it knows every server that may still be active. It
