@@ -1082,6 +1082,13 @@ impl VolumeMembership {
         if let Some(agreed) = agreed {
             self.on_agreed(agreed);
         }
+        if (self.role == Role::Starting || self.role == Role::Serving)
+            && self.stale.contains(&self.local.node)
+        {
+            // The verdict of this very view: a stale node's server stops before anything
+            // else happens, not at the next input.
+            self.stop_server(StopReason::Stale);
+        }
         // Fencing jobs make attempts only in an agreed quorate view: a claimant cut off from
         // the quorate side pauses (that side claims the node again when it sees the claimant
         // leave; at the merge, one of the two yields, see `claim_fencing`, which runs first).
