@@ -217,35 +217,42 @@ impl Rig {
                 .expect("write the node's csnap section and reload");
         }
         for node in rig.cluster.nodes() {
-            let socket = rig.control_socket(node).display().to_string();
-            // As systemd would run it (Type=notify, WatchdogSec=2).
-            let notify_path = rig.cluster.node_dir(node).join("notify.sock");
-            let notify = std::os::unix::net::UnixDatagram::bind(&notify_path)
-                .and_then(|s| s.set_nonblocking(true).map(|()| s))
-                .expect("bind the notification socket");
-            rig.notify.insert(node, notify);
-            let notify_env = format!("NOTIFY_SOCKET={}", notify_path.display());
-            let pid = rig
-                .cluster
-                .spawn_in_node(
-                    node,
-                    "env",
-                    &[
-                        "NO_COLOR=1",
-                        "RUST_LOG=info",
-                        &notify_env,
-                        "WATCHDOG_USEC=2000000",
-                        &agent.display().to_string(),
-                        "--control-socket",
-                        &socket,
-                    ],
-                    "agent",
-                )
-                .await
-                .expect("start the node's agent");
-            rig.agents.insert(node, pid);
+            rig.start_agent(node, &agent).await;
         }
         Some(rig)
+    }
+
+    /// Starts `node`'s agent (its log is appended to `agent.log`).
+    async fn start_agent(&mut self, node: NodeId, agent: &Path) {
+        let socket = self.control_socket(node).display().to_string();
+        // As systemd would run it (Type=notify, WatchdogSec=2). A restarted agent gets a
+        // fresh socket.
+        let notify_path = self.cluster.node_dir(node).join("notify.sock");
+        let _ = std::fs::remove_file(&notify_path);
+        let notify = std::os::unix::net::UnixDatagram::bind(&notify_path)
+            .and_then(|s| s.set_nonblocking(true).map(|()| s))
+            .expect("bind the notification socket");
+        self.notify.insert(node, notify);
+        let notify_env = format!("NOTIFY_SOCKET={}", notify_path.display());
+        let pid = self
+            .cluster
+            .spawn_in_node(
+                node,
+                "env",
+                &[
+                    "NO_COLOR=1",
+                    "RUST_LOG=info",
+                    &notify_env,
+                    "WATCHDOG_USEC=2000000",
+                    &agent.display().to_string(),
+                    "--control-socket",
+                    &socket,
+                ],
+                "agent",
+            )
+            .await
+            .expect("start the node's agent");
+        self.agents.insert(node, pid);
     }
 
     fn nbd_socket(&self, node: NodeId) -> PathBuf {
@@ -603,7 +610,8 @@ async fn three_agents_agree_on_one_server_and_share_the_volume() {
 
 /// The server's node loses power while fio writes with verify through another node: the
 /// survivors elect a new server (higher generation), fio resumes and verifies everything,
-/// and a snapshot taken before still reads its data.
+/// and a snapshot taken before still reads its data. Powered back on, the node rejoins
+/// without being fenced and agrees on the server.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn power_off_of_the_server_node_fails_over_under_fio() {
     let Some(mut rig) = Rig::start("cluster mode: power-off", "kill_node").await else {
@@ -686,6 +694,52 @@ async fn power_off_of_the_server_node_fails_over_under_fio() {
         &[write(0x45, 0, MIB), read(0x45, 0, MIB)],
     )
     .await;
+
+    // kill_node could not reach the powered-off node (not in the membership); the fencing
+    // job ended once its serving lease had certainly run out, as the failover itself
+    // waited for.
+    let fencer = survivors
+        .iter()
+        .copied()
+        .find(|n| rig.agent_log(*n).contains("fence_unneeded"))
+        .unwrap_or_else(|| panic!("no survivor let go of fencing node {first}"));
+    rig.assert_logged(fencer, "fence_requested");
+
+    // Power the node back on: corosync first, its agent a little later (as after a boot).
+    // Nothing may fence it: its old server is certainly gone, and its new agent holds
+    // nothing. It rejoins and agrees on the server, address included.
+    rig.cluster
+        .start_node(first)
+        .await
+        .expect("start the node's corosync again");
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    assert!(
+        rig.cluster.is_running(first),
+        "node {first}'s corosync was killed after it was powered back on"
+    );
+    let (agent, _) = binaries();
+    rig.start_agent(first, &agent).await;
+    let (again, status) = rig.agreed_server(&nodes, FAILOVER).await;
+    assert_eq!(
+        again, second,
+        "the server moved when node {first} came back"
+    );
+    let address = status.cluster.expect("cluster status").server_address;
+    let back = rig.status(first).await.expect("the rebooted node's status");
+    let c = back.cluster.expect("cluster status");
+    assert_eq!(c.server_address, address, "{c:?}");
+    assert!(c.stale.is_empty() && c.fencing.is_empty(), "{c:?}");
+    assert!(
+        rig.cluster.is_running(first),
+        "node {first} was fenced after it came back"
+    );
+    for n in &nodes {
+        let log = rig.agent_log(*n);
+        assert!(
+            !log.contains("stale_merge"),
+            "node {n} took the rebooted node for stale"
+        );
+    }
 }
 
 /// What the partition phase leaves: the old server (alone in the minority), the

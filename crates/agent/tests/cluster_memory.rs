@@ -100,12 +100,9 @@ fn start_node(fx: &Fixture, cluster: &MemoryCluster, id: NodeId, lease_ms: u64) 
         node: id,
         server_listen: csnap_server::net::ListenAddr::Unix(sock),
         membership,
-        peer_addresses: (1..=3)
-            .map(|n| {
-                let sock = fx.path(&format!("server-{n}.sock"));
-                (NodeId(n), format!("unix:{}", sock.display()))
-            })
-            .collect(),
+        // No configured addresses: every member learns the server's address from its
+        // announce or its state (the shell's table is only a fallback for version-1 peers).
+        peer_addresses: Default::default(),
         direct_io: false,
     };
     let stop = CancellationToken::new();

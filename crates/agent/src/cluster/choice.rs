@@ -65,6 +65,7 @@ mod tests {
             stale: vec![],
             fencing: vec![],
             fenced: vec![],
+            server_address: String::new(),
         }
     }
 

@@ -1,6 +1,7 @@
 //! Fencing jobs of the member that claimed them: one per node, with a timeout per attempt
 //! and a retry delay after a failure. Fencing is retried until it is confirmed or no
-//! longer needed (the node came back clean, or it was resolved otherwise): giving up would
+//! longer needed (the node came back clean, or a departed server's lease certainly ran
+//! out: the caller cancels the job then, see `VolumeMembership::end_fencing`): giving up would
 //! leave a node with state of another lineage loose, so failures are logged each time and
 //! shown in status instead (dlm_controld also keeps trying; a person can step in).
 

@@ -122,6 +122,7 @@ mod tests {
             stale: vec![],
             fencing: vec![],
             fenced: vec![],
+            server_address: String::new(),
         }
     }
 

@@ -73,6 +73,12 @@
 //!   server they run, and are fenced (or, with `fencing: reset`, reset) by exactly one
 //!   member: the first claim delivered wins, fencing attempts are made only in an agreed
 //!   quorate view, and two claimants that meet after a merge settle on one.
+//! * A fencing job ends without a confirmation only when the node's server is certainly
+//!   stopped and the node holds nothing of another lineage: a departed server (not stale)
+//!   whose stop wait ran out, or a node back clean (`Idle`, and no state or the reference
+//!   lineage). kill_node's "not in the membership" is no proof the node is off, so it is
+//!   the lease that ends such a job, never the error; stale nodes are fenced or reset until
+//!   confirmed or back without state. A reset happens once per incident.
 //!
 //! # Certain history
 //! A member's history is *certain* when it knows every server that may still be active. It
@@ -742,10 +748,13 @@ impl VolumeMembership {
         }
         if state.role.has_server() {
             self.settled.remove(&from.node);
-            if (state.role == Role::Serving || state.role == Role::Starting)
-                && self.server.as_ref().map(|s| s.0) != Some(from.node)
-            {
-                self.server = Some((from.node, String::new()));
+            if state.role == Role::Serving || state.role == Role::Starting {
+                // Its address comes with its state (empty from a version-1 sender: the
+                // shell's configured addresses fill in then).
+                let known = self.server.as_ref().filter(|s| s.0 == from.node);
+                if known.is_none_or(|s| s.1.is_empty() && !state.server_address.is_empty()) {
+                    self.server = Some((from.node, state.server_address.clone()));
+                }
             }
         } else if self.unsettled.remove(&from.node).is_some() {
             self.settled.insert(from.node);
@@ -753,6 +762,23 @@ impl VolumeMembership {
                 "old_server_settled",
                 false,
                 format!("{from} reports no server"),
+            );
+        }
+        if !state.role.has_server()
+            && state.has_state
+            && state.lineage == self.reference
+            && !self.stale.contains(&from.node)
+        {
+            // Back clean (see `end_fencing`): no server on its node (an agent reports `Idle`
+            // only once its server is gone, and a restarted agent's server died with the
+            // old agent), and nothing of another lineage. A node without any state is
+            // handled below, by every member at once.
+            self.end_fencing(
+                from.node,
+                format!(
+                    "{from} is back with no server and lineage {}",
+                    state.lineage
+                ),
             );
         }
         // The node speaks for itself again (back after its fencing, with or without state):
@@ -935,7 +961,10 @@ impl VolumeMembership {
                     self.start_fence(node);
                 }
             }
-            if reset && node == self.local.node && !self.reset_pending {
+            // Once per incident: a repeated reset order (the claimant repeats it in every
+            // view until it sees the clean state) finds nothing left to drop, and must not
+            // drop what the node holds legitimately since (a lineage adopted, clients).
+            if reset && node == self.local.node && !self.reset_pending && self.has_state() {
                 self.reset();
             }
         }
@@ -976,14 +1005,24 @@ impl VolumeMembership {
                 self.on_fenced(node);
                 self.mcast(Body::Fenced { node });
             }
-            Some(false) => self.log(
-                "fence_failed",
-                true,
-                format!(
-                    "{node}: {detail}; retrying in {} ms",
-                    self.cfg.fence_retry_ms
-                ),
-            ),
+            Some(false) => {
+                // A departed server that cannot be reached (kill_node: not in the ring, which
+                // is no proof it is off) is let go once its lease certainly ran out.
+                let until = match self.unsettled.get(&node) {
+                    Some(at) if !self.stale.contains(&node) => {
+                        format!(", or until its lease certainly ran out at {at} ms")
+                    }
+                    _ => String::new(),
+                };
+                self.log(
+                    "fence_failed",
+                    true,
+                    format!(
+                        "{node}: {detail}; retrying in {} ms{until}",
+                        self.cfg.fence_retry_ms
+                    ),
+                )
+            }
             None => {}
         }
     }
@@ -1042,6 +1081,13 @@ impl VolumeMembership {
         self.fencing_ok = agreed.as_ref().is_some_and(|a| a.quorate) && self.view.quorate_now();
         if let Some(agreed) = agreed {
             self.on_agreed(agreed);
+        }
+        if (self.role == Role::Starting || self.role == Role::Serving)
+            && self.stale.contains(&self.local.node)
+        {
+            // The verdict of this very view: a stale node's server stops before anything
+            // else happens, not at the next input.
+            self.stop_server(StopReason::Stale);
         }
         // Fencing jobs make attempts only in an agreed quorate view: a claimant cut off from
         // the quorate side pauses (that side claims the node again when it sees the claimant
@@ -1102,6 +1148,33 @@ impl VolumeMembership {
                 "old_server_settled",
                 false,
                 format!("{node}: serving lease certainly expired"),
+            );
+            if !self.stale.contains(&node) {
+                // Certainly stopped by other means: fencing it now would only hit the node
+                // after it came back (kill_node reaches it again once it rejoins the ring).
+                self.end_fencing(node, "its serving lease certainly ran out".into());
+            }
+        }
+    }
+
+    /// Ends this node's fencing of `node` without a confirmation, because it is no longer
+    /// needed: the node's server is certainly stopped (its lease plus margin ran out since it
+    /// departed, or its agent says it runs none) and it holds nothing of another lineage
+    /// (stale nodes are never let go this way). Only the claimant's own claim and job end
+    /// here; the claimant's next state no longer lists the node, which ends the claim for
+    /// every member at one point of the agreed order (`live_claim`).
+    fn end_fencing(&mut self, node: NodeId, why: String) {
+        let mine = self.claims.get(&node) == Some(&self.local);
+        let job = self.fences.cancel(node);
+        if mine {
+            self.claims.remove(&node);
+            self.claim_sent.remove(&node);
+        }
+        if mine || job {
+            self.log(
+                "fence_unneeded",
+                false,
+                format!("{node} needs no fencing any more: {why}"),
             );
         }
     }
@@ -1503,6 +1576,11 @@ impl VolumeMembership {
             stale: self.stale.iter().copied().collect(),
             fencing,
             fenced: self.fenced.iter().copied().collect(),
+            server_address: if self.role.has_server() {
+                self.cfg.server_address.clone()
+            } else {
+                String::new()
+            },
         }
     }
 

@@ -12,6 +12,10 @@
 //! * an activation lists every snapshot client of every member that was in the view from
 //!   the start of the gather to its end;
 //! * no two live members of one partition fence the same node for one incident;
+//! * a node that holds itself stale has no server granting anything (a stale node writes
+//!   nothing before it is fenced or reset: its server stops the moment it learns);
+//! * a fencing job is let go without a confirmation (`fence_unneeded`) only when the node's
+//!   server certainly grants nothing (off, stopped, or its lease ran out);
 //! * at the end (healed, quiet, fencing working): one server, every member agrees on it,
 //!   no stale node left.
 
@@ -105,6 +109,8 @@ pub struct Sim {
     pub activations: usize,
     pub stale_seen: usize,
     pub fences_done: usize,
+    /// Every fencing attempt: (when, target).
+    fence_attempts: Vec<(u64, NodeId)>,
     partitioned: bool,
     cfg: MembershipConfig,
 }
@@ -156,6 +162,7 @@ impl Sim {
             activations: 0,
             stale_seen: 0,
             fences_done: 0,
+            fence_attempts: Vec::new(),
             partitioned: false,
             cfg,
         };
@@ -243,7 +250,18 @@ impl Sim {
                 ));
             }
         }
-        self.drain(i)
+        self.drain(i)?;
+        // Once its outputs are carried out (a stop takes effect at once).
+        if let Some(agent) = self.nodes[i].agent.as_ref() {
+            let st = agent.machine.status();
+            if st.stale.contains(&st.local.node) && self.writing(i) {
+                return Err(format!(
+                    "{} holds itself stale and its server still grants ({:?})",
+                    st.local, self.nodes[i].proc_
+                ));
+            }
+        }
+        Ok(())
     }
 
     fn drain(&mut self, i: usize) -> Check {
@@ -316,11 +334,16 @@ impl Sim {
                     self.due.push((at, id, incarnation, Due::ServerStopped));
                 }
                 Output::DropClients => self.nodes[i].clients.clear(),
-                Output::Fence { node, attempt, .. } => {
+                Output::Fence {
+                    node,
+                    attempt,
+                    method,
+                } => {
                     self.note(format!(
                         "{} {id} fences {node} (attempt {attempt})",
                         self.now
                     ));
+                    self.fence_attempts.push((self.now, node));
                     if let Some(&(prev, inc)) = self.fencers.get(&node) {
                         if prev != id && self.alive_with(prev, inc) && self.same_side(prev, id) {
                             return Err(format!(
@@ -329,7 +352,11 @@ impl Sim {
                         }
                     }
                     self.fencers.insert(node, (id, incarnation));
-                    let ok = !self.rng.gen_bool(self.knobs.fence_fail);
+                    // corosync's cfg kill_node only reaches a node in the fencer's ring
+                    // (CS_ERR_NOT_EXIST otherwise): a node that is off, or cut off, cannot
+                    // be fenced that way.
+                    let reachable = method != Fencing::KillNode || self.same_side(id, node);
+                    let ok = !self.rng.gen_bool(self.knobs.fence_fail) && reachable;
                     // Sometimes no answer at all: the machine's timeout must retry.
                     if self.rng.gen_bool(0.9) {
                         let at = self.now + self.rng.gen_range(0..5_000);
@@ -352,7 +379,7 @@ impl Sim {
                         let view = self.view_nodes(i);
                         self.nodes[i].start_snapshot = Some((clients, view));
                     }
-                    if event.name == "fence_done" {
+                    if event.name == "fence_done" || event.name == "fence_unneeded" {
                         // That incident is over for this fencer (the node is off, or back
                         // clean): a later one may have another fencer.
                         let target = event
@@ -365,8 +392,20 @@ impl Sim {
                             if self.fencers.get(&t).is_some_and(|(f, _)| *f == id) {
                                 self.fencers.remove(&t);
                             }
+                            // Fencing is let go without a confirmation only when the node's
+                            // server certainly grants nothing any more.
+                            if event.name == "fence_unneeded" {
+                                if let Some(ti) = self.idx(t).filter(|&ti| self.writing(ti)) {
+                                    return Err(format!(
+                                        "{id} let go of fencing {t} while its server still grants ({:?}, lease until {}): {}",
+                                        self.nodes[ti].proc_, self.nodes[ti].lease_until, event.detail
+                                    ));
+                                }
+                            }
                         }
-                        self.fences_done += 1;
+                        if event.name == "fence_done" {
+                            self.fences_done += 1;
+                        }
                     }
                     self.note(format!(
                         "{} {id} log {} {}",
@@ -394,6 +433,13 @@ impl Sim {
             .as_ref()
             .map(|a| a.machine.status().members.iter().map(|m| m.node).collect())
             .unwrap_or_default()
+    }
+
+    /// Whether the node's server process may grant anything now (started or ready, within
+    /// the lease its agent gave it).
+    fn writing(&self, i: usize) -> bool {
+        matches!(self.nodes[i].proc_, Proc::Starting | Proc::Ready)
+            && self.now < self.nodes[i].lease_until
     }
 
     fn check_one_server(&self) -> Check {
@@ -834,13 +880,19 @@ impl Sim {
                     self.gates()
                 ));
             }
-            seen.insert(st.server.map(|s| s.0));
+            seen.insert(st.server);
         }
         if servers.len() != 1 {
             return Err(format!("serving: {servers:?}; {}", self.gates()));
         }
         if seen.len() != 1 {
             return Err(format!("members disagree on the server: {seen:?}"));
+        }
+        // Every member knows where the server listens (the sim's nodes listen on
+        // `node<id>:7000`), also one that joined after the announce.
+        let want = Some((servers[0], format!("node{}:7000", servers[0].0)));
+        if seen.first() != Some(&want) {
+            return Err(format!("the server's address is not known: {seen:?}"));
         }
         Ok(())
     }
@@ -1116,4 +1168,154 @@ fn members_without_certain_history_wait_one_stop_wait() {
         );
     }
     sim.settle().unwrap();
+}
+
+/// Problem seen on real corosync: the server's node is powered off; kill_node cannot reach
+/// it (not in the membership), and the survivors fail over once its lease ran out. The
+/// fencing job must end then: when the node is powered back on, a retry must not kill it
+/// before (or after) its fresh agent says it holds nothing.
+#[test]
+fn a_powered_off_server_is_waited_out_and_not_fenced_when_it_comes_back() {
+    let mut sim = scripted(Fencing::KillNode);
+    sim.settle().unwrap();
+    let s = sim.serving().expect("one server");
+    let old = sim.nodes[s].id;
+    sim.power_off(s);
+    sim.drain_all().unwrap();
+    let off_at = sim.now;
+    let wait = sim.cfg.stop_wait_ms();
+    while sim.now < off_at + wait + 10_000 {
+        sim.advance_by(500).unwrap();
+        sim.drain_all().unwrap();
+    }
+    let n = sim.serving().expect("failed over");
+    assert_ne!(sim.nodes[n].id, old);
+    for i in (0..3).filter(|&i| i != s) {
+        let st = sim.nodes[i].agent.as_ref().unwrap().machine.status();
+        assert!(
+            st.fencing.is_empty(),
+            "{}: fencing {:?} after {old}'s lease certainly ran out",
+            st.local,
+            st.fencing
+        );
+    }
+    // Powered back on: corosync first, the agent a while later.
+    sim.cluster.restart_node(old).unwrap();
+    let back_at = sim.now;
+    for _ in 0..40 {
+        sim.advance_by(500).unwrap();
+        sim.drain_all().unwrap();
+    }
+    sim.start_agent(s);
+    for _ in 0..40 {
+        sim.advance_by(500).unwrap();
+        sim.drain_all().unwrap();
+    }
+    assert!(
+        !sim.fence_attempts
+            .iter()
+            .any(|(at, t)| *at >= back_at && *t == old),
+        "{old} fenced after it was powered back on: {:?}",
+        sim.fence_attempts
+    );
+    assert!(sim.cluster.is_up(old));
+    assert!(!sim.logs.iter().any(|(_, name, _)| *name == "stale_merge"));
+    sim.converged().unwrap();
+}
+
+/// With `fencing: reset`, a stale node drops its state once per incident: a reset order
+/// repeated before the node's own clean state is back (the claimant repeats it in a new
+/// view; or a second claim wins once the first claimant's state no longer lists the node)
+/// finds nothing to drop and does nothing. On real corosync the node reset itself twice
+/// within milliseconds (`stale_reset` for g1@1, then for g0).
+#[test]
+fn a_stale_node_resets_itself_once() {
+    let mut sim = scripted(Fencing::Reset);
+    sim.settle().unwrap();
+    let s = sim.serving().expect("one server");
+    let old = sim.nodes[s].id;
+    let rest: Vec<usize> = (0..3).filter(|&i| i != s).collect();
+    let others: Vec<NodeId> = rest.iter().map(|&i| sim.nodes[i].id).collect();
+    sim.cluster.partition(&[vec![old], others]).unwrap();
+    sim.drain_all().unwrap();
+    for _ in 0..60 {
+        sim.advance_by(500).unwrap();
+        sim.drain_all().unwrap();
+    }
+    assert!(rest.iter().any(|&i| sim.nodes[i].proc_ == Proc::Ready));
+    sim.cluster.heal();
+    let resets = |sim: &Sim| {
+        sim.logs
+            .iter()
+            .filter(|(n, name, _)| *n == old && *name == "stale_reset")
+            .count()
+    };
+    let mut repeated = false;
+    'outer: for _ in 0..10_000 {
+        let mut any = false;
+        for i in 0..3 {
+            let Some(agent) = sim.nodes[i].agent.as_mut() else {
+                continue;
+            };
+            let input = match agent.quorum.next().now_or_never() {
+                Some(Some(Ok(q))) => Some(Input::Quorum(q)),
+                _ => match agent.group.next().now_or_never() {
+                    Some(Some(Ok(ev))) => Some(Input::Group(ev)),
+                    _ => None,
+                },
+            };
+            let Some(input) = input else { continue };
+            any = true;
+            sim.feed(i, input).unwrap();
+            if i == s && !repeated && resets(&sim) == 1 {
+                // The order again, before the node's own clean state came back to it.
+                let m = &sim.nodes[s].agent.as_ref().unwrap().machine;
+                let claimant = *m.claims.get(&old).expect("a claimant");
+                assert!(m.stale.contains(&old));
+                let payload = super::state::Message::new(super::state::Body::FenceClaim {
+                    node: old,
+                    reset: true,
+                })
+                .encode()
+                .unwrap();
+                let again = cpg_glue::GroupEvent::Deliver(cpg_glue::Delivery {
+                    from: claimant,
+                    payload,
+                });
+                sim.feed(s, Input::Group(again)).unwrap();
+                repeated = true;
+                break 'outer;
+            }
+        }
+        if !any {
+            break;
+        }
+    }
+    assert!(repeated, "no reset seen:\n{}", sim.trace());
+    sim.settle().unwrap();
+    assert_eq!(
+        resets(&sim),
+        1,
+        "{old} reset more than once:\n{}",
+        sim.trace()
+    );
+}
+
+/// A member that joins after the announce learns the server's address from the server's
+/// state, not only its node.
+#[test]
+fn a_member_joining_after_the_announce_knows_the_server_address() {
+    let mut sim = scripted(Fencing::Reset);
+    sim.settle().unwrap();
+    let s = sim.serving().expect("one server");
+    let x = (0..3).find(|&i| i != s).unwrap();
+    sim.crash_agent(x);
+    sim.drain_all().unwrap();
+    sim.start_agent(x);
+    sim.drain_all().unwrap();
+    sim.advance_by(500).unwrap();
+    sim.drain_all().unwrap();
+    let st = sim.nodes[x].agent.as_ref().unwrap().machine.status();
+    let sid = sim.nodes[s].id;
+    assert_eq!(st.server, Some((sid, format!("node{}:7000", sid.0))));
 }

@@ -12,8 +12,10 @@ use csnap_proto::msg::ClientId;
 use serde::{Deserialize, Serialize};
 
 /// The message format this code sends. Version 1 is the first; later versions may only add
-/// fields with serde defaults (an incompatible change needs a new group name).
-pub const MESSAGE_VERSION: u16 = 1;
+/// fields with serde defaults (an incompatible change needs a new group name), and any
+/// version but 0 is decoded (a field this code does not know is ignored, one it misses
+/// takes its default). Version 2 added [`MemberState::server_address`].
+pub const MESSAGE_VERSION: u16 = 2;
 
 /// Which server activation a member's state descends from: the volume generation (bumped by
 /// every new server activation) and the node that was activated with it. Two members with
@@ -96,6 +98,11 @@ pub struct MemberState {
     /// state since): a lost `Fenced` message cannot leave a member waiting.
     #[serde(default)]
     pub fenced: Vec<NodeId>,
+    /// Where the sender's server listens while it runs one (`Starting`, `Serving`,
+    /// `Stopping`; empty otherwise, and from version-1 senders): a member that joins after
+    /// the announce learns the address from the server's state. Since version 2.
+    #[serde(default)]
+    pub server_address: String,
 }
 
 /// Messages of a volume's group.
@@ -219,6 +226,7 @@ mod tests {
             stale: vec![],
             fencing: vec![],
             fenced: vec![],
+            server_address: "node2:7000".into(),
         }
     }
 
@@ -232,6 +240,71 @@ mod tests {
         })
         .unwrap();
         assert_eq!(back, msg);
+    }
+
+    /// A version-1 state (no `server_address`) still decodes, with an empty address.
+    #[test]
+    fn a_state_without_the_address_field_decodes() {
+        #[derive(Serialize)]
+        struct V1State {
+            lineage: Lineage,
+            has_state: bool,
+            role: Role,
+            clients: Vec<ClientId>,
+            lease_left_ms: u64,
+            view: Vec<Member>,
+            was_quorate: bool,
+            age: u64,
+            certain: Option<RingId>,
+            unsettled: Vec<NodeId>,
+            stale: Vec<NodeId>,
+            fencing: Vec<NodeId>,
+        }
+        #[derive(Serialize)]
+        enum V1Body {
+            State(V1State),
+        }
+        #[derive(Serialize)]
+        struct V1Message {
+            version: u16,
+            body: V1Body,
+        }
+        let s = sample();
+        let old = V1Message {
+            version: 1,
+            body: V1Body::State(V1State {
+                lineage: s.lineage,
+                has_state: s.has_state,
+                role: s.role,
+                clients: s.clients.clone(),
+                lease_left_ms: s.lease_left_ms,
+                view: s.view.clone(),
+                was_quorate: s.was_quorate,
+                age: s.age,
+                certain: s.certain,
+                unsettled: s.unsettled.clone(),
+                stale: s.stale.clone(),
+                fencing: s.fencing.clone(),
+            }),
+        };
+        let payload = cpg_glue::typed::encode(&old).unwrap();
+        let back = Message::decode(&Delivery {
+            from: member(2),
+            payload,
+        })
+        .unwrap();
+        let Body::State(got) = back.body else {
+            panic!("not a state: {back:?}")
+        };
+        assert_eq!(back.version, 1);
+        assert_eq!(
+            got,
+            MemberState {
+                server_address: String::new(),
+                fenced: vec![],
+                ..s
+            }
+        );
     }
 
     #[test]

@@ -36,9 +36,10 @@ pub struct VolumeShellConfig {
     /// The machine's configuration (its `server_address` is what clients dial).
     pub membership: MembershipConfig,
     /// Where each node's server for the volume listens (by the rule this node's own
-    /// `server_address` follows). The machine learns a server's address from its announce;
-    /// a member that joined after the announce (a restarted or reset node) knows the
-    /// server only from state messages, which carry no address: this fills it in.
+    /// `server_address` follows). Only a fallback: the machine learns a server's address
+    /// from its announce, or (a member that joined after the announce: a restarted or reset
+    /// node) from the server's state (message version 2). A version-1 peer's state carries
+    /// no address; during a rolling upgrade this fills it in.
     pub peer_addresses: BTreeMap<NodeId, String>,
     /// Open the shared devices O_DIRECT (always, in a real cluster: other hosts do not
     /// see this host's page cache).
@@ -260,7 +261,7 @@ fn log_event(event: &LogEvent) {
 }
 
 /// The server as the machine knows it, its address filled in from the configuration when
-/// the machine learnt it from a state message (no address) rather than from its announce.
+/// the machine learnt it from a version-1 peer's state (no address).
 fn known_server(
     cfg: &VolumeShellConfig,
     server: Option<(NodeId, String)>,
