@@ -100,6 +100,10 @@ struct Node {
     key_file: PathBuf,
     options: DaemonOptions,
     fencer: Arc<dyn Fencer>,
+    /// Signalled when a volume lost its corosync connection: corosync died or restarted,
+    /// so the configuration watch is set up again too (its own connection does not always
+    /// notice).
+    corosync_lost: Arc<tokio::sync::Notify>,
 }
 
 impl Node {
@@ -125,6 +129,7 @@ impl Node {
         let (loc_tx, loc_rx) = watch::channel::<Option<ServerLocation>>(None);
         let (vol_tx, vol_rx) = watch::channel::<Option<Arc<Volume>>>(None);
         let fencer = self.fencer.clone();
+        let corosync_lost = self.corosync_lost.clone();
         let group_name = format!("csnap:{}", volume.name);
         let (joined_tx, joined_rx) = watch::channel(false);
         let membership = {
@@ -173,6 +178,7 @@ impl Node {
                         Ok(()) => return,
                         Err(e) => {
                             tracing::error!(volume = %shell.volume, error = %e, "the volume's membership ended; rejoining in 2 s");
+                            corosync_lost.notify_one();
                             let retry = tokio::time::sleep(Duration::from_secs(2));
                             tokio::pin!(retry);
                             // Meanwhile `csnapctl status` still gets an answer (without a
@@ -450,6 +456,7 @@ pub async fn run(options: DaemonOptions) -> anyhow::Result<()> {
         key,
         key_file: config.key_file.clone(),
         options: options.clone(),
+        corosync_lost: Arc::default(),
         fencer: Arc::new(ClusterFencer {
             names: config
                 .nodes
@@ -525,6 +532,9 @@ pub async fn run(options: DaemonOptions) -> anyhow::Result<()> {
         .unwrap_or(Duration::from_secs(3600));
     let mut watchdog = tokio::time::interval(watchdog_every);
     watchdog.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Without a watch (corosync went away), try to set one up again on this beat.
+    let mut rewatch = tokio::time::interval(COROSYNC_RETRY);
+    rewatch.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tracing::info!(node = id.0, volumes = ?running.keys().collect::<Vec<_>>(),
         control = %control_path.display(), "csnap-agent ready (cluster mode)");
 
@@ -533,6 +543,24 @@ pub async fn run(options: DaemonOptions) -> anyhow::Result<()> {
             _ = sigterm.recv() => break,
             _ = tokio::signal::ctrl_c() => break,
             change = next_change(&mut config_watch) => change,
+            _ = rewatch.tick(), if config_watch.is_none() => match watch_config() {
+                Ok((initial, watch)) => {
+                    tracing::info!("cmap watch set up again: following corosync.conf reloads");
+                    config_watch = Some(watch);
+                    // What the configuration is now counts as a reload.
+                    initial
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "corosync does not answer yet");
+                    continue;
+                }
+            },
+            _ = node.corosync_lost.notified() => {
+                if config_watch.take().is_some() {
+                    tracing::warn!("corosync went away under a volume: setting the cmap watch up again once it answers");
+                }
+                continue;
+            }
             _ = watchdog.tick() => {
                 // Ping only when every volume's event loop answers (a stuck loop must let
                 // systemd's watchdog restart the agent), and say where each volume is.
@@ -604,30 +632,18 @@ async fn volumes_summary(node: NodeId, volumes: &Volumes, limit: Duration) -> Op
     })
 }
 
-/// The next configuration change. Without a watch (corosync went away) it tries to set one
-/// up again every [`COROSYNC_RETRY`]; once back, the configuration found then counts as a
-/// reload (changes made meanwhile are applied).
+/// The next configuration change; pending while there is no watch (corosync went away:
+/// the main loop sets one up again every [`COROSYNC_RETRY`]).
 async fn next_change(watch: &mut Option<ConfigWatch>) -> Result<ParsedConfig, ConfigError> {
-    loop {
-        match watch {
-            Some(w) => {
-                return match w.next().await {
-                    Some(change) => change,
-                    None => Err(ConfigError::Cmap(cpg_glue::GroupError::Disconnected {
-                        group: "cmap".into(),
-                        detail: "the configuration watch ended".into(),
-                    })),
-                }
-            }
-            None => {
-                tokio::time::sleep(COROSYNC_RETRY).await;
-                if let Ok((initial, new_watch)) = watch_config() {
-                    tracing::info!("cmap watch set up again: following corosync.conf reloads");
-                    *watch = Some(new_watch);
-                    return initial;
-                }
-            }
-        }
+    match watch {
+        Some(w) => match w.next().await {
+            Some(change) => change,
+            None => Err(ConfigError::Cmap(cpg_glue::GroupError::Disconnected {
+                group: "cmap".into(),
+                detail: "the configuration watch ended".into(),
+            })),
+        },
+        None => std::future::pending().await,
     }
 }
 

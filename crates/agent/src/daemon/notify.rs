@@ -20,7 +20,13 @@ impl Notifier {
         let socket = std::env::var("NOTIFY_SOCKET")
             .ok()
             .filter(|s| !s.is_empty())
-            .and_then(|target| UnixDatagram::unbound().ok().map(|s| (s, target)));
+            // Non-blocking: a receiver that does not read (its queue full) must never stall
+            // the agent's loop; such a notification is dropped.
+            .and_then(|target| {
+                let socket = UnixDatagram::unbound().ok()?;
+                socket.set_nonblocking(true).ok()?;
+                Some((socket, target))
+            });
         let for_us = std::env::var("WATCHDOG_PID")
             .ok()
             .is_none_or(|pid| pid.parse::<u32>().ok() == Some(std::process::id()));
@@ -55,10 +61,42 @@ impl Notifier {
         Ok(())
     }
 
-    /// [`Self::notify`], logging a failure instead of returning it.
+    /// [`Self::notify`], logging a failure instead of returning it (a full receiver queue
+    /// only at debug level: the next notification says the same).
     pub fn send(&self, state: &str) {
-        if let Err(e) = self.notify(state) {
-            tracing::warn!(error = %e, "cannot notify systemd");
+        match self.notify(state) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                tracing::debug!("systemd's notification socket is full; notification dropped")
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot notify systemd"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A receiver that never reads fills its queue; notifying must not block then.
+    #[test]
+    fn a_full_receiver_never_blocks_the_sender() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("notify.sock");
+        let receiver = UnixDatagram::bind(&path).unwrap();
+        let socket = UnixDatagram::unbound().unwrap();
+        socket.set_nonblocking(true).unwrap();
+        let n = Notifier {
+            socket: Some((socket, path.display().to_string())),
+            watchdog: None,
+        };
+        let started = std::time::Instant::now();
+        for _ in 0..10_000 {
+            n.send("WATCHDOG=1\nSTATUS=a status line of some length");
+        }
+        assert!(started.elapsed() < Duration::from_secs(5));
+        let mut buf = [0u8; 256];
+        let got = receiver.recv(&mut buf).unwrap();
+        assert!(String::from_utf8_lossy(&buf[..got]).starts_with("WATCHDOG=1"));
     }
 }

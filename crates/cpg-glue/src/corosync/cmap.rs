@@ -187,12 +187,18 @@ impl CmapWatch {
         }
     }
 
-    fn shut_down(&mut self) {
+    /// Closes the connection. `alive`: corosync still answers, so the tracks are deleted
+    /// first; on a dead connection that request would wait for an answer that never comes
+    /// (libqb's request/reply has no timeout), blocking the task that polls the watch.
+    fn shut_down(&mut self, alive: bool) {
         self.readiness = None;
         if let Some(c) = self.cmap.take() {
-            for t in self.tracks.drain(..) {
-                let _ = cmap::track_delete(&c.handle, t);
+            if alive {
+                for t in self.tracks.drain(..) {
+                    let _ = cmap::track_delete(&c.handle, t);
+                }
             }
+            self.tracks.clear();
             // Dropping the handle finalizes it.
         }
     }
@@ -202,13 +208,14 @@ impl CmapWatch {
             group: "cmap".to_string(),
             detail,
         });
-        self.shut_down();
+        self.shut_down(false);
     }
 }
 
 impl Drop for CmapWatch {
     fn drop(&mut self) {
-        self.shut_down();
+        let alive = self.failed.is_none() && !self.ended;
+        self.shut_down(alive);
     }
 }
 
