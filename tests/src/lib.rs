@@ -17,6 +17,7 @@ pub mod prereq;
 mod spawn;
 pub mod sweep;
 mod testkit_impl;
+pub mod text;
 pub mod topology;
 pub mod view;
 

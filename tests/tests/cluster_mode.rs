@@ -19,6 +19,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use cpg_glue::NodeId;
 use csnap_e2e::prereq::{find_program, under_ci};
+use csnap_e2e::text::strip_ansi;
 use csnap_e2e::{Cluster, ClusterConfig, CsnapSection, Signal};
 use csnap_proto::control::VolumeStatus;
 
@@ -109,24 +110,6 @@ fn tools_or_skip(test: &str) -> bool {
     assert!(!under_ci(), "{test}: missing {missing:?} (CI=true)");
     eprintln!("SKIPPED {test}: missing {missing:?}");
     false
-}
-
-/// Removes ANSI colour sequences (the agents' logs may have them).
-fn strip_ansi(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    let mut chars = s.chars().peekable();
-    while let Some(c) = chars.next() {
-        if c == '\u{1b}' && chars.peek() == Some(&'[') {
-            for c in chars.by_ref() {
-                if c.is_ascii_alphabetic() {
-                    break;
-                }
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
 }
 
 /// A 3-node cluster with an agent per node, serving one volume.

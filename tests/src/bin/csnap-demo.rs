@@ -25,6 +25,7 @@ use std::time::{Duration, Instant, SystemTime};
 use anyhow::{anyhow, bail, Context, Result};
 use cpg_glue::NodeId;
 use csnap_e2e::prereq::find_program;
+use csnap_e2e::text::strip_ansi;
 use csnap_e2e::{Cluster, ClusterConfig, CsnapSection, Signal};
 use csnap_proto::control::{ClusterStatus, VolumeStatus};
 use tokio::signal::unix::{signal, SignalKind};
@@ -805,22 +806,4 @@ async fn host(program: &Path, args: &[&str]) -> Result<()> {
         );
     }
     Ok(())
-}
-
-/// Removes ANSI colour sequences (should the agents' logs have them).
-fn strip_ansi(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    let mut chars = s.chars().peekable();
-    while let Some(c) = chars.next() {
-        if c == '\u{1b}' && chars.peek() == Some(&'[') {
-            for c in chars.by_ref() {
-                if c.is_ascii_alphabetic() {
-                    break;
-                }
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
 }
