@@ -654,6 +654,16 @@ impl VolumeMembership {
         let lost = !q.quorate && self.view.quorate_now();
         self.view.apply_quorum(q);
         if self.view.quorate_now() {
+            if self.quorate_since.is_none() {
+                // While this node was without quorum, a server it saw depart may have gone
+                // on serving (and renewing its lease) in a quorate partition elsewhere. That
+                // partition ended no later than now (two quorate partitions never overlap),
+                // so its server has certainly stopped one stop wait from now at the latest.
+                let floor = self.now.saturating_add(self.cfg.stop_wait_ms());
+                for until in self.unsettled.values_mut() {
+                    *until = (*until).max(floor);
+                }
+            }
             self.quorate_since.get_or_insert(self.now);
         } else {
             // A quorate partition this node is not part of may start a server it never
