@@ -163,6 +163,16 @@ async fn pipe(
     }
 }
 
+/// `connect_volume` waits for the origin session only. The admin connection must be up
+/// (piped by the proxy) before the proxy holds new connections back, or the request to
+/// cut would never be sent (seen under load in CI).
+async fn admin_session_up(client: &csnap_blockdev::client::Volume) {
+    tokio::time::timeout(WAIT, client.list_snapshots())
+        .await
+        .expect("the admin session came up in time")
+        .expect("an admin request through the proxy");
+}
+
 fn is_delete(m: &ClientMsg) -> bool {
     matches!(m, ClientMsg::DeleteSnapshot { .. })
 }
@@ -180,6 +190,7 @@ async fn a_resent_delete_deletes_the_snapshot_it_meant_not_a_newer_one_with_its_
     let server = start_server(&fx, &sock, Vec::new()).await;
     let mut proxy = Proxy::start(fx.path("proxy.sock"), sock.clone());
     let client = connect_volume(&fx, &proxy.path, 0x100, 1, 1 << 10).await;
+    admin_session_up(&client).await;
     let other = connect_volume(&fx, &sock, 0x200, 1, 1 << 10).await;
     let old = client.create_snapshot("x").await.expect("create x").id;
 
@@ -222,6 +233,7 @@ async fn a_resent_create_answers_success_with_the_snapshot_it_created() {
     let server = start_server(&fx, &sock, Vec::new()).await;
     let mut proxy = Proxy::start(fx.path("proxy.sock"), sock.clone());
     let client = connect_volume(&fx, &proxy.path, 0x100, 1, 1 << 10).await;
+    admin_session_up(&client).await;
     let other = connect_volume(&fx, &sock, 0x200, 1, 1 << 10).await;
 
     proxy.drop_answer_to(is_create).await;
@@ -255,6 +267,7 @@ async fn a_create_resent_to_a_new_server_answers_success_with_the_snapshot_it_cr
     let server = start_server(&fx, &sock, Vec::new()).await;
     let mut proxy = Proxy::start(fx.path("proxy.sock"), sock.clone());
     let client = connect_volume(&fx, &proxy.path, 0x100, 1, 1 << 10).await;
+    admin_session_up(&client).await;
 
     proxy.drop_answer_to(is_create).await;
     let create = {
