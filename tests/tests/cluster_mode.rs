@@ -615,9 +615,12 @@ async fn power_off_of_the_server_node_fails_over_under_fio() {
     let uri = rig.nbd_uri(io_node, VOLUME);
     let fio = {
         let ns = rig.cluster.netns(io_node);
+        // fio saves its verify state in the working directory when it stops early.
+        let workdir = rig.cluster.dir().to_path_buf();
         tokio::spawn(async move {
             let out = tokio::process::Command::new("ip")
                 .args(["netns", "exec", &ns, "fio"])
+                .current_dir(workdir)
                 .args([
                     "--name=failover",
                     "--ioengine=nbd",
@@ -629,6 +632,7 @@ async fn power_off_of_the_server_node_fails_over_under_fio() {
                     "--verify=crc32c",
                     "--do_verify=1",
                     "--verify_fatal=1",
+                    "--verify_state_save=0",
                 ])
                 .stdin(std::process::Stdio::null())
                 .kill_on_drop(true)
