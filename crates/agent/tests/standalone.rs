@@ -94,19 +94,7 @@ async fn origin_and_snapshots_with_qemu_io_qemu_img_nbdinfo_nbdcopy() {
     // The snapshot still reads as the origin did when it was taken.
     let s1 = agent.uri("vol@s1");
     qemu_io(&s1, &["read -P 0xaa 0 1M", "read -P 0xbb 1100000 70000"]).await;
-    run_ok(
-        "qemu-img",
-        &[
-            "compare",
-            "-f",
-            "raw",
-            "-F",
-            "raw",
-            s1_copy.to_str().unwrap(),
-            &s1,
-        ],
-    )
-    .await;
+    assert_same_image(&s1_copy, &s1).await;
 
     // A second snapshot, then more origin writes: both snapshots keep their views.
     agent.snapshot("s2").await;
@@ -114,32 +102,8 @@ async fn origin_and_snapshots_with_qemu_io_qemu_img_nbdinfo_nbdcopy() {
     std::fs::copy(&fx.origin, &s2_copy).unwrap();
     qemu_io(&vol, &["write -P 0x11 0 4M"]).await;
     let s2 = agent.uri("vol@s2");
-    run_ok(
-        "qemu-img",
-        &[
-            "compare",
-            "-f",
-            "raw",
-            "-F",
-            "raw",
-            s1_copy.to_str().unwrap(),
-            &s1,
-        ],
-    )
-    .await;
-    run_ok(
-        "qemu-img",
-        &[
-            "compare",
-            "-f",
-            "raw",
-            "-F",
-            "raw",
-            s2_copy.to_str().unwrap(),
-            &s2,
-        ],
-    )
-    .await;
+    assert_same_image(&s1_copy, &s1).await;
+    assert_same_image(&s2_copy, &s2).await;
 
     // nbdcopy of whole volumes equals their sources.
     let origin_out = fx.path("origin-out.img");
@@ -163,19 +127,7 @@ async fn origin_and_snapshots_with_qemu_io_qemu_img_nbdinfo_nbdcopy() {
         read_file(&fx.origin) == origin_before,
         "a snapshot write changed the origin"
     );
-    run_ok(
-        "qemu-img",
-        &[
-            "compare",
-            "-f",
-            "raw",
-            "-F",
-            "raw",
-            s2_copy.to_str().unwrap(),
-            &s2,
-        ],
-    )
-    .await;
+    assert_same_image(&s2_copy, &s2).await;
 
     // OPT_LIST shows the exports as they are now, with their flags.
     let exports = list_exports(&vol).await;
@@ -261,19 +213,7 @@ async fn origin_and_snapshots_with_qemu_io_qemu_img_nbdinfo_nbdcopy() {
         "vol@s1 still opens after its deletion:\n{}",
         gone.stdout
     );
-    run_ok(
-        "qemu-img",
-        &[
-            "compare",
-            "-f",
-            "raw",
-            "-F",
-            "raw",
-            s2_copy.to_str().unwrap(),
-            &s2,
-        ],
-    )
-    .await;
+    assert_same_image(&s2_copy, &s2).await;
 
     assert!(agent.stop(), "clean shutdown on SIGTERM:\n{}", agent.log());
 }
@@ -391,19 +331,7 @@ async fn fio_verify_with_snapshots_created_mid_run() {
     agent.snapshot("final").await;
     let copy = fx.path("final.img");
     std::fs::copy(&fx.origin, &copy).unwrap();
-    run_ok(
-        "qemu-img",
-        &[
-            "compare",
-            "-f",
-            "raw",
-            "-F",
-            "raw",
-            copy.to_str().unwrap(),
-            &agent.uri("vol@final"),
-        ],
-    )
-    .await;
+    assert_same_image(&copy, &agent.uri("vol@final")).await;
     match agent
         .ctl(ControlRequest::Status {
             volume: Some("vol".into()),
@@ -488,19 +416,7 @@ async fn two_client_processes_survive_a_server_kill_and_restart() {
     let reader_copy = before.clone();
     let reader = tokio::spawn(async move {
         for _ in 0..3 {
-            run_ok(
-                "qemu-img",
-                &[
-                    "compare",
-                    "-f",
-                    "raw",
-                    "-F",
-                    "raw",
-                    reader_copy.to_str().unwrap(),
-                    &snap_uri,
-                ],
-            )
-            .await;
+            assert_same_image(&reader_copy, &snap_uri).await;
         }
     });
     let kill_after = Duration::from_millis(200 + seed % 600);
@@ -533,19 +449,7 @@ async fn two_client_processes_survive_a_server_kill_and_restart() {
 
     // The snapshot survived the crash and the concurrent writers, read from either client.
     for c in [&a, &b] {
-        run_ok(
-            "qemu-img",
-            &[
-                "compare",
-                "-f",
-                "raw",
-                "-F",
-                "raw",
-                before.to_str().unwrap(),
-                &c.uri("vol@before"),
-            ],
-        )
-        .await;
+        assert_same_image(&before, &c.uri("vol@before")).await;
     }
     // Both clients re-established their sessions with the restarted server.
     for (name, c) in [("a", &a), ("b", &b)] {

@@ -284,6 +284,17 @@ pub async fn run_ok(program: &str, args: &[&str]) -> Ran {
     r
 }
 
+/// Asserts with `qemu-img compare` that the NBD export at `uri` holds exactly the bytes of
+/// the raw image `file`.
+pub async fn assert_same_image(file: &Path, uri: &str) {
+    let file = file.to_str().expect("temp paths are UTF-8");
+    run_ok(
+        "qemu-img",
+        &["compare", "-f", "raw", "-F", "raw", file, uri],
+    )
+    .await;
+}
+
 pub fn read_file(path: &Path) -> Vec<u8> {
     std::fs::read(path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()))
 }
