@@ -1,7 +1,8 @@
 //! The store operations the request engine needs (`MetaStore`), and `MemStore`, an in-memory
 //! reference implementation used by the engine's tests and as the model in property tests.
 //!
-//! Semantics follow /work/briefs/store-semantics.md; the points the engine relies on:
+//! The semantics of the store operations (the on-disk store implements the same; its format
+//! is in docs/store-format.md); the points the engine relies on:
 //!
 //! * Exceptions. Each origin chunk has a list of exceptions `{first, last, store_chunk}`.
 //!   A snapshot `s` is *covered* on chunk `c` if some exception of `c` has
