@@ -181,6 +181,7 @@ pub trait Quorum: Stream<Item = Result<QuorumEvent, GroupError>> + Unpin + Send 
 
 pub mod corosync;
 pub mod memory;
+#[cfg(feature = "testkit")]
 pub mod testkit;
 pub mod typed;
 pub mod view;

@@ -24,7 +24,6 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::task::{Context, Poll};
-use std::time::Duration;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -33,6 +32,7 @@ use futures::Stream;
 
 use crate::fragment::split_into_frames_in_view;
 use crate::inbox::{Inbox, RawEvent, Receipts};
+#[cfg(feature = "testkit")]
 use crate::testkit::TestCluster;
 use crate::{
     Group, GroupError, GroupEvent, GroupSender, Member, NodeId, Quorum, QuorumEvent, Reason,
@@ -524,6 +524,7 @@ impl Stream for MemoryQuorum {
 
 impl Quorum for MemoryQuorum {}
 
+#[cfg(feature = "testkit")]
 impl TestCluster for MemoryCluster {
     type G = MemoryGroup;
     type Q = MemoryQuorum;
@@ -560,8 +561,8 @@ impl TestCluster for MemoryCluster {
     }
 
     /// Changes are applied at once; the bound only keeps a broken test from hanging.
-    fn settle(&self) -> Duration {
-        Duration::from_secs(5)
+    fn settle(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(5)
     }
 
     fn set_expected_votes(
