@@ -18,11 +18,9 @@
 //! one, and the tag is checked before the body is parsed.
 
 use crate::auth::{keyed, FrameKey, HmacSha256};
-use bytes::{Buf, BufMut, BytesMut};
 use hmac::Mac as _;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
-use std::marker::PhantomData;
 
 /// The protocol version this build speaks, carried in every frame and in `Hello`.
 /// Version 2: paged `ListSnapshots`/`SnapshotList`, `usage_exact` in lists and status.
@@ -164,9 +162,9 @@ pub fn encode_frame_with<T: Serialize>(
     }
     out.reserve(LENGTH_PREFIX + length);
     // length <= MAX_FRAME fits in u32.
-    out.put_u32(length as u32);
+    out.extend_from_slice(&(length as u32).to_be_bytes());
     let start = out.len();
-    out.put_u8(PROTOCOL_VERSION);
+    out.push(PROTOCOL_VERSION);
     out.extend_from_slice(&body);
     if let Some(sealer) = sealer {
         let tag = frame_tag(&sealer.mac, sealer.next_seq, &out[start..])
@@ -338,84 +336,5 @@ pub fn decode_complete_frame<T: DeserializeOwned>(buf: &[u8]) -> Result<T, Frame
             have: buf.len(),
             need,
         }),
-    }
-}
-
-/// tokio-util codec over [`decode_frame_with`]/[`encode_frame_with`]: decodes `In`, encodes
-/// `Out` (a server uses `FrameCodec<ClientFrame, ServerFrame>`, a client the reverse).
-/// Plain until [`FrameCodec::seal_from_now`] / [`FrameCodec::open_from_now`] switch a
-/// direction to sealed frames.
-pub struct FrameCodec<In, Out> {
-    sealer: Option<FrameSealer>,
-    opener: Option<FrameOpener>,
-    _types: PhantomData<fn(Out) -> In>,
-}
-
-impl<In, Out> FrameCodec<In, Out> {
-    pub fn new() -> Self {
-        FrameCodec {
-            sealer: None,
-            opener: None,
-            _types: PhantomData,
-        }
-    }
-
-    /// Every frame encoded from now on is sealed with `key`, from sequence number 0.
-    pub fn seal_from_now(&mut self, key: &FrameKey) {
-        self.sealer = Some(FrameSealer::new(key));
-    }
-
-    /// Every frame decoded from now on must be sealed with `key`, from sequence number 0.
-    pub fn open_from_now(&mut self, key: &FrameKey) {
-        self.opener = Some(FrameOpener::new(key));
-    }
-}
-
-impl<In, Out> Default for FrameCodec<In, Out> {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
-impl<In: DeserializeOwned, Out> tokio_util::codec::Decoder for FrameCodec<In, Out> {
-    type Item = In;
-    type Error = FrameError;
-
-    fn decode(&mut self, src: &mut BytesMut) -> Result<Option<In>, FrameError> {
-        match decode_frame_with(src, self.opener.as_mut())? {
-            Decoded::Frame(msg, used) => {
-                src.advance(used);
-                Ok(Some(msg))
-            }
-            Decoded::Incomplete { need } => {
-                src.reserve(need.saturating_sub(src.len()));
-                Ok(None)
-            }
-        }
-    }
-
-    fn decode_eof(&mut self, src: &mut BytesMut) -> Result<Option<In>, FrameError> {
-        match self.decode(src)? {
-            Some(msg) => Ok(Some(msg)),
-            None if src.is_empty() => Ok(None),
-            None => Err(FrameError::Truncated {
-                have: src.len(),
-                need: match decode_frame_with::<In>(src, self.opener.as_mut())? {
-                    Decoded::Incomplete { need } => need,
-                    Decoded::Frame(_, used) => used,
-                },
-            }),
-        }
-    }
-}
-
-impl<In, Out: Serialize> tokio_util::codec::Encoder<Out> for FrameCodec<In, Out> {
-    type Error = FrameError;
-
-    fn encode(&mut self, item: Out, dst: &mut BytesMut) -> Result<(), FrameError> {
-        let mut out = Vec::new();
-        encode_frame_with(&item, self.sealer.as_mut(), &mut out)?;
-        dst.extend_from_slice(&out);
-        Ok(())
     }
 }

@@ -1,6 +1,7 @@
 //! csnap wire types and framing: one versioned place for the client <-> server protocol.
 //!
 //! * [`frame`]: length-prefixed, versioned MessagePack frames; [`decode_frame`] never panics.
+//!   With feature `codec`, `codec::FrameCodec` wraps it for tokio-util's framed streams.
 //! * [`msg`]: the messages ([`ClientFrame`], [`ServerFrame`]).
 //! * [`auth`]: mutual HMAC-SHA256 challenge/response with the cluster key, and the
 //!   per-connection keys that authenticate every later frame.
@@ -10,15 +11,19 @@
 //! docs/wire-protocol.md describes the protocol and its flows.
 
 pub mod auth;
+#[cfg(feature = "codec")]
+pub mod codec;
 pub mod control;
 pub mod frame;
 pub mod msg;
 pub mod types;
 
+#[cfg(feature = "codec")]
+pub use codec::FrameCodec;
 pub use frame::{
     decode_complete_frame, decode_frame, decode_frame_with, encode_frame, encode_frame_with,
-    frame_bytes, Decoded, FrameCodec, FrameError, FrameOpener, FrameSealer, MAX_FRAME,
-    PROTOCOL_VERSION, TAG_LEN,
+    frame_bytes, Decoded, FrameError, FrameOpener, FrameSealer, MAX_FRAME, PROTOCOL_VERSION,
+    TAG_LEN,
 };
 pub use msg::{
     create_token, encoded_size_bound, page_len, ClientFrame, ClientId, ClientKind, ClientMsg,
