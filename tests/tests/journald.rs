@@ -577,3 +577,125 @@ async fn a_failover_shows_in_the_journal_with_csnap_fields() {
         "node 3's stderr has log lines: {text}"
     );
 }
+
+/// A process this test started, SIGKILLed and reaped on drop.
+struct Killed(std::process::Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// How the agent picks its log target, without a cluster: an agent in cluster mode with
+/// no corosync to reach logs `waiting for corosync` at once, which shows where its lines
+/// go. With `$JOURNAL_STREAM` naming another file than its stderr (a child of a service
+/// that redirected its stderr) it logs text to stderr; with `--log-target stderr` and a
+/// journal stream as stderr its text lines reach the journal as a stream (`_TRANSPORT=stdout`,
+/// no CSNAP fields parsed); with `--log-target journal` and no journal socket it refuses to
+/// start, saying why.
+#[test]
+fn the_log_target_follows_journal_stream_and_the_option() {
+    let test = "the_log_target_follows_journal_stream_and_the_option";
+    if !journald_or_skip(test) || !csnap_e2e::prerequisites_or_skip(test) {
+        return;
+    }
+    let (agent, _) = binaries();
+    let dir = PathBuf::from(format!("/tmp/csnap-e2e-journald-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("create the test directory");
+    struct RemoveDir(PathBuf);
+    impl Drop for RemoveDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+    let _cleanup = RemoveDir(dir.clone());
+    let journal = Journald::start(&dir.join("journal")).expect("start systemd-journald");
+    let agent_s = agent.display().to_string();
+    let socket = dir.join("csnap.sock").display().to_string();
+    let start = |args: &[&str], stderr: std::fs::File, env: &[(&str, &str)]| -> Killed {
+        let mut all = vec![agent_s.as_str(), "--control-socket", socket.as_str()];
+        all.extend_from_slice(args);
+        let (program, wrapped) = journal.wrap(all[0], &all[1..]);
+        let child = std::process::Command::new(program)
+            .args(&wrapped)
+            .envs(env.iter().copied())
+            .env("RUST_LOG", "info")
+            .env("NO_COLOR", "1")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(stderr)
+            .spawn()
+            .expect("start the agent");
+        Killed(child)
+    };
+    let wait_for = |what: &str, ready: &dyn Fn() -> Option<String>| -> String {
+        let deadline = Instant::now() + JOURNAL_WAIT;
+        loop {
+            if let Some(found) = ready() {
+                return found;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{test}: no {what} within {JOURNAL_WAIT:?}"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    };
+
+    // JOURNAL_STREAM of another file: text on stderr.
+    let (_stream, value) = journal.stream("other").expect("a journal stream");
+    let text_path = dir.join("agent.err");
+    let file = std::fs::File::create(&text_path).expect("create the stderr file");
+    {
+        let _agent = start(&[], file, &[("JOURNAL_STREAM", value.as_str())]);
+        let text = wait_for("text line on stderr", &|| {
+            std::fs::read_to_string(&text_path)
+                .ok()
+                .filter(|t| t.contains("waiting for corosync"))
+        });
+        assert!(text.contains("WARN"), "{text}");
+    }
+
+    // --log-target stderr on a journal stream: text lines, stored as a stream's.
+    let (stream, value) = journal.stream("csnap-text").expect("a journal stream");
+    {
+        let _agent = start(
+            &["--log-target", "stderr"],
+            stream,
+            &[("JOURNAL_STREAM", value.as_str())],
+        );
+        let entry = wait_for("stream entry in the journal", &|| {
+            let entries = journal.entries(&["SYSLOG_IDENTIFIER=csnap-text"]).ok()?;
+            entries
+                .iter()
+                .find(|e| field(e, "MESSAGE").is_some_and(|m| m.contains("waiting for corosync")))
+                .map(|e| format!("{e:?}"))
+        });
+        assert!(
+            entry.contains("\"_TRANSPORT\": String(\"stdout\")"),
+            "{entry}"
+        );
+    }
+    let native = journal
+        .entries(&["SYSLOG_IDENTIFIER=csnap-agent"])
+        .expect("journalctl");
+    assert!(native.is_empty(), "no native entries expected: {native:?}");
+
+    // --log-target journal without a journal socket: a clear refusal.
+    if !Path::new("/run/systemd/journal/socket").exists() {
+        let out = std::process::Command::new(&agent)
+            .args(["--log-target", "journal", "--control-socket", &socket])
+            .stdin(std::process::Stdio::null())
+            .output()
+            .expect("run the agent");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{stderr}");
+        assert!(
+            stderr.contains("cannot log to the journal (/run/systemd/journal/socket)"),
+            "{stderr}"
+        );
+    }
+}
