@@ -165,6 +165,21 @@ impl Rig {
         }
     }
 
+    /// `csnapctl` through `node`'s agent once its client reached the server (the agents
+    /// agree on a server before every node's client has connected to it).
+    async fn ctl_once_connected(&self, node: NodeId, args: &[&str]) -> String {
+        let deadline = Instant::now() + COMMAND;
+        loop {
+            match self.ctl(node, args).await {
+                Ok(out) => return out,
+                Err(e) if e.contains("no server yet") && Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                }
+                Err(e) => panic!("{e}"),
+            }
+        }
+    }
+
     async fn status(&self, node: NodeId) -> Result<VolumeStatus, String> {
         #[derive(serde::Deserialize)]
         struct Out {
@@ -371,9 +386,8 @@ async fn a_failover_shows_in_the_journal_with_csnap_fields() {
     let all = rig.cluster.nodes();
     let first = rig.agreed_server(&all, FIRST_SERVER).await;
     assert_eq!(first, NodeId(1), "node 1 has the highest csnap_priority");
-    rig.ctl(NodeId(2), &["snapshot", "create", VOLUME, "before"])
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
+    rig.ctl_once_connected(NodeId(2), &["snapshot", "create", VOLUME, "before"])
+        .await;
 
     // Power-off of the server's node.
     let pid = rig.agents.remove(&first).expect("node 1's agent runs");
@@ -390,9 +404,8 @@ async fn a_failover_shows_in_the_journal_with_csnap_fields() {
         .iter()
         .find(|n| **n != second)
         .expect("two survivors");
-    rig.ctl(watcher, &["snapshot", "delete", VOLUME, "before"])
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
+    rig.ctl_once_connected(watcher, &["snapshot", "delete", VOLUME, "before"])
+        .await;
 
     let entries = rig
         .entries_until(
