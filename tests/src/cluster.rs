@@ -303,6 +303,26 @@ impl Cluster {
             .await
     }
 
+    /// Like [`Self::spawn_in_node`], but with `env` added and stdout and stderr going to
+    /// `output` (e.g. a journal stream socket, see `crate::journald`).
+    pub async fn spawn_in_node_with_output(
+        &self,
+        node: NodeId,
+        program: &str,
+        args: &[&str],
+        env: &[(&str, &str)],
+        output: File,
+    ) -> Result<u32, HarnessError> {
+        let mut cmd = self.inner.in_netns(node, program)?;
+        cmd.args(args);
+        cmd.envs(env.iter().copied());
+        let err = output
+            .try_clone()
+            .map_err(|e| HarnessError::io("dup the output file", e))?;
+        self.blocking(move |inner| inner.spawn_with_output(node, cmd, output, err))
+            .await
+    }
+
     /// Signals a process started by [`Self::spawn_in_node`], SIGKILLs it after `grace`,
     /// reaps it and returns how it ended.
     pub async fn stop_spawned(
@@ -681,7 +701,7 @@ impl Inner {
     fn spawn_in_node(
         &self,
         node: NodeId,
-        mut cmd: Command,
+        cmd: Command,
         log_name: &str,
     ) -> Result<u32, HarnessError> {
         if log_name.is_empty()
@@ -703,6 +723,16 @@ impl Inner {
         let err = out
             .try_clone()
             .map_err(|e| HarnessError::io(format!("dup {}", path.display()), e))?;
+        self.spawn_with_output(node, cmd, out, err)
+    }
+
+    fn spawn_with_output(
+        &self,
+        node: NodeId,
+        mut cmd: Command,
+        out: File,
+        err: File,
+    ) -> Result<u32, HarnessError> {
         cmd.stdin(Stdio::null()).stdout(out).stderr(err);
         let what = cmd::describe(&cmd);
         let child = self

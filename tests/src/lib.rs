@@ -12,6 +12,7 @@ pub mod cluster;
 pub mod cmd;
 pub mod conf;
 pub mod error;
+pub mod journald;
 pub mod names;
 pub mod prereq;
 mod spawn;

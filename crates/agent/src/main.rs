@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use clap::Parser;
 use csnap_agent::daemon::{self, DaemonOptions};
 use csnap_agent::standalone::{self, StandaloneArgs};
+use csnap_server::logging::{self, LogTarget};
 
 #[derive(Parser, Debug)]
 #[command(name = "csnap-agent", version, about = "csnap per-node agent")]
@@ -13,19 +14,21 @@ struct Cli {
     /// One machine, no cluster: run the server, the client and the NBD exports here.
     #[arg(long)]
     standalone: bool,
+    /// Where to log: the systemd journal, with structured fields (CSNAP_VOLUME, CSNAP_NODE,
+    /// CSNAP_EVENT, MESSAGE_ID), when stderr is connected to it as systemd does for a
+    /// service (auto), always (journal), or plain text on stderr (stderr).
+    #[arg(long, value_name = "TARGET", default_value = "auto")]
+    log_target: LogTarget,
     #[command(flatten)]
     args: StandaloneArgs,
 }
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
     let cli = Cli::parse();
+    if let Err(e) = logging::init("csnap-agent", cli.log_target) {
+        eprintln!("csnap-agent: {e}");
+        return ExitCode::FAILURE;
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

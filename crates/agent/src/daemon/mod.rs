@@ -27,6 +27,7 @@ use futures::StreamExt as _;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument as _;
 
 use crate::cluster::MembershipConfig;
 use crate::config::{ConfigError, ConfigWatch, CsnapConfig, NbdListen, ParsedConfig, VolumeConfig};
@@ -132,6 +133,10 @@ impl Node {
         let corosync_lost = self.corosync_lost.clone();
         let group_name = format!("csnap:{}", volume.name);
         let (joined_tx, joined_rx) = watch::channel(false);
+        // Every line of the volume's tasks (membership, server, client side) carries the
+        // volume and the node (journal fields CSNAP_VOLUME, CSNAP_NODE).
+        let span =
+            tracing::info_span!("volume", csnap_volume = %volume.name, csnap_node = self.id.0);
         let membership = {
             let stop = stop.clone();
             let (replay, connected) = (req_tx.clone(), vol_rx.clone());
@@ -203,7 +208,7 @@ impl Node {
                         }
                     }
                 }
-            })
+            }.instrument(span.clone()))
         };
         let client_cfg = ClientSideConfig {
             volume: volume.name.clone(),
@@ -218,11 +223,15 @@ impl Node {
         };
         let client = {
             let (stop, req_tx) = (stop.clone(), req_tx.clone());
-            tokio::spawn(async move {
-                if let Err(e) = run_client_side(client_cfg, loc_rx, req_tx, vol_tx, stop).await {
-                    tracing::error!(error = %e, "the volume's client side ended");
+            tokio::spawn(
+                async move {
+                    if let Err(e) = run_client_side(client_cfg, loc_rx, req_tx, vol_tx, stop).await
+                    {
+                        tracing::error!(error = %e, "the volume's client side ended");
+                    }
                 }
-            })
+                .instrument(span.clone()),
+            )
         };
         tracing::info!(volume = %volume.name, "volume started");
         RunningVolume {

@@ -17,6 +17,7 @@ use csnap_server::net::{self as server_net, RunningServer, ServerConfig};
 use futures::StreamExt as _;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument as _;
 
 use super::fencing::Fencer;
 use crate::cluster::{Input, LogEvent, MembershipConfig, Output, StopReason, VolumeMembership};
@@ -96,8 +97,6 @@ pub async fn run_volume<G: Group, Q: Quorum>(
     let now_ms = move || u64::try_from(epoch.elapsed().as_millis()).unwrap_or(u64::MAX);
     let local = group.local();
     let mut machine = VolumeMembership::new(cfg.membership.clone(), local);
-    let span = tracing::info_span!("volume", volume = %cfg.volume, node = cfg.node.0);
-    let _enter = span.enter();
     tracing::info!(member = %local, group = group.name(), "joined the volume's group");
 
     // Multicasts go out one at a time, in order, beside the loop (flow control can make a
@@ -136,8 +135,10 @@ pub async fn run_volume<G: Group, Q: Quorum>(
                 Output::StopServer { reason } => server.stop(reason, &mut machine),
                 Output::DeclareGone { client } => server.declare_gone(client),
                 Output::DropClients => {
-                    tracing::warn!(
-                        event = "node_reset",
+                    csnap_server::key_event!(
+                        WARN,
+                        "node_reset",
+                        [],
                         "this node was stale: its clients reconnect to the volume's real server"
                     );
                     resets += 1;
@@ -152,19 +153,22 @@ pub async fn run_volume<G: Group, Q: Quorum>(
                     method,
                     attempt,
                 } => {
-                    tracing::warn!(
-                        event = "fence_requested",
-                        target_node = node.0,
+                    // The machine logged the key event (fence_requested) already.
+                    tracing::info!(
+                        csnap_target_node = node.0,
                         ?method,
                         attempt,
-                        "fencing node {node}"
+                        "running the fencing of node {node}"
                     );
                     let (fencer, tx) = (fencer.clone(), fence_tx.clone());
                     let reason = format!("csnap volume {}: stale state after a merge", cfg.volume);
-                    tokio::spawn(async move {
-                        let result = fencer.fence(node, &method, &reason).await;
-                        let _ = tx.send((node, result));
-                    });
+                    tokio::spawn(
+                        async move {
+                            let result = fencer.fence(node, &method, &reason).await;
+                            let _ = tx.send((node, result));
+                        }
+                        .in_current_span(),
+                    );
                 }
                 Output::Log(event) => log_event(&event),
             }
@@ -217,10 +221,11 @@ pub async fn run_volume<G: Group, Q: Quorum>(
                     Ok(()) => (true, "confirmed".to_owned()),
                     Err(e) => (false, e),
                 };
+                // The machine logs the key event (fence_done, fence_failed) for its job.
                 if ok {
-                    tracing::warn!(event = "fence_done", target_node = node.0, "node {node} fenced");
+                    tracing::warn!(csnap_target_node = node.0, "the fencing of node {node} reports success");
                 } else {
-                    tracing::error!(event = "fence_failed", target_node = node.0, error = %detail, "fencing node {node} failed");
+                    tracing::error!(csnap_target_node = node.0, error = %detail, "the fencing of node {node} failed");
                 }
                 machine.handle(Input::FenceResult { node, ok, detail });
             }
@@ -252,11 +257,15 @@ pub async fn run_volume<G: Group, Q: Quorum>(
     }
 }
 
+/// A key event of the membership core, in the volume's span (CSNAP_VOLUME, CSNAP_NODE),
+/// with CSNAP_EVENT and its MESSAGE_ID; the message is the event's summary and detail.
 fn log_event(event: &LogEvent) {
+    let summary = csnap_server::logging::event_info(event.name).map_or(event.name, |e| e.summary);
+    let sep = if event.detail.is_empty() { "" } else { ": " };
     if event.warn {
-        tracing::warn!(event = event.name, "{}", event.detail);
+        csnap_server::key_event!(WARN, event.name, [], "{summary}{sep}{}", event.detail);
     } else {
-        tracing::info!(event = event.name, "{}", event.detail);
+        csnap_server::key_event!(INFO, event.name, [], "{summary}{sep}{}", event.detail);
     }
 }
 
@@ -458,10 +467,14 @@ impl LocalServer {
             stop: false,
         };
         let events = self.events.clone();
-        tokio::spawn(async move {
-            let result = server_net::start(config).await.map_err(|e| e.to_string());
-            let _ = events.send(ServerEvent::Started(result));
-        });
+        // In the volume's span: the server's lines carry the volume and the node.
+        tokio::spawn(
+            async move {
+                let result = server_net::start(config).await.map_err(|e| e.to_string());
+                let _ = events.send(ServerEvent::Started(result));
+            }
+            .in_current_span(),
+        );
     }
 
     fn extend_lease(&mut self, until_ms: u64) {
@@ -480,7 +493,8 @@ impl LocalServer {
     }
 
     fn stop(&mut self, reason: StopReason, machine: &mut VolumeMembership) {
-        tracing::warn!(event = "server_stop", ?reason, "stopping the local server");
+        // The machine logged the key event (server_stop) when it decided.
+        tracing::warn!(?reason, "stopping the local server");
         match std::mem::replace(&mut self.state, ServerState::Idle) {
             ServerState::Idle | ServerState::Ready { .. } => machine.handle(Input::ServerStopped),
             ServerState::Opening { generation, .. } => {
@@ -519,8 +533,9 @@ impl LocalServer {
                         });
                     }
                     Ok(server) => {
-                        tracing::info!(event = "server_active", generation, listen = %server.local_addr(),
-                            store_generation = server.generation(), recovered_unclean = server.recovered_unclean(),
+                        csnap_server::key_event!(INFO, "server_active", [csnap_generation = generation,
+                            listen = %server.local_addr(), store_generation = server.generation(),
+                            recovered_unclean = server.recovered_unclean()],
                             "the server is active");
                         if let Err(e) = server.extend_serving_lease(self.lease_instant()) {
                             tracing::warn!(error = %e, "cannot extend the serving lease");
@@ -535,7 +550,8 @@ impl LocalServer {
                         machine.handle(Input::ServerStopped);
                     }
                     Err(e) => {
-                        tracing::error!(event = "server_failed", error = %e, "the server did not start");
+                        // The machine logs the key event (server_failed).
+                        tracing::error!(error = %e, "the server did not start");
                         machine.handle(Input::ServerFailed { detail: e });
                     }
                 }
@@ -548,7 +564,8 @@ impl LocalServer {
                 if let Err(e) = &result {
                     tracing::warn!(error = %e, "the server stopped uncleanly (the next one replays its journal)");
                 } else {
-                    tracing::info!(event = "server_stopped", "the server stopped");
+                    // The machine logs the key event (server_stopped).
+                    tracing::info!("the server stopped");
                 }
                 self.state = ServerState::Idle;
                 machine.handle(Input::ServerStopped);
@@ -565,7 +582,8 @@ impl LocalServer {
     }
 
     fn on_failed(&mut self, reason: String) {
-        tracing::error!(event = "server_failed", %reason, "the server stopped serving");
+        // The machine logs the key event (server_failed) once it is shut down.
+        tracing::error!(%reason, "the server stopped serving");
         if let ServerState::Running { server, .. } =
             std::mem::replace(&mut self.state, ServerState::Stopping)
         {
@@ -618,4 +636,36 @@ pub fn client_address(location: &ServerLocation) -> Result<nbd::ListenAddr, Stri
         .address
         .parse::<nbd::ListenAddr>()
         .map_err(|e| format!("server address {:?}: {e}", location.address))
+}
+
+#[cfg(test)]
+mod log_tests {
+    /// Every event name the membership core logs (`self.log("NAME", ...)`) has a
+    /// MESSAGE_ID in the catalogue (`csnap_server::logging::EVENTS`), so no key event
+    /// reaches the journal without one.
+    #[test]
+    fn every_membership_event_has_a_message_id() {
+        let source = include_str!("../cluster/mod.rs");
+        let mut names = Vec::new();
+        for (at, _) in source.match_indices("self.log(") {
+            let rest = &source[at + "self.log(".len()..];
+            let Some(start) = rest.find('"') else {
+                continue;
+            };
+            // The name is the call's first argument: only whitespace before its quote.
+            if !rest[..start].trim().is_empty() {
+                continue;
+            }
+            let rest = &rest[start + 1..];
+            let Some(end) = rest.find('"') else { continue };
+            names.push(&rest[..end]);
+        }
+        assert!(names.len() > 20, "found only {names:?}");
+        for name in names {
+            assert!(
+                csnap_server::logging::message_id(name).is_some(),
+                "the membership core logs {name:?}, which has no MESSAGE_ID in csnap_server::logging::EVENTS"
+            );
+        }
+    }
 }

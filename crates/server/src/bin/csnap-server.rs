@@ -3,6 +3,7 @@
 use clap::Parser;
 use csnap_proto::ClientId;
 use csnap_server::engine::StoreFullPolicy;
+use csnap_server::logging::{self, LogTarget};
 use csnap_server::net::{self, ListenAddr, ServerConfig};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -55,6 +56,10 @@ struct Args {
     /// Name of the volume in log lines (default: the store path).
     #[arg(long, value_name = "NAME")]
     volume: Option<String>,
+    /// Where to log: the systemd journal (structured fields) when stderr is connected to it
+    /// (auto), always (journal), or plain text on stderr (stderr).
+    #[arg(long, value_name = "TARGET", default_value = "auto")]
+    log_target: LogTarget,
 }
 
 fn parse_percent(s: &str) -> Result<u8, String> {
@@ -72,15 +77,10 @@ fn parse_client_id(s: &str) -> Result<ClientId, String> {
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    use std::io::IsTerminal as _;
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .init();
+    if let Err(e) = logging::init("csnap-server", args.log_target) {
+        eprintln!("csnap-server: {e}");
+        return ExitCode::FAILURE;
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .thread_name("csnap-server-io")

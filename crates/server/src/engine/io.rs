@@ -62,6 +62,31 @@ pub enum LogLevel {
     Error,
 }
 
+/// A key event of the engine, with what it is about.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LogEvent {
+    /// Its stable name (`snapshot_created`, `snapshot_deleted`, `store_filling`,
+    /// `store_full`, `server_gate_open`).
+    pub name: &'static str,
+    /// The snapshot concerned (id, name).
+    pub snapshot: Option<(csnap_proto::SnapId, String)>,
+    /// The store area concerned (`data`, `metadata`).
+    pub area: Option<String>,
+    /// The area's usage in percent.
+    pub used_percent: Option<u64>,
+}
+
+impl LogEvent {
+    pub fn new(name: &'static str) -> LogEvent {
+        LogEvent {
+            name,
+            snapshot: None,
+            area: None,
+            used_percent: None,
+        }
+    }
+}
+
 /// Outputs of the engine, for the I/O shell to carry out in order.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Action {
@@ -85,8 +110,13 @@ pub enum Action {
     /// Run `MetaStore::commit` (through `Engine::store_mut`), then report
     /// [`Event::CommitDone`]. At most one is outstanding.
     Commit,
-    /// Something for the log.
-    Log { level: LogLevel, message: String },
+    /// Something for the log; `event` when it is a key event for operators (the shell logs
+    /// it with `csnap_event` and its `MESSAGE_ID`, see `crate::logging::EVENTS`).
+    Log {
+        level: LogLevel,
+        message: String,
+        event: Option<LogEvent>,
+    },
     /// The store failed (I/O error, corruption): the server must stop serving now so that
     /// another node can take over. The engine answers nothing more.
     Fatal { reason: String },

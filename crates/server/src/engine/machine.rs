@@ -8,8 +8,8 @@
 //! for a read lock, an invalidation while a copy is in flight) correct by construction.
 
 use super::io::{
-    Action, ConnId, CopyId, CopyPurpose, CopySource, EngineConfig, Event, LogLevel, Requester,
-    StoreFullPolicy, LEASE_MARGIN_SECS, WARN_REARM_POINTS,
+    Action, ConnId, CopyId, CopyPurpose, CopySource, EngineConfig, Event, LogEvent, LogLevel,
+    Requester, StoreFullPolicy, LEASE_MARGIN_SECS, WARN_REARM_POINTS,
 };
 use super::meta_store::{MetaStore, SnapChunk, StoreError, StoreStats};
 use csnap_proto::auth::{self, Handshake, Nonce};
@@ -306,8 +306,9 @@ impl<S: MetaStore> Engine<S> {
             space_warned: BTreeSet::new(),
         };
         if engine.awaited.is_empty() {
-            engine.log(
+            engine.log_event(
                 LogLevel::Info,
+                LogEvent::new("server_gate_open"),
                 "server active: no snapshot clients to wait for",
             );
         } else {
@@ -471,6 +472,16 @@ impl<S: MetaStore> Engine<S> {
         self.actions.push_back(Action::Log {
             level,
             message: message.into(),
+            event: None,
+        });
+    }
+
+    /// A key event (see [`LogEvent`]).
+    fn log_event(&mut self, level: LogLevel, event: LogEvent, message: impl Into<String>) {
+        self.actions.push_back(Action::Log {
+            level,
+            message: message.into(),
+            event: Some(event),
         });
     }
 
@@ -785,7 +796,11 @@ impl<S: MetaStore> Engine<S> {
 
     fn maybe_activate(&mut self) -> Result<(), StoreError> {
         if self.awaited.is_empty() {
-            self.log(LogLevel::Info, "server active: origin writes are served");
+            self.log_event(
+                LogLevel::Info,
+                LogEvent::new("server_gate_open"),
+                "server active: origin writes are served",
+            );
             for w in std::mem::take(&mut self.activation_waiters) {
                 self.evaluate(w)?;
             }
@@ -958,6 +973,7 @@ impl<S: MetaStore> Engine<S> {
         for l in self.lost_origins.iter().filter(|l| l.until <= now) {
             self.actions.push_back(Action::Log {
                 level: LogLevel::Info,
+                event: None,
                 message: format!(
                     "lost origin client {}: its write lease has run out",
                     l.client.map_or("?".to_owned(), |c| c.to_string())
@@ -1842,8 +1858,17 @@ impl<S: MetaStore> Engine<S> {
             Area::Data => "no free chunk in the data area",
             Area::Metadata { .. } => "the metadata area is full",
         };
-        self.log(
+        let event = LogEvent {
+            area: Some(match area {
+                Area::Data => StoreArea::Data.to_string(),
+                Area::Metadata { .. } => StoreArea::Metadata.to_string(),
+            }),
+            snapshot: Some((victim, name.clone())),
+            ..LogEvent::new("store_full")
+        };
+        self.log_event(
             LogLevel::Error,
+            event,
             format!(
                 "SNAPSHOT STORE FULL ({what}): snapshot {victim} ({name:?}), {which}, invalidated at {} by policy {policy} {why}",
                 self.now
@@ -2256,8 +2281,12 @@ impl<S: MetaStore> Engine<S> {
         };
         match self.store.snapshot(snap)? {
             Some(info) => {
-                self.log(
+                self.log_event(
                     LogLevel::Info,
+                    LogEvent {
+                        snapshot: Some((info.id, info.name.clone())),
+                        ..LogEvent::new("snapshot_created")
+                    },
                     format!("snapshot {} ({:?}) is live", info.id, info.name),
                 );
                 self.reply(p.who.conn, p.who.id, ServerMsg::SnapshotCreated { info });
@@ -2293,8 +2322,12 @@ impl<S: MetaStore> Engine<S> {
             let gen = self.touch();
             self.snapset_gen = gen;
             self.reclaiming = true;
-            self.log(
+            self.log_event(
                 LogLevel::Info,
+                LogEvent {
+                    snapshot: Some((info.id, info.name.clone())),
+                    ..LogEvent::new("snapshot_deleted")
+                },
                 format!(
                     "snapshot {} ({:?}) deleted; reclaiming its space in the background",
                     info.id, info.name
@@ -2336,8 +2369,13 @@ impl<S: MetaStore> Engine<S> {
                 let warned = self.space_warned.contains(&(area, level));
                 if !warned && at_level(used, total, level) {
                     self.space_warned.insert((area, level));
-                    self.log(
+                    self.log_event(
                         LogLevel::Warn,
+                        LogEvent {
+                            area: Some(area.to_string()),
+                            used_percent: Some(u64::from(pct)),
+                            ..LogEvent::new("store_filling")
+                        },
                         format!(
                             "SNAPSHOT STORE FILLING: {} at {pct}% used, at or above the {level}% warning level ({used} of {total} {unit}); when it is full, policy {} invalidates snapshots, oldest first",
                             area,

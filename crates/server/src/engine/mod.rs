@@ -10,7 +10,7 @@ mod machine;
 pub mod meta_store;
 
 pub use io::{
-    Action, ConnId, CopyId, CopyPurpose, CopySource, EngineConfig, Event, LogLevel,
+    Action, ConnId, CopyId, CopyPurpose, CopySource, EngineConfig, Event, LogEvent, LogLevel,
     StoreFullPolicy, LEASE_MARGIN_SECS, WARN_REARM_POINTS,
 };
 pub use machine::Engine;

@@ -9,7 +9,8 @@
 
 use super::lease::ServingLease;
 use crate::engine::{
-    Action, ConnId, CopyId, CopyPurpose, CopySource, Engine, Event, LogLevel, MetaStore as _,
+    Action, ConnId, CopyId, CopyPurpose, CopySource, Engine, Event, LogEvent, LogLevel,
+    MetaStore as _,
 };
 use crate::store::{BlockDevice, Geometry, Store};
 use csnap_proto::auth::{self, FrameKey, Nonce};
@@ -270,6 +271,8 @@ pub(crate) struct DriverParts {
     pub volume: String,
     /// Checked before every input, action and commit, and on a timer at its end.
     pub lease: Arc<ServingLease>,
+    /// The span every line of the engine thread is logged in (it carries the volume).
+    pub span: tracing::Span,
 }
 
 pub(crate) struct Driver {
@@ -297,6 +300,7 @@ pub(crate) struct Driver {
     /// The engine asked for a commit that has not run yet.
     commit_due: bool,
     lease: Arc<ServingLease>,
+    span: tracing::Span,
 }
 
 /// The engine's clock: Unix seconds, but advancing monotonically from the first reading
@@ -346,13 +350,13 @@ impl Driver {
             abandoned: false,
             commit_due: false,
             lease: p.lease,
+            span: p.span,
         }
     }
 
     /// Runs until shutdown or a fatal error.
     pub(crate) fn run(mut self) -> Exit {
-        let span = tracing::info_span!("server", volume = %self.volume);
-        let _entered = span.enter();
+        let _entered = self.span.clone().entered();
         let opened = self.open_internal_session();
         if let Err(reason) = opened
             .and_then(|()| self.pump())
@@ -669,7 +673,11 @@ impl Driver {
                 self.commit_due = true;
                 Ok(())
             }
-            Action::Log { level, message } => {
+            Action::Log {
+                level,
+                message,
+                event: None,
+            } => {
                 match level {
                     LogLevel::Info => tracing::info!(target: "csnap_server::engine", "{message}"),
                     LogLevel::Warn => tracing::warn!(target: "csnap_server::engine", "{message}"),
@@ -677,6 +685,14 @@ impl Driver {
                         tracing::error!(target: "csnap_server::engine", "{message}")
                     }
                 }
+                Ok(())
+            }
+            Action::Log {
+                level,
+                message,
+                event: Some(event),
+            } => {
+                log_key_event(level, &event, &message);
                 Ok(())
             }
             Action::Fatal { reason } => Err(reason),
@@ -870,6 +886,34 @@ impl Driver {
         }
         stop.cancel();
         Exit::Shutdown(result)
+    }
+}
+
+/// An engine key event, with its fields (journal `CSNAP_EVENT`, `MESSAGE_ID`,
+/// `CSNAP_SNAPSHOT`, `CSNAP_SNAPSHOT_ID`, `CSNAP_AREA`, `CSNAP_USED_PERCENT`).
+fn log_key_event(level: LogLevel, event: &LogEvent, message: &str) {
+    let snapshot = event.snapshot.as_ref().map(|(_, name)| name.as_str());
+    let snapshot_id = event.snapshot.as_ref().map(|(id, _)| id.0);
+    let area = event.area.as_deref();
+    macro_rules! emit {
+        ($level:ident) => {
+            crate::key_event!(
+                $level,
+                event.name,
+                [
+                    csnap_snapshot = snapshot,
+                    csnap_snapshot_id = snapshot_id,
+                    csnap_area = area,
+                    csnap_used_percent = event.used_percent
+                ],
+                "{message}"
+            )
+        };
+    }
+    match level {
+        LogLevel::Info => emit!(INFO),
+        LogLevel::Warn => emit!(WARN),
+        LogLevel::Error => emit!(ERROR),
     }
 }
 

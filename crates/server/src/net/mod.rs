@@ -502,7 +502,21 @@ async fn bind(addr: &ListenAddr) -> Result<Listener, ServerError> {
 
 /// Starts a server: checks the key file, opens the store (replaying its journal and bumping
 /// the server generation), builds the engine, listens and serves.
+///
+/// Every line the server logs (engine thread, connection tasks) is in a span `server`,
+/// a child of the span current at the call, which should carry `csnap_volume` (the
+/// agent's volume span carries it and `csnap_node`); without a current span the server's
+/// own span carries `csnap_volume`.
 pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
+    let span = if tracing::Span::current().is_none() {
+        tracing::info_span!("server", csnap_volume = %config.volume)
+    } else {
+        tracing::info_span!("server")
+    };
+    start_in(config, span.clone()).instrument(span).await
+}
+
+async fn start_in(config: ServerConfig, span: tracing::Span) -> Result<RunningServer, ServerError> {
     let cluster_key = key::load_key_file(&config.key_file)?;
     let lease = Arc::new(ServingLease::new(config.serving_lease_until));
     if lease.expired() {
@@ -616,6 +630,7 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
         stop: stop.clone(),
         volume: volume.clone(),
         lease: lease.clone(),
+        span: span.clone(),
     });
     let thread_stop = stop.clone();
     let spawned = std::thread::Builder::new()
@@ -650,7 +665,6 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
 
     let slots = Arc::new(Semaphore::new(config.max_connections.max(1)));
     // Every log line of the connection tasks carries the volume, like the engine thread's.
-    let span = tracing::info_span!("server", volume = %volume);
     let acceptor = tokio::spawn(
         accept_loop(
             listener,

@@ -168,7 +168,7 @@ impl<S: TestStore> Harness<S> {
                     self.trace.push("commit".into());
                     self.commit_pending = true;
                 }
-                Action::Log { level, message } => self.logs.push((level, message)),
+                Action::Log { level, message, .. } => self.logs.push((level, message)),
                 Action::Fatal { reason } => self.fatal = Some(reason),
             }
         }
