@@ -13,6 +13,7 @@ pub mod cmd;
 pub mod conf;
 pub mod error;
 pub mod names;
+pub mod pacemaker;
 pub mod prereq;
 mod spawn;
 pub mod sweep;
