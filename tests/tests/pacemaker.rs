@@ -661,6 +661,15 @@ async fn pacemaker_runs_csnap_as_a_clone() {
         .exec_ok(n1, "pcs", PCS_CREATE)
         .await
         .expect("pcs resource create");
+    let describe = rig
+        .pcmk
+        .exec_ok(n1, "pcs", &["resource", "describe", "ocf:csnap:csnap"])
+        .await
+        .expect("pcs resource describe");
+    assert!(
+        describe.contains("control_socket") && describe.contains("csnap-agent"),
+        "{TEST}: pcs resource describe ocf:csnap:csnap:\n{describe}"
+    );
     rig.clone_started_on(n2, &all, CLONE_START).await;
     let pcs_status = rig
         .pcmk
@@ -722,6 +731,28 @@ async fn pacemaker_runs_csnap_as_a_clone() {
         .await
         .unwrap_or_else(|e| panic!("{TEST}: {e}"));
     eprintln!("{TEST}: pacemaker recorded {:?}", status.failures);
+    let failed_status = rig
+        .pcmk
+        .exec_ok(n3, "pcs", &["status"])
+        .await
+        .expect("pcs status");
+    assert!(
+        failed_status.contains("is gone"),
+        "{TEST}: pcs status shows no reason for the failure:\n{failed_status}"
+    );
+    rig.pcmk
+        .exec_ok(n1, "pcs", &["resource", "cleanup", "csnap"])
+        .await
+        .expect("pcs resource cleanup");
+    rig.pcmk
+        .wait_status(
+            n1,
+            "no failure after the cleanup",
+            Duration::from_secs(30),
+            |s| s.failures.is_empty() && s.started_on("csnap").len() == 3,
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{TEST}: {e}"));
     assert_eq!(
         rig.agreed_server(&all, FAILOVER).await,
         n1,
@@ -751,6 +782,15 @@ async fn pacemaker_runs_csnap_as_a_clone() {
     let second = rig.agreed_server(&survivors, FAILOVER).await;
     rig.fenced_through_pacemaker(n2, n1, Duration::from_secs(30))
         .await;
+    let history = rig
+        .pcmk
+        .exec_ok(n3, "stonith_admin", &["--history", "n1"])
+        .await
+        .expect("stonith_admin --history n1");
+    assert!(
+        history.contains("n1") && history.contains("stonith_admin"),
+        "{TEST}: stonith_admin --history n1:\n{history}"
+    );
     eprintln!(
         "{TEST}: node 1 powered off: fenced through stonith_admin, node {second} serves, I/O back after {io_back:?}"
     );
