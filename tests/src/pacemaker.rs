@@ -120,12 +120,24 @@ pub fn missing_prerequisites() -> Vec<String> {
 /// under `CI=true`, panics; elsewhere prints a loud SKIPPED line and returns `false`.
 pub fn prerequisites_or_skip(test: &str, extra: &[&str]) -> bool {
     let mut missing = missing_prerequisites();
-    missing.extend(
-        extra
-            .iter()
-            .filter(|p| find_program(p).is_none())
-            .map(|p| format!("program `{p}`")),
-    );
+    missing.extend(missing_programs(extra));
+    skip_unless_empty(test, missing)
+}
+
+/// [`prerequisites_or_skip`] for tests that need only `programs` (no pacemaker).
+pub fn programs_or_skip(test: &str, programs: &[&str]) -> bool {
+    skip_unless_empty(test, missing_programs(programs))
+}
+
+fn missing_programs(programs: &[&str]) -> Vec<String> {
+    programs
+        .iter()
+        .filter(|p| find_program(p).is_none())
+        .map(|p| format!("program `{p}` (scripts/setup installs it)"))
+        .collect()
+}
+
+fn skip_unless_empty(test: &str, missing: Vec<String>) -> bool {
     if missing.is_empty() {
         return true;
     }

@@ -37,7 +37,9 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime};
 
 use cpg_glue::NodeId;
-use csnap_e2e::pacemaker::{node_name, prerequisites_or_skip, tail, Pacemaker, PacemakerConfig};
+use csnap_e2e::pacemaker::{
+    node_name, prerequisites_or_skip, programs_or_skip, tail, Pacemaker, PacemakerConfig,
+};
 use csnap_e2e::{Cluster, ClusterConfig, CsnapSection};
 use csnap_proto::control::VolumeStatus;
 
@@ -227,7 +229,7 @@ fn exit_reason(stderr: &str) -> Option<&str> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ocf_agent_passes_ocf_tester() {
     const TEST: &str = "ocf_agent_passes_ocf_tester";
-    if !prerequisites_or_skip(TEST, &["ocf-tester", "xmllint"]) {
+    if !programs_or_skip(TEST, &["ocf-tester", "xmllint"]) {
         return;
     }
     let (agent_bin, ctl) = binaries();
