@@ -400,6 +400,56 @@ async fn ocf_agent_passes_ocf_tester() {
         !dir.join("csnap-agent.pid").exists(),
         "stop removes the pid file"
     );
+
+    // An agent that ignores SIGTERM (stopped) is SIGKILLed before the stop timeout.
+    let (code, _, err) = ra(&cluster, &agent, "start", &params, &[]).await;
+    assert_eq!(code, 0, "start again: {err}\n{}", show_log());
+    let pid: i32 = std::fs::read_to_string(dir.join("csnap-agent.pid"))
+        .expect("the pid file")
+        .trim()
+        .parse()
+        .expect("a pid");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGSTOP,
+    )
+    .expect("SIGSTOP the agent");
+    let stop_started = Instant::now();
+    let (code, _, err) = ra(
+        &cluster,
+        &agent,
+        "stop",
+        &params,
+        &[("OCF_RESKEY_CRM_meta_timeout", "12000")],
+    )
+    .await;
+    assert_eq!(code, 0, "stop of a stuck agent: {err}");
+    assert!(
+        stop_started.elapsed() < Duration::from_secs(12),
+        "stop took {:?}, beyond its timeout",
+        stop_started.elapsed()
+    );
+    assert!(
+        err.contains("SIGKILL"),
+        "the stop says it had to SIGKILL: {err}"
+    );
+    assert!(
+        !std::path::Path::new(&format!("/proc/{pid}/cmdline")).exists()
+            || std::fs::read(format!("/proc/{pid}/cmdline"))
+                .unwrap_or_default()
+                .is_empty(),
+        "the stuck agent is gone"
+    );
+
+    // Without corosync, start refuses with a reason.
+    cluster.stop_node(node).await.expect("stop corosync");
+    let (code, _, err) = ra(&cluster, &agent, "start", &params, &[]).await;
+    assert_eq!(code, 1, "start without corosync: {err}");
+    assert!(
+        exit_reason(&err).is_some_and(|r| r.contains("corosync does not answer")),
+        "{err}"
+    );
+    assert!(!dir.join("csnap-agent.pid").exists(), "nothing started");
 }
 
 // ---------------------------------------------------------------------------------------
