@@ -5,7 +5,8 @@
 //! in-process corosync clients inside a node, rewrite the `csnap` section and reload,
 //! and wait (bounded) for the expected membership. It implements
 //! [`cpg_glue::testkit::TestCluster`], so the behavioural suite that runs on the
-//! in-memory cluster runs on real corosync too. See docs/testing.md.
+//! in-memory cluster runs on real corosync too. [`pacemaker::Pacemaker`] adds one
+//! pacemakerd per node for the Pacemaker tests. See docs/testing.md.
 
 pub mod bench;
 pub mod cluster;
@@ -14,6 +15,7 @@ pub mod conf;
 pub mod error;
 pub mod journald;
 pub mod names;
+pub mod pacemaker;
 pub mod prereq;
 mod spawn;
 pub mod sweep;

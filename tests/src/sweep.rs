@@ -70,6 +70,18 @@ pub fn corosyncs_under(dir: &Path) -> Vec<u32> {
         .collect()
 }
 
+/// Pids of the processes in network namespace `ns` (`ip netns pids`).
+pub fn pids_in_netns(ns: &str) -> Vec<u32> {
+    run_ok(
+        Command::new("ip").args(["netns", "pids", ns]),
+        COMMAND_TIMEOUT,
+    )
+    .unwrap_or_default()
+    .split_whitespace()
+    .filter_map(|p| p.parse().ok())
+    .collect()
+}
+
 /// Deletes the harness links and namespaces of `runs`; returns what it removed and the
 /// failures (as messages), never stopping at the first failure.
 pub fn remove_objects(runs: Runs<'_>) -> (Vec<String>, Vec<String>) {
@@ -114,6 +126,17 @@ pub fn sweep_stale(base_dir: &Path) -> Vec<String> {
         let pid = nix::unistd::Pid::from_raw(pid as i32);
         if nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL).is_ok() {
             report.push(format!("corosync pid {pid}"));
+        }
+    }
+    // Whatever else still runs in a stale namespace (pacemaker's daemons and the csnap
+    // agents they started are not the test's children, so no parent-death signal ends
+    // them) would keep the namespace alive after its name is deleted.
+    for ns in list_netns(Runs::All) {
+        for pid in pids_in_netns(&ns) {
+            let pid = nix::unistd::Pid::from_raw(pid as i32);
+            if nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL).is_ok() {
+                report.push(format!("pid {pid} in netns {ns}"));
+            }
         }
     }
     let (removed, failed) = remove_objects(Runs::All);
