@@ -10,11 +10,35 @@ use csnap_server::store::StoreError;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+const AFTER_LONG_HELP: &str = "\
+EXAMPLES
+  csnapctl status                       every volume: server, generation, members, quorum,
+                                        the gate the agent waits on, the last failover
+  csnapctl status vol0 --json           the same as JSON, for scripts and monitoring
+  csnapctl snapshot create vol0 nightly then `nbd://localhost/vol0@nightly` reads it
+  csnapctl snapshot list vol0
+  csnapctl snapshot delete vol0 nightly
+  csnapctl keygen /etc/csnap/key        the cluster key (copy it to every node)
+  csnapctl format --origin /dev/vg/origin --store /dev/vg/store
+  csnapctl check --origin /dev/vg/origin --store /dev/vg/store
+
+Snapshot and status commands go through the local agent's control socket and work from
+any node (snapshot operations are forwarded to the volume's server). format and check
+work on the devices directly; check refuses a store a server is using.
+
+EXIT STATUS
+  0 success; 1 failure, with a message on stderr naming what was wrong (check: 1 means
+  problems were found; 2 means the store was not checked).
+
+SEE ALSO
+  csnap-agent(8), /usr/share/doc/csnap/operations.md";
+
 #[derive(Parser, Debug)]
 #[command(
     name = "csnapctl",
     version,
-    about = "Administer csnap cluster snapshot volumes"
+    about = "Administer csnap cluster snapshot volumes",
+    after_long_help = AFTER_LONG_HELP
 )]
 struct Cli {
     /// The agent's control socket (for snapshot and status).
