@@ -651,7 +651,7 @@ async fn power_off_of_the_server_node_fails_over_under_fio() {
     let c = status.cluster.clone().expect("cluster status");
     assert_ne!(second, first);
     assert!(c.generation > first_gen, "{c:?}");
-    assert!(c.last_failover.is_some(), "{c:?}");
+    assert!(c.failover.is_some(), "{c:?}");
     eprintln!("failover from node {first} to node {second} in {took:?}: {c:?}");
 
     let out = fio

@@ -83,10 +83,88 @@ pub struct ClusterStatus {
     pub fencing: Vec<FenceJob>,
     /// How long this node's serving lease still runs (0 unless it serves).
     pub lease_left_ms: u64,
-    /// The last failover this node activated: (generation, ms from chosen to activated).
-    pub last_failover: Option<(u64, u64)>,
+    /// The last server activation this node made (a failover, or the first start), with
+    /// its timing split. Named `failover` rather than `last_failover` (which was a
+    /// `(generation, ms)` tuple before): an older csnapctl ignores the unknown field and an
+    /// older agent's tuple is ignored here, so both directions still decode.
+    #[serde(default)]
+    pub failover: Option<FailoverTiming>,
     /// The local server, when this node runs one.
     pub local_server: Option<String>,
+}
+
+/// The moments of one server activation, as the activating node's agent saw them: wall
+/// clock in Unix milliseconds (one host's clock, so a benchmark on the same host can set
+/// them against its own timestamps), `None` where a moment was not seen (a first start
+/// has no departed server; no origin write yet).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct FailoverTiming {
+    /// The generation the activation started.
+    pub generation: u64,
+    /// The node whose server departed (what made this a failover), if any.
+    pub departed_server: Option<u32>,
+    /// The group confchg at this node that started it: the last one before the choice
+    /// that showed a member leaving (else the last one at all).
+    pub confchg_at_ms: Option<u64>,
+    /// The totem confchg (node-level ring change) of the same transition.
+    pub totem_confchg_at_ms: Option<u64>,
+    /// The departed server was certainly stopped, as this node saw it: its stop wait ran
+    /// out (`old_server_settled`), or this node fenced it (`fence_done`). Not seen when
+    /// another member fenced it.
+    pub old_server_settled_at_ms: Option<u64>,
+    /// This node chose itself and multicast its announce (`server_chosen`).
+    pub chosen_at_ms: Option<u64>,
+    /// Its own announce came back (agreed order): the server process was told to start.
+    pub announce_delivered_at_ms: Option<u64>,
+    /// The server process reported ready to the membership core.
+    pub server_ready_at_ms: Option<u64>,
+    /// Every member's client list was in (`gather_done`): the server was activated.
+    pub activated_at_ms: Option<u64>,
+    /// The server had opened the store (journal replayed) and listened.
+    pub serving_at_ms: Option<u64>,
+    /// The new server granted its first origin write.
+    pub first_origin_write_at_ms: Option<u64>,
+    /// Snapshot clients the gather collected (the activation gate's list).
+    pub gathered_clients: Vec<String>,
+    /// The membership core's own count: ms from the choice to the activation.
+    pub chosen_to_activated_ms: u64,
+}
+
+impl FailoverTiming {
+    /// The phases between consecutive known moments: (name, ms). A phase whose end or
+    /// start is unknown is left out.
+    pub fn phases(&self) -> Vec<(&'static str, u64)> {
+        let start = self.confchg_at_ms.or(self.totem_confchg_at_ms);
+        let steps: [(&'static str, Option<u64>); 8] = [
+            ("confchg", start),
+            ("old server settled", self.old_server_settled_at_ms),
+            ("chosen", self.chosen_at_ms),
+            ("announce delivered", self.announce_delivered_at_ms),
+            ("server ready", self.server_ready_at_ms),
+            ("gather done", self.activated_at_ms),
+            ("serving", self.serving_at_ms),
+            ("first origin write", self.first_origin_write_at_ms),
+        ];
+        let mut out = Vec::new();
+        let mut last: Option<u64> = None;
+        for (name, at) in steps {
+            if let Some(at) = at {
+                if let Some(prev) = last {
+                    out.push((name, at.saturating_sub(prev)));
+                }
+                last = Some(at.max(last.unwrap_or(0)));
+            }
+        }
+        out
+    }
+
+    /// From the confchg to the first origin write served (csnap's own part of an outage),
+    /// when both are known.
+    pub fn confchg_to_first_write_ms(&self) -> Option<u64> {
+        let start = self.confchg_at_ms.or(self.totem_confchg_at_ms)?;
+        Some(self.first_origin_write_at_ms?.saturating_sub(start))
+    }
 }
 
 /// A fencing operation in progress.

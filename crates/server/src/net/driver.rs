@@ -18,6 +18,7 @@ use csnap_proto::{
     PROTOCOL_VERSION,
 };
 use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio::runtime::Handle;
@@ -270,6 +271,8 @@ pub(crate) struct DriverParts {
     pub volume: String,
     /// Checked before every input, action and commit, and on a timer at its end.
     pub lease: Arc<ServingLease>,
+    /// Set (Unix ms) when the first origin write is granted (0 until then).
+    pub first_origin_grant: Arc<AtomicU64>,
 }
 
 pub(crate) struct Driver {
@@ -297,6 +300,7 @@ pub(crate) struct Driver {
     /// The engine asked for a commit that has not run yet.
     commit_due: bool,
     lease: Arc<ServingLease>,
+    first_origin_grant: Arc<AtomicU64>,
 }
 
 /// The engine's clock: Unix seconds, but advancing monotonically from the first reading
@@ -346,6 +350,7 @@ impl Driver {
             abandoned: false,
             commit_due: false,
             lease: p.lease,
+            first_origin_grant: p.first_origin_grant,
         }
     }
 
@@ -614,6 +619,16 @@ impl Driver {
                     }
                     ServerMsg::Error { code, message } => {
                         tracing::debug!(conn, client = ?c.client, %code, %message, "error reply");
+                    }
+                    ServerMsg::OriginWriteOk { .. }
+                        if self.first_origin_grant.load(Ordering::Relaxed) == 0 =>
+                    {
+                        let now = SystemTime::now()
+                            .duration_since(UNIX_EPOCH)
+                            .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+                            .unwrap_or(1)
+                            .max(1);
+                        self.first_origin_grant.store(now, Ordering::Relaxed);
                     }
                     _ => {}
                 }
