@@ -1,6 +1,6 @@
 //! The failover gather alone, at sizes no namespace cluster reaches: N real
 //! `VolumeMembership` machines over cpg-glue's in-memory cluster, driven single-threaded
-//! in rounds (each member handles every event it has, then its outputs go out), with a
+//! in sweeps (each member handles every event it has, then its multicasts go out), with a
 //! virtual clock that jumps over quiet waits. A first server is started, every member gets
 //! one snapshot client, the server's node is killed, and the rounds, multicasts and
 //! deliveries until the next activation are counted (fencing confirms at once, as with a
@@ -19,7 +19,9 @@ use futures::{FutureExt as _, StreamExt as _};
 /// What the failover cost in the simulation.
 #[derive(Debug, Clone)]
 pub struct GatherResult {
-    /// Rounds in which something was delivered, from the kill to the activation.
+    /// Synchronous rounds from the kill to the activation in which something happened
+    /// (each member handles all that was delivered to it, then every multicast of the
+    /// round goes out): the number of message latencies on the failover's critical path.
     pub rounds: u64,
     /// Multicasts sent in that time.
     pub messages: u64,
@@ -46,64 +48,110 @@ struct Counts {
     activations: Vec<(NodeId, usize)>,
 }
 
-/// One round: every live agent handles what it has and sends what it must. Returns
-/// whether anything happened.
-fn round(agents: &mut [Agent], alive: &dyn Fn(NodeId) -> bool, now: u64, c: &mut Counts) -> bool {
+/// Handles everything `a` has pending; returns the multicasts it asked for (the caller
+/// sends them at the end of the round) and whether anything happened. With `coalesce`, a
+/// multicast asked before a later membership event of the same drain is dropped, as if
+/// that view change had cut it (what cpg-glue does to a frame sent in a view its receivers
+/// left; the machine never depends on one message): this keeps the join storm of the
+/// setup from costing N^3 deliveries.
+fn drain(a: &mut Agent, now: u64, coalesce: bool, c: &mut Counts) -> (Vec<Vec<u8>>, bool) {
     let mut busy = false;
-    for a in agents.iter_mut().filter(|a| alive(a.id)) {
-        while let Some(Some(Ok(q))) = a.quorum.next().now_or_never() {
-            a.machine.handle(Input::Quorum(q));
-            busy = true;
-        }
-        while let Some(Some(Ok(e))) = a.group.next().now_or_never() {
-            if matches!(e, GroupEvent::Deliver(_)) {
-                c.deliveries += 1;
-            }
-            a.machine.handle(Input::Group(e));
-            busy = true;
-        }
-        a.machine.handle(Input::Tick { now_ms: now });
-        let sender = a.group.sender();
-        while let Some(out) = a.machine.poll_output() {
-            busy = true;
-            match out {
-                Output::Mcast(bytes) => {
-                    c.messages += 1;
-                    let _ = sender.mcast(bytes).now_or_never();
+    let mut outbox: Vec<Vec<u8>> = Vec::new();
+    loop {
+        let input = match a.quorum.next().now_or_never() {
+            Some(Some(Ok(q))) => Some(Input::Quorum(q)),
+            _ => match a.group.next().now_or_never() {
+                Some(Some(Ok(e))) => {
+                    match &e {
+                        GroupEvent::Deliver(_) => c.deliveries += 1,
+                        GroupEvent::ConfChg(_) | GroupEvent::TotemConfChg(_) => {
+                            if coalesce {
+                                outbox.clear();
+                            }
+                        }
+                    }
+                    Some(Input::Group(e))
                 }
-                Output::StartServer { .. } => a.machine.handle(Input::ServerStarted),
-                Output::StopServer { .. } => a.machine.handle(Input::ServerStopped),
-                Output::ActivateServer { clients, .. } => c.activations.push((a.id, clients.len())),
-                Output::Fence { node, .. } => a.machine.handle(Input::FenceResult {
-                    node,
-                    ok: true,
-                    detail: "confirmed".into(),
-                }),
-                _ => {}
-            }
+                _ => None,
+            },
+        };
+        let Some(input) = input else { break };
+        busy = true;
+        a.machine.handle(input);
+        a.machine.handle(Input::Tick { now_ms: now });
+        busy |= outputs(a, &mut outbox, c);
+    }
+    a.machine.handle(Input::Tick { now_ms: now });
+    busy |= outputs(a, &mut outbox, c);
+    (outbox, busy)
+}
+
+/// Carries out `a`'s outputs (multicasts go to `outbox`).
+fn outputs(a: &mut Agent, outbox: &mut Vec<Vec<u8>>, c: &mut Counts) -> bool {
+    let mut busy = false;
+    while let Some(out) = a.machine.poll_output() {
+        busy = true;
+        match out {
+            Output::Mcast(bytes) => outbox.push(bytes),
+            Output::StartServer { .. } => a.machine.handle(Input::ServerStarted),
+            Output::StopServer { .. } => a.machine.handle(Input::ServerStopped),
+            Output::ActivateServer { clients, .. } => c.activations.push((a.id, clients.len())),
+            Output::Fence { node, .. } => a.machine.handle(Input::FenceResult {
+                node,
+                ok: true,
+                detail: "confirmed".into(),
+            }),
+            _ => {}
         }
     }
     busy
 }
 
-/// Runs rounds until `done` or `limit` rounds; quiet rounds advance the clock to the
-/// machines' next timeout. Returns the busy rounds.
+/// One synchronous round: every live agent handles what was delivered to it by the end of
+/// the previous round, then all their multicasts go out together. Returns whether
+/// anything happened.
+fn round(
+    agents: &mut [Agent],
+    cluster: &MemoryCluster,
+    now: u64,
+    coalesce: bool,
+    c: &mut Counts,
+) -> bool {
+    let mut busy = false;
+    let mut sends = Vec::new();
+    for a in agents.iter_mut().filter(|a| cluster.is_up(a.id)) {
+        let (outbox, b) = drain(a, now, coalesce, c);
+        busy |= b;
+        if !outbox.is_empty() {
+            sends.push((a.group.sender(), outbox));
+        }
+    }
+    for (sender, outbox) in sends {
+        for bytes in outbox {
+            c.messages += 1;
+            let _ = sender.mcast(bytes).now_or_never();
+        }
+    }
+    busy
+}
+
+/// Rounds until an activation; a round in which nothing happened advances the clock to
+/// the machines' next timeout. Returns the rounds in which something happened.
 fn run_until(
     agents: &mut [Agent],
     cluster: &MemoryCluster,
     now: &mut u64,
+    coalesce: bool,
     c: &mut Counts,
-    done: &dyn Fn(&Counts) -> bool,
     limit: u64,
 ) -> Result<u64, String> {
-    let mut busy_rounds = 0;
+    let mut rounds = 0;
     for _ in 0..limit {
-        if done(c) {
-            return Ok(busy_rounds);
+        if !c.activations.is_empty() {
+            return Ok(rounds);
         }
-        let alive = |n: NodeId| cluster.is_up(n);
-        if round(agents, &alive, *now, c) {
-            busy_rounds += 1;
+        if round(agents, cluster, *now, coalesce, c) {
+            rounds += 1;
             *now += 1;
         } else {
             let next = agents
@@ -116,6 +164,16 @@ fn run_until(
         }
     }
     Err(format!("no activation within {limit} rounds"))
+}
+
+/// Rounds until nothing is pending anywhere (bounded).
+fn settle(agents: &mut [Agent], cluster: &MemoryCluster, now: &mut u64, c: &mut Counts) {
+    for _ in 0..1000 {
+        if !round(agents, cluster, *now, true, c) {
+            return;
+        }
+        *now += 1;
+    }
 }
 
 /// The failover of an `n`-member group (see the module doc).
@@ -146,17 +204,9 @@ pub fn gather(n: u32) -> Result<GatherResult, String> {
         });
     }
     let mut now = 1_000u64;
-    let mut counts = Counts::default();
-    let limit = 100_000;
-    run_until(
-        &mut agents,
-        &cluster,
-        &mut now,
-        &mut counts,
-        &|c| !c.activations.is_empty(),
-        limit,
-    )?;
-    let first = counts.activations[0].0;
+    let mut setup = Counts::default();
+    run_until(&mut agents, &cluster, &mut now, true, &mut setup, 100_000)?;
+    let first = setup.activations[0].0;
     // Every member has a snapshot client (a read lock the next server must wait for).
     for a in &mut agents {
         a.machine.handle(Input::Clients(vec![ClientId::new(
@@ -166,23 +216,11 @@ pub fn gather(n: u32) -> Result<GatherResult, String> {
             },
         )]));
     }
-    // Let the client lists and heartbeats settle.
-    for _ in 0..50 {
-        let alive = |n: NodeId| cluster.is_up(n);
-        round(&mut agents, &alive, now, &mut counts);
-        now += 10;
-    }
+    settle(&mut agents, &cluster, &mut now, &mut setup);
     cluster.kill_node(first).map_err(|e| e.to_string())?;
     let mut c = Counts::default();
     let started = Instant::now();
-    let rounds = run_until(
-        &mut agents,
-        &cluster,
-        &mut now,
-        &mut c,
-        &|c| !c.activations.is_empty(),
-        limit,
-    )?;
+    let rounds = run_until(&mut agents, &cluster, &mut now, false, &mut c, 100_000)?;
     let wall = started.elapsed();
     let (node, clients) = c.activations[0];
     if node == first {
