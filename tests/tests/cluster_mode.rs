@@ -11,499 +11,32 @@
 //! `cargo test -p csnap-e2e --test cluster_mode` (a binary older than the agent's sources
 //! fails the test rather than testing old code).
 //!
-//! On failure every agent's log tail is printed (and `CSNAP_E2E_KEEP=1` keeps them).
+//! The rig (cluster, agents, helpers) is `csnap_e2e::rig`, shared with the failover
+//! benchmark (`failover-bench`).
 
-use std::path::{Path, PathBuf};
-use std::process::Output;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use cpg_glue::NodeId;
-use csnap_e2e::prereq::{find_program, under_ci};
-use csnap_e2e::text::strip_ansi;
-use csnap_e2e::{Cluster, ClusterConfig, CsnapSection, Signal};
-use csnap_proto::control::VolumeStatus;
+use csnap_e2e::rig::{read, test_bin_dir, write, Rig, RigConfig, MIB, SERVER_PORT, VOLUME};
 
-const VOLUME: &str = "vol0";
-const SERVER_PORT: u16 = 7788;
-const MIB: u64 = 1 << 20;
 const ORIGIN_SIZE: u64 = 16 * MIB;
-const STORE_SIZE: u64 = 64 * MIB;
 /// Bound for the first server of a fresh cluster (a fresh agent waits one serving lease,
 /// 8 s + 2 s, before it may start a server, as it cannot know what ran before it).
 const FIRST_SERVER: Duration = Duration::from_secs(45);
 /// Bound for a failover: corosync's detection (token 1000 ms) plus the departed server's
 /// serving lease (8 s + 2 s margin) plus the gather.
 const FAILOVER: Duration = Duration::from_secs(45);
-/// Bound for one short command (qemu-io, csnapctl, nbdinfo).
-const COMMAND: Duration = Duration::from_secs(30);
 
-/// The built binaries: `$CSNAP_BIN_DIR` or this test's target directory.
-fn binaries() -> (PathBuf, PathBuf) {
-    let dir = match std::env::var_os("CSNAP_BIN_DIR") {
-        Some(d) => PathBuf::from(d),
-        None => {
-            // target/debug/deps/cluster_mode-HASH -> target/debug
-            let exe = std::env::current_exe().expect("the test's own path");
-            exe.parent()
-                .and_then(Path::parent)
-                .expect("the test binary lives in target/<profile>/deps")
-                .to_path_buf()
-        }
-    };
-    let agent = dir.join("csnap-agent");
-    let ctl = dir.join("csnapctl");
-    let newest_source = newest_mtime(&Path::new(env!("CARGO_MANIFEST_DIR")).join("../crates"));
-    for bin in [&agent, &ctl] {
-        let built = std::fs::metadata(bin)
-            .and_then(|m| m.modified())
-            .unwrap_or_else(|e| {
-                panic!(
-                    "{}: {e}; build it first: `cargo build -p csnap-agent --bins` \
-                     (or set CSNAP_BIN_DIR)",
-                    bin.display()
-                )
-            });
-        assert!(
-            built >= newest_source,
-            "{} is older than the sources under crates/: rebuild it with \
-             `cargo build -p csnap-agent --bins` (or run `cargo test --workspace`)",
-            bin.display()
-        );
-    }
-    (agent, ctl)
-}
-
-/// The newest modification time of a `.rs` file or Cargo.toml below `dir`.
-fn newest_mtime(dir: &Path) -> SystemTime {
-    let mut newest = SystemTime::UNIX_EPOCH;
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        let Ok(entries) = std::fs::read_dir(&d) else {
-            continue;
-        };
-        for e in entries.flatten() {
-            let p = e.path();
-            let Ok(meta) = e.metadata() else { continue };
-            if meta.is_dir() {
-                stack.push(p);
-            } else if p.extension().is_some_and(|x| x == "rs")
-                || p.file_name().is_some_and(|n| n == "Cargo.toml")
-            {
-                if let Ok(m) = meta.modified() {
-                    newest = newest.max(m);
-                }
-            }
-        }
-    }
-    newest
-}
-
-/// Outside CI, skips (loudly) when a tool the tests drive is missing.
-fn tools_or_skip(test: &str) -> bool {
-    let missing: Vec<&str> = ["qemu-io", "fio", "nbdinfo"]
-        .into_iter()
-        .filter(|p| find_program(p).is_none())
-        .collect();
-    if missing.is_empty() {
-        return true;
-    }
-    assert!(!under_ci(), "{test}: missing {missing:?} (CI=true)");
-    eprintln!("SKIPPED {test}: missing {missing:?}");
-    false
-}
-
-/// A 3-node cluster with an agent per node, serving one volume.
-struct Rig {
-    cluster: Cluster,
-    ctl: PathBuf,
-    /// Agent pid by node (absent once killed).
-    agents: std::collections::BTreeMap<NodeId, u32>,
-    /// The socket each agent sends its systemd notifications to (`$NOTIFY_SOCKET`).
-    notify: std::collections::BTreeMap<NodeId, std::os::unix::net::UnixDatagram>,
-    test: String,
-}
-
-impl Drop for Rig {
-    fn drop(&mut self) {
-        if std::thread::panicking() {
-            for node in self.cluster.nodes() {
-                eprintln!(
-                    "---- {}: node {node} agent log (last lines) ----\n{}",
-                    self.test,
-                    self.agent_log_tail(node, 60)
-                );
-            }
-        }
-    }
-}
-
-impl Rig {
-    /// Starts the cluster (node 1 has the highest csnap_priority, so it serves first),
-    /// the shared origin, store and key, each node's csnap section and its agent.
-    async fn start(test: &str, fencing: &str) -> Option<Rig> {
-        if !tools_or_skip(test) {
-            return None;
-        }
-        let (agent, ctl) = binaries();
-        let config = ClusterConfig::new(3).priority(1, 10);
-        let cluster = Cluster::start_or_skip(test, config).await?;
-        let mut rig = Rig {
-            cluster,
-            ctl,
-            agents: Default::default(),
-            notify: Default::default(),
-            test: test.to_owned(),
-        };
-        let dir = rig.cluster.dir().to_path_buf();
-        let (origin, store, key) = (dir.join("origin"), dir.join("store"), dir.join("key"));
-        std::fs::File::create(&origin)
-            .and_then(|f| f.set_len(ORIGIN_SIZE))
-            .expect("create the origin file");
-        std::fs::File::create(&store)
-            .and_then(|f| f.set_len(STORE_SIZE))
-            .expect("create the store file");
-        let ctl_s = rig.ctl.display().to_string();
-        run_checked(
-            &ctl_s,
-            &[
-                "format",
-                "--origin",
-                &origin.display().to_string(),
-                "--store",
-                &store.display().to_string(),
-                "--chunk-size",
-                "16K",
-            ],
-        )
-        .await;
-        run_checked(&ctl_s, &["keygen", &key.display().to_string()]).await;
-
-        // One section per node: the same volume, but each node's NBD socket in its own
-        // directory (the agents share the host's file system).
-        for node in rig.cluster.nodes() {
-            let section = CsnapSection::new()
-                .set("key_file", key.display().to_string())
-                .and_then(|s| s.set("fencing", fencing))
-                .and_then(|s| s.set(format!("{VOLUME}.origin"), origin.display().to_string()))
-                .and_then(|s| s.set(format!("{VOLUME}.store"), store.display().to_string()))
-                .and_then(|s| s.set(format!("{VOLUME}.server_port"), SERVER_PORT.to_string()))
-                .and_then(|s| {
-                    s.set(
-                        format!("{VOLUME}.nbd_listen"),
-                        format!("unix:{}", rig.nbd_socket(node).display()),
-                    )
-                })
-                .expect("a valid csnap section");
-            rig.cluster
-                .set_csnap(&[node], section)
-                .await
-                .expect("write the node's csnap section and reload");
-        }
-        for node in rig.cluster.nodes() {
-            rig.start_agent(node, &agent).await;
-        }
-        Some(rig)
-    }
-
-    /// Starts `node`'s agent (its log is appended to `agent.log`).
-    async fn start_agent(&mut self, node: NodeId, agent: &Path) {
-        let socket = self.control_socket(node).display().to_string();
-        // As systemd would run it (Type=notify, WatchdogSec=2). A restarted agent gets a
-        // fresh socket.
-        let notify_path = self.cluster.node_dir(node).join("notify.sock");
-        let _ = std::fs::remove_file(&notify_path);
-        let notify = std::os::unix::net::UnixDatagram::bind(&notify_path)
-            .and_then(|s| s.set_nonblocking(true).map(|()| s))
-            .expect("bind the notification socket");
-        self.notify.insert(node, notify);
-        let notify_env = format!("NOTIFY_SOCKET={}", notify_path.display());
-        let pid = self
-            .cluster
-            .spawn_in_node(
-                node,
-                "env",
-                &[
-                    "NO_COLOR=1",
-                    "RUST_LOG=info",
-                    &notify_env,
-                    "WATCHDOG_USEC=2000000",
-                    &agent.display().to_string(),
-                    "--control-socket",
-                    &socket,
-                ],
-                "agent",
-            )
-            .await
-            .expect("start the node's agent");
-        self.agents.insert(node, pid);
-    }
-
-    fn nbd_socket(&self, node: NodeId) -> PathBuf {
-        self.cluster.node_dir(node).join("vol0.nbd")
-    }
-
-    fn control_socket(&self, node: NodeId) -> PathBuf {
-        self.cluster.node_dir(node).join("csnap.sock")
-    }
-
-    fn nbd_uri(&self, node: NodeId, export: &str) -> String {
-        format!(
-            "nbd+unix:///{export}?socket={}",
-            self.nbd_socket(node).display()
-        )
-    }
-
-    fn agent_log(&self, node: NodeId) -> String {
-        std::fs::read_to_string(self.cluster.node_dir(node).join("agent.log"))
-            .map(|s| strip_ansi(&s))
-            .unwrap_or_default()
-    }
-
-    fn agent_log_tail(&self, node: NodeId, lines: usize) -> String {
-        let log = self.agent_log(node);
-        let all: Vec<&str> = log.lines().collect();
-        all[all.len().saturating_sub(lines)..].join("\n")
-    }
-
-    /// Runs `program args` inside `node`'s namespace, bounded by `limit` (killed then).
-    async fn run_in(
-        &self,
-        node: NodeId,
-        program: &str,
-        args: &[&str],
-        limit: Duration,
-    ) -> Result<Output, String> {
-        let child = tokio::process::Command::new("ip")
-            .args(["netns", "exec", &self.cluster.netns(node), program])
-            .args(args)
-            .stdin(std::process::Stdio::null())
-            .kill_on_drop(true)
-            .output();
-        match tokio::time::timeout(limit, child).await {
-            Err(_) => Err(format!(
-                "{program} {args:?} in node {node}: no end within {limit:?}"
-            )),
-            Ok(Err(e)) => Err(format!("{program} in node {node}: {e}")),
-            Ok(Ok(out)) => Ok(out),
-        }
-    }
-
-    /// `csnapctl --socket <node's> args...` in the node; stdout on success.
-    async fn ctl(&self, node: NodeId, args: &[&str]) -> Result<String, String> {
-        let socket = self.control_socket(node).display().to_string();
-        let mut all = vec!["--socket", socket.as_str()];
-        all.extend_from_slice(args);
-        let out = self
-            .run_in(node, &self.ctl.display().to_string(), &all, COMMAND)
-            .await?;
-        if out.status.success() {
-            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-        } else {
-            Err(format!(
-                "csnapctl {args:?} on node {node}: {}: {}",
-                out.status,
-                String::from_utf8_lossy(&out.stderr).trim()
-            ))
-        }
-    }
-
-    /// The volume's status as `node`'s agent reports it (`csnapctl status --json`).
-    async fn status(&self, node: NodeId) -> Result<VolumeStatus, String> {
-        #[derive(serde::Deserialize)]
-        struct Out {
-            volumes: Vec<VolumeStatus>,
-        }
-        let text = self.ctl(node, &["status", VOLUME, "--json"]).await?;
-        let out: Out = serde_json::from_str(&text).map_err(|e| format!("{e}: {text}"))?;
-        out.volumes
-            .into_iter()
-            .next()
-            .ok_or_else(|| format!("node {node}: no volume in {text}"))
-    }
-
-    /// Waits until every node of `nodes` reports the same server, that server is one of
-    /// them and says it serves, every one is quorate and its NBD export answers. Returns
-    /// the server and its status.
-    async fn agreed_server(&self, nodes: &[NodeId], limit: Duration) -> (NodeId, VolumeStatus) {
-        let deadline = Instant::now() + limit;
-        loop {
-            let mut seen = Vec::new();
-            for &n in nodes {
-                seen.push((n, self.status(n).await));
-            }
-            let servers: Vec<Option<u32>> = seen
-                .iter()
-                .map(|(_, s)| {
-                    s.as_ref()
-                        .ok()
-                        .and_then(|s| s.cluster.as_ref())
-                        .filter(|c| c.quorate)
-                        .and_then(|c| c.server_node)
-                })
-                .collect();
-            if let Some(Some(first)) = servers.first() {
-                let server = NodeId(*first);
-                let serving = seen.iter().find(|(n, _)| *n == server).and_then(|(_, s)| {
-                    s.as_ref()
-                        .ok()
-                        .filter(|s| s.cluster.as_ref().is_some_and(|c| c.role == "Serving"))
-                });
-                if servers.iter().all(|s| *s == Some(*first)) {
-                    if let Some(status) = serving {
-                        let mut exports = true;
-                        for &n in nodes {
-                            exports &= self.export_answers(n).await;
-                        }
-                        if exports {
-                            return (server, status.clone());
-                        }
-                    }
-                }
-            }
-            if Instant::now() > deadline {
-                let shown: Vec<String> = seen
-                    .iter()
-                    .map(|(n, s)| match s {
-                        Ok(s) => format!("node {n}: {:?}", s.cluster),
-                        Err(e) => format!("node {n}: {e}"),
-                    })
-                    .collect();
-                panic!(
-                    "{}: no agreed, serving server among {nodes:?} within {limit:?}:\n{}",
-                    self.test,
-                    shown.join("\n")
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(300)).await;
-        }
-    }
-
-    /// Whether `node`'s NBD export of the origin answers (nbdinfo --size).
-    async fn export_answers(&self, node: NodeId) -> bool {
-        let uri = self.nbd_uri(node, VOLUME);
-        matches!(
-            self.run_in(node, "nbdinfo", &["--size", &uri], Duration::from_secs(10)).await,
-            Ok(out) if out.status.success()
-        )
-    }
-
-    /// qemu-io commands (`write -P ...`, `read -P ...`) on `export` through `node`'s NBD
-    /// socket; panics unless every command succeeded and verified.
-    async fn qemu_io(&self, node: NodeId, export: &str, commands: &[String]) {
-        let out = self.qemu_io_raw(node, export, commands, COMMAND).await;
-        let out = out.unwrap_or_else(|e| panic!("{}: {e}", self.test));
-        let stdout = String::from_utf8_lossy(&out.stdout);
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert!(
-            out.status.success()
-                && !stdout.contains("verification failed")
-                && !stdout.contains("error")
-                && !stderr.contains("rror"),
-            "{}: qemu-io {commands:?} on {export} through node {node}: {}\n{stdout}\n{stderr}",
-            self.test,
-            out.status
-        );
-    }
-
-    async fn qemu_io_raw(
-        &self,
-        node: NodeId,
-        export: &str,
-        commands: &[String],
-        limit: Duration,
-    ) -> Result<Output, String> {
-        let uri = self.nbd_uri(node, export);
-        let mut args = vec!["-f", "raw"];
-        for c in commands {
-            args.extend(["-c", c.as_str()]);
-        }
-        args.push(&uri);
-        self.run_in(node, "qemu-io", &args, limit).await
-    }
-
-    /// Creates snapshot `name` through `node`'s agent; returns its id.
-    async fn snapshot(&self, node: NodeId, name: &str) -> u64 {
-        let text = self
-            .ctl(node, &["snapshot", "create", VOLUME, name, "--json"])
-            .await
-            .unwrap_or_else(|e| panic!("{}: {e}", self.test));
-        let v: serde_json::Value = serde_json::from_str(&text).expect("csnapctl's JSON");
-        v["snapshot"]["id"]
-            .as_u64()
-            .unwrap_or_else(|| panic!("no snapshot id in {text}"))
-    }
-
-    /// Every systemd notification `node`'s agent sent since the last call.
-    fn notifications(&self, node: NodeId) -> Vec<String> {
-        let mut out = Vec::new();
-        let mut buf = [0u8; 4096];
-        if let Some(socket) = self.notify.get(&node) {
-            while let Ok(n) = socket.recv(&mut buf) {
-                out.push(String::from_utf8_lossy(&buf[..n]).into_owned());
-            }
-        }
-        out
-    }
-
-    /// Power-off of `node`: its corosync and its agent SIGKILLed together.
-    async fn power_off(&mut self, node: NodeId) {
-        let pid = self.agents.remove(&node).expect("the node's agent runs");
-        let (corosync, agent) = tokio::join!(
-            self.cluster.kill_node(node),
-            self.cluster
-                .stop_spawned(pid, Signal::SIGKILL, Duration::from_secs(5))
-        );
-        corosync.expect("kill the node's corosync");
-        agent.expect("kill the node's agent");
-    }
-
-    /// Asserts that `node`'s agent log has a line with `event=NAME` (as the cluster core's
-    /// and the shell's events are logged).
-    fn assert_logged(&self, node: NodeId, event: &str) {
-        let log = self.agent_log(node);
-        assert!(
-            log.lines()
-                .any(|l| l.contains(&format!("event=\"{event}\""))
-                    || l.contains(&format!("event={event}"))),
-            "{}: node {node}'s agent log has no event={event}",
-            self.test
-        );
-    }
-}
-
-/// Runs a host command (formatting the store, making the key), panicking on failure.
-async fn run_checked(program: &str, args: &[&str]) {
-    let out = tokio::time::timeout(
-        COMMAND,
-        tokio::process::Command::new(program)
-            .args(args)
-            .kill_on_drop(true)
-            .output(),
-    )
-    .await
-    .unwrap_or_else(|_| panic!("{program} {args:?}: no end within {COMMAND:?}"))
-    .unwrap_or_else(|e| panic!("{program}: {e}"));
-    assert!(
-        out.status.success(),
-        "{program} {args:?}: {}: {}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-fn write(pattern: u8, offset: u64, len: u64) -> String {
-    format!("write -P 0x{pattern:02x} {offset} {len}")
-}
-
-fn read(pattern: u8, offset: u64, len: u64) -> String {
-    format!("read -P 0x{pattern:02x} {offset} {len}")
+/// The 3-node rig of most tests: node 1 has the highest csnap_priority.
+async fn rig3(test: &str, fencing: &str) -> Option<Rig> {
+    Rig::start(test, RigConfig::new(3, fencing, test_bin_dir())).await
 }
 
 /// Every agent agrees on one server; a write through one node's export, a snapshot made
 /// through another node's agent and reads through the third see the same volume.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_agents_agree_on_one_server_and_share_the_volume() {
-    let Some(rig) = Rig::start("cluster mode: one server", "kill_node").await else {
+    let Some(rig) = rig3("cluster mode: one server", "kill_node").await else {
         return;
     };
     let nodes = rig.cluster.nodes();
@@ -597,7 +130,7 @@ async fn three_agents_agree_on_one_server_and_share_the_volume() {
 /// without being fenced and agrees on the server.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn power_off_of_the_server_node_fails_over_under_fio() {
-    let Some(mut rig) = Rig::start("cluster mode: power-off", "kill_node").await else {
+    let Some(mut rig) = rig3("cluster mode: power-off", "kill_node").await else {
         return;
     };
     let nodes = rig.cluster.nodes();
@@ -651,7 +184,7 @@ async fn power_off_of_the_server_node_fails_over_under_fio() {
     let c = status.cluster.clone().expect("cluster status");
     assert_ne!(second, first);
     assert!(c.generation > first_gen, "{c:?}");
-    assert!(c.last_failover.is_some(), "{c:?}");
+    assert!(c.failover.is_some(), "{c:?}");
     eprintln!("failover from node {first} to node {second} in {took:?}: {c:?}");
 
     let out = fio
@@ -704,8 +237,7 @@ async fn power_off_of_the_server_node_fails_over_under_fio() {
         rig.cluster.is_running(first),
         "node {first}'s corosync was killed after it was powered back on"
     );
-    let (agent, _) = binaries();
-    rig.start_agent(first, &agent).await;
+    rig.start_agent(first).await;
     let (again, status) = rig.agreed_server(&nodes, FAILOVER).await;
     assert_eq!(
         again, second,
@@ -810,7 +342,7 @@ async fn partition_the_server_away(rig: &Rig) -> Split {
 /// exactly one server remains.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn partitioned_server_stops_and_is_fenced_after_the_heal() {
-    let Some(rig) = Rig::start("cluster mode: partition", "kill_node").await else {
+    let Some(rig) = rig3("cluster mode: partition", "kill_node").await else {
         return;
     };
     let Split {
@@ -856,7 +388,7 @@ async fn partitioned_server_stops_and_is_fenced_after_the_heal() {
 /// and I/O through its export sees the majority's writes. Exactly one server remains.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn partitioned_server_resets_itself_after_the_heal() {
-    let Some(rig) = Rig::start("cluster mode: partition, reset", "reset").await else {
+    let Some(rig) = rig3("cluster mode: partition, reset", "reset").await else {
         return;
     };
     let nodes = rig.cluster.nodes();
@@ -912,7 +444,7 @@ async fn partitioned_server_resets_itself_after_the_heal() {
 /// volume never stops being served by the other nodes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_agent_survives_a_restart_of_its_corosync() {
-    let Some(rig) = Rig::start("cluster mode: corosync restart", "kill_node").await else {
+    let Some(rig) = rig3("cluster mode: corosync restart", "kill_node").await else {
         return;
     };
     let nodes = rig.cluster.nodes();
@@ -941,4 +473,174 @@ async fn an_agent_survives_a_restart_of_its_corosync() {
     }
     rig.qemu_io(bounced, VOLUME, &[write(0x5a, 0, MIB), read(0x5a, 0, MIB)])
         .await;
+}
+
+/// A snapshot reader on node 3 holds a read lock on a chunk (its agent's test hook keeps
+/// snapshot read locks 12 s) while the server's node loses power; node 2 then writes that
+/// chunk of the origin. The new server's gather lists node 3's snapshot client, so the
+/// write is granted only after that client reconnected with its lock and released it:
+/// it completes after the hold, the reader gets the old data, and the snapshot still reads
+/// the old data afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_read_lock_held_across_a_failover_holds_back_the_origin_write() {
+    const HOLD: Duration = Duration::from_secs(12);
+    let mut rc = RigConfig::new(3, "kill_node", test_bin_dir());
+    rc.confirm_fencing = true;
+    rc.agent_env = vec![(
+        3,
+        format!("CSNAP_TEST_HOLD_SNAPSHOT_READ_MS={}", HOLD.as_millis()),
+    )];
+    let Some(mut rig) = Rig::start("cluster mode: read lock across failover", rc).await else {
+        return;
+    };
+    let nodes = rig.cluster.nodes();
+    let (first, _) = rig.agreed_server(&nodes, FIRST_SERVER).await;
+    assert_eq!(first, NodeId(1), "node 1 has the highest csnap_priority");
+    let (reader, writer) = (NodeId(3), NodeId(2));
+    let chunk = 3 * MIB;
+    rig.qemu_io(writer, VOLUME, &[write(0x21, chunk, 64 * 1024)])
+        .await;
+    let snap = rig.snapshot(writer, "held").await;
+
+    // The slow read: its lock is granted by node 1's server, then held for HOLD.
+    let read_started = Instant::now();
+    let slow_read = {
+        let uri = rig.nbd_uri(reader, &format!("{VOLUME}@held"));
+        let ns = rig.cluster.netns(reader);
+        tokio::spawn(async move {
+            let out = tokio::process::Command::new("ip")
+                .args(["netns", "exec", &ns, "qemu-io", "-f", "raw", "-c"])
+                .arg(format!("read -P 0x21 {chunk} 65536"))
+                .arg(uri)
+                .stdin(std::process::Stdio::null())
+                .kill_on_drop(true)
+                .output();
+            let out = tokio::time::timeout(Duration::from_secs(60), out).await;
+            (out, Instant::now())
+        })
+    };
+    // Let the lock be granted by the old server, then cut its node.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(!slow_read.is_finished(), "the slow read ended early");
+    rig.power_off(first).await;
+
+    // The conflicting origin write, through another node.
+    let write_out = rig
+        .qemu_io_raw(
+            writer,
+            VOLUME,
+            &[write(0x22, chunk, 64 * 1024)],
+            Duration::from_secs(60),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("the origin write: {e}"));
+    let write_done = read_started.elapsed();
+    assert!(
+        write_out.status.success() && String::from_utf8_lossy(&write_out.stdout).contains("wrote "),
+        "the origin write failed: {}\n{}",
+        String::from_utf8_lossy(&write_out.stdout),
+        String::from_utf8_lossy(&write_out.stderr)
+    );
+    let (read_out, read_done_at) = slow_read.await.expect("the slow read's task");
+    let read_out = read_out
+        .expect("the slow read ended within 60 s")
+        .expect("qemu-io ran");
+    let stdout = String::from_utf8_lossy(&read_out.stdout);
+    assert!(
+        read_out.status.success() && stdout.contains("read ") && !stdout.contains("fail"),
+        "the slow snapshot read did not read the old data: {stdout}\n{}",
+        String::from_utf8_lossy(&read_out.stderr)
+    );
+    let read_done = read_done_at.duration_since(read_started);
+    eprintln!("slow read done at {read_done:?}, origin write done at {write_done:?}");
+    assert!(
+        write_done >= HOLD,
+        "the origin write completed {write_done:?} after the read began, within the {HOLD:?} \
+         its read lock was held: it went through the lock"
+    );
+
+    // The new server gathered node 3's snapshot client and waited for it.
+    let survivors = [NodeId(2), NodeId(3)];
+    let (second, status) = rig.agreed_server(&survivors, FAILOVER).await;
+    let f = status
+        .cluster
+        .and_then(|c| c.failover)
+        .expect("the new server's failover timing");
+    assert_eq!(f.departed_server, Some(first.0), "{f:?}");
+    assert!(
+        f.gathered_clients
+            .iter()
+            .any(|c| c.ends_with(&format!("/snap{snap}"))),
+        "the gather of node {second} did not list node 3's snapshot client: {f:?}"
+    );
+    // The snapshot kept the old data; the origin has the new.
+    for n in survivors {
+        rig.qemu_io(
+            n,
+            &format!("{VOLUME}@held"),
+            &[read(0x21, chunk, 64 * 1024)],
+        )
+        .await;
+        rig.qemu_io(n, VOLUME, &[read(0x22, chunk, 64 * 1024)])
+            .await;
+    }
+}
+
+/// Eight nodes: the agreed server is the node with the highest csnap_priority (node 5),
+/// then after its power-off the next one (node 3); snapshot clients on four other nodes
+/// are all in the new server's gather; I/O goes on. Fencing confirms at once (`command`),
+/// so there is no lease wait.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn eight_nodes_choose_by_priority_and_gather_every_nodes_clients() {
+    let mut rc = RigConfig::new(8, "kill_node", test_bin_dir());
+    rc.priorities = vec![(5, 20), (3, 10)];
+    rc.confirm_fencing = true;
+    let Some(mut rig) = Rig::start("cluster mode: 8 nodes", rc).await else {
+        return;
+    };
+    let nodes = rig.cluster.nodes();
+    let started = Instant::now();
+    let (first, status) = rig.agreed_server(&nodes, FIRST_SERVER).await;
+    assert_eq!(first, NodeId(5), "the highest csnap_priority serves");
+    let first_gen = status.cluster.expect("cluster status").generation;
+    rig.qemu_io(NodeId(1), VOLUME, &[write(0x31, 0, MIB)]).await;
+    let snap = rig.snapshot(NodeId(2), "s").await;
+    // Snapshot clients on nodes 1, 2, 4 and 7 (the NBD export's first snapshot read
+    // opens the node's snapshot connection, which stays).
+    let readers = [NodeId(1), NodeId(2), NodeId(4), NodeId(7)];
+    for n in readers {
+        rig.qemu_io(n, &format!("{VOLUME}@s"), &[read(0x31, 0, MIB)])
+            .await;
+    }
+    rig.power_off(first).await;
+    let survivors: Vec<NodeId> = nodes.iter().copied().filter(|n| *n != first).collect();
+    let (second, status) = rig.agreed_server(&survivors, FAILOVER).await;
+    assert_eq!(second, NodeId(3), "the next csnap_priority serves");
+    let c = status.cluster.expect("cluster status");
+    assert!(c.generation > first_gen, "{c:?}");
+    let f = c.failover.expect("the new server's failover timing");
+    let snaps: Vec<&String> = f
+        .gathered_clients
+        .iter()
+        .filter(|c| c.ends_with(&format!("/snap{snap}")))
+        .collect();
+    assert_eq!(
+        snaps.len(),
+        readers.len(),
+        "the gather did not collect one snapshot client per reading node: {f:?}"
+    );
+    rig.qemu_io(NodeId(6), VOLUME, &[write(0x32, MIB, MIB)])
+        .await;
+    rig.qemu_io(
+        NodeId(8),
+        VOLUME,
+        &[read(0x31, 0, MIB), read(0x32, MIB, MIB)],
+    )
+    .await;
+    rig.qemu_io(NodeId(4), &format!("{VOLUME}@s"), &[read(0x31, 0, MIB)])
+        .await;
+    eprintln!(
+        "8 nodes: done in {:?} after the cluster formed",
+        started.elapsed()
+    );
 }

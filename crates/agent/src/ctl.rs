@@ -179,16 +179,35 @@ fn print_cluster(c: &ClusterStatus) {
         node_list(&c.departed_servers),
         fencing
     );
-    let failover = match c.last_failover {
-        Some((generation, ms)) => {
-            format!("generation {generation}, {ms} ms from chosen to activated")
+    println!("  serving lease left {} ms", c.lease_left_ms);
+    match &c.failover {
+        None => println!("  last activation: none on this node"),
+        Some(f) => {
+            let from = match f.departed_server {
+                Some(n) => format!("failover from node {n}"),
+                None => "start".to_owned(),
+            };
+            let total = f
+                .confchg_to_first_write_ms()
+                .map(|ms| format!(", confchg to first origin write {ms} ms"))
+                .unwrap_or_default();
+            println!(
+                "  last activation: generation {} ({from}), {} ms from chosen to activated, {} \
+                 snapshot clients gathered{total}",
+                f.generation,
+                f.chosen_to_activated_ms,
+                f.gathered_clients.len()
+            );
+            let phases: Vec<String> = f
+                .phases()
+                .iter()
+                .map(|(name, ms)| format!("{name} +{ms} ms"))
+                .collect();
+            if !phases.is_empty() {
+                println!("    {}", phases.join(", "));
+            }
         }
-        None => "none".into(),
-    };
-    println!(
-        "  serving lease left {} ms  last failover {}",
-        c.lease_left_ms, failover
-    );
+    }
     if let Some(local) = &c.local_server {
         println!("  local server {local}");
     }

@@ -83,10 +83,88 @@ pub struct ClusterStatus {
     pub fencing: Vec<FenceJob>,
     /// How long this node's serving lease still runs (0 unless it serves).
     pub lease_left_ms: u64,
-    /// The last failover this node activated: (generation, ms from chosen to activated).
-    pub last_failover: Option<(u64, u64)>,
+    /// The last server activation this node made (a failover, or the first start), with
+    /// its timing split. Named `failover` rather than `last_failover` (which was a
+    /// `(generation, ms)` tuple before): an older csnapctl ignores the unknown field and an
+    /// older agent's tuple is ignored here, so both directions still decode.
+    #[serde(default)]
+    pub failover: Option<FailoverTiming>,
     /// The local server, when this node runs one.
     pub local_server: Option<String>,
+}
+
+/// The moments of one server activation, as the activating node's agent saw them: wall
+/// clock in Unix milliseconds (one host's clock, so a benchmark on the same host can set
+/// them against its own timestamps), `None` where a moment was not seen (a first start
+/// has no departed server; no origin write yet).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct FailoverTiming {
+    /// The generation the activation started.
+    pub generation: u64,
+    /// The node whose server departed (what made this a failover), if any.
+    pub departed_server: Option<u32>,
+    /// The group confchg at this node that started it: the last one before the choice
+    /// that showed a member leaving (else the last one at all).
+    pub confchg_at_ms: Option<u64>,
+    /// The totem confchg (node-level ring change) of the same transition.
+    pub totem_confchg_at_ms: Option<u64>,
+    /// The departed server was certainly stopped, as this node saw it: its stop wait ran
+    /// out (`old_server_settled`), or this node fenced it (`fence_done`). Not seen when
+    /// another member fenced it.
+    pub old_server_settled_at_ms: Option<u64>,
+    /// This node chose itself and multicast its announce (`server_chosen`).
+    pub chosen_at_ms: Option<u64>,
+    /// Its own announce came back (agreed order): the server process was told to start.
+    pub announce_delivered_at_ms: Option<u64>,
+    /// The server process reported ready to the membership core.
+    pub server_ready_at_ms: Option<u64>,
+    /// Every member's client list was in (`gather_done`): the server was activated.
+    pub activated_at_ms: Option<u64>,
+    /// The server had opened the store (journal replayed) and listened.
+    pub serving_at_ms: Option<u64>,
+    /// The new server granted its first origin write.
+    pub first_origin_write_at_ms: Option<u64>,
+    /// Snapshot clients the gather collected (the activation gate's list).
+    pub gathered_clients: Vec<String>,
+    /// The membership core's own count: ms from the choice to the activation.
+    pub chosen_to_activated_ms: u64,
+}
+
+impl FailoverTiming {
+    /// The phases between consecutive known moments: (name, ms). A phase whose end or
+    /// start is unknown is left out.
+    pub fn phases(&self) -> Vec<(&'static str, u64)> {
+        let start = self.confchg_at_ms.or(self.totem_confchg_at_ms);
+        let steps: [(&'static str, Option<u64>); 8] = [
+            ("confchg", start),
+            ("old server settled", self.old_server_settled_at_ms),
+            ("chosen", self.chosen_at_ms),
+            ("announce delivered", self.announce_delivered_at_ms),
+            ("server ready", self.server_ready_at_ms),
+            ("gather done", self.activated_at_ms),
+            ("serving", self.serving_at_ms),
+            ("first origin write", self.first_origin_write_at_ms),
+        ];
+        let mut out = Vec::new();
+        let mut last: Option<u64> = None;
+        for (name, at) in steps {
+            if let Some(at) = at {
+                if let Some(prev) = last {
+                    out.push((name, at.saturating_sub(prev)));
+                }
+                last = Some(at.max(last.unwrap_or(0)));
+            }
+        }
+        out
+    }
+
+    /// From the confchg to the first origin write served (csnap's own part of an outage),
+    /// when both are known.
+    pub fn confchg_to_first_write_ms(&self) -> Option<u64> {
+        let start = self.confchg_at_ms.or(self.totem_confchg_at_ms)?;
+        Some(self.first_origin_write_at_ms?.saturating_sub(start))
+    }
 }
 
 /// A fencing operation in progress.
@@ -122,4 +200,87 @@ pub enum ControlResponse {
     Error {
         message: String,
     },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn phases_run_between_the_known_moments() {
+        let t = FailoverTiming {
+            generation: 3,
+            confchg_at_ms: Some(1_000),
+            totem_confchg_at_ms: Some(1_001),
+            chosen_at_ms: Some(1_010),
+            announce_delivered_at_ms: Some(1_012),
+            server_ready_at_ms: Some(1_012),
+            activated_at_ms: Some(1_015),
+            serving_at_ms: Some(1_020),
+            first_origin_write_at_ms: Some(1_024),
+            ..FailoverTiming::default()
+        };
+        assert_eq!(
+            t.phases(),
+            vec![
+                ("chosen", 10),
+                ("announce delivered", 2),
+                ("server ready", 0),
+                ("gather done", 3),
+                ("serving", 5),
+                ("first origin write", 4),
+            ]
+        );
+        assert_eq!(t.confchg_to_first_write_ms(), Some(24));
+        let first_start = FailoverTiming::default();
+        assert!(first_start.phases().is_empty());
+        assert_eq!(first_start.confchg_to_first_write_ms(), None);
+    }
+
+    /// The status of an agent from before the timing split (`last_failover` as a pair)
+    /// still decodes, and the new field is simply absent for it.
+    #[test]
+    fn an_older_agents_status_still_decodes() {
+        #[derive(Serialize)]
+        struct Old {
+            node: u32,
+            member: String,
+            role: String,
+            generation: u64,
+            ring: Option<String>,
+            members: Vec<String>,
+            quorate: bool,
+            server_node: Option<u32>,
+            server_address: Option<String>,
+            gate: String,
+            stale: Vec<u32>,
+            departed_servers: Vec<u32>,
+            fencing: Vec<FenceJob>,
+            lease_left_ms: u64,
+            last_failover: Option<(u64, u64)>,
+            local_server: Option<String>,
+        }
+        let old = Old {
+            node: 2,
+            member: "2/77".into(),
+            role: "Serving".into(),
+            generation: 4,
+            ring: None,
+            members: vec![],
+            quorate: true,
+            server_node: Some(2),
+            server_address: None,
+            gate: "Serving".into(),
+            stale: vec![],
+            departed_servers: vec![],
+            fencing: vec![],
+            lease_left_ms: 0,
+            last_failover: Some((4, 12)),
+            local_server: None,
+        };
+        let bytes = rmp_serde::to_vec_named(&old).expect("encode");
+        let new: ClusterStatus = rmp_serde::from_slice(&bytes).expect("decode");
+        assert_eq!(new.generation, 4);
+        assert_eq!(new.failover, None);
+    }
 }

@@ -421,8 +421,9 @@ impl Demo {
              activation, the gather included",
             self.at(third, "server_active", cut),
             c.generation,
-            c.last_failover
-                .map(|(_, ms)| format!("{ms} ms"))
+            c.failover
+                .as_ref()
+                .map(|f| format!("{} ms", f.chosen_to_activated_ms))
                 .unwrap_or_else(|| "?".into())
         );
         println!("   {seen:.1} s: both survivors' status agree on it and their exports answer");

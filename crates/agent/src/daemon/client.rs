@@ -26,9 +26,6 @@ pub struct ClientSideConfig {
     pub snapshots_read_only: bool,
 }
 
-/// How often the node's snapshot clients are compared with what the membership was told.
-const CLIENTS_POLL: Duration = Duration::from_millis(200);
-
 /// Runs until `stop`: connects the volume once a server is known (following it after),
 /// publishes the connected volume, serves NBD, and tells the membership shell the node's
 /// snapshot clients whenever they change.
@@ -118,8 +115,12 @@ pub async fn run_client_side(
                 }
             }
         }
+        // The membership hears of every change of the node's snapshot clients at once
+        // (a failover's gather collects what it was told).
+        let mut changed = volume.snapshot_clients_changed();
         let mut told = None;
         loop {
+            changed.borrow_and_update();
             let mut clients = volume.snapshot_clients();
             clients.sort();
             if told.as_ref() != Some(&clients) {
@@ -128,7 +129,7 @@ pub async fn run_client_side(
             }
             tokio::select! {
                 _ = stop.cancelled() => break,
-                _ = tokio::time::sleep(CLIENTS_POLL) => {}
+                Ok(()) = changed.changed() => {}
                 Ok(()) = resets_rx.changed() => volume.reconnect(),
             }
         }

@@ -262,7 +262,7 @@ fn detached_status(node: NodeId, error: &str) -> ClusterStatus {
         departed_servers: Vec::new(),
         fencing: Vec::new(),
         lease_left_ms: 0,
-        last_failover: None,
+        failover: None,
         local_server: None,
     }
 }

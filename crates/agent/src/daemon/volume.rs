@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use cpg_glue::{Group, GroupEvent, GroupSender as _, NodeId, Quorum};
 use csnap_blockdev::nbd;
-use csnap_proto::control::{ClusterStatus, FenceJob};
+use csnap_proto::control::{ClusterStatus, FailoverTiming, FenceJob};
 use csnap_proto::{ClientId, ServerStatus};
 use csnap_server::net::{self as server_net, RunningServer, ServerConfig};
 use futures::StreamExt as _;
@@ -117,6 +117,7 @@ pub async fn run_volume<G: Group, Q: Quorum>(
     let mut group_error: Option<String> = None;
     let mut quorum_open = true;
     let mut resets = 0u64;
+    let mut clock = FailoverClock::default();
 
     loop {
         machine.handle(Input::Tick { now_ms: now_ms() });
@@ -125,12 +126,21 @@ pub async fn run_volume<G: Group, Q: Quorum>(
                 Output::Mcast(bytes) => {
                     let _ = mcast_tx.send(bytes);
                 }
-                Output::StartServer { generation } => server.start(generation, &mut machine),
+                Output::StartServer { generation } => {
+                    clock.announce_delivered();
+                    server.start(generation, &mut machine);
+                    if matches!(server.state, ServerState::Ready { .. }) {
+                        clock.server_ready();
+                    }
+                }
                 Output::ActivateServer {
                     generation,
                     clients,
                     hold_snapshots_ms,
-                } => server.activate(generation, clients, hold_snapshots_ms),
+                } => {
+                    clock.activated(generation, &clients, &machine);
+                    server.activate(generation, clients, hold_snapshots_ms);
+                }
                 Output::ExtendLease { until_ms } => server.extend_lease(until_ms),
                 Output::StopServer { reason } => server.stop(reason, &mut machine),
                 Output::DeclareGone { client } => server.declare_gone(client),
@@ -170,9 +180,13 @@ pub async fn run_volume<G: Group, Q: Quorum>(
                         .in_current_span(),
                     );
                 }
-                Output::Log(event) => log_event(&event),
+                Output::Log(event) => {
+                    clock.on_log(&event, cfg.node);
+                    log_event(&event);
+                }
             }
         }
+        clock.track_server(&machine, cfg.node);
         publish_location(&cfg, &machine, location, resets);
         if group_error.is_some() && !server.busy() {
             break;
@@ -186,6 +200,7 @@ pub async fn run_volume<G: Group, Q: Quorum>(
             _ = stop.cancelled() => break,
             event = group.next(), if group_error.is_none() => match event {
                 Some(Ok(event)) => {
+                    clock.on_group_event(&event);
                     if let GroupEvent::ConfChg(c) = &event {
                         tracing::info!(members = ?c.members.iter().map(|m| m.to_string()).collect::<Vec<_>>(), "group membership changed");
                     }
@@ -214,7 +229,13 @@ pub async fn run_volume<G: Group, Q: Quorum>(
                 }
             },
             _ = tokio::time::sleep_until(deadline.into()) => {}
-            Some(event) = server_rx.recv() => server.on_event(event, &mut machine),
+            Some(event) = server_rx.recv() => {
+                let was_running = matches!(server.state, ServerState::Running { .. });
+                server.on_event(event, &mut machine);
+                if !was_running && matches!(server.state, ServerState::Running { .. }) {
+                    clock.serving();
+                }
+            }
             reason = server.failed() => server.on_failed(reason),
             Some((node, result)) = fence_rx.recv() => {
                 let (ok, detail) = match result {
@@ -232,7 +253,7 @@ pub async fn run_volume<G: Group, Q: Quorum>(
             Some(request) = requests.recv() => match request {
                 VolumeRequest::Status(reply) => {
                     let local_status = server.status().await;
-                    let _ = reply.send((cluster_status(&cfg, &machine, &server), local_status));
+                    let _ = reply.send((cluster_status(&cfg, &machine, &server, &mut clock), local_status));
                 }
                 VolumeRequest::Clients(clients) => machine.handle(Input::Clients(clients)),
                 VolumeRequest::Config { priorities, fencing } => {
@@ -313,6 +334,7 @@ fn cluster_status(
     cfg: &VolumeShellConfig,
     machine: &VolumeMembership,
     server: &LocalServer,
+    clock: &mut FailoverClock,
 ) -> ClusterStatus {
     let s = machine.status();
     ClusterStatus {
@@ -337,8 +359,133 @@ fn cluster_status(
             })
             .collect(),
         lease_left_ms: s.lease_left_ms,
-        last_failover: s.last_failover,
+        failover: clock.timing(server),
         local_server: server.describe(),
+    }
+}
+
+/// Binds the server's address at once, from inside the loop without waiting: a TCP bind
+/// completes on its first poll; should a unix socket's liveness probe not, the activation
+/// binds instead.
+fn bind_now(addr: &server_net::ListenAddr) -> Result<server_net::BoundListener, String> {
+    use futures::FutureExt as _;
+    match server_net::bind_early(addr).now_or_never() {
+        Some(r) => r.map_err(|e| e.to_string()),
+        None => Err("binding would wait".into()),
+    }
+}
+
+/// Unix milliseconds of the wall clock (0 before 1970).
+fn wall_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
+/// The moments of this node's last server activation (`csnapctl status`, the failover
+/// benchmark), taken by the shell from what it feeds the machine and what the machine
+/// asks: nothing here decides anything.
+#[derive(Debug, Default)]
+struct FailoverClock {
+    /// The last group confchg with a member leaving, and the last one at all.
+    confchg_left: Option<u64>,
+    confchg_any: Option<u64>,
+    totem: Option<u64>,
+    /// The last `old_server_settled` event.
+    settled: Option<u64>,
+    /// The last server of the volume on another node this node knew of.
+    last_remote_server: Option<u32>,
+    /// The activation in progress or done last.
+    current: Option<FailoverTiming>,
+}
+
+impl FailoverClock {
+    fn on_group_event(&mut self, event: &GroupEvent) {
+        let now = wall_ms();
+        match event {
+            GroupEvent::ConfChg(c) => {
+                self.confchg_any = Some(now);
+                if !c.left.is_empty() {
+                    self.confchg_left = Some(now);
+                }
+            }
+            GroupEvent::TotemConfChg(_) => self.totem = Some(now),
+            GroupEvent::Deliver(_) => {}
+        }
+    }
+
+    fn track_server(&mut self, machine: &VolumeMembership, local: NodeId) {
+        if let Some((node, _)) = machine.status().server {
+            if node != local {
+                self.last_remote_server = Some(node.0);
+            }
+        }
+    }
+
+    fn on_log(&mut self, event: &LogEvent, local: NodeId) {
+        let now = wall_ms();
+        match event.name {
+            // Settled as this node sees it: its stop wait ran out or its agent reported it
+            // idle; or this node fenced it (a `Fenced` from another member is silent).
+            "old_server_settled" | "fence_done" => self.settled = Some(now),
+            "server_chosen" => {
+                let confchg = self.confchg_left.or(self.confchg_any);
+                let after = |at: Option<u64>| at.filter(|t| confchg.is_none_or(|c| *t >= c));
+                self.current = Some(FailoverTiming {
+                    departed_server: self.last_remote_server.filter(|n| *n != local.0),
+                    confchg_at_ms: confchg,
+                    totem_confchg_at_ms: after(self.totem),
+                    old_server_settled_at_ms: after(self.settled),
+                    chosen_at_ms: Some(now),
+                    ..FailoverTiming::default()
+                });
+            }
+            _ => {}
+        }
+    }
+
+    fn announce_delivered(&mut self) {
+        if let Some(t) = &mut self.current {
+            t.announce_delivered_at_ms = Some(wall_ms());
+        }
+    }
+
+    fn server_ready(&mut self) {
+        if let Some(t) = &mut self.current {
+            t.server_ready_at_ms = Some(wall_ms());
+        }
+    }
+
+    fn activated(&mut self, generation: u64, clients: &[ClientId], machine: &VolumeMembership) {
+        if let Some(t) = &mut self.current {
+            t.generation = generation;
+            t.activated_at_ms = Some(wall_ms());
+            t.gathered_clients = clients.iter().map(|c| c.to_string()).collect();
+            t.chosen_to_activated_ms = machine
+                .status()
+                .last_failover
+                .filter(|(g, _)| *g == generation)
+                .map_or(0, |(_, ms)| ms);
+        }
+    }
+
+    fn serving(&mut self) {
+        if let Some(t) = &mut self.current {
+            t.serving_at_ms = Some(wall_ms());
+        }
+    }
+
+    /// The last activation's timing, with the running server's first origin grant (kept
+    /// once seen, also after that server stopped).
+    fn timing(&mut self, server: &LocalServer) -> Option<FailoverTiming> {
+        let t = self.current.as_mut()?;
+        if let ServerState::Running { generation, server } = &server.state {
+            if *generation == t.generation && t.first_origin_write_at_ms.is_none() {
+                t.first_origin_write_at_ms = server.first_origin_write_at_ms();
+            }
+        }
+        Some(t.clone())
     }
 }
 
@@ -357,9 +504,12 @@ struct LocalServer {
 
 enum ServerState {
     Idle,
-    /// Told to start; waiting for the activation.
+    /// Told to start; waiting for the activation. The listener is bound already when
+    /// that worked (clients that learn the address from the announce queue in its backlog
+    /// instead of being refused and backing off).
     Ready {
         generation: u64,
+        listener: Option<server_net::BoundListener>,
     },
     /// Opening the store; `stop` set if a stop came meanwhile.
     Opening {
@@ -399,7 +549,9 @@ impl LocalServer {
     fn describe(&self) -> Option<String> {
         match &self.state {
             ServerState::Idle => None,
-            ServerState::Ready { generation } => Some(format!("ready (generation {generation})")),
+            ServerState::Ready { generation, .. } => {
+                Some(format!("ready (generation {generation})"))
+            }
             ServerState::Opening { generation, .. } => {
                 Some(format!("opening the store (generation {generation})"))
             }
@@ -415,7 +567,21 @@ impl LocalServer {
     fn start(&mut self, generation: u64, machine: &mut VolumeMembership) {
         match self.state {
             ServerState::Idle => {
-                self.state = ServerState::Ready { generation };
+                // Bind now (non-blocking for TCP; a unix socket path is checked and
+                // created): the gather and the store's opening then happen while clients
+                // already connect. Binding fails only when the address is in use; the
+                // activation tries again then.
+                let listener = match bind_now(&self.cfg.server_listen) {
+                    Ok(l) => Some(l),
+                    Err(e) => {
+                        tracing::debug!(error = %e, "cannot bind the server's address yet; binding at activation");
+                        None
+                    }
+                };
+                self.state = ServerState::Ready {
+                    generation,
+                    listener,
+                };
                 machine.handle(Input::ServerStarted);
             }
             _ => {
@@ -432,7 +598,10 @@ impl LocalServer {
     }
 
     fn activate(&mut self, generation: u64, clients: Vec<ClientId>, hold_snapshots_ms: u64) {
-        let ServerState::Ready { generation: ready } = self.state else {
+        let ServerState::Ready {
+            generation: ready, ..
+        } = self.state
+        else {
             tracing::warn!(generation, "activation without a started server; ignored");
             return;
         };
@@ -444,6 +613,10 @@ impl LocalServer {
             );
             return;
         }
+        let listener = match std::mem::replace(&mut self.state, ServerState::Idle) {
+            ServerState::Ready { listener, .. } => listener,
+            _ => None,
+        };
         let mut config = ServerConfig::new(
             &self.cfg.origin,
             &self.cfg.store,
@@ -470,7 +643,9 @@ impl LocalServer {
         // In the volume's span: the server's lines carry the volume and the node.
         tokio::spawn(
             async move {
-                let result = server_net::start(config).await.map_err(|e| e.to_string());
+                let result = server_net::start_bound(config, listener)
+                    .await
+                    .map_err(|e| e.to_string());
                 let _ = events.send(ServerEvent::Started(result));
             }
             .in_current_span(),

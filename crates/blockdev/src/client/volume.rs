@@ -58,6 +58,27 @@ pub fn client_id_for(instance: u64, kind: ClientKind) -> ClientId {
     ClientId::new(instance, kind)
 }
 
+/// Test hook for the cluster tests: `CSNAP_TEST_HOLD_SNAPSHOT_READ_MS=N` in the
+/// environment makes every snapshot read that holds origin read locks keep them N ms
+/// before reading (a slow reader across a failover, deterministically). Unset (always, in
+/// production) it costs one lookup per process.
+fn test_hold_snapshot_reads() -> Option<std::time::Duration> {
+    static HOLD: std::sync::OnceLock<Option<std::time::Duration>> = std::sync::OnceLock::new();
+    *HOLD.get_or_init(|| {
+        let ms = std::env::var("CSNAP_TEST_HOLD_SNAPSHOT_READ_MS").ok()?;
+        match ms.trim().parse::<u64>() {
+            Ok(ms) if ms > 0 => {
+                tracing::warn!(
+                    ms,
+                    "test hook: snapshot reads hold their read locks {ms} ms longer"
+                );
+                Some(std::time::Duration::from_millis(ms))
+            }
+            _ => None,
+        }
+    })
+}
+
 /// A connected volume.
 #[derive(Debug)]
 pub struct Volume {
@@ -72,6 +93,10 @@ pub struct Volume {
     origin: MetaConnection,
     admin: MetaConnection,
     snapshots: Mutex<HashMap<SnapId, Arc<MetaConnection>>>,
+    /// Bumped whenever a snapshot connection is added or removed (what
+    /// [`Volume::snapshot_clients`] returns changed): the cluster agent reports the node's
+    /// snapshot clients to the membership on this, not on a timer.
+    snapshots_changed: tokio::sync::watch::Sender<u64>,
 }
 
 fn unexpected(request: &'static str, answer: ServerMsg) -> ClientError {
@@ -116,6 +141,7 @@ impl Volume {
             origin,
             admin,
             snapshots: Mutex::new(HashMap::new()),
+            snapshots_changed: tokio::sync::watch::Sender::new(0),
         }))
     }
 
@@ -131,6 +157,11 @@ impl Volume {
             .keys()
             .map(|snap| client_id_for(self.cfg.instance, ClientKind::Snapshot { snap: *snap }))
             .collect()
+    }
+
+    /// Changes whenever [`Volume::snapshot_clients`] may have changed.
+    pub fn snapshot_clients_changed(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.snapshots_changed.subscribe()
     }
 
     /// Size of the origin (and of every snapshot) in bytes.
@@ -257,14 +288,22 @@ impl Volume {
 
     fn snapshot_conn(&self, snap: SnapId) -> Arc<MetaConnection> {
         let mut map = self.snapshots.lock().unwrap_or_else(|p| p.into_inner());
-        map.entry(snap)
+        let mut added = false;
+        let conn = map
+            .entry(snap)
             .or_insert_with(|| {
+                added = true;
                 Arc::new(MetaConnection::start(
                     conn_config(&self.cfg, self.incarnation, ClientKind::Snapshot { snap }),
                     None,
                 ))
             })
-            .clone()
+            .clone();
+        drop(map);
+        if added {
+            self.snapshots_changed.send_modify(|v| *v += 1);
+        }
+        conn
     }
 
     /// The part of chunk `chunk` that `[offset, offset+len)` covers, as
@@ -300,6 +339,12 @@ impl Volume {
             } => (store, origin_locked),
             other => return Err(unexpected("QuerySnapshotRead", other)),
         };
+        if !origin_locked.is_empty() {
+            if let Some(hold) = test_hold_snapshot_reads() {
+                // Test hook (see `test_hold_snapshot_reads`): keep the read locks longer.
+                tokio::time::sleep(hold).await;
+            }
+        }
         let data = self.gather(&store, offset, len).await;
         if !store.is_empty() {
             // Done with those store addresses (whatever the reads returned): until now
@@ -459,6 +504,7 @@ impl Volume {
                     .unwrap_or_else(|p| p.into_inner())
                     .remove(&snap);
                 if let Some(conn) = conn {
+                    self.snapshots_changed.send_modify(|v| *v += 1);
                     conn.shutdown().await;
                 }
                 Ok(snap)

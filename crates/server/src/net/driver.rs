@@ -19,6 +19,7 @@ use csnap_proto::{
     PROTOCOL_VERSION,
 };
 use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio::runtime::Handle;
@@ -273,6 +274,8 @@ pub(crate) struct DriverParts {
     pub lease: Arc<ServingLease>,
     /// The span every line of the engine thread is logged in (it carries the volume).
     pub span: tracing::Span,
+    /// Set (Unix ms) when the first origin write is granted (0 until then).
+    pub first_origin_grant: Arc<AtomicU64>,
 }
 
 pub(crate) struct Driver {
@@ -301,6 +304,7 @@ pub(crate) struct Driver {
     commit_due: bool,
     lease: Arc<ServingLease>,
     span: tracing::Span,
+    first_origin_grant: Arc<AtomicU64>,
 }
 
 /// The engine's clock: Unix seconds, but advancing monotonically from the first reading
@@ -351,6 +355,7 @@ impl Driver {
             commit_due: false,
             lease: p.lease,
             span: p.span,
+            first_origin_grant: p.first_origin_grant,
         }
     }
 
@@ -618,6 +623,16 @@ impl Driver {
                     }
                     ServerMsg::Error { code, message } => {
                         tracing::debug!(conn, client = ?c.client, %code, %message, "error reply");
+                    }
+                    ServerMsg::OriginWriteOk { .. }
+                        if self.first_origin_grant.load(Ordering::Relaxed) == 0 =>
+                    {
+                        let now = SystemTime::now()
+                            .duration_since(UNIX_EPOCH)
+                            .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+                            .unwrap_or(1)
+                            .max(1);
+                        self.first_origin_grant.store(now, Ordering::Relaxed);
                     }
                     _ => {}
                 }

@@ -246,9 +246,22 @@ pub struct RunningServer {
     generation: u64,
     was_unclean: bool,
     lease: Arc<ServingLease>,
+    first_origin_grant: Arc<AtomicU64>,
 }
 
 impl RunningServer {
+    /// When this server granted its first origin write (Unix ms), if it did yet: the end
+    /// of a failover as the writers see it (the agent shows it in `csnapctl status`).
+    pub fn first_origin_write_at_ms(&self) -> Option<u64> {
+        match self
+            .first_origin_grant
+            .load(std::sync::atomic::Ordering::Relaxed)
+        {
+            0 => None,
+            ms => Some(ms),
+        }
+    }
+
     /// The bound address (with the real port when listening on port 0).
     pub fn local_addr(&self) -> ListenAddr {
         self.local_addr.clone()
@@ -500,6 +513,23 @@ async fn bind(addr: &ListenAddr) -> Result<Listener, ServerError> {
     }
 }
 
+/// A listening socket bound ahead of [`start_bound`]: clients that connect meanwhile wait
+/// in the kernel's backlog until the server accepts them, instead of being refused and
+/// backing off (cluster mode binds when its announce is delivered, before the gather and
+/// the store's opening, so the first writes after a failover need no retry).
+pub struct BoundListener(Listener);
+
+impl std::fmt::Debug for BoundListener {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("BoundListener")
+    }
+}
+
+/// Binds `addr` (as [`start`] would) without serving yet.
+pub async fn bind_early(addr: &ListenAddr) -> Result<BoundListener, ServerError> {
+    bind(addr).await.map(BoundListener)
+}
+
 /// Starts a server: checks the key file, opens the store (replaying its journal and bumping
 /// the server generation), builds the engine, listens and serves.
 ///
@@ -508,22 +538,38 @@ async fn bind(addr: &ListenAddr) -> Result<Listener, ServerError> {
 /// agent's volume span carries it and `csnap_node`); without a current span the server's
 /// own span carries `csnap_volume`.
 pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
+    start_bound(config, None).await
+}
+
+/// [`start`] on a listener bound earlier by [`bind_early`] (for `config.listen`), or
+/// binding now when `None`.
+pub async fn start_bound(
+    config: ServerConfig,
+    bound: Option<BoundListener>,
+) -> Result<RunningServer, ServerError> {
     let span = if tracing::Span::current().is_none() {
         tracing::info_span!("server", csnap_volume = %config.volume)
     } else {
         tracing::info_span!("server")
     };
-    start_in(config, span.clone()).instrument(span).await
+    start_in(config, bound, span.clone()).instrument(span).await
 }
 
-async fn start_in(config: ServerConfig, span: tracing::Span) -> Result<RunningServer, ServerError> {
+async fn start_in(
+    config: ServerConfig,
+    bound: Option<BoundListener>,
+    span: tracing::Span,
+) -> Result<RunningServer, ServerError> {
     let cluster_key = key::load_key_file(&config.key_file)?;
     let lease = Arc::new(ServingLease::new(config.serving_lease_until));
     if lease.expired() {
         // Too late to serve at all: do not even touch the store.
         return Err(ServerError::LeaseExpired);
     }
-    let listener = bind(&config.listen).await?;
+    let listener = match bound {
+        Some(BoundListener(l)) => l,
+        None => bind(&config.listen).await?,
+    };
     let (local_addr, unix_path) = match &listener {
         Listener::Tcp(l) => (
             ListenAddr::Tcp(l.local_addr().map_err(|source| ServerError::Listen {
@@ -616,6 +662,7 @@ async fn start_in(config: ServerConfig, span: tracing::Span) -> Result<RunningSe
     let fatal_tx = Arc::new(fatal_tx);
     let (exit_tx, exit_rx) = oneshot::channel();
     let stop = CancellationToken::new();
+    let first_origin_grant = Arc::new(AtomicU64::new(0));
     let driver = Driver::new(DriverParts {
         engine,
         rt: rt.clone(),
@@ -631,6 +678,7 @@ async fn start_in(config: ServerConfig, span: tracing::Span) -> Result<RunningSe
         volume: volume.clone(),
         lease: lease.clone(),
         span: span.clone(),
+        first_origin_grant: first_origin_grant.clone(),
     });
     let thread_stop = stop.clone();
     let spawned = std::thread::Builder::new()
@@ -715,6 +763,7 @@ async fn start_in(config: ServerConfig, span: tracing::Span) -> Result<RunningSe
         generation,
         was_unclean,
         lease,
+        first_origin_grant,
     })
 }
 
