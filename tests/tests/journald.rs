@@ -22,7 +22,7 @@
 //! (`cargo build -p csnap-agent --bins` first, as for cluster_mode.rs).
 
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use cpg_glue::NodeId;
 use csnap_e2e::journald::{field, journald_or_skip, Journald};
@@ -42,60 +42,6 @@ const FAILOVER: Duration = Duration::from_secs(60);
 const COMMAND: Duration = Duration::from_secs(30);
 /// journald writes what it received at once, but give it a moment.
 const JOURNAL_WAIT: Duration = Duration::from_secs(15);
-
-fn binaries() -> (PathBuf, PathBuf) {
-    let dir = match std::env::var_os("CSNAP_BIN_DIR") {
-        Some(d) => PathBuf::from(d),
-        None => std::env::current_exe()
-            .expect("the test's own path")
-            .parent()
-            .and_then(Path::parent)
-            .expect("the test binary lives in target/<profile>/deps")
-            .to_path_buf(),
-    };
-    let (agent, ctl) = (dir.join("csnap-agent"), dir.join("csnapctl"));
-    let newest = newest_source(&Path::new(env!("CARGO_MANIFEST_DIR")).join("../crates"));
-    for bin in [&agent, &ctl] {
-        let built = std::fs::metadata(bin)
-            .and_then(|m| m.modified())
-            .unwrap_or_else(|e| {
-                panic!(
-                    "{}: {e}; build it first: `cargo build -p csnap-agent --bins`",
-                    bin.display()
-                )
-            });
-        assert!(
-            built >= newest,
-            "{} is older than the sources under crates/: `cargo build -p csnap-agent --bins`",
-            bin.display()
-        );
-    }
-    (agent, ctl)
-}
-
-fn newest_source(dir: &Path) -> SystemTime {
-    let mut newest = SystemTime::UNIX_EPOCH;
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        let Ok(entries) = std::fs::read_dir(&d) else {
-            continue;
-        };
-        for e in entries.flatten() {
-            let p = e.path();
-            let Ok(meta) = e.metadata() else { continue };
-            if meta.is_dir() {
-                stack.push(p);
-            } else if p.extension().is_some_and(|x| x == "rs")
-                || p.file_name().is_some_and(|n| n == "Cargo.toml")
-            {
-                if let Ok(m) = meta.modified() {
-                    newest = newest.max(m);
-                }
-            }
-        }
-    }
-    newest
-}
 
 /// The cluster, the journal and the agents. Field order is drop order: the journal goes
 /// before the cluster removes the run directory it lives in.
@@ -282,7 +228,7 @@ async fn a_failover_shows_in_the_journal_with_csnap_fields() {
     if !journald_or_skip(test) {
         return;
     }
-    let (agent, ctl) = binaries();
+    let (agent, ctl) = csnap_e2e::rig::binaries(&csnap_e2e::rig::test_bin_dir());
     let Some(cluster) = Cluster::start_or_skip(test, ClusterConfig::new(3).priority(1, 10)).await
     else {
         return;
@@ -614,7 +560,7 @@ fn the_log_target_follows_journal_stream_and_the_option() {
     if !journald_or_skip(test) || !csnap_e2e::prerequisites_or_skip(test) {
         return;
     }
-    let (agent, _) = binaries();
+    let (agent, _) = csnap_e2e::rig::binaries(&csnap_e2e::rig::test_bin_dir());
     let dir = PathBuf::from(format!("/tmp/csnap-e2e-journald-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).expect("create the test directory");

@@ -34,7 +34,7 @@
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use cpg_glue::NodeId;
 use csnap_e2e::pacemaker::{
@@ -83,64 +83,6 @@ fn repo() -> PathBuf {
         .parent()
         .expect("tests/ lives in the repository")
         .to_path_buf()
-}
-
-/// The built binaries: `$CSNAP_BIN_DIR` or this test's target directory; refuses ones
-/// older than the sources.
-fn binaries() -> (PathBuf, PathBuf) {
-    let dir = match std::env::var_os("CSNAP_BIN_DIR") {
-        Some(d) => PathBuf::from(d),
-        None => {
-            let exe = std::env::current_exe().expect("the test's own path");
-            exe.parent()
-                .and_then(Path::parent)
-                .expect("the test binary lives in target/<profile>/deps")
-                .to_path_buf()
-        }
-    };
-    let agent = dir.join("csnap-agent");
-    let ctl = dir.join("csnapctl");
-    let newest = newest_mtime(&repo().join("crates"));
-    for bin in [&agent, &ctl] {
-        let built = std::fs::metadata(bin)
-            .and_then(|m| m.modified())
-            .unwrap_or_else(|e| {
-                panic!(
-                    "{}: {e}; build it first: `cargo build -p csnap-agent --bins` (or set CSNAP_BIN_DIR)",
-                    bin.display()
-                )
-            });
-        assert!(
-            built >= newest,
-            "{} is older than the sources under crates/: rebuild it with `cargo build -p csnap-agent --bins`",
-            bin.display()
-        );
-    }
-    (agent, ctl)
-}
-
-fn newest_mtime(dir: &Path) -> SystemTime {
-    let mut newest = SystemTime::UNIX_EPOCH;
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        let Ok(entries) = std::fs::read_dir(&d) else {
-            continue;
-        };
-        for e in entries.flatten() {
-            let p = e.path();
-            let Ok(meta) = e.metadata() else { continue };
-            if meta.is_dir() {
-                stack.push(p);
-            } else if p.extension().is_some_and(|x| x == "rs")
-                || p.file_name().is_some_and(|n| n == "Cargo.toml")
-            {
-                if let Ok(m) = meta.modified() {
-                    newest = newest.max(m);
-                }
-            }
-        }
-    }
-    newest
 }
 
 /// Origin, store (formatted) and key in the run directory; the csnap section every node
@@ -232,7 +174,7 @@ async fn ocf_agent_passes_ocf_tester() {
     if !programs_or_skip(TEST, &["ocf-tester", "xmllint"]) {
         return;
     }
-    let (agent_bin, ctl) = binaries();
+    let (agent_bin, ctl) = csnap_e2e::rig::binaries(&csnap_e2e::rig::test_bin_dir());
     let Some(cluster) = Cluster::start_or_skip(TEST, ClusterConfig::new(1)).await else {
         return;
     };
@@ -654,7 +596,7 @@ async fn pacemaker_runs_csnap_as_a_clone() {
             "docs/operations.md no longer says `{line}`"
         );
     }
-    let (agent_bin, ctl) = binaries();
+    let (agent_bin, ctl) = csnap_e2e::rig::binaries(&csnap_e2e::rig::test_bin_dir());
     let test_start = Instant::now();
     // Node 1 has the highest csnap_priority: it serves first.
     let config = ClusterConfig::new(3).priority(1, 10);
