@@ -582,6 +582,7 @@ impl VolumeMembership {
                 let members = self.view.members();
                 if let Some(g) = self.gather.as_mut() {
                     g.retain(|m| members.contains(m));
+                    g.forget_left(|m| members.contains(m));
                 }
                 self.declare_gone_where(|node| !members.iter().any(|m| m.node == node));
                 self.claim_sent.clear();
