@@ -769,6 +769,15 @@ impl VolumeMembership {
             }
         } else if self.unsettled.remove(&from.node).is_some() {
             self.settled.insert(from.node);
+            // Its server stopped at the latest now, and that server's origin clients may
+            // go on writing through their leases until a clients' wait from then. (Its
+            // last state with a server role was forgotten at its departure, so the rule
+            // above does not see this exit; whole-system simulation seed 0x515700000057
+            // activated a new server with no hold and created a snapshot while an origin
+            // client of the old server could still write.)
+            self.clients_safe_at = self
+                .clients_safe_at
+                .max(self.now.saturating_add(self.cfg.clients_wait_ms()));
             self.log(
                 "old_server_settled",
                 false,
