@@ -474,6 +474,17 @@ impl VolumeMembership {
         self.local
     }
 
+    /// The server as this node knows it (node, address): `status().server` without the
+    /// rest of the status (the whole-system simulation asks after every step).
+    pub fn server(&self) -> Option<&(NodeId, String)> {
+        self.server.as_ref()
+    }
+
+    /// Whether this node holds itself stale: `status().stale` contains the local node.
+    pub fn holds_itself_stale(&self) -> bool {
+        self.stale.contains(&self.local.node)
+    }
+
     /// The next thing to do, if any.
     pub fn poll_output(&mut self) -> Option<Output> {
         self.outputs.pop_front()
