@@ -21,6 +21,8 @@ pub struct Agent {
     pub sender: MemorySender,
     pub quorum: MemoryQuorum,
     pub incarnation: u64,
+    /// The time of the last tick fed (every other input comes after a tick of its time).
+    pub ticked: u64,
 }
 
 /// The server of one node, as the daemon's `LocalServer` has it.

@@ -325,6 +325,7 @@ impl World {
             sender,
             quorum,
             incarnation,
+            ticked: self.now,
         });
         self.nodes[i].reported.clear();
         // The node's clients start with the agent (they live in its process).
@@ -398,11 +399,22 @@ impl World {
         self.feed(i, Input::Clients(now))
     }
 
+    /// Hands an input to node `i`'s agent as the daemon's shell does: every wake-up begins
+    /// with a tick of the current time. (A "frozen" agent processes no group or quorum
+    /// events, but, as in the membership soak, hears its own server's exit and its node's
+    /// clients.)
     pub(crate) fn feed(&mut self, i: usize, input: Input) -> Check {
+        let now = self.now;
         let Some(agent) = self.nodes[i].agent.as_mut() else {
             return Ok(());
         };
         let quorum_loss = matches!(&input, Input::Quorum(q) if !q.quorate);
+        if agent.ticked < now {
+            agent.ticked = now;
+            if !matches!(input, Input::Tick { .. }) {
+                agent.machine.handle(Input::Tick { now_ms: now });
+            }
+        }
         agent.machine.handle(input);
         self.drain(i)?;
         self.report_clients(i)?;
