@@ -15,6 +15,9 @@ use super::state::Lineage;
 pub struct Gather {
     pub lineage: Lineage,
     waiting: BTreeSet<Member>,
+    /// Each answered member's latest list: a later state of the same member (sent after
+    /// its answer, so newer) replaces it.
+    answered: BTreeMap<Member, Vec<ClientId>>,
     clients: BTreeMap<ClientId, NodeId>,
 }
 
@@ -25,18 +28,44 @@ impl Gather {
         Gather {
             lineage,
             waiting: members.into_iter().collect(),
+            answered: BTreeMap::new(),
             clients: BTreeMap::new(),
         }
     }
 
     /// A member's answer; answers from members not waited for (joined later) are ignored:
     /// they cannot have been clients of the old server.
+    ///
+    /// A member that already answered may answer again (every state it sends after the
+    /// announce is one): its newer list replaces the older, so a client that detached
+    /// before the activation is not waited for (it holds nothing any more), and one that
+    /// attached meanwhile is. Without this, a client that detached during the gather was
+    /// waited for until its node happened to send a state after the activation: in a quiet
+    /// cluster, never (whole-system simulation seed 0x51570000009b).
     pub fn answer(&mut self, from: Member, clients: &[ClientId]) {
-        if self.waiting.remove(&from) {
-            for c in clients {
-                self.clients.insert(*c, from.node);
-            }
+        if self.waiting.remove(&from) || self.answered.contains_key(&from) {
+            self.answered.insert(from, clients.to_vec());
+            self.rebuild();
         }
+    }
+
+    /// Members that left the view: the clients they answered with lived in their agent
+    /// process (or on their node) and are gone with it, even if the node is back with a
+    /// new agent (whole-system simulation seed 0x51570000009b waited for them for ever).
+    pub fn forget_left(&mut self, present: impl Fn(&Member) -> bool) {
+        let before = self.answered.len();
+        self.answered.retain(|m, _| present(m));
+        if self.answered.len() != before {
+            self.rebuild();
+        }
+    }
+
+    fn rebuild(&mut self) {
+        self.clients = self
+            .answered
+            .iter()
+            .flat_map(|(m, list)| list.iter().map(|c| (*c, m.node)))
+            .collect();
     }
 
     /// Members no longer in the view (or now stale) are not waited for.
@@ -59,6 +88,9 @@ impl Gather {
             .collect();
         for c in &gone {
             self.clients.remove(c);
+        }
+        for list in self.answered.values_mut() {
+            list.retain(|c| !gone.contains(c));
         }
         gone
     }
@@ -114,13 +146,33 @@ mod tests {
     }
 
     #[test]
-    fn a_second_answer_from_the_same_member_is_ignored() {
+    fn a_later_answer_from_the_same_member_replaces_its_first() {
         let mut g = Gather::new(Lineage::default(), [m(1), m(2)]);
         g.answer(m(1), &[snap(1)]);
         g.answer(m(1), &[snap(2)]);
         assert_eq!(
             g.clients().keys().copied().collect::<Vec<_>>(),
-            vec![snap(1)]
+            vec![snap(2)],
+            "a client that detached during the gather is not waited for"
+        );
+        assert_eq!(g.waiting(), vec![m(2)]);
+    }
+
+    #[test]
+    fn the_clients_of_a_member_that_left_are_forgotten_even_if_its_node_is_back() {
+        let mut g = Gather::new(Lineage::default(), [m(1), m(2)]);
+        g.answer(m(1), &[snap(1)]);
+        g.answer(m(2), &[snap(2)]);
+        let again = Member {
+            node: NodeId(1),
+            pid: 2,
+        };
+        g.forget_left(|x| *x != m(1));
+        g.answer(again, &[snap(3)]);
+        assert_eq!(
+            g.clients().keys().copied().collect::<Vec<_>>(),
+            vec![snap(2)],
+            "the old agent's clients died with it; the new agent was not asked"
         );
     }
 }

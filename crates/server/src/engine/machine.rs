@@ -39,6 +39,14 @@ const USAGE_WALK_BUDGET: usize = 1024;
 /// about a minute of start even when no requests come.
 const USAGE_WALK_BUDGET_PER_TICK: usize = 16 * 1024;
 
+/// The engine's clock is the whole second of the last `Tick` (the shell ticks about once a
+/// second), so `last_heard` may be up to this much earlier than the moment the client sent
+/// the request its lease counts from. Counted on top of the lease and its margin before an
+/// origin client is taken as stopped: without it the server let go of a silent origin
+/// client (and created a snapshot) up to two seconds before the client's lease plus margin
+/// ran out (whole-system simulation seed 0x515700001606).
+const CLOCK_SLACK_SECS: u64 = 2;
+
 /// A request refused with an error code and a message for humans.
 struct Reject(ErrorCode, String);
 
@@ -864,7 +872,8 @@ impl<S: MetaStore> Engine<S> {
         if c.kind == Some(ClientKind::Origin) && matches!(c.session, Session::Open) {
             // It may not know yet and go on writing through its promises: count it
             // until its lease has certainly run out.
-            let until = c.last_heard + self.cfg.origin_lease_secs + LEASE_MARGIN_SECS;
+            let until =
+                c.last_heard + self.cfg.origin_lease_secs + LEASE_MARGIN_SECS + CLOCK_SLACK_SECS;
             if until > self.now {
                 self.lost_origins.push(LostOrigin {
                     client: c.client,
@@ -946,7 +955,7 @@ impl<S: MetaStore> Engine<S> {
     /// out (a dead node must not hold up a snapshot for long); a lost one stops counting
     /// then. A pending announcement may go ahead afterwards.
     fn expire_origin_leases(&mut self) -> Result<(), StoreError> {
-        let deadline = self.cfg.origin_lease_secs + LEASE_MARGIN_SECS;
+        let deadline = self.cfg.origin_lease_secs + LEASE_MARGIN_SECS + CLOCK_SLACK_SECS;
         let now = self.now;
         let silent: Vec<(ConnId, Option<ClientId>, u64)> = self
             .conns

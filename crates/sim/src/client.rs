@@ -1,0 +1,113 @@
+//! One client of the volume on a node: the real client library's sans-IO pieces (its
+//! `Session` per metadata connection, the origin client's `OriginTracker`) with the
+//! application operations in flight. The world drives it as `client::conn`'s shell and
+//! `Volume` do, in steps.
+//!
+//! The origin client's write lease is kept here in simulated time (`lease_until`): it is
+//! renewed, like `MetaConnection` does, to the sending time of a request answered by
+//! `OriginWriteOk` or `KeepAliveOk` plus the lease the server's `Welcome` gave. The
+//! library's `OriginTracker` checks its lease against the real clock, so the world renews
+//! the tracker far ahead and applies the simulated lease itself: a cached write only while
+//! the lease runs, and a granted write only until `lease_until + LEASE_MARGIN` (the margin
+//! the server counts for a data write already submitted when the lease ran out).
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use csnap_blockdev::client::session::Session;
+use csnap_blockdev::client::{OriginTracker, WriteGuard};
+use csnap_proto::{ChunkRange, ClientId, ClientKind, RequestId, SnapId, StoreAddr};
+
+use crate::network::ConnId;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    Origin,
+    Admin,
+    Reader { snap: SnapId },
+}
+
+pub enum OpState {
+    /// Waiting for the answer to this request.
+    Asked(RequestId),
+    /// Origin write: granted; the data write is next.
+    Granted(#[allow(dead_code)] WriteGuard),
+    /// Snapshot read: located; the device reads are next.
+    Located {
+        store: Vec<StoreAddr>,
+        origin_locked: Vec<ChunkRange>,
+    },
+}
+
+pub enum OpKind {
+    Write {
+        first_sector: u64,
+        sectors: u64,
+        fua: bool,
+        tag: u64,
+    },
+    Create {
+        name: String,
+    },
+    Read {
+        offset: u64,
+        len: u32,
+    },
+}
+
+pub struct Op {
+    pub kind: OpKind,
+    pub state: OpState,
+}
+
+pub struct Client {
+    pub role: Role,
+    pub id: ClientId,
+    pub session: Session,
+    pub tracker: Option<Arc<OriginTracker>>,
+    pub conn: Option<ConnId>,
+    pub ops: Vec<Op>,
+    /// `NewSnapshot` notices whose ack waits for the writes of older epochs to drain.
+    pub acks: Vec<(u64, SnapId)>,
+    /// Writes completed since this client's last flush: (tag, first sector, sectors).
+    pub unflushed: Vec<(u64, u64, u64)>,
+    /// Origin write lease (simulated ms); 0: none.
+    pub lease_until: u64,
+    /// The server's origin lease from `Welcome` (ms).
+    pub lease_ms: u64,
+    /// When each unanswered request was first handed to the session.
+    pub sent: BTreeMap<RequestId, u64>,
+    pub last_keepalive: u64,
+    /// The client process is frozen (SIGSTOP, swapped out) until then.
+    pub frozen_until: u64,
+}
+
+impl Client {
+    pub fn new(role: Role, instance: u64, node: u32, incarnation: u64, key: &[u8]) -> Client {
+        let kind = match role {
+            Role::Origin => ClientKind::Origin,
+            Role::Admin => ClientKind::Admin,
+            Role::Reader { snap } => ClientKind::Snapshot { snap },
+        };
+        let id = ClientId::new(instance, kind);
+        Client {
+            role,
+            id,
+            session: Session::new(id, node, incarnation, key.to_vec()),
+            tracker: (role == Role::Origin).then(|| OriginTracker::new(1 << 12)),
+            conn: None,
+            ops: Vec::new(),
+            acks: Vec::new(),
+            unflushed: Vec::new(),
+            lease_until: 0,
+            lease_ms: 0,
+            sent: BTreeMap::new(),
+            last_keepalive: 0,
+            frozen_until: 0,
+        }
+    }
+
+    pub fn frozen(&self, now: u64) -> bool {
+        self.frozen_until > now
+    }
+}
