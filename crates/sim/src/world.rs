@@ -704,7 +704,7 @@ impl World {
                     }
                 }
                 Action::SealFrames { .. } => {}
-                Action::Log { level, message } => {
+                Action::Log { level, message, .. } => {
                     if self.trace_all {
                         self.note(format!("{} {id} engine {level:?}: {message}", self.now));
                     }
