@@ -117,6 +117,11 @@ pub const EVENTS: &[EventInfo] = &[
         "b908d0212ad74d50a26b6bb30c98a2e0",
         "a departed server is certainly stopped",
     ),
+    ev(
+        "lineage_adopted",
+        "fd32a3b0caca4655a9b77d538ee4f986",
+        "this clean node takes the lineage of the quorate view it joined",
+    ),
     // Quorum, leases, history.
     ev(
         "quorum_lost",

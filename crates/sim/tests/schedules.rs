@@ -146,10 +146,11 @@ fn schedules_that_found_bugs_stay_fixed() {
 }
 
 /// Open finding (not fixed): with `fencing: reset`, an agent that restarted (no lineage)
-/// and whose node then attached a snapshot client is judged stale at the next view change
-/// (state of lineage g0), reset, and forgets the node's snapshot clients, which reconnect to
-/// the real server holding read locks; the shell reports clients only when they change, so
-/// the next failover's gather misses them. Run with `cargo test -p csnap-sim --test
+/// while its node's snapshot clients stayed attached is judged stale at its first view
+/// (state of lineage g0; lineage adoption covers clients that attach after it), reset, and
+/// forgets the node's snapshot clients, which reconnect to the real server holding read
+/// locks; the shell reports clients only when they change, so the next failover's gather
+/// misses them. Run with `cargo test -p csnap-sim --test
 /// schedules -- --ignored`.
 #[test]
 #[ignore = "open finding: a reset node's snapshot clients are missing from later gathers"]

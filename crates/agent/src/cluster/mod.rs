@@ -381,6 +381,10 @@ pub struct VolumeMembership {
     view_changed: bool,
     last_sent: Option<MemberState>,
     reset_pending: bool,
+    /// This machine reset itself as stale once: it never adopts a view's lineage again
+    /// (a reset node that adopted could be listed stale again by a state still in flight,
+    /// reset, adopt, ...: a loop the whole-system simulation found with `fencing: reset`).
+    was_reset: bool,
 
     // What this node knows of the others.
     last_states: BTreeMap<Member, MemberState>,
@@ -447,6 +451,7 @@ impl VolumeMembership {
             view_changed: false,
             last_sent: None,
             reset_pending: false,
+            was_reset: false,
             last_states: BTreeMap::new(),
             unsettled: BTreeMap::new(),
             settled: BTreeSet::new(),
@@ -1240,6 +1245,30 @@ impl VolumeMembership {
         if !agreed.quorate || !self.view.quorate_now() {
             return;
         }
+        if self.lineage == Lineage::default()
+            && self.reference != Lineage::default()
+            && !self.role.has_server()
+            && !self.reset_pending
+            && !self.was_reset
+            && !self.stale.contains(&self.local.node)
+            && agreed
+                .states
+                .values()
+                .all(|s| !s.stale.contains(&self.local.node))
+        {
+            // A clean member (a new or restarted agent, never reset) takes the lineage of
+            // the quorate view it is agreed in, as a member that heard its announce did: its
+            // node's clients attach to that lineage's server. Without this it held "no
+            // lineage" with clients attached, and the next state exchange called it stale
+            // (whole-system simulation seed 0x515700000040: fenced for nothing, or reset
+            // with its readers left out of the next gather).
+            self.lineage = self.reference;
+            self.log(
+                "lineage_adopted",
+                false,
+                format!("clean member takes the view's lineage {}", self.reference),
+            );
+        }
         if (self.role == Role::Starting || self.role == Role::Serving)
             && !self.stale.contains(&self.local.node)
         {
@@ -1524,6 +1553,7 @@ impl VolumeMembership {
         self.clients.clear();
         self.outputs.push_back(Output::DropClients);
         self.reset_pending = true;
+        self.was_reset = true;
     }
 
     fn declare_gone_where(&mut self, gone_node: impl Fn(NodeId) -> bool) {

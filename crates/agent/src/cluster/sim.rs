@@ -1340,3 +1340,54 @@ fn a_member_joining_after_the_announce_knows_the_server_address() {
     let sid = sim.nodes[s].id;
     assert_eq!(st.server, Some((sid, format!("node{}:7000", sid.0))));
 }
+
+/// A restarted agent (no lineage) whose node then attaches a snapshot client to the
+/// running server holds state of the running lineage, not of "no lineage": the next view
+/// change must not call it stale and fence it (whole-system simulation seed
+/// 0x515700000040 fenced such a node for nothing).
+#[test]
+fn a_restarted_agent_with_new_clients_is_not_stale_at_the_next_view_change() {
+    let mut sim = scripted(Fencing::KillNode);
+    sim.settle().unwrap();
+    let s = sim.serving().expect("one server");
+    let x = (0..3).find(|&i| i != s).unwrap();
+    sim.crash_agent(x);
+    sim.drain_all().unwrap();
+    sim.start_agent(x);
+    for _ in 0..4 {
+        sim.advance_by(500).unwrap();
+        sim.drain_all().unwrap();
+    }
+    let reader = ClientId::new(
+        9_999,
+        ClientKind::Snapshot {
+            snap: csnap_proto::SnapId(1),
+        },
+    );
+    sim.nodes[x].clients.insert(reader);
+    sim.feed(x, Input::Clients(vec![reader])).unwrap();
+    sim.drain_all().unwrap();
+    // A view change: the third node's agent restarts.
+    let y = (0..3).find(|&i| i != s && i != x).unwrap();
+    sim.crash_agent(y);
+    sim.drain_all().unwrap();
+    sim.start_agent(y);
+    for _ in 0..10 {
+        sim.advance_by(500).unwrap();
+        sim.drain_all().unwrap();
+    }
+    assert!(
+        !sim.logs.iter().any(|(_, name, _)| *name == "stale_merge"),
+        "a restarted node was called stale: {:?}",
+        sim.logs
+            .iter()
+            .filter(|(_, n, _)| *n == "stale_merge")
+            .collect::<Vec<_>>()
+    );
+    assert!(sim.fence_attempts.is_empty(), "{:?}", sim.fence_attempts);
+    assert!(sim
+        .logs
+        .iter()
+        .any(|(n, name, _)| *name == "lineage_adopted" && *n == sim.nodes[x].id));
+    sim.converged().unwrap();
+}
