@@ -71,6 +71,19 @@ impl RigConfig {
     }
 }
 
+/// The first volume of `csnapctl status --json` output from `node`.
+pub fn volume_status(node: NodeId, text: &str) -> Result<VolumeStatus, String> {
+    #[derive(serde::Deserialize)]
+    struct Out {
+        volumes: Vec<VolumeStatus>,
+    }
+    let out: Out = serde_json::from_str(text).map_err(|e| format!("{e}: {text}"))?;
+    out.volumes
+        .into_iter()
+        .next()
+        .ok_or_else(|| format!("node {node}: no volume in {text}"))
+}
+
 /// The directory of the built binaries for a test: `$CSNAP_BIN_DIR`, else the test's own
 /// target directory (`target/<profile>/deps/TEST-HASH` -> `target/<profile>`).
 pub fn test_bin_dir() -> PathBuf {
@@ -378,16 +391,8 @@ impl Rig {
 
     /// The volume's status as `node`'s agent reports it (`csnapctl status --json`).
     pub async fn status(&self, node: NodeId) -> Result<VolumeStatus, String> {
-        #[derive(serde::Deserialize)]
-        struct Out {
-            volumes: Vec<VolumeStatus>,
-        }
         let text = self.ctl(node, &["status", VOLUME, "--json"]).await?;
-        let out: Out = serde_json::from_str(&text).map_err(|e| format!("{e}: {text}"))?;
-        out.volumes
-            .into_iter()
-            .next()
-            .ok_or_else(|| format!("node {node}: no volume in {text}"))
+        volume_status(node, &text)
     }
 
     /// Waits until every node of `nodes` reports the same server, that server is one of

@@ -127,16 +127,8 @@ impl Rig {
     }
 
     async fn status(&self, node: NodeId) -> Result<VolumeStatus, String> {
-        #[derive(serde::Deserialize)]
-        struct Out {
-            volumes: Vec<VolumeStatus>,
-        }
         let text = self.ctl(node, &["status", VOLUME, "--json"]).await?;
-        let out: Out = serde_json::from_str(&text).map_err(|e| format!("{e}: {text}"))?;
-        out.volumes
-            .into_iter()
-            .next()
-            .ok_or_else(|| format!("node {node}: no volume in {text}"))
+        csnap_e2e::rig::volume_status(node, &text)
     }
 
     /// Waits until every node of `nodes` is quorate and names the same server, one of

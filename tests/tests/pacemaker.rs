@@ -421,20 +421,12 @@ impl Drop for Rig<'_> {
 impl Rig<'_> {
     /// `csnapctl status vol0 --json` on `node`.
     async fn status(&self, node: NodeId) -> Result<VolumeStatus, String> {
-        #[derive(serde::Deserialize)]
-        struct Out {
-            volumes: Vec<VolumeStatus>,
-        }
         let text = self
             .pcmk
             .exec_ok(node, "csnapctl", &["status", VOLUME, "--json"])
             .await
             .map_err(|e| e.to_string())?;
-        let out: Out = serde_json::from_str(&text).map_err(|e| format!("{e}: {text}"))?;
-        out.volumes
-            .into_iter()
-            .next()
-            .ok_or_else(|| format!("node {node}: no volume in {text}"))
+        csnap_e2e::rig::volume_status(node, &text)
     }
 
     /// Waits until every node of `nodes` is quorate and names the same server, which is
