@@ -151,6 +151,9 @@ struct State {
     csnap: BTreeMap<NodeId, CsnapSection>,
     /// Other long-running processes started in nodes ([`Cluster::spawn_in_node`]), by pid.
     spawned: BTreeMap<u32, (NodeId, Child)>,
+    /// Every process of this run that may hold libqb IPC files in `/dev/shm` (corosyncs,
+    /// spawned processes, whatever ran in the namespaces): removed at teardown.
+    ipc_pids: BTreeSet<u32>,
 }
 
 impl Cluster {
@@ -321,6 +324,12 @@ impl Cluster {
             .map_err(|e| HarnessError::io("dup the output file", e))?;
         self.blocking(move |inner| inner.spawn_with_output(node, cmd, output, err))
             .await
+    }
+
+    /// Records processes this run killed or will kill that it did not start itself (e.g.
+    /// pacemaker's daemons), so teardown removes their libqb IPC files from `/dev/shm`.
+    pub fn note_ipc_pids(&self, pids: impl IntoIterator<Item = u32>) {
+        self.inner.state().ipc_pids.extend(pids);
     }
 
     /// Signals a process started by [`Self::spawn_in_node`], SIGKILLs it after `grace`,
@@ -694,6 +703,7 @@ impl Inner {
             .map_err(|e| HarnessError::io(format!("start corosync on node {node}"), e))?;
         let mut state = self.state();
         state.exits.remove(&node);
+        state.ipc_pids.insert(child.id());
         state.procs.insert(node, child);
         Ok(())
     }
@@ -740,7 +750,9 @@ impl Inner {
             .spawn(cmd)
             .map_err(|e| HarnessError::io(format!("start `{what}`"), e))?;
         let pid = child.id();
-        self.state().spawned.insert(pid, (node, child));
+        let mut state = self.state();
+        state.ipc_pids.insert(pid);
+        state.spawned.insert(pid, (node, child));
         Ok(pid)
     }
 
@@ -968,7 +980,13 @@ impl Inner {
 
     fn teardown(&mut self) {
         let panicking = thread::panicking();
+        let in_namespaces: Vec<u32> = self
+            .specs
+            .iter()
+            .flat_map(|spec| sweep::pids_in_netns(&self.names.netns(spec.id.0)))
+            .collect();
         let state = self.state.get_mut().unwrap_or_else(|p| p.into_inner());
+        state.ipc_pids.extend(in_namespaces);
         // Processes started in nodes first, so none sees its corosync vanish.
         for (pid, (node, child)) in state.spawned.iter_mut() {
             if stop_child(child, Signal::SIGKILL, REAP_WAIT).is_none() {
@@ -985,6 +1003,9 @@ impl Inner {
             }
         }
         state.procs.clear();
+        // Everything is dead now: its libqb files in /dev/shm can go.
+        let ipc_pids = std::mem::take(&mut state.ipc_pids);
+        cpg_glue::testkit::remove_ipc_files_of(&ipc_pids);
         if panicking {
             for spec in &self.specs {
                 eprintln!(

@@ -380,6 +380,7 @@ impl<'a> Pacemaker<'a> {
     /// csnap-agent, ...): a power cut. Waits (bounded) until none is left.
     pub async fn power_off(&self, node: NodeId) -> Result<(), HarnessError> {
         let pids = self.pids_in(node);
+        self.cluster.note_ipc_pids(pids.iter().copied());
         for &pid in &pids {
             let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
         }
@@ -509,7 +510,9 @@ impl<'a> Pacemaker<'a> {
         for node in self.cluster.nodes() {
             // Twice: a process forked while the first round ran is caught by the second.
             for _ in 0..2 {
-                for pid in self.pids_in(node) {
+                let pids = self.pids_in(node);
+                self.cluster.note_ipc_pids(pids.iter().copied());
+                for pid in pids {
                     let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
                 }
                 std::thread::sleep(Duration::from_millis(50));

@@ -122,7 +122,9 @@ pub fn remove_objects(runs: Runs<'_>) -> (Vec<String>, Vec<String>) {
 /// holding the cluster lock, which guarantees no live run owns any of it.
 pub fn sweep_stale(base_dir: &Path) -> Vec<String> {
     let mut report = Vec::new();
+    let mut killed = std::collections::BTreeSet::new();
     for pid in corosyncs_under(base_dir) {
+        killed.insert(pid);
         let pid = nix::unistd::Pid::from_raw(pid as i32);
         if nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL).is_ok() {
             report.push(format!("corosync pid {pid}"));
@@ -133,11 +135,16 @@ pub fn sweep_stale(base_dir: &Path) -> Vec<String> {
     // them) would keep the namespace alive after its name is deleted.
     for ns in list_netns(Runs::All) {
         for pid in pids_in_netns(&ns) {
+            killed.insert(pid);
             let pid = nix::unistd::Pid::from_raw(pid as i32);
             if nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL).is_ok() {
                 report.push(format!("pid {pid} in netns {ns}"));
             }
         }
+    }
+    let files = cpg_glue::testkit::remove_ipc_files_of(&killed);
+    if files > 0 {
+        report.push(format!("{files} libqb IPC files in /dev/shm"));
     }
     let (removed, failed) = remove_objects(Runs::All);
     report.extend(removed);

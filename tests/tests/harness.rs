@@ -175,9 +175,15 @@ async fn harness_forms_partitions_heals_restarts_and_cleans_up() {
     let views = cluster.wait_converged().await.unwrap();
     assert_view(&views, 1, &[1, 3], true);
     assert!(!views.contains_key(&NodeId(2)));
+    let crashed = cluster.pid(NodeId(3)).unwrap();
     cluster.kill_node(NodeId(3)).await.unwrap();
     let views = cluster.wait_converged().await.unwrap();
     assert_view(&views, 1, &[1], false);
+    // A SIGKILLed corosync leaves its libqb files in /dev/shm (16 MiB rings each).
+    assert!(
+        !shm_entries_of(crashed).is_empty(),
+        "the crashed corosync {crashed} left no /dev/shm files: the cleanup check below proves nothing"
+    );
     cluster.start_node(NodeId(2)).await.unwrap();
     cluster.restart_node(NodeId(3)).await.unwrap();
     assert_ne!(
@@ -199,8 +205,16 @@ async fn harness_forms_partitions_heals_restarts_and_cleans_up() {
         .filter_map(|&n| cluster.pid(n))
         .collect();
     assert_eq!(pids.len(), 3);
+    pids.push(crashed);
     pids.push(lingering);
     drop(cluster);
+    for &pid in &pids {
+        assert_eq!(
+            shm_entries_of(pid),
+            Vec::<String>::new(),
+            "libqb files of pid {pid} left in /dev/shm"
+        );
+    }
     assert_eq!(sweep::list_netns(Runs::One(&run)), Vec::<String>::new());
     assert_eq!(sweep::list_links(Runs::One(&run)), Vec::<String>::new());
     assert_eq!(sweep::corosyncs_under(&dir), Vec::<u32>::new());
@@ -258,4 +272,20 @@ async fn eight_nodes_form_and_split_into_arbitrary_sides() {
     for node in 1..=8 {
         assert_view(&views, node, &all, true);
     }
+}
+
+/// `/dev/shm` entries of libqb that name `pid` as an end of a connection or a blackbox owner.
+fn shm_entries_of(pid: u32) -> Vec<String> {
+    let Ok(entries) = std::fs::read_dir("/dev/shm") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|name| {
+            name.starts_with(&format!("qb-{pid}-"))
+                || name.split('-').nth(2) == Some(pid.to_string().as_str())
+                || name.contains(&format!("-{pid}-blackbox"))
+        })
+        .collect()
 }

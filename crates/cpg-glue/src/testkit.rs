@@ -55,6 +55,72 @@ pub trait TestCluster: Send + Sync {
 /// turn on one cluster (with distinct group names, to be safe from late events). Each joins
 /// at most one process per node and group: corosync identifies a process by node and pid,
 /// and a harness drives every node from one OS process.
+/// Removes the libqb IPC files in `/dev/shm` that belong to `pids`: the per-connection
+/// directories `qb-<server pid>-<client pid>-<fd>-XXXXXX` with either end in `pids`, and
+/// blackboxes `qb-<name>-<pid>-blackbox-*`. A process killed with SIGKILL (a power cut in a
+/// test) leaves these behind, at 16 MiB of tmpfs per ring; a suite that kills corosyncs by
+/// the hundred would fill `/dev/shm`. Returns how many entries it removed.
+pub fn remove_ipc_files_of(pids: &std::collections::BTreeSet<u32>) -> usize {
+    let Ok(entries) = std::fs::read_dir("/dev/shm") else {
+        return 0;
+    };
+    let mut removed = 0;
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if !ipc_file_owner_in(&name, pids) {
+            continue;
+        }
+        let path = entry.path();
+        let result = if path.is_dir() {
+            std::fs::remove_dir_all(&path)
+        } else {
+            std::fs::remove_file(&path)
+        };
+        removed += usize::from(result.is_ok());
+    }
+    removed
+}
+
+/// Whether the `/dev/shm` entry `name` is a libqb file of a process in `pids`.
+fn ipc_file_owner_in(name: &str, pids: &std::collections::BTreeSet<u32>) -> bool {
+    let Some(rest) = name.strip_prefix("qb-") else {
+        return false;
+    };
+    let parts: Vec<&str> = rest.split('-').collect();
+    let pid_at = |i: usize| parts.get(i).and_then(|p| p.parse::<u32>().ok());
+    if let Some(at) = parts.iter().position(|p| *p == "blackbox") {
+        // qb-<name with dashes>-<pid>-blackbox-{data,header}
+        return at >= 1 && pid_at(at - 1).is_some_and(|pid| pids.contains(&pid));
+    }
+    // qb-<server pid>-<client pid>-<fd>-<mkdtemp suffix>
+    [pid_at(0), pid_at(1)]
+        .into_iter()
+        .flatten()
+        .any(|pid| pids.contains(&pid))
+}
+
+#[cfg(test)]
+mod ipc_file_tests {
+    use super::ipc_file_owner_in;
+
+    #[test]
+    fn ipc_files_are_matched_by_either_end_or_the_blackbox_owner() {
+        let pids = [100, 2000].into_iter().collect();
+        assert!(ipc_file_owner_in("qb-100-555-30-AbCdEf", &pids));
+        assert!(ipc_file_owner_in("qb-555-2000-7-xyzXYZ", &pids));
+        assert!(!ipc_file_owner_in("qb-555-556-7-xyzXYZ", &pids));
+        assert!(!ipc_file_owner_in("qb-1000-556-7-xyzXYZ", &pids));
+        assert!(ipc_file_owner_in("qb-corosync-100-blackbox-data", &pids));
+        assert!(ipc_file_owner_in(
+            "qb-pacemaker-based-2000-blackbox-header",
+            &pids
+        ));
+        assert!(!ipc_file_owner_in("qb-corosync-101-blackbox-data", &pids));
+        assert!(!ipc_file_owner_in("qb-request-cpg-header", &pids));
+        assert!(!ipc_file_owner_in("other-100-555", &pids));
+    }
+}
+
 pub mod suite {
     use std::collections::BTreeSet;
     use std::fmt::Write as _;

@@ -48,6 +48,8 @@ const SEND_RETRY_BOUND: Duration = Duration::from_secs(30);
 const JOIN_RETRY_BOUND: Duration = Duration::from_secs(10);
 const BACKOFF_START: Duration = Duration::from_millis(1);
 const BACKOFF_MAX: Duration = Duration::from_millis(100);
+/// Codes of `cpg_model_initialize` that a new attempt may cure (see [`CorosyncGroup::join`]).
+const INITIALIZE_TRANSIENT: [ffi::cs_error_t; 2] = [ffi::CS_ERR_TRY_AGAIN, ffi::CS_ERR_BAD_HANDLE];
 
 /// Most callbacks handled in one poll of the stream before it yields to the runtime.
 const DISPATCH_BUDGET: usize = 256;
@@ -418,11 +420,14 @@ impl CorosyncGroup {
         let context = &*sink as *const CallbackSink as usize;
         let started = Instant::now();
         let mut backoff = BACKOFF_START;
-        // A handle that libcpg reports as bad right after it was made (seen once in a test
-        // with six joins at once in one process) is made again, within the join bound.
+        // CS_ERR_BAD_HANDLE from initialize, or from the first call on a handle just made,
+        // is made again within the join bound (seen in tests with six joins at once in one
+        // process, right after corosync formed its ring). cpg_model_initialize makes a fresh
+        // handle and reports a failed libqb connect through qb_to_cs_error, where EBADF
+        // becomes CS_ERR_BAD_HANDLE: a socket closed under the connect, which a retry cures.
         let (handle, max_frame, rc) = loop {
             let mut handle: ffi::cpg_handle_t = 0;
-            retry_transient(&[ffi::CS_ERR_TRY_AGAIN], || {
+            retry_transient(&INITIALIZE_TRANSIENT, || {
                 let mut model = ffi::cpg_model_v1_data_t {
                     model: ffi::CPG_MODEL_V1,
                     cpg_deliver_fn: Some(on_deliver),

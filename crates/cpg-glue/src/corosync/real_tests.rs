@@ -336,25 +336,11 @@ impl Drop for SingleNode {
     }
 }
 
-/// A corosync killed with SIGKILL leaves its libqb shared-memory files behind
-/// (`qb-<server pid>-...` rings and `qb-corosync-<pid>-blackbox-*`); remove those of `pid`.
+/// A corosync killed with SIGKILL leaves its libqb shared-memory files behind; remove those
+/// of `pid`.
 fn remove_shm_of(pid: u32) {
-    if pid == 0 {
-        return;
-    }
-    let prefixes = [format!("qb-{pid}-"), format!("qb-corosync-{pid}-")];
-    if let Ok(entries) = fs::read_dir("/dev/shm") {
-        for entry in entries.flatten() {
-            let name = entry.file_name().to_string_lossy().into_owned();
-            if prefixes.iter().any(|p| name.starts_with(p.as_str())) {
-                let path = entry.path();
-                let _ = if path.is_dir() {
-                    fs::remove_dir_all(&path)
-                } else {
-                    fs::remove_file(&path)
-                };
-            }
-        }
+    if pid != 0 {
+        crate::testkit::remove_ipc_files_of(&[pid].into_iter().collect());
     }
 }
 
