@@ -51,6 +51,9 @@ const STORE_SIZE: u64 = 64 * MIB;
 /// The origin's export on a node, at the agent's default NBD socket (every node has its
 /// own /run).
 const NBD_URI: &str = "nbd+unix:///vol0?socket=/run/csnap/vol0.nbd";
+/// The snapshot the walk-through of docs/operations.md takes before the failover, and its export.
+const SNAPSHOT: &str = "before-failover";
+const SNAPSHOT_URI: &str = "nbd+unix:///vol0@before-failover?socket=/run/csnap/vol0.nbd";
 
 /// The commands docs/operations.md gives an admin, run here word for word (the test
 /// checks the document still says so).
@@ -495,11 +498,16 @@ impl Rig<'_> {
     /// qemu-io `commands` on the origin through `node`'s NBD export; panics unless every
     /// command succeeded (and every read verified).
     async fn qemu_io(&self, node: NodeId, commands: &[&str], limit: Duration) {
+        self.qemu_io_on(node, NBD_URI, commands, limit).await;
+    }
+
+    /// qemu-io `commands` on the NBD export `uri` of `node`, as [`Self::qemu_io`].
+    async fn qemu_io_on(&self, node: NodeId, uri: &str, commands: &[&str], limit: Duration) {
         let mut args = vec!["-f", "raw"];
         for c in commands {
             args.extend(["-c", c]);
         }
-        args.push(NBD_URI);
+        args.push(uri);
         let out = self
             .pcmk
             .exec_timeout(node, "qemu-io", &args, limit)
@@ -673,6 +681,13 @@ async fn pacemaker_runs_csnap_as_a_clone() {
         .await;
     rig.qemu_io(n3, &["read -P 0x11 0 1M"], Duration::from_secs(30))
         .await;
+    // The walk-through's snapshot, taken on a node that does not serve.
+    let created = rig
+        .pcmk
+        .exec_ok(n3, "csnapctl", &["snapshot", "create", VOLUME, SNAPSHOT])
+        .await
+        .expect("csnapctl snapshot create vol0 before-failover");
+    assert!(created.contains(SNAPSHOT), "{TEST}: {created}");
     eprintln!(
         "{TEST}: clone started, server {server}, I/O works after {:?}",
         test_start.elapsed()
@@ -764,6 +779,14 @@ async fn pacemaker_runs_csnap_as_a_clone() {
     )
     .await;
     let io_back = phase.elapsed();
+    // The snapshot survived the failover and still shows the origin as it was.
+    rig.qemu_io_on(
+        n3,
+        SNAPSHOT_URI,
+        &["read -P 0x11 0 1M", "read -P 0 1M 1M"],
+        FAILOVER,
+    )
+    .await;
     let survivors = [n2, n3];
     let second = rig.agreed_server(&survivors, FAILOVER).await;
     rig.fenced_through_pacemaker(n2, n1, Duration::from_secs(30))
