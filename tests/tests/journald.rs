@@ -326,6 +326,34 @@ async fn a_failover_shows_in_the_journal_with_csnap_fields() {
     assert_eq!(first, NodeId(1), "node 1 has the highest csnap_priority");
     rig.ctl_once_connected(NodeId(2), &["snapshot", "create", VOLUME, "before"])
         .await;
+    // An NBD user that hangs up in the handshake on node 2: the NBD server's
+    // per-connection warning must say which volume and node it is about.
+    let nbd = rig.cluster.node_dir(NodeId(2)).join("vol0.nbd");
+    drop(std::os::unix::net::UnixStream::connect(&nbd).expect("connect to node 2's NBD socket"));
+    let nbd_lines = rig
+        .entries_until(
+            "the NBD server's warning about the hung-up connection",
+            |e| {
+                e.iter().any(|e| {
+                    field(e, "MESSAGE").is_some_and(|m| m.contains("NBD connection failed"))
+                })
+            },
+        )
+        .await;
+    let warning = nbd_lines
+        .iter()
+        .find(|e| field(e, "MESSAGE").is_some_and(|m| m.contains("NBD connection failed")))
+        .expect("the warning");
+    assert_eq!(
+        field(warning, "CSNAP_VOLUME").as_deref(),
+        Some(VOLUME),
+        "{warning:?}"
+    );
+    assert_eq!(
+        field(warning, "CSNAP_NODE").as_deref(),
+        Some("2"),
+        "{warning:?}"
+    );
 
     // Power-off of the server's node.
     let pid = rig.agents.remove(&first).expect("node 1's agent runs");
@@ -511,6 +539,37 @@ async fn a_failover_shows_in_the_journal_with_csnap_fields() {
         warnings.contains("\"server_departed\"") && !warnings.contains("\"server_chosen\""),
         "journalctl -t csnap-agent -p warning: {warnings}"
     );
+
+    // Every journalctl command of docs/operations.md, as written (the harness adds only
+    // `-D <journal> --no-pager`): each answers, and those about this failover find it.
+    let docs = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/operations.md"),
+    )
+    .expect("read docs/operations.md");
+    let queries: Vec<&str> = docs
+        .lines()
+        .map(|l| l.split(" #").next().unwrap_or(l).trim())
+        .filter(|l| l.starts_with("journalctl ") && !l.ends_with(" -f"))
+        .collect();
+    assert!(
+        queries.len() >= 8,
+        "journalctl lines in the docs: {queries:?}"
+    );
+    for query in &queries {
+        let args: Vec<&str> = query.split_whitespace().skip(1).collect();
+        let out = rig
+            .journal
+            .journalctl(&args)
+            .unwrap_or_else(|e| panic!("`{query}` (docs/operations.md): {e}"));
+        let about_this_failover = ["failover_done", "013790b9f4aa47039c57516253a781d2"]
+            .iter()
+            .any(|m| query.contains(m))
+            || *query == format!("journalctl CSNAP_VOLUME={VOLUME}");
+        assert!(
+            !about_this_failover || out.contains("serves"),
+            "`{query}` (docs/operations.md) finds no failover: {out}"
+        );
+    }
 
     // Server lines (not only key events) carry the volume and node too.
     assert!(

@@ -293,7 +293,11 @@ pub async fn run(args: StandaloneArgs) -> anyhow::Result<()> {
             .await
             .with_context(|| format!("cannot listen for NBD on {addr:?}"))?;
         nbd_desc = listener.local_description();
-        nbd_task = Some(tokio::spawn(nbd_server.clone().serve(listener)));
+        let span = tracing::info_span!("volume", csnap_volume = %volume_name);
+        nbd_task = Some(tokio::spawn(tracing::Instrument::instrument(
+            nbd_server.clone().serve(listener),
+            span,
+        )));
     }
 
     let control = crate::control::bind(&control_socket)?;

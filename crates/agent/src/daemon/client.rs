@@ -9,6 +9,7 @@ use csnap_blockdev::export::CsnapExports;
 use csnap_blockdev::nbd::{self, Listener, NbdServer};
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use super::volume::{client_address, ServerLocation, VolumeRequest};
 
@@ -108,7 +109,9 @@ pub async fn run_client_side(
             match Listener::bind(addr).await {
                 Ok(listener) => {
                     tracing::info!(volume = %cfg.volume, nbd = %listener.local_description(), "NBD exports listening");
-                    nbd_task = Some(tokio::spawn(nbd_server.clone().serve(listener)));
+                    nbd_task = Some(tokio::spawn(
+                        nbd_server.clone().serve(listener).in_current_span(),
+                    ));
                 }
                 Err(e) => {
                     tracing::error!(volume = %cfg.volume, error = %e, "cannot listen for NBD on {addr:?}")

@@ -14,6 +14,7 @@ use thiserror::Error;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::{mpsc, watch, Notify, OwnedSemaphorePermit, Semaphore};
+use tracing::Instrument;
 
 use super::consts::REQUEST_HEADER_LEN;
 use super::export::{Export, ExportInfo, Exports};
@@ -182,12 +183,17 @@ impl NbdServer {
             match accepted {
                 Ok((stream, peer)) => {
                     let server = self.clone();
-                    tokio::spawn(async move {
-                        match server.serve_connection(stream).await {
-                            Ok(end) => tracing::debug!(%peer, ?end, "NBD connection ended"),
-                            Err(err) => tracing::warn!(%peer, %err, "NBD connection failed"),
+                    // In the listener's span (the agent's carries the volume and node),
+                    // so the connection's lines say which volume they are about.
+                    tokio::spawn(
+                        async move {
+                            match server.serve_connection(stream).await {
+                                Ok(end) => tracing::debug!(%peer, ?end, "NBD connection ended"),
+                                Err(err) => tracing::warn!(%peer, %err, "NBD connection failed"),
+                            }
                         }
-                    });
+                        .in_current_span(),
+                    );
                 }
                 Err(err) => {
                     // Typically EMFILE: back off instead of spinning, keep serving.
