@@ -452,6 +452,25 @@ async fn a_failover_shows_in_the_journal_with_csnap_fields() {
     );
     assert!(field(created, "CSNAP_SNAPSHOT_ID").is_some(), "{created:?}");
 
+    // Events about another node name it in a field: the departed server here.
+    let departed: Vec<&Entry> = entries
+        .iter()
+        .filter(|e| field(e, "CSNAP_EVENT").as_deref() == Some("server_departed"))
+        .collect();
+    assert!(!departed.is_empty(), "no server_departed");
+    for e in &departed {
+        assert_eq!(
+            field(e, "CSNAP_TARGET_NODE"),
+            Some(first.0.to_string()),
+            "server_departed names the departed server: {e:?}"
+        );
+    }
+    let chosen = entries
+        .iter()
+        .find(|e| field(e, "CSNAP_EVENT").as_deref() == Some("server_chosen"))
+        .expect("server_chosen");
+    assert_eq!(field(chosen, "CSNAP_TARGET_NODE"), None, "{chosen:?}");
+
     // The failover on the new server's node, in order, after the power-off.
     let on_second = node_events(&entries, second);
     assert!(

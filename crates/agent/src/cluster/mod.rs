@@ -244,6 +244,9 @@ pub struct LogEvent {
     pub name: &'static str,
     pub warn: bool,
     pub detail: String,
+    /// The node the event is about, when that is another node than the one logging it
+    /// (the departed server, the stale or fenced node).
+    pub about: Option<NodeId>,
 }
 
 /// Everything the machine asks the shell to do.
@@ -653,9 +656,10 @@ impl VolumeMembership {
                 let entry = self.unsettled.entry(member.node).or_insert(at);
                 *entry = (*entry).max(at);
                 self.settled.remove(&member.node);
-                self.log(
+                self.log_about(
                     "server_departed",
                     true,
+                    member.node,
                     format!(
                         "{member} left while {:?}; certainly stopped at {at} ms unless fenced first",
                         last.role
@@ -794,9 +798,10 @@ impl VolumeMembership {
             self.clients_safe_at = self
                 .clients_safe_at
                 .max(self.now.saturating_add(self.cfg.clients_wait_ms()));
-            self.log(
+            self.log_about(
                 "old_server_settled",
                 false,
+                from.node,
                 format!("{from} reports no server"),
             );
         }
@@ -827,13 +832,19 @@ impl VolumeMembership {
             // it held of the node: claims must stay the same everywhere.
             let cancelled = self.fences.cancel(from.node);
             if cancelled || (was_stale && mine) {
-                self.log(
+                self.log_about(
                     "fence_done",
                     false,
+                    from.node,
                     format!("{} is back without state (reset or restarted)", from.node),
                 );
             } else if was_stale {
-                self.log("stale_resolved", false, format!("{} is clean", from.node));
+                self.log_about(
+                    "stale_resolved",
+                    false,
+                    from.node,
+                    format!("{} is clean", from.node),
+                );
             }
             self.claims.remove(&from.node);
             self.claim_sent.remove(&from.node);
@@ -858,7 +869,12 @@ impl VolumeMembership {
                     .any(|(m, s)| m.node == *n && !s.has_state)
             };
             if !clean && !self.fenced.contains(n) && self.stale.insert(*n) {
-                self.log("stale_merge", true, format!("{n} is stale (from {from})"));
+                self.log_about(
+                    "stale_merge",
+                    true,
+                    *n,
+                    format!("{n} is stale (from {from})"),
+                );
             }
         }
         if from != self.local {
@@ -988,9 +1004,10 @@ impl VolumeMembership {
                 // `claim_sent` stays: a reset order goes out once per view, not again on
                 // every delivery while the node is still stopping its server.
                 if reset {
-                    self.log(
+                    self.log_about(
                         "fence_requested",
                         true,
+                        node,
                         format!("reset of stale node {node} ordered"),
                     );
                 } else {
@@ -1018,9 +1035,10 @@ impl VolumeMembership {
             self.now,
             self.cfg.fence_timeout_ms,
         ) {
-            self.log(
+            self.log_about(
                 "fence_requested",
                 true,
+                node,
                 format!("fencing {node} with {method:?}, attempt {attempt}"),
             );
             self.outputs.push_back(Output::Fence {
@@ -1037,7 +1055,12 @@ impl VolumeMembership {
             .result(node, ok, &detail, self.now, self.cfg.fence_retry_ms)
         {
             Some(true) => {
-                self.log("fence_done", false, format!("{node} fenced: {detail}"));
+                self.log_about(
+                    "fence_done",
+                    false,
+                    node,
+                    format!("{node} fenced: {detail}"),
+                );
                 self.on_fenced(node);
                 self.mcast(Body::Fenced { node });
             }
@@ -1050,9 +1073,10 @@ impl VolumeMembership {
                     }
                     _ => String::new(),
                 };
-                self.log(
+                self.log_about(
                     "fence_failed",
                     true,
+                    node,
                     format!(
                         "{node}: {detail}; retrying in {} ms{until}",
                         self.cfg.fence_retry_ms
@@ -1141,9 +1165,10 @@ impl VolumeMembership {
                     method,
                     attempt,
                 } => {
-                    self.log(
+                    self.log_about(
                         "fence_requested",
                         true,
+                        node,
                         format!("fencing {node} with {method:?}, attempt {attempt}"),
                     );
                     self.outputs.push_back(Output::Fence {
@@ -1152,9 +1177,10 @@ impl VolumeMembership {
                         attempt,
                     });
                 }
-                FenceAction::TimedOut { node, attempt } => self.log(
+                FenceAction::TimedOut { node, attempt } => self.log_about(
                     "fence_failed",
                     true,
+                    node,
                     format!("{node}: attempt {attempt} timed out"),
                 ),
             }
@@ -1180,9 +1206,10 @@ impl VolumeMembership {
             self.clients_safe_at = self
                 .clients_safe_at
                 .max(at.saturating_add(self.cfg.clients_wait_ms()));
-            self.log(
+            self.log_about(
                 "old_server_settled",
                 false,
+                node,
                 format!("{node}: serving lease certainly expired"),
             );
             if !self.stale.contains(&node) {
@@ -1207,9 +1234,10 @@ impl VolumeMembership {
             self.claim_sent.remove(&node);
         }
         if mine || job {
-            self.log(
+            self.log_about(
                 "fence_unneeded",
                 false,
+                node,
                 format!("{node} needs no fencing any more: {why}"),
             );
         }
@@ -1223,9 +1251,10 @@ impl VolumeMembership {
             let verdict = merge::analyze(&agreed.states);
             for node in &verdict.stale {
                 if self.stale.insert(*node) {
-                    self.log(
+                    self.log_about(
                         "stale_merge",
                         true,
+                        *node,
                         format!(
                             "{node} holds state of another lineage (reference {})",
                             verdict.reference
@@ -1359,9 +1388,10 @@ impl VolumeMembership {
             if self.claims.insert(node, winner) == Some(self.local) && winner != self.local {
                 self.claim_sent.remove(&node);
                 if self.fences.cancel(node) {
-                    self.log(
+                    self.log_about(
                         "fence_yielded",
                         false,
+                        node,
                         format!("{node} is fenced by {winner}"),
                     );
                 }
@@ -1678,8 +1708,23 @@ impl VolumeMembership {
     }
 
     fn log(&mut self, name: &'static str, warn: bool, detail: String) {
-        self.outputs
-            .push_back(Output::Log(LogEvent { name, warn, detail }));
+        self.outputs.push_back(Output::Log(LogEvent {
+            name,
+            warn,
+            detail,
+            about: None,
+        }));
+    }
+
+    /// [`Self::log`] for an event about another node (the departed server, the stale or
+    /// fenced node), which the shell puts in a field of its own.
+    fn log_about(&mut self, name: &'static str, warn: bool, about: NodeId, detail: String) {
+        self.outputs.push_back(Output::Log(LogEvent {
+            name,
+            warn,
+            detail,
+            about: Some(about),
+        }));
     }
 
     fn gate(&self) -> Gate {

@@ -283,10 +283,24 @@ pub async fn run_volume<G: Group, Q: Quorum>(
 fn log_event(event: &LogEvent) {
     let summary = csnap_server::logging::event_info(event.name).map_or(event.name, |e| e.summary);
     let sep = if event.detail.is_empty() { "" } else { ": " };
+    // `csnap_target_node` is absent (not 0) when the event is about no other node.
+    let about = event.about.map(|n| n.0);
     if event.warn {
-        csnap_server::key_event!(WARN, event.name, [], "{summary}{sep}{}", event.detail);
+        csnap_server::key_event!(
+            WARN,
+            event.name,
+            [csnap_target_node = about],
+            "{summary}{sep}{}",
+            event.detail
+        );
     } else {
-        csnap_server::key_event!(INFO, event.name, [], "{summary}{sep}{}", event.detail);
+        csnap_server::key_event!(
+            INFO,
+            event.name,
+            [csnap_target_node = about],
+            "{summary}{sep}{}",
+            event.detail
+        );
     }
 }
 
