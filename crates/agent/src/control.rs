@@ -18,9 +18,9 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ControlError {
-    #[error("cannot reach the agent: no control socket at {path} (is csnap-agent running? `systemctl status csnap-agent`; or pass --socket PATH)")]
+    #[error("agent not running at {path} (no socket there): is csnap-agent running? (`systemctl status csnap-agent`; or pass --socket PATH)")]
     NotRunning { path: PathBuf },
-    #[error("cannot reach the agent: {path} refuses connections (a stale socket: csnap-agent is not running; `systemctl status csnap-agent`)")]
+    #[error("agent not running at {path} (connection refused: a stale socket left by an agent that is gone; `systemctl status csnap-agent`)")]
     Refused { path: PathBuf },
     #[error("cannot talk to the agent at {path}: {source}")]
     Io { path: PathBuf, source: io::Error },
