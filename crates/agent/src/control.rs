@@ -214,3 +214,42 @@ async fn write_response(stream: &mut UnixStream, resp: &ControlResponse) -> io::
     encode_frame(resp, &mut out).map_err(io::Error::other)?;
     stream.write_all(&out).await
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn errors_are_stamped_with_node_host_and_volume() {
+        let id = Identity {
+            node: Some(2),
+            host: Some("node-b".into()),
+        };
+        assert_eq!(
+            id.stamp(Some("vol0"), ControlResponse::error("no")),
+            ControlResponse::Error {
+                message: "no".into(),
+                node: Some(2),
+                host: Some("node-b".into()),
+                volume: Some("vol0".into()),
+            }
+        );
+        // What the handler set stays; answers other than errors are untouched.
+        let own = ControlResponse::Error {
+            message: "x".into(),
+            node: None,
+            host: None,
+            volume: Some("vol1".into()),
+        };
+        match id.stamp(Some("vol0"), own) {
+            ControlResponse::Error { volume, node, .. } => {
+                assert_eq!(volume.as_deref(), Some("vol1"));
+                assert_eq!(node, Some(2));
+            }
+            other => panic!("{other:?}"),
+        }
+        let ok = ControlResponse::Status { volumes: vec![] };
+        assert_eq!(id.stamp(None, ok.clone()), ok);
+        assert!(Identity::this_host(None).host.is_some());
+    }
+}
