@@ -474,3 +474,38 @@ async fn help_on_every_command_reads_like_a_manual() {
     assert_eq!(code, Some(0));
     assert!(out.stdout.contains("forwards"), "{}", out.stdout);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delete_wait_that_times_out_exits_4_with_the_snapshot_deleted() {
+    let fx = Fixture::new(4096, 16 * MIB, 64 * MIB);
+    populate(&fx);
+    let agent = start(&fx).await;
+    let (code, out) = ctl(
+        &agent,
+        &[
+            "snapshot",
+            "delete",
+            "vol",
+            "old",
+            "--wait",
+            "--timeout",
+            "0",
+        ],
+    )
+    .await;
+    assert_eq!(code, Some(4), "{}\n{}", out.stdout, out.stderr);
+    assert!(
+        out.stdout.contains("deleted snapshot old (id 1)"),
+        "{}",
+        out.stdout
+    );
+    assert!(
+        out.stderr.contains("not reclaimed within 0 s"),
+        "{}",
+        out.stderr
+    );
+    // It is deleted all the same: a second delete finds no such snapshot.
+    let (code, out) = ctl(&agent, &["snapshot", "delete", "vol", "old"]).await;
+    assert_eq!(code, Some(1), "{}", out.stderr);
+    assert!(out.stderr.contains("no such snapshot"), "{}", out.stderr);
+}
