@@ -18,9 +18,9 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ControlError {
-    #[error("agent not running at {path} (no socket there)")]
+    #[error("agent not running at {path} (no socket there): is csnap-agent running? (`systemctl status csnap-agent`; or pass --socket PATH)")]
     NotRunning { path: PathBuf },
-    #[error("agent not running at {path} (connection refused; stale socket?)")]
+    #[error("agent not running at {path} (connection refused: a stale socket left by an agent that is gone; `systemctl status csnap-agent`)")]
     Refused { path: PathBuf },
     #[error("cannot talk to the agent at {path}: {source}")]
     Io { path: PathBuf, source: io::Error },
@@ -120,8 +120,51 @@ pub fn bind(path: &Path) -> Result<UnixListener, ControlError> {
     Ok(listener)
 }
 
-/// Serves requests with `handle` until the listener fails; each connection on its own task.
-pub async fn serve<H, F>(listener: UnixListener, handle: Arc<H>)
+/// Who answers on a control socket: named in every error it sends, so that an admin
+/// running csnapctl on many nodes sees which node and volume an error came from.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Identity {
+    /// The corosync node id (cluster mode).
+    pub node: Option<u32>,
+    /// This host's name.
+    pub host: Option<String>,
+}
+
+impl Identity {
+    /// This host, with corosync node id `node` if it has one.
+    pub fn this_host(node: Option<u32>) -> Identity {
+        Identity {
+            node,
+            host: std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .ok()
+                .map(|h| h.trim().to_owned())
+                .filter(|h| !h.is_empty()),
+        }
+    }
+
+    /// Fills in who answered an `Error` (and the request's volume), keeping what the
+    /// handler set.
+    pub fn stamp(&self, req_volume: Option<&str>, resp: ControlResponse) -> ControlResponse {
+        match resp {
+            ControlResponse::Error {
+                message,
+                node,
+                host,
+                volume,
+            } => ControlResponse::Error {
+                message,
+                node: node.or(self.node),
+                host: host.or_else(|| self.host.clone()),
+                volume: volume.or_else(|| req_volume.map(str::to_owned)),
+            },
+            other => other,
+        }
+    }
+}
+
+/// Serves requests with `handle` until the listener fails; each connection on its own
+/// task. Errors are stamped with `identity` and the request's volume.
+pub async fn serve<H, F>(listener: UnixListener, identity: Identity, handle: Arc<H>)
 where
     H: Fn(ControlRequest) -> F + Send + Sync + 'static,
     F: Future<Output = ControlResponse> + Send + 'static,
@@ -136,6 +179,7 @@ where
             }
         };
         let handle = handle.clone();
+        let identity = identity.clone();
         tokio::spawn(async move {
             let mut stream = stream;
             let req = match tokio::time::timeout(
@@ -147,15 +191,17 @@ where
                 Ok(Ok(Some(req))) => req,
                 Ok(Ok(None)) => return,
                 Ok(Err(e)) => {
-                    let resp = ControlResponse::Error {
-                        message: format!("malformed control request: {e}"),
-                    };
+                    let resp = identity.stamp(
+                        None,
+                        ControlResponse::error(format!("malformed control request: {e}")),
+                    );
                     let _ = write_response(&mut stream, &resp).await;
                     return;
                 }
                 Err(_) => return,
             };
-            let resp = handle(req).await;
+            let volume = req.volume().map(str::to_owned);
+            let resp = identity.stamp(volume.as_deref(), handle(req).await);
             if let Err(e) = write_response(&mut stream, &resp).await {
                 tracing::debug!(err = %e, "control client went away before the answer");
             }
@@ -167,4 +213,43 @@ async fn write_response(stream: &mut UnixStream, resp: &ControlResponse) -> io::
     let mut out = Vec::new();
     encode_frame(resp, &mut out).map_err(io::Error::other)?;
     stream.write_all(&out).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn errors_are_stamped_with_node_host_and_volume() {
+        let id = Identity {
+            node: Some(2),
+            host: Some("node-b".into()),
+        };
+        assert_eq!(
+            id.stamp(Some("vol0"), ControlResponse::error("no")),
+            ControlResponse::Error {
+                message: "no".into(),
+                node: Some(2),
+                host: Some("node-b".into()),
+                volume: Some("vol0".into()),
+            }
+        );
+        // What the handler set stays; answers other than errors are untouched.
+        let own = ControlResponse::Error {
+            message: "x".into(),
+            node: None,
+            host: None,
+            volume: Some("vol1".into()),
+        };
+        match id.stamp(Some("vol0"), own) {
+            ControlResponse::Error { volume, node, .. } => {
+                assert_eq!(volume.as_deref(), Some("vol1"));
+                assert_eq!(node, Some(2));
+            }
+            other => panic!("{other:?}"),
+        }
+        let ok = ControlResponse::Status { volumes: vec![] };
+        assert_eq!(id.stamp(None, ok.clone()), ok);
+        assert!(Identity::this_host(None).host.is_some());
+    }
 }

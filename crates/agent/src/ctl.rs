@@ -1,40 +1,168 @@
-//! csnapctl's `snapshot` and `status` subcommands: requests to the agent's control socket.
+//! csnapctl's `snapshot` and `status` subcommands: requests to the agent's control
+//! socket, and what every subcommand shares: exit codes, error classes, time formats,
+//! JSON output.
 
+use std::io::IsTerminal as _;
 use std::path::Path;
+use std::time::{Duration, Instant};
 
 use anyhow::bail;
-use csnap_proto::control::{ClusterStatus, ControlRequest, ControlResponse, VolumeStatus};
-use csnap_proto::{SnapshotInfo, SnapshotState, MAX_LIST_PAGE};
+use csnap_proto::control::{
+    error_origin, ClusterStatus, ControlRequest, ControlResponse, VolumeStatus,
+};
+use csnap_proto::{ReclaimStatus, SnapId, SnapshotInfo, SnapshotState, MAX_LIST_PAGE};
+
+use crate::control::ControlError;
+
+/// Exit status: success.
+pub const EXIT_OK: u8 = 0;
+/// Exit status: the command failed (the agent answered with an error, a device could
+/// not be formatted, `check` found problems).
+pub const EXIT_FAILURE: u8 = 1;
+/// Exit status: bad usage (clap's own), or `check` did not check the store.
+pub const EXIT_USAGE: u8 = 2;
+/// Exit status: the agent could not be reached (no control socket, refused, no answer).
+pub const EXIT_UNREACHABLE: u8 = 3;
+/// Exit status: `snapshot delete --wait` timed out before the reclaim finished (the
+/// snapshot is deleted; its space is still being given back).
+pub const EXIT_TIMEOUT: u8 = 4;
+
+/// An error the agent answered with, naming the node that answered and the volume.
+#[derive(Debug, thiserror::Error)]
+#[error("{}{message}", prefix(origin))]
+pub struct AgentError {
+    pub origin: String,
+    pub message: String,
+}
+
+fn prefix(origin: &str) -> String {
+    if origin.is_empty() {
+        String::new()
+    } else {
+        format!("{origin}: ")
+    }
+}
+
+/// `--wait` ran out of time.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct WaitTimeout(pub String);
+
+/// The exit status for an error of an agent subcommand.
+pub fn exit_code(e: &anyhow::Error) -> u8 {
+    if e.downcast_ref::<WaitTimeout>().is_some() {
+        return EXIT_TIMEOUT;
+    }
+    match e.downcast_ref::<ControlError>() {
+        Some(
+            ControlError::NotRunning { .. }
+            | ControlError::Refused { .. }
+            | ControlError::Io { .. }
+            | ControlError::NoAnswer { .. }
+            | ControlError::Timeout { .. },
+        ) => EXIT_UNREACHABLE,
+        _ => EXIT_FAILURE,
+    }
+}
+
+const CREATE_HELP: &str = "\
+Creates a snapshot of the volume's origin as it is at this moment. The agent forwards the
+request to the volume's server, which waits until every node writing the origin has
+acknowledged, so the snapshot is crash-consistent across the cluster. The snapshot is then
+exported read-write over NBD as VOLUME@NAME.";
+
+const CREATE_EXAMPLES: &str = "\
+EXAMPLES
+  csnapctl snapshot create vol0 nightly
+  csnapctl snapshot create vol0 before-upgrade --json
+  qemu-img info nbd+unix:///vol0@nightly?socket=/run/csnap/nbd.sock";
+
+const LIST_HELP: &str = "\
+Lists the volume's snapshots: id, name, creation time (local time with its UTC offset,
+honouring TZ), the store chunks each holds alone, and state (live, deleting, or invalid
+with the reason, e.g. invalidated by the store-full policy).";
+
+const LIST_EXAMPLES: &str = "\
+EXAMPLES
+  csnapctl snapshot list vol0
+  TZ=UTC csnapctl snapshot list vol0
+  csnapctl snapshot list vol0 --json | jq -r '.snapshots[].name'";
+
+const DELETE_HELP: &str = "\
+Deletes a snapshot: its export goes away at once; the store space it held alone is given
+back by a background reclaim pass over the exception tree, whose progress `csnapctl
+status` shows. With --wait, waits (at most --timeout seconds) until that pass finished,
+printing its progress on stderr.";
+
+const DELETE_EXAMPLES: &str = "\
+EXAMPLES
+  csnapctl snapshot delete vol0 nightly
+  csnapctl snapshot delete vol0 nightly --wait --timeout 600";
 
 /// `csnapctl snapshot ...`
 #[derive(clap::Subcommand, Clone, Debug)]
 pub enum SnapshotCmd {
     /// Create a snapshot of the volume's origin as it is now.
+    #[command(long_about = CREATE_HELP, after_long_help = CREATE_EXAMPLES)]
     Create {
+        /// The volume (its name in corosync.conf or --volume).
         volume: String,
+        /// The new snapshot's name (letters, digits, '.', '_', '-'; unique in the volume).
         name: String,
+        /// Print the result as JSON on stdout.
         #[arg(long)]
         json: bool,
     },
     /// List the volume's snapshots.
+    #[command(long_about = LIST_HELP, after_long_help = LIST_EXAMPLES)]
     List {
+        /// The volume.
         volume: String,
+        /// Print the list as JSON on stdout.
         #[arg(long)]
         json: bool,
     },
     /// Delete a snapshot (its space is reclaimed in the background).
+    #[command(long_about = DELETE_HELP, after_long_help = DELETE_EXAMPLES)]
     Delete {
+        /// The volume.
         volume: String,
+        /// The snapshot's name.
         name: String,
+        /// Print the result as JSON on stdout.
         #[arg(long)]
         json: bool,
+        /// Wait until the background reclaim gave the snapshot's space back, printing
+        /// progress on stderr.
+        #[arg(long)]
+        wait: bool,
+        /// With --wait: give up after this many seconds (exit status 4).
+        #[arg(long, default_value_t = 600, value_name = "SECONDS")]
+        timeout: u64,
     },
 }
 
+const STATUS_HELP: &str = "\
+Shows each volume the local agent runs: mode, devices, listeners, the server's state
+(active, or waiting for snapshot clients), store and metadata space with warnings,
+snapshots, clients, background reclaim progress, and in cluster mode the volume's group:
+server node, this node's role and generation, ring, quorum, members, the gate the agent
+waits on, stale and departed nodes, fencing in progress, and the last server activation
+(failover) with its local time and the time each phase took.";
+
+const STATUS_EXAMPLES: &str = "\
+EXAMPLES
+  csnapctl status
+  csnapctl status vol0
+  csnapctl status vol0 --json | jq '.volumes[0].cluster.server_node'";
+
 /// `csnapctl status [VOLUME]`
 #[derive(clap::Args, Clone, Debug)]
+#[command(long_about = STATUS_HELP, after_long_help = STATUS_EXAMPLES)]
 pub struct StatusArgs {
+    /// Only this volume (default: every volume of the agent).
     pub volume: Option<String>,
+    /// Print the status as JSON on stdout.
     #[arg(long)]
     pub json: bool,
 }
@@ -49,15 +177,15 @@ fn state(s: &SnapshotState) -> String {
 
 fn print_snapshots(list: &[SnapshotInfo]) {
     println!(
-        "{:>6}  {:<24}  {:<20}  {:>10}  STATE",
-        "ID", "NAME", "CREATED (UTC)", "CHUNKS"
+        "{:>6}  {:<24}  {:<26}  {:>10}  STATE",
+        "ID", "NAME", "CREATED", "CHUNKS"
     );
     for s in list {
         println!(
-            "{:>6}  {:<24}  {:<20}  {:>10}  {}",
+            "{:>6}  {:<24}  {:<26}  {:>10}  {}",
             s.id,
             s.name,
-            utc_time(s.ctime),
+            local_time(s.ctime),
             s.chunks_held,
             state(&s.state)
         );
@@ -66,8 +194,69 @@ fn print_snapshots(list: &[SnapshotInfo]) {
 
 /// Unix seconds as `YYYY-MM-DD HH:MM:SS` (UTC), without a date-time dependency.
 pub fn utc_time(unix: u64) -> String {
-    let days = (unix / 86_400) as i64;
-    let secs = unix % 86_400;
+    civil_time(i64::try_from(unix).unwrap_or(i64::MAX))
+}
+
+/// Unix seconds as ISO 8601 UTC: `2026-11-26T18:02:11Z`.
+pub fn iso_utc(unix: u64) -> String {
+    format!("{}Z", utc_time(unix).replacen(' ', "T", 1))
+}
+
+/// Unix milliseconds as ISO 8601 UTC with milliseconds: `2026-11-26T18:02:11.042Z`.
+pub fn iso_utc_ms(unix_ms: u64) -> String {
+    format!(
+        "{}.{:03}Z",
+        utc_time(unix_ms / 1000).replacen(' ', "T", 1),
+        unix_ms % 1000
+    )
+}
+
+extern "C" {
+    /// POSIX `tzset(3)` (the libc crate does not declare it): re-reads TZ.
+    fn tzset();
+}
+
+/// The local time zone's offset from UTC at `unix` (seconds east), from `TZ` or
+/// /etc/localtime through the C library; `None` if it cannot say.
+pub fn local_offset(unix: u64) -> Option<i64> {
+    let t = libc::time_t::try_from(unix).ok()?;
+    // SAFETY: `tzset` only (re)reads TZ into the C library's state; `localtime_r` writes
+    // only to `tm`, which lives on this stack frame, and reads `t`.
+    let tm = unsafe {
+        tzset();
+        let mut tm: libc::tm = std::mem::zeroed();
+        if libc::localtime_r(&t, &mut tm).is_null() {
+            return None;
+        }
+        tm
+    };
+    Some(tm.tm_gmtoff)
+}
+
+/// Unix seconds in local time with the offset: `2026-11-26 19:02:11 +01:00`.
+pub fn local_time(unix: u64) -> String {
+    with_offset(unix, local_offset(unix).unwrap_or(0))
+}
+
+/// Unix seconds at `offset` seconds east of UTC, with the offset: `... +01:00`.
+pub fn with_offset(unix: u64, offset: i64) -> String {
+    let local = i64::try_from(unix)
+        .unwrap_or(i64::MAX)
+        .saturating_add(offset);
+    let sign = if offset < 0 { '-' } else { '+' };
+    let off = offset.unsigned_abs();
+    format!(
+        "{} {sign}{:02}:{:02}",
+        civil_time(local),
+        off / 3_600,
+        off / 60 % 60
+    )
+}
+
+/// Seconds since 1970 (may be negative) as `YYYY-MM-DD HH:MM:SS`.
+fn civil_time(t: i64) -> String {
+    let days = t.div_euclid(86_400);
+    let secs = t.rem_euclid(86_400);
     // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
     let z = days + 719_468;
     let era = z.div_euclid(146_097);
@@ -107,6 +296,9 @@ fn print_status(v: &VolumeStatus) {
         "  snapshots {} (+{} being created)  clients {}  reclaiming {}  store-full policy {}",
         s.snapshots, s.pending_snapshots, s.connected_clients, s.reclaiming, s.store_full_policy
     );
+    if let Some(r) = &s.reclaim {
+        println!("  {}", reclaim_line(r));
+    }
     if s.metadata_blocks > 0 {
         let used = s.metadata_blocks.saturating_sub(s.free_metadata_blocks);
         println!(
@@ -191,9 +383,14 @@ fn print_cluster(c: &ClusterStatus) {
                 .confchg_to_first_write_ms()
                 .map(|ms| format!(", confchg to first origin write {ms} ms"))
                 .unwrap_or_default();
+            let at = f
+                .activated_at_ms
+                .or(f.chosen_at_ms)
+                .map(|ms| format!(" at {}", local_time(ms / 1000)))
+                .unwrap_or_default();
             println!(
-                "  last activation: generation {} ({from}), {} ms from chosen to activated, {} \
-                 snapshot clients gathered{total}",
+                "  last activation{at}: generation {} ({from}), {} ms from chosen to activated, \
+                 {} snapshot clients gathered{total}",
                 f.generation,
                 f.chosen_to_activated_ms,
                 f.gathered_clients.len()
@@ -213,14 +410,76 @@ fn print_cluster(c: &ClusterStatus) {
     }
 }
 
-fn json<T: serde::Serialize>(v: &T) -> anyhow::Result<()> {
-    println!("{}", serde_json::to_string_pretty(v)?);
+/// `reclaiming snapshot 7: 42% (origin chunk 4200 of 10000)`.
+pub fn reclaim_line(r: &ReclaimStatus) -> String {
+    let which = match r.snapshots.as_slice() {
+        [] => "reclaiming".to_owned(),
+        [one] => format!("reclaiming snapshot {one}"),
+        many => format!(
+            "reclaiming snapshots {}",
+            many.iter()
+                .map(SnapId::to_string)
+                .collect::<Vec<_>>()
+                .join(",")
+        ),
+    };
+    format!(
+        "{which}: {}% (origin chunk {} of {})",
+        r.percent(),
+        r.position.min(r.origin_chunks),
+        r.origin_chunks
+    )
+}
+
+/// Adds ISO 8601 UTC forms next to the raw times in csnapctl's JSON: `ctime` (unix
+/// seconds) gets `ctime_iso`, every `*_at_ms` (unix milliseconds) gets `*_at_iso`.
+pub fn add_iso_times(v: &mut serde_json::Value) {
+    match v {
+        serde_json::Value::Object(map) => {
+            let mut extra = Vec::new();
+            for (k, val) in map.iter_mut() {
+                add_iso_times(val);
+                let Some(n) = val.as_u64() else { continue };
+                if k == "ctime" {
+                    extra.push(("ctime_iso".to_owned(), iso_utc(n)));
+                } else if let Some(stem) = k.strip_suffix("_at_ms") {
+                    extra.push((format!("{stem}_at_iso"), iso_utc_ms(n)));
+                }
+            }
+            for (k, iso) in extra {
+                map.insert(k, serde_json::Value::String(iso));
+            }
+        }
+        serde_json::Value::Array(items) => items.iter_mut().for_each(add_iso_times),
+        _ => {}
+    }
+}
+
+/// Prints `v` as pretty JSON with ISO times added (see [`add_iso_times`]).
+pub fn json<T: serde::Serialize>(v: &T) -> anyhow::Result<()> {
+    let mut value = serde_json::to_value(v)?;
+    add_iso_times(&mut value);
+    println!("{}", serde_json::to_string_pretty(&value)?);
     Ok(())
 }
 
 async fn ask(socket: &Path, req: ControlRequest) -> anyhow::Result<ControlResponse> {
+    let asked_volume = req.volume().map(str::to_owned);
     match crate::control::request(socket, &req).await? {
-        ControlResponse::Error { message } => bail!("{message}"),
+        ControlResponse::Error {
+            message,
+            node,
+            host,
+            volume,
+        } => Err(AgentError {
+            origin: error_origin(
+                node,
+                host.as_deref(),
+                volume.as_deref().or(asked_volume.as_deref()),
+            ),
+            message,
+        }
+        .into()),
         other => Ok(other),
     }
 }
@@ -309,18 +568,106 @@ pub async fn run_snapshot(socket: &Path, cmd: SnapshotCmd) -> anyhow::Result<()>
             volume,
             name,
             json: as_json,
+            wait,
+            timeout,
         } => match ask(socket, ControlRequest::SnapshotDelete { volume, name }).await? {
             ControlResponse::SnapshotDeleted { volume, name, id } => {
-                if as_json {
-                    json(&serde_json::json!({"volume": volume, "deleted": name, "id": id}))
-                } else {
+                if !as_json {
                     println!("deleted snapshot {name} (id {id}) of volume {volume}");
+                }
+                let waited = if wait {
+                    let started = Instant::now();
+                    wait_reclaimed(socket, &volume, id, Duration::from_secs(timeout)).await?;
+                    let ms = started.elapsed().as_millis() as u64;
+                    if !as_json {
+                        println!("reclaimed the space of snapshot {name} (id {id}) in {ms} ms");
+                    }
+                    Some(ms)
+                } else {
+                    None
+                };
+                if as_json {
+                    json(&serde_json::json!({
+                        "volume": volume,
+                        "deleted": name,
+                        "id": id,
+                        "reclaimed": waited.is_some(),
+                        "wait_ms": waited,
+                    }))
+                } else {
                     Ok(())
                 }
             }
             other => Err(unexpected(other)),
         },
     }
+}
+
+/// How often `--wait` asks the agent for the reclaim's progress.
+const WAIT_POLL: Duration = Duration::from_millis(200);
+
+/// The volume's server status (one status request).
+async fn server_status(socket: &Path, volume: &str) -> anyhow::Result<csnap_proto::ServerStatus> {
+    match ask(
+        socket,
+        ControlRequest::Status {
+            volume: Some(volume.to_owned()),
+        },
+    )
+    .await?
+    {
+        ControlResponse::Status { volumes } => volumes
+            .into_iter()
+            .find(|v| v.volume == volume)
+            .map(|v| v.server_status)
+            .ok_or_else(|| anyhow::anyhow!("the agent's status did not include volume {volume}")),
+        other => Err(unexpected(other)),
+    }
+}
+
+/// Waits until background reclaim no longer works for snapshot `id` (or at all, with a
+/// server that does not say which snapshots it reclaims), printing each new percentage
+/// on stderr; fails with [`WaitTimeout`] after `limit`.
+pub async fn wait_reclaimed(
+    socket: &Path,
+    volume: &str,
+    id: SnapId,
+    limit: Duration,
+) -> anyhow::Result<()> {
+    let deadline = Instant::now() + limit;
+    let mut last: Option<String> = None;
+    loop {
+        let s = server_status(socket, volume).await?;
+        let busy = match &s.reclaim {
+            Some(r) => r.snapshots.is_empty() || r.snapshots.contains(&id),
+            None => s.reclaiming,
+        };
+        if !busy {
+            return Ok(());
+        }
+        if let Some(r) = &s.reclaim {
+            let line = reclaim_line(r);
+            if last.as_deref() != Some(&line) {
+                eprintln!("csnapctl: {line}");
+                last = Some(line);
+            }
+        }
+        if Instant::now() >= deadline {
+            return Err(WaitTimeout(format!(
+                "volume {volume}: snapshot {id} is deleted but its space was not reclaimed \
+                 within {} s ({}); see csnapctl status",
+                limit.as_secs(),
+                last.as_deref().unwrap_or("reclaim still running")
+            ))
+            .into());
+        }
+        tokio::time::sleep(WAIT_POLL.min(deadline.saturating_duration_since(Instant::now()))).await;
+    }
+}
+
+/// Whether progress lines go to stderr: asked for, or stderr is a terminal.
+pub fn show_progress(asked: bool) -> bool {
+    asked || std::io::stderr().is_terminal()
 }
 
 pub async fn run_status(socket: &Path, args: StatusArgs) -> anyhow::Result<()> {
@@ -358,21 +705,93 @@ pub fn run_cli<F: std::future::Future<Output = anyhow::Result<()>>>(
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("csnapctl: error: cannot start the runtime: {e}");
-            return std::process::ExitCode::FAILURE;
+            return std::process::ExitCode::from(EXIT_FAILURE);
         }
     };
     match runtime.block_on(command) {
-        Ok(()) => std::process::ExitCode::SUCCESS,
+        Ok(()) => std::process::ExitCode::from(EXIT_OK),
         Err(e) => {
             eprintln!("csnapctl: error: {e:#}");
-            std::process::ExitCode::FAILURE
+            std::process::ExitCode::from(exit_code(&e))
         }
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::utc_time;
+    use super::*;
+
+    #[test]
+    fn iso_and_offset_forms() {
+        assert_eq!(iso_utc(1_795_310_228), "2026-11-22T01:17:08Z");
+        assert_eq!(iso_utc_ms(1_795_310_228_042), "2026-11-22T01:17:08.042Z");
+        assert_eq!(
+            with_offset(1_795_310_228, 3_600),
+            "2026-11-22 02:17:08 +01:00"
+        );
+        assert_eq!(
+            with_offset(1_795_310_228, -(5 * 3_600 + 30 * 60)),
+            "2026-11-21 19:47:08 -05:30"
+        );
+        assert_eq!(with_offset(0, -3_600), "1969-12-31 23:00:00 -01:00");
+    }
+
+    /// The local form honours TZ (POSIX zone strings need no tz database). The only test
+    /// in this binary that touches TZ, so no other test sees it change.
+    #[test]
+    fn local_time_honours_tz() {
+        let t = 1_795_310_228;
+        std::env::set_var("TZ", "XST-1");
+        assert_eq!(local_time(t), "2026-11-22 02:17:08 +01:00");
+        std::env::set_var("TZ", "YST+5:30");
+        assert_eq!(local_time(t), "2026-11-21 19:47:08 -05:30");
+        // Summer time: 2026-07-01 is in daylight saving under the EU rule.
+        std::env::set_var("TZ", "CET-1CEST,M3.5.0,M10.5.0/3");
+        assert_eq!(local_time(1_782_900_000), "2026-07-01 12:00:00 +02:00");
+        assert_eq!(local_time(t), "2026-11-22 02:17:08 +01:00");
+        std::env::set_var("TZ", "UTC0");
+        assert_eq!(local_time(t), "2026-11-22 01:17:08 +00:00");
+    }
+
+    #[test]
+    fn json_gets_iso_times_next_to_the_raw_ones() {
+        let mut v = serde_json::json!({
+            "snapshots": [{"ctime": 0, "name": "a"}],
+            "failover": {"chosen_at_ms": 1_500, "confchg_at_ms": null},
+        });
+        add_iso_times(&mut v);
+        assert_eq!(v["snapshots"][0]["ctime_iso"], "1970-01-01T00:00:00Z");
+        assert_eq!(v["failover"]["chosen_at_iso"], "1970-01-01T00:00:01.500Z");
+        assert!(v["failover"].get("confchg_at_iso").is_none());
+    }
+
+    #[test]
+    fn reclaim_lines() {
+        let r = ReclaimStatus {
+            snapshots: vec![SnapId(7)],
+            position: 4_200,
+            origin_chunks: 10_000,
+        };
+        assert_eq!(
+            reclaim_line(&r),
+            "reclaiming snapshot 7: 42% (origin chunk 4200 of 10000)"
+        );
+    }
+
+    #[test]
+    fn exit_codes_by_error_class() {
+        let unreachable = anyhow::Error::from(ControlError::NotRunning {
+            path: "/nowhere".into(),
+        });
+        assert_eq!(exit_code(&unreachable), EXIT_UNREACHABLE);
+        let answered = anyhow::Error::from(AgentError {
+            origin: "node 2, volume v".into(),
+            message: "no".into(),
+        });
+        assert_eq!(answered.to_string(), "node 2, volume v: no");
+        assert_eq!(exit_code(&answered), EXIT_FAILURE);
+        assert_eq!(exit_code(&WaitTimeout("t".into()).into()), EXIT_TIMEOUT);
+    }
 
     #[test]
     fn utc_time_formats_known_instants() {

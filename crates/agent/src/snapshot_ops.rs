@@ -20,9 +20,7 @@ pub async fn handle(v: &str, volume: &Volume, req: ControlRequest) -> ControlRes
     let result = match req {
         ControlRequest::SnapshotCreate { name, .. } => {
             if let Err(why) = validate_snapshot_name(&name) {
-                return ControlResponse::Error {
-                    message: format!("invalid snapshot name {name:?}: {why}"),
-                };
+                return ControlResponse::error(format!("invalid snapshot name {name:?}: {why}"));
             }
             volume
                 .create_snapshot(&name)
@@ -74,5 +72,5 @@ pub async fn handle(v: &str, volume: &Volume, req: ControlRequest) -> ControlRes
             }),
         ControlRequest::Status { .. } => Err("not a snapshot request".to_owned()),
     };
-    result.unwrap_or_else(|message| ControlResponse::Error { message })
+    result.unwrap_or_else(ControlResponse::error)
 }

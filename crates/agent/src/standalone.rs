@@ -94,12 +94,10 @@ impl Agent {
         };
         if let Some(v) = volume {
             if *v != self.volume_name {
-                return ControlResponse::Error {
-                    message: format!(
-                        "no such volume {v:?} (this agent serves volume {:?})",
-                        self.volume_name
-                    ),
-                };
+                return ControlResponse::error(format!(
+                    "no such volume {v:?} (this agent serves volume {:?})",
+                    self.volume_name
+                ));
             }
         }
         let v = self.volume_name.clone();
@@ -135,7 +133,7 @@ impl Agent {
                 )),
             },
         };
-        result.unwrap_or_else(|message| ControlResponse::Error { message })
+        result.unwrap_or_else(ControlResponse::error)
     }
 }
 
@@ -318,7 +316,11 @@ pub async fn run(args: StandaloneArgs) -> anyhow::Result<()> {
         let agent = agent.clone();
         async move { agent.handle(req).await }
     });
-    let control_task = tokio::spawn(crate::control::serve(control, handler));
+    let control_task = tokio::spawn(crate::control::serve(
+        control,
+        crate::control::Identity::this_host(None),
+        handler,
+    ));
     tracing::info!(volume = %volume_name, nbd = %nbd_desc, server = %server_desc,
         control = %control_socket.display(), client = format_args!("{instance:#x}"), "csnap-agent ready");
 

@@ -196,15 +196,91 @@ pub enum ControlResponse {
     Status {
         volumes: Vec<VolumeStatus>,
     },
-    /// The request failed; the message says what was wrong.
+    /// The request failed; the message says what was wrong. The control server fills in
+    /// which node answered and the volume the request named (absent from older agents).
     Error {
         message: String,
+        /// The answering node's corosync node id (cluster mode).
+        #[serde(default)]
+        node: Option<u32>,
+        /// The answering agent's host name.
+        #[serde(default)]
+        host: Option<String>,
+        /// The volume the request was about.
+        #[serde(default)]
+        volume: Option<String>,
     },
+}
+
+impl ControlResponse {
+    /// An `Error` with `message`; the control server adds the node and volume.
+    pub fn error(message: impl Into<String>) -> ControlResponse {
+        ControlResponse::Error {
+            message: message.into(),
+            node: None,
+            host: None,
+            volume: None,
+        }
+    }
+}
+
+impl ControlRequest {
+    /// The volume the request names, if any.
+    pub fn volume(&self) -> Option<&str> {
+        match self {
+            ControlRequest::SnapshotCreate { volume, .. }
+            | ControlRequest::SnapshotList { volume, .. }
+            | ControlRequest::SnapshotDelete { volume, .. } => Some(volume),
+            ControlRequest::Status { volume } => volume.as_deref(),
+        }
+    }
+}
+
+/// Who answered an error, and about which volume: `node 2 (host a), volume vol0`.
+pub fn error_origin(node: Option<u32>, host: Option<&str>, volume: Option<&str>) -> String {
+    let who = match (node, host) {
+        (Some(n), Some(h)) => format!("node {n} ({h})"),
+        (Some(n), None) => format!("node {n}"),
+        (None, Some(h)) => format!("node {h}"),
+        (None, None) => String::new(),
+    };
+    match (who.is_empty(), volume) {
+        (true, Some(v)) => format!("volume {v}"),
+        (false, Some(v)) => format!("{who}, volume {v}"),
+        (_, None) => who,
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn errors_name_the_node_and_volume() {
+        assert_eq!(
+            error_origin(Some(2), Some("a"), Some("vol0")),
+            "node 2 (a), volume vol0"
+        );
+        assert_eq!(error_origin(None, Some("a"), Some("v")), "node a, volume v");
+        assert_eq!(error_origin(Some(3), None, None), "node 3");
+        assert_eq!(error_origin(None, None, Some("v")), "volume v");
+        assert_eq!(error_origin(None, None, None), "");
+    }
+
+    /// An error from an agent without the node and volume fields still decodes.
+    #[test]
+    fn an_older_agents_error_still_decodes() {
+        #[derive(Serialize)]
+        enum Old {
+            Error { message: String },
+        }
+        let bytes = rmp_serde::to_vec_named(&Old::Error {
+            message: "no".into(),
+        })
+        .expect("encode");
+        let new: ControlResponse = rmp_serde::from_slice(&bytes).expect("decode");
+        assert_eq!(new, ControlResponse::error("no"));
+    }
 
     #[test]
     fn phases_run_between_the_known_moments() {

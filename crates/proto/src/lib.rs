@@ -27,8 +27,8 @@ pub use frame::{
 };
 pub use msg::{
     create_token, encoded_size_bound, page_len, ClientFrame, ClientId, ClientKind, ClientMsg,
-    ErrorCode, HeldLock, RequestId, ServerFrame, ServerMsg, ServerStatus, SnapRef, SpaceWarning,
-    StoreAddr, StoreArea, CREATE_TOKEN_BITS, LIST_PAGE_BYTES, MAX_LIST_PAGE,
+    ErrorCode, HeldLock, ReclaimStatus, RequestId, ServerFrame, ServerMsg, ServerStatus, SnapRef,
+    SpaceWarning, StoreAddr, StoreArea, CREATE_TOKEN_BITS, LIST_PAGE_BYTES, MAX_LIST_PAGE,
 };
 pub use types::{
     validate_snapshot_name, ChunkRange, SnapId, SnapshotInfo, SnapshotState, MAX_SNAPSHOT_NAME,

@@ -313,6 +313,33 @@ pub struct ServerStatus {
     /// crossed. Empty when both are below every level.
     #[serde(default)]
     pub space_warnings: Vec<SpaceWarning>,
+    /// How far background reclaim got (None when `reclaiming` is false or the store does
+    /// not say). Absent from older servers.
+    #[serde(default)]
+    pub reclaim: Option<ReclaimStatus>,
+}
+
+/// How far the background reclaim pass over the exception tree got: it walks the tree in
+/// origin-chunk order, so `position` of `origin_chunks` is the share visited.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReclaimStatus {
+    /// Deleted or invalidated snapshots whose space the pass gives back.
+    pub snapshots: Vec<SnapId>,
+    /// The origin chunk the pass goes on from (chunks below it are done).
+    pub position: u64,
+    /// Origin chunks in all (the end of the pass).
+    pub origin_chunks: u64,
+}
+
+impl ReclaimStatus {
+    /// Share of the pass done, in percent (rounded down, at most 100).
+    pub fn percent(&self) -> u8 {
+        if self.origin_chunks == 0 {
+            return 100;
+        }
+        (u128::from(self.position.min(self.origin_chunks)) * 100 / u128::from(self.origin_chunks))
+            as u8
+    }
 }
 
 /// A store area of `ServerStatus::space_warnings`.

@@ -138,6 +138,11 @@ fn all_server_msgs() -> Vec<ServerMsg> {
                 level_percent: 80,
                 used_percent: 84,
             }],
+            reclaim: Some(ReclaimStatus {
+                snapshots: vec![SnapId(4)],
+                position: 7,
+                origin_chunks: 10,
+            }),
         }),
         ServerMsg::Error {
             code: ErrorCode::NoSuchSnapshot,

@@ -1,12 +1,16 @@
 //! csnapctl: the csnap administration command.
 //!
 //! Subcommands are variants of `Command`; each has its own argument struct and handler.
-//! `format` works on local devices directly (no agent needed).
+//! `format`, `check` and `keygen` work on local files and devices directly (no agent
+//! needed); `snapshot` and `status` go through the agent's control socket (`ctl.rs`).
 
 use clap::{Args, Parser, Subcommand};
-use csnap_server::store::format::Superblock;
-use csnap_server::store::tool::{format_paths, parse_size, FormatRequest};
-use csnap_server::store::StoreError;
+use csnap_agent::ctl::{
+    iso_utc, json, local_time, show_progress, EXIT_FAILURE, EXIT_OK, EXIT_USAGE,
+};
+use csnap_server::store::format::{uuid_string, Superblock};
+use csnap_server::store::tool::{format_paths_with_progress, parse_size, FormatRequest};
+use csnap_server::store::{FormatProgress, StoreError};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -17,18 +21,36 @@ EXAMPLES
   csnapctl status vol0 --json           the same as JSON, for scripts and monitoring
   csnapctl snapshot create vol0 nightly then `nbd://localhost/vol0@nightly` reads it
   csnapctl snapshot list vol0
-  csnapctl snapshot delete vol0 nightly
+  csnapctl snapshot delete vol0 nightly --wait
   csnapctl keygen /etc/csnap/key        the cluster key (copy it to every node)
   csnapctl format --origin /dev/vg/origin --store /dev/vg/store
   csnapctl check --origin /dev/vg/origin --store /dev/vg/store
 
 Snapshot and status commands go through the local agent's control socket and work from
-any node (snapshot operations are forwarded to the volume's server). format and check
-work on the devices directly; check refuses a store a server is using.
+any node (snapshot operations are forwarded to the volume's server). format, check and
+keygen work on the devices and files directly; check refuses a store a server is using.
+`csnapctl COMMAND --help` describes each command.
+
+OUTPUT
+  Every command takes --json: one JSON document on stdout (shapes in operations.md,
+  \"csnapctl reference\"); errors and progress always go to stderr. Times are shown in
+  local time with the UTC offset (TZ is honoured); JSON has the raw Unix time and the
+  same instant in ISO 8601 UTC beside it (ctime and ctime_iso, *_at_ms and *_at_iso).
+  Errors from the agent name the node that answered and the volume:
+    csnapctl: error: node 2 (host-b), volume vol0: no such snapshot: ...
 
 EXIT STATUS
-  0 success; 1 failure, with a message on stderr naming what was wrong (check: 1 means
-  problems were found; 2 means the store was not checked).
+  0  success (check: the store is consistent)
+  1  failure: the agent answered with an error, the device could not be formatted or
+     written (check: problems were found, or the store is unreadable)
+  2  usage error (unknown option, missing argument); check: the store was not checked
+     (e.g. a server is using it)
+  3  the agent could not be reached: no control socket, connection refused, no answer
+  4  snapshot delete --wait: the timeout ran out before the reclaim finished (the
+     snapshot is deleted)
+
+ENVIRONMENT
+  TZ   the time zone for times shown (default: /etc/localtime)
 
 SEE ALSO
   csnap-agent(8), /usr/share/doc/csnap/operations.md";
@@ -51,18 +73,41 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Format a snapshot store for an origin device (destroys what the store held).
+    #[command(long_about = FORMAT_HELP, after_long_help = FORMAT_EXAMPLES)]
     Format(FormatArgs),
     /// Create, list or delete snapshots of a volume (through the agent).
-    #[command(subcommand)]
+    #[command(subcommand, long_about = SNAPSHOT_HELP)]
     Snapshot(csnap_agent::ctl::SnapshotCmd),
     /// Show the status of the agent's volumes.
     Status(csnap_agent::ctl::StatusArgs),
     /// Write a new random cluster key (32 bytes, mode 0600) for servers and clients.
+    #[command(long_about = KEYGEN_HELP, after_long_help = KEYGEN_EXAMPLES)]
     Keygen(KeygenArgs),
     /// Check a store's consistency without changing it (exit 0: consistent, 1: problems
     /// found or the store is unreadable, 2: not checked, e.g. a server is using it).
+    #[command(long_about = CHECK_HELP, after_long_help = CHECK_EXAMPLES)]
     Check(CheckArgs),
 }
+
+const SNAPSHOT_HELP: &str = "\
+Creates, lists and deletes snapshots of a volume through the local agent, from any node:
+the agent forwards the request to the node serving the volume. `csnapctl snapshot
+COMMAND --help` describes each.";
+
+const CHECK_HELP: &str = "\
+Checks a store's consistency without changing it: every exception record, the free
+maps, the snapshot table and (with --origin) that the origin has the size the store was
+formatted for. A store not shut down cleanly has its journal replayed in memory only.
+check takes a shared lock on the store and refuses (exit 2) while a server on this node
+uses it.
+
+Exit status: 0 consistent; 1 problems found, or the store cannot be read as a csnap
+store; 2 not checked.";
+
+const CHECK_EXAMPLES: &str = "\
+EXAMPLES
+  csnapctl check --store /dev/vg/store --origin /dev/vg/origin
+  csnapctl check --store /dev/vg/store --json | jq .consistent";
 
 #[derive(Args, Debug)]
 struct CheckArgs {
@@ -72,28 +117,86 @@ struct CheckArgs {
     /// The origin device or file: also check its size matches the store.
     #[arg(long)]
     origin: Option<PathBuf>,
+    /// Print the result as JSON on stdout.
+    #[arg(long)]
+    json: bool,
+}
+
+fn print_json(v: &serde_json::Value) -> bool {
+    match json(v) {
+        Ok(()) => true,
+        Err(e) => {
+            eprintln!("csnapctl: error: cannot write JSON: {e}");
+            false
+        }
+    }
 }
 
 fn run_check(args: &CheckArgs) -> ExitCode {
     use csnap_server::store::tool::{check_paths, CheckError};
+    let store = args.store.display().to_string();
     let outcome = match check_paths(&args.store, args.origin.as_deref()) {
         Ok(o) => o,
         Err(e @ CheckError::InUse(_)) => {
+            if args.json {
+                print_json(&serde_json::json!({
+                    "store": store,
+                    "checked": false,
+                    "consistent": null,
+                    "error": e.to_string(),
+                }));
+            }
             eprintln!("csnapctl: error: {e}");
-            return ExitCode::from(2);
+            return ExitCode::from(EXIT_USAGE);
         }
         Err(CheckError::Store(e)) => {
-            println!(
-                "{}: DAMAGED: cannot be read as a csnap store",
-                args.store.display()
-            );
-            println!("  {e}");
-            return ExitCode::from(1);
+            if args.json {
+                print_json(&serde_json::json!({
+                    "store": store,
+                    "checked": true,
+                    "consistent": false,
+                    "damaged": true,
+                    "problems": [format!("cannot be read as a csnap store: {e}")],
+                }));
+            } else {
+                println!("{store}: DAMAGED: cannot be read as a csnap store");
+                println!("  {e}");
+            }
+            return ExitCode::from(EXIT_FAILURE);
         }
     };
     let i = &outcome.info;
     let r = &outcome.report;
-    println!("store {} (uuid {})", args.store.display(), i.uuid);
+    let problems: Vec<&String> = outcome.problems().collect();
+    let code = if outcome.is_clean() {
+        EXIT_OK
+    } else {
+        EXIT_FAILURE
+    };
+    if args.json {
+        let ok = print_json(&serde_json::json!({
+            "store": store,
+            "checked": true,
+            "consistent": outcome.is_clean(),
+            "damaged": false,
+            "uuid": i.uuid,
+            "chunk_size": i.chunk_size,
+            "origin_size": i.origin_size,
+            "origin_chunks": i.origin_chunks,
+            "data_chunks": i.data_chunks,
+            "free_chunks": i.free_chunks,
+            "meta_blocks": i.meta_blocks,
+            "free_meta_blocks": i.free_meta_blocks,
+            "snapshots": i.snapshots,
+            "exception_records": r.exception_records,
+            "data_chunks_used": r.data_chunks_used,
+            "meta_blocks_used": r.meta_blocks_used,
+            "unclean": outcome.was_unclean,
+            "problems": problems,
+        }));
+        return ExitCode::from(if ok { code } else { EXIT_FAILURE });
+    }
+    println!("store {store} (uuid {})", i.uuid);
     println!(
         "  chunk size {}  origin {} bytes  data {} chunks ({} free)  metadata {} blocks ({} free)",
         i.chunk_size,
@@ -112,15 +215,25 @@ fn run_check(args: &CheckArgs) -> ExitCode {
     }
     if outcome.is_clean() {
         println!("consistent");
-        return ExitCode::SUCCESS;
+    } else {
+        println!("{} PROBLEMS:", problems.len());
+        for p in problems {
+            println!("  {p}");
+        }
     }
-    let problems: Vec<&String> = outcome.problems().collect();
-    println!("{} PROBLEMS:", problems.len());
-    for p in problems {
-        println!("  {p}");
-    }
-    ExitCode::from(1)
+    ExitCode::from(code)
 }
+
+const KEYGEN_HELP: &str = "\
+Writes a new random cluster key: 32 bytes from the system's random source, in a file of
+mode 0600. Servers and clients authenticate every frame with it, so every node needs the
+same file (copy it with scp -p, or keep it in your configuration management). Refuses
+to replace an existing file without --force.";
+
+const KEYGEN_EXAMPLES: &str = "\
+EXAMPLES
+  csnapctl keygen /etc/csnap/key
+  scp -p /etc/csnap/key node2:/etc/csnap/key";
 
 #[derive(Args, Debug)]
 struct KeygenArgs {
@@ -129,24 +242,51 @@ struct KeygenArgs {
     /// Replace an existing file.
     #[arg(long)]
     force: bool,
+    /// Print the result as JSON on stdout.
+    #[arg(long)]
+    json: bool,
 }
 
 fn run_keygen(args: &KeygenArgs) -> ExitCode {
     match csnap_server::net::key::write_new_key(&args.path, args.force) {
         Ok(()) => {
+            let bytes = csnap_server::net::key::KEY_LEN;
+            if args.json {
+                let ok = print_json(&serde_json::json!({
+                    "path": args.path.display().to_string(),
+                    "bytes": bytes,
+                    "mode": "0600",
+                }));
+                return ExitCode::from(if ok { EXIT_OK } else { EXIT_FAILURE });
+            }
             println!(
-                "wrote a new {}-byte cluster key to {} (mode 0600)",
-                csnap_server::net::key::KEY_LEN,
+                "wrote a new {bytes}-byte cluster key to {} (mode 0600)",
                 args.path.display()
             );
-            ExitCode::SUCCESS
+            ExitCode::from(EXIT_OK)
         }
         Err(e) => {
             eprintln!("csnapctl: error: {e}");
-            ExitCode::FAILURE
+            ExitCode::from(EXIT_FAILURE)
         }
     }
 }
+
+const FORMAT_HELP: &str = "\
+Formats a snapshot store for an origin device: plans the store's metadata (bitmaps, the
+exception and snapshot trees, the journal) and data areas from the two sizes, writes the
+bitmaps and the empty trees, and writes the superblocks last. The origin is only read
+(for its size). A store that already holds a csnap store (even a damaged one) is left
+alone unless --force.
+
+Progress goes to stderr while the metadata is written, when stderr is a terminal or with
+--progress; the summary (or --json) goes to stdout.";
+
+const FORMAT_EXAMPLES: &str = "\
+EXAMPLES
+  csnapctl format --origin /dev/vg/origin --store /dev/vg/store
+  csnapctl format --origin /dev/vg/origin --store /dev/vg/store --chunk-size 64K --force
+  csnapctl format --origin disk.img --store store.img --json --progress";
 
 #[derive(Args, Debug)]
 struct FormatArgs {
@@ -162,6 +302,29 @@ struct FormatArgs {
     /// Overwrite an existing csnap store.
     #[arg(long)]
     force: bool,
+    /// Print the result as JSON on stdout.
+    #[arg(long)]
+    json: bool,
+    /// Print progress on stderr even when it is not a terminal.
+    #[arg(long)]
+    progress: bool,
+}
+
+fn format_summary(args: &FormatArgs, sb: &Superblock) -> serde_json::Value {
+    let g = &sb.geometry;
+    serde_json::json!({
+        "store": args.store.display().to_string(),
+        "origin": args.origin.display().to_string(),
+        "uuid": uuid_string(&sb.uuid),
+        "chunk_size": g.chunk_size,
+        "origin_size": g.origin_size,
+        "origin_chunks": g.origin_chunks(),
+        "data_chunks": g.data_chunks,
+        "data_bytes": g.data_chunks * g.chunk_size,
+        "meta_blocks": g.meta_blocks,
+        "journal_blocks": g.journal_blocks,
+        "created": sb.created,
+    })
 }
 
 fn print_format_summary(args: &FormatArgs, sb: &Superblock) {
@@ -171,10 +334,8 @@ fn print_format_summary(args: &FormatArgs, sb: &Superblock) {
         args.store.display(),
         args.origin.display()
     );
-    println!(
-        "  uuid         {}",
-        csnap_server::store::format::uuid_string(&sb.uuid)
-    );
+    println!("  uuid         {}", uuid_string(&sb.uuid));
+    println!("  created      {}", local_time(sb.created));
     println!("  chunk size   {} bytes", g.chunk_size);
     println!(
         "  origin       {} bytes ({} chunks)",
@@ -192,42 +353,72 @@ fn print_format_summary(args: &FormatArgs, sb: &Superblock) {
     );
 }
 
+/// Progress lines: `csnapctl: format: 42% (1234 of 2938 metadata blocks written)`, one
+/// per whole percent at most.
+fn format_progress(store: String) -> impl FnMut(FormatProgress) {
+    let mut last: Option<u64> = None;
+    move |p: FormatProgress| {
+        let pct = (p.done_blocks.min(p.total_blocks) * 100)
+            .checked_div(p.total_blocks)
+            .unwrap_or(100);
+        if last != Some(pct) {
+            last = Some(pct);
+            eprintln!(
+                "csnapctl: format {store}: {pct}% ({} of {} metadata blocks written)",
+                p.done_blocks, p.total_blocks
+            );
+        }
+    }
+}
+
 fn run_format(args: &FormatArgs) -> Result<(), StoreError> {
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0);
-    let sb = format_paths(&FormatRequest {
+    let req = FormatRequest {
         origin: &args.origin,
         store: &args.store,
         chunk_size: args.chunk_size,
         force: args.force,
         now,
-    })?;
-    print_format_summary(args, &sb);
+    };
+    let sb = if show_progress(args.progress) {
+        let mut report = format_progress(args.store.display().to_string());
+        format_paths_with_progress(&req, &mut report)?
+    } else {
+        format_paths_with_progress(&req, &mut |_| {})?
+    };
+    if args.json {
+        let mut v = format_summary(args, &sb);
+        v["created_iso"] = iso_utc(sb.created).into();
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&v).unwrap_or_else(|_| v.to_string())
+        );
+    } else {
+        print_format_summary(args, &sb);
+    }
     Ok(())
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let result = match &cli.command {
-        Command::Format(args) => run_format(args),
+    match &cli.command {
+        Command::Format(args) => match run_format(args) {
+            Ok(()) => ExitCode::from(EXIT_OK),
+            Err(e) => {
+                eprintln!("csnapctl: error: {e}");
+                ExitCode::from(EXIT_FAILURE)
+            }
+        },
         Command::Snapshot(cmd) => {
-            let run = csnap_agent::ctl::run_snapshot(&cli.socket, cmd.clone());
-            return csnap_agent::ctl::run_cli(run);
+            csnap_agent::ctl::run_cli(csnap_agent::ctl::run_snapshot(&cli.socket, cmd.clone()))
         }
         Command::Status(args) => {
-            let run = csnap_agent::ctl::run_status(&cli.socket, args.clone());
-            return csnap_agent::ctl::run_cli(run);
+            csnap_agent::ctl::run_cli(csnap_agent::ctl::run_status(&cli.socket, args.clone()))
         }
-        Command::Keygen(args) => return run_keygen(args),
-        Command::Check(args) => return run_check(args),
-    };
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("csnapctl: error: {e}");
-            ExitCode::FAILURE
-        }
+        Command::Keygen(args) => run_keygen(args),
+        Command::Check(args) => run_check(args),
     }
 }

@@ -360,12 +360,10 @@ async fn handle_control(node: NodeId, volumes: Volumes, req: ControlRequest) -> 
             Some(name) => match map.get(name) {
                 Some(v) => vec![v.clone()],
                 None => {
-                    return ControlResponse::Error {
-                        message: format!(
-                            "no such volume {name:?} (this agent runs {})",
-                            map.keys().cloned().collect::<Vec<_>>().join(", ")
-                        ),
-                    }
+                    return ControlResponse::error(format!(
+                        "no such volume {name:?} (this agent runs {})",
+                        map.keys().cloned().collect::<Vec<_>>().join(", ")
+                    ))
                 }
             },
             None => map.values().cloned().collect(),
@@ -377,26 +375,22 @@ async fn handle_control(node: NodeId, volumes: Volumes, req: ControlRequest) -> 
             for (config, handles) in &selected {
                 match volume_status(node, config, handles).await {
                     Ok(s) => out.push(s),
-                    Err(message) => return ControlResponse::Error { message },
+                    Err(message) => return ControlResponse::error(message),
                 }
             }
             ControlResponse::Status { volumes: out }
         }
         req => {
             let Some((config, handles)) = selected.into_iter().next() else {
-                return ControlResponse::Error {
-                    message: "no volume".into(),
-                };
+                return ControlResponse::error("no volume");
             };
             let client = handles.client.borrow().clone();
             match client {
                 Some(v) => crate::snapshot_ops::handle(&config.name, &v, req).await,
-                None => ControlResponse::Error {
-                    message: format!(
-                        "volume {:?} has no server yet (see csnapctl status)",
-                        config.name
-                    ),
-                },
+                None => ControlResponse::error(format!(
+                    "volume {:?} has no server yet (see csnapctl status)",
+                    config.name
+                )),
             }
         }
     }
@@ -519,7 +513,11 @@ pub async fn run(options: DaemonOptions) -> anyhow::Result<()> {
         let volumes = volumes.clone();
         Arc::new(move |req: ControlRequest| handle_control(id, volumes.clone(), req))
     };
-    let control_task = tokio::spawn(crate::control::serve(control, handler));
+    let control_task = tokio::spawn(crate::control::serve(
+        control,
+        crate::control::Identity::this_host(Some(id.0)),
+        handler,
+    ));
     // READY=1 once every volume joined its group (the control socket is bound already).
     let ready_task = {
         let notifier = notifier.clone();

@@ -2467,6 +2467,17 @@ impl<S: MetaStore> Engine<S> {
                 + usize::from(self.announcement.is_some())) as u32,
             store_full_policy: self.cfg.store_full_policy.to_string(),
             reclaiming: self.reclaiming,
+            reclaim: if self.reclaiming {
+                self.store
+                    .reclaim_position()?
+                    .map(|p| csnap_proto::ReclaimStatus {
+                        snapshots: p.snapshots,
+                        position: p.position,
+                        origin_chunks: stats.origin_chunks,
+                    })
+            } else {
+                None
+            },
             usage_exact: self.store.usage_exact(),
             metadata_blocks: metadata.map_or(0, |m| m.blocks),
             free_metadata_blocks: metadata.map_or(0, |m| m.free_blocks),

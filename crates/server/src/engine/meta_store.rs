@@ -77,6 +77,16 @@ pub struct ReclaimProgress {
     pub done: bool,
 }
 
+/// Where a background reclaim pass is, for `status`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ReclaimPosition {
+    /// The origin chunk the pass goes on from: the pass walks the exceptions in origin
+    /// chunk order, so the chunks below it are done.
+    pub position: u64,
+    /// The snapshots (deleted or invalidated) whose space the pass gives back.
+    pub snapshots: Vec<SnapId>,
+}
+
 /// Geometry and space figures for `status`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct StoreStats {
@@ -236,6 +246,12 @@ pub trait MetaStore {
     /// frees exceptions no live snapshot uses. Never blocks for long. The freed chunks become
     /// reservable after the next `commit`.
     fn reclaim_step(&mut self, budget: usize) -> Result<ReclaimProgress, StoreError>;
+
+    /// Where background reclaim is: `None` when it has no work (or the store does not
+    /// say, the default).
+    fn reclaim_position(&self) -> Result<Option<ReclaimPosition>, StoreError> {
+        Ok(None)
+    }
 
     /// Advances the background count of per-snapshot usage (`chunks_held`) by about
     /// `budget` exception records; true once the figures are exact. Stores that keep exact
@@ -704,6 +720,22 @@ impl MetaStore for MemStore {
         Ok(progress)
     }
 
+    fn reclaim_position(&self) -> Result<Option<ReclaimPosition>, StoreError> {
+        if self.state.reclaim_cursor.is_none() && !self.state.reclaim_requested {
+            return Ok(None);
+        }
+        Ok(Some(ReclaimPosition {
+            position: self.state.reclaim_cursor.unwrap_or(0),
+            snapshots: self
+                .state
+                .snapshots
+                .iter()
+                .filter(|(_, r)| r.state == SnapshotState::Deleting)
+                .map(|(id, _)| *id)
+                .collect(),
+        }))
+    }
+
     fn commit(&mut self) -> Result<(), StoreError> {
         let freed = std::mem::take(&mut self.state.freed_uncommitted);
         self.state.free.extend(freed);
@@ -785,6 +817,37 @@ mod tests {
             );
         }
         s.check().unwrap();
+    }
+
+    /// The reclaim position walks forward in origin-chunk order from 0 and is gone when
+    /// the pass is done; it names the deleted snapshot.
+    #[test]
+    fn reclaim_position_advances_with_the_pass() {
+        let mut s = store();
+        assert_eq!(s.reclaim_position().unwrap(), None);
+        let a = s.create_snapshot("a", 1).unwrap().id;
+        for chunk in [3, 10, 40, 70] {
+            copy_out(&mut s, chunk);
+        }
+        s.delete_snapshot(a).unwrap();
+        let start = s.reclaim_position().unwrap().expect("work to do");
+        assert_eq!(start.position, 0);
+        assert_eq!(start.snapshots, vec![a]);
+        let mut seen = vec![];
+        loop {
+            let p = s.reclaim_step(1).unwrap();
+            if p.done {
+                break;
+            }
+            seen.push(
+                s.reclaim_position()
+                    .unwrap()
+                    .expect("still working")
+                    .position,
+            );
+        }
+        assert_eq!(seen, vec![10, 40, 70]);
+        assert_eq!(s.reclaim_position().unwrap(), None);
     }
 
     #[test]

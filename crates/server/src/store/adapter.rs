@@ -2,7 +2,8 @@
 
 use super::{ChunkSource, SnapState, SnapshotRecord, Store, StoreError};
 use crate::engine::{
-    MetaStore, MetadataSpace, ReclaimProgress, SnapChunk, StoreError as EngineError, StoreStats,
+    MetaStore, MetadataSpace, ReclaimPosition, ReclaimProgress, SnapChunk,
+    StoreError as EngineError, StoreStats,
 };
 use csnap_proto::{SnapId, SnapshotInfo, SnapshotState};
 
@@ -182,6 +183,15 @@ impl MetaStore for Store {
             freed_chunks: p.chunks_freed,
             done: p.done,
         })
+    }
+
+    fn reclaim_position(&self) -> Result<Option<ReclaimPosition>, EngineError> {
+        Ok(
+            Store::reclaim_position(self).map(|(position, ids)| ReclaimPosition {
+                position,
+                snapshots: ids.into_iter().map(SnapId).collect(),
+            }),
+        )
     }
 
     fn usage_step(&mut self, budget: usize) -> Result<bool, EngineError> {

@@ -298,6 +298,13 @@ pub struct CopyOutPlan {
     pub invalidated: Vec<u64>,
 }
 
+/// How far `Store::format_with_progress` got: metadata blocks written of those it writes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FormatProgress {
+    pub done_blocks: u64,
+    pub total_blocks: u64,
+}
+
 /// Progress of one `reclaim_step`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ReclaimProgress {
@@ -383,8 +390,18 @@ impl Store {
     /// Formats `dev` as an empty store. Overwrites whatever is there: callers check
     /// `read_superblock` first to refuse overwriting a store.
     pub fn format(dev: &dyn BlockDevice, opts: &FormatOptions) -> Result<Superblock> {
+        Self::format_with_progress(dev, opts, &mut |_| {})
+    }
+
+    /// Like `format`, calling `progress` as the metadata blocks are written (after each
+    /// batch, and once at the end with `done == total`). The callback only observes.
+    pub fn format_with_progress(
+        dev: &dyn BlockDevice,
+        opts: &FormatOptions,
+        progress: &mut dyn FnMut(FormatProgress),
+    ) -> Result<Superblock> {
         let g = Geometry::plan(opts.chunk_size, opts.origin_size, dev.len(), &dev.name())?;
-        Self::format_geometry(dev, opts, g)
+        Self::format_geometry(dev, opts, g, progress)
     }
 
     /// Like `format`, with a node area of exactly `meta_blocks` blocks (see
@@ -401,17 +418,24 @@ impl Store {
             meta_blocks,
             &dev.name(),
         )?;
-        Self::format_geometry(dev, opts, g)
+        Self::format_geometry(dev, opts, g, &mut |_| {})
     }
 
     fn format_geometry(
         dev: &dyn BlockDevice,
         opts: &FormatOptions,
         g: Geometry,
+        progress: &mut dyn FnMut(FormatProgress),
     ) -> Result<Superblock> {
         let uuid = opts.uuid.unwrap_or_else(rand::random);
         // Bitmap blocks, written in batches.
         let total_bitmaps = g.meta_bitmap_blocks + g.data_bitmap_blocks;
+        // Bitmaps, the two root leaves, the journal's first block, two superblocks.
+        let total = total_bitmaps + 5;
+        progress(FormatProgress {
+            done_blocks: 0,
+            total_blocks: total,
+        });
         let batch = 256u64;
         let mut i = 0;
         while i < total_bitmaps {
@@ -429,6 +453,10 @@ impl Store {
             }
             meta::write_block(dev, g.bitmap_start + i, &buf)?;
             i += n;
+            progress(FormatProgress {
+                done_blocks: i,
+                total_blocks: total,
+            });
         }
         for (offset, tree) in [(0, Tree::Exceptions), (1, Tree::Snapshots)] {
             let mut b = vec![0u8; BLOCK];
@@ -466,6 +494,10 @@ impl Store {
             meta::write_block(dev, sb.slot(), &sb.encode())?;
         }
         meta::flush(dev)?;
+        progress(FormatProgress {
+            done_blocks: total,
+            total_blocks: total,
+        });
         Ok(sb)
     }
 
@@ -1153,6 +1185,21 @@ impl Store {
 
     fn reclaim_wanted(&self) -> bool {
         !self.reclaim_pending.is_empty()
+    }
+
+    /// Where background reclaim is: the origin chunk its pass goes on from (0 before a
+    /// pass started) and the snapshots it gives space back for; `None` with no work.
+    pub fn reclaim_position(&self) -> Option<(u64, Vec<u64>)> {
+        let root = &self.meta.root;
+        if root.reclaim_active == 0 && !self.reclaim_wanted() {
+            return None;
+        }
+        let position = if root.reclaim_active != 0 {
+            root.reclaim_cursor
+        } else {
+            0
+        };
+        Some((position, self.reclaim_pending.iter().copied().collect()))
     }
 
     /// Background delete: examines about `budget` exception records from where the last

@@ -4,7 +4,7 @@
 use super::device::{BlockDevice, FileDevice};
 use super::error::{Result, StoreError};
 use super::format::{uuid_string, Superblock};
-use super::{read_superblock, FormatOptions, Store};
+use super::{read_superblock, FormatOptions, FormatProgress, Store};
 use std::path::Path;
 
 /// What `format_paths` is asked to do.
@@ -29,6 +29,15 @@ fn open_error(path: &Path) -> impl FnOnce(std::io::Error) -> StoreError + '_ {
 /// Formats the store device at `req.store` for the origin at `req.origin` (whose size it
 /// reads). Refuses to overwrite a csnap store (even a damaged one) unless `force`.
 pub fn format_paths(req: &FormatRequest<'_>) -> Result<Superblock> {
+    format_paths_with_progress(req, &mut |_| {})
+}
+
+/// `format_paths`, reporting progress through `progress` (see
+/// `Store::format_with_progress`); the caller decides whether and how to show it.
+pub fn format_paths_with_progress(
+    req: &FormatRequest<'_>,
+    progress: &mut dyn FnMut(FormatProgress),
+) -> Result<Superblock> {
     super::format::check_chunk_size(req.chunk_size)?;
     let origin = FileDevice::open_read_only(req.origin).map_err(open_error(req.origin))?;
     let origin_size = origin.len();
@@ -61,7 +70,7 @@ pub fn format_paths(req: &FormatRequest<'_>) -> Result<Superblock> {
             Err(_) => {}
         }
     }
-    Store::format(
+    Store::format_with_progress(
         &store,
         &FormatOptions {
             chunk_size: req.chunk_size,
@@ -69,6 +78,7 @@ pub fn format_paths(req: &FormatRequest<'_>) -> Result<Superblock> {
             now: req.now,
             uuid: None,
         },
+        progress,
     )
 }
 
