@@ -499,7 +499,7 @@ fn standalone_quick_start_runs_as_written() {
         1,
         "{TEST}: one store check in the quick start"
     );
-    let report = run_line(&relocate(&checks[0]), &path_env);
+    let report = run_line(&relocate(checks[0]), &path_env);
     assert!(report.contains("consistent"), "{TEST}: {report}");
 }
 
