@@ -314,7 +314,7 @@ async fn activation_gate_opens_when_the_expected_client_is_declared_gone() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pipelined_requests_from_many_clients_each_get_their_own_reply() {
     use rand::{Rng, SeedableRng};
-    let seed = seed("pipelining");
+    let seed = seed("pipelined_requests_from_many_clients_each_get_their_own_reply");
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let fx = Fixture::small();
     let server = net::start(fx.config(tcp())).await.unwrap();
