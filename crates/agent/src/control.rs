@@ -30,8 +30,10 @@ pub enum ControlError {
     NoAnswer { path: PathBuf },
     #[error("the agent at {path} did not answer within {0:?}", REPLY_TIMEOUT)]
     Timeout { path: PathBuf },
-    #[error("cannot listen on {path}: {source}")]
-    Bind { path: PathBuf, source: io::Error },
+    /// `reason` is in the message and deliberately not a `#[source]`, so a printer of the
+    /// whole chain (`{:#}`) does not say it twice.
+    #[error("cannot listen on {path}: {reason}")]
+    Bind { path: PathBuf, reason: io::Error },
 }
 
 /// How long csnapctl waits for an answer (snapshot creation waits for every origin client).
@@ -97,17 +99,17 @@ pub async fn request(path: &Path, req: &ControlRequest) -> Result<ControlRespons
 /// Listens on `path` (replacing a stale socket; the directory is created, the socket is
 /// made mode 0600).
 pub fn bind(path: &Path) -> Result<UnixListener, ControlError> {
-    let bind_err = |source| ControlError::Bind {
+    let bind_err = |reason| ControlError::Bind {
         path: path.to_owned(),
-        source,
+        reason,
     };
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).map_err(bind_err)?;
     }
-    if std::os::unix::net::UnixStream::connect(path).is_ok() {
+    if let Some(holder) = csnap_server::net::holder::unix_socket_holder(path) {
         return Err(bind_err(io::Error::new(
             io::ErrorKind::AddrInUse,
-            "another agent is listening there",
+            csnap_server::net::holder::in_use_message(&holder),
         )));
     }
     match std::fs::remove_file(path) {

@@ -2,7 +2,7 @@
 //! names one elsewhere), the client and the NBD exports run in this process; csnapctl talks
 //! to it through the control socket.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -38,7 +38,9 @@ pub struct StandaloneArgs {
     #[arg(long)]
     pub key_file: Option<PathBuf>,
     /// Where this process's metadata server listens (HOST:PORT or unix:PATH); default:
-    /// unix socket VOLUME.server.sock beside the control socket.
+    /// unix socket CONTROL@VOLUME.server.sock beside the control socket, CONTROL being the
+    /// control socket's file name without `.sock` (so agents with their own control
+    /// sockets never share it, whatever their volumes are called).
     #[arg(long)]
     pub server_listen: Option<String>,
     /// Run no server; use the one at this address (another agent's, or csnap-server).
@@ -137,6 +139,41 @@ impl Agent {
     }
 }
 
+/// Longest unix socket path the kernel takes (`sun_path` holds 108 bytes with the NUL).
+const MAX_UNIX_PATH: usize = 107;
+
+/// The default server socket of volume `volume` for the agent whose control socket is
+/// `control`: `DIR/CONTROL@VOLUME.server.sock`, DIR being the control socket's directory and
+/// CONTROL its file name without `.sock`. Distinct control sockets give distinct server
+/// sockets (a volume name has no '@', so the last '@' splits the two unambiguously). A path
+/// too long for a unix socket names the volume by a hash instead of its name.
+pub fn default_server_socket(control: &Path, volume: &str) -> PathBuf {
+    let dir = control
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let file = control
+        .file_name()
+        .map(|f| f.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "csnap".to_owned());
+    let stem = file.strip_suffix(".sock").unwrap_or(&file);
+    let named = dir.join(format!("{stem}@{volume}.server.sock"));
+    if named.as_os_str().len() <= MAX_UNIX_PATH {
+        return named;
+    }
+    dir.join(format!(
+        "{stem}@{:016x}.server.sock",
+        fnv1a(volume.as_bytes())
+    ))
+}
+
+/// 64-bit FNV-1a: a stable short stand-in for a long name.
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
+}
+
 /// Removes a unix socket file nobody listens on any more (left by a killed process).
 fn remove_stale_socket(path: &std::path::Path) {
     if path.exists() && std::os::unix::net::UnixStream::connect(path).is_err() {
@@ -163,6 +200,16 @@ pub async fn run(args: StandaloneArgs) -> anyhow::Result<()> {
     }
     let origin = required(&args.origin, "--origin PATH")?;
     let store = required(&args.store, "--store PATH")?;
+    // Before starting anything: a second agent on the same control socket would otherwise
+    // start its server first and fail on whatever it collides with next.
+    if let Some(holder) = server_net::holder::unix_socket_holder(&control_socket) {
+        bail!(
+            "cannot listen on the control socket {}: {}; give each standalone agent its own \
+             --control-socket",
+            control_socket.display(),
+            server_net::holder::in_use_message(&holder)
+        );
+    }
     let nbd_listen = match (&args.nbd_listen, args.server_only) {
         (_, true) => None,
         (Some(a), false) => Some(
@@ -232,13 +279,12 @@ pub async fn run(args: StandaloneArgs) -> anyhow::Result<()> {
                     .parse::<server_net::ListenAddr>()
                     .map_err(|e| anyhow::anyhow!("--server-listen: {e}"))?,
                 None => {
-                    let dir = control_socket
-                        .parent()
-                        .map(|d| d.to_path_buf())
-                        .unwrap_or_else(|| PathBuf::from("."));
-                    std::fs::create_dir_all(&dir)
-                        .with_context(|| format!("cannot create {}", dir.display()))?;
-                    server_net::ListenAddr::Unix(dir.join(format!("{volume_name}.server.sock")))
+                    let path = default_server_socket(&control_socket, &volume_name);
+                    if let Some(dir) = path.parent() {
+                        std::fs::create_dir_all(dir)
+                            .with_context(|| format!("cannot create {}", dir.display()))?;
+                    }
+                    server_net::ListenAddr::Unix(path)
                 }
             };
             if let server_net::ListenAddr::Unix(p) = &listen {
@@ -356,4 +402,44 @@ pub async fn run(args: StandaloneArgs) -> anyhow::Result<()> {
         }
     }
     outcome
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_server_sockets_are_named_after_control_socket_and_volume() {
+        let p = |c: &str, v: &str| default_server_socket(Path::new(c), v);
+        assert_eq!(
+            p("/run/csnap/csnap.sock", "vol"),
+            PathBuf::from("/run/csnap/csnap@vol.server.sock")
+        );
+        // Two agents with one volume name and their own control sockets in one directory.
+        assert_ne!(p("/d/a.sock", "v"), p("/d/b.sock", "v"));
+        assert_eq!(p("/d/a.ctl", "v"), PathBuf::from("/d/a.ctl@v.server.sock"));
+        assert_eq!(p("ctl.sock", "v"), PathBuf::from("./ctl@v.server.sock"));
+        assert_eq!(
+            p("/d/a.sock", "Grüße snap"),
+            PathBuf::from("/d/a@Grüße snap.server.sock")
+        );
+    }
+
+    #[test]
+    fn long_volume_names_are_hashed_to_fit_a_unix_socket() {
+        let long = "x".repeat(255);
+        let path = default_server_socket(Path::new("/run/csnap/csnap.sock"), &long);
+        assert!(path.as_os_str().len() <= MAX_UNIX_PATH, "{path:?}");
+        assert_eq!(
+            path,
+            PathBuf::from(format!(
+                "/run/csnap/csnap@{:016x}.server.sock",
+                fnv1a(long.as_bytes())
+            ))
+        );
+        let other = default_server_socket(Path::new("/run/csnap/csnap.sock"), &"y".repeat(255));
+        assert_ne!(path, other);
+        assert_eq!(fnv1a(b""), 0xcbf2_9ce4_8422_2325);
+        assert_eq!(fnv1a(b"a"), 0xaf63_dc4c_8601_ec8c);
+    }
 }

@@ -683,3 +683,174 @@ async fn a_frozen_origin_client_holds_a_snapshot_for_its_lease_only_and_then_ask
     qemu_io(&b.uri("vol@frozen"), &["read -P 0x22 0 16k"]).await;
     qemu_io(&b.uri("vol"), &["read -P 0x33 0 16k"]).await;
 }
+
+/// An NBD URI path for an export name: every byte outside RFC 3986's unreserved set
+/// percent-encoded (UTF-8), as docs/nbd.md says a client should write it.
+fn uri_path(export: &str) -> String {
+    export
+        .bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+async fn snapshot_names(agent: &Agent) -> Vec<String> {
+    match agent
+        .ctl(ControlRequest::SnapshotList {
+            volume: "vol".into(),
+            after: None,
+            limit: 1000,
+        })
+        .await
+    {
+        ControlResponse::SnapshotList { snapshots, .. } => {
+            snapshots.into_iter().map(|s| s.name).collect()
+        }
+        other => panic!("snapshot list: {other:?}"),
+    }
+}
+
+/// Issue 12, item 7: `csnapctl snapshot create vol $'a\nb'` is refused with the same clear
+/// error as a name with '@' or '/', and nothing is created; so are the other names that
+/// would break a listing's row or could not stand in an NBD URI. A Unicode name is
+/// accepted and its export is reached through a percent-encoded NBD URI.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn names_with_control_characters_are_refused_and_nothing_is_created() {
+    let fx = Fixture::new(CHUNK, 4 * MIB, 16 * MIB);
+    let nbd = fx.path("names.nbd");
+    let agent = Agent::start(
+        &fx,
+        "names",
+        &["--nbd-listen", &format!("unix:{}", nbd.display())],
+    )
+    .await;
+    let control = "name contains a control character (such as NUL, tab, newline or DEL)";
+    let layout = "name contains a Unicode line separator or text-direction control";
+    let long = "x".repeat(256);
+    for (name, why) in [
+        ("a\nb", control),
+        ("a\tb", control),
+        ("\rx", control),
+        ("a\u{7f}", control),
+        ("a\u{85}b", control),
+        ("a\u{2028}b", layout),
+        ("a\u{202e}b", layout),
+        ("a@b", "name contains '@' or '/'"),
+        ("a/b", "name contains '@' or '/'"),
+        (long.as_str(), "name is longer than 255 bytes"),
+    ] {
+        let r = csnapctl(&agent.control, &["snapshot", "create", "vol", name]).await;
+        let expected = format!("invalid snapshot name {name:?}: {why}");
+        assert!(
+            !r.ok && r.stderr.contains(&expected),
+            "csnapctl snapshot create vol {name:?}: ok={}, expected {expected:?}\nstdout:\n{}\nstderr:\n{}",
+            r.ok,
+            r.stdout,
+            r.stderr
+        );
+    }
+    assert_eq!(snapshot_names(&agent).await, Vec::<String>::new());
+
+    let unicode = "Grüße 1";
+    let r = csnapctl(&agent.control, &["snapshot", "create", "vol", unicode]).await;
+    assert!(r.ok, "{}\n{}", r.stdout, r.stderr);
+    assert_eq!(snapshot_names(&agent).await, vec![unicode.to_owned()]);
+    let listed = csnapctl(&agent.control, &["snapshot", "list", "vol"]).await;
+    assert!(
+        listed.ok && listed.stdout.contains(unicode),
+        "{}",
+        listed.stdout
+    );
+
+    // The export, named in a percent-encoded URI (qemu-io and nbdinfo decode it).
+    for tool in ["qemu-io", "nbdinfo"] {
+        if !require_tool(tool) {
+            return;
+        }
+    }
+    let path = uri_path(&format!("vol@{unicode}"));
+    assert_eq!(path, "vol%40Gr%C3%BC%C3%9Fe%201");
+    let uri = format!("nbd+unix:///{path}?socket={}", nbd.display());
+    let info = run_ok("nbdinfo", &["--json", &uri]).await;
+    let json: Value = serde_json::from_str(&info.stdout)
+        .unwrap_or_else(|e| panic!("nbdinfo JSON: {e}\n{}", info.stdout));
+    let export = &json["exports"][0];
+    assert_eq!(export["export-name"], format!("vol@{unicode}"), "{json}");
+    assert_eq!(export["export-size"], 4 * MIB, "{json}");
+    // The snapshot reads the origin as it was: the fixture's pattern.
+    let expected = support::pattern(1, 4096);
+    let out = run_ok("qemu-io", &["-r", "-f", "raw", &uri, "-c", "read -v 0 16"]).await;
+    let first: String = expected[..16].iter().map(|b| format!("{b:02x} ")).collect();
+    assert!(out.stdout.contains(first.trim_end()), "{}", out.stdout);
+}
+
+/// Issue 12, item 7: two standalone agents serving volumes of one name from one directory
+/// (each with its own control socket, `NAME.ctl`) get their own default server sockets,
+/// `NAME.ctl@vol.server.sock`, and both serve. A third agent told to listen where the first
+/// one's server does, and a fourth on the first one's control socket, are refused with the
+/// holder's pid and command, said once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_standalone_agents_in_one_directory_do_not_collide() {
+    let fx = Fixture::new(CHUNK, 4 * MIB, 16 * MIB);
+    let (origin_b, store_b) = fx.another_volume("b", 16 * MIB);
+    let (origin_c, store_c) = fx.another_volume("c", 16 * MIB);
+    let nbd = |n: &str| format!("unix:{}", fx.path(&format!("{n}.nbd")).display());
+    let a = Agent::start(&fx, "a", &["--nbd-listen", &nbd("a")]).await;
+    let mut b = Agent::spawn(&fx, "b", &origin_b, &store_b, &["--nbd-listen", &nbd("b")]);
+    b.wait_ready().await;
+
+    for (agent, name) in [(&a, "a"), (&b, "b")] {
+        match agent.ctl(ControlRequest::Status { volume: None }).await {
+            ControlResponse::Status { volumes } => {
+                let sock = fx.path(&format!("{name}.ctl@vol.server.sock"));
+                assert_eq!(volumes[0].server, format!("unix:{}", sock.display()));
+            }
+            other => panic!("status: {other:?}"),
+        }
+    }
+    a.snapshot("only-on-a").await;
+    b.snapshot("only-on-b").await;
+    assert_eq!(snapshot_names(&a).await, vec!["only-on-a".to_owned()]);
+    assert_eq!(snapshot_names(&b).await, vec!["only-on-b".to_owned()]);
+
+    let holder = format!(
+        "another process is listening there: pid {} (csnap-agent)",
+        a.pid()
+    );
+    let a_server = format!("unix:{}", fx.path("a.ctl@vol.server.sock").display());
+    let mut c = Agent::spawn(
+        &fx,
+        "c",
+        &origin_c,
+        &store_c,
+        &["--nbd-listen", &nbd("c"), "--server-listen", &a_server],
+    );
+    let (status, log) = c.wait_exit();
+    assert!(!status.success(), "{log}");
+    assert_eq!(log.matches(&holder).count(), 1, "{log}");
+    assert!(
+        log.contains(&format!("cannot listen on {a_server}")),
+        "{log}"
+    );
+
+    let mut d = Agent::spawn_on(
+        &fx,
+        &a.control,
+        "d",
+        &origin_c,
+        &store_c,
+        &["--nbd-listen", &nbd("d")],
+    );
+    let (status, log) = d.wait_exit();
+    assert!(!status.success(), "{log}");
+    assert_eq!(log.matches(&holder).count(), 1, "{log}");
+    assert!(log.contains("its own --control-socket"), "{log}");
+
+    // The refused agents disturbed nothing.
+    a.snapshot("still-a").await;
+    b.snapshot("still-b").await;
+}

@@ -639,11 +639,7 @@ mod tests {
     /// exactly the sent payloads, in each sender's order. Replay with CPG_GLUE_SEED=<seed>.
     #[test]
     fn random_interleavings_reassemble() {
-        let seed: u64 = std::env::var("CPG_GLUE_SEED")
-            .ok()
-            .and_then(|s| s.parse().ok())
-            .unwrap_or_else(rand::random);
-        println!("random_interleavings_reassemble seed={seed} (CPG_GLUE_SEED to replay)");
+        let seed = csnap_proto::testing::seed("random_interleavings_reassemble", "CPG_GLUE_SEED");
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
         for _round in 0..50 {
             let senders: Vec<Member> = (1..=rng.gen_range(1..5))

@@ -23,6 +23,7 @@ use cpg_glue::Group;
 use cpg_glue::{
     GroupError, GroupEvent, GroupSender, Member, NodeId, QuorumEvent, Reason, RingId, TotemConfChg,
 };
+use csnap_proto::testing::{replay_hint, Seed};
 use futures::{FutureExt, StreamExt};
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
@@ -899,25 +900,22 @@ fn check_departure(gone: &Proc, rest: &[GroupEvent], fail: impl Fn(&str)) {
 
 #[test]
 fn random_schedules_keep_virtual_synchrony() {
-    let (seeds, what): (Vec<u64>, String) = match std::env::var("CSNAP_SEED") {
-        Ok(s) => {
-            let seed = s
-                .trim()
-                .parse()
-                .expect("CSNAP_SEED must be an unsigned integer");
-            (vec![seed], format!("replaying schedule seed {seed}"))
+    let seeds: Vec<u64> = match csnap_proto::testing::env_seed("CSNAP_SEED") {
+        Some(seed) => {
+            println!("memory_random: replaying schedule seed={}", Seed(seed));
+            vec![seed]
         }
-        Err(_) => {
+        None => {
+            // Not replayable as a whole on purpose: a failing schedule prints its own seed.
             let master: u64 = rand::random();
+            println!(
+                "memory_random: master seed={}, {SCHEDULES} schedules",
+                Seed(master)
+            );
             let mut rng = StdRng::seed_from_u64(master);
-            let seeds = (0..SCHEDULES).map(|_| rng.gen()).collect();
-            (
-                seeds,
-                format!("master seed {master}, {SCHEDULES} schedules"),
-            )
+            (0..SCHEDULES).map(|_| rng.gen()).collect()
         }
     };
-    println!("memory_random: {what}");
     let replay = seeds.len() == 1;
     let mut equal_seq_splits = 0;
     for seed in seeds {
@@ -925,7 +923,13 @@ fn random_schedules_keep_virtual_synchrony() {
             Ok(splits) => equal_seq_splits += splits,
             Err(panic) => {
                 eprintln!(
-                    "memory_random: schedule seed {seed} failed; replay with CSNAP_SEED={seed}"
+                    "memory_random: schedule seed={} failed; replay: {}",
+                    Seed(seed),
+                    replay_hint(
+                        "random_schedules_keep_virtual_synchrony",
+                        "CSNAP_SEED",
+                        seed
+                    )
                 );
                 resume_unwind(panic);
             }

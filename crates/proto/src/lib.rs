@@ -7,6 +7,7 @@
 //!   per-connection keys that authenticate every later frame.
 //! * [`control`]: the local control socket between `csnapctl` and the agent.
 //! * [`types`]: snapshot ids, infos, chunk ranges, shared with the server's store.
+//! * `testing` (feature `testing`): the one seed parser and printer of randomised tests.
 //!
 //! docs/wire-protocol.md describes the protocol and its flows.
 
@@ -16,6 +17,8 @@ pub mod codec;
 pub mod control;
 pub mod frame;
 pub mod msg;
+#[cfg(feature = "testing")]
+pub mod testing;
 pub mod types;
 
 #[cfg(feature = "codec")]

@@ -57,13 +57,48 @@ impl ChunkRange {
         let end = self.start.checked_add(u64::from(self.count))?;
         Some(self.start..end)
     }
+
+    /// Runs of consecutive chunks as ranges, taking the chunks in the order given: a chunk
+    /// extends the last range if it is that range's next chunk (and the range holds fewer
+    /// than `u32::MAX` chunks), else it starts a new range.
+    ///
+    /// Ascending distinct chunks give sorted, disjoint, maximal ranges covering exactly
+    /// those chunks. A repeated chunk starts a new range, so the ranges still name every
+    /// chunk as often as the input did (lock and lease counts rely on that). The one
+    /// coalescer of the workspace: the engine's grants and the client's releases use it.
+    pub fn coalesce(chunks: impl IntoIterator<Item = u64>) -> Vec<ChunkRange> {
+        let mut out: Vec<ChunkRange> = Vec::new();
+        for c in chunks {
+            match out.last_mut() {
+                Some(r)
+                    if r.count < u32::MAX && r.start.checked_add(u64::from(r.count)) == Some(c) =>
+                {
+                    r.count += 1
+                }
+                _ => out.push(ChunkRange::new(c, 1)),
+            }
+        }
+        out
+    }
 }
 
 /// Longest snapshot name, in bytes.
 pub const MAX_SNAPSHOT_NAME: usize = 255;
 
-/// Checks a snapshot name: UTF-8 (guaranteed by `&str`), 1..=255 bytes, no '@', '/' or NUL
-/// (names appear in export names and paths).
+/// Checks a snapshot (or volume) name. Names become NBD export names (`VOLUME@SNAPSHOT`),
+/// appear in NBD URIs (`nbd+unix:///VOLUME@SNAPSHOT?socket=...`, percent-encoded), in paths
+/// and in one-line-per-snapshot listings, so a name must be:
+///
+/// * 1..=255 bytes of UTF-8 (`&str` guarantees UTF-8);
+/// * free of `@` and `/` (they separate volume and snapshot, and path components);
+/// * free of control characters: C0 (below U+0020, which includes NUL, the one character an
+///   NBD URI's export name cannot carry), DEL (U+007F) and C1 (U+0080..=U+009F);
+/// * free of Unicode line and paragraph separators (U+2028, U+2029) and text-direction
+///   controls (U+200E, U+200F, U+202A..=U+202E, U+2066..=U+2069), which break or disguise a
+///   listing's row as a newline would.
+///
+/// Any other Unicode character is accepted: an NBD URI carries it percent-encoded as UTF-8
+/// (docs/nbd.md, "Export names").
 pub fn validate_snapshot_name(name: &str) -> Result<(), &'static str> {
     if name.is_empty() {
         return Err("name is empty");
@@ -71,10 +106,30 @@ pub fn validate_snapshot_name(name: &str) -> Result<(), &'static str> {
     if name.len() > MAX_SNAPSHOT_NAME {
         return Err("name is longer than 255 bytes");
     }
-    if name.contains(['@', '/', '\0']) {
-        return Err("name contains '@', '/' or NUL");
+    if name.contains(['@', '/']) {
+        return Err("name contains '@' or '/'");
+    }
+    if name.chars().any(char::is_control) {
+        return Err("name contains a control character (such as NUL, tab, newline or DEL)");
+    }
+    if name.chars().any(is_layout_control) {
+        return Err("name contains a Unicode line separator or text-direction control");
     }
     Ok(())
+}
+
+/// Unicode characters outside the control category that still break or reorder a line of
+/// text: line/paragraph separators and bidirectional formatting controls.
+fn is_layout_control(c: char) -> bool {
+    matches!(
+        c,
+        '\u{2028}'
+            | '\u{2029}'
+            | '\u{200E}'
+            | '\u{200F}'
+            | '\u{202A}'..='\u{202E}'
+            | '\u{2066}'..='\u{2069}'
+    )
 }
 
 #[cfg(test)]
@@ -82,14 +137,142 @@ mod tests {
     use super::*;
 
     #[test]
-    fn snapshot_names_are_checked() {
-        assert!(validate_snapshot_name("daily-2026-11-22").is_ok());
-        assert!(validate_snapshot_name("").is_err());
-        assert!(validate_snapshot_name("a/b").is_err());
-        assert!(validate_snapshot_name("a@b").is_err());
-        assert!(validate_snapshot_name("a\0b").is_err());
-        assert!(validate_snapshot_name(&"x".repeat(255)).is_ok());
-        assert!(validate_snapshot_name(&"x".repeat(256)).is_err());
+    fn plain_and_unicode_names_are_accepted() {
+        for ok in [
+            "daily-2026-11-22",
+            "a b",
+            "100%",
+            "x?y#z",
+            "before upgrade (v2)",
+            "Grüße",
+            "снимок",
+            "快照",
+            "emoji-\u{1F4F8}",
+            "~tilde_and.dots",
+        ] {
+            assert_eq!(validate_snapshot_name(ok), Ok(()), "{ok:?}");
+        }
+        assert_eq!(validate_snapshot_name(&"x".repeat(255)), Ok(()));
+        // 255 bytes of two-byte letters (127 of them) plus one byte: still in the limit.
+        assert_eq!(
+            validate_snapshot_name(&format!("{}x", "é".repeat(127))),
+            Ok(())
+        );
+    }
+
+    #[test]
+    fn empty_and_long_names_are_refused() {
+        assert_eq!(validate_snapshot_name(""), Err("name is empty"));
+        let long = Err("name is longer than 255 bytes");
+        assert_eq!(validate_snapshot_name(&"x".repeat(256)), long);
+        // The limit counts bytes, not characters.
+        assert_eq!(validate_snapshot_name(&"é".repeat(128)), long);
+    }
+
+    #[test]
+    fn separators_are_refused() {
+        for bad in ["a/b", "a@b", "@", "/", "/abs", "vol@snap"] {
+            assert_eq!(
+                validate_snapshot_name(bad),
+                Err("name contains '@' or '/'"),
+                "{bad:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn control_characters_are_refused() {
+        let refused = Err("name contains a control character (such as NUL, tab, newline or DEL)");
+        // Every C0 control, DEL and every C1 control, at the start, middle and end.
+        let controls = (0u32..0x20).chain([0x7f]).chain(0x80..=0x9f);
+        for c in controls.filter_map(char::from_u32) {
+            for name in [format!("{c}a"), format!("a{c}b"), format!("a{c}")] {
+                assert_eq!(validate_snapshot_name(&name), refused, "{name:?}");
+            }
+        }
+        assert_eq!(validate_snapshot_name("a\nb"), refused);
+        assert_eq!(validate_snapshot_name("a\0b"), refused);
+    }
+
+    #[test]
+    fn line_separators_and_direction_controls_are_refused() {
+        let refused = Err("name contains a Unicode line separator or text-direction control");
+        for c in [
+            '\u{2028}', '\u{2029}', '\u{200E}', '\u{200F}', '\u{202A}', '\u{202E}', '\u{2066}',
+            '\u{2069}',
+        ] {
+            assert_eq!(validate_snapshot_name(&format!("a{c}b")), refused, "{c:?}");
+        }
+        // Their neighbours are ordinary characters.
+        assert_eq!(validate_snapshot_name("a\u{2027}b"), Ok(()));
+        assert_eq!(validate_snapshot_name("a\u{2030}b"), Ok(()));
+    }
+
+    #[test]
+    fn chunks_coalesce_into_ranges() {
+        assert_eq!(
+            ChunkRange::coalesce([1, 2, 3, 7, 9, 10]),
+            vec![
+                ChunkRange::new(1, 3),
+                ChunkRange::new(7, 1),
+                ChunkRange::new(9, 2)
+            ]
+        );
+        assert!(ChunkRange::coalesce([]).is_empty());
+        // The last chunk of the address space ends a range without overflowing.
+        assert_eq!(
+            ChunkRange::coalesce([u64::MAX - 1, u64::MAX, 0]),
+            vec![ChunkRange::new(u64::MAX - 1, 2), ChunkRange::new(0, 1)]
+        );
+        // A repeated chunk is named again; a descending step starts a new range.
+        assert_eq!(
+            ChunkRange::coalesce([4, 4, 5, 3]),
+            vec![
+                ChunkRange::new(4, 1),
+                ChunkRange::new(4, 2),
+                ChunkRange::new(3, 1)
+            ]
+        );
+    }
+
+    /// Random chunk lists (seeded: `CSNAP_SEED` replays, the seed is printed). For any
+    /// input the ranges, expanded, give back the input exactly; for ascending distinct
+    /// input they are sorted, disjoint and maximal.
+    #[test]
+    fn coalesce_covers_exactly_the_input_chunks() {
+        use rand::{Rng, SeedableRng};
+        let seed = crate::testing::seed("coalesce_covers_exactly_the_input_chunks", "CSNAP_SEED");
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        for case in 0..2000 {
+            let len = rng.gen_range(0..64);
+            // Small bases make runs and repeats likely; some cases sit at the top of u64.
+            let base = if rng.gen_bool(0.1) {
+                u64::MAX - 80
+            } else {
+                rng.gen_range(0..1000)
+            };
+            let mut chunks: Vec<u64> = (0..len).map(|_| base + rng.gen_range(0..80)).collect();
+            let sorted = rng.gen_bool(0.7);
+            if sorted {
+                chunks.sort_unstable();
+                chunks.dedup();
+            }
+            let ranges = ChunkRange::coalesce(chunks.iter().copied());
+            let why = format!("seed={seed:#x} case {case}: {chunks:?} -> {ranges:?}");
+            let expanded: Vec<u64> = ranges
+                .iter()
+                .flat_map(|r| r.chunks().expect("a coalesced range never wraps"))
+                .collect();
+            assert_eq!(expanded, chunks, "{why}");
+            assert!(ranges.iter().all(|r| r.count >= 1), "{why}");
+            if sorted {
+                for w in ranges.windows(2) {
+                    let end = w[0].start + u64::from(w[0].count);
+                    // Sorted and disjoint, and maximal: a gap separates neighbours.
+                    assert!(end < w[1].start, "{why}");
+                }
+            }
+        }
     }
 
     #[test]

@@ -1063,19 +1063,17 @@ impl<S: TestStore> Sim<S> {
     }
 }
 
-fn seed_from_clock() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos() as u64)
-        .unwrap_or(1)
-}
-
-struct SeedReport(u64);
+/// Names a failing case's seed (and the test that replays it) when the case panics.
+struct SeedReport(u64, String);
 
 impl Drop for SeedReport {
     fn drop(&mut self) {
         if std::thread::panicking() {
-            eprintln!("failing case: replay with CSNAP_SEED={}", self.0);
+            eprintln!(
+                "failing case: seed={} (replay: {})",
+                csnap_proto::testing::Seed(self.0),
+                csnap_proto::testing::replay_hint(&self.1, "CSNAP_SEED", self.0)
+            );
         }
     }
 }
@@ -1084,12 +1082,13 @@ impl Drop for SeedReport {
 type MakeStore<S> = dyn Fn(u64, u64) -> S;
 
 fn run_case<S: TestStore>(
+    test: &str,
     seed: u64,
     steps: usize,
     allow_failover: bool,
     make_store: &MakeStore<S>,
 ) -> (u64, u64, u64) {
-    let _report = SeedReport(seed);
+    let _report = SeedReport(seed, test.to_owned());
     let mut sim = Sim::new(seed, make_store);
     for _ in 0..steps {
         sim.step(allow_failover);
@@ -1116,23 +1115,20 @@ pub fn run_cases<S: TestStore>(
     allow_failover: bool,
     make_store: &MakeStore<S>,
 ) {
-    if let Ok(s) = std::env::var("CSNAP_SEED") {
-        let seed: u64 = s.parse().expect("CSNAP_SEED must be a u64");
-        eprintln!("{test}: replaying seed {seed}");
-        run_case(seed, steps, allow_failover, make_store);
+    if let Some(seed) = csnap_proto::testing::env_seed("CSNAP_SEED") {
+        eprintln!(
+            "{test}: replaying case seed={}",
+            csnap_proto::testing::Seed(seed)
+        );
+        run_case(test, seed, steps, allow_failover, make_store);
         return;
     }
-    let master = match std::env::var("CSNAP_MASTER_SEED") {
-        Ok(s) => s.parse().expect("CSNAP_MASTER_SEED must be a u64"),
-        Err(_) => seed_from_clock(),
-    };
-    eprintln!(
-        "{test}: master seed {master} (CSNAP_MASTER_SEED={master} reruns all cases; a failing case prints its own CSNAP_SEED)"
-    );
+    // The master seed reruns all cases; a failing case prints its own CSNAP_SEED.
+    let master = csnap_proto::testing::seed(test, "CSNAP_MASTER_SEED");
     let mut rng = StdRng::seed_from_u64(master);
     let (mut checks, mut grants, mut failovers) = (0, 0, 0);
     for _ in 0..count {
-        let (c, g, f) = run_case(rng.gen(), steps, allow_failover, make_store);
+        let (c, g, f) = run_case(test, rng.gen(), steps, allow_failover, make_store);
         checks += c;
         grants += g;
         failovers += f;

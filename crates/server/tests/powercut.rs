@@ -1192,7 +1192,7 @@ impl Sim {
                 .session
                 .notify(ClientMsg::ReleaseStoreReads {
                     snap,
-                    ranges: csnap_blockdev::client::session::coalesce(chunks),
+                    ranges: csnap_proto::ChunkRange::coalesce(chunks),
                 });
             self.outputs(ci, out);
         }
@@ -1697,8 +1697,9 @@ impl Sim {
     }
 }
 
+/// A seed or count from the environment (decimal or 0x hex; a malformed value fails).
 fn env_u64(name: &str) -> Option<u64> {
-    std::env::var(name).ok().and_then(|s| s.trim().parse().ok())
+    csnap_proto::testing::env_seed(name)
 }
 
 fn run_scenario(sc: Scenario) -> Tally {

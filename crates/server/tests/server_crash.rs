@@ -347,7 +347,7 @@ async fn verify(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_under_load_keeps_snapshots_writes_and_the_store_consistent() {
-    let seed = seed("server crash");
+    let seed = seed("sigkill_under_load_keeps_snapshots_writes_and_the_store_consistent");
     let rounds: usize = std::env::var("CSNAP_CRASH_ITERATIONS")
         .ok()
         .and_then(|s| s.parse().ok())

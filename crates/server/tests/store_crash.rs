@@ -307,10 +307,7 @@ fn crash_iteration(seed: u64) -> Outcome {
 
 #[test]
 fn store_survives_power_loss_at_random_points() {
-    if let Some(one) = std::env::var("CSNAP_ITERATION_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-    {
+    if let Some(one) = csnap_proto::testing::env_seed("CSNAP_ITERATION_SEED") {
         crash_iteration(one);
         return;
     }

@@ -1141,7 +1141,7 @@ impl World {
                 .session
                 .notify(ClientMsg::ReleaseStoreReads {
                     snap,
-                    ranges: csnap_blockdev::client::session::coalesce(chunks),
+                    ranges: csnap_proto::ChunkRange::coalesce(chunks),
                 });
             self.outputs(i, ci, out)?;
         }

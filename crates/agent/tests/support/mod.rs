@@ -37,12 +37,7 @@ pub fn require_tool(tool: &str) -> bool {
 
 /// The seed of a randomised test: CSNAP_SEED if set, else fresh; always printed.
 pub fn seed(test: &str) -> u64 {
-    let seed = std::env::var("CSNAP_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(rand::random);
-    eprintln!("{test}: seed {seed} (replay with CSNAP_SEED={seed})");
-    seed
+    csnap_proto::testing::seed(test, "CSNAP_SEED")
 }
 
 /// Deterministic bytes for a seed.
@@ -68,29 +63,35 @@ pub struct Fixture {
     pub origin_size: u64,
 }
 
+/// Creates an origin of `origin_size` bytes (recognisable contents) and a store for it,
+/// formatted with `chunk_size`.
+fn make_volume(origin: &Path, store: &Path, chunk_size: u64, origin_size: u64, store_size: u64) {
+    let f = File::create(origin).unwrap();
+    f.set_len(origin_size).unwrap();
+    // Recognisable initial contents.
+    f.write_all_at(&pattern(1, origin_size as usize), 0)
+        .unwrap();
+    File::create(store).unwrap().set_len(store_size).unwrap();
+    let dev = FileDevice::open(store, false).unwrap();
+    Store::format(
+        &dev,
+        &FormatOptions {
+            chunk_size,
+            origin_size,
+            now: 1_700_000_000,
+            uuid: None,
+        },
+    )
+    .unwrap();
+}
+
 impl Fixture {
     pub fn new(chunk_size: u64, origin_size: u64, store_size: u64) -> Fixture {
         let dir = tempfile::tempdir().unwrap();
         let origin = dir.path().join("origin.img");
         let store = dir.path().join("store.img");
         let key_file = dir.path().join("cluster.key");
-        let f = File::create(&origin).unwrap();
-        f.set_len(origin_size).unwrap();
-        // Recognisable initial contents.
-        f.write_all_at(&pattern(1, origin_size as usize), 0)
-            .unwrap();
-        File::create(&store).unwrap().set_len(store_size).unwrap();
-        let dev = FileDevice::open(&store, false).unwrap();
-        Store::format(
-            &dev,
-            &FormatOptions {
-                chunk_size,
-                origin_size,
-                now: 1_700_000_000,
-                uuid: None,
-            },
-        )
-        .unwrap();
+        make_volume(&origin, &store, chunk_size, origin_size, store_size);
         net::key::write_new_key(&key_file, false).unwrap();
         Fixture {
             dir,
@@ -104,6 +105,21 @@ impl Fixture {
 
     pub fn path(&self, name: &str) -> PathBuf {
         self.dir.path().join(name)
+    }
+
+    /// Another origin and store like the first, in the same directory: `NAME.img` and
+    /// `NAME.store`.
+    pub fn another_volume(&self, name: &str, store_size: u64) -> (PathBuf, PathBuf) {
+        let origin = self.path(&format!("{name}.img"));
+        let store = self.path(&format!("{name}.store"));
+        make_volume(
+            &origin,
+            &store,
+            self.chunk_size,
+            self.origin_size,
+            store_size,
+        );
+        (origin, store)
     }
 }
 
@@ -119,16 +135,43 @@ impl Agent {
     /// Starts `csnap-agent --standalone` with `args` and waits until its control socket
     /// answers a status request.
     pub async fn start(fx: &Fixture, name: &str, args: &[&str]) -> Agent {
-        let control = fx.path(&format!("{name}.ctl"));
+        let mut agent = Agent::spawn(fx, name, &fx.origin, &fx.store, args);
+        agent.wait_ready().await;
+        agent
+    }
+
+    /// Starts `csnap-agent --standalone` (volume `vol`, control socket `NAME.ctl` in the
+    /// fixture's directory) on `origin` and `store` without waiting for it.
+    pub fn spawn(fx: &Fixture, name: &str, origin: &Path, store: &Path, args: &[&str]) -> Agent {
+        Agent::spawn_on(
+            fx,
+            &fx.path(&format!("{name}.ctl")),
+            name,
+            origin,
+            store,
+            args,
+        )
+    }
+
+    /// [`Agent::spawn`] with control socket `control` (its log is still `NAME.log`).
+    pub fn spawn_on(
+        fx: &Fixture,
+        control: &Path,
+        name: &str,
+        origin: &Path,
+        store: &Path,
+        args: &[&str],
+    ) -> Agent {
+        let control = control.to_path_buf();
         let log = fx.path(&format!("{name}.log"));
         let child = Command::new(env!("CARGO_BIN_EXE_csnap-agent"))
             .arg("--standalone")
             .arg("--volume")
             .arg("vol")
             .arg("--origin")
-            .arg(&fx.origin)
+            .arg(origin)
             .arg("--store")
-            .arg(&fx.store)
+            .arg(store)
             .arg("--control-socket")
             .arg(&control)
             .args(args)
@@ -144,14 +187,29 @@ impl Agent {
             .and_then(|i| args.get(i + 1))
             .and_then(|a| a.strip_prefix("unix:"))
             .map(PathBuf::from);
-        let mut agent = Agent {
+        Agent {
             child: Some(child),
             control,
             nbd,
             log,
-        };
-        agent.wait_ready().await;
-        agent
+        }
+    }
+
+    /// Waits (bounded) for the agent to exit by itself; its exit status and log.
+    pub fn wait_exit(&mut self) -> (std::process::ExitStatus, String) {
+        let mut c = self.child.take().expect("agent still owned");
+        let deadline = Instant::now() + WAIT;
+        loop {
+            if let Some(status) = c.try_wait().unwrap() {
+                return (status, self.log());
+            }
+            if Instant::now() > deadline {
+                let _ = c.kill();
+                let _ = c.wait();
+                panic!("csnap-agent did not exit within {WAIT:?}:\n{}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     pub fn pid(&self) -> u32 {
@@ -162,7 +220,7 @@ impl Agent {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
-    async fn wait_ready(&mut self) {
+    pub async fn wait_ready(&mut self) {
         let deadline = Instant::now() + WAIT;
         loop {
             if let Ok(ControlResponse::Status { .. }) = csnap_agent::control::request(

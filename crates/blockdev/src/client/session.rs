@@ -91,25 +91,13 @@ impl ChunkCounts {
         for layer in 1..=max {
             let chunks = self.0.iter().filter(|(_, &n)| n >= layer).map(|(&c, _)| c);
             out.extend(
-                coalesce(chunks)
+                ChunkRange::coalesce(chunks)
                     .into_iter()
                     .map(|range| HeldLock { snap, range }),
             );
         }
         out
     }
-}
-
-/// Consecutive chunks as ranges (each range at most `u32::MAX` chunks).
-pub fn coalesce(chunks: impl IntoIterator<Item = u64>) -> Vec<ChunkRange> {
-    let mut out: Vec<ChunkRange> = Vec::new();
-    for c in chunks {
-        match out.last_mut() {
-            Some(r) if r.start + u64::from(r.count) == c && r.count < u32::MAX => r.count += 1,
-            _ => out.push(ChunkRange::new(c, 1)),
-        }
-    }
-    out
 }
 
 fn chunks_of(ranges: &[ChunkRange]) -> impl Iterator<Item = u64> + '_ {

@@ -353,7 +353,7 @@ impl Volume {
             chunks.sort_unstable();
             conn.notify(ClientMsg::ReleaseStoreReads {
                 snap,
-                ranges: super::session::coalesce(chunks),
+                ranges: ChunkRange::coalesce(chunks),
             });
         }
         if !origin_locked.is_empty() {
@@ -424,7 +424,7 @@ impl Volume {
             Ok(()) if fua => self.devices.sync(Which::Store).await,
             other => other,
         };
-        let leased = super::session::coalesce(addrs.iter().map(|a| a.chunk));
+        let leased = ChunkRange::coalesce(addrs.iter().map(|a| a.chunk));
         if !leased.is_empty() {
             let msg = ClientMsg::FinishSnapshotWrite {
                 snap,

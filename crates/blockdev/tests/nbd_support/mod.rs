@@ -426,10 +426,5 @@ pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
 
 /// Seed for randomised tests: NBD_TEST_SEED replays a run; the seed is printed.
 pub fn test_seed(test: &str) -> u64 {
-    let seed = std::env::var("NBD_TEST_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(rand::random::<u64>);
-    eprintln!("{test}: seed {seed} (replay with NBD_TEST_SEED={seed})");
-    seed
+    csnap_proto::testing::seed(test, "NBD_TEST_SEED")
 }

@@ -256,18 +256,6 @@ pub struct Engine<S: MetaStore> {
     space_warned: BTreeSet<(StoreArea, u8)>,
 }
 
-/// Coalesces sorted chunks into ranges.
-fn to_ranges(chunks: impl IntoIterator<Item = u64>) -> Vec<ChunkRange> {
-    let mut out: Vec<ChunkRange> = Vec::new();
-    for c in chunks {
-        match out.last_mut() {
-            Some(r) if r.start + u64::from(r.count) == c && r.count < u32::MAX => r.count += 1,
-            _ => out.push(ChunkRange::new(c, 1)),
-        }
-    }
-    out
-}
-
 impl<S: MetaStore> Engine<S> {
     /// An engine over `store`. It serves no origin write until every client in
     /// `cfg.expected_snapshot_clients` has reconnected or been declared gone.
@@ -1599,7 +1587,7 @@ impl<S: MetaStore> Engine<S> {
             w,
             ServerMsg::SnapshotReadOk {
                 store,
-                origin_locked: to_ranges(origin),
+                origin_locked: ChunkRange::coalesce(origin),
             },
         );
         Ok(())
@@ -2522,22 +2510,4 @@ fn wrong_kind(what: &str, kind: ClientKind) -> Reject {
         ErrorCode::WrongClientKind,
         format!("{what} is not allowed on a {kind:?} connection"),
     )
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn chunks_coalesce_into_ranges() {
-        assert_eq!(
-            to_ranges([1, 2, 3, 7, 9, 10]),
-            vec![
-                ChunkRange::new(1, 3),
-                ChunkRange::new(7, 1),
-                ChunkRange::new(9, 2)
-            ]
-        );
-        assert!(to_ranges([]).is_empty());
-    }
 }

@@ -14,6 +14,7 @@
 
 mod conn;
 mod driver;
+pub mod holder;
 pub mod key;
 mod lease;
 
@@ -209,8 +210,10 @@ pub enum ServerError {
     },
     #[error("the request engine could not start: {0}")]
     Engine(String),
-    #[error("cannot listen on {addr}: {source}")]
-    Listen { addr: ListenAddr, source: io::Error },
+    /// The message says why; `reason` is deliberately not a `#[source]`, so a printer of
+    /// the whole chain (`{:#}`) does not say it twice.
+    #[error("cannot listen on {addr}: {reason}")]
+    Listen { addr: ListenAddr, reason: io::Error },
     #[error("cannot start the engine thread: {0}")]
     Thread(io::Error),
     #[error("the server is not running")]
@@ -482,23 +485,22 @@ fn open_store(config: &ServerConfig) -> Result<Opened, ServerError> {
 }
 
 async fn bind(addr: &ListenAddr) -> Result<Listener, ServerError> {
-    let err = |source| ServerError::Listen {
+    let err = |reason| ServerError::Listen {
         addr: addr.clone(),
-        source,
+        reason,
     };
     match addr {
         ListenAddr::Tcp(a) => Ok(Listener::Tcp(TcpListener::bind(a).await.map_err(err)?)),
         ListenAddr::Unix(path) => {
             if let Ok(meta) = std::fs::symlink_metadata(path) {
                 use std::os::unix::fs::FileTypeExt as _;
-                let live = tokio::net::UnixStream::connect(path).await.is_ok();
-                if !meta.file_type().is_socket() || live {
+                let holder = holder::unix_socket_holder(path);
+                if !meta.file_type().is_socket() || holder.is_some() {
                     return Err(err(io::Error::new(
                         io::ErrorKind::AddrInUse,
-                        if live {
-                            "another server is listening there"
-                        } else {
-                            "the path exists and is not a socket"
+                        match holder {
+                            Some(h) => holder::in_use_message(&h),
+                            None => "the path exists and is not a socket".to_owned(),
                         },
                     )));
                 }
@@ -572,9 +574,9 @@ async fn start_in(
     };
     let (local_addr, unix_path) = match &listener {
         Listener::Tcp(l) => (
-            ListenAddr::Tcp(l.local_addr().map_err(|source| ServerError::Listen {
+            ListenAddr::Tcp(l.local_addr().map_err(|reason| ServerError::Listen {
                 addr: config.listen.clone(),
-                source,
+                reason,
             })?),
             None,
         ),

@@ -182,7 +182,8 @@ impl ExceptionRecord {
 const STATE_LIVE: u8 = 1;
 const STATE_INVALID: u8 = 2;
 const STATE_DELETING: u8 = 3;
-const MAX_NAME: usize = 255;
+// The record keeps the name's length in one byte and the name in bytes 24..280.
+const _: () = assert!(csnap_proto::MAX_SNAPSHOT_NAME <= 255);
 const MAX_REASON: usize = 72;
 /// The create token's bits kept in the record (bytes 11..16).
 const CREATE_TOKEN_MASK: u64 = (1 << csnap_proto::CREATE_TOKEN_BITS) - 1;
@@ -264,18 +265,10 @@ fn truncate_utf8(s: &str, max: usize) -> &str {
     &s[..end]
 }
 
-/// Checks a snapshot name: 1..=255 bytes of UTF-8, no '@', '/' or NUL.
+/// Checks a snapshot name with the one rule every crate uses
+/// ([`csnap_proto::validate_snapshot_name`]), as a store error.
 pub fn check_snapshot_name(name: &str) -> Result<()> {
-    let why = if name.is_empty() {
-        "name is empty"
-    } else if name.len() > MAX_NAME {
-        "name is longer than 255 bytes"
-    } else if name.contains(['@', '/', '\0']) {
-        "name contains '@', '/' or NUL"
-    } else {
-        return Ok(());
-    };
-    Err(StoreError::BadName {
+    csnap_proto::validate_snapshot_name(name).map_err(|why| StoreError::BadName {
         name: name.to_owned(),
         why,
     })

@@ -377,15 +377,7 @@ fn short(msg: &ServerMsg) -> String {
     s.split([' ', '{', '(']).next().unwrap_or("").to_string()
 }
 
-/// The seed for a randomised test: CSNAP_SEED if set, else time-based; printed.
+/// The seed for a randomised test: CSNAP_SEED if set, else random; printed.
 pub fn seed(test: &str) -> u64 {
-    let seed = match std::env::var("CSNAP_SEED") {
-        Ok(s) => s.parse().expect("CSNAP_SEED must be a u64"),
-        Err(_) => std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos() as u64)
-            .unwrap_or(1),
-    };
-    eprintln!("{test}: seed {seed} (replay with CSNAP_SEED={seed})");
-    seed
+    csnap_proto::testing::seed(test, "CSNAP_SEED")
 }

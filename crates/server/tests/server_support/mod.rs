@@ -25,12 +25,7 @@ pub const WAIT: Duration = Duration::from_secs(20);
 
 /// A seed from CSNAP_SEED or a fresh one, printed so a failure can be replayed.
 pub fn seed(test: &str) -> u64 {
-    let seed = match std::env::var("CSNAP_SEED") {
-        Ok(s) => s.parse().expect("CSNAP_SEED must be a u64"),
-        Err(_) => rand::random(),
-    };
-    eprintln!("{test}: seed {seed} (replay with CSNAP_SEED={seed})");
-    seed
+    csnap_proto::testing::seed(test, "CSNAP_SEED")
 }
 
 /// Deterministic contents of origin chunk `chunk` at write `version` (0 = initial).

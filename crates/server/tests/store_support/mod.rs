@@ -17,12 +17,7 @@ pub const CHUNK: u64 = 4096;
 /// The seed for a randomised test: `CSNAP_SEED` if set (to replay), else random. Printed
 /// so a failure can be replayed.
 pub fn seed(test: &str) -> u64 {
-    let seed = std::env::var("CSNAP_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(rand::random);
-    eprintln!("{test}: seed {seed} (replay with CSNAP_SEED={seed})");
-    seed
+    csnap_proto::testing::seed(test, "CSNAP_SEED")
 }
 
 /// A store device with room for `data_chunks` more data chunks than the minimum.
