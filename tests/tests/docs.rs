@@ -9,7 +9,7 @@
 //! * `standalone_quick_start_runs_as_written`: the "Quick start" block and the store check
 //!   after it, run line by line as a newcomer would type them, against the built binaries,
 //!   with the paths moved into a temporary directory (`/srv/`, `/etc/csnap/`,
-//!   `/run/csnap/`) and the agent's default sockets pointed there too.
+//!   `/run/csnap/`) and the agent's control socket there too (its server socket follows it).
 
 use std::collections::BTreeMap;
 use std::os::unix::fs::FileTypeExt;
@@ -402,10 +402,7 @@ fn standalone_quick_start_runs_as_written() {
             .replace("/run/csnap/", &format!("{t}/run/csnap/"))
             .replace(
                 "csnap-agent --standalone ",
-                &format!(
-                    "csnap-agent --standalone --control-socket {control} \
-                     --server-listen unix:{t}/run/csnap/vol.server.sock "
-                ),
+                &format!("csnap-agent --standalone --control-socket {control} "),
             )
             .replace("csnapctl ", &format!("csnapctl --socket {control} "))
     };
