@@ -490,3 +490,36 @@ fn a_create_resent_while_its_commit_runs_is_answered_after_the_commit() {
     }
     assert_eq!(listed(&mut h).len(), 1);
 }
+
+/// The authentication deadline is the engine's, driven by ticks: a connection that never
+/// authenticates is closed strictly after `auth_timeout_secs`, one that did is kept, and
+/// the status figures (now the engine's own call) count only the clients left.
+#[test]
+fn an_unauthenticated_connection_is_closed_after_the_deadline_and_status_counts_clients() {
+    let mut cfg = config();
+    cfg.auth_timeout_secs = 5;
+    let mut h = Harness::new(cfg, 64, 64);
+    let idle = h.open_conn();
+    let admin = h.admin();
+    assert_eq!(
+        h.engine.status().map(|s| s.connected_clients),
+        Some(2),
+        "both connections count while the idle one may still authenticate"
+    );
+    // Exactly at the deadline (whole seconds): not yet.
+    h.handle(Event::Tick { now: 1_005 });
+    assert!(!h.closed.contains(&idle), "closed at the deadline, not after it");
+    h.handle(Event::Tick { now: 1_006 });
+    assert!(h.closed.contains(&idle), "the idle connection is closed after it");
+    assert!(!h.closed.contains(&admin), "the authenticated one stays");
+    assert!(
+        h.logs
+            .iter()
+            .any(|(_, m)| m.contains("no authentication within 5 s")),
+        "{:?}",
+        h.logs
+    );
+    let status = h.engine.status().expect("status of a healthy engine");
+    assert_eq!(status.connected_clients, 1);
+    assert!(status.active);
+}

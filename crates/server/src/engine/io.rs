@@ -178,6 +178,9 @@ pub struct EngineConfig {
     pub max_request_chunks: u64,
     /// Exceptions examined per background reclaim step.
     pub reclaim_budget: usize,
+    /// A connection that has not authenticated this many seconds (of `Tick` time) after
+    /// it was accepted is closed: it holds a slot and proves nothing.
+    pub auth_timeout_secs: u64,
     /// How long read locks of a disconnected snapshot client are kept for it to reconnect
     /// (seconds of `Tick` time) unless the agent declares it gone sooner.
     pub orphan_lock_grace_secs: u64,
@@ -219,6 +222,7 @@ impl Default for EngineConfig {
             promise_unique: true,
             max_request_chunks: 4096,
             reclaim_budget: 64,
+            auth_timeout_secs: 10,
             orphan_lock_grace_secs: 60,
             start_time: 0,
             origin_lease_secs: 10,

@@ -76,6 +76,8 @@ struct Conn {
     /// When the server last heard from it (`Tick` seconds): an origin client's write
     /// lease runs from here.
     last_heard: u64,
+    /// When it was accepted (`Tick` seconds): the authentication deadline runs from here.
+    opened: u64,
 }
 
 /// Read locks a snapshot client left behind when its connection dropped; kept until it
@@ -426,6 +428,7 @@ impl<S: MetaStore> Engine<S> {
                         leases: BTreeMap::new(),
                         store_reads: BTreeMap::new(),
                         last_heard: self.now,
+                        opened: self.now,
                     },
                 );
                 Ok(())
@@ -456,6 +459,7 @@ impl<S: MetaStore> Engine<S> {
             Event::CommitDone { result } => self.on_commit_done(result),
             Event::Tick { now } => {
                 self.now = self.now.max(now);
+                self.expire_unauthenticated()?;
                 self.expire_orphans()?;
                 self.expire_origin_leases()
             }
@@ -801,6 +805,28 @@ impl<S: MetaStore> Engine<S> {
                 self.evaluate(w)?;
             }
             self.wake_lease_waiters()?;
+        }
+        Ok(())
+    }
+
+    /// Closes connections still unauthenticated `auth_timeout_secs` after they were
+    /// accepted (strictly later: `now` is whole seconds, never early).
+    fn expire_unauthenticated(&mut self) -> Result<(), StoreError> {
+        let limit = self.cfg.auth_timeout_secs;
+        let late: Vec<ConnId> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| {
+                !matches!(c.session, Session::Open) && self.now.saturating_sub(c.opened) > limit
+            })
+            .map(|(id, _)| *id)
+            .collect();
+        for conn in late {
+            self.log(
+                LogLevel::Warn,
+                format!("connection {conn}: no authentication within {limit} s; closing"),
+            );
+            self.close(conn)?;
         }
         Ok(())
     }
@@ -1164,7 +1190,7 @@ impl<S: MetaStore> Engine<S> {
                 _ => Err(wrong_kind("ListSnapshots", kind)),
             },
             ClientMsg::Status => {
-                let status = self.status()?;
+                let status = self.status_figures()?;
                 self.reply(conn, id, ServerMsg::Status(status));
                 Ok(())
             }
@@ -2436,7 +2462,23 @@ impl<S: MetaStore> Engine<S> {
         Ok(out)
     }
 
-    fn status(&mut self) -> Result<ServerStatus, StoreError> {
+    /// The server's figures as `csnapctl status` shows them. `None` if the store could not
+    /// be read: the engine has failed then (an [`Action::Fatal`] is queued), as it would
+    /// on a client's `Status` request.
+    pub fn status(&mut self) -> Option<ServerStatus> {
+        if self.failed {
+            return None;
+        }
+        match self.status_figures() {
+            Ok(status) => Some(status),
+            Err(e) => {
+                self.fail(format!("snapshot store failed: {e}"));
+                None
+            }
+        }
+    }
+
+    fn status_figures(&mut self) -> Result<ServerStatus, StoreError> {
         let stats = self.store.stats()?;
         let metadata = self.store.metadata_space()?;
         let space_warnings = self.space_warnings()?;

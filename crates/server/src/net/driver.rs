@@ -13,11 +13,8 @@ use crate::engine::{
     MetaStore as _,
 };
 use crate::store::{BlockDevice, Geometry, Store};
-use csnap_proto::auth::{self, FrameKey, Nonce};
-use csnap_proto::{
-    ClientFrame, ClientId, ClientKind, ClientMsg, RequestId, ServerFrame, ServerMsg, ServerStatus,
-    PROTOCOL_VERSION,
-};
+use csnap_proto::auth::{self, FrameKey};
+use csnap_proto::{ClientFrame, ClientId, ClientMsg, ServerFrame, ServerMsg, ServerStatus};
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -25,11 +22,6 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio::runtime::Handle;
 use tokio::sync::{mpsc, oneshot, watch, Semaphore};
 use tokio_util::sync::CancellationToken;
-
-/// The engine connection the shell itself uses to ask for `Status` (never a socket).
-pub(crate) const INTERNAL_CONN: ConnId = 0;
-/// The client id of that connection.
-pub(crate) const INTERNAL_CLIENT: ClientId = ClientId::new(u64::MAX, ClientKind::Admin);
 
 /// The reason a server whose serving lease ran out reports (`RunningServer::failed`).
 pub(crate) const LEASE_EXPIRED: &str =
@@ -251,8 +243,6 @@ struct ConnState {
     outgoing: mpsc::Sender<Outgoing>,
     open_key: watch::Sender<Option<FrameKey>>,
     cancel: CancellationToken,
-    opened: Instant,
-    authenticated: bool,
     client: Option<ClientId>,
 }
 
@@ -264,8 +254,6 @@ pub(crate) struct DriverParts {
     pub ctl_tx: mpsc::UnboundedSender<Control>,
     pub data: Arc<DataPath>,
     pub max_copies: usize,
-    pub cluster_key: Vec<u8>,
-    pub auth_timeout: Duration,
     pub fatal_tx: Arc<watch::Sender<Option<String>>>,
     /// Cancelled when the server stops: ends the acceptor and every connection task.
     pub stop: CancellationToken,
@@ -289,14 +277,9 @@ pub(crate) struct Driver {
     copy_slots: Arc<Semaphore>,
     copies_in_flight: usize,
     conns: HashMap<ConnId, ConnState>,
-    cluster_key: Vec<u8>,
-    auth_timeout: Duration,
     fatal_tx: Arc<watch::Sender<Option<String>>>,
     stop: CancellationToken,
     volume: String,
-    internal_nonce: Nonce,
-    next_internal_id: RequestId,
-    status_waiters: HashMap<RequestId, oneshot::Sender<ServerStatus>>,
     /// Events the shell generated while carrying out actions (a connection it killed).
     pending: VecDeque<Event>,
     abandoned: bool,
@@ -342,14 +325,9 @@ impl Driver {
             copy_slots: Arc::new(Semaphore::new(p.max_copies.max(1))),
             copies_in_flight: 0,
             conns: HashMap::new(),
-            cluster_key: p.cluster_key,
-            auth_timeout: p.auth_timeout,
             fatal_tx: p.fatal_tx,
             stop: p.stop,
             volume: p.volume,
-            internal_nonce: auth::random_nonce(),
-            next_internal_id: 1,
-            status_waiters: HashMap::new(),
             pending: VecDeque::new(),
             abandoned: false,
             commit_due: false,
@@ -362,11 +340,7 @@ impl Driver {
     /// Runs until shutdown or a fatal error.
     pub(crate) fn run(mut self) -> Exit {
         let _entered = self.span.clone().entered();
-        let opened = self.open_internal_session();
-        if let Err(reason) = opened
-            .and_then(|()| self.pump())
-            .and_then(|()| self.run_commits())
-        {
+        if let Err(reason) = self.pump().and_then(|()| self.run_commits()) {
             return self.fatal(reason);
         }
         loop {
@@ -463,7 +437,6 @@ impl Driver {
                 self.engine.handle(Event::CopyDone { copy, result });
             }
             Control::Tick => {
-                self.expire_unauthenticated();
                 self.engine.handle(Event::Tick { now: unix_now() });
             }
             Control::DeclareGone(client) => {
@@ -471,16 +444,11 @@ impl Driver {
                 self.engine.handle(Event::ClientDeclaredGone { client });
             }
             Control::Status(reply) => {
-                let id = self.next_internal_id;
-                self.next_internal_id += 1;
-                self.status_waiters.insert(id, reply);
-                self.engine.handle(Event::ClientRequest {
-                    conn: INTERNAL_CONN,
-                    frame: ClientFrame {
-                        id,
-                        msg: ClientMsg::Status,
-                    },
-                });
+                // On a store failure the engine has queued its Fatal; the caller sees the
+                // reply dropped.
+                if let Some(status) = self.engine.status() {
+                    let _ = reply.send(status);
+                }
             }
             Control::Shutdown | Control::Abandon => {}
         }
@@ -503,8 +471,6 @@ impl Driver {
                         outgoing,
                         open_key,
                         cancel,
-                        opened: Instant::now(),
-                        authenticated: false,
                         client: None,
                     },
                 );
@@ -537,23 +503,6 @@ impl Driver {
                     self.engine.handle(Event::ClientDisconnected { conn });
                 }
             }
-        }
-    }
-
-    /// Connections that did not authenticate in time are dropped (they hold a slot).
-    fn expire_unauthenticated(&mut self) {
-        let limit = self.auth_timeout;
-        let late: Vec<ConnId> = self
-            .conns
-            .iter()
-            .filter(|(_, c)| !c.authenticated && c.opened.elapsed() > limit)
-            .map(|(id, _)| *id)
-            .collect();
-        for conn in late {
-            if let Some(c) = self.conns.get(&conn) {
-                tracing::warn!(conn, peer = %c.peer, timeout_secs = limit.as_secs(), "no authentication in time; closing");
-            }
-            self.kill(conn);
         }
     }
 
@@ -596,29 +545,15 @@ impl Driver {
         }
     }
 
-    fn execute(&mut self, mut action: Action) -> Result<(), String> {
+    fn execute(&mut self, action: Action) -> Result<(), String> {
         self.check_lease()?;
-        if let Action::Send {
-            frame:
-                ServerFrame {
-                    msg: ServerMsg::Status(status),
-                    ..
-                },
-            ..
-        } = &mut action
-        {
-            // The shell's own status session is not a client.
-            status.connected_clients = status.connected_clients.saturating_sub(1);
-        }
         match action {
-            Action::Send { conn, frame } if conn == INTERNAL_CONN => self.internal_reply(frame),
             Action::Send { conn, frame } => {
                 let Some(c) = self.conns.get_mut(&conn) else {
                     return Ok(());
                 };
                 match &frame.msg {
                     ServerMsg::Welcome { .. } => {
-                        c.authenticated = true;
                         tracing::info!(conn, peer = %c.peer, client = ?c.client, "client authenticated");
                     }
                     ServerMsg::Error { code, message } => {
@@ -646,8 +581,6 @@ impl Driver {
                 }
                 Ok(())
             }
-            // The internal session exchanges no bytes.
-            Action::SealFrames { conn, .. } if conn == INTERNAL_CONN => Ok(()),
             Action::SealFrames { conn, keys } => {
                 if let Some(c) = self.conns.get_mut(&conn) {
                     c.open_key.send_replace(Some(keys.client_to_server));
@@ -659,11 +592,6 @@ impl Driver {
                     }
                 }
                 Ok(())
-            }
-            Action::Close { conn } if conn == INTERNAL_CONN => {
-                // Someone claimed the internal client id; keep status working.
-                tracing::warn!("internal status session was closed; reopening it");
-                self.open_internal_session()
             }
             Action::Close { conn } => {
                 if let Some(c) = self.conns.remove(&conn) {
@@ -755,74 +683,6 @@ impl Driver {
             };
             let _ = done.send(Control::CopyDone { copy, result });
         });
-    }
-
-    /// Opens the engine session the shell uses for `Status` (authenticated like any client).
-    fn open_internal_session(&mut self) -> Result<(), String> {
-        self.engine.handle(Event::ClientConnected {
-            conn: INTERNAL_CONN,
-            server_nonce: auth::random_nonce(),
-        });
-        self.internal_nonce = auth::random_nonce();
-        let id = self.next_internal_id;
-        self.next_internal_id += 1;
-        self.engine.handle(Event::ClientRequest {
-            conn: INTERNAL_CONN,
-            frame: ClientFrame {
-                id,
-                msg: ClientMsg::Hello {
-                    protocol_version: u32::from(PROTOCOL_VERSION),
-                    client: INTERNAL_CLIENT,
-                    node: 0,
-                    incarnation: 0,
-                    client_nonce: self.internal_nonce,
-                    resuming: false,
-                },
-            },
-        });
-        Ok(())
-    }
-
-    fn internal_reply(&mut self, frame: ServerFrame) -> Result<(), String> {
-        match frame.msg {
-            ServerMsg::Challenge { server_nonce, .. } => {
-                let handshake = auth::Handshake {
-                    protocol_version: u32::from(PROTOCOL_VERSION),
-                    client: INTERNAL_CLIENT,
-                    node: 0,
-                    incarnation: 0,
-                    resuming: false,
-                    client_nonce: self.internal_nonce,
-                    server_nonce,
-                };
-                let proof = auth::client_proof(&self.cluster_key, &handshake);
-                let id = self.next_internal_id;
-                self.next_internal_id += 1;
-                self.pending.push_back(Event::ClientRequest {
-                    conn: INTERNAL_CONN,
-                    frame: ClientFrame {
-                        id,
-                        msg: ClientMsg::AuthResponse { proof },
-                    },
-                });
-            }
-            ServerMsg::Status(status) => {
-                if let Some(waiter) = frame
-                    .reply_to
-                    .and_then(|id| self.status_waiters.remove(&id))
-                {
-                    let _ = waiter.send(status);
-                }
-            }
-            ServerMsg::Error { code, message } => {
-                tracing::warn!(%code, %message, "internal status session got an error");
-                if let Some(id) = frame.reply_to {
-                    self.status_waiters.remove(&id);
-                }
-            }
-            _ => {}
-        }
-        Ok(())
     }
 
     fn fatal(mut self, reason: String) -> Exit {

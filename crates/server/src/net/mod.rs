@@ -643,6 +643,7 @@ async fn start_in(
         hold_snapshots_until: config.hold_snapshots_until,
         data_warn_percents: config.data_warn_percents.clone(),
         metadata_warn_percents: config.metadata_warn_percents.clone(),
+        auth_timeout_secs: config.auth_timeout.as_secs().max(1),
         start_time: SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_secs())
@@ -673,8 +674,6 @@ async fn start_in(
         ctl_tx: ctl_tx.clone(),
         data: Arc::new(data),
         max_copies: config.max_copies_in_flight,
-        cluster_key,
-        auth_timeout: config.auth_timeout,
         fatal_tx: fatal_tx.clone(),
         stop: stop.clone(),
         volume: volume.clone(),
@@ -771,7 +770,7 @@ async fn start_in(
 
 async fn accept_loop(listener: Listener, shared: conn::ConnShared, slots: Arc<Semaphore>) {
     let stop = shared.server_stop.clone();
-    static NEXT_CONN: AtomicU64 = AtomicU64::new(driver::INTERNAL_CONN + 1);
+    static NEXT_CONN: AtomicU64 = AtomicU64::new(1);
     loop {
         let accepted = tokio::select! {
             _ = stop.cancelled() => return,
