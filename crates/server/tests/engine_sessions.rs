@@ -508,9 +508,15 @@ fn an_unauthenticated_connection_is_closed_after_the_deadline_and_status_counts_
     );
     // Exactly at the deadline (whole seconds): not yet.
     h.handle(Event::Tick { now: 1_005 });
-    assert!(!h.closed.contains(&idle), "closed at the deadline, not after it");
+    assert!(
+        !h.closed.contains(&idle),
+        "closed at the deadline, not after it"
+    );
     h.handle(Event::Tick { now: 1_006 });
-    assert!(h.closed.contains(&idle), "the idle connection is closed after it");
+    assert!(
+        h.closed.contains(&idle),
+        "the idle connection is closed after it"
+    );
     assert!(!h.closed.contains(&admin), "the authenticated one stays");
     assert!(
         h.logs
