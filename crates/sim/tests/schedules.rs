@@ -97,6 +97,9 @@ fn shard(k: u64) {
             total.conn_drops > 0 && total.server_crashes > 0,
             "{total:?}"
         );
+        if opts.reset {
+            assert!(total.resets > 0, "no stale node was reset: {total:?}");
+        }
     }
     assert_eq!(total.settled, mine.len() as u64, "every schedule settles");
 }
