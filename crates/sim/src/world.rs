@@ -64,8 +64,8 @@ pub struct Knobs {
 pub struct Options {
     /// Print the trace as it happens.
     pub trace: bool,
-    /// Let seeds pick `fencing: reset` too (one in three). Off by default until the open
-    /// finding about reset nodes' snapshot clients is fixed (docs/testing.md).
+    /// Let seeds pick `fencing: reset` too (one in three). Off by default so that a seed
+    /// replays as it was found; CI's shards 2 and 3 turn it on.
     pub reset: bool,
 }
 

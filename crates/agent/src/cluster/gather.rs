@@ -18,6 +18,10 @@ pub struct Gather {
     /// Each answered member's latest list: a later state of the same member (sent after
     /// its answer, so newer) replaces it.
     answered: BTreeMap<Member, Vec<ClientId>>,
+    /// Members of the announce's view left out because they were stale: not waited for,
+    /// but a clean answer from one (it was reset during the gather, and its clients
+    /// reconnect to this server) is taken.
+    left_out: BTreeSet<Member>,
     clients: BTreeMap<ClientId, NodeId>,
 }
 
@@ -29,7 +33,20 @@ impl Gather {
             lineage,
             waiting: members.into_iter().collect(),
             answered: BTreeMap::new(),
+            left_out: BTreeSet::new(),
             clients: BTreeMap::new(),
+        }
+    }
+
+    /// Members of the announce's view that are stale: not waited for, yet their answer
+    /// counts if they come back clean before the activation (a reset node keeps its
+    /// snapshot clients, which reconnect to the new server holding their read locks).
+    pub fn leave_out(&mut self, members: impl IntoIterator<Item = Member>) {
+        for m in members {
+            self.waiting.remove(&m);
+            if !self.answered.contains_key(&m) {
+                self.left_out.insert(m);
+            }
         }
     }
 
@@ -43,7 +60,10 @@ impl Gather {
     /// waited for until its node happened to send a state after the activation: in a quiet
     /// cluster, never (whole-system simulation seed 0x51570000009b).
     pub fn answer(&mut self, from: Member, clients: &[ClientId]) {
-        if self.waiting.remove(&from) || self.answered.contains_key(&from) {
+        if self.waiting.remove(&from)
+            || self.left_out.remove(&from)
+            || self.answered.contains_key(&from)
+        {
             self.answered.insert(from, clients.to_vec());
             self.rebuild();
         }
@@ -53,6 +73,7 @@ impl Gather {
     /// process (or on their node) and are gone with it, even if the node is back with a
     /// new agent (whole-system simulation seed 0x51570000009b waited for them for ever).
     pub fn forget_left(&mut self, present: impl Fn(&Member) -> bool) {
+        self.left_out.retain(|m| present(m));
         let before = self.answered.len();
         self.answered.retain(|m, _| present(m));
         if self.answered.len() != before {
@@ -174,5 +195,22 @@ mod tests {
             vec![snap(2)],
             "the old agent's clients died with it; the new agent was not asked"
         );
+    }
+
+    #[test]
+    fn a_stale_member_is_not_waited_for_but_its_clean_answer_counts() {
+        let mut g = Gather::new(Lineage::default(), [m(1), m(2)]);
+        g.leave_out([m(3)]);
+        g.answer(m(1), &[]);
+        g.answer(m(2), &[]);
+        assert!(g.done(), "the stale member is not waited for");
+        // Reset during the gather: its clients reconnect to this server.
+        g.answer(m(3), &[snap(31)]);
+        assert_eq!(
+            g.clients().keys().copied().collect::<Vec<_>>(),
+            vec![snap(31)]
+        );
+        g.forget_left(|x| *x != m(3));
+        assert!(g.clients().is_empty());
     }
 }

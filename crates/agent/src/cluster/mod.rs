@@ -53,7 +53,8 @@
 //! * [`Output::StopServer`]: stop the server at once (quorum lost, lease out, stale);
 //! * [`Output::DeclareGone`]: tell the local server a gathered client will not come back;
 //! * [`Output::DropClients`]: (reset of a stale node) disconnect this node's clients so they
-//!   reconnect to the real server;
+//!   reconnect to the real server. The machine keeps the node's client list across the
+//!   reset (the clients live on), so the shell need not report an unchanged list again;
 //! * [`Output::Fence`]: run the configured fencing for the node, answer with a result;
 //! * [`Output::Log`]: log it (the event name is stable, for tests and operators).
 //!
@@ -388,6 +389,25 @@ pub struct VolumeMembership {
     /// (a reset node that adopted could be listed stale again by a state still in flight,
     /// reset, adopt, ...: a loop the whole-system simulation found with `fencing: reset`).
     was_reset: bool,
+    /// This node's snapshot clients were sent to the real server by a reset and the node
+    /// has been quorate without a break since: they are no state of another lineage, so
+    /// they do not count in `has_state` (which would make the node stale again: a reset
+    /// loop), yet they are reported in every state and gather answer. A node without a
+    /// lineage that stays quorate hears every announce and adopts it (its clients then
+    /// belong to that lineage); one that loses quorum may come back with clients of a
+    /// server the quorate side replaced, so its clients count as state again from then.
+    /// Before this the reset cleared the client list, and the shell, which reports clients
+    /// only when they change, never told it again: the readers reconnected to the real
+    /// server holding read locks and the next failover's gather missed them
+    /// (whole-system simulation seed 0x515700000040 with `fencing: reset`).
+    reset_clients_clean: bool,
+    /// A reset order for this node (its claimant) that came before this node knew itself
+    /// stale: carried out once it does, while the claim holds. (A node that learns of its
+    /// quorum late agrees on the view, and finds itself stale, after the order was
+    /// delivered; the order is repeated only in the next view, so the node stayed stale
+    /// and its server candidate list blocked for ever: whole-system simulation seed
+    /// 0x1234000000001e48 with `fencing: reset`.)
+    reset_order: Option<Member>,
 
     // What this node knows of the others.
     last_states: BTreeMap<Member, MemberState>,
@@ -455,6 +475,8 @@ impl VolumeMembership {
             last_sent: None,
             reset_pending: false,
             was_reset: false,
+            reset_clients_clean: false,
+            reset_order: None,
             last_states: BTreeMap::new(),
             unsettled: BTreeMap::new(),
             settled: BTreeSet::new(),
@@ -699,6 +721,7 @@ impl VolumeMembership {
             self.certain = false;
             self.quorate_since = None;
             self.last_agreed_quorate = false;
+            self.reset_clients_clean = false;
             if self.role == Role::Starting || self.role == Role::Serving {
                 self.log("quorum_lost", true, "stopping the server at once".into());
                 self.stop_server(StopReason::QuorumLost);
@@ -765,8 +788,16 @@ impl VolumeMembership {
     fn on_state(&mut self, from: Member, mut state: MemberState) {
         // A state sent before its sender delivered an announce it was part of says the old
         // lineage; the sender adopted the new one at the announce, as everyone did.
+        // Only a state sent for the announce's own membership can predate the announce at
+        // its sender (a member delivers an announce of its view before any later confchg):
+        // a state for a later membership that names the announce's `prev` is newer than the
+        // announce (a restarted or reset member that adopted or announced a lineage equal to
+        // that old `prev`), and must not be raised to the old `next`. (Whole-system
+        // simulation seed 0xc0ffee000000199c: a restarted agent's own g1 was read as an
+        // older g1 superseded by g2, the members holding g1 were fenced one after the other,
+        // for ever.)
         for (prev, next, members) in &self.announces {
-            if state.lineage == *prev && members.contains(&from) {
+            if state.lineage == *prev && members.contains(&from) && state.view == *members {
                 state.lineage = *next;
             }
         }
@@ -974,8 +1005,11 @@ impl VolumeMembership {
                     until_ms: self.lease_until,
                 });
                 let stale = &self.stale;
-                let waited = members.iter().filter(|m| !stale.contains(&m.node)).copied();
-                self.gather = Some(Gather::new(next, waited));
+                let (left_out, waited): (Vec<Member>, Vec<Member>) =
+                    members.iter().partition(|m| stale.contains(&m.node));
+                let mut gather = Gather::new(next, waited);
+                gather.leave_out(left_out);
+                self.gather = Some(gather);
             } else if self.starting == Some(next) {
                 self.log(
                     "announce_superseded",
@@ -999,6 +1033,9 @@ impl VolumeMembership {
         }
         self.claims.insert(node, from);
         self.claim_at.insert(node, self.delivered);
+        if reset && node == self.local.node && !self.reset_pending {
+            self.reset_order = Some(from);
+        }
         if self.stale.contains(&node) || self.unsettled.contains_key(&node) {
             if from == self.local {
                 // `claim_sent` stays: a reset order goes out once per view, not again on
@@ -1186,6 +1223,7 @@ impl VolumeMembership {
             }
         }
         self.maybe_activate();
+        self.reset_if_ordered();
         if self.reset_pending && self.role == Role::Idle {
             self.reset_pending = false;
             self.log("reset_done", false, "rejoining without state".into());
@@ -1248,7 +1286,15 @@ impl VolumeMembership {
         if self.agreed_key.as_ref() != Some(&key) {
             self.agreed_key = Some(key);
             self.age += 1;
-            let verdict = merge::analyze(&agreed.states);
+            // The verdict from the states as they were when the view first had all of them
+            // (a point of the group's delivery order, the same at every member), not as
+            // they are when this node finds the view agreed: a member that learns of the
+            // ring's quorum late agrees after more deliveries (a peer's later state says
+            // `was_quorate`, or lists a stale node), and a verdict from those could name
+            // another actor than its peers' did, each waiting for the other to fence
+            // (whole-system simulation seed 0xc0ffee00383f: a restarted agent held stale,
+            // and nobody ever fenced it).
+            let verdict = merge::analyze(&agreed.first_states);
             for node in &verdict.stale {
                 if self.stale.insert(*node) {
                     self.log_about(
@@ -1268,7 +1314,8 @@ impl VolumeMembership {
             self.last_agreed_quorate = agreed.quorate && self.view.quorate_now();
             let stale = &self.stale;
             if let Some(g) = self.gather.as_mut() {
-                g.retain(|m| !stale.contains(&m.node));
+                let now_stale = g.retain(|m| !stale.contains(&m.node));
+                g.leave_out(now_stale);
             }
         }
         if !agreed.quorate || !self.view.quorate_now() {
@@ -1350,10 +1397,11 @@ impl VolumeMembership {
             && self.unsettled.is_empty()
             && !self.stale.contains(&self.local.node)
             && !self.reset_pending
-            && agreed
-                .states
-                .values()
-                .all(|s| s.unsettled.is_empty() && !s.role.has_server())
+            && agreed.states.values().all(|s| {
+                s.unsettled.is_empty()
+                    && !s.role.has_server()
+                    && !s.stale.contains(&self.local.node)
+            })
     }
 
     /// As the actor: claim fencing of stale nodes and of departed servers not known to be
@@ -1494,6 +1542,14 @@ impl VolumeMembership {
         // Every member that is not stale holds the reference lineage (or no state), so
         // every one of them adopts the announce.
         let prev = self.reference;
+        if self.lineage == Lineage::default() {
+            // A member without lineage (a reset one never adopts a view's) starts from the
+            // reference lineage, as its announce says: its `Starting` state must not read
+            // as "a server of lineage g0", which the others call stale; the node then
+            // stopped its start, reset, was chosen again, ... for ever (whole-system
+            // simulation seed 0x5157000000000439 with `fencing: reset`).
+            self.lineage = prev;
+        }
         let address = self.cfg.server_address.clone();
         self.mcast(Body::Announce {
             prev,
@@ -1571,7 +1627,9 @@ impl VolumeMembership {
 
     /// Reset of a stale node: stop any server, disconnect the node's clients so they
     /// reconnect to the real server, forget the lineage; the clean state goes out once the
-    /// server is confirmed stopped.
+    /// server is confirmed stopped. The client list stays (the clients live on and attach
+    /// to the real server, where the next failover's gather must find them) but no longer
+    /// counts as state of another lineage (see `reset_clients_clean`).
     fn reset(&mut self) {
         self.log(
             "stale_reset",
@@ -1580,10 +1638,33 @@ impl VolumeMembership {
         );
         self.stop_server(StopReason::Stale);
         self.lineage = Lineage::default();
-        self.clients.clear();
+        self.reset_order = None;
+        // (The order came from a member of an agreed quorate view, in this node's view: this
+        // node is in the quorate ring even if its own quorum stream lags. A later quorum
+        // loss makes its clients count as state again.)
+        self.reset_clients_clean = true;
         self.outputs.push_back(Output::DropClients);
         self.reset_pending = true;
         self.was_reset = true;
+    }
+
+    /// Carries out a reset order that came before this node knew itself stale (see
+    /// `reset_order`), once it does and while the order's claim still holds.
+    fn reset_if_ordered(&mut self) {
+        let Some(claimant) = self.reset_order else {
+            return;
+        };
+        let node = self.local.node;
+        // (The claim as recorded, not `live_claim`: a state of the claimant sent before it
+        // delivered its own claim lists no fencing yet, and would void the order.)
+        if self.reset_pending || self.claims.get(&node) != Some(&claimant) {
+            self.reset_order = None;
+            return;
+        }
+        if self.stale.contains(&node) && self.has_state() {
+            self.reset_order = None;
+            self.reset();
+        }
     }
 
     fn declare_gone_where(&mut self, gone_node: impl Fn(NodeId) -> bool) {
@@ -1634,7 +1715,9 @@ impl VolumeMembership {
     }
 
     fn has_state(&self) -> bool {
-        self.lineage != Lineage::default() || self.role.has_server() || !self.clients.is_empty()
+        self.lineage != Lineage::default()
+            || self.role.has_server()
+            || (!self.clients.is_empty() && !self.reset_clients_clean)
     }
 
     fn lease_left(&self) -> u64 {

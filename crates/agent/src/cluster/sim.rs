@@ -333,7 +333,9 @@ impl Sim {
                     let at = self.now + self.rng.gen_range(0..2_000);
                     self.due.push((at, id, incarnation, Due::ServerStopped));
                 }
-                Output::DropClients => self.nodes[i].clients.clear(),
+                // The clients reconnect to the real server and live on (the shell reports
+                // them only when they change: the machine must keep them).
+                Output::DropClients => {}
                 Output::Fence {
                     node,
                     attempt,
@@ -1390,4 +1392,205 @@ fn a_restarted_agent_with_new_clients_is_not_stale_at_the_next_view_change() {
         .iter()
         .any(|(n, name, _)| *name == "lineage_adopted" && *n == sim.nodes[x].id));
     sim.converged().unwrap();
+}
+
+/// With `fencing: reset`, an agent that restarted while its node's snapshot reader stayed
+/// attached (in the whole-system simulation readers outlive their agent) reports the reader
+/// before its first agreed view, is stale (clients, no lineage) and resets. The reader
+/// reconnects to the real server holding its read locks, and the shell does not report the
+/// unchanged list again: the next failover's gather must still list it. It did not (the
+/// reset cleared the machine's client list; whole-system simulation seed 0x515700000040).
+#[test]
+fn a_reset_node_keeps_its_snapshot_clients_in_the_next_gather() {
+    let mut sim = scripted(Fencing::Reset);
+    sim.settle().unwrap();
+    let s = sim.serving().expect("one server");
+    let x = (0..3).find(|&i| i != s).unwrap();
+    let reader = ClientId::new(
+        9_999,
+        ClientKind::Snapshot {
+            snap: csnap_proto::SnapId(1),
+        },
+    );
+    sim.nodes[x].clients.insert(reader);
+    sim.feed(x, Input::Clients(vec![reader])).unwrap();
+    sim.drain_all().unwrap();
+    // The agent dies; the reader lives on and is reported by the new agent at once.
+    sim.nodes[x].agent = None;
+    sim.drain_all().unwrap();
+    sim.start_agent(x);
+    sim.feed(x, Input::Clients(vec![reader])).unwrap();
+    for _ in 0..20 {
+        sim.advance_by(500).unwrap();
+        sim.drain_all().unwrap();
+    }
+    let id = sim.nodes[x].id;
+    assert!(
+        sim.logs
+            .iter()
+            .any(|(n, name, _)| *n == id && *name == "stale_reset"),
+        "the restarted agent was not reset:\n{}",
+        sim.trace()
+    );
+    let resets_before = sim
+        .logs
+        .iter()
+        .filter(|(_, n, _)| *n == "stale_reset")
+        .count();
+    sim.converged().unwrap();
+    // The server's node powers off: the next server's gather must list the reader (the
+    // checker compares every activation with the clients attached at the choice).
+    let before = sim.activations;
+    sim.power_off(s);
+    for _ in 0..80 {
+        sim.advance_by(500).unwrap();
+        sim.drain_all().unwrap();
+    }
+    assert!(sim.activations > before, "no failover:\n{}", sim.trace());
+    assert_eq!(
+        sim.logs
+            .iter()
+            .filter(|(_, n, _)| *n == "stale_reset")
+            .count(),
+        resets_before,
+        "a reset node with clients was reset again:\n{}",
+        sim.trace()
+    );
+}
+
+/// Whole-system simulation seed 0xc0ffee00383f (stonith, 3 nodes): after a heal, node 1's
+/// restarted agent (clients, no lineage) was stale, and nobody ever fenced it. Node 3 took
+/// the verdict from the states it held when the merged view was agreed (nobody quorate
+/// before: actor node 2); node 2 heard of the ring's quorum later, after node 3's next
+/// state (`was_quorate`, listing node 1 stale), and its verdict from those states named
+/// node 3. Each waited for the other. Both must take the verdict from the states of one
+/// point of the delivery order, whenever their quorum event comes.
+#[test]
+fn members_hearing_of_quorum_at_different_points_pick_the_same_fencer() {
+    use super::state::{Body, Lineage, MemberState, Message};
+    use cpg_glue::{
+        ConfChg, Delivery, GroupEvent, Member, MemberChange, QuorumEvent, Reason, RingId,
+        TotemConfChg,
+    };
+    let member = |n: u32| Member {
+        node: NodeId(n),
+        pid: 100 + n,
+    };
+    let members = vec![member(1), member(2), member(3)];
+    let g1 = Lineage {
+        generation: 1,
+        server: Some(NodeId(2)),
+    };
+    let reader = ClientId::new(
+        12,
+        ClientKind::Snapshot {
+            snap: csnap_proto::SnapId(1),
+        },
+    );
+    let state = |lineage: Lineage, clients: Vec<ClientId>, was_quorate: bool, stale: Vec<u32>| {
+        MemberState {
+            has_state: true,
+            lineage,
+            role: Role::Idle,
+            clients,
+            lease_left_ms: 0,
+            view: members.clone(),
+            was_quorate,
+            age: 1,
+            certain: None,
+            unsettled: vec![],
+            stale: stale.into_iter().map(NodeId).collect(),
+            fencing: vec![],
+            fenced: vec![],
+            server_address: String::new(),
+        }
+    };
+    let deliver = |from: Member, s: MemberState| {
+        Input::Group(GroupEvent::Deliver(Delivery {
+            from,
+            payload: Message::new(Body::State(s)).encode().unwrap(),
+        }))
+    };
+    let ring = RingId {
+        node: NodeId(1),
+        seq: 29,
+    };
+    // The group's events, the same at every member: the merged view and the first states
+    // (node 1 restarted with a reader and no lineage; nobody was quorate before).
+    let events = vec![
+        Input::Group(GroupEvent::ConfChg(ConfChg {
+            members: members.clone(),
+            left: vec![],
+            joined: members
+                .iter()
+                .map(|m| MemberChange {
+                    member: *m,
+                    reason: Reason::Join,
+                })
+                .collect(),
+        })),
+        Input::Group(GroupEvent::TotemConfChg(TotemConfChg {
+            ring,
+            members: vec![NodeId(1), NodeId(2), NodeId(3)],
+        })),
+        deliver(
+            member(1),
+            state(Lineage::default(), vec![reader], false, vec![]),
+        ),
+        deliver(member(2), state(g1, vec![], false, vec![])),
+        deliver(member(3), state(g1, vec![], false, vec![])),
+    ];
+    let quorum = Input::Quorum(QuorumEvent {
+        quorate: true,
+        ring,
+        members: vec![NodeId(1), NodeId(2), NodeId(3)],
+    });
+    // Node 3 agreed at once and says so in its next state.
+    let later = deliver(member(3), state(g1, vec![], true, vec![1]));
+    let claims = |local: u32, quorum_at: usize| {
+        let cfg = MembershipConfig {
+            priorities: BTreeMap::new(),
+            fencing: Fencing::Stonith,
+            server_address: format!("node{local}:7000"),
+            serving_lease_ms: 8_000,
+            lease_margin_ms: 2_000,
+            origin_lease_ms: 10_000,
+            fence_timeout_ms: 20_000,
+            fence_retry_ms: 3_000,
+        };
+        let mut m = VolumeMembership::new(cfg, member(local));
+        m.handle(Input::Tick { now_ms: 1_000 });
+        let mut inputs = events.clone();
+        inputs.push(later.clone());
+        inputs.insert(quorum_at, quorum.clone());
+        let mut claimed = Vec::new();
+        for input in inputs {
+            m.handle(input);
+            while let Some(out) = m.poll_output() {
+                if let Output::Mcast(payload) = out {
+                    let d = Delivery {
+                        from: member(local),
+                        payload,
+                    };
+                    if let Ok(Message {
+                        body: Body::FenceClaim { node, .. },
+                        ..
+                    }) = Message::decode(&d)
+                    {
+                        claimed.push(node);
+                    }
+                }
+            }
+        }
+        assert!(m.holds_itself_stale() == (local == 1));
+        claimed
+    };
+    // Node 3 hears of the quorum before node 3's later state, node 2 after it.
+    let by_3 = claims(3, 5);
+    let by_2 = claims(2, 6);
+    assert_eq!(
+        (by_2, by_3),
+        (vec![NodeId(1)], vec![]),
+        "exactly one member (node 2, the lowest of the side) claims node 1"
+    );
 }

@@ -9,8 +9,12 @@
 //! 3. a state message from every member, sent for exactly this membership, was delivered.
 //!
 //! Every member of a partition delivers the same confchgs and messages in the same order,
-//! so when each of them reaches "agreed" it holds the same member states, and any pure
-//! function of them (choice, merge verdict) gives the same answer everywhere.
+//! but the quorum service's events are not ordered with them: a member that hears of the
+//! ring's quorum late reaches "agreed" after more deliveries, holding later states (a
+//! peer's state sent once it agreed says `was_quorate`, lists stale nodes). So the states
+//! at the point where the view first had every member's state, a point of the delivery
+//! order alone, are kept too ([`Agreed::first_states`]): a decision taken once per view
+//! from them (the merge verdict) is the same everywhere.
 
 use std::collections::BTreeMap;
 
@@ -27,6 +31,9 @@ pub struct Agreed {
     pub quorate: bool,
     /// Every member's latest state for this view.
     pub states: BTreeMap<Member, MemberState>,
+    /// Every member's state when the view (this ring and membership) first had all of
+    /// them: the same at every member, whenever its quorum event came.
+    pub first_states: BTreeMap<Member, MemberState>,
 }
 
 /// What an agreed view is still waiting for (for status and tests).
@@ -48,6 +55,8 @@ pub struct ViewState {
     tracker: ViewTracker,
     quorum: Option<QuorumEvent>,
     states: BTreeMap<Member, MemberState>,
+    /// `states` when the stable view first had every member's state (None: not yet).
+    first_states: Option<BTreeMap<Member, MemberState>>,
 }
 
 impl ViewState {
@@ -56,15 +65,36 @@ impl ViewState {
             tracker: ViewTracker::new(local),
             quorum: None,
             states: BTreeMap::new(),
+            first_states: None,
         }
     }
 
     /// Applies a confchg or totem confchg (deliveries go through [`ViewState::record`]).
     /// A confchg starts a new membership: states of the old one no longer count.
     pub fn apply(&mut self, event: &GroupEvent) {
+        let ring = self.tracker.ring().map(|t| t.ring);
         self.tracker.apply(event);
-        if let GroupEvent::ConfChg(_) = event {
-            self.states.clear();
+        match event {
+            GroupEvent::ConfChg(_) => {
+                self.states.clear();
+                self.first_states = None;
+            }
+            GroupEvent::TotemConfChg(t) if Some(t.ring) != ring => self.first_states = None,
+            _ => {}
+        }
+        self.note_complete();
+    }
+
+    /// Keeps the states at the first point the stable view has all of them.
+    fn note_complete(&mut self) {
+        if self.first_states.is_some() {
+            return;
+        }
+        let Some(stable) = self.tracker.stable() else {
+            return;
+        };
+        if stable.members.iter().all(|m| self.states.contains_key(m)) {
+            self.first_states = Some(self.states.clone());
         }
     }
 
@@ -79,6 +109,7 @@ impl ViewState {
             return false;
         }
         self.states.insert(from, state);
+        self.note_complete();
         true
     }
 
@@ -90,7 +121,9 @@ impl ViewState {
     /// Rewrites the recorded states (after an announce every member adopts, at the same
     /// point of the agreed order, so the recorded states must say so too).
     pub fn states_mut(&mut self) -> impl Iterator<Item = (&Member, &mut MemberState)> {
-        self.states.iter_mut()
+        self.states
+            .iter_mut()
+            .chain(self.first_states.iter_mut().flat_map(|s| s.iter_mut()))
     }
 
     /// The members after the confchgs seen so far, sorted.
@@ -144,6 +177,10 @@ impl ViewState {
             ring: stable.ring,
             members: stable.members,
             quorate: quorum.quorate,
+            first_states: self
+                .first_states
+                .clone()
+                .unwrap_or_else(|| self.states.clone()),
             states: self.states.clone(),
         })
     }
