@@ -376,6 +376,14 @@ impl<'a> Pacemaker<'a> {
             .collect()
     }
 
+    /// Records every process now in the nodes' namespaces as the run's (see
+    /// [`Cluster::note_ipc_pids`]).
+    fn note_daemons(&self) {
+        for node in self.cluster.nodes() {
+            self.cluster.note_ipc_pids(self.pids_in(node));
+        }
+    }
+
     /// SIGKILLs every process in `node`'s network namespace at once (corosync, pacemaker,
     /// csnap-agent, ...): a power cut. Waits (bounded) until none is left.
     pub async fn power_off(&self, node: NodeId) -> Result<(), HarnessError> {
@@ -485,6 +493,10 @@ impl<'a> Pacemaker<'a> {
     ) -> Result<MonStatus, HarnessError> {
         let deadline = Instant::now() + timeout;
         loop {
+            // Pacemaker's daemons may die by other hands than ours (the test fence device
+            // kills a node's processes): note them while they run, so the cluster's
+            // teardown removes their libqb files.
+            self.note_daemons();
             let last = match self.status(node).await {
                 Ok(status) if pred(&status) => return Ok(status),
                 Ok(status) => format!("{status:?}"),

@@ -15,7 +15,8 @@
 //! (server_chosen, gather_done, failover_done), snapshot_created from node 1's server, the
 //! failover on the new server's node in order (server_departed, server_chosen, gather_done,
 //! failover_done: the activation is ordered, then server_active: the store is open and the
-//! server listens, server_gate_open: origin writes are granted), the other survivor seeing
+//! server listens, and server_gate_open: origin writes are granted, these two in either
+//! order), the other survivor seeing
 //! the server depart and settle, and snapshot_deleted from the new server.
 //!
 //! Needs root, corosync, systemd-journald and journalctl; builds on the agent binaries
@@ -471,23 +472,27 @@ async fn a_failover_shows_in_the_journal_with_csnap_fields() {
         .expect("server_chosen");
     assert_eq!(field(chosen, "CSNAP_TARGET_NODE"), None, "{chosen:?}");
 
-    // The failover on the new server's node, in order, after the power-off.
+    // The failover on the new server's node, in order, after the power-off. The agent's
+    // server_active and the engine's server_gate_open come from two threads right after
+    // the activation (with no snapshot client to wait for, the gate opens as the engine
+    // starts): each follows failover_done, in either order.
     let on_second = node_events(&entries, second);
-    assert!(
-        in_order(
-            &on_second,
-            &[
-                "server_departed",
-                "server_chosen",
-                "gather_done",
-                "failover_done",
-                "server_active",
-                "server_gate_open",
-                "snapshot_deleted"
-            ]
-        ),
-        "node {second}: {on_second:?}"
-    );
+    for last in ["server_active", "server_gate_open"] {
+        assert!(
+            in_order(
+                &on_second,
+                &[
+                    "server_departed",
+                    "server_chosen",
+                    "gather_done",
+                    "failover_done",
+                    last,
+                    "snapshot_deleted"
+                ]
+            ),
+            "node {second}: {on_second:?}"
+        );
+    }
     let on_watcher = node_events(&entries, watcher);
     assert!(
         in_order(&on_watcher, &["server_departed", "old_server_settled"]),
