@@ -23,11 +23,13 @@ pub mod tool;
 mod adapter;
 mod btree;
 mod check;
+mod diff;
 mod meta;
 mod usage;
 
 pub use check::CheckReport;
 pub use device::{BlockDevice, FileDevice, MemDevice, MemDeviceStats};
+pub use diff::{DiffEnd, DiffPage};
 pub use error::{Result, StoreError};
 pub use format::Geometry;
 pub use meta::MetaStats;
