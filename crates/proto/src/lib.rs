@@ -6,6 +6,8 @@
 //! * [`auth`]: mutual HMAC-SHA256 challenge/response with the cluster key, and the
 //!   per-connection keys that authenticate every later frame.
 //! * [`control`]: the local control socket between `csnapctl` and the agent.
+//! * [`diff_stream`]: the versioned, checksummed stream of changed extents that
+//!   `csnapctl export-diff` writes and `import-diff` reads.
 //! * [`types`]: snapshot ids, infos, chunk ranges, shared with the server's store.
 //! * `testing` (feature `testing`): the one seed parser and printer of randomised tests.
 //!
@@ -15,6 +17,7 @@ pub mod auth;
 #[cfg(feature = "codec")]
 pub mod codec;
 pub mod control;
+pub mod diff_stream;
 pub mod frame;
 pub mod msg;
 #[cfg(feature = "testing")]
