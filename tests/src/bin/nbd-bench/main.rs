@@ -37,7 +37,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use clap::Parser;
 
-use engines::{Server, Setup};
+use engines::{Server, Setup, Transport};
 use fio::{Access, FioJob, FioResult, Length};
 use procs::{run_tool, Proc};
 use report::{Engine, Goal, Row};
@@ -79,10 +79,18 @@ struct Args {
     /// Cap, in seconds, on each one-pass first-touch run (it stops early if reached).
     #[arg(long, default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..=3600))]
     first_touch_cap: u64,
-    /// O_DIRECT in every server (qemu-nbd --cache=none, csnap-agent --direct-io) instead
-    /// of the page cache.
-    #[arg(long)]
+    /// direct: O_DIRECT everywhere (qemu-nbd --cache=none, csnap-agent --direct-io, fio
+    /// libaio direct=1 on the file); page: the page cache everywhere (fio psync on the
+    /// file); both: the whole run once per mode, never mixed.
+    #[arg(long, value_enum, default_value_t = CacheMode::Both)]
+    cache: CacheMode,
+    /// Same as --cache direct (kept for old command lines).
+    #[arg(long, conflicts_with = "cache")]
     direct: bool,
+    /// How fio reaches the servers: unix sockets, TCP on 127.0.0.1, or both (the whole run
+    /// once per transport).
+    #[arg(long, value_enum, default_value_t = TransportMode::Both)]
+    transport: TransportMode,
     /// Where the temporary directory goes (its file system holds every image).
     #[arg(long, default_value_os_t = std::env::temp_dir())]
     dir: PathBuf,
@@ -94,7 +102,22 @@ struct Args {
     bin_dir: Option<PathBuf>,
 }
 
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum CacheMode {
+    Direct,
+    Page,
+    Both,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum TransportMode {
+    Unix,
+    Tcp,
+    Both,
+}
+
 /// Everything a run decided, for the header.
+#[derive(Clone)]
 struct Plan {
     size: u64,
     chunk: u64,
@@ -106,6 +129,7 @@ struct Plan {
     jobs: u32,
     snapshots: u32,
     direct: bool,
+    transport: Transport,
 }
 
 impl Plan {
@@ -136,6 +160,7 @@ impl Plan {
             jobs: args.jobs,
             snapshots: args.snapshots,
             direct: args.direct,
+            transport: Transport::Unix,
         })
     }
 
@@ -181,6 +206,7 @@ struct Servers {
 impl Servers {
     fn get(&mut self, engine: Engine) -> Option<&mut Server> {
         match engine {
+            Engine::Device => None,
             Engine::Raw => self.raw.as_mut(),
             Engine::Csnap => self.csnap.as_mut(),
             Engine::Qcow2 => self.qcow2.as_mut(),
@@ -195,7 +221,6 @@ struct Bench {
 }
 
 impl Bench {
-    /// Runs `job` against every engine in turn and records the figures in `row`; a failed run is reported and leaves its cell empty.
     /// Runs `job` against every engine in turn, `rounds` times round-robin (so load from
     /// elsewhere hits every engine alike), and records each engine's median run in `row`.
     /// A failed run is reported; an engine with no successful run leaves its cell empty.
@@ -208,12 +233,17 @@ impl Bench {
                 match self.measure(job, engine).await {
                     Ok(r) => {
                         eprintln!(
-                            "  {:<5} round {round}: {:>9.0} IOPS {:>8.1} MB/s  ({} I/Os in {:.1} s)",
+                            "  {:<6} round {round}: {:>9.0} IOPS {:>8.1} MB/s  ({} I/Os in {:.1} s) \
+                             CPU {} us/request, {} threads, load {}",
                             engine.label(),
                             r.iops,
                             r.megabytes_per_sec(),
                             r.ios,
-                            r.runtime.as_secs_f64()
+                            r.runtime.as_secs_f64(),
+                            r.cpu_us_per_request
+                                .map_or_else(|| "-".to_string(), |c| format!("{c:.1}")),
+                            r.threads.map_or_else(|| "-".to_string(), |t| t.to_string()),
+                            setup::load_average()
                         );
                         results.push(r);
                     }
@@ -231,25 +261,59 @@ impl Bench {
         for (engine, results) in runs {
             if let Some(median) = fio::median(&results) {
                 row.set(engine, median);
+                let iops = results.iter().map(|r| r.iops);
+                let min = iops.clone().fold(f64::INFINITY, f64::min);
+                let max = iops.fold(0.0, f64::max);
+                row.set_spread(engine, min, max);
             }
         }
     }
 
     async fn measure(&mut self, job: &FioJob, engine: Engine) -> anyhow::Result<FioResult> {
-        let server = self
-            .servers
-            .get(engine)
-            .with_context(|| format!("the {} server is not running", engine.label()))?;
-        server.check_alive()?;
-        let uri = server.uri().to_string();
-        // Write back what the previous run left dirty, so it does not bill this one.
-        tokio::task::spawn_blocking(nix::unistd::sync).await?;
         let stem = format!("fio-{}-{}", job.name, engine.label());
         let output = self.setup.dir.join(format!("{stem}.json"));
         let log = self.setup.dir.join(format!("{stem}.log"));
+        let (args, pid) = if engine == Engine::Device {
+            (
+                job.file_args(&self.setup.raw_image, self.setup.direct, &output),
+                None,
+            )
+        } else {
+            let server = self
+                .servers
+                .get(engine)
+                .with_context(|| format!("the {} server is not running", engine.label()))?;
+            server.check_alive()?;
+            (job.args(server.uri(), &output), server.pid())
+        };
+        // Write back what the previous run left dirty, so it does not bill this one.
+        tokio::task::spawn_blocking(nix::unistd::sync).await?;
         let mut cmd = Command::new("fio");
-        cmd.args(job.args(&uri, &output));
-        let status = Proc::spawn("fio", cmd, &log)?.wait(job.run.bound()).await?;
+        cmd.args(args);
+        let fio = Proc::spawn("fio", cmd, &log)?;
+        // The server's CPU is counted from the end of the ramp (fio does not count the
+        // ramp's requests) to fio's exit; its threads are sampled as it runs.
+        let ramp = match job.run {
+            fio::Length::Timed { ramp, .. } => ramp,
+            fio::Length::OnePass { .. } => Duration::ZERO,
+        };
+        let mut first = None;
+        let mut threads = 0u32;
+        let sampler = async {
+            tokio::time::sleep(ramp).await;
+            first = pid.and_then(procs::cpu_sample);
+            loop {
+                if let Some(s) = pid.and_then(procs::cpu_sample) {
+                    threads = threads.max(s.threads);
+                }
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+        };
+        let status = tokio::select! {
+            status = fio.wait(job.run.bound()) => status?,
+            _ = sampler => anyhow::bail!("the CPU sampler stopped"),
+        };
+        let last = pid.and_then(procs::cpu_sample);
         let text = std::fs::read_to_string(&output).unwrap_or_default();
         if !status.success() {
             let log_text = std::fs::read_to_string(&log).unwrap_or_default();
@@ -258,7 +322,13 @@ impl Bench {
         if let Some(server) = self.servers.get(engine) {
             server.check_alive()?;
         }
-        fio::parse_result(&text, job.reads())
+        let mut result = fio::parse_result(&text, job.reads())?;
+        if let (Some(a), Some(b)) = (first, last) {
+            let cpu = b.cpu.saturating_sub(a.cpu);
+            result.cpu_us_per_request = Some(cpu.as_secs_f64() * 1e6 / result.ios as f64);
+            result.threads = Some(threads.max(b.threads));
+        }
+        Ok(result)
     }
 
     /// Records a failed step.
@@ -304,6 +374,7 @@ async fn prepare(args: &Args, plan: &Plan, dir: &WorkDir) -> anyhow::Result<Setu
         agent: setup::require_binary(&bin_dir, "csnap-agent", hint)?,
         csnapctl: setup::require_binary(&bin_dir, "csnapctl", hint)?,
         direct: plan.direct,
+        transport: plan.transport,
     };
     for tool in ["fio", "qemu-nbd", "qemu-img"] {
         let log = dir.join("versions.log");
@@ -377,13 +448,47 @@ fn describe_status(status: &serde_json::Value) -> String {
     )
 }
 
+/// The whole benchmark once per cache mode and transport asked for, each with its own
+/// work directory and table.
 async fn run(args: Args) -> anyhow::Result<bool> {
-    let plan = Plan::from_args(&args)?;
+    let base = Plan::from_args(&args)?;
+    let directs: &[bool] = match (args.direct, args.cache) {
+        (true, _) | (_, CacheMode::Direct) => &[true],
+        (_, CacheMode::Page) => &[false],
+        (_, CacheMode::Both) => &[true, false],
+    };
+    let transports: &[Transport] = match args.transport {
+        TransportMode::Unix => &[Transport::Unix],
+        TransportMode::Tcp => &[Transport::Tcp],
+        TransportMode::Both => &[Transport::Unix, Transport::Tcp],
+    };
+    let mut ok = true;
+    for &direct in directs {
+        for &transport in transports {
+            let plan = Plan {
+                direct,
+                transport,
+                ..base
+            };
+            eprintln!(
+                "=== {} cache, {} ===",
+                if direct { "direct" } else { "page" },
+                transport.label()
+            );
+            ok &= run_one(&args, &plan).await?;
+            println!();
+        }
+    }
+    Ok(ok)
+}
+
+async fn run_one(args: &Args, plan: &Plan) -> anyhow::Result<bool> {
+    let plan = plan.clone();
     let started = setup::now_utc();
     let load_before = setup::load_average();
     let dir = WorkDir::create(&args.dir, args.keep)?;
     eprintln!("work directory {}", dir.path().display());
-    let setup = prepare(&args, &plan, &dir).await?;
+    let setup = prepare(args, &plan, &dir).await?;
     let mut bench = Bench {
         servers: Servers {
             raw: None,
@@ -394,8 +499,12 @@ async fn run(args: Args) -> anyhow::Result<bool> {
         failures: Vec::new(),
     };
     for engine in Engine::ALL {
+        if engine == Engine::Device {
+            continue;
+        }
         let server = engines::start_origin(&bench.setup, engine).await?;
         match engine {
+            Engine::Device => {}
             Engine::Raw => bench.servers.raw = Some(server),
             Engine::Csnap => bench.servers.csnap = Some(server),
             Engine::Qcow2 => bench.servers.qcow2 = Some(server),
@@ -497,20 +606,26 @@ async fn run(args: Args) -> anyhow::Result<bool> {
     );
     println!();
     println!(
-        "origin {} MiB, chunk/cluster {} KiB, fio nbd engine iodepth {} x {} job(s), timed tests \
-         {} s after {} s ramp, median of {} round(s), first-touch tests one pass; {}; load \
-         average {} before, {} after",
+        "origin {} MiB, chunk/cluster {} KiB, fio nbd engine over {} iodepth {} x {} job(s), \
+         timed tests {} s after {} s ramp, median of {} round(s), first-touch tests one pass; \
+         {}; load average {} before, {} after",
         plan.size >> 20,
         plan.chunk >> 10,
+        match plan.transport {
+            Transport::Unix => "unix sockets",
+            Transport::Tcp => "TCP on 127.0.0.1",
+        },
         plan.iodepth,
         plan.jobs,
         plan.runtime.as_secs(),
         plan.ramp.as_secs(),
         plan.rounds,
         if plan.direct {
-            "O_DIRECT servers (qemu-nbd --cache=none, csnap-agent --direct-io)"
+            "O_DIRECT everywhere (qemu-nbd --cache=none, csnap-agent --direct-io, device: fio \
+             libaio direct=1 on the raw file)"
         } else {
-            "page cache (images on one file system, nothing dropped; sync before each run)"
+            "page cache everywhere (images on one file system, nothing dropped; sync before \
+             each run; device: fio psync on the raw file, one request in flight per job)"
         },
         load_before,
         setup::load_average()
