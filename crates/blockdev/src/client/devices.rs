@@ -44,6 +44,53 @@ pub trait DataDevice: Send + Sync + std::fmt::Debug {
     fn direct(&self) -> bool {
         false
     }
+    /// Reads exactly `len` bytes at `offset` into a new buffer (devices may return one
+    /// they read into directly, saving a copy).
+    fn read_bytes(&self, offset: u64, len: usize) -> io::Result<Bytes> {
+        let mut buf = vec![0u8; len];
+        self.read_at(&mut buf, offset)?;
+        Ok(Bytes::from(buf))
+    }
+}
+
+/// Bytes that start at a [`DIRECT_ALIGN`] boundary, handed out as [`Bytes`] without a
+/// copy: O_DIRECT reads land in them and NBD write payloads are received into them, so
+/// neither needs a bounce buffer.
+#[derive(Debug)]
+pub(crate) struct AlignedVec {
+    raw: Vec<u8>,
+    start: usize,
+}
+
+impl AlignedVec {
+    /// Room for `len` aligned bytes; holds none yet. The allocation never moves (nothing
+    /// may append more than `len`), so the start stays aligned.
+    pub(crate) fn with_capacity(len: usize) -> AlignedVec {
+        let mut raw = Vec::with_capacity(len + DIRECT_ALIGN);
+        let start = (DIRECT_ALIGN - raw.as_ptr() as usize % DIRECT_ALIGN) % DIRECT_ALIGN;
+        raw.resize(start, 0);
+        AlignedVec { raw, start }
+    }
+
+    /// The aligned bytes held so far.
+    pub(crate) fn len(&self) -> usize {
+        self.raw.len() - self.start
+    }
+
+    /// The vector to append to (at most the `len` given at creation, in total).
+    pub(crate) fn vec_mut(&mut self) -> &mut Vec<u8> {
+        &mut self.raw
+    }
+
+    pub(crate) fn into_bytes(self) -> Bytes {
+        Bytes::from_owner(self)
+    }
+}
+
+impl AsRef<[u8]> for AlignedVec {
+    fn as_ref(&self) -> &[u8] {
+        &self.raw[self.start..]
+    }
 }
 
 /// A file or block device (pread/pwrite, fdatasync), optionally O_DIRECT.
@@ -127,8 +174,23 @@ impl DataDevice for FileDevice {
         Ok(())
     }
 
-    fn write_at(&self, data: &[u8], offset: u64) -> io::Result<()> {
+    fn read_bytes(&self, offset: u64, len: usize) -> io::Result<Bytes> {
         if !self.direct {
+            let mut buf = vec![0u8; len];
+            self.file.read_exact_at(&mut buf, offset)?;
+            return Ok(Bytes::from(buf));
+        }
+        check_aligned(true, offset, len)?;
+        let mut buf = AlignedVec::with_capacity(len);
+        let start = buf.start;
+        buf.raw.resize(start + len, 0);
+        self.file.read_exact_at(&mut buf.raw[start..], offset)?;
+        Ok(buf.into_bytes())
+    }
+
+    fn write_at(&self, data: &[u8], offset: u64) -> io::Result<()> {
+        if !self.direct || (data.as_ptr() as usize).is_multiple_of(DIRECT_ALIGN) {
+            check_aligned(self.direct, offset, data.len())?;
             return self.file.write_all_at(data, offset);
         }
         check_aligned(true, offset, data.len())?;
@@ -249,11 +311,9 @@ impl Devices {
         len: usize,
     ) -> Result<Bytes, ClientError> {
         let dev = self.dev(which);
-        let mut buf = vec![0u8; len];
         dev.dev
-            .read_at(&mut buf, offset)
-            .map_err(|e| Self::io_err(dev, "reading", offset, e))?;
-        Ok(Bytes::from(buf))
+            .read_bytes(offset, len)
+            .map_err(|e| Self::io_err(dev, "reading", offset, e))
     }
 
     /// Writes `data` at `offset`; with `sync` (FUA), makes it durable before returning.

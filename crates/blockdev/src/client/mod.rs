@@ -13,7 +13,7 @@
 
 mod cache;
 mod conn;
-mod devices;
+pub(crate) mod devices;
 pub mod session;
 mod volume;
 

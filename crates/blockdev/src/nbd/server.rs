@@ -10,6 +10,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
+
+use crate::client::devices::AlignedVec;
 use thiserror::Error;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, UnixListener};
@@ -509,25 +511,26 @@ async fn read_full<R: AsyncRead + Unpin>(
     Ok(Fill::Full)
 }
 
-/// Reads a WRITE payload into one buffer of exactly its size.
+/// Reads a WRITE payload into one buffer of exactly its size, starting at a 4 KiB
+/// boundary so an O_DIRECT export writes it as it is (no bounce buffer, no copy).
 async fn read_payload<R: AsyncRead + Unpin>(
     reader: &mut R,
     len: u32,
 ) -> Result<Bytes, ConnectionError> {
     let len = len as usize;
-    let mut buf = BytesMut::with_capacity(len);
+    let mut buf = AlignedVec::with_capacity(len);
     while buf.len() < len {
         let want = (len - buf.len()) as u64;
         let n = (&mut *reader)
             .take(want)
-            .read_buf(&mut buf)
+            .read_buf(buf.vec_mut())
             .await
             .map_err(io_err("reading a write payload"))?;
         if n == 0 {
             return Err(ConnectionError::TruncatedRequest);
         }
     }
-    Ok(buf.freeze())
+    Ok(buf.into_bytes())
 }
 
 /// Skips the payload of a rejected request so the next header is found.

@@ -1,9 +1,11 @@
 //! The NBD servers under test: qemu-nbd on the raw file, csnap-agent --standalone, and
 //! qemu-nbd on the qcow2 image (its writable origin, or one internal snapshot read-only).
-//! Each listens on its own unix socket in the work directory; each is a [`Proc`], so it
+//! Each listens on its own unix socket in the work directory or on its own loopback TCP
+//! port; each is a [`Proc`], so it
 //! is stopped by PID however the benchmark ends.
 
 use std::io::Read as _;
+use std::net::TcpStream;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -32,11 +34,48 @@ pub struct Setup {
     pub csnapctl: PathBuf,
     /// O_DIRECT in every server (qemu-nbd --cache=none, csnap-agent --direct-io).
     pub direct: bool,
+    /// How clients reach every server.
+    pub transport: Transport,
+}
+
+/// How fio reaches the servers: a unix socket in the work directory, or TCP on loopback.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Transport {
+    Unix,
+    Tcp,
+}
+
+impl Transport {
+    pub fn label(self) -> &'static str {
+        match self {
+            Transport::Unix => "unix",
+            Transport::Tcp => "tcp",
+        }
+    }
+}
+
+/// Where a server listens.
+#[derive(Clone, Debug)]
+enum Endpoint {
+    Unix(PathBuf),
+    /// A port on 127.0.0.1.
+    Tcp(u16),
+}
+
+/// A free loopback port (the kernel's choice; the listener is closed again, so another
+/// program could take it first: the server's start then fails and says so).
+fn free_port() -> anyhow::Result<u16> {
+    let listener = std::net::TcpListener::bind(("127.0.0.1", 0))
+        .map_err(|e| anyhow::anyhow!("cannot find a free loopback port: {e}"))?;
+    Ok(listener.local_addr()?.port())
 }
 
 impl Setup {
-    fn socket(&self, name: &str) -> PathBuf {
-        self.dir.join(format!("{name}.sock"))
+    fn endpoint(&self, name: &str) -> anyhow::Result<Endpoint> {
+        Ok(match self.transport {
+            Transport::Unix => Endpoint::Unix(self.dir.join(format!("{name}.sock"))),
+            Transport::Tcp => Endpoint::Tcp(free_port()?),
+        })
     }
 
     fn log(&self, name: &str) -> PathBuf {
@@ -47,16 +86,23 @@ impl Setup {
         self.dir.join("csnap.ctl")
     }
 
-    fn qemu_nbd(&self, image: &Path, format: &str, socket: &Path, export: &str) -> Command {
+    fn qemu_nbd(&self, image: &Path, format: &str, endpoint: &Endpoint, export: &str) -> Command {
         let mut cmd = Command::new("qemu-nbd");
         cmd.arg("--format")
             .arg(format)
             .arg("--persistent")
             .arg("--shared=0")
             .arg("--export-name")
-            .arg(export)
-            .arg("--socket")
-            .arg(socket);
+            .arg(export);
+        match endpoint {
+            Endpoint::Unix(socket) => {
+                cmd.arg("--socket").arg(socket);
+            }
+            Endpoint::Tcp(port) => {
+                cmd.args(["--bind", "127.0.0.1", "--port"])
+                    .arg(port.to_string());
+            }
+        }
         if self.direct {
             cmd.arg("--cache=none");
         }
@@ -68,7 +114,7 @@ impl Setup {
 /// A running NBD server and the URI of the export measured on it.
 pub struct Server {
     proc: Proc,
-    socket: PathBuf,
+    endpoint: Endpoint,
     uri: String,
 }
 
@@ -79,7 +125,12 @@ impl Server {
 
     /// Measures `export` of this server from now on.
     pub fn point_at(&mut self, export: &str) {
-        self.uri = uri(export, &self.socket);
+        self.uri = uri(export, &self.endpoint);
+    }
+
+    /// The serving process's PID (for its CPU time and thread count).
+    pub fn pid(&self) -> Option<u32> {
+        self.proc.pid()
     }
 
     /// Fails (with its log) if the server has died.
@@ -99,17 +150,21 @@ impl Server {
     }
 }
 
-fn uri(export: &str, socket: &Path) -> String {
-    format!("nbd+unix:///{export}?socket={}", socket.display())
+fn uri(export: &str, endpoint: &Endpoint) -> String {
+    match endpoint {
+        Endpoint::Unix(socket) => format!("nbd+unix:///{export}?socket={}", socket.display()),
+        Endpoint::Tcp(port) => format!("nbd://127.0.0.1:{port}/{export}"),
+    }
 }
 
 /// Starts `engine`'s server on the origin (writable).
 pub async fn start_origin(setup: &Setup, engine: Engine) -> anyhow::Result<Server> {
     let name = engine.label();
-    let socket = setup.socket(name);
+    let endpoint = setup.endpoint(name)?;
     let cmd = match engine {
-        Engine::Raw => setup.qemu_nbd(&setup.raw_image, "raw", &socket, VOLUME),
-        Engine::Qcow2 => setup.qemu_nbd(&setup.qcow2_image, "qcow2", &socket, VOLUME),
+        Engine::Device => bail!("the device limit is fio on the file itself, not a server"),
+        Engine::Raw => setup.qemu_nbd(&setup.raw_image, "raw", &endpoint, VOLUME),
+        Engine::Qcow2 => setup.qemu_nbd(&setup.qcow2_image, "qcow2", &endpoint, VOLUME),
         Engine::Csnap => {
             let mut cmd = Command::new(&setup.agent);
             cmd.arg("--standalone")
@@ -120,7 +175,10 @@ pub async fn start_origin(setup: &Setup, engine: Engine) -> anyhow::Result<Serve
                 .arg("--store")
                 .arg(&setup.csnap_store)
                 .arg("--nbd-listen")
-                .arg(format!("unix:{}", socket.display()))
+                .arg(match &endpoint {
+                    Endpoint::Unix(socket) => format!("unix:{}", socket.display()),
+                    Endpoint::Tcp(port) => format!("127.0.0.1:{port}"),
+                })
                 .arg("--control-socket")
                 .arg(setup.csnap_control())
                 .env("RUST_LOG", "warn");
@@ -130,7 +188,7 @@ pub async fn start_origin(setup: &Setup, engine: Engine) -> anyhow::Result<Serve
             cmd
         }
     };
-    start(name, cmd, &setup.log(name), socket, VOLUME).await
+    start(name, cmd, &setup.log(name), endpoint, VOLUME).await
 }
 
 /// Starts qemu-nbd on internal snapshot `snapshot` of the qcow2 image, read-only (the
@@ -138,30 +196,30 @@ pub async fn start_origin(setup: &Setup, engine: Engine) -> anyhow::Result<Serve
 pub async fn start_qcow2_snapshot(setup: &Setup, snapshot: &str) -> anyhow::Result<Server> {
     let name = format!("qcow2-{snapshot}");
     let export = format!("{VOLUME}@{snapshot}");
-    let socket = setup.socket(&name);
-    let mut cmd = setup.qemu_nbd(&setup.qcow2_image, "qcow2", &socket, &export);
+    let endpoint = setup.endpoint(&name)?;
+    let mut cmd = setup.qemu_nbd(&setup.qcow2_image, "qcow2", &endpoint, &export);
     cmd.arg("--read-only").arg("--load-snapshot").arg(snapshot);
-    start(&name, cmd, &setup.log(&name), socket, &export).await
+    start(&name, cmd, &setup.log(&name), endpoint, &export).await
 }
 
 async fn start(
     name: &str,
     cmd: Command,
     log: &Path,
-    socket: PathBuf,
+    endpoint: Endpoint,
     export: &str,
 ) -> anyhow::Result<Server> {
     let mut proc = Proc::spawn(name, cmd, log)?;
-    wait_for_nbd(&mut proc, &socket).await?;
+    wait_for_nbd(&mut proc, &endpoint).await?;
     Ok(Server {
         proc,
-        uri: uri(export, &socket),
-        socket,
+        uri: uri(export, &endpoint),
+        endpoint,
     })
 }
 
 /// Waits until the server at `socket` greets a connection with the NBD magic.
-async fn wait_for_nbd(proc: &mut Proc, socket: &Path) -> anyhow::Result<()> {
+async fn wait_for_nbd(proc: &mut Proc, endpoint: &Endpoint) -> anyhow::Result<()> {
     let deadline = Instant::now() + READY_WAIT;
     loop {
         if let Some(status) = proc.exited() {
@@ -171,14 +229,13 @@ async fn wait_for_nbd(proc: &mut Proc, socket: &Path) -> anyhow::Result<()> {
                 proc.log_tail(30)
             );
         }
-        if greets_with_nbd_magic(socket) {
+        if greets_with_nbd_magic(endpoint) {
             return Ok(());
         }
         if Instant::now() >= deadline {
             bail!(
-                "{} does not serve NBD on {} after {READY_WAIT:?}. Log tail:\n{}",
+                "{} does not serve NBD on {endpoint:?} after {READY_WAIT:?}. Log tail:\n{}",
                 proc.name(),
-                socket.display(),
                 proc.log_tail(30)
             );
         }
@@ -186,18 +243,20 @@ async fn wait_for_nbd(proc: &mut Proc, socket: &Path) -> anyhow::Result<()> {
     }
 }
 
-fn greets_with_nbd_magic(socket: &Path) -> bool {
-    let Ok(mut stream) = UnixStream::connect(socket) else {
-        return false;
-    };
-    if stream
-        .set_read_timeout(Some(Duration::from_secs(2)))
-        .is_err()
-    {
-        return false;
-    }
+fn greets_with_nbd_magic(endpoint: &Endpoint) -> bool {
+    let timeout = Some(Duration::from_secs(2));
     let mut magic = [0u8; 8];
-    stream.read_exact(&mut magic).is_ok() && &magic == b"NBDMAGIC"
+    let read = match endpoint {
+        Endpoint::Unix(socket) => UnixStream::connect(socket).and_then(|mut s| {
+            s.set_read_timeout(timeout)?;
+            s.read_exact(&mut magic)
+        }),
+        Endpoint::Tcp(port) => TcpStream::connect(("127.0.0.1", *port)).and_then(|mut s| {
+            s.set_read_timeout(timeout)?;
+            s.read_exact(&mut magic)
+        }),
+    };
+    read.is_ok() && &magic == b"NBDMAGIC"
 }
 
 /// Creates snapshot `name` of the csnap volume through csnapctl and the control socket.

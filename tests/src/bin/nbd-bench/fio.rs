@@ -75,11 +75,31 @@ impl FioJob {
     /// fio's command line (after the program name) for this job against `uri`, its JSON
     /// result written to `output`.
     pub fn args(&self, uri: &str, output: &Path) -> Vec<String> {
+        self.args_with(
+            vec!["--ioengine=nbd".to_string(), format!("--uri={uri}")],
+            output,
+        )
+    }
+
+    /// fio's command line for this job on the file `path` itself (the device limit):
+    /// libaio with O_DIRECT when `direct`, else psync through the page cache (psync has
+    /// one request in flight per job whatever the iodepth).
+    pub fn file_args(&self, path: &Path, direct: bool, output: &Path) -> Vec<String> {
+        let engine = if direct {
+            ["--ioengine=libaio", "--direct=1"]
+        } else {
+            ["--ioengine=psync", "--direct=0"]
+        };
+        let mut target: Vec<String> = engine.iter().map(|s| s.to_string()).collect();
+        target.push(format!("--filename={}", path.display()));
+        self.args_with(target, output)
+    }
+
+    fn args_with(&self, target: Vec<String>, output: &Path) -> Vec<String> {
         let per_job = self.per_job_length();
-        let mut args = vec![
-            format!("--name={}", self.name),
-            "--ioengine=nbd".to_string(),
-            format!("--uri={uri}"),
+        let mut args = vec![format!("--name={}", self.name)];
+        args.extend(target);
+        args.extend([
             format!("--rw={}", self.access.rw()),
             format!("--bs={}", self.block_size),
             format!("--iodepth={}", self.iodepth),
@@ -92,7 +112,7 @@ impl FioJob {
             "--randrepeat=1".to_string(),
             "--output-format=json".to_string(),
             format!("--output={}", output.display()),
-        ];
+        ]);
         match self.run {
             Length::Timed { ramp, runtime } => {
                 args.push("--time_based=1".to_string());
@@ -121,6 +141,11 @@ pub struct FioResult {
     pub iops: f64,
     pub bytes_per_sec: f64,
     pub runtime: Duration,
+    /// User + system CPU of the serving process per request over the measured run, in
+    /// microseconds (none for the device limit, which has no server).
+    pub cpu_us_per_request: Option<f64>,
+    /// Most threads the serving process had during the run.
+    pub threads: Option<u32>,
 }
 
 impl FioResult {
@@ -162,6 +187,8 @@ pub fn parse_result(json: &str, reads: bool) -> anyhow::Result<FioResult> {
         iops: field("iops")?,
         bytes_per_sec: field("bw_bytes")?,
         runtime: Duration::from_millis(field("runtime")? as u64),
+        cpu_us_per_request: None,
+        threads: None,
     };
     if result.ios == 0 || result.bytes == 0 {
         bail!("fio did no {side_name}s");
@@ -219,6 +246,25 @@ mod tests {
         // The random map must stay on: it is what makes every write a first touch.
         assert!(!args.iter().any(|a| a.contains("norandommap")));
         assert!(!args.iter().any(|a| a.contains("time_based")));
+    }
+
+    #[test]
+    fn device_jobs_run_on_the_file() {
+        let j = job(
+            Access::RandRead,
+            Length::Timed {
+                ramp: Duration::ZERO,
+                runtime: Duration::from_secs(1),
+            },
+        );
+        let direct = j.file_args(Path::new("/raw.img"), true, Path::new("/o.json"));
+        for want in ["--ioengine=libaio", "--direct=1", "--filename=/raw.img"] {
+            assert!(direct.contains(&want.to_string()), "{want}: {direct:?}");
+        }
+        assert!(!direct.iter().any(|a| a.contains("uri")));
+        let cached = j.file_args(Path::new("/raw.img"), false, Path::new("/o.json"));
+        assert!(cached.contains(&"--ioengine=psync".to_string()));
+        assert!(cached.contains(&"--direct=0".to_string()));
     }
 
     #[test]
@@ -281,6 +327,8 @@ mod tests {
             iops: mbs,
             bytes_per_sec: mbs * 1e6,
             runtime: Duration::from_secs(1),
+            cpu_us_per_request: None,
+            threads: None,
         };
         assert_eq!(median(&[]), None);
         assert_eq!(median(&[run(5.0)]), Some(run(5.0)));

@@ -2,9 +2,12 @@
 //!
 //!     scripts/bench-nbd [--quick] [--direct] [--size 2G] [--chunk-size 64K] [--rounds 3] ...
 //!
-//! Three servers, each on its own unix socket in a temporary directory, measured by fio's
-//! nbd engine with the same iodepth and job count:
+//! Three servers, each on its own unix socket in a temporary directory or its own
+//! loopback TCP port, measured by fio's nbd engine with the same iodepth and job count,
+//! and fio on the raw file itself (the device limit):
 //!
+//! * **device**: fio with libaio and O_DIRECT (direct mode) or psync through the page
+//!   cache (page mode) on the raw origin file;
 //! * **raw**: qemu-nbd on a raw origin file (the ceiling);
 //! * **csnap**: csnap-agent --standalone on an origin file and a store formatted with
 //!   csnapctl format (chunk size as given);
@@ -19,6 +22,12 @@
 //! 4. Snapshots s2..sN. 64 KiB random first-touch writes to [S/4, S/2) (one pass).
 //! 5. 1 MiB sequential read of snapshot s1, the whole device (timed): csnap `vol@s1`,
 //!    qcow2 `qemu-nbd -l s1 --read-only`, raw the file itself.
+//! 6. nbdcopy of snapshot s1 (the whole device) to a file, 1 MiB requests.
+//!
+//! The whole sequence runs once per chunk size (`--chunk-size 4K,64K`), cache mode
+//! (`--cache direct|page|both`) and transport (`--transport unix|tcp|both`), each with
+//! fresh images. Every server's CPU per request (user + system from /proc/PID/stat after
+//! the ramp, over the requests fio counted) and most threads are printed with each figure.
 //!
 //! Goals (issue 4): at least 0.9x qemu-nbd raw where no copy-out is needed (1, 3, 5);
 //! first-touch writes at least as fast as qcow2 (2, 4). The table goes to stdout as
@@ -37,7 +46,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use clap::Parser;
 
-use engines::{Server, Setup};
+use engines::{Server, Setup, Transport};
 use fio::{Access, FioJob, FioResult, Length};
 use procs::{run_tool, Proc};
 use report::{Engine, Goal, Row};
@@ -53,9 +62,10 @@ struct Args {
     #[arg(long, value_parser = setup::parse_size)]
     size: Option<u64>,
     /// csnap chunk size and qcow2 cluster size: 4K..64K, so a 64 KiB first-touch write
-    /// never shares a chunk with another write.
-    #[arg(long, default_value = "64K", value_parser = setup::parse_size)]
-    chunk_size: u64,
+    /// never shares a chunk with another write. A list (4K,64K) runs everything once per
+    /// size.
+    #[arg(long, default_value = "64K", value_delimiter = ',', value_parser = setup::parse_size)]
+    chunk_size: Vec<u64>,
     /// Snapshots before the second first-touch test.
     #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(2..=10_000))]
     snapshots: u32,
@@ -79,10 +89,18 @@ struct Args {
     /// Cap, in seconds, on each one-pass first-touch run (it stops early if reached).
     #[arg(long, default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..=3600))]
     first_touch_cap: u64,
-    /// O_DIRECT in every server (qemu-nbd --cache=none, csnap-agent --direct-io) instead
-    /// of the page cache.
-    #[arg(long)]
+    /// direct: O_DIRECT everywhere (qemu-nbd --cache=none, csnap-agent --direct-io, fio
+    /// libaio direct=1 on the file); page: the page cache everywhere (fio psync on the
+    /// file); both: the whole run once per mode, never mixed.
+    #[arg(long, value_enum, default_value_t = CacheMode::Both)]
+    cache: CacheMode,
+    /// Same as --cache direct (kept for old command lines).
+    #[arg(long, conflicts_with = "cache")]
     direct: bool,
+    /// How fio reaches the servers: unix sockets, TCP on 127.0.0.1, or both (the whole run
+    /// once per transport).
+    #[arg(long, value_enum, default_value_t = TransportMode::Both)]
+    transport: TransportMode,
     /// Where the temporary directory goes (its file system holds every image).
     #[arg(long, default_value_os_t = std::env::temp_dir())]
     dir: PathBuf,
@@ -94,7 +112,22 @@ struct Args {
     bin_dir: Option<PathBuf>,
 }
 
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum CacheMode {
+    Direct,
+    Page,
+    Both,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum TransportMode {
+    Unix,
+    Tcp,
+    Both,
+}
+
 /// Everything a run decided, for the header.
+#[derive(Clone)]
 struct Plan {
     size: u64,
     chunk: u64,
@@ -106,6 +139,7 @@ struct Plan {
     jobs: u32,
     snapshots: u32,
     direct: bool,
+    transport: Transport,
 }
 
 impl Plan {
@@ -113,11 +147,13 @@ impl Plan {
         let size = args
             .size
             .unwrap_or(if args.quick { 256 << 20 } else { 2 << 30 });
-        let chunk = args.chunk_size;
-        anyhow::ensure!(
-            chunk.is_power_of_two() && (4096..=65536).contains(&chunk),
-            "--chunk-size must be a power of two from 4K to 64K (got {chunk})"
-        );
+        for &chunk in &args.chunk_size {
+            anyhow::ensure!(
+                chunk.is_power_of_two() && (4096..=65536).contains(&chunk),
+                "--chunk-size must be powers of two from 4K to 64K (got {chunk})"
+            );
+        }
+        let chunk = args.chunk_size.first().copied().unwrap_or(65536);
         let unit = 4 * u64::from(args.jobs) * (1 << 20);
         anyhow::ensure!(
             size >= unit && size & ((4 << 20) - 1) == 0,
@@ -136,6 +172,7 @@ impl Plan {
             jobs: args.jobs,
             snapshots: args.snapshots,
             direct: args.direct,
+            transport: Transport::Unix,
         })
     }
 
@@ -181,9 +218,37 @@ struct Servers {
 impl Servers {
     fn get(&mut self, engine: Engine) -> Option<&mut Server> {
         match engine {
+            Engine::Device => None,
             Engine::Raw => self.raw.as_mut(),
             Engine::Csnap => self.csnap.as_mut(),
             Engine::Qcow2 => self.qcow2.as_mut(),
+        }
+    }
+}
+
+/// nbdcopy's request size in the copy test (its requests are what CPU per request counts).
+const COPY_REQUEST: u64 = 1 << 20;
+/// Longest a whole-snapshot copy may take.
+const COPY_WAIT: Duration = Duration::from_secs(900);
+
+/// One measurement: a fio job, or nbdcopy of the whole export to a file.
+enum Work {
+    Fio(FioJob),
+    Copy { name: String, size: u64 },
+}
+
+impl Work {
+    fn name(&self) -> &str {
+        match self {
+            Work::Fio(job) => &job.name,
+            Work::Copy { name, .. } => name,
+        }
+    }
+
+    fn tool(&self) -> &'static str {
+        match self {
+            Work::Fio(_) => "fio",
+            Work::Copy { .. } => "nbdcopy",
         }
     }
 }
@@ -195,11 +260,10 @@ struct Bench {
 }
 
 impl Bench {
-    /// Runs `job` against every engine in turn and records the figures in `row`; a failed run is reported and leaves its cell empty.
     /// Runs `job` against every engine in turn, `rounds` times round-robin (so load from
     /// elsewhere hits every engine alike), and records each engine's median run in `row`.
     /// A failed run is reported; an engine with no successful run leaves its cell empty.
-    async fn measure_all(&mut self, job: &FioJob, rounds: u32, row: &mut Row) {
+    async fn measure_all(&mut self, job: &Work, rounds: u32, row: &mut Row) {
         let mut runs: Vec<(Engine, Vec<FioResult>)> =
             Engine::ALL.iter().map(|&e| (e, Vec::new())).collect();
         for round in 1..=rounds {
@@ -208,12 +272,17 @@ impl Bench {
                 match self.measure(job, engine).await {
                     Ok(r) => {
                         eprintln!(
-                            "  {:<5} round {round}: {:>9.0} IOPS {:>8.1} MB/s  ({} I/Os in {:.1} s)",
+                            "  {:<6} round {round}: {:>9.0} IOPS {:>8.1} MB/s  ({} I/Os in {:.1} s) \
+                             CPU {} us/request, {} threads, load {}",
                             engine.label(),
                             r.iops,
                             r.megabytes_per_sec(),
                             r.ios,
-                            r.runtime.as_secs_f64()
+                            r.runtime.as_secs_f64(),
+                            r.cpu_us_per_request
+                                .map_or_else(|| "-".to_string(), |c| format!("{c:.1}")),
+                            r.threads.map_or_else(|| "-".to_string(), |t| t.to_string()),
+                            setup::load_average()
                         );
                         results.push(r);
                     }
@@ -231,34 +300,118 @@ impl Bench {
         for (engine, results) in runs {
             if let Some(median) = fio::median(&results) {
                 row.set(engine, median);
+                let iops = results.iter().map(|r| r.iops);
+                let min = iops.clone().fold(f64::INFINITY, f64::min);
+                let max = iops.fold(0.0, f64::max);
+                row.set_spread(engine, min, max);
             }
         }
     }
 
-    async fn measure(&mut self, job: &FioJob, engine: Engine) -> anyhow::Result<FioResult> {
-        let server = self
-            .servers
-            .get(engine)
-            .with_context(|| format!("the {} server is not running", engine.label()))?;
-        server.check_alive()?;
-        let uri = server.uri().to_string();
-        // Write back what the previous run left dirty, so it does not bill this one.
-        tokio::task::spawn_blocking(nix::unistd::sync).await?;
-        let stem = format!("fio-{}-{}", job.name, engine.label());
+    async fn measure(&mut self, work: &Work, engine: Engine) -> anyhow::Result<FioResult> {
+        let stem = format!("{}-{}", work.name(), engine.label());
         let output = self.setup.dir.join(format!("{stem}.json"));
         let log = self.setup.dir.join(format!("{stem}.log"));
-        let mut cmd = Command::new("fio");
-        cmd.args(job.args(&uri, &output));
-        let status = Proc::spawn("fio", cmd, &log)?.wait(job.run.bound()).await?;
-        let text = std::fs::read_to_string(&output).unwrap_or_default();
+        let copy = self.setup.dir.join("copy.img");
+        let (source, pid) = if engine == Engine::Device {
+            (None, None)
+        } else {
+            let server = self
+                .servers
+                .get(engine)
+                .with_context(|| format!("the {} server is not running", engine.label()))?;
+            server.check_alive()?;
+            (Some(server.uri().to_string()), server.pid())
+        };
+        let (cmd, bound, ramp) = match work {
+            Work::Fio(job) => {
+                let mut cmd = Command::new("fio");
+                match &source {
+                    Some(uri) => cmd.args(job.args(uri, &output)),
+                    None => {
+                        cmd.args(job.file_args(&self.setup.raw_image, self.setup.direct, &output))
+                    }
+                };
+                let ramp = match job.run {
+                    fio::Length::Timed { ramp, .. } => ramp,
+                    fio::Length::OnePass { .. } => Duration::ZERO,
+                };
+                (cmd, job.run.bound(), ramp)
+            }
+            Work::Copy { .. } => {
+                let _ = std::fs::remove_file(&copy);
+                let mut cmd = Command::new("nbdcopy");
+                cmd.arg(format!("--request-size={COPY_REQUEST}"));
+                match &source {
+                    Some(uri) => cmd.arg(uri),
+                    None => cmd.arg(&self.setup.raw_image),
+                };
+                cmd.arg(&copy);
+                (cmd, COPY_WAIT, Duration::ZERO)
+            }
+        };
+        // Write back what the previous run left dirty, so it does not bill this one.
+        tokio::task::spawn_blocking(nix::unistd::sync).await?;
+        let started = std::time::Instant::now();
+        let child = Proc::spawn(work.tool(), cmd, &log)?;
+        // The server's CPU is counted from the end of the ramp (fio does not count the
+        // ramp's requests) to the client's exit; its threads are sampled as it runs.
+        let mut first = None;
+        let mut threads = 0u32;
+        let sampler = async {
+            tokio::time::sleep(ramp).await;
+            first = pid.and_then(procs::cpu_sample);
+            loop {
+                if let Some(s) = pid.and_then(procs::cpu_sample) {
+                    threads = threads.max(s.threads);
+                }
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+        };
+        let status = tokio::select! {
+            status = child.wait(bound) => status?,
+            _ = sampler => anyhow::bail!("the CPU sampler stopped"),
+        };
+        let elapsed = started.elapsed();
+        let last = pid.and_then(procs::cpu_sample);
         if !status.success() {
             let log_text = std::fs::read_to_string(&log).unwrap_or_default();
-            anyhow::bail!("fio failed ({status}): {}", log_text.trim());
+            anyhow::bail!("{} failed ({status}): {}", work.tool(), log_text.trim());
         }
         if let Some(server) = self.servers.get(engine) {
             server.check_alive()?;
         }
-        fio::parse_result(&text, job.reads())
+        let mut result = match work {
+            Work::Fio(job) => {
+                let text = std::fs::read_to_string(&output).unwrap_or_default();
+                fio::parse_result(&text, job.reads())?
+            }
+            Work::Copy { size, .. } => {
+                let copied = std::fs::metadata(&copy).map(|m| m.len()).unwrap_or(0);
+                let _ = std::fs::remove_file(&copy);
+                anyhow::ensure!(
+                    copied == *size,
+                    "nbdcopy wrote {copied} bytes, not the {size} of the export"
+                );
+                let secs = elapsed.as_secs_f64().max(1e-6);
+                let ios = size.div_ceil(COPY_REQUEST);
+                FioResult {
+                    ios,
+                    bytes: *size,
+                    iops: ios as f64 / secs,
+                    bytes_per_sec: *size as f64 / secs,
+                    runtime: elapsed,
+                    cpu_us_per_request: None,
+                    threads: None,
+                }
+            }
+        };
+        if let (Some(a), Some(b)) = (first, last) {
+            let cpu = b.cpu.saturating_sub(a.cpu);
+            result.cpu_us_per_request = Some(cpu.as_secs_f64() * 1e6 / result.ios as f64);
+            result.threads = Some(threads.max(b.threads));
+        }
+        Ok(result)
     }
 
     /// Records a failed step.
@@ -304,6 +457,7 @@ async fn prepare(args: &Args, plan: &Plan, dir: &WorkDir) -> anyhow::Result<Setu
         agent: setup::require_binary(&bin_dir, "csnap-agent", hint)?,
         csnapctl: setup::require_binary(&bin_dir, "csnapctl", hint)?,
         direct: plan.direct,
+        transport: plan.transport,
     };
     for tool in ["fio", "qemu-nbd", "qemu-img"] {
         let log = dir.join("versions.log");
@@ -377,13 +531,51 @@ fn describe_status(status: &serde_json::Value) -> String {
     )
 }
 
+/// The whole benchmark once per cache mode and transport asked for, each with its own
+/// work directory and table.
 async fn run(args: Args) -> anyhow::Result<bool> {
-    let plan = Plan::from_args(&args)?;
+    let base = Plan::from_args(&args)?;
+    let directs: &[bool] = match (args.direct, args.cache) {
+        (true, _) | (_, CacheMode::Direct) => &[true],
+        (_, CacheMode::Page) => &[false],
+        (_, CacheMode::Both) => &[true, false],
+    };
+    let transports: &[Transport] = match args.transport {
+        TransportMode::Unix => &[Transport::Unix],
+        TransportMode::Tcp => &[Transport::Tcp],
+        TransportMode::Both => &[Transport::Unix, Transport::Tcp],
+    };
+    let mut ok = true;
+    for &chunk in &args.chunk_size {
+        for &direct in directs {
+            for &transport in transports {
+                let plan = Plan {
+                    chunk,
+                    direct,
+                    transport,
+                    ..base.clone()
+                };
+                eprintln!(
+                    "=== {} KiB chunks, {} cache, {} ===",
+                    chunk >> 10,
+                    if direct { "direct" } else { "page" },
+                    transport.label()
+                );
+                ok &= run_one(&args, &plan).await?;
+                println!();
+            }
+        }
+    }
+    Ok(ok)
+}
+
+async fn run_one(args: &Args, plan: &Plan) -> anyhow::Result<bool> {
+    let plan = plan.clone();
     let started = setup::now_utc();
     let load_before = setup::load_average();
     let dir = WorkDir::create(&args.dir, args.keep)?;
     eprintln!("work directory {}", dir.path().display());
-    let setup = prepare(&args, &plan, &dir).await?;
+    let setup = prepare(args, &plan, &dir).await?;
     let mut bench = Bench {
         servers: Servers {
             raw: None,
@@ -394,8 +586,12 @@ async fn run(args: Args) -> anyhow::Result<bool> {
         failures: Vec::new(),
     };
     for engine in Engine::ALL {
+        if engine == Engine::Device {
+            continue;
+        }
         let server = engines::start_origin(&bench.setup, engine).await?;
         match engine {
+            Engine::Device => {}
             Engine::Raw => bench.servers.raw = Some(server),
             Engine::Csnap => bench.servers.csnap = Some(server),
             Engine::Qcow2 => bench.servers.qcow2 = Some(server),
@@ -414,10 +610,16 @@ async fn run(args: Args) -> anyhow::Result<bool> {
         Goal::VsQcow2(1.0),
     );
     let mut seqread = Row::new("1M sequential read, snapshot s1", Goal::VsRaw(0.9));
+    let mut copy = Row::new(
+        "nbdcopy of snapshot s1 to a file (1M requests)",
+        Goal::VsRaw(0.9),
+    );
 
-    eprintln!("[1/5] {}", randread.label);
+    eprintln!("[1/6] {}", randread.label);
     let job = plan.job("randread-4k", Access::RandRead, 4096, (0, s), plan.timed());
-    bench.measure_all(&job, plan.rounds, &mut randread).await;
+    bench
+        .measure_all(&Work::Fio(job.clone()), plan.rounds, &mut randread)
+        .await;
 
     // A failed step skips the tests that need it; the table still shows what was measured.
     let mut ready = bench
@@ -425,7 +627,7 @@ async fn run(args: Args) -> anyhow::Result<bool> {
         .await
         .map_err(|e| bench.failed("snapshot s1", e))
         .is_ok();
-    eprintln!("[2/5] {}", first_touch_1.label);
+    eprintln!("[2/6] {}", first_touch_1.label);
     let job = plan.job(
         "firsttouch-1",
         Access::RandWrite,
@@ -434,10 +636,12 @@ async fn run(args: Args) -> anyhow::Result<bool> {
         plan.one_pass(),
     );
     if ready {
-        bench.measure_all(&job, 1, &mut first_touch_1).await;
+        bench
+            .measure_all(&Work::Fio(job.clone()), 1, &mut first_touch_1)
+            .await;
     }
 
-    eprintln!("[3/5] {}", unique.label);
+    eprintln!("[3/6] {}", unique.label);
     let job = plan.job(
         "randwrite-unique",
         Access::RandWrite,
@@ -446,14 +650,16 @@ async fn run(args: Args) -> anyhow::Result<bool> {
         plan.timed(),
     );
     if ready {
-        bench.measure_all(&job, plan.rounds, &mut unique).await;
+        bench
+            .measure_all(&Work::Fio(job.clone()), plan.rounds, &mut unique)
+            .await;
         ready = bench
             .snapshots(2, n)
             .await
             .map_err(|e| bench.failed("snapshots", e))
             .is_ok();
     }
-    eprintln!("[4/5] {}", first_touch_n.label);
+    eprintln!("[4/6] {}", first_touch_n.label);
     let job = plan.job(
         &format!("firsttouch-{n}"),
         Access::RandWrite,
@@ -462,11 +668,13 @@ async fn run(args: Args) -> anyhow::Result<bool> {
         plan.one_pass(),
     );
     if ready {
-        bench.measure_all(&job, 1, &mut first_touch_n).await;
+        bench
+            .measure_all(&Work::Fio(job.clone()), 1, &mut first_touch_n)
+            .await;
     }
     let csnap_status = engines::csnap_status(&bench.setup).await;
 
-    eprintln!("[5/5] {}", seqread.label);
+    eprintln!("[5/6] {}", seqread.label);
     if let Some(server) = bench.servers.qcow2.take() {
         server.stop().await;
     }
@@ -487,30 +695,53 @@ async fn run(args: Args) -> anyhow::Result<bool> {
         plan.timed(),
     );
     if ready {
-        bench.measure_all(&job, plan.rounds, &mut seqread).await;
+        bench
+            .measure_all(&Work::Fio(job.clone()), plan.rounds, &mut seqread)
+            .await;
+    }
+    eprintln!("[6/6] {}", copy.label);
+    if ready {
+        let work = Work::Copy {
+            name: "nbdcopy-snapshot".to_string(),
+            size: s,
+        };
+        bench.measure_all(&work, plan.rounds, &mut copy).await;
     }
 
-    let rows = [randread, unique, first_touch_1, first_touch_n, seqread];
+    let rows = [
+        randread,
+        unique,
+        first_touch_1,
+        first_touch_n,
+        seqread,
+        copy,
+    ];
     println!(
         "csnap NBD benchmark, {started}: {}",
         setup::describe_machine()
     );
     println!();
     println!(
-        "origin {} MiB, chunk/cluster {} KiB, fio nbd engine iodepth {} x {} job(s), timed tests \
-         {} s after {} s ramp, median of {} round(s), first-touch tests one pass; {}; load \
-         average {} before, {} after",
+        "origin {} MiB, chunk/cluster {} KiB, fio nbd engine over {} iodepth {} x {} job(s), \
+         timed tests {} s after {} s ramp, median of {} round(s), first-touch tests one pass; \
+         {}; load average {} before, {} after",
         plan.size >> 20,
         plan.chunk >> 10,
+        match plan.transport {
+            Transport::Unix => "unix sockets",
+            Transport::Tcp => "TCP on 127.0.0.1",
+        },
         plan.iodepth,
         plan.jobs,
         plan.runtime.as_secs(),
         plan.ramp.as_secs(),
         plan.rounds,
         if plan.direct {
-            "O_DIRECT servers (qemu-nbd --cache=none, csnap-agent --direct-io)"
+            "O_DIRECT everywhere (qemu-nbd --cache=none, csnap-agent --direct-io, device: fio \
+             libaio direct=1 on the raw file)"
         } else {
-            "page cache (images on one file system, nothing dropped; sync before each run)"
+            "page cache everywhere (images on one file system, nothing dropped; sync before \
+             each run; device: fio psync on the raw file, one request in flight per job)"
         },
         load_before,
         setup::load_average()

@@ -69,6 +69,11 @@ impl Proc {
         })
     }
 
+    /// The PID, while the process has not been reaped.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     pub fn name(&self) -> &str {
         &self.name
     }
@@ -167,4 +172,60 @@ pub fn log_tail(path: &Path, lines: usize) -> String {
     let text = std::fs::read_to_string(path).unwrap_or_default();
     let all: Vec<&str> = text.lines().collect();
     all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+/// CPU time (user + system) and thread count of a process, from /proc/PID/stat.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CpuSample {
+    pub cpu: Duration,
+    pub threads: u32,
+}
+
+/// Reads `pid`'s CPU time and thread count; `None` if it is gone or unreadable.
+pub fn cpu_sample(pid: u32) -> Option<CpuSample> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    parse_stat(&text, clock_ticks()?)
+}
+
+fn clock_ticks() -> Option<u64> {
+    // SAFETY: sysconf has no preconditions.
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    u64::try_from(ticks).ok().filter(|&t| t > 0)
+}
+
+/// Parses /proc/PID/stat: the command name may hold spaces and parentheses, so the fields
+/// are counted after its last ')'. utime and stime are fields 14 and 15, num_threads 20.
+fn parse_stat(text: &str, ticks_per_sec: u64) -> Option<CpuSample> {
+    let rest = &text[text.rfind(')')? + 1..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // `rest` starts at field 3 (state).
+    let field = |n: usize| fields.get(n - 3)?.parse::<u64>().ok();
+    let ticks = field(14)?.checked_add(field(15)?)?;
+    let threads = u32::try_from(field(20)?).ok()?;
+    Some(CpuSample {
+        cpu: Duration::from_micros(ticks.checked_mul(1_000_000)? / ticks_per_sec),
+        threads,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stat_fields_are_counted_after_the_command_name() {
+        let line = "4242 (qemu (nbd) x) S 1 4242 4242 0 -1 4194560 100 0 0 0 250 50 0 0 20 0 \
+                    7 0 12345 1000 100 18446744073709551615";
+        let s = parse_stat(line, 100).unwrap();
+        assert_eq!(s.cpu, Duration::from_secs(3));
+        assert_eq!(s.threads, 7);
+        assert_eq!(parse_stat("garbage", 100), None);
+        assert_eq!(parse_stat("1 (x) S 1 2", 100), None);
+    }
+
+    #[test]
+    fn this_process_can_be_sampled() {
+        let s = cpu_sample(std::process::id()).unwrap();
+        assert!(s.threads >= 1);
+    }
 }

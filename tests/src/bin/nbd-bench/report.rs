@@ -5,10 +5,13 @@ use std::fmt::Write as _;
 
 use crate::fio::FioResult;
 
-/// The three NBD servers compared.
+/// The engines compared: the file itself and three NBD servers.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Engine {
-    /// qemu-nbd on the raw origin file: the ceiling.
+    /// fio on the raw origin file itself (libaio + O_DIRECT, or psync through the page
+    /// cache): the device limit, no NBD at all.
+    Device,
+    /// qemu-nbd on the raw origin file: the ceiling for an NBD server.
     Raw,
     /// csnap-agent --standalone.
     Csnap,
@@ -17,10 +20,11 @@ pub enum Engine {
 }
 
 impl Engine {
-    pub const ALL: [Engine; 3] = [Engine::Raw, Engine::Csnap, Engine::Qcow2];
+    pub const ALL: [Engine; 4] = [Engine::Device, Engine::Raw, Engine::Csnap, Engine::Qcow2];
 
     pub fn label(self) -> &'static str {
         match self {
+            Engine::Device => "device",
             Engine::Raw => "raw",
             Engine::Csnap => "csnap",
             Engine::Qcow2 => "qcow2",
@@ -29,9 +33,10 @@ impl Engine {
 
     fn index(self) -> usize {
         match self {
-            Engine::Raw => 0,
-            Engine::Csnap => 1,
-            Engine::Qcow2 => 2,
+            Engine::Device => 0,
+            Engine::Raw => 1,
+            Engine::Csnap => 2,
+            Engine::Qcow2 => 3,
         }
     }
 }
@@ -68,7 +73,9 @@ pub enum Verdict {
 pub struct Row {
     pub label: String,
     pub goal: Goal,
-    results: [Option<FioResult>; 3],
+    results: [Option<FioResult>; 4],
+    /// Lowest and highest IOPS over the rounds.
+    spread: [Option<(f64, f64)>; 4],
 }
 
 impl Row {
@@ -76,12 +83,18 @@ impl Row {
         Row {
             label: label.into(),
             goal,
-            results: [None; 3],
+            results: [None; 4],
+            spread: [None; 4],
         }
     }
 
     pub fn set(&mut self, engine: Engine, result: FioResult) {
         self.results[engine.index()] = Some(result);
+    }
+
+    /// Records the lowest and highest IOPS of `engine`'s rounds.
+    pub fn set_spread(&mut self, engine: Engine, min_iops: f64, max_iops: f64) {
+        self.spread[engine.index()] = Some((min_iops, max_iops));
     }
 
     pub fn get(&self, engine: Engine) -> Option<FioResult> {
@@ -91,9 +104,14 @@ impl Row {
     /// csnap's throughput over `other`'s (bytes per second, which for one block size is
     /// also the IOPS ratio).
     pub fn ratio(&self, other: Engine) -> Option<f64> {
-        let csnap = self.get(Engine::Csnap)?.bytes_per_sec;
+        self.ratio_of(Engine::Csnap, other)
+    }
+
+    /// `engine`'s throughput over `other`'s.
+    pub fn ratio_of(&self, engine: Engine, other: Engine) -> Option<f64> {
+        let this = self.get(engine)?.bytes_per_sec;
         let other = self.get(other)?.bytes_per_sec;
-        (other > 0.0).then(|| csnap / other)
+        (other > 0.0).then(|| this / other)
     }
 
     pub fn verdict(&self) -> Verdict {
@@ -109,46 +127,60 @@ impl Row {
     }
 }
 
-fn figure(result: Option<FioResult>) -> (String, String) {
-    match result {
-        Some(r) => (
-            format!("{:.0}", r.iops),
-            format!("{:.1}", r.megabytes_per_sec()),
-        ),
-        None => ("failed".to_string(), "-".to_string()),
-    }
-}
-
 fn ratio_text(ratio: Option<f64>) -> String {
     ratio.map_or_else(|| "-".to_string(), |r| format!("{r:.2}"))
 }
 
-/// The table as Markdown (readable as plain text too).
+/// The table as Markdown (readable as plain text too): one line per test and engine,
+/// the goal's verdict on csnap's line.
 pub fn render(rows: &[Row]) -> String {
     let mut out = String::new();
     out.push_str(
-        "| test | raw IOPS | raw MB/s | csnap IOPS | csnap MB/s | qcow2 IOPS | qcow2 MB/s \
-         | csnap/raw | csnap/qcow2 | goal |\n",
+        "| test | engine | IOPS (median) | IOPS min-max | MB/s | x raw | x device \
+         | CPU us/request | threads | goal |\n",
     );
-    out.push_str("|---|---:|---:|---:|---:|---:|---:|---:|---:|---|\n");
+    out.push_str("|---|---|---:|---:|---:|---:|---:|---:|---:|---|\n");
     for row in rows {
-        let _ = write!(out, "| {} ", row.label);
         for engine in Engine::ALL {
-            let (iops, mbs) = figure(row.get(engine));
-            let _ = write!(out, "| {iops} | {mbs} ");
+            let _ = write!(out, "| {} | {} ", row.label, engine.label());
+            match row.get(engine) {
+                Some(r) => {
+                    let spread = row.spread[engine.index()]
+                        .map_or_else(|| "-".to_string(), |(a, b)| format!("{a:.0}-{b:.0}"));
+                    let _ = write!(
+                        out,
+                        "| {:.0} | {spread} | {:.1} ",
+                        r.iops,
+                        r.megabytes_per_sec()
+                    );
+                }
+                None => out.push_str("| failed | - | - "),
+            }
+            let cpu = row
+                .get(engine)
+                .and_then(|r| r.cpu_us_per_request)
+                .map_or_else(|| "-".to_string(), |c| format!("{c:.1}"));
+            let threads = row
+                .get(engine)
+                .and_then(|r| r.threads)
+                .map_or_else(|| "-".to_string(), |t| t.to_string());
+            let goal = if engine == Engine::Csnap {
+                let verdict = match row.verdict() {
+                    Verdict::Met => "met",
+                    Verdict::NotMet => "NOT MET",
+                    Verdict::Unknown => "unknown (a run failed)",
+                };
+                format!("{} {verdict}", row.goal.describe())
+            } else {
+                String::new()
+            };
+            let _ = writeln!(
+                out,
+                "| {} | {} | {cpu} | {threads} | {goal} |",
+                ratio_text(row.ratio_of(engine, Engine::Raw)),
+                ratio_text(row.ratio_of(engine, Engine::Device)),
+            );
         }
-        let verdict = match row.verdict() {
-            Verdict::Met => "met",
-            Verdict::NotMet => "NOT MET",
-            Verdict::Unknown => "unknown (a run failed)",
-        };
-        let _ = writeln!(
-            out,
-            "| {} | {} | {} {verdict} |",
-            ratio_text(row.ratio(Engine::Raw)),
-            ratio_text(row.ratio(Engine::Qcow2)),
-            row.goal.describe()
-        );
     }
     out
 }
@@ -166,11 +198,14 @@ mod tests {
             iops: mb_per_sec * 1e6 / block,
             bytes_per_sec: mb_per_sec * 1e6,
             runtime: Duration::from_secs(1),
+            cpu_us_per_request: Some(12.5),
+            threads: Some(3),
         }
     }
 
     fn row(goal: Goal, raw: f64, csnap: f64, qcow2: f64) -> Row {
         let mut row = Row::new("t", goal);
+        row.set(Engine::Device, result(400.0, 4096.0));
         row.set(Engine::Raw, result(raw, 4096.0));
         row.set(Engine::Csnap, result(csnap, 4096.0));
         row.set(Engine::Qcow2, result(qcow2, 4096.0));
@@ -217,21 +252,31 @@ mod tests {
     }
 
     #[test]
-    fn the_table_has_one_line_per_row_with_every_figure() {
+    fn the_table_has_one_line_per_test_and_engine_with_every_figure() {
         let mut a = row(Goal::VsRaw(0.9), 200.0, 190.0, 100.0);
         a.label = "randread 4K".into();
+        a.set_spread(Engine::Csnap, 45000.0, 47000.0);
         let mut b = row(Goal::VsQcow2(1.0), 200.0, 50.0, 100.0);
         b.label = "first-touch".into();
         let text = render(&[a, b]);
         let lines: Vec<&str> = text.lines().collect();
-        assert_eq!(lines.len(), 4, "{text}");
-        assert!(lines[2].starts_with("| randread 4K | 48828 | 200.0 | 46387 | 190.0 |"));
+        assert_eq!(lines.len(), 2 + 2 * 4, "{text}");
         assert!(
-            lines[2].ends_with("| 0.95 | 1.90 | >= 0.9x raw met |"),
+            lines[2].starts_with(
+                "| randread 4K | device | 97656 | - | 400.0 | 2.00 | 1.00 | 12.5 | 3 |  |"
+            ),
             "{}",
             lines[2]
         );
-        assert!(lines[3].ends_with("| 0.25 | 0.50 | >= 1.0x qcow2 NOT MET |"));
+        assert_eq!(
+            lines[4],
+            "| randread 4K | csnap | 46387 | 45000-47000 | 190.0 | 0.95 | 0.47 | 12.5 | 3 | >= 0.9x raw met |"
+        );
+        assert!(
+            lines[8].ends_with("| 0.25 | 0.12 | 12.5 | 3 | >= 1.0x qcow2 NOT MET |"),
+            "{}",
+            lines[8]
+        );
         for line in &lines {
             assert_eq!(line.matches('|').count(), 11, "{line}");
         }
