@@ -7,7 +7,10 @@
 //!   with `ResendDone` or declared gone), and every activation lists every snapshot client
 //!   of every member present from the choice to the activation;
 //! * [`snapshots`]: no origin write in flight when the store creates a snapshot, and every
-//!   snapshot reads as the origin did at its creation;
+//!   snapshot reads as the origin did at its creation plus its own writes (a promised
+//!   snapshot write survives crashes like an origin write);
+//! * [`deletes`]: a deleted snapshot is gone: no read or write of it granted after its
+//!   deletion was acknowledged, never listed live again, and its space comes back;
 //! * [`durability`]: every acknowledged (promised durable) write survives node crashes,
 //!   and every snapshot reported created stays listed;
 //! * [`gather_ends`]: once healed and quiet, the failover finishes: one server, its
@@ -15,6 +18,7 @@
 //! * [`stale`]: a node that holds itself stale has no serving engine (it writes nothing
 //!   before it is fenced or reset).
 
+pub mod deletes;
 pub mod durability;
 pub mod gate;
 pub mod gather_ends;
