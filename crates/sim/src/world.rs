@@ -142,11 +142,15 @@ pub struct Stats {
     /// Snapshot clients that reconnected holding snapshot write leases (uploaded to the
     /// new server).
     pub leases_uploaded: u64,
+    /// Simulated time the final quiet phase took (all schedules; the longest one).
+    pub finish_ms: u64,
+    pub finish_ms_max: u64,
     pub settled: u64,
 }
 
 impl Stats {
     pub fn add(&mut self, o: &Stats) {
+        self.finish_ms_max = self.finish_ms_max.max(o.finish_ms_max);
         macro_rules! sum { ($($f:ident),*) => { $( self.$f += o.$f; )* } }
         sum!(
             activations,
@@ -173,6 +177,7 @@ impl Stats {
             snapshots_deleted,
             space_back,
             leases_uploaded,
+            finish_ms,
             settled
         );
     }
@@ -1050,7 +1055,17 @@ impl World {
                     origin_locked,
                 },
             }),
-            (OpKind::Read { .. }, ServerMsg::Error { .. }) => {}
+            // A snapshot whose deletion was asked, or (writes) a full store: the
+            // application sees an error. Any other refusal is a finding.
+            (
+                OpKind::Read { .. } | OpKind::SnapWrite { .. },
+                ServerMsg::Error { code, message },
+            ) if self.refusal_ok(i, ci, code) => {
+                self.note(format!(
+                    "{} client {cid} refused: {code}: {message}",
+                    self.now
+                ));
+            }
             (kind @ OpKind::SnapWrite { .. }, ServerMsg::SnapshotWriteOk { addrs }) => {
                 let at = self.now;
                 self.nodes[i].clients[ci].ops.push(Op {
@@ -1058,8 +1073,6 @@ impl World {
                     state: OpState::Leased { addrs, at },
                 })
             }
-            // A deleted snapshot, or a full store: the application sees an error.
-            (OpKind::SnapWrite { .. }, ServerMsg::Error { .. }) => {}
             (OpKind::Delete { .. }, ServerMsg::SnapshotDeleted { .. }) => {}
             (
                 OpKind::Delete { .. },
@@ -1071,6 +1084,25 @@ impl World {
             (_, other) => return Err(format!("client {cid} got an unexpected answer {other:?}")),
         }
         Ok(())
+    }
+
+    /// Whether a snapshot read or write may be refused with `code`: its snapshot's
+    /// deletion was asked, or the store is full (writes need space; a full store may
+    /// invalidate snapshots).
+    fn refusal_ok(&self, i: usize, ci: usize, code: ErrorCode) -> bool {
+        let Role::Reader { snap } = self.nodes[i].clients[ci].role else {
+            return false;
+        };
+        let asked = self
+            .reference
+            .snaps
+            .get(&snap.0)
+            .is_none_or(|r| r.delete_asked);
+        match code {
+            ErrorCode::NoSuchSnapshot => asked,
+            ErrorCode::StoreFull | ErrorCode::SnapshotInvalid => true,
+            _ => false,
+        }
     }
 
     fn devices(&self, i: usize) -> Devices {
@@ -2063,10 +2095,8 @@ impl World {
     /// the serving store reads as the origin did at its creation (every chunk, through
     /// the store's own mapping).
     fn final_checks(&mut self) -> Check {
+        self.finish()?;
         checkers::durability::origin(&self.rack, &self.reference)?;
-        if self.reference.snaps.values().any(|r| r.deleted) {
-            self.space_back()?;
-        }
         let Some(i) = (0..self.nodes.len()).find(|&i| self.nodes[i].server().is_some()) else {
             return Err("no engine after settling".into());
         };
@@ -2109,30 +2139,64 @@ impl World {
 }
 
 impl World {
-    /// After settling, with snapshots deleted: time passes (quietly) until the engine
-    /// reclaimed their space (a write lease of a client that died holds a chunk for the
-    /// orphan grace), then the store's checker counts the data chunks in use, which must
-    /// be exactly those the remaining snapshots map.
-    fn space_back(&mut self) -> Check {
-        let mut deleting = Vec::new();
-        for _ in 0..60 {
-            let Some(s) = self.nodes.iter().find_map(|n| n.server()) else {
-                return Err("no engine after settling".into());
-            };
-            deleting = match s.engine.store().reclaim_position() {
-                Some((_, ids)) => ids,
-                None => Vec::new(),
-            };
-            let busy = !s.copies.is_empty() || s.commit_due;
-            if deleting.is_empty() && !busy {
+    /// What the world still has to do after settling, quietly: the applications finish
+    /// the I/O they had under way (granted origin writes carried out or failed, snapshot
+    /// reads and writes done, leases released), the engine reclaims the space of deleted
+    /// snapshots (a write lease of a client that died holds its chunk for the orphan
+    /// grace) and answers every request. A fence result still on its way may power a node
+    /// off meanwhile: it is powered on again and the failover must finish too.
+    fn finish(&mut self) -> Check {
+        let mut waited = 0;
+        loop {
+            let converged = checkers::gather_ends::converged(&self.nodes);
+            let reclaiming = self.nodes.iter().find_map(|n| n.server()).is_none_or(|s| {
+                s.engine.store().reclaim_position().is_some()
+                    || !s.copies.is_empty()
+                    || s.commit_due
+            });
+            let answered = checkers::answered::check(&self.nodes, waited);
+            if converged.is_ok() && !reclaiming && answered.is_ok() {
+                break;
+            }
+            if waited >= 90_000 {
+                self.stats.finish_ms_max = self.stats.finish_ms_max.max(waited);
+                converged?;
+                answered?;
                 break;
             }
             self.advance_by(1_000)?;
+            waited += 1_000;
+            for i in 0..self.nodes.len() {
+                let id = self.nodes[i].id;
+                if !self.cluster.is_up(id) {
+                    let _ = self.cluster.restart_node(id);
+                }
+                self.start_agent(i)?;
+            }
             self.drain_agents()?;
-            for _ in 0..4 {
+            for i in 0..self.nodes.len() {
+                for ci in 0..self.nodes[i].clients.len() {
+                    while let Some(p) = self.nodes[i].clients[ci]
+                        .ops
+                        .iter()
+                        .position(|o| matches!(o.state, OpState::Granted(_)))
+                    {
+                        self.do_write(i, ci, p)?;
+                    }
+                }
+            }
+            for _ in 0..2 {
                 self.quiet_step()?;
             }
         }
+        self.stats.finish_ms += waited;
+        self.stats.finish_ms_max = self.stats.finish_ms_max.max(waited);
+        self.space_back()
+    }
+
+    /// After [`World::finish`]: the store's checker counts the data chunks in use, which
+    /// must be exactly those the remaining snapshots map, with nothing left to reclaim.
+    fn space_back(&mut self) -> Check {
         let Some(i) = (0..self.nodes.len()).find(|&i| self.nodes[i].server().is_some()) else {
             return Err("no engine after settling".into());
         };
@@ -2140,6 +2204,10 @@ impl World {
             return Ok(());
         };
         let store = s.engine.store_mut();
+        let deleting = match store.reclaim_position() {
+            Some((_, ids)) => ids,
+            None => Vec::new(),
+        };
         let rows = store.snapshots();
         let mut mapped = BTreeSet::new();
         for r in rows.iter().filter(|r| r.state != SnapState::Deleting) {
@@ -2159,7 +2227,9 @@ impl World {
             return Err(format!("the store's checker: {:?}", report.problems));
         }
         checkers::deletes::space_back(&deleting, report.data_chunks_used, &mapped)?;
-        self.stats.space_back += 1;
+        if self.reference.snaps.values().any(|r| r.deleted) {
+            self.stats.space_back += 1;
+        }
         Ok(())
     }
 }

@@ -13,11 +13,14 @@
 //!   deletion was acknowledged, never listed live again, and its space comes back;
 //! * [`durability`]: every acknowledged (promised durable) write survives node crashes,
 //!   and every snapshot reported created stays listed;
+//! * [`answered`]: once settled, every request of an open session is answered (resent
+//!   requests are not lost at a failover);
 //! * [`gather_ends`]: once healed and quiet, the failover finishes: one server, its
 //!   activation gate open, every member agreeing on it;
 //! * [`stale`]: a node that holds itself stale has no serving engine (it writes nothing
 //!   before it is fenced or reset).
 
+pub mod answered;
 pub mod deletes;
 pub mod durability;
 pub mod gate;
