@@ -106,6 +106,11 @@ pub struct Client {
     /// When each unanswered request was first handed to the session.
     pub sent: BTreeMap<RequestId, u64>,
     pub last_keepalive: u64,
+    /// The engine run (server serial) its current connection goes to.
+    pub conn_serial: Option<u64>,
+    /// The engine run that knows this client's origin read locks: it granted them, or
+    /// the client's `UploadLocks` reached it.
+    pub locks_known_by: Option<u64>,
     /// The client process is frozen (SIGSTOP, swapped out) until then.
     pub frozen_until: u64,
 }
@@ -131,6 +136,8 @@ impl Client {
             lease_ms: 0,
             sent: BTreeMap::new(),
             last_keepalive: 0,
+            conn_serial: None,
+            locks_known_by: None,
             frozen_until: 0,
         }
     }

@@ -142,6 +142,8 @@ pub struct Stats {
     /// Snapshot clients that reconnected holding snapshot write leases (uploaded to the
     /// new server).
     pub leases_uploaded: u64,
+    /// Snapshot clients that reconnected holding origin read locks.
+    pub locks_uploaded: u64,
     /// Simulated time the final quiet phase took (all schedules; the longest one).
     pub finish_ms: u64,
     pub finish_ms_max: u64,
@@ -177,6 +179,7 @@ impl Stats {
             snapshots_deleted,
             space_back,
             leases_uploaded,
+            locks_uploaded,
             finish_ms,
             settled
         );
@@ -720,6 +723,7 @@ impl World {
             };
             match action {
                 Action::Send { conn, frame } => {
+                    let serial = s.serial;
                     if matches!(frame.msg, ServerMsg::Welcome { .. }) {
                         // A fresh session (not resuming) holds nothing: it settles at
                         // once, as the engine's gate counts it.
@@ -729,9 +733,19 @@ impl World {
                             }
                         }
                     }
-                    if matches!(frame.msg, ServerMsg::OriginWriteOk { .. }) {
+                    if let ServerMsg::OriginWriteOk { ranges, .. } = &frame.msg {
                         checkers::gate::on_grant(id, s)?;
                         self.stats.grants += 1;
+                        let chunks: Vec<u64> =
+                            ranges.iter().filter_map(|r| r.chunks()).flatten().collect();
+                        checkers::read_locks::on_grant(&self.nodes, id.0, serial, &chunks)?;
+                    }
+                    if matches!(frame.msg, ServerMsg::SnapshotReadOk { .. }) {
+                        if let Some((cn, ci)) = self.conns.get(&conn).and_then(|c| {
+                            Some((c.client_node, self.find_client(c.client_node, c.client)?))
+                        }) {
+                            self.nodes[cn].clients[ci].locks_known_by = Some(serial);
+                        }
                     }
                     let what = match frame.msg {
                         ServerMsg::SnapshotReadOk { .. } => Some("SnapshotReadOk"),
@@ -831,6 +845,7 @@ impl World {
         if let Some(ci) = self.find_client(c.client_node, c.client) {
             let cl = &mut self.nodes[c.client_node].clients[ci];
             cl.conn = None;
+            cl.conn_serial = None;
             cl.session.disconnected();
             cl.acks.clear();
             if let Some(t) = &cl.tracker {
@@ -872,10 +887,14 @@ impl World {
         let cid = self.nodes[i].clients[ci].id;
         self.conns.insert(conn, Conn::new(i, cid, s, serial));
         self.nodes[i].clients[ci].conn = Some(conn);
+        self.nodes[i].clients[ci].conn_serial = Some(serial);
         let server_nonce = self.rng.gen();
         self.engine_event(s, Event::ClientConnected { conn, server_nonce })?;
         if self.nodes[i].clients[ci].session.held_leases().total() > 0 {
             self.stats.leases_uploaded += 1;
+        }
+        if self.nodes[i].clients[ci].session.held_locks().total() > 0 {
+            self.stats.locks_uploaded += 1;
         }
         let client_nonce = self.rng.gen();
         let out = self.nodes[i].clients[ci].session.connected(client_nonce);
@@ -889,7 +908,8 @@ impl World {
         let Some(frame) = c.up.pop_front() else {
             return Ok(());
         };
-        let (s, client) = (c.server_node, c.client);
+        let (s, client, client_node, serial) =
+            (c.server_node, c.client, c.client_node, c.server_serial);
         if let ClientMsg::Hello {
             resuming: false,
             client: hello_client,
@@ -898,6 +918,11 @@ impl World {
         {
             if let Some(srv) = self.nodes[s].server_mut() {
                 srv.fresh.insert(conn, *hello_client);
+            }
+        }
+        if matches!(frame.msg, ClientMsg::UploadLocks { .. }) {
+            if let Some(ci) = self.find_client(client_node, client) {
+                self.nodes[client_node].clients[ci].locks_known_by = Some(serial);
             }
         }
         if matches!(frame.msg, ClientMsg::ResendDone) {
@@ -1750,7 +1775,9 @@ impl World {
                 Ok(())
             }
             Role::Reader { .. } => {
-                if !located.is_empty() {
+                // A located read may take a while (its origin read locks are held across
+                // whatever happens meanwhile, failovers included).
+                if !located.is_empty() && self.rng.gen_bool(0.3) {
                     return self.do_read(i, ci, located[0]);
                 }
                 if let Some(p) = cl

@@ -9,6 +9,8 @@
 //! * [`snapshots`]: no origin write in flight when the store creates a snapshot, and every
 //!   snapshot reads as the origin did at its creation plus its own writes (a promised
 //!   snapshot write survives crashes like an origin write);
+//! * [`read_locks`]: no origin write granted on a chunk while a snapshot client connected
+//!   to that engine holds a read lock on it the engine granted or had uploaded;
 //! * [`deletes`]: a deleted snapshot is gone: no read or write of it granted after its
 //!   deletion was acknowledged, never listed live again, and its space comes back;
 //! * [`durability`]: every acknowledged (promised durable) write survives node crashes,
@@ -26,6 +28,7 @@ pub mod durability;
 pub mod gate;
 pub mod gather_ends;
 pub mod one_server;
+pub mod read_locks;
 pub mod snapshots;
 pub mod stale;
 
