@@ -1301,7 +1301,13 @@ impl World {
             return Ok(());
         };
         let n = self.reference.origin.len() as u64;
-        let first = self.rng.gen_range(0..n);
+        // Half the reads go where half the writes go (the first two chunks), so read locks
+        // and origin writes meet.
+        let first = if self.rng.gen_bool(0.5) {
+            self.rng.gen_range(0..2 * SECTS_PER_CHUNK)
+        } else {
+            self.rng.gen_range(0..n)
+        };
         let count = self.rng.gen_range(1..=24).min(n - first);
         let range = ChunkRange::new(
             first / SECTS_PER_CHUNK,
