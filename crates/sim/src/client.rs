@@ -10,6 +10,14 @@
 //! the tracker far ahead and applies the simulated lease itself: a cached write only while
 //! the lease runs, and a granted write only until `lease_until + LEASE_MARGIN` (the margin
 //! the server counts for a data write already submitted when the lease ran out).
+//!
+//! A snapshot client (`Role::Reader`) reads and writes its snapshot, as `Volume`'s
+//! `read_snapshot` and `write_snapshot` do: `SnapshotWrite` gives each chunk its own store
+//! chunk and a write lease (the session keeps the leases and uploads them after a
+//! failover); the data goes to those store chunks, then `FinishSnapshotWrite` releases
+//! them. The protocol bounds a granted snapshot write by no lease in time, so the world
+//! carries out the data writes only within [`SNAP_WRITE_WINDOW_MS`] of the grant (a
+//! process stalled longer between the answer and its I/O is not modelled).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -19,6 +27,10 @@ use csnap_blockdev::client::{OriginTracker, WriteGuard};
 use csnap_proto::{ChunkRange, ClientId, ClientKind, RequestId, SnapId, StoreAddr};
 
 use crate::network::ConnId;
+
+/// A granted snapshot write's data goes to the store only this long after the grant.
+pub const SNAP_WRITE_WINDOW_MS: u64 = 5_000;
+use crate::reference::ReadWindow;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Role {
@@ -37,6 +49,9 @@ pub enum OpState {
         store: Vec<StoreAddr>,
         origin_locked: Vec<ChunkRange>,
     },
+    /// Snapshot write: each chunk has its own store chunk and a write lease (granted at
+    /// `at`, simulated ms); the data writes are next, then `FinishSnapshotWrite`.
+    Leased { addrs: Vec<StoreAddr>, at: u64 },
 }
 
 pub enum OpKind {
@@ -52,6 +67,18 @@ pub enum OpKind {
     Read {
         offset: u64,
         len: u32,
+        /// What it may read, fixed when asked.
+        window: ReadWindow,
+    },
+    /// A write to the client's snapshot (through `SnapshotWrite`, as `Volume::write_snapshot`).
+    SnapWrite {
+        first_sector: u64,
+        sectors: u64,
+        fua: bool,
+        tag: u64,
+    },
+    Delete {
+        snap: SnapId,
     },
 }
 
@@ -69,7 +96,8 @@ pub struct Client {
     pub ops: Vec<Op>,
     /// `NewSnapshot` notices whose ack waits for the writes of older epochs to drain.
     pub acks: Vec<(u64, SnapId)>,
-    /// Writes completed since this client's last flush: (tag, first sector, sectors).
+    /// Writes (origin, or snapshot for a snapshot client) completed since this client's
+    /// last flush: (tag, first sector, sectors).
     pub unflushed: Vec<(u64, u64, u64)>,
     /// Origin write lease (simulated ms); 0: none.
     pub lease_until: u64,
@@ -78,6 +106,11 @@ pub struct Client {
     /// When each unanswered request was first handed to the session.
     pub sent: BTreeMap<RequestId, u64>,
     pub last_keepalive: u64,
+    /// The engine run (server serial) its current connection goes to.
+    pub conn_serial: Option<u64>,
+    /// The engine run that knows this client's origin read locks: it granted them, or
+    /// the client's `UploadLocks` reached it.
+    pub locks_known_by: Option<u64>,
     /// The client process is frozen (SIGSTOP, swapped out) until then.
     pub frozen_until: u64,
 }
@@ -103,6 +136,8 @@ impl Client {
             lease_ms: 0,
             sent: BTreeMap::new(),
             last_keepalive: 0,
+            conn_serial: None,
+            locks_known_by: None,
             frozen_until: 0,
         }
     }

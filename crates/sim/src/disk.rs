@@ -57,8 +57,8 @@ pub struct Rack {
     lens: [u64; 2],
 }
 
-/// An origin sector version a crash lost: (sector, its contents).
-pub type Lost = (u64, Box<[u8]>);
+/// A sector version a crash lost: (device, sector, its contents).
+pub type Lost = (Dev, u64, Box<[u8]>);
 
 impl Rack {
     pub fn new(origin: Vec<u8>, store: Vec<u8>) -> Rack {
@@ -90,8 +90,9 @@ impl Rack {
     }
 
     /// Node `node` crashed: each of its unflushed writes is lost or kept (per write, with a
-    /// keep probability chosen per crash). Returns the lost origin versions (sector,
-    /// contents) so the reference model can forget them.
+    /// keep probability chosen per crash). Returns the lost versions (device, sector,
+    /// contents) so the reference model can forget the application's (origin writes and
+    /// snapshot writes; the server's own store writes do not decode as the application's).
     pub fn crash(&self, node: NodeId, rng: &mut StdRng) -> Vec<Lost> {
         let keep = match rng.gen_range(0..4) {
             0 => 0.0,
@@ -108,8 +109,13 @@ impl Rack {
                         return true;
                     }
                     let kept = *verdict.entry(v.op).or_insert_with(|| rng.gen_bool(keep));
-                    if !kept && d == Dev::Origin as usize {
-                        lost.push((*sector, v.data.clone()));
+                    if !kept {
+                        let dev = if d == Dev::Origin as usize {
+                            Dev::Origin
+                        } else {
+                            Dev::Store
+                        };
+                        lost.push((dev, *sector, v.data.clone()));
                     }
                     kept
                 });

@@ -13,9 +13,11 @@
 //!   `Store`, on the shared store device, with the server's chunk-copy `DataPath`;
 //! * its clients: the real client library's `Session` per metadata connection, an origin
 //!   client with its `OriginTracker` (unique-chunk promises, write epochs, `NewSnapshot`
-//!   acks after older writes drained), snapshot readers (`snapshot_read_runs`) and an
-//!   admin client that creates snapshots. Clients follow their agent's agreed server, and
-//!   reconnect and resume their sessions after a failover.
+//!   acks after older writes drained), snapshot clients that read (`snapshot_read_runs`)
+//!   and write (`SnapshotWrite`, the data to the store chunks named, `FinishSnapshotWrite`)
+//!   their snapshot, and an admin client that creates and deletes snapshots. Clients
+//!   follow their agent's agreed server, and reconnect and resume their sessions (read
+//!   locks and write leases uploaded) after a failover.
 //!
 //! One shared origin and one shared store ([`disk`]) with volatile write caches: a node's
 //! crash loses any subset of that node's unflushed writes. Client <-> server frames ride
@@ -24,16 +26,20 @@
 //! One seeded RNG picks every step ([`world::World::step`]): an agent processes pending
 //! membership events, time passes (leases run out, ticks), a frame is delivered, the
 //! server runs a copy or a commit, a client writes, flushes, acks, reads or reconnects, a
-//! reader attaches or detaches, a snapshot is asked for, or a fault ([`faults`]). Then the
-//! world is healed, every node powered on, and it must converge ([`checkers::gather_ends`])
-//! and pass the final checks.
+//! reader attaches or detaches, a snapshot is created or deleted, or a fault ([`faults`]).
+//! Then the world is healed, every node powered on, and it must converge
+//! ([`checkers::gather_ends`]), finish the applications' I/O quietly and pass the final
+//! checks.
 //!
 //! # Checkers
 //!
 //! See [`checkers`]: one serving engine per store at any instant (globally) and none after
-//! a quorum loss; no origin write granted before the gathered clients settled; every
-//! snapshot reads as the origin did at its creation; every acknowledged write survives;
-//! the gather always ends; a stale node writes nothing before it is fenced or reset.
+//! a quorum loss; no origin write granted before the gathered clients settled, nor on a
+//! chunk read-locked by a client the engine knows of; every snapshot reads as the origin
+//! did at its creation plus its own writes; every acknowledged write (origin or snapshot)
+//! survives; a deleted snapshot is gone and its space comes back; every request is
+//! answered; the gather always ends; a stale node writes nothing before it is fenced or
+//! reset. These also check failover for the server engine (`engine_model.rs` has none).
 //!
 //! # Replay
 //!

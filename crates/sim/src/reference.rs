@@ -42,6 +42,12 @@ pub fn decode(buf: &[u8], sector: u64) -> Result<u64, String> {
     ))
 }
 
+/// The (tag, volume sector) an application sector carries, if it is one.
+pub fn decode_any(buf: &[u8]) -> Option<(u64, u64)> {
+    let sector = u64::from_le_bytes(buf.get(8..16)?.try_into().ok()?);
+    decode(buf, sector).ok().map(|tag| (tag, sector))
+}
+
 /// Versions of one origin sector, oldest first: (tag, promised durable). Versions a crash
 /// lost are removed.
 #[derive(Clone, Debug)]
@@ -64,11 +70,49 @@ impl History {
 pub struct SnapRecord {
     pub id: u64,
     pub name: String,
-    /// Per sector, what it may read: the origin's version at creation, plus the version
+    /// Per sector, what it read at creation: the origin's version then, plus the version
     /// before it when a crash lost that one before the chunk was copied out.
-    pub allowed: Vec<Vec<u64>>,
+    pub base: Vec<Vec<u64>>,
+    /// Its own writes that reached the store, per sector, oldest first: (tag, promised
+    /// durable). Versions a crash lost are removed.
+    pub writes: BTreeMap<u64, Vec<(u64, bool)>>,
     /// The application was told it exists (`SnapshotCreated`).
     pub reported: bool,
+    /// The application asked for its deletion (which may take effect unacknowledged).
+    pub delete_asked: bool,
+    /// An engine acknowledged its deletion (`SnapshotDeleted`, sent once committed).
+    pub deleted: bool,
+}
+
+impl SnapRecord {
+    /// What sector `s` of the snapshot may read now: its last own write promised durable
+    /// or a later one; without one, what it read at creation or any own write since.
+    pub fn allowed(&self, s: u64) -> Vec<u64> {
+        let base = self.base.get(s as usize).cloned().unwrap_or_default();
+        let Some(w) = self.writes.get(&s).filter(|w| !w.is_empty()) else {
+            return base;
+        };
+        match w.iter().rposition(|(_, p)| *p) {
+            Some(from) => w[from..].iter().map(|(t, _)| *t).collect(),
+            None => base.into_iter().chain(w.iter().map(|(t, _)| *t)).collect(),
+        }
+    }
+
+    /// Whether `tag` is one of its own writes to sector `s` (still on the device).
+    pub fn wrote(&self, s: u64, tag: u64) -> bool {
+        self.writes
+            .get(&s)
+            .is_some_and(|w| w.iter().any(|(t, _)| *t == tag))
+    }
+}
+
+/// What a snapshot read may return, fixed when the read was asked: for each sector, what
+/// it could read then; it may also read what it could read when the data arrives, or any
+/// own write of the snapshot that landed meanwhile (`tag_floor`: tags from then on).
+#[derive(Clone, Debug, Default)]
+pub struct ReadWindow {
+    pub then: Vec<Vec<u64>>,
+    pub tag_floor: u64,
 }
 
 /// The whole reference: origin sectors and snapshots.
@@ -77,6 +121,8 @@ pub struct Reference {
     pub origin: Vec<History>,
     pub snaps: BTreeMap<u64, SnapRecord>,
     pub next_tag: u64,
+    /// Snapshot writes by tag: (snapshot, first sector, sectors).
+    pub snap_writes: BTreeMap<u64, (u64, u64, u64)>,
 }
 
 impl Reference {
@@ -85,6 +131,7 @@ impl Reference {
             origin: (0..sectors).map(|_| History(vec![(0, true)])).collect(),
             snaps: BTreeMap::new(),
             next_tag: 1,
+            snap_writes: BTreeMap::new(),
         }
     }
 
@@ -130,7 +177,7 @@ impl Reference {
         let before = if pos > 0 { h.0[pos - 1].0 } else { 0 };
         h.0.remove(pos);
         for rec in self.snaps.values_mut() {
-            let a = &mut rec.allowed[sector as usize];
+            let a = &mut rec.base[sector as usize];
             if a.contains(&tag) && !a.contains(&before) {
                 a.push(before);
             }
@@ -140,15 +187,82 @@ impl Reference {
 
     /// The store created snapshot `id`: it reads the origin as it is now.
     pub fn created(&mut self, id: u64, name: String) {
-        let allowed = self.origin.iter().map(|h| vec![h.current()]).collect();
+        let base = self.origin.iter().map(|h| vec![h.current()]).collect();
         self.snaps.insert(
             id,
             SnapRecord {
                 id,
                 name,
-                allowed,
+                base,
+                writes: BTreeMap::new(),
                 reported: false,
+                delete_asked: false,
+                deleted: false,
             },
         );
+    }
+
+    /// A read of `snap` at sectors `first..first + n` is asked now.
+    pub fn read_window(&self, snap: u64, first: u64, n: u64) -> ReadWindow {
+        let then = match self.snaps.get(&snap) {
+            Some(rec) => (first..first + n).map(|s| rec.allowed(s)).collect(),
+            None => Vec::new(),
+        };
+        ReadWindow {
+            then,
+            tag_floor: self.next_tag,
+        }
+    }
+
+    /// A snapshot write of `tag` reached the store device.
+    pub fn snap_written(&mut self, snap: u64, tag: u64, first: u64, n: u64, promised: bool) {
+        self.snap_writes.insert(tag, (snap, first, n));
+        if let Some(rec) = self.snaps.get_mut(&snap) {
+            for s in first..first + n {
+                rec.writes.entry(s).or_default().push((tag, promised));
+            }
+        }
+    }
+
+    /// A flush of the writing client completed after the snapshot write of `tag`.
+    pub fn snap_promise(&mut self, snap: u64, tag: u64, first: u64, n: u64) {
+        if let Some(rec) = self.snaps.get_mut(&snap) {
+            for s in first..first + n {
+                if let Some(v) = rec
+                    .writes
+                    .get_mut(&s)
+                    .and_then(|w| w.iter_mut().rev().find(|(t, _)| *t == tag))
+                {
+                    v.1 = true;
+                }
+            }
+        }
+    }
+
+    /// A crash lost snapshot write `tag` at volume sector `sector`. A promised one is a
+    /// finding (unless its snapshot was deleted since: then nobody may read it).
+    pub fn snap_lost(&mut self, sector: u64, tag: u64) -> Result<(), String> {
+        let Some(&(snap, first, n)) = self.snap_writes.get(&tag) else {
+            return Ok(());
+        };
+        if !(first..first + n).contains(&sector) {
+            return Ok(());
+        }
+        let Some(rec) = self.snaps.get_mut(&snap) else {
+            return Ok(());
+        };
+        let Some(w) = rec.writes.get_mut(&sector) else {
+            return Ok(());
+        };
+        let Some(pos) = w.iter().rposition(|(t, _)| *t == tag) else {
+            return Ok(());
+        };
+        if w[pos].1 && !rec.deleted {
+            return Err(format!(
+                "snapshot {snap} sector {sector}: write {tag} was promised durable but a crash lost it"
+            ));
+        }
+        w.remove(pos);
+        Ok(())
     }
 }

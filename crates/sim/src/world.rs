@@ -56,7 +56,10 @@ pub struct Knobs {
     pub steps: u32,
     pub fence_fail: f64,
     pub origin_chunks: u64,
+    /// Snapshots alive (not deleted) at once.
     pub max_snapshots: usize,
+    /// Snapshot creations asked per schedule.
+    pub max_names: usize,
 }
 
 /// How a run is made (not part of the seed).
@@ -99,6 +102,7 @@ impl Knobs {
             fence_fail: 0.2,
             origin_chunks: 8,
             max_snapshots: 4,
+            max_names: 6,
         }
     }
 }
@@ -129,11 +133,26 @@ pub struct Stats {
     pub grants: u64,
     pub snapshots_created: u64,
     pub snapshot_reads: u64,
+    /// Snapshot writes whose data reached the store.
+    pub snapshot_writes: u64,
+    /// Snapshot deletions acknowledged by an engine.
+    pub snapshots_deleted: u64,
+    /// Schedules whose final check saw the space of deleted snapshots come back.
+    pub space_back: u64,
+    /// Snapshot clients that reconnected holding snapshot write leases (uploaded to the
+    /// new server).
+    pub leases_uploaded: u64,
+    /// Snapshot clients that reconnected holding origin read locks.
+    pub locks_uploaded: u64,
+    /// Simulated time the final quiet phase took (all schedules; the longest one).
+    pub finish_ms: u64,
+    pub finish_ms_max: u64,
     pub settled: u64,
 }
 
 impl Stats {
     pub fn add(&mut self, o: &Stats) {
+        self.finish_ms_max = self.finish_ms_max.max(o.finish_ms_max);
         macro_rules! sum { ($($f:ident),*) => { $( self.$f += o.$f; )* } }
         sum!(
             activations,
@@ -156,6 +175,12 @@ impl Stats {
             grants,
             snapshots_created,
             snapshot_reads,
+            snapshot_writes,
+            snapshots_deleted,
+            space_back,
+            leases_uploaded,
+            locks_uploaded,
+            finish_ms,
             settled
         );
     }
@@ -364,16 +389,26 @@ impl World {
         self.fencers.remove(&id);
         let lost = self.rack.crash(id, &mut self.rng);
         self.stats.power_offs += 1;
-        self.stats.lost_writes += lost.len() as u64;
+        self.stats.lost_writes += lost.iter().filter(|l| l.0 == Dev::Origin).count() as u64;
         self.note(format!(
             "{} node {id} powered off ({} origin versions lost)",
             self.now,
-            lost.len()
+            lost.iter().filter(|l| l.0 == Dev::Origin).count()
         ));
-        for (sector, data) in lost {
-            // Versions the application wrote carry their tag; others (zero) are ignored.
-            if let Ok(tag) = crate::reference::decode(&data, sector) {
-                self.reference.lost(sector, tag)?;
+        for (dev, sector, data) in lost {
+            // Versions the application wrote carry their tag; others (zero, the server's
+            // metadata, copies) are ignored.
+            match dev {
+                Dev::Origin => {
+                    if let Ok(tag) = crate::reference::decode(&data, sector) {
+                        self.reference.lost(sector, tag)?;
+                    }
+                }
+                Dev::Store => {
+                    if let Some((tag, vol_sector)) = crate::reference::decode_any(&data) {
+                        self.reference.snap_lost(vol_sector, tag)?;
+                    }
+                }
             }
         }
         checkers::durability::origin(&self.rack, &self.reference)
@@ -585,11 +620,13 @@ impl World {
             OpenOptions::default(),
         )
         .map_err(|e| format!("{id}: the store does not open: {e}"))?;
-        let listed: Vec<(u64, String)> = store
-            .snapshots()
-            .into_iter()
-            .map(|r| (r.id, r.name))
+        let rows = store.snapshots();
+        let alive: Vec<(u64, bool)> = rows
+            .iter()
+            .map(|r| (r.id, r.state != SnapState::Deleting))
             .collect();
+        checkers::deletes::listed(&self.reference, &alive)?;
+        let listed: Vec<(u64, String)> = rows.into_iter().map(|r| (r.id, r.name)).collect();
         checkers::durability::reported_listed(&mut self.reference, &listed)?;
         let cfg = EngineConfig {
             cluster_key: KEY.to_vec(),
@@ -686,6 +723,7 @@ impl World {
             };
             match action {
                 Action::Send { conn, frame } => {
+                    let serial = s.serial;
                     if matches!(frame.msg, ServerMsg::Welcome { .. }) {
                         // A fresh session (not resuming) holds nothing: it settles at
                         // once, as the engine's gate counts it.
@@ -695,9 +733,42 @@ impl World {
                             }
                         }
                     }
-                    if matches!(frame.msg, ServerMsg::OriginWriteOk { .. }) {
+                    if let ServerMsg::OriginWriteOk { ranges, .. } = &frame.msg {
                         checkers::gate::on_grant(id, s)?;
                         self.stats.grants += 1;
+                        let chunks: Vec<u64> =
+                            ranges.iter().filter_map(|r| r.chunks()).flatten().collect();
+                        checkers::read_locks::on_grant(&self.nodes, id.0, serial, &chunks)?;
+                    }
+                    if matches!(frame.msg, ServerMsg::SnapshotReadOk { .. }) {
+                        if let Some((cn, ci)) = self.conns.get(&conn).and_then(|c| {
+                            Some((c.client_node, self.find_client(c.client_node, c.client)?))
+                        }) {
+                            self.nodes[cn].clients[ci].locks_known_by = Some(serial);
+                        }
+                    }
+                    let what = match frame.msg {
+                        ServerMsg::SnapshotReadOk { .. } => Some("SnapshotReadOk"),
+                        ServerMsg::SnapshotWriteOk { .. } => Some("SnapshotWriteOk"),
+                        _ => None,
+                    };
+                    if let Some(what) = what {
+                        let kind = self.conns.get(&conn).map(|c| c.client.kind);
+                        if let Some(csnap_proto::ClientKind::Snapshot { snap }) = kind {
+                            checkers::deletes::on_grant(&self.reference, id.0, snap.0, what)?;
+                        }
+                    }
+                    if let ServerMsg::SnapshotDeleted { snap } = frame.msg {
+                        if let Some(rec) = self.reference.snaps.get_mut(&snap.0) {
+                            if !rec.deleted {
+                                rec.deleted = true;
+                                self.stats.snapshots_deleted += 1;
+                                self.note(format!(
+                                    "{} {id}'s engine acknowledges the deletion of {snap}",
+                                    self.now
+                                ));
+                            }
+                        }
                     }
                     if let Some(c) = self.conns.get_mut(&conn) {
                         c.down.push_back(frame);
@@ -774,6 +845,7 @@ impl World {
         if let Some(ci) = self.find_client(c.client_node, c.client) {
             let cl = &mut self.nodes[c.client_node].clients[ci];
             cl.conn = None;
+            cl.conn_serial = None;
             cl.session.disconnected();
             cl.acks.clear();
             if let Some(t) = &cl.tracker {
@@ -815,8 +887,15 @@ impl World {
         let cid = self.nodes[i].clients[ci].id;
         self.conns.insert(conn, Conn::new(i, cid, s, serial));
         self.nodes[i].clients[ci].conn = Some(conn);
+        self.nodes[i].clients[ci].conn_serial = Some(serial);
         let server_nonce = self.rng.gen();
         self.engine_event(s, Event::ClientConnected { conn, server_nonce })?;
+        if self.nodes[i].clients[ci].session.held_leases().total() > 0 {
+            self.stats.leases_uploaded += 1;
+        }
+        if self.nodes[i].clients[ci].session.held_locks().total() > 0 {
+            self.stats.locks_uploaded += 1;
+        }
         let client_nonce = self.rng.gen();
         let out = self.nodes[i].clients[ci].session.connected(client_nonce);
         self.outputs(i, ci, out)
@@ -829,7 +908,8 @@ impl World {
         let Some(frame) = c.up.pop_front() else {
             return Ok(());
         };
-        let (s, client) = (c.server_node, c.client);
+        let (s, client, client_node, serial) =
+            (c.server_node, c.client, c.client_node, c.server_serial);
         if let ClientMsg::Hello {
             resuming: false,
             client: hello_client,
@@ -838,6 +918,11 @@ impl World {
         {
             if let Some(srv) = self.nodes[s].server_mut() {
                 srv.fresh.insert(conn, *hello_client);
+            }
+        }
+        if matches!(frame.msg, ClientMsg::UploadLocks { .. }) {
+            if let Some(ci) = self.find_client(client_node, client) {
+                self.nodes[client_node].clients[ci].locks_known_by = Some(serial);
             }
         }
         if matches!(frame.msg, ClientMsg::ResendDone) {
@@ -995,10 +1080,54 @@ impl World {
                     origin_locked,
                 },
             }),
-            (OpKind::Read { .. }, ServerMsg::Error { .. }) => {}
+            // A snapshot whose deletion was asked, or (writes) a full store: the
+            // application sees an error. Any other refusal is a finding.
+            (
+                OpKind::Read { .. } | OpKind::SnapWrite { .. },
+                ServerMsg::Error { code, message },
+            ) if self.refusal_ok(i, ci, code) => {
+                self.note(format!(
+                    "{} client {cid} refused: {code}: {message}",
+                    self.now
+                ));
+            }
+            (kind @ OpKind::SnapWrite { .. }, ServerMsg::SnapshotWriteOk { addrs }) => {
+                let at = self.now;
+                self.nodes[i].clients[ci].ops.push(Op {
+                    kind,
+                    state: OpState::Leased { addrs, at },
+                })
+            }
+            (OpKind::Delete { .. }, ServerMsg::SnapshotDeleted { .. }) => {}
+            (
+                OpKind::Delete { .. },
+                ServerMsg::Error {
+                    code: ErrorCode::NoSuchSnapshot,
+                    ..
+                },
+            ) => {}
             (_, other) => return Err(format!("client {cid} got an unexpected answer {other:?}")),
         }
         Ok(())
+    }
+
+    /// Whether a snapshot read or write may be refused with `code`: its snapshot's
+    /// deletion was asked, or the store is full (writes need space; a full store may
+    /// invalidate snapshots).
+    fn refusal_ok(&self, i: usize, ci: usize, code: ErrorCode) -> bool {
+        let Role::Reader { snap } = self.nodes[i].clients[ci].role else {
+            return false;
+        };
+        let asked = self
+            .reference
+            .snaps
+            .get(&snap.0)
+            .is_none_or(|r| r.delete_asked);
+        match code {
+            ErrorCode::NoSuchSnapshot => asked,
+            ErrorCode::StoreFull | ErrorCode::SnapshotInvalid => true,
+            _ => false,
+        }
     }
 
     fn devices(&self, i: usize) -> Devices {
@@ -1097,8 +1226,12 @@ impl World {
         devs.sync_blocking(Which::Origin)
             .and(devs.sync_blocking(Which::Store))
             .map_err(|e| format!("flush failed: {e}"))?;
+        let role = self.nodes[i].clients[ci].role;
         for (tag, first, n) in std::mem::take(&mut self.nodes[i].clients[ci].unflushed) {
-            self.reference.promise(tag, first, n);
+            match role {
+                Role::Reader { snap } => self.reference.snap_promise(snap.0, tag, first, n),
+                _ => self.reference.promise(tag, first, n),
+            }
             self.stats.writes_acked += 1;
         }
         Ok(())
@@ -1107,7 +1240,11 @@ impl World {
     fn do_read(&mut self, i: usize, ci: usize, pos: usize) -> Check {
         let op = self.nodes[i].clients[ci].ops.remove(pos);
         let (
-            OpKind::Read { offset, len },
+            OpKind::Read {
+                offset,
+                len,
+                window,
+            },
             OpState::Located {
                 store,
                 origin_locked,
@@ -1128,12 +1265,13 @@ impl World {
             data.extend_from_slice(&b);
         }
         self.stats.snapshot_reads += 1;
-        checkers::snapshots::on_read(&self.reference, snap.0, offset, &data).map_err(|e| {
-            format!(
-                "{e} (read by {} on {})",
-                self.nodes[i].clients[ci].id, self.nodes[i].id
-            )
-        })?;
+        checkers::snapshots::on_read(&self.reference, snap.0, offset, &data, Some(&window))
+            .map_err(|e| {
+                format!(
+                    "{e} (read by {} on {})",
+                    self.nodes[i].clients[ci].id, self.nodes[i].id
+                )
+            })?;
         if !store.is_empty() {
             let mut chunks: Vec<u64> = store.iter().map(|a| a.chunk).collect();
             chunks.sort_unstable();
@@ -1163,7 +1301,13 @@ impl World {
             return Ok(());
         };
         let n = self.reference.origin.len() as u64;
-        let first = self.rng.gen_range(0..n);
+        // Half the reads go where half the writes go (the first two chunks), so read locks
+        // and origin writes meet.
+        let first = if self.rng.gen_bool(0.5) {
+            self.rng.gen_range(0..2 * SECTS_PER_CHUNK)
+        } else {
+            self.rng.gen_range(0..n)
+        };
         let count = self.rng.gen_range(1..=24).min(n - first);
         let range = ChunkRange::new(
             first / SECTS_PER_CHUNK,
@@ -1177,13 +1321,120 @@ impl World {
                 ranges: vec![range],
             },
         )?;
+        let window = self.reference.read_window(snap.0, first, count);
         self.nodes[i].clients[ci].ops.push(Op {
             kind: OpKind::Read {
                 offset: first * SECT,
                 len: (count * SECT) as u32,
+                window,
             },
             state: OpState::Asked(id),
         });
+        Ok(())
+    }
+
+    /// A snapshot client asks to write its snapshot (`Volume::write_snapshot`).
+    fn start_snap_write(&mut self, i: usize, ci: usize) -> Check {
+        let Role::Reader { snap } = self.nodes[i].clients[ci].role else {
+            return Ok(());
+        };
+        let n = self.reference.origin.len() as u64;
+        let first = if self.rng.gen_bool(0.5) {
+            self.rng.gen_range(0..2 * SECTS_PER_CHUNK)
+        } else {
+            self.rng.gen_range(0..n)
+        };
+        let count = self.rng.gen_range(1..=12).min(n - first);
+        let fua = self.rng.gen_bool(0.3);
+        let tag = self.reference.tag();
+        let first_chunk = first / SECTS_PER_CHUNK;
+        let last_chunk = (first + count - 1) / SECTS_PER_CHUNK;
+        let range = ChunkRange::new(first_chunk, (last_chunk - first_chunk + 1) as u32);
+        let id = self.submit(
+            i,
+            ci,
+            ClientMsg::SnapshotWrite {
+                snap,
+                ranges: vec![range],
+            },
+        )?;
+        self.nodes[i].clients[ci].ops.push(Op {
+            kind: OpKind::SnapWrite {
+                first_sector: first,
+                sectors: count,
+                fua,
+                tag,
+            },
+            state: OpState::Asked(id),
+        });
+        Ok(())
+    }
+
+    /// Carries out a granted snapshot write: the data to the store chunks the server gave
+    /// (within the window after the grant), then the leases are released.
+    fn do_snap_write(&mut self, i: usize, ci: usize, pos: usize) -> Check {
+        let op = self.nodes[i].clients[ci].ops.remove(pos);
+        let (
+            OpKind::SnapWrite {
+                first_sector,
+                sectors,
+                fua,
+                tag,
+            },
+            OpState::Leased { addrs, at },
+        ) = (op.kind, op.state)
+        else {
+            return Ok(());
+        };
+        let Role::Reader { snap } = self.nodes[i].clients[ci].role else {
+            return Ok(());
+        };
+        if self.now <= at + crate::client::SNAP_WRITE_WINDOW_MS {
+            // One write per chunk, to its store chunk (as `Volume::scatter`).
+            let devs = self.devices(i);
+            let end = first_sector + sectors;
+            let mut s = first_sector;
+            while s < end {
+                let chunk = s / SECTS_PER_CHUNK;
+                let upto = end.min((chunk + 1) * SECTS_PER_CHUNK);
+                let Some(a) = addrs.iter().find(|a| a.chunk == chunk) else {
+                    return Err(format!(
+                        "SnapshotWriteOk for {snap} gave no store chunk for chunk {chunk}: {addrs:?}"
+                    ));
+                };
+                let mut data = Vec::with_capacity(((upto - s) * SECT) as usize);
+                for x in s..upto {
+                    data.extend_from_slice(&sector_bytes(tag, x));
+                }
+                let at = a.store_chunk * CHUNK + (s % SECTS_PER_CHUNK) * SECT;
+                devs.write_blocking(Which::Store, at, &data, false)
+                    .map_err(|e| format!("snapshot write failed: {e}"))?;
+                s = upto;
+            }
+            if fua {
+                devs.sync_blocking(Which::Store)
+                    .map_err(|e| format!("flush failed: {e}"))?;
+            }
+            self.reference
+                .snap_written(snap.0, tag, first_sector, sectors, fua);
+            self.stats.snapshot_writes += 1;
+            self.stats.writes_acked += u64::from(fua);
+            self.nodes[i].clients[ci]
+                .unflushed
+                .push((tag, first_sector, sectors));
+        }
+        let mut chunks: Vec<u64> = addrs.iter().map(|a| a.chunk).collect();
+        chunks.sort_unstable();
+        if !chunks.is_empty() {
+            self.submit(
+                i,
+                ci,
+                ClientMsg::FinishSnapshotWrite {
+                    snap,
+                    ranges: ChunkRange::coalesce(chunks),
+                },
+            )?;
+        }
         Ok(())
     }
 
@@ -1195,15 +1446,28 @@ impl World {
         }
         let readers = self.nodes[i].readers();
         if !readers.is_empty() && self.rng.gen_bool(0.4) {
+            // Readers of a deleted snapshot go first (as `Volume::delete_snapshot` drops them).
+            let deleted = |c: &Client| match c.role {
+                Role::Reader { snap } => {
+                    self.reference.snaps.get(&snap.0).is_some_and(|r| r.deleted)
+                }
+                _ => false,
+            };
             let ci = self.nodes[i]
                 .clients
                 .iter()
-                .position(|c| matches!(c.role, Role::Reader { .. }));
+                .position(|c| matches!(c.role, Role::Reader { .. }) && deleted(c))
+                .or_else(|| {
+                    self.nodes[i]
+                        .clients
+                        .iter()
+                        .position(|c| matches!(c.role, Role::Reader { .. }))
+                });
             if let Some(ci) = ci {
                 let busy = self.nodes[i].clients[ci]
                     .ops
                     .iter()
-                    .any(|o| matches!(o.state, OpState::Located { .. }));
+                    .any(|o| matches!(o.state, OpState::Located { .. } | OpState::Leased { .. }));
                 if !busy {
                     let c = self.nodes[i].clients.remove(ci);
                     if let Some(conn) = c.conn {
@@ -1221,7 +1485,7 @@ impl World {
                 .reference
                 .snaps
                 .values()
-                .filter(|r| r.reported)
+                .filter(|r| r.reported && !r.deleted)
                 .map(|r| r.id)
                 .collect();
             if reported.is_empty() {
@@ -1240,11 +1504,18 @@ impl World {
         self.report_clients(i)
     }
 
-    fn start_create(&mut self, i: usize) -> Check {
-        if self.names as usize >= self.knobs.max_snapshots {
-            return Ok(());
+    /// The admin client on node `i` deletes a snapshot (sometimes) or creates one.
+    fn admin_step(&mut self, i: usize) -> Check {
+        if self.rng.gen_bool(0.2) {
+            self.start_delete(i)
+        } else {
+            self.start_create(i)
         }
-        let ci = match self.nodes[i]
+    }
+
+    /// The admin client of node `i` (made on first use).
+    fn admin(&mut self, i: usize) -> usize {
+        match self.nodes[i]
             .clients
             .iter()
             .position(|c| c.role == Role::Admin)
@@ -1257,7 +1528,15 @@ impl World {
                 self.nodes[i].clients.push(c);
                 self.nodes[i].clients.len() - 1
             }
-        };
+        }
+    }
+
+    fn start_create(&mut self, i: usize) -> Check {
+        let alive = self.reference.snaps.values().filter(|r| !r.deleted).count();
+        if self.names as usize >= self.knobs.max_names || alive >= self.knobs.max_snapshots {
+            return Ok(());
+        }
+        let ci = self.admin(i);
         if !self.nodes[i].clients[ci].ops.is_empty() {
             return Ok(());
         }
@@ -1274,6 +1553,39 @@ impl World {
         )?;
         self.nodes[i].clients[ci].ops.push(Op {
             kind: OpKind::Create { name },
+            state: OpState::Asked(id),
+        });
+        Ok(())
+    }
+
+    /// Deletes a snapshot the application was told of (by id, as `Volume::delete_snapshot`
+    /// after its lookup).
+    fn start_delete(&mut self, i: usize) -> Check {
+        let known: Vec<u64> = self
+            .reference
+            .snaps
+            .values()
+            .filter(|r| r.reported && !r.deleted)
+            .map(|r| r.id)
+            .collect();
+        if known.is_empty() {
+            return Ok(());
+        }
+        let snap = SnapId(known[self.rng.gen_range(0..known.len())]);
+        let ci = self.admin(i);
+        if !self.nodes[i].clients[ci].ops.is_empty() {
+            return Ok(());
+        }
+        self.note(format!(
+            "{} admin on {} deletes {snap}",
+            self.now, self.nodes[i].id
+        ));
+        if let Some(rec) = self.reference.snaps.get_mut(&snap.0) {
+            rec.delete_asked = true;
+        }
+        let id = self.submit(i, ci, ClientMsg::DeleteSnapshot { snap })?;
+        self.nodes[i].clients[ci].ops.push(Op {
+            kind: OpKind::Delete { snap },
             state: OpState::Asked(id),
         });
         Ok(())
@@ -1397,7 +1709,7 @@ impl World {
             }
             S::Client(i, ci) => self.client_step(i, ci)?,
             S::Reader(i) => self.reader_change(i)?,
-            S::Create(i) => self.start_create(i)?,
+            S::Create(i) => self.admin_step(i)?,
             S::Fault => self.fault()?,
         }
         checkers::one_server::check(&self.nodes, self.now)
@@ -1478,10 +1790,25 @@ impl World {
                 Ok(())
             }
             Role::Reader { .. } => {
-                if !located.is_empty() {
+                // A located read may take a while (its origin read locks are held across
+                // whatever happens meanwhile, failovers included).
+                if !located.is_empty() && self.rng.gen_bool(0.3) {
                     return self.do_read(i, ci, located[0]);
                 }
+                if let Some(p) = cl
+                    .ops
+                    .iter()
+                    .position(|o| matches!(o.state, OpState::Leased { .. }))
+                {
+                    return self.do_snap_write(i, ci, p);
+                }
+                if !cl.unflushed.is_empty() && self.rng.gen_bool(0.2) {
+                    return self.do_flush(i, ci);
+                }
                 if cl.ops.len() < 2 {
+                    if self.rng.gen_bool(0.4) {
+                        return self.start_snap_write(i, ci);
+                    }
                     return self.start_read(i, ci);
                 }
                 Ok(())
@@ -1790,6 +2117,17 @@ impl World {
                     }
                     self.keepalive(i, ci)?;
                 }
+                // Snapshot I/O under way finishes (its leases and store reads are released).
+                let cl = &self.nodes[i].clients[ci];
+                if let Some(p) = cl.ops.iter().position(|o| {
+                    matches!(o.state, OpState::Leased { .. } | OpState::Located { .. })
+                }) {
+                    if matches!(cl.ops[p].state, OpState::Leased { .. }) {
+                        self.do_snap_write(i, ci, p)?;
+                    } else {
+                        self.do_read(i, ci, p)?;
+                    }
+                }
             }
         }
         Ok(())
@@ -1799,6 +2137,7 @@ impl World {
     /// the serving store reads as the origin did at its creation (every chunk, through
     /// the store's own mapping).
     fn final_checks(&mut self) -> Check {
+        self.finish()?;
         checkers::durability::origin(&self.rack, &self.reference)?;
         let Some(i) = (0..self.nodes.len()).find(|&i| self.nodes[i].server().is_some()) else {
             return Err("no engine after settling".into());
@@ -1831,12 +2170,115 @@ impl World {
                     ),
                 }
                 .map_err(|e| format!("read: {e}"))?;
-                checkers::snapshots::on_read(&self.reference, r.id, chunk * CHUNK, &buf)
+                checkers::snapshots::on_read(&self.reference, r.id, chunk * CHUNK, &buf, None)
                     .map_err(|e| format!("after settling: {e}"))?;
                 self.stats.snapshot_reads += 1;
             }
         }
         self.stats.writes_checked += self.reference.origin.len() as u64;
+        Ok(())
+    }
+}
+
+impl World {
+    /// What the world still has to do after settling, quietly: the applications finish
+    /// the I/O they had under way (granted origin writes carried out or failed, snapshot
+    /// reads and writes done, leases released), the engine reclaims the space of deleted
+    /// snapshots (a write lease of a client that died holds its chunk for the orphan
+    /// grace) and answers every request. A fence result still on its way may power a node
+    /// off meanwhile: it is powered on again and the failover must finish too.
+    fn finish(&mut self) -> Check {
+        let mut waited = 0;
+        loop {
+            let converged = checkers::gather_ends::converged(&self.nodes);
+            let reclaiming = self.nodes.iter().find_map(|n| n.server()).is_none_or(|s| {
+                s.engine.store().reclaim_position().is_some()
+                    || !s.copies.is_empty()
+                    || s.commit_due
+            });
+            let answered = checkers::answered::check(&self.nodes, waited);
+            if converged.is_ok() && !reclaiming && answered.is_ok() {
+                break;
+            }
+            if waited >= 90_000 {
+                self.stats.finish_ms_max = self.stats.finish_ms_max.max(waited);
+                converged?;
+                answered?;
+                break;
+            }
+            // Seconds matter here (holds, grace periods, reclaim run on the engine's
+            // whole-second ticks): big steps keep this phase cheap.
+            self.advance_by(3_000)?;
+            waited += 3_000;
+            for i in 0..self.nodes.len() {
+                let id = self.nodes[i].id;
+                if !self.cluster.is_up(id) {
+                    let _ = self.cluster.restart_node(id);
+                }
+                self.start_agent(i)?;
+            }
+            self.drain_agents()?;
+            for i in 0..self.nodes.len() {
+                for ci in 0..self.nodes[i].clients.len() {
+                    while let Some(p) = self.nodes[i].clients[ci]
+                        .ops
+                        .iter()
+                        .position(|o| matches!(o.state, OpState::Granted(_)))
+                    {
+                        self.do_write(i, ci, p)?;
+                    }
+                }
+            }
+            for _ in 0..2 {
+                self.quiet_step()?;
+            }
+        }
+        self.stats.finish_ms += waited;
+        self.stats.finish_ms_max = self.stats.finish_ms_max.max(waited);
+        self.space_back()
+    }
+
+    /// After [`World::finish`]: the store's checker counts the data chunks in use, which
+    /// must be exactly those the remaining snapshots map, with nothing left to reclaim.
+    fn space_back(&mut self) -> Check {
+        let Some(i) = (0..self.nodes.len()).find(|&i| self.nodes[i].server().is_some()) else {
+            return Err("no engine after settling".into());
+        };
+        let Some(s) = self.nodes[i].server_mut() else {
+            return Ok(());
+        };
+        let store = s.engine.store_mut();
+        let deleting = match store.reclaim_position() {
+            Some((_, ids)) => ids,
+            None => Vec::new(),
+        };
+        if deleting.is_empty() && !self.reference.snaps.values().any(|r| r.delete_asked) {
+            // Nothing was deleted: the store's checker is not needed (it is the expensive
+            // part of this check).
+            return Ok(());
+        }
+        let rows = store.snapshots();
+        let mut mapped = BTreeSet::new();
+        for r in rows.iter().filter(|r| r.state != SnapState::Deleting) {
+            for chunk in 0..self.knobs.origin_chunks {
+                if let csnap_server::store::ChunkSource::Store { store_chunk, .. } = store
+                    .snapshot_chunk(r.id, chunk)
+                    .map_err(|e| format!("snapshot {} chunk {chunk}: {e}", r.id))?
+                {
+                    mapped.insert(store_chunk);
+                }
+            }
+        }
+        let report = store
+            .check()
+            .map_err(|e| format!("the store's checker failed: {e}"))?;
+        if !report.is_clean() {
+            return Err(format!("the store's checker: {:?}", report.problems));
+        }
+        checkers::deletes::space_back(&deleting, report.data_chunks_used, &mapped)?;
+        if self.reference.snaps.values().any(|r| r.deleted) {
+            self.stats.space_back += 1;
+        }
         Ok(())
     }
 }

@@ -12,7 +12,8 @@
 //! Each shard asserts that it exercised what the checkers are about: failovers whose gate
 //! listed snapshot clients that then reconnected, stale merges, snapshot reads, writes
 //! promised durable checked after node crashes lost unflushed writes, serving leases that
-//! ran out, frozen clients.
+//! ran out, frozen clients, snapshot writes (some across a reconnection, their leases
+//! uploaded), snapshot deletions whose space came back.
 
 use std::time::Instant;
 
@@ -89,6 +90,14 @@ fn shard(k: u64) {
             "{total:?}"
         );
         assert!(total.writes_acked > 0 && total.lost_writes > 0, "{total:?}");
+        assert!(
+            total.snapshot_writes > 0 && total.leases_uploaded > 0,
+            "no snapshot write, or none across a reconnection: {total:?}"
+        );
+        assert!(
+            total.snapshots_deleted > 0 && total.space_back > 0,
+            "no snapshot deleted and reclaimed: {total:?}"
+        );
         assert!(
             total.lease_expiries > 0 && total.frozen_clients > 0,
             "{total:?}"

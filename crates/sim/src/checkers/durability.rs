@@ -30,11 +30,15 @@ pub fn origin(rack: &Rack, reference: &Reference) -> Check {
 }
 
 /// The store as a new engine opened it lists `listed` (id, name): every snapshot reported
-/// created is among them. Records of unreported creations the store lost are forgotten.
+/// created (and whose deletion was not asked) is among them. Records of unreported creations the store lost
+/// are forgotten (records of deleted snapshots are kept: reads may still be in flight).
 pub fn reported_listed(reference: &mut Reference, listed: &[(u64, String)]) -> Check {
     let mut gone = Vec::new();
     for (id, rec) in &reference.snaps {
         if listed.iter().any(|(i, n)| i == id && *n == rec.name) {
+            continue;
+        }
+        if rec.delete_asked {
             continue;
         }
         if rec.reported {

@@ -1,11 +1,11 @@
-//! Every snapshot reads as the origin did at its creation, and no origin write is in
-//! flight when the store creates one.
+//! Every snapshot reads as the origin did at its creation plus its own acknowledged
+//! writes, and no origin write is in flight when the store creates one.
 
 use super::Check;
 use crate::client::OpState;
 use crate::disk::SECT;
 use crate::node::Node;
-use crate::reference::{decode, Reference};
+use crate::reference::{decode, ReadWindow, Reference};
 
 /// When a store creates a snapshot: no client anywhere holds an origin write grant it can
 /// still carry out (alive, not past its lease and margin). A client of an old server with
@@ -27,8 +27,16 @@ pub fn on_creation(nodes: &[Node], now: u64, margin_ms: u64, id: u64) -> Check {
     Ok(())
 }
 
-/// A snapshot read returned `data` for `offset`.
-pub fn on_read(reference: &Reference, snap: u64, offset: u64, data: &[u8]) -> Check {
+/// A snapshot read returned `data` for `offset`: each sector holds what the snapshot
+/// could read when the read was asked (`window`), or can read now, or one of its own
+/// writes that landed since. `window: None`: a read of the settled store.
+pub fn on_read(
+    reference: &Reference,
+    snap: u64,
+    offset: u64,
+    data: &[u8],
+    window: Option<&ReadWindow>,
+) -> Check {
     let Some(rec) = reference.snaps.get(&snap) else {
         return Err(format!(
             "read of snapshot {snap}, which the store never created"
@@ -36,20 +44,32 @@ pub fn on_read(reference: &Reference, snap: u64, offset: u64, data: &[u8]) -> Ch
     };
     for (i, piece) in data.chunks(SECT as usize).enumerate() {
         let s = offset / SECT + i as u64;
-        let Some(allowed) = rec.allowed.get(s as usize) else {
+        if rec.base.get(s as usize).is_none() {
             return Err(format!(
                 "snapshot {snap} read beyond the origin (sector {s})"
             ));
-        };
-        match decode(piece, s) {
-            Ok(t) if allowed.contains(&t) => {}
-            got => {
-                return Err(format!(
-                    "snapshot {snap} ({}) sector {s} reads {got:?}, but the origin held {allowed:?} at its creation",
-                    rec.name
-                ))
+        }
+        let allowed = rec.allowed(s);
+        let got = decode(piece, s);
+        if let Ok(t) = got {
+            if allowed.contains(&t) {
+                continue;
+            }
+            if let Some(w) = window {
+                if w.then.get(i).is_some_and(|a| a.contains(&t))
+                    || (t >= w.tag_floor && rec.wrote(s, t))
+                {
+                    continue;
+                }
             }
         }
+        let then = window.and_then(|w| w.then.get(i));
+        return Err(format!(
+            "snapshot {snap} ({}) sector {s} reads {got:?}, but it may read {allowed:?} (the origin at its creation {:?}, its own writes {:?}; when asked {then:?})",
+            rec.name,
+            rec.base[s as usize],
+            rec.writes.get(&s)
+        ));
     }
     Ok(())
 }
