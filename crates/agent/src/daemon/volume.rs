@@ -11,7 +11,9 @@ use std::time::{Duration, Instant};
 
 use cpg_glue::{Group, GroupEvent, GroupSender as _, NodeId, Quorum};
 use csnap_blockdev::nbd;
-use csnap_proto::control::{ClusterStatus, FailoverTiming, FenceJob};
+use csnap_proto::control::{
+    ActivationGate, ClusterStatus, FailoverTiming, FenceJob, GatedClient, NodeClients,
+};
 use csnap_proto::{ClientId, ServerStatus};
 use csnap_server::net::{self as server_net, RunningServer, ServerConfig};
 use futures::StreamExt as _;
@@ -375,6 +377,29 @@ fn cluster_status(
         lease_left_ms: s.lease_left_ms,
         failover: clock.timing(server),
         local_server: server.describe(),
+        clients: s
+            .clients
+            .iter()
+            .map(|(n, list)| NodeClients {
+                node: n.0,
+                clients: list.iter().map(|c| c.to_string()).collect(),
+            })
+            .collect(),
+        activation: s.activation.map(|a| ActivationGate {
+            generation: a.generation,
+            gathering: a.gathering,
+            waiting_for: a.waiting.iter().map(|m| m.to_string()).collect(),
+            clients: a
+                .clients
+                .iter()
+                .map(|(c, n, gone)| GatedClient {
+                    client: c.to_string(),
+                    node: n.0,
+                    declared_gone: *gone,
+                })
+                .collect(),
+        }),
+        view_generation: s.view_lineage.generation,
     }
 }
 
