@@ -80,10 +80,20 @@ impl TestNode {
 }
 
 fn start_node(fx: &Fixture, cluster: &MemoryCluster, id: NodeId, lease_ms: u64) -> TestNode {
+    start_node_with(fx, cluster, id, lease_ms, Fencing::KillNode)
+}
+
+fn start_node_with(
+    fx: &Fixture,
+    cluster: &MemoryCluster,
+    id: NodeId,
+    lease_ms: u64,
+    fencing: Fencing,
+) -> TestNode {
     let sock = fx.path(&format!("server-{}.sock", id.0));
     let mut membership = MembershipConfig {
         priorities: BTreeMap::new(),
-        fencing: Fencing::KillNode,
+        fencing,
         server_address: format!("unix:{}", sock.display()),
         serving_lease_ms: lease_ms,
         lease_margin_ms: 500,
@@ -257,6 +267,136 @@ async fn three_nodes_serve_one_volume_and_fail_over_when_the_server_node_dies() 
             .await
             .expect("I/O goes on after the failover");
     }
+    for n in nodes {
+        n.stop.cancel();
+        for t in n.tasks {
+            let _ = tokio::time::timeout(WAIT, t).await;
+        }
+    }
+}
+
+/// Polls every node's status until `done` holds for one of them (bounded by `WAIT`).
+async fn wait_status(
+    nodes: &[&TestNode],
+    what: &str,
+    done: impl Fn(&TestNode, &ClusterStatus) -> bool,
+) -> ClusterStatus {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let mut seen = Vec::new();
+        for n in nodes {
+            if let Some(s) = n.status().await {
+                if done(n, &s) {
+                    return s;
+                }
+                seen.push(s);
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what}: not within {WAIT:?}: {seen:#?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// With `fencing: reset`, the server's node holding a snapshot reader is partitioned away,
+/// reset when the partition heals (its reader reconnects to the real server), and at the
+/// next failover its reader is in the gathered list: status shows it per node and in the
+/// new server's activation gate. (Before the reset kept a node's snapshot clients, the
+/// reset emptied the list the membership core reported, and the gather missed the reader.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_reset_node_keeps_its_snapshot_reader_in_the_next_gather() {
+    let fx = Fixture::new(CHUNK, 16 * MIB, 64 * MIB);
+    let cluster = MemoryCluster::with_nodes(3).unwrap();
+    let mut nodes: Vec<TestNode> = (1..=3)
+        .map(|i| start_node_with(&fx, &cluster, NodeId(i), 2_000, Fencing::Reset))
+        .collect();
+    let refs: Vec<&TestNode> = nodes.iter().collect();
+    let (first, _) = agreed_server(&refs).await;
+    let s = nodes.iter().position(|n| n.id == first).unwrap();
+
+    // A snapshot reader on the server's node.
+    let v = nodes[s].volume().await;
+    v.write_origin(0, vec![1u8; CHUNK as usize].into(), true)
+        .await
+        .expect("origin write");
+    let snap = v.create_snapshot("held").await.expect("snapshot");
+    let old = v
+        .read_snapshot(snap.id, 0, CHUNK as u32)
+        .await
+        .expect("snapshot read");
+    assert!(old.iter().all(|b| *b == 1));
+    let reader = v.snapshot_clients();
+    assert_eq!(reader.len(), 1, "one snapshot reader attached");
+    let reader = reader[0].to_string();
+    let has_reader = |c: &ClusterStatus| {
+        c.clients
+            .iter()
+            .any(|n| n.node == first.0 && n.clients.contains(&reader))
+    };
+    wait_status(&refs, "every node lists the reader", |_, c| has_reader(c)).await;
+
+    // Partition the server's node away: the majority takes over at a new generation.
+    let others: Vec<NodeId> = nodes.iter().map(|n| n.id).filter(|n| *n != first).collect();
+    cluster.partition(&[vec![first], others.clone()]).unwrap();
+    let majority: Vec<&TestNode> = nodes.iter().filter(|n| n.id != first).collect();
+    let (second, serving) = agreed_server(&majority).await;
+    assert_ne!(second, first);
+    let g2 = serving.generation;
+
+    // Heal: the old server's node is stale and resets; its reader reconnects to the real
+    // server and is listed again (the reset node holds no generation, but shows the view's).
+    cluster.heal();
+    let refs: Vec<&TestNode> = nodes.iter().collect();
+    let reset = wait_status(
+        &refs,
+        "the old server's node is reset and rejoined",
+        |n, c| {
+            n.id == first
+                && c.role == "Idle"
+                && c.view_generation == g2
+                && c.server_node == Some(second.0)
+        },
+    )
+    .await;
+    assert!(reset.generation == 0 || reset.generation == g2, "{reset:?}");
+    let reread = v
+        .read_snapshot(snap.id, 0, CHUNK as u32)
+        .await
+        .expect("snapshot read through the real server after the reset");
+    assert!(reread.iter().all(|b| *b == 1));
+    wait_status(
+        &refs,
+        "the serving node lists the reset node's reader",
+        |n, c| n.id == second && c.role == "Serving" && has_reader(c),
+    )
+    .await;
+
+    // The next failover: the new server's activation list carries the reader.
+    let idx = nodes.iter().position(|n| n.id == second).unwrap();
+    let dead = nodes.remove(idx);
+    cluster.kill_node(dead.id).unwrap();
+    dead.crash();
+    let refs: Vec<&TestNode> = nodes.iter().collect();
+    let (third, status) = agreed_server(&refs).await;
+    assert_ne!(third, second);
+    assert!(status.generation > g2, "{status:?}");
+    let gate = status
+        .activation
+        .clone()
+        .expect("the serving node shows its activation gate");
+    assert_eq!(gate.generation, status.generation);
+    assert!(!gate.gathering);
+    assert!(
+        gate.clients
+            .iter()
+            .any(|c| c.client == reader && c.node == first.0),
+        "the reset node's reader is missing from the gathered list: {status:#?}"
+    );
+    let timing = status.failover.clone().expect("failover timing");
+    assert!(timing.gathered_clients.contains(&reader), "{timing:?}");
+    drop(v);
     for n in nodes {
         n.stop.cancel();
         for t in n.tasks {
