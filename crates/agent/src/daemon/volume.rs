@@ -16,6 +16,7 @@ use csnap_proto::control::{
 };
 use csnap_proto::{ClientId, ServerStatus};
 use csnap_server::net::{self as server_net, RunningServer, ServerConfig};
+use csnap_server::store::StoreError;
 use futures::StreamExt as _;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
@@ -665,6 +666,7 @@ impl LocalServer {
         config.volume = self.cfg.volume.clone();
         config.direct_io = self.cfg.direct_io;
         config.expected_snapshot_clients = clients.clone();
+        config.cluster_generation = Some(generation);
         config.hold_snapshots_until =
             server_net::clock_now_secs() + hold_snapshots_ms.div_ceil(1000);
         config.serving_lease_until = Some(self.lease_instant());
@@ -682,9 +684,25 @@ impl LocalServer {
         // In the volume's span: the server's lines carry the volume and the node.
         tokio::spawn(
             async move {
-                let result = server_net::start_bound(config, listener)
-                    .await
-                    .map_err(|e| e.to_string());
+                let result =
+                    server_net::start_bound(config, listener)
+                        .await
+                        .map_err(|e| {
+                            if let server_net::ServerError::Store {
+                                source: StoreError::ClusterGenerationAhead { store, activating },
+                                ..
+                            } = &e
+                            {
+                                csnap_server::key_event!(
+                                ERROR,
+                                "store_generation_ahead",
+                                [csnap_generation = *activating, store_cluster_generation = *store],
+                                "not serving: the store was served at cluster generation {store}, \
+                                 after generation {activating} this node activates"
+                            );
+                            }
+                            e.to_string()
+                        });
                 let _ = events.send(ServerEvent::Started(result));
             }
             .in_current_span(),
