@@ -404,3 +404,125 @@ async fn a_reset_node_keeps_its_snapshot_reader_in_the_next_gather() {
         }
     }
 }
+
+/// Log lines of the whole test binary (the shells run on the runtime's worker threads, so
+/// only a global subscriber sees them).
+fn captured_logs() -> Arc<std::sync::Mutex<Vec<u8>>> {
+    static LOGS: std::sync::OnceLock<Arc<std::sync::Mutex<Vec<u8>>>> = std::sync::OnceLock::new();
+    LOGS.get_or_init(|| {
+        let buf = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let sink = buf.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_ansi(false)
+            .with_max_level(tracing::Level::INFO)
+            .with_writer(move || Capture(sink.clone()))
+            .finish();
+        let _ = tracing::subscriber::set_global_default(subscriber);
+        buf
+    })
+    .clone()
+}
+
+struct Capture(Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Capture {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        let mut v = match self.0.lock() {
+            Ok(v) => v,
+            Err(p) => p.into_inner(),
+        };
+        v.extend_from_slice(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// The durable generation check through the real shell: the server's node powers off, and
+/// before the failover the store says a later cluster generation served it (as if another
+/// lineage had): the new server refuses to serve, the agent logs `store_generation_ahead`,
+/// and nobody serves the stale state.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_failover_onto_a_store_a_later_generation_served_is_refused() {
+    use csnap_server::store::{read_superblock, BlockDevice, FileDevice};
+    let logs = captured_logs();
+    let fx = Fixture::new(CHUNK, 16 * MIB, 64 * MIB);
+    let cluster = MemoryCluster::with_nodes(3).unwrap();
+    let mut nodes: Vec<TestNode> = (1..=3)
+        .map(|i| start_node(&fx, &cluster, NodeId(i), 2_000))
+        .collect();
+    let refs: Vec<&TestNode> = nodes.iter().collect();
+    let (first, status) = agreed_server(&refs).await;
+    let g1 = status.generation;
+
+    let idx = nodes.iter().position(|n| n.id == first).unwrap();
+    let dead = nodes.remove(idx);
+    cluster.kill_node(dead.id).unwrap();
+    dead.crash();
+    // The crashed server abandons the store as a crash would (no superblock write); then
+    // the newest superblock is made to say a far later generation served the store.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let dev = FileDevice::open(&fx.store, false).unwrap();
+    let mut sb = read_superblock(&dev).unwrap();
+    assert_eq!(
+        sb.cluster_generation, g1,
+        "the activation recorded its generation"
+    );
+    sb.cluster_generation = g1 + 5;
+    dev.write_at(&sb.encode(), sb.slot() * 4096).unwrap();
+    dev.flush().unwrap();
+
+    let serves = |s: &ClusterStatus| {
+        s.local_server
+            .as_deref()
+            .is_some_and(|l| l.starts_with("serving"))
+    };
+    let refs: Vec<&TestNode> = nodes.iter().collect();
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let text = String::from_utf8_lossy(&logs.lock().unwrap()).into_owned();
+        if text.contains("store_generation_ahead") {
+            assert!(
+                text.contains(&format!("cluster generation {}", g1 + 5)),
+                "the event names the store's generation"
+            );
+            break;
+        }
+        for n in &refs {
+            if let Some(s) = n.status().await {
+                assert_ne!(
+                    s.role, "Serving",
+                    "a server served a store a later generation served: {s:#?}"
+                );
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no store_generation_ahead within {WAIT:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Still nobody serves a while later, though the core tries again at later generations
+    // (the refusal is sticky in the shell, else those would count up past the store's).
+    let until = Instant::now() + Duration::from_secs(8);
+    while Instant::now() < until {
+        for n in &refs {
+            if let Some(s) = n.status().await {
+                assert!(!serves(&s), "{s:#?}");
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(
+        read_superblock(&dev).unwrap().cluster_generation,
+        g1 + 5,
+        "the refused server wrote nothing"
+    );
+    for n in nodes {
+        n.stop.cancel();
+        for t in n.tasks {
+            let _ = tokio::time::timeout(WAIT, t).await;
+        }
+    }
+}

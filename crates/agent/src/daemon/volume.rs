@@ -6,6 +6,7 @@
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -540,6 +541,11 @@ struct LocalServer {
     state: ServerState,
     /// The serving lease the machine gave (monotonic ms since `epoch`).
     lease_until_ms: u64,
+    /// Nonzero once a store open was refused because a later cluster generation served the
+    /// store (`store_generation_ahead`): that generation. Sticky until the agent restarts:
+    /// the membership core starts again at the next generation after a failed start, and
+    /// would otherwise count up past the store's and serve the stale state after all.
+    store_ahead: Arc<AtomicU64>,
 }
 
 enum ServerState {
@@ -576,6 +582,7 @@ impl LocalServer {
             events,
             state: ServerState::Idle,
             lease_until_ms: 0,
+            store_ahead: Arc::new(AtomicU64::new(0)),
         }
     }
 
@@ -681,6 +688,20 @@ impl LocalServer {
             stop: false,
         };
         let events = self.events.clone();
+        let ahead = self.store_ahead.load(Ordering::SeqCst);
+        if ahead != 0 {
+            tracing::error!(
+                generation,
+                store_cluster_generation = ahead,
+                "not serving: the store was served at a later cluster generation (refused before); restart the agents once the store's lineage is sorted out"
+            );
+            let _ = events.send(ServerEvent::Started(Err(format!(
+                "the store was served at cluster generation {ahead}, later than this node's \
+                 lineage: not serving stale state (restart the agent once resolved)"
+            ))));
+            return;
+        }
+        let store_ahead = self.store_ahead.clone();
         // In the volume's span: the server's lines carry the volume and the node.
         tokio::spawn(
             async move {
@@ -693,6 +714,7 @@ impl LocalServer {
                                 ..
                             } = &e
                             {
+                                store_ahead.store(*store, Ordering::SeqCst);
                                 csnap_server::key_event!(
                                 ERROR,
                                 "store_generation_ahead",
