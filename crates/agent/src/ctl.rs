@@ -342,9 +342,14 @@ fn print_cluster(c: &ClusterStatus) {
         (Some(n), None) => println!("  cluster: server node {n}"),
         _ => println!("  cluster: no server"),
     }
+    let generation = if c.generation == 0 && c.view_generation != 0 {
+        format!("none held (view's {})", c.view_generation)
+    } else {
+        c.generation.to_string()
+    };
     println!(
         "  this node {} ({})  role {}  generation {}  gate {}",
-        c.node, c.member, c.role, c.generation, c.gate
+        c.node, c.member, c.role, generation, c.gate
     );
     println!(
         "  ring {}  {}  members {}",
@@ -372,6 +377,42 @@ fn print_cluster(c: &ClusterStatus) {
         fencing
     );
     println!("  serving lease left {} ms", c.lease_left_ms);
+    if c.clients.is_empty() {
+        println!("  snapshot clients: none in the view");
+    } else {
+        println!("  snapshot clients:");
+        for n in &c.clients {
+            println!("    node {}: {}", n.node, n.clients.join(" "));
+        }
+    }
+    if let Some(a) = &c.activation {
+        let list: Vec<String> = a
+            .clients
+            .iter()
+            .map(|g| {
+                let gone = if g.declared_gone { " gone" } else { "" };
+                format!("{}@{}{gone}", g.client, g.node)
+            })
+            .collect();
+        let list = if list.is_empty() {
+            "no clients".to_owned()
+        } else {
+            list.join(" ")
+        };
+        if a.gathering {
+            let waiting = if a.waiting_for.is_empty() {
+                "none".to_owned()
+            } else {
+                a.waiting_for.join(" ")
+            };
+            println!(
+                "  activation gate generation {}: gathering, answers missing from {waiting}; so far {list}",
+                a.generation
+            );
+        } else {
+            println!("  activation gate generation {}: {list}", a.generation);
+        }
+    }
     match &c.failover {
         None => println!("  last activation: none on this node"),
         Some(f) => {

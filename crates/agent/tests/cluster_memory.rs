@@ -80,10 +80,20 @@ impl TestNode {
 }
 
 fn start_node(fx: &Fixture, cluster: &MemoryCluster, id: NodeId, lease_ms: u64) -> TestNode {
+    start_node_with(fx, cluster, id, lease_ms, Fencing::KillNode)
+}
+
+fn start_node_with(
+    fx: &Fixture,
+    cluster: &MemoryCluster,
+    id: NodeId,
+    lease_ms: u64,
+    fencing: Fencing,
+) -> TestNode {
     let sock = fx.path(&format!("server-{}.sock", id.0));
     let mut membership = MembershipConfig {
         priorities: BTreeMap::new(),
-        fencing: Fencing::KillNode,
+        fencing,
         server_address: format!("unix:{}", sock.display()),
         serving_lease_ms: lease_ms,
         lease_margin_ms: 500,
@@ -257,6 +267,258 @@ async fn three_nodes_serve_one_volume_and_fail_over_when_the_server_node_dies() 
             .await
             .expect("I/O goes on after the failover");
     }
+    for n in nodes {
+        n.stop.cancel();
+        for t in n.tasks {
+            let _ = tokio::time::timeout(WAIT, t).await;
+        }
+    }
+}
+
+/// Polls every node's status until `done` holds for one of them (bounded by `WAIT`).
+async fn wait_status(
+    nodes: &[&TestNode],
+    what: &str,
+    done: impl Fn(&TestNode, &ClusterStatus) -> bool,
+) -> ClusterStatus {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let mut seen = Vec::new();
+        for n in nodes {
+            if let Some(s) = n.status().await {
+                if done(n, &s) {
+                    return s;
+                }
+                seen.push(s);
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what}: not within {WAIT:?}: {seen:#?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// With `fencing: reset`, the server's node holding a snapshot reader is partitioned away,
+/// reset when the partition heals (its reader reconnects to the real server), and at the
+/// next failover its reader is in the gathered list: status shows it per node and in the
+/// new server's activation gate. (Before the reset kept a node's snapshot clients, the
+/// reset emptied the list the membership core reported, and the gather missed the reader.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_reset_node_keeps_its_snapshot_reader_in_the_next_gather() {
+    let fx = Fixture::new(CHUNK, 16 * MIB, 64 * MIB);
+    let cluster = MemoryCluster::with_nodes(3).unwrap();
+    let mut nodes: Vec<TestNode> = (1..=3)
+        .map(|i| start_node_with(&fx, &cluster, NodeId(i), 2_000, Fencing::Reset))
+        .collect();
+    let refs: Vec<&TestNode> = nodes.iter().collect();
+    let (first, _) = agreed_server(&refs).await;
+    let s = nodes.iter().position(|n| n.id == first).unwrap();
+
+    // A snapshot reader on the server's node.
+    let v = nodes[s].volume().await;
+    v.write_origin(0, vec![1u8; CHUNK as usize].into(), true)
+        .await
+        .expect("origin write");
+    let snap = v.create_snapshot("held").await.expect("snapshot");
+    let old = v
+        .read_snapshot(snap.id, 0, CHUNK as u32)
+        .await
+        .expect("snapshot read");
+    assert!(old.iter().all(|b| *b == 1));
+    let reader = v.snapshot_clients();
+    assert_eq!(reader.len(), 1, "one snapshot reader attached");
+    let reader = reader[0].to_string();
+    let has_reader = |c: &ClusterStatus| {
+        c.clients
+            .iter()
+            .any(|n| n.node == first.0 && n.clients.contains(&reader))
+    };
+    wait_status(&refs, "every node lists the reader", |_, c| has_reader(c)).await;
+
+    // Partition the server's node away: the majority takes over at a new generation.
+    let others: Vec<NodeId> = nodes.iter().map(|n| n.id).filter(|n| *n != first).collect();
+    cluster.partition(&[vec![first], others.clone()]).unwrap();
+    let majority: Vec<&TestNode> = nodes.iter().filter(|n| n.id != first).collect();
+    let (second, serving) = agreed_server(&majority).await;
+    assert_ne!(second, first);
+    let g2 = serving.generation;
+
+    // Heal: the old server's node is stale and resets; its reader reconnects to the real
+    // server and is listed again (the reset node holds no generation, but shows the view's).
+    cluster.heal();
+    let refs: Vec<&TestNode> = nodes.iter().collect();
+    let reset = wait_status(
+        &refs,
+        "the old server's node is reset and rejoined",
+        |n, c| {
+            n.id == first
+                && c.role == "Idle"
+                && c.view_generation == g2
+                && c.server_node == Some(second.0)
+        },
+    )
+    .await;
+    assert!(reset.generation == 0 || reset.generation == g2, "{reset:?}");
+    let reread = v
+        .read_snapshot(snap.id, 0, CHUNK as u32)
+        .await
+        .expect("snapshot read through the real server after the reset");
+    assert!(reread.iter().all(|b| *b == 1));
+    wait_status(
+        &refs,
+        "the serving node lists the reset node's reader",
+        |n, c| n.id == second && c.role == "Serving" && has_reader(c),
+    )
+    .await;
+
+    // The next failover: the new server's activation list carries the reader.
+    let idx = nodes.iter().position(|n| n.id == second).unwrap();
+    let dead = nodes.remove(idx);
+    cluster.kill_node(dead.id).unwrap();
+    dead.crash();
+    let refs: Vec<&TestNode> = nodes.iter().collect();
+    let (third, status) = agreed_server(&refs).await;
+    assert_ne!(third, second);
+    assert!(status.generation > g2, "{status:?}");
+    let gate = status
+        .activation
+        .clone()
+        .expect("the serving node shows its activation gate");
+    assert_eq!(gate.generation, status.generation);
+    assert!(!gate.gathering);
+    assert!(
+        gate.clients
+            .iter()
+            .any(|c| c.client == reader && c.node == first.0),
+        "the reset node's reader is missing from the gathered list: {status:#?}"
+    );
+    let timing = status.failover.clone().expect("failover timing");
+    assert!(timing.gathered_clients.contains(&reader), "{timing:?}");
+    drop(v);
+    for n in nodes {
+        n.stop.cancel();
+        for t in n.tasks {
+            let _ = tokio::time::timeout(WAIT, t).await;
+        }
+    }
+}
+
+/// Log lines of the whole test binary (the shells run on the runtime's worker threads, so
+/// only a global subscriber sees them).
+fn captured_logs() -> Arc<std::sync::Mutex<Vec<u8>>> {
+    static LOGS: std::sync::OnceLock<Arc<std::sync::Mutex<Vec<u8>>>> = std::sync::OnceLock::new();
+    LOGS.get_or_init(|| {
+        let buf = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let sink = buf.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_ansi(false)
+            .with_max_level(tracing::Level::INFO)
+            .with_writer(move || Capture(sink.clone()))
+            .finish();
+        let _ = tracing::subscriber::set_global_default(subscriber);
+        buf
+    })
+    .clone()
+}
+
+struct Capture(Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Capture {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        let mut v = match self.0.lock() {
+            Ok(v) => v,
+            Err(p) => p.into_inner(),
+        };
+        v.extend_from_slice(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// The durable generation check through the real shell: the server's node powers off, and
+/// before the failover the store says a later cluster generation served it (as if another
+/// lineage had): the new server refuses to serve, the agent logs `store_generation_ahead`,
+/// and nobody serves the stale state.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_failover_onto_a_store_a_later_generation_served_is_refused() {
+    use csnap_server::store::{read_superblock, BlockDevice, FileDevice};
+    let logs = captured_logs();
+    let fx = Fixture::new(CHUNK, 16 * MIB, 64 * MIB);
+    let cluster = MemoryCluster::with_nodes(3).unwrap();
+    let mut nodes: Vec<TestNode> = (1..=3)
+        .map(|i| start_node(&fx, &cluster, NodeId(i), 2_000))
+        .collect();
+    let refs: Vec<&TestNode> = nodes.iter().collect();
+    let (first, status) = agreed_server(&refs).await;
+    let g1 = status.generation;
+
+    let idx = nodes.iter().position(|n| n.id == first).unwrap();
+    let dead = nodes.remove(idx);
+    cluster.kill_node(dead.id).unwrap();
+    dead.crash();
+    // The crashed server abandons the store as a crash would (no superblock write); then
+    // the newest superblock is made to say a far later generation served the store.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let dev = FileDevice::open(&fx.store, false).unwrap();
+    let mut sb = read_superblock(&dev).unwrap();
+    assert_eq!(
+        sb.cluster_generation, g1,
+        "the activation recorded its generation"
+    );
+    sb.cluster_generation = g1 + 5;
+    dev.write_at(&sb.encode(), sb.slot() * 4096).unwrap();
+    dev.flush().unwrap();
+
+    let serves = |s: &ClusterStatus| {
+        s.local_server
+            .as_deref()
+            .is_some_and(|l| l.starts_with("serving"))
+    };
+    let refs: Vec<&TestNode> = nodes.iter().collect();
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let text = String::from_utf8_lossy(&logs.lock().unwrap()).into_owned();
+        if text.contains("store_generation_ahead") {
+            assert!(
+                text.contains(&format!("cluster generation {}", g1 + 5)),
+                "the event names the store's generation"
+            );
+            break;
+        }
+        for n in &refs {
+            if let Some(s) = n.status().await {
+                assert_ne!(
+                    s.role, "Serving",
+                    "a server served a store a later generation served: {s:#?}"
+                );
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no store_generation_ahead within {WAIT:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Still nobody serves a while later, though the core tries again at later generations
+    // (the refusal is sticky in the shell, else those would count up past the store's).
+    let until = Instant::now() + Duration::from_secs(8);
+    while Instant::now() < until {
+        for n in &refs {
+            if let Some(s) = n.status().await {
+                assert!(!serves(&s), "{s:#?}");
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(
+        read_superblock(&dev).unwrap().cluster_generation,
+        g1 + 5,
+        "the refused server wrote nothing"
+    );
     for n in nodes {
         n.stop.cancel();
         for t in n.tasks {

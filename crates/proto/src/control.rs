@@ -91,6 +91,48 @@ pub struct ClusterStatus {
     pub failover: Option<FailoverTiming>,
     /// The local server, when this node runs one.
     pub local_server: Option<String>,
+    /// Snapshot clients attached on each node of the view, as the members' latest states
+    /// report them (added later: absent from an older agent's status).
+    #[serde(default)]
+    pub clients: Vec<NodeClients>,
+    /// The activation gate's list while this node starts or serves the volume.
+    #[serde(default)]
+    pub activation: Option<ActivationGate>,
+    /// The generation of the view's lineage: what a node without a lineage of its own (a
+    /// new agent, or one reset as stale) follows until the next activation, when
+    /// `generation` is 0.
+    #[serde(default)]
+    pub view_generation: u64,
+}
+
+/// The snapshot clients one node reports.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeClients {
+    pub node: u32,
+    pub clients: Vec<String>,
+}
+
+/// The combined client list of a server activation (the failover gather's result).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct ActivationGate {
+    pub generation: u64,
+    /// True while the gather still runs (the server is not activated yet).
+    pub gathering: bool,
+    /// Gather: the members (`node/pid`) whose answer is missing.
+    pub waiting_for: Vec<String>,
+    pub clients: Vec<GatedClient>,
+}
+
+/// One client of the activation list.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct GatedClient {
+    pub client: String,
+    pub node: u32,
+    /// This agent declared it gone (its node left or stopped listing it). Otherwise it
+    /// reconnected or is still awaited: the server's `pending_snapshots` counts the latter.
+    pub declared_gone: bool,
 }
 
 /// The moments of one server activation, as the activating node's agent saw them: wall

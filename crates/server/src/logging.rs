@@ -165,6 +165,11 @@ pub const EVENTS: &[EventInfo] = &[
         "this node is stale: dropping its state",
     ),
     ev(
+        "store_generation_ahead",
+        "728694d9c1a64808bd98f4c4f04b9318",
+        "the store was served by a later cluster generation: not serving stale state",
+    ),
+    ev(
         "node_reset",
         "deaa25f5c9764bf095f61f1fe01d0558",
         "this node was stale: its clients reconnect to the real server",

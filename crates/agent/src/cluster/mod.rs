@@ -331,6 +331,31 @@ pub struct Status {
     pub lease_left_ms: u64,
     /// The last failover this node activated: (generation, ms from chosen to activated).
     pub last_failover: Option<(u64, u64)>,
+    /// Snapshot clients per node of the view, as each member's latest delivered state
+    /// lists them (this node's own current list for itself); nodes without any left out.
+    pub clients: BTreeMap<NodeId, Vec<ClientId>>,
+    /// The activation gate's list while this node starts or serves: the gather in progress,
+    /// or the list the server was activated with.
+    pub activation: Option<ActivationList>,
+    /// The lineage of the last agreed view (what every member that is not stale holds):
+    /// a node without a lineage of its own (new, or reset as stale) follows it until it
+    /// adopts the next announce.
+    pub view_lineage: Lineage,
+}
+
+/// The combined client list handed to the new server's activation gate.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ActivationList {
+    /// The generation being activated.
+    pub generation: u64,
+    /// True while the gather runs (the server is not activated yet).
+    pub gathering: bool,
+    /// Gather: members whose answer is still missing.
+    pub waiting: Vec<Member>,
+    /// Each listed client, its node, and whether this agent declared it gone (its node
+    /// left, or stopped listing it). A client not declared gone is either reconnected or
+    /// still awaited: only the server knows which (its `pending_snapshots`).
+    pub clients: Vec<(ClientId, NodeId, bool)>,
 }
 
 /// How many announces are remembered to upgrade states sent before their sender saw one.
@@ -359,6 +384,9 @@ pub struct VolumeMembership {
     gather: Option<Gather>,
     /// After activation: gathered clients still expected, by node.
     expected: BTreeMap<ClientId, NodeId>,
+    /// After activation: the generation and the whole list it was activated with (for
+    /// status; `expected` loses the clients declared gone).
+    activated: Option<(u64, BTreeMap<ClientId, NodeId>)>,
     chosen_at: u64,
     last_failover: Option<(u64, u64)>,
     age: u64,
@@ -460,6 +488,7 @@ impl VolumeMembership {
             starting: None,
             gather: None,
             expected: BTreeMap::new(),
+            activated: None,
             chosen_at: 0,
             last_failover: None,
             age: 0,
@@ -550,7 +579,57 @@ impl VolumeMembership {
             fencing: self.fences.jobs().keys().copied().collect(),
             lease_left_ms: self.lease_left(),
             last_failover: self.last_failover,
+            clients: self.clients_per_node(),
+            activation: self.activation_list(),
+            view_lineage: self.reference,
         }
+    }
+
+    /// Snapshot clients per node of the view (see [`Status::clients`]).
+    fn clients_per_node(&self) -> BTreeMap<NodeId, Vec<ClientId>> {
+        let members = self.view.members();
+        let mut per_node: BTreeMap<NodeId, Vec<ClientId>> = BTreeMap::new();
+        for (m, s) in &self.last_states {
+            if *m != self.local && members.contains(m) && !s.clients.is_empty() {
+                per_node
+                    .entry(m.node)
+                    .or_default()
+                    .extend(s.clients.iter().copied());
+            }
+        }
+        if !self.clients.is_empty() {
+            per_node
+                .entry(self.local.node)
+                .or_default()
+                .extend(self.clients.iter().copied());
+        }
+        for list in per_node.values_mut() {
+            list.sort();
+            list.dedup();
+        }
+        per_node
+    }
+
+    /// The activation gate's list (see [`Status::activation`]).
+    fn activation_list(&self) -> Option<ActivationList> {
+        if let Some(g) = &self.gather {
+            return Some(ActivationList {
+                generation: g.lineage.generation,
+                gathering: true,
+                waiting: g.waiting(),
+                clients: g.clients().iter().map(|(c, n)| (*c, *n, false)).collect(),
+            });
+        }
+        let (generation, list) = self.activated.as_ref()?;
+        Some(ActivationList {
+            generation: *generation,
+            gathering: false,
+            waiting: Vec::new(),
+            clients: list
+                .iter()
+                .map(|(c, n)| (*c, *n, !self.expected.contains_key(c)))
+                .collect(),
+        })
     }
 
     pub fn handle(&mut self, input: Input) {
@@ -1133,6 +1212,7 @@ impl VolumeMembership {
             self.starting = None;
             self.gather = None;
             self.expected.clear();
+            self.activated = None;
             self.clients_safe_at = self
                 .clients_safe_at
                 .max(self.now.saturating_add(self.cfg.clients_wait_ms()));
@@ -1592,6 +1672,7 @@ impl VolumeMembership {
             clients: expected.keys().copied().collect(),
             hold_snapshots_ms: hold,
         });
+        self.activated = Some((generation, expected.clone()));
         self.expected = expected;
         self.role = Role::Serving;
         self.starting = None;
@@ -1620,6 +1701,7 @@ impl VolumeMembership {
             self.gather = None;
             self.starting = None;
             self.expected.clear();
+            self.activated = None;
             self.outputs.push_back(Output::StopServer { reason });
             self.log("server_stop", true, format!("{reason:?}"));
         }
@@ -1637,6 +1719,11 @@ impl VolumeMembership {
             format!("dropping state of lineage {}", self.lineage),
         );
         self.stop_server(StopReason::Stale);
+        // Generation 0 until the next announce, in status and in every state this node
+        // sends: its state's lineage is what the merge analysis compares, and a reset node
+        // that took the view's lineage could be listed stale again by a state still in
+        // flight and reset again (the loop `was_reset` prevents). Status shows the view's
+        // lineage beside it (`Status::view_lineage`), which is what the node follows.
         self.lineage = Lineage::default();
         self.reset_order = None;
         // (The order came from a member of an agreed quorate view, in this node's view: this

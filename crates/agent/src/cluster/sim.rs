@@ -1594,3 +1594,93 @@ fn members_hearing_of_quorum_at_different_points_pick_the_same_fencer() {
         "exactly one member (node 2, the lowest of the side) claims node 1"
     );
 }
+
+/// Status after a reset (issue 9): the reset node holds no lineage of its own (generation
+/// 0 in its state, so it is never taken for state of another lineage again) but reports
+/// the view's lineage it rejoined; the serving node's status lists the reset node's reader
+/// per node, and the next server's activation list carries it.
+#[test]
+fn status_shows_the_rejoined_lineage_clients_per_node_and_the_activation_list() {
+    let mut sim = scripted(Fencing::Reset);
+    sim.settle().unwrap();
+    let s = sim.serving().expect("one server");
+    let old = sim.nodes[s].id;
+    let reader = ClientId::new(
+        4_242,
+        ClientKind::Snapshot {
+            snap: csnap_proto::SnapId(1),
+        },
+    );
+    sim.nodes[s].clients.insert(reader);
+    sim.feed(s, Input::Clients(vec![reader])).unwrap();
+    sim.drain_all().unwrap();
+    let rest: Vec<usize> = (0..3).filter(|&i| i != s).collect();
+    let others: Vec<NodeId> = rest.iter().map(|&i| sim.nodes[i].id).collect();
+    sim.cluster.partition(&[vec![old], others]).unwrap();
+    for _ in 0..60 {
+        sim.advance_by(500).unwrap();
+        sim.drain_all().unwrap();
+    }
+    let t = sim.serving().expect("the majority serves");
+    assert!(rest.contains(&t), "{}", sim.trace());
+    sim.cluster.heal();
+    for _ in 0..40 {
+        sim.advance_by(500).unwrap();
+        sim.drain_all().unwrap();
+    }
+    assert!(
+        sim.logs
+            .iter()
+            .any(|(n, name, _)| *n == old && *name == "stale_reset"),
+        "the old server was not reset:\n{}",
+        sim.trace()
+    );
+    let status = |sim: &Sim, i: usize| sim.nodes[i].agent.as_ref().unwrap().machine.status();
+    let at_t = status(&sim, t);
+    let reset = status(&sim, s);
+    assert_ne!(at_t.lineage.generation, 0);
+    assert_eq!(
+        reset.lineage.generation, 0,
+        "a reset node holds no lineage until the next announce"
+    );
+    assert_eq!(
+        reset.view_lineage, at_t.lineage,
+        "the reset node reports the lineage it rejoined"
+    );
+    assert_eq!(
+        at_t.clients.get(&old),
+        Some(&vec![reader]),
+        "the server's status lists the reset node's reader"
+    );
+    let act = at_t
+        .activation
+        .expect("the serving node shows its activation list");
+    assert!(!act.gathering);
+    assert_eq!(act.generation, at_t.lineage.generation);
+    assert!(
+        act.clients.iter().all(|(c, _, _)| *c != reader),
+        "the reader's node was cut off at that activation"
+    );
+    // The next failover gathers the reader from the reset node.
+    sim.power_off(t);
+    for _ in 0..80 {
+        sim.advance_by(500).unwrap();
+        sim.drain_all().unwrap();
+    }
+    let u = sim.serving().expect("a new server");
+    let at_u = status(&sim, u);
+    let act = at_u.activation.expect("activation list");
+    assert_eq!(act.generation, at_u.lineage.generation);
+    assert!(
+        act.clients.contains(&(reader, old, false)),
+        "the reset node's reader is in the gathered list: {act:?}\n{}",
+        sim.trace()
+    );
+    if u != s {
+        assert_eq!(
+            status(&sim, s).lineage,
+            at_u.lineage,
+            "adopted the announce"
+        );
+    }
+}

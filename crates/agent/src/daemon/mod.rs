@@ -264,6 +264,9 @@ fn detached_status(node: NodeId, error: &str) -> ClusterStatus {
         lease_left_ms: 0,
         failover: None,
         local_server: None,
+        clients: Vec::new(),
+        activation: None,
+        view_generation: 0,
     }
 }
 

@@ -6,14 +6,18 @@
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use cpg_glue::{Group, GroupEvent, GroupSender as _, NodeId, Quorum};
 use csnap_blockdev::nbd;
-use csnap_proto::control::{ClusterStatus, FailoverTiming, FenceJob};
+use csnap_proto::control::{
+    ActivationGate, ClusterStatus, FailoverTiming, FenceJob, GatedClient, NodeClients,
+};
 use csnap_proto::{ClientId, ServerStatus};
 use csnap_server::net::{self as server_net, RunningServer, ServerConfig};
+use csnap_server::store::StoreError;
 use futures::StreamExt as _;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
@@ -375,6 +379,29 @@ fn cluster_status(
         lease_left_ms: s.lease_left_ms,
         failover: clock.timing(server),
         local_server: server.describe(),
+        clients: s
+            .clients
+            .iter()
+            .map(|(n, list)| NodeClients {
+                node: n.0,
+                clients: list.iter().map(|c| c.to_string()).collect(),
+            })
+            .collect(),
+        activation: s.activation.map(|a| ActivationGate {
+            generation: a.generation,
+            gathering: a.gathering,
+            waiting_for: a.waiting.iter().map(|m| m.to_string()).collect(),
+            clients: a
+                .clients
+                .iter()
+                .map(|(c, n, gone)| GatedClient {
+                    client: c.to_string(),
+                    node: n.0,
+                    declared_gone: *gone,
+                })
+                .collect(),
+        }),
+        view_generation: s.view_lineage.generation,
     }
 }
 
@@ -514,6 +541,11 @@ struct LocalServer {
     state: ServerState,
     /// The serving lease the machine gave (monotonic ms since `epoch`).
     lease_until_ms: u64,
+    /// Nonzero once a store open was refused because a later cluster generation served the
+    /// store (`store_generation_ahead`): that generation. Sticky until the agent restarts:
+    /// the membership core starts again at the next generation after a failed start, and
+    /// would otherwise count up past the store's and serve the stale state after all.
+    store_ahead: Arc<AtomicU64>,
 }
 
 enum ServerState {
@@ -550,6 +582,7 @@ impl LocalServer {
             events,
             state: ServerState::Idle,
             lease_until_ms: 0,
+            store_ahead: Arc::new(AtomicU64::new(0)),
         }
     }
 
@@ -640,6 +673,7 @@ impl LocalServer {
         config.volume = self.cfg.volume.clone();
         config.direct_io = self.cfg.direct_io;
         config.expected_snapshot_clients = clients.clone();
+        config.cluster_generation = Some(generation);
         config.hold_snapshots_until =
             server_net::clock_now_secs() + hold_snapshots_ms.div_ceil(1000);
         config.serving_lease_until = Some(self.lease_instant());
@@ -654,12 +688,43 @@ impl LocalServer {
             stop: false,
         };
         let events = self.events.clone();
+        let ahead = self.store_ahead.load(Ordering::SeqCst);
+        if ahead != 0 {
+            tracing::error!(
+                generation,
+                store_cluster_generation = ahead,
+                "not serving: the store was served at a later cluster generation (refused before); restart the agents once the store's lineage is sorted out"
+            );
+            let _ = events.send(ServerEvent::Started(Err(format!(
+                "the store was served at cluster generation {ahead}, later than this node's \
+                 lineage: not serving stale state (restart the agent once resolved)"
+            ))));
+            return;
+        }
+        let store_ahead = self.store_ahead.clone();
         // In the volume's span: the server's lines carry the volume and the node.
         tokio::spawn(
             async move {
-                let result = server_net::start_bound(config, listener)
-                    .await
-                    .map_err(|e| e.to_string());
+                let result =
+                    server_net::start_bound(config, listener)
+                        .await
+                        .map_err(|e| {
+                            if let server_net::ServerError::Store {
+                                source: StoreError::ClusterGenerationAhead { store, activating },
+                                ..
+                            } = &e
+                            {
+                                store_ahead.store(*store, Ordering::SeqCst);
+                                csnap_server::key_event!(
+                                ERROR,
+                                "store_generation_ahead",
+                                [csnap_generation = *activating, store_cluster_generation = *store],
+                                "not serving: the store was served at cluster generation {store}, \
+                                 after generation {activating} this node activates"
+                            );
+                            }
+                            e.to_string()
+                        });
                 let _ = events.send(ServerEvent::Started(result));
             }
             .in_current_span(),

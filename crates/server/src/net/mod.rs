@@ -93,6 +93,9 @@ pub struct ServerConfig {
     /// Activation gate: the previous server's snapshot clients (from the agent's gather).
     /// No origin write is granted until each has reconnected or is declared gone.
     pub expected_snapshot_clients: Vec<ClientId>,
+    /// Cluster mode: the membership generation this server is activated for; the store's
+    /// open refuses a store a later generation served (`StoreError::ClusterGenerationAhead`).
+    pub cluster_generation: Option<u64>,
     pub store_full_policy: StoreFullPolicy,
     /// Usage warning levels (percent) of the store's data and metadata areas; see
     /// `EngineConfig::data_warn_percents`. Default 80 and 90 for both.
@@ -150,6 +153,7 @@ impl ServerConfig {
             listen,
             key_file: key_file.into(),
             expected_snapshot_clients: Vec::new(),
+            cluster_generation: None,
             store_full_policy: StoreFullPolicy::default(),
             data_warn_percents: engine.data_warn_percents.clone(),
             metadata_warn_percents: engine.metadata_warn_percents.clone(),
@@ -445,6 +449,7 @@ fn open_store(config: &ServerConfig) -> Result<Opened, ServerError> {
         cache_blocks: (config.cache_bytes / store::device::SECTOR as u64)
             .try_into()
             .unwrap_or(usize::MAX),
+        cluster_generation: config.cluster_generation,
         ..OpenOptions::default()
     };
     let store = Store::open(store_dev.clone(), opts).map_err(|source| ServerError::Store {

@@ -51,6 +51,8 @@ pub enum StoreError {
     SameDevice(String),
     #[error("store already formatted (uuid {uuid}); use --force to overwrite it")]
     AlreadyFormatted { uuid: String },
+    #[error("the store was served at cluster generation {store}, later than generation {activating} being activated: another lineage served it after this node's view; refusing to serve stale state")]
+    ClusterGenerationAhead { store: u64, activating: u64 },
     #[error("snapshot store is full: no free data chunk")]
     Full,
     #[error("snapshot store metadata area is full (all of its {blocks} node blocks are in use or kept for freeing operations)")]

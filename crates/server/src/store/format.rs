@@ -283,6 +283,10 @@ pub struct RootState {
 
 pub const ROOT_STATE_LEN: usize = 128;
 
+/// Where the superblock keeps the cluster generation: after the root state, in bytes that
+/// older builds left zero (so an older store reads as "never activated by a cluster").
+const CLUSTER_GENERATION_AT: usize = 176 + ROOT_STATE_LEN;
+
 impl RootState {
     pub fn encode(&self, b: &mut [u8]) {
         b[..ROOT_STATE_LEN].fill(0);
@@ -327,6 +331,10 @@ pub struct Superblock {
     pub uuid: [u8; 16],
     pub geometry: Geometry,
     pub server_generation: u64,
+    /// The cluster (membership) generation of the last server activated on this store by a
+    /// cluster-mode agent; 0 when none was (standalone, or a store older than the field,
+    /// whose bytes were zero).
+    pub cluster_generation: u64,
     pub clean: bool,
     pub journal_tail_seq: u64,
     pub journal_tail_pos: u64,
@@ -379,6 +387,7 @@ impl Superblock {
         put_u64(&mut b, 160, self.journal_tail_pos);
         put_u64(&mut b, 168, self.created);
         self.root.encode(&mut b[176..176 + ROOT_STATE_LEN]);
+        put_u64(&mut b, CLUSTER_GENERATION_AT, self.cluster_generation);
         let crc = block_crc(&b, 12);
         put_u32(&mut b, 12, crc);
         b
@@ -441,6 +450,7 @@ impl Superblock {
             uuid,
             geometry,
             server_generation: get_u64(b, 136),
+            cluster_generation: get_u64(b, CLUSTER_GENERATION_AT),
             clean: get_u32(b, 144) == 1,
             journal_tail_seq: get_u64(b, 152),
             journal_tail_pos: get_u64(b, 160),
@@ -526,6 +536,7 @@ mod tests {
             uuid: [3; 16],
             geometry: g,
             server_generation: 2,
+            cluster_generation: 9,
             clean: true,
             journal_tail_seq: 9,
             journal_tail_pos: 4,
@@ -555,6 +566,7 @@ mod tests {
             uuid: [1; 16],
             geometry: g,
             server_generation: 0,
+            cluster_generation: 0,
             clean: true,
             journal_tail_seq: 1,
             journal_tail_pos: 0,

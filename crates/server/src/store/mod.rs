@@ -59,6 +59,10 @@ pub struct OpenOptions {
     /// Metadata block cache bound, in 4 KiB blocks (at least `meta::MIN_CACHE_BLOCKS`).
     pub cache_blocks: usize,
     pub full_policy: FullPolicy,
+    /// Cluster mode: the membership generation the server is activated for. The open
+    /// refuses a store a later generation already served (see [`Store::open`]) and
+    /// records this one.
+    pub cluster_generation: Option<u64>,
 }
 
 impl Default for OpenOptions {
@@ -66,6 +70,7 @@ impl Default for OpenOptions {
         OpenOptions {
             cache_blocks: 8192,
             full_policy: FullPolicy::default(),
+            cluster_generation: None,
         }
     }
 }
@@ -477,6 +482,7 @@ impl Store {
             uuid,
             geometry: g,
             server_generation: 0,
+            cluster_generation: 0,
             clean: true,
             journal_tail_seq: 1,
             journal_tail_pos: 0,
@@ -499,8 +505,24 @@ impl Store {
     /// Opens a store: picks the newest valid superblock, replays committed journal
     /// transactions (after an unclean shutdown), bumps the server generation and marks the
     /// store in use (unclean until `close`).
+    ///
+    /// In cluster mode (`opts.cluster_generation`), before anything is written: a store
+    /// whose recorded cluster generation is higher than the one being activated was
+    /// served by a later lineage than the one this activation descends from, and opening
+    /// it would serve stale state over it: refused ([`StoreError::ClusterGenerationAhead`]).
+    /// Generation 1 is exempt: it descends from no history (every agent of the cluster
+    /// started afresh, after waiting out any earlier server), and restarts the count.
     pub fn open(dev: Arc<dyn BlockDevice>, opts: OpenOptions) -> Result<Store> {
         let mut sb = read_superblock(dev.as_ref())?;
+        if let Some(generation) = opts.cluster_generation {
+            if generation > 1 && sb.cluster_generation > generation {
+                return Err(StoreError::ClusterGenerationAhead {
+                    store: sb.cluster_generation,
+                    activating: generation,
+                });
+            }
+            sb.cluster_generation = generation;
+        }
         let unclean = !sb.clean;
         let replay = meta::replay_journal(dev.as_ref(), &sb)?;
         sb.root = replay.root;
