@@ -191,9 +191,9 @@ struct FailingStore {
 }
 
 impl FailingStore {
-    fn tick(&mut self) -> Result<(), StoreError> {
+    fn tick(&mut self) -> Result<(), MetaError> {
         if self.budget == 0 {
-            return Err(StoreError::Io(std::io::Error::other(
+            return Err(MetaError::Io(std::io::Error::other(
                 "injected EIO on the metadata device",
             )));
         }
@@ -203,55 +203,55 @@ impl FailingStore {
 }
 
 impl MetaStore for FailingStore {
-    fn stats(&mut self) -> Result<StoreStats, StoreError> {
+    fn stats(&mut self) -> Result<StoreStats, MetaError> {
         self.tick()?;
         self.inner.stats()
     }
-    fn create_snapshot(&mut self, name: &str, ctime: u64) -> Result<SnapshotInfo, StoreError> {
+    fn create_snapshot(&mut self, name: &str, ctime: u64) -> Result<SnapshotInfo, MetaError> {
         self.tick()?;
         self.inner.create_snapshot(name, ctime)
     }
-    fn next_snapshot_id(&mut self) -> Result<SnapId, StoreError> {
+    fn next_snapshot_id(&mut self) -> Result<SnapId, MetaError> {
         self.tick()?;
         self.inner.next_snapshot_id()
     }
-    fn delete_snapshot(&mut self, id: SnapId) -> Result<(), StoreError> {
+    fn delete_snapshot(&mut self, id: SnapId) -> Result<(), MetaError> {
         self.tick()?;
         self.inner.delete_snapshot(id)
     }
-    fn invalidate_snapshot(&mut self, id: SnapId, reason: &str) -> Result<(), StoreError> {
+    fn invalidate_snapshot(&mut self, id: SnapId, reason: &str) -> Result<(), MetaError> {
         self.tick()?;
         self.inner.invalidate_snapshot(id, reason)
     }
-    fn list_snapshots(&mut self) -> Result<Vec<SnapshotInfo>, StoreError> {
+    fn list_snapshots(&mut self) -> Result<Vec<SnapshotInfo>, MetaError> {
         self.tick()?;
         self.inner.list_snapshots()
     }
-    fn snapshot(&mut self, id: SnapId) -> Result<Option<SnapshotInfo>, StoreError> {
+    fn snapshot(&mut self, id: SnapId) -> Result<Option<SnapshotInfo>, MetaError> {
         self.tick()?;
         self.inner.snapshot(id)
     }
-    fn snapshot_by_name(&mut self, name: &str) -> Result<Option<SnapshotInfo>, StoreError> {
+    fn snapshot_by_name(&mut self, name: &str) -> Result<Option<SnapshotInfo>, MetaError> {
         self.tick()?;
         self.inner.snapshot_by_name(name)
     }
-    fn oldest_sharing_origin(&mut self, chunk: u64) -> Result<Option<SnapId>, StoreError> {
+    fn oldest_sharing_origin(&mut self, chunk: u64) -> Result<Option<SnapId>, MetaError> {
         self.tick()?;
         self.inner.oldest_sharing_origin(chunk)
     }
-    fn reserve_chunk(&mut self) -> Result<u64, StoreError> {
+    fn reserve_chunk(&mut self) -> Result<u64, MetaError> {
         self.tick()?;
         self.inner.reserve_chunk()
     }
-    fn release_chunk(&mut self, store_chunk: u64) -> Result<(), StoreError> {
+    fn release_chunk(&mut self, store_chunk: u64) -> Result<(), MetaError> {
         self.tick()?;
         self.inner.release_chunk(store_chunk)
     }
-    fn record_copy_out(&mut self, chunk: u64, store_chunk: u64) -> Result<bool, StoreError> {
+    fn record_copy_out(&mut self, chunk: u64, store_chunk: u64) -> Result<bool, MetaError> {
         self.tick()?;
         self.inner.record_copy_out(chunk, store_chunk)
     }
-    fn snapshot_chunk(&mut self, id: SnapId, chunk: u64) -> Result<SnapChunk, StoreError> {
+    fn snapshot_chunk(&mut self, id: SnapId, chunk: u64) -> Result<SnapChunk, MetaError> {
         self.tick()?;
         self.inner.snapshot_chunk(id, chunk)
     }
@@ -260,15 +260,15 @@ impl MetaStore for FailingStore {
         id: SnapId,
         chunk: u64,
         store_chunk: u64,
-    ) -> Result<(), StoreError> {
+    ) -> Result<(), MetaError> {
         self.tick()?;
         self.inner.record_snapshot_exception(id, chunk, store_chunk)
     }
-    fn reclaim_step(&mut self, budget: usize) -> Result<ReclaimProgress, StoreError> {
+    fn reclaim_step(&mut self, budget: usize) -> Result<ReclaimProgress, MetaError> {
         self.tick()?;
         self.inner.reclaim_step(budget)
     }
-    fn commit(&mut self) -> Result<(), StoreError> {
+    fn commit(&mut self) -> Result<(), MetaError> {
         self.tick()?;
         self.inner.commit()
     }

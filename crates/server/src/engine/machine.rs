@@ -11,7 +11,7 @@ use super::io::{
     Action, ConnId, CopyId, CopyPurpose, CopySource, EngineConfig, Event, LogEvent, LogLevel,
     Requester, StoreFullPolicy, LEASE_MARGIN_SECS, WARN_REARM_POINTS,
 };
-use super::meta_store::{MetaStore, SnapChunk, StoreError, StoreStats};
+use super::meta_store::{MetaError, MetaStore, SnapChunk, StoreStats};
 use csnap_proto::auth::{self, Handshake, Nonce};
 use csnap_proto::page_len;
 use csnap_proto::{
@@ -266,7 +266,7 @@ pub struct Engine<S: MetaStore> {
 impl<S: MetaStore> Engine<S> {
     /// An engine over `store`. It serves no origin write until every client in
     /// `cfg.expected_snapshot_clients` has reconnected or been declared gone.
-    pub fn new(mut store: S, cfg: EngineConfig) -> Result<Self, StoreError> {
+    pub fn new(mut store: S, cfg: EngineConfig) -> Result<Self, MetaError> {
         let geometry = store.stats()?;
         let awaited: BTreeSet<ClientId> = cfg.expected_snapshot_clients.iter().copied().collect();
         let mut engine = Engine {
@@ -424,7 +424,7 @@ impl<S: MetaStore> Engine<S> {
         self.maybe_commit();
     }
 
-    fn dispatch(&mut self, event: Event) -> Result<(), StoreError> {
+    fn dispatch(&mut self, event: Event) -> Result<(), MetaError> {
         match event {
             Event::ClientConnected { conn, server_nonce } => {
                 self.conns.insert(
@@ -543,7 +543,7 @@ impl<S: MetaStore> Engine<S> {
         }
     }
 
-    fn on_commit_done(&mut self, result: Result<(), String>) -> Result<(), StoreError> {
+    fn on_commit_done(&mut self, result: Result<(), String>) -> Result<(), MetaError> {
         let Some(gen) = self.commit_in_flight.take() else {
             self.log(
                 LogLevel::Warn,
@@ -584,7 +584,7 @@ impl<S: MetaStore> Engine<S> {
         self.chunk_waiters.entry(chunk).or_default().insert(w);
     }
 
-    fn wake_chunk(&mut self, chunk: u64) -> Result<(), StoreError> {
+    fn wake_chunk(&mut self, chunk: u64) -> Result<(), MetaError> {
         if let Some(ws) = self.chunk_waiters.remove(&chunk) {
             for w in ws {
                 self.evaluate(w)?;
@@ -608,7 +608,7 @@ impl<S: MetaStore> Engine<S> {
 
     // ---- connections and sessions ----
 
-    fn on_request(&mut self, conn: ConnId, frame: ClientFrame) -> Result<(), StoreError> {
+    fn on_request(&mut self, conn: ConnId, frame: ClientFrame) -> Result<(), MetaError> {
         let ClientFrame { id, msg } = frame;
         let now = self.now;
         if let Some(c) = self.conns.get_mut(&conn) {
@@ -731,7 +731,7 @@ impl<S: MetaStore> Engine<S> {
         node: u32,
         incarnation: u64,
         resuming: bool,
-    ) -> Result<(), StoreError> {
+    ) -> Result<(), MetaError> {
         let live: Vec<(ConnId, u32, u64)> = self
             .conns
             .iter()
@@ -783,7 +783,7 @@ impl<S: MetaStore> Engine<S> {
 
     /// The client has re-established everything it holds (or holds nothing): drop what it
     /// left behind and stop waiting for it at the activation gate.
-    fn client_settled(&mut self, client: ClientId) -> Result<(), StoreError> {
+    fn client_settled(&mut self, client: ClientId) -> Result<(), MetaError> {
         self.drop_orphans(|o| o.client == client, true)?;
         if self.awaited.remove(&client) {
             self.log(
@@ -795,7 +795,7 @@ impl<S: MetaStore> Engine<S> {
         Ok(())
     }
 
-    fn on_client_gone(&mut self, client: ClientId) -> Result<(), StoreError> {
+    fn on_client_gone(&mut self, client: ClientId) -> Result<(), MetaError> {
         self.drop_orphans(|o| o.client == client, false)?;
         if self.awaited.remove(&client) {
             self.log(
@@ -807,7 +807,7 @@ impl<S: MetaStore> Engine<S> {
         Ok(())
     }
 
-    fn maybe_activate(&mut self) -> Result<(), StoreError> {
+    fn maybe_activate(&mut self) -> Result<(), MetaError> {
         if self.awaited.is_empty() {
             self.log_event(
                 LogLevel::Info,
@@ -824,7 +824,7 @@ impl<S: MetaStore> Engine<S> {
 
     /// Closes connections still unauthenticated `auth_timeout_secs` after they were
     /// accepted (strictly later: `now` is whole seconds, never early).
-    fn expire_unauthenticated(&mut self) -> Result<(), StoreError> {
+    fn expire_unauthenticated(&mut self) -> Result<(), MetaError> {
         let limit = self.cfg.auth_timeout_secs;
         let late: Vec<ConnId> = self
             .conns
@@ -844,7 +844,7 @@ impl<S: MetaStore> Engine<S> {
         Ok(())
     }
 
-    fn close(&mut self, conn: ConnId) -> Result<(), StoreError> {
+    fn close(&mut self, conn: ConnId) -> Result<(), MetaError> {
         if self.conns.contains_key(&conn) {
             self.actions.push_back(Action::Close { conn });
             self.drop_conn(conn)?;
@@ -852,7 +852,7 @@ impl<S: MetaStore> Engine<S> {
         Ok(())
     }
 
-    fn drop_conn(&mut self, conn: ConnId) -> Result<(), StoreError> {
+    fn drop_conn(&mut self, conn: ConnId) -> Result<(), MetaError> {
         let Some(c) = self.conns.remove(&conn) else {
             return Ok(());
         };
@@ -928,7 +928,7 @@ impl<S: MetaStore> Engine<S> {
         &mut self,
         which: impl Fn(&OrphanedLocks) -> bool,
         keep_store_reads: bool,
-    ) -> Result<(), StoreError> {
+    ) -> Result<(), MetaError> {
         let (gone, kept): (Vec<_>, Vec<_>) = std::mem::take(&mut self.orphans)
             .into_iter()
             .partition(|o| which(o));
@@ -961,7 +961,7 @@ impl<S: MetaStore> Engine<S> {
         Ok(())
     }
 
-    fn expire_orphans(&mut self) -> Result<(), StoreError> {
+    fn expire_orphans(&mut self) -> Result<(), MetaError> {
         let (now, grace) = (self.now, self.cfg.orphan_lock_grace_secs);
         let expired: Vec<ClientId> = self
             .orphans
@@ -981,7 +981,7 @@ impl<S: MetaStore> Engine<S> {
     /// Origin leases: a silent origin client is closed once its lease has certainly run
     /// out (a dead node must not hold up a snapshot for long); a lost one stops counting
     /// then. A pending announcement may go ahead afterwards.
-    fn expire_origin_leases(&mut self) -> Result<(), StoreError> {
+    fn expire_origin_leases(&mut self) -> Result<(), MetaError> {
         let deadline = self.cfg.origin_lease_secs + LEASE_MARGIN_SECS + CLOCK_SLACK_SECS;
         let now = self.now;
         let silent: Vec<(ConnId, Option<ClientId>, u64)> = self
@@ -1053,7 +1053,7 @@ impl<S: MetaStore> Engine<S> {
         }
     }
 
-    fn wake_lease_waiters(&mut self) -> Result<(), StoreError> {
+    fn wake_lease_waiters(&mut self) -> Result<(), MetaError> {
         if !self.reclaim_blocked()? {
             for w in std::mem::take(&mut self.lease_waiters) {
                 self.evaluate(w)?;
@@ -1065,7 +1065,7 @@ impl<S: MetaStore> Engine<S> {
     /// Reclaim must wait while a client may still write into chunks it would free: before
     /// activation (leases not yet uploaded) and while a deleted or invalidated snapshot has
     /// write leases.
-    fn reclaim_blocked(&mut self) -> Result<bool, StoreError> {
+    fn reclaim_blocked(&mut self) -> Result<bool, MetaError> {
         if !self.awaited.is_empty() {
             return Ok(true);
         }
@@ -1094,7 +1094,7 @@ impl<S: MetaStore> Engine<S> {
         conn: ConnId,
         id: RequestId,
         msg: ClientMsg,
-    ) -> Result<(), StoreError> {
+    ) -> Result<(), MetaError> {
         let who = Requester { conn, id };
         let Some((client, kind)) = self.session_of(conn) else {
             return Ok(());
@@ -1348,7 +1348,7 @@ impl<S: MetaStore> Engine<S> {
         conn: ConnId,
         snap: SnapId,
         ranges: &[ChunkRange],
-    ) -> Result<(), StoreError> {
+    ) -> Result<(), MetaError> {
         let chunks = match self.request_chunks(ranges) {
             Ok(chunks) => chunks,
             Err(Reject(_, why)) => {
@@ -1459,7 +1459,7 @@ impl<S: MetaStore> Engine<S> {
 
     // ---- work evaluation ----
 
-    fn evaluate(&mut self, w: WorkId) -> Result<(), StoreError> {
+    fn evaluate(&mut self, w: WorkId) -> Result<(), MetaError> {
         let Some(work) = self.works.get(&w) else {
             return Ok(());
         };
@@ -1483,7 +1483,7 @@ impl<S: MetaStore> Engine<S> {
         }
     }
 
-    fn eval_origin_write(&mut self, w: WorkId) -> Result<(), StoreError> {
+    fn eval_origin_write(&mut self, w: WorkId) -> Result<(), MetaError> {
         if !self.awaited.is_empty() {
             self.activation_waiters.insert(w);
             return Ok(());
@@ -1545,7 +1545,7 @@ impl<S: MetaStore> Engine<S> {
     }
 
     /// Whether `snap` can be read/written now: `Some(reject)` refuses the request.
-    fn snapshot_usable(&mut self, snap: SnapId) -> Result<Option<Reject>, StoreError> {
+    fn snapshot_usable(&mut self, snap: SnapId) -> Result<Option<Reject>, MetaError> {
         if self.pending_snaps.contains_key(&snap) {
             return Ok(Some(Reject(
                 ErrorCode::NoSuchSnapshot,
@@ -1572,7 +1572,7 @@ impl<S: MetaStore> Engine<S> {
         self.finish_work(w, error(r.0, r.1));
     }
 
-    fn eval_snapshot_read(&mut self, w: WorkId, snap: SnapId) -> Result<(), StoreError> {
+    fn eval_snapshot_read(&mut self, w: WorkId, snap: SnapId) -> Result<(), MetaError> {
         if let Some(r) = self.snapshot_usable(snap)? {
             self.reject_work(w, r);
             return Ok(());
@@ -1632,7 +1632,7 @@ impl<S: MetaStore> Engine<S> {
         Ok(())
     }
 
-    fn eval_snapshot_write(&mut self, w: WorkId, snap: SnapId) -> Result<(), StoreError> {
+    fn eval_snapshot_write(&mut self, w: WorkId, snap: SnapId) -> Result<(), MetaError> {
         if let Some(r) = self.snapshot_usable(snap)? {
             self.reject_work(w, r);
             return Ok(());
@@ -1737,7 +1737,7 @@ impl<S: MetaStore> Engine<S> {
         }
     }
 
-    fn start_copy(&mut self, kind: CopyKind, from: CopySource) -> Result<CopyStart, StoreError> {
+    fn start_copy(&mut self, kind: CopyKind, from: CopySource) -> Result<CopyStart, MetaError> {
         let rule = self.victim_rule(&kind);
         let out_of_victims = match rule {
             // Every live snapshot is gone: none needs the copy-out.
@@ -1764,7 +1764,7 @@ impl<S: MetaStore> Engine<S> {
             }
             match self.store.reserve_chunk() {
                 Ok(to) => break to,
-                Err(StoreError::Full) => match self.make_space(rule, Area::Data)? {
+                Err(MetaError::Full) => match self.make_space(rule, Area::Data)? {
                     Space::Retry => continue,
                     Space::AfterCommit => return Ok(CopyStart::AfterCommit),
                     Space::AfterLeases => return Ok(CopyStart::AfterLeases),
@@ -1803,7 +1803,7 @@ impl<S: MetaStore> Engine<S> {
     }
 
     /// True if `records` more record insertions might not fit in the metadata area.
-    fn metadata_short(&mut self, records: u64) -> Result<bool, StoreError> {
+    fn metadata_short(&mut self, records: u64) -> Result<bool, MetaError> {
         Ok(self
             .store
             .metadata_space()?
@@ -1813,7 +1813,7 @@ impl<S: MetaStore> Engine<S> {
     /// `area` of the store is full: wait for freed chunks to be committed, finish pending
     /// reclaim, and if that is not enough, invalidate snapshots per the policy, oldest
     /// first, until there is room.
-    fn make_space(&mut self, rule: VictimRule, area: Area) -> Result<Space, StoreError> {
+    fn make_space(&mut self, rule: VictimRule, area: Area) -> Result<Space, MetaError> {
         if area == Area::Data && self.free_gen > self.committed_gen {
             self.commit_wanted = true;
             return Ok(Space::AfterCommit);
@@ -1850,7 +1850,7 @@ impl<S: MetaStore> Engine<S> {
 
     /// The next snapshot the policy gives up: the oldest live one (of the volume, not of
     /// the snapshots sharing the chunk being copied), never the writer of a snapshot write.
-    fn victim(&mut self, rule: VictimRule) -> Result<Option<SnapId>, StoreError> {
+    fn victim(&mut self, rule: VictimRule) -> Result<Option<SnapId>, MetaError> {
         match rule {
             VictimRule::CopyOut(_) => self.store.oldest_live(None),
             VictimRule::OtherThan(writer) => self.store.oldest_live(Some(writer)),
@@ -1859,12 +1859,7 @@ impl<S: MetaStore> Engine<S> {
     }
 
     /// Invalidates `victim` for lack of room in `area`, loudly.
-    fn sacrifice(
-        &mut self,
-        victim: SnapId,
-        area: Area,
-        rule: VictimRule,
-    ) -> Result<(), StoreError> {
+    fn sacrifice(&mut self, victim: SnapId, area: Area, rule: VictimRule) -> Result<(), MetaError> {
         let name = self
             .store
             .snapshot(victim)?
@@ -1914,7 +1909,7 @@ impl<S: MetaStore> Engine<S> {
     }
 
     /// Runs reclaim to make room in `area`: `Some(how to go on)` if it did.
-    fn reclaim_for(&mut self, area: Area) -> Result<Option<Space>, StoreError> {
+    fn reclaim_for(&mut self, area: Area) -> Result<Option<Space>, MetaError> {
         match area {
             Area::Data => Ok(self.reclaim_for_space()?.then_some(Space::AfterCommit)),
             Area::Metadata { records } => {
@@ -1928,7 +1923,7 @@ impl<S: MetaStore> Engine<S> {
 
     /// Runs reclaim until it frees something or has no work left (store-full emergency
     /// path). True if chunks were freed (reusable after the next commit).
-    fn reclaim_for_space(&mut self) -> Result<bool, StoreError> {
+    fn reclaim_for_space(&mut self) -> Result<bool, MetaError> {
         while self.reclaiming {
             let p = self.store.reclaim_step(self.cfg.reclaim_budget)?;
             if p.done {
@@ -1943,7 +1938,7 @@ impl<S: MetaStore> Engine<S> {
     }
 
     /// Runs reclaim until it has no work left (metadata-full emergency path).
-    fn reclaim_to_end(&mut self) -> Result<(), StoreError> {
+    fn reclaim_to_end(&mut self) -> Result<(), MetaError> {
         while self.reclaiming {
             let p = self.store.reclaim_step(self.cfg.reclaim_budget.max(1024))?;
             if p.freed_chunks > 0 {
@@ -1960,7 +1955,7 @@ impl<S: MetaStore> Engine<S> {
     /// passed (other copies in flight used the room, or the copy-out needs many records):
     /// give up one more snapshot per the policy, so that the retry makes progress. False if
     /// the policy has nobody to give up.
-    fn metadata_full_after_copy(&mut self, rule: VictimRule) -> Result<bool, StoreError> {
+    fn metadata_full_after_copy(&mut self, rule: VictimRule) -> Result<bool, MetaError> {
         let Some(victim) = self.victim(rule)? else {
             return Ok(false);
         };
@@ -1971,7 +1966,7 @@ impl<S: MetaStore> Engine<S> {
         Ok(true)
     }
 
-    fn background_reclaim(&mut self, budget: usize) -> Result<(), StoreError> {
+    fn background_reclaim(&mut self, budget: usize) -> Result<(), MetaError> {
         if self.reclaiming && !self.reclaim_blocked()? {
             let p = self.store.reclaim_step(budget)?;
             if p.freed_chunks > 0 {
@@ -1984,7 +1979,7 @@ impl<S: MetaStore> Engine<S> {
         Ok(())
     }
 
-    fn on_copy_done(&mut self, copy: CopyId, result: Result<(), String>) -> Result<(), StoreError> {
+    fn on_copy_done(&mut self, copy: CopyId, result: Result<(), String>) -> Result<(), MetaError> {
         let Some(job) = self.copies.remove(&copy) else {
             self.log(
                 LogLevel::Warn,
@@ -2008,7 +2003,7 @@ impl<S: MetaStore> Engine<S> {
                     // Nothing recorded: free the copy, make room, and let the writes waiting
                     // for this chunk start over (a new copy-out, or none if no snapshot
                     // needs it any more).
-                    Err(StoreError::MetadataFull) => {
+                    Err(MetaError::MetadataFull) => {
                         self.store.release_chunk(job.to)?;
                         self.metadata_full_after_copy(VictimRule::CopyOut(chunk))?;
                     }
@@ -2031,10 +2026,10 @@ impl<S: MetaStore> Engine<S> {
                         self.chunk_gen.insert(chunk, gen);
                     }
                     // Deleted or invalidated while the copy ran: the copy is not needed.
-                    Err(StoreError::NoSuchSnapshot(_) | StoreError::NotLive(_)) => {
+                    Err(MetaError::NoSuchSnapshot(_) | MetaError::NotLive(_)) => {
                         self.store.release_chunk(job.to)?;
                     }
-                    Err(StoreError::MetadataFull) => {
+                    Err(MetaError::MetadataFull) => {
                         self.store.release_chunk(job.to)?;
                         let rule = self.victim_rule(&job.kind);
                         if !self.metadata_full_after_copy(rule)? {
@@ -2053,7 +2048,7 @@ impl<S: MetaStore> Engine<S> {
     /// would take the snapshot table past its share of the
     /// metadata area: the store-full policy frees records by invalidating snapshots, never
     /// rows, so rows must not crowd out the records.
-    fn too_many_snapshots(&mut self, more: u64) -> Result<Option<Reject>, StoreError> {
+    fn too_many_snapshots(&mut self, more: u64) -> Result<Option<Reject>, MetaError> {
         Ok(self
             .store
             .metadata_space()?
@@ -2158,12 +2153,7 @@ impl<S: MetaStore> Engine<S> {
     /// (perhaps to another server). It is not a second creation: the resend takes over the
     /// answer of one still in progress, or is answered with the snapshot at once. True if
     /// it was such a resend.
-    fn resent_create(
-        &mut self,
-        who: Requester,
-        name: &str,
-        token: u64,
-    ) -> Result<bool, StoreError> {
+    fn resent_create(&mut self, who: Requester, name: &str, token: u64) -> Result<bool, MetaError> {
         if token & super::meta_store::CREATE_TOKEN_MASK == 0 {
             return Ok(false);
         }
@@ -2200,7 +2190,7 @@ impl<S: MetaStore> Engine<S> {
 
     /// Phase one (see [`Announcement`]): when no announcement is out, announce the next
     /// requested snapshot to every origin client and hold origin grants.
-    fn announce_next_snapshot(&mut self) -> Result<(), StoreError> {
+    fn announce_next_snapshot(&mut self) -> Result<(), MetaError> {
         if self.announcement.is_some() {
             return Ok(());
         }
@@ -2238,7 +2228,7 @@ impl<S: MetaStore> Engine<S> {
     /// Phase two: once every origin client acknowledged (or went), nothing writes the
     /// origin; create the snapshot in the store now, release the held writes (they copy
     /// out for it), and make it visible once the creation is committed.
-    fn try_create_announced(&mut self) -> Result<(), StoreError> {
+    fn try_create_announced(&mut self) -> Result<(), MetaError> {
         if !self
             .announcement
             .as_ref()
@@ -2273,14 +2263,14 @@ impl<S: MetaStore> Engine<S> {
                 );
                 self.try_finish_creation(info.id)?;
             }
-            Err(StoreError::BadName { name, why }) => self.reject(
+            Err(MetaError::BadName { name, why }) => self.reject(
                 request.who,
                 Reject(
                     ErrorCode::BadName,
                     format!("invalid snapshot name {name:?}: {why}"),
                 ),
             ),
-            Err(StoreError::NameTaken(name)) => self.reject(
+            Err(MetaError::NameTaken(name)) => self.reject(
                 request.who,
                 Reject(
                     ErrorCode::NameTaken,
@@ -2289,7 +2279,7 @@ impl<S: MetaStore> Engine<S> {
             ),
             // Refused: nothing is sacrificed for a new snapshot (copies keep room for one
             // row, so this means the policy had nothing left to give up).
-            Err(StoreError::MetadataFull) => self.reject(
+            Err(MetaError::MetadataFull) => self.reject(
                 request.who,
                 Reject(
                     ErrorCode::StoreFull,
@@ -2304,7 +2294,7 @@ impl<S: MetaStore> Engine<S> {
         self.announce_next_snapshot()
     }
 
-    fn try_finish_creation(&mut self, snap: SnapId) -> Result<(), StoreError> {
+    fn try_finish_creation(&mut self, snap: SnapId) -> Result<(), MetaError> {
         let ready = self
             .pending_snaps
             .get(&snap)
@@ -2338,7 +2328,7 @@ impl<S: MetaStore> Engine<S> {
         Ok(())
     }
 
-    fn resolve(&mut self, snap: &SnapRef) -> Result<Option<SnapshotInfo>, StoreError> {
+    fn resolve(&mut self, snap: &SnapRef) -> Result<Option<SnapshotInfo>, MetaError> {
         let info = match snap {
             SnapRef::Id(id) => self.store.snapshot(*id)?,
             SnapRef::Name(name) => self.store.snapshot_by_name(name)?,
@@ -2347,7 +2337,7 @@ impl<S: MetaStore> Engine<S> {
     }
 
     fn delete_snapshot(&mut self, who: Requester, snap: SnapId) -> Result<(), Reject> {
-        let result = (|| -> Result<Result<(), Reject>, StoreError> {
+        let result = (|| -> Result<Result<(), Reject>, MetaError> {
             let Some(info) = self.resolve(&SnapRef::Id(snap))? else {
                 return Ok(Err(Reject(
                     ErrorCode::NoSuchSnapshot,
@@ -2382,7 +2372,7 @@ impl<S: MetaStore> Engine<S> {
         }
     }
 
-    fn visible_snapshots(&mut self) -> Result<Vec<SnapshotInfo>, StoreError> {
+    fn visible_snapshots(&mut self) -> Result<Vec<SnapshotInfo>, MetaError> {
         let mut list = self.store.list_snapshots()?;
         list.retain(|s| !self.pending_snaps.contains_key(&s.id));
         Ok(list)
@@ -2390,7 +2380,7 @@ impl<S: MetaStore> Engine<S> {
 
     /// Logs each usage warning level an area crossed upwards since the last call, once
     /// (re-armed when usage fell `WARN_REARM_POINTS` below the level).
-    fn check_space(&mut self) -> Result<(), StoreError> {
+    fn check_space(&mut self) -> Result<(), MetaError> {
         for (area, used, total) in self.usage()? {
             let levels = match area {
                 StoreArea::Data => self.cfg.data_warn_percents.clone(),
@@ -2434,7 +2424,7 @@ impl<S: MetaStore> Engine<S> {
     }
 
     /// (area, used, total) of the data area and, if the store reports it, the metadata area.
-    fn usage(&mut self) -> Result<Vec<(StoreArea, u64, u64)>, StoreError> {
+    fn usage(&mut self) -> Result<Vec<(StoreArea, u64, u64)>, MetaError> {
         let stats = self.store.stats()?;
         let mut out = vec![(
             StoreArea::Data,
@@ -2452,7 +2442,7 @@ impl<S: MetaStore> Engine<S> {
     }
 
     /// Areas at or above a warning level now: the highest level per area.
-    fn space_warnings(&mut self) -> Result<Vec<SpaceWarning>, StoreError> {
+    fn space_warnings(&mut self) -> Result<Vec<SpaceWarning>, MetaError> {
         let mut out = Vec::new();
         for (area, used, total) in self.usage()? {
             let levels = match area {
@@ -2491,7 +2481,7 @@ impl<S: MetaStore> Engine<S> {
         }
     }
 
-    fn status_figures(&mut self) -> Result<ServerStatus, StoreError> {
+    fn status_figures(&mut self) -> Result<ServerStatus, MetaError> {
         let stats = self.store.stats()?;
         let metadata = self.store.metadata_space()?;
         let space_warnings = self.space_warnings()?;

@@ -114,8 +114,11 @@ pub struct MetadataSpace {
     pub snapshot_room: u64,
 }
 
+/// Why a [`MetaStore`] operation failed, as the engine sees it. Distinct from
+/// `store::StoreError`, the on-disk store's own error, which `store/adapter.rs` maps into
+/// this.
 #[derive(Debug, thiserror::Error)]
-pub enum StoreError {
+pub enum MetaError {
     /// No free store chunk: the engine applies its store-full policy.
     #[error("snapshot store is full")]
     Full,
@@ -146,12 +149,12 @@ pub enum StoreError {
 /// an implementation may do disk I/O in any method.
 pub trait MetaStore {
     /// Geometry and free space.
-    fn stats(&mut self) -> Result<StoreStats, StoreError>;
+    fn stats(&mut self) -> Result<StoreStats, MetaError>;
 
     /// Creates a live snapshot with the next id. Fails with `BadName` or `NameTaken`.
     /// From now on origin copy-outs preserve its view (even before the engine makes it
     /// visible to clients).
-    fn create_snapshot(&mut self, name: &str, ctime: u64) -> Result<SnapshotInfo, StoreError>;
+    fn create_snapshot(&mut self, name: &str, ctime: u64) -> Result<SnapshotInfo, MetaError>;
 
     /// `create_snapshot`, keeping the creator's request token (`CreateSnapshot.token`, the
     /// low `CREATE_TOKEN_BITS` bits; 0 = none) with the snapshot, durably with it, for
@@ -162,46 +165,46 @@ pub trait MetaStore {
         name: &str,
         ctime: u64,
         token: u64,
-    ) -> Result<SnapshotInfo, StoreError> {
+    ) -> Result<SnapshotInfo, MetaError> {
         let _ = token;
         self.create_snapshot(name, ctime)
     }
 
     /// Was snapshot `id` (any state but unknown) created with this non-zero token (compared
     /// in its low `CREATE_TOKEN_BITS` bits)?
-    fn created_with(&mut self, id: SnapId, token: u64) -> Result<bool, StoreError> {
+    fn created_with(&mut self, id: SnapId, token: u64) -> Result<bool, MetaError> {
         let _ = (id, token);
         Ok(false)
     }
 
     /// The id the next `create_snapshot` will give (ids are never reused). The engine
     /// announces a snapshot under this id before it creates it.
-    fn next_snapshot_id(&mut self) -> Result<SnapId, StoreError>;
+    fn next_snapshot_id(&mut self) -> Result<SnapId, MetaError>;
 
     /// Marks a snapshot (live or invalid) Deleting: it leaves the list at once, its space is
     /// reclaimed by later `reclaim_step`s. `NoSuchSnapshot` if unknown or already deleting.
-    fn delete_snapshot(&mut self, id: SnapId) -> Result<(), StoreError>;
+    fn delete_snapshot(&mut self, id: SnapId) -> Result<(), MetaError>;
 
     /// Marks a live snapshot Invalid with a reason (store-full policy). Its exceptions stop
     /// counting; what it alone used is reclaimed by later `reclaim_step`s.
-    fn invalidate_snapshot(&mut self, id: SnapId, reason: &str) -> Result<(), StoreError>;
+    fn invalidate_snapshot(&mut self, id: SnapId, reason: &str) -> Result<(), MetaError>;
 
     /// Listed snapshots (Live and Invalid, not Deleting), in id order.
-    fn list_snapshots(&mut self) -> Result<Vec<SnapshotInfo>, StoreError>;
+    fn list_snapshots(&mut self) -> Result<Vec<SnapshotInfo>, MetaError>;
 
     /// One snapshot by id; `None` if unknown or deleting.
-    fn snapshot(&mut self, id: SnapId) -> Result<Option<SnapshotInfo>, StoreError>;
+    fn snapshot(&mut self, id: SnapId) -> Result<Option<SnapshotInfo>, MetaError>;
 
     /// One snapshot by name; `None` if unknown or deleting.
-    fn snapshot_by_name(&mut self, name: &str) -> Result<Option<SnapshotInfo>, StoreError>;
+    fn snapshot_by_name(&mut self, name: &str) -> Result<Option<SnapshotInfo>, MetaError>;
 
     /// The oldest live snapshot that still reads origin chunk `chunk` from the origin, i.e.
     /// `None` iff the chunk is unique and an origin write needs no copy-out.
-    fn oldest_sharing_origin(&mut self, chunk: u64) -> Result<Option<SnapId>, StoreError>;
+    fn oldest_sharing_origin(&mut self, chunk: u64) -> Result<Option<SnapId>, MetaError>;
 
     /// The oldest live snapshot other than `except`, if any (the store-full policy's
     /// victim).
-    fn oldest_live(&mut self, except: Option<SnapId>) -> Result<Option<SnapId>, StoreError> {
+    fn oldest_live(&mut self, except: Option<SnapId>) -> Result<Option<SnapId>, MetaError> {
         Ok(self
             .list_snapshots()?
             .into_iter()
@@ -211,26 +214,26 @@ pub trait MetaStore {
 
     /// The metadata area's figures, for stores whose metadata area is bounded (the default:
     /// `None`, metadata never runs out).
-    fn metadata_space(&mut self) -> Result<Option<MetadataSpace>, StoreError> {
+    fn metadata_space(&mut self) -> Result<Option<MetadataSpace>, MetaError> {
         Ok(None)
     }
 
     /// Reserves a free store chunk for a copy in flight (`Full` if none). Store chunk
     /// addresses are chunk indexes on the store device (data chunks follow the metadata).
-    fn reserve_chunk(&mut self) -> Result<u64, StoreError>;
+    fn reserve_chunk(&mut self) -> Result<u64, MetaError>;
 
     /// Returns an unused reservation to the free pool.
-    fn release_chunk(&mut self, store_chunk: u64) -> Result<(), StoreError>;
+    fn release_chunk(&mut self, store_chunk: u64) -> Result<(), MetaError>;
 
     /// Records that origin chunk `chunk` has been copied to the reserved `store_chunk`: one
     /// exception covering every live snapshot that still read it from the origin (computed
     /// now). Returns false, and releases the reservation, if no live snapshot needed it any
     /// more (e.g. they were deleted meanwhile).
-    fn record_copy_out(&mut self, chunk: u64, store_chunk: u64) -> Result<bool, StoreError>;
+    fn record_copy_out(&mut self, chunk: u64, store_chunk: u64) -> Result<bool, MetaError>;
 
     /// Where live snapshot `id` reads origin chunk `chunk` from. `NotLive` for an invalid
     /// snapshot, `NoSuchSnapshot` for an unknown or deleting one.
-    fn snapshot_chunk(&mut self, id: SnapId, chunk: u64) -> Result<SnapChunk, StoreError>;
+    fn snapshot_chunk(&mut self, id: SnapId, chunk: u64) -> Result<SnapChunk, MetaError>;
 
     /// Records an exception for exactly snapshot `id` on `chunk`, at the reserved
     /// `store_chunk` (which already holds the chunk's previous contents as `id` saw them):
@@ -240,23 +243,23 @@ pub trait MetaStore {
         id: SnapId,
         chunk: u64,
         store_chunk: u64,
-    ) -> Result<(), StoreError>;
+    ) -> Result<(), MetaError>;
 
     /// Does a bounded amount of background reclaim (about `budget` exceptions examined):
     /// frees exceptions no live snapshot uses. Never blocks for long. The freed chunks become
     /// reservable after the next `commit`.
-    fn reclaim_step(&mut self, budget: usize) -> Result<ReclaimProgress, StoreError>;
+    fn reclaim_step(&mut self, budget: usize) -> Result<ReclaimProgress, MetaError>;
 
     /// Where background reclaim is: `None` when it has no work (or the store does not
     /// say, the default).
-    fn reclaim_position(&self) -> Result<Option<ReclaimPosition>, StoreError> {
+    fn reclaim_position(&self) -> Result<Option<ReclaimPosition>, MetaError> {
         Ok(None)
     }
 
     /// Advances the background count of per-snapshot usage (`chunks_held`) by about
     /// `budget` exception records; true once the figures are exact. Stores that keep exact
     /// figures all along (the default) have nothing to do.
-    fn usage_step(&mut self, budget: usize) -> Result<bool, StoreError> {
+    fn usage_step(&mut self, budget: usize) -> Result<bool, MetaError> {
         let _ = budget;
         Ok(true)
     }
@@ -267,7 +270,7 @@ pub trait MetaStore {
     }
 
     /// Makes every recorded change durable (journal commit on stable storage).
-    fn commit(&mut self) -> Result<(), StoreError>;
+    fn commit(&mut self) -> Result<(), MetaError>;
 }
 
 #[derive(Clone, Debug)]
@@ -396,9 +399,9 @@ impl MemStore {
         Ok(())
     }
 
-    fn check_chunk(&self, chunk: u64) -> Result<(), StoreError> {
+    fn check_chunk(&self, chunk: u64) -> Result<(), MetaError> {
         if chunk >= self.origin_chunks {
-            return Err(StoreError::ChunkOutOfRange {
+            return Err(MetaError::ChunkOutOfRange {
                 chunk,
                 origin_chunks: self.origin_chunks,
             });
@@ -472,17 +475,17 @@ impl MemStore {
         }
     }
 
-    fn take_reservation(&mut self, store_chunk: u64) -> Result<(), StoreError> {
+    fn take_reservation(&mut self, store_chunk: u64) -> Result<(), MetaError> {
         if self.state.reserved.remove(&store_chunk) {
             Ok(())
         } else {
-            Err(StoreError::NotReserved(store_chunk))
+            Err(MetaError::NotReserved(store_chunk))
         }
     }
 }
 
 impl MetaStore for MemStore {
-    fn stats(&mut self) -> Result<StoreStats, StoreError> {
+    fn stats(&mut self) -> Result<StoreStats, MetaError> {
         Ok(StoreStats {
             chunk_size: self.chunk_size,
             origin_chunks: self.origin_chunks,
@@ -491,11 +494,11 @@ impl MetaStore for MemStore {
         })
     }
 
-    fn next_snapshot_id(&mut self) -> Result<SnapId, StoreError> {
+    fn next_snapshot_id(&mut self) -> Result<SnapId, MetaError> {
         Ok(SnapId(self.state.next_id))
     }
 
-    fn create_snapshot(&mut self, name: &str, ctime: u64) -> Result<SnapshotInfo, StoreError> {
+    fn create_snapshot(&mut self, name: &str, ctime: u64) -> Result<SnapshotInfo, MetaError> {
         self.create_snapshot_with_token(name, ctime, 0)
     }
 
@@ -504,13 +507,13 @@ impl MetaStore for MemStore {
         name: &str,
         ctime: u64,
         token: u64,
-    ) -> Result<SnapshotInfo, StoreError> {
-        validate_snapshot_name(name).map_err(|why| StoreError::BadName {
+    ) -> Result<SnapshotInfo, MetaError> {
+        validate_snapshot_name(name).map_err(|why| MetaError::BadName {
             name: name.to_owned(),
             why,
         })?;
         if self.snapshot_by_name(name)?.is_some() {
-            return Err(StoreError::NameTaken(name.to_owned()));
+            return Err(MetaError::NameTaken(name.to_owned()));
         }
         let id = SnapId(self.state.next_id);
         self.state.next_id += 1;
@@ -525,7 +528,7 @@ impl MetaStore for MemStore {
         Ok(info)
     }
 
-    fn created_with(&mut self, id: SnapId, token: u64) -> Result<bool, StoreError> {
+    fn created_with(&mut self, id: SnapId, token: u64) -> Result<bool, MetaError> {
         let token = token & CREATE_TOKEN_MASK;
         Ok(token != 0
             && self
@@ -535,18 +538,18 @@ impl MetaStore for MemStore {
                 .is_some_and(|r| r.token == token))
     }
 
-    fn delete_snapshot(&mut self, id: SnapId) -> Result<(), StoreError> {
+    fn delete_snapshot(&mut self, id: SnapId) -> Result<(), MetaError> {
         match self.state.snapshots.get_mut(&id) {
             Some(r) if r.state != SnapshotState::Deleting => {
                 r.state = SnapshotState::Deleting;
                 self.state.reclaim_requested = true;
                 Ok(())
             }
-            _ => Err(StoreError::NoSuchSnapshot(id)),
+            _ => Err(MetaError::NoSuchSnapshot(id)),
         }
     }
 
-    fn invalidate_snapshot(&mut self, id: SnapId, reason: &str) -> Result<(), StoreError> {
+    fn invalidate_snapshot(&mut self, id: SnapId, reason: &str) -> Result<(), MetaError> {
         match self.state.snapshots.get_mut(&id) {
             Some(r) if r.state == SnapshotState::Live => {
                 r.state = SnapshotState::Invalid {
@@ -555,12 +558,12 @@ impl MetaStore for MemStore {
                 self.state.reclaim_requested = true;
                 Ok(())
             }
-            Some(r) if r.state != SnapshotState::Deleting => Err(StoreError::NotLive(id)),
-            _ => Err(StoreError::NoSuchSnapshot(id)),
+            Some(r) if r.state != SnapshotState::Deleting => Err(MetaError::NotLive(id)),
+            _ => Err(MetaError::NoSuchSnapshot(id)),
         }
     }
 
-    fn list_snapshots(&mut self) -> Result<Vec<SnapshotInfo>, StoreError> {
+    fn list_snapshots(&mut self) -> Result<Vec<SnapshotInfo>, MetaError> {
         Ok(self
             .state
             .snapshots
@@ -570,7 +573,7 @@ impl MetaStore for MemStore {
             .collect())
     }
 
-    fn snapshot(&mut self, id: SnapId) -> Result<Option<SnapshotInfo>, StoreError> {
+    fn snapshot(&mut self, id: SnapId) -> Result<Option<SnapshotInfo>, MetaError> {
         Ok(self
             .state
             .snapshots
@@ -579,7 +582,7 @@ impl MetaStore for MemStore {
             .map(|r| self.info(id, r)))
     }
 
-    fn snapshot_by_name(&mut self, name: &str) -> Result<Option<SnapshotInfo>, StoreError> {
+    fn snapshot_by_name(&mut self, name: &str) -> Result<Option<SnapshotInfo>, MetaError> {
         Ok(self
             .state
             .snapshots
@@ -588,24 +591,24 @@ impl MetaStore for MemStore {
             .map(|(id, r)| self.info(*id, r)))
     }
 
-    fn oldest_sharing_origin(&mut self, chunk: u64) -> Result<Option<SnapId>, StoreError> {
+    fn oldest_sharing_origin(&mut self, chunk: u64) -> Result<Option<SnapId>, MetaError> {
         self.check_chunk(chunk)?;
         Ok(self.uncovered_live(chunk).first().copied())
     }
 
-    fn reserve_chunk(&mut self) -> Result<u64, StoreError> {
-        let chunk = self.state.free.pop_first().ok_or(StoreError::Full)?;
+    fn reserve_chunk(&mut self) -> Result<u64, MetaError> {
+        let chunk = self.state.free.pop_first().ok_or(MetaError::Full)?;
         self.state.reserved.insert(chunk);
         Ok(chunk)
     }
 
-    fn release_chunk(&mut self, store_chunk: u64) -> Result<(), StoreError> {
+    fn release_chunk(&mut self, store_chunk: u64) -> Result<(), MetaError> {
         self.take_reservation(store_chunk)?;
         self.state.free.insert(store_chunk);
         Ok(())
     }
 
-    fn record_copy_out(&mut self, chunk: u64, store_chunk: u64) -> Result<bool, StoreError> {
+    fn record_copy_out(&mut self, chunk: u64, store_chunk: u64) -> Result<bool, MetaError> {
         self.check_chunk(chunk)?;
         self.take_reservation(store_chunk)?;
         let uncovered = self.uncovered_live(chunk);
@@ -625,12 +628,12 @@ impl MetaStore for MemStore {
         Ok(true)
     }
 
-    fn snapshot_chunk(&mut self, id: SnapId, chunk: u64) -> Result<SnapChunk, StoreError> {
+    fn snapshot_chunk(&mut self, id: SnapId, chunk: u64) -> Result<SnapChunk, MetaError> {
         self.check_chunk(chunk)?;
         match self.state.snapshots.get(&id).map(|r| &r.state) {
             Some(SnapshotState::Live) => {}
-            Some(SnapshotState::Invalid { .. }) => return Err(StoreError::NotLive(id)),
-            _ => return Err(StoreError::NoSuchSnapshot(id)),
+            Some(SnapshotState::Invalid { .. }) => return Err(MetaError::NotLive(id)),
+            _ => return Err(MetaError::NoSuchSnapshot(id)),
         }
         let list = self
             .state
@@ -652,12 +655,12 @@ impl MetaStore for MemStore {
         id: SnapId,
         chunk: u64,
         store_chunk: u64,
-    ) -> Result<(), StoreError> {
+    ) -> Result<(), MetaError> {
         self.check_chunk(chunk)?;
         if !self.is_live(id) {
             return match self.state.snapshots.get(&id) {
-                Some(r) if r.state != SnapshotState::Deleting => Err(StoreError::NotLive(id)),
-                _ => Err(StoreError::NoSuchSnapshot(id)),
+                Some(r) if r.state != SnapshotState::Deleting => Err(MetaError::NotLive(id)),
+                _ => Err(MetaError::NoSuchSnapshot(id)),
             };
         }
         self.take_reservation(store_chunk)?;
@@ -675,7 +678,7 @@ impl MetaStore for MemStore {
         Ok(())
     }
 
-    fn reclaim_step(&mut self, budget: usize) -> Result<ReclaimProgress, StoreError> {
+    fn reclaim_step(&mut self, budget: usize) -> Result<ReclaimProgress, MetaError> {
         let mut progress = ReclaimProgress::default();
         if self.state.reclaim_cursor.is_none() {
             if !self.state.reclaim_requested {
@@ -720,7 +723,7 @@ impl MetaStore for MemStore {
         Ok(progress)
     }
 
-    fn reclaim_position(&self) -> Result<Option<ReclaimPosition>, StoreError> {
+    fn reclaim_position(&self) -> Result<Option<ReclaimPosition>, MetaError> {
         if self.state.reclaim_cursor.is_none() && !self.state.reclaim_requested {
             return Ok(None);
         }
@@ -736,7 +739,7 @@ impl MetaStore for MemStore {
         }))
     }
 
-    fn commit(&mut self) -> Result<(), StoreError> {
+    fn commit(&mut self) -> Result<(), MetaError> {
         let freed = std::mem::take(&mut self.state.freed_uncommitted);
         self.state.free.extend(freed);
         self.committed = self.state.clone();
@@ -905,24 +908,21 @@ mod tests {
     fn full_store_and_bad_input_are_errors() {
         let mut s = MemStore::new(4096, 4, 1);
         s.reserve_chunk().unwrap();
-        assert!(matches!(s.reserve_chunk(), Err(StoreError::Full)));
+        assert!(matches!(s.reserve_chunk(), Err(MetaError::Full)));
         assert!(matches!(
             s.oldest_sharing_origin(4),
-            Err(StoreError::ChunkOutOfRange { .. })
+            Err(MetaError::ChunkOutOfRange { .. })
         ));
         assert!(matches!(
             s.create_snapshot("a/b", 0),
-            Err(StoreError::BadName { .. })
+            Err(MetaError::BadName { .. })
         ));
         s.create_snapshot("a", 0).unwrap();
         assert!(matches!(
             s.create_snapshot("a", 0),
-            Err(StoreError::NameTaken(_))
+            Err(MetaError::NameTaken(_))
         ));
-        assert!(matches!(
-            s.release_chunk(3),
-            Err(StoreError::NotReserved(3))
-        ));
+        assert!(matches!(s.release_chunk(3), Err(MetaError::NotReserved(3))));
     }
 
     #[test]
@@ -932,10 +932,7 @@ mod tests {
         assert_eq!(s.oldest_sharing_origin(0).unwrap(), Some(a));
         s.invalidate_snapshot(a, "store full").unwrap();
         assert_eq!(s.oldest_sharing_origin(0).unwrap(), None);
-        assert!(matches!(
-            s.snapshot_chunk(a, 0),
-            Err(StoreError::NotLive(_))
-        ));
+        assert!(matches!(s.snapshot_chunk(a, 0), Err(MetaError::NotLive(_))));
         let listed = s.list_snapshots().unwrap();
         assert_eq!(
             listed[0].state,

@@ -15,6 +15,6 @@ pub use io::{
 };
 pub use machine::Engine;
 pub use meta_store::{
-    Exception, MemStore, MetaStore, MetadataSpace, ReclaimPosition, ReclaimProgress, SnapChunk,
-    StoreError, StoreStats, CREATE_TOKEN_MASK,
+    Exception, MemStore, MetaError, MetaStore, MetadataSpace, ReclaimPosition, ReclaimProgress,
+    SnapChunk, StoreStats, CREATE_TOKEN_MASK,
 };

@@ -2,8 +2,8 @@
 
 use super::{ChunkSource, SnapState, SnapshotRecord, Store, StoreError};
 use crate::engine::{
-    MetaStore, MetadataSpace, ReclaimPosition, ReclaimProgress, SnapChunk,
-    StoreError as EngineError, StoreStats,
+    MetaError as EngineError, MetaStore, MetadataSpace, ReclaimPosition, ReclaimProgress,
+    SnapChunk, StoreStats,
 };
 use csnap_proto::{SnapId, SnapshotInfo, SnapshotState};
 

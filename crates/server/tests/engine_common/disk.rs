@@ -94,52 +94,52 @@ impl TestStore for DiskStore {
 
 /// Every method forwards to the store's own `MetaStore` implementation.
 impl MetaStore for DiskStore {
-    fn stats(&mut self) -> Result<StoreStats, StoreError> {
+    fn stats(&mut self) -> Result<StoreStats, MetaError> {
         self.store.stats()
     }
-    fn create_snapshot(&mut self, name: &str, ctime: u64) -> Result<SnapshotInfo, StoreError> {
+    fn create_snapshot(&mut self, name: &str, ctime: u64) -> Result<SnapshotInfo, MetaError> {
         MetaStore::create_snapshot(&mut self.store, name, ctime)
     }
-    fn next_snapshot_id(&mut self) -> Result<SnapId, StoreError> {
+    fn next_snapshot_id(&mut self) -> Result<SnapId, MetaError> {
         MetaStore::next_snapshot_id(&mut self.store)
     }
-    fn delete_snapshot(&mut self, id: SnapId) -> Result<(), StoreError> {
+    fn delete_snapshot(&mut self, id: SnapId) -> Result<(), MetaError> {
         MetaStore::delete_snapshot(&mut self.store, id)
     }
-    fn invalidate_snapshot(&mut self, id: SnapId, reason: &str) -> Result<(), StoreError> {
+    fn invalidate_snapshot(&mut self, id: SnapId, reason: &str) -> Result<(), MetaError> {
         MetaStore::invalidate_snapshot(&mut self.store, id, reason)
     }
-    fn list_snapshots(&mut self) -> Result<Vec<SnapshotInfo>, StoreError> {
+    fn list_snapshots(&mut self) -> Result<Vec<SnapshotInfo>, MetaError> {
         MetaStore::list_snapshots(&mut self.store)
     }
-    fn snapshot(&mut self, id: SnapId) -> Result<Option<SnapshotInfo>, StoreError> {
+    fn snapshot(&mut self, id: SnapId) -> Result<Option<SnapshotInfo>, MetaError> {
         MetaStore::snapshot(&mut self.store, id)
     }
-    fn snapshot_by_name(&mut self, name: &str) -> Result<Option<SnapshotInfo>, StoreError> {
+    fn snapshot_by_name(&mut self, name: &str) -> Result<Option<SnapshotInfo>, MetaError> {
         MetaStore::snapshot_by_name(&mut self.store, name)
     }
-    fn oldest_sharing_origin(&mut self, chunk: u64) -> Result<Option<SnapId>, StoreError> {
+    fn oldest_sharing_origin(&mut self, chunk: u64) -> Result<Option<SnapId>, MetaError> {
         MetaStore::oldest_sharing_origin(&mut self.store, chunk)
     }
-    fn oldest_live(&mut self, except: Option<SnapId>) -> Result<Option<SnapId>, StoreError> {
+    fn oldest_live(&mut self, except: Option<SnapId>) -> Result<Option<SnapId>, MetaError> {
         MetaStore::oldest_live(&mut self.store, except)
     }
-    fn metadata_space(&mut self) -> Result<Option<MetadataSpace>, StoreError> {
+    fn metadata_space(&mut self) -> Result<Option<MetadataSpace>, MetaError> {
         if self.hide_metadata_space {
             return Ok(None);
         }
         MetaStore::metadata_space(&mut self.store)
     }
-    fn reserve_chunk(&mut self) -> Result<u64, StoreError> {
+    fn reserve_chunk(&mut self) -> Result<u64, MetaError> {
         MetaStore::reserve_chunk(&mut self.store)
     }
-    fn release_chunk(&mut self, store_chunk: u64) -> Result<(), StoreError> {
+    fn release_chunk(&mut self, store_chunk: u64) -> Result<(), MetaError> {
         MetaStore::release_chunk(&mut self.store, store_chunk)
     }
-    fn record_copy_out(&mut self, chunk: u64, store_chunk: u64) -> Result<bool, StoreError> {
+    fn record_copy_out(&mut self, chunk: u64, store_chunk: u64) -> Result<bool, MetaError> {
         MetaStore::record_copy_out(&mut self.store, chunk, store_chunk)
     }
-    fn snapshot_chunk(&mut self, id: SnapId, chunk: u64) -> Result<SnapChunk, StoreError> {
+    fn snapshot_chunk(&mut self, id: SnapId, chunk: u64) -> Result<SnapChunk, MetaError> {
         MetaStore::snapshot_chunk(&mut self.store, id, chunk)
     }
     fn record_snapshot_exception(
@@ -147,19 +147,19 @@ impl MetaStore for DiskStore {
         id: SnapId,
         chunk: u64,
         store_chunk: u64,
-    ) -> Result<(), StoreError> {
+    ) -> Result<(), MetaError> {
         MetaStore::record_snapshot_exception(&mut self.store, id, chunk, store_chunk)
     }
-    fn reclaim_step(&mut self, budget: usize) -> Result<ReclaimProgress, StoreError> {
+    fn reclaim_step(&mut self, budget: usize) -> Result<ReclaimProgress, MetaError> {
         MetaStore::reclaim_step(&mut self.store, budget)
     }
-    fn usage_step(&mut self, budget: usize) -> Result<bool, StoreError> {
+    fn usage_step(&mut self, budget: usize) -> Result<bool, MetaError> {
         MetaStore::usage_step(&mut self.store, budget)
     }
     fn usage_exact(&self) -> bool {
         MetaStore::usage_exact(&self.store)
     }
-    fn commit(&mut self) -> Result<(), StoreError> {
+    fn commit(&mut self) -> Result<(), MetaError> {
         MetaStore::commit(&mut self.store)
     }
 }
