@@ -37,26 +37,9 @@ fn run(seed: u64, steps: usize) {
             0..=9 => {
                 sim.create().unwrap();
             }
-            10..=14 => {
-                if let Some(id) = sim.random_listed(&mut rng) {
-                    sim.delete(id).unwrap();
-                }
-            }
-            15..=49 => {
-                let chunk = rng.gen_range(0..origin_chunks);
-                let tag = sim.origin_write_prepare(chunk).unwrap();
-                sim.reference.origin[chunk as usize] = tag;
-            }
-            50..=69 => {
-                if let (Some(id), chunk) =
-                    (sim.random_live(&mut rng), rng.gen_range(0..origin_chunks))
-                {
-                    if let Some(at) = sim.snapshot_write_prepare(id, chunk).unwrap() {
-                        let tag = sim.tag();
-                        sim.snapshot_write_data(id, chunk, at, tag).unwrap();
-                    }
-                }
-            }
+            10..=14 => sim.random_delete(&mut rng),
+            15..=49 => sim.random_origin_write(&mut rng),
+            50..=69 => sim.random_snapshot_write(&mut rng),
             70..=79 => {
                 sim.store.reclaim_step(rng.gen_range(1..20)).unwrap();
             }

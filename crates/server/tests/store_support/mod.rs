@@ -279,6 +279,34 @@ impl Sim {
         panic!("reclaim never finished");
     }
 
+    /// An origin write to a random chunk (copy-out if a snapshot shares it), applied to
+    /// the reference.
+    pub fn random_origin_write(&mut self, rng: &mut StdRng) {
+        let chunk = rng.gen_range(0..self.origin_chunks);
+        let tag = self.origin_write_prepare(chunk).unwrap();
+        self.reference.origin[chunk as usize] = tag;
+    }
+
+    /// A write to a random chunk of a random live snapshot (if any; skipped when the store
+    /// is full), applied to the reference.
+    pub fn random_snapshot_write(&mut self, rng: &mut StdRng) {
+        let (Some(id), chunk) = (self.random_live(rng), rng.gen_range(0..self.origin_chunks))
+        else {
+            return;
+        };
+        if let Some(at) = self.snapshot_write_prepare(id, chunk).unwrap() {
+            let tag = self.tag();
+            self.snapshot_write_data(id, chunk, at, tag).unwrap();
+        }
+    }
+
+    /// Deletes a random listed snapshot, if any.
+    pub fn random_delete(&mut self, rng: &mut StdRng) {
+        if let Some(id) = self.random_listed(rng) {
+            self.delete(id).unwrap();
+        }
+    }
+
     pub fn random_live(&self, rng: &mut StdRng) -> Option<u64> {
         let live: Vec<u64> = self
             .reference
