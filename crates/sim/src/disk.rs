@@ -7,7 +7,7 @@
 //! off, fenced, killed), each of its unflushed writes is lost or kept, per write, chosen by
 //! the world's RNG: a write may survive while an earlier one of the same node is lost.
 //! Writes by other nodes are untouched. Devices never fail otherwise: the world is about
-//! membership, failover and leases, not about I/O errors (`crates/server/tests/powercut.rs`
+//! membership, failover and leases, not about I/O errors (`crates/server/tests/engine/powercut.rs`
 //! covers power cuts of the whole rack).
 
 use std::collections::{BTreeMap, BTreeSet};

@@ -8,7 +8,7 @@
 //!
 //! [`DataDevice`] is the seam under the data path: [`Devices::open`] puts files or block
 //! devices there; [`Devices::new`] takes any implementation (the power-cut model of the
-//! crash tests, `crates/server/tests/powercut.rs`). Everything above it (the sticky sync
+//! crash tests, `crates/server/tests/engine/powercut.rs`). Everything above it (the sticky sync
 //! failure, FUA, the volume's read and write paths) is the same code for both.
 
 use std::fs::{File, OpenOptions};

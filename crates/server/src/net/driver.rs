@@ -86,7 +86,7 @@ pub(crate) enum Exit {
 
 /// Devices and geometry for the copies the engine asks for ([`Action::Copy`]): the server's
 /// data path. Public so that tests can run the real copy (read, write, grouped flush) on
-/// model devices (`crates/server/tests/powercut.rs`).
+/// model devices (`crates/server/tests/engine/powercut.rs`).
 pub struct DataPath {
     origin: Arc<dyn BlockDevice>,
     store: Arc<dyn BlockDevice>,

@@ -6,7 +6,7 @@
 //! committed change must be there, and every live snapshot must read exactly what it saw.
 //! Seeded: set CSNAP_SEED to replay a failure.
 
-mod store_support;
+use crate::store_support;
 
 use csnap_server::store::{ChunkSource, SnapState, Store, StoreError};
 use rand::Rng;

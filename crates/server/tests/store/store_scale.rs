@@ -2,7 +2,7 @@
 //! (10,000 exceptions on one origin chunk), lookups, deletes and reclaim; and the work per
 //! origin write does not grow with the number of snapshots.
 
-mod store_support;
+use crate::store_support;
 
 use rand::Rng;
 use store_support::*;

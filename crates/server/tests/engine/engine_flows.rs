@@ -2,7 +2,7 @@
 //! four-message snapshot read, snapshot write, create with acks, delete and reclaim,
 //! store full, the activation gate, and bad input.
 
-mod engine_common;
+use crate::engine_common;
 
 use csnap_proto::*;
 use csnap_server::engine::*;

@@ -4,7 +4,7 @@
 //! Opening and using the store must give errors (or a checker report), never a panic.
 //! Seeded: set CSNAP_SEED to replay.
 
-mod store_support;
+use crate::store_support;
 
 use csnap_server::store::{read_superblock, BlockDevice, ChunkSource, MemDevice, Store};
 use rand::rngs::StdRng;

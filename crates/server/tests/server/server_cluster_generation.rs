@@ -4,7 +4,7 @@
 //! view) and leaves the store untouched; an equal or higher generation serves and records
 //! itself; generation 1 (a cluster started afresh) restarts the count.
 
-mod server_support;
+use crate::server_support;
 
 use csnap_server::net::{self, ServerError};
 use csnap_server::store::{read_superblock, FileDevice, Store, StoreError};

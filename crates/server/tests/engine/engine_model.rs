@@ -35,7 +35,7 @@
 //! Seeds: CSNAP_SEED=<n> replays one case (a failing case prints it); CSNAP_MASTER_SEED=<n>
 //! reruns a whole run; otherwise a time-based master seed is printed.
 
-mod engine_common;
+use crate::engine_common;
 
 use csnap_proto::*;
 use csnap_server::engine::*;

@@ -2,7 +2,7 @@
 //! 6-8): who a connection is, what a request resent after a reconnect does, and that a
 //! failed commit stays failed for everyone who waited for it.
 
-mod engine_common;
+use crate::engine_common;
 
 use csnap_proto::*;
 use csnap_server::engine::*;

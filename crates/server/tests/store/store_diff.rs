@@ -4,7 +4,7 @@
 //! the chunks whose contents differ between the two ends' reference views. Seeded: set
 //! CSNAP_SEED to replay a failure.
 
-mod store_support;
+use crate::store_support;
 
 use csnap_proto::ChunkRange;
 use csnap_server::store::{DiffEnd, StoreError};

@@ -2,7 +2,7 @@
 //! invalidates the oldest snapshots (logged), usage warnings show in the log and the
 //! status, and after a SIGKILL the restarted server (journal replay) serves on.
 
-mod server_support;
+use crate::server_support;
 
 use csnap_proto::*;
 use csnap_server::store::{FileDevice, FormatOptions, Store};

@@ -12,7 +12,7 @@
 //! delay; thread timing can still move the exact kill point. CSNAP_CRASH_ITERATIONS sets
 //! the number of kill/restart rounds (default 30).
 
-mod server_support;
+use crate::server_support;
 
 use csnap_proto::*;
 use rand::rngs::StdRng;

@@ -3,7 +3,7 @@
 //! policy instead of stopping the server (also after a restart), and the usage warnings
 //! before either area is full.
 
-mod engine_common;
+use crate::engine_common;
 
 use csnap_proto::*;
 use csnap_server::engine::*;

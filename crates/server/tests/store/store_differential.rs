@@ -4,7 +4,7 @@
 //! every live snapshot sees), including across a crash that loses uncommitted work.
 //! Seeded: set CSNAP_SEED to replay.
 
-mod store_support;
+use crate::store_support;
 
 use csnap_proto::{SnapId, SnapshotState};
 use csnap_server::engine::{MemStore, MetaStore, SnapChunk};

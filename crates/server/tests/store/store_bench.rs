@@ -1,7 +1,7 @@
 //! Store benchmark (prints figures, asserts nothing about speed). Run it in release mode:
 //!
 //! ```text
-//! cargo test --release -p csnap-server --test store_bench -- --ignored --nocapture
+//! cargo test --release -p csnap-server --test store store_bench:: -- --ignored --nocapture
 //! ```
 //!
 //! Set CSNAP_BENCH_DIR to put the store file on a real disk (default: the system temp dir);

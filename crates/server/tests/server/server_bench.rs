@@ -1,7 +1,7 @@
 //! Benchmark of the real server (prints figures; asserts nothing about speed):
 //!
 //! ```text
-//! cargo test --release -p csnap-server --test server_bench -- --ignored --nocapture
+//! cargo test --release -p csnap-server --test server server_bench:: -- --ignored --nocapture
 //! ```
 //!
 //! * metadata round trips: QueryWrite on chunks with no snapshot (no copy-out), one client
@@ -10,7 +10,7 @@
 //!   fdatasync, journal commit before the grant), in lock-step and with 8 x 32 in flight,
 //!   which shows what group commit buys.
 
-mod server_support;
+use crate::server_support;
 
 use csnap_proto::*;
 use csnap_server::net::{self, ListenAddr};

@@ -2,7 +2,7 @@
 //! sockets: authentication, copy-out on the store device, the activation gate, pipelining,
 //! bad frames and slow clients.
 
-mod server_support;
+use crate::server_support;
 
 use csnap_proto::*;
 use csnap_server::net::{self, ListenAddr, ServerError};

@@ -3,7 +3,7 @@
 //! every step with a reference of what each snapshot must see, plus the consistency checker.
 //! Seeded: set CSNAP_SEED to replay a failure.
 
-mod store_support;
+use crate::store_support;
 
 use rand::Rng;
 use store_support::*;

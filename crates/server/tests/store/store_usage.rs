@@ -2,8 +2,8 @@
 //! status touch no metadata block, and after the seeding walk the figures equal a full scan
 //! of the exception tree, whatever happened during the walk. Seeded: CSNAP_SEED replays.
 
-mod engine_common;
-mod store_support;
+use crate::engine_common;
+use crate::store_support;
 
 use csnap_proto::{ClientMsg, ServerMsg, SnapId, SnapshotState};
 use csnap_server::engine::{Event, MetaStore};

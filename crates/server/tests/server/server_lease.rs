@@ -3,7 +3,7 @@
 //! the lease's end and answers nothing after it; renewals keep it serving; a server
 //! without a lease is unaffected; the store it leaves opens cleanly for the next server.
 
-mod server_support;
+use crate::server_support;
 
 use csnap_proto::*;
 use csnap_server::net::{self, ListenAddr, ServerError};

@@ -2,7 +2,7 @@
 //! changing anything, and the operations that free space (delete, invalidate, reclaim)
 //! always succeed, so a store driven full can always be brought back.
 
-mod store_support;
+use crate::store_support;
 
 use csnap_server::store::{FormatOptions, Geometry, MemDevice, SnapState, Store, StoreError};
 use store_support::*;

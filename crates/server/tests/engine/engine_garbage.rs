@@ -1,7 +1,7 @@
 //! Random and hostile requests: the engine never panics, never fails fatally on client
 //! input, and answers every request that is not legitimately waiting.
 
-mod engine_common;
+use crate::engine_common;
 
 use csnap_proto::*;
 use csnap_server::engine::*;

@@ -2,7 +2,7 @@
 //! table, reclaim, store-full policy, the block cache bound, and clear errors (never a
 //! panic) for damaged or foreign devices.
 
-mod store_support;
+use crate::store_support;
 
 use csnap_server::store::{
     read_superblock, BlockDevice, ChunkSource, FileDevice, FormatOptions, FullPolicy, Geometry,
