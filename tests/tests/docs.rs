@@ -48,7 +48,7 @@ const NOT_RUN_HERE: &[(&str, &str)] = &[
     ),
     (
         "install -m 0644 packaging/systemd/csnap-agent.service",
-        "writes /etc/systemd/system; `--test packaging` (csnap-agent) verifies the unit with systemd-analyze",
+        "writes /etc/systemd/system; `--test agent packaging::` (csnap-agent) verifies the unit with systemd-analyze",
     ),
     (
         "systemctl daemon-reload && systemctl enable --now csnap-agent",

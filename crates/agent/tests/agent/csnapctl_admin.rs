@@ -3,7 +3,7 @@
 //! `status` and `snapshot delete --wait`, errors that name the node and volume, the exit
 //! codes, and `--help` on every command.
 
-mod support;
+use crate::support;
 
 use std::path::Path;
 use std::sync::Arc;

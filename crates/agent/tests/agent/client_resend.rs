@@ -2,7 +2,7 @@
 //! the answer to one request and cuts the connection: the client resends on its next
 //! connection, and the resend must do what the first send meant.
 
-mod support;
+use crate::support;
 
 use std::path::PathBuf;
 use std::sync::Arc;

@@ -3,7 +3,7 @@
 //! resuming their sessions (read locks re-uploaded, unanswered requests resent), and
 //! `Volume::reconnect` drops and re-establishes every connection on demand.
 
-mod support;
+use crate::support;
 
 use std::path::Path;
 use std::sync::Arc;

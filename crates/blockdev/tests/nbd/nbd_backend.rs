@@ -2,7 +2,7 @@
 //! on one connection run concurrently and replies come back in completion order, and
 //! backend errors reach the client as protocol errors.
 
-mod nbd_support;
+use crate::nbd_support;
 
 use std::io;
 use std::sync::atomic::{AtomicUsize, Ordering};

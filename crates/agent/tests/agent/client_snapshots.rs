@@ -5,7 +5,7 @@
 //! started before it was acknowledged), that every acknowledged write is on the origin, and
 //! that snapshot writes touch only their snapshot.
 
-mod support;
+use crate::support;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};

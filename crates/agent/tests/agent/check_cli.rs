@@ -2,7 +2,7 @@
 //! even when it was not shut down cleanly; a damaged one exits 1 naming the damage; a
 //! mismatched origin is a finding; a store a server holds is refused (exit 2).
 
-mod support;
+use crate::support;
 
 use std::sync::Arc;
 

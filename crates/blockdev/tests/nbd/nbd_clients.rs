@@ -2,7 +2,7 @@
 //! and socket activation by nbdinfo. Each test needs its tool: under CI=true a missing
 //! tool fails the test, otherwise the test is skipped with a message.
 
-mod nbd_support;
+use crate::nbd_support;
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};

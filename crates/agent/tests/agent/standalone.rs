@@ -2,7 +2,7 @@
 //! fio) against csnap-agent processes. Each test needs its tools: under CI=true a missing
 //! tool fails the test, otherwise it is skipped with a message.
 
-mod support;
+use crate::support;
 
 use std::time::Duration;
 

@@ -2,7 +2,7 @@
 //! The client library and `csnapctl snapshot list` (through the standalone agent) page
 //! through them and return all of them, in id order.
 
-mod support;
+use crate::support;
 
 use std::sync::Arc;
 

@@ -2,7 +2,7 @@
 //! several clients whose ids are close together must all stay up; none may take over
 //! another's session (which closed it and could release the read locks it held).
 
-mod support;
+use crate::support;
 
 use std::time::Duration;
 

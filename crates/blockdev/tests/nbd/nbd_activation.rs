@@ -1,7 +1,7 @@
 //! Socket activation over TCP with named fds: the test binds the socket, hands it to
 //! nbd-file-server as fd 3 the way systemd does, and talks NBD to it.
 
-mod nbd_support;
+use crate::nbd_support;
 
 use std::os::fd::AsRawFd;
 use std::process::{Child, Command, Stdio};
@@ -20,7 +20,7 @@ impl Drop for Killed {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tcp_socket_activation_with_fd_names() {
-    if !require_tool("sh") {
+    if !require_tool("bash") {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -37,11 +37,19 @@ async fn tcp_socket_activation_with_fd_names() {
     flags.remove(nix::fcntl::FdFlag::FD_CLOEXEC);
     nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_SETFD(flags)).unwrap();
 
+    // Tests in the same binary open and close descriptors concurrently, so the socket can
+    // have any number: bash (dash takes only 0-9 in a redirection) moves it, and when it
+    // already is fd 3 it stays (`3<&3 3<&-` would close it).
+    let move_to_3 = if fd == 3 {
+        String::new()
+    } else {
+        format!(" 3<&{fd} {fd}<&-")
+    };
     let script = format!(
-        "LISTEN_PID=$$ LISTEN_FDS=1 LISTEN_FDNAMES=nbd exec \"$0\" --export \"$1\" 3<&{fd} {fd}<&-"
+        "LISTEN_PID=$$ LISTEN_FDS=1 LISTEN_FDNAMES=nbd exec \"$0\" --export \"$1\"{move_to_3}"
     );
     let export = format!("disk={}:ro", image.display());
-    let child = Command::new("sh")
+    let child = Command::new("bash")
         .args([
             "-c",
             &script,
@@ -51,7 +59,7 @@ async fn tcp_socket_activation_with_fd_names() {
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .spawn()
-        .expect("start the server through sh");
+        .expect("start the server through bash");
     let mut child = Killed(child);
     // The server owns the socket now; ours can go (connections queue on the shared one).
     drop(listener);

@@ -3,7 +3,7 @@
 //! fencing) and the real client side (client library following the server), on one
 //! shared origin and store. The same shell runs over real corosync in tests/ (namespaces).
 
-mod support;
+use crate::support;
 
 use std::collections::BTreeMap;
 use std::future::Future;

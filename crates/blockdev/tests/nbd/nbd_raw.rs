@@ -1,7 +1,7 @@
 //! Protocol behaviour against a hand-written client: option haggling, error handling
 //! that keeps the connection usable, and many requests in flight.
 
-mod nbd_support;
+use crate::nbd_support;
 
 use std::collections::HashMap;
 
