@@ -1127,6 +1127,8 @@ pub mod suite {
         reader: tokio::task::JoinHandle<Proc<G>>,
         sent: std::sync::Arc<std::sync::atomic::AtomicU64>,
         sender: tokio::task::JoinHandle<Fates>,
+        /// Tells this process's sender to stop.
+        stop_sending: std::sync::Arc<std::sync::atomic::AtomicBool>,
         fence: G::Sender,
     }
 
@@ -1195,9 +1197,8 @@ pub mod suite {
         let len = c.multi_frame_payload();
         let (first_nodes, late_node) = (&nodes[..nodes.len() - 1], nodes[nodes.len() - 1]);
         let deadline = Instant::now() + c.settle() * 12;
-        let stop_sending = Arc::new(AtomicBool::new(false));
-
-        let start = |p: Proc<C::G>, stop_sending: &Arc<AtomicBool>| {
+        let start = |p: Proc<C::G>| {
+            let stop_sending = Arc::new(AtomicBool::new(false));
             let local = p.local();
             let progress: Shared<Progress> = Arc::new(Mutex::new(Progress::default()));
             let (tx, rx) = tokio::sync::oneshot::channel();
@@ -1219,13 +1220,14 @@ pub mod suite {
                 reader,
                 sent,
                 sender,
+                stop_sending,
                 fence,
             }
         };
         let mut running: Vec<Running<C::G>> = join_all(c, group, first_nodes)
             .await
             .into_iter()
-            .map(|p| start(p, &stop_sending))
+            .map(start)
             .collect();
 
         // A process joins while everybody sends.
@@ -1237,27 +1239,40 @@ pub mod suite {
                 other.map(|r| r.err())
             ),
         };
-        running.push(start(joiner, &stop_sending));
+        running.push(start(joiner));
         let everyone: BTreeSet<Member> = running.iter().map(|r| r.local).collect();
         until_all(&running, "a view with the joiner", deadline, |_, p| {
             p.view == everyone
         })
         .await;
 
-        // The first process leaves while the others send.
+        // The first process leaves while the others send. It stops sending first and
+        // reads up to its own fence, so its log holds every message of its own whose
+        // receipt says delivered (a receipt does not wait for the reader).
         sent_some(&running, deadline).await;
         let mut leaver = running.remove(0);
+        let leaver_id = leaver.local;
+        leaver.stop_sending.store(true, Ordering::Release);
+        let leaver_fates = join_task(leaver.sender).await;
+        match timeout_at(deadline, leaver.fence.mcast(FENCE.to_vec())).await {
+            Ok(Ok(_)) => {}
+            other => panic!("process {leaver_id}: fence before leaving failed: {other:?}"),
+        }
+        while !locked(&leaver.progress).fences.contains(&leaver_id) {
+            if Instant::now() > deadline {
+                panic!("process {leaver_id}: its own fence not delivered before the deadline");
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
         if let Some(tx) = leaver.stop_reader.take() {
             let _ = tx.send(());
         }
         let leaver_proc = join_task(leaver.reader).await;
-        let leaver_id = leaver.local;
         let leaver_log = leaver_proc.obs.seen.clone();
         match timeout_at(settle_deadline(c), leaver_proc.group.leave()).await {
             Ok(Ok(())) => {}
             other => panic!("process {leaver_id}: leave during the sends failed: {other:?}"),
         }
-        let leaver_fates = join_task(leaver.sender).await;
         let rest: BTreeSet<Member> = running.iter().map(|r| r.local).collect();
         until_all(&running, "a view without the leaver", deadline, |_, p| {
             p.view == rest
@@ -1290,7 +1305,9 @@ pub mod suite {
         sent_some(&running, deadline).await;
 
         // Stop, fence, collect.
-        stop_sending.store(true, Ordering::Release);
+        for r in &running {
+            r.stop_sending.store(true, Ordering::Release);
+        }
         for r in &running {
             if let Err(e) = timeout_at(deadline, r.fence.mcast(FENCE.to_vec()))
                 .await
