@@ -504,7 +504,7 @@ pub fn json<T: serde::Serialize>(v: &T) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn ask(socket: &Path, req: ControlRequest) -> anyhow::Result<ControlResponse> {
+pub(crate) async fn ask(socket: &Path, req: ControlRequest) -> anyhow::Result<ControlResponse> {
     let asked_volume = req.volume().map(str::to_owned);
     match crate::control::request(socket, &req).await? {
         ControlResponse::Error {
@@ -525,7 +525,7 @@ async fn ask(socket: &Path, req: ControlRequest) -> anyhow::Result<ControlRespon
     }
 }
 
-fn unexpected(r: ControlResponse) -> anyhow::Error {
+pub(crate) fn unexpected(r: ControlResponse) -> anyhow::Error {
     anyhow::anyhow!("unexpected answer from the agent: {r:?}")
 }
 

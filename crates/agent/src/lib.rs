@@ -11,6 +11,7 @@ pub mod cluster;
 pub mod config;
 pub mod control;
 pub mod ctl;
+pub mod ctl_diff;
 pub mod daemon;
 pub mod snapshot_ops;
 pub mod standalone;

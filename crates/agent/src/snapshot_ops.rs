@@ -4,7 +4,7 @@
 
 use csnap_blockdev::client::{ClientError, Volume};
 use csnap_proto::control::{ControlRequest, ControlResponse};
-use csnap_proto::{validate_snapshot_name, ErrorCode, SnapRef};
+use csnap_proto::{validate_snapshot_name, DiffEnd, ErrorCode, SnapRef};
 
 /// What the server said, or what went wrong on the way.
 pub fn describe(e: &ClientError) -> String {
@@ -14,7 +14,7 @@ pub fn describe(e: &ClientError) -> String {
     }
 }
 
-/// Answers a `SnapshotCreate`, `SnapshotList` or `SnapshotDelete` for volume `v`.
+/// Answers a `SnapshotCreate`, `SnapshotList`, `SnapshotDelete` or `Diff` for volume `v`.
 pub async fn handle(v: &str, volume: &Volume, req: ControlRequest) -> ControlResponse {
     let v = v.to_owned();
     let result = match req {
@@ -70,7 +70,64 @@ pub async fn handle(v: &str, volume: &Volume, req: ControlRequest) -> ControlRes
                     describe(&e)
                 ),
             }),
+        ControlRequest::Diff {
+            from,
+            to,
+            start,
+            budget,
+            ..
+        } => diff_page(&v, volume, from, to, start, budget).await,
         ControlRequest::Status { .. } => Err("not a snapshot request".to_owned()),
     };
     result.unwrap_or_else(ControlResponse::error)
+}
+
+/// One page of a diff, with the ends named on the request resolved to snapshot ids.
+async fn diff_page(
+    v: &str,
+    volume: &Volume,
+    from: Option<SnapRef>,
+    to: Option<SnapRef>,
+    start: u64,
+    budget: u32,
+) -> Result<ControlResponse, String> {
+    let from_end = resolve_end(v, volume, from).await?;
+    let to_end = resolve_end(v, volume, to).await?;
+    let page = volume
+        .diff_page(from_end, to_end, start, budget)
+        .await
+        .map_err(|e| {
+            format!(
+                "cannot diff {from_end} and {to_end} of volume {v:?}: {}",
+                describe(&e)
+            )
+        })?;
+    Ok(ControlResponse::Diff {
+        volume: v.to_owned(),
+        from: from_end,
+        to: to_end,
+        chunk_size: volume.chunk_size(),
+        size: volume.size(),
+        page,
+    })
+}
+
+async fn resolve_end(v: &str, volume: &Volume, end: Option<SnapRef>) -> Result<DiffEnd, String> {
+    match end {
+        None => Ok(DiffEnd::Origin),
+        Some(SnapRef::Id(id)) => Ok(DiffEnd::Snapshot(id)),
+        Some(SnapRef::Name(name)) => match volume.find_snapshot(&name).await {
+            Ok(info) => Ok(DiffEnd::Snapshot(info.id)),
+            Err(ClientError::Server {
+                code: ErrorCode::NoSuchSnapshot,
+                ..
+            }) => Err(format!(
+                "no such snapshot: volume {v:?} has no snapshot named {name:?}"
+            )),
+            Err(e) => Err(format!(
+                "cannot look up snapshot {name:?} of volume {v:?}: {}",
+                describe(&e)
+            )),
+        },
+    }
 }

@@ -91,7 +91,8 @@ impl Agent {
         let volume = match &req {
             ControlRequest::SnapshotCreate { volume, .. }
             | ControlRequest::SnapshotList { volume, .. }
-            | ControlRequest::SnapshotDelete { volume, .. } => Some(volume),
+            | ControlRequest::SnapshotDelete { volume, .. }
+            | ControlRequest::Diff { volume, .. } => Some(volume),
             ControlRequest::Status { volume } => volume.as_ref(),
         };
         if let Some(v) = volume {
@@ -106,7 +107,8 @@ impl Agent {
         let result = match req {
             ControlRequest::SnapshotCreate { .. }
             | ControlRequest::SnapshotList { .. }
-            | ControlRequest::SnapshotDelete { .. } => {
+            | ControlRequest::SnapshotDelete { .. }
+            | ControlRequest::Diff { .. } => {
                 return crate::snapshot_ops::handle(&v, &self.volume, req).await;
             }
             ControlRequest::Status { .. } => match self.volume.status().await {

@@ -1,8 +1,8 @@
 //! The local control socket between `csnapctl` and `csnap-agent`: one request, one
 //! response per connection, in the same versioned frames as the client protocol.
 
-use crate::msg::ServerStatus;
-use crate::types::{SnapId, SnapshotInfo};
+use crate::msg::{ServerStatus, SnapRef};
+use crate::types::{DiffEnd, DiffPage, SnapId, SnapshotInfo};
 use serde::{Deserialize, Serialize};
 
 /// Where `csnapctl` looks for the agent unless told otherwise.
@@ -25,6 +25,17 @@ pub enum ControlRequest {
     SnapshotDelete {
         volume: String,
         name: String,
+    },
+    /// One page of the diff between two ends of the volume (see `ClientMsg::Diff`): a
+    /// snapshot by name or id, or the live origin (`None`). csnapctl names the ends on the
+    /// first page and passes the ids the answer resolved on the next ones, so a snapshot
+    /// deleted and re-created under the same name mid-diff is not silently compared.
+    Diff {
+        volume: String,
+        from: Option<SnapRef>,
+        to: Option<SnapRef>,
+        start: u64,
+        budget: u32,
     },
     /// Status of one volume, or of every volume the agent serves.
     Status {
@@ -235,6 +246,17 @@ pub enum ControlResponse {
         name: String,
         id: SnapId,
     },
+    /// One page of a diff. `from`/`to`: the ends as resolved (snapshot ids); the ranges
+    /// are in chunks of `chunk_size` bytes, of a volume of `size` bytes (the last chunk may
+    /// be partial).
+    Diff {
+        volume: String,
+        from: DiffEnd,
+        to: DiffEnd,
+        chunk_size: u64,
+        size: u64,
+        page: DiffPage,
+    },
     Status {
         volumes: Vec<VolumeStatus>,
     },
@@ -272,7 +294,8 @@ impl ControlRequest {
         match self {
             ControlRequest::SnapshotCreate { volume, .. }
             | ControlRequest::SnapshotList { volume, .. }
-            | ControlRequest::SnapshotDelete { volume, .. } => Some(volume),
+            | ControlRequest::SnapshotDelete { volume, .. }
+            | ControlRequest::Diff { volume, .. } => Some(volume),
             ControlRequest::Status { volume } => volume.as_deref(),
         }
     }

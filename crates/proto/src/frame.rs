@@ -34,7 +34,8 @@ use serde::Serialize;
 /// client with a live connection's id; `CreateSnapshot` carries a token (a resend is
 /// answered with the snapshot it created), `DeleteSnapshot` takes an id only, and
 /// `FindSnapshot` looks a name up.
-pub const PROTOCOL_VERSION: u8 = 5;
+/// Version 6: `Diff`/`DiffPage` (the chunks two ends read differently, paged).
+pub const PROTOCOL_VERSION: u8 = 6;
 /// Largest accepted `length` (version byte + body + tag).
 pub const MAX_FRAME: usize = 1 << 20;
 /// Size of the length prefix.

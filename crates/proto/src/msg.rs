@@ -1,7 +1,7 @@
 //! The messages of the client <-> server protocol. See docs/wire-protocol.md for the flows.
 
 use crate::auth::{Mac, Nonce};
-use crate::types::{ChunkRange, SnapId, SnapshotInfo};
+use crate::types::{ChunkRange, DiffEnd, DiffPage, SnapId, SnapshotInfo};
 use serde::{Deserialize, Serialize};
 use std::fmt;
 
@@ -200,6 +200,18 @@ pub enum ClientMsg {
     /// Since protocol version 2 (version 1 sent the whole list in one reply, which did not
     /// fit a frame with thousands of snapshots).
     ListSnapshots { after: Option<SnapId>, limit: u32 },
+    /// Admin: one page of the diff between two ends (`DiffPage`): the chunks at or after
+    /// `start` that `from` and `to` read differently, from the exception records alone,
+    /// walking about `budget` records (capped at [`MAX_DIFF_RECORDS`]; a chunk is never split
+    /// across pages). Ask again with `start` = the page's `next` until it is `None`. Both
+    /// ends must stay live meanwhile; a diff between two snapshots does not change while
+    /// the origin is written. Since protocol version 6.
+    Diff {
+        from: DiffEnd,
+        to: DiffEnd,
+        start: u64,
+        budget: u32,
+    },
     /// Admin: server and store status.
     Status,
 }
@@ -275,6 +287,8 @@ pub enum ServerMsg {
         usage_exact: bool,
     },
     Status(ServerStatus),
+    /// Answer to `Diff`.
+    DiffPage(DiffPage),
     /// The request failed; `message` says why, for humans.
     Error {
         code: ErrorCode,
@@ -369,6 +383,11 @@ pub struct SpaceWarning {
     /// How full the area is now (percent, rounded down).
     pub used_percent: u8,
 }
+
+/// Most exception records one `Diff` request walks. A page holds at most one range per
+/// chunk walked (plus the chunk the budget ran out in), so it stays well under the frame
+/// limit (a test checks the fullest page).
+pub const MAX_DIFF_RECORDS: u32 = 16_000;
 
 /// Most snapshots one `SnapshotList` page holds.
 pub const MAX_LIST_PAGE: u32 = 1024;

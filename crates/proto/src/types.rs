@@ -40,6 +40,39 @@ pub struct SnapshotInfo {
     pub chunks_held: u64,
 }
 
+/// One end of a diff: the live origin or a snapshot. Diffs come from the exception
+/// records alone (no data is read), so they name the chunks written between the two ends.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum DiffEnd {
+    /// The live origin as it is now.
+    Origin,
+    /// A live snapshot.
+    Snapshot(SnapId),
+}
+
+impl std::fmt::Display for DiffEnd {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            DiffEnd::Origin => f.write_str("the origin"),
+            DiffEnd::Snapshot(id) => write!(f, "snapshot {}", id.0),
+        }
+    }
+}
+
+/// One page of a diff between two ends: the chunks they read differently, from a start
+/// chunk on. A caller pages with `next` until it is `None`, so a diff of a large volume is
+/// never held whole.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiffPage {
+    /// The chunks the two ends read differently: ascending, disjoint, coalesced within the
+    /// page (a run that crosses a page boundary comes as two ranges).
+    pub ranges: Vec<ChunkRange>,
+    /// The chunk the next page starts at; `None` when this page reached the end.
+    pub next: Option<u64>,
+    /// Exception records read for this page (the metadata work it cost).
+    pub records_walked: u64,
+}
+
 /// A run of origin chunks `[start, start + count)`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ChunkRange {

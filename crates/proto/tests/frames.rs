@@ -58,6 +58,12 @@ fn all_client_msgs() -> Vec<ClientMsg> {
             limit: 100,
         },
         ClientMsg::Status,
+        ClientMsg::Diff {
+            from: DiffEnd::Snapshot(SnapId(3)),
+            to: DiffEnd::Origin,
+            start: 17,
+            budget: 4096,
+        },
         ClientMsg::KeepAlive,
         ClientMsg::ReleaseStoreReads {
             snap: SnapId(4),
@@ -118,6 +124,11 @@ fn all_server_msgs() -> Vec<ServerMsg> {
             more: true,
             usage_exact: false,
         },
+        ServerMsg::DiffPage(DiffPage {
+            ranges: vec![ChunkRange::new(4, 2), ChunkRange::new(9, 1)],
+            next: Some(12),
+            records_walked: 5,
+        }),
         ServerMsg::Status(ServerStatus {
             active: false,
             awaited_clients: vec![ClientId::new(1, ClientKind::Snapshot { snap: SnapId(2) })],
@@ -468,6 +479,25 @@ fn the_fullest_snapshot_page_fits_a_frame() {
     );
     assert_eq!(csnap_proto::page_len(&small, 0), 1);
     assert_eq!(csnap_proto::page_len(&[], 10), 0);
+}
+
+/// The largest diff page a server can send (one full-width range per chunk walked, plus
+/// the chunk the budget ran out in) fits a frame.
+#[test]
+fn the_fullest_diff_page_fits_a_frame() {
+    let ranges: Vec<ChunkRange> = (0..=u64::from(MAX_DIFF_RECORDS))
+        .map(|i| ChunkRange::new(u64::MAX - 2 * i - u64::from(u32::MAX), u32::MAX))
+        .collect();
+    let frame = ServerFrame {
+        reply_to: Some(u64::MAX),
+        msg: ServerMsg::DiffPage(DiffPage {
+            ranges,
+            next: Some(u64::MAX),
+            records_walked: u64::MAX,
+        }),
+    };
+    let bytes = frame_bytes(&frame).unwrap();
+    assert!(bytes.len() <= MAX_FRAME + 4, "{} bytes", bytes.len());
 }
 
 /// A status from a server that does not send the space fields (metadata figures, usage

@@ -22,11 +22,12 @@ EXAMPLES
   csnapctl snapshot create vol0 nightly then `nbd://localhost/vol0@nightly` reads it
   csnapctl snapshot list vol0
   csnapctl snapshot delete vol0 nightly --wait
+  csnapctl diff vol0 monday tuesday     the byte extents written between two snapshots
   csnapctl keygen /etc/csnap/key        the cluster key (copy it to every node)
   csnapctl format --origin /dev/vg/origin --store /dev/vg/store
   csnapctl check --origin /dev/vg/origin --store /dev/vg/store
 
-Snapshot and status commands go through the local agent's control socket and work from
+Snapshot, diff and status commands go through the local agent's control socket and work from
 any node (snapshot operations are forwarded to the volume's server). format, check and
 keygen work on the devices and files directly; check refuses a store a server is using.
 `csnapctl COMMAND --help` describes each command.
@@ -80,6 +81,9 @@ enum Command {
     Snapshot(csnap_agent::ctl::SnapshotCmd),
     /// Show the status of the agent's volumes.
     Status(csnap_agent::ctl::StatusArgs),
+    /// Print the extents where a snapshot (or the origin) differs from an older snapshot,
+    /// from metadata alone.
+    Diff(csnap_agent::ctl_diff::DiffArgs),
     /// Write a new random cluster key (32 bytes, mode 0600) for servers and clients.
     #[command(long_about = KEYGEN_HELP, after_long_help = KEYGEN_EXAMPLES)]
     Keygen(KeygenArgs),
@@ -417,6 +421,9 @@ fn main() -> ExitCode {
         }
         Command::Status(args) => {
             csnap_agent::ctl::run_cli(csnap_agent::ctl::run_status(&cli.socket, args.clone()))
+        }
+        Command::Diff(args) => {
+            csnap_agent::ctl::run_cli(csnap_agent::ctl_diff::run_diff(&cli.socket, args.clone()))
         }
         Command::Keygen(args) => run_keygen(args),
         Command::Check(args) => run_check(args),

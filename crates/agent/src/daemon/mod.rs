@@ -351,7 +351,8 @@ async fn handle_control(node: NodeId, volumes: Volumes, req: ControlRequest) -> 
     let wanted = match &req {
         ControlRequest::SnapshotCreate { volume, .. }
         | ControlRequest::SnapshotList { volume, .. }
-        | ControlRequest::SnapshotDelete { volume, .. } => Some(volume.clone()),
+        | ControlRequest::SnapshotDelete { volume, .. }
+        | ControlRequest::Diff { volume, .. } => Some(volume.clone()),
         ControlRequest::Status { volume } => volume.clone(),
     };
     let selected: Vec<(VolumeConfig, RunningHandles)> = {

@@ -19,7 +19,8 @@ use csnap_agent::daemon::client::{run_client_side, ClientSideConfig};
 use csnap_agent::daemon::fencing::Fencer;
 use csnap_agent::daemon::volume::{run_volume, ServerLocation, VolumeRequest, VolumeShellConfig};
 use csnap_blockdev::client::Volume;
-use csnap_proto::control::ClusterStatus;
+use csnap_proto::control::{ClusterStatus, ControlRequest, ControlResponse};
+use csnap_proto::{DiffEnd, SnapRef};
 use support::{Fixture, MIB};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
@@ -240,6 +241,55 @@ async fn three_nodes_serve_one_volume_and_fail_over_when_the_server_node_dies() 
         crashed_at.elapsed()
     );
     assert_ne!(second, first, "a dead node cannot serve");
+
+    // The diff since the snapshot, asked on a node that does not serve, through the code
+    // the agent's control socket runs, from the new server's records: the three
+    // overwritten chunks.
+    let asker = nodes
+        .iter()
+        .find(|n| n.id != second)
+        .expect("a non-serving node");
+    let answer = csnap_agent::snapshot_ops::handle(
+        "vol",
+        &*asker.volume().await,
+        ControlRequest::Diff {
+            volume: "vol".into(),
+            from: Some(SnapRef::Name("before".into())),
+            to: None,
+            start: 0,
+            budget: 2,
+        },
+    )
+    .await;
+    let mut chunks = Vec::new();
+    let mut answer = answer;
+    loop {
+        match answer {
+            ControlResponse::Diff { from, to, page, .. } => {
+                assert_eq!((from, to), (DiffEnd::Snapshot(snap.id), DiffEnd::Origin));
+                chunks.extend(page.ranges.iter().flat_map(|r| r.chunks().unwrap()));
+                let Some(next) = page.next else { break };
+                answer = csnap_agent::snapshot_ops::handle(
+                    "vol",
+                    &*asker.volume().await,
+                    ControlRequest::Diff {
+                        volume: "vol".into(),
+                        from: Some(SnapRef::Id(snap.id)),
+                        to: None,
+                        start: next,
+                        budget: 2,
+                    },
+                )
+                .await;
+            }
+            other => panic!("diff on node {}: {other:?}", asker.id),
+        }
+    }
+    assert_eq!(
+        chunks,
+        vec![1, 2, 3],
+        "diff since 'before' after the failover"
+    );
 
     for n in &nodes {
         let v = n.volume().await;

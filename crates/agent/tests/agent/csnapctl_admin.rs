@@ -458,6 +458,7 @@ async fn help_on_every_command_reads_like_a_manual() {
         &["snapshot", "create"][..],
         &["snapshot", "list"][..],
         &["snapshot", "delete"][..],
+        &["diff"][..],
     ] {
         let mut args = cmd.to_vec();
         args.push("--help");

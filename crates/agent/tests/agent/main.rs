@@ -14,6 +14,7 @@ mod client_resend;
 mod client_snapshots;
 mod cluster_memory;
 mod csnapctl_admin;
+mod diff;
 mod many_snapshots;
 mod packaging;
 mod standalone;

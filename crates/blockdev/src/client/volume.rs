@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use csnap_proto::{
-    ChunkRange, ClientId, ClientKind, ClientMsg, ServerMsg, ServerStatus, SnapId, SnapRef,
-    SnapshotInfo, StoreAddr, MAX_LIST_PAGE,
+    ChunkRange, ClientId, ClientKind, ClientMsg, DiffEnd, DiffPage, ServerMsg, ServerStatus,
+    SnapId, SnapRef, SnapshotInfo, StoreAddr, MAX_LIST_PAGE,
 };
 
 use super::cache::{CacheStats, OriginTracker};
@@ -571,6 +571,53 @@ impl Volume {
                 })
             }
             other => Err(unexpected("ListSnapshots", other)),
+        }
+    }
+
+    /// One page of the diff between two ends: the chunks at or after `start` they read
+    /// differently (see `ClientMsg::Diff`). Ask again from `next` until it is `None`.
+    pub async fn diff_page(
+        &self,
+        from: DiffEnd,
+        to: DiffEnd,
+        start: u64,
+        budget: u32,
+    ) -> Result<DiffPage, ClientError> {
+        let msg = ClientMsg::Diff {
+            from,
+            to,
+            start,
+            budget,
+        };
+        match self.admin.request(msg).await?.msg {
+            ServerMsg::DiffPage(page) => {
+                // Ranges out of order, outside [start, next), or a `next` that does not move
+                // forward would make a caller loop or report chunks twice.
+                let end = page.next.unwrap_or(u64::MAX);
+                let mut at = start;
+                for r in &page.ranges {
+                    match r.chunks() {
+                        Some(c) if r.count > 0 && c.start >= at && c.end <= end => at = c.end,
+                        _ => {
+                            return Err(ClientError::Unexpected {
+                                request: "Diff",
+                                answer: format!(
+                                "range {}+{} out of order or outside the page (from chunk {start})",
+                                r.start, r.count
+                            ),
+                            })
+                        }
+                    }
+                }
+                if page.next.is_some_and(|n| n <= start) {
+                    return Err(ClientError::Unexpected {
+                        request: "Diff",
+                        answer: format!("a next page at chunk {end}, not after {start}"),
+                    });
+                }
+                Ok(page)
+            }
+            other => Err(unexpected("Diff", other)),
         }
     }
 

@@ -24,7 +24,7 @@ use clap::Parser;
 use csnap_proto::auth;
 use csnap_proto::*;
 use csnap_server::net::{self, ListenAddr, ServerConfig};
-use csnap_server::store::{ChunkSource, DiffEnd, FileDevice, FormatOptions, OpenOptions, Store};
+use csnap_server::store::{ChunkSource, FileDevice, FormatOptions, OpenOptions, Store};
 use futures::{SinkExt as _, StreamExt as _};
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom as _;
@@ -1464,11 +1464,16 @@ fn diff(plan: &Plan, dir: &Path, rng: &mut StdRng) -> BenchResult<()> {
     for (label, from, to, expect) in [
         (
             "a -> b",
-            DiffEnd::Snapshot(a),
-            DiffEnd::Snapshot(b),
+            DiffEnd::Snapshot(SnapId(a)),
+            DiffEnd::Snapshot(SnapId(b)),
             changed,
         ),
-        ("b -> origin", DiffEnd::Snapshot(b), DiffEnd::Origin, 0),
+        (
+            "b -> origin",
+            DiffEnd::Snapshot(SnapId(b)),
+            DiffEnd::Origin,
+            0,
+        ),
     ] {
         let mut store = fx.open_store(8192)?;
         let started = Instant::now();

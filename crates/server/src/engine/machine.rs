@@ -15,9 +15,9 @@ use super::meta_store::{MetaError, MetaStore, SnapChunk, StoreStats};
 use csnap_proto::auth::{self, Handshake, Nonce};
 use csnap_proto::page_len;
 use csnap_proto::{
-    ChunkRange, ClientFrame, ClientId, ClientKind, ClientMsg, ErrorCode, HeldLock, RequestId,
-    ServerFrame, ServerMsg, ServerStatus, SnapId, SnapRef, SnapshotInfo, SnapshotState,
-    SpaceWarning, StoreAddr, StoreArea, PROTOCOL_VERSION,
+    ChunkRange, ClientFrame, ClientId, ClientKind, ClientMsg, DiffEnd, ErrorCode, HeldLock,
+    RequestId, ServerFrame, ServerMsg, ServerStatus, SnapId, SnapRef, SnapshotInfo, SnapshotState,
+    SpaceWarning, StoreAddr, StoreArea, MAX_DIFF_RECORDS, PROTOCOL_VERSION,
 };
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 
@@ -1202,6 +1202,23 @@ impl<S: MetaStore> Engine<S> {
                 }
                 _ => Err(wrong_kind("ListSnapshots", kind)),
             },
+            ClientMsg::Diff {
+                from,
+                to,
+                start,
+                budget,
+            } => match kind {
+                ClientKind::Admin => match self.check_diff(from, to, start)? {
+                    Ok(()) => {
+                        let budget = budget.clamp(1, MAX_DIFF_RECORDS);
+                        let page = self.store.diff_page(from, to, start, budget)?;
+                        self.reply(conn, id, ServerMsg::DiffPage(page));
+                        Ok(())
+                    }
+                    Err(r) => Err(r),
+                },
+                _ => Err(wrong_kind("Diff", kind)),
+            },
             ClientMsg::Status => {
                 let status = self.status_figures()?;
                 self.reply(conn, id, ServerMsg::Status(status));
@@ -1219,6 +1236,47 @@ impl<S: MetaStore> Engine<S> {
                 Ok(())
             }
         }
+    }
+
+    /// Checks a `Diff`'s ends (live, visible snapshots) and start chunk, so a refusal names
+    /// what was wrong instead of failing the store call.
+    fn check_diff(
+        &mut self,
+        from: DiffEnd,
+        to: DiffEnd,
+        start: u64,
+    ) -> Result<Result<(), Reject>, MetaError> {
+        for end in [from, to] {
+            let DiffEnd::Snapshot(snap) = end else {
+                continue;
+            };
+            match self.resolve(&SnapRef::Id(snap))? {
+                None => {
+                    return Ok(Err(Reject(
+                        ErrorCode::NoSuchSnapshot,
+                        format!("no snapshot {snap}"),
+                    )))
+                }
+                Some(info) if info.state != SnapshotState::Live => {
+                    return Ok(Err(Reject(
+                        ErrorCode::SnapshotInvalid,
+                        format!(
+                            "snapshot {snap} ({:?}) is not live: it has no contents to compare",
+                            info.name
+                        ),
+                    )))
+                }
+                Some(_) => {}
+            }
+        }
+        let origin_chunks = self.store.stats()?.origin_chunks;
+        if start > origin_chunks {
+            return Ok(Err(Reject(
+                ErrorCode::OutOfRange,
+                format!("diff start chunk {start} is past the origin's {origin_chunks} chunks"),
+            )));
+        }
+        Ok(Ok(()))
     }
 
     fn check_snapshot_kind(

@@ -33,7 +33,10 @@
 //! than the documented ones (`Full`, `MetadataFull`, `NoSuchSnapshot`, ...) as fatal for the
 //! server.
 
-use csnap_proto::{validate_snapshot_name, SnapId, SnapshotInfo, SnapshotState, CREATE_TOKEN_BITS};
+use csnap_proto::{
+    validate_snapshot_name, ChunkRange, DiffEnd, DiffPage, SnapId, SnapshotInfo, SnapshotState,
+    CREATE_TOKEN_BITS,
+};
 use std::collections::{BTreeMap, BTreeSet};
 
 /// The part of a `CreateSnapshot` token a store keeps.
@@ -201,6 +204,19 @@ pub trait MetaStore {
     /// The oldest live snapshot that still reads origin chunk `chunk` from the origin, i.e.
     /// `None` iff the chunk is unique and an origin write needs no copy-out.
     fn oldest_sharing_origin(&mut self, chunk: u64) -> Result<Option<SnapId>, MetaError>;
+
+    /// One page of the diff between two ends (`ClientMsg::Diff`): the chunks at or after
+    /// `start` they read differently, from the exception records alone, walking about
+    /// `budget` records (never splitting a chunk across pages). `NoSuchSnapshot` or
+    /// `NotLive` if a snapshot end is not live; `ChunkOutOfRange` if `start` is past the
+    /// volume.
+    fn diff_page(
+        &mut self,
+        from: DiffEnd,
+        to: DiffEnd,
+        start: u64,
+        budget: u32,
+    ) -> Result<DiffPage, MetaError>;
 
     /// The oldest live snapshot other than `except`, if any (the store-full policy's
     /// victim).
@@ -589,6 +605,53 @@ impl MetaStore for MemStore {
             .iter()
             .find(|(_, r)| r.state != SnapshotState::Deleting && r.name == name)
             .map(|(id, r)| self.info(*id, r)))
+    }
+
+    fn diff_page(
+        &mut self,
+        from: DiffEnd,
+        to: DiffEnd,
+        start: u64,
+        budget: u32,
+    ) -> Result<DiffPage, MetaError> {
+        for end in [from, to] {
+            if let DiffEnd::Snapshot(id) = end {
+                match self.state.snapshots.get(&id).map(|r| &r.state) {
+                    None | Some(SnapshotState::Deleting) => {
+                        return Err(MetaError::NoSuchSnapshot(id))
+                    }
+                    Some(SnapshotState::Invalid { .. }) => return Err(MetaError::NotLive(id)),
+                    Some(SnapshotState::Live) => {}
+                }
+            }
+        }
+        if start > self.origin_chunks {
+            return Err(MetaError::ChunkOutOfRange {
+                chunk: start,
+                origin_chunks: self.origin_chunks,
+            });
+        }
+        let mut page = DiffPage::default();
+        if from == to {
+            return Ok(page);
+        }
+        let source = |list: &[Exception], end: DiffEnd| match end {
+            DiffEnd::Origin => None,
+            DiffEnd::Snapshot(id) => Self::lookup(list, id).map(|i| list[i].store_chunk),
+        };
+        let mut differing = Vec::new();
+        for (&chunk, list) in self.state.exceptions.range(start..) {
+            if page.records_walked >= u64::from(budget.max(1)) {
+                page.next = Some(chunk);
+                break;
+            }
+            page.records_walked += list.len() as u64;
+            if source(list, from) != source(list, to) {
+                differing.push(chunk);
+            }
+        }
+        page.ranges = ChunkRange::coalesce(differing);
+        Ok(page)
     }
 
     fn oldest_sharing_origin(&mut self, chunk: u64) -> Result<Option<SnapId>, MetaError> {

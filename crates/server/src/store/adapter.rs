@@ -5,7 +5,7 @@ use crate::engine::{
     MetaError as EngineError, MetaStore, MetadataSpace, ReclaimPosition, ReclaimProgress,
     SnapChunk, StoreStats,
 };
-use csnap_proto::{SnapId, SnapshotInfo, SnapshotState};
+use csnap_proto::{DiffEnd, DiffPage, SnapId, SnapshotInfo, SnapshotState};
 
 impl From<StoreError> for EngineError {
     fn from(e: StoreError) -> Self {
@@ -119,6 +119,16 @@ impl MetaStore for Store {
 
     fn oldest_sharing_origin(&mut self, chunk: u64) -> Result<Option<SnapId>, EngineError> {
         Ok(Store::oldest_sharing_origin(self, chunk)?.map(SnapId))
+    }
+
+    fn diff_page(
+        &mut self,
+        from: DiffEnd,
+        to: DiffEnd,
+        start: u64,
+        budget: u32,
+    ) -> Result<DiffPage, EngineError> {
+        Ok(Store::diff_page(self, from, to, start, budget as usize)?)
     }
 
     fn oldest_live(&mut self, except: Option<SnapId>) -> Result<Option<SnapId>, EngineError> {

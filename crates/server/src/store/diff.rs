@@ -16,37 +16,14 @@
 
 use super::btree::{self, Key, Tree};
 use super::{ExceptionRecord, Result, Store, StoreError};
-use csnap_proto::ChunkRange;
+use csnap_proto::{ChunkRange, DiffEnd, DiffPage, SnapId};
 
-/// One end of a diff.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum DiffEnd {
-    /// The live origin as it is now.
-    Origin,
-    /// A live snapshot, by id.
-    Snapshot(u64),
-}
-
-impl DiffEnd {
-    /// The store chunk this end reads `r`'s chunk from, if `r` is the record that says so.
-    fn reads_from(self, r: &ExceptionRecord) -> Option<u64> {
-        match self {
-            DiffEnd::Snapshot(id) if r.first <= id && id <= r.last => Some(r.store_chunk),
-            _ => None,
-        }
+/// Which store chunk `end` reads `r`'s chunk from, if `r` is the record that says so.
+fn reads_from(end: DiffEnd, r: &ExceptionRecord) -> Option<u64> {
+    match end {
+        DiffEnd::Snapshot(SnapId(id)) if r.first <= id && id <= r.last => Some(r.store_chunk),
+        _ => None,
     }
-}
-
-/// One page of a diff (`Store::diff_page`).
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct DiffPage {
-    /// The chunks the two ends read differently, ascending, disjoint, coalesced within the
-    /// page (a run that crosses a page boundary comes as two ranges).
-    pub ranges: Vec<ChunkRange>,
-    /// The chunk the next page starts at; `None` when this page reached the end.
-    pub next: Option<u64>,
-    /// Exception records read for this page.
-    pub records_walked: u64,
 }
 
 /// The chunk being walked: which store chunk each end reads it from (`None`: the origin).
@@ -83,7 +60,7 @@ impl Store {
         budget: usize,
     ) -> Result<DiffPage> {
         for end in [from, to] {
-            if let DiffEnd::Snapshot(id) = end {
+            if let DiffEnd::Snapshot(SnapId(id)) = end {
                 self.check_live(id)?;
             }
         }
@@ -121,8 +98,8 @@ impl Store {
                     from: None,
                     to: None,
                 });
-                c.from = c.from.or(from.reads_from(&r));
-                c.to = c.to.or(to.reads_from(&r));
+                c.from = c.from.or(reads_from(from, &r));
+                c.to = c.to.or(reads_from(to, &r));
                 page.records_walked += 1;
                 true
             },

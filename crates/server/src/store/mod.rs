@@ -29,7 +29,6 @@ mod usage;
 
 pub use check::CheckReport;
 pub use device::{BlockDevice, FileDevice, MemDevice, MemDeviceStats};
-pub use diff::{DiffEnd, DiffPage};
 pub use error::{Result, StoreError};
 pub use format::Geometry;
 pub use meta::MetaStats;

@@ -1175,3 +1175,100 @@ fn no_snapshot_is_created_before_hold_snapshots_until() {
         Some(ServerMsg::SnapshotCreated { .. })
     ));
 }
+
+/// `Diff` through the engine: the chunks written between two snapshots and since the last
+/// one, paged with a small budget, unchanged by origin writes after both snapshots; and the
+/// refusals (origin connection, unknown snapshot, start past the volume).
+#[test]
+fn diff_pages_name_the_chunks_written_between_two_ends() {
+    let mut h = Harness::new(config(), 16, 64);
+    let origin = h.connect(1, ClientKind::Origin, false);
+    let admin = h.admin();
+    let write = |h: &mut Harness, ranges: Vec<ChunkRange>| {
+        let w = h.send(origin, ClientMsg::QueryWrite { ranges });
+        h.settle();
+        assert!(h.reply_to(origin, w).is_some());
+    };
+    let diff = |h: &mut Harness, from: DiffEnd, to: DiffEnd, budget: u32| {
+        let mut chunks = Vec::new();
+        let mut start = 0;
+        loop {
+            let d = h.send(
+                admin,
+                ClientMsg::Diff {
+                    from,
+                    to,
+                    start,
+                    budget,
+                },
+            );
+            match h.reply_to(admin, d) {
+                Some(ServerMsg::DiffPage(page)) => {
+                    chunks.extend(page.ranges.iter().flat_map(|r| r.chunks().unwrap()));
+                    match page.next {
+                        Some(n) => {
+                            assert!(n > start);
+                            start = n
+                        }
+                        None => return chunks,
+                    }
+                }
+                other => panic!("Diff {from} -> {to}: {other:?}"),
+            }
+        }
+    };
+    let a = h.create_snapshot(admin, "a", &[origin]);
+    write(&mut h, vec![ChunkRange::new(1, 2), ChunkRange::new(7, 1)]);
+    let b = h.create_snapshot(admin, "b", &[origin]);
+    write(&mut h, vec![ChunkRange::new(2, 1), ChunkRange::new(9, 3)]);
+    for budget in [1, 2, 1000] {
+        let (sa, sb) = (DiffEnd::Snapshot(a), DiffEnd::Snapshot(b));
+        assert_eq!(
+            diff(&mut h, sa, sb, budget),
+            vec![1, 2, 7],
+            "budget {budget}"
+        );
+        assert_eq!(diff(&mut h, sb, sa, budget), vec![1, 2, 7]);
+        assert_eq!(
+            diff(&mut h, sb, DiffEnd::Origin, budget),
+            vec![2, 9, 10, 11]
+        );
+        assert_eq!(
+            diff(&mut h, sa, DiffEnd::Origin, budget),
+            vec![1, 2, 7, 9, 10, 11]
+        );
+        assert_eq!(diff(&mut h, sa, sa, budget), Vec::<u64>::new());
+    }
+    // The origin moves on; the diff between the two snapshots does not.
+    write(&mut h, vec![ChunkRange::new(0, 16)]);
+    assert_eq!(
+        diff(&mut h, DiffEnd::Snapshot(a), DiffEnd::Snapshot(b), 2),
+        vec![1, 2, 7]
+    );
+
+    let refused = |h: &mut Harness, conn, from, start| {
+        let d = h.send(
+            conn,
+            ClientMsg::Diff {
+                from,
+                to: DiffEnd::Origin,
+                start,
+                budget: 10,
+            },
+        );
+        error_code(&h.reply_to(conn, d))
+    };
+    assert_eq!(
+        refused(&mut h, origin, DiffEnd::Snapshot(a), 0),
+        Some(ErrorCode::WrongClientKind)
+    );
+    assert_eq!(
+        refused(&mut h, admin, DiffEnd::Snapshot(SnapId(99)), 0),
+        Some(ErrorCode::NoSuchSnapshot)
+    );
+    assert_eq!(
+        refused(&mut h, admin, DiffEnd::Snapshot(a), 17),
+        Some(ErrorCode::OutOfRange)
+    );
+    h.engine.store().check().unwrap();
+}

@@ -239,6 +239,16 @@ impl MetaStore for FailingStore {
         self.tick()?;
         self.inner.oldest_sharing_origin(chunk)
     }
+    fn diff_page(
+        &mut self,
+        from: csnap_proto::DiffEnd,
+        to: csnap_proto::DiffEnd,
+        start: u64,
+        budget: u32,
+    ) -> Result<csnap_proto::DiffPage, MetaError> {
+        self.tick()?;
+        self.inner.diff_page(from, to, start, budget)
+    }
     fn reserve_chunk(&mut self) -> Result<u64, MetaError> {
         self.tick()?;
         self.inner.reserve_chunk()

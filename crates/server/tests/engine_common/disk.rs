@@ -121,6 +121,15 @@ impl MetaStore for DiskStore {
     fn oldest_sharing_origin(&mut self, chunk: u64) -> Result<Option<SnapId>, MetaError> {
         MetaStore::oldest_sharing_origin(&mut self.store, chunk)
     }
+    fn diff_page(
+        &mut self,
+        from: csnap_proto::DiffEnd,
+        to: csnap_proto::DiffEnd,
+        start: u64,
+        budget: u32,
+    ) -> Result<csnap_proto::DiffPage, MetaError> {
+        MetaStore::diff_page(&mut self.store, from, to, start, budget)
+    }
     fn oldest_live(&mut self, except: Option<SnapId>) -> Result<Option<SnapId>, MetaError> {
         MetaStore::oldest_live(&mut self.store, except)
     }
