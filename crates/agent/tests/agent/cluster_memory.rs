@@ -249,38 +249,26 @@ async fn three_nodes_serve_one_volume_and_fail_over_when_the_server_node_dies() 
         .iter()
         .find(|n| n.id != second)
         .expect("a non-serving node");
-    let answer = csnap_agent::snapshot_ops::handle(
-        "vol",
-        &*asker.volume().await,
-        ControlRequest::Diff {
-            volume: "vol".into(),
-            from: Some(SnapRef::Name("before".into())),
-            to: None,
-            start: 0,
-            budget: 2,
-        },
-    )
-    .await;
+    // The first page names the snapshot, the next ones pass the id it resolved to (as
+    // csnapctl does).
+    let (mut from, mut start) = (SnapRef::Name("before".into()), 0);
     let mut chunks = Vec::new();
-    let mut answer = answer;
     loop {
-        match answer {
-            ControlResponse::Diff { from, to, page, .. } => {
-                assert_eq!((from, to), (DiffEnd::Snapshot(snap.id), DiffEnd::Origin));
+        let req = ControlRequest::Diff {
+            volume: "vol".into(),
+            from: Some(from.clone()),
+            to: None,
+            start,
+            budget: 2,
+        };
+        match csnap_agent::snapshot_ops::handle("vol", &*asker.volume().await, req).await {
+            ControlResponse::Diff {
+                from: f, to, page, ..
+            } => {
+                assert_eq!((f, to), (DiffEnd::Snapshot(snap.id), DiffEnd::Origin));
                 chunks.extend(page.ranges.iter().flat_map(|r| r.chunks().unwrap()));
                 let Some(next) = page.next else { break };
-                answer = csnap_agent::snapshot_ops::handle(
-                    "vol",
-                    &*asker.volume().await,
-                    ControlRequest::Diff {
-                        volume: "vol".into(),
-                        from: Some(SnapRef::Id(snap.id)),
-                        to: None,
-                        start: next,
-                        budget: 2,
-                    },
-                )
-                .await;
+                (from, start) = (SnapRef::Id(snap.id), next);
             }
             other => panic!("diff on node {}: {other:?}", asker.id),
         }
