@@ -41,6 +41,8 @@ pub struct RigConfig {
     pub bin_dir: PathBuf,
     pub origin_size: u64,
     pub store_size: u64,
+    /// The volume's chunk size (`csnapctl format --chunk-size`).
+    pub chunk_size: u64,
     /// corosync's token timeout.
     pub token_ms: u32,
     /// `RUST_LOG` of the agents.
@@ -63,6 +65,7 @@ impl RigConfig {
             bin_dir,
             origin_size: 16 * MIB,
             store_size: 64 * MIB,
+            chunk_size: 16 << 10,
             token_ms: 1000,
             log: "info".to_owned(),
             agent_env: Vec::new(),
@@ -225,6 +228,7 @@ impl Rig {
             .and_then(|f| f.set_len(rc.store_size))
             .expect("create the store file");
         let ctl_s = rig.ctl.display().to_string();
+        let chunk_size = rc.chunk_size.to_string();
         run_checked(
             &ctl_s,
             &[
@@ -234,7 +238,7 @@ impl Rig {
                 "--store",
                 &store.display().to_string(),
                 "--chunk-size",
-                "16K",
+                &chunk_size,
             ],
         )
         .await;

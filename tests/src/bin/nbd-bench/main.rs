@@ -33,8 +33,10 @@
 //! first-touch writes at least as fast as qcow2 (2, 4). The table goes to stdout as
 //! Markdown, progress to stderr. Exit status 1 if a run failed (not if a goal is missed).
 
+mod cluster;
 mod engines;
 mod fio;
+mod memory;
 mod procs;
 mod report;
 mod setup;
@@ -110,6 +112,27 @@ struct Args {
     /// Where csnap-agent and csnapctl are (default: beside this program).
     #[arg(long)]
     bin_dir: Option<PathBuf>,
+    /// Run the cluster-mode rows instead of the engine matrix: csnap in cluster mode (a
+    /// 2-node corosync cluster in network namespaces, root needed) with the client on
+    /// another node than the metadata server, and on the server's node, against csnap
+    /// standalone; direct I/O, unix sockets, the first --chunk-size, --size, --rounds.
+    #[arg(long, conflicts_with = "memory")]
+    cluster: bool,
+    /// Run the memory test instead of the speed tests: the agent's resident memory with
+    /// --memory-snapshots snapshots of a --memory-volume sparse volume and
+    /// --memory-connections NBD connections at once (issue 11: under 128 MiB). Uses the
+    /// first --chunk-size and --cache direct unless --cache page.
+    #[arg(long)]
+    memory: bool,
+    /// The memory test's sparse volume size.
+    #[arg(long, default_value = "1T", value_parser = setup::parse_size)]
+    memory_volume: u64,
+    /// Snapshots the memory test creates.
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    memory_snapshots: u32,
+    /// NBD connections the memory test keeps busy at once (writers, then readers).
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=64))]
+    memory_connections: u32,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -439,23 +462,15 @@ impl Bench {
 }
 
 async fn prepare(args: &Args, plan: &Plan, dir: &WorkDir) -> anyhow::Result<Setup> {
-    let bin_dir = match &args.bin_dir {
-        Some(d) => d.clone(),
-        None => std::env::current_exe()
-            .context("cannot find this program's path")?
-            .parent()
-            .context("this program's path has no directory")?
-            .to_path_buf(),
-    };
-    let hint = "cargo build --release -p csnap-agent --bins";
+    let (agent, csnapctl) = binaries(args)?;
     let setup = Setup {
         dir: dir.path().to_path_buf(),
         raw_image: dir.join("raw.img"),
         csnap_origin: dir.join("csnap-origin.img"),
         csnap_store: dir.join("csnap-store.img"),
         qcow2_image: dir.join("image.qcow2"),
-        agent: setup::require_binary(&bin_dir, "csnap-agent", hint)?,
-        csnapctl: setup::require_binary(&bin_dir, "csnapctl", hint)?,
+        agent,
+        csnapctl,
         direct: plan.direct,
         transport: plan.transport,
     };
@@ -535,6 +550,24 @@ fn describe_status(status: &serde_json::Value) -> String {
 /// work directory and table.
 async fn run(args: Args) -> anyhow::Result<bool> {
     let base = Plan::from_args(&args)?;
+    if args.memory {
+        return run_memory(&args, &base).await;
+    }
+    if args.cluster {
+        let plan = cluster::ClusterPlan {
+            size: base.size,
+            chunk: base.chunk,
+            rounds: base.rounds,
+            ramp: base.ramp,
+            runtime: base.runtime,
+            cap: base.cap,
+            iodepth: base.iodepth,
+        };
+        let dir = WorkDir::create(&args.dir, args.keep)?;
+        eprintln!("work directory {}", dir.path().display());
+        let (agent, csnapctl) = binaries(&args)?;
+        return cluster::run(&plan, &dir, agent, csnapctl).await;
+    }
     let directs: &[bool] = match (args.direct, args.cache) {
         (true, _) | (_, CacheMode::Direct) => &[true],
         (_, CacheMode::Page) => &[false],
@@ -567,6 +600,45 @@ async fn run(args: Args) -> anyhow::Result<bool> {
         }
     }
     Ok(ok)
+}
+
+async fn run_memory(args: &Args, base: &Plan) -> anyhow::Result<bool> {
+    let volume = args.memory_volume;
+    anyhow::ensure!(
+        volume >= 1 << 30 && volume.is_multiple_of(base.chunk),
+        "--memory-volume must be at least 1 GiB and a multiple of the chunk size"
+    );
+    let plan = memory::MemoryPlan {
+        volume,
+        chunk: base.chunk,
+        snapshots: args.memory_snapshots,
+        connections: args.memory_connections,
+        write_time: Duration::from_secs(args.runtime.unwrap_or(if args.quick { 5 } else { 30 })),
+        read_time: Duration::from_secs(args.runtime.unwrap_or(if args.quick { 3 } else { 10 })),
+        direct: args.cache != CacheMode::Page,
+        goal_bytes: 128 << 20,
+    };
+    let dir = WorkDir::create(&args.dir, args.keep)?;
+    eprintln!("work directory {}", dir.path().display());
+    let (agent, csnapctl) = binaries(args)?;
+    memory::run(&plan, &dir, agent, csnapctl).await
+}
+
+/// csnap-agent and csnapctl: from --bin-dir, else beside this program.
+fn binaries(args: &Args) -> anyhow::Result<(PathBuf, PathBuf)> {
+    let bin_dir = match &args.bin_dir {
+        Some(d) => d.clone(),
+        None => std::env::current_exe()
+            .context("cannot find this program's path")?
+            .parent()
+            .context("this program's path has no directory")?
+            .to_path_buf(),
+    };
+    let hint = "cargo build --release -p csnap-agent --bins";
+    Ok((
+        setup::require_binary(&bin_dir, "csnap-agent", hint)?,
+        setup::require_binary(&bin_dir, "csnapctl", hint)?,
+    ))
 }
 
 async fn run_one(args: &Args, plan: &Plan) -> anyhow::Result<bool> {

@@ -208,6 +208,35 @@ fn parse_stat(text: &str, ticks_per_sec: u64) -> Option<CpuSample> {
     })
 }
 
+/// Resident memory of a process, from /proc/PID/status.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MemorySample {
+    /// VmRSS: resident now, in bytes.
+    pub rss: u64,
+    /// VmHWM: the highest resident size since the process started, in bytes.
+    pub hwm: u64,
+}
+
+/// Reads `pid`'s resident memory; `None` if it is gone or unreadable.
+pub fn memory_sample(pid: u32) -> Option<MemorySample> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    parse_status(&text)
+}
+
+/// Parses the `VmRSS:` and `VmHWM:` lines (in kB) of /proc/PID/status.
+fn parse_status(text: &str) -> Option<MemorySample> {
+    let field = |name: &str| -> Option<u64> {
+        let line = text.lines().find(|l| l.starts_with(name))?;
+        let mut words = line[name.len()..].split_whitespace();
+        let kb = words.next()?.parse::<u64>().ok()?;
+        (words.next()? == "kB").then_some(kb.checked_mul(1024)?)
+    };
+    Some(MemorySample {
+        rss: field("VmRSS:")?,
+        hwm: field("VmHWM:")?,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -221,6 +250,21 @@ mod tests {
         assert_eq!(s.threads, 7);
         assert_eq!(parse_stat("garbage", 100), None);
         assert_eq!(parse_stat("1 (x) S 1 2", 100), None);
+    }
+
+    #[test]
+    fn status_memory_lines_are_read_in_kilobytes() {
+        let text = "Name:\tcsnap-agent\nVmHWM:\t   20480 kB\nVmRSS:\t   10240 kB\nThreads:\t9\n";
+        assert_eq!(
+            parse_status(text),
+            Some(MemorySample {
+                rss: 10 << 20,
+                hwm: 20 << 20
+            })
+        );
+        assert_eq!(parse_status("VmRSS:\t12 kB\n"), None);
+        assert_eq!(parse_status("VmRSS:\tlots kB\nVmHWM:\t1 kB\n"), None);
+        assert!(memory_sample(std::process::id()).is_some_and(|m| m.rss > 0 && m.hwm >= m.rss));
     }
 
     #[test]
