@@ -14,16 +14,10 @@ use std::fmt;
 pub struct Seed(pub u64);
 
 impl Seed {
-    /// Parses decimal or `0x` hexadecimal.
+    /// Parses decimal or `0x` hexadecimal, like every test seed
+    /// (`csnap_proto::testing::parse_seed`).
     pub fn parse(text: &str) -> Result<Seed, String> {
-        let t = text.trim();
-        let parsed = match t.strip_prefix("0x").or_else(|| t.strip_prefix("0X")) {
-            Some(hex) => u64::from_str_radix(hex, 16),
-            None => t.parse(),
-        };
-        parsed
-            .map(Seed)
-            .map_err(|e| format!("not a seed (decimal or 0x hex): {t:?}: {e}"))
+        csnap_proto::testing::parse_seed(text).map(Seed)
     }
 
     /// The `k`-th schedule of a run starting at `self`.

@@ -947,14 +947,10 @@ pub fn run(seed: u64, knobs: Knobs) -> Result<Sim, String> {
     Ok(sim)
 }
 
+/// A seed or count from the environment, parsed like every test seed
+/// (`csnap_proto::testing`): a malformed value fails the test instead of being ignored.
 fn env_u64(name: &str) -> Option<u64> {
-    std::env::var(name).ok().and_then(|v| {
-        let v = v.trim();
-        match v.strip_prefix("0x") {
-            Some(hex) => u64::from_str_radix(hex, 16).ok(),
-            None => v.parse().ok(),
-        }
-    })
+    csnap_proto::testing::env_seed(name)
 }
 
 fn knobs_for(seed: u64) -> Knobs {
