@@ -1,7 +1,7 @@
 //! csnap-bench: the store/server benchmark (issue 3). Prints figures, asserts nothing.
 //!
 //! ```text
-//! cargo run --release -p csnap-server --bin csnap-bench -- [--quick]
+//! cargo run --release -p csnap-e2e --bin csnap-bench -- [--quick]
 //! ```
 //!
 //! 1. Origin-write copy-out throughput with 1, 64, 1,000 and 10,000 snapshots, through a
