@@ -73,6 +73,16 @@ pub trait DataDevice: Send + Sync + std::fmt::Debug {
         let _ = punch;
         false
     }
+    /// Deallocates `len` bytes at `offset` so they read back as zeroes; an error of kind
+    /// `Unsupported` means the device cannot (nothing changed).
+    fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
+        let _ = (offset, len);
+        Err(io::ErrorKind::Unsupported.into())
+    }
+    /// Whether [`DataDevice::punch_hole`] may succeed (false once known not to).
+    fn can_punch(&self) -> bool {
+        false
+    }
 }
 
 /// Bytes that start at a [`DIRECT_ALIGN`] boundary, handed out as [`Bytes`] without a
@@ -342,6 +352,15 @@ impl DataDevice for FileDevice {
         self.file.write_all_at(bounce.as_slice(), offset)
     }
 
+    fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
+        let mode = FallocateFlags::FALLOC_FL_PUNCH_HOLE | FallocateFlags::FALLOC_FL_KEEP_SIZE;
+        self.fallocate(mode, NO_PUNCH, offset, len)
+    }
+
+    fn can_punch(&self) -> bool {
+        self.no_fallocate.load(std::sync::atomic::Ordering::Relaxed) & NO_PUNCH == 0
+    }
+
     fn zero_is_fast(&self, punch: bool) -> bool {
         let missing = self.no_fallocate.load(std::sync::atomic::Ordering::Relaxed);
         let can_punch = missing & NO_PUNCH == 0;
@@ -587,6 +606,11 @@ impl Devices {
         Ok(())
     }
 
+    /// Whether [`Devices::discard_blocking`] may deallocate anything on `which`.
+    pub fn can_punch(&self, which: Which) -> bool {
+        self.dev(which).dev.can_punch()
+    }
+
     /// Whether [`Devices::zero_blocking`] with `fast` may succeed on `which`.
     pub fn zero_is_fast(&self, which: Which, punch: bool) -> bool {
         self.dev(which).dev.zero_is_fast(punch)
@@ -615,7 +639,7 @@ impl Devices {
         sync: bool,
     ) -> Result<(), ClientError> {
         let dev = self.dev(which);
-        match dev.dev.zero_range(offset, len, true, true) {
+        match dev.dev.punch_hole(offset, len) {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::Unsupported => {}
             Err(e) => return Err(Self::io_err(dev, "discarding", offset, e)),

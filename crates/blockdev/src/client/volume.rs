@@ -398,7 +398,7 @@ impl Volume {
             return Ok(());
         }
         self.chunk_range(offset, len)?;
-        if snap.is_some() || !self.devices.zero_is_fast(Which::Origin, true) {
+        if snap.is_some() || !self.devices.can_punch(Which::Origin) {
             return Ok(());
         }
         let [_, whole, _] = self.chunk_edges(offset, len);
