@@ -51,21 +51,28 @@ fn features() -> ExportFeatures {
     ExportFeatures {
         flush: true,
         fua: true,
-        trim: false,
+        trim: true,
         write_zeroes: true,
+        fast_zero: true,
         // Every connection writes through the same files; FLUSH syncs them all.
         multi_conn: true,
         rotational: false,
     }
 }
 
+/// The NBD maximum payload: the 2^25 bytes the protocol says a server should accept from
+/// clients that never negotiate sizes. The client splits larger requests into bounded
+/// metadata questions (`client::MAX_QUESTION_CHUNKS`), so this holds for every chunk size.
+pub const MAX_PAYLOAD: u32 = 32 << 20;
+
 fn block_sizes(volume: &Volume) -> BlockSizes {
-    let chunk = u32::try_from(volume.chunk_size()).unwrap_or(1 << 20);
+    let chunk = u32::try_from(volume.chunk_size()).unwrap_or(MAX_PAYLOAD);
     BlockSizes {
-        minimum: volume.min_io(),
-        preferred: chunk.max(4096),
-        // At most 1024 chunks per request keeps each metadata question small.
-        maximum_payload: chunk.saturating_mul(1024).clamp(chunk.max(4096), 32 << 20),
+        // Any alignment: under direct I/O unaligned requests are read-modify-written
+        // (client::devices), as qemu-nbd --cache=none does.
+        minimum: 1,
+        preferred: chunk.clamp(4096, MAX_PAYLOAD),
+        maximum_payload: MAX_PAYLOAD,
     }
 }
 
@@ -182,20 +189,21 @@ impl Export for CsnapExport {
         &self,
         offset: u64,
         len: u64,
-        _may_trim: bool,
+        may_trim: bool,
         fua: bool,
+        fast: bool,
     ) -> BoxFuture<'_, io::Result<()>> {
         Box::pin(async move {
             Ok(self
                 .volume
-                .write_zeroes(self.snap, offset, len, fua)
+                .write_zeroes(self.snap, offset, len, may_trim, fast, fua)
                 .await?)
         })
     }
 
-    fn trim(&self, _offset: u64, _len: u64, _fua: bool) -> BoxFuture<'_, io::Result<()>> {
-        // TRIM is not advertised; a client that sends it anyway loses nothing by a no-op
-        // (its contents become unspecified, and keeping them is allowed).
-        Box::pin(async move { Ok(()) })
+    fn trim(&self, offset: u64, len: u64, fua: bool) -> BoxFuture<'_, io::Result<()>> {
+        // See `Volume::trim`: whole origin chunks are deallocated under a write grant;
+        // on a snapshot TRIM is a no-op, which the protocol allows.
+        Box::pin(async move { Ok(self.volume.trim(self.snap, offset, len, fua).await?) })
     }
 }

@@ -16,5 +16,6 @@ mod cluster_memory;
 mod csnapctl_admin;
 mod diff;
 mod many_snapshots;
+mod nbd_conformance;
 mod packaging;
 mod standalone;

@@ -21,7 +21,9 @@ pub use cache::{CacheStats, OriginTracker, WriteGuard};
 pub use conn::{ConnConfig, MetaConnection, Reply, ServerTarget, SessionInfo};
 pub use devices::{DataDevice, Devices, Which, DIRECT_ALIGN};
 pub use session::Session;
-pub use volume::{client_id_for, snapshot_read_runs, ClientConfig, SnapshotPage, Volume};
+pub use volume::{
+    client_id_for, snapshot_read_runs, ClientConfig, SnapshotPage, Volume, MAX_QUESTION_CHUNKS,
+};
 
 use std::io;
 use std::time::Duration;
@@ -55,6 +57,10 @@ pub enum ClientError {
     Open { path: String, source: io::Error },
     #[error("{0}")]
     Geometry(String),
+    /// The operation cannot be done the cheap way the caller asked for (FAST_ZERO);
+    /// nothing was changed.
+    #[error("{0}")]
+    Unsupported(String),
 }
 
 impl ClientError {
@@ -69,6 +75,7 @@ impl ClientError {
             },
             ClientError::Io { source, .. } => source.raw_os_error().unwrap_or(libc::EIO),
             ClientError::Closed => libc::ESHUTDOWN,
+            ClientError::Unsupported(_) => libc::EOPNOTSUPP,
             _ => libc::EIO,
         }
     }
@@ -77,7 +84,12 @@ impl ClientError {
 impl From<ClientError> for io::Error {
     fn from(e: ClientError) -> io::Error {
         let errno = e.errno();
-        tracing::warn!(err = %e, "csnap client I/O failed");
+        if let ClientError::Unsupported(_) = e {
+            // An expected answer (clients probe FAST_ZERO), not a failure.
+            tracing::debug!(err = %e, "csnap client: not supported");
+        } else {
+            tracing::warn!(err = %e, "csnap client I/O failed");
+        }
         // The NBD server maps a raw errno; the message went to the log above.
         if errno == libc::EIO {
             io::Error::other(e)

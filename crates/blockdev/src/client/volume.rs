@@ -11,10 +11,16 @@ use csnap_proto::{
     SnapId, SnapRef, SnapshotInfo, StoreAddr, MAX_LIST_PAGE,
 };
 
-use super::cache::{CacheStats, OriginTracker};
+use super::cache::{CacheStats, OriginTracker, WriteGuard};
 use super::conn::{ConnConfig, MetaConnection, ServerTarget, SessionInfo};
 use super::devices::{Devices, Which};
 use super::ClientError;
+
+/// Most chunks one metadata question (QueryWrite, QuerySnapshotRead, SnapshotWrite)
+/// names: an NBD request over more chunks is split into several questions, so every
+/// request up to NBD's 32 MiB is served whatever the chunk size while each question and
+/// its answer stay small (the server's `max_request_chunks` default is 4096).
+pub const MAX_QUESTION_CHUNKS: u64 = 1024;
 
 /// One page of a snapshot listing (see `Volume::list_snapshots_page`).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -173,15 +179,6 @@ impl Volume {
         self.chunk_size
     }
 
-    /// The smallest I/O unit: 4 KiB with O_DIRECT, else one byte.
-    pub fn min_io(&self) -> u32 {
-        if self.devices.direct() {
-            super::devices::DIRECT_ALIGN as u32
-        } else {
-            1
-        }
-    }
-
     pub fn origin_chunks(&self) -> u64 {
         self.origin_chunks
     }
@@ -217,8 +214,47 @@ impl Volume {
         self.devices.read(Which::Origin, offset, len as usize).await
     }
 
+    /// `[offset, offset + len)` cut at every multiple of [`MAX_QUESTION_CHUNKS`] chunks:
+    /// pieces that each need one bounded metadata question. Empty for `len == 0`.
+    fn question_pieces(&self, offset: u64, len: u64) -> Vec<(u64, u64)> {
+        let step = self.chunk_size.saturating_mul(MAX_QUESTION_CHUNKS).max(1);
+        let end = offset.saturating_add(len);
+        let mut pieces = Vec::new();
+        let mut at = offset;
+        while at < end {
+            let next = (at / step).saturating_add(1).saturating_mul(step).min(end);
+            pieces.push((at, next - at));
+            at = next;
+        }
+        pieces
+    }
+
+    /// Permission to change the origin's chunks `range` (at most
+    /// [`MAX_QUESTION_CHUNKS`]): from the unique-chunk cache, else from the server, which
+    /// copies out shared chunks before it answers.
+    async fn origin_grant(&self, range: ChunkRange) -> Result<WriteGuard, ClientError> {
+        let Some(chunks) = range.chunks() else {
+            return Err(ClientError::Geometry("chunk range overflows".into()));
+        };
+        if let Some(g) = self.tracker.try_cached(chunks) {
+            return Ok(g);
+        }
+        let reply = self
+            .origin
+            .request(ClientMsg::QueryWrite {
+                ranges: vec![range],
+            })
+            .await?;
+        match (reply.msg, reply.grant) {
+            (ServerMsg::OriginWriteOk { .. }, Some(g)) => Ok(g),
+            (other, _) => Err(unexpected("QueryWrite", other)),
+        }
+    }
+
     /// Writes the origin: asks the server first unless every chunk is cached unique; the
-    /// server copies out shared chunks before it answers.
+    /// server copies out shared chunks before it answers. A request over more than
+    /// [`MAX_QUESTION_CHUNKS`] chunks is written as several pieces at once, each under
+    /// its own grant (NBD does not promise that a write is atomic).
     pub async fn write_origin(
         &self,
         offset: u64,
@@ -226,51 +262,157 @@ impl Volume {
         fua: bool,
     ) -> Result<(), ClientError> {
         let range = self.chunk_range(offset, data.len() as u64)?;
-        let Some(chunks) = range.chunks() else {
-            return Err(ClientError::Geometry("chunk range overflows".into()));
-        };
-        let guard = match self.tracker.try_cached(chunks) {
-            Some(g) => g,
-            None => {
-                let reply = self
-                    .origin
-                    .request(ClientMsg::QueryWrite {
-                        ranges: vec![range],
-                    })
-                    .await?;
-                match (reply.msg, reply.grant) {
-                    (ServerMsg::OriginWriteOk { .. }, Some(g)) => g,
-                    (other, _) => return Err(unexpected("QueryWrite", other)),
-                }
+        if u64::from(range.count) <= MAX_QUESTION_CHUNKS {
+            return self.write_origin_piece(range, offset, data, fua).await;
+        }
+        let pieces = self.question_pieces(offset, data.len() as u64);
+        futures::future::try_join_all(pieces.into_iter().map(|(at, n)| {
+            let from = (at - offset) as usize;
+            let piece = data.slice(from..from + n as usize);
+            async move {
+                let range = self.chunk_range(at, n)?;
+                self.write_origin_piece(range, at, piece, fua).await
             }
-        };
+        }))
+        .await?;
+        Ok(())
+    }
+
+    async fn write_origin_piece(
+        &self,
+        range: ChunkRange,
+        offset: u64,
+        data: Bytes,
+        fua: bool,
+    ) -> Result<(), ClientError> {
+        let guard = self.origin_grant(range).await?;
         let result = self.devices.write(Which::Origin, offset, data, fua).await;
         drop(guard);
         result
     }
 
-    /// Writes zeroes, in pieces of at most `piece` bytes.
+    /// `[offset, offset + len)` split into the partial chunk at its start, the whole
+    /// chunks and the partial chunk at its end (each `(offset, len)`, `len` 0 if absent).
+    fn chunk_edges(&self, offset: u64, len: u64) -> [(u64, u64); 3] {
+        let cs = self.chunk_size;
+        let end = offset + len;
+        let whole_start = offset.div_ceil(cs) * cs;
+        let whole_end = end / cs * cs;
+        if whole_start >= whole_end {
+            // No whole chunk: all of it is one edge.
+            return [(offset, len), (whole_start, 0), (end, 0)];
+        }
+        [
+            (offset, whole_start - offset),
+            (whole_start, whole_end - whole_start),
+            (whole_end, end - whole_end),
+        ]
+    }
+
+    /// Makes `[offset, offset + len)` of the origin (`snap: None`) or of a snapshot read
+    /// back as zeroes, with the same copy-on-write rules as a write: every chunk is
+    /// changed only under the permission a write would get (origin: after the server
+    /// copied out chunks a snapshot shares; snapshot: in the snapshot's own exception).
+    /// Whole chunks are zeroed with `fallocate` (the origin's deallocated if `punch`, the
+    /// store's kept allocated); the partial chunks at the edges are written as zeroes.
+    /// With `fast`, a request that would write zeroes anywhere fails with
+    /// `ClientError::Unsupported` before anything changes (NBD FAST_ZERO).
     pub async fn write_zeroes(
+        &self,
+        snap: Option<SnapId>,
+        offset: u64,
+        len: u64,
+        punch: bool,
+        fast: bool,
+        fua: bool,
+    ) -> Result<(), ClientError> {
+        if len == 0 {
+            return Ok(());
+        }
+        self.chunk_range(offset, len)?;
+        let [head, whole, tail] = self.chunk_edges(offset, len);
+        let which = if snap.is_some() {
+            Which::Store
+        } else {
+            Which::Origin
+        };
+        // The store is never deallocated: its space is what later copy-outs count on.
+        let punch = punch && snap.is_none();
+        if fast && (head.1 > 0 || tail.1 > 0 || !self.devices.zero_is_fast(which, punch)) {
+            return Err(ClientError::Unsupported(format!(
+                "fast zero of {len} bytes at {offset}: only whole {}-byte chunks on a device \
+                 that zeroes without writing are fast",
+                self.chunk_size
+            )));
+        }
+        let edges = [head, tail].into_iter().filter(|e| e.1 > 0).map(|(at, n)| {
+            let zeroes = Bytes::from(vec![0u8; n as usize]);
+            async move {
+                match snap {
+                    None => self.write_origin(at, zeroes, fua).await,
+                    Some(s) => self.write_snapshot(s, at, zeroes, fua).await,
+                }
+            }
+        });
+        let middle = self
+            .question_pieces(whole.0, whole.1)
+            .into_iter()
+            .map(|(at, n)| async move {
+                let range = self.chunk_range(at, n)?;
+                match snap {
+                    None => {
+                        let guard = self.origin_grant(range).await?;
+                        let result = self
+                            .devices
+                            .zero(Which::Origin, at, n, punch, fast, fua)
+                            .await;
+                        drop(guard);
+                        result
+                    }
+                    Some(s) => self.zero_snapshot_piece(s, range, at, n, fast, fua).await,
+                }
+            });
+        let (a, b) = futures::future::join(
+            futures::future::try_join_all(edges),
+            futures::future::try_join_all(middle),
+        )
+        .await;
+        a.and(b).map(|_| ())
+    }
+
+    /// TRIM: deallocates the whole chunks of `[offset, offset + len)` in the origin (their
+    /// contents become zeroes), each under the grant a write would need, so a chunk a
+    /// snapshot shares is copied out first. Partial chunks at the edges are left as they
+    /// are (TRIM is advisory: a copy-out to free less than a chunk would cost more than
+    /// it frees), and so is everything when the origin cannot deallocate. On a snapshot
+    /// TRIM changes nothing: deallocating its exception would only make its chunks read
+    /// the origin's current data, and zeroing them would spend store space.
+    pub async fn trim(
         &self,
         snap: Option<SnapId>,
         offset: u64,
         len: u64,
         fua: bool,
     ) -> Result<(), ClientError> {
-        let piece = (self.chunk_size * 256).min(8 << 20);
-        let mut at = offset;
-        let end = offset
-            .checked_add(len)
-            .ok_or_else(|| ClientError::Geometry("zero range overflows".into()))?;
-        while at < end {
-            let n = (end - at).min(piece);
-            let zeroes = Bytes::from(vec![0u8; n as usize]);
-            match snap {
-                None => self.write_origin(at, zeroes, fua).await?,
-                Some(s) => self.write_snapshot(s, at, zeroes, fua).await?,
-            }
-            at += n;
+        if len == 0 {
+            return Ok(());
         }
+        self.chunk_range(offset, len)?;
+        if snap.is_some() || !self.devices.can_punch(Which::Origin) {
+            return Ok(());
+        }
+        let [_, whole, _] = self.chunk_edges(offset, len);
+        let pieces = self
+            .question_pieces(whole.0, whole.1)
+            .into_iter()
+            .map(|(at, n)| async move {
+                let range = self.chunk_range(at, n)?;
+                let guard = self.origin_grant(range).await?;
+                let result = self.devices.discard(Which::Origin, at, n, fua).await;
+                drop(guard);
+                result
+            });
+        futures::future::try_join_all(pieces).await?;
         Ok(())
     }
 
@@ -325,6 +467,30 @@ impl Volume {
         len: u32,
     ) -> Result<Bytes, ClientError> {
         let range = self.chunk_range(offset, u64::from(len))?;
+        if u64::from(range.count) <= MAX_QUESTION_CHUNKS {
+            return self.read_snapshot_piece(snap, range, offset, len).await;
+        }
+        // One bounded question per piece, all at once.
+        let pieces = self.question_pieces(offset, u64::from(len));
+        let parts = futures::future::try_join_all(pieces.into_iter().map(|(at, n)| async move {
+            let range = self.chunk_range(at, n)?;
+            self.read_snapshot_piece(snap, range, at, n as u32).await
+        }))
+        .await?;
+        let mut out = BytesMut::with_capacity(len as usize);
+        for part in &parts {
+            out.extend_from_slice(part);
+        }
+        Ok(out.freeze())
+    }
+
+    async fn read_snapshot_piece(
+        &self,
+        snap: SnapId,
+        range: ChunkRange,
+        offset: u64,
+        len: u32,
+    ) -> Result<Bytes, ClientError> {
         let conn = self.snapshot_conn(snap);
         let reply = conn
             .request(ClientMsg::QuerySnapshotRead {
@@ -408,6 +574,31 @@ impl Volume {
         fua: bool,
     ) -> Result<(), ClientError> {
         let range = self.chunk_range(offset, data.len() as u64)?;
+        if u64::from(range.count) <= MAX_QUESTION_CHUNKS {
+            return self
+                .write_snapshot_piece(snap, range, offset, data, fua)
+                .await;
+        }
+        let pieces = self.question_pieces(offset, data.len() as u64);
+        futures::future::try_join_all(pieces.into_iter().map(|(at, n)| {
+            let from = (at - offset) as usize;
+            let piece = data.slice(from..from + n as usize);
+            async move {
+                let range = self.chunk_range(at, n)?;
+                self.write_snapshot_piece(snap, range, at, piece, fua).await
+            }
+        }))
+        .await?;
+        Ok(())
+    }
+
+    /// The snapshot's own exceptions for `range`, each leased for writing (the server
+    /// copies the previous contents there first).
+    async fn snapshot_lease(
+        &self,
+        snap: SnapId,
+        range: ChunkRange,
+    ) -> Result<(Arc<MetaConnection>, Vec<StoreAddr>), ClientError> {
         let conn = self.snapshot_conn(snap);
         let reply = conn
             .request(ClientMsg::SnapshotWrite {
@@ -415,15 +606,56 @@ impl Volume {
                 ranges: vec![range],
             })
             .await?;
-        let addrs = match reply.msg {
-            ServerMsg::SnapshotWriteOk { addrs } => addrs,
-            other => return Err(unexpected("SnapshotWrite", other)),
-        };
-        let result = self.scatter(&addrs, offset, data).await;
+        match reply.msg {
+            ServerMsg::SnapshotWriteOk { addrs } => Ok((conn, addrs)),
+            other => Err(unexpected("SnapshotWrite", other)),
+        }
+    }
+
+    /// Zeroes whole chunks of a snapshot in its exceptions (kept allocated).
+    async fn zero_snapshot_piece(
+        &self,
+        snap: SnapId,
+        range: ChunkRange,
+        offset: u64,
+        len: u64,
+        fast: bool,
+        fua: bool,
+    ) -> Result<(), ClientError> {
+        let (conn, addrs) = self.snapshot_lease(snap, range).await?;
+        let at: HashMap<u64, u64> = addrs.iter().map(|a| (a.chunk, a.store_chunk)).collect();
+        let mut result = Ok(());
+        for chunk in offset / self.chunk_size..(offset + len) / self.chunk_size {
+            let Some(&sc) = at.get(&chunk) else {
+                result = Err(ClientError::Unexpected {
+                    request: "SnapshotWrite",
+                    answer: format!("no store address for chunk {chunk}"),
+                });
+                break;
+            };
+            let store_off = sc * self.chunk_size;
+            result = self
+                .devices
+                .zero(Which::Store, store_off, self.chunk_size, false, fast, false)
+                .await;
+            if result.is_err() {
+                break;
+            }
+        }
         let result = match result {
             Ok(()) if fua => self.devices.sync(Which::Store).await,
             other => other,
         };
+        self.release_snapshot_leases(conn, snap, &addrs);
+        result
+    }
+
+    fn release_snapshot_leases(
+        &self,
+        conn: Arc<MetaConnection>,
+        snap: SnapId,
+        addrs: &[StoreAddr],
+    ) {
         let leased = ChunkRange::coalesce(addrs.iter().map(|a| a.chunk));
         if !leased.is_empty() {
             let msg = ClientMsg::FinishSnapshotWrite {
@@ -437,6 +669,23 @@ impl Volume {
                 }
             });
         }
+    }
+
+    async fn write_snapshot_piece(
+        &self,
+        snap: SnapId,
+        range: ChunkRange,
+        offset: u64,
+        data: Bytes,
+        fua: bool,
+    ) -> Result<(), ClientError> {
+        let (conn, addrs) = self.snapshot_lease(snap, range).await?;
+        let result = self.scatter(&addrs, offset, data).await;
+        let result = match result {
+            Ok(()) if fua => self.devices.sync(Which::Store).await,
+            other => other,
+        };
+        self.release_snapshot_leases(conn, snap, &addrs);
         result
     }
 

@@ -52,6 +52,7 @@ pub const TFLAG_ROTATIONAL: u16 = 1 << 4;
 pub const TFLAG_SEND_TRIM: u16 = 1 << 5;
 pub const TFLAG_SEND_WRITE_ZEROES: u16 = 1 << 6;
 pub const TFLAG_CAN_MULTI_CONN: u16 = 1 << 8;
+pub const TFLAG_SEND_FAST_ZERO: u16 = 1 << 11;
 
 /// Transmission-phase magics.
 pub const REQUEST_MAGIC: u32 = 0x2560_9513;
@@ -69,6 +70,8 @@ pub const CMD_WRITE_ZEROES: u16 = 6;
 /// Command flags.
 pub const CMD_FLAG_FUA: u16 = 1 << 0;
 pub const CMD_FLAG_NO_HOLE: u16 = 1 << 1;
+/// WRITE_ZEROES only: fail with ENOTSUP at once rather than zero slowly.
+pub const CMD_FLAG_FAST_ZERO: u16 = 1 << 4;
 
 /// Structured reply chunk flags and types.
 pub const REPLY_FLAG_DONE: u16 = 1 << 0;

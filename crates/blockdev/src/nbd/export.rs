@@ -78,6 +78,10 @@ pub struct ExportFeatures {
     pub trim: bool,
     /// WRITE_ZEROES is implemented efficiently.
     pub write_zeroes: bool,
+    /// WRITE_ZEROES with NBD_CMD_FLAG_FAST_ZERO fails with ENOTSUP at once when the
+    /// zeroing would be no faster than writing zeroes (NBD_FLAG_SEND_FAST_ZERO). Only
+    /// advertised together with `write_zeroes`.
+    pub fast_zero: bool,
     /// FLUSH and FUA on one connection cover writes completed on every other connection
     /// to the same export (NBD_FLAG_CAN_MULTI_CONN).
     pub multi_conn: bool,
@@ -92,6 +96,7 @@ impl Default for ExportFeatures {
             fua: true,
             trim: false,
             write_zeroes: false,
+            fast_zero: false,
             multi_conn: false,
             rotational: false,
         }
@@ -148,6 +153,9 @@ impl ExportInfo {
             }
             if f.write_zeroes {
                 flags |= TFLAG_SEND_WRITE_ZEROES;
+                if f.fast_zero {
+                    flags |= TFLAG_SEND_FAST_ZERO;
+                }
             }
         }
         flags
@@ -178,13 +186,16 @@ pub trait Export: Send + Sync + 'static {
     /// Makes every write completed so far durable.
     fn flush(&self) -> BoxFuture<'_, io::Result<()>>;
     /// Makes `len` bytes at `offset` read back as zeroes. `may_trim` allows deallocating
-    /// the range (the client did not send NBD_CMD_FLAG_NO_HOLE).
+    /// the range (the client did not send NBD_CMD_FLAG_NO_HOLE). With `fast` (the client
+    /// sent NBD_CMD_FLAG_FAST_ZERO, only when `features().fast_zero`), fail with an
+    /// `EOPNOTSUPP` error, changing nothing, when the zeroing would have to write data.
     fn write_zeroes(
         &self,
         offset: u64,
         len: u64,
         may_trim: bool,
         fua: bool,
+        fast: bool,
     ) -> BoxFuture<'_, io::Result<()>>;
     /// Hints that the range is no longer needed; its contents become unspecified.
     fn trim(&self, offset: u64, len: u64, fua: bool) -> BoxFuture<'_, io::Result<()>>;

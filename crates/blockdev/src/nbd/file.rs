@@ -94,6 +94,7 @@ fn features() -> ExportFeatures {
         fua: true,
         trim: true,
         write_zeroes: true,
+        fast_zero: true,
         multi_conn: true,
         rotational: false,
     }
@@ -229,6 +230,7 @@ impl Export for FileExport {
         len: u64,
         may_trim: bool,
         fua: bool,
+        fast: bool,
     ) -> BoxFuture<'_, io::Result<()>> {
         Box::pin(self.blocking(move |file| {
             let punch = FallocateFlags::FALLOC_FL_PUNCH_HOLE | FallocateFlags::FALLOC_FL_KEEP_SIZE;
@@ -243,6 +245,13 @@ impl Export for FileExport {
             }
             match result {
                 Ok(()) => {}
+                // FAST_ZERO: writing zeroes is what the client wants to avoid.
+                Err(e) if is_unsupported(&e) && fast => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::Unsupported,
+                        "fast zero: this file system cannot zero without writing",
+                    ))
+                }
                 Err(e) if is_unsupported(&e) => write_zero_buffers(file, offset, len)?,
                 Err(e) => return Err(e.into()),
             }

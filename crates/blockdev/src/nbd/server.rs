@@ -470,9 +470,10 @@ async fn execute(
             len,
             fua,
             may_trim,
+            fast,
         } => done(
             export
-                .write_zeroes(offset, u64::from(len), may_trim, fua)
+                .write_zeroes(offset, u64::from(len), may_trim, fua, fast)
                 .await,
             false,
         ),

@@ -94,6 +94,8 @@ pub enum Command {
         len: u32,
         fua: bool,
         may_trim: bool,
+        /// NBD_CMD_FLAG_FAST_ZERO: fail at once rather than zero slowly.
+        fast: bool,
     },
     Disconnect,
 }
@@ -126,6 +128,9 @@ pub fn validate(header: &RequestHeader, export: &ExportInfo) -> Result<Command, 
     let allowed_flags = match kind {
         CMD_READ | CMD_FLUSH | CMD_DISC => CMD_FLAG_FUA,
         CMD_WRITE | CMD_TRIM => CMD_FLAG_FUA,
+        CMD_WRITE_ZEROES if export.features.fast_zero => {
+            CMD_FLAG_FUA | CMD_FLAG_NO_HOLE | CMD_FLAG_FAST_ZERO
+        }
         CMD_WRITE_ZEROES => CMD_FLAG_FUA | CMD_FLAG_NO_HOLE,
         _ => return Err(reject(EINVAL, format!("unknown command type {kind}"))),
     };
@@ -216,6 +221,7 @@ pub fn validate(header: &RequestHeader, export: &ExportInfo) -> Result<Command, 
             len: length,
             fua,
             may_trim: flags & CMD_FLAG_NO_HOLE == 0,
+            fast: flags & CMD_FLAG_FAST_ZERO != 0,
         },
     })
 }
@@ -441,8 +447,31 @@ mod tests {
                 offset: 0,
                 len: 1,
                 fua: false,
-                may_trim: false
+                may_trim: false,
+                fast: false
             })
+        );
+        assert_eq!(
+            errno(header(CMD_WRITE_ZEROES, CMD_FLAG_FAST_ZERO, 0, 1), &rw),
+            Err(EINVAL),
+            "FAST_ZERO on an export that does not advertise it"
+        );
+        let mut fast = export(false, 1);
+        fast.features.fast_zero = true;
+        assert_eq!(
+            errno(header(CMD_WRITE_ZEROES, CMD_FLAG_FAST_ZERO, 0, 1), &fast),
+            Ok(Command::WriteZeroes {
+                offset: 0,
+                len: 1,
+                fua: false,
+                may_trim: true,
+                fast: true
+            })
+        );
+        assert_eq!(
+            errno(header(CMD_WRITE, CMD_FLAG_FAST_ZERO, 0, 1), &fast),
+            Err(EINVAL),
+            "FAST_ZERO is only valid on WRITE_ZEROES"
         );
         assert_eq!(
             errno(header(CMD_DISC, 0, 0, 0), &rw),

@@ -65,7 +65,14 @@ impl Export for MemExport {
     fn flush(&self) -> BoxFuture<'_, io::Result<()>> {
         Box::pin(async { Ok(()) })
     }
-    fn write_zeroes(&self, _: u64, _: u64, _: bool, _: bool) -> BoxFuture<'_, io::Result<()>> {
+    fn write_zeroes(
+        &self,
+        _: u64,
+        _: u64,
+        _: bool,
+        _: bool,
+        _: bool,
+    ) -> BoxFuture<'_, io::Result<()>> {
         Box::pin(async { Err(io::Error::from_raw_os_error(libc::EOPNOTSUPP)) })
     }
     fn trim(&self, _: u64, _: u64, _: bool) -> BoxFuture<'_, io::Result<()>> {

@@ -119,7 +119,7 @@ async fn nbdinfo_lists_exports_and_flags() {
         ("can_multi_conn", true),
         ("can_cache", false),
         ("can_df", false),
-        ("can_fast_zero", false),
+        ("can_fast_zero", true),
     ] {
         assert_eq!(disk[key], value, "disk {key}");
     }

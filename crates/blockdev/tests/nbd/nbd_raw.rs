@@ -74,6 +74,7 @@ async fn list_info_and_unknown_option_keep_sync() {
         | TFLAG_SEND_FUA
         | TFLAG_SEND_TRIM
         | TFLAG_SEND_WRITE_ZEROES
+        | TFLAG_SEND_FAST_ZERO
         | TFLAG_CAN_MULTI_CONN;
     assert_eq!(flags, expected);
 }
