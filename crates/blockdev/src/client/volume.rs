@@ -217,6 +217,21 @@ impl Volume {
         self.devices.read(Which::Origin, offset, len as usize).await
     }
 
+    /// Where the origin has holes (they read as zeroes) in `[offset, offset + len)`: at
+    /// most `max_runs` runs from `offset` on, from SEEK_DATA/SEEK_HOLE (all data on a
+    /// block device). Metadata of the file only; the server is not asked.
+    pub async fn origin_allocation(
+        &self,
+        offset: u64,
+        len: u64,
+        max_runs: usize,
+    ) -> Result<Vec<crate::sparse::AllocRun>, ClientError> {
+        self.chunk_range(offset, len)?;
+        self.devices
+            .allocation(Which::Origin, offset, len, max_runs)
+            .await
+    }
+
     /// Writes the origin: asks the server first unless every chunk is cached unique; the
     /// server copies out shared chunks before it answers.
     pub async fn write_origin(
