@@ -145,7 +145,9 @@ pub async fn random_history(test: &str) -> Option<History> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_diff_equals_the_byte_comparison_of_the_exports() {
+    // `_fx` keeps the fixture's directory (and the agent's sockets) until the end.
     let Some(History {
+        fx: _fx,
         agent,
         seed,
         images,
