@@ -413,7 +413,7 @@ fn align_allocation(extents: &[Extent], offset: u64, minimum: u64, size: u64) ->
     }
     let total = at;
     let minimum = minimum.max(1);
-    let end = if total == size || total % minimum == 0 {
+    let end = if total == size || total.is_multiple_of(minimum) {
         total
     } else {
         total / minimum * minimum
@@ -550,7 +550,10 @@ mod tests {
                     }
                 }
                 at += x.len;
-                assert!(at == size || at % minimum == 0, "seed {seed}: {out:?}");
+                assert!(
+                    at == size || at.is_multiple_of(minimum),
+                    "seed {seed}: {out:?}"
+                );
             }
         }
     }

@@ -66,7 +66,7 @@ async fn qemu_img_map(args: &[&str]) -> Vec<(u64, u64, u32)> {
         (
             e["start"].as_u64().unwrap(),
             e["length"].as_u64().unwrap(),
-            u32::from(zero) * ZERO | u32::from(!data) * HOLE,
+            (u32::from(zero) * ZERO) | (u32::from(!data) * HOLE),
         )
     }))
 }
@@ -200,7 +200,10 @@ fn dirty_chunks(map: &[(u64, u64, u32)]) -> BTreeSet<u64> {
     map.iter()
         .filter(|r| r.2 & DIRTY != 0)
         .flat_map(|&(offset, len, _)| {
-            assert!(offset % CHUNK == 0 && len % CHUNK == 0, "{map:?}");
+            assert!(
+                offset.is_multiple_of(CHUNK) && len.is_multiple_of(CHUNK),
+                "{map:?}"
+            );
             offset / CHUNK..(offset + len) / CHUNK
         })
         .collect()

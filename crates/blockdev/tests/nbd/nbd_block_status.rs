@@ -55,7 +55,7 @@ fn status_chunk(reply: &TxReply, cookie: u64) -> (u32, Vec<(u32, u32)>, bool) {
             payload,
         } if *c == cookie && *kind == REPLY_TYPE_BLOCK_STATUS => {
             assert!(
-                payload.len() >= 12 && (payload.len() - 4) % 8 == 0,
+                payload.len() >= 12 && (payload.len() - 4).is_multiple_of(8),
                 "{reply:?}"
             );
             let id = u32::from_be_bytes(payload[..4].try_into().unwrap());
@@ -277,7 +277,7 @@ async fn qemu_img_map(uri: &str) -> Vec<(u64, u64, u32)> {
         (
             e["start"].as_u64().unwrap(),
             e["length"].as_u64().unwrap(),
-            u32::from(zero) * STATE_ZERO | u32::from(!data) * STATE_HOLE,
+            (u32::from(zero) * STATE_ZERO) | (u32::from(!data) * STATE_HOLE),
         )
     }))
 }
