@@ -15,11 +15,11 @@ use rand::{Rng, SeedableRng};
 use serde_json::Value;
 use support::*;
 
-const CHUNK: u64 = 16 * 1024;
+pub const CHUNK: u64 = 16 * 1024;
 const SIZE: u64 = 8 * MIB;
 
 /// The chunks where two images' bytes differ.
-fn byte_diff(a: &[u8], b: &[u8]) -> BTreeSet<u64> {
+pub fn byte_diff(a: &[u8], b: &[u8]) -> BTreeSet<u64> {
     assert_eq!(a.len(), b.len());
     a.chunks(CHUNK as usize)
         .zip(b.chunks(CHUNK as usize))
@@ -30,7 +30,7 @@ fn byte_diff(a: &[u8], b: &[u8]) -> BTreeSet<u64> {
 }
 
 /// The chunks `csnapctl diff --json` names, checking the document's shape on the way.
-fn diff_chunks(doc: &Value) -> BTreeSet<u64> {
+pub fn diff_chunks(doc: &Value) -> BTreeSet<u64> {
     assert_eq!(doc["chunk_size"], CHUNK, "{doc}");
     let extents = doc["extents"].as_array().expect("extents array");
     let mut chunks = BTreeSet::new();
@@ -59,7 +59,7 @@ async fn export_to_file(agent: &Agent, export: &str, out: &Path) -> Vec<u8> {
     read_file(out)
 }
 
-async fn diff_json(socket: &Path, from: &str, to: Option<&str>, page_records: u32) -> Value {
+pub async fn diff_json(socket: &Path, from: &str, to: Option<&str>, page_records: u32) -> Value {
     let pages = page_records.to_string();
     let mut args = vec!["diff", "vol", from];
     args.extend(to);
@@ -69,14 +69,26 @@ async fn diff_json(socket: &Path, from: &str, to: Option<&str>, page_records: u3
     serde_json::from_str(&r.stdout).unwrap_or_else(|e| panic!("diff JSON: {e}\n{}", r.stdout))
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn every_diff_equals_the_byte_comparison_of_the_exports() {
+/// A standalone agent after a seeded random workload: snapshots `s0`..`s4`, each followed
+/// by a round of random origin writes, and every export read back (the snapshots in
+/// order, then the origin as `None`).
+pub struct History {
+    pub fx: Fixture,
+    pub agent: Agent,
+    pub seed: u64,
+    pub names: Vec<String>,
+    pub images: Vec<(Option<String>, Vec<u8>)>,
+}
+
+/// Builds a [`History`] for `test` (its seed printed and replayable); `None` when a
+/// client tool is missing outside CI.
+pub async fn random_history(test: &str) -> Option<History> {
     for tool in ["qemu-io", "nbdcopy"] {
         if !require_tool(tool) {
-            return;
+            return None;
         }
     }
-    let seed = seed("every_diff_equals_the_byte_comparison_of_the_exports");
+    let seed = seed(test);
     let mut rng = StdRng::seed_from_u64(seed);
     let fx = Fixture::new(CHUNK, SIZE, 64 * MIB);
     let nbd = fx.path("d.nbd");
@@ -122,7 +134,28 @@ async fn every_diff_equals_the_byte_comparison_of_the_exports() {
         None,
         export_to_file(&agent, "vol", &fx.path("origin.out")).await,
     ));
+    Some(History {
+        fx,
+        agent,
+        seed,
+        names,
+        images,
+    })
+}
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_diff_equals_the_byte_comparison_of_the_exports() {
+    // `_fx` keeps the fixture's directory (and the agent's sockets) until the end.
+    let Some(History {
+        fx: _fx,
+        agent,
+        seed,
+        images,
+        ..
+    }) = random_history("every_diff_equals_the_byte_comparison_of_the_exports").await
+    else {
+        return;
+    };
     let mut compared = 0;
     for (i, (from, from_bytes)) in images.iter().enumerate() {
         let Some(from) = from else { continue };

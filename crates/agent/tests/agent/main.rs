@@ -7,6 +7,7 @@
 #[path = "../support/mod.rs"]
 mod support;
 
+mod block_status;
 mod check_cli;
 mod client_follow;
 mod client_identity;

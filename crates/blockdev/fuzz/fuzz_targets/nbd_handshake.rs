@@ -5,7 +5,7 @@
 
 use csnap_blockdev::nbd::consts::OPTION_REPLY_MAGIC;
 use csnap_blockdev::nbd::{
-    BlockSizes, ExportFeatures, ExportInfo, Handshake, HandshakeConfig, HandshakeStep,
+    BlockSizes, ExportFeatures, ExportInfo, Handshake, HandshakeConfig, HandshakeStep, MetaContext,
 };
 use libfuzzer_sys::fuzz_target;
 
@@ -79,6 +79,14 @@ fuzz_target!(|data: &[u8]| {
                 if hs.export_opened(found.as_ref()).is_err() {
                     return;
                 }
+            }
+            Ok(HandshakeStep::MetaContexts { name }) => {
+                let offered = [
+                    MetaContext::new("base:allocation", 0),
+                    MetaContext::new("qemu:dirty-bitmap:s1", 1),
+                ];
+                let found = matches!(name.as_str(), "" | "disk" | "ro").then_some(&offered[..]);
+                hs.meta_contexts_found(found).unwrap();
             }
             Ok(HandshakeStep::Transmission(_)) | Ok(HandshakeStep::Aborted) | Err(_) => return,
         }

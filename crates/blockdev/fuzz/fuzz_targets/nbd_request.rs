@@ -44,7 +44,7 @@ fuzz_target!(|data: &[u8]| {
             Command::Trim { offset, len, .. } | Command::WriteZeroes { offset, len, .. } => {
                 (offset, len, true)
             }
-            Command::Flush | Command::Disconnect => continue,
+            Command::BlockStatus { .. } | Command::Flush | Command::Disconnect => continue,
         };
         assert!(!(writes && export.read_only));
         assert!(offset + u64::from(len) <= export.size);

@@ -28,6 +28,7 @@ use bytes::Bytes;
 use nix::fcntl::{fallocate, FallocateFlags};
 
 use super::ClientError;
+use crate::sparse::AllocRun;
 
 /// Alignment of O_DIRECT transfers (offsets, lengths and buffer addresses).
 pub const DIRECT_ALIGN: usize = 4096;
@@ -82,6 +83,12 @@ pub trait DataDevice: Send + Sync + std::fmt::Debug {
     /// Whether [`DataDevice::punch_hole`] may succeed (false once known not to).
     fn can_punch(&self) -> bool {
         false
+    }
+    /// Which parts of `[offset, offset + len)` are holes (read as zeroes): at most
+    /// `max_runs` runs from `offset` on. By default all data, which is always true enough.
+    fn allocation(&self, offset: u64, len: u64, max_runs: usize) -> io::Result<Vec<AllocRun>> {
+        let _ = (offset, max_runs);
+        Ok(vec![AllocRun { len, hole: false }])
     }
 }
 
@@ -410,6 +417,10 @@ impl DataDevice for FileDevice {
     fn direct(&self) -> bool {
         self.direct
     }
+
+    fn allocation(&self, offset: u64, len: u64, max_runs: usize) -> io::Result<Vec<AllocRun>> {
+        crate::sparse::allocation(&self.file, offset, len, max_runs)
+    }
 }
 
 /// The origin and the store, opened read-write.
@@ -680,6 +691,26 @@ impl Devices {
         tokio::task::spawn_blocking(move || devs.discard_blocking(which, offset, len, sync))
             .await
             .unwrap_or_else(|e| Err(ClientError::Geometry(format!("discard task failed: {e}"))))
+    }
+
+    /// The holes and data of `[offset, offset + len)` (see [`DataDevice::allocation`]), on
+    /// tokio's blocking pool.
+    pub(crate) async fn allocation(
+        &self,
+        which: Which,
+        offset: u64,
+        len: u64,
+        max_runs: usize,
+    ) -> Result<Vec<AllocRun>, ClientError> {
+        let devs = self.clone();
+        tokio::task::spawn_blocking(move || {
+            let dev = devs.dev(which);
+            dev.dev
+                .allocation(offset, len, max_runs)
+                .map_err(|e| Self::io_err(dev, "finding holes in", offset, e))
+        })
+        .await
+        .unwrap_or_else(|e| Err(ClientError::Geometry(format!("seek task failed: {e}"))))
     }
 
     /// [`Devices::read_blocking`] on tokio's blocking pool.

@@ -251,6 +251,21 @@ impl Volume {
         }
     }
 
+    /// Where the origin has holes (they read as zeroes) in `[offset, offset + len)`: at
+    /// most `max_runs` runs from `offset` on, from SEEK_DATA/SEEK_HOLE (all data on a
+    /// block device). Metadata of the file only; the server is not asked.
+    pub async fn origin_allocation(
+        &self,
+        offset: u64,
+        len: u64,
+        max_runs: usize,
+    ) -> Result<Vec<crate::sparse::AllocRun>, ClientError> {
+        self.chunk_range(offset, len)?;
+        self.devices
+            .allocation(Which::Origin, offset, len, max_runs)
+            .await
+    }
+
     /// Writes the origin: asks the server first unless every chunk is cached unique; the
     /// server copies out shared chunks before it answers. A request over more than
     /// [`MAX_QUESTION_CHUNKS`] chunks is written as several pieces at once, each under

@@ -96,3 +96,20 @@ pub const CHUNK_HEADER_LEN: usize = 20;
 
 /// Longest export name or description the protocol allows (bytes).
 pub const MAX_STRING_LEN: usize = 4096;
+
+/// Metadata contexts and block status (the protocol's "Metadata querying" section).
+pub const OPT_LIST_META_CONTEXT: u32 = 9;
+pub const OPT_SET_META_CONTEXT: u32 = 10;
+pub const REP_META_CONTEXT: u32 = 4;
+pub const CMD_BLOCK_STATUS: u16 = 7;
+pub const CMD_FLAG_REQ_ONE: u16 = 1 << 3;
+pub const REPLY_TYPE_BLOCK_STATUS: u16 = 5;
+/// `base:allocation` flags.
+pub const STATE_HOLE: u32 = 1 << 0;
+pub const STATE_ZERO: u32 = 1 << 1;
+/// `qemu:dirty-bitmap:NAME` flag (qemu `docs/interop/nbd.rst`).
+pub const STATE_DIRTY: u32 = 1 << 0;
+/// The one context the protocol itself defines.
+pub const CONTEXT_BASE_ALLOCATION: &str = "base:allocation";
+/// qemu's namespace prefix for dirty bitmaps; the leaf is the bitmap's name.
+pub const CONTEXT_DIRTY_BITMAP_PREFIX: &str = "qemu:dirty-bitmap:";

@@ -199,6 +199,57 @@ pub trait Export: Send + Sync + 'static {
     ) -> BoxFuture<'_, io::Result<()>>;
     /// Hints that the range is no longer needed; its contents become unspecified.
     fn trim(&self, offset: u64, len: u64, fua: bool) -> BoxFuture<'_, io::Result<()>>;
+    /// The metadata contexts this export offers (NBD_OPT_LIST_META_CONTEXT and
+    /// NBD_OPT_SET_META_CONTEXT match queries against them). None by default.
+    fn meta_contexts(&self) -> BoxFuture<'_, io::Result<Vec<MetaContext>>> {
+        Box::pin(async { Ok(Vec::new()) })
+    }
+    /// NBD_CMD_BLOCK_STATUS for one selected context: consecutive extents starting at
+    /// `offset` (already checked: `len > 0`, inside the export, aligned to the minimum
+    /// block size). They may cover less than `len` (at least one extent) or more; the
+    /// server clips them to the reply's rules. Extent boundaries must be multiples of
+    /// `block_sizes().minimum`, except at the end of the export.
+    fn block_status<'a>(
+        &'a self,
+        context: &'a MetaContext,
+        offset: u64,
+        len: u64,
+    ) -> BoxFuture<'a, io::Result<Vec<Extent>>> {
+        let _ = (offset, len);
+        Box::pin(async move {
+            Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                format!("metadata context {:?} is not offered", context.name),
+            ))
+        })
+    }
+}
+
+/// A metadata context an export offers, such as `base:allocation`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MetaContext {
+    /// The full name, `namespace:leaf`.
+    pub name: String,
+    /// Backend-private (csnap: the snapshot id a dirty bitmap compares with), handed back
+    /// to [`Export::block_status`] unchanged, so a name resolved when the client selected
+    /// it keeps meaning the same thing.
+    pub tag: u64,
+}
+
+impl MetaContext {
+    pub fn new(name: impl Into<String>, tag: u64) -> MetaContext {
+        MetaContext {
+            name: name.into(),
+            tag,
+        }
+    }
+}
+
+/// One run of block status: `len` bytes (non-zero) with context-defined `flags`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Extent {
+    pub len: u64,
+    pub flags: u32,
 }
 
 /// The set of exports a server offers.

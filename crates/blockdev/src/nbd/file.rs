@@ -15,7 +15,11 @@ use std::sync::Arc;
 use bytes::{Bytes, BytesMut};
 use nix::fcntl::{fallocate, FallocateFlags};
 
-use super::export::{BoxFuture, Export, ExportFeatures, ExportInfo, Exports};
+use super::consts::{CONTEXT_BASE_ALLOCATION, STATE_HOLE, STATE_ZERO};
+use super::export::{BoxFuture, Export, ExportFeatures, ExportInfo, Exports, Extent, MetaContext};
+
+/// Most extents one `base:allocation` answer walks (two lseeks each).
+const MAX_ALLOCATION_RUNS: usize = 4096;
 
 #[derive(Debug)]
 struct FileEntry {
@@ -257,6 +261,39 @@ impl Export for FileExport {
             }
             sync_if(file, fua)
         }))
+    }
+
+    fn meta_contexts(&self) -> BoxFuture<'_, io::Result<Vec<MetaContext>>> {
+        Box::pin(async { Ok(vec![MetaContext::new(CONTEXT_BASE_ALLOCATION, 0)]) })
+    }
+
+    /// `base:allocation` from SEEK_DATA/SEEK_HOLE: holes read as zeroes (HOLE|ZERO).
+    fn block_status<'a>(
+        &'a self,
+        context: &'a MetaContext,
+        offset: u64,
+        len: u64,
+    ) -> BoxFuture<'a, io::Result<Vec<Extent>>> {
+        Box::pin(async move {
+            if context.name != CONTEXT_BASE_ALLOCATION {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    format!("metadata context {:?} is not offered", context.name),
+                ));
+            }
+            let runs = self
+                .blocking(move |file| {
+                    crate::sparse::allocation(file, offset, len, MAX_ALLOCATION_RUNS)
+                })
+                .await?;
+            Ok(runs
+                .into_iter()
+                .map(|r| Extent {
+                    len: r.len,
+                    flags: if r.hole { STATE_HOLE | STATE_ZERO } else { 0 },
+                })
+                .collect())
+        })
     }
 
     fn trim(&self, offset: u64, len: u64, fua: bool) -> BoxFuture<'_, io::Result<()>> {

@@ -10,7 +10,11 @@ use bytes::{Buf, BytesMut};
 use thiserror::Error;
 
 use super::consts::*;
-use super::export::ExportInfo;
+use super::export::{ExportInfo, MetaContext};
+
+/// Most metadata contexts one NBD_OPT_SET_META_CONTEXT may select: each costs one reply
+/// chunk (and one backend lookup) per NBD_CMD_BLOCK_STATUS.
+pub const MAX_SELECTED_CONTEXTS: usize = 32;
 
 /// Tunables of the negotiation.
 #[derive(Clone, Debug)]
@@ -49,6 +53,17 @@ pub enum HandshakeStep {
     Transmission(Negotiated),
     /// The client aborted with OPT_ABORT (already acknowledged): close the connection.
     Aborted,
+    /// Find the metadata contexts export `name` offers (NBD_OPT_LIST_META_CONTEXT or
+    /// NBD_OPT_SET_META_CONTEXT); answer with [`Handshake::meta_contexts_found`].
+    MetaContexts { name: String },
+}
+
+/// A metadata context selected with NBD_OPT_SET_META_CONTEXT, under the id the server
+/// gave it (sent back in every NBD_REPLY_TYPE_BLOCK_STATUS chunk for it).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SelectedContext {
+    pub id: u32,
+    pub context: MetaContext,
 }
 
 /// The outcome of a successful handshake.
@@ -56,6 +71,9 @@ pub enum HandshakeStep {
 pub struct Negotiated {
     pub export: ExportInfo,
     pub structured_replies: bool,
+    /// The contexts of the last NBD_OPT_SET_META_CONTEXT, if it named the export that
+    /// was finally selected (empty otherwise: NBD_CMD_BLOCK_STATUS is then refused).
+    pub meta_contexts: Vec<SelectedContext>,
 }
 
 /// Why a handshake ended the connection.
@@ -87,7 +105,16 @@ enum State {
     },
     AwaitList,
     AwaitExport(Lookup),
+    AwaitMeta(MetaLookup),
     Done,
+}
+
+/// A LIST or SET of metadata contexts waiting for the export's offer.
+#[derive(Debug)]
+struct MetaLookup {
+    option: u32,
+    export: String,
+    queries: Vec<String>,
 }
 
 #[derive(Debug)]
@@ -106,6 +133,10 @@ pub struct Handshake {
     no_zeroes: bool,
     structured_replies: bool,
     finished: Option<HandshakeStep>,
+    /// The export named by the last NBD_OPT_SET_META_CONTEXT and what it selected.
+    selection: Option<(String, Vec<SelectedContext>)>,
+    /// Context ids are unique within the connection, so a stale one is never reused.
+    next_context_id: u32,
 }
 
 impl Handshake {
@@ -123,6 +154,8 @@ impl Handshake {
             no_zeroes: false,
             structured_replies: false,
             finished: None,
+            selection: None,
+            next_context_id: 1,
         }
     }
 
@@ -217,7 +250,9 @@ impl Handshake {
                         return Ok(step);
                     }
                 }
-                State::AwaitList => return Err(HandshakeError::UnexpectedAnswer("step")),
+                State::AwaitList | State::AwaitMeta(_) => {
+                    return Err(HandshakeError::UnexpectedAnswer("step"))
+                }
                 State::AwaitExport(_) => return Err(HandshakeError::UnexpectedAnswer("step")),
                 State::Done => return Err(HandshakeError::UnexpectedAnswer("step")),
             }
@@ -310,10 +345,80 @@ impl Handshake {
         }
     }
 
+    /// Answer to [`HandshakeStep::MetaContexts`]: every context the export offers, or
+    /// `None` if there is no such export.
+    pub fn meta_contexts_found(
+        &mut self,
+        offered: Option<&[MetaContext]>,
+    ) -> Result<(), HandshakeError> {
+        let lookup = match std::mem::replace(&mut self.state, State::OptionHeader) {
+            State::AwaitMeta(lookup) => lookup,
+            other => {
+                self.state = other;
+                return Err(HandshakeError::UnexpectedAnswer("meta_contexts_found"));
+            }
+        };
+        let MetaLookup {
+            option,
+            export,
+            queries,
+        } = lookup;
+        let Some(offered) = offered else {
+            let message = format!("no export named {:?}", truncate_utf8(&export, 256));
+            self.reply(option, REP_ERR_UNKNOWN, message.as_bytes());
+            return Ok(());
+        };
+        let list = option == OPT_LIST_META_CONTEXT;
+        let matched = select_contexts(offered, &queries, list);
+        if list {
+            for context in matched {
+                self.reply_context(option, 0, &context.name);
+            }
+            self.reply(option, REP_ACK, &[]);
+            return Ok(());
+        }
+        if matched.len() > MAX_SELECTED_CONTEXTS {
+            let message = format!(
+                "{} metadata contexts selected, at most {MAX_SELECTED_CONTEXTS} are allowed",
+                matched.len()
+            );
+            self.reply(option, REP_ERR_TOO_BIG, message.as_bytes());
+            return Ok(());
+        }
+        let mut selected = Vec::with_capacity(matched.len());
+        for context in matched {
+            let id = self.next_context_id;
+            self.next_context_id = self.next_context_id.wrapping_add(1).max(1);
+            self.reply_context(option, id, &context.name);
+            selected.push(SelectedContext {
+                id,
+                context: context.clone(),
+            });
+        }
+        self.reply(option, REP_ACK, &[]);
+        self.selection = Some((export, selected));
+        Ok(())
+    }
+
+    fn reply_context(&mut self, option: u32, id: u32, name: &str) {
+        let name = truncate_utf8(name, MAX_STRING_LEN);
+        let mut data = Vec::with_capacity(4 + name.len());
+        data.extend_from_slice(&id.to_be_bytes());
+        data.extend_from_slice(name.as_bytes());
+        self.reply(option, REP_META_CONTEXT, &data);
+    }
+
     fn finish(&mut self, export: &ExportInfo) {
+        // The selection holds only for the export it was made for (the protocol's
+        // "same export name" rule).
+        let meta_contexts = match self.selection.take() {
+            Some((name, selected)) if name == export.name => selected,
+            _ => Vec::new(),
+        };
         self.finished = Some(HandshakeStep::Transmission(Negotiated {
             export: export.clone(),
             structured_replies: self.structured_replies,
+            meta_contexts,
         }));
         self.state = State::Done;
     }
@@ -388,6 +493,41 @@ impl Handshake {
                 self.reply(option, REP_ERR_POLICY, b"TLS is not offered by this server");
                 Ok(None)
             }
+            OPT_LIST_META_CONTEXT | OPT_SET_META_CONTEXT => {
+                if option == OPT_SET_META_CONTEXT {
+                    // A SET replaces the earlier selection, even when it fails.
+                    self.selection = None;
+                }
+                if !self.structured_replies {
+                    self.reply(
+                        option,
+                        REP_ERR_INVALID,
+                        b"metadata contexts need structured replies (NBD_OPT_STRUCTURED_REPLY) first",
+                    );
+                    return Ok(None);
+                }
+                match parse_meta_request(data) {
+                    Ok((export, queries)) => {
+                        if option == OPT_SET_META_CONTEXT && queries.is_empty() {
+                            // No query selects nothing; the (empty) selection still
+                            // names the export.
+                            self.selection = Some((export, Vec::new()));
+                            self.reply(option, REP_ACK, &[]);
+                            return Ok(None);
+                        }
+                        self.state = State::AwaitMeta(MetaLookup {
+                            option,
+                            export: export.clone(),
+                            queries,
+                        });
+                        Ok(Some(HandshakeStep::MetaContexts { name: export }))
+                    }
+                    Err(message) => {
+                        self.reply(option, REP_ERR_INVALID, message.as_bytes());
+                        Ok(None)
+                    }
+                }
+            }
             _ => {
                 self.reply(option, REP_ERR_UNSUP, b"option not supported");
                 Ok(None)
@@ -417,7 +557,86 @@ fn is_known_option(option: u32) -> bool {
             | OPT_INFO
             | OPT_GO
             | OPT_STRUCTURED_REPLY
+            | OPT_LIST_META_CONTEXT
+            | OPT_SET_META_CONTEXT
     )
+}
+
+/// Parses the NBD_OPT_LIST_META_CONTEXT / NBD_OPT_SET_META_CONTEXT payload: export name
+/// length, name, query count, then each query's length and text. Every query must start
+/// with a non-empty namespace and a colon.
+pub fn parse_meta_request(data: &[u8]) -> Result<(String, Vec<String>), String> {
+    let mut rest = data;
+    let name = take_string(&mut rest, "export name")?;
+    if rest.len() < 4 {
+        return Err("payload shorter than the query count".into());
+    }
+    let count = rest.get_u32();
+    // Each query takes at least 4 bytes: a count the payload cannot hold is a lie, and
+    // must not size an allocation.
+    if u64::from(count) * 4 > rest.len() as u64 {
+        return Err(format!(
+            "{count} queries announced but only {} bytes follow",
+            rest.len()
+        ));
+    }
+    let mut queries = Vec::with_capacity(count as usize);
+    for i in 0..count {
+        let query = take_string(&mut rest, "query")?;
+        match query.split_once(':') {
+            Some((namespace, _)) if !namespace.is_empty() => queries.push(query),
+            _ => {
+                return Err(format!(
+                    "query {i} ({:?}) does not start with a namespace and a colon",
+                    truncate_utf8(&query, 256)
+                ))
+            }
+        }
+    }
+    if !rest.is_empty() {
+        return Err(format!("{} bytes after the last query", rest.len()));
+    }
+    Ok((name, queries))
+}
+
+/// Reads a 32-bit length and that many bytes of UTF-8 (at most 4096).
+fn take_string(rest: &mut &[u8], what: &str) -> Result<String, String> {
+    if rest.len() < 4 {
+        return Err(format!("payload shorter than the {what} length"));
+    }
+    let len = rest.get_u32() as usize;
+    if len > MAX_STRING_LEN {
+        return Err(format!("{what} of {len} bytes exceeds 4096"));
+    }
+    if rest.len() < len {
+        return Err(format!("payload shorter than the {what} of {len} bytes"));
+    }
+    let text = std::str::from_utf8(&rest[..len])
+        .map_err(|_| format!("{what} is not UTF-8"))?
+        .to_owned();
+    rest.advance(len);
+    Ok(text)
+}
+
+/// The offered contexts the queries name, each once, in offer order. For a LIST, no
+/// query means every context, and a query ending in a colon (`base:`,
+/// `qemu:dirty-bitmap:`) is a wildcard for every context whose name starts with it (the
+/// `base:` namespace's rule, and qemu's for its own). For a SET only exact names select:
+/// the spec says a wildcard there selects nothing, and unknown names are ignored.
+pub fn select_contexts<'a>(
+    offered: &'a [MetaContext],
+    queries: &[String],
+    list: bool,
+) -> Vec<&'a MetaContext> {
+    offered
+        .iter()
+        .filter(|c| {
+            (list && queries.is_empty())
+                || queries.iter().any(|q| {
+                    *q == c.name || (list && q.ends_with(':') && c.name.starts_with(q.as_str()))
+                })
+        })
+        .collect()
 }
 
 /// Parses the OPT_INFO / OPT_GO payload: name length, name, count, info requests.
@@ -522,9 +741,263 @@ mod tests {
                 }
                 Ok(HandshakeStep::Transmission(n)) => return (written, Ok(Some(n))),
                 Ok(HandshakeStep::Aborted) => return (written, Ok(None)),
+                Ok(HandshakeStep::MetaContexts { name }) => {
+                    let offered = (name == "disk" || name.is_empty()).then(offered_contexts);
+                    hs.meta_contexts_found(offered.as_deref()).unwrap();
+                }
                 Err(e) => return (written, Err(e)),
             }
         }
+    }
+
+    fn offered_contexts() -> Vec<MetaContext> {
+        vec![
+            MetaContext::new("base:allocation", 0),
+            MetaContext::new("qemu:dirty-bitmap:s1", 11),
+            MetaContext::new("qemu:dirty-bitmap:s2", 12),
+        ]
+    }
+
+    fn meta_data(name: &str, queries: &[&str]) -> Vec<u8> {
+        let mut data = (name.len() as u32).to_be_bytes().to_vec();
+        data.extend_from_slice(name.as_bytes());
+        data.extend_from_slice(&(queries.len() as u32).to_be_bytes());
+        for q in queries {
+            data.extend_from_slice(&(q.len() as u32).to_be_bytes());
+            data.extend_from_slice(q.as_bytes());
+        }
+        data
+    }
+
+    /// The option replies after the greeting: (option, reply type, data).
+    fn replies(written: &[u8]) -> Vec<(u32, u32, Vec<u8>)> {
+        let mut rest = &written[18..];
+        let mut out = Vec::new();
+        while rest.len() >= 20 {
+            assert_eq!(rest.get_u64(), OPTION_REPLY_MAGIC);
+            let option = rest.get_u32();
+            let kind = rest.get_u32();
+            let len = rest.get_u32() as usize;
+            out.push((option, kind, rest[..len].to_vec()));
+            rest.advance(len);
+        }
+        out
+    }
+
+    /// The contexts (id, name) of the META_CONTEXT replies to `option`.
+    fn contexts_of(replies: &[(u32, u32, Vec<u8>)], option: u32) -> Vec<(u32, String)> {
+        replies
+            .iter()
+            .filter(|r| r.0 == option && r.1 == REP_META_CONTEXT)
+            .map(|r| {
+                let id = u32::from_be_bytes(r.2[..4].try_into().unwrap());
+                (id, String::from_utf8(r.2[4..].to_vec()).unwrap())
+            })
+            .collect()
+    }
+
+    fn start(structured: bool) -> Vec<u8> {
+        let mut input = (FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES)
+            .to_be_bytes()
+            .to_vec();
+        if structured {
+            input.extend(option(OPT_STRUCTURED_REPLY, &[]));
+        }
+        input
+    }
+
+    #[test]
+    fn list_meta_context_matches_queries_and_wildcards() {
+        let names = |queries: &[&str]| {
+            let mut input = start(true);
+            input.extend(option(OPT_LIST_META_CONTEXT, &meta_data("disk", queries)));
+            let (written, _) = drive(&input, &[1000]);
+            let r = replies(&written);
+            assert_eq!(
+                r.last().map(|r| (r.0, r.1)),
+                Some((OPT_LIST_META_CONTEXT, REP_ACK))
+            );
+            let found = contexts_of(&r, OPT_LIST_META_CONTEXT);
+            assert!(found.iter().all(|(id, _)| *id == 0), "LIST ids are 0");
+            found.into_iter().map(|(_, n)| n).collect::<Vec<_>>()
+        };
+        let all = vec![
+            "base:allocation".to_owned(),
+            "qemu:dirty-bitmap:s1".into(),
+            "qemu:dirty-bitmap:s2".into(),
+        ];
+        assert_eq!(names(&[]), all, "no query lists everything");
+        assert_eq!(names(&["base:"]), vec!["base:allocation"]);
+        assert_eq!(names(&["qemu:"]), all[1..].to_vec());
+        assert_eq!(names(&["qemu:dirty-bitmap:"]), all[1..].to_vec());
+        assert_eq!(
+            names(&["qemu:dirty-bitmap:s2", "base:allocation"]),
+            vec![all[0].clone(), all[2].clone()]
+        );
+        assert!(
+            names(&["base:nosuch", "other:thing"]).is_empty(),
+            "unknown ones are ignored"
+        );
+    }
+
+    #[test]
+    fn set_meta_context_selects_for_the_same_export_only() {
+        let go = |set_on: &str, go_to: &str, queries: &[&str]| {
+            let mut input = start(true);
+            input.extend(option(OPT_SET_META_CONTEXT, &meta_data(set_on, queries)));
+            input.extend(option(OPT_GO, &go_data(go_to)));
+            let (written, outcome) = drive(&input, &[7]);
+            (replies(&written), outcome.unwrap().expect("transmission"))
+        };
+        let (r, n) = go(
+            "disk",
+            "disk",
+            &["base:allocation", "qemu:dirty-bitmap:s2", "base:", "x:y"],
+        );
+        let set = contexts_of(&r, OPT_SET_META_CONTEXT);
+        assert_eq!(
+            set.len(),
+            2,
+            "a wildcard and unknown names select nothing: {set:?}"
+        );
+        assert_ne!(set[0].0, set[1].0, "ids are unique");
+        let selected: Vec<(u32, String, u64)> = n
+            .meta_contexts
+            .iter()
+            .map(|c| (c.id, c.context.name.clone(), c.context.tag))
+            .collect();
+        assert_eq!(
+            selected,
+            vec![
+                (set[0].0, "base:allocation".into(), 0),
+                (set[1].0, "qemu:dirty-bitmap:s2".into(), 12)
+            ]
+        );
+        // Another export at GO: nothing selected.
+        let (_, n) = go("", "disk", &["base:allocation"]);
+        assert!(n.meta_contexts.is_empty());
+        // OPT_EXPORT_NAME keeps the selection for the same name too.
+        let mut input = start(true);
+        input.extend(option(
+            OPT_SET_META_CONTEXT,
+            &meta_data("disk", &["base:allocation"]),
+        ));
+        input.extend(option(OPT_EXPORT_NAME, b"disk"));
+        let (_, outcome) = drive(&input, &[1000]);
+        assert_eq!(outcome.unwrap().unwrap().meta_contexts.len(), 1);
+    }
+
+    #[test]
+    fn set_meta_context_errors_and_resets() {
+        // Before structured replies: refused, for LIST too.
+        let mut input = start(false);
+        input.extend(option(OPT_LIST_META_CONTEXT, &meta_data("disk", &[])));
+        input.extend(option(
+            OPT_SET_META_CONTEXT,
+            &meta_data("disk", &["base:allocation"]),
+        ));
+        input.extend(option(OPT_GO, &go_data("disk")));
+        let (written, outcome) = drive(&input, &[1000]);
+        let kinds: Vec<u32> = replies(&written).iter().map(|r| r.1).collect();
+        assert_eq!(&kinds[..2], &[REP_ERR_INVALID, REP_ERR_INVALID]);
+        assert!(outcome.unwrap().unwrap().meta_contexts.is_empty());
+
+        // A later SET replaces the selection, even when it fails.
+        let mut input = start(true);
+        input.extend(option(
+            OPT_SET_META_CONTEXT,
+            &meta_data("disk", &["base:allocation"]),
+        ));
+        input.extend(option(
+            OPT_SET_META_CONTEXT,
+            &meta_data("missing", &["base:allocation"]),
+        ));
+        input.extend(option(OPT_GO, &go_data("disk")));
+        let (written, outcome) = drive(&input, &[1000]);
+        let r = replies(&written);
+        assert!(r
+            .iter()
+            .any(|r| r.0 == OPT_SET_META_CONTEXT && r.1 == REP_ERR_UNKNOWN));
+        assert!(outcome.unwrap().unwrap().meta_contexts.is_empty());
+        let mut input = start(true);
+        input.extend(option(
+            OPT_SET_META_CONTEXT,
+            &meta_data("disk", &["base:allocation"]),
+        ));
+        input.extend(option(OPT_SET_META_CONTEXT, &[0, 0, 0, 9]));
+        input.extend(option(OPT_GO, &go_data("disk")));
+        let (written, outcome) = drive(&input, &[1000]);
+        assert!(replies(&written).iter().any(|r| r.1 == REP_ERR_INVALID));
+        assert!(outcome.unwrap().unwrap().meta_contexts.is_empty());
+        // No query selects nothing, with a plain ACK.
+        let mut input = start(true);
+        input.extend(option(OPT_SET_META_CONTEXT, &meta_data("disk", &[])));
+        input.extend(option(OPT_GO, &go_data("disk")));
+        let (written, outcome) = drive(&input, &[1000]);
+        assert_eq!(replies(&written)[1].1, REP_ACK);
+        assert!(outcome.unwrap().unwrap().meta_contexts.is_empty());
+    }
+
+    #[test]
+    fn meta_request_parsing() {
+        assert_eq!(
+            parse_meta_request(&meta_data("d", &["base:allocation", "qemu:"])),
+            Ok(("d".into(), vec!["base:allocation".into(), "qemu:".into()]))
+        );
+        assert_eq!(
+            parse_meta_request(&meta_data("", &[])),
+            Ok((String::new(), vec![]))
+        );
+        for bad in [
+            meta_data("d", &["nocolon"]),
+            meta_data("d", &[":leaf"]),
+            [meta_data("d", &["base:"]), vec![0]].concat(),
+            {
+                let mut d = meta_data("d", &[]);
+                d.truncate(d.len() - 1);
+                d
+            },
+            {
+                // A count of 2^32-1 with nothing behind it.
+                let mut d = meta_data("d", &[]);
+                let n = d.len();
+                d[n - 4..].copy_from_slice(&u32::MAX.to_be_bytes());
+                d
+            },
+            vec![0, 0, 0, 1, 0xff, 0, 0, 0, 0],
+            [vec![0, 0, 0x10, 0x01], vec![b'a'; 4097], vec![0; 4]].concat(),
+        ] {
+            assert!(parse_meta_request(&bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn too_many_selected_contexts_are_refused() {
+        let many: Vec<MetaContext> = (0..40)
+            .map(|i| MetaContext::new(format!("qemu:dirty-bitmap:s{i}"), i))
+            .collect();
+        let queries: Vec<String> = many.iter().map(|c| c.name.clone()).collect();
+        assert_eq!(select_contexts(&many, &queries, false).len(), 40);
+        let mut hs = Handshake::new(HandshakeConfig::default());
+        let mut input = start(true);
+        let q: Vec<&str> = queries.iter().map(String::as_str).collect();
+        input.extend(option(OPT_SET_META_CONTEXT, &meta_data("disk", &q)));
+        hs.feed(&input);
+        let mut written = Vec::new();
+        loop {
+            match hs.step().unwrap() {
+                HandshakeStep::Write(b) => written.extend(b),
+                HandshakeStep::MetaContexts { name } => {
+                    assert_eq!(name, "disk");
+                    hs.meta_contexts_found(Some(&many)).unwrap();
+                }
+                HandshakeStep::ReadMore => break,
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        let r = replies(&written);
+        assert_eq!(r.last().map(|r| r.1), Some(REP_ERR_TOO_BIG));
+        assert!(contexts_of(&r, OPT_SET_META_CONTEXT).is_empty());
     }
 
     fn conversation() -> Vec<u8> {
@@ -611,6 +1084,7 @@ mod tests {
         let mut hs = Handshake::new(HandshakeConfig::default());
         assert!(hs.exports_listed(&[]).is_err());
         assert!(hs.export_opened(None).is_err());
+        assert!(hs.meta_contexts_found(None).is_err());
         assert!(matches!(hs.step(), Ok(HandshakeStep::Write(_))));
     }
 

@@ -13,7 +13,9 @@ pub mod handshake;
 pub mod server;
 pub mod transmission;
 
-pub use export::{BlockSizes, BoxFuture, Export, ExportFeatures, ExportInfo, Exports};
+pub use export::{
+    BlockSizes, BoxFuture, Export, ExportFeatures, ExportInfo, Exports, Extent, MetaContext,
+};
 pub use file::{FileExport, FileExports};
 pub use handshake::{Handshake, HandshakeConfig, HandshakeError, HandshakeStep, Negotiated};
 pub use server::{ConnectionEnd, ConnectionError, ListenAddr, Listener, NbdServer, ServerConfig};

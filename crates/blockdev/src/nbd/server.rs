@@ -18,10 +18,15 @@ use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::{mpsc, watch, Notify, OwnedSemaphorePermit, Semaphore};
 use tracing::Instrument;
 
-use super::consts::REQUEST_HEADER_LEN;
+use super::consts::{CMD_BLOCK_STATUS, REQUEST_HEADER_LEN};
 use super::export::{Export, ExportInfo, Exports};
-use super::handshake::{Handshake, HandshakeConfig, HandshakeError, HandshakeStep, Negotiated};
-use super::transmission::{errno_of, validate, Command, Reply, RequestError, RequestHeader};
+use super::handshake::{
+    Handshake, HandshakeConfig, HandshakeError, HandshakeStep, Negotiated, SelectedContext,
+};
+use super::transmission::{
+    block_status_descriptors, errno_of, validate, validate_block_status, Command, Reply,
+    RequestError, RequestHeader,
+};
 
 /// Server tunables.
 #[derive(Clone, Debug)]
@@ -310,6 +315,24 @@ impl NbdServer {
                     return Ok(Some((negotiated, export, handshake.into_leftover())));
                 }
                 HandshakeStep::Aborted => return Ok(None),
+                HandshakeStep::MetaContexts { name } => {
+                    // The export is opened only to ask it; OPT_GO opens it again.
+                    let offered = match self.exports.open(&name).await {
+                        Ok(Some(export)) => match export.meta_contexts().await {
+                            Ok(offered) => Some(offered),
+                            Err(err) => {
+                                tracing::warn!(export = %name, %err, "listing the metadata contexts of an NBD export failed");
+                                None
+                            }
+                        },
+                        Ok(None) => None,
+                        Err(err) => {
+                            tracing::warn!(export = %name, %err, "opening an NBD export failed");
+                            None
+                        }
+                    };
+                    handshake.meta_contexts_found(offered.as_deref())?;
+                }
             }
         }
     }
@@ -383,7 +406,12 @@ async fn read_requests<R: AsyncRead + Unpin>(
             Fill::Full => {}
         }
         let request = RequestHeader::parse(&header)?;
-        let command = match validate(&request, &negotiated.export) {
+        let validated = if request.kind == CMD_BLOCK_STATUS {
+            validate_block_status(&request, &negotiated.export, negotiated.meta_contexts.len())
+        } else {
+            validate(&request, &negotiated.export)
+        };
+        let command = match validated {
             Ok(Command::Disconnect) => return Ok(ConnectionEnd::Disconnected),
             Ok(command) => command,
             Err(rejection) => {
@@ -413,8 +441,35 @@ async fn read_requests<R: AsyncRead + Unpin>(
         let export = export.clone();
         let tx = tx.clone();
         let cookie = request.cookie;
+        let status = match command {
+            Command::BlockStatus { .. } => Some((
+                negotiated.meta_contexts.clone(),
+                negotiated.export.size,
+                negotiated.export.block_sizes.minimum,
+            )),
+            _ => None,
+        };
         tokio::spawn(async move {
-            let reply = execute(&*export, cookie, command, payload, structured).await;
+            let reply = match (command, status) {
+                (
+                    Command::BlockStatus {
+                        offset,
+                        len,
+                        req_one,
+                    },
+                    Some((contexts, size, minimum)),
+                ) => {
+                    let request = StatusRequest {
+                        offset,
+                        len,
+                        req_one,
+                        size,
+                        minimum,
+                    };
+                    block_status(&*export, cookie, &contexts, request).await
+                }
+                _ => execute(&*export, cookie, command, payload, structured).await,
+            };
             // A send error means the writer is gone (client vanished): nothing to do.
             let _ = tx
                 .send(Outgoing {
@@ -477,7 +532,50 @@ async fn execute(
                 .await,
             false,
         ),
+        // Answered by `block_status` (it needs the selected contexts).
+        Command::BlockStatus { .. } => Reply::error(
+            cookie,
+            super::consts::EINVAL,
+            "BLOCK_STATUS without metadata contexts",
+            structured,
+        ),
         Command::Disconnect => done(Ok(()), false),
+    }
+}
+
+/// One validated BLOCK_STATUS and the export facts its reply must respect.
+#[derive(Clone, Copy)]
+struct StatusRequest {
+    offset: u64,
+    len: u32,
+    req_one: bool,
+    size: u64,
+    minimum: u32,
+}
+
+/// Asks the export about every selected context at once; one chunk per context, or one
+/// error for the request if any context fails (the protocol allows no partial success).
+async fn block_status(
+    export: &dyn Export,
+    cookie: u64,
+    contexts: &[SelectedContext],
+    r: StatusRequest,
+) -> Reply {
+    let asked = contexts.iter().map(|c| async move {
+        let extents = export
+            .block_status(&c.context, r.offset, u64::from(r.len))
+            .await
+            .map_err(|err| (errno_of(&err), format!("{}: {err}", c.context.name)))?;
+        block_status_descriptors(&extents, r.offset, r.len, r.size, r.minimum, r.req_one)
+            .map(|descriptors| (c.id, descriptors))
+            .map_err(|message| {
+                tracing::warn!(context = %c.context.name, %message, "NBD export broke the block status contract");
+                (super::consts::EIO, format!("{}: {message}", c.context.name))
+            })
+    });
+    match futures::future::try_join_all(asked).await {
+        Ok(chunks) => Reply::block_status(cookie, &chunks),
+        Err((errno, message)) => Reply::error(cookie, errno, &message, true),
     }
 }
 

@@ -6,7 +6,7 @@ use bytes::{Buf, Bytes};
 use thiserror::Error;
 
 use super::consts::*;
-use super::export::ExportInfo;
+use super::export::{ExportInfo, Extent};
 
 /// A request header exactly as it came off the wire.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -96,6 +96,13 @@ pub enum Command {
         may_trim: bool,
         /// NBD_CMD_FLAG_FAST_ZERO: fail at once rather than zero slowly.
         fast: bool,
+    },
+    /// NBD_CMD_BLOCK_STATUS: one chunk per selected metadata context; `req_one` asks for
+    /// a single descriptor no longer than `len`.
+    BlockStatus {
+        offset: u64,
+        len: u32,
+        req_one: bool,
     },
     Disconnect,
 }
@@ -226,6 +233,132 @@ pub fn validate(header: &RequestHeader, export: &ExportInfo) -> Result<Command, 
     })
 }
 
+/// Checks an NBD_CMD_BLOCK_STATUS request (which [`validate`] does not know): flags, a
+/// metadata context selected for this export (`selected`, from the handshake, which only
+/// selects after structured replies), a non-zero length, bounds and alignment. Every
+/// refusal is EINVAL, as the protocol asks.
+pub fn validate_block_status(
+    header: &RequestHeader,
+    export: &ExportInfo,
+    selected: usize,
+) -> Result<Command, Rejection> {
+    let RequestHeader {
+        flags,
+        kind,
+        offset,
+        length,
+        ..
+    } = *header;
+    if kind != CMD_BLOCK_STATUS {
+        return Err(reject(
+            EINVAL,
+            format!("command type {kind} is not BLOCK_STATUS"),
+        ));
+    }
+    if flags & !(CMD_FLAG_FUA | CMD_FLAG_REQ_ONE) != 0 {
+        return Err(reject(
+            EINVAL,
+            format!("command flags {flags:#x} not valid for BLOCK_STATUS"),
+        ));
+    }
+    if selected == 0 {
+        return Err(reject(
+            EINVAL,
+            "BLOCK_STATUS without a metadata context selected for this export (NBD_OPT_SET_META_CONTEXT)",
+        ));
+    }
+    if length == 0 {
+        return Err(reject(EINVAL, "BLOCK_STATUS of length 0"));
+    }
+    if offset
+        .checked_add(u64::from(length))
+        .is_none_or(|end| end > export.size)
+    {
+        return Err(reject(
+            EINVAL,
+            format!(
+                "range {offset}+{length} exceeds the export size {}",
+                export.size
+            ),
+        ));
+    }
+    let minimum = u64::from(export.block_sizes.minimum.max(1));
+    if offset % minimum != 0 || u64::from(length) % minimum != 0 {
+        return Err(reject(
+            EINVAL,
+            format!("range {offset}+{length} is not aligned to the minimum block size {minimum}"),
+        ));
+    }
+    Ok(Command::BlockStatus {
+        offset,
+        len: length,
+        req_one: flags & CMD_FLAG_REQ_ONE != 0,
+    })
+}
+
+/// Most descriptors in one block status chunk (the protocol's limit is 2^20; a smaller
+/// one keeps a reply under 512 KiB per context).
+pub const MAX_BLOCK_STATUS_DESCRIPTORS: usize = 1 << 16;
+
+/// Turns a backend's extents for a BLOCK_STATUS of `len` bytes at `offset` into the
+/// chunk's descriptors (length, flags), following the protocol: consecutive from
+/// `offset`, non-zero lengths, none past the export's end, equal neighbours merged, the
+/// sum of all but the last below `len`, only the last allowed to reach past `len` (and
+/// not with `req_one`, which keeps just one descriptor), each within 32 bits and ending
+/// on a multiple of `minimum` unless at the end of the export. An error means the
+/// backend broke its contract (empty extent, unaligned boundary, nothing at all).
+pub fn block_status_descriptors(
+    extents: &[Extent],
+    offset: u64,
+    len: u32,
+    size: u64,
+    minimum: u32,
+    req_one: bool,
+) -> Result<Vec<(u32, u32)>, String> {
+    let minimum = u64::from(minimum.max(1));
+    let wanted_end = offset.saturating_add(u64::from(len));
+    let mut runs: Vec<(u64, u32)> = Vec::new();
+    let mut at = offset;
+    for e in extents {
+        if e.len == 0 {
+            return Err(format!("backend returned an empty extent at {at}"));
+        }
+        if at >= size || at >= wanted_end || runs.len() >= MAX_BLOCK_STATUS_DESCRIPTORS {
+            break;
+        }
+        let end = at.saturating_add(e.len).min(size);
+        if end != size && end % minimum != 0 {
+            return Err(format!(
+                "backend extent ends at {end}, not a multiple of the minimum block size {minimum}"
+            ));
+        }
+        match runs.last_mut() {
+            Some((n, flags)) if *flags == e.flags => *n += end - at,
+            _ => runs.push((end - at, e.flags)),
+        }
+        at = end;
+    }
+    if runs.is_empty() {
+        return Err(format!("backend returned no extent for offset {offset}"));
+    }
+    if req_one {
+        runs.truncate(1);
+    }
+    // Only the last run can reach past `len` (the others end before `wanted_end`), so
+    // only it may need clipping to 32 bits, or to `len` with `req_one`.
+    let cap = if req_one {
+        u64::from(len)
+    } else {
+        u64::from(u32::MAX) / minimum * minimum
+    };
+    let last = runs.len() - 1;
+    runs[last].0 = runs[last].0.min(cap);
+    Ok(runs
+        .into_iter()
+        .map(|(n, flags)| (n as u32, flags))
+        .collect())
+}
+
 /// Maps a backend error to the closest error value the protocol allows.
 pub fn errno_of(err: &io::Error) -> u32 {
     match err.raw_os_error() {
@@ -350,6 +483,41 @@ impl Reply {
         payload.extend_from_slice(message);
         let length = payload.len() as u32;
         Reply::chunk(cookie, REPLY_TYPE_ERROR, length, None, Bytes::from(payload))
+    }
+
+    /// A successful BLOCK_STATUS: one NBD_REPLY_TYPE_BLOCK_STATUS chunk per context
+    /// (context id, descriptors), DONE on the last. The first chunk's header is the head;
+    /// the rest of the reply is one payload.
+    pub fn block_status(cookie: u64, chunks: &[(u32, Vec<(u32, u32)>)]) -> Reply {
+        if chunks.is_empty() {
+            return Reply::simple(cookie, 0, Bytes::new());
+        }
+        let mut payload = Vec::new();
+        let mut first = None;
+        for (i, (id, descriptors)) in chunks.iter().enumerate() {
+            let length = (4 + 8 * descriptors.len()) as u32;
+            let mut body = Vec::with_capacity(length as usize);
+            body.extend_from_slice(&id.to_be_bytes());
+            for (n, flags) in descriptors {
+                body.extend_from_slice(&n.to_be_bytes());
+                body.extend_from_slice(&flags.to_be_bytes());
+            }
+            let mut head =
+                Reply::chunk(cookie, REPLY_TYPE_BLOCK_STATUS, length, None, Bytes::new());
+            if i + 1 < chunks.len() {
+                // Not the last chunk: clear DONE.
+                head.head.bytes[4..6].copy_from_slice(&0u16.to_be_bytes());
+            }
+            match first {
+                None => first = Some(head.head),
+                Some(_) => payload.extend_from_slice(head.head.as_slice()),
+            }
+            payload.extend_from_slice(&body);
+        }
+        Reply {
+            head: first.unwrap_or(Reply::simple(cookie, 0, Bytes::new()).head),
+            payload: Bytes::from(payload),
+        }
     }
 
     /// Total bytes on the wire.
@@ -524,6 +692,119 @@ mod tests {
     }
 
     #[test]
+    fn block_status_requests_are_validated() {
+        let e = export(false, 512);
+        let check = |flags, offset, length, selected| {
+            validate_block_status(
+                &header(CMD_BLOCK_STATUS, flags, offset, length),
+                &e,
+                selected,
+            )
+            .map_err(|r| r.errno)
+        };
+        assert_eq!(
+            check(CMD_FLAG_REQ_ONE, 512, 1024, 1),
+            Ok(Command::BlockStatus {
+                offset: 512,
+                len: 1024,
+                req_one: true
+            })
+        );
+        assert_eq!(check(0, 0, 512, 0), Err(EINVAL), "no context selected");
+        assert_eq!(check(0, 0, 0, 1), Err(EINVAL), "length 0");
+        assert_eq!(
+            check(0, (1 << 20) - 512, 1024, 1),
+            Err(EINVAL),
+            "past the end"
+        );
+        assert_eq!(check(0, u64::MAX - 511, 512, 1), Err(EINVAL), "overflow");
+        assert_eq!(check(0, 100, 512, 1), Err(EINVAL), "unaligned");
+        assert_eq!(check(CMD_FLAG_NO_HOLE, 0, 512, 1), Err(EINVAL), "bad flag");
+        assert!(check(CMD_FLAG_FUA, 0, 1 << 20, 1).is_ok());
+        // `validate` still knows nothing of it.
+        assert_eq!(
+            validate(&header(CMD_BLOCK_STATUS, 0, 0, 512), &e).map_err(|r| r.errno),
+            Err(EINVAL)
+        );
+    }
+
+    fn x(len: u64, flags: u32) -> Extent {
+        Extent { len, flags }
+    }
+
+    #[test]
+    fn block_status_descriptors_follow_the_reply_rules() {
+        let d = block_status_descriptors;
+        // Merged neighbours; the last may reach past the request.
+        assert_eq!(
+            d(
+                &[x(512, 3), x(512, 3), x(4096, 0)],
+                0,
+                2048,
+                1 << 20,
+                512,
+                false
+            ),
+            Ok(vec![(1024, 3), (4096, 0)])
+        );
+        // Extents beyond the one that reaches the request's end are dropped.
+        assert_eq!(
+            d(&[x(4096, 3), x(512, 0)], 0, 1024, 1 << 20, 512, false),
+            Ok(vec![(4096, 3)])
+        );
+        // REQ_ONE: one descriptor, at most the request's length.
+        assert_eq!(
+            d(&[x(4096, 3), x(512, 0)], 0, 1024, 1 << 20, 512, true),
+            Ok(vec![(1024, 3)])
+        );
+        // Never past the export's end; that end may be unaligned.
+        assert_eq!(
+            d(&[x(1 << 30, 0)], 1000, 24, 1100, 1, false),
+            Ok(vec![(100, 0)])
+        );
+        // A huge last extent is cut to 32 bits, on a block boundary.
+        assert_eq!(
+            d(&[x(1 << 40, 1)], 0, 4096, 1 << 41, 4096, false),
+            Ok(vec![(u32::MAX / 4096 * 4096, 1)])
+        );
+        // Contract breaches are errors, not bad replies.
+        assert!(d(&[], 0, 512, 1 << 20, 512, false).is_err());
+        assert!(d(&[x(0, 1)], 0, 512, 1 << 20, 512, false).is_err());
+        assert!(d(&[x(100, 1), x(412, 0)], 0, 512, 1 << 20, 512, false).is_err());
+    }
+
+    #[test]
+    fn block_status_replies_are_one_chunk_per_context() {
+        let r = Reply::block_status(9, &[(1, vec![(4096, 3)]), (7, vec![(512, 0), (512, 1)])]);
+        let mut wire = r.head.as_slice().to_vec();
+        wire.extend_from_slice(&r.payload);
+        let mut rest = &wire[..];
+        let mut chunks = Vec::new();
+        while !rest.is_empty() {
+            assert_eq!(rest.get_u32(), STRUCTURED_REPLY_MAGIC);
+            let flags = rest.get_u16();
+            assert_eq!(rest.get_u16(), REPLY_TYPE_BLOCK_STATUS);
+            assert_eq!(rest.get_u64(), 9);
+            let len = rest.get_u32() as usize;
+            let mut body = &rest[..len];
+            rest.advance(len);
+            let id = body.get_u32();
+            let mut descriptors = Vec::new();
+            while !body.is_empty() {
+                descriptors.push((body.get_u32(), body.get_u32()));
+            }
+            chunks.push((flags, id, descriptors));
+        }
+        assert_eq!(
+            chunks,
+            vec![
+                (0, 1, vec![(4096, 3)]),
+                (REPLY_FLAG_DONE, 7, vec![(512, 0), (512, 1)])
+            ]
+        );
+    }
+
+    #[test]
     fn os_errors_map_to_protocol_errors() {
         let os = io::Error::from_raw_os_error;
         assert_eq!(errno_of(&os(libc::EDQUOT)), ENOSPC);
@@ -550,7 +831,7 @@ mod tests {
                         Some((offset, len))
                     }
                     Command::Trim { offset, len, .. } | Command::WriteZeroes { offset, len, .. } => Some((offset, len)),
-                    Command::Flush | Command::Disconnect => None,
+                    Command::BlockStatus { .. } | Command::Flush | Command::Disconnect => None,
                 };
                 if let Some((offset, len)) = range {
                     prop_assert!(offset + u64::from(len) <= e.size);

@@ -7,5 +7,6 @@ mod nbd_support;
 
 mod nbd_activation;
 mod nbd_backend;
+mod nbd_block_status;
 mod nbd_clients;
 mod nbd_raw;
