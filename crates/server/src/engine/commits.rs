@@ -127,10 +127,7 @@ mod tests {
         let mut c = Commits::default();
         assert!(!c.start(), "nothing to commit");
         c.exception_recorded(4);
-        let who = Requester {
-            conn: 1,
-            id: 9,
-        };
+        let who = Requester { conn: 1, id: 9 };
         c.defer(1, who, ServerMsg::KeepAliveOk);
         assert!(!c.exceptions_committed(4));
         assert!(c.start());

@@ -8,7 +8,7 @@
 //! for a read lock, an invalidation while a copy is in flight) correct by construction.
 
 use super::commits::Commits;
-use super::copies::{CopyKind, Copies};
+use super::copies::{Copies, CopyKind};
 use super::gate::Gate;
 use super::io::{
     Action, ConnId, CopyId, CopySource, EngineConfig, Event, LogEvent, LogLevel, Requester,
@@ -16,6 +16,7 @@ use super::io::{
 };
 use super::locks::{Locks, OrphanedLocks, Released};
 use super::meta_store::{MetaError, MetaStore, SnapChunk, StoreStats};
+use super::requests::{self, check_snapshot_kind, error, wrong_kind, Reject};
 use super::sessions::{count_one, Session, Sessions};
 use super::snapshots::{Creations, RequestedSnapshot};
 use super::space::{self, Crossing, SpaceWatch};
@@ -58,9 +59,6 @@ const RECLAIM_STEPS_PER_TICK: usize = 8;
 /// client (and created a snapshot) up to two seconds before the client's lease plus margin
 /// ran out (whole-system simulation seed 0x515700001606).
 const CLOCK_SLACK_SECS: u64 = 2;
-
-/// A request refused with an error code and a message for humans.
-struct Reject(ErrorCode, String);
 
 enum CopyStart {
     Started,
@@ -157,7 +155,12 @@ impl<S: MetaStore> Engine<S> {
                 "server active: no snapshot clients to wait for",
             );
         } else {
-            let list: Vec<String> = engine.gate.awaited().iter().map(|c| c.to_string()).collect();
+            let list: Vec<String> = engine
+                .gate
+                .awaited()
+                .iter()
+                .map(|c| c.to_string())
+                .collect();
             engine.log(
                 LogLevel::Info,
                 format!(
@@ -208,6 +211,12 @@ impl<S: MetaStore> Engine<S> {
     /// Snapshot clients the activation gate still waits for.
     pub fn awaited_clients(&self) -> Vec<ClientId> {
         self.gate.awaited()
+    }
+
+    /// The client authenticated on `conn` (`None` before it proved the key, or once the
+    /// connection is gone): for the shell's log lines.
+    pub fn client_of(&self, conn: ConnId) -> Option<ClientId> {
+        self.sessions.session_of(conn).map(|(client, _)| client)
     }
 
     /// True after a fatal store error; the engine answers nothing more.
@@ -787,20 +796,22 @@ impl<S: MetaStore> Engine<S> {
                 ClientKind::Origin => self.new_work(who, WorkKind::OriginWrite, ranges),
                 _ => Err(wrong_kind("QueryWrite", kind)),
             },
-            ClientMsg::QuerySnapshotRead { snap, ranges } => self
-                .check_snapshot_kind("QuerySnapshotRead", kind, snap)
-                .and_then(|()| self.new_work(who, WorkKind::SnapshotRead(snap), ranges)),
-            ClientMsg::SnapshotWrite { snap, ranges } => self
-                .check_snapshot_kind("SnapshotWrite", kind, snap)
-                .and_then(|()| self.new_work(who, WorkKind::SnapshotWrite(snap), ranges)),
+            ClientMsg::QuerySnapshotRead { snap, ranges } => {
+                check_snapshot_kind("QuerySnapshotRead", kind, snap)
+                    .and_then(|()| self.new_work(who, WorkKind::SnapshotRead(snap), ranges))
+            }
+            ClientMsg::SnapshotWrite { snap, ranges } => {
+                check_snapshot_kind("SnapshotWrite", kind, snap)
+                    .and_then(|()| self.new_work(who, WorkKind::SnapshotWrite(snap), ranges))
+            }
             ClientMsg::FinishSnapshotRead { snap, ranges } => {
-                match self.check_snapshot_kind("FinishSnapshotRead", kind, snap) {
+                match check_snapshot_kind("FinishSnapshotRead", kind, snap) {
                     Ok(()) => self.finish_read(who, &ranges),
                     Err(r) => Err(r),
                 }
             }
             ClientMsg::FinishSnapshotWrite { snap, ranges } => {
-                match self.check_snapshot_kind("FinishSnapshotWrite", kind, snap) {
+                match check_snapshot_kind("FinishSnapshotWrite", kind, snap) {
                     Ok(()) => self.finish_write(who, snap, &ranges),
                     Err(r) => Err(r),
                 }
@@ -816,7 +827,7 @@ impl<S: MetaStore> Engine<S> {
                 Ok(())
             }
             ClientMsg::ReleaseStoreReads { snap, ranges } => {
-                match self.check_snapshot_kind("ReleaseStoreReads", kind, snap) {
+                match check_snapshot_kind("ReleaseStoreReads", kind, snap) {
                     Ok(()) => {
                         self.release_store_reads(conn, snap, &ranges)?;
                         Ok(())
@@ -961,65 +972,13 @@ impl<S: MetaStore> Engine<S> {
         Ok(Ok(()))
     }
 
-    fn check_snapshot_kind(
-        &self,
-        what: &str,
-        kind: ClientKind,
-        snap: SnapId,
-    ) -> Result<(), Reject> {
-        match kind {
-            ClientKind::Snapshot { snap: mine } if mine == snap => Ok(()),
-            ClientKind::Snapshot { snap: mine } => Err(Reject(
-                ErrorCode::WrongClientKind,
-                format!("{what} for snapshot {snap} on a connection for snapshot {mine}"),
-            )),
-            _ => Err(wrong_kind(what, kind)),
-        }
-    }
-
-    /// Checks request ranges: non-empty, no wrap-around, inside the origin, not too many.
+    /// Checks request ranges against the origin and the request size limit.
     fn request_chunks(&self, ranges: &[ChunkRange]) -> Result<BTreeSet<u64>, Reject> {
-        if ranges.is_empty() {
-            return Err(Reject(
-                ErrorCode::BadRequest,
-                "no chunk ranges given".into(),
-            ));
-        }
-        let mut total: u64 = 0;
-        for r in ranges {
-            if r.count == 0 {
-                return Err(Reject(
-                    ErrorCode::BadRequest,
-                    format!("empty chunk range at {}", r.start),
-                ));
-            }
-            let end = r.chunks().map(|c| c.end).ok_or_else(|| {
-                Reject(
-                    ErrorCode::OutOfRange,
-                    format!("chunk range {}+{} wraps around", r.start, r.count),
-                )
-            })?;
-            if end > self.geometry.origin_chunks {
-                return Err(Reject(
-                    ErrorCode::OutOfRange,
-                    format!(
-                        "chunk range {}+{} ends beyond the origin ({} chunks)",
-                        r.start, r.count, self.geometry.origin_chunks
-                    ),
-                ));
-            }
-            total += u64::from(r.count);
-            if total > self.cfg.max_request_chunks {
-                return Err(Reject(
-                    ErrorCode::TooLarge,
-                    format!(
-                        "request names more than {} chunks",
-                        self.cfg.max_request_chunks
-                    ),
-                ));
-            }
-        }
-        Ok(ranges.iter().filter_map(|r| r.chunks()).flatten().collect())
+        requests::request_chunks(
+            ranges,
+            self.geometry.origin_chunks,
+            self.cfg.max_request_chunks,
+        )
     }
 
     fn new_work(
@@ -1921,7 +1880,9 @@ impl<S: MetaStore> Engine<S> {
     /// Makes the snapshots whose creation is committed visible, answering their requests.
     fn finish_creations(&mut self) -> Result<(), MetaError> {
         let commits = &self.commits;
-        let ready = self.creations.take_committed(|gen| commits.is_committed(gen));
+        let ready = self
+            .creations
+            .take_committed(|gen| commits.is_committed(gen));
         for (snap, who) in ready {
             self.finish_creation(snap, who)?;
         }
@@ -2130,18 +2091,4 @@ impl<S: MetaStore> Engine<S> {
             space_warnings,
         })
     }
-}
-
-fn error(code: ErrorCode, message: impl Into<String>) -> ServerMsg {
-    ServerMsg::Error {
-        code,
-        message: message.into(),
-    }
-}
-
-fn wrong_kind(what: &str, kind: ClientKind) -> Reject {
-    Reject(
-        ErrorCode::WrongClientKind,
-        format!("{what} is not allowed on a {kind:?} connection"),
-    )
 }

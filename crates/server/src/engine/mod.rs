@@ -26,6 +26,7 @@ mod io;
 mod locks;
 mod machine;
 pub mod meta_store;
+mod requests;
 mod sessions;
 mod snapshots;
 mod space;

@@ -77,7 +77,12 @@ impl Creations {
 
     /// The same creation (name and token) requested again, before it is in the store: the
     /// resend takes over the answer. True if there was one.
-    pub(super) fn resent_before_creation(&mut self, name: &str, token: u64, who: Requester) -> bool {
+    pub(super) fn resent_before_creation(
+        &mut self,
+        name: &str,
+        token: u64,
+        who: Requester,
+    ) -> bool {
         let same = |r: &RequestedSnapshot| r.name == name && r.token == token;
         if let Some(r) = self.requested.iter_mut().find(|r| same(r)) {
             r.who = who;
@@ -206,7 +211,10 @@ mod tests {
         assert!(c.next_to_announce().is_none(), "one announcement at a time");
         assert!(c.resent_before_creation("a", 5, Requester { conn: 2, id: 9 }));
         assert!(!c.resent_before_creation("a", 6, Requester { conn: 2, id: 9 }));
-        assert!(!c.acknowledged(7, Some(SnapId(3))), "another snapshot's ack");
+        assert!(
+            !c.acknowledged(7, Some(SnapId(3))),
+            "another snapshot's ack"
+        );
         assert!(c.acknowledged(7, Some(SnapId(4))));
         assert!(c.take_acknowledged().is_none(), "8 has not acknowledged");
         assert!(c.acknowledged(8, None));

@@ -92,9 +92,15 @@ mod tests {
         assert!(w.crossings(data, 79, 100, &levels).is_empty());
         assert_eq!(
             w.crossings(data, 91, 100, &levels),
-            vec![Crossing::Reached { level: 80 }, Crossing::Reached { level: 90 }]
+            vec![
+                Crossing::Reached { level: 80 },
+                Crossing::Reached { level: 90 }
+            ]
         );
-        assert!(w.crossings(data, 86, 100, &levels).is_empty(), "not re-armed yet");
+        assert!(
+            w.crossings(data, 86, 100, &levels).is_empty(),
+            "not re-armed yet"
+        );
         assert_eq!(
             w.crossings(data, 84, 100, &levels),
             vec![Crossing::Rearmed { level: 90 }]
