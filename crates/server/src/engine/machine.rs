@@ -7,21 +7,29 @@
 //! only thing to avoid. That keeps the subtle cases (a snapshot created while a write waits
 //! for a read lock, an invalidation while a copy is in flight) correct by construction.
 
+use super::commits::Commits;
+use super::copies::{Copies, CopyKind};
+use super::gate::Gate;
 use super::io::{
-    Action, ConnId, CopyId, CopyPurpose, CopySource, EngineConfig, Event, LogEvent, LogLevel,
-    Requester, StoreFullPolicy, LEASE_MARGIN_SECS, WARN_REARM_POINTS,
+    Action, ConnId, CopyId, CopySource, EngineConfig, Event, LogEvent, LogLevel, Requester,
+    StoreFullPolicy, LEASE_MARGIN_SECS,
 };
+use super::locks::{Locks, OrphanedLocks, Released};
 use super::meta_store::{MetaError, MetaStore, SnapChunk, StoreStats};
-use csnap_proto::auth::{self, Handshake, Nonce};
+use super::requests::{self, check_snapshot_kind, error, wrong_kind, Reject};
+use super::sessions::{count_one, Session, Sessions};
+use super::snapshots::{Creations, RequestedSnapshot};
+use super::space::{self, Crossing, SpaceWatch};
+use super::waiters::Waiters;
+use super::work::{Work, WorkId, WorkKind, Works};
+use csnap_proto::auth::{self, Handshake};
 use csnap_proto::page_len;
 use csnap_proto::{
     ChunkRange, ClientFrame, ClientId, ClientKind, ClientMsg, DiffEnd, ErrorCode, HeldLock,
     RequestId, ServerFrame, ServerMsg, ServerStatus, SnapId, SnapRef, SnapshotInfo, SnapshotState,
     SpaceWarning, StoreAddr, StoreArea, MAX_DIFF_RECORDS, PROTOCOL_VERSION,
 };
-use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
-
-type WorkId = u64;
+use std::collections::{BTreeSet, VecDeque};
 
 /// Insertions a copy leaves room for in the metadata area: a new snapshot's row. Copies
 /// apply the store-full policy when their records would leave less, so that creating a
@@ -51,83 +59,6 @@ const RECLAIM_STEPS_PER_TICK: usize = 8;
 /// client (and created a snapshot) up to two seconds before the client's lease plus margin
 /// ran out (whole-system simulation seed 0x515700001606).
 const CLOCK_SLACK_SECS: u64 = 2;
-
-/// A request refused with an error code and a message for humans.
-struct Reject(ErrorCode, String);
-
-#[derive(Clone)]
-enum Session {
-    AwaitHello,
-    AwaitAuth(Handshake),
-    Open,
-}
-
-struct Conn {
-    server_nonce: Nonce,
-    session: Session,
-    client: Option<ClientId>,
-    kind: Option<ClientKind>,
-    /// The client's node and incarnation (from its Hello), once the session is open.
-    node: u32,
-    incarnation: u64,
-    resend_done: bool,
-    /// Read locks this connection holds: origin chunk -> count.
-    held: BTreeMap<u64, u32>,
-    /// Write leases this (snapshot) connection holds: origin chunk -> count.
-    leases: BTreeMap<u64, u32>,
-    /// Store reads this (snapshot) connection has not released yet: origin chunk -> count.
-    /// Like write leases they keep a deleted or invalidated snapshot's chunks from reuse.
-    store_reads: BTreeMap<u64, u32>,
-    /// When the server last heard from it (`Tick` seconds): an origin client's write
-    /// lease runs from here.
-    last_heard: u64,
-    /// When it was accepted (`Tick` seconds): the authentication deadline runs from here.
-    opened: u64,
-}
-
-/// Read locks a snapshot client left behind when its connection dropped; kept until it
-/// reconnects and finishes resending, is declared gone, or the grace time passes.
-struct OrphanedLocks {
-    client: ClientId,
-    snap: SnapId,
-    held: BTreeMap<u64, u32>,
-    leases: BTreeMap<u64, u32>,
-    /// Unreleased store reads: they may still be running on the client, which does not
-    /// re-upload them, so they stay until the grace time ends even if it comes back.
-    store_reads: u32,
-    since: u64,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum WorkKind {
-    OriginWrite,
-    SnapshotRead(SnapId),
-    SnapshotWrite(SnapId),
-}
-
-struct Work {
-    who: Requester,
-    kind: WorkKind,
-    ranges: Vec<ChunkRange>,
-    chunks: BTreeSet<u64>,
-}
-
-enum CopyKind {
-    /// Origin chunk copied out for every snapshot that still shares it.
-    OriginCopyOut { chunk: u64 },
-    /// A snapshot's chunk copied to its own exception before a snapshot write. `locked`:
-    /// the source is the origin, read-locked by the engine while the copy runs.
-    Unshare {
-        snap: SnapId,
-        chunk: u64,
-        locked: bool,
-    },
-}
-
-struct CopyJob {
-    kind: CopyKind,
-    to: u64,
-}
 
 enum CopyStart {
     Started,
@@ -170,41 +101,6 @@ enum Area {
     Metadata { records: u64 },
 }
 
-/// A snapshot created in the store, not yet visible: waiting for its commit.
-struct PendingSnapshot {
-    who: Requester,
-    /// Store generation the creation is durable at.
-    gen: u64,
-}
-
-/// A requested snapshot, before it exists in the store.
-struct RequestedSnapshot {
-    who: Requester,
-    name: String,
-    /// The client's `CreateSnapshot.token` (0 = none), kept with the snapshot.
-    token: u64,
-}
-
-/// Phase one of a snapshot creation: the snapshot, under the id it will get, has been
-/// announced to every origin client; no origin write is granted until each one has
-/// acknowledged (it has dropped its unique promises and finished every write granted
-/// before) or gone. Then nothing writes the origin, and the store creates the snapshot
-/// at that instant (phase two).
-struct Announcement {
-    request: RequestedSnapshot,
-    /// The id the store will give it (`MetaStore::next_snapshot_id`).
-    id: SnapId,
-    /// Origin connections that still have to acknowledge `NewSnapshot`.
-    awaiting: BTreeSet<ConnId>,
-}
-
-/// An origin client whose connection is gone but which may still be writing through its
-/// promises: until its lease has certainly run out (`Tick` seconds).
-struct LostOrigin {
-    client: Option<ClientId>,
-    until: u64,
-}
-
 /// The sans-IO request engine. Feed it [`Event`]s with [`Engine::handle`], carry out the
 /// [`Action`]s it queues ([`Engine::poll_action`]).
 pub struct Engine<S: MetaStore> {
@@ -214,53 +110,18 @@ pub struct Engine<S: MetaStore> {
     now: u64,
     actions: VecDeque<Action>,
     failed: bool,
-
-    conns: BTreeMap<ConnId, Conn>,
-    awaited: BTreeSet<ClientId>,
-    orphans: Vec<OrphanedLocks>,
-    /// All read locks (client, orphaned and internal): origin chunk -> count.
-    locks: HashMap<u64, u32>,
-
-    next_work: WorkId,
-    works: BTreeMap<WorkId, Work>,
-    chunk_waiters: HashMap<u64, BTreeSet<WorkId>>,
-    commit_waiters: BTreeSet<WorkId>,
-    activation_waiters: BTreeSet<WorkId>,
-    lease_waiters: BTreeSet<WorkId>,
-    /// Write leases per snapshot (connections and orphans).
-    snap_leases: HashMap<SnapId, u32>,
-
-    next_copy: CopyId,
-    copies: HashMap<CopyId, CopyJob>,
-    origin_copies: HashMap<u64, CopyId>,
-    unshares: HashMap<(SnapId, u64), CopyId>,
-
-    /// Generation of the latest store mutation; `committed_gen` is the latest durable one.
-    dirty_gen: u64,
-    committed_gen: u64,
-    commit_in_flight: Option<u64>,
-    commit_wanted: bool,
-    /// Per origin chunk, the generation of the last exception recorded on it.
-    chunk_gen: HashMap<u64, u64>,
-    /// Generation of the last delete/invalidation (may make chunks unique).
-    snapset_gen: u64,
-    /// Generation of the last reclaim that freed chunks (reusable once committed).
-    free_gen: u64,
-    /// Replies held until their generation is committed.
-    deferred: Vec<(u64, Requester, ServerMsg)>,
-
-    pending_snaps: BTreeMap<SnapId, PendingSnapshot>,
-    /// Creations waiting for their announcement, in request order (one at a time).
-    requested_snaps: VecDeque<RequestedSnapshot>,
-    announcement: Option<Announcement>,
-    /// Origin writes held while an announcement is out.
-    announcement_waiters: BTreeSet<WorkId>,
-    /// Origin clients lost while their write lease may still run; a snapshot is not
-    /// created before they are certainly stopped.
-    lost_origins: Vec<LostOrigin>,
+    /// Reclaim has work left (a deletion or invalidation since it last finished).
     reclaiming: bool,
-    /// Usage warning levels logged and not yet re-armed: (area, percent).
-    space_warned: BTreeSet<(StoreArea, u8)>,
+
+    sessions: Sessions,
+    gate: Gate,
+    locks: Locks,
+    works: Works,
+    waiters: Waiters,
+    copies: Copies,
+    commits: Commits,
+    creations: Creations,
+    space: SpaceWatch,
 }
 
 impl<S: MetaStore> Engine<S> {
@@ -268,54 +129,38 @@ impl<S: MetaStore> Engine<S> {
     /// `cfg.expected_snapshot_clients` has reconnected or been declared gone.
     pub fn new(mut store: S, cfg: EngineConfig) -> Result<Self, MetaError> {
         let geometry = store.stats()?;
-        let awaited: BTreeSet<ClientId> = cfg.expected_snapshot_clients.iter().copied().collect();
         let mut engine = Engine {
             now: cfg.start_time,
+            gate: Gate::new(&cfg.expected_snapshot_clients),
             cfg,
             store,
             geometry,
             actions: VecDeque::new(),
             failed: false,
-            conns: BTreeMap::new(),
-            awaited,
-            orphans: Vec::new(),
-            locks: HashMap::new(),
-            next_work: 1,
-            works: BTreeMap::new(),
-            chunk_waiters: HashMap::new(),
-            commit_waiters: BTreeSet::new(),
-            activation_waiters: BTreeSet::new(),
-            lease_waiters: BTreeSet::new(),
-            snap_leases: HashMap::new(),
-            next_copy: 1,
-            copies: HashMap::new(),
-            origin_copies: HashMap::new(),
-            unshares: HashMap::new(),
-            dirty_gen: 0,
-            committed_gen: 0,
-            commit_in_flight: None,
-            commit_wanted: false,
-            chunk_gen: HashMap::new(),
-            snapset_gen: 0,
-            free_gen: 0,
-            deferred: Vec::new(),
-            pending_snaps: BTreeMap::new(),
-            requested_snaps: VecDeque::new(),
-            announcement: None,
-            announcement_waiters: BTreeSet::new(),
-            lost_origins: Vec::new(),
             // A reclaim interrupted by a crash resumes from the start.
             reclaiming: true,
-            space_warned: BTreeSet::new(),
+            sessions: Sessions::default(),
+            locks: Locks::default(),
+            works: Works::default(),
+            waiters: Waiters::default(),
+            copies: Copies::default(),
+            commits: Commits::default(),
+            creations: Creations::default(),
+            space: SpaceWatch::default(),
         };
-        if engine.awaited.is_empty() {
+        if engine.gate.is_open() {
             engine.log_event(
                 LogLevel::Info,
                 LogEvent::new("server_gate_open"),
                 "server active: no snapshot clients to wait for",
             );
         } else {
-            let list: Vec<String> = engine.awaited.iter().map(|c| c.to_string()).collect();
+            let list: Vec<String> = engine
+                .gate
+                .awaited()
+                .iter()
+                .map(|c| c.to_string())
+                .collect();
             engine.log(
                 LogLevel::Info,
                 format!(
@@ -360,12 +205,18 @@ impl<S: MetaStore> Engine<S> {
 
     /// True once the activation gate is open.
     pub fn is_active(&self) -> bool {
-        self.awaited.is_empty()
+        self.gate.is_open()
     }
 
     /// Snapshot clients the activation gate still waits for.
     pub fn awaited_clients(&self) -> Vec<ClientId> {
-        self.awaited.iter().copied().collect()
+        self.gate.awaited()
+    }
+
+    /// The client authenticated on `conn` (`None` before it proved the key, or once the
+    /// connection is gone): for the shell's log lines.
+    pub fn client_of(&self, conn: ConnId) -> Option<ClientId> {
+        self.sessions.session_of(conn).map(|(client, _)| client)
     }
 
     /// True after a fatal store error; the engine answers nothing more.
@@ -375,7 +226,7 @@ impl<S: MetaStore> Engine<S> {
 
     /// Read locks currently held on an origin chunk (by clients, orphans, or internal copies).
     pub fn read_locks(&self, chunk: u64) -> u32 {
-        self.locks.get(&chunk).copied().unwrap_or(0)
+        self.locks.read_locks(chunk)
     }
 
     /// Processes one event.
@@ -427,28 +278,12 @@ impl<S: MetaStore> Engine<S> {
     fn dispatch(&mut self, event: Event) -> Result<(), MetaError> {
         match event {
             Event::ClientConnected { conn, server_nonce } => {
-                self.conns.insert(
-                    conn,
-                    Conn {
-                        server_nonce,
-                        session: Session::AwaitHello,
-                        client: None,
-                        kind: None,
-                        node: 0,
-                        incarnation: 0,
-                        resend_done: false,
-                        held: BTreeMap::new(),
-                        leases: BTreeMap::new(),
-                        store_reads: BTreeMap::new(),
-                        last_heard: self.now,
-                        opened: self.now,
-                    },
-                );
+                self.sessions.accept(conn, server_nonce, self.now);
                 Ok(())
             }
             Event::ClientRequest { conn, frame } => self.on_request(conn, frame),
             Event::ClientBadFrame { conn, error: why } => {
-                if let Some(c) = self.conns.get(&conn) {
+                if let Some(c) = self.sessions.get(conn) {
                     let who = match c.client {
                         Some(client) => format!("client {client} on node {}", c.node),
                         None => "unauthenticated".to_owned(),
@@ -506,7 +341,7 @@ impl<S: MetaStore> Engine<S> {
     }
 
     fn reply(&mut self, conn: ConnId, id: RequestId, msg: ServerMsg) {
-        if self.conns.contains_key(&conn) {
+        if self.sessions.contains(conn) {
             self.send(conn, Some(id), msg);
         }
     }
@@ -526,95 +361,52 @@ impl<S: MetaStore> Engine<S> {
 
     // ---- commits ----
 
-    fn touch(&mut self) -> u64 {
-        self.dirty_gen += 1;
-        self.commit_wanted = true;
-        self.dirty_gen
-    }
-
     fn maybe_commit(&mut self) {
-        if self.commit_wanted
-            && self.commit_in_flight.is_none()
-            && self.dirty_gen > self.committed_gen
-        {
-            self.commit_in_flight = Some(self.dirty_gen);
-            self.commit_wanted = false;
+        if self.commits.start() {
             self.actions.push_back(Action::Commit);
         }
     }
 
     fn on_commit_done(&mut self, result: Result<(), String>) -> Result<(), MetaError> {
-        let Some(gen) = self.commit_in_flight.take() else {
+        if !self.commits.in_flight() {
             self.log(
                 LogLevel::Warn,
                 "CommitDone without a commit in flight; ignored",
             );
             return Ok(());
-        };
+        }
         if let Err(e) = result {
             self.fail(format!("store commit failed: {e}"));
             return Ok(());
         }
-        self.committed_gen = gen;
-        let committed = self.committed_gen;
-        self.chunk_gen.retain(|_, g| *g > committed);
-        let (ready, later): (Vec<_>, Vec<_>) = std::mem::take(&mut self.deferred)
-            .into_iter()
-            .partition(|(g, _, _)| *g <= committed);
-        self.deferred = later;
-        for (_, who, msg) in ready {
+        for (who, msg) in self.commits.done().unwrap_or_default() {
             self.reply(who.conn, who.id, msg);
         }
-        let pending: Vec<SnapId> = self.pending_snaps.keys().copied().collect();
-        for snap in pending {
-            self.try_finish_creation(snap)?;
-        }
-        for w in std::mem::take(&mut self.commit_waiters) {
+        self.finish_creations()?;
+        for w in self.waiters.take_commit() {
             self.evaluate(w)?;
         }
         Ok(())
     }
 
     fn wait_commit(&mut self, w: WorkId) {
-        self.commit_waiters.insert(w);
-        self.commit_wanted = true;
-    }
-
-    fn wait_chunk(&mut self, chunk: u64, w: WorkId) {
-        self.chunk_waiters.entry(chunk).or_default().insert(w);
+        self.waiters.on_commit(w);
+        self.commits.want();
     }
 
     fn wake_chunk(&mut self, chunk: u64) -> Result<(), MetaError> {
-        if let Some(ws) = self.chunk_waiters.remove(&chunk) {
-            for w in ws {
-                self.evaluate(w)?;
-            }
+        for w in self.waiters.take_chunk(chunk) {
+            self.evaluate(w)?;
         }
         Ok(())
-    }
-
-    /// Exceptions recorded on `chunk` are durable.
-    fn exceptions_committed(&self, chunk: u64) -> bool {
-        self.chunk_gen
-            .get(&chunk)
-            .is_none_or(|g| *g <= self.committed_gen)
-    }
-
-    /// Exceptions on `chunk` and every delete/invalidation (which can make a chunk unique or
-    /// an exception exclusive) are durable.
-    fn chunk_committed(&self, chunk: u64) -> bool {
-        self.exceptions_committed(chunk) && self.snapset_gen <= self.committed_gen
     }
 
     // ---- connections and sessions ----
 
     fn on_request(&mut self, conn: ConnId, frame: ClientFrame) -> Result<(), MetaError> {
         let ClientFrame { id, msg } = frame;
-        let now = self.now;
-        if let Some(c) = self.conns.get_mut(&conn) {
-            c.last_heard = now;
-        }
-        let Some(c) = self.conns.get(&conn) else {
+        self.sessions.heard(conn, self.now);
+        let Some(c) = self.sessions.get(conn) else {
             self.log(
                 LogLevel::Warn,
                 format!("request on unknown connection {conn}"),
@@ -657,7 +449,7 @@ impl<S: MetaStore> Engine<S> {
                     server_nonce,
                 };
                 let proof = auth::server_proof(&self.cfg.cluster_key, &handshake);
-                if let Some(c) = self.conns.get_mut(&conn) {
+                if let Some(c) = self.sessions.get_mut(conn) {
                     c.session = Session::AwaitAuth(handshake);
                 }
                 self.log(
@@ -732,12 +524,7 @@ impl<S: MetaStore> Engine<S> {
         incarnation: u64,
         resuming: bool,
     ) -> Result<(), MetaError> {
-        let live: Vec<(ConnId, u32, u64)> = self
-            .conns
-            .iter()
-            .filter(|(other, c)| **other != conn && c.client == Some(client))
-            .map(|(other, c)| (*other, c.node, c.incarnation))
-            .collect();
+        let live = self.sessions.others_of(conn, client);
         // Another client with this id (not a reconnect of the live connection): two
         // clients were given the same instance id. Taking over would close the other's
         // connection and could release the read locks its reads in flight rely on.
@@ -757,13 +544,7 @@ impl<S: MetaStore> Engine<S> {
             );
             self.close(other)?;
         }
-        if let Some(c) = self.conns.get_mut(&conn) {
-            c.session = Session::Open;
-            c.client = Some(client);
-            c.kind = Some(client.kind);
-            c.node = node;
-            c.incarnation = incarnation;
-        }
+        self.sessions.open(conn, client, node, incarnation);
         self.reply(
             conn,
             id,
@@ -785,7 +566,7 @@ impl<S: MetaStore> Engine<S> {
     /// left behind and stop waiting for it at the activation gate.
     fn client_settled(&mut self, client: ClientId) -> Result<(), MetaError> {
         self.drop_orphans(|o| o.client == client, true)?;
-        if self.awaited.remove(&client) {
+        if self.gate.settle(client) {
             self.log(
                 LogLevel::Info,
                 format!("activation gate: client {client} is back"),
@@ -797,7 +578,7 @@ impl<S: MetaStore> Engine<S> {
 
     fn on_client_gone(&mut self, client: ClientId) -> Result<(), MetaError> {
         self.drop_orphans(|o| o.client == client, false)?;
-        if self.awaited.remove(&client) {
+        if self.gate.settle(client) {
             self.log(
                 LogLevel::Info,
                 format!("activation gate: client {client} declared gone"),
@@ -808,13 +589,13 @@ impl<S: MetaStore> Engine<S> {
     }
 
     fn maybe_activate(&mut self) -> Result<(), MetaError> {
-        if self.awaited.is_empty() {
+        if self.gate.is_open() {
             self.log_event(
                 LogLevel::Info,
                 LogEvent::new("server_gate_open"),
                 "server active: origin writes are served",
             );
-            for w in std::mem::take(&mut self.activation_waiters) {
+            for w in self.waiters.take_activation() {
                 self.evaluate(w)?;
             }
             self.wake_lease_waiters()?;
@@ -826,15 +607,7 @@ impl<S: MetaStore> Engine<S> {
     /// accepted (strictly later: `now` is whole seconds, never early).
     fn expire_unauthenticated(&mut self) -> Result<(), MetaError> {
         let limit = self.cfg.auth_timeout_secs;
-        let late: Vec<ConnId> = self
-            .conns
-            .iter()
-            .filter(|(_, c)| {
-                !matches!(c.session, Session::Open) && self.now.saturating_sub(c.opened) > limit
-            })
-            .map(|(id, _)| *id)
-            .collect();
-        for conn in late {
+        for conn in self.sessions.unauthenticated(self.now, limit) {
             self.log(
                 LogLevel::Warn,
                 format!("connection {conn}: no authentication within {limit} s; closing"),
@@ -845,7 +618,7 @@ impl<S: MetaStore> Engine<S> {
     }
 
     fn close(&mut self, conn: ConnId) -> Result<(), MetaError> {
-        if self.conns.contains_key(&conn) {
+        if self.sessions.contains(conn) {
             self.actions.push_back(Action::Close { conn });
             self.drop_conn(conn)?;
         }
@@ -853,10 +626,11 @@ impl<S: MetaStore> Engine<S> {
     }
 
     fn drop_conn(&mut self, conn: ConnId) -> Result<(), MetaError> {
-        let Some(c) = self.conns.remove(&conn) else {
+        let Some(c) = self.sessions.remove(conn) else {
             return Ok(());
         };
-        self.works.retain(|_, w| w.who.conn != conn);
+        self.works.forget_conn(conn);
+        let was_open_origin = c.is_open_origin();
         let mut to_wake = Vec::new();
         let mut leases_released = false;
         match (c.client, c.kind) {
@@ -873,7 +647,7 @@ impl<S: MetaStore> Engine<S> {
                         c.leases.values().sum::<u32>()
                     ),
                 );
-                self.orphans.push(OrphanedLocks {
+                self.locks.orphan(OrphanedLocks {
                     client,
                     snap,
                     held: c.held,
@@ -883,33 +657,25 @@ impl<S: MetaStore> Engine<S> {
                 });
             }
             (_, kind) => {
-                for (chunk, n) in c.held {
-                    if self.unlock(chunk, n) {
-                        to_wake.push(chunk);
-                    }
-                }
+                to_wake = self.locks.unlock_all(c.held);
                 if let Some(ClientKind::Snapshot { snap }) = kind {
                     let n: u32 =
                         c.leases.values().sum::<u32>() + c.store_reads.values().sum::<u32>();
                     leases_released = n > 0;
-                    self.release_leases(snap, n);
+                    self.locks.release_leases(snap, n);
                 }
             }
         }
-        if c.kind == Some(ClientKind::Origin) && matches!(c.session, Session::Open) {
+        if was_open_origin {
             // It may not know yet and go on writing through its promises: count it
             // until its lease has certainly run out.
             let until =
                 c.last_heard + self.cfg.origin_lease_secs + LEASE_MARGIN_SECS + CLOCK_SLACK_SECS;
             if until > self.now {
-                self.lost_origins.push(LostOrigin {
-                    client: c.client,
-                    until,
-                });
+                self.sessions.lose_origin(c.client, until);
             }
         }
-        if let Some(a) = self.announcement.as_mut() {
-            a.awaiting.remove(&conn);
+        if self.creations.acknowledged(conn, None) {
             self.try_create_announced()?;
         }
         for chunk in to_wake {
@@ -929,33 +695,11 @@ impl<S: MetaStore> Engine<S> {
         which: impl Fn(&OrphanedLocks) -> bool,
         keep_store_reads: bool,
     ) -> Result<(), MetaError> {
-        let (gone, kept): (Vec<_>, Vec<_>) = std::mem::take(&mut self.orphans)
-            .into_iter()
-            .partition(|o| which(o));
-        self.orphans = kept;
-        let mut to_wake = Vec::new();
-        let mut leases_released = false;
-        for mut o in gone {
-            for (chunk, n) in std::mem::take(&mut o.held) {
-                if self.unlock(chunk, n) {
-                    to_wake.push(chunk);
-                }
-            }
-            let mut n: u32 = std::mem::take(&mut o.leases).values().sum();
-            let snap = o.snap;
-            if keep_store_reads && o.store_reads > 0 {
-                // Only the store reads linger, until the grace time ends.
-                self.orphans.push(o);
-            } else {
-                n += o.store_reads;
-            }
-            self.release_leases(snap, n);
-            leases_released |= n > 0;
-        }
-        for chunk in to_wake {
+        let Released { unlocked, leases } = self.locks.release_orphans(which, keep_store_reads);
+        for chunk in unlocked {
             self.wake_chunk(chunk)?;
         }
-        if leases_released {
+        if leases {
             self.wake_lease_waiters()?;
         }
         Ok(())
@@ -963,13 +707,7 @@ impl<S: MetaStore> Engine<S> {
 
     fn expire_orphans(&mut self) -> Result<(), MetaError> {
         let (now, grace) = (self.now, self.cfg.orphan_lock_grace_secs);
-        let expired: Vec<ClientId> = self
-            .orphans
-            .iter()
-            .filter(|o| now.saturating_sub(o.since) >= grace)
-            .map(|o| o.client)
-            .collect();
-        for client in &expired {
+        for client in self.locks.expired_orphans(now, grace) {
             self.log(
                 LogLevel::Warn,
                 format!("snapshot client {client} did not come back within {grace}s; releasing its read locks"),
@@ -984,17 +722,7 @@ impl<S: MetaStore> Engine<S> {
     fn expire_origin_leases(&mut self) -> Result<(), MetaError> {
         let deadline = self.cfg.origin_lease_secs + LEASE_MARGIN_SECS + CLOCK_SLACK_SECS;
         let now = self.now;
-        let silent: Vec<(ConnId, Option<ClientId>, u64)> = self
-            .conns
-            .iter()
-            .filter(|(_, c)| {
-                c.kind == Some(ClientKind::Origin)
-                    && matches!(c.session, Session::Open)
-                    && now.saturating_sub(c.last_heard) >= deadline
-            })
-            .map(|(id, c)| (*id, c.client, now - c.last_heard))
-            .collect();
-        for (conn, client, quiet) in silent {
+        for (conn, client, quiet) in self.sessions.silent_origins(now, deadline) {
             self.log(
                 LogLevel::Warn,
                 format!(
@@ -1005,19 +733,17 @@ impl<S: MetaStore> Engine<S> {
             );
             self.close(conn)?;
         }
-        let before = self.lost_origins.len();
-        for l in self.lost_origins.iter().filter(|l| l.until <= now) {
-            self.actions.push_back(Action::Log {
-                level: LogLevel::Info,
-                event: None,
-                message: format!(
+        let expired = self.sessions.expire_lost_origins(now);
+        for client in &expired {
+            self.log(
+                LogLevel::Info,
+                format!(
                     "lost origin client {}: its write lease has run out",
-                    l.client.map_or("?".to_owned(), |c| c.to_string())
+                    client.map_or("?".to_owned(), |c| c.to_string())
                 ),
-            });
+            );
         }
-        self.lost_origins.retain(|l| l.until > now);
-        if self.lost_origins.len() < before || self.announcement.is_some() {
+        if !expired.is_empty() || self.creations.announced() {
             self.try_create_announced()?;
         }
         Ok(())
@@ -1025,37 +751,9 @@ impl<S: MetaStore> Engine<S> {
 
     // ---- locks ----
 
-    fn lock(&mut self, chunk: u64) {
-        *self.locks.entry(chunk).or_insert(0) += 1;
-    }
-
-    /// Releases `n` locks on `chunk`; true if it is now unlocked.
-    fn unlock(&mut self, chunk: u64, n: u32) -> bool {
-        match self.locks.get_mut(&chunk) {
-            Some(count) if *count > n => {
-                *count -= n;
-                false
-            }
-            Some(_) => {
-                self.locks.remove(&chunk);
-                true
-            }
-            None => true,
-        }
-    }
-
-    fn release_leases(&mut self, snap: SnapId, n: u32) {
-        if let Some(count) = self.snap_leases.get_mut(&snap) {
-            *count = count.saturating_sub(n);
-            if *count == 0 {
-                self.snap_leases.remove(&snap);
-            }
-        }
-    }
-
     fn wake_lease_waiters(&mut self) -> Result<(), MetaError> {
         if !self.reclaim_blocked()? {
-            for w in std::mem::take(&mut self.lease_waiters) {
+            for w in self.waiters.take_leases() {
                 self.evaluate(w)?;
             }
         }
@@ -1066,11 +764,10 @@ impl<S: MetaStore> Engine<S> {
     /// activation (leases not yet uploaded) and while a deleted or invalidated snapshot has
     /// write leases.
     fn reclaim_blocked(&mut self) -> Result<bool, MetaError> {
-        if !self.awaited.is_empty() {
+        if !self.gate.is_open() {
             return Ok(true);
         }
-        let leased: Vec<SnapId> = self.snap_leases.keys().copied().collect();
-        for snap in leased {
+        for snap in self.locks.leased_snapshots() {
             match self.store.snapshot(snap)? {
                 Some(SnapshotInfo {
                     state: SnapshotState::Live,
@@ -1084,11 +781,6 @@ impl<S: MetaStore> Engine<S> {
 
     // ---- requests ----
 
-    fn session_of(&self, conn: ConnId) -> Option<(ClientId, ClientKind)> {
-        let c = self.conns.get(&conn)?;
-        Some((c.client?, c.kind?))
-    }
-
     fn on_session_request(
         &mut self,
         conn: ConnId,
@@ -1096,7 +788,7 @@ impl<S: MetaStore> Engine<S> {
         msg: ClientMsg,
     ) -> Result<(), MetaError> {
         let who = Requester { conn, id };
-        let Some((client, kind)) = self.session_of(conn) else {
+        let Some((client, kind)) = self.sessions.session_of(conn) else {
             return Ok(());
         };
         let outcome = match msg {
@@ -1104,27 +796,28 @@ impl<S: MetaStore> Engine<S> {
                 ClientKind::Origin => self.new_work(who, WorkKind::OriginWrite, ranges),
                 _ => Err(wrong_kind("QueryWrite", kind)),
             },
-            ClientMsg::QuerySnapshotRead { snap, ranges } => self
-                .check_snapshot_kind("QuerySnapshotRead", kind, snap)
-                .and_then(|()| self.new_work(who, WorkKind::SnapshotRead(snap), ranges)),
-            ClientMsg::SnapshotWrite { snap, ranges } => self
-                .check_snapshot_kind("SnapshotWrite", kind, snap)
-                .and_then(|()| self.new_work(who, WorkKind::SnapshotWrite(snap), ranges)),
+            ClientMsg::QuerySnapshotRead { snap, ranges } => {
+                check_snapshot_kind("QuerySnapshotRead", kind, snap)
+                    .and_then(|()| self.new_work(who, WorkKind::SnapshotRead(snap), ranges))
+            }
+            ClientMsg::SnapshotWrite { snap, ranges } => {
+                check_snapshot_kind("SnapshotWrite", kind, snap)
+                    .and_then(|()| self.new_work(who, WorkKind::SnapshotWrite(snap), ranges))
+            }
             ClientMsg::FinishSnapshotRead { snap, ranges } => {
-                match self.check_snapshot_kind("FinishSnapshotRead", kind, snap) {
+                match check_snapshot_kind("FinishSnapshotRead", kind, snap) {
                     Ok(()) => self.finish_read(who, &ranges),
                     Err(r) => Err(r),
                 }
             }
             ClientMsg::FinishSnapshotWrite { snap, ranges } => {
-                match self.check_snapshot_kind("FinishSnapshotWrite", kind, snap) {
+                match check_snapshot_kind("FinishSnapshotWrite", kind, snap) {
                     Ok(()) => self.finish_write(who, snap, &ranges),
                     Err(r) => Err(r),
                 }
             }
             ClientMsg::NewSnapshotAck { snap } => {
-                if let Some(a) = self.announcement.as_mut().filter(|a| a.id == snap) {
-                    a.awaiting.remove(&conn);
+                if self.creations.acknowledged(conn, Some(snap)) {
                     self.try_create_announced()?;
                 }
                 Ok(())
@@ -1134,7 +827,7 @@ impl<S: MetaStore> Engine<S> {
                 Ok(())
             }
             ClientMsg::ReleaseStoreReads { snap, ranges } => {
-                match self.check_snapshot_kind("ReleaseStoreReads", kind, snap) {
+                match check_snapshot_kind("ReleaseStoreReads", kind, snap) {
                     Ok(()) => {
                         self.release_store_reads(conn, snap, &ranges)?;
                         Ok(())
@@ -1150,7 +843,7 @@ impl<S: MetaStore> Engine<S> {
                 self.upload_locks(who, kind, &locks, &leases)
             }
             ClientMsg::ResendDone => {
-                if let Some(c) = self.conns.get_mut(&conn) {
+                if let Some(c) = self.sessions.get_mut(conn) {
                     c.resend_done = true;
                 }
                 self.reply(conn, id, ServerMsg::ResendDoneOk);
@@ -1279,65 +972,13 @@ impl<S: MetaStore> Engine<S> {
         Ok(Ok(()))
     }
 
-    fn check_snapshot_kind(
-        &self,
-        what: &str,
-        kind: ClientKind,
-        snap: SnapId,
-    ) -> Result<(), Reject> {
-        match kind {
-            ClientKind::Snapshot { snap: mine } if mine == snap => Ok(()),
-            ClientKind::Snapshot { snap: mine } => Err(Reject(
-                ErrorCode::WrongClientKind,
-                format!("{what} for snapshot {snap} on a connection for snapshot {mine}"),
-            )),
-            _ => Err(wrong_kind(what, kind)),
-        }
-    }
-
-    /// Checks request ranges: non-empty, no wrap-around, inside the origin, not too many.
+    /// Checks request ranges against the origin and the request size limit.
     fn request_chunks(&self, ranges: &[ChunkRange]) -> Result<BTreeSet<u64>, Reject> {
-        if ranges.is_empty() {
-            return Err(Reject(
-                ErrorCode::BadRequest,
-                "no chunk ranges given".into(),
-            ));
-        }
-        let mut total: u64 = 0;
-        for r in ranges {
-            if r.count == 0 {
-                return Err(Reject(
-                    ErrorCode::BadRequest,
-                    format!("empty chunk range at {}", r.start),
-                ));
-            }
-            let end = r.chunks().map(|c| c.end).ok_or_else(|| {
-                Reject(
-                    ErrorCode::OutOfRange,
-                    format!("chunk range {}+{} wraps around", r.start, r.count),
-                )
-            })?;
-            if end > self.geometry.origin_chunks {
-                return Err(Reject(
-                    ErrorCode::OutOfRange,
-                    format!(
-                        "chunk range {}+{} ends beyond the origin ({} chunks)",
-                        r.start, r.count, self.geometry.origin_chunks
-                    ),
-                ));
-            }
-            total += u64::from(r.count);
-            if total > self.cfg.max_request_chunks {
-                return Err(Reject(
-                    ErrorCode::TooLarge,
-                    format!(
-                        "request names more than {} chunks",
-                        self.cfg.max_request_chunks
-                    ),
-                ));
-            }
-        }
-        Ok(ranges.iter().filter_map(|r| r.chunks()).flatten().collect())
+        requests::request_chunks(
+            ranges,
+            self.geometry.origin_chunks,
+            self.cfg.max_request_chunks,
+        )
     }
 
     fn new_work(
@@ -1347,17 +988,12 @@ impl<S: MetaStore> Engine<S> {
         ranges: Vec<ChunkRange>,
     ) -> Result<(), Reject> {
         let chunks = self.request_chunks(&ranges)?;
-        let w = self.next_work;
-        self.next_work += 1;
-        self.works.insert(
-            w,
-            Work {
-                who,
-                kind,
-                ranges,
-                chunks,
-            },
-        );
+        let w = self.works.add(Work {
+            who,
+            kind,
+            ranges,
+            chunks,
+        });
         // A store failure inside is recorded as fatal; the request gets no answer then.
         if let Err(e) = self.evaluate(w) {
             self.fail(format!("snapshot store failed: {e}"));
@@ -1367,29 +1003,19 @@ impl<S: MetaStore> Engine<S> {
 
     fn finish_read(&mut self, who: Requester, ranges: &[ChunkRange]) -> Result<(), Reject> {
         let chunks = self.request_chunks(ranges)?;
-        let Some(c) = self.conns.get_mut(&who.conn) else {
+        let Some(c) = self.sessions.get_mut(who.conn) else {
             return Ok(());
         };
-        if let Some(missing) = chunks.iter().find(|ch| !c.held.contains_key(ch)) {
+        if let Err(missing) = c.release_held(&chunks) {
             return Err(Reject(
                 ErrorCode::NotLocked,
                 format!("no read lock held on chunk {missing}"),
             ));
         }
-        for ch in &chunks {
-            if let Some(n) = c.held.get_mut(ch) {
-                *n -= 1;
-                if *n == 0 {
-                    c.held.remove(ch);
-                }
-            }
-        }
-        let mut freed = Vec::new();
-        for ch in chunks {
-            if self.unlock(ch, 1) {
-                freed.push(ch);
-            }
-        }
+        let freed: Vec<u64> = chunks
+            .into_iter()
+            .filter(|&ch| self.locks.unlock(ch, 1))
+            .collect();
         self.reply(who.conn, who.id, ServerMsg::FinishSnapshotReadOk);
         for ch in freed {
             if let Err(e) = self.wake_chunk(ch) {
@@ -1414,20 +1040,12 @@ impl<S: MetaStore> Engine<S> {
                 return Ok(());
             }
         };
-        let mut released = 0;
-        if let Some(c) = self.conns.get_mut(&conn) {
-            for ch in chunks {
-                if let Some(n) = c.store_reads.get_mut(&ch) {
-                    *n -= 1;
-                    if *n == 0 {
-                        c.store_reads.remove(&ch);
-                    }
-                    released += 1;
-                }
-            }
-        }
+        let released = self
+            .sessions
+            .get_mut(conn)
+            .map_or(0, |c| c.release_store_reads(&chunks));
         if released > 0 {
-            self.release_leases(snap, released);
+            self.locks.release_leases(snap, released);
             self.wake_lease_waiters()?;
         }
         Ok(())
@@ -1440,24 +1058,16 @@ impl<S: MetaStore> Engine<S> {
         ranges: &[ChunkRange],
     ) -> Result<(), Reject> {
         let chunks = self.request_chunks(ranges)?;
-        let Some(c) = self.conns.get_mut(&who.conn) else {
+        let Some(c) = self.sessions.get_mut(who.conn) else {
             return Ok(());
         };
-        if let Some(missing) = chunks.iter().find(|ch| !c.leases.contains_key(ch)) {
+        if let Err(missing) = c.release_leases(&chunks) {
             return Err(Reject(
                 ErrorCode::NotLocked,
                 format!("no write lease held on chunk {missing}"),
             ));
         }
-        for ch in &chunks {
-            if let Some(n) = c.leases.get_mut(ch) {
-                *n -= 1;
-                if *n == 0 {
-                    c.leases.remove(ch);
-                }
-            }
-        }
-        self.release_leases(snap, chunks.len() as u32);
+        self.locks.release_leases(snap, chunks.len() as u32);
         self.reply(who.conn, who.id, ServerMsg::FinishSnapshotWriteOk);
         if let Err(e) = self.wake_lease_waiters() {
             self.fail(format!("snapshot store failed: {e}"));
@@ -1475,7 +1085,7 @@ impl<S: MetaStore> Engine<S> {
         let ClientKind::Snapshot { snap: mine } = kind else {
             return Err(wrong_kind("UploadLocks", kind));
         };
-        if self.conns.get(&who.conn).is_some_and(|c| c.resend_done) {
+        if self.sessions.get(who.conn).is_some_and(|c| c.resend_done) {
             return Err(Reject(
                 ErrorCode::BadRequest,
                 "UploadLocks after ResendDone".into(),
@@ -1497,19 +1107,17 @@ impl<S: MetaStore> Engine<S> {
                 out.extend(self.request_chunks(std::slice::from_ref(&l.range))?);
             }
         }
-        for ch in lock_chunks {
-            self.lock(ch);
-            if let Some(c) = self.conns.get_mut(&who.conn) {
-                *c.held.entry(ch).or_insert(0) += 1;
-            }
+        for &ch in &lock_chunks {
+            self.locks.lock(ch);
         }
-        for &ch in &lease_chunks {
-            if let Some(c) = self.conns.get_mut(&who.conn) {
-                *c.leases.entry(ch).or_insert(0) += 1;
+        self.locks.add_leases(mine, lease_chunks.len() as u32);
+        if let Some(c) = self.sessions.get_mut(who.conn) {
+            for ch in lock_chunks {
+                count_one(&mut c.held, ch);
             }
-        }
-        if !lease_chunks.is_empty() {
-            *self.snap_leases.entry(mine).or_insert(0) += lease_chunks.len() as u32;
+            for ch in lease_chunks {
+                count_one(&mut c.leases, ch);
+            }
         }
         self.reply(who.conn, who.id, ServerMsg::UploadLocksOk);
         Ok(())
@@ -1518,42 +1126,35 @@ impl<S: MetaStore> Engine<S> {
     // ---- work evaluation ----
 
     fn evaluate(&mut self, w: WorkId) -> Result<(), MetaError> {
-        let Some(work) = self.works.get(&w) else {
+        let Some(kind) = self.works.kind(w) else {
             return Ok(());
         };
-        match work.kind {
+        match kind {
             WorkKind::OriginWrite => self.eval_origin_write(w),
             WorkKind::SnapshotRead(snap) => self.eval_snapshot_read(w, snap),
             WorkKind::SnapshotWrite(snap) => self.eval_snapshot_write(w, snap),
         }
     }
 
-    fn work_chunks(&self, w: WorkId) -> Vec<u64> {
-        self.works
-            .get(&w)
-            .map(|work| work.chunks.iter().copied().collect())
-            .unwrap_or_default()
-    }
-
     fn finish_work(&mut self, w: WorkId, msg: ServerMsg) {
-        if let Some(work) = self.works.remove(&w) {
-            self.reply(work.who.conn, work.who.id, msg);
+        if let Some(who) = self.works.finish(w) {
+            self.reply(who.conn, who.id, msg);
         }
     }
 
     fn eval_origin_write(&mut self, w: WorkId) -> Result<(), MetaError> {
-        if !self.awaited.is_empty() {
-            self.activation_waiters.insert(w);
+        if !self.gate.is_open() {
+            self.waiters.on_activation(w);
             return Ok(());
         }
-        if self.announcement.is_some() {
-            self.announcement_waiters.insert(w);
+        if self.creations.announced() {
+            self.waiters.on_announcement(w);
             return Ok(());
         }
         let mut blocked = false;
-        for c in self.work_chunks(w) {
-            if self.origin_copies.contains_key(&c) {
-                self.wait_chunk(c, w);
+        for c in self.works.chunks(w) {
+            if self.copies.copying_out(c) {
+                self.waiters.on_chunk(c, w);
                 blocked = true;
                 continue;
             }
@@ -1563,7 +1164,7 @@ impl<S: MetaStore> Engine<S> {
                     CopySource::Origin { chunk: c },
                 )? {
                     CopyStart::Started => {
-                        self.wait_chunk(c, w);
+                        self.waiters.on_chunk(c, w);
                         blocked = true;
                         continue;
                     }
@@ -1573,7 +1174,7 @@ impl<S: MetaStore> Engine<S> {
                         continue;
                     }
                     CopyStart::AfterLeases => {
-                        self.lease_waiters.insert(w);
+                        self.waiters.on_leases(w);
                         blocked = true;
                         continue;
                     }
@@ -1582,20 +1183,16 @@ impl<S: MetaStore> Engine<S> {
                 }
             }
             if self.read_locks(c) > 0 {
-                self.wait_chunk(c, w);
+                self.waiters.on_chunk(c, w);
                 blocked = true;
             }
-            if !self.chunk_committed(c) {
+            if !self.commits.chunk_committed(c) {
                 self.wait_commit(w);
                 blocked = true;
             }
         }
         if !blocked {
-            let ranges = self
-                .works
-                .get(&w)
-                .map(|x| x.ranges.clone())
-                .unwrap_or_default();
+            let ranges = self.works.ranges(w);
             let unique = self.cfg.promise_unique;
             self.finish_work(w, ServerMsg::OriginWriteOk { ranges, unique });
         }
@@ -1604,7 +1201,7 @@ impl<S: MetaStore> Engine<S> {
 
     /// Whether `snap` can be read/written now: `Some(reject)` refuses the request.
     fn snapshot_usable(&mut self, snap: SnapId) -> Result<Option<Reject>, MetaError> {
-        if self.pending_snaps.contains_key(&snap) {
+        if self.creations.is_pending(snap) {
             return Ok(Some(Reject(
                 ErrorCode::NoSuchSnapshot,
                 format!("snapshot {snap} is still being created"),
@@ -1638,12 +1235,12 @@ impl<S: MetaStore> Engine<S> {
         let mut blocked = false;
         let mut store = Vec::new();
         let mut origin = Vec::new();
-        for c in self.work_chunks(w) {
+        for c in self.works.chunks(w) {
             match self.store.snapshot_chunk(snap, c)? {
                 // Never expose an exception a crash could still undo: its copy may predate
                 // an origin write that raced the snapshot's creation, and after a crash the
                 // snapshot would read that write from the origin instead.
-                SnapChunk::Store { .. } if !self.exceptions_committed(c) => {
+                SnapChunk::Store { .. } if !self.commits.exceptions_committed(c) => {
                     self.wait_commit(w);
                     blocked = true;
                 }
@@ -1653,8 +1250,8 @@ impl<S: MetaStore> Engine<S> {
                 }),
                 // A copy-out in flight will give the snapshot its own copy: wait for it
                 // rather than lock the origin (which would hold up the writer).
-                SnapChunk::Origin if self.origin_copies.contains_key(&c) => {
-                    self.wait_chunk(c, w);
+                SnapChunk::Origin if self.copies.copying_out(c) => {
+                    self.waiters.on_chunk(c, w);
                     blocked = true;
                 }
                 SnapChunk::Origin => origin.push(c),
@@ -1663,22 +1260,20 @@ impl<S: MetaStore> Engine<S> {
         if blocked {
             return Ok(());
         }
-        let Some(conn) = self.works.get(&w).map(|x| x.who.conn) else {
+        let Some(conn) = self.works.conn(w) else {
             return Ok(());
         };
         for &c in &origin {
-            self.lock(c);
-            if let Some(cn) = self.conns.get_mut(&conn) {
-                *cn.held.entry(c).or_insert(0) += 1;
-            }
+            self.locks.lock(c);
         }
-        if !store.is_empty() {
-            if let Some(cn) = self.conns.get_mut(&conn) {
-                for a in &store {
-                    *cn.store_reads.entry(a.chunk).or_insert(0) += 1;
-                }
-                *self.snap_leases.entry(snap).or_insert(0) += store.len() as u32;
+        if let Some(cn) = self.sessions.get_mut(conn) {
+            for &c in &origin {
+                count_one(&mut cn.held, c);
             }
+            for a in &store {
+                count_one(&mut cn.store_reads, a.chunk);
+            }
+            self.locks.add_leases(snap, store.len() as u32);
         }
         self.finish_work(
             w,
@@ -1697,9 +1292,9 @@ impl<S: MetaStore> Engine<S> {
         }
         let mut blocked = false;
         let mut addrs = Vec::new();
-        for c in self.work_chunks(w) {
-            if self.unshares.contains_key(&(snap, c)) {
-                self.wait_chunk(c, w);
+        for c in self.works.chunks(w) {
+            if self.copies.unsharing(snap, c) {
+                self.waiters.on_chunk(c, w);
                 blocked = true;
                 continue;
             }
@@ -1708,7 +1303,7 @@ impl<S: MetaStore> Engine<S> {
                     store_chunk,
                     exclusive: true,
                 } => {
-                    if self.chunk_committed(c) {
+                    if self.commits.chunk_committed(c) {
                         addrs.push(StoreAddr {
                             chunk: c,
                             store_chunk,
@@ -1730,9 +1325,9 @@ impl<S: MetaStore> Engine<S> {
                     },
                     CopySource::Store { store_chunk },
                 ),
-                SnapChunk::Origin if self.origin_copies.contains_key(&c) => {
+                SnapChunk::Origin if self.copies.copying_out(c) => {
                     // Copy from the shared copy-out once it lands instead of racing it.
-                    self.wait_chunk(c, w);
+                    self.waiters.on_chunk(c, w);
                     blocked = true;
                     continue;
                 }
@@ -1747,10 +1342,10 @@ impl<S: MetaStore> Engine<S> {
             };
             blocked = true;
             match self.start_copy(kind, from)? {
-                CopyStart::Started => self.wait_chunk(c, w),
+                CopyStart::Started => self.waiters.on_chunk(c, w),
                 CopyStart::AfterCommit => self.wait_commit(w),
                 CopyStart::AfterLeases => {
-                    self.lease_waiters.insert(w);
+                    self.waiters.on_leases(w);
                 }
                 CopyStart::Full | CopyStart::NotNeeded => {
                     self.reject_work(
@@ -1768,13 +1363,13 @@ impl<S: MetaStore> Engine<S> {
             }
         }
         if !blocked {
-            if let Some(conn) = self.works.get(&w).map(|x| x.who.conn) {
-                if let Some(c) = self.conns.get_mut(&conn) {
+            if let Some(conn) = self.works.conn(w) {
+                if let Some(c) = self.sessions.get_mut(conn) {
                     for a in &addrs {
-                        *c.leases.entry(a.chunk).or_insert(0) += 1;
+                        count_one(&mut c.leases, a.chunk);
                     }
                 }
-                *self.snap_leases.entry(snap).or_insert(0) += addrs.len() as u32;
+                self.locks.add_leases(snap, addrs.len() as u32);
             }
             self.finish_work(w, ServerMsg::SnapshotWriteOk { addrs });
         }
@@ -1802,13 +1397,9 @@ impl<S: MetaStore> Engine<S> {
             VictimRule::CopyOut(_) => CopyStart::NotNeeded,
             _ => CopyStart::Full,
         };
-        // Records the copy's recording inserts: one for a copy-out (more only when snapshot
-        // writes left several gaps: then the record may fail after the copy, which
-        // `on_copy_done` handles), up to three for an unshare's split.
-        let records = match kind {
-            CopyKind::OriginCopyOut { .. } => 1,
-            CopyKind::Unshare { .. } => 3,
-        } + ROW_HEADROOM_INSERTS;
+        // Records the copy's recording inserts (`on_copy_done` handles a record that
+        // fails after the copy).
+        let records = kind.records() + ROW_HEADROOM_INSERTS;
         let to = loop {
             // Make room for the records first: a copy whose record does not fit is wasted.
             if self.metadata_short(records)? {
@@ -1831,26 +1422,15 @@ impl<S: MetaStore> Engine<S> {
                 Err(e) => return Err(e),
             }
         };
-        let copy = self.next_copy;
-        self.next_copy += 1;
-        let purpose = match kind {
-            CopyKind::OriginCopyOut { chunk } => {
-                self.origin_copies.insert(chunk, copy);
-                CopyPurpose::CopyOut
-            }
-            CopyKind::Unshare {
-                snap,
-                chunk,
-                locked,
-            } => {
-                self.unshares.insert((snap, chunk), copy);
-                if locked {
-                    self.lock(chunk);
-                }
-                CopyPurpose::Unshare { snap }
-            }
-        };
-        self.copies.insert(copy, CopyJob { kind, to });
+        if let CopyKind::Unshare {
+            chunk,
+            locked: true,
+            ..
+        } = kind
+        {
+            self.locks.lock(chunk);
+        }
+        let (copy, purpose) = self.copies.start(kind, to);
         self.actions.push_back(Action::Copy {
             copy,
             from,
@@ -1872,8 +1452,8 @@ impl<S: MetaStore> Engine<S> {
     /// reclaim, and if that is not enough, invalidate snapshots per the policy, oldest
     /// first, until there is room.
     fn make_space(&mut self, rule: VictimRule, area: Area) -> Result<Space, MetaError> {
-        if area == Area::Data && self.free_gen > self.committed_gen {
-            self.commit_wanted = true;
+        if area == Area::Data && self.commits.frees_uncommitted() {
+            self.commits.want();
             return Ok(Space::AfterCommit);
         }
         if self.reclaim_blocked()? {
@@ -1930,7 +1510,7 @@ impl<S: MetaStore> Engine<S> {
             Area::Metadata { .. } => format!("store metadata full ({policy})"),
         };
         self.store.invalidate_snapshot(victim, &reason)?;
-        self.snapset_gen = self.touch();
+        self.commits.snapset_changed();
         self.reclaiming = true;
         let (which, why) = match rule {
             VictimRule::CopyOut(chunk) => (
@@ -1988,7 +1568,7 @@ impl<S: MetaStore> Engine<S> {
                 self.reclaiming = false;
             }
             if p.freed_chunks > 0 {
-                self.free_gen = self.touch();
+                self.commits.chunks_freed();
                 return Ok(true);
             }
         }
@@ -2000,7 +1580,7 @@ impl<S: MetaStore> Engine<S> {
         while self.reclaiming {
             let p = self.store.reclaim_step(self.cfg.reclaim_budget.max(1024))?;
             if p.freed_chunks > 0 {
-                self.free_gen = self.touch();
+                self.commits.chunks_freed();
             }
             if p.done {
                 self.reclaiming = false;
@@ -2028,7 +1608,7 @@ impl<S: MetaStore> Engine<S> {
         if self.reclaiming && !self.reclaim_blocked()? {
             let p = self.store.reclaim_step(budget)?;
             if p.freed_chunks > 0 {
-                self.free_gen = self.touch();
+                self.commits.chunks_freed();
             }
             if p.done {
                 self.reclaiming = false;
@@ -2038,7 +1618,7 @@ impl<S: MetaStore> Engine<S> {
     }
 
     fn on_copy_done(&mut self, copy: CopyId, result: Result<(), String>) -> Result<(), MetaError> {
-        let Some(job) = self.copies.remove(&copy) else {
+        let Some(job) = self.copies.finish(copy) else {
             self.log(
                 LogLevel::Warn,
                 format!("CopyDone for unknown copy {copy}; ignored"),
@@ -2051,12 +1631,8 @@ impl<S: MetaStore> Engine<S> {
         }
         let chunk = match job.kind {
             CopyKind::OriginCopyOut { chunk } => {
-                self.origin_copies.remove(&chunk);
                 match self.store.record_copy_out(chunk, job.to) {
-                    Ok(true) => {
-                        let gen = self.touch();
-                        self.chunk_gen.insert(chunk, gen);
-                    }
+                    Ok(true) => self.commits.exception_recorded(chunk),
                     Ok(false) => {}
                     // Nothing recorded: free the copy, make room, and let the writes waiting
                     // for this chunk start over (a new copy-out, or none if no snapshot
@@ -2074,15 +1650,11 @@ impl<S: MetaStore> Engine<S> {
                 chunk,
                 locked,
             } => {
-                self.unshares.remove(&(snap, chunk));
                 if locked {
-                    self.unlock(chunk, 1);
+                    self.locks.unlock(chunk, 1);
                 }
                 match self.store.record_snapshot_exception(snap, chunk, job.to) {
-                    Ok(()) => {
-                        let gen = self.touch();
-                        self.chunk_gen.insert(chunk, gen);
-                    }
+                    Ok(()) => self.commits.exception_recorded(chunk),
                     // Deleted or invalidated while the copy ran: the copy is not needed.
                     Err(MetaError::NoSuchSnapshot(_) | MetaError::NotLive(_)) => {
                         self.store.release_chunk(job.to)?;
@@ -2125,17 +1697,8 @@ impl<S: MetaStore> Engine<S> {
     /// Answers `StoreFull` to the writes of `snap` waiting for an unshare of `chunk` that
     /// found no room and had nothing to give up.
     fn refuse_snapshot_writes(&mut self, snap: SnapId, chunk: u64) {
-        let waiting: Vec<WorkId> = self
-            .chunk_waiters
-            .get(&chunk)
-            .map(|ws| ws.iter().copied().collect())
-            .unwrap_or_default();
-        for w in waiting {
-            if self
-                .works
-                .get(&w)
-                .is_some_and(|x| x.kind == WorkKind::SnapshotWrite(snap))
-            {
+        for w in self.waiters.waiting_on_chunk(chunk) {
+            if self.works.kind(w) == Some(WorkKind::SnapshotWrite(snap)) {
                 self.reject_work(
                     w,
                     Reject(
@@ -2168,11 +1731,7 @@ impl<S: MetaStore> Engine<S> {
                 return Ok(());
             }
         }
-        let queued = self
-            .requested_snaps
-            .iter()
-            .chain(self.announcement.as_ref().map(|a| &a.request))
-            .any(|r| r.name == name);
+        let queued = self.creations.is_queued(name);
         let exists = match self.store.snapshot_by_name(name) {
             Ok(found) => found.is_some(),
             Err(e) => {
@@ -2186,7 +1745,7 @@ impl<S: MetaStore> Engine<S> {
                 format!("a snapshot named {name:?} already exists"),
             ));
         }
-        let unborn = self.requested_snaps.len() + usize::from(self.announcement.is_some());
+        let unborn = self.creations.unborn();
         match self.too_many_snapshots(unborn as u64 + 1) {
             Ok(None) => {}
             Ok(Some(r)) => return Err(r),
@@ -2195,7 +1754,7 @@ impl<S: MetaStore> Engine<S> {
                 return Ok(());
             }
         }
-        self.requested_snaps.push_back(RequestedSnapshot {
+        self.creations.request(RequestedSnapshot {
             who,
             name: name.to_owned(),
             token,
@@ -2215,13 +1774,7 @@ impl<S: MetaStore> Engine<S> {
         if token & super::meta_store::CREATE_TOKEN_MASK == 0 {
             return Ok(false);
         }
-        let same = |r: &RequestedSnapshot| r.name == name && r.token == token;
-        if let Some(r) = self.requested_snaps.iter_mut().find(|r| same(r)) {
-            r.who = who;
-            return Ok(true);
-        }
-        if let Some(a) = self.announcement.as_mut().filter(|a| same(&a.request)) {
-            a.request.who = who;
+        if self.creations.resent_before_creation(name, token, who) {
             return Ok(true);
         }
         let Some(info) = self.store.snapshot_by_name(name)? else {
@@ -2237,10 +1790,8 @@ impl<S: MetaStore> Engine<S> {
                 info.id
             ),
         );
-        if let Some(p) = self.pending_snaps.get_mut(&info.id) {
-            // Answered once its creation is committed.
-            p.who = who;
-        } else {
+        // A pending one is answered once its creation is committed.
+        if !self.creations.resent_pending(info.id, who) {
             self.reply(who.conn, who.id, ServerMsg::SnapshotCreated { info });
         }
         Ok(true)
@@ -2249,21 +1800,11 @@ impl<S: MetaStore> Engine<S> {
     /// Phase one (see [`Announcement`]): when no announcement is out, announce the next
     /// requested snapshot to every origin client and hold origin grants.
     fn announce_next_snapshot(&mut self) -> Result<(), MetaError> {
-        if self.announcement.is_some() {
-            return Ok(());
-        }
-        let Some(request) = self.requested_snaps.pop_front() else {
+        let Some(request) = self.creations.next_to_announce() else {
             return Ok(());
         };
         let id = self.store.next_snapshot_id()?;
-        let awaiting: BTreeSet<ConnId> = self
-            .conns
-            .iter()
-            .filter(|(_, c)| {
-                matches!(c.session, Session::Open) && c.kind == Some(ClientKind::Origin)
-            })
-            .map(|(id, _)| *id)
-            .collect();
+        let awaiting = self.sessions.open_origins();
         for &conn in &awaiting {
             self.send(conn, None, ServerMsg::NewSnapshot { snap: id });
         }
@@ -2275,11 +1816,7 @@ impl<S: MetaStore> Engine<S> {
                 awaiting.len()
             ),
         );
-        self.announcement = Some(Announcement {
-            request,
-            id,
-            awaiting,
-        });
+        self.creations.announce(request, id, awaiting);
         self.try_create_announced()
     }
 
@@ -2287,16 +1824,10 @@ impl<S: MetaStore> Engine<S> {
     /// origin; create the snapshot in the store now, release the held writes (they copy
     /// out for it), and make it visible once the creation is committed.
     fn try_create_announced(&mut self) -> Result<(), MetaError> {
-        if !self
-            .announcement
-            .as_ref()
-            .is_some_and(|a| a.awaiting.is_empty())
-            || !self.lost_origins.is_empty()
-            || self.now < self.cfg.hold_snapshots_until
-        {
+        if self.sessions.origins_lost() || self.now < self.cfg.hold_snapshots_until {
             return Ok(());
         }
-        let Some(Announcement { request, id, .. }) = self.announcement.take() else {
+        let Some((request, id)) = self.creations.take_acknowledged() else {
             return Ok(());
         };
         match self
@@ -2311,15 +1842,9 @@ impl<S: MetaStore> Engine<S> {
                         format!("snapshot announced as {id} was created as {}", info.id),
                     );
                 }
-                let gen = self.touch();
-                self.pending_snaps.insert(
-                    info.id,
-                    PendingSnapshot {
-                        who: request.who,
-                        gen,
-                    },
-                );
-                self.try_finish_creation(info.id)?;
+                let gen = self.commits.touch();
+                self.creations.created(info.id, request.who, gen);
+                self.finish_creations()?;
             }
             Err(MetaError::BadName { name, why }) => self.reject(
                 request.who,
@@ -2346,23 +1871,25 @@ impl<S: MetaStore> Engine<S> {
             ),
             Err(e) => return Err(e),
         }
-        for w in std::mem::take(&mut self.announcement_waiters) {
+        for w in self.waiters.take_announcement() {
             self.evaluate(w)?;
         }
         self.announce_next_snapshot()
     }
 
-    fn try_finish_creation(&mut self, snap: SnapId) -> Result<(), MetaError> {
+    /// Makes the snapshots whose creation is committed visible, answering their requests.
+    fn finish_creations(&mut self) -> Result<(), MetaError> {
+        let commits = &self.commits;
         let ready = self
-            .pending_snaps
-            .get(&snap)
-            .is_some_and(|p| p.gen <= self.committed_gen);
-        if !ready {
-            return Ok(());
+            .creations
+            .take_committed(|gen| commits.is_committed(gen));
+        for (snap, who) in ready {
+            self.finish_creation(snap, who)?;
         }
-        let Some(p) = self.pending_snaps.remove(&snap) else {
-            return Ok(());
-        };
+        Ok(())
+    }
+
+    fn finish_creation(&mut self, snap: SnapId, who: Requester) -> Result<(), MetaError> {
         match self.store.snapshot(snap)? {
             Some(info) => {
                 self.log_event(
@@ -2373,10 +1900,10 @@ impl<S: MetaStore> Engine<S> {
                     },
                     format!("snapshot {} ({:?}) is live", info.id, info.name),
                 );
-                self.reply(p.who.conn, p.who.id, ServerMsg::SnapshotCreated { info });
+                self.reply(who.conn, who.id, ServerMsg::SnapshotCreated { info });
             }
             None => self.reject(
-                p.who,
+                who,
                 Reject(
                     ErrorCode::NoSuchSnapshot,
                     format!("snapshot {snap} disappeared during creation"),
@@ -2391,7 +1918,7 @@ impl<S: MetaStore> Engine<S> {
             SnapRef::Id(id) => self.store.snapshot(*id)?,
             SnapRef::Name(name) => self.store.snapshot_by_name(name)?,
         };
-        Ok(info.filter(|i| !self.pending_snaps.contains_key(&i.id)))
+        Ok(info.filter(|i| !self.creations.is_pending(i.id)))
     }
 
     fn delete_snapshot(&mut self, who: Requester, snap: SnapId) -> Result<(), Reject> {
@@ -2403,8 +1930,7 @@ impl<S: MetaStore> Engine<S> {
                 )));
             };
             self.store.delete_snapshot(info.id)?;
-            let gen = self.touch();
-            self.snapset_gen = gen;
+            let gen = self.commits.snapset_changed();
             self.reclaiming = true;
             self.log_event(
                 LogLevel::Info,
@@ -2417,8 +1943,8 @@ impl<S: MetaStore> Engine<S> {
                     info.id, info.name
                 ),
             );
-            self.deferred
-                .push((gen, who, ServerMsg::SnapshotDeleted { snap: info.id }));
+            self.commits
+                .defer(gen, who, ServerMsg::SnapshotDeleted { snap: info.id });
             Ok(Ok(()))
         })();
         match result {
@@ -2432,7 +1958,7 @@ impl<S: MetaStore> Engine<S> {
 
     fn visible_snapshots(&mut self) -> Result<Vec<SnapshotInfo>, MetaError> {
         let mut list = self.store.list_snapshots()?;
-        list.retain(|s| !self.pending_snaps.contains_key(&s.id));
+        list.retain(|s| !self.creations.is_pending(s.id));
         Ok(list)
     }
 
@@ -2441,19 +1967,18 @@ impl<S: MetaStore> Engine<S> {
     fn check_space(&mut self) -> Result<(), MetaError> {
         for (area, used, total) in self.usage()? {
             let levels = match area {
-                StoreArea::Data => self.cfg.data_warn_percents.clone(),
-                StoreArea::Metadata => self.cfg.metadata_warn_percents.clone(),
+                StoreArea::Data => &self.cfg.data_warn_percents,
+                StoreArea::Metadata => &self.cfg.metadata_warn_percents,
             };
+            let crossings = self.space.crossings(area, used, total, levels);
             let unit = match area {
                 StoreArea::Data => "chunks",
                 StoreArea::Metadata => "node blocks",
             };
-            let pct = percent(used, total);
-            for level in levels {
-                let warned = self.space_warned.contains(&(area, level));
-                if !warned && at_level(used, total, level) {
-                    self.space_warned.insert((area, level));
-                    self.log_event(
+            let pct = space::percent(used, total);
+            for crossing in crossings {
+                match crossing {
+                    Crossing::Reached { level } => self.log_event(
                         LogLevel::Warn,
                         LogEvent {
                             area: Some(area.to_string()),
@@ -2465,16 +1990,14 @@ impl<S: MetaStore> Engine<S> {
                             area,
                             self.cfg.store_full_policy
                         ),
-                    );
-                } else if warned && below(used, total, rearm_level(level)) {
-                    self.space_warned.remove(&(area, level));
-                    self.log(
+                    ),
+                    Crossing::Rearmed { level } => self.log(
                         LogLevel::Info,
                         format!(
                             "snapshot store {} back to {pct}% used, below the {level}% warning level",
                             area
                         ),
-                    );
+                    ),
                 }
             }
         }
@@ -2507,16 +2030,11 @@ impl<S: MetaStore> Engine<S> {
                 StoreArea::Data => &self.cfg.data_warn_percents,
                 StoreArea::Metadata => &self.cfg.metadata_warn_percents,
             };
-            if let Some(level) = levels
-                .iter()
-                .copied()
-                .filter(|l| at_level(used, total, *l))
-                .max()
-            {
+            if let Some(level) = space::current_level(used, total, levels) {
                 out.push(SpaceWarning {
                     area,
                     level_percent: level,
-                    used_percent: percent(used, total),
+                    used_percent: space::percent(used, total),
                 });
             }
         }
@@ -2545,17 +2063,15 @@ impl<S: MetaStore> Engine<S> {
         let space_warnings = self.space_warnings()?;
         let snapshots = self.visible_snapshots()?.len() as u32;
         Ok(ServerStatus {
-            active: self.awaited.is_empty(),
-            awaited_clients: self.awaited.iter().copied().collect(),
-            connected_clients: self.conns.len() as u32,
+            active: self.gate.is_open(),
+            awaited_clients: self.gate.awaited(),
+            connected_clients: self.sessions.len() as u32,
             chunk_size: stats.chunk_size,
             origin_chunks: stats.origin_chunks,
             store_chunks: stats.store_chunks,
             free_chunks: stats.free_chunks,
             snapshots,
-            pending_snapshots: (self.pending_snaps.len()
-                + self.requested_snaps.len()
-                + usize::from(self.announcement.is_some())) as u32,
+            pending_snapshots: self.creations.in_progress() as u32,
             store_full_policy: self.cfg.store_full_policy.to_string(),
             reclaiming: self.reclaiming,
             reclaim: if self.reclaiming {
@@ -2575,42 +2091,4 @@ impl<S: MetaStore> Engine<S> {
             space_warnings,
         })
     }
-}
-
-/// `used` of `total` in percent, rounded down (0 for an empty area).
-fn percent(used: u64, total: u64) -> u8 {
-    if total == 0 {
-        return 0;
-    }
-    (u128::from(used) * 100 / u128::from(total)).min(100) as u8
-}
-
-/// Where a warning at `level` percent is re-armed: `WARN_REARM_POINTS` lower, or half
-/// the level for levels under twice that.
-fn rearm_level(level: u8) -> u8 {
-    level - WARN_REARM_POINTS.min(level / 2)
-}
-
-/// Is `used` of `total` below `level` percent?
-fn below(used: u64, total: u64, level: u8) -> bool {
-    u128::from(used) * 100 < u128::from(level) * u128::from(total)
-}
-
-/// Is `used` of `total` at or above `level` percent? A level of 0 or an empty area never is.
-fn at_level(used: u64, total: u64, level: u8) -> bool {
-    level > 0 && total > 0 && u128::from(used) * 100 >= u128::from(level) * u128::from(total)
-}
-
-fn error(code: ErrorCode, message: impl Into<String>) -> ServerMsg {
-    ServerMsg::Error {
-        code,
-        message: message.into(),
-    }
-}
-
-fn wrong_kind(what: &str, kind: ClientKind) -> Reject {
-    Reject(
-        ErrorCode::WrongClientKind,
-        format!("{what} is not allowed on a {kind:?} connection"),
-    )
 }

@@ -4,10 +4,34 @@
 //! * [`MetaStore`]: what the engine needs from the snapshot store; [`MemStore`] is the
 //!   in-memory reference implementation.
 //! * [`Engine`]: feed [`Event`]s, carry out [`Action`]s. No sockets, threads or clocks.
+//!
+//! The engine's state is split into parts, each a struct in its own file with pure
+//! methods on its own state and one invariant to keep; `machine.rs` holds the [`Engine`],
+//! which owns one of each and is the only file that combines them (the parts never import
+//! it):
+//!
+//! * `sessions`: connections, authentication, what each holds, lost origin clients;
+//! * `gate`: the activation gate (snapshot clients of the previous server awaited);
+//! * `locks`: read locks, snapshot write leases, orphaned locks;
+//! * `work` and `waiters`: requests not answered yet, and what each waits for;
+//! * `copies`: origin copy-outs and unshares in flight;
+//! * `commits`: store generations, the commit in flight, replies deferred until durable;
+//! * `snapshots`: snapshot creations from request through announcement to visibility;
+//! * `space`: usage warning levels logged.
 
+mod commits;
+mod copies;
+mod gate;
 mod io;
+mod locks;
 mod machine;
 pub mod meta_store;
+mod requests;
+mod sessions;
+mod snapshots;
+mod space;
+mod waiters;
+mod work;
 
 pub use io::{
     Action, ConnId, CopyId, CopyPurpose, CopySource, EngineConfig, Event, LogEvent, LogLevel,

@@ -14,7 +14,7 @@ use crate::engine::{
 };
 use crate::store::{BlockDevice, Geometry, Store};
 use csnap_proto::auth::{self, FrameKey};
-use csnap_proto::{ClientFrame, ClientId, ClientMsg, ServerFrame, ServerMsg, ServerStatus};
+use csnap_proto::{ClientFrame, ClientId, ServerFrame, ServerMsg, ServerStatus};
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -243,6 +243,7 @@ struct ConnState {
     outgoing: mpsc::Sender<Outgoing>,
     open_key: watch::Sender<Option<FrameKey>>,
     cancel: CancellationToken,
+    /// The client, once the engine authenticated it (for log lines only).
     client: Option<ClientId>,
 }
 
@@ -480,15 +481,9 @@ impl Driver {
                 });
             }
             Input::Frame { conn, frame } => {
-                let Some(c) = self.conns.get_mut(&conn) else {
-                    return;
-                };
-                if let ClientMsg::Hello { client, .. } = &frame.msg {
-                    if c.client.is_none() {
-                        c.client = Some(*client);
-                    }
+                if self.conns.contains_key(&conn) {
+                    self.engine.handle(Event::ClientRequest { conn, frame });
                 }
-                self.engine.handle(Event::ClientRequest { conn, frame });
             }
             Input::BadFrame { conn, error } => {
                 if let Some(c) = self.conns.get(&conn) {
@@ -554,6 +549,8 @@ impl Driver {
                 };
                 match &frame.msg {
                     ServerMsg::Welcome { .. } => {
+                        // Named in the shell's log lines from now on.
+                        c.client = self.engine.client_of(conn);
                         tracing::info!(conn, peer = %c.peer, client = ?c.client, "client authenticated");
                     }
                     ServerMsg::Error { code, message } => {
