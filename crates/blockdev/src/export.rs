@@ -294,7 +294,7 @@ impl CsnapExport {
         Ok(align_allocation(
             &extents,
             offset,
-            u64::from(self.volume.min_io()),
+            u64::from(block_sizes(&self.volume).minimum),
             self.volume.size(),
         ))
     }
