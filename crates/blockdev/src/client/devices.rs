@@ -661,6 +661,19 @@ impl Devices {
         Ok(())
     }
 
+    /// Runs `work` on a clone of these devices on tokio's blocking pool; a task that
+    /// panicked or was cancelled is reported as an error naming `what`.
+    async fn on_blocking_pool<T: Send + 'static>(
+        &self,
+        what: &'static str,
+        work: impl FnOnce(&Devices) -> Result<T, ClientError> + Send + 'static,
+    ) -> Result<T, ClientError> {
+        let devs = self.clone();
+        tokio::task::spawn_blocking(move || work(&devs))
+            .await
+            .unwrap_or_else(|e| Err(ClientError::Geometry(format!("{what} task failed: {e}"))))
+    }
+
     /// [`Devices::zero_blocking`] on tokio's blocking pool.
     pub(crate) async fn zero(
         &self,
@@ -671,12 +684,10 @@ impl Devices {
         fast: bool,
         sync: bool,
     ) -> Result<(), ClientError> {
-        let devs = self.clone();
-        tokio::task::spawn_blocking(move || {
+        self.on_blocking_pool("zero", move |devs| {
             devs.zero_blocking(which, offset, len, punch, fast, sync)
         })
         .await
-        .unwrap_or_else(|e| Err(ClientError::Geometry(format!("zero task failed: {e}"))))
     }
 
     /// [`Devices::discard_blocking`] on tokio's blocking pool.
@@ -687,10 +698,10 @@ impl Devices {
         len: u64,
         sync: bool,
     ) -> Result<(), ClientError> {
-        let devs = self.clone();
-        tokio::task::spawn_blocking(move || devs.discard_blocking(which, offset, len, sync))
-            .await
-            .unwrap_or_else(|e| Err(ClientError::Geometry(format!("discard task failed: {e}"))))
+        self.on_blocking_pool("discard", move |devs| {
+            devs.discard_blocking(which, offset, len, sync)
+        })
+        .await
     }
 
     /// The holes and data of `[offset, offset + len)` (see [`DataDevice::allocation`]), on
@@ -702,15 +713,13 @@ impl Devices {
         len: u64,
         max_runs: usize,
     ) -> Result<Vec<AllocRun>, ClientError> {
-        let devs = self.clone();
-        tokio::task::spawn_blocking(move || {
+        self.on_blocking_pool("seek", move |devs| {
             let dev = devs.dev(which);
             dev.dev
                 .allocation(offset, len, max_runs)
                 .map_err(|e| Self::io_err(dev, "finding holes in", offset, e))
         })
         .await
-        .unwrap_or_else(|e| Err(ClientError::Geometry(format!("seek task failed: {e}"))))
     }
 
     /// [`Devices::read_blocking`] on tokio's blocking pool.
@@ -720,10 +729,8 @@ impl Devices {
         offset: u64,
         len: usize,
     ) -> Result<Bytes, ClientError> {
-        let devs = self.clone();
-        tokio::task::spawn_blocking(move || devs.read_blocking(which, offset, len))
+        self.on_blocking_pool("read", move |devs| devs.read_blocking(which, offset, len))
             .await
-            .unwrap_or_else(|e| Err(ClientError::Geometry(format!("read task failed: {e}"))))
     }
 
     /// [`Devices::write_blocking`] on tokio's blocking pool.
@@ -734,18 +741,16 @@ impl Devices {
         data: Bytes,
         sync: bool,
     ) -> Result<(), ClientError> {
-        let devs = self.clone();
-        tokio::task::spawn_blocking(move || devs.write_blocking(which, offset, &data, sync))
-            .await
-            .unwrap_or_else(|e| Err(ClientError::Geometry(format!("write task failed: {e}"))))
+        self.on_blocking_pool("write", move |devs| {
+            devs.write_blocking(which, offset, &data, sync)
+        })
+        .await
     }
 
     /// [`Devices::sync_blocking`] on tokio's blocking pool.
     pub(crate) async fn sync(&self, which: Which) -> Result<(), ClientError> {
-        let devs = self.clone();
-        tokio::task::spawn_blocking(move || devs.sync_blocking(which))
+        self.on_blocking_pool("sync", move |devs| devs.sync_blocking(which))
             .await
-            .unwrap_or_else(|e| Err(ClientError::Geometry(format!("sync task failed: {e}"))))
     }
 }
 

@@ -119,22 +119,7 @@ pub async fn run(
         .await?
         .context("cannot copy the origin for the standalone agent")?;
     setup::create_sparse_file(&setup.csnap_store, plan.size + (256 << 20))?;
-    let mut format = Command::new(&setup.csnapctl);
-    format
-        .arg("format")
-        .arg("--origin")
-        .arg(&setup.csnap_origin)
-        .arg("--store")
-        .arg(&setup.csnap_store)
-        .arg("--chunk-size")
-        .arg(plan.chunk.to_string());
-    procs::run_tool(
-        "csnapctl format",
-        format,
-        &dir.join("csnapctl.log"),
-        Duration::from_secs(300),
-    )
-    .await?;
+    engines::format_csnap(&setup, plan.chunk).await?;
     let standalone = engines::start_origin(&setup, Engine::Csnap).await?;
 
     let mut bench = ClusterBench {

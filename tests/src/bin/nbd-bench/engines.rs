@@ -259,6 +259,26 @@ fn greets_with_nbd_magic(endpoint: &Endpoint) -> bool {
     read.is_ok() && &magic == b"NBDMAGIC"
 }
 
+/// Formats the csnap origin and store (`csnapctl format`) with `chunk`-byte chunks.
+pub async fn format_csnap(setup: &Setup, chunk: u64) -> anyhow::Result<()> {
+    let mut format = Command::new(&setup.csnapctl);
+    format
+        .arg("format")
+        .arg("--origin")
+        .arg(&setup.csnap_origin)
+        .arg("--store")
+        .arg(&setup.csnap_store)
+        .arg("--chunk-size")
+        .arg(chunk.to_string());
+    run_tool(
+        "csnapctl format",
+        format,
+        &setup.dir.join("csnapctl.log"),
+        Duration::from_secs(600),
+    )
+    .await
+}
+
 /// Creates snapshot `name` of the csnap volume through csnapctl and the control socket.
 pub async fn csnap_snapshot(setup: &Setup, name: &str) -> anyhow::Result<()> {
     let mut cmd = Command::new(&setup.csnapctl);

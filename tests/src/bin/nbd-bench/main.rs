@@ -492,22 +492,7 @@ async fn prepare(args: &Args, plan: &Plan, dir: &WorkDir) -> anyhow::Result<Setu
         .context("cannot copy the origin for csnap")?;
     // Room for both first-touch regions plus metadata; sparse, so it costs what is used.
     setup::create_sparse_file(&setup.csnap_store, plan.size + (256 << 20))?;
-    let mut format = Command::new(&setup.csnapctl);
-    format
-        .arg("format")
-        .arg("--origin")
-        .arg(&setup.csnap_origin)
-        .arg("--store")
-        .arg(&setup.csnap_store)
-        .arg("--chunk-size")
-        .arg(plan.chunk.to_string());
-    run_tool(
-        "csnapctl format",
-        format,
-        &dir.join("csnapctl.log"),
-        Duration::from_secs(300),
-    )
-    .await?;
+    engines::format_csnap(&setup, plan.chunk).await?;
     let mut convert = Command::new("qemu-img");
     convert
         .args(["convert", "-f", "raw", "-O", "qcow2", "-o"])

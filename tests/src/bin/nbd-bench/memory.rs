@@ -17,7 +17,7 @@ use anyhow::{bail, Context as _};
 
 use crate::engines::{self, Setup, Transport, VOLUME};
 use crate::fio::{Access, FioJob, Length};
-use crate::procs::{self, run_tool, Proc};
+use crate::procs::{self, Proc};
 use crate::report::Engine;
 use crate::setup::{self, WorkDir};
 
@@ -67,22 +67,7 @@ pub async fn run(
     setup::create_sparse_file(&setup.csnap_origin, plan.volume)?;
     // Every write may copy out a chunk: room for all of them plus metadata, sparse.
     setup::create_sparse_file(&setup.csnap_store, (plan.volume / 16).max(8 << 30))?;
-    let mut format = Command::new(&setup.csnapctl);
-    format
-        .arg("format")
-        .arg("--origin")
-        .arg(&setup.csnap_origin)
-        .arg("--store")
-        .arg(&setup.csnap_store)
-        .arg("--chunk-size")
-        .arg(plan.chunk.to_string());
-    run_tool(
-        "csnapctl format",
-        format,
-        &dir.join("csnapctl.log"),
-        Duration::from_secs(600),
-    )
-    .await?;
+    engines::format_csnap(&setup, plan.chunk).await?;
 
     let mut server = engines::start_origin(&setup, Engine::Csnap).await?;
     let pid = server
