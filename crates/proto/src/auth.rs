@@ -8,7 +8,7 @@
 //! frame keys cover every field of the handshake ([`Handshake`]): a relayed handshake with
 //! any field changed fails, and frames of one connection are worthless on another.
 
-use crate::msg::{ClientId, ClientKind};
+use crate::types::{ClientId, ClientKind};
 use hmac::{Hmac, Mac as _};
 use sha2::Sha256;
 use std::fmt;

@@ -2,86 +2,13 @@
 
 use crate::auth::{Mac, Nonce};
 use crate::types::{ChunkRange, DiffEnd, DiffPage, SnapId, SnapshotInfo};
+// Defined beside the other identifiers (auth.rs uses them, and msg.rs uses auth.rs).
+pub use crate::types::{ClientId, ClientKind};
 use serde::{Deserialize, Serialize};
 use std::fmt;
 
 /// Chosen by the client, echoed in the reply; lets a client pipeline requests.
 pub type RequestId = u64;
-
-/// The identity of one client connection, stable across reconnects (the agent's gather
-/// reports it): the client's 64-bit `instance` (random per client process unless
-/// configured; one per node and volume) and what the connection is for. A client's
-/// connections differ in `kind`, clients differ in `instance`, so two connections share an
-/// identity only if two clients share an instance id, which the server refuses (see
-/// [`ErrorCode::DuplicateClient`]). Written `0x64/origin`, `0x64/admin`, `0x64/snap7`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-pub struct ClientId {
-    pub instance: u64,
-    pub kind: ClientKind,
-}
-
-impl ClientId {
-    pub const fn new(instance: u64, kind: ClientKind) -> ClientId {
-        ClientId { instance, kind }
-    }
-}
-
-impl fmt::Display for ClientId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{:#x}/", self.instance)?;
-        match self.kind {
-            ClientKind::Origin => f.write_str("origin"),
-            ClientKind::Admin => f.write_str("admin"),
-            ClientKind::Snapshot { snap } => write!(f, "snap{snap}"),
-        }
-    }
-}
-
-fn parse_u64(s: &str) -> Option<u64> {
-    match s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
-        Some(hex) => u64::from_str_radix(hex, 16).ok(),
-        None => s.parse().ok(),
-    }
-}
-
-impl std::str::FromStr for ClientId {
-    type Err = String;
-
-    /// `INSTANCE/origin`, `INSTANCE/admin` or `INSTANCE/snapN`; INSTANCE in decimal or
-    /// `0x` hex, N in decimal.
-    fn from_str(s: &str) -> Result<ClientId, String> {
-        let bad = || {
-            format!(
-                "client id {s:?} is not INSTANCE/origin, INSTANCE/admin or INSTANCE/snapN (e.g. 0x1a2b/snap3)"
-            )
-        };
-        let (instance, kind) = s.split_once('/').ok_or_else(bad)?;
-        let instance = parse_u64(instance).ok_or_else(bad)?;
-        let kind = match kind {
-            "origin" => ClientKind::Origin,
-            "admin" => ClientKind::Admin,
-            other => {
-                let snap = other
-                    .strip_prefix("snap")
-                    .and_then(|n| n.parse().ok())
-                    .ok_or_else(bad)?;
-                ClientKind::Snapshot { snap: SnapId(snap) }
-            }
-        };
-        Ok(ClientId { instance, kind })
-    }
-}
-
-/// What a connection is for.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-pub enum ClientKind {
-    /// Writes (and reads) the origin; asks before writing shared chunks.
-    Origin,
-    /// Reads and writes snapshot `snap`.
-    Snapshot { snap: SnapId },
-    /// Administration (agent / csnapctl): create, delete, list, status.
-    Admin,
-}
 
 /// Where a snapshot's chunk lives in the store.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
