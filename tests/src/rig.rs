@@ -103,11 +103,24 @@ pub fn test_bin_dir() -> PathBuf {
 }
 
 /// `csnap-agent` and `csnapctl` in `dir`; panics when missing or older than the sources
-/// under crates/ (a stale binary would test old code).
+/// they are built from (a stale binary would test old code).
 pub fn binaries(dir: &Path) -> (PathBuf, PathBuf) {
     let agent = dir.join("csnap-agent");
     let ctl = dir.join("csnapctl");
-    let newest_source = newest_mtime(&Path::new(env!("CARGO_MANIFEST_DIR")).join("../crates"));
+    let crates = Path::new(env!("CARGO_MANIFEST_DIR")).join("../crates");
+    // Only what the two binaries are built from: a change to a crate's tests, fuzz targets
+    // or to csnap-sim leaves them as they are (cargo does not relink them), and must not
+    // make them look stale.
+    let newest_source = BINARY_CRATES
+        .iter()
+        .flat_map(|c| {
+            [
+                newest_mtime(&crates.join(c).join("src")),
+                newest_mtime(&crates.join(c).join("Cargo.toml")),
+            ]
+        })
+        .max()
+        .unwrap_or(SystemTime::UNIX_EPOCH);
     for bin in [&agent, &ctl] {
         let built = std::fs::metadata(bin)
             .and_then(|m| m.modified())
@@ -128,10 +141,18 @@ pub fn binaries(dir: &Path) -> (PathBuf, PathBuf) {
     (agent, ctl)
 }
 
-/// The newest modification time of a `.rs` file or Cargo.toml below `dir`.
-fn newest_mtime(dir: &Path) -> SystemTime {
+/// The crates under crates/ that csnap-agent and csnapctl are built from.
+const BINARY_CRATES: [&str; 5] = ["proto", "cpg-glue", "server", "blockdev", "agent"];
+
+/// The newest modification time of a `.rs` file or Cargo.toml at or below `path`.
+fn newest_mtime(path: &Path) -> SystemTime {
     let mut newest = SystemTime::UNIX_EPOCH;
-    let mut stack = vec![dir.to_path_buf()];
+    if path.is_file() {
+        return std::fs::metadata(path)
+            .and_then(|m| m.modified())
+            .unwrap_or(newest);
+    }
+    let mut stack = vec![path.to_path_buf()];
     while let Some(d) = stack.pop() {
         let Ok(entries) = std::fs::read_dir(&d) else {
             continue;
