@@ -6,6 +6,7 @@
 //! [`Exports`]/[`Export`] ([`FileExports`] serves regular files). See docs/nbd.md.
 
 pub mod activation;
+mod connection;
 pub mod consts;
 pub mod export;
 pub mod file;
