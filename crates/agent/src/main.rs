@@ -80,7 +80,8 @@ fn main() -> ExitCode {
     }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
-        // The data path's pread/pwrite run on the blocking pool. Tokio's default of 512
+        // The data path's pread/pwrite ran on the blocking pool (now only where io_uring
+        // is refused, and for flushes, zeroing and copies). Tokio's default of 512
         // threads let 8 busy NBD connections grow it past 130 threads, and the allocator
         // memory those threads kept took the agent to about 200 MiB; 32 threads keep it
         // under 80 MiB with the same throughput on the benchmark (docs/benchmarks.md,

@@ -15,6 +15,7 @@ mod cache;
 mod conn;
 pub(crate) mod devices;
 pub mod session;
+mod uring;
 mod volume;
 
 pub use cache::{CacheStats, OriginTracker, WriteGuard};
