@@ -113,6 +113,7 @@ pub async fn run(
         csnapctl: csnapctl.clone(),
         direct: true,
         transport: Transport::Unix,
+        qemu_aio: "--aio=threads",
     };
     let (from, to) = (origin.clone(), setup.csnap_origin.clone());
     tokio::task::spawn_blocking(move || std::fs::copy(&from, &to))

@@ -36,6 +36,8 @@ pub struct Setup {
     pub direct: bool,
     /// How clients reach every server.
     pub transport: Transport,
+    /// qemu-nbd's `--aio` flag.
+    pub qemu_aio: &'static str,
 }
 
 /// How fio reaches the servers: a unix socket in the work directory, or TCP on loopback.
@@ -106,6 +108,7 @@ impl Setup {
         if self.direct {
             cmd.arg("--cache=none");
         }
+        cmd.arg(self.qemu_aio);
         cmd.arg(image);
         cmd
     }

@@ -96,6 +96,15 @@ struct Args {
     /// file); both: the whole run once per mode, never mixed.
     #[arg(long, value_enum, default_value_t = CacheMode::Both)]
     cache: CacheMode,
+    /// qemu-nbd's I/O engine (`--aio`): threads (its default), native (Linux AIO; direct
+    /// I/O only) or io_uring. csnap's own is io_uring unless CSNAP_IO_URING=0 is set.
+    #[arg(long, value_enum, default_value_t = QemuAio::Threads)]
+    qemu_aio: QemuAio,
+    /// How the qcow2 image gets its data: `convert` (qemu-img convert from the filled raw
+    /// file: clusters sequential and all allocated) or `client` (an empty image filled
+    /// through qemu-nbd by nbdcopy, as a VM's writes would: clusters in arrival order).
+    #[arg(long, value_enum, default_value_t = Qcow2Fill::Convert)]
+    qcow2_fill: Qcow2Fill,
     /// Same as --cache direct (kept for old command lines).
     #[arg(long, conflicts_with = "cache")]
     direct: bool,
@@ -140,6 +149,30 @@ enum CacheMode {
     Direct,
     Page,
     Both,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum QemuAio {
+    Threads,
+    Native,
+    #[value(name = "io_uring")]
+    IoUring,
+}
+
+impl QemuAio {
+    pub fn flag(self) -> &'static str {
+        match self {
+            QemuAio::Threads => "--aio=threads",
+            QemuAio::Native => "--aio=native",
+            QemuAio::IoUring => "--aio=io_uring",
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum Qcow2Fill {
+    Convert,
+    Client,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -473,7 +506,13 @@ async fn prepare(args: &Args, plan: &Plan, dir: &WorkDir) -> anyhow::Result<Setu
         csnapctl,
         direct: plan.direct,
         transport: plan.transport,
+        qemu_aio: args.qemu_aio.flag(),
     };
+    anyhow::ensure!(
+        plan.direct || args.qemu_aio != QemuAio::Native,
+        "--qemu-aio native needs direct I/O (qemu-nbd refuses it with the page cache): use \
+         --cache direct"
+    );
     for tool in ["fio", "qemu-nbd", "qemu-img"] {
         let log = dir.join("versions.log");
         let mut cmd = Command::new(tool);
@@ -493,20 +532,48 @@ async fn prepare(args: &Args, plan: &Plan, dir: &WorkDir) -> anyhow::Result<Setu
     // Room for both first-touch regions plus metadata; sparse, so it costs what is used.
     setup::create_sparse_file(&setup.csnap_store, plan.size + (256 << 20))?;
     engines::format_csnap(&setup, plan.chunk).await?;
-    let mut convert = Command::new("qemu-img");
-    convert
-        .args(["convert", "-f", "raw", "-O", "qcow2", "-o"])
-        .arg(format!("cluster_size={}", plan.chunk))
-        .arg(&setup.raw_image)
-        .arg(&setup.qcow2_image);
-    run_tool(
-        "qemu-img convert",
-        convert,
-        &dir.join("qemu-img.log"),
-        Duration::from_secs(600),
-    )
-    .await?;
+    match args.qcow2_fill {
+        Qcow2Fill::Convert => {
+            let mut convert = Command::new("qemu-img");
+            convert
+                .args(["convert", "-f", "raw", "-O", "qcow2", "-o"])
+                .arg(format!("cluster_size={}", plan.chunk))
+                .arg(&setup.raw_image)
+                .arg(&setup.qcow2_image);
+            run_tool(
+                "qemu-img convert",
+                convert,
+                &dir.join("qemu-img.log"),
+                Duration::from_secs(600),
+            )
+            .await?;
+        }
+        Qcow2Fill::Client => fill_qcow2_through_nbd(&setup, plan).await?,
+    }
     Ok(setup)
+}
+
+/// An empty qcow2 image filled with the raw origin's bytes through qemu-nbd by nbdcopy
+/// (several connections, requests in flight), so its clusters are allocated in the order
+/// the writes arrive, as a VM's would be, not laid out in order by `qemu-img convert`.
+async fn fill_qcow2_through_nbd(setup: &Setup, plan: &Plan) -> anyhow::Result<()> {
+    let mut create = Command::new("qemu-img");
+    create
+        .args(["create", "-f", "qcow2", "-o"])
+        .arg(format!("cluster_size={}", plan.chunk))
+        .arg(&setup.qcow2_image)
+        .arg(plan.size.to_string());
+    let log = setup.dir.join("qemu-img.log");
+    run_tool("qemu-img create", create, &log, Duration::from_secs(60)).await?;
+    let server = engines::start_origin(setup, Engine::Qcow2).await?;
+    let mut copy = Command::new("nbdcopy");
+    copy.arg("--connections=4")
+        .arg("--requests=16")
+        .arg(&setup.raw_image)
+        .arg(server.uri());
+    let copied = run_tool("nbdcopy into qcow2", copy, &log, COPY_WAIT).await;
+    server.stop().await;
+    copied
 }
 
 fn describe_status(status: &serde_json::Value) -> String {
@@ -802,6 +869,18 @@ async fn run_one(args: &Args, plan: &Plan) -> anyhow::Result<bool> {
         },
         load_before,
         setup::load_average()
+    );
+    println!(
+        "qemu-nbd {}; qcow2 image {}; csnap device I/O {}",
+        args.qemu_aio.flag(),
+        match args.qcow2_fill {
+            Qcow2Fill::Convert => "made by qemu-img convert",
+            Qcow2Fill::Client => "written by nbdcopy through qemu-nbd",
+        },
+        match std::env::var("CSNAP_IO_URING").as_deref() {
+            Ok("0") => "on the blocking pool (CSNAP_IO_URING=0)",
+            _ => "through io_uring where the kernel allows it",
+        }
     );
     match csnap_status {
         Ok(status) => println!(

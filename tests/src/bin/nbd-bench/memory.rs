@@ -63,6 +63,7 @@ pub async fn run(
         csnapctl,
         direct: plan.direct,
         transport: Transport::Unix,
+        qemu_aio: "--aio=threads",
     };
     setup::create_sparse_file(&setup.csnap_origin, plan.volume)?;
     // Every write may copy out a chunk: room for all of them plus metadata, sparse.
