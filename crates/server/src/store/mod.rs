@@ -28,7 +28,7 @@ mod meta;
 mod usage;
 
 pub use check::CheckReport;
-pub use device::{BlockDevice, FileDevice, MemDevice, MemDeviceStats};
+pub use device::{BlockDevice, FileDevice, MemDevice, MemDeviceStats, SectorBuf};
 pub use error::{Result, StoreError};
 pub use format::Geometry;
 pub use meta::MetaStats;
