@@ -5,7 +5,7 @@
 
 use csnap_blockdev::nbd::consts::OPTION_REPLY_MAGIC;
 use csnap_blockdev::nbd::{
-    BlockSizes, ExportFeatures, ExportInfo, Handshake, HandshakeConfig, HandshakeStep, MetaContext,
+    BlockSizes, ExportFeatures, ExportInfo, Handshake, HandshakeConfig, HandshakeInput, HandshakeOutput, MetaContext,
 };
 use libfuzzer_sys::fuzz_target;
 
@@ -47,15 +47,15 @@ fuzz_target!(|data: &[u8]| {
     let mut unchecked: Option<Vec<u8>> = None;
     // Each step consumes input or finishes; bound the loop anyway.
     for _ in 0..(input.len() + 16) * 8 {
-        let step = hs.step();
+        let step = hs.poll_output();
         if let Some(bytes) = unchecked.take() {
             match &step {
-                Ok(HandshakeStep::Transmission(_)) if bytes.len() == 10 || bytes.len() == 134 => {}
+                Ok(HandshakeOutput::Transmission(_)) if bytes.len() == 10 || bytes.len() == 134 => {}
                 _ => assert_option_replies(&bytes),
             }
         }
         match step {
-            Ok(HandshakeStep::Write(bytes)) => {
+            Ok(HandshakeOutput::Write(bytes)) => {
                 if first {
                     assert_eq!(bytes.len(), 18, "greeting");
                 } else {
@@ -63,32 +63,32 @@ fuzz_target!(|data: &[u8]| {
                 }
                 first = false;
             }
-            Ok(HandshakeStep::ReadMore) => {
+            Ok(HandshakeOutput::ReadMore) => {
                 if pos >= input.len() {
                     return;
                 }
                 let end = (pos + chunk).min(input.len());
-                hs.feed(&input[pos..end]);
+                hs.handle(HandshakeInput::Bytes(&input[pos..end])).unwrap();
                 pos = end;
             }
-            Ok(HandshakeStep::ListExports) => {
-                hs.exports_listed(&[export("disk"), export("ro")]).unwrap();
+            Ok(HandshakeOutput::ListExports) => {
+                hs.handle(HandshakeInput::ExportsListed(&[export("disk"), export("ro")])).unwrap();
             }
-            Ok(HandshakeStep::OpenExport { name }) => {
+            Ok(HandshakeOutput::OpenExport { name }) => {
                 let found = matches!(name.as_str(), "" | "disk" | "ro").then(|| export(&name));
-                if hs.export_opened(found.as_ref()).is_err() {
+                if hs.handle(HandshakeInput::ExportOpened(found.as_ref())).is_err() {
                     return;
                 }
             }
-            Ok(HandshakeStep::MetaContexts { name }) => {
+            Ok(HandshakeOutput::MetaContexts { name }) => {
                 let offered = [
                     MetaContext::new("base:allocation", 0),
                     MetaContext::new("qemu:dirty-bitmap:s1", 1),
                 ];
                 let found = matches!(name.as_str(), "" | "disk" | "ro").then_some(&offered[..]);
-                hs.meta_contexts_found(found).unwrap();
+                hs.handle(HandshakeInput::MetaContexts(found)).unwrap();
             }
-            Ok(HandshakeStep::Transmission(_)) | Ok(HandshakeStep::Aborted) | Err(_) => return,
+            Ok(HandshakeOutput::Transmission(_)) | Ok(HandshakeOutput::Aborted) | Err(_) => return,
         }
     }
     panic!("handshake made no progress");

@@ -1,8 +1,9 @@
 //! Sans-IO state machine for the fixed-newstyle handshake (option haggling).
 //!
-//! The I/O shell feeds client bytes in with [`Handshake::feed`] and repeatedly asks
-//! [`Handshake::step`] what to do next: write bytes, read more, look something up in the
-//! export set, or leave the handshake. Malformed *option contents* get an error reply and
+//! The same shape as the server engine and the cluster core: the I/O shell hands inputs
+//! in with [`Handshake::handle`] (client bytes, or the answer to a lookup) and asks
+//! [`Handshake::poll_output`] what to do next: write bytes, read more, look something up
+//! in the export set, or leave the handshake. Malformed *option contents* get an error reply and
 //! the negotiation continues; only a broken framing (bad magic, unknown client flags) or
 //! an unknown name in OPT_EXPORT_NAME ends the connection, as the protocol requires.
 
@@ -35,17 +36,17 @@ impl Default for HandshakeConfig {
     }
 }
 
-/// What the shell must do next.
+/// What the shell must do next (from [`Handshake::poll_output`]).
 #[derive(Debug, PartialEq, Eq)]
-pub enum HandshakeStep {
-    /// Send these bytes to the client, then call `step` again.
+pub enum HandshakeOutput {
+    /// Send these bytes to the client, then poll again.
     Write(Vec<u8>),
-    /// Read more bytes from the client, `feed` them, then call `step` again. End of
-    /// stream here is a client hard disconnect.
+    /// Read more bytes from the client and hand them in ([`HandshakeInput::Bytes`]),
+    /// then poll again. End of stream here is a client hard disconnect.
     ReadMore,
-    /// Answer with [`Handshake::exports_listed`].
+    /// List the exports; answer with [`HandshakeInput::ExportsListed`].
     ListExports,
-    /// Open the named export; answer with [`Handshake::export_opened`]. When the
+    /// Open the named export; answer with [`HandshakeInput::ExportOpened`]. When the
     /// handshake finishes, the export opened by the last lookup is the one to serve.
     OpenExport { name: String },
     /// The handshake is over; serve `Negotiated` (bytes fed beyond the handshake are
@@ -54,8 +55,23 @@ pub enum HandshakeStep {
     /// The client aborted with OPT_ABORT (already acknowledged): close the connection.
     Aborted,
     /// Find the metadata contexts export `name` offers (NBD_OPT_LIST_META_CONTEXT or
-    /// NBD_OPT_SET_META_CONTEXT); answer with [`Handshake::meta_contexts_found`].
+    /// NBD_OPT_SET_META_CONTEXT); answer with [`HandshakeInput::MetaContexts`].
     MetaContexts { name: String },
+}
+
+/// What the shell hands the handshake ([`Handshake::handle`]): bytes from the client, or
+/// the answer to the lookup the last [`HandshakeOutput`] asked for.
+#[derive(Debug)]
+pub enum HandshakeInput<'a> {
+    /// Bytes received from the client.
+    Bytes(&'a [u8]),
+    /// Answer to [`HandshakeOutput::ListExports`].
+    ExportsListed(&'a [ExportInfo]),
+    /// Answer to [`HandshakeOutput::OpenExport`]: `None` if there is no such export.
+    ExportOpened(Option<&'a ExportInfo>),
+    /// Answer to [`HandshakeOutput::MetaContexts`]: every context the export offers, or
+    /// `None` if there is no such export.
+    MetaContexts(Option<&'a [MetaContext]>),
 }
 
 /// A metadata context selected with NBD_OPT_SET_META_CONTEXT, under the id the server
@@ -132,7 +148,7 @@ pub struct Handshake {
     output: Vec<u8>,
     no_zeroes: bool,
     structured_replies: bool,
-    finished: Option<HandshakeStep>,
+    finished: Option<HandshakeOutput>,
     /// The export named by the last NBD_OPT_SET_META_CONTEXT and what it selected.
     selection: Option<(String, Vec<SelectedContext>)>,
     /// Context ids are unique within the connection, so a stale one is never reused.
@@ -159,9 +175,18 @@ impl Handshake {
         }
     }
 
-    /// Appends bytes received from the client.
-    pub fn feed(&mut self, bytes: &[u8]) {
-        self.input.extend_from_slice(bytes);
+    /// Takes one input: bytes from the client (never refused), or the answer to a
+    /// lookup, refused if it is not the answer the handshake waits for.
+    pub fn handle(&mut self, input: HandshakeInput<'_>) -> Result<(), HandshakeError> {
+        match input {
+            HandshakeInput::Bytes(bytes) => {
+                self.input.extend_from_slice(bytes);
+                Ok(())
+            }
+            HandshakeInput::ExportsListed(exports) => self.exports_listed(exports),
+            HandshakeInput::ExportOpened(export) => self.export_opened(export),
+            HandshakeInput::MetaContexts(offered) => self.meta_contexts_found(offered),
+        }
     }
 
     /// Bytes the client sent after the end of the handshake (normally none).
@@ -169,11 +194,12 @@ impl Handshake {
         self.input
     }
 
-    /// Advances the state machine as far as the fed input allows.
-    pub fn step(&mut self) -> Result<HandshakeStep, HandshakeError> {
+    /// Advances the state machine as far as the input handed in allows, and says what
+    /// the shell must do next.
+    pub fn poll_output(&mut self) -> Result<HandshakeOutput, HandshakeError> {
         loop {
             if !self.output.is_empty() {
-                return Ok(HandshakeStep::Write(std::mem::take(&mut self.output)));
+                return Ok(HandshakeOutput::Write(std::mem::take(&mut self.output)));
             }
             if let Some(step) = self.finished.take() {
                 self.state = State::Done;
@@ -182,7 +208,7 @@ impl Handshake {
             match self.state {
                 State::ClientFlags => {
                     if self.input.len() < 4 {
-                        return Ok(HandshakeStep::ReadMore);
+                        return Ok(HandshakeOutput::ReadMore);
                     }
                     let flags = self.input.get_u32();
                     let unknown = flags & !(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES);
@@ -194,7 +220,7 @@ impl Handshake {
                 }
                 State::OptionHeader => {
                     if self.input.len() < 16 {
-                        return Ok(HandshakeStep::ReadMore);
+                        return Ok(HandshakeOutput::ReadMore);
                     }
                     let magic = self.input.get_u64();
                     if magic != IHAVEOPT {
@@ -231,7 +257,7 @@ impl Handshake {
                             remaining,
                             reply,
                         };
-                        return Ok(HandshakeStep::ReadMore);
+                        return Ok(HandshakeOutput::ReadMore);
                     }
                     let message = if reply == REP_ERR_UNSUP {
                         format!("option {option} is not supported by this server")
@@ -243,7 +269,7 @@ impl Handshake {
                 }
                 State::OptionData { option, len } => {
                     if self.input.len() < len as usize {
-                        return Ok(HandshakeStep::ReadMore);
+                        return Ok(HandshakeOutput::ReadMore);
                     }
                     let data = self.input.split_to(len as usize);
                     if let Some(step) = self.handle_option(option, &data)? {
@@ -251,16 +277,17 @@ impl Handshake {
                     }
                 }
                 State::AwaitList | State::AwaitMeta(_) => {
-                    return Err(HandshakeError::UnexpectedAnswer("step"))
+                    return Err(HandshakeError::UnexpectedAnswer("poll_output"))
                 }
-                State::AwaitExport(_) => return Err(HandshakeError::UnexpectedAnswer("step")),
-                State::Done => return Err(HandshakeError::UnexpectedAnswer("step")),
+                State::AwaitExport(_) => {
+                    return Err(HandshakeError::UnexpectedAnswer("poll_output"))
+                }
+                State::Done => return Err(HandshakeError::UnexpectedAnswer("poll_output")),
             }
         }
     }
 
-    /// Answer to [`HandshakeStep::ListExports`].
-    pub fn exports_listed(&mut self, exports: &[ExportInfo]) -> Result<(), HandshakeError> {
+    fn exports_listed(&mut self, exports: &[ExportInfo]) -> Result<(), HandshakeError> {
         if !matches!(self.state, State::AwaitList) {
             return Err(HandshakeError::UnexpectedAnswer("exports_listed"));
         }
@@ -279,8 +306,7 @@ impl Handshake {
         Ok(())
     }
 
-    /// Answer to [`HandshakeStep::OpenExport`]: `None` if there is no such export.
-    pub fn export_opened(&mut self, export: Option<&ExportInfo>) -> Result<(), HandshakeError> {
+    fn export_opened(&mut self, export: Option<&ExportInfo>) -> Result<(), HandshakeError> {
         let lookup = match std::mem::replace(&mut self.state, State::OptionHeader) {
             State::AwaitExport(lookup) => lookup,
             other => {
@@ -345,9 +371,7 @@ impl Handshake {
         }
     }
 
-    /// Answer to [`HandshakeStep::MetaContexts`]: every context the export offers, or
-    /// `None` if there is no such export.
-    pub fn meta_contexts_found(
+    fn meta_contexts_found(
         &mut self,
         offered: Option<&[MetaContext]>,
     ) -> Result<(), HandshakeError> {
@@ -415,7 +439,7 @@ impl Handshake {
             Some((name, selected)) if name == export.name => selected,
             _ => Vec::new(),
         };
-        self.finished = Some(HandshakeStep::Transmission(Negotiated {
+        self.finished = Some(HandshakeOutput::Transmission(Negotiated {
             export: export.clone(),
             structured_replies: self.structured_replies,
             meta_contexts,
@@ -428,7 +452,7 @@ impl Handshake {
         &mut self,
         option: u32,
         data: &[u8],
-    ) -> Result<Option<HandshakeStep>, HandshakeError> {
+    ) -> Result<Option<HandshakeOutput>, HandshakeError> {
         self.state = State::OptionHeader;
         match option {
             OPT_EXPORT_NAME => match std::str::from_utf8(data) {
@@ -436,7 +460,7 @@ impl Handshake {
                     self.state = State::AwaitExport(Lookup::ExportName {
                         name: name.to_owned(),
                     });
-                    Ok(Some(HandshakeStep::OpenExport {
+                    Ok(Some(HandshakeOutput::OpenExport {
                         name: name.to_owned(),
                     }))
                 }
@@ -447,7 +471,7 @@ impl Handshake {
             },
             OPT_ABORT => {
                 self.reply(OPT_ABORT, REP_ACK, &[]);
-                self.finished = Some(HandshakeStep::Aborted);
+                self.finished = Some(HandshakeOutput::Aborted);
                 Ok(None)
             }
             OPT_LIST => {
@@ -456,12 +480,12 @@ impl Handshake {
                     return Ok(None);
                 }
                 self.state = State::AwaitList;
-                Ok(Some(HandshakeStep::ListExports))
+                Ok(Some(HandshakeOutput::ListExports))
             }
             OPT_INFO | OPT_GO => match parse_info_request(data) {
                 Ok((name, requests)) => {
                     self.state = State::AwaitExport(Lookup::Info { option, requests });
-                    Ok(Some(HandshakeStep::OpenExport { name }))
+                    Ok(Some(HandshakeOutput::OpenExport { name }))
                 }
                 Err(message) => {
                     self.reply(option, REP_ERR_INVALID, message.as_bytes());
@@ -520,7 +544,7 @@ impl Handshake {
                             export: export.clone(),
                             queries,
                         });
-                        Ok(Some(HandshakeStep::MetaContexts { name: export }))
+                        Ok(Some(HandshakeOutput::MetaContexts { name: export }))
                     }
                     Err(message) => {
                         self.reply(option, REP_ERR_INVALID, message.as_bytes());
@@ -722,28 +746,32 @@ mod tests {
         let mut pos = 0;
         let mut chunk = chunks.iter().cycle();
         loop {
-            match hs.step() {
-                Ok(HandshakeStep::Write(bytes)) => written.extend_from_slice(&bytes),
-                Ok(HandshakeStep::ReadMore) => {
+            match hs.poll_output() {
+                Ok(HandshakeOutput::Write(bytes)) => written.extend_from_slice(&bytes),
+                Ok(HandshakeOutput::ReadMore) => {
                     if pos == input.len() {
                         return (written, Ok(None));
                     }
                     let n = (*chunk.next().unwrap()).max(1).min(input.len() - pos);
-                    hs.feed(&input[pos..pos + n]);
+                    hs.handle(HandshakeInput::Bytes(&input[pos..pos + n]))
+                        .unwrap();
                     pos += n;
                 }
-                Ok(HandshakeStep::ListExports) => hs.exports_listed(&[export("disk")]).unwrap(),
-                Ok(HandshakeStep::OpenExport { name }) => {
+                Ok(HandshakeOutput::ListExports) => hs
+                    .handle(HandshakeInput::ExportsListed(&[export("disk")]))
+                    .unwrap(),
+                Ok(HandshakeOutput::OpenExport { name }) => {
                     let found = (name == "disk" || name.is_empty()).then(|| export("disk"));
-                    if let Err(e) = hs.export_opened(found.as_ref()) {
+                    if let Err(e) = hs.handle(HandshakeInput::ExportOpened(found.as_ref())) {
                         return (written, Err(e));
                     }
                 }
-                Ok(HandshakeStep::Transmission(n)) => return (written, Ok(Some(n))),
-                Ok(HandshakeStep::Aborted) => return (written, Ok(None)),
-                Ok(HandshakeStep::MetaContexts { name }) => {
+                Ok(HandshakeOutput::Transmission(n)) => return (written, Ok(Some(n))),
+                Ok(HandshakeOutput::Aborted) => return (written, Ok(None)),
+                Ok(HandshakeOutput::MetaContexts { name }) => {
                     let offered = (name == "disk" || name.is_empty()).then(offered_contexts);
-                    hs.meta_contexts_found(offered.as_deref()).unwrap();
+                    hs.handle(HandshakeInput::MetaContexts(offered.as_deref()))
+                        .unwrap();
                 }
                 Err(e) => return (written, Err(e)),
             }
@@ -982,16 +1010,17 @@ mod tests {
         let mut input = start(true);
         let q: Vec<&str> = queries.iter().map(String::as_str).collect();
         input.extend(option(OPT_SET_META_CONTEXT, &meta_data("disk", &q)));
-        hs.feed(&input);
+        hs.handle(HandshakeInput::Bytes(&input)).unwrap();
         let mut written = Vec::new();
         loop {
-            match hs.step().unwrap() {
-                HandshakeStep::Write(b) => written.extend(b),
-                HandshakeStep::MetaContexts { name } => {
+            match hs.poll_output().unwrap() {
+                HandshakeOutput::Write(b) => written.extend(b),
+                HandshakeOutput::MetaContexts { name } => {
                     assert_eq!(name, "disk");
-                    hs.meta_contexts_found(Some(&many)).unwrap();
+                    hs.handle(HandshakeInput::MetaContexts(Some(&many)))
+                        .unwrap();
                 }
-                HandshakeStep::ReadMore => break,
+                HandshakeOutput::ReadMore => break,
                 other => panic!("unexpected {other:?}"),
             }
         }
@@ -1082,10 +1111,10 @@ mod tests {
     #[test]
     fn answers_out_of_turn_are_errors_not_panics() {
         let mut hs = Handshake::new(HandshakeConfig::default());
-        assert!(hs.exports_listed(&[]).is_err());
-        assert!(hs.export_opened(None).is_err());
-        assert!(hs.meta_contexts_found(None).is_err());
-        assert!(matches!(hs.step(), Ok(HandshakeStep::Write(_))));
+        assert!(hs.handle(HandshakeInput::ExportsListed(&[])).is_err());
+        assert!(hs.handle(HandshakeInput::ExportOpened(None)).is_err());
+        assert!(hs.handle(HandshakeInput::MetaContexts(None)).is_err());
+        assert!(matches!(hs.poll_output(), Ok(HandshakeOutput::Write(_))));
     }
 
     #[test]

@@ -18,6 +18,8 @@ pub use export::{
     BlockSizes, BoxFuture, Export, ExportFeatures, ExportInfo, Exports, Extent, MetaContext,
 };
 pub use file::{FileExport, FileExports};
-pub use handshake::{Handshake, HandshakeConfig, HandshakeError, HandshakeStep, Negotiated};
+pub use handshake::{
+    Handshake, HandshakeConfig, HandshakeError, HandshakeInput, HandshakeOutput, Negotiated,
+};
 pub use server::{ConnectionEnd, ConnectionError, ListenAddr, Listener, NbdServer, ServerConfig};
 pub use transmission::{validate, Command, Rejection, Reply, RequestError, RequestHeader};

@@ -18,7 +18,9 @@ use tokio::sync::{watch, Notify};
 use tracing::Instrument;
 
 use super::export::{Export, ExportInfo, Exports};
-use super::handshake::{Handshake, HandshakeConfig, HandshakeError, HandshakeStep, Negotiated};
+use super::handshake::{
+    Handshake, HandshakeConfig, HandshakeError, HandshakeInput, HandshakeOutput, Negotiated,
+};
 use super::transmission::RequestError;
 
 /// Server tunables.
@@ -247,8 +249,8 @@ impl NbdServer {
         let mut opened: Option<Arc<dyn Export>> = None;
         let mut buf = BytesMut::with_capacity(4096);
         loop {
-            match handshake.step()? {
-                HandshakeStep::Write(bytes) => {
+            match handshake.poll_output()? {
+                HandshakeOutput::Write(bytes) => {
                     stream
                         .write_all(&bytes)
                         .await
@@ -258,7 +260,7 @@ impl NbdServer {
                         .await
                         .map_err(io_err("sending a handshake reply"))?;
                 }
-                HandshakeStep::ReadMore => {
+                HandshakeOutput::ReadMore => {
                     buf.clear();
                     let n = stream
                         .read_buf(&mut buf)
@@ -267,17 +269,17 @@ impl NbdServer {
                     if n == 0 {
                         return Err(ConnectionError::ClosedDuringHandshake);
                     }
-                    handshake.feed(&buf);
+                    handshake.handle(HandshakeInput::Bytes(&buf))?;
                 }
-                HandshakeStep::ListExports => {
+                HandshakeOutput::ListExports => {
                     let list = self
                         .exports
                         .list()
                         .await
                         .map_err(ConnectionError::ListExports)?;
-                    handshake.exports_listed(&list)?;
+                    handshake.handle(HandshakeInput::ExportsListed(&list))?;
                 }
-                HandshakeStep::OpenExport { name } => {
+                HandshakeOutput::OpenExport { name } => {
                     opened = match self.exports.open(&name).await {
                         Ok(found) => found,
                         Err(err) => {
@@ -296,16 +298,16 @@ impl NbdServer {
                             }
                         })?;
                     }
-                    handshake.export_opened(info.as_ref())?;
+                    handshake.handle(HandshakeInput::ExportOpened(info.as_ref()))?;
                 }
-                HandshakeStep::Transmission(negotiated) => {
+                HandshakeOutput::Transmission(negotiated) => {
                     let export = opened.ok_or(HandshakeError::UnexpectedAnswer(
                         "transmission without an opened export",
                     ))?;
                     return Ok(Some((negotiated, export, handshake.into_leftover())));
                 }
-                HandshakeStep::Aborted => return Ok(None),
-                HandshakeStep::MetaContexts { name } => {
+                HandshakeOutput::Aborted => return Ok(None),
+                HandshakeOutput::MetaContexts { name } => {
                     // The export is opened only to ask it; OPT_GO opens it again.
                     let offered = match self.exports.open(&name).await {
                         Ok(Some(export)) => match export.meta_contexts().await {
@@ -321,7 +323,7 @@ impl NbdServer {
                             None
                         }
                     };
-                    handshake.meta_contexts_found(offered.as_deref())?;
+                    handshake.handle(HandshakeInput::MetaContexts(offered.as_deref()))?;
                 }
             }
         }
