@@ -125,7 +125,7 @@ async fn assert_replica(h: &History, b: &Agent, upto: usize) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn export_import_chains_reproduce_every_snapshot() {
-    let Some(h) = random_history("export_import_chains_reproduce_every_snapshot").await else {
+    let Some(mut h) = random_history("export_import_chains_reproduce_every_snapshot").await else {
         return;
     };
     let b = target(&h.fx, h.seed).await;
@@ -146,6 +146,38 @@ async fn export_import_chains_reproduce_every_snapshot() {
         assert!(r.stdout.contains("imported snapshot"), "{}", r.stdout);
         assert_replica(&h, &b, i).await;
     }
+    // Zeroes written on A (NBD WRITE_ZEROES, whole and partial chunks, and zero bytes
+    // written as data) travel as zero records and land as zeroes on B.
+    let vol_a = h.agent.uri("vol");
+    let size = h.fx.origin_size;
+    let zero_a = format!("write -z 0 {}", 3 * CHUNK);
+    let zero_b = format!("write -P 0 {} {}", 5 * CHUNK + 100, 2 * CHUNK);
+    let zero_c = format!("write -z {} 1000", size - CHUNK - 1000);
+    run_ok(
+        "qemu-io",
+        &[
+            "-f", "raw", &vol_a, "-c", &zero_a, "-c", &zero_b, "-c", &zero_c,
+        ],
+    )
+    .await;
+    h.agent.snapshot("s5").await;
+    let s5 = image(&h.agent, "vol@s5", &h.fx.path("s5.out")).await;
+    assert!(s5[..3 * CHUNK as usize].iter().all(|b| *b == 0));
+    let stream = export_file(&h.agent, Some("s4"), "s5", &h.fx.path("s4-s5.csdiff")).await;
+    let mut r = StreamReader::new(stream.as_slice()).unwrap();
+    let mut zero_bytes = 0;
+    while let Some(e) = r.next_extent().unwrap() {
+        if let Extent::Zero { len, .. } = e {
+            zero_bytes += len;
+        }
+    }
+    assert!(zero_bytes >= 3 * CHUNK + 2 * CHUNK - 4096, "{zero_bytes}");
+    h.names.push("s5".into());
+    h.images.insert(5, (Some("s5".into()), s5));
+    let r = pipe(&h.agent, &b, Some("s4"), "s5", &spool).await;
+    assert!(r.ok, "seed {:#x}: s5: {}", h.seed, r.stderr);
+    assert_replica(&h, &b, 5).await;
+
     // The spool files are gone with the imports.
     assert_eq!(std::fs::read_dir(&spool).unwrap().count(), 0);
 
