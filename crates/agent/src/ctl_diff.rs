@@ -57,14 +57,14 @@ const PROGRESS_EVERY: Duration = Duration::from_secs(1);
 
 /// An extent in bytes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct Extent {
-    offset: u64,
-    length: u64,
+pub(crate) struct Extent {
+    pub(crate) offset: u64,
+    pub(crate) length: u64,
 }
 
 /// Turns the pages' chunk ranges into byte extents, joining runs that a page boundary cut
 /// in two, and counts them.
-struct Extents {
+pub(crate) struct Extents {
     chunk_size: u64,
     size: u64,
     pending: Option<Extent>,
@@ -73,8 +73,19 @@ struct Extents {
 }
 
 impl Extents {
+    /// No extents yet, for a volume of `size` bytes in chunks of `chunk_size`.
+    pub(crate) fn new(chunk_size: u64, size: u64) -> Extents {
+        Extents {
+            chunk_size,
+            size,
+            pending: None,
+            count: 0,
+            bytes: 0,
+        }
+    }
+
     /// Adds a range; returns the extent it completed, if any.
-    fn add(&mut self, r: ChunkRange) -> anyhow::Result<Option<Extent>> {
+    pub(crate) fn add(&mut self, r: ChunkRange) -> anyhow::Result<Option<Extent>> {
         let chunks = r
             .chunks()
             .with_context(|| format!("the server sent a wrapping range {}+{}", r.start, r.count))?;
@@ -101,7 +112,7 @@ impl Extents {
         }
     }
 
-    fn finish(&mut self) -> Option<Extent> {
+    pub(crate) fn finish(&mut self) -> Option<Extent> {
         self.pending.take().map(|done| self.counted(done))
     }
 

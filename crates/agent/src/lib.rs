@@ -12,6 +12,7 @@ pub mod config;
 pub mod control;
 pub mod ctl;
 pub mod ctl_diff;
+pub mod ctl_xdiff;
 pub mod daemon;
 pub mod snapshot_ops;
 pub mod standalone;

@@ -2,9 +2,10 @@
 //! volume (which reaches the volume's server wherever it runs). Shared by standalone and
 //! cluster mode.
 
+use bytes::Bytes;
 use csnap_blockdev::client::{ClientError, Volume};
-use csnap_proto::control::{ControlRequest, ControlResponse};
-use csnap_proto::{validate_snapshot_name, DiffEnd, ErrorCode, SnapRef};
+use csnap_proto::control::{ControlRequest, ControlResponse, MAX_CONTROL_DATA, MAX_CONTROL_ZERO};
+use csnap_proto::{validate_snapshot_name, DiffEnd, ErrorCode, SnapId, SnapRef};
 
 /// What the server said, or what went wrong on the way.
 pub fn describe(e: &ClientError) -> String {
@@ -14,7 +15,8 @@ pub fn describe(e: &ClientError) -> String {
     }
 }
 
-/// Answers a `SnapshotCreate`, `SnapshotList`, `SnapshotDelete` or `Diff` for volume `v`.
+/// Answers a `SnapshotCreate`, `SnapshotList`, `SnapshotDelete`, `Diff` or one of the
+/// data requests of `export-diff` / `import-diff` for volume `v`.
 pub async fn handle(v: &str, volume: &Volume, req: ControlRequest) -> ControlResponse {
     let v = v.to_owned();
     let result = match req {
@@ -77,6 +79,25 @@ pub async fn handle(v: &str, volume: &Volume, req: ControlRequest) -> ControlRes
             budget,
             ..
         } => diff_page(&v, volume, from, to, start, budget).await,
+        ControlRequest::Geometry { .. } => Ok(ControlResponse::Geometry {
+            volume: v.clone(),
+            size: volume.size(),
+            chunk_size: volume.chunk_size(),
+        }),
+        ControlRequest::ReadSnapshot {
+            snap, offset, len, ..
+        } => read_snapshot(&v, volume, snap, offset, len).await,
+        ControlRequest::WriteOrigin { offset, data, .. } => {
+            write_origin(&v, volume, offset, data).await
+        }
+        ControlRequest::ZeroOrigin { offset, len, .. } => {
+            zero_origin(&v, volume, offset, len).await
+        }
+        ControlRequest::Flush { .. } => volume
+            .flush()
+            .await
+            .map(|()| ControlResponse::Done { volume: v.clone() })
+            .map_err(|e| format!("cannot flush volume {v:?}: {}", describe(&e))),
         ControlRequest::Status { .. } => Err("not a snapshot request".to_owned()),
     };
     result.unwrap_or_else(ControlResponse::error)
@@ -130,4 +151,104 @@ async fn resolve_end(v: &str, volume: &Volume, end: Option<SnapRef>) -> Result<D
             )),
         },
     }
+}
+
+/// `[offset, offset + len)` lies inside the volume and is not empty.
+fn check_range(v: &str, volume: &Volume, what: &str, offset: u64, len: u64) -> Result<(), String> {
+    if len == 0
+        || offset
+            .checked_add(len)
+            .is_none_or(|end| end > volume.size())
+    {
+        return Err(format!(
+            "{what} of {len} bytes at offset {offset} is empty or outside volume {v:?} ({} bytes)",
+            volume.size()
+        ));
+    }
+    Ok(())
+}
+
+async fn read_snapshot(
+    v: &str,
+    volume: &Volume,
+    snap: SnapId,
+    offset: u64,
+    len: u32,
+) -> Result<ControlResponse, String> {
+    if len > MAX_CONTROL_DATA {
+        return Err(format!(
+            "a snapshot read of {len} bytes is too large (at most {MAX_CONTROL_DATA} per request)"
+        ));
+    }
+    check_range(v, volume, "a snapshot read", offset, u64::from(len))?;
+    let data = volume.read_snapshot(snap, offset, len).await.map_err(|e| {
+        format!(
+            "cannot read snapshot {snap} of volume {v:?} at offset {offset}: {}",
+            describe(&e)
+        )
+    })?;
+    if data.len() != len as usize {
+        return Err(format!(
+            "reading snapshot {snap} of volume {v:?} at offset {offset} returned {} bytes, not {len}",
+            data.len()
+        ));
+    }
+    Ok(ControlResponse::Data {
+        volume: v.to_owned(),
+        data: data.to_vec(),
+    })
+}
+
+async fn write_origin(
+    v: &str,
+    volume: &Volume,
+    offset: u64,
+    data: Vec<u8>,
+) -> Result<ControlResponse, String> {
+    if data.len() > MAX_CONTROL_DATA as usize {
+        return Err(format!(
+            "an origin write of {} bytes is too large (at most {MAX_CONTROL_DATA} per request)",
+            data.len()
+        ));
+    }
+    check_range(v, volume, "an origin write", offset, data.len() as u64)?;
+    let len = data.len();
+    volume
+        .write_origin(offset, Bytes::from(data), false)
+        .await
+        .map(|()| ControlResponse::Done {
+            volume: v.to_owned(),
+        })
+        .map_err(|e| {
+            format!(
+                "cannot write {len} bytes to the origin of volume {v:?} at offset {offset}: {}",
+                describe(&e)
+            )
+        })
+}
+
+async fn zero_origin(
+    v: &str,
+    volume: &Volume,
+    offset: u64,
+    len: u64,
+) -> Result<ControlResponse, String> {
+    if len > MAX_CONTROL_ZERO {
+        return Err(format!(
+            "an origin zeroing of {len} bytes is too large (at most {MAX_CONTROL_ZERO} per request)"
+        ));
+    }
+    check_range(v, volume, "an origin zeroing", offset, len)?;
+    volume
+        .write_zeroes(None, offset, len, true, false, false)
+        .await
+        .map(|()| ControlResponse::Done {
+            volume: v.to_owned(),
+        })
+        .map_err(|e| {
+            format!(
+                "cannot zero {len} bytes of the origin of volume {v:?} at offset {offset}: {}",
+                describe(&e)
+            )
+        })
 }

@@ -88,14 +88,7 @@ struct Agent {
 
 impl Agent {
     async fn handle(&self, req: ControlRequest) -> ControlResponse {
-        let volume = match &req {
-            ControlRequest::SnapshotCreate { volume, .. }
-            | ControlRequest::SnapshotList { volume, .. }
-            | ControlRequest::SnapshotDelete { volume, .. }
-            | ControlRequest::Diff { volume, .. } => Some(volume),
-            ControlRequest::Status { volume } => volume.as_ref(),
-        };
-        if let Some(v) = volume {
+        if let Some(v) = req.volume() {
             if *v != self.volume_name {
                 return ControlResponse::error(format!(
                     "no such volume {v:?} (this agent serves volume {:?})",
@@ -105,12 +98,6 @@ impl Agent {
         }
         let v = self.volume_name.clone();
         let result = match req {
-            ControlRequest::SnapshotCreate { .. }
-            | ControlRequest::SnapshotList { .. }
-            | ControlRequest::SnapshotDelete { .. }
-            | ControlRequest::Diff { .. } => {
-                return crate::snapshot_ops::handle(&v, &self.volume, req).await;
-            }
             ControlRequest::Status { .. } => match self.volume.status().await {
                 Ok(server_status) => {
                     let cache = self.volume.cache_stats();
@@ -136,6 +123,7 @@ impl Agent {
                     crate::snapshot_ops::describe(&e)
                 )),
             },
+            req => return crate::snapshot_ops::handle(&v, &self.volume, req).await,
         };
         result.unwrap_or_else(ControlResponse::error)
     }

@@ -8,6 +8,14 @@ use serde::{Deserialize, Serialize};
 /// Where `csnapctl` looks for the agent unless told otherwise.
 pub const DEFAULT_CONTROL_SOCKET: &str = "/run/csnap/csnap.sock";
 
+/// Most bytes one `ReadSnapshot` answer or `WriteOrigin` request carries: half the frame
+/// limit ([`crate::MAX_FRAME`]), so the data and the message around it always fit a frame.
+pub const MAX_CONTROL_DATA: u32 = 512 * 1024;
+
+/// Most bytes one `ZeroOrigin` request zeroes (the agent zeroes whole chunks with one
+/// grant per bounded piece, all at once; this bounds the work one request starts).
+pub const MAX_CONTROL_ZERO: u64 = 256 << 20;
+
 /// csnapctl -> agent.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ControlRequest {
@@ -41,6 +49,78 @@ pub enum ControlRequest {
     Status {
         volume: Option<String>,
     },
+    /// The volume's size and chunk size (`export-diff` and `import-diff` check them).
+    Geometry {
+        volume: String,
+    },
+    /// `len` bytes (at most [`MAX_CONTROL_DATA`]) of snapshot `snap` at `offset`, read
+    /// through the agent's client of the volume (`export-diff`). Answered with `Data`.
+    ReadSnapshot {
+        volume: String,
+        snap: SnapId,
+        offset: u64,
+        len: u32,
+    },
+    /// Writes `data` (at most [`MAX_CONTROL_DATA`] bytes) to the origin at `offset`,
+    /// under the server's write grant like any origin write, so every existing snapshot
+    /// keeps its contents (`import-diff`). Answered with `Done`.
+    WriteOrigin {
+        volume: String,
+        offset: u64,
+        #[serde(with = "bin")]
+        data: Vec<u8>,
+    },
+    /// Makes `len` bytes (at most [`MAX_CONTROL_ZERO`]) of the origin at `offset` read as
+    /// zeroes, under the same grants (`import-diff`). Answered with `Done`.
+    ZeroOrigin {
+        volume: String,
+        offset: u64,
+        len: u64,
+    },
+    /// Makes every completed origin write of this agent durable. Answered with `Done`.
+    Flush {
+        volume: String,
+    },
+}
+
+/// `Vec<u8>` as a msgpack byte string (bin), not an array of integers (up to twice the
+/// size on the wire).
+mod bin {
+    use serde::{de, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(data: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_bytes(data)
+    }
+
+    struct Visitor;
+
+    impl<'de> de::Visitor<'de> for Visitor {
+        type Value = Vec<u8>;
+
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a byte string")
+        }
+
+        fn visit_bytes<E: de::Error>(self, v: &[u8]) -> Result<Vec<u8>, E> {
+            Ok(v.to_vec())
+        }
+
+        fn visit_byte_buf<E: de::Error>(self, v: Vec<u8>) -> Result<Vec<u8>, E> {
+            Ok(v)
+        }
+
+        fn visit_seq<A: de::SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<u8>, A::Error> {
+            let mut out = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(1 << 20));
+            while let Some(b) = seq.next_element()? {
+                out.push(b);
+            }
+            Ok(out)
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        d.deserialize_byte_buf(Visitor)
+    }
 }
 
 /// What the agent knows about one of its volumes.
@@ -260,6 +340,22 @@ pub enum ControlResponse {
     Status {
         volumes: Vec<VolumeStatus>,
     },
+    /// The answer to `Geometry`.
+    Geometry {
+        volume: String,
+        size: u64,
+        chunk_size: u64,
+    },
+    /// The bytes a `ReadSnapshot` asked for.
+    Data {
+        volume: String,
+        #[serde(with = "bin")]
+        data: Vec<u8>,
+    },
+    /// A `WriteOrigin`, `ZeroOrigin` or `Flush` completed.
+    Done {
+        volume: String,
+    },
     /// The request failed; the message says what was wrong. The control server fills in
     /// which node answered and the volume the request named (absent from older agents).
     Error {
@@ -295,7 +391,12 @@ impl ControlRequest {
             ControlRequest::SnapshotCreate { volume, .. }
             | ControlRequest::SnapshotList { volume, .. }
             | ControlRequest::SnapshotDelete { volume, .. }
-            | ControlRequest::Diff { volume, .. } => Some(volume),
+            | ControlRequest::Diff { volume, .. }
+            | ControlRequest::Geometry { volume }
+            | ControlRequest::ReadSnapshot { volume, .. }
+            | ControlRequest::WriteOrigin { volume, .. }
+            | ControlRequest::ZeroOrigin { volume, .. }
+            | ControlRequest::Flush { volume } => Some(volume),
             ControlRequest::Status { volume } => volume.as_deref(),
         }
     }
@@ -319,6 +420,39 @@ pub fn error_origin(node: Option<u32>, host: Option<&str>, volume: Option<&str>)
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The largest data request and answer fit a frame, and carry their bytes as a
+    /// byte string (not one integer per byte).
+    #[test]
+    fn the_largest_data_messages_fit_a_frame() {
+        let data = vec![0xffu8; MAX_CONTROL_DATA as usize];
+        let req = ControlRequest::WriteOrigin {
+            volume: "v".repeat(255),
+            offset: u64::MAX,
+            data: data.clone(),
+        };
+        let mut out = Vec::new();
+        crate::encode_frame(&req, &mut out).expect("fits a frame");
+        assert!(
+            out.len() < MAX_CONTROL_DATA as usize + 1024,
+            "{}",
+            out.len()
+        );
+        match crate::decode_frame::<ControlRequest>(&out).expect("decodes") {
+            crate::Decoded::Frame(back, _) => assert_eq!(back, req),
+            _ => panic!("incomplete"),
+        }
+        let resp = ControlResponse::Data {
+            volume: "v".repeat(255),
+            data,
+        };
+        let mut out = Vec::new();
+        crate::encode_frame(&resp, &mut out).expect("fits a frame");
+        match crate::decode_frame::<ControlResponse>(&out).expect("decodes") {
+            crate::Decoded::Frame(back, _) => assert_eq!(back, resp),
+            _ => panic!("incomplete"),
+        }
+    }
 
     #[test]
     fn errors_name_the_node_and_volume() {

@@ -23,11 +23,13 @@ EXAMPLES
   csnapctl snapshot list vol0
   csnapctl snapshot delete vol0 nightly --wait
   csnapctl diff vol0 monday tuesday     the byte extents written between two snapshots
+  csnapctl export-diff vol0 --from monday tuesday - | ssh backup csnapctl import-diff vol0 -
+                                        replicate tuesday's changes to another cluster
   csnapctl keygen /etc/csnap/key        the cluster key (copy it to every node)
   csnapctl format --origin /dev/vg/origin --store /dev/vg/store
   csnapctl check --origin /dev/vg/origin --store /dev/vg/store
 
-Snapshot, diff and status commands go through the local agent's control socket and work from
+Snapshot, diff, export-diff, import-diff and status commands go through the local agent's control socket and work from
 any node (snapshot operations are forwarded to the volume's server). format, check and
 keygen work on the devices and files directly; check refuses a store a server is using.
 `csnapctl COMMAND --help` describes each command.
@@ -84,6 +86,11 @@ enum Command {
     /// Print the extents where a snapshot (or the origin) differs from an older snapshot,
     /// from metadata alone.
     Diff(csnap_agent::ctl_diff::DiffArgs),
+    /// Write a snapshot's changes since an older one (or all of it) as a checksummed
+    /// stream, for import-diff on another volume.
+    ExportDiff(csnap_agent::ctl_xdiff::ExportDiffArgs),
+    /// Apply a stream from export-diff to a volume and create its snapshot there.
+    ImportDiff(csnap_agent::ctl_xdiff::ImportDiffArgs),
     /// Write a new random cluster key (32 bytes, mode 0600) for servers and clients.
     #[command(long_about = KEYGEN_HELP, after_long_help = KEYGEN_EXAMPLES)]
     Keygen(KeygenArgs),
@@ -425,6 +432,12 @@ fn main() -> ExitCode {
         Command::Diff(args) => {
             csnap_agent::ctl::run_cli(csnap_agent::ctl_diff::run_diff(&cli.socket, args.clone()))
         }
+        Command::ExportDiff(args) => csnap_agent::ctl::run_cli(
+            csnap_agent::ctl_xdiff::run_export_diff(&cli.socket, args.clone()),
+        ),
+        Command::ImportDiff(args) => csnap_agent::ctl::run_cli(
+            csnap_agent::ctl_xdiff::run_import_diff(&cli.socket, args.clone()),
+        ),
         Command::Keygen(args) => run_keygen(args),
         Command::Check(args) => run_check(args),
     }

@@ -348,13 +348,7 @@ async fn volume_status(
 }
 
 async fn handle_control(node: NodeId, volumes: Volumes, req: ControlRequest) -> ControlResponse {
-    let wanted = match &req {
-        ControlRequest::SnapshotCreate { volume, .. }
-        | ControlRequest::SnapshotList { volume, .. }
-        | ControlRequest::SnapshotDelete { volume, .. }
-        | ControlRequest::Diff { volume, .. } => Some(volume.clone()),
-        ControlRequest::Status { volume } => volume.clone(),
-    };
+    let wanted = req.volume().map(str::to_owned);
     let selected: Vec<(VolumeConfig, RunningHandles)> = {
         let map = match volumes.lock() {
             Ok(m) => m,

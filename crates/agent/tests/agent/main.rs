@@ -20,3 +20,4 @@ mod many_snapshots;
 mod nbd_conformance;
 mod packaging;
 mod standalone;
+mod xdiff;

@@ -1,0 +1,338 @@
+//! `csnapctl export-diff` / `import-diff` between two standalone agents: a seeded random
+//! qemu-io workload with snapshots `s0`..`s4` on volume A (see `diff::random_history`),
+//! replicated onto volume B (which starts with other contents) by a full stream for `s0`
+//! and incremental streams piped from one csnapctl into the other after that; every
+//! snapshot of B must read byte-equal to A's (nbdcopy). The refusals (wrong FROM, a
+//! truncated or damaged stream, another volume size, a target written since FROM) must
+//! leave B unchanged: the same snapshots, the same origin bytes.
+
+use crate::diff::{byte_diff, random_history, History, CHUNK};
+use crate::support;
+
+use std::os::unix::fs::FileExt as _;
+use std::path::{Path, PathBuf};
+
+use csnap_proto::diff_stream::{Extent, StreamReader, StreamWriter};
+use support::*;
+
+const CSNAPCTL: &str = env!("CARGO_BIN_EXE_csnapctl");
+
+/// Volume B beside A's fixture, with contents of its own (not A's initial pattern), served
+/// by a second standalone agent.
+async fn target(fx: &Fixture, seed: u64) -> Agent {
+    let (origin, store) = fx.another_volume("b", 64 * MIB);
+    std::fs::File::options()
+        .write(true)
+        .open(&origin)
+        .unwrap()
+        .write_all_at(&pattern(seed ^ 0x5eed, fx.origin_size as usize), 0)
+        .unwrap();
+    let nbd = fx.path("b.nbd");
+    let mut b = Agent::spawn(
+        fx,
+        "b",
+        &origin,
+        &store,
+        &["--nbd-listen", &format!("unix:{}", nbd.display())],
+    );
+    b.wait_ready().await;
+    b
+}
+
+async fn image(agent: &Agent, export: &str, out: &Path) -> Vec<u8> {
+    let _ = std::fs::remove_file(out);
+    run_ok("nbdcopy", &[&agent.uri(export), out.to_str().unwrap()]).await;
+    read_file(out)
+}
+
+/// The names of the volume's snapshots, in id order.
+async fn snapshot_names(agent: &Agent) -> Vec<String> {
+    let r = csnapctl(&agent.control, &["snapshot", "list", "vol", "--json"]).await;
+    assert!(r.ok, "{}", r.stderr);
+    let doc: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+    let list = doc["snapshots"]
+        .as_array()
+        .or_else(|| doc.as_array())
+        .unwrap_or_else(|| panic!("snapshot list JSON: {doc}"));
+    list.iter()
+        .map(|s| s["name"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+/// Runs `export-diff` on A piped into `import-diff` on B (bash, pipefail).
+async fn pipe(a: &Agent, b: &Agent, from: Option<&str>, to: &str, spool: &Path) -> Ran {
+    let from = from.map(|f| format!("--from {f}")).unwrap_or_default();
+    let script = format!(
+        "set -o pipefail; {CSNAPCTL} --socket {} export-diff vol {from} {to} - --page-records 3 \
+         | {CSNAPCTL} --socket {} import-diff vol - --spool-dir {}",
+        a.control.display(),
+        b.control.display(),
+        spool.display()
+    );
+    run("bash", &["-c", &script]).await
+}
+
+async fn export_file(a: &Agent, from: Option<&str>, to: &str, out: &Path) -> Vec<u8> {
+    let out_s = out.to_str().unwrap();
+    let mut args = vec!["export-diff", "vol"];
+    if let Some(f) = from {
+        args.extend(["--from", f]);
+    }
+    args.extend([to, out_s]);
+    let r = csnapctl(&a.control, &args).await;
+    assert!(r.ok, "export-diff {args:?}: {}", r.stderr);
+    read_file(out)
+}
+
+async fn import_file(b: &Agent, file: &Path) -> Ran {
+    csnapctl(&b.control, &["import-diff", "vol", file.to_str().unwrap()]).await
+}
+
+/// B's snapshots and origin bytes, to show a refused import changed nothing.
+async fn state(b: &Agent, fx: &Fixture) -> (Vec<String>, Vec<u8>) {
+    (
+        snapshot_names(b).await,
+        image(b, "vol", &fx.path("b-origin.out")).await,
+    )
+}
+
+/// Every snapshot B has reads as A's of the same name, and B's origin as the last.
+async fn assert_replica(h: &History, b: &Agent, upto: usize) {
+    let names: Vec<String> = h.names[..=upto].to_vec();
+    assert_eq!(snapshot_names(b).await, names, "seed {:#x}", h.seed);
+    for (i, name) in names.iter().enumerate() {
+        let got = image(
+            b,
+            &format!("vol@{name}"),
+            &h.fx.path(&format!("b-{name}.out")),
+        )
+        .await;
+        assert!(
+            got == h.images[i].1,
+            "seed {:#x}: B's {name} differs from A's after importing up to {}",
+            h.seed,
+            h.names[upto]
+        );
+    }
+    let origin = image(b, "vol", &h.fx.path("b-origin.out")).await;
+    assert!(
+        origin == h.images[upto].1,
+        "seed {:#x}: B's origin is not {} after the import",
+        h.seed,
+        h.names[upto]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn export_import_chains_reproduce_every_snapshot() {
+    let Some(mut h) = random_history("export_import_chains_reproduce_every_snapshot").await else {
+        return;
+    };
+    let b = target(&h.fx, h.seed).await;
+    let spool = h.fx.path("spool");
+    std::fs::create_dir_all(&spool).unwrap();
+
+    // s0 in full, through a file.
+    let full = h.fx.path("s0.csdiff");
+    export_file(&h.agent, None, "s0", &full).await;
+    let r = import_file(&b, &full).await;
+    assert!(r.ok, "seed {:#x}: {}", h.seed, r.stderr);
+    assert_replica(&h, &b, 0).await;
+
+    // Then each next snapshot incrementally, piped.
+    for i in 1..h.names.len() {
+        let r = pipe(&h.agent, &b, Some(&h.names[i - 1]), &h.names[i], &spool).await;
+        assert!(r.ok, "seed {:#x}: {}: {}", h.seed, h.names[i], r.stderr);
+        assert!(r.stdout.contains("imported snapshot"), "{}", r.stdout);
+        assert_replica(&h, &b, i).await;
+    }
+    // Zeroes written on A (NBD WRITE_ZEROES, whole and partial chunks, and zero bytes
+    // written as data) travel as zero records and land as zeroes on B.
+    let vol_a = h.agent.uri("vol");
+    let size = h.fx.origin_size;
+    let zero_a = format!("write -z 0 {}", 3 * CHUNK);
+    let zero_b = format!("write -P 0 {} {}", 5 * CHUNK + 100, 2 * CHUNK);
+    let zero_c = format!("write -z {} 1000", size - CHUNK - 1000);
+    run_ok(
+        "qemu-io",
+        &[
+            "-f", "raw", &vol_a, "-c", &zero_a, "-c", &zero_b, "-c", &zero_c,
+        ],
+    )
+    .await;
+    h.agent.snapshot("s5").await;
+    let s5 = image(&h.agent, "vol@s5", &h.fx.path("s5.out")).await;
+    assert!(s5[..3 * CHUNK as usize].iter().all(|b| *b == 0));
+    let stream = export_file(&h.agent, Some("s4"), "s5", &h.fx.path("s4-s5.csdiff")).await;
+    let mut r = StreamReader::new(stream.as_slice()).unwrap();
+    let mut zero_bytes = 0;
+    while let Some(e) = r.next_extent().unwrap() {
+        if let Extent::Zero { len, .. } = e {
+            zero_bytes += len;
+        }
+    }
+    assert!(zero_bytes >= 3 * CHUNK + 2 * CHUNK - 4096, "{zero_bytes}");
+    h.names.push("s5".into());
+    h.images.insert(5, (Some("s5".into()), s5));
+    let r = pipe(&h.agent, &b, Some("s4"), "s5", &spool).await;
+    assert!(r.ok, "seed {:#x}: s5: {}", h.seed, r.stderr);
+    assert_replica(&h, &b, 5).await;
+
+    // The spool files are gone with the imports.
+    assert_eq!(std::fs::read_dir(&spool).unwrap().count(), 0);
+
+    // An incremental stream holds only the changed chunks (every data or zero record lies
+    // in a chunk the byte comparison names).
+    let stream = export_file(&h.agent, Some("s3"), "s4", &h.fx.path("s3-s4.csdiff")).await;
+    let changed = byte_diff(&h.images[3].1, &h.images[4].1);
+    let mut r = StreamReader::new(stream.as_slice()).unwrap();
+    assert_eq!(r.header().from.as_deref(), Some("s3"));
+    assert_eq!(r.header().chunk_bytes as u64, CHUNK);
+    while let Some(e) = r.next_extent().unwrap() {
+        for c in e.offset() / CHUNK..(e.offset() + e.len()).div_ceil(CHUNK) {
+            assert!(
+                changed.contains(&c),
+                "seed {:#x}: chunk {c} unchanged",
+                h.seed
+            );
+        }
+    }
+}
+
+/// Rewrites a stream with another volume size in its header (checksums made anew).
+fn with_volume_bytes(stream: &[u8], volume_bytes: u64) -> Vec<u8> {
+    let mut r = StreamReader::new(stream).unwrap();
+    let mut header = r.header().clone();
+    header.volume_bytes = volume_bytes;
+    let mut w = StreamWriter::new(Vec::new(), &header).unwrap();
+    while let Some(e) = r.next_extent().unwrap() {
+        match e {
+            Extent::Data { offset, data } => w.data(offset, &data).unwrap(),
+            Extent::Zero { offset, len } => w.zero(offset, len).unwrap(),
+        }
+    }
+    w.finish().unwrap().1
+}
+
+async fn assert_refused(b: &Agent, fx: &Fixture, file: &Path, want: &str, seed: u64) {
+    let before = state(b, fx).await;
+    let r = import_file(b, file).await;
+    assert!(!r.ok, "seed {seed:#x}: {} was imported", file.display());
+    assert!(
+        r.stderr.contains(want) && r.stderr.contains("nothing was changed"),
+        "seed {seed:#x}: {}: want {want:?} in\n{}",
+        file.display(),
+        r.stderr
+    );
+    assert!(
+        state(b, fx).await == before,
+        "seed {seed:#x}: refusing {} changed volume B",
+        file.display()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_streams_are_refused_and_leave_the_target_unchanged() {
+    let Some(h) = random_history("bad_streams_are_refused_and_leave_the_target_unchanged").await
+    else {
+        return;
+    };
+    let (a, fx, seed) = (&h.agent, &h.fx, h.seed);
+    let b = target(fx, seed).await;
+    let path = |n: &str| -> PathBuf { fx.path(n) };
+    export_file(a, None, "s0", &path("s0.csdiff")).await;
+    export_file(a, Some("s0"), "s1", &path("s0-s1.csdiff")).await;
+    let s1_s2 = export_file(a, Some("s1"), "s2", &path("s1-s2.csdiff")).await;
+    export_file(a, Some("s2"), "s3", &path("s2-s3.csdiff")).await;
+    export_file(a, Some("s3"), "s4", &path("s3-s4.csdiff")).await;
+
+    // Onto a volume without snapshots only a full stream applies.
+    assert_refused(&b, fx, &path("s0-s1.csdiff"), "has no snapshots", seed).await;
+    assert!(import_file(&b, &path("s0.csdiff")).await.ok);
+    assert_refused(
+        &b,
+        fx,
+        &path("s0.csdiff"),
+        "already has a snapshot named",
+        seed,
+    )
+    .await;
+    assert!(import_file(&b, &path("s0-s1.csdiff")).await.ok);
+    export_file(a, None, "s2", &path("s2-full.csdiff")).await;
+    assert_refused(&b, fx, &path("s2-full.csdiff"), "full export", seed).await;
+
+    // FROM must be B's latest snapshot (s1).
+    assert_refused(
+        &b,
+        fx,
+        &path("s2-s3.csdiff"),
+        "latest snapshot of volume",
+        seed,
+    )
+    .await;
+    assert_refused(
+        &b,
+        fx,
+        &path("s0-s1.csdiff"),
+        "already has a snapshot",
+        seed,
+    )
+    .await;
+
+    // A stream cut anywhere, or with one byte flipped, is refused whole.
+    for cut in [10, s1_s2.len() / 3, s1_s2.len() / 2, s1_s2.len() - 1] {
+        std::fs::write(path("cut.csdiff"), &s1_s2[..cut]).unwrap();
+        assert_refused(&b, fx, &path("cut.csdiff"), "truncated", seed).await;
+    }
+    for at in [40, s1_s2.len() / 2, s1_s2.len() - 3] {
+        let mut bad = s1_s2.clone();
+        bad[at] ^= 0x20;
+        std::fs::write(path("flipped.csdiff"), &bad).unwrap();
+        // Damaged, or (a flipped length) truncated: refused either way.
+        assert_refused(&b, fx, &path("flipped.csdiff"), "the diff stream is", seed).await;
+    }
+    // Through stdin as well (the spooled path).
+    let before = state(&b, fx).await;
+    let script = format!(
+        "head -c {} {} | {CSNAPCTL} --socket {} import-diff vol -",
+        s1_s2.len() / 2,
+        path("s1-s2.csdiff").display(),
+        b.control.display()
+    );
+    let r = run("bash", &["-c", &script]).await;
+    assert!(!r.ok && r.stderr.contains("truncated"), "{}", r.stderr);
+    assert!(state(&b, fx).await == before, "seed {seed:#x}");
+
+    // Another volume size.
+    std::fs::write(
+        path("bigger.csdiff"),
+        with_volume_bytes(&s1_s2, fx.origin_size * 2),
+    )
+    .unwrap();
+    assert_refused(&b, fx, &path("bigger.csdiff"), "is for a volume of", seed).await;
+
+    // After all that, the good stream still applies exactly.
+    let r = import_file(&b, &path("s1-s2.csdiff")).await;
+    assert!(r.ok, "seed {seed:#x}: {}", r.stderr);
+    assert_replica(&h, &b, 2).await;
+
+    // An interrupted import wrote only where its stream writes: simulated by junk written
+    // to B's origin inside s2 -> s3's changes. The import still applies, and exactly.
+    let changed = byte_diff(&h.images[2].1, &h.images[3].1);
+    let inside = *changed.iter().next().expect("s2 -> s3 changed something");
+    let vol_b = b.uri("vol");
+    let w = format!("write -P 0xee {} 512", inside * CHUNK + 100);
+    run_ok("qemu-io", &["-f", "raw", &vol_b, "-c", &w]).await;
+    let r = import_file(&b, &path("s2-s3.csdiff")).await;
+    assert!(r.ok, "seed {seed:#x}: {}", r.stderr);
+    assert_replica(&h, &b, 3).await;
+
+    // A write outside what s3 -> s4 replaces: the result would not be s4, so refused.
+    let changed = byte_diff(&h.images[3].1, &h.images[4].1);
+    let outside = (0..fx.origin_size / CHUNK)
+        .find(|c| !changed.contains(c))
+        .expect("s3 -> s4 left a chunk alone");
+    let w = format!("write -P 0xee {} 512", outside * CHUNK);
+    run_ok("qemu-io", &["-f", "raw", &vol_b, "-c", &w]).await;
+    assert_refused(&b, fx, &path("s3-s4.csdiff"), "was written since", seed).await;
+}
