@@ -39,25 +39,11 @@ use meta::{Meta, TX_SOFT_LIMIT};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 
-/// What to sacrifice when an origin copy-out finds the store full. Origin writes never fail
-/// because of the store; snapshot writes that cannot allocate fail with `StoreError::Full`.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub enum FullPolicy {
-    /// Invalidate the oldest live snapshot that needs the copy-out, reclaim what it alone
-    /// held, retry; repeat while still full.
-    #[default]
-    InvalidateOldest,
-    /// Invalidate every snapshot that needs the copy-out at once (no reclaim in the write
-    /// path; the origin write proceeds immediately without a copy).
-    InvalidateSharing,
-}
-
 /// Options for `Store::open`.
 #[derive(Clone, Copy, Debug)]
 pub struct OpenOptions {
     /// Metadata block cache bound, in 4 KiB blocks (at least `meta::MIN_CACHE_BLOCKS`).
     pub cache_blocks: usize,
-    pub full_policy: FullPolicy,
     /// Cluster mode: the membership generation the server is activated for. The open
     /// refuses a store a later generation already served (see [`Store::open`]) and
     /// records this one.
@@ -68,7 +54,6 @@ impl Default for OpenOptions {
     fn default() -> Self {
         OpenOptions {
             cache_blocks: 8192,
-            full_policy: FullPolicy::default(),
             cluster_generation: None,
         }
     }
@@ -287,16 +272,6 @@ pub enum ChunkSource {
     Store { store_chunk: u64, exclusive: bool },
 }
 
-/// Result of `Store::prepare_copy_out`.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct CopyOutPlan {
-    /// The reserved chunk to copy the origin chunk to, or `None` if no copy is needed (the
-    /// chunk is unique, possibly because the store-full policy invalidated its sharers).
-    pub store_chunk: Option<u64>,
-    /// Snapshots invalidated by the store-full policy to make room (log these loudly).
-    pub invalidated: Vec<u64>,
-}
-
 /// How far `Store::format_with_progress` got: metadata blocks written of those it writes.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct FormatProgress {
@@ -337,7 +312,6 @@ pub struct Store {
     names: HashMap<String, u64>,
     unclean: bool,
     replayed: u64,
-    policy: FullPolicy,
     /// Deleted or invalidated snapshots whose space a reclaim pass still has to free.
     reclaim_pending: BTreeSet<u64>,
     /// Per-snapshot store usage, kept incrementally (see `usage.rs`).
@@ -538,7 +512,6 @@ impl Store {
             names: HashMap::new(),
             unclean,
             replayed: replay.transactions,
-            policy: opts.full_policy,
             reclaim_pending: BTreeSet::new(),
             usage_counter: usage::UsageCounter::unseeded(),
         };
@@ -619,10 +592,6 @@ impl Store {
     /// Blocks currently held by the metadata cache.
     pub fn cache_blocks(&self) -> usize {
         self.meta.cache_len()
-    }
-
-    pub fn set_full_policy(&mut self, policy: FullPolicy) {
-        self.policy = policy;
     }
 
     /// Byte offset of store chunk `store_chunk` on the store device (for the data path).
@@ -1148,53 +1117,6 @@ impl Store {
             }
             Ok(())
         })
-    }
-
-    /// Reserves a chunk for an origin copy-out of `chunk`, applying the store-full policy
-    /// if needed. The caller copies the origin chunk there, then calls `record_copy_out`.
-    pub fn prepare_copy_out(&mut self, chunk: u64) -> Result<CopyOutPlan> {
-        self.check_chunk(chunk)?;
-        let mut invalidated = Vec::new();
-        loop {
-            let (runs, _) = self.uncovered_runs(chunk)?;
-            if runs.is_empty() {
-                return Ok(CopyOutPlan {
-                    store_chunk: None,
-                    invalidated,
-                });
-            }
-            match self.reserve_chunk() {
-                Ok(c) => {
-                    return Ok(CopyOutPlan {
-                        store_chunk: Some(c),
-                        invalidated,
-                    })
-                }
-                Err(StoreError::Full) => {}
-                Err(e) => return Err(e),
-            }
-            let sharing: Vec<u64> = runs
-                .iter()
-                .flat_map(|(a, b)| self.live.range(*a..=*b).copied().collect::<Vec<_>>())
-                .collect();
-            let victims = match self.policy {
-                FullPolicy::InvalidateOldest => sharing[..1].to_vec(),
-                FullPolicy::InvalidateSharing => sharing,
-            };
-            let reason = format!("store full during a copy-out of origin chunk {chunk}");
-            for v in victims {
-                self.invalidate_snapshot(v, &reason)?;
-                invalidated.push(v);
-            }
-            if self.policy == FullPolicy::InvalidateOldest {
-                // Free what the victim alone held before trying again.
-                while self.meta.data_available() + self.meta.quarantined() as u64 == 0 {
-                    if self.reclaim_step(4096)?.done {
-                        break;
-                    }
-                }
-            }
-        }
     }
 
     // ---- reclaim ----

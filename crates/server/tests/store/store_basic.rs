@@ -5,8 +5,8 @@
 use crate::store_support;
 
 use csnap_server::store::{
-    read_superblock, BlockDevice, ChunkSource, FileDevice, FormatOptions, FullPolicy, Geometry,
-    MemDevice, OpenOptions, SnapState, Store, StoreError,
+    read_superblock, BlockDevice, ChunkSource, FileDevice, FormatOptions, Geometry, MemDevice,
+    OpenOptions, SnapState, Store, StoreError,
 };
 use std::sync::Arc;
 use store_support::*;
@@ -196,9 +196,9 @@ fn full_store_invalidates_the_oldest_sharing_snapshot() {
     let young = sim.create().unwrap();
     // Chunk 20 needs a copy for both; the store is full: the oldest goes, its 16 chunks
     // are reclaimed, and the copy-out proceeds for the young one.
-    let plan = sim.store.prepare_copy_out(20).unwrap();
-    assert_eq!(plan.invalidated, vec![old]);
-    assert!(plan.store_chunk.is_some());
+    let (store_chunk, invalidated) = reserve_copy_out(&mut sim.store, 20).unwrap();
+    assert_eq!(invalidated, vec![old]);
+    assert!(store_chunk.is_some());
     let rec = sim.store.snapshot(old).unwrap();
     assert!(matches!(&rec.state, SnapState::Invalid { reason } if reason.contains("store full")));
     assert!(matches!(
@@ -206,7 +206,7 @@ fn full_store_invalidates_the_oldest_sharing_snapshot() {
         Err(StoreError::NotLive(_))
     ));
     assert_eq!(sim.store.oldest_sharing_origin(20).unwrap(), Some(young));
-    sim.store.release_chunk(plan.store_chunk.unwrap()).unwrap();
+    sim.store.release_chunk(store_chunk.unwrap()).unwrap();
     // Snapshot writes on a full store fail instead of sacrificing anyone.
     let mut sim = Sim::new(0, 64);
     let a = sim.create().unwrap();
@@ -216,12 +216,6 @@ fn full_store_invalidates_the_oldest_sharing_snapshot() {
     }
     assert_eq!(sim.snapshot_write_prepare(a, 17).unwrap(), None);
     assert!(matches!(sim.store.reserve_chunk(), Err(StoreError::Full)));
-    // With invalidate-sharing, every snapshot needing the copy goes at once.
-    let b = sim.create().unwrap();
-    sim.store.set_full_policy(FullPolicy::InvalidateSharing);
-    let plan = sim.store.prepare_copy_out(30).unwrap();
-    assert_eq!(plan.invalidated, vec![a, b]);
-    assert_eq!(plan.store_chunk, None, "nobody needs the copy any more");
 }
 
 #[test]
@@ -262,10 +256,7 @@ fn metadata_cache_stays_within_its_bound() {
     // 15,000 copy-outs of scattered chunks: a tree of well over 600 blocks.
     for i in 0..15_000u64 {
         let chunk = (i * 7919) % 100_000;
-        let plan = store.prepare_copy_out(chunk).unwrap();
-        if let Some(x) = plan.store_chunk {
-            store.record_copy_out(chunk, x).unwrap();
-        }
+        record_copy_out(&mut store, chunk).unwrap();
         if i % 500 == 0 {
             store.commit().unwrap();
         }
@@ -396,8 +387,7 @@ fn garbage_metadata_blocks_give_errors_not_panics() {
     let mut store = open(&dev).unwrap();
     let id = store.create_snapshot("a", 1).unwrap().id;
     for c in 0..64 {
-        let plan = store.prepare_copy_out(c).unwrap();
-        store.record_copy_out(c, plan.store_chunk.unwrap()).unwrap();
+        assert!(record_copy_out(&mut store, c).unwrap());
     }
     store.close().unwrap();
     let sb = read_superblock(&dev).unwrap();
@@ -459,10 +449,7 @@ fn file_device_round_trip() {
         .unwrap();
         let mut store = Store::open(Arc::new(dev), OpenOptions::default()).unwrap();
         store.create_snapshot("f", 1).unwrap();
-        let plan = store.prepare_copy_out(1000).unwrap();
-        store
-            .record_copy_out(1000, plan.store_chunk.unwrap())
-            .unwrap();
+        assert!(record_copy_out(&mut store, 1000).unwrap());
         store.close().unwrap();
         let dev = FileDevice::open(&path, direct).unwrap();
         let mut store = Store::open(Arc::new(dev), OpenOptions::default()).unwrap();

@@ -27,7 +27,8 @@ struct Run {
     candidates: Vec<Snaps>,
     /// (snapshot, chunk) -> tags a crash may leave there (data written, flush unconfirmed).
     uncertain: HashMap<(u64, u64), Vec<u64>>,
-    /// The failure hit `prepare_copy_out`, which may have invalidated snapshots durably.
+    /// The failure hit `reserve_copy_out`, whose store-full policy may have invalidated
+    /// snapshots durably (its reclaim commits).
     may_invalidate: bool,
     next_tag: u64,
     names: u64,
@@ -89,15 +90,15 @@ impl Run {
                 // A failure inside may come after the store-full policy invalidated (and
                 // committed) some snapshots: recovery may then show them invalid.
                 self.may_invalidate = true;
-                let plan = self.store.prepare_copy_out(chunk)?;
+                let (store_chunk, invalidated) = reserve_copy_out(&mut self.store, chunk)?;
                 self.may_invalidate = false;
-                for id in &plan.invalidated {
+                for id in &invalidated {
                     if let Some(s) = pending.get_mut(id) {
                         s.live = false;
                     }
                     self.candidates.push(pending.clone());
                 }
-                if let Some(x) = plan.store_chunk {
+                if let Some(x) = store_chunk {
                     let off = self.store.chunk_offset(x);
                     write_tag(dev.as_ref(), off, self.origin[chunk as usize])
                         .map_err(|e| io(e, off))?;

@@ -43,6 +43,52 @@ pub fn open(dev: &MemDevice) -> Result<Store, StoreError> {
     Store::open(Arc::new(dev.clone()), OpenOptions::default())
 }
 
+/// The metadata half of an origin copy-out, made with the store calls the request engine
+/// makes (`MetaStore`: `oldest_sharing_origin`, `reserve_chunk`, `invalidate_snapshot`,
+/// `reclaim_step`) under its default store-full policy, invalidate-oldest: when no chunk
+/// is free, the oldest live snapshot is invalidated, what it alone held is reclaimed, and
+/// the reservation is tried again. Returns the reserved chunk (`None` once no live
+/// snapshot shares the origin chunk) and the snapshots invalidated on the way; the caller
+/// copies the chunk there, then calls `record_copy_out`.
+pub fn reserve_copy_out(
+    store: &mut Store,
+    chunk: u64,
+) -> Result<(Option<u64>, Vec<u64>), StoreError> {
+    let mut invalidated = Vec::new();
+    loop {
+        if store.oldest_sharing_origin(chunk)?.is_none() {
+            return Ok((None, invalidated));
+        }
+        match store.reserve_chunk() {
+            Ok(at) => return Ok((Some(at), invalidated)),
+            Err(StoreError::Full) => {}
+            Err(e) => return Err(e),
+        }
+        // A snapshot shares the chunk, so one is live.
+        let Some(victim) = store.live_snapshots().next() else {
+            return Ok((None, invalidated));
+        };
+        let reason = format!("store full during a copy-out of origin chunk {chunk}");
+        store.invalidate_snapshot(victim, &reason)?;
+        invalidated.push(victim);
+        while store.free_chunks() == 0 {
+            if store.reclaim_step(4096)?.done {
+                break;
+            }
+        }
+    }
+}
+
+/// An origin copy-out's metadata on a store that has room (no data copied): reserve and
+/// record, if a live snapshot still shares the chunk. True if it recorded one.
+pub fn record_copy_out(store: &mut Store, chunk: u64) -> Result<bool, StoreError> {
+    if store.oldest_sharing_origin(chunk)?.is_none() {
+        return Ok(false);
+    }
+    let at = store.reserve_chunk()?;
+    store.record_copy_out(chunk, at)
+}
+
 pub fn write_tag(dev: &dyn BlockDevice, offset: u64, tag: u64) -> std::io::Result<()> {
     let mut buf = vec![0u8; CHUNK as usize];
     buf[..8].copy_from_slice(&tag.to_le_bytes());
@@ -143,13 +189,13 @@ impl Sim {
     /// The metadata half of an origin write: copy-out (if needed) recorded, not committed.
     /// Returns the tag the origin chunk gets once the caller applies the write.
     pub fn origin_write_prepare(&mut self, chunk: u64) -> Result<u64, StoreError> {
-        let plan = self.store.prepare_copy_out(chunk)?;
-        for id in &plan.invalidated {
+        let (store_chunk, invalidated) = reserve_copy_out(&mut self.store, chunk)?;
+        for id in &invalidated {
             if let Some(s) = self.reference.snaps.get_mut(id) {
                 s.live = false;
             }
         }
-        if let Some(x) = plan.store_chunk {
+        if let Some(x) = store_chunk {
             let off = self.store.chunk_offset(x);
             write_tag(
                 self.store.device().as_ref(),
