@@ -786,7 +786,8 @@ impl World {
                 }
                 Action::Copy { copy, from, to, .. } => s.copies.push((copy, from, to)),
                 Action::Commit => s.commit_due = true,
-                Action::Fatal { reason } => {
+                Action::Fatal { error } => {
+                    let reason = csnap_server::engine::error_chain(&error);
                     return Err(format!("{id}: the engine failed: {reason}"));
                 }
             }
@@ -1694,11 +1695,16 @@ impl World {
                     return Ok(());
                 };
                 let (copy, from, to) = s.copies.remove(k);
-                let result = s.data.copy(from, to);
-                if let Err(e) = &result {
+                if let Err(e) = s.data.copy(from, to) {
                     return Err(format!("copy failed: {e}"));
                 }
-                self.engine_event(i, Event::CopyDone { copy, result })?;
+                self.engine_event(
+                    i,
+                    Event::CopyDone {
+                        copy,
+                        result: Ok(()),
+                    },
+                )?;
             }
             S::Commit(i) => {
                 if let Some(s) = self.nodes[i].server_mut() {
@@ -2087,11 +2093,16 @@ impl World {
         for i in 0..self.nodes.len() {
             if let Some(s) = self.nodes[i].server_mut() {
                 if let Some((copy, from, to)) = s.copies.pop() {
-                    let result = s.data.copy(from, to);
-                    if let Err(e) = &result {
+                    if let Err(e) = s.data.copy(from, to) {
                         return Err(format!("copy failed: {e}"));
                     }
-                    self.engine_event(i, Event::CopyDone { copy, result })?;
+                    self.engine_event(
+                        i,
+                        Event::CopyDone {
+                            copy,
+                            result: Ok(()),
+                        },
+                    )?;
                 }
             }
             if self.nodes[i].server().is_some_and(|s| s.commit_due) {

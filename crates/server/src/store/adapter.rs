@@ -25,17 +25,9 @@ impl From<StoreError> for EngineError {
                 origin_chunks,
             },
             StoreError::NotReserved(c) => EngineError::NotReserved(c),
-            // Keep the kind, and the message that names the device and offset.
-            StoreError::Io {
-                op,
-                device,
-                offset,
-                source,
-            } => EngineError::Io(std::io::Error::new(
-                source.kind(),
-                format!("I/O error {op} {device} at byte {offset}: {source}"),
-            )),
-            other => EngineError::Corrupt(other.to_string()),
+            // Kept whole: its message names the operation, device and offset.
+            e @ StoreError::Io { .. } => EngineError::Io(Box::new(e)),
+            other => EngineError::Corrupt(Box::new(other)),
         }
     }
 }

@@ -818,7 +818,8 @@ impl Sim {
                 Action::Copy { copy, from, to, .. } => self.copies.push((copy, from, to)),
                 Action::Commit => self.commit_due = true,
                 Action::Log { .. } => {}
-                Action::Fatal { reason } => {
+                Action::Fatal { error } => {
+                    let reason = csnap_server::engine::error_chain(&error);
                     if !self.devs.powered_off() {
                         self.fail(format!("server failed without a power cut: {reason}"));
                     }
@@ -1403,6 +1404,7 @@ impl Sim {
                     }
                 }
                 self.tally.copies += 1;
+                let result = result.map_err(csnap_server::engine::Failure::new);
                 self.handle(Event::CopyDone { copy, result });
             }
             S::Commit => {
