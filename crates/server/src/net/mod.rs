@@ -427,7 +427,6 @@ fn open_store(config: &ServerConfig) -> Result<Opened, ServerError> {
             .try_into()
             .unwrap_or(usize::MAX),
         cluster_generation: config.cluster_generation,
-        ..OpenOptions::default()
     };
     let store = Store::open(store_dev.clone(), opts).map_err(|source| ServerError::Store {
         path: config.store.clone(),
