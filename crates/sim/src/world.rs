@@ -623,10 +623,10 @@ impl World {
         let rows = store.snapshots();
         let alive: Vec<(u64, bool)> = rows
             .iter()
-            .map(|r| (r.id, r.state != SnapState::Deleting))
+            .map(|r| (r.id.0, r.state != SnapState::Deleting))
             .collect();
         checkers::deletes::listed(&self.reference, &alive)?;
-        let listed: Vec<(u64, String)> = rows.into_iter().map(|r| (r.id, r.name)).collect();
+        let listed: Vec<(u64, String)> = rows.into_iter().map(|r| (r.id.0, r.name)).collect();
         checkers::durability::reported_listed(&mut self.reference, &listed)?;
         let cfg = EngineConfig {
             cluster_key: KEY.to_vec(),
@@ -805,8 +805,8 @@ impl World {
             .store()
             .snapshots()
             .into_iter()
-            .filter(|r| !self.reference.snaps.contains_key(&r.id))
-            .map(|r| (r.id, r.name))
+            .filter(|r| !self.reference.snaps.contains_key(&r.id.0))
+            .map(|r| (r.id.0, r.name))
             .collect();
         for (id, name) in new {
             checkers::snapshots::on_creation(&self.nodes, self.now, MARGIN_MS, id)?;
@@ -2157,7 +2157,7 @@ impl World {
             Some(s) => s.engine.store().snapshots(),
             None => Vec::new(),
         };
-        let listed: Vec<(u64, String)> = rows.iter().map(|r| (r.id, r.name.clone())).collect();
+        let listed: Vec<(u64, String)> = rows.iter().map(|r| (r.id.0, r.name.clone())).collect();
         checkers::durability::reported_listed(&mut self.reference, &listed)?;
         for r in rows.iter().filter(|r| r.state == SnapState::Live) {
             for chunk in 0..self.knobs.origin_chunks {
@@ -2181,7 +2181,7 @@ impl World {
                     ),
                 }
                 .map_err(|e| format!("read: {e}"))?;
-                checkers::snapshots::on_read(&self.reference, r.id, chunk * CHUNK, &buf, None)
+                checkers::snapshots::on_read(&self.reference, r.id.0, chunk * CHUNK, &buf, None)
                     .map_err(|e| format!("after settling: {e}"))?;
                 self.stats.snapshot_reads += 1;
             }
@@ -2260,7 +2260,7 @@ impl World {
         };
         let store = s.engine.store_mut();
         let deleting = match store.reclaim_position() {
-            Some((_, ids)) => ids,
+            Some((_, ids)) => ids.into_iter().map(|id| id.0).collect(),
             None => Vec::new(),
         };
         if deleting.is_empty() && !self.reference.snaps.values().any(|r| r.delete_asked) {

@@ -115,7 +115,7 @@ fuzz_target!(|data: &[u8]| {
 fn exercise(dev: &MemDevice) -> Result<(), String> {
     let e = |e: csnap_server::store::StoreError| e.to_string();
     let mut store = Store::open(Arc::new(dev.clone()), OpenOptions::default()).map_err(e)?;
-    let live: Vec<u64> = store.live_snapshots().collect();
+    let live: Vec<_> = store.live_snapshots().collect();
     // Every third chunk: the same decoders, at a third of the cost per run.
     for c in (0..ORIGIN_CHUNKS).step_by(3) {
         store.oldest_sharing_origin(c).map_err(e)?;

@@ -54,7 +54,7 @@ impl Store {
         budget: usize,
     ) -> Result<DiffPage> {
         for end in [from, to] {
-            if let DiffEnd::Snapshot(SnapId(id)) = end {
+            if let DiffEnd::Snapshot(id) = end {
                 self.check_live(id)?;
             }
         }

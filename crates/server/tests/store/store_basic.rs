@@ -3,6 +3,7 @@
 //! panic) for damaged or foreign devices.
 
 use crate::store_support;
+use csnap_proto::SnapId;
 
 use csnap_server::store::{
     read_superblock, BlockDevice, ChunkSource, FileDevice, FormatOptions, Geometry, MemDevice,
@@ -120,7 +121,7 @@ fn snapshot_writes_unshare_then_write_in_place() {
 #[test]
 fn origin_copy_out_fills_gaps_left_by_snapshot_writes() {
     let mut sim = Sim::new(100, 4);
-    let ids: Vec<u64> = (0..5).map(|_| sim.create().unwrap()).collect();
+    let ids: Vec<SnapId> = (0..5).map(|_| sim.create().unwrap()).collect();
     // Snapshot 3 writes chunk 1 while everyone reads the origin.
     let own = sim.snapshot_write_prepare(ids[2], 1).unwrap().unwrap();
     let t = sim.tag();
@@ -238,8 +239,8 @@ fn bad_names_and_out_of_range_chunks_are_refused() {
         Err(StoreError::NotReserved(12345))
     ));
     assert!(matches!(
-        sim.store.snapshot_chunk(99, 0),
-        Err(StoreError::NoSuchSnapshot(99))
+        sim.store.snapshot_chunk(SnapId(99), 0),
+        Err(StoreError::NoSuchSnapshot(SnapId(99)))
     ));
 }
 

@@ -8,6 +8,7 @@
 //! fdatasync costs dominate there, which is what batching commits is for.
 
 use crate::store_support::record_copy_out;
+use csnap_proto::SnapId;
 use csnap_server::store::{FileDevice, FormatOptions, Geometry, OpenOptions, Store};
 use std::sync::Arc;
 use std::time::Instant;
@@ -55,7 +56,7 @@ fn bench(snapshots: u64, copy_outs: u64, batch: u64) {
     store.commit().unwrap();
     let copy = t.elapsed();
     let t = Instant::now();
-    let ids: Vec<u64> = store.live_snapshots().collect();
+    let ids: Vec<SnapId> = store.live_snapshots().collect();
     let lookups = 100_000u64;
     for i in 0..lookups {
         let id = ids[(i as usize * 7) % ids.len()];

@@ -5,6 +5,7 @@
 //! Seeded: set CSNAP_SEED to replay.
 
 use crate::store_support;
+use csnap_proto::SnapId;
 
 use csnap_server::store::{read_superblock, BlockDevice, ChunkSource, MemDevice, Store};
 use rand::rngs::StdRng;
@@ -42,7 +43,7 @@ fn base_image(rng: &mut StdRng, close: bool) -> Vec<u8> {
 
 fn exercise(dev: &MemDevice) -> Result<(), String> {
     let mut store = open(dev).map_err(|e| e.to_string())?;
-    let live: Vec<u64> = store.live_snapshots().collect();
+    let live: Vec<SnapId> = store.live_snapshots().collect();
     for c in 0..ORIGIN {
         store.oldest_sharing_origin(c).map_err(|e| e.to_string())?;
         for id in live.iter().take(4) {

@@ -3,6 +3,7 @@
 //! reference model of what each snapshot must see.
 #![allow(dead_code)]
 
+use csnap_proto::SnapId;
 use csnap_server::store::{
     BlockDevice, ChunkSource, FormatOptions, Geometry, MemDevice, OpenOptions, SnapState, Store,
     StoreError,
@@ -53,7 +54,7 @@ pub fn open(dev: &MemDevice) -> Result<Store, StoreError> {
 pub fn reserve_copy_out(
     store: &mut Store,
     chunk: u64,
-) -> Result<(Option<u64>, Vec<u64>), StoreError> {
+) -> Result<(Option<u64>, Vec<SnapId>), StoreError> {
     let mut invalidated = Vec::new();
     loop {
         if store.oldest_sharing_origin(chunk)?.is_none() {
@@ -119,7 +120,7 @@ pub struct RefSnap {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Reference {
     pub origin: Vec<u64>,
-    pub snaps: BTreeMap<u64, RefSnap>,
+    pub snaps: BTreeMap<SnapId, RefSnap>,
 }
 
 /// A store plus the simulated data path and the reference model.
@@ -163,7 +164,7 @@ impl Sim {
         self.next_tag
     }
 
-    pub fn create(&mut self) -> Result<u64, StoreError> {
+    pub fn create(&mut self) -> Result<SnapId, StoreError> {
         self.names += 1;
         let name = format!("snap-{}", self.names);
         let rec = self
@@ -180,7 +181,7 @@ impl Sim {
         Ok(rec.id)
     }
 
-    pub fn delete(&mut self, id: u64) -> Result<(), StoreError> {
+    pub fn delete(&mut self, id: SnapId) -> Result<(), StoreError> {
         self.store.delete_snapshot(id)?;
         self.reference.snaps.remove(&id);
         Ok(())
@@ -212,7 +213,7 @@ impl Sim {
     /// store chunk the write goes to, or `None` if the store is full (write refused).
     pub fn snapshot_write_prepare(
         &mut self,
-        id: u64,
+        id: SnapId,
         chunk: u64,
     ) -> Result<Option<u64>, StoreError> {
         match self.store.snapshot_chunk(id, chunk)? {
@@ -245,7 +246,7 @@ impl Sim {
     /// Writes a snapshot's data (after its metadata was committed).
     pub fn snapshot_write_data(
         &mut self,
-        id: u64,
+        id: SnapId,
         chunk: u64,
         store_chunk: u64,
         tag: u64,
@@ -259,7 +260,7 @@ impl Sim {
     }
 
     /// What snapshot `id` reads at `chunk` through the store.
-    pub fn read(&mut self, id: u64, chunk: u64) -> Result<u64, StoreError> {
+    pub fn read(&mut self, id: SnapId, chunk: u64) -> Result<u64, StoreError> {
         match self.store.snapshot_chunk(id, chunk)? {
             ChunkSource::Origin => Ok(self.reference.origin[chunk as usize]),
             ChunkSource::Store { store_chunk, .. } => {
@@ -278,20 +279,20 @@ impl Sim {
             "{context}: checker found {:#?}",
             report.problems
         );
-        let listed: BTreeMap<u64, (String, bool)> = self
+        let listed: BTreeMap<SnapId, (String, bool)> = self
             .store
             .snapshots()
             .into_iter()
             .map(|r| (r.id, (r.name, r.state == SnapState::Live)))
             .collect();
-        let expected: BTreeMap<u64, (String, bool)> = self
+        let expected: BTreeMap<SnapId, (String, bool)> = self
             .reference
             .snaps
             .iter()
             .map(|(id, s)| (*id, (s.name.clone(), s.live)))
             .collect();
         assert_eq!(listed, expected, "{context}: snapshot list");
-        let snaps: Vec<(u64, Vec<u64>)> = self
+        let snaps: Vec<(SnapId, Vec<u64>)> = self
             .reference
             .snaps
             .iter()
@@ -353,8 +354,8 @@ impl Sim {
         }
     }
 
-    pub fn random_live(&self, rng: &mut StdRng) -> Option<u64> {
-        let live: Vec<u64> = self
+    pub fn random_live(&self, rng: &mut StdRng) -> Option<SnapId> {
+        let live: Vec<SnapId> = self
             .reference
             .snaps
             .iter()
@@ -364,8 +365,8 @@ impl Sim {
         (!live.is_empty()).then(|| live[rng.gen_range(0..live.len())])
     }
 
-    pub fn random_listed(&self, rng: &mut StdRng) -> Option<u64> {
-        let ids: Vec<u64> = self.reference.snaps.keys().copied().collect();
+    pub fn random_listed(&self, rng: &mut StdRng) -> Option<SnapId> {
+        let ids: Vec<SnapId> = self.reference.snaps.keys().copied().collect();
         (!ids.is_empty()).then(|| ids[rng.gen_range(0..ids.len())])
     }
 }
