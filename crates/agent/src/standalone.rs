@@ -364,7 +364,7 @@ pub async fn run(args: StandaloneArgs) -> anyhow::Result<()> {
         .context("cannot install the SIGTERM handler")?;
     let failure = async {
         match &server {
-            Some(s) => Some(s.failed().await),
+            Some(s) => Some(s.failed().await.to_string()),
             None => std::future::pending().await,
         }
     };

@@ -98,20 +98,27 @@ impl ChunkRange {
     /// Ascending distinct chunks give sorted, disjoint, maximal ranges covering exactly
     /// those chunks. A repeated chunk starts a new range, so the ranges still name every
     /// chunk as often as the input did (lock and lease counts rely on that). The one
-    /// coalescer of the workspace: the engine's grants and the client's releases use it.
+    /// coalescer of the workspace: the engine's grants, the client's releases and the
+    /// store's diff pages use it (the last one chunk at a time, through
+    /// [`ChunkRange::push_chunk`]).
     pub fn coalesce(chunks: impl IntoIterator<Item = u64>) -> Vec<ChunkRange> {
         let mut out: Vec<ChunkRange> = Vec::new();
         for c in chunks {
-            match out.last_mut() {
-                Some(r)
-                    if r.count < u32::MAX && r.start.checked_add(u64::from(r.count)) == Some(c) =>
-                {
-                    r.count += 1
-                }
-                _ => out.push(ChunkRange::new(c, 1)),
-            }
+            ChunkRange::push_chunk(&mut out, c);
         }
         out
+    }
+
+    /// One step of [`ChunkRange::coalesce`]: extends the last range of `ranges` with chunk
+    /// `c` if `c` is that range's next chunk (and it holds fewer than `u32::MAX`), else
+    /// appends a range of `c` alone. For callers that find their chunks one by one.
+    pub fn push_chunk(ranges: &mut Vec<ChunkRange>, c: u64) {
+        match ranges.last_mut() {
+            Some(r) if r.count < u32::MAX && r.start.checked_add(u64::from(r.count)) == Some(c) => {
+                r.count += 1
+            }
+            _ => ranges.push(ChunkRange::new(c, 1)),
+        }
     }
 }
 

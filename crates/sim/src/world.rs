@@ -623,10 +623,10 @@ impl World {
         let rows = store.snapshots();
         let alive: Vec<(u64, bool)> = rows
             .iter()
-            .map(|r| (r.id, r.state != SnapState::Deleting))
+            .map(|r| (r.id.0, r.state != SnapState::Deleting))
             .collect();
         checkers::deletes::listed(&self.reference, &alive)?;
-        let listed: Vec<(u64, String)> = rows.into_iter().map(|r| (r.id, r.name)).collect();
+        let listed: Vec<(u64, String)> = rows.into_iter().map(|r| (r.id.0, r.name)).collect();
         checkers::durability::reported_listed(&mut self.reference, &listed)?;
         let cfg = EngineConfig {
             cluster_key: KEY.to_vec(),
@@ -786,7 +786,8 @@ impl World {
                 }
                 Action::Copy { copy, from, to, .. } => s.copies.push((copy, from, to)),
                 Action::Commit => s.commit_due = true,
-                Action::Fatal { reason } => {
+                Action::Fatal { error } => {
+                    let reason = csnap_server::engine::error_chain(&error);
                     return Err(format!("{id}: the engine failed: {reason}"));
                 }
             }
@@ -804,8 +805,8 @@ impl World {
             .store()
             .snapshots()
             .into_iter()
-            .filter(|r| !self.reference.snaps.contains_key(&r.id))
-            .map(|r| (r.id, r.name))
+            .filter(|r| !self.reference.snaps.contains_key(&r.id.0))
+            .map(|r| (r.id.0, r.name))
             .collect();
         for (id, name) in new {
             checkers::snapshots::on_creation(&self.nodes, self.now, MARGIN_MS, id)?;
@@ -1694,11 +1695,16 @@ impl World {
                     return Ok(());
                 };
                 let (copy, from, to) = s.copies.remove(k);
-                let result = s.data.copy(from, to);
-                if let Err(e) = &result {
+                if let Err(e) = s.data.copy(from, to) {
                     return Err(format!("copy failed: {e}"));
                 }
-                self.engine_event(i, Event::CopyDone { copy, result })?;
+                self.engine_event(
+                    i,
+                    Event::CopyDone {
+                        copy,
+                        result: Ok(()),
+                    },
+                )?;
             }
             S::Commit(i) => {
                 if let Some(s) = self.nodes[i].server_mut() {
@@ -2087,11 +2093,16 @@ impl World {
         for i in 0..self.nodes.len() {
             if let Some(s) = self.nodes[i].server_mut() {
                 if let Some((copy, from, to)) = s.copies.pop() {
-                    let result = s.data.copy(from, to);
-                    if let Err(e) = &result {
+                    if let Err(e) = s.data.copy(from, to) {
                         return Err(format!("copy failed: {e}"));
                     }
-                    self.engine_event(i, Event::CopyDone { copy, result })?;
+                    self.engine_event(
+                        i,
+                        Event::CopyDone {
+                            copy,
+                            result: Ok(()),
+                        },
+                    )?;
                 }
             }
             if self.nodes[i].server().is_some_and(|s| s.commit_due) {
@@ -2146,7 +2157,7 @@ impl World {
             Some(s) => s.engine.store().snapshots(),
             None => Vec::new(),
         };
-        let listed: Vec<(u64, String)> = rows.iter().map(|r| (r.id, r.name.clone())).collect();
+        let listed: Vec<(u64, String)> = rows.iter().map(|r| (r.id.0, r.name.clone())).collect();
         checkers::durability::reported_listed(&mut self.reference, &listed)?;
         for r in rows.iter().filter(|r| r.state == SnapState::Live) {
             for chunk in 0..self.knobs.origin_chunks {
@@ -2170,7 +2181,7 @@ impl World {
                     ),
                 }
                 .map_err(|e| format!("read: {e}"))?;
-                checkers::snapshots::on_read(&self.reference, r.id, chunk * CHUNK, &buf, None)
+                checkers::snapshots::on_read(&self.reference, r.id.0, chunk * CHUNK, &buf, None)
                     .map_err(|e| format!("after settling: {e}"))?;
                 self.stats.snapshot_reads += 1;
             }
@@ -2249,7 +2260,7 @@ impl World {
         };
         let store = s.engine.store_mut();
         let deleting = match store.reclaim_position() {
-            Some((_, ids)) => ids,
+            Some((_, ids)) => ids.into_iter().map(|id| id.0).collect(),
             None => Vec::new(),
         };
         if deleting.is_empty() && !self.reference.snaps.values().any(|r| r.delete_asked) {

@@ -1134,7 +1134,7 @@ fn measure_lookups(
 ) -> BenchResult<LookupRow> {
     let w = plan.writes_per_count;
     let mut store = fx.open_store(8192)?;
-    let live: Vec<u64> = store.live_snapshots().collect();
+    let live: Vec<SnapId> = store.live_snapshots().collect();
     if live.is_empty() || written_regions.is_empty() || populated.is_empty() {
         return Err("nothing to look up".into());
     }
@@ -1464,16 +1464,11 @@ fn diff(plan: &Plan, dir: &Path, rng: &mut StdRng) -> BenchResult<()> {
     for (label, from, to, expect) in [
         (
             "a -> b",
-            DiffEnd::Snapshot(SnapId(a)),
-            DiffEnd::Snapshot(SnapId(b)),
+            DiffEnd::Snapshot(a),
+            DiffEnd::Snapshot(b),
             changed,
         ),
-        (
-            "b -> origin",
-            DiffEnd::Snapshot(SnapId(b)),
-            DiffEnd::Origin,
-            0,
-        ),
+        ("b -> origin", DiffEnd::Snapshot(b), DiffEnd::Origin, 0),
     ] {
         let mut store = fx.open_store(8192)?;
         let started = Instant::now();

@@ -672,9 +672,9 @@ impl LocalServer {
         );
         config.volume = self.cfg.volume.clone();
         config.direct_io = self.cfg.direct_io;
-        config.expected_snapshot_clients = clients.clone();
+        config.engine.expected_snapshot_clients = clients.clone();
         config.cluster_generation = Some(generation);
-        config.hold_snapshots_until =
+        config.engine.hold_snapshots_until =
             server_net::clock_now_secs() + hold_snapshots_ms.div_ceil(1000);
         config.serving_lease_until = Some(self.lease_instant());
         tracing::info!(
@@ -830,7 +830,7 @@ impl LocalServer {
     /// Resolves when the running server failed on its own.
     async fn failed(&self) -> String {
         match &self.state {
-            ServerState::Running { server, .. } => server.failed().await,
+            ServerState::Running { server, .. } => server.failed().await.to_string(),
             _ => std::future::pending().await,
         }
     }

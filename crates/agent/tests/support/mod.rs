@@ -378,7 +378,7 @@ pub async fn start_server(
         &fx.key_file,
     );
     cfg.direct_io = false;
-    cfg.expected_snapshot_clients = expected;
+    cfg.engine.expected_snapshot_clients = expected;
     tokio::time::timeout(WAIT, net::start(cfg))
         .await
         .expect("server started in time")

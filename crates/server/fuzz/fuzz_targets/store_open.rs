@@ -59,7 +59,8 @@ fn build(close: bool) -> Base {
         for _ in 0..30 {
             x = x.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
             let c = (x >> 33) % ORIGIN_CHUNKS;
-            if let Some(to) = store.prepare_copy_out(c).expect("plan").store_chunk {
+            if store.oldest_sharing_origin(c).expect("sharing").is_some() {
+                let to = store.reserve_chunk().expect("reserve");
                 store.record_copy_out(c, to).expect("record");
             }
         }
@@ -114,7 +115,7 @@ fuzz_target!(|data: &[u8]| {
 fn exercise(dev: &MemDevice) -> Result<(), String> {
     let e = |e: csnap_server::store::StoreError| e.to_string();
     let mut store = Store::open(Arc::new(dev.clone()), OpenOptions::default()).map_err(e)?;
-    let live: Vec<u64> = store.live_snapshots().collect();
+    let live: Vec<_> = store.live_snapshots().collect();
     // Every third chunk: the same decoders, at a third of the cost per run.
     for c in (0..ORIGIN_CHUNKS).step_by(3) {
         store.oldest_sharing_origin(c).map_err(e)?;
@@ -124,7 +125,8 @@ fn exercise(dev: &MemDevice) -> Result<(), String> {
     }
     store.create_snapshot("new", 1).map_err(e)?;
     for c in 0..20 {
-        if let Some(to) = store.prepare_copy_out(c).map_err(e)?.store_chunk {
+        if store.oldest_sharing_origin(c).map_err(e)?.is_some() {
+            let to = store.reserve_chunk().map_err(e)?;
             store.record_copy_out(c, to).map_err(e)?;
         }
     }

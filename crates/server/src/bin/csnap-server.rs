@@ -99,13 +99,13 @@ fn main() -> ExitCode {
 async fn run(args: Args) -> ExitCode {
     use tokio::signal::unix::{signal, SignalKind};
     let mut config = ServerConfig::new(args.origin, args.store, args.listen, args.key_file);
-    config.expected_snapshot_clients = args.expect_clients;
-    config.store_full_policy = args.store_full_policy;
-    config.data_warn_percents = args.warn_data;
-    config.metadata_warn_percents = args.warn_metadata;
+    config.engine.expected_snapshot_clients = args.expect_clients;
+    config.engine.store_full_policy = args.store_full_policy;
+    config.engine.data_warn_percents = args.warn_data;
+    config.engine.metadata_warn_percents = args.warn_metadata;
     config.cache_bytes = args.cache_mb.saturating_mul(1 << 20);
     config.direct_io = !args.buffered_io;
-    config.promise_unique = !args.no_unique_promises;
+    config.engine.promise_unique = !args.no_unique_promises;
     if let Some(v) = args.volume {
         config.volume = v;
     }

@@ -1,5 +1,6 @@
 //! What goes into the engine (events) and what comes out (actions), and its configuration.
 
+use super::failure::{Failure, Fatal};
 use csnap_proto::auth::{Nonce, SessionKeys};
 use csnap_proto::{ClientFrame, ClientId, RequestId, ServerFrame};
 use std::fmt;
@@ -18,9 +19,9 @@ pub enum Event {
     ClientConnected { conn: ConnId, server_nonce: Nonce },
     /// A decoded frame arrived on a connection.
     ClientRequest { conn: ConnId, frame: ClientFrame },
-    /// A frame on this connection could not be decoded; the engine answers with an error and
-    /// closes the connection.
-    ClientBadFrame { conn: ConnId, error: String },
+    /// A frame on this connection could not be decoded (the shell's decode error, e.g.
+    /// proto's `FrameError`); the engine answers with an error and closes the connection.
+    ClientBadFrame { conn: ConnId, error: Failure },
     /// The connection closed.
     ClientDisconnected { conn: ConnId },
     /// The agent knows this client is gone for good (its node left the group, or it did not
@@ -29,10 +30,11 @@ pub enum Event {
     /// A [`Action::Copy`] finished; `Ok` only once the destination is on stable storage.
     CopyDone {
         copy: CopyId,
-        result: Result<(), String>,
+        result: Result<(), Failure>,
     },
-    /// The shell ran `MetaStore::commit` after an [`Action::Commit`].
-    CommitDone { result: Result<(), String> },
+    /// The shell ran `MetaStore::commit` after an [`Action::Commit`]; an error is the
+    /// store's (`MetaError`), kept whole.
+    CommitDone { result: Result<(), Failure> },
     /// Time passes (unix seconds). Drives background reclaim and lock expiry.
     Tick { now: u64 },
 }
@@ -117,9 +119,10 @@ pub enum Action {
         message: String,
         event: Option<LogEvent>,
     },
-    /// The store failed (I/O error, corruption): the server must stop serving now so that
-    /// another node can take over. The engine answers nothing more.
-    Fatal { reason: String },
+    /// The store failed (I/O error, corruption), or a copy or commit did: the server must
+    /// stop serving now so that another node can take over. The engine answers nothing
+    /// more. The error keeps its cause (`source`) down to the OS error.
+    Fatal { error: Fatal },
 }
 
 /// What to sacrifice when the store has no free chunk, or its metadata area no room for

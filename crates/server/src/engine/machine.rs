@@ -9,6 +9,7 @@
 
 use super::commits::Commits;
 use super::copies::{Copies, CopyKind};
+use super::failure::{chain as error_chain, Failure, Fatal};
 use super::gate::Gate;
 use super::io::{
     Action, ConnId, CopyId, CopySource, EngineConfig, Event, LogEvent, LogLevel, Requester,
@@ -199,7 +200,7 @@ impl<S: MetaStore> Engine<S> {
     /// Convenience for shells that commit inline: runs the store commit and feeds
     /// [`Event::CommitDone`].
     pub fn run_commit(&mut self) {
-        let result = self.store.commit().map_err(|e| e.to_string());
+        let result = self.store.commit().map_err(Failure::from);
         self.handle(Event::CommitDone { result });
     }
 
@@ -269,7 +270,7 @@ impl<S: MetaStore> Engine<S> {
             self.check_space()
         });
         if let Err(e) = result {
-            self.fail(format!("snapshot store failed: {e}"));
+            self.fail(Fatal::Store(e.into()));
             return;
         }
         self.maybe_commit();
@@ -350,13 +351,13 @@ impl<S: MetaStore> Engine<S> {
         self.reply(who.conn, who.id, error(r.0, r.1));
     }
 
-    fn fail(&mut self, reason: String) {
+    fn fail(&mut self, error: Fatal) {
         if self.failed {
             return;
         }
         self.failed = true;
-        self.log(LogLevel::Error, reason.clone());
-        self.actions.push_back(Action::Fatal { reason });
+        self.log(LogLevel::Error, error_chain(&error));
+        self.actions.push_back(Action::Fatal { error });
     }
 
     // ---- commits ----
@@ -367,7 +368,7 @@ impl<S: MetaStore> Engine<S> {
         }
     }
 
-    fn on_commit_done(&mut self, result: Result<(), String>) -> Result<(), MetaError> {
+    fn on_commit_done(&mut self, result: Result<(), Failure>) -> Result<(), MetaError> {
         if !self.commits.in_flight() {
             self.log(
                 LogLevel::Warn,
@@ -376,7 +377,7 @@ impl<S: MetaStore> Engine<S> {
             return Ok(());
         }
         if let Err(e) = result {
-            self.fail(format!("store commit failed: {e}"));
+            self.fail(Fatal::Commit(e));
             return Ok(());
         }
         for (who, msg) in self.commits.done().unwrap_or_default() {
@@ -996,7 +997,7 @@ impl<S: MetaStore> Engine<S> {
         });
         // A store failure inside is recorded as fatal; the request gets no answer then.
         if let Err(e) = self.evaluate(w) {
-            self.fail(format!("snapshot store failed: {e}"));
+            self.fail(Fatal::Store(e.into()));
         }
         Ok(())
     }
@@ -1019,7 +1020,7 @@ impl<S: MetaStore> Engine<S> {
         self.reply(who.conn, who.id, ServerMsg::FinishSnapshotReadOk);
         for ch in freed {
             if let Err(e) = self.wake_chunk(ch) {
-                self.fail(format!("snapshot store failed: {e}"));
+                self.fail(Fatal::Store(e.into()));
                 break;
             }
         }
@@ -1070,7 +1071,7 @@ impl<S: MetaStore> Engine<S> {
         self.locks.release_leases(snap, chunks.len() as u32);
         self.reply(who.conn, who.id, ServerMsg::FinishSnapshotWriteOk);
         if let Err(e) = self.wake_lease_waiters() {
-            self.fail(format!("snapshot store failed: {e}"));
+            self.fail(Fatal::Store(e.into()));
         }
         Ok(())
     }
@@ -1617,7 +1618,7 @@ impl<S: MetaStore> Engine<S> {
         Ok(())
     }
 
-    fn on_copy_done(&mut self, copy: CopyId, result: Result<(), String>) -> Result<(), MetaError> {
+    fn on_copy_done(&mut self, copy: CopyId, result: Result<(), Failure>) -> Result<(), MetaError> {
         let Some(job) = self.copies.finish(copy) else {
             self.log(
                 LogLevel::Warn,
@@ -1625,8 +1626,8 @@ impl<S: MetaStore> Engine<S> {
             );
             return Ok(());
         };
-        if let Err(e) = result {
-            self.fail(format!("copy into store chunk {} failed: {e}", job.to));
+        if let Err(source) = result {
+            self.fail(Fatal::Copy { to: job.to, source });
             return Ok(());
         }
         let chunk = match job.kind {
@@ -1727,7 +1728,7 @@ impl<S: MetaStore> Engine<S> {
             Ok(true) => return Ok(()),
             Ok(false) => {}
             Err(e) => {
-                self.fail(format!("snapshot store failed: {e}"));
+                self.fail(Fatal::Store(e.into()));
                 return Ok(());
             }
         }
@@ -1735,7 +1736,7 @@ impl<S: MetaStore> Engine<S> {
         let exists = match self.store.snapshot_by_name(name) {
             Ok(found) => found.is_some(),
             Err(e) => {
-                self.fail(format!("snapshot store failed: {e}"));
+                self.fail(Fatal::Store(e.into()));
                 return Ok(());
             }
         };
@@ -1750,7 +1751,7 @@ impl<S: MetaStore> Engine<S> {
             Ok(None) => {}
             Ok(Some(r)) => return Err(r),
             Err(e) => {
-                self.fail(format!("snapshot store failed: {e}"));
+                self.fail(Fatal::Store(e.into()));
                 return Ok(());
             }
         }
@@ -1760,7 +1761,7 @@ impl<S: MetaStore> Engine<S> {
             token,
         });
         if let Err(e) = self.announce_next_snapshot() {
-            self.fail(format!("snapshot store failed: {e}"));
+            self.fail(Fatal::Store(e.into()));
         }
         Ok(())
     }
@@ -1950,7 +1951,7 @@ impl<S: MetaStore> Engine<S> {
         match result {
             Ok(r) => r,
             Err(e) => {
-                self.fail(format!("snapshot store failed: {e}"));
+                self.fail(Fatal::Store(e.into()));
                 Ok(())
             }
         }
@@ -2051,7 +2052,7 @@ impl<S: MetaStore> Engine<S> {
         match self.status_figures() {
             Ok(status) => Some(status),
             Err(e) => {
-                self.fail(format!("snapshot store failed: {e}"));
+                self.fail(Fatal::Store(e.into()));
                 None
             }
         }

@@ -142,10 +142,24 @@ pub enum MetaError {
     ChunkOutOfRange { chunk: u64, origin_chunks: u64 },
     #[error("store chunk {0} is not reserved")]
     NotReserved(u64),
+    /// Device I/O failed; the cause (for the on-disk store its `StoreError::Io`, which names
+    /// the operation, device and offset) is kept as the source. Fatal for the server.
     #[error("store I/O failed: {0}")]
-    Io(#[from] std::io::Error),
+    Io(#[source] Cause),
+    /// The store's metadata is damaged, or the store is unusable after an earlier failure;
+    /// the store's own error is kept as the source. Fatal for the server.
     #[error("store metadata is corrupt: {0}")]
-    Corrupt(String),
+    Corrupt(#[source] Cause),
+}
+
+/// The store's own error behind a [`MetaError::Io`] or [`MetaError::Corrupt`], kept whole
+/// (its message and its sources), whatever the store's error type is.
+pub type Cause = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+impl From<std::io::Error> for MetaError {
+    fn from(e: std::io::Error) -> Self {
+        MetaError::Io(Box::new(e))
+    }
 }
 
 /// The snapshot store's metadata operations, as the request engine uses them. Synchronous:

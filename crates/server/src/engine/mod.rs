@@ -4,6 +4,8 @@
 //! * [`MetaStore`]: what the engine needs from the snapshot store; [`MemStore`] is the
 //!   in-memory reference implementation.
 //! * [`Engine`]: feed [`Event`]s, carry out [`Action`]s. No sockets, threads or clocks.
+//! * [`MetaError`] -> [`Failure`] -> [`Fatal`]: the error chain (each keeps its cause as
+//!   `source`); [`error_chain`] prints one on a line.
 //!
 //! The engine's state is split into parts, each a struct in its own file with pure
 //! methods on its own state and one invariant to keep; `machine.rs` holds the [`Engine`],
@@ -21,6 +23,7 @@
 
 mod commits;
 mod copies;
+mod failure;
 mod gate;
 mod io;
 mod locks;
@@ -33,12 +36,13 @@ mod space;
 mod waiters;
 mod work;
 
+pub use failure::{chain as error_chain, Failure, Fatal};
 pub use io::{
     Action, ConnId, CopyId, CopyPurpose, CopySource, EngineConfig, Event, LogEvent, LogLevel,
     StoreFullPolicy, LEASE_MARGIN_SECS, WARN_REARM_POINTS,
 };
 pub use machine::Engine;
 pub use meta_store::{
-    Exception, MemStore, MetaError, MetaStore, MetadataSpace, ReclaimPosition, ReclaimProgress,
-    SnapChunk, StoreStats, CREATE_TOKEN_MASK,
+    Cause, Exception, MemStore, MetaError, MetaStore, MetadataSpace, ReclaimPosition,
+    ReclaimProgress, SnapChunk, StoreStats, CREATE_TOKEN_MASK,
 };

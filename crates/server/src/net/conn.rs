@@ -137,7 +137,7 @@ async fn read_loop<R: AsyncRead + Send + Unpin>(
                 let _ = net_tx
                     .send(Input::BadFrame {
                         conn,
-                        error: e.to_string(),
+                        error: crate::engine::Failure::new(e),
                     })
                     .await;
                 return;

@@ -9,10 +9,10 @@
 
 use super::lease::ServingLease;
 use crate::engine::{
-    Action, ConnId, CopyId, CopyPurpose, CopySource, Engine, Event, LogEvent, LogLevel,
-    MetaStore as _,
+    Action, ConnId, CopyId, CopyPurpose, CopySource, Engine, Event, Failure, Fatal, LogEvent,
+    LogLevel, MetaStore as _,
 };
-use crate::store::{BlockDevice, Geometry, Store};
+use crate::store::{BlockDevice, Geometry, Store, StoreError};
 use csnap_proto::auth::{self, FrameKey};
 use csnap_proto::{ClientFrame, ClientId, ServerFrame, ServerMsg, ServerStatus};
 use std::collections::{HashMap, VecDeque};
@@ -23,9 +23,58 @@ use tokio::runtime::Handle;
 use tokio::sync::{mpsc, oneshot, watch, Semaphore};
 use tokio_util::sync::CancellationToken;
 
-/// The reason a server whose serving lease ran out reports (`RunningServer::failed`).
-pub(crate) const LEASE_EXPIRED: &str =
-    "serving lease expired (not renewed by the agent in time): stopped serving";
+/// Why a server stopped serving on its own (`RunningServer::failed`,
+/// `ServerError::Failed`). The message is what the log says; the cause is the source.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ServerFailure {
+    /// The serving lease ran out before the agent renewed it.
+    #[error("serving lease expired (not renewed by the agent in time): stopped serving")]
+    LeaseExpired,
+    /// The engine stopped: the store, a commit or a copy failed.
+    #[error(transparent)]
+    Engine(#[from] Fatal),
+    /// A bug panicked the engine thread (the panic's message).
+    #[error("engine thread panicked: {0}")]
+    Panicked(String),
+    /// The engine failed while the server shut down.
+    #[error("store failed during shutdown")]
+    FailedDuringShutdown,
+}
+
+/// Why a chunk copy ([`DataPath::copy`]) failed; each I/O error is the source, after the
+/// device, offset and chunk it hit.
+#[derive(Debug, thiserror::Error)]
+pub enum CopyError {
+    #[error("destination store chunk {0} is outside the data area")]
+    DestinationOutsideData(u64),
+    #[error("source store chunk {0} is outside the data area")]
+    SourceOutsideData(u64),
+    #[error("origin chunk {0} is beyond the origin")]
+    BeyondOrigin(u64),
+    /// `op` is `reading origin`, `reading store` or `writing store`.
+    #[error("{op} {device} at byte {offset} (chunk {chunk}): {source}")]
+    Io {
+        op: &'static str,
+        device: String,
+        offset: u64,
+        chunk: u64,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("flushing store {device}: {source}")]
+    Flush {
+        device: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The serving lease ran out before the copy started: it must not write the store.
+    #[error("serving lease expired (not renewed by the agent in time): stopped serving")]
+    LeaseExpired,
+    #[error("copy worker failed: {0}")]
+    Worker(#[source] tokio::task::JoinError),
+    #[error("copy workers are shut down")]
+    WorkersShutDown,
+}
 
 /// From connection tasks (bounded: a flood of requests pushes back onto the sockets).
 pub(crate) enum Input {
@@ -43,7 +92,7 @@ pub(crate) enum Input {
     },
     BadFrame {
         conn: ConnId,
-        error: String,
+        error: Failure,
     },
     Disconnected {
         conn: ConnId,
@@ -64,7 +113,7 @@ pub(crate) enum Outgoing {
 pub(crate) enum Control {
     CopyDone {
         copy: CopyId,
-        result: Result<(), String>,
+        result: Result<(), Failure>,
     },
     Tick,
     DeclareGone(ClientId),
@@ -77,9 +126,9 @@ pub(crate) enum Control {
 /// How the engine thread ended.
 pub(crate) enum Exit {
     /// Clean shutdown; the result of closing the store (marking it clean).
-    Shutdown(Result<(), String>),
+    Shutdown(Result<(), StoreError>),
     /// The engine reported a fatal error; the store was left as it was (unclean).
-    Fatal(String),
+    Fatal(ServerFailure),
     /// Abandoned (handle dropped); the store was left unclean, as after a crash.
     Abandoned,
 }
@@ -186,13 +235,11 @@ impl DataPath {
 
     /// Copies one chunk into store chunk `to` and makes it stable: the work behind
     /// [`Action::Copy`], whose result is [`Event::CopyDone`](crate::engine::Event). Blocking.
-    pub fn copy(&self, from: CopySource, to: u64) -> Result<(), String> {
+    pub fn copy(&self, from: CopySource, to: u64) -> Result<(), CopyError> {
         let g = &self.geometry;
         let cs = g.chunk_size;
         if !g.is_data_chunk(to) {
-            return Err(format!(
-                "destination store chunk {to} is outside the data area"
-            ));
+            return Err(CopyError::DestinationOutsideData(to));
         }
         let mut buf = vec![0u8; cs as usize];
         match from {
@@ -200,41 +247,51 @@ impl DataPath {
                 let offset = chunk
                     .checked_mul(cs)
                     .filter(|o| *o < g.origin_size)
-                    .ok_or_else(|| format!("origin chunk {chunk} is beyond the origin"))?;
+                    .ok_or(CopyError::BeyondOrigin(chunk))?;
                 // The last chunk may be partial; the rest of the copy stays zero.
                 let len = cs.min(g.origin_size - offset) as usize;
-                self.origin.read_at(&mut buf[..len], offset).map_err(|e| {
-                    format!(
-                        "reading origin {} at byte {offset} (chunk {chunk}): {e}",
-                        self.origin.name()
-                    )
-                })?;
+                self.origin
+                    .read_at(&mut buf[..len], offset)
+                    .map_err(|source| CopyError::Io {
+                        op: "reading origin",
+                        device: self.origin.name(),
+                        offset,
+                        chunk,
+                        source,
+                    })?;
             }
             CopySource::Store { store_chunk } => {
                 if !g.is_data_chunk(store_chunk) {
-                    return Err(format!(
-                        "source store chunk {store_chunk} is outside the data area"
-                    ));
+                    return Err(CopyError::SourceOutsideData(store_chunk));
                 }
                 let offset = g.chunk_offset(store_chunk);
-                self.store.read_at(&mut buf, offset).map_err(|e| {
-                    format!(
-                        "reading store {} at byte {offset} (chunk {store_chunk}): {e}",
-                        self.store.name()
-                    )
-                })?;
+                self.store
+                    .read_at(&mut buf, offset)
+                    .map_err(|source| CopyError::Io {
+                        op: "reading store",
+                        device: self.store.name(),
+                        offset,
+                        chunk: store_chunk,
+                        source,
+                    })?;
             }
         }
         let offset = g.chunk_offset(to);
-        self.store.write_at(&buf, offset).map_err(|e| {
-            format!(
-                "writing store {} at byte {offset} (chunk {to}): {e}",
-                self.store.name()
-            )
-        })?;
+        self.store
+            .write_at(&buf, offset)
+            .map_err(|source| CopyError::Io {
+                op: "writing store",
+                device: self.store.name(),
+                offset,
+                chunk: to,
+                source,
+            })?;
         self.store_sync
             .sync(|| self.store.flush())
-            .map_err(|e| format!("flushing store {}: {e}", self.store.name()))
+            .map_err(|source| CopyError::Flush {
+                device: self.store.name(),
+                source,
+            })
     }
 }
 
@@ -255,7 +312,7 @@ pub(crate) struct DriverParts {
     pub ctl_tx: mpsc::UnboundedSender<Control>,
     pub data: Arc<DataPath>,
     pub max_copies: usize,
-    pub fatal_tx: Arc<watch::Sender<Option<String>>>,
+    pub fatal_tx: Arc<watch::Sender<Option<ServerFailure>>>,
     /// Cancelled when the server stops: ends the acceptor and every connection task.
     pub stop: CancellationToken,
     pub volume: String,
@@ -278,7 +335,7 @@ pub(crate) struct Driver {
     copy_slots: Arc<Semaphore>,
     copies_in_flight: usize,
     conns: HashMap<ConnId, ConnState>,
-    fatal_tx: Arc<watch::Sender<Option<String>>>,
+    fatal_tx: Arc<watch::Sender<Option<ServerFailure>>>,
     stop: CancellationToken,
     volume: String,
     /// Events the shell generated while carrying out actions (a connection it killed).
@@ -401,17 +458,17 @@ impl Driver {
         }
     }
 
-    /// Err(LEASE_EXPIRED) once the serving lease has run out: from then on nothing is
+    /// Err(LeaseExpired) once the serving lease has run out: from then on nothing is
     /// handled, answered, copied or committed.
-    fn check_lease(&self) -> Result<(), String> {
+    fn check_lease(&self) -> Result<(), ServerFailure> {
         if self.lease.expired() {
-            return Err(LEASE_EXPIRED.to_owned());
+            return Err(ServerFailure::LeaseExpired);
         }
         Ok(())
     }
 
     /// Ok(false): shutdown requested; Err: fatal.
-    fn on_wake(&mut self, wake: Wake) -> Result<bool, String> {
+    fn on_wake(&mut self, wake: Wake) -> Result<bool, ServerFailure> {
         self.check_lease()?;
         match wake {
             Wake::LeaseEnd => return Ok(true),
@@ -433,7 +490,7 @@ impl Driver {
             Control::CopyDone { copy, result } => {
                 self.copies_in_flight = self.copies_in_flight.saturating_sub(1);
                 if let Err(e) = &result {
-                    tracing::error!(copy, error = %e, "chunk copy failed");
+                    tracing::error!(copy, error = %crate::engine::error_chain(e), "chunk copy failed");
                 }
                 self.engine.handle(Event::CopyDone { copy, result });
             }
@@ -511,7 +568,7 @@ impl Driver {
 
     /// Runs the commit the engine asked for (inline: this thread owns the store), and any
     /// follow-up commit; the engine has at most one outstanding.
-    fn run_commits(&mut self) -> Result<(), String> {
+    fn run_commits(&mut self) -> Result<(), ServerFailure> {
         while self.commit_due {
             self.check_lease()?;
             self.commit_due = false;
@@ -528,7 +585,7 @@ impl Driver {
 
     /// Carries out the engine's actions (and the events they cause) until none is left,
     /// except a commit, which `run_commits` runs after the batch of inputs.
-    fn pump(&mut self) -> Result<(), String> {
+    fn pump(&mut self) -> Result<(), ServerFailure> {
         loop {
             if let Some(action) = self.engine.poll_action() {
                 self.execute(action)?;
@@ -540,7 +597,7 @@ impl Driver {
         }
     }
 
-    fn execute(&mut self, action: Action) -> Result<(), String> {
+    fn execute(&mut self, action: Action) -> Result<(), ServerFailure> {
         self.check_lease()?;
         match action {
             Action::Send { conn, frame } => {
@@ -635,7 +692,7 @@ impl Driver {
                 log_key_event(level, &event, &message);
                 Ok(())
             }
-            Action::Fatal { reason } => Err(reason),
+            Action::Fatal { error } => Err(error.into()),
         }
     }
 
@@ -669,21 +726,21 @@ impl Driver {
                         // A copy waiting for a slot must not write the store after the
                         // lease ran out (the next server may own those chunks by then).
                         if lease.expired() {
-                            return Err(LEASE_EXPIRED.to_owned());
+                            return Err(CopyError::LeaseExpired);
                         }
                         data.copy(from, to)
                     });
-                    work.await
-                        .unwrap_or_else(|e| Err(format!("copy worker failed: {e}")))
+                    work.await.unwrap_or_else(|e| Err(CopyError::Worker(e)))
                 }
-                Err(_) => Err("copy workers are shut down".to_owned()),
+                Err(_) => Err(CopyError::WorkersShutDown),
             };
+            let result = result.map_err(Failure::new);
             let _ = done.send(Control::CopyDone { copy, result });
         });
     }
 
-    fn fatal(mut self, reason: String) -> Exit {
-        if reason == LEASE_EXPIRED {
+    fn fatal(mut self, reason: ServerFailure) -> Exit {
+        if reason == ServerFailure::LeaseExpired {
             tracing::error!(
                 volume = %self.volume,
                 connections = self.conns.len(),
@@ -693,7 +750,7 @@ impl Driver {
                  leaves the store for recovery by the next server"
             );
         } else {
-            tracing::error!(%reason, "FATAL: the server stops serving now; the store is left for recovery by the next server");
+            tracing::error!(reason = %crate::engine::error_chain(&reason), "FATAL: the server stops serving now; the store is left for recovery by the next server");
         }
         let _ = self.fatal_tx.send(Some(reason.clone()));
         self.stop.cancel();
@@ -740,7 +797,7 @@ impl Driver {
             }
         }
         if self.engine.has_failed() {
-            return self.fatal("store failed during shutdown".to_owned());
+            return self.fatal(ServerFailure::FailedDuringShutdown);
         }
         if let Err(reason) = self.check_lease() {
             // Closing writes the store (commit, checkpoint, clean mark): too late for that.
@@ -749,7 +806,7 @@ impl Driver {
         let Driver { engine, stop, .. } = self;
         let mut store = engine.into_store();
         let free = store.stats().map(|s| s.free_chunks).unwrap_or(0);
-        let result = store.close().map_err(|e| e.to_string());
+        let result = store.close();
         match &result {
             Ok(()) => tracing::info!(free_chunks = free, "store closed cleanly"),
             Err(e) => {

@@ -18,10 +18,10 @@ pub mod holder;
 pub mod key;
 mod lease;
 
-use crate::engine::{Engine, EngineConfig, StoreFullPolicy};
+use crate::engine::{Engine, EngineConfig, MetaError};
 use crate::store::{self, BlockDevice, FileDevice, OpenOptions, Store};
 use csnap_proto::{ClientId, ServerStatus};
-pub use driver::{unix_now as clock_now_secs, DataPath};
+pub use driver::{unix_now as clock_now_secs, CopyError, DataPath, ServerFailure};
 use driver::{Control, Driver, DriverParts, Exit, Input};
 use lease::{Extended, ServingLease};
 use std::fmt;
@@ -90,17 +90,15 @@ pub struct ServerConfig {
     pub listen: ListenAddr,
     /// The cluster key: a regular file of mode 0600 owned by the server's user.
     pub key_file: PathBuf,
-    /// Activation gate: the previous server's snapshot clients (from the agent's gather).
-    /// No origin write is granted until each has reconnected or is declared gone.
-    pub expected_snapshot_clients: Vec<ClientId>,
+    /// The request engine's configuration, as the engine takes it: the activation gate's
+    /// client list (`expected_snapshot_clients`), the store-full policy, warning levels,
+    /// unique promises, request bounds, orphan grace, origin leases, the snapshot hold
+    /// after a failover, the authentication timeout (`auth_timeout_secs`). `start` fills
+    /// in only what it owns: the cluster key (read from `key_file`) and the start time.
+    pub engine: EngineConfig,
     /// Cluster mode: the membership generation this server is activated for; the store's
     /// open refuses a store a later generation served (`StoreError::ClusterGenerationAhead`).
     pub cluster_generation: Option<u64>,
-    pub store_full_policy: StoreFullPolicy,
-    /// Usage warning levels (percent) of the store's data and metadata areas; see
-    /// `EngineConfig::data_warn_percents`. Default 80 and 90 for both.
-    pub data_warn_percents: Vec<u8>,
-    pub metadata_warn_percents: Vec<u8>,
     /// Bound of the store's metadata block cache, in bytes.
     pub cache_bytes: u64,
     /// Open the devices with O_DIRECT, so copy-outs read what other nodes wrote rather than
@@ -109,25 +107,12 @@ pub struct ServerConfig {
     /// silently served buffered. `false` only where every client shares this host's page
     /// cache.
     pub direct_io: bool,
-    /// Promise uniqueness to origin clients (enables their write cache).
-    pub promise_unique: bool,
     /// Most simultaneous connections; more are refused at accept.
     pub max_connections: usize,
-    /// A connection that has not authenticated within this time is closed.
-    pub auth_timeout: Duration,
     /// Frames queued per connection; a client that lets its queue fill is closed.
     pub send_queue_frames: usize,
     /// Chunk copies running at once on the blocking pool.
     pub max_copies_in_flight: usize,
-    /// Most chunks one request may name.
-    pub max_request_chunks: u64,
-    /// How long a disconnected snapshot client's read locks are kept for it.
-    pub orphan_lock_grace_secs: u64,
-    /// Origin clients' write lease (`EngineConfig::origin_lease_secs`).
-    pub origin_lease_secs: u64,
-    /// Unix time before which no snapshot is created (`EngineConfig::hold_snapshots_until`):
-    /// set after a failover to when the old server's clients' leases have run out.
-    pub hold_snapshots_until: u64,
     /// Name in every log line (defaults to the store path).
     pub volume: String,
     /// Cluster mode: the end of the serving lease the agent granted at start. The server
@@ -145,29 +130,19 @@ impl ServerConfig {
         key_file: impl Into<PathBuf>,
     ) -> ServerConfig {
         let store = store.into();
-        let engine = EngineConfig::default();
         ServerConfig {
             origin: origin.into(),
             volume: store.display().to_string(),
             store,
             listen,
             key_file: key_file.into(),
-            expected_snapshot_clients: Vec::new(),
+            engine: EngineConfig::default(),
             cluster_generation: None,
-            store_full_policy: StoreFullPolicy::default(),
-            data_warn_percents: engine.data_warn_percents.clone(),
-            metadata_warn_percents: engine.metadata_warn_percents.clone(),
             cache_bytes: 64 << 20,
             direct_io: true,
-            promise_unique: engine.promise_unique,
             max_connections: 1024,
-            auth_timeout: Duration::from_secs(10),
             send_queue_frames: 1024,
             max_copies_in_flight: 32,
-            max_request_chunks: engine.max_request_chunks,
-            orphan_lock_grace_secs: engine.orphan_lock_grace_secs,
-            origin_lease_secs: engine.origin_lease_secs,
-            hold_snapshots_until: engine.hold_snapshots_until,
             serving_lease_until: None,
         }
     }
@@ -213,7 +188,9 @@ pub enum ServerError {
         why: String,
     },
     #[error("the request engine could not start: {0}")]
-    Engine(String),
+    Engine(#[source] MetaError),
+    #[error("the store open task failed: {0}")]
+    OpenTask(#[source] tokio::task::JoinError),
     /// The message says why; `reason` is deliberately not a `#[source]`, so a printer of
     /// the whole chain (`{:#}`) does not say it twice.
     #[error("cannot listen on {addr}: {reason}")]
@@ -223,9 +200,9 @@ pub enum ServerError {
     #[error("the server is not running")]
     Stopped,
     #[error("the server failed: {0}")]
-    Failed(String),
+    Failed(#[source] ServerFailure),
     #[error("closing the snapshot store failed: {0}")]
-    Close(String),
+    Close(#[source] store::StoreError),
     /// The serving lease ran out: before the server could start serving, or before an
     /// extension arrived (the server has then stopped, as `failed()` reports).
     #[error("the serving lease has expired")]
@@ -246,7 +223,7 @@ pub struct RunningServer {
     local_addr: ListenAddr,
     ctl_tx: mpsc::UnboundedSender<Control>,
     stop: CancellationToken,
-    fatal_rx: watch::Receiver<Option<String>>,
+    fatal_rx: watch::Receiver<Option<ServerFailure>>,
     exit_rx: Option<oneshot::Receiver<Exit>>,
     tasks: Vec<JoinHandle<()>>,
     unix_path: Option<PathBuf>,
@@ -317,9 +294,9 @@ impl RunningServer {
         rx.await.map_err(|_| ServerError::Stopped)
     }
 
-    /// Resolves when the server stopped serving after a fatal error, with the reason.
-    /// Pending forever while it serves normally.
-    pub async fn failed(&self) -> String {
+    /// Resolves when the server stopped serving after a fatal error, with the reason (its
+    /// cause chain as `source`). Pending forever while it serves normally.
+    pub async fn failed(&self) -> ServerFailure {
         let mut rx = self.fatal_rx.clone();
         let reason = match rx.wait_for(|f| f.is_some()).await {
             Ok(reason) => reason.clone(),
@@ -450,7 +427,6 @@ fn open_store(config: &ServerConfig) -> Result<Opened, ServerError> {
             .try_into()
             .unwrap_or(usize::MAX),
         cluster_generation: config.cluster_generation,
-        ..OpenOptions::default()
     };
     let store = Store::open(store_dev.clone(), opts).map_err(|source| ServerError::Store {
         path: config.store.clone(),
@@ -602,7 +578,7 @@ async fn start_in(
         }
         Err(e) => {
             cleanup_socket(&unix_path);
-            return Err(ServerError::Engine(format!("store open task failed: {e}")));
+            return Err(ServerError::OpenTask(e));
         }
     };
     let Opened {
@@ -639,27 +615,18 @@ async fn start_in(
 
     let engine_config = EngineConfig {
         cluster_key: cluster_key.clone(),
-        store_full_policy: config.store_full_policy,
-        expected_snapshot_clients: config.expected_snapshot_clients.clone(),
-        promise_unique: config.promise_unique,
-        max_request_chunks: config.max_request_chunks,
-        orphan_lock_grace_secs: config.orphan_lock_grace_secs,
-        origin_lease_secs: config.origin_lease_secs,
-        hold_snapshots_until: config.hold_snapshots_until,
-        data_warn_percents: config.data_warn_percents.clone(),
-        metadata_warn_percents: config.metadata_warn_percents.clone(),
-        auth_timeout_secs: config.auth_timeout.as_secs().max(1),
+        auth_timeout_secs: config.engine.auth_timeout_secs.max(1),
         start_time: SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_secs())
             .unwrap_or(0),
-        ..EngineConfig::default()
+        ..config.engine.clone()
     };
     let engine = match Engine::new(store, engine_config) {
         Ok(e) => e,
         Err(e) => {
             cleanup_socket(&unix_path);
-            return Err(ServerError::Engine(e.to_string()));
+            return Err(ServerError::Engine(e));
         }
     };
 
@@ -701,7 +668,7 @@ async fn start_in(
                         .map(|s| s.to_string())
                         .or_else(|| panic.downcast_ref::<String>().cloned())
                         .unwrap_or_else(|| "unknown panic".into());
-                    let reason = format!("engine thread panicked: {what}");
+                    let reason = ServerFailure::Panicked(what);
                     tracing::error!(%reason, "FATAL: the server stops serving now");
                     let _ = fatal_tx.send(Some(reason.clone()));
                     thread_stop.cancel();

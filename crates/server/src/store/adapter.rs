@@ -13,8 +13,8 @@ impl From<StoreError> for EngineError {
             StoreError::Full => EngineError::Full,
             // Not corruption: the engine's store-full policy makes room.
             StoreError::MetadataFull { .. } => EngineError::MetadataFull,
-            StoreError::NoSuchSnapshot(id) => EngineError::NoSuchSnapshot(SnapId(id)),
-            StoreError::NotLive(id) => EngineError::NotLive(SnapId(id)),
+            StoreError::NoSuchSnapshot(id) => EngineError::NoSuchSnapshot(id),
+            StoreError::NotLive(id) => EngineError::NotLive(id),
             StoreError::NameTaken(name) => EngineError::NameTaken(name),
             StoreError::BadName { name, why } => EngineError::BadName { name, why },
             StoreError::ChunkOutOfRange {
@@ -25,24 +25,16 @@ impl From<StoreError> for EngineError {
                 origin_chunks,
             },
             StoreError::NotReserved(c) => EngineError::NotReserved(c),
-            // Keep the kind, and the message that names the device and offset.
-            StoreError::Io {
-                op,
-                device,
-                offset,
-                source,
-            } => EngineError::Io(std::io::Error::new(
-                source.kind(),
-                format!("I/O error {op} {device} at byte {offset}: {source}"),
-            )),
-            other => EngineError::Corrupt(other.to_string()),
+            // Kept whole: its message names the operation, device and offset.
+            e @ StoreError::Io { .. } => EngineError::Io(Box::new(e)),
+            other => EngineError::Corrupt(Box::new(other)),
         }
     }
 }
 
 fn info(rec: &SnapshotRecord, chunks_held: u64) -> SnapshotInfo {
     SnapshotInfo {
-        id: SnapId(rec.id),
+        id: rec.id,
         name: rec.name.clone(),
         ctime: rec.ctime,
         state: match &rec.state {
@@ -88,15 +80,15 @@ impl MetaStore for Store {
 
     fn created_with(&mut self, id: SnapId, token: u64) -> Result<bool, EngineError> {
         let token = token & crate::engine::CREATE_TOKEN_MASK;
-        Ok(token != 0 && Store::snapshot(self, id.0).is_some_and(|r| r.create_token == token))
+        Ok(token != 0 && Store::snapshot(self, id).is_some_and(|r| r.create_token == token))
     }
 
     fn delete_snapshot(&mut self, id: SnapId) -> Result<(), EngineError> {
-        Ok(Store::delete_snapshot(self, id.0)?)
+        Ok(Store::delete_snapshot(self, id)?)
     }
 
     fn invalidate_snapshot(&mut self, id: SnapId, reason: &str) -> Result<(), EngineError> {
-        Ok(Store::invalidate_snapshot(self, id.0, reason)?)
+        Ok(Store::invalidate_snapshot(self, id, reason)?)
     }
 
     fn list_snapshots(&mut self) -> Result<Vec<SnapshotInfo>, EngineError> {
@@ -110,7 +102,7 @@ impl MetaStore for Store {
     }
 
     fn snapshot(&mut self, id: SnapId) -> Result<Option<SnapshotInfo>, EngineError> {
-        Ok(Store::snapshot(self, id.0).map(|r| info(r, self.usage_of(r.id))))
+        Ok(Store::snapshot(self, id).map(|r| info(r, self.usage_of(r.id))))
     }
 
     fn snapshot_by_name(&mut self, name: &str) -> Result<Option<SnapshotInfo>, EngineError> {
@@ -118,7 +110,7 @@ impl MetaStore for Store {
     }
 
     fn oldest_sharing_origin(&mut self, chunk: u64) -> Result<Option<SnapId>, EngineError> {
-        Ok(Store::oldest_sharing_origin(self, chunk)?.map(SnapId))
+        Ok(Store::oldest_sharing_origin(self, chunk)?)
     }
 
     fn diff_page(
@@ -132,10 +124,7 @@ impl MetaStore for Store {
     }
 
     fn oldest_live(&mut self, except: Option<SnapId>) -> Result<Option<SnapId>, EngineError> {
-        Ok(self
-            .live_snapshots()
-            .find(|id| Some(SnapId(*id)) != except)
-            .map(SnapId))
+        Ok(self.live_snapshots().find(|id| Some(*id) != except))
     }
 
     fn metadata_space(&mut self) -> Result<Option<MetadataSpace>, EngineError> {
@@ -161,7 +150,7 @@ impl MetaStore for Store {
     }
 
     fn snapshot_chunk(&mut self, id: SnapId, chunk: u64) -> Result<SnapChunk, EngineError> {
-        Ok(match Store::snapshot_chunk(self, id.0, chunk)? {
+        Ok(match Store::snapshot_chunk(self, id, chunk)? {
             ChunkSource::Origin => SnapChunk::Origin,
             ChunkSource::Store {
                 store_chunk,
@@ -181,7 +170,7 @@ impl MetaStore for Store {
     ) -> Result<(), EngineError> {
         Ok(Store::record_snapshot_exception(
             self,
-            id.0,
+            id,
             chunk,
             store_chunk,
         )?)
@@ -199,7 +188,7 @@ impl MetaStore for Store {
         Ok(
             Store::reclaim_position(self).map(|(position, ids)| ReclaimPosition {
                 position,
-                snapshots: ids.into_iter().map(SnapId).collect(),
+                snapshots: ids,
             }),
         )
     }

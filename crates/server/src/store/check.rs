@@ -186,7 +186,7 @@ pub fn run(store: &mut Store) -> Result<CheckReport> {
                     let v = &node.vals[i * btree::SNAPSHOT_VALUE..(i + 1) * btree::SNAPSHOT_VALUE];
                     match SnapshotRecord::decode(block, *k, v) {
                         Ok(r) => {
-                            table.insert(r.id, r);
+                            table.insert(r.id.0, r);
                         }
                         Err(e) => decode_errors.push(e.to_string()),
                     }
@@ -207,7 +207,7 @@ pub fn run(store: &mut Store) -> Result<CheckReport> {
     let live_in_table: Vec<u64> = table
         .values()
         .filter(|r| r.state == SnapState::Live)
-        .map(|r| r.id)
+        .map(|r| r.id.0)
         .collect();
     if live_in_table != store.live.iter().copied().collect::<Vec<_>>() {
         problems.push("live snapshot index differs from the snapshot table".into());

@@ -36,14 +36,8 @@ struct Current {
 impl Current {
     /// Adds the chunk to `ranges` if the two ends read it differently.
     fn finish(self, ranges: &mut Vec<ChunkRange>) {
-        if self.from == self.to {
-            return;
-        }
-        match ranges.last_mut() {
-            Some(r) if r.start + u64::from(r.count) == self.chunk && r.count < u32::MAX => {
-                r.count += 1
-            }
-            _ => ranges.push(ChunkRange::new(self.chunk, 1)),
+        if self.from != self.to {
+            ChunkRange::push_chunk(ranges, self.chunk);
         }
     }
 }
@@ -60,7 +54,7 @@ impl Store {
         budget: usize,
     ) -> Result<DiffPage> {
         for end in [from, to] {
-            if let DiffEnd::Snapshot(SnapId(id)) = end {
+            if let DiffEnd::Snapshot(id) = end {
                 self.check_live(id)?;
             }
         }

@@ -1,6 +1,7 @@
 //! Errors of the on-disk store. Every variant names what was wrong and where, so an
 //! operator (or `csnapctl`) can act on the message alone.
 
+use csnap_proto::SnapId;
 use std::io;
 
 /// Anything that can go wrong opening, formatting or using a store.
@@ -58,9 +59,9 @@ pub enum StoreError {
     #[error("snapshot store metadata area is full (all of its {blocks} node blocks are in use or kept for freeing operations)")]
     MetadataFull { blocks: u64 },
     #[error("no snapshot with id {0}")]
-    NoSuchSnapshot(u64),
+    NoSuchSnapshot(SnapId),
     #[error("snapshot {0} is not live (invalidated)")]
-    NotLive(u64),
+    NotLive(SnapId),
     #[error("a snapshot named {0:?} already exists")]
     NameTaken(String),
     #[error("invalid snapshot name {name:?}: {why}")]

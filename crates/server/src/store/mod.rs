@@ -34,30 +34,17 @@ pub use format::Geometry;
 pub use meta::MetaStats;
 
 use btree::{Key, Tree};
+use csnap_proto::SnapId;
 use format::*;
 use meta::{Meta, TX_SOFT_LIMIT};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
-
-/// What to sacrifice when an origin copy-out finds the store full. Origin writes never fail
-/// because of the store; snapshot writes that cannot allocate fail with `StoreError::Full`.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub enum FullPolicy {
-    /// Invalidate the oldest live snapshot that needs the copy-out, reclaim what it alone
-    /// held, retry; repeat while still full.
-    #[default]
-    InvalidateOldest,
-    /// Invalidate every snapshot that needs the copy-out at once (no reclaim in the write
-    /// path; the origin write proceeds immediately without a copy).
-    InvalidateSharing,
-}
 
 /// Options for `Store::open`.
 #[derive(Clone, Copy, Debug)]
 pub struct OpenOptions {
     /// Metadata block cache bound, in 4 KiB blocks (at least `meta::MIN_CACHE_BLOCKS`).
     pub cache_blocks: usize,
-    pub full_policy: FullPolicy,
     /// Cluster mode: the membership generation the server is activated for. The open
     /// refuses a store a later generation already served (see [`Store::open`]) and
     /// records this one.
@@ -68,7 +55,6 @@ impl Default for OpenOptions {
     fn default() -> Self {
         OpenOptions {
             cache_blocks: 8192,
-            full_policy: FullPolicy::default(),
             cluster_generation: None,
         }
     }
@@ -96,7 +82,7 @@ pub enum SnapState {
 /// One row of the snapshot table.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SnapshotRecord {
-    pub id: u64,
+    pub id: SnapId,
     pub name: String,
     pub ctime: u64,
     pub state: SnapState,
@@ -246,7 +232,7 @@ impl SnapshotRecord {
             }
         };
         Ok(SnapshotRecord {
-            id: key.hi,
+            id: SnapId(key.hi),
             name,
             ctime: get_u64(v, 0),
             state,
@@ -285,16 +271,6 @@ pub fn check_snapshot_name(name: &str) -> Result<()> {
 pub enum ChunkSource {
     Origin,
     Store { store_chunk: u64, exclusive: bool },
-}
-
-/// Result of `Store::prepare_copy_out`.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct CopyOutPlan {
-    /// The reserved chunk to copy the origin chunk to, or `None` if no copy is needed (the
-    /// chunk is unique, possibly because the store-full policy invalidated its sharers).
-    pub store_chunk: Option<u64>,
-    /// Snapshots invalidated by the store-full policy to make room (log these loudly).
-    pub invalidated: Vec<u64>,
 }
 
 /// How far `Store::format_with_progress` got: metadata blocks written of those it writes.
@@ -337,7 +313,6 @@ pub struct Store {
     names: HashMap<String, u64>,
     unclean: bool,
     replayed: u64,
-    policy: FullPolicy,
     /// Deleted or invalidated snapshots whose space a reclaim pass still has to free.
     reclaim_pending: BTreeSet<u64>,
     /// Per-snapshot store usage, kept incrementally (see `usage.rs`).
@@ -538,7 +513,6 @@ impl Store {
             names: HashMap::new(),
             unclean,
             replayed: replay.transactions,
-            policy: opts.full_policy,
             reclaim_pending: BTreeSet::new(),
             usage_counter: usage::UsageCounter::unseeded(),
         };
@@ -554,7 +528,7 @@ impl Store {
         })?;
         for (k, v) in rows {
             let rec = SnapshotRecord::decode(self.meta.root.snapshot_root, k, &v)?;
-            if rec.id >= self.meta.root.next_snap_id {
+            if rec.id.0 >= self.meta.root.next_snap_id {
                 return Err(StoreError::CorruptMetadata {
                     block: self.meta.root.snapshot_root,
                     area: "snapshot table",
@@ -565,29 +539,29 @@ impl Store {
                 });
             }
             self.index(&rec);
-            self.snaps.insert(rec.id, rec);
+            self.snaps.insert(rec.id.0, rec);
         }
         Ok(())
     }
 
     fn index(&mut self, rec: &SnapshotRecord) {
         if rec.pending_pass != 0 && rec.state != SnapState::Live {
-            self.reclaim_pending.insert(rec.id);
+            self.reclaim_pending.insert(rec.id.0);
         } else {
-            self.reclaim_pending.remove(&rec.id);
+            self.reclaim_pending.remove(&rec.id.0);
         }
         match rec.state {
             SnapState::Live => {
-                self.live.insert(rec.id);
-                self.names.insert(rec.name.clone(), rec.id);
+                self.live.insert(rec.id.0);
+                self.names.insert(rec.name.clone(), rec.id.0);
             }
             SnapState::Invalid { .. } => {
-                self.live.remove(&rec.id);
-                self.names.insert(rec.name.clone(), rec.id);
+                self.live.remove(&rec.id.0);
+                self.names.insert(rec.name.clone(), rec.id.0);
             }
             SnapState::Deleting => {
-                self.live.remove(&rec.id);
-                if self.names.get(&rec.name) == Some(&rec.id) {
+                self.live.remove(&rec.id.0);
+                if self.names.get(&rec.name) == Some(&rec.id.0) {
                     self.names.remove(&rec.name);
                 }
             }
@@ -619,10 +593,6 @@ impl Store {
     /// Blocks currently held by the metadata cache.
     pub fn cache_blocks(&self) -> usize {
         self.meta.cache_len()
-    }
-
-    pub fn set_full_policy(&mut self, policy: FullPolicy) {
-        self.policy = policy;
     }
 
     /// Byte offset of store chunk `store_chunk` on the store device (for the data path).
@@ -739,8 +709,8 @@ impl Store {
         Ok(())
     }
 
-    fn check_live(&self, id: u64) -> Result<()> {
-        match self.snaps.get(&id).map(|r| &r.state) {
+    fn check_live(&self, id: SnapId) -> Result<()> {
+        match self.snaps.get(&id.0).map(|r| &r.state) {
             Some(SnapState::Live) => Ok(()),
             Some(SnapState::Invalid { .. }) => Err(StoreError::NotLive(id)),
             _ => Err(StoreError::NoSuchSnapshot(id)),
@@ -767,31 +737,33 @@ impl Store {
     }
 
     /// A listed snapshot by id.
-    pub fn snapshot(&self, id: u64) -> Option<&SnapshotRecord> {
+    pub fn snapshot(&self, id: SnapId) -> Option<&SnapshotRecord> {
         self.snaps
-            .get(&id)
+            .get(&id.0)
             .filter(|r| r.state != SnapState::Deleting)
     }
 
     /// A listed snapshot by name.
     pub fn snapshot_by_name(&self, name: &str) -> Option<&SnapshotRecord> {
-        self.names.get(name).and_then(|id| self.snapshot(*id))
+        self.names
+            .get(name)
+            .and_then(|id| self.snapshot(SnapId(*id)))
     }
 
     /// Ids of live snapshots, ascending.
-    pub fn live_snapshots(&self) -> impl Iterator<Item = u64> + '_ {
-        self.live.iter().copied()
+    pub fn live_snapshots(&self) -> impl Iterator<Item = SnapId> + '_ {
+        self.live.iter().copied().map(SnapId)
     }
 
     fn put_snapshot(&mut self, rec: SnapshotRecord) -> Result<()> {
         btree::insert(
             &mut self.meta,
             Tree::Snapshots,
-            Key::new(rec.id, 0),
+            Key::new(rec.id.0, 0),
             &rec.encode(),
         )?;
         self.index(&rec);
-        self.snaps.insert(rec.id, rec);
+        self.snaps.insert(rec.id.0, rec);
         Ok(())
     }
 
@@ -816,7 +788,7 @@ impl Store {
             let id = s.meta.root.next_snap_id;
             s.meta.root.next_snap_id += 1;
             let rec = SnapshotRecord {
-                id,
+                id: SnapId(id),
                 name: name.to_owned(),
                 ctime,
                 state: SnapState::Live,
@@ -840,7 +812,7 @@ impl Store {
 
     /// Deletes a snapshot (live or invalid): it leaves the list now; `reclaim_step` frees
     /// its space later.
-    pub fn delete_snapshot(&mut self, id: u64) -> Result<()> {
+    pub fn delete_snapshot(&mut self, id: SnapId) -> Result<()> {
         let Some(rec) = self.snapshot(id).cloned() else {
             return Err(StoreError::NoSuchSnapshot(id));
         };
@@ -856,13 +828,13 @@ impl Store {
     }
 
     /// Marks a live snapshot invalid (store-full policy); it stays listed with the reason.
-    pub fn invalidate_snapshot(&mut self, id: u64, reason: &str) -> Result<()> {
+    pub fn invalidate_snapshot(&mut self, id: SnapId, reason: &str) -> Result<()> {
         self.check_live(id)?;
-        let Some(rec) = self.snaps.get(&id).cloned() else {
+        let Some(rec) = self.snaps.get(&id.0).cloned() else {
             return Err(StoreError::NoSuchSnapshot(id));
         };
         // No room check: rewriting an existing row allocates nothing (see ensure_meta_room).
-        tracing::error!(snapshot = id, name = %rec.name, reason, "snapshot invalidated");
+        tracing::error!(snapshot = id.0, name = %rec.name, reason, "snapshot invalidated");
         self.mutate(|s| {
             let pending_pass = s.pass_for_new_garbage();
             s.put_snapshot(SnapshotRecord {
@@ -987,12 +959,12 @@ impl Store {
 
     /// The oldest live snapshot that still reads origin chunk `chunk` from the origin;
     /// `None` iff the chunk is unique (an origin write needs no copy-out).
-    pub fn oldest_sharing_origin(&mut self, chunk: u64) -> Result<Option<u64>> {
+    pub fn oldest_sharing_origin(&mut self, chunk: u64) -> Result<Option<SnapId>> {
         self.check_chunk(chunk)?;
         let (runs, _) = self.uncovered_runs(chunk)?;
         Ok(runs
             .first()
-            .and_then(|(a, b)| self.live.range(*a..=*b).next().copied()))
+            .and_then(|(a, b)| self.live.range(*a..=*b).next().copied().map(SnapId)))
     }
 
     /// Reserves a free store chunk for a copy in flight (memory only until recorded).
@@ -1068,14 +1040,14 @@ impl Store {
     }
 
     /// Where live snapshot `id` reads origin chunk `chunk`.
-    pub fn snapshot_chunk(&mut self, id: u64, chunk: u64) -> Result<ChunkSource> {
+    pub fn snapshot_chunk(&mut self, id: SnapId, chunk: u64) -> Result<ChunkSource> {
         self.check_chunk(chunk)?;
         self.check_live(id)?;
         self.meta.check_usable()?;
-        match self.lookup(chunk, id)? {
+        match self.lookup(chunk, id.0)? {
             None => Ok(ChunkSource::Origin),
             Some(r) => {
-                let exclusive = self.exclusive(&r, id)?;
+                let exclusive = self.exclusive(&r, id.0)?;
                 Ok(ChunkSource::Store {
                     store_chunk: r.store_chunk,
                     exclusive,
@@ -1090,12 +1062,13 @@ impl Store {
     /// are dropped and a store chunk left unused is freed.
     pub fn record_snapshot_exception(
         &mut self,
-        id: u64,
+        id: SnapId,
         chunk: u64,
         store_chunk: u64,
     ) -> Result<()> {
         self.check_chunk(chunk)?;
         self.check_live(id)?;
+        let id = id.0;
         if !self.meta.reserved().contains(&store_chunk) {
             return Err(StoreError::NotReserved(store_chunk));
         }
@@ -1150,53 +1123,6 @@ impl Store {
         })
     }
 
-    /// Reserves a chunk for an origin copy-out of `chunk`, applying the store-full policy
-    /// if needed. The caller copies the origin chunk there, then calls `record_copy_out`.
-    pub fn prepare_copy_out(&mut self, chunk: u64) -> Result<CopyOutPlan> {
-        self.check_chunk(chunk)?;
-        let mut invalidated = Vec::new();
-        loop {
-            let (runs, _) = self.uncovered_runs(chunk)?;
-            if runs.is_empty() {
-                return Ok(CopyOutPlan {
-                    store_chunk: None,
-                    invalidated,
-                });
-            }
-            match self.reserve_chunk() {
-                Ok(c) => {
-                    return Ok(CopyOutPlan {
-                        store_chunk: Some(c),
-                        invalidated,
-                    })
-                }
-                Err(StoreError::Full) => {}
-                Err(e) => return Err(e),
-            }
-            let sharing: Vec<u64> = runs
-                .iter()
-                .flat_map(|(a, b)| self.live.range(*a..=*b).copied().collect::<Vec<_>>())
-                .collect();
-            let victims = match self.policy {
-                FullPolicy::InvalidateOldest => sharing[..1].to_vec(),
-                FullPolicy::InvalidateSharing => sharing,
-            };
-            let reason = format!("store full during a copy-out of origin chunk {chunk}");
-            for v in victims {
-                self.invalidate_snapshot(v, &reason)?;
-                invalidated.push(v);
-            }
-            if self.policy == FullPolicy::InvalidateOldest {
-                // Free what the victim alone held before trying again.
-                while self.meta.data_available() + self.meta.quarantined() as u64 == 0 {
-                    if self.reclaim_step(4096)?.done {
-                        break;
-                    }
-                }
-            }
-        }
-    }
-
     // ---- reclaim ----
 
     fn reclaim_wanted(&self) -> bool {
@@ -1205,7 +1131,7 @@ impl Store {
 
     /// Where background reclaim is: the origin chunk its pass goes on from (0 before a
     /// pass started) and the snapshots it gives space back for; `None` with no work.
-    pub fn reclaim_position(&self) -> Option<(u64, Vec<u64>)> {
+    pub fn reclaim_position(&self) -> Option<(u64, Vec<SnapId>)> {
         let root = &self.meta.root;
         if root.reclaim_active == 0 && !self.reclaim_wanted() {
             return None;
@@ -1215,7 +1141,10 @@ impl Store {
         } else {
             0
         };
-        Some((position, self.reclaim_pending.iter().copied().collect()))
+        Some((
+            position,
+            self.reclaim_pending.iter().copied().map(SnapId).collect(),
+        ))
     }
 
     /// Background delete: examines about `budget` exception records from where the last
@@ -1319,9 +1248,9 @@ impl Store {
                 self.meta.commit()?;
             }
             if rec.state == SnapState::Deleting {
-                btree::remove(&mut self.meta, Tree::Snapshots, Key::new(rec.id, 0))?;
-                self.snaps.remove(&rec.id);
-                self.reclaim_pending.remove(&rec.id);
+                btree::remove(&mut self.meta, Tree::Snapshots, Key::new(rec.id.0, 0))?;
+                self.snaps.remove(&rec.id.0);
+                self.reclaim_pending.remove(&rec.id.0);
             } else {
                 self.put_snapshot(SnapshotRecord {
                     pending_pass: 0,
@@ -1337,7 +1266,7 @@ impl Store {
 
     /// Snapshots' store usage: for each listed snapshot, how many chunks it reads from the
     /// store. A full scan of the exception tree (an admin operation).
-    pub fn usage(&mut self) -> Result<BTreeMap<u64, u64>> {
+    pub fn usage(&mut self) -> Result<BTreeMap<SnapId, u64>> {
         // Each snapshot is in at most one record per chunk, so counting the records whose
         // run holds it is a difference-array sweep over record boundaries.
         let mut delta: BTreeMap<u64, i64> = BTreeMap::new();
@@ -1358,7 +1287,7 @@ impl Store {
                 running += d;
                 points.next();
             }
-            out.insert(id, running.max(0) as u64);
+            out.insert(SnapId(id), running.max(0) as u64);
         }
         Ok(out)
     }
@@ -1388,9 +1317,13 @@ impl Store {
 
     /// Per-snapshot usage of the listed snapshots from the usage counter (no tree walk),
     /// and whether it is exact yet (the seeding walk is done).
-    pub fn usage_figures(&self) -> (BTreeMap<u64, u64>, bool) {
+    pub fn usage_figures(&self) -> (BTreeMap<SnapId, u64>, bool) {
         (
-            self.usage_counter.figures(self.snaps.keys().copied()),
+            self.usage_counter
+                .figures(self.snaps.keys().copied())
+                .into_iter()
+                .map(|(id, n)| (SnapId(id), n))
+                .collect(),
             self.usage_counter.is_exact(),
         )
     }
@@ -1401,8 +1334,8 @@ impl Store {
     }
 
     /// Usage of one snapshot from the usage counter.
-    pub fn usage_of(&self, id: u64) -> u64 {
-        self.usage_counter.of(id)
+    pub fn usage_of(&self, id: SnapId) -> u64 {
+        self.usage_counter.of(id.0)
     }
 
     /// Exception records the usage counter's seeding walk has visited so far.

@@ -780,7 +780,7 @@ fn malformed_and_misdirected_requests_get_error_replies() {
     // An undecodable frame: error, then close.
     h.handle(Event::ClientBadFrame {
         conn: ghost,
-        error: "malformed frame body".into(),
+        error: Failure::new(FrameError::Malformed("not msgpack".into())),
     });
     assert!(h.closed.contains(&ghost));
     assert!(h.fatal.is_none());
@@ -799,7 +799,7 @@ fn a_failed_copy_stops_the_server() {
     let (copy, _, _) = h.copies.pop_front().unwrap();
     h.handle(Event::CopyDone {
         copy,
-        result: Err("EIO on store".into()),
+        result: Err(std::io::Error::other("EIO on store").into()),
     });
     assert!(h.fatal.as_deref().unwrap().contains("EIO on store"));
     assert!(h.engine.has_failed());

@@ -149,7 +149,7 @@ fn hostile_request_streams_never_panic_or_stop_the_server() {
                     let conn = conns[rng.gen_range(0..conns.len())];
                     h.handle(Event::ClientBadFrame {
                         conn,
-                        error: "garbage".into(),
+                        error: std::io::Error::other("garbage").into(),
                     });
                 }
                 5 => h.handle(Event::ClientDeclaredGone {
@@ -193,7 +193,7 @@ struct FailingStore {
 impl FailingStore {
     fn tick(&mut self) -> Result<(), MetaError> {
         if self.budget == 0 {
-            return Err(MetaError::Io(std::io::Error::other(
+            return Err(MetaError::from(std::io::Error::other(
                 "injected EIO on the metadata device",
             )));
         }
@@ -299,9 +299,9 @@ fn a_store_error_at_any_point_stops_the_engine_cleanly() {
             engine.handle(ev);
             while let Some(a) = engine.poll_action() {
                 match a {
-                    Action::Fatal { reason } => fatal = Some(reason),
+                    Action::Fatal { error } => fatal = Some(error),
                     Action::Commit => {
-                        let result = engine.store_mut().commit().map_err(|e| e.to_string());
+                        let result = engine.store_mut().commit().map_err(Failure::from);
                         engine.handle(Event::CommitDone { result });
                     }
                     Action::Copy { copy, .. } => engine.handle(Event::CopyDone {
@@ -383,8 +383,21 @@ fn a_store_error_at_any_point_stops_the_engine_cleanly() {
             );
             step(&mut engine, Event::Tick { now: 5_000 + i });
         }
-        let reason = fatal.unwrap_or_else(|| panic!("budget {budget}: no fatal action"));
+        let fatal = fatal.unwrap_or_else(|| panic!("budget {budget}: no fatal action"));
+        let reason = error_chain(&fatal);
         assert!(reason.contains("injected EIO"), "{reason}");
+        // The store's error is the cause, kept whole: its io::Error is reachable.
+        let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(&fatal);
+        let mut io = None;
+        while let Some(c) = cause {
+            io = io.or(c.downcast_ref::<std::io::Error>().map(|e| e.kind()));
+            cause = c.source();
+        }
+        assert_eq!(
+            io,
+            Some(std::io::ErrorKind::Other),
+            "budget {budget}: the I/O error is the source: {fatal:?}"
+        );
         assert!(engine.has_failed());
     }
 }

@@ -38,7 +38,7 @@ fn a_failed_commit_answers_none_of_its_waiters() {
     );
     h.commit_pending = false;
     h.handle(Event::CommitDone {
-        result: Err("EIO on the journal".into()),
+        result: Err(MetaError::from(std::io::Error::other("EIO on the journal")).into()),
     });
     assert!(h.fatal.as_deref().is_some_and(|r| r.contains("EIO")));
     for (conn, id) in [(origin, w0), (origin, w1), (admin, del)] {

@@ -786,7 +786,7 @@ impl Sim {
             .store()
             .snapshots()
             .iter()
-            .map(|r| r.id)
+            .map(|r| r.id.0)
             .collect();
         self.pump();
     }
@@ -818,7 +818,8 @@ impl Sim {
                 Action::Copy { copy, from, to, .. } => self.copies.push((copy, from, to)),
                 Action::Commit => self.commit_due = true,
                 Action::Log { .. } => {}
-                Action::Fatal { reason } => {
+                Action::Fatal { error } => {
+                    let reason = csnap_server::engine::error_chain(&error);
                     if !self.devs.powered_off() {
                         self.fail(format!("server failed without a power cut: {reason}"));
                     }
@@ -839,8 +840,8 @@ impl Sim {
             .store()
             .snapshots()
             .into_iter()
-            .filter(|r| !self.seen_ids.contains(&r.id))
-            .map(|r| (r.id, r.name))
+            .filter(|r| !self.seen_ids.contains(&r.id.0))
+            .map(|r| (r.id.0, r.name))
             .collect();
         for (id, name) in new {
             self.seen_ids.insert(id);
@@ -1214,7 +1215,7 @@ impl Sim {
                 .snapshots()
                 .iter()
                 .filter(|r| r.state == SnapState::Live)
-                .map(|r| r.id)
+                .map(|r| r.id.0)
                 .collect(),
             None => return,
         };
@@ -1403,6 +1404,7 @@ impl Sim {
                     }
                 }
                 self.tally.copies += 1;
+                let result = result.map_err(csnap_server::engine::Failure::new);
                 self.handle(Event::CopyDone { copy, result });
             }
             S::Commit => {
@@ -1572,7 +1574,7 @@ impl Sim {
         let rows = store.snapshots();
         let listed: BTreeMap<String, (u64, SnapState)> = rows
             .iter()
-            .map(|r| (r.name.clone(), (r.id, r.state.clone())))
+            .map(|r| (r.name.clone(), (r.id.0, r.state.clone())))
             .collect();
         for (name, rec) in &self.snaps {
             if rec.reported && !listed.contains_key(name) {
@@ -1608,7 +1610,7 @@ impl Sim {
             if *state == SnapState::Live {
                 let mut exact = Vec::with_capacity(n as usize);
                 for chunk in 0..self.sc.origin_chunks {
-                    let src = match store.snapshot_chunk(*id, chunk) {
+                    let src = match store.snapshot_chunk(SnapId(*id), chunk) {
                         Ok(s) => s,
                         Err(e) => self.fail(format!("snapshot {id} chunk {chunk}: {e}")),
                     };

@@ -169,7 +169,9 @@ impl<S: TestStore> Harness<S> {
                     self.commit_pending = true;
                 }
                 Action::Log { level, message, .. } => self.logs.push((level, message)),
-                Action::Fatal { reason } => self.fatal = Some(reason),
+                Action::Fatal { error } => {
+                    self.fatal = Some(csnap_server::engine::error_chain(&error))
+                }
             }
         }
     }

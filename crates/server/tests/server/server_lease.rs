@@ -6,7 +6,7 @@
 use crate::server_support;
 
 use csnap_proto::*;
-use csnap_server::net::{self, ListenAddr, ServerError};
+use csnap_server::net::{self, ListenAddr, ServerError, ServerFailure};
 use server_support::*;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -94,7 +94,11 @@ async fn a_server_whose_lease_is_not_renewed_stops_at_its_end_and_answers_nothin
         .await
         .expect("the server stops on its own when its lease runs out");
     let noticed = Instant::now();
-    assert!(reason.contains("serving lease expired"), "{reason}");
+    assert_eq!(reason, ServerFailure::LeaseExpired, "{reason}");
+    assert!(
+        reason.to_string().contains("serving lease expired"),
+        "{reason}"
+    );
     assert!(
         noticed < until + Duration::from_millis(300) + NOTICE,
         "stopped {:?} after the end of its lease",
@@ -226,7 +230,11 @@ async fn renewing_the_lease_keeps_the_server_serving_until_renewals_stop() {
     let reason = tokio::time::timeout(lease + NOTICE, server.failed())
         .await
         .expect("stopped at the end of the last lease");
-    assert!(reason.contains("serving lease expired"), "{reason}");
+    assert_eq!(reason, ServerFailure::LeaseExpired, "{reason}");
+    assert!(
+        reason.to_string().contains("serving lease expired"),
+        "{reason}"
+    );
     assert!(Instant::now() >= end);
     assert!(admin.request(ClientMsg::Status).await.is_err());
     drop(server);

@@ -216,7 +216,7 @@ async fn activation_gate_holds_origin_writes_until_the_expected_client_resumes()
     let fx = Fixture::small();
     let expected = ClientId::new(0x77, ClientKind::Snapshot { snap: SnapId(1) });
     let mut cfg = fx.config(tcp());
-    cfg.expected_snapshot_clients = vec![expected];
+    cfg.engine.expected_snapshot_clients = vec![expected];
     let server = net::start(cfg).await.unwrap();
     let addr = server.local_addr();
     let status = server.status().await.unwrap();
@@ -290,7 +290,7 @@ async fn activation_gate_opens_when_the_expected_client_is_declared_gone() {
     let reader = |n| ClientId::new(n, ClientKind::Snapshot { snap: SnapId(1) });
     let (gone, back) = (reader(0x1), reader(0x2));
     let mut cfg = fx.config(tcp());
-    cfg.expected_snapshot_clients = vec![gone, back];
+    cfg.engine.expected_snapshot_clients = vec![gone, back];
     let server = net::start(cfg).await.unwrap();
     let addr = server.local_addr();
     let origin = Client::connect(&addr, &fx.key, ORIGIN, ClientKind::Origin).await;
@@ -821,9 +821,21 @@ async fn a_failed_copy_stops_the_server_at_once_and_leaves_the_store_for_recover
     let reason = tokio::time::timeout(WAIT, server.failed())
         .await
         .expect("the server reports its failure");
+    let text = csnap_server::engine::error_chain(&reason);
     assert!(
-        reason.contains("origin"),
-        "the reason names the failure: {reason}"
+        text.contains("origin"),
+        "the reason names the failure: {text}"
+    );
+    // The cause is kept as a source, down to the device's I/O error.
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(&reason);
+    let mut io_error = None;
+    while let Some(c) = cause {
+        io_error = io_error.or(c.downcast_ref::<std::io::Error>().map(|e| e.to_string()));
+        cause = c.source();
+    }
+    assert!(
+        io_error.is_some(),
+        "the failure keeps the I/O error as its cause: {reason:?}"
     );
     assert!(
         admin.request(ClientMsg::Status).await.is_err(),
@@ -880,7 +892,7 @@ async fn a_connection_that_never_authenticates_is_closed() {
     use tokio::io::AsyncReadExt as _;
     let fx = Fixture::small();
     let mut cfg = fx.config(tcp());
-    cfg.auth_timeout = Duration::from_secs(1);
+    cfg.engine.auth_timeout_secs = 1;
     let server = net::start(cfg).await.unwrap();
     let mut idle = connect_raw(&server.local_addr()).await.unwrap();
     let mut buf = [0u8; 16];

@@ -3,10 +3,11 @@
 //! panic) for damaged or foreign devices.
 
 use crate::store_support;
+use csnap_proto::SnapId;
 
 use csnap_server::store::{
-    read_superblock, BlockDevice, ChunkSource, FileDevice, FormatOptions, FullPolicy, Geometry,
-    MemDevice, OpenOptions, SnapState, Store, StoreError,
+    read_superblock, BlockDevice, ChunkSource, FileDevice, FormatOptions, Geometry, MemDevice,
+    OpenOptions, SnapState, Store, StoreError,
 };
 use std::sync::Arc;
 use store_support::*;
@@ -120,7 +121,7 @@ fn snapshot_writes_unshare_then_write_in_place() {
 #[test]
 fn origin_copy_out_fills_gaps_left_by_snapshot_writes() {
     let mut sim = Sim::new(100, 4);
-    let ids: Vec<u64> = (0..5).map(|_| sim.create().unwrap()).collect();
+    let ids: Vec<SnapId> = (0..5).map(|_| sim.create().unwrap()).collect();
     // Snapshot 3 writes chunk 1 while everyone reads the origin.
     let own = sim.snapshot_write_prepare(ids[2], 1).unwrap().unwrap();
     let t = sim.tag();
@@ -196,9 +197,9 @@ fn full_store_invalidates_the_oldest_sharing_snapshot() {
     let young = sim.create().unwrap();
     // Chunk 20 needs a copy for both; the store is full: the oldest goes, its 16 chunks
     // are reclaimed, and the copy-out proceeds for the young one.
-    let plan = sim.store.prepare_copy_out(20).unwrap();
-    assert_eq!(plan.invalidated, vec![old]);
-    assert!(plan.store_chunk.is_some());
+    let (store_chunk, invalidated) = reserve_copy_out(&mut sim.store, 20).unwrap();
+    assert_eq!(invalidated, vec![old]);
+    assert!(store_chunk.is_some());
     let rec = sim.store.snapshot(old).unwrap();
     assert!(matches!(&rec.state, SnapState::Invalid { reason } if reason.contains("store full")));
     assert!(matches!(
@@ -206,7 +207,7 @@ fn full_store_invalidates_the_oldest_sharing_snapshot() {
         Err(StoreError::NotLive(_))
     ));
     assert_eq!(sim.store.oldest_sharing_origin(20).unwrap(), Some(young));
-    sim.store.release_chunk(plan.store_chunk.unwrap()).unwrap();
+    sim.store.release_chunk(store_chunk.unwrap()).unwrap();
     // Snapshot writes on a full store fail instead of sacrificing anyone.
     let mut sim = Sim::new(0, 64);
     let a = sim.create().unwrap();
@@ -216,12 +217,6 @@ fn full_store_invalidates_the_oldest_sharing_snapshot() {
     }
     assert_eq!(sim.snapshot_write_prepare(a, 17).unwrap(), None);
     assert!(matches!(sim.store.reserve_chunk(), Err(StoreError::Full)));
-    // With invalidate-sharing, every snapshot needing the copy goes at once.
-    let b = sim.create().unwrap();
-    sim.store.set_full_policy(FullPolicy::InvalidateSharing);
-    let plan = sim.store.prepare_copy_out(30).unwrap();
-    assert_eq!(plan.invalidated, vec![a, b]);
-    assert_eq!(plan.store_chunk, None, "nobody needs the copy any more");
 }
 
 #[test]
@@ -244,8 +239,8 @@ fn bad_names_and_out_of_range_chunks_are_refused() {
         Err(StoreError::NotReserved(12345))
     ));
     assert!(matches!(
-        sim.store.snapshot_chunk(99, 0),
-        Err(StoreError::NoSuchSnapshot(99))
+        sim.store.snapshot_chunk(SnapId(99), 0),
+        Err(StoreError::NoSuchSnapshot(SnapId(99)))
     ));
 }
 
@@ -262,10 +257,7 @@ fn metadata_cache_stays_within_its_bound() {
     // 15,000 copy-outs of scattered chunks: a tree of well over 600 blocks.
     for i in 0..15_000u64 {
         let chunk = (i * 7919) % 100_000;
-        let plan = store.prepare_copy_out(chunk).unwrap();
-        if let Some(x) = plan.store_chunk {
-            store.record_copy_out(chunk, x).unwrap();
-        }
+        record_copy_out(&mut store, chunk).unwrap();
         if i % 500 == 0 {
             store.commit().unwrap();
         }
@@ -396,8 +388,7 @@ fn garbage_metadata_blocks_give_errors_not_panics() {
     let mut store = open(&dev).unwrap();
     let id = store.create_snapshot("a", 1).unwrap().id;
     for c in 0..64 {
-        let plan = store.prepare_copy_out(c).unwrap();
-        store.record_copy_out(c, plan.store_chunk.unwrap()).unwrap();
+        assert!(record_copy_out(&mut store, c).unwrap());
     }
     store.close().unwrap();
     let sb = read_superblock(&dev).unwrap();
@@ -459,10 +450,7 @@ fn file_device_round_trip() {
         .unwrap();
         let mut store = Store::open(Arc::new(dev), OpenOptions::default()).unwrap();
         store.create_snapshot("f", 1).unwrap();
-        let plan = store.prepare_copy_out(1000).unwrap();
-        store
-            .record_copy_out(1000, plan.store_chunk.unwrap())
-            .unwrap();
+        assert!(record_copy_out(&mut store, 1000).unwrap());
         store.close().unwrap();
         let dev = FileDevice::open(&path, direct).unwrap();
         let mut store = Store::open(Arc::new(dev), OpenOptions::default()).unwrap();

@@ -7,6 +7,8 @@
 //! Set CSNAP_BENCH_DIR to put the store file on a real disk (default: the system temp dir);
 //! fdatasync costs dominate there, which is what batching commits is for.
 
+use crate::store_support::record_copy_out;
+use csnap_proto::SnapId;
 use csnap_server::store::{FileDevice, FormatOptions, Geometry, OpenOptions, Store};
 use std::sync::Arc;
 use std::time::Instant;
@@ -44,9 +46,7 @@ fn bench(snapshots: u64, copy_outs: u64, batch: u64) {
     for i in 0..copy_outs {
         // Scattered chunks: every copy-out is a new btree record.
         let chunk = (i * 2_654_435_761) % ((1 << 40) / CHUNK);
-        let plan = store.prepare_copy_out(chunk).unwrap();
-        if let Some(x) = plan.store_chunk {
-            store.record_copy_out(chunk, x).unwrap();
+        if record_copy_out(&mut store, chunk).unwrap() {
             done += 1;
         }
         if (i + 1) % batch == 0 {
@@ -56,7 +56,7 @@ fn bench(snapshots: u64, copy_outs: u64, batch: u64) {
     store.commit().unwrap();
     let copy = t.elapsed();
     let t = Instant::now();
-    let ids: Vec<u64> = store.live_snapshots().collect();
+    let ids: Vec<SnapId> = store.live_snapshots().collect();
     let lookups = 100_000u64;
     for i in 0..lookups {
         let id = ids[(i as usize * 7) % ids.len()];

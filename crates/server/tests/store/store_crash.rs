@@ -7,6 +7,7 @@
 //! Seeded: set CSNAP_SEED to replay a failure.
 
 use crate::store_support;
+use csnap_proto::SnapId;
 
 use csnap_server::store::{ChunkSource, SnapState, Store, StoreError};
 use rand::Rng;
@@ -16,7 +17,7 @@ use store_support::*;
 const ORIGIN_CHUNKS: u64 = 12;
 
 /// The part of the reference a crash can roll back: the snapshot list and their views.
-type Snaps = BTreeMap<u64, RefSnap>;
+type Snaps = BTreeMap<SnapId, RefSnap>;
 
 struct Run {
     store: Store,
@@ -26,8 +27,9 @@ struct Run {
     /// of the running batch (operations may commit early when space runs out).
     candidates: Vec<Snaps>,
     /// (snapshot, chunk) -> tags a crash may leave there (data written, flush unconfirmed).
-    uncertain: HashMap<(u64, u64), Vec<u64>>,
-    /// The failure hit `prepare_copy_out`, which may have invalidated snapshots durably.
+    uncertain: HashMap<(SnapId, u64), Vec<u64>>,
+    /// The failure hit `reserve_copy_out`, whose store-full policy may have invalidated
+    /// snapshots durably (its reclaim commits).
     may_invalidate: bool,
     next_tag: u64,
     names: u64,
@@ -39,8 +41,8 @@ impl Run {
         self.next_tag
     }
 
-    fn live(snaps: &Snaps, rng: &mut rand::rngs::StdRng) -> Option<u64> {
-        let ids: Vec<u64> = snaps
+    fn live(snaps: &Snaps, rng: &mut rand::rngs::StdRng) -> Option<SnapId> {
+        let ids: Vec<SnapId> = snaps
             .iter()
             .filter(|(_, s)| s.live)
             .map(|(id, _)| *id)
@@ -68,7 +70,7 @@ impl Run {
                     );
                 }
                 5..=6 => {
-                    let ids: Vec<u64> = pending.keys().copied().collect();
+                    let ids: Vec<SnapId> = pending.keys().copied().collect();
                     if !ids.is_empty() {
                         let id = ids[rng.gen_range(0..ids.len())];
                         self.store.delete_snapshot(id)?;
@@ -89,15 +91,15 @@ impl Run {
                 // A failure inside may come after the store-full policy invalidated (and
                 // committed) some snapshots: recovery may then show them invalid.
                 self.may_invalidate = true;
-                let plan = self.store.prepare_copy_out(chunk)?;
+                let (store_chunk, invalidated) = reserve_copy_out(&mut self.store, chunk)?;
                 self.may_invalidate = false;
-                for id in &plan.invalidated {
+                for id in &invalidated {
                     if let Some(s) = pending.get_mut(id) {
                         s.live = false;
                     }
                     self.candidates.push(pending.clone());
                 }
-                if let Some(x) = plan.store_chunk {
+                if let Some(x) = store_chunk {
                     let off = self.store.chunk_offset(x);
                     write_tag(dev.as_ref(), off, self.origin[chunk as usize])
                         .map_err(|e| io(e, off))?;
@@ -167,7 +169,7 @@ impl Run {
     }
 }
 
-fn listed(store: &Store) -> BTreeMap<u64, (String, bool)> {
+fn listed(store: &Store) -> BTreeMap<SnapId, (String, bool)> {
     store
         .snapshots()
         .into_iter()
@@ -175,7 +177,7 @@ fn listed(store: &Store) -> BTreeMap<u64, (String, bool)> {
         .collect()
 }
 
-fn summary(snaps: &Snaps) -> BTreeMap<u64, (String, bool)> {
+fn summary(snaps: &Snaps) -> BTreeMap<SnapId, (String, bool)> {
     snaps
         .iter()
         .map(|(id, s)| (*id, (s.name.clone(), s.live)))

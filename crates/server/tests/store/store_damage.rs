@@ -5,6 +5,7 @@
 //! Seeded: set CSNAP_SEED to replay.
 
 use crate::store_support;
+use csnap_proto::SnapId;
 
 use csnap_server::store::{read_superblock, BlockDevice, ChunkSource, MemDevice, Store};
 use rand::rngs::StdRng;
@@ -25,9 +26,7 @@ fn base_image(rng: &mut StdRng, close: bool) -> Vec<u8> {
         ids.push(store.create_snapshot(&format!("s{i}"), i).unwrap().id);
         for _ in 0..30 {
             let c = rng.gen_range(0..ORIGIN);
-            if let Some(x) = store.prepare_copy_out(c).unwrap().store_chunk {
-                store.record_copy_out(c, x).unwrap();
-            }
+            record_copy_out(&mut store, c).unwrap();
         }
         store.commit().unwrap();
     }
@@ -44,7 +43,7 @@ fn base_image(rng: &mut StdRng, close: bool) -> Vec<u8> {
 
 fn exercise(dev: &MemDevice) -> Result<(), String> {
     let mut store = open(dev).map_err(|e| e.to_string())?;
-    let live: Vec<u64> = store.live_snapshots().collect();
+    let live: Vec<SnapId> = store.live_snapshots().collect();
     for c in 0..ORIGIN {
         store.oldest_sharing_origin(c).map_err(|e| e.to_string())?;
         for id in live.iter().take(4) {
@@ -55,13 +54,7 @@ fn exercise(dev: &MemDevice) -> Result<(), String> {
     }
     store.create_snapshot("new", 1).map_err(|e| e.to_string())?;
     for c in 0..20 {
-        if let Some(x) = store
-            .prepare_copy_out(c)
-            .map_err(|e| e.to_string())?
-            .store_chunk
-        {
-            store.record_copy_out(c, x).map_err(|e| e.to_string())?;
-        }
+        record_copy_out(&mut store, c).map_err(|e| e.to_string())?;
     }
     if let Some(id) = live.first() {
         store.delete_snapshot(*id).map_err(|e| e.to_string())?;

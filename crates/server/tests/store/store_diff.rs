@@ -43,7 +43,7 @@ fn diff_chunks(sim: &mut Sim, from: DiffEnd, to: DiffEnd, rng: &mut StdRng) -> V
 fn view(sim: &Sim, end: DiffEnd) -> Vec<u64> {
     match end {
         DiffEnd::Origin => sim.reference.origin.clone(),
-        DiffEnd::Snapshot(SnapId(id)) => sim.reference.snaps[&id].view.clone(),
+        DiffEnd::Snapshot(id) => sim.reference.snaps[&id].view.clone(),
     }
 }
 
@@ -54,7 +54,7 @@ fn check_every_pair(sim: &mut Sim, rng: &mut StdRng, context: &str) {
             .snaps
             .iter()
             .filter(|(_, s)| s.live)
-            .map(|(id, _)| DiffEnd::Snapshot(SnapId(*id))),
+            .map(|(id, _)| DiffEnd::Snapshot(*id)),
     );
     for &from in &ends {
         for &to in &ends {
@@ -109,12 +109,7 @@ fn diff_refuses_ends_that_are_not_live_and_starts_past_the_volume() {
     sim.delete(b).unwrap();
     let e = sim
         .store
-        .diff_page(
-            DiffEnd::Snapshot(SnapId(a)),
-            DiffEnd::Snapshot(SnapId(b)),
-            0,
-            10,
-        )
+        .diff_page(DiffEnd::Snapshot(a), DiffEnd::Snapshot(b), 0, 10)
         .unwrap_err();
     assert!(
         matches!(e, StoreError::NoSuchSnapshot(id) if id == b),
@@ -124,10 +119,10 @@ fn diff_refuses_ends_that_are_not_live_and_starts_past_the_volume() {
         .store
         .diff_page(DiffEnd::Snapshot(SnapId(99)), DiffEnd::Origin, 0, 10)
         .unwrap_err();
-    assert!(matches!(e, StoreError::NoSuchSnapshot(99)), "{e}");
+    assert!(matches!(e, StoreError::NoSuchSnapshot(SnapId(99))), "{e}");
     let e = sim
         .store
-        .diff_page(DiffEnd::Snapshot(SnapId(a)), DiffEnd::Origin, 17, 10)
+        .diff_page(DiffEnd::Snapshot(a), DiffEnd::Origin, 17, 10)
         .unwrap_err();
     assert!(
         matches!(e, StoreError::ChunkOutOfRange { chunk: 17, .. }),
@@ -136,7 +131,7 @@ fn diff_refuses_ends_that_are_not_live_and_starts_past_the_volume() {
     // The end of the volume is a valid (empty) start.
     let page = sim
         .store
-        .diff_page(DiffEnd::Snapshot(SnapId(a)), DiffEnd::Origin, 16, 10)
+        .diff_page(DiffEnd::Snapshot(a), DiffEnd::Origin, 16, 10)
         .unwrap();
     assert_eq!(page.ranges, Vec::<ChunkRange>::new());
     assert_eq!(page.next, None);
@@ -152,7 +147,7 @@ fn neighbouring_changed_chunks_coalesce_and_unchanged_chunks_cost_nothing() {
     }
     let page = sim
         .store
-        .diff_page(DiffEnd::Snapshot(SnapId(a)), DiffEnd::Origin, 0, 1000)
+        .diff_page(DiffEnd::Snapshot(a), DiffEnd::Origin, 0, 1000)
         .unwrap();
     assert_eq!(
         page.ranges,
@@ -170,23 +165,18 @@ fn neighbouring_changed_chunks_coalesce_and_unchanged_chunks_cost_nothing() {
     // The same diff the other way round, and a snapshot against itself.
     let back = sim
         .store
-        .diff_page(DiffEnd::Origin, DiffEnd::Snapshot(SnapId(a)), 0, 1000)
+        .diff_page(DiffEnd::Origin, DiffEnd::Snapshot(a), 0, 1000)
         .unwrap();
     assert_eq!(back.ranges, page.ranges);
     let same = sim
         .store
-        .diff_page(
-            DiffEnd::Snapshot(SnapId(a)),
-            DiffEnd::Snapshot(SnapId(a)),
-            0,
-            1000,
-        )
+        .diff_page(DiffEnd::Snapshot(a), DiffEnd::Snapshot(a), 0, 1000)
         .unwrap();
     assert!(same.ranges.is_empty() && same.next.is_none());
     // Pages of one record split at chunk boundaries and resume where they stopped.
     let first = sim
         .store
-        .diff_page(DiffEnd::Snapshot(SnapId(a)), DiffEnd::Origin, 0, 1)
+        .diff_page(DiffEnd::Snapshot(a), DiffEnd::Origin, 0, 1)
         .unwrap();
     assert_eq!(first.ranges, vec![ChunkRange::new(3, 1)]);
     assert_eq!(first.next, Some(4));

@@ -2,6 +2,7 @@
 //! monotone, ending at the total) and where a reclaim pass is (origin chunk position,
 //! the snapshots it reclaims, none when done).
 
+use crate::store_support::record_copy_out;
 use csnap_server::store::tool::{format_paths_with_progress, FormatRequest};
 use csnap_server::store::{FileDevice, FormatOptions, FormatProgress, OpenOptions, Store};
 use std::sync::Arc;
@@ -65,10 +66,7 @@ fn reclaim_position_walks_the_origin_chunks_and_names_the_snapshot() {
     assert_eq!(store.reclaim_position(), None);
     let id = store.create_snapshot("a", 1).unwrap().id;
     for chunk in 0..256 {
-        let plan = store.prepare_copy_out(chunk).unwrap();
-        if let Some(at) = plan.store_chunk {
-            store.record_copy_out(chunk, at).unwrap();
-        }
+        record_copy_out(&mut store, chunk).unwrap();
     }
     store.commit().unwrap();
     store.delete_snapshot(id).unwrap();

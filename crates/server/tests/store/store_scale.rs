@@ -4,6 +4,7 @@
 
 use crate::store_support;
 
+use csnap_proto::SnapId;
 use rand::Rng;
 use store_support::*;
 
@@ -46,7 +47,7 @@ fn ten_thousand_snapshots_on_one_store() {
     assert_eq!(sim.store.snapshots().len() as u64, SNAPSHOTS);
     assert_eq!(sim.store.chunk_records(0).unwrap().len() as u64, SNAPSHOTS);
     let check = |sim: &mut Sim, context: &str, samples: usize, rng: &mut rand::rngs::StdRng| {
-        let ids: Vec<u64> = sim.reference.snaps.keys().copied().collect();
+        let ids: Vec<SnapId> = sim.reference.snaps.keys().copied().collect();
         for _ in 0..samples {
             let id = ids[rng.gen_range(0..ids.len())];
             for chunk in [0, rng.gen_range(1..ORIGIN)] {
@@ -66,7 +67,7 @@ fn ten_thousand_snapshots_on_one_store() {
     check(&mut sim, "after reopen", 500, &mut rng);
     // Delete every other snapshot; reclaim frees their hot-chunk copies.
     let free_before = sim.store.info().free_chunks;
-    let ids: Vec<u64> = sim.reference.snaps.keys().copied().collect();
+    let ids: Vec<SnapId> = sim.reference.snaps.keys().copied().collect();
     for id in ids.iter().step_by(2) {
         sim.delete(*id).unwrap();
     }

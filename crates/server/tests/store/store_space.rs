@@ -3,6 +3,7 @@
 //! always succeed, so a store driven full can always be brought back.
 
 use crate::store_support;
+use csnap_proto::SnapId;
 
 use csnap_server::store::{FormatOptions, Geometry, MemDevice, SnapState, Store, StoreError};
 use store_support::*;
@@ -43,7 +44,7 @@ fn copy_out(store: &mut Store, chunk: u64) -> Result<(), StoreError> {
 /// Rounds of "new snapshot, then overwrite chunks 0..per_round" until a record no longer
 /// fits. Each round's records interleave with the previous rounds' in key order, so leaves
 /// end up partly filled by every snapshot. Returns the snapshot ids.
-fn fill_metadata(store: &mut Store, per_round: u64) -> Vec<u64> {
+fn fill_metadata(store: &mut Store, per_round: u64) -> Vec<SnapId> {
     let mut snaps = Vec::new();
     for round in 0.. {
         match store.create_snapshot(&format!("s{round}"), round) {

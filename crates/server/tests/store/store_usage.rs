@@ -119,7 +119,7 @@ fn listing_does_not_walk_the_exception_tree() {
         "a full scan reads the tree"
     );
     for s in &listed {
-        assert_eq!(Some(&s.chunks_held), scanned.get(&s.id.0));
+        assert_eq!(Some(&s.chunks_held), scanned.get(&s.id));
     }
     assert!(listed.iter().all(|s| s.chunks_held > 0));
 }
@@ -205,7 +205,7 @@ fn engine_status_is_bounded_and_list_converges() {
     assert!(usage_exact && more && snapshots.len() == 2);
     let scanned = h.engine.store_mut().usage().unwrap();
     for s in &snapshots {
-        assert_eq!(Some(&s.chunks_held), scanned.get(&s.id.0));
+        assert_eq!(Some(&s.chunks_held), scanned.get(&s.id));
         assert!(s.chunks_held > 4000, "{s:?}");
     }
 }

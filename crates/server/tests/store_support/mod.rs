@@ -3,6 +3,7 @@
 //! reference model of what each snapshot must see.
 #![allow(dead_code)]
 
+use csnap_proto::SnapId;
 use csnap_server::store::{
     BlockDevice, ChunkSource, FormatOptions, Geometry, MemDevice, OpenOptions, SnapState, Store,
     StoreError,
@@ -43,6 +44,52 @@ pub fn open(dev: &MemDevice) -> Result<Store, StoreError> {
     Store::open(Arc::new(dev.clone()), OpenOptions::default())
 }
 
+/// The metadata half of an origin copy-out, made with the store calls the request engine
+/// makes (`MetaStore`: `oldest_sharing_origin`, `reserve_chunk`, `invalidate_snapshot`,
+/// `reclaim_step`) under its default store-full policy, invalidate-oldest: when no chunk
+/// is free, the oldest live snapshot is invalidated, what it alone held is reclaimed, and
+/// the reservation is tried again. Returns the reserved chunk (`None` once no live
+/// snapshot shares the origin chunk) and the snapshots invalidated on the way; the caller
+/// copies the chunk there, then calls `record_copy_out`.
+pub fn reserve_copy_out(
+    store: &mut Store,
+    chunk: u64,
+) -> Result<(Option<u64>, Vec<SnapId>), StoreError> {
+    let mut invalidated = Vec::new();
+    loop {
+        if store.oldest_sharing_origin(chunk)?.is_none() {
+            return Ok((None, invalidated));
+        }
+        match store.reserve_chunk() {
+            Ok(at) => return Ok((Some(at), invalidated)),
+            Err(StoreError::Full) => {}
+            Err(e) => return Err(e),
+        }
+        // A snapshot shares the chunk, so one is live.
+        let Some(victim) = store.live_snapshots().next() else {
+            return Ok((None, invalidated));
+        };
+        let reason = format!("store full during a copy-out of origin chunk {chunk}");
+        store.invalidate_snapshot(victim, &reason)?;
+        invalidated.push(victim);
+        while store.free_chunks() == 0 {
+            if store.reclaim_step(4096)?.done {
+                break;
+            }
+        }
+    }
+}
+
+/// An origin copy-out's metadata on a store that has room (no data copied): reserve and
+/// record, if a live snapshot still shares the chunk. True if it recorded one.
+pub fn record_copy_out(store: &mut Store, chunk: u64) -> Result<bool, StoreError> {
+    if store.oldest_sharing_origin(chunk)?.is_none() {
+        return Ok(false);
+    }
+    let at = store.reserve_chunk()?;
+    store.record_copy_out(chunk, at)
+}
+
 pub fn write_tag(dev: &dyn BlockDevice, offset: u64, tag: u64) -> std::io::Result<()> {
     let mut buf = vec![0u8; CHUNK as usize];
     buf[..8].copy_from_slice(&tag.to_le_bytes());
@@ -73,7 +120,7 @@ pub struct RefSnap {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Reference {
     pub origin: Vec<u64>,
-    pub snaps: BTreeMap<u64, RefSnap>,
+    pub snaps: BTreeMap<SnapId, RefSnap>,
 }
 
 /// A store plus the simulated data path and the reference model.
@@ -117,7 +164,7 @@ impl Sim {
         self.next_tag
     }
 
-    pub fn create(&mut self) -> Result<u64, StoreError> {
+    pub fn create(&mut self) -> Result<SnapId, StoreError> {
         self.names += 1;
         let name = format!("snap-{}", self.names);
         let rec = self
@@ -134,7 +181,7 @@ impl Sim {
         Ok(rec.id)
     }
 
-    pub fn delete(&mut self, id: u64) -> Result<(), StoreError> {
+    pub fn delete(&mut self, id: SnapId) -> Result<(), StoreError> {
         self.store.delete_snapshot(id)?;
         self.reference.snaps.remove(&id);
         Ok(())
@@ -143,13 +190,13 @@ impl Sim {
     /// The metadata half of an origin write: copy-out (if needed) recorded, not committed.
     /// Returns the tag the origin chunk gets once the caller applies the write.
     pub fn origin_write_prepare(&mut self, chunk: u64) -> Result<u64, StoreError> {
-        let plan = self.store.prepare_copy_out(chunk)?;
-        for id in &plan.invalidated {
+        let (store_chunk, invalidated) = reserve_copy_out(&mut self.store, chunk)?;
+        for id in &invalidated {
             if let Some(s) = self.reference.snaps.get_mut(id) {
                 s.live = false;
             }
         }
-        if let Some(x) = plan.store_chunk {
+        if let Some(x) = store_chunk {
             let off = self.store.chunk_offset(x);
             write_tag(
                 self.store.device().as_ref(),
@@ -166,7 +213,7 @@ impl Sim {
     /// store chunk the write goes to, or `None` if the store is full (write refused).
     pub fn snapshot_write_prepare(
         &mut self,
-        id: u64,
+        id: SnapId,
         chunk: u64,
     ) -> Result<Option<u64>, StoreError> {
         match self.store.snapshot_chunk(id, chunk)? {
@@ -199,7 +246,7 @@ impl Sim {
     /// Writes a snapshot's data (after its metadata was committed).
     pub fn snapshot_write_data(
         &mut self,
-        id: u64,
+        id: SnapId,
         chunk: u64,
         store_chunk: u64,
         tag: u64,
@@ -213,7 +260,7 @@ impl Sim {
     }
 
     /// What snapshot `id` reads at `chunk` through the store.
-    pub fn read(&mut self, id: u64, chunk: u64) -> Result<u64, StoreError> {
+    pub fn read(&mut self, id: SnapId, chunk: u64) -> Result<u64, StoreError> {
         match self.store.snapshot_chunk(id, chunk)? {
             ChunkSource::Origin => Ok(self.reference.origin[chunk as usize]),
             ChunkSource::Store { store_chunk, .. } => {
@@ -232,20 +279,20 @@ impl Sim {
             "{context}: checker found {:#?}",
             report.problems
         );
-        let listed: BTreeMap<u64, (String, bool)> = self
+        let listed: BTreeMap<SnapId, (String, bool)> = self
             .store
             .snapshots()
             .into_iter()
             .map(|r| (r.id, (r.name, r.state == SnapState::Live)))
             .collect();
-        let expected: BTreeMap<u64, (String, bool)> = self
+        let expected: BTreeMap<SnapId, (String, bool)> = self
             .reference
             .snaps
             .iter()
             .map(|(id, s)| (*id, (s.name.clone(), s.live)))
             .collect();
         assert_eq!(listed, expected, "{context}: snapshot list");
-        let snaps: Vec<(u64, Vec<u64>)> = self
+        let snaps: Vec<(SnapId, Vec<u64>)> = self
             .reference
             .snaps
             .iter()
@@ -307,8 +354,8 @@ impl Sim {
         }
     }
 
-    pub fn random_live(&self, rng: &mut StdRng) -> Option<u64> {
-        let live: Vec<u64> = self
+    pub fn random_live(&self, rng: &mut StdRng) -> Option<SnapId> {
+        let live: Vec<SnapId> = self
             .reference
             .snaps
             .iter()
@@ -318,8 +365,8 @@ impl Sim {
         (!live.is_empty()).then(|| live[rng.gen_range(0..live.len())])
     }
 
-    pub fn random_listed(&self, rng: &mut StdRng) -> Option<u64> {
-        let ids: Vec<u64> = self.reference.snaps.keys().copied().collect();
+    pub fn random_listed(&self, rng: &mut StdRng) -> Option<SnapId> {
+        let ids: Vec<SnapId> = self.reference.snaps.keys().copied().collect();
         (!ids.is_empty()).then(|| ids[rng.gen_range(0..ids.len())])
     }
 }
