@@ -12,7 +12,7 @@ use crate::engine::{
     Action, ConnId, CopyId, CopyPurpose, CopySource, Engine, Event, Failure, Fatal, LogEvent,
     LogLevel, MetaStore as _,
 };
-use crate::store::{BlockDevice, Geometry, Store, StoreError};
+use crate::store::{BlockDevice, Geometry, SectorBuf, Store, StoreError};
 use csnap_proto::auth::{self, FrameKey};
 use csnap_proto::{ClientFrame, ClientId, ServerFrame, ServerMsg, ServerStatus};
 use std::collections::{HashMap, VecDeque};
@@ -241,7 +241,8 @@ impl DataPath {
         if !g.is_data_chunk(to) {
             return Err(CopyError::DestinationOutsideData(to));
         }
-        let mut buf = vec![0u8; cs as usize];
+        // Aligned, so an O_DIRECT device reads into it and writes from it as it is.
+        let mut buf = SectorBuf::zeroed(cs as usize);
         match from {
             CopySource::Origin { chunk } => {
                 let offset = chunk
