@@ -21,7 +21,7 @@ use cpg_glue::memory::MemoryCluster;
 use cpg_glue::{Group, GroupSender, NodeId};
 use csnap_agent::cluster::{Input, MembershipConfig, Output, VolumeMembership};
 use csnap_agent::config::Fencing;
-use csnap_blockdev::client::session::Output as SessionOut;
+use csnap_blockdev::client::session::{Output as SessionOut, SessionInput};
 use csnap_blockdev::client::{snapshot_read_runs, Devices, Which};
 use csnap_proto::{ChunkRange, ClientId, ClientMsg, ErrorCode, RequestId, ServerMsg, SnapId};
 use csnap_server::engine::{Action, Engine, EngineConfig, Event};
@@ -847,7 +847,7 @@ impl World {
             let cl = &mut self.nodes[c.client_node].clients[ci];
             cl.conn = None;
             cl.conn_serial = None;
-            cl.session.disconnected();
+            cl.session.handle(SessionInput::Disconnected);
             cl.acks.clear();
             if let Some(t) = &cl.tracker {
                 t.invalidate();
@@ -898,7 +898,14 @@ impl World {
             self.stats.locks_uploaded += 1;
         }
         let client_nonce = self.rng.gen();
-        let out = self.nodes[i].clients[ci].session.connected(client_nonce);
+        let out = {
+            self.nodes[i].clients[ci]
+                .session
+                .handle(SessionInput::Connected {
+                    client_nonce: client_nonce,
+                });
+            self.nodes[i].clients[ci].session.drain_outputs()
+        };
         self.outputs(i, ci, out)
     }
 
@@ -961,7 +968,12 @@ impl World {
             }
             cl.sent.remove(&req);
         }
-        let out = self.nodes[i].clients[ci].session.received(frame);
+        let out = {
+            self.nodes[i].clients[ci]
+                .session
+                .handle(SessionInput::Received(frame));
+            self.nodes[i].clients[ci].session.drain_outputs()
+        };
         self.outputs(i, ci, out)
     }
 
@@ -989,7 +1001,12 @@ impl World {
                             cl.acks.push((epoch, snap));
                         }
                         None => {
-                            let out = cl.session.notify(ClientMsg::NewSnapshotAck { snap });
+                            let out = {
+                                cl.session.handle(SessionInput::Notify(
+                                    ClientMsg::NewSnapshotAck { snap },
+                                ));
+                                cl.session.drain_outputs()
+                            };
                             self.outputs(i, ci, out)?;
                         }
                     }
@@ -1020,7 +1037,13 @@ impl World {
     }
 
     fn submit(&mut self, i: usize, ci: usize, msg: ClientMsg) -> Result<RequestId, String> {
-        let (id, out) = self.nodes[i].clients[ci].session.submit(msg);
+        let (id, out) = {
+            let id = self.nodes[i].clients[ci].session.next_request_id();
+            self.nodes[i].clients[ci]
+                .session
+                .handle(SessionInput::Submit(msg));
+            (id, self.nodes[i].clients[ci].session.drain_outputs())
+        };
         self.nodes[i].clients[ci].sent.insert(id, self.now);
         self.outputs(i, ci, out)?;
         Ok(id)
@@ -1276,12 +1299,12 @@ impl World {
         if !store.is_empty() {
             let mut chunks: Vec<u64> = store.iter().map(|a| a.chunk).collect();
             chunks.sort_unstable();
-            let out = self.nodes[i].clients[ci]
-                .session
-                .notify(ClientMsg::ReleaseStoreReads {
-                    snap,
-                    ranges: csnap_proto::ChunkRange::coalesce(chunks),
-                });
+            let session = &mut self.nodes[i].clients[ci].session;
+            session.handle(SessionInput::Notify(ClientMsg::ReleaseStoreReads {
+                snap,
+                ranges: csnap_proto::ChunkRange::coalesce(chunks),
+            }));
+            let out = session.drain_outputs();
             self.outputs(i, ci, out)?;
         }
         if !origin_locked.is_empty() {
@@ -1605,9 +1628,9 @@ impl World {
             !drained
         });
         for snap in ready {
-            let out = self.nodes[i].clients[ci]
-                .session
-                .notify(ClientMsg::NewSnapshotAck { snap });
+            let session = &mut self.nodes[i].clients[ci].session;
+            session.handle(SessionInput::Notify(ClientMsg::NewSnapshotAck { snap }));
+            let out = session.drain_outputs();
             self.outputs(i, ci, out)?;
         }
         Ok(())

@@ -22,7 +22,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 
 use super::cache::{OriginTracker, WriteGuard};
-use super::session::{Output, Session};
+use super::session::{Output, Session, SessionInput};
 use super::ClientError;
 use crate::nbd::ListenAddr;
 
@@ -364,7 +364,7 @@ impl Shell {
                     true
                 }
             };
-            self.session.disconnected();
+            self.session.handle(SessionInput::Disconnected);
             if let Some(t) = &self.tracker {
                 // Promises die with the session; and a write granted by the old
                 // connection must land before we talk to a server that may
@@ -427,7 +427,9 @@ impl Shell {
 
     /// Registers a request; returns the frames to send now.
     fn submit(&mut self, msg: ClientMsg, answer: Answer) -> Vec<Output> {
-        let (id, out) = self.session.submit(msg);
+        let id = self.session.next_request_id();
+        self.session.handle(SessionInput::Submit(msg));
+        let out = self.session.drain_outputs();
         self.waiting.insert(id, answer);
         self.sent_at.insert(id, Instant::now());
         let mut rest = Vec::new();
@@ -497,7 +499,10 @@ impl Shell {
         let mut buf: Vec<u8> = Vec::with_capacity(64 * 1024);
         let mut chunk = vec![0u8; 64 * 1024];
         (self.sealer, self.opener) = (None, None);
-        let first = self.session.connected(csnap_proto::auth::random_nonce());
+        self.session.handle(SessionInput::Connected {
+            client_nonce: csnap_proto::auth::random_nonce(),
+        });
+        let first = self.session.drain_outputs();
         if let Err(e) = self.carry_out(first, &mut wr, ack_tx).await {
             return e;
         }
@@ -530,7 +535,8 @@ impl Shell {
                         match decode_frame_with::<ServerFrame>(&buf, self.opener.as_mut()) {
                             Ok(Decoded::Frame(frame, used)) => {
                                 buf.drain(..used);
-                                let out = self.session.received(frame);
+                                self.session.handle(SessionInput::Received(frame));
+                                let out = self.session.drain_outputs();
                                 if let Err(e) = self.carry_out(out, &mut wr, ack_tx).await {
                                     return e;
                                 }
@@ -556,7 +562,8 @@ impl Shell {
                         }
                     }
                     Some(Cmd::Notify(msg)) => {
-                        let out = self.session.notify(msg);
+                        self.session.handle(SessionInput::Notify(msg));
+                        let out = self.session.drain_outputs();
                         if let Err(e) = self.carry_out(out, &mut wr, ack_tx).await {
                             return e;
                         }
@@ -564,7 +571,8 @@ impl Shell {
                     Some(Cmd::Shutdown) | None => return End::Shutdown,
                 },
                 Some(ack) = acks.recv() => {
-                    let out = self.session.notify(ack);
+                    self.session.handle(SessionInput::Notify(ack));
+                    let out = self.session.drain_outputs();
                     if let Err(e) = self.carry_out(out, &mut wr, ack_tx).await {
                         return e;
                     }
@@ -585,7 +593,7 @@ impl Shell {
                 Output::Send(frame) => {
                     if let Err(e) = encode_frame_with(&frame, self.sealer.as_mut(), &mut bytes) {
                         // Only an oversize request can fail to encode: fail that request.
-                        self.session.abandon(frame.id);
+                        self.session.handle(SessionInput::Abandon(frame.id));
                         if let Some(answer) = self.waiting.remove(&frame.id) {
                             let _ = answer.send(Ok(Reply {
                                 msg: ServerMsg::Error {

@@ -7,7 +7,7 @@
 //! (`UploadLocks`), resend the unanswered requests under their original ids, and close the
 //! resync with `ResendDone`. The I/O shell ([`super::conn`]) only moves bytes.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use csnap_proto::auth::{self, Handshake, Nonce, SessionKeys};
 use csnap_proto::{
@@ -15,7 +15,28 @@ use csnap_proto::{
     ServerFrame, ServerMsg, SnapId, PROTOCOL_VERSION,
 };
 
-/// What the session asks its shell to do, or tells its owner.
+/// What the shell hands the session ([`Session::handle`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SessionInput {
+    /// A new connection is up: start the handshake with this fresh client nonce.
+    Connected { client_nonce: Nonce },
+    /// The connection is gone. Pending requests, locks and leases are kept for the next.
+    Disconnected,
+    /// A request that expects an answer; it gets id [`Session::next_request_id`]. Sent
+    /// now if the session is open, otherwise when it is (re-)established.
+    Submit(ClientMsg),
+    /// Nobody waits for the answer to this request any more (the caller gave up).
+    /// Requests whose answers carry locks or leases are kept: the grant must be recorded
+    /// and released even if nobody reads the data.
+    Abandon(RequestId),
+    /// A message the server does not answer (`NewSnapshotAck`). Dropped when not
+    /// connected: a server that lost our connection no longer waits for it.
+    Notify(ClientMsg),
+    /// A frame arrived from the server.
+    Received(ServerFrame),
+}
+
+/// What the session asks its shell to do, or tells its owner ([`Session::poll_output`]).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Output {
     /// Write this frame to the current connection.
@@ -24,7 +45,7 @@ pub enum Output {
     /// this is sealed with `keys.client_to_server`, and every frame received after the
     /// last one handled (the challenge) must be sealed with `keys.server_to_client`.
     SealFrames(SessionKeys),
-    /// The answer to request `id` (submitted with [`Session::submit`]).
+    /// The answer to request `id` (submitted with [`SessionInput::Submit`]).
     Reply { id: RequestId, msg: ServerMsg },
     /// A notice from the server (`NewSnapshot`).
     Notice(ServerMsg),
@@ -129,6 +150,8 @@ pub struct Session {
     /// Requests resent after a reconnect and not answered yet: the first send may have
     /// been carried out.
     resent: BTreeSet<RequestId>,
+    /// What the shell has not taken yet ([`Session::poll_output`]).
+    outputs: VecDeque<Output>,
 }
 
 impl Session {
@@ -149,7 +172,42 @@ impl Session {
             leases: ChunkCounts::default(),
             internal: BTreeMap::new(),
             resent: BTreeSet::new(),
+            outputs: VecDeque::new(),
         }
+    }
+
+    /// Takes one input; what it asks for comes out of [`Session::poll_output`].
+    pub fn handle(&mut self, input: SessionInput) {
+        let out = match input {
+            SessionInput::Connected { client_nonce } => self.connected(client_nonce),
+            SessionInput::Disconnected => {
+                self.disconnected();
+                Vec::new()
+            }
+            SessionInput::Submit(msg) => self.submit(msg),
+            SessionInput::Abandon(id) => {
+                self.abandon(id);
+                Vec::new()
+            }
+            SessionInput::Notify(msg) => self.notify(msg),
+            SessionInput::Received(frame) => self.received(frame),
+        };
+        self.outputs.extend(out);
+    }
+
+    /// The next thing the shell must do or deliver, in order.
+    pub fn poll_output(&mut self) -> Option<Output> {
+        self.outputs.pop_front()
+    }
+
+    /// Every output waiting, in order.
+    pub fn drain_outputs(&mut self) -> Vec<Output> {
+        self.outputs.drain(..).collect()
+    }
+
+    /// The id the next [`SessionInput::Submit`] gets (its reply carries it).
+    pub fn next_request_id(&self) -> RequestId {
+        self.next_id
     }
 
     pub fn kind(&self) -> ClientKind {
@@ -185,8 +243,7 @@ impl Session {
         id
     }
 
-    /// A new connection is up: start the handshake with a fresh client nonce.
-    pub fn connected(&mut self, client_nonce: Nonce) -> Vec<Output> {
+    fn connected(&mut self, client_nonce: Nonce) -> Vec<Output> {
         if self.phase == Phase::Refused {
             return Vec::new();
         }
@@ -217,52 +274,40 @@ impl Session {
         })]
     }
 
-    /// The connection is gone. Pending requests, locks and leases are kept for the next.
-    pub fn disconnected(&mut self) {
+    fn disconnected(&mut self) {
         if self.phase != Phase::Refused {
             self.phase = Phase::Disconnected;
         }
         self.internal.clear();
     }
 
-    /// Submits a request that expects an answer. It is sent now if the session is open,
-    /// otherwise when it is (re-)established. Returns its id and what to send.
-    pub fn submit(&mut self, msg: ClientMsg) -> (RequestId, Vec<Output>) {
+    fn submit(&mut self, msg: ClientMsg) -> Vec<Output> {
         let id = self.take_id();
         if self.phase == Phase::Refused {
-            return (
+            return vec![Output::Reply {
                 id,
-                vec![Output::Reply {
-                    id,
-                    msg: ServerMsg::Error {
-                        code: ErrorCode::AuthFailed,
-                        message: "the server refused this client's session".into(),
-                    },
-                }],
-            );
+                msg: ServerMsg::Error {
+                    code: ErrorCode::AuthFailed,
+                    message: "the server refused this client's session".into(),
+                },
+            }];
         }
         self.pending.insert(id, msg.clone());
-        let out = if self.phase == Phase::Open {
+        if self.phase == Phase::Open {
             vec![Output::Send(ClientFrame { id, msg })]
         } else {
             Vec::new()
-        };
-        (id, out)
+        }
     }
 
-    /// Forgets a request whose answer nobody waits for any more (the caller gave up).
-    /// Requests whose answers carry locks or leases are kept: the grant must be recorded
-    /// and released even if nobody reads the data.
-    pub fn abandon(&mut self, id: RequestId) {
+    fn abandon(&mut self, id: RequestId) {
         if let Some(ClientMsg::QueryWrite { .. }) = self.pending.get(&id) {
             self.pending.remove(&id);
             self.resent.remove(&id);
         }
     }
 
-    /// Sends a message that the server does not answer (`NewSnapshotAck`). Dropped when
-    /// not connected: a server that lost our connection no longer waits for it.
-    pub fn notify(&mut self, msg: ClientMsg) -> Vec<Output> {
+    fn notify(&mut self, msg: ClientMsg) -> Vec<Output> {
         if self.phase != Phase::Open {
             return Vec::new();
         }
@@ -270,8 +315,7 @@ impl Session {
         vec![Output::Send(ClientFrame { id, msg })]
     }
 
-    /// A frame arrived from the server.
-    pub fn received(&mut self, frame: ServerFrame) -> Vec<Output> {
+    fn received(&mut self, frame: ServerFrame) -> Vec<Output> {
         let ServerFrame { reply_to, msg } = frame;
         let Some(id) = reply_to else {
             return match msg {
@@ -501,7 +545,10 @@ mod tests {
     fn handshake(s: &mut Session, key: &[u8]) -> Vec<Output> {
         let cn = [1u8; 32];
         let sn = [2u8; 32];
-        let out = s.connected(cn);
+        let out = {
+            s.handle(SessionInput::Connected { client_nonce: cn });
+            s.drain_outputs()
+        };
         let hello = sent(&out).remove(0);
         let handshake = match hello.msg {
             ClientMsg::Hello {
@@ -523,13 +570,16 @@ mod tests {
             other => panic!("expected Hello, got {other:?}"),
         };
         assert_eq!(handshake.client_nonce, cn);
-        let out = s.received(ServerFrame {
-            reply_to: Some(hello.id),
-            msg: ServerMsg::Challenge {
-                server_nonce: sn,
-                proof: auth::server_proof(key, &handshake),
-            },
-        });
+        let out = {
+            s.handle(SessionInput::Received(ServerFrame {
+                reply_to: Some(hello.id),
+                msg: ServerMsg::Challenge {
+                    server_nonce: sn,
+                    proof: auth::server_proof(key, &handshake),
+                },
+            }));
+            s.drain_outputs()
+        };
         let Some(authf) = sent(&out).into_iter().next() else {
             return out;
         };
@@ -544,23 +594,30 @@ mod tests {
             out.last(),
             Some(&Output::SealFrames(auth::session_keys(key, &handshake)))
         );
-        s.received(ServerFrame {
-            reply_to: Some(authf.id),
-            msg: ServerMsg::Welcome {
-                protocol_version: 1,
-                chunk_size: 4096,
-                origin_chunks: 100,
-                origin_lease_secs: 10,
-            },
-        })
+        {
+            s.handle(SessionInput::Received(ServerFrame {
+                reply_to: Some(authf.id),
+                msg: ServerMsg::Welcome {
+                    protocol_version: 1,
+                    chunk_size: 4096,
+                    origin_chunks: 100,
+                    origin_lease_secs: 10,
+                },
+            }));
+            s.drain_outputs()
+        }
     }
 
     #[test]
     fn requests_queue_until_the_session_opens_then_flow() {
         let mut s = Session::new(ClientId::new(9, ClientKind::Origin), 1, 99, KEY.to_vec());
-        let (id, out) = s.submit(ClientMsg::QueryWrite {
-            ranges: vec![ChunkRange::new(3, 2)],
-        });
+        let (id, out) = {
+            let id = s.next_request_id();
+            s.handle(SessionInput::Submit(ClientMsg::QueryWrite {
+                ranges: vec![ChunkRange::new(3, 2)],
+            }));
+            (id, s.drain_outputs())
+        };
         assert!(out.is_empty(), "nothing is sent before the handshake");
         let out = handshake(&mut s, KEY);
         assert!(matches!(
@@ -573,13 +630,16 @@ mod tests {
         let frames = sent(&out);
         assert_eq!(frames.len(), 1);
         assert_eq!(frames[0].id, id);
-        let out = s.received(ServerFrame {
-            reply_to: Some(id),
-            msg: ServerMsg::OriginWriteOk {
-                ranges: vec![ChunkRange::new(3, 2)],
-                unique: true,
-            },
-        });
+        let out = {
+            s.handle(SessionInput::Received(ServerFrame {
+                reply_to: Some(id),
+                msg: ServerMsg::OriginWriteOk {
+                    ranges: vec![ChunkRange::new(3, 2)],
+                    unique: true,
+                },
+            }));
+            s.drain_outputs()
+        };
         assert!(matches!(out[0], Output::Reply { id: rid, .. } if rid == id));
         assert_eq!(s.unanswered(), 0);
     }
@@ -587,16 +647,26 @@ mod tests {
     #[test]
     fn an_impostor_without_the_key_is_refused_and_pending_requests_fail() {
         let mut s = Session::new(ClientId::new(9, ClientKind::Origin), 1, 99, KEY.to_vec());
-        let (id, _) = s.submit(ClientMsg::QueryWrite {
-            ranges: vec![ChunkRange::new(0, 1)],
-        });
+        let (id, _) = {
+            let id = s.next_request_id();
+            s.handle(SessionInput::Submit(ClientMsg::QueryWrite {
+                ranges: vec![ChunkRange::new(0, 1)],
+            }));
+            (id, s.drain_outputs())
+        };
         let out = handshake(&mut s, b"other key");
         assert!(sent(&out).is_empty(), "no proof is sent to an impostor");
         assert!(out.iter().any(|o| matches!(o, Output::Reply { id: r, msg: ServerMsg::Error { code: ErrorCode::AuthFailed, .. } } if *r == id)));
         assert!(out.iter().any(|o| matches!(o, Output::Refused { .. })));
         assert!(s.is_refused());
         assert!(
-            s.connected([0; 32]).is_empty(),
+            {
+                s.handle(SessionInput::Connected {
+                    client_nonce: [0; 32],
+                });
+                s.drain_outputs()
+            }
+            .is_empty(),
             "a refused session stays refused"
         );
     }
@@ -612,67 +682,105 @@ mod tests {
         );
         handshake(&mut s, KEY);
         // A read that got origin locks on chunks 10..12, twice on chunk 11.
-        let (r1, out) = s.submit(ClientMsg::QuerySnapshotRead {
-            snap,
-            ranges: vec![ChunkRange::new(10, 2)],
-        });
+        let (r1, out) = {
+            let id = s.next_request_id();
+            s.handle(SessionInput::Submit(ClientMsg::QuerySnapshotRead {
+                snap,
+                ranges: vec![ChunkRange::new(10, 2)],
+            }));
+            (id, s.drain_outputs())
+        };
         assert_eq!(sent(&out).len(), 1);
-        s.received(ServerFrame {
-            reply_to: Some(r1),
-            msg: ServerMsg::SnapshotReadOk {
-                store: vec![],
-                origin_locked: vec![ChunkRange::new(10, 2)],
-            },
-        });
-        let (r2, _) = s.submit(ClientMsg::QuerySnapshotRead {
-            snap,
-            ranges: vec![ChunkRange::new(11, 1)],
-        });
-        s.received(ServerFrame {
-            reply_to: Some(r2),
-            msg: ServerMsg::SnapshotReadOk {
-                store: vec![],
-                origin_locked: vec![ChunkRange::new(11, 1)],
-            },
-        });
+        {
+            s.handle(SessionInput::Received(ServerFrame {
+                reply_to: Some(r1),
+                msg: ServerMsg::SnapshotReadOk {
+                    store: vec![],
+                    origin_locked: vec![ChunkRange::new(10, 2)],
+                },
+            }));
+            s.drain_outputs()
+        };
+        let (r2, _) = {
+            let id = s.next_request_id();
+            s.handle(SessionInput::Submit(ClientMsg::QuerySnapshotRead {
+                snap,
+                ranges: vec![ChunkRange::new(11, 1)],
+            }));
+            (id, s.drain_outputs())
+        };
+        {
+            s.handle(SessionInput::Received(ServerFrame {
+                reply_to: Some(r2),
+                msg: ServerMsg::SnapshotReadOk {
+                    store: vec![],
+                    origin_locked: vec![ChunkRange::new(11, 1)],
+                },
+            }));
+            s.drain_outputs()
+        };
         // A write lease on chunk 20.
-        let (w1, _) = s.submit(ClientMsg::SnapshotWrite {
-            snap,
-            ranges: vec![ChunkRange::new(20, 1)],
-        });
-        s.received(ServerFrame {
-            reply_to: Some(w1),
-            msg: ServerMsg::SnapshotWriteOk {
-                addrs: vec![StoreAddr {
-                    chunk: 20,
-                    store_chunk: 77,
-                }],
-            },
-        });
+        let (w1, _) = {
+            let id = s.next_request_id();
+            s.handle(SessionInput::Submit(ClientMsg::SnapshotWrite {
+                snap,
+                ranges: vec![ChunkRange::new(20, 1)],
+            }));
+            (id, s.drain_outputs())
+        };
+        {
+            s.handle(SessionInput::Received(ServerFrame {
+                reply_to: Some(w1),
+                msg: ServerMsg::SnapshotWriteOk {
+                    addrs: vec![StoreAddr {
+                        chunk: 20,
+                        store_chunk: 77,
+                    }],
+                },
+            }));
+            s.drain_outputs()
+        };
         // Release of chunk 10 sent but not answered; another read unanswered.
-        let (f1, _) = s.submit(ClientMsg::FinishSnapshotRead {
-            snap,
-            ranges: vec![ChunkRange::new(10, 1)],
-        });
-        let (r3, _) = s.submit(ClientMsg::QuerySnapshotRead {
-            snap,
-            ranges: vec![ChunkRange::new(30, 1)],
-        });
+        let (f1, _) = {
+            let id = s.next_request_id();
+            s.handle(SessionInput::Submit(ClientMsg::FinishSnapshotRead {
+                snap,
+                ranges: vec![ChunkRange::new(10, 1)],
+            }));
+            (id, s.drain_outputs())
+        };
+        let (r3, _) = {
+            let id = s.next_request_id();
+            s.handle(SessionInput::Submit(ClientMsg::QuerySnapshotRead {
+                snap,
+                ranges: vec![ChunkRange::new(30, 1)],
+            }));
+            (id, s.drain_outputs())
+        };
         assert_eq!(s.held_locks().total(), 3);
         assert_eq!(s.held_leases().total(), 1);
 
-        s.disconnected();
-        let (r4, out) = s.submit(ClientMsg::QuerySnapshotRead {
-            snap,
-            ranges: vec![ChunkRange::new(40, 1)],
-        });
+        s.handle(SessionInput::Disconnected);
+        let (r4, out) = {
+            let id = s.next_request_id();
+            s.handle(SessionInput::Submit(ClientMsg::QuerySnapshotRead {
+                snap,
+                ranges: vec![ChunkRange::new(40, 1)],
+            }));
+            (id, s.drain_outputs())
+        };
         assert!(out.is_empty(), "queued while disconnected");
-        let out = s.connected([7; 32]);
+        let out = {
+            s.handle(SessionInput::Connected {
+                client_nonce: [7; 32],
+            });
+            s.drain_outputs()
+        };
         assert!(matches!(
             sent(&out)[0].msg,
             ClientMsg::Hello { resuming: true, .. }
         ));
-        s.disconnected();
+        s.handle(SessionInput::Disconnected);
         let out = handshake(&mut s, KEY);
         let frames = sent(&out);
         let ClientMsg::UploadLocks { locks, leases } = &frames[0].msg else {
@@ -711,10 +819,13 @@ mod tests {
             })
             .is_empty());
         // The resent release is answered: the lock is gone, exactly once.
-        s.received(ServerFrame {
-            reply_to: Some(f1),
-            msg: ServerMsg::FinishSnapshotReadOk,
-        });
+        {
+            s.handle(SessionInput::Received(ServerFrame {
+                reply_to: Some(f1),
+                msg: ServerMsg::FinishSnapshotReadOk,
+            }));
+            s.drain_outputs()
+        };
         assert_eq!(s.held_locks().total(), 2);
         // A duplicate late answer changes nothing.
         assert!(s
@@ -738,16 +849,35 @@ mod tests {
             name: "x".into(),
             token: 0x5eed,
         };
-        let (c, _) = s.submit(create.clone());
-        let (d, _) = s.submit(ClientMsg::DeleteSnapshot { snap: SnapId(7) });
-        let (d2, _) = s.submit(ClientMsg::DeleteSnapshot { snap: SnapId(8) });
-        let out = s.received(ServerFrame {
-            reply_to: Some(d2),
-            msg: ServerMsg::Error {
-                code: ErrorCode::NoSuchSnapshot,
-                message: "no snapshot 8".into(),
-            },
-        });
+        let (c, _) = {
+            let id = s.next_request_id();
+            s.handle(SessionInput::Submit(create.clone()));
+            (id, s.drain_outputs())
+        };
+        let (d, _) = {
+            let id = s.next_request_id();
+            s.handle(SessionInput::Submit(ClientMsg::DeleteSnapshot {
+                snap: SnapId(7),
+            }));
+            (id, s.drain_outputs())
+        };
+        let (d2, _) = {
+            let id = s.next_request_id();
+            s.handle(SessionInput::Submit(ClientMsg::DeleteSnapshot {
+                snap: SnapId(8),
+            }));
+            (id, s.drain_outputs())
+        };
+        let out = {
+            s.handle(SessionInput::Received(ServerFrame {
+                reply_to: Some(d2),
+                msg: ServerMsg::Error {
+                    code: ErrorCode::NoSuchSnapshot,
+                    message: "no snapshot 8".into(),
+                },
+            }));
+            s.drain_outputs()
+        };
         assert!(matches!(
             out.as_slice(),
             [Output::Reply {
@@ -755,7 +885,7 @@ mod tests {
                 ..
             }]
         ));
-        s.disconnected();
+        s.handle(SessionInput::Disconnected);
         let frames = sent(&handshake(&mut s, KEY));
         assert_eq!(frames[0], ClientFrame { id: c, msg: create });
         assert_eq!(
@@ -765,13 +895,16 @@ mod tests {
                 msg: ClientMsg::DeleteSnapshot { snap: SnapId(7) }
             }
         );
-        let out = s.received(ServerFrame {
-            reply_to: Some(d),
-            msg: ServerMsg::Error {
-                code: ErrorCode::NoSuchSnapshot,
-                message: "no snapshot 7".into(),
-            },
-        });
+        let out = {
+            s.handle(SessionInput::Received(ServerFrame {
+                reply_to: Some(d),
+                msg: ServerMsg::Error {
+                    code: ErrorCode::NoSuchSnapshot,
+                    message: "no snapshot 7".into(),
+                },
+            }));
+            s.drain_outputs()
+        };
         assert_eq!(
             out,
             vec![Output::Reply {
@@ -785,19 +918,28 @@ mod tests {
     fn new_snapshot_notices_are_passed_up_and_acks_are_not_queued_while_down() {
         let mut s = Session::new(ClientId::new(1, ClientKind::Origin), 1, 99, KEY.to_vec());
         handshake(&mut s, KEY);
-        let out = s.received(ServerFrame {
-            reply_to: None,
-            msg: ServerMsg::NewSnapshot { snap: SnapId(3) },
-        });
+        let out = {
+            s.handle(SessionInput::Received(ServerFrame {
+                reply_to: None,
+                msg: ServerMsg::NewSnapshot { snap: SnapId(3) },
+            }));
+            s.drain_outputs()
+        };
         assert_eq!(
             out,
             vec![Output::Notice(ServerMsg::NewSnapshot { snap: SnapId(3) })]
         );
         assert_eq!(
-            sent(&s.notify(ClientMsg::NewSnapshotAck { snap: SnapId(3) })).len(),
+            sent(&{
+                s.handle(SessionInput::Notify(ClientMsg::NewSnapshotAck {
+                    snap: SnapId(3),
+                }));
+                s.drain_outputs()
+            })
+            .len(),
             1
         );
-        s.disconnected();
+        s.handle(SessionInput::Disconnected);
         assert!(s
             .notify(ClientMsg::NewSnapshotAck { snap: SnapId(3) })
             .is_empty());

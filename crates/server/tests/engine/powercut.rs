@@ -65,7 +65,7 @@
 //! it exercised what it is for (crashes that needed a journal replay, grown trees,
 //! invalidations).
 
-use csnap_blockdev::client::session::{Output, Session};
+use csnap_blockdev::client::session::{Output, Session, SessionInput};
 use csnap_blockdev::client::{
     snapshot_read_runs, DataDevice, Devices, OriginTracker, Which, WriteGuard,
 };
@@ -913,7 +913,13 @@ impl Sim {
                             c.acks.push((epoch, snap));
                         }
                         None => {
-                            let out = c.session.notify(ClientMsg::NewSnapshotAck { snap });
+                            let out = {
+                                c.session
+                                    .handle(SessionInput::Notify(ClientMsg::NewSnapshotAck {
+                                        snap,
+                                    }));
+                                c.session.drain_outputs()
+                            };
                             self.outputs(ci, out);
                         }
                     }
@@ -936,7 +942,11 @@ impl Sim {
     }
 
     fn submit(&mut self, ci: usize, msg: ClientMsg) -> RequestId {
-        let (id, out) = self.clients[ci].session.submit(msg);
+        let (id, out) = {
+            let id = self.clients[ci].session.next_request_id();
+            self.clients[ci].session.handle(SessionInput::Submit(msg));
+            (id, self.clients[ci].session.drain_outputs())
+        };
         self.outputs(ci, out);
         id
     }
@@ -1015,7 +1025,12 @@ impl Sim {
         let server_nonce = self.rng.gen();
         self.handle(Event::ClientConnected { conn, server_nonce });
         let client_nonce = self.rng.gen();
-        let out = self.clients[ci].session.connected(client_nonce);
+        let out = {
+            self.clients[ci].session.handle(SessionInput::Connected {
+                client_nonce: client_nonce,
+            });
+            self.clients[ci].session.drain_outputs()
+        };
         self.outputs(ci, out);
     }
 
@@ -1189,12 +1204,12 @@ impl Sim {
         if !store.is_empty() {
             let mut chunks: Vec<u64> = store.iter().map(|a| a.chunk).collect();
             chunks.sort_unstable();
-            let out = self.clients[ci]
-                .session
-                .notify(ClientMsg::ReleaseStoreReads {
-                    snap,
-                    ranges: csnap_proto::ChunkRange::coalesce(chunks),
-                });
+            let session = &mut self.clients[ci].session;
+            session.handle(SessionInput::Notify(ClientMsg::ReleaseStoreReads {
+                snap,
+                ranges: csnap_proto::ChunkRange::coalesce(chunks),
+            }));
+            let out = session.drain_outputs();
             self.outputs(ci, out);
         }
         if !origin_locked.is_empty() {
@@ -1388,7 +1403,12 @@ impl Sim {
                     return true;
                 };
                 if let Some(ci) = self.clients.iter().position(|c| c.conn == Some(conn)) {
-                    let out = self.clients[ci].session.received(frame);
+                    let out = {
+                        self.clients[ci]
+                            .session
+                            .handle(SessionInput::Received(frame));
+                        self.clients[ci].session.drain_outputs()
+                    };
                     self.outputs(ci, out);
                 }
             }
@@ -1433,9 +1453,9 @@ impl Sim {
                     !drained
                 });
                 for snap in ready {
-                    let out = self.clients[ci]
-                        .session
-                        .notify(ClientMsg::NewSnapshotAck { snap });
+                    let session = &mut self.clients[ci].session;
+                    session.handle(SessionInput::Notify(ClientMsg::NewSnapshotAck { snap }));
+                    let out = session.drain_outputs();
                     self.outputs(ci, out);
                 }
             }
@@ -1481,7 +1501,7 @@ impl Sim {
                 continue;
             }
             self.tally.survivors += 1;
-            c.session.disconnected();
+            c.session.handle(SessionInput::Disconnected);
             c.conn = None;
             c.acks.clear();
             c.unflushed.clear();
@@ -1502,10 +1522,13 @@ impl Sim {
             });
             if let Role::Reader { snap } = c.role {
                 for ranges in finish {
-                    let (_, out) = c
-                        .session
-                        .submit(ClientMsg::FinishSnapshotRead { snap, ranges });
-                    drop(out);
+                    // Queued until the session is up again; nobody reads the outputs.
+                    c.session
+                        .handle(SessionInput::Submit(ClientMsg::FinishSnapshotRead {
+                            snap,
+                            ranges,
+                        }));
+                    drop(c.session.drain_outputs());
                 }
                 expected.push(c.id);
             }
