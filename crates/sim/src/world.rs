@@ -901,9 +901,7 @@ impl World {
         let out = {
             self.nodes[i].clients[ci]
                 .session
-                .handle(SessionInput::Connected {
-                    client_nonce: client_nonce,
-                });
+                .handle(SessionInput::Connected { client_nonce });
             self.nodes[i].clients[ci].session.drain_outputs()
         };
         self.outputs(i, ci, out)

@@ -1026,9 +1026,9 @@ impl Sim {
         self.handle(Event::ClientConnected { conn, server_nonce });
         let client_nonce = self.rng.gen();
         let out = {
-            self.clients[ci].session.handle(SessionInput::Connected {
-                client_nonce: client_nonce,
-            });
+            self.clients[ci]
+                .session
+                .handle(SessionInput::Connected { client_nonce });
             self.clients[ci].session.drain_outputs()
         };
         self.outputs(ci, out);
