@@ -315,13 +315,7 @@ mod tests {
     use super::*;
 
     fn extents(chunk_size: u64, size: u64) -> Extents {
-        Extents {
-            chunk_size,
-            size,
-            pending: None,
-            count: 0,
-            bytes: 0,
-        }
+        Extents::new(chunk_size, size)
     }
 
     #[test]

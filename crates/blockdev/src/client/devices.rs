@@ -27,12 +27,10 @@ use std::sync::Arc;
 use bytes::Bytes;
 use nix::fcntl::{fallocate, FallocateFlags};
 
+use super::aligned::{AlignedVec, DIRECT_ALIGN};
 use super::uring::Ring;
 use super::ClientError;
 use crate::sparse::AllocRun;
-
-/// Alignment of O_DIRECT transfers (offsets, lengths and buffer addresses).
-pub const DIRECT_ALIGN: usize = 4096;
 
 /// Positioned, blocking I/O on one shared device.
 pub trait DataDevice: Send + Sync + std::fmt::Debug {
@@ -94,62 +92,6 @@ pub trait DataDevice: Send + Sync + std::fmt::Debug {
     fn allocation(&self, offset: u64, len: u64, max_runs: usize) -> io::Result<Vec<AllocRun>> {
         let _ = (offset, max_runs);
         Ok(vec![AllocRun { len, hole: false }])
-    }
-}
-
-/// Bytes that start at a [`DIRECT_ALIGN`] boundary, handed out as [`Bytes`] without a
-/// copy: O_DIRECT reads land in them and NBD write payloads are received into them, so
-/// neither needs a bounce buffer.
-#[derive(Debug)]
-pub(crate) struct AlignedVec {
-    raw: Vec<u8>,
-    start: usize,
-}
-
-impl AlignedVec {
-    /// Room for `len` aligned bytes; holds none yet. The allocation never moves (nothing
-    /// may append more than `len`), so the start stays aligned.
-    pub(crate) fn with_capacity(len: usize) -> AlignedVec {
-        let mut raw = Vec::with_capacity(len + DIRECT_ALIGN);
-        let start = (DIRECT_ALIGN - raw.as_ptr() as usize % DIRECT_ALIGN) % DIRECT_ALIGN;
-        raw.resize(start, 0);
-        AlignedVec { raw, start }
-    }
-
-    /// The aligned bytes held so far.
-    pub(crate) fn len(&self) -> usize {
-        self.raw.len() - self.start
-    }
-
-    /// The vector to append to (at most the `len` given at creation, in total).
-    pub(crate) fn vec_mut(&mut self) -> &mut Vec<u8> {
-        &mut self.raw
-    }
-
-    pub(crate) fn into_bytes(self) -> Bytes {
-        Bytes::from_owner(self)
-    }
-
-    /// Where the next appended byte goes: for the kernel to read into (io_uring).
-    pub(crate) fn spare_ptr(&mut self) -> *mut u8 {
-        self.raw.spare_capacity_mut().as_mut_ptr().cast()
-    }
-
-    /// Counts `n` more bytes as held.
-    ///
-    /// # Safety
-    /// The `n` bytes from [`AlignedVec::spare_ptr`] on must have been written, and be
-    /// within the room given at creation.
-    pub(crate) unsafe fn assume_filled(&mut self, n: usize) {
-        debug_assert!(n <= self.raw.capacity() - self.raw.len());
-        // SAFETY: per this function's contract.
-        unsafe { self.raw.set_len(self.raw.len() + n) }
-    }
-}
-
-impl AsRef<[u8]> for AlignedVec {
-    fn as_ref(&self) -> &[u8] {
-        &self.raw[self.start..]
     }
 }
 
@@ -301,9 +243,7 @@ impl FileDevice {
         let (start, end) = covering_span(offset, len);
         let span_len = (end - start) as usize;
         let mut buf = AlignedVec::with_capacity(span_len);
-        let at = buf.start;
-        buf.raw.resize(at + span_len, 0);
-        self.file.read_exact_at(&mut buf.raw[at..], start)?;
+        self.file.read_exact_at(buf.zero_filled(span_len), start)?;
         let from = (offset - start) as usize;
         Ok(buf.into_bytes().slice(from..from + len))
     }
@@ -363,9 +303,7 @@ impl DataDevice for FileDevice {
             return self.read_unaligned(offset, len);
         }
         let mut buf = AlignedVec::with_capacity(len);
-        let start = buf.start;
-        buf.raw.resize(start + len, 0);
-        self.file.read_exact_at(&mut buf.raw[start..], offset)?;
+        self.file.read_exact_at(buf.zero_filled(len), offset)?;
         Ok(buf.into_bytes())
     }
 

@@ -11,6 +11,7 @@
 //!
 //! The client never depends on the server crate: it runs on nodes without one.
 
+pub(crate) mod aligned;
 mod cache;
 mod conn;
 pub(crate) mod devices;
@@ -18,9 +19,10 @@ pub mod session;
 mod uring;
 mod volume;
 
+pub use aligned::DIRECT_ALIGN;
 pub use cache::{CacheStats, OriginTracker, WriteGuard};
 pub use conn::{ConnConfig, MetaConnection, Reply, ServerTarget, SessionInfo};
-pub use devices::{DataDevice, Devices, Which, DIRECT_ALIGN};
+pub use devices::{DataDevice, Devices, Which};
 pub use session::Session;
 pub use volume::{
     client_id_for, snapshot_read_runs, ClientConfig, SnapshotPage, Volume, MAX_QUESTION_CHUNKS,

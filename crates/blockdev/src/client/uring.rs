@@ -27,7 +27,7 @@ use io_uring::{opcode, squeue, types, IoUring};
 use tokio::io::unix::AsyncFd;
 use tokio::sync::Notify;
 
-use super::devices::AlignedVec;
+use super::aligned::AlignedVec;
 
 /// Submission queue entries, and the most operations in the kernel at once. Beyond
 /// that, requests go to the blocking pool instead of waiting. 1,024: nbdcopy's 4

@@ -15,20 +15,60 @@ use std::io::{self, IoSlice};
 use std::pin::{pin, Pin};
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use futures::stream::{FuturesUnordered, StreamExt};
+use thiserror::Error;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 
 use super::consts::{CMD_BLOCK_STATUS, EINVAL, EIO, REQUEST_HEADER_LEN};
 use super::export::{BoxFuture, Export};
+use super::handshake::HandshakeError;
 use super::handshake::{Negotiated, SelectedContext};
-use super::server::{ConnectionEnd, ConnectionError};
 use super::transmission::{
     block_status_descriptors, errno_of, validate, validate_block_status, Command, Reply,
-    RequestHeader,
+    RequestError, RequestHeader,
 };
-use crate::client::devices::AlignedVec;
+use crate::client::aligned::AlignedVec;
+
+/// Why one connection ended abnormally. Never affects other connections.
+#[derive(Debug, Error)]
+pub enum ConnectionError {
+    #[error("socket I/O failed while {context}: {source}")]
+    Io {
+        context: &'static str,
+        source: io::Error,
+    },
+    #[error("client closed the connection during the handshake")]
+    ClosedDuringHandshake,
+    #[error("handshake did not finish within {0:?}")]
+    HandshakeTimeout(Duration),
+    #[error("handshake failed: {0}")]
+    Handshake(#[from] HandshakeError),
+    #[error("listing exports failed: {0}")]
+    ListExports(io::Error),
+    #[error("export {name:?} has invalid block sizes: {reason}")]
+    BadBlockSizes { name: String, reason: String },
+    #[error("bad request: {0}")]
+    Request(#[from] RequestError),
+    #[error("client closed the connection in the middle of a request")]
+    TruncatedRequest,
+}
+
+/// How a connection ended without error.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ConnectionEnd {
+    /// The client sent OPT_ABORT during the handshake.
+    Aborted,
+    /// The client sent NBD_CMD_DISC.
+    Disconnected,
+    /// The client closed the socket between requests.
+    Closed,
+    /// The server is shutting down: requests already read were answered, then the
+    /// connection was closed.
+    ServerShutdown,
+}
 
 /// Bytes asked of the socket per read while looking for request headers: many small
 /// requests arrive in one read.

@@ -14,6 +14,7 @@ pub mod handshake;
 pub mod server;
 pub mod transmission;
 
+pub use connection::{ConnectionEnd, ConnectionError};
 pub use export::{
     BlockSizes, BoxFuture, Export, ExportFeatures, ExportInfo, Exports, Extent, MetaContext,
 };
@@ -21,5 +22,5 @@ pub use file::{FileExport, FileExports};
 pub use handshake::{
     Handshake, HandshakeConfig, HandshakeError, HandshakeInput, HandshakeOutput, Negotiated,
 };
-pub use server::{ConnectionEnd, ConnectionError, ListenAddr, Listener, NbdServer, ServerConfig};
+pub use server::{ListenAddr, Listener, NbdServer, ServerConfig};
 pub use transmission::{validate, Command, Rejection, Reply, RequestError, RequestHeader};

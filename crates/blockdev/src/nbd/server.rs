@@ -11,17 +11,16 @@ use std::time::Duration;
 
 use bytes::BytesMut;
 
-use thiserror::Error;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::{watch, Notify};
 use tracing::Instrument;
 
+use super::connection::{ConnectionEnd, ConnectionError};
 use super::export::{Export, ExportInfo, Exports};
 use super::handshake::{
     Handshake, HandshakeConfig, HandshakeError, HandshakeInput, HandshakeOutput, Negotiated,
 };
-use super::transmission::RequestError;
 
 /// Server tunables.
 #[derive(Clone, Debug)]
@@ -44,46 +43,8 @@ impl Default for ServerConfig {
     }
 }
 
-/// Why one connection ended abnormally. Never affects other connections.
-#[derive(Debug, Error)]
-pub enum ConnectionError {
-    #[error("socket I/O failed while {context}: {source}")]
-    Io {
-        context: &'static str,
-        source: io::Error,
-    },
-    #[error("client closed the connection during the handshake")]
-    ClosedDuringHandshake,
-    #[error("handshake did not finish within {0:?}")]
-    HandshakeTimeout(Duration),
-    #[error("handshake failed: {0}")]
-    Handshake(#[from] HandshakeError),
-    #[error("listing exports failed: {0}")]
-    ListExports(io::Error),
-    #[error("export {name:?} has invalid block sizes: {reason}")]
-    BadBlockSizes { name: String, reason: String },
-    #[error("bad request: {0}")]
-    Request(#[from] RequestError),
-    #[error("client closed the connection in the middle of a request")]
-    TruncatedRequest,
-}
-
 fn io_err(context: &'static str) -> impl FnOnce(io::Error) -> ConnectionError {
     move |source| ConnectionError::Io { context, source }
-}
-
-/// How a connection ended without error.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum ConnectionEnd {
-    /// The client sent OPT_ABORT during the handshake.
-    Aborted,
-    /// The client sent NBD_CMD_DISC.
-    Disconnected,
-    /// The client closed the socket between requests.
-    Closed,
-    /// The server is shutting down: requests already read were answered, then the
-    /// connection was closed.
-    ServerShutdown,
 }
 
 /// An NBD server over a set of exports.
