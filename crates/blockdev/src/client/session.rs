@@ -528,6 +528,27 @@ impl Session {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn connect(s: &mut Session, client_nonce: Nonce) -> Vec<Output> {
+        s.handle(SessionInput::Connected { client_nonce });
+        s.drain_outputs()
+    }
+
+    fn receive(s: &mut Session, frame: ServerFrame) -> Vec<Output> {
+        s.handle(SessionInput::Received(frame));
+        s.drain_outputs()
+    }
+
+    fn notify(s: &mut Session, msg: ClientMsg) -> Vec<Output> {
+        s.handle(SessionInput::Notify(msg));
+        s.drain_outputs()
+    }
+
+    fn submit(s: &mut Session, msg: ClientMsg) -> (RequestId, Vec<Output>) {
+        let id = s.next_request_id();
+        s.handle(SessionInput::Submit(msg));
+        (id, s.drain_outputs())
+    }
     use csnap_proto::StoreAddr;
 
     const KEY: &[u8] = b"test key";
@@ -545,10 +566,7 @@ mod tests {
     fn handshake(s: &mut Session, key: &[u8]) -> Vec<Output> {
         let cn = [1u8; 32];
         let sn = [2u8; 32];
-        let out = {
-            s.handle(SessionInput::Connected { client_nonce: cn });
-            s.drain_outputs()
-        };
+        let out = connect(s, cn);
         let hello = sent(&out).remove(0);
         let handshake = match hello.msg {
             ClientMsg::Hello {
@@ -570,16 +588,16 @@ mod tests {
             other => panic!("expected Hello, got {other:?}"),
         };
         assert_eq!(handshake.client_nonce, cn);
-        let out = {
-            s.handle(SessionInput::Received(ServerFrame {
+        let out = receive(
+            s,
+            ServerFrame {
                 reply_to: Some(hello.id),
                 msg: ServerMsg::Challenge {
                     server_nonce: sn,
                     proof: auth::server_proof(key, &handshake),
                 },
-            }));
-            s.drain_outputs()
-        };
+            },
+        );
         let Some(authf) = sent(&out).into_iter().next() else {
             return out;
         };
@@ -594,8 +612,9 @@ mod tests {
             out.last(),
             Some(&Output::SealFrames(auth::session_keys(key, &handshake)))
         );
-        {
-            s.handle(SessionInput::Received(ServerFrame {
+        receive(
+            s,
+            ServerFrame {
                 reply_to: Some(authf.id),
                 msg: ServerMsg::Welcome {
                     protocol_version: 1,
@@ -603,21 +622,19 @@ mod tests {
                     origin_chunks: 100,
                     origin_lease_secs: 10,
                 },
-            }));
-            s.drain_outputs()
-        }
+            },
+        )
     }
 
     #[test]
     fn requests_queue_until_the_session_opens_then_flow() {
         let mut s = Session::new(ClientId::new(9, ClientKind::Origin), 1, 99, KEY.to_vec());
-        let (id, out) = {
-            let id = s.next_request_id();
-            s.handle(SessionInput::Submit(ClientMsg::QueryWrite {
+        let (id, out) = submit(
+            &mut s,
+            ClientMsg::QueryWrite {
                 ranges: vec![ChunkRange::new(3, 2)],
-            }));
-            (id, s.drain_outputs())
-        };
+            },
+        );
         assert!(out.is_empty(), "nothing is sent before the handshake");
         let out = handshake(&mut s, KEY);
         assert!(matches!(
@@ -630,16 +647,16 @@ mod tests {
         let frames = sent(&out);
         assert_eq!(frames.len(), 1);
         assert_eq!(frames[0].id, id);
-        let out = {
-            s.handle(SessionInput::Received(ServerFrame {
+        let out = receive(
+            &mut s,
+            ServerFrame {
                 reply_to: Some(id),
                 msg: ServerMsg::OriginWriteOk {
                     ranges: vec![ChunkRange::new(3, 2)],
                     unique: true,
                 },
-            }));
-            s.drain_outputs()
-        };
+            },
+        );
         assert!(matches!(out[0], Output::Reply { id: rid, .. } if rid == id));
         assert_eq!(s.unanswered(), 0);
     }
@@ -647,26 +664,19 @@ mod tests {
     #[test]
     fn an_impostor_without_the_key_is_refused_and_pending_requests_fail() {
         let mut s = Session::new(ClientId::new(9, ClientKind::Origin), 1, 99, KEY.to_vec());
-        let (id, _) = {
-            let id = s.next_request_id();
-            s.handle(SessionInput::Submit(ClientMsg::QueryWrite {
+        let (id, _) = submit(
+            &mut s,
+            ClientMsg::QueryWrite {
                 ranges: vec![ChunkRange::new(0, 1)],
-            }));
-            (id, s.drain_outputs())
-        };
+            },
+        );
         let out = handshake(&mut s, b"other key");
         assert!(sent(&out).is_empty(), "no proof is sent to an impostor");
         assert!(out.iter().any(|o| matches!(o, Output::Reply { id: r, msg: ServerMsg::Error { code: ErrorCode::AuthFailed, .. } } if *r == id)));
         assert!(out.iter().any(|o| matches!(o, Output::Refused { .. })));
         assert!(s.is_refused());
         assert!(
-            {
-                s.handle(SessionInput::Connected {
-                    client_nonce: [0; 32],
-                });
-                s.drain_outputs()
-            }
-            .is_empty(),
+            connect(&mut s, [0; 32],).is_empty(),
             "a refused session stays refused"
         );
     }
@@ -682,54 +692,52 @@ mod tests {
         );
         handshake(&mut s, KEY);
         // A read that got origin locks on chunks 10..12, twice on chunk 11.
-        let (r1, out) = {
-            let id = s.next_request_id();
-            s.handle(SessionInput::Submit(ClientMsg::QuerySnapshotRead {
+        let (r1, out) = submit(
+            &mut s,
+            ClientMsg::QuerySnapshotRead {
                 snap,
                 ranges: vec![ChunkRange::new(10, 2)],
-            }));
-            (id, s.drain_outputs())
-        };
+            },
+        );
         assert_eq!(sent(&out).len(), 1);
-        {
-            s.handle(SessionInput::Received(ServerFrame {
+        receive(
+            &mut s,
+            ServerFrame {
                 reply_to: Some(r1),
                 msg: ServerMsg::SnapshotReadOk {
                     store: vec![],
                     origin_locked: vec![ChunkRange::new(10, 2)],
                 },
-            }));
-            s.drain_outputs()
-        };
-        let (r2, _) = {
-            let id = s.next_request_id();
-            s.handle(SessionInput::Submit(ClientMsg::QuerySnapshotRead {
+            },
+        );
+        let (r2, _) = submit(
+            &mut s,
+            ClientMsg::QuerySnapshotRead {
                 snap,
                 ranges: vec![ChunkRange::new(11, 1)],
-            }));
-            (id, s.drain_outputs())
-        };
-        {
-            s.handle(SessionInput::Received(ServerFrame {
+            },
+        );
+        receive(
+            &mut s,
+            ServerFrame {
                 reply_to: Some(r2),
                 msg: ServerMsg::SnapshotReadOk {
                     store: vec![],
                     origin_locked: vec![ChunkRange::new(11, 1)],
                 },
-            }));
-            s.drain_outputs()
-        };
+            },
+        );
         // A write lease on chunk 20.
-        let (w1, _) = {
-            let id = s.next_request_id();
-            s.handle(SessionInput::Submit(ClientMsg::SnapshotWrite {
+        let (w1, _) = submit(
+            &mut s,
+            ClientMsg::SnapshotWrite {
                 snap,
                 ranges: vec![ChunkRange::new(20, 1)],
-            }));
-            (id, s.drain_outputs())
-        };
-        {
-            s.handle(SessionInput::Received(ServerFrame {
+            },
+        );
+        receive(
+            &mut s,
+            ServerFrame {
                 reply_to: Some(w1),
                 msg: ServerMsg::SnapshotWriteOk {
                     addrs: vec![StoreAddr {
@@ -737,45 +745,36 @@ mod tests {
                         store_chunk: 77,
                     }],
                 },
-            }));
-            s.drain_outputs()
-        };
+            },
+        );
         // Release of chunk 10 sent but not answered; another read unanswered.
-        let (f1, _) = {
-            let id = s.next_request_id();
-            s.handle(SessionInput::Submit(ClientMsg::FinishSnapshotRead {
+        let (f1, _) = submit(
+            &mut s,
+            ClientMsg::FinishSnapshotRead {
                 snap,
                 ranges: vec![ChunkRange::new(10, 1)],
-            }));
-            (id, s.drain_outputs())
-        };
-        let (r3, _) = {
-            let id = s.next_request_id();
-            s.handle(SessionInput::Submit(ClientMsg::QuerySnapshotRead {
+            },
+        );
+        let (r3, _) = submit(
+            &mut s,
+            ClientMsg::QuerySnapshotRead {
                 snap,
                 ranges: vec![ChunkRange::new(30, 1)],
-            }));
-            (id, s.drain_outputs())
-        };
+            },
+        );
         assert_eq!(s.held_locks().total(), 3);
         assert_eq!(s.held_leases().total(), 1);
 
         s.handle(SessionInput::Disconnected);
-        let (r4, out) = {
-            let id = s.next_request_id();
-            s.handle(SessionInput::Submit(ClientMsg::QuerySnapshotRead {
+        let (r4, out) = submit(
+            &mut s,
+            ClientMsg::QuerySnapshotRead {
                 snap,
                 ranges: vec![ChunkRange::new(40, 1)],
-            }));
-            (id, s.drain_outputs())
-        };
+            },
+        );
         assert!(out.is_empty(), "queued while disconnected");
-        let out = {
-            s.handle(SessionInput::Connected {
-                client_nonce: [7; 32],
-            });
-            s.drain_outputs()
-        };
+        let out = connect(&mut s, [7; 32]);
         assert!(matches!(
             sent(&out)[0].msg,
             ClientMsg::Hello { resuming: true, .. }
@@ -819,13 +818,13 @@ mod tests {
             })
             .is_empty());
         // The resent release is answered: the lock is gone, exactly once.
-        {
-            s.handle(SessionInput::Received(ServerFrame {
+        receive(
+            &mut s,
+            ServerFrame {
                 reply_to: Some(f1),
                 msg: ServerMsg::FinishSnapshotReadOk,
-            }));
-            s.drain_outputs()
-        };
+            },
+        );
         assert_eq!(s.held_locks().total(), 2);
         // A duplicate late answer changes nothing.
         assert!(s
@@ -849,35 +848,19 @@ mod tests {
             name: "x".into(),
             token: 0x5eed,
         };
-        let (c, _) = {
-            let id = s.next_request_id();
-            s.handle(SessionInput::Submit(create.clone()));
-            (id, s.drain_outputs())
-        };
-        let (d, _) = {
-            let id = s.next_request_id();
-            s.handle(SessionInput::Submit(ClientMsg::DeleteSnapshot {
-                snap: SnapId(7),
-            }));
-            (id, s.drain_outputs())
-        };
-        let (d2, _) = {
-            let id = s.next_request_id();
-            s.handle(SessionInput::Submit(ClientMsg::DeleteSnapshot {
-                snap: SnapId(8),
-            }));
-            (id, s.drain_outputs())
-        };
-        let out = {
-            s.handle(SessionInput::Received(ServerFrame {
+        let (c, _) = submit(&mut s, create.clone());
+        let (d, _) = submit(&mut s, ClientMsg::DeleteSnapshot { snap: SnapId(7) });
+        let (d2, _) = submit(&mut s, ClientMsg::DeleteSnapshot { snap: SnapId(8) });
+        let out = receive(
+            &mut s,
+            ServerFrame {
                 reply_to: Some(d2),
                 msg: ServerMsg::Error {
                     code: ErrorCode::NoSuchSnapshot,
                     message: "no snapshot 8".into(),
                 },
-            }));
-            s.drain_outputs()
-        };
+            },
+        );
         assert!(matches!(
             out.as_slice(),
             [Output::Reply {
@@ -895,16 +878,16 @@ mod tests {
                 msg: ClientMsg::DeleteSnapshot { snap: SnapId(7) }
             }
         );
-        let out = {
-            s.handle(SessionInput::Received(ServerFrame {
+        let out = receive(
+            &mut s,
+            ServerFrame {
                 reply_to: Some(d),
                 msg: ServerMsg::Error {
                     code: ErrorCode::NoSuchSnapshot,
                     message: "no snapshot 7".into(),
                 },
-            }));
-            s.drain_outputs()
-        };
+            },
+        );
         assert_eq!(
             out,
             vec![Output::Reply {
@@ -918,24 +901,22 @@ mod tests {
     fn new_snapshot_notices_are_passed_up_and_acks_are_not_queued_while_down() {
         let mut s = Session::new(ClientId::new(1, ClientKind::Origin), 1, 99, KEY.to_vec());
         handshake(&mut s, KEY);
-        let out = {
-            s.handle(SessionInput::Received(ServerFrame {
+        let out = receive(
+            &mut s,
+            ServerFrame {
                 reply_to: None,
                 msg: ServerMsg::NewSnapshot { snap: SnapId(3) },
-            }));
-            s.drain_outputs()
-        };
+            },
+        );
         assert_eq!(
             out,
             vec![Output::Notice(ServerMsg::NewSnapshot { snap: SnapId(3) })]
         );
         assert_eq!(
-            sent(&{
-                s.handle(SessionInput::Notify(ClientMsg::NewSnapshotAck {
-                    snap: SnapId(3),
-                }));
-                s.drain_outputs()
-            })
+            sent(&notify(
+                &mut s,
+                ClientMsg::NewSnapshotAck { snap: SnapId(3) }
+            ))
             .len(),
             1
         );
