@@ -9,7 +9,7 @@ use cpg_glue::memory::{MemoryGroup, MemoryQuorum, MemorySender};
 use cpg_glue::NodeId;
 use csnap_agent::cluster::VolumeMembership;
 use csnap_proto::ClientId;
-use csnap_server::engine::{CopyId, CopySource, Engine};
+use csnap_server::engine::{CommitIo, CopyId, CopySource, Engine};
 use csnap_server::net::DataPath;
 use csnap_server::store::Store;
 
@@ -43,6 +43,9 @@ pub struct Server {
     pub serial: u64,
     pub copies: Vec<(CopyId, CopySource, u64)>,
     pub commit_due: bool,
+    /// A commit begun whose journal I/O has not run yet (as the real server's runs on the
+    /// blocking pool while the engine goes on handling events).
+    pub commit_io: Option<CommitIo>,
     /// The activation gate as the agent gave it, and the clients that settled since
     /// (reconnected with `ResendDone`, or declared gone): what the gate checker compares.
     pub expected: BTreeSet<ClientId>,

@@ -661,6 +661,7 @@ impl World {
             serial,
             copies: Vec::new(),
             commit_due: false,
+            commit_io: None,
             expected: clients.into_iter().collect(),
             settled: BTreeSet::new(),
             fresh: BTreeMap::new(),
@@ -1646,6 +1647,7 @@ impl World {
             Down(ConnId),
             Copy(usize, usize),
             Commit(usize),
+            CommitIo(usize),
             Client(usize, usize),
             Reader(usize),
             Create(usize),
@@ -1669,6 +1671,9 @@ impl World {
                 }
                 if s.commit_due {
                     choices.push((3, S::Commit(i)));
+                }
+                if s.commit_io.is_some() {
+                    choices.push((3, S::CommitIo(i)));
                 }
             }
         }
@@ -1730,7 +1735,16 @@ impl World {
             S::Commit(i) => {
                 if let Some(s) = self.nodes[i].server_mut() {
                     s.commit_due = false;
-                    s.engine.run_commit();
+                    s.commit_io = s.engine.begin_commit();
+                }
+                self.pump(i)?;
+            }
+            S::CommitIo(i) => {
+                if let Some(s) = self.nodes[i].server_mut() {
+                    if let Some(io) = s.commit_io.take() {
+                        io.run();
+                        s.engine.finish_commit();
+                    }
                 }
                 self.pump(i)?;
             }
@@ -2126,10 +2140,18 @@ impl World {
                     )?;
                 }
             }
-            if self.nodes[i].server().is_some_and(|s| s.commit_due) {
+            if self.nodes[i]
+                .server()
+                .is_some_and(|s| s.commit_due || s.commit_io.is_some())
+            {
                 if let Some(s) = self.nodes[i].server_mut() {
-                    s.commit_due = false;
-                    s.engine.run_commit();
+                    if let Some(io) = s.commit_io.take() {
+                        io.run();
+                        s.engine.finish_commit();
+                    } else {
+                        s.commit_due = false;
+                        s.commit_io = s.engine.begin_commit();
+                    }
                 }
                 self.pump(i)?;
             }
@@ -2227,6 +2249,7 @@ impl World {
                 s.engine.store().reclaim_position().is_some()
                     || !s.copies.is_empty()
                     || s.commit_due
+                    || s.commit_io.is_some()
             });
             let answered = checkers::answered::check(&self.nodes, waited);
             if converged.is_ok() && !reclaiming && answered.is_ok() {

@@ -101,16 +101,20 @@ pub enum Action {
     /// every frame received after the client's first two (`Hello`, `AuthResponse`) must be
     /// sealed with `keys.client_to_server`.
     SealFrames { conn: ConnId, keys: SessionKeys },
-    /// Copy one chunk into store chunk `to`, make it stable (fdatasync), then report
-    /// [`Event::CopyDone`].
+    /// Copy one chunk into store chunk `to`, then report [`Event::CopyDone`]. The copy need
+    /// not be stable yet: every use of it waits for a commit, whose first step flushes the
+    /// store device.
     Copy {
         copy: CopyId,
         from: CopySource,
         to: u64,
         purpose: CopyPurpose,
     },
-    /// Run `MetaStore::commit` (through `Engine::store_mut`), then report
-    /// [`Event::CommitDone`]. At most one is outstanding.
+    /// Commit: [`Engine::begin_commit`](super::Engine::begin_commit), run the
+    /// [`CommitIo`] it returns (blocking, on any thread), then
+    /// [`Engine::finish_commit`](super::Engine::finish_commit), which reports
+    /// [`Event::CommitDone`]; or [`Engine::run_commit`](super::Engine::run_commit) for all
+    /// three inline. At most one is outstanding.
     Commit,
     /// Something for the log; `event` when it is a key event for operators (the shell logs
     /// it with `csnap_event` and its `MESSAGE_ID`, see `crate::logging::EVENTS`).
@@ -241,4 +245,36 @@ impl Default for EngineConfig {
 pub(crate) struct Requester {
     pub conn: ConnId,
     pub id: RequestId,
+}
+
+/// The I/O of a commit begun by [`Engine::begin_commit`](super::Engine::begin_commit): it
+/// owns what it writes, so it runs (blocking) on any thread while the engine goes on
+/// handling events; the engine is told with
+/// [`Engine::finish_commit`](super::Engine::finish_commit), which runs it itself if it was
+/// dropped unrun.
+pub struct CommitIo(Box<dyn FnOnce(bool) + Send>);
+
+impl CommitIo {
+    /// The I/O `run` does; its argument says whether to flush the data device first.
+    pub fn new(run: impl FnOnce(bool) + Send + 'static) -> CommitIo {
+        CommitIo(Box::new(run))
+    }
+
+    /// Runs the I/O (blocking): flushes the device first, so the copies the commit's
+    /// records point at are stable before the records are.
+    pub fn run(self) {
+        (self.0)(true)
+    }
+
+    /// Runs the I/O without that first flush: only when every copy the commit's records
+    /// point at is known to be stable already.
+    pub fn run_data_stable(self) {
+        (self.0)(false)
+    }
+}
+
+impl fmt::Debug for CommitIo {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("CommitIo")
+    }
 }

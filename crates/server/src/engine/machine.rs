@@ -12,8 +12,8 @@ use super::copies::{Copies, CopyKind};
 use super::failure::{chain as error_chain, Failure, Fatal};
 use super::gate::Gate;
 use super::io::{
-    Action, ConnId, CopyId, CopySource, EngineConfig, Event, LogEvent, LogLevel, Requester,
-    StoreFullPolicy, LEASE_MARGIN_SECS,
+    Action, CommitIo, ConnId, CopyId, CopySource, EngineConfig, Event, LogEvent, LogLevel,
+    Requester, StoreFullPolicy, LEASE_MARGIN_SECS,
 };
 use super::locks::{Locks, OrphanedLocks, Released};
 use super::meta_store::{MetaError, MetaStore, SnapChunk, StoreStats};
@@ -197,11 +197,38 @@ impl<S: MetaStore> Engine<S> {
         &mut self.store
     }
 
-    /// Convenience for shells that commit inline: runs the store commit and feeds
+    /// Starts the commit asked for by [`Action::Commit`]. `Some(io)`: run it (blocking, on
+    /// any thread; events may be handled meanwhile), then call [`Engine::finish_commit`].
+    /// `None`: the store committed at once, and [`Event::CommitDone`] is handled already.
+    pub fn begin_commit(&mut self) -> Option<CommitIo> {
+        match self.store.begin_commit() {
+            Ok(Some(io)) => Some(io),
+            Ok(None) => {
+                self.handle(Event::CommitDone { result: Ok(()) });
+                None
+            }
+            Err(e) => {
+                self.handle(Event::CommitDone {
+                    result: Err(Failure::from(e)),
+                });
+                None
+            }
+        }
+    }
+
+    /// Completes the commit whose [`CommitIo`] ran (or waits for it) and feeds
     /// [`Event::CommitDone`].
-    pub fn run_commit(&mut self) {
-        let result = self.store.commit().map_err(Failure::from);
+    pub fn finish_commit(&mut self) {
+        let result = self.store.finish_commit().map_err(Failure::from);
         self.handle(Event::CommitDone { result });
+    }
+
+    /// Convenience for shells that commit inline: begin, run and finish in one call.
+    pub fn run_commit(&mut self) {
+        if let Some(io) = self.begin_commit() {
+            io.run();
+            self.finish_commit();
+        }
     }
 
     /// True once the activation gate is open.

@@ -301,6 +301,20 @@ pub trait MetaStore {
 
     /// Makes every recorded change durable (journal commit on stable storage).
     fn commit(&mut self) -> Result<(), MetaError>;
+
+    /// Starts a commit of every change recorded so far whose I/O the caller runs, on any
+    /// thread, before [`MetaStore::finish_commit`]; changes recorded meanwhile belong to
+    /// the next commit. `None`: committed here already (the default: stores whose commit
+    /// is cheap simply commit).
+    fn begin_commit(&mut self) -> Result<Option<super::CommitIo>, MetaError> {
+        self.commit().map(|()| None)
+    }
+
+    /// Completes the commit [`MetaStore::begin_commit`] started (waiting for its I/O if it
+    /// has not run yet): its changes are durable when this returns `Ok`.
+    fn finish_commit(&mut self) -> Result<(), MetaError> {
+        Ok(())
+    }
 }
 
 #[derive(Clone, Debug)]

@@ -38,8 +38,8 @@ mod work;
 
 pub use failure::{chain as error_chain, Failure, Fatal};
 pub use io::{
-    Action, ConnId, CopyId, CopyPurpose, CopySource, EngineConfig, Event, LogEvent, LogLevel,
-    StoreFullPolicy, LEASE_MARGIN_SECS, WARN_REARM_POINTS,
+    Action, CommitIo, ConnId, CopyId, CopyPurpose, CopySource, EngineConfig, Event, LogEvent,
+    LogLevel, StoreFullPolicy, LEASE_MARGIN_SECS, WARN_REARM_POINTS,
 };
 pub use machine::Engine;
 pub use meta_store::{

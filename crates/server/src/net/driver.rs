@@ -3,16 +3,17 @@
 //! shutdown), feeds them to the engine, and carries out the engine's actions.
 //!
 //! It is a dedicated OS thread rather than a tokio task because every engine step may do
-//! blocking store I/O (btree reads on a cache miss, the journal commit). Commits run inline
-//! on this thread: inputs that arrive meanwhile queue up and are all covered by the next
+//! blocking store I/O (btree reads on a cache miss). A commit's journal I/O runs on the
+//! blocking pool while this thread goes on: what changes meanwhile is covered by the next
 //! commit (group commit), and the engine never has more than one commit outstanding.
 
+use super::held_copies::HeldCopies;
 use super::lease::ServingLease;
 use crate::engine::{
     Action, ConnId, CopyId, CopyPurpose, CopySource, Engine, Event, Failure, Fatal, LogEvent,
     LogLevel, MetaStore as _,
 };
-use crate::store::{BlockDevice, Geometry, SectorBuf, Store, StoreError};
+use crate::store::{BlockDevice, FlushTracked, Geometry, SectorBuf, Store, StoreError};
 use csnap_proto::auth::{self, FrameKey};
 use csnap_proto::{ClientFrame, ClientId, ServerFrame, ServerMsg, ServerStatus};
 use std::collections::{HashMap, VecDeque};
@@ -58,12 +59,6 @@ pub enum CopyError {
         device: String,
         offset: u64,
         chunk: u64,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("flushing store {device}: {source}")]
-    Flush {
-        device: String,
         #[source]
         source: std::io::Error,
     },
@@ -114,7 +109,11 @@ pub(crate) enum Control {
     CopyDone {
         copy: CopyId,
         result: Result<(), Failure>,
+        /// The store device's flush stamp when the copy's write returned.
+        stamp: u64,
     },
+    /// The I/O of the commit in flight has run (its result waits in the store).
+    CommitIoDone,
     Tick,
     DeclareGone(ClientId),
     Status(oneshot::Sender<ServerStatus>),
@@ -134,88 +133,12 @@ pub(crate) enum Exit {
 }
 
 /// Devices and geometry for the copies the engine asks for ([`Action::Copy`]): the server's
-/// data path. Public so that tests can run the real copy (read, write, grouped flush) on
-/// model devices (`crates/server/tests/engine/powercut.rs`).
+/// data path. Public so that tests can run the real copy (read, write) on model devices
+/// (`crates/server/tests/engine/powercut.rs`).
 pub struct DataPath {
     origin: Arc<dyn BlockDevice>,
     store: Arc<dyn BlockDevice>,
     geometry: Geometry,
-    store_sync: GroupSync,
-}
-
-#[derive(Default)]
-struct SyncState {
-    /// Tickets handed to completed writes so far.
-    issued: u64,
-    /// Every ticket up to this one is on stable storage.
-    synced: u64,
-    syncing: bool,
-    /// The first flush failure, for good: see [`GroupSync::sync`].
-    failed: Option<(std::io::ErrorKind, String)>,
-}
-
-/// Group fdatasync for concurrent copies: a copy whose write has completed takes a ticket
-/// and returns once a flush that *started after* its ticket has finished. Copies finishing
-/// together share one flush instead of queueing one each behind the device.
-///
-/// A failed flush fails every caller it covered and every later one: after a writeback
-/// error Linux may drop the dirty pages and report the error only once, so a later flush
-/// that succeeds proves nothing about writes made before the failure. (The engine treats
-/// any failed copy as fatal; the server stops and the next one recovers from the journal.)
-#[derive(Default)]
-pub(crate) struct GroupSync {
-    state: std::sync::Mutex<SyncState>,
-    done: std::sync::Condvar,
-}
-
-impl GroupSync {
-    fn lock(&self) -> std::sync::MutexGuard<'_, SyncState> {
-        // The state stays consistent even if a holder panicked (plain counters).
-        self.state
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-
-    /// Makes every write that completed before this call durable. Blocking.
-    fn sync(&self, flush: impl Fn() -> std::io::Result<()>) -> std::io::Result<()> {
-        let mut st = self.lock();
-        st.issued += 1;
-        let ticket = st.issued;
-        loop {
-            if st.synced >= ticket {
-                return Ok(());
-            }
-            if let Some((kind, why)) = &st.failed {
-                return Err(std::io::Error::new(
-                    *kind,
-                    format!("an earlier flush of the device failed ({why}); writes it covered may be lost, so none is reported durable"),
-                ));
-            }
-            if !st.syncing {
-                st.syncing = true;
-                let covers = st.issued;
-                drop(st);
-                let result = flush();
-                st = self.lock();
-                st.syncing = false;
-                match &result {
-                    Ok(()) => st.synced = st.synced.max(covers),
-                    Err(e) => {
-                        if st.failed.is_none() {
-                            st.failed = Some((e.kind(), e.to_string()));
-                        }
-                    }
-                }
-                self.done.notify_all();
-                result?;
-                continue;
-            }
-            st = self
-                .done
-                .wait(st)
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-        }
-    }
 }
 
 impl DataPath {
@@ -229,12 +152,13 @@ impl DataPath {
             origin,
             store,
             geometry,
-            store_sync: GroupSync::default(),
         }
     }
 
-    /// Copies one chunk into store chunk `to` and makes it stable: the work behind
-    /// [`Action::Copy`], whose result is [`Event::CopyDone`](crate::engine::Event). Blocking.
+    /// Copies one chunk into store chunk `to`: the work behind [`Action::Copy`], whose
+    /// result is [`Event::CopyDone`](crate::engine::Event). Blocking. The copy is not
+    /// flushed here: nothing uses it before a journal commit names it, and the commit's
+    /// first step flushes the store device (one flush for every copy it covers).
     pub fn copy(&self, from: CopySource, to: u64) -> Result<(), CopyError> {
         let g = &self.geometry;
         let cs = g.chunk_size;
@@ -286,12 +210,6 @@ impl DataPath {
                 offset,
                 chunk: to,
                 source,
-            })?;
-        self.store_sync
-            .sync(|| self.store.flush())
-            .map_err(|source| CopyError::Flush {
-                device: self.store.name(),
-                source,
             })
     }
 }
@@ -312,6 +230,8 @@ pub(crate) struct DriverParts {
     pub ctl_rx: mpsc::UnboundedReceiver<Control>,
     pub ctl_tx: mpsc::UnboundedSender<Control>,
     pub data: Arc<DataPath>,
+    /// The store device the data path and the store write through, counting its flushes.
+    pub store_flushes: Arc<FlushTracked>,
     pub max_copies: usize,
     pub fatal_tx: Arc<watch::Sender<Option<ServerFailure>>>,
     /// Cancelled when the server stops: ends the acceptor and every connection task.
@@ -333,6 +253,11 @@ pub(crate) struct Driver {
     ctl_rx: mpsc::UnboundedReceiver<Control>,
     ctl_tx: mpsc::UnboundedSender<Control>,
     data: Arc<DataPath>,
+    store_flushes: Arc<FlushTracked>,
+    /// Finished copies the engine has not heard of yet (see [`HeldCopies`]).
+    held_copies: HeldCopies<(CopyId, Result<(), Failure>)>,
+    /// A copy no flush covered yet was handed to the engine: the next commit flushes first.
+    unflushed_copies_recorded: bool,
     copy_slots: Arc<Semaphore>,
     copies_in_flight: usize,
     conns: HashMap<ConnId, ConnState>,
@@ -342,8 +267,10 @@ pub(crate) struct Driver {
     /// Events the shell generated while carrying out actions (a connection it killed).
     pending: VecDeque<Event>,
     abandoned: bool,
-    /// The engine asked for a commit that has not run yet.
+    /// The engine asked for a commit that has not started yet.
     commit_due: bool,
+    /// A commit's journal I/O runs on the blocking pool ([`Control::CommitIoDone`] ends it).
+    commit_in_flight: bool,
     lease: Arc<ServingLease>,
     span: tracing::Span,
     first_origin_grant: Arc<AtomicU64>,
@@ -381,6 +308,9 @@ impl Driver {
             ctl_rx: p.ctl_rx,
             ctl_tx: p.ctl_tx,
             data: p.data,
+            store_flushes: p.store_flushes,
+            held_copies: HeldCopies::default(),
+            unflushed_copies_recorded: false,
             copy_slots: Arc::new(Semaphore::new(p.max_copies.max(1))),
             copies_in_flight: 0,
             conns: HashMap::new(),
@@ -390,6 +320,7 @@ impl Driver {
             pending: VecDeque::new(),
             abandoned: false,
             commit_due: false,
+            commit_in_flight: false,
             lease: p.lease,
             span: p.span,
             first_origin_grant: p.first_origin_grant,
@@ -488,13 +419,12 @@ impl Driver {
 
     fn on_control(&mut self, c: Control) {
         match c {
-            Control::CopyDone { copy, result } => {
-                self.copies_in_flight = self.copies_in_flight.saturating_sub(1);
-                if let Err(e) = &result {
-                    tracing::error!(copy, error = %crate::engine::error_chain(e), "chunk copy failed");
-                }
-                self.engine.handle(Event::CopyDone { copy, result });
-            }
+            Control::CopyDone {
+                copy,
+                result,
+                stamp,
+            } => self.copy_done(copy, result, stamp),
+            Control::CommitIoDone => self.finish_commit(),
             Control::Tick => {
                 self.engine.handle(Event::Tick { now: unix_now() });
             }
@@ -567,21 +497,93 @@ impl Driver {
         }
     }
 
-    /// Runs the commit the engine asked for (inline: this thread owns the store), and any
-    /// follow-up commit; the engine has at most one outstanding.
+    /// A copy finished: a failure goes to the engine at once (it stops the server); a
+    /// success waits until a flush covers it or no commit is coming (see [`HeldCopies`]).
+    fn copy_done(&mut self, copy: CopyId, result: Result<(), Failure>, stamp: u64) {
+        self.copies_in_flight = self.copies_in_flight.saturating_sub(1);
+        match result {
+            Err(e) => {
+                tracing::error!(copy, error = %crate::engine::error_chain(&e), "chunk copy failed");
+                self.engine.handle(Event::CopyDone {
+                    copy,
+                    result: Err(e),
+                });
+            }
+            Ok(()) => self.held_copies.hold(stamp, (copy, Ok(()))),
+        }
+    }
+
+    /// Hands the engine the held copies a flush has covered, or all of them with `all`.
+    fn release_copies(&mut self, all: bool) {
+        let flushes = &self.store_flushes;
+        let mut released = self.held_copies.take_stable(|s| flushes.is_stable(s));
+        if all && !self.held_copies.is_empty() {
+            released.extend(self.held_copies.take_all());
+            self.unflushed_copies_recorded = true;
+        }
+        for (copy, result) in released {
+            self.engine.handle(Event::CopyDone { copy, result });
+        }
+    }
+
+    /// Starts the commit the engine asked for: its journal I/O runs on the blocking pool
+    /// while this thread goes on handling requests and starting copies (whatever they
+    /// change joins the next commit, so groups grow with load). The engine has at most one
+    /// commit outstanding. A commit whose copies an earlier flush covered skips its own
+    /// first flush.
     fn run_commits(&mut self) -> Result<(), ServerFailure> {
-        while self.commit_due {
+        while !self.commit_in_flight {
+            self.release_copies(false);
+            self.pump()?;
+            if !self.commit_due {
+                if self.held_copies.is_empty() {
+                    break;
+                }
+                // No commit is coming to cover them: record them now, and flush first.
+                self.release_copies(true);
+                self.pump()?;
+                if !self.commit_due {
+                    break;
+                }
+            }
             self.check_lease()?;
             self.commit_due = false;
-            let started = Instant::now();
-            self.engine.run_commit();
-            tracing::debug!(
-                elapsed_us = started.elapsed().as_micros() as u64,
-                "store commit"
-            );
+            let flush_data_first = std::mem::take(&mut self.unflushed_copies_recorded);
+            if let Some(io) = self.engine.begin_commit() {
+                self.commit_in_flight = true;
+                let (done, lease) = (self.ctl_tx.clone(), self.lease.clone());
+                self.rt.spawn_blocking(move || {
+                    // After the lease ran out nothing may be committed (the next server
+                    // may own the store): the I/O is dropped unrun, and the engine thread,
+                    // which checks the lease before handling anything, stops without
+                    // finishing it.
+                    if !lease.expired() {
+                        let started = Instant::now();
+                        if flush_data_first {
+                            io.run();
+                        } else {
+                            io.run_data_stable();
+                        }
+                        tracing::debug!(
+                            elapsed_us = started.elapsed().as_micros() as u64,
+                            flush_data_first,
+                            "store commit"
+                        );
+                    }
+                    let _ = done.send(Control::CommitIoDone);
+                });
+            }
             self.pump()?;
         }
         Ok(())
+    }
+
+    /// The commit's I/O has run: the engine releases what waited for it.
+    fn finish_commit(&mut self) {
+        if self.commit_in_flight {
+            self.commit_in_flight = false;
+            self.engine.finish_commit();
+        }
     }
 
     /// Carries out the engine's actions (and the events they cause) until none is left,
@@ -713,11 +715,12 @@ impl Driver {
             }
         }
         self.copies_in_flight += 1;
-        let (data, slots, done, lease) = (
+        let (data, slots, done, lease, flushes) = (
             self.data.clone(),
             self.copy_slots.clone(),
             self.ctl_tx.clone(),
             self.lease.clone(),
+            self.store_flushes.clone(),
         );
         self.rt.spawn(async move {
             let result = match slots.acquire_owned().await {
@@ -735,8 +738,14 @@ impl Driver {
                 }
                 Err(_) => Err(CopyError::WorkersShutDown),
             };
+            // Taken after the write returned: a flush numbered above it covers the copy.
+            let stamp = flushes.stamp();
             let result = result.map_err(Failure::new);
-            let _ = done.send(Control::CopyDone { copy, result });
+            let _ = done.send(Control::CopyDone {
+                copy,
+                result,
+                stamp,
+            });
         });
     }
 
@@ -773,16 +782,25 @@ impl Driver {
             }
         }
         let deadline = Instant::now() + Duration::from_secs(10);
-        while self.copies_in_flight > 0 {
+        while self.copies_in_flight > 0 || self.commit_in_flight || !self.held_copies.is_empty() {
             let left = deadline.saturating_duration_since(Instant::now());
             let ctl = &mut self.ctl_rx;
             let next = self
                 .rt
                 .block_on(async { tokio::time::timeout(left, ctl.recv()).await });
             match next {
-                Ok(Some(Control::CopyDone { copy, result })) => {
-                    self.copies_in_flight -= 1;
-                    self.engine.handle(Event::CopyDone { copy, result });
+                Ok(Some(Control::CopyDone {
+                    copy,
+                    result,
+                    stamp,
+                })) => {
+                    self.copy_done(copy, result, stamp);
+                    if let Err(reason) = self.pump().and_then(|()| self.run_commits()) {
+                        return self.fatal(reason);
+                    }
+                }
+                Ok(Some(Control::CommitIoDone)) => {
+                    self.finish_commit();
                     if let Err(reason) = self.pump().and_then(|()| self.run_commits()) {
                         return self.fatal(reason);
                     }
@@ -844,259 +862,5 @@ fn log_key_event(level: LogLevel, event: &LogEvent, message: &str) {
         LogLevel::Info => emit!(INFO),
         LogLevel::Warn => emit!(WARN),
         LogLevel::Error => emit!(ERROR),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use std::sync::atomic::{AtomicU64, Ordering};
-
-    #[test]
-    fn group_sync_covers_every_completed_write_with_fewer_flushes() {
-        let sync = Arc::new(GroupSync::default());
-        let flushes = Arc::new(AtomicU64::new(0));
-        // Each "write" bumps `written`; a flush records how many writes it covered.
-        let written = Arc::new(AtomicU64::new(0));
-        let durable = Arc::new(AtomicU64::new(0));
-        let threads: Vec<_> = (0..16)
-            .map(|_| {
-                let (sync, flushes, written, durable) = (
-                    sync.clone(),
-                    flushes.clone(),
-                    written.clone(),
-                    durable.clone(),
-                );
-                std::thread::spawn(move || {
-                    for _ in 0..50 {
-                        let mine = written.fetch_add(1, Ordering::SeqCst) + 1;
-                        sync.sync(|| {
-                            flushes.fetch_add(1, Ordering::SeqCst);
-                            std::thread::sleep(std::time::Duration::from_micros(200));
-                            let now = written.load(Ordering::SeqCst);
-                            durable.fetch_max(now, Ordering::SeqCst);
-                            Ok(())
-                        })
-                        .unwrap();
-                        // The flush that released us started after our write completed.
-                        assert!(durable.load(Ordering::SeqCst) >= mine);
-                    }
-                })
-            })
-            .collect();
-        for t in threads {
-            t.join().unwrap();
-        }
-        let n = flushes.load(Ordering::SeqCst);
-        assert!((1..800).contains(&n), "{n} flushes for 800 writes");
-    }
-
-    #[test]
-    fn a_failed_group_flush_fails_its_caller_and_every_later_one() {
-        let sync = GroupSync::default();
-        let calls = AtomicU64::new(0);
-        let flaky = || {
-            if calls.fetch_add(1, Ordering::SeqCst) == 0 {
-                Err(std::io::Error::other("EIO"))
-            } else {
-                Ok(())
-            }
-        };
-        assert!(sync.sync(flaky).is_err());
-        let again = sync.sync(flaky);
-        assert!(again.is_err(), "no retry can prove the lost writes durable");
-        assert_eq!(
-            calls.load(Ordering::SeqCst),
-            1,
-            "no second flush is even tried"
-        );
-    }
-
-    /// Waits until `n` tickets have been handed out (callers are inside `sync`).
-    fn wait_for_tickets(sync: &GroupSync, n: u64) {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while sync.lock().issued < n {
-            assert!(Instant::now() < deadline, "callers never reached the sync");
-            std::thread::sleep(Duration::from_millis(1));
-        }
-    }
-
-    /// Two callers whose writes completed while another flush ran both wait for the next
-    /// flush, which covers both. It fails: on Linux a failed fdatasync may have dropped
-    /// their dirty pages, so a later flush that succeeds proves nothing about them. Every
-    /// caller it covered must see the failure, and so must every later caller.
-    #[test]
-    fn a_failed_flush_fails_every_waiter_it_covered_and_every_later_caller() {
-        let sync = Arc::new(GroupSync::default());
-        let flushes = Arc::new(AtomicU64::new(0));
-        let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
-        let release_rx = std::sync::Mutex::new(release_rx);
-        // Flush 1 blocks until released; flush 2 fails; later ones succeed.
-        let flush = {
-            let flushes = flushes.clone();
-            move || -> std::io::Result<()> {
-                match flushes.fetch_add(1, Ordering::SeqCst) {
-                    0 => {
-                        let _ = release_rx.lock().unwrap().recv();
-                        Ok(())
-                    }
-                    1 => Err(std::io::Error::other("EIO from fdatasync")),
-                    _ => Ok(()),
-                }
-            }
-        };
-        let flush = Arc::new(flush);
-        let first = {
-            let (sync, flush) = (sync.clone(), flush.clone());
-            std::thread::spawn(move || sync.sync(|| flush()))
-        };
-        wait_for_tickets(&sync, 1);
-        let waiters: Vec<_> = (0..2)
-            .map(|_| {
-                let (sync, flush) = (sync.clone(), flush.clone());
-                std::thread::spawn(move || sync.sync(|| flush()))
-            })
-            .collect();
-        wait_for_tickets(&sync, 3);
-        release_tx.send(()).unwrap();
-        assert!(first.join().unwrap().is_ok(), "flush 1 succeeded");
-        let results: Vec<_> = waiters.into_iter().map(|t| t.join().unwrap()).collect();
-        for r in &results {
-            let e = r
-                .as_ref()
-                .expect_err("a write covered by the failed flush is not durable");
-            assert!(
-                e.to_string().contains("EIO"),
-                "the error names the failure: {e}"
-            );
-        }
-        let later = sync.sync(|| flush());
-        assert!(
-            later.is_err(),
-            "after a failed flush nothing written before it can be proven durable: {later:?}"
-        );
-    }
-
-    /// A store device with a volatile write cache that behaves like Linux after a writeback
-    /// error: flush 1 blocks until released, flush 2 fails *and drops the cached writes*
-    /// (the pages are marked clean), later flushes succeed.
-    struct LosingDevice {
-        state: std::sync::Mutex<LosingState>,
-        release: std::sync::Mutex<std::sync::mpsc::Receiver<()>>,
-    }
-
-    #[derive(Default)]
-    struct LosingState {
-        durable: HashMap<u64, Vec<u8>>,
-        cached: HashMap<u64, Vec<u8>>,
-        flushes: u64,
-    }
-
-    impl BlockDevice for LosingDevice {
-        fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
-            let st = self.state.lock().unwrap();
-            match st.cached.get(&offset).or(st.durable.get(&offset)) {
-                Some(d) if d.len() == buf.len() => buf.copy_from_slice(d),
-                _ => buf.fill(0),
-            }
-            Ok(())
-        }
-
-        fn write_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
-            self.state
-                .lock()
-                .unwrap()
-                .cached
-                .insert(offset, buf.to_vec());
-            Ok(())
-        }
-
-        fn flush(&self) -> std::io::Result<()> {
-            // A flush covers what was written before it started.
-            let (n, cached) = {
-                let mut st = self.state.lock().unwrap();
-                st.flushes += 1;
-                (st.flushes, std::mem::take(&mut st.cached))
-            };
-            if n == 1 {
-                let _ = self.release.lock().unwrap().recv();
-            }
-            if n == 2 {
-                return Err(std::io::Error::other(
-                    "EIO: writeback failed, pages dropped",
-                ));
-            }
-            self.state.lock().unwrap().durable.extend(cached);
-            Ok(())
-        }
-
-        fn len(&self) -> u64 {
-            1 << 30
-        }
-
-        fn name(&self) -> String {
-            "losing device".into()
-        }
-    }
-
-    /// Copies whose data a failed flush lost are never reported durable (the engine would
-    /// record their exceptions and let the origin be overwritten).
-    #[test]
-    fn copies_whose_data_a_failed_flush_dropped_are_never_reported_durable() {
-        let cs = 4096;
-        let geometry = Geometry::plan(cs, 64 * cs, 16 << 20, "test").unwrap();
-        let origin = crate::store::MemDevice::new(64 * cs);
-        for chunk in 0..64u64 {
-            origin
-                .write_at(&vec![chunk as u8 + 1; cs as usize], chunk * cs)
-                .unwrap();
-        }
-        let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
-        let store = Arc::new(LosingDevice {
-            state: Default::default(),
-            release: std::sync::Mutex::new(release_rx),
-        });
-        let data = Arc::new(DataPath {
-            origin: Arc::new(origin),
-            store: store.clone(),
-            geometry,
-            store_sync: GroupSync::default(),
-        });
-        let to = |i: u64| geometry.data_start_chunk + i;
-        let copy = |i: u64| {
-            let data = data.clone();
-            std::thread::spawn(move || {
-                data.copy(
-                    CopySource::Origin { chunk: i },
-                    geometry.data_start_chunk + i,
-                )
-            })
-        };
-        // Copy 0 flushes (flush 1, held); copies 1 and 2 complete their writes meanwhile
-        // and wait for the next flush, which fails and drops their data.
-        let first = copy(0);
-        wait_for_tickets(&data.store_sync, 1);
-        let waiting: Vec<_> = (1..3).map(copy).collect();
-        wait_for_tickets(&data.store_sync, 3);
-        release_tx.send(()).unwrap();
-        let mut results = vec![first.join().unwrap()];
-        results.extend(waiting.into_iter().map(|t| t.join().unwrap()));
-        let durable = store.state.lock().unwrap().durable.clone();
-        for (i, r) in results.iter().enumerate() {
-            let i = i as u64;
-            let on_disk = durable.get(&geometry.chunk_offset(to(i)));
-            if r.is_ok() {
-                assert_eq!(
-                    on_disk.map(|d| d[0]),
-                    Some(i as u8 + 1),
-                    "copy {i} was reported durable but its data is not on the device"
-                );
-            }
-        }
-        assert!(results[0].is_ok(), "copy 0 was flushed by flush 1");
-        assert!(
-            results[1].is_err() && results[2].is_err(),
-            "the failed flush covered copies 1 and 2: {results:?}"
-        );
     }
 }

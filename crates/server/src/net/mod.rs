@@ -14,6 +14,7 @@
 
 mod conn;
 mod driver;
+mod held_copies;
 pub mod holder;
 pub mod key;
 mod lease;
@@ -391,6 +392,8 @@ fn open_device(
 struct Opened {
     store: Store,
     data: DataPath,
+    /// The store device as the store and the copies use it, counting its flushes.
+    store_flushes: Arc<store::FlushTracked>,
     /// Held while the server runs: a second server on this node refuses the store.
     _lock: StoreLock,
 }
@@ -420,7 +423,12 @@ fn lock_store(path: &Path) -> Result<StoreLock, ServerError> {
 
 fn open_store(config: &ServerConfig) -> Result<Opened, ServerError> {
     let lock = lock_store(&config.store)?;
-    let store_dev = open_device("store", &config.store, config.direct_io)?;
+    let store_flushes = Arc::new(store::FlushTracked::new(open_device(
+        "store",
+        &config.store,
+        config.direct_io,
+    )?));
+    let store_dev: Arc<dyn store::BlockDevice> = store_flushes.clone();
     let origin = open_device("origin", &config.origin, config.direct_io)?;
     let opts = OpenOptions {
         cache_blocks: (config.cache_bytes / store::device::SECTOR as u64)
@@ -461,6 +469,7 @@ fn open_store(config: &ServerConfig) -> Result<Opened, ServerError> {
     Ok(Opened {
         store,
         data: DataPath::new(origin, store_dev, geometry),
+        store_flushes,
         _lock: lock,
     })
 }
@@ -584,6 +593,7 @@ async fn start_in(
     let Opened {
         store,
         data,
+        store_flushes,
         _lock: store_lock,
     } = opened;
     if lease.expired() {
@@ -645,6 +655,7 @@ async fn start_in(
         ctl_rx,
         ctl_tx: ctl_tx.clone(),
         data: Arc::new(data),
+        store_flushes,
         max_copies: config.max_copies_in_flight,
         fatal_tx: fatal_tx.clone(),
         stop: stop.clone(),

@@ -2,7 +2,7 @@
 
 use super::{ChunkSource, SnapState, SnapshotRecord, Store, StoreError};
 use crate::engine::{
-    MetaError as EngineError, MetaStore, MetadataSpace, ReclaimPosition, ReclaimProgress,
+    CommitIo, MetaError as EngineError, MetaStore, MetadataSpace, ReclaimPosition, ReclaimProgress,
     SnapChunk, StoreStats,
 };
 use csnap_proto::{DiffEnd, DiffPage, SnapId, SnapshotInfo, SnapshotState};
@@ -203,5 +203,21 @@ impl MetaStore for Store {
 
     fn commit(&mut self) -> Result<(), EngineError> {
         Ok(Store::commit(self)?)
+    }
+
+    fn begin_commit(&mut self) -> Result<Option<CommitIo>, EngineError> {
+        Ok(Store::begin_commit(self)?.map(|io| {
+            CommitIo::new(move |flush_data_first| {
+                if flush_data_first {
+                    io.run()
+                } else {
+                    io.run_data_stable()
+                }
+            })
+        }))
+    }
+
+    fn finish_commit(&mut self) -> Result<(), EngineError> {
+        Ok(Store::finish_commit(self)?)
     }
 }

@@ -8,6 +8,7 @@ use std::fs::{File, OpenOptions};
 use std::io::{self, Seek, SeekFrom};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 /// Sector size the store aligns all I/O to, and the unit a crash may tear writes into.
@@ -30,6 +31,68 @@ pub trait BlockDevice: Send + Sync {
     }
     /// A name for error messages (the path, or "memory").
     fn name(&self) -> String;
+}
+
+/// A device that numbers its flushes, so a caller can tell whether a write it made has
+/// been covered by one: a flush covers every write that completed before the flush
+/// started. The server stamps each copy-out with [`FlushTracked::stamp`] when its write
+/// returns; once [`FlushTracked::is_stable`] says so, a journal commit may point at it
+/// without flushing the data first (the previous commit's last flush did).
+pub struct FlushTracked {
+    inner: Arc<dyn BlockDevice>,
+    /// Flushes started so far (the number of the latest).
+    started: AtomicU64,
+    /// The highest number of a flush that succeeded.
+    succeeded: AtomicU64,
+}
+
+impl FlushTracked {
+    pub fn new(inner: Arc<dyn BlockDevice>) -> FlushTracked {
+        FlushTracked {
+            inner,
+            started: AtomicU64::new(0),
+            succeeded: AtomicU64::new(0),
+        }
+    }
+
+    /// Taken after a write returned: the write is durable once a flush numbered above the
+    /// stamp has succeeded.
+    pub fn stamp(&self) -> u64 {
+        self.started.load(Ordering::SeqCst)
+    }
+
+    /// True if a flush that started after the stamped write completed has succeeded.
+    pub fn is_stable(&self, stamp: u64) -> bool {
+        self.succeeded.load(Ordering::SeqCst) > stamp
+    }
+}
+
+impl BlockDevice for FlushTracked {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.inner.read_at(buf, offset)
+    }
+
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        self.inner.write_at(buf, offset)
+    }
+
+    fn flush(&self) -> io::Result<()> {
+        let number = self.started.fetch_add(1, Ordering::SeqCst) + 1;
+        self.inner.flush()?;
+        // A failed flush proves nothing, and neither does any later one for the writes it
+        // covered (Linux may have dropped them): the store is poisoned by the failure, so
+        // nothing it covered is ever committed.
+        self.succeeded.fetch_max(number, Ordering::SeqCst);
+        Ok(())
+    }
+
+    fn len(&self) -> u64 {
+        self.inner.len()
+    }
+
+    fn name(&self) -> String {
+        self.inner.name()
+    }
 }
 
 /// A regular file or a block device, with pread/pwrite and fdatasync. With `direct`, the

@@ -15,7 +15,7 @@
 //! * Reservations (chunks handed out for a copy in flight) are in memory only: after a crash
 //!   they are simply free again.
 
-use super::device::BlockDevice;
+use super::device::{BlockDevice, SectorBuf};
 use super::error::{Result, StoreError};
 use super::format::*;
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
@@ -73,8 +73,121 @@ pub struct Meta {
     journal_used: u64,
     reserved: HashSet<u64>,
     quarantine: HashSet<u64>,
+    /// The commit begun by [`Meta::begin_commit`] whose journal I/O may still be running.
+    pending: Option<PendingCommit>,
+    /// Blocks of the pending commit: pinned like tx-dirty ones until it is durable.
+    committing: HashSet<u64>,
     poisoned: Option<String>,
     pub stats: MetaStats,
+}
+
+/// A transaction captured by [`Meta::begin_commit`]: what [`Meta::finish_commit`] applies
+/// once its journal I/O is durable.
+struct PendingCommit {
+    blocks: Vec<u64>,
+    root: RootState,
+    /// Data chunks freed in this transaction: reusable once it is durable.
+    quarantined: Vec<u64>,
+    /// Journal blocks it takes (commit record plus one per block).
+    used: u64,
+    outcome: Arc<CommitOutcome>,
+}
+
+/// The journal I/O of a pending commit, shared by its [`CommitIo`] and
+/// [`Meta::finish_commit`]: whichever comes first runs it, the other waits for it or takes
+/// its result (so a commit whose `CommitIo` was dropped or not run yet still completes).
+struct CommitOutcome {
+    state: std::sync::Mutex<CommitState>,
+    ready: std::sync::Condvar,
+}
+
+enum CommitState {
+    /// Contiguous journal runs: (first block on the device, images).
+    Unstarted(Vec<(u64, SectorBuf)>),
+    Running,
+    Done(Result<()>),
+    Taken,
+}
+
+impl CommitOutcome {
+    fn lock(&self) -> std::sync::MutexGuard<'_, CommitState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Runs the I/O unless someone else started it. Blocking.
+    fn run(&self, dev: &dyn BlockDevice, flush_data_first: bool) {
+        let runs = {
+            let mut state = self.lock();
+            match std::mem::replace(&mut *state, CommitState::Running) {
+                CommitState::Unstarted(runs) => runs,
+                other => {
+                    *state = other;
+                    return;
+                }
+            }
+        };
+        let result = write_journal(dev, &runs, flush_data_first);
+        *self.lock() = CommitState::Done(result);
+        self.ready.notify_all();
+    }
+
+    /// The I/O's result, running it here if nobody started it; waits while it runs.
+    fn result(&self, dev: &dyn BlockDevice) -> Result<()> {
+        self.run(dev, true);
+        let mut state = self.lock();
+        loop {
+            match std::mem::replace(&mut *state, CommitState::Taken) {
+                CommitState::Done(result) => return result,
+                CommitState::Running => {
+                    *state = CommitState::Running;
+                    state = self.ready.wait(state).unwrap_or_else(|e| e.into_inner());
+                }
+                _ => {
+                    return Err(StoreError::Poisoned(
+                        "a journal commit's result was taken twice".into(),
+                    ))
+                }
+            }
+        }
+    }
+}
+
+/// Flush the device (so the copied-out data the transaction points at is stable first),
+/// write the commit record and the blocks, flush again.
+fn write_journal(
+    dev: &dyn BlockDevice,
+    runs: &[(u64, SectorBuf)],
+    flush_data_first: bool,
+) -> Result<()> {
+    if flush_data_first {
+        flush(dev)?;
+    }
+    for (block, data) in runs {
+        write_block(dev, *block, data)?;
+    }
+    flush(dev)
+}
+
+/// The journal I/O of a commit begun by [`Meta::begin_commit`]. It owns images of the
+/// blocks, so the metadata can go on changing (the next transaction) while it runs on
+/// another thread. Dropped unrun, [`Meta::finish_commit`] runs it.
+pub struct CommitIo {
+    dev: Arc<dyn BlockDevice>,
+    outcome: Arc<CommitOutcome>,
+}
+
+impl CommitIo {
+    /// Runs the I/O (blocking); its result reaches [`Meta::finish_commit`].
+    pub fn run(self) {
+        self.outcome.run(self.dev.as_ref(), true);
+    }
+
+    /// Runs the I/O without the first flush: only when every data write the transaction
+    /// points at is known to be stable already (a flush that started after it completed
+    /// has succeeded, see [`super::FlushTracked`]).
+    pub fn run_data_stable(self) {
+        self.outcome.run(self.dev.as_ref(), false);
+    }
 }
 
 fn io_err(
@@ -204,6 +317,8 @@ impl Meta {
             ckpt_dirty: HashSet::new(),
             reserved: HashSet::new(),
             quarantine: HashSet::new(),
+            pending: None,
+            committing: HashSet::new(),
             poisoned: None,
             stats: MetaStats::default(),
         }
@@ -249,7 +364,7 @@ impl Meta {
                 .lru
                 .values()
                 .copied()
-                .find(|b| !self.tx_dirty.contains(b));
+                .find(|b| !self.tx_dirty.contains(b) && !self.committing.contains(b));
             let Some(victim) = victim else {
                 return Ok(()); // everything pinned: grow past the bound until commit
             };
@@ -536,54 +651,120 @@ impl Meta {
 
     // ---- journal ----
 
-    /// Commits the running transaction: flushes the device (so copied-out data is stable
-    /// before the metadata that points at it), writes the changed blocks and a commit record
-    /// (sequence number, root state, home address and crc32c of every block) to the journal,
-    /// and flushes again. Checkpoints when the journal is getting full.
-    pub fn commit(&mut self) -> Result<()> {
+    /// Captures the running transaction for a commit whose journal I/O runs elsewhere: the
+    /// caller runs the returned [`CommitIo`] on any thread, then calls
+    /// [`Meta::finish_commit`]. Meanwhile the next transaction can build up (its blocks are
+    /// copied into the I/O now, and stay pinned until it is durable). `None`: nothing to
+    /// commit, or the commit was done here because the journal needs a checkpoint after it.
+    pub fn begin_commit(&mut self) -> Result<Option<CommitIo>> {
         self.check_usable()?;
+        self.finish_commit()?;
         if !self.has_uncommitted() {
             self.quarantine.clear();
-            return Ok(());
+            return Ok(None);
         }
-        let result = self.commit_inner();
+        let used = 1 + self.tx_dirty.len() as u64;
+        let j = self.geo.journal_blocks;
+        if self.tx_dirty.len() > MAX_TX_BLOCKS
+            || j.saturating_sub(self.journal_used + used) < MAX_TX_BLOCKS as u64 + 1
+        {
+            // Too big (the synchronous path reports it) or the journal must be checkpointed
+            // after this one, which needs no transaction running: commit here.
+            self.commit()?;
+            return Ok(None);
+        }
+        let result = self.capture();
         if let Err(e) = &result {
             self.poison(e);
         }
-        result
+        result.map(Some)
     }
 
-    fn commit_inner(&mut self) -> Result<()> {
+    fn capture(&mut self) -> Result<CommitIo> {
         let blocks: Vec<u64> = self.tx_dirty.iter().copied().collect();
-        if blocks.len() > MAX_TX_BLOCKS {
-            return Err(StoreError::CorruptMetadata {
-                block: 0,
-                area: "journal",
-                what: format!(
-                    "transaction of {} blocks exceeds the commit record's {MAX_TX_BLOCKS}",
-                    blocks.len()
-                ),
-            });
-        }
-        let dev = self.dev.clone();
-        flush(dev.as_ref())?;
         let j = self.geo.journal_blocks;
+        let header = self.seal_transaction(&blocks)?;
+        // The commit record at the head, the blocks after it, split where the ring wraps.
+        let mut runs: Vec<(u64, SectorBuf)> = Vec::new();
+        let mut images = std::iter::once(&header[..]).chain(
+            blocks
+                .iter()
+                .map(|home| self.cache.get(home).map(|e| &e.data[..]).unwrap_or(&[])),
+        );
+        let first = self.journal_head_pos;
+        let total = blocks.len() as u64 + 1;
+        let mut at = 0u64;
+        while at < total {
+            let slot = (first + at) % j;
+            let n = (total - at).min(j - slot);
+            let mut buf = SectorBuf::zeroed(n as usize * BLOCK);
+            for chunk in buf.chunks_mut(BLOCK) {
+                if let Some(image) = images.next() {
+                    chunk.copy_from_slice(image);
+                }
+            }
+            runs.push((self.geo.journal_start + slot, buf));
+            at += n;
+        }
+        let outcome = Arc::new(CommitOutcome {
+            state: std::sync::Mutex::new(CommitState::Unstarted(runs)),
+            ready: std::sync::Condvar::new(),
+        });
+        for b in &blocks {
+            self.committing.insert(*b);
+        }
+        self.tx_dirty.clear();
+        self.pending = Some(PendingCommit {
+            blocks,
+            root: self.root,
+            quarantined: self.quarantine.iter().copied().collect(),
+            used: total,
+            outcome: outcome.clone(),
+        });
+        Ok(CommitIo {
+            dev: self.dev.clone(),
+            outcome,
+        })
+    }
+
+    /// Completes the commit begun by [`Meta::begin_commit`], waiting for its I/O if it has
+    /// not run yet: its blocks become committed (free to go home), its freed chunks
+    /// reusable. A failed I/O poisons the store. Nothing to do without a pending commit.
+    pub fn finish_commit(&mut self) -> Result<()> {
+        let Some(p) = self.pending.take() else {
+            return Ok(());
+        };
+        if let Err(e) = p.outcome.result(self.dev.as_ref()) {
+            self.poison(&e);
+            return Err(e);
+        }
+        let j = self.geo.journal_blocks;
+        self.journal_head_pos = (self.journal_head_pos + p.used) % j;
+        self.journal_head_seq += 1;
+        self.journal_used += p.used;
+        self.stats.commits += 1;
+        self.stats.journal_blocks_written += p.used;
+        for b in p.blocks {
+            self.committing.remove(&b);
+            self.ckpt_dirty.insert(b);
+        }
+        self.committed_root = p.root;
+        for c in p.quarantined {
+            self.quarantine.remove(&c);
+        }
+        Ok(())
+    }
+
+    /// Seals every block of a transaction (crc32c in the cache entry) and builds its commit
+    /// record: sequence number, root state, home address and crc32c of every block.
+    fn seal_transaction(&mut self, blocks: &[u64]) -> Result<Vec<u8>> {
         let mut header = vec![0u8; BLOCK];
         header[0..8].copy_from_slice(&JOURNAL_MAGIC);
         put_u32(&mut header, 12, blocks.len() as u32);
         put_u64(&mut header, 16, self.journal_head_seq);
         put_u64(&mut header, 24, journal_id(&self.sb.uuid));
         self.root.encode(&mut header[32..32 + ROOT_STATE_LEN]);
-        // Lay the blocks out in ring order, writing each contiguous run with one write.
-        let mut run: Vec<u8> = Vec::with_capacity(blocks.len() * BLOCK);
-        let mut run_start = (self.journal_head_pos + 1) % j;
         for (i, &home) in blocks.iter().enumerate() {
-            let slot = (self.journal_head_pos + 1 + i as u64) % j;
-            if slot == 0 && !run.is_empty() {
-                write_block(dev.as_ref(), self.geo.journal_start + run_start, &run)?;
-                run.clear();
-                run_start = 0;
-            }
             let entry = self
                 .cache
                 .get_mut(&home)
@@ -597,32 +778,44 @@ impl Meta {
             let at = JOURNAL_HEADER + i * JOURNAL_ENTRY;
             put_u64(&mut header, at, home);
             put_u32(&mut header, at + 8, crc32c::crc32c(&entry.data));
-            run.extend_from_slice(&entry.data);
-        }
-        if !run.is_empty() {
-            write_block(dev.as_ref(), self.geo.journal_start + run_start, &run)?;
         }
         let crc = block_crc(&header, 8);
         put_u32(&mut header, 8, crc);
-        write_block(
-            dev.as_ref(),
-            self.geo.journal_start + self.journal_head_pos,
-            &header,
-        )?;
-        flush(dev.as_ref())?;
-        let used = 1 + blocks.len() as u64;
-        self.journal_head_pos = (self.journal_head_pos + used) % j;
-        self.journal_head_seq += 1;
-        self.journal_used += used;
-        self.stats.commits += 1;
-        self.stats.journal_blocks_written += used;
-        for b in blocks {
-            self.ckpt_dirty.insert(b);
+        Ok(header)
+    }
+
+    /// Commits the running transaction: flushes the device (so copied-out data is stable
+    /// before the metadata that points at it), writes the changed blocks and a commit record
+    /// (sequence number, root state, home address and crc32c of every block) to the journal,
+    /// and flushes again. Checkpoints when the journal is getting full.
+    pub fn commit(&mut self) -> Result<()> {
+        self.check_usable()?;
+        self.finish_commit()?;
+        if !self.has_uncommitted() {
+            self.quarantine.clear();
+            return Ok(());
         }
-        self.tx_dirty.clear();
-        self.committed_root = self.root;
-        self.quarantine.clear();
-        if j - self.journal_used < MAX_TX_BLOCKS as u64 + 1 {
+        let result = self.commit_inner();
+        if let Err(e) = &result {
+            self.poison(e);
+        }
+        result
+    }
+
+    fn commit_inner(&mut self) -> Result<()> {
+        if self.tx_dirty.len() > MAX_TX_BLOCKS {
+            return Err(StoreError::CorruptMetadata {
+                block: 0,
+                area: "journal",
+                what: format!(
+                    "transaction of {} blocks exceeds the commit record's {MAX_TX_BLOCKS}",
+                    self.tx_dirty.len()
+                ),
+            });
+        }
+        self.capture()?.run();
+        self.finish_commit()?;
+        if self.geo.journal_blocks - self.journal_used < MAX_TX_BLOCKS as u64 + 1 {
             self.checkpoint()?;
         }
         Ok(())
@@ -631,6 +824,7 @@ impl Meta {
     /// Writes every committed block home, flushes, then moves the journal tail in a new
     /// superblock. Only called with no transaction running.
     pub fn checkpoint(&mut self) -> Result<()> {
+        self.finish_commit()?;
         let dev = self.dev.clone();
         let mut blocks: Vec<u64> = self.ckpt_dirty.iter().copied().collect();
         blocks.sort_unstable();

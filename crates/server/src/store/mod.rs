@@ -28,10 +28,10 @@ mod meta;
 mod usage;
 
 pub use check::CheckReport;
-pub use device::{BlockDevice, FileDevice, MemDevice, MemDeviceStats, SectorBuf};
+pub use device::{BlockDevice, FileDevice, FlushTracked, MemDevice, MemDeviceStats, SectorBuf};
 pub use error::{Result, StoreError};
 pub use format::Geometry;
-pub use meta::MetaStats;
+pub use meta::{CommitIo, MetaStats};
 
 use btree::{Key, Tree};
 use csnap_proto::SnapId;
@@ -1349,6 +1349,18 @@ impl Store {
     /// commit record, then flush.
     pub fn commit(&mut self) -> Result<()> {
         self.meta.commit()
+    }
+
+    /// Starts a commit whose journal I/O the caller runs on any thread (see
+    /// [`CommitIo`]); then [`Store::finish_commit`]. `None`: nothing to commit, or
+    /// committed here (when the journal needs a checkpoint after it).
+    pub fn begin_commit(&mut self) -> Result<Option<CommitIo>> {
+        self.meta.begin_commit()
+    }
+
+    /// Completes the commit [`Store::begin_commit`] started, waiting for its I/O if needed.
+    pub fn finish_commit(&mut self) -> Result<()> {
+        self.meta.finish_commit()
     }
 
     /// Commits, checkpoints the journal and marks the store clean.

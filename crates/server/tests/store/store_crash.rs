@@ -33,6 +33,8 @@ struct Run {
     may_invalidate: bool,
     next_tag: u64,
     names: u64,
+    /// Changes made while a pipelined commit's I/O was outstanding: the next commit's.
+    carry: Option<Snaps>,
 }
 
 impl Run {
@@ -51,9 +53,39 @@ impl Run {
     }
 
     /// One batch; returns Err on the first failure (the simulated power loss).
+    /// Commits `pending`: half the time as the server does (begin the commit, make another
+    /// change while its I/O is outstanding, run the I/O, finish), the other change then
+    /// belonging to the next commit.
+    fn commit(&mut self, pending: Snaps, rng: &mut rand::rngs::StdRng) -> Result<(), StoreError> {
+        if rng.gen_bool(0.5) {
+            self.store.commit()?;
+            self.committed = pending;
+            return Ok(());
+        }
+        let io = self.store.begin_commit()?;
+        let mut next = pending.clone();
+        let ids: Vec<SnapId> = next.keys().copied().collect();
+        if !ids.is_empty() && rng.gen_bool(0.5) {
+            let id = ids[rng.gen_range(0..ids.len())];
+            self.store.delete_snapshot(id)?;
+            next.remove(&id);
+        } else {
+            // May commit inline (a full transaction), which finishes the pending one first.
+            self.store.reclaim_step(rng.gen_range(1..8))?;
+        }
+        self.candidates.push(next.clone());
+        if let Some(io) = io {
+            io.run();
+        }
+        self.store.finish_commit()?;
+        self.committed = pending;
+        self.carry = Some(next);
+        Ok(())
+    }
+
     fn batch(&mut self, rng: &mut rand::rngs::StdRng) -> Result<(), StoreError> {
-        let mut pending = self.committed.clone();
-        self.candidates = vec![self.committed.clone()];
+        let mut pending = self.carry.take().unwrap_or_else(|| self.committed.clone());
+        self.candidates = vec![self.committed.clone(), pending.clone()];
         for _ in 0..rng.gen_range(0..3) {
             match rng.gen_range(0..10) {
                 0..=4 => {
@@ -106,8 +138,7 @@ impl Run {
                     self.store.record_copy_out(chunk, x)?;
                 }
                 self.candidates.push(pending.clone());
-                self.store.commit()?;
-                self.committed = pending;
+                self.commit(pending, rng)?;
                 self.origin[chunk as usize] = self.tag();
             }
             5..=8 => {
@@ -160,8 +191,7 @@ impl Run {
             }
             _ => {
                 self.candidates.push(pending.clone());
-                self.store.commit()?;
-                self.committed = pending;
+                self.commit(pending, rng)?;
             }
         }
         self.candidates = vec![self.committed.clone()];
@@ -205,6 +235,7 @@ fn crash_iteration(seed: u64) -> Outcome {
         may_invalidate: false,
         next_tag: 1,
         names: 0,
+        carry: None,
     };
     dev.power_cut_after(rng.gen_range(0..1500));
     let mut failed = false;
@@ -217,6 +248,9 @@ fn crash_iteration(seed: u64) -> Outcome {
     }
     if !failed {
         // No power cut happened: a clean close must work and lose nothing.
+        if let Some(carry) = run.carry.take() {
+            run.committed = carry;
+        }
         run.store.close().unwrap();
         let mut store = open(&dev).unwrap();
         assert!(!store.was_unclean());
