@@ -10,21 +10,9 @@ use csnap_proto::{DiffEnd, DiffPage, SnapId, SnapshotInfo, SnapshotState};
 impl From<StoreError> for EngineError {
     fn from(e: StoreError) -> Self {
         match e {
-            StoreError::Full => EngineError::Full,
-            // Not corruption: the engine's store-full policy makes room.
-            StoreError::MetadataFull { .. } => EngineError::MetadataFull,
-            StoreError::NoSuchSnapshot(id) => EngineError::NoSuchSnapshot(id),
-            StoreError::NotLive(id) => EngineError::NotLive(id),
-            StoreError::NameTaken(name) => EngineError::NameTaken(name),
-            StoreError::BadName { name, why } => EngineError::BadName { name, why },
-            StoreError::ChunkOutOfRange {
-                chunk,
-                origin_chunks,
-            } => EngineError::ChunkOutOfRange {
-                chunk,
-                origin_chunks,
-            },
-            StoreError::NotReserved(c) => EngineError::NotReserved(c),
+            // Not corruption: the engine answers it (`MetadataFull`: its store-full policy
+            // makes room).
+            StoreError::Refused(refusal) => EngineError::Refused(refusal),
             // Kept whole: its message names the operation, device and offset.
             e @ StoreError::Io { .. } => EngineError::Io(Box::new(e)),
             other => EngineError::Corrupt(Box::new(other)),

@@ -16,6 +16,7 @@
 
 use super::btree::{self, Key, Tree};
 use super::{ExceptionRecord, Result, Store, StoreError};
+use crate::engine::Refusal;
 use csnap_proto::{ChunkRange, DiffEnd, DiffPage, SnapId};
 
 /// Which store chunk `end` reads `r`'s chunk from, if `r` is the record that says so.
@@ -60,10 +61,10 @@ impl Store {
         }
         let origin_chunks = self.meta.geo.origin_chunks();
         if start > origin_chunks {
-            return Err(StoreError::ChunkOutOfRange {
+            return Err(StoreError::Refused(Refusal::ChunkOutOfRange {
                 chunk: start,
                 origin_chunks,
-            });
+            }));
         }
         self.meta.check_usable()?;
         let mut page = DiffPage::default();

@@ -33,6 +33,7 @@ pub use error::{Result, StoreError};
 pub use format::Geometry;
 pub use meta::MetaStats;
 
+use crate::engine::Refusal;
 use btree::{Key, Tree};
 use csnap_proto::SnapId;
 use format::*;
@@ -260,9 +261,11 @@ fn truncate_utf8(s: &str, max: usize) -> &str {
 /// Checks a snapshot name with the one rule every crate uses
 /// ([`csnap_proto::validate_snapshot_name`]), as a store error.
 pub fn check_snapshot_name(name: &str) -> Result<()> {
-    csnap_proto::validate_snapshot_name(name).map_err(|why| StoreError::BadName {
-        name: name.to_owned(),
-        why,
+    csnap_proto::validate_snapshot_name(name).map_err(|why| {
+        StoreError::Refused(Refusal::BadName {
+            name: name.to_owned(),
+            why,
+        })
     })
 }
 
@@ -649,7 +652,7 @@ impl Store {
                 e,
                 StoreError::Io { .. }
                     | StoreError::CorruptMetadata { .. }
-                    | StoreError::MetadataFull { .. }
+                    | StoreError::Refused(Refusal::MetadataFull { .. })
             ) {
                 self.meta.poison(e);
             }
@@ -676,9 +679,9 @@ impl Store {
     /// so they succeed however full the node area is.
     fn ensure_meta_room(&self, inserts: u64) -> Result<()> {
         if self.meta.root.meta_free < META_RESERVE + self.meta_blocks_for(inserts) {
-            return Err(StoreError::MetadataFull {
+            return Err(StoreError::Refused(Refusal::MetadataFull {
                 blocks: self.meta.geo.meta_blocks,
-            });
+            }));
         }
         Ok(())
     }
@@ -701,10 +704,10 @@ impl Store {
     fn check_chunk(&self, chunk: u64) -> Result<()> {
         let origin_chunks = self.meta.geo.origin_chunks();
         if chunk >= origin_chunks {
-            return Err(StoreError::ChunkOutOfRange {
+            return Err(StoreError::Refused(Refusal::ChunkOutOfRange {
                 chunk,
                 origin_chunks,
-            });
+            }));
         }
         Ok(())
     }
@@ -712,8 +715,8 @@ impl Store {
     fn check_live(&self, id: SnapId) -> Result<()> {
         match self.snaps.get(&id.0).map(|r| &r.state) {
             Some(SnapState::Live) => Ok(()),
-            Some(SnapState::Invalid { .. }) => Err(StoreError::NotLive(id)),
-            _ => Err(StoreError::NoSuchSnapshot(id)),
+            Some(SnapState::Invalid { .. }) => Err(StoreError::Refused(Refusal::NotLive(id))),
+            _ => Err(StoreError::Refused(Refusal::NoSuchSnapshot(id))),
         }
     }
 
@@ -781,7 +784,7 @@ impl Store {
     ) -> Result<SnapshotRecord> {
         check_snapshot_name(name)?;
         if self.names.contains_key(name) {
-            return Err(StoreError::NameTaken(name.to_owned()));
+            return Err(StoreError::Refused(Refusal::NameTaken(name.to_owned())));
         }
         self.ensure_meta_room(1)?;
         self.mutate(|s| {
@@ -814,7 +817,7 @@ impl Store {
     /// its space later.
     pub fn delete_snapshot(&mut self, id: SnapId) -> Result<()> {
         let Some(rec) = self.snapshot(id).cloned() else {
-            return Err(StoreError::NoSuchSnapshot(id));
+            return Err(StoreError::Refused(Refusal::NoSuchSnapshot(id)));
         };
         // No room check: rewriting an existing row allocates nothing (see ensure_meta_room).
         self.mutate(|s| {
@@ -831,7 +834,7 @@ impl Store {
     pub fn invalidate_snapshot(&mut self, id: SnapId, reason: &str) -> Result<()> {
         self.check_live(id)?;
         let Some(rec) = self.snaps.get(&id.0).cloned() else {
-            return Err(StoreError::NoSuchSnapshot(id));
+            return Err(StoreError::Refused(Refusal::NoSuchSnapshot(id)));
         };
         // No room check: rewriting an existing row allocates nothing (see ensure_meta_room).
         tracing::error!(snapshot = id.0, name = %rec.name, reason, "snapshot invalidated");
@@ -988,7 +991,7 @@ impl Store {
     pub fn record_copy_out(&mut self, chunk: u64, store_chunk: u64) -> Result<bool> {
         self.check_chunk(chunk)?;
         if !self.meta.reserved().contains(&store_chunk) {
-            return Err(StoreError::NotReserved(store_chunk));
+            return Err(StoreError::Refused(Refusal::NotReserved(store_chunk)));
         }
         self.meta.check_usable()?;
         // One new record per run (the rest are flag rewrites in place).
@@ -1070,7 +1073,7 @@ impl Store {
         self.check_live(id)?;
         let id = id.0;
         if !self.meta.reserved().contains(&store_chunk) {
-            return Err(StoreError::NotReserved(store_chunk));
+            return Err(StoreError::Refused(Refusal::NotReserved(store_chunk)));
         }
         // The split puts back up to three records for the one it removes.
         self.ensure_meta_room(3)?;
