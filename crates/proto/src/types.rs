@@ -9,6 +9,21 @@ use std::fmt;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct SnapId(pub u64);
 
+impl SnapId {
+    /// The first id a store gives (0 is never a snapshot).
+    pub const FIRST: SnapId = SnapId(1);
+
+    /// The id after this one, saturating at the largest: the end of a run of ids, plus one.
+    pub fn next(self) -> SnapId {
+        SnapId(self.0.saturating_add(1))
+    }
+
+    /// The id before this one, saturating at 0.
+    pub fn prev(self) -> SnapId {
+        SnapId(self.0.saturating_sub(1))
+    }
+}
+
 impl fmt::Display for SnapId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         // Delegate so width and alignment (`{:>6}`) apply, as tables need.

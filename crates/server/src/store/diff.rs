@@ -17,12 +17,12 @@
 use super::btree::{self, Key, Tree};
 use super::{ExceptionRecord, Result, Store, StoreError};
 use crate::engine::Refusal;
-use csnap_proto::{ChunkRange, DiffEnd, DiffPage, SnapId};
+use csnap_proto::{ChunkRange, DiffEnd, DiffPage};
 
 /// Which store chunk `end` reads `r`'s chunk from, if `r` is the record that says so.
 fn reads_from(end: DiffEnd, r: &ExceptionRecord) -> Option<u64> {
     match end {
-        DiffEnd::Snapshot(SnapId(id)) if r.first <= id && id <= r.last => Some(r.store_chunk),
+        DiffEnd::Snapshot(id) if r.first <= id && id <= r.last => Some(r.store_chunk),
         _ => None,
     }
 }
