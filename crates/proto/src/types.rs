@@ -267,6 +267,15 @@ mod tests {
     use super::*;
 
     #[test]
+    fn snap_id_neighbours_saturate_at_the_ends() {
+        assert_eq!(SnapId(7).next(), SnapId(8));
+        assert_eq!(SnapId(7).prev(), SnapId(6));
+        assert_eq!(SnapId(u64::MAX).next(), SnapId(u64::MAX));
+        assert_eq!(SnapId(0).prev(), SnapId(0));
+        assert_eq!(SnapId::FIRST.prev(), SnapId(0));
+    }
+
+    #[test]
     fn plain_and_unicode_names_are_accepted() {
         for ok in [
             "daily-2026-11-22",
