@@ -100,7 +100,8 @@ pub struct StoreStats {
     pub free_chunks: u64,
 }
 
-/// Figures of a store's metadata (node) area, for the store-full policy and warnings.
+/// Figures of a store's metadata (node) area, for the store-full policy and warnings
+/// (the on-disk store's `Store::metadata_space` gives them as they are).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct MetadataSpace {
     /// Node blocks in the area.
@@ -111,9 +112,10 @@ pub struct MetadataSpace {
     /// snapshots it covers (normally one), `record_snapshot_exception` up to three,
     /// `create_snapshot` one. Beyond this they may fail with `MetadataFull`.
     pub insert_room: u64,
-    /// Snapshots that may still be created before snapshot rows would take more than
-    /// their share of the area (rows are not freed by invalidating snapshots, only by
-    /// deleting them, so the engine keeps them from crowding out the records).
+    /// Snapshots that may still be created before snapshot rows (deleted snapshots count
+    /// until reclaim drops them) would take more than half the area: rows are not freed
+    /// by invalidating snapshots, only by deleting them, so the engine keeps them from
+    /// crowding out the records the store-full policy can free.
     pub snapshot_room: u64,
 }
 

@@ -116,13 +116,7 @@ impl MetaStore for Store {
     }
 
     fn metadata_space(&mut self) -> Result<Option<MetadataSpace>, EngineError> {
-        let m = Store::metadata_space(self);
-        Ok(Some(MetadataSpace {
-            blocks: m.blocks,
-            free_blocks: m.free_blocks,
-            insert_room: m.insert_room,
-            snapshot_room: m.snapshot_room,
-        }))
+        Ok(Some(Store::metadata_space(self)))
     }
 
     fn reserve_chunk(&mut self) -> Result<u64, EngineError> {

@@ -33,7 +33,7 @@ pub use error::{Result, StoreError};
 pub use format::Geometry;
 pub use meta::MetaStats;
 
-use crate::engine::Refusal;
+use crate::engine::{MetadataSpace, Refusal};
 use btree::{Key, Tree};
 use csnap_proto::SnapId;
 use format::*;
@@ -113,25 +113,6 @@ pub struct ExceptionRecord {
 /// operations that free space allocate no node at all, so they never need it; it is the
 /// margin that keeps them (and a store opened by an older build) working on a full area.
 pub const META_RESERVE: u64 = 8;
-
-/// Node-area figures (`Store::metadata_space`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct MetadataSpace {
-    /// Blocks in the node area.
-    pub blocks: u64,
-    /// Free node blocks (the reserve included).
-    pub free_blocks: u64,
-    /// Key insertions (exception records, snapshot rows) that surely fit now: a copy-out
-    /// inserts one record per run, a snapshot write's unshare up to three, a snapshot
-    /// creation one row. Beyond this, growing operations fail with `MetadataFull`.
-    pub insert_room: u64,
-    /// Snapshots that may still be created before the snapshot table (deleted snapshots
-    /// count until reclaim drops them) would fill half the node area. Invalidating
-    /// snapshots frees exception records, never snapshot rows, so the request engine keeps
-    /// the table within this bound: the other half is left to the records the store-full
-    /// policy can free.
-    pub snapshot_room: u64,
-}
 
 /// An inclusive run of snapshot ids.
 type IdRun = (SnapId, SnapId);
