@@ -106,17 +106,7 @@ pub fn bind(path: &Path) -> Result<UnixListener, ControlError> {
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).map_err(bind_err)?;
     }
-    if let Some(holder) = csnap_server::net::holder::unix_socket_holder(path) {
-        return Err(bind_err(io::Error::new(
-            io::ErrorKind::AddrInUse,
-            csnap_server::net::holder::in_use_message(&holder),
-        )));
-    }
-    match std::fs::remove_file(path) {
-        Ok(()) => {}
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-        Err(e) => return Err(bind_err(e)),
-    }
+    csnap_proto::net::remove_stale_socket(path).map_err(bind_err)?;
     let listener = UnixListener::bind(path).map_err(bind_err)?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(bind_err)?;
     Ok(listener)

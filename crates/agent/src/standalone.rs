@@ -9,9 +9,11 @@ use std::time::Duration;
 use anyhow::{bail, Context as _};
 use csnap_blockdev::client::{ClientConfig, Volume};
 use csnap_blockdev::export::CsnapExports;
-use csnap_blockdev::nbd::{self, Listener, NbdServer};
+use csnap_blockdev::nbd::NbdServer;
 use csnap_proto::control::{ControlRequest, ControlResponse, VolumeStatus, DEFAULT_CONTROL_SOCKET};
+use csnap_proto::net::{in_use_message, unix_socket_holder, Listener};
 use csnap_proto::validate_snapshot_name;
+use csnap_proto::ListenAddr;
 use csnap_server::net::{self as server_net, RunningServer, ServerConfig};
 
 /// `csnap-agent --standalone` options.
@@ -164,20 +166,6 @@ fn fnv1a(bytes: &[u8]) -> u64 {
     })
 }
 
-/// Removes a unix socket file nobody listens on any more (left by a killed process).
-fn remove_stale_socket(path: &std::path::Path) {
-    if path.exists() && std::os::unix::net::UnixStream::connect(path).is_err() {
-        let _ = std::fs::remove_file(path);
-    }
-}
-
-fn to_client_addr(addr: &server_net::ListenAddr) -> nbd::ListenAddr {
-    match addr {
-        server_net::ListenAddr::Tcp(a) => nbd::ListenAddr::Tcp(a.to_string()),
-        server_net::ListenAddr::Unix(p) => nbd::ListenAddr::Unix(p.clone()),
-    }
-}
-
 /// Runs standalone mode until SIGTERM/SIGINT (clean shutdown) or a server failure (error).
 pub async fn run(args: StandaloneArgs) -> anyhow::Result<()> {
     let control_socket = args
@@ -192,18 +180,18 @@ pub async fn run(args: StandaloneArgs) -> anyhow::Result<()> {
     let store = required(&args.store, "--store PATH")?;
     // Before starting anything: a second agent on the same control socket would otherwise
     // start its server first and fail on whatever it collides with next.
-    if let Some(holder) = server_net::holder::unix_socket_holder(&control_socket) {
+    if let Some(holder) = unix_socket_holder(&control_socket) {
         bail!(
             "cannot listen on the control socket {}: {}; give each standalone agent its own \
              --control-socket",
             control_socket.display(),
-            server_net::holder::in_use_message(&holder)
+            in_use_message(&holder)
         );
     }
     let nbd_listen = match (&args.nbd_listen, args.server_only) {
         (_, true) => None,
         (Some(a), false) => Some(
-            a.parse::<nbd::ListenAddr>()
+            a.parse::<ListenAddr>()
                 .map_err(|e| anyhow::anyhow!("--nbd-listen: {e}"))?,
         ),
         (None, false) => bail!("standalone mode needs --nbd-listen ADDR (or --server-only)"),
@@ -261,12 +249,12 @@ pub async fn run(args: StandaloneArgs) -> anyhow::Result<()> {
     let mut server: Option<RunningServer> = None;
     let server_addr = match &args.connect_server {
         Some(addr) => addr
-            .parse::<nbd::ListenAddr>()
+            .parse::<ListenAddr>()
             .map_err(|e| anyhow::anyhow!("--connect-server: {e}"))?,
         None => {
             let listen = match &args.server_listen {
                 Some(s) => s
-                    .parse::<server_net::ListenAddr>()
+                    .parse::<ListenAddr>()
                     .map_err(|e| anyhow::anyhow!("--server-listen: {e}"))?,
                 None => {
                     let path = default_server_socket(&control_socket, &volume_name);
@@ -274,12 +262,9 @@ pub async fn run(args: StandaloneArgs) -> anyhow::Result<()> {
                         std::fs::create_dir_all(dir)
                             .with_context(|| format!("cannot create {}", dir.display()))?;
                     }
-                    server_net::ListenAddr::Unix(path)
+                    ListenAddr::Unix(path)
                 }
             };
-            if let server_net::ListenAddr::Unix(p) = &listen {
-                remove_stale_socket(p);
-            }
             let mut cfg = ServerConfig::new(&origin, &store, listen, &key_path);
             cfg.volume = volume_name.clone();
             // On one host every process shares the page cache, so buffered I/O is
@@ -288,15 +273,12 @@ pub async fn run(args: StandaloneArgs) -> anyhow::Result<()> {
             let running = server_net::start(cfg).await.with_context(|| {
                 format!("cannot start the metadata server for volume {volume_name:?}")
             })?;
-            let addr = to_client_addr(&running.local_addr());
+            let addr = running.local_addr();
             server = Some(running);
             addr
         }
     };
-    let server_desc = match &server_addr {
-        nbd::ListenAddr::Tcp(a) => a.clone(),
-        nbd::ListenAddr::Unix(p) => format!("unix:{}", p.display()),
-    };
+    let server_desc = server_addr.to_string();
 
     let instance = args.client_id.unwrap_or_else(rand::random);
     let volume = Volume::connect(ClientConfig {
@@ -320,13 +302,10 @@ pub async fn run(args: StandaloneArgs) -> anyhow::Result<()> {
     let mut nbd_task = None;
     let mut nbd_desc = "none (--server-only)".to_owned();
     if let Some(addr) = &nbd_listen {
-        if let nbd::ListenAddr::Unix(p) = addr {
-            remove_stale_socket(p);
-        }
         let listener = Listener::bind(addr)
             .await
-            .with_context(|| format!("cannot listen for NBD on {addr:?}"))?;
-        nbd_desc = listener.local_description();
+            .context("cannot serve the NBD exports")?;
+        nbd_desc = listener.to_string();
         let span = tracing::info_span!("volume", csnap_volume = %volume_name);
         nbd_task = Some(tokio::spawn(tracing::Instrument::instrument(
             nbd_server.clone().serve(listener),
@@ -382,7 +361,7 @@ pub async fn run(args: StandaloneArgs) -> anyhow::Result<()> {
     if let Some(t) = nbd_task {
         t.abort();
     }
-    if let Some(nbd::ListenAddr::Unix(p)) = &nbd_listen {
+    if let Some(ListenAddr::Unix(p)) = &nbd_listen {
         let _ = std::fs::remove_file(p);
     }
     volume.shutdown().await;

@@ -88,7 +88,7 @@ pub enum ControlRequest {
 mod bin {
     use serde::{de, Deserializer, Serializer};
 
-    pub fn serialize<S: Serializer>(data: &[u8], s: S) -> Result<S::Ok, S::Error> {
+    pub(super) fn serialize<S: Serializer>(data: &[u8], s: S) -> Result<S::Ok, S::Error> {
         s.serialize_bytes(data)
     }
 
@@ -118,7 +118,7 @@ mod bin {
         }
     }
 
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
         d.deserialize_byte_buf(Visitor)
     }
 }

@@ -3,6 +3,9 @@
 //! * [`frame`]: length-prefixed, versioned MessagePack frames; [`decode_frame`] never panics.
 //!   With feature `codec`, `codec::FrameCodec` wraps it for tokio-util's framed streams.
 //! * [`msg`]: the messages ([`ClientFrame`], [`ServerFrame`]).
+//! * [`addr`]: [`ListenAddr`], where a server listens and a client dials (`HOST:PORT` or
+//!   `unix:PATH`). With feature `net`, `net` binds, accepts and dials it, one path for
+//!   every csnap server and client.
 //! * [`auth`]: mutual HMAC-SHA256 challenge/response with the cluster key, and the
 //!   per-connection keys that authenticate every later frame.
 //! * [`control`]: the local control socket between `csnapctl` and the agent.
@@ -13,6 +16,7 @@
 //!
 //! docs/wire-protocol.md describes the protocol and its flows.
 
+pub mod addr;
 pub mod auth;
 #[cfg(feature = "codec")]
 pub mod codec;
@@ -20,10 +24,13 @@ pub mod control;
 pub mod diff_stream;
 pub mod frame;
 pub mod msg;
+#[cfg(feature = "net")]
+pub mod net;
 #[cfg(feature = "testing")]
 pub mod testing;
 pub mod types;
 
+pub use addr::{AddrError, ListenAddr};
 #[cfg(feature = "codec")]
 pub use codec::FrameCodec;
 pub use frame::{

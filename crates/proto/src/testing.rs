@@ -28,17 +28,20 @@ pub fn parse_seed(text: &str) -> Result<u64, String> {
     parsed.map_err(|e| format!("not a seed (decimal or 0x hex): {t:?}: {e}"))
 }
 
+/// The seed in environment variable `var`, if set; an error naming the variable if the
+/// value is not a seed (never a silent fresh seed).
+pub fn try_env_seed(var: &str) -> Result<Option<u64>, String> {
+    match std::env::var(var) {
+        Ok(v) => parse_seed(&v).map(Some).map_err(|e| format!("{var}: {e}")),
+        Err(std::env::VarError::NotPresent) => Ok(None),
+        Err(e) => Err(format!("{var}: {e}")),
+    }
+}
+
 /// The seed in environment variable `var`, if set. Panics (failing the test) with the
 /// variable's name if the value is not a seed.
 pub fn env_seed(var: &str) -> Option<u64> {
-    match std::env::var(var) {
-        Ok(v) => match parse_seed(&v) {
-            Ok(seed) => Some(seed),
-            Err(e) => panic!("{var}: {e}"),
-        },
-        Err(std::env::VarError::NotPresent) => None,
-        Err(e) => panic!("{var}: {e}"),
-    }
+    try_env_seed(var).unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// How to replay `seed` through `var`: `VAR=0x… cargo test -p PACKAGE -- TEST` (the package

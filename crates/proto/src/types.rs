@@ -9,6 +9,21 @@ use std::fmt;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct SnapId(pub u64);
 
+impl SnapId {
+    /// The first id a store gives (0 is never a snapshot).
+    pub const FIRST: SnapId = SnapId(1);
+
+    /// The id after this one, saturating at the largest: the end of a run of ids, plus one.
+    pub fn next(self) -> SnapId {
+        SnapId(self.0.saturating_add(1))
+    }
+
+    /// The id before this one, saturating at 0.
+    pub fn prev(self) -> SnapId {
+        SnapId(self.0.saturating_sub(1))
+    }
+}
+
 impl fmt::Display for SnapId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         // Delegate so width and alignment (`{:>6}`) apply, as tables need.
@@ -250,6 +265,15 @@ pub enum ClientKind {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn snap_id_neighbours_saturate_at_the_ends() {
+        assert_eq!(SnapId(7).next(), SnapId(8));
+        assert_eq!(SnapId(7).prev(), SnapId(6));
+        assert_eq!(SnapId(u64::MAX).next(), SnapId(u64::MAX));
+        assert_eq!(SnapId(0).prev(), SnapId(0));
+        assert_eq!(SnapId::FIRST.prev(), SnapId(0));
+    }
 
     #[test]
     fn plain_and_unicode_names_are_accepted() {

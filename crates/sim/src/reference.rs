@@ -6,6 +6,8 @@
 
 use std::collections::BTreeMap;
 
+use csnap_proto::SnapId;
+
 use crate::disk::SECT;
 
 pub fn sector_bytes(tag: u64, sector: u64) -> Vec<u8> {
@@ -68,7 +70,7 @@ impl History {
 /// A snapshot as the checker saw the store create it.
 #[derive(Clone, Debug)]
 pub struct SnapRecord {
-    pub id: u64,
+    pub id: SnapId,
     pub name: String,
     /// Per sector, what it read at creation: the origin's version then, plus the version
     /// before it when a crash lost that one before the chunk was copied out.
@@ -119,10 +121,10 @@ pub struct ReadWindow {
 #[derive(Debug)]
 pub struct Reference {
     pub origin: Vec<History>,
-    pub snaps: BTreeMap<u64, SnapRecord>,
+    pub snaps: BTreeMap<SnapId, SnapRecord>,
     pub next_tag: u64,
     /// Snapshot writes by tag: (snapshot, first sector, sectors).
-    pub snap_writes: BTreeMap<u64, (u64, u64, u64)>,
+    pub snap_writes: BTreeMap<u64, (SnapId, u64, u64)>,
 }
 
 impl Reference {
@@ -186,7 +188,7 @@ impl Reference {
     }
 
     /// The store created snapshot `id`: it reads the origin as it is now.
-    pub fn created(&mut self, id: u64, name: String) {
+    pub fn created(&mut self, id: SnapId, name: String) {
         let base = self.origin.iter().map(|h| vec![h.current()]).collect();
         self.snaps.insert(
             id,
@@ -203,7 +205,7 @@ impl Reference {
     }
 
     /// A read of `snap` at sectors `first..first + n` is asked now.
-    pub fn read_window(&self, snap: u64, first: u64, n: u64) -> ReadWindow {
+    pub fn read_window(&self, snap: SnapId, first: u64, n: u64) -> ReadWindow {
         let then = match self.snaps.get(&snap) {
             Some(rec) => (first..first + n).map(|s| rec.allowed(s)).collect(),
             None => Vec::new(),
@@ -215,7 +217,7 @@ impl Reference {
     }
 
     /// A snapshot write of `tag` reached the store device.
-    pub fn snap_written(&mut self, snap: u64, tag: u64, first: u64, n: u64, promised: bool) {
+    pub fn snap_written(&mut self, snap: SnapId, tag: u64, first: u64, n: u64, promised: bool) {
         self.snap_writes.insert(tag, (snap, first, n));
         if let Some(rec) = self.snaps.get_mut(&snap) {
             for s in first..first + n {
@@ -225,7 +227,7 @@ impl Reference {
     }
 
     /// A flush of the writing client completed after the snapshot write of `tag`.
-    pub fn snap_promise(&mut self, snap: u64, tag: u64, first: u64, n: u64) {
+    pub fn snap_promise(&mut self, snap: SnapId, tag: u64, first: u64, n: u64) {
         if let Some(rec) = self.snaps.get_mut(&snap) {
             for s in first..first + n {
                 if let Some(v) = rec

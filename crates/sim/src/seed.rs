@@ -40,15 +40,11 @@ impl fmt::Display for Seed {
     }
 }
 
-/// Reads a seed from the environment; a malformed value is an error, not a silent default.
+/// Reads a seed from the environment, as every test does
+/// (`csnap_proto::testing::try_env_seed`); a malformed value is an error, not a silent
+/// default.
 pub fn env_seed(name: &str) -> Result<Option<Seed>, String> {
-    match std::env::var(name) {
-        Ok(v) => Seed::parse(&v)
-            .map(Some)
-            .map_err(|e| format!("{name}: {e}")),
-        Err(std::env::VarError::NotPresent) => Ok(None),
-        Err(e) => Err(format!("{name}: {e}")),
-    }
+    csnap_proto::testing::try_env_seed(name).map(|seed| seed.map(Seed))
 }
 
 /// Reads a count from the environment.

@@ -621,12 +621,12 @@ impl World {
         )
         .map_err(|e| format!("{id}: the store does not open: {e}"))?;
         let rows = store.snapshots();
-        let alive: Vec<(u64, bool)> = rows
+        let alive: Vec<(SnapId, bool)> = rows
             .iter()
-            .map(|r| (r.id.0, r.state != SnapState::Deleting))
+            .map(|r| (r.id, r.state != SnapState::Deleting))
             .collect();
         checkers::deletes::listed(&self.reference, &alive)?;
-        let listed: Vec<(u64, String)> = rows.into_iter().map(|r| (r.id.0, r.name)).collect();
+        let listed: Vec<(SnapId, String)> = rows.into_iter().map(|r| (r.id, r.name)).collect();
         checkers::durability::reported_listed(&mut self.reference, &listed)?;
         let cfg = EngineConfig {
             cluster_key: KEY.to_vec(),
@@ -756,11 +756,11 @@ impl World {
                     if let Some(what) = what {
                         let kind = self.conns.get(&conn).map(|c| c.client.kind);
                         if let Some(csnap_proto::ClientKind::Snapshot { snap }) = kind {
-                            checkers::deletes::on_grant(&self.reference, id.0, snap.0, what)?;
+                            checkers::deletes::on_grant(&self.reference, id.0, snap, what)?;
                         }
                     }
                     if let ServerMsg::SnapshotDeleted { snap } = frame.msg {
-                        if let Some(rec) = self.reference.snaps.get_mut(&snap.0) {
+                        if let Some(rec) = self.reference.snaps.get_mut(&snap) {
                             if !rec.deleted {
                                 rec.deleted = true;
                                 self.stats.snapshots_deleted += 1;
@@ -801,13 +801,13 @@ impl World {
         let Some(s) = self.nodes[i].server() else {
             return Ok(());
         };
-        let new: Vec<(u64, String)> = s
+        let new: Vec<(SnapId, String)> = s
             .engine
             .store()
             .snapshots()
             .into_iter()
-            .filter(|r| !self.reference.snaps.contains_key(&r.id.0))
-            .map(|r| (r.id.0, r.name))
+            .filter(|r| !self.reference.snaps.contains_key(&r.id))
+            .map(|r| (r.id, r.name))
             .collect();
         for (id, name) in new {
             checkers::snapshots::on_creation(&self.nodes, self.now, MARGIN_MS, id)?;
@@ -1073,7 +1073,7 @@ impl World {
                 });
             }
             (OpKind::Create { name }, ServerMsg::SnapshotCreated { info }) => {
-                match self.reference.snaps.get_mut(&info.id.0) {
+                match self.reference.snaps.get_mut(&info.id) {
                     Some(rec) if rec.name == name => rec.reported = true,
                     other => {
                         return Err(format!(
@@ -1144,7 +1144,7 @@ impl World {
         let asked = self
             .reference
             .snaps
-            .get(&snap.0)
+            .get(&snap)
             .is_none_or(|r| r.delete_asked);
         match code {
             ErrorCode::NoSuchSnapshot => asked,
@@ -1252,7 +1252,7 @@ impl World {
         let role = self.nodes[i].clients[ci].role;
         for (tag, first, n) in std::mem::take(&mut self.nodes[i].clients[ci].unflushed) {
             match role {
-                Role::Reader { snap } => self.reference.snap_promise(snap.0, tag, first, n),
+                Role::Reader { snap } => self.reference.snap_promise(snap, tag, first, n),
                 _ => self.reference.promise(tag, first, n),
             }
             self.stats.writes_acked += 1;
@@ -1288,13 +1288,14 @@ impl World {
             data.extend_from_slice(&b);
         }
         self.stats.snapshot_reads += 1;
-        checkers::snapshots::on_read(&self.reference, snap.0, offset, &data, Some(&window))
-            .map_err(|e| {
+        checkers::snapshots::on_read(&self.reference, snap, offset, &data, Some(&window)).map_err(
+            |e| {
                 format!(
                     "{e} (read by {} on {})",
                     self.nodes[i].clients[ci].id, self.nodes[i].id
                 )
-            })?;
+            },
+        )?;
         if !store.is_empty() {
             let mut chunks: Vec<u64> = store.iter().map(|a| a.chunk).collect();
             chunks.sort_unstable();
@@ -1344,7 +1345,7 @@ impl World {
                 ranges: vec![range],
             },
         )?;
-        let window = self.reference.read_window(snap.0, first, count);
+        let window = self.reference.read_window(snap, first, count);
         self.nodes[i].clients[ci].ops.push(Op {
             kind: OpKind::Read {
                 offset: first * SECT,
@@ -1439,7 +1440,7 @@ impl World {
                     .map_err(|e| format!("flush failed: {e}"))?;
             }
             self.reference
-                .snap_written(snap.0, tag, first_sector, sectors, fua);
+                .snap_written(snap, tag, first_sector, sectors, fua);
             self.stats.snapshot_writes += 1;
             self.stats.writes_acked += u64::from(fua);
             self.nodes[i].clients[ci]
@@ -1471,9 +1472,7 @@ impl World {
         if !readers.is_empty() && self.rng.gen_bool(0.4) {
             // Readers of a deleted snapshot go first (as `Volume::delete_snapshot` drops them).
             let deleted = |c: &Client| match c.role {
-                Role::Reader { snap } => {
-                    self.reference.snaps.get(&snap.0).is_some_and(|r| r.deleted)
-                }
+                Role::Reader { snap } => self.reference.snaps.get(&snap).is_some_and(|r| r.deleted),
                 _ => false,
             };
             let ci = self.nodes[i]
@@ -1504,7 +1503,7 @@ impl World {
                 }
             }
         } else if readers.len() < 2 {
-            let reported: Vec<u64> = self
+            let reported: Vec<SnapId> = self
                 .reference
                 .snaps
                 .values()
@@ -1514,7 +1513,7 @@ impl World {
             if reported.is_empty() {
                 return Ok(());
             }
-            let snap = SnapId(reported[self.rng.gen_range(0..reported.len())]);
+            let snap = reported[self.rng.gen_range(0..reported.len())];
             let inst = self.instance();
             let inc = self.nodes[i].agent.as_ref().map_or(0, |a| a.incarnation);
             let c = Client::new(Role::Reader { snap }, inst, self.nodes[i].id.0, inc, KEY);
@@ -1584,7 +1583,7 @@ impl World {
     /// Deletes a snapshot the application was told of (by id, as `Volume::delete_snapshot`
     /// after its lookup).
     fn start_delete(&mut self, i: usize) -> Check {
-        let known: Vec<u64> = self
+        let known: Vec<SnapId> = self
             .reference
             .snaps
             .values()
@@ -1594,7 +1593,7 @@ impl World {
         if known.is_empty() {
             return Ok(());
         }
-        let snap = SnapId(known[self.rng.gen_range(0..known.len())]);
+        let snap = known[self.rng.gen_range(0..known.len())];
         let ci = self.admin(i);
         if !self.nodes[i].clients[ci].ops.is_empty() {
             return Ok(());
@@ -1603,7 +1602,7 @@ impl World {
             "{} admin on {} deletes {snap}",
             self.now, self.nodes[i].id
         ));
-        if let Some(rec) = self.reference.snaps.get_mut(&snap.0) {
+        if let Some(rec) = self.reference.snaps.get_mut(&snap) {
             rec.delete_asked = true;
         }
         let id = self.submit(i, ci, ClientMsg::DeleteSnapshot { snap })?;
@@ -2200,7 +2199,7 @@ impl World {
             Some(s) => s.engine.store().snapshots(),
             None => Vec::new(),
         };
-        let listed: Vec<(u64, String)> = rows.iter().map(|r| (r.id.0, r.name.clone())).collect();
+        let listed: Vec<(SnapId, String)> = rows.iter().map(|r| (r.id, r.name.clone())).collect();
         checkers::durability::reported_listed(&mut self.reference, &listed)?;
         for r in rows.iter().filter(|r| r.state == SnapState::Live) {
             for chunk in 0..self.knobs.origin_chunks {
@@ -2224,7 +2223,7 @@ impl World {
                     ),
                 }
                 .map_err(|e| format!("read: {e}"))?;
-                checkers::snapshots::on_read(&self.reference, r.id.0, chunk * CHUNK, &buf, None)
+                checkers::snapshots::on_read(&self.reference, r.id, chunk * CHUNK, &buf, None)
                     .map_err(|e| format!("after settling: {e}"))?;
                 self.stats.snapshot_reads += 1;
             }
@@ -2304,7 +2303,7 @@ impl World {
         };
         let store = s.engine.store_mut();
         let deleting = match store.reclaim_position() {
-            Some((_, ids)) => ids.into_iter().map(|id| id.0).collect(),
+            Some((_, ids)) => ids,
             None => Vec::new(),
         };
         if deleting.is_empty() && !self.reference.snaps.values().any(|r| r.delete_asked) {

@@ -22,8 +22,9 @@
 
 use clap::Parser;
 use csnap_proto::auth;
+use csnap_proto::ListenAddr;
 use csnap_proto::*;
-use csnap_server::net::{self, ListenAddr, ServerConfig};
+use csnap_server::net::{self, ServerConfig};
 use csnap_server::store::{ChunkSource, FileDevice, FormatOptions, OpenOptions, Store};
 use futures::{SinkExt as _, StreamExt as _};
 use rand::rngs::StdRng;

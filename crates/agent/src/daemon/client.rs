@@ -6,7 +6,9 @@ use std::time::Duration;
 
 use csnap_blockdev::client::{ClientConfig, ServerTarget, Volume};
 use csnap_blockdev::export::CsnapExports;
-use csnap_blockdev::nbd::{self, Listener, NbdServer};
+use csnap_blockdev::nbd::NbdServer;
+use csnap_proto::net::Listener;
+use csnap_proto::ListenAddr;
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
@@ -23,7 +25,7 @@ pub struct ClientSideConfig {
     pub node: u32,
     pub instance: u64,
     pub direct_io: bool,
-    pub nbd_listen: Option<nbd::ListenAddr>,
+    pub nbd_listen: Option<ListenAddr>,
     pub snapshots_read_only: bool,
 }
 
@@ -103,18 +105,15 @@ pub async fn run_client_side(
         let nbd_server = Arc::new(NbdServer::new(Arc::new(exports), Default::default()));
         let mut nbd_task = None;
         if let Some(addr) = &cfg.nbd_listen {
-            if let nbd::ListenAddr::Unix(p) = addr {
-                super::remove_stale_socket(p);
-            }
             match Listener::bind(addr).await {
                 Ok(listener) => {
-                    tracing::info!(volume = %cfg.volume, nbd = %listener.local_description(), "NBD exports listening");
+                    tracing::info!(volume = %cfg.volume, nbd = %listener, "NBD exports listening");
                     nbd_task = Some(tokio::spawn(
                         nbd_server.clone().serve(listener).in_current_span(),
                     ));
                 }
                 Err(e) => {
-                    tracing::error!(volume = %cfg.volume, error = %e, "cannot listen for NBD on {addr:?}")
+                    tracing::error!(volume = %cfg.volume, error = %e, "cannot serve the NBD exports")
                 }
             }
         }
@@ -142,7 +141,7 @@ pub async fn run_client_side(
         if let Some(t) = nbd_task {
             t.abort();
         }
-        if let Some(nbd::ListenAddr::Unix(p)) = &cfg.nbd_listen {
+        if let Some(ListenAddr::Unix(p)) = &cfg.nbd_listen {
             let _ = std::fs::remove_file(p);
         }
         connected.send_replace(None);

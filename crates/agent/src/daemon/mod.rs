@@ -12,7 +12,7 @@ pub mod volume;
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -20,8 +20,8 @@ use anyhow::Context as _;
 use cpg_glue::corosync::{Cmap, CorosyncGroup, CorosyncQuorum};
 use cpg_glue::NodeId;
 use csnap_blockdev::client::Volume;
-use csnap_blockdev::nbd;
 use csnap_proto::control::{ClusterStatus, ControlRequest, ControlResponse, VolumeStatus};
+use csnap_proto::ListenAddr;
 use csnap_server::net::{self as server_net};
 use futures::StreamExt as _;
 use tokio::sync::{mpsc, oneshot, watch};
@@ -43,13 +43,6 @@ pub struct DaemonOptions {
     pub snapshots_read_only: bool,
 }
 
-/// Removes a unix socket file nobody listens on any more (left by a killed process).
-pub(crate) fn remove_stale_socket(path: &Path) {
-    if path.exists() && std::os::unix::net::UnixStream::connect(path).is_err() {
-        let _ = std::fs::remove_file(path);
-    }
-}
-
 /// One volume this agent runs.
 struct RunningVolume {
     config: VolumeConfig,
@@ -66,16 +59,16 @@ fn server_addresses(
     config: &CsnapConfig,
     node: NodeId,
     volume: &VolumeConfig,
-) -> (server_net::ListenAddr, String) {
+) -> (ListenAddr, String) {
     let ring0 = config.nodes.get(&node).and_then(|n| n.ring0_addr.clone());
     match ring0.as_deref().map(str::parse::<IpAddr>) {
         Some(Ok(ip)) => {
             let addr = SocketAddr::new(ip, volume.server_port);
-            (server_net::ListenAddr::Tcp(addr), addr.to_string())
+            (ListenAddr::from(addr), addr.to_string())
         }
         // A host name (or no nodelist entry): listen everywhere, advertise the name.
         _ => (
-            server_net::ListenAddr::Tcp(SocketAddr::new(
+            ListenAddr::from(SocketAddr::new(
                 IpAddr::from([0, 0, 0, 0]),
                 volume.server_port,
             )),
@@ -88,10 +81,10 @@ fn server_addresses(
     }
 }
 
-fn nbd_addr(listen: &NbdListen) -> nbd::ListenAddr {
+fn nbd_addr(listen: &NbdListen) -> ListenAddr {
     match listen {
-        NbdListen::Unix(p) => nbd::ListenAddr::Unix(p.clone()),
-        NbdListen::Tcp(a) => nbd::ListenAddr::Tcp(a.to_string()),
+        NbdListen::Unix(p) => ListenAddr::Unix(p.clone()),
+        NbdListen::Tcp(a) => ListenAddr::from(*a),
     }
 }
 

@@ -11,11 +11,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use cpg_glue::{Group, GroupEvent, GroupSender as _, NodeId, Quorum};
-use csnap_blockdev::nbd;
 use csnap_proto::control::{
     ActivationGate, ClusterStatus, FailoverTiming, FenceJob, GatedClient, NodeClients,
 };
-use csnap_proto::{ClientId, ServerStatus};
+use csnap_proto::{ClientId, ListenAddr, ServerStatus};
 use csnap_server::net::{self as server_net, RunningServer, ServerConfig};
 use csnap_server::store::StoreError;
 use futures::StreamExt as _;
@@ -37,7 +36,7 @@ pub struct VolumeShellConfig {
     /// This node.
     pub node: NodeId,
     /// Where this node's server for the volume listens when it is chosen.
-    pub server_listen: server_net::ListenAddr,
+    pub server_listen: ListenAddr,
     /// The machine's configuration (its `server_address` is what clients dial).
     pub membership: MembershipConfig,
     /// Where each node's server for the volume listens (by the rule this node's own
@@ -408,7 +407,7 @@ fn cluster_status(
 /// Binds the server's address at once, from inside the loop without waiting: a TCP bind
 /// completes on its first poll; should a unix socket's liveness probe not, the activation
 /// binds instead.
-fn bind_now(addr: &server_net::ListenAddr) -> Result<server_net::BoundListener, String> {
+fn bind_now(addr: &ListenAddr) -> Result<server_net::BoundListener, String> {
     use futures::FutureExt as _;
     match server_net::bind_early(addr).now_or_never() {
         Some(r) => r.map_err(|e| e.to_string()),
@@ -885,10 +884,10 @@ impl LocalServer {
 }
 
 /// The address clients dial for a location, parsed.
-pub fn client_address(location: &ServerLocation) -> Result<nbd::ListenAddr, String> {
+pub fn client_address(location: &ServerLocation) -> Result<ListenAddr, String> {
     location
         .address
-        .parse::<nbd::ListenAddr>()
+        .parse::<ListenAddr>()
         .map_err(|e| format!("server address {:?}: {e}", location.address))
 }
 

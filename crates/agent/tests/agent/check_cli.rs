@@ -6,7 +6,8 @@ use crate::support;
 
 use std::sync::Arc;
 
-use csnap_server::net::{self, ListenAddr, ServerConfig};
+use csnap_proto::ListenAddr;
+use csnap_server::net::{self, ServerConfig};
 use csnap_server::store::format::BLOCK;
 use csnap_server::store::{read_superblock, BlockDevice, FileDevice, OpenOptions, Store};
 use support::{read_file, run, Fixture, Ran, WAIT};

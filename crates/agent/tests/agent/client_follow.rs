@@ -13,7 +13,7 @@ use bytes::Bytes;
 use csnap_blockdev::client::{
     client_id_for, ClientConfig, ConnConfig, MetaConnection, ServerTarget, Volume,
 };
-use csnap_blockdev::nbd::ListenAddr;
+use csnap_proto::ListenAddr;
 use csnap_proto::{ChunkRange, ClientKind, ClientMsg, ServerMsg};
 use support::{pattern, start_server, Fixture, WAIT};
 use tokio::sync::watch;

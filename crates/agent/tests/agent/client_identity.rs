@@ -69,7 +69,7 @@ async fn a_second_client_with_the_same_id_is_refused_and_the_first_keeps_working
     let server = start_server(&fx, &sock, Vec::new()).await;
     let first = connect_volume(&fx, &sock, 0x77, 1, 1 << 10).await;
     let second = Volume::connect(ClientConfig {
-        server: csnap_blockdev::nbd::ListenAddr::Unix(sock.clone()).into(),
+        server: csnap_proto::ListenAddr::Unix(sock.clone()).into(),
         key: std::fs::read(&fx.key_file).unwrap(),
         instance: 0x77,
         node: 2,

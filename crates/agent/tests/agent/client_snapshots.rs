@@ -73,7 +73,7 @@ async fn snapshots_taken_under_concurrent_writes_and_a_server_restart_keep_their
     let mut server = Some(start_server(&fx, &sock, Vec::new()).await);
     let key = std::fs::read(&fx.key_file).unwrap();
     let volume = Volume::connect(ClientConfig {
-        server: csnap_blockdev::nbd::ListenAddr::Unix(sock.clone()).into(),
+        server: csnap_proto::ListenAddr::Unix(sock.clone()).into(),
         key,
         instance: BASE,
         node: 1,
@@ -356,7 +356,7 @@ async fn two_origin_clients_in_a_causal_chain_never_split_a_snapshot() {
     let key = std::fs::read(&fx.key_file).unwrap();
     let connect = |base: u64, node: u32| {
         Volume::connect(ClientConfig {
-            server: csnap_blockdev::nbd::ListenAddr::Unix(sock.clone()).into(),
+            server: csnap_proto::ListenAddr::Unix(sock.clone()).into(),
             key: key.clone(),
             instance: base,
             node,
@@ -432,7 +432,7 @@ async fn deleting_a_snapshot_after_store_reads_gives_its_space_back() {
     let sock = fx.path("server.sock");
     let server = start_server(&fx, &sock, Vec::new()).await;
     let volume = Volume::connect(ClientConfig {
-        server: csnap_blockdev::nbd::ListenAddr::Unix(sock.clone()).into(),
+        server: csnap_proto::ListenAddr::Unix(sock.clone()).into(),
         key: std::fs::read(&fx.key_file).unwrap(),
         instance: BASE,
         node: 1,

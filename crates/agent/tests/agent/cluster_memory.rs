@@ -109,7 +109,7 @@ fn start_node_with(
         store: fx.store.clone(),
         key_file: fx.key_file.clone(),
         node: id,
-        server_listen: csnap_server::net::ListenAddr::Unix(sock),
+        server_listen: csnap_proto::ListenAddr::Unix(sock),
         membership,
         // No configured addresses: every member learns the server's address from its
         // announce or its state (the shell's table is only a fallback for version-1 peers).

@@ -7,8 +7,9 @@ use crate::support;
 use std::sync::Arc;
 
 use csnap_blockdev::client::{ClientConfig, Volume};
+use csnap_proto::ListenAddr;
 use csnap_proto::SnapshotState;
-use csnap_server::net::{self, ListenAddr, ServerConfig};
+use csnap_server::net::{self, ServerConfig};
 use csnap_server::store::{FileDevice, OpenOptions, Store};
 use support::{csnapctl, Agent, Fixture, WAIT};
 
@@ -57,7 +58,7 @@ async fn ten_thousand_snapshots_list_completely() {
         .expect("server starts");
     let key = std::fs::read(&fx.key_file).unwrap();
     let volume = Volume::connect(ClientConfig {
-        server: csnap_blockdev::nbd::ListenAddr::Unix(sock.clone()).into(),
+        server: csnap_proto::ListenAddr::Unix(sock.clone()).into(),
         key,
         instance: 1 << 40,
         node: 1,

@@ -374,7 +374,7 @@ pub async fn start_server(
     let mut cfg = net::ServerConfig::new(
         &fx.origin,
         &fx.store,
-        net::ListenAddr::Unix(sock.to_owned()),
+        csnap_proto::ListenAddr::Unix(sock.to_owned()),
         &fx.key_file,
     );
     cfg.direct_io = false;
@@ -395,7 +395,7 @@ pub async fn connect_volume(
     cache_chunks: usize,
 ) -> std::sync::Arc<csnap_blockdev::client::Volume> {
     let volume = csnap_blockdev::client::Volume::connect(csnap_blockdev::client::ClientConfig {
-        server: csnap_blockdev::nbd::ListenAddr::Unix(sock.to_owned()).into(),
+        server: csnap_proto::ListenAddr::Unix(sock.to_owned()).into(),
         key: std::fs::read(&fx.key_file).unwrap(),
         instance,
         node,

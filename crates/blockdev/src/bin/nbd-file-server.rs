@@ -13,7 +13,9 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use clap::Parser;
 use csnap_blockdev::nbd::activation::{take_activated_listeners, ActivatedListener};
-use csnap_blockdev::nbd::{FileExports, ListenAddr, Listener, NbdServer, ServerConfig};
+use csnap_blockdev::nbd::{FileExports, NbdServer, ServerConfig};
+use csnap_proto::net::Listener;
+use csnap_proto::ListenAddr;
 
 #[derive(Parser, Debug)]
 #[command(about = "Serve regular files over NBD")]
@@ -105,15 +107,13 @@ fn main() -> Result<()> {
         let mut listeners = Vec::new();
         for ActivatedListener { listener, name } in activated.into_iter().flatten() {
             let listener = Listener::from_std(listener).context("adopting an activated socket")?;
-            tracing::info!(address = %listener.local_description(), ?name, "socket activated");
+            tracing::info!(address = %listener, ?name, "socket activated");
             listeners.push(listener);
         }
         for addr in &args.listen {
-            let listener = Listener::bind(addr)
-                .await
-                .with_context(|| format!("listening on {addr:?}"))?;
+            let listener = Listener::bind(addr).await?;
             // Only for sockets we bound: under activation stdout may be the client's.
-            println!("listening on {}", listener.local_description());
+            println!("listening on {listener}");
             listeners.push(listener);
         }
         if listeners.is_empty() {
@@ -132,7 +132,8 @@ fn main() -> Result<()> {
             _ = tokio::signal::ctrl_c() => tracing::info!("interrupted, shutting down"),
             _ = terminate.recv() => tracing::info!("terminated, shutting down"),
             Some(done) = tasks.join_next() => {
-                done.context("listener task panicked")?.context("listener failed")?;
+                // A listener serves until shutdown: ending first is a panic.
+                done.context("listener task panicked")?;
             }
         }
         // In-flight requests are answered before connections close.

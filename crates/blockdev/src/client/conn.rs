@@ -8,7 +8,6 @@
 //! address tried at once, resuming the session as after any lost connection.
 
 use std::collections::HashMap;
-use std::io;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -16,15 +15,15 @@ use csnap_proto::{
     decode_frame_with, encode_frame_with, ChunkRange, ClientId, ClientKind, ClientMsg, Decoded,
     ErrorCode, FrameOpener, FrameSealer, RequestId, ServerFrame, ServerMsg,
 };
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::net::{TcpStream, UnixStream};
+use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 
 use super::cache::{OriginTracker, WriteGuard};
 use super::session::{Output, Session, SessionInput};
 use super::ClientError;
-use crate::nbd::ListenAddr;
+use csnap_proto::net::connect;
+use csnap_proto::ListenAddr;
 
 /// Where the metadata server is.
 ///
@@ -235,20 +234,6 @@ impl Drop for MetaConnection {
     fn drop(&mut self) {
         let _ = self.cmds.send(Cmd::Shutdown);
     }
-}
-
-trait Stream: AsyncRead + AsyncWrite + Unpin + Send {}
-impl<T: AsyncRead + AsyncWrite + Unpin + Send> Stream for T {}
-
-async fn connect(addr: &ListenAddr) -> io::Result<Box<dyn Stream>> {
-    Ok(match addr {
-        ListenAddr::Tcp(hostport) => {
-            let s = TcpStream::connect(hostport.as_str()).await?;
-            s.set_nodelay(true)?;
-            Box::new(s)
-        }
-        ListenAddr::Unix(path) => Box::new(UnixStream::connect(path).await?),
-    })
 }
 
 /// Why a connection ended.
@@ -490,7 +475,7 @@ impl Shell {
 
     async fn serve(
         &mut self,
-        stream: Box<dyn Stream>,
+        stream: Box<dyn csnap_proto::net::Stream>,
         cmds: &mut mpsc::UnboundedReceiver<Cmd>,
         ack_tx: &mpsc::UnboundedSender<ClientMsg>,
         acks: &mut mpsc::UnboundedReceiver<ClientMsg>,

@@ -4,6 +4,7 @@
 
 use std::os::fd::{FromRawFd, OwnedFd, RawFd};
 
+use csnap_proto::net::StdListener;
 use nix::sys::socket::{
     getsockname, getsockopt, sockopt, AddressFamily, SockaddrLike, SockaddrStorage,
 };
@@ -76,13 +77,6 @@ pub fn parse_listen_env(
             })
             .collect(),
     ))
-}
-
-/// A passed listening socket, not yet registered with tokio.
-#[derive(Debug)]
-pub enum StdListener {
-    Tcp(std::net::TcpListener),
-    Unix(std::os::unix::net::UnixListener),
 }
 
 /// A passed listening socket with its LISTEN_FDNAMES name.

@@ -22,5 +22,5 @@ pub use file::{FileExport, FileExports};
 pub use handshake::{
     Handshake, HandshakeConfig, HandshakeError, HandshakeInput, HandshakeOutput, Negotiated,
 };
-pub use server::{ListenAddr, Listener, NbdServer, ServerConfig};
+pub use server::{NbdServer, ServerConfig};
 pub use transmission::{validate, Command, Rejection, Reply, RequestError, RequestHeader};

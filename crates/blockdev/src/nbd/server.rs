@@ -3,16 +3,14 @@
 
 use std::fmt;
 use std::io;
-use std::path::PathBuf;
-use std::str::FromStr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::BytesMut;
 
+use csnap_proto::net::Listener;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::{watch, Notify};
 use tracing::Instrument;
 
@@ -124,47 +122,24 @@ impl NbdServer {
 
     /// Accepts connections, each served on its own task, until `shutdown` is called.
     /// Errors of one connection are logged and never stop the listener.
-    pub async fn serve(self: Arc<Self>, listener: Listener) -> io::Result<()> {
-        loop {
-            let accept = async {
-                match &listener {
-                    Listener::Tcp(l) => l.accept().await.map(|(stream, peer)| {
-                        // Replies are small and latency bound; don't let Nagle hold them.
-                        let _ = stream.set_nodelay(true);
-                        (Box::new(stream) as Box<dyn Stream>, peer.to_string())
-                    }),
-                    Listener::Unix(l) => l.accept().await.map(|(stream, _)| {
-                        (Box::new(stream) as Box<dyn Stream>, "unix".to_owned())
-                    }),
-                }
-            };
-            let accepted = tokio::select! {
-                biased;
-                _ = self.stopped() => return Ok(()),
-                accepted = accept => accepted,
-            };
-            match accepted {
-                Ok((stream, peer)) => {
-                    let server = self.clone();
-                    // In the listener's span (the agent's carries the volume and node),
-                    // so the connection's lines say which volume they are about.
-                    tokio::spawn(
-                        async move {
-                            match server.serve_connection(stream).await {
-                                Ok(end) => tracing::debug!(%peer, ?end, "NBD connection ended"),
-                                Err(err) => tracing::warn!(%peer, %err, "NBD connection failed"),
-                            }
+    pub async fn serve(self: Arc<Self>, listener: Listener) {
+        let stopped = self.stopped();
+        listener
+            .accept_until(stopped, |stream, peer| {
+                let server = self.clone();
+                // In the listener's span (the agent's carries the volume and node), so the
+                // connection's lines say which volume they are about.
+                tokio::spawn(
+                    async move {
+                        match server.serve_connection(stream).await {
+                            Ok(end) => tracing::debug!(%peer, ?end, "NBD connection ended"),
+                            Err(err) => tracing::warn!(%peer, %err, "NBD connection failed"),
                         }
-                        .in_current_span(),
-                    );
-                }
-                Err(err) => {
-                    // Typically EMFILE: back off instead of spinning, keep serving.
-                    tracing::warn!(%err, "accepting an NBD connection failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
-            }
-        }
+                    }
+                    .in_current_span(),
+                );
+            })
+            .await;
     }
 
     /// Serves one client connection to its end.
@@ -287,87 +262,6 @@ impl NbdServer {
                     handshake.handle(HandshakeInput::MetaContexts(offered.as_deref()))?;
                 }
             }
-        }
-    }
-}
-
-/// Object-safe stream for the accept loop (TCP and unix sockets alike).
-trait Stream: AsyncRead + AsyncWrite + Send + Unpin + 'static {}
-impl<T: AsyncRead + AsyncWrite + Send + Unpin + 'static> Stream for T {}
-
-/// Where to listen: `HOST:PORT` or `unix:PATH`.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum ListenAddr {
-    Tcp(String),
-    Unix(PathBuf),
-}
-
-impl FromStr for ListenAddr {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        if let Some(path) = s.strip_prefix("unix:") {
-            if path.is_empty() {
-                return Err("unix: needs a socket path".into());
-            }
-            return Ok(ListenAddr::Unix(PathBuf::from(path)));
-        }
-        match s.rsplit_once(':') {
-            Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok() => {
-                Ok(ListenAddr::Tcp(s.to_owned()))
-            }
-            _ => Err(format!("{s:?} is neither HOST:PORT nor unix:PATH")),
-        }
-    }
-}
-
-/// A listening socket the server accepts on.
-#[derive(Debug)]
-pub enum Listener {
-    Tcp(TcpListener),
-    Unix(UnixListener),
-}
-
-impl Listener {
-    pub async fn bind(addr: &ListenAddr) -> io::Result<Listener> {
-        match addr {
-            ListenAddr::Tcp(hostport) => {
-                Ok(Listener::Tcp(TcpListener::bind(hostport.as_str()).await?))
-            }
-            ListenAddr::Unix(path) => Ok(Listener::Unix(UnixListener::bind(path)?)),
-        }
-    }
-
-    /// Wraps an already listening socket (e.g. from socket activation). Must be called
-    /// inside a tokio runtime.
-    pub fn from_std(listener: super::activation::StdListener) -> io::Result<Listener> {
-        use super::activation::StdListener;
-        match listener {
-            StdListener::Tcp(l) => {
-                l.set_nonblocking(true)?;
-                Ok(Listener::Tcp(TcpListener::from_std(l)?))
-            }
-            StdListener::Unix(l) => {
-                l.set_nonblocking(true)?;
-                Ok(Listener::Unix(UnixListener::from_std(l)?))
-            }
-        }
-    }
-
-    /// The bound address, for logs and for callers that bound port 0.
-    pub fn local_description(&self) -> String {
-        match self {
-            Listener::Tcp(l) => l
-                .local_addr()
-                .map(|a| a.to_string())
-                .unwrap_or_else(|e| format!("tcp (address unknown: {e})")),
-            Listener::Unix(l) => match l.local_addr() {
-                Ok(addr) => match addr.as_pathname() {
-                    Some(path) => format!("unix:{}", path.display()),
-                    None => "unix:(unnamed)".to_owned(),
-                },
-                Err(e) => format!("unix (address unknown: {e})"),
-            },
         }
     }
 }

@@ -12,9 +12,10 @@ use std::time::Duration;
 use bytes::Bytes;
 use csnap_blockdev::nbd::consts::*;
 use csnap_blockdev::nbd::{
-    BoxFuture, Export, ExportFeatures, ExportInfo, Exports, ListenAddr, Listener, NbdServer,
-    ServerConfig,
+    BoxFuture, Export, ExportFeatures, ExportInfo, Exports, NbdServer, ServerConfig,
 };
+use csnap_proto::net::Listener;
+use csnap_proto::ListenAddr;
 use nbd_support::*;
 
 const SIZE: u64 = 1 << 20;
@@ -96,7 +97,7 @@ impl Exports for MemExports {
 struct MemServer {
     server: Arc<NbdServer>,
     addr: std::net::SocketAddr,
-    task: tokio::task::JoinHandle<io::Result<()>>,
+    task: tokio::task::JoinHandle<()>,
     slow_reads_started: Arc<AtomicUsize>,
 }
 
@@ -116,7 +117,7 @@ async fn start_mem_server_with(
 ) -> (
     Arc<NbdServer>,
     std::net::SocketAddr,
-    tokio::task::JoinHandle<io::Result<()>>,
+    tokio::task::JoinHandle<()>,
 ) {
     let exports = MemExports {
         export: Arc::new(MemExport {
@@ -125,13 +126,13 @@ async fn start_mem_server_with(
         }),
     };
     let server = Arc::new(NbdServer::new(Arc::new(exports), ServerConfig::default()));
-    let listener = Listener::bind(&ListenAddr::Tcp("127.0.0.1:0".into()))
+    let listener = Listener::bind(&"127.0.0.1:0".parse().unwrap())
         .await
         .unwrap();
-    let Listener::Tcp(tcp) = &listener else {
-        unreachable!()
+    let Some(ListenAddr::Tcp(bound)) = listener.local_addr() else {
+        unreachable!("a TCP listener has a TCP address")
     };
-    let addr = tcp.local_addr().unwrap();
+    let addr = bound.parse().unwrap();
     let task = tokio::spawn(server.clone().serve(listener));
     (server, addr, task)
 }
@@ -244,7 +245,7 @@ async fn shutdown_drains_in_flight_requests() {
         "all connections closed"
     );
     assert_eq!(server.connection_count(), 0);
-    assert!(bounded("listener ends", task).await.unwrap().is_ok());
+    bounded("listener ends", task).await.unwrap();
     assert!(
         tokio::net::TcpStream::connect(addr).await.is_err(),
         "no longer accepting"

@@ -8,9 +8,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use csnap_blockdev::nbd::consts::*;
-use csnap_blockdev::nbd::{
-    FileExports, ListenAddr, Listener, NbdServer, RequestHeader, ServerConfig,
-};
+use csnap_blockdev::nbd::{FileExports, NbdServer, RequestHeader, ServerConfig};
+use csnap_proto::net::Listener;
+use csnap_proto::ListenAddr;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::task::JoinHandle;
@@ -38,7 +38,7 @@ pub struct TestServer {
     pub tcp: SocketAddr,
     pub unix: PathBuf,
     pub exports: Vec<TestExport>,
-    tasks: Vec<JoinHandle<std::io::Result<()>>>,
+    tasks: Vec<JoinHandle<()>>,
 }
 
 impl Drop for TestServer {
@@ -75,12 +75,12 @@ impl TestServer {
             });
         }
         let server = Arc::new(NbdServer::new(Arc::new(exports), config));
-        let tcp = Listener::bind(&ListenAddr::Tcp("127.0.0.1:0".into()))
+        let tcp = Listener::bind(&"127.0.0.1:0".parse().unwrap())
             .await
             .unwrap();
-        let tcp_addr = match &tcp {
-            Listener::Tcp(l) => l.local_addr().unwrap(),
-            Listener::Unix(_) => unreachable!(),
+        let tcp_addr = match tcp.local_addr() {
+            Some(ListenAddr::Tcp(bound)) => bound.parse().unwrap(),
+            other => unreachable!("a TCP listener at {other:?}"),
         };
         let unix = dir.path().join("nbd.sock");
         let unix_listener = Listener::bind(&ListenAddr::Unix(unix.clone()))

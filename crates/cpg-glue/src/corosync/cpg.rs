@@ -37,7 +37,7 @@ pub const MAX_MESSAGE_SIZE: usize = 64 << 20;
 
 /// Largest CPG message csnap sends (a frame, header included), below corosync's atomic
 /// size.
-pub const MAX_FRAME_SIZE: usize = 64 << 10;
+pub(crate) const MAX_FRAME_SIZE: usize = 64 << 10;
 
 /// How long one frame may wait through `CS_ERR_TRY_AGAIN` / flow control before the send
 /// gives up with [`GroupError::Busy`].

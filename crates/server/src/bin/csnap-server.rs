@@ -2,9 +2,10 @@
 
 use clap::Parser;
 use csnap_proto::ClientId;
+use csnap_proto::ListenAddr;
 use csnap_server::engine::StoreFullPolicy;
 use csnap_server::logging::{self, LogTarget};
-use csnap_server::net::{self, ListenAddr, ServerConfig};
+use csnap_server::net::{self, ServerConfig};
 use std::path::PathBuf;
 use std::process::ExitCode;
 

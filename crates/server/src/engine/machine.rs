@@ -16,7 +16,7 @@ use super::io::{
     Requester, StoreFullPolicy, LEASE_MARGIN_SECS,
 };
 use super::locks::{Locks, OrphanedLocks, Released};
-use super::meta_store::{MetaError, MetaStore, SnapChunk, StoreStats};
+use super::meta_store::{MetaError, MetaStore, Refusal, SnapChunk, StoreStats};
 use super::requests::{self, check_snapshot_kind, error, wrong_kind, Reject};
 use super::sessions::{count_one, Session, Sessions};
 use super::snapshots::{Creations, RequestedSnapshot};
@@ -1441,12 +1441,14 @@ impl<S: MetaStore> Engine<S> {
             }
             match self.store.reserve_chunk() {
                 Ok(to) => break to,
-                Err(MetaError::Full) => match self.make_space(rule, Area::Data)? {
-                    Space::Retry => continue,
-                    Space::AfterCommit => return Ok(CopyStart::AfterCommit),
-                    Space::AfterLeases => return Ok(CopyStart::AfterLeases),
-                    Space::NoVictim => return Ok(out_of_victims),
-                },
+                Err(MetaError::Refused(Refusal::Full)) => {
+                    match self.make_space(rule, Area::Data)? {
+                        Space::Retry => continue,
+                        Space::AfterCommit => return Ok(CopyStart::AfterCommit),
+                        Space::AfterLeases => return Ok(CopyStart::AfterLeases),
+                        Space::NoVictim => return Ok(out_of_victims),
+                    }
+                }
                 Err(e) => return Err(e),
             }
         };
@@ -1665,7 +1667,7 @@ impl<S: MetaStore> Engine<S> {
                     // Nothing recorded: free the copy, make room, and let the writes waiting
                     // for this chunk start over (a new copy-out, or none if no snapshot
                     // needs it any more).
-                    Err(MetaError::MetadataFull) => {
+                    Err(MetaError::Refused(Refusal::MetadataFull { .. })) => {
                         self.store.release_chunk(job.to)?;
                         self.metadata_full_after_copy(VictimRule::CopyOut(chunk))?;
                     }
@@ -1684,10 +1686,10 @@ impl<S: MetaStore> Engine<S> {
                 match self.store.record_snapshot_exception(snap, chunk, job.to) {
                     Ok(()) => self.commits.exception_recorded(chunk),
                     // Deleted or invalidated while the copy ran: the copy is not needed.
-                    Err(MetaError::NoSuchSnapshot(_) | MetaError::NotLive(_)) => {
+                    Err(MetaError::Refused(Refusal::NoSuchSnapshot(_) | Refusal::NotLive(_))) => {
                         self.store.release_chunk(job.to)?;
                     }
-                    Err(MetaError::MetadataFull) => {
+                    Err(MetaError::Refused(Refusal::MetadataFull { .. })) => {
                         self.store.release_chunk(job.to)?;
                         let rule = self.victim_rule(&job.kind);
                         if !self.metadata_full_after_copy(rule)? {
@@ -1874,14 +1876,14 @@ impl<S: MetaStore> Engine<S> {
                 self.creations.created(info.id, request.who, gen);
                 self.finish_creations()?;
             }
-            Err(MetaError::BadName { name, why }) => self.reject(
+            Err(MetaError::Refused(Refusal::BadName { name, why })) => self.reject(
                 request.who,
                 Reject(
                     ErrorCode::BadName,
                     format!("invalid snapshot name {name:?}: {why}"),
                 ),
             ),
-            Err(MetaError::NameTaken(name)) => self.reject(
+            Err(MetaError::Refused(Refusal::NameTaken(name))) => self.reject(
                 request.who,
                 Reject(
                     ErrorCode::NameTaken,
@@ -1890,7 +1892,7 @@ impl<S: MetaStore> Engine<S> {
             ),
             // Refused: nothing is sacrificed for a new snapshot (copies keep room for one
             // row, so this means the policy had nothing left to give up).
-            Err(MetaError::MetadataFull) => self.reject(
+            Err(MetaError::Refused(Refusal::MetadataFull { .. })) => self.reject(
                 request.who,
                 Reject(
                     ErrorCode::StoreFull,

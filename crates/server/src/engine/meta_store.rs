@@ -100,7 +100,8 @@ pub struct StoreStats {
     pub free_chunks: u64,
 }
 
-/// Figures of a store's metadata (node) area, for the store-full policy and warnings.
+/// Figures of a store's metadata (node) area, for the store-full policy and warnings
+/// (the on-disk store's `Store::metadata_space` gives them as they are).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct MetadataSpace {
     /// Node blocks in the area.
@@ -111,25 +112,29 @@ pub struct MetadataSpace {
     /// snapshots it covers (normally one), `record_snapshot_exception` up to three,
     /// `create_snapshot` one. Beyond this they may fail with `MetadataFull`.
     pub insert_room: u64,
-    /// Snapshots that may still be created before snapshot rows would take more than
-    /// their share of the area (rows are not freed by invalidating snapshots, only by
-    /// deleting them, so the engine keeps them from crowding out the records).
+    /// Snapshots that may still be created before snapshot rows (deleted snapshots count
+    /// until reclaim drops them) would take more than half the area: rows are not freed
+    /// by invalidating snapshots, only by deleting them, so the engine keeps them from
+    /// crowding out the records the store-full policy can free.
     pub snapshot_room: u64,
 }
 
-/// Why a [`MetaStore`] operation failed, as the engine sees it. Distinct from
-/// `store::StoreError`, the on-disk store's own error, which `store/adapter.rs` maps into
-/// this.
-#[derive(Debug, thiserror::Error)]
-pub enum MetaError {
+/// An operation a store refused, before it changed anything: the request, or the space
+/// left, does not allow it. One definition for every store: the on-disk store's
+/// `StoreError::Refused` and the engine's [`MetaError::Refused`] carry it as it is.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
     /// No free store chunk: the engine applies its store-full policy.
-    #[error("snapshot store is full")]
+    #[error("snapshot store is full: no free data chunk")]
     Full,
-    /// No room for more metadata (exception records, snapshots). Returned before anything
-    /// changed; operations that free space (delete, invalidate, reclaim) never return it.
-    /// The engine applies its store-full policy, as for `Full`.
-    #[error("snapshot store metadata area is full")]
-    MetadataFull,
+    /// No room for more metadata (exception records, snapshots). Operations that free
+    /// space (delete, invalidate, reclaim) never return it. The engine applies its
+    /// store-full policy, as for `Full`.
+    #[error(
+        "snapshot store metadata area is full (all of its {blocks} node blocks are in use or \
+         kept for freeing operations)"
+    )]
+    MetadataFull { blocks: u64 },
     #[error("no snapshot with id {0}")]
     NoSuchSnapshot(SnapId),
     #[error("snapshot {0} is not live (invalidated)")]
@@ -142,6 +147,15 @@ pub enum MetaError {
     ChunkOutOfRange { chunk: u64, origin_chunks: u64 },
     #[error("store chunk {0} is not reserved")]
     NotReserved(u64),
+}
+
+/// Why a [`MetaStore`] operation failed, as the engine sees it: a refusal, which the
+/// engine answers, or a failure of the store itself, which is fatal for the server.
+/// `store/adapter.rs` maps the on-disk store's `StoreError` into this.
+#[derive(Debug, thiserror::Error)]
+pub enum MetaError {
+    #[error(transparent)]
+    Refused(#[from] Refusal),
     /// Device I/O failed; the cause (for the on-disk store its `StoreError::Io`, which names
     /// the operation, device and offset) is kept as the source. Fatal for the server.
     #[error("store I/O failed: {0}")]
@@ -445,10 +459,10 @@ impl MemStore {
 
     fn check_chunk(&self, chunk: u64) -> Result<(), MetaError> {
         if chunk >= self.origin_chunks {
-            return Err(MetaError::ChunkOutOfRange {
+            return Err(MetaError::Refused(Refusal::ChunkOutOfRange {
                 chunk,
                 origin_chunks: self.origin_chunks,
-            });
+            }));
         }
         Ok(())
     }
@@ -523,7 +537,7 @@ impl MemStore {
         if self.state.reserved.remove(&store_chunk) {
             Ok(())
         } else {
-            Err(MetaError::NotReserved(store_chunk))
+            Err(MetaError::Refused(Refusal::NotReserved(store_chunk)))
         }
     }
 }
@@ -552,12 +566,14 @@ impl MetaStore for MemStore {
         ctime: u64,
         token: u64,
     ) -> Result<SnapshotInfo, MetaError> {
-        validate_snapshot_name(name).map_err(|why| MetaError::BadName {
-            name: name.to_owned(),
-            why,
+        validate_snapshot_name(name).map_err(|why| {
+            MetaError::Refused(Refusal::BadName {
+                name: name.to_owned(),
+                why,
+            })
         })?;
         if self.snapshot_by_name(name)?.is_some() {
-            return Err(MetaError::NameTaken(name.to_owned()));
+            return Err(MetaError::Refused(Refusal::NameTaken(name.to_owned())));
         }
         let id = SnapId(self.state.next_id);
         self.state.next_id += 1;
@@ -589,7 +605,7 @@ impl MetaStore for MemStore {
                 self.state.reclaim_requested = true;
                 Ok(())
             }
-            _ => Err(MetaError::NoSuchSnapshot(id)),
+            _ => Err(MetaError::Refused(Refusal::NoSuchSnapshot(id))),
         }
     }
 
@@ -602,8 +618,10 @@ impl MetaStore for MemStore {
                 self.state.reclaim_requested = true;
                 Ok(())
             }
-            Some(r) if r.state != SnapshotState::Deleting => Err(MetaError::NotLive(id)),
-            _ => Err(MetaError::NoSuchSnapshot(id)),
+            Some(r) if r.state != SnapshotState::Deleting => {
+                Err(MetaError::Refused(Refusal::NotLive(id)))
+            }
+            _ => Err(MetaError::Refused(Refusal::NoSuchSnapshot(id))),
         }
     }
 
@@ -646,18 +664,20 @@ impl MetaStore for MemStore {
             if let DiffEnd::Snapshot(id) = end {
                 match self.state.snapshots.get(&id).map(|r| &r.state) {
                     None | Some(SnapshotState::Deleting) => {
-                        return Err(MetaError::NoSuchSnapshot(id))
+                        return Err(MetaError::Refused(Refusal::NoSuchSnapshot(id)))
                     }
-                    Some(SnapshotState::Invalid { .. }) => return Err(MetaError::NotLive(id)),
+                    Some(SnapshotState::Invalid { .. }) => {
+                        return Err(MetaError::Refused(Refusal::NotLive(id)))
+                    }
                     Some(SnapshotState::Live) => {}
                 }
             }
         }
         if start > self.origin_chunks {
-            return Err(MetaError::ChunkOutOfRange {
+            return Err(MetaError::Refused(Refusal::ChunkOutOfRange {
                 chunk: start,
                 origin_chunks: self.origin_chunks,
-            });
+            }));
         }
         let mut page = DiffPage::default();
         if from == to {
@@ -688,7 +708,11 @@ impl MetaStore for MemStore {
     }
 
     fn reserve_chunk(&mut self) -> Result<u64, MetaError> {
-        let chunk = self.state.free.pop_first().ok_or(MetaError::Full)?;
+        let chunk = self
+            .state
+            .free
+            .pop_first()
+            .ok_or(MetaError::Refused(Refusal::Full))?;
         self.state.reserved.insert(chunk);
         Ok(chunk)
     }
@@ -723,8 +747,10 @@ impl MetaStore for MemStore {
         self.check_chunk(chunk)?;
         match self.state.snapshots.get(&id).map(|r| &r.state) {
             Some(SnapshotState::Live) => {}
-            Some(SnapshotState::Invalid { .. }) => return Err(MetaError::NotLive(id)),
-            _ => return Err(MetaError::NoSuchSnapshot(id)),
+            Some(SnapshotState::Invalid { .. }) => {
+                return Err(MetaError::Refused(Refusal::NotLive(id)))
+            }
+            _ => return Err(MetaError::Refused(Refusal::NoSuchSnapshot(id))),
         }
         let list = self
             .state
@@ -750,8 +776,10 @@ impl MetaStore for MemStore {
         self.check_chunk(chunk)?;
         if !self.is_live(id) {
             return match self.state.snapshots.get(&id) {
-                Some(r) if r.state != SnapshotState::Deleting => Err(MetaError::NotLive(id)),
-                _ => Err(MetaError::NoSuchSnapshot(id)),
+                Some(r) if r.state != SnapshotState::Deleting => {
+                    Err(MetaError::Refused(Refusal::NotLive(id)))
+                }
+                _ => Err(MetaError::Refused(Refusal::NoSuchSnapshot(id))),
             };
         }
         self.take_reservation(store_chunk)?;
@@ -999,21 +1027,27 @@ mod tests {
     fn full_store_and_bad_input_are_errors() {
         let mut s = MemStore::new(4096, 4, 1);
         s.reserve_chunk().unwrap();
-        assert!(matches!(s.reserve_chunk(), Err(MetaError::Full)));
+        assert!(matches!(
+            s.reserve_chunk(),
+            Err(MetaError::Refused(Refusal::Full))
+        ));
         assert!(matches!(
             s.oldest_sharing_origin(4),
-            Err(MetaError::ChunkOutOfRange { .. })
+            Err(MetaError::Refused(Refusal::ChunkOutOfRange { .. }))
         ));
         assert!(matches!(
             s.create_snapshot("a/b", 0),
-            Err(MetaError::BadName { .. })
+            Err(MetaError::Refused(Refusal::BadName { .. }))
         ));
         s.create_snapshot("a", 0).unwrap();
         assert!(matches!(
             s.create_snapshot("a", 0),
-            Err(MetaError::NameTaken(_))
+            Err(MetaError::Refused(Refusal::NameTaken(_)))
         ));
-        assert!(matches!(s.release_chunk(3), Err(MetaError::NotReserved(3))));
+        assert!(matches!(
+            s.release_chunk(3),
+            Err(MetaError::Refused(Refusal::NotReserved(3)))
+        ));
     }
 
     #[test]
@@ -1023,7 +1057,10 @@ mod tests {
         assert_eq!(s.oldest_sharing_origin(0).unwrap(), Some(a));
         s.invalidate_snapshot(a, "store full").unwrap();
         assert_eq!(s.oldest_sharing_origin(0).unwrap(), None);
-        assert!(matches!(s.snapshot_chunk(a, 0), Err(MetaError::NotLive(_))));
+        assert!(matches!(
+            s.snapshot_chunk(a, 0),
+            Err(MetaError::Refused(Refusal::NotLive(_)))
+        ));
         let listed = s.list_snapshots().unwrap();
         assert_eq!(
             listed[0].state,

@@ -44,5 +44,5 @@ pub use io::{
 pub use machine::Engine;
 pub use meta_store::{
     Cause, Exception, MemStore, MetaError, MetaStore, MetadataSpace, ReclaimPosition,
-    ReclaimProgress, SnapChunk, StoreStats, CREATE_TOKEN_MASK,
+    ReclaimProgress, Refusal, SnapChunk, StoreStats, CREATE_TOKEN_MASK,
 };

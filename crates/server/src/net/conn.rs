@@ -16,10 +16,6 @@ use tracing::Instrument as _;
 
 type Codec = FrameCodec<ClientFrame, ServerFrame>;
 
-/// A client connection's byte stream (TCP or Unix).
-pub(crate) trait AsyncStream: AsyncRead + AsyncWrite + Send + Unpin {}
-impl<T: AsyncRead + AsyncWrite + Send + Unpin> AsyncStream for T {}
-
 /// What every connection of one server shares.
 #[derive(Clone)]
 pub(crate) struct ConnShared {
@@ -42,7 +38,7 @@ pub(crate) async fn serve_connection<S>(
     shared: ConnShared,
     permit: OwnedSemaphorePermit,
 ) where
-    S: AsyncStream + 'static,
+    S: csnap_proto::net::Stream,
 {
     let ConnShared {
         net_tx,

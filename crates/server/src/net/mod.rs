@@ -15,71 +15,27 @@
 mod conn;
 mod driver;
 mod held_copies;
-pub mod holder;
 pub mod key;
 mod lease;
 
 use crate::engine::{Engine, EngineConfig, MetaError};
 use crate::store::{self, BlockDevice, FileDevice, OpenOptions, Store};
-use csnap_proto::{ClientId, ServerStatus};
+use csnap_proto::net::{ListenError, Listener};
+use csnap_proto::{ClientId, ListenAddr, ServerStatus};
 pub use driver::{unix_now as clock_now_secs, CopyError, DataPath, ServerFailure};
 use driver::{Control, Driver, DriverParts, Exit, Input};
 use lease::{Extended, ServingLease};
-use std::fmt;
 use std::io;
-use std::net::{SocketAddr, ToSocketAddrs as _};
 use std::path::{Path, PathBuf};
-use std::str::FromStr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
-use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::{mpsc, oneshot, watch, Semaphore};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
 
 pub use key::KeyFileError;
-
-/// Where the server listens.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum ListenAddr {
-    Tcp(SocketAddr),
-    Unix(PathBuf),
-}
-
-impl fmt::Display for ListenAddr {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            ListenAddr::Tcp(a) => write!(f, "{a}"),
-            ListenAddr::Unix(p) => write!(f, "unix:{}", p.display()),
-        }
-    }
-}
-
-impl FromStr for ListenAddr {
-    type Err = String;
-
-    /// `unix:PATH`, or `HOST:PORT` (an IP address, or a name resolved now).
-    fn from_str(s: &str) -> Result<Self, String> {
-        if let Some(path) = s.strip_prefix("unix:") {
-            if path.is_empty() {
-                return Err("unix: needs a socket path".into());
-            }
-            return Ok(ListenAddr::Unix(PathBuf::from(path)));
-        }
-        if let Ok(a) = s.parse::<SocketAddr>() {
-            return Ok(ListenAddr::Tcp(a));
-        }
-        match s.to_socket_addrs() {
-            Ok(mut addrs) => addrs
-                .next()
-                .map(ListenAddr::Tcp)
-                .ok_or_else(|| format!("{s:?} resolves to no address")),
-            Err(e) => Err(format!("{s:?} is neither HOST:PORT nor unix:PATH ({e})")),
-        }
-    }
-}
 
 /// Everything `start` needs. [`ServerConfig::new`] fills in the defaults.
 #[derive(Clone, Debug)]
@@ -192,10 +148,8 @@ pub enum ServerError {
     Engine(#[source] MetaError),
     #[error("the store open task failed: {0}")]
     OpenTask(#[source] tokio::task::JoinError),
-    /// The message says why; `reason` is deliberately not a `#[source]`, so a printer of
-    /// the whole chain (`{:#}`) does not say it twice.
-    #[error("cannot listen on {addr}: {reason}")]
-    Listen { addr: ListenAddr, reason: io::Error },
+    #[error(transparent)]
+    Listen(#[from] ListenError),
     #[error("cannot start the engine thread: {0}")]
     Thread(io::Error),
     #[error("the server is not running")]
@@ -211,11 +165,6 @@ pub enum ServerError {
     /// `extend_serving_lease` on a server started without a lease (standalone mode).
     #[error("this server runs without a serving lease")]
     NoLease,
-}
-
-enum Listener {
-    Tcp(TcpListener),
-    Unix(UnixListener, PathBuf),
 }
 
 /// A running server. Dropping it without [`shutdown`](RunningServer::shutdown) stops
@@ -474,37 +423,6 @@ fn open_store(config: &ServerConfig) -> Result<Opened, ServerError> {
     })
 }
 
-async fn bind(addr: &ListenAddr) -> Result<Listener, ServerError> {
-    let err = |reason| ServerError::Listen {
-        addr: addr.clone(),
-        reason,
-    };
-    match addr {
-        ListenAddr::Tcp(a) => Ok(Listener::Tcp(TcpListener::bind(a).await.map_err(err)?)),
-        ListenAddr::Unix(path) => {
-            if let Ok(meta) = std::fs::symlink_metadata(path) {
-                use std::os::unix::fs::FileTypeExt as _;
-                let holder = holder::unix_socket_holder(path);
-                if !meta.file_type().is_socket() || holder.is_some() {
-                    return Err(err(io::Error::new(
-                        io::ErrorKind::AddrInUse,
-                        match holder {
-                            Some(h) => holder::in_use_message(&h),
-                            None => "the path exists and is not a socket".to_owned(),
-                        },
-                    )));
-                }
-                // A stale socket from a server that died: nobody answers on it.
-                std::fs::remove_file(path).map_err(err)?;
-            }
-            Ok(Listener::Unix(
-                UnixListener::bind(path).map_err(err)?,
-                path.clone(),
-            ))
-        }
-    }
-}
-
 /// A listening socket bound ahead of [`start_bound`]: clients that connect meanwhile wait
 /// in the kernel's backlog until the server accepts them, instead of being refused and
 /// backing off (cluster mode binds when its announce is delivered, before the gather and
@@ -519,7 +437,7 @@ impl std::fmt::Debug for BoundListener {
 
 /// Binds `addr` (as [`start`] would) without serving yet.
 pub async fn bind_early(addr: &ListenAddr) -> Result<BoundListener, ServerError> {
-    bind(addr).await.map(BoundListener)
+    Ok(BoundListener(Listener::bind(addr).await?))
 }
 
 /// Starts a server: checks the key file, opens the store (replaying its journal and bumping
@@ -560,18 +478,14 @@ async fn start_in(
     }
     let listener = match bound {
         Some(BoundListener(l)) => l,
-        None => bind(&config.listen).await?,
+        None => Listener::bind(&config.listen).await?,
     };
-    let (local_addr, unix_path) = match &listener {
-        Listener::Tcp(l) => (
-            ListenAddr::Tcp(l.local_addr().map_err(|reason| ServerError::Listen {
-                addr: config.listen.clone(),
-                reason,
-            })?),
-            None,
-        ),
-        Listener::Unix(_, p) => (ListenAddr::Unix(p.clone()), Some(p.clone())),
-    };
+    // A listener this server bound always knows its address.
+    let local_addr = listener
+        .local_addr()
+        .cloned()
+        .unwrap_or_else(|| config.listen.clone());
+    let unix_path = local_addr.unix_path().map(Path::to_owned);
     let cleanup_socket = |p: &Option<PathBuf>| {
         if let Some(p) = p {
             let _ = std::fs::remove_file(p);
@@ -752,47 +666,19 @@ async fn start_in(
 }
 
 async fn accept_loop(listener: Listener, shared: conn::ConnShared, slots: Arc<Semaphore>) {
-    let stop = shared.server_stop.clone();
     static NEXT_CONN: AtomicU64 = AtomicU64::new(1);
-    loop {
-        let accepted = tokio::select! {
-            _ = stop.cancelled() => return,
-            a = accept(&listener) => a,
-        };
-        match accepted {
-            Ok((stream, peer)) => {
-                let Ok(permit) = slots.clone().try_acquire_owned() else {
-                    tracing::warn!(%peer, "too many connections; refusing");
-                    continue;
-                };
-                let conn = NEXT_CONN.fetch_add(1, Ordering::Relaxed);
-                tokio::spawn(
-                    conn::serve_connection(stream, conn, peer, shared.clone(), permit)
-                        .in_current_span(),
-                );
-            }
-            Err(e) => {
-                // Typically EMFILE: back off instead of spinning.
-                tracing::warn!(error = %e, "accept failed");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-        }
-    }
-}
-
-/// A stream of either kind, boxed so one connection path serves both.
-type Stream = Box<dyn conn::AsyncStream>;
-
-async fn accept(listener: &Listener) -> io::Result<(Stream, String)> {
-    match listener {
-        Listener::Tcp(l) => {
-            let (s, peer) = l.accept().await?;
-            let _ = s.set_nodelay(true);
-            Ok((Box::new(s), peer.to_string()))
-        }
-        Listener::Unix(l, path) => {
-            let (s, _) = l.accept().await?;
-            Ok((Box::new(s), format!("unix:{}", path.display())))
-        }
-    }
+    let stop = shared.server_stop.clone();
+    listener
+        .accept_until(stop.cancelled(), |stream, peer| {
+            let Ok(permit) = slots.clone().try_acquire_owned() else {
+                tracing::warn!(%peer, "too many connections; refusing");
+                return;
+            };
+            let conn = NEXT_CONN.fetch_add(1, Ordering::Relaxed);
+            tokio::spawn(
+                conn::serve_connection(stream, conn, peer, shared.clone(), permit)
+                    .in_current_span(),
+            );
+        })
+        .await;
 }

@@ -10,21 +10,9 @@ use csnap_proto::{DiffEnd, DiffPage, SnapId, SnapshotInfo, SnapshotState};
 impl From<StoreError> for EngineError {
     fn from(e: StoreError) -> Self {
         match e {
-            StoreError::Full => EngineError::Full,
-            // Not corruption: the engine's store-full policy makes room.
-            StoreError::MetadataFull { .. } => EngineError::MetadataFull,
-            StoreError::NoSuchSnapshot(id) => EngineError::NoSuchSnapshot(id),
-            StoreError::NotLive(id) => EngineError::NotLive(id),
-            StoreError::NameTaken(name) => EngineError::NameTaken(name),
-            StoreError::BadName { name, why } => EngineError::BadName { name, why },
-            StoreError::ChunkOutOfRange {
-                chunk,
-                origin_chunks,
-            } => EngineError::ChunkOutOfRange {
-                chunk,
-                origin_chunks,
-            },
-            StoreError::NotReserved(c) => EngineError::NotReserved(c),
+            // Not corruption: the engine answers it (`MetadataFull`: its store-full policy
+            // makes room).
+            StoreError::Refused(refusal) => EngineError::Refused(refusal),
             // Kept whole: its message names the operation, device and offset.
             e @ StoreError::Io { .. } => EngineError::Io(Box::new(e)),
             other => EngineError::Corrupt(Box::new(other)),
@@ -128,13 +116,7 @@ impl MetaStore for Store {
     }
 
     fn metadata_space(&mut self) -> Result<Option<MetadataSpace>, EngineError> {
-        let m = Store::metadata_space(self);
-        Ok(Some(MetadataSpace {
-            blocks: m.blocks,
-            free_blocks: m.free_blocks,
-            insert_room: m.insert_room,
-            snapshot_room: m.snapshot_room,
-        }))
+        Ok(Some(Store::metadata_space(self)))
     }
 
     fn reserve_chunk(&mut self) -> Result<u64, EngineError> {

@@ -5,6 +5,7 @@ use super::btree::{self, Tree};
 use super::error::Result;
 use super::meta::Space;
 use super::{ExceptionRecord, SnapState, SnapshotRecord, Store};
+use csnap_proto::SnapId;
 use std::collections::{BTreeMap, HashMap, HashSet};
 
 /// What the checker found. `problems` is empty for a consistent store.
@@ -81,22 +82,22 @@ pub fn run(store: &mut Store) -> Result<CheckReport> {
             ));
         }
         // Walk the chunk's runs in order: disjoint, and FILL records' promises hold.
-        let mut covered_to = 0u64; // highest id covered so far
-        let mut uncovered_live_below: Option<u64> = None;
+        let mut covered_to = SnapId(0); // highest id covered so far (0: none)
+        let mut uncovered_live_below: Option<SnapId> = None;
         for r in group {
-            if r.first == 0 || r.first > r.last {
+            if r.first < SnapId::FIRST || r.first > r.last {
                 problems.push(format!(
                     "chunk {chunk}: empty or invalid run {}..={}",
                     r.first, r.last
                 ));
             }
-            if r.first <= covered_to && covered_to != 0 {
+            if r.first <= covered_to && covered_to >= SnapId::FIRST {
                 problems.push(format!(
                     "chunk {chunk}: run {}..={} overlaps the previous run",
                     r.first, r.last
                 ));
             }
-            let next_uncovered = covered_to.saturating_add(1);
+            let next_uncovered = covered_to.next();
             if uncovered_live_below.is_none() && r.first > next_uncovered {
                 uncovered_live_below = store.live.range(next_uncovered..r.first).next().copied();
             }
@@ -162,7 +163,7 @@ pub fn run(store: &mut Store) -> Result<CheckReport> {
     }
 
     // Snapshot table agrees with memory.
-    let mut table: BTreeMap<u64, SnapshotRecord> = BTreeMap::new();
+    let mut table: BTreeMap<SnapId, SnapshotRecord> = BTreeMap::new();
     let mut decode_errors = Vec::new();
     btree::walk(
         &mut store.meta,
@@ -186,7 +187,7 @@ pub fn run(store: &mut Store) -> Result<CheckReport> {
                     let v = &node.vals[i * btree::SNAPSHOT_VALUE..(i + 1) * btree::SNAPSHOT_VALUE];
                     match SnapshotRecord::decode(block, *k, v) {
                         Ok(r) => {
-                            table.insert(r.id.0, r);
+                            table.insert(r.id, r);
                         }
                         Err(e) => decode_errors.push(e.to_string()),
                     }
@@ -204,16 +205,16 @@ pub fn run(store: &mut Store) -> Result<CheckReport> {
             store.snaps.len()
         ));
     }
-    let live_in_table: Vec<u64> = table
+    let live_in_table: Vec<SnapId> = table
         .values()
         .filter(|r| r.state == SnapState::Live)
-        .map(|r| r.id.0)
+        .map(|r| r.id)
         .collect();
     if live_in_table != store.live.iter().copied().collect::<Vec<_>>() {
         problems.push("live snapshot index differs from the snapshot table".into());
     }
     if let Some(max) = table.keys().next_back() {
-        if *max >= store.meta.root.next_snap_id {
+        if max.0 >= store.meta.root.next_snap_id {
             problems.push(format!(
                 "snapshot id {max} is not below the id counter {}",
                 store.meta.root.next_snap_id

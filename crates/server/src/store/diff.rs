@@ -16,12 +16,13 @@
 
 use super::btree::{self, Key, Tree};
 use super::{ExceptionRecord, Result, Store, StoreError};
-use csnap_proto::{ChunkRange, DiffEnd, DiffPage, SnapId};
+use crate::engine::Refusal;
+use csnap_proto::{ChunkRange, DiffEnd, DiffPage};
 
 /// Which store chunk `end` reads `r`'s chunk from, if `r` is the record that says so.
 fn reads_from(end: DiffEnd, r: &ExceptionRecord) -> Option<u64> {
     match end {
-        DiffEnd::Snapshot(SnapId(id)) if r.first <= id && id <= r.last => Some(r.store_chunk),
+        DiffEnd::Snapshot(id) if r.first <= id && id <= r.last => Some(r.store_chunk),
         _ => None,
     }
 }
@@ -60,10 +61,10 @@ impl Store {
         }
         let origin_chunks = self.meta.geo.origin_chunks();
         if start > origin_chunks {
-            return Err(StoreError::ChunkOutOfRange {
+            return Err(StoreError::Refused(Refusal::ChunkOutOfRange {
                 chunk: start,
                 origin_chunks,
-            });
+            }));
         }
         self.meta.check_usable()?;
         let mut page = DiffPage::default();

@@ -1,7 +1,7 @@
 //! Errors of the on-disk store. Every variant names what was wrong and where, so an
 //! operator (or `csnapctl`) can act on the message alone.
 
-use csnap_proto::SnapId;
+use crate::engine::Refusal;
 use std::io;
 
 /// Anything that can go wrong opening, formatting or using a store.
@@ -54,22 +54,9 @@ pub enum StoreError {
     AlreadyFormatted { uuid: String },
     #[error("the store was served at cluster generation {store}, later than generation {activating} being activated: another lineage served it after this node's view; refusing to serve stale state")]
     ClusterGenerationAhead { store: u64, activating: u64 },
-    #[error("snapshot store is full: no free data chunk")]
-    Full,
-    #[error("snapshot store metadata area is full (all of its {blocks} node blocks are in use or kept for freeing operations)")]
-    MetadataFull { blocks: u64 },
-    #[error("no snapshot with id {0}")]
-    NoSuchSnapshot(SnapId),
-    #[error("snapshot {0} is not live (invalidated)")]
-    NotLive(SnapId),
-    #[error("a snapshot named {0:?} already exists")]
-    NameTaken(String),
-    #[error("invalid snapshot name {name:?}: {why}")]
-    BadName { name: String, why: &'static str },
-    #[error("origin chunk {chunk} is beyond the end of the origin ({origin_chunks} chunks)")]
-    ChunkOutOfRange { chunk: u64, origin_chunks: u64 },
-    #[error("store chunk {0} is not reserved")]
-    NotReserved(u64),
+    /// The operation was refused before it changed anything (the engine answers these).
+    #[error(transparent)]
+    Refused(#[from] Refusal),
     #[error("the store is unusable after an earlier failure ({0}); reopen it to recover from the journal")]
     Poisoned(String),
 }

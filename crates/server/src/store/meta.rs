@@ -18,6 +18,7 @@
 use super::device::{BlockDevice, SectorBuf};
 use super::error::{Result, StoreError};
 use super::format::*;
+use crate::engine::Refusal;
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 
@@ -538,9 +539,9 @@ impl Meta {
     /// Allocates a metadata node block (part of the running transaction).
     pub fn alloc_meta(&mut self) -> Result<u64> {
         if self.root.meta_free == 0 {
-            return Err(StoreError::MetadataFull {
+            return Err(StoreError::Refused(Refusal::MetadataFull {
                 blocks: self.geo.meta_blocks,
-            });
+            }));
         }
         let found = self.find_clear(Space::Meta, self.root.meta_alloc_cursor, &|_| false)?;
         let Some(index) = found else {
@@ -589,7 +590,7 @@ impl Meta {
     /// Reserves a free data chunk (in memory only) and returns its address.
     pub fn reserve_data(&mut self) -> Result<u64> {
         if self.data_available() == 0 {
-            return Err(StoreError::Full);
+            return Err(StoreError::Refused(Refusal::Full));
         }
         let reserved = std::mem::take(&mut self.reserved);
         let quarantine = std::mem::take(&mut self.quarantine);
@@ -618,7 +619,7 @@ impl Meta {
     /// Turns a reservation into an allocated chunk (in the running transaction).
     pub fn claim_reserved(&mut self, chunk: u64) -> Result<()> {
         if !self.reserved.contains(&chunk) {
-            return Err(StoreError::NotReserved(chunk));
+            return Err(StoreError::Refused(Refusal::NotReserved(chunk)));
         }
         self.set_bit(Space::Data, chunk - self.geo.data_start_chunk, true)?;
         self.reserved.remove(&chunk);
@@ -630,7 +631,7 @@ impl Meta {
         if self.reserved.remove(&chunk) {
             Ok(())
         } else {
-            Err(StoreError::NotReserved(chunk))
+            Err(StoreError::Refused(Refusal::NotReserved(chunk)))
         }
     }
 

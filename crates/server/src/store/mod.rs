@@ -33,6 +33,7 @@ pub use error::{Result, StoreError};
 pub use format::Geometry;
 pub use meta::{CommitIo, MetaStats};
 
+use crate::engine::{MetadataSpace, Refusal};
 use btree::{Key, Tree};
 use csnap_proto::SnapId;
 use format::*;
@@ -99,8 +100,8 @@ pub struct SnapshotRecord {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ExceptionRecord {
     pub chunk: u64,
-    pub first: u64,
-    pub last: u64,
+    pub first: SnapId,
+    pub last: SnapId,
     pub store_chunk: u64,
     /// Every live snapshot below `first` is covered by some record of this chunk.
     pub fill: bool,
@@ -113,27 +114,8 @@ pub struct ExceptionRecord {
 /// margin that keeps them (and a store opened by an older build) working on a full area.
 pub const META_RESERVE: u64 = 8;
 
-/// Node-area figures (`Store::metadata_space`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct MetadataSpace {
-    /// Blocks in the node area.
-    pub blocks: u64,
-    /// Free node blocks (the reserve included).
-    pub free_blocks: u64,
-    /// Key insertions (exception records, snapshot rows) that surely fit now: a copy-out
-    /// inserts one record per run, a snapshot write's unshare up to three, a snapshot
-    /// creation one row. Beyond this, growing operations fail with `MetadataFull`.
-    pub insert_room: u64,
-    /// Snapshots that may still be created before the snapshot table (deleted snapshots
-    /// count until reclaim drops them) would fill half the node area. Invalidating
-    /// snapshots frees exception records, never snapshot rows, so the request engine keeps
-    /// the table within this bound: the other half is left to the records the store-full
-    /// policy can free.
-    pub snapshot_room: u64,
-}
-
 /// An inclusive run of snapshot ids.
-type IdRun = (u64, u64);
+type IdRun = (SnapId, SnapId);
 
 const FLAG_FILL: u64 = 1 << 56;
 const FLAG_SHARED: u64 = 1 << 57;
@@ -141,12 +123,12 @@ const ADDRESS_MASK: u64 = (1 << 56) - 1;
 
 impl ExceptionRecord {
     fn key(&self) -> Key {
-        Key::new(self.chunk, self.first)
+        Key::new(self.chunk, self.first.0)
     }
 
     fn encode(&self) -> [u8; btree::EXCEPTION_VALUE] {
         let mut v = [0u8; btree::EXCEPTION_VALUE];
-        put_u64(&mut v, 0, self.last);
+        put_u64(&mut v, 0, self.last.0);
         let mut word = self.store_chunk & ADDRESS_MASK;
         if self.fill {
             word |= FLAG_FILL;
@@ -162,8 +144,8 @@ impl ExceptionRecord {
         let word = get_u64(v, 8);
         ExceptionRecord {
             chunk: key.hi,
-            first: key.lo,
-            last: get_u64(v, 0),
+            first: SnapId(key.lo),
+            last: SnapId(get_u64(v, 0)),
             store_chunk: word & ADDRESS_MASK,
             fill: word & FLAG_FILL != 0,
             shared: word & FLAG_SHARED != 0,
@@ -260,9 +242,11 @@ fn truncate_utf8(s: &str, max: usize) -> &str {
 /// Checks a snapshot name with the one rule every crate uses
 /// ([`csnap_proto::validate_snapshot_name`]), as a store error.
 pub fn check_snapshot_name(name: &str) -> Result<()> {
-    csnap_proto::validate_snapshot_name(name).map_err(|why| StoreError::BadName {
-        name: name.to_owned(),
-        why,
+    csnap_proto::validate_snapshot_name(name).map_err(|why| {
+        StoreError::Refused(Refusal::BadName {
+            name: name.to_owned(),
+            why,
+        })
     })
 }
 
@@ -308,13 +292,13 @@ pub struct StoreInfo {
 /// An open snapshot store.
 pub struct Store {
     meta: Meta,
-    snaps: BTreeMap<u64, SnapshotRecord>,
-    live: BTreeSet<u64>,
-    names: HashMap<String, u64>,
+    snaps: BTreeMap<SnapId, SnapshotRecord>,
+    live: BTreeSet<SnapId>,
+    names: HashMap<String, SnapId>,
     unclean: bool,
     replayed: u64,
     /// Deleted or invalidated snapshots whose space a reclaim pass still has to free.
-    reclaim_pending: BTreeSet<u64>,
+    reclaim_pending: BTreeSet<SnapId>,
     /// Per-snapshot store usage, kept incrementally (see `usage.rs`).
     usage_counter: usage::UsageCounter,
 }
@@ -539,29 +523,29 @@ impl Store {
                 });
             }
             self.index(&rec);
-            self.snaps.insert(rec.id.0, rec);
+            self.snaps.insert(rec.id, rec);
         }
         Ok(())
     }
 
     fn index(&mut self, rec: &SnapshotRecord) {
         if rec.pending_pass != 0 && rec.state != SnapState::Live {
-            self.reclaim_pending.insert(rec.id.0);
+            self.reclaim_pending.insert(rec.id);
         } else {
-            self.reclaim_pending.remove(&rec.id.0);
+            self.reclaim_pending.remove(&rec.id);
         }
         match rec.state {
             SnapState::Live => {
-                self.live.insert(rec.id.0);
-                self.names.insert(rec.name.clone(), rec.id.0);
+                self.live.insert(rec.id);
+                self.names.insert(rec.name.clone(), rec.id);
             }
             SnapState::Invalid { .. } => {
-                self.live.remove(&rec.id.0);
-                self.names.insert(rec.name.clone(), rec.id.0);
+                self.live.remove(&rec.id);
+                self.names.insert(rec.name.clone(), rec.id);
             }
             SnapState::Deleting => {
-                self.live.remove(&rec.id.0);
-                if self.names.get(&rec.name) == Some(&rec.id.0) {
+                self.live.remove(&rec.id);
+                if self.names.get(&rec.name) == Some(&rec.id) {
                     self.names.remove(&rec.name);
                 }
             }
@@ -649,7 +633,7 @@ impl Store {
                 e,
                 StoreError::Io { .. }
                     | StoreError::CorruptMetadata { .. }
-                    | StoreError::MetadataFull { .. }
+                    | StoreError::Refused(Refusal::MetadataFull { .. })
             ) {
                 self.meta.poison(e);
             }
@@ -676,9 +660,9 @@ impl Store {
     /// so they succeed however full the node area is.
     fn ensure_meta_room(&self, inserts: u64) -> Result<()> {
         if self.meta.root.meta_free < META_RESERVE + self.meta_blocks_for(inserts) {
-            return Err(StoreError::MetadataFull {
+            return Err(StoreError::Refused(Refusal::MetadataFull {
                 blocks: self.meta.geo.meta_blocks,
-            });
+            }));
         }
         Ok(())
     }
@@ -701,27 +685,27 @@ impl Store {
     fn check_chunk(&self, chunk: u64) -> Result<()> {
         let origin_chunks = self.meta.geo.origin_chunks();
         if chunk >= origin_chunks {
-            return Err(StoreError::ChunkOutOfRange {
+            return Err(StoreError::Refused(Refusal::ChunkOutOfRange {
                 chunk,
                 origin_chunks,
-            });
+            }));
         }
         Ok(())
     }
 
     fn check_live(&self, id: SnapId) -> Result<()> {
-        match self.snaps.get(&id.0).map(|r| &r.state) {
+        match self.snaps.get(&id).map(|r| &r.state) {
             Some(SnapState::Live) => Ok(()),
-            Some(SnapState::Invalid { .. }) => Err(StoreError::NotLive(id)),
-            _ => Err(StoreError::NoSuchSnapshot(id)),
+            Some(SnapState::Invalid { .. }) => Err(StoreError::Refused(Refusal::NotLive(id))),
+            _ => Err(StoreError::Refused(Refusal::NoSuchSnapshot(id))),
         }
     }
 
-    fn any_live(&self, first: u64, last: u64) -> bool {
+    fn any_live(&self, first: SnapId, last: SnapId) -> bool {
         first <= last && self.live.range(first..=last).next().is_some()
     }
 
-    fn any_live_except(&self, first: u64, last: u64, except: u64) -> bool {
+    fn any_live_except(&self, first: SnapId, last: SnapId, except: SnapId) -> bool {
         first <= last && self.live.range(first..=last).any(|&id| id != except)
     }
 
@@ -739,20 +723,18 @@ impl Store {
     /// A listed snapshot by id.
     pub fn snapshot(&self, id: SnapId) -> Option<&SnapshotRecord> {
         self.snaps
-            .get(&id.0)
+            .get(&id)
             .filter(|r| r.state != SnapState::Deleting)
     }
 
     /// A listed snapshot by name.
     pub fn snapshot_by_name(&self, name: &str) -> Option<&SnapshotRecord> {
-        self.names
-            .get(name)
-            .and_then(|id| self.snapshot(SnapId(*id)))
+        self.names.get(name).and_then(|id| self.snapshot(*id))
     }
 
     /// Ids of live snapshots, ascending.
     pub fn live_snapshots(&self) -> impl Iterator<Item = SnapId> + '_ {
-        self.live.iter().copied().map(SnapId)
+        self.live.iter().copied()
     }
 
     fn put_snapshot(&mut self, rec: SnapshotRecord) -> Result<()> {
@@ -763,7 +745,7 @@ impl Store {
             &rec.encode(),
         )?;
         self.index(&rec);
-        self.snaps.insert(rec.id.0, rec);
+        self.snaps.insert(rec.id, rec);
         Ok(())
     }
 
@@ -781,7 +763,7 @@ impl Store {
     ) -> Result<SnapshotRecord> {
         check_snapshot_name(name)?;
         if self.names.contains_key(name) {
-            return Err(StoreError::NameTaken(name.to_owned()));
+            return Err(StoreError::Refused(Refusal::NameTaken(name.to_owned())));
         }
         self.ensure_meta_room(1)?;
         self.mutate(|s| {
@@ -814,7 +796,7 @@ impl Store {
     /// its space later.
     pub fn delete_snapshot(&mut self, id: SnapId) -> Result<()> {
         let Some(rec) = self.snapshot(id).cloned() else {
-            return Err(StoreError::NoSuchSnapshot(id));
+            return Err(StoreError::Refused(Refusal::NoSuchSnapshot(id)));
         };
         // No room check: rewriting an existing row allocates nothing (see ensure_meta_room).
         self.mutate(|s| {
@@ -830,8 +812,8 @@ impl Store {
     /// Marks a live snapshot invalid (store-full policy); it stays listed with the reason.
     pub fn invalidate_snapshot(&mut self, id: SnapId, reason: &str) -> Result<()> {
         self.check_live(id)?;
-        let Some(rec) = self.snaps.get(&id.0).cloned() else {
-            return Err(StoreError::NoSuchSnapshot(id));
+        let Some(rec) = self.snaps.get(&id).cloned() else {
+            return Err(StoreError::Refused(Refusal::NoSuchSnapshot(id)));
         };
         // No room check: rewriting an existing row allocates nothing (see ensure_meta_room).
         tracing::error!(snapshot = id.0, name = %rec.name, reason, "snapshot invalidated");
@@ -870,8 +852,8 @@ impl Store {
     }
 
     /// The record of `chunk` whose run contains `id`.
-    fn lookup(&mut self, chunk: u64, id: u64) -> Result<Option<ExceptionRecord>> {
-        let found = btree::get_le(&mut self.meta, Tree::Exceptions, Key::new(chunk, id))?;
+    fn lookup(&mut self, chunk: u64, id: SnapId) -> Result<Option<ExceptionRecord>> {
+        let found = btree::get_le(&mut self.meta, Tree::Exceptions, Key::new(chunk, id.0))?;
         let record = found
             .map(|(k, v)| ExceptionRecord::decode(k, &v))
             .filter(|r| r.chunk == chunk && r.last >= id);
@@ -944,12 +926,12 @@ impl Store {
         };
         let (fill, above) = self.records_above_fill(chunk)?;
         let mut runs = Vec::new();
-        let mut low = fill.map_or(1, |f| f.last.saturating_add(1));
+        let mut low = fill.map_or(SnapId::FIRST, |f| f.last.next());
         for r in &above {
-            if low < r.first && self.any_live(low, r.first - 1) {
-                runs.push((low, r.first - 1));
+            if low < r.first && self.any_live(low, r.first.prev()) {
+                runs.push((low, r.first.prev()));
             }
-            low = r.last.saturating_add(1);
+            low = r.last.next();
         }
         if self.any_live(low, max_live) {
             runs.push((low, max_live));
@@ -964,7 +946,7 @@ impl Store {
         let (runs, _) = self.uncovered_runs(chunk)?;
         Ok(runs
             .first()
-            .and_then(|(a, b)| self.live.range(*a..=*b).next().copied().map(SnapId)))
+            .and_then(|(a, b)| self.live.range(*a..=*b).next().copied()))
     }
 
     /// Reserves a free store chunk for a copy in flight (memory only until recorded).
@@ -988,7 +970,7 @@ impl Store {
     pub fn record_copy_out(&mut self, chunk: u64, store_chunk: u64) -> Result<bool> {
         self.check_chunk(chunk)?;
         if !self.meta.reserved().contains(&store_chunk) {
-            return Err(StoreError::NotReserved(store_chunk));
+            return Err(StoreError::Refused(Refusal::NotReserved(store_chunk)));
         }
         self.meta.check_usable()?;
         // One new record per run (the rest are flag rewrites in place).
@@ -1024,7 +1006,7 @@ impl Store {
     }
 
     /// Is `r` used by live snapshot `id` alone?
-    fn exclusive(&mut self, r: &ExceptionRecord, id: u64) -> Result<bool> {
+    fn exclusive(&mut self, r: &ExceptionRecord, id: SnapId) -> Result<bool> {
         if self.any_live_except(r.first, r.last, id) {
             return Ok(false);
         }
@@ -1044,10 +1026,10 @@ impl Store {
         self.check_chunk(chunk)?;
         self.check_live(id)?;
         self.meta.check_usable()?;
-        match self.lookup(chunk, id.0)? {
+        match self.lookup(chunk, id)? {
             None => Ok(ChunkSource::Origin),
             Some(r) => {
-                let exclusive = self.exclusive(&r, id.0)?;
+                let exclusive = self.exclusive(&r, id)?;
                 Ok(ChunkSource::Store {
                     store_chunk: r.store_chunk,
                     exclusive,
@@ -1068,9 +1050,8 @@ impl Store {
     ) -> Result<()> {
         self.check_chunk(chunk)?;
         self.check_live(id)?;
-        let id = id.0;
         if !self.meta.reserved().contains(&store_chunk) {
-            return Err(StoreError::NotReserved(store_chunk));
+            return Err(StoreError::Refused(Refusal::NotReserved(store_chunk)));
         }
         // The split puts back up to three records for the one it removes.
         self.ensure_meta_room(3)?;
@@ -1087,10 +1068,10 @@ impl Store {
                     shared: false,
                 });
             };
-            let left =
-                (old.first < id && s.any_live(old.first, id - 1)).then_some((old.first, id - 1));
+            let left = (old.first < id && s.any_live(old.first, id.prev()))
+                .then_some((old.first, id.prev()));
             let right =
-                (id < old.last && s.any_live(id + 1, old.last)).then_some((id + 1, old.last));
+                (id < old.last && s.any_live(id.next(), old.last)).then_some((id.next(), old.last));
             let pieces = usize::from(left.is_some()) + usize::from(right.is_some());
             let shared = old.shared || pieces == 2;
             s.remove_record(&old)?;
@@ -1141,10 +1122,7 @@ impl Store {
         } else {
             0
         };
-        Some((
-            position,
-            self.reclaim_pending.iter().copied().map(SnapId).collect(),
-        ))
+        Some((position, self.reclaim_pending.iter().copied().collect()))
     }
 
     /// Background delete: examines about `budget` exception records from where the last
@@ -1249,8 +1227,8 @@ impl Store {
             }
             if rec.state == SnapState::Deleting {
                 btree::remove(&mut self.meta, Tree::Snapshots, Key::new(rec.id.0, 0))?;
-                self.snaps.remove(&rec.id.0);
-                self.reclaim_pending.remove(&rec.id.0);
+                self.snaps.remove(&rec.id);
+                self.reclaim_pending.remove(&rec.id);
             } else {
                 self.put_snapshot(SnapshotRecord {
                     pending_pass: 0,
@@ -1269,11 +1247,11 @@ impl Store {
     pub fn usage(&mut self) -> Result<BTreeMap<SnapId, u64>> {
         // Each snapshot is in at most one record per chunk, so counting the records whose
         // run holds it is a difference-array sweep over record boundaries.
-        let mut delta: BTreeMap<u64, i64> = BTreeMap::new();
+        let mut delta: BTreeMap<SnapId, i64> = BTreeMap::new();
         btree::visit_forward(&mut self.meta, Tree::Exceptions, Key::MIN, &mut |k, v| {
             let r = ExceptionRecord::decode(k, v);
             *delta.entry(r.first).or_default() += 1;
-            *delta.entry(r.last.saturating_add(1)).or_default() -= 1;
+            *delta.entry(r.last.next()).or_default() -= 1;
             true
         })?;
         let mut out = BTreeMap::new();
@@ -1287,7 +1265,7 @@ impl Store {
                 running += d;
                 points.next();
             }
-            out.insert(SnapId(id), running.max(0) as u64);
+            out.insert(id, running.max(0) as u64);
         }
         Ok(out)
     }
@@ -1319,11 +1297,7 @@ impl Store {
     /// and whether it is exact yet (the seeding walk is done).
     pub fn usage_figures(&self) -> (BTreeMap<SnapId, u64>, bool) {
         (
-            self.usage_counter
-                .figures(self.snaps.keys().copied())
-                .into_iter()
-                .map(|(id, n)| (SnapId(id), n))
-                .collect(),
+            self.usage_counter.figures(self.snaps.keys().copied()),
             self.usage_counter.is_exact(),
         )
     }
@@ -1335,7 +1309,7 @@ impl Store {
 
     /// Usage of one snapshot from the usage counter.
     pub fn usage_of(&self, id: SnapId) -> u64 {
-        self.usage_counter.of(id.0)
+        self.usage_counter.of(id)
     }
 
     /// Exception records the usage counter's seeding walk has visited so far.

@@ -14,12 +14,13 @@
 //! So when the walk ends the figures are exact, and stay exact.
 
 use super::btree::Key;
+use csnap_proto::SnapId;
 use std::collections::BTreeMap;
 
 #[derive(Debug)]
 pub(super) struct UsageCounter {
     /// Difference array over snapshot ids (no zero entries).
-    delta: BTreeMap<u64, i64>,
+    delta: BTreeMap<SnapId, i64>,
     /// Next exception-tree key the seeding walk visits; `None` once it is done.
     cursor: Option<Key>,
     /// Records the seeding walk has visited (for progress reports and tests).
@@ -48,7 +49,7 @@ impl UsageCounter {
         self.walked
     }
 
-    fn bump(&mut self, id: u64, by: i64) {
+    fn bump(&mut self, id: SnapId, by: i64) {
         let slot = self.delta.entry(id).or_default();
         *slot += by;
         if *slot == 0 {
@@ -56,10 +57,10 @@ impl UsageCounter {
         }
     }
 
-    fn apply(&mut self, first: u64, last: u64, sign: i64) {
+    fn apply(&mut self, first: SnapId, last: SnapId, sign: i64) {
         self.bump(first, sign);
-        if let Some(end) = last.checked_add(1) {
-            self.bump(end, -sign);
+        if let Some(end) = last.0.checked_add(1) {
+            self.bump(SnapId(end), -sign);
         }
     }
 
@@ -69,14 +70,14 @@ impl UsageCounter {
     }
 
     /// A record with run `first..=last` was stored at `key`.
-    pub(super) fn inserted(&mut self, key: Key, first: u64, last: u64) {
+    pub(super) fn inserted(&mut self, key: Key, first: SnapId, last: SnapId) {
         if self.counts(key) {
             self.apply(first, last, 1);
         }
     }
 
     /// The record with run `first..=last` at `key` was removed.
-    pub(super) fn removed(&mut self, key: Key, first: u64, last: u64) {
+    pub(super) fn removed(&mut self, key: Key, first: SnapId, last: SnapId) {
         if self.counts(key) {
             self.apply(first, last, -1);
         }
@@ -84,7 +85,7 @@ impl UsageCounter {
 
     /// The seeding walk visited these records (keys from the cursor on, in order) and will
     /// go on at `next` (`None`: the tree is done).
-    pub(super) fn walked_over(&mut self, runs: &[(u64, u64)], next: Option<Key>) {
+    pub(super) fn walked_over(&mut self, runs: &[(SnapId, SnapId)], next: Option<Key>) {
         for &(first, last) in runs {
             self.apply(first, last, 1);
         }
@@ -93,7 +94,7 @@ impl UsageCounter {
     }
 
     /// Usage of each of `ids` (ascending), one pass over the array.
-    pub(super) fn figures(&self, ids: impl Iterator<Item = u64>) -> BTreeMap<u64, u64> {
+    pub(super) fn figures(&self, ids: impl Iterator<Item = SnapId>) -> BTreeMap<SnapId, u64> {
         let mut out = BTreeMap::new();
         let mut running = 0i64;
         let mut points = self.delta.iter().peekable();
@@ -111,7 +112,7 @@ impl UsageCounter {
     }
 
     /// Usage of one snapshot: O(array entries up to `id`).
-    pub(super) fn of(&self, id: u64) -> u64 {
+    pub(super) fn of(&self, id: SnapId) -> u64 {
         let sum: i64 = self.delta.range(..=id).map(|(_, d)| d).sum();
         sum.max(0) as u64
     }
@@ -121,30 +122,34 @@ impl UsageCounter {
 mod tests {
     use super::*;
 
+    fn id(n: u64) -> SnapId {
+        SnapId(n)
+    }
+
     #[test]
     fn counts_runs_and_ignores_unwalked_keys() {
         let mut u = UsageCounter::unseeded();
         // Before the walk passes key (5, _), changes there are left to the walk.
-        u.inserted(Key::new(5, 1), 1, 3);
-        assert_eq!(u.of(2), 0);
-        u.walked_over(&[(1, 3), (2, 2)], Some(Key::new(6, 0)));
+        u.inserted(Key::new(5, 1), id(1), id(3));
+        assert_eq!(u.of(id(2)), 0);
+        u.walked_over(&[(id(1), id(3)), (id(2), id(2))], Some(Key::new(6, 0)));
         assert!(!u.is_exact());
         assert_eq!(
-            u.figures([1, 2, 3, 4].into_iter())
+            u.figures([1, 2, 3, 4].into_iter().map(id))
                 .into_values()
                 .collect::<Vec<_>>(),
             vec![1, 2, 1, 0]
         );
         // A walked key: applied at once. An unwalked one: not.
-        u.removed(Key::new(5, 2), 2, 2);
-        u.inserted(Key::new(7, 4), 4, 4);
-        assert_eq!(u.of(2), 1);
-        assert_eq!(u.of(4), 0);
-        u.walked_over(&[(4, 4)], None);
+        u.removed(Key::new(5, 2), id(2), id(2));
+        u.inserted(Key::new(7, 4), id(4), id(4));
+        assert_eq!(u.of(id(2)), 1);
+        assert_eq!(u.of(id(4)), 0);
+        u.walked_over(&[(id(4), id(4))], None);
         assert!(u.is_exact());
-        assert_eq!(u.of(4), 1);
-        u.inserted(Key::new(9, 3), 3, u64::MAX);
-        assert_eq!(u.of(u64::MAX), 1);
+        assert_eq!(u.of(id(4)), 1);
+        u.inserted(Key::new(9, 3), id(3), id(u64::MAX));
+        assert_eq!(u.of(id(u64::MAX)), 1);
         assert_eq!(u.walked(), 3);
     }
 }

@@ -743,8 +743,10 @@ impl Sim {
 
     fn fail(&self, what: String) -> ! {
         panic!(
-            "[scenario {} schedule seed {} (replay: CSNAP_POWERCUT_SEED={} CSNAP_POWERCUT_SCENARIO={})] {what}",
-            self.sc.name, self.seed, self.seed, self.sc.name
+            "[scenario {} schedule seed {seed} (replay: CSNAP_POWERCUT_SEED={seed} CSNAP_POWERCUT_SCENARIO={})] {what}",
+            self.sc.name,
+            self.sc.name,
+            seed = csnap_proto::testing::Seed(self.seed),
         )
     }
 
@@ -1736,13 +1738,10 @@ fn run_scenario(sc: Scenario) -> Tally {
         }
         return Tally::default();
     }
-    let seed = env_u64("CSNAP_SEED").unwrap_or_else(rand::random);
+    let seed = csnap_proto::testing::seed(&format!("powercut::{}", sc.name), "CSNAP_SEED");
     let factor = env_u64("CSNAP_POWERCUT_SCHEDULES").unwrap_or(1).max(1);
     let schedules = sc.schedules * factor;
-    eprintln!(
-        "powercut {}: seed {seed} (replay with CSNAP_SEED={seed}), {schedules} schedules",
-        sc.name
-    );
+    eprintln!("powercut {}: {schedules} schedules", sc.name);
     let mut rng = StdRng::seed_from_u64(seed);
     let mut total = Tally::default();
     let started = Instant::now();
@@ -1753,6 +1752,7 @@ fn run_scenario(sc: Scenario) -> Tally {
         match result {
             Ok(t) => total.add(&t),
             Err(e) => {
+                let s = csnap_proto::testing::Seed(s);
                 eprintln!(
                     "powercut {}: schedule seed {s} failed (replay it alone: CSNAP_POWERCUT_SCENARIO={} CSNAP_POWERCUT_SEED={s})",
                     sc.name, sc.name

@@ -13,7 +13,7 @@
 use crate::server_support;
 
 use csnap_proto::*;
-use csnap_server::net::{self, ListenAddr};
+use csnap_server::net;
 use server_support::*;
 use std::sync::Arc;
 use std::time::Instant;
@@ -69,7 +69,7 @@ async fn pipelined(clients: &[Arc<Client>], first: u64, per_client: u64, depth: 
 async fn server_throughput() {
     let origin_chunks = 65536;
     let fx = Fixture::new(4096, origin_chunks, 512 << 20);
-    let server = net::start(fx.config(ListenAddr::Tcp("127.0.0.1:0".parse().unwrap())))
+    let server = net::start(fx.config("127.0.0.1:0".parse().unwrap()))
         .await
         .unwrap();
     let addr = server.local_addr();

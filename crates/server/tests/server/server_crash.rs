@@ -96,7 +96,7 @@ async fn snapshot_write(
 async fn workload(
     fx_origin: std::path::PathBuf,
     fx_store: std::path::PathBuf,
-    addr: csnap_server::net::ListenAddr,
+    addr: csnap_proto::ListenAddr,
     key: Vec<u8>,
     model: Arc<Mutex<Model>>,
     seed: u64,
@@ -268,12 +268,7 @@ fn expected_bytes(versions: &[u64]) -> Vec<u8> {
 
 /// After a restart: resolve the operations in doubt, then check every snapshot and the
 /// origin against the model.
-async fn verify(
-    fx: &Fixture,
-    addr: &csnap_server::net::ListenAddr,
-    model: &mut Model,
-    round: usize,
-) {
+async fn verify(fx: &Fixture, addr: &csnap_proto::ListenAddr, model: &mut Model, round: usize) {
     let admin = Client::connect(addr, &fx.key, 0xAD, ClientKind::Admin).await;
     let listed = match admin
         .request(ClientMsg::ListSnapshots {

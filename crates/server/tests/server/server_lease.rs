@@ -5,8 +5,9 @@
 
 use crate::server_support;
 
+use csnap_proto::ListenAddr;
 use csnap_proto::*;
-use csnap_server::net::{self, ListenAddr, ServerError, ServerFailure};
+use csnap_server::net::{self, ServerError, ServerFailure};
 use server_support::*;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -15,7 +16,7 @@ const ADMIN: u64 = 0xAD;
 const ORIGIN: u64 = 0x0A;
 
 fn tcp() -> ListenAddr {
-    ListenAddr::Tcp("127.0.0.1:0".parse().unwrap())
+    "127.0.0.1:0".parse().unwrap()
 }
 
 /// How late after its lease's end a server may notice it (the engine thread's timer).

@@ -4,8 +4,9 @@
 
 use crate::server_support;
 
+use csnap_proto::ListenAddr;
 use csnap_proto::*;
-use csnap_server::net::{self, ListenAddr, ServerError};
+use csnap_server::net::{self, ServerError};
 use server_support::*;
 use std::os::unix::fs::PermissionsExt as _;
 use std::sync::Arc;
@@ -15,7 +16,7 @@ const ADMIN: u64 = 0xAD;
 const ORIGIN: u64 = 0x0A;
 
 fn tcp() -> ListenAddr {
-    ListenAddr::Tcp("127.0.0.1:0".parse().unwrap())
+    "127.0.0.1:0".parse().unwrap()
 }
 
 async fn create_snapshot(admin: &Client, name: &str) -> SnapshotInfo {

@@ -5,8 +5,9 @@
 #![allow(dead_code)]
 
 use csnap_proto::auth;
+use csnap_proto::ListenAddr;
 use csnap_proto::*;
-use csnap_server::net::{self, ListenAddr, ServerConfig};
+use csnap_server::net::{self, ServerConfig};
 use csnap_server::store::{FileDevice, FormatOptions, Store};
 use futures::{SinkExt as _, StreamExt as _};
 use std::collections::{HashMap, HashSet};
@@ -16,7 +17,6 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::{mpsc, oneshot, RwLock};
 use tokio_util::codec::{FramedRead, FramedWrite};
 
@@ -150,15 +150,10 @@ async fn recv<S: futures::Stream<Item = Result<ServerFrame, FrameError>> + Unpin
 }
 
 /// A connected byte stream to the server.
-pub trait Io: AsyncRead + AsyncWrite + Send + Unpin + 'static {}
-impl<T: AsyncRead + AsyncWrite + Send + Unpin + 'static> Io for T {}
+pub use csnap_proto::net::Stream as Io;
 
-pub async fn connect_raw(addr: &ListenAddr) -> std::io::Result<Box<dyn Io>> {
-    Ok(match addr {
-        ListenAddr::Tcp(a) => Box::new(tokio::net::TcpStream::connect(a).await?),
-        ListenAddr::Unix(p) => Box::new(tokio::net::UnixStream::connect(p).await?),
-    })
-}
+/// Dials the server as its clients do.
+pub use csnap_proto::net::connect as connect_raw;
 
 type Pending = Arc<Mutex<HashMap<RequestId, oneshot::Sender<ServerMsg>>>>;
 

@@ -5,6 +5,7 @@
 use crate::store_support;
 use csnap_proto::SnapId;
 
+use csnap_server::engine::Refusal;
 use csnap_server::store::{
     read_superblock, BlockDevice, ChunkSource, FileDevice, FormatOptions, Geometry, MemDevice,
     OpenOptions, SnapState, Store, StoreError,
@@ -155,13 +156,13 @@ fn deleted_snapshots_leave_the_list_at_once_and_the_table_after_reclaim() {
     assert!(sim.store.snapshot(a).is_none());
     assert!(matches!(
         sim.store.delete_snapshot(a),
-        Err(StoreError::NoSuchSnapshot(_))
+        Err(StoreError::Refused(Refusal::NoSuchSnapshot(_)))
     ));
     // The name is free again at once.
     let name = sim.reference.snaps[&b].name.clone();
     assert!(matches!(
         sim.store.create_snapshot(&name, 0),
-        Err(StoreError::NameTaken(_))
+        Err(StoreError::Refused(Refusal::NameTaken(_)))
     ));
     sim.delete(b).unwrap();
     sim.store.commit().unwrap();
@@ -204,7 +205,7 @@ fn full_store_invalidates_the_oldest_sharing_snapshot() {
     assert!(matches!(&rec.state, SnapState::Invalid { reason } if reason.contains("store full")));
     assert!(matches!(
         sim.store.snapshot_chunk(old, 0),
-        Err(StoreError::NotLive(_))
+        Err(StoreError::Refused(Refusal::NotLive(_)))
     ));
     assert_eq!(sim.store.oldest_sharing_origin(20).unwrap(), Some(young));
     sim.store.release_chunk(store_chunk.unwrap()).unwrap();
@@ -216,7 +217,10 @@ fn full_store_invalidates_the_oldest_sharing_snapshot() {
         assert!(at.is_some());
     }
     assert_eq!(sim.snapshot_write_prepare(a, 17).unwrap(), None);
-    assert!(matches!(sim.store.reserve_chunk(), Err(StoreError::Full)));
+    assert!(matches!(
+        sim.store.reserve_chunk(),
+        Err(StoreError::Refused(Refusal::Full))
+    ));
 }
 
 #[test]
@@ -225,7 +229,7 @@ fn bad_names_and_out_of_range_chunks_are_refused() {
     for bad in ["", "a/b", "a@b", "a\0b", &"x".repeat(256)] {
         assert!(matches!(
             sim.store.create_snapshot(bad, 0),
-            Err(StoreError::BadName { .. })
+            Err(StoreError::Refused(Refusal::BadName { .. }))
         ));
     }
     assert!(sim.store.create_snapshot(&"é".repeat(127), 0).is_ok());
@@ -236,11 +240,11 @@ fn bad_names_and_out_of_range_chunks_are_refused() {
     );
     assert!(matches!(
         sim.store.record_copy_out(0, 12345),
-        Err(StoreError::NotReserved(12345))
+        Err(StoreError::Refused(Refusal::NotReserved(12345)))
     ));
     assert!(matches!(
         sim.store.snapshot_chunk(SnapId(99), 0),
-        Err(StoreError::NoSuchSnapshot(SnapId(99)))
+        Err(StoreError::Refused(Refusal::NoSuchSnapshot(SnapId(99))))
     ));
 }
 
@@ -470,12 +474,15 @@ fn reservations_are_not_counted_free_and_vanish_on_crash() {
     let total = store.info().free_chunks;
     let reserved: Vec<u64> = (0..total).map(|_| store.reserve_chunk().unwrap()).collect();
     assert_eq!(store.free_chunks(), 0);
-    assert!(matches!(store.reserve_chunk(), Err(StoreError::Full)));
+    assert!(matches!(
+        store.reserve_chunk(),
+        Err(StoreError::Refused(Refusal::Full))
+    ));
     store.release_chunk(reserved[0]).unwrap();
     assert_eq!(store.free_chunks(), 1);
     assert!(matches!(
         store.release_chunk(reserved[0]),
-        Err(StoreError::NotReserved(_))
+        Err(StoreError::Refused(Refusal::NotReserved(_)))
     ));
     // Crash with reservations outstanding: all free again, nothing leaked.
     drop(store);

@@ -9,6 +9,7 @@
 use crate::store_support;
 use csnap_proto::SnapId;
 
+use csnap_server::engine::Refusal;
 use csnap_server::store::{ChunkSource, SnapState, Store, StoreError};
 use rand::Rng;
 use std::collections::{BTreeMap, HashMap};
@@ -155,7 +156,7 @@ impl Run {
                         exclusive: true,
                     } => Some(store_chunk),
                     source => match self.store.reserve_chunk() {
-                        Err(StoreError::Full) => None,
+                        Err(StoreError::Refused(Refusal::Full)) => None,
                         Err(e) => return Err(e),
                         Ok(new) => {
                             let old = match source {

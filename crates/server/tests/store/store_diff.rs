@@ -8,6 +8,7 @@ use crate::store_support;
 
 use csnap_proto::ChunkRange;
 use csnap_proto::{DiffEnd, SnapId};
+use csnap_server::engine::Refusal;
 use csnap_server::store::StoreError;
 use rand::rngs::StdRng;
 use rand::Rng;
@@ -112,20 +113,26 @@ fn diff_refuses_ends_that_are_not_live_and_starts_past_the_volume() {
         .diff_page(DiffEnd::Snapshot(a), DiffEnd::Snapshot(b), 0, 10)
         .unwrap_err();
     assert!(
-        matches!(e, StoreError::NoSuchSnapshot(id) if id == b),
+        matches!(e, StoreError::Refused(Refusal::NoSuchSnapshot(id)) if id == b),
         "{e}"
     );
     let e = sim
         .store
         .diff_page(DiffEnd::Snapshot(SnapId(99)), DiffEnd::Origin, 0, 10)
         .unwrap_err();
-    assert!(matches!(e, StoreError::NoSuchSnapshot(SnapId(99))), "{e}");
+    assert!(
+        matches!(e, StoreError::Refused(Refusal::NoSuchSnapshot(SnapId(99)))),
+        "{e}"
+    );
     let e = sim
         .store
         .diff_page(DiffEnd::Snapshot(a), DiffEnd::Origin, 17, 10)
         .unwrap_err();
     assert!(
-        matches!(e, StoreError::ChunkOutOfRange { chunk: 17, .. }),
+        matches!(
+            e,
+            StoreError::Refused(Refusal::ChunkOutOfRange { chunk: 17, .. })
+        ),
         "{e}"
     );
     // The end of the volume is a valid (empty) start.

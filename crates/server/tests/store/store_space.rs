@@ -5,6 +5,7 @@
 use crate::store_support;
 use csnap_proto::SnapId;
 
+use csnap_server::engine::Refusal;
 use csnap_server::store::{FormatOptions, Geometry, MemDevice, SnapState, Store, StoreError};
 use store_support::*;
 
@@ -49,13 +50,13 @@ fn fill_metadata(store: &mut Store, per_round: u64) -> Vec<SnapId> {
     for round in 0.. {
         match store.create_snapshot(&format!("s{round}"), round) {
             Ok(rec) => snaps.push(rec.id),
-            Err(StoreError::MetadataFull { .. }) => return snaps,
+            Err(StoreError::Refused(Refusal::MetadataFull { .. })) => return snaps,
             Err(e) => panic!("create: {e}"),
         }
         for c in 0..per_round {
             match copy_out(store, c) {
                 Ok(()) => {}
-                Err(StoreError::MetadataFull { .. }) => return snaps,
+                Err(StoreError::Refused(Refusal::MetadataFull { .. })) => return snaps,
                 Err(e) => panic!("round {round} chunk {c}: {e}"),
             }
         }
@@ -85,7 +86,7 @@ fn freeing_operations_succeed_when_the_metadata_area_is_full() {
     assert!(
         matches!(
             store.create_snapshot("one-more", 0),
-            Err(StoreError::MetadataFull { .. })
+            Err(StoreError::Refused(Refusal::MetadataFull { .. }))
         ),
         "the metadata area should be full"
     );

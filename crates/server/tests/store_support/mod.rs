@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 use csnap_proto::SnapId;
+use csnap_server::engine::Refusal;
 use csnap_server::store::{
     BlockDevice, ChunkSource, FormatOptions, Geometry, MemDevice, OpenOptions, SnapState, Store,
     StoreError,
@@ -62,7 +63,7 @@ pub fn reserve_copy_out(
         }
         match store.reserve_chunk() {
             Ok(at) => return Ok((Some(at), invalidated)),
-            Err(StoreError::Full) => {}
+            Err(StoreError::Refused(Refusal::Full)) => {}
             Err(e) => return Err(e),
         }
         // A snapshot shares the chunk, so one is live.
@@ -224,7 +225,7 @@ impl Sim {
             source => {
                 let new = match self.store.reserve_chunk() {
                     Ok(c) => c,
-                    Err(StoreError::Full) => return Ok(None),
+                    Err(StoreError::Refused(Refusal::Full)) => return Ok(None),
                     Err(e) => return Err(e),
                 };
                 let dev = self.store.device().clone();

@@ -6,11 +6,13 @@
 
 use std::collections::BTreeSet;
 
+use csnap_proto::SnapId;
+
 use super::Check;
 use crate::reference::Reference;
 
 /// An engine sends `what` (`SnapshotReadOk` or `SnapshotWriteOk`) for `snap`.
-pub fn on_grant(reference: &Reference, node: u32, snap: u64, what: &str) -> Check {
+pub fn on_grant(reference: &Reference, node: u32, snap: SnapId, what: &str) -> Check {
     match reference.snaps.get(&snap) {
         Some(rec) if rec.deleted => Err(format!(
             "node {node}'s engine answered {what} for snapshot {snap} ({}) after its deletion was acknowledged",
@@ -22,7 +24,7 @@ pub fn on_grant(reference: &Reference, node: u32, snap: u64, what: &str) -> Chec
 
 /// A store opened by a new engine lists `rows` (id, still listed as live or invalid: not
 /// being deleted).
-pub fn listed(reference: &Reference, rows: &[(u64, bool)]) -> Check {
+pub fn listed(reference: &Reference, rows: &[(SnapId, bool)]) -> Check {
     for (id, alive) in rows {
         if let Some(rec) = reference.snaps.get(id) {
             if rec.deleted && *alive {
@@ -39,7 +41,7 @@ pub fn listed(reference: &Reference, rows: &[(u64, bool)]) -> Check {
 /// After settling (reclaim had time to finish): nothing is still being deleted, and the
 /// store's used data chunks (its checker's count) are exactly the store chunks its snapshots
 /// map.
-pub fn space_back(deleting: &[u64], used: u64, mapped: &BTreeSet<u64>) -> Check {
+pub fn space_back(deleting: &[SnapId], used: u64, mapped: &BTreeSet<u64>) -> Check {
     if !deleting.is_empty() {
         return Err(format!(
             "deleted snapshots {deleting:?} are still being reclaimed after settling"

@@ -3,6 +3,8 @@
 //! a later one, also after node crashes lost unflushed writes; and every snapshot whose
 //! creation was reported to the application stays listed.
 
+use csnap_proto::SnapId;
+
 use super::Check;
 use crate::disk::{Dev, Rack, SECT};
 use crate::reference::{decode, Reference};
@@ -32,7 +34,7 @@ pub fn origin(rack: &Rack, reference: &Reference) -> Check {
 /// The store as a new engine opened it lists `listed` (id, name): every snapshot reported
 /// created (and whose deletion was not asked) is among them. Records of unreported creations the store lost
 /// are forgotten (records of deleted snapshots are kept: reads may still be in flight).
-pub fn reported_listed(reference: &mut Reference, listed: &[(u64, String)]) -> Check {
+pub fn reported_listed(reference: &mut Reference, listed: &[(SnapId, String)]) -> Check {
     let mut gone = Vec::new();
     for (id, rec) in &reference.snaps {
         if listed.iter().any(|(i, n)| i == id && *n == rec.name) {

@@ -1,6 +1,8 @@
 //! Every snapshot reads as the origin did at its creation plus its own acknowledged
 //! writes, and no origin write is in flight when the store creates one.
 
+use csnap_proto::SnapId;
+
 use super::Check;
 use crate::client::OpState;
 use crate::disk::SECT;
@@ -10,7 +12,7 @@ use crate::reference::{decode, ReadWindow, Reference};
 /// When a store creates a snapshot: no client anywhere holds an origin write grant it can
 /// still carry out (alive, not past its lease and margin). A client of an old server with
 /// a grant is what the new server's snapshot hold is for.
-pub fn on_creation(nodes: &[Node], now: u64, margin_ms: u64, id: u64) -> Check {
+pub fn on_creation(nodes: &[Node], now: u64, margin_ms: u64, id: SnapId) -> Check {
     for n in nodes {
         for c in &n.clients {
             let live = now < c.lease_until.saturating_add(margin_ms);
@@ -32,7 +34,7 @@ pub fn on_creation(nodes: &[Node], now: u64, margin_ms: u64, id: u64) -> Check {
 /// writes that landed since. `window: None`: a read of the settled store.
 pub fn on_read(
     reference: &Reference,
-    snap: u64,
+    snap: SnapId,
     offset: u64,
     data: &[u8],
     window: Option<&ReadWindow>,
