@@ -392,7 +392,11 @@ impl<S: MetaStore> Engine<S> {
                 CopyStart::Full | CopyStart::NotNeeded => {
                     // Nothing may be given up (the source and the pin are kept): the
                     // copy-back waits for room, loudly.
-                    if self.store.oldest_sharing_origin(chunk)?.is_some() {
+                    let first_time = self
+                        .rollback
+                        .as_mut()
+                        .is_some_and(|r| r.paused_at.replace(chunk) != Some(chunk));
+                    if first_time && self.store.oldest_sharing_origin(chunk)?.is_some() {
                         self.log(
                             LogLevel::Error,
                             format!("rollback paused at origin chunk {chunk}: the snapshot store is full and only the rollback's source and pin are left; delete snapshots to let it go on"),

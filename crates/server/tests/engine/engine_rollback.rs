@@ -35,9 +35,9 @@ fn rollback_config() -> EngineConfig {
     }
 }
 
-struct Run {
+struct Run<S: TestStore> {
     rng: StdRng,
-    h: Harness,
+    h: Harness<S>,
     origin: ConnId,
     admin: ConnId,
     /// Asks before origin reads (a rollback runs, as the client was told).
@@ -61,9 +61,9 @@ struct Run {
     trace: bool,
 }
 
-impl Run {
-    fn new(seed: u64) -> Run {
-        let mut h = Harness::new(rollback_config(), CHUNKS, 400);
+impl<S: TestStore> Run<S> {
+    fn new(seed: u64, store: S) -> Run<S> {
+        let mut h = Harness::with_store(rollback_config(), store);
         let origin = h.connect(1, ClientKind::Origin, false);
         let admin = h.admin();
         Run {
@@ -510,28 +510,28 @@ impl Run {
                 );
             }
         }
-        self.h.engine.store().check().unwrap();
+        self.h.engine.store_mut().consistency().unwrap();
     }
 }
 
-#[test]
-fn rollback_under_random_writes_reads_and_crashes_matches_the_model() {
-    let master = seed("rollback_under_random_writes_reads_and_crashes_matches_the_model");
+/// Runs `cases` seeded cases of the model on stores made by `make_store`.
+fn run_cases<S: TestStore>(test: &str, default_cases: u64, make_store: impl Fn() -> S) {
+    let master = seed(test);
     let cases: u64 = std::env::var("CSNAP_CASES")
         .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or(150);
+        .unwrap_or(default_cases);
     let mut rollbacks = 0;
     for case in 0..cases {
         let seed = master.wrapping_add(case);
-        let outcome = std::panic::catch_unwind(|| {
-            let mut run = Run::new(seed);
+        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let mut run = Run::new(seed, make_store());
             for _ in 0..400 {
                 run.step();
             }
             run.finish();
             run.rollbacks_done
-        });
+        }));
         match outcome {
             Ok(n) => rollbacks += n,
             Err(e) => {
@@ -544,6 +544,26 @@ fn rollback_under_random_writes_reads_and_crashes_matches_the_model() {
     assert!(
         rollbacks >= cases as u32,
         "only {rollbacks} rollbacks finished in {cases} cases"
+    );
+}
+
+#[test]
+fn rollback_under_random_writes_reads_and_crashes_matches_the_model() {
+    run_cases(
+        "rollback_under_random_writes_reads_and_crashes_matches_the_model",
+        150,
+        || MemStore::new(4096, CHUNKS, 400),
+    );
+}
+
+/// The same on the on-disk store (its exception runs, journal replay after a crash, the
+/// rollback record in the root state).
+#[test]
+fn rollback_under_random_writes_reads_and_crashes_matches_the_model_on_disk() {
+    run_cases(
+        "rollback_under_random_writes_reads_and_crashes_matches_the_model_on_disk",
+        40,
+        || disk::DiskStore::new(CHUNKS, 400),
     );
 }
 
