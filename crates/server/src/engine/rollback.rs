@@ -71,9 +71,9 @@ pub(super) struct Rollback {
     pub(super) reply_to: Option<Requester>,
     /// The last tenth of the origin logged as copied back (`rollback_progress`).
     pub(super) logged_tenths: u64,
-    /// The chunk the copy-back was last logged as paused at (store full), so the log
-    /// says it once, not at every event.
-    pub(super) paused_at: Option<u64>,
+    /// The copy-back is paused for lack of room and the log said so (once, not at every
+    /// event); cleared when a copy-out starts again.
+    pub(super) paused: bool,
 }
 
 impl Rollback {
@@ -103,7 +103,7 @@ impl Rollback {
             ending: None,
             chunks_copied: 0,
             reply_to: None,
-            paused_at: None,
+            paused: false,
             logged_tenths: record.cursor.saturating_mul(10) / origin_chunks.max(1),
         }
     }

@@ -388,14 +388,19 @@ impl<S: MetaStore> Engine<S> {
                 CopyKind::OriginCopyOut { chunk },
                 CopySource::Origin { chunk },
             )? {
-                CopyStart::Started | CopyStart::AfterCommit | CopyStart::AfterLeases => {}
+                CopyStart::Started => {
+                    if let Some(r) = self.rollback.as_mut() {
+                        r.paused = false;
+                    }
+                }
+                CopyStart::AfterCommit | CopyStart::AfterLeases => {}
                 CopyStart::Full | CopyStart::NotNeeded => {
                     // Nothing may be given up (the source and the pin are kept): the
-                    // copy-back waits for room, loudly.
+                    // copy-back waits for room, loudly (once).
                     let first_time = self
                         .rollback
                         .as_mut()
-                        .is_some_and(|r| r.paused_at.replace(chunk) != Some(chunk));
+                        .is_some_and(|r| !std::mem::replace(&mut r.paused, true));
                     if first_time && self.store.oldest_sharing_origin(chunk)?.is_some() {
                         self.log(
                             LogLevel::Error,

@@ -802,3 +802,76 @@ fn a_write_after_the_start_to_a_chunk_the_source_shares_is_kept() {
     assert_eq!(h.origin[2], [0, 0], "rolled back");
     assert_eq!(h.origin[5], [55, 55], "the write after the start is kept");
 }
+
+/// A full store with nothing to give up but the rollback's source and pin: the copy-back
+/// pauses (said once in the log, not at every event) and writes that need a copy-out wait,
+/// instead of the store-full policy invalidating the source or the pin.
+#[test]
+fn a_full_store_pauses_the_rollback_and_never_sacrifices_its_source_or_pin() {
+    let mut h = Harness::new(config(), 8, 2);
+    let origin = h.connect(1, ClientKind::Origin, false);
+    let admin = h.admin();
+    let target = h.create_snapshot(admin, "target", &[origin]);
+    for c in [0, 1] {
+        let w = h.send(
+            origin,
+            ClientMsg::QueryWrite {
+                ranges: range(c, 1),
+            },
+        );
+        h.settle();
+        assert!(matches!(
+            h.reply_to(origin, w),
+            Some(ServerMsg::OriginWriteOk { .. })
+        ));
+        h.origin[c as usize] = [9, 9];
+    }
+    assert_eq!(
+        h.engine.status().unwrap().free_chunks,
+        0,
+        "the store is full"
+    );
+    h.send(
+        admin,
+        ClientMsg::Rollback {
+            snap: target,
+            pin_name: "before".into(),
+        },
+    );
+    for _ in 0..2 {
+        for n in h.notices(origin) {
+            if let ServerMsg::RollbackStarting { pin, .. } = n {
+                h.send(origin, ClientMsg::NewSnapshotAck { snap: pin });
+            }
+        }
+    }
+    h.settle();
+    let w = h.send(
+        origin,
+        ClientMsg::QueryWrite {
+            ranges: range(5, 1),
+        },
+    );
+    for now in 1_001..1_010 {
+        h.handle(Event::Tick { now });
+        h.settle();
+    }
+    assert!(h.reply_to(origin, w).is_none(), "the write waits for room");
+    let paused = h
+        .errors(LogLevel::Error)
+        .into_iter()
+        .filter(|m| m.contains("rollback paused"))
+        .count();
+    assert_eq!(paused, 1, "said once");
+    let states = h.engine.store().states();
+    assert!(
+        states.iter().all(|(_, s)| *s == SnapshotState::Live),
+        "nobody sacrificed: {states:?}"
+    );
+    assert_eq!(h.engine.status().unwrap().rollback.unwrap().position, 0);
+    assert_eq!(
+        h.origin[0],
+        [9, 9],
+        "nothing copied back over a chunk the pin shares"
+    );
+}
