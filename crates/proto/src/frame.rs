@@ -35,7 +35,7 @@ use serde::Serialize;
 /// answered with the snapshot it created), `DeleteSnapshot` takes an id only, and
 /// `FindSnapshot` looks a name up.
 /// Version 6: `Diff`/`DiffPage` (the chunks two ends read differently, paged).
-pub const PROTOCOL_VERSION: u8 = 6;
+pub const PROTOCOL_VERSION: u8 = 7;
 /// Largest accepted `length` (version byte + body + tag).
 pub const MAX_FRAME: usize = 1 << 20;
 /// Size of the length prefix.

@@ -40,9 +40,9 @@ pub use frame::{
 };
 pub use msg::{
     create_token, encoded_size_bound, page_len, ClientFrame, ClientId, ClientKind, ClientMsg,
-    ErrorCode, HeldLock, ReclaimStatus, RequestId, ServerFrame, ServerMsg, ServerStatus, SnapRef,
-    SpaceWarning, StoreAddr, StoreArea, CREATE_TOKEN_BITS, LIST_PAGE_BYTES, MAX_DIFF_RECORDS,
-    MAX_LIST_PAGE,
+    ErrorCode, HeldLock, ReclaimStatus, RequestId, RollbackStatus, ServerFrame, ServerMsg,
+    ServerStatus, SnapRef, SpaceWarning, StoreAddr, StoreArea, CREATE_TOKEN_BITS, LIST_PAGE_BYTES,
+    MAX_DIFF_RECORDS, MAX_LIST_PAGE,
 };
 pub use types::{
     validate_snapshot_name, ChunkRange, DiffEnd, DiffPage, SnapId, SnapshotInfo, SnapshotState,

@@ -141,6 +141,15 @@ pub enum ClientMsg {
     },
     /// Admin: server and store status.
     Status,
+    /// Admin: roll the origin back to snapshot `snap`, online (`RollbackStarted`). The
+    /// origin as it is before the rollback is kept as a new snapshot named `pin_name`
+    /// (the rollback's progress marker, see docs/architecture.md "Online rollback"; it may
+    /// be deleted once the rollback is done). Refused with `RollbackInProgress` while
+    /// another runs. Since protocol version 7.
+    Rollback { snap: SnapId, pin_name: String },
+    /// Origin client, while a rollback runs (`Welcome::rollback`, `RollbackStarting`):
+    /// where do I read these chunks? Answered with `OriginReadOk`. Since protocol version 7.
+    QueryOriginRead { ranges: Vec<ChunkRange> },
 }
 
 /// Server -> client.
@@ -161,6 +170,10 @@ pub enum ServerMsg {
         /// `KeepAlive` (every third of it). The server counts it as stopped after this
         /// plus a margin without hearing from it.
         origin_lease_secs: u32,
+        /// A rollback runs: an origin client asks (`QueryOriginRead`) before each origin
+        /// read until `RollbackDone`. Since protocol version 7.
+        #[serde(default)]
+        rollback: bool,
     },
     /// Answer to `KeepAlive`.
     KeepAliveOk,
@@ -216,6 +229,33 @@ pub enum ServerMsg {
     Status(ServerStatus),
     /// Answer to `Diff`.
     DiffPage(DiffPage),
+    /// Answer to `Rollback`: the rollback is under way (durably: a crash or failover resumes
+    /// it); every origin client asks before reading, so the origin reads as `source` from
+    /// now on while the copy-back runs in the background. `pin` is the snapshot of the
+    /// origin as it was before.
+    RollbackStarted {
+        source: SnapId,
+        pin: SnapshotInfo,
+    },
+    /// Notice to origin clients: a rollback to `source` is starting. As for `NewSnapshot
+    /// { snap: pin }` (drop every unique promise, wait for granted writes in flight), and
+    /// also wait for origin reads in flight, then ask (`QueryOriginRead`) before every
+    /// origin read until `RollbackDone`; then acknowledge with `NewSnapshotAck { snap: pin }`.
+    RollbackStarting {
+        source: SnapId,
+        pin: SnapId,
+    },
+    /// Notice to origin clients: the rollback to `source` is finished; read the origin
+    /// directly again.
+    RollbackDone {
+        source: SnapId,
+    },
+    /// Answer to `QueryOriginRead`: the chunks in `store` still read as the rollback's
+    /// source from these store chunks (unchanged while the rollback runs); every other
+    /// chunk asked for is read from the origin.
+    OriginReadOk {
+        store: Vec<StoreAddr>,
+    },
     /// The request failed; `message` says why, for humans.
     Error {
         code: ErrorCode,
@@ -258,6 +298,36 @@ pub struct ServerStatus {
     /// not say). Absent from older servers.
     #[serde(default)]
     pub reclaim: Option<ReclaimStatus>,
+    /// The online rollback in progress, if any. Absent from older servers. Boxed: it is
+    /// rare, and the status is already the largest server message.
+    #[serde(default)]
+    pub rollback: Option<Box<RollbackStatus>>,
+}
+
+/// How far an online rollback's copy-back got: it walks the origin in chunk order, so
+/// `position` of `origin_chunks` is the share done.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RollbackStatus {
+    /// The snapshot the origin is rolled back to.
+    pub source: SnapId,
+    /// The snapshot of the origin as it was before the rollback.
+    pub pin: SnapId,
+    /// Origin chunks below it are rolled back.
+    pub position: u64,
+    pub origin_chunks: u64,
+    /// Chunks copied back so far by this server (not counted across a restart).
+    pub chunks_copied: u64,
+}
+
+impl RollbackStatus {
+    /// Share done, in percent (rounded down, at most 100).
+    pub fn percent(&self) -> u8 {
+        if self.origin_chunks == 0 {
+            return 100;
+        }
+        (u128::from(self.position.min(self.origin_chunks)) * 100 / u128::from(self.origin_chunks))
+            as u8
+    }
 }
 
 /// How far the background reclaim pass over the exception tree got: it walks the tree in
@@ -382,6 +452,9 @@ pub enum ErrorCode {
     /// Another live connection already uses this client id (and is not an earlier
     /// connection of the same client): two clients were given the same instance id.
     DuplicateClient,
+    /// An online rollback is running and the request conflicts with it (a second rollback,
+    /// deleting or writing its source or pin, creating a snapshot, a diff of the origin).
+    RollbackInProgress,
 }
 
 impl fmt::Display for ErrorCode {

@@ -58,6 +58,13 @@ fn all_client_msgs() -> Vec<ClientMsg> {
             limit: 100,
         },
         ClientMsg::Status,
+        ClientMsg::Rollback {
+            snap: SnapId(1),
+            pin_name: "before-rollback".into(),
+        },
+        ClientMsg::QueryOriginRead {
+            ranges: vec![ChunkRange::new(0, 8)],
+        },
         ClientMsg::Diff {
             from: DiffEnd::Snapshot(SnapId(3)),
             to: DiffEnd::Origin,
@@ -92,6 +99,7 @@ fn all_server_msgs() -> Vec<ServerMsg> {
             chunk_size: 65536,
             origin_chunks: 1 << 20,
             origin_lease_secs: 10,
+            rollback: false,
         },
         ServerMsg::KeepAliveOk,
         ServerMsg::OriginWriteOk {
@@ -154,7 +162,36 @@ fn all_server_msgs() -> Vec<ServerMsg> {
                 position: 7,
                 origin_chunks: 10,
             }),
+            rollback: Some(Box::new(RollbackStatus {
+                source: SnapId(1),
+                pin: SnapId(5),
+                position: 3,
+                origin_chunks: 10,
+                chunks_copied: 2,
+            })),
         }),
+        ServerMsg::Welcome {
+            protocol_version: 7,
+            chunk_size: 65536,
+            origin_chunks: 1 << 20,
+            origin_lease_secs: 10,
+            rollback: true,
+        },
+        ServerMsg::RollbackStarting {
+            source: SnapId(1),
+            pin: SnapId(5),
+        },
+        ServerMsg::RollbackDone { source: SnapId(1) },
+        ServerMsg::OriginReadOk {
+            store: vec![StoreAddr {
+                chunk: 3,
+                store_chunk: 900,
+            }],
+        },
+        ServerMsg::Error {
+            code: ErrorCode::RollbackInProgress,
+            message: "a rollback of the origin to snapshot 1 is in progress".into(),
+        },
         ServerMsg::Error {
             code: ErrorCode::NoSuchSnapshot,
             message: "no snapshot named x".into(),

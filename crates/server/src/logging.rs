@@ -241,6 +241,21 @@ pub const EVENTS: &[EventInfo] = &[
         "c66ac08c40da4f0b94137ce65116c4ae",
         "the server grants origin writes",
     ),
+    ev(
+        "rollback_started",
+        "7385fe3857d94e2aa1232922bfb89d62",
+        "an online rollback of the origin to a snapshot started (or resumed after a restart)",
+    ),
+    ev(
+        "rollback_progress",
+        "3027ab85363f49a39a85e195f866cd47",
+        "an online rollback copied back another tenth of the origin",
+    ),
+    ev(
+        "rollback_done",
+        "10ecf78c281f4c75bc82102dde445399",
+        "an online rollback finished: the origin is the snapshot's contents",
+    ),
 ];
 
 /// The catalogue entry of a key event.

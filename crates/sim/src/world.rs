@@ -786,6 +786,11 @@ impl World {
                     self.close_client_side(conn);
                 }
                 Action::Copy { copy, from, to, .. } => s.copies.push((copy, from, to)),
+                Action::CopyToOrigin { chunk, .. } => {
+                    return Err(format!(
+                        "{id}: copy back onto origin chunk {chunk}, but this simulation starts no rollback"
+                    ));
+                }
                 Action::Commit => s.commit_due = true,
                 Action::Fatal { error } => {
                     let reason = csnap_server::engine::error_chain(&error);

@@ -621,6 +621,7 @@ mod tests {
                     chunk_size: 4096,
                     origin_chunks: 100,
                     origin_lease_secs: 10,
+                    rollback: false,
                 },
             },
         )

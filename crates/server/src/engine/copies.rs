@@ -21,6 +21,9 @@ pub(super) enum CopyKind {
         chunk: u64,
         locked: bool,
     },
+    /// An online rollback's copy of the source's store chunk back onto origin `chunk`
+    /// (the rollback part tracks it; no record is made).
+    CopyBack { chunk: u64 },
 }
 
 impl CopyKind {
@@ -31,6 +34,7 @@ impl CopyKind {
         match self {
             CopyKind::OriginCopyOut { .. } => 1,
             CopyKind::Unshare { .. } => 3,
+            CopyKind::CopyBack { .. } => 0,
         }
     }
 
@@ -38,6 +42,7 @@ impl CopyKind {
         match self {
             CopyKind::OriginCopyOut { .. } => CopyPurpose::CopyOut,
             CopyKind::Unshare { snap, .. } => CopyPurpose::Unshare { snap },
+            CopyKind::CopyBack { .. } => CopyPurpose::CopyBack,
         }
     }
 }
@@ -90,6 +95,7 @@ impl Copies {
             CopyKind::Unshare { snap, chunk, .. } => {
                 self.unshares.insert((snap, chunk), copy);
             }
+            CopyKind::CopyBack { .. } => {}
         }
         self.jobs.insert(copy, CopyJob { kind, to });
         (copy, kind.purpose())
@@ -105,6 +111,7 @@ impl Copies {
             CopyKind::Unshare { snap, chunk, .. } => {
                 self.unshares.remove(&(snap, chunk));
             }
+            CopyKind::CopyBack { .. } => {}
         }
         Some(job)
     }

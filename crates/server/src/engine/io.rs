@@ -55,6 +55,8 @@ pub enum CopyPurpose {
     CopyOut,
     /// A snapshot's chunk given its own exception before a snapshot write.
     Unshare { snap: csnap_proto::SnapId },
+    /// An online rollback's copy back onto the origin ([`Action::CopyToOrigin`]).
+    CopyBack,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -68,7 +70,8 @@ pub enum LogLevel {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct LogEvent {
     /// Its stable name (`snapshot_created`, `snapshot_deleted`, `store_filling`,
-    /// `store_full`, `server_gate_open`).
+    /// `store_full`, `server_gate_open`, `rollback_started`, `rollback_progress`,
+    /// `rollback_done`).
     pub name: &'static str,
     /// The snapshot concerned (id, name).
     pub snapshot: Option<(csnap_proto::SnapId, String)>,
@@ -110,6 +113,9 @@ pub enum Action {
         to: u64,
         purpose: CopyPurpose,
     },
+    /// Copy store chunk `from` onto origin chunk `chunk` (an online rollback's copy back),
+    /// make it stable (fdatasync of the origin), then report [`Event::CopyDone`].
+    CopyToOrigin { copy: CopyId, from: u64, chunk: u64 },
     /// Commit: [`Engine::begin_commit`](super::Engine::begin_commit), run the
     /// [`CommitIo`] it returns (blocking, on any thread), then
     /// [`Engine::finish_commit`](super::Engine::finish_commit), which reports
@@ -209,6 +215,9 @@ pub struct EngineConfig {
     pub data_warn_percents: Vec<u8>,
     /// The same for the metadata (node) area. Default 80 and 90.
     pub metadata_warn_percents: Vec<u8>,
+    /// Origin chunks an online rollback's copy-back works on at once (copy-outs and
+    /// copies back in flight; at least 1). Default 16.
+    pub rollback_window: usize,
 }
 
 /// Added to a lease before the server counts on its expiry: clock rate differences and a
@@ -236,6 +245,7 @@ impl Default for EngineConfig {
             hold_snapshots_until: 0,
             data_warn_percents: vec![80, 90],
             metadata_warn_percents: vec![80, 90],
+            rollback_window: 16,
         }
     }
 }

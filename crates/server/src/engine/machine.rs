@@ -18,6 +18,7 @@ use super::io::{
 use super::locks::{Locks, OrphanedLocks, Released};
 use super::meta_store::{MetaError, MetaStore, Refusal, SnapChunk, StoreStats};
 use super::requests::{self, check_snapshot_kind, error, wrong_kind, Reject};
+use super::rollback::Rollback;
 use super::sessions::{count_one, Session, Sessions};
 use super::snapshots::{Creations, RequestedSnapshot};
 use super::space::{self, Crossing, SpaceWatch};
@@ -27,10 +28,13 @@ use csnap_proto::auth::{self, Handshake};
 use csnap_proto::page_len;
 use csnap_proto::{
     ChunkRange, ClientFrame, ClientId, ClientKind, ClientMsg, DiffEnd, ErrorCode, HeldLock,
-    RequestId, ServerFrame, ServerMsg, ServerStatus, SnapId, SnapRef, SnapshotInfo, SnapshotState,
-    SpaceWarning, StoreAddr, StoreArea, MAX_DIFF_RECORDS, PROTOCOL_VERSION,
+    RequestId, RollbackStatus, ServerFrame, ServerMsg, ServerStatus, SnapId, SnapRef, SnapshotInfo,
+    SnapshotState, SpaceWarning, StoreAddr, StoreArea, MAX_DIFF_RECORDS, PROTOCOL_VERSION,
 };
 use std::collections::{BTreeSet, VecDeque};
+
+#[path = "rollback_flow.rs"]
+mod rollback_flow;
 
 /// Insertions a copy leaves room for in the metadata area: a new snapshot's row. Copies
 /// apply the store-full policy when their records would leave less, so that creating a
@@ -123,6 +127,8 @@ pub struct Engine<S: MetaStore> {
     commits: Commits,
     creations: Creations,
     space: SpaceWatch,
+    /// The online rollback in progress (see `rollback.rs`).
+    rollback: Option<Rollback>,
 }
 
 impl<S: MetaStore> Engine<S> {
@@ -148,7 +154,12 @@ impl<S: MetaStore> Engine<S> {
             commits: Commits::default(),
             creations: Creations::default(),
             space: SpaceWatch::default(),
+            rollback: None,
         };
+        engine.resume_rollback()?;
+        // A resumed rollback goes on at once (not only at the first event).
+        engine.drive_rollback()?;
+        engine.maybe_commit();
         if engine.gate.is_open() {
             engine.log_event(
                 LogLevel::Info,
@@ -294,6 +305,7 @@ impl<S: MetaStore> Engine<S> {
                 // Seeds the usage figures after start in bounded steps (a no-op once done).
                 self.store.usage_step(usage_budget)?;
             }
+            self.drive_rollback()?;
             self.check_space()
         });
         if let Err(e) = result {
@@ -411,6 +423,7 @@ impl<S: MetaStore> Engine<S> {
             self.reply(who.conn, who.id, msg);
         }
         self.finish_creations()?;
+        self.rollback_committed()?;
         for w in self.waiters.take_commit() {
             self.evaluate(w)?;
         }
@@ -581,6 +594,7 @@ impl<S: MetaStore> Engine<S> {
                 chunk_size: self.geometry.chunk_size,
                 origin_chunks: self.geometry.origin_chunks,
                 origin_lease_secs: u32::try_from(self.cfg.origin_lease_secs).unwrap_or(u32::MAX),
+                rollback: self.rollback.is_some(),
             },
         );
         if !resuming {
@@ -702,6 +716,9 @@ impl<S: MetaStore> Engine<S> {
             if until > self.now {
                 self.sessions.lose_origin(c.client, until);
             }
+        }
+        if let Some(r) = self.rollback.as_mut() {
+            r.acknowledged(conn);
         }
         if self.creations.acknowledged(conn, None) {
             self.try_create_announced()?;
@@ -845,6 +862,9 @@ impl<S: MetaStore> Engine<S> {
                 }
             }
             ClientMsg::NewSnapshotAck { snap } => {
+                if let Some(r) = self.rollback.as_mut().filter(|r| r.pin == snap) {
+                    r.acknowledged(conn);
+                }
                 if self.creations.acknowledged(conn, Some(snap)) {
                     self.try_create_announced()?;
                 }
@@ -945,6 +965,14 @@ impl<S: MetaStore> Engine<S> {
                 self.reply(conn, id, ServerMsg::Status(status));
                 Ok(())
             }
+            ClientMsg::Rollback { snap, pin_name } => match kind {
+                ClientKind::Admin => self.request_rollback(who, snap, &pin_name),
+                _ => Err(wrong_kind("Rollback", kind)),
+            },
+            ClientMsg::QueryOriginRead { ranges } => match kind {
+                ClientKind::Origin => self.query_origin_read(who, &ranges),
+                _ => Err(wrong_kind("QueryOriginRead", kind)),
+            },
             ClientMsg::Hello { .. } | ClientMsg::AuthResponse { .. } => Err(Reject(
                 ErrorCode::BadRequest,
                 "session already authenticated".into(),
@@ -967,6 +995,11 @@ impl<S: MetaStore> Engine<S> {
         to: DiffEnd,
         start: u64,
     ) -> Result<Result<(), Reject>, MetaError> {
+        if from == DiffEnd::Origin || to == DiffEnd::Origin {
+            if let Some(r) = self.rollback_conflict() {
+                return Ok(Err(r));
+            }
+        }
         for end in [from, to] {
             let DiffEnd::Snapshot(snap) = end else {
                 continue;
@@ -1181,6 +1214,13 @@ impl<S: MetaStore> Engine<S> {
         }
         let mut blocked = false;
         for c in self.works.chunks(w) {
+            // A chunk the rollback has still to copy back is written once it is, as of a
+            // commit (a crash before would copy it back again, over the write).
+            if self.rollback_holds_write(c)? {
+                self.wait_commit(w);
+                blocked = true;
+                continue;
+            }
             if self.copies.copying_out(c) {
                 self.waiters.on_chunk(c, w);
                 blocked = true;
@@ -1203,6 +1243,15 @@ impl<S: MetaStore> Engine<S> {
                     }
                     CopyStart::AfterLeases => {
                         self.waiters.on_leases(w);
+                        blocked = true;
+                        continue;
+                    }
+                    // The rollback's source and pin are never given up: wait for room.
+                    CopyStart::NotNeeded | CopyStart::Full
+                        if self.rollback.is_some()
+                            && self.store.oldest_sharing_origin(c)?.is_some() =>
+                    {
+                        self.wait_commit(w);
                         blocked = true;
                         continue;
                     }
@@ -1318,6 +1367,14 @@ impl<S: MetaStore> Engine<S> {
             self.reject_work(w, r);
             return Ok(());
         }
+        if let Some(r) = self.rollback.as_ref().filter(|r| r.involves(snap)) {
+            let why = format!(
+                "snapshot {snap} is the source or pin of the rollback to snapshot {} in progress: it cannot be written until the rollback is done",
+                r.source
+            );
+            self.reject_work(w, Reject(ErrorCode::RollbackInProgress, why));
+            return Ok(());
+        }
         let mut blocked = false;
         let mut addrs = Vec::new();
         for c in self.works.chunks(w) {
@@ -1415,6 +1472,7 @@ impl<S: MetaStore> Engine<S> {
             (CopyKind::Unshare { .. }, StoreFullPolicy::FailSnapshotWritesOnly) => {
                 VictimRule::Nobody
             }
+            (CopyKind::CopyBack { .. }, _) => VictimRule::Nobody,
         }
     }
 
@@ -1519,11 +1577,27 @@ impl<S: MetaStore> Engine<S> {
     /// The next snapshot the policy gives up: the oldest live one (of the volume, not of
     /// the snapshots sharing the chunk being copied), never the writer of a snapshot write.
     fn victim(&mut self, rule: VictimRule) -> Result<Option<SnapId>, MetaError> {
-        match rule {
-            VictimRule::CopyOut(_) => self.store.oldest_live(None),
-            VictimRule::OtherThan(writer) => self.store.oldest_live(Some(writer)),
-            VictimRule::Nobody => Ok(None),
-        }
+        let except = match rule {
+            VictimRule::CopyOut(_) => None,
+            VictimRule::OtherThan(writer) => Some(writer),
+            VictimRule::Nobody => return Ok(None),
+        };
+        let Some(r) = &self.rollback else {
+            return self.store.oldest_live(except);
+        };
+        // A rollback's source and pin are kept: without them it cannot finish.
+        let (source, pin) = (r.source, r.pin);
+        Ok(self
+            .store
+            .list_snapshots()?
+            .into_iter()
+            .find(|s| {
+                s.state == SnapshotState::Live
+                    && Some(s.id) != except
+                    && s.id != source
+                    && s.id != pin
+            })
+            .map(|s| s.id))
     }
 
     /// Invalidates `victim` for lack of room in `area`, loudly.
@@ -1675,6 +1749,12 @@ impl<S: MetaStore> Engine<S> {
                 }
                 chunk
             }
+            CopyKind::CopyBack { chunk } => {
+                if let Some(r) = self.rollback.as_mut() {
+                    r.copied(chunk);
+                }
+                chunk
+            }
             CopyKind::Unshare {
                 snap,
                 chunk,
@@ -1747,6 +1827,21 @@ impl<S: MetaStore> Engine<S> {
 
     /// A snapshot creation request: checked, queued, announced when its turn comes.
     fn create_snapshot(&mut self, who: Requester, name: &str, token: u64) -> Result<(), Reject> {
+        // The rollback's pin must stay the newest snapshot (see rollback.rs).
+        if let Some(r) = self.rollback_conflict() {
+            return Err(r);
+        }
+        self.request_creation(who, name, token, None)
+    }
+
+    /// A creation (of a snapshot, or of a rollback's pin) checked and queued.
+    fn request_creation(
+        &mut self,
+        who: Requester,
+        name: &str,
+        token: u64,
+        rollback_of: Option<SnapId>,
+    ) -> Result<(), Reject> {
         if let Err(why) = csnap_proto::validate_snapshot_name(name) {
             return Err(Reject(
                 ErrorCode::BadName,
@@ -1788,6 +1883,7 @@ impl<S: MetaStore> Engine<S> {
             who,
             name: name.to_owned(),
             token,
+            rollback_of,
         });
         if let Err(e) = self.announce_next_snapshot() {
             self.fail(Fatal::Store(e.into()));
@@ -1836,7 +1932,11 @@ impl<S: MetaStore> Engine<S> {
         let id = self.store.next_snapshot_id()?;
         let awaiting = self.sessions.open_origins();
         for &conn in &awaiting {
-            self.send(conn, None, ServerMsg::NewSnapshot { snap: id });
+            let notice = match request.rollback_of {
+                Some(source) => ServerMsg::RollbackStarting { source, pin: id },
+                None => ServerMsg::NewSnapshot { snap: id },
+            };
+            self.send(conn, None, notice);
         }
         self.log(
             LogLevel::Info,
@@ -1860,6 +1960,15 @@ impl<S: MetaStore> Engine<S> {
         let Some((request, id)) = self.creations.take_acknowledged() else {
             return Ok(());
         };
+        if let Some(source) = request.rollback_of {
+            if let Err(r) = self.rollback_source_usable(source)? {
+                self.reject(request.who, r);
+                for w in self.waiters.take_announcement() {
+                    self.evaluate(w)?;
+                }
+                return self.announce_next_snapshot();
+            }
+        }
         match self
             .store
             .create_snapshot_with_token(&request.name, self.now, request.token)
@@ -1873,6 +1982,9 @@ impl<S: MetaStore> Engine<S> {
                     );
                 }
                 let gen = self.commits.touch();
+                if let Some(source) = request.rollback_of {
+                    self.start_rollback(source, &info)?;
+                }
                 self.creations.created(info.id, request.who, gen);
                 self.finish_creations()?;
             }
@@ -1920,6 +2032,11 @@ impl<S: MetaStore> Engine<S> {
     }
 
     fn finish_creation(&mut self, snap: SnapId, who: Requester) -> Result<(), MetaError> {
+        if let Some(r) = self.rollback.as_mut().filter(|r| r.pin == snap) {
+            // Answered once every origin client asks before reading (`drive_rollback`).
+            r.reply_to = Some(who);
+            return Ok(());
+        }
         match self.store.snapshot(snap)? {
             Some(info) => {
                 self.log_event(
@@ -1953,6 +2070,9 @@ impl<S: MetaStore> Engine<S> {
 
     fn delete_snapshot(&mut self, who: Requester, snap: SnapId) -> Result<(), Reject> {
         let result = (|| -> Result<Result<(), Reject>, MetaError> {
+            if let Some(r) = self.rollback_uses(snap) {
+                return Ok(Err(r));
+            }
             let Some(info) = self.resolve(&SnapRef::Id(snap))? else {
                 return Ok(Err(Reject(
                     ErrorCode::NoSuchSnapshot,
@@ -2116,6 +2236,15 @@ impl<S: MetaStore> Engine<S> {
                 None
             },
             usage_exact: self.store.usage_exact(),
+            rollback: self.rollback.as_ref().map(|r| {
+                Box::new(RollbackStatus {
+                    source: r.source,
+                    pin: r.pin,
+                    position: r.cursor(),
+                    origin_chunks: stats.origin_chunks,
+                    chunks_copied: r.chunks_copied,
+                })
+            }),
             metadata_blocks: metadata.map_or(0, |m| m.blocks),
             free_metadata_blocks: metadata.map_or(0, |m| m.free_blocks),
             space_warnings,

@@ -39,6 +39,8 @@ use csnap_proto::{
 };
 use std::collections::{BTreeMap, BTreeSet};
 
+pub use super::rollback::RollbackRecord;
+
 /// The part of a `CreateSnapshot` token a store keeps.
 pub const CREATE_TOKEN_MASK: u64 = (1 << CREATE_TOKEN_BITS) - 1;
 
@@ -329,6 +331,24 @@ pub trait MetaStore {
     fn finish_commit(&mut self) -> Result<(), MetaError> {
         Ok(())
     }
+
+    /// Whether the store keeps a rollback record (an online rollback needs one). The
+    /// default: no, and `rollback` is always `None`.
+    fn keeps_rollback(&self) -> bool {
+        false
+    }
+
+    /// The online rollback in progress, as of the last change (committed or not).
+    fn rollback(&mut self) -> Result<Option<RollbackRecord>, MetaError> {
+        Ok(None)
+    }
+
+    /// Starts, advances or (`None`) ends the online rollback; durable with the next
+    /// `commit`, like every other change. Only called when `keeps_rollback`.
+    fn set_rollback(&mut self, record: Option<RollbackRecord>) -> Result<(), MetaError> {
+        let _ = record;
+        Ok(())
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -354,6 +374,7 @@ struct MemState {
     reclaim_cursor: Option<u64>,
     /// A delete/invalidate happened that the running pass (if any) may have missed.
     reclaim_requested: bool,
+    rollback: Option<RollbackRecord>,
 }
 
 /// In-memory `MetaStore`: the reference implementation. Simple rather than fast (lookups
@@ -856,6 +877,19 @@ impl MetaStore for MemStore {
                 .map(|(id, _)| *id)
                 .collect(),
         }))
+    }
+
+    fn keeps_rollback(&self) -> bool {
+        true
+    }
+
+    fn rollback(&mut self) -> Result<Option<RollbackRecord>, MetaError> {
+        Ok(self.state.rollback)
+    }
+
+    fn set_rollback(&mut self, record: Option<RollbackRecord>) -> Result<(), MetaError> {
+        self.state.rollback = record;
+        Ok(())
     }
 
     fn commit(&mut self) -> Result<(), MetaError> {

@@ -19,7 +19,8 @@
 //! * `copies`: origin copy-outs and unshares in flight;
 //! * `commits`: store generations, the commit in flight, replies deferred until durable;
 //! * `snapshots`: snapshot creations from request through announcement to visibility;
-//! * `space`: usage warning levels logged.
+//! * `space`: usage warning levels logged;
+//! * `rollback`: the online rollback's copy-back (window, cursor, what is durable).
 
 mod commits;
 mod copies;
@@ -30,6 +31,7 @@ mod locks;
 mod machine;
 pub mod meta_store;
 mod requests;
+mod rollback;
 mod sessions;
 mod snapshots;
 mod space;
@@ -44,5 +46,5 @@ pub use io::{
 pub use machine::Engine;
 pub use meta_store::{
     Cause, Exception, MemStore, MetaError, MetaStore, MetadataSpace, ReclaimPosition,
-    ReclaimProgress, Refusal, SnapChunk, StoreStats, CREATE_TOKEN_MASK,
+    ReclaimProgress, Refusal, RollbackRecord, SnapChunk, StoreStats, CREATE_TOKEN_MASK,
 };

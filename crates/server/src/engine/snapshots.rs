@@ -17,6 +17,9 @@ pub(super) struct RequestedSnapshot {
     pub(super) name: String,
     /// The client's `CreateSnapshot.token` (0 = none), kept with the snapshot.
     pub(super) token: u64,
+    /// The pin of an online rollback to this snapshot (`ClientMsg::Rollback`): announced
+    /// with `RollbackStarting`, and the rollback starts with its creation.
+    pub(super) rollback_of: Option<SnapId>,
 }
 
 /// Phase one of a snapshot creation: the snapshot, under the id it will get, has been
@@ -59,6 +62,14 @@ impl Creations {
             .iter()
             .chain(self.announcement.as_ref().map(|a| &a.request))
             .any(|r| r.name == name)
+    }
+
+    /// The source of a rollback whose pin is requested or announced.
+    pub(super) fn queued_rollback(&self) -> Option<SnapId> {
+        self.requested
+            .iter()
+            .chain(self.announcement.as_ref().map(|a| &a.request))
+            .find_map(|r| r.rollback_of)
     }
 
     /// Creations not yet in the store (requested or announced).
@@ -196,6 +207,7 @@ mod tests {
             who: Requester { conn: 1, id },
             name: name.to_owned(),
             token: 5,
+            rollback_of: None,
         }
     }
 

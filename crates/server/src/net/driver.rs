@@ -52,13 +52,19 @@ pub enum CopyError {
     SourceOutsideData(u64),
     #[error("origin chunk {0} is beyond the origin")]
     BeyondOrigin(u64),
-    /// `op` is `reading origin`, `reading store` or `writing store`.
+    /// `op` is `reading origin`, `reading store`, `writing store` or `writing origin`.
     #[error("{op} {device} at byte {offset} (chunk {chunk}): {source}")]
     Io {
         op: &'static str,
         device: String,
         offset: u64,
         chunk: u64,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("flushing {device}: {source}")]
+    Flush {
+        device: String,
         #[source]
         source: std::io::Error,
     },
@@ -142,6 +148,46 @@ pub struct DataPath {
 }
 
 impl DataPath {
+    /// Copies store chunk `from` onto origin chunk `chunk` and makes it stable: an online
+    /// rollback's copy back ([`crate::engine::Action::CopyToOrigin`]). Blocking.
+    pub fn copy_to_origin(&self, from: u64, chunk: u64) -> Result<(), CopyError> {
+        let g = &self.geometry;
+        let cs = g.chunk_size;
+        if !g.is_data_chunk(from) {
+            return Err(CopyError::SourceOutsideData(from));
+        }
+        let offset = chunk
+            .checked_mul(cs)
+            .filter(|o| *o < g.origin_size)
+            .ok_or(CopyError::BeyondOrigin(chunk))?;
+        let mut buf = SectorBuf::zeroed(cs as usize);
+        let from_offset = g.chunk_offset(from);
+        self.store
+            .read_at(&mut buf, from_offset)
+            .map_err(|source| CopyError::Io {
+                op: "reading store",
+                device: self.store.name(),
+                offset: from_offset,
+                chunk: from,
+                source,
+            })?;
+        // The last origin chunk may be partial: only its part is written.
+        let len = cs.min(g.origin_size - offset) as usize;
+        self.origin
+            .write_at(&buf[..len], offset)
+            .map_err(|source| CopyError::Io {
+                op: "writing origin",
+                device: self.origin.name(),
+                offset,
+                chunk,
+                source,
+            })?;
+        self.origin.flush().map_err(|source| CopyError::Flush {
+            device: self.origin.name(),
+            source,
+        })
+    }
+
     /// The data path over these devices, for a store of this geometry.
     pub fn new(
         origin: Arc<dyn BlockDevice>,
@@ -668,6 +714,16 @@ impl Driver {
                 self.spawn_copy(copy, from, to, purpose);
                 Ok(())
             }
+            Action::CopyToOrigin { copy, from, chunk } => {
+                tracing::debug!(
+                    copy,
+                    from_store_chunk = from,
+                    chunk,
+                    "copy back onto origin"
+                );
+                self.spawn_copy_work(copy, move |data| data.copy_to_origin(from, chunk));
+                Ok(())
+            }
             Action::Commit => {
                 // Run once the inputs already queued are handled: one commit covers them all.
                 self.commit_due = true;
@@ -714,6 +770,15 @@ impl Driver {
                 )
             }
         }
+        self.spawn_copy_work(copy, move |data| data.copy(from, to));
+    }
+
+    /// Runs one copy on the blocking pool (at most `max_copies` at once) and reports it.
+    fn spawn_copy_work(
+        &mut self,
+        copy: CopyId,
+        work: impl FnOnce(&DataPath) -> Result<(), CopyError> + Send + 'static,
+    ) {
         self.copies_in_flight += 1;
         let (data, slots, done, lease, flushes) = (
             self.data.clone(),
@@ -732,7 +797,7 @@ impl Driver {
                         if lease.expired() {
                             return Err(CopyError::LeaseExpired);
                         }
-                        data.copy(from, to)
+                        work(&data)
                     });
                     work.await.unwrap_or_else(|e| Err(CopyError::Worker(e)))
                 }

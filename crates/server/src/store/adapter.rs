@@ -3,7 +3,7 @@
 use super::{ChunkSource, SnapState, SnapshotRecord, Store, StoreError};
 use crate::engine::{
     CommitIo, MetaError as EngineError, MetaStore, MetadataSpace, ReclaimPosition, ReclaimProgress,
-    SnapChunk, StoreStats,
+    RollbackRecord, SnapChunk, StoreStats,
 };
 use csnap_proto::{DiffEnd, DiffPage, SnapId, SnapshotInfo, SnapshotState};
 
@@ -37,6 +37,30 @@ fn info(rec: &SnapshotRecord, chunks_held: u64) -> SnapshotInfo {
 }
 
 impl MetaStore for Store {
+    fn keeps_rollback(&self) -> bool {
+        true
+    }
+
+    fn rollback(&mut self) -> Result<Option<RollbackRecord>, EngineError> {
+        Ok(Store::rollback(self).map(|r| RollbackRecord {
+            source: SnapId(r.source),
+            pin: SnapId(r.pin),
+            cursor: r.cursor,
+        }))
+    }
+
+    fn set_rollback(&mut self, record: Option<RollbackRecord>) -> Result<(), EngineError> {
+        Store::set_rollback(
+            self,
+            record.map(|r| super::RollbackRecord {
+                source: r.source.0,
+                pin: r.pin.0,
+                cursor: r.cursor,
+            }),
+        )?;
+        Ok(())
+    }
+
     fn stats(&mut self) -> Result<StoreStats, EngineError> {
         let g = *self.geometry();
         Ok(StoreStats {

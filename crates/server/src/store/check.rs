@@ -250,6 +250,7 @@ pub fn run(store: &mut Store) -> Result<CheckReport> {
             geo.meta_blocks - meta_used
         ));
     }
+    super::rollback::check(store, &mut problems);
     problems.truncate(MAX_PROBLEMS);
     report.problems = problems;
     Ok(report)

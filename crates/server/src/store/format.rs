@@ -279,6 +279,48 @@ pub struct RootState {
     pub reclaim_active: u32,
     pub data_alloc_cursor: u64,
     pub meta_alloc_cursor: u64,
+    /// The online rollback in progress (`rollback_active` 1), see [`RollbackRecord`]. In
+    /// bytes older builds left zero, so an older store reads as "no rollback".
+    pub rollback_source: u64,
+    pub rollback_pin: u64,
+    pub rollback_cursor: u64,
+    pub rollback_active: u32,
+}
+
+/// An online rollback of the origin to snapshot `source` (docs/architecture.md, "Online
+/// rollback"): origin chunks below `cursor` hold the source's contents (or later writes);
+/// at and above it, a chunk still to be copied back is one where `source` has an exception
+/// that does not also cover `pin`, the snapshot of the origin taken when the rollback
+/// started. Changed only inside transactions, so journal replay restores it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RollbackRecord {
+    pub source: u64,
+    pub pin: u64,
+    pub cursor: u64,
+}
+
+impl RootState {
+    /// The rollback in progress, if any.
+    pub fn rollback(&self) -> Option<RollbackRecord> {
+        (self.rollback_active != 0).then_some(RollbackRecord {
+            source: self.rollback_source,
+            pin: self.rollback_pin,
+            cursor: self.rollback_cursor,
+        })
+    }
+
+    /// Sets (or with `None` ends) the rollback in progress.
+    pub fn set_rollback(&mut self, record: Option<RollbackRecord>) {
+        let r = record.unwrap_or(RollbackRecord {
+            source: 0,
+            pin: 0,
+            cursor: 0,
+        });
+        self.rollback_source = r.source;
+        self.rollback_pin = r.pin;
+        self.rollback_cursor = r.cursor;
+        self.rollback_active = u32::from(record.is_some());
+    }
 }
 
 pub const ROOT_STATE_LEN: usize = 128;
@@ -302,6 +344,10 @@ impl RootState {
         put_u32(b, 64, self.reclaim_active);
         put_u64(b, 72, self.data_alloc_cursor);
         put_u64(b, 80, self.meta_alloc_cursor);
+        put_u64(b, 88, self.rollback_source);
+        put_u64(b, 96, self.rollback_pin);
+        put_u64(b, 104, self.rollback_cursor);
+        put_u32(b, 112, self.rollback_active);
     }
 
     pub fn decode(b: &[u8]) -> RootState {
@@ -318,6 +364,10 @@ impl RootState {
             reclaim_active: get_u32(b, 64),
             data_alloc_cursor: get_u64(b, 72),
             meta_alloc_cursor: get_u64(b, 80),
+            rollback_source: get_u64(b, 88),
+            rollback_pin: get_u64(b, 96),
+            rollback_cursor: get_u64(b, 104),
+            rollback_active: get_u32(b, 112),
         }
     }
 }
@@ -556,6 +606,30 @@ mod tests {
             Superblock::decode(&b, 0, 256 << 20),
             Err(StoreError::WrongMagic { slot: 0, .. })
         ));
+    }
+
+    #[test]
+    fn rollback_record_round_trips_and_zero_bytes_mean_none() {
+        let mut root = RootState::default();
+        let mut b = [0u8; ROOT_STATE_LEN];
+        root.encode(&mut b);
+        assert_eq!(
+            RootState::decode(&b).rollback(),
+            None,
+            "an older store's zeros"
+        );
+        let record = RollbackRecord {
+            source: 3,
+            pin: 9,
+            cursor: 1 << 40,
+        };
+        root.set_rollback(Some(record));
+        root.encode(&mut b);
+        let back = RootState::decode(&b);
+        assert_eq!(back, root);
+        assert_eq!(back.rollback(), Some(record));
+        root.set_rollback(None);
+        assert_eq!(root, RootState::default(), "ending it clears every field");
     }
 
     #[test]

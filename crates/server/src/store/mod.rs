@@ -25,12 +25,13 @@ mod btree;
 mod check;
 mod diff;
 mod meta;
+mod rollback;
 mod usage;
 
 pub use check::CheckReport;
 pub use device::{BlockDevice, FileDevice, FlushTracked, MemDevice, MemDeviceStats, SectorBuf};
 pub use error::{Result, StoreError};
-pub use format::Geometry;
+pub use format::{Geometry, RollbackRecord};
 pub use meta::{CommitIo, MetaStats};
 
 use crate::engine::{MetadataSpace, Refusal};

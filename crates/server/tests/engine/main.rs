@@ -8,6 +8,7 @@ mod engine_common;
 mod engine_flows;
 mod engine_garbage;
 mod engine_model;
+mod engine_rollback;
 mod engine_sessions;
 mod engine_space;
 mod powercut;

@@ -818,6 +818,9 @@ impl Sim {
                     }
                 }
                 Action::Copy { copy, from, to, .. } => self.copies.push((copy, from, to)),
+                Action::CopyToOrigin { chunk, .. } => self.fail(format!(
+                    "copy back onto origin chunk {chunk}: this test starts no rollback"
+                )),
                 Action::Commit => self.commit_due = true,
                 Action::Log { .. } => {}
                 Action::Fatal { error } => {

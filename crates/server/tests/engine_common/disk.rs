@@ -171,4 +171,13 @@ impl MetaStore for DiskStore {
     fn commit(&mut self) -> Result<(), MetaError> {
         MetaStore::commit(&mut self.store)
     }
+    fn keeps_rollback(&self) -> bool {
+        MetaStore::keeps_rollback(&self.store)
+    }
+    fn rollback(&mut self) -> Result<Option<RollbackRecord>, MetaError> {
+        MetaStore::rollback(&mut self.store)
+    }
+    fn set_rollback(&mut self, record: Option<RollbackRecord>) -> Result<(), MetaError> {
+        MetaStore::set_rollback(&mut self.store, record)
+    }
 }

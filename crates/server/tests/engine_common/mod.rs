@@ -53,6 +53,10 @@ pub struct StoreData(HashMap<usize, Data>);
 
 pub const UNWRITTEN: Data = [u64::MAX, u64::MAX];
 
+/// In `Harness::copies`, a destination with this bit set is origin chunk `to & !TO_ORIGIN`
+/// (an online rollback's copy back, `Action::CopyToOrigin`; its source is the store).
+pub const TO_ORIGIN: u64 = 1 << 63;
+
 impl std::ops::Index<usize> for StoreData {
     type Output = Data;
 
@@ -85,6 +89,8 @@ pub struct Harness<S: TestStore = MemStore> {
     pub sent: Vec<(ConnId, ServerFrame)>,
     /// Order of notable outputs, for ordering assertions.
     pub trace: Vec<String>,
+    /// `Welcome::rollback` of the last connection `connect` opened.
+    pub welcome_rollback: bool,
     next_conn: ConnId,
     next_id: RequestId,
 }
@@ -125,6 +131,7 @@ impl<S: TestStore> Harness<S> {
             copy_log: Vec::new(),
             sent: Vec::new(),
             trace: Vec::new(),
+            welcome_rollback: false,
             next_conn: 1,
             next_id: 1,
         };
@@ -162,6 +169,13 @@ impl<S: TestStore> Harness<S> {
                     }
                     self.copy_log.push((from, to));
                     self.copies.push_back((copy, from, to));
+                }
+                Action::CopyToOrigin { copy, from, chunk } => {
+                    self.trace
+                        .push(format!("copy back {from} -> origin {chunk}"));
+                    let from = CopySource::Store { store_chunk: from };
+                    self.copy_log.push((from, chunk | TO_ORIGIN));
+                    self.copies.push_back((copy, from, chunk | TO_ORIGIN));
                 }
                 Action::Commit => {
                     assert!(!self.commit_pending, "two commits outstanding");
@@ -206,10 +220,15 @@ impl<S: TestStore> Harness<S> {
         let Some((copy, from, to)) = self.copies.remove(index) else {
             return false;
         };
-        self.store_data[to as usize] = match from {
+        let data = match from {
             CopySource::Origin { chunk } => self.origin[chunk as usize],
             CopySource::Store { store_chunk } => self.store_data[store_chunk as usize],
         };
+        if to & TO_ORIGIN != 0 {
+            self.origin[(to & !TO_ORIGIN) as usize] = data;
+        } else {
+            self.store_data[to as usize] = data;
+        }
         self.handle(Event::CopyDone {
             copy,
             result: Ok(()),
@@ -322,7 +341,10 @@ impl<S: TestStore> Harness<S> {
         let proof = auth::client_proof(KEY, &handshake);
         let id = self.send(conn, ClientMsg::AuthResponse { proof });
         match self.reply_to(conn, id) {
-            Some(ServerMsg::Welcome { .. }) => conn,
+            Some(ServerMsg::Welcome { rollback, .. }) => {
+                self.welcome_rollback = rollback;
+                conn
+            }
             other => panic!("expected Welcome, got {other:?}"),
         }
     }

@@ -490,3 +490,48 @@ fn reservations_are_not_counted_free_and_vanish_on_crash() {
     assert_eq!(store.free_chunks(), total);
     assert!(store.check().unwrap().is_clean());
 }
+
+/// The rollback record lives in the journaled root: a committed one survives a crash, an
+/// uncommitted change does not, ending it clears it, and the checker accepts it.
+#[test]
+fn rollback_record_is_journaled_with_the_root() {
+    use csnap_server::store::RollbackRecord;
+    let dev = device(16);
+    format(&dev, 64);
+    let mut store = open(&dev).unwrap();
+    assert_eq!(store.rollback(), None, "a fresh store has none");
+    let source = store.create_snapshot("source", 1).unwrap().id;
+    let pin = store.create_snapshot("pin", 2).unwrap().id;
+    let record = RollbackRecord {
+        source: source.0,
+        pin: pin.0,
+        cursor: 7,
+    };
+    store.set_rollback(Some(record)).unwrap();
+    store.commit().unwrap();
+    store
+        .set_rollback(Some(RollbackRecord {
+            cursor: 9,
+            ..record
+        }))
+        .unwrap();
+    drop(store); // crash: the cursor's advance to 9 was not committed
+    let mut store = open(&dev).unwrap();
+    assert_eq!(store.rollback(), Some(record));
+    assert!(store.check().unwrap().is_clean());
+    for bad in [
+        RollbackRecord { pin: 77, ..record },
+        RollbackRecord {
+            cursor: 65,
+            ..record
+        },
+    ] {
+        assert!(store.set_rollback(Some(bad)).is_err(), "{bad:?}");
+    }
+    store.set_rollback(None).unwrap();
+    store.commit().unwrap();
+    drop(store);
+    let mut store = open(&dev).unwrap();
+    assert_eq!(store.rollback(), None);
+    assert!(store.check().unwrap().is_clean());
+}
