@@ -7,8 +7,8 @@
 //! blocking pool while this thread goes on: what changes meanwhile is covered by the next
 //! commit (group commit), and the engine never has more than one commit outstanding.
 
-use super::held_copies::HeldCopies;
 use super::lease::ServingLease;
+use super::HeldCopies;
 use crate::engine::{
     Action, ConnId, CopyId, CopyPurpose, CopySource, Engine, Event, Failure, Fatal, LogEvent,
     LogLevel, MetaStore as _,
@@ -302,8 +302,6 @@ pub(crate) struct Driver {
     store_flushes: Arc<FlushTracked>,
     /// Finished copies the engine has not heard of yet (see [`HeldCopies`]).
     held_copies: HeldCopies<(CopyId, Result<(), Failure>)>,
-    /// A copy no flush covered yet was handed to the engine: the next commit flushes first.
-    unflushed_copies_recorded: bool,
     copy_slots: Arc<Semaphore>,
     copies_in_flight: usize,
     conns: HashMap<ConnId, ConnState>,
@@ -356,7 +354,6 @@ impl Driver {
             data: p.data,
             store_flushes: p.store_flushes,
             held_copies: HeldCopies::default(),
-            unflushed_copies_recorded: false,
             copy_slots: Arc::new(Semaphore::new(p.max_copies.max(1))),
             copies_in_flight: 0,
             conns: HashMap::new(),
@@ -561,12 +558,11 @@ impl Driver {
 
     /// Hands the engine the held copies a flush has covered, or all of them with `all`.
     fn release_copies(&mut self, all: bool) {
-        let flushes = &self.store_flushes;
-        let mut released = self.held_copies.take_stable(|s| flushes.is_stable(s));
-        if all && !self.held_copies.is_empty() {
-            released.extend(self.held_copies.take_all());
-            self.unflushed_copies_recorded = true;
-        }
+        let released = if all {
+            self.held_copies.release_all(&self.store_flushes)
+        } else {
+            self.held_copies.release_stable(&self.store_flushes)
+        };
         for (copy, result) in released {
             self.engine.handle(Event::CopyDone { copy, result });
         }
@@ -594,7 +590,7 @@ impl Driver {
             }
             self.check_lease()?;
             self.commit_due = false;
-            let flush_data_first = std::mem::take(&mut self.unflushed_copies_recorded);
+            let flush_data_first = self.held_copies.commit_must_flush_first();
             if let Some(io) = self.engine.begin_commit() {
                 self.commit_in_flight = true;
                 let (done, lease) = (self.ctl_tx.clone(), self.lease.clone());

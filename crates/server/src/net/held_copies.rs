@@ -9,45 +9,66 @@
 //! commit; when no commit is coming, they are handed over at once and the commit that
 //! records them flushes first.
 
+use crate::store::FlushTracked;
 use std::collections::VecDeque;
 
 /// Finished copies, each with the stamp its device gave it when its write returned
-/// ([`crate::store::FlushTracked::stamp`]), oldest first.
-pub(crate) struct HeldCopies<T> {
+/// ([`FlushTracked::stamp`]), oldest first; and whether the engine was handed a copy no
+/// flush covered, so that the next commit must flush first.
+///
+/// The server's driver keeps one; the power-cut test drives the same rules through it.
+pub struct HeldCopies<T> {
     held: VecDeque<(u64, T)>,
+    unflushed_released: bool,
 }
 
 impl<T> Default for HeldCopies<T> {
     fn default() -> Self {
         HeldCopies {
             held: VecDeque::new(),
+            unflushed_released: false,
         }
     }
 }
 
 impl<T> HeldCopies<T> {
-    /// A finished copy whose write returned at `stamp`.
-    pub(crate) fn hold(&mut self, stamp: u64, copy: T) {
+    /// A finished copy whose write returned when `flushes` gave `stamp`.
+    pub fn hold(&mut self, stamp: u64, copy: T) {
         self.held.push_back((stamp, copy));
     }
 
-    pub(crate) fn is_empty(&self) -> bool {
+    /// No copy is held.
+    pub fn is_empty(&self) -> bool {
         self.held.is_empty()
     }
 
-    /// Takes every copy whose stamp `is_stable` accepts (a flush covered it).
-    pub(crate) fn take_stable(&mut self, is_stable: impl Fn(u64) -> bool) -> Vec<T> {
+    /// Takes every copy a successful flush has covered since its write returned.
+    pub fn release_stable(&mut self, flushes: &FlushTracked) -> Vec<T> {
         let (stable, later): (VecDeque<_>, VecDeque<_>) = self
             .held
             .drain(..)
-            .partition(|(stamp, _)| is_stable(*stamp));
+            .partition(|(stamp, _)| flushes.is_stable(*stamp));
         self.held = later;
         stable.into_iter().map(|(_, copy)| copy).collect()
     }
 
-    /// Takes every copy, stable or not.
-    pub(crate) fn take_all(&mut self) -> Vec<T> {
-        self.held.drain(..).map(|(_, copy)| copy).collect()
+    /// Takes every copy, stable or not; if one was not, the next commit flushes first
+    /// (see [`HeldCopies::commit_must_flush_first`]).
+    pub fn release_all(&mut self, flushes: &FlushTracked) -> Vec<T> {
+        let mut released = self.release_stable(flushes);
+        if !self.held.is_empty() {
+            self.unflushed_released = true;
+            released.extend(self.held.drain(..).map(|(_, copy)| copy));
+        }
+        released
+    }
+
+    /// Whether the commit about to begin must flush the store before writing its record:
+    /// true once a copy no flush covered was released, until a commit begins (asked once
+    /// per commit; the answer is reset). A commit the store runs synchronously always
+    /// flushes first, so an answer spent on a commit that did not begin costs nothing.
+    pub fn commit_must_flush_first(&mut self) -> bool {
+        std::mem::take(&mut self.unflushed_released)
     }
 }
 
@@ -58,23 +79,35 @@ mod tests {
     use std::sync::Arc;
 
     /// Copies are handed over once a flush that started after their write has succeeded,
-    /// never earlier; the rest stay until a later flush or until taken all at once.
+    /// never earlier; the rest stay until a later flush or until taken all at once, which
+    /// makes the next commit flush first.
     #[test]
     fn a_copy_is_stable_only_after_a_flush_that_started_after_its_write() {
         let dev = FlushTracked::new(Arc::new(MemDevice::new(1 << 20)));
         let mut held = HeldCopies::default();
         dev.write_at(&[1; 4096], 0).unwrap();
         held.hold(dev.stamp(), "a");
-        assert!(held.take_stable(|s| dev.is_stable(s)).is_empty());
+        assert!(held.release_stable(&dev).is_empty());
         dev.flush().unwrap();
         dev.write_at(&[2; 4096], 4096).unwrap();
         held.hold(dev.stamp(), "b");
-        assert_eq!(held.take_stable(|s| dev.is_stable(s)), vec!["a"]);
+        assert_eq!(held.release_stable(&dev), vec!["a"]);
         assert!(!held.is_empty(), "b finished after the flush started");
         dev.write_at(&[3; 4096], 8192).unwrap();
         held.hold(dev.stamp(), "c");
-        assert_eq!(held.take_all(), vec!["b", "c"]);
+        assert!(
+            !held.commit_must_flush_first(),
+            "only stable copies were released"
+        );
+        assert_eq!(held.release_all(&dev), vec!["b", "c"]);
         assert!(held.is_empty());
+        assert!(held.commit_must_flush_first(), "b and c were not covered");
+        assert!(!held.commit_must_flush_first(), "asked once per commit");
+        dev.write_at(&[4; 4096], 12288).unwrap();
+        held.hold(dev.stamp(), "d");
+        dev.flush().unwrap();
+        assert_eq!(held.release_all(&dev), vec!["d"]);
+        assert!(!held.commit_must_flush_first(), "d was covered");
     }
 
     /// A failed flush covers nothing.
