@@ -552,7 +552,10 @@ impl Driver {
                     result: Err(e),
                 });
             }
-            Ok(()) => self.held_copies.hold(stamp, (copy, Ok(()))),
+            Ok(()) => {
+                tracing::trace!(copy, stamp, "copy written");
+                self.held_copies.hold(stamp, (copy, Ok(())));
+            }
         }
     }
 
@@ -563,6 +566,9 @@ impl Driver {
         } else {
             self.held_copies.release_stable(&self.store_flushes)
         };
+        if !released.is_empty() {
+            tracing::trace!(copies = released.len(), all, "copies handed to the engine");
+        }
         for (copy, result) in released {
             self.engine.handle(Event::CopyDone { copy, result });
         }
@@ -592,6 +598,7 @@ impl Driver {
             self.commit_due = false;
             let flush_data_first = self.held_copies.commit_must_flush_first();
             if let Some(io) = self.engine.begin_commit() {
+                tracing::trace!(flush_data_first, "commit begun");
                 self.commit_in_flight = true;
                 let (done, lease) = (self.ctl_tx.clone(), self.lease.clone());
                 self.rt.spawn_blocking(move || {
@@ -624,6 +631,7 @@ impl Driver {
     fn finish_commit(&mut self) {
         if self.commit_in_flight {
             self.commit_in_flight = false;
+            tracing::trace!("commit finished");
             self.engine.finish_commit();
         }
     }
@@ -754,7 +762,7 @@ impl Driver {
     fn spawn_copy(&mut self, copy: CopyId, from: CopySource, to: u64, purpose: CopyPurpose) {
         match (from, purpose) {
             (CopySource::Origin { chunk }, _) => {
-                tracing::debug!(copy, chunk, store_chunk = to, ?purpose, "copy from origin")
+                tracing::trace!(copy, chunk, store_chunk = to, ?purpose, "copy from origin")
             }
             (CopySource::Store { store_chunk }, _) => {
                 tracing::debug!(

@@ -105,6 +105,12 @@ struct Args {
     /// through qemu-nbd by nbdcopy, as a VM's writes would: clusters in arrival order).
     #[arg(long, value_enum, default_value_t = Qcow2Fill::Convert)]
     qcow2_fill: Qcow2Fill,
+    /// csnap's store file: `written` (every block written once beforehand, as a block
+    /// device or logical volume is: a copy-out costs its data write, and a flush no
+    /// file-system journal commit for newly allocated blocks) or `sparse` (blocks allocated
+    /// by the file system on first use, as in runs before 2026-11-27).
+    #[arg(long, value_enum, default_value_t = StoreFile::Written)]
+    csnap_store: StoreFile,
     /// Same as --cache direct (kept for old command lines).
     #[arg(long, conflicts_with = "cache")]
     direct: bool,
@@ -173,6 +179,12 @@ impl QemuAio {
 enum Qcow2Fill {
     Convert,
     Client,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum StoreFile {
+    Written,
+    Sparse,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -529,8 +541,16 @@ async fn prepare(args: &Args, plan: &Plan, dir: &WorkDir) -> anyhow::Result<Setu
     tokio::task::spawn_blocking(move || std::fs::copy(&from, &to))
         .await?
         .context("cannot copy the origin for csnap")?;
-    // Room for both first-touch regions plus metadata; sparse, so it costs what is used.
-    setup::create_sparse_file(&setup.csnap_store, plan.size + (256 << 20))?;
+    // Room for both first-touch regions plus metadata.
+    let (store, store_size) = (setup.csnap_store.clone(), plan.size + (256 << 20));
+    match args.csnap_store {
+        StoreFile::Sparse => setup::create_sparse_file(&store, store_size)?,
+        StoreFile::Written => {
+            eprintln!("writing a {} MiB store ...", store_size >> 20);
+            tokio::task::spawn_blocking(move || setup::write_zeroed_file(&store, store_size))
+                .await??
+        }
+    }
     engines::format_csnap(&setup, plan.chunk).await?;
     match args.qcow2_fill {
         Qcow2Fill::Convert => {
@@ -871,11 +891,15 @@ async fn run_one(args: &Args, plan: &Plan) -> anyhow::Result<bool> {
         setup::load_average()
     );
     println!(
-        "qemu-nbd {}; qcow2 image {}; csnap device I/O {}",
+        "qemu-nbd {}; qcow2 image {}; csnap store file {}; csnap device I/O {}",
         args.qemu_aio.flag(),
         match args.qcow2_fill {
             Qcow2Fill::Convert => "made by qemu-img convert",
             Qcow2Fill::Client => "written by nbdcopy through qemu-nbd",
+        },
+        match args.csnap_store {
+            StoreFile::Written => "written beforehand (as a block device)",
+            StoreFile::Sparse => "sparse (allocated on first use)",
         },
         match std::env::var("CSNAP_IO_URING").as_deref() {
             Ok("0") => "on the blocking pool (CSNAP_IO_URING=0)",

@@ -94,6 +94,23 @@ pub fn write_filled_file(path: &Path, size: u64, seed: u64) -> anyhow::Result<()
     Ok(())
 }
 
+/// A file of `size` zero bytes, every block written (allocated) and synced.
+pub fn write_zeroed_file(path: &Path, size: u64) -> anyhow::Result<()> {
+    const BLOCK: usize = 1 << 20;
+    let mut file =
+        File::create(path).with_context(|| format!("cannot create {}", path.display()))?;
+    let block = vec![0u8; BLOCK];
+    let mut left = size;
+    while left > 0 {
+        let n = left.min(BLOCK as u64) as usize;
+        file.write_all(&block[..n])
+            .with_context(|| format!("cannot write {}", path.display()))?;
+        left -= n as u64;
+    }
+    file.sync_all()
+        .with_context(|| format!("cannot sync {}", path.display()))
+}
+
 /// A sparse file of `size` bytes.
 pub fn create_sparse_file(path: &Path, size: u64) -> anyhow::Result<()> {
     let file = File::create(path).with_context(|| format!("cannot create {}", path.display()))?;
