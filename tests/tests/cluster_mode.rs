@@ -122,6 +122,111 @@ async fn three_agents_agree_on_one_server_and_share_the_volume() {
             "csnapctl status lacks {want:?}:\n{text}"
         );
     }
+
+    deltas_from_nodes_that_do_not_serve(&rig, server).await;
+}
+
+/// Issue 13 in cluster mode: `diff`, `export-diff` and `import-diff` from nodes other than
+/// the server's go through their agents to the one server. The volume holds 0x33 in
+/// [0, 2 MiB), 0x11 in [2, 4), 0x22 in [4, 8) and zeroes after; `before` differs from it
+/// in [0, 2 MiB) only.
+async fn deltas_from_nodes_that_do_not_serve(rig: &Rig, server: NodeId) {
+    use csnap_proto::diff_stream::{Extent, StreamHeader, StreamReader, StreamWriter};
+    let (a, b) = match server {
+        NodeId(1) => (NodeId(2), NodeId(3)),
+        NodeId(2) => (NodeId(1), NodeId(3)),
+        _ => (NodeId(1), NodeId(2)),
+    };
+
+    let json = rig
+        .ctl(a, &["diff", VOLUME, "before", "--json"])
+        .await
+        .expect("diff before -> origin");
+    let doc: serde_json::Value = serde_json::from_str(&json).expect("diff --json is JSON");
+    assert_eq!(doc["changed_bytes"], 2 * MIB, "{json}");
+    let extents: Vec<(u64, u64)> = doc["extents"]
+        .as_array()
+        .expect("extents")
+        .iter()
+        .map(|e| (e["offset"].as_u64().unwrap(), e["length"].as_u64().unwrap()))
+        .collect();
+    assert_eq!(extents, vec![(0, 2 * MIB)], "{json}");
+
+    // An incremental stream from node b holds exactly the changed bytes.
+    rig.snapshot(b, "after").await;
+    let dir = rig.cluster.node_dir(b);
+    let stream_path = dir.join("before-after.csdiff");
+    let stream_arg = stream_path.display().to_string();
+    rig.ctl(
+        b,
+        &[
+            "export-diff",
+            VOLUME,
+            "--from",
+            "before",
+            "after",
+            &stream_arg,
+        ],
+    )
+    .await
+    .expect("export-diff before -> after");
+    let stream = std::fs::read(&stream_path).expect("the stream file");
+    let mut r = StreamReader::new(stream.as_slice()).expect("a diff stream");
+    let header: StreamHeader = r.header().clone();
+    assert_eq!(
+        (header.from.as_deref(), header.to.as_str()),
+        (Some("before"), "after")
+    );
+    let mut covered = 0;
+    while let Some(e) = r.next_extent().expect("an intact stream") {
+        match e {
+            Extent::Data { offset, data } => {
+                assert!(offset + data.len() as u64 <= 2 * MIB, "extent at {offset}");
+                assert!(data.iter().all(|x| *x == 0x33), "extent at {offset}");
+                covered += data.len() as u64;
+            }
+            Extent::Zero { offset, len } => {
+                panic!("zero extent {offset}+{len}: nothing was zeroed")
+            }
+        }
+    }
+    assert_eq!(covered, 2 * MIB);
+
+    // A stream from `after` imported through node a changes the origin for every node and
+    // makes its snapshot; `after` keeps its contents.
+    let mut w = StreamWriter::new(
+        Vec::new(),
+        &StreamHeader {
+            from: Some("after".into()),
+            to: "imported".into(),
+            ..header
+        },
+    )
+    .expect("stream header");
+    w.data(8 * MIB, &vec![0x44; MIB as usize]).expect("extent");
+    let (_, bytes) = w.finish().expect("stream end");
+    let import_path = rig.cluster.node_dir(a).join("imported.csdiff");
+    std::fs::write(&import_path, bytes).expect("write the stream");
+    rig.ctl(
+        a,
+        &["import-diff", VOLUME, &import_path.display().to_string()],
+    )
+    .await
+    .expect("import-diff");
+    for export in [VOLUME.to_string(), format!("{VOLUME}@imported")] {
+        rig.qemu_io(
+            server,
+            &export,
+            &[
+                read(0x33, 0, 2 * MIB),
+                read(0x44, 8 * MIB, MIB),
+                read(0, 9 * MIB, MIB),
+            ],
+        )
+        .await;
+    }
+    rig.qemu_io(b, &format!("{VOLUME}@after"), &[read(0, 8 * MIB, 2 * MIB)])
+        .await;
 }
 
 /// The server's node loses power while fio writes with verify through another node: the
