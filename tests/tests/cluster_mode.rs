@@ -126,8 +126,9 @@ async fn three_agents_agree_on_one_server_and_share_the_volume() {
     deltas_from_nodes_that_do_not_serve(&rig, server).await;
 }
 
-/// Issue 13 in cluster mode: `diff`, `export-diff` and `import-diff` from nodes other than
-/// the server's go through their agents to the one server. The volume holds 0x33 in
+/// Issue 13 in cluster mode: `diff`, `export-diff`, `import-diff` and the
+/// `qemu:dirty-bitmap:FROM` block-status context, from nodes other than the server's,
+/// through their agents to the one server. The volume holds 0x33 in
 /// [0, 2 MiB), 0x11 in [2, 4), 0x22 in [4, 8) and zeroes after; `before` differs from it
 /// in [0, 2 MiB) only.
 async fn deltas_from_nodes_that_do_not_serve(rig: &Rig, server: NodeId) {
@@ -191,6 +192,37 @@ async fn deltas_from_nodes_that_do_not_serve(rig: &Rig, server: NodeId) {
         }
     }
     assert_eq!(covered, 2 * MIB);
+
+    // The same through NBD: `qemu:dirty-bitmap:before` on node a's `vol0@after` export.
+    let uri = rig.nbd_uri(a, &format!("{VOLUME}@after"));
+    let out = rig
+        .run_in(
+            a,
+            "nbdinfo",
+            &["--map=qemu:dirty-bitmap:before", "--json", &uri],
+            Duration::from_secs(30),
+        )
+        .await
+        .expect("nbdinfo --map");
+    let map = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "nbdinfo: {map} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let doc: serde_json::Value = serde_json::from_str(&map).expect("nbdinfo --json");
+    let dirty: u64 = doc
+        .as_array()
+        .expect("a JSON array")
+        .iter()
+        .filter(|e| e["type"].as_u64() == Some(1))
+        .map(|e| {
+            let (offset, len) = (e["offset"].as_u64().unwrap(), e["length"].as_u64().unwrap());
+            assert!(offset + len <= 2 * MIB, "dirty beyond the change: {map}");
+            len
+        })
+        .sum();
+    assert_eq!(dirty, 2 * MIB, "{map}");
 
     // A stream from `after` imported through node a changes the origin for every node and
     // makes its snapshot; `after` keeps its contents.
