@@ -28,7 +28,7 @@ use crate::ctl_diff::{Extent, Extents};
 /// How often a progress line is printed on long runs.
 const PROGRESS_EVERY: Duration = Duration::from_secs(1);
 /// Control requests in flight at once (each a bounded read or write).
-const IN_FLIGHT: usize = 4;
+const IN_FLIGHT: usize = 16;
 /// Zero detection granularity of the export: a run of zero blocks becomes a zero record.
 const ZERO_BLOCK: u64 = 4096;
 /// Longest data run the exporter gathers before it writes a record.
@@ -261,14 +261,20 @@ impl Progress {
 }
 
 /// Reads extent `e` of snapshot `snap` and feeds it to the emitter.
-async fn export_extent<W: Write>(
+/// Reads `extents` of snapshot `snap` (in order) into the stream, with [`IN_FLIGHT`]
+/// reads outstanding across extents, so many small scattered extents (a sparse change)
+/// are read as fast as one long one.
+async fn export_extents<W: Write>(
     socket: &Path,
     volume: &str,
     snap: SnapId,
-    e: Extent,
+    extents: &[Extent],
     emitter: &mut Emitter<W>,
 ) -> anyhow::Result<()> {
-    let reads = pieces(e.offset, e.length, u64::from(MAX_CONTROL_DATA)).map(|(at, n)| {
+    let all = extents
+        .iter()
+        .flat_map(|e| pieces(e.offset, e.length, u64::from(MAX_CONTROL_DATA)));
+    let reads = all.map(|(at, n)| {
         let req = ControlRequest::ReadSnapshot {
             volume: volume.to_owned(),
             snap,
@@ -366,7 +372,7 @@ async fn export(
                     offset: at,
                     length: n,
                 };
-                export_extent(socket, volume, to, e, &mut emitter).await?;
+                export_extents(socket, volume, to, &[e], &mut emitter).await?;
                 if progress.due() {
                     eprintln!(
                         "csnapctl: export-diff at byte {} of {size} ({}%)",
@@ -406,11 +412,11 @@ async fn export(
                     }
                     other => return Err(unexpected(other)),
                 };
+                let mut done = Vec::new();
                 for r in page.ranges {
-                    if let Some(done) = extents.add(r)? {
-                        export_extent(socket, volume, to, done, &mut emitter).await?;
-                    }
+                    done.extend(extents.add(r)?);
                 }
+                export_extents(socket, volume, to, &done, &mut emitter).await?;
                 match page.next {
                     None => break,
                     Some(next) if next > start => start = next,
@@ -428,7 +434,7 @@ async fn export(
                 }
             }
             if let Some(done) = extents.finish() {
-                export_extent(socket, volume, to, done, &mut emitter).await?;
+                export_extents(socket, volume, to, &[done], &mut emitter).await?;
             }
         }
     }

@@ -40,6 +40,7 @@ mod memory;
 mod procs;
 mod report;
 mod setup;
+mod xdiff;
 
 use std::path::PathBuf;
 use std::process::{Command, ExitCode};
@@ -139,6 +140,16 @@ struct Args {
     /// first --chunk-size and --cache direct unless --cache page.
     #[arg(long)]
     memory: bool,
+    /// Run the export-diff benchmark instead of the speed tests (issue 13): `csnapctl
+    /// export-diff --from a b` of --xdiff-changed-percent of the chunks of a --size origin,
+    /// changed at random between the snapshots, against the device reading the same chunks
+    /// and against reading both snapshots in full. Uses the first --chunk-size, direct I/O,
+    /// --rounds.
+    #[arg(long, conflicts_with_all = ["memory", "cluster"])]
+    export_diff: bool,
+    /// The export-diff benchmark's changed share of the volume, in percent.
+    #[arg(long, default_value_t = 1.0)]
+    xdiff_changed_percent: f64,
     /// The memory test's sparse volume size.
     #[arg(long, default_value = "1T", value_parser = setup::parse_size)]
     memory_volume: u64,
@@ -624,6 +635,23 @@ async fn run(args: Args) -> anyhow::Result<bool> {
     let base = Plan::from_args(&args)?;
     if args.memory {
         return run_memory(&args, &base).await;
+    }
+    if args.export_diff {
+        anyhow::ensure!(
+            args.xdiff_changed_percent > 0.0 && args.xdiff_changed_percent <= 100.0,
+            "--xdiff-changed-percent must be in (0, 100], not {}",
+            args.xdiff_changed_percent
+        );
+        let plan = xdiff::XdiffPlan {
+            size: base.size,
+            chunk: base.chunk,
+            changed_per_10k: (args.xdiff_changed_percent * 100.0).round() as u64,
+            rounds: base.rounds,
+        };
+        let dir = WorkDir::create(&args.dir, args.keep)?;
+        eprintln!("work directory {}", dir.path().display());
+        let (agent, csnapctl) = binaries(&args)?;
+        return xdiff::run(&plan, &dir, agent, csnapctl).await;
     }
     if args.cluster {
         let plan = cluster::ClusterPlan {
