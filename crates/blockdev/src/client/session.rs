@@ -6,6 +6,12 @@
 //! next connection can resume: authenticate with `resuming`, re-assert the locks and leases
 //! (`UploadLocks`), resend the unanswered requests under their original ids, and close the
 //! resync with `ResendDone`. The I/O shell ([`super::conn`]) only moves bytes.
+//!
+//! Inputs go in with [`Session::handle`] and what to do comes out of
+//! [`Session::poll_output`]. There is no `poll_timeout`: nothing in the session changes with
+//! time. The times a client keeps (its origin write lease, counted from the instant a
+//! request was sent, and the keep-alive that renews it; the connect timeout and reconnect
+//! back-off) are measured by the shell, which sends `KeepAlive` through `Submit`.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 

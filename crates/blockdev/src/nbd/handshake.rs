@@ -3,9 +3,15 @@
 //! The same shape as the server engine and the cluster core: the I/O shell hands inputs
 //! in with [`Handshake::handle`] (client bytes, or the answer to a lookup) and asks
 //! [`Handshake::poll_output`] what to do next: write bytes, read more, look something up
-//! in the export set, or leave the handshake. Malformed *option contents* get an error reply and
-//! the negotiation continues; only a broken framing (bad magic, unknown client flags) or
-//! an unknown name in OPT_EXPORT_NAME ends the connection, as the protocol requires.
+//! in the export set, or leave the handshake. It has no `poll_timeout`: nothing in the
+//! negotiation changes with time. Its one deadline, the whole handshake's
+//! ([`ServerConfig::handshake_timeout`](super::server::ServerConfig::handshake_timeout)),
+//! ends the connection whatever state it is in, so the shell applies it around the
+//! negotiation.
+//!
+//! Malformed *option contents* get an error reply and the negotiation continues; only a
+//! broken framing (bad magic, unknown client flags) or an unknown name in OPT_EXPORT_NAME
+//! ends the connection, as the protocol requires.
 
 use bytes::{Buf, BytesMut};
 use thiserror::Error;

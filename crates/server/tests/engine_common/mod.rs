@@ -141,7 +141,7 @@ impl<S: TestStore> Harness<S> {
 
     /// Moves the engine's actions into the simulated world.
     pub fn pump(&mut self) {
-        while let Some(a) = self.engine.poll_action() {
+        while let Some(a) = self.engine.poll_output() {
             match a {
                 Action::Send { conn, frame } => {
                     self.trace
