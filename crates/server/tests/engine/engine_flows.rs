@@ -463,17 +463,7 @@ fn store_full_invalidates_the_oldest_snapshot_and_origin_writes_never_fail() {
     let mut h = Harness::new(config(), 32, 4);
     let (origin, admin, snaps) = origin_and_snapshots(&mut h, 1);
     for c in 0..4 {
-        let w = h.send(
-            origin,
-            ClientMsg::QueryWrite {
-                ranges: range(c, 1),
-            },
-        );
-        h.settle();
-        assert!(matches!(
-            h.reply_to(origin, w),
-            Some(ServerMsg::OriginWriteOk { .. })
-        ));
+        h.granted_origin_write(origin, c);
     }
     let newer = h.create_snapshot(admin, "newer", &[origin]);
     // The store is full; this copy-out is needed by both snapshots.

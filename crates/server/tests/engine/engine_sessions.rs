@@ -234,17 +234,7 @@ fn a_duplicate_hello_is_refused_and_the_first_connection_keeps_working() {
         !h.closed.contains(&first),
         "the first connection was closed"
     );
-    let w = h.send(
-        first,
-        ClientMsg::QueryWrite {
-            ranges: range(0, 1),
-        },
-    );
-    h.settle();
-    assert!(matches!(
-        h.reply_to(first, w),
-        Some(ServerMsg::OriginWriteOk { .. })
-    ));
+    h.granted_origin_write(first, 0);
     let st = h.send(first, ClientMsg::Status);
     match h.reply_to(first, st) {
         Some(ServerMsg::Status(s)) => assert_eq!(s.connected_clients, 1),
@@ -269,17 +259,7 @@ fn a_reconnect_of_the_same_client_replaces_its_lingering_connection() {
     let (newer, answer) = hello(&mut h, 0x77, ClientKind::Origin, 5, true);
     assert!(matches!(answer, ServerMsg::Welcome { .. }), "{answer:?}");
     assert!(h.closed.contains(&new));
-    let w = h.send(
-        newer,
-        ClientMsg::QueryWrite {
-            ranges: range(0, 1),
-        },
-    );
-    h.settle();
-    assert!(matches!(
-        h.reply_to(newer, w),
-        Some(ServerMsg::OriginWriteOk { .. })
-    ));
+    h.granted_origin_write(newer, 0);
     // Once the first client's connection is gone, another incarnation may use the id (a
     // restarted client process).
     h.handle(Event::ClientDisconnected { conn: newer });

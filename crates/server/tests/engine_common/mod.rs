@@ -276,6 +276,22 @@ impl<S: TestStore> Harness<S> {
         id
     }
 
+    /// Writes origin chunk `chunk` through `conn` as a client would: asks (`QueryWrite`),
+    /// lets every copy and commit it needs run, and checks the write was granted.
+    pub fn granted_origin_write(&mut self, conn: ConnId, chunk: u64) {
+        let w = self.send(
+            conn,
+            ClientMsg::QueryWrite {
+                ranges: range(chunk, 1),
+            },
+        );
+        self.settle();
+        match self.reply_to(conn, w) {
+            Some(ServerMsg::OriginWriteOk { .. }) => {}
+            other => panic!("write of origin chunk {chunk}: expected OriginWriteOk, got {other:?}"),
+        }
+    }
+
     pub fn replies(&mut self, conn: ConnId) -> Vec<ServerFrame> {
         self.inbox
             .get_mut(&conn)
