@@ -13,7 +13,10 @@ use thiserror::Error;
 /// First fd passed by the activation protocol.
 pub const LISTEN_FDS_START: RawFd = 3;
 
+/// Why the socket-activation variables (LISTEN_PID, LISTEN_FDS, LISTEN_FDNAMES) cannot be used.
 #[derive(Debug, Error, PartialEq, Eq)]
+// Each variant's `#[error]` message says what it is and what its fields hold.
+#[allow(missing_docs)]
 pub enum ActivationError {
     #[error("LISTEN_PID={0:?} is not a process id")]
     BadPid(String),
@@ -25,7 +28,9 @@ pub enum ActivationError {
     BadSocket { fd: RawFd, reason: String },
 }
 
+/// The file descriptor.
 /// One passed fd and its name from LISTEN_FDNAMES, if any.
+/// Its name from LISTEN_FDNAMES.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PassedFd {
     pub fd: RawFd,
@@ -79,7 +84,9 @@ pub fn parse_listen_env(
     ))
 }
 
+/// The socket, listening.
 /// A passed listening socket with its LISTEN_FDNAMES name.
+/// Its name from LISTEN_FDNAMES.
 #[derive(Debug)]
 pub struct ActivatedListener {
     pub listener: StdListener,

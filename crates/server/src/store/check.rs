@@ -27,7 +27,7 @@ impl CheckReport {
 /// Stop collecting after this many problems (a badly damaged store would list millions).
 const MAX_PROBLEMS: usize = 100;
 
-pub fn run(store: &mut Store) -> Result<CheckReport> {
+pub(super) fn run(store: &mut Store) -> Result<CheckReport> {
     let mut report = CheckReport::default();
     let mut problems = Vec::new();
     let geo = store.meta.geo;
