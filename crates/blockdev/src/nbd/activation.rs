@@ -28,12 +28,12 @@ pub enum ActivationError {
     BadSocket { fd: RawFd, reason: String },
 }
 
-/// The file descriptor.
 /// One passed fd and its name from LISTEN_FDNAMES, if any.
-/// Its name from LISTEN_FDNAMES.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PassedFd {
+    /// The file descriptor.
     pub fd: RawFd,
+    /// Its name from LISTEN_FDNAMES.
     pub name: Option<String>,
 }
 
@@ -84,12 +84,12 @@ pub fn parse_listen_env(
     ))
 }
 
-/// The socket, listening.
 /// A passed listening socket with its LISTEN_FDNAMES name.
-/// Its name from LISTEN_FDNAMES.
 #[derive(Debug)]
 pub struct ActivatedListener {
+    /// The socket, listening.
     pub listener: StdListener,
+    /// Its name from LISTEN_FDNAMES.
     pub name: Option<String>,
 }
 
