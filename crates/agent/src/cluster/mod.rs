@@ -306,9 +306,11 @@ pub enum Output {
         /// The client gone.
         client: ClientId,
     },
-    /// This node was reset: drop every client connection and reconnect, so the server learns their locks afresh.
+    /// This node was reset: drop every client connection and reconnect, so the server learns their
+    /// locks afresh.
     DropClients,
-    /// Fence a node whose server cannot be known to have stopped; answer with [`Input::FenceResult`].
+    /// Fence a node whose server cannot be known to have stopped; answer with
+    /// [`Input::FenceResult`].
     Fence {
         /// The node to fence.
         node: NodeId,

@@ -28,7 +28,8 @@ pub struct ClientSideConfig {
     pub key: Vec<u8>,
     /// This node's id.
     pub node: u32,
-    /// This agent's client instance (random per process: the server tells its reconnects from another agent's).
+    /// This agent's client instance (random per process: the server tells its reconnects from
+    /// another agent's).
     pub instance: u64,
     /// Open the shared devices O_DIRECT.
     pub direct_io: bool,

@@ -216,7 +216,8 @@ impl Volume {
 
     // ---- origin ----
 
-    /// Reads `len` bytes of the origin at `offset` (straight from the device: origin reads never ask the server).
+    /// Reads `len` bytes of the origin at `offset` (straight from the device: origin reads never
+    /// ask the server).
     pub async fn read_origin(&self, offset: u64, len: u32) -> Result<Bytes, ClientError> {
         self.chunk_range(offset, u64::from(len))?;
         self.devices.read(Which::Origin, offset, len as usize).await

@@ -219,6 +219,7 @@ impl<S: MetaStore> Engine<S> {
         .min()
     }
 
+    /// The store, to read (tests, status).
     pub fn store(&self) -> &S {
         &self.store
     }

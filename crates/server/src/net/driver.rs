@@ -45,6 +45,8 @@ pub enum ServerFailure {
 /// Why a chunk copy ([`DataPath::copy`]) failed; each I/O error is the source, after the
 /// device, offset and chunk it hit.
 #[derive(Debug, thiserror::Error)]
+// Each variant's `#[error]` message says what it is and what its fields hold.
+#[allow(missing_docs)]
 pub enum CopyError {
     #[error("destination store chunk {0} is outside the data area")]
     DestinationOutsideData(u64),

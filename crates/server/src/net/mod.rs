@@ -44,6 +44,7 @@ pub struct ServerConfig {
     pub origin: PathBuf,
     /// The snapshot store device (formatted with `csnapctl format`).
     pub store: PathBuf,
+    /// Where clients connect.
     pub listen: ListenAddr,
     /// The cluster key: a regular file of mode 0600 owned by the server's user.
     pub key_file: PathBuf,
@@ -80,6 +81,7 @@ pub struct ServerConfig {
 }
 
 impl ServerConfig {
+    /// The configuration for these devices, address and key file, with the defaults for the rest.
     pub fn new(
         origin: impl Into<PathBuf>,
         store: impl Into<PathBuf>,
@@ -105,7 +107,10 @@ impl ServerConfig {
     }
 }
 
+/// Why a server could not start, or stopped on its own.
 #[derive(Debug, thiserror::Error)]
+// Each variant's `#[error]` message says what it is and what its fields hold.
+#[allow(missing_docs)]
 pub enum ServerError {
     #[error(transparent)]
     KeyFile(#[from] KeyFileError),

@@ -42,11 +42,17 @@ pub(super) enum Space {
 /// Counters for benchmarks and status.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct MetaStats {
+    /// Journal commits.
     pub commits: u64,
+    /// Blocks written to the journal.
     pub journal_blocks_written: u64,
+    /// Checkpoints (journal blocks written home, superblock updated).
     pub checkpoints: u64,
+    /// Block cache hits.
     pub cache_hits: u64,
+    /// Block cache misses (device reads).
     pub cache_misses: u64,
+    /// Transactions replayed from the journal at open.
     pub transactions_replayed: u64,
 }
 
