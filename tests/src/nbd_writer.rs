@@ -246,13 +246,13 @@ mod tokio_util_free {
     use std::sync::Arc;
 
     #[derive(Clone, Default)]
-    pub struct CancelFlag(Arc<AtomicBool>);
+    pub(super) struct CancelFlag(Arc<AtomicBool>);
 
     impl CancelFlag {
-        pub fn set(&self) {
+        pub(super) fn set(&self) {
             self.0.store(true, Ordering::Relaxed);
         }
-        pub fn is_set(&self) -> bool {
+        pub(super) fn is_set(&self) -> bool {
             self.0.load(Ordering::Relaxed)
         }
     }

@@ -17,13 +17,13 @@ type Job = (Command, mpsc::Sender<io::Result<Child>>);
 /// How long a start request may wait for the spawner thread.
 const SPAWN_TIMEOUT: Duration = Duration::from_secs(10);
 
-pub struct Spawner {
+pub(crate) struct Spawner {
     jobs: Mutex<Option<mpsc::Sender<Job>>>,
     thread: Option<JoinHandle<()>>,
 }
 
 impl Spawner {
-    pub fn new() -> io::Result<Self> {
+    pub(crate) fn new() -> io::Result<Self> {
         let (tx, rx) = mpsc::channel::<Job>();
         let thread = thread::Builder::new()
             .name("cse-spawner".into())
@@ -39,7 +39,7 @@ impl Spawner {
     }
 
     /// Spawns `cmd` from the spawner thread.
-    pub fn spawn(&self, cmd: Command) -> io::Result<Child> {
+    pub(crate) fn spawn(&self, cmd: Command) -> io::Result<Child> {
         let (reply_tx, reply_rx) = mpsc::channel();
         {
             let jobs = self.jobs.lock().unwrap_or_else(|p| p.into_inner());

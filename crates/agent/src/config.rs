@@ -68,7 +68,9 @@ pub const EXAMPLE_CONF: &str = include_str!("config_example.conf");
 /// The cmap key prefixes the configuration is read from.
 pub const CONFIG_PREFIXES: [&str; 2] = ["csnap.", "nodelist."];
 
+/// Where the cluster key is read from unless `csnap.key_file` says otherwise.
 pub const DEFAULT_KEY_FILE: &str = "/etc/csnap/cluster.key";
+/// Where the agent's control socket is unless `csnap.control_socket` says otherwise.
 pub const DEFAULT_CONTROL_SOCKET: &str = "/run/csnap/csnap.sock";
 /// Priority of a node without `csnap_priority`.
 pub const DEFAULT_PRIORITY: i32 = 0;
@@ -98,6 +100,7 @@ pub enum NbdListen {
 /// One volume: a `csnap { NAME { ... } }` subsection.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VolumeConfig {
+    /// The volume's name (the subsection's name; names its NBD export).
     pub name: String,
     /// The shared origin device.
     pub origin: PathBuf,
@@ -105,13 +108,16 @@ pub struct VolumeConfig {
     pub store: PathBuf,
     /// TCP port the volume's server listens on (on whichever node runs it).
     pub server_port: u16,
+    /// Where each node's NBD server for the volume listens.
     pub nbd_listen: NbdListen,
 }
 
 /// A node from corosync's nodelist.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NodeConfig {
+    /// corosync's node id.
     pub id: NodeId,
+    /// The node's `name`, if the nodelist gives one.
     pub name: Option<String>,
     /// `ring0_addr` as written (an address or a host name).
     pub ring0_addr: Option<String>,
@@ -122,8 +128,11 @@ pub struct NodeConfig {
 /// Everything csnap reads from corosync.conf.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CsnapConfig {
+    /// The cluster key file every server and client proves with.
     pub key_file: PathBuf,
+    /// The agent's control socket (`csnapctl` talks to it).
     pub control_socket: PathBuf,
+    /// How a node whose server cannot be known to have stopped is fenced.
     pub fencing: Fencing,
     /// By volume name.
     pub volumes: BTreeMap<String, VolumeConfig>,
@@ -141,7 +150,12 @@ const MAX_VOLUME_NAME: usize = 64;
 pub enum ConfigError {
     /// A value in corosync.conf (as cmap holds it) is wrong; `key` is the cmap key.
     #[error("corosync.conf key {key}: {detail}")]
-    Invalid { key: String, detail: String },
+    Invalid {
+        /// The cmap key.
+        key: String,
+        /// What is wrong with its value.
+        detail: String,
+    },
     /// cmap could not be read (corosync not running, connection lost, ...).
     #[error("reading the csnap configuration from cmap: {0}")]
     Cmap(#[from] GroupError),
@@ -154,6 +168,7 @@ pub enum ConfigError {
 pub struct ConfigWarning {
     /// The cmap key, e.g. `csnap.keyfile` or `nodelist.node.1.csnap_prio`.
     pub key: String,
+    /// Why it is ignored and how to clear it.
     pub detail: String,
 }
 
@@ -166,6 +181,7 @@ impl fmt::Display for ConfigWarning {
 /// A configuration that parsed, with the keys that were ignored on the way.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ParsedConfig {
+    /// What was read.
     pub config: CsnapConfig,
     /// In key order; empty when every key was used.
     pub warnings: Vec<ConfigWarning>,

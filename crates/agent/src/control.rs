@@ -16,22 +16,32 @@ use tokio::net::{UnixListener, UnixStream};
 /// Longest a peer may take to send its request.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Why a control request (csnapctl to the agent) or the control socket failed; `path` is
+/// the control socket's.
 #[derive(Debug, thiserror::Error)]
+#[allow(missing_docs)] // The fields are the socket's path and the cause, the same in every variant.
 pub enum ControlError {
+    /// No socket at `path`.
     #[error("agent not running at {path} (no socket there): is csnap-agent running? (`systemctl status csnap-agent`; or pass --socket PATH)")]
     NotRunning { path: PathBuf },
+    /// A socket nobody listens on.
     #[error("agent not running at {path} (connection refused: a stale socket left by an agent that is gone; `systemctl status csnap-agent`)")]
     Refused { path: PathBuf },
+    /// Connecting, sending or receiving failed.
     #[error("cannot talk to the agent at {path}: {source}")]
     Io { path: PathBuf, source: io::Error },
+    /// The answer did not decode.
     #[error("bad answer from the agent at {path}: {source}")]
     Frame { path: PathBuf, source: FrameError },
+    /// The agent closed the connection without an answer.
     #[error("the agent at {path} closed the connection without answering")]
     NoAnswer { path: PathBuf },
+    /// No answer within [`REPLY_TIMEOUT`].
     #[error("the agent at {path} did not answer within {0:?}", REPLY_TIMEOUT)]
     Timeout { path: PathBuf },
-    /// `reason` is in the message and deliberately not a `#[source]`, so a printer of the
-    /// whole chain (`{:#}`) does not say it twice.
+    /// The agent could not listen on its control socket. `reason` is in the message and
+    /// deliberately not a `#[source]`, so a printer of the whole chain (`{:#}`) does not
+    /// say it twice.
     #[error("cannot listen on {path}: {reason}")]
     Bind { path: PathBuf, reason: io::Error },
 }

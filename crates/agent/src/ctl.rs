@@ -31,7 +31,9 @@ pub const EXIT_TIMEOUT: u8 = 4;
 #[derive(Debug, thiserror::Error)]
 #[error("{}{message}", prefix(origin))]
 pub struct AgentError {
+    /// Who answered: the node and the volume (empty when the agent did not say).
     pub origin: String,
+    /// What went wrong.
     pub message: String,
 }
 
@@ -566,6 +568,7 @@ pub async fn list_all(socket: &Path, volume: &str) -> anyhow::Result<(Vec<Snapsh
     }
 }
 
+/// Runs `csnapctl snapshot ...`.
 pub async fn run_snapshot(socket: &Path, cmd: SnapshotCmd) -> anyhow::Result<()> {
     match cmd {
         SnapshotCmd::Create {
@@ -711,6 +714,7 @@ pub fn show_progress(asked: bool) -> bool {
     asked || std::io::stderr().is_terminal()
 }
 
+/// Runs `csnapctl status`.
 pub async fn run_status(socket: &Path, args: StatusArgs) -> anyhow::Result<()> {
     match ask(
         socket,

@@ -195,6 +195,7 @@ fn end_name(name: Option<&String>, end: DiffEnd) -> String {
     }
 }
 
+/// Runs `csnapctl diff`.
 pub async fn run_diff(socket: &Path, args: DiffArgs) -> anyhow::Result<()> {
     let stdout = std::io::stdout();
     let mut output = Output {

@@ -299,6 +299,7 @@ async fn export_extents<W: Write>(
     Ok(())
 }
 
+/// Runs `csnapctl export-diff`.
 pub async fn run_export_diff(socket: &Path, args: ExportDiffArgs) -> anyhow::Result<()> {
     let volume = args.volume.as_str();
     let (size, chunk_size) = geometry(socket, volume).await?;
@@ -654,6 +655,7 @@ async fn apply_extent(socket: &Path, volume: &str, e: StreamExtent) -> anyhow::R
     Ok(())
 }
 
+/// Runs `csnapctl import-diff`.
 pub async fn run_import_diff(socket: &Path, args: ImportDiffArgs) -> anyhow::Result<()> {
     let volume = args.volume.as_str();
     let mut progress = Progress::new(args.progress);

@@ -13,7 +13,9 @@ use nix::unistd::{lseek, Whence};
 /// One run of a file: `len` bytes that are all data or all hole.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct AllocRun {
+    /// Bytes in the run.
     pub len: u64,
+    /// A hole (reads as zeroes, no space used) rather than data.
     pub hole: bool,
 }
 

@@ -3,7 +3,10 @@
 
 use thiserror::Error;
 
+/// Why a group or quorum operation failed.
 #[derive(Debug, Error)]
+// Each variant says what it is; its `#[error]` message shows what its fields hold.
+#[allow(missing_docs)]
 pub enum GroupError {
     /// Could not connect to corosync's IPC at all: it is not running on this node (or this
     /// process is in another network namespace than the corosync it wants).

@@ -53,8 +53,11 @@ pub const FRAME_VERSION: u8 = 2;
 /// The header of one frame.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct FrameHeader {
+    /// The sender's id of the message the frame is part of.
     pub message_id: u64,
+    /// The frame's place in the message, from 0.
     pub index: u32,
+    /// Frames in the message.
     pub count: u32,
     /// The sender's view when it sent the frame ([`view_tag`]).
     pub view: u64,
@@ -86,6 +89,7 @@ pub fn view_tag(ring: Option<crate::RingId>, members: &[Member]) -> u64 {
 }
 
 impl FrameHeader {
+    /// The header's bytes, as sent.
     pub fn encode(&self) -> [u8; FRAME_HEADER_LEN] {
         let mut out = [0u8; FRAME_HEADER_LEN];
         out[0] = FRAME_VERSION;
@@ -186,14 +190,21 @@ pub fn split_into_frames_in_view(
 #[derive(Debug, PartialEq, Eq)]
 pub enum FrameOutcome {
     /// The frame completed message `message_id` of its sender: deliver `payload`.
-    Complete { message_id: u64, payload: Vec<u8> },
+    Complete {
+        /// The sender's id of the message.
+        message_id: u64,
+        /// The whole message.
+        payload: Vec<u8>,
+    },
     /// The frame was stored; more fragments are due.
     Incomplete,
     /// The frame was dropped (the reason says why); nothing to deliver. `message_id`: the
     /// message of its sender it was part of, which nobody will deliver (`None` when the
     /// frame is unreadable).
     Dropped {
+        /// The message it was part of, if readable.
         message_id: Option<u64>,
+        /// Why it was dropped.
         why: String,
     },
 }

@@ -42,7 +42,9 @@ impl fmt::Display for NodeId {
 /// One process in a group: a node and a pid on it. CPG membership is per process.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct Member {
+    /// The corosync node id.
     pub node: NodeId,
+    /// The process id on that node.
     pub pid: u32,
 }
 
@@ -70,7 +72,9 @@ pub enum Reason {
 /// A process named in a confchg's joined or left list, with the reason.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct MemberChange {
+    /// The process.
     pub member: Member,
+    /// Why it joined or left.
     pub reason: Reason,
 }
 
@@ -86,7 +90,9 @@ pub struct MemberChange {
 /// that is why this type has equality but no ordering.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct RingId {
+    /// The representative node.
     pub node: NodeId,
+    /// The ring sequence number.
     pub seq: u64,
 }
 
@@ -100,8 +106,11 @@ impl fmt::Display for RingId {
 /// `members` is the membership after the change, sorted.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ConfChg {
+    /// The members after the change, sorted.
     pub members: Vec<Member>,
+    /// Who left, and why.
     pub left: Vec<MemberChange>,
+    /// Who joined, and why.
     pub joined: Vec<MemberChange>,
 }
 
@@ -112,6 +121,7 @@ pub struct ConfChg {
 /// stable view is).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TotemConfChg {
+    /// The new ring.
     pub ring: RingId,
     /// Node ids in the new totem membership, sorted.
     pub members: Vec<NodeId>,
@@ -120,15 +130,20 @@ pub struct TotemConfChg {
 /// An agreed-order message delivered to every member of the partition.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Delivery {
+    /// The sender.
     pub from: Member,
+    /// The message.
     pub payload: Vec<u8>,
 }
 
 /// What a group member observes, in the group's agreed total order.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum GroupEvent {
+    /// The group's membership changed.
     ConfChg(ConfChg),
+    /// The totem membership changed (the end of a transition).
     TotemConfChg(TotemConfChg),
+    /// A message.
     Deliver(Delivery),
 }
 
@@ -137,7 +152,9 @@ pub enum GroupEvent {
 /// device): a quorate flip on the same ring is normal.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct QuorumEvent {
+    /// Whether the partition is quorate.
     pub quorate: bool,
+    /// The ring the event came with.
     pub ring: RingId,
     /// Node ids in the partition, sorted.
     pub members: Vec<NodeId>,
@@ -161,6 +178,7 @@ pub trait GroupSender: Clone + Send + Sync + 'static {
 /// it ends (yields `None`) after the group was left, and yields an error if the
 /// connection to the group was lost (e.g. corosync died).
 pub trait Group: Stream<Item = Result<GroupEvent, GroupError>> + Unpin + Send + 'static {
+    /// Sends to the group; may be cloned and used from other tasks.
     type Sender: GroupSender;
 
     /// This process's identity in the group.

@@ -9,7 +9,9 @@ use crate::{Group, GroupError, NodeId, Quorum};
 
 /// A cluster the behavioural suite can drive.
 pub trait TestCluster: Send + Sync {
+    /// A member's group connection.
     type G: Group;
+    /// A node's quorum follower.
     type Q: Quorum;
     /// Node ids of the cluster, sorted.
     fn nodes(&self) -> Vec<NodeId>;
@@ -121,6 +123,7 @@ mod ipc_file_tests {
     }
 }
 
+/// The behavioural tests, each generic over a [`TestCluster`].
 pub mod suite {
     use std::collections::BTreeSet;
     use std::fmt::Write as _;

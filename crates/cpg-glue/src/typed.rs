@@ -68,6 +68,7 @@ impl<S: Clone, M> Clone for TypedSender<S, M> {
 }
 
 impl<S: GroupSender, M: Serialize> TypedSender<S, M> {
+    /// Sends `M`s through `inner`.
     pub fn new(inner: S) -> Self {
         TypedSender {
             inner,
@@ -96,9 +97,17 @@ impl<S: GroupSender, M: Serialize> TypedSender<S, M> {
 /// A group event with decoded messages.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum TypedEvent<M> {
+    /// The group's membership changed.
     ConfChg(ConfChg),
+    /// The totem membership changed.
     TotemConfChg(TotemConfChg),
-    Deliver { from: Member, msg: M },
+    /// A message, decoded.
+    Deliver {
+        /// The sender.
+        from: Member,
+        /// The message.
+        msg: M,
+    },
 }
 
 /// Wraps a [`Group`] so its stream yields [`TypedEvent<M>`].
@@ -108,6 +117,7 @@ pub struct TypedGroup<G, M> {
 }
 
 impl<G: Group, M: Serialize + DeserializeOwned> TypedGroup<G, M> {
+    /// Decodes the messages of `group` as `M`.
     pub fn new(group: G) -> Self {
         TypedGroup {
             inner: group,
@@ -115,10 +125,12 @@ impl<G: Group, M: Serialize + DeserializeOwned> TypedGroup<G, M> {
         }
     }
 
+    /// This process's identity in the group.
     pub fn local(&self) -> Member {
         self.inner.local()
     }
 
+    /// The group's name.
     pub fn name(&self) -> &str {
         self.inner.name()
     }

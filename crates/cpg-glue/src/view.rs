@@ -26,6 +26,7 @@ use crate::{ConfChg, GroupEvent, Member, NodeId, Reason, RingId, TotemConfChg};
 /// A membership a process may act on: its group's members, the totem ring they are in.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StableView {
+    /// The totem ring.
     pub ring: RingId,
     /// Node ids of the totem ring, sorted.
     pub nodes: Vec<NodeId>,
@@ -44,6 +45,7 @@ pub struct ViewTracker {
 }
 
 impl ViewTracker {
+    /// A tracker for process `local`, before any event.
     pub fn new(local: Member) -> ViewTracker {
         ViewTracker {
             local,

@@ -15,6 +15,7 @@ pub enum ListenAddr {
     /// `HOST:PORT`: an IP address (IPv6 in brackets) or a host name, and a port (0 picks
     /// a free one when listening).
     Tcp(String),
+    /// `unix:PATH`: a unix socket at this path.
     Unix(PathBuf),
 }
 
@@ -45,6 +46,8 @@ impl fmt::Display for ListenAddr {
 
 /// Why a text is not a [`ListenAddr`]; the message quotes the text.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+// Each variant's `#[error]` message says what it is and what its fields hold.
+#[allow(missing_docs)]
 pub enum AddrError {
     #[error("unix: needs a socket path")]
     EmptyUnixPath,

@@ -34,12 +34,19 @@ pub fn random_nonce() -> Nonce {
 /// nonce. Proofs and frame keys are computed over all of it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Handshake {
+    /// The protocol version the client speaks.
     pub protocol_version: u32,
+    /// Who the connection is, and what it is for.
     pub client: ClientId,
+    /// The client's node.
     pub node: u32,
+    /// Random per client process, the same on every reconnect.
     pub incarnation: u64,
+    /// The client had a session with a previous server.
     pub resuming: bool,
+    /// The client's random nonce for this connection.
     pub client_nonce: Nonce,
+    /// The server's random nonce for this connection.
     pub server_nonce: Nonce,
 }
 
@@ -130,7 +137,9 @@ impl fmt::Debug for FrameKey {
 /// The two frame keys of a connection, derived from the cluster key and the handshake.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SessionKeys {
+    /// Seals the client's frames.
     pub client_to_server: FrameKey,
+    /// Seals the server's frames.
     pub server_to_client: FrameKey,
 }
 

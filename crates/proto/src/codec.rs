@@ -23,6 +23,7 @@ pub struct FrameCodec<In, Out> {
 }
 
 impl<In, Out> FrameCodec<In, Out> {
+    /// A codec with both directions plain.
     pub fn new() -> Self {
         FrameCodec {
             sealer: None,

@@ -19,19 +19,28 @@ pub const MAX_CONTROL_ZERO: u64 = 256 << 20;
 /// csnapctl -> agent.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ControlRequest {
+    /// Create a snapshot of the volume's origin as it is now. Answered with `SnapshotCreated`.
     SnapshotCreate {
+        /// The volume.
         volume: String,
+        /// The new snapshot's name.
         name: String,
     },
     /// One page of the volume's snapshots (see `ClientMsg::ListSnapshots`): those with id
     /// above `after`, at most `limit`. csnapctl asks again until `more` is false.
     SnapshotList {
+        /// The volume.
         volume: String,
+        /// List snapshots with ids above this one.
         after: Option<SnapId>,
+        /// At most this many.
         limit: u32,
     },
+    /// Delete a snapshot by name. Answered with `SnapshotDeleted`.
     SnapshotDelete {
+        /// The volume.
         volume: String,
+        /// The snapshot's name.
         name: String,
     },
     /// One page of the diff between two ends of the volume (see `ClientMsg::Diff`): a
@@ -39,46 +48,64 @@ pub enum ControlRequest {
     /// first page and passes the ids the answer resolved on the next ones, so a snapshot
     /// deleted and re-created under the same name mid-diff is not silently compared.
     Diff {
+        /// The volume.
         volume: String,
+        /// The older end (`None`: the origin).
         from: Option<SnapRef>,
+        /// The newer end (`None`: the origin).
         to: Option<SnapRef>,
+        /// The first chunk of the page.
         start: u64,
+        /// About how many exception records the page may walk.
         budget: u32,
     },
     /// Status of one volume, or of every volume the agent serves.
     Status {
+        /// The volume (`None`: every volume).
         volume: Option<String>,
     },
     /// The volume's size and chunk size (`export-diff` and `import-diff` check them).
     Geometry {
+        /// The volume.
         volume: String,
     },
     /// `len` bytes (at most [`MAX_CONTROL_DATA`]) of snapshot `snap` at `offset`, read
     /// through the agent's client of the volume (`export-diff`). Answered with `Data`.
     ReadSnapshot {
+        /// The volume.
         volume: String,
+        /// The snapshot.
         snap: SnapId,
+        /// Byte offset.
         offset: u64,
+        /// Bytes.
         len: u32,
     },
     /// Writes `data` (at most [`MAX_CONTROL_DATA`] bytes) to the origin at `offset`,
     /// under the server's write grant like any origin write, so every existing snapshot
     /// keeps its contents (`import-diff`). Answered with `Done`.
     WriteOrigin {
+        /// The volume.
         volume: String,
+        /// Byte offset.
         offset: u64,
+        /// The bytes to write.
         #[serde(with = "bin")]
         data: Vec<u8>,
     },
     /// Makes `len` bytes (at most [`MAX_CONTROL_ZERO`]) of the origin at `offset` read as
     /// zeroes, under the same grants (`import-diff`). Answered with `Done`.
     ZeroOrigin {
+        /// The volume.
         volume: String,
+        /// Byte offset.
         offset: u64,
+        /// Bytes.
         len: u64,
     },
     /// Makes every completed origin write of this agent durable. Answered with `Done`.
     Flush {
+        /// The volume.
         volume: String,
     },
 }
@@ -126,10 +153,13 @@ mod bin {
 /// What the agent knows about one of its volumes.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VolumeStatus {
+    /// The volume's name.
     pub volume: String,
     /// "standalone" (server and exports in this process) or "client" (exports only).
     pub mode: String,
+    /// The origin device.
     pub origin: String,
+    /// The snapshot store device.
     pub store: String,
     /// Where the NBD exports listen.
     pub nbd_listen: String,
@@ -139,8 +169,11 @@ pub struct VolumeStatus {
     pub server_status: ServerStatus,
     /// Sessions the origin connection established (reconnects + 1).
     pub origin_sessions: u64,
+    /// Origin writes answered from the unique-chunk cache.
     pub cache_hits: u64,
+    /// Origin writes that asked the server.
     pub cache_misses: u64,
+    /// Origin chunks the cache holds as unique.
     pub cached_chunks: u64,
     /// Cluster mode: what this node's agent knows of the volume's group.
     #[serde(default)]
@@ -159,11 +192,15 @@ pub struct ClusterStatus {
     pub role: String,
     /// The volume generation this node knows (one more per server activation).
     pub generation: u64,
+    /// The ring of the agreed view.
     pub ring: Option<String>,
+    /// The members of the agreed view (`node/pid`).
     pub members: Vec<String>,
+    /// Whether the partition is quorate.
     pub quorate: bool,
     /// The node running the volume's server, and where clients reach it.
     pub server_node: Option<u32>,
+    /// Where clients reach the server (`HOST:PORT` or `unix:PATH`).
     pub server_address: Option<String>,
     /// What the agent waits on before the volume is served (or `Serving`).
     pub gate: String,
@@ -171,6 +208,7 @@ pub struct ClusterStatus {
     pub stale: Vec<u32>,
     /// Nodes whose server departed and is not known to be stopped yet.
     pub departed_servers: Vec<u32>,
+    /// Fencing operations in progress.
     pub fencing: Vec<FenceJob>,
     /// How long this node's serving lease still runs (0 unless it serves).
     pub lease_left_ms: u64,
@@ -199,7 +237,9 @@ pub struct ClusterStatus {
 /// The snapshot clients one node reports.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NodeClients {
+    /// The node's corosync node id.
     pub node: u32,
+    /// Its snapshot clients.
     pub clients: Vec<String>,
 }
 
@@ -207,11 +247,13 @@ pub struct NodeClients {
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct ActivationGate {
+    /// The generation of the activation.
     pub generation: u64,
     /// True while the gather still runs (the server is not activated yet).
     pub gathering: bool,
     /// Gather: the members (`node/pid`) whose answer is missing.
     pub waiting_for: Vec<String>,
+    /// Every snapshot client of the list.
     pub clients: Vec<GatedClient>,
 }
 
@@ -219,7 +261,9 @@ pub struct ActivationGate {
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct GatedClient {
+    /// The client's id.
     pub client: String,
+    /// The node it is attached on.
     pub node: u32,
     /// This agent declared it gone (its node left or stopped listing it). Otherwise it
     /// reconnected or is still awaited: the server's `pending_snapshots` counts the latter.
@@ -303,62 +347,90 @@ impl FailoverTiming {
 /// A fencing operation in progress.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FenceJob {
+    /// The node being fenced.
     pub node: u32,
+    /// How (the configured fencing method).
     pub method: String,
 }
 
 /// agent -> csnapctl.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ControlResponse {
+    /// Answer to `SnapshotCreate`.
     SnapshotCreated {
+        /// The volume.
         volume: String,
+        /// The new snapshot.
         info: SnapshotInfo,
     },
+    /// One page of snapshots (answer to `SnapshotList`).
     SnapshotList {
+        /// The volume.
         volume: String,
+        /// The page's snapshots, by id.
         snapshots: Vec<SnapshotInfo>,
+        /// Later snapshots exist: ask again after the last id of this page.
         more: bool,
         /// False while the server still counts usage after start (`chunks_held` partial).
         usage_exact: bool,
     },
+    /// Answer to `SnapshotDelete`.
     SnapshotDeleted {
+        /// The volume.
         volume: String,
+        /// The snapshot's name.
         name: String,
+        /// Its id.
         id: SnapId,
     },
     /// One page of a diff. `from`/`to`: the ends as resolved (snapshot ids); the ranges
     /// are in chunks of `chunk_size` bytes, of a volume of `size` bytes (the last chunk may
     /// be partial).
     Diff {
+        /// The volume.
         volume: String,
+        /// The older end.
         from: DiffEnd,
+        /// The newer end.
         to: DiffEnd,
+        /// Bytes per chunk.
         chunk_size: u64,
+        /// The volume's size in bytes.
         size: u64,
+        /// The chunks the ends read differently, and where to go on.
         page: DiffPage,
     },
+    /// Answer to `Status`.
     Status {
+        /// One per volume asked about.
         volumes: Vec<VolumeStatus>,
     },
     /// The answer to `Geometry`.
     Geometry {
+        /// The volume.
         volume: String,
+        /// The volume's size in bytes.
         size: u64,
+        /// Bytes per chunk.
         chunk_size: u64,
     },
     /// The bytes a `ReadSnapshot` asked for.
     Data {
+        /// The volume.
         volume: String,
+        /// The bytes.
         #[serde(with = "bin")]
         data: Vec<u8>,
     },
     /// A `WriteOrigin`, `ZeroOrigin` or `Flush` completed.
     Done {
+        /// The volume.
         volume: String,
     },
     /// The request failed; the message says what was wrong. The control server fills in
     /// which node answered and the volume the request named (absent from older agents).
     Error {
+        /// What was wrong.
         message: String,
         /// The answering node's corosync node id (cluster mode).
         #[serde(default)]

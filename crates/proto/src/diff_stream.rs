@@ -56,18 +56,30 @@ pub struct StreamHeader {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Extent {
     /// These bytes at `offset`.
-    Data { offset: u64, data: Vec<u8> },
+    Data {
+        /// Byte offset in the volume.
+        offset: u64,
+        /// The bytes.
+        data: Vec<u8>,
+    },
     /// `len` zero bytes at `offset`.
-    Zero { offset: u64, len: u64 },
+    Zero {
+        /// Byte offset in the volume.
+        offset: u64,
+        /// Bytes.
+        len: u64,
+    },
 }
 
 impl Extent {
+    /// Where it starts (byte offset in the volume).
     pub fn offset(&self) -> u64 {
         match self {
             Extent::Data { offset, .. } | Extent::Zero { offset, .. } => *offset,
         }
     }
 
+    /// How many bytes it covers.
     pub fn len(&self) -> u64 {
         match self {
             Extent::Data { data, .. } => data.len() as u64,
@@ -75,6 +87,7 @@ impl Extent {
         }
     }
 
+    /// Whether it covers no bytes.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
@@ -91,6 +104,8 @@ pub struct StreamSummary {
 
 /// Why a diff stream cannot be read or written.
 #[derive(Debug, thiserror::Error)]
+// Each variant's `#[error]` message says what it is and what its fields hold.
+#[allow(missing_docs)]
 pub enum StreamError {
     #[error("not a csnap diff stream (it starts with {found:02x?}, not \"CSNAPDIF\")")]
     BadMagic { found: [u8; 8] },
@@ -314,6 +329,7 @@ impl<R: Read> StreamReader<R> {
         })
     }
 
+    /// The stream's header, as read.
     pub fn header(&self) -> &StreamHeader {
         &self.header
     }

@@ -41,7 +41,10 @@ pub const MAX_FRAME: usize = 1 << 20;
 /// Size of the length prefix.
 pub const LENGTH_PREFIX: usize = 4;
 
+/// Why a frame cannot be decoded, opened or encoded.
 #[derive(Debug, thiserror::Error)]
+// Each variant's `#[error]` message says what it is and what its fields hold.
+#[allow(missing_docs)]
 pub enum FrameError {
     #[error("frame length {length} exceeds the maximum of {max} bytes")]
     Oversize { length: usize, max: usize },
@@ -71,7 +74,10 @@ pub enum Decoded<T> {
     /// A whole frame: the message and how many bytes it used.
     Frame(T, usize),
     /// The buffer holds only the start of a frame; `need` bytes are needed in total.
-    Incomplete { need: usize },
+    Incomplete {
+        /// Bytes of the whole frame.
+        need: usize,
+    },
 }
 
 /// Length of the tag that ends a sealed frame.
@@ -113,6 +119,7 @@ fn frame_tag(mac: &HmacSha256, seq: u64, version_and_body: &[u8]) -> HmacSha256 
 }
 
 impl FrameSealer {
+    /// A sealer for the direction `key` is for, from its first frame.
     pub fn new(key: &FrameKey) -> FrameSealer {
         FrameSealer {
             mac: keyed(&key.0),
@@ -127,6 +134,7 @@ impl FrameSealer {
 }
 
 impl FrameOpener {
+    /// An opener for the direction `key` is for, from its first frame.
     pub fn new(key: &FrameKey) -> FrameOpener {
         FrameOpener {
             mac: keyed(&key.0),

@@ -33,14 +33,18 @@ pub fn create_token() -> u64 {
 /// `FindSnapshot`).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum SnapRef {
+    /// By id.
     Id(SnapId),
+    /// By name.
     Name(String),
 }
 
 /// A read lock a reconnecting snapshot client still holds (an origin read in flight).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HeldLock {
+    /// The snapshot the lock or lease is for.
     pub snap: SnapId,
+    /// The origin chunks it covers.
     pub range: ChunkRange,
 }
 
@@ -54,41 +58,64 @@ pub enum ClientMsg {
     /// (refused with `DuplicateClient`). `resuming`: the client had a session with a
     /// previous server (failover) and will upload its locks and resend unanswered requests.
     Hello {
+        /// The protocol version the client speaks ([`PROTOCOL_VERSION`]).
         protocol_version: u32,
+        /// Who the connection is, and what it is for.
         client: ClientId,
+        /// The client's node.
         node: u32,
+        /// Random per client process, the same on every reconnect.
         incarnation: u64,
+        /// Random per connection: the server's proof covers it.
         client_nonce: Nonce,
+        /// The client had a session with a previous server.
         resuming: bool,
     },
     /// Answer to `Challenge`: HMAC proof of the cluster key.
-    AuthResponse { proof: Mac },
+    AuthResponse {
+        /// HMAC of the handshake with the cluster key.
+        proof: Mac,
+    },
     /// Origin client: may I write these chunks?
-    QueryWrite { ranges: Vec<ChunkRange> },
+    QueryWrite {
+        /// The origin chunks to write.
+        ranges: Vec<ChunkRange>,
+    },
     /// Snapshot client: where do I read these chunks of `snap`?
     QuerySnapshotRead {
+        /// The client's snapshot.
         snap: SnapId,
+        /// The chunks to read.
         ranges: Vec<ChunkRange>,
     },
     /// Snapshot client: my origin reads of these chunks are done; release the read locks.
     FinishSnapshotRead {
+        /// The client's snapshot.
         snap: SnapId,
+        /// The chunks whose origin reads are done.
         ranges: Vec<ChunkRange>,
     },
     /// Snapshot client: where do I write these chunks of `snap`?
     SnapshotWrite {
+        /// The client's snapshot.
         snap: SnapId,
+        /// The chunks to write.
         ranges: Vec<ChunkRange>,
     },
     /// Snapshot client: my data writes to the addresses `SnapshotWrite` gave for these
     /// chunks are done; the server may reuse those store chunks once the snapshot is gone.
     FinishSnapshotWrite {
+        /// The client's snapshot.
         snap: SnapId,
+        /// The chunks whose writes are done.
         ranges: Vec<ChunkRange>,
     },
     /// Origin client: I dropped my unique-chunk cache for new snapshot `snap`, and no origin
     /// write granted before it is still in flight.
-    NewSnapshotAck { snap: SnapId },
+    NewSnapshotAck {
+        /// The snapshot of the `NewSnapshot` notice (or the rollback's pin).
+        snap: SnapId,
+    },
     /// Any client: I am alive. An origin client renews its write lease with it (see
     /// `Welcome::origin_lease_secs`).
     KeepAlive,
@@ -97,13 +124,17 @@ pub enum ClientMsg {
     /// (should the snapshot be deleted or invalidated meanwhile). Not resent after a
     /// reconnect: a lost connection's store reads are released by the server itself.
     ReleaseStoreReads {
+        /// The client's snapshot.
         snap: SnapId,
+        /// The chunks whose store reads are done.
         ranges: Vec<ChunkRange>,
     },
     /// Reconnecting snapshot client: the read locks (origin reads in flight) and write
     /// leases (snapshot writes in flight) it held on the old server.
     UploadLocks {
+        /// Read locks: origin reads in flight.
         locks: Vec<HeldLock>,
+        /// Write leases: snapshot writes in flight.
         leases: Vec<HeldLock>,
     },
     /// Reconnecting client: locks uploaded and every unanswered request resent.
@@ -113,20 +144,36 @@ pub enum ClientMsg {
     /// after a lost connection (even to a new server) is answered with the snapshot it
     /// created instead of `NameTaken`. 0: no token. The server keeps the low
     /// [`CREATE_TOKEN_BITS`] bits.
-    CreateSnapshot { name: String, token: u64 },
+    CreateSnapshot {
+        /// The new snapshot's name ([`crate::validate_snapshot_name`] says which are valid).
+        name: String,
+        /// The resend token, 0 for none.
+        token: u64,
+    },
     /// Admin: delete a snapshot (space is reclaimed in the background). By id only: a
     /// name may be given to a newer snapshot by the time a resend arrives (look the name
     /// up first with `FindSnapshot`).
-    DeleteSnapshot { snap: SnapId },
+    DeleteSnapshot {
+        /// The snapshot to delete.
+        snap: SnapId,
+    },
     /// Admin: the live or invalid snapshot with this name (`SnapshotFound`), or
     /// `NoSuchSnapshot`.
-    FindSnapshot { name: String },
+    FindSnapshot {
+        /// The snapshot's name.
+        name: String,
+    },
     /// Admin: one page of the live and invalid snapshots, in id order: those with id above
     /// `after` (from the start if `None`), at most `limit` of them (the server may return
     /// fewer, never more than [`MAX_LIST_PAGE`], and keeps every reply under the frame limit).
     /// Since protocol version 2 (version 1 sent the whole list in one reply, which did not
     /// fit a frame with thousands of snapshots).
-    ListSnapshots { after: Option<SnapId>, limit: u32 },
+    ListSnapshots {
+        /// List snapshots with ids above this one.
+        after: Option<SnapId>,
+        /// At most this many.
+        limit: u32,
+    },
     /// Admin: one page of the diff between two ends (`DiffPage`): the chunks at or after
     /// `start` that `from` and `to` read differently, from the exception records alone,
     /// walking about `budget` records (capped at [`MAX_DIFF_RECORDS`]; a chunk is never split
@@ -134,9 +181,13 @@ pub enum ClientMsg {
     /// ends must stay live meanwhile; a diff between two snapshots does not change while
     /// the origin is written. Since protocol version 6.
     Diff {
+        /// The older end.
         from: DiffEnd,
+        /// The newer end.
         to: DiffEnd,
+        /// The first origin chunk of the page.
         start: u64,
+        /// About how many exception records the page may walk.
         budget: u32,
     },
     /// Admin: server and store status.
@@ -146,10 +197,18 @@ pub enum ClientMsg {
     /// (the rollback's progress marker, see docs/architecture.md "Online rollback"; it may
     /// be deleted once the rollback is done). Refused with `RollbackInProgress` while
     /// another runs. Since protocol version 7.
-    Rollback { snap: SnapId, pin_name: String },
+    Rollback {
+        /// The snapshot to roll back to (the source).
+        snap: SnapId,
+        /// The name of the snapshot kept of the origin as it was.
+        pin_name: String,
+    },
     /// Origin client, while a rollback runs (`Welcome::rollback`, `RollbackStarting`):
     /// where do I read these chunks? Answered with `OriginReadOk`. Since protocol version 7.
-    QueryOriginRead { ranges: Vec<ChunkRange> },
+    QueryOriginRead {
+        /// The origin chunks to read.
+        ranges: Vec<ChunkRange>,
+    },
 }
 
 /// Server -> client.
@@ -157,13 +216,18 @@ pub enum ClientMsg {
 pub enum ServerMsg {
     /// Answer to `Hello`: the server's nonce, and its proof of the cluster key.
     Challenge {
+        /// Random per connection: the client's proof covers it.
         server_nonce: Nonce,
+        /// HMAC of the handshake with the cluster key.
         proof: Mac,
     },
     /// Authentication succeeded; the session is open.
     Welcome {
+        /// The protocol version the server speaks.
         protocol_version: u32,
+        /// Bytes per chunk of the volume.
         chunk_size: u32,
+        /// The origin's size in chunks.
         origin_chunks: u64,
         /// An origin client may write through promises and grants only until this many
         /// seconds after it sent the last request the server answered; it renews with
@@ -181,13 +245,17 @@ pub enum ServerMsg {
     /// needed) until it announces a new snapshot; the client may write them again without
     /// asking.
     OriginWriteOk {
+        /// The chunks granted (all those asked for).
         ranges: Vec<ChunkRange>,
+        /// The chunks stay unique until the next snapshot announcement.
         unique: bool,
     },
     /// Snapshot read answer: chunks in the store at `store`; chunks still shared with the
     /// origin in `origin_locked`, read-locked for this client until `FinishSnapshotRead`.
     SnapshotReadOk {
+        /// Chunks to read from the store, and where.
         store: Vec<StoreAddr>,
+        /// Chunks to read from the origin, read-locked.
         origin_locked: Vec<ChunkRange>,
     },
     /// The read locks named by `FinishSnapshotRead` are released.
@@ -195,6 +263,7 @@ pub enum ServerMsg {
     /// Where to write each chunk of a snapshot write (previous contents already there).
     /// The client holds a write lease on them until `FinishSnapshotWrite`.
     SnapshotWriteOk {
+        /// Where each chunk goes in the store.
         addrs: Vec<StoreAddr>,
     },
     /// The write leases named by `FinishSnapshotWrite` are released.
@@ -202,30 +271,40 @@ pub enum ServerMsg {
     /// Notice to origin clients: snapshot `snap` is being created. Drop every unique
     /// promise, wait for granted origin writes in flight, then send `NewSnapshotAck`.
     NewSnapshot {
+        /// The snapshot being created.
         snap: SnapId,
     },
     /// Reconnect: the uploaded locks are held again.
     UploadLocksOk,
     /// Reconnect: the session is fully re-established.
     ResendDoneOk,
+    /// Answer to `CreateSnapshot`: the snapshot is created and durable.
     SnapshotCreated {
+        /// The new snapshot.
         info: SnapshotInfo,
     },
+    /// Answer to `DeleteSnapshot`: it is deleted (its space is reclaimed in the background).
     SnapshotDeleted {
+        /// The snapshot deleted.
         snap: SnapId,
     },
     /// Answer to `FindSnapshot`.
     SnapshotFound {
+        /// The snapshot.
         info: SnapshotInfo,
     },
     /// One page of snapshots. `more`: later snapshots exist; ask again with `after` = the
     /// last id of this page. `usage_exact`: false while the server is still counting its
     /// exception tree after start; until then `chunks_held` counts only part of it.
     SnapshotList {
+        /// The page's snapshots, by id.
         snapshots: Vec<SnapshotInfo>,
+        /// Later snapshots exist.
         more: bool,
+        /// The usage figures are complete.
         usage_exact: bool,
     },
+    /// Answer to `Status`.
     Status(ServerStatus),
     /// Answer to `Diff`.
     DiffPage(DiffPage),
@@ -234,7 +313,9 @@ pub enum ServerMsg {
     /// now on while the copy-back runs in the background. `pin` is the snapshot of the
     /// origin as it was before.
     RollbackStarted {
+        /// The snapshot the origin now reads as.
         source: SnapId,
+        /// The snapshot of the origin as it was before.
         pin: SnapshotInfo,
     },
     /// Notice to origin clients: a rollback to `source` is starting. As for `NewSnapshot
@@ -242,23 +323,29 @@ pub enum ServerMsg {
     /// also wait for origin reads in flight, then ask (`QueryOriginRead`) before every
     /// origin read until `RollbackDone`; then acknowledge with `NewSnapshotAck { snap: pin }`.
     RollbackStarting {
+        /// The snapshot the origin is rolled back to.
         source: SnapId,
+        /// The snapshot of the origin as it was before; acknowledge with its id.
         pin: SnapId,
     },
     /// Notice to origin clients: the rollback to `source` is finished; read the origin
     /// directly again.
     RollbackDone {
+        /// The snapshot the origin was rolled back to.
         source: SnapId,
     },
     /// Answer to `QueryOriginRead`: the chunks in `store` still read as the rollback's
     /// source from these store chunks (unchanged while the rollback runs); every other
     /// chunk asked for is read from the origin.
     OriginReadOk {
+        /// Chunks to read from the store, and where.
         store: Vec<StoreAddr>,
     },
     /// The request failed; `message` says why, for humans.
     Error {
+        /// What kind of failure.
         code: ErrorCode,
+        /// Why, for humans.
         message: String,
     },
 }
@@ -270,14 +357,21 @@ pub struct ServerStatus {
     pub active: bool,
     /// Snapshot clients the gate still waits for.
     pub awaited_clients: Vec<ClientId>,
+    /// Connections, authenticated or not.
     pub connected_clients: u32,
+    /// Bytes per chunk.
     pub chunk_size: u32,
+    /// The origin's size in chunks.
     pub origin_chunks: u64,
+    /// Chunks in the store's data area.
     pub store_chunks: u64,
+    /// Of those, free.
     pub free_chunks: u64,
+    /// Live and invalid snapshots.
     pub snapshots: u32,
     /// Snapshots created but not yet acknowledged by every origin client.
     pub pending_snapshots: u32,
+    /// Whom the store-full policy sacrifices (`--store-full-policy`).
     pub store_full_policy: String,
     /// Background reclaim still has work.
     pub reclaiming: bool,
@@ -314,6 +408,7 @@ pub struct RollbackStatus {
     pub pin: SnapId,
     /// Origin chunks below it are rolled back.
     pub position: u64,
+    /// The origin's size in chunks.
     pub origin_chunks: u64,
     /// Chunks copied back so far by this server (not counted across a restart).
     pub chunks_copied: u64,
@@ -374,6 +469,7 @@ impl std::fmt::Display for StoreArea {
 /// One area above a configured usage warning level.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SpaceWarning {
+    /// The store area.
     pub area: StoreArea,
     /// The highest warning level (percent used) the area is at or above.
     pub level_percent: u8,
@@ -435,10 +531,13 @@ pub enum ErrorCode {
     WrongClientKind,
     /// A chunk beyond the end of the origin.
     OutOfRange,
+    /// No snapshot with that id or name (or it is deleted).
     NoSuchSnapshot,
     /// The snapshot was invalidated (store full); its contents are gone.
     SnapshotInvalid,
+    /// Another snapshot has that name.
     NameTaken,
+    /// The snapshot name is not valid (see [`crate::validate_snapshot_name`]).
     BadName,
     /// No space for a snapshot write (the store-full policy does not sacrifice snapshots
     /// for snapshot writes).
@@ -466,7 +565,9 @@ impl fmt::Display for ErrorCode {
 /// One client -> server frame.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ClientFrame {
+    /// The request's id: its reply carries it (unique per session).
     pub id: RequestId,
+    /// The request.
     pub msg: ClientMsg,
 }
 
@@ -474,6 +575,8 @@ pub struct ClientFrame {
 /// (`reply_to` = None, e.g. `NewSnapshot`).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ServerFrame {
+    /// The request answered, `None` for a notice.
     pub reply_to: Option<RequestId>,
+    /// The answer or notice.
     pub msg: ServerMsg,
 }

@@ -41,14 +41,18 @@ pub async fn connect(addr: &ListenAddr) -> io::Result<Box<dyn Stream>> {
 #[derive(Debug, thiserror::Error)]
 #[error("cannot listen on {addr}: {reason}")]
 pub struct ListenError {
+    /// Where.
     pub addr: ListenAddr,
+    /// Why.
     pub reason: io::Error,
 }
 
 /// A listening socket not yet registered with tokio (one passed by socket activation).
 #[derive(Debug)]
 pub enum StdListener {
+    /// A TCP listener.
     Tcp(std::net::TcpListener),
+    /// A unix socket listener.
     Unix(std::os::unix::net::UnixListener),
 }
 

@@ -38,7 +38,10 @@ pub enum SnapshotState {
     Live,
     /// Sacrificed by the store-full policy (or another fault); its contents are gone.
     /// Still listed so the administrator sees what happened and why.
-    Invalid { reason: String },
+    Invalid {
+        /// Why it was invalidated.
+        reason: String,
+    },
     /// Deleted; no longer listed, its space is being reclaimed in the background.
     Deleting,
 }
@@ -46,10 +49,13 @@ pub enum SnapshotState {
 /// What `list`/`status` report about one snapshot.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SnapshotInfo {
+    /// The snapshot's id (never reused).
     pub id: SnapId,
+    /// Its name.
     pub name: String,
     /// Creation time, unix seconds.
     pub ctime: u64,
+    /// Live, invalid or being deleted.
     pub state: SnapshotState,
     /// Store chunks this snapshot reads from (its exceptions, shared or not).
     pub chunks_held: u64,
@@ -91,11 +97,14 @@ pub struct DiffPage {
 /// A run of origin chunks `[start, start + count)`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ChunkRange {
+    /// The first chunk.
     pub start: u64,
+    /// How many chunks.
     pub count: u32,
 }
 
 impl ChunkRange {
+    /// The `count` chunks from `start`.
     pub fn new(start: u64, count: u32) -> Self {
         ChunkRange { start, count }
     }
@@ -195,11 +204,14 @@ fn is_layout_control(c: char) -> bool {
 /// [`ErrorCode::DuplicateClient`]). Written `0x64/origin`, `0x64/admin`, `0x64/snap7`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct ClientId {
+    /// The client process (random per process, drawn once).
     pub instance: u64,
+    /// What this connection is for.
     pub kind: ClientKind,
 }
 
 impl ClientId {
+    /// The connection of client `instance` for `kind`.
     pub const fn new(instance: u64, kind: ClientKind) -> ClientId {
         ClientId { instance, kind }
     }
@@ -257,7 +269,10 @@ pub enum ClientKind {
     /// Writes (and reads) the origin; asks before writing shared chunks.
     Origin,
     /// Reads and writes snapshot `snap`.
-    Snapshot { snap: SnapId },
+    Snapshot {
+        /// The snapshot.
+        snap: SnapId,
+    },
     /// Administration (agent / csnapctl): create, delete, list, status.
     Admin,
 }

@@ -32,6 +32,7 @@ use tracing_subscriber::EnvFilter;
 /// One key event: its `CSNAP_EVENT` name, its fixed `MESSAGE_ID` and what it means.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct EventInfo {
+    /// The `CSNAP_EVENT` name.
     pub name: &'static str,
     /// 128 bits in lower-case hex, as journald wants a `MESSAGE_ID`.
     pub message_id: &'static str,
@@ -335,7 +336,9 @@ pub fn stderr_is_journal() -> bool {
 /// What [`init`] set up.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Installed {
+    /// Logging to journald.
     Journal,
+    /// Logging to stderr.
     Stderr,
 }
 

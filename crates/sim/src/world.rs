@@ -719,7 +719,7 @@ impl World {
             let Some(s) = self.nodes[i].server_mut() else {
                 return Ok(());
             };
-            let Some(action) = s.engine.poll_action() else {
+            let Some(action) = s.engine.poll_output() else {
                 break;
             };
             match action {

@@ -11,36 +11,56 @@ use cpg_glue::NodeId;
 
 use crate::config::Fencing;
 
+/// Where the fencing of one node stands.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum JobState {
     /// An attempt is out; counted failed if no result by `deadline_ms`.
-    Running { deadline_ms: u64 },
+    Running {
+        /// Monotonic ms.
+        deadline_ms: u64,
+    },
     /// The last attempt failed; the next starts at `at_ms`.
-    RetryAt { at_ms: u64 },
+    RetryAt {
+        /// Monotonic ms.
+        at_ms: u64,
+    },
 }
 
+/// The fencing of one node, until it is confirmed or cancelled.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Job {
+    /// How the node is fenced.
     pub method: Fencing,
+    /// The number of the current (or last) attempt, from 1.
     pub attempt: u32,
+    /// Running, or waiting to retry.
     pub state: JobState,
+    /// Why the last attempt failed, if one did.
     pub last_error: Option<String>,
 }
 
 /// What the table wants done.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum FenceAction {
+    /// Start an attempt to fence `node`.
     Attempt {
+        /// The node to fence.
         node: NodeId,
+        /// How.
         method: Fencing,
+        /// The attempt's number, from 1.
         attempt: u32,
     },
+    /// An attempt got no result in time: it counts as failed.
     TimedOut {
+        /// The node it was fencing.
         node: NodeId,
+        /// The attempt's number.
         attempt: u32,
     },
 }
 
+/// The fencing jobs of one volume's membership core, one per node being fenced.
 #[derive(Debug, Clone, Default)]
 pub struct FenceTable {
     jobs: BTreeMap<NodeId, Job>,
@@ -137,6 +157,7 @@ impl FenceTable {
         self.jobs.remove(&node).is_some()
     }
 
+    /// Every job, by the node it fences.
     pub fn jobs(&self) -> &BTreeMap<NodeId, Job> {
         &self.jobs
     }

@@ -11,8 +11,10 @@ use csnap_proto::msg::ClientId;
 
 use super::state::Lineage;
 
+/// One failover gather, from the announce until every answer is in.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Gather {
+    /// The lineage the announced server starts.
     pub lineage: Lineage,
     waiting: BTreeSet<Member>,
     /// Each answered member's latest list: a later state of the same member (sent after
@@ -116,10 +118,12 @@ impl Gather {
         gone
     }
 
+    /// Members whose answer is still missing.
     pub fn waiting(&self) -> Vec<Member> {
         self.waiting.iter().copied().collect()
     }
 
+    /// Whether every answer is in.
     pub fn done(&self) -> bool {
         self.waiting.is_empty()
     }

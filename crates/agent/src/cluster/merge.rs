@@ -19,16 +19,21 @@ use cpg_glue::{Member, NodeId};
 
 use super::state::{Lineage, MemberState};
 
+/// What every member of an agreed view concludes from its states.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Verdict {
+    /// The newest lineage of the reference side.
     pub reference: Lineage,
+    /// Nodes holding state of another lineage.
     pub stale: BTreeSet<NodeId>,
+    /// The member that fences or resets the stale ones, if any is left to.
     pub actor: Option<NodeId>,
     /// The reference side's nodes, sorted: if the actor turns out stale later (a peer
     /// knew more), the next one of these acts.
     pub side: Vec<NodeId>,
 }
 
+/// The verdict for one agreed view's states (the same at every member).
 pub fn analyze(states: &BTreeMap<Member, MemberState>) -> Verdict {
     // Members some state of the view already holds stale (an earlier verdict) never form
     // the reference side, even if they were quorate since: stale nodes that stayed

@@ -143,9 +143,11 @@ pub const DEFAULT_ORIGIN_LEASE_MS: u64 = 10_000;
 pub struct MembershipConfig {
     /// `csnap_priority` by node (absent: 0).
     pub priorities: BTreeMap<NodeId, i32>,
+    /// How to fence a node (from the `csnap` section).
     pub fencing: Fencing,
     /// Where this node's server for the volume listens (announced to the group).
     pub server_address: String,
+    /// How long a server may serve without renewing its lease (ms).
     pub serving_lease_ms: u64,
     /// Added to every lease before counting on its expiry (clock rates, in-flight I/O).
     pub lease_margin_ms: u64,
@@ -199,30 +201,43 @@ impl MembershipConfig {
 pub enum Input {
     /// The monotonic clock, in ms (never goes back; an older value is ignored).
     Tick {
+        /// Milliseconds of the shell's monotonic clock.
         now_ms: u64,
     },
     /// An event of the volume's CPG group, in stream order.
     Group(GroupEvent),
     /// The group connection failed (corosync died): stop serving at once.
     GroupLost {
+        /// What failed.
         detail: String,
     },
+    /// A change of quorum.
     Quorum(QuorumEvent),
     /// A configuration reload.
     Config {
+        /// `csnap_priority` by node.
         priorities: BTreeMap<NodeId, i32>,
+        /// How to fence a node.
         fencing: Fencing,
     },
     /// The snapshot clients attached on this node, complete list.
     Clients(Vec<ClientId>),
+    /// The local server started and is ready to be activated.
     ServerStarted,
+    /// The local server exited cleanly.
     ServerStopped,
+    /// The local server failed (exited with an error).
     ServerFailed {
+        /// Why, as the server said.
         detail: String,
     },
+    /// The result of a fencing attempt asked for with [`Output::Fence`].
     FenceResult {
+        /// The node fenced.
         node: NodeId,
+        /// Whether it is certainly stopped now.
         ok: bool,
+        /// What the fencing command said.
         detail: String,
     },
 }
@@ -230,20 +245,26 @@ pub enum Input {
 /// Why the local server is stopped.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum StopReason {
+    /// This node's partition lost quorum.
     QuorumLost,
+    /// The serving lease ran out before it was renewed.
     LeaseExpired,
     /// This node holds state of another lineage.
     Stale,
     /// An announce did not go as planned (another lineage won the race).
     Superseded,
+    /// The group connection failed (corosync died).
     GroupLost,
 }
 
 /// A log line with a stable event name.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LogEvent {
+    /// The stable event name (`key=...` in the log).
     pub name: &'static str,
+    /// Logged as a warning rather than as information.
     pub warn: bool,
+    /// What happened, for people.
     pub detail: String,
     /// The node the event is about, when that is another node than the one logging it
     /// (the departed server, the stale or fenced node).
@@ -253,32 +274,52 @@ pub struct LogEvent {
 /// Everything the machine asks the shell to do.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Output {
+    /// Send these bytes to the volume's group.
     Mcast(Vec<u8>),
+    /// Start the local server (not serving yet) for this generation.
     StartServer {
+        /// The store generation the server starts as.
         generation: u64,
     },
+    /// Let the started server serve: the gather is done.
     ActivateServer {
+        /// The generation it was started as.
         generation: u64,
+        /// The snapshot clients of the previous server it must wait for (its activation gate).
         clients: Vec<ClientId>,
         /// Hold snapshot announcements this long: the old server's origin clients may
         /// still write through cached promises until then.
         hold_snapshots_ms: u64,
     },
+    /// Extend the local server's serving lease.
     ExtendLease {
+        /// The new end (monotonic ms).
         until_ms: u64,
     },
+    /// Stop the local server.
     StopServer {
+        /// Why.
         reason: StopReason,
     },
+    /// Tell the server this snapshot client is gone (its node left): release what it holds.
     DeclareGone {
+        /// The client gone.
         client: ClientId,
     },
+    /// This node was reset: drop every client connection and reconnect, so the server learns their
+    /// locks afresh.
     DropClients,
+    /// Fence a node whose server cannot be known to have stopped; answer with
+    /// [`Input::FenceResult`].
     Fence {
+        /// The node to fence.
         node: NodeId,
+        /// How.
         method: Fencing,
+        /// The attempt's number, from 1 (for retries and logs).
         attempt: u32,
     },
+    /// Log this line.
     Log(LogEvent),
 }
 
@@ -287,12 +328,14 @@ pub enum Output {
 pub enum Gate {
     /// No agreed view yet.
     View(Pending),
+    /// This node's partition has no quorum.
     NotQuorate,
     /// This node holds state of another lineage and waits to be fenced or reset.
     Stale,
     /// History not certain (just started, or quorum was lost): waits until `until_ms` (a
     /// stop wait into an unbroken quorate run), or for a member certain for this ring.
     History {
+        /// When the uncertainty ends (monotonic ms).
         until_ms: u64,
     },
     /// Departed servers not known to be stopped yet.
@@ -316,18 +359,29 @@ pub enum Gate {
 /// What `csnapctl status` shows for the volume on this node.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Status {
+    /// This node.
     pub local: Member,
+    /// What this node does for the volume.
     pub role: Role,
+    /// The volume's lineage as this node holds it.
     pub lineage: Lineage,
+    /// The ring of the agreed view.
     pub ring: Option<RingId>,
+    /// The members of the agreed view.
     pub members: Vec<Member>,
+    /// Whether the partition is quorate now.
     pub quorate: bool,
     /// The member running the server as this node knows it.
     pub server: Option<(NodeId, String)>,
+    /// What the machine waits on.
     pub gate: Gate,
+    /// Nodes held stale (their state is of another lineage).
     pub stale: Vec<NodeId>,
+    /// Departed nodes not known to be stopped yet.
     pub unsettled: Vec<NodeId>,
+    /// Nodes being fenced.
     pub fencing: Vec<NodeId>,
+    /// How long the local serving lease still runs (ms; 0 when not serving).
     pub lease_left_ms: u64,
     /// The last failover this node activated: (generation, ms from chosen to activated).
     pub last_failover: Option<(u64, u64)>,
@@ -529,6 +583,7 @@ impl VolumeMembership {
         }
     }
 
+    /// This node's member identity.
     pub fn local(&self) -> Member {
         self.local
     }
@@ -564,6 +619,7 @@ impl VolumeMembership {
         at.into_iter().min()
     }
 
+    /// What `csnapctl status` shows (see [`Status`]).
     pub fn status(&self) -> Status {
         Status {
             local: self.local,
@@ -632,6 +688,7 @@ impl VolumeMembership {
         })
     }
 
+    /// Takes one input; what it asks for comes out of [`VolumeMembership::poll_output`].
     pub fn handle(&mut self, input: Input) {
         match input {
             Input::Tick { now_ms } => self.now = self.now.max(now_ms),

@@ -86,14 +86,14 @@ enum Due {
 
 /// Knobs of one run.
 #[derive(Debug, Clone)]
-pub struct Knobs {
+pub(super) struct Knobs {
     pub nodes: u32,
     pub fencing: Fencing,
     pub steps: usize,
     pub fence_fail: f64,
 }
 
-pub struct Sim {
+pub(super) struct Sim {
     pub rng: StdRng,
     pub cluster: MemoryCluster,
     nodes: Vec<Node>,
@@ -115,10 +115,10 @@ pub struct Sim {
     cfg: MembershipConfig,
 }
 
-pub type Check = Result<(), String>;
+pub(super) type Check = Result<(), String>;
 
 impl Sim {
-    pub fn new(seed: u64, knobs: Knobs) -> Sim {
+    pub(super) fn new(seed: u64, knobs: Knobs) -> Sim {
         let cluster = MemoryCluster::with_nodes(knobs.nodes).expect("in-memory cluster");
         let mut rng = StdRng::seed_from_u64(seed);
         let priorities = (1..=knobs.nodes)
@@ -490,7 +490,7 @@ impl Sim {
     }
 
     /// Delivers what is pending on one random node's streams, then due work.
-    pub fn step(&mut self) -> Check {
+    pub(super) fn step(&mut self) -> Check {
         let roll = self.rng.gen_range(0..100);
         match roll {
             0..=59 => self.deliver_burst(),
@@ -555,7 +555,7 @@ impl Sim {
     }
 
     /// Delivers everything pending everywhere (bounded).
-    pub fn drain_all(&mut self) -> Check {
+    pub(super) fn drain_all(&mut self) -> Check {
         for _ in 0..10_000 {
             let mut any = false;
             for i in 0..self.nodes.len() {
@@ -591,7 +591,7 @@ impl Sim {
         Err("events never stopped flowing".into())
     }
 
-    pub fn advance_by(&mut self, ms: u64) -> Check {
+    pub(super) fn advance_by(&mut self, ms: u64) -> Check {
         self.now += ms;
         let now = self.now;
         let mut due: Vec<(u64, NodeId, u64, Due)> = Vec::new();
@@ -838,7 +838,7 @@ impl Sim {
 
     /// Heal, bring every node and agent back, let fencing work and time pass; then check
     /// that the cluster converged.
-    pub fn settle(&mut self) -> Check {
+    pub(super) fn settle(&mut self) -> Check {
         self.knobs.fence_fail = 0.0;
         self.cluster.heal();
         for n in &mut self.nodes {
@@ -924,13 +924,13 @@ impl Sim {
         gates.join("; ")
     }
 
-    pub fn trace(&self) -> String {
+    pub(super) fn trace(&self) -> String {
         self.trace.iter().cloned().collect::<Vec<_>>().join("\n")
     }
 }
 
 /// One randomized schedule; returns statistics or the violation with a trace.
-pub fn run(seed: u64, knobs: Knobs) -> Result<Sim, String> {
+pub(super) fn run(seed: u64, knobs: Knobs) -> Result<Sim, String> {
     let steps = knobs.steps;
     let mut sim = Sim::new(seed, knobs);
     for _ in 0..steps {

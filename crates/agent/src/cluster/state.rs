@@ -25,7 +25,9 @@ pub const MESSAGE_VERSION: u16 = 2;
     Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
 )]
 pub struct Lineage {
+    /// The volume generation of that activation.
     pub generation: u64,
+    /// The node activated with it (`None`: never activated).
     pub server: Option<NodeId>,
 }
 
@@ -67,6 +69,7 @@ pub struct MemberState {
     /// Whether the member holds any state of a lineage: a generation, a server, or attached
     /// snapshot clients. A member without state can never be stale.
     pub has_state: bool,
+    /// What the member does for the volume.
     pub role: Role,
     /// Snapshot clients attached on the member's node.
     pub clients: Vec<ClientId>,
@@ -108,28 +111,36 @@ pub struct MemberState {
 /// Messages of a volume's group.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Body {
+    /// A member's state, sent whenever it changes and to every new view.
     State(MemberState),
     /// The chosen member starts a new server: every member whose lineage is `prev` (or who
     /// holds no state) adopts `next` and answers with [`Body::Clients`].
     Announce {
+        /// The lineage it replaces.
         prev: Lineage,
+        /// The lineage of the new server.
         next: Lineage,
         /// Where the new server listens (for clients to reconnect).
         address: String,
     },
     /// The answer to an announce: the snapshot clients attached on the sender's node.
     Clients {
+        /// The lineage the sender adopted with the announce.
         lineage: Lineage,
+        /// The snapshot clients attached on the sender's node.
         clients: Vec<ClientId>,
     },
     /// The sender takes on fencing (or resetting) `node`. The first claim delivered for a
     /// node wins, so exactly one member acts even when views differ.
     FenceClaim {
+        /// The node to fence.
         node: NodeId,
+        /// Reset it (`csnapctl reset-node`) rather than fence it.
         reset: bool,
     },
     /// The claimant's fencing of `node` was confirmed.
     Fenced {
+        /// The node fenced.
         node: NodeId,
     },
     /// The serving member's lease heartbeat, with the sender's own monotonic clock when it
@@ -138,6 +149,7 @@ pub enum Body {
     /// `sent_at_ms`: the lease is renewed to `sent_at_ms + serving_lease`, never from the
     /// time the agent happens to process it.
     Heartbeat {
+        /// The sender's monotonic clock when it sent the heartbeat (ms).
         sent_at_ms: u64,
     },
 }
@@ -145,22 +157,32 @@ pub enum Body {
 /// A versioned message.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Message {
+    /// The message format's version ([`MESSAGE_VERSION`] when sent by this build).
     pub version: u16,
+    /// What it says.
     pub body: Body,
 }
 
 /// Why a delivered message was not taken.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum DecodeError {
+    /// The bytes do not decode (the decoder's words).
     #[error("{0}")]
     Malformed(String),
     #[error(
         "message version {got} from {from} is not understood (this node speaks {MESSAGE_VERSION})"
     )]
-    Version { got: u16, from: Member },
+    /// A version this build does not speak.
+    Version {
+        /// The message's version.
+        got: u16,
+        /// Who sent it.
+        from: Member,
+    },
 }
 
 impl Message {
+    /// A message of this build's version.
     pub fn new(body: Body) -> Message {
         Message {
             version: MESSAGE_VERSION,

@@ -26,8 +26,11 @@ use super::state::MemberState;
 /// An agreed view.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Agreed {
+    /// The totem ring of the view.
     pub ring: RingId,
+    /// Its members, sorted.
     pub members: Vec<Member>,
+    /// Whether the view's partition is quorate.
     pub quorate: bool,
     /// Every member's latest state for this view.
     pub states: BTreeMap<Member, MemberState>,
@@ -60,6 +63,7 @@ pub struct ViewState {
 }
 
 impl ViewState {
+    /// The view as a member that has seen nothing yet knows it.
     pub fn new(local: Member) -> ViewState {
         ViewState {
             tracker: ViewTracker::new(local),
@@ -98,6 +102,7 @@ impl ViewState {
         }
     }
 
+    /// The latest quorum event.
     pub fn apply_quorum(&mut self, event: QuorumEvent) {
         self.quorum = Some(event);
     }
@@ -136,10 +141,12 @@ impl ViewState {
         self.tracker.ring().map(|t| t.ring)
     }
 
+    /// Whether the local member is in the group's membership (it saw its own join).
     pub fn joined(&self) -> bool {
         self.tracker.joined()
     }
 
+    /// The latest view corosync says is stable, if any.
     pub fn stable(&self) -> Option<StableView> {
         self.tracker.stable()
     }
@@ -149,6 +156,7 @@ impl ViewState {
         self.quorum.as_ref().is_some_and(|q| q.quorate)
     }
 
+    /// The latest quorum event, if one came.
     pub fn quorum(&self) -> Option<&QuorumEvent> {
         self.quorum.as_ref()
     }

@@ -18,14 +18,24 @@ use super::volume::{client_address, ServerLocation, VolumeRequest};
 /// What the client side needs.
 #[derive(Debug, Clone)]
 pub struct ClientSideConfig {
+    /// The volume's name.
     pub volume: String,
+    /// The shared origin device.
     pub origin: std::path::PathBuf,
+    /// The shared snapshot store device.
     pub store: std::path::PathBuf,
+    /// The cluster key.
     pub key: Vec<u8>,
+    /// This node's id.
     pub node: u32,
+    /// This agent's client instance (random per process: the server tells its reconnects from
+    /// another agent's).
     pub instance: u64,
+    /// Open the shared devices O_DIRECT.
     pub direct_io: bool,
+    /// Where the volume's NBD server listens (`None`: no NBD server).
     pub nbd_listen: Option<ListenAddr>,
+    /// Export snapshots read-only (`--snapshots-read-only`).
     pub snapshots_read_only: bool,
 }
 

@@ -14,6 +14,8 @@ use crate::config::Fencing;
 /// How a fencing attempt is made. The machine times attempts out and retries; an
 /// implementation should still give up by itself after a while.
 pub trait Fencer: Send + Sync + 'static {
+    /// Fences `node` by `method` (`reason` is for its logs): `Ok` once it is certainly stopped,
+    /// `Err` with what went wrong.
     fn fence<'a>(
         &'a self,
         node: NodeId,

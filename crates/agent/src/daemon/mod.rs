@@ -40,6 +40,7 @@ use volume::{run_volume, ServerLocation, VolumeRequest, VolumeShellConfig};
 pub struct DaemonOptions {
     /// Overrides `csnap.control_socket` (several agents on one machine, in tests).
     pub control_socket: Option<PathBuf>,
+    /// Export snapshots read-only (`--snapshots-read-only`).
     pub snapshots_read_only: bool,
 }
 

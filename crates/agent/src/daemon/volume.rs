@@ -29,9 +29,13 @@ use crate::config::Fencing;
 /// What one volume's shell needs besides its group and quorum.
 #[derive(Debug, Clone)]
 pub struct VolumeShellConfig {
+    /// The volume's name.
     pub volume: String,
+    /// The shared origin device.
     pub origin: PathBuf,
+    /// The shared snapshot store device.
     pub store: PathBuf,
+    /// The cluster key file (the server reads it when it starts).
     pub key_file: PathBuf,
     /// This node.
     pub node: NodeId,
@@ -59,7 +63,9 @@ pub enum VolumeRequest {
     Clients(Vec<ClientId>),
     /// A configuration reload changed priorities or the fencing method.
     Config {
+        /// `csnap_priority` by node.
         priorities: BTreeMap<NodeId, i32>,
+        /// How to fence a node.
         fencing: Fencing,
     },
 }
@@ -67,6 +73,7 @@ pub enum VolumeRequest {
 /// What the shell publishes for the node's client side: where the volume's server is.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ServerLocation {
+    /// The node running the server.
     pub node: NodeId,
     /// As announced by that node (`HOST:PORT` or `unix:PATH`).
     pub address: String,

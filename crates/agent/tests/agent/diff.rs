@@ -15,11 +15,11 @@ use rand::{Rng, SeedableRng};
 use serde_json::Value;
 use support::*;
 
-pub const CHUNK: u64 = 16 * 1024;
+pub(crate) const CHUNK: u64 = 16 * 1024;
 const SIZE: u64 = 8 * MIB;
 
 /// The chunks where two images' bytes differ.
-pub fn byte_diff(a: &[u8], b: &[u8]) -> BTreeSet<u64> {
+pub(crate) fn byte_diff(a: &[u8], b: &[u8]) -> BTreeSet<u64> {
     assert_eq!(a.len(), b.len());
     a.chunks(CHUNK as usize)
         .zip(b.chunks(CHUNK as usize))
@@ -30,7 +30,7 @@ pub fn byte_diff(a: &[u8], b: &[u8]) -> BTreeSet<u64> {
 }
 
 /// The chunks `csnapctl diff --json` names, checking the document's shape on the way.
-pub fn diff_chunks(doc: &Value) -> BTreeSet<u64> {
+pub(crate) fn diff_chunks(doc: &Value) -> BTreeSet<u64> {
     assert_eq!(doc["chunk_size"], CHUNK, "{doc}");
     let extents = doc["extents"].as_array().expect("extents array");
     let mut chunks = BTreeSet::new();
@@ -59,7 +59,12 @@ async fn export_to_file(agent: &Agent, export: &str, out: &Path) -> Vec<u8> {
     read_file(out)
 }
 
-pub async fn diff_json(socket: &Path, from: &str, to: Option<&str>, page_records: u32) -> Value {
+pub(crate) async fn diff_json(
+    socket: &Path,
+    from: &str,
+    to: Option<&str>,
+    page_records: u32,
+) -> Value {
     let pages = page_records.to_string();
     let mut args = vec!["diff", "vol", from];
     args.extend(to);
@@ -72,7 +77,7 @@ pub async fn diff_json(socket: &Path, from: &str, to: Option<&str>, page_records
 /// A standalone agent after a seeded random workload: snapshots `s0`..`s4`, each followed
 /// by a round of random origin writes, and every export read back (the snapshots in
 /// order, then the origin as `None`).
-pub struct History {
+pub(crate) struct History {
     pub fx: Fixture,
     pub agent: Agent,
     pub seed: u64,
@@ -82,7 +87,7 @@ pub struct History {
 
 /// Builds a [`History`] for `test` (its seed printed and replayable); `None` when a
 /// client tool is missing outside CI.
-pub async fn random_history(test: &str) -> Option<History> {
+pub(crate) async fn random_history(test: &str) -> Option<History> {
     for tool in ["qemu-io", "nbdcopy"] {
         if !require_tool(tool) {
             return None;

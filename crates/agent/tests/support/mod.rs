@@ -14,15 +14,15 @@ use csnap_server::net;
 use csnap_server::store::{FileDevice, FormatOptions, Store};
 
 /// Longest wait for anything in these tests.
-pub const WAIT: Duration = Duration::from_secs(60);
-pub const MIB: u64 = 1 << 20;
+pub(crate) const WAIT: Duration = Duration::from_secs(60);
+pub(crate) const MIB: u64 = 1 << 20;
 
-pub fn in_ci() -> bool {
+pub(crate) fn in_ci() -> bool {
     std::env::var("CI").is_ok_and(|v| v == "true")
 }
 
 /// Whether `tool` is on PATH; under CI=true its absence is a failure.
-pub fn require_tool(tool: &str) -> bool {
+pub(crate) fn require_tool(tool: &str) -> bool {
     let found = std::env::var_os("PATH")
         .is_some_and(|path| std::env::split_paths(&path).any(|dir| dir.join(tool).is_file()));
     if !found {
@@ -36,12 +36,12 @@ pub fn require_tool(tool: &str) -> bool {
 }
 
 /// The seed of a randomised test: CSNAP_SEED if set, else fresh; always printed.
-pub fn seed(test: &str) -> u64 {
+pub(crate) fn seed(test: &str) -> u64 {
     csnap_proto::testing::seed(test, "CSNAP_SEED")
 }
 
 /// Deterministic bytes for a seed.
-pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
+pub(crate) fn pattern(seed: u64, len: usize) -> Vec<u8> {
     let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
     (0..len)
         .map(|_| {
@@ -54,7 +54,7 @@ pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
 }
 
 /// A formatted origin + store and a key file in a temporary directory.
-pub struct Fixture {
+pub(crate) struct Fixture {
     pub dir: tempfile::TempDir,
     pub origin: PathBuf,
     pub store: PathBuf,
@@ -86,7 +86,7 @@ fn make_volume(origin: &Path, store: &Path, chunk_size: u64, origin_size: u64, s
 }
 
 impl Fixture {
-    pub fn new(chunk_size: u64, origin_size: u64, store_size: u64) -> Fixture {
+    pub(crate) fn new(chunk_size: u64, origin_size: u64, store_size: u64) -> Fixture {
         let dir = tempfile::tempdir().unwrap();
         let origin = dir.path().join("origin.img");
         let store = dir.path().join("store.img");
@@ -103,13 +103,13 @@ impl Fixture {
         }
     }
 
-    pub fn path(&self, name: &str) -> PathBuf {
+    pub(crate) fn path(&self, name: &str) -> PathBuf {
         self.dir.path().join(name)
     }
 
     /// Another origin and store like the first, in the same directory: `NAME.img` and
     /// `NAME.store`.
-    pub fn another_volume(&self, name: &str, store_size: u64) -> (PathBuf, PathBuf) {
+    pub(crate) fn another_volume(&self, name: &str, store_size: u64) -> (PathBuf, PathBuf) {
         let origin = self.path(&format!("{name}.img"));
         let store = self.path(&format!("{name}.store"));
         make_volume(
@@ -124,7 +124,7 @@ impl Fixture {
 }
 
 /// A csnap-agent process; killed (by PID) on drop.
-pub struct Agent {
+pub(crate) struct Agent {
     child: Option<Child>,
     pub control: PathBuf,
     pub nbd: Option<PathBuf>,
@@ -134,7 +134,7 @@ pub struct Agent {
 impl Agent {
     /// Starts `csnap-agent --standalone` with `args` and waits until its control socket
     /// answers a status request.
-    pub async fn start(fx: &Fixture, name: &str, args: &[&str]) -> Agent {
+    pub(crate) async fn start(fx: &Fixture, name: &str, args: &[&str]) -> Agent {
         let mut agent = Agent::spawn(fx, name, &fx.origin, &fx.store, args);
         agent.wait_ready().await;
         agent
@@ -142,7 +142,13 @@ impl Agent {
 
     /// Starts `csnap-agent --standalone` (volume `vol`, control socket `NAME.ctl` in the
     /// fixture's directory) on `origin` and `store` without waiting for it.
-    pub fn spawn(fx: &Fixture, name: &str, origin: &Path, store: &Path, args: &[&str]) -> Agent {
+    pub(crate) fn spawn(
+        fx: &Fixture,
+        name: &str,
+        origin: &Path,
+        store: &Path,
+        args: &[&str],
+    ) -> Agent {
         Agent::spawn_on(
             fx,
             &fx.path(&format!("{name}.ctl")),
@@ -154,7 +160,7 @@ impl Agent {
     }
 
     /// [`Agent::spawn`] with control socket `control` (its log is still `NAME.log`).
-    pub fn spawn_on(
+    pub(crate) fn spawn_on(
         fx: &Fixture,
         control: &Path,
         name: &str,
@@ -196,7 +202,7 @@ impl Agent {
     }
 
     /// Waits (bounded) for the agent to exit by itself; its exit status and log.
-    pub fn wait_exit(&mut self) -> (std::process::ExitStatus, String) {
+    pub(crate) fn wait_exit(&mut self) -> (std::process::ExitStatus, String) {
         let mut c = self.child.take().expect("agent still owned");
         let deadline = Instant::now() + WAIT;
         loop {
@@ -212,15 +218,15 @@ impl Agent {
         }
     }
 
-    pub fn pid(&self) -> u32 {
+    pub(crate) fn pid(&self) -> u32 {
         self.child.as_ref().map_or(0, |c| c.id())
     }
 
-    pub fn log(&self) -> String {
+    pub(crate) fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
-    pub async fn wait_ready(&mut self) {
+    pub(crate) async fn wait_ready(&mut self) {
         let deadline = Instant::now() + WAIT;
         loop {
             if let Ok(ControlResponse::Status { .. }) = csnap_agent::control::request(
@@ -244,13 +250,13 @@ impl Agent {
     }
 
     /// NBD URI of an export on this agent's unix socket.
-    pub fn uri(&self, export: &str) -> String {
+    pub(crate) fn uri(&self, export: &str) -> String {
         let sock = self.nbd.as_ref().expect("agent has an NBD socket");
         format!("nbd+unix:///{export}?socket={}", sock.display())
     }
 
     /// SIGKILL, as a crash.
-    pub fn kill(&mut self) {
+    pub(crate) fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
             let _ = c.wait();
@@ -258,7 +264,7 @@ impl Agent {
     }
 
     /// SIGTERM and wait for a clean exit (bounded); returns whether it exited 0.
-    pub fn stop(&mut self) -> bool {
+    pub(crate) fn stop(&mut self) -> bool {
         let Some(mut c) = self.child.take() else {
             return false;
         };
@@ -280,14 +286,14 @@ impl Agent {
         }
     }
 
-    pub async fn ctl(&self, req: ControlRequest) -> ControlResponse {
+    pub(crate) async fn ctl(&self, req: ControlRequest) -> ControlResponse {
         tokio::time::timeout(WAIT, csnap_agent::control::request(&self.control, &req))
             .await
             .expect("control request answered in time")
             .expect("control request")
     }
 
-    pub async fn snapshot(&self, name: &str) -> u64 {
+    pub(crate) async fn snapshot(&self, name: &str) -> u64 {
         match self
             .ctl(ControlRequest::SnapshotCreate {
                 volume: "vol".into(),
@@ -308,14 +314,14 @@ impl Drop for Agent {
 }
 
 /// Output of a finished tool.
-pub struct Ran {
+pub(crate) struct Ran {
     pub ok: bool,
     pub stdout: String,
     pub stderr: String,
 }
 
 /// Runs a tool to completion within `WAIT` (killed on timeout or drop).
-pub async fn run(program: &str, args: &[&str]) -> Ran {
+pub(crate) async fn run(program: &str, args: &[&str]) -> Ran {
     let child = tokio::process::Command::new(program)
         .args(args)
         .stdin(Stdio::null())
@@ -332,7 +338,7 @@ pub async fn run(program: &str, args: &[&str]) -> Ran {
     }
 }
 
-pub async fn run_ok(program: &str, args: &[&str]) -> Ran {
+pub(crate) async fn run_ok(program: &str, args: &[&str]) -> Ran {
     let r = run(program, args).await;
     assert!(
         r.ok,
@@ -344,7 +350,7 @@ pub async fn run_ok(program: &str, args: &[&str]) -> Ran {
 
 /// Asserts with `qemu-img compare` that the NBD export at `uri` holds exactly the bytes of
 /// the raw image `file`.
-pub async fn assert_same_image(file: &Path, uri: &str) {
+pub(crate) async fn assert_same_image(file: &Path, uri: &str) {
     let file = file.to_str().expect("temp paths are UTF-8");
     run_ok(
         "qemu-img",
@@ -353,12 +359,12 @@ pub async fn assert_same_image(file: &Path, uri: &str) {
     .await;
 }
 
-pub fn read_file(path: &Path) -> Vec<u8> {
+pub(crate) fn read_file(path: &Path) -> Vec<u8> {
     std::fs::read(path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()))
 }
 
 /// Runs the csnapctl binary against `socket`.
-pub async fn csnapctl(socket: &Path, args: &[&str]) -> Ran {
+pub(crate) async fn csnapctl(socket: &Path, args: &[&str]) -> Ran {
     let mut all = vec!["--socket", socket.to_str().unwrap()];
     all.extend_from_slice(args);
     run(env!("CARGO_BIN_EXE_csnapctl"), &all).await
@@ -366,7 +372,7 @@ pub async fn csnapctl(socket: &Path, args: &[&str]) -> Ran {
 
 /// The metadata server in this process on a unix socket, buffered I/O (one host);
 /// `expected`: the activation gate's list (what the cluster agent's gather would report).
-pub async fn start_server(
+pub(crate) async fn start_server(
     fx: &Fixture,
     sock: &Path,
     expected: Vec<csnap_proto::ClientId>,
@@ -387,7 +393,7 @@ pub async fn start_server(
 
 /// A client library volume (buffered I/O) for client `instance` on `node`, connected to
 /// the server at `sock`.
-pub async fn connect_volume(
+pub(crate) async fn connect_volume(
     fx: &Fixture,
     sock: &Path,
     instance: u64,

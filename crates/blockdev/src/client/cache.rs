@@ -44,10 +44,15 @@ pub struct OriginTracker {
 /// Cache statistics, for status and tests.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct CacheStats {
+    /// The write epoch: a new snapshot (or a lost connection) clears the cache and starts the next.
     pub epoch: u64,
+    /// Origin chunks remembered as unique (written without asking).
     pub cached_chunks: usize,
+    /// Writes answered from the cache.
     pub hits: u64,
+    /// Writes that had to ask the server.
     pub misses: u64,
+    /// Origin writes granted and not yet done.
     pub writes_in_flight: usize,
 }
 
@@ -73,6 +78,7 @@ impl Drop for WriteGuard {
 }
 
 impl OriginTracker {
+    /// A tracker remembering at most `capacity` unique chunks.
     pub fn new(capacity: usize) -> Arc<OriginTracker> {
         Arc::new(OriginTracker {
             state: Mutex::new(State::default()),
@@ -161,6 +167,7 @@ impl OriginTracker {
         }
     }
 
+    /// The cache's figures now.
     pub fn stats(&self) -> CacheStats {
         let st = self.lock();
         CacheStats {

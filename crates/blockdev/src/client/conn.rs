@@ -32,6 +32,7 @@ use csnap_proto::ListenAddr;
 /// address is the simple case (standalone mode, `--connect-server`).
 #[derive(Clone, Debug)]
 pub enum ServerTarget {
+    /// Always this address.
     Fixed(ListenAddr),
     /// Follow the address in the watch: each (re)connect attempt uses the current value;
     /// a change to another address drops the connection, attempt or backoff in progress
@@ -74,15 +75,19 @@ async fn target_changed(target: &mut watch::Receiver<Option<ListenAddr>>) {
 /// How to reach and prove ourselves to the server.
 #[derive(Clone, Debug)]
 pub struct ConnConfig {
+    /// Where the server is.
     pub server: ServerTarget,
+    /// The cluster key the session proves itself with.
     pub key: Vec<u8>,
     /// This connection's identity (its kind says what it is for).
     pub client: ClientId,
+    /// This node's id (in the Hello).
     pub node: u32,
     /// Random per client process, the same on every reconnect (see `ClientMsg::Hello`).
     pub incarnation: u64,
     /// First reconnect delay; doubles up to `retry_max`.
     pub retry_min: Duration,
+    /// Longest reconnect delay.
     pub retry_max: Duration,
     /// A connection attempt (TCP connect) gives up after this long.
     pub connect_timeout: Duration,
@@ -91,7 +96,9 @@ pub struct ConnConfig {
 /// What the server told us when the session opened.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct SessionInfo {
+    /// Bytes per chunk of the volume.
     pub chunk_size: u32,
+    /// The origin's size in chunks.
     pub origin_chunks: u64,
     /// How many times a session was established (1 = first connection).
     pub sessions: u64,
@@ -101,7 +108,9 @@ pub struct SessionInfo {
 /// hold it until the origin data write is done.
 #[derive(Debug)]
 pub struct Reply {
+    /// The server's answer.
     pub msg: ServerMsg,
+    /// For `OriginWriteOk` on an origin connection: the write may go ahead while this is held.
     pub grant: Option<WriteGuard>,
 }
 
@@ -159,6 +168,7 @@ impl MetaConnection {
         }
     }
 
+    /// What this connection is for (origin, a snapshot, admin).
     pub fn kind(&self) -> ClientKind {
         self.kind
     }

@@ -413,7 +413,9 @@ impl std::fmt::Debug for RingOwner {
 /// Which of the two devices.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Which {
+    /// The origin device.
     Origin,
+    /// The snapshot store device.
     Store,
 }
 
@@ -480,10 +482,12 @@ impl Devices {
         self.origin.dev.direct()
     }
 
+    /// The origin device's size in bytes.
     pub fn origin_len(&self) -> u64 {
         self.origin.dev.len()
     }
 
+    /// The store device's size in bytes.
     pub fn store_len(&self) -> u64 {
         self.store.dev.len()
     }

@@ -35,6 +35,8 @@ use csnap_proto::ErrorCode;
 
 /// Why a client operation failed.
 #[derive(Debug, thiserror::Error)]
+// Each variant's `#[error]` message says what it is and what its fields hold.
+#[allow(missing_docs)]
 pub enum ClientError {
     #[error("the server answered {code}: {message}")]
     Server { code: ErrorCode, message: String },

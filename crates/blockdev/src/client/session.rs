@@ -6,6 +6,12 @@
 //! next connection can resume: authenticate with `resuming`, re-assert the locks and leases
 //! (`UploadLocks`), resend the unanswered requests under their original ids, and close the
 //! resync with `ResendDone`. The I/O shell ([`super::conn`]) only moves bytes.
+//!
+//! Inputs go in with [`Session::handle`] and what to do comes out of
+//! [`Session::poll_output`]. There is no `poll_timeout`: nothing in the session changes with
+//! time. The times a client keeps (its origin write lease, counted from the instant a
+//! request was sent, and the keep-alive that renews it; the connect timeout and reconnect
+//! back-off) are measured by the shell, which sends `KeepAlive` through `Submit`.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
@@ -19,7 +25,10 @@ use csnap_proto::{
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum SessionInput {
     /// A new connection is up: start the handshake with this fresh client nonce.
-    Connected { client_nonce: Nonce },
+    Connected {
+        /// Random per connection (the server's proof covers it).
+        client_nonce: Nonce,
+    },
     /// The connection is gone. Pending requests, locks and leases are kept for the next.
     Disconnected,
     /// A request that expects an answer; it gets id [`Session::next_request_id`]. Sent
@@ -46,21 +55,36 @@ pub enum Output {
     /// last one handled (the challenge) must be sealed with `keys.server_to_client`.
     SealFrames(SessionKeys),
     /// The answer to request `id` (submitted with [`SessionInput::Submit`]).
-    Reply { id: RequestId, msg: ServerMsg },
+    Reply {
+        /// The request's id.
+        id: RequestId,
+        /// The server's answer.
+        msg: ServerMsg,
+    },
     /// A notice from the server (`NewSnapshot`).
     Notice(ServerMsg),
     /// The session is (re-)established on this connection. Requests flow again.
     Established {
+        /// Bytes per chunk of the volume.
         chunk_size: u32,
+        /// The origin's size in chunks.
         origin_chunks: u64,
         /// The server's origin write lease (`Welcome::origin_lease_secs`).
         origin_lease_secs: u32,
     },
     /// The server refused the session for good (wrong key, protocol version): every
     /// pending request has failed with this reason, and reconnecting will not help.
-    Refused { code: ErrorCode, message: String },
+    Refused {
+        /// The server's error code.
+        code: ErrorCode,
+        /// The server's words.
+        message: String,
+    },
     /// The connection must be dropped (protocol violation by the server); reconnect.
-    Drop { reason: String },
+    Drop {
+        /// What the server did wrong.
+        reason: String,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -100,6 +124,7 @@ impl ChunkCounts {
         }
     }
 
+    /// How many in all (a chunk held twice counts twice).
     pub fn total(&self) -> u64 {
         self.0.values().map(|&n| u64::from(n)).sum()
     }
@@ -210,14 +235,17 @@ impl Session {
         self.next_id
     }
 
+    /// What the session is for (origin, a snapshot, admin).
     pub fn kind(&self) -> ClientKind {
         self.kind
     }
 
+    /// Whether the session is established (requests flow).
     pub fn is_open(&self) -> bool {
         self.phase == Phase::Open
     }
 
+    /// Whether the server refused the session for good.
     pub fn is_refused(&self) -> bool {
         self.phase == Phase::Refused
     }

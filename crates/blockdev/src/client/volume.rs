@@ -25,6 +25,7 @@ pub const MAX_QUESTION_CHUNKS: u64 = 1024;
 /// One page of a snapshot listing (see `Volume::list_snapshots_page`).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SnapshotPage {
+    /// The snapshots of this page, by id.
     pub snapshots: Vec<SnapshotInfo>,
     /// Later snapshots exist: ask again after the last id of this page.
     pub more: bool,
@@ -45,8 +46,11 @@ pub struct ClientConfig {
     /// clients (the server refuses a second live client with the same id, see
     /// `ErrorCode::DuplicateClient`).
     pub instance: u64,
+    /// This node's id.
     pub node: u32,
+    /// The shared origin device.
     pub origin: PathBuf,
+    /// The shared snapshot store device.
     pub store: PathBuf,
     /// How long `connect` waits for the first session.
     pub connect_timeout: Duration,
@@ -175,14 +179,17 @@ impl Volume {
         self.size
     }
 
+    /// Bytes per chunk.
     pub fn chunk_size(&self) -> u64 {
         self.chunk_size
     }
 
+    /// The origin's size in chunks.
     pub fn origin_chunks(&self) -> u64 {
         self.origin_chunks
     }
 
+    /// The origin write cache's figures.
     pub fn cache_stats(&self) -> CacheStats {
         self.tracker.stats()
     }
@@ -209,6 +216,8 @@ impl Volume {
 
     // ---- origin ----
 
+    /// Reads `len` bytes of the origin at `offset` (straight from the device: origin reads never
+    /// ask the server).
     pub async fn read_origin(&self, offset: u64, len: u32) -> Result<Bytes, ClientError> {
         self.chunk_range(offset, u64::from(len))?;
         self.devices.read(Which::Origin, offset, len as usize).await
@@ -885,6 +894,7 @@ impl Volume {
         }
     }
 
+    /// The server's status figures (`csnapctl status`).
     pub async fn status(&self) -> Result<ServerStatus, ClientError> {
         match self.admin.request(ClientMsg::Status).await?.msg {
             ServerMsg::Status(s) => Ok(s),

@@ -13,7 +13,10 @@ use thiserror::Error;
 /// First fd passed by the activation protocol.
 pub const LISTEN_FDS_START: RawFd = 3;
 
+/// Why the socket-activation variables (LISTEN_PID, LISTEN_FDS, LISTEN_FDNAMES) cannot be used.
 #[derive(Debug, Error, PartialEq, Eq)]
+// Each variant's `#[error]` message says what it is and what its fields hold.
+#[allow(missing_docs)]
 pub enum ActivationError {
     #[error("LISTEN_PID={0:?} is not a process id")]
     BadPid(String),
@@ -28,7 +31,9 @@ pub enum ActivationError {
 /// One passed fd and its name from LISTEN_FDNAMES, if any.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PassedFd {
+    /// The file descriptor.
     pub fd: RawFd,
+    /// Its name from LISTEN_FDNAMES.
     pub name: Option<String>,
 }
 
@@ -82,7 +87,9 @@ pub fn parse_listen_env(
 /// A passed listening socket with its LISTEN_FDNAMES name.
 #[derive(Debug)]
 pub struct ActivatedListener {
+    /// The socket, listening.
     pub listener: StdListener,
+    /// Its name from LISTEN_FDNAMES.
     pub name: Option<String>,
 }
 

@@ -34,6 +34,8 @@ use crate::client::aligned::AlignedVec;
 
 /// Why one connection ended abnormally. Never affects other connections.
 #[derive(Debug, Error)]
+// Each variant's `#[error]` message says what it is and what its fields hold.
+#[allow(missing_docs)]
 pub enum ConnectionError {
     #[error("socket I/O failed while {context}: {source}")]
     Io {

@@ -2,6 +2,10 @@
 //!
 //! Only the values this server speaks or must recognise are listed.
 
+// Each constant is the protocol's own name without its `NBD_` prefix; the groups are
+// documented, and proto.md says what each value means.
+#![allow(missing_docs)]
+
 /// "NBDMAGIC": first 8 bytes the server sends.
 pub const NBDMAGIC: u64 = 0x4e42_444d_4147_4943;
 /// "IHAVEOPT": newstyle negotiation magic, also prefixes every client option.

@@ -106,11 +106,17 @@ impl Default for ExportFeatures {
 /// An export as it is described during the handshake (OPT_LIST, OPT_INFO, OPT_GO).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ExportInfo {
+    /// The name the client asked for (and is told).
     pub name: String,
+    /// A line for `nbdinfo` and the like (NBD_INFO_DESCRIPTION).
     pub description: Option<String>,
+    /// Size in bytes.
     pub size: u64,
+    /// Refuses writes (NBD_FLAG_READ_ONLY).
     pub read_only: bool,
+    /// What it supports beyond reads and writes.
     pub features: ExportFeatures,
+    /// Its minimum, preferred and maximum block sizes.
     pub block_sizes: BlockSizes,
 }
 
@@ -169,13 +175,17 @@ impl ExportInfo {
 pub trait Export: Send + Sync + 'static {
     /// Size in bytes, fixed for the lifetime of this handle.
     fn size(&self) -> u64;
+    /// Refuses writes.
     fn read_only(&self) -> bool;
+    /// What it supports beyond reads and writes (default: nothing).
     fn features(&self) -> ExportFeatures {
         ExportFeatures::default()
     }
+    /// Its block sizes (default: the protocol's defaults).
     fn block_sizes(&self) -> BlockSizes {
         BlockSizes::default()
     }
+    /// A line for `nbdinfo` and the like (default: none).
     fn description(&self) -> Option<String> {
         None
     }
@@ -237,6 +247,7 @@ pub struct MetaContext {
 }
 
 impl MetaContext {
+    /// The context `name` with the backend's `tag`.
     pub fn new(name: impl Into<String>, tag: u64) -> MetaContext {
         MetaContext {
             name: name.into(),
@@ -248,7 +259,9 @@ impl MetaContext {
 /// One run of block status: `len` bytes (non-zero) with context-defined `flags`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Extent {
+    /// Bytes, non-zero.
     pub len: u64,
+    /// The context's flags for them (e.g. NBD_STATE_HOLE).
     pub flags: u32,
 }
 

@@ -38,6 +38,7 @@ pub struct FileExports {
 }
 
 impl FileExports {
+    /// No exports yet.
     pub fn new() -> FileExports {
         FileExports::default()
     }

@@ -3,9 +3,15 @@
 //! The same shape as the server engine and the cluster core: the I/O shell hands inputs
 //! in with [`Handshake::handle`] (client bytes, or the answer to a lookup) and asks
 //! [`Handshake::poll_output`] what to do next: write bytes, read more, look something up
-//! in the export set, or leave the handshake. Malformed *option contents* get an error reply and
-//! the negotiation continues; only a broken framing (bad magic, unknown client flags) or
-//! an unknown name in OPT_EXPORT_NAME ends the connection, as the protocol requires.
+//! in the export set, or leave the handshake. It has no `poll_timeout`: nothing in the
+//! negotiation changes with time. Its one deadline, the whole handshake's
+//! ([`ServerConfig::handshake_timeout`](super::server::ServerConfig::handshake_timeout)),
+//! ends the connection whatever state it is in, so the shell applies it around the
+//! negotiation.
+//!
+//! Malformed *option contents* get an error reply and the negotiation continues; only a
+//! broken framing (bad magic, unknown client flags) or an unknown name in OPT_EXPORT_NAME
+//! ends the connection, as the protocol requires.
 
 use bytes::{Buf, BytesMut};
 use thiserror::Error;
@@ -48,7 +54,10 @@ pub enum HandshakeOutput {
     ListExports,
     /// Open the named export; answer with [`HandshakeInput::ExportOpened`]. When the
     /// handshake finishes, the export opened by the last lookup is the one to serve.
-    OpenExport { name: String },
+    OpenExport {
+        /// The export's name, as the client gave it.
+        name: String,
+    },
     /// The handshake is over; serve `Negotiated` (bytes fed beyond the handshake are
     /// available from [`Handshake::into_leftover`]).
     Transmission(Negotiated),
@@ -56,7 +65,10 @@ pub enum HandshakeOutput {
     Aborted,
     /// Find the metadata contexts export `name` offers (NBD_OPT_LIST_META_CONTEXT or
     /// NBD_OPT_SET_META_CONTEXT); answer with [`HandshakeInput::MetaContexts`].
-    MetaContexts { name: String },
+    MetaContexts {
+        /// The export's name, as the client gave it.
+        name: String,
+    },
 }
 
 /// What the shell hands the handshake ([`Handshake::handle`]): bytes from the client, or
@@ -78,14 +90,18 @@ pub enum HandshakeInput<'a> {
 /// gave it (sent back in every NBD_REPLY_TYPE_BLOCK_STATUS chunk for it).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SelectedContext {
+    /// The id the client was told.
     pub id: u32,
+    /// The context it stands for.
     pub context: MetaContext,
 }
 
 /// The outcome of a successful handshake.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Negotiated {
+    /// The export to serve.
     pub export: ExportInfo,
+    /// Whether the client asked for structured replies and got them.
     pub structured_replies: bool,
     /// The contexts of the last NBD_OPT_SET_META_CONTEXT, if it named the export that
     /// was finally selected (empty otherwise: NBD_CMD_BLOCK_STATUS is then refused).
@@ -94,6 +110,8 @@ pub struct Negotiated {
 
 /// Why a handshake ended the connection.
 #[derive(Debug, Error, PartialEq, Eq)]
+// Each variant's `#[error]` message says what it is and what its fields hold.
+#[allow(missing_docs)]
 pub enum HandshakeError {
     #[error("client sent unknown handshake flags {0:#x}")]
     UnknownClientFlags(u32),

@@ -23,6 +23,7 @@ use super::handshake::{
 /// Server tunables.
 #[derive(Clone, Debug)]
 pub struct ServerConfig {
+    /// The negotiation's tunables.
     pub handshake: HandshakeConfig,
     /// Requests executing or waiting to be written, per connection. The reader stops
     /// taking requests off the socket while this many are outstanding.
@@ -81,6 +82,7 @@ impl fmt::Debug for NbdServer {
 }
 
 impl NbdServer {
+    /// A server of `exports`; it serves once given a listener or a connection.
     pub fn new(exports: Arc<dyn Exports>, config: ServerConfig) -> NbdServer {
         NbdServer {
             exports,

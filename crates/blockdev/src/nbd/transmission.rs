@@ -11,18 +11,25 @@ use super::export::{ExportInfo, Extent};
 /// A request header exactly as it came off the wire.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct RequestHeader {
+    /// Command flags (`NBD_CMD_FLAG_*`).
     pub flags: u16,
+    /// The command (`NBD_CMD_*`).
     pub kind: u16,
+    /// Echoed in the reply, so the client can match it.
     pub cookie: u64,
+    /// Byte offset in the export.
     pub offset: u64,
+    /// Bytes (or, for block status, the range asked about).
     pub length: u32,
 }
 
 /// A request header that cannot be framed: the connection cannot resynchronise.
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum RequestError {
+    /// Fewer bytes than a header.
     #[error("request header is {0} bytes, expected 28")]
     Truncated(usize),
+    /// Not the request magic.
     #[error("request magic {0:#010x}, expected 0x25609513")]
     BadMagic(u32),
 }
@@ -74,25 +81,42 @@ impl RequestHeader {
 /// A validated request, ready for the export.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Command {
+    /// NBD_CMD_READ.
     Read {
+        /// Byte offset in the export.
         offset: u64,
+        /// Bytes.
         len: u32,
     },
+    /// NBD_CMD_WRITE; the payload follows the header.
     Write {
+        /// Byte offset in the export.
         offset: u64,
+        /// Bytes.
         len: u32,
+        /// NBD_CMD_FLAG_FUA: stable before the reply.
         fua: bool,
     },
+    /// NBD_CMD_FLUSH.
     Flush,
+    /// NBD_CMD_TRIM.
     Trim {
+        /// Byte offset in the export.
         offset: u64,
+        /// Bytes.
         len: u32,
+        /// NBD_CMD_FLAG_FUA: stable before the reply.
         fua: bool,
     },
+    /// NBD_CMD_WRITE_ZEROES.
     WriteZeroes {
+        /// Byte offset in the export.
         offset: u64,
+        /// Bytes.
         len: u32,
+        /// NBD_CMD_FLAG_FUA: stable before the reply.
         fua: bool,
+        /// Not NBD_CMD_FLAG_NO_HOLE: the range may be deallocated.
         may_trim: bool,
         /// NBD_CMD_FLAG_FAST_ZERO: fail at once rather than zero slowly.
         fast: bool,
@@ -100,17 +124,23 @@ pub enum Command {
     /// NBD_CMD_BLOCK_STATUS: one chunk per selected metadata context; `req_one` asks for
     /// a single descriptor no longer than `len`.
     BlockStatus {
+        /// Byte offset in the export.
         offset: u64,
+        /// Bytes.
         len: u32,
+        /// NBD_CMD_FLAG_REQ_ONE.
         req_one: bool,
     },
+    /// NBD_CMD_DISC: the client is done.
     Disconnect,
 }
 
 /// A request refused before it reaches the export.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Rejection {
+    /// The NBD error number sent back (`NBD_E*`).
     pub errno: u32,
+    /// Why, for the log.
     pub message: String,
 }
 
@@ -388,6 +418,7 @@ pub struct ReplyHead {
 }
 
 impl ReplyHead {
+    /// The header's bytes, as sent.
     pub fn as_slice(&self) -> &[u8] {
         &self.bytes[..usize::from(self.len)]
     }
@@ -402,7 +433,9 @@ impl std::fmt::Debug for ReplyHead {
 /// One complete reply: a header and an optional payload written after it (vectored).
 #[derive(Debug)]
 pub struct Reply {
+    /// The simple or structured reply header.
     pub head: ReplyHead,
+    /// What follows it (read data, block status descriptors, an error message).
     pub payload: Bytes,
 }
 

@@ -16,16 +16,16 @@ use tokio::net::TcpStream;
 use tokio::task::JoinHandle;
 
 /// Every network wait in these tests is bounded by this.
-pub const WAIT: Duration = Duration::from_secs(20);
+pub(crate) const WAIT: Duration = Duration::from_secs(20);
 
-pub async fn bounded<F: std::future::Future>(what: &str, fut: F) -> F::Output {
+pub(crate) async fn bounded<F: std::future::Future>(what: &str, fut: F) -> F::Output {
     tokio::time::timeout(WAIT, fut)
         .await
         .unwrap_or_else(|_| panic!("timed out after {WAIT:?}: {what}"))
 }
 
 /// One export in a test server.
-pub struct TestExport {
+pub(crate) struct TestExport {
     pub name: &'static str,
     pub path: PathBuf,
     pub size: u64,
@@ -33,7 +33,7 @@ pub struct TestExport {
 }
 
 /// An in-process server listening on 127.0.0.1:0 and a unix socket, over temp files.
-pub struct TestServer {
+pub(crate) struct TestServer {
     pub dir: tempfile::TempDir,
     pub tcp: SocketAddr,
     pub unix: PathBuf,
@@ -52,11 +52,11 @@ impl Drop for TestServer {
 impl TestServer {
     /// Starts a server with the given (name, size, read_only) exports, each backed by a
     /// fresh sparse file.
-    pub async fn start(specs: &[(&'static str, u64, bool)]) -> TestServer {
+    pub(crate) async fn start(specs: &[(&'static str, u64, bool)]) -> TestServer {
         Self::start_with(specs, ServerConfig::default()).await
     }
 
-    pub async fn start_with(
+    pub(crate) async fn start_with(
         specs: &[(&'static str, u64, bool)],
         config: ServerConfig,
     ) -> TestServer {
@@ -99,27 +99,27 @@ impl TestServer {
         }
     }
 
-    pub fn export(&self, name: &str) -> &TestExport {
+    pub(crate) fn export(&self, name: &str) -> &TestExport {
         self.exports.iter().find(|e| e.name == name).unwrap()
     }
 
-    pub fn tcp_uri(&self, export: &str) -> String {
+    pub(crate) fn tcp_uri(&self, export: &str) -> String {
         format!("nbd://{}/{export}", self.tcp)
     }
 
-    pub fn unix_uri(&self, export: &str) -> String {
+    pub(crate) fn unix_uri(&self, export: &str) -> String {
         format!("nbd+unix:///{export}?socket={}", self.unix.display())
     }
 }
 
 /// CI=true turns a missing prerequisite into a failure.
-pub fn in_ci() -> bool {
+pub(crate) fn in_ci() -> bool {
     std::env::var("CI").is_ok_and(|v| v == "true")
 }
 
 /// Whether an external tool exists on PATH; without it the test fails under CI and is
 /// skipped (with a message) otherwise.
-pub fn require_tool(tool: &str) -> bool {
+pub(crate) fn require_tool(tool: &str) -> bool {
     let found = std::env::var_os("PATH")
         .is_some_and(|path| std::env::split_paths(&path).any(|dir| is_executable(&dir.join(tool))));
     if !found {
@@ -137,14 +137,14 @@ fn is_executable(path: &Path) -> bool {
 }
 
 /// Output of a finished client command.
-pub struct Ran {
+pub(crate) struct Ran {
     pub status: std::process::ExitStatus,
     pub stdout: String,
     pub stderr: String,
 }
 
 /// Runs a command to completion within `WAIT`; it is killed if the test gives up.
-pub async fn run(program: &str, args: &[&str]) -> Ran {
+pub(crate) async fn run(program: &str, args: &[&str]) -> Ran {
     let child = tokio::process::Command::new(program)
         .args(args)
         .stdin(std::process::Stdio::null())
@@ -161,7 +161,7 @@ pub async fn run(program: &str, args: &[&str]) -> Ran {
 }
 
 /// Like [`run`] but requires success.
-pub async fn run_ok(program: &str, args: &[&str]) -> Ran {
+pub(crate) async fn run_ok(program: &str, args: &[&str]) -> Ran {
     let ran = run(program, args).await;
     assert!(
         ran.status.success(),
@@ -175,7 +175,7 @@ pub async fn run_ok(program: &str, args: &[&str]) -> Ran {
 
 /// A reply to an option during the handshake.
 #[derive(Debug)]
-pub struct OptReply {
+pub(crate) struct OptReply {
     pub option: u32,
     pub kind: u32,
     pub data: Vec<u8>,
@@ -183,7 +183,7 @@ pub struct OptReply {
 
 /// A transmission-phase reply (simple, or one structured chunk).
 #[derive(Debug, PartialEq, Eq)]
-pub enum TxReply {
+pub(crate) enum TxReply {
     Simple {
         cookie: u64,
         error: u32,
@@ -198,7 +198,7 @@ pub enum TxReply {
 }
 
 impl TxReply {
-    pub fn cookie(&self) -> u64 {
+    pub(crate) fn cookie(&self) -> u64 {
         match self {
             TxReply::Simple { cookie, .. } | TxReply::Chunk { cookie, .. } => *cookie,
         }
@@ -206,7 +206,7 @@ impl TxReply {
 }
 
 /// A hand-written NBD client that can send anything, including garbage.
-pub struct RawClient {
+pub(crate) struct RawClient {
     pub stream: TcpStream,
     pub structured: bool,
     /// Lengths of outstanding simple-reply reads, by cookie (to frame their data).
@@ -215,7 +215,7 @@ pub struct RawClient {
 
 impl RawClient {
     /// Connects and completes the greeting (fixed newstyle, NO_ZEROES).
-    pub async fn connect(addr: SocketAddr) -> RawClient {
+    pub(crate) async fn connect(addr: SocketAddr) -> RawClient {
         let mut client = RawClient::connect_raw(addr).await;
         let mut greeting = [0u8; 18];
         bounded("greeting", client.stream.read_exact(&mut greeting))
@@ -231,7 +231,7 @@ impl RawClient {
         client
     }
 
-    pub async fn connect_raw(addr: SocketAddr) -> RawClient {
+    pub(crate) async fn connect_raw(addr: SocketAddr) -> RawClient {
         let stream = bounded("connect", TcpStream::connect(addr)).await.unwrap();
         RawClient {
             stream,
@@ -240,11 +240,11 @@ impl RawClient {
         }
     }
 
-    pub async fn send(&mut self, bytes: &[u8]) {
+    pub(crate) async fn send(&mut self, bytes: &[u8]) {
         bounded("send", self.stream.write_all(bytes)).await.unwrap();
     }
 
-    pub async fn send_option(&mut self, option: u32, data: &[u8]) {
+    pub(crate) async fn send_option(&mut self, option: u32, data: &[u8]) {
         let mut msg = IHAVEOPT.to_be_bytes().to_vec();
         msg.extend_from_slice(&option.to_be_bytes());
         msg.extend_from_slice(&(data.len() as u32).to_be_bytes());
@@ -252,7 +252,7 @@ impl RawClient {
         self.send(&msg).await;
     }
 
-    pub async fn read_exact(&mut self, n: usize) -> Vec<u8> {
+    pub(crate) async fn read_exact(&mut self, n: usize) -> Vec<u8> {
         let mut buf = vec![0u8; n];
         bounded("read", self.stream.read_exact(&mut buf))
             .await
@@ -260,7 +260,7 @@ impl RawClient {
         buf
     }
 
-    pub async fn read_opt_reply(&mut self) -> OptReply {
+    pub(crate) async fn read_opt_reply(&mut self) -> OptReply {
         let head = self.read_exact(20).await;
         assert_eq!(
             &head[0..8],
@@ -275,7 +275,12 @@ impl RawClient {
     }
 
     /// Sends OPT_INFO/OPT_GO and collects the replies up to the final one.
-    pub async fn info_or_go(&mut self, option: u32, name: &str, requests: &[u16]) -> Vec<OptReply> {
+    pub(crate) async fn info_or_go(
+        &mut self,
+        option: u32,
+        name: &str,
+        requests: &[u16],
+    ) -> Vec<OptReply> {
         let mut data = (name.len() as u32).to_be_bytes().to_vec();
         data.extend_from_slice(name.as_bytes());
         data.extend_from_slice(&(requests.len() as u16).to_be_bytes());
@@ -296,7 +301,7 @@ impl RawClient {
     }
 
     /// OPT_GO that must succeed; returns (size, transmission flags).
-    pub async fn go(&mut self, name: &str) -> (u64, u16) {
+    pub(crate) async fn go(&mut self, name: &str) -> (u64, u16) {
         let replies = self.info_or_go(OPT_GO, name, &[INFO_BLOCK_SIZE]).await;
         assert_eq!(
             replies.last().unwrap().kind,
@@ -306,7 +311,7 @@ impl RawClient {
         export_info(&replies).expect("NBD_INFO_EXPORT in OPT_GO replies")
     }
 
-    pub async fn negotiate_structured(&mut self) {
+    pub(crate) async fn negotiate_structured(&mut self) {
         self.send_option(OPT_STRUCTURED_REPLY, &[]).await;
         let reply = self.read_opt_reply().await;
         assert_eq!(reply.kind, REP_ACK);
@@ -314,7 +319,7 @@ impl RawClient {
     }
 
     /// Sends one request (header plus payload).
-    pub async fn request(
+    pub(crate) async fn request(
         &mut self,
         kind: u16,
         flags: u16,
@@ -340,7 +345,7 @@ impl RawClient {
 
     /// Reads one reply message. For simple replies to reads sent through `request`,
     /// the data is read when the error is zero.
-    pub async fn read_reply(&mut self) -> TxReply {
+    pub(crate) async fn read_reply(&mut self) -> TxReply {
         let magic = u32::from_be_bytes(self.read_exact(4).await.try_into().unwrap());
         match magic {
             SIMPLE_REPLY_MAGIC => {
@@ -377,7 +382,7 @@ impl RawClient {
     }
 
     /// Waits for the server to close the connection (EOF or reset).
-    pub async fn expect_closed(&mut self) {
+    pub(crate) async fn expect_closed(&mut self) {
         let mut buf = [0u8; 256];
         loop {
             match bounded("server close", self.stream.read(&mut buf)).await {
@@ -389,7 +394,7 @@ impl RawClient {
 }
 
 /// Extracts (size, flags) from the NBD_INFO_EXPORT reply.
-pub fn export_info(replies: &[OptReply]) -> Option<(u64, u16)> {
+pub(crate) fn export_info(replies: &[OptReply]) -> Option<(u64, u16)> {
     replies.iter().find_map(|r| {
         (r.kind == REP_INFO && r.data.len() == 12 && r.data[0..2] == INFO_EXPORT.to_be_bytes())
             .then(|| {
@@ -402,7 +407,7 @@ pub fn export_info(replies: &[OptReply]) -> Option<(u64, u16)> {
 }
 
 /// Error code of a structured error chunk, if it is one.
-pub fn chunk_error(reply: &TxReply) -> Option<u32> {
+pub(crate) fn chunk_error(reply: &TxReply) -> Option<u32> {
     match reply {
         TxReply::Chunk { kind, payload, .. } if *kind == REPLY_TYPE_ERROR => {
             Some(u32::from_be_bytes(payload[0..4].try_into().unwrap()))
@@ -412,7 +417,7 @@ pub fn chunk_error(reply: &TxReply) -> Option<u32> {
 }
 
 /// Deterministic test data from a seed (no external RNG needed for patterns).
-pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
+pub(crate) fn pattern(seed: u64, len: usize) -> Vec<u8> {
     let mut x = seed | 1;
     (0..len)
         .map(|_| {
@@ -425,6 +430,6 @@ pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
 }
 
 /// Seed for randomised tests: NBD_TEST_SEED replays a run; the seed is printed.
-pub fn test_seed(test: &str) -> u64 {
+pub(crate) fn test_seed(test: &str) -> u64 {
     csnap_proto::testing::seed(test, "NBD_TEST_SEED")
 }

@@ -14,6 +14,8 @@
 //! Layouts follow `/usr/include/corosync/cpg.h` and `corotypes.h` (C enums are `int`-sized;
 //! handles are `uint64_t`). Only the V1 model is bound.
 
+// The items mirror cpg.h's under its names (prefix dropped); cpg.h documents them.
+#![allow(missing_docs)]
 #![allow(non_camel_case_types)]
 
 use std::os::raw::{c_char, c_int, c_uint, c_void};

@@ -289,6 +289,7 @@ impl MemoryCluster {
         self.shared.lock().model.set_max_message_size(max);
     }
 
+    /// The largest message a group carries.
     pub fn max_message_size(&self) -> usize {
         self.shared.lock().model.max_message_size()
     }

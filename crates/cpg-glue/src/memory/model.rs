@@ -62,13 +62,29 @@ const FIRST_PID: u32 = 1000;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Output {
     /// An event for one process's group stream.
-    Group { to: Member, event: RawEvent },
+    Group {
+        /// The process.
+        to: Member,
+        /// The event.
+        event: RawEvent,
+    },
     /// The process vanished with its node: its stream ends with `Disconnected`.
-    ProcessLost { member: Member },
+    ProcessLost {
+        /// The process.
+        member: Member,
+    },
     /// A quorum change for every quorum follower on `node`.
-    Quorum { node: NodeId, event: QuorumEvent },
+    Quorum {
+        /// The node.
+        node: NodeId,
+        /// The new quorum state.
+        event: QuorumEvent,
+    },
     /// The node died: its quorum followers end with `Disconnected`.
-    NodeLost { node: NodeId },
+    NodeLost {
+        /// The node.
+        node: NodeId,
+    },
 }
 
 #[derive(Debug, Clone)]
@@ -155,6 +171,7 @@ impl Model {
         self.nodes.keys().copied().collect()
     }
 
+    /// Whether `node` is up (in some ring).
     pub fn is_up(&self, node: NodeId) -> bool {
         self.nodes.get(&node).is_some_and(|n| n.up)
     }
@@ -164,10 +181,12 @@ impl Model {
         self.nodes.get(&node).and_then(|n| n.ring.as_ref())
     }
 
+    /// The largest message a group carries.
     pub fn max_message_size(&self) -> usize {
         self.max_message_size
     }
 
+    /// Sets the largest message a group carries (to test fragmenting senders).
     pub fn set_max_message_size(&mut self, max: usize) {
         self.max_message_size = max;
     }

@@ -18,6 +18,7 @@ use std::sync::Arc;
 pub struct Failure(Arc<dyn Error + Send + Sync + 'static>);
 
 impl Failure {
+    /// Keeps `e` (shared: a failure may be reported more than once).
     pub fn new(e: impl Error + Send + Sync + 'static) -> Failure {
         Failure(Arc::new(e))
     }
@@ -83,7 +84,9 @@ pub enum Fatal {
     /// A chunk copy into the store failed (read, write or flush).
     #[error("copy into store chunk {to} failed: {source}")]
     Copy {
+        /// The store chunk it copied to.
         to: u64,
+        /// Why.
         #[source]
         source: Failure,
     },

@@ -16,36 +16,71 @@ pub type CopyId = u64;
 pub enum Event {
     /// A connection was accepted. `server_nonce` is fresh randomness for its authentication
     /// (passed in so the engine stays deterministic).
-    ClientConnected { conn: ConnId, server_nonce: Nonce },
+    ClientConnected {
+        /// The shell's id for the connection (never reused).
+        conn: ConnId,
+        /// Fresh random bytes.
+        server_nonce: Nonce,
+    },
     /// A decoded frame arrived on a connection.
-    ClientRequest { conn: ConnId, frame: ClientFrame },
+    ClientRequest {
+        /// The connection.
+        conn: ConnId,
+        /// The request.
+        frame: ClientFrame,
+    },
     /// A frame on this connection could not be decoded (the shell's decode error, e.g.
     /// proto's `FrameError`); the engine answers with an error and closes the connection.
-    ClientBadFrame { conn: ConnId, error: Failure },
+    ClientBadFrame {
+        /// The connection.
+        conn: ConnId,
+        /// The decode error.
+        error: Failure,
+    },
     /// The connection closed.
-    ClientDisconnected { conn: ConnId },
+    ClientDisconnected {
+        /// The connection.
+        conn: ConnId,
+    },
     /// The agent knows this client is gone for good (its node left the group, or it did not
     /// come back): stop waiting for it and drop any read locks it left behind.
-    ClientDeclaredGone { client: ClientId },
+    ClientDeclaredGone {
+        /// The client.
+        client: ClientId,
+    },
     /// A [`Action::Copy`] finished; `Ok` only once the destination is on stable storage.
     CopyDone {
+        /// The copy's id from the action.
         copy: CopyId,
+        /// How it went.
         result: Result<(), Failure>,
     },
     /// The shell ran `MetaStore::commit` after an [`Action::Commit`]; an error is the
     /// store's (`MetaError`), kept whole.
-    CommitDone { result: Result<(), Failure> },
+    CommitDone {
+        /// How it went.
+        result: Result<(), Failure>,
+    },
     /// Time passes (unix seconds). Drives background reclaim and lock expiry.
-    Tick { now: u64 },
+    Tick {
+        /// The shell's clock, whole seconds (monotonic from the Unix time at start).
+        now: u64,
+    },
 }
 
 /// Where a copy reads from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum CopySource {
     /// The origin device, at this origin chunk.
-    Origin { chunk: u64 },
+    Origin {
+        /// The origin chunk.
+        chunk: u64,
+    },
     /// The store's data area, at this store chunk.
-    Store { store_chunk: u64 },
+    Store {
+        /// The store chunk (device chunk address).
+        store_chunk: u64,
+    },
 }
 
 /// Why a copy is made (for logs, metrics and tests).
@@ -54,15 +89,22 @@ pub enum CopyPurpose {
     /// An origin chunk preserved for every snapshot that still shares it.
     CopyOut,
     /// A snapshot's chunk given its own exception before a snapshot write.
-    Unshare { snap: csnap_proto::SnapId },
+    Unshare {
+        /// The snapshot the chunk is unshared for.
+        snap: csnap_proto::SnapId,
+    },
     /// An online rollback's copy back onto the origin ([`Action::CopyToOrigin`]).
     CopyBack,
 }
 
+/// How loud a log line is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub enum LogLevel {
+    /// Normal operation.
     Info,
+    /// Something an operator may want to look at.
     Warn,
+    /// Something failed.
     Error,
 }
 
@@ -82,6 +124,7 @@ pub struct LogEvent {
 }
 
 impl LogEvent {
+    /// The event `name`, about nothing in particular yet.
     pub fn new(name: &'static str) -> LogEvent {
         LogEvent {
             name,
@@ -96,26 +139,50 @@ impl LogEvent {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Action {
     /// Send a frame on a connection.
-    Send { conn: ConnId, frame: ServerFrame },
+    Send {
+        /// The connection.
+        conn: ConnId,
+        /// The frame.
+        frame: ServerFrame,
+    },
     /// Close a connection (after sending what was queued for it).
-    Close { conn: ConnId },
+    Close {
+        /// The connection.
+        conn: ConnId,
+    },
     /// Frames on this connection are sealed from now on (the client proved the key): every
     /// frame sent after the ones already queued is sealed with `keys.server_to_client`, and
     /// every frame received after the client's first two (`Hello`, `AuthResponse`) must be
     /// sealed with `keys.client_to_server`.
-    SealFrames { conn: ConnId, keys: SessionKeys },
+    SealFrames {
+        /// The connection.
+        conn: ConnId,
+        /// The connection's two frame keys.
+        keys: SessionKeys,
+    },
     /// Copy one chunk into store chunk `to`, then report [`Event::CopyDone`]. The copy need
     /// not be stable yet: every use of it waits for a commit, whose first step flushes the
     /// store device.
     Copy {
+        /// Its id, for the `CopyDone`.
         copy: CopyId,
+        /// What to copy.
         from: CopySource,
+        /// The store chunk to copy to (device chunk address).
         to: u64,
+        /// Why.
         purpose: CopyPurpose,
     },
     /// Copy store chunk `from` onto origin chunk `chunk` (an online rollback's copy back),
     /// make it stable (fdatasync of the origin), then report [`Event::CopyDone`].
-    CopyToOrigin { copy: CopyId, from: u64, chunk: u64 },
+    CopyToOrigin {
+        /// Its id, for the `CopyDone`.
+        copy: CopyId,
+        /// The store chunk to copy from.
+        from: u64,
+        /// The origin chunk to copy to.
+        chunk: u64,
+    },
     /// Commit: [`Engine::begin_commit`](super::Engine::begin_commit), run the
     /// [`CommitIo`] it returns (blocking, on any thread), then
     /// [`Engine::finish_commit`](super::Engine::finish_commit), which reports
@@ -125,14 +192,20 @@ pub enum Action {
     /// Something for the log; `event` when it is a key event for operators (the shell logs
     /// it with `csnap_event` and its `MESSAGE_ID`, see `crate::logging::EVENTS`).
     Log {
+        /// How loud.
         level: LogLevel,
+        /// The line.
         message: String,
+        /// The key event it reports, if any.
         event: Option<LogEvent>,
     },
     /// The store failed (I/O error, corruption), or a copy or commit did: the server must
     /// stop serving now so that another node can take over. The engine answers nothing
     /// more. The error keeps its cause (`source`) down to the OS error.
-    Fatal { error: Fatal },
+    Fatal {
+        /// What failed, with its causes.
+        error: Fatal,
+    },
 }
 
 /// What to sacrifice when the store has no free chunk, or its metadata area no room for
@@ -180,6 +253,7 @@ impl std::str::FromStr for StoreFullPolicy {
 pub struct EngineConfig {
     /// The cluster key clients prove with HMAC.
     pub cluster_key: Vec<u8>,
+    /// Whom to sacrifice when the store is full.
     pub store_full_policy: StoreFullPolicy,
     /// Activation gate: the snapshot clients of the previous server (from the agent's
     /// gather). No origin write is granted until each has reconnected and sent `ResendDone`

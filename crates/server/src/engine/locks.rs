@@ -110,6 +110,14 @@ impl Locks {
             .collect()
     }
 
+    /// When [`Locks::expired_orphans`] with `grace` first names an orphan kept now.
+    pub(super) fn next_orphan_expiry(&self, grace: u64) -> Option<u64> {
+        self.orphans
+            .iter()
+            .map(|o| o.since.saturating_add(grace))
+            .min()
+    }
+
     /// Releases what the matching orphans hold. `keep_store_reads`: a client that came
     /// back keeps its old store reads counted until the grace time ends (they may still
     /// be running), the rest is released.
@@ -183,6 +191,7 @@ mod tests {
         assert_eq!(r.unlocked, vec![5]);
         assert!(r.leases);
         assert_eq!(l.leased_snapshots(), vec![snap], "store reads still count");
+        assert_eq!(l.next_orphan_expiry(60), Some(160));
         assert_eq!(l.expired_orphans(159, 60), Vec::<ClientId>::new());
         assert_eq!(l.expired_orphans(160, 60), vec![client(1, snap)]);
         let r = l.release_orphans(|_| true, false);

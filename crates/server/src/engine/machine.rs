@@ -107,7 +107,9 @@ enum Area {
 }
 
 /// The sans-IO request engine. Feed it [`Event`]s with [`Engine::handle`], carry out the
-/// [`Action`]s it queues ([`Engine::poll_action`]).
+/// [`Action`]s it queues ([`Engine::poll_output`]), and tick it ([`Event::Tick`]) when
+/// [`Engine::poll_timeout`] says (and before any other event once the second has changed,
+/// so that what it stamps with its clock is current).
 pub struct Engine<S: MetaStore> {
     cfg: EngineConfig,
     store: S,
@@ -185,15 +187,39 @@ impl<S: MetaStore> Engine<S> {
     }
 
     /// The next action to carry out, in order.
-    pub fn poll_action(&mut self) -> Option<Action> {
+    pub fn poll_output(&mut self) -> Option<Action> {
         self.actions.pop_front()
     }
 
-    /// All queued actions, in order.
-    pub fn drain_actions(&mut self) -> Vec<Action> {
-        self.actions.drain(..).collect()
+    /// When the engine next needs an [`Event::Tick`] (`Tick` seconds), if time alone will
+    /// change anything: the authentication deadline of a connection, the silence deadline
+    /// of an origin client, the lease end of a lost one, the grace time of orphaned locks,
+    /// a snapshot announcement held until `hold_snapshots_until`, and the next second while
+    /// background work (reclaim, the usage count) is left. Any event may move it: ask again
+    /// after each. A time at or before the last tick means "tick now".
+    pub fn poll_timeout(&self) -> Option<u64> {
+        if self.failed {
+            return None;
+        }
+        let silence = self.cfg.origin_lease_secs + LEASE_MARGIN_SECS + CLOCK_SLACK_SECS;
+        let background = self.reclaiming || !self.store.usage_exact();
+        let held_announcement =
+            self.creations.announced() && self.now < self.cfg.hold_snapshots_until;
+        [
+            self.sessions.next_auth_expiry(self.cfg.auth_timeout_secs),
+            self.sessions.next_silence(silence),
+            self.sessions.next_lost_origin_expiry(),
+            self.locks
+                .next_orphan_expiry(self.cfg.orphan_lock_grace_secs),
+            held_announcement.then_some(self.cfg.hold_snapshots_until),
+            background.then_some(self.now + 1),
+        ]
+        .into_iter()
+        .flatten()
+        .min()
     }
 
+    /// The store, to read (tests, status).
     pub fn store(&self) -> &S {
         &self.store
     }

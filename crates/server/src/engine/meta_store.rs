@@ -48,12 +48,16 @@ pub const CREATE_TOKEN_MASK: u64 = (1 << CREATE_TOKEN_BITS) - 1;
 /// from `store_chunk`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Exception {
+    /// The first snapshot it covers.
     pub first: SnapId,
+    /// The last snapshot it covers.
     pub last: SnapId,
+    /// Where the chunk's contents are (device chunk address).
     pub store_chunk: u64,
 }
 
 impl Exception {
+    /// Whether it covers snapshot `id`.
     pub fn contains(&self, id: SnapId) -> bool {
         self.first <= id && id <= self.last
     }
@@ -70,7 +74,12 @@ pub enum SnapChunk {
     Origin,
     /// The snapshot's exception. `exclusive` is true if no other live snapshot uses it, so
     /// a snapshot write may go there in place.
-    Store { store_chunk: u64, exclusive: bool },
+    Store {
+        /// Where (device chunk address).
+        store_chunk: u64,
+        /// No other live snapshot uses it.
+        exclusive: bool,
+    },
 }
 
 /// Progress of background space reclaim.
@@ -95,10 +104,13 @@ pub struct ReclaimPosition {
 /// Geometry and space figures for `status`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct StoreStats {
+    /// Bytes per chunk.
     pub chunk_size: u32,
+    /// The origin's size in chunks.
     pub origin_chunks: u64,
     /// Data chunks in the store (excluding metadata).
     pub store_chunks: u64,
+    /// Of the data chunks, free.
     pub free_chunks: u64,
 }
 
@@ -125,6 +137,8 @@ pub struct MetadataSpace {
 /// left, does not allow it. One definition for every store: the on-disk store's
 /// `StoreError::Refused` and the engine's [`MetaError::Refused`] carry it as it is.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+// Each variant's `#[error]` message says what it is and what its fields hold.
+#[allow(missing_docs)]
 pub enum Refusal {
     /// No free store chunk: the engine applies its store-full policy.
     #[error("snapshot store is full: no free data chunk")]
@@ -155,6 +169,8 @@ pub enum Refusal {
 /// engine answers, or a failure of the store itself, which is fatal for the server.
 /// `store/adapter.rs` maps the on-disk store's `StoreError` into this.
 #[derive(Debug, thiserror::Error)]
+// Each variant's `#[error]` message says what it is and what its fields hold.
+#[allow(missing_docs)]
 pub enum MetaError {
     #[error(transparent)]
     Refused(#[from] Refusal),

@@ -206,6 +206,30 @@ impl Sessions {
             .collect()
     }
 
+    /// When [`Sessions::unauthenticated`] with `limit` first names a connection open now.
+    pub(super) fn next_auth_expiry(&self, limit: u64) -> Option<u64> {
+        self.conns
+            .values()
+            .filter(|c| !c.is_open())
+            .map(|c| c.opened.saturating_add(limit).saturating_add(1))
+            .min()
+    }
+
+    /// When [`Sessions::silent_origins`] with `deadline` first names a connection open
+    /// now, if none is heard from meanwhile.
+    pub(super) fn next_silence(&self, deadline: u64) -> Option<u64> {
+        self.conns
+            .values()
+            .filter(|c| c.is_open_origin())
+            .map(|c| c.last_heard.saturating_add(deadline))
+            .min()
+    }
+
+    /// When [`Sessions::expire_lost_origins`] first lets a lost origin client go.
+    pub(super) fn next_lost_origin_expiry(&self) -> Option<u64> {
+        self.lost_origins.iter().map(|l| l.until).min()
+    }
+
     /// Open origin connections silent for at least `deadline` seconds: (connection,
     /// client, seconds silent).
     pub(super) fn silent_origins(
@@ -264,14 +288,17 @@ mod tests {
         s.open(2, origin, 3, 0x11);
         assert_eq!(s.session_of(2), Some((origin, ClientKind::Origin)));
         assert_eq!(s.session_of(1), None);
+        assert_eq!(s.next_auth_expiry(10), Some(111));
         assert_eq!(s.unauthenticated(110, 10), Vec::<ConnId>::new());
         assert_eq!(s.unauthenticated(111, 10), vec![1]);
         assert_eq!(s.open_origins(), BTreeSet::from([2]));
         s.heard(2, 105);
+        assert_eq!(s.next_silence(14), Some(119));
         assert!(s.silent_origins(118, 14).is_empty());
         assert_eq!(s.silent_origins(119, 14), vec![(2, Some(origin), 14)]);
         assert_eq!(s.others_of(1, origin), vec![(2, 3, 0x11)]);
         s.lose_origin(Some(origin), 120);
+        assert_eq!(s.next_lost_origin_expiry(), Some(120));
         assert!(s.expire_lost_origins(119).is_empty() && s.origins_lost());
         assert_eq!(s.expire_lost_origins(120), vec![Some(origin)]);
         assert!(!s.origins_lost());

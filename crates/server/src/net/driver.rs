@@ -45,6 +45,8 @@ pub enum ServerFailure {
 /// Why a chunk copy ([`DataPath::copy`]) failed; each I/O error is the source, after the
 /// device, offset and chunk it hit.
 #[derive(Debug, thiserror::Error)]
+// Each variant's `#[error]` message says what it is and what its fields hold.
+#[allow(missing_docs)]
 pub enum CopyError {
     #[error("destination store chunk {0} is outside the data area")]
     DestinationOutsideData(u64),
@@ -109,8 +111,8 @@ pub(crate) enum Outgoing {
     Close,
 }
 
-/// From the server handle, the ticker and the copy workers (unbounded: each producer is
-/// bounded by other means).
+/// From the server handle and the copy workers (unbounded: each producer is bounded by
+/// other means).
 pub(crate) enum Control {
     CopyDone {
         copy: CopyId,
@@ -120,7 +122,6 @@ pub(crate) enum Control {
     },
     /// The I/O of the commit in flight has run (its result waits in the store).
     CommitIoDone,
-    Tick,
     DeclareGone(ClientId),
     Status(oneshot::Sender<ServerStatus>),
     Shutdown,
@@ -318,20 +319,33 @@ pub(crate) struct Driver {
     lease: Arc<ServingLease>,
     span: tracing::Span,
     first_origin_grant: Arc<AtomicU64>,
+    /// The engine clock's second at the last [`Event::Tick`] (0: none yet).
+    ticked_at: u64,
+}
+
+/// When the engine's clock reads (Unix seconds) and the monotonic instant it started from.
+fn clock_start() -> &'static (u64, Instant) {
+    static START: std::sync::OnceLock<(u64, Instant)> = std::sync::OnceLock::new();
+    START.get_or_init(|| {
+        let wall = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        (wall, Instant::now())
+    })
+}
+
+/// The instant [`unix_now`] first reads `secs` (at once if it already does).
+fn instant_of(secs: u64) -> Instant {
+    let (wall, mono) = clock_start();
+    *mono + Duration::from_secs(secs.saturating_sub(*wall))
 }
 
 /// The engine's clock: Unix seconds, but advancing monotonically from the first reading
 /// (leases and grace times must not jump with the wall clock; snapshot ctimes may drift
 /// from it by the clock's corrections since start, which is harmless).
 pub fn unix_now() -> u64 {
-    static START: std::sync::OnceLock<(u64, std::time::Instant)> = std::sync::OnceLock::new();
-    let (wall, mono) = START.get_or_init(|| {
-        let wall = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0);
-        (wall, std::time::Instant::now())
-    });
+    let (wall, mono) = clock_start();
     wall + mono.elapsed().as_secs()
 }
 
@@ -340,6 +354,8 @@ enum Wake {
     Net(Option<Input>),
     /// The serving lease's end as last known has come (it may have been extended since).
     LeaseEnd,
+    /// The time the engine asked to be ticked at has come.
+    TickDue,
 }
 
 impl Driver {
@@ -367,6 +383,7 @@ impl Driver {
             lease: p.lease,
             span: p.span,
             first_origin_grant: p.first_origin_grant,
+            ticked_at: 0,
         }
     }
 
@@ -383,6 +400,10 @@ impl Driver {
                 // input: wake at the end as it stands now (an extension meanwhile just
                 // means this wake finds the lease still running).
                 let lease_end = self.lease.until().map(tokio::time::Instant::from_std);
+                // No ticks while the engine waits for nothing in time; at most one a second.
+                let tick_at = self.engine.poll_timeout().map(|at| {
+                    tokio::time::Instant::from_std(instant_of(at.max(self.ticked_at + 1)))
+                });
                 self.rt.block_on(async {
                     let lease_timer = async {
                         match lease_end {
@@ -390,9 +411,16 @@ impl Driver {
                             None => std::future::pending().await,
                         }
                     };
+                    let tick_timer = async {
+                        match tick_at {
+                            Some(at) => tokio::time::sleep_until(at).await,
+                            None => std::future::pending().await,
+                        }
+                    };
                     tokio::select! {
                         biased;
                         _ = lease_timer => Wake::LeaseEnd,
+                        _ = tick_timer => Wake::TickDue,
                         c = ctl.recv() => match c {
                             Some(c) => Wake::Ctl(c),
                             // Every handle is gone: nobody can ask for a shutdown any more.
@@ -445,8 +473,10 @@ impl Driver {
     /// Ok(false): shutdown requested; Err: fatal.
     fn on_wake(&mut self, wake: Wake) -> Result<bool, ServerFailure> {
         self.check_lease()?;
+        self.tick_if_new_second();
         match wake {
-            Wake::LeaseEnd => return Ok(true),
+            // Only woken to check the lease, or ticked above.
+            Wake::LeaseEnd | Wake::TickDue => {}
             Wake::Ctl(Control::Shutdown) => return Ok(false),
             Wake::Ctl(Control::Abandon) => {
                 self.abandoned = true;
@@ -460,6 +490,17 @@ impl Driver {
         Ok(true)
     }
 
+    /// Ticks the engine when its clock's second has changed since the last tick: before
+    /// an input, so that what it stamps (a connection's start, when a client was last
+    /// heard) is current, and when its [`Engine::poll_timeout`] has come.
+    fn tick_if_new_second(&mut self) {
+        let now = unix_now();
+        if now > self.ticked_at {
+            self.ticked_at = now;
+            self.engine.handle(Event::Tick { now });
+        }
+    }
+
     fn on_control(&mut self, c: Control) {
         match c {
             Control::CopyDone {
@@ -468,9 +509,6 @@ impl Driver {
                 stamp,
             } => self.copy_done(copy, result, stamp),
             Control::CommitIoDone => self.finish_commit(),
-            Control::Tick => {
-                self.engine.handle(Event::Tick { now: unix_now() });
-            }
             Control::DeclareGone(client) => {
                 tracing::info!(%client, "client declared gone");
                 self.engine.handle(Event::ClientDeclaredGone { client });
@@ -640,7 +678,7 @@ impl Driver {
     /// except a commit, which `run_commits` runs after the batch of inputs.
     fn pump(&mut self) -> Result<(), ServerFailure> {
         loop {
-            if let Some(action) = self.engine.poll_action() {
+            if let Some(action) = self.engine.poll_output() {
                 self.execute(action)?;
             } else if let Some(event) = self.pending.pop_front() {
                 self.engine.handle(event);

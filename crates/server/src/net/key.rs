@@ -14,7 +14,10 @@ pub const MIN_KEY_LEN: usize = 16;
 /// Longest key accepted (a bigger file is surely not a key file).
 pub const MAX_KEY_LEN: usize = 4096;
 
+/// Why a key file cannot be used (or written).
 #[derive(Debug, thiserror::Error)]
+// Each variant's `#[error]` message says what it is and what its fields hold.
+#[allow(missing_docs)]
 pub enum KeyFileError {
     #[error("cannot read key file {path}: {source}")]
     Read { path: PathBuf, source: io::Error },

@@ -4,7 +4,7 @@
 //! ```text
 //!  accept ──► per-connection reader ──(bounded mpsc)──► engine thread ──► writer queues
 //!                                                        │   ▲
-//!                      ticker, status, declare_gone ─────┘   │ CopyDone
+//!                              status, declare_gone ─────┘   │ CopyDone
 //!                                 copy workers (blocking pool, bounded) ◄── Copy
 //! ```
 //!
@@ -29,7 +29,7 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use tokio::sync::{mpsc, oneshot, watch, Semaphore};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -45,6 +45,7 @@ pub struct ServerConfig {
     pub origin: PathBuf,
     /// The snapshot store device (formatted with `csnapctl format`).
     pub store: PathBuf,
+    /// Where clients connect.
     pub listen: ListenAddr,
     /// The cluster key: a regular file of mode 0600 owned by the server's user.
     pub key_file: PathBuf,
@@ -81,6 +82,7 @@ pub struct ServerConfig {
 }
 
 impl ServerConfig {
+    /// The configuration for these devices, address and key file, with the defaults for the rest.
     pub fn new(
         origin: impl Into<PathBuf>,
         store: impl Into<PathBuf>,
@@ -106,7 +108,10 @@ impl ServerConfig {
     }
 }
 
+/// Why a server could not start, or stopped on its own.
 #[derive(Debug, thiserror::Error)]
+// Each variant's `#[error]` message says what it is and what its fields hold.
+#[allow(missing_docs)]
 pub enum ServerError {
     #[error(transparent)]
     KeyFile(#[from] KeyFileError),
@@ -625,22 +630,6 @@ async fn start_in(
         )
         .instrument(span),
     );
-    let tick_tx = ctl_tx.clone();
-    let tick_stop = stop.clone();
-    let ticker = tokio::spawn(async move {
-        let mut every = tokio::time::interval(Duration::from_secs(1));
-        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                _ = tick_stop.cancelled() => return,
-                _ = every.tick() => {
-                    if tick_tx.send(Control::Tick).is_err() {
-                        return;
-                    }
-                }
-            }
-        }
-    });
     match config.serving_lease_until {
         Some(until) => tracing::info!(
             %volume,
@@ -657,7 +646,7 @@ async fn start_in(
         stop,
         fatal_rx,
         exit_rx: Some(exit_rx),
-        tasks: vec![acceptor, ticker],
+        tasks: vec![acceptor],
         unix_path,
         generation,
         was_unclean,

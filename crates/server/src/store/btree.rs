@@ -13,61 +13,61 @@ use super::error::{Result, StoreError};
 use super::format::*;
 use super::meta::Meta;
 
-pub const NODE_HEADER: usize = 32;
+pub(super) const NODE_HEADER: usize = 32;
 const KEY_LEN: usize = 16;
 
 /// A tree key, ordered by `hi` then `lo`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct Key {
+pub(super) struct Key {
     pub hi: u64,
     pub lo: u64,
 }
 
 impl Key {
-    pub const MIN: Key = Key { hi: 0, lo: 0 };
+    pub(super) const MIN: Key = Key { hi: 0, lo: 0 };
 
-    pub fn new(hi: u64, lo: u64) -> Key {
+    pub(super) fn new(hi: u64, lo: u64) -> Key {
         Key { hi, lo }
     }
 }
 
 /// Which tree, with its node magic, value size and root in the root state.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Tree {
+pub(super) enum Tree {
     Exceptions,
     Snapshots,
 }
 
-pub const EXCEPTION_VALUE: usize = 16;
-pub const SNAPSHOT_VALUE: usize = 352;
+pub(super) const EXCEPTION_VALUE: usize = 16;
+pub(super) const SNAPSHOT_VALUE: usize = 352;
 
 impl Tree {
-    pub fn magic(self) -> u32 {
+    pub(super) fn magic(self) -> u32 {
         match self {
             Tree::Exceptions => MAGIC_EXCEPTION_NODE,
             Tree::Snapshots => MAGIC_SNAPSHOT_NODE,
         }
     }
 
-    pub fn value_size(self) -> usize {
+    pub(super) fn value_size(self) -> usize {
         match self {
             Tree::Exceptions => EXCEPTION_VALUE,
             Tree::Snapshots => SNAPSHOT_VALUE,
         }
     }
 
-    pub fn name(self) -> &'static str {
+    pub(super) fn name(self) -> &'static str {
         match self {
             Tree::Exceptions => "exception tree",
             Tree::Snapshots => "snapshot table",
         }
     }
 
-    pub fn leaf_capacity(self) -> usize {
+    pub(super) fn leaf_capacity(self) -> usize {
         (BLOCK - NODE_HEADER) / (KEY_LEN + self.value_size())
     }
 
-    pub fn internal_capacity(self) -> usize {
+    pub(super) fn internal_capacity(self) -> usize {
         (BLOCK - NODE_HEADER) / (KEY_LEN + 8)
     }
 
@@ -95,7 +95,7 @@ impl Tree {
 /// A decoded node. Leaves use `vals` (flat, `value_size` per entry), internal nodes
 /// `children`.
 #[derive(Clone, Debug)]
-pub struct Node {
+pub(super) struct Node {
     pub level: u16,
     pub keys: Vec<Key>,
     pub vals: Vec<u8>,
@@ -103,7 +103,7 @@ pub struct Node {
 }
 
 impl Node {
-    pub fn empty_leaf() -> Node {
+    pub(super) fn empty_leaf() -> Node {
         Node {
             level: 0,
             keys: Vec::new(),
@@ -112,7 +112,7 @@ impl Node {
         }
     }
 
-    pub fn is_leaf(&self) -> bool {
+    pub(super) fn is_leaf(&self) -> bool {
         self.level == 0
     }
 
@@ -121,7 +121,7 @@ impl Node {
         &self.vals[i * v..(i + 1) * v]
     }
 
-    pub fn decode(tree: Tree, block: u64, b: &[u8]) -> Result<Node> {
+    pub(super) fn decode(tree: Tree, block: u64, b: &[u8]) -> Result<Node> {
         let corrupt = |what: String| StoreError::CorruptMetadata {
             block,
             area: tree.name(),
@@ -173,7 +173,7 @@ impl Node {
         Ok(node)
     }
 
-    pub fn encode(&self, tree: Tree, b: &mut [u8]) {
+    pub(super) fn encode(&self, tree: Tree, b: &mut [u8]) {
         b.fill(0);
         put_u32(b, 0, tree.magic());
         b[8..10].copy_from_slice(&self.level.to_le_bytes());
@@ -235,7 +235,7 @@ fn write_node(meta: &mut Meta, tree: Tree, block: u64, node: &Node) -> Result<()
 }
 
 /// Calls `f` on entries with key >= `from` in ascending order until it returns false.
-pub fn visit_forward(
+pub(super) fn visit_forward(
     meta: &mut Meta,
     tree: Tree,
     from: Key,
@@ -273,7 +273,7 @@ fn visit_fwd(
 }
 
 /// Calls `f` on entries with key <= `upto` in descending order until it returns false.
-pub fn visit_backward(
+pub(super) fn visit_backward(
     meta: &mut Meta,
     tree: Tree,
     upto: Key,
@@ -325,7 +325,7 @@ fn check_depth(tree: Tree, block: u64, depth: u32) -> Result<()> {
 }
 
 /// The entry with the greatest key <= `key`.
-pub fn get_le(meta: &mut Meta, tree: Tree, key: Key) -> Result<Option<(Key, Vec<u8>)>> {
+pub(super) fn get_le(meta: &mut Meta, tree: Tree, key: Key) -> Result<Option<(Key, Vec<u8>)>> {
     let mut found = None;
     visit_backward(meta, tree, key, &mut |k, v| {
         found = Some((k, v.to_vec()));
@@ -335,7 +335,7 @@ pub fn get_le(meta: &mut Meta, tree: Tree, key: Key) -> Result<Option<(Key, Vec<
 }
 
 /// Inserts or replaces the value under `key`.
-pub fn insert(meta: &mut Meta, tree: Tree, key: Key, value: &[u8]) -> Result<()> {
+pub(super) fn insert(meta: &mut Meta, tree: Tree, key: Key, value: &[u8]) -> Result<()> {
     debug_assert_eq!(value.len(), tree.value_size());
     let (root, depth) = tree.root(&meta.root);
     let mut path: Vec<(u64, Node, usize)> = Vec::new();
@@ -413,7 +413,7 @@ pub fn insert(meta: &mut Meta, tree: Tree, key: Key, value: &[u8]) -> Result<()>
 /// node left less than half full is merged with a sibling when both fit in one node (so
 /// removing records gives node blocks back, not just emptier leaves); a root left with a
 /// single child is replaced by it. Never allocates a node.
-pub fn remove(meta: &mut Meta, tree: Tree, key: Key) -> Result<bool> {
+pub(super) fn remove(meta: &mut Meta, tree: Tree, key: Key) -> Result<bool> {
     let (root, _) = tree.root(&meta.root);
     let mut path: Vec<(u64, Node, usize)> = Vec::new();
     let mut block = root;
@@ -552,11 +552,11 @@ fn collapse_root(meta: &mut Meta, tree: Tree) -> Result<()> {
 }
 
 /// Called by `walk` with (block, node, lower bound, upper bound) of every node.
-pub type NodeVisitor<'a> = dyn FnMut(u64, &Node, Key, Option<Key>) -> Result<()> + 'a;
+pub(super) type NodeVisitor<'a> = dyn FnMut(u64, &Node, Key, Option<Key>) -> Result<()> + 'a;
 
 /// Walks every node (for the checker): calls `f(block, node, low, high)` where keys of the
 /// node must lie in `[low, high)`.
-pub fn walk(meta: &mut Meta, tree: Tree, f: &mut NodeVisitor<'_>) -> Result<()> {
+pub(super) fn walk(meta: &mut Meta, tree: Tree, f: &mut NodeVisitor<'_>) -> Result<()> {
     let (root, depth) = tree.root(&meta.root);
     let node = read_node(meta, tree, root)?;
     if u32::from(node.level) != depth {

@@ -11,14 +11,20 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 /// What the checker found. `problems` is empty for a consistent store.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct CheckReport {
+    /// Everything found wrong, one line each.
     pub problems: Vec<String>,
+    /// Exception records in the tree.
     pub exception_records: u64,
+    /// Data chunks in use.
     pub data_chunks_used: u64,
+    /// Metadata blocks in use.
     pub meta_blocks_used: u64,
+    /// Snapshots in the table.
     pub snapshots: u64,
 }
 
 impl CheckReport {
+    /// Whether nothing was found wrong.
     pub fn is_clean(&self) -> bool {
         self.problems.is_empty()
     }
@@ -27,7 +33,7 @@ impl CheckReport {
 /// Stop collecting after this many problems (a badly damaged store would list millions).
 const MAX_PROBLEMS: usize = 100;
 
-pub fn run(store: &mut Store) -> Result<CheckReport> {
+pub(super) fn run(store: &mut Store) -> Result<CheckReport> {
     let mut report = CheckReport::default();
     let mut problems = Vec::new();
     let geo = store.meta.geo;

@@ -47,6 +47,7 @@ pub struct FlushTracked {
 }
 
 impl FlushTracked {
+    /// Counts the flushes of `inner`.
     pub fn new(inner: Arc<dyn BlockDevice>) -> FlushTracked {
         FlushTracked {
             inner,
@@ -260,8 +261,11 @@ impl BlockDevice for FileDevice {
 /// Counters of a `MemDevice`, for tests and benchmarks.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct MemDeviceStats {
+    /// Reads.
     pub reads: u64,
+    /// Writes.
     pub writes: u64,
+    /// Flushes.
     pub flushes: u64,
 }
 

@@ -6,6 +6,8 @@ use std::io;
 
 /// Anything that can go wrong opening, formatting or using a store.
 #[derive(Debug, thiserror::Error)]
+// Each variant's `#[error]` message says what it is and what its fields hold.
+#[allow(missing_docs)]
 pub enum StoreError {
     #[error("I/O error {op} {device} at byte {offset}: {source}")]
     Io {
@@ -61,4 +63,6 @@ pub enum StoreError {
     Poisoned(String),
 }
 
+/// The store's results.
+/// The store's results.
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;

@@ -23,18 +23,18 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 
 /// Most blocks one journal transaction can carry (entries that fit in the commit record).
-pub const MAX_TX_BLOCKS: usize = (BLOCK - JOURNAL_HEADER) / JOURNAL_ENTRY;
+pub(super) const MAX_TX_BLOCKS: usize = (BLOCK - JOURNAL_HEADER) / JOURNAL_ENTRY;
 /// Start a new transaction before a public operation once this many blocks are dirty; no
 /// single operation dirties more than `MAX_TX_BLOCKS - TX_SOFT_LIMIT` blocks.
-pub const TX_SOFT_LIMIT: usize = 160;
+pub(super) const TX_SOFT_LIMIT: usize = 160;
 const JOURNAL_HEADER: usize = 160;
 const JOURNAL_ENTRY: usize = 16;
 /// The smallest cache that always has room for a full transaction plus a btree path.
-pub const MIN_CACHE_BLOCKS: usize = 2 * MAX_TX_BLOCKS + 64;
+pub(super) const MIN_CACHE_BLOCKS: usize = 2 * MAX_TX_BLOCKS + 64;
 
 /// Which bitmap: metadata node blocks or data chunks.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Space {
+pub(super) enum Space {
     Meta,
     Data,
 }
@@ -42,11 +42,17 @@ pub enum Space {
 /// Counters for benchmarks and status.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct MetaStats {
+    /// Journal commits.
     pub commits: u64,
+    /// Blocks written to the journal.
     pub journal_blocks_written: u64,
+    /// Checkpoints (journal blocks written home, superblock updated).
     pub checkpoints: u64,
+    /// Block cache hits.
     pub cache_hits: u64,
+    /// Block cache misses (device reads).
     pub cache_misses: u64,
+    /// Transactions replayed from the journal at open.
     pub transactions_replayed: u64,
 }
 
@@ -55,7 +61,7 @@ struct CacheEntry {
     tick: u64,
 }
 
-pub struct Meta {
+pub(super) struct Meta {
     pub dev: Arc<dyn BlockDevice>,
     pub geo: Geometry,
     /// The superblock as last written.
@@ -205,24 +211,24 @@ fn io_err(
     }
 }
 
-pub fn read_block(dev: &dyn BlockDevice, block: u64) -> Result<Box<[u8]>> {
+pub(super) fn read_block(dev: &dyn BlockDevice, block: u64) -> Result<Box<[u8]>> {
     let mut buf = vec![0u8; BLOCK].into_boxed_slice();
     dev.read_at(&mut buf, block * BLOCK_U64)
         .map_err(io_err("reading", dev, block * BLOCK_U64))?;
     Ok(buf)
 }
 
-pub fn write_block(dev: &dyn BlockDevice, block: u64, data: &[u8]) -> Result<()> {
+pub(super) fn write_block(dev: &dyn BlockDevice, block: u64, data: &[u8]) -> Result<()> {
     dev.write_at(data, block * BLOCK_U64)
         .map_err(io_err("writing", dev, block * BLOCK_U64))
 }
 
-pub fn flush(dev: &dyn BlockDevice) -> Result<()> {
+pub(super) fn flush(dev: &dyn BlockDevice) -> Result<()> {
     dev.flush().map_err(io_err("flushing", dev, 0))
 }
 
 /// What replaying the journal found.
-pub struct Replay {
+pub(super) struct Replay {
     pub root: RootState,
     pub tail_pos: u64,
     pub tail_seq: u64,
@@ -238,7 +244,7 @@ fn journal_id(uuid: &[u8; 16]) -> u64 {
 /// Replays committed transactions from the superblock's journal tail, in sequence order,
 /// writing each block home; stops at the first record that is missing, out of sequence or
 /// fails a checksum (a torn tail). Flushes before returning.
-pub fn replay_journal(dev: &dyn BlockDevice, sb: &Superblock) -> Result<Replay> {
+pub(super) fn replay_journal(dev: &dyn BlockDevice, sb: &Superblock) -> Result<Replay> {
     let g = &sb.geometry;
     let mut pos = sb.journal_tail_pos;
     let mut seq = sb.journal_tail_seq;
@@ -300,7 +306,7 @@ pub fn replay_journal(dev: &dyn BlockDevice, sb: &Superblock) -> Result<Replay> 
 impl Meta {
     /// The metadata layer of an opened store whose journal has been replayed and whose
     /// superblock (`sb`) reflects that.
-    pub fn new(dev: Arc<dyn BlockDevice>, sb: Superblock, cache_blocks: usize) -> Meta {
+    pub(super) fn new(dev: Arc<dyn BlockDevice>, sb: Superblock, cache_blocks: usize) -> Meta {
         Meta {
             dev,
             geo: sb.geometry,
@@ -325,7 +331,7 @@ impl Meta {
         }
     }
 
-    pub fn check_usable(&self) -> Result<()> {
+    pub(super) fn check_usable(&self) -> Result<()> {
         match &self.poisoned {
             Some(why) => Err(StoreError::Poisoned(why.clone())),
             None => Ok(()),
@@ -333,17 +339,17 @@ impl Meta {
     }
 
     /// Marks the store unusable after a failure that may have left memory and disk apart.
-    pub fn poison(&mut self, err: &StoreError) {
+    pub(super) fn poison(&mut self, err: &StoreError) {
         if self.poisoned.is_none() {
             self.poisoned = Some(err.to_string());
         }
     }
 
-    pub fn tx_len(&self) -> usize {
+    pub(super) fn tx_len(&self) -> usize {
         self.tx_dirty.len()
     }
 
-    pub fn has_uncommitted(&self) -> bool {
+    pub(super) fn has_uncommitted(&self) -> bool {
         !self.tx_dirty.is_empty() || self.root != self.committed_root
     }
 
@@ -437,13 +443,13 @@ impl Meta {
     }
 
     /// A metadata block, read through the cache.
-    pub fn read(&mut self, block: u64) -> Result<&[u8]> {
+    pub(super) fn read(&mut self, block: u64) -> Result<&[u8]> {
         self.load(block)?;
         Ok(&self.cache[&block].data)
     }
 
     /// A metadata block to change in the running transaction.
-    pub fn write(&mut self, block: u64) -> Result<&mut [u8]> {
+    pub(super) fn write(&mut self, block: u64) -> Result<&mut [u8]> {
         self.load(block)?;
         self.tx_dirty.insert(block);
         Ok(self
@@ -454,7 +460,7 @@ impl Meta {
     }
 
     /// A freshly allocated block, zero-filled, part of the running transaction.
-    pub fn fresh(&mut self, block: u64) -> Result<&mut [u8]> {
+    pub(super) fn fresh(&mut self, block: u64) -> Result<&mut [u8]> {
         if let Some(entry) = self.cache.get_mut(&block) {
             entry.data.fill(0);
             self.touch(block);
@@ -537,7 +543,7 @@ impl Meta {
     }
 
     /// Allocates a metadata node block (part of the running transaction).
-    pub fn alloc_meta(&mut self) -> Result<u64> {
+    pub(super) fn alloc_meta(&mut self) -> Result<u64> {
         if self.root.meta_free == 0 {
             return Err(StoreError::Refused(Refusal::MetadataFull {
                 blocks: self.geo.meta_blocks,
@@ -560,7 +566,7 @@ impl Meta {
         Ok(self.geo.meta_start + index)
     }
 
-    pub fn free_meta(&mut self, block: u64) -> Result<()> {
+    pub(super) fn free_meta(&mut self, block: u64) -> Result<()> {
         let index = block - self.geo.meta_start;
         self.set_bit(Space::Meta, index, false)?;
         self.root.meta_free += 1;
@@ -573,22 +579,22 @@ impl Meta {
     }
 
     /// Data chunks that can be reserved right now.
-    pub fn data_available(&self) -> u64 {
+    pub(super) fn data_available(&self) -> u64 {
         self.root
             .data_free
             .saturating_sub(self.reserved.len() as u64 + self.quarantine.len() as u64)
     }
 
-    pub fn quarantined(&self) -> usize {
+    pub(super) fn quarantined(&self) -> usize {
         self.quarantine.len()
     }
 
-    pub fn reserved(&self) -> &HashSet<u64> {
+    pub(super) fn reserved(&self) -> &HashSet<u64> {
         &self.reserved
     }
 
     /// Reserves a free data chunk (in memory only) and returns its address.
-    pub fn reserve_data(&mut self) -> Result<u64> {
+    pub(super) fn reserve_data(&mut self) -> Result<u64> {
         if self.data_available() == 0 {
             return Err(StoreError::Refused(Refusal::Full));
         }
@@ -617,7 +623,7 @@ impl Meta {
     }
 
     /// Turns a reservation into an allocated chunk (in the running transaction).
-    pub fn claim_reserved(&mut self, chunk: u64) -> Result<()> {
+    pub(super) fn claim_reserved(&mut self, chunk: u64) -> Result<()> {
         if !self.reserved.contains(&chunk) {
             return Err(StoreError::Refused(Refusal::NotReserved(chunk)));
         }
@@ -627,7 +633,7 @@ impl Meta {
         Ok(())
     }
 
-    pub fn release_reserved(&mut self, chunk: u64) -> Result<()> {
+    pub(super) fn release_reserved(&mut self, chunk: u64) -> Result<()> {
         if self.reserved.remove(&chunk) {
             Ok(())
         } else {
@@ -636,7 +642,7 @@ impl Meta {
     }
 
     /// Frees an allocated data chunk; it becomes reusable once this transaction commits.
-    pub fn free_data(&mut self, chunk: u64) -> Result<()> {
+    pub(super) fn free_data(&mut self, chunk: u64) -> Result<()> {
         if !self.geo.is_data_chunk(chunk) {
             return Err(StoreError::CorruptMetadata {
                 block: self.geo.meta_start,
@@ -657,7 +663,7 @@ impl Meta {
     /// [`Meta::finish_commit`]. Meanwhile the next transaction can build up (its blocks are
     /// copied into the I/O now, and stay pinned until it is durable). `None`: nothing to
     /// commit, or the commit was done here because the journal needs a checkpoint after it.
-    pub fn begin_commit(&mut self) -> Result<Option<CommitIo>> {
+    pub(super) fn begin_commit(&mut self) -> Result<Option<CommitIo>> {
         self.check_usable()?;
         self.finish_commit()?;
         if !self.has_uncommitted() {
@@ -731,7 +737,7 @@ impl Meta {
     /// Completes the commit begun by [`Meta::begin_commit`], waiting for its I/O if it has
     /// not run yet: its blocks become committed (free to go home), its freed chunks
     /// reusable. A failed I/O poisons the store. Nothing to do without a pending commit.
-    pub fn finish_commit(&mut self) -> Result<()> {
+    pub(super) fn finish_commit(&mut self) -> Result<()> {
         let Some(p) = self.pending.take() else {
             return Ok(());
         };
@@ -789,7 +795,7 @@ impl Meta {
     /// before the metadata that points at it), writes the changed blocks and a commit record
     /// (sequence number, root state, home address and crc32c of every block) to the journal,
     /// and flushes again. Checkpoints when the journal is getting full.
-    pub fn commit(&mut self) -> Result<()> {
+    pub(super) fn commit(&mut self) -> Result<()> {
         self.check_usable()?;
         self.finish_commit()?;
         if !self.has_uncommitted() {
@@ -824,7 +830,7 @@ impl Meta {
 
     /// Writes every committed block home, flushes, then moves the journal tail in a new
     /// superblock. Only called with no transaction running.
-    pub fn checkpoint(&mut self) -> Result<()> {
+    pub(super) fn checkpoint(&mut self) -> Result<()> {
         self.finish_commit()?;
         let dev = self.dev.clone();
         let mut blocks: Vec<u64> = self.ckpt_dirty.iter().copied().collect();
@@ -844,7 +850,7 @@ impl Meta {
 
     /// Writes a new superblock (next slot) with the committed root and the journal tail at
     /// the head, and flushes it.
-    pub fn write_superblock(&mut self, clean: bool) -> Result<()> {
+    pub(super) fn write_superblock(&mut self, clean: bool) -> Result<()> {
         let mut sb = self.sb.clone();
         sb.sequence += 1;
         sb.clean = clean;
@@ -859,14 +865,14 @@ impl Meta {
     }
 
     /// Commits, checkpoints and marks the store clean.
-    pub fn close(&mut self) -> Result<()> {
+    pub(super) fn close(&mut self) -> Result<()> {
         self.commit()?;
         self.checkpoint()?;
         self.write_superblock(true)
     }
 
     /// Every bitmap bit of a space, for the checker (one cache access per bitmap block).
-    pub fn all_bits(&mut self, space: Space) -> Result<Vec<bool>> {
+    pub(super) fn all_bits(&mut self, space: Space) -> Result<Vec<bool>> {
         let total = match space {
             Space::Meta => self.geo.meta_blocks,
             Space::Data => self.geo.data_chunks,
@@ -885,13 +891,13 @@ impl Meta {
         Ok(out)
     }
 
-    pub fn cache_len(&self) -> usize {
+    pub(super) fn cache_len(&self) -> usize {
         self.cache.len()
     }
 }
 
 /// A bitmap block as written by `format`: header plus all bits clear.
-pub fn empty_bitmap_block(index: u64) -> Vec<u8> {
+pub(super) fn empty_bitmap_block(index: u64) -> Vec<u8> {
     let mut b = vec![0u8; BLOCK];
     put_u32(&mut b, 0, MAGIC_BITMAP);
     put_u64(&mut b, 8, index);
@@ -899,13 +905,13 @@ pub fn empty_bitmap_block(index: u64) -> Vec<u8> {
 }
 
 /// Sets bit `bit` of a bitmap block image.
-pub fn set_bitmap_bit(b: &mut [u8], bit: u64) {
+pub(super) fn set_bitmap_bit(b: &mut [u8], bit: u64) {
     let bit = bit as usize;
     b[BITMAP_HEADER + bit / 8] |= 1 << (bit % 8);
 }
 
 /// Seals a node or bitmap block image: writes its crc32c at bytes 4..8.
-pub fn seal(b: &mut [u8]) {
+pub(super) fn seal(b: &mut [u8]) {
     let crc = block_crc(b, 4);
     put_u32(b, 4, crc);
 }

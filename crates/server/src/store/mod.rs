@@ -65,7 +65,9 @@ impl Default for OpenOptions {
 /// Parameters of `Store::format`.
 #[derive(Clone, Copy, Debug)]
 pub struct FormatOptions {
+    /// Bytes per chunk (a power of two, 4 KiB to 1 MiB).
     pub chunk_size: u64,
+    /// The origin's size in bytes.
     pub origin_size: u64,
     /// Creation time (unix seconds) recorded in the superblock.
     pub now: u64,
@@ -76,17 +78,27 @@ pub struct FormatOptions {
 /// State of a snapshot in the snapshot table.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum SnapState {
+    /// Readable and writable.
     Live,
-    Invalid { reason: String },
+    /// Sacrificed by the store-full policy; its contents are gone.
+    Invalid {
+        /// Why.
+        reason: String,
+    },
+    /// Deleted; its space is being reclaimed.
     Deleting,
 }
 
 /// One row of the snapshot table.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SnapshotRecord {
+    /// The snapshot's id (never reused).
     pub id: SnapId,
+    /// Its name.
     pub name: String,
+    /// Creation time, Unix seconds.
     pub ctime: u64,
+    /// Live, invalid or being deleted.
     pub state: SnapState,
     /// For Deleting and Invalid snapshots: the reclaim pass whose completion frees what they
     /// alone held (0 = nothing pending).
@@ -100,9 +112,13 @@ pub struct SnapshotRecord {
 /// `store_chunk`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ExceptionRecord {
+    /// The origin chunk.
     pub chunk: u64,
+    /// The first snapshot it covers.
     pub first: SnapId,
+    /// The last snapshot it covers.
     pub last: SnapId,
+    /// Where the chunk's contents are (device chunk address).
     pub store_chunk: u64,
     /// Every live snapshot below `first` is covered by some record of this chunk.
     pub fill: bool,
@@ -254,22 +270,34 @@ pub fn check_snapshot_name(name: &str) -> Result<()> {
 /// Where a snapshot reads one chunk.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ChunkSource {
+    /// It still shares the origin's chunk.
     Origin,
-    Store { store_chunk: u64, exclusive: bool },
+    /// It reads the store.
+    Store {
+        /// Where (device chunk address).
+        store_chunk: u64,
+        /// No other live snapshot uses it.
+        exclusive: bool,
+    },
 }
 
 /// How far `Store::format_with_progress` got: metadata blocks written of those it writes.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct FormatProgress {
+    /// Blocks written so far.
     pub done_blocks: u64,
+    /// Blocks to write in all.
     pub total_blocks: u64,
 }
 
 /// Progress of one `reclaim_step`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ReclaimProgress {
+    /// Exception records looked at.
     pub records_examined: u64,
+    /// Of those, removed.
     pub records_removed: u64,
+    /// Data chunks freed.
     pub chunks_freed: u64,
     /// No reclaim work is left.
     pub done: bool,
@@ -278,15 +306,25 @@ pub struct ReclaimProgress {
 /// Figures for status output.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct StoreInfo {
+    /// The store's uuid.
     pub uuid: String,
+    /// Bytes per chunk.
     pub chunk_size: u64,
+    /// The origin's size in bytes.
     pub origin_size: u64,
+    /// The origin's size in chunks.
     pub origin_chunks: u64,
+    /// Chunks in the data area.
     pub data_chunks: u64,
+    /// Of those, free.
     pub free_chunks: u64,
+    /// Blocks in the metadata (node) area.
     pub meta_blocks: u64,
+    /// Of those, free.
     pub free_meta_blocks: u64,
+    /// Bumped by every server start.
     pub server_generation: u64,
+    /// Snapshots in the table (deleting ones included).
     pub snapshots: usize,
 }
 
@@ -563,14 +601,17 @@ impl Store {
         self.replayed
     }
 
+    /// Where everything lives on the device.
     pub fn geometry(&self) -> &Geometry {
         &self.meta.geo
     }
 
+    /// The superblock as last written.
     pub fn superblock(&self) -> &Superblock {
         &self.meta.sb
     }
 
+    /// Commit, journal and cache counters.
     pub fn meta_stats(&self) -> MetaStats {
         self.meta.stats
     }
@@ -599,6 +640,7 @@ impl Store {
             .saturating_sub(self.meta.reserved().len() as u64)
     }
 
+    /// The figures `csnap-server check` and status print.
     pub fn info(&self) -> StoreInfo {
         let g = &self.meta.geo;
         StoreInfo {

@@ -10,8 +10,11 @@ use std::path::Path;
 /// What `format_paths` is asked to do.
 #[derive(Clone, Debug)]
 pub struct FormatRequest<'a> {
+    /// The origin device (its size is recorded).
     pub origin: &'a Path,
+    /// The store device to format.
     pub store: &'a Path,
+    /// Bytes per chunk.
     pub chunk_size: u64,
     /// Overwrite an existing store.
     pub force: bool,
@@ -109,7 +112,9 @@ pub fn parse_size(text: &str) -> std::result::Result<u64, String> {
 /// What `check_paths` found.
 #[derive(Debug)]
 pub struct CheckOutcome {
+    /// The store's figures.
     pub info: super::StoreInfo,
+    /// What the consistency check found.
     pub report: super::CheckReport,
     /// The store was not shut down cleanly: its journal was replayed (in memory only).
     pub was_unclean: bool,
@@ -118,10 +123,12 @@ pub struct CheckOutcome {
 }
 
 impl CheckOutcome {
+    /// Whether nothing was found wrong.
     pub fn is_clean(&self) -> bool {
         self.report.is_clean() && self.extra_problems.is_empty()
     }
 
+    /// Everything found wrong.
     pub fn problems(&self) -> impl Iterator<Item = &String> {
         self.extra_problems.iter().chain(&self.report.problems)
     }
@@ -129,6 +136,8 @@ impl CheckOutcome {
 
 /// Why `check_paths` could not check.
 #[derive(Debug, thiserror::Error)]
+// Each variant's `#[error]` message says what it is and what its fields hold.
+#[allow(missing_docs)]
 pub enum CheckError {
     #[error("{0} is in use: a csnap server on this node holds its lock (stop it first; a check of a store in use would see it change underneath)")]
     InUse(String),

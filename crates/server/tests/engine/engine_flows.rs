@@ -298,6 +298,11 @@ fn snapshot_becomes_live_only_after_every_origin_client_acked() {
     // whole-second clock).
     h.handle(Event::ClientDisconnected { conn: o2 });
     h.settle();
+    assert_eq!(
+        h.engine.poll_timeout(),
+        Some(1_014),
+        "the tick the lease ends at"
+    );
     h.handle(Event::Tick { now: 1_013 });
     h.settle();
     assert!(
@@ -458,17 +463,7 @@ fn store_full_invalidates_the_oldest_snapshot_and_origin_writes_never_fail() {
     let mut h = Harness::new(config(), 32, 4);
     let (origin, admin, snaps) = origin_and_snapshots(&mut h, 1);
     for c in 0..4 {
-        let w = h.send(
-            origin,
-            ClientMsg::QueryWrite {
-                ranges: range(c, 1),
-            },
-        );
-        h.settle();
-        assert!(matches!(
-            h.reply_to(origin, w),
-            Some(ServerMsg::OriginWriteOk { .. })
-        ));
+        h.granted_origin_write(origin, c);
     }
     let newer = h.create_snapshot(admin, "newer", &[origin]);
     // The store is full; this copy-out is needed by both snapshots.
@@ -658,10 +653,15 @@ fn locks_of_a_vanished_snapshot_client_hold_until_it_returns_or_grace_expires() 
     );
     h.settle();
     assert!(h.reply_to(origin, w).is_none(), "orphaned lock holds");
-    h.handle(Event::Tick { now: 1_030 });
+    assert_eq!(
+        h.engine.poll_timeout(),
+        Some(1_060),
+        "the tick the grace time ends at"
+    );
+    h.handle(Event::Tick { now: 1_059 });
     h.settle();
     assert!(h.reply_to(origin, w).is_none(), "within grace");
-    h.handle(Event::Tick { now: 1_061 });
+    h.handle(Event::Tick { now: 1_060 });
     h.settle();
     assert!(matches!(
         h.reply_to(origin, w),
@@ -1114,6 +1114,11 @@ fn a_silent_origin_client_holds_a_creation_for_its_lease_only() {
         other => panic!("expected NewSnapshot, got {other:?}"),
     };
     h.send(alive, ClientMsg::NewSnapshotAck { snap });
+    assert_eq!(
+        h.engine.poll_timeout(),
+        Some(1_014),
+        "the tick the silent client is closed at"
+    );
     // Lease 10 s + margin 2 s + 2 s for the engine's whole-second clock (the request it
     // last heard may have been sent up to two seconds after the tick it counts from).
     for now in 1_001..1_014 {
@@ -1165,6 +1170,11 @@ fn no_snapshot_is_created_before_hold_snapshots_until() {
         },
     );
     h.settle();
+    assert_eq!(
+        h.engine.poll_timeout(),
+        Some(1_020),
+        "the tick the hold ends at"
+    );
     h.handle(Event::Tick { now: 1_019 });
     h.settle();
     assert!(h.reply_to(admin, c).is_none());

@@ -297,7 +297,7 @@ fn a_store_error_at_any_point_stops_the_engine_cleanly() {
         let mut fatal = None;
         let mut step = |engine: &mut Engine<FailingStore>, ev: Event| {
             engine.handle(ev);
-            while let Some(a) = engine.poll_action() {
+            while let Some(a) = engine.poll_output() {
                 match a {
                     Action::Fatal { error } => fatal = Some(error),
                     Action::Commit => {

@@ -877,7 +877,12 @@ fn run_case<S: TestStore>(
 }
 
 /// Runs `count` random cases (or the one named by CSNAP_SEED) on stores from `make_store`.
-pub fn run_cases<S: TestStore>(test: &str, count: u64, steps: usize, make_store: &MakeStore<S>) {
+pub(crate) fn run_cases<S: TestStore>(
+    test: &str,
+    count: u64,
+    steps: usize,
+    make_store: &MakeStore<S>,
+) {
     if let Some(seed) = csnap_proto::testing::env_seed("CSNAP_SEED") {
         eprintln!(
             "{test}: replaying case seed={}",

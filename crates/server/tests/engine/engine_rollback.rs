@@ -580,17 +580,7 @@ fn a_rollback_step_by_step() {
     let target = h.create_snapshot(admin, "target", &[origin]);
     let other = h.create_snapshot(admin, "other", &[origin]);
     // Chunk 3 changes after both snapshots: copied out for them.
-    let w = h.send(
-        origin,
-        ClientMsg::QueryWrite {
-            ranges: range(3, 1),
-        },
-    );
-    h.settle();
-    assert!(matches!(
-        h.reply_to(origin, w),
-        Some(ServerMsg::OriginWriteOk { .. })
-    ));
+    h.granted_origin_write(origin, 3);
     h.origin[3] = [31, 31];
 
     let id = h.send(
@@ -727,17 +717,7 @@ fn a_write_after_the_start_to_a_chunk_the_source_shares_is_kept() {
     let admin = h.admin();
     let target = h.create_snapshot(admin, "target", &[origin]);
     for c in [1, 2] {
-        let w = h.send(
-            origin,
-            ClientMsg::QueryWrite {
-                ranges: range(c, 1),
-            },
-        );
-        h.settle();
-        assert!(matches!(
-            h.reply_to(origin, w),
-            Some(ServerMsg::OriginWriteOk { .. })
-        ));
+        h.granted_origin_write(origin, c);
         h.origin[c as usize] = [10 + c, 10 + c];
     }
     h.send(
@@ -813,17 +793,7 @@ fn a_full_store_pauses_the_rollback_and_never_sacrifices_its_source_or_pin() {
     let admin = h.admin();
     let target = h.create_snapshot(admin, "target", &[origin]);
     for c in [0, 1] {
-        let w = h.send(
-            origin,
-            ClientMsg::QueryWrite {
-                ranges: range(c, 1),
-            },
-        );
-        h.settle();
-        assert!(matches!(
-            h.reply_to(origin, w),
-            Some(ServerMsg::OriginWriteOk { .. })
-        ));
+        h.granted_origin_write(origin, c);
         h.origin[c as usize] = [9, 9];
     }
     assert_eq!(

@@ -234,17 +234,7 @@ fn a_duplicate_hello_is_refused_and_the_first_connection_keeps_working() {
         !h.closed.contains(&first),
         "the first connection was closed"
     );
-    let w = h.send(
-        first,
-        ClientMsg::QueryWrite {
-            ranges: range(0, 1),
-        },
-    );
-    h.settle();
-    assert!(matches!(
-        h.reply_to(first, w),
-        Some(ServerMsg::OriginWriteOk { .. })
-    ));
+    h.granted_origin_write(first, 0);
     let st = h.send(first, ClientMsg::Status);
     match h.reply_to(first, st) {
         Some(ServerMsg::Status(s)) => assert_eq!(s.connected_clients, 1),
@@ -269,17 +259,7 @@ fn a_reconnect_of_the_same_client_replaces_its_lingering_connection() {
     let (newer, answer) = hello(&mut h, 0x77, ClientKind::Origin, 5, true);
     assert!(matches!(answer, ServerMsg::Welcome { .. }), "{answer:?}");
     assert!(h.closed.contains(&new));
-    let w = h.send(
-        newer,
-        ClientMsg::QueryWrite {
-            ranges: range(0, 1),
-        },
-    );
-    h.settle();
-    assert!(matches!(
-        h.reply_to(newer, w),
-        Some(ServerMsg::OriginWriteOk { .. })
-    ));
+    h.granted_origin_write(newer, 0);
     // Once the first client's connection is gone, another incarnation may use the id (a
     // restarted client process).
     h.handle(Event::ClientDisconnected { conn: newer });
@@ -502,6 +482,11 @@ fn an_unauthenticated_connection_is_closed_after_the_deadline_and_status_counts_
     let idle = h.open_conn();
     let admin = h.admin();
     assert_eq!(
+        h.engine.poll_timeout(),
+        Some(1_006),
+        "the engine asks for the tick that closes the idle connection"
+    );
+    assert_eq!(
         h.engine.status().map(|s| s.connected_clients),
         Some(2),
         "both connections count while the idle one may still authenticate"
@@ -528,4 +513,58 @@ fn an_unauthenticated_connection_is_closed_after_the_deadline_and_status_counts_
     let status = h.engine.status().expect("status of a healthy engine");
     assert_eq!(status.connected_clients, 1);
     assert!(status.active);
+    assert_eq!(h.engine.poll_timeout(), None, "nothing left to time out");
+}
+
+/// `poll_timeout` asks for a tick only while time alone changes something, and names the
+/// second the tick then acts in: here background reclaim after start, an origin client's
+/// silence deadline, and the lease end of a lost origin client.
+#[test]
+fn poll_timeout_asks_for_ticks_only_while_time_can_change_something() {
+    let cfg = EngineConfig {
+        origin_lease_secs: 10,
+        ..config()
+    };
+    let mut h = Harness::new(cfg, 16, 16);
+    assert_eq!(
+        h.engine.poll_timeout(),
+        Some(1_001),
+        "a fresh engine resumes reclaim in the background, a step per second"
+    );
+    h.handle(Event::Tick { now: 1_001 });
+    assert_eq!(
+        h.engine.poll_timeout(),
+        None,
+        "an idle engine waits for nothing"
+    );
+    h.admin();
+    assert_eq!(
+        h.engine.poll_timeout(),
+        None,
+        "an admin client has no deadline"
+    );
+    let origin = h.connect(1, ClientKind::Origin, false);
+    // Lease 10 s + margin 2 s + clock slack 2 s from when it was last heard.
+    assert_eq!(
+        h.engine.poll_timeout(),
+        Some(1_015),
+        "the origin's silence deadline"
+    );
+    h.handle(Event::Tick { now: 1_005 });
+    h.handle(Event::ClientDisconnected { conn: origin });
+    assert_eq!(
+        h.engine.poll_timeout(),
+        Some(1_015),
+        "the lost origin client may write until its lease has run out"
+    );
+    let lease_ended = |h: &Harness| {
+        h.logs
+            .iter()
+            .any(|(_, m)| m.contains("lost origin client") && m.contains("run out"))
+    };
+    h.handle(Event::Tick { now: 1_014 });
+    assert!(!lease_ended(&h), "still counted a second before");
+    h.handle(Event::Tick { now: 1_015 });
+    assert!(lease_ended(&h), "let go at the second poll_timeout named");
+    assert_eq!(h.engine.poll_timeout(), None);
 }

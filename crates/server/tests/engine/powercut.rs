@@ -850,7 +850,7 @@ impl Sim {
     }
 
     fn pump(&mut self) {
-        while let Some(action) = self.engine.as_mut().and_then(|e| e.poll_action()) {
+        while let Some(action) = self.engine.as_mut().and_then(|e| e.poll_output()) {
             match action {
                 Action::Send { conn, frame } => {
                     if let Some(w) = self.wires.get_mut(&conn) {

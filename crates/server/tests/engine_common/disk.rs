@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 const CHUNK: u64 = 4096;
 
-pub struct DiskStore {
+pub(crate) struct DiskStore {
     pub store: Store,
     dev: MemDevice,
     crashes: u64,
@@ -21,7 +21,7 @@ pub struct DiskStore {
 
 impl DiskStore {
     /// A store formatted as `csnapctl format` would (the `MakeStore` shape).
-    pub fn new(origin_chunks: u64, store_chunks: u64) -> DiskStore {
+    pub(crate) fn new(origin_chunks: u64, store_chunks: u64) -> DiskStore {
         let size = Geometry::smallest_store(CHUNK).unwrap() + store_chunks * CHUNK;
         let dev = MemDevice::new(size);
         Store::format(&dev, &Self::options(origin_chunks)).unwrap();
@@ -29,7 +29,7 @@ impl DiskStore {
     }
 
     /// A store with a node area of `meta_blocks` blocks, to fill it in tests.
-    pub fn with_metadata_blocks(
+    pub(crate) fn with_metadata_blocks(
         meta_blocks: u64,
         data_chunks: u64,
         origin_chunks: u64,

@@ -3,22 +3,22 @@
 //! that speak the protocol as a client would.
 #![allow(dead_code)]
 
-pub mod disk;
+pub(crate) mod disk;
 
 use csnap_proto::auth;
 use csnap_proto::*;
 use csnap_server::engine::*;
 use std::collections::{BTreeSet, HashMap, VecDeque};
 
-pub const KEY: &[u8] = b"cluster key for tests";
+pub(crate) const KEY: &[u8] = b"cluster key for tests";
 
 /// Simulated chunk contents: two halves, so partial writes (and therefore the copies that
 /// preserve the other half) are visible.
-pub type Data = [u64; 2];
+pub(crate) type Data = [u64; 2];
 
 /// What the tests need from a store beyond `MetaStore`: crash and recovery, a consistency
 /// check, and every snapshot's state.
-pub trait TestStore: MetaStore + Sized {
+pub(crate) trait TestStore: MetaStore + Sized {
     /// Simulates a server crash and recovery: what was not committed is lost.
     fn crash_and_recover(&mut self);
     fn consistency(&mut self) -> Result<(), String>;
@@ -49,13 +49,13 @@ impl TestStore for MemStore {
 /// Simulated store data, by store chunk address (a device chunk index: data chunks may
 /// start after a metadata area). Never-written chunks read as `UNWRITTEN`.
 #[derive(Default)]
-pub struct StoreData(HashMap<usize, Data>);
+pub(crate) struct StoreData(HashMap<usize, Data>);
 
-pub const UNWRITTEN: Data = [u64::MAX, u64::MAX];
+pub(crate) const UNWRITTEN: Data = [u64::MAX, u64::MAX];
 
 /// In `Harness::copies`, a destination with this bit set is origin chunk `to & !TO_ORIGIN`
 /// (an online rollback's copy back, `Action::CopyToOrigin`; its source is the store).
-pub const TO_ORIGIN: u64 = 1 << 63;
+pub(crate) const TO_ORIGIN: u64 = 1 << 63;
 
 impl std::ops::Index<usize> for StoreData {
     type Output = Data;
@@ -71,7 +71,7 @@ impl std::ops::IndexMut<usize> for StoreData {
     }
 }
 
-pub struct Harness<S: TestStore = MemStore> {
+pub(crate) struct Harness<S: TestStore = MemStore> {
     pub engine: Engine<S>,
     pub origin: Vec<Data>,
     pub store_data: StoreData,
@@ -97,7 +97,7 @@ pub struct Harness<S: TestStore = MemStore> {
 
 /// Origin leases are long here, so tests that tick through time with idle origin clients
 /// keep them; the lease tests set their own.
-pub fn config() -> EngineConfig {
+pub(crate) fn config() -> EngineConfig {
     EngineConfig {
         cluster_key: KEY.to_vec(),
         start_time: 1_000,
@@ -107,13 +107,13 @@ pub fn config() -> EngineConfig {
 }
 
 impl Harness<MemStore> {
-    pub fn new(cfg: EngineConfig, origin_chunks: u64, store_chunks: u64) -> Self {
+    pub(crate) fn new(cfg: EngineConfig, origin_chunks: u64, store_chunks: u64) -> Self {
         Self::with_store(cfg, MemStore::new(4096, origin_chunks, store_chunks))
     }
 }
 
 impl<S: TestStore> Harness<S> {
-    pub fn with_store(cfg: EngineConfig, store: S) -> Self {
+    pub(crate) fn with_store(cfg: EngineConfig, store: S) -> Self {
         let mut s = store;
         let stats = s.stats().unwrap();
         let engine = Engine::new(s, cfg).unwrap();
@@ -140,8 +140,8 @@ impl<S: TestStore> Harness<S> {
     }
 
     /// Moves the engine's actions into the simulated world.
-    pub fn pump(&mut self) {
-        while let Some(a) = self.engine.poll_action() {
+    pub(crate) fn pump(&mut self) {
+        while let Some(a) = self.engine.poll_output() {
             match a {
                 Action::Send { conn, frame } => {
                     self.trace
@@ -193,7 +193,7 @@ impl<S: TestStore> Harness<S> {
     /// Server crash and failover: everything not committed is lost, copies in flight and
     /// unsent or undelivered frames vanish, and a new engine starts on the recovered store
     /// with the given activation list.
-    pub fn failover(&mut self, cfg: EngineConfig) {
+    pub(crate) fn failover(&mut self, cfg: EngineConfig) {
         let placeholder = Engine::new(S::placeholder(), config()).unwrap();
         let mut store = std::mem::replace(&mut self.engine, placeholder).into_store();
         store.crash_and_recover();
@@ -205,18 +205,18 @@ impl<S: TestStore> Harness<S> {
         self.pump();
     }
 
-    pub fn handle(&mut self, ev: Event) {
+    pub(crate) fn handle(&mut self, ev: Event) {
         self.engine.handle(ev);
         self.pump();
     }
 
     /// Performs the oldest queued copy on the simulated devices and reports it done.
-    pub fn run_one_copy(&mut self) -> bool {
+    pub(crate) fn run_one_copy(&mut self) -> bool {
         self.run_copy_at(0)
     }
 
     /// Performs the queued copy at `index` (copies may finish in any order).
-    pub fn run_copy_at(&mut self, index: usize) -> bool {
+    pub(crate) fn run_copy_at(&mut self, index: usize) -> bool {
         let Some((copy, from, to)) = self.copies.remove(index) else {
             return false;
         };
@@ -236,7 +236,7 @@ impl<S: TestStore> Harness<S> {
         true
     }
 
-    pub fn run_commit(&mut self) -> bool {
+    pub(crate) fn run_commit(&mut self) -> bool {
         if !self.commit_pending {
             return false;
         }
@@ -248,16 +248,16 @@ impl<S: TestStore> Harness<S> {
     }
 
     /// Runs copies and commits until nothing is left.
-    pub fn settle(&mut self) {
+    pub(crate) fn settle(&mut self) {
         while self.run_one_copy() || self.run_commit() {}
     }
 
-    pub fn fresh_id(&mut self) -> RequestId {
+    pub(crate) fn fresh_id(&mut self) -> RequestId {
         self.next_id += 1;
         self.next_id
     }
 
-    pub fn open_conn(&mut self) -> ConnId {
+    pub(crate) fn open_conn(&mut self) -> ConnId {
         let conn = self.next_conn;
         self.next_conn += 1;
         self.handle(Event::ClientConnected {
@@ -267,7 +267,7 @@ impl<S: TestStore> Harness<S> {
         conn
     }
 
-    pub fn send(&mut self, conn: ConnId, msg: ClientMsg) -> RequestId {
+    pub(crate) fn send(&mut self, conn: ConnId, msg: ClientMsg) -> RequestId {
         let id = self.fresh_id();
         self.handle(Event::ClientRequest {
             conn,
@@ -276,7 +276,23 @@ impl<S: TestStore> Harness<S> {
         id
     }
 
-    pub fn replies(&mut self, conn: ConnId) -> Vec<ServerFrame> {
+    /// Writes origin chunk `chunk` through `conn` as a client would: asks (`QueryWrite`),
+    /// lets every copy and commit it needs run, and checks the write was granted.
+    pub(crate) fn granted_origin_write(&mut self, conn: ConnId, chunk: u64) {
+        let w = self.send(
+            conn,
+            ClientMsg::QueryWrite {
+                ranges: range(chunk, 1),
+            },
+        );
+        self.settle();
+        match self.reply_to(conn, w) {
+            Some(ServerMsg::OriginWriteOk { .. }) => {}
+            other => panic!("write of origin chunk {chunk}: expected OriginWriteOk, got {other:?}"),
+        }
+    }
+
+    pub(crate) fn replies(&mut self, conn: ConnId) -> Vec<ServerFrame> {
         self.inbox
             .get_mut(&conn)
             .map(|q| q.drain(..).collect())
@@ -284,14 +300,14 @@ impl<S: TestStore> Harness<S> {
     }
 
     /// The reply to request `id`, if it arrived (removing it from the inbox).
-    pub fn reply_to(&mut self, conn: ConnId, id: RequestId) -> Option<ServerMsg> {
+    pub(crate) fn reply_to(&mut self, conn: ConnId, id: RequestId) -> Option<ServerMsg> {
         let q = self.inbox.get_mut(&conn)?;
         let pos = q.iter().position(|f| f.reply_to == Some(id))?;
         q.remove(pos).map(|f| f.msg)
     }
 
     /// Notices (frames that answer no request) waiting on a connection, removed.
-    pub fn notices(&mut self, conn: ConnId) -> Vec<ServerMsg> {
+    pub(crate) fn notices(&mut self, conn: ConnId) -> Vec<ServerMsg> {
         let Some(q) = self.inbox.get_mut(&conn) else {
             return Vec::new();
         };
@@ -303,7 +319,7 @@ impl<S: TestStore> Harness<S> {
     /// Connects and authenticates client instance `client`'s connection of this kind
     /// (identity `ClientId::new(client, kind)`, incarnation `client`: connecting the same
     /// one again is a reconnect); returns its connection.
-    pub fn connect(&mut self, client: u64, kind: ClientKind, resuming: bool) -> ConnId {
+    pub(crate) fn connect(&mut self, client: u64, kind: ClientKind, resuming: bool) -> ConnId {
         let conn = self.open_conn();
         let client_nonce = [client as u8 ^ 0x5a; 32];
         let id = ClientId::new(client, kind);
@@ -349,12 +365,17 @@ impl<S: TestStore> Harness<S> {
         }
     }
 
-    pub fn admin(&mut self) -> ConnId {
+    pub(crate) fn admin(&mut self) -> ConnId {
         self.connect(9_000 + self.next_conn, ClientKind::Admin, false)
     }
 
     /// Creates a snapshot through `admin`, acking NewSnapshot on every given origin conn.
-    pub fn create_snapshot(&mut self, admin: ConnId, name: &str, origins: &[ConnId]) -> SnapId {
+    pub(crate) fn create_snapshot(
+        &mut self,
+        admin: ConnId,
+        name: &str,
+        origins: &[ConnId],
+    ) -> SnapId {
         let id = self.send(
             admin,
             ClientMsg::CreateSnapshot {
@@ -376,7 +397,7 @@ impl<S: TestStore> Harness<S> {
         }
     }
 
-    pub fn errors(&self, level: LogLevel) -> Vec<String> {
+    pub(crate) fn errors(&self, level: LogLevel) -> Vec<String> {
         self.logs
             .iter()
             .filter(|(l, _)| *l == level)
@@ -385,11 +406,11 @@ impl<S: TestStore> Harness<S> {
     }
 }
 
-pub fn range(start: u64, count: u32) -> Vec<ChunkRange> {
+pub(crate) fn range(start: u64, count: u32) -> Vec<ChunkRange> {
     vec![ChunkRange::new(start, count)]
 }
 
-pub fn error_code(msg: &Option<ServerMsg>) -> Option<ErrorCode> {
+pub(crate) fn error_code(msg: &Option<ServerMsg>) -> Option<ErrorCode> {
     match msg {
         Some(ServerMsg::Error { code, .. }) => Some(*code),
         _ => None,
@@ -402,6 +423,6 @@ fn short(msg: &ServerMsg) -> String {
 }
 
 /// The seed for a randomised test: CSNAP_SEED if set, else random; printed.
-pub fn seed(test: &str) -> u64 {
+pub(crate) fn seed(test: &str) -> u64 {
     csnap_proto::testing::seed(test, "CSNAP_SEED")
 }

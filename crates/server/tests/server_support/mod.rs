@@ -21,15 +21,15 @@ use tokio::sync::{mpsc, oneshot, RwLock};
 use tokio_util::codec::{FramedRead, FramedWrite};
 
 /// Every wait in these tests is bounded by this unless said otherwise.
-pub const WAIT: Duration = Duration::from_secs(20);
+pub(crate) const WAIT: Duration = Duration::from_secs(20);
 
 /// A seed from CSNAP_SEED or a fresh one, printed so a failure can be replayed.
-pub fn seed(test: &str) -> u64 {
+pub(crate) fn seed(test: &str) -> u64 {
     csnap_proto::testing::seed(test, "CSNAP_SEED")
 }
 
 /// Deterministic contents of origin chunk `chunk` at write `version` (0 = initial).
-pub fn pattern(chunk_size: usize, chunk: u64, version: u64) -> Vec<u8> {
+pub(crate) fn pattern(chunk_size: usize, chunk: u64, version: u64) -> Vec<u8> {
     let mut out = vec![0u8; chunk_size];
     let mut x = chunk
         .wrapping_mul(0x9E37_79B9_7F4A_7C15)
@@ -46,7 +46,7 @@ pub fn pattern(chunk_size: usize, chunk: u64, version: u64) -> Vec<u8> {
 
 /// Files for one server: an origin (filled with `pattern(.., 0)`), a formatted store and a
 /// key file.
-pub struct Fixture {
+pub(crate) struct Fixture {
     pub dir: tempfile::TempDir,
     pub origin: PathBuf,
     pub store: PathBuf,
@@ -57,7 +57,7 @@ pub struct Fixture {
 }
 
 impl Fixture {
-    pub fn new(chunk_size: u64, origin_chunks: u64, store_bytes: u64) -> Fixture {
+    pub(crate) fn new(chunk_size: u64, origin_chunks: u64, store_bytes: u64) -> Fixture {
         let dir = tempfile::tempdir().unwrap();
         let origin = dir.path().join("origin");
         let store = dir.path().join("store");
@@ -92,19 +92,19 @@ impl Fixture {
         }
     }
 
-    pub fn small() -> Fixture {
+    pub(crate) fn small() -> Fixture {
         Fixture::new(4096, 256, 32 << 20)
     }
 
-    pub fn config(&self, listen: ListenAddr) -> ServerConfig {
+    pub(crate) fn config(&self, listen: ListenAddr) -> ServerConfig {
         ServerConfig::new(&self.origin, &self.store, listen, &self.key_file)
     }
 
-    pub fn unix_addr(&self, name: &str) -> ListenAddr {
+    pub(crate) fn unix_addr(&self, name: &str) -> ListenAddr {
         ListenAddr::Unix(self.dir.path().join(name))
     }
 
-    pub fn read_origin(&self, chunk: u64) -> Vec<u8> {
+    pub(crate) fn read_origin(&self, chunk: u64) -> Vec<u8> {
         read_at(
             &self.origin,
             chunk * self.chunk_size,
@@ -112,7 +112,7 @@ impl Fixture {
         )
     }
 
-    pub fn read_store_chunk(&self, store_chunk: u64) -> Vec<u8> {
+    pub(crate) fn read_store_chunk(&self, store_chunk: u64) -> Vec<u8> {
         read_at(
             &self.store,
             store_chunk * self.chunk_size,
@@ -121,7 +121,7 @@ impl Fixture {
     }
 
     /// Opens the store directly (the server must not be running) and runs the checker.
-    pub fn check_store(&self) -> csnap_server::store::CheckReport {
+    pub(crate) fn check_store(&self) -> csnap_server::store::CheckReport {
         let dev = Arc::new(FileDevice::open(&self.store, false).unwrap());
         let mut store = Store::open(dev, Default::default()).unwrap();
         let report = store.check().unwrap();
@@ -130,7 +130,7 @@ impl Fixture {
     }
 }
 
-pub fn read_at(path: &Path, offset: u64, len: usize) -> Vec<u8> {
+pub(crate) fn read_at(path: &Path, offset: u64, len: usize) -> Vec<u8> {
     let mut buf = vec![0u8; len];
     File::open(path)
         .unwrap()
@@ -150,16 +150,16 @@ async fn recv<S: futures::Stream<Item = Result<ServerFrame, FrameError>> + Unpin
 }
 
 /// A connected byte stream to the server.
-pub use csnap_proto::net::Stream as Io;
+pub(crate) use csnap_proto::net::Stream as Io;
 
 /// Dials the server as its clients do.
-pub use csnap_proto::net::connect as connect_raw;
+pub(crate) use csnap_proto::net::connect as connect_raw;
 
 type Pending = Arc<Mutex<HashMap<RequestId, oneshot::Sender<ServerMsg>>>>;
 
 /// How a handshake ended when it did not open a session.
 #[derive(Debug)]
-pub struct Refused {
+pub(crate) struct Refused {
     /// Whether the server's proof of the key verified with ours.
     pub server_proof_ok: bool,
     pub reply: Option<ServerMsg>,
@@ -168,7 +168,7 @@ pub struct Refused {
 /// A protocol client over a real socket. Replies are matched to requests by id; notices
 /// go to `notices`. An origin client acknowledges `NewSnapshot` only once no origin write
 /// it was granted is still in flight, and drops its unique-chunk cache then.
-pub struct Client {
+pub(crate) struct Client {
     out: mpsc::UnboundedSender<ClientFrame>,
     pending: Pending,
     next_id: Arc<AtomicU64>,
@@ -194,7 +194,7 @@ impl Drop for Client {
 
 /// A handshake: client instance `client`'s connection of `kind` (identity
 /// `ClientId::new(client, kind)`, incarnation `client`: the same again is a reconnect).
-pub struct Hello {
+pub(crate) struct Hello {
     pub client: u64,
     pub kind: ClientKind,
     pub resuming: bool,
@@ -202,7 +202,7 @@ pub struct Hello {
 
 /// An authenticated connection at the frame level, for tests that send by hand
 /// (sealed frames both ways from here on; request ids 1 and 2 were the handshake's).
-pub struct RawSession {
+pub(crate) struct RawSession {
     pub rd: FramedRead<tokio::io::ReadHalf<Box<dyn Io>>, FrameCodec<ServerFrame, ClientFrame>>,
     pub wr: FramedWrite<tokio::io::WriteHalf<Box<dyn Io>>, FrameCodec<ServerFrame, ClientFrame>>,
     pub chunk_size: u32,
@@ -213,7 +213,11 @@ pub struct RawSession {
 
 impl RawSession {
     /// Hello, challenge, proof, Welcome; then both directions are sealed.
-    pub async fn open(io: Box<dyn Io>, key: &[u8], hello: &Hello) -> Result<RawSession, Refused> {
+    pub(crate) async fn open(
+        io: Box<dyn Io>,
+        key: &[u8],
+        hello: &Hello,
+    ) -> Result<RawSession, Refused> {
         let (rd, wr) = tokio::io::split(io);
         let mut rd = FramedRead::new(rd, FrameCodec::<ServerFrame, ClientFrame>::new());
         let mut wr = FramedWrite::new(wr, FrameCodec::<ServerFrame, ClientFrame>::new());
@@ -297,7 +301,12 @@ impl RawSession {
 }
 
 impl Client {
-    pub async fn connect(addr: &ListenAddr, key: &[u8], client: u64, kind: ClientKind) -> Client {
+    pub(crate) async fn connect(
+        addr: &ListenAddr,
+        key: &[u8],
+        client: u64,
+        kind: ClientKind,
+    ) -> Client {
         Self::handshake(
             connect_raw(addr).await.unwrap(),
             key,
@@ -313,7 +322,11 @@ impl Client {
 
     /// Full handshake on `io`. A wrong key still sends its (wrong) proof so the server's
     /// verdict is seen.
-    pub async fn handshake(io: Box<dyn Io>, key: &[u8], hello: Hello) -> Result<Client, Refused> {
+    pub(crate) async fn handshake(
+        io: Box<dyn Io>,
+        key: &[u8],
+        hello: Hello,
+    ) -> Result<Client, Refused> {
         let RawSession {
             mut rd,
             mut wr,
@@ -397,7 +410,7 @@ impl Client {
     }
 
     /// Sends a request; the receiver gets its reply.
-    pub fn send(&self, msg: ClientMsg) -> (RequestId, oneshot::Receiver<ServerMsg>) {
+    pub(crate) fn send(&self, msg: ClientMsg) -> (RequestId, oneshot::Receiver<ServerMsg>) {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
         self.pending.lock().unwrap().insert(id, tx);
@@ -409,11 +422,11 @@ impl Client {
     }
 
     /// One request, its reply within `WAIT`; Err if the connection closed.
-    pub async fn request(&self, msg: ClientMsg) -> Result<ServerMsg, String> {
+    pub(crate) async fn request(&self, msg: ClientMsg) -> Result<ServerMsg, String> {
         self.request_within(msg, WAIT).await
     }
 
-    pub async fn request_within(
+    pub(crate) async fn request_within(
         &self,
         msg: ClientMsg,
         limit: Duration,
@@ -428,7 +441,12 @@ impl Client {
 
     /// An origin write as a real client does it: ask unless the chunk is known unique,
     /// then write the data to the origin file itself.
-    pub async fn origin_write(&self, origin: &File, chunk: u64, data: &[u8]) -> Result<(), String> {
+    pub(crate) async fn origin_write(
+        &self,
+        origin: &File,
+        chunk: u64,
+        data: &[u8],
+    ) -> Result<(), String> {
         let _in_flight = self.gate.read().await;
         let cached = self.unique.lock().unwrap().contains(&chunk);
         if !cached {
@@ -453,7 +471,7 @@ impl Client {
 
     /// Reads `chunks` of snapshot `snap` as a snapshot client does: from the store where
     /// the server says so, else from the origin under a read lock, released afterwards.
-    pub async fn read_snapshot(
+    pub(crate) async fn read_snapshot(
         &self,
         snap: SnapId,
         range: ChunkRange,
@@ -511,7 +529,7 @@ impl Client {
         Ok(out)
     }
 
-    pub async fn next_notice(&self, limit: Duration) -> Option<ServerMsg> {
+    pub(crate) async fn next_notice(&self, limit: Duration) -> Option<ServerMsg> {
         let mut rx = self.notices.lock().await;
         tokio::time::timeout(limit, rx.recv()).await.ok().flatten()
     }
@@ -519,7 +537,7 @@ impl Client {
 
 /// Sends raw bytes and collects every frame the server answers until it closes (bounded).
 /// Returns the decoded replies and whether the server closed the connection.
-pub async fn raw_exchange(addr: &ListenAddr, bytes: &[u8]) -> (Vec<ServerFrame>, bool) {
+pub(crate) async fn raw_exchange(addr: &ListenAddr, bytes: &[u8]) -> (Vec<ServerFrame>, bool) {
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
     let mut io = connect_raw(addr).await.unwrap();
     io.write_all(bytes).await.unwrap();
@@ -542,14 +560,19 @@ pub async fn raw_exchange(addr: &ListenAddr, bytes: &[u8]) -> (Vec<ServerFrame>,
 }
 
 /// The csnap-server binary as a child process; killed (by PID) on drop.
-pub struct ServerProcess {
+pub(crate) struct ServerProcess {
     child: Option<std::process::Child>,
     pub stderr_path: PathBuf,
     pub addr: ListenAddr,
 }
 
 impl ServerProcess {
-    pub fn spawn(fx: &Fixture, addr: &ListenAddr, extra: &[&str], log_name: &str) -> ServerProcess {
+    pub(crate) fn spawn(
+        fx: &Fixture,
+        addr: &ListenAddr,
+        extra: &[&str],
+        log_name: &str,
+    ) -> ServerProcess {
         let stderr_path = fx.dir.path().join(log_name);
         let stderr = File::create(&stderr_path).unwrap();
         let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_csnap-server"));
@@ -574,16 +597,16 @@ impl ServerProcess {
         }
     }
 
-    pub fn pid(&self) -> i32 {
+    pub(crate) fn pid(&self) -> i32 {
         self.child.as_ref().map(|c| c.id() as i32).unwrap_or(0)
     }
 
-    pub fn stderr(&self) -> String {
+    pub(crate) fn stderr(&self) -> String {
         std::fs::read_to_string(&self.stderr_path).unwrap_or_default()
     }
 
     /// Waits until the server accepts connections (or panics with its log if it exited).
-    pub async fn wait_listening(&mut self) {
+    pub(crate) async fn wait_listening(&mut self) {
         let deadline = tokio::time::Instant::now() + WAIT;
         loop {
             if connect_raw(&self.addr).await.is_ok() {
@@ -602,7 +625,7 @@ impl ServerProcess {
     }
 
     /// Waits for the process to exit on its own (bounded).
-    pub fn wait_exit(&mut self, limit: Duration) -> std::process::ExitStatus {
+    pub(crate) fn wait_exit(&mut self, limit: Duration) -> std::process::ExitStatus {
         let child = self.child.as_mut().expect("running");
         let deadline = std::time::Instant::now() + limit;
         loop {
@@ -619,18 +642,18 @@ impl ServerProcess {
         }
     }
 
-    pub fn signal(&self, sig: nix::sys::signal::Signal) {
+    pub(crate) fn signal(&self, sig: nix::sys::signal::Signal) {
         nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid()), sig).unwrap();
     }
 
     /// SIGKILL, then reap.
-    pub fn kill9(&mut self) {
+    pub(crate) fn kill9(&mut self) {
         self.signal(nix::sys::signal::Signal::SIGKILL);
         self.wait_exit(WAIT);
     }
 
     /// SIGTERM, then wait for a clean exit.
-    pub fn terminate(&mut self) -> std::process::ExitStatus {
+    pub(crate) fn terminate(&mut self) -> std::process::ExitStatus {
         self.signal(nix::sys::signal::Signal::SIGTERM);
         self.wait_exit(WAIT)
     }

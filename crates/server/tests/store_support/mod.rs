@@ -14,21 +14,21 @@ use rand::{Rng, SeedableRng};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-pub const CHUNK: u64 = 4096;
+pub(crate) const CHUNK: u64 = 4096;
 
 /// The seed for a randomised test: `CSNAP_SEED` if set (to replay), else random. Printed
 /// so a failure can be replayed.
-pub fn seed(test: &str) -> u64 {
+pub(crate) fn seed(test: &str) -> u64 {
     csnap_proto::testing::seed(test, "CSNAP_SEED")
 }
 
 /// A store device with room for `data_chunks` more data chunks than the minimum.
-pub fn device(extra_data_chunks: u64) -> MemDevice {
+pub(crate) fn device(extra_data_chunks: u64) -> MemDevice {
     let size = Geometry::smallest_store(CHUNK).unwrap() + extra_data_chunks * CHUNK;
     MemDevice::new(size)
 }
 
-pub fn format(dev: &MemDevice, origin_chunks: u64) {
+pub(crate) fn format(dev: &MemDevice, origin_chunks: u64) {
     Store::format(
         dev,
         &FormatOptions {
@@ -41,7 +41,7 @@ pub fn format(dev: &MemDevice, origin_chunks: u64) {
     .unwrap();
 }
 
-pub fn open(dev: &MemDevice) -> Result<Store, StoreError> {
+pub(crate) fn open(dev: &MemDevice) -> Result<Store, StoreError> {
     Store::open(Arc::new(dev.clone()), OpenOptions::default())
 }
 
@@ -52,7 +52,7 @@ pub fn open(dev: &MemDevice) -> Result<Store, StoreError> {
 /// the reservation is tried again. Returns the reserved chunk (`None` once no live
 /// snapshot shares the origin chunk) and the snapshots invalidated on the way; the caller
 /// copies the chunk there, then calls `record_copy_out`.
-pub fn reserve_copy_out(
+pub(crate) fn reserve_copy_out(
     store: &mut Store,
     chunk: u64,
 ) -> Result<(Option<u64>, Vec<SnapId>), StoreError> {
@@ -83,7 +83,7 @@ pub fn reserve_copy_out(
 
 /// An origin copy-out's metadata on a store that has room (no data copied): reserve and
 /// record, if a live snapshot still shares the chunk. True if it recorded one.
-pub fn record_copy_out(store: &mut Store, chunk: u64) -> Result<bool, StoreError> {
+pub(crate) fn record_copy_out(store: &mut Store, chunk: u64) -> Result<bool, StoreError> {
     if store.oldest_sharing_origin(chunk)?.is_none() {
         return Ok(false);
     }
@@ -91,14 +91,14 @@ pub fn record_copy_out(store: &mut Store, chunk: u64) -> Result<bool, StoreError
     store.record_copy_out(chunk, at)
 }
 
-pub fn write_tag(dev: &dyn BlockDevice, offset: u64, tag: u64) -> std::io::Result<()> {
+pub(crate) fn write_tag(dev: &dyn BlockDevice, offset: u64, tag: u64) -> std::io::Result<()> {
     let mut buf = vec![0u8; CHUNK as usize];
     buf[..8].copy_from_slice(&tag.to_le_bytes());
     buf[8..16].copy_from_slice(&(!tag).to_le_bytes());
     dev.write_at(&buf, offset)
 }
 
-pub fn read_tag(dev: &dyn BlockDevice, offset: u64) -> std::io::Result<u64> {
+pub(crate) fn read_tag(dev: &dyn BlockDevice, offset: u64) -> std::io::Result<u64> {
     let mut buf = [0u8; 16];
     dev.read_at(&mut buf, offset)?;
     let tag = u64::from_le_bytes(buf[..8].try_into().unwrap());
@@ -111,7 +111,7 @@ pub fn read_tag(dev: &dyn BlockDevice, offset: u64) -> std::io::Result<u64> {
 
 /// What one snapshot must see, per the reference model.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct RefSnap {
+pub(crate) struct RefSnap {
     pub name: String,
     pub live: bool,
     pub view: Vec<u64>,
@@ -119,13 +119,13 @@ pub struct RefSnap {
 
 /// The reference: the origin, and each listed snapshot's view.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Reference {
+pub(crate) struct Reference {
     pub origin: Vec<u64>,
     pub snaps: BTreeMap<SnapId, RefSnap>,
 }
 
 /// A store plus the simulated data path and the reference model.
-pub struct Sim {
+pub(crate) struct Sim {
     pub dev: MemDevice,
     pub store: Store,
     pub reference: Reference,
@@ -136,13 +136,13 @@ pub struct Sim {
 
 /// Outcome of one simulated operation.
 #[derive(Debug, PartialEq, Eq)]
-pub enum Done {
+pub(crate) enum Done {
     Ok,
     Skipped,
 }
 
 impl Sim {
-    pub fn new(extra_data_chunks: u64, origin_chunks: u64) -> Sim {
+    pub(crate) fn new(extra_data_chunks: u64, origin_chunks: u64) -> Sim {
         let dev = device(extra_data_chunks);
         format(&dev, origin_chunks);
         let store = open(&dev).unwrap();
@@ -160,12 +160,12 @@ impl Sim {
         }
     }
 
-    pub fn tag(&mut self) -> u64 {
+    pub(crate) fn tag(&mut self) -> u64 {
         self.next_tag += 1;
         self.next_tag
     }
 
-    pub fn create(&mut self) -> Result<SnapId, StoreError> {
+    pub(crate) fn create(&mut self) -> Result<SnapId, StoreError> {
         self.names += 1;
         let name = format!("snap-{}", self.names);
         let rec = self
@@ -182,7 +182,7 @@ impl Sim {
         Ok(rec.id)
     }
 
-    pub fn delete(&mut self, id: SnapId) -> Result<(), StoreError> {
+    pub(crate) fn delete(&mut self, id: SnapId) -> Result<(), StoreError> {
         self.store.delete_snapshot(id)?;
         self.reference.snaps.remove(&id);
         Ok(())
@@ -190,7 +190,7 @@ impl Sim {
 
     /// The metadata half of an origin write: copy-out (if needed) recorded, not committed.
     /// Returns the tag the origin chunk gets once the caller applies the write.
-    pub fn origin_write_prepare(&mut self, chunk: u64) -> Result<u64, StoreError> {
+    pub(crate) fn origin_write_prepare(&mut self, chunk: u64) -> Result<u64, StoreError> {
         let (store_chunk, invalidated) = reserve_copy_out(&mut self.store, chunk)?;
         for id in &invalidated {
             if let Some(s) = self.reference.snaps.get_mut(id) {
@@ -212,7 +212,7 @@ impl Sim {
 
     /// The metadata half of a snapshot write: unshare if needed (copy + record). Returns the
     /// store chunk the write goes to, or `None` if the store is full (write refused).
-    pub fn snapshot_write_prepare(
+    pub(crate) fn snapshot_write_prepare(
         &mut self,
         id: SnapId,
         chunk: u64,
@@ -245,7 +245,7 @@ impl Sim {
     }
 
     /// Writes a snapshot's data (after its metadata was committed).
-    pub fn snapshot_write_data(
+    pub(crate) fn snapshot_write_data(
         &mut self,
         id: SnapId,
         chunk: u64,
@@ -261,7 +261,7 @@ impl Sim {
     }
 
     /// What snapshot `id` reads at `chunk` through the store.
-    pub fn read(&mut self, id: SnapId, chunk: u64) -> Result<u64, StoreError> {
+    pub(crate) fn read(&mut self, id: SnapId, chunk: u64) -> Result<u64, StoreError> {
         match self.store.snapshot_chunk(id, chunk)? {
             ChunkSource::Origin => Ok(self.reference.origin[chunk as usize]),
             ChunkSource::Store { store_chunk, .. } => {
@@ -273,7 +273,7 @@ impl Sim {
 
     /// Checks every live snapshot's every chunk and the snapshot list against the
     /// reference, and runs the consistency checker.
-    pub fn verify(&mut self, context: &str) {
+    pub(crate) fn verify(&mut self, context: &str) {
         let report = self.store.check().unwrap();
         assert!(
             report.is_clean(),
@@ -311,14 +311,14 @@ impl Sim {
         }
     }
 
-    pub fn reopen(&mut self) {
+    pub(crate) fn reopen(&mut self) {
         let store = std::mem::replace(&mut self.store, placeholder(&self.dev));
         store.close().unwrap();
         self.store = open(&self.dev).unwrap();
         assert!(!self.store.was_unclean());
     }
 
-    pub fn drain_reclaim(&mut self) {
+    pub(crate) fn drain_reclaim(&mut self) {
         for _ in 0..100_000 {
             if self.store.reclaim_step(64).unwrap().done {
                 return;
@@ -329,7 +329,7 @@ impl Sim {
 
     /// An origin write to a random chunk (copy-out if a snapshot shares it), applied to
     /// the reference.
-    pub fn random_origin_write(&mut self, rng: &mut StdRng) {
+    pub(crate) fn random_origin_write(&mut self, rng: &mut StdRng) {
         let chunk = rng.gen_range(0..self.origin_chunks);
         let tag = self.origin_write_prepare(chunk).unwrap();
         self.reference.origin[chunk as usize] = tag;
@@ -337,7 +337,7 @@ impl Sim {
 
     /// A write to a random chunk of a random live snapshot (if any; skipped when the store
     /// is full), applied to the reference.
-    pub fn random_snapshot_write(&mut self, rng: &mut StdRng) {
+    pub(crate) fn random_snapshot_write(&mut self, rng: &mut StdRng) {
         let (Some(id), chunk) = (self.random_live(rng), rng.gen_range(0..self.origin_chunks))
         else {
             return;
@@ -349,13 +349,13 @@ impl Sim {
     }
 
     /// Deletes a random listed snapshot, if any.
-    pub fn random_delete(&mut self, rng: &mut StdRng) {
+    pub(crate) fn random_delete(&mut self, rng: &mut StdRng) {
         if let Some(id) = self.random_listed(rng) {
             self.delete(id).unwrap();
         }
     }
 
-    pub fn random_live(&self, rng: &mut StdRng) -> Option<SnapId> {
+    pub(crate) fn random_live(&self, rng: &mut StdRng) -> Option<SnapId> {
         let live: Vec<SnapId> = self
             .reference
             .snaps
@@ -366,7 +366,7 @@ impl Sim {
         (!live.is_empty()).then(|| live[rng.gen_range(0..live.len())])
     }
 
-    pub fn random_listed(&self, rng: &mut StdRng) -> Option<SnapId> {
+    pub(crate) fn random_listed(&self, rng: &mut StdRng) -> Option<SnapId> {
         let ids: Vec<SnapId> = self.reference.snaps.keys().copied().collect();
         (!ids.is_empty()).then(|| ids[rng.gen_range(0..ids.len())])
     }
@@ -379,7 +379,7 @@ fn placeholder(_dev: &MemDevice) -> Store {
     open(&dev).unwrap()
 }
 
-pub fn io(source: std::io::Error, offset: u64) -> StoreError {
+pub(crate) fn io(source: std::io::Error, offset: u64) -> StoreError {
     StoreError::Io {
         op: "test data path",
         device: "memory device".into(),
@@ -388,6 +388,6 @@ pub fn io(source: std::io::Error, offset: u64) -> StoreError {
     }
 }
 
-pub fn rng(seed: u64) -> StdRng {
+pub(crate) fn rng(seed: u64) -> StdRng {
     StdRng::seed_from_u64(seed)
 }

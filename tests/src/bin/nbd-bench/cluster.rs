@@ -27,7 +27,7 @@ use crate::setup::{self, WorkDir};
 
 /// What the cluster rows run with.
 #[derive(Clone, Debug)]
-pub struct ClusterPlan {
+pub(crate) struct ClusterPlan {
     pub size: u64,
     pub chunk: u64,
     pub rounds: u32,
@@ -69,7 +69,7 @@ impl Target {
 }
 
 /// Runs the cluster rows and prints their table; `Ok(false)` if a measurement failed.
-pub async fn run(
+pub(crate) async fn run(
     plan: &ClusterPlan,
     dir: &WorkDir,
     agent: PathBuf,

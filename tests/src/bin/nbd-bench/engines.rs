@@ -17,14 +17,14 @@ use crate::procs::{run_tool, Proc};
 use crate::report::Engine;
 
 /// The volume (export) name everywhere; snapshots are `VOLUME@SNAPSHOT`.
-pub const VOLUME: &str = "vol";
+pub(crate) const VOLUME: &str = "vol";
 /// Longest wait for a server to accept NBD connections.
 const READY_WAIT: Duration = Duration::from_secs(60);
 /// Bound for short tools (qemu-img snapshot, csnapctl).
 const TOOL_WAIT: Duration = Duration::from_secs(120);
 
 /// Paths and options shared by every server.
-pub struct Setup {
+pub(crate) struct Setup {
     pub dir: PathBuf,
     pub raw_image: PathBuf,
     pub csnap_origin: PathBuf,
@@ -42,13 +42,13 @@ pub struct Setup {
 
 /// How fio reaches the servers: a unix socket in the work directory, or TCP on loopback.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Transport {
+pub(crate) enum Transport {
     Unix,
     Tcp,
 }
 
 impl Transport {
-    pub fn label(self) -> &'static str {
+    pub(crate) fn label(self) -> &'static str {
         match self {
             Transport::Unix => "unix",
             Transport::Tcp => "tcp",
@@ -84,7 +84,7 @@ impl Setup {
         self.dir.join(format!("{name}.log"))
     }
 
-    pub fn csnap_control(&self) -> PathBuf {
+    pub(crate) fn csnap_control(&self) -> PathBuf {
         self.dir.join("csnap.ctl")
     }
 
@@ -115,29 +115,29 @@ impl Setup {
 }
 
 /// A running NBD server and the URI of the export measured on it.
-pub struct Server {
+pub(crate) struct Server {
     proc: Proc,
     endpoint: Endpoint,
     uri: String,
 }
 
 impl Server {
-    pub fn uri(&self) -> &str {
+    pub(crate) fn uri(&self) -> &str {
         &self.uri
     }
 
     /// Measures `export` of this server from now on.
-    pub fn point_at(&mut self, export: &str) {
+    pub(crate) fn point_at(&mut self, export: &str) {
         self.uri = uri(export, &self.endpoint);
     }
 
     /// The serving process's PID (for its CPU time and thread count).
-    pub fn pid(&self) -> Option<u32> {
+    pub(crate) fn pid(&self) -> Option<u32> {
         self.proc.pid()
     }
 
     /// Fails (with its log) if the server has died.
-    pub fn check_alive(&mut self) -> anyhow::Result<()> {
+    pub(crate) fn check_alive(&mut self) -> anyhow::Result<()> {
         if let Some(status) = self.proc.exited() {
             bail!(
                 "{} exited ({status}). Log tail:\n{}",
@@ -148,7 +148,7 @@ impl Server {
         Ok(())
     }
 
-    pub async fn stop(self) {
+    pub(crate) async fn stop(self) {
         self.proc.stop().await;
     }
 }
@@ -161,7 +161,7 @@ fn uri(export: &str, endpoint: &Endpoint) -> String {
 }
 
 /// Starts `engine`'s server on the origin (writable).
-pub async fn start_origin(setup: &Setup, engine: Engine) -> anyhow::Result<Server> {
+pub(crate) async fn start_origin(setup: &Setup, engine: Engine) -> anyhow::Result<Server> {
     let name = engine.label();
     let endpoint = setup.endpoint(name)?;
     let cmd = match engine {
@@ -196,7 +196,7 @@ pub async fn start_origin(setup: &Setup, engine: Engine) -> anyhow::Result<Serve
 
 /// Starts qemu-nbd on internal snapshot `snapshot` of the qcow2 image, read-only (the
 /// writable qcow2 server must be stopped: they would fight over the image lock).
-pub async fn start_qcow2_snapshot(setup: &Setup, snapshot: &str) -> anyhow::Result<Server> {
+pub(crate) async fn start_qcow2_snapshot(setup: &Setup, snapshot: &str) -> anyhow::Result<Server> {
     let name = format!("qcow2-{snapshot}");
     let export = format!("{VOLUME}@{snapshot}");
     let endpoint = setup.endpoint(&name)?;
@@ -263,7 +263,7 @@ fn greets_with_nbd_magic(endpoint: &Endpoint) -> bool {
 }
 
 /// Formats the csnap origin and store (`csnapctl format`) with `chunk`-byte chunks.
-pub async fn format_csnap(setup: &Setup, chunk: u64) -> anyhow::Result<()> {
+pub(crate) async fn format_csnap(setup: &Setup, chunk: u64) -> anyhow::Result<()> {
     let mut format = Command::new(&setup.csnapctl);
     format
         .arg("format")
@@ -283,7 +283,7 @@ pub async fn format_csnap(setup: &Setup, chunk: u64) -> anyhow::Result<()> {
 }
 
 /// Creates snapshot `name` of the csnap volume through csnapctl and the control socket.
-pub async fn csnap_snapshot(setup: &Setup, name: &str) -> anyhow::Result<()> {
+pub(crate) async fn csnap_snapshot(setup: &Setup, name: &str) -> anyhow::Result<()> {
     let mut cmd = Command::new(&setup.csnapctl);
     cmd.arg("--socket")
         .arg(setup.csnap_control())
@@ -298,14 +298,14 @@ pub async fn csnap_snapshot(setup: &Setup, name: &str) -> anyhow::Result<()> {
 }
 
 /// Creates internal snapshot `name` in the qcow2 image (no server may have it open).
-pub async fn qcow2_snapshot(setup: &Setup, name: &str) -> anyhow::Result<()> {
+pub(crate) async fn qcow2_snapshot(setup: &Setup, name: &str) -> anyhow::Result<()> {
     let mut cmd = Command::new("qemu-img");
     cmd.args(["snapshot", "-c", name]).arg(&setup.qcow2_image);
     run_tool("qemu-img snapshot", cmd, &setup.log("qemu-img"), TOOL_WAIT).await
 }
 
 /// csnapctl status --json, for the record (copy-outs, cache hits).
-pub async fn csnap_status(setup: &Setup) -> anyhow::Result<serde_json::Value> {
+pub(crate) async fn csnap_status(setup: &Setup) -> anyhow::Result<serde_json::Value> {
     let log = setup.log("csnap-status");
     let _ = std::fs::remove_file(&log);
     let mut cmd = Command::new(&setup.csnapctl);

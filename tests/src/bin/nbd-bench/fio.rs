@@ -8,7 +8,7 @@ use serde_json::Value;
 
 /// The access pattern of a job.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Access {
+pub(crate) enum Access {
     RandRead,
     RandWrite,
     SeqRead,
@@ -30,7 +30,7 @@ impl Access {
 
 /// How long a job runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Length {
+pub(crate) enum Length {
     /// Loops over its region for `runtime` after an unmeasured `ramp`; random offsets may
     /// repeat (no random map).
     Timed { ramp: Duration, runtime: Duration },
@@ -41,7 +41,7 @@ pub enum Length {
 
 impl Length {
     /// The longest the job may take, fio's own start-up included.
-    pub fn bound(&self) -> Duration {
+    pub(crate) fn bound(&self) -> Duration {
         let slack = Duration::from_secs(60);
         match *self {
             Length::Timed { ramp, runtime } => ramp + runtime + slack,
@@ -54,7 +54,7 @@ impl Length {
 /// the `jobs` jobs (each its own NBD connection), so one-pass jobs never touch a block
 /// twice between them.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct FioJob {
+pub(crate) struct FioJob {
     pub name: String,
     pub access: Access,
     pub block_size: u64,
@@ -67,14 +67,14 @@ pub struct FioJob {
 
 impl FioJob {
     /// Bytes of the region each job covers (a whole number of blocks).
-    pub fn per_job_length(&self) -> u64 {
+    pub(crate) fn per_job_length(&self) -> u64 {
         let per_job = self.length / u64::from(self.jobs.max(1));
         per_job - per_job % self.block_size
     }
 
     /// fio's command line (after the program name) for this job against `uri`, its JSON
     /// result written to `output`.
-    pub fn args(&self, uri: &str, output: &Path) -> Vec<String> {
+    pub(crate) fn args(&self, uri: &str, output: &Path) -> Vec<String> {
         self.args_with(
             vec!["--ioengine=nbd".to_string(), format!("--uri={uri}")],
             output,
@@ -84,7 +84,7 @@ impl FioJob {
     /// fio's command line for this job on the file `path` itself (the device limit):
     /// libaio with O_DIRECT when `direct`, else psync through the page cache (psync has
     /// one request in flight per job whatever the iodepth).
-    pub fn file_args(&self, path: &Path, direct: bool, output: &Path) -> Vec<String> {
+    pub(crate) fn file_args(&self, path: &Path, direct: bool, output: &Path) -> Vec<String> {
         let engine = if direct {
             ["--ioengine=libaio", "--direct=1"]
         } else {
@@ -128,14 +128,14 @@ impl FioJob {
     }
 
     /// Whether the job reads (else it writes).
-    pub fn reads(&self) -> bool {
+    pub(crate) fn reads(&self) -> bool {
         self.access.is_read()
     }
 }
 
 /// What one fio job measured (all its jobs together).
 #[derive(Clone, Copy, Debug, PartialEq)]
-pub struct FioResult {
+pub(crate) struct FioResult {
     pub ios: u64,
     pub bytes: u64,
     pub iops: f64,
@@ -149,7 +149,7 @@ pub struct FioResult {
 }
 
 impl FioResult {
-    pub fn megabytes_per_sec(&self) -> f64 {
+    pub(crate) fn megabytes_per_sec(&self) -> f64 {
         self.bytes_per_sec / 1e6
     }
 }
@@ -157,7 +157,7 @@ impl FioResult {
 /// Parses fio's `--output-format=json` output of a group-reported job; `reads` picks the
 /// read or the write side. A job fio reports as failed, or one that did no I/O, is an
 /// error.
-pub fn parse_result(json: &str, reads: bool) -> anyhow::Result<FioResult> {
+pub(crate) fn parse_result(json: &str, reads: bool) -> anyhow::Result<FioResult> {
     // fio may print notices before the JSON document.
     let start = json
         .find('{')
@@ -197,7 +197,7 @@ pub fn parse_result(json: &str, reads: bool) -> anyhow::Result<FioResult> {
 }
 
 /// The run with the median throughput (the lower middle one of an even count).
-pub fn median(results: &[FioResult]) -> Option<FioResult> {
+pub(crate) fn median(results: &[FioResult]) -> Option<FioResult> {
     let mut sorted = results.to_vec();
     sorted.sort_by(|a, b| a.bytes_per_sec.total_cmp(&b.bytes_per_sec));
     sorted.get(sorted.len().saturating_sub(1) / 2).copied()

@@ -168,15 +168,20 @@ enum CacheMode {
     Both,
 }
 
+/// How qemu-nbd does its I/O (its `--aio` option), for the qemu-nbd setups.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum QemuAio {
+    /// A thread pool.
     Threads,
+    /// Linux native AIO.
     Native,
+    /// io_uring.
     #[value(name = "io_uring")]
     IoUring,
 }
 
 impl QemuAio {
+    /// The qemu-nbd option that selects it.
     pub fn flag(self) -> &'static str {
         match self {
             QemuAio::Threads => "--aio=threads",

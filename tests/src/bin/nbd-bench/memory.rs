@@ -23,7 +23,7 @@ use crate::setup::{self, WorkDir};
 
 /// What the memory test runs with.
 #[derive(Clone, Debug)]
-pub struct MemoryPlan {
+pub(crate) struct MemoryPlan {
     pub volume: u64,
     pub chunk: u64,
     pub snapshots: u32,
@@ -45,7 +45,7 @@ struct Phase {
 
 /// Runs the memory test and prints its table; `Ok(false)` when a step failed (not when
 /// the goal is missed, which the table says).
-pub async fn run(
+pub(crate) async fn run(
     plan: &MemoryPlan,
     dir: &WorkDir,
     agent: std::path::PathBuf,

@@ -22,7 +22,7 @@ const TERM_GRACE: Duration = Duration::from_secs(10);
 const POLL: Duration = Duration::from_millis(20);
 
 /// A running child, stopped (SIGTERM, then SIGKILL) by PID on drop.
-pub struct Proc {
+pub(crate) struct Proc {
     name: String,
     child: Option<Child>,
     log: PathBuf,
@@ -30,7 +30,7 @@ pub struct Proc {
 
 impl Proc {
     /// Starts `cmd` with stdin closed and stdout/stderr appended to `log`.
-    pub fn spawn(name: &str, mut cmd: Command, log: &Path) -> anyhow::Result<Proc> {
+    pub(crate) fn spawn(name: &str, mut cmd: Command, log: &Path) -> anyhow::Result<Proc> {
         let out = File::options()
             .create(true)
             .append(true)
@@ -70,16 +70,16 @@ impl Proc {
     }
 
     /// The PID, while the process has not been reaped.
-    pub fn pid(&self) -> Option<u32> {
+    pub(crate) fn pid(&self) -> Option<u32> {
         self.child.as_ref().map(Child::id)
     }
 
-    pub fn name(&self) -> &str {
+    pub(crate) fn name(&self) -> &str {
         &self.name
     }
 
     /// The exit status, if the process has exited.
-    pub fn exited(&mut self) -> Option<ExitStatus> {
+    pub(crate) fn exited(&mut self) -> Option<ExitStatus> {
         self.child
             .as_mut()
             .and_then(|c| c.try_wait().ok().flatten())
@@ -87,7 +87,7 @@ impl Proc {
 
     /// Waits (asynchronously, so Ctrl-C can cancel it) for the process to exit on its own;
     /// stops it and fails if it is still running after `limit`.
-    pub async fn wait(mut self, limit: Duration) -> anyhow::Result<ExitStatus> {
+    pub(crate) async fn wait(mut self, limit: Duration) -> anyhow::Result<ExitStatus> {
         let deadline = Instant::now() + limit;
         loop {
             if let Some(status) = self.exited() {
@@ -107,7 +107,7 @@ impl Proc {
     }
 
     /// Stops the process: SIGTERM, then SIGKILL after a grace period; reaps it.
-    pub async fn stop(mut self) {
+    pub(crate) async fn stop(mut self) {
         let Some(child) = self.child.as_mut() else {
             return;
         };
@@ -125,7 +125,7 @@ impl Proc {
     }
 
     /// The last `lines` lines of the process's log.
-    pub fn log_tail(&self, lines: usize) -> String {
+    pub(crate) fn log_tail(&self, lines: usize) -> String {
         log_tail(&self.log, lines)
     }
 
@@ -159,7 +159,12 @@ impl Drop for Proc {
 
 /// Runs a short command to completion (bounded by `limit`), failing with its output when
 /// it fails.
-pub async fn run_tool(name: &str, cmd: Command, log: &Path, limit: Duration) -> anyhow::Result<()> {
+pub(crate) async fn run_tool(
+    name: &str,
+    cmd: Command,
+    log: &Path,
+    limit: Duration,
+) -> anyhow::Result<()> {
     let status = Proc::spawn(name, cmd, log)?.wait(limit).await?;
     if !status.success() {
         bail!("{name} failed ({status}). Log tail:\n{}", log_tail(log, 20));
@@ -168,7 +173,7 @@ pub async fn run_tool(name: &str, cmd: Command, log: &Path, limit: Duration) -> 
 }
 
 /// The last `lines` lines of a log file.
-pub fn log_tail(path: &Path, lines: usize) -> String {
+pub(crate) fn log_tail(path: &Path, lines: usize) -> String {
     let text = std::fs::read_to_string(path).unwrap_or_default();
     let all: Vec<&str> = text.lines().collect();
     all[all.len().saturating_sub(lines)..].join("\n")
@@ -176,13 +181,13 @@ pub fn log_tail(path: &Path, lines: usize) -> String {
 
 /// CPU time (user + system) and thread count of a process, from /proc/PID/stat.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct CpuSample {
+pub(crate) struct CpuSample {
     pub cpu: Duration,
     pub threads: u32,
 }
 
 /// Reads `pid`'s CPU time and thread count; `None` if it is gone or unreadable.
-pub fn cpu_sample(pid: u32) -> Option<CpuSample> {
+pub(crate) fn cpu_sample(pid: u32) -> Option<CpuSample> {
     let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     parse_stat(&text, clock_ticks()?)
 }
@@ -210,7 +215,7 @@ fn parse_stat(text: &str, ticks_per_sec: u64) -> Option<CpuSample> {
 
 /// Resident memory of a process, from /proc/PID/status.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct MemorySample {
+pub(crate) struct MemorySample {
     /// VmRSS: resident now, in bytes.
     pub rss: u64,
     /// VmHWM: the highest resident size since the process started, in bytes.
@@ -218,7 +223,7 @@ pub struct MemorySample {
 }
 
 /// Reads `pid`'s resident memory; `None` if it is gone or unreadable.
-pub fn memory_sample(pid: u32) -> Option<MemorySample> {
+pub(crate) fn memory_sample(pid: u32) -> Option<MemorySample> {
     let text = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     parse_status(&text)
 }

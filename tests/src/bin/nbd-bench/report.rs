@@ -7,7 +7,7 @@ use crate::fio::FioResult;
 
 /// The engines compared: the file itself and three NBD servers.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Engine {
+pub(crate) enum Engine {
     /// fio on the raw origin file itself (libaio + O_DIRECT, or psync through the page
     /// cache): the device limit, no NBD at all.
     Device,
@@ -20,9 +20,9 @@ pub enum Engine {
 }
 
 impl Engine {
-    pub const ALL: [Engine; 4] = [Engine::Device, Engine::Raw, Engine::Csnap, Engine::Qcow2];
+    pub(crate) const ALL: [Engine; 4] = [Engine::Device, Engine::Raw, Engine::Csnap, Engine::Qcow2];
 
-    pub fn label(self) -> &'static str {
+    pub(crate) fn label(self) -> &'static str {
         match self {
             Engine::Device => "device",
             Engine::Raw => "raw",
@@ -43,7 +43,7 @@ impl Engine {
 
 /// What csnap must reach in a test.
 #[derive(Clone, Copy, Debug, PartialEq)]
-pub enum Goal {
+pub(crate) enum Goal {
     /// csnap's throughput at least this fraction of qemu-nbd raw.
     VsRaw(f64),
     /// csnap's throughput at least this fraction of qemu-nbd qcow2.
@@ -61,7 +61,7 @@ impl Goal {
 
 /// Whether a goal was met.
 #[derive(Clone, Copy, Debug, PartialEq)]
-pub enum Verdict {
+pub(crate) enum Verdict {
     Met,
     NotMet,
     /// A figure it needs is missing (a run failed).
@@ -70,7 +70,7 @@ pub enum Verdict {
 
 /// One test: what each engine measured.
 #[derive(Clone, Debug)]
-pub struct Row {
+pub(crate) struct Row {
     pub label: String,
     pub goal: Goal,
     results: [Option<FioResult>; 4],
@@ -79,7 +79,7 @@ pub struct Row {
 }
 
 impl Row {
-    pub fn new(label: impl Into<String>, goal: Goal) -> Row {
+    pub(crate) fn new(label: impl Into<String>, goal: Goal) -> Row {
         Row {
             label: label.into(),
             goal,
@@ -88,33 +88,33 @@ impl Row {
         }
     }
 
-    pub fn set(&mut self, engine: Engine, result: FioResult) {
+    pub(crate) fn set(&mut self, engine: Engine, result: FioResult) {
         self.results[engine.index()] = Some(result);
     }
 
     /// Records the lowest and highest IOPS of `engine`'s rounds.
-    pub fn set_spread(&mut self, engine: Engine, min_iops: f64, max_iops: f64) {
+    pub(crate) fn set_spread(&mut self, engine: Engine, min_iops: f64, max_iops: f64) {
         self.spread[engine.index()] = Some((min_iops, max_iops));
     }
 
-    pub fn get(&self, engine: Engine) -> Option<FioResult> {
+    pub(crate) fn get(&self, engine: Engine) -> Option<FioResult> {
         self.results[engine.index()]
     }
 
     /// csnap's throughput over `other`'s (bytes per second, which for one block size is
     /// also the IOPS ratio).
-    pub fn ratio(&self, other: Engine) -> Option<f64> {
+    pub(crate) fn ratio(&self, other: Engine) -> Option<f64> {
         self.ratio_of(Engine::Csnap, other)
     }
 
     /// `engine`'s throughput over `other`'s.
-    pub fn ratio_of(&self, engine: Engine, other: Engine) -> Option<f64> {
+    pub(crate) fn ratio_of(&self, engine: Engine, other: Engine) -> Option<f64> {
         let this = self.get(engine)?.bytes_per_sec;
         let other = self.get(other)?.bytes_per_sec;
         (other > 0.0).then(|| this / other)
     }
 
-    pub fn verdict(&self) -> Verdict {
+    pub(crate) fn verdict(&self) -> Verdict {
         let (ratio, wanted) = match self.goal {
             Goal::VsRaw(x) => (self.ratio(Engine::Raw), x),
             Goal::VsQcow2(x) => (self.ratio(Engine::Qcow2), x),
@@ -133,7 +133,7 @@ fn ratio_text(ratio: Option<f64>) -> String {
 
 /// The table as Markdown (readable as plain text too): one line per test and engine,
 /// the goal's verdict on csnap's line.
-pub fn render(rows: &[Row]) -> String {
+pub(crate) fn render(rows: &[Row]) -> String {
     let mut out = String::new();
     out.push_str(
         "| test | engine | IOPS (median) | IOPS min-max | MB/s | x raw | x device \

@@ -8,24 +8,24 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context as _};
 
 /// A temporary directory, removed (with everything in it) on drop unless kept.
-pub struct WorkDir {
+pub(crate) struct WorkDir {
     path: PathBuf,
     keep: bool,
 }
 
 impl WorkDir {
-    pub fn create(base: &Path, keep: bool) -> anyhow::Result<WorkDir> {
+    pub(crate) fn create(base: &Path, keep: bool) -> anyhow::Result<WorkDir> {
         let template = base.join("csnap-nbd-bench.XXXXXX");
         let path = nix::unistd::mkdtemp(&template)
             .with_context(|| format!("cannot create a directory {}", template.display()))?;
         Ok(WorkDir { path, keep })
     }
 
-    pub fn path(&self) -> &Path {
+    pub(crate) fn path(&self) -> &Path {
         &self.path
     }
 
-    pub fn join(&self, name: &str) -> PathBuf {
+    pub(crate) fn join(&self, name: &str) -> PathBuf {
         self.path.join(name)
     }
 }
@@ -41,7 +41,7 @@ impl Drop for WorkDir {
 }
 
 /// Parses a byte size: a number with an optional K, M, G or T suffix (powers of 1024).
-pub fn parse_size(text: &str) -> Result<u64, String> {
+pub(crate) fn parse_size(text: &str) -> Result<u64, String> {
     let text = text.trim();
     let (digits, shift) = match text.char_indices().last() {
         Some((i, c)) if c.is_ascii_alphabetic() => {
@@ -70,7 +70,7 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
 
 /// Writes `size` bytes of incompressible, non-zero pseudo-random data to a new file, so
 /// reads hit data and `qemu-img convert` keeps every cluster.
-pub fn write_filled_file(path: &Path, size: u64, seed: u64) -> anyhow::Result<()> {
+pub(crate) fn write_filled_file(path: &Path, size: u64, seed: u64) -> anyhow::Result<()> {
     const BLOCK: usize = 1 << 20;
     let mut file =
         File::create(path).with_context(|| format!("cannot create {}", path.display()))?;
@@ -112,20 +112,20 @@ pub fn write_zeroed_file(path: &Path, size: u64) -> anyhow::Result<()> {
 }
 
 /// A sparse file of `size` bytes.
-pub fn create_sparse_file(path: &Path, size: u64) -> anyhow::Result<()> {
+pub(crate) fn create_sparse_file(path: &Path, size: u64) -> anyhow::Result<()> {
     let file = File::create(path).with_context(|| format!("cannot create {}", path.display()))?;
     file.set_len(size)
         .with_context(|| format!("cannot size {} to {size} bytes", path.display()))
 }
 
 /// "YYYY-MM-DD HH:MM UTC" for seconds since the epoch.
-pub fn utc_timestamp(epoch_secs: u64) -> String {
+pub(crate) fn utc_timestamp(epoch_secs: u64) -> String {
     // csnapctl's formatter, to the minute.
     let full = csnap_agent::ctl::utc_time(epoch_secs);
     format!("{} UTC", &full[..full.len().min(16)])
 }
 
-pub fn now_utc() -> String {
+pub(crate) fn now_utc() -> String {
     let secs = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())
@@ -134,7 +134,7 @@ pub fn now_utc() -> String {
 }
 
 /// Cores, CPU model, memory and kernel, from /proc.
-pub fn describe_machine() -> String {
+pub(crate) fn describe_machine() -> String {
     let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
     let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
     let model = cpuinfo
@@ -166,7 +166,7 @@ pub fn describe_machine() -> String {
 }
 
 /// The 1-minute load average (other work on the machine skews the figures).
-pub fn load_average() -> String {
+pub(crate) fn load_average() -> String {
     std::fs::read_to_string("/proc/loadavg")
         .ok()
         .and_then(|s| s.split_whitespace().next().map(str::to_string))
@@ -174,7 +174,7 @@ pub fn load_average() -> String {
 }
 
 /// Whether `dir` holds an executable `name`; the error says how to build it.
-pub fn require_binary(dir: &Path, name: &str, build_hint: &str) -> anyhow::Result<PathBuf> {
+pub(crate) fn require_binary(dir: &Path, name: &str, build_hint: &str) -> anyhow::Result<PathBuf> {
     let path = dir.join(name);
     if !path.is_file() {
         bail!(
