@@ -49,6 +49,14 @@ pub enum ControlRequest {
     Status {
         volume: Option<String>,
     },
+    /// Rolls the origin back to snapshot `snapshot` (by name), online; the origin as it is
+    /// now is kept as snapshot `pin_name`. Answered with `RollbackStarted` once the start is
+    /// durable (see `ClientMsg::Rollback`).
+    Rollback {
+        volume: String,
+        snapshot: String,
+        pin_name: String,
+    },
     /// The volume's size and chunk size (`export-diff` and `import-diff` check them).
     Geometry {
         volume: String,
@@ -340,6 +348,14 @@ pub enum ControlResponse {
     Status {
         volumes: Vec<VolumeStatus>,
     },
+    /// The answer to `Rollback`: the origin reads as `source` from now on; `pin` is the
+    /// origin as it was. The copy-back runs on (its progress: `VolumeStatus::server_status
+    /// .rollback`).
+    RollbackStarted {
+        volume: String,
+        source: SnapshotInfo,
+        pin: SnapshotInfo,
+    },
     /// The answer to `Geometry`.
     Geometry {
         volume: String,
@@ -392,6 +408,7 @@ impl ControlRequest {
             | ControlRequest::SnapshotList { volume, .. }
             | ControlRequest::SnapshotDelete { volume, .. }
             | ControlRequest::Diff { volume, .. }
+            | ControlRequest::Rollback { volume, .. }
             | ControlRequest::Geometry { volume }
             | ControlRequest::ReadSnapshot { volume, .. }
             | ControlRequest::WriteOrigin { volume, .. }
