@@ -469,7 +469,8 @@ async fn a_rollback_killed_mid_copy_back_resumes_after_a_restart() {
         KILL_SIZE / CHUNK
     );
 
-    let mut agent = spawn_agent(&fx, "r2", "1");
+    // The restarted server copies back 16 chunks at once (the default): bounded time.
+    let mut agent = spawn_agent(&fx, "r2", "16");
     agent.wait_ready().await;
     // The origin reads as the target at once, whether or not the copy-back is done.
     let got = image(&agent, "vol", &fx.path("origin.out")).await;
