@@ -301,6 +301,9 @@ fn print_status(v: &VolumeStatus) {
     if let Some(r) = &s.reclaim {
         println!("  {}", reclaim_line(r));
     }
+    if let Some(r) = &s.rollback {
+        println!("  {}", crate::ctl_rollback::rollback_line(r));
+    }
     if s.metadata_blocks > 0 {
         let used = s.metadata_blocks.saturating_sub(s.free_metadata_blocks);
         println!(
@@ -651,7 +654,10 @@ pub async fn run_snapshot(socket: &Path, cmd: SnapshotCmd) -> anyhow::Result<()>
 const WAIT_POLL: Duration = Duration::from_millis(200);
 
 /// The volume's server status (one status request).
-async fn server_status(socket: &Path, volume: &str) -> anyhow::Result<csnap_proto::ServerStatus> {
+pub(crate) async fn server_status(
+    socket: &Path,
+    volume: &str,
+) -> anyhow::Result<csnap_proto::ServerStatus> {
     match ask(
         socket,
         ControlRequest::Status {

@@ -5,14 +5,17 @@
 //! * [`standalone`]: one machine, no cluster;
 //! * [`config`]: the `csnap` section of corosync.conf, read through cmap;
 //! * [`control`] and [`snapshot_ops`]: the control socket and what it serves;
-//!   [`ctl`]: the csnapctl subcommands.
+//!   [`ctl`]: the csnapctl subcommands ([`ctl_rollback`] and [`rollback_ops`]: online
+//!   rollback).
 
 pub mod cluster;
 pub mod config;
 pub mod control;
 pub mod ctl;
 pub mod ctl_diff;
+pub mod ctl_rollback;
 pub mod ctl_xdiff;
 pub mod daemon;
+pub mod rollback_ops;
 pub mod snapshot_ops;
 pub mod standalone;

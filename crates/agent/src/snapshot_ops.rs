@@ -15,8 +15,8 @@ pub fn describe(e: &ClientError) -> String {
     }
 }
 
-/// Answers a `SnapshotCreate`, `SnapshotList`, `SnapshotDelete`, `Diff` or one of the
-/// data requests of `export-diff` / `import-diff` for volume `v`.
+/// Answers a `SnapshotCreate`, `SnapshotList`, `SnapshotDelete`, `Diff`, `Rollback` or one
+/// of the data requests of `export-diff` / `import-diff` for volume `v`.
 pub async fn handle(v: &str, volume: &Volume, req: ControlRequest) -> ControlResponse {
     let v = v.to_owned();
     let result = match req {
@@ -79,6 +79,9 @@ pub async fn handle(v: &str, volume: &Volume, req: ControlRequest) -> ControlRes
             budget,
             ..
         } => diff_page(&v, volume, from, to, start, budget).await,
+        ControlRequest::Rollback {
+            snapshot, pin_name, ..
+        } => crate::rollback_ops::rollback(&v, volume, &snapshot, &pin_name).await,
         ControlRequest::Geometry { .. } => Ok(ControlResponse::Geometry {
             volume: v.clone(),
             size: volume.size(),

@@ -131,6 +131,20 @@ impl Agent {
     }
 }
 
+/// Test hook for the rollback e2e tests: `CSNAP_TEST_ROLLBACK_WINDOW=N` in the agent's
+/// environment makes the server's rollback copy back at most N chunks at once, so a test
+/// can stop it in the middle of a copy-back. Not for production use.
+fn test_rollback_window() -> Option<usize> {
+    let window = std::env::var("CSNAP_TEST_ROLLBACK_WINDOW").ok()?;
+    match window.parse::<usize>() {
+        Ok(n) if n > 0 => Some(n),
+        _ => {
+            tracing::warn!(%window, "ignoring CSNAP_TEST_ROLLBACK_WINDOW: not a positive number");
+            None
+        }
+    }
+}
+
 /// Longest unix socket path the kernel takes (`sun_path` holds 108 bytes with the NUL).
 const MAX_UNIX_PATH: usize = 107;
 
@@ -270,6 +284,9 @@ pub async fn run(args: StandaloneArgs) -> anyhow::Result<()> {
             // On one host every process shares the page cache, so buffered I/O is
             // coherent there; FLUSH/FUA reach the devices either way.
             cfg.direct_io = direct_io;
+            if let Some(window) = test_rollback_window() {
+                cfg.engine.rollback_window = window;
+            }
             let running = server_net::start(cfg).await.with_context(|| {
                 format!("cannot start the metadata server for volume {volume_name:?}")
             })?;

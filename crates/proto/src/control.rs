@@ -64,6 +64,17 @@ pub enum ControlRequest {
         /// The volume (`None`: every volume).
         volume: Option<String>,
     },
+    /// Rolls the origin back to snapshot `snapshot` (by name), online; the origin as it is
+    /// now is kept as snapshot `pin_name`. Answered with `RollbackStarted` once the start is
+    /// durable (see `ClientMsg::Rollback`).
+    Rollback {
+        /// The volume to roll back.
+        volume: String,
+        /// The snapshot whose contents the origin takes.
+        snapshot: String,
+        /// The name of the snapshot that keeps the origin as it is now (to undo).
+        pin_name: String,
+    },
     /// The volume's size and chunk size (`export-diff` and `import-diff` check them).
     Geometry {
         /// The volume.
@@ -405,6 +416,17 @@ pub enum ControlResponse {
         /// One per volume asked about.
         volumes: Vec<VolumeStatus>,
     },
+    /// The answer to `Rollback`: the origin reads as `source` from now on; `pin` is the
+    /// origin as it was. The copy-back runs on (its progress: `VolumeStatus::server_status
+    /// .rollback`).
+    RollbackStarted {
+        /// The volume rolled back.
+        volume: String,
+        /// The snapshot the origin reads as from now on.
+        source: SnapshotInfo,
+        /// The snapshot that keeps the origin as it was.
+        pin: SnapshotInfo,
+    },
     /// The answer to `Geometry`.
     Geometry {
         /// The volume.
@@ -464,6 +486,7 @@ impl ControlRequest {
             | ControlRequest::SnapshotList { volume, .. }
             | ControlRequest::SnapshotDelete { volume, .. }
             | ControlRequest::Diff { volume, .. }
+            | ControlRequest::Rollback { volume, .. }
             | ControlRequest::Geometry { volume }
             | ControlRequest::ReadSnapshot { volume, .. }
             | ControlRequest::WriteOrigin { volume, .. }

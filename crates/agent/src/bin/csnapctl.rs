@@ -23,13 +23,14 @@ EXAMPLES
   csnapctl snapshot list vol0
   csnapctl snapshot delete vol0 nightly --wait
   csnapctl diff vol0 monday tuesday     the byte extents written between two snapshots
+  csnapctl rollback vol0 monday --wait  the origin becomes snapshot monday, online
   csnapctl export-diff vol0 --from monday tuesday - | ssh backup csnapctl import-diff vol0 -
                                         replicate tuesday's changes to another cluster
   csnapctl keygen /etc/csnap/key        the cluster key (copy it to every node)
   csnapctl format --origin /dev/vg/origin --store /dev/vg/store
   csnapctl check --origin /dev/vg/origin --store /dev/vg/store
 
-Snapshot, diff, export-diff, import-diff and status commands go through the local agent's control socket and work from
+Snapshot, diff, export-diff, import-diff, rollback and status commands go through the local agent's control socket and work from
 any node (snapshot operations are forwarded to the volume's server). format, check and
 keygen work on the devices and files directly; check refuses a store a server is using.
 `csnapctl COMMAND --help` describes each command.
@@ -50,7 +51,8 @@ EXIT STATUS
      (e.g. a server is using it)
   3  the agent could not be reached: no control socket, connection refused, no answer
   4  snapshot delete --wait: the timeout ran out before the reclaim finished (the
-     snapshot is deleted)
+     snapshot is deleted); rollback --wait: the timeout ran out before the copy-back
+     finished (the rollback goes on)
 
 ENVIRONMENT
   TZ   the time zone for times shown (default: /etc/localtime)
@@ -91,6 +93,9 @@ enum Command {
     ExportDiff(csnap_agent::ctl_xdiff::ExportDiffArgs),
     /// Apply a stream from export-diff to a volume and create its snapshot there.
     ImportDiff(csnap_agent::ctl_xdiff::ImportDiffArgs),
+    /// Roll the volume's origin back to a snapshot, online (the origin as it was is kept
+    /// as a new snapshot).
+    Rollback(csnap_agent::ctl_rollback::RollbackArgs),
     /// Write a new random cluster key (32 bytes, mode 0600) for servers and clients.
     #[command(long_about = KEYGEN_HELP, after_long_help = KEYGEN_EXAMPLES)]
     Keygen(KeygenArgs),
@@ -437,6 +442,9 @@ fn main() -> ExitCode {
         ),
         Command::ImportDiff(args) => csnap_agent::ctl::run_cli(
             csnap_agent::ctl_xdiff::run_import_diff(&cli.socket, args.clone()),
+        ),
+        Command::Rollback(args) => csnap_agent::ctl::run_cli(
+            csnap_agent::ctl_rollback::run_rollback(&cli.socket, args.clone()),
         ),
         Command::Keygen(args) => run_keygen(args),
         Command::Check(args) => run_check(args),

@@ -305,6 +305,55 @@ async fn three_nodes_serve_one_volume_and_fail_over_when_the_server_node_dies() 
             .await
             .expect("I/O goes on after the failover");
     }
+
+    // An online rollback to 'before', asked on a node that does not serve (the code the
+    // control socket runs): once it is answered, every node's origin reads as the snapshot
+    // (their clients ask the new server while it copies back), and after it too.
+    let req = ControlRequest::Rollback {
+        volume: "vol".into(),
+        snapshot: "before".into(),
+        pin_name: "undo".into(),
+    };
+    match csnap_agent::snapshot_ops::handle("vol", &*asker.volume().await, req).await {
+        ControlResponse::RollbackStarted { source, pin, .. } => {
+            assert_eq!((source.id, pin.name.as_str()), (snap.id, "undo"));
+        }
+        other => panic!("rollback on node {}: {other:?}", asker.id),
+    }
+    let origin_is_before = |when: &'static str| {
+        let nodes = &nodes;
+        async move {
+            for n in nodes {
+                let v = n.volume().await;
+                for i in 1..=3u32 {
+                    let got = v
+                        .read_origin(u64::from(i) * CHUNK, CHUNK as u32)
+                        .await
+                        .expect("origin read during the rollback");
+                    assert!(
+                        got.iter().all(|b| *b == i as u8),
+                        "node {}: origin chunk {i} is not the snapshot's {when}",
+                        n.id
+                    );
+                }
+            }
+        }
+    };
+    origin_is_before("once the rollback was answered").await;
+    let deadline = Instant::now() + WAIT;
+    while asker
+        .volume()
+        .await
+        .status()
+        .await
+        .expect("status")
+        .rollback
+        .is_some()
+    {
+        assert!(Instant::now() < deadline, "the rollback did not finish");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    origin_is_before("after the copy-back").await;
     for n in nodes {
         n.stop.cancel();
         for t in n.tasks {

@@ -464,6 +464,7 @@ async fn help_on_every_command_reads_like_a_manual() {
         &["snapshot", "list"][..],
         &["snapshot", "delete"][..],
         &["diff"][..],
+        &["rollback"][..],
     ] {
         let mut args = cmd.to_vec();
         args.push("--help");

@@ -19,5 +19,6 @@ mod diff;
 mod many_snapshots;
 mod nbd_conformance;
 mod packaging;
+mod rollback;
 mod standalone;
 mod xdiff;

@@ -168,6 +168,19 @@ impl Agent {
         store: &Path,
         args: &[&str],
     ) -> Agent {
+        Agent::spawn_with_env(fx, control, name, origin, store, args, &[])
+    }
+
+    /// [`Agent::spawn_on`] with extra environment variables (test hooks).
+    pub(crate) fn spawn_with_env(
+        fx: &Fixture,
+        control: &Path,
+        name: &str,
+        origin: &Path,
+        store: &Path,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Agent {
         let control = control.to_path_buf();
         let log = fx.path(&format!("{name}.log"));
         let child = Command::new(env!("CARGO_BIN_EXE_csnap-agent"))
@@ -181,6 +194,7 @@ impl Agent {
             .arg("--control-socket")
             .arg(&control)
             .args(args)
+            .envs(env.iter().copied())
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::null())

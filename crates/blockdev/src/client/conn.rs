@@ -361,11 +361,14 @@ impl Shell {
             };
             self.session.handle(SessionInput::Disconnected);
             if let Some(t) = &self.tracker {
-                // Promises die with the session; and a write granted by the old
-                // connection must land before we talk to a server that may
-                // create a snapshot meanwhile.
-                let epoch = t.invalidate();
-                let _ = tokio::time::timeout(Duration::from_secs(30), t.drained(epoch)).await;
+                // Promises die with the session; and a write granted (or an origin read
+                // started without asking) on the old connection must land before we talk
+                // to a server that may create a snapshot or start a rollback meanwhile.
+                // Until the next Welcome says whether a rollback runs, reads ask (they
+                // wait for that session).
+                let epoch = t.ask_before_reads();
+                let _ =
+                    tokio::time::timeout(Duration::from_secs(30), t.direct_io_drained(epoch)).await;
             }
             if again {
                 delay = self.cfg.retry_min;
@@ -464,7 +467,11 @@ impl Shell {
                 chunk_size,
                 origin_chunks,
                 origin_lease_secs,
+                rollback,
             } => {
+                if let Some(t) = &self.tracker {
+                    t.set_rollback(rollback);
+                }
                 self.sessions += 1;
                 self.lease = Some(Duration::from_secs(u64::from(origin_lease_secs)));
                 tracing::info!(server = ?self.addr, client = %self.cfg.client, sessions = self.sessions, "csnap session established");
@@ -619,6 +626,29 @@ impl Shell {
                 Output::SealFrames(keys) => {
                     self.sealer = Some(FrameSealer::new(&keys.client_to_server));
                     self.opener = Some(FrameOpener::new(&keys.server_to_client));
+                }
+                Output::Notice(ServerMsg::RollbackStarting { source, pin }) => {
+                    // Reads ask from now on; the start is acknowledged once the writes
+                    // granted and the reads started without asking before have landed.
+                    let ack = ClientMsg::NewSnapshotAck { snap: pin };
+                    if let Some(t) = &self.tracker {
+                        tracing::info!(client = %self.cfg.client, %source, %pin, "online rollback starting: origin reads ask the server until it is done");
+                        let epoch = t.ask_before_reads();
+                        let (t, ack_tx) = (t.clone(), ack_tx.clone());
+                        tokio::spawn(async move {
+                            t.settled(epoch).await;
+                            let _ = ack_tx.send(ack);
+                        });
+                    } else {
+                        // No data path behind this connection: nothing to wait for.
+                        let _ = ack_tx.send(ack);
+                    }
+                }
+                Output::Notice(ServerMsg::RollbackDone { source }) => {
+                    if let Some(t) = &self.tracker {
+                        tracing::info!(client = %self.cfg.client, %source, "online rollback done: origin reads go to the origin again");
+                        t.set_rollback(false);
+                    }
                 }
                 Output::Notice(_) => {}
                 Output::Drop { reason } => {

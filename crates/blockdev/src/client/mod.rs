@@ -20,7 +20,7 @@ mod uring;
 mod volume;
 
 pub use aligned::DIRECT_ALIGN;
-pub use cache::{CacheStats, OriginTracker, WriteGuard};
+pub use cache::{CacheStats, OriginTracker, ReadGuard, ReadRoute, WriteGuard};
 pub use conn::{ConnConfig, MetaConnection, Reply, ServerTarget, SessionInfo};
 pub use devices::{DataDevice, Devices, Which};
 pub use session::Session;

@@ -61,7 +61,8 @@ pub enum Output {
         /// The server's answer.
         msg: ServerMsg,
     },
-    /// A notice from the server (`NewSnapshot`).
+    /// A notice from the server (`NewSnapshot`; on origin sessions also
+    /// `RollbackStarting` and `RollbackDone`, after [`Session::rollback_running`] changed).
     Notice(ServerMsg),
     /// The session is (re-)established on this connection. Requests flow again.
     Established {
@@ -71,6 +72,8 @@ pub enum Output {
         origin_chunks: u64,
         /// The server's origin write lease (`Welcome::origin_lease_secs`).
         origin_lease_secs: u32,
+        /// An online rollback runs (`Welcome::rollback`): origin reads ask first.
+        rollback: bool,
     },
     /// The server refused the session for good (wrong key, protocol version): every
     /// pending request has failed with this reason, and reconnecting will not help.
@@ -177,6 +180,9 @@ pub struct Session {
     resent: BTreeSet<RequestId>,
     /// What the shell has not taken yet ([`Session::poll_output`]).
     outputs: VecDeque<Output>,
+    /// An online rollback runs, as the server last said (`Welcome`, `RollbackStarting`,
+    /// `RollbackDone`).
+    rollback: bool,
 }
 
 impl Session {
@@ -198,6 +204,7 @@ impl Session {
             internal: BTreeMap::new(),
             resent: BTreeSet::new(),
             outputs: VecDeque::new(),
+            rollback: false,
         }
     }
 
@@ -248,6 +255,12 @@ impl Session {
     /// Whether the server refused the session for good.
     pub fn is_refused(&self) -> bool {
         self.phase == Phase::Refused
+    }
+
+    /// Whether an online rollback runs, as the server last said: origin reads must ask
+    /// (`QueryOriginRead`) while it does.
+    pub fn rollback_running(&self) -> bool {
+        self.rollback
     }
 
     /// Requests submitted and not answered yet.
@@ -348,6 +361,12 @@ impl Session {
         let Some(id) = reply_to else {
             return match msg {
                 ServerMsg::NewSnapshot { .. } => vec![Output::Notice(msg)],
+                ServerMsg::RollbackStarting { .. } | ServerMsg::RollbackDone { .. }
+                    if self.kind == ClientKind::Origin && self.phase == Phase::Open =>
+                {
+                    self.rollback = matches!(msg, ServerMsg::RollbackStarting { .. });
+                    vec![Output::Notice(msg)]
+                }
                 other => vec![Output::Drop {
                     reason: format!("unexpected notice from the server: {other:?}"),
                 }],
@@ -421,15 +440,18 @@ impl Session {
                 chunk_size,
                 origin_chunks,
                 origin_lease_secs,
+                rollback,
                 ..
             } => {
                 let resuming = self.had_session;
                 self.had_session = true;
                 self.phase = Phase::Open;
+                self.rollback = rollback;
                 let mut out = vec![Output::Established {
                     chunk_size,
                     origin_chunks,
                     origin_lease_secs,
+                    rollback,
                 }];
                 if !resuming {
                     // A first session holds nothing; requests submitted meanwhile go now.
@@ -592,6 +614,11 @@ mod tests {
 
     /// Plays the server side of the handshake; returns what the session sent after Welcome.
     fn handshake(s: &mut Session, key: &[u8]) -> Vec<Output> {
+        handshake_saying(s, key, false)
+    }
+
+    /// The handshake, with a Welcome that says whether a rollback runs.
+    fn handshake_saying(s: &mut Session, key: &[u8], rollback: bool) -> Vec<Output> {
         let cn = [1u8; 32];
         let sn = [2u8; 32];
         let out = connect(s, cn);
@@ -649,7 +676,7 @@ mod tests {
                     chunk_size: 4096,
                     origin_chunks: 100,
                     origin_lease_secs: 10,
-                    rollback: false,
+                    rollback,
                 },
             },
         )
@@ -954,6 +981,140 @@ mod tests {
             .notify(ClientMsg::NewSnapshotAck { snap: SnapId(3) })
             .is_empty());
         assert_eq!(s.unanswered(), 0);
+    }
+
+    fn notice(msg: ServerMsg) -> ServerFrame {
+        ServerFrame {
+            reply_to: None,
+            msg,
+        }
+    }
+
+    /// `RollbackStarting` and `RollbackDone` reach the origin client's shell as notices
+    /// and switch whether origin reads ask; a `Welcome` says it again on every session,
+    /// so a rollback that ended (or started) while the client was away is followed too.
+    #[test]
+    fn rollback_notices_and_welcome_say_whether_origin_reads_ask() {
+        let mut s = Session::new(ClientId::new(1, ClientKind::Origin), 1, 99, KEY.to_vec());
+        let out = handshake(&mut s, KEY);
+        assert!(matches!(
+            out[0],
+            Output::Established {
+                rollback: false,
+                ..
+            }
+        ));
+        assert!(!s.rollback_running());
+        let starting = ServerMsg::RollbackStarting {
+            source: SnapId(2),
+            pin: SnapId(5),
+        };
+        assert_eq!(
+            receive(&mut s, notice(starting.clone())),
+            vec![Output::Notice(starting)]
+        );
+        assert!(s.rollback_running());
+        // The acknowledgement is the snapshot one, naming the pin.
+        let acks = sent(&notify(
+            &mut s,
+            ClientMsg::NewSnapshotAck { snap: SnapId(5) },
+        ));
+        assert_eq!(acks.len(), 1);
+        assert_eq!(s.unanswered(), 0, "an acknowledgement expects no answer");
+
+        // Lost the server; the new one finished the rollback meanwhile.
+        s.handle(SessionInput::Disconnected);
+        assert!(
+            s.rollback_running(),
+            "nothing changes until a server says so"
+        );
+        let out = handshake_saying(&mut s, KEY, false);
+        assert!(matches!(
+            out[0],
+            Output::Established {
+                rollback: false,
+                ..
+            }
+        ));
+        assert!(!s.rollback_running());
+
+        // Away again, and a rollback started meanwhile: the Welcome says so.
+        s.handle(SessionInput::Disconnected);
+        let out = handshake_saying(&mut s, KEY, true);
+        assert!(matches!(out[0], Output::Established { rollback: true, .. }));
+        assert!(s.rollback_running());
+        let done = ServerMsg::RollbackDone { source: SnapId(2) };
+        assert_eq!(
+            receive(&mut s, notice(done.clone())),
+            vec![Output::Notice(done)]
+        );
+        assert!(!s.rollback_running());
+    }
+
+    /// `QueryOriginRead` is an ordinary request: answered by its `OriginReadOk`, resent
+    /// under its id after a reconnect, and it holds nothing to release.
+    #[test]
+    fn origin_read_questions_are_answered_and_resent_like_any_request() {
+        let mut s = Session::new(ClientId::new(1, ClientKind::Origin), 1, 99, KEY.to_vec());
+        handshake_saying(&mut s, KEY, true);
+        let ask = ClientMsg::QueryOriginRead {
+            ranges: vec![ChunkRange::new(4, 3)],
+        };
+        let (q, out) = submit(&mut s, ask.clone());
+        assert_eq!(
+            sent(&out),
+            vec![ClientFrame {
+                id: q,
+                msg: ask.clone()
+            }]
+        );
+        s.handle(SessionInput::Disconnected);
+        let frames = sent(&handshake_saying(&mut s, KEY, true));
+        assert_eq!(
+            frames[0],
+            ClientFrame { id: q, msg: ask },
+            "resent, same id"
+        );
+        let answer = ServerMsg::OriginReadOk {
+            store: vec![StoreAddr {
+                chunk: 5,
+                store_chunk: 40,
+            }],
+        };
+        let out = receive(
+            &mut s,
+            ServerFrame {
+                reply_to: Some(q),
+                msg: answer.clone(),
+            },
+        );
+        assert_eq!(out, vec![Output::Reply { id: q, msg: answer }]);
+        assert_eq!(s.unanswered(), 0);
+        assert_eq!(s.held_locks().total(), 0, "nothing to release");
+    }
+
+    /// Rollback notices are for origin sessions: any other session that gets one drops
+    /// the connection (the server is confused) instead of acting on it.
+    #[test]
+    fn a_rollback_notice_on_a_snapshot_or_admin_session_drops_the_connection() {
+        for kind in [ClientKind::Admin, ClientKind::Snapshot { snap: SnapId(3) }] {
+            let mut s = Session::new(ClientId::new(1, kind), 1, 99, KEY.to_vec());
+            handshake(&mut s, KEY);
+            for msg in [
+                ServerMsg::RollbackStarting {
+                    source: SnapId(2),
+                    pin: SnapId(5),
+                },
+                ServerMsg::RollbackDone { source: SnapId(2) },
+            ] {
+                let out = receive(&mut s, notice(msg));
+                assert!(
+                    matches!(out.as_slice(), [Output::Drop { reason }] if reason.contains("unexpected notice")),
+                    "{kind:?}: {out:?}"
+                );
+                assert!(!s.rollback_running());
+            }
+        }
     }
 
     #[test]

@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use csnap_proto::{
-    ChunkRange, ClientId, ClientKind, ClientMsg, DiffEnd, DiffPage, ServerMsg, ServerStatus,
-    SnapId, SnapRef, SnapshotInfo, StoreAddr, MAX_LIST_PAGE,
+    ChunkRange, ClientId, ClientKind, ClientMsg, DiffEnd, DiffPage, ErrorCode, ServerMsg,
+    ServerStatus, SnapId, SnapRef, SnapshotInfo, StoreAddr, MAX_LIST_PAGE,
 };
 
 use super::cache::{CacheStats, OriginTracker, WriteGuard};
@@ -216,11 +216,75 @@ impl Volume {
 
     // ---- origin ----
 
-    /// Reads `len` bytes of the origin at `offset` (straight from the device: origin reads never
-    /// ask the server).
+    /// Reads the origin. While an online rollback runs, asks the server first where each
+    /// chunk is (`QueryOriginRead`): chunks not yet copied back are read from the
+    /// rollback source's store chunks, the others from the origin.
     pub async fn read_origin(&self, offset: u64, len: u32) -> Result<Bytes, ClientError> {
-        self.chunk_range(offset, u64::from(len))?;
-        self.devices.read(Which::Origin, offset, len as usize).await
+        let range = self.chunk_range(offset, u64::from(len))?;
+        let route = self.tracker.read_route();
+        if !route.ask {
+            let data = self.devices.read(Which::Origin, offset, len as usize).await;
+            drop(route.guard);
+            return data;
+        }
+        let data = if u64::from(range.count) <= MAX_QUESTION_CHUNKS {
+            self.read_origin_asking(range, offset, len).await
+        } else {
+            let pieces = self.question_pieces(offset, u64::from(len));
+            let parts =
+                futures::future::try_join_all(pieces.into_iter().map(|(at, n)| async move {
+                    let range = self.chunk_range(at, n)?;
+                    self.read_origin_asking(range, at, n as u32).await
+                }))
+                .await;
+            parts.map(|parts| {
+                let mut out = BytesMut::with_capacity(len as usize);
+                for part in &parts {
+                    out.extend_from_slice(part);
+                }
+                out.freeze()
+            })
+        };
+        drop(route.guard);
+        data
+    }
+
+    /// One origin read of at most [`MAX_QUESTION_CHUNKS`] chunks while a rollback runs.
+    async fn read_origin_asking(
+        &self,
+        range: ChunkRange,
+        offset: u64,
+        len: u32,
+    ) -> Result<Bytes, ClientError> {
+        let reply = self
+            .origin
+            .request(ClientMsg::QueryOriginRead {
+                ranges: vec![range],
+            })
+            .await?;
+        let store = match reply.msg {
+            ServerMsg::OriginReadOk { store } => store,
+            other => return Err(unexpected("QueryOriginRead", other)),
+        };
+        let asked = range.chunks().unwrap_or(0..0);
+        let store_len = self.devices.store_len();
+        let outside = |a: &StoreAddr| {
+            !asked.contains(&a.chunk)
+                || a.store_chunk
+                    .checked_add(1)
+                    .and_then(|end| end.checked_mul(self.chunk_size))
+                    .is_none_or(|end| end > store_len)
+        };
+        if let Some(bad) = store.iter().find(|a| outside(a)) {
+            return Err(ClientError::Unexpected {
+                request: "QueryOriginRead",
+                answer: format!(
+                    "origin chunk {} at store chunk {}: not asked for, or outside the store",
+                    bad.chunk, bad.store_chunk
+                ),
+            });
+        }
+        self.gather(&store, offset, len).await
     }
 
     /// `[offset, offset + len)` cut at every multiple of [`MAX_QUESTION_CHUNKS`] chunks:
@@ -262,7 +326,8 @@ impl Volume {
 
     /// Where the origin has holes (they read as zeroes) in `[offset, offset + len)`: at
     /// most `max_runs` runs from `offset` on, from SEEK_DATA/SEEK_HOLE (all data on a
-    /// block device). Metadata of the file only; the server is not asked.
+    /// block device). Metadata of the file only; the server is not asked. While an online
+    /// rollback runs (or no session says whether one does), everything is data.
     pub async fn origin_allocation(
         &self,
         offset: u64,
@@ -270,6 +335,10 @@ impl Volume {
         max_runs: usize,
     ) -> Result<Vec<crate::sparse::AllocRun>, ClientError> {
         self.chunk_range(offset, len)?;
+        if self.tracker.asks_before_reads() {
+            // The origin's holes are not the rollback source's: all data until it is done.
+            return Ok(vec![crate::sparse::AllocRun { len, hole: false }]);
+        }
         self.devices
             .allocation(Which::Origin, offset, len, max_runs)
             .await
@@ -783,6 +852,51 @@ impl Volume {
                 Ok(snap)
             }
             other => Err(unexpected("DeleteSnapshot", other)),
+        }
+    }
+
+    /// Rolls the origin back to snapshot `source`, online; the origin as it is now is kept
+    /// as a new snapshot named `pin_name`. Returns the pin once the start is durable (the
+    /// copy-back goes on in the background; `status` shows its progress).
+    ///
+    /// If the connection is lost before the answer, the session resends the request; a
+    /// resend refused because the first send already started this very rollback (its pin
+    /// name taken, or a rollback running) is answered with that rollback's pin while it
+    /// runs. (So is asking again for the rollback that runs, with its pin's name.)
+    pub async fn rollback(
+        &self,
+        source: SnapId,
+        pin_name: &str,
+    ) -> Result<SnapshotInfo, ClientError> {
+        let msg = ClientMsg::Rollback {
+            snap: source,
+            pin_name: pin_name.into(),
+        };
+        match self.admin.request(msg).await {
+            Ok(reply) => match reply.msg {
+                ServerMsg::RollbackStarted { source: s, pin } if s == source => Ok(pin),
+                other => Err(unexpected("Rollback", other)),
+            },
+            Err(
+                e @ ClientError::Server {
+                    code: ErrorCode::NameTaken | ErrorCode::RollbackInProgress,
+                    ..
+                },
+            ) => match self.our_rollback(source, pin_name).await {
+                Some(pin) => Ok(pin),
+                None => Err(e),
+            },
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The pin of the rollback to `source` with pin `pin_name`, if that one runs.
+    async fn our_rollback(&self, source: SnapId, pin_name: &str) -> Option<SnapshotInfo> {
+        let pin = self.find_snapshot(pin_name).await.ok()?;
+        let status = self.status().await.ok()?;
+        match status.rollback {
+            Some(r) if r.source == source && r.pin == pin.id => Some(pin),
+            _ => None,
         }
     }
 

@@ -95,7 +95,7 @@ pub(crate) fn write_filled_file(path: &Path, size: u64, seed: u64) -> anyhow::Re
 }
 
 /// A file of `size` zero bytes, every block written (allocated) and synced.
-pub fn write_zeroed_file(path: &Path, size: u64) -> anyhow::Result<()> {
+pub(crate) fn write_zeroed_file(path: &Path, size: u64) -> anyhow::Result<()> {
     const BLOCK: usize = 1 << 20;
     let mut file =
         File::create(path).with_context(|| format!("cannot create {}", path.display()))?;

@@ -25,12 +25,12 @@ use crate::setup::{self, WorkDir};
 
 /// What the export-diff benchmark runs with.
 #[derive(Clone, Debug)]
-pub struct XdiffPlan {
-    pub size: u64,
-    pub chunk: u64,
+pub(crate) struct XdiffPlan {
+    pub(crate) size: u64,
+    pub(crate) chunk: u64,
     /// Changed chunks between the two snapshots, in hundredths of a percent.
-    pub changed_per_10k: u64,
-    pub rounds: u32,
+    pub(crate) changed_per_10k: u64,
+    pub(crate) rounds: u32,
 }
 
 /// Requests csnapctl export-diff keeps in flight (crates/agent/src/ctl_xdiff.rs), so the
@@ -38,7 +38,7 @@ pub struct XdiffPlan {
 const EXPORT_DEPTH: u32 = 16;
 
 /// Runs the benchmark and prints its table; `Ok(false)` when a step failed.
-pub async fn run(
+pub(crate) async fn run(
     plan: &XdiffPlan,
     dir: &WorkDir,
     agent: PathBuf,
