@@ -126,9 +126,9 @@ async fn three_agents_agree_on_one_server_and_share_the_volume() {
     deltas_from_nodes_that_do_not_serve(&rig, server).await;
 }
 
-/// Issue 13 in cluster mode: `diff`, `export-diff`, `import-diff` and the
-/// `qemu:dirty-bitmap:FROM` block-status context, from nodes other than the server's,
-/// through their agents to the one server. The volume holds 0x33 in
+/// Issue 13 in cluster mode: `diff`, `export-diff`, `import-diff`, the
+/// `qemu:dirty-bitmap:FROM` block-status context and `rollback --wait`, from nodes other
+/// than the server's, through their agents to the one server. The volume holds 0x33 in
 /// [0, 2 MiB), 0x11 in [2, 4), 0x22 in [4, 8) and zeroes after; `before` differs from it
 /// in [0, 2 MiB) only.
 async fn deltas_from_nodes_that_do_not_serve(rig: &Rig, server: NodeId) {
@@ -259,6 +259,48 @@ async fn deltas_from_nodes_that_do_not_serve(rig: &Rig, server: NodeId) {
     }
     rig.qemu_io(b, &format!("{VOLUME}@after"), &[read(0, 8 * MIB, 2 * MIB)])
         .await;
+
+    // Online rollback to `before`, asked on node b and followed to its end: every node reads
+    // the origin as `before`, the pin keeps the origin as it was, `imported` is unchanged.
+    let out = rig
+        .ctl(
+            b,
+            &[
+                "rollback",
+                VOLUME,
+                "before",
+                "--pin",
+                "pre-rollback",
+                "--wait",
+                "--timeout",
+                "60",
+            ],
+        )
+        .await
+        .expect("rollback");
+    assert!(out.contains("pre-rollback"), "{out}");
+    let before = [
+        read(0x11, 0, 4 * MIB),
+        read(0x22, 4 * MIB, 4 * MIB),
+        read(0, 8 * MIB, 8 * MIB),
+    ];
+    for node in [server, a, b] {
+        rig.qemu_io(node, VOLUME, &before).await;
+    }
+    for snap in ["pre-rollback", "imported"] {
+        rig.qemu_io(
+            a,
+            &format!("{VOLUME}@{snap}"),
+            &[read(0x33, 0, 2 * MIB), read(0x44, 8 * MIB, MIB)],
+        )
+        .await;
+    }
+    let status = rig.status(server).await.expect("status");
+    assert!(
+        status.server_status.rollback.is_none(),
+        "the rollback is over: {:?}",
+        status.server_status.rollback
+    );
 }
 
 /// The server's node loses power while fio writes with verify through another node: the

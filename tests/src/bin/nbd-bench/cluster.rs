@@ -19,7 +19,7 @@ use anyhow::Context as _;
 use cpg_glue::NodeId;
 use csnap_e2e::rig::{Rig, RigConfig, VOLUME};
 
-use crate::engines::{self, Server, Setup, Transport};
+use crate::engines::{self, Server, Setup};
 use crate::fio::{self, Access, FioJob, FioResult, Length};
 use crate::procs::{self, Proc};
 use crate::report::Engine;
@@ -103,18 +103,7 @@ pub(crate) async fn run(
     let (path, size) = (origin.clone(), plan.size);
     tokio::task::spawn_blocking(move || setup::write_filled_file(&path, size, 1)).await??;
 
-    let setup = Setup {
-        dir: dir.path().to_path_buf(),
-        raw_image: dir.join("unused-raw.img"),
-        csnap_origin: dir.join("csnap-origin.img"),
-        csnap_store: dir.join("csnap-store.img"),
-        qcow2_image: dir.join("unused.qcow2"),
-        agent,
-        csnapctl: csnapctl.clone(),
-        direct: true,
-        transport: Transport::Unix,
-        qemu_aio: "--aio=threads",
-    };
+    let setup = Setup::csnap_only(dir.path(), agent, csnapctl.clone(), true);
     let (from, to) = (origin.clone(), setup.csnap_origin.clone());
     tokio::task::spawn_blocking(move || std::fs::copy(&from, &to))
         .await?

@@ -73,6 +73,23 @@ fn free_port() -> anyhow::Result<u16> {
 }
 
 impl Setup {
+    /// A setup for csnap alone (the memory, cluster and export-diff runs): its origin and
+    /// store files in `dir`, unix sockets, no qemu-nbd images.
+    pub(crate) fn csnap_only(dir: &Path, agent: PathBuf, csnapctl: PathBuf, direct: bool) -> Setup {
+        Setup {
+            dir: dir.to_path_buf(),
+            raw_image: dir.join("unused-raw.img"),
+            csnap_origin: dir.join("csnap-origin.img"),
+            csnap_store: dir.join("csnap-store.img"),
+            qcow2_image: dir.join("unused.qcow2"),
+            agent,
+            csnapctl,
+            direct,
+            transport: Transport::Unix,
+            qemu_aio: "--aio=threads",
+        }
+    }
+
     fn endpoint(&self, name: &str) -> anyhow::Result<Endpoint> {
         Ok(match self.transport {
             Transport::Unix => Endpoint::Unix(self.dir.join(format!("{name}.sock"))),

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _};
 
-use crate::engines::{self, Setup, Transport, VOLUME};
+use crate::engines::{self, Setup, VOLUME};
 use crate::fio::{Access, FioJob, Length};
 use crate::procs::{self, Proc};
 use crate::report::Engine;
@@ -53,18 +53,7 @@ pub(crate) async fn run(
 ) -> anyhow::Result<bool> {
     let started = setup::now_utc();
     let load_before = setup::load_average();
-    let setup = Setup {
-        dir: dir.path().to_path_buf(),
-        raw_image: dir.join("unused-raw.img"),
-        csnap_origin: dir.join("csnap-origin.img"),
-        csnap_store: dir.join("csnap-store.img"),
-        qcow2_image: dir.join("unused.qcow2"),
-        agent,
-        csnapctl,
-        direct: plan.direct,
-        transport: Transport::Unix,
-        qemu_aio: "--aio=threads",
-    };
+    let setup = Setup::csnap_only(dir.path(), agent, csnapctl, plan.direct);
     setup::create_sparse_file(&setup.csnap_origin, plan.volume)?;
     // Every write may copy out a chunk: room for all of them plus metadata, sparse.
     setup::create_sparse_file(&setup.csnap_store, (plan.volume / 16).max(8 << 30))?;

@@ -9,7 +9,8 @@
 //! into /dev/null (the stream's bytes counted by the agent's reads), and fio reading the
 //! same number of random 64 KiB blocks of the origin file directly (libaio, O_DIRECT, the
 //! same iodepth as export-diff's requests in flight), and reading the whole origin
-//! sequentially (1 MiB, O_DIRECT) for the full-comparison estimate.
+//! sequentially (1 MiB, O_DIRECT) for the full-comparison estimate. Last, `csnapctl
+//! rollback VOLUME a --wait`: the same chunks copied back onto the origin, timed once.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -17,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _};
 
-use crate::engines::{self, Setup, Transport, VOLUME};
+use crate::engines::{self, Setup, VOLUME};
 use crate::fio::{self, Access, FioJob, Length};
 use crate::procs::{run_tool, Proc};
 use crate::report::Engine;
@@ -46,18 +47,7 @@ pub(crate) async fn run(
 ) -> anyhow::Result<bool> {
     let started = setup::now_utc();
     let load_before = setup::load_average();
-    let setup = Setup {
-        dir: dir.path().to_path_buf(),
-        raw_image: dir.join("unused-raw.img"),
-        csnap_origin: dir.join("csnap-origin.img"),
-        csnap_store: dir.join("csnap-store.img"),
-        qcow2_image: dir.join("unused.qcow2"),
-        agent,
-        csnapctl,
-        direct: true,
-        transport: Transport::Unix,
-        qemu_aio: "--aio=threads",
-    };
+    let setup = Setup::csnap_only(dir.path(), agent, csnapctl, true);
     let chunks = plan.size / plan.chunk;
     let changed = (chunks * plan.changed_per_10k / 10_000).max(1);
     eprintln!("writing a {} MiB origin and store ...", plan.size >> 20);
@@ -174,6 +164,28 @@ pub(crate) async fn run(
         .await?;
         sequential.push(fio_bytes_per_sec(&out)?);
     }
+    // Rollback of the same change: the origin back to `a`, copy-back followed to its end.
+    let log = dir.join("xdiff-rollback.log");
+    let mut cmd = Command::new(&setup.csnapctl);
+    cmd.arg("--socket").arg(setup.csnap_control()).args([
+        "rollback",
+        VOLUME,
+        "a",
+        "--wait",
+        "--timeout",
+        "3600",
+    ]);
+    let began = Instant::now();
+    let status = Proc::spawn("csnapctl rollback", cmd, &log)?
+        .wait(Duration::from_secs(3700))
+        .await?;
+    if !status.success() {
+        bail!(
+            "csnapctl rollback --wait failed ({status}); see {}",
+            log.display()
+        );
+    }
+    let rollback = began.elapsed();
     server.check_alive()?;
     server.stop().await;
 
@@ -218,6 +230,13 @@ pub(crate) async fn run(
         (2 * plan.size) >> 20,
         compare_both,
         seq / 1e6
+    );
+    println!(
+        "| csnapctl rollback vol a --wait (the same chunks copied back, once) | {} MiB | {:.2} | {:.1} | {:.2} |",
+        data >> 20,
+        rollback.as_secs_f64(),
+        mb_per_sec(data, rollback),
+        data as f64 / rollback.as_secs_f64().max(1e-9) / random.max(1.0)
     );
     println!(
         "\nexport-diff takes {:.1}x less time than reading and comparing both snapshots in \
