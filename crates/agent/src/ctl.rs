@@ -302,7 +302,7 @@ fn print_status(v: &VolumeStatus) {
         println!("  {}", reclaim_line(r));
     }
     if let Some(r) = &s.rollback {
-        println!("  {}", crate::ctl_rollback::rollback_line(r));
+        println!("  {}", rollback_line(r));
     }
     if s.metadata_blocks > 0 {
         let used = s.metadata_blocks.saturating_sub(s.free_metadata_blocks);
@@ -766,6 +766,19 @@ pub fn run_cli<F: std::future::Future<Output = anyhow::Result<()>>>(
             std::process::ExitCode::from(exit_code(&e))
         }
     }
+}
+
+/// One line of rollback progress (`csnapctl status` and `rollback --wait`).
+pub fn rollback_line(r: &csnap_proto::RollbackStatus) -> String {
+    format!(
+        "rollback to snapshot {} (origin as it was: snapshot {}): {} of {} chunks rolled back ({}%), {} copied back by this server",
+        r.source,
+        r.pin,
+        r.position.min(r.origin_chunks),
+        r.origin_chunks,
+        r.percent(),
+        r.chunks_copied
+    )
 }
 
 #[cfg(test)]

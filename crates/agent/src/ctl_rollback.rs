@@ -7,9 +7,11 @@ use std::path::Path;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use csnap_proto::control::{ControlRequest, ControlResponse};
-use csnap_proto::{RollbackStatus, SnapId};
+use csnap_proto::SnapId;
 
-use crate::ctl::{ask, iso_utc, json, server_status, show_progress, unexpected, WaitTimeout};
+use crate::ctl::{
+    ask, iso_utc, json, rollback_line, server_status, show_progress, unexpected, WaitTimeout,
+};
 
 const ROLLBACK_HELP: &str = "\
 Rolls the volume's origin back to a snapshot, online: from the moment the command returns,
@@ -63,19 +65,6 @@ fn default_pin_name(unix: u64) -> String {
 
 /// How often `--wait` asks for the copy-back's progress.
 const WAIT_POLL: Duration = Duration::from_millis(200);
-
-/// One progress line.
-pub fn rollback_line(r: &RollbackStatus) -> String {
-    format!(
-        "rollback to snapshot {} (origin as it was: snapshot {}): {} of {} chunks rolled back ({}%), {} copied back by this server",
-        r.source,
-        r.pin,
-        r.position.min(r.origin_chunks),
-        r.origin_chunks,
-        r.percent(),
-        r.chunks_copied
-    )
-}
 
 /// `csnapctl rollback`: starts an online rollback and, with `--wait`, follows it to the end.
 pub async fn run_rollback(socket: &Path, args: RollbackArgs) -> anyhow::Result<()> {
@@ -172,6 +161,7 @@ pub async fn wait_rolled_back(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use csnap_proto::RollbackStatus;
 
     #[test]
     fn the_default_pin_name_is_a_valid_snapshot_name_without_colons() {

@@ -5,8 +5,7 @@
 //! * [`standalone`]: one machine, no cluster;
 //! * [`config`]: the `csnap` section of corosync.conf, read through cmap;
 //! * [`control`] and [`snapshot_ops`]: the control socket and what it serves;
-//!   [`ctl`]: the csnapctl subcommands ([`ctl_rollback`] and [`rollback_ops`]: online
-//!   rollback).
+//!   [`ctl`]: the csnapctl subcommands ([`ctl_rollback`]: online rollback).
 
 pub mod cluster;
 pub mod config;
@@ -16,6 +15,5 @@ pub mod ctl_diff;
 pub mod ctl_rollback;
 pub mod ctl_xdiff;
 pub mod daemon;
-pub mod rollback_ops;
 pub mod snapshot_ops;
 pub mod standalone;
