@@ -25,8 +25,8 @@ use super::waiters::Waiters;
 use super::work::{Work, WorkId, WorkKind, Works};
 use csnap_proto::auth::{self, Handshake};
 use csnap_proto::{
-    ChunkRange, ClientFrame, ClientId, ClientMsg, ErrorCode, RequestId, RollbackStatus,
-    ServerFrame, ServerMsg, ServerStatus, SnapId, PROTOCOL_VERSION,
+    ChunkRange, ClientFrame, ClientId, ClientMsg, ErrorCode, RequestId, ServerFrame, ServerMsg,
+    SnapId, PROTOCOL_VERSION,
 };
 use std::collections::VecDeque;
 
@@ -40,6 +40,8 @@ mod rollback_flow;
 mod session_flow;
 #[path = "snapshot_flow.rs"]
 mod snapshot_flow;
+#[path = "status.rs"]
+mod status;
 
 /// Insertions a copy leaves room for in the metadata area: a new snapshot's row. Copies
 /// apply the store-full policy when their records would leave less, so that creating a
@@ -607,67 +609,5 @@ impl<S: MetaStore> Engine<S> {
             self.fail(Fatal::Store(e.into()));
         }
         Ok(())
-    }
-
-    // ---- snapshots ----
-
-    /// The server's figures as `csnapctl status` shows them. `None` if the store could not
-    /// be read: the engine has failed then (an [`Action::Fatal`] is queued), as it would
-    /// on a client's `Status` request.
-    pub fn status(&mut self) -> Option<ServerStatus> {
-        if self.failed {
-            return None;
-        }
-        match self.status_figures() {
-            Ok(status) => Some(status),
-            Err(e) => {
-                self.fail(Fatal::Store(e.into()));
-                None
-            }
-        }
-    }
-
-    fn status_figures(&mut self) -> Result<ServerStatus, MetaError> {
-        let stats = self.store.stats()?;
-        let metadata = self.store.metadata_space()?;
-        let space_warnings = self.space_warnings()?;
-        let snapshots = self.visible_snapshots()?.len() as u32;
-        Ok(ServerStatus {
-            active: self.gate.is_open(),
-            awaited_clients: self.gate.awaited(),
-            connected_clients: self.sessions.len() as u32,
-            chunk_size: stats.chunk_size,
-            origin_chunks: stats.origin_chunks,
-            store_chunks: stats.store_chunks,
-            free_chunks: stats.free_chunks,
-            snapshots,
-            pending_snapshots: self.creations.in_progress() as u32,
-            store_full_policy: self.cfg.store_full_policy.to_string(),
-            reclaiming: self.reclaiming,
-            reclaim: if self.reclaiming {
-                self.store
-                    .reclaim_position()?
-                    .map(|p| csnap_proto::ReclaimStatus {
-                        snapshots: p.snapshots,
-                        position: p.position,
-                        origin_chunks: stats.origin_chunks,
-                    })
-            } else {
-                None
-            },
-            usage_exact: self.store.usage_exact(),
-            rollback: self.rollback.as_ref().map(|r| {
-                Box::new(RollbackStatus {
-                    source: r.source,
-                    pin: r.pin,
-                    position: r.cursor(),
-                    origin_chunks: stats.origin_chunks,
-                    chunks_copied: r.chunks_copied,
-                })
-            }),
-            metadata_blocks: metadata.map_or(0, |m| m.blocks),
-            free_metadata_blocks: metadata.map_or(0, |m| m.free_blocks),
-            space_warnings,
-        })
     }
 }
