@@ -9,8 +9,9 @@
 //!
 //! The engine's state is split into parts, each a struct in its own file with pure
 //! methods on its own state and one invariant to keep; `machine.rs` holds the [`Engine`],
-//! which owns one of each and is the only file that combines them (the parts never import
-//! it):
+//! which owns one of each and, with the flows in its child modules (`session_flow.rs`,
+//! `io_flow.rs`, `copy_flow.rs`, `snapshot_flow.rs`, `status.rs`, `rollback_flow.rs`), is
+//! the only code that combines them (the parts never import it):
 //!
 //! * `sessions`: connections, authentication, what each holds, lost origin clients;
 //! * `gate`: the activation gate (snapshot clients of the previous server awaited);
