@@ -596,11 +596,7 @@ fn a_rollback_step_by_step() {
     };
     h.send(origin, ClientMsg::NewSnapshotAck { snap: pin });
     // The second round (for clients that connected meanwhile) reaches this one too.
-    for n in h.notices(origin) {
-        if let ServerMsg::RollbackStarting { pin, .. } = n {
-            h.send(origin, ClientMsg::NewSnapshotAck { snap: pin });
-        }
-    }
+    h.ack_rollback_starts(origin);
     assert!(
         h.reply_to(admin, id).is_none(),
         "not before the start is committed"
@@ -727,16 +723,8 @@ fn a_write_after_the_start_to_a_chunk_the_source_shares_is_kept() {
             pin_name: "before".into(),
         },
     );
-    for n in h.notices(origin) {
-        if let ServerMsg::RollbackStarting { pin, .. } = n {
-            h.send(origin, ClientMsg::NewSnapshotAck { snap: pin });
-        }
-    }
-    for n in h.notices(origin) {
-        if let ServerMsg::RollbackStarting { pin, .. } = n {
-            h.send(origin, ClientMsg::NewSnapshotAck { snap: pin });
-        }
-    }
+    h.ack_rollback_starts(origin);
+    h.ack_rollback_starts(origin);
     h.run_commit();
     // Chunk 5 is the target's and the origin's: written now, while the copy-back is at 1.
     let w = h.send(
@@ -809,11 +797,7 @@ fn a_full_store_pauses_the_rollback_and_never_sacrifices_its_source_or_pin() {
         },
     );
     for _ in 0..2 {
-        for n in h.notices(origin) {
-            if let ServerMsg::RollbackStarting { pin, .. } = n {
-                h.send(origin, ClientMsg::NewSnapshotAck { snap: pin });
-            }
-        }
+        h.ack_rollback_starts(origin);
     }
     h.settle();
     let w = h.send(

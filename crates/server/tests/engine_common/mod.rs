@@ -292,6 +292,16 @@ impl<S: TestStore> Harness<S> {
         }
     }
 
+    /// Acknowledges every `RollbackStarting` waiting on `conn` as an origin client does once
+    /// its older reads and writes landed (other notices waiting there are dropped).
+    pub(crate) fn ack_rollback_starts(&mut self, conn: ConnId) {
+        for n in self.notices(conn) {
+            if let ServerMsg::RollbackStarting { pin, .. } = n {
+                self.send(conn, ClientMsg::NewSnapshotAck { snap: pin });
+            }
+        }
+    }
+
     pub(crate) fn replies(&mut self, conn: ConnId) -> Vec<ServerFrame> {
         self.inbox
             .get_mut(&conn)
