@@ -95,6 +95,68 @@ impl FioJob {
         self.args_with(target, output)
     }
 
+    /// fio's command line for the I/O every first touch must do, on the files themselves:
+    /// the first-touch device limit. Three streams share the job's in-flight budget (a
+    /// first touch has one of its I/Os in flight at a time): 64 KiB reads of old chunks
+    /// from `origin`, their copies written to `store` one after another (where csnap's
+    /// allocator puts them) with an `fdatasync` every [`COPIES_PER_FLUSH`] writes (the
+    /// journal commit that records them), and the new data written to `origin`. Time-based
+    /// for the job's one-pass cap (at most [`FIRST_TOUCH_LIMIT_RUNTIME`]); the journal's
+    /// own writes are left out, so it is an upper bound. [`parse_first_touch_limit`]
+    /// turns the result into first touches per second.
+    pub(crate) fn first_touch_device_args(
+        &self,
+        origin: &Path,
+        store: &Path,
+        direct: bool,
+        output: &Path,
+    ) -> Vec<String> {
+        let engine = if direct { "libaio" } else { "psync" };
+        let runtime = match self.run {
+            Length::Timed { runtime, .. } => runtime,
+            Length::OnePass { cap } => cap,
+        }
+        .min(FIRST_TOUCH_LIMIT_RUNTIME);
+        let depth = self.iodepth.max(3);
+        let (reads, copies) = (depth / 3, depth / 3);
+        let writes = depth - reads - copies;
+        let region = self.per_job_length() * u64::from(self.jobs.max(1));
+        let mut args = vec![
+            format!("--ioengine={engine}"),
+            format!("--direct={}", u8::from(direct)),
+            format!("--bs={}", self.block_size),
+            "--randrepeat=1".to_string(),
+            "--norandommap=1".to_string(),
+            "--time_based=1".to_string(),
+            format!("--runtime={}ms", runtime.as_millis()),
+            "--group_reporting=1".to_string(),
+            "--output-format=json".to_string(),
+            format!("--output={}", output.display()),
+        ];
+        let origin_stream = |name: &str, rw: &str, depth: u32| {
+            [
+                format!("--name={}-{name}", self.name),
+                format!("--filename={}", origin.display()),
+                format!("--rw={rw}"),
+                format!("--iodepth={depth}"),
+                format!("--offset={}", self.offset),
+                format!("--size={region}"),
+            ]
+        };
+        args.extend(origin_stream("copy-read", "randread", reads));
+        args.extend([
+            format!("--name={}-copy-write", self.name),
+            format!("--filename={}", store.display()),
+            "--rw=write".to_string(),
+            format!("--iodepth={copies}"),
+            "--offset=0".to_string(),
+            format!("--size={region}"),
+            format!("--fdatasync={COPIES_PER_FLUSH}"),
+        ]);
+        args.extend(origin_stream("origin-write", "randwrite", writes));
+        args
+    }
+
     fn args_with(&self, target: Vec<String>, output: &Path) -> Vec<String> {
         let per_job = self.per_job_length();
         let mut args = vec![format!("--name={}", self.name)];
@@ -194,6 +256,32 @@ pub(crate) fn parse_result(json: &str, reads: bool) -> anyhow::Result<FioResult>
         bail!("fio did no {side_name}s");
     }
     Ok(result)
+}
+
+/// Copy-outs one journal commit records under load, in the first-touch device limit
+/// (3.3 measured with 16 in flight: docs/benchmarks.md, "Where the time goes").
+pub(crate) const COPIES_PER_FLUSH: u32 = 4;
+/// The longest the first-touch device limit runs (it is time-based).
+pub(crate) const FIRST_TOUCH_LIMIT_RUNTIME: Duration = Duration::from_secs(10);
+
+/// Parses the result of [`FioJob::first_touch_device_args`]: every three I/Os (an origin
+/// read, a store write, an origin write) are one first touch of `block_size` bytes.
+pub(crate) fn parse_first_touch_limit(json: &str, block_size: u64) -> anyhow::Result<FioResult> {
+    let reads = parse_result(json, true).context("the first-touch limit's origin reads")?;
+    let writes = parse_result(json, false).context("the first-touch limit's writes")?;
+    let runtime = reads.runtime.max(writes.runtime);
+    let secs = runtime.as_secs_f64().max(1e-3);
+    let touches = (reads.ios + writes.ios) / 3;
+    let bytes = touches * block_size;
+    Ok(FioResult {
+        ios: touches,
+        bytes,
+        iops: touches as f64 / secs,
+        bytes_per_sec: bytes as f64 / secs,
+        runtime,
+        cpu_us_per_request: None,
+        threads: None,
+    })
 }
 
 /// The run with the median throughput (the lower middle one of an even count).
@@ -317,6 +405,64 @@ mod tests {
         assert!((r.megabytes_per_sec() - 366.801815).abs() < 1e-6);
         let err = parse_result(SAMPLE, false).unwrap_err().to_string();
         assert!(err.contains("no writes"), "{err}");
+    }
+
+    #[test]
+    fn the_first_touch_limit_runs_three_streams_on_the_files() {
+        let j = job(
+            Access::RandWrite,
+            Length::OnePass {
+                cap: Duration::from_secs(300),
+            },
+        );
+        let args = j.first_touch_device_args(
+            Path::new("/origin.img"),
+            Path::new("/store.img"),
+            true,
+            Path::new("/o.json"),
+        );
+        let names = args.iter().filter(|a| a.starts_with("--name=")).count();
+        assert_eq!(names, 3, "{args:?}");
+        for want in [
+            "--ioengine=libaio",
+            "--direct=1",
+            "--rw=randread",
+            "--rw=write",
+            "--rw=randwrite",
+            "--filename=/store.img",
+            "--fdatasync=4",
+            "--runtime=10000ms",
+            "--time_based=1",
+        ] {
+            assert!(args.contains(&want.to_string()), "{want} missing: {args:?}");
+        }
+        // The three streams share the job's 16 in flight.
+        let depths: u32 = args
+            .iter()
+            .filter_map(|a| a.strip_prefix("--iodepth="))
+            .map(|d| d.parse::<u32>().unwrap())
+            .sum();
+        assert_eq!(depths, 16);
+        // Global options come before the first section.
+        let first_name = args.iter().position(|a| a.starts_with("--name=")).unwrap();
+        let output = args.iter().position(|a| a == "--output=/o.json").unwrap();
+        assert!(output < first_name);
+    }
+
+    #[test]
+    fn the_first_touch_limit_counts_three_ios_per_touch() {
+        let json = SAMPLE.replace(
+            r#""write" : { "io_bytes" : 0, "bw_bytes" : 0, "iops" : 0.0, "runtime" : 0,
+                  "total_ios" : 0 }"#,
+            r#""write" : { "io_bytes" : 1, "bw_bytes" : 1, "iops" : 1.0, "runtime" : 4002,
+                  "total_ios" : 20808 }"#,
+        );
+        let r = parse_first_touch_limit(&json, 65536).unwrap();
+        assert_eq!(r.ios, (179192 + 20808) / 3);
+        assert_eq!(r.runtime, Duration::from_millis(4002));
+        assert!((r.iops - r.ios as f64 / 4.002).abs() < 1e-6);
+        assert_eq!(r.bytes, r.ios * 65536);
+        assert!(parse_first_touch_limit(SAMPLE, 65536).is_err());
     }
 
     #[test]

@@ -7,7 +7,9 @@
 //! and fio on the raw file itself (the device limit):
 //!
 //! * **device**: fio with libaio and O_DIRECT (direct mode) or psync through the page
-//!   cache (page mode) on the raw origin file;
+//!   cache (page mode) on the raw origin file; in the first-touch tests, the three I/Os a
+//!   first touch must do (read the old chunk, write it to a store file with a flush per
+//!   few copies, write the new data), counted as one first touch per three I/Os;
 //! * **raw**: qemu-nbd on a raw origin file (the ceiling);
 //! * **csnap**: csnap-agent --standalone on an origin file and a store formatted with
 //!   csnapctl format (chunk size as given);
@@ -318,20 +320,26 @@ const COPY_WAIT: Duration = Duration::from_secs(900);
 /// One measurement: a fio job, or nbdcopy of the whole export to a file.
 enum Work {
     Fio(FioJob),
-    Copy { name: String, size: u64 },
+    /// First-touch writes: a fio job on the servers; on the device, the three I/Os every
+    /// first touch must do (`FioJob::first_touch_device_args`), its physical limit.
+    FirstTouch(FioJob),
+    Copy {
+        name: String,
+        size: u64,
+    },
 }
 
 impl Work {
     fn name(&self) -> &str {
         match self {
-            Work::Fio(job) => &job.name,
+            Work::Fio(job) | Work::FirstTouch(job) => &job.name,
             Work::Copy { name, .. } => name,
         }
     }
 
     fn tool(&self) -> &'static str {
         match self {
-            Work::Fio(_) => "fio",
+            Work::Fio(_) | Work::FirstTouch(_) => "fio",
             Work::Copy { .. } => "nbdcopy",
         }
     }
@@ -408,11 +416,20 @@ impl Bench {
             (Some(server.uri().to_string()), server.pid())
         };
         let (cmd, bound, ramp) = match work {
-            Work::Fio(job) => {
+            Work::Fio(job) | Work::FirstTouch(job) => {
                 let mut cmd = Command::new("fio");
-                match &source {
-                    Some(uri) => cmd.args(job.args(uri, &output)),
-                    None => {
+                match (&source, work) {
+                    (Some(uri), _) => cmd.args(job.args(uri, &output)),
+                    (None, Work::FirstTouch(_)) => {
+                        let store = self.device_store(job.length).await?;
+                        cmd.args(job.first_touch_device_args(
+                            &self.setup.raw_image,
+                            &store,
+                            self.setup.direct,
+                            &output,
+                        ))
+                    }
+                    (None, _) => {
                         cmd.args(job.file_args(&self.setup.raw_image, self.setup.direct, &output))
                     }
                 };
@@ -466,9 +483,14 @@ impl Bench {
             server.check_alive()?;
         }
         let mut result = match work {
-            Work::Fio(job) => {
+            Work::Fio(job) | Work::FirstTouch(job) => {
                 let text = std::fs::read_to_string(&output).unwrap_or_default();
-                fio::parse_result(&text, job.reads())?
+                match (work, engine) {
+                    (Work::FirstTouch(_), Engine::Device) => {
+                        fio::parse_first_touch_limit(&text, job.block_size)?
+                    }
+                    _ => fio::parse_result(&text, job.reads())?,
+                }
             }
             Work::Copy { size, .. } => {
                 let copied = std::fs::metadata(&copy).map(|m| m.len()).unwrap_or(0);
@@ -496,6 +518,19 @@ impl Bench {
             result.threads = Some(threads.max(b.threads));
         }
         Ok(result)
+    }
+
+    /// The store file of the first-touch device limit (written beforehand, as a block
+    /// device is), at least `length` bytes.
+    async fn device_store(&self, length: u64) -> anyhow::Result<std::path::PathBuf> {
+        let path = self.setup.dir.join("device-store.img");
+        let present = std::fs::metadata(&path).map_or(0, |m| m.len());
+        if present < length {
+            let target = path.clone();
+            tokio::task::spawn_blocking(move || setup::write_filled_file(&target, length, 7))
+                .await??;
+        }
+        Ok(path)
     }
 
     /// Records a failed step.
@@ -814,7 +849,7 @@ async fn run_one(args: &Args, plan: &Plan) -> anyhow::Result<bool> {
     );
     if ready {
         bench
-            .measure_all(&Work::Fio(job.clone()), 1, &mut first_touch_1)
+            .measure_all(&Work::FirstTouch(job.clone()), 1, &mut first_touch_1)
             .await;
     }
 
@@ -846,7 +881,7 @@ async fn run_one(args: &Args, plan: &Plan) -> anyhow::Result<bool> {
     );
     if ready {
         bench
-            .measure_all(&Work::Fio(job.clone()), 1, &mut first_touch_n)
+            .measure_all(&Work::FirstTouch(job.clone()), 1, &mut first_touch_n)
             .await;
     }
     let csnap_status = engines::csnap_status(&bench.setup).await;
