@@ -905,6 +905,12 @@ async fn a_rollback_cut_by_the_servers_death_is_resumed_by_the_new_server() {
                 r.position < r.origin_chunks,
                 "the copy-back ended early: {r:?}"
             );
+            // The status names the two snapshots beside their ids.
+            assert_eq!(
+                (r.source_name.as_str(), r.pin_name.as_str()),
+                ("before", "pre-rollback"),
+                "{r:?}"
+            );
             break;
         }
         assert!(
@@ -964,6 +970,11 @@ async fn a_rollback_cut_by_the_servers_death_is_resumed_by_the_new_server() {
         out.status
     );
     assert!(
+        stderr.contains("(\"before\") (origin as it was: snapshot")
+            && stderr.contains("(\"pre-rollback\")):"),
+        "the progress lines do not name the snapshots:\n{stderr}"
+    );
+    assert!(
         stderr.contains("waiting for volume vol0's server")
             || stderr.contains("waiting for the agent"),
         "--wait did not say it waited out the failover:\n{stderr}"
@@ -991,6 +1002,10 @@ async fn a_rollback_cut_by_the_servers_death_is_resumed_by_the_new_server() {
     assert!(
         at.len() == 2 && 0 < at[0] && at[0] < at[1],
         "the resume is not where the first server stopped: {resumed}"
+    );
+    assert!(
+        log.contains("rollback to snapshot 1 (\"before\"): "),
+        "node {second}'s progress lines do not name the snapshot:\n{log}"
     );
     assert!(
         log.contains("copy-back done"),

@@ -246,13 +246,22 @@ mod tests {
 
     #[test]
     fn progress_lines_say_how_far_the_copy_back_got() {
-        let r = RollbackStatus {
+        let mut r = RollbackStatus {
             source: SnapId(3),
             pin: SnapId(7),
             position: 250,
             origin_chunks: 1000,
             chunks_copied: 40,
+            source_name: "before-upgrade".into(),
+            pin_name: "broken-1".into(),
         };
+        assert_eq!(
+            rollback_line(&r),
+            "rollback to snapshot 3 (\"before-upgrade\") (origin as it was: snapshot 7 (\"broken-1\")): 250 of 1000 chunks rolled back (25%), 40 copied back by this server"
+        );
+        // An older server says no names: ids only.
+        r.source_name.clear();
+        r.pin_name.clear();
         assert_eq!(
             rollback_line(&r),
             "rollback to snapshot 3 (origin as it was: snapshot 7): 250 of 1000 chunks rolled back (25%), 40 copied back by this server"
@@ -267,6 +276,8 @@ mod tests {
             position: 250,
             origin_chunks: 1000,
             chunks_copied: 40,
+            source_name: "s".into(),
+            pin_name: "p".into(),
         };
         let served = csnap_proto::ServerStatus {
             chunk_size: 16384,

@@ -571,6 +571,11 @@ async fn rollback_wait_outlives_a_restart_of_its_agent() {
         "--wait did not say it waited for the agent:\n{stderr}"
     );
     assert!(
+        stderr
+            .contains("rollback to snapshot 1 (\"s0\") (origin as it was: snapshot 2 (\"undo\"))"),
+        "the progress lines do not name the snapshots:\n{stderr}"
+    );
+    assert!(
         agent.log().contains("resuming the rollback"),
         "the restarted server resumed the copy-back\n{}",
         agent.log()
