@@ -823,3 +823,240 @@ async fn eight_nodes_choose_by_priority_and_gather_every_nodes_clients() {
         started.elapsed()
     );
 }
+
+/// Issue 13's online rollback across a failover: node 1 serves and copies back one chunk
+/// at a time (the test hook `CSNAP_TEST_ROLLBACK_WINDOW=1`, so its copy-back of a volume
+/// whose every chunk changed is surely still running); `csnapctl rollback --wait` is asked
+/// on node 2, and once it said the rollback started and the copy-back moved, node 1's agent
+/// (and with it its server) is SIGKILLed by pid and node 3 writes to the origin. A survivor
+/// becomes the server and resumes the copy-back where the store's rollback record says
+/// (its log says so, past the start and short of the end); the `--wait` started before the kill waits the
+/// failover out (saying so on stderr) and sees the end. Then both survivors read the
+/// origin as the source snapshot plus node 3's write, and the pin and another snapshot as
+/// they were taken.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rollback_cut_by_the_servers_death_is_resumed_by_the_new_server() {
+    const SIZE: u64 = 32 * MIB;
+    // `reset`: the survivors wait the departed server's lease out (about 10 s) rather than
+    // fence its node, so the --wait below surely sees a while without a server.
+    let mut rc = RigConfig::new(3, "reset", test_bin_dir());
+    rc.origin_size = SIZE;
+    rc.store_size = 192 * MIB;
+    rc.agent_env = vec![(1, "CSNAP_TEST_ROLLBACK_WINDOW=1".into())];
+    let Some(mut rig) = Rig::start("cluster mode: rollback across a failover", rc).await else {
+        return;
+    };
+    let started = Instant::now();
+    let nodes = rig.cluster.nodes();
+    let (first, _) = rig.agreed_server(&nodes, FIRST_SERVER).await;
+    assert_eq!(first, NodeId(1), "node 1 has the highest csnap_priority");
+    let (waiter, writer) = (NodeId(2), NodeId(3));
+
+    // `before` is 0x11 everywhere; every chunk changes after it, so the copy-back has the
+    // whole origin to do. `other` is 0x22 everywhere; the origin then 0x33 in [0, 4 MiB).
+    rig.qemu_io(waiter, VOLUME, &[write(0x11, 0, SIZE)]).await;
+    rig.snapshot(writer, "before").await;
+    rig.qemu_io(waiter, VOLUME, &[write(0x22, 0, SIZE)]).await;
+    rig.snapshot(writer, "other").await;
+    rig.qemu_io(waiter, VOLUME, &[write(0x33, 0, 4 * MIB)])
+        .await;
+
+    // The rollback, followed with --wait from node 2 across what comes.
+    let mut wait = {
+        let socket = rig.control_socket(waiter).display().to_string();
+        tokio::process::Command::new("ip")
+            .args(["netns", "exec", &rig.cluster.netns(waiter)])
+            .arg(&rig.ctl)
+            .args(["--socket", &socket])
+            .args(["rollback", VOLUME, "before", "--pin", "pre-rollback"])
+            .args(["--wait", "--timeout", "120", "--progress"])
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("start csnapctl rollback --wait")
+    };
+    let stdout = wait.stdout.take().expect("its stdout");
+    let mut lines = tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(stdout));
+    let mut said = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let line = tokio::time::timeout_at(deadline.into(), lines.next_line())
+            .await
+            .unwrap_or_else(|_| panic!("no rollback start within 30 s: {said:?}"))
+            .expect("read csnapctl's stdout")
+            .unwrap_or_else(|| panic!("csnapctl rollback ended early: {said:?}"));
+        let started = line.contains("reads as snapshot before");
+        said.push(line);
+        if started {
+            break;
+        }
+    }
+
+    // The rollback started: once its copy-back has made some way (so the new server must
+    // resume it, not start it over), the server's agent dies, its copy-back cut short.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let s = rig.status(writer).await.expect("status");
+        let r = s.server_status.rollback.expect("the rollback runs");
+        if r.position >= 32 {
+            assert!(
+                r.position < r.origin_chunks,
+                "the copy-back ended early: {r:?}"
+            );
+            // The status names the two snapshots beside their ids.
+            assert_eq!(
+                (r.source_name.as_str(), r.pin_name.as_str()),
+                ("before", "pre-rollback"),
+                "{r:?}"
+            );
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the copy-back did not move: {r:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let pid = rig.agents.remove(&first).expect("node 1's agent runs");
+    rig.cluster
+        .stop_spawned(pid, csnap_e2e::Signal::SIGKILL, Duration::from_secs(5))
+        .await
+        .expect("SIGKILL node 1's agent");
+    let cut = Instant::now();
+    // A write made after the rollback returned, through another node: it waits the
+    // failover out and lands on top of the rolled-back origin.
+    let late_write = {
+        let uri = rig.nbd_uri(writer, VOLUME);
+        let ns = rig.cluster.netns(writer);
+        tokio::spawn(async move {
+            let out = tokio::process::Command::new("ip")
+                .args(["netns", "exec", &ns, "qemu-io", "-f", "raw", "-c"])
+                .arg(write(0x44, 8 * MIB, MIB))
+                .arg(uri)
+                .stdin(std::process::Stdio::null())
+                .kill_on_drop(true)
+                .output();
+            tokio::time::timeout(Duration::from_secs(90), out).await
+        })
+    };
+
+    let survivors = [waiter, writer];
+    let (second, status) = rig.agreed_server(&survivors, FAILOVER).await;
+    eprintln!(
+        "failover to node {second} {:?} after the kill: {:?}",
+        cut.elapsed(),
+        status.server_status.rollback
+    );
+
+    // The --wait begun before the kill sees the end.
+    let rest = tokio::spawn(async move {
+        let mut more = Vec::new();
+        while let Ok(Some(line)) = lines.next_line().await {
+            more.push(line);
+        }
+        more
+    });
+    let out = tokio::time::timeout(Duration::from_secs(150), wait.wait_with_output())
+        .await
+        .expect("csnapctl rollback --wait ended within 150 s")
+        .expect("csnapctl ran");
+    said.extend(rest.await.expect("the stdout reader"));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success() && said.iter().any(|l| l.contains("done in")),
+        "rollback --wait across the failover: {}\n{said:?}\n{stderr}",
+        out.status
+    );
+    assert!(
+        stderr.contains("(\"before\") (origin as it was: snapshot")
+            && stderr.contains("(\"pre-rollback\")):"),
+        "the progress lines do not name the snapshots:\n{stderr}"
+    );
+    assert!(
+        stderr.contains("waiting for volume vol0's server")
+            || stderr.contains("waiting for the agent"),
+        "--wait did not say it waited out the failover:\n{stderr}"
+    );
+
+    // The new server resumed the copy-back short of its end, and finished it.
+    let log = rig.agent_log(second);
+    let resumed = log
+        .lines()
+        .find(|l| l.contains("resuming the rollback"))
+        .unwrap_or_else(|| panic!("node {second}'s log does not show the resume:\n{log}"));
+    let at: Vec<u64> = resumed
+        .split("at chunk ")
+        .nth(1)
+        .map(|t| {
+            // "X of N", perhaps followed by the line's fields.
+            let words: Vec<&str> = t.split_whitespace().take(3).collect();
+            [words.first(), words.get(2)]
+                .into_iter()
+                .flatten()
+                .filter_map(|w| w.trim_matches(|c: char| !c.is_ascii_digit()).parse().ok())
+                .collect()
+        })
+        .unwrap_or_default();
+    assert!(
+        at.len() == 2 && 0 < at[0] && at[0] < at[1],
+        "the resume is not where the first server stopped: {resumed}"
+    );
+    assert!(
+        log.contains("rollback to snapshot 1 (\"before\"): "),
+        "node {second}'s progress lines do not name the snapshot:\n{log}"
+    );
+    assert!(
+        log.contains("copy-back done"),
+        "node {second} did not finish the copy-back:\n{log}"
+    );
+    for n in survivors {
+        let s = rig.status(n).await.expect("status");
+        assert!(
+            s.server_status.rollback.is_none(),
+            "node {n} still sees a rollback: {:?}",
+            s.server_status.rollback
+        );
+    }
+    let written = late_write
+        .await
+        .expect("the late write's task")
+        .expect("the late write ended within 90 s")
+        .expect("qemu-io ran");
+    assert!(
+        written.status.success() && String::from_utf8_lossy(&written.stdout).contains("wrote "),
+        "the write after the rollback returned: {}\n{}",
+        String::from_utf8_lossy(&written.stdout),
+        String::from_utf8_lossy(&written.stderr)
+    );
+
+    // Byte for byte (qemu-io -P checks every byte): the origin is `before` plus the late
+    // write; the pin is the origin as it was; `other` is unchanged.
+    for n in survivors {
+        rig.qemu_io(
+            n,
+            VOLUME,
+            &[
+                read(0x11, 0, 8 * MIB),
+                read(0x44, 8 * MIB, MIB),
+                read(0x11, 9 * MIB, SIZE - 9 * MIB),
+            ],
+        )
+        .await;
+        rig.qemu_io(n, &format!("{VOLUME}@before"), &[read(0x11, 0, SIZE)])
+            .await;
+        rig.qemu_io(n, &format!("{VOLUME}@other"), &[read(0x22, 0, SIZE)])
+            .await;
+        rig.qemu_io(
+            n,
+            &format!("{VOLUME}@pre-rollback"),
+            &[read(0x33, 0, 4 * MIB), read(0x22, 4 * MIB, SIZE - 4 * MIB)],
+        )
+        .await;
+    }
+    eprintln!(
+        "rollback across a failover: {:?} after the cluster formed ({resumed})",
+        started.elapsed()
+    );
+}

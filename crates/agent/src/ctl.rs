@@ -771,14 +771,25 @@ pub fn run_cli<F: std::future::Future<Output = anyhow::Result<()>>>(
 /// One line of rollback progress (`csnapctl status` and `rollback --wait`).
 pub fn rollback_line(r: &csnap_proto::RollbackStatus) -> String {
     format!(
-        "rollback to snapshot {} (origin as it was: snapshot {}): {} of {} chunks rolled back ({}%), {} copied back by this server",
+        "rollback to snapshot {}{} (origin as it was: snapshot {}{}): {} of {} chunks rolled back ({}%), {} copied back by this server",
         r.source,
+        quoted_name(&r.source_name),
         r.pin,
+        quoted_name(&r.pin_name),
         r.position.min(r.origin_chunks),
         r.origin_chunks,
         r.percent(),
         r.chunks_copied
     )
+}
+
+/// ` ("NAME")` after a snapshot id; nothing when the server did not say the name.
+fn quoted_name(name: &str) -> String {
+    if name.is_empty() {
+        String::new()
+    } else {
+        format!(" ({name:?})")
+    }
 }
 
 #[cfg(test)]

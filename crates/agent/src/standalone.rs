@@ -133,8 +133,9 @@ impl Agent {
 
 /// Test hook for the rollback e2e tests: `CSNAP_TEST_ROLLBACK_WINDOW=N` in the agent's
 /// environment makes the server's rollback copy back at most N chunks at once, so a test
-/// can stop it in the middle of a copy-back. Not for production use.
-fn test_rollback_window() -> Option<usize> {
+/// can stop it in the middle of a copy-back (standalone, and in cluster mode whenever this
+/// agent's node serves). Not for production use.
+pub(crate) fn test_rollback_window() -> Option<usize> {
     let window = std::env::var("CSNAP_TEST_ROLLBACK_WINDOW").ok()?;
     match window.parse::<usize>() {
         Ok(n) if n > 0 => Some(n),

@@ -412,6 +412,12 @@ pub struct RollbackStatus {
     pub origin_chunks: u64,
     /// Chunks copied back so far by this server (not counted across a restart).
     pub chunks_copied: u64,
+    /// The name of `source`, for people reading the status (empty from older servers).
+    #[serde(default)]
+    pub source_name: String,
+    /// The name of `pin` (empty from older servers).
+    #[serde(default)]
+    pub pin_name: String,
 }
 
 impl RollbackStatus {

@@ -168,6 +168,8 @@ fn all_server_msgs() -> Vec<ServerMsg> {
                 position: 3,
                 origin_chunks: 10,
                 chunks_copied: 2,
+                source_name: "before-upgrade".into(),
+                pin_name: "broken-1".into(),
             })),
         }),
         ServerMsg::Welcome {

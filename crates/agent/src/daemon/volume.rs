@@ -678,6 +678,9 @@ impl LocalServer {
         );
         config.volume = self.cfg.volume.clone();
         config.direct_io = self.cfg.direct_io;
+        if let Some(window) = crate::standalone::test_rollback_window() {
+            config.engine.rollback_window = window;
+        }
         config.engine.expected_snapshot_clients = clients.clone();
         config.cluster_generation = Some(generation);
         config.engine.hold_snapshots_until =

@@ -492,3 +492,104 @@ async fn a_rollback_killed_mid_copy_back_resumes_after_a_restart() {
     assert_snapshots(&agent, &fx, &snaps, seed).await;
     assert!(agent.stop(), "clean exit\n{}", agent.log());
 }
+
+/// `csnapctl rollback --wait` outlives its agent: the agent (and its server) is SIGKILLed
+/// in the middle of the copy-back the command is following, and started again a moment
+/// later. The command says on stderr that it waits for the agent, keeps asking until the
+/// restarted server resumed and finished the copy-back, and ends as if nothing happened:
+/// exit 0, "done in". The origin is then the target, the pin the origin as it was.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rollback_wait_outlives_a_restart_of_its_agent() {
+    for tool in ["qemu-io", "nbdcopy"] {
+        if !require_tool(tool) {
+            return;
+        }
+    }
+    let fx = Fixture::new(CHUNK, KILL_SIZE, 256 * MIB);
+    let mut agent = spawn_agent(&fx, "r", "1");
+    agent.wait_ready().await;
+    let vol = agent.uri("vol");
+    let fill = |byte: u8| format!("write -P {byte} 0 {KILL_SIZE}");
+    run_ok("qemu-io", &["-f", "raw", &vol, "-c", &fill(17)]).await;
+    agent.snapshot("s0").await;
+    // Every chunk differs from s0: a long copy-back at one chunk at a time.
+    run_ok("qemu-io", &["-f", "raw", &vol, "-c", &fill(119)]).await;
+
+    let waiter = tokio::process::Command::new(env!("CARGO_BIN_EXE_csnapctl"))
+        .arg("--socket")
+        .arg(&agent.control)
+        .args(["rollback", "vol", "s0", "--pin", "undo"])
+        .args(["--wait", "--timeout", "120", "--progress"])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start csnapctl rollback --wait");
+    // Kill once the copy-back is under way.
+    let deadline = Instant::now() + WAIT;
+    let position = loop {
+        if let Some(rb) = rollback_status(&agent).await {
+            let position = rb["position"].as_u64().unwrap_or(0);
+            if position > 0 {
+                break position;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the copy-back was not seen under way within {WAIT:?}\n{}",
+            agent.log()
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    };
+    agent.kill();
+    eprintln!(
+        "killed the agent with the copy-back at chunk {position} of {}",
+        KILL_SIZE / CHUNK
+    );
+    // Long enough for the waiting command to find no agent (it asks every 200 ms).
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let mut agent = spawn_agent(&fx, "r2", "16");
+    agent.wait_ready().await;
+
+    let out = tokio::time::timeout(WAIT, waiter.wait_with_output())
+        .await
+        .expect("csnapctl rollback --wait ended in time")
+        .expect("csnapctl ran");
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(
+        out.status.success() && stdout.contains("done in"),
+        "rollback --wait across the restart: {}\n{stdout}\n{stderr}\n{}",
+        out.status,
+        agent.log()
+    );
+    assert!(
+        stderr.contains("csnapctl: waiting for the agent"),
+        "--wait did not say it waited for the agent:\n{stderr}"
+    );
+    assert!(
+        stderr
+            .contains("rollback to snapshot 1 (\"s0\") (origin as it was: snapshot 2 (\"undo\"))"),
+        "the progress lines do not name the snapshots:\n{stderr}"
+    );
+    assert!(
+        agent.log().contains("resuming the rollback"),
+        "the restarted server resumed the copy-back\n{}",
+        agent.log()
+    );
+    assert!(rollback_status(&agent).await.is_none());
+    let origin = image(&agent, "vol", &fx.path("origin.out")).await;
+    assert!(
+        origin.iter().all(|b| *b == 17),
+        "the origin is not s0 after the rollback"
+    );
+    let pin = image(&agent, "vol@undo", &fx.path("pin.out")).await;
+    assert!(
+        pin.iter().all(|b| *b == 119),
+        "the pin is not the origin as it was"
+    );
+    assert!(agent.stop(), "clean exit\n{}", agent.log());
+}

@@ -51,7 +51,7 @@ impl<S: MetaStore> Engine<S> {
         Ok(())
     }
 
-    fn snapshot_name(&mut self, snap: SnapId) -> Result<String, MetaError> {
+    pub(super) fn snapshot_name(&mut self, snap: SnapId) -> Result<String, MetaError> {
         Ok(self
             .store
             .snapshot(snap)?
@@ -327,11 +327,12 @@ impl<S: MetaStore> Engine<S> {
                 r.recorded(gen, record.cursor);
             }
             if let Some(percent) = percent {
+                let name = self.snapshot_name(record.source)?;
                 self.log_event(
                     LogLevel::Info,
                     LogEvent::new("rollback_progress"),
                     format!(
-                        "rollback to snapshot {}: {percent}% of the origin copied back (chunk {} of {})",
+                        "rollback to snapshot {} ({name:?}): {percent}% of the origin copied back (chunk {} of {})",
                         record.source, record.cursor, self.geometry.origin_chunks
                     ),
                 );

@@ -28,6 +28,22 @@ impl<S: MetaStore> Engine<S> {
         let metadata = self.store.metadata_space()?;
         let space_warnings = self.space_warnings()?;
         let snapshots = self.visible_snapshots()?.len() as u32;
+        let rollback = match self
+            .rollback
+            .as_ref()
+            .map(|r| (r.source, r.pin, r.cursor(), r.chunks_copied))
+        {
+            Some((source, pin, position, chunks_copied)) => Some(Box::new(RollbackStatus {
+                source,
+                pin,
+                position,
+                origin_chunks: stats.origin_chunks,
+                chunks_copied,
+                source_name: self.snapshot_name(source)?,
+                pin_name: self.snapshot_name(pin)?,
+            })),
+            None => None,
+        };
         Ok(ServerStatus {
             active: self.gate.is_open(),
             awaited_clients: self.gate.awaited(),
@@ -52,15 +68,7 @@ impl<S: MetaStore> Engine<S> {
                 None
             },
             usage_exact: self.store.usage_exact(),
-            rollback: self.rollback.as_ref().map(|r| {
-                Box::new(RollbackStatus {
-                    source: r.source,
-                    pin: r.pin,
-                    position: r.cursor(),
-                    origin_chunks: stats.origin_chunks,
-                    chunks_copied: r.chunks_copied,
-                })
-            }),
+            rollback,
             metadata_blocks: metadata.map_or(0, |m| m.blocks),
             free_metadata_blocks: metadata.map_or(0, |m| m.free_blocks),
             space_warnings,
