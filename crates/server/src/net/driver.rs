@@ -8,7 +8,7 @@
 //! commit (group commit), and the engine never has more than one commit outstanding.
 
 use super::lease::ServingLease;
-use super::HeldCopies;
+use super::{CopyDurability, HeldCopies};
 use crate::engine::{
     Action, ConnId, CopyId, CopyPurpose, CopySource, Engine, Event, Failure, Fatal, LogEvent,
     LogLevel, MetaStore as _,
@@ -117,8 +117,8 @@ pub(crate) enum Control {
     CopyDone {
         copy: CopyId,
         result: Result<(), Failure>,
-        /// The store device's flush stamp when the copy's write returned.
-        stamp: u64,
+        /// Whether the copy is stable already, or when its store write returned.
+        durability: CopyDurability,
     },
     /// The I/O of the commit in flight has run (its result waits in the store).
     CommitIoDone,
@@ -506,8 +506,8 @@ impl Driver {
             Control::CopyDone {
                 copy,
                 result,
-                stamp,
-            } => self.copy_done(copy, result, stamp),
+                durability,
+            } => self.copy_done(copy, result, durability),
             Control::CommitIoDone => self.finish_commit(),
             Control::DeclareGone(client) => {
                 tracing::info!(%client, "client declared gone");
@@ -578,9 +578,10 @@ impl Driver {
         }
     }
 
-    /// A copy finished: a failure goes to the engine at once (it stops the server); a
-    /// success waits until a flush covers it or no commit is coming (see [`HeldCopies`]).
-    fn copy_done(&mut self, copy: CopyId, result: Result<(), Failure>, stamp: u64) {
+    /// A copy finished: a failure goes to the engine at once (it stops the server), and
+    /// so does a copy back that flushed the origin itself; a copy to the store waits until
+    /// a flush covers it or no commit is coming (see [`HeldCopies`]).
+    fn copy_done(&mut self, copy: CopyId, result: Result<(), Failure>, durability: CopyDurability) {
         self.copies_in_flight = self.copies_in_flight.saturating_sub(1);
         match result {
             Err(e) => {
@@ -591,8 +592,11 @@ impl Driver {
                 });
             }
             Ok(()) => {
-                tracing::trace!(copy, stamp, "copy written");
-                self.held_copies.hold(stamp, (copy, Ok(())));
+                tracing::trace!(copy, ?durability, "copy written");
+                if let Some((copy, result)) = self.held_copies.finished(durability, (copy, Ok(())))
+                {
+                    self.engine.handle(Event::CopyDone { copy, result });
+                }
             }
         }
     }
@@ -763,7 +767,9 @@ impl Driver {
                     chunk,
                     "copy back onto origin"
                 );
-                self.spawn_copy_work(copy, move |data| data.copy_to_origin(from, chunk));
+                // Stable once it returns (it flushes the origin): never held for a
+                // store flush.
+                self.spawn_copy_work(copy, true, move |data| data.copy_to_origin(from, chunk));
                 Ok(())
             }
             Action::Commit => {
@@ -812,13 +818,16 @@ impl Driver {
                 )
             }
         }
-        self.spawn_copy_work(copy, move |data| data.copy(from, to));
+        self.spawn_copy_work(copy, false, move |data| data.copy(from, to));
     }
 
-    /// Runs one copy on the blocking pool (at most `max_copies` at once) and reports it.
+    /// Runs one copy on the blocking pool (at most `max_copies` at once) and reports it:
+    /// `flushes_itself` when the work makes its writes stable, else with the store's flush
+    /// stamp after its write returned.
     fn spawn_copy_work(
         &mut self,
         copy: CopyId,
+        flushes_itself: bool,
         work: impl FnOnce(&DataPath) -> Result<(), CopyError> + Send + 'static,
     ) {
         self.copies_in_flight += 1;
@@ -846,12 +855,18 @@ impl Driver {
                 Err(_) => Err(CopyError::WorkersShutDown),
             };
             // Taken after the write returned: a flush numbered above it covers the copy.
-            let stamp = flushes.stamp();
+            let durability = if flushes_itself {
+                CopyDurability::Flushed
+            } else {
+                CopyDurability::StoreWritten {
+                    stamp: flushes.stamp(),
+                }
+            };
             let result = result.map_err(Failure::new);
             let _ = done.send(Control::CopyDone {
                 copy,
                 result,
-                stamp,
+                durability,
             });
         });
     }
@@ -899,9 +914,9 @@ impl Driver {
                 Ok(Some(Control::CopyDone {
                     copy,
                     result,
-                    stamp,
+                    durability,
                 })) => {
-                    self.copy_done(copy, result, stamp);
+                    self.copy_done(copy, result, durability);
                     if let Err(reason) = self.pump().and_then(|()| self.run_commits()) {
                         return self.fatal(reason);
                     }

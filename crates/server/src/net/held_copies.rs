@@ -7,7 +7,9 @@
 //! handing the engine only such copies lets the next commit skip its first flush, so a
 //! commit costs one flush instead of two. Copies that finished too late wait for the next
 //! commit; when no commit is coming, they are handed over at once and the commit that
-//! records them flushes first.
+//! records them flushes first. A rollback's copy back onto the origin makes itself stable
+//! (it flushes the origin) and names no store chunk a commit must order: it is handed over
+//! at once ([`CopyDurability::Flushed`]).
 
 use crate::store::FlushTracked;
 use std::collections::VecDeque;
@@ -31,7 +33,33 @@ impl<T> Default for HeldCopies<T> {
     }
 }
 
+/// How a finished copy's data becomes stable.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CopyDurability {
+    /// Written to the store, not flushed; `stamp` is what the store device's
+    /// [`FlushTracked::stamp`] gave when the write returned.
+    StoreWritten {
+        /// The store device's flush stamp when the copy's write returned.
+        stamp: u64,
+    },
+    /// Stable already: the copy flushed its destination itself (a rollback's copy back,
+    /// `DataPath::copy_to_origin`).
+    Flushed,
+}
+
 impl<T> HeldCopies<T> {
+    /// A copy finished: returns it if the engine may hear of it now (it is stable by
+    /// itself), else holds it until a flush covers it.
+    pub fn finished(&mut self, durability: CopyDurability, copy: T) -> Option<T> {
+        match durability {
+            CopyDurability::Flushed => Some(copy),
+            CopyDurability::StoreWritten { stamp } => {
+                self.hold(stamp, copy);
+                None
+            }
+        }
+    }
+
     /// A finished copy whose write returned when `flushes` gave `stamp`.
     pub fn hold(&mut self, stamp: u64, copy: T) {
         self.held.push_back((stamp, copy));
@@ -108,6 +136,32 @@ mod tests {
         dev.flush().unwrap();
         assert_eq!(held.release_all(&dev), vec!["d"]);
         assert!(!held.commit_must_flush_first(), "d was covered");
+    }
+
+    /// A rollback's copy back flushed the origin itself: the engine hears of it at once,
+    /// it waits for no store flush and makes no commit flush first; a copy to the store
+    /// is held as before.
+    #[test]
+    fn a_copy_back_that_flushed_itself_is_handed_over_at_once() {
+        let dev = FlushTracked::new(Arc::new(MemDevice::new(1 << 20)));
+        let mut held = HeldCopies::default();
+        dev.write_at(&[1; 4096], 0).unwrap();
+        let stamp = dev.stamp();
+        assert_eq!(
+            held.finished(CopyDurability::StoreWritten { stamp }, "out"),
+            None
+        );
+        assert_eq!(held.finished(CopyDurability::Flushed, "back"), Some("back"));
+        assert!(!held.commit_must_flush_first());
+        assert!(held.release_stable(&dev).is_empty(), "out is not covered");
+        dev.flush().unwrap();
+        assert_eq!(held.release_stable(&dev), vec!["out"]);
+        assert_eq!(
+            held.finished(CopyDurability::Flushed, "back 2"),
+            Some("back 2")
+        );
+        assert!(held.is_empty());
+        assert!(!held.commit_must_flush_first());
     }
 
     /// A failed flush covers nothing.

@@ -35,7 +35,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
 
-pub use held_copies::HeldCopies;
+pub use held_copies::{CopyDurability, HeldCopies};
 pub use key::KeyFileError;
 
 /// Everything `start` needs. [`ServerConfig::new`] fills in the defaults.
