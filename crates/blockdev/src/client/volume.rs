@@ -263,7 +263,7 @@ impl Volume {
             })
             .await?;
         let store = match reply.msg {
-            ServerMsg::OriginReadOk { store } => store,
+            ServerMsg::OriginReadOk { store, .. } => store,
             other => return Err(unexpected("QueryOriginRead", other)),
         };
         let asked = range.chunks().unwrap_or(0..0);
