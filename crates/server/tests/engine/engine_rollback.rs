@@ -1083,3 +1083,42 @@ fn store_reads_of_two_sources_are_released_separately() {
         "reclaimed once released"
     );
 }
+
+/// After a failover the new server does not know the store reads the old one gave out
+/// (they are not uploaded again): reclaim waits until `hold_snapshots_until`, when the old
+/// server's clients' reads have certainly finished, so a read still running on the
+/// deleted source's chunk is not overwritten by a copy-out meanwhile.
+#[test]
+fn after_a_failover_reclaim_waits_for_the_hold() {
+    let mut h = Harness::new(config(), 8, 2);
+    let (_, _, target, x) = rollback_with_an_origin_store_read(&mut h);
+    h.failover(EngineConfig {
+        start_time: 1_100,
+        hold_snapshots_until: 1_130,
+        ..config()
+    });
+    let origin = h.connect(1, ClientKind::Origin, true);
+    let admin = h.admin();
+    let w = delete_source_and_write(&mut h, origin, admin, target, 1_110);
+    assert!(
+        h.copy_log.iter().all(|(_, to)| *to != x),
+        "store chunk {x} reused before the hold ended: {:?}",
+        h.copy_log
+    );
+    assert_eq!(h.reply_to(origin, w), None, "the write waits for the space");
+    assert_eq!(
+        h.engine.poll_timeout(),
+        Some(1_130),
+        "a tick at the hold's end"
+    );
+    tick_and_settle(&mut h, 1_130);
+    assert!(matches!(
+        h.reply_to(origin, w),
+        Some(ServerMsg::OriginWriteOk { .. })
+    ));
+    assert!(
+        h.copy_log.iter().any(|(_, to)| *to == x),
+        "{:?}",
+        h.copy_log
+    );
+}
