@@ -120,11 +120,14 @@ pub enum ClientMsg {
     /// `Welcome::origin_lease_secs`).
     KeepAlive,
     /// Snapshot client: my reads of the store addresses a `SnapshotReadOk` gave for these
-    /// chunks are done. No answer. Until then the server does not reuse those store chunks
-    /// (should the snapshot be deleted or invalidated meanwhile). Not resent after a
-    /// reconnect: a lost connection's store reads are released by the server itself.
+    /// chunks are done. Origin client: the same for the store addresses an `OriginReadOk`
+    /// naming `source: Some(snap)` gave. No answer. Until then the server does not reuse
+    /// those store chunks (should the snapshot be deleted or invalidated meanwhile). Not
+    /// resent after a reconnect: a lost connection's store reads are released by the
+    /// server itself. A release naming a snapshot the session reads nothing of is ignored
+    /// (and logged).
     ReleaseStoreReads {
-        /// The client's snapshot.
+        /// The client's snapshot, or the rollback source an `OriginReadOk` named.
         snap: SnapId,
         /// The chunks whose store reads are done.
         ranges: Vec<ChunkRange>,
@@ -336,10 +339,19 @@ pub enum ServerMsg {
     },
     /// Answer to `QueryOriginRead`: the chunks in `store` still read as the rollback's
     /// source from these store chunks (unchanged while the rollback runs); every other
-    /// chunk asked for is read from the origin.
+    /// chunk asked for is read from the origin. Each store address is held for the client
+    /// (its store chunk is not reused, even if the source is deleted once the rollback
+    /// ends) until it sends `ReleaseStoreReads { snap: source }` for the chunk on this
+    /// session, or the session is gone.
     OriginReadOk {
         /// Chunks to read from the store, and where.
         store: Vec<StoreAddr>,
+        /// The rollback's source, whose store chunks `store` names: the snapshot to name in
+        /// the `ReleaseStoreReads` that follows the reads. `None` when no rollback runs (then
+        /// `store` is empty), and from servers before this field, which hold nothing for
+        /// origin reads: nothing to release then.
+        #[serde(default)]
+        source: Option<SnapId>,
     },
     /// The request failed; `message` says why, for humans.
     Error {

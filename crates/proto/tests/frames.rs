@@ -189,6 +189,7 @@ fn all_server_msgs() -> Vec<ServerMsg> {
                 chunk: 3,
                 store_chunk: 900,
             }],
+            source: Some(SnapId(1)),
         },
         ServerMsg::Error {
             code: ErrorCode::RollbackInProgress,
@@ -580,6 +581,40 @@ fn a_status_without_the_space_fields_decodes() {
         (0, 0)
     );
     assert!(status.space_warnings.is_empty());
+}
+
+/// `OriginReadOk::source` came without a version bump: an answer from a server before it
+/// decodes with `source: None` (nothing to release), and an older client's decoder, which
+/// has no such field, still reads today's answer.
+#[test]
+fn origin_read_ok_with_and_without_its_source_decodes() {
+    #[derive(serde::Serialize, serde::Deserialize, PartialEq, Debug)]
+    enum EarlierServerMsg {
+        OriginReadOk { store: Vec<StoreAddr> },
+    }
+    let store = vec![StoreAddr {
+        chunk: 3,
+        store_chunk: 900,
+    }];
+    let earlier = rmp_serde::to_vec_named(&EarlierServerMsg::OriginReadOk {
+        store: store.clone(),
+    })
+    .unwrap();
+    let now: ServerMsg = rmp_serde::from_slice(&earlier).unwrap();
+    assert_eq!(
+        now,
+        ServerMsg::OriginReadOk {
+            store: store.clone(),
+            source: None
+        }
+    );
+    let today = rmp_serde::to_vec_named(&ServerMsg::OriginReadOk {
+        store: store.clone(),
+        source: Some(SnapId(4)),
+    })
+    .unwrap();
+    let old: EarlierServerMsg = rmp_serde::from_slice(&today).unwrap();
+    assert_eq!(old, EarlierServerMsg::OriginReadOk { store });
 }
 
 fn sealed_pair() -> (FrameSealer, FrameOpener, auth::SessionKeys) {

@@ -18,8 +18,28 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use csnap_proto::auth::{self, Handshake, Nonce, SessionKeys};
 use csnap_proto::{
     ChunkRange, ClientFrame, ClientId, ClientKind, ClientMsg, ErrorCode, HeldLock, RequestId,
-    ServerFrame, ServerMsg, SnapId, PROTOCOL_VERSION,
+    ServerFrame, ServerMsg, SnapId, StoreAddr, PROTOCOL_VERSION,
 };
+
+/// The message that releases the store reads of `store` once they are done, whatever they
+/// returned: the addresses a `SnapshotReadOk` for snapshot `snap` gave, or an
+/// `OriginReadOk` naming `snap` as its rollback source. Until it arrives the server keeps
+/// those store chunks from reuse. Sent with [`SessionInput::Notify`] on the session that
+/// got the answer (no answer comes back; a lost connection releases on the server's side).
+/// `None` if there is nothing to release: no address, or an `OriginReadOk` from a server
+/// that names no source (it holds nothing for origin reads).
+pub fn store_reads_release(snap: Option<SnapId>, store: &[StoreAddr]) -> Option<ClientMsg> {
+    let snap = snap?;
+    if store.is_empty() {
+        return None;
+    }
+    let mut chunks: Vec<u64> = store.iter().map(|a| a.chunk).collect();
+    chunks.sort_unstable();
+    Some(ClientMsg::ReleaseStoreReads {
+        snap,
+        ranges: ChunkRange::coalesce(chunks),
+    })
+}
 
 /// What the shell hands the session ([`Session::handle`]).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -1051,8 +1071,76 @@ mod tests {
         assert!(!s.rollback_running());
     }
 
+    /// The release after store reads: one message naming the snapshot (a snapshot read's,
+    /// or the rollback source an `OriginReadOk` named), the chunks coalesced in order;
+    /// nothing for no addresses or an answer that names no source (an older server).
+    #[test]
+    fn store_reads_are_released_under_the_snapshot_the_answer_named() {
+        let addr = |chunk, store_chunk| StoreAddr { chunk, store_chunk };
+        let store = [addr(7, 1), addr(3, 9), addr(4, 2), addr(9, 5)];
+        assert_eq!(
+            store_reads_release(Some(SnapId(2)), &store),
+            Some(ClientMsg::ReleaseStoreReads {
+                snap: SnapId(2),
+                ranges: vec![
+                    ChunkRange::new(3, 2),
+                    ChunkRange::new(7, 1),
+                    ChunkRange::new(9, 1)
+                ],
+            })
+        );
+        assert_eq!(store_reads_release(Some(SnapId(2)), &[]), None);
+        assert_eq!(store_reads_release(None, &store), None);
+    }
+
+    /// An origin session sends the release of an `OriginReadOk`'s store reads as it is
+    /// (no answer awaited, nothing kept), and drops it while disconnected: the server
+    /// releases a lost connection's store reads itself (after the orphan grace time).
+    #[test]
+    fn an_origin_session_sends_store_read_releases_only_while_connected() {
+        let mut s = Session::new(ClientId::new(1, ClientKind::Origin), 1, 99, KEY.to_vec());
+        handshake_saying(&mut s, KEY, true);
+        let (q, _) = submit(
+            &mut s,
+            ClientMsg::QueryOriginRead {
+                ranges: vec![ChunkRange::new(4, 3)],
+            },
+        );
+        let store = vec![StoreAddr {
+            chunk: 5,
+            store_chunk: 40,
+        }];
+        receive(
+            &mut s,
+            ServerFrame {
+                reply_to: Some(q),
+                msg: ServerMsg::OriginReadOk {
+                    store: store.clone(),
+                    source: Some(SnapId(2)),
+                },
+            },
+        );
+        let release = store_reads_release(Some(SnapId(2)), &store).expect("a release");
+        let frames = sent(&notify(&mut s, release.clone()));
+        assert!(
+            matches!(frames.as_slice(), [f] if f.msg == release),
+            "{frames:?}"
+        );
+        assert_eq!(s.unanswered(), 0, "no answer awaited");
+        s.handle(SessionInput::Disconnected);
+        assert!(notify(&mut s, release).is_empty(), "dropped while away");
+        let frames = sent(&handshake_saying(&mut s, KEY, false));
+        assert!(
+            frames
+                .iter()
+                .all(|f| !matches!(f.msg, ClientMsg::ReleaseStoreReads { .. })),
+            "not resent after the reconnect: {frames:?}"
+        );
+    }
+
     /// `QueryOriginRead` is an ordinary request: answered by its `OriginReadOk`, resent
-    /// under its id after a reconnect, and it holds nothing to release.
+    /// under its id after a reconnect; it holds no read lock (its store reads are released
+    /// by the caller, see `store_reads_release`).
     #[test]
     fn origin_read_questions_are_answered_and_resent_like_any_request() {
         let mut s = Session::new(ClientId::new(1, ClientKind::Origin), 1, 99, KEY.to_vec());
@@ -1080,6 +1168,7 @@ mod tests {
                 chunk: 5,
                 store_chunk: 40,
             }],
+            source: Some(SnapId(2)),
         };
         let out = receive(
             &mut s,
@@ -1090,7 +1179,7 @@ mod tests {
         );
         assert_eq!(out, vec![Output::Reply { id: q, msg: answer }]);
         assert_eq!(s.unanswered(), 0);
-        assert_eq!(s.held_locks().total(), 0, "nothing to release");
+        assert_eq!(s.held_locks().total(), 0, "no read lock");
     }
 
     /// Rollback notices are for origin sessions: any other session that gets one drops

@@ -14,6 +14,7 @@ use csnap_proto::{
 use super::cache::{CacheStats, OriginTracker, WriteGuard};
 use super::conn::{ConnConfig, MetaConnection, ServerTarget, SessionInfo};
 use super::devices::{Devices, Which};
+use super::session::store_reads_release;
 use super::ClientError;
 
 /// Most chunks one metadata question (QueryWrite, QuerySnapshotRead, SnapshotWrite)
@@ -107,6 +108,23 @@ pub struct Volume {
     /// [`Volume::snapshot_clients`] returns changed): the cluster agent reports the node's
     /// snapshot clients to the membership on this, not on a timer.
     snapshots_changed: tokio::sync::watch::Sender<u64>,
+}
+
+/// Store reads an answer gave out, released when this is dropped: after the reads finished
+/// (whatever they returned), or when the read is abandoned (its future dropped, e.g. a
+/// sibling piece of the same read failed), so that no store read stays held for the life
+/// of the session.
+struct StoreReadsHeld<'a> {
+    conn: &'a MetaConnection,
+    release: Option<ClientMsg>,
+}
+
+impl Drop for StoreReadsHeld<'_> {
+    fn drop(&mut self) {
+        if let Some(msg) = self.release.take() {
+            self.conn.notify(msg);
+        }
+    }
 }
 
 fn unexpected(request: &'static str, answer: ServerMsg) -> ClientError {
@@ -262,9 +280,15 @@ impl Volume {
                 ranges: vec![range],
             })
             .await?;
-        let store = match reply.msg {
-            ServerMsg::OriginReadOk { store } => store,
+        let (store, source) = match reply.msg {
+            ServerMsg::OriginReadOk { store, source } => (store, source),
             other => return Err(unexpected("QueryOriginRead", other)),
+        };
+        // The server keeps the source's store chunks from reuse (it may be deleted as soon
+        // as the rollback ends) until this releases them, whatever happens to the read.
+        let _held = StoreReadsHeld {
+            conn: &self.origin,
+            release: store_reads_release(source, &store),
         };
         let asked = range.chunks().unwrap_or(0..0);
         let store_len = self.devices.store_len();
@@ -604,17 +628,14 @@ impl Volume {
                 tokio::time::sleep(hold).await;
             }
         }
+        let held = StoreReadsHeld {
+            conn: &conn,
+            release: store_reads_release(Some(snap), &store),
+        };
         let data = self.gather(&store, offset, len).await;
-        if !store.is_empty() {
-            // Done with those store addresses (whatever the reads returned): until now
-            // the server kept them from reuse.
-            let mut chunks: Vec<u64> = store.iter().map(|a| a.chunk).collect();
-            chunks.sort_unstable();
-            conn.notify(ClientMsg::ReleaseStoreReads {
-                snap,
-                ranges: ChunkRange::coalesce(chunks),
-            });
-        }
+        // Done with those store addresses (whatever the reads returned): until now the
+        // server kept them from reuse.
+        drop(held);
         if !origin_locked.is_empty() {
             // Release whatever happened to the reads; the session resends the release
             // after a reconnect, so nothing waits on us here.

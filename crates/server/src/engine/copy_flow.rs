@@ -12,11 +12,15 @@ use super::{
 use csnap_proto::{SnapId, SnapshotInfo, SnapshotState, SpaceWarning, StoreArea};
 
 impl<S: MetaStore> Engine<S> {
-    /// Reclaim must wait while a client may still write into chunks it would free: before
-    /// activation (leases not yet uploaded) and while a deleted or invalidated snapshot has
-    /// write leases.
+    /// Reclaim must wait while a client may still write into chunks it would free, or
+    /// read them: before activation (leases not yet uploaded), while a deleted or
+    /// invalidated snapshot has write leases or store reads, and after a failover until
+    /// `hold_snapshots_until`: store reads the old server gave out (snapshot reads', and
+    /// origin reads' during a rollback) are not uploaded again, and that is when every one
+    /// of them has certainly finished (they were answered before the old server stopped;
+    /// the hold adds the clients' lease and its margin, as for their writes).
     pub(super) fn reclaim_blocked(&mut self) -> Result<bool, MetaError> {
-        if !self.gate.is_open() {
+        if !self.gate.is_open() || self.now < self.cfg.hold_snapshots_until {
             return Ok(true);
         }
         for snap in self.locks.leased_snapshots() {

@@ -100,7 +100,8 @@ impl<S: MetaStore> Engine<S> {
         Ok(())
     }
 
-    /// The client finished reading the store addresses it was given for these chunks.
+    /// The client finished reading the store addresses it was given for these chunks of
+    /// `snap` (a snapshot read's, or an origin read's during a rollback to `snap`).
     pub(super) fn release_store_reads(
         &mut self,
         conn: ConnId,
@@ -117,7 +118,7 @@ impl<S: MetaStore> Engine<S> {
         let released = self
             .sessions
             .get_mut(conn)
-            .map_or(0, |c| c.release_store_reads(&chunks));
+            .map_or(0, |c| c.release_store_reads(snap, &chunks));
         if released > 0 {
             self.locks.release_leases(snap, released);
             self.wake_lease_waiters()?;
@@ -311,7 +312,7 @@ impl<S: MetaStore> Engine<S> {
                 count_one(&mut cn.held, c);
             }
             for a in &store {
-                count_one(&mut cn.store_reads, a.chunk);
+                count_one(&mut cn.store_reads, (snap, a.chunk));
             }
             self.locks.add_leases(snap, store.len() as u32);
         }

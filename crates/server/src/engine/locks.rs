@@ -3,15 +3,19 @@
 //!
 //! Invariant: `counts[chunk]` is the sum of the read locks every holder (connection, orphan,
 //! or an unshare copying from the origin) has on `chunk`, and `leases[snap]` the sum of the
-//! write leases and unreleased store reads of every connection and orphan of `snap`; a zero
-//! count is never stored. A chunk with a read lock is not written by the origin; a snapshot
-//! with leases keeps its chunks from reclaim.
+//! write leases and unreleased store reads of every connection and orphan of `snap`, plus
+//! the unreleased store reads of `snap` that origin connections and orphans hold (origin
+//! reads sent to a rollback source's store chunks); a zero count is never stored. A chunk
+//! with a read lock is not written by the origin; a snapshot with leases keeps its chunks
+//! from reclaim.
 
 use csnap_proto::{ClientId, SnapId};
 use std::collections::{BTreeMap, HashMap};
 
 /// Read locks a snapshot client left behind when its connection dropped; kept until it
-/// reconnects and finishes resending, is declared gone, or the grace time passes.
+/// reconnects and finishes resending, is declared gone, or the grace time passes. An origin
+/// client leaves only store reads of rollback sources: one orphan per source (`snap`), with
+/// no read locks or write leases.
 pub(super) struct OrphanedLocks {
     pub(super) client: ClientId,
     pub(super) snap: SnapId,

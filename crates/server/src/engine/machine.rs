@@ -201,7 +201,7 @@ impl<S: MetaStore> Engine<S> {
     /// When the engine next needs an [`Event::Tick`] (`Tick` seconds), if time alone will
     /// change anything: the authentication deadline of a connection, the silence deadline
     /// of an origin client, the lease end of a lost one, the grace time of orphaned locks,
-    /// a snapshot announcement held until `hold_snapshots_until`, and the next second while
+    /// a snapshot announcement and reclaim held until `hold_snapshots_until`, and the next second while
     /// background work (reclaim, the usage count) is left. Any event may move it: ask again
     /// after each. A time at or before the last tick means "tick now".
     pub fn poll_timeout(&self) -> Option<u64> {
@@ -209,16 +209,16 @@ impl<S: MetaStore> Engine<S> {
             return None;
         }
         let silence = self.cfg.origin_lease_secs + LEASE_MARGIN_SECS + CLOCK_SLACK_SECS;
-        let background = self.reclaiming || !self.store.usage_exact();
-        let held_announcement =
-            self.creations.announced() && self.now < self.cfg.hold_snapshots_until;
+        // A snapshot announcement and reclaim (and what waits for it) are held until then.
+        let held = self.now < self.cfg.hold_snapshots_until;
+        let background = (self.reclaiming && !held) || !self.store.usage_exact();
         [
             self.sessions.next_auth_expiry(self.cfg.auth_timeout_secs),
             self.sessions.next_silence(silence),
             self.sessions.next_lost_origin_expiry(),
             self.locks
                 .next_orphan_expiry(self.cfg.orphan_lock_grace_secs),
-            held_announcement.then_some(self.cfg.hold_snapshots_until),
+            held.then_some(self.cfg.hold_snapshots_until),
             background.then_some(self.now + 1),
         ]
         .into_iter()
@@ -379,10 +379,16 @@ impl<S: MetaStore> Engine<S> {
             Event::CopyDone { copy, result } => self.on_copy_done(copy, result),
             Event::CommitDone { result } => self.on_commit_done(result),
             Event::Tick { now } => {
+                let held = self.now < self.cfg.hold_snapshots_until;
                 self.now = self.now.max(now);
                 self.expire_unauthenticated()?;
                 self.expire_orphans()?;
-                self.expire_origin_leases()
+                self.expire_origin_leases()?;
+                if held && self.now >= self.cfg.hold_snapshots_until {
+                    // Reclaim may go on: what waited for it, too.
+                    self.wake_lease_waiters()?;
+                }
+                Ok(())
             }
         }
     }

@@ -9,6 +9,7 @@ use super::super::io::{Action, CopySource, LogEvent, LogLevel, Requester};
 use super::super::meta_store::{MetaError, MetaStore, SnapChunk};
 use super::super::requests::Reject;
 use super::super::rollback::{Rollback, RollbackRecord};
+use super::super::sessions::count_one;
 use super::{CopyStart, Engine};
 use csnap_proto::{
     ChunkRange, DiffEnd, ErrorCode, ServerMsg, SnapId, SnapRef, SnapshotInfo, SnapshotState,
@@ -235,12 +236,17 @@ impl<S: MetaStore> Engine<S> {
     }
 
     /// `ClientMsg::QueryOriginRead`: which chunks still read as the source from the store.
+    /// Each store address given out is a store read of the session under the source's
+    /// leases, as a snapshot read's: the source may be deleted as soon as the rollback
+    /// ends, and its chunks must not be reused until the client released the read
+    /// (`ReleaseStoreReads { snap: source }`) or its session is gone.
     pub(super) fn query_origin_read(
         &mut self,
         who: Requester,
         ranges: &[ChunkRange],
     ) -> Result<(), Reject> {
         let chunks = self.request_chunks(ranges)?;
+        let source = self.rollback.as_ref().map(|r| r.source);
         let mut store = Vec::new();
         for chunk in chunks {
             match self.rollback_read_from(chunk) {
@@ -252,7 +258,15 @@ impl<S: MetaStore> Engine<S> {
                 }
             }
         }
-        self.reply(who.conn, who.id, ServerMsg::OriginReadOk { store });
+        if let (Some(snap), false) = (source, store.is_empty()) {
+            if let Some(c) = self.sessions.get_mut(who.conn) {
+                for a in &store {
+                    count_one(&mut c.store_reads, (snap, a.chunk));
+                }
+                self.locks.add_leases(snap, store.len() as u32);
+            }
+        }
+        self.reply(who.conn, who.id, ServerMsg::OriginReadOk { store, source });
         Ok(())
     }
 

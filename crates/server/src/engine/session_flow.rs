@@ -11,9 +11,10 @@ use super::super::work::WorkKind;
 use super::{Engine, CLOCK_SLACK_SECS};
 use csnap_proto::page_len;
 use csnap_proto::{
-    ClientId, ClientKind, ClientMsg, ErrorCode, HeldLock, RequestId, ServerMsg, SnapRef,
+    ClientId, ClientKind, ClientMsg, ErrorCode, HeldLock, RequestId, ServerMsg, SnapId, SnapRef,
     MAX_DIFF_RECORDS, PROTOCOL_VERSION,
 };
+use std::collections::{BTreeMap, BTreeSet};
 
 impl<S: MetaStore> Engine<S> {
     pub(super) fn open_session(
@@ -158,12 +159,39 @@ impl<S: MetaStore> Engine<S> {
                     since: self.now,
                 });
             }
+            (Some(client), Some(ClientKind::Origin)) if !c.store_reads.is_empty() => {
+                // Its origin reads of a rollback source's store chunks may still be
+                // running: keep them counted, as a snapshot client's, for the grace time
+                // (one orphan per source, so each releases its own snapshot's leases).
+                let per_snap = c.store_reads_per_snapshot();
+                self.log(
+                    LogLevel::Warn,
+                    format!(
+                        "origin client {client} disconnected with {} store read(s) of rollback source(s) unreleased; kept for {}s (its reads may still run)",
+                        per_snap.values().sum::<u32>(),
+                        self.cfg.orphan_lock_grace_secs
+                    ),
+                );
+                to_wake = self.locks.unlock_all(c.held);
+                for (snap, store_reads) in per_snap {
+                    self.locks.orphan(OrphanedLocks {
+                        client,
+                        snap,
+                        held: BTreeMap::new(),
+                        leases: BTreeMap::new(),
+                        store_reads,
+                        since: self.now,
+                    });
+                }
+            }
             (_, kind) => {
+                let mut per_snap = c.store_reads_per_snapshot();
                 to_wake = self.locks.unlock_all(c.held);
                 if let Some(ClientKind::Snapshot { snap }) = kind {
-                    let n: u32 =
-                        c.leases.values().sum::<u32>() + c.store_reads.values().sum::<u32>();
-                    leases_released = n > 0;
+                    *per_snap.entry(snap).or_insert(0) += c.leases.values().sum::<u32>();
+                }
+                for (snap, n) in per_snap {
+                    leases_released |= n > 0;
                     self.locks.release_leases(snap, n);
                 }
             }
@@ -212,10 +240,13 @@ impl<S: MetaStore> Engine<S> {
 
     pub(super) fn expire_orphans(&mut self) -> Result<(), MetaError> {
         let (now, grace) = (self.now, self.cfg.orphan_lock_grace_secs);
-        for client in self.locks.expired_orphans(now, grace) {
+        // An origin client leaves one orphan per rollback source it read: name it once.
+        let expired: BTreeSet<ClientId> =
+            self.locks.expired_orphans(now, grace).into_iter().collect();
+        for client in expired {
             self.log(
                 LogLevel::Warn,
-                format!("snapshot client {client} did not come back within {grace}s; releasing its read locks"),
+                format!("client {client} did not come back within {grace}s; releasing its read locks, write leases and store reads"),
             );
         }
         self.drop_orphans(|o| now.saturating_sub(o.since) >= grace, false)
@@ -312,7 +343,12 @@ impl<S: MetaStore> Engine<S> {
                 Ok(())
             }
             ClientMsg::ReleaseStoreReads { snap, ranges } => {
-                match check_snapshot_kind("ReleaseStoreReads", kind, snap) {
+                let checked = match kind {
+                    // An origin session releases what its `OriginReadOk`s gave out.
+                    ClientKind::Origin => self.check_origin_store_reads(conn, snap),
+                    _ => check_snapshot_kind("ReleaseStoreReads", kind, snap),
+                };
+                match checked {
                     Ok(()) => {
                         self.release_store_reads(conn, snap, &ranges)?;
                         Ok(())
@@ -422,6 +458,24 @@ impl<S: MetaStore> Engine<S> {
                 Ok(())
             }
         }
+    }
+
+    /// An origin session may release only store reads of a rollback source it was given
+    /// (by `OriginReadOk`) and has not released yet.
+    fn check_origin_store_reads(&self, conn: ConnId, snap: SnapId) -> Result<(), Reject> {
+        if self
+            .sessions
+            .get(conn)
+            .is_some_and(|c| c.reads_store_of(snap))
+        {
+            return Ok(());
+        }
+        Err(Reject(
+            ErrorCode::NotLocked,
+            format!(
+                "this origin session holds no store reads of snapshot {snap} (only those an OriginReadOk named as its source, until released)"
+            ),
+        ))
     }
 
     fn upload_locks(

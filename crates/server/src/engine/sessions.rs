@@ -5,11 +5,11 @@
 //! cluster key); an open connection has its client id, kind, node and incarnation set; at
 //! most one open connection per client id (a reconnect replaces the old one); a connection's
 //! `held`, `leases` and `store_reads` never keep a zero count and are also counted in the
-//! engine's [`Locks`](super::locks::Locks).
+//! engine's [`Locks`](super::locks::Locks) (a store read under the snapshot it names).
 
 use super::io::ConnId;
 use csnap_proto::auth::{Handshake, Nonce};
-use csnap_proto::{ClientId, ClientKind};
+use csnap_proto::{ClientId, ClientKind, SnapId};
 use std::collections::{BTreeMap, BTreeSet};
 
 #[derive(Clone)]
@@ -32,9 +32,12 @@ pub(super) struct Conn {
     pub(super) held: BTreeMap<u64, u32>,
     /// Write leases this (snapshot) connection holds: origin chunk -> count.
     pub(super) leases: BTreeMap<u64, u32>,
-    /// Store reads this (snapshot) connection has not released yet: origin chunk -> count.
-    /// Like write leases they keep a deleted or invalidated snapshot's chunks from reuse.
-    pub(super) store_reads: BTreeMap<u64, u32>,
+    /// Store reads this connection has not released yet: (snapshot, origin chunk) -> count.
+    /// Like write leases they keep a deleted or invalidated snapshot's chunks from reuse. A
+    /// snapshot connection's are all of its snapshot; an origin connection's are of the
+    /// rollback sources its `OriginReadOk`s named (two once one rollback ended and the next
+    /// began), hence the snapshot in the key.
+    pub(super) store_reads: BTreeMap<(SnapId, u64), u32>,
     /// When the server last heard from it (`Tick` seconds): an origin client's write
     /// lease runs from here.
     pub(super) last_heard: u64,
@@ -64,32 +67,49 @@ impl Conn {
         take_one_each(&mut self.leases, chunks)
     }
 
-    /// Releases one store read on each of `chunks` it has: how many it had.
-    pub(super) fn release_store_reads(&mut self, chunks: &BTreeSet<u64>) -> u32 {
+    /// Releases one store read of `snap` on each of `chunks` it has: how many it had.
+    pub(super) fn release_store_reads(&mut self, snap: SnapId, chunks: &BTreeSet<u64>) -> u32 {
         let mut released = 0;
         for ch in chunks {
-            if decrement(&mut self.store_reads, *ch) {
+            if decrement(&mut self.store_reads, (snap, *ch)) {
                 released += 1;
             }
         }
         released
     }
+
+    /// Whether it has unreleased store reads of `snap`.
+    pub(super) fn reads_store_of(&self, snap: SnapId) -> bool {
+        self.store_reads
+            .range((snap, 0)..=(snap, u64::MAX))
+            .next()
+            .is_some()
+    }
+
+    /// Its unreleased store reads, counted per snapshot.
+    pub(super) fn store_reads_per_snapshot(&self) -> BTreeMap<SnapId, u32> {
+        let mut per_snap = BTreeMap::new();
+        for (&(snap, _), &n) in &self.store_reads {
+            *per_snap.entry(snap).or_insert(0) += n;
+        }
+        per_snap
+    }
 }
 
-/// Counts one more in `map` for `chunk`.
-pub(super) fn count_one(map: &mut BTreeMap<u64, u32>, chunk: u64) {
-    *map.entry(chunk).or_insert(0) += 1;
+/// Counts one more in `map` for `key`.
+pub(super) fn count_one<K: Ord>(map: &mut BTreeMap<K, u32>, key: K) {
+    *map.entry(key).or_insert(0) += 1;
 }
 
-/// One less for `chunk`, dropping a zero count: false if there was none.
-fn decrement(map: &mut BTreeMap<u64, u32>, chunk: u64) -> bool {
-    match map.get_mut(&chunk) {
+/// One less for `key`, dropping a zero count: false if there was none.
+fn decrement<K: Ord>(map: &mut BTreeMap<K, u32>, key: K) -> bool {
+    match map.get_mut(&key) {
         Some(n) if *n > 1 => {
             *n -= 1;
             true
         }
         Some(_) => {
-            map.remove(&chunk);
+            map.remove(&key);
             true
         }
         None => false,
@@ -316,8 +336,22 @@ mod tests {
         assert_eq!(c.held, BTreeMap::from([(4, 2), (5, 1)]), "nothing released");
         assert_eq!(c.release_held(&BTreeSet::from([4, 5])), Ok(()));
         assert_eq!(c.held, BTreeMap::from([(4, 1)]), "no zero count kept");
-        count_one(&mut c.store_reads, 9);
-        assert_eq!(c.release_store_reads(&BTreeSet::from([8, 9])), 1);
-        assert!(c.store_reads.is_empty());
+        let (s1, s2) = (SnapId(1), SnapId(2));
+        count_one(&mut c.store_reads, (s1, 9));
+        count_one(&mut c.store_reads, (s2, 9));
+        count_one(&mut c.store_reads, (s2, 9));
+        assert_eq!(
+            c.store_reads_per_snapshot(),
+            BTreeMap::from([(s1, 1), (s2, 2)])
+        );
+        assert_eq!(c.release_store_reads(s1, &BTreeSet::from([8, 9])), 1);
+        assert!(!c.reads_store_of(s1) && c.reads_store_of(s2));
+        assert_eq!(
+            c.release_store_reads(s1, &BTreeSet::from([9])),
+            0,
+            "none left of s1"
+        );
+        assert_eq!(c.release_store_reads(s2, &BTreeSet::from([9])), 1);
+        assert_eq!(c.store_reads, BTreeMap::from([((s2, 9), 1)]));
     }
 }

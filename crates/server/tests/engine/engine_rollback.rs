@@ -210,9 +210,22 @@ impl<S: TestStore> Run<S> {
                 },
             );
             match self.h.reply_to(self.origin, id) {
-                Some(ServerMsg::OriginReadOk { store }) => match store.as_slice() {
+                Some(ServerMsg::OriginReadOk { store, source }) => match store.as_slice() {
                     [] => self.h.origin[c as usize],
-                    [a] if a.chunk == c => self.h.store_data[a.store_chunk as usize],
+                    [a] if a.chunk == c => {
+                        let got = self.h.store_data[a.store_chunk as usize];
+                        // Read done: the store address is released, as the client does.
+                        let snap = source.expect("a store address names its source");
+                        assert_eq!(Some(snap), self.running.map(|r| r.0).or(self.requested));
+                        self.h.send(
+                            self.origin,
+                            ClientMsg::ReleaseStoreReads {
+                                snap,
+                                ranges: range(c, 1),
+                            },
+                        );
+                        got
+                    }
                     other => panic!("read of chunk {c} answered {other:?}"),
                 },
                 other => panic!("QueryOriginRead answered {other:?}"),
@@ -647,7 +660,7 @@ fn a_rollback_step_by_step() {
         },
     );
     let store = match h.reply_to(origin, q) {
-        Some(ServerMsg::OriginReadOk { store }) => store,
+        Some(ServerMsg::OriginReadOk { store, .. }) => store,
         other => panic!("{other:?}"),
     };
     assert_eq!(store.len(), 1);
@@ -827,5 +840,285 @@ fn a_full_store_pauses_the_rollback_and_never_sacrifices_its_source_or_pin() {
         h.origin[0],
         [9, 9],
         "nothing copied back over a chunk the pin shares"
+    );
+}
+
+/// Runs ticks from `from` on (reclaim walks on ticks), settling copies and commits.
+fn tick_and_settle<S: TestStore>(h: &mut Harness<S>, from: u64) {
+    for t in 0..10 {
+        h.handle(Event::Tick { now: from + t });
+        h.settle();
+    }
+}
+
+/// A rollback to `target` (whose store chunk holds origin chunk 3's old contents) on a
+/// store of two chunks, stopped before any copy: the origin client's `QueryOriginRead` of
+/// chunk 3 is answered with the target's store chunk. Returns (origin conn, admin conn,
+/// target, the store chunk the origin client was told to read).
+fn rollback_with_an_origin_store_read(h: &mut Harness) -> (ConnId, ConnId, SnapId, u64) {
+    let origin = h.connect(1, ClientKind::Origin, false);
+    let admin = h.admin();
+    h.origin[3] = [30, 30];
+    let target = h.create_snapshot(admin, "target", &[origin]);
+    h.granted_origin_write(origin, 3);
+    h.origin[3] = [31, 31];
+    let id = h.send(
+        admin,
+        ClientMsg::Rollback {
+            snap: target,
+            pin_name: "before".into(),
+        },
+    );
+    h.ack_rollback_starts(origin);
+    h.ack_rollback_starts(origin);
+    let q = h.send(
+        origin,
+        ClientMsg::QueryOriginRead {
+            ranges: range(3, 1),
+        },
+    );
+    let x = match h.reply_to(origin, q) {
+        Some(ServerMsg::OriginReadOk { store, .. }) if store.len() == 1 => store[0].store_chunk,
+        other => panic!("expected the target's store chunk, got {other:?}"),
+    };
+    assert_eq!(h.store_data[x as usize], [30, 30]);
+    // The copy-back ends; the origin client's read of store chunk x is still running.
+    h.settle();
+    assert!(matches!(
+        h.reply_to(admin, id),
+        Some(ServerMsg::RollbackStarted { .. })
+    ));
+    assert_eq!(
+        h.notices(origin),
+        vec![ServerMsg::RollbackDone { source: target }]
+    );
+    (origin, admin, target, x)
+}
+
+/// The source is deleted right after the rollback (reclaim runs on ticks from `now`), and
+/// the pin needs a copy-out of origin chunk 1 on a full store: the only chunk reclaim could
+/// give it is the one the origin client is still reading. Returns the write waiting for it.
+fn delete_source_and_write(
+    h: &mut Harness,
+    origin: ConnId,
+    admin: ConnId,
+    target: SnapId,
+    now: u64,
+) -> RequestId {
+    let d = h.send(admin, ClientMsg::DeleteSnapshot { snap: target });
+    h.settle();
+    assert!(matches!(
+        h.reply_to(admin, d),
+        Some(ServerMsg::SnapshotDeleted { .. })
+    ));
+    tick_and_settle(h, now);
+    h.copy_log.clear();
+    let w = h.send(
+        origin,
+        ClientMsg::QueryWrite {
+            ranges: range(1, 1),
+        },
+    );
+    h.settle();
+    w
+}
+
+/// Issue 13: a store address `OriginReadOk` gave out is the source's until the origin
+/// client releases it (`ReleaseStoreReads { snap: source }` on its origin session), as for
+/// snapshot reads: the rollback ending and the source being deleted meanwhile do not let a
+/// copy-out reuse it under the read.
+#[test]
+fn an_origin_read_from_the_store_keeps_the_source_chunk_until_released() {
+    let mut h = Harness::new(config(), 8, 2);
+    let (origin, admin, target, x) = rollback_with_an_origin_store_read(&mut h);
+    let w = delete_source_and_write(&mut h, origin, admin, target, 2_000);
+    assert!(
+        h.copy_log.iter().all(|(_, to)| *to != x),
+        "store chunk {x} was reused by a copy-out while the origin client may still read it: {:?}",
+        h.copy_log
+    );
+    assert_eq!(h.reply_to(origin, w), None, "the write waits for the space");
+    // A release naming another snapshot releases nothing (and is logged).
+    h.send(
+        origin,
+        ClientMsg::ReleaseStoreReads {
+            snap: SnapId(target.0 + 100),
+            ranges: range(3, 1),
+        },
+    );
+    tick_and_settle(&mut h, 3_000);
+    assert_eq!(h.reply_to(origin, w), None, "still held");
+    assert!(
+        h.errors(LogLevel::Warn)
+            .iter()
+            .any(|m| m.contains("ReleaseStoreReads refused")),
+        "{:?}",
+        h.logs
+    );
+    // The read is done: the chunk is reclaimed and reused, the write goes through.
+    h.send(
+        origin,
+        ClientMsg::ReleaseStoreReads {
+            snap: target,
+            ranges: range(3, 1),
+        },
+    );
+    tick_and_settle(&mut h, 4_000);
+    assert!(matches!(
+        h.reply_to(origin, w),
+        Some(ServerMsg::OriginWriteOk { .. })
+    ));
+    assert!(
+        h.copy_log.iter().any(|(_, to)| *to == x),
+        "{:?}",
+        h.copy_log
+    );
+}
+
+/// A lost origin connection's store reads stay counted for the orphan grace time, even
+/// though the client comes back at once (its reads may still run), then are released.
+#[test]
+fn a_lost_origin_connection_keeps_its_store_reads_for_the_grace_time() {
+    let cfg = EngineConfig {
+        orphan_lock_grace_secs: 60,
+        ..config()
+    };
+    let mut h = Harness::new(cfg, 8, 2);
+    let (old, admin, target, x) = rollback_with_an_origin_store_read(&mut h);
+    h.handle(Event::Tick { now: 1_100 });
+    h.handle(Event::ClientDisconnected { conn: old });
+    assert!(
+        h.errors(LogLevel::Warn)
+            .iter()
+            .any(|m| m.contains("store read(s) of rollback source(s) unreleased")),
+        "{:?}",
+        h.logs
+    );
+    let origin = h.connect(1, ClientKind::Origin, false);
+    let w = delete_source_and_write(&mut h, origin, admin, target, 1_110);
+    assert!(
+        h.copy_log.iter().all(|(_, to)| *to != x),
+        "store chunk {x} reused within the grace time: {:?}",
+        h.copy_log
+    );
+    assert_eq!(h.reply_to(origin, w), None, "the write waits for the space");
+    tick_and_settle(&mut h, 1_160);
+    assert!(matches!(
+        h.reply_to(origin, w),
+        Some(ServerMsg::OriginWriteOk { .. })
+    ));
+    assert!(
+        h.copy_log.iter().any(|(_, to)| *to == x),
+        "{:?}",
+        h.copy_log
+    );
+}
+
+/// One origin session may hold store reads of two sources (a rollback ended before it
+/// released, the next began): each release reaches its own source's leases only.
+#[test]
+fn store_reads_of_two_sources_are_released_separately() {
+    let mut h = Harness::new(config(), 8, 4);
+    let (origin, admin, first, x) = rollback_with_an_origin_store_read(&mut h);
+    // The origin is rolled back to `first`; `second` is that, with chunk 3 changed after.
+    let second = h.create_snapshot(admin, "second", &[origin]);
+    h.granted_origin_write(origin, 3);
+    h.origin[3] = [32, 32];
+    h.send(
+        admin,
+        ClientMsg::Rollback {
+            snap: second,
+            pin_name: "before2".into(),
+        },
+    );
+    h.ack_rollback_starts(origin);
+    h.ack_rollback_starts(origin);
+    let q = h.send(
+        origin,
+        ClientMsg::QueryOriginRead {
+            ranges: range(3, 1),
+        },
+    );
+    let y = match h.reply_to(origin, q) {
+        Some(ServerMsg::OriginReadOk {
+            store,
+            source: Some(s),
+        }) if store.len() == 1 && s == second => store[0].store_chunk,
+        other => panic!("expected the second source's store chunk, got {other:?}"),
+    };
+    assert_ne!(x, y);
+    h.settle();
+    h.notices(origin);
+    // Releasing the second source's read of chunk 3 leaves the first one's held.
+    h.send(
+        origin,
+        ClientMsg::ReleaseStoreReads {
+            snap: second,
+            ranges: range(3, 1),
+        },
+    );
+    let st = h.engine.status().expect("status");
+    let d = h.send(admin, ClientMsg::DeleteSnapshot { snap: first });
+    h.settle();
+    assert!(matches!(
+        h.reply_to(admin, d),
+        Some(ServerMsg::SnapshotDeleted { .. })
+    ));
+    tick_and_settle(&mut h, 2_000);
+    assert_eq!(
+        h.engine.status().expect("status").free_chunks,
+        st.free_chunks,
+        "the first source's chunk is not reclaimed while its read is held"
+    );
+    h.send(
+        origin,
+        ClientMsg::ReleaseStoreReads {
+            snap: first,
+            ranges: range(3, 1),
+        },
+    );
+    tick_and_settle(&mut h, 3_000);
+    assert!(
+        h.engine.status().expect("status").free_chunks > st.free_chunks,
+        "reclaimed once released"
+    );
+}
+
+/// After a failover the new server does not know the store reads the old one gave out
+/// (they are not uploaded again): reclaim waits until `hold_snapshots_until`, when the old
+/// server's clients' reads have certainly finished, so a read still running on the
+/// deleted source's chunk is not overwritten by a copy-out meanwhile.
+#[test]
+fn after_a_failover_reclaim_waits_for_the_hold() {
+    let mut h = Harness::new(config(), 8, 2);
+    let (_, _, target, x) = rollback_with_an_origin_store_read(&mut h);
+    h.failover(EngineConfig {
+        start_time: 1_100,
+        hold_snapshots_until: 1_130,
+        ..config()
+    });
+    let origin = h.connect(1, ClientKind::Origin, true);
+    let admin = h.admin();
+    let w = delete_source_and_write(&mut h, origin, admin, target, 1_110);
+    assert!(
+        h.copy_log.iter().all(|(_, to)| *to != x),
+        "store chunk {x} reused before the hold ended: {:?}",
+        h.copy_log
+    );
+    assert_eq!(h.reply_to(origin, w), None, "the write waits for the space");
+    assert_eq!(
+        h.engine.poll_timeout(),
+        Some(1_130),
+        "a tick at the hold's end"
+    );
+    tick_and_settle(&mut h, 1_130);
+    assert!(matches!(
+        h.reply_to(origin, w),
+        Some(ServerMsg::OriginWriteOk { .. })
+    ));
+    assert!(
+        h.copy_log.iter().any(|(_, to)| *to == x),
+        "{:?}",
+        h.copy_log
     );
 }
