@@ -20,7 +20,9 @@ use tokio::net::{UnixListener, UnixStream};
 /// Longest a peer may take to send its (first) request.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// Longest a connection may stay idle between two requests before the agent closes it.
-const IDLE_TIMEOUT: Duration = Duration::from_secs(120);
+/// Long: an export piped into a stalled consumer (ssh over a slow link) sends its next
+/// request only when its output drains, and a peer that is gone closes the socket anyway.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(3600);
 /// Requests of one connection the agent carries out at once; further ones wait unread on
 /// the socket until the oldest is answered.
 pub const PIPELINE_DEPTH: usize = 64;
