@@ -511,18 +511,24 @@ pub fn json<T: serde::Serialize>(v: &T) -> anyhow::Result<()> {
 
 pub(crate) async fn ask(socket: &Path, req: ControlRequest) -> anyhow::Result<ControlResponse> {
     let asked_volume = req.volume().map(str::to_owned);
-    match crate::control::request(socket, &req).await? {
+    let answer = crate::control::request(socket, &req).await?;
+    agent_answer(asked_volume.as_deref(), answer)
+}
+
+/// The agent's answer to a request about `asked_volume`, its `Error` made an error that
+/// names where it came from.
+pub(crate) fn agent_answer(
+    asked_volume: Option<&str>,
+    answer: ControlResponse,
+) -> anyhow::Result<ControlResponse> {
+    match answer {
         ControlResponse::Error {
             message,
             node,
             host,
             volume,
         } => Err(AgentError {
-            origin: error_origin(
-                node,
-                host.as_deref(),
-                volume.as_deref().or(asked_volume.as_deref()),
-            ),
+            origin: error_origin(node, host.as_deref(), volume.as_deref().or(asked_volume)),
             message,
         }
         .into()),

@@ -5,10 +5,12 @@
 //! incrementally.
 //!
 //! Data moves through the agent's control socket in requests of at most
-//! [`MAX_CONTROL_DATA`] bytes: the agent reads the snapshot, writes the origin, through its
-//! client of the volume (under the server's grants, so copy-on-write for the target's
-//! existing snapshots holds).
+//! [`MAX_CONTROL_DATA`] bytes, pipelined on one connection per command ([`Pipeline`],
+//! [`IN_FLIGHT`] outstanding): the agent reads the snapshot, writes the origin, through
+//! its client of the volume (under the server's grants, so copy-on-write for the target's
+//! existing snapshots holds), many requests at once.
 
+use std::collections::VecDeque;
 use std::fs::File;
 use std::io::{BufReader, BufWriter, IsTerminal as _, Read, Seek as _, Write};
 use std::path::{Path, PathBuf};
@@ -20,15 +22,16 @@ use csnap_proto::diff_stream::{
     Extent as StreamExtent, StreamError, StreamHeader, StreamReader, StreamWriter,
 };
 use csnap_proto::{DiffEnd, SnapId, SnapRef, SnapshotInfo, SnapshotState, MAX_DIFF_RECORDS};
-use futures::StreamExt as _;
 
-use crate::ctl::{ask, list_all, show_progress, unexpected};
+use crate::control::{Pipeline, PIPELINE_DEPTH};
+use crate::ctl::{agent_answer, ask, list_all, show_progress, unexpected};
 use crate::ctl_diff::{Extent, Extents};
 
 /// How often a progress line is printed on long runs.
 const PROGRESS_EVERY: Duration = Duration::from_secs(1);
-/// Control requests in flight at once (each a bounded read or write).
-const IN_FLIGHT: usize = 16;
+/// Control requests in flight at once on the export's or import's one connection (each a
+/// bounded read or write); the agent carries out up to `PIPELINE_DEPTH` of them at once.
+const IN_FLIGHT: usize = PIPELINE_DEPTH;
 /// Zero detection granularity of the export: a run of zero blocks becomes a zero record.
 const ZERO_BLOCK: u64 = 4096;
 /// Longest data run the exporter gathers before it writes a record.
@@ -85,6 +88,13 @@ pub struct ExportDiffArgs {
     /// Exception records the server walks per diff page (tests use small pages).
     #[arg(long, hide = true, default_value_t = MAX_DIFF_RECORDS)]
     pub page_records: u32,
+    /// Print a summary as one JSON object when done: on stdout, or on stderr (its last
+    /// line) when the stream goes to stdout (`-`).
+    #[arg(long)]
+    pub json: bool,
+    /// Reads kept in flight (benchmarks compare depths).
+    #[arg(long, hide = true, default_value_t = IN_FLIGHT)]
+    pub in_flight: usize,
 }
 
 /// `csnapctl import-diff VOLUME IN|-`
@@ -102,6 +112,31 @@ pub struct ImportDiffArgs {
     /// Print progress on stderr even when it is not a terminal.
     #[arg(long)]
     pub progress: bool,
+    /// Print the summary as one JSON object on stdout instead of a line of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// What an export or import moved: the `--json` summary.
+#[derive(Debug, PartialEq, serde::Serialize)]
+struct Summary {
+    volume: String,
+    from: Option<String>,
+    to: String,
+    /// Extent records in the stream (data and zero).
+    extents: u64,
+    data_bytes: u64,
+    zero_bytes: u64,
+    seconds: f64,
+    /// The snapshot an import created.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    snapshot_id: Option<SnapId>,
+}
+
+impl Summary {
+    fn json(&self) -> String {
+        serde_json::to_string(self).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"))
+    }
 }
 
 async fn geometry(socket: &Path, volume: &str) -> anyhow::Result<(u64, u64)> {
@@ -260,32 +295,36 @@ impl Progress {
     }
 }
 
-/// Reads extent `e` of snapshot `snap` and feeds it to the emitter.
-/// Reads `extents` of snapshot `snap` (in order) into the stream, with [`IN_FLIGHT`]
-/// reads outstanding across extents, so many small scattered extents (a sparse change)
-/// are read as fast as one long one.
+/// Reads `extents` of snapshot `snap` (in order) into the stream over the export's one
+/// control connection, with `depth` reads outstanding across extents, so many small
+/// scattered extents (a sparse change) are read as fast as one long one.
 async fn export_extents<W: Write>(
-    socket: &Path,
+    pipe: &mut Pipeline,
     volume: &str,
     snap: SnapId,
     extents: &[Extent],
+    depth: usize,
     emitter: &mut Emitter<W>,
 ) -> anyhow::Result<()> {
-    let all = extents
+    let mut all = extents
         .iter()
         .flat_map(|e| pieces(e.offset, e.length, u64::from(MAX_CONTROL_DATA)));
-    let reads = all.map(|(at, n)| {
-        let req = ControlRequest::ReadSnapshot {
-            volume: volume.to_owned(),
-            snap,
-            offset: at,
-            len: n as u32,
+    let mut asked: VecDeque<(u64, u64)> = VecDeque::with_capacity(depth);
+    loop {
+        while asked.len() < depth {
+            let Some((at, n)) = all.next() else { break };
+            pipe.send(&ControlRequest::ReadSnapshot {
+                volume: volume.to_owned(),
+                snap,
+                offset: at,
+                len: n as u32,
+            })?;
+            asked.push_back((at, n));
+        }
+        let Some((at, n)) = asked.pop_front() else {
+            return Ok(());
         };
-        async move { (at, n, ask(socket, req).await) }
-    });
-    let mut reads = futures::stream::iter(reads).buffered(IN_FLIGHT);
-    while let Some((at, n, answer)) = reads.next().await {
-        match answer? {
+        match agent_answer(Some(volume), pipe.recv().await?)? {
             ControlResponse::Data { data, .. } if data.len() as u64 == n => emitter
                 .feed(at, &data)
                 .context("cannot write the diff stream")?,
@@ -296,7 +335,6 @@ async fn export_extents<W: Write>(
             other => return Err(unexpected(other)),
         }
     }
-    Ok(())
 }
 
 /// Runs `csnapctl export-diff`.
@@ -363,6 +401,8 @@ async fn export(
     let mut emitter = Emitter::new(
         StreamWriter::new(out, &header).context("cannot write the diff stream's header")?,
     );
+    let depth = args.in_flight.max(1);
+    let mut pipe = Pipeline::open(socket).await?;
     match from {
         None => {
             // A full export: the whole snapshot, so the target ends up equal whatever its
@@ -373,7 +413,7 @@ async fn export(
                     offset: at,
                     length: n,
                 };
-                export_extents(socket, volume, to, &[e], &mut emitter).await?;
+                export_extents(&mut pipe, volume, to, &[e], depth, &mut emitter).await?;
                 if progress.due() {
                     eprintln!(
                         "csnapctl: export-diff at byte {} of {size} ({}%)",
@@ -417,7 +457,7 @@ async fn export(
                 for r in page.ranges {
                     done.extend(extents.add(r)?);
                 }
-                export_extents(socket, volume, to, &done, &mut emitter).await?;
+                export_extents(&mut pipe, volume, to, &done, depth, &mut emitter).await?;
                 match page.next {
                     None => break,
                     Some(next) if next > start => start = next,
@@ -435,14 +475,29 @@ async fn export(
                 }
             }
             if let Some(done) = extents.finish() {
-                export_extents(socket, volume, to, &[done], &mut emitter).await?;
+                export_extents(&mut pipe, volume, to, &[done], depth, &mut emitter).await?;
             }
         }
     }
     let (records, data_bytes, zero_bytes, _) = emitter
         .finish()
         .context("cannot write the end of the diff stream")?;
-    if progress.on {
+    let summary = Summary {
+        volume: volume.to_owned(),
+        from: header.from.clone(),
+        to: header.to.clone(),
+        extents: records,
+        data_bytes,
+        zero_bytes,
+        seconds: started.elapsed().as_secs_f64(),
+        snapshot_id: None,
+    };
+    if args.json && args.out == "-" {
+        // stdout carries the stream: the summary is stderr's last line.
+        eprintln!("{}", summary.json());
+    } else if args.json {
+        println!("{}", summary.json());
+    } else if progress.on {
         eprintln!(
             "csnapctl: exported {} of volume {volume}{}: {records} records, {data_bytes} bytes of data, {zero_bytes} bytes of zeroes, in {:.2} s",
             header.to,
@@ -451,7 +506,7 @@ async fn export(
                 .as_ref()
                 .map(|f| format!(" since {f}"))
                 .unwrap_or_default(),
-            started.elapsed().as_secs_f64()
+            summary.seconds
         );
     }
     Ok(())
@@ -507,12 +562,16 @@ fn verify(
     input: impl Read,
     what: &str,
     progress: &mut Progress,
-) -> anyhow::Result<(StreamHeader, Coverage, u64)> {
+) -> anyhow::Result<(StreamHeader, Coverage, u64, u64)> {
     let refuse = |e: StreamError| anyhow::anyhow!("refusing {what}: {e}; nothing was changed");
     let mut r = StreamReader::new(input).map_err(refuse)?;
     let mut coverage = Coverage::default();
+    let mut data_bytes = 0;
     while let Some(e) = r.next_extent().map_err(refuse)? {
         coverage.add(e.offset(), e.len());
+        if let StreamExtent::Data { data, .. } = &e {
+            data_bytes += data.len() as u64;
+        }
         if progress.due() {
             eprintln!(
                 "csnapctl: import-diff: {} bytes of the stream verified",
@@ -521,7 +580,7 @@ fn verify(
         }
     }
     let bytes = r.summary().extent_bytes;
-    Ok((r.header().clone(), coverage, bytes))
+    Ok((r.header().clone(), coverage, bytes, data_bytes))
 }
 
 /// The target volume's state the stream applies to: `None` for a full stream.
@@ -624,9 +683,9 @@ async fn check_origin_unchanged(
     Ok(())
 }
 
-/// Applies one verified extent to the origin.
-async fn apply_extent(socket: &Path, volume: &str, e: StreamExtent) -> anyhow::Result<()> {
-    let reqs: Vec<ControlRequest> = match e {
+/// The control requests that apply one verified extent to the origin.
+fn apply_requests(volume: &str, e: StreamExtent) -> Vec<ControlRequest> {
+    match e {
         StreamExtent::Data { offset, data } => data
             .chunks(MAX_CONTROL_DATA as usize)
             .enumerate()
@@ -643,16 +702,15 @@ async fn apply_extent(socket: &Path, volume: &str, e: StreamExtent) -> anyhow::R
                 len: n,
             })
             .collect(),
-    };
-    let mut done = futures::stream::iter(reqs.into_iter().map(|req| ask(socket, req)))
-        .buffer_unordered(IN_FLIGHT);
-    while let Some(answer) = done.next().await {
-        match answer? {
-            ControlResponse::Done { .. } => {}
-            other => return Err(unexpected(other)),
-        }
     }
-    Ok(())
+}
+
+/// Waits for the oldest unanswered write of the import.
+async fn applied_one(pipe: &mut Pipeline, volume: &str) -> anyhow::Result<()> {
+    match agent_answer(Some(volume), pipe.recv().await?)? {
+        ControlResponse::Done { .. } => Ok(()),
+        other => Err(unexpected(other)),
+    }
 }
 
 /// Runs `csnapctl import-diff`.
@@ -663,39 +721,42 @@ pub async fn run_import_diff(socket: &Path, args: ImportDiffArgs) -> anyhow::Res
 
     // Read and verify the whole stream before anything changes; stdin is spooled so it
     // can be read a second time to apply.
-    let (source, header, coverage, extent_bytes): (Box<dyn Read>, _, _, _) = if args.input == "-" {
-        let dir = args.spool_dir.clone().unwrap_or_else(std::env::temp_dir);
-        let spool = tempfile::tempfile_in(&dir)
-            .with_context(|| format!("cannot create a spool file in {}", dir.display()))?;
-        let mut tee = Tee {
-            input: BufReader::with_capacity(1 << 20, std::io::stdin().lock()),
-            spool: BufWriter::with_capacity(1 << 20, spool),
+    let (source, header, coverage, extent_bytes, data_bytes): (Box<dyn Read>, _, _, _, _) =
+        if args.input == "-" {
+            let dir = args.spool_dir.clone().unwrap_or_else(std::env::temp_dir);
+            let spool = tempfile::tempfile_in(&dir)
+                .with_context(|| format!("cannot create a spool file in {}", dir.display()))?;
+            let mut tee = Tee {
+                input: BufReader::with_capacity(1 << 20, std::io::stdin().lock()),
+                spool: BufWriter::with_capacity(1 << 20, spool),
+            };
+            let (header, coverage, bytes, data) =
+                verify(&mut tee, "the stream on stdin", &mut progress)?;
+            let mut spool = tee
+                .spool
+                .into_inner()
+                .map_err(|e| e.into_error())
+                .with_context(|| format!("cannot write the spool file in {}", dir.display()))?;
+            spool
+                .rewind()
+                .with_context(|| format!("cannot read the spool file in {}", dir.display()))?;
+            (
+                Box::new(BufReader::with_capacity(1 << 20, spool)),
+                header,
+                coverage,
+                bytes,
+                data,
+            )
+        } else {
+            let open = || {
+                File::open(&args.input)
+                    .map(|f| BufReader::with_capacity(1 << 20, f))
+                    .with_context(|| format!("cannot open the stream file {}", args.input))
+            };
+            let what = format!("the stream in {}", args.input);
+            let (header, coverage, bytes, data) = verify(open()?, &what, &mut progress)?;
+            (Box::new(open()?), header, coverage, bytes, data)
         };
-        let (header, coverage, bytes) = verify(&mut tee, "the stream on stdin", &mut progress)?;
-        let mut spool = tee
-            .spool
-            .into_inner()
-            .map_err(|e| e.into_error())
-            .with_context(|| format!("cannot write the spool file in {}", dir.display()))?;
-        spool
-            .rewind()
-            .with_context(|| format!("cannot read the spool file in {}", dir.display()))?;
-        (
-            Box::new(BufReader::with_capacity(1 << 20, spool)),
-            header,
-            coverage,
-            bytes,
-        )
-    } else {
-        let open = || {
-            File::open(&args.input)
-                .map(|f| BufReader::with_capacity(1 << 20, f))
-                .with_context(|| format!("cannot open the stream file {}", args.input))
-        };
-        let what = format!("the stream in {}", args.input);
-        let (header, coverage, bytes) = verify(open()?, &what, &mut progress)?;
-        (Box::new(open()?), header, coverage, bytes)
-    };
 
     let from = check_target(socket, volume, &header).await?;
     match (from, &header.from) {
@@ -727,6 +788,15 @@ pub async fn run_import_diff(socket: &Path, args: ImportDiffArgs) -> anyhow::Res
         bail!("the stream changed while it was applied (its header differs); nothing was changed");
     }
     let mut applied = 0u64;
+    let mut pipe = Pipeline::open(socket)
+        .await
+        .with_context(|| format!("nothing was changed; {rerun}"))?;
+    let failed = |applied: u64| {
+        format!(
+            "import of snapshot {:?} failed after {applied} of {extent_bytes} bytes; {rerun}",
+            header.to
+        )
+    };
     loop {
         let e = match reader.next_extent() {
             Ok(Some(e)) => e,
@@ -734,12 +804,14 @@ pub async fn run_import_diff(socket: &Path, args: ImportDiffArgs) -> anyhow::Res
             Err(e) => bail!("the stream changed while it was applied: {e}; {rerun}"),
         };
         let len = e.len();
-        apply_extent(socket, volume, e).await.with_context(|| {
-            format!(
-                "import of snapshot {:?} failed after {applied} of {extent_bytes} bytes; {rerun}",
-                header.to
-            )
-        })?;
+        for req in apply_requests(volume, e) {
+            while pipe.unanswered() >= IN_FLIGHT {
+                applied_one(&mut pipe, volume)
+                    .await
+                    .with_context(|| failed(applied))?;
+            }
+            pipe.send(&req).with_context(|| failed(applied))?;
+        }
         applied += len;
         if progress.due() {
             eprintln!(
@@ -748,6 +820,13 @@ pub async fn run_import_diff(socket: &Path, args: ImportDiffArgs) -> anyhow::Res
             );
         }
     }
+    // Every write answered before the flush (the agent runs pipelined requests at once).
+    while pipe.unanswered() > 0 {
+        applied_one(&mut pipe, volume)
+            .await
+            .with_context(|| failed(applied))?;
+    }
+    drop(pipe);
     match ask(
         socket,
         ControlRequest::Flush {
@@ -777,18 +856,32 @@ pub async fn run_import_diff(socket: &Path, args: ImportDiffArgs) -> anyhow::Res
         ControlResponse::SnapshotCreated { info, .. } => info,
         other => return Err(unexpected(other)),
     };
-    println!(
-        "imported snapshot {} (id {}) into volume {volume}{}: {} records, {extent_bytes} bytes in {:.2} s",
-        info.name,
-        info.id,
-        header
-            .from
-            .as_ref()
-            .map(|f| format!(" on top of {f}"))
-            .unwrap_or_default(),
-        reader.summary().records,
-        started.elapsed().as_secs_f64()
-    );
+    let summary = Summary {
+        volume: volume.to_owned(),
+        from: header.from.clone(),
+        to: header.to.clone(),
+        extents: reader.summary().records,
+        data_bytes,
+        zero_bytes: extent_bytes - data_bytes,
+        seconds: started.elapsed().as_secs_f64(),
+        snapshot_id: Some(info.id),
+    };
+    if args.json {
+        println!("{}", summary.json());
+    } else {
+        println!(
+            "imported snapshot {} (id {}) into volume {volume}{}: {} records, {extent_bytes} bytes in {:.2} s",
+            info.name,
+            info.id,
+            header
+                .from
+                .as_ref()
+                .map(|f| format!(" on top of {f}"))
+                .unwrap_or_default(),
+            summary.extents,
+            summary.seconds
+        );
+    }
     Ok(())
 }
 

@@ -160,21 +160,27 @@ pub fn encode_frame_with<T: Serialize>(
     sealer: Option<&mut FrameSealer>,
     out: &mut Vec<u8>,
 ) -> Result<(), FrameError> {
-    let body = rmp_serde::to_vec_named(msg).map_err(|e| FrameError::Encode(e.to_string()))?;
+    // The body is encoded straight into `out` after a placeholder prefix (no copy of a
+    // data-carrying body through a buffer of its own); undone on error.
+    let frame_start = out.len();
+    out.extend_from_slice(&[0; LENGTH_PREFIX]);
+    let start = out.len();
+    out.push(PROTOCOL_VERSION);
+    if let Err(e) = rmp_serde::encode::write_named(out, msg) {
+        out.truncate(frame_start);
+        return Err(FrameError::Encode(e.to_string()));
+    }
     let tag_len = if sealer.is_some() { TAG_LEN } else { 0 };
-    let length = body.len() + 1 + tag_len;
+    let length = out.len() - start + tag_len;
     if length > MAX_FRAME {
+        out.truncate(frame_start);
         return Err(FrameError::Oversize {
             length,
             max: MAX_FRAME,
         });
     }
-    out.reserve(LENGTH_PREFIX + length);
     // length <= MAX_FRAME fits in u32.
-    out.extend_from_slice(&(length as u32).to_be_bytes());
-    let start = out.len();
-    out.push(PROTOCOL_VERSION);
-    out.extend_from_slice(&body);
+    out[frame_start..start].copy_from_slice(&(length as u32).to_be_bytes());
     if let Some(sealer) = sealer {
         let tag = frame_tag(&sealer.mac, sealer.next_seq, &out[start..])
             .finalize()

@@ -13,6 +13,9 @@ use std::os::unix::fs::FileExt as _;
 use std::path::{Path, PathBuf};
 
 use csnap_proto::diff_stream::{Extent, StreamReader, StreamWriter};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use serde_json::Value;
 use support::*;
 
 const CSNAPCTL: &str = env!("CARGO_BIN_EXE_csnapctl");
@@ -335,4 +338,249 @@ async fn bad_streams_are_refused_and_leave_the_target_unchanged() {
     let w = format!("write -P 0xee {} 512", outside * CHUNK);
     run_ok("qemu-io", &["-f", "raw", &vol_b, "-c", &w]).await;
     assert_refused(&b, fx, &path("s3-s4.csdiff"), "was written since", seed).await;
+}
+
+/// A volume of `size` bytes served by agent `a` (with `env`), snapshot `a`, then a seeded
+/// scattered change: `scattered` random chunks rewritten (whole or in part, each with a
+/// byte of its own) and one long run of `run` bytes, then snapshot `b`.
+async fn scattered_change(
+    test: &str,
+    size: u64,
+    scattered: u64,
+    run: u64,
+    env: &[(&str, &str)],
+) -> Option<(Fixture, Agent, u64)> {
+    for tool in ["qemu-io", "nbdcopy"] {
+        if !require_tool(tool) {
+            return None;
+        }
+    }
+    let seed = seed(test);
+    let mut rng = StdRng::seed_from_u64(seed);
+    let fx = Fixture::new(CHUNK, size, size + 16 * MIB);
+    let nbd = fx.path("a.nbd");
+    let nbd_arg = format!("unix:{}", nbd.display());
+    let mut a = Agent::spawn_with_env(
+        &fx,
+        &fx.path("a.ctl"),
+        "a",
+        &fx.origin,
+        &fx.store,
+        &["--nbd-listen", &nbd_arg],
+        env,
+    );
+    a.wait_ready().await;
+    a.snapshot("a").await;
+    let chunks = size / CHUNK;
+    let mut writes: Vec<String> = (0..scattered)
+        .map(|_| {
+            let chunk = rng.gen_range(0..chunks);
+            let within = rng.gen_range(0..CHUNK / 2);
+            let len = rng.gen_range(512..=CHUNK - within);
+            let byte = rng.gen_range(1..=255u8);
+            format!("write -P {byte} {} {len}", chunk * CHUNK + within)
+        })
+        .collect();
+    let run_at = rng.gen_range(0..(size - run) / CHUNK) * CHUNK + 100;
+    writes.push(format!("write -P 0x5a {run_at} {}", run.min(size - run_at)));
+    let vol = a.uri("vol");
+    let mut args = vec!["-f", "raw", vol.as_str()];
+    for w in &writes {
+        args.extend(["-c", w.as_str()]);
+    }
+    run_ok("qemu-io", &args).await;
+    a.snapshot("b").await;
+    Some((fx, a, seed))
+}
+
+/// The last line of `text` as a JSON object.
+fn last_json_line(text: &str) -> Value {
+    let line = text.lines().last().unwrap_or_default();
+    serde_json::from_str(line).unwrap_or_else(|e| panic!("not a JSON line ({e}): {text}"))
+}
+
+/// The stream's extent records and their data and zero bytes.
+fn stream_totals(stream: &[u8]) -> (u64, u64, u64) {
+    let mut r = StreamReader::new(stream).unwrap();
+    let (mut records, mut data, mut zero) = (0, 0, 0);
+    while let Some(e) = r.next_extent().unwrap() {
+        records += 1;
+        match e {
+            Extent::Data { data: d, .. } => data += d.len() as u64,
+            Extent::Zero { len, .. } => zero += len,
+        }
+    }
+    (records, data, zero)
+}
+
+/// Many scattered changed chunks and a long run, far more reads than the export keeps in
+/// flight on its one connection, round-trip byte-exactly; the `--json` summaries of both
+/// commands name the stream's totals (to stdout, or to stderr's last line when the stream
+/// itself goes to stdout).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_scattered_change_round_trips_exactly_with_json_summaries() {
+    let test = "a_large_scattered_change_round_trips_exactly_with_json_summaries";
+    let Some((fx, a, seed)) = scattered_change(test, 32 * MIB, 700, 3 * MIB, &[]).await else {
+        return;
+    };
+    let b = target(&fx, seed).await;
+    let image_a = image(&a, "vol@a", &fx.path("a-a.out")).await;
+    let image_b = image(&a, "vol@b", &fx.path("a-b.out")).await;
+
+    // The full stream of `a`, imported with --json.
+    let full = export_file(&a, None, "a", &fx.path("a.csdiff")).await;
+    let (records, data, zero) = stream_totals(&full);
+    assert_eq!(data + zero, fx.origin_size, "seed {seed:#x}");
+    let r = csnapctl(
+        &b.control,
+        &[
+            "import-diff",
+            "vol",
+            fx.path("a.csdiff").to_str().unwrap(),
+            "--json",
+        ],
+    )
+    .await;
+    assert!(r.ok, "seed {seed:#x}: {}", r.stderr);
+    let doc = last_json_line(&r.stdout);
+    assert_eq!(doc["volume"], "vol");
+    assert_eq!(doc["from"], Value::Null);
+    assert_eq!(doc["to"], "a");
+    assert_eq!(doc["extents"], records);
+    assert_eq!(doc["data_bytes"], data);
+    assert_eq!(doc["zero_bytes"], zero);
+    assert!(doc["seconds"].as_f64().is_some_and(|s| s >= 0.0), "{doc}");
+    assert!(doc["snapshot_id"].as_u64().is_some(), "{doc}");
+
+    // The incremental stream to a file, --json on stdout.
+    let out = fx.path("a-b.csdiff");
+    let r = csnapctl(
+        &a.control,
+        &[
+            "export-diff",
+            "vol",
+            "--from",
+            "a",
+            "b",
+            out.to_str().unwrap(),
+            "--json",
+        ],
+    )
+    .await;
+    assert!(r.ok, "seed {seed:#x}: {}", r.stderr);
+    let stream = read_file(&out);
+    let (records, data, zero) = stream_totals(&stream);
+    let doc = last_json_line(&r.stdout);
+    assert_eq!(doc["volume"], "vol");
+    assert_eq!(doc["from"], "a");
+    assert_eq!(doc["to"], "b");
+    assert_eq!(doc["extents"], records);
+    assert_eq!(doc["data_bytes"], data);
+    assert_eq!(doc["zero_bytes"], zero);
+    assert!(doc.get("snapshot_id").is_none(), "{doc}");
+    let changed = byte_diff(&image_a, &image_b);
+    assert!(
+        data >= (changed.len() as u64 - 1) * CHUNK / 2,
+        "seed {seed:#x}: {data} bytes of data for {} changed chunks",
+        changed.len()
+    );
+
+    // The same piped, with both summaries.
+    let export_err = fx.path("export.err");
+    let script = format!(
+        "set -o pipefail; {CSNAPCTL} --socket {} export-diff vol --from a b - --json 2>{} \
+         | {CSNAPCTL} --socket {} import-diff vol - --json",
+        a.control.display(),
+        export_err.display(),
+        b.control.display(),
+    );
+    let r = run("bash", &["-c", &script]).await;
+    assert!(r.ok, "seed {seed:#x}: {}", r.stderr);
+    let exported = last_json_line(&std::fs::read_to_string(&export_err).unwrap());
+    let imported = last_json_line(&r.stdout);
+    assert_eq!(exported["extents"], records, "{exported}");
+    assert_eq!(exported["data_bytes"], data, "{exported}");
+    for field in [
+        "volume",
+        "from",
+        "to",
+        "extents",
+        "data_bytes",
+        "zero_bytes",
+    ] {
+        assert_eq!(
+            exported[field], imported[field],
+            "{field}: {exported} / {imported}"
+        );
+    }
+    assert_eq!(snapshot_names(&b).await, ["a", "b"]);
+    assert!(
+        image(&b, "vol@a", &fx.path("b-a.out")).await == image_a,
+        "seed {seed:#x}: B's a differs from A's"
+    );
+    assert!(
+        image(&b, "vol@b", &fx.path("b-b.out")).await == image_b,
+        "seed {seed:#x}: B's b differs from A's"
+    );
+    assert!(
+        image(&b, "vol", &fx.path("b-origin.out")).await == image_b,
+        "seed {seed:#x}: B's origin is not b"
+    );
+}
+
+/// A snapshot deleted while its export runs (reads held by the test hook so the export is
+/// still going) makes export-diff fail naming the read that failed; a file OUT is removed,
+/// and the partial stream piped into import-diff is refused, leaving the target unchanged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_export_whose_snapshot_is_deleted_midway_fails_clearly() {
+    let test = "an_export_whose_snapshot_is_deleted_midway_fails_clearly";
+    let hold = [("CSNAP_TEST_HOLD_SNAPSHOT_READ_MS", "150")];
+    let Some((fx, a, seed)) = scattered_change(test, 16 * MIB, 600, MIB, &hold).await else {
+        return;
+    };
+    let b = target(&fx, seed).await;
+    let full = fx.path("a.csdiff");
+    export_file(&a, None, "a", &full).await;
+    assert!(import_file(&b, &full).await.ok);
+    let before = state(&b, &fx).await;
+
+    let out = fx.path("a-b.csdiff");
+    let script = format!(
+        "set -o pipefail; {CSNAPCTL} --socket {} export-diff vol --from a b - \
+         | {CSNAPCTL} --socket {} import-diff vol - & sleep 0.5; \
+         {CSNAPCTL} --socket {} snapshot delete vol b >&2; wait $!",
+        a.control.display(),
+        b.control.display(),
+        a.control.display(),
+    );
+    let r = run("bash", &["-c", &script]).await;
+    assert!(
+        !r.ok,
+        "seed {seed:#x}: the export survived the deletion: {}",
+        r.stdout
+    );
+    assert!(
+        r.stderr.contains("cannot read snapshot") && r.stderr.contains("truncated"),
+        "seed {seed:#x}: want the failed read and the refused stream in\n{}",
+        r.stderr
+    );
+    assert!(state(&b, &fx).await == before, "seed {seed:#x}: B changed");
+
+    // Into a file: the same failure, and no partial file left behind.
+    a.snapshot("c").await;
+    let script = format!(
+        "{CSNAPCTL} --socket {} export-diff vol --from a c {} & sleep 0.5; \
+         {CSNAPCTL} --socket {} snapshot delete vol c >&2; wait $!",
+        a.control.display(),
+        out.display(),
+        a.control.display(),
+    );
+    let r = run("bash", &["-c", &script]).await;
+    assert!(!r.ok, "seed {seed:#x}: the export survived the deletion");
+    assert!(
+        r.stderr.contains("cannot read snapshot"),
+        "seed {seed:#x}: {}",
+        r.stderr
+    );
+    assert!(!out.exists(), "seed {seed:#x}: a partial stream was left");
 }

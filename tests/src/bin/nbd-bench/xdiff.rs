@@ -36,7 +36,7 @@ pub(crate) struct XdiffPlan {
 
 /// Requests csnapctl export-diff keeps in flight (crates/agent/src/ctl_xdiff.rs), so the
 /// device reference reads with the same depth.
-const EXPORT_DEPTH: u32 = 16;
+const EXPORT_DEPTH: u32 = 64;
 
 /// Runs the benchmark and prints its table; `Ok(false)` when a step failed.
 pub(crate) async fn run(
