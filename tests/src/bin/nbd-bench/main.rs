@@ -152,6 +152,10 @@ struct Args {
     /// The export-diff benchmark's changed share of the volume, in percent.
     #[arg(long, default_value_t = 1.0)]
     xdiff_changed_percent: f64,
+    /// The export-diff benchmark's origin: `filled` (every block written beforehand) or
+    /// `sparse` (data only where the changes write it: a 1 TiB volume on a small disk).
+    #[arg(long, value_enum, default_value_t = XdiffOrigin::Filled)]
+    xdiff_origin: XdiffOrigin,
     /// The memory test's sparse volume size.
     #[arg(long, default_value = "1T", value_parser = setup::parse_size)]
     memory_volume: u64,
@@ -202,6 +206,12 @@ enum Qcow2Fill {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 enum StoreFile {
     Written,
+    Sparse,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum XdiffOrigin {
+    Filled,
     Sparse,
 }
 
@@ -687,6 +697,7 @@ async fn run(args: Args) -> anyhow::Result<bool> {
             chunk: base.chunk,
             changed_per_10k: (args.xdiff_changed_percent * 100.0).round() as u64,
             rounds: base.rounds,
+            sparse_origin: args.xdiff_origin == XdiffOrigin::Sparse,
         };
         let dir = WorkDir::create(&args.dir, args.keep)?;
         eprintln!("work directory {}", dir.path().display());

@@ -32,6 +32,10 @@ pub(crate) struct XdiffPlan {
     /// Changed chunks between the two snapshots, in hundredths of a percent.
     pub(crate) changed_per_10k: u64,
     pub(crate) rounds: u32,
+    /// The origin is a sparse file (a 1 TiB volume fits no test disk written): only the
+    /// changed chunks hold data, and the device references read the store file instead
+    /// (written beforehand, so they read the disk, not holes).
+    pub(crate) sparse_origin: bool,
 }
 
 /// Requests csnapctl export-diff keeps in flight (crates/agent/src/ctl_xdiff.rs), so the
@@ -50,10 +54,25 @@ pub(crate) async fn run(
     let setup = Setup::csnap_only(dir.path(), agent, csnapctl, true);
     let chunks = plan.size / plan.chunk;
     let changed = (chunks * plan.changed_per_10k / 10_000).max(1);
-    eprintln!("writing a {} MiB origin and store ...", plan.size >> 20);
     let (origin, size) = (setup.csnap_origin.clone(), plan.size);
-    tokio::task::spawn_blocking(move || setup::write_filled_file(&origin, size, 7)).await??;
+    if plan.sparse_origin {
+        eprintln!(
+            "a sparse {} MiB origin; writing the store ...",
+            plan.size >> 20
+        );
+        setup::create_sparse_file(&origin, size)?;
+    } else {
+        eprintln!("writing a {} MiB origin and store ...", plan.size >> 20);
+        tokio::task::spawn_blocking(move || setup::write_filled_file(&origin, size, 7)).await??;
+    }
     let store_size = changed * plan.chunk + (256 << 20);
+    // What the device references read: the origin, or the written store for a sparse
+    // origin (whose holes would read without touching the disk).
+    let (reference, reference_size) = if plan.sparse_origin {
+        (setup.csnap_store.clone(), store_size)
+    } else {
+        (setup.csnap_origin.clone(), plan.size)
+    };
     let store = setup.csnap_store.clone();
     tokio::task::spawn_blocking(move || setup::write_zeroed_file(&store, store_size)).await??;
     engines::format_csnap(&setup, plan.chunk).await?;
@@ -126,13 +145,13 @@ pub(crate) async fn run(
             iodepth: EXPORT_DEPTH,
             jobs: 1,
             offset: 0,
-            length: plan.size,
+            length: reference_size,
             run: Length::OnePass {
                 cap: Duration::from_secs(1800),
             },
         };
         let out = dir.join("xdiff-device-random.json");
-        let mut args = reads.file_args(&setup.csnap_origin, true, &out);
+        let mut args = reads.file_args(&reference, true, &out);
         args.push(format!("--number_ios={changed}"));
         let mut cmd = Command::new("fio");
         cmd.args(args);
@@ -154,7 +173,7 @@ pub(crate) async fn run(
         };
         let out = dir.join("xdiff-device-sequential.json");
         let mut cmd = Command::new("fio");
-        cmd.args(whole.file_args(&setup.csnap_origin, true, &out));
+        cmd.args(whole.file_args(&reference, true, &out));
         run_tool(
             "fio (device, sequential)",
             cmd,
@@ -200,10 +219,16 @@ pub(crate) async fn run(
         setup::describe_machine()
     );
     println!(
-        "origin {} MiB, {} KiB chunks ({chunks}); {changed} chunks ({:.2}%) changed at random \
+        "origin {} MiB{}, {} KiB chunks ({chunks}); {changed} chunks ({:.2}%) changed at random \
          between snapshots a and b; direct I/O; median of {} round(s); load average {load_before} \
          before, {} after\n",
         plan.size >> 20,
+        if plan.sparse_origin {
+            " (sparse: data only in the changed chunks; the device references read the \
+             store file, written beforehand)"
+        } else {
+            ""
+        },
         plan.chunk >> 10,
         plan.changed_per_10k as f64 / 100.0,
         plan.rounds,
