@@ -964,15 +964,7 @@ fn an_origin_read_from_the_store_keeps_the_source_chunk_until_released() {
         },
     );
     tick_and_settle(&mut h, 4_000);
-    assert!(matches!(
-        h.reply_to(origin, w),
-        Some(ServerMsg::OriginWriteOk { .. })
-    ));
-    assert!(
-        h.copy_log.iter().any(|(_, to)| *to == x),
-        "{:?}",
-        h.copy_log
-    );
+    assert_write_reused(&mut h, origin, w, x);
 }
 
 /// A lost origin connection's store reads stay counted for the orphan grace time, even
@@ -1003,15 +995,7 @@ fn a_lost_origin_connection_keeps_its_store_reads_for_the_grace_time() {
     );
     assert_eq!(h.reply_to(origin, w), None, "the write waits for the space");
     tick_and_settle(&mut h, 1_160);
-    assert!(matches!(
-        h.reply_to(origin, w),
-        Some(ServerMsg::OriginWriteOk { .. })
-    ));
-    assert!(
-        h.copy_log.iter().any(|(_, to)| *to == x),
-        "{:?}",
-        h.copy_log
-    );
+    assert_write_reused(&mut h, origin, w, x);
 }
 
 /// One origin session may hold store reads of two sources (a rollback ended before it
@@ -1112,13 +1096,18 @@ fn after_a_failover_reclaim_waits_for_the_hold() {
         "a tick at the hold's end"
     );
     tick_and_settle(&mut h, 1_130);
+    assert_write_reused(&mut h, origin, w, x);
+}
+
+/// The origin write `w` went through, its copy-out reusing store chunk `x` (released at last).
+fn assert_write_reused(h: &mut Harness, origin: ConnId, w: RequestId, x: u64) {
     assert!(matches!(
         h.reply_to(origin, w),
         Some(ServerMsg::OriginWriteOk { .. })
     ));
     assert!(
         h.copy_log.iter().any(|(_, to)| *to == x),
-        "{:?}",
+        "store chunk {x} not reused: {:?}",
         h.copy_log
     );
 }
