@@ -65,7 +65,9 @@ pub(crate) async fn run(
         eprintln!("writing a {} MiB origin and store ...", plan.size >> 20);
         tokio::task::spawn_blocking(move || setup::write_filled_file(&origin, size, 7)).await??;
     }
-    let store_size = changed * plan.chunk + (256 << 20);
+    // The changes' copy-outs, and as many again for the rollback at the end (the pin
+    // shares the changed origin chunks, so each is copied out before its copy back).
+    let store_size = 2 * changed * plan.chunk + (256 << 20);
     // What the device references read: the origin, or the written store for a sparse
     // origin (whose holes would read without touching the disk).
     let (reference, reference_size) = if plan.sparse_origin {
