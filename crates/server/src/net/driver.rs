@@ -13,7 +13,7 @@ use crate::engine::{
     Action, ConnId, CopyId, CopyPurpose, CopySource, Engine, Event, Failure, Fatal, LogEvent,
     LogLevel, MetaStore as _,
 };
-use crate::store::{BlockDevice, FlushTracked, Geometry, SectorBuf, Store, StoreError};
+use crate::store::{BlockDevice, FlushTracked, Geometry, GroupFlush, SectorBuf, Store, StoreError};
 use csnap_proto::auth::{self, FrameKey};
 use csnap_proto::{ClientFrame, ClientId, ServerFrame, ServerMsg, ServerStatus};
 use std::collections::{HashMap, VecDeque};
@@ -144,13 +144,16 @@ pub(crate) enum Exit {
 /// (`crates/server/tests/engine/powercut.rs`).
 pub struct DataPath {
     origin: Arc<dyn BlockDevice>,
+    /// The copy-backs' origin flushes, shared: copy-backs finishing together flush once.
+    origin_flush: GroupFlush,
     store: Arc<dyn BlockDevice>,
     geometry: Geometry,
 }
 
 impl DataPath {
     /// Copies store chunk `from` onto origin chunk `chunk` and makes it stable: an online
-    /// rollback's copy back ([`crate::engine::Action::CopyToOrigin`]). Blocking.
+    /// rollback's copy back ([`crate::engine::Action::CopyToOrigin`]). Blocking. The
+    /// origin flush is shared with the copy-backs that finish at the same time.
     pub fn copy_to_origin(&self, from: u64, chunk: u64) -> Result<(), CopyError> {
         let g = &self.geometry;
         let cs = g.chunk_size;
@@ -183,10 +186,13 @@ impl DataPath {
                 chunk,
                 source,
             })?;
-        self.origin.flush().map_err(|source| CopyError::Flush {
-            device: self.origin.name(),
-            source,
-        })
+        let written = self.origin_flush.stamp();
+        self.origin_flush
+            .flush_covering(written)
+            .map_err(|source| CopyError::Flush {
+                device: self.origin.name(),
+                source,
+            })
     }
 
     /// The data path over these devices, for a store of this geometry.
@@ -196,6 +202,7 @@ impl DataPath {
         geometry: Geometry,
     ) -> DataPath {
         DataPath {
+            origin_flush: GroupFlush::new(origin.clone()),
             origin,
             store,
             geometry,

@@ -9,7 +9,7 @@ use std::io::{self, Seek, SeekFrom};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
 /// Sector size the store aligns all I/O to, and the unit a crash may tear writes into.
 pub const SECTOR: usize = 4096;
@@ -93,6 +93,89 @@ impl BlockDevice for FlushTracked {
 
     fn name(&self) -> String {
         self.inner.name()
+    }
+}
+
+/// Flushes of one device shared by concurrent writers, one at a time: a writer that needs
+/// its write durable waits for a flush that started after the write returned, and starts
+/// one only if none is running. Sixteen rollback copy-backs that finish together then cost
+/// one or two `fdatasync`s instead of sixteen back-to-back ones (a file's flushes run one
+/// after another in the kernel anyway).
+///
+/// A failed flush poisons it: Linux may have dropped the writes it covered, so no later
+/// flush can prove them durable, and every later call fails too.
+pub struct GroupFlush {
+    inner: Arc<dyn BlockDevice>,
+    state: Mutex<GroupFlushState>,
+    finished: Condvar,
+}
+
+#[derive(Default)]
+struct GroupFlushState {
+    /// Flushes started so far (the number of the latest).
+    started: u64,
+    /// The highest number of a flush that succeeded.
+    succeeded: u64,
+    running: bool,
+    /// The first failure, repeated to every later caller.
+    failed: Option<(io::ErrorKind, String)>,
+}
+
+impl GroupFlush {
+    /// Coalesces the flushes of `inner`.
+    pub fn new(inner: Arc<dyn BlockDevice>) -> GroupFlush {
+        GroupFlush {
+            inner,
+            state: Mutex::new(GroupFlushState::default()),
+            finished: Condvar::new(),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, GroupFlushState> {
+        // A flush that panicked leaves plain numbers behind: still consistent.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Taken after a write returned: [`GroupFlush::flush_covering`] with it makes the
+    /// write durable.
+    pub fn stamp(&self) -> u64 {
+        self.lock().started
+    }
+
+    /// Returns once a flush that started after `stamp` was taken has succeeded: waits
+    /// for the running one, then starts one if that did not cover `stamp`.
+    pub fn flush_covering(&self, stamp: u64) -> io::Result<()> {
+        let mut state = self.lock();
+        loop {
+            if let Some((kind, message)) = &state.failed {
+                return Err(io::Error::new(*kind, message.clone()));
+            }
+            if state.succeeded > stamp {
+                return Ok(());
+            }
+            if !state.running {
+                break;
+            }
+            state = self.finished.wait(state).unwrap_or_else(|e| e.into_inner());
+        }
+        state.running = true;
+        state.started += 1;
+        let number = state.started;
+        drop(state);
+        let result = self.inner.flush();
+        let mut state = self.lock();
+        state.running = false;
+        match &result {
+            Ok(()) => state.succeeded = state.succeeded.max(number),
+            Err(e) => {
+                if state.failed.is_none() {
+                    state.failed = Some((e.kind(), format!("flushing {}: {e}", self.inner.name())));
+                }
+            }
+        }
+        drop(state);
+        self.finished.notify_all();
+        result
     }
 }
 
@@ -466,6 +549,105 @@ impl BlockDevice for MemDevice {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A device whose flush is slow and remembers how many writes had returned when each
+    /// successful flush started (what it made durable); two flushes at once fail the test.
+    #[derive(Default)]
+    struct SlowFlushDevice {
+        writes: AtomicU64,
+        durable: AtomicU64,
+        flushes: AtomicU64,
+        flushing: std::sync::atomic::AtomicBool,
+        fail_first: bool,
+    }
+
+    impl BlockDevice for SlowFlushDevice {
+        fn read_at(&self, _buf: &mut [u8], _offset: u64) -> io::Result<()> {
+            Ok(())
+        }
+        fn write_at(&self, _buf: &[u8], _offset: u64) -> io::Result<()> {
+            self.writes.fetch_add(1, Ordering::SeqCst);
+            Ok(())
+        }
+        fn flush(&self) -> io::Result<()> {
+            assert!(
+                !self.flushing.swap(true, Ordering::SeqCst),
+                "two flushes ran at once"
+            );
+            let covers = self.writes.load(Ordering::SeqCst);
+            let number = self.flushes.fetch_add(1, Ordering::SeqCst);
+            std::thread::sleep(std::time::Duration::from_millis(2));
+            self.flushing.store(false, Ordering::SeqCst);
+            if self.fail_first && number == 0 {
+                return Err(io::Error::other("injected flush failure"));
+            }
+            self.durable.fetch_max(covers, Ordering::SeqCst);
+            Ok(())
+        }
+        fn len(&self) -> u64 {
+            1 << 20
+        }
+        fn name(&self) -> String {
+            "slow".into()
+        }
+    }
+
+    /// Writers that flush together share flushes, and each returns only once a flush
+    /// that started after its own write made it durable.
+    #[test]
+    fn group_flush_covers_every_write_with_fewer_flushes() {
+        let dev = Arc::new(SlowFlushDevice::default());
+        let group = Arc::new(GroupFlush::new(dev.clone()));
+        let threads: Vec<_> = (0..16)
+            .map(|_| {
+                let (dev, group) = (dev.clone(), group.clone());
+                std::thread::spawn(move || {
+                    for _ in 0..10 {
+                        dev.write_at(&[0; 8], 0).unwrap();
+                        let mine = dev.writes.load(Ordering::SeqCst);
+                        group.flush_covering(group.stamp()).unwrap();
+                        assert!(
+                            dev.durable.load(Ordering::SeqCst) >= mine,
+                            "flush_covering returned before a flush covered write {mine}"
+                        );
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        let (writes, flushes) = (
+            dev.writes.load(Ordering::SeqCst),
+            dev.flushes.load(Ordering::SeqCst),
+        );
+        assert_eq!(writes, 160);
+        assert!(
+            flushes < writes,
+            "{flushes} flushes for {writes} writes: none was shared"
+        );
+    }
+
+    /// After a failed flush nothing it covered can be proven durable: every later call
+    /// fails with the first error, without flushing again.
+    #[test]
+    fn a_failed_group_flush_fails_every_later_one() {
+        let dev = Arc::new(SlowFlushDevice {
+            fail_first: true,
+            ..SlowFlushDevice::default()
+        });
+        let group = GroupFlush::new(dev.clone());
+        dev.write_at(&[0; 8], 0).unwrap();
+        let first = group.flush_covering(group.stamp()).unwrap_err();
+        assert!(first.to_string().contains("injected"), "{first}");
+        dev.write_at(&[0; 8], 0).unwrap();
+        let later = group.flush_covering(group.stamp()).unwrap_err();
+        assert!(
+            later.to_string().contains("flushing slow") && later.to_string().contains("injected"),
+            "{later}"
+        );
+        assert_eq!(dev.flushes.load(Ordering::SeqCst), 1);
+    }
 
     /// Under O_DIRECT, aligned buffers go to the file as they are and unaligned ones
     /// through a bounce buffer; both read back what was written, anywhere in a buffer.

@@ -29,7 +29,9 @@ mod rollback;
 mod usage;
 
 pub use check::CheckReport;
-pub use device::{BlockDevice, FileDevice, FlushTracked, MemDevice, MemDeviceStats, SectorBuf};
+pub use device::{
+    BlockDevice, FileDevice, FlushTracked, GroupFlush, MemDevice, MemDeviceStats, SectorBuf,
+};
 pub use error::{Result, StoreError};
 pub use format::{Geometry, RollbackRecord};
 pub use meta::{CommitIo, MetaStats};
