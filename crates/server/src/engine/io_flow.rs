@@ -176,8 +176,18 @@ impl<S: MetaStore> Engine<S> {
             self.waiters.on_announcement(w);
             return Ok(());
         }
+        let chunks = self.works.chunks(w);
+        // While a copy-out of one of its chunks is in flight the write cannot be granted:
+        // wait for that copy alone, without looking its other chunks up again. A write
+        // that first-touches many chunks is woken once per copy-out; this keeps each of
+        // those wakes but the last from costing a tree lookup per chunk. (On the first
+        // evaluation a chunk only has a copy in flight if another request started it.)
+        if let Some(&c) = chunks.iter().find(|&&c| self.copies.copying_out(c)) {
+            self.waiters.on_chunk(c, w);
+            return Ok(());
+        }
         let mut blocked = false;
-        for c in self.works.chunks(w) {
+        for c in chunks {
             // A chunk the rollback has still to copy back is written once it is, as of a
             // commit (a crash before would copy it back again, over the write).
             if self.rollback_holds_write(c)? {

@@ -7,6 +7,7 @@
 //! blocking pool while this thread goes on: what changes meanwhile is covered by the next
 //! commit (group commit), and the engine never has more than one commit outstanding.
 
+use super::copy_runs::{CopyRun, CopyRuns};
 use super::lease::ServingLease;
 use super::{CopyDurability, HeldCopies};
 use crate::engine::{
@@ -114,10 +115,11 @@ pub(crate) enum Outgoing {
 /// From the server handle and the copy workers (unbounded: each producer is bounded by
 /// other means).
 pub(crate) enum Control {
+    /// One copy, or every copy of a run (one job): they share the result and durability.
     CopyDone {
-        copy: CopyId,
+        copies: Vec<CopyId>,
         result: Result<(), Failure>,
-        /// Whether the copy is stable already, or when its store write returned.
+        /// Whether the copies are stable already, or when their store write returned.
         durability: CopyDurability,
     },
     /// The I/O of the commit in flight has run (its result waits in the store).
@@ -128,6 +130,9 @@ pub(crate) enum Control {
     /// The server handle was dropped without a shutdown: stop, leave the store unclean.
     Abandon,
 }
+
+/// The largest run of copies from the origin one job reads and writes (see `copy_runs`).
+const MAX_COPY_RUN_BYTES: u64 = 1 << 20;
 
 /// How the engine thread ended.
 pub(crate) enum Exit {
@@ -207,6 +212,59 @@ impl DataPath {
             store,
             geometry,
         }
+    }
+
+    /// Copies `count` consecutive origin chunks from `chunk` on into the consecutive store
+    /// chunks from `to` on, with one read and one write: a run of [`Action::Copy`]s (see
+    /// `copy_runs`). Blocking; not flushed, as [`DataPath::copy`].
+    pub fn copy_origin_run(&self, chunk: u64, to: u64, count: u64) -> Result<(), CopyError> {
+        let g = &self.geometry;
+        let cs = g.chunk_size;
+        let last_to = count
+            .checked_sub(1)
+            .and_then(|n| to.checked_add(n))
+            .ok_or(CopyError::DestinationOutsideData(to))?;
+        if !g.is_data_chunk(to) || !g.is_data_chunk(last_to) {
+            return Err(CopyError::DestinationOutsideData(last_to));
+        }
+        let offset = chunk
+            .checked_mul(cs)
+            .filter(|o| *o < g.origin_size)
+            .ok_or(CopyError::BeyondOrigin(chunk))?;
+        let bytes = count
+            .checked_mul(cs)
+            .and_then(|b| usize::try_from(b).ok())
+            .ok_or(CopyError::BeyondOrigin(chunk))?;
+        let end = chunk
+            .checked_add(count)
+            .and_then(|c| c.checked_mul(cs))
+            .ok_or(CopyError::BeyondOrigin(chunk))?;
+        // Every chunk but the last must lie wholly in the origin; the last may be partial
+        // (the rest of its copy stays zero), as for one chunk.
+        if end - cs >= g.origin_size {
+            return Err(CopyError::BeyondOrigin(chunk + count - 1));
+        }
+        let mut buf = SectorBuf::zeroed(bytes);
+        let len = (end.min(g.origin_size) - offset) as usize;
+        self.origin
+            .read_at(&mut buf[..len], offset)
+            .map_err(|source| CopyError::Io {
+                op: "reading origin",
+                device: self.origin.name(),
+                offset,
+                chunk,
+                source,
+            })?;
+        let to_offset = g.chunk_offset(to);
+        self.store
+            .write_at(&buf, to_offset)
+            .map_err(|source| CopyError::Io {
+                op: "writing store",
+                device: self.store.name(),
+                offset: to_offset,
+                chunk: to,
+                source,
+            })
     }
 
     /// Copies one chunk into store chunk `to`: the work behind [`Action::Copy`], whose
@@ -312,6 +370,8 @@ pub(crate) struct Driver {
     held_copies: HeldCopies<(CopyId, Result<(), Failure>)>,
     copy_slots: Arc<Semaphore>,
     copies_in_flight: usize,
+    /// Copies from the origin of the current pump, gathered into runs.
+    copy_runs: CopyRuns,
     conns: HashMap<ConnId, ConnState>,
     fatal_tx: Arc<watch::Sender<Option<ServerFailure>>>,
     stop: CancellationToken,
@@ -367,6 +427,7 @@ enum Wake {
 
 impl Driver {
     pub(crate) fn new(p: DriverParts) -> Driver {
+        let copy_runs = CopyRuns::new(MAX_COPY_RUN_BYTES / p.data.geometry.chunk_size.max(1));
         Driver {
             engine: p.engine,
             rt: p.rt,
@@ -379,6 +440,7 @@ impl Driver {
             held_copies: HeldCopies::default(),
             copy_slots: Arc::new(Semaphore::new(p.max_copies.max(1))),
             copies_in_flight: 0,
+            copy_runs,
             conns: HashMap::new(),
             fatal_tx: p.fatal_tx,
             stop: p.stop,
@@ -511,10 +573,10 @@ impl Driver {
     fn on_control(&mut self, c: Control) {
         match c {
             Control::CopyDone {
-                copy,
+                copies,
                 result,
                 durability,
-            } => self.copy_done(copy, result, durability),
+            } => self.copy_done(copies, result, durability),
             Control::CommitIoDone => self.finish_commit(),
             Control::DeclareGone(client) => {
                 tracing::info!(%client, "client declared gone");
@@ -588,21 +650,31 @@ impl Driver {
     /// A copy finished: a failure goes to the engine at once (it stops the server), and
     /// so does a copy back that flushed the origin itself; a copy to the store waits until
     /// a flush covers it or no commit is coming (see [`HeldCopies`]).
-    fn copy_done(&mut self, copy: CopyId, result: Result<(), Failure>, durability: CopyDurability) {
-        self.copies_in_flight = self.copies_in_flight.saturating_sub(1);
+    fn copy_done(
+        &mut self,
+        copies: Vec<CopyId>,
+        result: Result<(), Failure>,
+        durability: CopyDurability,
+    ) {
+        self.copies_in_flight = self.copies_in_flight.saturating_sub(copies.len());
         match result {
             Err(e) => {
-                tracing::error!(copy, error = %crate::engine::error_chain(&e), "chunk copy failed");
-                self.engine.handle(Event::CopyDone {
-                    copy,
-                    result: Err(e),
-                });
+                tracing::error!(?copies, error = %crate::engine::error_chain(&e), "chunk copy failed");
+                for copy in copies {
+                    self.engine.handle(Event::CopyDone {
+                        copy,
+                        result: Err(e.clone()),
+                    });
+                }
             }
             Ok(()) => {
-                tracing::trace!(copy, ?durability, "copy written");
-                if let Some((copy, result)) = self.held_copies.finished(durability, (copy, Ok(())))
-                {
-                    self.engine.handle(Event::CopyDone { copy, result });
+                tracing::trace!(?copies, ?durability, "copy written");
+                for copy in copies {
+                    if let Some((copy, result)) =
+                        self.held_copies.finished(durability, (copy, Ok(())))
+                    {
+                        self.engine.handle(Event::CopyDone { copy, result });
+                    }
                 }
             }
         }
@@ -687,6 +759,7 @@ impl Driver {
 
     /// Carries out the engine's actions (and the events they cause) until none is left,
     /// except a commit, which `run_commits` runs after the batch of inputs.
+    /// The copies from the origin asked for meanwhile start as runs when nothing is left.
     fn pump(&mut self) -> Result<(), ServerFailure> {
         loop {
             if let Some(action) = self.engine.poll_output() {
@@ -694,6 +767,9 @@ impl Driver {
             } else if let Some(event) = self.pending.pop_front() {
                 self.engine.handle(event);
             } else {
+                if let Some(run) = self.copy_runs.take() {
+                    self.spawn_run(run);
+                }
                 return Ok(());
             }
         }
@@ -764,7 +840,15 @@ impl Driver {
                 to,
                 purpose,
             } => {
-                self.spawn_copy(copy, from, to, purpose);
+                match from {
+                    // Gathered into a run with the copies next to it (see `copy_runs`).
+                    CopySource::Origin { chunk } => {
+                        if let Some(run) = self.copy_runs.push(copy, chunk, to) {
+                            self.spawn_run(run);
+                        }
+                    }
+                    CopySource::Store { .. } => self.spawn_copy(copy, from, to, purpose),
+                }
                 Ok(())
             }
             Action::CopyToOrigin { copy, from, chunk } => {
@@ -776,7 +860,9 @@ impl Driver {
                 );
                 // Stable once it returns (it flushes the origin): never held for a
                 // store flush.
-                self.spawn_copy_work(copy, true, move |data| data.copy_to_origin(from, chunk));
+                self.spawn_copy_work(vec![copy], true, move |data| {
+                    data.copy_to_origin(from, chunk)
+                });
                 Ok(())
             }
             Action::Commit => {
@@ -825,19 +911,35 @@ impl Driver {
                 )
             }
         }
-        self.spawn_copy_work(copy, false, move |data| data.copy(from, to));
+        self.spawn_copy_work(vec![copy], false, move |data| data.copy(from, to));
     }
 
-    /// Runs one copy on the blocking pool (at most `max_copies` at once) and reports it:
-    /// `flushes_itself` when the work makes its writes stable, else with the store's flush
-    /// stamp after its write returned.
+    /// Runs copies from consecutive origin chunks to consecutive store chunks as one job.
+    fn spawn_run(&mut self, run: CopyRun) {
+        let CopyRun { chunk, to, copies } = run;
+        let count = copies.len() as u64;
+        tracing::trace!(
+            ?copies,
+            chunk,
+            store_chunk = to,
+            count,
+            "copy run from origin"
+        );
+        self.spawn_copy_work(copies, false, move |data| {
+            data.copy_origin_run(chunk, to, count)
+        });
+    }
+
+    /// Runs the work of one copy or run of copies on the blocking pool (at most
+    /// `max_copies` jobs at once) and reports it: `flushes_itself` when the work makes its
+    /// writes stable, else with the store's flush stamp after its write returned.
     fn spawn_copy_work(
         &mut self,
-        copy: CopyId,
+        copies: Vec<CopyId>,
         flushes_itself: bool,
         work: impl FnOnce(&DataPath) -> Result<(), CopyError> + Send + 'static,
     ) {
-        self.copies_in_flight += 1;
+        self.copies_in_flight += copies.len();
         let (data, slots, done, lease, flushes) = (
             self.data.clone(),
             self.copy_slots.clone(),
@@ -871,7 +973,7 @@ impl Driver {
             };
             let result = result.map_err(Failure::new);
             let _ = done.send(Control::CopyDone {
-                copy,
+                copies,
                 result,
                 durability,
             });
@@ -919,11 +1021,11 @@ impl Driver {
                 .block_on(async { tokio::time::timeout(left, ctl.recv()).await });
             match next {
                 Ok(Some(Control::CopyDone {
-                    copy,
+                    copies,
                     result,
                     durability,
                 })) => {
-                    self.copy_done(copy, result, durability);
+                    self.copy_done(copies, result, durability);
                     if let Err(reason) = self.pump().and_then(|()| self.run_commits()) {
                         return self.fatal(reason);
                     }
@@ -991,5 +1093,87 @@ fn log_key_event(level: LogLevel, event: &LogEvent, message: &str) {
         LogLevel::Info => emit!(INFO),
         LogLevel::Warn => emit!(WARN),
         LogLevel::Error => emit!(ERROR),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::MemDevice;
+
+    const CS: u64 = 4096;
+
+    /// A data path over memory devices: an origin of 10.5 chunks (the last one partial),
+    /// filled with a byte pattern per chunk, and a 4 MiB store.
+    fn data_path() -> (DataPath, MemDevice) {
+        let origin_size = 10 * CS + CS / 2;
+        let origin = MemDevice::new(origin_size);
+        for c in 0..=origin_size / CS {
+            let len = CS.min(origin_size - c * CS) as usize;
+            origin.write_at(&vec![c as u8 + 1; len], c * CS).unwrap();
+        }
+        let store = MemDevice::new(4 << 20);
+        let geometry = Geometry::plan(CS, origin_size, 4 << 20, "store").unwrap();
+        let path = DataPath::new(Arc::new(origin), Arc::new(store.clone()), geometry);
+        (path, store)
+    }
+
+    fn store_chunk(store: &MemDevice, chunk: u64) -> Vec<u8> {
+        let mut buf = vec![0; CS as usize];
+        store.read_at(&mut buf, chunk * CS).unwrap();
+        buf
+    }
+
+    #[test]
+    fn a_run_copies_what_its_chunks_copied_one_by_one_would() {
+        let (path, store) = data_path();
+        let to = path.geometry.data_start_chunk;
+        // Chunks 6..11: the last is the origin's partial chunk.
+        path.copy_origin_run(6, to, 5).unwrap();
+        for i in 0..5 {
+            path.copy(CopySource::Origin { chunk: 6 + i }, to + 10 + i)
+                .unwrap();
+            let run = store_chunk(&store, to + i);
+            assert_eq!(run, store_chunk(&store, to + 10 + i), "chunk {}", 6 + i);
+            assert_eq!(run[0], 7 + i as u8);
+        }
+        let last = store_chunk(&store, to + 4);
+        assert!(last[..CS as usize / 2].iter().all(|&b| b == 11));
+        assert!(
+            last[CS as usize / 2..].iter().all(|&b| b == 0),
+            "past the origin: zero"
+        );
+    }
+
+    #[test]
+    fn a_run_outside_the_origin_or_the_data_area_is_refused() {
+        let (path, _) = data_path();
+        let g = path.geometry;
+        let to = g.data_start_chunk;
+        assert!(matches!(
+            path.copy_origin_run(9, to, 3),
+            Err(CopyError::BeyondOrigin(11))
+        ));
+        assert!(matches!(
+            path.copy_origin_run(11, to, 1),
+            Err(CopyError::BeyondOrigin(11))
+        ));
+        assert!(matches!(
+            path.copy_origin_run(0, to - 1, 2),
+            Err(CopyError::DestinationOutsideData(_))
+        ));
+        let last = g.data_start_chunk + g.data_chunks - 1;
+        assert!(matches!(
+            path.copy_origin_run(0, last, 2),
+            Err(CopyError::DestinationOutsideData(_))
+        ));
+        assert!(matches!(
+            path.copy_origin_run(0, to, 0),
+            Err(CopyError::DestinationOutsideData(_))
+        ));
+        assert!(matches!(
+            path.copy_origin_run(u64::MAX, to, 2),
+            Err(CopyError::BeyondOrigin(_))
+        ));
     }
 }

@@ -13,6 +13,7 @@
 //! docs/server.md describes running the server, its options and its logs.
 
 mod conn;
+mod copy_runs;
 mod driver;
 mod held_copies;
 pub mod key;

@@ -5,6 +5,7 @@
 #[path = "../engine_common/mod.rs"]
 mod engine_common;
 
+mod engine_first_touch;
 mod engine_flows;
 mod engine_garbage;
 mod engine_model;
