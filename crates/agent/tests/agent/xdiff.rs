@@ -538,7 +538,9 @@ async fn a_large_scattered_change_round_trips_exactly_with_json_summaries() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_export_whose_snapshot_is_deleted_midway_fails_clearly() {
     let test = "an_export_whose_snapshot_is_deleted_midway_fails_clearly";
-    let hold = [("CSNAP_TEST_HOLD_SNAPSHOT_READ_MS", "150")];
+    // Batched reads (8 chunks a request, 32 requests in flight) finish the export in a
+    // few waves: each held long enough that the deletion 0.5 s in lands mid-export.
+    let hold = [("CSNAP_TEST_HOLD_SNAPSHOT_READ_MS", "600")];
     let Some((fx, a, seed)) = scattered_change(test, 16 * MIB, 600, MIB, &hold).await else {
         return;
     };
