@@ -5,8 +5,10 @@
 //! incrementally.
 //!
 //! Data moves through the agent's control socket in requests of at most
-//! [`MAX_CONTROL_DATA`] bytes, pipelined on one connection per command ([`Pipeline`],
-//! [`IN_FLIGHT`] outstanding): the agent reads the snapshot, writes the origin, through
+//! [`MAX_CONTROL_DATA`] bytes, pipelined on one connection per command ([`Pipeline`]):
+//! the export batches scattered extents into `ReadSnapshotExtents` requests with
+//! [`EXPORT_IN_FLIGHT_BYTES`] outstanding, the import keeps [`IN_FLIGHT`] writes
+//! outstanding. The agent reads the snapshot, writes the origin, through
 //! its client of the volume (under the server's grants, so copy-on-write for the target's
 //! existing snapshots holds), many requests at once.
 
@@ -17,7 +19,10 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context as _};
-use csnap_proto::control::{ControlRequest, ControlResponse, MAX_CONTROL_DATA, MAX_CONTROL_ZERO};
+use csnap_proto::control::{
+    ControlRequest, ControlResponse, ReadExtent, MAX_CONTROL_DATA, MAX_CONTROL_EXTENTS,
+    MAX_CONTROL_ZERO,
+};
 use csnap_proto::diff_stream::{
     Extent as StreamExtent, StreamError, StreamHeader, StreamReader, StreamWriter,
 };
@@ -32,6 +37,10 @@ const PROGRESS_EVERY: Duration = Duration::from_secs(1);
 /// Control requests in flight at once on the export's or import's one connection (each a
 /// bounded read or write); the agent carries out up to `PIPELINE_DEPTH` of them at once.
 const IN_FLIGHT: usize = PIPELINE_DEPTH;
+/// Bytes of snapshot reads export-diff keeps asked for and not yet answered: enough for
+/// the device to have many reads at once whether the change is one long run (32 requests
+/// of 512 KiB) or scattered chunks (256 of 64 KiB, in batched requests).
+const EXPORT_IN_FLIGHT_BYTES: u64 = 16 << 20;
 /// Zero detection granularity of the export: a run of zero blocks becomes a zero record.
 const ZERO_BLOCK: u64 = 4096;
 /// Longest data run the exporter gathers before it writes a record.
@@ -92,9 +101,9 @@ pub struct ExportDiffArgs {
     /// line) when the stream goes to stdout (`-`).
     #[arg(long)]
     pub json: bool,
-    /// Reads kept in flight (benchmarks compare depths).
-    #[arg(long, hide = true, default_value_t = IN_FLIGHT)]
-    pub in_flight: usize,
+    /// Bytes of reads kept in flight (benchmarks compare depths).
+    #[arg(long, hide = true, default_value_t = EXPORT_IN_FLIGHT_BYTES)]
+    pub in_flight_bytes: u64,
 }
 
 /// `csnapctl import-diff VOLUME IN|-`
@@ -295,41 +304,109 @@ impl Progress {
     }
 }
 
+/// Pieces of at most [`MAX_CONTROL_DATA`] bytes, in order, gathered into the extents of one
+/// `ReadSnapshotExtents` request each: up to [`MAX_CONTROL_EXTENTS`] extents and
+/// [`MAX_CONTROL_DATA`] bytes, so a change scattered chunk by chunk costs the agent one
+/// metadata question, one release and one answer per batch rather than per chunk.
+struct ReadBatches<I: Iterator<Item = (u64, u64)>> {
+    pieces: std::iter::Peekable<I>,
+}
+
+impl<I: Iterator<Item = (u64, u64)>> ReadBatches<I> {
+    fn new(pieces: I) -> Self {
+        ReadBatches {
+            pieces: pieces.peekable(),
+        }
+    }
+}
+
+impl<I: Iterator<Item = (u64, u64)>> Iterator for ReadBatches<I> {
+    type Item = Vec<ReadExtent>;
+
+    fn next(&mut self) -> Option<Vec<ReadExtent>> {
+        let mut batch = Vec::new();
+        let mut bytes = 0u64;
+        while batch.len() < MAX_CONTROL_EXTENTS {
+            let Some(&(offset, len)) = self.pieces.peek() else {
+                break;
+            };
+            // Every piece fits a request on its own; it joins this one if it still fits.
+            let len = len.min(u64::from(MAX_CONTROL_DATA));
+            if !batch.is_empty() && bytes + len > u64::from(MAX_CONTROL_DATA) {
+                break;
+            }
+            self.pieces.next();
+            bytes += len;
+            batch.push(ReadExtent {
+                offset,
+                len: len as u32,
+            });
+        }
+        (!batch.is_empty()).then_some(batch)
+    }
+}
+
 /// Reads `extents` of snapshot `snap` (in order) into the stream over the export's one
-/// control connection, with `depth` reads outstanding across extents, so many small
-/// scattered extents (a sparse change) are read as fast as one long one.
+/// control connection, in batched requests ([`ReadBatches`]) with up to `depth_bytes`
+/// outstanding across extents, so many small scattered extents (a sparse change) are read
+/// as fast as one long one.
 async fn export_extents<W: Write>(
     pipe: &mut Pipeline,
     volume: &str,
     snap: SnapId,
     extents: &[Extent],
-    depth: usize,
+    depth_bytes: u64,
     emitter: &mut Emitter<W>,
 ) -> anyhow::Result<()> {
-    let mut all = extents
-        .iter()
-        .flat_map(|e| pieces(e.offset, e.length, u64::from(MAX_CONTROL_DATA)));
-    let mut asked: VecDeque<(u64, u64)> = VecDeque::with_capacity(depth);
+    let mut all = ReadBatches::new(
+        extents
+            .iter()
+            .flat_map(|e| pieces(e.offset, e.length, u64::from(MAX_CONTROL_DATA))),
+    );
+    let mut asked: VecDeque<(Vec<ReadExtent>, u64)> = VecDeque::new();
+    let mut asked_bytes = 0u64;
     loop {
-        while asked.len() < depth {
-            let Some((at, n)) = all.next() else { break };
-            pipe.send(&ControlRequest::ReadSnapshot {
+        while asked.len() < PIPELINE_DEPTH && (asked.is_empty() || asked_bytes < depth_bytes) {
+            let Some(batch) = all.next() else { break };
+            let bytes: u64 = batch.iter().map(|e| u64::from(e.len)).sum();
+            pipe.send(&ControlRequest::ReadSnapshotExtents {
                 volume: volume.to_owned(),
                 snap,
-                offset: at,
-                len: n as u32,
+                extents: batch.clone(),
             })?;
-            asked.push_back((at, n));
+            asked_bytes += bytes;
+            asked.push_back((batch, bytes));
         }
-        let Some((at, n)) = asked.pop_front() else {
+        let Some((batch, bytes)) = asked.pop_front() else {
             return Ok(());
         };
-        match agent_answer(Some(volume), pipe.recv().await?)? {
-            ControlResponse::Data { data, .. } if data.len() as u64 == n => emitter
-                .feed(at, &data)
-                .context("cannot write the diff stream")?,
+        asked_bytes -= bytes;
+        let answer = pipe.recv().await?;
+        if let ControlResponse::Error { message, .. } = &answer {
+            if message.starts_with("malformed control request") {
+                bail!(
+                    "the agent is older than this csnapctl: it does not know the batched \
+                     snapshot reads export-diff uses (ReadSnapshotExtents); upgrade \
+                     csnap-agent on this node ({message})"
+                );
+            }
+        }
+        match agent_answer(Some(volume), answer)? {
+            ControlResponse::Data { data, .. } if data.len() as u64 == bytes => {
+                let mut at = 0usize;
+                for e in &batch {
+                    let end = at + e.len as usize;
+                    emitter
+                        .feed(e.offset, &data[at..end])
+                        .context("cannot write the diff stream")?;
+                    at = end;
+                }
+            }
             ControlResponse::Data { data, .. } => bail!(
-                "the agent answered a read of {n} bytes at offset {at} with {} bytes",
+                "the agent answered a read of {} extents and {bytes} bytes (the first at \
+                 offset {}) with {} bytes",
+                batch.len(),
+                batch.first().map_or(0, |e| e.offset),
                 data.len()
             ),
             other => return Err(unexpected(other)),
@@ -401,7 +478,7 @@ async fn export(
     let mut emitter = Emitter::new(
         StreamWriter::new(out, &header).context("cannot write the diff stream's header")?,
     );
-    let depth = args.in_flight.max(1);
+    let depth = args.in_flight_bytes.max(1);
     let mut pipe = Pipeline::open(socket).await?;
     match from {
         None => {
@@ -983,6 +1060,61 @@ mod tests {
         assert_eq!(full.first_gap(25), None);
         assert_eq!(full.first_gap(30), Some((25, 30)));
         assert_eq!(Coverage::default().first_gap(1), Some((0, 1)));
+    }
+
+    fn batches_of(pieces: &[(u64, u64)]) -> Vec<Vec<(u64, u32)>> {
+        ReadBatches::new(pieces.iter().copied())
+            .map(|b| b.iter().map(|e| (e.offset, e.len)).collect())
+            .collect()
+    }
+
+    /// Scattered chunks fill requests up to the extent limit, in order, none lost.
+    #[test]
+    fn scattered_chunks_are_batched_up_to_the_extent_limit() {
+        let chunk = 4096u64;
+        let pieces: Vec<(u64, u64)> = (0..MAX_CONTROL_EXTENTS as u64 * 2 + 3)
+            .map(|i| (i * 7 * chunk, chunk))
+            .collect();
+        let batches = batches_of(&pieces);
+        let sizes: Vec<usize> = batches.iter().map(Vec::len).collect();
+        assert_eq!(sizes, vec![MAX_CONTROL_EXTENTS, MAX_CONTROL_EXTENTS, 3]);
+        let flat: Vec<(u64, u64)> = batches
+            .concat()
+            .into_iter()
+            .map(|(o, l)| (o, u64::from(l)))
+            .collect();
+        assert_eq!(flat, pieces);
+    }
+
+    /// A request never carries more than `MAX_CONTROL_DATA` bytes: 64 KiB chunks go 8 to
+    /// a request, a full-size piece alone, unaligned pieces where they fit.
+    #[test]
+    fn batches_stay_within_the_data_limit() {
+        let max = u64::from(MAX_CONTROL_DATA);
+        let k = 64 * 1024;
+        let pieces: Vec<(u64, u64)> = (0..17).map(|i| (i * 3 * k, k)).collect();
+        let sizes: Vec<usize> = batches_of(&pieces).iter().map(Vec::len).collect();
+        assert_eq!(sizes, vec![8, 8, 1]);
+        let mixed = [
+            (0, 100),
+            (max, max),
+            (3 * max, max - 100),
+            (5 * max, 100),
+            (7 * max, 1),
+        ];
+        assert_eq!(
+            batches_of(&mixed),
+            vec![
+                vec![(0, 100)],
+                vec![(max, max as u32)],
+                vec![(3 * max, (max - 100) as u32), (5 * max, 100)],
+                vec![(7 * max, 1)],
+            ]
+        );
+        for b in batches_of(&mixed) {
+            assert!(b.iter().map(|e| u64::from(e.1)).sum::<u64>() <= max);
+        }
+        assert!(batches_of(&[]).is_empty());
     }
 
     #[test]

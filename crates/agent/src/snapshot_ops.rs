@@ -4,7 +4,10 @@
 
 use bytes::Bytes;
 use csnap_blockdev::client::{ClientError, Volume};
-use csnap_proto::control::{ControlRequest, ControlResponse, MAX_CONTROL_DATA, MAX_CONTROL_ZERO};
+use csnap_proto::control::{
+    ControlRequest, ControlResponse, ReadExtent, MAX_CONTROL_DATA, MAX_CONTROL_EXTENTS,
+    MAX_CONTROL_ZERO,
+};
 use csnap_proto::{validate_snapshot_name, DiffEnd, ErrorCode, SnapId, SnapRef};
 
 /// What the server said, or what went wrong on the way.
@@ -90,6 +93,9 @@ pub async fn handle(v: &str, volume: &Volume, req: ControlRequest) -> ControlRes
         ControlRequest::ReadSnapshot {
             snap, offset, len, ..
         } => read_snapshot(&v, volume, snap, offset, len).await,
+        ControlRequest::ReadSnapshotExtents { snap, extents, .. } => {
+            read_snapshot_extents(&v, volume, snap, &extents).await
+        }
         ControlRequest::WriteOrigin { offset, data, .. } => {
             write_origin(&v, volume, offset, data).await
         }
@@ -200,6 +206,80 @@ async fn read_snapshot(
         volume: v.to_owned(),
         // Takes the buffer over where the read's is not shared (no copy).
         data: Vec::from(data),
+    })
+}
+
+/// Checks a `ReadSnapshotExtents` request against the limits and the volume's size: the
+/// total bytes it asks for, or what was wrong.
+fn check_extents(v: &str, volume: &Volume, extents: &[ReadExtent]) -> Result<u64, String> {
+    if extents.is_empty() || extents.len() > MAX_CONTROL_EXTENTS {
+        return Err(format!(
+            "a snapshot read of {} extents: it must name 1 to {MAX_CONTROL_EXTENTS} extents",
+            extents.len()
+        ));
+    }
+    let total: u64 = extents.iter().map(|e| u64::from(e.len)).sum();
+    if total > u64::from(MAX_CONTROL_DATA) {
+        return Err(format!(
+            "a snapshot read of {} extents and {total} bytes is too large (at most \
+             {MAX_CONTROL_DATA} bytes per request)",
+            extents.len()
+        ));
+    }
+    for e in extents {
+        check_range(
+            v,
+            volume,
+            "a snapshot read extent",
+            e.offset,
+            u64::from(e.len),
+        )?;
+    }
+    Ok(total)
+}
+
+async fn read_snapshot_extents(
+    v: &str,
+    volume: &Volume,
+    snap: SnapId,
+    extents: &[ReadExtent],
+) -> Result<ControlResponse, String> {
+    let total = check_extents(v, volume, extents)?;
+    let asked: Vec<(u64, u32)> = extents.iter().map(|e| (e.offset, e.len)).collect();
+    let parts = volume
+        .read_snapshot_extents(snap, &asked)
+        .await
+        .map_err(|e| {
+            format!(
+                "cannot read snapshot {snap} of volume {v:?} ({} extents, the first at \
+                 offset {}): {}",
+                extents.len(),
+                extents.first().map_or(0, |e| e.offset),
+                describe(&e)
+            )
+        })?;
+    let mut data = Vec::with_capacity(total as usize);
+    for (part, e) in parts.iter().zip(extents) {
+        if part.len() != e.len as usize {
+            return Err(format!(
+                "reading snapshot {snap} of volume {v:?} at offset {} returned {} bytes, not {}",
+                e.offset,
+                part.len(),
+                e.len
+            ));
+        }
+        data.extend_from_slice(part);
+    }
+    if data.len() as u64 != total {
+        return Err(format!(
+            "reading {} extents of snapshot {snap} of volume {v:?} returned {} bytes, not {total}",
+            extents.len(),
+            data.len()
+        ));
+    }
+    Ok(ControlResponse::Data {
+        volume: v.to_owned(),
+        data,
     })
 }
 

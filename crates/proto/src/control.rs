@@ -16,6 +16,19 @@ pub const MAX_CONTROL_DATA: u32 = 512 * 1024;
 /// grant per bounded piece, all at once; this bounds the work one request starts).
 pub const MAX_CONTROL_ZERO: u64 = 256 << 20;
 
+/// Most extents one `ReadSnapshotExtents` request names (their bytes together are at most
+/// [`MAX_CONTROL_DATA`]): enough that a change scattered chunk by chunk fills a request.
+pub const MAX_CONTROL_EXTENTS: usize = 64;
+
+/// One extent of a `ReadSnapshotExtents` request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReadExtent {
+    /// Byte offset.
+    pub offset: u64,
+    /// Bytes.
+    pub len: u32,
+}
+
 /// csnapctl -> agent.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ControlRequest {
@@ -91,6 +104,19 @@ pub enum ControlRequest {
         offset: u64,
         /// Bytes.
         len: u32,
+    },
+    /// Several extents of snapshot `snap` at once (at most [`MAX_CONTROL_EXTENTS`], their
+    /// lengths adding up to at most [`MAX_CONTROL_DATA`]; any offsets, in any order), read
+    /// under one metadata question and one release (`export-diff` of a scattered change).
+    /// Answered with one `Data` whose bytes are the extents' concatenated in request order.
+    /// An agent older than this request refuses it as malformed and closes the connection.
+    ReadSnapshotExtents {
+        /// The volume.
+        volume: String,
+        /// The snapshot.
+        snap: SnapId,
+        /// The extents, each non-empty and inside the volume.
+        extents: Vec<ReadExtent>,
     },
     /// Writes `data` (at most [`MAX_CONTROL_DATA`] bytes) to the origin at `offset`,
     /// under the server's write grant like any origin write, so every existing snapshot
@@ -436,7 +462,7 @@ pub enum ControlResponse {
         /// Bytes per chunk.
         chunk_size: u64,
     },
-    /// The bytes a `ReadSnapshot` asked for.
+    /// The bytes a `ReadSnapshot` or `ReadSnapshotExtents` asked for.
     Data {
         /// The volume.
         volume: String,
@@ -489,6 +515,7 @@ impl ControlRequest {
             | ControlRequest::Rollback { volume, .. }
             | ControlRequest::Geometry { volume }
             | ControlRequest::ReadSnapshot { volume, .. }
+            | ControlRequest::ReadSnapshotExtents { volume, .. }
             | ControlRequest::WriteOrigin { volume, .. }
             | ControlRequest::ZeroOrigin { volume, .. }
             | ControlRequest::Flush { volume } => Some(volume),
@@ -545,6 +572,30 @@ mod tests {
         crate::encode_frame(&resp, &mut out).expect("fits a frame");
         match crate::decode_frame::<ControlResponse>(&out).expect("decodes") {
             crate::Decoded::Frame(back, _) => assert_eq!(back, resp),
+            _ => panic!("incomplete"),
+        }
+    }
+
+    /// The largest extents request fits a frame small enough to leave the answer's data
+    /// the rest.
+    #[test]
+    fn the_largest_extents_request_fits_a_frame() {
+        let req = ControlRequest::ReadSnapshotExtents {
+            volume: "v".repeat(255),
+            snap: SnapId(u64::MAX),
+            extents: vec![
+                ReadExtent {
+                    offset: u64::MAX,
+                    len: u32::MAX
+                };
+                MAX_CONTROL_EXTENTS
+            ],
+        };
+        let mut out = Vec::new();
+        crate::encode_frame(&req, &mut out).expect("fits a frame");
+        assert!(out.len() < 4096, "{}", out.len());
+        match crate::decode_frame::<ControlRequest>(&out).expect("decodes") {
+            crate::Decoded::Frame(back, _) => assert_eq!(back, req),
             _ => panic!("incomplete"),
         }
     }

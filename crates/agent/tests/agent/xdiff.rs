@@ -12,7 +12,11 @@ use crate::support;
 use std::os::unix::fs::FileExt as _;
 use std::path::{Path, PathBuf};
 
+use csnap_proto::control::{
+    ControlRequest, ControlResponse, ReadExtent, MAX_CONTROL_DATA, MAX_CONTROL_EXTENTS,
+};
 use csnap_proto::diff_stream::{Extent, StreamReader, StreamWriter};
+use csnap_proto::SnapId;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::Value;
@@ -534,7 +538,9 @@ async fn a_large_scattered_change_round_trips_exactly_with_json_summaries() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_export_whose_snapshot_is_deleted_midway_fails_clearly() {
     let test = "an_export_whose_snapshot_is_deleted_midway_fails_clearly";
-    let hold = [("CSNAP_TEST_HOLD_SNAPSHOT_READ_MS", "150")];
+    // Batched reads (8 chunks a request, 32 requests in flight) finish the export in a
+    // few waves: each held long enough that the deletion 0.5 s in lands mid-export.
+    let hold = [("CSNAP_TEST_HOLD_SNAPSHOT_READ_MS", "600")];
     let Some((fx, a, seed)) = scattered_change(test, 16 * MIB, 600, MIB, &hold).await else {
         return;
     };
@@ -583,4 +589,90 @@ async fn an_export_whose_snapshot_is_deleted_midway_fails_clearly() {
         r.stderr
     );
     assert!(!out.exists(), "seed {seed:#x}: a partial stream was left");
+}
+
+/// The message of an `Error` answer (panics on any other answer).
+fn error_message(resp: ControlResponse) -> String {
+    match resp {
+        ControlResponse::Error { message, .. } => message,
+        other => panic!("want an error, got {other:?}"),
+    }
+}
+
+/// `ReadSnapshotExtents` (what export-diff batches its reads into): seeded random extents
+/// of a changed snapshot, unaligned, crossing chunk boundaries, sharing chunks and out of
+/// order, read in one request, equal the snapshot's bytes as NBD reads them; requests over
+/// the limits, outside the volume or of an unknown snapshot get clear errors, and the agent
+/// goes on answering.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batched_snapshot_reads_return_the_extents_in_order_and_refuse_bad_requests() {
+    let test = "batched_snapshot_reads_return_the_extents_in_order_and_refuse_bad_requests";
+    let Some((fx, a, seed)) = scattered_change(test, 16 * MIB, 200, MIB, &[]).await else {
+        return;
+    };
+    let snap = SnapId(a.snapshot("c").await);
+    // Changed after the snapshot: the read must still return the snapshot's bytes.
+    let vol = a.uri("vol");
+    run_ok(
+        "qemu-io",
+        &["-f", "raw", vol.as_str(), "-c", "write -P 0x77 0 4M"],
+    )
+    .await;
+    let image = image(&a, "vol@c", &fx.path("c.out")).await;
+    let mut rng = StdRng::seed_from_u64(seed ^ 0xe7);
+    let size = image.len() as u64;
+    let read = |extents: Vec<ReadExtent>| ControlRequest::ReadSnapshotExtents {
+        volume: "vol".into(),
+        snap,
+        extents,
+    };
+    for round in 0..20 {
+        let count = rng.gen_range(1..=MAX_CONTROL_EXTENTS);
+        let budget = u64::from(MAX_CONTROL_DATA) / count as u64;
+        let extents: Vec<ReadExtent> = (0..count)
+            .map(|_| {
+                let len = rng.gen_range(1..=budget.min(3 * CHUNK));
+                let offset = rng.gen_range(0..=size - len);
+                ReadExtent {
+                    offset,
+                    len: len as u32,
+                }
+            })
+            .collect();
+        let want: Vec<u8> = extents
+            .iter()
+            .flat_map(|e| image[e.offset as usize..(e.offset + u64::from(e.len)) as usize].to_vec())
+            .collect();
+        match a.ctl(read(extents.clone())).await {
+            ControlResponse::Data { data, .. } => assert!(
+                data == want,
+                "seed {seed:#x} round {round}: the bytes of {extents:?} differ"
+            ),
+            other => panic!("seed {seed:#x} round {round}: {other:?}"),
+        }
+    }
+    let one = |offset, len| ReadExtent { offset, len };
+    let too_many = vec![one(0, 512); MAX_CONTROL_EXTENTS + 1];
+    assert!(error_message(a.ctl(read(too_many)).await).contains("extents"));
+    assert!(error_message(a.ctl(read(Vec::new())).await).contains("extents"));
+    let too_large = vec![one(0, MAX_CONTROL_DATA), one(CHUNK, 1)];
+    assert!(error_message(a.ctl(read(too_large)).await).contains("too large"));
+    let outside = vec![one(0, 512), one(size - 100, 200)];
+    assert!(error_message(a.ctl(read(outside)).await).contains("outside volume"));
+    let empty = vec![one(0, 0)];
+    assert!(error_message(a.ctl(read(empty)).await).contains("empty"));
+    let unknown = ControlRequest::ReadSnapshotExtents {
+        volume: "vol".into(),
+        snap: SnapId(snap.0 + 1000),
+        extents: vec![one(0, 512), one(5 * CHUNK - 10, 20)],
+    };
+    let msg = error_message(a.ctl(unknown).await);
+    assert!(msg.contains("cannot read snapshot"), "{msg}");
+    // Still serving after the refusals.
+    match a.ctl(read(vec![one(CHUNK - 1, 2)])).await {
+        ControlResponse::Data { data, .. } => {
+            assert_eq!(data, image[CHUNK as usize - 1..CHUNK as usize + 1])
+        }
+        other => panic!("seed {seed:#x}: {other:?}"),
+    }
 }
