@@ -168,7 +168,11 @@ mod tests {
         let ptr = used.as_ref().as_ptr();
         pool.give(std::mem::take(&mut used.raw));
         let mut again = AlignedVec::in_allocation(pool.take(capacity).expect("kept"));
-        assert_eq!(again.as_ref().as_ptr(), ptr, "the same allocation, same start");
+        assert_eq!(
+            again.as_ref().as_ptr(),
+            ptr,
+            "the same allocation, same start"
+        );
         assert_eq!(again.len(), 0, "a recycled buffer holds nothing");
         assert_eq!(again.zero_filled(len).len(), len, "the whole room is there");
         assert!(again.as_ref().iter().all(|&b| b == 0), "no old bytes show");
@@ -216,7 +220,10 @@ mod tests {
         }
         assert_eq!(pool.free.len(), fits);
         assert!(pool.bytes <= POOL_MAX_BYTES);
-        assert!(pool.take(class + 1).is_none(), "only the exact size is reused");
+        assert!(
+            pool.take(class + 1).is_none(),
+            "only the exact size is reused"
+        );
         let v = pool.take(class).expect("a kept buffer");
         assert_eq!(v.capacity(), class);
         assert_eq!(pool.bytes, (fits - 1) * class);
