@@ -39,8 +39,10 @@ pub(super) struct Released {
 /// Read locks, snapshot write leases and orphaned locks.
 #[derive(Default)]
 pub(super) struct Locks {
-    /// All read locks (client, orphaned and internal): origin chunk -> count.
-    counts: HashMap<u64, u32>,
+    /// All read locks (client, orphaned and internal): origin chunk -> count. Ordered,
+    /// not hashed: a snapshot read locks a run of neighbouring chunks (256 per 1 MiB read
+    /// with 4 KiB chunks), and SipHash per chunk showed in its profile.
+    counts: BTreeMap<u64, u32>,
     /// Write leases and unreleased store reads per snapshot (connections and orphans).
     leases: HashMap<SnapId, u32>,
     orphans: Vec<OrphanedLocks>,
