@@ -19,6 +19,11 @@ use std::time::{Duration, Instant};
 use cpg_glue::NodeId;
 use csnap_e2e::rig::{read, test_bin_dir, write, Rig, RigConfig, MIB, SERVER_PORT, VOLUME};
 
+// The `rollback --wait` check shared with the agent's tests (std only, included by path).
+#[path = "../../crates/agent/tests/support/rollback_wait.rs"]
+mod rollback_wait;
+use rollback_wait::assert_rollback_wait_saw_the_end;
+
 const ORIGIN_SIZE: u64 = 16 * MIB;
 /// Bound for the first server of a fresh cluster (a fresh agent waits one serving lease,
 /// 8 s + 2 s, before it may start a server, as it cannot know what ran before it).
@@ -964,20 +969,13 @@ async fn a_rollback_cut_by_the_servers_death_is_resumed_by_the_new_server() {
         .expect("csnapctl ran");
     said.extend(rest.await.expect("the stdout reader"));
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        out.status.success() && said.iter().any(|l| l.contains("done in")),
-        "rollback --wait across the failover: {}\n{said:?}\n{stderr}",
-        out.status
-    );
-    assert!(
-        stderr.contains("(\"before\") (origin as it was: snapshot")
-            && stderr.contains("(\"pre-rollback\")):"),
-        "the progress lines do not name the snapshots:\n{stderr}"
-    );
-    assert!(
-        stderr.contains("waiting for volume vol0's server")
-            || stderr.contains("waiting for the agent"),
-        "--wait did not say it waited out the failover:\n{stderr}"
+    assert_rollback_wait_saw_the_end(
+        out.status,
+        &said.join("\n"),
+        &stderr,
+        "before",
+        "pre-rollback",
+        &["waiting for volume vol0's server", "waiting for the agent"],
     );
 
     // The new server resumed the copy-back short of its end, and finished it.

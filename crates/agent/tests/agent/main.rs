@@ -7,6 +7,9 @@
 #[path = "../support/mod.rs"]
 mod support;
 
+#[path = "../support/rollback_wait.rs"]
+mod rollback_wait;
+
 mod block_status;
 mod check_cli;
 mod client_follow;

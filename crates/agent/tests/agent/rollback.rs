@@ -22,6 +22,8 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use support::*;
 
+use crate::rollback_wait::assert_rollback_wait_saw_the_end;
+
 const CHUNK: u64 = 16 * 1024;
 /// The volume of the first case.
 const SIZE: u64 = 8 * MIB;
@@ -560,20 +562,19 @@ async fn rollback_wait_outlives_a_restart_of_its_agent() {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr),
     );
-    assert!(
-        out.status.success() && stdout.contains("done in"),
-        "rollback --wait across the restart: {}\n{stdout}\n{stderr}\n{}",
+    assert_rollback_wait_saw_the_end(
         out.status,
-        agent.log()
-    );
-    assert!(
-        stderr.contains("csnapctl: waiting for the agent"),
-        "--wait did not say it waited for the agent:\n{stderr}"
+        &stdout,
+        &stderr,
+        "s0",
+        "undo",
+        &["csnapctl: waiting for the agent"],
     );
     assert!(
         stderr
             .contains("rollback to snapshot 1 (\"s0\") (origin as it was: snapshot 2 (\"undo\"))"),
-        "the progress lines do not name the snapshots:\n{stderr}"
+        "the progress lines do not name the snapshots by id:\n{stderr}\n{}",
+        agent.log()
     );
     assert!(
         agent.log().contains("resuming the rollback"),

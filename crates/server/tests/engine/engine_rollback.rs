@@ -862,25 +862,7 @@ fn rollback_with_an_origin_store_read(h: &mut Harness) -> (ConnId, ConnId, SnapI
     let target = h.create_snapshot(admin, "target", &[origin]);
     h.granted_origin_write(origin, 3);
     h.origin[3] = [31, 31];
-    let id = h.send(
-        admin,
-        ClientMsg::Rollback {
-            snap: target,
-            pin_name: "before".into(),
-        },
-    );
-    h.ack_rollback_starts(origin);
-    h.ack_rollback_starts(origin);
-    let q = h.send(
-        origin,
-        ClientMsg::QueryOriginRead {
-            ranges: range(3, 1),
-        },
-    );
-    let x = match h.reply_to(origin, q) {
-        Some(ServerMsg::OriginReadOk { store, .. }) if store.len() == 1 => store[0].store_chunk,
-        other => panic!("expected the target's store chunk, got {other:?}"),
-    };
+    let (id, x) = start_rollback_and_read_chunk_3(h, origin, admin, target, "before");
     assert_eq!(h.store_data[x as usize], [30, 30]);
     // The copy-back ends; the origin client's read of store chunk x is still running.
     h.settle();
@@ -893,6 +875,40 @@ fn rollback_with_an_origin_store_read(h: &mut Harness) -> (ConnId, ConnId, SnapI
         vec![ServerMsg::RollbackDone { source: target }]
     );
     (origin, admin, target, x)
+}
+
+/// Starts a rollback of the origin to `source` (pin `pin_name`), acknowledges its start on
+/// the origin session, and asks where origin chunk 3 reads from: it must be one store chunk
+/// of `source`. Returns (the rollback request, that store chunk), the read still unreleased.
+fn start_rollback_and_read_chunk_3(
+    h: &mut Harness,
+    origin: ConnId,
+    admin: ConnId,
+    source: SnapId,
+    pin_name: &str,
+) -> (RequestId, u64) {
+    let id = h.send(
+        admin,
+        ClientMsg::Rollback {
+            snap: source,
+            pin_name: pin_name.into(),
+        },
+    );
+    h.ack_rollback_starts(origin);
+    h.ack_rollback_starts(origin);
+    let q = h.send(
+        origin,
+        ClientMsg::QueryOriginRead {
+            ranges: range(3, 1),
+        },
+    );
+    match h.reply_to(origin, q) {
+        Some(ServerMsg::OriginReadOk {
+            store,
+            source: Some(s),
+        }) if store.len() == 1 && s == source => (id, store[0].store_chunk),
+        other => panic!("expected one store chunk of source {source:?}, got {other:?}"),
+    }
 }
 
 /// The source is deleted right after the rollback (reclaim runs on ticks from `now`), and
@@ -1008,28 +1024,7 @@ fn store_reads_of_two_sources_are_released_separately() {
     let second = h.create_snapshot(admin, "second", &[origin]);
     h.granted_origin_write(origin, 3);
     h.origin[3] = [32, 32];
-    h.send(
-        admin,
-        ClientMsg::Rollback {
-            snap: second,
-            pin_name: "before2".into(),
-        },
-    );
-    h.ack_rollback_starts(origin);
-    h.ack_rollback_starts(origin);
-    let q = h.send(
-        origin,
-        ClientMsg::QueryOriginRead {
-            ranges: range(3, 1),
-        },
-    );
-    let y = match h.reply_to(origin, q) {
-        Some(ServerMsg::OriginReadOk {
-            store,
-            source: Some(s),
-        }) if store.len() == 1 && s == second => store[0].store_chunk,
-        other => panic!("expected the second source's store chunk, got {other:?}"),
-    };
+    let (_, y) = start_rollback_and_read_chunk_3(&mut h, origin, admin, second, "before2");
     assert_ne!(x, y);
     h.settle();
     h.notices(origin);
