@@ -609,25 +609,7 @@ impl Volume {
         len: u32,
     ) -> Result<Bytes, ClientError> {
         let conn = self.snapshot_conn(snap);
-        let reply = conn
-            .request(ClientMsg::QuerySnapshotRead {
-                snap,
-                ranges: vec![range],
-            })
-            .await?;
-        let (store, origin_locked) = match reply.msg {
-            ServerMsg::SnapshotReadOk {
-                store,
-                origin_locked,
-            } => (store, origin_locked),
-            other => return Err(unexpected("QuerySnapshotRead", other)),
-        };
-        if !origin_locked.is_empty() {
-            if let Some(hold) = test_hold_snapshot_reads() {
-                // Test hook (see `test_hold_snapshot_reads`): keep the read locks longer.
-                tokio::time::sleep(hold).await;
-            }
-        }
+        let (store, origin_locked) = ask_snapshot_read(&conn, snap, vec![range]).await?;
         let held = StoreReadsHeld {
             conn: &conn,
             release: store_reads_release(Some(snap), &store),
@@ -636,20 +618,7 @@ impl Volume {
         // Done with those store addresses (whatever the reads returned): until now the
         // server kept them from reuse.
         drop(held);
-        if !origin_locked.is_empty() {
-            // Release whatever happened to the reads; the session resends the release
-            // after a reconnect, so nothing waits on us here.
-            let conn = conn.clone();
-            tokio::spawn(async move {
-                let msg = ClientMsg::FinishSnapshotRead {
-                    snap,
-                    ranges: origin_locked,
-                };
-                if let Err(e) = conn.request(msg).await {
-                    tracing::warn!(%snap, err = %e, "releasing snapshot read locks failed");
-                }
-            });
-        }
+        finish_snapshot_read(&conn, snap, origin_locked);
         data
     }
 
@@ -703,24 +672,8 @@ impl Volume {
             .await;
         }
         let conn = self.snapshot_conn(snap);
-        let reply = conn
-            .request(ClientMsg::QuerySnapshotRead {
-                snap,
-                ranges: extent_chunks(self.chunk_size, extents),
-            })
-            .await?;
-        let (store, origin_locked) = match reply.msg {
-            ServerMsg::SnapshotReadOk {
-                store,
-                origin_locked,
-            } => (store, origin_locked),
-            other => return Err(unexpected("QuerySnapshotRead", other)),
-        };
-        if !origin_locked.is_empty() {
-            if let Some(hold) = test_hold_snapshot_reads() {
-                tokio::time::sleep(hold).await;
-            }
-        }
+        let (store, origin_locked) =
+            ask_snapshot_read(&conn, snap, extent_chunks(self.chunk_size, extents)).await?;
         let held = StoreReadsHeld {
             conn: &conn,
             release: store_reads_release(Some(snap), &store),
@@ -732,19 +685,7 @@ impl Volume {
         )
         .await;
         drop(held);
-        if !origin_locked.is_empty() {
-            // As in `read_snapshot_piece`: one release for all, whatever the reads returned.
-            let conn = conn.clone();
-            tokio::spawn(async move {
-                let msg = ClientMsg::FinishSnapshotRead {
-                    snap,
-                    ranges: origin_locked,
-                };
-                if let Err(e) = conn.request(msg).await {
-                    tracing::warn!(%snap, err = %e, "releasing snapshot read locks failed");
-                }
-            });
-        }
+        finish_snapshot_read(&conn, snap, origin_locked);
         data
     }
 
@@ -1219,6 +1160,51 @@ fn conn_config(cfg: &ClientConfig, incarnation: u64, kind: ClientKind) -> ConnCo
         retry_max: Duration::from_secs(1),
         connect_timeout: Duration::from_secs(5),
     }
+}
+
+/// Asks the server for a snapshot read of `ranges`: the store addresses of the chunks the
+/// snapshot keeps there (held from reuse until released, see [`StoreReadsHeld`]) and the
+/// origin chunks it read-locked, to be released by [`finish_snapshot_read`].
+async fn ask_snapshot_read(
+    conn: &MetaConnection,
+    snap: SnapId,
+    ranges: Vec<ChunkRange>,
+) -> Result<(Vec<StoreAddr>, Vec<ChunkRange>), ClientError> {
+    let reply = conn
+        .request(ClientMsg::QuerySnapshotRead { snap, ranges })
+        .await?;
+    let (store, origin_locked) = match reply.msg {
+        ServerMsg::SnapshotReadOk {
+            store,
+            origin_locked,
+        } => (store, origin_locked),
+        other => return Err(unexpected("QuerySnapshotRead", other)),
+    };
+    if !origin_locked.is_empty() {
+        if let Some(hold) = test_hold_snapshot_reads() {
+            // Test hook (see `test_hold_snapshot_reads`): keep the read locks longer.
+            tokio::time::sleep(hold).await;
+        }
+    }
+    Ok((store, origin_locked))
+}
+
+/// Releases a snapshot read's origin locks, whatever happened to the reads; the session
+/// resends the release after a reconnect, so nothing waits for it here.
+fn finish_snapshot_read(conn: &Arc<MetaConnection>, snap: SnapId, origin_locked: Vec<ChunkRange>) {
+    if origin_locked.is_empty() {
+        return;
+    }
+    let conn = conn.clone();
+    tokio::spawn(async move {
+        let msg = ClientMsg::FinishSnapshotRead {
+            snap,
+            ranges: origin_locked,
+        };
+        if let Err(e) = conn.request(msg).await {
+            tracing::warn!(%snap, err = %e, "releasing snapshot read locks failed");
+        }
+    });
 }
 
 #[cfg(test)]

@@ -170,27 +170,12 @@ impl DataPath {
             .filter(|o| *o < g.origin_size)
             .ok_or(CopyError::BeyondOrigin(chunk))?;
         let mut buf = SectorBuf::zeroed(cs as usize);
-        let from_offset = g.chunk_offset(from);
-        self.store
-            .read_at(&mut buf, from_offset)
-            .map_err(|source| CopyError::Io {
-                op: "reading store",
-                device: self.store.name(),
-                offset: from_offset,
-                chunk: from,
-                source,
-            })?;
+        self.read_store(&mut buf, from)?;
         // The last origin chunk may be partial: only its part is written.
         let len = cs.min(g.origin_size - offset) as usize;
         self.origin
             .write_at(&buf[..len], offset)
-            .map_err(|source| CopyError::Io {
-                op: "writing origin",
-                device: self.origin.name(),
-                offset,
-                chunk,
-                source,
-            })?;
+            .map_err(|source| io_error("writing origin", &*self.origin, offset, chunk, source))?;
         let written = self.origin_flush.stamp();
         self.origin_flush
             .flush_covering(written)
@@ -246,25 +231,8 @@ impl DataPath {
         }
         let mut buf = SectorBuf::zeroed(bytes);
         let len = (end.min(g.origin_size) - offset) as usize;
-        self.origin
-            .read_at(&mut buf[..len], offset)
-            .map_err(|source| CopyError::Io {
-                op: "reading origin",
-                device: self.origin.name(),
-                offset,
-                chunk,
-                source,
-            })?;
-        let to_offset = g.chunk_offset(to);
-        self.store
-            .write_at(&buf, to_offset)
-            .map_err(|source| CopyError::Io {
-                op: "writing store",
-                device: self.store.name(),
-                offset: to_offset,
-                chunk: to,
-                source,
-            })
+        self.read_origin(&mut buf[..len], offset, chunk)?;
+        self.write_store(&buf, to)
     }
 
     /// Copies one chunk into store chunk `to`: the work behind [`Action::Copy`], whose
@@ -287,42 +255,53 @@ impl DataPath {
                     .ok_or(CopyError::BeyondOrigin(chunk))?;
                 // The last chunk may be partial; the rest of the copy stays zero.
                 let len = cs.min(g.origin_size - offset) as usize;
-                self.origin
-                    .read_at(&mut buf[..len], offset)
-                    .map_err(|source| CopyError::Io {
-                        op: "reading origin",
-                        device: self.origin.name(),
-                        offset,
-                        chunk,
-                        source,
-                    })?;
+                self.read_origin(&mut buf[..len], offset, chunk)?;
             }
             CopySource::Store { store_chunk } => {
                 if !g.is_data_chunk(store_chunk) {
                     return Err(CopyError::SourceOutsideData(store_chunk));
                 }
-                let offset = g.chunk_offset(store_chunk);
-                self.store
-                    .read_at(&mut buf, offset)
-                    .map_err(|source| CopyError::Io {
-                        op: "reading store",
-                        device: self.store.name(),
-                        offset,
-                        chunk: store_chunk,
-                        source,
-                    })?;
+                self.read_store(&mut buf, store_chunk)?;
             }
         }
-        let offset = g.chunk_offset(to);
+        self.write_store(&buf, to)
+    }
+
+    fn read_origin(&self, buf: &mut [u8], offset: u64, chunk: u64) -> Result<(), CopyError> {
+        self.origin
+            .read_at(buf, offset)
+            .map_err(|source| io_error("reading origin", &*self.origin, offset, chunk, source))
+    }
+
+    fn read_store(&self, buf: &mut [u8], store_chunk: u64) -> Result<(), CopyError> {
+        let offset = self.geometry.chunk_offset(store_chunk);
         self.store
-            .write_at(&buf, offset)
-            .map_err(|source| CopyError::Io {
-                op: "writing store",
-                device: self.store.name(),
-                offset,
-                chunk: to,
-                source,
-            })
+            .read_at(buf, offset)
+            .map_err(|source| io_error("reading store", &*self.store, offset, store_chunk, source))
+    }
+
+    fn write_store(&self, buf: &[u8], store_chunk: u64) -> Result<(), CopyError> {
+        let offset = self.geometry.chunk_offset(store_chunk);
+        self.store
+            .write_at(buf, offset)
+            .map_err(|source| io_error("writing store", &*self.store, offset, store_chunk, source))
+    }
+}
+
+/// A copy's device I/O failed: what, where, and on which device.
+fn io_error(
+    op: &'static str,
+    device: &dyn BlockDevice,
+    offset: u64,
+    chunk: u64,
+    source: std::io::Error,
+) -> CopyError {
+    CopyError::Io {
+        op,
+        device: device.name(),
+        offset,
+        chunk,
+        source,
     }
 }
 
