@@ -50,6 +50,21 @@ fn assert_preserved(h: &mut Harness, snap: SnapId, chunks: std::ops::Range<u64>)
     }
 }
 
+/// The write `(conn, id)` was granted.
+fn assert_granted(h: &mut Harness, conn: ConnId, id: RequestId) {
+    let reply = h.reply_to(conn, id);
+    assert!(
+        matches!(reply, Some(ServerMsg::OriginWriteOk { .. })),
+        "write {id:?} not granted: {reply:?}"
+    );
+}
+
+/// Every chunk copied out at most once, and the snapshot keeps `chunks` as they were.
+fn assert_copied_once_and_preserved(h: &mut Harness, snap: SnapId, chunks: std::ops::Range<u64>) {
+    assert!(h.copy_outs.values().all(|&n| n == 1), "{:?}", h.copy_outs);
+    assert_preserved(h, snap, chunks);
+}
+
 #[test]
 fn a_write_over_sixteen_unshared_chunks_copies_each_into_consecutive_store_chunks() {
     let seed =
@@ -114,8 +129,7 @@ fn a_write_over_sixteen_unshared_chunks_copies_each_into_consecutive_store_chunk
         last_commit.is_some(),
         "granted before any commit: {order:?}"
     );
-    assert_preserved(&mut h, snap, 16..32);
-    assert!(h.copy_outs.values().all(|&n| n == 1), "{:?}", h.copy_outs);
+    assert_copied_once_and_preserved(&mut h, snap, 16..32);
 }
 
 #[test]
@@ -125,10 +139,7 @@ fn a_partly_unique_write_copies_only_the_shared_chunks() {
     // Chunks 20..24 are unique already.
     let first = query_write(&mut h, origin, 20, 4);
     h.settle();
-    assert!(matches!(
-        h.reply_to(origin, first),
-        Some(ServerMsg::OriginWriteOk { .. })
-    ));
+    assert_granted(&mut h, origin, first);
     h.copy_log.clear();
     let id = query_write(&mut h, origin, 16, WRITE_CHUNKS);
     let copied: Vec<u64> = h
@@ -141,12 +152,8 @@ fn a_partly_unique_write_copies_only_the_shared_chunks() {
         .collect();
     assert_eq!(copied, (16..20).chain(24..32).collect::<Vec<_>>());
     h.settle();
-    assert!(matches!(
-        h.reply_to(origin, id),
-        Some(ServerMsg::OriginWriteOk { .. })
-    ));
-    assert_preserved(&mut h, snap, 16..32);
-    assert!(h.copy_outs.values().all(|&n| n == 1), "{:?}", h.copy_outs);
+    assert_granted(&mut h, origin, id);
+    assert_copied_once_and_preserved(&mut h, snap, 16..32);
 }
 
 #[test]
@@ -159,13 +166,9 @@ fn a_write_sharing_a_chunk_with_one_in_flight_waits_for_its_copy() {
     let b = query_write(&mut h, o2, 31, 2);
     h.settle();
     for (conn, id) in [(origin, a), (o2, b)] {
-        assert!(matches!(
-            h.reply_to(conn, id),
-            Some(ServerMsg::OriginWriteOk { .. })
-        ));
+        assert_granted(&mut h, conn, id);
     }
-    assert_preserved(&mut h, snap, 16..33);
-    assert!(h.copy_outs.values().all(|&n| n == 1), "{:?}", h.copy_outs);
+    assert_copied_once_and_preserved(&mut h, snap, 16..33);
 }
 
 #[test]
@@ -202,9 +205,6 @@ fn a_crash_between_the_copies_and_their_commit_loses_no_granted_write() {
     again.sort_unstable();
     assert_eq!(again, (24..32).collect::<Vec<_>>());
     h.settle();
-    assert!(matches!(
-        h.reply_to(origin, id),
-        Some(ServerMsg::OriginWriteOk { .. })
-    ));
+    assert_granted(&mut h, origin, id);
     assert_preserved(&mut h, snap, 16..32);
 }
