@@ -18,6 +18,7 @@ use crate::nbd::consts::{
 };
 use crate::nbd::{
     BlockSizes, BoxFuture, Export, ExportFeatures, ExportInfo, Exports, Extent, MetaContext,
+    Payload,
 };
 
 /// Most hole/data runs of the origin one block status answer walks.
@@ -179,11 +180,13 @@ impl Export for CsnapExport {
         Some(self.description.clone())
     }
 
-    fn read_at(&self, offset: u64, len: u32) -> BoxFuture<'_, io::Result<Bytes>> {
+    fn read_at(&self, offset: u64, len: u32) -> BoxFuture<'_, io::Result<Payload>> {
         Box::pin(async move {
             Ok(match self.snap {
-                None => self.volume.read_origin(offset, len).await?,
-                Some(s) => self.volume.read_snapshot(s, offset, len).await?,
+                None => self.volume.read_origin(offset, len).await?.into(),
+                Some(s) => {
+                    Payload::from_parts(self.volume.read_snapshot_parts(s, offset, len).await?)
+                }
             })
         })
     }

@@ -308,7 +308,7 @@ impl Volume {
                 ),
             });
         }
-        self.gather(&store, offset, len).await
+        Ok(join(self.gather(&store, offset, len).await?))
     }
 
     /// `[offset, offset + len)` cut at every multiple of [`MAX_QUESTION_CHUNKS`] chunks:
@@ -583,6 +583,18 @@ impl Volume {
         offset: u64,
         len: u32,
     ) -> Result<Bytes, ClientError> {
+        Ok(join(self.read_snapshot_parts(snap, offset, len).await?))
+    }
+
+    /// [`Volume::read_snapshot`] as consecutive parts, one per device run: a read that
+    /// spans the origin and the store is not copied into one buffer (the NBD export sends
+    /// the parts as they are).
+    pub async fn read_snapshot_parts(
+        &self,
+        snap: SnapId,
+        offset: u64,
+        len: u32,
+    ) -> Result<Vec<Bytes>, ClientError> {
         let range = self.chunk_range(offset, u64::from(len))?;
         if u64::from(range.count) <= MAX_QUESTION_CHUNKS {
             return self.read_snapshot_piece(snap, range, offset, len).await;
@@ -594,11 +606,7 @@ impl Volume {
             self.read_snapshot_piece(snap, range, at, n as u32).await
         }))
         .await?;
-        let mut out = BytesMut::with_capacity(len as usize);
-        for part in &parts {
-            out.extend_from_slice(part);
-        }
-        Ok(out.freeze())
+        Ok(parts.into_iter().flatten().collect())
     }
 
     async fn read_snapshot_piece(
@@ -607,7 +615,7 @@ impl Volume {
         range: ChunkRange,
         offset: u64,
         len: u32,
-    ) -> Result<Bytes, ClientError> {
+    ) -> Result<Vec<Bytes>, ClientError> {
         let conn = self.snapshot_conn(snap);
         let (store, origin_locked) = ask_snapshot_read(&conn, snap, vec![range]).await?;
         let held = StoreReadsHeld {
@@ -622,28 +630,21 @@ impl Volume {
         data
     }
 
+    /// The device runs of a snapshot read, read at once, in order.
     async fn gather(
         &self,
         store: &[StoreAddr],
         offset: u64,
         len: u32,
-    ) -> Result<Bytes, ClientError> {
+    ) -> Result<Vec<Bytes>, ClientError> {
         let runs = snapshot_read_runs(self.chunk_size, store, offset, len);
         // Copied-out chunks lie scattered in the store, so a large snapshot read is many
         // runs: issue them all at once rather than one after another.
-        let parts = futures::future::try_join_all(
+        futures::future::try_join_all(
             runs.iter()
                 .map(|&(w, o, l)| self.devices.read(w, o, l as usize)),
         )
-        .await?;
-        if let [only] = parts.as_slice() {
-            return Ok(only.clone());
-        }
-        let mut out = BytesMut::with_capacity(len as usize);
-        for part in &parts {
-            out.extend_from_slice(part);
-        }
-        Ok(out.freeze())
+        .await
     }
 
     /// Reads several extents `(offset, len)` of a snapshot (any offsets, in any order) under
@@ -678,12 +679,12 @@ impl Volume {
             conn: &conn,
             release: store_reads_release(Some(snap), &store),
         };
-        let data = futures::future::try_join_all(
-            extents
-                .iter()
-                .map(|&(offset, len)| self.gather(&store, offset, len)),
-        )
-        .await;
+        let store = &store;
+        let data =
+            futures::future::try_join_all(extents.iter().map(|&(offset, len)| async move {
+                Ok(join(self.gather(store, offset, len).await?))
+            }))
+            .await;
         drop(held);
         finish_snapshot_read(&conn, snap, origin_locked);
         data
@@ -1094,6 +1095,18 @@ impl Volume {
         self.origin.shutdown().await;
         self.admin.shutdown().await;
     }
+}
+
+/// Parts of a read in one buffer (a copy only if there are several).
+fn join(parts: Vec<Bytes>) -> Bytes {
+    if let [only] = parts.as_slice() {
+        return only.clone();
+    }
+    let mut out = BytesMut::with_capacity(parts.iter().map(Bytes::len).sum());
+    for part in &parts {
+        out.extend_from_slice(part);
+    }
+    out.freeze()
 }
 
 /// Where a snapshot read of `[offset, offset + len)` finds its bytes, given the server's

@@ -23,7 +23,7 @@ use thiserror::Error;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 
 use super::consts::{CMD_BLOCK_STATUS, EINVAL, EIO, REQUEST_HEADER_LEN};
-use super::export::{BoxFuture, Export};
+use super::export::{BoxFuture, Export, Payload};
 use super::handshake::HandshakeError;
 use super::handshake::{Negotiated, SelectedContext};
 use super::transmission::{
@@ -78,6 +78,9 @@ const READ_AHEAD: usize = 4096;
 /// Replies gathered into one vectored write, and their most bytes.
 const MAX_BATCH: usize = 32;
 const MAX_BATCH_BYTES: usize = 4 << 20;
+/// Most buffers in one vectored write: a reply's header and payload, or a read's several
+/// parts (a snapshot read gathered from the origin and the store).
+const MAX_SLICES: usize = 128;
 /// Requests taken off the socket in one poll before the task yields, so one busy
 /// connection cannot hold a worker thread.
 const MAX_REQUESTS_PER_POLL: usize = 64;
@@ -377,15 +380,21 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Transmission<'a, S> {
     fn poll_write(&mut self, cx: &mut Context<'_>) -> bool {
         let mut progressed = false;
         while !self.outgoing.is_empty() && self.write_error.is_none() {
-            let mut slices: [IoSlice<'_>; MAX_BATCH * 2] = [IoSlice::new(&[]); MAX_BATCH * 2];
+            let mut slices: [IoSlice<'_>; MAX_SLICES] = [IoSlice::new(&[]); MAX_SLICES];
             let mut count = 0;
             let mut bytes = 0;
             let mut skip = self.front_written;
-            for reply in self.outgoing.iter().take(MAX_BATCH) {
-                for part in [reply.head.as_slice(), &reply.payload[..]] {
+            'replies: for reply in self.outgoing.iter().take(MAX_BATCH) {
+                let parts = std::iter::once(reply.head.as_slice())
+                    .chain(reply.payload.parts().map(|p| &p[..]));
+                for part in parts {
                     if skip >= part.len() {
                         skip -= part.len();
                         continue;
+                    }
+                    if count == MAX_SLICES {
+                        // The rest goes in the next write.
+                        break 'replies;
                     }
                     slices[count] = IoSlice::new(&part[skip..]);
                     bytes += part.len() - skip;
@@ -490,7 +499,7 @@ async fn execute(
     };
     match command {
         Command::Read { offset, len: 0 } => {
-            Reply::read_data(cookie, offset, Bytes::new(), structured)
+            Reply::read_data(cookie, offset, Payload::default(), structured)
         }
         Command::Read { offset, len } => match export.read_at(offset, len).await {
             Ok(data) if data.len() == len as usize => {

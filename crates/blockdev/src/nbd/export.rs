@@ -168,6 +168,61 @@ impl ExportInfo {
     }
 }
 
+/// What a read returns, and a reply carries: one buffer, or consecutive parts written one
+/// after the other (a read gathered from several places is sent without joining them).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Payload {
+    first: Bytes,
+    rest: Vec<Bytes>,
+}
+
+impl Payload {
+    /// The parts in order; their concatenation is the payload.
+    pub fn from_parts(parts: Vec<Bytes>) -> Payload {
+        let mut parts = parts.into_iter().filter(|p| !p.is_empty());
+        Payload {
+            first: parts.next().unwrap_or_default(),
+            rest: parts.collect(),
+        }
+    }
+
+    /// Bytes in all parts.
+    pub fn len(&self) -> usize {
+        self.first.len() + self.rest.iter().map(Bytes::len).sum::<usize>()
+    }
+
+    /// No bytes at all.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The parts, in order.
+    pub fn parts(&self) -> impl Iterator<Item = &Bytes> {
+        std::iter::once(&self.first).chain(&self.rest)
+    }
+
+    /// The payload in one buffer (a copy if it has several parts).
+    pub fn to_bytes(&self) -> Bytes {
+        if self.rest.is_empty() {
+            return self.first.clone();
+        }
+        let mut out = bytes::BytesMut::with_capacity(self.len());
+        for part in self.parts() {
+            out.extend_from_slice(part);
+        }
+        out.freeze()
+    }
+}
+
+impl From<Bytes> for Payload {
+    fn from(first: Bytes) -> Payload {
+        Payload {
+            first,
+            rest: Vec::new(),
+        }
+    }
+}
+
 /// One opened export. Requests reaching these methods are already validated by the
 /// server: inside `0..size()`, aligned to `block_sizes().minimum`, payload within
 /// `maximum_payload`, and never a write to a read-only export. Errors are `io::Error`s;
@@ -190,7 +245,7 @@ pub trait Export: Send + Sync + 'static {
         None
     }
     /// Reads exactly `len` bytes at `offset`.
-    fn read_at(&self, offset: u64, len: u32) -> BoxFuture<'_, io::Result<Bytes>>;
+    fn read_at(&self, offset: u64, len: u32) -> BoxFuture<'_, io::Result<Payload>>;
     /// Writes `data` at `offset`; with `fua` the data is durable before this resolves.
     fn write_at(&self, offset: u64, data: Bytes, fua: bool) -> BoxFuture<'_, io::Result<()>>;
     /// Makes every write completed so far durable.

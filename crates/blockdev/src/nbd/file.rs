@@ -16,7 +16,9 @@ use bytes::{Bytes, BytesMut};
 use nix::fcntl::{fallocate, FallocateFlags};
 
 use super::consts::{CONTEXT_BASE_ALLOCATION, STATE_HOLE, STATE_ZERO};
-use super::export::{BoxFuture, Export, ExportFeatures, ExportInfo, Exports, Extent, MetaContext};
+use super::export::{
+    BoxFuture, Export, ExportFeatures, ExportInfo, Exports, Extent, MetaContext, Payload,
+};
 
 /// Most extents one `base:allocation` answer walks (two lseeks each).
 const MAX_ALLOCATION_RUNS: usize = 4096;
@@ -210,11 +212,11 @@ impl Export for FileExport {
         Some(self.description.clone())
     }
 
-    fn read_at(&self, offset: u64, len: u32) -> BoxFuture<'_, io::Result<Bytes>> {
+    fn read_at(&self, offset: u64, len: u32) -> BoxFuture<'_, io::Result<Payload>> {
         Box::pin(self.blocking(move |file| {
             let mut buf = BytesMut::zeroed(len as usize);
             file.read_exact_at(&mut buf, offset)?;
-            Ok(buf.freeze())
+            Ok(buf.freeze().into())
         }))
     }
 

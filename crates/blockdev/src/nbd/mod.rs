@@ -17,6 +17,7 @@ pub mod transmission;
 pub use connection::{ConnectionEnd, ConnectionError};
 pub use export::{
     BlockSizes, BoxFuture, Export, ExportFeatures, ExportInfo, Exports, Extent, MetaContext,
+    Payload,
 };
 pub use file::{FileExport, FileExports};
 pub use handshake::{

@@ -6,7 +6,7 @@ use bytes::{Buf, Bytes};
 use thiserror::Error;
 
 use super::consts::*;
-use super::export::{ExportInfo, Extent};
+use super::export::{ExportInfo, Extent, Payload};
 
 /// A request header exactly as it came off the wire.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -436,7 +436,7 @@ pub struct Reply {
     /// The simple or structured reply header.
     pub head: ReplyHead,
     /// What follows it (read data, block status descriptors, an error message).
-    pub payload: Bytes,
+    pub payload: Payload,
 }
 
 impl Reply {
@@ -450,7 +450,7 @@ impl Reply {
                 bytes,
                 len: SIMPLE_REPLY_LEN as u8,
             },
-            payload,
+            payload: payload.into(),
         }
     }
 
@@ -471,7 +471,7 @@ impl Reply {
                 bytes,
                 len: len as u8,
             },
-            payload,
+            payload: payload.into(),
         }
     }
 
@@ -487,17 +487,25 @@ impl Reply {
     }
 
     /// Successful READ of `data` from `offset`.
-    pub fn read_data(cookie: u64, offset: u64, data: Bytes, structured: bool) -> Reply {
+    pub fn read_data(cookie: u64, offset: u64, data: Payload, structured: bool) -> Reply {
         if data.is_empty() {
             return Reply::done(cookie, structured, true);
         }
-        if structured {
+        let mut reply = if structured {
             // Payloads are at most 32 MiB (validated), so the length fits in 32 bits.
             let length = (data.len() as u64 + 8).min(u64::from(u32::MAX)) as u32;
-            Reply::chunk(cookie, REPLY_TYPE_OFFSET_DATA, length, Some(offset), data)
+            Reply::chunk(
+                cookie,
+                REPLY_TYPE_OFFSET_DATA,
+                length,
+                Some(offset),
+                Bytes::new(),
+            )
         } else {
-            Reply::simple(cookie, 0, data)
-        }
+            Reply::simple(cookie, 0, Bytes::new())
+        };
+        reply.payload = data;
+        reply
     }
 
     /// A failed request. With structured replies the message travels with the error.
@@ -549,7 +557,7 @@ impl Reply {
         }
         Reply {
             head: first.unwrap_or(Reply::simple(cookie, 0, Bytes::new()).head),
-            payload: Bytes::from(payload),
+            payload: Bytes::from(payload).into(),
         }
     }
 
@@ -713,13 +721,16 @@ mod tests {
             &[0x66, 0x8e, 0x33, 0xef, 0, 1, 0x80, 1]
         );
         assert_eq!(&r.head.as_slice()[16..20], &9u32.to_be_bytes());
-        assert_eq!(&r.payload[..], &[0, 0, 0, 22, 0, 3, b'b', b'a', b'd']);
-        let r = Reply::read_data(1, 4096, Bytes::from_static(b"data"), true);
+        assert_eq!(
+            &r.payload.to_bytes()[..],
+            &[0, 0, 0, 22, 0, 3, b'b', b'a', b'd']
+        );
+        let r = Reply::read_data(1, 4096, Bytes::from_static(b"data").into(), true);
         assert_eq!(r.head.as_slice().len(), 28);
         assert_eq!(&r.head.as_slice()[16..20], &12u32.to_be_bytes());
         assert_eq!(&r.head.as_slice()[20..28], &4096u64.to_be_bytes());
         assert_eq!(r.wire_len(), 32);
-        let r = Reply::read_data(1, 0, Bytes::from_static(b"data"), false);
+        let r = Reply::read_data(1, 0, Bytes::from_static(b"data").into(), false);
         assert_eq!(r.head.as_slice().len(), 16);
         assert_eq!(r.wire_len(), 20);
     }
@@ -810,7 +821,7 @@ mod tests {
     fn block_status_replies_are_one_chunk_per_context() {
         let r = Reply::block_status(9, &[(1, vec![(4096, 3)]), (7, vec![(512, 0), (512, 1)])]);
         let mut wire = r.head.as_slice().to_vec();
-        wire.extend_from_slice(&r.payload);
+        wire.extend_from_slice(&r.payload.to_bytes());
         let mut rest = &wire[..];
         let mut chunks = Vec::new();
         while !rest.is_empty() {

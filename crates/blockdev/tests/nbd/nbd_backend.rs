@@ -12,7 +12,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use csnap_blockdev::nbd::consts::*;
 use csnap_blockdev::nbd::{
-    BoxFuture, Export, ExportFeatures, ExportInfo, Exports, NbdServer, ServerConfig,
+    BoxFuture, Export, ExportFeatures, ExportInfo, Exports, NbdServer, Payload, ServerConfig,
 };
 use csnap_proto::net::Listener;
 use csnap_proto::ListenAddr;
@@ -22,6 +22,8 @@ const SIZE: u64 = 1 << 20;
 /// Reads at this offset are slow; writes at this offset fail with EDQUOT.
 const SLOW: u64 = 0;
 const FAILING: u64 = 4096;
+/// Reads come back in parts of this many bytes.
+const READ_PART: usize = 4093;
 
 struct MemExport {
     data: Mutex<Vec<u8>>,
@@ -41,16 +43,20 @@ impl Export for MemExport {
             ..Default::default()
         }
     }
-    fn read_at(&self, offset: u64, len: u32) -> BoxFuture<'_, io::Result<Bytes>> {
+    fn read_at(&self, offset: u64, len: u32) -> BoxFuture<'_, io::Result<Payload>> {
         Box::pin(async move {
             if offset == SLOW {
                 self.slow_reads_started.fetch_add(1, Ordering::SeqCst);
                 tokio::time::sleep(Duration::from_millis(300)).await;
             }
             let data = self.data.lock().unwrap();
-            Ok(Bytes::copy_from_slice(
-                &data[offset as usize..offset as usize + len as usize],
-            ))
+            // In parts of an odd size, as a snapshot read gathered from several places
+            // comes: a 1 MiB read is more parts than one vectored write takes.
+            let parts = data[offset as usize..offset as usize + len as usize]
+                .chunks(READ_PART)
+                .map(Bytes::copy_from_slice)
+                .collect();
+            Ok(Payload::from_parts(parts))
         })
     }
     fn write_at(&self, offset: u64, bytes: Bytes, _fua: bool) -> BoxFuture<'_, io::Result<()>> {
@@ -194,6 +200,55 @@ async fn replies_come_back_in_completion_order() {
             data: b"good".to_vec()
         }
     );
+    task.abort();
+}
+
+/// Reads that come back in many parts (more than one vectored write takes) arrive whole and
+/// in order, several in flight at once, between other replies.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_in_many_parts_arrive_whole() {
+    let MemServer { addr, task, .. } = start_mem_server().await;
+    let mut c = RawClient::connect(addr).await;
+    c.go("mem").await;
+    let pattern: Vec<u8> = (0..SIZE as usize - 8192).map(|i| (i % 251) as u8).collect();
+    c.request(CMD_WRITE, 0, 1, 8192, pattern.len() as u32, &pattern)
+        .await;
+    assert_eq!(c.read_reply().await.cookie(), 1);
+    // 4 reads of about 250 parts each, and a small one between them.
+    let reads = [
+        (8192u64, 1_000_000u32),
+        (8192 + 77, 999_001),
+        (12_288, 700_000),
+        (20_000, 1_000_000),
+    ];
+    for (i, &(offset, len)) in reads.iter().enumerate() {
+        c.request(CMD_READ, 0, 10 + i as u64, offset, len, &[])
+            .await;
+    }
+    c.request(CMD_READ, 0, 20, 9000, 3, &[]).await;
+    let mut seen = 0;
+    for _ in 0..=reads.len() {
+        let TxReply::Simple {
+            cookie,
+            error,
+            data,
+        } = c.read_reply().await
+        else {
+            panic!("simple replies only");
+        };
+        assert_eq!(error, 0);
+        let (offset, len) = match cookie {
+            20 => (9000, 3),
+            n => reads[(n - 10) as usize],
+        };
+        let at = offset as usize - 8192;
+        assert!(
+            data == pattern[at..at + len as usize],
+            "read {cookie}: wrong bytes"
+        );
+        seen += 1;
+    }
+    assert_eq!(seen, reads.len() + 1);
     task.abort();
 }
 
