@@ -170,7 +170,8 @@ impl ExportInfo {
 
 /// What a read returns, and a reply carries: one buffer, or consecutive parts written one
 /// after the other (a read gathered from several places is sent without joining them).
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+/// Not `PartialEq`: equal bytes may be split differently; compare [`Payload::to_bytes`].
+#[derive(Clone, Debug, Default)]
 pub struct Payload {
     first: Bytes,
     rest: Vec<Bytes>,
