@@ -170,7 +170,7 @@ impl ExportInfo {
 
 /// What a read returns, and a reply carries: one buffer, or consecutive parts written one
 /// after the other (a read gathered from several places is sent without joining them).
-/// Not `PartialEq`: equal bytes may be split differently; compare [`Payload::to_bytes`].
+/// Not `PartialEq`: equal bytes may be split differently; compare the parts' bytes.
 #[derive(Clone, Debug, Default)]
 pub struct Payload {
     first: Bytes,
@@ -200,18 +200,6 @@ impl Payload {
     /// The parts, in order.
     pub fn parts(&self) -> impl Iterator<Item = &Bytes> {
         std::iter::once(&self.first).chain(&self.rest)
-    }
-
-    /// The payload in one buffer (a copy if it has several parts).
-    pub fn to_bytes(&self) -> Bytes {
-        if self.rest.is_empty() {
-            return self.first.clone();
-        }
-        let mut out = bytes::BytesMut::with_capacity(self.len());
-        for part in self.parts() {
-            out.extend_from_slice(part);
-        }
-        out.freeze()
     }
 }
 

@@ -440,7 +440,7 @@ pub struct Reply {
 }
 
 impl Reply {
-    fn simple(cookie: u64, errno: u32, payload: Bytes) -> Reply {
+    fn simple(cookie: u64, errno: u32, payload: impl Into<Payload>) -> Reply {
         let mut bytes = [0u8; CHUNK_HEADER_LEN + 8];
         bytes[0..4].copy_from_slice(&SIMPLE_REPLY_MAGIC.to_be_bytes());
         bytes[4..8].copy_from_slice(&errno.to_be_bytes());
@@ -454,7 +454,13 @@ impl Reply {
         }
     }
 
-    fn chunk(cookie: u64, kind: u16, length: u32, offset: Option<u64>, payload: Bytes) -> Reply {
+    fn chunk(
+        cookie: u64,
+        kind: u16,
+        length: u32,
+        offset: Option<u64>,
+        payload: impl Into<Payload>,
+    ) -> Reply {
         let mut bytes = [0u8; CHUNK_HEADER_LEN + 8];
         bytes[0..4].copy_from_slice(&STRUCTURED_REPLY_MAGIC.to_be_bytes());
         bytes[4..6].copy_from_slice(&REPLY_FLAG_DONE.to_be_bytes());
@@ -491,21 +497,13 @@ impl Reply {
         if data.is_empty() {
             return Reply::done(cookie, structured, true);
         }
-        let mut reply = if structured {
+        if structured {
             // Payloads are at most 32 MiB (validated), so the length fits in 32 bits.
             let length = (data.len() as u64 + 8).min(u64::from(u32::MAX)) as u32;
-            Reply::chunk(
-                cookie,
-                REPLY_TYPE_OFFSET_DATA,
-                length,
-                Some(offset),
-                Bytes::new(),
-            )
+            Reply::chunk(cookie, REPLY_TYPE_OFFSET_DATA, length, Some(offset), data)
         } else {
-            Reply::simple(cookie, 0, Bytes::new())
-        };
-        reply.payload = data;
-        reply
+            Reply::simple(cookie, 0, data)
+        }
     }
 
     /// A failed request. With structured replies the message travels with the error.
@@ -572,6 +570,11 @@ mod tests {
     use super::*;
     use crate::nbd::export::{BlockSizes, ExportFeatures};
     use proptest::prelude::*;
+
+    /// A reply's payload in one vector.
+    fn payload_bytes(r: &Reply) -> Vec<u8> {
+        r.payload.parts().flat_map(|p| p.iter().copied()).collect()
+    }
 
     fn export(read_only: bool, minimum: u32) -> ExportInfo {
         ExportInfo {
@@ -721,10 +724,7 @@ mod tests {
             &[0x66, 0x8e, 0x33, 0xef, 0, 1, 0x80, 1]
         );
         assert_eq!(&r.head.as_slice()[16..20], &9u32.to_be_bytes());
-        assert_eq!(
-            &r.payload.to_bytes()[..],
-            &[0, 0, 0, 22, 0, 3, b'b', b'a', b'd']
-        );
+        assert_eq!(payload_bytes(&r), &[0, 0, 0, 22, 0, 3, b'b', b'a', b'd']);
         let r = Reply::read_data(1, 4096, Bytes::from_static(b"data").into(), true);
         assert_eq!(r.head.as_slice().len(), 28);
         assert_eq!(&r.head.as_slice()[16..20], &12u32.to_be_bytes());
@@ -821,7 +821,7 @@ mod tests {
     fn block_status_replies_are_one_chunk_per_context() {
         let r = Reply::block_status(9, &[(1, vec![(4096, 3)]), (7, vec![(512, 0), (512, 1)])]);
         let mut wire = r.head.as_slice().to_vec();
-        wire.extend_from_slice(&r.payload.to_bytes());
+        wire.extend_from_slice(&payload_bytes(&r));
         let mut rest = &wire[..];
         let mut chunks = Vec::new();
         while !rest.is_empty() {
